@@ -1,0 +1,208 @@
+"""The typed job spec: what to generate with, where to, on what resources, within what limits.
+
+A spec comes from (in increasing precedence) the built-in defaults, a YAML file
+(``--spec job.yaml``), ``--set dotted.key=value`` overrides and the ordinary CLI flags.
+Every section forbids unknown keys so a typo is an error, not a silently ignored setting.
+
+The job *fingerprint* hashes exactly the settings that change what images are produced and
+where rows land (model, per-row defaults, job seed, batching, output format); a resumed job
+must have the same fingerprint as the one that started OUT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SCHEDULERS = (
+    "ddim",
+    "pndm",
+    "lms",
+    "euler",
+    "euler_a",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "unipc",
+)
+
+
+class SpecError(ValueError):
+    """A job spec that cannot be used; the message names the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Section):
+    name: str = Field(
+        "builtin:shapes",
+        description="builtin:NAME, a local diffusers folder, or an s3:// prefix holding one",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto = cuda when the worker has a GPU, else cpu"
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto = float16 on cuda, float32 on cpu"
+    )
+
+
+class RowDefaults(_Section):
+    """Values for every per-row manifest column a row leaves empty or the manifest lacks."""
+
+    negative_prompt: str = ""
+    steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(7.5, ge=0)
+    width: int = Field(64, ge=8)
+    height: int = Field(64, ge=8)
+    scheduler: str = "ddim"
+    strength: float = Field(0.75, gt=0, le=1, description="used only by rows with init_image")
+
+    @model_validator(mode="after")
+    def _known_scheduler(self) -> RowDefaults:
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(
+                f"scheduler {self.scheduler!r} is not supported; use one of {', '.join(SCHEDULERS)}"
+            )
+        return self
+
+
+class OutputSpec(_Section):
+    format: Literal["files", "webdataset"] = "files"
+    image_format: Literal["png", "webp", "jpeg"] = "png"
+    png_compress_level: int = Field(1, ge=0, le=9, description="1 = fast; 9 = smallest")
+    quality: int = Field(95, ge=1, le=100, description="webp/jpeg quality")
+
+
+class ResourcesSpec(_Section):
+    workers: int = Field(1, ge=1, description="model replicas (Ray actors)")
+    gpus_per_worker: float = Field(0, ge=0)
+    cpus_per_worker: float = Field(1, gt=0)
+    batch_size: int = Field(8, ge=1, le=1024)
+    rows_per_shard: int = Field(64, ge=1, le=1_000_000)
+    upload_threads: int = Field(4, ge=1, le=64)
+
+
+class RetrySpec(_Section):
+    shard_attempts: int = Field(3, ge=1, description="attempts per shard before it is reported failed")
+    storage_attempts: int = Field(5, ge=1, description="botocore attempts per S3 request")
+    hang_timeout_s: float | None = Field(
+        None, gt=0, description="a shard with no progress this long is hung; default derived"
+    )
+
+
+class LimitsSpec(_Section):
+    max_prompt_chars: int = Field(4000, ge=1)
+    max_steps: int = Field(200, ge=1)
+    max_width: int = Field(2048, ge=64)
+    max_height: int = Field(2048, ge=64)
+    max_pixels: int = Field(2048 * 2048, ge=64 * 64, description="width*height budget per image")
+    max_guidance: float = Field(50.0, gt=0)
+    max_errors_shown: int = Field(50, ge=1, description="bad rows listed by validate")
+
+
+class JobSpec(_Section):
+    seed: int = Field(0, ge=0, lt=2**63, description="job seed; rows without a seed derive theirs from it and the row id")
+    model: ModelSpec = ModelSpec()
+    defaults: RowDefaults = RowDefaults()
+    output: OutputSpec = OutputSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    retries: RetrySpec = RetrySpec()
+    limits: LimitsSpec = LimitsSpec()
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The settings that decide image bytes and row placement (not workers, retries...)."""
+        return {
+            "seed": self.seed,
+            "model": self.model.name,
+            "dtype": self.model.dtype,
+            "defaults": self.defaults.model_dump(),
+            "output": self.output.model_dump(),
+            "batch_size": self.resources.batch_size,
+            "rows_per_shard": self.resources.rows_per_shard,
+        }
+
+
+def fingerprint(data: dict[str, Any]) -> str:
+    """A stable short hash of JSON-serialisable data."""
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid job spec ({origin}):"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown key; remove it or check its spelling (see `sdbatch spec --schema`)")
+        else:
+            lines.append(f"  {where}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SpecError(f"--set {dotted}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_set_option(item: str) -> tuple[str, Any]:
+    """``key.path=value`` with the value read as a YAML scalar (so 8 is an int, 7.5 a float)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. --set resources.batch_size=8")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise SpecError(f"--set {item!r}: value is not valid YAML: {exc}") from None
+    return key.strip(), value
+
+
+def load_spec(
+    path: str | Path | None = None,
+    sets: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> JobSpec:
+    """Build a JobSpec from a YAML file, ``--set`` items and flag overrides (dotted keys)."""
+    data: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        origin = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SpecError(f"cannot read job spec {path}: {exc.strerror or exc}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SpecError(f"job spec {path} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise SpecError(f"job spec {path} must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+    for item in sets or []:
+        _set_dotted(data, *parse_set_option(item))
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, dotted, value)
+    if sets or overrides:
+        origin += " with command-line overrides"
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_format_validation_error(err, origin)) from None
+
+
+def spec_schema() -> dict[str, Any]:
+    return JobSpec.model_json_schema()
