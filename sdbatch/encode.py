@@ -72,8 +72,6 @@ A1111_SAMPLER_NAMES: dict[str, str] = {
 
 # A1111 sampler name (lower-cased) -> sdbatch name; plus the "<name> Karras" legacy spellings.
 _FROM_A1111: dict[str, str] = {v.lower(): k for k, v in A1111_SAMPLER_NAMES.items()}
-_FROM_A1111["lms karras"] = "lms"  # no separate sdbatch name; best effort
-_FROM_A1111["plms"] = "pndm"
 
 FORMATS = ("png", "webp", "jpeg")
 _FMT_ALIASES = {"png": "png", "webp": "webp", "jpeg": "jpeg", "jpg": "jpeg"}
@@ -224,9 +222,7 @@ def parse_infotext(text: str) -> dict:
                 name = val
                 if schedule_type and schedule_type.lower() not in ("automatic", "uniform", ""):
                     name = f"{val} {schedule_type}"
-                sd = _FROM_A1111.get(name.lower())
-                if sd is None and name != val:
-                    sd = _FROM_A1111.get(val.lower())
+                sd = _FROM_A1111.get(name.lower())  # no fallback: "LMS"+"Karras" is not lms
                 if sd is not None:
                     out["scheduler"] = sd
                 else:

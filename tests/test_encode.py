@@ -163,6 +163,8 @@ def test_parse_a1111_legacy_and_automatic_schedule():
     assert p["scheduler"] == "dpmpp_2m_karras" and p["prompt"] == "cat"
     p = parse_infotext("cat\nSteps: 20, Sampler: Heun, CFG scale: 7, Seed: 1, Size: 64x64")
     assert "scheduler" not in p and p["Sampler"] == "Heun"
+    p = parse_infotext("cat\nSteps: 20, Sampler: LMS, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 64x64")
+    assert "scheduler" not in p and (p["Sampler"], p["Schedule type"]) == ("LMS", "Karras")
 
 
 def test_parse_prompt_only():
