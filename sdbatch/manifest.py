@@ -7,8 +7,24 @@ record, so it holds only plain, serialisable values.
 
 from __future__ import annotations
 
+import difflib
+import glob
+import hashlib
+import math
+import os
+import posixpath
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from sdbatch.spec import SCHEDULERS, JobSpec
 
 
 @dataclass(frozen=True)
@@ -45,3 +61,1079 @@ class Row:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# =============================================================================================
+# Manifest sources
+# =============================================================================================
+
+#: The per-row columns of DESIGN §2. Every other column is a passthrough column.
+KNOWN_COLUMNS = (
+    "id",
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "steps",
+    "guidance_scale",
+    "width",
+    "height",
+    "scheduler",
+    "init_image",
+    "strength",
+)
+#: Columns pandas writes for a non-default index; they are neither checked nor passed through.
+_IGNORED_PREFIX = "__index_level_"
+ID_PATTERN = r"[A-Za-z0-9._-]{1,128}"
+_ID_RE = re.compile(rf"^{ID_PATTERN}$")
+MAX_SEED = 2**63  # seeds are 0 <= seed < MAX_SEED (they fit int64 and torch.manual_seed)
+_GLOB_CHARS = "*?["
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read at all (missing, not Parquet, empty, no prompt column).
+
+    Row-level problems are not raised: ``validate_manifest`` reports them as ``RowIssue``s.
+    """
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What ``open_manifest`` learns from the Parquet footers, without reading any row.
+
+    ``files`` are absolute local paths (or ``scheme://`` URIs), sorted; rows are numbered
+    0.. across the files in that order. ``file_rows`` holds each file's row count.
+    """
+
+    source: str
+    files: tuple[str, ...]
+    num_rows: int
+    columns: tuple[str, ...]
+    fingerprint: str
+    base_dir: str
+    file_rows: tuple[int, ...] = ()
+
+    @property
+    def passthrough_columns(self) -> tuple[str, ...]:
+        return tuple(c for c in self.columns if c not in KNOWN_COLUMNS and not c.startswith(_IGNORED_PREFIX))
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _strip_file_scheme(path: str) -> str:
+    return path[len("file://") :] if path.startswith("file://") else path
+
+
+def _remote_fs(uri: str) -> tuple[Any, str]:
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except Exception as exc:  # noqa: BLE001 - any filesystem error is a bad source
+        raise ManifestError(f"cannot open manifest location {uri}: {exc}") from None
+
+
+def _open_input(path: str):
+    """A readable file object for a local path or a URI."""
+    if _is_uri(path):
+        fs, p = _remote_fs(path)
+        return fs.open_input_file(p)
+    return open(path, "rb")
+
+
+def _parquet_file(path: str) -> pq.ParquetFile:
+    try:
+        if _is_uri(path):
+            return pq.ParquetFile(_open_input(path))
+        return pq.ParquetFile(path)
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no such file") from None
+    except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+        size = _size_or_none(path)
+        if size == 0:
+            raise ManifestError(
+                f"{path}: the file is empty (0 bytes), not a Parquet file; "
+                "write the manifest with pyarrow/pandas `to_parquet`, or use `sdbatch manifest`"
+            ) from None
+        raise ManifestError(
+            f"{path}: not a readable Parquet file ({exc}); a manifest must be Parquet — "
+            "convert CSV/JSONL with `sdbatch manifest --from FILE`"
+        ) from None
+
+
+def _size_or_none(path: str) -> int | None:
+    try:
+        if _is_uri(path):
+            fs, p = _remote_fs(path)
+            return fs.get_file_info(p).size
+        return os.path.getsize(path)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _list_local(source: str) -> tuple[list[str], str]:
+    source = _strip_file_scheme(source)
+    if any(ch in source for ch in _GLOB_CHARS) and not os.path.exists(source):
+        matches = sorted(
+            os.path.abspath(p) for p in glob.glob(source, recursive=True) if os.path.isfile(p)
+        )
+        if not matches:
+            raise ManifestError(f"manifest glob {source!r} matches no files")
+        # base: the leading part of the pattern without glob characters
+        parts = []
+        for part in Path(source).parts:
+            if any(ch in part for ch in _GLOB_CHARS):
+                break
+            parts.append(part)
+        base = os.path.abspath(os.path.join(*parts)) if parts else os.getcwd()
+        return matches, base
+    if os.path.isdir(source):
+        base = os.path.abspath(source)
+        found = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "_")))
+            for name in filenames:
+                if name.endswith(".parquet") and not name.startswith((".", "_")):
+                    found.append(os.path.join(dirpath, name))
+        if not found:
+            raise ManifestError(f"manifest directory {source} holds no .parquet files")
+        found.sort(key=lambda p: os.path.relpath(p, base).replace(os.sep, "/"))
+        return found, base
+    if os.path.isfile(source):
+        path = os.path.abspath(source)
+        return [path], os.path.dirname(path)
+    raise ManifestError(f"manifest {source}: no such file or directory")
+
+
+def _list_remote(source: str) -> tuple[list[str], str]:
+    import fnmatch
+
+    import pyarrow.fs as pafs
+
+    scheme, _, rest = source.partition("://")
+    fs, path = _remote_fs(source if not any(c in source for c in _GLOB_CHARS) else source.split("*")[0])
+
+    def uri(p: str) -> str:
+        return f"{scheme}://{p}"
+
+    if any(ch in rest for ch in _GLOB_CHARS):
+        prefix = rest
+        cut = min(prefix.find(c) for c in _GLOB_CHARS if c in prefix)
+        base = prefix[:cut].rsplit("/", 1)[0]
+        fs, base_path = _remote_fs(uri(base))
+        infos = fs.get_file_info(pafs.FileSelector(base_path, recursive=True, allow_not_found=True))
+        matches = sorted(i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, rest))
+        if not matches:
+            raise ManifestError(f"manifest glob {source!r} matches no files")
+        return [uri(m) for m in matches], uri(base)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [source], source.rsplit("/", 1)[0]
+    infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True))
+    base = path.rstrip("/")
+    found = []
+    for i in infos:
+        rel = i.path[len(base) :].lstrip("/")
+        if i.type != pafs.FileType.File or not rel.endswith(".parquet"):
+            continue
+        if any(part.startswith((".", "_")) for part in rel.split("/")):
+            continue
+        found.append((rel, i.path))
+    if not found:
+        raise ManifestError(f"manifest {source}: no such object, and no .parquet files under that prefix")
+    found.sort()
+    return [uri(p) for _, p in found], uri(base)
+
+
+def _hash_file_bytes(path: str, h: Any) -> None:
+    with _open_input(path) as f:
+        while True:
+            chunk = f.read(1 << 22)
+            if not chunk:
+                break
+            h.update(chunk)
+
+
+def open_manifest(source: str) -> Manifest:
+    """Resolve ``source`` (a Parquet file, a directory of ``.parquet`` files, or a glob; local or
+    ``s3://``) and read the Parquet footers only.
+
+    Directories are searched recursively for ``*.parquet``, skipping names that start with
+    ``.`` or ``_`` (``_SUCCESS``, ``.crc``); files are ordered by their path relative to the
+    directory. Glob matches are sorted by path. ``base_dir`` — what relative ``init_image``
+    paths are relative to — is the file's folder, the directory itself, or a glob's leading
+    folder without wildcards.
+
+    The fingerprint is a SHA-256 over every file's bytes (streamed; ~1.5 GB/s) and, for
+    several files, their relative names; for remote files it covers each file's size and
+    its complete Parquet footer (schema, row groups, column statistics) instead.
+    """
+    source = str(source)
+    files, base_dir = _list_remote(source) if _is_uri(source) else _list_local(source)
+    columns: tuple[str, ...] | None = None
+    file_rows: list[int] = []
+    h = hashlib.sha256(b"sdbatch-manifest-v1\0")
+    for path in files:
+        pf = _parquet_file(path)
+        names = tuple(pf.schema_arrow.names)
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ManifestError(f"{path}: column name(s) {dupes} appear more than once; rename them")
+        if "prompt" not in names:
+            hint = ""
+            close = [n for n in names if n.lower().strip() in ("prompt", "prompts", "text", "caption")]
+            if close:
+                hint = f" (rename {close[0]!r} to 'prompt')"
+            raise ManifestError(
+                f"{path}: the required column 'prompt' is missing{hint}; columns present: "
+                f"{', '.join(names) or '(none)'}"
+            )
+        if columns is None:
+            columns = names
+        elif set(names) != set(columns):
+            missing = sorted(set(columns) - set(names))
+            extra = sorted(set(names) - set(columns))
+            raise ManifestError(
+                f"{path}: its columns differ from {files[0]} (missing {missing}, extra {extra}); "
+                "every file of a manifest must have the same columns"
+            )
+        file_rows.append(pf.metadata.num_rows)
+        if len(files) > 1:
+            rel = path[len(base_dir) :].lstrip("/\\") if path.startswith(base_dir) else path
+            h.update(f"file:{rel}\0".encode())
+        if _is_uri(path):
+            sink = pa.BufferOutputStream()
+            pf.metadata.write_metadata_file(sink)
+            h.update(f"size:{_size_or_none(path)}\0".encode())
+            h.update(sink.getvalue().to_pybytes())
+        else:
+            _hash_file_bytes(path, h)
+    num_rows = sum(file_rows)
+    if num_rows == 0:
+        raise ManifestError(
+            f"manifest {source} has no rows ({len(files)} file(s), all empty); add at least one row"
+        )
+    return Manifest(
+        source=source,
+        files=tuple(files),
+        num_rows=num_rows,
+        columns=tuple(columns or ()),
+        fingerprint=h.hexdigest()[:16],
+        base_dir=base_dir,
+        file_rows=tuple(file_rows),
+    )
+
+
+# =============================================================================================
+# Seeds, ids, rows
+# =============================================================================================
+
+
+def derive_seed(job_seed: int, row_id: str) -> int:
+    """The seed of a row that has none: a stable hash of the job seed and the row id.
+
+    ``int.from_bytes(sha256(f"{job_seed}:{row_id}".encode("utf-8")).digest()[:8], "big") & (2**63 - 1)``
+
+    It depends on nothing else — not the row's position, file, shard or batch — so
+    reordering, filtering or re-sharding a manifest leaves every row's seed unchanged.
+    """
+    digest = hashlib.sha256(f"{job_seed}:{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (MAX_SEED - 1)
+
+
+def default_row_id(index: int) -> str:
+    """The id of a row in a manifest without an ``id`` column: its 0-based index, zero-padded."""
+    return f"{index:08d}"
+
+
+def resolve_init_image(value: str, base_dir: str) -> str:
+    """``init_image`` as a location: URIs (``s3://…``) as given, local paths made absolute
+    relative to the manifest's ``base_dir``."""
+    if "://" in value:
+        return value
+    if _is_uri(base_dir):
+        return posixpath.normpath(base_dir.rstrip("/") + "/" + value.lstrip("/")).replace(":/", "://", 1)
+    return os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
+
+
+def iter_row_batches(
+    manifest: Manifest, columns: list[str] | None = None, batch_size: int = 65_536
+) -> Iterator[pa.RecordBatch]:
+    """Every row of the manifest, file after file, as record batches of at most ``batch_size``
+    rows (memory is bounded by one batch). ``columns`` limits what is read."""
+    for path in manifest.files:
+        pf = _parquet_file(path)
+        if pf.metadata.num_rows == 0:
+            continue
+        yield from pf.iter_batches(batch_size=batch_size, columns=columns, use_threads=True)
+
+
+def _decode(arr: pa.Array) -> pa.Array:
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    return arr
+
+
+def _pylist(arr: pa.Array, column: str, first_row: int) -> list[Any]:
+    arr = _decode(arr)
+    try:
+        return arr.to_pylist()
+    except UnicodeDecodeError:
+        binary = arr.cast(pa.large_binary()) if pa.types.is_large_string(arr.type) else arr.cast(pa.binary())
+        for i, v in enumerate(binary.to_pylist()):
+            if v is not None:
+                try:
+                    v.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ManifestError(
+                        f"row {first_row + i}, column {column!r}: invalid UTF-8 text; run `sdbatch validate`"
+                    ) from None
+        raise
+
+
+def read_rows(manifest: Manifest, spec: JobSpec, start: int, stop: int) -> list[Row]:
+    """Rows ``[start, stop)`` as ``Row``s, with job defaults applied.
+
+    Only the row groups overlapping the range are read (found from the Parquet footers), so
+    the cost depends on the range, not on the manifest's size. A null in an optional column
+    means "use the job default"; a missing seed is derived with ``derive_seed``; ``strength``
+    is set only for img2img rows (row value or ``defaults.strength``). Passthrough columns go
+    into ``Row.extra`` as plain Python values (``to_pylist``). The rows are assumed to have
+    passed ``validate_manifest``.
+    """
+    if not (0 <= start <= stop <= manifest.num_rows):
+        raise ManifestError(f"row range [{start}, {stop}) is outside the manifest's 0..{manifest.num_rows} rows")
+    file_rows = manifest.file_rows or tuple(_parquet_file(p).metadata.num_rows for p in manifest.files)
+    columns = [c for c in manifest.columns if not c.startswith(_IGNORED_PREFIX)]
+    out: list[Row] = []
+    file_start = 0
+    for path, nrows in zip(manifest.files, file_rows):
+        lo, hi = max(start, file_start), min(stop, file_start + nrows)
+        if lo < hi:
+            pf = _parquet_file(path)
+            md = pf.metadata
+            groups: list[int] = []
+            first = None
+            rg_start = file_start
+            for g in range(md.num_row_groups):
+                n = md.row_group(g).num_rows
+                if rg_start < hi and rg_start + n > lo:
+                    groups.append(g)
+                    if first is None:
+                        first = rg_start
+                rg_start += n
+            table = pf.read_row_groups(groups, columns=columns, use_threads=False)
+            table = table.slice(lo - first, hi - lo)
+            out.extend(_rows_from_table(table, lo, manifest, spec))
+        file_start += nrows
+        if file_start >= stop:
+            break
+    return out
+
+
+def _rows_from_table(table: pa.Table, first_row: int, manifest: Manifest, spec: JobSpec) -> list[Row]:
+    n = table.num_rows
+    cols = {name: _pylist(table.column(name), name, first_row) for name in table.column_names}
+    d = spec.defaults
+    none = [None] * n
+
+    def col(name: str) -> list[Any]:
+        return cols.get(name, none)
+
+    ids, prompts, negs, seeds = col("id"), col("prompt"), col("negative_prompt"), col("seed")
+    steps, cfg, widths, heights = col("steps"), col("guidance_scale"), col("width"), col("height")
+    scheds, inits, strengths = col("scheduler"), col("init_image"), col("strength")
+    extra_names = [c for c in table.column_names if c not in KNOWN_COLUMNS]
+    rows = []
+    for i in range(n):
+        index = first_row + i
+        rid = str(ids[i]) if ids[i] is not None else default_row_id(index)
+        init = inits[i]
+        init_loc = resolve_init_image(init, manifest.base_dir) if init is not None else None
+        rows.append(
+            Row(
+                index=index,
+                id=rid,
+                prompt=prompts[i],
+                negative_prompt=negs[i] if negs[i] is not None else d.negative_prompt,
+                seed=int(seeds[i]) if seeds[i] is not None else derive_seed(spec.seed, rid),
+                steps=int(steps[i]) if steps[i] is not None else d.steps,
+                guidance_scale=float(cfg[i]) if cfg[i] is not None else float(d.guidance_scale),
+                width=int(widths[i]) if widths[i] is not None else d.width,
+                height=int(heights[i]) if heights[i] is not None else d.height,
+                scheduler=scheds[i] if scheds[i] is not None else d.scheduler,
+                init_image=init_loc,
+                strength=(float(strengths[i]) if strengths[i] is not None else float(d.strength))
+                if init_loc is not None
+                else None,
+                extra={name: cols[name][i] for name in extra_names},
+            )
+        )
+    return rows
+
+
+# =============================================================================================
+# Validation
+# =============================================================================================
+
+
+@dataclass
+class RowIssue:
+    """One broken rule. ``row`` is the 0-based manifest row (as in default ids); -1 marks a
+    problem of the job spec itself (a default that breaks a rule), ``column`` then names the
+    spec key. A column of the wrong type is reported once per file, at the file's first row."""
+
+    row: int
+    id: str | None
+    column: str
+    value: str  # repr of the offending value, truncated to about 80 characters
+    rule: str
+    fix: str
+
+    def render(self) -> str:
+        if self.row < 0:
+            where = "job spec"
+        else:
+            where = f"row {self.row}" + (f" (id {self.id!r})" if self.id is not None else "")
+        return f"{where}, column {self.column!r}: value {self.value} — rule: {self.rule} — fix: {self.fix}"
+
+
+@dataclass
+class ValidationReport:
+    num_rows: int
+    issues: list[RowIssue] = field(default_factory=list)  # the first limits.max_errors_shown, by row
+    issue_count: int = 0  # every issue found
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.issue_count == 0
+
+    def render(self) -> str:
+        s = self.summary
+        lines = [f"manifest: {s.get('source', '?')} ({s.get('files', 1)} file(s), fingerprint {s.get('fingerprint', '?')})"]
+        lines.append(f"  rows: {self.num_rows:,}  (numbered from 0, as in default ids)")
+        if "distinct_prompts" in s:
+            approx = " (approximate, ±1%)" if s.get("distinct_prompts_approximate") else ""
+            lines.append(f"  distinct prompts: {s['distinct_prompts']:,}{approx}")
+
+        def top(d: dict, k: int = 8) -> str:
+            items = sorted(d.items(), key=lambda kv: (-kv[1], str(kv[0])))
+            text = ", ".join(f"{key}: {cnt:,}" for key, cnt in items[:k])
+            return text + (f", … ({len(items) - k} more)" if len(items) > k else "")
+
+        for key, label in (("sizes", "sizes"), ("steps", "steps"), ("guidance_scale", "guidance"), ("schedulers", "schedulers")):
+            if s.get(key):
+                lines.append(f"  {label}: {top(s[key])}")
+        if "img2img_rows" in s:
+            lines.append(f"  img2img rows: {s['img2img_rows']:,}")
+        if "seeds" in s:
+            lines.append(f"  seeds: {s['seeds']}")
+        if "ids" in s:
+            lines.append(f"  ids: {s['ids']}")
+        pt = s.get("passthrough_columns") or {}
+        lines.append("  passthrough columns: " + (", ".join(f"{k} ({v})" for k, v in pt.items()) if pt else "(none)"))
+        if self.ok:
+            lines.append("OK: the manifest is valid")
+            return "\n".join(lines)
+        lines.append(f"  rows with errors: {s.get('bad_rows', '?'):,}" if isinstance(s.get("bad_rows"), int) else "")
+        lines.append("")
+        lines.extend(issue.render() for issue in self.issues)
+        lines.append("")
+        lines.append(f"{self.issue_count:,} error(s) in total (first {len(self.issues)} shown)")
+        return "\n".join(line for line in lines if line is not None)
+
+
+# --- value types --------------------------------------------------------------------------------
+
+_STRING_COLS = ("prompt", "negative_prompt", "scheduler", "init_image")
+_INT_COLS = ("seed", "steps", "width", "height")
+_FLOAT_COLS = ("guidance_scale", "strength")
+
+
+def _kind(t: pa.DataType) -> str:
+    if pa.types.is_dictionary(t):
+        return _kind(t.value_type)
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", lambda _: False)(t):
+        return "string"
+    if pa.types.is_integer(t):
+        return "int"
+    if pa.types.is_floating(t):
+        return "float"
+    if pa.types.is_null(t):
+        return "null"
+    return "other"
+
+
+_EXPECTED = {
+    "prompt": ({"string"}, "a string column", "write the prompts as strings (pandas: df['prompt'] = df['prompt'].astype(str))"),
+    "negative_prompt": ({"string"}, "a string column", "write it as strings, nulls for rows that use the job default"),
+    "scheduler": ({"string"}, "a string column", "write scheduler names as strings, e.g. 'euler_a'"),
+    "init_image": ({"string"}, "a string column", "write init_image as path strings (relative to the manifest) or s3:// URIs"),
+    "id": ({"string", "int"}, "a string or integer column", "write ids as strings (or integers)"),
+    "seed": (
+        {"int"},
+        "an integer column (int64)",
+        "write seeds as int64; for rows without a seed drop the column or fill it "
+        "(pandas turns ints with NaN into float64 — use the nullable dtype 'Int64')",
+    ),
+    "steps": ({"int"}, "an integer column", "write steps as int64 (pandas nullable 'Int64' when some rows use the default)"),
+    "width": ({"int"}, "an integer column", "write width as int64 (pandas nullable 'Int64' when some rows use the default)"),
+    "height": ({"int"}, "an integer column", "write height as int64 (pandas nullable 'Int64' when some rows use the default)"),
+    "guidance_scale": ({"float", "int"}, "a float column", "write guidance_scale as float64"),
+    "strength": ({"float", "int"}, "a float column", "write strength as float64"),
+}
+
+
+def _repr_value(v: Any, limit: int = 80) -> str:
+    if isinstance(v, str) and len(v) > limit:
+        r = repr(v[:limit])
+        return f"{r[:-1]}…{r[-1]} ({len(v):,} chars)"
+    r = repr(v)
+    return r if len(r) <= limit else r[: limit - 1] + "…"
+
+
+def _value_at(arr: pa.Array, i: int) -> str:
+    try:
+        v = arr[i].as_py()
+    except UnicodeDecodeError:
+        raw = arr.cast(pa.large_binary() if pa.types.is_large_string(arr.type) else pa.binary())[i].as_py()
+        return _repr_value(raw) + " (invalid UTF-8)"
+    if isinstance(v, str) and len(v) > 80:
+        return _repr_value(v)
+    return _repr_value(v)
+
+
+# --- 64-bit string hashing, vectorised ----------------------------------------------------------
+
+_P = np.uint64(0x100000001B3)
+_P_INV = np.uint64(pow(0x100000001B3, -1, 2**64))
+_powers: dict[str, np.ndarray] = {"p": np.ones(1, np.uint64), "inv": np.ones(1, np.uint64)}
+
+
+def _pow_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
+    if len(_powers["p"]) < n + 1:
+        size = max(n + 1, 2 * len(_powers["p"]))
+        p = np.full(size, _P, dtype=np.uint64)
+        p[0] = 1
+        inv = np.full(size, _P_INV, dtype=np.uint64)
+        inv[0] = 1
+        with np.errstate(over="ignore"):
+            _powers["p"] = np.cumprod(p, dtype=np.uint64)
+            _powers["inv"] = np.cumprod(inv, dtype=np.uint64)
+    return _powers["p"], _powers["inv"]
+
+
+def _hash_strings(arr: pa.Array) -> np.ndarray:
+    """A 64-bit hash of every string of ``arr`` (nulls hash like ''): a polynomial hash
+    modulo 2**64 (made position-independent with the modular inverse of the odd base),
+    then the splitmix64 finaliser. Collisions only cost a re-check; they are never trusted."""
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        arr = arr.cast(pa.large_string())
+    bufs = arr.buffers()
+    otype = np.int32 if pa.types.is_string(arr.type) else np.int64
+    n = len(arr)
+    if n == 0:
+        return np.zeros(0, np.uint64)
+    offs = np.frombuffer(bufs[1], dtype=otype)[arr.offset : arr.offset + n + 1].astype(np.int64)
+    lo, hi = int(offs[0]), int(offs[-1])
+    data = np.frombuffer(bufs[2], dtype=np.uint8)[lo:hi] if bufs[2] is not None and hi > lo else np.zeros(0, np.uint8)
+    offs -= lo
+    pw, inv = _pow_tables(len(data))
+    with np.errstate(over="ignore"):
+        cs = np.zeros(len(data) + 1, dtype=np.uint64)
+        np.cumsum((data.astype(np.uint64) + np.uint64(1)) * pw[: len(data)], out=cs[1:])
+        starts, ends = offs[:-1], offs[1:]
+        h = (cs[ends] - cs[starts]) * inv[starts]
+        h ^= (ends - starts).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        h ^= h >> np.uint64(30)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(27)
+        h *= np.uint64(0x94D049BB133111EB)
+        h ^= h >> np.uint64(31)
+    return h
+
+
+class _DistinctCounter:
+    """Distinct count of 64-bit hashes: exact up to K values, then the K-minimum-values
+    estimate (relative error about 1/sqrt(K) ≈ 0.4%)."""
+
+    K = 1 << 16
+
+    def __init__(self) -> None:
+        self.kept = np.zeros(0, np.uint64)
+        self.saturated = False
+
+    def add(self, hashes: np.ndarray) -> None:
+        if len(hashes) == 0:
+            return
+        if self.saturated:
+            hashes = hashes[hashes < self.kept[-1]]
+        merged = np.union1d(self.kept, hashes)
+        if len(merged) > self.K:
+            self.saturated = True
+            merged = merged[: self.K]
+        self.kept = merged
+
+    def estimate(self) -> tuple[int, bool]:
+        if not self.saturated:
+            return len(self.kept), False
+        kth = float(self.kept[-1]) / 2.0**64
+        return int(round((self.K - 1) / kth)), True
+
+
+class _Counts:
+    """Value counts for the summary, capped in size."""
+
+    CAP = 10_000
+
+    def __init__(self) -> None:
+        self.counts: dict[Any, int] = {}
+        self.other = 0
+
+    def add(self, values: np.ndarray) -> None:
+        if len(values) == 0:
+            return
+        keys, cnts = np.unique(values, return_counts=True)
+        for k, c in zip(keys.tolist(), cnts.tolist()):
+            if k in self.counts or len(self.counts) < self.CAP:
+                self.counts[k] = self.counts.get(k, 0) + c
+            else:
+                self.other += c
+
+
+class _Collector:
+    """Counts every issue; keeps the first ``limit`` by (row, column) order."""
+
+    def __init__(self, limit: int, num_rows: int) -> None:
+        self.limit = limit
+        self.kept: list[RowIssue] = []
+        self.count = 0
+        self.bad = 0  # rows with at least one issue (bounded per batch)
+        self._col_order = {c: i for i, c in enumerate(KNOWN_COLUMNS)}
+
+    def full_before(self, row: int) -> bool:
+        return len(self.kept) >= self.limit and self.kept[-1].row < row
+
+    def _sort(self) -> None:
+        self.kept.sort(key=lambda x: (x.row, self._col_order.get(x.column, 99)))
+        del self.kept[self.limit :]
+
+    def add(self, issue: RowIssue) -> None:
+        self.count += 1
+        self.kept.append(issue)
+        self._sort()
+
+
+class _Batch:
+    """One record batch under validation: its columns, decoded, and issue bookkeeping."""
+
+    def __init__(self, rb: pa.RecordBatch, base: int, skip: set[str], coll: _Collector) -> None:
+        self.base = base
+        self.n = rb.num_rows
+        self.cols: dict[str, pa.Array] = {}
+        for name in rb.schema.names:
+            if name in KNOWN_COLUMNS and name not in skip:
+                self.cols[name] = _decode(rb.column(name))
+        self.coll = coll
+        self.bad = np.zeros(self.n, dtype=bool)
+        self._ids: pa.Array | None = None
+
+    def ids(self) -> pa.Array | None:
+        if self._ids is None and "id" in self.cols:
+            a = self.cols["id"]
+            self._ids = a if _kind(a.type) == "string" else a.cast(pa.string())
+        return self._ids
+
+    def id_at(self, i: int) -> str | None:
+        ids = self.ids()
+        if ids is None:
+            return default_row_id(self.base + i)
+        try:
+            v = ids[i].as_py()
+        except UnicodeDecodeError:
+            return None
+        return v
+
+    def flag(self, column: str, mask: Any, rule: str, fix: str | Callable[[Any], str], values: pa.Array | None = None) -> None:
+        if isinstance(mask, (pa.Array, pa.ChunkedArray)):
+            mask = mask.fill_null(False).to_numpy(zero_copy_only=False)
+        idx = np.flatnonzero(mask)
+        if len(idx) == 0:
+            return
+        self.bad[idx] = True
+        coll = self.coll
+        coll.count += len(idx)
+        values = values if values is not None else self.cols.get(column)
+        for i in idx[: coll.limit].tolist():
+            if coll.full_before(self.base + i):
+                break
+            value = _value_at(values, i) if values is not None else "None"
+            coll.kept.append(
+                RowIssue(
+                    row=self.base + i,
+                    id=self.id_at(i),
+                    column=column,
+                    value=value,
+                    rule=rule,
+                    fix=fix(values[i].as_py() if values is not None else None) if callable(fix) else fix,
+                )
+            )
+        coll._sort()
+
+
+def _np(arr: pa.Array, fill: Any, dtype: Any) -> np.ndarray:
+    if arr.null_count:
+        arr = arr.fill_null(pa.scalar(fill, arr.type) if not pa.types.is_null(arr.type) else fill)
+    return arr.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+
+
+def _check_text(b: _Batch, column: str, limits: Any, required: bool) -> pa.Array | None:
+    """Checks shared by prompt and negative_prompt; returns the array with invalid-UTF-8
+    rows nulled (safe for further string kernels), or None when the column is absent."""
+    arr = b.cols.get(column)
+    if arr is None:
+        return None
+    if pa.types.is_null(arr.type):
+        if required:
+            b.flag(column, np.ones(b.n, bool), f"{column} is required: every row needs a non-null text",
+                   "give every row a prompt (or drop rows without one)", arr)
+        return None
+    arr = _check_utf8(b, column, arr)
+    if required:
+        b.flag(column, arr.is_null(), f"{column} is required: every row needs a non-null text",
+               "give every row a prompt (or drop rows without one)", b.cols[column])
+        lengths = pc.utf8_length(arr)
+        empty = pc.or_(pc.equal(lengths, 0), pc.utf8_is_space(arr))
+        b.flag(column, empty, f"{column} must not be empty or only whitespace", "write a prompt, or drop the row", arr)
+    else:
+        lengths = pc.utf8_length(arr)
+    limit = limits.max_prompt_chars
+    b.flag(
+        column,
+        pc.greater(lengths, limit),
+        f"at most {limit:,} characters (limits.max_prompt_chars)",
+        f"shorten the text (the text encoder reads only its first 77 tokens) or raise the limit: --set limits.max_prompt_chars=N",
+        arr,
+    )
+    b.flag(column, pc.match_substring(arr, "\x00"), "no NUL characters (\\x00) in text",
+           "remove the NUL characters (often a sign of binary data or a broken export)", arr)
+    return arr
+
+
+def _check_utf8(b: _Batch, column: str, arr: pa.Array) -> pa.Array:
+    try:
+        arr.validate(full=True)
+        return arr
+    except pa.ArrowInvalid:
+        pass
+    binary = arr.cast(pa.large_binary() if pa.types.is_large_string(arr.type) else pa.binary())
+    bad = np.zeros(len(arr), dtype=bool)
+    for i, v in enumerate(binary.to_pylist()):
+        if v is not None:
+            try:
+                v.decode("utf-8")
+            except UnicodeDecodeError:
+                bad[i] = True
+    b.flag(
+        column,
+        bad,
+        "text must be valid UTF-8 (no lone surrogates U+D800–U+DFFF, no broken byte sequences)",
+        "re-encode the text as UTF-8 and remove lone surrogate characters",
+        arr,
+    )
+    cleaned = pc.if_else(pa.array(bad), pa.scalar(None, arr.type), arr)
+    b.cols[column] = cleaned
+    return cleaned
+
+
+def _int_range(b: _Batch, column: str, lo: int, hi_incl: int, rule: str, fix: str) -> None:
+    arr = b.cols.get(column)
+    if arr is None or pa.types.is_null(arr.type):
+        return
+    bad = pc.or_(pc.less(arr, lo), pc.greater(arr, pa.scalar(hi_incl, pa.uint64()) if pa.types.is_unsigned_integer(arr.type) else hi_incl))
+    b.flag(column, bad, rule, fix)
+
+
+def _check_spec_defaults(spec: JobSpec, coll: _Collector) -> None:
+    d, lim = spec.defaults, spec.limits
+
+    def bad(key: str, value: Any, rule: str, fix: str) -> None:
+        coll.add(RowIssue(-1, None, f"defaults.{key}", _repr_value(value), rule, fix))
+
+    if not 1 <= d.steps <= lim.max_steps:
+        bad("steps", d.steps, f"1 <= steps <= {lim.max_steps} (limits.max_steps)", "--set defaults.steps=N, or raise limits.max_steps")
+    if not math.isfinite(d.guidance_scale) or not 0 <= d.guidance_scale <= lim.max_guidance:
+        bad("guidance_scale", d.guidance_scale, f"finite and 0 <= guidance_scale <= {lim.max_guidance} (limits.max_guidance)",
+            "--set defaults.guidance_scale=7.5")
+    for key, mx in (("width", lim.max_width), ("height", lim.max_height)):
+        v = getattr(d, key)
+        if v % 8 or not 64 <= v <= mx:
+            bad(key, v, f"a multiple of 8 with 64 <= {key} <= {mx} (limits.max_{key})", f"--set defaults.{key}=512 (or another multiple of 8)")
+    if d.width * d.height > lim.max_pixels:
+        bad("width", f"{d.width}x{d.height}", f"width*height <= {lim.max_pixels:,} (limits.max_pixels)",
+            "choose a smaller default size or raise limits.max_pixels")
+    if len(d.negative_prompt) > lim.max_prompt_chars or "\x00" in d.negative_prompt:
+        bad("negative_prompt", d.negative_prompt, f"at most {lim.max_prompt_chars:,} characters, no NUL", "shorten it")
+    if not (0 < d.strength <= 1):
+        bad("strength", d.strength, "0 < strength <= 1", "--set defaults.strength=0.75")
+    if d.scheduler not in SCHEDULERS:
+        bad("scheduler", d.scheduler, f"one of {', '.join(SCHEDULERS)}", "--set defaults.scheduler=ddim")
+
+
+def _scheduler_fix(value: Any) -> str:
+    names = ", ".join(SCHEDULERS)
+    if isinstance(value, str):
+        close = difflib.get_close_matches(value.lower().replace("-", "_").replace(" ", "_"), SCHEDULERS, n=1, cutoff=0.5)
+        if close:
+            return f"did you mean {close[0]!r}? supported: {names}"
+    return f"use one of: {names} (or leave it null for the job default)"
+
+
+def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_536) -> ValidationReport:
+    """Check every row against DESIGN §2, streaming (one record batch in memory at a time).
+
+    Semantics of nulls: a null in ``negative_prompt``, ``steps``, ``guidance_scale``,
+    ``width``, ``height``, ``scheduler`` or ``strength`` means "the job default"; a null
+    ``init_image`` makes the row text-to-image. A null ``prompt``, ``id`` or ``seed`` is an
+    error — to derive seeds, leave the ``seed`` column out (a half-filled seed column is
+    usually a broken join). Ranges are checked on the resolved values, and job defaults are
+    checked once (reported with row -1 and the spec key).
+
+    Duplicate ids are found with one 64-bit hash per row (8 bytes/row) sorted in numpy, then
+    the first duplicates are confirmed by their actual strings in a second pass over ``id``.
+    ``distinct prompts`` is exact up to 65,536 and a K-minimum-values estimate beyond.
+    """
+    lim, d = spec.limits, spec.defaults
+    coll = _Collector(lim.max_errors_shown, manifest.num_rows)
+    _check_spec_defaults(spec, coll)
+    present = set(manifest.columns)
+    read_cols = [c for c in KNOWN_COLUMNS if c in present]
+    has_ids = "id" in present
+    id_hashes = np.empty(manifest.num_rows if has_ids else 0, dtype=np.uint64)
+    id_valid = np.zeros(manifest.num_rows if has_ids else 0, dtype=bool)
+    prompts = _DistinctCounter()
+    sizes, steps_c, cfg_c, sched_c = _Counts(), _Counts(), _Counts(), _Counts()
+    img2img = 0
+    bad_rows = 0
+    base = 0
+    for path, nrows in zip(manifest.files, manifest.file_rows or [None] * len(manifest.files)):
+        pf = _parquet_file(path)
+        if pf.metadata.num_rows == 0:
+            continue
+        schema = pf.schema_arrow
+        skip: set[str] = set()
+        for name in read_cols:
+            kinds, expected, fix = _EXPECTED[name] if name in _EXPECTED else ({"string"}, "", "")
+            found = _kind(schema.field(name).type)
+            if found not in kinds and found != "null":
+                skip.add(name)
+                coll.add(RowIssue(base, None, name, f"a column of type {schema.field(name).type} "
+                                  f"(all {pf.metadata.num_rows:,} rows of {os.path.basename(path)})",
+                                  f"{name} must be {expected}", fix))
+        cols = [c for c in read_cols if c not in skip]
+        file_bad_all = bool(skip)
+        for rb in pf.iter_batches(batch_size=batch_size, columns=cols, use_threads=True):
+            b = _Batch(rb, base, skip, coll)
+            n = b.n
+            # prompt / negative_prompt
+            parr = _check_text(b, "prompt", lim, required=True)
+            if parr is not None:
+                valid = pc.is_valid(parr).to_numpy(zero_copy_only=False)
+                prompts.add(np.unique(_hash_strings(parr)[valid]))
+            _check_text(b, "negative_prompt", lim, required=False)
+            # id
+            ids = b.ids()
+            if ids is not None:
+                if pa.types.is_null(ids.type):
+                    ids = pa.nulls(n, pa.string())
+                raw = b.cols["id"]
+                if _kind(raw.type) == "string" and not pa.types.is_null(raw.type):
+                    ids = _check_utf8(b, "id", ids)
+                    b._ids = ids
+                b.flag("id", ids.is_null(), "id must be set in every row when the id column is present",
+                       "fill the id, or drop the id column to use row numbers", raw)
+                nonnull = pc.is_valid(ids)
+                dots = pc.or_(pc.equal(ids, "."), pc.equal(ids, ".."))
+                b.flag("id", dots, "id must not be '.' or '..' (ids name output files)", "rename the row's id")
+                pattern = pc.and_(nonnull, pc.invert(pc.match_substring_regex(ids, f"^{ID_PATTERN}$")))
+                b.flag("id", pc.and_(pattern, pc.invert(dots)), f"id must match {ID_PATTERN} (ids name output files)",
+                       "use only letters, digits, '.', '_' and '-', at most 128 characters", ids)
+                id_hashes[base : base + n] = _hash_strings(ids)
+                id_valid[base : base + n] = nonnull.to_numpy(zero_copy_only=False)
+            # seed
+            seed = b.cols.get("seed")
+            if seed is not None:
+                b.flag("seed", seed.is_null(), "seed must be set in every row when the seed column is present "
+                       "(null is not 'derive')", "fill the seed, or drop the seed column so every row derives "
+                       "its seed from the job seed and its id")
+                if not pa.types.is_null(seed.type):
+                    too_big = (pc.greater_equal(seed, pa.scalar(MAX_SEED, pa.uint64()))
+                               if pa.types.is_unsigned_integer(seed.type) else pc.less(seed, 0))
+                    b.flag("seed", too_big, "0 <= seed < 2**63", "use a seed in 0..9223372036854775807")
+            # steps, width, height
+            _int_range(b, "steps", 1, lim.max_steps, f"1 <= steps <= {lim.max_steps:,} (limits.max_steps)",
+                       "use fewer steps, or raise the limit: --set limits.max_steps=N")
+            for key, mx in (("width", lim.max_width), ("height", lim.max_height)):
+                arr = b.cols.get(key)
+                if arr is not None and not pa.types.is_null(arr.type):
+                    b.flag(key, pc.not_equal(pc.bit_wise_and(arr, pa.scalar(7, arr.type)), pa.scalar(0, arr.type)),
+                           f"{key} must be a multiple of 8", f"round {key} to a multiple of 8 (e.g. 512)")
+                    _int_range(b, key, 64, mx, f"64 <= {key} <= {mx:,} (limits.max_{key})",
+                               f"use a smaller {key}, or raise the limit: --set limits.max_{key}=N")
+            w = _np(b.cols["width"], d.width, np.float64) if b.cols.get("width") is not None and not pa.types.is_null(b.cols["width"].type) else np.full(n, float(d.width))
+            h = _np(b.cols["height"], d.height, np.float64) if b.cols.get("height") is not None and not pa.types.is_null(b.cols["height"].type) else np.full(n, float(d.height))
+            in_range = (w >= 64) & (w <= lim.max_width) & (h >= 64) & (h <= lim.max_height)
+            over = in_range & (w * h > lim.max_pixels)
+            if over.any():
+                vals = pc.binary_join_element_wise(
+                    pc.cast(pa.array(w.astype(np.int64)), pa.string()),
+                    pc.cast(pa.array(h.astype(np.int64)), pa.string()),
+                    "x",
+                )
+                b.flag("width", over, f"width*height <= {lim.max_pixels:,} pixels (limits.max_pixels)",
+                       "use a smaller size, or raise the limit: --set limits.max_pixels=N", vals)
+            ok_size = in_range & (w * h <= lim.max_pixels)
+            sizes.add((w[ok_size].astype(np.int64) << 20) | h[ok_size].astype(np.int64))
+            # guidance_scale
+            g = b.cols.get("guidance_scale")
+            if g is not None and not pa.types.is_null(g.type):
+                gf = g.cast(pa.float64())
+                nonfinite = pc.or_(pc.is_nan(gf), pc.is_inf(gf))
+                b.flag("guidance_scale", nonfinite, "guidance_scale must be finite (no NaN or infinity)",
+                       "use a number such as 7.5, or null for the job default")
+                rng = pc.and_(pc.invert(nonfinite), pc.or_(pc.less(gf, 0), pc.greater(gf, lim.max_guidance)))
+                b.flag("guidance_scale", rng, f"0 <= guidance_scale <= {lim.max_guidance:g} (limits.max_guidance)",
+                       "use a guidance in range (typical: 3..12), or raise limits.max_guidance")
+                gvals = _np(gf, float(d.guidance_scale), np.float64)
+                cfg_c.add(gvals[np.isfinite(gvals) & (gvals >= 0) & (gvals <= lim.max_guidance)])
+            else:
+                cfg_c.add(np.full(1, float(d.guidance_scale)).repeat(n))
+            # steps summary
+            s = b.cols.get("steps")
+            if s is not None and not pa.types.is_null(s.type):
+                sv = _np(s, d.steps, np.float64)
+                steps_c.add(sv[(sv >= 1) & (sv <= lim.max_steps)].astype(np.int64))
+            else:
+                steps_c.add(np.full(n, d.steps, np.int64))
+            # scheduler
+            sc = b.cols.get("scheduler")
+            if sc is not None and not pa.types.is_null(sc.type):
+                sc = _check_utf8(b, "scheduler", sc)
+                known = pc.is_in(sc, value_set=pa.array(SCHEDULERS))
+                b.flag("scheduler", pc.and_(pc.is_valid(sc), pc.invert(known)),
+                       f"scheduler must be one of {', '.join(SCHEDULERS)}", _scheduler_fix, sc)
+                vc = pc.value_counts(sc.fill_null(d.scheduler))
+                for item in vc.to_pylist():
+                    if item["values"] in SCHEDULERS:
+                        sched_c.counts[item["values"]] = sched_c.counts.get(item["values"], 0) + item["counts"]
+            else:
+                sched_c.counts[d.scheduler] = sched_c.counts.get(d.scheduler, 0) + n
+            # init_image / strength
+            init = b.cols.get("init_image")
+            has_init = np.zeros(n, dtype=bool)
+            if init is not None and not pa.types.is_null(init.type):
+                init = _check_utf8(b, "init_image", init)
+                b.flag("init_image", pc.equal(pc.utf8_length(init), 0), "init_image must be a non-empty path or s3:// URI",
+                       "give the image path (relative to the manifest folder) or null for text-to-image")
+                b.flag("init_image", pc.match_substring(init, "\x00"), "no NUL characters (\\x00) in init_image",
+                       "fix the path")
+                has_init = pc.is_valid(init).to_numpy(zero_copy_only=False)
+            if "init_image" in skip:
+                has_init = np.ones(n, dtype=bool)  # unknown: don't pile strength errors on a type error
+            img2img += int(has_init.sum())
+            st = b.cols.get("strength")
+            if st is not None and not pa.types.is_null(st.type):
+                sf = st.cast(pa.float64())
+                given = pc.is_valid(sf).to_numpy(zero_copy_only=False)
+                b.flag("strength", given & ~has_init, "strength is only for img2img rows: it needs init_image in the same row",
+                       "set init_image for this row, or leave strength null", st)
+                in_rng = pc.and_(pc.greater(sf, 0), pc.less_equal(sf, 1)).fill_null(True)
+                b.flag("strength", pc.invert(in_rng), "0 < strength <= 1", "use a strength such as 0.75", st)
+            if file_bad_all:
+                b.bad[:] = True
+            bad_rows += int(b.bad.sum())
+            base += n
+    # --- duplicate ids -------------------------------------------------------------------------
+    dup_count = 0
+    if has_ids and manifest.num_rows:
+        dup_count = _find_duplicate_ids(manifest, id_hashes, id_valid, coll, batch_size)
+        bad_rows += dup_count
+    del id_hashes, id_valid
+    distinct, approx = prompts.estimate()
+    summary: dict[str, Any] = {
+        "source": manifest.source,
+        "files": len(manifest.files),
+        "fingerprint": manifest.fingerprint,
+        "rows": manifest.num_rows,
+        "distinct_prompts": distinct,
+        "distinct_prompts_approximate": approx,
+        "sizes": {f"{k >> 20}x{k & 0xFFFFF}": v for k, v in sizes.counts.items()},
+        "steps": {int(k): v for k, v in steps_c.counts.items()},
+        "guidance_scale": {float(k): v for k, v in cfg_c.counts.items()},
+        "schedulers": dict(sched_c.counts),
+        "img2img_rows": img2img,
+        "seeds": "from the seed column" if "seed" in present
+        else f"derived from job seed {spec.seed} and each row's id (derive_seed)",
+        "ids": "from the id column" if has_ids else "row numbers (default_row_id: 00000000, 00000001, …)",
+        "passthrough_columns": {c: str(manifest_type) for c, manifest_type in _passthrough_types(manifest).items()},
+        "bad_rows": min(bad_rows, manifest.num_rows),
+    }
+    return ValidationReport(num_rows=manifest.num_rows, issues=list(coll.kept), issue_count=coll.count, summary=summary)
+
+
+def _passthrough_types(manifest: Manifest) -> dict[str, pa.DataType]:
+    schema = _parquet_file(manifest.files[0]).schema_arrow
+    return {c: schema.field(c).type for c in manifest.passthrough_columns}
+
+
+def _find_duplicate_ids(manifest: Manifest, hashes: np.ndarray, valid: np.ndarray, coll: _Collector, batch_size: int) -> int:
+    rows = np.flatnonzero(valid)
+    hv = hashes[rows] if len(rows) != len(hashes) else hashes
+    srt = np.sort(hv)
+    if not (srt[1:] == srt[:-1]).any():
+        return 0
+    del srt
+    order = np.argsort(hv, kind="stable")  # equal hashes keep row order
+    sh = hv[order]
+    same = np.zeros(len(sh), dtype=bool)
+    same[1:] = sh[1:] == sh[:-1]
+    group_first = np.maximum.accumulate(np.where(~same, np.arange(len(sh)), 0))
+    dup_pos = np.flatnonzero(same)
+    dup_rows = rows[order[dup_pos]]
+    first_rows = rows[order[group_first[dup_pos]]]
+    del order, sh, same, group_first
+    count = len(dup_rows)
+    # report the first ones, confirmed by their actual strings
+    sel = np.argsort(dup_rows, kind="stable")[: coll.limit * 2]
+    want_dup, want_first = dup_rows[sel], first_rows[sel]
+    needed = np.unique(np.concatenate([want_dup, want_first]))
+    id_of: dict[int, str] = {}
+    base = 0
+    for rb in iter_row_batches(manifest, columns=["id"], batch_size=batch_size):
+        n = rb.num_rows
+        lo, hi = np.searchsorted(needed, [base, base + n])
+        if hi > lo:
+            col = _decode(rb.column("id"))
+            for r in needed[lo:hi].tolist():
+                v = col[r - base].as_py()
+                id_of[r] = str(v)
+        base += n
+        if base > needed[-1]:
+            break
+    reported = 0
+    for r, f in zip(want_dup.tolist(), want_first.tolist()):
+        if id_of.get(r) != id_of.get(f):
+            count -= 1  # a 64-bit hash collision, not a duplicate
+            continue
+        if reported < coll.limit and not coll.full_before(r):
+            coll.kept.append(RowIssue(r, id_of[r], "id", _repr_value(id_of[r]),
+                                      f"ids must be unique (also used by row {f})",
+                                      "give each row its own id, or drop the id column to use row numbers"))
+            reported += 1
+    coll.count += count
+    coll._sort()
+    return count
