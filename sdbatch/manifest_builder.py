@@ -1,0 +1,384 @@
+"""``sdbatch manifest``: build a Parquet manifest for dataset synthesis.
+
+Prompts come from one source — a text file (one prompt per line), a CSV/JSONL table (its
+columns kept, renamed with ``--map TARGET=SOURCE``), or templates with alternatives
+(``"a photo of a {red|green|blue} {cat|dog}"``, expanded as a product in reading order;
+``{color=red|green}`` also records the choice in a ``color`` column). Each prompt row is
+repeated for every seed of ``--seeds`` (``0-99``, ``1,5,9``, ``0-9,100``), and constant
+columns (``--column steps=30``) are added.
+
+Ids are deterministic: the source's ``id`` column if it has one, else the 0-based prompt
+row number zero-padded to 8 digits (as ``default_row_id``); with seeds, ``<base>-s<seed>``.
+Output rows are ordered prompt-major, seeds inner. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from sdbatch.manifest import KNOWN_COLUMNS, MAX_SEED, default_row_id
+
+MAX_ROWS = 100_000_000  # a guard against typos such as --seeds 0-9999999999
+MAX_TEMPLATE_PROMPTS = 10_000_000
+_NAME_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.S)
+
+_COLUMN_TYPES: dict[str, pa.DataType] = {
+    "id": pa.string(),
+    "prompt": pa.string(),
+    "negative_prompt": pa.string(),
+    "seed": pa.int64(),
+    "steps": pa.int64(),
+    "guidance_scale": pa.float64(),
+    "width": pa.int64(),
+    "height": pa.int64(),
+    "scheduler": pa.string(),
+    "init_image": pa.string(),
+    "strength": pa.float64(),
+}
+
+
+class ManifestBuildError(ValueError):
+    """Bad input to ``sdbatch manifest``; the message says what to change."""
+
+
+# --- templates --------------------------------------------------------------------------------
+
+
+def parse_template(template: str) -> list[tuple[str | None, list[str]] | str]:
+    """Split a template into literal text and ``(name, alternatives)`` groups.
+
+    ``{a|b}`` is a group, ``{name=a|b}`` a named group, ``{{`` and ``}}`` literal braces.
+    """
+    parts: list[tuple[str | None, list[str]] | str] = []
+    text: list[str] = []
+    i = 0
+    while i < len(template):
+        ch = template[i]
+        if ch == "{" and template.startswith("{{", i):
+            text.append("{")
+            i += 2
+        elif ch == "}" and template.startswith("}}", i):
+            text.append("}")
+            i += 2
+        elif ch == "{":
+            end = template.find("}", i + 1)
+            inner_open = template.find("{", i + 1)
+            if end < 0:
+                raise ManifestBuildError(f"template {template!r}: '{{' at position {i} is never closed; write '{{{{' for a literal brace")
+            if 0 <= inner_open < end:
+                raise ManifestBuildError(f"template {template!r}: nested '{{' at position {inner_open}; groups cannot nest")
+            body = template[i + 1 : end]
+            name = None
+            m = _NAME_RE.match(body)
+            if m:
+                name, body = m.group(1), m.group(2)
+                if name in KNOWN_COLUMNS:
+                    raise ManifestBuildError(
+                        f"template {template!r}: group name {name!r} is a manifest column; use a label name such as 'color'"
+                    )
+            if text:
+                parts.append("".join(text))
+                text = []
+            parts.append((name, body.split("|")))
+            i = end + 1
+        elif ch == "}":
+            raise ManifestBuildError(f"template {template!r}: '}}' at position {i} has no opening '{{'; write '}}}}' for a literal brace")
+        else:
+            text.append(ch)
+            i += 1
+    if text:
+        parts.append("".join(text))
+    return parts
+
+
+def expand_template(template: str) -> tuple[list[str], dict[str, list[str]]]:
+    """All prompts of a template (product of its groups, first group slowest) and, for each
+    named group, the chosen alternative per prompt."""
+    parts = parse_template(template)
+    groups = [p for p in parts if isinstance(p, tuple)]
+    total = math.prod(len(alts) for _, alts in groups)
+    if total > MAX_TEMPLATE_PROMPTS:
+        raise ManifestBuildError(f"template {template!r} expands to {total:,} prompts (limit {MAX_TEMPLATE_PROMPTS:,}); split it")
+    names = [name for name, _ in groups if name is not None]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ManifestBuildError(f"template {template!r}: group name(s) {sorted(dup)} used twice")
+    prompts: list[str] = []
+    labels: dict[str, list[str]] = {n: [] for n in names}
+    for choice in itertools.product(*(alts for _, alts in groups)):
+        it = iter(choice)
+        out = []
+        for p in parts:
+            if isinstance(p, tuple):
+                value = next(it)
+                out.append(value)
+                if p[0] is not None:
+                    labels[p[0]].append(value)
+            else:
+                out.append(p)
+        prompts.append("".join(out))
+    return prompts, labels
+
+
+# --- seeds, constants ----------------------------------------------------------------------------
+
+
+def parse_seeds(text: str) -> list[tuple[int, int]]:
+    """``0-99`` / ``1,5,9`` / ``0-9,100`` → half-open ranges ``[(0, 100)]`` etc., in order."""
+    ranges: list[tuple[int, int]] = []
+    for item in text.split(","):
+        item = item.strip()
+        m = re.fullmatch(r"(\d+)\s*(?:-\s*(\d+))?", item)
+        if not m:
+            raise ManifestBuildError(f"--seeds {text!r}: {item!r} is not a seed or a range; use e.g. 0-99 or 1,5,9")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise ManifestBuildError(f"--seeds {text!r}: range {item!r} ends before it starts")
+        if hi >= MAX_SEED:
+            raise ManifestBuildError(f"--seeds {text!r}: seeds must be below 2**63")
+        ranges.append((lo, hi + 1))
+    ordered = sorted(ranges)
+    for (a0, a1), (b0, b1) in zip(ordered, ordered[1:]):
+        if b0 < a1:
+            raise ManifestBuildError(f"--seeds {text!r}: seed {b0} is listed twice (ids would repeat)")
+    return ranges
+
+
+def _seed_count(ranges: Sequence[tuple[int, int]]) -> int:
+    return sum(b - a for a, b in ranges)
+
+
+def _seeds_at(ranges: Sequence[tuple[int, int]], positions: np.ndarray) -> np.ndarray:
+    lengths = np.array([b - a for a, b in ranges], dtype=np.int64)
+    cum = np.concatenate([[0], np.cumsum(lengths)])
+    which = np.searchsorted(cum, positions, side="right") - 1
+    starts = np.array([a for a, _ in ranges], dtype=np.int64)
+    return starts[which] + (positions - cum[which])
+
+
+def parse_constant(item: str) -> tuple[str, Any]:
+    name, sep, raw = item.partition("=")
+    name = name.strip()
+    if not sep or not name:
+        raise ManifestBuildError(f"--column {item!r}: expected NAME=VALUE, e.g. --column steps=30")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, (dict, list)) or value is None:
+        value = raw
+    want = _COLUMN_TYPES.get(name)
+    if name in ("id", "prompt"):
+        raise ManifestBuildError(f"--column {item!r}: {name} cannot be a constant")
+    if want is not None:
+        try:
+            if pa.types.is_integer(want):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise TypeError
+            elif pa.types.is_floating(want):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise TypeError
+                value = float(value)
+            else:
+                value = str(raw.strip()) if not isinstance(value, str) else value
+        except TypeError:
+            kind = "an integer" if pa.types.is_integer(want) else "a number"
+            raise ManifestBuildError(f"--column {item!r}: {name} must be {kind}") from None
+    return name, value
+
+
+# --- sources --------------------------------------------------------------------------------------
+
+
+def _read_prompts_file(path: Path) -> pa.Table:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ManifestBuildError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ManifestBuildError(f"{path}, line {line}: not valid UTF-8; re-save the file as UTF-8") from None
+    prompts = [ln.rstrip("\r") for ln in text.split("\n")]
+    prompts = [p for p in prompts if p.strip()]
+    if not prompts:
+        raise ManifestBuildError(f"{path} holds no prompts (one prompt per line; blank lines are skipped)")
+    return pa.table({"prompt": pa.array(prompts, pa.string())})
+
+
+def _read_table_file(path: Path, mapping: Iterable[str]) -> pa.Table:
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise ManifestBuildError(f"{path}: no such file")
+    try:
+        if suffix == ".csv" or suffix == ".tsv":
+            import pyarrow.csv as pacsv
+
+            parse = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",", newlines_in_values=True)
+            table = pacsv.read_csv(path, parse_options=parse)
+        elif suffix in (".jsonl", ".ndjson", ".json"):
+            import pyarrow.json as pajson
+
+            table = pajson.read_json(path)
+        elif suffix == ".parquet":
+            table = pq.read_table(path)
+        else:
+            raise ManifestBuildError(f"{path}: unknown table format {suffix!r}; use .csv, .tsv, .jsonl or .parquet")
+    except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+        raise ManifestBuildError(f"{path}: cannot parse as {suffix.lstrip('.')}: {exc}") from None
+    renames: dict[str, str] = {}
+    for item in mapping:
+        target, sep, source = item.partition("=")
+        target, source = target.strip(), source.strip()
+        if not sep or not target or not source:
+            raise ManifestBuildError(f"--map {item!r}: expected TARGET=SOURCE, e.g. --map prompt=text")
+        if source not in table.column_names:
+            raise ManifestBuildError(f"--map {item!r}: {path} has no column {source!r} (columns: {', '.join(table.column_names)})")
+        renames[source] = target
+    names = [renames.get(n, n) for n in table.column_names]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ManifestBuildError(f"{path}: after --map, column name(s) {sorted(dup)} appear twice; map or drop one")
+    table = table.rename_columns(names)
+    if "prompt" not in table.column_names:
+        raise ManifestBuildError(
+            f"{path} has no 'prompt' column (columns: {', '.join(table.column_names)}); name it with --map prompt=COLUMN"
+        )
+    if table.num_rows == 0:
+        raise ManifestBuildError(f"{path} has no rows")
+    if "id" in table.column_names:
+        table = table.set_column(table.column_names.index("id"), "id", table.column("id").cast(pa.string()))
+    return table
+
+
+def _templates_table(templates: Sequence[str]) -> pa.Table:
+    prompts: list[str] = []
+    label_names: list[str] = []
+    per_template: list[tuple[int, dict[str, list[str]]]] = []
+    for t in templates:
+        p, labels = expand_template(t)
+        per_template.append((len(p), labels))
+        prompts.extend(p)
+        label_names.extend(n for n in labels if n not in label_names)
+    cols: dict[str, pa.Array] = {"prompt": pa.array(prompts, pa.string())}
+    for name in label_names:
+        values: list[str | None] = []
+        for n, labels in per_template:
+            values.extend(labels.get(name, [None] * n))
+        cols[name] = pa.array(values, pa.string())
+    return pa.table(cols)
+
+
+# --- build ----------------------------------------------------------------------------------------
+
+
+def _chunks(base: pa.Table, seed_ranges: list[tuple[int, int]] | None, chunk_rows: int) -> Iterator[pa.Table]:
+    n = base.num_rows
+    k = _seed_count(seed_ranges) if seed_ranges else 1
+    total = n * k
+    has_id = "id" in base.column_names
+    width = max(8, len(str(n - 1)))
+    for lo in range(0, total, chunk_rows):
+        pos = np.arange(lo, min(lo + chunk_rows, total), dtype=np.int64)
+        base_idx = pos // k
+        chunk = base.take(pa.array(base_idx))
+        if has_id:
+            base_ids = chunk.column("id").to_pylist()
+            if any(v is None for v in base_ids):
+                raise ManifestBuildError("the source's id column has empty values; fill them or drop the column")
+        else:
+            base_ids = [f"{i:0{width}d}" if width > 8 else default_row_id(i) for i in base_idx.tolist()]
+        cols: dict[str, pa.Array] = {}
+        if seed_ranges:
+            seeds = _seeds_at(seed_ranges, pos % k)
+            ids = [f"{b}-s{s}" for b, s in zip(base_ids, seeds.tolist())]
+            cols["id"] = pa.array(ids, pa.string())
+            cols["prompt"] = chunk.column("prompt")
+            cols["seed"] = pa.array(seeds, pa.int64())
+        else:
+            cols["id"] = pa.array(base_ids, pa.string())
+            cols["prompt"] = chunk.column("prompt")
+        for name in chunk.column_names:
+            if name not in cols:
+                cols[name] = chunk.column(name)
+        yield pa.table(cols)
+
+
+def build_manifest(
+    out: str | os.PathLike[str],
+    *,
+    prompts_file: str | os.PathLike[str] | None = None,
+    table_file: str | os.PathLike[str] | None = None,
+    mapping: Iterable[str] = (),
+    templates: Sequence[str] = (),
+    seeds: str | None = None,
+    columns: Iterable[str] = (),
+    row_group_size: int = 65_536,
+    overwrite: bool = False,
+) -> int:
+    """Write the manifest to ``out`` (atomically: a temporary file renamed into place) and
+    return its number of rows."""
+    sources = [s for s in (prompts_file, table_file, templates or None) if s]
+    if len(sources) != 1:
+        raise ManifestBuildError("give exactly one prompt source: --prompts FILE, --from FILE, or --template (repeatable)")
+    if row_group_size < 1:
+        raise ManifestBuildError("--row-group-size must be at least 1")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ManifestBuildError(f"{out} exists; pass --overwrite to replace it")
+    if prompts_file:
+        base = _read_prompts_file(Path(prompts_file))
+    elif table_file:
+        base = _read_table_file(Path(table_file), mapping)
+    else:
+        base = _templates_table(templates)
+    if mapping and not table_file:
+        raise ManifestBuildError("--map only applies to --from FILE")
+    seed_ranges = parse_seeds(seeds) if seeds else None
+    if seed_ranges and "seed" in base.column_names:
+        raise ManifestBuildError("the source already has a 'seed' column; drop it or leave out --seeds")
+    constants = dict(parse_constant(c) for c in columns)
+    clash = sorted(set(constants) & (set(base.column_names) | {"seed" if seed_ranges else ""}))
+    if clash:
+        raise ManifestBuildError(f"--column {clash[0]}: the manifest already has a {clash[0]!r} column")
+    total = base.num_rows * (_seed_count(seed_ranges) if seed_ranges else 1)
+    if total > MAX_ROWS:
+        raise ManifestBuildError(f"that makes {total:,} rows (limit {MAX_ROWS:,}); use fewer prompts or seeds, or split the job")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    writer = None
+    written = 0
+    try:
+        for chunk in _chunks(base, seed_ranges, chunk_rows=max(row_group_size, 262_144)):
+            for name, value in constants.items():
+                typ = _COLUMN_TYPES.get(name)
+                chunk = chunk.append_column(name, pa.array([value] * chunk.num_rows, typ))
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, chunk.schema)
+            writer.write_table(chunk, row_group_size=row_group_size)
+            written += chunk.num_rows
+        if writer is not None:
+            writer.close()
+            writer = None
+        os.replace(tmp, out)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise ManifestBuildError(f"cannot write {out}: {exc}") from None
+    finally:
+        if writer is not None:
+            writer.close()
+        if tmp.exists():
+            tmp.unlink()
+    return written
