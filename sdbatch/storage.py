@@ -1,0 +1,863 @@
+"""Storage layer: create-once object writes on a local directory or S3 (DESIGN §1, §4).
+
+No torch, no ray. boto3 is imported lazily (only S3 paths need it).
+
+Key rules
+- Keys are relative, "/"-separated, never absolute, never containing "." / ".." segments.
+- ``put_new`` is create-once: a key that already exists is never replaced; the stored
+  object is read back and *adopted* (``PutResult(created=False, sha256=<of stored>)``).
+  Callers compare ``sha256`` with their own bytes when they care whose bytes won.
+  Note: ``created=False`` can also mean "our own earlier attempt wrote it but the
+  response was lost" (S3: a PUT that succeeded server-side, then a connection reset,
+  then botocore's retry answered 412).
+- Errors: every failure is a ``StorageError`` with ``transient`` (retrying later may
+  help: throttling, 5xx, connection resets/timeouts, an endpoint gone mid-job) or not.
+  ``StorageConfigError`` = something the user must fix (missing bucket, access denied,
+  no credentials, unreachable endpoint at preflight, bad URL). Messages name the
+  bucket / endpoint / path, never credentials.
+
+S3 client: one per process per (endpoint, max_attempts, max_pool_connections),
+cached in ``_CLIENTS`` and reused by every thread (boto3 clients are thread-safe).
+``register_client_hook(fn)`` lets code (tests/faults.py) attach botocore event
+handlers to every cached client, present and future.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol, runtime_checkable
+from urllib.parse import urlsplit, urlunsplit
+
+log = logging.getLogger("sdbatch.storage")
+
+__all__ = [
+    "StorageError",
+    "StorageConfigError",
+    "NotFound",
+    "PutResult",
+    "Storage",
+    "LocalStorage",
+    "S3Storage",
+    "open_storage",
+    "read_uri",
+    "fetch_model_dir",
+    "register_client_hook",
+    "clear_client_cache",
+    "parse_s3_url",
+    "FORBIDDEN_MODEL_SUFFIXES",
+]
+
+PROBE_PREFIX = "_sdbatch/"
+_TMP_MARK = ".sdbatch-tmp-"
+FORBIDDEN_MODEL_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+MODEL_MARKER = ".sdbatch-complete.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# errors and results
+
+
+class StorageError(Exception):
+    """Any storage failure. ``transient``: retrying later may succeed."""
+
+    def __init__(self, message: str, *, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+
+class StorageConfigError(StorageError):
+    """A problem the user must fix (bucket, access, credentials, endpoint, URL)."""
+
+    def __init__(self, message: str, *, transient: bool = False):
+        super().__init__(message, transient=transient)
+
+
+class NotFound(StorageError):
+    def __init__(self, message: str):
+        super().__init__(message, transient=False)
+
+
+@dataclass(frozen=True)
+class PutResult:
+    created: bool  # False = the key already existed and we adopted the stored object
+    sha256: str  # of the object now stored under the key
+    size: int
+
+
+@runtime_checkable
+class Storage(Protocol):
+    url: str
+
+    def put_new(self, key: str, data: bytes) -> PutResult: ...
+    def put(self, key: str, data: bytes) -> None: ...
+    def get(self, key: str) -> bytes: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str) -> list[str]: ...
+    def delete(self, key: str) -> None: ...
+    def check_access(self) -> None: ...
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_key(key: str) -> str:
+    if not isinstance(key, str) or not key:
+        raise StorageError(f"invalid storage key {key!r}: must be a non-empty string")
+    if key.startswith("/") or "\\" in key or "\x00" in key:
+        raise StorageError(f"invalid storage key {key!r}: must be relative, '/'-separated")
+    parts = key.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise StorageError(f"invalid storage key {key!r}: empty, '.' or '..' segment")
+    if _TMP_MARK in key:
+        raise StorageError(f"invalid storage key {key!r}: reserved marker {_TMP_MARK!r}")
+    return key
+
+
+def _check_prefix(prefix: str) -> str:
+    if prefix in ("", None):
+        return ""
+    if prefix.startswith("/") or "\\" in prefix or any(p in (".", "..") for p in prefix.split("/")):
+        raise StorageError(f"invalid list prefix {prefix!r}")
+    return prefix
+
+
+def _redact_url(url: str | None) -> str | None:
+    """Drop any user:password@ part of a URL (never show credentials)."""
+    if not url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+# ----------------------------------------------------------------------------------------------
+# local directory
+
+
+class LocalStorage:
+    """A directory. Create-once = write a temp file in the same dir, then ``os.link``."""
+
+    def __init__(self, root: str | Path):
+        root = Path(root).expanduser()
+        self.root = root.absolute()
+        self.url = self.root.as_uri()
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({str(self.root)!r})"
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*_check_key(key).split("/"))
+
+    def _write_temp(self, path: Path, data: bytes) -> Path:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.parent / f".{path.name}{_TMP_MARK}{uuid.uuid4().hex}"
+            with open(tmp, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            return tmp
+        except PermissionError as e:
+            raise StorageConfigError(
+                f"cannot write under {self.root}: permission denied ({e.strerror}); "
+                "choose a writable output directory"
+            ) from e
+        except OSError as e:
+            raise StorageError(f"cannot write {path}: {e}", transient=False) from e
+
+    def put_new(self, key: str, data: bytes) -> PutResult:
+        path = self._path(key)
+        data = bytes(data)
+        tmp = self._write_temp(path, data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            stored = path.read_bytes()
+            log.info("put_new %s: key exists, adopting stored object (%d bytes)", key, len(stored))
+            return PutResult(created=False, sha256=_sha256(stored), size=len(stored))
+        except OSError as e:
+            raise StorageError(
+                f"cannot create {path}: {e} (create-once writes need a filesystem with hard links)"
+            ) from e
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        return PutResult(created=True, sha256=_sha256(data), size=len(data))
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        tmp = self._write_temp(path, bytes(data))
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise StorageError(f"cannot write {path}: {e}") from e
+
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+            raise NotFound(f"{self.url}/{key} not found") from e
+        except PermissionError as e:
+            raise StorageConfigError(f"cannot read {path}: permission denied") from e
+        except OSError as e:
+            raise StorageError(f"cannot read {path}: {e}") from e
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        prefix = _check_prefix(prefix)
+        # Walk only the deepest directory the prefix names.
+        base_rel = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        base = self.root.joinpath(*base_rel.split("/")) if base_rel else self.root
+        if not base.is_dir():
+            return []
+        out: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
+            rel_dir = "" if rel_dir == "." else rel_dir + "/"
+            # prune directories that cannot match
+            dirnames[:] = [
+                d for d in dirnames
+                if (rel_dir + d + "/").startswith(prefix) or prefix.startswith(rel_dir + d + "/")
+            ]
+            for name in filenames:
+                if _TMP_MARK in name:
+                    continue
+                k = rel_dir + name
+                if k.startswith(prefix):
+                    out.append(k)
+        out.sort()
+        return out
+
+    def delete(self, key: str) -> None:
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StorageError(f"cannot delete {self.url}/{key}: {e}") from e
+
+    def check_access(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except PermissionError as e:
+            raise StorageConfigError(
+                f"cannot create output directory {self.root}: permission denied; "
+                "choose a writable location"
+            ) from e
+        except (FileExistsError, NotADirectoryError) as e:
+            raise StorageConfigError(f"output path {self.root} exists and is not a directory") from e
+        except OSError as e:
+            raise StorageConfigError(f"cannot create output directory {self.root}: {e}") from e
+        if not self.root.is_dir():
+            raise StorageConfigError(f"output path {self.root} exists and is not a directory")
+        key = f"{PROBE_PREFIX}probe-{uuid.uuid4().hex}"
+        try:
+            self.put(key, b"probe")
+            self.delete(key)
+        except StorageConfigError:
+            raise
+        except StorageError as e:
+            raise StorageConfigError(f"cannot write to output directory {self.root}: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# S3 client cache and hooks
+
+_CLIENTS: dict[tuple, Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+_HOOKS: list[Callable[[Any], None]] = []
+_ENV_HOOK_LOADED = False
+
+# TEST/DIAGNOSTICS ONLY: "module:function" or "/path/to/file.py:function". When set, the
+# function is registered with register_client_hook() the first time this process creates an
+# S3 client. This is how tests/faults.py reaches clients inside Ray worker processes.
+CLIENT_HOOK_ENV = "SDBATCH_S3_CLIENT_HOOK"
+
+
+def register_client_hook(fn: Callable[[Any], None]) -> Callable[[], None]:
+    """Call ``fn(client)`` on every cached S3 client now and on every client created later.
+
+    Returns a function that stops applying ``fn`` to future clients (handlers already
+    registered on a client are the hook's own business to remove).
+    """
+    with _CLIENTS_LOCK:
+        _HOOKS.append(fn)
+        existing = list(_CLIENTS.values())
+    for client in existing:
+        fn(client)
+
+    def unregister() -> None:
+        with _CLIENTS_LOCK:
+            if fn in _HOOKS:
+                _HOOKS.remove(fn)
+
+    return unregister
+
+
+def clear_client_cache() -> None:
+    """Forget cached clients (tests; or after changing credentials/env)."""
+    with _CLIENTS_LOCK:
+        _CLIENTS.clear()
+
+
+def _load_env_hook() -> None:
+    global _ENV_HOOK_LOADED
+    if _ENV_HOOK_LOADED:
+        return
+    _ENV_HOOK_LOADED = True
+    spec = os.environ.get(CLIENT_HOOK_ENV)
+    if not spec:
+        return
+    mod_name, _, func_name = spec.rpartition(":")
+    if not mod_name or not func_name:
+        raise StorageError(f"{CLIENT_HOOK_ENV}={spec!r}: expected 'module:function'")
+    if mod_name.endswith(".py"):
+        modspec = importlib.util.spec_from_file_location(f"_sdbatch_hook_{abs(hash(mod_name))}", mod_name)
+        if modspec is None or modspec.loader is None:
+            raise StorageError(f"{CLIENT_HOOK_ENV}: cannot load {mod_name}")
+        module = importlib.util.module_from_spec(modspec)
+        modspec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(mod_name)
+    _HOOKS.append(getattr(module, func_name))
+    log.warning("%s active: S3 client hook %s installed (test/diagnostics only)", CLIENT_HOOK_ENV, spec)
+
+
+def _endpoint(endpoint_url: str | None) -> str | None:
+    ep = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    return ep
+
+
+def _get_client(endpoint_url: str | None = None, max_attempts: int = 5, max_pool_connections: int = 10):
+    ep = _endpoint(endpoint_url)
+    key = (os.getpid(), ep, int(max_attempts), int(max_pool_connections))
+    client = _CLIENTS.get(key)
+    if client is not None:
+        return client
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError as e:  # pragma: no cover
+        raise StorageConfigError("s3:// locations need boto3: pip install boto3") from e
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.get(key)
+        if client is not None:
+            return client
+        _load_env_hook()
+        session = boto3.session.Session()
+        region = session.region_name or "us-east-1"
+        config = Config(
+            # total_max_attempts = attempts INCLUDING the first request. (botocore's
+            # retries={"max_attempts": N} counts retries only: N + 1 requests in all.)
+            retries={"mode": "standard", "total_max_attempts": int(max_attempts)},
+            max_pool_connections=int(max_pool_connections),
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        try:
+            client = session.client("s3", endpoint_url=ep, region_name=region, config=config)
+        except ValueError as e:
+            raise StorageConfigError(
+                f"invalid S3 endpoint URL {_redact_url(ep)!r}: {e}; pass --s3-endpoint http(s)://host:port"
+            ) from e
+        hooks = list(_HOOKS)
+        _CLIENTS[key] = client
+    for fn in hooks:
+        fn(client)
+    log.debug("created S3 client endpoint=%s max_attempts=%d pool=%d", _redact_url(ep) or "<aws default>",
+              max_attempts, max_pool_connections)
+    return client
+
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix/`` → ("bucket", "some/prefix") (prefix may be "")."""
+    if not url.startswith("s3://"):
+        raise StorageConfigError(f"not an s3:// URL: {url!r}")
+    rest = url[5:]
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise StorageConfigError(f"S3 URL {url!r} names no bucket; expected s3://bucket/prefix")
+    if "@" in bucket or ":" in bucket:
+        raise StorageConfigError("S3 URL must be s3://bucket/prefix (no credentials or ports in the URL)")
+    if not _BUCKET_RE.match(bucket):
+        raise StorageConfigError(
+            f"invalid S3 bucket name {bucket!r} in {url!r}: 3-63 characters, lowercase letters, digits, '.', '-'"
+        )
+    prefix = prefix.strip("/")
+    if prefix and any(p in ("", ".", "..") for p in prefix.split("/")):
+        raise StorageConfigError(f"invalid S3 prefix in {url!r}")
+    return bucket, prefix
+
+
+_CONFIG_CODES = {
+    "NoSuchBucket",
+    "AccessDenied",
+    "AllAccessDisabled",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidBucketName",
+    "PermanentRedirect",
+    "AuthorizationHeaderMalformed",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "AccountProblem",
+    "InvalidSecurity",
+    "403",
+    "301",
+}
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "InternalError",
+    "ServiceUnavailable",
+    "RequestLimitExceeded",
+    "BandwidthLimitExceeded",
+    "PriorRequestNotComplete",
+    "ConditionalRequestConflict",
+    "OperationAborted",
+}
+
+
+def _error_code(e: Exception) -> tuple[str, int]:
+    resp = getattr(e, "response", None) or {}
+    code = str(resp.get("Error", {}).get("Code", ""))
+    status = int(resp.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    return code, status
+
+
+def _translate(e: Exception, *, what: str, bucket: str, endpoint: str | None, preflight: bool = False) -> StorageError:
+    """Map a boto3/botocore exception to StorageError / StorageConfigError / NotFound."""
+    from botocore import exceptions as bx
+
+    where = f"bucket {bucket!r} at endpoint {_redact_url(endpoint) or 'AWS default (s3.amazonaws.com)'}"
+    if isinstance(e, bx.ClientError):
+        code, status = _error_code(e)
+        if code == "NoSuchBucket" or (status == 404 and what.startswith("head_bucket")):
+            return StorageConfigError(
+                f"S3 {where} does not exist (during {what}); create it or fix the s3:// URL / --s3-endpoint"
+            )
+        if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+            return NotFound(f"s3://{bucket}/{what.split(' ', 1)[-1]} not found")
+        if code in _CONFIG_CODES or status in (401, 403):
+            return StorageConfigError(
+                f"S3 access denied for {where} ({code or status} during {what}); check the credentials "
+                "(AWS_PROFILE / AWS_ACCESS_KEY_ID / instance role) and the bucket policy"
+            )
+        if code in _TRANSIENT_CODES or status >= 500 or status in (408, 429):
+            return StorageError(
+                f"S3 {code or status} on {what} ({where}) after retries", transient=True
+            )
+        return StorageError(f"S3 error {code or status} on {what} ({where})", transient=False)
+    if isinstance(e, (bx.NoCredentialsError, bx.PartialCredentialsError, bx.CredentialRetrievalError)):
+        return StorageConfigError(
+            f"no usable AWS credentials for {where}: set AWS_PROFILE or AWS_ACCESS_KEY_ID/"
+            "AWS_SECRET_ACCESS_KEY, or run where an instance role is available"
+        )
+    if isinstance(e, bx.NoRegionError):  # pragma: no cover - we always pass a region
+        return StorageConfigError(f"no AWS region configured for {where}; set AWS_DEFAULT_REGION")
+    if isinstance(e, (bx.EndpointConnectionError, bx.ConnectTimeoutError)) and preflight:
+        return StorageConfigError(
+            f"cannot reach S3 endpoint {_redact_url(endpoint) or 'AWS default'} for bucket {bucket!r} "
+            f"({type(e).__name__}); check --s3-endpoint / AWS_ENDPOINT_URL and the network"
+        )
+    if isinstance(e, (bx.ConnectionError, bx.HTTPClientError, bx.ReadTimeoutError,
+                      bx.ResponseStreamingError, bx.IncompleteReadError)):
+        return StorageError(
+            f"S3 connection failure on {what} ({where}): {type(e).__name__} after retries", transient=True
+        )
+    if isinstance(e, bx.ParamValidationError):
+        return StorageError(f"invalid S3 request for {what}: {e}")
+    if isinstance(e, bx.BotoCoreError):
+        return StorageError(f"S3 failure on {what} ({where}): {type(e).__name__}", transient=True)
+    return StorageError(f"S3 failure on {what} ({where}): {type(e).__name__}: {e}")
+
+
+def _is_botocore_error(e: Exception) -> bool:
+    from botocore import exceptions as bx
+
+    return isinstance(e, (bx.ClientError, bx.BotoCoreError))
+
+
+# ----------------------------------------------------------------------------------------------
+# S3
+
+
+class S3Storage:
+    """``s3://bucket/prefix`` via boto3. Create-once = ``PutObject(IfNoneMatch="*")``."""
+
+    CONFLICT_RETRIES = 5
+
+    def __init__(self, url: str, *, endpoint_url: str | None = None, max_attempts: int = 5,
+                 max_pool_connections: int = 10):
+        self.bucket, self.prefix = parse_s3_url(url)
+        self.url = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        self.endpoint_url = _endpoint(endpoint_url)
+        self.max_attempts = max_attempts
+        self.max_pool_connections = max_pool_connections
+
+    def __repr__(self) -> str:
+        return f"S3Storage({self.url!r}, endpoint_url={_redact_url(self.endpoint_url)!r})"
+
+    @property
+    def client(self):
+        return _get_client(self.endpoint_url, self.max_attempts, self.max_pool_connections)
+
+    def _key(self, key: str) -> str:
+        _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _err(self, e: Exception, what: str, preflight: bool = False) -> StorageError:
+        return _translate(e, what=what, bucket=self.bucket, endpoint=self.endpoint_url, preflight=preflight)
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except StorageError:
+            raise
+        except Exception as e:
+            if _is_botocore_error(e):
+                raise self._err(e, what) from None
+            raise
+
+    def put_new(self, key: str, data: bytes) -> PutResult:
+        full = self._key(key)
+        data = bytes(data)
+        client = self.client
+        for attempt in range(1, self.CONFLICT_RETRIES + 1):
+            try:
+                client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*")
+                return PutResult(created=True, sha256=_sha256(data), size=len(data))
+            except Exception as e:
+                if not _is_botocore_error(e):
+                    raise
+                code, status = _error_code(e)
+                if status == 412 or code == "PreconditionFailed":
+                    try:
+                        stored = self.get(key)
+                    except NotFound:
+                        # deleted between our PUT and GET: try to create again
+                        continue
+                    log.info("put_new %s: key exists, adopting stored object (%d bytes)", self.url + "/" + key,
+                             len(stored))
+                    return PutResult(created=False, sha256=_sha256(stored), size=len(stored))
+                if status == 409 or code == "ConditionalRequestConflict":
+                    delay = min(0.05 * 2 ** attempt, 2.0)
+                    log.info("put_new %s: 409 %s, retry %d in %.2fs", self.url + "/" + key, code, attempt, delay)
+                    time.sleep(delay)
+                    continue
+                raise self._err(e, f"put_object {key}") from None
+        raise StorageError(f"put_new {self.url}/{key}: conflicting concurrent writes, gave up after "
+                           f"{self.CONFLICT_RETRIES} attempts", transient=True)
+
+    def put(self, key: str, data: bytes) -> None:
+        self._call(f"put_object {key}", self.client.put_object, Bucket=self.bucket, Key=self._key(key),
+                   Body=bytes(data))
+
+    def get(self, key: str) -> bytes:
+        full = self._key(key)
+        for attempt in range(3):
+            resp = self._call(f"get_object {key}", self.client.get_object, Bucket=self.bucket, Key=full)
+            try:
+                return resp["Body"].read()
+            except Exception as e:  # body stream broke mid-read: botocore does not retry that
+                if not _is_botocore_error(e) or attempt == 2:
+                    if _is_botocore_error(e):
+                        raise self._err(e, f"get_object {key}") from None
+                    raise
+                log.info("get %s: stream error %s, retrying", key, type(e).__name__)
+        raise AssertionError("unreachable")
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call(f"head_object {key}", self.client.head_object, Bucket=self.bucket, Key=self._key(key))
+            return True
+        except NotFound:
+            return False
+
+    def list(self, prefix: str = "") -> list[str]:
+        prefix = _check_prefix(prefix)
+        root = f"{self.prefix}/" if self.prefix else ""
+        out: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=root + prefix):
+                for obj in page.get("Contents", ()):
+                    k = obj["Key"]
+                    if k.startswith(root):
+                        out.append(k[len(root):])
+        except Exception as e:
+            if _is_botocore_error(e):
+                raise self._err(e, f"list_objects_v2 {prefix}") from None
+            raise
+        out.sort()
+        return out
+
+    def delete(self, key: str) -> None:
+        self._call(f"delete_object {key}", self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
+
+    def check_access(self) -> None:
+        # Preflight uses at most 3 attempts so an unreachable endpoint fails in seconds.
+        client = _get_client(self.endpoint_url, min(self.max_attempts, 3), self.max_pool_connections)
+        try:
+            client.head_bucket(Bucket=self.bucket)
+            probe = self._key(f"{PROBE_PREFIX}probe-{uuid.uuid4().hex}")
+            client.put_object(Bucket=self.bucket, Key=probe, Body=b"probe")
+            client.delete_object(Bucket=self.bucket, Key=probe)
+        except Exception as e:
+            if not _is_botocore_error(e):
+                raise
+            err = _translate(e, what=f"head_bucket/put probe under {self.url}/{PROBE_PREFIX}", bucket=self.bucket,
+                             endpoint=self.endpoint_url, preflight=True)
+            if not isinstance(err, StorageConfigError):
+                err = StorageConfigError(f"S3 preflight failed: {err}", transient=err.transient)
+            raise err from None
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+
+
+def open_storage(url: str, *, endpoint_url: str | None = None, max_attempts: int = 5,
+                 max_pool_connections: int = 10) -> Storage:
+    """"s3://bucket/prefix" → S3Storage; "file:///dir" or a path → LocalStorage (created on first write)."""
+    url = str(url)
+    m = _SCHEME_RE.match(url)
+    if m:
+        scheme = m.group(1).lower()
+        if scheme == "s3":
+            return S3Storage(url, endpoint_url=endpoint_url, max_attempts=max_attempts,
+                             max_pool_connections=max_pool_connections)
+        if scheme == "file":
+            return LocalStorage(_file_url_path(url))
+        raise StorageConfigError(
+            f"unsupported storage URL scheme {scheme!r} in {_redact_url(url)!r}: use s3://bucket/prefix or a local path"
+        )
+    return LocalStorage(url)
+
+
+def _file_url_path(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise StorageConfigError(f"file:// URL with a host is not supported: {url!r}")
+    from urllib.parse import unquote
+
+    return unquote(parts.path)
+
+
+def read_uri(uri: str | Path, *, endpoint_url: str | None = None) -> bytes:
+    """Bytes of a local path, file:// URL, or s3://bucket/key. Raises NotFound / StorageError."""
+    uri = str(uri)
+    if uri.startswith("s3://"):
+        bucket, key = parse_s3_url(uri)
+        if not key:
+            raise StorageConfigError(f"{uri!r} names a bucket, not an object")
+        ep = _endpoint(endpoint_url)
+        client = _get_client(ep)
+        try:
+            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as e:
+            if not _is_botocore_error(e):
+                raise
+            err = _translate(e, what=f"get_object {key}", bucket=bucket, endpoint=ep)
+            if isinstance(err, NotFound):
+                err = NotFound(f"{uri} not found")
+            raise err from None
+    m = _SCHEME_RE.match(uri)
+    if m:
+        if m.group(1).lower() != "file":
+            raise StorageConfigError(f"unsupported URL scheme in {_redact_url(uri)!r}: use a local path or s3://")
+        uri = _file_url_path(uri)
+    p = Path(uri).expanduser()
+    try:
+        return p.read_bytes()
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise NotFound(f"{p} not found") from e
+    except IsADirectoryError as e:
+        raise StorageError(f"{p} is a directory, not a file") from e
+    except PermissionError as e:
+        raise StorageConfigError(f"cannot read {p}: permission denied") from e
+
+
+def _forbidden(names) -> list[str]:
+    return sorted(n for n in names if n.lower().endswith(FORBIDDEN_MODEL_SUFFIXES))
+
+
+def _refuse_pickles(uri: str, names) -> None:
+    bad = _forbidden(names)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" … (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+        raise StorageConfigError(
+            f"model at {uri} contains pickle checkpoint files ({shown}); sdbatch loads safetensors only. "
+            "Convert the weights to *.safetensors (e.g. diffusers save_pretrained(safe_serialization=True)) "
+            "and remove the pickle files"
+        )
+
+
+def default_model_cache_dir() -> Path:
+    env = os.environ.get("SDBATCH_MODEL_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "sdbatch" / "models"
+
+
+def fetch_model_dir(uri: str | Path, *, cache_dir: str | Path | None = None,
+                    endpoint_url: str | None = None) -> Path:
+    """Local directory holding the diffusers folder at ``uri``.
+
+    - local path (or file://): checked (exists, no pickle files) and returned as is.
+    - ``s3://bucket/prefix``: downloaded once per node into ``cache_dir/<sha256(uri)[:16]>``
+      (default ``~/.cache/sdbatch/models``, or ``$SDBATCH_MODEL_CACHE``), under a file lock so
+      concurrent processes download once; sizes checked against the listing; the marker file
+      ``.sdbatch-complete.json`` is written last. A cached, complete copy needs no S3 request.
+    """
+    uri = str(uri)
+    if not uri.startswith("s3://"):
+        if _SCHEME_RE.match(uri):
+            if not uri.lower().startswith("file://"):
+                raise StorageConfigError(f"unsupported model URL {_redact_url(uri)!r}: use a local path or s3://")
+            uri = _file_url_path(uri)
+        p = Path(uri).expanduser()
+        if not p.is_dir():
+            raise NotFound(f"model directory {p} not found")
+        _refuse_pickles(str(p), [q.name for q in p.rglob("*") if q.is_file()])
+        return p
+
+    from filelock import FileLock
+
+    bucket, prefix = parse_s3_url(uri)
+    canonical = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+    ep = _endpoint(endpoint_url)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_model_cache_dir()
+    dest = root / hashlib.sha256(f"{_redact_url(ep) or ''}|{canonical}".encode()).hexdigest()[:16]
+    marker = dest / MODEL_MARKER
+    if _complete(dest):
+        return dest
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest) + ".lock"):
+        if _complete(dest):
+            return dest
+        storage = S3Storage(canonical, endpoint_url=ep)
+        client = storage.client
+        root_prefix = f"{prefix}/" if prefix else ""
+        listing: dict[str, int] = {}
+        try:
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=root_prefix):
+                for obj in page.get("Contents", ()):
+                    rel = obj["Key"][len(root_prefix):]
+                    if not rel or rel.endswith("/"):
+                        continue  # directory placeholder objects
+                    listing[rel] = int(obj["Size"])
+        except Exception as e:
+            if _is_botocore_error(e):
+                raise _translate(e, what=f"list_objects_v2 {root_prefix}", bucket=bucket, endpoint=ep) from None
+            raise
+        if not listing:
+            raise NotFound(f"no model files under {canonical}")
+        for rel in listing:
+            _check_key(rel)
+        _refuse_pickles(canonical, listing)
+        if "model_index.json" not in listing and "config.json" not in listing:
+            log.warning("%s has no model_index.json/config.json: may not be a diffusers folder", canonical)
+        dest.mkdir(parents=True, exist_ok=True)
+        total = 0
+        for rel, size in sorted(listing.items()):
+            target = dest.joinpath(*rel.split("/"))
+            if target.is_file() and target.stat().st_size == size:
+                continue  # finished in an interrupted earlier download (each file is temp+rename)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _download(client, bucket, root_prefix + rel, target, size, ep)
+            total += size
+        manifest = {"uri": canonical, "files": listing, "completed_at": time.time()}
+        tmp = dest / (MODEL_MARKER + _TMP_MARK)
+        tmp.write_text(json.dumps(manifest, sort_keys=True))
+        os.replace(tmp, marker)
+        log.info("downloaded model %s (%d files, %d bytes) to %s", canonical, len(listing), total, dest)
+    return dest
+
+
+def _complete(dest: Path) -> bool:
+    marker = dest / MODEL_MARKER
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    for rel, size in files.items():
+        try:
+            if dest.joinpath(*rel.split("/")).stat().st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _download(client, bucket: str, key: str, target: Path, size: int, ep: str | None, tries: int = 3) -> None:
+    tmp = target.with_name(target.name + _TMP_MARK + uuid.uuid4().hex)
+    last: Exception | None = None
+    try:
+        for attempt in range(tries):
+            try:
+                body = client.get_object(Bucket=bucket, Key=key)["Body"]
+                with open(tmp, "wb") as f:
+                    for chunk in body.iter_chunks(8 << 20):
+                        f.write(chunk)
+                got = tmp.stat().st_size
+                if got != size:
+                    raise StorageError(f"s3://{bucket}/{key}: downloaded {got} bytes, listing says {size}",
+                                       transient=True)
+                os.replace(tmp, target)
+                return
+            except StorageError as e:
+                last = e
+            except Exception as e:
+                if not _is_botocore_error(e):
+                    raise
+                err = _translate(e, what=f"get_object {key}", bucket=bucket, endpoint=ep)
+                if not err.transient:
+                    raise err from None
+                last = err
+            log.info("download %s failed (%s), attempt %d/%d", key, last, attempt + 1, tries)
+        assert last is not None
+        raise last
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
