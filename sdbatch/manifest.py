@@ -616,7 +616,7 @@ _powers: dict[str, np.ndarray] = {"p": np.ones(1, np.uint64), "inv": np.ones(1, 
 
 def _pow_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
     if len(_powers["p"]) < n + 1:
-        size = max(n + 1, 2 * len(_powers["p"]))
+        size = min(max(n + 1, 2 * len(_powers["p"])), _HASH_SLICE_BYTES + 1)
         p = np.full(size, _P, dtype=np.uint64)
         p[0] = 1
         inv = np.full(size, _P_INV, dtype=np.uint64)
@@ -627,26 +627,52 @@ def _pow_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
     return _powers["p"], _powers["inv"]
 
 
+_HASH_SLICE_BYTES = 1 << 20  # bounds the per-byte temporaries (8 bytes per text byte, a few arrays)
+
+
 def _hash_strings(arr: pa.Array) -> np.ndarray:
     """A 64-bit hash of every string of ``arr`` (nulls hash like ''): a polynomial hash
     modulo 2**64 (made position-independent with the modular inverse of the odd base),
-    then the splitmix64 finaliser. Collisions only cost a re-check; they are never trusted."""
+    then the splitmix64 finaliser. Rows are hashed in slices of about 1 MiB of text; a
+    single longer string is hashed with blake2b. Collisions only cost a re-check; they are
+    never trusted."""
     if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
         arr = arr.cast(pa.large_string())
+    n = len(arr)
+    out = np.zeros(n, dtype=np.uint64)
+    if n == 0:
+        return out
     bufs = arr.buffers()
     otype = np.int32 if pa.types.is_string(arr.type) else np.int64
-    n = len(arr)
-    if n == 0:
-        return np.zeros(0, np.uint64)
     offs = np.frombuffer(bufs[1], dtype=otype)[arr.offset : arr.offset + n + 1].astype(np.int64)
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    s = 0
+    while s < n:
+        e = int(np.searchsorted(offs, offs[s] + _HASH_SLICE_BYTES, side="right")) - 1
+        e = min(max(e, s), n)
+        if e == s:  # one string longer than a slice
+            raw = data[offs[s] : offs[s + 1]].tobytes()
+            out[s] = np.uint64(int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little"))
+            s += 1
+            continue
+        out[s:e] = _poly_hash(data, offs[s : e + 1])
+        s = e
+    return out
+
+
+def _poly_hash(data: np.ndarray, offs: np.ndarray) -> np.ndarray:
     lo, hi = int(offs[0]), int(offs[-1])
-    data = np.frombuffer(bufs[2], dtype=np.uint8)[lo:hi] if bufs[2] is not None and hi > lo else np.zeros(0, np.uint8)
-    offs -= lo
-    pw, inv = _pow_tables(len(data))
+    d = data[lo:hi]
+    rel = offs - lo
+    pw, inv = _pow_tables(len(d))
     with np.errstate(over="ignore"):
-        cs = np.zeros(len(data) + 1, dtype=np.uint64)
-        np.cumsum((data.astype(np.uint64) + np.uint64(1)) * pw[: len(data)], out=cs[1:])
-        starts, ends = offs[:-1], offs[1:]
+        cs = np.zeros(len(d) + 1, dtype=np.uint64)
+        v = d.astype(np.uint64)
+        v += np.uint64(1)
+        v *= pw[: len(d)]
+        np.cumsum(v, out=cs[1:])
+        del v
+        starts, ends = rel[:-1], rel[1:]
         h = (cs[ends] - cs[starts]) * inv[starts]
         h ^= (ends - starts).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
         h ^= h >> np.uint64(30)
