@@ -6,6 +6,7 @@ loaded by exactly the same code as any user-supplied diffusers folder.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
@@ -26,3 +27,19 @@ def resolve_builtin(name: str) -> Path:
             + ", ".join(BUILTIN_PREFIX + n for n in builtin_names())
         )
     return folder
+
+
+def fingerprint_model_dir(folder: Path) -> str:
+    """sha256 over every config and weight file of a diffusers folder (relative path + bytes),
+    so two folders with the same weights and configs have the same fingerprint wherever they live."""
+    digest = hashlib.sha256()
+    files = sorted(
+        p for p in Path(folder).rglob("*")
+        if p.is_file() and p.suffix in {".json", ".safetensors", ".txt"} and p.name != "README.md"
+    )
+    for path in files:
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,5 @@
+"""``python -m sdbatch`` runs the CLI."""
+
+from sdbatch.cli import main
+
+main()

@@ -1,0 +1,258 @@
+"""The ``sdbatch`` command line: typer commands, exit codes, no logic of its own.
+
+Exit codes: 0 done; 2 bad input (manifest, spec, model, output location, lock held);
+3 finished but some rows failed permanently; 4 stopped at --deadline (resumable);
+5 some shards failed on every attempt (resumable); 130 interrupted (resumable).
+``--help``, ``validate`` and ``status`` never import torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+import sdbatch
+
+app = typer.Typer(
+    name="sdbatch",
+    help="Distributed, resumable, reproducible batch image generation for Stable Diffusion on Ray.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False)
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 done; 2 bad input (manifest, spec, model, --out, lock held); "
+    "3 finished, some rows failed (rerun with --retry-failed); 4 stopped at --deadline (rerun to resume); "
+    "5 some shards failed on every attempt (rerun to retry); 130 interrupted (rerun to resume)."
+)
+
+SpecOpt = typer.Option(None, "--spec", help="Job spec YAML (see `sdbatch spec --schema`, jobs/example-full.yaml).")
+SetOpt = typer.Option([], "--set", help="Override a spec key: --set resources.batch_size=16 (repeatable).")
+EndpointOpt = typer.Option(
+    None, "--s3-endpoint", envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL (MinIO, Ceph, R2, moto)."
+)
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("botocore", "boto3", "urllib3", "filelock", "ray"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    return typer.Exit(code)
+
+
+def parse_deadline(text: str, now: datetime | None = None) -> float:
+    """``HH:MM`` (next such clock time, local) or a duration like ``90m``, ``2h30m``, ``45s``."""
+    now = now or datetime.now()
+    clock = re.fullmatch(r"(\d{1,2}):(\d{2})", text.strip())
+    if clock:
+        hour, minute = int(clock[1]), int(clock[2])
+        if hour > 23 or minute > 59:
+            raise ValueError(f"--deadline {text!r}: not a clock time (HH:MM, 00:00–23:59)")
+        at = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        if at <= now:
+            at += timedelta(days=1)
+        return at.timestamp()
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text.strip())
+    if not parts or not any(parts.groups()):
+        raise ValueError(f"--deadline {text!r}: use a clock time like 06:30 or a duration like 90m, 2h30m, 45s")
+    hours, minutes, seconds = (int(g or 0) for g in parts.groups())
+    return now.timestamp() + hours * 3600 + minutes * 60 + seconds
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def submit(
+    manifest: str = typer.Argument(..., help="Parquet manifest: a file, a directory of .parquet files, a glob or s3:// URI."),
+    out: str = typer.Option(..., "--out", "-o", help="Output location: a local directory or s3://bucket/prefix."),
+    spec_path: Optional[Path] = SpecOpt,
+    sets: list[str] = SetOpt,
+    model: Optional[str] = typer.Option(None, "--model", help="builtin:shapes (default), a diffusers folder, or s3://…"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Model replicas (Ray actors)."),
+    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    rows_per_shard: Optional[int] = typer.Option(None, "--rows-per-shard"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Default steps for rows without a value."),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale"),
+    width: Optional[int] = typer.Option(None, "--width"),
+    height: Optional[int] = typer.Option(None, "--height"),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Job seed: rows without a seed derive theirs from it and their id."),
+    output_format: Optional[str] = typer.Option(None, "--format", help="files (default) or webdataset."),
+    image_format: Optional[str] = typer.Option(None, "--image-format", help="png (default), webp or jpeg."),
+    address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Existing Ray cluster; default: start a local one."),
+    s3_endpoint: Optional[str] = EndpointOpt,
+    deadline: Optional[str] = typer.Option(None, "--deadline", help="Stop taking new shards at HH:MM or after a duration (90m, 2h)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Validate MANIFEST, then generate every row's image into OUT (resuming what OUT holds)."""
+    setup_logging(verbose)
+    from sdbatch.manifest import ManifestError, open_manifest, validate_manifest
+    from sdbatch.spec import SpecError, fingerprint, load_spec
+    from sdbatch.storage import StorageError, open_storage
+
+    overrides: dict[str, Any] = {
+        "model.name": model,
+        "resources.workers": workers,
+        "resources.gpus_per_worker": gpus_per_worker,
+        "resources.batch_size": batch_size,
+        "resources.rows_per_shard": rows_per_shard,
+        "defaults.steps": steps,
+        "defaults.guidance_scale": guidance_scale,
+        "defaults.width": width,
+        "defaults.height": height,
+        "defaults.scheduler": scheduler,
+        "seed": seed,
+        "output.format": output_format,
+        "output.image_format": image_format,
+    }
+    try:
+        spec = load_spec(spec_path, sets, overrides)
+        deadline_at = parse_deadline(deadline) if deadline else None
+    except (SpecError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    try:
+        source = open_manifest(manifest)
+        report = validate_manifest(source, spec)
+    except ManifestError as exc:
+        raise fail(str(exc)) from None
+    if not report.ok:
+        err.print(report.render(), soft_wrap=True, markup=False)
+        raise fail(f"manifest {manifest} has {report.issue_count} invalid values; nothing was written to {out}")
+    model_error = preflight_model(spec.model.name, s3_endpoint)
+    if model_error:
+        raise fail(model_error)
+    try:
+        storage = open_storage(
+            out, endpoint_url=s3_endpoint, max_attempts=spec.retries.storage_attempts,
+            max_pool_connections=spec.resources.upload_threads,
+        )
+        storage.check_access()
+    except StorageError as exc:
+        raise fail(str(exc)) from None
+
+    job = {
+        "fingerprint": fingerprint({"spec": spec.fingerprint_fields(), "manifest": source.fingerprint, "rows": source.num_rows}),
+        "spec": spec.model_dump(mode="json"),
+        "manifest": {"source": manifest, "fingerprint": source.fingerprint, "num_rows": source.num_rows, "files": list(source.files)},
+        "sdbatch_version": sdbatch.__version__,
+        "created_at": datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    from sdbatch.output import OutputMismatch
+    from sdbatch.scheduler import LockHeld, run_job
+
+    t0 = time.monotonic()
+    try:
+        outcome = run_job(spec, source, storage, job, address=address, endpoint_url=s3_endpoint, deadline=deadline_at)
+    except (OutputMismatch, LockHeld) as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted; committed shards are kept — run the same command again to resume", 130) from None
+    wall = time.monotonic() - t0
+    if outcome.rows_generated == 0 and outcome.message:
+        stdout.print(outcome.message)
+    rate = outcome.rows_generated / wall if wall > 0 else 0.0
+    stdout.print(
+        f"{outcome.rows_generated} images generated this run ({outcome.rows_failed} rows failed, "
+        f"{outcome.shards_skipped} shards already committed) in {wall:.1f} s, {rate:.2f} images/s → {storage.url}"
+    )
+    if outcome.exit_code:
+        raise fail(outcome.message, outcome.exit_code)
+
+
+def preflight_model(name: str, endpoint_url: str | None) -> str | None:
+    """Check the model exists before any worker starts (no torch import)."""
+    from sdbatch.models import BUILTIN_PREFIX, resolve_builtin
+
+    if name.startswith(BUILTIN_PREFIX):
+        try:
+            resolve_builtin(name)
+        except ValueError as exc:
+            return str(exc)
+        return None
+    if name.startswith("s3://"):
+        from sdbatch.storage import StorageError, open_storage
+
+        try:
+            if not open_storage(name, endpoint_url=endpoint_url).exists("model_index.json"):
+                return f"model {name!r}: no model_index.json under that prefix; it must hold a diffusers folder"
+        except StorageError as exc:
+            return f"model {name!r}: {exc}"
+        return None
+    if not (Path(name).expanduser() / "model_index.json").is_file():
+        return (
+            f"model {name!r}: no model_index.json there; pass a diffusers folder (as written by "
+            "save_pretrained), an s3:// prefix holding one, or builtin:shapes"
+        )
+    return None
+
+
+@app.command()
+def status(
+    out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
+    s3_endpoint: Optional[str] = EndpointOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the raw progress snapshot as JSON."),
+) -> None:
+    """Show a job's progress, read from its output location alone (works from any machine)."""
+    import json
+
+    from sdbatch.output import JOB_KEY, PROGRESS_KEY, SUCCESS_KEY, committed_shards, read_json
+    from sdbatch.storage import StorageError, open_storage
+
+    try:
+        storage = open_storage(out_location, endpoint_url=s3_endpoint)
+        job = read_json(storage, JOB_KEY)
+        if job is None:
+            raise fail(f"no sdbatch job at {out_location} (no _sdbatch/job.json)")
+        progress = read_json(storage, PROGRESS_KEY) or {}
+        success = read_json(storage, SUCCESS_KEY)
+        committed = len(committed_shards(storage))
+    except StorageError as exc:
+        raise fail(str(exc)) from None
+    rps = job["spec"]["resources"]["rows_per_shard"]
+    total = job["manifest"]["num_rows"]
+    shards_total = -(-total // rps)
+    state = "finished" if success else progress.get("state", "not started")
+    if as_json:
+        stdout.print_json(json.dumps({"state": state, "shards_committed": committed, "shards_total": shards_total,
+                                    "progress": progress, "success": success}))
+        return
+    stdout.print(f"job        {job['fingerprint']}  ({job['manifest']['source']}, {total} rows)")
+    stdout.print(f"state      {state}")
+    stdout.print(f"shards     {committed}/{shards_total} committed")
+    if progress:
+        stdout.print(
+            f"rows       {progress.get('rows_done')}/{progress.get('rows_total')} done, "
+            f"{progress.get('rows_failed_this_run')} failed this run"
+        )
+        stdout.print(f"speed      {progress.get('images_per_second')} images/s, ETA {progress.get('eta_seconds')} s")
+        stdout.print(f"updated    {progress.get('updated_at')}")
+    if success:
+        stdout.print(f"result     {success.get('rows_ok')} ok, {success.get('rows_failed')} failed, finished {success.get('finished_at')}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Model loading and batch generation: the only module that imports torch and diffusers.
+
+``Generator.load`` accepts ``builtin:NAME``, a local diffusers folder or an ``s3://`` prefix
+holding one, and loads every kind through the same ``from_pretrained`` path (safetensors only).
+``Generator.generate`` runs one canonical batch: rows that share size, steps, sampler,
+guidance and mode (DESIGN §3). Each row gets its own CPU ``torch.Generator`` seeded with the
+row's seed, used for its initial noise and for any per-step noise of ancestral samplers, so a
+row's image does not depend on which other rows share its batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Library chatter (progress bars, safety-checker and torchvision notices) would bury our
+# own log lines in every worker; this must be set before diffusers/transformers import.
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import diffusers  # noqa: E402
+import torch
+import transformers
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    UniPCMultistepScheduler,
+)
+from PIL import Image
+
+from sdbatch.manifest import Row
+from sdbatch.models import BUILTIN_PREFIX, fingerprint_model_dir, resolve_builtin
+
+log = logging.getLogger("sdbatch.generate")
+
+# scheduler name -> (class, config overrides applied on top of the model's own scheduler config)
+SCHEDULER_FACTORIES: dict[str, tuple[type, dict[str, Any]]] = {
+    "ddim": (DDIMScheduler, {}),
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
+    "lms": (LMSDiscreteScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "unipc": (UniPCMultistepScheduler, {}),
+}
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+class ModelError(ValueError):
+    """The model cannot be used: the message names the model and the fix."""
+
+
+def resolve_model_dir(name: str, *, endpoint_url: str | None = None) -> Path:
+    """Turn ``--model`` into a local diffusers folder (downloading an s3:// one once per node)."""
+    if name.startswith(BUILTIN_PREFIX):
+        return resolve_builtin(name)
+    if name.startswith("s3://"):
+        from sdbatch.storage import fetch_model_dir
+
+        return fetch_model_dir(name, endpoint_url=endpoint_url)
+    folder = Path(name).expanduser()
+    if not (folder / "model_index.json").is_file():
+        raise ModelError(
+            f"model {name!r}: no model_index.json there; pass a diffusers folder "
+            "(as written by save_pretrained), an s3:// prefix holding one, or builtin:shapes"
+        )
+    return folder.resolve()
+
+
+def _refuse_pickle_weights(folder: Path) -> None:
+    weights = list(folder.rglob("*.safetensors"))
+    pickles = [p for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+    if pickles and not weights:
+        names = ", ".join(str(p.relative_to(folder)) for p in pickles[:3])
+        raise ModelError(
+            f"model folder {folder} holds only pickle weights ({names}); sdbatch loads safetensors "
+            "only. Convert with `pipe.save_pretrained(dir, safe_serialization=True)`."
+        )
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("model.device is 'cuda' but this worker sees no CUDA device; use 'auto' or 'cpu'")
+    return device
+
+
+def pick_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def software_versions() -> dict[str, str]:
+    return {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def resize_for_row(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The documented init-image rule: scale to cover width×height keeping the aspect ratio
+    (Lanczos), then centre-crop to exactly width×height; RGB."""
+    image = image.convert("RGB")
+    scale = max(width / image.width, height / image.height)
+    scaled = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    image = image.resize(scaled, Image.Resampling.LANCZOS)
+    left = (image.width - width) // 2
+    top = (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    fingerprint: str  # sha256 over the folder's configs and weights
+    device: str
+    dtype: str
+    versions: dict[str, str]
+
+    @property
+    def short_hash(self) -> str:
+        """A1111-style 10-hex model hash."""
+        return self.fingerprint[:10]
+
+
+class Generator:
+    """One loaded model replica: a text-to-image pipeline and an img2img pipeline that share
+    the same modules, and a per-call scheduler built from the model's own scheduler config."""
+
+    def __init__(self, txt2img: StableDiffusionPipeline, info: ModelInfo):
+        self.txt2img = txt2img
+        self.img2img = StableDiffusionImg2ImgPipeline(**txt2img.components)
+        self.info = info
+        self._scheduler_config = dict(txt2img.scheduler.config)
+        for pipe in (self.txt2img, self.img2img):
+            pipe.set_progress_bar_config(disable=True)
+
+    @classmethod
+    def load(
+        cls,
+        model: str = "builtin:shapes",
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        endpoint_url: str | None = None,
+    ) -> Generator:
+        folder = resolve_model_dir(model, endpoint_url=endpoint_url)
+        _refuse_pickle_weights(folder)
+        device = pick_device(device)
+        torch_dtype = pick_dtype(dtype, device)
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                folder,
+                dtype=torch_dtype,
+                use_safetensors=True,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+                local_files_only=True,
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"model {model!r} could not be loaded from {folder}: {exc}") from exc
+        pipe = pipe.to(device)
+        info = ModelInfo(
+            name=model,
+            fingerprint=fingerprint_model_dir(folder),
+            device=device,
+            dtype=str(torch_dtype).removeprefix("torch."),
+            versions=software_versions(),
+        )
+        log.info("loaded model %s on %s (%s), fingerprint %s", model, device, info.dtype, info.short_hash)
+        return cls(pipe, info)
+
+    def make_scheduler(self, name: str):
+        try:
+            scheduler_cls, overrides = SCHEDULER_FACTORIES[name]
+        except KeyError:
+            raise ModelError(
+                f"scheduler {name!r} is not supported; use one of {', '.join(SCHEDULER_FACTORIES)}"
+            ) from None
+        return scheduler_cls.from_config({**self._scheduler_config, **overrides})
+
+    def scheduler_config(self, name: str) -> dict[str, Any]:
+        """The full config of the sampler as used, for the metadata record."""
+        return dict(self.make_scheduler(name).config)
+
+    @torch.inference_mode()
+    def generate(self, rows: list[Row], init_images: list[Image.Image | None] | None = None) -> list[Image.Image]:
+        """Generate one canonical batch; all rows must share ``Row.batch_key()``."""
+        if not rows:
+            return []
+        key = rows[0].batch_key()
+        if any(r.batch_key() != key for r in rows):
+            raise ValueError("generate() takes one canonical batch: all rows must share batch_key()")
+        first = rows[0]
+        generators = [torch.Generator("cpu").manual_seed(r.seed) for r in rows]
+        common = dict(
+            prompt=[r.prompt for r in rows],
+            negative_prompt=[r.negative_prompt for r in rows],
+            num_inference_steps=first.steps,
+            guidance_scale=first.guidance_scale,
+            generator=generators,
+            output_type="pil",
+        )
+        pipe = self.img2img if first.is_img2img else self.txt2img
+        pipe.scheduler = self.make_scheduler(first.scheduler)
+        if first.is_img2img:
+            if init_images is None or len(init_images) != len(rows) or any(i is None for i in init_images):
+                raise ValueError("img2img rows need one init image each")
+            images = [resize_for_row(img, first.width, first.height) for img in init_images]
+            result = pipe(image=images, strength=first.strength, **common)
+        else:
+            result = pipe(height=first.height, width=first.width, **common)
+        return list(result.images)

@@ -1,0 +1,128 @@
+"""Progress: the driver's live view (a rich bar on a terminal, log lines otherwise) and the
+``_sdbatch/progress.json`` snapshot that ``sdbatch status`` reads from any machine."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from sdbatch.output import PROGRESS_KEY, write_json
+from sdbatch.storage import Storage, StorageError
+
+log = logging.getLogger("sdbatch.progress")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class ProgressFeed:
+    """Counts rows of this run on top of what OUT already held, shows them, and snapshots
+    them to storage every ``write_every`` seconds (a failed write is logged, never fatal)."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        total_rows: int,
+        rows_already_done: int,
+        shards_total: int,
+        shards_committed: int,
+        interactive: bool | None = None,
+        write_every: float = 3.0,
+        log_every: float = 15.0,
+    ):
+        self.storage = storage
+        self.total = total_rows
+        self.base_done = rows_already_done
+        self.shards_total = shards_total
+        self.shards_committed = shards_committed
+        self.done = 0
+        self.failed = 0
+        self.shards_failed = 0
+        self.workers = 0
+        self.state = "running"
+        self.started_at = utc_now()
+        self._t0 = time.monotonic()
+        self._last_write = 0.0
+        self._last_log = time.monotonic()
+        self.write_every = write_every
+        self.log_every = log_every
+        interactive = sys.stderr.isatty() if interactive is None else interactive
+        self._bar: Progress | None = None
+        if interactive:
+            self._bar = Progress(
+                TextColumn("[bold]sdbatch"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("rows · {task.fields[failed]} failed · {task.fields[rate]:.2f} img/s"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=False,
+            )
+            self._task = self._bar.add_task("rows", total=total_rows, completed=rows_already_done, failed=0, rate=0.0)
+            self._bar.start()
+
+    @property
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self._t0
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+    def snapshot(self) -> dict[str, Any]:
+        done_total = self.base_done + self.done + self.failed
+        remaining = max(0, self.total - done_total)
+        rate = self.rate
+        return {
+            "state": self.state,
+            "rows_total": self.total,
+            "rows_done": self.base_done + self.done,
+            "rows_failed_this_run": self.failed,
+            "rows_remaining": remaining,
+            "rows_generated_this_run": self.done,
+            "images_per_second": round(rate, 3),
+            "eta_seconds": round(remaining / rate, 1) if rate > 0 else None,
+            "shards_total": self.shards_total,
+            "shards_committed": self.shards_committed,
+            "shards_failed": self.shards_failed,
+            "workers": self.workers,
+            "started_at": self.started_at,
+            "updated_at": utc_now(),
+        }
+
+    def update(self, done: int, failed: int, *, shards_committed: int, shards_failed: int, workers: int) -> None:
+        """Set this run's cumulative counts (rows generated/failed, including in-flight shards)."""
+        self.done, self.failed = done, failed
+        self.shards_committed, self.shards_failed, self.workers = shards_committed, shards_failed, workers
+        now = time.monotonic()
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.base_done + done + failed, failed=failed, rate=self.rate)
+        elif now - self._last_log >= self.log_every:
+            self._last_log = now
+            snap = self.snapshot()
+            log.info(
+                "%d/%d rows done, %d failed, %.2f img/s, ETA %s s",
+                snap["rows_done"], self.total, failed, snap["images_per_second"], snap["eta_seconds"],
+            )
+        if now - self._last_write >= self.write_every:
+            self.write()
+
+    def write(self) -> None:
+        self._last_write = time.monotonic()
+        try:
+            write_json(self.storage, PROGRESS_KEY, self.snapshot())
+        except StorageError as exc:
+            log.warning("could not write progress.json: %s", exc)
+
+    def close(self, state: str) -> None:
+        self.state = state
+        if self._bar is not None:
+            self._bar.stop()
+        self.write()

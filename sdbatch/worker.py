@@ -1,0 +1,293 @@
+"""Running one shard end to end, and the Ray actor that holds one model replica to do it.
+
+``ShardRunner`` is the Ray-free core: it loads the shard's init images ahead, generates the
+canonical batches on the calling thread, and hands each image to a small thread pool that
+encodes it and writes it create-once, so the model never waits for a PUT. When every image
+is stored it writes the shard index — the commit. ``WorkerActor`` only wires it to Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import ray
+from PIL import Image
+
+import sdbatch
+from sdbatch import encode
+from sdbatch.manifest import Row
+from sdbatch.output import (
+    STATUS_FAILED,
+    STATUS_OK,
+    build_webdataset_tar,
+    commit_shard,
+    image_key,
+    metadata_key,
+    tar_key,
+    webdataset_key,
+)
+from sdbatch.plan import ShardSpec, batch_id, canonical_batches
+from sdbatch.spec import JobSpec
+from sdbatch.storage import Storage, StorageError, open_storage, read_uri
+
+if TYPE_CHECKING:  # the driver imports this module; only the actor needs torch
+    from sdbatch.generate import Generator
+
+log = logging.getLogger("sdbatch.worker")
+
+BatchCallback = Callable[[int, int], None]  # (rows done, rows failed) since the last call
+
+
+@dataclass
+class ShardResult:
+    shard: str
+    rows_ok: int = 0
+    rows_failed: int = 0
+    images_created: int = 0
+    images_adopted: int = 0
+    generate_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    committed: bool = True  # False: an earlier attempt had already committed this shard
+    worker: str = ""
+    errors: list[str] = field(default_factory=list)
+
+
+def image_record(
+    row: Row,
+    shard: ShardSpec,
+    batch: str,
+    batch_rows: list[str],
+    generator: Generator,
+    job_fingerprint: str,
+) -> dict[str, Any]:
+    """Everything needed to regenerate the image, embedded in it. Nothing that varies between
+    attempts (times, worker, attempt number) goes in, so the bytes are reproducible."""
+    info = generator.info
+    return {
+        "id": row.id,
+        "row": row.index,
+        "shard": shard.name,
+        "batch_id": batch,
+        "batch_rows": batch_rows,
+        "prompt": row.prompt,
+        "negative_prompt": row.negative_prompt,
+        "seed": row.seed,
+        "steps": row.steps,
+        "guidance_scale": row.guidance_scale,
+        "width": row.width,
+        "height": row.height,
+        "scheduler": row.scheduler,
+        "scheduler_config": generator.scheduler_config(row.scheduler),
+        "init_image": row.init_image,
+        "strength": row.strength,
+        "extra": row.extra,
+        "model_name": info.name,
+        "model_fingerprint": info.fingerprint,
+        "model_hash": info.short_hash,
+        "device": info.device,
+        "dtype": info.dtype,
+        "versions": info.versions,
+        "sdbatch_version": sdbatch.__version__,
+        "job_fingerprint": job_fingerprint,
+    }
+
+
+def index_row(record: dict[str, Any] | None, row: Row, **fields: Any) -> dict[str, Any]:
+    """One row of the shard index: the row's parameters, passthrough columns and the result."""
+    base: dict[str, Any] = {
+        "id": row.id,
+        "row": row.index,
+        "prompt": row.prompt,
+        "negative_prompt": row.negative_prompt,
+        "seed": row.seed,
+        "steps": row.steps,
+        "guidance_scale": row.guidance_scale,
+        "width": row.width,
+        "height": row.height,
+        "scheduler": row.scheduler,
+        "init_image": row.init_image,
+        "strength": row.strength,
+    }
+    if record is not None:
+        base.update(
+            shard=record["shard"],
+            batch_id=record["batch_id"],
+            batch_rows=record["batch_rows"],
+            model_fingerprint=record["model_fingerprint"],
+            device=record["device"],
+            dtype=record["dtype"],
+            versions=json.dumps(record["versions"], sort_keys=True),
+        )
+    base.update(fields)
+    base.update(row.extra)
+    return base
+
+
+class ShardRunner:
+    def __init__(
+        self,
+        generator: Generator,
+        storage: Storage,
+        spec: JobSpec,
+        job_fingerprint: str,
+        worker_name: str = "",
+        endpoint_url: str | None = None,
+    ):
+        self.generator = generator
+        self.storage = storage
+        self.spec = spec
+        self.job_fingerprint = job_fingerprint
+        self.worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
+        self.endpoint_url = endpoint_url
+        self.pool = ThreadPoolExecutor(spec.resources.upload_threads, thread_name_prefix="sdbatch-io")
+        # bounds encoded-but-unwritten images held in memory
+        self._in_flight = threading.BoundedSemaphore(spec.resources.upload_threads * 4)
+
+    def _load_init_images(self, rows: list[Row]) -> dict[str, Future]:
+        def load(uri: str) -> Image.Image:
+            image = Image.open(io.BytesIO(read_uri(uri, endpoint_url=self.endpoint_url)))
+            image.load()
+            return image
+
+        return {r.id: self.pool.submit(load, r.init_image) for r in rows if r.is_img2img}
+
+    def _store_image(self, shard: ShardSpec, row: Row, image: Image.Image, record: dict) -> tuple[str, str, int, bool, bytes]:
+        try:
+            out = self.spec.output
+            data = encode.encode_image(
+                image, record, fmt=out.image_format, png_compress_level=out.png_compress_level, quality=out.quality
+            )
+            if out.format == "webdataset":
+                return "", hashlib.sha256(data).hexdigest(), len(data), True, data
+            key = image_key(shard.name, row.id, encode.extension(out.image_format))
+            put = self.storage.put_new(key, data)
+            return key, put.sha256, put.size, put.created, b""
+        finally:
+            self._in_flight.release()
+
+    def run_shard(
+        self, shard: ShardSpec, rows: list[Row], attempt: int = 1, on_batch: BatchCallback | None = None
+    ) -> ShardResult:
+        started = time.perf_counter()
+        result = ShardResult(shard=shard.name, worker=self.worker_name)
+        if self.storage.exists(metadata_key(shard.name)):
+            result.committed = False
+            return result
+        init_images = self._load_init_images(rows)
+        index_rows: list[dict[str, Any]] = []
+        stored: list[tuple[Row, dict, Future]] = []
+        generate_started = time.perf_counter()
+        for number, batch in enumerate(canonical_batches(rows, self.spec.resources.batch_size)):
+            good, images_in = [], []
+            for row in batch:
+                error = _init_image_error(init_images.get(row.id))
+                if error:
+                    index_rows.append(index_row(None, row, status=STATUS_FAILED, error=error, attempt=attempt, worker=self.worker_name))
+                    result.rows_failed += 1
+                else:
+                    good.append(row)
+                    images_in.append(init_images[row.id].result() if row.is_img2img else None)
+            if not good:
+                if on_batch:
+                    on_batch(0, len(batch))
+                continue
+            bid = batch_id(shard, number)
+            t0 = time.perf_counter()
+            images = self.generator.generate(good, images_in if good[0].is_img2img else None)
+            per_row = (time.perf_counter() - t0) / len(good)
+            batch_rows = [r.id for r in good]
+            for row, image in zip(good, images):
+                record = image_record(row, shard, bid, batch_rows, self.generator, self.job_fingerprint)
+                record_timing = {"generate_seconds": per_row}
+                self._in_flight.acquire()
+                stored.append((row, {**record, **record_timing}, self.pool.submit(self._store_image, shard, row, image, record)))
+            if on_batch:
+                on_batch(len(good), len(batch) - len(good))
+        result.generate_seconds = time.perf_counter() - generate_started
+
+        tar_members: list[tuple[str, bytes, bytes]] = []
+        for row, record, future in stored:
+            key, sha, size, created, data = future.result()  # re-raises storage errors → shard retried
+            if self.spec.output.format == "webdataset":
+                wkey = webdataset_key(row.id)
+                tar_members.append((wkey, data, json.dumps({k: v for k, v in record.items() if k != "generate_seconds"}, sort_keys=True).encode()))
+                key = f"{tar_key(shard.name)}#{wkey}.{encode.extension(self.spec.output.image_format)}"
+            result.images_created += created
+            result.images_adopted += not created
+            index_rows.append(
+                index_row(
+                    record, row, status=STATUS_OK, error=None, key=key, sha256=sha, bytes=size,
+                    attempt=attempt, worker=self.worker_name, generate_seconds=record["generate_seconds"],
+                )
+            )
+            result.rows_ok += 1
+        if tar_members:
+            self.storage.put_new(tar_key(shard.name), build_webdataset_tar(tar_members, encode.extension(self.spec.output.image_format)))
+        index_rows.sort(key=lambda r: r["row"])
+        result.committed = commit_shard(self.storage, shard.name, index_rows)
+        result.wall_seconds = time.perf_counter() - started
+        return result
+
+
+def _init_image_error(future: Future | None) -> str | None:
+    if future is None:
+        return None
+    try:
+        future.result()
+    except StorageError as exc:
+        if getattr(exc, "transient", False):
+            raise  # a storage outage is not the row's fault: retry the shard
+        return f"init_image unreadable: {exc}"
+    except (OSError, Image.UnidentifiedImageError, ValueError) as exc:
+        return f"init_image unreadable: {type(exc).__name__}: {exc}"
+    return None
+
+
+@ray.remote
+class WorkerActor:
+    """One model replica. The driver calls ``run_shard``; rows come with the call so workers
+    need no access to the manifest, only to the output storage and init images."""
+
+    def __init__(self, spec_json: str, out_url: str, job_fingerprint: str, endpoint_url: str | None, tracker: Any):
+        import torch
+
+        from sdbatch.generate import Generator
+
+        spec = JobSpec.model_validate_json(spec_json)
+        torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
+        generator = Generator.load(
+            spec.model.name, device=spec.model.device, dtype=spec.model.dtype, endpoint_url=endpoint_url
+        )
+        storage = open_storage(
+            out_url,
+            endpoint_url=endpoint_url,
+            max_attempts=spec.retries.storage_attempts,
+            max_pool_connections=spec.resources.upload_threads,
+        )
+        self.runner = ShardRunner(generator, storage, spec, job_fingerprint, endpoint_url=endpoint_url)
+        self.tracker = tracker
+
+    def ready(self) -> dict[str, Any]:
+        info = self.runner.generator.info
+        return {"worker": self.runner.worker_name, "model_fingerprint": info.fingerprint,
+                "device": info.device, "dtype": info.dtype, "versions": info.versions}
+
+    def run_shard(self, shard: ShardSpec, rows: list[Row], attempt: int) -> ShardResult:
+        name = self.runner.worker_name
+
+        def report(done: int, failed: int) -> None:
+            self.tracker.report.remote(name, shard.name, done, failed)
+
+        report(0, 0)  # marks the shard as started, for the watchdog
+        return self.runner.run_shard(shard, rows, attempt, on_batch=report)
