@@ -66,5 +66,62 @@ def s3_bucket(s3_server):
 
 
 # --- Ray ---------------------------------------------------------------------------------------
+import os as _os
+import subprocess as _subprocess
+import sys as _sys
+from pathlib import Path as _Path
+
+import pyarrow as _pa
+import pyarrow.parquet as _pq
+
+REPO = _Path(__file__).resolve().parents[1]
+
+
+@_pytest_s3.fixture(scope="session")
+def ray_address(s3_server):
+    """One real local Ray cluster for the whole session, on loopback. Its worker processes
+    inherit the environment of this moment, so the fake AWS credentials are set first."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    address = ray.get_runtime_context().gcs_address
+    yield address
+    ray.shutdown()
+
 
 # --- CLI ---------------------------------------------------------------------------------------
+
+
+@_pytest_s3.fixture
+def run_cli(ray_address):
+    """Run ``python -m sdbatch ARGS`` as a user would, against the session's Ray cluster."""
+
+    def run(*args: str, timeout: float = 600, env: dict | None = None, **kwargs) -> _subprocess.CompletedProcess:
+        full_env = {**_os.environ, "RAY_ADDRESS": ray_address, **(env or {})}
+        return _subprocess.run(
+            [_sys.executable, "-m", "sdbatch", *map(str, args)],
+            capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO, **kwargs,
+        )
+
+    return run
+
+
+def write_manifest(path: _Path, rows: list[dict]) -> _Path:
+    _pq.write_table(_pa.Table.from_pylist(rows), path)
+    return path
+
+
+@_pytest_s3.fixture
+def small_manifest(tmp_path):
+    """24 text-to-image rows with explicit seeds and a passthrough label."""
+    rows = [
+        {
+            "id": f"r{i:02d}",
+            "prompt": f"a {'small' if i % 2 else 'large'} {['red', 'green', 'blue'][i % 3]} circle, white background",
+            "negative_prompt": "black" if i % 4 == 0 else "",
+            "seed": 100 + i,
+            "label": i % 3,
+        }
+        for i in range(24)
+    ]
+    return write_manifest(tmp_path / "manifest.parquet", rows)
