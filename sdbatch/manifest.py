@@ -175,14 +175,14 @@ def _size_or_none(path: str) -> int | None:
         return None
 
 
+def _hidden(rel: str) -> bool:
+    """Paths Spark/Hadoop/pandas leave beside data files (``_SUCCESS``, ``.crc``, ``_temporary/``)."""
+    return any(part.startswith((".", "_")) for part in rel.split("/"))
+
+
 def _list_local(source: str) -> tuple[list[str], str]:
     source = _strip_file_scheme(source)
     if any(ch in source for ch in _GLOB_CHARS) and not os.path.exists(source):
-        matches = sorted(
-            os.path.abspath(p) for p in glob.glob(source, recursive=True) if os.path.isfile(p)
-        )
-        if not matches:
-            raise ManifestError(f"manifest glob {source!r} matches no files")
         # base: the leading part of the pattern without glob characters
         parts = []
         for part in Path(source).parts:
@@ -190,6 +190,13 @@ def _list_local(source: str) -> tuple[list[str], str]:
                 break
             parts.append(part)
         base = os.path.abspath(os.path.join(*parts)) if parts else os.getcwd()
+        matches = sorted(
+            p
+            for p in (os.path.abspath(m) for m in glob.glob(source, recursive=True))
+            if os.path.isfile(p) and not _hidden(os.path.relpath(p, base).replace(os.sep, "/"))
+        )
+        if not matches:
+            raise ManifestError(f"manifest glob {source!r} matches no files")
         return matches, base
     if os.path.isdir(source):
         base = os.path.abspath(source)
@@ -226,7 +233,13 @@ def _list_remote(source: str) -> tuple[list[str], str]:
         base = prefix[:cut].rsplit("/", 1)[0]
         fs, base_path = _remote_fs(uri(base))
         infos = fs.get_file_info(pafs.FileSelector(base_path, recursive=True, allow_not_found=True))
-        matches = sorted(i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, rest))
+        matches = sorted(
+            i.path
+            for i in infos
+            if i.type == pafs.FileType.File
+            and fnmatch.fnmatchcase(i.path, rest)
+            and not _hidden(i.path[len(base_path) :].lstrip("/"))
+        )
         if not matches:
             raise ManifestError(f"manifest glob {source!r} matches no files")
         return [uri(m) for m in matches], uri(base)
@@ -240,7 +253,7 @@ def _list_remote(source: str) -> tuple[list[str], str]:
         rel = i.path[len(base) :].lstrip("/")
         if i.type != pafs.FileType.File or not rel.endswith(".parquet"):
             continue
-        if any(part.startswith((".", "_")) for part in rel.split("/")):
+        if _hidden(rel):
             continue
         found.append((rel, i.path))
     if not found:
@@ -262,9 +275,9 @@ def open_manifest(source: str) -> Manifest:
     """Resolve ``source`` (a Parquet file, a directory of ``.parquet`` files, or a glob; local or
     ``s3://``) and read the Parquet footers only.
 
-    Directories are searched recursively for ``*.parquet``, skipping names that start with
-    ``.`` or ``_`` (``_SUCCESS``, ``.crc``); files are ordered by their path relative to the
-    directory. Glob matches are sorted by path. ``base_dir`` — what relative ``init_image``
+    Directories are searched recursively for ``*.parquet``; glob matches may have any name.
+    Both skip paths with a component starting with ``.`` or ``_`` (``_SUCCESS``, ``.crc``,
+    ``_temporary/``) and are ordered by path. ``base_dir`` — what relative ``init_image``
     paths are relative to — is the file's folder, the directory itself, or a glob's leading
     folder without wildcards.
 
@@ -500,7 +513,7 @@ class RowIssue:
         if self.row < 0:
             where = "job spec"
         else:
-            where = f"row {self.row}" + (f" (id {self.id!r})" if self.id is not None else "")
+            where = f"row {self.row}" + (f" (id {_repr_value(self.id)})" if self.id is not None else "")
         return f"{where}, column {self.column!r}: value {self.value} — rule: {self.rule} — fix: {self.fix}"
 
 
@@ -546,7 +559,8 @@ class ValidationReport:
         lines.append("")
         lines.extend(issue.render() for issue in self.issues)
         lines.append("")
-        lines.append(f"{self.issue_count:,} error(s) in total (first {len(self.issues)} shown)")
+        plural = "error" if self.issue_count == 1 else "errors"
+        lines.append(f"{self.issue_count:,} {plural} in total (first {len(self.issues)} shown)")
         return "\n".join(line for line in lines if line is not None)
 
 
@@ -592,9 +606,9 @@ _EXPECTED = {
 
 
 def _repr_value(v: Any, limit: int = 80) -> str:
-    if isinstance(v, str) and len(v) > limit:
-        r = repr(v[:limit])
-        return f"{r[:-1]}…{r[-1]} ({len(v):,} chars)"
+    if isinstance(v, (str, bytes)) and len(v) > limit - 20:
+        r = repr(v[: limit - 24])
+        return f"{r[:-1]}…{r[-1]} ({len(v):,} {'chars' if isinstance(v, str) else 'bytes'})"
     r = repr(v)
     return r if len(r) <= limit else r[: limit - 1] + "…"
 
