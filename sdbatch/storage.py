@@ -171,10 +171,17 @@ class LocalStorage:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.parent / f".{path.name}{_TMP_MARK}{uuid.uuid4().hex}"
-            with open(tmp, "xb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with open(tmp, "xb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
             return tmp
         except PermissionError as e:
             raise StorageConfigError(
@@ -310,9 +317,8 @@ def register_client_hook(fn: Callable[[Any], None]) -> Callable[[], None]:
     """
     with _CLIENTS_LOCK:
         _HOOKS.append(fn)
-        existing = list(_CLIENTS.values())
-    for client in existing:
-        fn(client)
+        for client in _CLIENTS.values():
+            fn(client)
 
     def unregister() -> None:
         with _CLIENTS_LOCK:
@@ -381,6 +387,7 @@ def _get_client(endpoint_url: str | None = None, max_attempts: int = 5, max_pool
             max_pool_connections=int(max_pool_connections),
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
+            connect_timeout=10,  # a black-holed endpoint fails in tens of seconds, not minutes
         )
         try:
             client = session.client("s3", endpoint_url=ep, region_name=region, config=config)
@@ -388,10 +395,9 @@ def _get_client(endpoint_url: str | None = None, max_attempts: int = 5, max_pool
             raise StorageConfigError(
                 f"invalid S3 endpoint URL {_redact_url(ep)!r}: {e}; pass --s3-endpoint http(s)://host:port"
             ) from e
-        hooks = list(_HOOKS)
+        for fn in _HOOKS:  # before publishing: no request runs without the hooks
+            fn(client)
         _CLIENTS[key] = client
-    for fn in hooks:
-        fn(client)
     log.debug("created S3 client endpoint=%s max_attempts=%d pool=%d", _redact_url(ep) or "<aws default>",
               max_attempts, max_pool_connections)
     return client
@@ -460,7 +466,8 @@ def _error_code(e: Exception) -> tuple[str, int]:
     return code, status
 
 
-def _translate(e: Exception, *, what: str, bucket: str, endpoint: str | None, preflight: bool = False) -> StorageError:
+def _translate(e: Exception, *, what: str, bucket: str, endpoint: str | None, preflight: bool = False,
+               target: str | None = None) -> StorageError:
     """Map a boto3/botocore exception to StorageError / StorageConfigError / NotFound."""
     from botocore import exceptions as bx
 
@@ -472,7 +479,12 @@ def _translate(e: Exception, *, what: str, bucket: str, endpoint: str | None, pr
                 f"S3 {where} does not exist (during {what}); create it or fix the s3:// URL / --s3-endpoint"
             )
         if code in ("NoSuchKey", "404", "NotFound") or status == 404:
-            return NotFound(f"s3://{bucket}/{what.split(' ', 1)[-1]} not found")
+            return NotFound(f"{target or 's3://' + bucket + '/' + what.split(' ', 1)[-1]} not found")
+        if code in ("NotImplemented", "501") or status == 501:
+            return StorageConfigError(
+                f"S3 endpoint for {where} does not implement {what.split(' ', 1)[0]} as sdbatch uses it "
+                f"({code or status}); sdbatch needs conditional writes (PutObject If-None-Match: *)"
+            )
         if code in _CONFIG_CODES or status in (401, 403):
             return StorageConfigError(
                 f"S3 access denied for {where} ({code or status} during {what}); check the credentials "
@@ -526,7 +538,8 @@ class S3Storage:
                  max_pool_connections: int = 10):
         self.bucket, self.prefix = parse_s3_url(url)
         self.url = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
-        self.endpoint_url = _endpoint(endpoint_url)
+        self._endpoint_raw = _endpoint(endpoint_url)
+        self.endpoint_url = _redact_url(self._endpoint_raw)  # safe to print / record
         self.max_attempts = max_attempts
         self.max_pool_connections = max_pool_connections
 
@@ -535,14 +548,16 @@ class S3Storage:
 
     @property
     def client(self):
-        return _get_client(self.endpoint_url, self.max_attempts, self.max_pool_connections)
+        return _get_client(self._endpoint_raw, self.max_attempts, self.max_pool_connections)
 
     def _key(self, key: str) -> str:
         _check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _err(self, e: Exception, what: str, preflight: bool = False) -> StorageError:
-        return _translate(e, what=what, bucket=self.bucket, endpoint=self.endpoint_url, preflight=preflight)
+        key = what.split(" ", 1)[1] if " " in what else ""
+        return _translate(e, what=what, bucket=self.bucket, endpoint=self._endpoint_raw, preflight=preflight,
+                          target=f"{self.url}/{key}" if key else self.url)
 
     def _call(self, what: str, fn, *args, **kwargs):
         try:
@@ -632,20 +647,44 @@ class S3Storage:
 
     def check_access(self) -> None:
         # Preflight uses at most 3 attempts so an unreachable endpoint fails in seconds.
-        client = _get_client(self.endpoint_url, min(self.max_attempts, 3), self.max_pool_connections)
+        # Checks, in order: the bucket exists and we may use it; we can create an object with
+        # If-None-Match: * and the store HONOURS it (a second create answers 412 — some
+        # S3-compatible stores ignore the header, which would silently break create-once);
+        # we can read it back and list; we can delete it.
+        client = _get_client(self._endpoint_raw, min(self.max_attempts, 3), self.max_pool_connections)
+        probe = self._key(f"{PROBE_PREFIX}probe-{uuid.uuid4().hex}")
+        step = "head_bucket"
         try:
             client.head_bucket(Bucket=self.bucket)
-            probe = self._key(f"{PROBE_PREFIX}probe-{uuid.uuid4().hex}")
-            client.put_object(Bucket=self.bucket, Key=probe, Body=b"probe")
+            step = "put_object(If-None-Match) probe"
+            client.put_object(Bucket=self.bucket, Key=probe, Body=b"probe", IfNoneMatch="*")
+            honoured = False
+            try:
+                client.put_object(Bucket=self.bucket, Key=probe, Body=b"probe2", IfNoneMatch="*")
+            except Exception as e:
+                if not _is_botocore_error(e) or _error_code(e)[1] != 412:
+                    raise
+                honoured = True
+            step = "get_object probe"
+            client.get_object(Bucket=self.bucket, Key=probe)["Body"].read()
+            step = "list_objects_v2"
+            client.list_objects_v2(Bucket=self.bucket, Prefix=probe, MaxKeys=1)
+            step = "delete_object probe"
             client.delete_object(Bucket=self.bucket, Key=probe)
         except Exception as e:
             if not _is_botocore_error(e):
                 raise
-            err = _translate(e, what=f"head_bucket/put probe under {self.url}/{PROBE_PREFIX}", bucket=self.bucket,
-                             endpoint=self.endpoint_url, preflight=True)
+            err = _translate(e, what=f"{step} under {self.url}/{PROBE_PREFIX}", bucket=self.bucket,
+                             endpoint=self._endpoint_raw, preflight=True)
             if not isinstance(err, StorageConfigError):
                 err = StorageConfigError(f"S3 preflight failed: {err}", transient=err.transient)
             raise err from None
+        if not honoured:
+            raise StorageConfigError(
+                f"S3 endpoint {self.endpoint_url or 'AWS default'} (bucket {self.bucket!r}) ignores "
+                "If-None-Match: * on PutObject, so create-once writes cannot be guaranteed; use an "
+                "S3-compatible store that supports conditional writes (If-None-Match)"
+            )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -214,11 +214,31 @@ def test_check_access_unreachable_endpoint(s3_server, caplog):
     msg = str(ei.value)
     assert f"127.0.0.1:{port}" in msg and "some-bucket" in msg and "cannot reach" in msg
     assert "sekr3t" not in msg and "sekr3t" not in caplog.text and SECRET not in msg
-    assert "sekr3t" not in repr(s)
+    assert "sekr3t" not in repr(s) and "sekr3t" not in s.endpoint_url
     # mid-job, the same failure is transient (an outage, not a config mistake)
     with pytest.raises(StorageError) as ei2:
         s.get("a.png")
     assert ei2.value.transient and not isinstance(ei2.value, StorageConfigError)
+
+
+def test_check_access_detects_store_ignoring_if_none_match(s3_bucket):
+    endpoint, bucket = s3_bucket
+    s = S3Storage(f"s3://{bucket}/out", endpoint_url=endpoint)
+
+    def strip(request, **kw):  # an S3-compatible store that ignores the header behaves like this
+        if "If-None-Match" in request.headers:
+            del request.headers["If-None-Match"]
+
+    unregister = st.register_client_hook(lambda c: c.meta.events.register("before-send.s3.PutObject", strip))
+    try:
+        with pytest.raises(StorageConfigError, match="If-None-Match") as ei:
+            s.check_access()
+        assert bucket in str(ei.value)
+    finally:
+        unregister()
+    st.clear_client_cache()
+    s.check_access()
+    assert s.list("") == []  # the probe was removed
 
 
 def test_error_classification():
@@ -240,6 +260,7 @@ def test_error_classification():
         err = tr(ce(code, status))
         assert type(err) is StorageError and err.transient
     assert isinstance(tr(ce("NoSuchKey", 404)), NotFound)
+    assert isinstance(tr(ce("NotImplemented", 501)), StorageConfigError)
     assert not tr(ce("InvalidArgument", 400)).transient
 
 
