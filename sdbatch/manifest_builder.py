@@ -337,8 +337,6 @@ def build_manifest(
     if row_group_size < 1:
         raise ManifestBuildError("--row-group-size must be at least 1")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ManifestBuildError(f"{out} exists; pass --overwrite to replace it")
     if prompts_file:
         base = _read_prompts_file(Path(prompts_file))
     elif table_file:
@@ -357,12 +355,14 @@ def build_manifest(
     total = base.num_rows * (_seed_count(seed_ranges) if seed_ranges else 1)
     if total > MAX_ROWS:
         raise ManifestBuildError(f"that makes {total:,} rows (limit {MAX_ROWS:,}); use fewer prompts or seeds, or split the job")
+    if out.exists() and not overwrite:
+        raise ManifestBuildError(f"{out} exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     writer = None
     written = 0
     try:
-        for chunk in _chunks(base, seed_ranges, chunk_rows=max(row_group_size, 262_144)):
+        for chunk in _chunks(base, seed_ranges, chunk_rows=row_group_size * max(1, 262_144 // row_group_size)):
             for name, value in constants.items():
                 typ = _COLUMN_TYPES.get(name)
                 chunk = chunk.append_column(name, pa.array([value] * chunk.num_rows, typ))

@@ -1,0 +1,218 @@
+"""``sdbatch manifest``: prompts/CSV/JSONL/templates × seeds + constant columns → Parquet."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from sdbatch.manifest import open_manifest, read_rows, validate_manifest
+from sdbatch.manifest_builder import (
+    ManifestBuildError,
+    build_manifest,
+    expand_template,
+    parse_constant,
+    parse_seeds,
+)
+from sdbatch.spec import JobSpec
+
+
+def rows(path: Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+# --- templates ----------------------------------------------------------------------------------
+
+
+def test_template_product_in_reading_order():
+    prompts, labels = expand_template("a photo of a {red|green|blue} {cat|dog}")
+    assert prompts == [
+        "a photo of a red cat", "a photo of a red dog", "a photo of a green cat",
+        "a photo of a green dog", "a photo of a blue cat", "a photo of a blue dog",
+    ]
+    assert labels == {}
+
+
+def test_template_named_groups_escapes_and_empty_alternatives():
+    prompts, labels = expand_template("{{x}} a {size=|very }big {animal=cat|dog}")
+    assert prompts == ["{x} a big cat", "{x} a big dog", "{x} a very big cat", "{x} a very big dog"]
+    assert labels == {"size": ["", "", "very ", "very "], "animal": ["cat", "dog", "cat", "dog"]}
+    assert expand_template("no groups") == (["no groups"], {})
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("a {red|blue", "never closed"),
+        ("a red} cat", "no opening"),
+        ("a {b{c}|d}", "cannot nest"),
+        ("{steps=10|20}", "is a manifest column"),
+        ("{c=a|b} {c=x|y}", "used twice"),
+    ],
+)
+def test_template_errors(template, message):
+    with pytest.raises(ManifestBuildError, match=message):
+        expand_template(template)
+
+
+def test_template_too_large():
+    group = "{" + "|".join(str(i) for i in range(100)) + "}"
+    with pytest.raises(ManifestBuildError, match="expands to 10,000,000,000 prompts"):
+        expand_template(group * 5)
+
+
+# --- seeds, constants ---------------------------------------------------------------------------
+
+
+def test_parse_seeds():
+    assert parse_seeds("0-99") == [(0, 100)]
+    assert parse_seeds("1,5,9") == [(1, 2), (5, 6), (9, 10)]
+    assert parse_seeds(" 0-2 , 10 ") == [(0, 3), (10, 11)]
+    for bad, msg in [("a-b", "not a seed"), ("5-1", "ends before"), ("1,1", "listed twice"),
+                     ("0-5,3", "listed twice"), (str(2**63), "below 2\\*\\*63"), ("-3", "not a seed"), ("", "not a seed")]:
+        with pytest.raises(ManifestBuildError, match=msg):
+            parse_seeds(bad)
+
+
+def test_parse_constant():
+    assert parse_constant("steps=30") == ("steps", 30)
+    assert parse_constant("guidance_scale=7") == ("guidance_scale", 7.0)
+    assert parse_constant("scheduler=euler_a") == ("scheduler", "euler_a")
+    assert parse_constant("negative_prompt=blurry, ugly") == ("negative_prompt", "blurry, ugly")
+    assert parse_constant("split=train") == ("split", "train")
+    assert parse_constant("version=3") == ("version", 3)
+    for bad, msg in [("steps=abc", "must be an integer"), ("steps=1.5", "must be an integer"),
+                     ("guidance_scale=high", "must be a number"), ("noequals", "NAME=VALUE"), ("prompt=x", "cannot be a constant")]:
+        with pytest.raises(ManifestBuildError, match=msg):
+            parse_constant(bad)
+
+
+# --- building -------------------------------------------------------------------------------------
+
+
+def test_prompts_file_times_seeds_with_constants(tmp_path):
+    src = tmp_path / "prompts.txt"
+    src.write_text("a cat\n\n   \nthe dog\r\nß unicode ✓\n", encoding="utf-8")
+    out = tmp_path / "m.parquet"
+    n = build_manifest(out, prompts_file=src, seeds="0-1,7", columns=["steps=30", "split=train"])
+    assert n == 9
+    got = rows(out)
+    assert [r["id"] for r in got[:4]] == ["00000000-s0", "00000000-s1", "00000000-s7", "00000001-s0"]
+    assert [r["seed"] for r in got[:3]] == [0, 1, 7]
+    assert got[-1]["prompt"] == "ß unicode ✓" and all(r["steps"] == 30 and r["split"] == "train" for r in got)
+    schema = pq.read_schema(out)
+    assert schema.field("seed").type == pa.int64() and schema.field("steps").type == pa.int64()
+    report = validate_manifest(open_manifest(str(out)), JobSpec())
+    assert report.ok, report.render()
+
+
+def test_ids_are_deterministic(tmp_path):
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    for out in (a, b):
+        build_manifest(out, templates=["a {red|blue} {cat|dog}"], seeds="0-4")
+    assert open_manifest(str(a)).fingerprint == open_manifest(str(b)).fingerprint
+    assert pq.read_table(a).equals(pq.read_table(b))
+
+
+def test_templates_with_labels(tmp_path):
+    out = tmp_path / "m.parquet"
+    n = build_manifest(out, templates=["a {color=red|blue} {shape=circle|square}", "a {size=big|small} star"])
+    assert n == 6
+    got = rows(out)
+    assert got[0] == {"id": "00000000", "prompt": "a red circle", "color": "red", "shape": "circle", "size": None}
+    assert got[5] == {"id": "00000005", "prompt": "a small star", "color": None, "shape": None, "size": "small"}
+    r = read_rows(open_manifest(str(out)), JobSpec(), 0, 1)[0]
+    assert r.extra == {"color": "red", "shape": "circle", "size": None}
+
+
+def test_csv_with_mapping_and_passthrough(tmp_path):
+    src = tmp_path / "in.csv"
+    src.write_text('text,label,id\n"a cat, sitting",cat,c1\na dog,dog,d1\n', encoding="utf-8")
+    out = tmp_path / "m.parquet"
+    assert build_manifest(out, table_file=src, mapping=["prompt=text"], seeds="3") == 2
+    assert rows(out) == [
+        {"id": "c1-s3", "prompt": "a cat, sitting", "seed": 3, "label": "cat"},
+        {"id": "d1-s3", "prompt": "a dog", "seed": 3, "label": "dog"},
+    ]
+
+
+def test_jsonl_source(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps(d) for d in [{"prompt": "a", "steps": 10}, {"prompt": "b", "steps": 30}]) + "\n")
+    out = tmp_path / "m.parquet"
+    build_manifest(out, table_file=src)
+    assert rows(out) == [{"id": "00000000", "prompt": "a", "steps": 10}, {"id": "00000001", "prompt": "b", "steps": 30}]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "exactly one prompt source"),
+        ({"prompts_file": "p.txt", "templates": ["x"]}, "exactly one prompt source"),
+        ({"table_file": "in.csv"}, "no 'prompt' column"),
+        ({"table_file": "in.csv", "mapping": ["prompt=nope"]}, "has no column 'nope'"),
+        ({"table_file": "in.csv", "mapping": ["prompt"]}, "TARGET=SOURCE"),
+        ({"table_file": "in.xlsx"}, "no such file"),
+        ({"prompts_file": "empty.txt"}, "holds no prompts"),
+        ({"prompts_file": "latin1.txt"}, "line 2: not valid UTF-8"),
+        ({"prompts_file": "p.txt", "columns": ["steps=ten"]}, "must be an integer"),
+        ({"prompts_file": "p.txt", "seeds": "0-9", "columns": ["seed=3"]}, "already has a 'seed' column"),
+        ({"templates": ["{a|b}" * 1, "{" + "|".join(map(str, range(1000))) + "}"], "seeds": "0-199999"}, "limit 100,000,000"),
+        ({"prompts_file": "p.txt", "mapping": ["prompt=x"]}, "--map only applies"),
+    ],
+)
+def test_build_errors(tmp_path, monkeypatch, kwargs, message):
+    monkeypatch.chdir(tmp_path)
+    Path("p.txt").write_text("a cat\n")
+    Path("empty.txt").write_text("\n\n")
+    Path("latin1.txt").write_bytes("ok\ncaf\xe9\n".encode("latin-1"))
+    Path("in.csv").write_text("text\na cat\n")
+    with pytest.raises(ManifestBuildError, match=message):
+        build_manifest(tmp_path / "out.parquet", **kwargs)
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_refuses_to_overwrite(tmp_path):
+    src = tmp_path / "p.txt"
+    src.write_text("a\n")
+    out = tmp_path / "m.parquet"
+    build_manifest(out, prompts_file=src)
+    with pytest.raises(ManifestBuildError, match="exists"):
+        build_manifest(out, prompts_file=src)
+    src.write_text("b\n")
+    build_manifest(out, prompts_file=src, overwrite=True)
+    assert rows(out)[0]["prompt"] == "b"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+
+
+def test_row_groups_and_large_products(tmp_path):
+    out = tmp_path / "m.parquet"
+    n = build_manifest(out, templates=["{" + "|".join(f"p{i}" for i in range(300)) + "}"], seeds="0-999", row_group_size=50_000)
+    assert n == 300_000
+    md = pq.ParquetFile(out).metadata
+    assert md.num_row_groups == 6
+    m = open_manifest(str(out))
+    last = read_rows(m, JobSpec(), n - 2, n)
+    assert [(r.id, r.seed, r.prompt) for r in last] == [("00000299-s998", 998, "p299"), ("00000299-s999", 999, "p299")]
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+
+def test_cli_manifest(tmp_path):
+    from sdbatch.manifest_cli import _dev_app
+
+    runner = CliRunner()
+    out = tmp_path / "m.parquet"
+    res = runner.invoke(_dev_app(), ["manifest", "-o", str(out), "-t", "a {red|blue} cat", "--seeds", "0-2", "-c", "steps=25"])
+    assert res.exit_code == 0, res.output
+    assert "wrote 6 rows" in res.stdout and "OK" in res.stdout
+    res = runner.invoke(_dev_app(), ["manifest", "-o", str(out), "-t", "a {red|blue cat"])
+    assert res.exit_code == 2 and "never closed" in res.stderr and "Traceback" not in res.output
+    # builds, but does not validate: exit 2 with the report
+    res = runner.invoke(_dev_app(), ["manifest", "-o", str(tmp_path / "bad.parquet"), "-t", "x", "-c", "steps=0"])
+    assert res.exit_code == 2 and "column 'steps': value 0" in res.stderr
