@@ -126,9 +126,23 @@ def _strip_file_scheme(path: str) -> str:
 
 
 def _remote_fs(uri: str) -> tuple[Any, str]:
+    """A pyarrow filesystem for a URI. For ``s3://`` the endpoint comes from
+    ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` when set (as boto3 reads them), so an
+    S3-compatible store (MinIO, moto) works on the driver and on every worker alike."""
     import pyarrow.fs as pafs
 
     try:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if uri.startswith("s3://") and endpoint:
+            from urllib.parse import urlparse
+
+            ep = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+            fs = pafs.S3FileSystem(
+                endpoint_override=ep.netloc,
+                scheme=ep.scheme or "https",
+                region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+            )
+            return fs, uri[len("s3://") :]
         return pafs.FileSystem.from_uri(uri)
     except Exception as exc:  # noqa: BLE001 - any filesystem error is a bad source
         raise ManifestError(f"cannot open manifest location {uri}: {exc}") from None
@@ -782,6 +796,7 @@ class _Batch:
             if name in KNOWN_COLUMNS and name not in skip:
                 self.cols[name] = _decode(rb.column(name))
         self.coll = coll
+        self.id_unknown = "id" in skip  # an id column of the wrong type: don't show a made-up id
         self.bad = np.zeros(self.n, dtype=bool)
         self._ids: pa.Array | None = None
 
@@ -794,7 +809,7 @@ class _Batch:
     def id_at(self, i: int) -> str | None:
         ids = self.ids()
         if ids is None:
-            return default_row_id(self.base + i)
+            return None if self.id_unknown else default_row_id(self.base + i)
         try:
             v = ids[i].as_py()
         except UnicodeDecodeError:

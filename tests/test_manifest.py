@@ -654,3 +654,45 @@ def test_cli_submit_bad_manifest_writes_nothing(tmp_path):
     assert res.returncode == 2, res.stdout + res.stderr
     assert "column 'steps'" in res.stderr and "Traceback" not in res.stderr
     assert not out.exists() or not any(out.rglob("*"))
+
+
+# --- s3:// manifests ---------------------------------------------------------------------------------
+
+
+def test_s3_manifest_file_and_prefix(s3_bucket, monkeypatch, tmp_path):
+    import boto3
+
+    endpoint, bucket = s3_bucket
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    for name, ids in (("a.parquet", ["a", "b"]), ("b.parquet", ["c", "a"])):
+        local = write(tmp_path / name, id=ids, init_image=["img/x.png", None])
+        client.upload_file(local, bucket, f"man/{name}")
+    client.put_object(Bucket=bucket, Key="man/_SUCCESS", Body=b"")
+
+    one = open_manifest(f"s3://{bucket}/man/a.parquet")
+    assert one.num_rows == 2 and one.base_dir == f"s3://{bucket}/man"
+    rows = read_rows(one, JobSpec(), 0, 2)
+    assert rows[0].init_image == f"s3://{bucket}/man/img/x.png" and rows[1].id == "b"
+    assert check(f"s3://{bucket}/man/a.parquet").ok
+
+    prefix = open_manifest(f"s3://{bucket}/man")
+    assert prefix.files == (f"s3://{bucket}/man/a.parquet", f"s3://{bucket}/man/b.parquet")
+    find(validate_manifest(prefix, JobSpec()), 3, "id", "also used by row 0")
+    assert open_manifest(f"s3://{bucket}/man/*.parquet").num_rows == 4
+    with pytest.raises(ManifestError):
+        open_manifest(f"s3://{bucket}/nothing-here")
+
+
+def test_validation_path_does_not_import_torch():
+    code = (
+        "import sys; import sdbatch.manifest, sdbatch.manifest_cli, sdbatch.manifest_builder; "
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'ray')], 'heavy import'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_wrong_type_id_column_shows_no_made_up_id(m_path):
+    r = check(m_path(id=[1.5, 2.5], steps=[20, 0]))
+    find(r, 0, "id", "string or integer")
+    assert find(r, 1, "steps", "1 <= steps").id is None
