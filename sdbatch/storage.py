@@ -301,7 +301,7 @@ class LocalStorage:
 _CLIENTS: dict[tuple, Any] = {}
 _CLIENTS_LOCK = threading.Lock()
 _HOOKS: list[Callable[[Any], None]] = []
-_ENV_HOOK_LOADED = False
+_ENV_HOOK: tuple[str, Callable[[Any], None]] | None = None  # (spec, fn) loaded from CLIENT_HOOK_ENV
 
 # TEST/DIAGNOSTICS ONLY: "module:function" or "/path/to/file.py:function". When set, the
 # function is registered with register_client_hook() the first time this process creates an
@@ -335,11 +335,14 @@ def clear_client_cache() -> None:
 
 
 def _load_env_hook() -> None:
-    global _ENV_HOOK_LOADED
-    if _ENV_HOOK_LOADED:
+    """(Re)load the hook named by CLIENT_HOOK_ENV when it changed. Called under _CLIENTS_LOCK."""
+    global _ENV_HOOK
+    spec = os.environ.get(CLIENT_HOOK_ENV) or ""
+    if (_ENV_HOOK[0] if _ENV_HOOK else "") == spec:
         return
-    _ENV_HOOK_LOADED = True
-    spec = os.environ.get(CLIENT_HOOK_ENV)
+    if _ENV_HOOK is not None and _ENV_HOOK[1] in _HOOKS:
+        _HOOKS.remove(_ENV_HOOK[1])
+    _ENV_HOOK = None
     if not spec:
         return
     mod_name, _, func_name = spec.rpartition(":")
@@ -353,7 +356,9 @@ def _load_env_hook() -> None:
         modspec.loader.exec_module(module)
     else:
         module = importlib.import_module(mod_name)
-    _HOOKS.append(getattr(module, func_name))
+    fn = getattr(module, func_name)
+    _HOOKS.append(fn)
+    _ENV_HOOK = (spec, fn)
     log.warning("%s active: S3 client hook %s installed (test/diagnostics only)", CLIENT_HOOK_ENV, spec)
 
 

@@ -159,11 +159,13 @@ class FaultInjector:
             c["requests"] += 1
             if kind is not None:
                 c[kind] = c.get(kind, 0) + 1
-                snapshot = json.dumps(self.counts) if self.counts_dir else None
+            snapshot = None
+            if self.counts_dir is not None and (kind is not None or c["requests"] % 20 == 0):
+                snapshot = json.dumps(self.counts)
+        if snapshot is not None:
+            self._write_counts(snapshot)
         if kind is None:
             return None
-        if self.counts_dir is not None:
-            self._write_counts(snapshot)
         return _fail(kind, request)
 
     def _write_counts(self, snapshot: str) -> None:
@@ -235,19 +237,24 @@ def _fail(kind: str, request):
 # ---- cross-process activation ---------------------------------------------------------------
 
 _ENV_INJECTOR: FaultInjector | None = None
+_ENV_RAW: str | None = None
 _ENV_LOCK = threading.Lock()
 
 
 def install_from_env(client) -> None:
-    """Client hook named by SDBATCH_S3_CLIENT_HOOK: one injector per process from SDBATCH_TEST_FAULTS."""
-    global _ENV_INJECTOR
+    """Client hook named by SDBATCH_S3_CLIENT_HOOK: one injector per process from SDBATCH_TEST_FAULTS
+    (rebuilt if that variable changes; clients created earlier keep the old injector)."""
+    global _ENV_INJECTOR, _ENV_RAW
     with _ENV_LOCK:
-        if _ENV_INJECTOR is None:
-            raw = os.environ.get(ENV_RULES)
-            if not raw:
-                return
-            _ENV_INJECTOR = FaultInjector(json.loads(raw), counts_dir=os.environ.get(ENV_COUNTS) or None)
-    _ENV_INJECTOR.attach(client)
+        raw = os.environ.get(ENV_RULES) or None
+        if raw != _ENV_RAW:
+            _ENV_RAW = raw
+            _ENV_INJECTOR = None
+            if raw:
+                _ENV_INJECTOR = FaultInjector(json.loads(raw), counts_dir=os.environ.get(ENV_COUNTS) or None)
+        inj = _ENV_INJECTOR
+    if inj is not None:
+        inj.attach(client)
 
 
 def env_injector() -> FaultInjector | None:

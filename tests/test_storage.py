@@ -356,6 +356,24 @@ print("ok")
     assert S3Storage(f"s3://{bucket}/env", endpoint_url=endpoint).list("") == sorted(f"k{i}" for i in range(20))
 
 
+def test_faults_via_environment_in_this_process(s3_bucket, tmp_path, monkeypatch):
+    endpoint, bucket = s3_bucket
+    counts = tmp_path / "counts"
+    for k, v in fault_env({"PutObject": {"first": 2, "errors": ["500"]}}, counts_dir=counts).items():
+        monkeypatch.setenv(k, v)
+    st.clear_client_cache()
+    s = S3Storage(f"s3://{bucket}", endpoint_url=endpoint)
+    assert s.put_new("a", b"1").created
+    assert read_counts(counts)["PutObject"]["500"] == 2
+    for k in fault_env({}):
+        monkeypatch.delenv(k)
+    st.clear_client_cache()
+    with FaultInjector({"*": {"fraction": 0.0}}) as counter:
+        assert s.put_new("b", b"2").created
+    assert counter.requests("PutObject") == 1  # the env hook is gone with the variable
+    assert read_counts(counts)["PutObject"]["500"] == 2
+
+
 # ---- read_uri / fetch_model_dir ---------------------------------------------------------------
 
 
