@@ -35,13 +35,14 @@ from sdbatch.output import (
     committed_shards,
     merge_index,
     read_json,
+    read_shard_index,
     write_json,
 )
 from sdbatch.plan import ShardSpec, num_shards, pending_shards, shard
 from sdbatch.progress import ProgressFeed, utc_now
 from sdbatch.spec import JobSpec
 from sdbatch.storage import Storage
-from sdbatch.worker import ShardResult, WorkerActor
+from sdbatch.worker import ShardResult, TestChaos, WorkerActor
 
 log = logging.getLogger("sdbatch.scheduler")
 
@@ -49,6 +50,7 @@ PREFETCH_DEPTH = 2  # shards handed to one actor at a time: the running one and 
 LOCK_LEASE_S = 60.0
 HEARTBEAT_S = 10.0
 MIN_HANG_TIMEOUT_S = 300.0
+MAX_START_FAILURES = 5
 
 # exit codes, documented in the README and `sdbatch submit --help`
 EXIT_OK = 0
@@ -186,11 +188,24 @@ class JobOutcome:
     message: str
 
 
+class WorkerStartError(RuntimeError):
+    """Workers cannot start (e.g. the model fails to load on them)."""
+
+
 @dataclass
-class _InFlight:
+class _Work:
     shard: ShardSpec
-    attempt: int
-    future: Any
+    attempt: int = 1
+    retry_ids: frozenset[str] | None = None  # --retry-failed: regenerate only these rows
+    future: Any = None
+
+
+@dataclass
+class _Actor:
+    handle: Any
+    ready: Any  # ObjectRef of handle.ready(): resolves once the model is loaded
+    is_ready: bool = False
+    inflight: list[_Work] = field(default_factory=list)
 
 
 class Driver:
@@ -205,7 +220,9 @@ class Driver:
         endpoint_url: str | None = None,
         deadline: float | None = None,
         interactive: bool | None = None,
+        retry_failed: bool = False,
     ):
+        self.retry_failed = retry_failed
         self.address = address
         self.spec = spec
         self.manifest = manifest
@@ -218,7 +235,12 @@ class Driver:
 
     def _new_actor(self, tracker: Any) -> Any:
         res = self.spec.resources
-        return WorkerActor.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, max_restarts=0).remote(
+        # test-only fault injection settings must reach the actors' processes
+        test_env = {k: v for k, v in os.environ.items() if k.startswith("SDBATCH_TEST_")}
+        options: dict[str, Any] = {"num_cpus": res.cpus_per_worker, "num_gpus": res.gpus_per_worker, "max_restarts": 0}
+        if test_env:
+            options["runtime_env"] = {"env_vars": test_env}
+        return WorkerActor.options(**options).remote(
             self.spec_json, self.storage.url, self.job["fingerprint"], self.endpoint_url, tracker
         )
 
@@ -227,7 +249,9 @@ class Driver:
         total_rows = self.manifest.num_rows
         rps = self.spec.resources.rows_per_shard
         committed = committed_shards(self.storage)
-        queue: deque[tuple[ShardSpec, int]] = deque((s, 1) for s in pending_shards(total_rows, rps, committed))
+        queue: deque[_Work] = deque(_Work(s) for s in pending_shards(total_rows, rps, committed))
+        if self.retry_failed:
+            queue.extend(self._failed_rows_work(committed))
         skipped = len(committed)
         done_before = sum(shard(int(n), total_rows, rps).num_rows for n in committed if int(n) < num_shards(total_rows, rps))
         if not queue:
@@ -239,68 +263,69 @@ class Driver:
             self.storage, total_rows=total_rows, rows_already_done=done_before,
             shards_total=num_shards(total_rows, rps), shards_committed=skipped, interactive=self.interactive,
         )
-        tracker = ProgressTracker.remote()
-        n_workers = fit_workers(self.spec)
-        actors: dict[Any, list[_InFlight]] = {self._new_actor(tracker): [] for _ in range(n_workers)}
-        rows_ok = rows_failed = 0
-        failed_shards: list[str] = []
+        self.tracker = ProgressTracker.remote()
+        self.queue = queue
+        self.failed_shards: list[str] = []
+        self.start_failures = 0
+        pool = [self._new_actor() for _ in range(fit_workers(self.spec))]
+        rows_ok = rows_failed = regenerated = 0
         shards_committed = skipped
-        hang_timeout = self.spec.retries.hang_timeout_s
         state = "finished"
         try:
-            while queue or any(actors.values()):
-                past_deadline = self.deadline is not None and time.time() >= self.deadline
-                if past_deadline and queue:
+            while queue or any(a.inflight for a in pool):
+                if self.deadline is not None and time.time() >= self.deadline and queue:
                     log.warning("deadline reached: no new shards; %d shards left for a rerun", len(queue))
                     queue.clear()
                     state = "stopped"
-                for actor, inflight in actors.items():
-                    while queue and len(inflight) < PREFETCH_DEPTH:
-                        spec_shard, attempt = queue.popleft()
-                        rows = read_rows(self.manifest, self.spec, spec_shard.start, spec_shard.stop)
-                        inflight.append(_InFlight(spec_shard, attempt, actor.run_shard.remote(spec_shard, rows, attempt)))
-                futures = [f.future for fl in actors.values() for f in fl]
-                ready, _ = ray.wait(futures, num_returns=len(futures), timeout=1.0)
-                ready_set = set(ready)
-                dead: list[Any] = []
-                for actor in list(actors):
-                    for item in [f for f in actors[actor] if f.future in ready_set]:
-                        actors[actor].remove(item)
-                        tracker.forget.remote(item.shard.name)
+                pool = self._start_ready(pool)
+                for actor in pool:
+                    while actor.is_ready and queue and len(actor.inflight) < PREFETCH_DEPTH:
+                        self._dispatch(actor, queue.popleft())
+                futures = [w.future for a in pool for w in a.inflight]
+                ready = set(ray.wait(futures, num_returns=len(futures), timeout=1.0)[0]) if futures else set()
+                if not futures:
+                    time.sleep(0.5)
+                dead = []
+                for actor in pool:
+                    for item in [w for w in actor.inflight if w.future in ready]:
+                        actor.inflight.remove(item)
+                        self.tracker.forget.remote(item.shard.name)
                         try:
                             result: ShardResult = ray.get(item.future)
                         except RayActorError as exc:
                             log.warning("worker died running shard %s (attempt %d): %s", item.shard.name, item.attempt, _short(exc))
-                            self._requeue(queue, failed_shards, item, exc)
+                            self._requeue(item, exc)
                             dead.append(actor)
                             continue
                         except RayTaskError as exc:
                             log.warning("shard %s failed (attempt %d): %s", item.shard.name, item.attempt, _short(exc))
-                            self._requeue(queue, failed_shards, item, exc)
+                            self._requeue(item, exc)
                             continue
-                        shards_committed += 1
+                        shards_committed += item.retry_ids is None
                         if result.committed:
                             rows_ok += result.rows_ok
                             rows_failed += result.rows_failed
+                        else:
+                            regenerated += 1
                         if result.rows_failed:
                             log.warning("shard %s: %d rows failed permanently", result.shard, result.rows_failed)
-                for actor in dict.fromkeys(dead):
-                    self._replace(actors, actor, tracker, queue, failed_shards, count_attempt=False)
-                live = ray.get(tracker.snapshot.remote())
-                self._watchdog(actors, live, tracker, queue, failed_shards, hang_timeout)
-                in_flight_done = sum(e[0] for e in live.values())
-                in_flight_failed = sum(e[1] for e in live.values())
+                pool = [self._replace(a) if a in dead else a for a in pool]
+                live = ray.get(self.tracker.snapshot.remote())
+                pool = self._watchdog(pool, live)
                 progress.update(
-                    rows_ok + in_flight_done, rows_failed + in_flight_failed,
-                    shards_committed=shards_committed, shards_failed=len(failed_shards), workers=len(actors),
+                    rows_ok + sum(e[0] for e in live.values()), rows_failed + sum(e[1] for e in live.values()),
+                    shards_committed=shards_committed, shards_failed=len(self.failed_shards), workers=len(pool),
                 )
         except KeyboardInterrupt:
             progress.close("interrupted")
             raise
         finally:
-            for actor in actors:
-                ray.kill(actor)
-        progress.update(rows_ok, rows_failed, shards_committed=shards_committed, shards_failed=len(failed_shards), workers=0)
+            for actor in pool:
+                ray.kill(actor.handle)
+        if regenerated:
+            log.warning("%d shards had been committed by an earlier attempt; their results were kept", regenerated)
+        progress.update(rows_ok, rows_failed, shards_committed=shards_committed, shards_failed=len(self.failed_shards), workers=0)
+        failed_shards = self.failed_shards
         if state == "stopped":
             progress.close("stopped")
             return JobOutcome(EXIT_STOPPED, total_rows, rows_ok, rows_failed, skipped, failed_shards,
@@ -309,50 +334,108 @@ class Driver:
             progress.close("incomplete")
             return JobOutcome(EXIT_SHARDS_FAILED, total_rows, rows_ok, rows_failed, skipped, failed_shards,
                               time.monotonic() - started,
-                              f"{len(failed_shards)} shards failed on every attempt; run the same command again to retry them")
+                              f"shards {', '.join(sorted(failed_shards))} failed on every attempt "
+                              "(see the log for their last error); run the same command again to retry them")
         outcome = self._finish(started, skipped, rows_ok, rows_failed, failed_shards, "")
         progress.close("finished")
         return outcome
 
-    def _requeue(self, queue: deque, failed_shards: list[str], item: _InFlight, exc: BaseException) -> None:
+    def _new_actor(self) -> _Actor:
+        res = self.spec.resources
+        # test-only fault injection settings must reach the actors' processes
+        test_env = {k: v for k, v in os.environ.items() if k.startswith("SDBATCH_TEST_")}
+        options: dict[str, Any] = {"num_cpus": res.cpus_per_worker, "num_gpus": res.gpus_per_worker, "max_restarts": 0}
+        if test_env:
+            options["runtime_env"] = {"env_vars": test_env}
+        handle = WorkerActor.options(**options).remote(
+            self.spec_json, self.storage.url, self.job["fingerprint"], self.endpoint_url, self.tracker
+        )
+        return _Actor(handle, handle.ready.remote())
+
+    def _start_ready(self, pool: list[_Actor]) -> list[_Actor]:
+        """Mark actors whose model has loaded as ready. Work goes only to ready actors, so an
+        actor that cannot be placed (a lost node's capacity) holds no shards hostage."""
+        waiting = [a for a in pool if not a.is_ready]
+        if not waiting:
+            return pool
+        done = set(ray.wait([a.ready for a in waiting], num_returns=len(waiting), timeout=0)[0])
+        fresh = []
+        for actor in pool:
+            if actor.is_ready or actor.ready not in done:
+                fresh.append(actor)
+                continue
+            try:
+                ray.get(actor.ready)
+                actor.is_ready = True
+                fresh.append(actor)
+            except RayActorError as exc:
+                self.start_failures += 1
+                if self.start_failures > MAX_START_FAILURES:
+                    raise WorkerStartError(f"workers keep failing to start; last error: {_short(exc)}") from None
+                log.warning("a worker failed to start: %s", _short(exc))
+                fresh.append(self._replace(actor))
+        return fresh
+
+    def _dispatch(self, actor: _Actor, work: _Work) -> None:
+        rows = read_rows(self.manifest, self.spec, work.shard.start, work.shard.stop)
+        if work.retry_ids is not None:
+            rows = [r for r in rows if r.id in work.retry_ids]
+        work.future = actor.handle.run_shard.remote(work.shard, rows, work.attempt, work.retry_ids is not None)
+        actor.inflight.append(work)
+
+    def _failed_rows_work(self, committed: set[str]) -> list[_Work]:
+        """--retry-failed: one unit of work per committed shard that holds failed rows."""
+        work = []
+        rps = self.spec.resources.rows_per_shard
+        for name in sorted(committed, key=int):
+            table = read_shard_index(self.storage, name)
+            failed = [i for i, s in zip(table.column("id").to_pylist(), table.column("status").to_pylist()) if s == STATUS_FAILED]
+            if failed:
+                work.append(_Work(shard(int(name), self.manifest.num_rows, rps), retry_ids=frozenset(failed)))
+        if work:  # the job is no longer finished until the retried rows are committed
+            log.info("retrying the failed rows of %d shards", len(work))
+            self.storage.delete(SUCCESS_KEY)
+        return work
+
+    def _requeue(self, item: _Work, exc: BaseException) -> None:
         if item.attempt >= self.spec.retries.shard_attempts:
             log.error("shard %s failed on all %d attempts; last error: %s", item.shard.name, item.attempt, _short(exc))
-            failed_shards.append(item.shard.name)
+            self.failed_shards.append(item.shard.name)
         else:
-            queue.appendleft((item.shard, item.attempt + 1))
+            self.queue.appendleft(_Work(item.shard, item.attempt + 1, item.retry_ids))
 
-    def _replace(self, actors: dict, actor: Any, tracker: Any, queue: deque, failed_shards: list[str], *, count_attempt: bool) -> None:
-        """Kill ``actor``, give its remaining shards back to the queue, start a fresh one."""
-        for item in actors.pop(actor, []):
-            tracker.forget.remote(item.shard.name)
-            if count_attempt:
-                self._requeue(queue, failed_shards, item, TimeoutError("worker replaced"))
-            else:  # never started on the dead actor: same attempt number
-                queue.appendleft((item.shard, item.attempt))
-        ray.kill(actor)
-        actors[self._new_actor(tracker)] = []
+    def _replace(self, actor: _Actor) -> _Actor:
+        """Kill ``actor``, give the shards queued behind on it back to the queue (same attempt:
+        they never started), and start a fresh actor."""
+        for item in actor.inflight:
+            self.tracker.forget.remote(item.shard.name)
+            self.queue.appendleft(_Work(item.shard, item.attempt, item.retry_ids))
+        ray.kill(actor.handle)
+        return self._new_actor()
 
-    def _watchdog(self, actors: dict, live: dict, tracker: Any, queue: deque, failed_shards: list[str], hang_timeout: float | None) -> None:
-        timeout = hang_timeout or MIN_HANG_TIMEOUT_S
+    def _watchdog(self, pool: list[_Actor], live: dict) -> list[_Actor]:
+        """A shard with no batch reported for ``hang_timeout_s`` is hung: its actor is replaced."""
+        timeout = self.spec.retries.hang_timeout_s or MIN_HANG_TIMEOUT_S
         now = time.time()
-        for actor in list(actors):
-            inflight = actors[actor]
-            if not inflight:
-                continue
-            head = inflight[0]
-            entry = live.get(head.shard.name)
+        fresh = []
+        for actor in pool:
+            entry = live.get(actor.inflight[0].shard.name) if actor.inflight else None
             if entry is None or now - entry[2] < timeout:
+                fresh.append(actor)
                 continue
+            head = actor.inflight.pop(0)
             log.warning("shard %s made no progress for %.0f s: replacing its worker", head.shard.name, now - entry[2])
-            inflight.remove(head)
-            self._requeue(queue, failed_shards, head, TimeoutError(f"no progress for {timeout:.0f} s"))
-            self._replace(actors, actor, tracker, queue, failed_shards, count_attempt=False)
+            self.tracker.forget.remote(head.shard.name)
+            self._requeue(head, TimeoutError(f"no progress for {timeout:.0f} s"))
+            fresh.append(self._replace(actor))
+        return fresh
 
     def _finish(self, started: float, skipped: int, rows_ok: int, rows_failed: int, failed_shards: list[str], message: str) -> JobOutcome:
         previous = read_json(self.storage, SUCCESS_KEY) if rows_ok == rows_failed == 0 else None
         if previous is not None:  # a finished job run again: leave its record alone
             code = EXIT_ROWS_FAILED if previous.get("rows_failed") else EXIT_OK
             return JobOutcome(code, self.manifest.num_rows, 0, 0, skipped, [], time.monotonic() - started, message)
+        TestChaos.from_env().before_merge(self.storage)
         index = merge_index(self.storage)
         total = self.manifest.num_rows
         failed_total = 0
@@ -394,11 +477,13 @@ def run_job(
     endpoint_url: str | None = None,
     deadline: float | None = None,
     interactive: bool | None = None,
+    retry_failed: bool = False,
 ) -> JobOutcome:
     """Claim OUT, lock it, run every pending shard, and finish the index."""
     claim_job(storage, job)
     lock = JobLock.acquire(storage)
     try:
-        return Driver(spec, manifest, storage, job, address=address, endpoint_url=endpoint_url, deadline=deadline, interactive=interactive).run()
+        return Driver(spec, manifest, storage, job, address=address, endpoint_url=endpoint_url, deadline=deadline,
+                      interactive=interactive, retry_failed=retry_failed).run()
     finally:
         lock.release()

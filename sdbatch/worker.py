@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
 import ray
 from PIL import Image
 
@@ -34,6 +35,8 @@ from sdbatch.output import (
     commit_shard,
     image_key,
     metadata_key,
+    read_shard_index,
+    table_to_parquet,
     tar_key,
     webdataset_key,
 )
@@ -179,11 +182,38 @@ class ShardRunner:
     def run_shard(
         self, shard: ShardSpec, rows: list[Row], attempt: int = 1, on_batch: BatchCallback | None = None
     ) -> ShardResult:
+        """Generate, store and commit a whole shard (skipped if an earlier attempt committed it)."""
         started = time.perf_counter()
         result = ShardResult(shard=shard.name, worker=self.worker_name)
         if self.storage.exists(metadata_key(shard.name)):
             result.committed = False
             return result
+        index_rows = self._generate(shard, rows, attempt, on_batch, result, tar_name=shard.name)
+        result.committed = commit_shard(self.storage, shard.name, index_rows)
+        result.wall_seconds = time.perf_counter() - started
+        return result
+
+    def retry_rows(
+        self, shard: ShardSpec, rows: list[Row], attempt: int = 1, on_batch: BatchCallback | None = None
+    ) -> ShardResult:
+        """Regenerate some rows of a committed shard (its failed ones) and rewrite its index
+        with their new entries; every other entry of the index is kept as it was."""
+        started = time.perf_counter()
+        result = ShardResult(shard=shard.name, worker=self.worker_name)
+        existing = read_shard_index(self.storage, shard.name).to_pylist()
+        ids = sorted(r.id for r in rows)
+        tar_name = f"{shard.name}-retry-{hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:8]}"
+        fresh = {r["id"]: r for r in self._generate(shard, rows, attempt, on_batch, result, tar_name=tar_name)}
+        merged = [fresh.get(r["id"], r) for r in existing]
+        self.storage.put(metadata_key(shard.name), table_to_parquet(pa.Table.from_pylist(merged)))
+        result.wall_seconds = time.perf_counter() - started
+        return result
+
+    def _generate(
+        self, shard: ShardSpec, rows: list[Row], attempt: int, on_batch: BatchCallback | None,
+        result: ShardResult, tar_name: str,
+    ) -> list[dict[str, Any]]:
+        """Generate and store ``rows``' images in canonical batches; returns their index rows."""
         init_images = self._load_init_images(rows)
         index_rows: list[dict[str, Any]] = []
         stored: list[tuple[Row, dict, Future]] = []
@@ -198,31 +228,31 @@ class ShardRunner:
                 else:
                     good.append(row)
                     images_in.append(init_images[row.id].result() if row.is_img2img else None)
-            if not good:
-                if on_batch:
-                    on_batch(0, len(batch))
-                continue
-            bid = batch_id(shard, number)
-            t0 = time.perf_counter()
-            images = self.generator.generate(good, images_in if good[0].is_img2img else None)
-            per_row = (time.perf_counter() - t0) / len(good)
-            batch_rows = [r.id for r in good]
-            for row, image in zip(good, images):
-                record = image_record(row, shard, bid, batch_rows, self.generator, self.job_fingerprint)
-                record_timing = {"generate_seconds": per_row}
-                self._in_flight.acquire()
-                stored.append((row, {**record, **record_timing}, self.pool.submit(self._store_image, shard, row, image, record)))
+            if good:
+                bid = batch_id(shard, number)
+                t0 = time.perf_counter()
+                images = self.generator.generate(good, images_in if good[0].is_img2img else None)
+                per_row = (time.perf_counter() - t0) / len(good)
+                batch_rows = [r.id for r in good]
+                for row, image in zip(good, images):
+                    record = image_record(row, shard, bid, batch_rows, self.generator, self.job_fingerprint)
+                    self._in_flight.acquire()
+                    future = self.pool.submit(self._store_image, shard, row, image, record)
+                    stored.append((row, {**record, "generate_seconds": per_row}, future))
             if on_batch:
                 on_batch(len(good), len(batch) - len(good))
         result.generate_seconds = time.perf_counter() - generate_started
 
+        webdataset = self.spec.output.format == "webdataset"
+        ext = encode.extension(self.spec.output.image_format)
         tar_members: list[tuple[str, bytes, bytes]] = []
         for row, record, future in stored:
             key, sha, size, created, data = future.result()  # re-raises storage errors → shard retried
-            if self.spec.output.format == "webdataset":
+            if webdataset:
                 wkey = webdataset_key(row.id)
-                tar_members.append((wkey, data, json.dumps({k: v for k, v in record.items() if k != "generate_seconds"}, sort_keys=True).encode()))
-                key = f"{tar_key(shard.name)}#{wkey}.{encode.extension(self.spec.output.image_format)}"
+                record_json = json.dumps({k: v for k, v in record.items() if k != "generate_seconds"}, sort_keys=True)
+                tar_members.append((wkey, data, record_json.encode()))
+                key = f"{tar_key(tar_name)}#{wkey}.{ext}"
             result.images_created += created
             result.images_adopted += not created
             index_rows.append(
@@ -233,11 +263,9 @@ class ShardRunner:
             )
             result.rows_ok += 1
         if tar_members:
-            self.storage.put_new(tar_key(shard.name), build_webdataset_tar(tar_members, encode.extension(self.spec.output.image_format)))
+            self.storage.put_new(tar_key(tar_name), build_webdataset_tar(tar_members, ext))
         index_rows.sort(key=lambda r: r["row"])
-        result.committed = commit_shard(self.storage, shard.name, index_rows)
-        result.wall_seconds = time.perf_counter() - started
-        return result
+        return index_rows
 
 
 def _init_image_error(future: Future | None) -> str | None:
@@ -283,11 +311,65 @@ class WorkerActor:
         return {"worker": self.runner.worker_name, "model_fingerprint": info.fingerprint,
                 "device": info.device, "dtype": info.dtype, "versions": info.versions}
 
-    def run_shard(self, shard: ShardSpec, rows: list[Row], attempt: int) -> ShardResult:
+    def run_shard(self, shard: ShardSpec, rows: list[Row], attempt: int, retry_failed: bool = False) -> ShardResult:
         name = self.runner.worker_name
+        chaos = TestChaos.from_env()
 
         def report(done: int, failed: int) -> None:
             self.tracker.report.remote(name, shard.name, done, failed)
+            chaos.after_batch(shard.name, attempt)
 
-        report(0, 0)  # marks the shard as started, for the watchdog
-        return self.runner.run_shard(shard, rows, attempt, on_batch=report)
+        self.tracker.report.remote(name, shard.name, 0, 0)  # marks the shard as started, for the watchdog
+        chaos.before_shard(shard.name, attempt)
+        run = self.runner.retry_rows if retry_failed else self.runner.run_shard
+        return run(shard, rows, attempt, on_batch=report)
+
+
+class TestChaos:
+    """Test-only fault injection for the chaos suite, off unless ``SDBATCH_TEST_CHAOS`` holds
+    JSON such as ``{"kill_fraction": 0.1, "seed": 1, "hang_shards": ["00002"],
+    "fail_shards": ["00003"], "marker_dir": "/tmp/x"}``: the worker process exits after the
+    chosen fraction of batches (a hash of seed, shard, batch and attempt picks them), listed
+    shards hang on their first attempt or fail on every attempt, and each injected fault
+    leaves a file in ``marker_dir`` so a test can count them."""
+
+    ENV = "SDBATCH_TEST_CHAOS"
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+        self.batches: dict[tuple[str, int], int] = {}
+
+    @classmethod
+    def from_env(cls) -> TestChaos:
+        return cls(json.loads(os.environ.get(cls.ENV) or "{}"))
+
+    def _mark(self, kind: str, shard_name: str, attempt: int, detail: str = "") -> None:
+        folder = self.config.get("marker_dir")
+        if folder:
+            name = f"{kind}-{shard_name}-a{attempt}{detail}-{os.getpid()}"
+            open(os.path.join(folder, name), "w").close()
+
+    def before_shard(self, shard_name: str, attempt: int) -> None:
+        if shard_name in self.config.get("fail_shards", ()):
+            self._mark("fail", shard_name, attempt)
+            raise RuntimeError(f"injected failure of shard {shard_name}")
+        if shard_name in self.config.get("hang_shards", ()) and attempt == 1:
+            self._mark("hang", shard_name, attempt)
+            time.sleep(3600)
+
+    def after_batch(self, shard_name: str, attempt: int) -> None:
+        fraction = self.config.get("kill_fraction", 0)
+        if not fraction:
+            return
+        number = self.batches[(shard_name, attempt)] = self.batches.get((shard_name, attempt), -1) + 1
+        digest = hashlib.sha256(f"{self.config.get('seed', 0)}:{shard_name}:{number}:{attempt}".encode()).digest()
+        if int.from_bytes(digest[:8], "big") / 2**64 < fraction:
+            self._mark("kill", shard_name, attempt, f"-b{number}")
+            os._exit(1)
+
+    def before_merge(self, storage: Storage) -> None:
+        """``"driver_exit_at": "merge"``: the driver dies halfway through writing the index."""
+        if self.config.get("driver_exit_at") == "merge":
+            storage.put("index.parquet", b"PAR1-truncated-by-test")
+            self._mark("driver", "merge", 0)
+            os._exit(137)
