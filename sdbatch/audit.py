@@ -1,0 +1,633 @@
+"""Auditing a job's output: ``verify`` (every indexed object is there, intact) and
+``reproduce`` (regenerate one image from the output's metadata alone and compare bytes).
+
+Nothing here imports torch at module level: ``verify`` without regeneration is pure storage
+and Parquet work; ``reproduce_row`` imports ``sdbatch.generate`` only when it needs the model.
+
+How an image is rebuilt (DESIGN §3): the target row's JSON record (embedded in the stored
+image, or rebuilt from the index when the object is gone or unreadable) and ``job.json``
+(output format and encoder settings) give everything; the rows named in the record's
+``batch_rows`` are rebuilt from the index, in order, so the batch that is regenerated is
+the batch that ran. The model named in the record is loaded on the recorded device and
+dtype, its fingerprint is checked against the recorded one, the batch is generated, and the
+target image is encoded with the *same record* — so the bytes match exactly when, and only
+when, the pixels match. img2img rows re-read their init image from the recorded location
+(an absolute path or ``s3://`` URI); if it is gone the row cannot be reproduced, and if its
+content changed since the job ran the result drifts (the init image's hash is not recorded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import tarfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from sdbatch import encode
+from sdbatch.manifest import KNOWN_COLUMNS, Row
+from sdbatch.output import (
+    INDEX_KEY,
+    JOB_KEY,
+    STATUS_OK,
+    SUCCESS_KEY,
+    committed_shards,
+    read_index,
+    read_json,
+    webdataset_key,
+)
+from sdbatch.spec import JobSpec
+from sdbatch.storage import NotFound, Storage, StorageError, open_storage, read_uri
+
+if TYPE_CHECKING:
+    from sdbatch.generate import Generator
+
+__all__ = [
+    "AuditError",
+    "JobOutput",
+    "ReproduceResult",
+    "Reproducer",
+    "VerifyReport",
+    "open_job",
+    "reproduce_row",
+    "verify",
+]
+
+#: Index columns that are results or bookkeeping, not row parameters or passthrough columns.
+INDEX_RESULT_COLUMNS = frozenset(
+    {
+        "shard", "batch_id", "batch_rows", "model_fingerprint", "device", "dtype", "versions",
+        "status", "error", "key", "sha256", "bytes", "attempt", "worker", "generate_seconds", "row",
+    }
+)
+IMAGE_PREFIXES = ("images/", "shards/")
+
+
+class AuditError(ValueError):
+    """Bad input for an audit (no job at OUT, unknown row id, a row that cannot be rebuilt)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the job's output, read once
+
+
+@dataclass
+class JobOutput:
+    storage: Storage
+    job: dict[str, Any]
+    spec: JobSpec
+    index: list[dict[str, Any]]
+    index_source: str  # "index.parquet" or "N committed shard indexes"
+    finished: bool
+
+    @property
+    def output_format(self) -> str:
+        return self.spec.output.format
+
+    def rows_by_id(self) -> dict[str, dict[str, Any]]:
+        return {r["id"]: r for r in self.index}
+
+
+def open_job(storage: Storage | str, *, endpoint_url: str | None = None) -> JobOutput:
+    """Read ``job.json`` and the index (the final one, else the committed shard indexes).
+    Raises ``AuditError`` when OUT holds no sdbatch job."""
+    if isinstance(storage, str):
+        storage = open_storage(storage, endpoint_url=endpoint_url)
+    job = read_json(storage, JOB_KEY)
+    if job is None:
+        raise AuditError(f"no sdbatch job at {storage.url} (no {JOB_KEY})")
+    spec = JobSpec.model_validate(job["spec"])
+    finished = storage.exists(INDEX_KEY)
+    table: pa.Table = read_index(storage)
+    source = INDEX_KEY if finished else f"{len(committed_shards(storage))} committed shard indexes (job unfinished)"
+    finished = finished and storage.exists(SUCCESS_KEY)
+    return JobOutput(storage, job, spec, table.to_pylist() if table.num_rows else [], source, finished)
+
+
+# ---------------------------------------------------------------------------------------------
+# object access (files and webdataset layouts)
+
+
+def split_key(key: str) -> tuple[str, str | None]:
+    """``shards/00000.tar#r01.png`` → (``shards/00000.tar``, ``r01.png``); a plain key → (key, None)."""
+    obj, sep, member = key.partition("#")
+    return obj, (member if sep else None)
+
+
+def tar_members(data: bytes) -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def read_object(storage: Storage, key: str) -> bytes:
+    """The bytes an index ``key`` names (a tar member for webdataset). Raises ``NotFound``."""
+    obj, member = split_key(key)
+    data = storage.get(obj)
+    if member is None:
+        return data
+    try:
+        members = tar_members(data)
+    except tarfile.TarError as exc:
+        raise StorageError(f"{obj} is not a readable tar: {exc}") from None
+    if member not in members:
+        raise NotFound(f"{obj} has no member {member}")
+    return members[member]
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def max_pixel_diff(a: bytes, b: bytes) -> int | None:
+    """Largest absolute difference of any channel of any pixel (0..255); None if either does
+    not decode or their sizes differ."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        ia, ib = (Image.open(io.BytesIO(x)) for x in (a, b))
+        if ia.size != ib.size:
+            return None
+        pa_, pb_ = (np.asarray(i.convert("RGB"), dtype=np.int16) for i in (ia, ib))
+    except Exception:  # noqa: BLE001 - undecodable stored bytes (corrupted object)
+        return None
+    return int(np.abs(pa_ - pb_).max())
+
+
+# ---------------------------------------------------------------------------------------------
+# reproduce
+
+
+@dataclass
+class ReproduceResult:
+    id: str
+    key: str
+    match: bool  # the regenerated bytes' sha256 equals the sha256 recorded in the index
+    max_pixel_diff: int | None  # vs the stored object; None when it is missing or undecodable
+    recorded_sha256: str
+    stored_sha256: str | None  # of the object in storage now (None: missing)
+    new_sha256: str
+    data: bytes = field(repr=False)  # the regenerated image bytes
+    batch_id: str = ""
+    batch_rows: list[str] = field(default_factory=list)
+    batch_rebuilt: bool = True  # False: some batch-mates could not be rebuilt, the batch differs
+    record_source: str = "image"  # "image" (embedded record) or "index" (rebuilt from the index)
+    model_fingerprint_ok: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        if self.match:
+            return f"{self.id}: bytes match (sha256 {self.new_sha256[:16]}…)"
+        diff = "unknown (stored object missing or unreadable)" if self.max_pixel_diff is None else str(self.max_pixel_diff)
+        return (f"{self.id}: DRIFT — regenerated sha256 {self.new_sha256[:16]}… ≠ recorded {self.recorded_sha256[:16]}…, "
+                f"largest pixel difference {diff}")
+
+
+def _row_from_params(d: dict[str, Any], extra: dict[str, Any] | None = None) -> Row:
+    strength = d.get("strength")
+    return Row(
+        index=int(d["row"]),
+        id=str(d["id"]),
+        prompt=d["prompt"],
+        negative_prompt=d.get("negative_prompt") or "",
+        seed=int(d["seed"]),
+        steps=int(d["steps"]),
+        guidance_scale=float(d["guidance_scale"]),
+        width=int(d["width"]),
+        height=int(d["height"]),
+        scheduler=d["scheduler"],
+        init_image=d.get("init_image"),
+        strength=float(strength) if strength is not None else None,
+        extra=dict(extra or {}),
+    )
+
+
+def _extra_from_index(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if k not in KNOWN_COLUMNS and k not in INDEX_RESULT_COLUMNS}
+
+
+_PARAM_KEYS = ("seed", "steps", "width", "height", "scheduler", "batch_id", "prompt")
+
+
+def _record_agrees(record: dict[str, Any], entry: dict[str, Any]) -> bool:
+    return record.get("id") == entry["id"] and all(record.get(k) == entry.get(k) for k in _PARAM_KEYS)
+
+
+class Reproducer:
+    """Regenerates rows of one job output. Keeps the loaded model and any batch it already
+    regenerated, so ``verify --regenerate K`` loads the model once and runs each batch once."""
+
+    def __init__(self, out: JobOutput, *, endpoint_url: str | None = None, model: str | None = None,
+                 device: str | None = None):
+        self.out = out
+        self.endpoint_url = endpoint_url
+        self.model_override = model
+        self.device_override = device
+        self.by_id = out.rows_by_id()
+        self._generators: dict[tuple[str, str, str], Generator] = {}
+        self._batches: dict[tuple, dict[str, Any]] = {}
+
+    # -- the record ---------------------------------------------------------------------------
+    def _stored(self, entry: dict[str, Any]) -> bytes | None:
+        try:
+            return read_object(self.out.storage, entry["key"])
+        except NotFound:
+            return None
+        except StorageError as exc:
+            if getattr(exc, "transient", False):
+                raise
+            return None
+
+    def _record(self, entry: dict[str, Any], stored: bytes | None) -> tuple[dict[str, Any], str]:
+        if stored is not None:
+            try:
+                _, record = encode.read_embedded(stored)
+            except Exception:  # noqa: BLE001 - corrupted object
+                record = None
+            if record is not None and _record_agrees(record, entry):
+                return record, "image"
+        return self._record_from_index(entry), "index"
+
+    def _record_from_index(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """The record as ``worker.image_record`` wrote it, rebuilt from the index and job.json
+        (used when the stored object is gone or unreadable)."""
+        gen = self._generator_for(entry)
+        fp = entry.get("model_fingerprint") or gen.info.fingerprint
+        return {
+            "id": entry["id"],
+            "row": entry["row"],
+            "shard": entry["shard"],
+            "batch_id": entry["batch_id"],
+            "batch_rows": list(entry["batch_rows"]),
+            "prompt": entry["prompt"],
+            "negative_prompt": entry.get("negative_prompt") or "",
+            "seed": entry["seed"],
+            "steps": entry["steps"],
+            "guidance_scale": entry["guidance_scale"],
+            "width": entry["width"],
+            "height": entry["height"],
+            "scheduler": entry["scheduler"],
+            "scheduler_config": gen.scheduler_config(entry["scheduler"]),
+            "init_image": entry.get("init_image"),
+            "strength": entry.get("strength"),
+            "extra": _extra_from_index(entry),
+            "model_name": self.out.spec.model.name,
+            "model_fingerprint": fp,
+            "model_hash": fp[:10],
+            "device": entry.get("device") or gen.info.device,
+            "dtype": entry.get("dtype") or gen.info.dtype,
+            "versions": json.loads(entry["versions"]) if entry.get("versions") else gen.info.versions,
+            "sdbatch_version": self.out.job.get("sdbatch_version"),
+            "job_fingerprint": self.out.job.get("fingerprint"),
+        }
+
+    # -- the model -----------------------------------------------------------------------------
+    def _load_settings(self, entry_or_record: dict[str, Any]) -> tuple[str, str, str, list[str]]:
+        notes: list[str] = []
+        model = self.model_override or entry_or_record.get("model_name") or self.out.spec.model.name
+        device = self.device_override or entry_or_record.get("device") or "cpu"
+        dtype = entry_or_record.get("dtype") or "float32"
+        if device.startswith("cuda") and not self.device_override:
+            import torch
+
+            if not torch.cuda.is_available():
+                notes.append(f"recorded device {device} is not available here; regenerating on cpu "
+                             "(expect pixel differences: see README, Reproducibility)")
+                device = "cpu"
+        if device == "cpu" and dtype == "float16":
+            notes.append("recorded dtype float16 on cpu: regenerating in float16 on cpu is slow and differs from GPU")
+        return model, ("cuda" if device.startswith("cuda") else device), dtype, notes
+
+    def _generator_for(self, entry_or_record: dict[str, Any]) -> Generator:
+        model, device, dtype, _ = self._load_settings(entry_or_record)
+        key = (model, device, dtype)
+        if key not in self._generators:
+            from sdbatch.generate import Generator
+
+            self._generators[key] = Generator.load(model, device=device, dtype=dtype, endpoint_url=self.endpoint_url)
+        return self._generators[key]
+
+    # -- the batch -----------------------------------------------------------------------------
+    def _init_image(self, uri: str):
+        from PIL import Image
+
+        image = Image.open(io.BytesIO(read_uri(uri, endpoint_url=self.endpoint_url)))
+        image.load()
+        return image
+
+    def _generate_batch(self, record: dict[str, Any], gen: Generator) -> dict[str, Any]:
+        """Regenerate the batch the record names; returns {id: PIL image} plus notes."""
+        target = _row_from_params(record, record.get("extra"))
+        batch_ids = list(record.get("batch_rows") or [target.id])
+        cache_key = (record.get("batch_id"), tuple(batch_ids), id(gen))
+        if cache_key in self._batches:
+            return self._batches[cache_key]
+        notes: list[str] = []
+        rebuilt = True
+        rows: list[Row] = []
+        for rid in batch_ids:
+            if rid == target.id:
+                rows.append(target)
+                continue
+            entry = self.by_id.get(rid)
+            if entry is None:
+                notes.append(f"batch-mate {rid} is not in the index; regenerating without it")
+                rebuilt = False
+                continue
+            row = _row_from_params(entry, _extra_from_index(entry))
+            if row.batch_key() != target.batch_key():
+                notes.append(f"batch-mate {rid} has other batch parameters in the index; regenerating without it")
+                rebuilt = False
+                continue
+            rows.append(row)
+        if target.id not in batch_ids:
+            rows = [target]
+            rebuilt = False
+            notes.append("the record's batch_rows does not list the row itself; regenerating it alone")
+        init_images = None
+        if target.is_img2img:
+            init_images, kept = [], []
+            for row in rows:
+                try:
+                    init_images.append(self._init_image(row.init_image))
+                    kept.append(row)
+                except (StorageError, OSError, ValueError) as exc:
+                    if row.id == target.id:
+                        raise AuditError(
+                            f"row {target.id}: its init image {row.init_image} cannot be read ({exc}); "
+                            "an img2img row is reproduced from its init image at the recorded location"
+                        ) from None
+                    notes.append(f"batch-mate {row.id}: init image {row.init_image} unreadable; regenerating without it")
+                    rebuilt = False
+            rows = kept
+        images = gen.generate(rows, init_images)
+        result = {"images": {r.id: img for r, img in zip(rows, images)}, "notes": notes, "rebuilt": rebuilt,
+                  "rows": [r.id for r in rows]}
+        self._batches[cache_key] = result
+        return result
+
+    # -- one row -------------------------------------------------------------------------------
+    def reproduce(self, row_id: str) -> ReproduceResult:
+        entry = self.by_id.get(str(row_id))
+        if entry is None:
+            raise AuditError(f"no row with id {row_id!r} in the index of {self.out.storage.url} ({self.out.index_source})")
+        if entry.get("status") != STATUS_OK:
+            raise AuditError(f"row {row_id!r} has status {entry.get('status')!r} ({entry.get('error')}); "
+                             "there is no image to reproduce")
+        stored = self._stored(entry)
+        record, source = self._record(entry, stored)
+        _, _, _, notes = self._load_settings(record)
+        if source == "index":
+            notes.append("the stored image is missing or unreadable: its record was rebuilt from the index")
+        gen = self._generator_for(record)
+        fp_ok = gen.info.fingerprint == record.get("model_fingerprint")
+        if not fp_ok:
+            notes.insert(0, f"MODEL CHANGED: the model loaded from {gen.info.name!r} has fingerprint "
+                            f"{gen.info.fingerprint[:16]}…, the image was made with {str(record.get('model_fingerprint'))[:16]}…; "
+                            "the result is not expected to match (pass the original model with --model)")
+        versions = record.get("versions") or {}
+        changed = {k: (v, gen.info.versions.get(k)) for k, v in versions.items() if gen.info.versions.get(k) != v}
+        if changed:
+            notes.append("software versions differ from the recorded ones: "
+                         + ", ".join(f"{k} {a} → {b}" for k, (a, b) in sorted(changed.items())))
+        import torch
+
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, int(self.out.spec.resources.cpus_per_worker)))  # as the worker ran
+        try:
+            batch = self._generate_batch(record, gen)
+        finally:
+            torch.set_num_threads(previous_threads)
+        out_spec = self.out.spec.output
+        data = encode.encode_image(batch["images"][entry["id"]], record, fmt=out_spec.image_format,
+                                   png_compress_level=out_spec.png_compress_level, quality=out_spec.quality)
+        new_sha = sha256(data)
+        return ReproduceResult(
+            id=entry["id"],
+            key=entry["key"],
+            match=new_sha == entry["sha256"],
+            max_pixel_diff=max_pixel_diff(stored, data) if stored is not None else None,
+            recorded_sha256=entry["sha256"],
+            stored_sha256=sha256(stored) if stored is not None else None,
+            new_sha256=new_sha,
+            data=data,
+            batch_id=record.get("batch_id", ""),
+            batch_rows=batch["rows"],
+            batch_rebuilt=batch["rebuilt"],
+            record_source=source,
+            model_fingerprint_ok=fp_ok,
+            notes=notes + batch["notes"],
+        )
+
+
+def reproduce_row(storage: Storage | str, row_id: str, *, endpoint_url: str | None = None,
+                  model: str | None = None) -> ReproduceResult:
+    """Regenerate the image of ``row_id`` from OUT's metadata alone and compare it with the
+    stored object. ``model`` overrides the recorded model location (for a moved model; its
+    fingerprint is still checked against the recorded one)."""
+    return Reproducer(open_job(storage, endpoint_url=endpoint_url), endpoint_url=endpoint_url, model=model).reproduce(row_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# verify
+
+
+@dataclass
+class VerifyReport:
+    url: str
+    index_source: str
+    finished: bool
+    rows_total: int  # rows in the manifest (job.json)
+    rows_in_index: int
+    rows_failed: int  # status=failed rows: no object expected
+    ok: int = 0
+    missing: list[tuple[str, str]] = field(default_factory=list)  # (id, key)
+    mismatched: list[tuple[str, str, str]] = field(default_factory=list)  # (id, key, what)
+    duplicates: list[str] = field(default_factory=list)  # ids indexed more than once
+    orphans: list[str] = field(default_factory=list)  # objects no committed index row names
+    regenerate_seed: int | None = None
+    regenerated: list[ReproduceResult] = field(default_factory=list)
+    regenerate_errors: list[tuple[str, str]] = field(default_factory=list)  # (id, message)
+
+    @property
+    def drift(self) -> list[ReproduceResult]:
+        return [r for r in self.regenerated if not r.match]
+
+    @property
+    def clean(self) -> bool:
+        """Orphans do not count: readers trust the index, never a listing (DESIGN §4)."""
+        return not (self.missing or self.mismatched or self.duplicates or self.drift or self.regenerate_errors)
+
+    def render(self, limit: int = 20) -> str:
+        lines = [
+            f"verify {self.url}",
+            f"  index      {self.index_source}; {self.rows_in_index} rows"
+            + (f" of {self.rows_total}" if self.rows_total != self.rows_in_index else "")
+            + ("" if self.finished else " (job not finished)"),
+            f"  ok         {self.ok} objects present with the recorded size and sha256",
+        ]
+        if self.rows_failed:
+            lines.append(f"  failed     {self.rows_failed} rows have status=failed (no image; see the index's error column)")
+
+        def section(title: str, items: list[str]) -> None:
+            lines.append(f"  {title:<10} {len(items)}")
+            lines.extend(f"    {x}" for x in items[:limit])
+            if len(items) > limit:
+                lines.append(f"    … and {len(items) - limit} more")
+
+        section("missing", [f"{i}  {k}" for i, k in self.missing])
+        section("mismatched", [f"{i}  {k}  ({w})" for i, k, w in self.mismatched])
+        if self.duplicates:
+            section("duplicates", self.duplicates)
+        section("orphans", self.orphans)
+        if self.orphans:
+            lines.append("             (not an error: no committed index row names them, so no reader sees them — "
+                         "writes of shards still running, or leftovers of a dead attempt, safe to delete once the job is finished)")
+        if self.regenerate_seed is not None:
+            exact = sum(r.match for r in self.regenerated)
+            lines.append(f"  regenerate {len(self.regenerated)} rows (seed {self.regenerate_seed}): {exact} exact byte matches, "
+                         f"{len(self.drift)} drifted, {len(self.regenerate_errors)} could not be regenerated")
+            diffs = [r.max_pixel_diff for r in self.regenerated if r.max_pixel_diff is not None]
+            if diffs:
+                lines.append(f"             largest pixel difference {max(diffs)}")
+            for r in self.regenerated:
+                lines.append(f"    {r.summary()}")
+                lines.extend(f"      note: {n}" for n in r.notes)
+            for i, msg in self.regenerate_errors:
+                lines.append(f"    {i}: cannot regenerate: {msg}")
+        lines.append("  result     " + ("clean" if self.clean else "PROBLEMS FOUND"))
+        return "\n".join(lines)
+
+
+def _check_files(storage: Storage, rows: list[dict[str, Any]], report: VerifyReport, threads: int) -> list[dict]:
+    def check(entry: dict[str, Any]) -> tuple[dict, str | None, str | None]:
+        try:
+            data = storage.get(entry["key"])
+        except NotFound:
+            return entry, "missing", None
+        problems = []
+        if len(data) != entry["bytes"]:
+            problems.append(f"size {len(data)} ≠ recorded {entry['bytes']}")
+        if sha256(data) != entry["sha256"]:
+            problems.append("sha256 differs")
+        return entry, "mismatch" if problems else None, ", ".join(problems) or None
+
+    good = []
+    with ThreadPoolExecutor(threads, thread_name_prefix="sdbatch-verify") as pool:
+        for entry, problem, what in pool.map(check, rows):
+            if problem == "missing":
+                report.missing.append((entry["id"], entry["key"]))
+            elif problem == "mismatch":
+                report.mismatched.append((entry["id"], entry["key"], what))
+            else:
+                good.append(entry)
+    return good
+
+
+def _check_webdataset(storage: Storage, rows: list[dict[str, Any]], report: VerifyReport, threads: int,
+                      image_ext: str) -> tuple[list[dict], list[str]]:
+    by_tar: dict[str, list[dict]] = {}
+    for entry in rows:
+        by_tar.setdefault(split_key(entry["key"])[0], []).append(entry)
+
+    def check(tar: str) -> tuple[str, dict[str, bytes] | None, str | None]:
+        try:
+            return tar, tar_members(storage.get(tar)), None
+        except NotFound:
+            return tar, None, None
+        except tarfile.TarError as exc:
+            return tar, None, f"not a readable tar: {exc}"
+
+    good, orphan_members = [], []
+    with ThreadPoolExecutor(threads, thread_name_prefix="sdbatch-verify") as pool:
+        for tar, members, bad in pool.map(check, list(by_tar)):
+            entries = by_tar[tar]
+            if members is None:
+                for e in entries:
+                    (report.mismatched.append((e["id"], e["key"], bad)) if bad else report.missing.append((e["id"], e["key"])))
+                continue
+            named = set()
+            for e in entries:
+                member = split_key(e["key"])[1]
+                named.add(member)
+                named.add(member.rsplit(".", 1)[0] + ".json")
+                data = members.get(member)
+                if data is None:
+                    report.missing.append((e["id"], e["key"]))
+                    continue
+                problems = []
+                if len(data) != e["bytes"]:
+                    problems.append(f"size {len(data)} ≠ recorded {e['bytes']}")
+                if sha256(data) != e["sha256"]:
+                    problems.append("sha256 differs")
+                if problems:
+                    report.mismatched.append((e["id"], e["key"], ", ".join(problems)))
+                else:
+                    good.append(e)
+            orphan_members.extend(f"{tar}#{m}" for m in sorted(members) if m not in named)
+    return good, orphan_members
+
+
+def verify(
+    storage: Storage | str,
+    *,
+    regenerate: int = 0,
+    seed: int | None = None,
+    endpoint_url: str | None = None,
+    threads: int = 16,
+    model: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> VerifyReport:
+    """Check every index row's object (exists, recorded size, recorded sha256), list orphan
+    objects, and optionally regenerate ``regenerate`` random ok rows (chosen with ``seed``;
+    a random seed is drawn and reported when none is given) and report drift."""
+    out = open_job(storage, endpoint_url=endpoint_url)
+    storage = out.storage
+    statuses = [r.get("status") for r in out.index]
+    report = VerifyReport(
+        url=storage.url,
+        index_source=out.index_source,
+        finished=out.finished,
+        rows_total=int(out.job.get("manifest", {}).get("num_rows", len(out.index))),
+        rows_in_index=len(out.index),
+        rows_failed=sum(s != STATUS_OK for s in statuses),
+    )
+    seen: dict[str, int] = {}
+    for r in out.index:
+        seen[r["id"]] = seen.get(r["id"], 0) + 1
+    report.duplicates = sorted(i for i, n in seen.items() if n > 1)
+    ok_rows = [r for r in out.index if r.get("status") == STATUS_OK]
+    if progress:
+        progress(f"checking {len(ok_rows)} objects from {out.index_source}")
+    if out.output_format == "webdataset":
+        good, orphans = _check_webdataset(storage, ok_rows, report, threads, encode.extension(out.spec.output.image_format))
+        named = {split_key(r["key"])[0] for r in ok_rows}
+    else:
+        good, orphans = _check_files(storage, ok_rows, report, threads), []
+        named = {r["key"] for r in ok_rows}
+    report.ok = len(good)
+    listed: list[str] = []
+    for prefix in IMAGE_PREFIXES:
+        listed.extend(storage.list(prefix))
+    report.orphans = sorted([k for k in listed if k not in named] + orphans)
+
+    if regenerate > 0 and good:
+        report.regenerate_seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
+        chosen = random.Random(report.regenerate_seed).sample(sorted(r["id"] for r in good), min(regenerate, len(good)))
+        reproducer = Reproducer(out, endpoint_url=endpoint_url, model=model)
+        # rows of one batch together, so each batch is generated once
+        order = {rid: (reproducer.by_id[rid]["batch_id"], reproducer.by_id[rid]["row"]) for rid in chosen}
+        for rid in sorted(chosen, key=order.__getitem__):
+            if progress:
+                progress(f"regenerating {rid}")
+            try:
+                report.regenerated.append(reproducer.reproduce(rid))
+            except (AuditError, StorageError, ValueError) as exc:
+                report.regenerate_errors.append((rid, str(exc)))
+    return report
