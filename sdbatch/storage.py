@@ -369,6 +369,16 @@ def _endpoint(endpoint_url: str | None) -> str | None:
 
 def _get_client(endpoint_url: str | None = None, max_attempts: int = 5, max_pool_connections: int = 10):
     ep = _endpoint(endpoint_url)
+    if ep is not None:
+        try:
+            parts = urlsplit(ep)
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise StorageConfigError(
+                f"invalid S3 endpoint URL {_redact_url(ep)!r}; pass --s3-endpoint http(s)://host:port"
+            )
     key = (os.getpid(), ep, int(max_attempts), int(max_pool_connections))
     client = _CLIENTS.get(key)
     if client is not None:
@@ -383,8 +393,13 @@ def _get_client(endpoint_url: str | None = None, max_attempts: int = 5, max_pool
         if client is not None:
             return client
         _load_env_hook()
-        session = boto3.session.Session()
-        region = session.region_name or "us-east-1"
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            session = boto3.session.Session()
+            region = session.region_name or "us-east-1"
+        except BotoCoreError as e:  # e.g. ProfileNotFound: names the profile, never a secret
+            raise StorageConfigError(f"AWS configuration error: {e}; check AWS_PROFILE / ~/.aws/config") from None
         config = Config(
             # total_max_attempts = attempts INCLUDING the first request. (botocore's
             # retries={"max_attempts": N} counts retries only: N + 1 requests in all.)
@@ -396,10 +411,10 @@ def _get_client(endpoint_url: str | None = None, max_attempts: int = 5, max_pool
         )
         try:
             client = session.client("s3", endpoint_url=ep, region_name=region, config=config)
-        except ValueError as e:
+        except (ValueError, BotoCoreError):  # the exception text may repeat the raw URL: not shown
             raise StorageConfigError(
-                f"invalid S3 endpoint URL {_redact_url(ep)!r}: {e}; pass --s3-endpoint http(s)://host:port"
-            ) from e
+                f"invalid S3 endpoint URL {_redact_url(ep)!r}; pass --s3-endpoint http(s)://host:port"
+            ) from None
         for fn in _HOOKS:  # before publishing: no request runs without the hooks
             fn(client)
         _CLIENTS[key] = client

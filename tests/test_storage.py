@@ -190,6 +190,13 @@ def test_open_storage_bad_urls():
     assert "pw" not in str(ei.value) and "user" not in str(ei.value)
 
 
+def test_bad_endpoint_urls(s3_server):
+    for ep in ["not a url", "ftp://u:pw@127.0.0.1:1", "http://"]:
+        with pytest.raises(StorageConfigError, match="invalid S3 endpoint") as ei:
+            S3Storage("s3://some-bucket/x", endpoint_url=ep).check_access()
+        assert "pw" not in str(ei.value)
+
+
 def test_check_access_missing_bucket(s3_server, caplog):
     caplog.set_level(logging.DEBUG, logger="sdbatch.storage")
     s = S3Storage("s3://no-such-bucket-sdbatch/out", endpoint_url=s3_server)
