@@ -14,7 +14,10 @@ is built in a separate process and this driver never imports pyarrow itself.
 
 Targets: validation within 60 s on a 2-core machine; peak memory under 1 GiB.
 
-    python benchmarks/bench_manifest.py [--rows 10000000] [--keep DIR]
+    python benchmarks/bench_manifest.py [--rows 10000000] [--keep DIR] [--bad]
+
+``--bad`` measures the error path instead: 1% duplicate ids (the duplicate finder's second
+pass and its larger arrays) and 0.1% steps=0 rows; it expects exit code 2 and the exact count.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def templates() -> list[str]:
     return out  # 192 templates
 
 
-def build(path: str, rows: int, row_group_size: int = 65_536) -> float:
+def build(path: str, rows: int, row_group_size: int = 65_536, bad: bool = False) -> float:
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -64,14 +67,20 @@ def build(path: str, rows: int, row_group_size: int = 65_536) -> float:
     for lo in range(0, rows, chunk):
         n = min(chunk, rows - lo)
         idx = np.arange(lo, lo + n, dtype=np.int64)
-        ids = pc.binary_join_element_wise("img-", pc.utf8_lpad(pc.cast(pa.array(idx), pa.string()), 9, "0"), "")
+        id_num = idx.copy()
+        if bad:  # 1% of ids repeat the previous row's; 0.1% of rows have steps 0
+            id_num[idx % 100 == 99] -= 1
+        ids = pc.binary_join_element_wise("img-", pc.utf8_lpad(pc.cast(pa.array(id_num), pa.string()), 9, "0"), "")
         pick = rng.integers(0, len(pool), n)
+        steps = rng.choice(np.array([20, 30, 50]), n)
+        if bad:
+            steps[idx % 1000 == 7] = 0
         table = pa.table(
             {
                 "id": ids,
                 "prompt": pool_arr.take(pa.array(pick)),
                 "seed": pa.array(rng.integers(0, 2**63 - 1, n, dtype=np.int64)),
-                "steps": pa.array(rng.choice(np.array([20, 30, 50]), n)),
+                "steps": pa.array(steps),
                 "label": labels.take(pa.array(pick % len(SUBJECTS))),
             }
         )
@@ -123,17 +132,18 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=10_000_000)
     ap.add_argument("--rows-per-shard", type=int, default=64)
     ap.add_argument("--keep", help="build (or reuse) the manifest in this folder")
+    ap.add_argument("--bad", action="store_true", help="1%% duplicate ids and 0.1%% steps=0: the error path (exit 2)")
     ap.add_argument("--build-only", metavar="PATH", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.build_only:
-        print(build(args.build_only, args.rows))
+        print(build(args.build_only, args.rows, bad=args.bad))
         return
     folder = args.keep or tempfile.mkdtemp(prefix="sdbatch-bench-")
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"manifest-{args.rows}.parquet")
+    path = os.path.join(folder, f"manifest-{args.rows}{'-bad' if args.bad else ''}.parquet")
     if not os.path.exists(path):
-        out = subprocess.run([sys.executable, __file__, "--build-only", path, "--rows", str(args.rows)], check=True,
-                             capture_output=True, text=True).stdout.strip()
+        cmd = [sys.executable, __file__, "--build-only", path, "--rows", str(args.rows)] + (["--bad"] if args.bad else [])
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
         print(f"built {args.rows:,} rows in {float(out):.1f} s: {path} ({os.path.getsize(path) / 2**20:.0f} MiB)")
     else:
         print(f"reusing {path} ({os.path.getsize(path) / 2**20:.0f} MiB)")
@@ -147,9 +157,16 @@ def main() -> None:
         validate_s = time.perf_counter() - t0
         validate_rss = usage.ru_maxrss / 1024
         log.seek(0)
-        print(log.read()[-2000:])
-    assert proc.returncode == 0, f"validate failed with exit code {proc.returncode}"
+        text = log.read()
+        print(text[:1500] + ("\n…\n" + text[-300:] if len(text) > 1800 else text[1500:]))
+    expected = 2 if args.bad else 0
+    assert proc.returncode == expected, f"validate exited with {proc.returncode}, expected {expected}"
+    if args.bad:
+        assert f"{args.rows // 100 + args.rows // 1000:,} errors in total" in text, "wrong error count"
 
+    if args.bad:
+        print(f"validate (bad manifest, exit 2) {args.rows:,} rows: {validate_s:.1f} s wall, peak RSS {validate_rss:.0f} MiB")
+        return
     plan = subprocess.run([sys.executable, "-c", PLAN_SCRIPT, path, str(args.rows_per_shard)], capture_output=True, text=True)
     if plan.returncode != 0:
         print(plan.stderr)

@@ -1149,21 +1149,22 @@ def _passthrough_types(manifest: Manifest) -> dict[str, pa.DataType]:
 
 
 def _find_duplicate_ids(manifest: Manifest, hashes: np.ndarray, valid: np.ndarray, coll: _Collector, batch_size: int) -> int:
-    rows = np.flatnonzero(valid)
-    hv = hashes[rows] if len(rows) != len(hashes) else hashes
+    """Count rows whose id an earlier row already used (8-byte hash per row, sorted), and
+    report the first ones, confirmed by their actual strings (a second pass over ``id``).
+    Peak: three arrays of 8 bytes per row (hashes, a sorted copy, the stable sort order)."""
+    rows = None if valid.all() else np.flatnonzero(valid)
+    hv = hashes if rows is None else hashes[rows]
     srt = np.sort(hv)
-    if not (srt[1:] == srt[:-1]).any():
+    dup_pos = np.flatnonzero(srt[1:] == srt[:-1]) + 1
+    if len(dup_pos) == 0:
         return 0
-    del srt
-    order = np.argsort(hv, kind="stable")  # equal hashes keep row order
-    sh = hv[order]
-    same = np.zeros(len(sh), dtype=bool)
-    same[1:] = sh[1:] == sh[:-1]
-    group_first = np.maximum.accumulate(np.where(~same, np.arange(len(sh)), 0))
-    dup_pos = np.flatnonzero(same)
-    dup_rows = rows[order[dup_pos]]
-    first_rows = rows[order[group_first[dup_pos]]]
-    del order, sh, same, group_first
+    order = np.argsort(hv, kind="stable")  # equal hashes keep row order: the first is the original
+    del hv
+    first_pos = np.searchsorted(srt, srt[dup_pos], side="left")
+    dup_rows, first_rows = order[dup_pos], order[first_pos]
+    if rows is not None:
+        dup_rows, first_rows = rows[dup_rows], rows[first_rows]
+    del order, srt, rows
     count = len(dup_rows)
     # report the first ones, confirmed by their actual strings
     sel = np.argsort(dup_rows, kind="stable")[: coll.limit * 2]

@@ -81,7 +81,7 @@ def m_path(tmp_path: Path):
 def test_open_single_file(m_path, tmp_path):
     p = m_path(prompt=["a", "b", "c"], label=[1, 2, 3])
     m = open_manifest(p)
-    assert m.files == (str(Path(p).resolve()),)
+    assert isinstance(m, Manifest) and m.files == (str(Path(p).resolve()),)
     assert m.num_rows == 3 and m.columns == ("prompt", "label") and m.base_dir == str(tmp_path)
     assert m.passthrough_columns == ("label",)
     assert len(m.fingerprint) == 16
