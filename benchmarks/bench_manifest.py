@@ -156,6 +156,7 @@ def main() -> None:
         proc.returncode = os.waitstatus_to_exitcode(status)
         validate_s = time.perf_counter() - t0
         validate_rss = usage.ru_maxrss / 1024
+        validate_cpu = usage.ru_utime + usage.ru_stime
         log.seek(0)
         text = log.read()
         print(text[:1500] + ("\n…\n" + text[-300:] if len(text) > 1800 else text[1500:]))
@@ -165,7 +166,8 @@ def main() -> None:
         assert f"{args.rows // 100 + args.rows // 1000:,} errors in total" in text, "wrong error count"
 
     if args.bad:
-        print(f"validate (bad manifest, exit 2) {args.rows:,} rows: {validate_s:.1f} s wall, peak RSS {validate_rss:.0f} MiB")
+        print(f"validate (bad manifest, exit 2) {args.rows:,} rows: {validate_s:.1f} s wall, {validate_cpu:.1f} s CPU, "
+              f"peak RSS {validate_rss:.0f} MiB")
         return
     plan = subprocess.run([sys.executable, "-c", PLAN_SCRIPT, path, str(args.rows_per_shard)], capture_output=True, text=True)
     if plan.returncode != 0:
@@ -176,6 +178,7 @@ def main() -> None:
     print("command:", " ".join(os.path.basename(c) if c == sys.executable else c for c in cmd))
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs visible, python {platform.python_version()}")
     print(f"validate {args.rows:,} rows: {validate_s:.1f} s wall ({args.rows / validate_s / 1e6:.2f} M rows/s), "
+          f"{validate_cpu:.1f} s CPU, "
           f"peak RSS {validate_rss:.0f} MiB  [targets: <= 60 s, < 1024 MiB]")
     print(f"plan: import {p['import_s']:.2f} s, open_manifest (footer + sha256 fingerprint) {p['open_s']:.2f} s, "
           f"{p['shards']:,} shards of {args.rows_per_shard} via {p['how']} {p['plan_s']:.2f} s, "
