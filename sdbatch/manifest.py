@@ -860,10 +860,11 @@ def _check_text(b: _Batch, column: str, limits: Any, required: bool) -> pa.Array
             b.flag(column, np.ones(b.n, bool), f"{column} is required: every row needs a non-null text",
                    "give every row a prompt (or drop rows without one)", arr)
         return None
-    arr = _check_utf8(b, column, arr)
+    nulls = arr.is_null()
+    arr = _check_utf8(b, column, arr)  # rows with invalid UTF-8 become null from here on
     if required:
-        b.flag(column, arr.is_null(), f"{column} is required: every row needs a non-null text",
-               "give every row a prompt (or drop rows without one)", b.cols[column])
+        b.flag(column, nulls, f"{column} is required: every row needs a non-null text",
+               "give every row a prompt (or drop rows without one)", arr)
         lengths = pc.utf8_length(arr)
         empty = pc.or_(pc.equal(lengths, 0), pc.utf8_is_space(arr))
         b.flag(column, empty, f"{column} must not be empty or only whitespace", "write a prompt, or drop the row", arr)
@@ -1009,10 +1010,11 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
                 if pa.types.is_null(ids.type):
                     ids = pa.nulls(n, pa.string())
                 raw = b.cols["id"]
+                id_nulls = ids.is_null()
                 if _kind(raw.type) == "string" and not pa.types.is_null(raw.type):
                     ids = _check_utf8(b, "id", ids)
                     b._ids = ids
-                b.flag("id", ids.is_null(), "id must be set in every row when the id column is present",
+                b.flag("id", id_nulls, "id must be set in every row when the id column is present",
                        "fill the id, or drop the id column to use row numbers", raw)
                 nonnull = pc.is_valid(ids)
                 dots = pc.or_(pc.equal(ids, "."), pc.equal(ids, ".."))
@@ -1094,12 +1096,12 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
             init = b.cols.get("init_image")
             has_init = np.zeros(n, dtype=bool)
             if init is not None and not pa.types.is_null(init.type):
+                has_init = pc.is_valid(init).to_numpy(zero_copy_only=False)
                 init = _check_utf8(b, "init_image", init)
                 b.flag("init_image", pc.equal(pc.utf8_length(init), 0), "init_image must be a non-empty path or s3:// URI",
                        "give the image path (relative to the manifest folder) or null for text-to-image")
                 b.flag("init_image", pc.match_substring(init, "\x00"), "no NUL characters (\\x00) in init_image",
                        "fix the path")
-                has_init = pc.is_valid(init).to_numpy(zero_copy_only=False)
             if "init_image" in skip:
                 has_init = np.ones(n, dtype=bool)  # unknown: don't pile strength errors on a type error
             img2img += int(has_init.sum())

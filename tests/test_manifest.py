@@ -328,6 +328,7 @@ def test_lone_surrogates_and_invalid_utf8(tmp_path):
     find(r, 1, "prompt", "valid UTF-8")
     find(r, 2, "prompt", "valid UTF-8")
     find(r, 2, "id", "valid UTF-8")
+    assert r.issue_count == 3  # not also reported as null
     assert "\\xed\\xa0\\x80" in r.render()  # the value is shown as bytes, no traceback
     with pytest.raises(ManifestError, match="row 1, column 'prompt': invalid UTF-8"):
         read_rows(open_manifest(str(p)), JobSpec(), 0, 3)
