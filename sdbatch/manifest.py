@@ -396,7 +396,22 @@ def iter_row_batches(
         pf = _parquet_file(path, streaming=True)
         if pf.metadata.num_rows == 0:
             continue
-        yield from pf.iter_batches(batch_size=batch_size, columns=columns, use_threads=True)
+        yield from _guarded_batches(pf, path, batch_size, columns)
+
+
+def _guarded_batches(pf: pq.ParquetFile, path: str, batch_size: int, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+    """``iter_batches`` that turns a corrupt page into a ManifestError naming the file and row."""
+    it = pf.iter_batches(batch_size=batch_size, columns=columns, use_threads=True)
+    done = 0
+    while True:
+        try:
+            rb = next(it)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as exc:
+            raise ManifestError(f"{path}: cannot read the rows after row {done} of this file (corrupt Parquet?): {exc}") from None
+        done += rb.num_rows
+        yield rb
 
 
 def _decode(arr: pa.Array) -> pa.Array:
@@ -455,7 +470,10 @@ def read_rows(manifest: Manifest, spec: JobSpec, start: int, stop: int) -> list[
                     if first is None:
                         first = rg_start
                 rg_start += n
-            table = pf.read_row_groups(groups, columns=columns, use_threads=False)
+            try:
+                table = pf.read_row_groups(groups, columns=columns, use_threads=False)
+            except (pa.ArrowException, OSError) as exc:
+                raise ManifestError(f"{path}: cannot read row groups {groups} (corrupt Parquet?): {exc}") from None
             table = table.slice(lo - first, hi - lo)
             out.extend(_rows_from_table(table, lo, manifest, spec))
         file_start += nrows
@@ -995,7 +1013,7 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
                                   f"{name} must be {expected}", fix))
         cols = [c for c in read_cols if c not in skip]
         file_bad_all = bool(skip)
-        for rb in pf.iter_batches(batch_size=batch_size, columns=cols, use_threads=True):
+        for rb in _guarded_batches(pf, path, batch_size, cols):
             b = _Batch(rb, base, skip, coll)
             n = b.n
             # prompt / negative_prompt

@@ -697,3 +697,17 @@ def test_wrong_type_id_column_shows_no_made_up_id(m_path):
     r = check(m_path(id=[1.5, 2.5], steps=[20, 0]))
     find(r, 0, "id", "string or integer")
     assert find(r, 1, "steps", "1 <= steps").id is None
+
+
+def test_corrupt_data_pages_are_a_manifest_error(tmp_path):
+    p = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"prompt": [f"prompt number {i}" for i in range(20000)]}), p, row_group_size=5000)
+    data = bytearray(p.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 2000] = np.random.default_rng(0).bytes(2000)  # footer intact, a data page garbled
+    p.write_bytes(bytes(data))
+    m = open_manifest(str(p))
+    with pytest.raises(ManifestError, match="corrupt Parquet"):
+        validate_manifest(m, JobSpec())
+    with pytest.raises(ManifestError, match="corrupt Parquet"):
+        read_rows(m, JobSpec(), 0, m.num_rows)
