@@ -81,6 +81,13 @@ KNOWN_COLUMNS = (
     "init_image",
     "strength",
 )
+#: Names the output index uses for its own columns (worker.RESULT_COLUMNS, plus "row"): a
+#: passthrough column with one of these names would overwrite the record (say, ``status``),
+#: so validation refuses it. Keep in sync with ``sdbatch.worker.index_row``.
+RESERVED_COLUMNS = (
+    "row", "shard", "batch_id", "batch_rows", "model_fingerprint", "device", "dtype", "versions",
+    "status", "error", "key", "sha256", "bytes", "attempt", "worker", "generate_seconds",
+)
 #: Columns pandas writes for a non-default index; they are neither checked nor passed through.
 _IGNORED_PREFIX = "__index_level_"
 ID_PATTERN = r"[A-Za-z0-9._-]{1,128}"
@@ -997,6 +1004,11 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
     img2img = 0
     bad_rows = 0
     base = 0
+    for name in manifest.passthrough_columns:
+        if name in RESERVED_COLUMNS:
+            coll.add(RowIssue(0, None, name, "a passthrough column",
+                              f"passthrough column names must differ from the index's own columns ({', '.join(RESERVED_COLUMNS)})",
+                              f"rename the column, e.g. to 'label_{name}'"))
     for path, nrows in zip(manifest.files, manifest.file_rows or [None] * len(manifest.files)):
         pf = _parquet_file(path, streaming=True)
         if pf.metadata.num_rows == 0:

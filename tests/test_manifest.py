@@ -719,3 +719,23 @@ def test_corrupt_data_pages_are_a_manifest_error(tmp_path):
         validate_manifest(m, JobSpec())
     with pytest.raises(ManifestError, match="corrupt Parquet"):
         read_rows(m, JobSpec(), 0, m.num_rows)
+
+
+def test_passthrough_column_cannot_shadow_index_columns(m_path):
+    r = check(m_path(prompt=["a"], status=["keep"], label=["x"]))
+    issue = find(r, 0, "status", "must differ from the index's own columns")
+    assert "label_status" in issue.fix and r.issue_count == 1
+
+
+def test_reserved_columns_match_the_worker_record():
+    worker = (REPO / "sdbatch" / "worker.py").read_text()
+    if "RESULT_COLUMNS" not in worker:
+        pytest.skip("worker.py has no RESULT_COLUMNS")
+    import ast
+
+    tree = ast.parse(worker)
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "RESULT_COLUMNS" for t in node.targets):
+            names = set(ast.literal_eval(node.value))
+            assert names <= set(M.RESERVED_COLUMNS)
+            return
