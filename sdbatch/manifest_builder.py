@@ -223,12 +223,19 @@ def _read_table_file(path: Path, mapping: Iterable[str]) -> pa.Table:
     suffix = path.suffix.lower()
     if not path.is_file():
         raise ManifestBuildError(f"{path}: no such file")
+    sources = {}
+    for item in mapping:
+        target, _, source = item.partition("=")
+        sources[target.strip()] = source.strip()
     try:
         if suffix == ".csv" or suffix == ".tsv":
             import pyarrow.csv as pacsv
 
             parse = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",", newlines_in_values=True)
-            table = pacsv.read_csv(path, parse_options=parse)
+            # text columns stay text even when they look like numbers ("007", a prompt "1984")
+            text_cols = {sources.get(c, c): pa.string() for c in ("id", "prompt", "negative_prompt", "scheduler", "init_image")}
+            convert = pacsv.ConvertOptions(column_types=text_cols, strings_can_be_null=True)  # empty cell = null = job default
+            table = pacsv.read_csv(path, parse_options=parse, convert_options=convert)
         elif suffix in (".jsonl", ".ndjson", ".json"):
             import pyarrow.json as pajson
 

@@ -140,6 +140,14 @@ def test_csv_with_mapping_and_passthrough(tmp_path):
     ]
 
 
+def test_csv_text_columns_stay_text(tmp_path):
+    src = tmp_path / "in.csv"
+    src.write_text("name,text,steps\n007,1984,30\n010,a cat,20\n")
+    out = tmp_path / "m.parquet"
+    build_manifest(out, table_file=src, mapping=["prompt=text", "id=name"])
+    assert rows(out) == [{"id": "007", "prompt": "1984", "steps": 30}, {"id": "010", "prompt": "a cat", "steps": 20}]
+
+
 def test_jsonl_source(tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(json.dumps(d) for d in [{"prompt": "a", "steps": 10}, {"prompt": "b", "steps": 30}]) + "\n")
