@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import sdbatch
 from sdbatch.manifest import Manifest, read_rows
@@ -263,7 +264,10 @@ class Driver:
             self.storage, total_rows=total_rows, rows_already_done=done_before,
             shards_total=num_shards(total_rows, rps), shards_committed=skipped, interactive=self.interactive,
         )
-        self.tracker = ProgressTracker.remote()
+        # pinned to the driver's node: losing a worker node must not take the tracker with it
+        self.tracker = ProgressTracker.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        ).remote()
         self.queue = queue
         self.failed_shards: list[str] = []
         self.start_failures = 0

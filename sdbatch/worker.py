@@ -106,8 +106,16 @@ def image_record(
     }
 
 
-def index_row(record: dict[str, Any] | None, row: Row, **fields: Any) -> dict[str, Any]:
-    """One row of the shard index: the row's parameters, passthrough columns and the result."""
+RESULT_COLUMNS = (
+    "shard", "batch_id", "batch_rows", "model_fingerprint", "device", "dtype", "versions",
+    "status", "error", "key", "sha256", "bytes", "attempt", "worker", "generate_seconds",
+)
+
+
+def index_row(record: dict[str, Any] | None, row: Row, shard_name: str, **fields: Any) -> dict[str, Any]:
+    """One row of the shard index: the row's parameters, the result and passthrough columns.
+    Every row has every column (None where it does not apply), so ok and failed rows share
+    one schema whichever comes first."""
     base: dict[str, Any] = {
         "id": row.id,
         "row": row.index,
@@ -121,10 +129,11 @@ def index_row(record: dict[str, Any] | None, row: Row, **fields: Any) -> dict[st
         "scheduler": row.scheduler,
         "init_image": row.init_image,
         "strength": row.strength,
+        **dict.fromkeys(RESULT_COLUMNS),
+        "shard": shard_name,
     }
     if record is not None:
         base.update(
-            shard=record["shard"],
             batch_id=record["batch_id"],
             batch_rows=record["batch_rows"],
             model_fingerprint=record["model_fingerprint"],
@@ -223,7 +232,7 @@ class ShardRunner:
             for row in batch:
                 error = _init_image_error(init_images.get(row.id))
                 if error:
-                    index_rows.append(index_row(None, row, status=STATUS_FAILED, error=error, attempt=attempt, worker=self.worker_name))
+                    index_rows.append(index_row(None, row, shard.name, status=STATUS_FAILED, error=error, attempt=attempt, worker=self.worker_name))
                     result.rows_failed += 1
                 else:
                     good.append(row)
@@ -257,7 +266,7 @@ class ShardRunner:
             result.images_adopted += not created
             index_rows.append(
                 index_row(
-                    record, row, status=STATUS_OK, error=None, key=key, sha256=sha, bytes=size,
+                    record, row, shard.name, status=STATUS_OK, error=None, key=key, sha256=sha, bytes=size,
                     attempt=attempt, worker=self.worker_name, generate_seconds=record["generate_seconds"],
                 )
             )

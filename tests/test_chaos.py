@@ -1,0 +1,231 @@
+"""Chaos suite: whatever dies, the final index holds every manifest row exactly once, every
+stored image matches its recorded sha256, and no committed shard is regenerated.
+
+Each case prints its figures: faults injected, rows lost, rows duplicated, committed shards
+regenerated (all but the first must be 0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import write_manifest
+
+FAST = ["--model", "builtin:tiny", "--steps", "3", "--rows-per-shard", "4", "--batch-size", "2"]
+
+
+def chaos_manifest(tmp_path: Path, n: int = 24, **extra) -> Path:
+    rows = [{"id": f"c{i:03d}", "prompt": f"a blue triangle number {i}", "seed": i, **extra} for i in range(n)]
+    return write_manifest(tmp_path / "manifest.parquet", rows)
+
+
+def figures(case: str, out: Path, manifest: Path, faults: int, metadata_before: dict | None = None) -> dict:
+    """Check the output against the manifest and print the case's figures."""
+    expected = [r["id"] for r in pq.read_table(manifest).to_pylist()]
+    index = pq.read_table(out / "index.parquet").to_pylist()
+    ids = [r["id"] for r in index]
+    for r in index:
+        if r["status"] == "ok":
+            assert hashlib.sha256((out / r["key"]).read_bytes()).hexdigest() == r["sha256"], r["id"]
+    regenerated = sum(
+        1 for name, data in (metadata_before or {}).items() if (out / "metadata" / name).read_bytes() != data
+    )
+    result = {
+        "faults": faults,
+        "lost": len(set(expected) - set(ids)),
+        "duplicated": len(ids) - len(set(ids)),
+        "regenerated_committed": regenerated,
+    }
+    print(f"CHAOS {case}: " + " ".join(f"{k}={v}" for k, v in result.items()))
+    assert set(ids) <= set(expected)
+    assert result["lost"] == result["duplicated"] == result["regenerated_committed"] == 0
+    return result
+
+
+def snapshot_metadata(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in (out / "metadata").glob("*.parquet")}
+
+
+def markers(folder: Path, kind: str) -> int:
+    return sum(1 for p in folder.iterdir() if p.name.startswith(kind + "-"))
+
+
+def chaos_env(tmp_path: Path, **config) -> dict[str, str]:
+    marker_dir = tmp_path / "faults"
+    marker_dir.mkdir(exist_ok=True)
+    return {"SDBATCH_TEST_CHAOS": json.dumps({"marker_dir": str(marker_dir), **config})}
+
+
+def test_workers_killed_on_a_tenth_of_batches(run_cli, tmp_path):
+    manifest = chaos_manifest(tmp_path, 40)
+    out = tmp_path / "out"
+    env = chaos_env(tmp_path, kill_fraction=0.12, seed=7)
+    result = run_cli("submit", manifest, "--out", out, *FAST, "--workers", "2",
+                     "--set", "retries.shard_attempts=8", env=env)
+    assert result.returncode == 0, result.stderr
+    kills = markers(tmp_path / "faults", "kill")
+    assert kills >= 1, "the chaos hook must have killed some workers"
+    assert "worker died" in result.stderr
+    figures("workers-killed", out, manifest, kills)
+
+
+def test_hung_worker_is_replaced(run_cli, tmp_path):
+    manifest = chaos_manifest(tmp_path, 12)
+    out = tmp_path / "out"
+    env = chaos_env(tmp_path, hang_shards=["00001"])
+    result = run_cli("submit", manifest, "--out", out, *FAST, "--workers", "2",
+                     "--set", "retries.hang_timeout_s=6", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "shard 00001 made no progress" in result.stderr
+    assert markers(tmp_path / "faults", "hang") == 1
+    index = pq.read_table(out / "index.parquet").to_pylist()
+    assert {r["attempt"] for r in index if r["shard"] == "00001"} == {2}
+    figures("hung-worker", out, manifest, 1)
+
+
+def test_shard_that_always_fails_is_reported_and_others_finish(run_cli, tmp_path):
+    manifest = chaos_manifest(tmp_path, 12)
+    out = tmp_path / "out"
+    env = chaos_env(tmp_path, fail_shards=["00002"])
+    result = run_cli("submit", manifest, "--out", out, *FAST, "--workers", "2",
+                     "--set", "retries.shard_attempts=2", env=env)
+    assert result.returncode == 5, result.stderr
+    assert "shards 00002 failed on every attempt" in result.stderr
+    assert "injected failure of shard 00002" in result.stderr
+    assert sorted(p.name for p in (out / "metadata").iterdir()) == ["00000.parquet", "00001.parquet"]
+    assert markers(tmp_path / "faults", "fail") == 2
+    assert not (out / "_SUCCESS").exists()
+    before = snapshot_metadata(out)
+    rerun = run_cli("submit", manifest, "--out", out, *FAST, "--workers", "2")
+    assert rerun.returncode == 0, rerun.stderr
+    figures("always-failing-shard", out, manifest, 2, before)
+
+
+def test_broken_init_images_fail_rows_then_retry_failed_regenerates_only_them(run_cli, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "good.png")
+    rows = [
+        {"id": f"i{i:02d}", "prompt": "a red circle", "seed": i,
+         "init_image": "good.png" if i % 3 else f"missing-{i}.png", "strength": 0.6}
+        for i in range(9)
+    ]
+    manifest = write_manifest(tmp_path / "manifest.parquet", rows)
+    out = tmp_path / "out"
+    first = run_cli("submit", manifest, "--out", out, *FAST)
+    assert first.returncode == 3, first.stderr
+    assert "3 rows failed permanently" in first.stderr
+    index = {r["id"]: r for r in pq.read_table(out / "index.parquet").to_pylist()}
+    failed = sorted(i for i, r in index.items() if r["status"] == "failed")
+    assert failed == ["i00", "i03", "i06"]
+    assert "missing-0.png" in index["i00"]["error"]
+    ok_before = {i: r["sha256"] for i, r in index.items() if r["status"] == "ok"}
+
+    for i in (0, 3, 6):  # the user fixes the inputs
+        Image.new("RGB", (64, 64), (30, 30, 200)).save(tmp_path / f"missing-{i}.png")
+    retry = run_cli("submit", manifest, "--out", out, *FAST, "--retry-failed")
+    assert retry.returncode == 0, retry.stderr
+    after = {r["id"]: r for r in pq.read_table(out / "index.parquet").to_pylist()}
+    assert all(r["status"] == "ok" for r in after.values()) and len(after) == 9
+    assert {i: after[i]["sha256"] for i in ok_before} == ok_before  # untouched
+    assert json.loads((out / "_SUCCESS").read_text())["rows_failed"] == 0
+    figures("retry-failed", out, manifest, 3)
+
+
+def test_deadline_stops_and_a_rerun_completes(run_cli, tmp_path):
+    manifest = chaos_manifest(tmp_path, 40)
+    out = tmp_path / "out"
+    stopped = run_cli("submit", manifest, "--out", out, *FAST, "--workers", "1", "--deadline", "1s")
+    assert stopped.returncode == 4, stopped.stderr
+    assert "deadline" in stopped.stderr
+    committed = snapshot_metadata(out)
+    assert len(committed) < 10 and not (out / "_SUCCESS").exists()
+    rerun = run_cli("submit", manifest, "--out", out, *FAST, "--workers", "2")
+    assert rerun.returncode == 0, rerun.stderr
+    figures("deadline", out, manifest, 0, committed)
+
+
+def _driver(ray_address: str, manifest: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    args = [sys.executable, "-m", "sdbatch", "submit", str(manifest), "--out", str(out), *FAST, *extra]
+    return subprocess.Popen(args, env={**os.environ, "RAY_ADDRESS": ray_address, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
+    end = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < end, "timed out"
+        time.sleep(0.1)
+
+
+def test_driver_killed_before_first_commit_then_rerun(ray_address, run_cli, tmp_path):
+    manifest = chaos_manifest(tmp_path, 16)
+    out = tmp_path / "out"
+    driver = _driver(ray_address, manifest, out, "--workers", "1")
+    _wait_for(lambda: (out / "_sdbatch" / "lock.json").exists(), driver)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert not list((out / "metadata").glob("*")) if (out / "metadata").exists() else True
+    rerun = run_cli("submit", manifest, "--out", out, *FAST, "--workers", "1")
+    assert rerun.returncode == 0, rerun.stderr
+    figures("driver-killed-before-commit", out, manifest, 1)
+
+
+def test_driver_killed_during_final_merge_then_rerun(run_cli, tmp_path):
+    manifest = chaos_manifest(tmp_path, 8)
+    out = tmp_path / "out"
+    died = run_cli("submit", manifest, "--out", out, *FAST, env=chaos_env(tmp_path, driver_exit_at="merge"))
+    assert died.returncode == 137
+    assert (out / "index.parquet").read_bytes() == b"PAR1-truncated-by-test"
+    before = snapshot_metadata(out)
+    assert len(before) == 2 and not (out / "_SUCCESS").exists()
+    rerun = run_cli("submit", manifest, "--out", out, *FAST)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "nothing to generate" in rerun.stdout
+    figures("driver-killed-in-merge", out, manifest, 1, before)
+
+
+def test_second_driver_on_the_same_out_is_refused(ray_address, run_cli, tmp_path):
+    manifest = chaos_manifest(tmp_path, 24)
+    out = tmp_path / "out"
+    first = _driver(ray_address, manifest, out, "--workers", "1")
+    _wait_for(lambda: (out / "_sdbatch" / "lock.json").exists(), first)
+    second = run_cli("submit", manifest, "--out", out, *FAST, "--workers", "1")
+    assert second.returncode == 2
+    assert "is being written by another sdbatch driver" in second.stderr
+    assert first.wait(timeout=600) == 0, first.communicate()
+    assert not (out / "_sdbatch" / "lock.json").exists()
+    figures("two-drivers", out, manifest, 1)
+
+
+@pytest.mark.slow
+def test_node_removed_mid_job(tmp_path, s3_server):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        manifest = chaos_manifest(tmp_path, 40)
+        out = tmp_path / "out"
+        driver = _driver(cluster.address, manifest, out, "--workers", "2", "--set", "retries.shard_attempts=5")
+        _wait_for(lambda: len(list((out / "metadata").glob("*.parquet"))) >= 2, driver)
+        before = snapshot_metadata(out)
+        cluster.remove_node(nodes[0])
+        cluster.add_node(num_cpus=1)
+        stdout, stderr = driver.communicate(timeout=600)
+        assert driver.returncode == 0, stderr
+        assert "worker died" in stderr  # the removed node took a worker with it
+        figures("node-removed", out, manifest, 1, before)
+    finally:
+        cluster.shutdown()
