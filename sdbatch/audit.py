@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from sdbatch import encode
-from sdbatch.manifest import KNOWN_COLUMNS, Row
+from sdbatch.manifest import KNOWN_COLUMNS, RESERVED_COLUMNS, Row
 from sdbatch.output import (
     INDEX_KEY,
     JOB_KEY,
@@ -59,13 +59,6 @@ __all__ = [
     "verify",
 ]
 
-#: Index columns that are results or bookkeeping, not row parameters or passthrough columns.
-INDEX_RESULT_COLUMNS = frozenset(
-    {
-        "shard", "batch_id", "batch_rows", "model_fingerprint", "device", "dtype", "versions",
-        "status", "error", "key", "sha256", "bytes", "attempt", "worker", "generate_seconds", "row",
-    }
-)
 IMAGE_PREFIXES = ("images/", "shards/")
 
 
@@ -209,7 +202,7 @@ def _row_from_params(d: dict[str, Any], extra: dict[str, Any] | None = None) -> 
 
 
 def _extra_from_index(entry: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in entry.items() if k not in KNOWN_COLUMNS and k not in INDEX_RESULT_COLUMNS}
+    return {k: v for k, v in entry.items() if k not in KNOWN_COLUMNS and k not in RESERVED_COLUMNS}
 
 
 _PARAM_KEYS = ("seed", "steps", "width", "height", "scheduler", "batch_id", "prompt")
@@ -283,8 +276,8 @@ class Reproducer:
             "device": entry.get("device") or gen.info.device,
             "dtype": entry.get("dtype") or gen.info.dtype,
             "versions": json.loads(entry["versions"]) if entry.get("versions") else gen.info.versions,
+            "torch_threads": entry.get("torch_threads"),
             "sdbatch_version": self.out.job.get("sdbatch_version"),
-            "job_fingerprint": self.out.job.get("fingerprint"),
         }
 
     # -- the model -----------------------------------------------------------------------------
@@ -399,7 +392,8 @@ class Reproducer:
         import torch
 
         previous_threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, int(self.out.spec.resources.cpus_per_worker)))  # as the worker ran
+        threads = record.get("torch_threads") or int(self.out.spec.resources.cpus_per_worker)
+        torch.set_num_threads(max(1, threads))  # as the worker ran: the last bit depends on it
         try:
             batch = self._generate_batch(record, gen)
         finally:

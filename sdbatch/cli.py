@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 
 import sdbatch
+from sdbatch import manifest_cli
 
 app = typer.Typer(
     name="sdbatch",
@@ -54,6 +55,13 @@ def setup_logging(verbose: bool) -> None:
     )
     for noisy in ("botocore", "boto3", "urllib3", "filelock", "ray"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def use_endpoint(endpoint_url: str | None) -> None:
+    """``--s3-endpoint`` means the same as ``AWS_ENDPOINT_URL``: set it for every client in
+    this process (boto3 and pyarrow's S3 filesystem alike)."""
+    if endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint_url
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -107,6 +115,7 @@ def submit(
 ) -> None:
     """Validate MANIFEST, then generate every row's image into OUT (resuming what OUT holds)."""
     setup_logging(verbose)
+    use_endpoint(s3_endpoint)
     from sdbatch.manifest import ManifestError, open_manifest, validate_manifest
     from sdbatch.spec import SpecError, fingerprint, load_spec
     from sdbatch.storage import StorageError, open_storage
@@ -324,74 +333,9 @@ def verify(
         raise typer.Exit(1)
 
 
-@app.command()
-def reproduce(
-    out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
-    row_id: str = typer.Argument(..., metavar="ID", help="The row id (the `id` column of the index)."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the regenerated image here."),
-    model: Optional[str] = typer.Option(None, "--model", help="Load the model from here instead of its recorded location (its fingerprint is still checked)."),
-    s3_endpoint: Optional[str] = EndpointOpt,
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
-) -> None:
-    """Regenerate one image from OUT's metadata alone and compare its bytes with the stored one.
-
-    Exit codes: 0 the bytes match; 1 they differ (the largest pixel difference is printed);
-    2 bad input (no job at OUT, unknown ID, a row that cannot be rebuilt)."""
-    setup_logging(verbose)
-    from sdbatch.audit import AuditError, Reproducer, open_job
-    from sdbatch.storage import StorageError
-
-    try:
-        job_output = open_job(out_location, endpoint_url=s3_endpoint)
-        reproducer = Reproducer(job_output, endpoint_url=s3_endpoint, model=model)
-        if row_id not in reproducer.by_id:
-            raise AuditError(f"no row with id {row_id!r} in the index of {out_location} ({job_output.index_source})")
-        err.print(f"regenerating {row_id} …", highlight=False)
-        result = reproducer.reproduce(row_id)
-    except (AuditError, StorageError) as exc:
-        raise fail(str(exc)) from None
-    except ValueError as exc:  # ModelError and friends: the recorded model cannot be loaded
-        raise fail(f"cannot reproduce {row_id}: {exc}") from None
-    for note in result.notes:
-        err.print(f"[yellow]note:[/] {note}", soft_wrap=True)
-    if output is not None:
-        output.write_bytes(result.data)
-    batch = f"batch {result.batch_id}: {len(result.batch_rows)} rows" + ("" if result.batch_rebuilt else " (NOT the recorded batch)")
-    stdout.print(f"{result.key}  ({batch}; record from the {'stored image' if result.record_source == 'image' else 'index'})", soft_wrap=True)
-    stdout.print(result.summary(), soft_wrap=True)
-    if output is not None:
-        stdout.print(f"wrote {output}")
-    if not result.match:
-        raise typer.Exit(1)
-
-
-@app.command()
-def verify(
-    out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
-    regenerate: int = typer.Option(0, "--regenerate", min=0, help="Also regenerate K random ok rows and report drift."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for choosing the rows to regenerate (default: random, printed)."),
-    model: Optional[str] = typer.Option(None, "--model", help="With --regenerate: load the model from here instead of its recorded location."),
-    s3_endpoint: Optional[str] = EndpointOpt,
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
-) -> None:
-    """Check that every index row's object exists with its recorded size and sha256; list orphans.
-
-    Orphans (objects under images/ or shards/ that no committed index row names) are reported
-    but are not an error: readers trust the index, never a listing. Exit codes: 0 clean;
-    1 objects missing or mismatched, or regenerated rows drifted; 2 no job at OUT."""
-    setup_logging(verbose)
-    from sdbatch.audit import AuditError
-    from sdbatch.audit import verify as run_verify
-    from sdbatch.storage import StorageError
-
-    try:
-        report = run_verify(out_location, regenerate=regenerate, seed=seed, endpoint_url=s3_endpoint, model=model,
-                            progress=lambda msg: err.print(msg, highlight=False) if verbose else None)
-    except (AuditError, StorageError) as exc:
-        raise fail(str(exc)) from None
-    stdout.print(report.render(), soft_wrap=True, markup=False)
-    if not report.clean:
-        raise typer.Exit(1)
+app.command("validate")(manifest_cli.validate)
+app.command("manifest")(manifest_cli.manifest)
+app.command("spec")(manifest_cli.spec)
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from typing import Any
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import diffusers  # noqa: E402
 import torch
@@ -43,6 +44,8 @@ from sdbatch.manifest import Row
 from sdbatch.models import BUILTIN_PREFIX, fingerprint_model_dir, resolve_builtin
 
 log = logging.getLogger("sdbatch.generate")
+diffusers.utils.logging.disable_progress_bar()
+transformers.utils.logging.disable_progress_bar()
 
 # scheduler name -> (class, config overrides applied on top of the model's own scheduler config)
 SCHEDULER_FACTORIES: dict[str, tuple[type, dict[str, Any]]] = {
@@ -136,6 +139,7 @@ class ModelInfo:
     device: str
     dtype: str
     versions: dict[str, str]
+    threads: int  # torch intra-op threads: on CPU, the reduction order and so the last bit depend on it
 
     @property
     def short_hash(self) -> str:
@@ -187,6 +191,7 @@ class Generator:
             device=device,
             dtype=str(torch_dtype).removeprefix("torch."),
             versions=software_versions(),
+            threads=torch.get_num_threads(),
         )
         log.info("loaded model %s on %s (%s), fingerprint %s", model, device, info.dtype, info.short_hash)
         return cls(pipe, info)

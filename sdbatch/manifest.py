@@ -81,13 +81,14 @@ KNOWN_COLUMNS = (
     "init_image",
     "strength",
 )
-#: Names the output index uses for its own columns (worker.RESULT_COLUMNS, plus "row"): a
-#: passthrough column with one of these names would overwrite the record (say, ``status``),
-#: so validation refuses it. Keep in sync with ``sdbatch.worker.index_row``.
-RESERVED_COLUMNS = (
-    "row", "shard", "batch_id", "batch_rows", "model_fingerprint", "device", "dtype", "versions",
+#: The columns the output index adds to each row's parameters (``worker.index_row``).
+INDEX_RESULT_COLUMNS = (
+    "shard", "batch_id", "batch_rows", "model_fingerprint", "device", "dtype", "torch_threads", "versions",
     "status", "error", "key", "sha256", "bytes", "attempt", "worker", "generate_seconds",
 )
+#: A passthrough column with one of these names would overwrite the index's own (say,
+#: ``status``), so validation refuses it.
+RESERVED_COLUMNS = ("row", *INDEX_RESULT_COLUMNS)
 #: Columns pandas writes for a non-default index; they are neither checked nor passed through.
 _IGNORED_PREFIX = "__index_level_"
 ID_PATTERN = r"[A-Za-z0-9._-]{1,128}"

@@ -8,7 +8,6 @@ imports torch.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -143,16 +142,3 @@ def fingerprint_of(job) -> str:  # noqa: ANN001 - JobSpec, imported lazily
     from sdbatch.spec import fingerprint
 
     return fingerprint(job.fingerprint_fields())
-
-
-def _dev_app() -> typer.Typer:
-    """A stand-alone app with these three commands (tests and benchmarks; users run ``sdbatch``)."""
-    app = typer.Typer(add_completion=False, no_args_is_help=True)
-    app.command("validate")(validate)
-    app.command("manifest")(manifest)
-    app.command("spec")(spec)
-    return app
-
-
-if __name__ == "__main__":  # pragma: no cover
-    _dev_app()(prog_name="sdbatch", args=sys.argv[1:])

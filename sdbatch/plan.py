@@ -63,5 +63,6 @@ def canonical_batches(rows: list[Row], batch_size: int) -> list[list[Row]]:
     ]
 
 
-def batch_id(shard: ShardSpec, number: int) -> str:
-    return f"{shard.name}-{number:03d}"
+def batch_id(unit: str, number: int) -> str:
+    """``00012-003``: batch 3 of shard 00012 (a --retry-failed run's unit names its batches)."""
+    return f"{unit}-{number:03d}"

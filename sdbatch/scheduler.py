@@ -352,7 +352,7 @@ class Driver:
         if test_env:
             options["runtime_env"] = {"env_vars": test_env}
         handle = WorkerActor.options(**options).remote(
-            self.spec_json, self.storage.url, self.job["fingerprint"], self.endpoint_url, self.tracker
+            self.spec_json, self.storage.url, self.endpoint_url, self.tracker
         )
         return _Actor(handle, handle.ready.remote())
 

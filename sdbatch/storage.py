@@ -306,7 +306,7 @@ _ENV_HOOK: tuple[str, Callable[[Any], None]] | None = None  # (spec, fn) loaded 
 # TEST/DIAGNOSTICS ONLY: "module:function" or "/path/to/file.py:function". When set, the
 # function is registered with register_client_hook() the first time this process creates an
 # S3 client. This is how tests/faults.py reaches clients inside Ray worker processes.
-CLIENT_HOOK_ENV = "SDBATCH_S3_CLIENT_HOOK"
+CLIENT_HOOK_ENV = "SDBATCH_TEST_S3_CLIENT_HOOK"
 
 
 def register_client_hook(fn: Callable[[Any], None]) -> Callable[[], None]:

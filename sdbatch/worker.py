@@ -27,7 +27,7 @@ from PIL import Image
 
 import sdbatch
 from sdbatch import encode
-from sdbatch.manifest import Row
+from sdbatch.manifest import INDEX_RESULT_COLUMNS, Row
 from sdbatch.output import (
     STATUS_FAILED,
     STATUS_OK,
@@ -72,10 +72,10 @@ def image_record(
     batch: str,
     batch_rows: list[str],
     generator: Generator,
-    job_fingerprint: str,
 ) -> dict[str, Any]:
     """Everything needed to regenerate the image, embedded in it. Nothing that varies between
-    attempts (times, worker, attempt number) goes in, so the bytes are reproducible."""
+    attempts (times, worker, attempt number) or with other rows of the job goes in, so the
+    bytes are reproducible and a row's image depends on that row (and its batch) alone."""
     info = generator.info
     return {
         "id": row.id,
@@ -101,15 +101,9 @@ def image_record(
         "device": info.device,
         "dtype": info.dtype,
         "versions": info.versions,
+        "torch_threads": info.threads,
         "sdbatch_version": sdbatch.__version__,
-        "job_fingerprint": job_fingerprint,
     }
-
-
-RESULT_COLUMNS = (
-    "shard", "batch_id", "batch_rows", "model_fingerprint", "device", "dtype", "versions",
-    "status", "error", "key", "sha256", "bytes", "attempt", "worker", "generate_seconds",
-)
 
 
 def index_row(record: dict[str, Any] | None, row: Row, shard_name: str, **fields: Any) -> dict[str, Any]:
@@ -129,7 +123,7 @@ def index_row(record: dict[str, Any] | None, row: Row, shard_name: str, **fields
         "scheduler": row.scheduler,
         "init_image": row.init_image,
         "strength": row.strength,
-        **dict.fromkeys(RESULT_COLUMNS),
+        **dict.fromkeys(INDEX_RESULT_COLUMNS),
         "shard": shard_name,
     }
     if record is not None:
@@ -139,6 +133,7 @@ def index_row(record: dict[str, Any] | None, row: Row, shard_name: str, **fields
             model_fingerprint=record["model_fingerprint"],
             device=record["device"],
             dtype=record["dtype"],
+            torch_threads=record["torch_threads"],
             versions=json.dumps(record["versions"], sort_keys=True),
         )
     base.update(fields)
@@ -152,14 +147,12 @@ class ShardRunner:
         generator: Generator,
         storage: Storage,
         spec: JobSpec,
-        job_fingerprint: str,
         worker_name: str = "",
         endpoint_url: str | None = None,
     ):
         self.generator = generator
         self.storage = storage
         self.spec = spec
-        self.job_fingerprint = job_fingerprint
         self.worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
         self.endpoint_url = endpoint_url
         self.pool = ThreadPoolExecutor(spec.resources.upload_threads, thread_name_prefix="sdbatch-io")
@@ -238,13 +231,13 @@ class ShardRunner:
                     good.append(row)
                     images_in.append(init_images[row.id].result() if row.is_img2img else None)
             if good:
-                bid = batch_id(shard, number)
+                bid = batch_id(tar_name, number)
                 t0 = time.perf_counter()
                 images = self.generator.generate(good, images_in if good[0].is_img2img else None)
                 per_row = (time.perf_counter() - t0) / len(good)
                 batch_rows = [r.id for r in good]
                 for row, image in zip(good, images):
-                    record = image_record(row, shard, bid, batch_rows, self.generator, self.job_fingerprint)
+                    record = image_record(row, shard, bid, batch_rows, self.generator)
                     self._in_flight.acquire()
                     future = self.pool.submit(self._store_image, shard, row, image, record)
                     stored.append((row, {**record, "generate_seconds": per_row}, future))
@@ -296,7 +289,7 @@ class WorkerActor:
     """One model replica. The driver calls ``run_shard``; rows come with the call so workers
     need no access to the manifest, only to the output storage and init images."""
 
-    def __init__(self, spec_json: str, out_url: str, job_fingerprint: str, endpoint_url: str | None, tracker: Any):
+    def __init__(self, spec_json: str, out_url: str, endpoint_url: str | None, tracker: Any):
         import torch
 
         from sdbatch.generate import Generator
@@ -312,7 +305,7 @@ class WorkerActor:
             max_attempts=spec.retries.storage_attempts,
             max_pool_connections=spec.resources.upload_threads,
         )
-        self.runner = ShardRunner(generator, storage, spec, job_fingerprint, endpoint_url=endpoint_url)
+        self.runner = ShardRunner(generator, storage, spec, endpoint_url=endpoint_url)
         self.tracker = tracker
 
     def ready(self) -> dict[str, Any]:

@@ -12,7 +12,7 @@ In this process::
 In other processes (Ray workers): set the variables returned by ``fault_env(rules, counts_dir=...)``
 in their environment (``os.environ`` before ``ray.init`` or ``runtime_env={"env_vars": ...}``).
 storage.py imports this file by path the first time that process creates an S3 client
-(``SDBATCH_S3_CLIENT_HOOK``), builds one injector from ``SDBATCH_TEST_FAULTS`` and, when
+(``SDBATCH_TEST_S3_CLIENT_HOOK``), builds one injector from ``SDBATCH_TEST_FAULTS`` and, when
 ``counts_dir`` is given, writes its counts to ``<counts_dir>/<pid>.json`` after each fault;
 ``read_counts(counts_dir)`` sums them.
 
@@ -49,7 +49,7 @@ from typing import Any
 
 ENV_RULES = "SDBATCH_TEST_FAULTS"
 ENV_COUNTS = "SDBATCH_TEST_FAULTS_COUNTS_DIR"
-ENV_HOOK = "SDBATCH_S3_CLIENT_HOOK"  # = sdbatch.storage.CLIENT_HOOK_ENV
+ENV_HOOK = "SDBATCH_TEST_S3_CLIENT_HOOK"  # = sdbatch.storage.CLIENT_HOOK_ENV
 
 KINDS = ("503", "500", "409", "reset", "connect", "timeout", "lost")
 
@@ -242,7 +242,7 @@ _ENV_LOCK = threading.Lock()
 
 
 def install_from_env(client) -> None:
-    """Client hook named by SDBATCH_S3_CLIENT_HOOK: one injector per process from SDBATCH_TEST_FAULTS
+    """Client hook named by SDBATCH_TEST_S3_CLIENT_HOOK: one injector per process from SDBATCH_TEST_FAULTS
     (rebuilt if that variable changes; clients created earlier keep the old injector)."""
     global _ENV_INJECTOR, _ENV_RAW
     with _ENV_LOCK:

@@ -19,6 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from sdbatch.cli import app as cli_app
+
 from sdbatch import manifest as M
 from sdbatch.manifest import (
     Manifest,
@@ -563,43 +565,37 @@ def test_example_full_sets_every_key():
 # --- the CLI ------------------------------------------------------------------------------------------
 
 
-def _dev_app():
-    from sdbatch.manifest_cli import _dev_app
-
-    return _dev_app()
-
-
 def test_cli_validate_in_process(tmp_path):
     runner = CliRunner()
     good = write(tmp_path / "good.parquet", prompt=["a", "b"])
-    res = runner.invoke(_dev_app(), ["validate", good])
+    res = runner.invoke(cli_app, ["validate", good])
     assert res.exit_code == 0, res.output
     assert "OK" in res.stdout
     bad = write(tmp_path / "bad.parquet", prompt=["a", ""], steps=[0, 20])
-    res = runner.invoke(_dev_app(), ["validate", bad])
+    res = runner.invoke(cli_app, ["validate", bad])
     assert res.exit_code == 2
     assert "row 0 (id '00000000'), column 'steps': value 0 — rule: 1 <= steps <= 200" in res.stderr
     assert "row 1 (id '00000001'), column 'prompt'" in res.stderr
     assert "2 errors in total (first 2 shown)" in res.stderr
-    res = runner.invoke(_dev_app(), ["validate", bad, "--json"])
+    res = runner.invoke(cli_app, ["validate", bad, "--json"])
     assert res.exit_code == 2 and '"issue_count": 2' in res.stdout
-    res = runner.invoke(_dev_app(), ["validate", str(tmp_path / "missing.parquet")])
+    res = runner.invoke(cli_app, ["validate", str(tmp_path / "missing.parquet")])
     assert res.exit_code == 2 and "no such file" in res.stderr and "Traceback" not in res.output
     spec = tmp_path / "job.yaml"
     spec.write_text("limits:\n  max_stepz: 5\n")
-    res = runner.invoke(_dev_app(), ["validate", good, "--spec", str(spec)])
+    res = runner.invoke(cli_app, ["validate", good, "--spec", str(spec)])
     assert res.exit_code == 2 and "limits.max_stepz: unknown key" in res.stderr
-    res = runner.invoke(_dev_app(), ["validate", good, "--set", "defaults.width=100"])
+    res = runner.invoke(cli_app, ["validate", good, "--set", "defaults.width=100"])
     assert res.exit_code == 2 and "defaults.width" in res.stderr
 
 
 def test_cli_spec(tmp_path):
     runner = CliRunner()
-    res = runner.invoke(_dev_app(), ["spec", "--schema"])
+    res = runner.invoke(cli_app, ["spec", "--schema"])
     assert res.exit_code == 0 and '"title": "JobSpec"' in res.stdout
-    res = runner.invoke(_dev_app(), ["spec", "--spec", str(REPO / "jobs" / "example-full.yaml")])
+    res = runner.invoke(cli_app, ["spec", "--spec", str(REPO / "jobs" / "example-full.yaml")])
     assert res.exit_code == 0 and "max_prompt_chars" in res.stdout
-    res = runner.invoke(_dev_app(), ["spec", "--set", "resources.batch_size=0"])
+    res = runner.invoke(cli_app, ["spec", "--set", "resources.batch_size=0"])
     assert res.exit_code == 2 and "batch_size" in res.stderr
 
 
@@ -725,17 +721,3 @@ def test_passthrough_column_cannot_shadow_index_columns(m_path):
     r = check(m_path(prompt=["a"], status=["keep"], label=["x"]))
     issue = find(r, 0, "status", "must differ from the index's own columns")
     assert "label_status" in issue.fix and r.issue_count == 1
-
-
-def test_reserved_columns_match_the_worker_record():
-    worker = (REPO / "sdbatch" / "worker.py").read_text()
-    if "RESULT_COLUMNS" not in worker:
-        pytest.skip("worker.py has no RESULT_COLUMNS")
-    import ast
-
-    tree = ast.parse(worker)
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "RESULT_COLUMNS" for t in node.targets):
-            names = set(ast.literal_eval(node.value))
-            assert names <= set(M.RESERVED_COLUMNS)
-            return

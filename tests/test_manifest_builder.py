@@ -212,15 +212,15 @@ def test_row_groups_and_large_products(tmp_path):
 
 
 def test_cli_manifest(tmp_path):
-    from sdbatch.manifest_cli import _dev_app
+    from sdbatch.cli import app as cli_app
 
     runner = CliRunner()
     out = tmp_path / "m.parquet"
-    res = runner.invoke(_dev_app(), ["manifest", "-o", str(out), "-t", "a {red|blue} cat", "--seeds", "0-2", "-c", "steps=25"])
+    res = runner.invoke(cli_app, ["manifest", "-o", str(out), "-t", "a {red|blue} cat", "--seeds", "0-2", "-c", "steps=25"])
     assert res.exit_code == 0, res.output
     assert "wrote 6 rows" in res.stdout and "OK" in res.stdout
-    res = runner.invoke(_dev_app(), ["manifest", "-o", str(out), "-t", "a {red|blue cat"])
+    res = runner.invoke(cli_app, ["manifest", "-o", str(out), "-t", "a {red|blue cat"])
     assert res.exit_code == 2 and "never closed" in res.stderr and "Traceback" not in res.output
     # builds, but does not validate: exit 2 with the report
-    res = runner.invoke(_dev_app(), ["manifest", "-o", str(tmp_path / "bad.parquet"), "-t", "x", "-c", "steps=0"])
+    res = runner.invoke(cli_app, ["manifest", "-o", str(tmp_path / "bad.parquet"), "-t", "x", "-c", "steps=0"])
     assert res.exit_code == 2 and "column 'steps': value 0" in res.stderr
