@@ -677,7 +677,12 @@ class S3Storage:
         try:
             client.head_bucket(Bucket=self.bucket)
             step = "put_object(If-None-Match) probe"
-            client.put_object(Bucket=self.bucket, Key=probe, Body=b"probe", IfNoneMatch="*")
+            try:
+                client.put_object(Bucket=self.bucket, Key=probe, Body=b"probe", IfNoneMatch="*")
+            except Exception as e:
+                # a retry after a lost response finds our own probe: that is a 412 too
+                if not _is_botocore_error(e) or _error_code(e)[1] != 412:
+                    raise
             honoured = False
             try:
                 client.put_object(Bucket=self.bucket, Key=probe, Body=b"probe2", IfNoneMatch="*")
