@@ -321,6 +321,59 @@ sizes small/large; positions left/right/top/bottom/center; plain or gradient bac
 """
 
 
+def finetune_decoder(args) -> None:
+    """Stage 4 (as SD's ft-MSE decoder): train only the VAE decoder of a finished model.
+
+    The encoder is frozen, so the latents — and the UNet trained on them — stay valid.
+    """
+    from diffusers import AutoencoderKL
+
+    t0 = time.time()
+    out = Path(args.out)
+    vae = AutoencoderKL.from_pretrained(out / "vae")
+    before = vae_holdout_mse(vae.eval(), args.seed + 99)
+    log(f"decoder fine-tune: held-out MSE before {before:.5f}", t0)
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    dec = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in dec:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(dec, lr=args.vae_lr, weight_decay=0.0)
+    vae.decoder.train()
+    bs = args.vae_batch
+    for step in range(args.decoder_steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.decoder_steps, args.vae_lr, args.warmup)
+        x, _, _ = shapes_data.batch(args.seed + 4, step * bs, bs)
+        x = torch.from_numpy(x)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample()
+        rec = vae.decode(z).sample
+        mse = torch.nn.functional.mse_loss(rec, x)
+        loss = mse + 0.1 * (rec - x).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dec, 1.0)
+        opt.step()
+        if step % 25 == 0 or step == args.decoder_steps - 1:
+            log(f"decoder step {step} mse {mse.item():.5f}", t0)
+    vae.eval()
+    after = vae_holdout_mse(vae, args.seed + 99)
+    log(f"decoder fine-tune: held-out MSE after {after:.5f}", t0)
+    tmp = out / "vae.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(out / "vae")
+    tmp.rename(out / "vae")
+    summary = out / "training_summary.json"
+    if summary.is_file():
+        d = json.loads(summary.read_text())
+        d["decoder_finetune"] = dict(steps=args.decoder_steps, holdout_mse_before=before,
+                                     holdout_mse_after=after, wall_s=time.time() - t0)
+        summary.write_text(json.dumps(d, indent=1))
+    log("done", t0)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="sdbatch/models/shapes")
@@ -342,7 +395,9 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--save-every-s", type=float, default=600)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--time-only", action="store_true", help="time a few steps and exit")
+    ap.add_argument("--finetune-decoder", action="store_true",
+                    help="only fine-tune the VAE decoder of the model already in --out")
+    ap.add_argument("--decoder-steps", type=int, default=300)
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -351,6 +406,9 @@ def main(argv=None) -> None:
     out = Path(args.out)
     if args.random_only:
         random_model(out, args.seed)
+        return
+    if args.finetune_decoder:
+        finetune_decoder(args)
         return
     t0 = time.time()
     tok = build_tokenizer()
