@@ -15,7 +15,7 @@ import os
 import posixpath
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +59,22 @@ class Row:
             self.strength,
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def parameters(self) -> dict[str, Any]:
+        """The row's identity and generation parameters, as the index and image records hold them."""
+        return {
+            "id": self.id,
+            "row": self.index,
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "seed": self.seed,
+            "steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "width": self.width,
+            "height": self.height,
+            "scheduler": self.scheduler,
+            "init_image": self.init_image,
+            "strength": self.strength,
+        }
 
 
 # =============================================================================================

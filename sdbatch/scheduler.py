@@ -471,23 +471,11 @@ def _short(exc: BaseException) -> str:
     return text[-1][:300] if text else type(exc).__name__
 
 
-def run_job(
-    spec: JobSpec,
-    manifest: Manifest,
-    storage: Storage,
-    job: dict[str, Any],
-    *,
-    address: str | None = None,
-    endpoint_url: str | None = None,
-    deadline: float | None = None,
-    interactive: bool | None = None,
-    retry_failed: bool = False,
-) -> JobOutcome:
+def run_job(spec: JobSpec, manifest: Manifest, storage: Storage, job: dict[str, Any], **options: Any) -> JobOutcome:
     """Claim OUT, lock it, run every pending shard, and finish the index."""
     claim_job(storage, job)
     lock = JobLock.acquire(storage)
     try:
-        return Driver(spec, manifest, storage, job, address=address, endpoint_url=endpoint_url, deadline=deadline,
-                      interactive=interactive, retry_failed=retry_failed).run()
+        return Driver(spec, manifest, storage, job, **options).run()
     finally:
         lock.release()

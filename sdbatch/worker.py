@@ -78,22 +78,11 @@ def image_record(
     bytes are reproducible and a row's image depends on that row (and its batch) alone."""
     info = generator.info
     return {
-        "id": row.id,
-        "row": row.index,
+        **row.parameters(),
         "shard": shard.name,
         "batch_id": batch,
         "batch_rows": batch_rows,
-        "prompt": row.prompt,
-        "negative_prompt": row.negative_prompt,
-        "seed": row.seed,
-        "steps": row.steps,
-        "guidance_scale": row.guidance_scale,
-        "width": row.width,
-        "height": row.height,
-        "scheduler": row.scheduler,
         "scheduler_config": generator.scheduler_config(row.scheduler),
-        "init_image": row.init_image,
-        "strength": row.strength,
         "extra": row.extra,
         "model_name": info.name,
         "model_fingerprint": info.fingerprint,
@@ -111,18 +100,7 @@ def index_row(record: dict[str, Any] | None, row: Row, shard_name: str, **fields
     Every row has every column (None where it does not apply), so ok and failed rows share
     one schema whichever comes first."""
     base: dict[str, Any] = {
-        "id": row.id,
-        "row": row.index,
-        "prompt": row.prompt,
-        "negative_prompt": row.negative_prompt,
-        "seed": row.seed,
-        "steps": row.steps,
-        "guidance_scale": row.guidance_scale,
-        "width": row.width,
-        "height": row.height,
-        "scheduler": row.scheduler,
-        "init_image": row.init_image,
-        "strength": row.strength,
+        **row.parameters(),
         **dict.fromkeys(INDEX_RESULT_COLUMNS),
         "shard": shard_name,
     }

@@ -111,10 +111,9 @@ def write_manifest(path: _Path, rows: list[dict]) -> _Path:
     return path
 
 
-@_pytest_s3.fixture
-def small_manifest(tmp_path):
+def small_rows() -> list[dict]:
     """24 text-to-image rows with explicit seeds and a passthrough label."""
-    rows = [
+    return [
         {
             "id": f"r{i:02d}",
             "prompt": f"a {'small' if i % 2 else 'large'} {['red', 'green', 'blue'][i % 3]} circle, white background",
@@ -124,4 +123,8 @@ def small_manifest(tmp_path):
         }
         for i in range(24)
     ]
-    return write_manifest(tmp_path / "manifest.parquet", rows)
+
+
+@_pytest_s3.fixture
+def small_manifest(tmp_path):
+    return write_manifest(tmp_path / "manifest.parquet", small_rows())

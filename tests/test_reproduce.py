@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import write_manifest
+from conftest import small_rows, write_manifest
 from sdbatch.encode import read_embedded
 
 FAST = ["--model", "builtin:tiny", "--steps", "3", "--rows-per-shard", "6", "--batch-size", "4"]
@@ -179,18 +179,8 @@ def cli(ray_address: str, *args, env: dict | None = None, timeout: float = 600) 
 
 @pytest.fixture(scope="module")
 def module_manifest(tmp_path_factory):
-    """The rows of conftest's ``small_manifest`` (24 rows, 4 shards of 6), module-scoped."""
-    rows = [
-        {
-            "id": f"r{i:02d}",
-            "prompt": f"a {'small' if i % 2 else 'large'} {['red', 'green', 'blue'][i % 3]} circle, white background",
-            "negative_prompt": "black" if i % 4 == 0 else "",
-            "seed": 100 + i,
-            "label": i % 3,
-        }
-        for i in range(24)
-    ]
-    return write_manifest(tmp_path_factory.mktemp("manifest") / "manifest.parquet", rows)
+    """conftest's ``small_rows`` (24 rows, 4 shards of 6), module-scoped."""
+    return write_manifest(tmp_path_factory.mktemp("manifest") / "manifest.parquet", small_rows())
 
 
 @pytest.fixture(scope="module")
