@@ -50,16 +50,15 @@ log = logging.getLogger("sdbatch.scheduler")
 PREFETCH_DEPTH = 2  # shards handed to one actor at a time: the running one and the next
 LOCK_LEASE_S = 60.0
 HEARTBEAT_S = 10.0
-MIN_HANG_TIMEOUT_S = 300.0
+MIN_HANG_TIMEOUT_S = 300.0  # first batches include warm-up; a GPU batch rarely takes minutes
+HANG_FACTOR = 10.0
 MAX_START_FAILURES = 5
 
 # exit codes, documented in the README and `sdbatch submit --help`
 EXIT_OK = 0
-EXIT_BAD_INPUT = 2
 EXIT_ROWS_FAILED = 3  # finished; some rows failed permanently (rerun with --retry-failed)
 EXIT_STOPPED = 4  # stopped at --deadline; rerun to resume
 EXIT_SHARDS_FAILED = 5  # some shards failed on every attempt; rerun to retry them
-EXIT_INTERRUPTED = 130
 
 
 class LockHeld(RuntimeError):
@@ -72,20 +71,24 @@ class ProgressTracker:
 
     def __init__(self) -> None:
         self.shards: dict[str, list[Any]] = {}  # shard -> [done, failed, last report time, worker]
+        self.slowest_batch = 0.0  # the longest gap between two reports of one shard, seconds
 
     def report(self, worker: str, shard_name: str, done: int, failed: int) -> None:
-        entry = self.shards.setdefault(shard_name, [0, 0, 0.0, worker])
+        now = time.time()
+        entry = self.shards.setdefault(shard_name, [0, 0, now, worker])
         if entry[3] != worker:  # a new attempt on another worker starts from zero
-            entry[:] = [0, 0, 0.0, worker]
+            entry[:] = [0, 0, now, worker]
+        if done or failed:
+            self.slowest_batch = max(self.slowest_batch, now - entry[2])
         entry[0] += done
         entry[1] += failed
-        entry[2] = time.time()
+        entry[2] = now
 
     def forget(self, shard_name: str) -> None:
         self.shards.pop(shard_name, None)
 
-    def snapshot(self) -> dict[str, list[Any]]:
-        return self.shards
+    def snapshot(self) -> tuple[dict[str, list[Any]], float]:
+        return self.shards, self.slowest_batch
 
 
 @dataclass
@@ -314,8 +317,8 @@ class Driver:
                         if result.rows_failed:
                             log.warning("shard %s: %d rows failed permanently", result.shard, result.rows_failed)
                 pool = [self._replace(a) if a in dead else a for a in pool]
-                live = ray.get(self.tracker.snapshot.remote())
-                pool = self._watchdog(pool, live)
+                live, slowest_batch = ray.get(self.tracker.snapshot.remote())
+                pool = self._watchdog(pool, live, slowest_batch)
                 progress.update(
                     rows_ok + sum(e[0] for e in live.values()), rows_failed + sum(e[1] for e in live.values()),
                     shards_committed=shards_committed, shards_failed=len(self.failed_shards), workers=len(pool),
@@ -417,9 +420,11 @@ class Driver:
         ray.kill(actor.handle)
         return self._new_actor()
 
-    def _watchdog(self, pool: list[_Actor], live: dict) -> list[_Actor]:
-        """A shard with no batch reported for ``hang_timeout_s`` is hung: its actor is replaced."""
-        timeout = self.spec.retries.hang_timeout_s or MIN_HANG_TIMEOUT_S
+    def _watchdog(self, pool: list[_Actor], live: dict, slowest_batch: float) -> list[_Actor]:
+        """A shard with no batch reported for the hang timeout is hung: its actor is replaced.
+        The timeout is ``retries.hang_timeout_s`` if set, else derived from the batch times
+        measured so far (HANG_FACTOR × the slowest), never under MIN_HANG_TIMEOUT_S."""
+        timeout = self.spec.retries.hang_timeout_s or max(MIN_HANG_TIMEOUT_S, HANG_FACTOR * slowest_batch)
         now = time.time()
         fresh = []
         for actor in pool:

@@ -92,7 +92,9 @@ class RetrySpec(_Section):
     shard_attempts: int = Field(3, ge=1, description="attempts per shard before it is reported failed")
     storage_attempts: int = Field(5, ge=1, description="botocore attempts per S3 request")
     hang_timeout_s: float | None = Field(
-        None, gt=0, description="a shard with no progress this long is hung; default derived"
+        None, gt=0,
+        description="a shard with no batch finished for this long is hung and its worker replaced; "
+        "default: 10 × the slowest batch measured so far, at least 300 s",
     )
 
 
