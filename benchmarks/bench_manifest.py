@@ -121,10 +121,7 @@ print(json.dumps({"import_s": t_import, "open_s": t_open, "plan_s": t_plan, "sha
 
 
 def validate_cmd(path: str) -> list[str]:
-    probe = subprocess.run([sys.executable, "-m", "sdbatch", "validate", "--help"], capture_output=True)
-    if probe.returncode == 0:
-        return [sys.executable, "-m", "sdbatch", "validate", path]
-    return [sys.executable, "-m", "sdbatch.manifest_cli", "validate", path]  # before cli.py registers it
+    return [sys.executable, "-m", "sdbatch", "validate", path]
 
 
 def main() -> None:
