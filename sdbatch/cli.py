@@ -20,7 +20,6 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 
-import sdbatch
 from sdbatch import manifest_cli
 
 app = typer.Typer(
@@ -117,7 +116,7 @@ def submit(
     setup_logging(verbose)
     use_endpoint(s3_endpoint)
     from sdbatch.manifest import ManifestError, open_manifest, validate_manifest
-    from sdbatch.spec import SpecError, fingerprint, load_spec
+    from sdbatch.spec import SpecError, load_spec
     from sdbatch.storage import StorageError, open_storage
 
     overrides: dict[str, Any] = {
@@ -160,14 +159,10 @@ def submit(
     except StorageError as exc:
         raise fail(str(exc)) from None
 
-    job = {
-        "fingerprint": fingerprint({"spec": spec.fingerprint_fields(), "manifest": source.fingerprint, "rows": source.num_rows}),
-        "spec": spec.model_dump(mode="json"),
-        "manifest": {"source": manifest, "fingerprint": source.fingerprint, "num_rows": source.num_rows, "files": list(source.files)},
-        "sdbatch_version": sdbatch.__version__,
-        "created_at": datetime.now().astimezone().isoformat(timespec="seconds"),
-    }
-    from sdbatch.output import OutputMismatch
+    from sdbatch.models import local_model_fingerprint
+    from sdbatch.output import OutputMismatch, job_record
+
+    job = job_record(spec, source, local_model_fingerprint(spec.model.name))
     from sdbatch.scheduler import LockHeld, WorkerStartError, run_job
 
     t0 = time.monotonic()

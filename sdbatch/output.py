@@ -17,11 +17,15 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import sdbatch
+from sdbatch.manifest import Manifest
+from sdbatch.spec import JobSpec, fingerprint
 from sdbatch.storage import NotFound, Storage
 
 JOB_KEY = "_sdbatch/job.json"
@@ -132,6 +136,24 @@ def read_json(storage: Storage, key: str) -> dict[str, Any] | None:
 
 def write_json(storage: Storage, key: str, data: dict[str, Any]) -> None:
     storage.put(key, json.dumps(data, indent=2, sort_keys=True).encode())
+
+
+def job_record(spec: JobSpec, manifest: Manifest, model_fingerprint: str | None) -> dict[str, Any]:
+    """``_sdbatch/job.json``. Its fingerprint covers everything that decides the images and
+    where rows land — spec settings, manifest content, model weights — so a resume with any
+    of them changed is refused rather than mixing two jobs in one OUT."""
+    return {
+        "fingerprint": fingerprint({
+            "spec": spec.fingerprint_fields(), "manifest": manifest.fingerprint,
+            "rows": manifest.num_rows, "model": model_fingerprint,
+        }),
+        "spec": spec.model_dump(mode="json"),
+        "manifest": {"source": manifest.source, "fingerprint": manifest.fingerprint,
+                     "num_rows": manifest.num_rows, "files": list(manifest.files)},
+        "model": {"name": spec.model.name, "fingerprint": model_fingerprint},
+        "sdbatch_version": sdbatch.__version__,
+        "created_at": datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
 
 
 def claim_job(storage: Storage, job: dict[str, Any]) -> bool:

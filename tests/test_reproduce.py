@@ -69,23 +69,19 @@ def run_in_process(generator, manifest: Path, out: Path, order: list[int], *, jo
     """Run the shards of ``manifest`` with ``worker.ShardRunner`` in the given order into a
     LocalStorage at ``out``; returns the job dict (fingerprint computed as `sdbatch submit` does)."""
     from sdbatch.manifest import open_manifest, read_rows
-    from sdbatch.output import claim_job, merge_index
+    from sdbatch.models import local_model_fingerprint
+    from sdbatch.output import claim_job, job_record, merge_index
     from sdbatch.plan import num_shards, shard
-    from sdbatch.spec import fingerprint, load_spec
+    from sdbatch.spec import load_spec
     from sdbatch.storage import LocalStorage
     from sdbatch.worker import ShardRunner
 
     spec = load_spec(None, [], {"model.name": "builtin:tiny", "defaults.steps": 3, "resources.rows_per_shard": 6,
                                 "resources.batch_size": 4, **(spec_overrides or {})})
     source = open_manifest(str(manifest))
-    job = {
-        "fingerprint": job_fingerprint
-        or fingerprint({"spec": spec.fingerprint_fields(), "manifest": source.fingerprint, "rows": source.num_rows}),
-        "spec": spec.model_dump(mode="json"),
-        "manifest": {"source": str(manifest), "fingerprint": source.fingerprint, "num_rows": source.num_rows,
-                     "files": list(source.files)},
-        "sdbatch_version": "test",
-    }
+    job = job_record(spec, source, local_model_fingerprint("builtin:tiny"))
+    if job_fingerprint:
+        job["fingerprint"] = job_fingerprint
     storage = LocalStorage(out)
     claim_job(storage, job)
     runner = ShardRunner(generator, storage, spec, worker_name="test")

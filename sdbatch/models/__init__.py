@@ -43,3 +43,12 @@ def fingerprint_model_dir(folder: Path) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def local_model_fingerprint(name: str) -> str | None:
+    """The fingerprint of a built-in or local model folder, computed without loading it;
+    None for an ``s3://`` model (its workers record the fingerprint of what they load)."""
+    if name.startswith("s3://"):
+        return None
+    folder = resolve_builtin(name) if name.startswith(BUILTIN_PREFIX) else Path(name).expanduser()
+    return fingerprint_model_dir(folder)
