@@ -156,6 +156,7 @@ class Generator:
         self.img2img = StableDiffusionImg2ImgPipeline(**txt2img.components)
         self.info = info
         self._scheduler_config = dict(txt2img.scheduler.config)
+        self._sampler_configs: dict[str, dict[str, Any]] = {}
         for pipe in (self.txt2img, self.img2img):
             pipe.set_progress_bar_config(disable=True)
 
@@ -206,8 +207,11 @@ class Generator:
         return scheduler_cls.from_config({**self._scheduler_config, **overrides})
 
     def scheduler_config(self, name: str) -> dict[str, Any]:
-        """The full config of the sampler as used, for the metadata record."""
-        return dict(self.make_scheduler(name).config)
+        """The full config of the sampler as used, for the metadata record (built once per
+        name: every image's record needs it, and building a scheduler costs milliseconds)."""
+        if name not in self._sampler_configs:
+            self._sampler_configs[name] = dict(self.make_scheduler(name).config)
+        return self._sampler_configs[name]
 
     @torch.inference_mode()
     def generate(self, rows: list[Row], init_images: list[Image.Image | None] | None = None) -> list[Image.Image]:
