@@ -374,6 +374,31 @@ def finetune_decoder(args) -> None:
     log("done", t0)
 
 
+def ship(folder: Path, decoder_from: Path | None = None) -> None:
+    """Make a trained folder ready to ship: optionally take the fine-tuned VAE decoder from
+    another folder, then store the UNet and VAE weights as fp16 safetensors (half the size).
+
+    diffusers loads them back as fp32 by default, exactly (fp16 -> fp32 is lossless); the
+    text encoder stays fp32 because transformers would otherwise load it as fp16.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    folder = Path(folder)
+    if decoder_from is not None:
+        shutil.rmtree(folder / "vae")
+        shutil.copytree(Path(decoder_from) / "vae", folder / "vae")
+    for sub, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
+        model = cls.from_pretrained(folder / sub, torch_dtype=torch.float32)
+        tmp = folder / (sub + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+        shutil.rmtree(folder / sub)
+        tmp.rename(folder / sub)
+    for p in folder.rglob("*.bin"):
+        p.unlink()
+    log(f"shipped {folder}: unet and vae stored as fp16")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="sdbatch/models/shapes")
@@ -398,6 +423,10 @@ def main(argv=None) -> None:
     ap.add_argument("--finetune-decoder", action="store_true",
                     help="only fine-tune the VAE decoder of the model already in --out")
     ap.add_argument("--decoder-steps", type=int, default=300)
+    ap.add_argument("--ship", action="store_true",
+                    help="convert the model in --out to its shipped form (fp16 unet/vae)")
+    ap.add_argument("--decoder-from", default=None,
+                    help="with --ship: take vae/ from this folder (a decoder fine-tune)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -409,6 +438,9 @@ def main(argv=None) -> None:
         return
     if args.finetune_decoder:
         finetune_decoder(args)
+        return
+    if args.ship:
+        ship(out, Path(args.decoder_from) if args.decoder_from else None)
         return
     t0 = time.time()
     tok = build_tokenizer()
