@@ -235,11 +235,12 @@ def encode_dataset(vae, args, t0):
     return mean, logvar, scenes, std
 
 
-def train_unet(args, t0, vae, tok, mean, logvar, scenes):
+def train_unet(args, t0, vae, tok, mean, logvar, scenes, unet=None, text_encoder=None):
     from diffusers import DDPMScheduler
 
-    text_encoder = make_text_encoder(args.text_preset, tok)
-    unet = make_unet(args.unet_preset, text_encoder.config.hidden_size, 16)
+    if unet is None:
+        text_encoder = make_text_encoder(args.text_preset, tok)
+        unet = make_unet(args.unet_preset, text_encoder.config.hidden_size, 16)
     log(f"UNet params {n_params(unet)/1e6:.3f}M, text encoder {n_params(text_encoder)/1e6:.3f}M", t0)
     sched = DDPMScheduler(**SCHEDULE)
     acp = sched.alphas_cumprod
@@ -248,12 +249,12 @@ def train_unet(args, t0, vae, tok, mean, logvar, scenes):
     unet.train()
     text_encoder.train()
     sf = vae.config.scaling_factor
-    rng = np.random.default_rng(args.seed + 3)
+    rng = np.random.default_rng(args.seed + (5 if args.resume_from else 3))
     bs = args.unet_batch
     n = mean.shape[0]
     last_save = time.time()
     ema = None
-    for step in range(args.unet_steps):
+    for step in range(args.unet_stop_at or args.unet_steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.unet_steps, args.unet_lr, args.warmup)
         idx = rng.integers(0, n, size=bs)
@@ -399,6 +400,24 @@ def ship(folder: Path, decoder_from: Path | None = None) -> None:
     log(f"shipped {folder}: unet and vae stored as fp16")
 
 
+def resume(args, t0, tok) -> None:
+    """Continue UNet + text encoder training of a saved model (VAE and latents unchanged)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    src = Path(args.resume_from)
+    vae = AutoencoderKL.from_pretrained(src / "vae", torch_dtype=torch.float32).eval()
+    unet = UNet2DConditionModel.from_pretrained(src / "unet", torch_dtype=torch.float32)
+    te = CLIPTextModel.from_pretrained(src / "text_encoder", dtype=torch.float32)
+    mean, logvar, scenes, _ = encode_dataset(vae, args, t0)
+    t1 = time.time()
+    unet, te, ema = train_unet(args, t0, vae, tok, mean, logvar, scenes, unet, te)
+    extra = (f"- resumed from {src}; +{args.unet_steps} UNet steps at peak lr {args.unet_lr}, "
+             f"{time.time() - t1:.0f} s; final loss (EMA) {ema:.4f}\n")
+    save_pipeline(Path(args.out), vae, te, tok, unet, card(args, args.unet_steps, t0, ema, extra))
+    log(f"done; saved to {args.out}", t0)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="sdbatch/models/shapes")
@@ -423,6 +442,11 @@ def main(argv=None) -> None:
     ap.add_argument("--finetune-decoder", action="store_true",
                     help="only fine-tune the VAE decoder of the model already in --out")
     ap.add_argument("--decoder-steps", type=int, default=300)
+    ap.add_argument("--unet-stop-at", type=int, default=0,
+                    help="stop UNet training after this many steps (the LR schedule still "
+                         "spans --unet-steps): reproduces an intermediate checkpoint exactly")
+    ap.add_argument("--resume-from", default=None,
+                    help="continue UNet/text-encoder training of the model in this folder")
     ap.add_argument("--ship", action="store_true",
                     help="convert the model in --out to its shipped form (fp16 unet/vae)")
     ap.add_argument("--decoder-from", default=None,
@@ -444,6 +468,9 @@ def main(argv=None) -> None:
         return
     t0 = time.time()
     tok = build_tokenizer()
+    if args.resume_from:
+        resume(args, t0, tok)
+        return
     vae = train_vae(args, t0)
     vae_mse = vae_holdout_mse(vae, args.seed + 99)
     log(f"VAE held-out MSE (on [-1,1]) {vae_mse:.5f}", t0)
