@@ -245,7 +245,11 @@ def train_unet(args, t0, vae, tok, mean, logvar, scenes, unet=None, text_encoder
     sched = DDPMScheduler(**SCHEDULE)
     acp = sched.alphas_cumprod
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW(
+        [dict(params=list(unet.parameters()), mult=1.0),
+         dict(params=list(text_encoder.parameters()), mult=args.te_lr_mult)],
+        lr=args.unet_lr, weight_decay=1e-2,
+    )
     unet.train()
     text_encoder.train()
     sf = vae.config.scaling_factor
@@ -256,7 +260,7 @@ def train_unet(args, t0, vae, tok, mean, logvar, scenes, unet=None, text_encoder
     ema = None
     for step in range(args.unet_stop_at or args.unet_steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.unet_steps, args.unet_lr, args.warmup)
+            g["lr"] = g["mult"] * lr_at(step, args.unet_steps, args.unet_lr, args.warmup)
         idx = rng.integers(0, n, size=bs)
         caps = [
             "" if rng.random() < args.uncond_prob else shapes_data.caption(scenes[i], rng)
@@ -432,6 +436,8 @@ def main(argv=None) -> None:
     ap.add_argument("--unet-steps", type=int, default=2500)
     ap.add_argument("--unet-batch", type=int, default=64)
     ap.add_argument("--unet-lr", type=float, default=1e-3)
+    ap.add_argument("--te-lr-mult", type=float, default=1.0,
+                    help="text encoder learning rate = this × the UNet's")
     ap.add_argument("--unet-preset", default="small", choices=UNET_PRESETS)
     ap.add_argument("--text-preset", default="small", choices=TEXT_PRESETS)
     ap.add_argument("--uncond-prob", type=float, default=0.1)
