@@ -19,21 +19,12 @@ import time
 
 import numpy as np
 import torch
+from _common import PROMPTS
 
 from sdbatch.generate import Generator
 from sdbatch.manifest import Row
 from sdbatch.models import builtin_names
 
-PROMPTS = [
-    "a large red circle in the center, blue background",
-    "a small green square, white background",
-    "a blue triangle on the left",
-    "a yellow star, black background",
-    "two red squares",
-    "a large purple circle, green background",
-    "an orange triangle at the top",
-    "a small white circle, red background",
-]
 
 
 def rows_for(scheduler: str, steps: int, size: int, guidance: float) -> list[Row]:

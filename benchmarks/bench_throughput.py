@@ -44,7 +44,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,29 +54,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from _common import PROMPTS, S3_FAKE_ENV, free_port, wait_for_port
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-S3_FAKE_ENV = {  # as tests/conftest.py's s3_server fixture
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_CONFIG_FILE": "/nonexistent/sdbatch-test-aws-config",
-    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/sdbatch-test-aws-credentials",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
 
-PROMPTS = [
-    "a large red circle in the center, blue background",
-    "a small green square, white background",
-    "a blue triangle on the left",
-    "a yellow star, black background",
-    "two red squares",
-    "a large purple circle, green background",
-    "an orange triangle at the top",
-    "a small white circle, red background",
-]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,10 +101,6 @@ def _moto_server_class():
     return LoggingMotoServer
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_s3(kind: str, log_path: str, latency_ms: float):
@@ -134,21 +112,12 @@ def start_s3(kind: str, log_path: str, latency_ms: float):
         server.start()
         host, port = server.get_host_and_port()
         return f"http://{host}:{port}", server.stop
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, __file__, "--_moto-child", str(port), log_path, str(latency_ms)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        raise SystemExit("moto server process did not start")
+    wait_for_port(port, proc, 60)
 
     def stop() -> None:
         proc.terminate()

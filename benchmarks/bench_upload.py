@@ -17,7 +17,6 @@ import argparse
 import logging
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -25,15 +24,13 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from _common import free_port, wait_for_port
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdbatch.storage import S3Storage, register_client_hook  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(kind: str):
@@ -46,7 +43,7 @@ def start_server(kind: str):
         server.start()
         host, port = server.get_host_and_port()
         return f"http://{host}:{port}", server.stop
-    port = _free_port()
+    port = free_port()
     code = (
         "import logging; logging.getLogger('werkzeug').setLevel(logging.ERROR)\n"
         "from moto.server import ThreadedMotoServer\n"
@@ -54,16 +51,7 @@ def start_server(kind: str):
         "import time\nwhile True: time.sleep(3600)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        raise SystemExit("moto server process did not start")
+    wait_for_port(port, proc, 30)
 
     def stop():
         proc.terminate()

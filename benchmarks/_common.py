@@ -1,0 +1,47 @@
+"""Shared pieces of the benchmark scripts: prompts, a local S3 server's plumbing."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+
+PROMPTS = [
+    "a large red circle in the center, blue background",
+    "a small green square, white background",
+    "a blue triangle on the left",
+    "a yellow star, black background",
+    "two red squares",
+    "a large purple circle, green background",
+    "an orange triangle at the top",
+    "a small white circle, red background",
+]
+
+S3_FAKE_ENV = {  # as tests/conftest.py's s3_server fixture
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": "/nonexistent/sdbatch-test-aws-config",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/sdbatch-test-aws-credentials",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    """Wait until a server process listens on 127.0.0.1:port; kill it and stop if it never does."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("moto server process did not start")
