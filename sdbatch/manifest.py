@@ -1158,6 +1158,13 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
                        "set init_image for this row, or leave strength null", st)
                 in_rng = pc.and_(pc.greater(sf, 0), pc.less_equal(sf, 1)).fill_null(True)
                 b.flag("strength", pc.invert(in_rng), "0 < strength <= 1", "use a strength such as 0.75", st)
+            # img2img runs int(steps * strength) denoising steps; zero steps would make no image
+            steps_v = np.full(n, float(d.steps)) if s is None or pa.types.is_null(s.type) else _np(s, d.steps, np.float64)
+            strength_v = (np.full(n, float(d.strength)) if st is None or pa.types.is_null(st.type)
+                          else _np(st.cast(pa.float64()), float(d.strength), np.float64))
+            no_steps = has_init & (strength_v > 0) & (strength_v <= 1) & (steps_v >= 1) & (np.floor(steps_v * strength_v) < 1)
+            b.flag("strength", no_steps, "img2img needs steps * strength >= 1 (it runs int(steps * strength) denoising steps)",
+                   "raise strength or steps for this row", pa.array(strength_v))
             if file_bad_all:
                 b.bad[:] = True
             bad_rows += int(b.bad.sum())

@@ -132,5 +132,7 @@ def test_img2img_strength_keeps_or_replaces_the_init_image(run_cli, tmp_path):
         distance[entry["id"]] = float(np.abs(image - init.astype(np.int16)).mean())
     print("img2img mean abs distance to the init image:", distance)
     for seed in (1, 2):
-        assert distance[f"s005-{seed}"] < 15  # close: only the VAE round trip and a little noise
-        assert distance[f"s100-{seed}"] > 40  # the prompt, not the init image
+        # measured: about 14 at strength 0.05 (the VAE round trip), about 98 at 1.0
+        assert distance[f"s005-{seed}"] < 25  # close: only the VAE round trip and a little noise
+        assert distance[f"s100-{seed}"] > 60  # the prompt, not the init image
+        assert distance[f"s005-{seed}"] < 0.3 * distance[f"s100-{seed}"]

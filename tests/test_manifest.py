@@ -721,3 +721,9 @@ def test_passthrough_column_cannot_shadow_index_columns(m_path):
     r = check(m_path(prompt=["a"], status=["keep"], label=["x"]))
     issue = find(r, 0, "status", "must differ from the index's own columns")
     assert "label_status" in issue.fix and r.issue_count == 1
+
+
+def test_img2img_with_no_denoising_step_is_refused(m_path):
+    r = check(m_path(prompt=["a", "b"], init_image=["x.png", "y.png"], strength=[0.2, 0.5], steps=[4, 4]))
+    issue = find(r, 0, "strength", "steps * strength >= 1")
+    assert "raise strength or steps" in issue.fix and r.issue_count == 1
