@@ -539,6 +539,17 @@ def _translate(e: Exception, *, what: str, bucket: str, endpoint: str | None, pr
     return StorageError(f"S3 failure on {what} ({where}): {type(e).__name__}: {e}")
 
 
+def _put_if_absent(client: Any, bucket: str, key: str, body: bytes) -> bool:
+    """One ``put_object(IfNoneMatch="*")``: True if it created the key, False on 412."""
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+    except Exception as e:
+        if not _is_botocore_error(e) or _error_code(e)[1] != 412:
+            raise
+        return False
+    return True
+
+
 def _is_botocore_error(e: Exception) -> bool:
     from botocore import exceptions as bx
 
@@ -677,19 +688,9 @@ class S3Storage:
         try:
             client.head_bucket(Bucket=self.bucket)
             step = "put_object(If-None-Match) probe"
-            try:
-                client.put_object(Bucket=self.bucket, Key=probe, Body=b"probe", IfNoneMatch="*")
-            except Exception as e:
-                # a retry after a lost response finds our own probe: that is a 412 too
-                if not _is_botocore_error(e) or _error_code(e)[1] != 412:
-                    raise
-            honoured = False
-            try:
-                client.put_object(Bucket=self.bucket, Key=probe, Body=b"probe2", IfNoneMatch="*")
-            except Exception as e:
-                if not _is_botocore_error(e) or _error_code(e)[1] != 412:
-                    raise
-                honoured = True
+            # False here means a retry after a lost response found our own probe
+            _put_if_absent(client, self.bucket, probe, b"probe")
+            honoured = not _put_if_absent(client, self.bucket, probe, b"probe2")
             step = "get_object probe"
             client.get_object(Bucket=self.bucket, Key=probe)["Body"].read()
             step = "list_objects_v2"
