@@ -40,7 +40,6 @@ from sdbatch.output import (
     committed_shards,
     read_index,
     read_json,
-    webdataset_key,
 )
 from sdbatch.spec import JobSpec
 from sdbatch.storage import NotFound, Storage, StorageError, open_storage, read_uri

@@ -189,14 +189,6 @@ def submit(
 
 def preflight_model(name: str, endpoint_url: str | None) -> str | None:
     """Check the model exists before any worker starts (no torch import)."""
-    from sdbatch.models import BUILTIN_PREFIX, resolve_builtin
-
-    if name.startswith(BUILTIN_PREFIX):
-        try:
-            resolve_builtin(name)
-        except ValueError as exc:
-            return str(exc)
-        return None
     if name.startswith("s3://"):
         from sdbatch.storage import StorageError, open_storage
 
@@ -206,11 +198,12 @@ def preflight_model(name: str, endpoint_url: str | None) -> str | None:
         except StorageError as exc:
             return f"model {name!r}: {exc}"
         return None
-    if not (Path(name).expanduser() / "model_index.json").is_file():
-        return (
-            f"model {name!r}: no model_index.json there; pass a diffusers folder (as written by "
-            "save_pretrained), an s3:// prefix holding one, or builtin:shapes"
-        )
+    from sdbatch.models import local_model_dir
+
+    try:
+        local_model_dir(name)
+    except ValueError as exc:
+        return str(exc)
     return None
 
 

@@ -41,7 +41,7 @@ from diffusers import (
 from PIL import Image
 
 from sdbatch.manifest import Row
-from sdbatch.models import BUILTIN_PREFIX, fingerprint_model_dir, resolve_builtin
+from sdbatch.models import fingerprint_model_dir, local_model_dir
 
 log = logging.getLogger("sdbatch.generate")
 diffusers.utils.logging.disable_progress_bar()
@@ -71,19 +71,14 @@ class ModelError(ValueError):
 
 def resolve_model_dir(name: str, *, endpoint_url: str | None = None) -> Path:
     """Turn ``--model`` into a local diffusers folder (downloading an s3:// one once per node)."""
-    if name.startswith(BUILTIN_PREFIX):
-        return resolve_builtin(name)
     if name.startswith("s3://"):
         from sdbatch.storage import fetch_model_dir
 
         return fetch_model_dir(name, endpoint_url=endpoint_url)
-    folder = Path(name).expanduser()
-    if not (folder / "model_index.json").is_file():
-        raise ModelError(
-            f"model {name!r}: no model_index.json there; pass a diffusers folder "
-            "(as written by save_pretrained), an s3:// prefix holding one, or builtin:shapes"
-        )
-    return folder.resolve()
+    try:
+        return local_model_dir(name)
+    except ValueError as exc:
+        raise ModelError(str(exc)) from None
 
 
 def _refuse_pickle_weights(folder: Path) -> None:

@@ -915,7 +915,7 @@ def _check_text(b: _Batch, column: str, limits: Any, required: bool) -> pa.Array
         column,
         pc.greater(lengths, limit),
         f"at most {limit:,} characters (limits.max_prompt_chars)",
-        f"shorten the text (the text encoder reads only its first 77 tokens) or raise the limit: --set limits.max_prompt_chars=N",
+        "shorten the text (the text encoder reads only its first 77 tokens) or raise the limit: --set limits.max_prompt_chars=N",
         arr,
     )
     b.flag(column, pc.match_substring(arr, "\x00"), "no NUL characters (\\x00) in text",

@@ -84,35 +84,39 @@ def build_webdataset_tar(members: list[tuple[str, bytes, bytes]], image_ext: str
     return buffer.getvalue()
 
 
-def _json_safe_table(records: list[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist(records)
-
-
 def table_to_parquet(table: pa.Table) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue()
 
 
+def records_to_parquet(records: list[dict[str, Any]]) -> bytes:
+    """A shard index's bytes (records share one set of keys: ``worker.index_row``)."""
+    return table_to_parquet(pa.Table.from_pylist(records))
+
+
 def commit_shard(storage: Storage, shard_name: str, records: list[dict[str, Any]]) -> bool:
     """Write the shard index (create-once). Returns False if an earlier attempt had already
     committed this shard — its index stays, ours is dropped."""
-    data = table_to_parquet(_json_safe_table(records))
-    return storage.put_new(metadata_key(shard_name), data).created
+    return storage.put_new(metadata_key(shard_name), records_to_parquet(records)).created
 
 
 def read_shard_index(storage: Storage, shard_name: str) -> pa.Table:
     return pq.read_table(io.BytesIO(storage.get(metadata_key(shard_name))))
 
 
-def merge_index(storage: Storage) -> pa.Table:
-    """Concatenate every committed shard index in shard order into ``index.parquet``.
-    Idempotent: an interrupted merge is simply redone."""
+def _committed_index(storage: Storage) -> pa.Table:
+    """Every committed shard index, concatenated in row order."""
     names = sorted(committed_shards(storage), key=int)
     tables = [read_shard_index(storage, name) for name in names]
     table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
-    if "row" in table.column_names:
-        table = table.sort_by("row")
+    return table.sort_by("row") if "row" in table.column_names else table
+
+
+def merge_index(storage: Storage) -> pa.Table:
+    """Write every committed shard index, in row order, as ``index.parquet``.
+    Idempotent: an interrupted merge is simply redone."""
+    table = _committed_index(storage)
     storage.put(INDEX_KEY, table_to_parquet(table))
     return table
 
@@ -122,9 +126,7 @@ def read_index(storage: Storage) -> pa.Table:
     try:
         return pq.read_table(io.BytesIO(storage.get(INDEX_KEY)))
     except NotFound:
-        names = sorted(committed_shards(storage), key=int)
-        tables = [read_shard_index(storage, name) for name in names]
-        return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+        return _committed_index(storage)
 
 
 def read_json(storage: Storage, key: str) -> dict[str, Any] | None:

@@ -18,10 +18,9 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
 import ray
 from PIL import Image
 
@@ -36,7 +35,7 @@ from sdbatch.output import (
     image_key,
     metadata_key,
     read_shard_index,
-    table_to_parquet,
+    records_to_parquet,
     tar_key,
     webdataset_key,
 )
@@ -63,7 +62,6 @@ class ShardResult:
     wall_seconds: float = 0.0
     committed: bool = True  # False: an earlier attempt had already committed this shard
     worker: str = ""
-    errors: list[str] = field(default_factory=list)
 
 
 def image_record(
@@ -185,7 +183,7 @@ class ShardRunner:
         tar_name = f"{shard.name}-retry-{hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:8]}"
         fresh = {r["id"]: r for r in self._generate(shard, rows, attempt, on_batch, result, tar_name=tar_name)}
         merged = [fresh.get(r["id"], r) for r in existing]
-        self.storage.put(metadata_key(shard.name), table_to_parquet(pa.Table.from_pylist(merged)))
+        self.storage.put(metadata_key(shard.name), records_to_parquet(merged))
         result.wall_seconds = time.perf_counter() - started
         return result
 

@@ -45,10 +45,20 @@ def fingerprint_model_dir(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def local_model_dir(name: str) -> Path:
+    """``builtin:NAME`` or a local diffusers folder → its path; ValueError naming the fix."""
+    if name.startswith(BUILTIN_PREFIX):
+        return resolve_builtin(name)
+    folder = Path(name).expanduser()
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(
+            f"model {name!r}: no model_index.json there; pass a diffusers folder "
+            "(as written by save_pretrained), an s3:// prefix holding one, or builtin:shapes"
+        )
+    return folder.resolve()
+
+
 def local_model_fingerprint(name: str) -> str | None:
     """The fingerprint of a built-in or local model folder, computed without loading it;
     None for an ``s3://`` model (its workers record the fingerprint of what they load)."""
-    if name.startswith("s3://"):
-        return None
-    folder = resolve_builtin(name) if name.startswith(BUILTIN_PREFIX) else Path(name).expanduser()
-    return fingerprint_model_dir(folder)
+    return None if name.startswith("s3://") else fingerprint_model_dir(local_model_dir(name))
