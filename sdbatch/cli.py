@@ -8,11 +8,13 @@ Exit codes: 0 done; 2 bad input (manifest, spec, model, output location, lock he
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
 import sys
 import time
+import traceback
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Optional
@@ -327,7 +329,32 @@ app.command("spec")(manifest_cli.spec)
 
 
 def main() -> None:
-    app()
+    """Run the CLI, then leave through ``os._exit`` after the atexit handlers (Ray shutdown,
+    logging) have run. Skipping interpreter finalisation matters: pyarrow's native thread pools
+    can abort a process that is being torn down ("terminate called without an active
+    exception", apache/arrow#34314), which would turn a finished command's exit code into -6."""
+    try:
+        app()
+        code = 0
+    except SystemExit as exc:
+        code = _exit_status(exc.code)
+    except BaseException:  # noqa: BLE001 - an unexpected crash still gets its traceback and a clean exit
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _exit_status(code: object) -> int:
+    """What the interpreter would make of ``sys.exit(code)``."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
