@@ -13,7 +13,8 @@ dtype, its fingerprint is checked against the recorded one, the batch is generat
 target image is encoded with the *same record* — so the bytes match exactly when, and only
 when, the pixels match. img2img rows re-read their init image from the recorded location
 (an absolute path or ``s3://`` URI); if it is gone the row cannot be reproduced, and if its
-content changed since the job ran the result drifts (the init image's hash is not recorded).
+content changed since the job ran (its bytes' sha256 differs from the recorded
+``init_image_sha256``) the result says so in a note: the regenerated image is expected to differ.
 """
 
 from __future__ import annotations
@@ -268,6 +269,8 @@ class Reproducer:
             "scheduler_config": gen.scheduler_config(entry["scheduler"]),
             "init_image": entry.get("init_image"),
             "strength": entry.get("strength"),
+            # indexes written before the column existed: the record had no such key either
+            **({"init_image_sha256": entry["init_image_sha256"]} if "init_image_sha256" in entry else {}),
             "extra": _extra_from_index(entry),
             "model_name": self.out.spec.model.name,
             "model_fingerprint": fp,
@@ -307,14 +310,17 @@ class Reproducer:
 
     # -- the batch -----------------------------------------------------------------------------
     def _init_image(self, uri: str):
+        """The init image at ``uri`` now, and the sha256 hex of its bytes."""
         from PIL import Image
 
-        image = Image.open(io.BytesIO(read_uri(uri, endpoint_url=self.endpoint_url)))
+        data = read_uri(uri, endpoint_url=self.endpoint_url)
+        image = Image.open(io.BytesIO(data))
         image.load()
-        return image
+        return image, sha256(data)
 
     def _generate_batch(self, record: dict[str, Any], gen: Generator) -> dict[str, Any]:
-        """Regenerate the batch the record names; returns {id: PIL image} plus notes."""
+        """Regenerate the batch the record names; returns {id: PIL image} plus notes, and the
+        sha256 of each init image as read now ({id: hex}, img2img batches)."""
         target = _row_from_params(record, record.get("extra"))
         batch_ids = list(record.get("batch_rows") or [target.id])
         cache_key = (record.get("batch_id"), tuple(batch_ids), id(gen))
@@ -343,11 +349,13 @@ class Reproducer:
             rebuilt = False
             notes.append("the record's batch_rows does not list the row itself; regenerating it alone")
         init_images = None
+        init_sha256: dict[str, str] = {}
         if target.is_img2img:
             init_images, kept = [], []
             for row in rows:
                 try:
-                    init_images.append(self._init_image(row.init_image))
+                    image, init_sha256[row.id] = self._init_image(row.init_image)
+                    init_images.append(image)
                     kept.append(row)
                 except (StorageError, OSError, ValueError) as exc:
                     if row.id == target.id:
@@ -360,9 +368,27 @@ class Reproducer:
             rows = kept
         images = gen.generate(rows, init_images)
         result = {"images": {r.id: img for r, img in zip(rows, images)}, "notes": notes, "rebuilt": rebuilt,
-                  "rows": [r.id for r in rows]}
+                  "rows": [r.id for r in rows], "init_sha256": init_sha256}
         self._batches[cache_key] = result
         return result
+
+    def _init_image_notes(self, record: dict[str, Any], batch: dict[str, Any]) -> list[str]:
+        """Notes for init images whose bytes differ from the sha256 recorded when the job ran:
+        the target's (its record's hash), then any other init image of its batch (the index's)."""
+        notes, mates = [], {}
+        for rid, now in batch["init_sha256"].items():
+            source = record if rid == record["id"] else self.by_id.get(rid, {})
+            recorded, uri = source.get("init_image_sha256"), source.get("init_image")
+            if not recorded or recorded == now:
+                continue
+            change = f"init image {uri} changed since generation: recorded sha256 {recorded[:12]}…, now {now[:12]}…"
+            if rid == record["id"]:
+                notes.insert(0, f"{change}; the regenerated image is expected to differ")
+            elif uri != record.get("init_image"):
+                mates.setdefault(change, []).append(rid)
+        notes.extend(f"{change} (batch-mates {', '.join(ids)}); batch-mates can shift the image slightly"
+                     for change, ids in mates.items())
+        return notes
 
     # -- one row -------------------------------------------------------------------------------
     def reproduce(self, row_id: str) -> ReproduceResult:
@@ -401,6 +427,7 @@ class Reproducer:
         data = encode.encode_image(batch["images"][entry["id"]], record, fmt=out_spec.image_format,
                                    png_compress_level=out_spec.png_compress_level, quality=out_spec.quality)
         new_sha = sha256(data)
+        notes.extend(self._init_image_notes(record, batch))
         return ReproduceResult(
             id=entry["id"],
             key=entry["key"],

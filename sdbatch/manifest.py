@@ -98,7 +98,7 @@ KNOWN_COLUMNS = (
 #: The columns the output index adds to each row's parameters (``worker.index_row``).
 INDEX_RESULT_COLUMNS = (
     "shard", "batch_id", "batch_rows", "model_fingerprint", "device", "dtype", "torch_threads", "versions",
-    "status", "error", "key", "sha256", "bytes", "attempt", "worker", "generate_seconds",
+    "init_image_sha256", "status", "error", "key", "sha256", "bytes", "attempt", "worker", "generate_seconds",
 )
 #: A passthrough column with one of these names would overwrite the index's own (say,
 #: ``status``), so validation refuses it.

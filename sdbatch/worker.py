@@ -70,13 +70,17 @@ def image_record(
     batch: str,
     batch_rows: list[str],
     generator: Generator,
+    init_image_sha256: str | None = None,
 ) -> dict[str, Any]:
     """Everything needed to regenerate the image, embedded in it. Nothing that varies between
     attempts (times, worker, attempt number) or with other rows of the job goes in, so the
-    bytes are reproducible and a row's image depends on that row (and its batch) alone."""
+    bytes are reproducible and a row's image depends on that row (and its batch) alone.
+    ``init_image_sha256`` (img2img rows) is the sha256 of the init image's bytes as read, so
+    an audit can tell when the file at ``init_image`` was replaced afterwards."""
     info = generator.info
     return {
         **row.parameters(),
+        "init_image_sha256": init_image_sha256,
         "shard": shard.name,
         "batch_id": batch,
         "batch_rows": batch_rows,
@@ -111,6 +115,7 @@ def index_row(record: dict[str, Any] | None, row: Row, shard_name: str, **fields
             dtype=record["dtype"],
             torch_threads=record["torch_threads"],
             versions=json.dumps(record["versions"], sort_keys=True),
+            init_image_sha256=record.get("init_image_sha256"),
         )
     base.update(fields)
     base.update(row.extra)
@@ -136,10 +141,13 @@ class ShardRunner:
         self._in_flight = threading.BoundedSemaphore(spec.resources.upload_threads * 4)
 
     def _load_init_images(self, rows: list[Row]) -> dict[str, Future]:
-        def load(uri: str) -> Image.Image:
-            image = Image.open(io.BytesIO(read_uri(uri, endpoint_url=self.endpoint_url)))
+        """Start reading each img2img row's init image; each future gives (image, sha256 hex
+        of the bytes read)."""
+        def load(uri: str) -> tuple[Image.Image, str]:
+            data = read_uri(uri, endpoint_url=self.endpoint_url)
+            image = Image.open(io.BytesIO(data))
             image.load()
-            return image
+            return image, hashlib.sha256(data).hexdigest()
 
         return {r.id: self.pool.submit(load, r.init_image) for r in rows if r.is_img2img}
 
@@ -197,7 +205,7 @@ class ShardRunner:
         stored: list[tuple[Row, dict, Future]] = []
         generate_started = time.perf_counter()
         for number, batch in enumerate(canonical_batches(rows, self.spec.resources.batch_size)):
-            good, images_in = [], []
+            good, images_in, init_hashes = [], [], {}
             for row in batch:
                 error = _init_image_error(init_images.get(row.id))
                 if error:
@@ -205,7 +213,8 @@ class ShardRunner:
                     result.rows_failed += 1
                 else:
                     good.append(row)
-                    images_in.append(init_images[row.id].result() if row.is_img2img else None)
+                    image_in, init_hashes[row.id] = init_images[row.id].result() if row.is_img2img else (None, None)
+                    images_in.append(image_in)
             if good:
                 bid = batch_id(tar_name, number)
                 t0 = time.perf_counter()
@@ -213,7 +222,7 @@ class ShardRunner:
                 per_row = (time.perf_counter() - t0) / len(good)
                 batch_rows = [r.id for r in good]
                 for row, image in zip(good, images):
-                    record = image_record(row, shard, bid, batch_rows, self.generator)
+                    record = image_record(row, shard, bid, batch_rows, self.generator, init_hashes[row.id])
                     self._in_flight.acquire()
                     future = self.pool.submit(self._store_image, shard, row, image, record)
                     stored.append((row, {**record, "generate_seconds": per_row}, future))

@@ -3,6 +3,7 @@ job, init-image strength, output formats (files / webdataset, png / webp / jpeg)
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import numpy as np
@@ -136,3 +137,28 @@ def test_img2img_strength_keeps_or_replaces_the_init_image(run_cli, tmp_path):
         assert distance[f"s005-{seed}"] < 25  # close: only the VAE round trip and a little noise
         assert distance[f"s100-{seed}"] > 60  # the prompt, not the init image
         assert distance[f"s005-{seed}"] < 0.3 * distance[f"s100-{seed}"]
+
+
+def test_img2img_rows_record_the_init_image_sha256(run_cli, tmp_path):
+    """The worker hashes the init image bytes it read: the index and the image record hold the
+    sha256; text-to-image rows and rows whose init image could not be read hold null."""
+    Image.new("RGB", (64, 64), (30, 160, 40)).save(tmp_path / "init.png")
+    expected = hashlib.sha256((tmp_path / "init.png").read_bytes()).hexdigest()
+    rows = [{"id": "t0", "prompt": "a green square", "seed": 1, "init_image": None, "strength": None},
+            {"id": "i0", "prompt": "a green square", "seed": 2, "init_image": "init.png", "strength": 0.5},
+            {"id": "i1", "prompt": "a red square", "seed": 3, "init_image": "init.png", "strength": 0.5},
+            {"id": "gone", "prompt": "a red square", "seed": 4, "init_image": "missing.png", "strength": 0.5}]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    out = tmp_path / "out"
+    result = run_cli("submit", manifest, "--out", out, *TINY, "--rows-per-shard", "4")
+    assert result.returncode == 3, result.stderr  # the row with the missing init image failed
+    index = {r["id"]: r for r in pq.read_table(out / "index.parquet").to_pylist()}
+    assert {i: r["status"] for i, r in index.items()} == {"t0": "ok", "i0": "ok", "i1": "ok", "gone": "failed"}
+    assert all("init_image_sha256" in r for r in index.values())  # one schema for ok and failed rows
+    assert index["gone"]["init_image_sha256"] is None and index["t0"]["init_image_sha256"] is None
+    for rid in ("i0", "i1"):
+        assert index[rid]["init_image_sha256"] == expected
+        _, record = read_embedded((out / index[rid]["key"]).read_bytes())
+        assert record["init_image_sha256"] == expected and record["init_image"] == str(tmp_path / "init.png")
+    _, record = read_embedded((out / index["t0"]["key"]).read_bytes())
+    assert "init_image_sha256" in record and record["init_image_sha256"] is None

@@ -311,6 +311,56 @@ def test_reproduce_in_process_reports_drift_and_rebuilds_a_deleted_image(mixed_j
         reproduce_row(str(work), "nope")
 
 
+def test_reproduce_names_an_init_image_that_changed_since_generation(run_cli, mixed_job, tmp_path):
+    """The init image is replaced after the job ran: reproduce (and verify --regenerate) say
+    which init image changed and show both hashes; putting it back makes reproduce match."""
+    out, index = mixed_job
+    init = Path(index["m04"]["init_image"])
+    original = init.read_bytes()
+    recorded = hashlib.sha256(original).hexdigest()
+    assert index["m04"]["init_image_sha256"] == index["m09"]["init_image_sha256"] == recorded
+    _, record = read_embedded((out / index["m04"]["key"]).read_bytes())
+    assert record["init_image_sha256"] == recorded
+    assert index["m00"]["init_image_sha256"] is None and index["m07"]["init_image_sha256"] is None
+
+    # mixed_job is shared: work on a copy whose index and records name a copied init image.
+    # The records are embedded in the images, so the copy is a fresh job over a copied input.
+    work = tmp_path / "work"
+    (work / "inputs").mkdir(parents=True)
+    shutil.copyfile(init, work / "inputs" / "init.png")
+    rows = [{"id": r["id"], "prompt": r["prompt"], "seed": r["seed"], "scheduler": r["scheduler"],
+             "init_image": "inputs/init.png" if r["init_image"] else None, "strength": r["strength"]}
+            for r in index.values() if r["id"] in ("m04", "m09")]
+    manifest = write_manifest(work / "m.parquet", rows)
+    result = run_cli("submit", manifest, "--out", work / "out", "--model", "builtin:tiny", "--steps", "3",
+                     "--rows-per-shard", "12", "--batch-size", "4", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    copy_init = work / "inputs" / "init.png"
+    assert load_index(work / "out")[0]["init_image_sha256"] == recorded
+
+    changed = np.asarray(Image.open(copy_init).convert("RGB")).copy()
+    changed[:, :40] = (20, 200, 20)
+    Image.fromarray(changed).save(copy_init)
+    now = hashlib.sha256(copy_init.read_bytes()).hexdigest()
+    assert now != recorded
+    drifted = run_cli("reproduce", work / "out", "m09")
+    text = " ".join((drifted.stdout + drifted.stderr).split())
+    assert drifted.returncode == 1, text
+    assert f"init image {copy_init} changed since generation" in text
+    assert f"recorded sha256 {recorded[:12]}…, now {now[:12]}…" in text
+    assert "expected to differ" in text and "DRIFT" in text and "bytes match" not in text
+
+    report = run_cli("verify", work / "out", "--regenerate", "2", "--seed", "0")
+    text = " ".join((report.stdout + report.stderr).split())
+    assert report.returncode == 1, text
+    assert text.count(f"init image {copy_init} changed since generation") == 2, text  # one note per row
+
+    copy_init.write_bytes(original)
+    restored = run_cli("reproduce", work / "out", "m09")
+    assert restored.returncode == 0, (restored.stdout, restored.stderr)
+    assert "bytes match" in restored.stdout and "changed since generation" not in restored.stdout + restored.stderr
+
+
 def test_reproduce_bad_input_exits_2(run_cli, mixed_job, tmp_path):
     out, _ = mixed_job
     unknown = run_cli("reproduce", out, "no-such-row")
