@@ -110,7 +110,7 @@ def submit(
     image_format: Optional[str] = typer.Option(None, "--image-format", help="png (default), webp or jpeg."),
     address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Existing Ray cluster; default: start a local one."),
     s3_endpoint: Optional[str] = EndpointOpt,
-    deadline: Optional[str] = typer.Option(None, "--deadline", help="Stop taking new shards at HH:MM or after a duration (90m, 2h)."),
+    deadline: Optional[str] = typer.Option(None, "--deadline", help="Start no shard at or after HH:MM or a duration (90m, 2h); running shards finish, the rest wait for a rerun (exit 4)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Also regenerate rows that failed permanently in an earlier run."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:

@@ -5,8 +5,10 @@ owner of truth about what is done), starts the worker actors and keeps each fed 
 most ``PREFETCH_DEPTH`` shards, so a worker pulls its next shard while finishing the current
 one. Failures are classified: a dead actor (process exit, lost node) or a failed shard
 task re-queues the shard with a bounded number of attempts; a shard with no progress past
-the hang deadline has its actor replaced. When every shard is committed it merges the
-index and writes ``_SUCCESS``.
+the hang deadline has its actor replaced. At ``--deadline`` it hands out no more shards, and
+a shard handed out but not yet started by then is not started either (the actor returns it
+``deferred``); shards already running finish and commit, the rest are left for a rerun.
+When every shard is committed it merges the index and writes ``_SUCCESS``.
 """
 
 from __future__ import annotations
@@ -233,20 +235,10 @@ class Driver:
         self.storage = storage
         self.job = job
         self.endpoint_url = endpoint_url
-        self.deadline = deadline
+        self.deadline = deadline  # epoch seconds: no shard starts at or after it
+        self.deadline_passed = False
         self.interactive = interactive
         self.spec_json = spec.model_dump_json()
-
-    def _new_actor(self, tracker: Any) -> Any:
-        res = self.spec.resources
-        # test-only fault injection settings must reach the actors' processes
-        test_env = {k: v for k, v in os.environ.items() if k.startswith("SDBATCH_TEST_")}
-        options: dict[str, Any] = {"num_cpus": res.cpus_per_worker, "num_gpus": res.gpus_per_worker, "max_restarts": 0}
-        if test_env:
-            options["runtime_env"] = {"env_vars": test_env}
-        return WorkerActor.options(**options).remote(
-            self.spec_json, self.storage.url, self.job["fingerprint"], self.endpoint_url, tracker
-        )
 
     def run(self) -> JobOutcome:
         started = time.monotonic()
@@ -277,11 +269,13 @@ class Driver:
         pool = [self._new_actor() for _ in range(fit_workers(self.spec))]
         rows_ok = rows_failed = regenerated = 0
         shards_committed = skipped
+        shards_left = 0  # not started because of the deadline; a rerun does them
         state = "finished"
         try:
             while queue or any(a.inflight for a in pool):
-                if self.deadline is not None and time.time() >= self.deadline and queue:
-                    log.warning("deadline reached: no new shards; %d shards left for a rerun", len(queue))
+                if queue and self._past_deadline():
+                    log.warning("deadline reached: starting no new shards; %d queued shards left for a rerun", len(queue))
+                    shards_left += len(queue)
                     queue.clear()
                     state = "stopped"
                 pool = self._start_ready(pool)
@@ -307,6 +301,12 @@ class Driver:
                         except RayTaskError as exc:
                             log.warning("shard %s failed (attempt %d): %s", item.shard.name, item.attempt, _short(exc))
                             self._requeue(item, exc)
+                            continue
+                        if result.deferred:  # reached its worker after the deadline: nothing was written
+                            log.info("shard %s not started: the deadline had passed", item.shard.name)
+                            self.deadline_passed = True  # the worker's clock says so, whatever ours says
+                            shards_left += 1
+                            state = "stopped"
                             continue
                         shards_committed += item.retry_ids is None
                         if result.committed:
@@ -336,7 +336,8 @@ class Driver:
         if state == "stopped":
             progress.close("stopped")
             return JobOutcome(EXIT_STOPPED, total_rows, rows_ok, rows_failed, skipped, failed_shards,
-                              time.monotonic() - started, "stopped at the deadline; run the same command again to resume")
+                              time.monotonic() - started,
+                              f"stopped at the deadline with {shards_left} shards left; run the same command again to resume")
         if failed_shards:
             progress.close("incomplete")
             return JobOutcome(EXIT_SHARDS_FAILED, total_rows, rows_ok, rows_failed, skipped, failed_shards,
@@ -387,8 +388,13 @@ class Driver:
         rows = read_rows(self.manifest, self.spec, work.shard.start, work.shard.stop)
         if work.retry_ids is not None:
             rows = [r for r in rows if r.id in work.retry_ids]
-        work.future = actor.handle.run_shard.remote(work.shard, rows, work.attempt, work.retry_ids is not None)
+        work.future = actor.handle.run_shard.remote(
+            work.shard, rows, work.attempt, work.retry_ids is not None, not_after=self.deadline
+        )
         actor.inflight.append(work)
+
+    def _past_deadline(self) -> bool:
+        return self.deadline_passed or (self.deadline is not None and time.time() >= self.deadline)
 
     def _failed_rows_work(self, committed: set[str]) -> list[_Work]:
         """--retry-failed: one unit of work per committed shard that holds failed rows."""

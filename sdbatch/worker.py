@@ -62,6 +62,7 @@ class ShardResult:
     wall_seconds: float = 0.0
     committed: bool = True  # False: an earlier attempt had already committed this shard
     worker: str = ""
+    deferred: bool = False  # True: not started, the deadline had passed; nothing was written
 
 
 def image_record(
@@ -298,8 +299,18 @@ class WorkerActor:
         return {"worker": self.runner.worker_name, "model_fingerprint": info.fingerprint,
                 "device": info.device, "dtype": info.dtype, "versions": info.versions}
 
-    def run_shard(self, shard: ShardSpec, rows: list[Row], attempt: int, retry_failed: bool = False) -> ShardResult:
+    def run_shard(
+        self, shard: ShardSpec, rows: list[Row], attempt: int, retry_failed: bool = False,
+        not_after: float | None = None,
+    ) -> ShardResult:
+        """Run one shard (or, ``retry_failed``, regenerate the given rows of a committed one).
+        The driver hands shards ahead, so a call may wait in this actor's queue: if it only
+        reaches the front at or after ``not_after`` (the job's ``--deadline``, epoch seconds)
+        it is not started and comes back ``deferred``, with nothing generated or written and
+        no progress reported. A shard that has started always runs to its commit."""
         name = self.runner.worker_name
+        if not_after is not None and time.time() >= not_after:
+            return ShardResult(shard=shard.name, committed=False, worker=name, deferred=True)
         chaos = TestChaos.from_env()
 
         def report(done: int, failed: int) -> None:
@@ -315,10 +326,11 @@ class WorkerActor:
 class TestChaos:
     """Test-only fault injection for the chaos suite, off unless ``SDBATCH_TEST_CHAOS`` holds
     JSON such as ``{"kill_fraction": 0.1, "seed": 1, "hang_shards": ["00002"],
-    "fail_shards": ["00003"], "marker_dir": "/tmp/x"}``: the worker process exits after the
-    chosen fraction of batches (a hash of seed, shard, batch and attempt picks them), listed
-    shards hang on their first attempt or fail on every attempt, and each injected fault
-    leaves a file in ``marker_dir`` so a test can count them."""
+    "fail_shards": ["00003"], "hold_shards": ["00000"], "marker_dir": "/tmp/x"}``: the worker
+    process exits after the chosen fraction of batches (a hash of seed, shard, batch and
+    attempt picks them), listed shards hang on their first attempt or fail on every attempt,
+    held shards wait once started until a file ``release`` exists in ``marker_dir``, and each
+    injected fault leaves a file in ``marker_dir`` so a test can count them."""
 
     ENV = "SDBATCH_TEST_CHAOS"
 
@@ -343,6 +355,10 @@ class TestChaos:
         if shard_name in self.config.get("hang_shards", ()) and attempt == 1:
             self._mark("hang", shard_name, attempt)
             time.sleep(3600)
+        if shard_name in self.config.get("hold_shards", ()):
+            self._mark("hold", shard_name, attempt)
+            while not os.path.exists(os.path.join(self.config["marker_dir"], "release")):
+                time.sleep(0.1)
 
     def after_batch(self, shard_name: str, attempt: int) -> None:
         fraction = self.config.get("kill_fraction", 0)

@@ -208,6 +208,79 @@ def test_second_driver_on_the_same_out_is_refused(ray_address, run_cli, tmp_path
     figures("two-drivers", out, manifest, 1)
 
 
+DEADLINE_S = 40  # from the driver's start: room for the worker to load its model first
+
+
+def test_deadline_does_not_start_shards_already_handed_to_a_worker(ray_address, run_cli, tmp_path):
+    """One worker is handed two shards at a time; the deadline passes while it runs the first.
+    That one finishes and commits; the second, waiting on the worker, is not started, nor are
+    the two still in the driver's queue. A rerun does exactly the three left."""
+    manifest = chaos_manifest(tmp_path, 16)  # 4 shards of 4 rows
+    out = tmp_path / "out"
+    faults = tmp_path / "faults"
+    driver = _driver(ray_address, manifest, out, "--workers", "1", "--deadline", f"{DEADLINE_S}s",
+                     env=chaos_env(tmp_path, hold_shards=["00000"]))
+    _wait_for(lambda: (out / "_sdbatch" / "job.json").exists(), driver)
+    past_deadline = time.time() + DEADLINE_S + 1  # --deadline was read before job.json was written
+    _wait_for(lambda: markers(faults, "hold") == 1, driver)  # 00000 started before the deadline, held
+    while time.time() < past_deadline:
+        assert driver.poll() is None, driver.communicate()
+        time.sleep(0.2)
+    (faults / "release").touch()
+    _, stderr = driver.communicate(timeout=600)
+    said = " ".join(stderr.split())
+    assert driver.returncode == 4, stderr
+    assert "2 queued shards left for a rerun" in said  # 00002, 00003: never handed out
+    assert "stopped at the deadline with 3 shards left" in said  # + 00001, deferred by the worker
+
+    committed = snapshot_metadata(out)
+    assert sorted(committed) == ["00000.parquet"]
+    shard0 = pq.read_table(out / "metadata" / "00000.parquet").to_pylist()
+    assert [(r["id"], r["status"]) for r in shard0] == [(f"c{i:03d}", "ok") for i in range(4)]
+    stored = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.parts[-2] != "_sdbatch")
+    assert stored == sorted(["metadata/00000.parquet", *(r["key"] for r in shard0)])  # nothing of 00001-00003
+    assert not (out / "_SUCCESS").exists() and markers(faults, "hold") == 1
+
+    rerun = run_cli("submit", manifest, "--out", out, *FAST, "--workers", "1")
+    assert rerun.returncode == 0, rerun.stderr
+    assert "1 shards already committed" in " ".join(rerun.stdout.split())
+    index = pq.read_table(out / "index.parquet").to_pylist()
+    assert [r["id"] for r in index] == [r["id"] for r in pq.read_table(manifest).to_pylist()]
+    assert {r["shard"] for r in index if r["attempt"] == 1} == {"00000", "00001", "00002", "00003"}
+    figures("deadline-handed-out", out, manifest, 1, committed)
+
+
+def test_worker_returns_a_shard_reaching_it_after_the_deadline_unstarted(ray_address, tmp_path):
+    """Both call paths (a new shard, --retry-failed rows of a committed one): nothing generated,
+    written or reported to the progress tracker, so the watchdog cannot take it for hung."""
+    import ray
+
+    from sdbatch.manifest import open_manifest, read_rows
+    from sdbatch.plan import shard
+    from sdbatch.scheduler import ProgressTracker
+    from sdbatch.spec import load_spec
+    from sdbatch.worker import WorkerActor
+
+    manifest = open_manifest(str(chaos_manifest(tmp_path, 4)))
+    spec = load_spec(overrides={"model.name": "builtin:tiny", "defaults.steps": 3})
+    out = tmp_path / "out"
+    out.mkdir()
+    tracker = ProgressTracker.remote()
+    actor = WorkerActor.remote(spec.model_dump_json(), str(out), None, tracker)
+    try:
+        work = shard(0, 4, 4)
+        rows = read_rows(manifest, spec, work.start, work.stop)
+        for retry_failed in (False, True):
+            result = ray.get(actor.run_shard.remote(work, rows, 1, retry_failed, not_after=time.time() - 1))
+            assert result.deferred and not result.committed
+            assert (result.rows_ok, result.rows_failed, result.images_created) == (0, 0, 0)
+        assert list(out.iterdir()) == []
+        assert ray.get(tracker.snapshot.remote()) == ({}, 0.0)
+    finally:
+        ray.kill(actor)
+        ray.kill(tracker)
+
+
 @pytest.mark.slow
 def test_node_removed_mid_job(tmp_path, s3_server):
     from ray.cluster_utils import Cluster
