@@ -407,7 +407,7 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> None:
         print(f"- {who}/bare  = {text_bare}: target >= 0.95 -> {'PASS' if r_bare >= 0.95 else 'FAIL'}")
         print(f"- {who}/naive = {text_naive}: target > 1 -> {'PASS' if r_naive > 1 else 'FAIL'}")
     print(f"- naive/bare = {paired('naive', 'bare')[1]}")
-    print(f"- model load in-process (one-off): "
+    print("- model load in-process (one-off): "
           + ", ".join(f"{k} {v:.2f} s" for k, v in result["load_seconds"].items()))
     if "job" in times:
         js = times["job"]

@@ -1191,13 +1191,14 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
         "seeds": "from the seed column" if "seed" in present
         else f"derived from job seed {spec.seed} and each row's id (derive_seed)",
         "ids": "from the id column" if has_ids else "row numbers (default_row_id: 00000000, 00000001, …)",
-        "passthrough_columns": {c: str(manifest_type) for c, manifest_type in _passthrough_types(manifest).items()},
+        "passthrough_columns": {c: str(manifest_type) for c, manifest_type in passthrough_types(manifest).items()},
         "bad_rows": min(bad_rows, manifest.num_rows),
     }
     return ValidationReport(num_rows=manifest.num_rows, issues=list(coll.kept), issue_count=coll.count, summary=summary)
 
 
-def _passthrough_types(manifest: Manifest) -> dict[str, pa.DataType]:
+def passthrough_types(manifest: Manifest) -> dict[str, pa.DataType]:
+    """The passthrough columns' Arrow types, as the index keeps them."""
     schema = _parquet_file(manifest.files[0]).schema_arrow
     return {c: schema.field(c).type for c in manifest.passthrough_columns}
 

@@ -17,10 +17,16 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import sdbatch
@@ -113,12 +119,72 @@ def _committed_index(storage: Storage) -> pa.Table:
     return table.sort_by("row") if "row" in table.column_names else table
 
 
-def merge_index(storage: Storage) -> pa.Table:
-    """Write every committed shard index, in row order, as ``index.parquet``.
+#: The index's own columns and their types, in index order; passthrough columns follow with
+#: their manifest types. A shard index infers its types from its values, so a column that is
+#: null throughout one shard (``strength`` in a text-to-image shard) is typed here.
+INDEX_COLUMN_TYPES: dict[str, pa.DataType] = {
+    "id": pa.string(), "row": pa.int64(), "prompt": pa.string(), "negative_prompt": pa.string(),
+    "seed": pa.int64(), "steps": pa.int64(), "guidance_scale": pa.float64(), "width": pa.int64(),
+    "height": pa.int64(), "scheduler": pa.string(), "init_image": pa.string(), "strength": pa.float64(),
+    "shard": pa.string(), "batch_id": pa.string(), "batch_rows": pa.list_(pa.string()),
+    "model_fingerprint": pa.string(), "device": pa.string(), "dtype": pa.string(), "torch_threads": pa.int64(),
+    "versions": pa.string(), "init_image_sha256": pa.string(), "status": pa.string(), "error": pa.string(),
+    "key": pa.string(), "sha256": pa.string(), "bytes": pa.int64(), "attempt": pa.int64(), "worker": pa.string(),
+    "generate_seconds": pa.float64(),
+}
+#: Shard indexes read ahead of the writer while merging, and the rows gathered into one
+#: Parquet row group: together they bound the merge's memory.
+MERGE_READ_AHEAD = 8
+MERGE_ROW_GROUP_ROWS = 65_536
+
+
+def index_schema(passthrough_types: dict[str, pa.DataType]) -> pa.Schema:
+    return pa.schema([*INDEX_COLUMN_TYPES.items(), *passthrough_types.items()])
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    columns = [
+        table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema).sort_by("row")
+
+
+def _write_row_group(writer: pq.ParquetWriter, tables: list[pa.Table]) -> None:
+    table = pa.concat_tables(tables)
+    writer.write_table(table, row_group_size=max(table.num_rows, 1))
+
+
+@dataclass(frozen=True)
+class IndexSummary:
+    rows: int
+    rows_failed: int
+
+
+def merge_index(storage: Storage, passthrough_types: dict[str, pa.DataType]) -> IndexSummary:
+    """Write every committed shard index, in row order, as ``index.parquet``, one shard at a
+    time through a local temporary file: the driver holds ``MERGE_READ_AHEAD`` shard indexes,
+    never the whole index. Shards cover consecutive row ranges, so shard order is row order.
     Idempotent: an interrupted merge is simply redone."""
-    table = _committed_index(storage)
-    storage.put(INDEX_KEY, table_to_parquet(table))
-    return table
+    names = sorted(committed_shards(storage), key=int)
+    schema = index_schema(passthrough_types)
+    rows = failed = 0
+    with tempfile.TemporaryDirectory(prefix="sdbatch-index-") as tmp, ThreadPoolExecutor(MERGE_READ_AHEAD) as pool:
+        path = Path(tmp) / INDEX_KEY
+        with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+            group: list[pa.Table] = []
+            for start in range(0, len(names), MERGE_READ_AHEAD):
+                for table in pool.map(partial(read_shard_index, storage), names[start:start + MERGE_READ_AHEAD]):
+                    group.append(_conform(table, schema))
+                    rows += table.num_rows
+                    failed += pc.sum(pc.equal(table.column("status"), STATUS_FAILED)).as_py() or 0
+                    if sum(t.num_rows for t in group) >= MERGE_ROW_GROUP_ROWS:
+                        _write_row_group(writer, group)
+                        group = []
+            if group or not rows:
+                _write_row_group(writer, group or [schema.empty_table()])
+        storage.put_file(INDEX_KEY, path)
+    return IndexSummary(rows=rows, rows_failed=failed)
 
 
 def read_index(storage: Storage) -> pa.Table:

@@ -29,7 +29,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import sdbatch
-from sdbatch.manifest import Manifest, read_rows
+from sdbatch.manifest import Manifest, passthrough_types, read_rows
 from sdbatch.output import (
     LOCK_KEY,
     SUCCESS_KEY,
@@ -451,16 +451,14 @@ class Driver:
             code = EXIT_ROWS_FAILED if previous.get("rows_failed") else EXIT_OK
             return JobOutcome(code, self.manifest.num_rows, 0, 0, skipped, [], time.monotonic() - started, message)
         TestChaos.from_env().before_merge(self.storage)
-        index = merge_index(self.storage)
+        index = merge_index(self.storage, passthrough_types(self.manifest))
         total = self.manifest.num_rows
-        failed_total = 0
-        if "status" in index.column_names:
-            failed_total = sum(1 for s in index.column("status").to_pylist() if s == STATUS_FAILED)
+        failed_total = index.rows_failed
         wall = time.monotonic() - started
         summary = {
             "rows_total": total,
-            "rows_in_index": index.num_rows,
-            "rows_ok": index.num_rows - failed_total,
+            "rows_in_index": index.rows,
+            "rows_ok": index.rows - failed_total,
             "rows_failed": failed_total,
             "rows_generated_this_run": rows_ok,
             "shards_skipped": skipped,

@@ -24,6 +24,7 @@ handlers to every cached client, present and future.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib
 import importlib.util
@@ -31,6 +32,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -60,6 +62,7 @@ __all__ = [
 
 PROBE_PREFIX = "_sdbatch/"
 _TMP_MARK = ".sdbatch-tmp-"
+_COPY_CHUNK = 1 << 20
 FORBIDDEN_MODEL_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 MODEL_MARKER = ".sdbatch-complete.json"
 
@@ -101,6 +104,9 @@ class Storage(Protocol):
 
     def put_new(self, key: str, data: bytes) -> PutResult: ...
     def put(self, key: str, data: bytes) -> None: ...
+    def put_file(self, key: str, source: Path) -> None: ...
+    def get_tagged(self, key: str) -> tuple[bytes, str]: ...
+    def replace_if(self, key: str, data: bytes, tag: str) -> str | None: ...
     def get(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str) -> list[str]: ...
@@ -167,13 +173,18 @@ class LocalStorage:
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*_check_key(key).split("/"))
 
-    def _write_temp(self, path: Path, data: bytes) -> Path:
+    def _write_temp(self, path: Path, data: bytes | Path) -> Path:
+        """``data`` (bytes, or the local file at that path) in a temp file next to ``path``."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.parent / f".{path.name}{_TMP_MARK}{uuid.uuid4().hex}"
             try:
                 with open(tmp, "xb") as f:
-                    f.write(data)
+                    if isinstance(data, Path):
+                        with open(data, "rb") as source:
+                            shutil.copyfileobj(source, f, _COPY_CHUNK)
+                    else:
+                        f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
             except BaseException:
@@ -213,8 +224,14 @@ class LocalStorage:
         return PutResult(created=True, sha256=_sha256(data), size=len(data))
 
     def put(self, key: str, data: bytes) -> None:
+        self._replace(key, bytes(data))
+
+    def put_file(self, key: str, source: Path) -> None:
+        self._replace(key, Path(source))
+
+    def _replace(self, key: str, data: bytes | Path) -> None:
         path = self._path(key)
-        tmp = self._write_temp(path, bytes(data))
+        tmp = self._write_temp(path, data)
         try:
             os.replace(tmp, path)
         except OSError as e:
@@ -223,6 +240,27 @@ class LocalStorage:
             except OSError:
                 pass
             raise StorageError(f"cannot write {path}: {e}") from e
+
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        """The object and a tag for ``replace_if``: its sha256."""
+        data = self.get(key)
+        return data, _sha256(data)
+
+    def replace_if(self, key: str, data: bytes, tag: str) -> str | None:
+        """Replace the object only if it still is the one ``tag`` names; its new tag, or None
+        if it changed or is gone. Writers of a key serialise on an ``flock`` of a sidecar file."""
+        path = self._path(key)
+        if not path.parent.is_dir():
+            return None
+        with open(path.parent / f".{path.name}{_TMP_MARK}cas-lock", "a+b") as guard:  # listings skip it
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            try:
+                if _sha256(path.read_bytes()) != tag:
+                    return None
+            except FileNotFoundError:
+                return None
+            self._replace(key, bytes(data))
+        return _sha256(data)
 
     def get(self, key: str) -> bytes:
         path = self._path(key)
@@ -633,6 +671,40 @@ class S3Storage:
     def put(self, key: str, data: bytes) -> None:
         self._call(f"put_object {key}", self.client.put_object, Bucket=self.bucket, Key=self._key(key),
                    Body=bytes(data))
+
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        """The object and a tag for ``replace_if``: its ETag."""
+        resp = self._call(f"get_object {key}", self.client.get_object, Bucket=self.bucket, Key=self._key(key))
+        return resp["Body"].read(), resp["ETag"]
+
+    def replace_if(self, key: str, data: bytes, tag: str) -> str | None:
+        """``PutObject`` with ``If-Match: tag``: the new ETag, or None if the object changed or
+        is gone (412/404). A 412 answering a retried request whose first try had succeeded is
+        told apart by reading the object back: ``data`` identifies its writer."""
+        data = bytes(data)
+        try:
+            resp = self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfMatch=tag)
+            return resp["ETag"]
+        except Exception as e:
+            if not _is_botocore_error(e):
+                raise
+            code, status = _error_code(e)
+            if status not in (404, 412) and code not in ("PreconditionFailed", "NoSuchKey"):
+                raise self._err(e, f"put_object(If-Match) {key}") from None
+        try:
+            stored, stored_tag = self.get_tagged(key)
+        except NotFound:
+            return None
+        return stored_tag if stored == data else None
+
+    def put_file(self, key: str, source: Path) -> None:
+        """Upload a local file (multipart when large, so it is never read into memory whole)."""
+        from boto3.exceptions import S3UploadFailedError
+
+        try:
+            self._call(f"upload_file {key}", self.client.upload_file, str(source), self.bucket, self._key(key))
+        except S3UploadFailedError as e:  # s3transfer wraps the ClientError in a message
+            raise StorageError(f"upload of {self.url}/{key} failed: {e}", transient=True) from None
 
     def get(self, key: str) -> bytes:
         full = self._key(key)

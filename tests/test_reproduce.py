@@ -68,7 +68,7 @@ def run_in_process(generator, manifest: Path, out: Path, order: list[int], *, jo
                    spec_overrides: dict | None = None) -> dict:
     """Run the shards of ``manifest`` with ``worker.ShardRunner`` in the given order into a
     LocalStorage at ``out``; returns the job dict (fingerprint computed as `sdbatch submit` does)."""
-    from sdbatch.manifest import open_manifest, read_rows
+    from sdbatch.manifest import open_manifest, passthrough_types, read_rows
     from sdbatch.models import local_model_fingerprint
     from sdbatch.output import claim_job, job_record, merge_index
     from sdbatch.plan import num_shards, shard
@@ -90,7 +90,7 @@ def run_in_process(generator, manifest: Path, out: Path, order: list[int], *, jo
     for index in order:
         s = shard(index, source.num_rows, rps)
         runner.run_shard(s, read_rows(source, spec, s.start, s.stop))
-    merge_index(storage)
+    merge_index(storage, passthrough_types(source))
     return job
 
 

@@ -101,6 +101,46 @@ def test_put_new_concurrent_threads_exactly_one_created(store):
     assert {r.size for r in results} == {len(stored)}
 
 
+def test_replace_if_swaps_only_the_tagged_object(store):
+    store.put("_sdbatch/lock.json", b"first")
+    data, tag = store.get_tagged("_sdbatch/lock.json")
+    assert data == b"first"
+    new_tag = store.replace_if("_sdbatch/lock.json", b"second", tag)
+    assert new_tag is not None and store.get_tagged("_sdbatch/lock.json") == (b"second", new_tag)
+    assert store.replace_if("_sdbatch/lock.json", b"stale writer", tag) is None  # tag of "first": refused
+    assert store.get("_sdbatch/lock.json") == b"second"
+    assert store.replace_if("_sdbatch/absent.json", b"x", tag) is None and not store.exists("_sdbatch/absent.json")
+    assert store.list("_sdbatch/") == ["_sdbatch/lock.json"]  # the local lock sidecar is not listed
+
+
+def test_replace_if_concurrent_threads_exactly_one_wins(store):
+    n = 8
+    store.put("_sdbatch/lock.json", b"expired lease")
+    _, tag = store.get_tagged("_sdbatch/lock.json")
+    barrier = threading.Barrier(n)
+
+    def take_over(i):
+        barrier.wait()
+        return store.replace_if("_sdbatch/lock.json", f"driver {i}".encode(), tag)
+
+    with ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(take_over, range(n)))
+    winners = [i for i, r in enumerate(results) if r is not None]
+    assert len(winners) == 1
+    assert store.get_tagged("_sdbatch/lock.json") == (f"driver {winners[0]}".encode(), results[winners[0]])
+
+
+def test_replace_if_lost_response_is_recognised_as_own_write(s3_bucket):
+    endpoint, bucket = s3_bucket
+    s = S3Storage(f"s3://{bucket}", endpoint_url=endpoint)
+    s.put("lock.json", b"old")
+    _, tag = s.get_tagged("lock.json")
+    with FaultInjector({"PutObject": {"first": 1, "errors": ["lost"]}}) as inj:
+        new_tag = s.replace_if("lock.json", b"mine", tag)
+    # the first PUT landed, botocore's retry got 412 (the ETag had changed): it was our write
+    assert inj.faults() == 1 and new_tag is not None and s.get_tagged("lock.json") == (b"mine", new_tag)
+
+
 def test_put_get_exists_list_delete(store):
     assert not store.exists("metadata/00000.parquet")
     with pytest.raises(NotFound):

@@ -1,0 +1,117 @@
+"""Benchmark: the final index merge, streaming vs in memory (DESIGN §7: bounded driver memory).
+
+Builds a local job output with ``--rows`` committed rows in shards of ``--rows-per-shard``
+(realistic index columns: ~90-character prompts, sha256s, keys, a versions JSON, an
+8-id ``batch_rows`` list, a passthrough label), then merges it, each contender in a fresh
+process, side by side:
+
+* ``in memory`` — every shard index concatenated into one table, sorted, written
+  (what ``merge_index`` did before it streamed);
+* ``streaming`` — ``sdbatch.output.merge_index``: shard by shard through a ParquetWriter.
+
+Prints wall time and peak RSS (``ru_maxrss`` of that one child, from ``os.wait4``) of each,
+their ratios, and checks that both indexes hold the same rows in the same order.
+
+    python benchmarks/bench_index_merge.py [--rows 1000000] [--rows-per-shard 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+BUILD = r"""
+import sys, hashlib, json
+import pyarrow as pa, pyarrow.parquet as pq
+from pathlib import Path
+sys.path.insert(0, "benchmarks")
+from _common import PROMPTS
+out, rows, rps = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+(out / "metadata").mkdir(parents=True)
+versions = json.dumps({"torch": "2.13.0", "diffusers": "0.42.0", "transformers": "5.23.0", "python": "3.11.7"})
+for number, start in enumerate(range(0, rows, rps)):
+    ids = [f"img-{i:09d}" for i in range(start, min(start + rps, rows))]
+    n = len(ids)
+    name = f"{number:05d}"
+    table = pa.table({
+        "id": ids, "row": list(range(start, start + n)),
+        "prompt": [PROMPTS[i % len(PROMPTS)] + f", detailed, variation {i}" for i in range(start, start + n)],
+        "negative_prompt": ["blurry, low quality"] * n, "seed": list(range(start, start + n)),
+        "steps": [30] * n, "guidance_scale": [7.5] * n, "width": [512] * n, "height": [512] * n,
+        "scheduler": ["dpmpp_2m"] * n, "init_image": pa.nulls(n), "strength": pa.nulls(n),
+        "shard": [name] * n, "batch_id": [f"{name}-{j // 8:03d}" for j in range(n)],
+        "batch_rows": [ids[j - j % 8: j - j % 8 + 8] for j in range(n)],
+        "model_fingerprint": ["ab" * 32] * n, "device": ["cuda"] * n, "dtype": ["float16"] * n,
+        "torch_threads": [8] * n, "versions": [versions] * n, "init_image_sha256": pa.nulls(n),
+        "status": ["ok"] * n, "error": pa.nulls(n), "key": [f"images/{name}/{i}.png" for i in ids],
+        "sha256": [hashlib.sha256(i.encode()).hexdigest() for i in ids], "bytes": [350_000 + j for j in range(n)],
+        "attempt": [1] * n, "worker": ["node-3:41234"] * n, "generate_seconds": [0.731] * n,
+        "label": [j % 10 for j in range(n)],
+    })
+    pq.write_table(table, out / "metadata" / f"{name}.parquet", compression="zstd")
+"""
+
+MERGE = {
+    "in memory": (
+        "from sdbatch.output import INDEX_KEY, _committed_index, table_to_parquet\n"
+        "storage.put(INDEX_KEY, table_to_parquet(_committed_index(storage)))\n"
+    ),
+    "streaming": (
+        "import pyarrow as pa\nfrom sdbatch.output import merge_index\n"
+        "merge_index(storage, {'label': pa.int64()})\n"
+    ),
+}
+PRELUDE = "import sys\nfrom sdbatch.storage import LocalStorage\nstorage = LocalStorage(sys.argv[1])\n"
+
+
+def run_child(code: str, *args: str) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of ``python -c code args`` in a fresh process."""
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code, *args])
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"child failed with {os.waitstatus_to_exitcode(status)}")
+    return time.perf_counter() - started, usage.ru_maxrss * 1024
+
+
+def index_ids(path: str) -> tuple[int, str]:
+    code = ("import sys, hashlib, pyarrow.parquet as pq\n"
+            "t = pq.read_table(sys.argv[1], columns=['id'])\n"
+            "print(t.num_rows, hashlib.sha256('\\n'.join(t.column('id').to_pylist()).encode()).hexdigest())")
+    rows, digest = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
+                                  check=True).stdout.split()
+    return int(rows), digest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--rows-per-shard", type=int, default=1000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="sdbatch-bench-index-") as tmp:
+        out = os.path.join(tmp, "out")
+        build_s, _ = run_child(BUILD, out, str(args.rows), str(args.rows_per_shard))
+        shards = len(os.listdir(os.path.join(out, "metadata")))
+        print(f"{args.rows:,} rows in {shards} committed shards (built in {build_s:.1f} s); "
+              f"{platform.node()}, {os.cpu_count()} CPUs")
+        results, digests = {}, {}
+        for name, body in MERGE.items():
+            results[name] = run_child(PRELUDE + body, out)
+            digests[name] = index_ids(os.path.join(out, "index.parquet"))
+            size = os.path.getsize(os.path.join(out, "index.parquet"))
+            wall, rss = results[name]
+            print(f"{name:>10}: {wall:6.1f} s wall, peak RSS {rss / 2**20:7.0f} MiB, index {size / 2**20:.0f} MiB")
+        if digests["in memory"] != digests["streaming"] or digests["streaming"][0] != args.rows:
+            raise SystemExit(f"the two indexes differ: {digests}")
+        (mem_s, mem_rss), (stream_s, stream_rss) = results["in memory"], results["streaming"]
+        print(f"streaming / in memory: time {stream_s / mem_s:.2f}x, peak RSS {stream_rss / mem_rss:.2f}x "
+              f"(same {args.rows:,} ids in the same order)")
+
+
+if __name__ == "__main__":
+    main()

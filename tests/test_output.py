@@ -1,0 +1,132 @@
+"""The final index merge: shard indexes of differing inferred types become one typed,
+row-ordered index.parquet, written a shard at a time, on a local directory and on S3."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sdbatch import output
+from sdbatch.manifest import open_manifest, passthrough_types, read_rows
+from sdbatch.output import (
+    INDEX_COLUMN_TYPES,
+    INDEX_KEY,
+    STATUS_FAILED,
+    STATUS_OK,
+    commit_shard,
+    index_schema,
+    merge_index,
+)
+from sdbatch.plan import shard
+from sdbatch.spec import load_spec
+from sdbatch.storage import LocalStorage, S3Storage
+from sdbatch.worker import index_row
+
+ROWS_PER_SHARD = 4
+UTC = dt.timezone.utc
+
+
+def passthrough_manifest(path):
+    """10 rows, three shards: rows 0–3 text-to-image with every passthrough value null,
+    rows 4–7 img2img, rows 8–9 with passthrough values of many Arrow types."""
+    n = 10
+    late = [i >= 8 for i in range(n)]
+    table = pa.table({
+        "id": [f"p{i}" for i in range(n)],
+        "prompt": [f"a red circle {i}" for i in range(n)],
+        "init_image": [f"/data/init-{i}.png" if 4 <= i < 8 else None for i in range(n)],
+        "strength": [0.5 if 4 <= i < 8 else None for i in range(n)],
+        "count32": pa.array([i if k else None for i, k in zip(range(n), late)], pa.int32()),
+        "taken": pa.array([dt.datetime(2026, 1, 2, i, tzinfo=UTC) if k else None for i, k in zip(range(n), late)],
+                          pa.timestamp("ms", tz="UTC")),
+        "tags": pa.array([[i, i + 1] if k else None for i, k in zip(range(n), late)], pa.list_(pa.int16())),
+        "meta": pa.array([{"src": f"s{i}", "w": 0.5} if k else None for i, k in zip(range(n), late)],
+                         pa.struct([("src", pa.string()), ("w", pa.float32())])),
+        "split": pa.array(["train" if k else None for k in late], pa.string()).dictionary_encode(),
+        "price": pa.array([decimal.Decimal("1.25") if k else None for k in late], pa.decimal128(6, 2)),
+        "keep": pa.array([bool(i % 2) if k else None for i, k in zip(range(n), late)], pa.bool_()),
+    })
+    pq.write_table(table, path)
+    return table
+
+
+def commit_shards(storage, manifest, spec):
+    """Commit every shard as a worker would: img2img rows failed (no record), the rest ok."""
+    for number in range(3):
+        s = shard(number, manifest.num_rows, ROWS_PER_SHARD)
+        rows = read_rows(manifest, spec, s.start, s.stop)
+        records = []
+        for row in rows:
+            if row.is_img2img:
+                records.append(index_row(None, row, s.name, status=STATUS_FAILED, error="init_image unreadable"))
+                continue
+            record = {"batch_id": f"{s.name}-000", "batch_rows": [r.id for r in rows if not r.is_img2img],
+                      "model_fingerprint": "f" * 64, "device": "cpu", "dtype": "float32", "torch_threads": 2,
+                      "versions": {"torch": "2.13.0"}, "init_image_sha256": None}
+            records.append(index_row(record, row, s.name, status=STATUS_OK, key=f"images/{s.name}/{row.id}.png",
+                                     sha256="0" * 64, bytes=100 + row.index, attempt=1, worker="w"))
+        commit_shard(storage, s.name, list(reversed(records)))  # merge restores row order
+
+
+@pytest.fixture
+def committed(tmp_path):
+    source = passthrough_manifest(tmp_path / "manifest.parquet")
+    manifest = open_manifest(str(tmp_path / "manifest.parquet"))
+    spec = load_spec(None, [], {"resources.rows_per_shard": ROWS_PER_SHARD})
+    return source, manifest, spec
+
+
+def check_index(index: pa.Table, source: pa.Table, manifest) -> None:
+    assert index.schema == index_schema(passthrough_types(manifest))
+    assert index.column("id").to_pylist() == source.column("id").to_pylist()
+    assert index.column("row").to_pylist() == list(range(10))
+    for name in manifest.passthrough_columns:  # values and types exactly as in the manifest
+        assert index.column(name).to_pylist() == source.column(name).to_pylist(), name
+        assert index.schema.field(name).type == source.schema.field(name).type, name
+    assert index.column("status").to_pylist() == [STATUS_OK] * 4 + [STATUS_FAILED] * 4 + [STATUS_OK] * 2
+    assert index.column("strength").to_pylist() == [None] * 4 + [0.5] * 4 + [None] * 2
+    assert index.column("batch_rows").to_pylist()[9] == ["p8", "p9"]
+    assert index.column("batch_rows").to_pylist()[5] is None
+
+
+@pytest.mark.parametrize("row_group_rows", [1, 65_536])
+def test_merge_types_every_column_and_keeps_row_order(tmp_path, committed, monkeypatch, row_group_rows):
+    source, manifest, spec = committed
+    storage = LocalStorage(tmp_path / "out")
+    commit_shards(storage, manifest, spec)
+    monkeypatch.setattr(output, "MERGE_ROW_GROUP_ROWS", row_group_rows)
+    summary = merge_index(storage, passthrough_types(manifest))
+    assert (summary.rows, summary.rows_failed) == (10, 4)
+    index_file = pq.ParquetFile(tmp_path / "out" / INDEX_KEY)
+    # shard indexes are gathered into row groups of MERGE_ROW_GROUP_ROWS: with 1, one per shard
+    assert index_file.metadata.num_row_groups == (3 if row_group_rows == 1 else 1)
+    check_index(index_file.read(), source, manifest)
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def test_merge_uploads_the_index_to_s3(s3_bucket, committed):
+    source, manifest, spec = committed
+    endpoint, bucket = s3_bucket
+    storage = S3Storage(f"s3://{bucket}/job", endpoint_url=endpoint)
+    commit_shards(storage, manifest, spec)
+    summary = merge_index(storage, passthrough_types(manifest))
+    assert (summary.rows, summary.rows_failed) == (10, 4)
+    check_index(pq.read_table(io.BytesIO(storage.get(INDEX_KEY))), source, manifest)
+
+
+def test_index_column_types_cover_every_index_column():
+    from sdbatch.manifest import INDEX_RESULT_COLUMNS, KNOWN_COLUMNS
+
+    assert set(INDEX_COLUMN_TYPES) == {"row", *KNOWN_COLUMNS, *INDEX_RESULT_COLUMNS}
+
+
+def test_merge_of_no_committed_shard_writes_an_empty_typed_index(tmp_path):
+    storage = LocalStorage(tmp_path / "out")
+    assert merge_index(storage, {"label": pa.int32()}) == output.IndexSummary(rows=0, rows_failed=0)
+    index = pq.read_table(tmp_path / "out" / INDEX_KEY)
+    assert index.num_rows == 0 and index.schema == index_schema({"label": pa.int32()})
