@@ -44,7 +44,7 @@ from sdbatch.output import (
 from sdbatch.plan import ShardSpec, num_shards, pending_shards, shard
 from sdbatch.progress import ProgressFeed, utc_now
 from sdbatch.spec import JobSpec
-from sdbatch.storage import Storage
+from sdbatch.storage import NotFound, Storage
 from sdbatch.worker import ShardResult, TestChaos, WorkerActor
 
 log = logging.getLogger("sdbatch.scheduler")
@@ -93,10 +93,22 @@ class ProgressTracker:
         return self.shards, self.slowest_batch
 
 
+class LockLost(LockHeld):
+    """Another driver took over this driver's lock (its lease ran out: heartbeats failed)."""
+
+
 @dataclass
 class JobLock:
+    """The driver's lease on OUT (``_sdbatch/lock.json``): created once, renewed every
+    HEARTBEAT_S, taken over by another driver only when expired. Renewal and takeover are
+    compare-and-swap writes (``Storage.replace_if``), so of two drivers racing for an expired
+    lock exactly one wins, and a driver whose lease was taken over learns it at its next
+    heartbeat (``lost``) instead of overwriting the new owner's lease."""
+
     storage: Storage
     owner: dict[str, Any]
+    tag: str = ""
+    lost: dict[str, Any] | None = None  # the lock body of the driver that took over
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -105,8 +117,17 @@ class JobLock:
         owner = {"driver": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "started_at": utc_now()}
         lock = cls(storage, owner)
         body = lock._body()
-        if not storage.put_new(LOCK_KEY, body).created:
-            held = read_json(storage, LOCK_KEY) or {}
+        while True:
+            if storage.put_new(LOCK_KEY, body).created:
+                stored, tag = storage.get_tagged(LOCK_KEY)
+                if json.loads(stored).get("driver") == owner["driver"]:
+                    break
+                continue  # a takeover replaced ours between the two calls: look again
+            try:
+                stored, tag = storage.get_tagged(LOCK_KEY)
+            except NotFound:  # released meanwhile: try to create it again
+                continue
+            held = json.loads(stored)
             if not _lock_is_stale(held):
                 raise LockHeld(
                     f"{storage.url} is being written by another sdbatch driver "
@@ -114,8 +135,13 @@ class JobLock:
                     f"Wait for it to finish, or for its lease to expire ({int(LOCK_LEASE_S)} s after its last "
                     "heartbeat) if it died."
                 )
-            log.warning("taking over the expired lock of driver %s on %s", held.get("driver"), held.get("host"))
-            storage.put(LOCK_KEY, body)
+            new_tag = storage.replace_if(LOCK_KEY, body, tag)
+            if new_tag is not None:
+                log.warning("took over the expired lock of driver %s on %s", held.get("driver"), held.get("host"))
+                tag = new_tag
+                break
+            # another driver renewed or took over the lock first: look again
+        lock.tag = tag
         lock._thread = threading.Thread(target=lock._heartbeat, name="sdbatch-lock", daemon=True)
         lock._thread.start()
         return lock
@@ -127,9 +153,30 @@ class JobLock:
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
-                self.storage.put(LOCK_KEY, self._body())
+                self.renew()
             except Exception as exc:  # a missed heartbeat is survivable; the lease is 6 beats long
                 log.warning("lock heartbeat failed: %s", exc)
+            if self.lost is not None:
+                return
+
+    def renew(self) -> None:
+        new_tag = self.storage.replace_if(LOCK_KEY, self._body(), self.tag)
+        if new_tag is not None:
+            self.tag = new_tag
+            return
+        held = read_json(self.storage, LOCK_KEY) or {}
+        self.lost = held
+        log.error("lost the job lock on %s to driver %s on %s (pid %s): this driver's lease had expired",
+                  self.storage.url, held.get("driver"), held.get("host"), held.get("pid"))
+
+    def check(self) -> None:
+        """Raise LockLost if another driver has taken the lock over."""
+        if self.lost is not None:
+            raise LockLost(
+                f"another sdbatch driver (host {self.lost.get('host')}, pid {self.lost.get('pid')}) took over "
+                f"the job lock on {self.storage.url} after this driver's lease expired (heartbeats failed for "
+                f"{int(LOCK_LEASE_S)} s); this driver stopped. Committed shards are kept; the other driver goes on."
+            )
 
     def release(self) -> None:
         self._stop.set()
@@ -227,8 +274,10 @@ class Driver:
         deadline: float | None = None,
         interactive: bool | None = None,
         retry_failed: bool = False,
+        lock: JobLock | None = None,
     ):
         self.retry_failed = retry_failed
+        self.lock = lock
         self.address = address
         self.spec = spec
         self.manifest = manifest
@@ -273,6 +322,8 @@ class Driver:
         state = "finished"
         try:
             while queue or any(a.inflight for a in pool):
+                if self.lock is not None:
+                    self.lock.check()
                 if queue and self._past_deadline():
                     log.warning("deadline reached: starting no new shards; %d queued shards left for a rerun", len(queue))
                     shards_left += len(queue)
@@ -451,6 +502,8 @@ class Driver:
             code = EXIT_ROWS_FAILED if previous.get("rows_failed") else EXIT_OK
             return JobOutcome(code, self.manifest.num_rows, 0, 0, skipped, [], time.monotonic() - started, message)
         TestChaos.from_env().before_merge(self.storage)
+        if self.lock is not None:
+            self.lock.check()
         index = merge_index(self.storage, passthrough_types(self.manifest))
         total = self.manifest.num_rows
         failed_total = index.rows_failed
@@ -485,6 +538,6 @@ def run_job(spec: JobSpec, manifest: Manifest, storage: Storage, job: dict[str, 
     claim_job(storage, job)
     lock = JobLock.acquire(storage)
     try:
-        return Driver(spec, manifest, storage, job, **options).run()
+        return Driver(spec, manifest, storage, job, lock=lock, **options).run()
     finally:
         lock.release()

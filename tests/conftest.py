@@ -65,6 +65,17 @@ def s3_bucket(s3_server):
     yield s3_server, bucket
 
 
+@_pytest_s3.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    """The same tests on a LocalStorage directory and on an S3Storage prefix of a fresh bucket."""
+    from sdbatch.storage import LocalStorage, S3Storage
+
+    if request.param == "local":
+        return LocalStorage(tmp_path / "out")
+    endpoint, bucket = request.getfixturevalue("s3_bucket")
+    return S3Storage(f"s3://{bucket}/runs/job1", endpoint_url=endpoint)
+
+
 # --- Ray ---------------------------------------------------------------------------------------
 import os as _os
 import subprocess as _subprocess

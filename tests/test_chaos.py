@@ -302,3 +302,24 @@ def test_node_removed_mid_job(tmp_path, s3_server):
         figures("node-removed", out, manifest, 1, before)
     finally:
         cluster.shutdown()
+
+
+def test_driver_whose_lock_was_taken_over_stops(ray_address, tmp_path):
+    """A driver whose lease another driver took over (its heartbeats had failed) notices at
+    its next heartbeat, stops with exit 2 and a message naming the new owner, and leaves the
+    new owner's lock alone. What it had committed is kept."""
+    manifest = chaos_manifest(tmp_path, 8)
+    out = tmp_path / "out"
+    faults = tmp_path / "faults"
+    driver = _driver(ray_address, manifest, out, "--workers", "1", env=chaos_env(tmp_path, hold_shards=["00000"]))
+    _wait_for(lambda: markers(faults, "hold") == 1, driver)
+    usurper = {"driver": "f" * 32, "host": "other-host", "pid": 4242, "heartbeat_at": time.time(),
+               "expires_at": time.time() + 3600}
+    (out / "_sdbatch" / "lock.json").write_text(json.dumps(usurper))
+    _, stderr = driver.communicate(timeout=120)  # the heartbeat comes every 10 s
+    (faults / "release").touch()
+    said = " ".join(stderr.split())
+    assert driver.returncode == 2, stderr
+    assert "another sdbatch driver (host other-host, pid 4242) took over the job lock" in said
+    assert json.loads((out / "_sdbatch" / "lock.json").read_text()) == usurper
+    assert not (out / "index.parquet").exists() and not (out / "_SUCCESS").exists()

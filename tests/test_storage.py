@@ -47,14 +47,6 @@ def _fresh_clients():
     st.clear_client_cache()
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path) -> Storage:
-    if request.param == "local":
-        return LocalStorage(tmp_path / "out")
-    endpoint, bucket = request.getfixturevalue("s3_bucket")
-    return S3Storage(f"s3://{bucket}/runs/job1", endpoint_url=endpoint)
-
-
 def _raw_client(endpoint):
     return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
 

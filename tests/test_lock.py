@@ -1,0 +1,77 @@
+"""The job lock (``_sdbatch/lock.json``) on a local directory and on S3: one owner at a time,
+an expired lease taken over by exactly one of several racing drivers, a lost lease noticed."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from sdbatch import scheduler
+from sdbatch.output import LOCK_KEY
+from sdbatch.scheduler import JobLock, LockHeld, LockLost
+
+
+def lease(driver: str, *, expires_in: float) -> bytes:
+    now = time.time()
+    return json.dumps({"driver": driver, "host": "elsewhere", "pid": 1, "heartbeat_at": now,
+                       "expires_at": now + expires_in}).encode()
+
+
+def test_live_lock_refuses_a_second_driver(store):
+    first = JobLock.acquire(store)
+    try:
+        with pytest.raises(LockHeld, match="is being written by another sdbatch driver"):
+            JobLock.acquire(store)
+        assert json.loads(store.get(LOCK_KEY))["driver"] == first.owner["driver"]
+    finally:
+        first.release()
+    assert not store.exists(LOCK_KEY)
+
+
+def test_racing_drivers_take_an_expired_lock_exactly_once(store):
+    store.put(LOCK_KEY, lease("dead-driver", expires_in=-5))
+    n = 6
+    barrier = threading.Barrier(n)
+
+    def acquire(_):
+        barrier.wait()
+        try:
+            return JobLock.acquire(store)
+        except LockHeld:
+            return None
+
+    with ThreadPoolExecutor(n) as pool:
+        locks = list(pool.map(acquire, range(n)))
+    winners = [lock for lock in locks if lock is not None]
+    try:
+        assert len(winners) == 1
+        assert json.loads(store.get(LOCK_KEY))["driver"] == winners[0].owner["driver"]
+    finally:
+        for lock in winners:
+            lock.release()
+
+
+def test_a_lease_taken_over_is_noticed_and_left_to_its_new_owner(store, monkeypatch):
+    monkeypatch.setattr(scheduler, "HEARTBEAT_S", 0.2)
+    lock = JobLock.acquire(store)
+    time.sleep(0.5)
+    first_beat = json.loads(store.get(LOCK_KEY))
+    assert first_beat["driver"] == lock.owner["driver"] and lock.lost is None
+    lock.check()  # still ours
+
+    usurper = lease("usurper", expires_in=60)  # our lease lapsed; another driver took over
+    store.put(LOCK_KEY, usurper)
+    deadline = time.time() + 10
+    while lock.lost is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert lock.lost is not None and lock.lost["driver"] == "usurper"
+    with pytest.raises(LockLost, match="another sdbatch driver .host elsewhere, pid 1. took over the job lock"):
+        lock.check()
+    time.sleep(0.5)  # no more heartbeats: the new owner's lease is never overwritten
+    assert store.get(LOCK_KEY) == usurper
+    lock.release()
+    assert store.get(LOCK_KEY) == usurper
