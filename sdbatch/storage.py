@@ -24,6 +24,7 @@ handlers to every cached client, present and future.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import importlib
@@ -324,9 +325,14 @@ class LocalStorage:
         if not self.root.is_dir():
             raise StorageConfigError(f"output path {self.root} exists and is not a directory")
         key = f"{PROBE_PREFIX}probe-{uuid.uuid4().hex}"
+        probe_dir = self._path(key).parent
+        probe_dir_existed = probe_dir.exists()
         try:
             self.put(key, b"probe")
             self.delete(key)
+            if not probe_dir_existed:  # a refused job must leave a new OUT as it found it
+                with contextlib.suppress(OSError):  # another driver's files appeared meanwhile
+                    probe_dir.rmdir()
         except StorageConfigError:
             raise
         except StorageError as e:

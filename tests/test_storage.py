@@ -167,6 +167,8 @@ def test_bad_keys_refused(store, bad):
 def test_check_access_ok(store):
     store.check_access()
     assert [k for k in store.list("") if k.startswith("_sdbatch/probe")] == []
+    if isinstance(store, LocalStorage):  # a new output directory is left empty
+        assert list(store.root.iterdir()) == []
 
 
 # ---- local specifics --------------------------------------------------------------------------
