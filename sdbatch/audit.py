@@ -269,8 +269,7 @@ class Reproducer:
             "scheduler_config": gen.scheduler_config(entry["scheduler"]),
             "init_image": entry.get("init_image"),
             "strength": entry.get("strength"),
-            # indexes written before the column existed: the record had no such key either
-            **({"init_image_sha256": entry["init_image_sha256"]} if "init_image_sha256" in entry else {}),
+            "init_image_sha256": entry.get("init_image_sha256"),
             "extra": _extra_from_index(entry),
             "model_name": self.out.spec.model.name,
             "model_fingerprint": fp,

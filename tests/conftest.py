@@ -139,3 +139,24 @@ def small_rows() -> list[dict]:
 @_pytest_s3.fixture
 def small_manifest(tmp_path):
     return write_manifest(tmp_path / "manifest.parquet", small_rows())
+
+
+# --- process exit ------------------------------------------------------------------------------
+@_pytest_s3.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Leave as ``sdbatch.cli.main`` does: after the atexit handlers, through ``os._exit`` with
+    pytest's exit status. pyarrow's thread pool can abort a process during interpreter
+    finalisation (apache/arrow#34314), which would turn a green run's exit 0 into -6."""
+    import atexit
+
+    session = getattr(config, "_sdbatch_session", None)
+    if session is None:  # unconfigured before a session ran (``--help``, usage errors)
+        return
+    atexit._run_exitfuncs()
+    _sys.stdout.flush()
+    _sys.stderr.flush()
+    _os._exit(int(session.exitstatus))
+
+
+def pytest_sessionstart(session):
+    session.config._sdbatch_session = session
