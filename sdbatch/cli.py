@@ -165,7 +165,8 @@ def submit(
     from sdbatch.output import OutputMismatch, job_record
 
     job = job_record(spec, source, local_model_fingerprint(spec.model.name))
-    from sdbatch.scheduler import LockHeld, WorkerStartError, run_job
+    from sdbatch.lock import LockHeld
+    from sdbatch.scheduler import WorkerStartError, run_job
 
     t0 = time.monotonic()
     try:
@@ -218,7 +219,8 @@ def status(
     """Show a job's progress, read from its output location alone (works from any machine)."""
     import json
 
-    from sdbatch.output import JOB_KEY, PROGRESS_KEY, SUCCESS_KEY, committed_shards, read_json
+    from sdbatch.lock import lock_is_stale
+    from sdbatch.output import JOB_KEY, LOCK_KEY, PROGRESS_KEY, SUCCESS_KEY, committed_shards, read_json
     from sdbatch.storage import StorageError, open_storage
 
     try:
@@ -228,6 +230,7 @@ def status(
             raise fail(f"no sdbatch job at {out_location} (no _sdbatch/job.json)")
         progress = read_json(storage, PROGRESS_KEY) or {}
         success = read_json(storage, SUCCESS_KEY)
+        lock = read_json(storage, LOCK_KEY)
         committed = len(committed_shards(storage))
     except StorageError as exc:
         raise fail(str(exc)) from None
@@ -235,12 +238,20 @@ def status(
     total = job["manifest"]["num_rows"]
     shards_total = -(-total // rps)
     state = "finished" if success else progress.get("state", "not started")
+    driver_alive = lock is not None and not lock_is_stale(lock)
+    if state == "running" and not driver_alive:  # progress.json's last word came from a driver that died
+        state = "interrupted (no driver is running it; run the same command to resume)"
     if as_json:
         stdout.print_json(json.dumps({"state": state, "shards_committed": committed, "shards_total": shards_total,
+                                    "driver": lock, "driver_alive": driver_alive,
                                     "progress": progress, "success": success}))
         return
     stdout.print(f"job        {job['fingerprint']}  ({job['manifest']['source']}, {total} rows)")
     stdout.print(f"state      {state}")
+    if lock is not None:
+        since = time.time() - float(lock.get("heartbeat_at", 0))
+        who = f"host {lock.get('host')}, pid {lock.get('pid')}, last heartbeat {since:.0f} s ago"
+        stdout.print(f"driver     {who}" if driver_alive else f"driver     gone ({who}; its lease has expired)")
     stdout.print(f"shards     {committed}/{shards_total} committed")
     if progress:
         stdout.print(

@@ -13,13 +13,9 @@ When every shard is committed it merges the index and writes ``_SUCCESS``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import socket
-import threading
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,9 +25,9 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import sdbatch
+from sdbatch.lock import JobLock
 from sdbatch.manifest import Manifest, passthrough_types, read_rows
 from sdbatch.output import (
-    LOCK_KEY,
     SUCCESS_KEY,
     STATUS_FAILED,
     claim_job,
@@ -44,14 +40,12 @@ from sdbatch.output import (
 from sdbatch.plan import ShardSpec, num_shards, pending_shards, shard
 from sdbatch.progress import ProgressFeed, utc_now
 from sdbatch.spec import JobSpec
-from sdbatch.storage import NotFound, Storage
+from sdbatch.storage import Storage
 from sdbatch.worker import ShardResult, TestChaos, WorkerActor
 
 log = logging.getLogger("sdbatch.scheduler")
 
 PREFETCH_DEPTH = 2  # shards handed to one actor at a time: the running one and the next
-LOCK_LEASE_S = 60.0
-HEARTBEAT_S = 10.0
 MIN_HANG_TIMEOUT_S = 300.0  # first batches include warm-up; a GPU batch rarely takes minutes
 HANG_FACTOR = 10.0
 MAX_START_FAILURES = 5
@@ -61,10 +55,6 @@ EXIT_OK = 0
 EXIT_ROWS_FAILED = 3  # finished; some rows failed permanently (rerun with --retry-failed)
 EXIT_STOPPED = 4  # stopped at --deadline; rerun to resume
 EXIT_SHARDS_FAILED = 5  # some shards failed on every attempt; rerun to retry them
-
-
-class LockHeld(RuntimeError):
-    """Another live driver holds the job lock on OUT."""
 
 
 @ray.remote(num_cpus=0)
@@ -91,111 +81,6 @@ class ProgressTracker:
 
     def snapshot(self) -> tuple[dict[str, list[Any]], float]:
         return self.shards, self.slowest_batch
-
-
-class LockLost(LockHeld):
-    """Another driver took over this driver's lock (its lease ran out: heartbeats failed)."""
-
-
-@dataclass
-class JobLock:
-    """The driver's lease on OUT (``_sdbatch/lock.json``): created once, renewed every
-    HEARTBEAT_S, taken over by another driver only when expired. Renewal and takeover are
-    compare-and-swap writes (``Storage.replace_if``), so of two drivers racing for an expired
-    lock exactly one wins, and a driver whose lease was taken over learns it at its next
-    heartbeat (``lost``) instead of overwriting the new owner's lease."""
-
-    storage: Storage
-    owner: dict[str, Any]
-    tag: str = ""
-    lost: dict[str, Any] | None = None  # the lock body of the driver that took over
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    @classmethod
-    def acquire(cls, storage: Storage) -> JobLock:
-        owner = {"driver": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "started_at": utc_now()}
-        lock = cls(storage, owner)
-        body = lock._body()
-        while True:
-            if storage.put_new(LOCK_KEY, body).created:
-                stored, tag = storage.get_tagged(LOCK_KEY)
-                if json.loads(stored).get("driver") == owner["driver"]:
-                    break
-                continue  # a takeover replaced ours between the two calls: look again
-            try:
-                stored, tag = storage.get_tagged(LOCK_KEY)
-            except NotFound:  # released meanwhile: try to create it again
-                continue
-            held = json.loads(stored)
-            if not _lock_is_stale(held):
-                raise LockHeld(
-                    f"{storage.url} is being written by another sdbatch driver "
-                    f"(host {held.get('host')}, pid {held.get('pid')}, last heartbeat {held.get('heartbeat_at')}). "
-                    f"Wait for it to finish, or for its lease to expire ({int(LOCK_LEASE_S)} s after its last "
-                    "heartbeat) if it died."
-                )
-            new_tag = storage.replace_if(LOCK_KEY, body, tag)
-            if new_tag is not None:
-                log.warning("took over the expired lock of driver %s on %s", held.get("driver"), held.get("host"))
-                tag = new_tag
-                break
-            # another driver renewed or took over the lock first: look again
-        lock.tag = tag
-        lock._thread = threading.Thread(target=lock._heartbeat, name="sdbatch-lock", daemon=True)
-        lock._thread.start()
-        return lock
-
-    def _body(self) -> bytes:
-        now = time.time()
-        return json.dumps({**self.owner, "heartbeat_at": now, "expires_at": now + LOCK_LEASE_S}).encode()
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                self.renew()
-            except Exception as exc:  # a missed heartbeat is survivable; the lease is 6 beats long
-                log.warning("lock heartbeat failed: %s", exc)
-            if self.lost is not None:
-                return
-
-    def renew(self) -> None:
-        new_tag = self.storage.replace_if(LOCK_KEY, self._body(), self.tag)
-        if new_tag is not None:
-            self.tag = new_tag
-            return
-        held = read_json(self.storage, LOCK_KEY) or {}
-        self.lost = held
-        log.error("lost the job lock on %s to driver %s on %s (pid %s): this driver's lease had expired",
-                  self.storage.url, held.get("driver"), held.get("host"), held.get("pid"))
-
-    def check(self) -> None:
-        """Raise LockLost if another driver has taken the lock over."""
-        if self.lost is not None:
-            raise LockLost(
-                f"another sdbatch driver (host {self.lost.get('host')}, pid {self.lost.get('pid')}) took over "
-                f"the job lock on {self.storage.url} after this driver's lease expired (heartbeats failed for "
-                f"{int(LOCK_LEASE_S)} s); this driver stopped. Committed shards are kept; the other driver goes on."
-            )
-
-    def release(self) -> None:
-        self._stop.set()
-        held = read_json(self.storage, LOCK_KEY) or {}
-        if held.get("driver") == self.owner["driver"]:
-            self.storage.delete(LOCK_KEY)
-
-
-def _lock_is_stale(held: dict[str, Any]) -> bool:
-    if held.get("expires_at", 0) < time.time():
-        return True
-    if held.get("host") == socket.gethostname():  # same machine: a dead pid cannot heartbeat
-        try:
-            os.kill(int(held.get("pid", -1)), 0)
-        except (ProcessLookupError, ValueError):
-            return True
-        except PermissionError:
-            return False
-    return False
 
 
 def connect_ray(address: str | None) -> None:

@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from sdbatch import scheduler
+from sdbatch import lock as job_lock
+from sdbatch.lock import JobLock, LockHeld, LockLost
 from sdbatch.output import LOCK_KEY
-from sdbatch.scheduler import JobLock, LockHeld, LockLost
 
 
 def lease(driver: str, *, expires_in: float) -> bytes:
@@ -56,7 +56,7 @@ def test_racing_drivers_take_an_expired_lock_exactly_once(store):
 
 
 def test_a_lease_taken_over_is_noticed_and_left_to_its_new_owner(store, monkeypatch):
-    monkeypatch.setattr(scheduler, "HEARTBEAT_S", 0.2)
+    monkeypatch.setattr(job_lock, "HEARTBEAT_S", 0.2)
     lock = JobLock.acquire(store)
     time.sleep(0.5)
     first_beat = json.loads(store.get(LOCK_KEY))

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -94,8 +95,15 @@ def test_driver_killed_mid_job_resumes_without_redoing_committed_shards(ray_addr
     while time.time() < deadline and len(list((out / "metadata").glob("*.parquet"))) < 2:
         assert driver.poll() is None, driver.communicate()
         time.sleep(0.2)
+    running = subprocess.run([sys.executable, "-m", "sdbatch", "status", str(out)], capture_output=True, text=True)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
+    assert running.returncode == 0, running.stderr
+    assert f"pid {driver.pid}, last heartbeat" in running.stdout and "gone" not in running.stdout
+    killed = subprocess.run([sys.executable, "-m", "sdbatch", "status", str(out)], capture_output=True, text=True)
+    said = " ".join(killed.stdout.split())
+    assert "state interrupted (no driver is running it; run the same command to resume)" in said, killed.stdout
+    assert f"driver gone (host {socket.gethostname()}, pid {driver.pid}" in said
     committed = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "metadata").glob("*.parquet")}
     assert 2 <= len(committed) < 12, "the driver must be killed mid-job"
     assert not (out / "_SUCCESS").exists()

@@ -1,0 +1,139 @@
+"""The job lock: one driver at a time writes an output location (DESIGN §4, ``_sdbatch/lock.json``).
+
+The lock is a lease: created once, renewed every HEARTBEAT_S, valid for LOCK_LEASE_S after its
+last renewal, and taken over by another driver only once expired (or, on the same host, once
+its process is gone). Renewal and takeover are compare-and-swap writes on the store
+(``Storage.replace_if``: S3 ``If-Match``, a local ``flock``). Needs no Ray, so ``sdbatch
+status`` can say who holds a job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdbatch.output import LOCK_KEY, read_json
+from sdbatch.progress import utc_now
+from sdbatch.storage import NotFound, Storage
+
+log = logging.getLogger("sdbatch.lock")
+
+LOCK_LEASE_S = 60.0
+HEARTBEAT_S = 10.0
+
+
+class LockHeld(RuntimeError):
+    """Another live driver holds the job lock on OUT."""
+
+
+class LockLost(LockHeld):
+    """Another driver took over this driver's lock (its lease ran out: heartbeats failed)."""
+
+
+@dataclass
+class JobLock:
+    """The driver's lease on OUT (``_sdbatch/lock.json``): created once, renewed every
+    HEARTBEAT_S, taken over by another driver only when expired. Renewal and takeover are
+    compare-and-swap writes (``Storage.replace_if``), so of two drivers racing for an expired
+    lock exactly one wins, and a driver whose lease was taken over learns it at its next
+    heartbeat (``lost``) instead of overwriting the new owner's lease."""
+
+    storage: Storage
+    owner: dict[str, Any]
+    tag: str = ""
+    lost: dict[str, Any] | None = None  # the lock body of the driver that took over
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    @classmethod
+    def acquire(cls, storage: Storage) -> JobLock:
+        owner = {"driver": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "started_at": utc_now()}
+        lock = cls(storage, owner)
+        body = lock._body()
+        while True:
+            if storage.put_new(LOCK_KEY, body).created:
+                stored, tag = storage.get_tagged(LOCK_KEY)
+                if json.loads(stored).get("driver") == owner["driver"]:
+                    break
+                continue  # a takeover replaced ours between the two calls: look again
+            try:
+                stored, tag = storage.get_tagged(LOCK_KEY)
+            except NotFound:  # released meanwhile: try to create it again
+                continue
+            held = json.loads(stored)
+            if not lock_is_stale(held):
+                raise LockHeld(
+                    f"{storage.url} is being written by another sdbatch driver "
+                    f"(host {held.get('host')}, pid {held.get('pid')}, last heartbeat {held.get('heartbeat_at')}). "
+                    f"Wait for it to finish, or for its lease to expire ({int(LOCK_LEASE_S)} s after its last "
+                    "heartbeat) if it died."
+                )
+            new_tag = storage.replace_if(LOCK_KEY, body, tag)
+            if new_tag is not None:
+                log.warning("took over the expired lock of driver %s on %s", held.get("driver"), held.get("host"))
+                tag = new_tag
+                break
+            # another driver renewed or took over the lock first: look again
+        lock.tag = tag
+        lock._thread = threading.Thread(target=lock._heartbeat, name="sdbatch-lock", daemon=True)
+        lock._thread.start()
+        return lock
+
+    def _body(self) -> bytes:
+        now = time.time()
+        return json.dumps({**self.owner, "heartbeat_at": now, "expires_at": now + LOCK_LEASE_S}).encode()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self.renew()
+            except Exception as exc:  # a missed heartbeat is survivable; the lease is 6 beats long
+                log.warning("lock heartbeat failed: %s", exc)
+            if self.lost is not None:
+                return
+
+    def renew(self) -> None:
+        new_tag = self.storage.replace_if(LOCK_KEY, self._body(), self.tag)
+        if new_tag is not None:
+            self.tag = new_tag
+            return
+        held = read_json(self.storage, LOCK_KEY) or {}
+        self.lost = held
+        log.error("lost the job lock on %s to driver %s on %s (pid %s): this driver's lease had expired",
+                  self.storage.url, held.get("driver"), held.get("host"), held.get("pid"))
+
+    def check(self) -> None:
+        """Raise LockLost if another driver has taken the lock over."""
+        if self.lost is not None:
+            raise LockLost(
+                f"another sdbatch driver (host {self.lost.get('host')}, pid {self.lost.get('pid')}) took over "
+                f"the job lock on {self.storage.url} after this driver's lease expired (heartbeats failed for "
+                f"{int(LOCK_LEASE_S)} s); this driver stopped. Committed shards are kept; the other driver goes on."
+            )
+
+    def release(self) -> None:
+        self._stop.set()
+        held = read_json(self.storage, LOCK_KEY) or {}
+        if held.get("driver") == self.owner["driver"]:
+            self.storage.delete(LOCK_KEY)
+
+
+def lock_is_stale(held: dict[str, Any]) -> bool:
+    """Whether the lease in ``held`` (a lock.json body) may be taken over."""
+    if held.get("expires_at", 0) < time.time():
+        return True
+    if held.get("host") == socket.gethostname():  # same machine: a dead pid cannot heartbeat
+        try:
+            os.kill(int(held.get("pid", -1)), 0)
+        except (ProcessLookupError, ValueError):
+            return True
+        except PermissionError:
+            return False
+    return False
