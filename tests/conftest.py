@@ -19,6 +19,26 @@ _S3_FAKE_ENV = {
 }
 
 
+def _serialise_conditional_puts(mp) -> None:
+    """moto 5.2 evaluates ``If-None-Match`` / ``If-Match`` on PutObject and then writes, with
+    no lock between the two: a thread switch in between lets two racing conditional PUTs both
+    succeed (rare — none in 200 eight-way races here — but possible), where S3 decides them
+    atomically. One lock around moto's PutObject handler gives the tests S3's semantics, so
+    the create-once and compare-and-swap races they run cannot flake."""
+    import threading
+
+    from moto.s3.responses import S3Response
+
+    handler = S3Response.put_object
+    lock = threading.Lock()
+
+    def put_object(self):
+        with lock:
+            return handler(self)
+
+    mp.setattr(S3Response, "put_object", put_object)
+
+
 @_pytest_s3.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server (moto) on 127.0.0.1; yields its endpoint URL.
@@ -36,6 +56,7 @@ def s3_server():
         mp.setenv(k, v)
     for k in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         mp.delenv(k, raising=False)
+    _serialise_conditional_puts(mp)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
