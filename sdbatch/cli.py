@@ -2,8 +2,8 @@
 
 Exit codes: 0 done; 2 bad input (manifest, spec, model, output location, lock held);
 3 finished but some rows failed permanently; 4 stopped at --deadline (resumable);
-5 some shards failed on every attempt (resumable); 130 interrupted (resumable).
-``--help``, ``validate`` and ``status`` never import torch.
+5 some shards failed on every attempt, or the storage failed (resumable); 130 interrupted
+(resumable). ``--help``, ``validate`` and ``status`` never import torch.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ stdout = Console(highlight=False)
 EXIT_CODES_HELP = (
     "Exit codes: 0 done; 2 bad input (manifest, spec, model, --out, lock held); "
     "3 finished, some rows failed (rerun with --retry-failed); 4 stopped at --deadline (rerun to resume); "
-    "5 some shards failed on every attempt (rerun to retry); 130 interrupted (rerun to resume)."
+    "5 some shards failed on every attempt, or the storage failed (rerun to retry); 130 interrupted (rerun to resume)."
 )
 
 SpecOpt = typer.Option(None, "--spec", help="Job spec YAML (see `sdbatch spec --schema`, jobs/example-full.yaml).")
@@ -112,6 +112,7 @@ def submit(
     s3_endpoint: Optional[str] = EndpointOpt,
     deadline: Optional[str] = typer.Option(None, "--deadline", help="Start no shard at or after HH:MM or a duration (90m, 2h); running shards finish, the rest wait for a rerun (exit 4)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Also regenerate rows that failed permanently in an earlier run."),
+    new_run: bool = typer.Option(False, "--new-run", help="Start over: delete the job OUT holds (its images, metadata, index, _SUCCESS, _sdbatch state; no other file) and run this one there."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Validate MANIFEST, then generate every row's image into OUT (resuming what OUT holds)."""
@@ -119,7 +120,7 @@ def submit(
     use_endpoint(s3_endpoint)
     from sdbatch.manifest import ManifestError, open_manifest, validate_manifest
     from sdbatch.spec import SpecError, load_spec
-    from sdbatch.storage import StorageError, open_storage
+    from sdbatch.storage import StorageConfigError, StorageError, open_storage
 
     overrides: dict[str, Any] = {
         "model.name": model,
@@ -166,16 +167,18 @@ def submit(
 
     job = job_record(spec, source, local_model_fingerprint(spec.model.name))
     from sdbatch.lock import LockHeld
-    from sdbatch.scheduler import WorkerStartError, run_job
+    from sdbatch.scheduler import EXIT_SHARDS_FAILED, WorkerStartError, run_job
 
     t0 = time.monotonic()
     try:
         outcome = run_job(
             spec, source, storage, job, address=address, endpoint_url=s3_endpoint, deadline=deadline_at,
-            retry_failed=retry_failed,
+            retry_failed=retry_failed, new_run=new_run,
         )
-    except (OutputMismatch, LockHeld, WorkerStartError) as exc:
+    except (OutputMismatch, LockHeld, WorkerStartError, StorageConfigError) as exc:
         raise fail(str(exc)) from None
+    except StorageError as exc:
+        raise fail(f"{exc}; committed shards are kept — run the same command again to go on", EXIT_SHARDS_FAILED) from None
     except KeyboardInterrupt:
         raise fail("interrupted; committed shards are kept — run the same command again to resume", 130) from None
     wall = time.monotonic() - t0

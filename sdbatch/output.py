@@ -38,6 +38,8 @@ JOB_KEY = "_sdbatch/job.json"
 LOCK_KEY = "_sdbatch/lock.json"
 PROGRESS_KEY = "_sdbatch/progress.json"
 METADATA_PREFIX = "metadata/"
+IMAGES_PREFIX = "images/"
+TARS_PREFIX = "shards/"
 INDEX_KEY = "index.parquet"
 SUCCESS_KEY = "_SUCCESS"
 
@@ -50,11 +52,11 @@ class OutputMismatch(ValueError):
 
 
 def image_key(shard_name: str, row_id: str, ext: str) -> str:
-    return f"images/{shard_name}/{row_id}.{ext}"
+    return f"{IMAGES_PREFIX}{shard_name}/{row_id}.{ext}"
 
 
 def tar_key(shard_name: str) -> str:
-    return f"shards/{shard_name}.tar"
+    return f"{TARS_PREFIX}{shard_name}.tar"
 
 
 def metadata_key(shard_name: str) -> str:
@@ -224,6 +226,24 @@ def job_record(spec: JobSpec, manifest: Manifest, model_fingerprint: str | None)
     }
 
 
+#: What a job writes under OUT, in the order ``clear_job`` deletes it: the commits first and
+#: job.json last, so an interrupted clear leaves a state of the old job that still resumes
+#: (job.json names it; its uncommitted shards are simply redone), and a new job is claimed
+#: only once no image of the old one is left for it to adopt under the same key.
+JOB_PARTS_IN_DELETE_ORDER = (METADATA_PREFIX, INDEX_KEY, SUCCESS_KEY, IMAGES_PREFIX, TARS_PREFIX, PROGRESS_KEY, JOB_KEY)
+
+
+def clear_job(storage: Storage) -> int:
+    """Delete every object a job wrote under OUT (not the lock: the caller holds it; not files
+    of the user's own there). Returns how many objects were deleted."""
+    deleted = 0
+    for part in JOB_PARTS_IN_DELETE_ORDER:
+        keys = storage.list(part) if part.endswith("/") else [part] if storage.exists(part) else []
+        storage.delete_many(keys)
+        deleted += len(keys)
+    return deleted
+
+
 def claim_job(storage: Storage, job: dict[str, Any]) -> bool:
     """Write job.json first; on an OUT that already has one, the fingerprints must agree.
     Returns True when resuming an existing job."""
@@ -235,6 +255,7 @@ def claim_job(storage: Storage, job: dict[str, Any]) -> bool:
         raise OutputMismatch(
             f"{storage.url} already holds a different job (fingerprint {existing.get('fingerprint')}, "
             f"manifest {existing.get('manifest', {}).get('source')!r}); this one has fingerprint "
-            f"{job['fingerprint']}. Resume only with the same manifest and settings, or choose a new --out."
+            f"{job['fingerprint']}. Resume only with the same manifest and settings, choose a new --out, or "
+            "pass --new-run to delete that job's output and start this one there."
         )
     return True

@@ -31,6 +31,7 @@ from sdbatch.output import (
     SUCCESS_KEY,
     STATUS_FAILED,
     claim_job,
+    clear_job,
     committed_shards,
     merge_index,
     read_json,
@@ -418,11 +419,21 @@ def _short(exc: BaseException) -> str:
     return text[-1][:300] if text else type(exc).__name__
 
 
-def run_job(spec: JobSpec, manifest: Manifest, storage: Storage, job: dict[str, Any], **options: Any) -> JobOutcome:
-    """Claim OUT, lock it, run every pending shard, and finish the index."""
-    claim_job(storage, job)
+def run_job(
+    spec: JobSpec, manifest: Manifest, storage: Storage, job: dict[str, Any], *, new_run: bool = False,
+    **options: Any,
+) -> JobOutcome:
+    """Claim OUT, lock it, run every pending shard, and finish the index. ``new_run`` first
+    deletes whatever job OUT holds — under the lock, so no other driver writes it meanwhile."""
+    if not new_run:
+        claim_job(storage, job)
     lock = JobLock.acquire(storage)
     try:
+        if new_run:
+            deleted = clear_job(storage)
+            if deleted:
+                log.warning("--new-run: deleted the previous job's %d objects under %s", deleted, storage.url)
+            claim_job(storage, job)
         return Driver(spec, manifest, storage, job, lock=lock, **options).run()
     finally:
         lock.release()

@@ -112,6 +112,7 @@ class Storage(Protocol):
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str) -> list[str]: ...
     def delete(self, key: str) -> None: ...
+    def delete_many(self, keys: list[str]) -> None: ...
     def check_access(self) -> None: ...
 
 
@@ -309,6 +310,10 @@ class LocalStorage:
             pass
         except OSError as e:
             raise StorageError(f"cannot delete {self.url}/{key}: {e}") from e
+
+    def delete_many(self, keys: list[str]) -> None:
+        for key in keys:
+            self.delete(key)
 
     def check_access(self) -> None:
         try:
@@ -753,6 +758,18 @@ class S3Storage:
 
     def delete(self, key: str) -> None:
         self._call(f"delete_object {key}", self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
+
+    def delete_many(self, keys: list[str]) -> None:
+        """``DeleteObjects``, 1,000 keys a request (the API's limit)."""
+        for start in range(0, len(keys), 1000):
+            chunk = [{"Key": self._key(k)} for k in keys[start:start + 1000]]
+            resp = self._call(f"delete_objects ({len(chunk)} keys)", self.client.delete_objects,
+                              Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True})
+            if resp.get("Errors"):
+                first = resp["Errors"][0]
+                raise StorageError(f"S3 could not delete {len(resp['Errors'])} objects under {self.url}, e.g. "
+                                   f"{first.get('Key')}: {first.get('Code')} {first.get('Message')}",
+                                   transient=first.get("Code") in _TRANSIENT_CODES)
 
     def check_access(self) -> None:
         # Preflight uses at most 3 attempts so an unreachable endpoint fails in seconds.

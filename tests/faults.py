@@ -31,6 +31,7 @@ ListObjectsV2, ...) or ``"*"`` for all S3 operations. A rule has:
 - ``fraction``: probability a matching request fails (seeded ``random.Random(seed)``), default 1.0
 - ``seed``: RNG seed (default 0)
 - ``first``: fail only the first N matching requests (then pass)
+- ``after``: let the first N matching requests pass (then apply the rule)
 - ``max``: stop injecting after N faults
 - ``outage``: ``{"after": s, "duration": s}`` relative to install time, or
   ``{"start": epoch_s, "duration": s}`` absolute (works across processes): inside the window
@@ -84,6 +85,7 @@ class _Rule:
         self.fraction = float(spec.get("fraction", 1.0))
         self.rng = random.Random(spec.get("seed", 0))
         self.first = spec.get("first")
+        self.after = int(spec.get("after", 0))
         self.max = spec.get("max")
         self.window: tuple[float, float] | None = None
         if "outage" in spec:
@@ -97,6 +99,8 @@ class _Rule:
         """Called under the injector lock. Returns the fault kind or None."""
         self.seen += 1
         if self.first is not None and self.seen > int(self.first):
+            return None
+        if self.seen <= self.after:
             return None
         if self.max is not None and self.injected >= int(self.max):
             return None

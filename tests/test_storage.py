@@ -201,16 +201,19 @@ def test_s3_keys_are_under_prefix(s3_bucket):
     assert s.list("") == ["images/a.png"]
 
 
-def test_s3_list_paginates_over_1000_keys(s3_bucket):
+def test_s3_list_and_delete_many_page_over_1000_keys(s3_bucket):
     endpoint, bucket = s3_bucket
     s = S3Storage(f"s3://{bucket}/p", endpoint_url=endpoint, max_pool_connections=8)
     keys = [f"metadata/{i:05d}.parquet" for i in range(1005)]
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda k: s.put(k, b""), keys))
-    with FaultInjector({"ListObjectsV2": {"fraction": 0.0}}) as counter:  # counts requests only
-        listed = s.list("metadata/")
+    s.put("keep.txt", b"not listed below metadata/")
+    with FaultInjector({"ListObjectsV2": {"fraction": 0.0}, "DeleteObjects": {"fraction": 0.0}}) as counter:
+        listed = s.list("metadata/")  # (fraction 0: counts requests only)
+        s.delete_many(listed)
     assert listed == keys
-    assert counter.requests("ListObjectsV2") == 2
+    assert counter.requests("ListObjectsV2") == 2 and counter.requests("DeleteObjects") == 2
+    assert s.list("") == ["keep.txt"]
 
 
 def test_open_storage_bad_urls():
