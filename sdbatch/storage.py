@@ -599,6 +599,24 @@ def _put_if_absent(client: Any, bucket: str, key: str, body: bytes) -> bool:
     return True
 
 
+def _if_match_refused(client: Any, bucket: str, key: str) -> bool:
+    """Whether a ``put_object`` whose ``If-Match`` cannot match is refused (412), as the job
+    lock's compare-and-swap needs; False when the store ignores the header or does not
+    implement it."""
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=b"probe3", IfMatch='"' + "0" * 32 + '"')
+    except Exception as e:
+        if not _is_botocore_error(e):
+            raise
+        code, status = _error_code(e)
+        if status == 412:
+            return True
+        if status == 501 or code == "NotImplemented":
+            return False
+        raise
+    return False
+
+
 def _is_botocore_error(e: Exception) -> bool:
     from botocore import exceptions as bx
 
@@ -786,6 +804,8 @@ class S3Storage:
             # False here means a retry after a lost response found our own probe
             _put_if_absent(client, self.bucket, probe, b"probe")
             honoured = not _put_if_absent(client, self.bucket, probe, b"probe2")
+            step = "put_object(If-Match) probe"
+            swap_honoured = _if_match_refused(client, self.bucket, probe)
             step = "get_object probe"
             client.get_object(Bucket=self.bucket, Key=probe)["Body"].read()
             step = "list_objects_v2"
@@ -800,6 +820,12 @@ class S3Storage:
             if not isinstance(err, StorageConfigError):
                 err = StorageConfigError(f"S3 preflight failed: {err}", transient=err.transient)
             raise err from None
+        if not swap_honoured:
+            log.warning(
+                "S3 endpoint %s (bucket %r) does not honour If-Match on PutObject: the job lock falls back to "
+                "last-writer-wins (two drivers racing for an expired lock could both run; create-once writes "
+                "still keep every row exactly once)", _redact_url(self.endpoint_url) or "AWS default", self.bucket,
+            )
         if not honoured:
             raise StorageConfigError(
                 f"S3 endpoint {self.endpoint_url or 'AWS default'} (bucket {self.bucket!r}) ignores "

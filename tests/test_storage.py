@@ -284,6 +284,28 @@ def test_check_access_detects_store_ignoring_if_none_match(s3_bucket):
     assert s.list("") == []  # the probe was removed
 
 
+def test_check_access_warns_when_the_store_ignores_if_match(s3_bucket, caplog):
+    endpoint, bucket = s3_bucket
+    s = S3Storage(f"s3://{bucket}/out", endpoint_url=endpoint)
+    with caplog.at_level(logging.WARNING, logger="sdbatch.storage"):
+        s.check_access()
+    assert "If-Match" not in caplog.text  # moto honours it
+
+    def strip(request, **kw):  # a store without compare-and-swap behaves like this
+        if "If-Match" in request.headers:
+            del request.headers["If-Match"]
+
+    unregister = st.register_client_hook(lambda c: c.meta.events.register("before-send.s3.PutObject", strip))
+    try:
+        with caplog.at_level(logging.WARNING, logger="sdbatch.storage"):
+            s.check_access()  # a warning, not an error: create-once still holds
+    finally:
+        unregister()
+        st.clear_client_cache()
+    assert "does not honour If-Match" in caplog.text and bucket in caplog.text
+    assert s.list("") == []  # the probe was removed
+
+
 def test_error_classification():
     from botocore.exceptions import ClientError
 
