@@ -224,6 +224,7 @@ def status(
 
     from sdbatch.lock import lock_is_stale
     from sdbatch.output import JOB_KEY, LOCK_KEY, PROGRESS_KEY, SUCCESS_KEY, committed_shards, read_json
+    from sdbatch.plan import num_shards
     from sdbatch.storage import StorageError, open_storage
 
     try:
@@ -239,7 +240,7 @@ def status(
         raise fail(str(exc)) from None
     rps = job["spec"]["resources"]["rows_per_shard"]
     total = job["manifest"]["num_rows"]
-    shards_total = -(-total // rps)
+    shards_total = num_shards(total, rps)
     state = "finished" if success else progress.get("state", "not started")
     driver_alive = lock is not None and not lock_is_stale(lock)
     if state == "running" and not driver_alive:  # progress.json's last word came from a driver that died

@@ -133,6 +133,7 @@ class Manifest:
     fingerprint: str
     base_dir: str
     file_rows: tuple[int, ...] = ()
+    schema: pa.Schema = pa.schema([])  # the first file's Arrow schema
 
     @property
     def passthrough_columns(self) -> tuple[str, ...]:
@@ -324,6 +325,7 @@ def open_manifest(source: str) -> Manifest:
     source = str(source)
     files, base_dir = _list_remote(source) if _is_uri(source) else _list_local(source)
     columns: tuple[str, ...] | None = None
+    schema: pa.Schema | None = None
     file_rows: list[int] = []
     h = hashlib.sha256(b"sdbatch-manifest-v1\0")
     for path in files:
@@ -342,7 +344,7 @@ def open_manifest(source: str) -> Manifest:
                 f"{', '.join(names) or '(none)'}"
             )
         if columns is None:
-            columns = names
+            columns, schema = names, pf.schema_arrow
         elif set(names) != set(columns):
             missing = sorted(set(columns) - set(names))
             extra = sorted(set(names) - set(columns))
@@ -374,6 +376,7 @@ def open_manifest(source: str) -> Manifest:
         fingerprint=h.hexdigest()[:16],
         base_dir=base_dir,
         file_rows=tuple(file_rows),
+        schema=schema,
     )
 
 
@@ -620,11 +623,6 @@ class ValidationReport:
 
 # --- value types --------------------------------------------------------------------------------
 
-_STRING_COLS = ("prompt", "negative_prompt", "scheduler", "init_image")
-_INT_COLS = ("seed", "steps", "width", "height")
-_FLOAT_COLS = ("guidance_scale", "strength")
-
-
 def _kind(t: pa.DataType) -> str:
     if pa.types.is_dictionary(t):
         return _kind(t.value_type)
@@ -673,8 +671,6 @@ def _value_at(arr: pa.Array, i: int) -> str:
     except UnicodeDecodeError:
         raw = arr.cast(pa.large_binary() if pa.types.is_large_string(arr.type) else pa.binary())[i].as_py()
         return _repr_value(raw) + " (invalid UTF-8)"
-    if isinstance(v, str) and len(v) > 80:
-        return _repr_value(v)
     return _repr_value(v)
 
 
@@ -789,7 +785,6 @@ class _Counts:
 
     def __init__(self) -> None:
         self.counts: dict[Any, int] = {}
-        self.other = 0
 
     def add(self, values: np.ndarray) -> None:
         if len(values) == 0:
@@ -798,18 +793,15 @@ class _Counts:
         for k, c in zip(keys.tolist(), cnts.tolist()):
             if k in self.counts or len(self.counts) < self.CAP:
                 self.counts[k] = self.counts.get(k, 0) + c
-            else:
-                self.other += c
 
 
 class _Collector:
     """Counts every issue; keeps the first ``limit`` by (row, column) order."""
 
-    def __init__(self, limit: int, num_rows: int) -> None:
+    def __init__(self, limit: int) -> None:
         self.limit = limit
         self.kept: list[RowIssue] = []
         self.count = 0
-        self.bad = 0  # rows with at least one issue (bounded per batch)
         self._col_order = {c: i for i, c in enumerate(KNOWN_COLUMNS)}
 
     def full_before(self, row: int) -> bool:
@@ -1007,7 +999,7 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
     ``distinct prompts`` is exact up to 65,536 and a K-minimum-values estimate beyond.
     """
     lim, d = spec.limits, spec.defaults
-    coll = _Collector(lim.max_errors_shown, manifest.num_rows)
+    coll = _Collector(lim.max_errors_shown)
     _check_spec_defaults(spec, coll)
     present = set(manifest.columns)
     read_cols = [c for c in KNOWN_COLUMNS if c in present]
@@ -1199,8 +1191,7 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
 
 def passthrough_types(manifest: Manifest) -> dict[str, pa.DataType]:
     """The passthrough columns' Arrow types, as the index keeps them."""
-    schema = _parquet_file(manifest.files[0]).schema_arrow
-    return {c: schema.field(c).type for c in manifest.passthrough_columns}
+    return {c: manifest.schema.field(c).type for c in manifest.passthrough_columns}
 
 
 def _find_duplicate_ids(manifest: Manifest, hashes: np.ndarray, valid: np.ndarray, coll: _Collector, batch_size: int) -> int:
