@@ -186,7 +186,7 @@ class Driver:
         skipped = len(committed)
         done_before = sum(shard(int(n), total_rows, rps).num_rows for n in committed if int(n) < num_shards(total_rows, rps))
         if not queue:
-            return self._finish(started, skipped, 0, 0, [], "nothing to generate: every shard is already committed")
+            return self._finish(started, skipped, 0, 0, "nothing to generate: every shard is already committed")
         connect_ray(self.address)
         log.info("%d shards to generate, %d already committed", len(queue), skipped)
 
@@ -205,7 +205,6 @@ class Driver:
         rows_ok = rows_failed = regenerated = 0
         shards_committed = skipped
         shards_left = 0  # not started because of the deadline; a rerun does them
-        state = "finished"
         try:
             while queue or any(a.inflight for a in pool):
                 if self.lock is not None:
@@ -214,7 +213,6 @@ class Driver:
                     log.warning("deadline reached: starting no new shards; %d queued shards left for a rerun", len(queue))
                     shards_left += len(queue)
                     queue.clear()
-                    state = "stopped"
                 pool = self._start_ready(pool)
                 for actor in pool:
                     while actor.is_ready and queue and len(actor.inflight) < PREFETCH_DEPTH:
@@ -226,6 +224,8 @@ class Driver:
                 dead = []
                 for actor in pool:
                     for item in [w for w in actor.inflight if w.future in ready]:
+                        if actor in dead:  # shards queued behind the one it died running: _replace
+                            break
                         actor.inflight.remove(item)
                         self.tracker.forget.remote(item.shard.name)
                         try:
@@ -243,7 +243,6 @@ class Driver:
                             log.info("shard %s not started: the deadline had passed", item.shard.name)
                             self.deadline_passed = True  # the worker's clock says so, whatever ours says
                             shards_left += 1
-                            state = "stopped"
                             continue
                         shards_committed += item.retry_ids is None
                         if result.committed:
@@ -260,8 +259,8 @@ class Driver:
                     rows_ok + sum(e[0] for e in live.values()), rows_failed + sum(e[1] for e in live.values()),
                     shards_committed=shards_committed, shards_failed=len(self.failed_shards), workers=len(pool),
                 )
-        except KeyboardInterrupt:
-            progress.close("interrupted")
+        except BaseException as exc:  # progress.json must not go on saying "running"
+            progress.close("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
             raise
         finally:
             for actor in pool:
@@ -270,7 +269,7 @@ class Driver:
             log.warning("%d shards had been committed by an earlier attempt; their results were kept", regenerated)
         progress.update(rows_ok, rows_failed, shards_committed=shards_committed, shards_failed=len(self.failed_shards), workers=0)
         failed_shards = self.failed_shards
-        if state == "stopped":
+        if shards_left:
             progress.close("stopped")
             return JobOutcome(EXIT_STOPPED, total_rows, rows_ok, rows_failed, skipped, failed_shards,
                               time.monotonic() - started,
@@ -281,7 +280,7 @@ class Driver:
                               time.monotonic() - started,
                               f"shards {', '.join(sorted(failed_shards))} failed on every attempt "
                               "(see the log for their last error); run the same command again to retry them")
-        outcome = self._finish(started, skipped, rows_ok, rows_failed, failed_shards, "")
+        outcome = self._finish(started, skipped, rows_ok, rows_failed, "")
         progress.close("finished")
         return outcome
 
@@ -382,7 +381,8 @@ class Driver:
             fresh.append(self._replace(actor))
         return fresh
 
-    def _finish(self, started: float, skipped: int, rows_ok: int, rows_failed: int, failed_shards: list[str], message: str) -> JobOutcome:
+    def _finish(self, started: float, skipped: int, rows_ok: int, rows_failed: int, message: str) -> JobOutcome:
+        """Merge the index and write ``_SUCCESS`` (every shard is committed by now)."""
         previous = read_json(self.storage, SUCCESS_KEY) if rows_ok == rows_failed == 0 else None
         if previous is not None:  # a finished job run again: leave its record alone
             code = EXIT_ROWS_FAILED if previous.get("rows_failed") else EXIT_OK
@@ -411,7 +411,7 @@ class Driver:
         code = EXIT_ROWS_FAILED if failed_total else EXIT_OK
         if failed_total:
             message = f"{failed_total} rows failed permanently (status=failed in index.parquet); rerun with --retry-failed"
-        return JobOutcome(code, total, rows_ok, rows_failed, skipped, failed_shards, wall, message)
+        return JobOutcome(code, total, rows_ok, rows_failed, skipped, [], wall, message)
 
 
 def _short(exc: BaseException) -> str:
