@@ -29,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
 
 from sdbatch import encode
 from sdbatch.manifest import KNOWN_COLUMNS, RESERVED_COLUMNS, Row
@@ -38,7 +37,6 @@ from sdbatch.output import (
     JOB_KEY,
     STATUS_OK,
     SUCCESS_KEY,
-    committed_shards,
     read_index,
     read_json,
 )
@@ -96,10 +94,9 @@ def open_job(storage: Storage | str, *, endpoint_url: str | None = None) -> JobO
     if job is None:
         raise AuditError(f"no sdbatch job at {storage.url} (no {JOB_KEY})")
     spec = JobSpec.model_validate(job["spec"])
-    finished = storage.exists(INDEX_KEY)
-    table: pa.Table = read_index(storage)
-    source = INDEX_KEY if finished else f"{len(committed_shards(storage))} committed shard indexes (job unfinished)"
-    finished = finished and storage.exists(SUCCESS_KEY)
+    table, shards_merged = read_index(storage)
+    finished = shards_merged is None and storage.exists(SUCCESS_KEY)
+    source = INDEX_KEY if shards_merged is None else f"{shards_merged} committed shard indexes (job unfinished)"
     return JobOutput(storage, job, spec, table.to_pylist() if table.num_rows else [], source, finished)
 
 
@@ -524,18 +521,24 @@ class VerifyReport:
         return "\n".join(lines)
 
 
+def _object_problems(data: bytes, entry: dict[str, Any]) -> str | None:
+    """How a stored object differs from its index row (size, sha256), or None."""
+    problems = []
+    if len(data) != entry["bytes"]:
+        problems.append(f"size {len(data)} ≠ recorded {entry['bytes']}")
+    if sha256(data) != entry["sha256"]:
+        problems.append("sha256 differs")
+    return ", ".join(problems) or None
+
+
 def _check_files(storage: Storage, rows: list[dict[str, Any]], report: VerifyReport, threads: int) -> list[dict]:
     def check(entry: dict[str, Any]) -> tuple[dict, str | None, str | None]:
         try:
             data = storage.get(entry["key"])
         except NotFound:
             return entry, "missing", None
-        problems = []
-        if len(data) != entry["bytes"]:
-            problems.append(f"size {len(data)} ≠ recorded {entry['bytes']}")
-        if sha256(data) != entry["sha256"]:
-            problems.append("sha256 differs")
-        return entry, "mismatch" if problems else None, ", ".join(problems) or None
+        problems = _object_problems(data, entry)
+        return entry, "mismatch" if problems else None, problems
 
     good = []
     with ThreadPoolExecutor(threads, thread_name_prefix="sdbatch-verify") as pool:
@@ -549,8 +552,8 @@ def _check_files(storage: Storage, rows: list[dict[str, Any]], report: VerifyRep
     return good
 
 
-def _check_webdataset(storage: Storage, rows: list[dict[str, Any]], report: VerifyReport, threads: int,
-                      image_ext: str) -> tuple[list[dict], list[str]]:
+def _check_webdataset(storage: Storage, rows: list[dict[str, Any]], report: VerifyReport,
+                      threads: int) -> tuple[list[dict], list[str]]:
     by_tar: dict[str, list[dict]] = {}
     for entry in rows:
         by_tar.setdefault(split_key(entry["key"])[0], []).append(entry)
@@ -580,13 +583,9 @@ def _check_webdataset(storage: Storage, rows: list[dict[str, Any]], report: Veri
                 if data is None:
                     report.missing.append((e["id"], e["key"]))
                     continue
-                problems = []
-                if len(data) != e["bytes"]:
-                    problems.append(f"size {len(data)} ≠ recorded {e['bytes']}")
-                if sha256(data) != e["sha256"]:
-                    problems.append("sha256 differs")
+                problems = _object_problems(data, e)
                 if problems:
-                    report.mismatched.append((e["id"], e["key"], ", ".join(problems)))
+                    report.mismatched.append((e["id"], e["key"], problems))
                 else:
                     good.append(e)
             orphan_members.extend(f"{tar}#{m}" for m in sorted(members) if m not in named)
@@ -625,7 +624,7 @@ def verify(
     if progress:
         progress(f"checking {len(ok_rows)} objects from {out.index_source}")
     if out.output_format == "webdataset":
-        good, orphans = _check_webdataset(storage, ok_rows, report, threads, encode.extension(out.spec.output.image_format))
+        good, orphans = _check_webdataset(storage, ok_rows, report, threads)
         named = {split_key(r["key"])[0] for r in ok_rows}
     else:
         good, orphans = _check_files(storage, ok_rows, report, threads), []

@@ -189,12 +189,14 @@ def merge_index(storage: Storage, passthrough_types: dict[str, pa.DataType]) -> 
     return IndexSummary(rows=rows, rows_failed=failed)
 
 
-def read_index(storage: Storage) -> pa.Table:
-    """The final index if written, else the merge of what is committed so far (not written)."""
+def read_index(storage: Storage) -> tuple[pa.Table, int | None]:
+    """The final index if written (and None), else the merge of what is committed so far (not
+    written) and how many shard indexes that is."""
     try:
-        return pq.read_table(io.BytesIO(storage.get(INDEX_KEY)))
+        return pq.read_table(io.BytesIO(storage.get(INDEX_KEY))), None
     except NotFound:
-        return _committed_index(storage)
+        table = _committed_index(storage)
+        return table, len(table.column("shard").unique()) if table.num_rows else 0
 
 
 def read_json(storage: Storage, key: str) -> dict[str, Any] | None:
