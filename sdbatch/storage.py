@@ -83,9 +83,6 @@ class StorageError(Exception):
 class StorageConfigError(StorageError):
     """A problem the user must fix (bucket, access, credentials, endpoint, URL)."""
 
-    def __init__(self, message: str, *, transient: bool = False):
-        super().__init__(message, transient=transient)
-
 
 class NotFound(StorageError):
     def __init__(self, message: str):
@@ -642,7 +639,7 @@ class S3Storage:
         self.max_pool_connections = max_pool_connections
 
     def __repr__(self) -> str:
-        return f"S3Storage({self.url!r}, endpoint_url={_redact_url(self.endpoint_url)!r})"
+        return f"S3Storage({self.url!r}, endpoint_url={self.endpoint_url!r})"
 
     @property
     def client(self):
@@ -757,22 +754,17 @@ class S3Storage:
             return False
 
     def list(self, prefix: str = "") -> list[str]:
-        prefix = _check_prefix(prefix)
+        return sorted(self._sizes(_check_prefix(prefix)))
+
+    def _sizes(self, prefix: str) -> dict[str, int]:
+        """Every object under ``prefix``: its key (relative to this storage) and its size."""
         root = f"{self.prefix}/" if self.prefix else ""
-        out: list[str] = []
-        paginator = self.client.get_paginator("list_objects_v2")
-        try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=root + prefix):
-                for obj in page.get("Contents", ()):
-                    k = obj["Key"]
-                    if k.startswith(root):
-                        out.append(k[len(root):])
-        except Exception as e:
-            if _is_botocore_error(e):
-                raise self._err(e, f"list_objects_v2 {prefix}") from None
-            raise
-        out.sort()
-        return out
+
+        def objects() -> list[dict[str, Any]]:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=root + prefix)
+            return [obj for page in pages for obj in page.get("Contents", ())]
+
+        return {obj["Key"][len(root):]: int(obj["Size"]) for obj in self._call(f"list_objects_v2 {prefix}", objects)}
 
     def delete(self, key: str) -> None:
         self._call(f"delete_object {key}", self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
@@ -963,18 +955,8 @@ def fetch_model_dir(uri: str | Path, *, cache_dir: str | Path | None = None,
         storage = S3Storage(canonical, endpoint_url=ep)
         client = storage.client
         root_prefix = f"{prefix}/" if prefix else ""
-        listing: dict[str, int] = {}
-        try:
-            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=root_prefix):
-                for obj in page.get("Contents", ()):
-                    rel = obj["Key"][len(root_prefix):]
-                    if not rel or rel.endswith("/"):
-                        continue  # directory placeholder objects
-                    listing[rel] = int(obj["Size"])
-        except Exception as e:
-            if _is_botocore_error(e):
-                raise _translate(e, what=f"list_objects_v2 {root_prefix}", bucket=bucket, endpoint=ep) from None
-            raise
+        # directory placeholder objects ("", "sub/") are not files
+        listing = {rel: size for rel, size in storage._sizes("").items() if rel and not rel.endswith("/")}
         if not listing:
             raise NotFound(f"no model files under {canonical}")
         for rel in listing:
