@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -26,6 +27,14 @@ S3_FAKE_ENV = {  # as tests/conftest.py's s3_server fixture
     "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/sdbatch-test-aws-credentials",
     "AWS_EC2_METADATA_DISABLED": "true",
 }
+
+
+def use_fake_s3_env() -> None:
+    """Point this process (and its children) at fake credentials only, as the tests do, so a
+    user's AWS profile or endpoint never reaches the benchmark's moto server."""
+    os.environ.update(S3_FAKE_ENV)
+    for k in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        os.environ.pop(k, None)
 
 
 def free_port() -> int:

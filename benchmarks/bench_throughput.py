@@ -54,7 +54,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from _common import PROMPTS, S3_FAKE_ENV, free_port, wait_for_port
+from _common import PROMPTS, free_port, use_fake_s3_env, wait_for_port
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -455,9 +455,7 @@ def main() -> None:
     endpoint = bucket = put_log = None
     stop = None
     if args.storage == "s3":
-        os.environ.update(S3_FAKE_ENV)
-        for k in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-            os.environ.pop(k, None)
+        use_fake_s3_env()
         fd, put_log = tempfile.mkstemp(prefix="sdbatch-bench-puts-", suffix=".log", dir=args.tmp)
         os.close(fd)
         endpoint, stop = start_s3(args.server, put_log, args.latency_ms)

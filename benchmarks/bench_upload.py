@@ -24,7 +24,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _common import free_port, wait_for_port
+from _common import S3_FAKE_ENV, free_port, use_fake_s3_env, wait_for_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -74,12 +74,11 @@ def main() -> None:
     ap.add_argument("--bucket", help="existing bucket (with --endpoint)")
     args = ap.parse_args()
 
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        if not args.endpoint:
-            os.environ[k] = v
-        else:
-            os.environ.setdefault(k, v)
+    if args.endpoint:  # a real store: the user's credentials, if any, win
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+            os.environ.setdefault(k, S3_FAKE_ENV[k])
+    else:
+        use_fake_s3_env()
 
     stop = None
     if args.endpoint:
