@@ -50,7 +50,6 @@ from PIL import Image, PngImagePlugin
 
 __all__ = [
     "A1111_SAMPLER_NAMES",
-    "FORMATS",
     "infotext",
     "parse_infotext",
     "encode_image",
@@ -73,7 +72,6 @@ A1111_SAMPLER_NAMES: dict[str, str] = {
 # A1111 sampler name (lower-cased) -> sdbatch name; plus the "<name> Karras" legacy spellings.
 _FROM_A1111: dict[str, str] = {v.lower(): k for k, v in A1111_SAMPLER_NAMES.items()}
 
-FORMATS = ("png", "webp", "jpeg")
 _FMT_ALIASES = {"png": "png", "webp": "webp", "jpeg": "jpeg", "jpg": "jpeg"}
 _EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
 
@@ -99,21 +97,13 @@ _RE_SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
 # --------------------------------------------------------------------------------------------
 
 
-def _fmt_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, float):
-        return repr(v)  # 7.5 -> "7.5", 7.0 -> "7.0", round-trips exactly
-    return str(v)
-
-
 def _quote(v: Any) -> str:
     """A1111's ``quote``: json.dumps the value when it would not parse back bare.
 
     A1111 quotes on ',', ':' and newline; we also quote on '"', empty strings and
     leading/trailing whitespace (A1111's ``unquote`` reads all of these back).
     """
-    s = _fmt_value(v)
+    s = str(v)  # a float's str round-trips exactly: 7.5 -> "7.5", 7.0 -> "7.0"
     if s == "" or s != s.strip() or any(c in s for c in ',:"\n\r'):
         return json.dumps(s, ensure_ascii=False)
     return s

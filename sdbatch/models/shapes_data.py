@@ -10,7 +10,6 @@ Everything is generated on the fly and is a pure function of a seed (numpy + PIL
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -46,7 +45,6 @@ POSITION_PHRASES: dict[str, tuple[str, ...]] = {
     "bottom": ("at the bottom", "on the bottom", "bottom"),
     "center": ("in the center", "in the middle", "center"),
 }
-BACKGROUND_KINDS = ("plain", "gradient")
 
 # Every word any caption can contain (the tokenizer gives each one its own token).
 EXTRA_WORDS = (
@@ -242,17 +240,9 @@ def batch(seed: int, start: int, n: int) -> tuple[np.ndarray, list[str], list[Sc
     return arr.astype(np.float32), caps, scenes
 
 
-def colour_distance(pixels: np.ndarray, colour: str) -> np.ndarray:
-    """Euclidean RGB distance of each pixel (..., 3) to a named colour."""
-    return np.linalg.norm(pixels.astype(np.float32) - np.array(COLOURS[colour], np.float32), axis=-1)
-
-
 def nearest_colour(pixels: np.ndarray) -> np.ndarray:
     """Index into ``list(COLOURS)`` of the nearest named colour for each pixel (..., 3)."""
     table = np.array(list(COLOURS.values()), np.float32)
     d = np.linalg.norm(pixels.astype(np.float32)[..., None, :] - table, axis=-1)
     return d.argmin(-1)
 
-
-def replace(scene: Scene, **changes) -> Scene:
-    return dataclasses.replace(scene, **changes)
