@@ -98,6 +98,8 @@ def store(request, tmp_path):
 
 
 # --- Ray ---------------------------------------------------------------------------------------
+import functools as _functools
+import hashlib as _hashlib
 import os as _os
 import subprocess as _subprocess
 import sys as _sys
@@ -124,23 +126,40 @@ def ray_address(s3_server):
 # --- CLI ---------------------------------------------------------------------------------------
 
 
+def sdbatch_cli(ray_address: str, *args, timeout: float = 600, env: dict | None = None,
+                **kwargs) -> _subprocess.CompletedProcess:
+    """Run ``python -m sdbatch ARGS`` as a user would, against the Ray cluster at ``ray_address``
+    (module-scoped fixtures call this; tests use ``run_cli``)."""
+    full_env = {**_os.environ, "RAY_ADDRESS": ray_address, **(env or {})}
+    return _subprocess.run(
+        [_sys.executable, "-m", "sdbatch", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO, **kwargs,
+    )
+
+
 @_pytest_s3.fixture
 def run_cli(ray_address):
-    """Run ``python -m sdbatch ARGS`` as a user would, against the session's Ray cluster."""
-
-    def run(*args: str, timeout: float = 600, env: dict | None = None, **kwargs) -> _subprocess.CompletedProcess:
-        full_env = {**_os.environ, "RAY_ADDRESS": ray_address, **(env or {})}
-        return _subprocess.run(
-            [_sys.executable, "-m", "sdbatch", *map(str, args)],
-            capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO, **kwargs,
-        )
-
-    return run
+    """``sdbatch_cli`` against the session's Ray cluster."""
+    return _functools.partial(sdbatch_cli, ray_address)
 
 
 def write_manifest(path: _Path, rows: list[dict]) -> _Path:
     _pq.write_table(_pa.Table.from_pylist(rows), path)
     return path
+
+
+def load_index(out: _Path) -> list[dict]:
+    return _pq.read_table(out / "index.parquet").to_pylist()
+
+
+def image_hashes(out: _Path) -> dict[str, str]:
+    """id -> sha256 of each stored image, checked against the index on the way."""
+    hashes = {}
+    for r in load_index(out):
+        digest = _hashlib.sha256((out / r["key"]).read_bytes()).hexdigest()
+        assert digest == r["sha256"], r["id"]
+        hashes[r["id"]] = digest
+    return hashes
 
 
 def small_rows() -> list[dict]:

@@ -261,11 +261,6 @@ def install_from_env(client) -> None:
         inj.attach(client)
 
 
-def env_injector() -> FaultInjector | None:
-    """The injector install_from_env created in this process (None if none)."""
-    return _ENV_INJECTOR
-
-
 def fault_env(rules: dict[str, dict[str, Any]], *, counts_dir: str | Path | None = None) -> dict[str, str]:
     """Environment variables that turn fault injection on in any process using sdbatch.storage."""
     env = {ENV_HOOK: f"{Path(__file__).resolve()}:install_from_env", ENV_RULES: json.dumps(rules)}

@@ -599,23 +599,11 @@ def test_cli_spec(tmp_path):
     assert res.exit_code == 2 and "batch_size" in res.stderr
 
 
-def _cli_has(command: str) -> bool:
-    try:
-        from sdbatch.cli import app
-    except Exception:  # noqa: BLE001
-        return False
-    import typer.main
-
-    group = typer.main.get_command(app)
-    return command in getattr(group, "commands", {})
-
-
 def _sdbatch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-m", "sdbatch", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
 
 
-@pytest.mark.skipif(not _cli_has("validate"), reason="sdbatch.cli does not register validate yet")
 @pytest.mark.parametrize(
     ("case", "expect"),
     [
@@ -645,13 +633,11 @@ def test_cli_subprocess_bad_inputs_exit_2(tmp_path, case, expect):
     assert "torch" not in res.stderr
 
 
-@pytest.mark.skipif(not _cli_has("validate"), reason="sdbatch.cli does not register validate yet")
 def test_cli_subprocess_good_manifest(tmp_path):
     res = _sdbatch("validate", write(tmp_path / "m.parquet", prompt=["a"]), cwd=tmp_path)
     assert res.returncode == 0 and "OK" in res.stdout
 
 
-@pytest.mark.skipif(not _cli_has("submit"), reason="sdbatch.cli has no submit yet")
 def test_cli_submit_bad_manifest_writes_nothing(tmp_path):
     p = write(tmp_path / "m.parquet", steps=[0])
     out = tmp_path / "out"

@@ -12,22 +12,14 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
+from conftest import image_hashes, load_index
 from PIL import Image
 
 from sdbatch.encode import parse_infotext, read_embedded
 
 FAST = ["--model", "builtin:tiny", "--steps", "4", "--rows-per-shard", "6", "--batch-size", "4"]
-
-
-def load_index(out: Path) -> list[dict]:
-    return pq.read_table(out / "index.parquet").to_pylist()
-
-
-def image_hashes(out: Path) -> dict[str, str]:
-    return {r["id"]: hashlib.sha256((out / r["key"]).read_bytes()).hexdigest() for r in load_index(out)}
 
 
 def test_submit_writes_every_row_once_with_metadata(run_cli, small_manifest, tmp_path):

@@ -5,23 +5,16 @@ Local output (files and webdataset layouts) and S3 output (moto)."""
 from __future__ import annotations
 
 import io
-import os
 import shutil
-import subprocess
-import sys
 import tarfile
 
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import sdbatch_cli as cli
 from conftest import write_manifest
 
 FAST = ["--model", "builtin:tiny", "--steps", "3", "--rows-per-shard", "6", "--batch-size", "4"]
-
-
-def cli(ray_address: str, *args, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sdbatch", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "RAY_ADDRESS": ray_address})
 
 
 def rows(n: int = 12) -> list[dict]:
