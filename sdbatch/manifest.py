@@ -24,7 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from sdbatch.spec import SCHEDULERS, JobSpec
+from sdbatch.families import ALL_SAMPLERS, Family
+from sdbatch.lora import LoraError, LoraSet, row_loras
+from sdbatch.spec import JobSpec
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class Row:
     scheduler: str
     init_image: str | None = None  # resolved location: absolute local path or s3:// URI
     strength: float | None = None
+    loras: LoraSet = ()  # sorted (name, scale) pairs, from the loras column and <lora:…> prompt tags
     extra: dict[str, Any] = field(default_factory=dict)  # passthrough columns, untouched
 
     @property
@@ -57,6 +60,7 @@ class Row:
             self.guidance_scale,
             self.is_img2img,
             self.strength,
+            self.loras,
         )
 
     def parameters(self) -> dict[str, Any]:
@@ -74,6 +78,7 @@ class Row:
             "scheduler": self.scheduler,
             "init_image": self.init_image,
             "strength": self.strength,
+            "loras": [{"name": name, "scale": scale} for name, scale in self.loras],
         }
 
 
@@ -94,11 +99,12 @@ KNOWN_COLUMNS = (
     "scheduler",
     "init_image",
     "strength",
+    "loras",
 )
 #: The columns the output index adds to each row's parameters (``worker.index_row``).
 INDEX_RESULT_COLUMNS = (
     "shard", "batch_id", "batch_rows", "model_fingerprint", "device", "dtype", "torch_threads", "versions",
-    "init_image_sha256", "status", "error", "key", "sha256", "bytes", "attempt", "worker", "generate_seconds",
+    "init_image_sha256", "prompt_truncated_at", "status", "error", "key", "sha256", "bytes", "attempt", "worker", "generate_seconds",
 )
 #: A passthrough column with one of these names would overwrite the index's own (say,
 #: ``status``), so validation refuses it.
@@ -518,7 +524,7 @@ def _rows_from_table(table: pa.Table, first_row: int, manifest: Manifest, spec: 
 
     ids, prompts, negs, seeds = col("id"), col("prompt"), col("negative_prompt"), col("seed")
     steps, cfg, widths, heights = col("steps"), col("guidance_scale"), col("width"), col("height")
-    scheds, inits, strengths = col("scheduler"), col("init_image"), col("strength")
+    scheds, inits, strengths, loras = col("scheduler"), col("init_image"), col("strength"), col("loras")
     extra_names = [c for c in table.column_names if c not in KNOWN_COLUMNS]
     rows = []
     for i in range(n):
@@ -526,11 +532,12 @@ def _rows_from_table(table: pa.Table, first_row: int, manifest: Manifest, spec: 
         rid = str(ids[i]) if ids[i] is not None else default_row_id(index)
         init = inits[i]
         init_loc = resolve_init_image(init, manifest.base_dir) if init is not None else None
+        prompt, adapters = row_loras(prompts[i], loras[i], spec.loras)
         rows.append(
             Row(
                 index=index,
                 id=rid,
-                prompt=prompts[i],
+                prompt=prompt,
                 negative_prompt=negs[i] if negs[i] is not None else d.negative_prompt,
                 seed=int(seeds[i]) if seeds[i] is not None else derive_seed(spec.seed, rid),
                 steps=int(steps[i]) if steps[i] is not None else d.steps,
@@ -542,6 +549,7 @@ def _rows_from_table(table: pa.Table, first_row: int, manifest: Manifest, spec: 
                 strength=(float(strengths[i]) if strengths[i] is not None else float(d.strength))
                 if init_loc is not None
                 else None,
+                loras=adapters,
                 extra={name: cols[name][i] for name in extra_names},
             )
         )
@@ -642,6 +650,7 @@ _EXPECTED = {
     "negative_prompt": ({"string"}, "a string column", "write it as strings, nulls for rows that use the job default"),
     "scheduler": ({"string"}, "a string column", "write scheduler names as strings, e.g. 'euler_a'"),
     "init_image": ({"string"}, "a string column", "write init_image as path strings (relative to the manifest) or s3:// URIs"),
+    "loras": ({"string"}, "a string column", "write adapters as 'NAME:SCALE[,NAME:SCALE…]' strings, null for none"),
     "id": ({"string", "int"}, "a string or integer column", "write ids as strings (or integers)"),
     "seed": (
         {"int"},
@@ -949,7 +958,30 @@ def _int_range(b: _Batch, column: str, lo: int, hi_incl: int, rule: str, fix: st
     b.flag(column, bad, rule, fix)
 
 
-def _check_spec_defaults(spec: JobSpec, coll: _Collector) -> None:
+def _check_loras(b: _Batch, prompts: pa.Array | None, declared: dict[str, str]) -> None:
+    """The rows' adapter references (``loras`` column and ``<lora:…>`` prompt tags): well formed,
+    declared by the job, one scale per adapter. Only rows that have any are looked at."""
+    column = b.cols.get("loras")
+    if column is not None and not pa.types.is_null(column.type):
+        column = _check_utf8(b, "loras", column)
+        given = pc.is_valid(column).to_numpy(zero_copy_only=False)
+    else:
+        column, given = None, np.zeros(b.n, dtype=bool)
+    tagged = (pc.match_substring(prompts, "<lora:").fill_null(False).to_numpy(zero_copy_only=False)
+              if prompts is not None else np.zeros(b.n, dtype=bool))
+    for i in np.flatnonzero(given | tagged).tolist():
+        value = column[i].as_py() if given[i] else None
+        try:
+            row_loras(prompts[i].as_py() if tagged[i] else "", value, declared)
+        except LoraError as exc:
+            name = "loras" if given[i] else "prompt"
+            one = np.zeros(b.n, dtype=bool)
+            one[i] = True
+            b.flag(name, one, str(exc), "write NAME:SCALE entries (or <lora:NAME:SCALE> tags) naming declared adapters",
+                   column if given[i] else prompts)
+
+
+def _check_spec_defaults(spec: JobSpec, coll: _Collector, samplers: tuple[str, ...]) -> None:
     d, lim = spec.defaults, spec.limits
 
     def bad(key: str, value: Any, rule: str, fix: str) -> None:
@@ -971,20 +1003,21 @@ def _check_spec_defaults(spec: JobSpec, coll: _Collector) -> None:
         bad("negative_prompt", d.negative_prompt, f"at most {lim.max_prompt_chars:,} characters, no NUL", "shorten it")
     if not (0 < d.strength <= 1):
         bad("strength", d.strength, "0 < strength <= 1", "--set defaults.strength=0.75")
-    if d.scheduler not in SCHEDULERS:
-        bad("scheduler", d.scheduler, f"one of {', '.join(SCHEDULERS)}", "--set defaults.scheduler=ddim")
+    if d.scheduler not in samplers:
+        bad("scheduler", d.scheduler, f"one of {', '.join(samplers)} (the model's samplers)", "--set defaults.scheduler=default")
 
 
-def _scheduler_fix(value: Any) -> str:
-    names = ", ".join(SCHEDULERS)
+def _scheduler_fix(value: Any, samplers: tuple[str, ...]) -> str:
+    names = ", ".join(samplers)
     if isinstance(value, str):
-        close = difflib.get_close_matches(value.lower().replace("-", "_").replace(" ", "_"), SCHEDULERS, n=1, cutoff=0.5)
+        close = difflib.get_close_matches(value.lower().replace("-", "_").replace(" ", "_"), samplers, n=1, cutoff=0.5)
         if close:
             return f"did you mean {close[0]!r}? supported: {names}"
     return f"use one of: {names} (or leave it null for the job default)"
 
 
-def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_536) -> ValidationReport:
+def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_536,
+                      family: Family | None = None) -> ValidationReport:
     """Check every row against DESIGN §2, streaming (one record batch in memory at a time).
 
     Semantics of nulls: a null in ``negative_prompt``, ``steps``, ``guidance_scale``,
@@ -997,10 +1030,15 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
     Duplicate ids are found with one 64-bit hash per row (8 bytes/row) sorted in numpy, then
     the first duplicates are confirmed by their actual strings in a second pass over ``id``.
     ``distinct prompts`` is exact up to 65,536 and a K-minimum-values estimate beyond.
+    ``family`` (the model's, when known) limits the samplers rows may ask for.
     """
     lim, d = spec.limits, spec.defaults
+    if d.width is None or d.height is None:
+        raise ManifestError(f"the native size of model {spec.model.name!r} is not known here; "
+                            "set defaults.width and defaults.height (--width/--height)")
+    samplers = family.samplers if family else ALL_SAMPLERS
     coll = _Collector(lim.max_errors_shown)
-    _check_spec_defaults(spec, coll)
+    _check_spec_defaults(spec, coll, samplers)
     present = set(manifest.columns)
     read_cols = [c for c in KNOWN_COLUMNS if c in present]
     has_ids = "id" in present
@@ -1120,12 +1158,13 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
             sc = b.cols.get("scheduler")
             if sc is not None and not pa.types.is_null(sc.type):
                 sc = _check_utf8(b, "scheduler", sc)
-                known = pc.is_in(sc, value_set=pa.array(SCHEDULERS))
-                b.flag("scheduler", pc.and_(pc.is_valid(sc), pc.invert(known)),
-                       f"scheduler must be one of {', '.join(SCHEDULERS)}", _scheduler_fix, sc)
+                known = pc.is_in(sc, value_set=pa.array(samplers))
+                rule = f"scheduler must be one of {', '.join(samplers)}" + (f" (the {family.name} family's samplers)" if family else "")
+                b.flag("scheduler", pc.and_(pc.is_valid(sc), pc.invert(known)), rule,
+                       lambda value: _scheduler_fix(value, samplers), sc)
                 vc = pc.value_counts(sc.fill_null(d.scheduler))
                 for item in vc.to_pylist():
-                    if item["values"] in SCHEDULERS:
+                    if item["values"] in samplers:
                         sched_c.counts[item["values"]] = sched_c.counts.get(item["values"], 0) + item["counts"]
             else:
                 sched_c.counts[d.scheduler] = sched_c.counts.get(d.scheduler, 0) + n
@@ -1157,6 +1196,7 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
             no_steps = has_init & (strength_v > 0) & (strength_v <= 1) & (steps_v >= 1) & (np.floor(steps_v * strength_v) < 1)
             b.flag("strength", no_steps, "img2img needs steps * strength >= 1 (it runs int(steps * strength) denoising steps)",
                    "raise strength or steps for this row", pa.array(strength_v))
+            _check_loras(b, parr, spec.loras)
             if file_bad_all:
                 b.bad[:] = True
             bad_rows += int(b.bad.sum())

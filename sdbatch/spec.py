@@ -19,16 +19,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SCHEDULERS = (
-    "ddim",
-    "pndm",
-    "lms",
-    "euler",
-    "euler_a",
-    "dpmpp_2m",
-    "dpmpp_2m_karras",
-    "unipc",
-)
+from sdbatch.families import ALL_SAMPLERS, DEFAULT_SAMPLER, DIFFUSION_SAMPLERS, ModelTraits
+from sdbatch.lora import LoraError, parse_declaration
+
+#: The sampler menu of the SD 1.x/2.x and SDXL families (SD3's is ``families.FLOW_SAMPLERS``).
+SCHEDULERS = DIFFUSION_SAMPLERS
 
 
 class SpecError(ValueError):
@@ -58,16 +53,16 @@ class RowDefaults(_Section):
     negative_prompt: str = ""
     steps: int = Field(20, ge=1)
     guidance_scale: float = Field(7.5, ge=0)
-    width: int = Field(64, ge=8)
-    height: int = Field(64, ge=8)
-    scheduler: str = "ddim"
+    width: int | None = Field(None, ge=8, description="null = the model's native width")
+    height: int | None = Field(None, ge=8, description="null = the model's native height")
+    scheduler: str = Field(DEFAULT_SAMPLER, description="default = the model's own scheduler")
     strength: float = Field(0.75, gt=0, le=1, description="used only by rows with init_image")
 
     @model_validator(mode="after")
     def _known_scheduler(self) -> RowDefaults:
-        if self.scheduler not in SCHEDULERS:
+        if self.scheduler not in ALL_SAMPLERS:
             raise ValueError(
-                f"scheduler {self.scheduler!r} is not supported; use one of {', '.join(SCHEDULERS)}"
+                f"scheduler {self.scheduler!r} is not supported; use one of {', '.join(ALL_SAMPLERS)}"
             )
         return self
 
@@ -116,6 +111,46 @@ class JobSpec(_Section):
     resources: ResourcesSpec = ResourcesSpec()
     retries: RetrySpec = RetrySpec()
     limits: LimitsSpec = LimitsSpec()
+    loras: dict[str, str] = Field(
+        default_factory=dict,
+        description="LoRA adapters rows may use: NAME -> local path or s3:// URI of a .safetensors file",
+    )
+
+    @model_validator(mode="after")
+    def _loras_declared_well(self) -> JobSpec:
+        for name, path in self.loras.items():
+            try:
+                parse_declaration(f"{name}={path}")
+            except LoraError as exc:
+                raise ValueError(str(exc).replace("--lora", "loras:")) from None
+            if not path.endswith(".safetensors"):
+                raise ValueError(f"loras: {name}={path}: only .safetensors files are loaded (pickle checkpoints are refused)")
+        return self
+
+    @model_validator(mode="after")
+    def _native_size_of_local_model(self) -> JobSpec:
+        """A local or built-in model's native size fills an unset default width/height (an
+        ``s3://`` model's is read at submit: ``with_native_size``). A folder that cannot be
+        read is left for the model preflight to report."""
+        if (self.defaults.width is None or self.defaults.height is None) and not self.model.name.startswith("s3://"):
+            from sdbatch.families import FamilyError, local_traits
+            from sdbatch.models import local_model_dir
+
+            try:
+                traits = local_traits(local_model_dir(self.model.name))
+            except (FamilyError, ValueError, OSError):
+                return self
+            self.defaults.width = self.defaults.width or traits.native_width
+            self.defaults.height = self.defaults.height or traits.native_height
+        return self
+
+    def with_native_size(self, traits: ModelTraits) -> JobSpec:
+        """This spec with the model's native size for a default width/height left unset."""
+        defaults = self.defaults.model_copy(update={
+            "width": self.defaults.width or traits.native_width,
+            "height": self.defaults.height or traits.native_height,
+        })
+        return self.model_copy(update={"defaults": defaults})
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The settings that decide image bytes and row placement (not workers, retries...)."""

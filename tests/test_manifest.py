@@ -186,7 +186,7 @@ def test_defaults_applied_and_passthrough_preserved(tmp_path):
     )
     spec = load_spec(None, ["defaults.steps=25", "defaults.negative_prompt=ugly", "defaults.strength=0.6"])
     r0, r1, r2 = read_rows(open_manifest(p), spec, 0, 3)
-    assert (r0.id, r0.steps, r0.width, r0.height, r0.negative_prompt, r0.scheduler) == ("1", 25, 64, 64, "ugly", "ddim")
+    assert (r0.id, r0.steps, r0.width, r0.height, r0.negative_prompt, r0.scheduler) == ("1", 25, 64, 64, "ugly", "default")
     assert r0.init_image is None and r0.strength is None and not r0.is_img2img
     assert (r1.steps, r1.width, r1.negative_prompt, r1.scheduler) == (30, 128, "", "euler_a")
     assert r1.init_image == str(tmp_path / "img" / "x.png") and r1.strength == 0.6
@@ -245,7 +245,7 @@ def test_dictionary_encoded_and_large_string_columns(tmp_path):
     })
     pq.write_table(t, p)
     assert check(str(p)).ok
-    assert [r.scheduler for r in read_rows(open_manifest(str(p)), JobSpec(), 0, 2)] == ["euler", "ddim"]
+    assert [r.scheduler for r in read_rows(open_manifest(str(p)), JobSpec(), 0, 2)] == ["euler", "default"]
 
 
 def test_summary(tmp_path):
@@ -256,7 +256,7 @@ def test_summary(tmp_path):
     s = r.summary
     assert s["distinct_prompts"] == 3 and not s["distinct_prompts_approximate"]
     assert s["sizes"] == {"64x64": 3, "128x64": 1}
-    assert s["steps"] == {20: 4} and s["schedulers"] == {"ddim": 4}
+    assert s["steps"] == {20: 4} and s["schedulers"] == {"default": 4}
     assert s["img2img_rows"] == 1 and s["passthrough_columns"] == {"label": "string"}
     text = r.render()
     assert "distinct prompts: 3" in text and "OK" in text
@@ -556,7 +556,7 @@ def test_example_full_sets_every_key():
     def flat(d, prefix=""):
         out = set()
         for k, v in d.items():
-            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}"}
         return out
 
     assert keys(JobSpec) <= flat(data)

@@ -1,0 +1,101 @@
+"""Model families: what each diffusers pipeline class can do, read torch-free from its folder.
+
+A family is found from ``model_index.json`` ``_class_name``. The table below says, for each
+supported class, which diffusers pipelines make its text-to-image and img2img stages (built
+from the same loaded components), which samplers it accepts and where its native size comes
+from (denoiser ``sample_size`` × the VAE's scale factor). Nothing here imports torch, so the
+driver can refuse an unsupported model or a row's sampler before any worker starts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: The model's own scheduler, as its folder configures it.
+DEFAULT_SAMPLER = "default"
+#: Samplers of the noise-prediction families (SD 1.x/2.x, SDXL).
+DIFFUSION_SAMPLERS = (DEFAULT_SAMPLER, "ddim", "pndm", "lms", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc")
+#: Samplers of the flow-matching families (SD3).
+FLOW_SAMPLERS = (DEFAULT_SAMPLER, "flow_euler", "flow_heun")
+#: Every sampler name any family knows.
+ALL_SAMPLERS = tuple(dict.fromkeys(DIFFUSION_SAMPLERS + FLOW_SAMPLERS))
+
+
+class FamilyError(ValueError):
+    """The folder is not a model family sdbatch runs; the message names the class and the fix."""
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # short label for the README table and logs
+    class_name: str  # model_index.json _class_name
+    txt2img: str  # diffusers pipeline class for text-to-image
+    img2img: str  # diffusers pipeline class for img2img, built with from_pipe (shared modules)
+    samplers: tuple[str, ...]
+    denoiser: str  # the component folder whose config holds sample_size
+    size_conditioning: bool = False  # SDXL micro-conditioning (original/target size, crop)
+
+
+FAMILIES: dict[str, Family] = {
+    f.class_name: f
+    for f in (
+        Family("SD 1.x / 2.x", "StableDiffusionPipeline", "StableDiffusionPipeline",
+               "StableDiffusionImg2ImgPipeline", DIFFUSION_SAMPLERS, "unet"),
+        Family("SDXL", "StableDiffusionXLPipeline", "StableDiffusionXLPipeline",
+               "StableDiffusionXLImg2ImgPipeline", DIFFUSION_SAMPLERS, "unet", size_conditioning=True),
+        Family("SD3", "StableDiffusion3Pipeline", "StableDiffusion3Pipeline",
+               "StableDiffusion3Img2ImgPipeline", FLOW_SAMPLERS, "transformer"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class ModelTraits:
+    """What the driver learns about a model from its configs alone."""
+
+    family: Family
+    native_width: int
+    native_height: int
+
+
+JsonReader = Callable[[str], "dict[str, Any] | None"]  # relative path in the folder -> parsed JSON or None
+
+
+def family_for_class(class_name: str | None, where: str) -> Family:
+    try:
+        return FAMILIES[str(class_name)]
+    except KeyError:
+        raise FamilyError(
+            f"model {where}: model_index.json names pipeline class {class_name!r}, which sdbatch does not run; "
+            f"supported: {', '.join(FAMILIES)}. Convert the model to one of these diffusers layouts."
+        ) from None
+
+
+def read_traits(read_json: JsonReader, where: str) -> ModelTraits:
+    """Family and native size of the model whose files ``read_json`` reads."""
+    index = read_json("model_index.json") or {}
+    family = family_for_class(index.get("_class_name"), where)
+    denoiser = read_json(f"{family.denoiser}/config.json") or {}
+    vae = read_json("vae/config.json") or {}
+    sample = denoiser.get("sample_size")
+    blocks = vae.get("block_out_channels")
+    if not sample or not blocks:
+        raise FamilyError(
+            f"model {where}: {family.denoiser}/config.json needs sample_size and vae/config.json "
+            "block_out_channels to know the native size; is the folder complete?"
+        )
+    sample_h, sample_w = (sample, sample) if isinstance(sample, int) else sample
+    scale = 2 ** (len(blocks) - 1)
+    return ModelTraits(family, native_width=int(sample_w) * scale, native_height=int(sample_h) * scale)
+
+
+def local_traits(folder: Path) -> ModelTraits:
+    def read(rel: str) -> dict[str, Any] | None:
+        path = folder / rel
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    return read_traits(read, str(folder))
