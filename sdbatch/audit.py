@@ -194,6 +194,7 @@ def _row_from_params(d: dict[str, Any], extra: dict[str, Any] | None = None) -> 
         scheduler=d["scheduler"],
         init_image=d.get("init_image"),
         strength=float(strength) if strength is not None else None,
+        loras=tuple((a["name"], float(a["scale"])) for a in d.get("loras") or ()),
         extra=dict(extra or {}),
     )
 
@@ -249,6 +250,7 @@ class Reproducer:
         (used when the stored object is gone or unreadable)."""
         gen = self._generator_for(entry)
         fp = entry.get("model_fingerprint") or gen.info.fingerprint
+        conditioning = gen.conditioning(_row_from_params(entry))
         return {
             "id": entry["id"],
             "row": entry["row"],
@@ -267,8 +269,12 @@ class Reproducer:
             "init_image": entry.get("init_image"),
             "strength": entry.get("strength"),
             "init_image_sha256": entry.get("init_image_sha256"),
+            "loras": list(entry.get("loras") or []),
+            "prompt_truncated_at": entry.get("prompt_truncated_at"),
+            **({"size_conditioning": {k: list(v) for k, v in conditioning.items()}} if conditioning else {}),
             "extra": _extra_from_index(entry),
             "model_name": self.out.spec.model.name,
+            "model_family": gen.info.family,
             "model_fingerprint": fp,
             "model_hash": fp[:10],
             "device": entry.get("device") or gen.info.device,
@@ -301,7 +307,8 @@ class Reproducer:
         if key not in self._generators:
             from sdbatch.generate import Generator
 
-            self._generators[key] = Generator.load(model, device=device, dtype=dtype, endpoint_url=self.endpoint_url)
+            self._generators[key] = Generator.load(model, device=device, dtype=dtype, endpoint_url=self.endpoint_url,
+                                                   loras=self.out.spec.loras)
         return self._generators[key]
 
     # -- the batch -----------------------------------------------------------------------------
@@ -419,6 +426,9 @@ class Reproducer:
             batch = self._generate_batch(record, gen)
         finally:
             torch.set_num_threads(previous_threads)
+        notes.extend(f"LoRA {a['name']} changed since generation: recorded sha256 {a['sha256'][:12]}…, "
+                     f"now {str(gen.loras.sha256.get(a['name']))[:12]}…"
+                     for a in record.get("loras") or () if gen.loras.sha256.get(a["name"]) != a.get("sha256"))
         out_spec = self.out.spec.output
         data = encode.encode_image(batch["images"][entry["id"]], record, fmt=out_spec.image_format,
                                    png_compress_level=out_spec.png_compress_level, quality=out_spec.quality)

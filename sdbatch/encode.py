@@ -68,6 +68,19 @@ A1111_SAMPLER_NAMES: dict[str, str] = {
     "dpmpp_2m_karras": "DPM++ 2M Karras",
     "unipc": "UniPC",
 }
+#: The A1111 name of a scheduler by diffusers class: for sampler ``default`` (the model's own)
+#: and the flow samplers, whose A1111 names ("Euler", "Heun") the diffusion ones share.
+A1111_SCHEDULER_CLASS_NAMES: dict[str, str] = {
+    "DDIMScheduler": "DDIM",
+    "PNDMScheduler": "PLMS",
+    "LMSDiscreteScheduler": "LMS",
+    "EulerDiscreteScheduler": "Euler",
+    "EulerAncestralDiscreteScheduler": "Euler a",
+    "DPMSolverMultistepScheduler": "DPM++ 2M",
+    "UniPCMultistepScheduler": "UniPC",
+    "FlowMatchEulerDiscreteScheduler": "Euler",
+    "FlowMatchHeunDiscreteScheduler": "Heun",
+}
 
 # A1111 sampler name (lower-cased) -> sdbatch name; plus the "<name> Karras" legacy spellings.
 _FROM_A1111: dict[str, str] = {v.lower(): k for k, v in A1111_SAMPLER_NAMES.items()}
@@ -126,11 +139,14 @@ def _present(v: Any) -> bool:
 def infotext(record: dict) -> str:
     """Format ``record`` as an AUTOMATIC1111 ``parameters`` string.
 
-    Keys used: prompt, negative_prompt, steps, scheduler, guidance_scale, seed, width,
-    height, model_hash, model_name, strength (only when ``init_image`` is set),
-    sdbatch_version.  Missing/None values are left out, as A1111 leaves out None.
+    Keys used: prompt, negative_prompt, steps, scheduler (``default`` and the flow samplers:
+    the A1111 name of ``scheduler_config``'s class), guidance_scale, seed, width, height, model_hash,
+    model_name, strength (only when ``init_image`` is set), loras (``<lora:NAME:SCALE>``
+    tags after the prompt and ``Lora hashes``, as A1111 writes them), sdbatch_version.
+    Missing/None values are left out, as A1111 leaves out None.
     """
-    prompt = record.get("prompt") or ""
+    loras = record.get("loras") or []
+    prompt = " ".join([record.get("prompt") or "", *(f"<lora:{a['name']}:{a['scale']:g}>" for a in loras)])
     neg = record.get("negative_prompt") or ""
 
     params: list[tuple[str, Any]] = []
@@ -138,7 +154,8 @@ def infotext(record: dict) -> str:
         params.append(("Steps", int(record["steps"])))
     sched = record.get("scheduler")
     if _present(sched):
-        params.append(("Sampler", A1111_SAMPLER_NAMES.get(str(sched), str(sched))))
+        by_class = A1111_SCHEDULER_CLASS_NAMES.get((record.get("scheduler_config") or {}).get("_class_name"))
+        params.append(("Sampler", A1111_SAMPLER_NAMES.get(str(sched)) or by_class or str(sched)))
     if record.get("guidance_scale") is not None:
         params.append(("CFG scale", float(record["guidance_scale"])))
     if record.get("seed") is not None:
@@ -152,6 +169,8 @@ def infotext(record: dict) -> str:
         params.append(("Model", record["model_name"]))
     if _present(record.get("init_image")) and record.get("strength") is not None:
         params.append(("Denoising strength", float(record["strength"])))
+    if loras:
+        params.append(("Lora hashes", ", ".join(f"{a['name']}: {str(a.get('sha256') or '')[:10]}" for a in loras)))
     if _present(record.get("sdbatch_version")):
         params.append(("Version", f"sdbatch {record['sdbatch_version']}"))
 

@@ -128,9 +128,10 @@ INDEX_COLUMN_TYPES: dict[str, pa.DataType] = {
     "id": pa.string(), "row": pa.int64(), "prompt": pa.string(), "negative_prompt": pa.string(),
     "seed": pa.int64(), "steps": pa.int64(), "guidance_scale": pa.float64(), "width": pa.int64(),
     "height": pa.int64(), "scheduler": pa.string(), "init_image": pa.string(), "strength": pa.float64(),
+    "loras": pa.list_(pa.struct([("name", pa.string()), ("scale", pa.float64()), ("sha256", pa.string())])),
     "shard": pa.string(), "batch_id": pa.string(), "batch_rows": pa.list_(pa.string()),
     "model_fingerprint": pa.string(), "device": pa.string(), "dtype": pa.string(), "torch_threads": pa.int64(),
-    "versions": pa.string(), "init_image_sha256": pa.string(), "status": pa.string(), "error": pa.string(),
+    "versions": pa.string(), "init_image_sha256": pa.string(), "prompt_truncated_at": pa.int64(), "status": pa.string(), "error": pa.string(),
     "key": pa.string(), "sha256": pa.string(), "bytes": pa.int64(), "attempt": pa.int64(), "worker": pa.string(),
     "generate_seconds": pa.float64(),
 }

@@ -203,6 +203,7 @@ class Driver:
         self.start_failures = 0
         pool = [self._new_actor() for _ in range(fit_workers(self.spec))]
         rows_ok = rows_failed = regenerated = 0
+        truncation_warned = False
         shards_committed = skipped
         shards_left = 0  # not started because of the deadline; a rerun does them
         try:
@@ -246,6 +247,11 @@ class Driver:
                             continue
                         shards_committed += item.retry_ids is None
                         if result.committed:
+                            if result.prompts_truncated and not truncation_warned:
+                                truncation_warned = True  # once per job: the index names every such row
+                                log.warning("some prompts are longer than the text encoder reads (%d in shard %s); "
+                                            "the index column prompt_truncated_at says where each was cut",
+                                            result.prompts_truncated, result.shard)
                             rows_ok += result.rows_ok
                             rows_failed += result.rows_failed
                         else:

@@ -58,6 +58,7 @@ class ShardResult:
     rows_failed: int = 0
     images_created: int = 0
     images_adopted: int = 0
+    prompts_truncated: int = 0  # rows whose prompt the text encoder read only in part
     generate_seconds: float = 0.0
     wall_seconds: float = 0.0
     committed: bool = True  # False: an earlier attempt had already committed this shard
@@ -79,8 +80,12 @@ def image_record(
     ``init_image_sha256`` (img2img rows) is the sha256 of the init image's bytes as read, so
     an audit can tell when the file at ``init_image`` was replaced afterwards."""
     info = generator.info
+    conditioning = generator.conditioning(row)
     return {
         **row.parameters(),
+        "loras": generator.loras.record(row.loras),
+        "prompt_truncated_at": generator.prompt_truncated_at(row.prompt),
+        **({"size_conditioning": {k: list(v) for k, v in conditioning.items()}} if conditioning else {}),
         "init_image_sha256": init_image_sha256,
         "shard": shard.name,
         "batch_id": batch,
@@ -88,6 +93,7 @@ def image_record(
         "scheduler_config": generator.scheduler_config(row.scheduler),
         "extra": row.extra,
         "model_name": info.name,
+        "model_family": info.family,
         "model_fingerprint": info.fingerprint,
         "model_hash": info.short_hash,
         "device": info.device,
@@ -117,6 +123,8 @@ def index_row(record: dict[str, Any] | None, row: Row, shard_name: str, **fields
             torch_threads=record["torch_threads"],
             versions=json.dumps(record["versions"], sort_keys=True),
             init_image_sha256=record.get("init_image_sha256"),
+            loras=record["loras"],
+            prompt_truncated_at=record["prompt_truncated_at"],
         )
     base.update(fields)
     base.update(row.extra)
@@ -250,6 +258,7 @@ class ShardRunner:
                 )
             )
             result.rows_ok += 1
+            result.prompts_truncated += record["prompt_truncated_at"] is not None
         if tar_members:
             self.storage.put_new(tar_key(tar_name), build_webdataset_tar(tar_members, ext))
         index_rows.sort(key=lambda r: r["row"])
@@ -283,7 +292,8 @@ class WorkerActor:
         spec = JobSpec.model_validate_json(spec_json)
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
         generator = Generator.load(
-            spec.model.name, device=spec.model.device, dtype=spec.model.dtype, endpoint_url=endpoint_url
+            spec.model.name, device=spec.model.device, dtype=spec.model.dtype, endpoint_url=endpoint_url,
+            loras=spec.loras,
         )
         storage = open_storage(
             out_url,
