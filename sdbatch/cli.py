@@ -104,7 +104,8 @@ def submit(
     guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale"),
     width: Optional[int] = typer.Option(None, "--width"),
     height: Optional[int] = typer.Option(None, "--height"),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler"),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Default sampler: default (the model's own), ddim, euler_a, … (SD3: flow_euler, flow_heun)."),
+    lora: list[str] = typer.Option([], "--lora", help="Declare a LoRA rows may use: --lora NAME=PATH (.safetensors, local or s3://; repeatable)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Job seed: rows without a seed derive theirs from it and their id."),
     output_format: Optional[str] = typer.Option(None, "--format", help="files (default) or webdataset."),
     image_format: Optional[str] = typer.Option(None, "--image-format", help="png (default), webp or jpeg."),
@@ -137,22 +138,26 @@ def submit(
         "output.format": output_format,
         "output.image_format": image_format,
     }
+    from sdbatch.families import model_traits
+    from sdbatch.lora import LoraError, parse_declaration
+
     try:
-        spec = load_spec(spec_path, sets, overrides)
+        declared = dict(parse_declaration(item) for item in lora)
+        spec = load_spec(spec_path, sets, {**overrides, **{f"loras.{n}": p for n, p in declared.items()}})
         deadline_at = parse_deadline(deadline) if deadline else None
-    except (SpecError, ValueError) as exc:
+        traits = model_traits(spec.model.name, s3_endpoint)
+        spec = spec.with_native_size(traits)
+        lora_sha256 = adapter_hashes(spec.loras, s3_endpoint)
+    except (SpecError, LoraError, StorageError, ValueError) as exc:
         raise fail(str(exc)) from None
     try:
         source = open_manifest(manifest)
-        report = validate_manifest(source, spec)
+        report = validate_manifest(source, spec, family=traits.family)
     except ManifestError as exc:
         raise fail(str(exc)) from None
     if not report.ok:
         err.print(report.render(), soft_wrap=True, markup=False)
         raise fail(f"manifest {manifest} has {report.issue_count} invalid values; nothing was written to {out}")
-    model_error = preflight_model(spec.model.name, s3_endpoint)
-    if model_error:
-        raise fail(model_error)
     try:
         storage = open_storage(
             out, endpoint_url=s3_endpoint, max_attempts=spec.retries.storage_attempts,
@@ -165,7 +170,7 @@ def submit(
     from sdbatch.models import local_model_fingerprint
     from sdbatch.output import OutputMismatch, job_record
 
-    job = job_record(spec, source, local_model_fingerprint(spec.model.name))
+    job = job_record(spec, source, local_model_fingerprint(spec.model.name), lora_sha256)
     from sdbatch.lock import LockHeld
     from sdbatch.scheduler import EXIT_SHARDS_FAILED, WorkerStartError, run_job
 
@@ -193,24 +198,21 @@ def submit(
         raise fail(outcome.message, outcome.exit_code)
 
 
-def preflight_model(name: str, endpoint_url: str | None) -> str | None:
-    """Check the model exists before any worker starts (no torch import)."""
-    if name.startswith("s3://"):
-        from sdbatch.storage import StorageError, open_storage
+def adapter_hashes(declared: dict[str, str], endpoint_url: str | None) -> dict[str, str]:
+    """sha256 of each declared LoRA (read once here: the job fingerprint covers them), after
+    checking it is a safetensors file; LoraError or StorageError naming the adapter."""
+    from sdbatch.lora import LoraError, check_safetensors, sha256_hex
+    from sdbatch.storage import NotFound, read_uri
 
+    hashes = {}
+    for name, path in sorted(declared.items()):
         try:
-            if not open_storage(name, endpoint_url=endpoint_url).exists("model_index.json"):
-                return f"model {name!r}: no model_index.json under that prefix; it must hold a diffusers folder"
-        except StorageError as exc:
-            return f"model {name!r}: {exc}"
-        return None
-    from sdbatch.models import local_model_dir
-
-    try:
-        local_model_dir(name)
-    except ValueError as exc:
-        return str(exc)
-    return None
+            data = read_uri(path, endpoint_url=endpoint_url)
+        except (NotFound, OSError) as exc:
+            raise LoraError(f"LoRA {name}={path}: cannot be read ({exc})") from None
+        check_safetensors(data, f"{name}={path}")
+        hashes[name] = sha256_hex(data)
+    return hashes
 
 
 @app.command()

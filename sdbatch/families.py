@@ -99,3 +99,25 @@ def local_traits(folder: Path) -> ModelTraits:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
     return read_traits(read, str(folder))
+
+
+def model_traits(name: str, endpoint_url: str | None = None) -> ModelTraits:
+    """Traits of ``--model`` (builtin, local folder or ``s3://`` prefix) from its configs;
+    ValueError naming the model and the fix when it is missing or not a supported family."""
+    if not name.startswith("s3://"):
+        from sdbatch.models import local_model_dir
+
+        return local_traits(local_model_dir(name))
+    from sdbatch.storage import NotFound, open_storage
+
+    storage = open_storage(name, endpoint_url=endpoint_url)
+
+    def read(rel: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(storage.get(rel))
+        except NotFound:
+            return None
+
+    if read("model_index.json") is None:
+        raise FamilyError(f"model {name!r}: no model_index.json under that prefix; it must hold a diffusers folder")
+    return read_traits(read, name)

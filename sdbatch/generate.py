@@ -14,6 +14,8 @@ LoRA adapters are loaded once each (``LoraCache``) and switched per batch with
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
 import os
 import platform
@@ -161,6 +163,14 @@ class ModelInfo:
         return self.fingerprint[:10]
 
 
+def _absent_components(pipeline_cls: type, folder: Path) -> dict[str, None]:
+    """Components the folder leaves out or names as null (an SD3 folder without its T5
+    encoder): passed as None, which the pipelines accept for them."""
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    expected, _ = pipeline_cls._get_signature_keys(pipeline_cls)
+    return {name: None for name in expected if not (index.get(name) or [None])[0]}
+
+
 class LoraCache:
     """The job's declared adapters (name -> path) and those loaded into the pipeline, least
     recently used first. An adapter is read, checked (safetensors only) and loaded at most
@@ -243,6 +253,8 @@ class Generator:
         self._scheduler_config = dict(txt2img.scheduler.config)
         self._own_scheduler = type(txt2img.scheduler)
         self._sampler_configs: dict[str, dict[str, Any]] = {}
+        # SD3's img2img renders at its native size unless told the (init image's) row size
+        self._img2img_takes_size = "height" in inspect.signature(self.img2img.__call__).parameters
         for pipe in (self.txt2img, self.img2img):
             pipe.set_progress_bar_config(disable=True)
 
@@ -264,12 +276,14 @@ class Generator:
             raise ModelError(str(exc)) from None
         device = pick_device(device)
         torch_dtype = pick_dtype(dtype, device)
+        pipeline_cls = getattr(diffusers, family.txt2img)
         try:
-            pipe = getattr(diffusers, family.txt2img).from_pretrained(
+            pipe = pipeline_cls.from_pretrained(
                 folder,
                 dtype=torch_dtype,
                 use_safetensors=True,
                 local_files_only=True,
+                **_absent_components(pipeline_cls, folder),
                 **LOAD_OPTIONS.get(family.class_name, {}),
             )
         except (OSError, ValueError) as exc:
@@ -339,7 +353,8 @@ class Generator:
             if init_images is None or len(init_images) != len(rows) or any(i is None for i in init_images):
                 raise ValueError("img2img rows need one init image each")
             images = [resize_for_row(img, first.width, first.height) for img in init_images]
-            result = pipe(image=images, strength=first.strength, **common)
+            size = dict(height=first.height, width=first.width) if self._img2img_takes_size else {}
+            result = pipe(image=images, strength=first.strength, **size, **common)
         else:
             result = pipe(height=first.height, width=first.width, **common)
         return list(result.images)

@@ -16,7 +16,7 @@ import struct
 
 #: One A1111 extra-network tag for a LoRA: ``<lora:NAME>`` or ``<lora:NAME:SCALE>``.
 TAG_RE = re.compile(r"<lora:([^<>]*)>")
-_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # no '.': a name is also a spec key (loras.NAME)
 LoraSet = tuple[tuple[str, float], ...]
 
 
@@ -28,7 +28,7 @@ def _entry(text: str, where: str) -> tuple[str, float]:
     name, sep, scale_text = text.strip().partition(":")
     name = name.strip()
     if not _NAME_RE.match(name):
-        raise LoraError(f"{where} {text!r}: adapter names use letters, digits, '.', '_' and '-' (1-64 characters)")
+        raise LoraError(f"{where} {text!r}: adapter names use letters, digits, '_' and '-' (1-64 characters)")
     if not sep:
         return name, 1.0
     try:

@@ -40,9 +40,15 @@ def validate(
         job = load_spec(spec, set_, overrides)
     except SpecError as exc:
         raise _err(str(exc)) from None
+    from sdbatch.families import model_traits
+
+    try:
+        traits = model_traits(job.model.name)
+    except ValueError as exc:
+        raise _err(str(exc)) from None
     try:
         source = open_manifest(manifest)
-        report = validate_manifest(source, job)
+        report = validate_manifest(source, job.with_native_size(traits), family=traits.family)
     except ManifestError as exc:
         raise _err(f"invalid manifest: {exc}") from None
     if json_out:

@@ -211,15 +211,19 @@ def write_json(storage: Storage, key: str, data: dict[str, Any]) -> None:
     storage.put(key, json.dumps(data, indent=2, sort_keys=True).encode())
 
 
-def job_record(spec: JobSpec, manifest: Manifest, model_fingerprint: str | None) -> dict[str, Any]:
+def job_record(spec: JobSpec, manifest: Manifest, model_fingerprint: str | None,
+               lora_sha256: dict[str, str] | None = None) -> dict[str, Any]:
     """``_sdbatch/job.json``. Its fingerprint covers everything that decides the images and
-    where rows land — spec settings, manifest content, model weights — so a resume with any
-    of them changed is refused rather than mixing two jobs in one OUT."""
+    where rows land — spec settings, manifest content, model weights, LoRA adapters' bytes —
+    so a resume with any of them changed is refused rather than mixing two jobs in one OUT."""
+    lora_sha256 = lora_sha256 or {}
     return {
         "fingerprint": fingerprint({
             "spec": spec.fingerprint_fields(), "manifest": manifest.fingerprint,
             "rows": manifest.num_rows, "model": model_fingerprint,
+            **({"loras": lora_sha256} if lora_sha256 else {}),
         }),
+        "loras": {name: {"path": spec.loras[name], "sha256": sha} for name, sha in lora_sha256.items()},
         "spec": spec.model_dump(mode="json"),
         "manifest": {"source": manifest.source, "fingerprint": manifest.fingerprint,
                      "num_rows": manifest.num_rows, "files": list(manifest.files)},

@@ -1,0 +1,134 @@
+"""Tiny random-weight pipelines of every supported family, built from configs (no downloads)
+and saved as diffusers folders with safetensors, the way diffusers' own tests build theirs;
+and a tiny non-zero LoRA for ``builtin:shapes``. Test-only."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from sdbatch.models import resolve_builtin
+
+#: folder name -> native size the configs below give (denoiser sample_size × VAE scale 2)
+NATIVE = {"sd15": 72, "sd2v": 80, "sdxl": 96, "sd3": 64}
+
+
+def _clip_tokenizer(folder: Path) -> None:
+    shutil.copytree(resolve_builtin("builtin:tiny") / "tokenizer", folder)
+
+
+def _vae(latent_channels: int = 4):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=latent_channels,
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         norm_num_groups=8, sample_size=32)
+
+
+def _clip(projection: bool = False, hidden: int = 32):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=hidden, intermediate_size=37, num_attention_heads=4,
+                            num_hidden_layers=2, pad_token_id=1, vocab_size=1000, projection_dim=32, hidden_act="gelu")
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _sd_unet(sample_size: int, **extra):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=sample_size, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                                attention_head_dim=(2, 4), **extra)
+
+
+def _save(pipe, folder: Path) -> Path:
+    pipe.save_pretrained(folder, safe_serialization=True)
+    for tok in ("tokenizer", "tokenizer_2"):  # the project's own tokenizer files, as shipped
+        if (folder / tok).exists():
+            shutil.rmtree(folder / tok)
+            _clip_tokenizer(folder / tok)
+    return folder
+
+
+def build_sd(folder: Path, *, v_prediction: bool = False) -> Path:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = _sd_unet(NATIVE[folder.name] // 2, cross_attention_dim=32)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False, prediction_type="v_prediction" if v_prediction else "epsilon")
+    pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=_clip(), tokenizer=CLIPTokenizer.from_pretrained(resolve_builtin("builtin:tiny") / "tokenizer"),
+                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    return _save(pipe, folder)
+
+
+def build_sdxl(folder: Path) -> Path:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = _sd_unet(NATIVE["sdxl"] // 2, cross_attention_dim=64, use_linear_projection=True,
+                    addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                    projection_class_embeddings_input_dim=80)
+    tok = CLIPTokenizer.from_pretrained(resolve_builtin("builtin:tiny") / "tokenizer")
+    vae = _vae()
+    vae.register_to_config(force_upcast=True)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=_clip(), tokenizer=tok, text_encoder_2=_clip(projection=True),
+                                     tokenizer_2=tok, unet=unet, scheduler=EulerDiscreteScheduler(
+                                         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                         timestep_spacing="leading", steps_offset=1))
+    return _save(pipe, folder)
+
+
+def build_sd3(folder: Path) -> Path:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=NATIVE["sd3"] // 2, patch_size=1, in_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                        joint_attention_dim=32, pooled_projection_dim=64, out_channels=4)
+    tok = CLIPTokenizer.from_pretrained(resolve_builtin("builtin:tiny") / "tokenizer")
+    vae = _vae()
+    vae.register_to_config(shift_factor=0.0625, scaling_factor=1.5)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                    text_encoder=_clip(projection=True), tokenizer=tok,
+                                    text_encoder_2=_clip(projection=True), tokenizer_2=tok,
+                                    text_encoder_3=None, tokenizer_3=None)
+    _save(pipe, folder)  # no T5 encoder, as the 'no T5' SD3 checkpoints: loaded with text_encoder_3=None
+    return folder
+
+
+def build_all(root: Path) -> dict[str, Path]:
+    return {
+        "sd15": build_sd(root / "sd15"),
+        "sd2v": build_sd(root / "sd2v", v_prediction=True),
+        "sdxl": build_sdxl(root / "sdxl"),
+        "sd3": build_sd3(root / "sd3"),
+    }
+
+
+def build_shapes_lora(path: Path, *, seed: int, rank: int = 4) -> Path:
+    """A PEFT LoRA on builtin:shapes' UNet attention projections with non-zero weights (PEFT
+    initialises lora_B to zero, which would be a no-op), saved with save_lora_weights."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_builtin("builtin:shapes"), safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                     init_lora_weights=False))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in pipe.unet.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    StableDiffusionPipeline.save_lora_weights(path.parent, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+                                              weight_name=path.name, safe_serialization=True)
+    return path
