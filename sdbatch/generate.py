@@ -283,8 +283,7 @@ class Generator:
                 dtype=torch_dtype,
                 use_safetensors=True,
                 local_files_only=True,
-                **_absent_components(pipeline_cls, folder),
-                **LOAD_OPTIONS.get(family.class_name, {}),
+                **{**_absent_components(pipeline_cls, folder), **LOAD_OPTIONS.get(family.class_name, {})},
             )
         except (OSError, ValueError) as exc:
             raise ModelError(f"model {model!r} could not be loaded from {folder}: {exc}") from exc
