@@ -60,7 +60,7 @@ def build_sd(folder: Path, *, v_prediction: bool = False) -> Path:
     torch.manual_seed(0)
     unet = _sd_unet(NATIVE[folder.name] // 2, cross_attention_dim=32)
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                              set_alpha_to_one=False, prediction_type="v_prediction" if v_prediction else "epsilon")
+                              set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction" if v_prediction else "epsilon")
     pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=_clip(), tokenizer=CLIPTokenizer.from_pretrained(resolve_builtin("builtin:tiny") / "tokenizer"),
                                    unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

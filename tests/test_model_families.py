@@ -86,7 +86,7 @@ def test_family_job_renders_native_and_explicit_sizes(family_job):
         assert record["model_family"] == json.loads((family_job["model"] / "model_index.json").read_text())["_class_name"]
         info = parse_with_sd_parsers(data)
         sampler = info.samplers[0]
-        assert (sampler.parameters["seed"], sampler.parameters["steps"]) == (index[rid]["seed"], 2)
+        assert (int(sampler.parameters["seed"]), int(sampler.parameters["steps"])) == (index[rid]["seed"], 2)
         assert info.full_prompt == index[rid]["prompt"]
     assert index["i0"]["init_image_sha256"] is not None and index["t0"]["scheduler"] == "default"
 
