@@ -195,6 +195,7 @@ class LoraCache:
         self.pipe.load_lora_weights(load_safetensors(data), adapter_name=name)
         log.info("loaded LoRA %s (sha256 %s)", name, self.sha256[name][:10])
 
+    @torch.inference_mode()  # adapters load as inference tensors; toggling them must stay in that mode
     def use(self, loras: LoraSet) -> None:
         """Make ``loras`` the pipeline's active adapters (none: adapters disabled)."""
         if loras == self.active:
