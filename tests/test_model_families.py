@@ -226,3 +226,14 @@ def test_lora_bad_references_exit_2(shapes_loras, ray_address, tmp_path):
     pickle.write_bytes(b"\x80\x04not a safetensors file")
     refused = cli(ray_address, "submit", manifest, "--out", out, "--lora", f"a={pickle}")
     assert refused.returncode == 2 and "pickle" in refused.stderr
+
+
+def test_job_fingerprint_covers_adapter_bytes(tmp_path):
+    from sdbatch.manifest import open_manifest
+    from sdbatch.output import job_record
+    from sdbatch.spec import JobSpec
+
+    source = open_manifest(str(write_manifest(tmp_path / "m.parquet", [{"prompt": "a red circle"}])))
+    spec = JobSpec(loras={"a": str(tmp_path / "a.safetensors")})
+    one, other = (job_record(spec, source, "f" * 64, {"a": sha})["fingerprint"] for sha in ("1" * 64, "2" * 64))
+    assert one != other
