@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sdbatch.families import ALL_SAMPLERS, DEFAULT_SAMPLER, DIFFUSION_SAMPLERS, ModelTraits
 from sdbatch.lora import LoraError, parse_declaration
@@ -116,16 +116,20 @@ class JobSpec(_Section):
         description="LoRA adapters rows may use: NAME -> local path or s3:// URI of a .safetensors file",
     )
 
-    @model_validator(mode="after")
-    def _loras_declared_well(self) -> JobSpec:
-        for name, path in self.loras.items():
+    @field_validator("loras")
+    @classmethod
+    def _loras_declared_well(cls, loras: dict[str, str]) -> dict[str, str]:
+        """Names as --lora takes them, .safetensors files only; a local path is made absolute
+        here, since workers run elsewhere (another cwd, another node's mount)."""
+        for name, path in loras.items():
             try:
                 parse_declaration(f"{name}={path}")
             except LoraError as exc:
                 raise ValueError(str(exc).replace("--lora", "loras:")) from None
             if not path.endswith(".safetensors"):
                 raise ValueError(f"loras: {name}={path}: only .safetensors files are loaded (pickle checkpoints are refused)")
-        return self
+        return {name: path if path.startswith("s3://") else str(Path(path).expanduser().absolute())
+                for name, path in loras.items()}
 
     @model_validator(mode="after")
     def _native_size_of_local_model(self) -> JobSpec:

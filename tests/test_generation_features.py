@@ -12,7 +12,7 @@ import pytest
 from conftest import write_manifest
 from PIL import Image
 
-from sdbatch.encode import parse_infotext, read_embedded
+from sdbatch.encode import A1111_SCHEDULER_CLASS_NAMES, parse_infotext, read_embedded
 from sdbatch.spec import SCHEDULERS
 
 TINY = ["--model", "builtin:tiny", "--steps", "4", "--batch-size", "4"]
@@ -54,7 +54,12 @@ def test_mixed_manifest_every_sampler_size_guidance_and_img2img(run_cli, tmp_pat
         assert Image.open(io.BytesIO(data)).size == (row["width"], row["height"])
         text, record = read_embedded(data)
         params = parse_infotext(text)
-        assert params["scheduler"] == row["scheduler"] == record["scheduler"]
+        assert row["scheduler"] == record["scheduler"]
+        if row["scheduler"] == "default":  # the model's own scheduler, named by its class
+            own = A1111_SCHEDULER_CLASS_NAMES[record["scheduler_config"]["_class_name"]]
+            assert f"Sampler: {own}," in text
+        else:
+            assert params["scheduler"] == row["scheduler"]
         assert (params["width"], params["height"]) == (row["width"], row["height"])
         assert params["guidance_scale"] == row["guidance_scale"] and params["seed"] == row["seed"]
         assert params["negative_prompt"] == (row["negative_prompt"] or "")

@@ -222,10 +222,20 @@ def test_lora_bad_references_exit_2(shapes_loras, ray_address, tmp_path):
     assert "row 0" in err and "zzz" in err and "row 1" in err and "'x' is not a number" in err
     assert "row 2" in err and "no closing '>'" in err and "row 3" not in err
     assert not out.exists() or not any(out.rglob("*.png"))
-    pickle = tmp_path / "evil.ckpt"
-    pickle.write_bytes(b"\x80\x04not a safetensors file")
+    pickle = tmp_path / "evil.safetensors"  # a pickle under a safetensors name: its bytes are checked
+    pickle.write_bytes(b"\x80\x04\x95not a safetensors file at all")
     refused = cli(ray_address, "submit", manifest, "--out", out, "--lora", f"a={pickle}")
-    assert refused.returncode == 2 and "pickle" in refused.stderr
+    assert refused.returncode == 2 and "not a safetensors file" in refused.stderr and "a=" in refused.stderr
+    assert not out.exists() or not any(out.rglob("*.png"))
+
+
+def test_lora_declarations_refuse_pickle_files_and_bad_names():
+    from sdbatch.spec import SpecError, load_spec
+
+    with pytest.raises(SpecError, match="pickle checkpoints are refused"):
+        load_spec(None, ["loras.a=style.ckpt"])
+    with pytest.raises(SpecError, match="expected NAME=PATH"):
+        load_spec(None, ["loras.a b=style.safetensors"])
 
 
 def test_job_fingerprint_covers_adapter_bytes(tmp_path):
