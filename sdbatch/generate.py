@@ -232,7 +232,13 @@ class _Tokenizers:
         cuts = []
         for tok in self.tokenizers:
             limit = int(tok.model_max_length) - 2  # start and end tokens
-            enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
+            try:
+                enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
+            except NotImplementedError:  # a tokenizer without offsets: where its kept tokens' text ends
+                ids = tok(prompt, add_special_tokens=False, truncation=False)["input_ids"]
+                if len(ids) > limit:
+                    cuts.append(len(tok.decode(ids[:limit])))
+                continue
             if len(enc["input_ids"]) > limit:
                 cuts.append(int(enc["offset_mapping"][limit][0]))
         return min(cuts) if cuts else None
