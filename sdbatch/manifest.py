@@ -148,14 +148,14 @@ def _strip_file_scheme(path: str) -> str:
     return path[len("file://") :] if path.startswith("file://") else path
 
 
-def _remote_fs(uri: str) -> tuple[Any, str]:
-    """A pyarrow filesystem for a URI. For ``s3://`` the endpoint comes from
+def _remote_fs(uri: str, endpoint_url: str | None = None) -> tuple[Any, str]:
+    """A pyarrow filesystem for a URI. For ``s3://`` the endpoint is ``endpoint_url``, else
     ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` when set (as boto3 reads them), so an
     S3-compatible store (MinIO, moto) works on the driver and on every worker alike."""
     import pyarrow.fs as pafs
 
     try:
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if uri.startswith("s3://") and endpoint:
             from urllib.parse import urlparse
 
@@ -171,21 +171,21 @@ def _remote_fs(uri: str) -> tuple[Any, str]:
         raise ManifestError(f"cannot open manifest location {uri}: {exc}") from None
 
 
-def _open_input(path: str):
+def _open_input(path: str, endpoint_url: str | None = None):
     """A readable file object for a local path or a URI."""
     if _is_uri(path):
-        fs, p = _remote_fs(path)
+        fs, p = _remote_fs(path, endpoint_url)
         return fs.open_input_file(p)
     return open(path, "rb")
 
 
-def _parquet_file(path: str, streaming: bool = False) -> pq.ParquetFile:
+def _parquet_file(path: str, streaming: bool = False, endpoint_url: str | None = None) -> pq.ParquetFile:
     # streaming: no pre-buffering — Arrow's pre-buffer cache keeps every range it read
     # alive for the reader's lifetime, which grows with the file (≈ 25 bytes/row).
     opts: dict[str, Any] = {"pre_buffer": False, "buffer_size": 1 << 20} if streaming else {}
     try:
         if _is_uri(path):
-            return pq.ParquetFile(_open_input(path), **opts)
+            return pq.ParquetFile(_open_input(path, endpoint_url), **opts)
         return pq.ParquetFile(path, **opts)
     except FileNotFoundError:
         raise ManifestError(f"{path}: no such file") from None
@@ -473,15 +473,16 @@ class ManifestReader:
     thread-safe: one thread reads.
     """
 
-    def __init__(self, manifest: Manifest):
+    def __init__(self, manifest: Manifest, endpoint_url: str | None = None):
         self.manifest = manifest
+        self.endpoint_url = endpoint_url  # for s3:// files (else AWS_ENDPOINT_URL[_S3], as boto3)
         self._files: dict[int, pq.ParquetFile] = {}
 
     def _file(self, number: int) -> pq.ParquetFile:
         pf = self._files.get(number)
         if pf is None:
             path = self.manifest.files[number]
-            pf = _parquet_file(path)
+            pf = _parquet_file(path, endpoint_url=self.endpoint_url)
             planned = self.manifest.file_rows[number] if self.manifest.file_rows else pf.metadata.num_rows
             if pf.metadata.num_rows != planned:
                 raise ManifestError(

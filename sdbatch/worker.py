@@ -269,8 +269,11 @@ class ShardFeed:
     its init images while the current one generates — at most one shard ahead. All reads run
     on one thread (the manifest reader is not thread-safe)."""
 
-    def __init__(self, manifest: Manifest, spec: JobSpec, load_init_images: Callable[[list[Row]], InitImages]):
-        self.reader = ManifestReader(manifest)
+    def __init__(
+        self, manifest: Manifest, spec: JobSpec, load_init_images: Callable[[list[Row]], InitImages],
+        endpoint_url: str | None = None,
+    ):
+        self.reader = ManifestReader(manifest, endpoint_url)
         self.spec = spec
         self.load_init_images = load_init_images
         self._reads = ThreadPoolExecutor(1, thread_name_prefix="sdbatch-rows")
@@ -329,7 +332,7 @@ class WorkerActor:
             max_pool_connections=spec.resources.upload_threads,
         )
         self.runner = ShardRunner(generator, storage, spec, endpoint_url=endpoint_url)
-        self.feed = ShardFeed(manifest, spec, self.runner.load_init_images)
+        self.feed = ShardFeed(manifest, spec, self.runner.load_init_images, endpoint_url)
         self.tracker = tracker
 
     def ready(self) -> dict[str, Any]:
