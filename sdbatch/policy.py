@@ -27,7 +27,7 @@ from typing import Any
 
 from sdbatch.plan import ShardSpec
 
-log = logging.getLogger("sdbatch.scheduler")
+log = logging.getLogger("sdbatch.policy")
 
 MIN_HANG_TIMEOUT_S = 300.0  # first batches include warm-up; a GPU batch rarely takes minutes
 HANG_FACTOR = 10.0
