@@ -150,7 +150,7 @@ def submit(
     if not report.ok:
         err.print(report.render(), soft_wrap=True, markup=False)
         raise fail(f"manifest {manifest} has {report.issue_count} invalid values; nothing was written to {out}")
-    model_error = preflight_model(spec.model.name, s3_endpoint)
+    model_error = preflight_model(spec.model.name, s3_endpoint) or preflight_clip_model(spec.scoring.clip_model, s3_endpoint)
     if model_error:
         raise fail(model_error)
     try:
@@ -211,6 +211,20 @@ def preflight_model(name: str, endpoint_url: str | None) -> str | None:
     except ValueError as exc:
         return str(exc)
     return None
+
+
+def preflight_clip_model(location: str | None, endpoint_url: str | None) -> str | None:
+    """Check ``scoring.clip_model`` names a transformers folder before any worker starts."""
+    if location is None:
+        return None
+    fix = "; set scoring.clip_model to a folder written by CLIPModel.save_pretrained (config.json + model.safetensors)"
+    from sdbatch.storage import StorageError, open_storage
+
+    try:
+        found = open_storage(location, endpoint_url=endpoint_url).exists("config.json")
+    except StorageError as exc:
+        return f"scoring.clip_model {location!r}: {exc}"
+    return None if found else f"scoring.clip_model {location!r}: no config.json there{fix}"
 
 
 @app.command()

@@ -49,7 +49,6 @@ def test_template_named_groups_escapes_and_empty_alternatives():
     [
         ("a {red|blue", "never closed"),
         ("a red} cat", "no opening"),
-        ("a {b{c}|d}", "cannot nest"),
         ("{steps=10|20}", "is a manifest column"),
         ("{c=a|b} {c=x|y}", "used twice"),
     ],
@@ -57,6 +56,24 @@ def test_template_named_groups_escapes_and_empty_alternatives():
 def test_template_errors(template, message):
     with pytest.raises(ManifestBuildError, match=message):
         expand_template(template)
+
+
+def test_dynamicprompts_syntax_wildcards_variants_nesting_and_sampling(tmp_path):
+    (tmp_path / "colour.txt").write_text("red\ngreen\n")
+    prompts, labels = expand_template("a {size=small|large} __colour__ {2$$a|b|c}, {x|{y|z}}", wildcards=tmp_path)
+    assert len(prompts) == 2 * 2 * 6 * 3 and len(set(prompts)) == len(prompts)
+    assert "a small red b,c, z" in prompts and "a large green a,b, x" in prompts
+    assert labels["size"] == ["small"] * 36 + ["large"] * 36
+    assert all(p.split()[1] == s for p, s in zip(prompts, labels["size"]))
+    sampled, sampled_labels = expand_template("a {size=small|large} __colour__ {x|y|z}", wildcards=tmp_path, sample=5, sample_seed=7)
+    assert len(sampled) == 5 and all(p.split()[1] == s for p, s in zip(sampled, sampled_labels["size"]))
+    assert (sampled, sampled_labels) == expand_template(
+        "a {size=small|large} __colour__ {x|y|z}", wildcards=tmp_path, sample=5, sample_seed=7)
+    assert {p.split()[2] for p in sampled} <= {"red", "green"}
+    with pytest.raises(ManifestBuildError, match="pass --wildcards DIR"):
+        expand_template("a __colour__ cat")
+    with pytest.raises(ManifestBuildError, match="wildcard __animal__ has no values; add .*animal.txt"):
+        expand_template("a __animal__", wildcards=tmp_path)
 
 
 def test_template_too_large():
