@@ -342,12 +342,12 @@ def _read_table_file(path: Path, mapping: Iterable[str]) -> pa.Table:
     return table
 
 
-def _templates_table(templates: Sequence[str]) -> pa.Table:
+def _templates_table(templates: Sequence[str], **expand: Any) -> pa.Table:
     prompts: list[str] = []
     label_names: list[str] = []
     per_template: list[tuple[int, dict[str, list[str]]]] = []
     for t in templates:
-        p, labels = expand_template(t)
+        p, labels = expand_template(t, **expand)
         per_template.append((len(p), labels))
         prompts.extend(p)
         label_names.extend(n for n in labels if n not in label_names)
@@ -406,9 +406,14 @@ def build_manifest(
     columns: Iterable[str] = (),
     row_group_size: int = 65_536,
     overwrite: bool = False,
+    wildcards: str | os.PathLike[str] | None = None,
+    sample: int | None = None,
+    sample_seed: int = 0,
+    grid: Sequence[str] = (),
 ) -> int:
     """Write the manifest to ``out`` (atomically: a temporary file renamed into place) and
-    return its number of rows."""
+    return its number of rows. Templates expand with ``wildcards`` files, every prompt or
+    ``sample`` random ones (``sample_seed``); ``grid`` axes repeat each prompt per cell."""
     sources = [s for s in (prompts_file, table_file, templates or None) if s]
     if len(sources) != 1:
         raise ManifestBuildError("give exactly one prompt source: --prompts FILE, --from FILE, or --template (repeatable)")
@@ -420,7 +425,19 @@ def build_manifest(
     elif table_file:
         base = _read_table_file(Path(table_file), mapping)
     else:
-        base = _templates_table(templates)
+        base = _templates_table(templates, wildcards=Path(wildcards) if wildcards else None, sample=sample,
+                                sample_seed=sample_seed)
+    if (wildcards or sample) and not templates:
+        raise ManifestBuildError("--wildcards and --sample only apply to --template")
+    if sample is not None and sample < 1:
+        raise ManifestBuildError("--sample must be at least 1")
+    if grid:
+        from sdbatch.grid import GridError, expand_grid, parse_axes
+
+        try:
+            base = expand_grid(base, parse_axes(list(grid)), _COLUMN_TYPES)
+        except GridError as exc:
+            raise ManifestBuildError(str(exc)) from None
     if mapping and not table_file:
         raise ManifestBuildError("--map only applies to --from FILE")
     seed_ranges = parse_seeds(seeds) if seeds else None
