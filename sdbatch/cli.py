@@ -362,6 +362,7 @@ def export(
     s3_endpoint: Optional[str] = EndpointOpt,
 ) -> None:
     """Write OUT's images and index rows (all columns), filtered by --where, in a training format."""
+    setup_logging(False)
     from sdbatch.export import ExportError
     from sdbatch.export import export as run_export
     from sdbatch.storage import StorageError, open_storage
@@ -387,7 +388,7 @@ def stats(
     from sdbatch.storage import StorageError, open_storage
 
     try:
-        result = job_stats(load_index(open_storage(out_location, endpoint_url=s3_endpoint)))
+        result = job_stats(*load_index(open_storage(out_location, endpoint_url=s3_endpoint)))
     except (ExportError, StorageError) as exc:
         raise fail(str(exc)) from None
     if as_json:
@@ -409,7 +410,7 @@ def grid(
 
     try:
         storage = open_storage(out_location, endpoint_url=s3_endpoint)
-        paths = render_grids(storage, load_index(storage), dest)
+        paths = render_grids(storage, load_index(storage)[0], dest)
     except (ExportError, GridError, StorageError) as exc:
         raise fail(str(exc)) from None
     stdout.print(f"wrote {len(paths)} grid images to {dest}")

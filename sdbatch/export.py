@@ -15,6 +15,7 @@ exported. OUT may be local or ``s3://``. No torch here.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,6 +31,8 @@ from sdbatch.audit import split_key, tar_members
 from sdbatch.output import JOB_KEY, STATUS_OK, read_index, read_json, webdataset_key
 from sdbatch.storage import Storage
 
+log = logging.getLogger("sdbatch.export")
+
 FORMATS = ("hf", "webdataset")
 #: Columns the Hugging Face imagefolder layout adds itself; an index column of that name would clash.
 HF_OWN_COLUMNS = ("image", "file_name")
@@ -40,12 +43,13 @@ class ExportError(ValueError):
     """Bad input to ``sdbatch export`` (no job at OUT, a bad --where, a DIR in use)."""
 
 
-def load_index(storage: Storage) -> pa.Table:
-    """The job's index (the final one, else what is committed so far)."""
+def load_index(storage: Storage) -> tuple[pa.Table, bool]:
+    """The job's index — the final one, else what is committed so far — and whether it is the
+    final one (only that one has ``duplicate_of`` filled in)."""
     if read_json(storage, JOB_KEY) is None:
         raise ExportError(f"no sdbatch job at {storage.url} (no {JOB_KEY})")
-    table, _ = read_index(storage)
-    return table
+    table, shards_merged = read_index(storage)
+    return table, shards_merged is None
 
 
 def select_rows(index: pa.Table, where: str | None) -> pa.Table:
@@ -54,7 +58,7 @@ def select_rows(index: pa.Table, where: str | None) -> pa.Table:
         return index
     import duckdb
 
-    con = duckdb.connect(config={"enable_external_access": False})
+    con = duckdb.connect(config={"enable_external_access": False, "enable_progress_bar": False})
     try:
         con.register("idx", index)
         rows = con.execute(f"SELECT row FROM idx WHERE ({where})").fetchnumpy()["row"]
@@ -147,7 +151,11 @@ def export(storage: Storage, to: str, dest: Path, where: str | None = None,
     """Export the rows of OUT's index that ``where`` selects to ``dest``; returns how many."""
     if to not in FORMATS:
         raise ExportError(f"--to {to!r}: use one of {', '.join(FORMATS)}")
-    rows = select_rows(load_index(storage), where)
+    index, final = load_index(storage)
+    if not final:
+        log.warning("%s is unfinished: exporting its committed rows; duplicate_of is filled in only when the "
+                    "job finishes", storage.url)
+    rows = select_rows(index, where)
     if to == "hf":
         return export_hf(storage, rows, dest)
     return export_webdataset(storage, rows, dest, shard_bytes)

@@ -36,7 +36,7 @@ QUALITY_COLUMN_TYPES: dict[str, pa.DataType] = {
     "duplicate_of": pa.string(),
 }
 #: DuckDB's memory while marking duplicates; past it, it spills to the temporary directory.
-DUPLICATES_MEMORY_LIMIT = "256MB"
+DUPLICATES_MEMORY_LIMIT = "128MB"
 PHASH_BITS = 64
 
 
@@ -140,7 +140,8 @@ def mark_duplicates(index_path: Path, out_path: Path, max_distance: int) -> int:
 
     with tempfile.TemporaryDirectory(prefix="sdbatch-dups-") as tmp:
         dups_path = Path(tmp) / "duplicates.parquet"
-        con = duckdb.connect(config={"memory_limit": DUPLICATES_MEMORY_LIMIT, "temp_directory": tmp, "threads": 2})
+        con = duckdb.connect(config={"memory_limit": DUPLICATES_MEMORY_LIMIT, "temp_directory": tmp, "threads": 2,
+                                     "enable_progress_bar": False})
         try:
             query = duplicates_query(_escape_path(index_path), max_distance)
             con.execute(f"COPY ({query}) TO '{_escape_path(dups_path)}' (FORMAT parquet)")

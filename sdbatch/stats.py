@@ -47,8 +47,9 @@ def _label_counts(values: pa.ChunkedArray) -> dict[str, int]:
     return {**top, "(other)": rest} if rest else top
 
 
-def job_stats(index: pa.Table) -> dict[str, Any]:
-    """The statistics of one job's index, as JSON-serialisable data."""
+def job_stats(index: pa.Table, final: bool = True) -> dict[str, Any]:
+    """The statistics of one job's index, as JSON-serialisable data; duplicates are known only
+    in the ``final`` (merged) index."""
     def has(column: str) -> bool:
         return column in index.column_names
 
@@ -59,7 +60,7 @@ def job_stats(index: pa.Table) -> dict[str, Any]:
         "ok": _count(pc.equal(status, STATUS_OK)),
         "failed": _count(pc.equal(status, STATUS_FAILED)),
         "blank": _count(pc.fill_null(index.column("blank"), False)) if has("blank") else None,
-        "duplicates": _count(pc.is_valid(index.column("duplicate_of"))) if has("duplicate_of") else None,
+        "duplicates": _count(pc.is_valid(index.column("duplicate_of"))) if final and has("duplicate_of") else None,
         "labels": {c: _label_counts(index.column(c)) for c in labels},
         "scores": {c: _distribution(index.column(c)) for c in SCORE_COLUMNS if has(c) and index.column(c).null_count < index.num_rows},
     }

@@ -215,26 +215,38 @@ def blank_model(folder: Path) -> Path:
 
 
 def test_blank_images_are_flagged_and_near_uniform_twins_share_a_phash(tmp_path):
+    """In-process (no Ray) with the webdataset layout, which export and stats then read."""
+    import datasets
+
+    from sdbatch.export import export, load_index as job_index
     from sdbatch.generate import Generator
     from sdbatch.manifest import open_manifest, passthrough_types, read_rows
-    from sdbatch.output import merge_index
+    from sdbatch.output import claim_job, job_record, merge_index
     from sdbatch.plan import shard
+    from sdbatch.stats import job_stats
     from sdbatch.spec import load_spec
     from sdbatch.storage import LocalStorage
     from sdbatch.worker import ShardRunner
     from conftest import write_manifest
 
     model = blank_model(tmp_path / "blank-model")
-    spec = load_spec(None, [], {"model.name": str(model), "defaults.steps": 2})
+    spec = load_spec(None, [], {"model.name": str(model), "defaults.steps": 2, "output.format": "webdataset"})
     source = open_manifest(str(write_manifest(tmp_path / "m.parquet", [
         {"id": "g1", "prompt": "a red circle", "seed": 1}, {"id": "g2", "prompt": "a blue square", "seed": 2}])))
     storage = LocalStorage(tmp_path / "out")
-    s = shard(0, 2, 64)
-    ShardRunner(Generator.load(str(model)), storage, spec).run_shard(s, read_rows(source, spec, 0, 2))
+    claim_job(storage, job_record(spec, source, None))
+    ShardRunner(Generator.load(str(model)), storage, spec).run_shard(shard(0, 2, 64), read_rows(source, spec, 0, 2))
+    assert job_stats(*job_index(storage))["duplicates"] is None  # not merged yet: not known
     assert merge_index(storage, passthrough_types(source)).duplicates == 1
     rows = {r["id"]: r for r in load_index(tmp_path / "out")}
     assert rows["g1"]["blank"] is True and rows["g1"]["luma_std"] == 0
     assert rows["g1"]["sha256"] != rows["g2"]["sha256"] and rows["g2"]["duplicate_of"] == "g1"
+    assert rows["g1"]["key"] == "shards/00000.tar#g1.png"
+    assert (job_stats(*job_index(storage))["blank"], job_stats(*job_index(storage))["duplicates"]) == (2, 1)
+
+    assert export(storage, "hf", tmp_path / "hf", where="blank and duplicate_of is null") == 1
+    loaded = datasets.load_dataset(str(tmp_path / "hf"), split="train")
+    assert loaded["id"] == ["g1"] and loaded[0]["image"].convert("L").getextrema() == (128, 128)
 
 
 def hand_index(tmp_path: Path, rows: list[tuple[str, str, str, str]]) -> Path:
