@@ -58,8 +58,9 @@ def select_rows(index: pa.Table, where: str | None) -> pa.Table:
         return index
     import duckdb
 
-    con = duckdb.connect(config={"enable_external_access": False, "enable_progress_bar": False})
+    con = duckdb.connect(config={"enable_external_access": False})
     try:
+        con.execute("SET enable_progress_bar = false")
         con.register("idx", index)
         rows = con.execute(f"SELECT row FROM idx WHERE ({where})").fetchnumpy()["row"]
     except duckdb.Error as exc:

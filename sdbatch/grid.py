@@ -96,12 +96,13 @@ def render_grids(storage: Any, index: pa.Table, dest: Path) -> list[Path]:
         raise GridError(f"{storage.url} holds no grid rows (no {GRID_GROUP} column); build the manifest with "
                         "`sdbatch manifest --grid ...`")
     rows = index.filter(pc.is_valid(index.column(GRID_GROUP)))
-    images = {entry["row"]: data for entry, data in iter_images(storage, rows)}
     font = ImageFont.load_default()
     dest.mkdir(parents=True, exist_ok=True)
     written = []
     for group in sorted(set(rows.column(GRID_GROUP).to_pylist())):
-        cells = rows.filter(pc.equal(rows.column(GRID_GROUP), group)).to_pylist()
+        group_rows = rows.filter(pc.equal(rows.column(GRID_GROUP), group))
+        images = {entry["row"]: data for entry, data in iter_images(storage, group_rows)}  # one prompt's at a time
+        cells = group_rows.to_pylist()
         axes = cells[0][GRID_AXES].split(",")
         xs = list(dict.fromkeys(c[axes[0]] for c in cells))
         ys = list(dict.fromkeys(c[axes[1]] for c in cells)) if len(axes) > 1 else [None]

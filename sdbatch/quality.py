@@ -140,9 +140,9 @@ def mark_duplicates(index_path: Path, out_path: Path, max_distance: int) -> int:
 
     with tempfile.TemporaryDirectory(prefix="sdbatch-dups-") as tmp:
         dups_path = Path(tmp) / "duplicates.parquet"
-        con = duckdb.connect(config={"memory_limit": DUPLICATES_MEMORY_LIMIT, "temp_directory": tmp, "threads": 2,
-                                     "enable_progress_bar": False})
+        con = duckdb.connect(config={"memory_limit": DUPLICATES_MEMORY_LIMIT, "temp_directory": tmp, "threads": 2})
         try:
+            con.execute("SET enable_progress_bar = false")
             query = duplicates_query(_escape_path(index_path), max_distance)
             con.execute(f"COPY ({query}) TO '{_escape_path(dups_path)}' (FORMAT parquet)")
         finally:

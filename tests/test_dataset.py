@@ -127,7 +127,8 @@ def test_export_hf_loads_in_datasets_with_a_filter(job, tmp_path):
     res = sdbatch_cli("", "export", job["out"], "--to", "hf", dest,
                       "--where", "not blank and duplicate_of is null and size = 'small'")
     assert res.returncode == 0, res.stderr
-    loaded = datasets.load_dataset("imagefolder", data_dir=str(dest), split="train")
+    cache = str(tmp_path / "hf-cache")
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(dest), split="train", cache_dir=cache)
     assert loaded.num_rows == 8
     assert set(loaded["size"]) == {"small"} and all("small" in p for p in loaded["prompt"])
     for column in ("seed", "guidance_scale", "colour", "phash", "clip_score", "duplicate_of", "sha256"):
@@ -135,7 +136,7 @@ def test_export_hf_loads_in_datasets_with_a_filter(job, tmp_path):
     sample = loaded[0]
     stored = Image.open(job["out"] / job["index"][sample["id"]]["key"])
     assert sample["image"].convert("RGB").tobytes() == stored.convert("RGB").tobytes()
-    assert datasets.load_dataset(str(dest), split="train").num_rows == 8
+    assert datasets.load_dataset(str(dest), split="train", cache_dir=cache).num_rows == 8
 
     everything = tmp_path / "all"
     assert sdbatch_cli("", "export", job["out"], "--to", "hf", everything).returncode == 0
@@ -169,11 +170,16 @@ def test_export_refuses_a_bad_filter_and_a_used_dir(job, tmp_path):
     res = sdbatch_cli("", "export", job["out"], "--to", "hf", dest, "--where", "bogus_column > 1")
     assert res.returncode == 2 and "--where 'bogus_column > 1'" in res.stderr and "bogus_column" in res.stderr
     assert not dest.exists()
+    from sdbatch.export import ExportError, export
+    from sdbatch.storage import LocalStorage
+
     dest.mkdir()
     (dest / "mine.txt").write_text("keep")
-    res = sdbatch_cli("", "export", job["out"], "--to", "hf", dest)
-    assert res.returncode == 2 and "not an empty directory" in res.stderr
+    with pytest.raises(ExportError, match="not an empty directory"):
+        export(LocalStorage(job["out"]), "hf", dest)
     assert [p.name for p in dest.iterdir()] == ["mine.txt"]
+    with pytest.raises(ExportError, match="--to 'csv': use one of hf, webdataset"):
+        export(LocalStorage(job["out"]), "csv", tmp_path / "y")
 
 
 def test_grid_images(job, tmp_path):
@@ -245,7 +251,7 @@ def test_blank_images_are_flagged_and_near_uniform_twins_share_a_phash(tmp_path)
     assert (job_stats(*job_index(storage))["blank"], job_stats(*job_index(storage))["duplicates"]) == (2, 1)
 
     assert export(storage, "hf", tmp_path / "hf", where="blank and duplicate_of is null") == 1
-    loaded = datasets.load_dataset(str(tmp_path / "hf"), split="train")
+    loaded = datasets.load_dataset(str(tmp_path / "hf"), split="train", cache_dir=str(tmp_path / "hf-cache"))
     assert loaded["id"] == ["g1"] and loaded[0]["image"].convert("L").getextrema() == (128, 128)
 
 
