@@ -53,7 +53,8 @@ for number, start in enumerate(range(0, rows, rps)):
         "sha256": [hashlib.sha256(i.encode()).hexdigest() for i in ids], "bytes": [350_000 + j for j in range(n)],
         "attempt": [1] * n, "worker": ["node-3:41234"] * n, "generate_seconds": [0.731] * n,
         "label": [j % 10 for j in range(n)],
-        "phash": [f"{(i if i % 10 else i // 10) * 2654435761 % 2**64:016x}" for i in range(start, start + n)],
+        "phash": [hashlib.blake2b(str(i if i % 10 else i // 10).encode(), digest_size=8).hexdigest()
+                  for i in range(start, start + n)],
         "luma_mean": [120.5] * n, "luma_std": [40.25] * n, "blank": [False] * n, "clip_score": pa.nulls(n),
         "duplicate_of": pa.nulls(n),
     })

@@ -55,44 +55,46 @@ def measure_image(image: Any, blank_max_std: float) -> dict[str, Any]:
     }
 
 
-def _near_phash_sql(max_distance: int) -> str:
-    """Pairs (phash, earlier first row with a phash within ``max_distance`` bits) among the
-    distinct phashes ``p``: one equi-join per block of the 64 bits."""
+def _block_joins(max_distance: int) -> list[str]:
+    """For each of the ``max_distance + 1`` blocks of the 64 bits: the distinct phashes ``p``
+    joined to those that agree on that block and lie within ``max_distance`` bits, each with
+    the earliest first row among them."""
     blocks = max_distance + 1
     edges = [round(i * PHASH_BITS / blocks) for i in range(blocks + 1)]
-    joins = []
+    statements = []
     for lo, hi in zip(edges, edges[1:]):
         mask = (1 << (hi - lo)) - 1
-        joins.append(
-            f"SELECT a.phash, b.r0, b.id0 FROM p a JOIN p b "
+        statements.append(
+            "INSERT INTO near SELECT a.phash, min(b.r0), arg_min(b.id0, b.r0) FROM p a JOIN p b "
             f"ON (a.v >> {lo}) & {mask} = (b.v >> {lo}) & {mask} AND a.phash <> b.phash "
-            f"AND bit_count(xor(a.v, b.v)) <= {max_distance}"
+            f"AND bit_count(xor(a.v, b.v)) <= {max_distance} GROUP BY a.phash"
         )
-    return " UNION ALL ".join(joins)
+    return statements
 
 
-def duplicates_query(index_path: str, max_distance: int) -> str:
-    """``(row, duplicate_of)`` for every row of the index at ``index_path`` with an earlier
-    duplicate, ordered by row."""
-    near = (
-        f", near AS (SELECT phash, min(r0) AS r0, arg_min(id0, r0) AS id0 FROM ({_near_phash_sql(max_distance)}) GROUP BY phash)"
-        if max_distance > 0 else ""
-    )
-    near_candidates = (
-        "UNION ALL SELECT k.row, n.r0, n.id0 FROM k JOIN near n USING (phash) WHERE n.r0 < k.row"
-        if max_distance > 0 else ""
-    )
-    return f"""
-        WITH k AS (SELECT row, id, sha256, phash FROM read_parquet('{index_path}')
-                   WHERE status = 'ok' AND sha256 IS NOT NULL),
-             s AS (SELECT sha256, min(row) AS r0, arg_min(id, row) AS id0 FROM k GROUP BY sha256),
-             p AS (SELECT phash, CAST('0x' || phash AS UBIGINT) AS v, min(row) AS r0, arg_min(id, row) AS id0
-                   FROM k WHERE phash IS NOT NULL GROUP BY phash){near},
-             c AS (SELECT k.row, s.r0, s.id0 FROM k JOIN s USING (sha256) WHERE s.r0 < k.row
-                   UNION ALL SELECT k.row, p.r0, p.id0 FROM k JOIN p USING (phash) WHERE p.r0 < k.row
-                   {near_candidates})
-        SELECT row, arg_min(id0, r0) AS duplicate_of FROM c GROUP BY row ORDER BY row
-    """
+def duplicates_statements(index_path: str, max_distance: int, dups_path: str) -> list[str]:
+    """DuckDB statements writing ``(row, duplicate_of)`` — every row of the index with an
+    earlier duplicate, ordered by row — to ``dups_path``. One join at a time, each into a
+    table of the on-disk database, so no two hash tables compete for the memory limit."""
+    near = [
+        "CREATE TABLE near (phash VARCHAR, r0 BIGINT, id0 VARCHAR)",
+        *_block_joins(max_distance),
+        "INSERT INTO c SELECT k.row, n.r0, n.id0 FROM k JOIN "
+        "(SELECT phash, min(r0) AS r0, arg_min(id0, r0) AS id0 FROM near GROUP BY phash) n USING (phash) "
+        "WHERE n.r0 < k.row",
+    ] if max_distance > 0 else []
+    return [
+        "CREATE TABLE k AS SELECT row, id, sha256, phash FROM read_parquet("
+        f"'{index_path}') WHERE status = 'ok' AND sha256 IS NOT NULL",
+        "CREATE TABLE s AS SELECT sha256, min(row) AS r0, arg_min(id, row) AS id0 FROM k GROUP BY sha256",
+        "CREATE TABLE p AS SELECT phash, CAST('0x' || phash AS UBIGINT) AS v, min(row) AS r0, "
+        "arg_min(id, row) AS id0 FROM k WHERE phash IS NOT NULL GROUP BY phash",
+        "CREATE TABLE c AS SELECT k.row, s.r0, s.id0 FROM k JOIN s USING (sha256) WHERE s.r0 < k.row",
+        "INSERT INTO c SELECT k.row, p.r0, p.id0 FROM k JOIN p USING (phash) WHERE p.r0 < k.row",
+        *near,
+        f"COPY (SELECT row, arg_min(id0, r0) AS duplicate_of FROM c GROUP BY row ORDER BY row) TO '{dups_path}' "
+        "(FORMAT parquet)",
+    ]
 
 
 def _escape_path(path: Path) -> str:
@@ -140,11 +142,14 @@ def mark_duplicates(index_path: Path, out_path: Path, max_distance: int) -> int:
 
     with tempfile.TemporaryDirectory(prefix="sdbatch-dups-") as tmp:
         dups_path = Path(tmp) / "duplicates.parquet"
-        con = duckdb.connect(config={"memory_limit": DUPLICATES_MEMORY_LIMIT, "temp_directory": tmp, "threads": 2})
+        con = duckdb.connect(str(Path(tmp) / "duplicates.duckdb"), config={
+            "memory_limit": DUPLICATES_MEMORY_LIMIT, "temp_directory": tmp, "threads": 2,
+            "preserve_insertion_order": False,
+        })
         try:
             con.execute("SET enable_progress_bar = false")
-            query = duplicates_query(_escape_path(index_path), max_distance)
-            con.execute(f"COPY ({query}) TO '{_escape_path(dups_path)}' (FORMAT parquet)")
+            for statement in duplicates_statements(_escape_path(index_path), max_distance, _escape_path(dups_path)):
+                con.execute(statement)
         finally:
             con.close()
         found = pq.ParquetFile(dups_path)

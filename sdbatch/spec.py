@@ -110,8 +110,9 @@ class ScoringSpec(_Section):
         2.0, ge=0, description="an image whose luminance standard deviation (0-255) is at most this is flagged blank"
     )
     duplicate_max_distance: int = Field(
-        0, ge=0, le=63,
-        description="images whose phashes differ in at most this many bits are duplicates (0: identical phash)",
+        0, ge=0, le=16,
+        description="images whose phashes differ in at most this many bits are duplicates (0: identical phash); "
+        "each bit more compares more pairs at merge",
     )
 
 
