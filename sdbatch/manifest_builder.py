@@ -15,7 +15,6 @@ Output rows are ordered prompt-major, seeds inner. Nothing here imports torch.
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import random
 import re

@@ -8,7 +8,6 @@ whose VAE decodes everything to one grey.
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from pathlib import Path
