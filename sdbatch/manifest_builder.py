@@ -1,11 +1,13 @@
 """``sdbatch manifest``: build a Parquet manifest for dataset synthesis.
 
 Prompts come from one source — a text file (one prompt per line), a CSV/JSONL table (its
-columns kept, renamed with ``--map TARGET=SOURCE``), or templates with alternatives
-(``"a photo of a {red|green|blue} {cat|dog}"``, expanded as a product in reading order;
-``{color=red|green}`` also records the choice in a ``color`` column). Each prompt row is
-repeated for every seed of ``--seeds`` (``0-99``, ``1,5,9``, ``0-9,100``), and constant
-columns (``--column steps=30``) are added.
+columns kept, renamed with ``--map TARGET=SOURCE``), or templates in dynamicprompts syntax
+(``"a photo of a {red|green|blue} {cat|dog}"``, ``{2$$a|b|c}``, ``__colour__`` wildcards),
+expanded as a product in reading order or sampled at random with a seed;
+``{color=red|green}`` also records the choice in a ``color`` column. ``--grid`` axes repeat
+each prompt per X/Y cell (``sdbatch.grid``). Each prompt row is repeated for every seed of
+``--seeds`` (``0-99``, ``1,5,9``, ``0-9,100``), and constant columns (``--column steps=30``)
+are added.
 
 Ids are deterministic: the source's ``id`` column if it has one, else the 0-based prompt
 row number zero-padded to 8 digits (as ``default_row_id``); with seeds, ``<base>-s<seed>``.
