@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from sdbatch.families import ALL_SAMPLERS, Family
 from sdbatch.lora import LoraError, LoraSet, row_loras
+from sdbatch.quality import QUALITY_COLUMN_TYPES
 from sdbatch.spec import JobSpec
 
 
@@ -105,6 +106,7 @@ KNOWN_COLUMNS = (
 INDEX_RESULT_COLUMNS = (
     "shard", "batch_id", "batch_rows", "model_fingerprint", "device", "dtype", "torch_threads", "versions",
     "init_image_sha256", "prompt_truncated_at", "status", "error", "key", "sha256", "bytes", "attempt", "worker", "generate_seconds",
+    *QUALITY_COLUMN_TYPES,
 )
 #: A passthrough column with one of these names would overwrite the index's own (say,
 #: ``status``), so validation refuses it.
