@@ -26,7 +26,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import sdbatch
 from sdbatch.lock import JobLock
-from sdbatch.manifest import Manifest, passthrough_types, read_rows
+from sdbatch.manifest import Manifest, iter_batch_keys, passthrough_types, read_rows_at
 from sdbatch.output import (
     SUCCESS_KEY,
     STATUS_FAILED,
@@ -38,7 +38,7 @@ from sdbatch.output import (
     read_shard_index,
     write_json,
 )
-from sdbatch.plan import ShardSpec, num_shards, pending_shards, shard
+from sdbatch.plan import Plan, ShardSpec, key_codes, make_plan
 from sdbatch.progress import ProgressFeed, utc_now
 from sdbatch.spec import JobSpec
 from sdbatch.storage import Storage
@@ -84,6 +84,15 @@ class ProgressTracker:
         return self.shards, self.slowest_batch
 
 
+def job_plan(manifest: Manifest, spec: JobSpec) -> Plan:
+    """The job's shards and batches: reads every row's batch key (skipped for a manifest with
+    no batch-key column) and plans them with ``plan.make_plan``."""
+    keys = iter_batch_keys(manifest, spec)
+    codes = key_codes(keys) if keys is not None else None
+    res = spec.resources
+    return make_plan(manifest.num_rows, res.rows_per_shard, res.batch_size, codes)
+
+
 def connect_ray(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
@@ -125,6 +134,7 @@ class JobOutcome:
     shards_failed: list[str]
     wall_seconds: float
     message: str
+    batch_fill: float  # the plan's mean rows per batch ÷ batch size
 
 
 class WorkerStartError(RuntimeError):
@@ -178,13 +188,15 @@ class Driver:
     def run(self) -> JobOutcome:
         started = time.monotonic()
         total_rows = self.manifest.num_rows
-        rps = self.spec.resources.rows_per_shard
+        self.plan = plan = job_plan(self.manifest, self.spec)
+        log.info("planned %d shards, %d batches (mean %.1f rows per batch of %d)", plan.num_shards,
+                 plan.num_batches, plan.batch_fill * plan.batch_size, plan.batch_size)
         committed = committed_shards(self.storage)
-        queue: deque[_Work] = deque(_Work(s) for s in pending_shards(total_rows, rps, committed))
+        queue: deque[_Work] = deque(_Work(s) for s in plan.pending(committed))
         if self.retry_failed:
             queue.extend(self._failed_rows_work(committed))
         skipped = len(committed)
-        done_before = sum(shard(int(n), total_rows, rps).num_rows for n in committed if int(n) < num_shards(total_rows, rps))
+        done_before = sum(plan.shard(int(n)).num_rows for n in committed if int(n) < plan.num_shards)
         if not queue:
             return self._finish(started, skipped, 0, 0, "nothing to generate: every shard is already committed")
         connect_ray(self.address)
@@ -192,7 +204,7 @@ class Driver:
 
         progress = ProgressFeed(
             self.storage, total_rows=total_rows, rows_already_done=done_before,
-            shards_total=num_shards(total_rows, rps), shards_committed=skipped, interactive=self.interactive,
+            shards_total=plan.num_shards, shards_committed=skipped, interactive=self.interactive,
         )
         # pinned to the driver's node: losing a worker node must not take the tracker with it
         self.tracker = ProgressTracker.options(
@@ -273,13 +285,15 @@ class Driver:
             progress.close("stopped")
             return JobOutcome(EXIT_STOPPED, total_rows, rows_ok, rows_failed, skipped, failed_shards,
                               time.monotonic() - started,
-                              f"stopped at the deadline with {shards_left} shards left; run the same command again to resume")
+                              f"stopped at the deadline with {shards_left} shards left; run the same command again to resume",
+                              plan.batch_fill)
         if failed_shards:
             progress.close("incomplete")
             return JobOutcome(EXIT_SHARDS_FAILED, total_rows, rows_ok, rows_failed, skipped, failed_shards,
                               time.monotonic() - started,
                               f"shards {', '.join(sorted(failed_shards))} failed on every attempt "
-                              "(see the log for their last error); run the same command again to retry them")
+                              "(see the log for their last error); run the same command again to retry them",
+                              plan.batch_fill)
         outcome = self._finish(started, skipped, rows_ok, rows_failed, "")
         progress.close("finished")
         return outcome
@@ -321,7 +335,7 @@ class Driver:
         return fresh
 
     def _dispatch(self, actor: _Actor, work: _Work) -> None:
-        rows = read_rows(self.manifest, self.spec, work.shard.start, work.shard.stop)
+        rows = read_rows_at(self.manifest, self.spec, work.shard.rows)
         if work.retry_ids is not None:
             rows = [r for r in rows if r.id in work.retry_ids]
         work.future = actor.handle.run_shard.remote(
@@ -335,12 +349,11 @@ class Driver:
     def _failed_rows_work(self, committed: set[str]) -> list[_Work]:
         """--retry-failed: one unit of work per committed shard that holds failed rows."""
         work = []
-        rps = self.spec.resources.rows_per_shard
         for name in sorted(committed, key=int):
             table = read_shard_index(self.storage, name)
             failed = [i for i, s in zip(table.column("id").to_pylist(), table.column("status").to_pylist()) if s == STATUS_FAILED]
             if failed:
-                work.append(_Work(shard(int(name), self.manifest.num_rows, rps), retry_ids=frozenset(failed)))
+                work.append(_Work(self.plan.shard(int(name)), retry_ids=frozenset(failed)))
         if work:  # the job is no longer finished until the retried rows are committed
             log.info("retrying the failed rows of %d shards", len(work))
             self.storage.delete(SUCCESS_KEY)
@@ -386,7 +399,8 @@ class Driver:
         previous = read_json(self.storage, SUCCESS_KEY) if rows_ok == rows_failed == 0 else None
         if previous is not None:  # a finished job run again: leave its record alone
             code = EXIT_ROWS_FAILED if previous.get("rows_failed") else EXIT_OK
-            return JobOutcome(code, self.manifest.num_rows, 0, 0, skipped, [], time.monotonic() - started, message)
+            return JobOutcome(code, self.manifest.num_rows, 0, 0, skipped, [], time.monotonic() - started, message,
+                              self.plan.batch_fill)
         TestChaos.from_env().before_merge(self.storage)
         if self.lock is not None:
             self.lock.check()
@@ -403,6 +417,9 @@ class Driver:
             "shards_skipped": skipped,
             "wall_seconds_this_run": round(wall, 2),
             "images_per_second_this_run": round(rows_ok / wall, 3) if wall > 0 else None,
+            "batches": self.plan.num_batches,
+            "batch_size": self.plan.batch_size,
+            "batch_fill": round(self.plan.batch_fill, 4),
             "fingerprint": self.job["fingerprint"],
             "finished_at": utc_now(),
             "sdbatch_version": sdbatch.__version__,
@@ -411,7 +428,7 @@ class Driver:
         code = EXIT_ROWS_FAILED if failed_total else EXIT_OK
         if failed_total:
             message = f"{failed_total} rows failed permanently (status=failed in index.parquet); rerun with --retry-failed"
-        return JobOutcome(code, total, rows_ok, rows_failed, skipped, [], wall, message)
+        return JobOutcome(code, total, rows_ok, rows_failed, skipped, [], wall, message, self.plan.batch_fill)
 
 
 def _short(exc: BaseException) -> str:

@@ -256,7 +256,7 @@ def test_worker_returns_a_shard_reaching_it_after_the_deadline_unstarted(ray_add
     import ray
 
     from sdbatch.manifest import open_manifest, read_rows
-    from sdbatch.plan import shard
+    from sdbatch.plan import ShardSpec
     from sdbatch.scheduler import ProgressTracker
     from sdbatch.spec import load_spec
     from sdbatch.worker import WorkerActor
@@ -268,8 +268,8 @@ def test_worker_returns_a_shard_reaching_it_after_the_deadline_unstarted(ray_add
     tracker = ProgressTracker.remote()
     actor = WorkerActor.remote(spec.model_dump_json(), str(out), None, tracker)
     try:
-        work = shard(0, 4, 4)
-        rows = read_rows(manifest, spec, work.start, work.stop)
+        work = ShardSpec(0, range(4))
+        rows = read_rows(manifest, spec, 0, 4)
         for retry_failed in (False, True):
             result = ray.get(actor.run_shard.remote(work, rows, 1, retry_failed, not_after=time.time() - 1))
             assert result.deferred and not result.committed

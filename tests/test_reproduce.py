@@ -55,10 +55,10 @@ def run_in_process(generator, manifest: Path, out: Path, order: list[int], *, jo
                    spec_overrides: dict | None = None) -> dict:
     """Run the shards of ``manifest`` with ``worker.ShardRunner`` in the given order into a
     LocalStorage at ``out``; returns the job dict (fingerprint computed as `sdbatch submit` does)."""
-    from sdbatch.manifest import open_manifest, passthrough_types, read_rows
+    from sdbatch.manifest import open_manifest, passthrough_types, read_rows_at
     from sdbatch.models import local_model_fingerprint
     from sdbatch.output import claim_job, job_record, merge_index
-    from sdbatch.plan import num_shards, shard
+    from sdbatch.scheduler import job_plan
     from sdbatch.spec import load_spec
     from sdbatch.storage import LocalStorage
     from sdbatch.worker import ShardRunner
@@ -72,11 +72,11 @@ def run_in_process(generator, manifest: Path, out: Path, order: list[int], *, jo
     storage = LocalStorage(out)
     claim_job(storage, job)
     runner = ShardRunner(generator, storage, spec, worker_name="test")
-    rps = spec.resources.rows_per_shard
-    assert sorted(order) == list(range(num_shards(source.num_rows, rps)))
+    plan = job_plan(source, spec)
+    assert sorted(order) == list(range(plan.num_shards))
     for index in order:
-        s = shard(index, source.num_rows, rps)
-        runner.run_shard(s, read_rows(source, spec, s.start, s.stop))
+        s = plan.shard(index)
+        runner.run_shard(s, read_rows_at(source, spec, s.rows))
     merge_index(storage, passthrough_types(source))
     return job
 
@@ -101,8 +101,8 @@ def test_shard_order_and_a_retried_shard_give_identical_bytes(tiny_generator, tm
     # an attempt that died before its commit: images stored, no shard index. The retry
     # regenerates the shard, finds every key taken, adopts the stored objects — same bytes.
     from sdbatch.output import INDEX_KEY, metadata_key
-    from sdbatch.plan import shard
     from sdbatch.manifest import open_manifest, read_rows
+    from sdbatch.plan import ShardSpec
     from sdbatch.spec import JobSpec
     from sdbatch.storage import LocalStorage
     from sdbatch.worker import ShardRunner
@@ -112,9 +112,9 @@ def test_shard_order_and_a_retried_shard_give_identical_bytes(tiny_generator, tm
     for key in (metadata_key("00001"), INDEX_KEY):
         storage.delete(key)
     spec = JobSpec.model_validate(job["spec"])
-    s = shard(1, 12, 6)
+    s = ShardSpec(1, range(6, 12))
     result = ShardRunner(tiny_generator, storage, spec).run_shard(
-        s, read_rows(open_manifest(str(manifest)), spec, s.start, s.stop), attempt=2)
+        s, read_rows(open_manifest(str(manifest)), spec, 6, 12), attempt=2)
     assert result.committed and result.images_adopted == 6 and result.images_created == 0
     assert {p.name: p.read_bytes() for p in (backward / "images" / "00001").iterdir()} == before
     entries = pq.read_table(backward / "metadata" / "00001.parquet").to_pylist()
