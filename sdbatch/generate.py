@@ -22,7 +22,7 @@ import os
 import platform
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Library chatter (progress bars, safety-checker and torchvision notices) would bury our
 # own log lines in every worker; this must be set before diffusers/transformers import.
@@ -50,8 +50,10 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
 from sdbatch.manifest import Row
-from sdbatch.models import fingerprint_model_dir, local_model_dir
-from sdbatch.models.null_model import NullGenerator, is_null_model
+from sdbatch.models import GeneratedBatch, fingerprint_model_dir, local_model_dir
+
+if TYPE_CHECKING:
+    from sdbatch.models.null_model import NullGenerator
 
 log = logging.getLogger("sdbatch.generate")
 diffusers.utils.logging.disable_progress_bar()
@@ -87,18 +89,6 @@ def free_device_memory() -> None:
     """Give the allocator's cached blocks back after an out-of-memory error (no-op on CPU)."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-@dataclass
-class GeneratedBatch:
-    """One batch's images as a (rows, height, width, 3) uint8 host array, and per row either
-    None or why its image is unusable (it must then not be stored as a success)."""
-
-    pixels: np.ndarray
-    errors: list[str | None]
-
-    def images(self) -> list[Image.Image]:
-        return [Image.fromarray(p) for p in self.pixels]
 
 
 def resolve_model_dir(name: str, *, endpoint_url: str | None = None) -> Path:
@@ -201,6 +191,8 @@ class Generator:
     ) -> Generator | NullGenerator:
         """Load ``model``; ``builtin:null`` (any folder whose model_index names the null model)
         gives a ``NullGenerator``, which has this class's interface."""
+        from sdbatch.models.null_model import NullGenerator, is_null_model
+
         folder = resolve_model_dir(model, endpoint_url=endpoint_url)
         if is_null_model(folder):
             return NullGenerator.from_folder(model, folder, fingerprint_model_dir(folder))
@@ -304,19 +296,21 @@ class Generator:
         pixels, bad = self._decode_pixels(latents)
         retry = [i for i, b in enumerate(bad) if b and errors[i] is None]
         if retry:
+            # the whole batch again, not the bad rows alone: a row's pixels depend (in the last
+            # bit) on its batch, and `reproduce` must meet the same failure and the same retry
             vae = self.txt2img.vae
             dtype = vae.dtype
-            log.warning("rows %s of a batch decoded to NaN/inf or black pixels: decoding them again "
-                        "with the VAE in float32", retry)
+            log.warning("rows %s of a batch decoded to NaN/inf or black pixels: decoding the batch "
+                        "again with the VAE in float32", retry)
             vae.to(torch.float32)
             try:
-                again, still_bad = self._decode_pixels(latents[retry].float())
+                again, still_bad = self._decode_pixels(latents.float())
             finally:
                 vae.to(dtype)
-            for j, i in enumerate(retry):
-                pixels[i] = again[j]
-                if still_bad[j]:
-                    errors[i] = f"the VAE decoded this row to {still_bad[j]} pixels, also with the VAE in float32; no image was stored"
+            for i in retry:
+                pixels[i] = again[i]
+                if still_bad[i]:
+                    errors[i] = f"the VAE decoded this row to {still_bad[i]} pixels, also with the VAE in float32; no image was stored"
         return GeneratedBatch(pixels.cpu().numpy(), errors)
 
     def _decode_pixels(self, latents: torch.Tensor) -> tuple[torch.Tensor, list[str | None]]:

@@ -53,7 +53,8 @@ from sdbatch.storage import Storage, StorageError, open_storage, read_uri
 if TYPE_CHECKING:  # the driver imports this module; only the actor needs torch
     import numpy as np
 
-    from sdbatch.generate import GeneratedBatch, Generator
+    from sdbatch.generate import Generator
+    from sdbatch.models import GeneratedBatch
 
 log = logging.getLogger("sdbatch.worker")
 

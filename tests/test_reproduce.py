@@ -122,6 +122,34 @@ def test_shard_order_and_a_retried_shard_give_identical_bytes(tiny_generator, tm
     assert all(e["attempt"] == 2 for e in entries)
 
 
+def mixed_rows(n: int, sizes=((64, 64), (96, 64), (64, 96), (80, 80)), samplers=("ddim", "euler_a", "dpmpp_2m")) -> list[dict]:
+    """``n`` rows interleaving 4 sizes × 3 samplers row by row (the worst case for row ranges)."""
+    combos = [(w, h, s) for w, h in sizes for s in samplers]
+    return [{"id": f"x{i:03d}", "prompt": f"a {['red', 'green', 'blue'][i % 3]} square {i}", "seed": 11 * i + 3,
+             "width": combos[i % 12][0], "height": combos[i % 12][1], "scheduler": combos[i % 12][2]}
+            for i in range(n)]
+
+
+def test_mixed_manifest_gets_full_batches_with_identical_bytes_in_any_shard_order(tiny_generator, tmp_path):
+    manifest = write_manifest(tmp_path / "mixed.parquet", mixed_rows(48))
+    forward, backward = tmp_path / "forward", tmp_path / "backward"
+    overrides = {"defaults.steps": 2, "resources.rows_per_shard": 8}
+    # 12 keys of 4 rows: 6 shards of two keys each
+    run_in_process(tiny_generator, manifest, forward, [0, 1, 2, 3, 4, 5], spec_overrides=overrides)
+    run_in_process(tiny_generator, manifest, backward, [5, 3, 1, 4, 2, 0], spec_overrides=overrides)
+    reference = image_hashes(forward)
+    assert len(reference) == 48 and len(set(reference.values())) == 48
+    assert image_hashes(backward) == reference
+    entries = load_index(forward)
+    by_id = {e["id"]: e for e in entries}
+    # 4 rows per batch key: every batch is one whole key, full at batch size 4
+    assert sorted(len(e["batch_rows"]) for e in entries) == [4] * 48
+    for e in entries:
+        mates = [by_id[m] for m in e["batch_rows"]]
+        assert {(m["width"], m["height"], m["scheduler"]) for m in mates} == {(e["width"], e["height"], e["scheduler"])}
+    assert {pixels(forward / e["key"]).shape for e in entries} == {(64, 64, 3), (64, 96, 3), (96, 64, 3), (80, 80, 3)}
+
+
 def test_changing_one_seed_changes_only_that_image(tiny_generator, tmp_path):
     base = tmp_path / "base"
     changed = tmp_path / "changed"

@@ -5,7 +5,7 @@ tests — not for users' images.
 The picture is smooth colour gradients and waves plus per-pixel noise, so its PNGs cost what
 real images cost to encode (a 512² PNG at level 1 is about 400 KB). It depends on the row's
 seed, width and height only — never on its batch-mates, prompt or sampler — and is drawn with
-numpy alone. ``NullGenerator`` has the interface of ``generate.Generator``, so the worker,
+numpy alone (no torch). ``NullGenerator`` has the interface of ``generate.Generator``, so the worker,
 ``reproduce`` and ``verify`` run it like any model; ``model_index.json`` in ``models/null/``
 names it (and its ``version``, part of the model fingerprint, changes whenever the drawing does).
 """
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from sdbatch.manifest import Row
+from sdbatch.models import GeneratedBatch
 
 NULL_CLASS_NAME = "SdbatchNullModel"
 NOISE_BITS = 4  # per-pixel noise of 16 levels: sets the PNG size (≈ 4 bits per sample)
@@ -78,11 +79,11 @@ class NullGenerator:
     def scheduler_config(self, name: str) -> dict[str, Any]:
         return {"sampler": name, "null_model_version": self.config.get("version")}
 
-    def generate(self, rows: list[Row], init_images: list | None = None) -> np.ndarray:
-        """One batch as a (rows, height, width, 3) uint8 array, like ``Generator.generate``."""
+    def generate(self, rows: list[Row], init_images: list | None = None) -> GeneratedBatch:
+        """One batch, like ``Generator.generate``."""
         if not rows:
-            return np.zeros((0, 0, 0, 3), np.uint8)
-        return np.stack([draw(r.seed, r.width, r.height) for r in rows])
+            return GeneratedBatch(np.zeros((0, 0, 0, 3), np.uint8), [])
+        return GeneratedBatch(np.stack([draw(r.seed, r.width, r.height) for r in rows]), [None] * len(rows))
 
 
 def is_null_model(folder: Path) -> bool:
