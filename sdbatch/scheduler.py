@@ -357,7 +357,7 @@ class Driver:
                               self.plan.batch_fill)
         if self.lock is not None:
             self.lock.check()
-        index = merge_index(self.storage, passthrough_types(self.manifest))
+        index = merge_index(self.storage, passthrough_types(self.manifest), self.spec.scoring.duplicate_max_distance)
         total = self.manifest.num_rows
         failed_total = index.rows_failed
         wall = time.monotonic() - started
@@ -366,6 +366,7 @@ class Driver:
             "rows_in_index": index.rows,
             "rows_ok": index.rows - failed_total,
             "rows_failed": failed_total,
+            "rows_duplicate": index.duplicates,
             "rows_generated_this_run": rows_ok,
             "shards_skipped": skipped,
             "wall_seconds_this_run": round(wall, 2),

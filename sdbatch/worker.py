@@ -48,12 +48,14 @@ from sdbatch.output import (
 )
 from sdbatch.plan import ShardSpec, batch_id, canonical_batches
 from sdbatch.policy import ShardResult
+from sdbatch.quality import measure_image
 from sdbatch.spec import JobSpec
 from sdbatch.storage import Storage, StorageError, open_storage, read_uri
 
 if TYPE_CHECKING:  # the driver imports this module; only the actor needs torch
     import numpy as np
 
+    from sdbatch.clip_score import ClipScorer
     from sdbatch.generate import Generator
     from sdbatch.models import GeneratedBatch
 
@@ -141,8 +143,10 @@ class ShardRunner:
         spec: JobSpec,
         worker_name: str = "",
         endpoint_url: str | None = None,
+        scorer: ClipScorer | None = None,
     ):
         self.generator = generator
+        self.scorer = scorer
         self.storage = storage
         self.spec = spec
         self.worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
@@ -166,18 +170,22 @@ class ShardRunner:
 
         return {r.id: self.pool.submit(load, r.init_image) for r in rows if r.is_img2img}
 
-    def _store_image(self, shard: ShardSpec, row: Row, pixels: np.ndarray, record: dict) -> tuple[str, str, int, bool, bytes]:
+    def _store_image(
+        self, shard: ShardSpec, row: Row, pixels: np.ndarray, record: dict
+    ) -> tuple[str, str, int, bool, bytes, dict[str, Any]]:
+        """Encode and store one image; also measures its quality columns while its pixels are here."""
         try:
+            quality = measure_image(Image.fromarray(pixels), self.spec.scoring.blank_max_std)
             out = self.spec.output
             data = self.encoder.submit(
                 encode.encode_image, pixels, record,
                 fmt=out.image_format, png_compress_level=out.png_compress_level, quality=out.quality,
             ).result()
             if out.format == "webdataset":
-                return "", hashlib.sha256(data).hexdigest(), len(data), True, data
+                return "", hashlib.sha256(data).hexdigest(), len(data), True, data, quality
             key = image_key(shard.name, row.id, encode.extension(out.image_format))
             put = self.storage.put_new(key, data)
-            return key, put.sha256, put.size, put.created, b""
+            return key, put.sha256, put.size, put.created, b"", quality
         finally:
             self._in_flight.release()
 
@@ -240,7 +248,9 @@ class ShardRunner:
                 bid = batch_id(tar_name, number)
                 for part, generated, per_row in self._generate_fitting(good, images_in if good[0].is_img2img else None):
                     batch_rows = [r.id for r in part]
-                    for i, row in enumerate(part):
+                    scores = (self.scorer.score([r.prompt for r in part], generated.images()) if self.scorer
+                              else [None] * len(part))
+                    for i, (row, score) in enumerate(zip(part, scores)):
                         if generated.errors[i]:
                             index_rows.append(index_row(None, row, shard.name, status=STATUS_FAILED, error=generated.errors[i], attempt=attempt, worker=self.worker_name))
                             result.rows_failed += 1
@@ -248,7 +258,7 @@ class ShardRunner:
                         record = image_record(row, shard, bid, batch_rows, self.generator, init_hashes[row.id])
                         self._in_flight.acquire()
                         future = self.pool.submit(self._store_image, shard, row, generated.pixels[i], record)
-                        stored.append((row, {**record, "generate_seconds": per_row}, future))
+                        stored.append((row, {**record, "generate_seconds": per_row}, future, score))
             if on_batch:
                 failed = result.rows_failed - failed_before
                 on_batch(len(batch) - failed, failed)
@@ -257,8 +267,8 @@ class ShardRunner:
         webdataset = self.spec.output.format == "webdataset"
         ext = encode.extension(self.spec.output.image_format)
         tar_members: list[tuple[str, bytes, bytes]] = []
-        for row, record, future in stored:
-            key, sha, size, created, data = future.result()  # re-raises storage errors → shard retried
+        for row, record, future, score in stored:
+            key, sha, size, created, data, quality = future.result()  # re-raises storage errors → shard retried
             if webdataset:
                 wkey = webdataset_key(row.id)
                 record_json = json.dumps({k: v for k, v in record.items() if k != "generate_seconds"}, sort_keys=True)
@@ -270,6 +280,7 @@ class ShardRunner:
                 index_row(
                     record, row, shard.name, status=STATUS_OK, error=None, key=key, sha256=sha, bytes=size,
                     attempt=attempt, worker=self.worker_name, generate_seconds=record["generate_seconds"],
+                    clip_score=score, **quality,
                 )
             )
             result.rows_ok += 1
@@ -277,7 +288,6 @@ class ShardRunner:
             self.storage.put_new(tar_key(tar_name), build_webdataset_tar(tar_members, ext))
         index_rows.sort(key=lambda r: r["row"])
         return index_rows
-
 
     def _generate_fitting(
         self, rows: list[Row], init_images: list | None
@@ -385,7 +395,12 @@ class WorkerActor:
             max_attempts=spec.retries.storage_attempts,
             max_pool_connections=spec.resources.upload_threads,
         )
-        self.runner = ShardRunner(generator, storage, spec, endpoint_url=endpoint_url)
+        scorer = None
+        if spec.scoring.clip_model:
+            from sdbatch.clip_score import ClipScorer
+
+            scorer = ClipScorer.load(spec.scoring.clip_model, device=generator.info.device, endpoint_url=endpoint_url)
+        self.runner = ShardRunner(generator, storage, spec, endpoint_url=endpoint_url, scorer=scorer)
         self.feed = ShardFeed(manifest, spec, self.runner.load_init_images, endpoint_url)
         self.tracker = tracker
 
