@@ -178,8 +178,8 @@ class OutOfMemoryAbove:
         self.generator, self.limit, self.info = generator, limit, generator.info
         self.batches: list[int] = []
 
-    def scheduler_config(self, name):
-        return self.generator.scheduler_config(name)
+    def __getattr__(self, name):  # everything but generate() is the wrapped generator's
+        return getattr(self.generator, name)
 
     def generate(self, rows, init_images=None):
         import torch

@@ -76,6 +76,22 @@ class NullGenerator:
         versions = {"numpy": np.__version__, "python": platform.python_version()}
         return cls(NullModelInfo(name=name, fingerprint=fingerprint, versions=versions), config)
 
+    class _NoAdapters:
+        """No LoRA is ever loaded into the null model: rows record their adapters without hashes."""
+
+        sha256: dict[str, str] = {}
+
+        def record(self, loras) -> list[dict[str, Any]]:
+            return [{"name": n, "scale": s, "sha256": None} for n, s in loras]
+
+    loras = _NoAdapters()
+
+    def conditioning(self, row: Row) -> dict[str, Any]:
+        return {}
+
+    def prompt_truncated_at(self, prompt: str) -> int | None:
+        return None
+
     def scheduler_config(self, name: str) -> dict[str, Any]:
         return {"sampler": name, "null_model_version": self.config.get("version")}
 
