@@ -27,40 +27,16 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import diffusers  # noqa: E402
 import torch
 import transformers
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionPipeline,
-    UniPCMultistepScheduler,
-)
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 
+from sdbatch.columns import SAMPLERS, SCHEDULERS
 from sdbatch.manifest import Row
 from sdbatch.models import fingerprint_model_dir, local_model_dir
 
 log = logging.getLogger("sdbatch.generate")
 diffusers.utils.logging.disable_progress_bar()
 transformers.utils.logging.disable_progress_bar()
-
-# scheduler name -> (class, config overrides applied on top of the model's own scheduler config)
-SCHEDULER_FACTORIES: dict[str, tuple[type, dict[str, Any]]] = {
-    "ddim": (DDIMScheduler, {}),
-    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
-    "lms": (LMSDiscreteScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": (
-        DPMSolverMultistepScheduler,
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-    ),
-    "unipc": (UniPCMultistepScheduler, {}),
-}
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
@@ -194,12 +170,11 @@ class Generator:
 
     def make_scheduler(self, name: str):
         try:
-            scheduler_cls, overrides = SCHEDULER_FACTORIES[name]
+            sampler = SAMPLERS[name]
         except KeyError:
-            raise ModelError(
-                f"scheduler {name!r} is not supported; use one of {', '.join(SCHEDULER_FACTORIES)}"
-            ) from None
-        return scheduler_cls.from_config({**self._scheduler_config, **overrides})
+            raise ModelError(f"scheduler {name!r} is not supported; use one of {', '.join(SCHEDULERS)}") from None
+        scheduler_cls = getattr(diffusers, sampler.diffusers_class)
+        return scheduler_cls.from_config({**self._scheduler_config, **sampler.overrides})
 
     def scheduler_config(self, name: str) -> dict[str, Any]:
         """The full config of the sampler as used, for the metadata record (built once per
@@ -223,6 +198,8 @@ class Generator:
             negative_prompt=[r.negative_prompt for r in rows],
             num_inference_steps=first.steps,
             guidance_scale=first.guidance_scale,
+            # A1111 counts the last layer as clip skip 1; diffusers counts layers skipped
+            clip_skip=first.clip_skip - 1 or None,
             generator=generators,
             output_type="pil",
         )

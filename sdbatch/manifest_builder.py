@@ -27,25 +27,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from sdbatch.manifest import KNOWN_COLUMNS, MAX_SEED, default_row_id
+from sdbatch.columns import KNOWN_COLUMNS, arrow_types
+from sdbatch.manifest import MAX_SEED, default_row_id
 
 MAX_ROWS = 100_000_000  # a guard against typos such as --seeds 0-9999999999
 MAX_TEMPLATE_PROMPTS = 10_000_000
 _NAME_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.S)
 
-_COLUMN_TYPES: dict[str, pa.DataType] = {
-    "id": pa.string(),
-    "prompt": pa.string(),
-    "negative_prompt": pa.string(),
-    "seed": pa.int64(),
-    "steps": pa.int64(),
-    "guidance_scale": pa.float64(),
-    "width": pa.int64(),
-    "height": pa.int64(),
-    "scheduler": pa.string(),
-    "init_image": pa.string(),
-    "strength": pa.float64(),
-}
+_COLUMN_TYPES: dict[str, pa.DataType] = arrow_types()
 
 
 class ManifestBuildError(ValueError):

@@ -17,19 +17,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-SCHEDULERS = (
-    "ddim",
-    "pndm",
-    "lms",
-    "euler",
-    "euler_a",
-    "dpmpp_2m",
-    "dpmpp_2m_karras",
-    "unipc",
-)
-
+from sdbatch.columns import DEFAULTED, SCHEDULERS, fingerprint_defaults
 
 class SpecError(ValueError):
     """A job spec that cannot be used; the message names the key and the fix."""
@@ -52,24 +42,22 @@ class ModelSpec(_Section):
     )
 
 
-class RowDefaults(_Section):
-    """Values for every per-row manifest column a row leaves empty or the manifest lacks."""
+def _known_scheduler(self: BaseModel) -> BaseModel:
+    if self.scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler {self.scheduler!r} is not supported; use one of {', '.join(SCHEDULERS)}")
+    return self
 
-    negative_prompt: str = ""
-    steps: int = Field(20, ge=1)
-    guidance_scale: float = Field(7.5, ge=0)
-    width: int = Field(64, ge=8)
-    height: int = Field(64, ge=8)
-    scheduler: str = "ddim"
-    strength: float = Field(0.75, gt=0, le=1, description="used only by rows with init_image")
 
-    @model_validator(mode="after")
-    def _known_scheduler(self) -> RowDefaults:
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(
-                f"scheduler {self.scheduler!r} is not supported; use one of {', '.join(SCHEDULERS)}"
-            )
-        return self
+#: Values for every per-row manifest column a row leaves empty or the manifest lacks: one
+#: field per column of the column table that has a default.
+RowDefaults = create_model(
+    "RowDefaults",
+    __base__=_Section,
+    __doc__="Values for every per-row manifest column a row leaves empty or the manifest lacks.",
+    __validators__={"_known_scheduler": model_validator(mode="after")(_known_scheduler)},
+    **{c.name: (c.python_type, Field(c.default, description=c.description or None, **c.spec_bounds))
+       for c in DEFAULTED},
+)
 
 
 class OutputSpec(_Section):
@@ -123,7 +111,7 @@ class JobSpec(_Section):
             "seed": self.seed,
             "model": self.model.name,
             "dtype": self.model.dtype,
-            "defaults": self.defaults.model_dump(),
+            "defaults": fingerprint_defaults(self.defaults.model_dump()),
             "output": self.output.model_dump(),
             "batch_size": self.resources.batch_size,
             "rows_per_shard": self.resources.rows_per_shard,

@@ -26,6 +26,7 @@ from PIL import Image
 
 import sdbatch
 from sdbatch import encode
+from sdbatch.columns import record_parameters
 from sdbatch.manifest import INDEX_RESULT_COLUMNS, Row
 from sdbatch.output import (
     STATUS_FAILED,
@@ -80,7 +81,7 @@ def image_record(
     an audit can tell when the file at ``init_image`` was replaced afterwards."""
     info = generator.info
     return {
-        **row.parameters(),
+        **record_parameters(row.parameters()),
         "init_image_sha256": init_image_sha256,
         "shard": shard.name,
         "batch_id": batch,
