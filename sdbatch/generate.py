@@ -192,6 +192,10 @@ class Generator:
         if any(r.batch_key() != key for r in rows):
             raise ValueError("generate() takes one canonical batch: all rows must share batch_key()")
         first = rows[0]
+        layers = self.txt2img.text_encoder.config.num_hidden_layers
+        if first.clip_skip > layers + 1:
+            raise ValueError(f"clip_skip {first.clip_skip} needs a text encoder of at least {first.clip_skip - 1} "
+                             f"layers; this model's has {layers}: use clip_skip <= {layers + 1}")
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in rows]
         common = dict(
             prompt=[r.prompt for r in rows],

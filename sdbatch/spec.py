@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from sdbatch.columns import DEFAULTED, SCHEDULERS, fingerprint_defaults
+from sdbatch.columns import DEFAULTED, SCHEDULERS, fingerprint_defaults, suggest
 
 class SpecError(ValueError):
     """A job spec that cannot be used; the message names the key and the fix."""
@@ -124,12 +124,38 @@ def fingerprint(data: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def spec_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the job spec (``defaults.steps``, ``resources.workers``, ...)."""
+    keys = []
+    for name, info in (model or JobSpec).model_fields.items():
+        section = info.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            keys.extend(spec_keys(section, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _closest_key(dotted: str) -> str | None:
+    """``defaults.stpes`` → ``defaults.steps``; ``stpes`` → ``defaults.steps``; ``defualts`` → ``defaults``."""
+    keys = spec_keys()
+    by_leaf = {}
+    for key in keys:
+        by_leaf.setdefault(key.rsplit(".", 1)[-1], key)
+    sections = {key.split(".", 1)[0] for key in keys if "." in key}
+    leaf = suggest(dotted.rsplit(".", 1)[-1], by_leaf)
+    section = suggest(dotted, sections) if "." not in dotted else None
+    return suggest(dotted, keys) or (by_leaf[leaf] if leaf else None) or section
+
+
 def _format_validation_error(err: ValidationError, origin: str) -> str:
     lines = [f"invalid job spec ({origin}):"]
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {where}: unknown key; remove it or check its spelling (see `sdbatch spec --schema`)")
+            close = _closest_key(where)
+            hint = f"did you mean `{close}`?" if close else "remove it or check its spelling"
+            lines.append(f"  {where}: unknown key; {hint} (see `sdbatch spec --schema`)")
         else:
             lines.append(f"  {where}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
