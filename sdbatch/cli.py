@@ -134,6 +134,7 @@ def submit(
     deadline: Optional[str] = typer.Option(None, "--deadline", help="Start no shard at or after HH:MM or a duration (90m, 2h); running shards finish, the rest wait for a rerun (exit 4)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Also regenerate rows that failed permanently in an earlier run."),
     new_run: bool = typer.Option(False, "--new-run", help="Start over: delete the job OUT holds (its images, metadata, index, _SUCCESS, _sdbatch state; no other file) and run this one there."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse columns named like a misspelled per-row column (widht, promt) instead of warning."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     row_defaults: dict[str, Any] | None = None,  # --steps, --width, ...: see with_row_default_flags
 ) -> None:
@@ -162,13 +163,15 @@ def submit(
         raise fail(str(exc)) from None
     try:
         source = open_manifest(manifest)
-        report = validate_manifest(source, spec)
+        report = validate_manifest(source, spec, strict=strict)
     except ManifestError as exc:
         raise fail(str(exc)) from None
     if not report.ok:
         err.print(report.render(), soft_wrap=True, markup=False)
         raise fail(f"manifest {manifest} has {report.issue_count} invalid values; nothing was written to {out}")
-    model_error = preflight_model(spec.model.name, s3_endpoint)
+    for warning in report.warnings:
+        err.print(f"warning: {warning}", soft_wrap=True, markup=False)
+    model_error = preflight_model(spec.model.name, s3_endpoint) or preflight_samplers(report.summary["schedulers"])
     if model_error:
         raise fail(model_error)
     try:
@@ -209,6 +212,20 @@ def submit(
     )
     if outcome.exit_code:
         raise fail(outcome.message, outcome.exit_code)
+
+
+def preflight_samplers(used: dict[str, int]) -> str | None:
+    """The Python packages the manifest's samplers need (``lms``: scipy) are installed (no import)."""
+    import importlib.util
+
+    from sdbatch.columns import SAMPLERS
+
+    for name, rows in used.items():
+        missing = [m for m in SAMPLERS[name].requires if importlib.util.find_spec(m) is None]
+        if missing:
+            return (f"the {name!r} sampler ({rows:,} rows) needs the Python package {', '.join(missing)}, which is not "
+                    f"installed: pip install {' '.join(missing)} (or reinstall sdbatch, which declares it); nothing was written")
+    return None
 
 
 def preflight_model(name: str, endpoint_url: str | None) -> str | None:

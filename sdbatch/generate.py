@@ -10,6 +10,7 @@ row's image does not depend on which other rows share its batch.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import platform
@@ -166,7 +167,21 @@ class Generator:
             threads=torch.get_num_threads(),
         )
         log.info("loaded model %s on %s (%s), fingerprint %s", model, device, info.dtype, info.short_hash)
-        return cls(pipe, info)
+        generator = cls(pipe, info)
+        generator.build_samplers()
+        return generator
+
+    def build_samplers(self) -> None:
+        """Build every sampler whose packages are installed from this model's scheduler config,
+        so one that cannot be built fails the worker's start (a job-level error), not every
+        shard. (A sampler missing a package is refused before the job starts: cli.preflight_samplers.)"""
+        for sampler in SAMPLERS.values():
+            if all(importlib.util.find_spec(m) for m in sampler.requires):
+                try:
+                    self.scheduler_config(sampler.name)
+                except Exception as exc:  # noqa: BLE001 - any diffusers error: the model and sampler do not fit
+                    raise ModelError(f"sampler {sampler.name!r} ({sampler.diffusers_class}) cannot be built from the "
+                                     f"scheduler config of model {self.info.name!r}: {type(exc).__name__}: {exc}") from exc
 
     def make_scheduler(self, name: str):
         try:

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from sdbatch.columns import BATCH_KEY, COLUMN, COLUMNS, DEFAULTED, KNOWN_COLUMNS, SCHEDULERS, Column, suggest
 from sdbatch.spec import JobSpec
+from sdbatch.storage import TMP_MARK
 
 
 class _RowBehaviour:
@@ -549,6 +550,7 @@ class ValidationReport:
     issues: list[RowIssue] = field(default_factory=list)  # the first limits.max_errors_shown, by row
     issue_count: int = 0  # every issue found
     summary: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # not errors: see validate_manifest(strict=)
 
     @property
     def ok(self) -> bool:
@@ -578,6 +580,7 @@ class ValidationReport:
             lines.append(f"  ids: {s['ids']}")
         pt = s.get("passthrough_columns") or {}
         lines.append("  passthrough columns: " + (", ".join(f"{k} ({v})" for k, v in pt.items()) if pt else "(none)"))
+        lines.extend(f"warning: {w}" for w in self.warnings)
         if self.ok:
             lines.append("OK: the manifest is valid")
             return "\n".join(lines)
@@ -945,7 +948,62 @@ def _scheduler_fix(value: Any) -> str:
     return f"use one of: {names} (or leave it null for the job default)"
 
 
-def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_536) -> ValidationReport:
+def _unrecordable(t: pa.DataType) -> pa.DataType | None:
+    """The part of a passthrough column's type that JSON (the image record) cannot hold faithfully."""
+    if pa.types.is_dictionary(t):
+        return _unrecordable(t.value_type)
+    if any(test(t) for test in _UNRECORDABLE_TYPES):
+        return t
+    nested = (t.field(i).type for i in range(t.num_fields)) if pa.types.is_nested(t) else ()
+    return next((u for u in map(_unrecordable, nested) if u is not None), None)
+
+
+_UNRECORDABLE_TYPES = (pa.types.is_timestamp, pa.types.is_date, pa.types.is_time, pa.types.is_decimal,
+                       pa.types.is_duration, pa.types.is_binary, pa.types.is_large_binary,
+                       pa.types.is_fixed_size_binary, getattr(pa.types, "is_binary_view", lambda _: False))
+
+
+def _check_passthrough_columns(manifest: Manifest, coll: _Collector, strict: bool) -> list[str]:
+    """Passthrough columns that would break the index or the record are refused; names that look
+    like a misspelled per-row column (``widht``) are warned about — refused with ``strict``."""
+    warnings = []
+    for name in manifest.passthrough_columns:
+        t = manifest.schema.field(name).type
+        if name in RESERVED_COLUMNS:
+            coll.add(RowIssue(0, None, name, "a passthrough column",
+                              f"passthrough column names must differ from the index's own columns ({', '.join(RESERVED_COLUMNS)})",
+                              f"rename the column, e.g. to 'label_{name}'"))
+        bad_type = _unrecordable(t)
+        if bad_type is not None:
+            coll.add(RowIssue(0, None, name, f"a passthrough column of type {t}",
+                              f"passthrough values go into each image's JSON record, which has no faithful form for {bad_type}",
+                              "cast the column to string before writing the manifest (ISO 8601 for dates and times; "
+                              "pandas: df[col] = df[col].astype(str); pyarrow: pc.cast(col, pa.string())), or drop it"))
+        close = suggest(name, KNOWN_COLUMNS)
+        if close and close not in manifest.columns:
+            text = f"column {name!r} is not a per-row column, so it is passed through as a label: did you mean {close!r}?"
+            if strict:
+                coll.add(RowIssue(0, None, name, "a passthrough column", f"{text} (--strict refuses it)",
+                                  f"rename it to {close!r}, or to a label name not so close to a per-row column"))
+            else:
+                warnings.append(f"{text} Rename it, or pass --strict to refuse such columns.")
+    return warnings
+
+
+def _check_same_passthrough_types(manifest: Manifest, path: str, schema: pa.Schema, base: int, coll: _Collector) -> None:
+    """Every file of a manifest gives each passthrough column the first file's type (a file where
+    it is all-null is fine): the index is one table, typed by the first file."""
+    for name in manifest.passthrough_columns:
+        want, got = manifest.schema.field(name).type, schema.field(name).type
+        if got != want and not pa.types.is_null(got):
+            first, this = os.path.basename(manifest.files[0]), os.path.basename(path)
+            coll.add(RowIssue(base, None, name, f"type {got} in {this}",
+                              f"every file of a manifest must give passthrough column {name!r} one type "
+                              f"({manifest.files[0]}: {want}; {path}: {got})",
+                              f"write {name!r} with one type in every file ({first} has {want}, {this} has {got})"))
+
+
+def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_536, *, strict: bool = False) -> ValidationReport:
     """Check every row against DESIGN §2, streaming (one record batch in memory at a time).
 
     Semantics of nulls: a null in ``negative_prompt``, ``steps``, ``guidance_scale``,
@@ -972,16 +1030,14 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
     img2img = 0
     bad_rows = 0
     base = 0
-    for name in manifest.passthrough_columns:
-        if name in RESERVED_COLUMNS:
-            coll.add(RowIssue(0, None, name, "a passthrough column",
-                              f"passthrough column names must differ from the index's own columns ({', '.join(RESERVED_COLUMNS)})",
-                              f"rename the column, e.g. to 'label_{name}'"))
+    warnings = _check_passthrough_columns(manifest, coll, strict)
     for path, nrows in zip(manifest.files, manifest.file_rows or [None] * len(manifest.files)):
         pf = _parquet_file(path, streaming=True)
         if pf.metadata.num_rows == 0:
             continue
         schema = pf.schema_arrow
+        _check_same_passthrough_types(manifest, path, schema, base, coll)
+        file_start = base
         skip: set[str] = set()
         for name in read_cols:
             column = COLUMN[name]
@@ -1020,6 +1076,9 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
                 pattern = pc.and_(nonnull, pc.invert(pc.match_substring_regex(ids, f"^{ID_PATTERN}$")))
                 b.flag("id", pc.and_(pattern, pc.invert(dots)), f"id must match {ID_PATTERN} (ids name output files)",
                        "use only letters, digits, '.', '_' and '-', at most 128 characters", ids)
+                b.flag("id", pc.match_substring(ids, TMP_MARK),
+                       f"id must not contain {TMP_MARK!r} (ids name output files; storage reserves that mark for temporary files)",
+                       f"rename the row's id without {TMP_MARK!r}", ids)
                 id_hashes[base : base + n] = _hash_strings(ids)
                 id_valid[base : base + n] = nonnull.to_numpy(zero_copy_only=False)
             # seed
@@ -1107,6 +1166,11 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
                 b.bad[:] = True
             bad_rows += int(b.bad.sum())
             base += n
+        if base - file_start != pf.metadata.num_rows:
+            raise ManifestError(
+                f"{path}: its Parquet footer says {pf.metadata.num_rows:,} rows but its data holds {base - file_start:,}; "
+                "the file is corrupt or was cut short — write it again"
+            )
     # --- duplicate ids -------------------------------------------------------------------------
     dup_count = 0
     if has_ids and manifest.num_rows:
@@ -1132,7 +1196,8 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
         "passthrough_columns": {c: str(manifest_type) for c, manifest_type in passthrough_types(manifest).items()},
         "bad_rows": min(bad_rows, manifest.num_rows),
     }
-    return ValidationReport(num_rows=manifest.num_rows, issues=list(coll.kept), issue_count=coll.count, summary=summary)
+    return ValidationReport(num_rows=manifest.num_rows, issues=list(coll.kept), issue_count=coll.count, summary=summary,
+                            warnings=warnings)
 
 
 def passthrough_types(manifest: Manifest) -> dict[str, pa.DataType]:
