@@ -157,7 +157,7 @@ def parse_infotext(text: str) -> dict:
     Returns ``prompt``, ``negative_prompt`` (``""`` when absent) and the params:
     steps (int), scheduler (sdbatch name; only for known samplers — the raw A1111 name is
     always kept under ``"Sampler"`` when it is unknown), guidance_scale (float), seed (int),
-    width/height (int), strength (float), model_hash, model_name, sdbatch_version (when
+    width/height (int), strength (float), clip_skip (int), model_hash, model_name, sdbatch_version (when
     ``Version: sdbatch X``; other versions kept under ``"Version"``), and every other key
     verbatim (A1111 key name -> string).
     """

@@ -39,7 +39,7 @@ class _RowBehaviour:
 
     def parameters(self) -> dict[str, Any]:
         """The row's identity and generation parameters, as the index and image records hold them."""
-        return {"id": self.id, "row": self.index, **{c.name: getattr(self, c.name) for c in COLUMNS[1:]}}
+        return {"id": self.id, "row": self.index, **{c.name: getattr(self, c.name) for c in COLUMNS if c.name != "id"}}
 
 
 def _row_field(column: Column) -> tuple:

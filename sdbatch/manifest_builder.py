@@ -222,7 +222,7 @@ def _read_table_file(path: Path, mapping: Iterable[str]) -> pa.Table:
 
             parse = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",", newlines_in_values=True)
             # text columns stay text even when they look like numbers ("007", a prompt "1984")
-            text_cols = {sources.get(c, c): pa.string() for c in ("id", "prompt", "negative_prompt", "scheduler", "init_image")}
+            text_cols = {sources.get(c, c): pa.string() for c, t in _COLUMN_TYPES.items() if t == pa.string()}
             convert = pacsv.ConvertOptions(column_types=text_cols, strings_can_be_null=True)  # empty cell = null = job default
             table = pacsv.read_csv(path, parse_options=parse, convert_options=convert)
         elif suffix in (".jsonl", ".ndjson", ".json"):
