@@ -117,3 +117,20 @@ def test_clip_skip_flag_sets_the_default(tmp_path):
     path = write_manifest(tmp_path / "m.parquet", [{"prompt": "a"}])
     result = submit(path, "--out", tmp_path / "out", "--clip-skip", "13")
     assert result.returncode == 2 and "defaults.clip_skip" in result.stderr and not Path(tmp_path / "out").exists()
+
+
+def test_a_sampler_the_model_cannot_build_fails_the_worker_start(tmp_path):
+    """Every installed sampler is built when a worker loads the model, so one that cannot be
+    built from the model's scheduler config fails the start (job-level), naming the sampler."""
+    import json
+    import shutil
+
+    from sdbatch.generate import Generator, ModelError
+    from sdbatch.models import local_model_dir
+
+    model = tmp_path / "tiny"
+    shutil.copytree(local_model_dir("builtin:tiny"), model)
+    config = model / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "solver_type": "no-such-solver"}))  # DDIM ignores it
+    with pytest.raises(ModelError, match=r"sampler 'dpmpp_2m' \(DPMSolverMultistepScheduler\) cannot be built .*no-such-solver"):
+        Generator.load(str(model), device="cpu")
