@@ -129,6 +129,12 @@ class Generator:
         self.info = info
         self._scheduler_config = dict(txt2img.scheduler.config)
         self._sampler_configs: dict[str, dict[str, Any]] = {}
+        encoder = txt2img.text_encoder
+        if not hasattr(encoder, "text_model"):
+            # diffusers' clip_skip path reads text_encoder.text_model.final_layer_norm, which
+            # transformers 5 flattened into text_encoder.final_layer_norm; point the old name at
+            # the model itself (bypassing nn.Module registration, so it is no submodule)
+            object.__setattr__(encoder, "text_model", encoder)
         for pipe in (self.txt2img, self.img2img):
             pipe.set_progress_bar_config(disable=True)
 
