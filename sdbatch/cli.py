@@ -9,6 +9,8 @@ Exit codes: 0 done; 2 bad input (manifest, spec, model, output location, lock he
 from __future__ import annotations
 
 import atexit
+import functools
+import inspect
 import logging
 import os
 import re
@@ -17,12 +19,14 @@ import time
 import traceback
 from datetime import datetime, timedelta
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Optional
 
 import typer
 from rich.console import Console
 
 from sdbatch import manifest_cli
+from sdbatch.columns import DEFAULTED
 
 app = typer.Typer(
     name="sdbatch",
@@ -89,7 +93,29 @@ def parse_deadline(text: str, now: datetime | None = None) -> float:
     return now.timestamp() + hours * 3600 + minutes * 60 + seconds
 
 
+def with_row_default_flags(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` one option per column-table column that has a flag (``--steps``,
+    ``--width``, ...); it receives them as ``row_defaults`` (``{"defaults.steps": 30, ...}``)."""
+    flagged = [c for c in DEFAULTED if c.flag]
+
+    @functools.wraps(command)
+    def with_flags(**kwargs: Any) -> None:
+        row_defaults = {f"defaults.{c.name}": kwargs.pop(c.name) for c in flagged}
+        command(row_defaults=row_defaults, **kwargs)
+
+    params = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "row_defaults"]
+    params += [
+        inspect.Parameter(c.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[c.python_type],
+                          default=typer.Option(None, c.flag, help=c.description or f"Default {c.name} for rows without a value."))
+        for c in flagged
+    ]
+    with_flags.__signature__ = inspect.Signature(params)  # what typer reads
+    with_flags.__annotations__ = {p.name: p.annotation for p in params}
+    return with_flags
+
+
 @app.command(epilog=EXIT_CODES_HELP)
+@with_row_default_flags
 def submit(
     manifest: str = typer.Argument(..., help="Parquet manifest: a file, a directory of .parquet files, a glob or s3:// URI."),
     out: str = typer.Option(..., "--out", "-o", help="Output location: a local directory or s3://bucket/prefix."),
@@ -100,11 +126,6 @@ def submit(
     gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     rows_per_shard: Optional[int] = typer.Option(None, "--rows-per-shard"),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Default steps for rows without a value."),
-    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale"),
-    width: Optional[int] = typer.Option(None, "--width"),
-    height: Optional[int] = typer.Option(None, "--height"),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler"),
     seed: Optional[int] = typer.Option(None, "--seed", help="Job seed: rows without a seed derive theirs from it and their id."),
     output_format: Optional[str] = typer.Option(None, "--format", help="files (default) or webdataset."),
     image_format: Optional[str] = typer.Option(None, "--image-format", help="png (default), webp or jpeg."),
@@ -113,7 +134,9 @@ def submit(
     deadline: Optional[str] = typer.Option(None, "--deadline", help="Start no shard at or after HH:MM or a duration (90m, 2h); running shards finish, the rest wait for a rerun (exit 4)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Also regenerate rows that failed permanently in an earlier run."),
     new_run: bool = typer.Option(False, "--new-run", help="Start over: delete the job OUT holds (its images, metadata, index, _SUCCESS, _sdbatch state; no other file) and run this one there."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse columns named like a misspelled per-row column (widht, promt) instead of warning."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    row_defaults: dict[str, Any] | None = None,  # --steps, --width, ...: see with_row_default_flags
 ) -> None:
     """Validate MANIFEST, then generate every row's image into OUT (resuming what OUT holds)."""
     setup_logging(verbose)
@@ -128,11 +151,7 @@ def submit(
         "resources.gpus_per_worker": gpus_per_worker,
         "resources.batch_size": batch_size,
         "resources.rows_per_shard": rows_per_shard,
-        "defaults.steps": steps,
-        "defaults.guidance_scale": guidance_scale,
-        "defaults.width": width,
-        "defaults.height": height,
-        "defaults.scheduler": scheduler,
+        **(row_defaults or {}),
         "seed": seed,
         "output.format": output_format,
         "output.image_format": image_format,
@@ -144,13 +163,16 @@ def submit(
         raise fail(str(exc)) from None
     try:
         source = open_manifest(manifest)
-        report = validate_manifest(source, spec)
+        report = validate_manifest(source, spec, strict=strict)
     except ManifestError as exc:
         raise fail(str(exc)) from None
     if not report.ok:
         err.print(report.render(), soft_wrap=True, markup=False)
         raise fail(f"manifest {manifest} has {report.issue_count} invalid values; nothing was written to {out}")
-    model_error = preflight_model(spec.model.name, s3_endpoint) or preflight_clip_model(spec.scoring.clip_model, s3_endpoint)
+    for warning in report.warnings:
+        err.print(f"warning: {warning}", soft_wrap=True, markup=False)
+    model_error = (preflight_model(spec.model.name, s3_endpoint) or preflight_samplers(report.summary["schedulers"])
+                   or preflight_clip_model(spec.scoring.clip_model, s3_endpoint))
     if model_error:
         raise fail(model_error)
     try:
@@ -192,6 +214,20 @@ def submit(
     )
     if outcome.exit_code:
         raise fail(outcome.message, outcome.exit_code)
+
+
+def preflight_samplers(used: dict[str, int]) -> str | None:
+    """The Python packages the manifest's samplers need (``lms``: scipy) are installed (no import)."""
+    import importlib.util
+
+    from sdbatch.columns import SAMPLERS
+
+    for name, rows in used.items():
+        missing = [m for m in SAMPLERS[name].requires if importlib.util.find_spec(m) is None]
+        if missing:
+            return (f"the {name!r} sampler ({rows:,} rows) needs the Python package {', '.join(missing)}, which is not "
+                    f"installed: pip install {' '.join(missing)} (or reinstall sdbatch, which declares it); nothing was written")
+    return None
 
 
 def preflight_model(name: str, endpoint_url: str | None) -> str | None:

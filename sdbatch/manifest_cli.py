@@ -27,6 +27,7 @@ def validate(
     set_: list[str] = typer.Option([], "--set", help="Override a spec key: --set defaults.steps=30 (repeatable)."),
     max_errors: Optional[int] = typer.Option(None, "--max-errors", help="Bad rows to list (default limits.max_errors_shown)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse columns named like a misspelled per-row column (widht, promt) instead of warning."),
 ) -> None:
     """Check a manifest against the contract (types, ranges, ids, seeds…) before anything runs.
 
@@ -42,7 +43,7 @@ def validate(
         raise _err(str(exc)) from None
     try:
         source = open_manifest(manifest)
-        report = validate_manifest(source, job)
+        report = validate_manifest(source, job, strict=strict)
     except ManifestError as exc:
         raise _err(f"invalid manifest: {exc}") from None
     if json_out:
@@ -51,6 +52,7 @@ def validate(
             "num_rows": report.num_rows,
             "issue_count": report.issue_count,
             "issues": [vars(i) for i in report.issues],
+            "warnings": report.warnings,
             "summary": report.summary,
         }
         typer.echo(json.dumps(payload, indent=2, default=str))

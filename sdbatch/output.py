@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import sdbatch
+from sdbatch.columns import arrow_types
 from sdbatch.manifest import Manifest
 from sdbatch.quality import QUALITY_COLUMN_TYPES, mark_duplicates
 from sdbatch.spec import JobSpec, fingerprint
@@ -126,9 +127,7 @@ def _committed_index(storage: Storage) -> pa.Table:
 #: their manifest types. A shard index infers its types from its values, so a column that is
 #: null throughout one shard (``strength`` in a text-to-image shard) is typed here.
 INDEX_COLUMN_TYPES: dict[str, pa.DataType] = {
-    "id": pa.string(), "row": pa.int64(), "prompt": pa.string(), "negative_prompt": pa.string(),
-    "seed": pa.int64(), "steps": pa.int64(), "guidance_scale": pa.float64(), "width": pa.int64(),
-    "height": pa.int64(), "scheduler": pa.string(), "init_image": pa.string(), "strength": pa.float64(),
+    "id": pa.string(), "row": pa.int64(), **{name: t for name, t in arrow_types().items() if name != "id"},
     "shard": pa.string(), "batch_id": pa.string(), "batch_rows": pa.list_(pa.string()),
     "model_fingerprint": pa.string(), "device": pa.string(), "dtype": pa.string(), "torch_threads": pa.int64(),
     "versions": pa.string(), "init_image_sha256": pa.string(), "status": pa.string(), "error": pa.string(),

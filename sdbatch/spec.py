@@ -17,19 +17,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-SCHEDULERS = (
-    "ddim",
-    "pndm",
-    "lms",
-    "euler",
-    "euler_a",
-    "dpmpp_2m",
-    "dpmpp_2m_karras",
-    "unipc",
-)
-
+from sdbatch.columns import DEFAULTED, SCHEDULERS, fingerprint_defaults, suggest
 
 class SpecError(ValueError):
     """A job spec that cannot be used; the message names the key and the fix."""
@@ -55,24 +45,22 @@ class ModelSpec(_Section):
     )
 
 
-class RowDefaults(_Section):
-    """Values for every per-row manifest column a row leaves empty or the manifest lacks."""
+def _known_scheduler(self: BaseModel) -> BaseModel:
+    if self.scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler {self.scheduler!r} is not supported; use one of {', '.join(SCHEDULERS)}")
+    return self
 
-    negative_prompt: str = ""
-    steps: int = Field(20, ge=1)
-    guidance_scale: float = Field(7.5, ge=0)
-    width: int = Field(64, ge=8)
-    height: int = Field(64, ge=8)
-    scheduler: str = "ddim"
-    strength: float = Field(0.75, gt=0, le=1, description="used only by rows with init_image")
 
-    @model_validator(mode="after")
-    def _known_scheduler(self) -> RowDefaults:
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(
-                f"scheduler {self.scheduler!r} is not supported; use one of {', '.join(SCHEDULERS)}"
-            )
-        return self
+#: Values for every per-row manifest column a row leaves empty or the manifest lacks: one
+#: field per column of the column table that has a default.
+RowDefaults = create_model(
+    "RowDefaults",
+    __base__=_Section,
+    __doc__="Values for every per-row manifest column a row leaves empty or the manifest lacks.",
+    __validators__={"_known_scheduler": model_validator(mode="after")(_known_scheduler)},
+    **{c.name: (c.python_type, Field(c.default, description=c.description or None, **c.spec_bounds))
+       for c in DEFAULTED},
+)
 
 
 class OutputSpec(_Section):
@@ -146,7 +134,7 @@ class JobSpec(_Section):
             "model": self.model.name,
             "dtype": self.model.dtype,
             "compile": self.model.compile,
-            "defaults": self.defaults.model_dump(),
+            "defaults": fingerprint_defaults(self.defaults.model_dump()),
             "output": self.output.model_dump(),
             "batch_size": self.resources.batch_size,
             "rows_per_shard": self.resources.rows_per_shard,
@@ -162,12 +150,38 @@ def fingerprint(data: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def spec_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the job spec (``defaults.steps``, ``resources.workers``, ...)."""
+    keys = []
+    for name, info in (model or JobSpec).model_fields.items():
+        section = info.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            keys.extend(spec_keys(section, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _closest_key(dotted: str) -> str | None:
+    """``defaults.stpes`` → ``defaults.steps``; ``stpes`` → ``defaults.steps``; ``defualts`` → ``defaults``."""
+    keys = spec_keys()
+    by_leaf = {}
+    for key in keys:
+        by_leaf.setdefault(key.rsplit(".", 1)[-1], key)
+    sections = {key.split(".", 1)[0] for key in keys if "." in key}
+    leaf = suggest(dotted.rsplit(".", 1)[-1], by_leaf)
+    section = suggest(dotted, sections) if "." not in dotted else None
+    return suggest(dotted, keys) or (by_leaf[leaf] if leaf else None) or section
+
+
 def _format_validation_error(err: ValidationError, origin: str) -> str:
     lines = [f"invalid job spec ({origin}):"]
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {where}: unknown key; remove it or check its spelling (see `sdbatch spec --schema`)")
+            close = _closest_key(where)
+            hint = f"did you mean `{close}`?" if close else "remove it or check its spelling"
+            lines.append(f"  {where}: unknown key; {hint} (see `sdbatch spec --schema`)")
         else:
             lines.append(f"  {where}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)

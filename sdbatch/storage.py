@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 PROBE_PREFIX = "_sdbatch/"
-_TMP_MARK = ".sdbatch-tmp-"
+TMP_MARK = ".sdbatch-tmp-"  # names temporary files; keys holding it are refused (and so are such row ids)
 _COPY_CHUNK = 1 << 20
 FORBIDDEN_MODEL_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 MODEL_MARKER = ".sdbatch-complete.json"
@@ -123,8 +123,8 @@ def _check_key(key: str) -> str:
     parts = key.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise StorageError(f"invalid storage key {key!r}: empty, '.' or '..' segment")
-    if _TMP_MARK in key:
-        raise StorageError(f"invalid storage key {key!r}: reserved marker {_TMP_MARK!r}")
+    if TMP_MARK in key:
+        raise StorageError(f"invalid storage key {key!r}: reserved marker {TMP_MARK!r}")
     return key
 
 
@@ -174,7 +174,7 @@ class LocalStorage:
         """``data`` (bytes, or the local file at that path) in a temp file next to ``path``."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.parent / f".{path.name}{_TMP_MARK}{uuid.uuid4().hex}"
+            tmp = path.parent / f".{path.name}{TMP_MARK}{uuid.uuid4().hex}"
             try:
                 with open(tmp, "xb") as f:
                     if isinstance(data, Path):
@@ -249,7 +249,7 @@ class LocalStorage:
         path = self._path(key)
         if not path.parent.is_dir():
             return None
-        with open(path.parent / f".{path.name}{_TMP_MARK}cas-lock", "a+b") as guard:  # listings skip it
+        with open(path.parent / f".{path.name}{TMP_MARK}cas-lock", "a+b") as guard:  # listings skip it
             fcntl.flock(guard, fcntl.LOCK_EX)
             try:
                 if _sha256(path.read_bytes()) != tag:
@@ -290,7 +290,7 @@ class LocalStorage:
                 if (rel_dir + d + "/").startswith(prefix) or prefix.startswith(rel_dir + d + "/")
             ]
             for name in filenames:
-                if _TMP_MARK in name:
+                if TMP_MARK in name:
                     continue
                 k = rel_dir + name
                 if k.startswith(prefix):
@@ -937,7 +937,7 @@ def fetch_model_dir(uri: str | Path, *, cache_dir: str | Path | None = None,
             _download(client, bucket, root_prefix + rel, target, size, ep)
             total += size
         manifest = {"uri": canonical, "files": listing, "completed_at": time.time()}
-        tmp = dest / (MODEL_MARKER + _TMP_MARK)
+        tmp = dest / (MODEL_MARKER + TMP_MARK)
         tmp.write_text(json.dumps(manifest, sort_keys=True))
         os.replace(tmp, marker)
         log.info("downloaded model %s (%d files, %d bytes) to %s", canonical, len(listing), total, dest)
@@ -960,7 +960,7 @@ def _complete(dest: Path) -> bool:
 
 
 def _download(client, bucket: str, key: str, target: Path, size: int, ep: str | None, tries: int = 3) -> None:
-    tmp = target.with_name(target.name + _TMP_MARK + uuid.uuid4().hex)
+    tmp = target.with_name(target.name + TMP_MARK + uuid.uuid4().hex)
     last: Exception | None = None
     try:
         for attempt in range(tries):

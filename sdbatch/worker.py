@@ -14,6 +14,7 @@ too) reads the worker's own rows from the manifest and reads the next shard ahea
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import io
@@ -33,6 +34,7 @@ from PIL import Image
 
 import sdbatch
 from sdbatch import encode
+from sdbatch.columns import record_parameters
 from sdbatch.manifest import INDEX_RESULT_COLUMNS, Manifest, ManifestReader, Row
 from sdbatch.output import (
     STATUS_FAILED,
@@ -80,7 +82,7 @@ def image_record(
     an audit can tell when the file at ``init_image`` was replaced afterwards."""
     info = generator.info
     return {
-        **row.parameters(),
+        **record_parameters(row.parameters()),
         "init_image_sha256": init_image_sha256,
         "shard": shard.name,
         "batch_id": batch,
@@ -127,8 +129,12 @@ def index_row(record: dict[str, Any] | None, row: Row, shard_name: str, **fields
 def encode_pool(workers: int) -> ProcessPoolExecutor:
     """The processes that encode images, shared by every ShardRunner of this process. Spawned,
     not forked: a worker process runs threads (Ray's, the store pool's) that a fork would copy
-    mid-flight."""
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    mid-flight. Shut down at exit before multiprocessing's own atexit hook joins its children:
+    ``cli.main`` (and the test session) run the atexit handlers before threading's shutdown,
+    which would otherwise leave the idle encoders waiting for work and the join hanging."""
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    atexit.register(pool.shutdown, wait=True, cancel_futures=True)
+    return pool
 
 
 def encode_workers(cpus_per_worker: float) -> int:
