@@ -107,8 +107,8 @@ if hasattr(plan, "plan_shards"):
     shards = list(plan.plan_shards(m.num_rows, rps))
     how = "plan.plan_shards"
 else:
-    shards = list(plan.pending_shards(m.num_rows, rps))
-    how = "plan.pending_shards"
+    shards = list(plan.PendingShards(m.num_rows, rps))
+    how = "plan.PendingShards"
 t_plan = time.perf_counter() - t2
 last = shards[-1]
 t3 = time.perf_counter()

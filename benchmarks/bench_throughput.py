@@ -161,7 +161,7 @@ class Bench:
         import pyarrow.parquet as pq
 
         from sdbatch.manifest import open_manifest, read_rows
-        from sdbatch.plan import pending_shards
+        from sdbatch.plan import PendingShards
         from sdbatch.spec import load_spec
 
         self.args, self.model, self.work, self.endpoint, self.bucket = args, model, work, endpoint, bucket
@@ -183,7 +183,7 @@ class Bench:
             "defaults.scheduler": "ddim",
         })
         manifest = open_manifest(str(self.manifest_path))
-        self.shards = list(pending_shards(manifest.num_rows, args.rows_per_shard))
+        self.shards = list(PendingShards(manifest.num_rows, args.rows_per_shard))
         self.shard_rows = [(s, read_rows(manifest, self.spec, s.start, s.stop)) for s in self.shards]
         self.generators: dict[str, Any] = {}
         self.load_seconds: dict[str, float] = {}

@@ -9,8 +9,10 @@ resumes (DESIGN §3).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from sdbatch.manifest import Row
 
@@ -43,13 +45,31 @@ def shard(index: int, num_rows: int, rows_per_shard: int) -> ShardSpec:
     return ShardSpec(index, start, min(start + rows_per_shard, num_rows))
 
 
-def pending_shards(num_rows: int, rows_per_shard: int, committed: Iterable[str] = ()) -> Iterator[ShardSpec]:
-    """Every shard not in ``committed`` (a set of shard names), lazily and in order: a
-    10-million-row plan costs no memory beyond the committed set."""
-    done = set(committed)
-    for index in range(num_shards(num_rows, rows_per_shard)):
-        if shard_name(index) not in done:
-            yield shard(index, num_rows, rows_per_shard)
+class PendingShards(Sequence[ShardSpec]):
+    """The shards not in ``committed`` (shard names), in order, held as one integer per shard:
+    a 10-million-row plan at 64 rows per shard is 1.2 MB whatever is committed, and a
+    ``ShardSpec`` is made only when one is asked for."""
+
+    def __init__(self, num_rows: int, rows_per_shard: int, committed: Iterable[str] = ()):
+        self.total_rows, self.rows_per_shard = num_rows, rows_per_shard
+        total = num_shards(num_rows, rows_per_shard)
+        done = np.zeros(total, dtype=bool)
+        indices = np.fromiter((int(name) for name in committed), dtype=np.int64)
+        done[indices[indices < total]] = True  # a commit outside this plan's shards is not one of them
+        self.indices = np.flatnonzero(~done)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> ShardSpec:  # type: ignore[override]
+        return shard(int(self.indices[position]), self.total_rows, self.rows_per_shard)
+
+    @property
+    def num_rows(self) -> int:
+        """Rows in these shards (every shard is full but the manifest's last)."""
+        last = num_shards(self.total_rows, self.rows_per_shard) - 1
+        short = self.rows_per_shard * (last + 1) - self.total_rows
+        return len(self.indices) * self.rows_per_shard - (short if len(self.indices) and self.indices[-1] == last else 0)
 
 
 def canonical_batches(rows: list[Row], batch_size: int) -> list[list[Row]]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +67,41 @@ class Work:
         return Work(self.shard, self.attempt + charged, self.retry_ids)
 
 
+class WorkQueue:
+    """The work still to hand out: work that came back (or was given first) in a deque, then
+    the plan's pending shards, read from their compact sequence (``plan.PendingShards``) in
+    order and made into ``Work`` only when handed out — the driver holds no object per shard
+    it has not dispatched yet."""
+
+    def __init__(self, work: Iterable[Work] = (), shards: Sequence[ShardSpec] = ()):
+        self.front: deque[Work] = deque(work)
+        self.shards = shards
+        self.next_shard = 0  # position in ``shards`` of the first not handed out
+
+    def __len__(self) -> int:
+        return len(self.front) + len(self.shards) - self.next_shard
+
+    def __iter__(self) -> Iterator[Work]:
+        yield from self.front
+        for position in range(self.next_shard, len(self.shards)):
+            yield Work(self.shards[position])
+
+    def popleft(self) -> Work:
+        if self.front:
+            return self.front.popleft()
+        if self.next_shard >= len(self.shards):
+            raise IndexError("the work queue is empty")
+        self.next_shard += 1
+        return Work(self.shards[self.next_shard - 1])
+
+    def appendleft(self, work: Work) -> None:
+        self.front.appendleft(work)
+
+    def clear(self) -> None:
+        self.front.clear()
+        self.next_shard = len(self.shards)
+
+
 @dataclass(frozen=True)
 class Verdict:
     state: str  # FINISHED, STOPPED or INCOMPLETE
@@ -75,10 +110,11 @@ class Verdict:
 
 class Schedule:
     def __init__(
-        self, work: Iterable[Work], *, max_attempts: int, deadline: float | None = None,
-        hang_timeout_s: float | None = None, shards_committed: int = 0,
+        self, work: Iterable[Work] = (), *, shards: Sequence[ShardSpec] = (), max_attempts: int,
+        deadline: float | None = None, hang_timeout_s: float | None = None, shards_committed: int = 0,
     ):
-        self.queue: deque[Work] = deque(work)
+        """``work`` goes out first (the --retry-failed rows), then ``shards`` in order."""
+        self.queue = WorkQueue(work, shards)
         self.max_attempts = max_attempts
         self.deadline = deadline  # epoch seconds: no work is handed out at or after it
         self.hang_timeout_s = hang_timeout_s  # None: derived from the batch times measured

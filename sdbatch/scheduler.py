@@ -36,7 +36,7 @@ from sdbatch.output import (
     read_shard_index,
     write_json,
 )
-from sdbatch.plan import num_shards, pending_shards, shard
+from sdbatch.plan import PendingShards, num_shards, shard
 from sdbatch.policy import FINISHED, STOPPED, Schedule, ShardResult, Work
 from sdbatch.progress import ProgressFeed, utc_now
 from sdbatch.spec import JobSpec
@@ -168,19 +168,18 @@ class Driver:
         started = time.monotonic()
         total_rows, rps = self.manifest.num_rows, self.spec.resources.rows_per_shard
         committed = committed_shards(self.storage)
-        work = [Work(s) for s in pending_shards(total_rows, rps, committed)]
-        if self.retry_failed:
-            work.extend(self._failed_rows_work(committed))
+        pending = PendingShards(total_rows, rps, committed)
+        retried = self._failed_rows_work(committed) if self.retry_failed else []
         skipped = len(committed)
-        if not work:
+        if not pending and not retried:
             return self._finish(started, skipped, 0, 0, "nothing to generate: every shard is already committed")
         self.schedule = schedule = Schedule(
-            work, max_attempts=self.spec.retries.shard_attempts, deadline=self.deadline,
+            retried, shards=pending, max_attempts=self.spec.retries.shard_attempts, deadline=self.deadline,
             hang_timeout_s=self.spec.retries.hang_timeout_s, shards_committed=skipped,
         )
         connect_ray(self.address)
-        log.info("%d shards to generate, %d already committed", len(work), skipped)
-        done_before = sum(shard(int(n), total_rows, rps).num_rows for n in committed if int(n) < num_shards(total_rows, rps))
+        log.info("%d shards to generate, %d already committed", len(schedule.queue), skipped)
+        done_before = total_rows - pending.num_rows
         progress = ProgressFeed(
             self.storage, total_rows=total_rows, rows_already_done=done_before,
             shards_total=num_shards(total_rows, rps), shards_committed=skipped, interactive=self.interactive,

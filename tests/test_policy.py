@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from sdbatch.plan import shard
+from sdbatch.plan import PendingShards, shard
 from sdbatch.policy import (
     FINISHED,
     HANG_FACTOR,
@@ -122,3 +122,28 @@ def test_hang_timeout_is_the_setting_or_derived_from_the_slowest_batch(hang_time
     assert s.hang_timeout(slowest_batch) == timeout
     assert not s.is_hung(last_report=1000.0, now=1000.0 + timeout - 0.5, slowest_batch=slowest_batch)
     assert s.is_hung(last_report=1000.0, now=1000.0 + timeout, slowest_batch=slowest_batch)
+
+
+def test_pending_shards_skip_committed_ones_and_count_their_rows():
+    pending = PendingShards(10, 4, committed={"00001", "00007"})  # shards 0..2; 00007 is no shard of this plan
+    assert [(s.name, s.start, s.stop) for s in pending] == [("00000", 0, 4), ("00002", 8, 10)]
+    assert (len(pending), pending.num_rows) == (2, 6)
+    assert PendingShards(10, 4, committed={"00002"}).num_rows == 8  # the short last shard is the one left out
+    assert not PendingShards(8, 4, committed={"00000", "00001"})
+
+
+def test_a_ten_million_row_plan_is_one_integer_per_shard_and_work_is_made_when_handed_out():
+    pending = PendingShards(10_000_000, 64, committed={"00000"})
+    assert len(pending) == 156_249 and pending.indices.nbytes <= 8 * 156_250
+    s = Schedule([Work(shard(0, 10_000_000, 64), retry_ids=frozenset({"x"}))], shards=pending, max_attempts=3)
+    assert len(s.queue) == 156_250 and len(s.queue.front) == 1
+    first, second, third = s.next(0.0), s.next(0.0), s.next(0.0)
+    assert (first.retry_ids, second.shard.name, third.shard.name) == (frozenset({"x"}), "00001", "00002")
+    s.worker_lost([second, third], "actor died")
+    assert names(s)[:3] == [("00001", 2), ("00002", 1), ("00003", 1)] and len(s.queue) == 156_249
+
+
+def test_the_deadline_leaves_pending_shards_for_a_rerun_and_counts_them():
+    s = Schedule(shards=PendingShards(40, 4), max_attempts=3, deadline=100.0)
+    s.next(99.0)
+    assert s.next(100.0) is None and not s.queue and s.shards_left == 9
