@@ -3,7 +3,7 @@
 Runs the real ``scheduler.Driver`` (real local Ray cluster, real actor pool, tracker, progress,
 ``_SUCCESS``) against stub workers that generate nothing: each ``run_shard`` reports to the
 tracker as a worker does and returns the shard's ``ShardResult`` at once. The manifest is a
-one-column Parquet file of ``--rows`` rows (built and cached by the parent process, so the
+one-column Parquet file of ``--rows`` rows (built and cached by another process, so the
 measuring child inherits none of its memory). The child reports:
 
 * driver CPU per shard: ``time.process_time()`` of the driver process across ``Driver.run``
@@ -117,11 +117,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0, help="stop the run this long after it starts (0: run it all)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--manifest", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
-    manifest = build_manifest(args.rows)
+    if args.build:
+        print(build_manifest(args.rows))
+        return
+    # built in another process: Linux carries a parent's peak RSS into its exec'ed children
+    manifest = subprocess.run([sys.executable, __file__, "--build", "--rows", str(args.rows)],
+                              check=True, capture_output=True, text=True).stdout.strip()
     cmd = [sys.executable, __file__, "--child", "--manifest", str(manifest), "--rows-per-shard", str(args.rows_per_shard),
            "--workers", str(args.workers), "--seconds", str(args.seconds)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout

@@ -102,6 +102,23 @@ class WorkQueue:
         self.next_shard = len(self.shards)
 
 
+def workers_to_start(workers: int, units: int, *, rows: int, rows_per_shard: int, fresh_job: bool) -> tuple[int, str | None]:
+    """Start no more workers than there are units of work, and say why when that is fewer
+    than asked for. Shards are never sized by the worker count (they are a function of the
+    manifest and the spec, so a resume with any number of workers finds the same shards);
+    for a job not yet started the notice names the ``--rows-per-shard`` that would give every
+    worker a shard."""
+    if units >= workers:
+        return workers, None
+    notice = (f"{units} {'shard' if units == 1 else 'shards'} to generate for {workers} workers: starting {units}; "
+              f"shards hold {rows_per_shard} rows each whatever the number of workers, so that a resume with "
+              "another worker count finds the same shards")
+    if fresh_job:
+        notice += (f". To spread these {rows} rows over {workers} workers, start the job with --rows-per-shard "
+                   f"{max(1, -(-rows // workers))} (choose it before the first run: it is part of the job)")
+    return units, notice
+
+
 @dataclass(frozen=True)
 class Verdict:
     state: str  # FINISHED, STOPPED or INCOMPLETE
@@ -140,6 +157,11 @@ class Schedule:
         """The next work to hand out, or None (queue empty, or the deadline reached)."""
         self.stop_at_deadline(now)
         return self.queue.popleft() if self.queue else None
+
+    def may_read_ahead(self, idle_workers: int) -> bool:
+        """Whether a busy worker may take a shard to read ahead: only while the queue holds
+        more than one unit for each worker that has nothing (a short queue goes to them)."""
+        return len(self.queue) > idle_workers
 
     # -- what came back --------------------------------------------------------------------
     def completed(self, work: Work, result: ShardResult) -> None:

@@ -37,7 +37,7 @@ from sdbatch.output import (
     write_json,
 )
 from sdbatch.plan import PendingShards, num_shards, shard
-from sdbatch.policy import FINISHED, STOPPED, Schedule, ShardResult, Work
+from sdbatch.policy import FINISHED, STOPPED, Schedule, ShardResult, Work, workers_to_start
 from sdbatch.progress import ProgressFeed, utc_now
 from sdbatch.spec import JobSpec
 from sdbatch.storage import Storage
@@ -188,7 +188,11 @@ class Driver:
         self.tracker = ProgressTracker.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         ).remote()
-        pool = [self._new_actor() for _ in range(fit_workers(self.spec))]
+        workers, notice = workers_to_start(fit_workers(self.spec), len(schedule.queue), rows=total_rows,
+                                           rows_per_shard=rps, fresh_job=not committed)
+        if notice:
+            log.warning("%s", notice)
+        pool = [self._new_actor() for _ in range(workers)]
         try:
             while schedule.queue or any(a.inflight for a in pool):
                 if self.lock is not None:
@@ -256,17 +260,23 @@ class Driver:
 
     def _dispatch(self, pool: list[_Actor]) -> None:
         """Keep every ready actor fed with PREFETCH_DEPTH shards: only the range travels; a shard
-        queued behind a running one is announced (``prefetch``) so the actor reads it meanwhile."""
+        queued behind a running one is announced (``prefetch``) so the actor reads it meanwhile.
+        Every ready actor gets its first shard before any gets a second, and none while that
+        second is the last one an idle actor could have."""
         self.schedule.stop_at_deadline(time.time())
-        for actor in pool:
-            while actor.is_ready and len(actor.inflight) < PREFETCH_DEPTH:
-                work = self.schedule.next(time.time())
-                if work is None:
-                    return
-                if actor.inflight:
-                    actor.handle.prefetch.remote(work.shard, work.retry_ids)
-                work.future = actor.handle.run_shard.remote(work.shard, work.attempt, work.retry_ids, not_after=self.deadline)
-                actor.inflight.append(work)
+        for depth in range(1, PREFETCH_DEPTH + 1):  # a shard for every ready actor before any reads ahead
+            idle = sum(not a.inflight for a in pool)  # actors with nothing yet, ready or still loading
+            for actor in pool:
+                while actor.is_ready and len(actor.inflight) < depth:
+                    if actor.inflight and not self.schedule.may_read_ahead(idle):
+                        return
+                    work = self.schedule.next(time.time())
+                    if work is None:
+                        return
+                    if actor.inflight:
+                        actor.handle.prefetch.remote(work.shard, work.retry_ids)
+                    work.future = actor.handle.run_shard.remote(work.shard, work.attempt, work.retry_ids, not_after=self.deadline)
+                    actor.inflight.append(work)
 
     def _collect(self, pool: list[_Actor]) -> list[_Actor]:
         """Hand every call that returned to the schedule; replace actors that died."""

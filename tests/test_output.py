@@ -70,7 +70,8 @@ def commit_shards(storage, manifest, spec):
                       "versions": {"torch": "2.13.0"}, "init_image_sha256": None}
             records.append(index_row(record, row, s.name, status=STATUS_OK, key=f"images/{s.name}/{row.id}.png",
                                      sha256="0" * 64, bytes=100 + row.index, attempt=1, worker="w"))
-        commit_shard(storage, s.name, list(reversed(records)))  # merge restores row order
+        schema = output.index_schema(passthrough_types(manifest))
+        commit_shard(storage, s.name, list(reversed(records)), schema)  # merge restores row order
 
 
 @pytest.fixture

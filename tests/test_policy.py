@@ -18,6 +18,7 @@ from sdbatch.policy import (
     Schedule,
     ShardResult,
     Work,
+    workers_to_start,
 )
 
 
@@ -147,3 +148,20 @@ def test_the_deadline_leaves_pending_shards_for_a_rerun_and_counts_them():
     s = Schedule(shards=PendingShards(40, 4), max_attempts=3, deadline=100.0)
     s.next(99.0)
     assert s.next(100.0) is None and not s.queue and s.shards_left == 9
+
+
+def test_no_more_workers_start_than_there_are_shards_and_the_notice_says_why():
+    assert workers_to_start(2, 5, rows=320, rows_per_shard=64, fresh_job=True) == (2, None)
+    started, notice = workers_to_start(2, 1, rows=32, rows_per_shard=64, fresh_job=True)
+    assert started == 1
+    assert notice.startswith("1 shard to generate for 2 workers: starting 1; shards hold 64 rows each")
+    assert "start the job with --rows-per-shard 16" in notice
+    started, notice = workers_to_start(4, 2, rows=1000, rows_per_shard=64, fresh_job=False)  # a resume
+    assert started == 2 and notice.startswith("2 shards to generate for 4 workers") and "--rows-per-shard" not in notice
+
+
+def test_a_busy_worker_reads_ahead_only_what_no_idle_worker_needs():
+    s = schedule(3)
+    assert s.may_read_ahead(idle_workers=2)  # 3 queued, 2 workers with nothing: one to spare
+    s.next(0.0)
+    assert not s.may_read_ahead(idle_workers=2) and s.may_read_ahead(idle_workers=1)

@@ -73,7 +73,7 @@ def run_in_process(generator, manifest: Path, out: Path, order: list[int], *, jo
         job["fingerprint"] = job_fingerprint
     storage = LocalStorage(out)
     claim_job(storage, job)
-    runner = ShardRunner(generator, storage, spec, worker_name="test")
+    runner = ShardRunner(generator, storage, spec, worker_name="test", passthrough=passthrough_types(source))
     rps = spec.resources.rows_per_shard
     assert sorted(order) == list(range(num_shards(source.num_rows, rps)))
     for index in order:
