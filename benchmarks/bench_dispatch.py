@@ -7,7 +7,8 @@ one-column Parquet file of ``--rows`` rows (built and cached by another process,
 measuring child inherits none of its memory). The child reports:
 
 * driver CPU per shard: ``time.process_time()`` of the driver process across ``Driver.run``
-  (Ray's own threads in the driver included; ``ray.init`` excluded), ÷ shards dispatched;
+  (Ray's own threads in the driver included; ``ray.init`` of the benchmark's own local
+  cluster excluded), ÷ shards dispatched;
 * driver peak RSS: the child's ``ru_maxrss`` (Ray's core worker included).
 
 Targets (DESIGN §7): ≤ 2 ms driver CPU per shard; memory flat in manifest size (< 300 MiB with
@@ -58,7 +59,7 @@ def child(args: argparse.Namespace) -> None:
 
     from sdbatch.manifest import open_manifest
     from sdbatch.policy import ShardResult
-    from sdbatch.scheduler import Driver, _Actor, connect_ray
+    from sdbatch.scheduler import Driver, _Actor
     from sdbatch.spec import load_spec
     from sdbatch.storage import open_storage
 
@@ -91,8 +92,11 @@ def child(args: argparse.Namespace) -> None:
     manifest = open_manifest(str(args.manifest))
     spec = load_spec(None, [], {"resources.workers": args.workers, "resources.cpus_per_worker": 0.01,
                                 "resources.rows_per_shard": args.rows_per_shard})
-    storage = open_storage(tempfile.mkdtemp(prefix="sdbatch-bench-out-"))
-    connect_ray(None)
+    out_dir = tempfile.TemporaryDirectory(prefix="sdbatch-bench-out-")
+    storage = open_storage(out_dir.name)
+    # a cluster of its own (``address="local"``), never one another process left running here
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+             _node_ip_address="127.0.0.1")
     rss_ray = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     deadline = time.time() + args.seconds if args.seconds else None
     driver = StubDriver(spec, manifest, storage, {"fingerprint": "bench"}, interactive=False, deadline=deadline)
@@ -107,6 +111,7 @@ def child(args: argparse.Namespace) -> None:
         "rss_before_ray_mib": round(rss_start / 1024), "rss_after_ray_init_mib": round(rss_ray / 1024),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }))
+    out_dir.cleanup()
 
 
 def main() -> None:
@@ -130,8 +135,10 @@ def main() -> None:
                               check=True, capture_output=True, text=True).stdout.strip()
     cmd = [sys.executable, __file__, "--child", "--manifest", str(manifest), "--rows-per-shard", str(args.rows_per_shard),
            "--workers", str(args.workers), "--seconds", str(args.seconds)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    result = json.loads(out.strip().splitlines()[-1])
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode:
+        raise SystemExit(f"the measuring child failed ({run.returncode}):\n{run.stderr[-3000:]}")
+    result = json.loads(run.stdout.strip().splitlines()[-1])
     result.update(machine=f"{platform.machine()} {os.cpu_count()} CPUs", load_average=os.getloadavg()[0],
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     print(json.dumps(result, indent=2))
