@@ -353,7 +353,7 @@ class Driver:
             return JobOutcome(code, self.manifest.num_rows, 0, 0, skipped, [], time.monotonic() - started, message)
         if self.lock is not None:
             self.lock.check()
-        index = merge_index(self.storage, passthrough_types(self.manifest))
+        index = merge_index(self.storage, passthrough_types(self.manifest), self.spec.scoring.duplicate_max_distance)
         total = self.manifest.num_rows
         failed_total = index.rows_failed
         wall = time.monotonic() - started
@@ -362,6 +362,7 @@ class Driver:
             "rows_in_index": index.rows,
             "rows_ok": index.rows - failed_total,
             "rows_failed": failed_total,
+            "rows_duplicate": index.duplicates,
             "rows_generated_this_run": rows_ok,
             "shards_skipped": skipped,
             "wall_seconds_this_run": round(wall, 2),
