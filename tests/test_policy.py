@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from sdbatch.plan import PendingShards, shard
+from sdbatch.plan import ShardSpec, make_plan
 from sdbatch.policy import (
     FINISHED,
     HANG_FACTOR,
@@ -23,7 +23,7 @@ from sdbatch.policy import (
 
 
 def schedule(n: int = 4, **options) -> Schedule:
-    return Schedule([Work(shard(i, n * 4, 4)) for i in range(n)], **{"max_attempts": 3, **options})
+    return Schedule([Work(ShardSpec(i, range(i * 4, i * 4 + 4))) for i in range(n)], **{"max_attempts": 3, **options})
 
 
 def names(s: Schedule) -> list[tuple[str, int]]:
@@ -71,7 +71,7 @@ def test_a_lost_worker_charges_only_the_shard_it_was_running():
 
 
 def test_a_lost_worker_on_its_last_attempt_fails_the_shard_and_returns_the_rest():
-    s = Schedule([Work(shard(0, 8, 4), attempt=3), Work(shard(1, 8, 4))], max_attempts=3)
+    s = Schedule([Work(ShardSpec(0, range(0, 4)), attempt=3), Work(ShardSpec(1, range(4, 8)))], max_attempts=3)
     running, queued = s.next(0.0), s.next(0.0)
     s.worker_lost([running, queued], "hung")
     assert s.failed_shards == ["00000"] and names(s) == [("00001", 1)]
@@ -79,7 +79,7 @@ def test_a_lost_worker_on_its_last_attempt_fails_the_shard_and_returns_the_rest(
 
 def test_retried_rows_keep_their_ids_across_attempts():
     ids = frozenset({"a", "b"})
-    s = Schedule([Work(shard(0, 4, 4), retry_ids=ids)], max_attempts=3, shards_committed=1)
+    s = Schedule([Work(ShardSpec(0, range(0, 4)), retry_ids=ids)], max_attempts=3, shards_committed=1)
     work = s.next(0.0)
     s.attempt_failed(work, "storage outage")
     again = s.next(0.0)
@@ -126,17 +126,19 @@ def test_hang_timeout_is_the_setting_or_derived_from_the_slowest_batch(hang_time
 
 
 def test_pending_shards_skip_committed_ones_and_count_their_rows():
-    pending = PendingShards(10, 4, committed={"00001", "00007"})  # shards 0..2; 00007 is no shard of this plan
-    assert [(s.name, s.start, s.stop) for s in pending] == [("00000", 0, 4), ("00002", 8, 10)]
+    pending = make_plan(10, 4, 4).pending(committed={"00001", "00007"})  # shards 0..2; 00007 is no shard of this plan
+    assert [(s.name, s.rows) for s in pending] == [("00000", range(0, 4)), ("00002", range(8, 10))]
     assert (len(pending), pending.num_rows) == (2, 6)
-    assert PendingShards(10, 4, committed={"00002"}).num_rows == 8  # the short last shard is the one left out
-    assert not PendingShards(8, 4, committed={"00000", "00001"})
+    assert make_plan(10, 4, 4).pending(committed={"00002"}).num_rows == 8  # the short last shard is the one left out
+    assert not make_plan(8, 4, 4).pending(committed={"00000", "00001"})
+    mixed = make_plan(6, 4, 4, codes=[0, 1, 0, 1, 0, 0]).pending(committed={"00000"})  # a plan of row tuples
+    assert [(s.name, s.rows) for s in mixed] == [("00001", (1, 3))] and mixed.num_rows == 2
 
 
 def test_a_ten_million_row_plan_is_one_integer_per_shard_and_work_is_made_when_handed_out():
-    pending = PendingShards(10_000_000, 64, committed={"00000"})
+    pending = make_plan(10_000_000, 64, 8).pending(committed={"00000"})
     assert len(pending) == 156_249 and pending.indices.nbytes <= 8 * 156_250
-    s = Schedule([Work(shard(0, 10_000_000, 64), retry_ids=frozenset({"x"}))], shards=pending, max_attempts=3)
+    s = Schedule([Work(ShardSpec(0, range(0, 64)), retry_ids=frozenset({"x"}))], shards=pending, max_attempts=3)
     assert len(s.queue) == 156_250 and len(s.queue.front) == 1
     first, second, third = s.next(0.0), s.next(0.0), s.next(0.0)
     assert (first.retry_ids, second.shard.name, third.shard.name) == (frozenset({"x"}), "00001", "00002")
@@ -145,7 +147,7 @@ def test_a_ten_million_row_plan_is_one_integer_per_shard_and_work_is_made_when_h
 
 
 def test_the_deadline_leaves_pending_shards_for_a_rerun_and_counts_them():
-    s = Schedule(shards=PendingShards(40, 4), max_attempts=3, deadline=100.0)
+    s = Schedule(shards=make_plan(40, 4, 4).pending(), max_attempts=3, deadline=100.0)
     s.next(99.0)
     assert s.next(100.0) is None and not s.queue and s.shards_left == 9
 
