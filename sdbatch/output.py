@@ -100,15 +100,41 @@ def table_to_parquet(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def records_to_parquet(records: list[dict[str, Any]]) -> bytes:
-    """A shard index's bytes (records share one set of keys: ``worker.index_row``)."""
-    return table_to_parquet(pa.Table.from_pylist(records))
+def records_to_parquet(records: list[dict[str, Any]], schema: pa.Schema) -> bytes:
+    """A shard index's bytes, typed by ``schema`` (``index_schema``): a column that is null
+    throughout one shard (``strength`` in a text-to-image shard) still has its declared type."""
+    undeclared = sorted(set().union(*records) - set(schema.names))
+    if undeclared:  # a new index column must be declared in INDEX_COLUMN_TYPES, not dropped
+        raise ValueError(f"index rows carry columns the index schema does not declare: {', '.join(undeclared)}")
+    return table_to_parquet(pa.Table.from_pylist(records, schema=schema))
 
 
-def commit_shard(storage: Storage, shard_name: str, records: list[dict[str, Any]]) -> bool:
-    """Write the shard index (create-once). Returns False if an earlier attempt had already
-    committed this shard — its index stays, ours is dropped."""
-    return storage.put_new(metadata_key(shard_name), records_to_parquet(records)).created
+@dataclass(frozen=True)
+class Commit:
+    """A shard's committed index rows and the storage tag of the commit they were read from."""
+
+    records: list[dict[str, Any]]
+    tag: str
+
+
+def read_commit(storage: Storage, shard_name: str) -> Commit:
+    data, tag = storage.get_tagged(metadata_key(shard_name))
+    return Commit(pq.read_table(io.BytesIO(data)).to_pylist(), tag)
+
+
+def commit_shard(
+    storage: Storage, shard_name: str, records: list[dict[str, Any]], schema: pa.Schema,
+    replacing: Commit | None = None,
+) -> bool:
+    """Write the shard index — the commit — typed by ``schema``. A new shard's is create-once:
+    False if an earlier attempt had already committed it (its index stays, ours is dropped).
+    ``replacing`` (--retry-failed) is the commit read before its failed rows were regenerated:
+    it is replaced by compare-and-swap, False if it changed meanwhile (a concurrent attempt
+    replaced it first; that one stays)."""
+    data = records_to_parquet(records, schema)
+    if replacing is None:
+        return storage.put_new(metadata_key(shard_name), data).created
+    return storage.replace_if(metadata_key(shard_name), data, replacing.tag) is not None
 
 
 def read_shard_index(storage: Storage, shard_name: str) -> pa.Table:

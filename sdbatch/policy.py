@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +67,58 @@ class Work:
         return Work(self.shard, self.attempt + charged, self.retry_ids)
 
 
+class WorkQueue:
+    """The work still to hand out: work that came back (or was given first) in a deque, then
+    the plan's pending shards, read from their compact sequence (``plan.PendingShards``) in
+    order and made into ``Work`` only when handed out — the driver holds no object per shard
+    it has not dispatched yet."""
+
+    def __init__(self, work: Iterable[Work] = (), shards: Sequence[ShardSpec] = ()):
+        self.front: deque[Work] = deque(work)
+        self.shards = shards
+        self.next_shard = 0  # position in ``shards`` of the first not handed out
+
+    def __len__(self) -> int:
+        return len(self.front) + len(self.shards) - self.next_shard
+
+    def __iter__(self) -> Iterator[Work]:
+        yield from self.front
+        for position in range(self.next_shard, len(self.shards)):
+            yield Work(self.shards[position])
+
+    def popleft(self) -> Work:
+        if self.front:
+            return self.front.popleft()
+        if self.next_shard >= len(self.shards):
+            raise IndexError("the work queue is empty")
+        self.next_shard += 1
+        return Work(self.shards[self.next_shard - 1])
+
+    def appendleft(self, work: Work) -> None:
+        self.front.appendleft(work)
+
+    def clear(self) -> None:
+        self.front.clear()
+        self.next_shard = len(self.shards)
+
+
+def workers_to_start(workers: int, units: int, *, rows: int, rows_per_shard: int, fresh_job: bool) -> tuple[int, str | None]:
+    """Start no more workers than there are units of work, and say why when that is fewer
+    than asked for. Shards are never sized by the worker count (they are a function of the
+    manifest and the spec, so a resume with any number of workers finds the same shards);
+    for a job not yet started the notice names the ``--rows-per-shard`` that would give every
+    worker a shard."""
+    if units >= workers:
+        return workers, None
+    notice = (f"{units} {'shard' if units == 1 else 'shards'} to generate for {workers} workers: starting {units}; "
+              f"shards hold {rows_per_shard} rows each whatever the number of workers, so that a resume with "
+              "another worker count finds the same shards")
+    if fresh_job:
+        notice += (f". To spread these {rows} rows over {workers} workers, start the job with --rows-per-shard "
+                   f"{max(1, -(-rows // workers))} (choose it before the first run: it is part of the job)")
+    return units, notice
+
+
 @dataclass(frozen=True)
 class Verdict:
     state: str  # FINISHED, STOPPED or INCOMPLETE
@@ -75,10 +127,11 @@ class Verdict:
 
 class Schedule:
     def __init__(
-        self, work: Iterable[Work], *, max_attempts: int, deadline: float | None = None,
-        hang_timeout_s: float | None = None, shards_committed: int = 0,
+        self, work: Iterable[Work] = (), *, shards: Sequence[ShardSpec] = (), max_attempts: int,
+        deadline: float | None = None, hang_timeout_s: float | None = None, shards_committed: int = 0,
     ):
-        self.queue: deque[Work] = deque(work)
+        """``work`` goes out first (the --retry-failed rows), then ``shards`` in order."""
+        self.queue = WorkQueue(work, shards)
         self.max_attempts = max_attempts
         self.deadline = deadline  # epoch seconds: no work is handed out at or after it
         self.hang_timeout_s = hang_timeout_s  # None: derived from the batch times measured
@@ -104,6 +157,11 @@ class Schedule:
         """The next work to hand out, or None (queue empty, or the deadline reached)."""
         self.stop_at_deadline(now)
         return self.queue.popleft() if self.queue else None
+
+    def may_read_ahead(self, idle_workers: int) -> bool:
+        """Whether a busy worker may take a shard to read ahead: only while the queue holds
+        more than one unit for each worker that has nothing (a short queue goes to them)."""
+        return len(self.queue) > idle_workers
 
     # -- what came back --------------------------------------------------------------------
     def completed(self, work: Work, result: ShardResult) -> None:

@@ -37,7 +37,7 @@ from sdbatch.output import (
     write_json,
 )
 from sdbatch.plan import Plan, key_codes, make_plan
-from sdbatch.policy import FINISHED, STOPPED, Schedule, ShardResult, Work
+from sdbatch.policy import FINISHED, STOPPED, Schedule, ShardResult, Work, workers_to_start
 from sdbatch.progress import ProgressFeed, utc_now
 from sdbatch.spec import JobSpec
 from sdbatch.storage import Storage
@@ -181,19 +181,18 @@ class Driver:
         self.plan = plan = job_plan(self.manifest, self.spec)
         log.info("planned %d shards, %d batches (mean %.1f rows per batch of %d)", plan.num_shards,
                  plan.num_batches, plan.batch_fill * plan.batch_size, plan.batch_size)
-        work = [Work(s) for s in plan.pending(committed)]
-        if self.retry_failed:
-            work.extend(self._failed_rows_work(committed))
+        pending = plan.pending(committed)
+        retried = self._failed_rows_work(committed) if self.retry_failed else []
         skipped = len(committed)
-        if not work:
+        if not pending and not retried:
             return self._finish(started, skipped, 0, 0, "nothing to generate: every shard is already committed")
         self.schedule = schedule = Schedule(
-            work, max_attempts=self.spec.retries.shard_attempts, deadline=self.deadline,
+            retried, shards=pending, max_attempts=self.spec.retries.shard_attempts, deadline=self.deadline,
             hang_timeout_s=self.spec.retries.hang_timeout_s, shards_committed=skipped,
         )
         connect_ray(self.address)
-        log.info("%d shards to generate, %d already committed", len(work), skipped)
-        done_before = sum(plan.shard(int(n)).num_rows for n in committed if int(n) < plan.num_shards)
+        log.info("%d shards to generate, %d already committed", len(schedule.queue), skipped)
+        done_before = total_rows - pending.num_rows
         progress = ProgressFeed(
             self.storage, total_rows=total_rows, rows_already_done=done_before,
             shards_total=plan.num_shards, shards_committed=skipped, interactive=self.interactive,
@@ -202,7 +201,11 @@ class Driver:
         self.tracker = ProgressTracker.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         ).remote()
-        pool = [self._new_actor() for _ in range(fit_workers(self.spec))]
+        workers, notice = workers_to_start(fit_workers(self.spec), len(schedule.queue), rows=total_rows,
+                                           rows_per_shard=plan.rows_per_shard, fresh_job=not committed)
+        if notice:
+            log.warning("%s", notice)
+        pool = [self._new_actor() for _ in range(workers)]
         try:
             while schedule.queue or any(a.inflight for a in pool):
                 if self.lock is not None:
@@ -270,17 +273,23 @@ class Driver:
 
     def _dispatch(self, pool: list[_Actor]) -> None:
         """Keep every ready actor fed with PREFETCH_DEPTH shards: only the range travels; a shard
-        queued behind a running one is announced (``prefetch``) so the actor reads it meanwhile."""
+        queued behind a running one is announced (``prefetch``) so the actor reads it meanwhile.
+        Every ready actor gets its first shard before any gets a second, and none while that
+        second is the last one an idle actor could have."""
         self.schedule.stop_at_deadline(time.time())
-        for actor in pool:
-            while actor.is_ready and len(actor.inflight) < PREFETCH_DEPTH:
-                work = self.schedule.next(time.time())
-                if work is None:
-                    return
-                if actor.inflight:
-                    actor.handle.prefetch.remote(work.shard, work.retry_ids)
-                work.future = actor.handle.run_shard.remote(work.shard, work.attempt, work.retry_ids, not_after=self.deadline)
-                actor.inflight.append(work)
+        for depth in range(1, PREFETCH_DEPTH + 1):  # a shard for every ready actor before any reads ahead
+            idle = sum(not a.inflight for a in pool)  # actors with nothing yet, ready or still loading
+            for actor in pool:
+                while actor.is_ready and len(actor.inflight) < depth:
+                    if actor.inflight and not self.schedule.may_read_ahead(idle):
+                        return
+                    work = self.schedule.next(time.time())
+                    if work is None:
+                        return
+                    if actor.inflight:
+                        actor.handle.prefetch.remote(work.shard, work.retry_ids)
+                    work.future = actor.handle.run_shard.remote(work.shard, work.attempt, work.retry_ids, not_after=self.deadline)
+                    actor.inflight.append(work)
 
     def _collect(self, pool: list[_Actor]) -> list[_Actor]:
         """Hand every call that returned to the schedule; replace actors that died."""

@@ -29,22 +29,23 @@ from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
 import ray
 from PIL import Image
 
 import sdbatch
 from sdbatch import encode
 from sdbatch.columns import record_parameters
-from sdbatch.manifest import INDEX_RESULT_COLUMNS, Manifest, ManifestReader, Row
+from sdbatch.manifest import INDEX_RESULT_COLUMNS, Manifest, ManifestReader, Row, passthrough_types
 from sdbatch.output import (
     STATUS_FAILED,
     STATUS_OK,
     build_webdataset_tar,
     commit_shard,
     image_key,
+    index_schema,
     metadata_key,
-    read_shard_index,
-    records_to_parquet,
+    read_commit,
     tar_key,
     webdataset_key,
 )
@@ -150,9 +151,13 @@ class ShardRunner:
         worker_name: str = "",
         endpoint_url: str | None = None,
         scorer: ClipScorer | None = None,
+        passthrough: dict[str, pa.DataType] | None = None,
     ):
+        """``passthrough``: the manifest's passthrough columns and their types
+        (``manifest.passthrough_types``), the last columns of every shard index written."""
         self.generator = generator
         self.scorer = scorer
+        self.index_schema = index_schema(passthrough or {})
         self.storage = storage
         self.spec = spec
         self.worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
@@ -197,34 +202,27 @@ class ShardRunner:
 
     def run_shard(
         self, shard: ShardSpec, rows: list[Row], attempt: int = 1, on_batch: BatchCallback | None = None,
-        init_images: InitImages | None = None,
+        init_images: InitImages | None = None, *, retry: bool = False,
     ) -> ShardResult:
-        """Generate, store and commit a whole shard (skipped if an earlier attempt committed it).
-        ``init_images``: what ``load_init_images(rows)`` started earlier (prefetch), if it did."""
+        """Generate, store and commit ``rows``: a whole shard (skipped if an earlier attempt
+        committed it), or (``retry``, --retry-failed) some rows of a committed shard, whose
+        commit is then replaced by one with their new entries in place of the old, every
+        other entry kept as it was. ``init_images``: what ``load_init_images(rows)`` started
+        earlier (prefetch), if it did."""
         started = time.perf_counter()
         result = ShardResult(shard=shard.name, worker=self.worker_name)
-        if self.storage.exists(metadata_key(shard.name)):
+        previous = read_commit(self.storage, shard.name) if retry else None
+        if previous is None and self.storage.exists(metadata_key(shard.name)):
             result.committed = False
             return result
-        index_rows = self._generate(shard, rows, attempt, on_batch, result, shard.name, init_images)
-        result.committed = commit_shard(self.storage, shard.name, index_rows)
-        result.wall_seconds = time.perf_counter() - started
-        return result
-
-    def retry_rows(
-        self, shard: ShardSpec, rows: list[Row], attempt: int = 1, on_batch: BatchCallback | None = None,
-        init_images: InitImages | None = None,
-    ) -> ShardResult:
-        """Regenerate some rows of a committed shard (its failed ones) and rewrite its index
-        with their new entries; every other entry of the index is kept as it was."""
-        started = time.perf_counter()
-        result = ShardResult(shard=shard.name, worker=self.worker_name)
-        existing = read_shard_index(self.storage, shard.name).to_pylist()
-        ids = sorted(r.id for r in rows)
-        tar_name = f"{shard.name}-retry-{hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:8]}"
-        fresh = {r["id"]: r for r in self._generate(shard, rows, attempt, on_batch, result, tar_name, init_images)}
-        merged = [fresh.get(r["id"], r) for r in existing]
-        self.storage.put(metadata_key(shard.name), records_to_parquet(merged))
+        unit = shard.name
+        if previous is not None:  # its own tar (webdataset) and batch ids, named by the rows retried
+            unit = f"{shard.name}-retry-{hashlib.sha256(json.dumps(sorted(r.id for r in rows)).encode()).hexdigest()[:8]}"
+        index_rows = self._generate(shard, rows, attempt, on_batch, result, unit, init_images)
+        if previous is not None:
+            fresh = {r["id"]: r for r in index_rows}
+            index_rows = [fresh.get(r["id"], r) for r in previous.records]
+        result.committed = commit_shard(self.storage, shard.name, index_rows, self.index_schema, replacing=previous)
         result.wall_seconds = time.perf_counter() - started
         return result
 
@@ -406,7 +404,8 @@ class WorkerActor:
             from sdbatch.clip_score import ClipScorer
 
             scorer = ClipScorer.load(spec.scoring.clip_model, device=generator.info.device, endpoint_url=endpoint_url)
-        self.runner = ShardRunner(generator, storage, spec, endpoint_url=endpoint_url, scorer=scorer)
+        self.runner = ShardRunner(generator, storage, spec, endpoint_url=endpoint_url, scorer=scorer,
+                                  passthrough=passthrough_types(manifest))
         self.feed = ShardFeed(manifest, spec, self.runner.load_init_images, endpoint_url)
         self.tracker = tracker
 
@@ -438,5 +437,5 @@ class WorkerActor:
 
         self.tracker.report.remote(name, shard.name, 0, 0)  # marks the shard as started, for the watchdog
         rows, init_images = self.feed.take(shard, retry_ids)
-        run = self.runner.run_shard if retry_ids is None else self.runner.retry_rows
-        return run(shard, rows, attempt, on_batch=report, init_images=init_images)
+        return self.runner.run_shard(shard, rows, attempt, on_batch=report, init_images=init_images,
+                                     retry=retry_ids is not None)

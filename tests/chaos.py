@@ -67,7 +67,7 @@ class Chaos:
 
     # -- wiring --------------------------------------------------------------------------------
     def wrap_shard_method(self, method):
-        """``ShardRunner.run_shard`` / ``retry_rows`` with this chaos before the shard and after
+        """``ShardRunner.run_shard`` (a shard, or --retry-failed rows of one) with this chaos before the shard and after
         each batch (the call comes after the actor reported the shard started)."""
 
         @functools.wraps(method)
@@ -85,8 +85,7 @@ class Chaos:
     def install(self) -> None:
         from sdbatch import scheduler, worker
 
-        for name in ("run_shard", "retry_rows"):
-            setattr(worker.ShardRunner, name, self.wrap_shard_method(getattr(worker.ShardRunner, name)))
+        worker.ShardRunner.run_shard = self.wrap_shard_method(worker.ShardRunner.run_shard)
         merge = scheduler.merge_index
 
         def merge_index(storage, *args, **kwargs):

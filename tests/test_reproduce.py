@@ -74,7 +74,7 @@ def run_in_process(generator, manifest: Path, out: Path, order: list[int], *, jo
         job["fingerprint"] = job_fingerprint
     storage = LocalStorage(out)
     claim_job(storage, job)
-    runner = ShardRunner(generator, storage, spec, worker_name="test")
+    runner = ShardRunner(generator, storage, spec, worker_name="test", passthrough=passthrough_types(source))
     plan = job_plan(source, spec)
     assert sorted(order) == list(range(plan.num_shards))
     for index in order:
