@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 
 from sdbatch import encode
+from sdbatch.errors import BadInput
 from sdbatch.manifest import KNOWN_COLUMNS, RESERVED_COLUMNS, Row
 from sdbatch.output import (
     INDEX_KEY,
@@ -60,7 +61,7 @@ __all__ = [
 IMAGE_PREFIXES = ("images/", "shards/")
 
 
-class AuditError(ValueError):
+class AuditError(BadInput, ValueError):
     """Bad input for an audit (no job at OUT, unknown row id, a row that cannot be rebuilt)."""
 
 

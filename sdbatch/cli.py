@@ -1,28 +1,40 @@
-"""The ``sdbatch`` command line: typer commands, exit codes, no logic of its own.
+"""The ``sdbatch`` command line: typer commands and the one error printer, no logic of its own.
 
-Exit codes: 0 done; 2 bad input (manifest, spec, model, output location, lock held);
-3 finished but some rows failed permanently; 4 stopped at --deadline (resumable);
-5 some shards failed on every attempt, or the storage failed (resumable); 130 interrupted
-(resumable). ``--help``, ``validate`` and ``status`` never import torch.
+Every command is registered through ``command``: a documented condition (an ``SdbatchError``)
+is printed as ``error: …`` and exits with its class's code (``sdbatch.errors``); Ctrl-C and
+SIGTERM exit 130; anything else is a bug (traceback, exit 1). ``--help``, ``validate`` and
+``status`` never import torch.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import re
+import signal
 import sys
 import time
 import traceback
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
 
 from sdbatch import manifest_cli
+from sdbatch.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_CODES_HELP,
+    EXIT_INTERRUPTED,
+    EXIT_SHARDS_FAILED,
+    RESUME_HINT,
+    BadInput,
+    Interrupted,
+    SdbatchError,
+)
 
 app = typer.Typer(
     name="sdbatch",
@@ -34,12 +46,6 @@ app = typer.Typer(
 )
 err = Console(stderr=True, highlight=False)
 stdout = Console(highlight=False)
-
-EXIT_CODES_HELP = (
-    "Exit codes: 0 done; 2 bad input (manifest, spec, model, --out, lock held); "
-    "3 finished, some rows failed (rerun with --retry-failed); 4 stopped at --deadline (rerun to resume); "
-    "5 some shards failed on every attempt, or the storage failed (rerun to retry); 130 interrupted (rerun to resume)."
-)
 
 SpecOpt = typer.Option(None, "--spec", help="Job spec YAML (see `sdbatch spec --schema`, jobs/example-full.yaml).")
 SetOpt = typer.Option([], "--set", help="Override a spec key: --set resources.batch_size=16 (repeatable).")
@@ -65,9 +71,30 @@ def use_endpoint(endpoint_url: str | None) -> None:
         os.environ["AWS_ENDPOINT_URL"] = endpoint_url
 
 
-def fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
+    """The one error printer: ``error: MESSAGE`` on stderr, then exit with ``code``."""
+    err.print("[bold red]error:[/] ", end="")
+    err.print(message, soft_wrap=True, markup=False)
     return typer.Exit(code)
+
+
+def command(name: str | None = None, *, resumable: bool = False, epilog: str = EXIT_CODES_HELP) -> Callable:
+    """Register a command on ``app`` whose documented errors go through ``fail``. For a
+    ``resumable`` command (one that drives a job), failures that leave the job resumable say so."""
+    def register(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return function(*args, **kwargs)
+            except SdbatchError as exc:
+                hint = f"; {RESUME_HINT}" if resumable and exc.exit_code >= EXIT_SHARDS_FAILED else ""
+                raise fail(f"{exc}{hint}", exc.exit_code) from None
+            except KeyboardInterrupt:
+                raise fail(f"interrupted; {RESUME_HINT}" if resumable else "interrupted", EXIT_INTERRUPTED) from None
+
+        return app.command(name, epilog=epilog)(run)
+
+    return register
 
 
 def parse_deadline(text: str, now: datetime | None = None) -> float:
@@ -77,19 +104,19 @@ def parse_deadline(text: str, now: datetime | None = None) -> float:
     if clock:
         hour, minute = int(clock[1]), int(clock[2])
         if hour > 23 or minute > 59:
-            raise ValueError(f"--deadline {text!r}: not a clock time (HH:MM, 00:00–23:59)")
+            raise BadInput(f"--deadline {text!r}: not a clock time (HH:MM, 00:00–23:59)")
         at = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
         if at <= now:
             at += timedelta(days=1)
         return at.timestamp()
     parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text.strip())
     if not parts or not any(parts.groups()):
-        raise ValueError(f"--deadline {text!r}: use a clock time like 06:30 or a duration like 90m, 2h30m, 45s")
+        raise BadInput(f"--deadline {text!r}: use a clock time like 06:30 or a duration like 90m, 2h30m, 45s")
     hours, minutes, seconds = (int(g or 0) for g in parts.groups())
     return now.timestamp() + hours * 3600 + minutes * 60 + seconds
 
 
-@app.command(epilog=EXIT_CODES_HELP)
+@command(resumable=True)
 def submit(
     manifest: str = typer.Argument(..., help="Parquet manifest: a file, a directory of .parquet files, a glob or s3:// URI."),
     out: str = typer.Option(..., "--out", "-o", help="Output location: a local directory or s3://bucket/prefix."),
@@ -118,9 +145,9 @@ def submit(
     """Validate MANIFEST, then generate every row's image into OUT (resuming what OUT holds)."""
     setup_logging(verbose)
     use_endpoint(s3_endpoint)
-    from sdbatch.manifest import ManifestError, open_manifest, validate_manifest
-    from sdbatch.spec import SpecError, load_spec
-    from sdbatch.storage import StorageConfigError, StorageError, open_storage
+    from sdbatch.manifest import open_manifest, validate_manifest
+    from sdbatch.spec import load_spec
+    from sdbatch.storage import open_storage
 
     overrides: dict[str, Any] = {
         "model.name": model,
@@ -137,50 +164,30 @@ def submit(
         "output.format": output_format,
         "output.image_format": image_format,
     }
-    try:
-        spec = load_spec(spec_path, sets, overrides)
-        deadline_at = parse_deadline(deadline) if deadline else None
-    except (SpecError, ValueError) as exc:
-        raise fail(str(exc)) from None
-    try:
-        source = open_manifest(manifest)
-        report = validate_manifest(source, spec)
-    except ManifestError as exc:
-        raise fail(str(exc)) from None
+    spec = load_spec(spec_path, sets, overrides)
+    deadline_at = parse_deadline(deadline) if deadline else None
+    source = open_manifest(manifest)
+    report = validate_manifest(source, spec)
     if not report.ok:
         err.print(report.render(), soft_wrap=True, markup=False)
-        raise fail(f"manifest {manifest} has {report.issue_count} invalid values; nothing was written to {out}")
-    model_error = preflight_model(spec.model.name, s3_endpoint)
-    if model_error:
-        raise fail(model_error)
-    try:
-        storage = open_storage(
-            out, endpoint_url=s3_endpoint, max_attempts=spec.retries.storage_attempts,
-            max_pool_connections=spec.resources.upload_threads,
-        )
-        storage.check_access()
-    except StorageError as exc:
-        raise fail(str(exc)) from None
+        raise BadInput(f"manifest {manifest} has {report.issue_count} invalid values; nothing was written to {out}")
+    preflight_model(spec.model.name, s3_endpoint)
+    storage = open_storage(
+        out, endpoint_url=s3_endpoint, max_attempts=spec.retries.storage_attempts,
+        max_pool_connections=spec.resources.upload_threads,
+    )
+    storage.check_access()
 
     from sdbatch.models import local_model_fingerprint
-    from sdbatch.output import OutputMismatch, job_record
+    from sdbatch.output import job_record
+    from sdbatch.scheduler import run_job
 
     job = job_record(spec, source, local_model_fingerprint(spec.model.name))
-    from sdbatch.lock import LockHeld
-    from sdbatch.scheduler import EXIT_SHARDS_FAILED, WorkerStartError, run_job
-
     t0 = time.monotonic()
-    try:
-        outcome = run_job(
-            spec, source, storage, job, address=address, endpoint_url=s3_endpoint, deadline=deadline_at,
-            retry_failed=retry_failed, new_run=new_run,
-        )
-    except (OutputMismatch, LockHeld, WorkerStartError, StorageConfigError) as exc:
-        raise fail(str(exc)) from None
-    except StorageError as exc:
-        raise fail(f"{exc}; committed shards are kept — run the same command again to go on", EXIT_SHARDS_FAILED) from None
-    except KeyboardInterrupt:
-        raise fail("interrupted; committed shards are kept — run the same command again to resume", 130) from None
+    outcome = run_job(
+        spec, source, storage, job, address=address, endpoint_url=s3_endpoint, deadline=deadline_at,
+        retry_failed=retry_failed, new_run=new_run,
+    )
     wall = time.monotonic() - t0
     if outcome.rows_generated == 0 and outcome.message:
         stdout.print(outcome.message)
@@ -193,27 +200,27 @@ def submit(
         raise fail(outcome.message, outcome.exit_code)
 
 
-def preflight_model(name: str, endpoint_url: str | None) -> str | None:
+def preflight_model(name: str, endpoint_url: str | None) -> None:
     """Check the model exists before any worker starts (no torch import)."""
     if name.startswith("s3://"):
         from sdbatch.storage import StorageError, open_storage
 
         try:
-            if not open_storage(name, endpoint_url=endpoint_url).exists("model_index.json"):
-                return f"model {name!r}: no model_index.json under that prefix; it must hold a diffusers folder"
+            found = open_storage(name, endpoint_url=endpoint_url).exists("model_index.json")
         except StorageError as exc:
-            return f"model {name!r}: {exc}"
-        return None
+            raise BadInput(f"model {name!r}: {exc}") from None
+        if not found:
+            raise BadInput(f"model {name!r}: no model_index.json under that prefix; it must hold a diffusers folder")
+        return
     from sdbatch.models import local_model_dir
 
     try:
         local_model_dir(name)
     except ValueError as exc:
-        return str(exc)
-    return None
+        raise BadInput(str(exc)) from None
 
 
-@app.command()
+@command()
 def status(
     out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
     s3_endpoint: Optional[str] = EndpointOpt,
@@ -225,19 +232,16 @@ def status(
     from sdbatch.lock import lock_is_stale
     from sdbatch.output import JOB_KEY, LOCK_KEY, PROGRESS_KEY, SUCCESS_KEY, committed_shards, read_json
     from sdbatch.plan import num_shards
-    from sdbatch.storage import StorageError, open_storage
+    from sdbatch.storage import open_storage
 
-    try:
-        storage = open_storage(out_location, endpoint_url=s3_endpoint)
-        job = read_json(storage, JOB_KEY)
-        if job is None:
-            raise fail(f"no sdbatch job at {out_location} (no _sdbatch/job.json)")
-        progress = read_json(storage, PROGRESS_KEY) or {}
-        success = read_json(storage, SUCCESS_KEY)
-        lock = read_json(storage, LOCK_KEY)
-        committed = len(committed_shards(storage))
-    except StorageError as exc:
-        raise fail(str(exc)) from None
+    storage = open_storage(out_location, endpoint_url=s3_endpoint)
+    job = read_json(storage, JOB_KEY)
+    if job is None:
+        raise BadInput(f"no sdbatch job at {out_location} (no _sdbatch/job.json)")
+    progress = read_json(storage, PROGRESS_KEY) or {}
+    success = read_json(storage, SUCCESS_KEY)
+    lock = read_json(storage, LOCK_KEY)
+    committed = len(committed_shards(storage))
     rps = job["spec"]["resources"]["rows_per_shard"]
     total = job["manifest"]["num_rows"]
     shards_total = num_shards(total, rps)
@@ -268,7 +272,7 @@ def status(
         stdout.print(f"result     {success.get('rows_ok')} ok, {success.get('rows_failed')} failed, finished {success.get('finished_at')}")
 
 
-@app.command()
+@command(epilog="")
 def reproduce(
     out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
     row_id: str = typer.Argument(..., metavar="ID", help="The row id (the `id` column of the index)."),
@@ -283,19 +287,16 @@ def reproduce(
     2 bad input (no job at OUT, unknown ID, a row that cannot be rebuilt)."""
     setup_logging(verbose)
     from sdbatch.audit import AuditError, Reproducer, open_job
-    from sdbatch.storage import StorageError
 
+    job_output = open_job(out_location, endpoint_url=s3_endpoint)
+    reproducer = Reproducer(job_output, endpoint_url=s3_endpoint, model=model)
+    if row_id not in reproducer.by_id:
+        raise AuditError(f"no row with id {row_id!r} in the index of {out_location} ({job_output.index_source})")
+    err.print(f"regenerating {row_id} …", highlight=False)
     try:
-        job_output = open_job(out_location, endpoint_url=s3_endpoint)
-        reproducer = Reproducer(job_output, endpoint_url=s3_endpoint, model=model)
-        if row_id not in reproducer.by_id:
-            raise AuditError(f"no row with id {row_id!r} in the index of {out_location} ({job_output.index_source})")
-        err.print(f"regenerating {row_id} …", highlight=False)
         result = reproducer.reproduce(row_id)
-    except (AuditError, StorageError) as exc:
-        raise fail(str(exc)) from None
-    except ValueError as exc:  # ModelError and friends: the recorded model cannot be loaded
-        raise fail(f"cannot reproduce {row_id}: {exc}") from None
+    except ValueError as exc:  # the recorded model cannot be loaded (models raise ValueError)
+        raise BadInput(f"cannot reproduce {row_id}: {exc}") from None
     for note in result.notes:
         err.print(f"[yellow]note:[/] {note}", soft_wrap=True)
     if output is not None:
@@ -309,7 +310,7 @@ def reproduce(
         raise typer.Exit(1)
 
 
-@app.command()
+@command(epilog="")
 def verify(
     out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
     regenerate: int = typer.Option(0, "--regenerate", min=0, help="Also regenerate K random ok rows and report drift."),
@@ -324,23 +325,18 @@ def verify(
     but are not an error: readers trust the index, never a listing. Exit codes: 0 clean;
     1 objects missing or mismatched, or regenerated rows drifted; 2 no job at OUT."""
     setup_logging(verbose)
-    from sdbatch.audit import AuditError
     from sdbatch.audit import verify as run_verify
-    from sdbatch.storage import StorageError
 
-    try:
-        report = run_verify(out_location, regenerate=regenerate, seed=seed, endpoint_url=s3_endpoint, model=model,
-                            progress=lambda msg: err.print(msg, highlight=False) if verbose else None)
-    except (AuditError, StorageError) as exc:
-        raise fail(str(exc)) from None
+    report = run_verify(out_location, regenerate=regenerate, seed=seed, endpoint_url=s3_endpoint, model=model,
+                        progress=lambda msg: err.print(msg, highlight=False) if verbose else None)
     stdout.print(report.render(), soft_wrap=True, markup=False)
     if not report.clean:
         raise typer.Exit(1)
 
 
-app.command("validate")(manifest_cli.validate)
-app.command("manifest")(manifest_cli.manifest)
-app.command("spec")(manifest_cli.spec)
+command("validate", epilog="")(manifest_cli.validate)
+command("manifest", epilog="")(manifest_cli.manifest)
+command("spec", epilog="")(manifest_cli.spec)
 
 
 def main() -> None:
@@ -348,6 +344,7 @@ def main() -> None:
     logging) have run. Skipping interpreter finalisation matters: pyarrow's native thread pools
     can abort a process that is being torn down ("terminate called without an active
     exception", apache/arrow#34314), which would turn a finished command's exit code into -6."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM is an interruption, like Ctrl-C
     try:
         app()
         code = 0

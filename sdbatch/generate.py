@@ -40,6 +40,7 @@ from diffusers import (
 )
 from PIL import Image
 
+from sdbatch.errors import BadInput
 from sdbatch.manifest import Row
 from sdbatch.models import fingerprint_model_dir, local_model_dir
 
@@ -65,7 +66,7 @@ SCHEDULER_FACTORIES: dict[str, tuple[type, dict[str, Any]]] = {
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
-class ModelError(ValueError):
+class ModelError(BadInput, ValueError):
     """The model cannot be used: the message names the model and the fix."""
 
 

@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from sdbatch.errors import BadInput
 from sdbatch.output import LOCK_KEY, read_json
 from sdbatch.progress import utc_now
 from sdbatch.storage import NotFound, Storage
@@ -29,7 +30,7 @@ LOCK_LEASE_S = 60.0
 HEARTBEAT_S = 10.0
 
 
-class LockHeld(RuntimeError):
+class LockHeld(BadInput, RuntimeError):
     """Another live driver holds the job lock on OUT."""
 
 

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from sdbatch.errors import BadInput
 from sdbatch.spec import SCHEDULERS, JobSpec
 
 
@@ -111,7 +112,7 @@ MAX_SEED = 2**63  # seeds are 0 <= seed < MAX_SEED (they fit int64 and torch.man
 _GLOB_CHARS = "*?["
 
 
-class ManifestError(ValueError):
+class ManifestError(BadInput, ValueError):
     """A manifest that cannot be read at all (missing, not Parquet, empty, no prompt column).
 
     Row-level problems are not raised: ``validate_manifest`` reports them as ``RowIssue``s.

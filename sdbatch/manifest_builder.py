@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from sdbatch.errors import BadInput
 from sdbatch.manifest import KNOWN_COLUMNS, MAX_SEED, default_row_id
 
 MAX_ROWS = 100_000_000  # a guard against typos such as --seeds 0-9999999999
@@ -48,7 +49,7 @@ _COLUMN_TYPES: dict[str, pa.DataType] = {
 }
 
 
-class ManifestBuildError(ValueError):
+class ManifestBuildError(BadInput, ValueError):
     """Bad input to ``sdbatch manifest``; the message says what to change."""
 
 

@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import sdbatch
+from sdbatch.errors import BadInput
 from sdbatch.manifest import Manifest
 from sdbatch.spec import JobSpec, fingerprint
 from sdbatch.storage import NotFound, Storage
@@ -47,7 +48,7 @@ STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 
 
-class OutputMismatch(ValueError):
+class OutputMismatch(BadInput, ValueError):
     """OUT already holds a different job."""
 
 

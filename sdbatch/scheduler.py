@@ -25,6 +25,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import sdbatch
+from sdbatch.errors import EXIT_OK, EXIT_ROWS_FAILED, EXIT_SHARDS_FAILED, EXIT_STOPPED, BadInput
 from sdbatch.lock import JobLock
 from sdbatch.manifest import Manifest, passthrough_types, read_rows
 from sdbatch.output import (
@@ -51,11 +52,6 @@ MIN_HANG_TIMEOUT_S = 300.0  # first batches include warm-up; a GPU batch rarely 
 HANG_FACTOR = 10.0
 MAX_START_FAILURES = 5
 
-# exit codes, documented in the README and `sdbatch submit --help`
-EXIT_OK = 0
-EXIT_ROWS_FAILED = 3  # finished; some rows failed permanently (rerun with --retry-failed)
-EXIT_STOPPED = 4  # stopped at --deadline; rerun to resume
-EXIT_SHARDS_FAILED = 5  # some shards failed on every attempt; rerun to retry them
 
 
 @ray.remote(num_cpus=0)
@@ -106,7 +102,7 @@ def fit_workers(spec: JobSpec) -> int:
     if spec.resources.gpus_per_worker > 0:
         fit = min(fit, int(res.get("GPU", 0) // spec.resources.gpus_per_worker))
     if fit < 1:
-        raise RuntimeError(
+        raise BadInput(
             f"the Ray cluster ({res.get('CPU', 0)} CPUs, {res.get('GPU', 0)} GPUs) cannot place one worker "
             f"needing {spec.resources.cpus_per_worker} CPUs and {spec.resources.gpus_per_worker} GPUs"
         )
@@ -127,7 +123,7 @@ class JobOutcome:
     message: str
 
 
-class WorkerStartError(RuntimeError):
+class WorkerStartError(BadInput, RuntimeError):
     """Workers cannot start (e.g. the model fails to load on them)."""
 
 

@@ -19,6 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sdbatch.errors import BadInput
+
 SCHEDULERS = (
     "ddim",
     "pndm",
@@ -31,7 +33,7 @@ SCHEDULERS = (
 )
 
 
-class SpecError(ValueError):
+class SpecError(BadInput, ValueError):
     """A job spec that cannot be used; the message names the key and the fix."""
 
 

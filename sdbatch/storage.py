@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
+from sdbatch.errors import EXIT_BAD_INPUT, JobFailed
+
 log = logging.getLogger("sdbatch.storage")
 
 __all__ = [
@@ -72,8 +74,8 @@ MODEL_MARKER = ".sdbatch-complete.json"
 # errors and results
 
 
-class StorageError(Exception):
-    """Any storage failure. ``transient``: retrying later may succeed."""
+class StorageError(JobFailed):
+    """Any storage failure (exit 5 when it stops a driver). ``transient``: retrying later may succeed."""
 
     def __init__(self, message: str, *, transient: bool = False):
         super().__init__(message)
@@ -81,7 +83,9 @@ class StorageError(Exception):
 
 
 class StorageConfigError(StorageError):
-    """A problem the user must fix (bucket, access, credentials, endpoint, URL)."""
+    """A problem the user must fix (bucket, access, credentials, endpoint, URL): exit 2."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 class NotFound(StorageError):
