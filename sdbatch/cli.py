@@ -230,7 +230,7 @@ def status(
     import json
 
     from sdbatch.lock import lock_is_stale
-    from sdbatch.output import JOB_KEY, LOCK_KEY, PROGRESS_KEY, SUCCESS_KEY, committed_shards, read_json
+    from sdbatch.output import JOB_KEY, LOCK_KEY, PROGRESS_KEY, SUCCESS_KEY, committed_shards, failed_rows_text, read_json
     from sdbatch.plan import num_shards
     from sdbatch.storage import open_storage
 
@@ -270,6 +270,9 @@ def status(
         stdout.print(f"updated    {progress.get('updated_at')}")
     if success:
         stdout.print(f"result     {success.get('rows_ok')} ok, {success.get('rows_failed')} failed, finished {success.get('finished_at')}")
+        if success.get("failed_rows"):
+            stdout.print("failed rows (first ones; all in index.parquet, status=failed):", soft_wrap=True)
+            stdout.print(failed_rows_text(success["failed_rows"]), soft_wrap=True, markup=False)
 
 
 @command(epilog="")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdbatch.errors import BadInput
-from sdbatch.output import LOCK_KEY, read_json
+from sdbatch.output import LOCK_KEY, parse_json, read_json
 from sdbatch.progress import utc_now
 from sdbatch.storage import NotFound, Storage
 
@@ -61,14 +61,14 @@ class JobLock:
         while True:
             if storage.put_new(LOCK_KEY, body).created:
                 stored, tag = storage.get_tagged(LOCK_KEY)
-                if json.loads(stored).get("driver") == owner["driver"]:
+                if parse_json(storage, LOCK_KEY, stored).get("driver") == owner["driver"]:
                     break
                 continue  # a takeover replaced ours between the two calls: look again
             try:
                 stored, tag = storage.get_tagged(LOCK_KEY)
             except NotFound:  # released meanwhile: try to create it again
                 continue
-            held = json.loads(stored)
+            held = parse_json(storage, LOCK_KEY, stored)
             if not lock_is_stale(held):
                 raise LockHeld(
                     f"{storage.url} is being written by another sdbatch driver "

@@ -162,6 +162,15 @@ def _write_row_group(writer: pq.ParquetWriter, tables: list[pa.Table]) -> None:
 class IndexSummary:
     rows: int
     rows_failed: int
+    first_failed: list[dict[str, str]]  # {"id", "error"} of the first FAILED_ROWS_SHOWN failed rows
+
+
+FAILED_ROWS_SHOWN = 10  # failed rows listed at the end of a job and by `sdbatch status`
+
+
+def failed_rows_text(failed_rows: list[dict[str, str]]) -> str:
+    """The listing of failed rows the console and ``sdbatch status`` show, one per line."""
+    return "\n".join(f"  {row['id']}: {row['error']}" for row in failed_rows)
 
 
 def merge_index(storage: Storage, passthrough_types: dict[str, pa.DataType]) -> IndexSummary:
@@ -172,6 +181,7 @@ def merge_index(storage: Storage, passthrough_types: dict[str, pa.DataType]) -> 
     names = sorted(committed_shards(storage), key=int)
     schema = index_schema(passthrough_types)
     rows = failed = 0
+    first_failed: list[dict[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="sdbatch-index-") as tmp, ThreadPoolExecutor(MERGE_READ_AHEAD) as pool:
         path = Path(tmp) / INDEX_KEY
         with pq.ParquetWriter(path, schema, compression="zstd") as writer:
@@ -180,14 +190,16 @@ def merge_index(storage: Storage, passthrough_types: dict[str, pa.DataType]) -> 
                 for table in pool.map(partial(read_shard_index, storage), names[start:start + MERGE_READ_AHEAD]):
                     group.append(_conform(table, schema))
                     rows += table.num_rows
-                    failed += pc.sum(pc.equal(table.column("status"), STATUS_FAILED)).as_py() or 0
+                    failures = table.filter(pc.equal(table.column("status"), STATUS_FAILED))
+                    failed += failures.num_rows
+                    first_failed += failures.select(["id", "error"]).slice(0, FAILED_ROWS_SHOWN - len(first_failed)).to_pylist()
                     if sum(t.num_rows for t in group) >= MERGE_ROW_GROUP_ROWS:
                         _write_row_group(writer, group)
                         group = []
             if group or not rows:
                 _write_row_group(writer, group or [schema.empty_table()])
         storage.put_file(INDEX_KEY, path)
-    return IndexSummary(rows=rows, rows_failed=failed)
+    return IndexSummary(rows=rows, rows_failed=failed, first_failed=first_failed)
 
 
 def read_index(storage: Storage) -> tuple[pa.Table, int | None]:
@@ -200,9 +212,34 @@ def read_index(storage: Storage) -> tuple[pa.Table, int | None]:
         return table, len(table.column("shard").unique()) if table.num_rows else 0
 
 
+class CorruptState(BadInput):
+    """One of OUT's job-state files is not the JSON sdbatch wrote (truncated, edited, another tool's)."""
+
+
+#: How to recover from each job-state file being unreadable.
+_RECOVERY = {
+    JOB_KEY: "it records which job OUT holds: restore it, or start over with `sdbatch submit … --new-run`",
+    LOCK_KEY: "it is the driver's lease: once no driver is running, remove it with `sdbatch unlock OUT`",
+    PROGRESS_KEY: "it is only a progress snapshot: delete it, the next run rewrites it",
+    SUCCESS_KEY: "it is the finished job's summary: delete it and rerun the same command to rewrite it",
+}
+
+
+def parse_json(storage: Storage, key: str, data: bytes) -> dict[str, Any]:
+    """A job-state document's content, or CorruptState naming the file and the recovery."""
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:
+        doc = exc
+    if not isinstance(doc, dict):
+        raise CorruptState(f"{storage.url}/{key} is corrupt (not a JSON object: {str(doc)[:80]}); "
+                           f"{_RECOVERY.get(key, 'delete it')}")
+    return doc
+
+
 def read_json(storage: Storage, key: str) -> dict[str, Any] | None:
     try:
-        return json.loads(storage.get(key))
+        return parse_json(storage, key, storage.get(key))
     except NotFound:
         return None
 

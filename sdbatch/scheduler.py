@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import sdbatch
@@ -34,6 +34,7 @@ from sdbatch.output import (
     claim_job,
     clear_job,
     committed_shards,
+    failed_rows_text,
     merge_index,
     read_json,
     read_shard_index,
@@ -43,7 +44,7 @@ from sdbatch.plan import ShardSpec, num_shards, pending_shards, shard
 from sdbatch.progress import ProgressFeed, utc_now
 from sdbatch.spec import JobSpec
 from sdbatch.storage import Storage
-from sdbatch.worker import ShardResult, TestChaos, WorkerActor
+from sdbatch.worker import PipelineError, ShardResult, TestChaos, WorkerActor, describe, is_transient
 
 log = logging.getLogger("sdbatch.scheduler")
 
@@ -196,6 +197,7 @@ class Driver:
         ).remote()
         self.queue = queue
         self.failed_shards: list[str] = []
+        self.shard_errors: dict[str, str] = {}  # failed shard -> its last error
         self.start_failures = 0
         pool = [self._new_actor() for _ in range(fit_workers(self.spec))]
         rows_ok = rows_failed = regenerated = 0
@@ -232,7 +234,18 @@ class Driver:
                             dead.append(actor)
                             continue
                         except RayTaskError as exc:
-                            log.warning("shard %s failed (attempt %d): %s", item.shard.name, item.attempt, _short(exc))
+                            cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
+                            log.warning("shard %s failed (attempt %d): %s", item.shard.name, item.attempt, describe(cause))
+                            if isinstance(cause, PipelineError):  # retried once, on a fresh worker
+                                self._requeue(item, cause)
+                                dead.append(actor)
+                            elif is_transient(cause):
+                                self._requeue(item, cause)
+                            else:  # deterministic: another attempt would fail the same way
+                                self._give_up(item, cause)
+                            continue
+                        except RayError as exc:  # Ray lost the task (e.g. its memory monitor killed it): transient
+                            log.warning("shard %s lost (attempt %d): %s", item.shard.name, item.attempt, _short(exc))
                             self._requeue(item, exc)
                             continue
                         if result.deferred:  # reached its worker after the deadline: nothing was written
@@ -274,8 +287,10 @@ class Driver:
             progress.close("incomplete")
             return JobOutcome(EXIT_SHARDS_FAILED, total_rows, rows_ok, rows_failed, skipped, failed_shards,
                               time.monotonic() - started,
-                              f"shards {', '.join(sorted(failed_shards))} failed on every attempt "
-                              "(see the log for their last error); run the same command again to retry them")
+                              f"shards {', '.join(sorted(failed_shards))} failed on every attempt they were given "
+                              "(a deterministic error gets one) — "
+                              + "; ".join(f"{name}: {self.shard_errors[name]}" for name in sorted(failed_shards)[:5])
+                              + "; run the same command again to retry them")
         outcome = self._finish(started, skipped, rows_ok, rows_failed, "")
         progress.close("finished")
         return outcome
@@ -343,11 +358,16 @@ class Driver:
         return work
 
     def _requeue(self, item: _Work, exc: BaseException) -> None:
+        """A transient failure: try the shard again, up to ``retries.shard_attempts``."""
         if item.attempt >= self.spec.retries.shard_attempts:
             log.error("shard %s failed on all %d attempts; last error: %s", item.shard.name, item.attempt, _short(exc))
-            self.failed_shards.append(item.shard.name)
+            self._give_up(item, exc)
         else:
             self.queue.appendleft(_Work(item.shard, item.attempt + 1, item.retry_ids))
+
+    def _give_up(self, item: _Work, exc: BaseException) -> None:
+        self.failed_shards.append(item.shard.name)
+        self.shard_errors[item.shard.name] = _short(exc) if isinstance(exc, RayError) else describe(exc)
 
     def _replace(self, actor: _Actor) -> _Actor:
         """Kill ``actor``, give the shards queued behind on it back to the queue (same attempt:
@@ -399,6 +419,7 @@ class Driver:
             "shards_skipped": skipped,
             "wall_seconds_this_run": round(wall, 2),
             "images_per_second_this_run": round(rows_ok / wall, 3) if wall > 0 else None,
+            "failed_rows": index.first_failed,
             "fingerprint": self.job["fingerprint"],
             "finished_at": utc_now(),
             "sdbatch_version": sdbatch.__version__,
@@ -406,7 +427,8 @@ class Driver:
         write_json(self.storage, SUCCESS_KEY, summary)
         code = EXIT_ROWS_FAILED if failed_total else EXIT_OK
         if failed_total:
-            message = f"{failed_total} rows failed permanently (status=failed in index.parquet); rerun with --retry-failed"
+            message = (f"{failed_total} rows failed permanently (status=failed in index.parquet; the first ones below); "
+                       "fix them, then rerun with --retry-failed\n" + failed_rows_text(index.first_failed))
         return JobOutcome(code, total, rows_ok, rows_failed, skipped, [], wall, message)
 
 

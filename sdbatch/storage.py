@@ -34,6 +34,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -56,6 +57,7 @@ __all__ = [
     "S3Storage",
     "open_storage",
     "read_uri",
+    "TooLarge",
     "fetch_model_dir",
     "register_client_hook",
     "clear_client_cache",
@@ -864,8 +866,14 @@ def _file_url_path(url: str) -> str:
     return unquote(parts.path)
 
 
-def read_uri(uri: str | Path, *, endpoint_url: str | None = None) -> bytes:
-    """Bytes of a local path, file:// URL, or s3://bucket/key. Raises NotFound / StorageError."""
+class TooLarge(StorageError):
+    """An object larger than the caller's ``max_bytes`` (not read past it)."""
+
+
+def read_uri(uri: str | Path, *, endpoint_url: str | None = None, max_bytes: int | None = None) -> bytes:
+    """Bytes of a local path, file:// URL, or s3://bucket/key. Raises NotFound / StorageError,
+    and TooLarge for an object over ``max_bytes`` (of which at most ``max_bytes + 1`` are read).
+    A local path must be a regular file: a FIFO or device is refused, never opened."""
     uri = str(uri)
     if uri.startswith("s3://"):
         bucket, key = parse_s3_url(uri)
@@ -874,10 +882,16 @@ def read_uri(uri: str | Path, *, endpoint_url: str | None = None) -> bytes:
         ep = _endpoint(endpoint_url)
         client = _get_client(ep)
         try:
-            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            ranged = {"Range": f"bytes=0-{max_bytes}"} if max_bytes is not None else {}
+            data = client.get_object(Bucket=bucket, Key=key, **ranged)["Body"].read()
+            if max_bytes is not None and len(data) > max_bytes:
+                raise TooLarge(f"{uri} is larger than {max_bytes:,} bytes")
+            return data
         except Exception as e:
             if not _is_botocore_error(e):
                 raise
+            if ranged and _error_code(e)[1] == 416:  # a range of an empty object
+                return b""
             err = _translate(e, what=f"get_object {key}", bucket=bucket, endpoint=ep)
             if isinstance(err, NotFound):
                 err = NotFound(f"{uri} not found")
@@ -889,13 +903,30 @@ def read_uri(uri: str | Path, *, endpoint_url: str | None = None) -> bytes:
         uri = _file_url_path(uri)
     p = Path(uri).expanduser()
     try:
-        return p.read_bytes()
+        mode = p.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(p)
+        if not stat.S_ISREG(mode):  # opening a FIFO blocks; a device may never end
+            raise StorageError(f"{p} is not a regular file ({_file_kind(mode)})")
+        with p.open("rb") as f:
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        if max_bytes is not None and len(data) > max_bytes:
+            raise TooLarge(f"{p} is larger than {max_bytes:,} bytes ({p.stat().st_size:,})")
+        return data
     except (FileNotFoundError, NotADirectoryError) as e:
         raise NotFound(f"{p} not found") from e
     except IsADirectoryError as e:
         raise StorageError(f"{p} is a directory, not a file") from e
     except PermissionError as e:
         raise StorageConfigError(f"cannot read {p}: permission denied") from e
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a plain file"
 
 
 def _forbidden(names) -> list[str]:
