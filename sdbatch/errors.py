@@ -23,7 +23,7 @@ EXIT_CODES_HELP = (
     "cluster failed (rerun to retry); 130 interrupted (rerun to resume)."
 )
 
-RESUME_HINT = "committed shards are kept — run the same command again to resume"
+RESUME_HINT = "committed shards are kept — run the same command again to go on"
 
 
 class SdbatchError(Exception):

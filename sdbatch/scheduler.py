@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -92,6 +93,9 @@ def connect_ray(address: str | None) -> None:
             include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
             _node_ip_address="127.0.0.1",  # a job-local cluster talks over loopback only
         )
+    # Ray's core worker installs its own SIGTERM handler (it dumps a stack and exits 1): make
+    # SIGTERM an interruption again, so the driver releases its lock and exits 130 as on Ctrl-C
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def fit_workers(spec: JobSpec) -> int:

@@ -323,3 +323,20 @@ def test_driver_whose_lock_was_taken_over_stops(ray_address, tmp_path):
     assert "another sdbatch driver (host other-host, pid 4242) took over the job lock" in said
     assert json.loads((out / "_sdbatch" / "lock.json").read_text()) == usurper
     assert not (out / "index.parquet").exists() and not (out / "_SUCCESS").exists()
+
+
+def test_sigterm_interrupts_the_driver_like_ctrl_c(ray_address, tmp_path):
+    """SIGTERM (a scheduler's or systemd's stop) ends a driver as Ctrl-C does: exit 130, the
+    resume hint, the lock released, progress.json saying interrupted — no traceback."""
+    manifest = chaos_manifest(tmp_path, 8)
+    out = tmp_path / "out"
+    faults = tmp_path / "faults"
+    driver = _driver(ray_address, manifest, out, "--workers", "1", env=chaos_env(tmp_path, hold_shards=["00000"]))
+    _wait_for(lambda: markers(faults, "hold") == 1, driver)
+    driver.send_signal(signal.SIGTERM)
+    _, stderr = driver.communicate(timeout=120)
+    (faults / "release").touch()
+    assert driver.returncode == 130, stderr
+    assert "error: interrupted; committed shards are kept" in stderr and "Traceback" not in stderr
+    assert not (out / "_sdbatch" / "lock.json").exists()
+    assert json.loads((out / "_sdbatch" / "progress.json").read_text())["state"] == "interrupted"
