@@ -275,6 +275,28 @@ def status(
             stdout.print(failed_rows_text(success["failed_rows"]), soft_wrap=True, markup=False)
 
 
+@command(epilog="Exit codes: 0 the lock was removed (or there was none); 2 a driver may still hold it, or OUT is unreadable.")
+def unlock(
+    out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
+    force: bool = typer.Option(False, "--force", help="Remove the lock even if its driver may be alive (you checked it is not)."),
+    s3_endpoint: Optional[str] = EndpointOpt,
+) -> None:
+    """Remove OUT's job lock left by a driver that died, once no driver can be alive: on the
+    same host its process must be gone, elsewhere its lease (60 s after its last heartbeat)
+    must have expired — or pass --force.
+
+    Example: sdbatch unlock s3://bucket/runs/cats"""
+    from sdbatch.lock import break_lock
+    from sdbatch.storage import open_storage
+
+    held = break_lock(open_storage(out_location, endpoint_url=s3_endpoint), force=force)
+    if held is None:
+        stdout.print(f"no lock on {out_location}: nothing to do")
+    else:
+        stdout.print(f"removed the lock of driver {held.get('driver', '?')} (host {held.get('host', '?')}, "
+                     f"pid {held.get('pid', '?')}) on {out_location}", soft_wrap=True)
+
+
 @command(epilog="")
 def reproduce(
     out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),

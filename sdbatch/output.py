@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -30,10 +31,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import sdbatch
-from sdbatch.errors import BadInput
+from sdbatch.errors import BadInput, JobFailed
 from sdbatch.manifest import Manifest
 from sdbatch.spec import JobSpec, fingerprint
 from sdbatch.storage import NotFound, Storage
+
+log = logging.getLogger("sdbatch.output")
 
 JOB_KEY = "_sdbatch/job.json"
 LOCK_KEY = "_sdbatch/lock.json"
@@ -70,12 +73,10 @@ def webdataset_key(row_id: str) -> str:
 
 
 def committed_shards(storage: Storage) -> set[str]:
-    """Names of committed shards, from a listing of metadata/ only."""
-    return {
-        key[len(METADATA_PREFIX) : -len(".parquet")]
-        for key in storage.list(METADATA_PREFIX)
-        if key.endswith(".parquet")
-    }
+    """Names of committed shards, from a listing of metadata/ only. Only ``NNNNN.parquet``
+    is a commit: another file there (a ``summary.parquet`` some tool left) is not a shard."""
+    names = (key[len(METADATA_PREFIX) : -len(".parquet")] for key in storage.list(METADATA_PREFIX) if key.endswith(".parquet"))
+    return {name for name in names if name.isdigit()}
 
 
 def build_webdataset_tar(members: list[tuple[str, bytes, bytes]], image_ext: str) -> bytes:
@@ -110,8 +111,21 @@ def commit_shard(storage: Storage, shard_name: str, records: list[dict[str, Any]
     return storage.put_new(metadata_key(shard_name), records_to_parquet(records)).created
 
 
+class CorruptCommit(JobFailed):
+    """A shard's commit that is not readable Parquet (truncated, overwritten by another tool)."""
+
+    def __init__(self, shard_name: str, cause: Exception):
+        super().__init__(f"{metadata_key(shard_name)} is not a readable shard index ({type(cause).__name__}: "
+                         f"{cause}): shard {shard_name} is treated as uncommitted")
+        self.shard_name = shard_name
+
+
 def read_shard_index(storage: Storage, shard_name: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.get(metadata_key(shard_name))))
+    data = storage.get(metadata_key(shard_name))
+    try:
+        return pq.read_table(io.BytesIO(data))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise CorruptCommit(shard_name, exc) from None
 
 
 def _committed_index(storage: Storage) -> pa.Table:
@@ -208,8 +222,12 @@ def read_index(storage: Storage) -> tuple[pa.Table, int | None]:
     try:
         return pq.read_table(io.BytesIO(storage.get(INDEX_KEY))), None
     except NotFound:
-        table = _committed_index(storage)
-        return table, len(table.column("shard").unique()) if table.num_rows else 0
+        pass
+    except (pa.ArrowInvalid, OSError) as exc:  # a merge cut short: the commits still hold every row
+        log.warning("%s is not readable Parquet (%s: %s): reading the shard commits instead; rerun "
+                    "`sdbatch submit` to rewrite it", INDEX_KEY, type(exc).__name__, exc)
+    table = _committed_index(storage)
+    return table, len(table.column("shard").unique()) if table.num_rows else 0
 
 
 class CorruptState(BadInput):
@@ -219,7 +237,7 @@ class CorruptState(BadInput):
 #: How to recover from each job-state file being unreadable.
 _RECOVERY = {
     JOB_KEY: "it records which job OUT holds: restore it, or start over with `sdbatch submit … --new-run`",
-    LOCK_KEY: "it is the driver's lease: once no driver is running, remove it with `sdbatch unlock OUT`",
+    LOCK_KEY: "it is the driver's lease: once no driver is running, remove it with `sdbatch unlock OUT --force`",
     PROGRESS_KEY: "it is only a progress snapshot: delete it, the next run rewrites it",
     SUCCESS_KEY: "it is the finished job's summary: delete it and rerun the same command to rewrite it",
 }

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -26,17 +28,19 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import sdbatch
-from sdbatch.errors import EXIT_OK, EXIT_ROWS_FAILED, EXIT_SHARDS_FAILED, EXIT_STOPPED, BadInput
+from sdbatch.errors import EXIT_OK, EXIT_ROWS_FAILED, EXIT_SHARDS_FAILED, EXIT_STOPPED, BadInput, JobFailed
 from sdbatch.lock import JobLock
 from sdbatch.manifest import Manifest, passthrough_types, read_rows
 from sdbatch.output import (
     SUCCESS_KEY,
     STATUS_FAILED,
+    CorruptCommit,
     claim_job,
     clear_job,
     committed_shards,
     failed_rows_text,
     merge_index,
+    metadata_key,
     read_json,
     read_shard_index,
     write_json,
@@ -87,6 +91,7 @@ def connect_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     if address:
+        check_reachable(address)
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     else:
         ray.init(
@@ -96,6 +101,21 @@ def connect_ray(address: str | None) -> None:
     # Ray's core worker installs its own SIGTERM handler (it dumps a stack and exits 1): make
     # SIGTERM an interruption again, so the driver releases its lock and exits 130 as on Ctrl-C
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail within seconds on an ``--address`` nothing listens at (``ray.init`` would retry for
+    minutes). ``auto`` and addresses without a port are left to Ray."""
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)/?", address.strip())
+    if not match:
+        return
+    host, port = match[1], int(match[2])
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise BadInput(f"--address {address!r}: cannot reach a Ray cluster there ({type(exc).__name__}: {exc}); "
+                       "fix: check the head node's address and port (`ray status` on it), or leave --address "
+                       "and RAY_ADDRESS unset to start a local cluster") from None
 
 
 def fit_workers(spec: JobSpec) -> int:
@@ -410,7 +430,11 @@ class Driver:
         TestChaos.from_env().before_merge(self.storage)
         if self.lock is not None:
             self.lock.check()
-        index = merge_index(self.storage, passthrough_types(self.manifest))
+        try:
+            index = merge_index(self.storage, passthrough_types(self.manifest))
+        except CorruptCommit as exc:  # not a commit after all: the next run regenerates the shard
+            self.storage.delete(metadata_key(exc.shard_name))
+            raise JobFailed(f"{exc}: removed it, so the next run generates that shard again") from None
         total = self.manifest.num_rows
         failed_total = index.rows_failed
         wall = time.monotonic() - started
@@ -457,5 +481,7 @@ def run_job(
                 log.warning("--new-run: deleted the previous job's %d objects under %s", deleted, storage.url)
             claim_job(storage, job)
         return Driver(spec, manifest, storage, job, lock=lock, **options).run()
+    except RayError as exc:  # the tracker, the raylet or the head node died under the driver
+        raise JobFailed(f"the Ray cluster failed under the driver ({type(exc).__name__}: {_short(exc)})") from None
     finally:
         lock.release()

@@ -220,3 +220,66 @@ def test_bad_deadline_and_unreadable_manifest_are_errors_not_tracebacks(ray_addr
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.startswith("error: ") and "broken.parquet" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_unlock_removes_only_a_lock_no_live_driver_holds(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from typer.testing import CliRunner
+
+    from sdbatch.cli import app
+
+    out = tmp_path / "out"
+    (out / "_sdbatch").mkdir(parents=True)
+    lock = out / "_sdbatch" / "lock.json"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    now = time.time()
+
+    def holder(**fields) -> None:
+        lock.write_text(json.dumps({"driver": "d" * 32, "host": socket.gethostname(), "pid": os.getpid(),
+                                    "heartbeat_at": now, "expires_at": now + 60, **fields}))
+
+    def unlock(*extra):
+        return CliRunner().invoke(app, ["unlock", str(out), *extra])
+
+    holder()  # this very process: alive
+    refused = unlock()
+    assert refused.exit_code == 2 and "may be alive" in refused.output and "its process is alive" in refused.output
+    assert lock.exists()
+    holder(host="another-host")  # elsewhere, lease not expired
+    assert unlock().exit_code == 2 and lock.exists()
+    holder(pid=int(dead.stdout))  # this host, its process gone
+    removed = unlock()
+    assert removed.exit_code == 0 and f"pid {int(dead.stdout)}" in removed.output and not lock.exists()
+    lock.write_text("{garbage")
+    assert "--force" in unlock().output and lock.exists()
+    assert unlock("--force").exit_code == 0 and not lock.exists()
+    assert "nothing to do" in unlock().output
+
+
+def test_a_stray_metadata_file_and_a_truncated_index_are_not_taken_for_commits(tmp_path):
+    from sdbatch.output import committed_shards, read_index, records_to_parquet
+    from sdbatch.storage import LocalStorage
+
+    storage = LocalStorage(tmp_path / "out")
+    storage.put("metadata/00000.parquet", records_to_parquet([{"id": "a", "row": 0, "shard": "00000", "status": "ok"}]))
+    storage.put("metadata/summary.parquet", b"another tool's file")
+    assert committed_shards(storage) == {"00000"}
+    storage.put("index.parquet", b"PAR1-truncated")
+    table, merged = read_index(storage)  # the commits still hold every row
+    assert merged == 1 and table.column("id").to_pylist() == ["a"]
+
+
+def test_a_mistyped_address_fails_within_seconds(ray_address, tmp_path):
+    import time
+
+    manifest = write_manifest(tmp_path / "m.parquet", [{"prompt": "a red square"}])
+    started = time.monotonic()
+    result = sdbatch_cli(ray_address, "submit", manifest, "--out", tmp_path / "o", "--address", "127.0.0.1:1")
+    assert time.monotonic() - started < 60  # ray.init alone would retry for minutes
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "error: --address '127.0.0.1:1': cannot reach a Ray cluster there (ConnectionRefusedError" in result.stderr
+    assert not (tmp_path / "o" / "_sdbatch" / "lock.json").exists()
