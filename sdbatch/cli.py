@@ -39,12 +39,29 @@ from sdbatch.errors import (
 app = typer.Typer(
     name="sdbatch",
     help="Distributed, resumable, reproducible batch image generation for Stable Diffusion on Ray.",
+    epilog="Examples: sdbatch validate manifest.parquet · sdbatch submit manifest.parquet --out out/cats --workers 2 · "
+    "sdbatch status out/cats · sdbatch verify out/cats",
     context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True, highlight=False)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        import sdbatch
+
+        typer.echo(f"sdbatch {sdbatch.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Options of every command."""
 stdout = Console(highlight=False)
 
 SpecOpt = typer.Option(None, "--spec", help="Job spec YAML (see `sdbatch spec --schema`, jobs/example-full.yaml).")
@@ -60,8 +77,9 @@ def setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("botocore", "boto3", "urllib3", "filelock", "ray"):
+    for noisy in ("botocore", "boto3", "filelock", "ray"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # "connection pool is full": a pool size, not a problem
 
 
 def use_endpoint(endpoint_url: str | None) -> None:
@@ -98,7 +116,8 @@ def command(name: str | None = None, *, resumable: bool = False, epilog: str = E
 
 
 def parse_deadline(text: str, now: datetime | None = None) -> float:
-    """``HH:MM`` (next such clock time, local) or a duration like ``90m``, ``2h30m``, ``45s``."""
+    """``HH:MM`` (next such clock time, local: one already past today means tomorrow) or a
+    duration like ``90m``, ``2h30m``, ``45s``."""
     now = now or datetime.now()
     clock = re.fullmatch(r"(\d{1,2}):(\d{2})", text.strip())
     if clock:
@@ -146,6 +165,7 @@ def submit(
     setup_logging(verbose)
     use_endpoint(s3_endpoint)
     from sdbatch.manifest import open_manifest, validate_manifest
+    from sdbatch.progress import local_time, plural
     from sdbatch.spec import load_spec
     from sdbatch.storage import open_storage
 
@@ -166,6 +186,8 @@ def submit(
     }
     spec = load_spec(spec_path, sets, overrides)
     deadline_at = parse_deadline(deadline) if deadline else None
+    if deadline_at is not None:  # say which moment "06:30" became: it may be tomorrow's
+        err.print(f"deadline: no shard starts at or after {local_time(deadline_at)}", highlight=False)
     source = open_manifest(manifest)
     report = validate_manifest(source, spec)
     if not report.ok:
@@ -194,7 +216,7 @@ def submit(
     rate = outcome.rows_generated / wall if wall > 0 else 0.0
     stdout.print(
         f"{outcome.rows_generated} images generated this run ({outcome.rows_failed} rows failed, "
-        f"{outcome.shards_skipped} shards already committed) in {wall:.1f} s, {rate:.2f} images/s → {storage.url}"
+        f"{plural(outcome.shards_skipped, 'shard')} already committed) in {wall:.1f} s, {rate:.2f} images/s → {storage.url}"
     )
     if outcome.exit_code:
         raise fail(outcome.message, outcome.exit_code)
@@ -232,6 +254,7 @@ def status(
     from sdbatch.lock import lock_is_stale
     from sdbatch.output import JOB_KEY, LOCK_KEY, PROGRESS_KEY, SUCCESS_KEY, committed_shards, failed_rows_text, read_json
     from sdbatch.plan import num_shards
+    from sdbatch.progress import eta_text
     from sdbatch.storage import open_storage
 
     storage = open_storage(out_location, endpoint_url=s3_endpoint)
@@ -266,7 +289,7 @@ def status(
             f"rows       {progress.get('rows_done')}/{progress.get('rows_total')} done, "
             f"{progress.get('rows_failed_this_run')} failed this run"
         )
-        stdout.print(f"speed      {progress.get('images_per_second')} images/s, ETA {progress.get('eta_seconds')} s")
+        stdout.print(f"speed      {progress.get('images_per_second')} images/s, {eta_text(progress.get('eta_seconds'))}")
         stdout.print(f"updated    {progress.get('updated_at')}")
     if success:
         stdout.print(f"result     {success.get('rows_ok')} ok, {success.get('rows_failed')} failed, finished {success.get('finished_at')}")

@@ -21,7 +21,7 @@ from typing import Any
 
 from sdbatch.errors import BadInput
 from sdbatch.output import LOCK_KEY, CorruptState, parse_json, read_json
-from sdbatch.progress import utc_now
+from sdbatch.progress import local_time, utc_now
 from sdbatch.storage import NotFound, Storage
 
 log = logging.getLogger("sdbatch.lock")
@@ -72,7 +72,7 @@ class JobLock:
             if not lock_is_stale(held):
                 raise LockHeld(
                     f"{storage.url} is being written by another sdbatch driver "
-                    f"(host {held.get('host')}, pid {held.get('pid')}, last heartbeat {held.get('heartbeat_at')}). "
+                    f"(host {held.get('host')}, pid {held.get('pid')}, last heartbeat {local_time(float(held.get('heartbeat_at', 0)))}). "
                     f"Wait for it to finish, or for its lease to expire ({int(LOCK_LEASE_S)} s after its last "
                     "heartbeat) if it died."
                 )

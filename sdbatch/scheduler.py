@@ -46,7 +46,7 @@ from sdbatch.output import (
     write_json,
 )
 from sdbatch.plan import ShardSpec, num_shards, pending_shards, shard
-from sdbatch.progress import ProgressFeed, utc_now
+from sdbatch.progress import ProgressFeed, plural, utc_now
 from sdbatch.spec import JobSpec
 from sdbatch.storage import Storage
 from sdbatch.worker import PipelineError, ShardResult, TestChaos, WorkerActor, describe, is_transient
@@ -91,9 +91,11 @@ def connect_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     if address:
+        log.info("connecting to the Ray cluster at %s …", address)
         check_reachable(address)
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     else:
+        log.info("starting a local Ray cluster …")
         ray.init(
             include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
             _node_ip_address="127.0.0.1",  # a job-local cluster talks over loopback only
@@ -209,7 +211,7 @@ class Driver:
         if not queue:
             return self._finish(started, skipped, 0, 0, "nothing to generate: every shard is already committed")
         connect_ray(self.address)
-        log.info("%d shards to generate, %d already committed", len(queue), skipped)
+        log.info("%s to generate, %d already committed", plural(len(queue), "shard"), skipped)
 
         progress = ProgressFeed(
             self.storage, total_rows=total_rows, rows_already_done=done_before,
@@ -224,6 +226,7 @@ class Driver:
         self.shard_errors: dict[str, str] = {}  # failed shard -> its last error
         self.start_failures = 0
         pool = [self._new_actor() for _ in range(fit_workers(self.spec))]
+        log.info("loading the model on %s …", plural(len(pool), "worker"))
         rows_ok = rows_failed = regenerated = 0
         shards_committed = skipped
         shards_left = 0  # not started because of the deadline; a rerun does them

@@ -215,7 +215,7 @@ class LocalStorage:
             os.link(tmp, path)
         except FileExistsError:
             stored = path.read_bytes()
-            log.info("put_new %s: key exists, adopting stored object (%d bytes)", key, len(stored))
+            log.debug("put_new %s: key exists, adopting stored object (%d bytes)", key, len(stored))
             return PutResult(created=False, sha256=_sha256(stored), size=len(stored))
         except OSError as e:
             raise StorageError(
@@ -688,7 +688,7 @@ class S3Storage:
                     except NotFound:
                         # deleted between our PUT and GET: try to create again
                         continue
-                    log.info("put_new %s: key exists, adopting stored object (%d bytes)", self.url + "/" + key,
+                    log.debug("put_new %s: key exists, adopting stored object (%d bytes)", self.url + "/" + key,
                              len(stored))
                     return PutResult(created=False, sha256=_sha256(stored), size=len(stored))
                 if status == 409 or code == "ConditionalRequestConflict":
