@@ -158,6 +158,7 @@ def submit(
     s3_endpoint: Optional[str] = EndpointOpt,
     deadline: Optional[str] = typer.Option(None, "--deadline", help="Start no shard at or after HH:MM or a duration (90m, 2h); running shards finish, the rest wait for a rerun (exit 4)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Also regenerate rows that failed permanently in an earlier run."),
+    repair: bool = typer.Option(False, "--repair", help="Also regenerate the rows `sdbatch verify` flags (image missing, or not matching its recorded sha256), through the normal commit path."),
     new_run: bool = typer.Option(False, "--new-run", help="Start over: delete the job OUT holds (its images, metadata, index, _SUCCESS, _sdbatch state; no other file) and run this one there."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -208,7 +209,7 @@ def submit(
     t0 = time.monotonic()
     outcome = run_job(
         spec, source, storage, job, address=address, endpoint_url=s3_endpoint, deadline=deadline_at,
-        retry_failed=retry_failed, new_run=new_run,
+        retry_failed=retry_failed, repair=repair, new_run=new_run,
     )
     wall = time.monotonic() - t0
     if outcome.rows_generated == 0 and outcome.message:

@@ -324,7 +324,16 @@ def open_manifest(source: str) -> Manifest:
     its complete Parquet footer (schema, row groups, column statistics) instead.
     """
     source = str(source)
-    files, base_dir = _list_remote(source) if _is_uri(source) else _list_local(source)
+    if _is_uri(source):
+        try:
+            files, base_dir = _list_remote(source)
+        except OSError as exc:  # pyarrow's S3 errors: endpoint unreachable, access denied, no bucket
+            raise ManifestError(
+                f"manifest {source}: cannot list or read it ({type(exc).__name__}: {exc}); fix: check the URI, "
+                "the endpoint (--s3-endpoint or AWS_ENDPOINT_URL) and the credentials"
+            ) from None
+    else:
+        files, base_dir = _list_local(source)
     columns: tuple[str, ...] | None = None
     schema: pa.Schema | None = None
     file_rows: list[int] = []

@@ -129,9 +129,12 @@ def fit_workers(spec: JobSpec) -> int:
     if spec.resources.gpus_per_worker > 0:
         fit = min(fit, int(res.get("GPU", 0) // spec.resources.gpus_per_worker))
     if fit < 1:
+        need = {"CPU": spec.resources.cpus_per_worker, "GPU": spec.resources.gpus_per_worker}
+        missing = [f"{name} (a worker needs {amount:g}, the cluster has {res.get(name, 0):g})"
+                   for name, amount in need.items() if amount > res.get(name, 0)]
         raise BadInput(
-            f"the Ray cluster ({res.get('CPU', 0)} CPUs, {res.get('GPU', 0)} GPUs) cannot place one worker "
-            f"needing {spec.resources.cpus_per_worker} CPUs and {spec.resources.gpus_per_worker} GPUs"
+            f"the Ray cluster cannot place one worker: not enough {' nor '.join(missing)}; fix: lower "
+            "--gpus-per-worker / resources.cpus_per_worker, or add nodes with those resources"
         )
     if fit < wanted:
         log.warning("the cluster fits %d of the %d workers asked for; using %d", fit, wanted, fit)
@@ -183,9 +186,11 @@ class Driver:
         deadline: float | None = None,
         interactive: bool | None = None,
         retry_failed: bool = False,
+        repair: bool = False,
         lock: JobLock | None = None,
     ):
         self.retry_failed = retry_failed
+        self.repair = repair
         self.lock = lock
         self.address = address
         self.spec = spec
@@ -204,8 +209,8 @@ class Driver:
         rps = self.spec.resources.rows_per_shard
         committed = committed_shards(self.storage)
         queue: deque[_Work] = deque(_Work(s) for s in pending_shards(total_rows, rps, committed))
-        if self.retry_failed:
-            queue.extend(self._failed_rows_work(committed))
+        if self.retry_failed or self.repair:
+            queue.extend(self._rows_work(committed))
         skipped = len(committed)
         done_before = sum(shard(int(n), total_rows, rps).num_rows for n in committed if int(n) < num_shards(total_rows, rps))
         if not queue:
@@ -370,19 +375,42 @@ class Driver:
     def _past_deadline(self) -> bool:
         return self.deadline_passed or (self.deadline is not None and time.time() >= self.deadline)
 
-    def _failed_rows_work(self, committed: set[str]) -> list[_Work]:
-        """--retry-failed: one unit of work per committed shard that holds failed rows."""
-        work = []
+    def _rows_work(self, committed: set[str]) -> list[_Work]:
+        """--retry-failed and --repair: one unit of work per committed shard holding rows to
+        regenerate — failed rows, and rows whose stored image ``sdbatch verify`` flags as
+        missing or not matching its recorded sha256 (the bad object is deleted first: its key
+        is named by this job's own index, and create-once would not overwrite it)."""
+        ids: dict[str, set[str]] = {}
+        if self.retry_failed:
+            for name in committed:
+                table = read_shard_index(self.storage, name)
+                failed = {i for i, s in zip(table.column("id").to_pylist(), table.column("status").to_pylist()) if s == STATUS_FAILED}
+                if failed:
+                    ids.setdefault(name, set()).update(failed)
+        if self.repair:
+            ids = self._flagged_rows(ids)
         rps = self.spec.resources.rows_per_shard
-        for name in sorted(committed, key=int):
-            table = read_shard_index(self.storage, name)
-            failed = [i for i, s in zip(table.column("id").to_pylist(), table.column("status").to_pylist()) if s == STATUS_FAILED]
-            if failed:
-                work.append(_Work(shard(int(name), self.manifest.num_rows, rps), retry_ids=frozenset(failed)))
-        if work:  # the job is no longer finished until the retried rows are committed
-            log.info("retrying the failed rows of %d shards", len(work))
+        work = [_Work(shard(int(name), self.manifest.num_rows, rps), retry_ids=frozenset(rows))
+                for name, rows in sorted(ids.items(), key=lambda item: int(item[0]))]
+        if work:  # the job is no longer finished until the regenerated rows are committed
+            log.info("regenerating %s of %s", plural(sum(len(w.retry_ids or ()) for w in work), "row"), plural(len(work), "shard"))
             self.storage.delete(SUCCESS_KEY)
         return work
+
+    def _flagged_rows(self, ids: dict[str, set[str]]) -> dict[str, set[str]]:
+        from sdbatch.audit import open_job, verify
+
+        if self.spec.output.format == "webdataset":
+            raise BadInput("--repair regenerates single image files; with --format webdataset a shard's images "
+                           "share one tar: rerun the job with --new-run instead")
+        report = verify(self.storage)
+        shard_of = {e["id"]: e["shard"] for e in open_job(self.storage).index}
+        for row_id, key, *_ in report.mismatched:
+            self.storage.delete(key)
+        for row_id, key, *_ in report.missing + report.mismatched:
+            ids.setdefault(shard_of[row_id], set()).add(row_id)
+        log.info("--repair: %d images missing, %d not matching their recorded sha256", len(report.missing), len(report.mismatched))
+        return ids
 
     def _requeue(self, item: _Work, exc: BaseException) -> None:
         """A transient failure: try the shard again, up to ``retries.shard_attempts``."""

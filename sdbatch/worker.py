@@ -271,7 +271,6 @@ class ShardRunner:
                     continue
                 good.append(row)
                 images_in.append(image_in)
-            del init_images
             if good:
                 bid = batch_id(tar_name, number)
                 t0 = time.perf_counter()
@@ -282,10 +281,10 @@ class ShardRunner:
                         raise
                     if attempt < min(2, self.spec.retries.shard_attempts):
                         raise PipelineError(f"the pipeline raised for batch {bid} of shard {shard.name}: {describe(exc)}") from exc
+                    retried = "after a retry on a fresh worker" if attempt > 1 else "not retried: retries.shard_attempts=1"
                     for row in good:
-                        fail_row(row, f"row {row.id}: the pipeline raised {describe(exc)} for batch {bid} on attempt "
-                                      f"{attempt} (the first attempt failed too, on another worker); fix: check this "
-                                      "row's parameters and the model, then rerun with --retry-failed")
+                        fail_row(row, f"row {row.id}: the pipeline raised {describe(exc)} for batch {bid} ({retried}); "
+                                      "fix: check this row's parameters and the model, then rerun with --retry-failed")
                     good = []
                     images = []
                 per_row = (time.perf_counter() - t0) / max(1, len(good))

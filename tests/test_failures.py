@@ -74,11 +74,11 @@ def bad_init_job(ray_address, tmp_path_factory):
     out = tmp / "out"
     run = sdbatch_cli(ray_address, "submit", manifest, "--out", out, *TINY, "--rows-per-shard", "12", *LIMITS)
     status = sdbatch_cli(ray_address, "status", out)
-    return cases, out, run, status
+    return cases, out, run, status, [manifest, "--out", out, *TINY, "--rows-per-shard", "12", *LIMITS]
 
 
 def test_each_init_image_problem_fails_only_its_row(bad_init_job):
-    cases, out, run, _ = bad_init_job
+    cases, out, run, *_ = bad_init_job
     assert run.returncode == 3, run.stderr
     index = {r["id"]: r for r in load_index(out)}
     assert len(index) == 12
@@ -99,7 +99,7 @@ def test_each_init_image_problem_fails_only_its_row(bad_init_job):
 
 
 def test_the_console_and_status_list_the_failed_rows(bad_init_job):
-    _, out, run, status = bad_init_job
+    _, out, run, status, _ = bad_init_job
     assert "Traceback" not in run.stderr
     assert "error: 7 rows failed permanently" in run.stderr
     assert "  fifo: row fifo: init_image" in run.stderr and "  bomb: row bomb: init_image" in run.stderr
@@ -108,6 +108,26 @@ def test_the_console_and_status_list_the_failed_rows(bad_init_job):
     success = json.loads((out / "_SUCCESS").read_text())
     assert success["rows_failed"] == 7 and {r["id"] for r in success["failed_rows"]} == {
         "wide", "big", "text", "fifo", "device", "bomb", "gone"}
+
+
+def test_repair_regenerates_exactly_the_rows_verify_flags(bad_init_job, ray_address):
+    _, out, _, _, submit_args = bad_init_job
+    index = {r["id"]: r for r in load_index(out)}
+    (out / index["plain0"]["key"]).unlink()
+    (out / index["good-1"]["key"]).write_bytes(b"not the image it was")
+    kept = {rid: (out / index[rid]["key"]).read_bytes() for rid in ("plain1", "plain2", "good-2")}
+    assert sdbatch_cli(ray_address, "verify", out).returncode == 1
+
+    repaired = sdbatch_cli(ray_address, "submit", *submit_args, "--repair")
+    assert repaired.returncode == 3, repaired.stderr  # the 7 failed rows are still failed (no --retry-failed)
+    assert "regenerating 2 rows of 1 shard" in repaired.stderr
+    check = sdbatch_cli(ray_address, "verify", out)
+    assert check.returncode == 0 and "result     clean" in check.stdout, check.stdout
+    after = {r["id"]: r for r in load_index(out)}
+    assert {rid: (out / after[rid]["key"]).read_bytes() for rid in kept} == kept
+    for rid in ("plain0", "good-1"):
+        assert after[rid]["status"] == "ok" and (out / after[rid]["key"]).is_file()
+    assert [rid for rid, r in after.items() if r["status"] == "failed"] == [rid for rid, r in index.items() if r["status"] == "failed"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +196,8 @@ def test_a_pipeline_exception_is_retried_once_then_fails_only_its_batch(tiny_gen
     assert result.committed and result.rows_failed == 2 and result.rows_ok == 2
     for rid in ("r2", "r3"):  # batch 1 of size 2 holds r2 and r3
         assert index[rid]["status"] == "failed"
-        assert index[rid]["error"].startswith(f"row {rid}: the pipeline raised ModuleNotFoundError: scipy` for batch 00000-001")
+        assert index[rid]["error"].startswith(
+            f"row {rid}: the pipeline raised ModuleNotFoundError: scipy` for batch 00000-001 (after a retry on a fresh worker); fix: ")
     assert {rid for rid, r in index.items() if r["status"] == "ok"} == {"r0", "r1"}
 
 
@@ -185,6 +206,7 @@ def test_a_pipeline_exception_fails_its_rows_at_once_with_one_attempt(tiny_gener
     result, index = run_one_shard(RaisingGenerator(tiny_generator, "poison"), tmp_path, rows,
                                   **{"retries.shard_attempts": 1})
     assert result.committed and result.rows_failed == 2 and set(index) == {"r0", "r1"}
+    assert "(not retried: retries.shard_attempts=1)" in index["r1"]["error"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,3 +305,19 @@ def test_a_mistyped_address_fails_within_seconds(ray_address, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "error: --address '127.0.0.1:1': cannot reach a Ray cluster there (ConnectionRefusedError" in result.stderr
     assert not (tmp_path / "o" / "_sdbatch" / "lock.json").exists()
+
+
+def test_an_unreachable_s3_manifest_is_an_error_not_a_traceback(ray_address, tmp_path):
+    result = sdbatch_cli(ray_address, "submit", "s3://no-bucket/m.parquet", "--out", tmp_path / "o",
+                         env={"AWS_ENDPOINT_URL": "http://127.0.0.1:1"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("error: manifest s3://no-bucket/m.parquet: cannot list or read it (OSError: ")
+    assert "fix: check the URI, the endpoint" in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_a_cluster_that_cannot_place_a_worker_names_the_missing_resource(ray_address, tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", [{"prompt": "a red square"}])
+    result = sdbatch_cli(ray_address, "submit", manifest, "--out", tmp_path / "o", *TINY, "--gpus-per-worker", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "error: the Ray cluster cannot place one worker: not enough GPU (a worker needs 1, the cluster has 0)" in result.stderr
+    assert not (tmp_path / "o" / "_sdbatch" / "lock.json").exists() and not (tmp_path / "o" / "metadata").exists()
