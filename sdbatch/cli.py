@@ -25,6 +25,7 @@ import typer
 from rich.console import Console
 
 from sdbatch import manifest_cli
+from sdbatch.spec import SCHEDULERS
 from sdbatch.errors import (
     EXIT_BAD_INPUT,
     EXIT_CODES_HELP,
@@ -32,7 +33,6 @@ from sdbatch.errors import (
     EXIT_SHARDS_FAILED,
     RESUME_HINT,
     BadInput,
-    Interrupted,
     SdbatchError,
 )
 
@@ -47,6 +47,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False)
 
 
 def _print_version(value: bool) -> None:
@@ -62,7 +63,6 @@ def _options(
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     """Options of every command."""
-stdout = Console(highlight=False)
 
 SpecOpt = typer.Option(None, "--spec", help="Job spec YAML (see `sdbatch spec --schema`, jobs/example-full.yaml).")
 SetOpt = typer.Option([], "--set", help="Override a spec key: --set resources.batch_size=16 (repeatable).")
@@ -143,14 +143,14 @@ def submit(
     sets: list[str] = SetOpt,
     model: Optional[str] = typer.Option(None, "--model", help="builtin:shapes (default), a diffusers folder, or s3://…"),
     workers: Optional[int] = typer.Option(None, "--workers", help="Model replicas (Ray actors)."),
-    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    rows_per_shard: Optional[int] = typer.Option(None, "--rows-per-shard"),
+    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="GPUs per worker (0 = CPU, default; 1 on GPU nodes; 0.5 packs two per GPU)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Rows per GPU batch (default 8)."),
+    rows_per_shard: Optional[int] = typer.Option(None, "--rows-per-shard", help="Rows per shard, the unit of commit and retry (default 64)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Default steps for rows without a value."),
-    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale"),
-    width: Optional[int] = typer.Option(None, "--width"),
-    height: Optional[int] = typer.Option(None, "--height"),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler"),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="Default classifier-free guidance (CFG scale) for rows without a value."),
+    width: Optional[int] = typer.Option(None, "--width", help="Default image width in pixels (a multiple of 8)."),
+    height: Optional[int] = typer.Option(None, "--height", help="Default image height in pixels (a multiple of 8)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help=f"Default sampler: {', '.join(SCHEDULERS)}."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Job seed: rows without a seed derive theirs from it and their id."),
     output_format: Optional[str] = typer.Option(None, "--format", help="files (default) or webdataset."),
     image_format: Optional[str] = typer.Option(None, "--image-format", help="png (default), webp or jpeg."),
@@ -160,7 +160,7 @@ def submit(
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Also regenerate rows that failed permanently in an earlier run."),
     repair: bool = typer.Option(False, "--repair", help="Also regenerate the rows `sdbatch verify` flags (image missing, or not matching its recorded sha256), through the normal commit path."),
     new_run: bool = typer.Option(False, "--new-run", help="Start over: delete the job OUT holds (its images, metadata, index, _SUCCESS, _sdbatch state; no other file) and run this one there."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """Validate MANIFEST, then generate every row's image into OUT (resuming what OUT holds)."""
     setup_logging(verbose)
@@ -328,7 +328,7 @@ def reproduce(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the regenerated image here."),
     model: Optional[str] = typer.Option(None, "--model", help="Load the model from here instead of its recorded location (its fingerprint is still checked)."),
     s3_endpoint: Optional[str] = EndpointOpt,
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """Regenerate one image from OUT's metadata alone and compare its bytes with the stored one.
 
@@ -366,7 +366,7 @@ def verify(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for choosing the rows to regenerate (default: random, printed)."),
     model: Optional[str] = typer.Option(None, "--model", help="With --regenerate: load the model from here instead of its recorded location."),
     s3_endpoint: Optional[str] = EndpointOpt,
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """Check that every index row's object exists with its recorded size and sha256; list orphans.
 

@@ -41,9 +41,3 @@ class JobFailed(SdbatchError):
     """Storage or the cluster failed under a running driver (exit 5); rerunning resumes."""
 
     exit_code = EXIT_SHARDS_FAILED
-
-
-class Interrupted(SdbatchError):
-    """The driver was interrupted (SIGINT or SIGTERM): the lock is released, exit 130."""
-
-    exit_code = EXIT_INTERRUPTED

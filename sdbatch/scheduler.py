@@ -213,6 +213,7 @@ class Driver:
             queue.extend(self._rows_work(committed))
         skipped = len(committed)
         done_before = sum(shard(int(n), total_rows, rps).num_rows for n in committed if int(n) < num_shards(total_rows, rps))
+        done_before -= sum(len(w.retry_ids) for w in queue if w.retry_ids)  # counted again once regenerated ("9/8 done")
         if not queue:
             return self._finish(started, skipped, 0, 0, "nothing to generate: every shard is already committed")
         connect_ray(self.address)

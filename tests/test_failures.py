@@ -121,6 +121,8 @@ def test_repair_regenerates_exactly_the_rows_verify_flags(bad_init_job, ray_addr
     repaired = sdbatch_cli(ray_address, "submit", *submit_args, "--repair")
     assert repaired.returncode == 3, repaired.stderr  # the 7 failed rows are still failed (no --retry-failed)
     assert "regenerating 2 rows of 1 shard" in repaired.stderr
+    progress = json.loads((out / "_sdbatch" / "progress.json").read_text())
+    assert (progress["rows_done"], progress["rows_total"]) == (12, 12)  # not "14/12 done"
     check = sdbatch_cli(ray_address, "verify", out)
     assert check.returncode == 0 and "result     clean" in check.stdout, check.stdout
     after = {r["id"]: r for r in load_index(out)}
