@@ -243,7 +243,7 @@ def test_deadline_does_not_start_shards_already_handed_to_a_worker(ray_address, 
 
     rerun = run_cli("submit", manifest, "--out", out, *FAST, "--workers", "1")
     assert rerun.returncode == 0, rerun.stderr
-    assert "1 shards already committed" in " ".join(rerun.stdout.split())
+    assert "1 shard already committed" in " ".join(rerun.stdout.split())
     index = pq.read_table(out / "index.parquet").to_pylist()
     assert [r["id"] for r in index] == [r["id"] for r in pq.read_table(manifest).to_pylist()]
     assert {r["shard"] for r in index if r["attempt"] == 1} == {"00000", "00001", "00002", "00003"}
