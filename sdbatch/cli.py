@@ -195,6 +195,9 @@ def submit(
         err.print(report.render(), soft_wrap=True, markup=False)
         raise BadInput(f"manifest {manifest} has {report.issue_count} invalid values; nothing was written to {out}")
     preflight_model(spec.model.name, s3_endpoint)
+    clip_error = preflight_clip_model(spec.scoring.clip_model, s3_endpoint)
+    if clip_error:
+        raise BadInput(clip_error)
     storage = open_storage(
         out, endpoint_url=s3_endpoint, max_attempts=spec.retries.storage_attempts,
         max_pool_connections=spec.resources.upload_threads,
@@ -241,6 +244,20 @@ def preflight_model(name: str, endpoint_url: str | None) -> None:
         local_model_dir(name)
     except ValueError as exc:
         raise BadInput(str(exc)) from None
+
+
+def preflight_clip_model(location: str | None, endpoint_url: str | None) -> str | None:
+    """Check ``scoring.clip_model`` names a transformers folder before any worker starts."""
+    if location is None:
+        return None
+    fix = "; set scoring.clip_model to a folder written by CLIPModel.save_pretrained (config.json + model.safetensors)"
+    from sdbatch.storage import StorageError, open_storage
+
+    try:
+        found = open_storage(location, endpoint_url=endpoint_url).exists("config.json")
+    except StorageError as exc:
+        return f"scoring.clip_model {location!r}: {exc}"
+    return None if found else f"scoring.clip_model {location!r}: no config.json there{fix}"
 
 
 @command()
@@ -381,6 +398,70 @@ def verify(
     stdout.print(report.render(), soft_wrap=True, markup=False)
     if not report.clean:
         raise typer.Exit(1)
+
+
+@command(epilog="")
+def export(
+    out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
+    to: str = typer.Option(..., "--to", help="hf (a Hugging Face imagefolder: datasets.load_dataset(DIR)) or webdataset."),
+    dest: Path = typer.Argument(..., metavar="DIR", help="A new (or empty) local directory to write."),
+    where: Optional[str] = typer.Option(None, "--where", help="SQL condition over the index columns, e.g. \"not blank and duplicate_of is null\"."),
+    shard_size: int = typer.Option(1 << 30, "--shard-size", min=1, help="webdataset: bytes per tar shard."),
+    s3_endpoint: Optional[str] = EndpointOpt,
+) -> None:
+    """Write OUT's images and index rows (all columns), filtered by --where, in a training format."""
+    setup_logging(False)
+    from sdbatch.export import ExportError
+    from sdbatch.export import export as run_export
+    from sdbatch.storage import StorageError, open_storage
+
+    try:
+        count = run_export(open_storage(out_location, endpoint_url=s3_endpoint), to, dest, where, shard_size)
+    except (ExportError, StorageError) as exc:
+        raise fail(str(exc)) from None
+    stdout.print(f"exported {count} images to {dest} ({to})")
+
+
+@command(epilog="")
+def stats(
+    out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON."),
+    s3_endpoint: Optional[str] = EndpointOpt,
+) -> None:
+    """Counts per label column, failed, blank and duplicate rows, and score distributions of OUT's index."""
+    import json
+
+    from sdbatch.export import ExportError, load_index
+    from sdbatch.stats import job_stats, render
+    from sdbatch.storage import StorageError, open_storage
+
+    try:
+        result = job_stats(*load_index(open_storage(out_location, endpoint_url=s3_endpoint)))
+    except (ExportError, StorageError) as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        stdout.print(render(result), markup=False, soft_wrap=True)
+
+
+@command(epilog="")
+def grid(
+    out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
+    dest: Path = typer.Option(..., "--output", "-o", help="Local directory for the grid images."),
+    s3_endpoint: Optional[str] = EndpointOpt,
+) -> None:
+    """Draw one labelled X/Y grid image per prompt of a job built with `sdbatch manifest --grid`."""
+    from sdbatch.export import ExportError, load_index
+    from sdbatch.grid import GridError, render_grids
+    from sdbatch.storage import StorageError, open_storage
+
+    try:
+        storage = open_storage(out_location, endpoint_url=s3_endpoint)
+        paths = render_grids(storage, load_index(storage)[0], dest)
+    except (ExportError, GridError, StorageError) as exc:
+        raise fail(str(exc)) from None
+    stdout.print(f"wrote {len(paths)} grid images to {dest}")
 
 
 command("validate", epilog="")(manifest_cli.validate)

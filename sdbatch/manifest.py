@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sdbatch.errors import BadInput
+from sdbatch.quality import QUALITY_COLUMN_TYPES
 from sdbatch.spec import SCHEDULERS, JobSpec
 
 
@@ -100,6 +101,7 @@ KNOWN_COLUMNS = (
 INDEX_RESULT_COLUMNS = (
     "shard", "batch_id", "batch_rows", "model_fingerprint", "device", "dtype", "torch_threads", "versions",
     "init_image_sha256", "status", "error", "key", "sha256", "bytes", "attempt", "worker", "generate_seconds",
+    *QUALITY_COLUMN_TYPES,
 )
 #: A passthrough column with one of these names would overwrite the index's own (say,
 #: ``status``), so validation refuses it.

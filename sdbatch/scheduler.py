@@ -411,7 +411,7 @@ class Driver:
         if self.lock is not None:
             self.lock.check()
         try:
-            index = merge_index(self.storage, passthrough_types(self.manifest))
+            index = merge_index(self.storage, passthrough_types(self.manifest), self.spec.scoring.duplicate_max_distance)
         except CorruptCommit as exc:  # not a commit after all: the next run regenerates the shard
             self.storage.delete(metadata_key(exc.shard_name))
             raise JobFailed(f"{exc}: removed it, so the next run generates that shard again") from None
@@ -423,6 +423,7 @@ class Driver:
             "rows_in_index": index.rows,
             "rows_ok": index.rows - failed_total,
             "rows_failed": failed_total,
+            "rows_duplicate": index.duplicates,
             "rows_generated_this_run": rows_ok,
             "shards_skipped": skipped,
             "wall_seconds_this_run": round(wall, 2),

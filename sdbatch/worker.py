@@ -49,10 +49,12 @@ from sdbatch.output import (
 )
 from sdbatch.plan import ShardSpec, batch_id, canonical_batches
 from sdbatch.policy import ShardResult
+from sdbatch.quality import measure_image
 from sdbatch.spec import JobSpec
 from sdbatch.storage import NotFound, Storage, StorageConfigError, StorageError, TooLarge, open_storage, read_uri
 
 if TYPE_CHECKING:  # the driver imports this module; only the actor needs torch
+    from sdbatch.clip_score import ClipScorer
     from sdbatch.generate import Generator
 
 log = logging.getLogger("sdbatch.worker")
@@ -147,8 +149,10 @@ class ShardRunner:
         spec: JobSpec,
         worker_name: str = "",
         endpoint_url: str | None = None,
+        scorer: ClipScorer | None = None,
     ):
         self.generator = generator
+        self.scorer = scorer
         self.storage = storage
         self.spec = spec
         self.worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
@@ -188,17 +192,21 @@ class ShardRunner:
         except (OSError, ValueError, SyntaxError) as exc:  # what Pillow raises for unreadable or truncated images
             raise RowError(f"{where}: {describe(exc)}; fix: replace it with a readable PNG, JPEG or WebP file") from None
 
-    def _store_image(self, shard: ShardSpec, row: Row, image: Image.Image, record: dict) -> tuple[str, str, int, bool, bytes]:
+    def _store_image(
+        self, shard: ShardSpec, row: Row, image: Image.Image, record: dict
+    ) -> tuple[str, str, int, bool, bytes, dict[str, Any]]:
+        """Encode and store one image; also measures its quality columns while its pixels are here."""
         try:
+            quality = measure_image(image, self.spec.scoring.blank_max_std)
             out = self.spec.output
             data = encode.encode_image(
                 image, record, fmt=out.image_format, png_compress_level=out.png_compress_level, quality=out.quality
             )
             if out.format == "webdataset":
-                return "", hashlib.sha256(data).hexdigest(), len(data), True, data
+                return "", hashlib.sha256(data).hexdigest(), len(data), True, data, quality
             key = image_key(shard.name, row.id, encode.extension(out.image_format))
             put = self.storage.put_new(key, data)
-            return key, put.sha256, put.size, put.created, b""
+            return key, put.sha256, put.size, put.created, b"", quality
         finally:
             self._in_flight.release()
 
@@ -278,11 +286,12 @@ class ShardRunner:
                     images = []
                 per_row = (time.perf_counter() - t0) / max(1, len(good))
                 batch_rows = [r.id for r in good]
-                for row, image in zip(good, images):
+                scores = self.scorer.score([r.prompt for r in good], images) if self.scorer and good else [None] * len(good)
+                for row, image, score in zip(good, images, scores):
                     record = image_record(row, shard, bid, batch_rows, self.generator, init_hashes[row.id])
                     self._in_flight.acquire()
                     future = self.pool.submit(self._store_image, shard, row, image, record)
-                    stored.append((row, {**record, "generate_seconds": per_row}, future))
+                    stored.append((row, {**record, "generate_seconds": per_row}, future, score))
             if on_batch:
                 on_batch(len(good), len(batch) - len(good))
         result.generate_seconds = time.perf_counter() - generate_started
@@ -290,9 +299,9 @@ class ShardRunner:
         webdataset = self.spec.output.format == "webdataset"
         ext = encode.extension(self.spec.output.image_format)
         tar_members: list[tuple[str, bytes, bytes]] = []
-        for row, record, future in stored:
+        for row, record, future, score in stored:
             try:
-                key, sha, size, created, data = future.result()  # re-raises storage errors → shard retried
+                key, sha, size, created, data, quality = future.result()  # re-raises storage errors → shard retried
             except encode.MetadataTooLarge as exc:
                 fail_row(row, f"row {row.id}: {describe(exc)}; fix: shorten its prompt or passthrough columns, "
                               "or use --image-format png")
@@ -308,6 +317,7 @@ class ShardRunner:
                 index_row(
                     record, row, shard.name, status=STATUS_OK, error=None, key=key, sha256=sha, bytes=size,
                     attempt=attempt, worker=self.worker_name, generate_seconds=record["generate_seconds"],
+                    clip_score=score, **quality,
                 )
             )
             result.rows_ok += 1
@@ -395,7 +405,12 @@ class WorkerActor:
             max_attempts=spec.retries.storage_attempts,
             max_pool_connections=spec.resources.upload_threads,
         )
-        self.runner = ShardRunner(generator, storage, spec, endpoint_url=endpoint_url)
+        scorer = None
+        if spec.scoring.clip_model:
+            from sdbatch.clip_score import ClipScorer
+
+            scorer = ClipScorer.load(spec.scoring.clip_model, device=generator.info.device, endpoint_url=endpoint_url)
+        self.runner = ShardRunner(generator, storage, spec, endpoint_url=endpoint_url, scorer=scorer)
         self.feed = ShardFeed(manifest, spec, self.runner.load_init_images, endpoint_url)
         self.tracker = tracker
 
