@@ -220,7 +220,8 @@ def submit(
     rate = outcome.rows_generated / wall if wall > 0 else 0.0
     stdout.print(
         f"{outcome.rows_generated} images generated this run ({outcome.rows_failed} rows failed, "
-        f"{plural(outcome.shards_skipped, 'shard')} already committed) in {wall:.1f} s, {rate:.2f} images/s → {storage.url}"
+        f"{plural(outcome.shards_skipped, 'shard')} already committed) in {wall:.1f} s, {rate:.2f} images/s, "
+        f"batches {outcome.batch_fill:.0%} full → {storage.url}"
     )
     if outcome.exit_code:
         raise fail(outcome.message, outcome.exit_code)
@@ -271,7 +272,6 @@ def status(
 
     from sdbatch.lock import lock_is_stale
     from sdbatch.output import JOB_KEY, LOCK_KEY, PROGRESS_KEY, SUCCESS_KEY, committed_shards, failed_rows_text, read_json
-    from sdbatch.plan import num_shards
     from sdbatch.progress import eta_text
     from sdbatch.storage import open_storage
 
@@ -283,9 +283,8 @@ def status(
     success = read_json(storage, SUCCESS_KEY)
     lock = read_json(storage, LOCK_KEY)
     committed = len(committed_shards(storage))
-    rps = job["spec"]["resources"]["rows_per_shard"]
     total = job["manifest"]["num_rows"]
-    shards_total = num_shards(total, rps)
+    shards_total = progress.get("shards_total", "?")  # the plan needs the manifest; its driver wrote it
     state = "finished" if success else progress.get("state", "not started")
     driver_alive = lock is not None and not lock_is_stale(lock)
     if state == "running" and not driver_alive:  # progress.json's last word came from a driver that died

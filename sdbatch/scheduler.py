@@ -28,7 +28,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 import sdbatch
 from sdbatch.errors import EXIT_OK, EXIT_ROWS_FAILED, EXIT_SHARDS_FAILED, EXIT_STOPPED, BadInput, JobFailed
 from sdbatch.lock import JobLock
-from sdbatch.manifest import Manifest, passthrough_types
+from sdbatch.manifest import Manifest, iter_batch_keys, passthrough_types
 from sdbatch.output import (
     SUCCESS_KEY,
     STATUS_FAILED,
@@ -43,7 +43,7 @@ from sdbatch.output import (
     read_shard_index,
     write_json,
 )
-from sdbatch.plan import num_shards, pending_shards, shard
+from sdbatch.plan import Plan, key_codes, make_plan
 from sdbatch.policy import FINISHED, STOPPED, Schedule, ShardResult, Work
 from sdbatch.progress import ProgressFeed, plural, utc_now
 from sdbatch.spec import JobSpec
@@ -80,6 +80,15 @@ class ProgressTracker:
 
     def snapshot(self) -> tuple[dict[str, list[Any]], float]:
         return self.shards, self.slowest_batch
+
+
+def job_plan(manifest: Manifest, spec: JobSpec) -> Plan:
+    """The job's shards and batches: reads every row's batch key (skipped for a manifest with
+    no batch-key column) and plans them with ``plan.make_plan``."""
+    keys = iter_batch_keys(manifest, spec)
+    codes = key_codes(keys) if keys is not None else None
+    res = spec.resources
+    return make_plan(manifest.num_rows, res.rows_per_shard, res.batch_size, codes)
 
 
 def connect_ray(address: str | None) -> None:
@@ -147,6 +156,7 @@ class JobOutcome:
     shards_failed: list[str]
     wall_seconds: float
     message: str
+    batch_fill: float  # the plan's mean rows per batch ÷ batch size
 
 
 class WorkerStartError(BadInput, RuntimeError):
@@ -193,9 +203,12 @@ class Driver:
 
     def run(self) -> JobOutcome:
         started = time.monotonic()
-        total_rows, rps = self.manifest.num_rows, self.spec.resources.rows_per_shard
+        total_rows = self.manifest.num_rows
         committed = committed_shards(self.storage)
-        work = [Work(s) for s in pending_shards(total_rows, rps, committed)]
+        self.plan = plan = job_plan(self.manifest, self.spec)
+        log.info("planned %d shards, %d batches (mean %.1f rows per batch of %d)", plan.num_shards,
+                 plan.num_batches, plan.batch_fill * plan.batch_size, plan.batch_size)
+        work = [Work(s) for s in plan.pending(committed)]
         if self.retry_failed or self.repair:
             work.extend(self._rows_work(committed))
         skipped = len(committed)
@@ -207,11 +220,11 @@ class Driver:
         )
         connect_ray(self.address)
         log.info("%s to generate, %d already committed", plural(len(work), "shard"), skipped)
-        done_before = sum(shard(int(n), total_rows, rps).num_rows for n in committed if int(n) < num_shards(total_rows, rps))
+        done_before = sum(plan.shard(int(n)).num_rows for n in committed if int(n) < plan.num_shards)
         done_before -= sum(len(w.retry_ids) for w in work if w.retry_ids)  # counted again once regenerated ("9/8 done")
         progress = ProgressFeed(
             self.storage, total_rows=total_rows, rows_already_done=done_before,
-            shards_total=num_shards(total_rows, rps), shards_committed=skipped, interactive=self.interactive,
+            shards_total=plan.num_shards, shards_committed=skipped, interactive=self.interactive,
         )
         # pinned to the driver's node: losing a worker node must not take the tracker with it
         self.tracker = ProgressTracker.options(
@@ -248,7 +261,7 @@ class Driver:
         else:
             code = EXIT_STOPPED if verdict.state == STOPPED else EXIT_SHARDS_FAILED
             outcome = JobOutcome(code, total_rows, schedule.rows_ok, schedule.rows_failed, skipped,
-                                 schedule.failed_shards, time.monotonic() - started, verdict.message)
+                                 schedule.failed_shards, time.monotonic() - started, verdict.message, plan.batch_fill)
         progress.close(verdict.state)
         return outcome
 
@@ -379,8 +392,7 @@ class Driver:
                     ids.setdefault(name, set()).update(failed)
         if self.repair:
             ids = self._flagged_rows(ids)
-        rps = self.spec.resources.rows_per_shard
-        work = [Work(shard(int(name), self.manifest.num_rows, rps), retry_ids=frozenset(rows))
+        work = [Work(self.plan.shard(int(name)), retry_ids=frozenset(rows))
                 for name, rows in sorted(ids.items(), key=lambda item: int(item[0]))]
         if work:  # the job is no longer finished until the regenerated rows are committed
             log.info("regenerating %s of %s", plural(sum(len(w.retry_ids or ()) for w in work), "row"), plural(len(work), "shard"))
@@ -407,7 +419,8 @@ class Driver:
         previous = read_json(self.storage, SUCCESS_KEY) if rows_ok == rows_failed == 0 else None
         if previous is not None:  # a finished job run again: leave its record alone
             code = EXIT_ROWS_FAILED if previous.get("rows_failed") else EXIT_OK
-            return JobOutcome(code, self.manifest.num_rows, 0, 0, skipped, [], time.monotonic() - started, message)
+            return JobOutcome(code, self.manifest.num_rows, 0, 0, skipped, [], time.monotonic() - started, message,
+                              self.plan.batch_fill)
         if self.lock is not None:
             self.lock.check()
         try:
@@ -429,6 +442,9 @@ class Driver:
             "wall_seconds_this_run": round(wall, 2),
             "images_per_second_this_run": round(rows_ok / wall, 3) if wall > 0 else None,
             "failed_rows": index.first_failed,
+            "batches": self.plan.num_batches,
+            "batch_size": self.plan.batch_size,
+            "batch_fill": round(self.plan.batch_fill, 4),
             "fingerprint": self.job["fingerprint"],
             "finished_at": utc_now(),
             "sdbatch_version": sdbatch.__version__,
@@ -438,7 +454,7 @@ class Driver:
         if failed_total:
             message = (f"{failed_total} rows failed permanently (status=failed in index.parquet; the first ones below); "
                        "fix them, then rerun with --retry-failed\n" + failed_rows_text(index.first_failed))
-        return JobOutcome(code, total, rows_ok, rows_failed, skipped, [], wall, message)
+        return JobOutcome(code, total, rows_ok, rows_failed, skipped, [], wall, message, self.plan.batch_fill)
 
 
 def _short(exc: BaseException) -> str:

@@ -52,6 +52,9 @@ class ModelSpec(_Section):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto = float16 on cuda, float32 on cpu"
     )
+    compile: bool = Field(
+        False, description="torch.compile the UNet (warmed up per batch shape; recorded, as it can change the low bits)"
+    )
 
 
 class RowDefaults(_Section):
@@ -147,10 +150,12 @@ class JobSpec(_Section):
             "seed": self.seed,
             "model": self.model.name,
             "dtype": self.model.dtype,
+            "compile": self.model.compile,
             "defaults": self.defaults.model_dump(),
             "output": self.output.model_dump(),
             "batch_size": self.resources.batch_size,
             "rows_per_shard": self.resources.rows_per_shard,
+            "planner": 2,  # 2: shards grouped by batch key (plan.make_plan); 1 was contiguous ranges
             # the worker writes these columns into each shard's commit (duplicates are redone at merge)
             "scoring": {"clip_model": self.scoring.clip_model, "blank_max_std": self.scoring.blank_max_std},
         }

@@ -227,7 +227,7 @@ def test_blank_images_are_flagged_and_near_uniform_twins_share_a_phash(tmp_path)
     from sdbatch.generate import Generator
     from sdbatch.manifest import open_manifest, passthrough_types, read_rows
     from sdbatch.output import claim_job, job_record, merge_index
-    from sdbatch.plan import shard
+    from sdbatch.plan import ShardSpec
     from sdbatch.stats import job_stats
     from sdbatch.spec import load_spec
     from sdbatch.storage import LocalStorage
@@ -240,7 +240,7 @@ def test_blank_images_are_flagged_and_near_uniform_twins_share_a_phash(tmp_path)
         {"id": "g1", "prompt": "a red circle", "seed": 1}, {"id": "g2", "prompt": "a blue square", "seed": 2}])))
     storage = LocalStorage(tmp_path / "out")
     claim_job(storage, job_record(spec, source, None))
-    ShardRunner(Generator.load(str(model)), storage, spec).run_shard(shard(0, 2, 64), read_rows(source, spec, 0, 2))
+    ShardRunner(Generator.load(str(model)), storage, spec).run_shard(ShardSpec(0, range(2)), read_rows(source, spec, 0, 2))
     assert job_stats(*job_index(storage))["duplicates"] is None  # not merged yet: not known
     assert merge_index(storage, passthrough_types(source)).duplicates == 1
     rows = {r["id"]: r for r in load_index(tmp_path / "out")}
