@@ -161,7 +161,7 @@ class RaisingGenerator:
 
 def run_one_shard(generator, tmp_path: Path, rows: list[dict], attempt: int = 1, **overrides):
     from sdbatch.manifest import open_manifest, read_rows
-    from sdbatch.plan import shard
+    from sdbatch.plan import ShardSpec
     from sdbatch.spec import load_spec
     from sdbatch.storage import LocalStorage
     from sdbatch.worker import ShardRunner
@@ -169,8 +169,8 @@ def run_one_shard(generator, tmp_path: Path, rows: list[dict], attempt: int = 1,
     spec = load_spec(None, [], {"model.name": "builtin:tiny", "defaults.steps": 2, "resources.batch_size": 2, **overrides})
     source = open_manifest(str(write_manifest(tmp_path / "m.parquet", rows)))
     storage = LocalStorage(tmp_path / "out")
-    s = shard(0, source.num_rows, spec.resources.rows_per_shard)
-    result = ShardRunner(generator, storage, spec).run_shard(s, read_rows(source, spec, s.start, s.stop), attempt)
+    s = ShardSpec(0, range(source.num_rows))
+    result = ShardRunner(generator, storage, spec).run_shard(s, read_rows(source, spec, 0, source.num_rows), attempt)
     return result, {r["id"]: r for r in pq.read_table(tmp_path / "out" / "metadata" / "00000.parquet").to_pylist()}
 
 
