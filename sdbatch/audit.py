@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdbatch import encode
 from sdbatch.columns import BATCH_KEY, COLUMN, COLUMNS, KNOWN_COLUMNS, record_parameters
+from sdbatch.errors import BadInput
 from sdbatch.manifest import RESERVED_COLUMNS, Row
 from sdbatch.output import (
     INDEX_KEY,
@@ -61,7 +62,7 @@ __all__ = [
 IMAGE_PREFIXES = ("images/", "shards/")
 
 
-class AuditError(ValueError):
+class AuditError(BadInput, ValueError):
     """Bad input for an audit (no job at OUT, unknown row id, a row that cannot be rebuilt)."""
 
 

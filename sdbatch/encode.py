@@ -81,6 +81,10 @@ _UC_JIS = b"JIS\x00\x00\x00\x00\x00"
 _UC_UNDEFINED = b"\x00" * 8
 _JPEG_MAX_EXIF = 65533
 
+
+class MetadataTooLarge(ValueError):
+    """A record that the image format's metadata segment cannot hold."""
+
 # A1111's params regex (modules/infotext_utils.py): key, then a quoted or unquoted value.
 _RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _RE_SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
@@ -330,7 +334,7 @@ def encode_image(
 
     if f == "jpeg":
         if len(exif_bytes) > _JPEG_MAX_EXIF:
-            raise ValueError(
+            raise MetadataTooLarge(
                 f"metadata too large for a JPEG EXIF segment ({len(exif_bytes)} > {_JPEG_MAX_EXIF} bytes);"
                 " use png or webp for this record"
             )

@@ -41,6 +41,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
 from sdbatch.columns import SAMPLERS, SCHEDULERS
+from sdbatch.errors import BadInput
 from sdbatch.manifest import Row
 from sdbatch.models import GeneratedBatch, fingerprint_model_dir, local_model_dir
 
@@ -54,7 +55,7 @@ transformers.utils.logging.disable_progress_bar()
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
-class ModelError(ValueError):
+class ModelError(BadInput, ValueError):
     """The model cannot be used: the message names the model and the fix."""
 
 

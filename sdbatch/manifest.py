@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sdbatch.columns import BATCH_KEY, COLUMN, COLUMNS, DEFAULTED, KNOWN_COLUMNS, SCHEDULERS, Column, suggest
+from sdbatch.errors import BadInput
 from sdbatch.quality import QUALITY_COLUMN_TYPES
 from sdbatch.spec import JobSpec
 from sdbatch.storage import TMP_MARK
@@ -86,7 +87,7 @@ MAX_SEED = 2**63  # seeds are 0 <= seed < MAX_SEED (they fit int64 and torch.man
 _GLOB_CHARS = "*?["
 
 
-class ManifestError(ValueError):
+class ManifestError(BadInput, ValueError):
     """A manifest that cannot be read at all (missing, not Parquet, empty, no prompt column).
 
     Row-level problems are not raised: ``validate_manifest`` reports them as ``RowIssue``s.
@@ -298,7 +299,16 @@ def open_manifest(source: str) -> Manifest:
     its complete Parquet footer (schema, row groups, column statistics) instead.
     """
     source = str(source)
-    files, base_dir = _list_remote(source) if _is_uri(source) else _list_local(source)
+    if _is_uri(source):
+        try:
+            files, base_dir = _list_remote(source)
+        except OSError as exc:  # pyarrow's S3 errors: endpoint unreachable, access denied, no bucket
+            raise ManifestError(
+                f"manifest {source}: cannot list or read it ({type(exc).__name__}: {exc}); fix: check the URI, "
+                "the endpoint (--s3-endpoint or AWS_ENDPOINT_URL) and the credentials"
+            ) from None
+    else:
+        files, base_dir = _list_local(source)
     columns: tuple[str, ...] | None = None
     schema: pa.Schema | None = None
     file_rows: list[int] = []

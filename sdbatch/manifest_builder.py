@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from sdbatch.columns import KNOWN_COLUMNS, arrow_types
+from sdbatch.errors import BadInput
 from sdbatch.manifest import MAX_SEED, default_row_id
 
 MAX_ROWS = 100_000_000  # a guard against typos such as --seeds 0-9999999999
@@ -39,7 +40,7 @@ _NAME_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.S)
 _COLUMN_TYPES: dict[str, pa.DataType] = arrow_types()
 
 
-class ManifestBuildError(ValueError):
+class ManifestBuildError(BadInput, ValueError):
     """Bad input to ``sdbatch manifest``; the message says what to change."""
 
 

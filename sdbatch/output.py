@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -31,10 +32,13 @@ import pyarrow.parquet as pq
 
 import sdbatch
 from sdbatch.columns import arrow_types
+from sdbatch.errors import BadInput, JobFailed
 from sdbatch.manifest import Manifest
 from sdbatch.quality import QUALITY_COLUMN_TYPES, mark_duplicates
 from sdbatch.spec import JobSpec, fingerprint
 from sdbatch.storage import NotFound, Storage
+
+log = logging.getLogger("sdbatch.output")
 
 JOB_KEY = "_sdbatch/job.json"
 LOCK_KEY = "_sdbatch/lock.json"
@@ -49,7 +53,7 @@ STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 
 
-class OutputMismatch(ValueError):
+class OutputMismatch(BadInput, ValueError):
     """OUT already holds a different job."""
 
 
@@ -71,12 +75,10 @@ def webdataset_key(row_id: str) -> str:
 
 
 def committed_shards(storage: Storage) -> set[str]:
-    """Names of committed shards, from a listing of metadata/ only."""
-    return {
-        key[len(METADATA_PREFIX) : -len(".parquet")]
-        for key in storage.list(METADATA_PREFIX)
-        if key.endswith(".parquet")
-    }
+    """Names of committed shards, from a listing of metadata/ only. Only ``NNNNN.parquet``
+    is a commit: another file there (a ``summary.parquet`` some tool left) is not a shard."""
+    names = (key[len(METADATA_PREFIX) : -len(".parquet")] for key in storage.list(METADATA_PREFIX) if key.endswith(".parquet"))
+    return {name for name in names if name.isdigit()}
 
 
 def build_webdataset_tar(members: list[tuple[str, bytes, bytes]], image_ext: str) -> bytes:
@@ -137,8 +139,21 @@ def commit_shard(
     return storage.replace_if(metadata_key(shard_name), data, replacing.tag) is not None
 
 
+class CorruptCommit(JobFailed):
+    """A shard's commit that is not readable Parquet (truncated, overwritten by another tool)."""
+
+    def __init__(self, shard_name: str, cause: Exception):
+        super().__init__(f"{metadata_key(shard_name)} is not a readable shard index ({type(cause).__name__}: "
+                         f"{cause}): shard {shard_name} is treated as uncommitted")
+        self.shard_name = shard_name
+
+
 def read_shard_index(storage: Storage, shard_name: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.get(metadata_key(shard_name))))
+    data = storage.get(metadata_key(shard_name))
+    try:
+        return pq.read_table(io.BytesIO(data))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise CorruptCommit(shard_name, exc) from None
 
 
 def _committed_index(storage: Storage) -> pa.Table:
@@ -187,7 +202,16 @@ def _write_row_group(writer: pq.ParquetWriter, tables: list[pa.Table]) -> None:
 class IndexSummary:
     rows: int
     rows_failed: int
+    first_failed: list[dict[str, str]]  # {"id", "error"} of the first FAILED_ROWS_SHOWN failed rows
     duplicates: int = 0
+
+
+FAILED_ROWS_SHOWN = 10  # failed rows listed at the end of a job and by `sdbatch status`
+
+
+def failed_rows_text(failed_rows: list[dict[str, str]]) -> str:
+    """The listing of failed rows the console and ``sdbatch status`` show, one per line."""
+    return "\n".join(f"  {row['id']}: {row['error']}" for row in failed_rows)
 
 
 def merge_index(storage: Storage, passthrough_types: dict[str, pa.DataType], duplicate_max_distance: int = 0) -> IndexSummary:
@@ -199,6 +223,7 @@ def merge_index(storage: Storage, passthrough_types: dict[str, pa.DataType], dup
     names = sorted(committed_shards(storage), key=int)
     schema = index_schema(passthrough_types)
     rows = failed = 0
+    first_failed: list[dict[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="sdbatch-index-") as tmp, ThreadPoolExecutor(MERGE_READ_AHEAD) as pool:
         path = Path(tmp) / INDEX_KEY
         with pq.ParquetWriter(path, schema, compression="zstd") as writer:
@@ -207,7 +232,9 @@ def merge_index(storage: Storage, passthrough_types: dict[str, pa.DataType], dup
                 for table in pool.map(partial(read_shard_index, storage), names[start:start + MERGE_READ_AHEAD]):
                     group.append(_conform(table, schema))
                     rows += table.num_rows
-                    failed += pc.sum(pc.equal(table.column("status"), STATUS_FAILED)).as_py() or 0
+                    failures = table.filter(pc.equal(table.column("status"), STATUS_FAILED))
+                    failed += failures.num_rows
+                    first_failed += failures.select(["id", "error"]).slice(0, FAILED_ROWS_SHOWN - len(first_failed)).to_pylist()
                     if sum(t.num_rows for t in group) >= MERGE_ROW_GROUP_ROWS:
                         _write_row_group(writer, group)
                         group = []
@@ -216,7 +243,7 @@ def merge_index(storage: Storage, passthrough_types: dict[str, pa.DataType], dup
         marked = Path(tmp) / f"marked-{INDEX_KEY}"
         duplicates = mark_duplicates(path, marked, duplicate_max_distance)
         storage.put_file(INDEX_KEY, marked)
-    return IndexSummary(rows=rows, rows_failed=failed, duplicates=duplicates)
+    return IndexSummary(rows=rows, rows_failed=failed, first_failed=first_failed, duplicates=duplicates)
 
 
 def read_index(storage: Storage) -> tuple[pa.Table, int | None]:
@@ -225,13 +252,42 @@ def read_index(storage: Storage) -> tuple[pa.Table, int | None]:
     try:
         return pq.read_table(io.BytesIO(storage.get(INDEX_KEY))), None
     except NotFound:
-        table = _committed_index(storage)
-        return table, len(table.column("shard").unique()) if table.num_rows else 0
+        pass
+    except (pa.ArrowInvalid, OSError) as exc:  # a merge cut short: the commits still hold every row
+        log.warning("%s is not readable Parquet (%s: %s): reading the shard commits instead; rerun "
+                    "`sdbatch submit` to rewrite it", INDEX_KEY, type(exc).__name__, exc)
+    table = _committed_index(storage)
+    return table, len(table.column("shard").unique()) if table.num_rows else 0
+
+
+class CorruptState(BadInput):
+    """One of OUT's job-state files is not the JSON sdbatch wrote (truncated, edited, another tool's)."""
+
+
+#: How to recover from each job-state file being unreadable.
+_RECOVERY = {
+    JOB_KEY: "it records which job OUT holds: restore it, or start over with `sdbatch submit … --new-run`",
+    LOCK_KEY: "it is the driver's lease: once no driver is running, remove it with `sdbatch unlock OUT --force`",
+    PROGRESS_KEY: "it is only a progress snapshot: delete it, the next run rewrites it",
+    SUCCESS_KEY: "it is the finished job's summary: delete it and rerun the same command to rewrite it",
+}
+
+
+def parse_json(storage: Storage, key: str, data: bytes) -> dict[str, Any]:
+    """A job-state document's content, or CorruptState naming the file and the recovery."""
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:
+        doc = exc
+    if not isinstance(doc, dict):
+        raise CorruptState(f"{storage.url}/{key} is corrupt (not a JSON object: {str(doc)[:80]}); "
+                           f"{_RECOVERY.get(key, 'delete it')}")
+    return doc
 
 
 def read_json(storage: Storage, key: str) -> dict[str, Any] | None:
     try:
-        return json.loads(storage.get(key))
+        return parse_json(storage, key, storage.get(key))
     except NotFound:
         return None
 

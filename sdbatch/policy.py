@@ -3,9 +3,10 @@
 ``Schedule`` holds the queue of work (a shard, or the failed rows of a committed shard, with
 its attempt number) and decides, from plain facts the Ray driver reports to it:
 
-- a shard task that failed, or the shard a worker was running when it died or hung, is charged
-  one attempt and goes back to the front of the queue, until ``max_attempts`` — then the
-  shard is failed for this run;
+- a shard task that failed transiently, or the shard a worker was running when it died or
+  hung, is charged one attempt and goes back to the front of the queue, until
+  ``max_attempts`` — then the shard is failed for this run; a deterministic error fails it at
+  once (``give_up``): another attempt would fail the same way;
 - shards queued behind on a worker that is lost go back uncharged: they never started;
 - at the deadline no more work is handed out: the queue is left for a rerun, and a shard a
   worker returns ``deferred`` (it reached the worker after the deadline) is counted with it;
@@ -137,6 +138,7 @@ class Schedule:
         self.hang_timeout_s = hang_timeout_s  # None: derived from the batch times measured
         self.deadline_passed = False
         self.failed_shards: list[str] = []
+        self.errors: dict[str, str] = {}  # failed shard -> its last error
         self.shards_left = 0  # not started because of the deadline; a rerun does them
         self.shards_committed = shards_committed
         self.rows_ok = self.rows_failed = 0
@@ -183,16 +185,22 @@ class Schedule:
         """Charge ``work`` one attempt: requeue it at the front, or fail its shard for this run."""
         if work.attempt >= self.max_attempts:
             log.error("shard %s failed on all %d attempts; last error: %s", work.shard.name, work.attempt, error)
-            self.failed_shards.append(work.shard.name)
+            self.give_up(work, error)
         else:
             self.queue.appendleft(work.again(charged=True))
 
-    def worker_lost(self, inflight: list[Work], error: str) -> None:
+    def give_up(self, work: Work, error: str) -> None:
+        """Fail ``work``'s shard for this run (a rerun tries it again)."""
+        self.failed_shards.append(work.shard.name)
+        self.errors[work.shard.name] = error
+
+    def worker_lost(self, inflight: list[Work], error: str, charge_head: bool = True) -> None:
         """A worker died or was replaced with ``inflight`` handed to it, the first running:
-        that one is charged, the ones queued behind it go back uncharged."""
-        for work in reversed(inflight[1:]):
+        that one is charged (unless ``charge_head`` is False: its failure was charged already
+        and it is not in ``inflight``), the ones queued behind it go back uncharged."""
+        for work in reversed(inflight[1:] if charge_head else inflight):
             self.queue.appendleft(work.again(charged=False))
-        if inflight:
+        if charge_head and inflight:
             self.attempt_failed(inflight[0], error)
 
     # -- the watchdog ----------------------------------------------------------------------
@@ -211,6 +219,8 @@ class Schedule:
             return Verdict(STOPPED, f"stopped at the deadline with {self.shards_left} shards left; "
                                     "run the same command again to resume")
         if self.failed_shards:
-            return Verdict(INCOMPLETE, f"shards {', '.join(sorted(self.failed_shards))} failed on every attempt "
-                                       "(see the log for their last error); run the same command again to retry them")
+            errors = "; ".join(f"{name}: {self.errors[name]}" for name in sorted(self.failed_shards)[:5])
+            return Verdict(INCOMPLETE, f"shards {', '.join(sorted(self.failed_shards))} failed on every attempt they "
+                                       f"were given (a deterministic error gets one) — {errors}; run the same command "
+                                       "again to retry them")
         return Verdict(FINISHED, "")

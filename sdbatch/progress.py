@@ -22,6 +22,24 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def local_time(epoch: float) -> str:
+    """An epoch time as a reader wants it: local clock time with its zone."""
+    return datetime.fromtimestamp(epoch).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def eta_text(seconds: float | None) -> str:
+    """``ETA 4m 05s``; ``ETA unknown`` before the first image gives a rate."""
+    if seconds is None:
+        return "ETA unknown"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"ETA {hours}h {minutes:02d}m" if hours else f"ETA {minutes}m {secs:02d}s" if minutes else f"ETA {secs}s"
+
+
 class ProgressFeed:
     """Counts rows of this run on top of what OUT already held, shows them, and snapshots
     them to storage every ``write_every`` seconds (a failed write is logged, never fatal)."""
@@ -108,8 +126,8 @@ class ProgressFeed:
             self._last_log = now
             snap = self.snapshot()
             log.info(
-                "%d/%d rows done, %d failed, %.2f img/s, ETA %s s",
-                snap["rows_done"], self.total, failed, snap["images_per_second"], snap["eta_seconds"],
+                "%d/%d rows done, %d failed, %.2f img/s, %s",
+                snap["rows_done"], self.total, failed, snap["images_per_second"], eta_text(snap["eta_seconds"]),
             )
         if now - self._last_write >= self.write_every:
             self.write()

@@ -20,8 +20,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from sdbatch.columns import DEFAULTED, SCHEDULERS, fingerprint_defaults, suggest
+from sdbatch.errors import BadInput
 
-class SpecError(ValueError):
+
+class SpecError(BadInput, ValueError):
     """A job spec that cannot be used; the message names the key and the fix."""
 
 
@@ -112,7 +114,10 @@ class LimitsSpec(_Section):
     max_steps: int = Field(200, ge=1)
     max_width: int = Field(2048, ge=64)
     max_height: int = Field(2048, ge=64)
-    max_pixels: int = Field(2048 * 2048, ge=64 * 64, description="width*height budget per image")
+    max_pixels: int = Field(2048 * 2048, ge=64 * 64, description="width*height budget per image, and per init image")
+    max_init_image_bytes: int = Field(
+        64 * 2**20, ge=1, description="an init image file larger than this fails its row (read no further)"
+    )
     max_guidance: float = Field(50.0, gt=0)
     max_errors_shown: int = Field(50, ge=1, description="bad rows listed by validate")
 

@@ -10,6 +10,12 @@ own batch, in ``batch_rows``); a row whose image came out NaN or black fails wit
 When every image is stored it writes the shard index — the commit. ``ShardFeed`` (Ray-free
 too) reads the worker's own rows from the manifest and reads the next shard ahead.
 ``WorkerActor`` only wires them to Ray.
+
+Failure classes (DESIGN §4): a problem of one row (its init image, its metadata) fails that
+row with an error naming the exception, the row and the fix; an exception the pipeline
+raises for a batch is retried once, on a fresh worker (``PipelineError``), and then fails that
+batch's rows; transient failures (storage outages, CUDA out of memory) propagate so the
+driver re-queues the shard; the other rows of the shard commit in every case.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from PIL import Image
 import sdbatch
 from sdbatch import encode
 from sdbatch.columns import record_parameters
+from sdbatch.errors import SdbatchError
 from sdbatch.manifest import INDEX_RESULT_COLUMNS, Manifest, ManifestReader, Row, passthrough_types
 from sdbatch.output import (
     STATUS_FAILED,
@@ -53,7 +60,7 @@ from sdbatch.plan import ShardSpec, batch_id, canonical_batches
 from sdbatch.policy import ShardResult
 from sdbatch.quality import measure_image
 from sdbatch.spec import JobSpec
-from sdbatch.storage import Storage, StorageError, open_storage, read_uri
+from sdbatch.storage import NotFound, Storage, StorageConfigError, StorageError, TooLarge, open_storage, read_uri
 
 if TYPE_CHECKING:  # the driver imports this module; only the actor needs torch
     import numpy as np
@@ -65,7 +72,27 @@ if TYPE_CHECKING:  # the driver imports this module; only the actor needs torch
 log = logging.getLogger("sdbatch.worker")
 
 BatchCallback = Callable[[int, int], None]  # (rows done, rows failed) since the last call
-InitImages = dict[str, Future]  # row id -> future of (image, sha256 of its bytes)
+InitImages = dict[str, Future]  # row id -> future of (image, sha256 of its bytes), or RowError
+
+
+class PipelineError(SdbatchError):
+    """The pipeline raised for one batch on a first attempt: the driver retries the shard on
+    a fresh worker, and a second failure fails that batch's rows only."""
+
+
+class RowError(Exception):
+    """One row cannot be generated (its init image, its metadata); the message says why and how to fix it."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth re-queueing: a storage outage, or the GPU out of memory (torch's
+    ``OutOfMemoryError``, named so this module needs no torch)."""
+    return (isinstance(exc, StorageError) and exc.transient) or type(exc).__name__ == "OutOfMemoryError"
+
+
+def describe(exc: BaseException) -> str:
+    """``Class: message`` — never a bare message (``scipy```) nor an object repr."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def image_record(
@@ -170,16 +197,36 @@ class ShardRunner:
         # bounds generated-but-unwritten images held in memory
         self._in_flight = threading.BoundedSemaphore(threads * 2)
 
-    def load_init_images(self, rows: list[Row]) -> dict[str, Future]:
+    def load_init_images(self, rows: list[Row]) -> InitImages:
         """Start reading each img2img row's init image; each future gives (image, sha256 hex
-        of the bytes read)."""
-        def load(uri: str) -> tuple[Image.Image, str]:
-            data = read_uri(uri, endpoint_url=self.endpoint_url)
-            image = Image.open(io.BytesIO(data))
-            image.load()
-            return image, hashlib.sha256(data).hexdigest()
+        of the bytes read) or raises RowError (or a transient StorageError)."""
+        return {r.id: self.pool.submit(self._load_init_image, r) for r in rows if r.is_img2img}
 
-        return {r.id: self.pool.submit(load, r.init_image) for r in rows if r.is_img2img}
+    def _load_init_image(self, row: Row) -> tuple[Image.Image, str]:
+        limits = self.spec.limits
+        where = f"row {row.id}: init_image {row.init_image!r}"
+        try:
+            data = read_uri(row.init_image, endpoint_url=self.endpoint_url, max_bytes=limits.max_init_image_bytes)
+            with Image.open(io.BytesIO(data)) as image:  # reads the header only
+                pixels = image.width * image.height
+                if pixels > limits.max_pixels:
+                    raise RowError(
+                        f"{where} is {image.width}x{image.height} = {pixels:,} pixels, over limits.max_pixels "
+                        f"({limits.max_pixels:,}); fix: downscale it, or raise limits.max_pixels"
+                    )
+                image.load()
+                return image.copy(), hashlib.sha256(data).hexdigest()
+        except StorageError as exc:
+            if exc.transient:
+                raise  # a storage outage is not the row's fault: retry the shard
+            raise RowError(f"{where}: {describe(exc)}; fix: {_init_image_fix(exc)}") from None
+        except Image.UnidentifiedImageError:  # its message is the repr of our BytesIO: say it plainly
+            raise RowError(f"{where}: UnidentifiedImageError: cannot identify the image format of its "
+                           f"{len(data):,} bytes; fix: replace it with a PNG, JPEG or WebP file") from None
+        except Image.DecompressionBombError as exc:
+            raise RowError(f"{where}: {describe(exc)}; fix: downscale the image (it decodes to too many pixels)") from None
+        except (OSError, ValueError, SyntaxError) as exc:  # what Pillow raises for unreadable or truncated images
+            raise RowError(f"{where}: {describe(exc)}; fix: replace it with a readable PNG, JPEG or WebP file") from None
 
     def _store_image(
         self, shard: ShardSpec, row: Row, pixels: np.ndarray, record: dict
@@ -235,34 +282,51 @@ class ShardRunner:
             init_images = self.load_init_images(rows)
         index_rows: list[dict[str, Any]] = []
         stored: list[tuple[Row, dict, Future]] = []
+
+        def fail_row(row: Row, error: str) -> None:
+            index_rows.append(index_row(None, row, shard.name, status=STATUS_FAILED, error=error, attempt=attempt, worker=self.worker_name))
+            result.rows_failed += 1
+
         generate_started = time.perf_counter()
         for number, batch in enumerate(canonical_batches(rows, self.spec.resources.batch_size)):
             failed_before = result.rows_failed
             good, images_in, init_hashes = [], [], {}
             for row in batch:
-                error = _init_image_error(init_images.get(row.id))
-                if error:
-                    index_rows.append(index_row(None, row, shard.name, status=STATUS_FAILED, error=error, attempt=attempt, worker=self.worker_name))
-                    result.rows_failed += 1
-                else:
-                    good.append(row)
+                try:
                     image_in, init_hashes[row.id] = init_images[row.id].result() if row.is_img2img else (None, None)
-                    images_in.append(image_in)
+                except RowError as exc:
+                    fail_row(row, str(exc))
+                    continue
+                good.append(row)
+                images_in.append(image_in)
             if good:
                 bid = batch_id(tar_name, number)
-                for part, generated, per_row in self._generate_fitting(good, images_in if good[0].is_img2img else None):
-                    batch_rows = [r.id for r in part]
-                    scores = (self.scorer.score([r.prompt for r in part], generated.images()) if self.scorer
-                              else [None] * len(part))
-                    for i, (row, score) in enumerate(zip(part, scores)):
-                        if generated.errors[i]:
-                            index_rows.append(index_row(None, row, shard.name, status=STATUS_FAILED, error=generated.errors[i], attempt=attempt, worker=self.worker_name))
-                            result.rows_failed += 1
-                            continue
-                        record = image_record(row, shard, bid, batch_rows, self.generator, init_hashes[row.id])
-                        self._in_flight.acquire()
-                        future = self.pool.submit(self._store_image, shard, row, generated.pixels[i], record)
-                        stored.append((row, {**record, "generate_seconds": per_row}, future, score))
+                handled: set[str] = set()  # rows of the parts generated before a pipeline exception
+                try:
+                    for part, generated, per_row in self._generate_fitting(good, images_in if good[0].is_img2img else None):
+                        batch_rows = [r.id for r in part]
+                        scores = (self.scorer.score([r.prompt for r in part], generated.images()) if self.scorer
+                                  else [None] * len(part))
+                        for i, (row, score) in enumerate(zip(part, scores)):
+                            if generated.errors[i]:
+                                index_rows.append(index_row(None, row, shard.name, status=STATUS_FAILED, error=generated.errors[i], attempt=attempt, worker=self.worker_name))
+                                result.rows_failed += 1
+                                continue
+                            record = image_record(row, shard, bid, batch_rows, self.generator, init_hashes[row.id])
+                            self._in_flight.acquire()
+                            future = self.pool.submit(self._store_image, shard, row, generated.pixels[i], record)
+                            stored.append((row, {**record, "generate_seconds": per_row}, future, score))
+                        handled.update(r.id for r in part)
+                except Exception as exc:  # noqa: BLE001 - any pipeline exception: retried once, then its rows fail
+                    if is_transient(exc):
+                        raise
+                    if attempt < min(2, self.spec.retries.shard_attempts):
+                        raise PipelineError(f"the pipeline raised for batch {bid} of shard {shard.name}: {describe(exc)}") from exc
+                    retried = "after a retry on a fresh worker" if attempt > 1 else "not retried: retries.shard_attempts=1"
+                    for row in good:
+                        if row.id not in handled:
+                            fail_row(row, f"row {row.id}: the pipeline raised {describe(exc)} for batch {bid} ({retried}); "
+                                          "fix: check this row's parameters and the model, then rerun with --retry-failed")
             if on_batch:
                 failed = result.rows_failed - failed_before
                 on_batch(len(batch) - failed, failed)
@@ -272,7 +336,12 @@ class ShardRunner:
         ext = encode.extension(self.spec.output.image_format)
         tar_members: list[tuple[str, bytes, bytes]] = []
         for row, record, future, score in stored:
-            key, sha, size, created, data, quality = future.result()  # re-raises storage errors → shard retried
+            try:
+                key, sha, size, created, data, quality = future.result()  # re-raises storage errors → shard retried
+            except encode.MetadataTooLarge as exc:
+                fail_row(row, f"row {row.id}: {describe(exc)}; fix: shorten its prompt or passthrough columns, "
+                              "or use --image-format png")
+                continue
             if webdataset:
                 wkey = webdataset_key(row.id)
                 record_json = json.dumps({k: v for k, v in record.items() if k != "generate_seconds"}, sort_keys=True)
@@ -316,18 +385,14 @@ class ShardRunner:
         return [(rows, generated, (time.perf_counter() - t0) / len(rows))]
 
 
-def _init_image_error(future: Future | None) -> str | None:
-    if future is None:
-        return None
-    try:
-        future.result()
-    except StorageError as exc:
-        if getattr(exc, "transient", False):
-            raise  # a storage outage is not the row's fault: retry the shard
-        return f"init_image unreadable: {exc}"
-    except (OSError, Image.UnidentifiedImageError, ValueError) as exc:
-        return f"init_image unreadable: {type(exc).__name__}: {exc}"
-    return None
+def _init_image_fix(exc: StorageError) -> str:
+    if isinstance(exc, TooLarge):
+        return "shrink the file, or raise limits.max_init_image_bytes"
+    if isinstance(exc, NotFound):
+        return "correct the path (absolute, or relative to the manifest), or clear init_image for this row"
+    if isinstance(exc, StorageConfigError):
+        return "make the file readable by the workers"
+    return "point init_image at a regular image file"
 
 
 class ShardFeed:

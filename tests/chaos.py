@@ -25,6 +25,8 @@ from typing import Any
 
 from faults import ENV_CHAOS
 
+from sdbatch.storage import StorageError
+
 
 class Chaos:
     def __init__(self, config: dict[str, Any]):
@@ -40,7 +42,7 @@ class Chaos:
     def before_shard(self, shard_name: str, attempt: int) -> None:
         if shard_name in self.config.get("fail_shards", ()):
             self._mark("fail", shard_name, attempt)
-            raise RuntimeError(f"injected failure of shard {shard_name}")
+            raise StorageError(f"injected failure of shard {shard_name}", transient=True)  # an outage: retried
         if shard_name in self.config.get("hang_shards", ()) and attempt == 1:
             self._mark("hang", shard_name, attempt)
             time.sleep(3600)

@@ -148,6 +148,6 @@ def test_index_column_types_cover_every_index_column():
 
 def test_merge_of_no_committed_shard_writes_an_empty_typed_index(tmp_path):
     storage = LocalStorage(tmp_path / "out")
-    assert merge_index(storage, {"label": pa.int32()}) == output.IndexSummary(rows=0, rows_failed=0)
+    assert merge_index(storage, {"label": pa.int32()}) == output.IndexSummary(rows=0, rows_failed=0, first_failed=[])
     index = pq.read_table(tmp_path / "out" / INDEX_KEY)
     assert index.num_rows == 0 and index.schema == index_schema({"label": pa.int32()})
