@@ -12,6 +12,7 @@ import atexit
 import logging
 import os
 import re
+import signal
 import sys
 import time
 import traceback
@@ -92,7 +93,7 @@ def parse_deadline(text: str, now: datetime | None = None) -> float:
 @app.command(epilog=EXIT_CODES_HELP)
 def submit(
     manifest: str = typer.Argument(..., help="Parquet manifest: a file, a directory of .parquet files, a glob or s3:// URI."),
-    out: str = typer.Option(..., "--out", "-o", help="Output location: a local directory or s3://bucket/prefix."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output location: a local directory or s3://bucket/prefix (default: the spec's output.location, else ./sdbatch-out/<manifest stem>/)."),
     spec_path: Optional[Path] = SpecOpt,
     sets: list[str] = SetOpt,
     model: Optional[str] = typer.Option(None, "--model", help="builtin:shapes (default), a diffusers folder, or s3://…"),
@@ -113,9 +114,11 @@ def submit(
     deadline: Optional[str] = typer.Option(None, "--deadline", help="Start no shard at or after HH:MM or a duration (90m, 2h); running shards finish, the rest wait for a rerun (exit 4)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Also regenerate rows that failed permanently in an earlier run."),
     new_run: bool = typer.Option(False, "--new-run", help="Start over: delete the job OUT holds (its images, metadata, index, _SUCCESS, _sdbatch state; no other file) and run this one there."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate, preflight storage and model, and print the plan (shards, batches, fill ratio, estimate); write nothing. Exit 0, or 2 if a real submit would be refused."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Validate MANIFEST, then generate every row's image into OUT (resuming what OUT holds)."""
+    """Validate MANIFEST, then generate every row's image into OUT (resuming what OUT holds),
+    and write OUT/report.html at the end. SIGTERM (``ray job stop``, ``kill``) stops like Ctrl-C."""
     setup_logging(verbose)
     use_endpoint(s3_endpoint)
     from sdbatch.manifest import ManifestError, open_manifest, validate_manifest
@@ -142,6 +145,8 @@ def submit(
         deadline_at = parse_deadline(deadline) if deadline else None
     except (SpecError, ValueError) as exc:
         raise fail(str(exc)) from None
+    out = out or spec.output.location or default_out(manifest)
+    stdout.print(f"output → {out}" + ("  (dry run: nothing is written)" if dry_run else ""), soft_wrap=True)
     try:
         source = open_manifest(manifest)
         report = validate_manifest(source, spec)
@@ -153,23 +158,36 @@ def submit(
     model_error = preflight_model(spec.model.name, s3_endpoint)
     if model_error:
         raise fail(model_error)
+    from sdbatch.models import local_model_fingerprint
+    from sdbatch.output import OutputMismatch, job_record
+
     try:
         storage = open_storage(
             out, endpoint_url=s3_endpoint, max_attempts=spec.retries.storage_attempts,
             max_pool_connections=spec.resources.upload_threads,
         )
-        storage.check_access()
+        if dry_run:
+            from sdbatch.dry_run import check_output, plan_job
+
+            check_output(storage)
+            job = job_record(spec, source, local_model_fingerprint(spec.model.name))
+            plan = plan_job(spec, source, storage, job, new_run=new_run, endpoint_url=s3_endpoint)
+        else:
+            storage.check_access()
     except StorageError as exc:
         raise fail(str(exc)) from None
-
-    from sdbatch.models import local_model_fingerprint
-    from sdbatch.output import OutputMismatch, job_record
+    if dry_run:
+        stdout.print(plan.render(), soft_wrap=True, markup=False)
+        if plan.refused:
+            raise typer.Exit(2)
+        return
 
     job = job_record(spec, source, local_model_fingerprint(spec.model.name))
     from sdbatch.lock import LockHeld
     from sdbatch.scheduler import EXIT_SHARDS_FAILED, WorkerStartError, run_job
 
     t0 = time.monotonic()
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         outcome = run_job(
             spec, source, storage, job, address=address, endpoint_url=s3_endpoint, deadline=deadline_at,
@@ -189,8 +207,25 @@ def submit(
         f"{outcome.rows_generated} images generated this run ({outcome.rows_failed} rows failed, "
         f"{outcome.shards_skipped} shards already committed) in {wall:.1f} s, {rate:.2f} images/s → {storage.url}"
     )
+    from sdbatch.report import write_report_quietly
+
+    report_url = write_report_quietly(storage)
+    if report_url:
+        stdout.print(f"report → {report_url}", soft_wrap=True)
     if outcome.exit_code:
         raise fail(outcome.message, outcome.exit_code)
+
+
+def default_out(manifest: str) -> str:
+    """``./sdbatch-out/<manifest stem>/``: a glob's or directory's stem is its last plain part."""
+    stem = Path(manifest.rstrip("/").split("?")[0]).stem.rstrip("*") or "manifest"
+    return str(Path("sdbatch-out") / stem)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM (``ray job stop``, Kubernetes, systemd) stops a run as Ctrl-C does: progress
+    closed as interrupted, the lock released, exit 130, resumable."""
+    raise KeyboardInterrupt
 
 
 def preflight_model(name: str, endpoint_url: str | None) -> str | None:
@@ -217,7 +252,7 @@ def preflight_model(name: str, endpoint_url: str | None) -> str | None:
 def status(
     out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
     s3_endpoint: Optional[str] = EndpointOpt,
-    as_json: bool = typer.Option(False, "--json", help="Print the raw progress snapshot as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print state, row counts, ETA, per-worker rates and the raw snapshots as JSON (for monitors)."),
 ) -> None:
     """Show a job's progress, read from its output location alone (works from any machine)."""
     import json
@@ -246,9 +281,19 @@ def status(
     if state == "running" and not driver_alive:  # progress.json's last word came from a driver that died
         state = "interrupted (no driver is running it; run the same command to resume)"
     if as_json:
-        stdout.print_json(json.dumps({"state": state, "shards_committed": committed, "shards_total": shards_total,
-                                    "driver": lock, "driver_alive": driver_alive,
-                                    "progress": progress, "success": success}))
+        progress.pop("history", None)  # report.html charts it; monitors want the current numbers
+        if success:
+            rows = {"rows_done": success.get("rows_ok"), "rows_failed": success.get("rows_failed"), "rows_remaining": 0}
+        else:
+            rows = {"rows_done": progress.get("rows_done", 0), "rows_failed": progress.get("rows_failed_this_run", 0),
+                    "rows_remaining": progress.get("rows_remaining", total)}
+        stdout.print_json(json.dumps({
+            "state": state, "rows_total": total, **rows,
+            "images_per_second": progress.get("images_per_second"), "eta_seconds": None if success else progress.get("eta_seconds"),
+            "per_worker": progress.get("per_worker", {}),
+            "shards_committed": committed, "shards_total": shards_total,
+            "driver": lock, "driver_alive": driver_alive, "progress": progress, "success": success,
+        }))
         return
     stdout.print(f"job        {job['fingerprint']}  ({job['manifest']['source']}, {total} rows)")
     stdout.print(f"state      {state}")
@@ -336,6 +381,24 @@ def verify(
     stdout.print(report.render(), soft_wrap=True, markup=False)
     if not report.clean:
         raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
+    gpu_hour_usd: Optional[float] = typer.Option(None, "--gpu-hour-usd", min=0, help="Price of one GPU-hour (default: the job's report.gpu_hour_usd)."),
+    s3_endpoint: Optional[str] = EndpointOpt,
+) -> None:
+    """(Re)write OUT/report.html: summary, throughput chart, workers, failures, contact sheet."""
+    from sdbatch.audit import AuditError
+    from sdbatch.report import write_report
+    from sdbatch.storage import StorageError, open_storage
+
+    try:
+        stdout.print(f"report → {write_report(open_storage(out_location, endpoint_url=s3_endpoint), gpu_hour_usd)}",
+                     soft_wrap=True)
+    except (AuditError, StorageError) as exc:
+        raise fail(str(exc)) from None
 
 
 app.command("validate")(manifest_cli.validate)

@@ -25,6 +25,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import sdbatch
+from sdbatch import metrics
 from sdbatch.lock import JobLock
 from sdbatch.manifest import Manifest, passthrough_types, read_rows
 from sdbatch.output import (
@@ -65,9 +66,14 @@ class ProgressTracker:
     def __init__(self) -> None:
         self.shards: dict[str, list[Any]] = {}  # shard -> [done, failed, last report time, worker]
         self.slowest_batch = 0.0  # the longest gap between two reports of one shard, seconds
+        self.workers: dict[str, list[float]] = {}  # worker -> [rows done, rows failed, first report, last report]
 
     def report(self, worker: str, shard_name: str, done: int, failed: int) -> None:
         now = time.time()
+        tally = self.workers.setdefault(worker, [0, 0, now, now])
+        tally[0] += done
+        tally[1] += failed
+        tally[3] = now
         entry = self.shards.setdefault(shard_name, [0, 0, now, worker])
         if entry[3] != worker:  # a new attempt on another worker starts from zero
             entry[:] = [0, 0, now, worker]
@@ -80,8 +86,8 @@ class ProgressTracker:
     def forget(self, shard_name: str) -> None:
         self.shards.pop(shard_name, None)
 
-    def snapshot(self) -> tuple[dict[str, list[Any]], float]:
-        return self.shards, self.slowest_batch
+    def snapshot(self) -> tuple[dict[str, list[Any]], float, dict[str, list[float]]]:
+        return self.shards, self.slowest_batch, self.workers
 
 
 def connect_ray(address: str | None) -> None:
@@ -188,6 +194,7 @@ class Driver:
         if not queue:
             return self._finish(started, skipped, 0, 0, "nothing to generate: every shard is already committed")
         connect_ray(self.address)
+        metrics.start(self.storage.url)
         log.info("%d shards to generate, %d already committed", len(queue), skipped)
 
         progress = ProgressFeed(
@@ -246,6 +253,7 @@ class Driver:
                             continue
                         shards_committed += item.retry_ids is None
                         if result.committed:
+                            metrics.shard_finished(result.wall_seconds)
                             rows_ok += result.rows_ok
                             rows_failed += result.rows_failed
                         else:
@@ -253,11 +261,12 @@ class Driver:
                         if result.rows_failed:
                             log.warning("shard %s: %d rows failed permanently", result.shard, result.rows_failed)
                 pool = [self._replace(a) if a in dead else a for a in pool]
-                live, slowest_batch = ray.get(self.tracker.snapshot.remote())
+                live, slowest_batch, per_worker = ray.get(self.tracker.snapshot.remote())
                 pool = self._watchdog(pool, live, slowest_batch)
                 progress.update(
                     rows_ok + sum(e[0] for e in live.values()), rows_failed + sum(e[1] for e in live.values()),
                     shards_committed=shards_committed, shards_failed=len(self.failed_shards), workers=len(pool),
+                    per_worker=per_worker,
                 )
         except BaseException as exc:  # progress.json must not go on saying "running"
             progress.close("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
@@ -360,6 +369,7 @@ class Driver:
             self.tracker.forget.remote(item.shard.name)
             self.queue.appendleft(_Work(item.shard, item.attempt, item.retry_ids))
         ray.kill(actor.handle)
+        metrics.worker_restarted()
         return self._new_actor()
 
     def _watchdog(self, pool: list[_Actor], live: dict, slowest_batch: float) -> list[_Actor]:

@@ -73,6 +73,9 @@ class RowDefaults(_Section):
 
 
 class OutputSpec(_Section):
+    location: str | None = Field(
+        None, description="where `sdbatch submit` writes when --out is not given (default ./sdbatch-out/<manifest stem>/)",
+    )
     format: Literal["files", "webdataset"] = "files"
     image_format: Literal["png", "webp", "jpeg"] = "png"
     png_compress_level: int = Field(1, ge=0, le=9, description="1 = fast; 9 = smallest")
@@ -98,6 +101,13 @@ class RetrySpec(_Section):
     )
 
 
+class ReportSpec(_Section):
+    gpu_hour_usd: float | None = Field(
+        None, ge=0, description="price of one GPU-hour (one worker-hour on CPU workers): report.html adds the cost per 1,000 images",
+    )
+    contact_sheet_images: int = Field(24, ge=0, le=500, description="sample of images shown in report.html")
+
+
 class LimitsSpec(_Section):
     max_prompt_chars: int = Field(4000, ge=1)
     max_steps: int = Field(200, ge=1)
@@ -116,6 +126,7 @@ class JobSpec(_Section):
     resources: ResourcesSpec = ResourcesSpec()
     retries: RetrySpec = RetrySpec()
     limits: LimitsSpec = LimitsSpec()
+    report: ReportSpec = ReportSpec()
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The settings that decide image bytes and row placement (not workers, retries...)."""
@@ -124,7 +135,7 @@ class JobSpec(_Section):
             "model": self.model.name,
             "dtype": self.model.dtype,
             "defaults": self.defaults.model_dump(),
-            "output": self.output.model_dump(),
+            "output": self.output.model_dump(exclude={"location"}),
             "batch_size": self.resources.batch_size,
             "rows_per_shard": self.resources.rows_per_shard,
         }

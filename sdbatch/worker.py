@@ -25,7 +25,7 @@ import ray
 from PIL import Image
 
 import sdbatch
-from sdbatch import encode
+from sdbatch import encode, metrics
 from sdbatch.manifest import INDEX_RESULT_COLUMNS, Row
 from sdbatch.output import (
     STATUS_FAILED,
@@ -281,6 +281,7 @@ class WorkerActor:
         from sdbatch.generate import Generator
 
         spec = JobSpec.model_validate_json(spec_json)
+        metrics.start(out_url)
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
         generator = Generator.load(
             spec.model.name, device=spec.model.device, dtype=spec.model.dtype, endpoint_url=endpoint_url
@@ -312,13 +313,18 @@ class WorkerActor:
         if not_after is not None and time.time() >= not_after:
             return ShardResult(shard=shard.name, committed=False, worker=name, deferred=True)
         chaos = TestChaos.from_env()
+        batch_started = [0.0]  # when the batch being reported began (metrics)
 
         def report(done: int, failed: int) -> None:
             self.tracker.report.remote(name, shard.name, done, failed)
+            now = time.monotonic()
+            metrics.batch_finished(now - batch_started[0], done)
+            batch_started[0] = now
             chaos.after_batch(shard.name, attempt)
 
         self.tracker.report.remote(name, shard.name, 0, 0)  # marks the shard as started, for the watchdog
         chaos.before_shard(shard.name, attempt)
+        batch_started[0] = time.monotonic()
         run = self.runner.retry_rows if retry_failed else self.runner.run_shard
         return run(shard, rows, attempt, on_batch=report)
 

@@ -275,7 +275,7 @@ def test_worker_returns_a_shard_reaching_it_after_the_deadline_unstarted(ray_add
             assert result.deferred and not result.committed
             assert (result.rows_ok, result.rows_failed, result.images_created) == (0, 0, 0)
         assert list(out.iterdir()) == []
-        assert ray.get(tracker.snapshot.remote()) == ({}, 0.0)
+        assert ray.get(tracker.snapshot.remote()) == ({}, 0.0, {})
     finally:
         ray.kill(actor)
         ray.kill(tracker)
