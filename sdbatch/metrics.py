@@ -84,7 +84,7 @@ def _count_retries(parsed: dict | None = None, **_: Any) -> None:
 
 
 def _inc(name: str, value: float = 1) -> None:
-    metric = _metric(name)
+    metric = _metric(name) if value > 0 else None  # Ray's counters refuse 0 (a batch of failed rows)
     if metric is not None:
         metric.inc(value)
 

@@ -155,10 +155,17 @@ def test_grafana_dashboard_shows_every_metric_and_only_real_ones():
 # --- the usage line and --dry-run ----------------------------------------------------------------
 
 
+def usage_rows() -> list[dict]:
+    """Six good rows and one whose init image is not an image: it fails, the job exits 3."""
+    good = [{**r, "init_image": None, "strength": None} for r in small_rows()[:6]]
+    return [*good, {**good[0], "id": "broken", "init_image": "broken.png", "strength": 0.5}]
+
+
 @pytest.fixture(scope="module")
 def usage_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("usage")
-    write_manifest(folder / "manifest.parquet", small_rows()[:6])
+    write_manifest(folder / "manifest.parquet", usage_rows())
+    (folder / "broken.png").write_bytes(b"not a PNG")
     return folder
 
 
@@ -171,11 +178,29 @@ def usage_run(usage_dir, ray_address):
 
 def test_submit_without_out_writes_to_sdbatch_out_manifest_stem(usage_dir, usage_run):
     done = usage_run
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.returncode == 3, done.stdout + done.stderr  # the broken row failed
     assert done.stdout.splitlines()[0] == "output → sdbatch-out/manifest"  # printed first
     out = usage_dir / "sdbatch-out" / "manifest"
-    assert [r["id"] for r in load_index(out)] == [r["id"] for r in small_rows()[:6]]
+    assert [r["id"] for r in load_index(out)] == [r["id"] for r in usage_rows()]
+    assert f"report → {out.resolve().as_uri()}/report.html" in done.stdout
     assert (out / "report.html").is_file()
+
+
+def test_report_command_lists_failures_and_prices_images(usage_dir, usage_run):
+    assert usage_run.returncode == 3, usage_run.stderr
+    out = usage_dir / "sdbatch-out" / "manifest"
+    done = cli("report", out, "--gpu-hour-usd", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    html = (out / "report.html").read_text()
+    shown = dict(re.findall(r'<td class="num" id="([a-z0-9-]+)">([^<]*)</td>', html))
+    success = json.loads((out / "_SUCCESS").read_text())
+    assert (shown["rows-ok"], shown["rows-failed"]) == ("6", "1") == (str(success["rows_ok"]), str(success["rows_failed"]))
+    per_worker_hour = success["rows_generated_this_run"] / (success["wall_seconds_this_run"] / 3600)  # 1 CPU worker
+    assert shown["images-per-device-hour"] == f"{per_worker_hour:.0f}"
+    assert shown["cost-per-1000"] == f"${1000 * 2 / per_worker_hour:.4f}"
+    failures = re.search(r'<table id="failures">(.*?)</table>', html, re.S).group(1)
+    assert "<td>broken</td>" in failures and "init_image unreadable" in failures
+    assert len(re.findall(r'<img src="data:image/png;base64,', html)) == 6  # the contact sheet: ok rows only
 
 
 def test_submit_without_out_uses_the_specs_output_location(usage_dir):
@@ -205,7 +230,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
 def test_dry_run_on_an_existing_out_says_resume_or_refuse(usage_dir, usage_run, tmp_path):
     """The same job: resumes (here: finished, 0 rows left); another job: exit 2 and the reason;
     a bad manifest: the usual validation report, exit 2."""
-    assert usage_run.returncode == 0, usage_run.stderr
+    assert usage_run.returncode == 3, usage_run.stderr
     resumed = cli("submit", "manifest.parquet", "--model", "builtin:tiny", "--steps", "2", "--dry-run",
                   cwd=usage_dir, env=NO_RAY)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
