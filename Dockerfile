@@ -7,7 +7,6 @@ FROM ${BASE_IMAGE}
 
 # TORCH_INDEX holds the torch wheels built for the base image's CUDA (cu128 for CUDA 12.8)
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
-ARG TORCH_VERSION=2.13.0
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
@@ -26,12 +25,14 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv "$VIRTUAL_ENV"
 
-# torch first, from the index matching the base image; then sdbatch and its dependencies
-RUN pip install --index-url "$TORCH_INDEX" "torch==${TORCH_VERSION}"
+# torch first, the version constraints.txt pins, from the index matching the base image;
+# then sdbatch and its dependencies (the same constraint keeps that torch build)
 WORKDIR /src
-COPY pyproject.toml README.md constraints.txt ./
+COPY constraints.txt ./
+RUN pip install --index-url "$TORCH_INDEX" -c constraints.txt torch
+COPY pyproject.toml README.md ./
 COPY sdbatch ./sdbatch
-RUN pip install . && rm -rf /src
+RUN pip install -c constraints.txt . && rm -rf /src
 
 # sdbatch runs as an unprivileged user (uid 10001: ubuntu images already use 1000);
 # models from s3:// are cached in its home

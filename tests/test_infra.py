@@ -186,6 +186,17 @@ def test_submit_without_out_writes_to_sdbatch_out_manifest_stem(usage_dir, usage
     assert (out / "report.html").is_file()
 
 
+def test_status_json_for_monitors(usage_dir, usage_run):
+    done = cli("status", usage_dir / "sdbatch-out" / "manifest", "--json")
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    assert status["state"] == "finished" and status["eta_seconds"] is None
+    assert (status["rows_total"], status["rows_done"], status["rows_failed"], status["rows_remaining"]) == (7, 6, 1, 0)
+    (worker,) = status["per_worker"].values()  # one worker ran every row
+    assert (worker["rows_done"], worker["rows_failed"]) == (6, 1) and worker["images_per_second"] > 0
+    assert "history" not in status["progress"]
+
+
 def test_report_command_lists_failures_and_prices_images(usage_dir, usage_run):
     assert usage_run.returncode == 3, usage_run.stderr
     out = usage_dir / "sdbatch-out" / "manifest"

@@ -305,9 +305,16 @@ def run_chromium(chromium: str, tmp_path: Path, *args: str) -> subprocess.Comple
     )
 
 
-def test_report_renders_in_chromium_and_matches_success(jobs_run, chromium, tmp_path):
+def test_report_renders_in_chromium_and_matches_success(jobs_run, s3_bucket_module, chromium, tmp_path):
+    written_by_job = jobs_run.get("report.html")  # by job 2's driver, at the end
+    endpoint, _ = s3_bucket_module
+    rewritten = subprocess.run([sys.executable, "-m", "sdbatch", "report", jobs_run.out, "--s3-endpoint", endpoint],
+                               capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert rewritten.returncode == 0, rewritten.stderr
+    assert rewritten.stdout.strip() == f"report → {jobs_run.out}/report.html"
     page = tmp_path / "report.html"
-    page.write_bytes(jobs_run.get("report.html"))  # written by job 2's driver at the end
+    page.write_bytes(jobs_run.get("report.html"))
+    assert len(page.read_bytes()) == pytest.approx(len(written_by_job), rel=0.01)  # the same page, regenerated
     html = page.read_text()
     assert "http://" not in html.replace("http://www.w3.org/", "") and "https://" not in html  # self-contained
 
