@@ -34,8 +34,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from chaos import chaos_env
 from conftest import REPO, small_rows
-from faults import fault_env
+from faults import fault_env, sdbatch_command
 
 pytestmark = pytest.mark.slow
 
@@ -184,14 +185,16 @@ def jobs_run(jobs_cluster, s3_bucket_module, tmp_path_factory):
     command = ["sdbatch", "submit", f"s3://{bucket}/manifests/night.parquet", "--out", out, "--s3-endpoint", endpoint,
                "--workers", "1", "--rows-per-shard", str(RPS), "--batch-size", str(BATCH), "--steps", "4"]
     markers = tmp_path_factory.mktemp("chaos")
-    chaos = {"SDBATCH_TEST_CHAOS": json.dumps({"hold_shards": [HELD], "marker_dir": str(markers)}),
-             # each process's first two PutObjects answer 503: botocore retries them (a metric counts it)
-             **fault_env({"PutObject": {"errors": ["503"], "first": 2}})}
+    # job 1 holds at shard HELD, and each process's first two PutObjects answer 503 (botocore
+    # retries them; a metric counts it): tests/faulty_sdbatch.py installs both in its driver
+    # and, through Ray's worker_process_setup_hook, in its workers
+    faulty = {**chaos_env(markers, hold_shards=[HELD]), **fault_env({"PutObject": {"errors": ["503"], "first": 2}})}
     run = JobsRun(out, bucket, client, "", "", [], {}, True, {}, [], None)  # type: ignore[arg-type]
 
     submitted = jobs_cluster.ray("job", "submit", "--address", jobs_cluster.dashboard, "--no-wait",
                                  "--submission-id", "sdbatch-night-1", "--runtime-env-json",
-                                 json.dumps({"env_vars": chaos}), "--", *command)
+                                 json.dumps({"env_vars": faulty}), "--",
+                                 *sdbatch_command(faulty), *command[1:])
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
 
     def job1_logs() -> str:
