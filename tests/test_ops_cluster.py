@@ -104,6 +104,7 @@ def jobs_cluster(s3_server):
         # networking is off; off, every service advertises and binds loopback (infra/README.md)
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_JOB_STOP_WAIT_TIME_S": "60",  # `ray job stop`: SIGTERM, then this long before SIGKILL
+        "RAY_raylet_start_wait_time_s": "180",  # a loaded CI machine starts a raylet slowly
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONPATH": str(REPO),
     })
