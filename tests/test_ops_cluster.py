@@ -192,10 +192,11 @@ def jobs_run(jobs_cluster, s3_bucket_module, tmp_path_factory):
     faulty = {**chaos_env(markers, hold_shards=[HELD]), **fault_env({"PutObject": {"errors": ["503"], "first": 2}})}
     run = JobsRun(out, bucket, client, "", "", [], {}, True, {}, [], None)  # type: ignore[arg-type]
 
+    # (on the entrypoint's command line: a job-level runtime_env would clash with the one
+    # faulty_sdbatch.py gives ray.init)
     submitted = jobs_cluster.ray("job", "submit", "--address", jobs_cluster.dashboard, "--no-wait",
-                                 "--submission-id", "sdbatch-night-1", "--runtime-env-json",
-                                 json.dumps({"env_vars": faulty}), "--",
-                                 *sdbatch_command(faulty), *command[1:])
+                                 "--submission-id", "sdbatch-night-1", "--",
+                                 "env", *(f"{k}={v}" for k, v in faulty.items()), *sdbatch_command(faulty), *command[1:])
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
 
     def job1_logs() -> str:
@@ -209,9 +210,11 @@ def jobs_run(jobs_cluster, s3_bucket_module, tmp_path_factory):
     _wait("job 1 to commit shards 00000-00001 and hold 00002", held, timeout=400, every=2)
 
     def metrics_settled() -> dict | None:
+        """Every process reports on its own cycle: wait for the driver's and the worker's."""
         samples = scrape(jobs_cluster.metrics)
         wanted = total(samples, "ray_sdbatch_rows_done", out) == 2 * RPS and \
-            total(samples, "ray_sdbatch_shard_seconds_count", out) == 2
+            total(samples, "ray_sdbatch_shard_seconds_count", out) == 2 and \
+            total(samples, "ray_sdbatch_batch_seconds_count", out) == 2 * RPS // BATCH
         return samples if wanted else None
 
     run.metrics = _wait("sdbatch metrics on the node's Prometheus endpoint", metrics_settled, timeout=120, every=3)
