@@ -315,7 +315,7 @@ class Reproducer:
         return image, sha256(data)
 
     def _generate_batch(self, record: dict[str, Any], gen: Generator) -> dict[str, Any]:
-        """Regenerate the batch the record names; returns {id: PIL image} plus notes, and the
+        """Regenerate the batch the record names; returns {id: uint8 pixels} plus notes, and the
         sha256 of each init image as read now ({id: hex}, img2img batches)."""
         target = _row_from_params(record, record.get("extra"))
         batch_ids = list(record.get("batch_rows") or [target.id])
@@ -362,8 +362,8 @@ class Reproducer:
                     notes.append(f"batch-mate {row.id}: init image {row.init_image} unreadable; regenerating without it")
                     rebuilt = False
             rows = kept
-        images = gen.generate(rows, init_images)
-        result = {"images": {r.id: img for r, img in zip(rows, images)}, "notes": notes, "rebuilt": rebuilt,
+        generated = gen.generate(rows, init_images)
+        result = {"images": {r.id: pixels for r, pixels in zip(rows, generated.pixels)}, "notes": notes, "rebuilt": rebuilt,
                   "rows": [r.id for r in rows], "init_sha256": init_sha256}
         self._batches[cache_key] = result
         return result

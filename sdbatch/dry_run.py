@@ -6,7 +6,8 @@ as a real submit, which deletes its probe object), reads what OUT already holds 
 resume, or a different job that would be refused), and plans every pending shard into its
 canonical batches (``plan.canonical_batches``, exactly as workers will): shards, batches,
 fill ratio, rows per model family and per LoRA set, and a time estimate once OUT's
-progress knows a rate. Ray and torch are never imported.
+progress knows a rate. The plan is the driver's own (``scheduler.job_plan``); Ray is never
+started and torch never imported.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdbatch.manifest import Manifest, read_rows
+from sdbatch.manifest import Manifest, ManifestReader
 from sdbatch.output import JOB_KEY, PROGRESS_KEY, SUCCESS_KEY, committed_shards, read_json
-from sdbatch.plan import canonical_batches, num_shards, pending_shards
+from sdbatch.plan import canonical_batches
 from sdbatch.spec import JobSpec
 from sdbatch.storage import LocalStorage, Storage, StorageConfigError, open_storage
 
@@ -94,8 +95,11 @@ def model_family(name: str, endpoint_url: str | None) -> str:
 
 def plan_job(spec: JobSpec, manifest: Manifest, storage: Storage, job: dict[str, Any], *, new_run: bool = False,
              endpoint_url: str | None = None) -> DryRunPlan:
+    from sdbatch.scheduler import job_plan  # imports ray, starts nothing
+
     rps, batch_size = spec.resources.rows_per_shard, spec.resources.batch_size
-    plan = DryRunPlan(out=storage.url, rows_total=manifest.num_rows, shards_total=num_shards(manifest.num_rows, rps),
+    shards = job_plan(manifest, spec)
+    plan = DryRunPlan(out=storage.url, rows_total=manifest.num_rows, shards_total=shards.num_shards,
                       rows_per_shard=rps, batch_size=batch_size, family=model_family(spec.model.name, endpoint_url))
     existing = read_json(storage, JOB_KEY)
     committed: set[str] = set()
@@ -112,8 +116,9 @@ def plan_job(spec: JobSpec, manifest: Manifest, storage: Storage, job: dict[str,
         progress = read_json(storage, PROGRESS_KEY) or {}
         plan.rate = progress.get("images_per_second") or None
     plan.shards_committed = len(committed)
-    for work in pending_shards(manifest.num_rows, rps, committed):
-        rows = read_rows(manifest, spec, work.start, work.stop)
+    reader = ManifestReader(manifest)
+    for work in shards.pending(committed):
+        rows = reader.read_rows_at(spec, work.rows)
         plan.shards_pending += 1
         plan.rows_pending += len(rows)
         plan.batches += len(canonical_batches(rows, batch_size))

@@ -1,25 +1,31 @@
 """Running one shard end to end, and the Ray actor that holds one model replica to do it.
 
 ``ShardRunner`` is the Ray-free core: it loads the shard's init images ahead, generates the
-canonical batches on the calling thread, and hands each image to a small thread pool that
-encodes it and writes it create-once, so the model never waits for a PUT. When every image
-is stored it writes the shard index — the commit. ``ShardFeed`` (Ray-free too) reads the
-worker's own rows from the manifest and reads the next shard ahead. ``WorkerActor`` only wires
-them to Ray.
+canonical batches on the calling thread (each batch comes back as one uint8 host array), and
+hands each image to the store pool: encoding runs in processes, one per CPU of the worker
+(Pillow's encoders hold the GIL: ``benchmarks/bench_png_gil.py``), hashing and the create-once
+writes on threads, so the model never waits for encoding or a PUT while the bounded queue has
+room. A batch that runs out of GPU memory is generated again in halves (each half is then its
+own batch, in ``batch_rows``); a row whose image came out NaN or black fails with that error.
+When every image is stored it writes the shard index — the commit. ``ShardFeed`` (Ray-free
+too) reads the worker's own rows from the manifest and reads the next shard ahead.
+``WorkerActor`` only wires them to Ray.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -42,11 +48,16 @@ from sdbatch.output import (
 )
 from sdbatch.plan import ShardSpec, batch_id, canonical_batches
 from sdbatch.policy import ShardResult
+from sdbatch.quality import measure_image
 from sdbatch.spec import JobSpec
 from sdbatch.storage import Storage, StorageError, open_storage, read_uri
 
 if TYPE_CHECKING:  # the driver imports this module; only the actor needs torch
+    import numpy as np
+
+    from sdbatch.clip_score import ClipScorer
     from sdbatch.generate import Generator
+    from sdbatch.models import GeneratedBatch
 
 log = logging.getLogger("sdbatch.worker")
 
@@ -112,6 +123,18 @@ def index_row(record: dict[str, Any] | None, row: Row, shard_name: str, **fields
     return base
 
 
+@functools.cache
+def encode_pool(workers: int) -> ProcessPoolExecutor:
+    """The processes that encode images, shared by every ShardRunner of this process. Spawned,
+    not forked: a worker process runs threads (Ray's, the store pool's) that a fork would copy
+    mid-flight."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def encode_workers(cpus_per_worker: float) -> int:
+    return max(1, int(cpus_per_worker))
+
+
 class ShardRunner:
     def __init__(
         self,
@@ -120,15 +143,21 @@ class ShardRunner:
         spec: JobSpec,
         worker_name: str = "",
         endpoint_url: str | None = None,
+        scorer: ClipScorer | None = None,
     ):
         self.generator = generator
+        self.scorer = scorer
         self.storage = storage
         self.spec = spec
         self.worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
         self.endpoint_url = endpoint_url
-        self.pool = ThreadPoolExecutor(spec.resources.upload_threads, thread_name_prefix="sdbatch-io")
-        # bounds encoded-but-unwritten images held in memory
-        self._in_flight = threading.BoundedSemaphore(spec.resources.upload_threads * 4)
+        encoders = encode_workers(spec.resources.cpus_per_worker)
+        self.encoder = encode_pool(encoders)
+        # each store thread waits for its image's encoding, then hashes and writes it
+        threads = spec.resources.upload_threads + encoders
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="sdbatch-io")
+        # bounds generated-but-unwritten images held in memory
+        self._in_flight = threading.BoundedSemaphore(threads * 2)
 
     def load_init_images(self, rows: list[Row]) -> dict[str, Future]:
         """Start reading each img2img row's init image; each future gives (image, sha256 hex
@@ -141,17 +170,22 @@ class ShardRunner:
 
         return {r.id: self.pool.submit(load, r.init_image) for r in rows if r.is_img2img}
 
-    def _store_image(self, shard: ShardSpec, row: Row, image: Image.Image, record: dict) -> tuple[str, str, int, bool, bytes]:
+    def _store_image(
+        self, shard: ShardSpec, row: Row, pixels: np.ndarray, record: dict
+    ) -> tuple[str, str, int, bool, bytes, dict[str, Any]]:
+        """Encode and store one image; also measures its quality columns while its pixels are here."""
         try:
+            quality = measure_image(Image.fromarray(pixels), self.spec.scoring.blank_max_std)
             out = self.spec.output
-            data = encode.encode_image(
-                image, record, fmt=out.image_format, png_compress_level=out.png_compress_level, quality=out.quality
-            )
+            data = self.encoder.submit(
+                encode.encode_image, pixels, record,
+                fmt=out.image_format, png_compress_level=out.png_compress_level, quality=out.quality,
+            ).result()
             if out.format == "webdataset":
-                return "", hashlib.sha256(data).hexdigest(), len(data), True, data
+                return "", hashlib.sha256(data).hexdigest(), len(data), True, data, quality
             key = image_key(shard.name, row.id, encode.extension(out.image_format))
             put = self.storage.put_new(key, data)
-            return key, put.sha256, put.size, put.created, b""
+            return key, put.sha256, put.size, put.created, b"", quality
         finally:
             self._in_flight.release()
 
@@ -199,6 +233,7 @@ class ShardRunner:
         stored: list[tuple[Row, dict, Future]] = []
         generate_started = time.perf_counter()
         for number, batch in enumerate(canonical_batches(rows, self.spec.resources.batch_size)):
+            failed_before = result.rows_failed
             good, images_in, init_hashes = [], [], {}
             for row in batch:
                 error = _init_image_error(init_images.get(row.id))
@@ -211,24 +246,29 @@ class ShardRunner:
                     images_in.append(image_in)
             if good:
                 bid = batch_id(tar_name, number)
-                t0 = time.perf_counter()
-                images = self.generator.generate(good, images_in if good[0].is_img2img else None)
-                per_row = (time.perf_counter() - t0) / len(good)
-                batch_rows = [r.id for r in good]
-                for row, image in zip(good, images):
-                    record = image_record(row, shard, bid, batch_rows, self.generator, init_hashes[row.id])
-                    self._in_flight.acquire()
-                    future = self.pool.submit(self._store_image, shard, row, image, record)
-                    stored.append((row, {**record, "generate_seconds": per_row}, future))
+                for part, generated, per_row in self._generate_fitting(good, images_in if good[0].is_img2img else None):
+                    batch_rows = [r.id for r in part]
+                    scores = (self.scorer.score([r.prompt for r in part], generated.images()) if self.scorer
+                              else [None] * len(part))
+                    for i, (row, score) in enumerate(zip(part, scores)):
+                        if generated.errors[i]:
+                            index_rows.append(index_row(None, row, shard.name, status=STATUS_FAILED, error=generated.errors[i], attempt=attempt, worker=self.worker_name))
+                            result.rows_failed += 1
+                            continue
+                        record = image_record(row, shard, bid, batch_rows, self.generator, init_hashes[row.id])
+                        self._in_flight.acquire()
+                        future = self.pool.submit(self._store_image, shard, row, generated.pixels[i], record)
+                        stored.append((row, {**record, "generate_seconds": per_row}, future, score))
             if on_batch:
-                on_batch(len(good), len(batch) - len(good))
+                failed = result.rows_failed - failed_before
+                on_batch(len(batch) - failed, failed)
         result.generate_seconds = time.perf_counter() - generate_started
 
         webdataset = self.spec.output.format == "webdataset"
         ext = encode.extension(self.spec.output.image_format)
         tar_members: list[tuple[str, bytes, bytes]] = []
-        for row, record, future in stored:
-            key, sha, size, created, data = future.result()  # re-raises storage errors → shard retried
+        for row, record, future, score in stored:
+            key, sha, size, created, data, quality = future.result()  # re-raises storage errors → shard retried
             if webdataset:
                 wkey = webdataset_key(row.id)
                 record_json = json.dumps({k: v for k, v in record.items() if k != "generate_seconds"}, sort_keys=True)
@@ -240,6 +280,7 @@ class ShardRunner:
                 index_row(
                     record, row, shard.name, status=STATUS_OK, error=None, key=key, sha256=sha, bytes=size,
                     attempt=attempt, worker=self.worker_name, generate_seconds=record["generate_seconds"],
+                    clip_score=score, **quality,
                 )
             )
             result.rows_ok += 1
@@ -247,6 +288,28 @@ class ShardRunner:
             self.storage.put_new(tar_key(tar_name), build_webdataset_tar(tar_members, ext))
         index_rows.sort(key=lambda r: r["row"])
         return index_rows
+
+    def _generate_fitting(
+        self, rows: list[Row], init_images: list | None
+    ) -> list[tuple[list[Row], GeneratedBatch, float]]:
+        """Generate ``rows`` as one batch or, when the device runs out of memory, as halves
+        (recursively; one row that does not fit fails the shard). Returns (rows, their batch,
+        seconds per row) for each part generated."""
+        from sdbatch.generate import OUT_OF_MEMORY_ERRORS, free_device_memory
+
+        t0 = time.perf_counter()
+        try:
+            generated = self.generator.generate(rows, init_images)
+        except OUT_OF_MEMORY_ERRORS:
+            if len(rows) == 1:
+                raise
+            free_device_memory()
+            half = (len(rows) + 1) // 2
+            log.warning("a batch of %d rows ran out of device memory: generating it as %d + %d rows",
+                        len(rows), half, len(rows) - half)
+            halves = [(rows[:half], init_images and init_images[:half]), (rows[half:], init_images and init_images[half:])]
+            return [part for sub, images in halves for part in self._generate_fitting(sub, images)]
+        return [(rows, generated, (time.perf_counter() - t0) / len(rows))]
 
 
 def _init_image_error(future: Future | None) -> str | None:
@@ -282,7 +345,7 @@ class ShardFeed:
         self._lock = threading.Lock()
 
     def _read(self, shard: ShardSpec, retry_ids: frozenset[str] | None) -> tuple[list[Row], InitImages]:
-        rows = self.reader.read_rows(self.spec, shard.start, shard.stop)
+        rows = self.reader.read_rows_at(self.spec, shard.rows)
         if retry_ids is not None:
             rows = [r for r in rows if r.id in retry_ids]
         return rows, self.load_init_images(rows)
@@ -324,7 +387,8 @@ class WorkerActor:
         metrics.start(out_url)
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
         generator = Generator.load(
-            spec.model.name, device=spec.model.device, dtype=spec.model.dtype, endpoint_url=endpoint_url
+            spec.model.name, device=spec.model.device, dtype=spec.model.dtype, endpoint_url=endpoint_url,
+            compile=spec.model.compile,
         )
         storage = open_storage(
             out_url,
@@ -332,7 +396,12 @@ class WorkerActor:
             max_attempts=spec.retries.storage_attempts,
             max_pool_connections=spec.resources.upload_threads,
         )
-        self.runner = ShardRunner(generator, storage, spec, endpoint_url=endpoint_url)
+        scorer = None
+        if spec.scoring.clip_model:
+            from sdbatch.clip_score import ClipScorer
+
+            scorer = ClipScorer.load(spec.scoring.clip_model, device=generator.info.device, endpoint_url=endpoint_url)
+        self.runner = ShardRunner(generator, storage, spec, endpoint_url=endpoint_url, scorer=scorer)
         self.feed = ShardFeed(manifest, spec, self.runner.load_init_images, endpoint_url)
         self.tracker = tracker
 

@@ -1,15 +1,39 @@
-"""Built-in models shipped inside the package as ordinary diffusers folders.
+"""Built-in models shipped inside the package as ordinary diffusers folders, and the batch
+every model returns.
 
 A built-in model is named ``builtin:NAME`` and resolves to ``sdbatch/models/NAME/``, which is
-loaded by exactly the same code as any user-supplied diffusers folder.
+loaded by exactly the same code as any user-supplied diffusers folder (``builtin:null``'s
+folder names a model that is not a diffusers pipeline: ``null_model.py``).
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 BUILTIN_PREFIX = "builtin:"
+
+
+@dataclass
+class GeneratedBatch:
+    """One batch's images as a (rows, height, width, 3) uint8 host array, and per row either
+    None or why its image is unusable (it must then not be stored as a success)."""
+
+    pixels: np.ndarray
+    errors: list[str | None]
+
+    def images(self) -> list[Image.Image]:
+        from PIL import Image
+
+        return [Image.fromarray(p) for p in self.pixels]
+
 MODELS_DIR = Path(__file__).resolve().parent
 
 
