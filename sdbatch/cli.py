@@ -162,7 +162,7 @@ def with_row_default_flags(command: Callable[..., None]) -> Callable[..., None]:
 @with_row_default_flags
 def submit(
     manifest: str = typer.Argument(..., help="Parquet manifest: a file, a directory of .parquet files, a glob or s3:// URI."),
-    out: str = typer.Option(..., "--out", "-o", help="Output location: a local directory or s3://bucket/prefix."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output location: a local directory or s3://bucket/prefix (default: the spec's output.location, else ./sdbatch-out/<manifest stem>/)."),
     spec_path: Optional[Path] = SpecOpt,
     sets: list[str] = SetOpt,
     model: Optional[str] = typer.Option(None, "--model", help="builtin:shapes (default), a diffusers folder, or s3://…"),
@@ -180,10 +180,12 @@ def submit(
     repair: bool = typer.Option(False, "--repair", help="Also regenerate the rows `sdbatch verify` flags (image missing, or not matching its recorded sha256), through the normal commit path."),
     new_run: bool = typer.Option(False, "--new-run", help="Start over: delete the job OUT holds (its images, metadata, index, _SUCCESS, _sdbatch state; no other file) and run this one there."),
     strict: bool = typer.Option(False, "--strict", help="Refuse columns named like a misspelled per-row column (widht, promt) instead of warning."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate, preflight storage and model, and print the plan (shards, batches, fill ratio, estimate); write nothing. Exit 0, or 2 if a real submit would be refused."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
     row_defaults: dict[str, Any] | None = None,  # --steps, --width, ...: see with_row_default_flags
 ) -> None:
-    """Validate MANIFEST, then generate every row's image into OUT (resuming what OUT holds)."""
+    """Validate MANIFEST, then generate every row's image into OUT (resuming what OUT holds),
+    and write OUT/report.html at the end. SIGTERM (``ray job stop``, ``kill``) stops like Ctrl-C."""
     setup_logging(verbose)
     use_endpoint(s3_endpoint)
     from sdbatch.manifest import open_manifest, validate_manifest
@@ -204,6 +206,8 @@ def submit(
     }
     spec = load_spec(spec_path, sets, overrides)
     deadline_at = parse_deadline(deadline) if deadline else None
+    out = out or spec.output.location or default_out(manifest)
+    stdout.print(f"output → {out}" + ("  (dry run: nothing is written)" if dry_run else ""), soft_wrap=True)
     if deadline_at is not None:  # say which moment "06:30" became: it may be tomorrow's
         err.print(f"deadline: no shard starts at or after {local_time(deadline_at)}", highlight=False)
     source = open_manifest(manifest)
@@ -217,14 +221,25 @@ def submit(
     preflight_error = preflight_samplers(report.summary["schedulers"]) or preflight_clip_model(spec.scoring.clip_model, s3_endpoint)
     if preflight_error:
         raise BadInput(preflight_error)
+    from sdbatch.models import local_model_fingerprint
+    from sdbatch.output import job_record
+
     storage = open_storage(
         out, endpoint_url=s3_endpoint, max_attempts=spec.retries.storage_attempts,
         max_pool_connections=spec.resources.upload_threads,
     )
+    if dry_run:
+        from sdbatch.dry_run import check_output, plan_job
+
+        check_output(storage)
+        job = job_record(spec, source, local_model_fingerprint(spec.model.name))
+        plan = plan_job(spec, source, storage, job, new_run=new_run, endpoint_url=s3_endpoint)
+        stdout.print(plan.render(), soft_wrap=True, markup=False)
+        if plan.refused:
+            raise typer.Exit(EXIT_BAD_INPUT)
+        return
     storage.check_access()
 
-    from sdbatch.models import local_model_fingerprint
-    from sdbatch.output import job_record
     from sdbatch.scheduler import run_job
 
     job = job_record(spec, source, local_model_fingerprint(spec.model.name))
@@ -242,6 +257,11 @@ def submit(
         f"{plural(outcome.shards_skipped, 'shard')} already committed) in {wall:.1f} s, {rate:.2f} images/s, "
         f"batches {outcome.batch_fill:.0%} full → {storage.url}"
     )
+    from sdbatch.report import write_report_quietly
+
+    report_url = write_report_quietly(storage)
+    if report_url:
+        stdout.print(f"report → {report_url}", soft_wrap=True)
     if outcome.exit_code:
         raise fail(outcome.message, outcome.exit_code)
 
@@ -258,6 +278,12 @@ def preflight_samplers(used: dict[str, int]) -> str | None:
             return (f"the {name!r} sampler ({rows:,} rows) needs the Python package {', '.join(missing)}, which is not "
                     f"installed: pip install {' '.join(missing)} (or reinstall sdbatch, which declares it); nothing was written")
     return None
+
+
+def default_out(manifest: str) -> str:
+    """``./sdbatch-out/<manifest stem>/``: a glob's or directory's stem is its last plain part."""
+    stem = Path(manifest.rstrip("/").split("?")[0]).stem.rstrip("*") or "manifest"
+    return str(Path("sdbatch-out") / stem)
 
 
 def preflight_model(name: str, endpoint_url: str | None) -> None:
@@ -298,7 +324,7 @@ def preflight_clip_model(location: str | None, endpoint_url: str | None) -> str 
 def status(
     out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
     s3_endpoint: Optional[str] = EndpointOpt,
-    as_json: bool = typer.Option(False, "--json", help="Print the raw progress snapshot as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print state, row counts, ETA, per-worker rates and the raw snapshots as JSON (for monitors)."),
 ) -> None:
     """Show a job's progress, read from its output location alone (works from any machine)."""
     import json
@@ -323,9 +349,19 @@ def status(
     if state == "running" and not driver_alive:  # progress.json's last word came from a driver that died
         state = "interrupted (no driver is running it; run the same command to resume)"
     if as_json:
-        stdout.print_json(json.dumps({"state": state, "shards_committed": committed, "shards_total": shards_total,
-                                    "driver": lock, "driver_alive": driver_alive,
-                                    "progress": progress, "success": success}))
+        progress.pop("history", None)  # report.html charts it; monitors want the current numbers
+        if success:
+            rows = {"rows_done": success.get("rows_ok"), "rows_failed": success.get("rows_failed"), "rows_remaining": 0}
+        else:
+            rows = {"rows_done": progress.get("rows_done", 0), "rows_failed": progress.get("rows_failed_this_run", 0),
+                    "rows_remaining": progress.get("rows_remaining", total)}
+        stdout.print_json(json.dumps({
+            "state": state, "rows_total": total, **rows,
+            "images_per_second": progress.get("images_per_second"), "eta_seconds": None if success else progress.get("eta_seconds"),
+            "per_worker": progress.get("per_worker", {}),
+            "shards_committed": committed, "shards_total": shards_total,
+            "driver": lock, "driver_alive": driver_alive, "progress": progress, "success": success,
+        }))
         return
     stdout.print(f"job        {job['fingerprint']}  ({job['manifest']['source']}, {total} rows)")
     stdout.print(f"state      {state}")
@@ -430,6 +466,20 @@ def verify(
     stdout.print(report.render(), soft_wrap=True, markup=False)
     if not report.clean:
         raise typer.Exit(1)
+
+
+@command()
+def report(
+    out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
+    gpu_hour_usd: Optional[float] = typer.Option(None, "--gpu-hour-usd", min=0, help="Price of one GPU-hour (default: the job's report.gpu_hour_usd)."),
+    s3_endpoint: Optional[str] = EndpointOpt,
+) -> None:
+    """(Re)write OUT/report.html: summary, throughput chart, workers, failures, contact sheet."""
+    from sdbatch.report import write_report
+    from sdbatch.storage import open_storage
+
+    stdout.print(f"report → {write_report(open_storage(out_location, endpoint_url=s3_endpoint), gpu_hour_usd)}",
+                 soft_wrap=True)
 
 
 @command(epilog="")

@@ -48,6 +48,7 @@ IMAGES_PREFIX = "images/"
 TARS_PREFIX = "shards/"
 INDEX_KEY = "index.parquet"
 SUCCESS_KEY = "_SUCCESS"
+REPORT_KEY = "report.html"
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
@@ -318,7 +319,9 @@ def job_record(spec: JobSpec, manifest: Manifest, model_fingerprint: str | None)
 #: job.json last, so an interrupted clear leaves a state of the old job that still resumes
 #: (job.json names it; its uncommitted shards are simply redone), and a new job is claimed
 #: only once no image of the old one is left for it to adopt under the same key.
-JOB_PARTS_IN_DELETE_ORDER = (METADATA_PREFIX, INDEX_KEY, SUCCESS_KEY, IMAGES_PREFIX, TARS_PREFIX, PROGRESS_KEY, JOB_KEY)
+JOB_PARTS_IN_DELETE_ORDER = (
+    METADATA_PREFIX, INDEX_KEY, SUCCESS_KEY, REPORT_KEY, IMAGES_PREFIX, TARS_PREFIX, PROGRESS_KEY, JOB_KEY,
+)
 
 
 def clear_job(storage: Storage) -> int:

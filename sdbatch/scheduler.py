@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import sdbatch
+from sdbatch import metrics
 from sdbatch.errors import EXIT_OK, EXIT_ROWS_FAILED, EXIT_SHARDS_FAILED, EXIT_STOPPED, BadInput, JobFailed
 from sdbatch.lock import JobLock
 from sdbatch.manifest import Manifest, iter_batch_keys, passthrough_types
@@ -63,9 +65,14 @@ class ProgressTracker:
     def __init__(self) -> None:
         self.shards: dict[str, list[Any]] = {}  # shard -> [done, failed, last report time, worker]
         self.slowest_batch = 0.0  # the longest gap between two reports of one shard, seconds
+        self.workers: dict[str, list[float]] = {}  # worker -> [rows done, rows failed, first report, last report]
 
     def report(self, worker: str, shard_name: str, done: int, failed: int) -> None:
         now = time.time()
+        tally = self.workers.setdefault(worker, [0, 0, now, now])
+        tally[0] += done
+        tally[1] += failed
+        tally[3] = now
         entry = self.shards.setdefault(shard_name, [0, 0, now, worker])
         if entry[3] != worker:  # a new attempt on another worker starts from zero
             entry[:] = [0, 0, now, worker]
@@ -78,8 +85,8 @@ class ProgressTracker:
     def forget(self, shard_name: str) -> None:
         self.shards.pop(shard_name, None)
 
-    def snapshot(self) -> tuple[dict[str, list[Any]], float]:
-        return self.shards, self.slowest_batch
+    def snapshot(self) -> tuple[dict[str, list[Any]], float, dict[str, list[float]]]:
+        return self.shards, self.slowest_batch, self.workers
 
 
 def job_plan(manifest: Manifest, spec: JobSpec) -> Plan:
@@ -95,6 +102,13 @@ def connect_ray(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    _init_ray(address)
+    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)  # ray.init replaced the caller's (the CLI's) with sys.exit
+
+
+def _init_ray(address: str | None) -> None:
     if address:
         log.info("connecting to the Ray cluster at %s …", address)
         check_reachable(address)
@@ -218,6 +232,7 @@ class Driver:
             hang_timeout_s=self.spec.retries.hang_timeout_s, shards_committed=skipped,
         )
         connect_ray(self.address)
+        metrics.start(self.storage.url)
         log.info("%s to generate, %d already committed", plural(len(schedule.queue), "shard"), skipped)
         done_before = total_rows - pending.num_rows
         done_before -= sum(len(w.retry_ids) for w in retried if w.retry_ids)  # counted again once regenerated ("9/8 done")
@@ -242,11 +257,12 @@ class Driver:
                 pool = self._start_ready(pool)
                 self._dispatch(pool)
                 pool = self._collect(pool)
-                live, slowest_batch = ray.get(self.tracker.snapshot.remote())
+                live, slowest_batch, per_worker = ray.get(self.tracker.snapshot.remote())
                 pool = self._watchdog(pool, live, slowest_batch)
                 progress.update(
                     schedule.rows_ok + sum(e[0] for e in live.values()), schedule.rows_failed + sum(e[1] for e in live.values()),
                     shards_committed=schedule.shards_committed, shards_failed=len(schedule.failed_shards), workers=len(pool),
+                    per_worker=per_worker,
                 )
         except BaseException as exc:  # progress.json must not go on saying "running"
             progress.close("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
@@ -358,6 +374,8 @@ class Driver:
                     continue
                 self._forget(actor, work)
                 self.schedule.completed(work, result)
+                if result.committed and not result.deferred:
+                    metrics.shard_finished(result.wall_seconds)
             fresh.append(actor)
         return fresh
 
@@ -371,6 +389,7 @@ class Driver:
             self.tracker.forget.remote(work.shard.name)
         self.schedule.worker_lost(actor.inflight, error, charge_head)
         ray.kill(actor.handle)
+        metrics.worker_restarted()
         return self._new_actor()
 
     def _watchdog(self, pool: list[_Actor], live: dict, slowest_batch: float) -> list[_Actor]:

@@ -66,6 +66,9 @@ RowDefaults = create_model(
 
 
 class OutputSpec(_Section):
+    location: str | None = Field(
+        None, description="where `sdbatch submit` writes when --out is not given (default ./sdbatch-out/<manifest stem>/)",
+    )
     format: Literal["files", "webdataset"] = "files"
     image_format: Literal["png", "webp", "jpeg"] = "png"
     png_compress_level: int = Field(1, ge=0, le=9, description="1 = fast; 9 = smallest")
@@ -89,6 +92,13 @@ class RetrySpec(_Section):
         description="a shard with no batch finished for this long is hung and its worker replaced; "
         "default: 10 × the slowest batch measured so far, at least 300 s",
     )
+
+
+class ReportSpec(_Section):
+    gpu_hour_usd: float | None = Field(
+        None, ge=0, description="price of one GPU-hour (one worker-hour on CPU workers): report.html adds the cost per 1,000 images",
+    )
+    contact_sheet_images: int = Field(24, ge=0, le=500, description="sample of images shown in report.html")
 
 
 class ScoringSpec(_Section):
@@ -131,6 +141,7 @@ class JobSpec(_Section):
     retries: RetrySpec = RetrySpec()
     scoring: ScoringSpec = ScoringSpec()
     limits: LimitsSpec = LimitsSpec()
+    report: ReportSpec = ReportSpec()
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The settings that decide image bytes and row placement (not workers, retries...)."""
@@ -140,7 +151,7 @@ class JobSpec(_Section):
             "dtype": self.model.dtype,
             "compile": self.model.compile,
             "defaults": fingerprint_defaults(self.defaults.model_dump()),
-            "output": self.output.model_dump(),
+            "output": self.output.model_dump(exclude={"location"}),
             "batch_size": self.resources.batch_size,
             "rows_per_shard": self.resources.rows_per_shard,
             "planner": 2,  # 2: shards grouped by batch key (plan.make_plan); 1 was contiguous ranges

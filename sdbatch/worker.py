@@ -40,7 +40,7 @@ import ray
 from PIL import Image
 
 import sdbatch
-from sdbatch import encode
+from sdbatch import encode, metrics
 from sdbatch.columns import record_parameters
 from sdbatch.errors import SdbatchError
 from sdbatch.manifest import INDEX_RESULT_COLUMNS, Manifest, ManifestReader, Row, passthrough_types
@@ -453,6 +453,7 @@ class WorkerActor:
         from sdbatch.generate import Generator
 
         spec = JobSpec.model_validate_json(spec_json)
+        metrics.start(out_url)
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
         generator = Generator.load(
             spec.model.name, device=spec.model.device, dtype=spec.model.dtype, endpoint_url=endpoint_url,
@@ -497,10 +498,16 @@ class WorkerActor:
             self.feed.drop(shard, retry_ids)
             return ShardResult(shard=shard.name, committed=False, worker=name, deferred=True)
 
+        batch_started = [0.0]  # when the batch being reported began (metrics)
+
         def report(done: int, failed: int) -> None:
             self.tracker.report.remote(name, shard.name, done, failed)
+            now = time.monotonic()
+            metrics.batch_finished(now - batch_started[0], done)
+            batch_started[0] = now
 
         self.tracker.report.remote(name, shard.name, 0, 0)  # marks the shard as started, for the watchdog
         rows, init_images = self.feed.take(shard, retry_ids)
+        batch_started[0] = time.monotonic()
         return self.runner.run_shard(shard, rows, attempt, on_batch=report, init_images=init_images,
                                      retry=retry_ids is not None)

@@ -238,7 +238,8 @@ def test_deadline_does_not_start_shards_already_handed_to_a_worker(ray_address, 
     assert sorted(committed) == ["00000.parquet"]
     shard0 = pq.read_table(out / "metadata" / "00000.parquet").to_pylist()
     assert [(r["id"], r["status"]) for r in shard0] == [(f"c{i:03d}", "ok") for i in range(4)]
-    stored = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.parts[-2] != "_sdbatch")
+    stored = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                    if p.is_file() and p.parts[-2] != "_sdbatch" and p.name != "report.html")  # the run's report
     assert stored == sorted(["metadata/00000.parquet", *(r["key"] for r in shard0)])  # nothing of 00001-00003
     assert not (out / "_SUCCESS").exists() and markers(faults, "hold") == 1
 
@@ -276,7 +277,7 @@ def test_worker_returns_a_shard_reaching_it_after_the_deadline_unstarted(ray_add
             assert result.deferred and not result.committed
             assert (result.rows_ok, result.rows_failed, result.images_created) == (0, 0, 0)
         assert list(out.iterdir()) == []
-        assert ray.get(tracker.snapshot.remote()) == ({}, 0.0)
+        assert ray.get(tracker.snapshot.remote()) == ({}, 0.0, {})
     finally:
         ray.kill(actor)
         ray.kill(tracker)
