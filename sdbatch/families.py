@@ -15,17 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-#: The model's own scheduler, as its folder configures it.
-DEFAULT_SAMPLER = "default"
-#: Samplers of the noise-prediction families (SD 1.x/2.x, SDXL).
-DIFFUSION_SAMPLERS = (DEFAULT_SAMPLER, "ddim", "pndm", "lms", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc")
+from sdbatch.columns import SCHEDULERS, family_samplers
+from sdbatch.errors import BadInput
+
+#: Samplers of the noise-prediction families (SD 1.x/2.x, SDXL), from the sampler table.
+DIFFUSION_SAMPLERS = family_samplers(flow=False)
 #: Samplers of the flow-matching families (SD3).
-FLOW_SAMPLERS = (DEFAULT_SAMPLER, "flow_euler", "flow_heun")
-#: Every sampler name any family knows.
-ALL_SAMPLERS = tuple(dict.fromkeys(DIFFUSION_SAMPLERS + FLOW_SAMPLERS))
+FLOW_SAMPLERS = family_samplers(flow=True)
 
 
-class FamilyError(ValueError):
+class FamilyError(BadInput, ValueError):
     """The folder is not a model family sdbatch runs; the message names the class and the fix."""
 
 
@@ -38,6 +37,7 @@ class Family:
     samplers: tuple[str, ...]
     denoiser: str  # the component folder whose config holds sample_size
     size_conditioning: bool = False  # SDXL micro-conditioning (original/target size, crop)
+    fixed_size: int | None = None  # a native size not read from configs (builtin:null)
 
 
 FAMILIES: dict[str, Family] = {
@@ -49,6 +49,8 @@ FAMILIES: dict[str, Family] = {
                "StableDiffusionXLImg2ImgPipeline", DIFFUSION_SAMPLERS, "unet", size_conditioning=True),
         Family("SD3", "StableDiffusion3Pipeline", "StableDiffusion3Pipeline",
                "StableDiffusion3Img2ImgPipeline", FLOW_SAMPLERS, "transformer"),
+        # builtin:null draws from seed and size alone (models.null_model): any sampler, no weights
+        Family("null (machinery)", "SdbatchNullModel", "", "", SCHEDULERS, "", fixed_size=64),
     )
 }
 
@@ -79,6 +81,8 @@ def read_traits(read_json: JsonReader, where: str) -> ModelTraits:
     """Family and native size of the model whose files ``read_json`` reads."""
     index = read_json("model_index.json") or {}
     family = family_for_class(index.get("_class_name"), where)
+    if family.fixed_size:
+        return ModelTraits(family, native_width=family.fixed_size, native_height=family.fixed_size)
     denoiser = read_json(f"{family.denoiser}/config.json") or {}
     vae = read_json("vae/config.json") or {}
     sample = denoiser.get("sample_size")
@@ -103,20 +107,29 @@ def local_traits(folder: Path) -> ModelTraits:
 
 def model_traits(name: str, endpoint_url: str | None = None) -> ModelTraits:
     """Traits of ``--model`` (builtin, local folder or ``s3://`` prefix) from its configs;
-    ValueError naming the model and the fix when it is missing or not a supported family."""
+    FamilyError naming the model and the fix when it is missing or not a supported family."""
     if not name.startswith("s3://"):
         from sdbatch.models import local_model_dir
 
-        return local_traits(local_model_dir(name))
-    from sdbatch.storage import NotFound, open_storage
+        try:
+            folder = local_model_dir(name)
+        except ValueError as exc:
+            raise FamilyError(str(exc)) from None
+        return local_traits(folder)
+    from sdbatch.storage import NotFound, StorageError, open_storage
 
-    storage = open_storage(name, endpoint_url=endpoint_url)
+    try:
+        storage = open_storage(name, endpoint_url=endpoint_url)
+    except StorageError as exc:
+        raise FamilyError(f"model {name!r}: {exc}") from None
 
     def read(rel: str) -> dict[str, Any] | None:
         try:
             return json.loads(storage.get(rel))
         except NotFound:
             return None
+        except StorageError as exc:
+            raise FamilyError(f"model {name!r}: {exc}") from None
 
     if read("model_index.json") is None:
         raise FamilyError(f"model {name!r}: no model_index.json under that prefix; it must hold a diffusers folder")

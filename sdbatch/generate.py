@@ -21,6 +21,7 @@ UNet runs channels_last with PyTorch SDPA attention, optionally ``torch.compile`
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import logging
@@ -42,22 +43,13 @@ import diffusers  # noqa: E402
 import numpy as np
 import torch
 import transformers
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    FlowMatchHeunDiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-    UniPCMultistepScheduler,
-)
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from PIL import Image
 
-from sdbatch.families import DEFAULT_SAMPLER, Family, local_traits
+from sdbatch.columns import DEFAULT_SAMPLER, SAMPLERS
+from sdbatch.errors import BadInput
+from sdbatch.families import Family, local_traits
 from sdbatch.lora import LoraSet, check_safetensors, sha256_hex
 from sdbatch.manifest import Row
 from sdbatch.models import GeneratedBatch, fingerprint_model_dir, local_model_dir
@@ -70,22 +62,6 @@ log = logging.getLogger("sdbatch.generate")
 diffusers.utils.logging.disable_progress_bar()
 transformers.utils.logging.disable_progress_bar()
 
-# scheduler name -> (class, config overrides applied on top of the model's own scheduler config)
-SCHEDULER_FACTORIES: dict[str, tuple[type, dict[str, Any]]] = {
-    "ddim": (DDIMScheduler, {}),
-    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
-    "lms": (LMSDiscreteScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": (
-        DPMSolverMultistepScheduler,
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-    ),
-    "unipc": (UniPCMultistepScheduler, {}),
-    "flow_euler": (FlowMatchEulerDiscreteScheduler, {}),
-    "flow_heun": (FlowMatchHeunDiscreteScheduler, {}),
-}
 #: from_pretrained arguments of one family: SD 1.x/2.x folders may name a safety checker
 #: sdbatch never runs (dataset generation; the user's own filter comes after).
 LOAD_OPTIONS: dict[str, dict[str, Any]] = {
@@ -97,7 +73,7 @@ LORA_CACHE_SIZE = 8
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
-class ModelError(ValueError):
+class ModelError(BadInput, ValueError):
     """The model cannot be used: the message names the model and the fix."""
 
 
@@ -286,6 +262,12 @@ class Generator:
         self._sampler_configs: dict[str, dict[str, Any]] = {}
         # SD3's img2img renders at its native size unless told the (init image's) row size
         self._img2img_takes_size = "height" in inspect.signature(self.img2img.__call__).parameters
+        for encoder in (getattr(txt2img, "text_encoder", None), getattr(txt2img, "text_encoder_2", None)):
+            if encoder is not None and not hasattr(encoder, "text_model"):
+                # diffusers' clip_skip path reads text_encoder.text_model.final_layer_norm, which
+                # transformers 5 flattened into text_encoder.final_layer_norm; point the old name at
+                # the model itself (bypassing nn.Module registration, so it is no submodule)
+                object.__setattr__(encoder, "text_model", encoder)
         for pipe in (self.txt2img, self.img2img):
             pipe.set_progress_bar_config(disable=True)
 
@@ -346,15 +328,32 @@ class Generator:
         )
         log.info("loaded %s model %s on %s (%s%s), fingerprint %s", family.name, model, device, info.dtype,
                  ", compiled" if compile else "", info.short_hash)
-        return cls(pipe, info, family, loras=loras, endpoint_url=endpoint_url, compiled=compile)
+        generator = cls(pipe, info, family, loras=loras, endpoint_url=endpoint_url, compiled=compile)
+        generator.build_samplers()
+        return generator
+
+    def build_samplers(self) -> None:
+        """Build every sampler of the family whose packages are installed from this model's
+        scheduler config, so one that cannot be built fails the worker's start (a job-level
+        error), not every shard. (A sampler missing a package is refused before the job starts:
+        cli.preflight_samplers.)"""
+        for name in self.family.samplers:
+            sampler = SAMPLERS.get(name)
+            if sampler is None or all(importlib.util.find_spec(m) for m in sampler.requires):
+                try:
+                    self.scheduler_config(name)
+                except Exception as exc:  # noqa: BLE001 - any diffusers error: the model and sampler do not fit
+                    built = f" ({sampler.diffusers_class})" if sampler else " (the model's own scheduler)"
+                    raise ModelError(f"sampler {name!r}{built} cannot be built from the scheduler config of model "
+                                     f"{self.info.name!r}: {type(exc).__name__}: {exc}") from exc
 
     def make_scheduler(self, name: str):
         if name not in self.family.samplers:
             raise ModelError(f"scheduler {name!r} is not one of the {self.family.name} family's: {', '.join(self.family.samplers)}")
         if name == DEFAULT_SAMPLER:
             return self._own_scheduler.from_config(self._scheduler_config)
-        scheduler_cls, overrides = SCHEDULER_FACTORIES[name]
-        return scheduler_cls.from_config({**self._scheduler_config, **overrides})
+        sampler = SAMPLERS[name]
+        return getattr(diffusers, sampler.diffusers_class).from_config({**self._scheduler_config, **sampler.overrides})
 
     def scheduler_config(self, name: str) -> dict[str, Any]:
         """The full config of the sampler as used, for the metadata record (built once per
@@ -392,12 +391,18 @@ class Generator:
 
     def _denoise(self, rows: list[Row], init_images: list[Image.Image | None] | None) -> torch.Tensor:
         first = rows[0]
+        layers = self.txt2img.text_encoder.config.num_hidden_layers
+        if first.clip_skip > layers + 1:
+            raise ValueError(f"clip_skip {first.clip_skip} needs a text encoder of at least {first.clip_skip - 1} "
+                             f"layers; this model's has {layers}: use clip_skip <= {layers + 1}")
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in rows]
         common = dict(
             prompt=[r.prompt for r in rows],
             negative_prompt=[r.negative_prompt for r in rows],
             num_inference_steps=first.steps,
             guidance_scale=first.guidance_scale,
+            # A1111 counts the last layer as clip skip 1; diffusers counts layers skipped
+            clip_skip=first.clip_skip - 1 or None,
             generator=generators,
             output_type="latent",
             **self.conditioning(first),

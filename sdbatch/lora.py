@@ -14,13 +14,15 @@ import math
 import re
 import struct
 
+from sdbatch.errors import BadInput
+
 #: One A1111 extra-network tag for a LoRA: ``<lora:NAME>`` or ``<lora:NAME:SCALE>``.
 TAG_RE = re.compile(r"<lora:([^<>]*)>")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # no '.': a name is also a spec key (loras.NAME)
 LoraSet = tuple[tuple[str, float], ...]
 
 
-class LoraError(ValueError):
+class LoraError(BadInput, ValueError):
     """A malformed adapter reference; the message says what is wrong and how to write it."""
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -30,10 +31,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import sdbatch
+from sdbatch.columns import RESULT_COLUMNS, index_types
+from sdbatch.errors import BadInput, JobFailed
 from sdbatch.manifest import Manifest
 from sdbatch.quality import QUALITY_COLUMN_TYPES, mark_duplicates
 from sdbatch.spec import JobSpec, fingerprint
 from sdbatch.storage import NotFound, Storage
+
+log = logging.getLogger("sdbatch.output")
 
 JOB_KEY = "_sdbatch/job.json"
 LOCK_KEY = "_sdbatch/lock.json"
@@ -43,12 +48,13 @@ IMAGES_PREFIX = "images/"
 TARS_PREFIX = "shards/"
 INDEX_KEY = "index.parquet"
 SUCCESS_KEY = "_SUCCESS"
+REPORT_KEY = "report.html"
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 
 
-class OutputMismatch(ValueError):
+class OutputMismatch(BadInput, ValueError):
     """OUT already holds a different job."""
 
 
@@ -70,12 +76,10 @@ def webdataset_key(row_id: str) -> str:
 
 
 def committed_shards(storage: Storage) -> set[str]:
-    """Names of committed shards, from a listing of metadata/ only."""
-    return {
-        key[len(METADATA_PREFIX) : -len(".parquet")]
-        for key in storage.list(METADATA_PREFIX)
-        if key.endswith(".parquet")
-    }
+    """Names of committed shards, from a listing of metadata/ only. Only ``NNNNN.parquet``
+    is a commit: another file there (a ``summary.parquet`` some tool left) is not a shard."""
+    names = (key[len(METADATA_PREFIX) : -len(".parquet")] for key in storage.list(METADATA_PREFIX) if key.endswith(".parquet"))
+    return {name for name in names if name.isdigit()}
 
 
 def build_webdataset_tar(members: list[tuple[str, bytes, bytes]], image_ext: str) -> bytes:
@@ -99,19 +103,58 @@ def table_to_parquet(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def records_to_parquet(records: list[dict[str, Any]]) -> bytes:
-    """A shard index's bytes (records share one set of keys: ``worker.index_row``)."""
-    return table_to_parquet(pa.Table.from_pylist(records))
+def records_to_parquet(records: list[dict[str, Any]], schema: pa.Schema) -> bytes:
+    """A shard index's bytes, typed by ``schema`` (``index_schema``): a column that is null
+    throughout one shard (``strength`` in a text-to-image shard) still has its declared type."""
+    undeclared = sorted(set().union(*records) - set(schema.names))
+    if undeclared:  # a new index column must be declared in INDEX_COLUMN_TYPES, not dropped
+        raise ValueError(f"index rows carry columns the index schema does not declare: {', '.join(undeclared)}")
+    return table_to_parquet(pa.Table.from_pylist(records, schema=schema))
 
 
-def commit_shard(storage: Storage, shard_name: str, records: list[dict[str, Any]]) -> bool:
-    """Write the shard index (create-once). Returns False if an earlier attempt had already
-    committed this shard — its index stays, ours is dropped."""
-    return storage.put_new(metadata_key(shard_name), records_to_parquet(records)).created
+@dataclass(frozen=True)
+class Commit:
+    """A shard's committed index rows and the storage tag of the commit they were read from."""
+
+    records: list[dict[str, Any]]
+    tag: str
+
+
+def read_commit(storage: Storage, shard_name: str) -> Commit:
+    data, tag = storage.get_tagged(metadata_key(shard_name))
+    return Commit(pq.read_table(io.BytesIO(data)).to_pylist(), tag)
+
+
+def commit_shard(
+    storage: Storage, shard_name: str, records: list[dict[str, Any]], schema: pa.Schema,
+    replacing: Commit | None = None,
+) -> bool:
+    """Write the shard index — the commit — typed by ``schema``. A new shard's is create-once:
+    False if an earlier attempt had already committed it (its index stays, ours is dropped).
+    ``replacing`` (--retry-failed) is the commit read before its failed rows were regenerated:
+    it is replaced by compare-and-swap, False if it changed meanwhile (a concurrent attempt
+    replaced it first; that one stays)."""
+    data = records_to_parquet(records, schema)
+    if replacing is None:
+        return storage.put_new(metadata_key(shard_name), data).created
+    return storage.replace_if(metadata_key(shard_name), data, replacing.tag) is not None
+
+
+class CorruptCommit(JobFailed):
+    """A shard's commit that is not readable Parquet (truncated, overwritten by another tool)."""
+
+    def __init__(self, shard_name: str, cause: Exception):
+        super().__init__(f"{metadata_key(shard_name)} is not a readable shard index ({type(cause).__name__}: "
+                         f"{cause}): shard {shard_name} is treated as uncommitted")
+        self.shard_name = shard_name
 
 
 def read_shard_index(storage: Storage, shard_name: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.get(metadata_key(shard_name))))
+    data = storage.get(metadata_key(shard_name))
+    try:
+        return pq.read_table(io.BytesIO(data))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise CorruptCommit(shard_name, exc) from None
 
 
 def _committed_index(storage: Storage) -> pa.Table:
@@ -126,15 +169,8 @@ def _committed_index(storage: Storage) -> pa.Table:
 #: their manifest types. A shard index infers its types from its values, so a column that is
 #: null throughout one shard (``strength`` in a text-to-image shard) is typed here.
 INDEX_COLUMN_TYPES: dict[str, pa.DataType] = {
-    "id": pa.string(), "row": pa.int64(), "prompt": pa.string(), "negative_prompt": pa.string(),
-    "seed": pa.int64(), "steps": pa.int64(), "guidance_scale": pa.float64(), "width": pa.int64(),
-    "height": pa.int64(), "scheduler": pa.string(), "init_image": pa.string(), "strength": pa.float64(),
-    "loras": pa.list_(pa.struct([("name", pa.string()), ("scale", pa.float64()), ("sha256", pa.string())])),
-    "shard": pa.string(), "batch_id": pa.string(), "batch_rows": pa.list_(pa.string()),
-    "model_fingerprint": pa.string(), "device": pa.string(), "dtype": pa.string(), "torch_threads": pa.int64(),
-    "versions": pa.string(), "init_image_sha256": pa.string(), "prompt_truncated_at": pa.int64(), "status": pa.string(), "error": pa.string(),
-    "key": pa.string(), "sha256": pa.string(), "bytes": pa.int64(), "attempt": pa.int64(), "worker": pa.string(),
-    "generate_seconds": pa.float64(), **QUALITY_COLUMN_TYPES,
+    "id": pa.string(), "row": pa.int64(), **{name: t for name, t in index_types().items() if name != "id"},
+    **RESULT_COLUMNS, **QUALITY_COLUMN_TYPES,
 }
 #: Shard indexes read ahead of the writer while merging, and the rows gathered into one
 #: Parquet row group: together they bound the merge's memory.
@@ -163,7 +199,16 @@ def _write_row_group(writer: pq.ParquetWriter, tables: list[pa.Table]) -> None:
 class IndexSummary:
     rows: int
     rows_failed: int
+    first_failed: list[dict[str, str]]  # {"id", "error"} of the first FAILED_ROWS_SHOWN failed rows
     duplicates: int = 0
+
+
+FAILED_ROWS_SHOWN = 10  # failed rows listed at the end of a job and by `sdbatch status`
+
+
+def failed_rows_text(failed_rows: list[dict[str, str]]) -> str:
+    """The listing of failed rows the console and ``sdbatch status`` show, one per line."""
+    return "\n".join(f"  {row['id']}: {row['error']}" for row in failed_rows)
 
 
 def merge_index(storage: Storage, passthrough_types: dict[str, pa.DataType], duplicate_max_distance: int = 0) -> IndexSummary:
@@ -175,6 +220,7 @@ def merge_index(storage: Storage, passthrough_types: dict[str, pa.DataType], dup
     names = sorted(committed_shards(storage), key=int)
     schema = index_schema(passthrough_types)
     rows = failed = 0
+    first_failed: list[dict[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="sdbatch-index-") as tmp, ThreadPoolExecutor(MERGE_READ_AHEAD) as pool:
         path = Path(tmp) / INDEX_KEY
         with pq.ParquetWriter(path, schema, compression="zstd") as writer:
@@ -183,7 +229,9 @@ def merge_index(storage: Storage, passthrough_types: dict[str, pa.DataType], dup
                 for table in pool.map(partial(read_shard_index, storage), names[start:start + MERGE_READ_AHEAD]):
                     group.append(_conform(table, schema))
                     rows += table.num_rows
-                    failed += pc.sum(pc.equal(table.column("status"), STATUS_FAILED)).as_py() or 0
+                    failures = table.filter(pc.equal(table.column("status"), STATUS_FAILED))
+                    failed += failures.num_rows
+                    first_failed += failures.select(["id", "error"]).slice(0, FAILED_ROWS_SHOWN - len(first_failed)).to_pylist()
                     if sum(t.num_rows for t in group) >= MERGE_ROW_GROUP_ROWS:
                         _write_row_group(writer, group)
                         group = []
@@ -192,7 +240,7 @@ def merge_index(storage: Storage, passthrough_types: dict[str, pa.DataType], dup
         marked = Path(tmp) / f"marked-{INDEX_KEY}"
         duplicates = mark_duplicates(path, marked, duplicate_max_distance)
         storage.put_file(INDEX_KEY, marked)
-    return IndexSummary(rows=rows, rows_failed=failed, duplicates=duplicates)
+    return IndexSummary(rows=rows, rows_failed=failed, first_failed=first_failed, duplicates=duplicates)
 
 
 def read_index(storage: Storage) -> tuple[pa.Table, int | None]:
@@ -201,13 +249,42 @@ def read_index(storage: Storage) -> tuple[pa.Table, int | None]:
     try:
         return pq.read_table(io.BytesIO(storage.get(INDEX_KEY))), None
     except NotFound:
-        table = _committed_index(storage)
-        return table, len(table.column("shard").unique()) if table.num_rows else 0
+        pass
+    except (pa.ArrowInvalid, OSError) as exc:  # a merge cut short: the commits still hold every row
+        log.warning("%s is not readable Parquet (%s: %s): reading the shard commits instead; rerun "
+                    "`sdbatch submit` to rewrite it", INDEX_KEY, type(exc).__name__, exc)
+    table = _committed_index(storage)
+    return table, len(table.column("shard").unique()) if table.num_rows else 0
+
+
+class CorruptState(BadInput):
+    """One of OUT's job-state files is not the JSON sdbatch wrote (truncated, edited, another tool's)."""
+
+
+#: How to recover from each job-state file being unreadable.
+_RECOVERY = {
+    JOB_KEY: "it records which job OUT holds: restore it, or start over with `sdbatch submit … --new-run`",
+    LOCK_KEY: "it is the driver's lease: once no driver is running, remove it with `sdbatch unlock OUT --force`",
+    PROGRESS_KEY: "it is only a progress snapshot: delete it, the next run rewrites it",
+    SUCCESS_KEY: "it is the finished job's summary: delete it and rerun the same command to rewrite it",
+}
+
+
+def parse_json(storage: Storage, key: str, data: bytes) -> dict[str, Any]:
+    """A job-state document's content, or CorruptState naming the file and the recovery."""
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:
+        doc = exc
+    if not isinstance(doc, dict):
+        raise CorruptState(f"{storage.url}/{key} is corrupt (not a JSON object: {str(doc)[:80]}); "
+                           f"{_RECOVERY.get(key, 'delete it')}")
+    return doc
 
 
 def read_json(storage: Storage, key: str) -> dict[str, Any] | None:
     try:
-        return json.loads(storage.get(key))
+        return parse_json(storage, key, storage.get(key))
     except NotFound:
         return None
 
@@ -242,7 +319,9 @@ def job_record(spec: JobSpec, manifest: Manifest, model_fingerprint: str | None,
 #: job.json last, so an interrupted clear leaves a state of the old job that still resumes
 #: (job.json names it; its uncommitted shards are simply redone), and a new job is claimed
 #: only once no image of the old one is left for it to adopt under the same key.
-JOB_PARTS_IN_DELETE_ORDER = (METADATA_PREFIX, INDEX_KEY, SUCCESS_KEY, IMAGES_PREFIX, TARS_PREFIX, PROGRESS_KEY, JOB_KEY)
+JOB_PARTS_IN_DELETE_ORDER = (
+    METADATA_PREFIX, INDEX_KEY, SUCCESS_KEY, REPORT_KEY, IMAGES_PREFIX, TARS_PREFIX, PROGRESS_KEY, JOB_KEY,
+)
 
 
 def clear_job(storage: Storage) -> int:

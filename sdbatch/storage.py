@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -39,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
+
+from sdbatch.errors import EXIT_BAD_INPUT, JobFailed
 
 log = logging.getLogger("sdbatch.storage")
 
@@ -52,6 +55,7 @@ __all__ = [
     "S3Storage",
     "open_storage",
     "read_uri",
+    "TooLarge",
     "fetch_model_dir",
     "register_client_hook",
     "clear_client_cache",
@@ -60,7 +64,7 @@ __all__ = [
 ]
 
 PROBE_PREFIX = "_sdbatch/"
-_TMP_MARK = ".sdbatch-tmp-"
+TMP_MARK = ".sdbatch-tmp-"  # names temporary files; keys holding it are refused (and so are such row ids)
 _COPY_CHUNK = 1 << 20
 FORBIDDEN_MODEL_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 MODEL_MARKER = ".sdbatch-complete.json"
@@ -70,8 +74,8 @@ MODEL_MARKER = ".sdbatch-complete.json"
 # errors and results
 
 
-class StorageError(Exception):
-    """Any storage failure. ``transient``: retrying later may succeed."""
+class StorageError(JobFailed):
+    """Any storage failure (exit 5 when it stops a driver). ``transient``: retrying later may succeed."""
 
     def __init__(self, message: str, *, transient: bool = False):
         super().__init__(message)
@@ -79,7 +83,9 @@ class StorageError(Exception):
 
 
 class StorageConfigError(StorageError):
-    """A problem the user must fix (bucket, access, credentials, endpoint, URL)."""
+    """A problem the user must fix (bucket, access, credentials, endpoint, URL): exit 2."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 class NotFound(StorageError):
@@ -123,8 +129,8 @@ def _check_key(key: str) -> str:
     parts = key.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise StorageError(f"invalid storage key {key!r}: empty, '.' or '..' segment")
-    if _TMP_MARK in key:
-        raise StorageError(f"invalid storage key {key!r}: reserved marker {_TMP_MARK!r}")
+    if TMP_MARK in key:
+        raise StorageError(f"invalid storage key {key!r}: reserved marker {TMP_MARK!r}")
     return key
 
 
@@ -174,7 +180,7 @@ class LocalStorage:
         """``data`` (bytes, or the local file at that path) in a temp file next to ``path``."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.parent / f".{path.name}{_TMP_MARK}{uuid.uuid4().hex}"
+            tmp = path.parent / f".{path.name}{TMP_MARK}{uuid.uuid4().hex}"
             try:
                 with open(tmp, "xb") as f:
                     if isinstance(data, Path):
@@ -207,7 +213,7 @@ class LocalStorage:
             os.link(tmp, path)
         except FileExistsError:
             stored = path.read_bytes()
-            log.info("put_new %s: key exists, adopting stored object (%d bytes)", key, len(stored))
+            log.debug("put_new %s: key exists, adopting stored object (%d bytes)", key, len(stored))
             return PutResult(created=False, sha256=_sha256(stored), size=len(stored))
         except OSError as e:
             raise StorageError(
@@ -249,7 +255,7 @@ class LocalStorage:
         path = self._path(key)
         if not path.parent.is_dir():
             return None
-        with open(path.parent / f".{path.name}{_TMP_MARK}cas-lock", "a+b") as guard:  # listings skip it
+        with open(path.parent / f".{path.name}{TMP_MARK}cas-lock", "a+b") as guard:  # listings skip it
             fcntl.flock(guard, fcntl.LOCK_EX)
             try:
                 if _sha256(path.read_bytes()) != tag:
@@ -290,7 +296,7 @@ class LocalStorage:
                 if (rel_dir + d + "/").startswith(prefix) or prefix.startswith(rel_dir + d + "/")
             ]
             for name in filenames:
-                if _TMP_MARK in name:
+                if TMP_MARK in name:
                     continue
                 k = rel_dir + name
                 if k.startswith(prefix):
@@ -645,7 +651,7 @@ class S3Storage:
                     except NotFound:
                         # deleted between our PUT and GET: try to create again
                         continue
-                    log.info("put_new %s: key exists, adopting stored object (%d bytes)", self.url + "/" + key,
+                    log.debug("put_new %s: key exists, adopting stored object (%d bytes)", self.url + "/" + key,
                              len(stored))
                     return PutResult(created=False, sha256=_sha256(stored), size=len(stored))
                 if status == 409 or code == "ConditionalRequestConflict":
@@ -823,8 +829,14 @@ def _file_url_path(url: str) -> str:
     return unquote(parts.path)
 
 
-def read_uri(uri: str | Path, *, endpoint_url: str | None = None) -> bytes:
-    """Bytes of a local path, file:// URL, or s3://bucket/key. Raises NotFound / StorageError."""
+class TooLarge(StorageError):
+    """An object larger than the caller's ``max_bytes`` (not read past it)."""
+
+
+def read_uri(uri: str | Path, *, endpoint_url: str | None = None, max_bytes: int | None = None) -> bytes:
+    """Bytes of a local path, file:// URL, or s3://bucket/key. Raises NotFound / StorageError,
+    and TooLarge for an object over ``max_bytes`` (of which at most ``max_bytes + 1`` are read).
+    A local path must be a regular file: a FIFO or device is refused, never opened."""
     uri = str(uri)
     if uri.startswith("s3://"):
         bucket, key = parse_s3_url(uri)
@@ -833,10 +845,16 @@ def read_uri(uri: str | Path, *, endpoint_url: str | None = None) -> bytes:
         ep = _endpoint(endpoint_url)
         client = _get_client(ep)
         try:
-            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            ranged = {"Range": f"bytes=0-{max_bytes}"} if max_bytes is not None else {}
+            data = client.get_object(Bucket=bucket, Key=key, **ranged)["Body"].read()
+            if max_bytes is not None and len(data) > max_bytes:
+                raise TooLarge(f"{uri} is larger than {max_bytes:,} bytes")
+            return data
         except Exception as e:
             if not _is_botocore_error(e):
                 raise
+            if ranged and _error_code(e)[1] == 416:  # a range of an empty object
+                return b""
             err = _translate(e, what=f"get_object {key}", bucket=bucket, endpoint=ep)
             if isinstance(err, NotFound):
                 err = NotFound(f"{uri} not found")
@@ -848,13 +866,30 @@ def read_uri(uri: str | Path, *, endpoint_url: str | None = None) -> bytes:
         uri = _file_url_path(uri)
     p = Path(uri).expanduser()
     try:
-        return p.read_bytes()
+        mode = p.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(p)
+        if not stat.S_ISREG(mode):  # opening a FIFO blocks; a device may never end
+            raise StorageError(f"{p} is not a regular file ({_file_kind(mode)})")
+        with p.open("rb") as f:
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        if max_bytes is not None and len(data) > max_bytes:
+            raise TooLarge(f"{p} is larger than {max_bytes:,} bytes ({p.stat().st_size:,})")
+        return data
     except (FileNotFoundError, NotADirectoryError) as e:
         raise NotFound(f"{p} not found") from e
     except IsADirectoryError as e:
         raise StorageError(f"{p} is a directory, not a file") from e
     except PermissionError as e:
         raise StorageConfigError(f"cannot read {p}: permission denied") from e
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a plain file"
 
 
 def _forbidden(names) -> list[str]:
@@ -937,7 +972,7 @@ def fetch_model_dir(uri: str | Path, *, cache_dir: str | Path | None = None,
             _download(client, bucket, root_prefix + rel, target, size, ep)
             total += size
         manifest = {"uri": canonical, "files": listing, "completed_at": time.time()}
-        tmp = dest / (MODEL_MARKER + _TMP_MARK)
+        tmp = dest / (MODEL_MARKER + TMP_MARK)
         tmp.write_text(json.dumps(manifest, sort_keys=True))
         os.replace(tmp, marker)
         log.info("downloaded model %s (%d files, %d bytes) to %s", canonical, len(listing), total, dest)
@@ -960,7 +995,7 @@ def _complete(dest: Path) -> bool:
 
 
 def _download(client, bucket: str, key: str, target: Path, size: int, ep: str | None, tries: int = 3) -> None:
-    tmp = target.with_name(target.name + _TMP_MARK + uuid.uuid4().hex)
+    tmp = target.with_name(target.name + TMP_MARK + uuid.uuid4().hex)
     last: Exception | None = None
     try:
         for attempt in range(tries):

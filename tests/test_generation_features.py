@@ -12,8 +12,9 @@ import pytest
 from conftest import write_manifest
 from PIL import Image
 
-from sdbatch.encode import A1111_SCHEDULER_CLASS_NAMES, parse_infotext, read_embedded
-from sdbatch.spec import SCHEDULERS
+from sdbatch.columns import A1111_BY_CLASS
+from sdbatch.encode import parse_infotext, read_embedded
+from sdbatch.families import DIFFUSION_SAMPLERS as SCHEDULERS  # builtin:tiny is SD 1.x
 
 TINY = ["--model", "builtin:tiny", "--steps", "4", "--batch-size", "4"]
 # Measured (benchmarks/RESULTS.md, "Batch invariance"): a row generated alone and inside a
@@ -56,7 +57,7 @@ def test_mixed_manifest_every_sampler_size_guidance_and_img2img(run_cli, tmp_pat
         params = parse_infotext(text)
         assert row["scheduler"] == record["scheduler"]
         if row["scheduler"] == "default":  # the model's own scheduler, named by its class
-            own = A1111_SCHEDULER_CLASS_NAMES[record["scheduler_config"]["_class_name"]]
+            own = A1111_BY_CLASS[record["scheduler_config"]["_class_name"]]
             assert f"Sampler: {own}," in text
         else:
             assert params["scheduler"] == row["scheduler"]
