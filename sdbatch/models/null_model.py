@@ -56,6 +56,7 @@ class NullModelInfo:
     dtype: str = "uint8"
     versions: dict[str, str] | None = None
     threads: int = 1
+    family: str = NULL_CLASS_NAME  # model_index.json _class_name, as ModelInfo.family
 
     @property
     def short_hash(self) -> str:
