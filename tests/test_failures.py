@@ -160,7 +160,7 @@ class RaisingGenerator:
 
 
 def run_one_shard(generator, tmp_path: Path, rows: list[dict], attempt: int = 1, **overrides):
-    from sdbatch.manifest import open_manifest, read_rows
+    from sdbatch.manifest import open_manifest, passthrough_types, read_rows
     from sdbatch.plan import ShardSpec
     from sdbatch.spec import load_spec
     from sdbatch.storage import LocalStorage
@@ -170,7 +170,8 @@ def run_one_shard(generator, tmp_path: Path, rows: list[dict], attempt: int = 1,
     source = open_manifest(str(write_manifest(tmp_path / "m.parquet", rows)))
     storage = LocalStorage(tmp_path / "out")
     s = ShardSpec(0, range(source.num_rows))
-    result = ShardRunner(generator, storage, spec).run_shard(s, read_rows(source, spec, 0, source.num_rows), attempt)
+    runner = ShardRunner(generator, storage, spec, passthrough=passthrough_types(source))
+    result = runner.run_shard(s, read_rows(source, spec, 0, source.num_rows), attempt)
     return result, {r["id"]: r for r in pq.read_table(tmp_path / "out" / "metadata" / "00000.parquet").to_pylist()}
 
 
@@ -285,11 +286,12 @@ def test_unlock_removes_only_a_lock_no_live_driver_holds(tmp_path):
 
 
 def test_a_stray_metadata_file_and_a_truncated_index_are_not_taken_for_commits(tmp_path):
-    from sdbatch.output import committed_shards, read_index, records_to_parquet
+    from sdbatch.output import committed_shards, index_schema, read_index, records_to_parquet
     from sdbatch.storage import LocalStorage
 
     storage = LocalStorage(tmp_path / "out")
-    storage.put("metadata/00000.parquet", records_to_parquet([{"id": "a", "row": 0, "shard": "00000", "status": "ok"}]))
+    storage.put("metadata/00000.parquet",
+                records_to_parquet([{"id": "a", "row": 0, "shard": "00000", "status": "ok"}], index_schema({})))
     storage.put("metadata/summary.parquet", b"another tool's file")
     assert committed_shards(storage) == {"00000"}
     storage.put("index.parquet", b"PAR1-truncated")

@@ -210,7 +210,7 @@ def test_report_command_lists_failures_and_prices_images(usage_dir, usage_run):
     assert shown["images-per-device-hour"] == f"{per_worker_hour:.0f}"
     assert shown["cost-per-1000"] == f"${1000 * 2 / per_worker_hour:.4f}"
     failures = re.search(r'<table id="failures">(.*?)</table>', html, re.S).group(1)
-    assert "<td>broken</td>" in failures and "init_image unreadable" in failures
+    assert "<td>broken</td>" in failures and "cannot identify the image format of its 9 bytes" in failures
     assert len(re.findall(r'<img src="data:image/png;base64,', html)) == 6  # the contact sheet: ok rows only
 
 
