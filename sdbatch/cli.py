@@ -112,7 +112,8 @@ def submit(
     s3_endpoint: Optional[str] = EndpointOpt,
     deadline: Optional[str] = typer.Option(None, "--deadline", help="Start no shard at or after HH:MM or a duration (90m, 2h); running shards finish, the rest wait for a rerun (exit 4)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Also regenerate rows that failed permanently in an earlier run."),
-    new_run: bool = typer.Option(False, "--new-run", help="Start over: delete the job OUT holds (its images, metadata, index, _SUCCESS, _sdbatch state; no other file) and run this one there."),
+    new_run: bool = typer.Option(False, "--new-run", help="Start over: delete the job OUT holds (only the objects its commits and index name, and its _sdbatch state; no other file) and run this one there."),
+    allow_unauthenticated_ray: bool = typer.Option(False, "--allow-unauthenticated-ray", help="Start the local Ray cluster even with RAY_AUTH_MODE=disabled (it still listens on 127.0.0.1 only)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Validate MANIFEST, then generate every row's image into OUT (resuming what OUT holds)."""
@@ -150,9 +151,19 @@ def submit(
     if not report.ok:
         err.print(report.render(), soft_wrap=True, markup=False)
         raise fail(f"manifest {manifest} has {report.issue_count} invalid values; nothing was written to {out}")
-    model_error = preflight_model(spec.model.name, s3_endpoint)
-    if model_error:
-        raise fail(model_error)
+    from sdbatch.manifest import check_init_image_roots
+    from sdbatch.models import ModelError, preflight
+
+    try:
+        check_init_image_roots(source, spec, [out, spec.model.name])
+        model_ref = preflight(spec.model.name, endpoint_url=s3_endpoint)
+    except (ManifestError, ModelError) as exc:
+        raise fail(str(exc)) from None
+    except StorageError as exc:
+        raise fail(f"model {spec.model.name!r}: {exc}") from None
+    ray_error = local_ray_environment(address, allow_unauthenticated_ray)
+    if ray_error:
+        raise fail(ray_error)
     try:
         storage = open_storage(
             out, endpoint_url=s3_endpoint, max_attempts=spec.retries.storage_attempts,
@@ -162,10 +173,9 @@ def submit(
     except StorageError as exc:
         raise fail(str(exc)) from None
 
-    from sdbatch.models import local_model_fingerprint
     from sdbatch.output import OutputMismatch, job_record
 
-    job = job_record(spec, source, local_model_fingerprint(spec.model.name))
+    job = job_record(spec, source, model_ref.pin)
     from sdbatch.lock import LockHeld
     from sdbatch.scheduler import EXIT_SHARDS_FAILED, WorkerStartError, run_job
 
@@ -193,23 +203,21 @@ def submit(
         raise fail(outcome.message, outcome.exit_code)
 
 
-def preflight_model(name: str, endpoint_url: str | None) -> str | None:
-    """Check the model exists before any worker starts (no torch import)."""
-    if name.startswith("s3://"):
-        from sdbatch.storage import StorageError, open_storage
-
-        try:
-            if not open_storage(name, endpoint_url=endpoint_url).exists("model_index.json"):
-                return f"model {name!r}: no model_index.json under that prefix; it must hold a diffusers folder"
-        except StorageError as exc:
-            return f"model {name!r}: {exc}"
+def local_ray_environment(address: str | None, allow_unauthenticated: bool) -> str | None:
+    """Prepare the local Ray cluster sdbatch starts when no ``--address``/``RAY_ADDRESS`` is
+    given (before ray is imported): every process of it, dashboard and agents included, gets
+    127.0.0.1 as its node IP, and Ray binds its servers to the node IP. ``ray.init`` alone turns
+    ``_node_ip_address="127.0.0.1"`` into the host's address on Linux; Ray's
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (single-machine mode, inherited by every process
+    the cluster starts) keeps it loopback. Returns an error when authentication is disabled and
+    the user did not opt in, else None."""
+    if address or os.environ.get("RAY_ADDRESS"):
         return None
-    from sdbatch.models import local_model_dir
-
-    try:
-        local_model_dir(name)
-    except ValueError as exc:
-        return str(exc)
+    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled" and not allow_unauthenticated:
+        return ("RAY_AUTH_MODE=disabled: the local Ray cluster would accept commands from any process on this "
+                "machine without a token. Unset RAY_AUTH_MODE (token authentication is Ray's default), or pass "
+                "--allow-unauthenticated-ray if that is really wanted; nothing was written")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     return None
 
 
@@ -224,6 +232,7 @@ def status(
 
     from sdbatch.lock import lock_is_stale
     from sdbatch.output import JOB_KEY, LOCK_KEY, PROGRESS_KEY, SUCCESS_KEY, committed_shards, read_json
+    from sdbatch.storage import NotFound
     from sdbatch.plan import num_shards
     from sdbatch.storage import StorageError, open_storage
 
@@ -235,6 +244,10 @@ def status(
         progress = read_json(storage, PROGRESS_KEY) or {}
         success = read_json(storage, SUCCESS_KEY)
         lock = read_json(storage, LOCK_KEY)
+        try:
+            lock_age = storage.age(LOCK_KEY) if lock is not None else 0.0
+        except NotFound:  # released meanwhile
+            lock, lock_age = None, 0.0
         committed = len(committed_shards(storage))
     except StorageError as exc:
         raise fail(str(exc)) from None
@@ -242,7 +255,7 @@ def status(
     total = job["manifest"]["num_rows"]
     shards_total = num_shards(total, rps)
     state = "finished" if success else progress.get("state", "not started")
-    driver_alive = lock is not None and not lock_is_stale(lock)
+    driver_alive = lock is not None and not lock_is_stale(lock, lock_age)
     if state == "running" and not driver_alive:  # progress.json's last word came from a driver that died
         state = "interrupted (no driver is running it; run the same command to resume)"
     if as_json:
@@ -253,8 +266,7 @@ def status(
     stdout.print(f"job        {job['fingerprint']}  ({job['manifest']['source']}, {total} rows)")
     stdout.print(f"state      {state}")
     if lock is not None:
-        since = time.time() - float(lock.get("heartbeat_at", 0))
-        who = f"host {lock.get('host')}, pid {lock.get('pid')}, last heartbeat {since:.0f} s ago"
+        who = f"host {lock.get('host')}, pid {lock.get('pid')}, last heartbeat {lock_age:.0f} s ago"
         stdout.print(f"driver     {who}" if driver_alive else f"driver     gone ({who}; its lease has expired)")
     stdout.print(f"shards     {committed}/{shards_total} committed")
     if progress:
@@ -315,14 +327,16 @@ def verify(
     regenerate: int = typer.Option(0, "--regenerate", min=0, help="Also regenerate K random ok rows and report drift."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for choosing the rows to regenerate (default: random, printed)."),
     model: Optional[str] = typer.Option(None, "--model", help="With --regenerate: load the model from here instead of its recorded location."),
+    rebuild_index: bool = typer.Option(False, "--rebuild-index", help="First rewrite a finished job's missing, corrupt or incomplete index.parquet from its commits."),
     s3_endpoint: Optional[str] = EndpointOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Check that every index row's object exists with its recorded size and sha256; list orphans.
+    """Check the index against job.json, the manifest and the commits, and that every index row's
+    object exists with its recorded size and sha256; list orphans.
 
     Orphans (objects under images/ or shards/ that no committed index row names) are reported
     but are not an error: readers trust the index, never a listing. Exit codes: 0 clean;
-    1 objects missing or mismatched, or regenerated rows drifted; 2 no job at OUT."""
+    1 objects missing, mismatched or foreign, the index incomplete, or regenerated rows drifted; 2 no job at OUT."""
     setup_logging(verbose)
     from sdbatch.audit import AuditError
     from sdbatch.audit import verify as run_verify
@@ -330,6 +344,7 @@ def verify(
 
     try:
         report = run_verify(out_location, regenerate=regenerate, seed=seed, endpoint_url=s3_endpoint, model=model,
+                            rebuild_index=rebuild_index,
                             progress=lambda msg: err.print(msg, highlight=False) if verbose else None)
     except (AuditError, StorageError) as exc:
         raise fail(str(exc)) from None

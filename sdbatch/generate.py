@@ -1,7 +1,8 @@
 """Model loading and batch generation: the only module that imports torch and diffusers.
 
 ``Generator.load`` accepts ``builtin:NAME``, a local diffusers folder or an ``s3://`` prefix
-holding one, and loads every kind through the same ``from_pretrained`` path (safetensors only).
+holding one (resolved and checked by ``sdbatch.models``), and loads every kind through the same
+``from_pretrained`` path (safetensors only).
 ``Generator.generate`` runs one canonical batch: rows that share size, steps, sampler,
 guidance and mode (DESIGN §3). Each row gets its own CPU ``torch.Generator`` seeded with the
 row's seed, used for its initial noise and for any per-step noise of ancestral samplers, so a
@@ -41,7 +42,7 @@ from diffusers import (
 from PIL import Image
 
 from sdbatch.manifest import Row
-from sdbatch.models import fingerprint_model_dir, local_model_dir
+from sdbatch.models import ModelError, fingerprint_model_dir, resolve
 
 log = logging.getLogger("sdbatch.generate")
 diffusers.utils.logging.disable_progress_bar()
@@ -61,36 +62,6 @@ SCHEDULER_FACTORIES: dict[str, tuple[type, dict[str, Any]]] = {
     ),
     "unipc": (UniPCMultistepScheduler, {}),
 }
-
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-
-
-class ModelError(ValueError):
-    """The model cannot be used: the message names the model and the fix."""
-
-
-def resolve_model_dir(name: str, *, endpoint_url: str | None = None) -> Path:
-    """Turn ``--model`` into a local diffusers folder (downloading an s3:// one once per node)."""
-    if name.startswith("s3://"):
-        from sdbatch.storage import fetch_model_dir
-
-        return fetch_model_dir(name, endpoint_url=endpoint_url)
-    try:
-        return local_model_dir(name)
-    except ValueError as exc:
-        raise ModelError(str(exc)) from None
-
-
-def _refuse_pickle_weights(folder: Path) -> None:
-    weights = list(folder.rglob("*.safetensors"))
-    pickles = [p for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES]
-    if pickles and not weights:
-        names = ", ".join(str(p.relative_to(folder)) for p in pickles[:3])
-        raise ModelError(
-            f"model folder {folder} holds only pickle weights ({names}); sdbatch loads safetensors "
-            "only. Convert with `pipe.save_pretrained(dir, safe_serialization=True)`."
-        )
-
 
 def pick_device(device: str) -> str:
     if device == "auto":
@@ -130,7 +101,8 @@ def resize_for_row(image: Image.Image, width: int, height: int) -> Image.Image:
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
-    fingerprint: str  # sha256 over the folder's configs and weights
+    fingerprint: str  # sha256 over every file of the folder loaded
+    pin: str  # what the job pins the model to (sdbatch.models): equals fingerprint for local folders
     device: str
     dtype: str
     versions: dict[str, str]
@@ -160,12 +132,12 @@ class Generator:
         cls,
         model: str = "builtin:shapes",
         *,
+        pin: str | None = None,
         device: str = "auto",
         dtype: str = "auto",
         endpoint_url: str | None = None,
     ) -> Generator:
-        folder = resolve_model_dir(model, endpoint_url=endpoint_url)
-        _refuse_pickle_weights(folder)
+        folder, found_pin = resolve(model, pin=pin, endpoint_url=endpoint_url)
         device = pick_device(device)
         torch_dtype = pick_dtype(dtype, device)
         try:
@@ -183,7 +155,8 @@ class Generator:
         pipe = pipe.to(device)
         info = ModelInfo(
             name=model,
-            fingerprint=fingerprint_model_dir(folder),
+            fingerprint=fingerprint_model_dir(folder) if model.startswith("s3://") else found_pin,
+            pin=found_pin,
             device=device,
             dtype=str(torch_dtype).removeprefix("torch."),
             versions=software_versions(),

@@ -90,10 +90,10 @@ def connect_ray(address: str | None) -> None:
         return
     if address:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    else:
+    else:  # loopback only: see sdbatch.cli.local_ray_environment, which ran before ray was imported
         ray.init(
             include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-            _node_ip_address="127.0.0.1",  # a job-local cluster talks over loopback only
+            _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
         )
 
 
@@ -128,7 +128,18 @@ class JobOutcome:
 
 
 class WorkerStartError(RuntimeError):
-    """Workers cannot start (e.g. the model fails to load on them)."""
+    """Workers cannot start (e.g. the model fails to load on them), or loaded another model."""
+
+
+def check_worker_model(ready: dict[str, Any], job: dict[str, Any]) -> None:
+    """A worker gets shards only if the model it loaded is the one the job pinned at submit."""
+    pinned = job["model"]["fingerprint"]
+    if ready.get("model_pin") != pinned:
+        raise WorkerStartError(
+            f"worker {ready.get('worker')} loaded model {job['model']['name']!r} pinned {ready.get('model_pin')}, "
+            f"but the job was submitted with {pinned}: the model changed since. Nothing more was generated; "
+            "restore the model, or submit to a new --out (or with --new-run) to use the new one"
+        )
 
 
 @dataclass
@@ -292,7 +303,8 @@ class Driver:
         if test_env:
             options["runtime_env"] = {"env_vars": test_env}
         handle = WorkerActor.options(**options).remote(
-            self.spec_json, self.storage.url, self.endpoint_url, self.tracker
+            self.spec_json, self.storage.url, self.endpoint_url, self.tracker,
+            self.job["fingerprint"], self.job["model"]["fingerprint"],
         )
         return _Actor(handle, handle.ready.remote())
 
@@ -309,7 +321,7 @@ class Driver:
                 fresh.append(actor)
                 continue
             try:
-                ray.get(actor.ready)
+                check_worker_model(ray.get(actor.ready), self.job)
                 actor.is_ready = True
                 fresh.append(actor)
             except RayActorError as exc:
@@ -337,7 +349,7 @@ class Driver:
         work = []
         rps = self.spec.resources.rows_per_shard
         for name in sorted(committed, key=int):
-            table = read_shard_index(self.storage, name)
+            table = read_shard_index(self.storage, name, self.job["fingerprint"])
             failed = [i for i, s in zip(table.column("id").to_pylist(), table.column("status").to_pylist()) if s == STATUS_FAILED]
             if failed:
                 work.append(_Work(shard(int(name), self.manifest.num_rows, rps), retry_ids=frozenset(failed)))
@@ -390,7 +402,7 @@ class Driver:
         TestChaos.from_env().before_merge(self.storage)
         if self.lock is not None:
             self.lock.check()
-        index = merge_index(self.storage, passthrough_types(self.manifest))
+        index = merge_index(self.storage, passthrough_types(self.manifest), self.job["fingerprint"])
         total = self.manifest.num_rows
         failed_total = index.rows_failed
         wall = time.monotonic() - started
@@ -423,17 +435,15 @@ def run_job(
     spec: JobSpec, manifest: Manifest, storage: Storage, job: dict[str, Any], *, new_run: bool = False,
     **options: Any,
 ) -> JobOutcome:
-    """Claim OUT, lock it, run every pending shard, and finish the index. ``new_run`` first
-    deletes whatever job OUT holds — under the lock, so no other driver writes it meanwhile."""
-    if not new_run:
-        claim_job(storage, job)
+    """Lock OUT, claim it (under the lock, so of two drivers on an empty OUT one claims and the
+    other is refused), run every pending shard, and finish the index. ``new_run`` first deletes
+    the job OUT holds (only what its commits and index name, and its state files)."""
     lock = JobLock.acquire(storage)
     try:
         if new_run:
             deleted = clear_job(storage)
-            if deleted:
-                log.warning("--new-run: deleted the previous job's %d objects under %s", deleted, storage.url)
-            claim_job(storage, job)
+            log.warning("--new-run: deleted the previous job's %d objects under %s", deleted, storage.url)
+        claim_job(storage, job)
         return Driver(spec, manifest, storage, job, lock=lock, **options).run()
     finally:
         lock.release()

@@ -32,6 +32,7 @@ from sdbatch.output import (
     STATUS_OK,
     build_webdataset_tar,
     commit_shard,
+    foreign_object_error,
     image_key,
     metadata_key,
     read_shard_index,
@@ -49,6 +50,16 @@ if TYPE_CHECKING:  # the driver imports this module; only the actor needs torch
 log = logging.getLogger("sdbatch.worker")
 
 BatchCallback = Callable[[int, int], None]  # (rows done, rows failed) since the last call
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    key: str  # "" for a webdataset member (stored with its shard's tar)
+    sha256: str  # of this row's bytes
+    size: int
+    created: bool
+    data: bytes = b""  # webdataset: the bytes, for the tar
+    error: str | None = None  # the key holds an object that is not these bytes: not adopted
 
 
 @dataclass
@@ -131,8 +142,11 @@ class ShardRunner:
         spec: JobSpec,
         worker_name: str = "",
         endpoint_url: str | None = None,
+        *,
+        job_fingerprint: str,
     ):
         self.generator = generator
+        self.job_fingerprint = job_fingerprint  # stamped on every commit this runner writes
         self.storage = storage
         self.spec = spec
         self.worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
@@ -152,17 +166,21 @@ class ShardRunner:
 
         return {r.id: self.pool.submit(load, r.init_image) for r in rows if r.is_img2img}
 
-    def _store_image(self, shard: ShardSpec, row: Row, image: Image.Image, record: dict) -> tuple[str, str, int, bool, bytes]:
+    def _store_image(self, shard: ShardSpec, row: Row, image: Image.Image, record: dict) -> StoredImage:
+        """Encode and store create-once. A key already taken is adopted only when it holds
+        exactly these bytes (a dead attempt of this row made them); anything else is not ours."""
         try:
             out = self.spec.output
             data = encode.encode_image(
                 image, record, fmt=out.image_format, png_compress_level=out.png_compress_level, quality=out.quality
             )
+            sha = hashlib.sha256(data).hexdigest()
             if out.format == "webdataset":
-                return "", hashlib.sha256(data).hexdigest(), len(data), True, data
+                return StoredImage("", sha, len(data), True, data)
             key = image_key(shard.name, row.id, encode.extension(out.image_format))
             put = self.storage.put_new(key, data)
-            return key, put.sha256, put.size, put.created, b""
+            error = None if put.created or put.sha256 == sha else foreign_object_error(key, put.sha256, sha)
+            return StoredImage(key, sha, len(data), put.created, error=error)
         finally:
             self._in_flight.release()
 
@@ -173,10 +191,11 @@ class ShardRunner:
         started = time.perf_counter()
         result = ShardResult(shard=shard.name, worker=self.worker_name)
         if self.storage.exists(metadata_key(shard.name)):
+            read_shard_index(self.storage, shard.name, self.job_fingerprint)  # ForeignCommit if not ours
             result.committed = False
             return result
         index_rows = self._generate(shard, rows, attempt, on_batch, result, tar_name=shard.name)
-        result.committed = commit_shard(self.storage, shard.name, index_rows)
+        result.committed = commit_shard(self.storage, shard.name, index_rows, self.job_fingerprint)
         result.wall_seconds = time.perf_counter() - started
         return result
 
@@ -187,12 +206,12 @@ class ShardRunner:
         with their new entries; every other entry of the index is kept as it was."""
         started = time.perf_counter()
         result = ShardResult(shard=shard.name, worker=self.worker_name)
-        existing = read_shard_index(self.storage, shard.name).to_pylist()
+        existing = read_shard_index(self.storage, shard.name, self.job_fingerprint).to_pylist()
         ids = sorted(r.id for r in rows)
         tar_name = f"{shard.name}-retry-{hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:8]}"
         fresh = {r["id"]: r for r in self._generate(shard, rows, attempt, on_batch, result, tar_name=tar_name)}
         merged = [fresh.get(r["id"], r) for r in existing]
-        self.storage.put(metadata_key(shard.name), records_to_parquet(merged))
+        self.storage.put(metadata_key(shard.name), records_to_parquet(merged, self.job_fingerprint))
         result.wall_seconds = time.perf_counter() - started
         return result
 
@@ -233,25 +252,37 @@ class ShardRunner:
 
         webdataset = self.spec.output.format == "webdataset"
         ext = encode.extension(self.spec.output.image_format)
-        tar_members: list[tuple[str, bytes, bytes]] = []
-        for row, record, future in stored:
-            key, sha, size, created, data = future.result()  # re-raises storage errors → shard retried
-            if webdataset:
-                wkey = webdataset_key(row.id)
-                record_json = json.dumps({k: v for k, v in record.items() if k != "generate_seconds"}, sort_keys=True)
-                tar_members.append((wkey, data, record_json.encode()))
-                key = f"{tar_key(tar_name)}#{wkey}.{ext}"
-            result.images_created += created
-            result.images_adopted += not created
+        done = [(row, record, future.result()) for row, record, future in stored]  # storage errors → shard retried
+        tar_error = None
+        if webdataset and done:
+            members = [
+                (webdataset_key(row.id), put.data,
+                 json.dumps({k: v for k, v in record.items() if k != "generate_seconds"}, sort_keys=True).encode())
+                for row, record, put in done
+            ]
+            tar = build_webdataset_tar(members, ext)
+            put = self.storage.put_new(tar_key(tar_name), tar)
+            ours = hashlib.sha256(tar).hexdigest()
+            if not put.created and put.sha256 != ours:
+                tar_error = foreign_object_error(tar_key(tar_name), put.sha256, ours)
+        for row, record, put in done:
+            key = f"{tar_key(tar_name)}#{webdataset_key(row.id)}.{ext}" if webdataset else put.key
+            error = tar_error or put.error
+            if error:
+                log.error("row %s: %s", row.id, error)
+                index_rows.append(index_row(record, row, shard.name, status=STATUS_FAILED, error=error, key=key,
+                                            attempt=attempt, worker=self.worker_name))
+                result.rows_failed += 1
+                continue
+            result.images_created += put.created
+            result.images_adopted += not put.created
             index_rows.append(
                 index_row(
-                    record, row, shard.name, status=STATUS_OK, error=None, key=key, sha256=sha, bytes=size,
+                    record, row, shard.name, status=STATUS_OK, error=None, key=key, sha256=put.sha256, bytes=put.size,
                     attempt=attempt, worker=self.worker_name, generate_seconds=record["generate_seconds"],
                 )
             )
             result.rows_ok += 1
-        if tar_members:
-            self.storage.put_new(tar_key(tar_name), build_webdataset_tar(tar_members, ext))
         index_rows.sort(key=lambda r: r["row"])
         return index_rows
 
@@ -275,7 +306,8 @@ class WorkerActor:
     """One model replica. The driver calls ``run_shard``; rows come with the call so workers
     need no access to the manifest, only to the output storage and init images."""
 
-    def __init__(self, spec_json: str, out_url: str, endpoint_url: str | None, tracker: Any):
+    def __init__(self, spec_json: str, out_url: str, endpoint_url: str | None, tracker: Any,
+                 job_fingerprint: str, model_pin: str):
         import torch
 
         from sdbatch.generate import Generator
@@ -283,7 +315,7 @@ class WorkerActor:
         spec = JobSpec.model_validate_json(spec_json)
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
         generator = Generator.load(
-            spec.model.name, device=spec.model.device, dtype=spec.model.dtype, endpoint_url=endpoint_url
+            spec.model.name, pin=model_pin, device=spec.model.device, dtype=spec.model.dtype, endpoint_url=endpoint_url
         )
         storage = open_storage(
             out_url,
@@ -291,12 +323,12 @@ class WorkerActor:
             max_attempts=spec.retries.storage_attempts,
             max_pool_connections=spec.resources.upload_threads,
         )
-        self.runner = ShardRunner(generator, storage, spec, endpoint_url=endpoint_url)
+        self.runner = ShardRunner(generator, storage, spec, endpoint_url=endpoint_url, job_fingerprint=job_fingerprint)
         self.tracker = tracker
 
     def ready(self) -> dict[str, Any]:
         info = self.runner.generator.info
-        return {"worker": self.runner.worker_name, "model_fingerprint": info.fingerprint,
+        return {"worker": self.runner.worker_name, "model_fingerprint": info.fingerprint, "model_pin": info.pin,
                 "device": info.device, "dtype": info.dtype, "versions": info.versions}
 
     def run_shard(

@@ -56,7 +56,7 @@ def run_in_process(generator, manifest: Path, out: Path, order: list[int], *, jo
     """Run the shards of ``manifest`` with ``worker.ShardRunner`` in the given order into a
     LocalStorage at ``out``; returns the job dict (fingerprint computed as `sdbatch submit` does)."""
     from sdbatch.manifest import open_manifest, passthrough_types, read_rows
-    from sdbatch.models import local_model_fingerprint
+    from sdbatch.models import preflight
     from sdbatch.output import claim_job, job_record, merge_index
     from sdbatch.plan import num_shards, shard
     from sdbatch.spec import load_spec
@@ -66,18 +66,18 @@ def run_in_process(generator, manifest: Path, out: Path, order: list[int], *, jo
     spec = load_spec(None, [], {"model.name": "builtin:tiny", "defaults.steps": 3, "resources.rows_per_shard": 6,
                                 "resources.batch_size": 4, **(spec_overrides or {})})
     source = open_manifest(str(manifest))
-    job = job_record(spec, source, local_model_fingerprint("builtin:tiny"))
+    job = job_record(spec, source, preflight("builtin:tiny").pin)
     if job_fingerprint:
         job["fingerprint"] = job_fingerprint
     storage = LocalStorage(out)
     claim_job(storage, job)
-    runner = ShardRunner(generator, storage, spec, worker_name="test")
+    runner = ShardRunner(generator, storage, spec, worker_name="test", job_fingerprint=job["fingerprint"])
     rps = spec.resources.rows_per_shard
     assert sorted(order) == list(range(num_shards(source.num_rows, rps)))
     for index in order:
         s = shard(index, source.num_rows, rps)
         runner.run_shard(s, read_rows(source, spec, s.start, s.stop))
-    merge_index(storage, passthrough_types(source))
+    merge_index(storage, passthrough_types(source), job["fingerprint"])
     return job
 
 
@@ -113,7 +113,7 @@ def test_shard_order_and_a_retried_shard_give_identical_bytes(tiny_generator, tm
         storage.delete(key)
     spec = JobSpec.model_validate(job["spec"])
     s = shard(1, 12, 6)
-    result = ShardRunner(tiny_generator, storage, spec).run_shard(
+    result = ShardRunner(tiny_generator, storage, spec, job_fingerprint=job["fingerprint"]).run_shard(
         s, read_rows(open_manifest(str(manifest)), spec, s.start, s.stop), attempt=2)
     assert result.committed and result.images_adopted == 6 and result.images_created == 0
     assert {p.name: p.read_bytes() for p in (backward / "images" / "00001").iterdir()} == before
