@@ -312,6 +312,9 @@ class LocalStorage:
                 d for d in dirnames
                 if (rel_dir + d + "/").startswith(prefix) or prefix.startswith(rel_dir + d + "/")
             ]
+            for name in dirnames + filenames:  # a link out of OUT is refused, not skipped
+                if os.path.islink(os.path.join(dirpath, name)):
+                    self._inside(Path(dirpath) / name, rel_dir + name)
             for name in filenames:
                 if _TMP_MARK in name:
                     continue
