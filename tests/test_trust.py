@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, write_manifest
 
-from sdbatch.models import ModelError, fingerprint_model_dir, preflight, resolve_builtin
+from sdbatch.models import fingerprint_model_dir, resolve_builtin
 from sdbatch.output import JOB_KEY, OutputMismatch, claim_job, read_shard_index, records_to_parquet
 from sdbatch.storage import LocalStorage, StorageConfigError, open_storage
 
@@ -294,6 +294,8 @@ def test_an_unsupported_family_exits_2_before_any_worker_starts(run_cli, tmp_pat
 
 
 def test_the_fingerprint_covers_every_file_of_every_component(tmp_path):
+    from sdbatch.models import ModelError, preflight
+
     folder = model_copy(tmp_path)
     before = fingerprint_model_dir(folder)
     assert before == fingerprint_model_dir(resolve_builtin("builtin:tiny"))  # wherever it lives
