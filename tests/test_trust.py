@@ -128,8 +128,9 @@ def test_the_lock_is_taken_before_anything_is_claimed(run_cli, tmp_path):
 def test_a_new_job_refuses_an_out_holding_a_foreign_commit(kind, run_cli, tmp_path, request):
     out, flags = location(kind, tmp_path, request)
     storage = open_storage(out, endpoint_url=endpoint_of(flags))
-    foreign = records_to_parquet([{"id": "x", "row": 0, "status": "ok", "key": "images/00000/x.png"}], "another-job")
-    storage.put("metadata/00000.parquet", foreign)
+    foreign = io.BytesIO()  # another job's commit, as any Parquet writer makes it
+    pq.write_table(pa.table({"id": ["x"], "row": [0], "status": ["ok"], "key": ["images/00000/x.png"]}), foreign)
+    storage.put("metadata/00000.parquet", foreign.getvalue())
     result = run_cli("submit", write_manifest(tmp_path / "m.parquet", rows()), "--out", out, *FAST, *flags)
     assert result.returncode == 2, result.stderr
     assert "holds 1 objects that no sdbatch job there wrote (metadata/00000.parquet)" in said(result)
