@@ -148,14 +148,14 @@ def _strip_file_scheme(path: str) -> str:
     return path[len("file://") :] if path.startswith("file://") else path
 
 
-def _remote_fs(uri: str) -> tuple[Any, str]:
-    """A pyarrow filesystem for a URI. For ``s3://`` the endpoint comes from
+def _remote_fs(uri: str, endpoint_url: str | None = None) -> tuple[Any, str]:
+    """A pyarrow filesystem for a URI. For ``s3://`` the endpoint is ``endpoint_url``, else
     ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` when set (as boto3 reads them), so an
     S3-compatible store (MinIO, moto) works on the driver and on every worker alike."""
     import pyarrow.fs as pafs
 
     try:
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if uri.startswith("s3://") and endpoint:
             from urllib.parse import urlparse
 
@@ -171,21 +171,21 @@ def _remote_fs(uri: str) -> tuple[Any, str]:
         raise ManifestError(f"cannot open manifest location {uri}: {exc}") from None
 
 
-def _open_input(path: str):
+def _open_input(path: str, endpoint_url: str | None = None):
     """A readable file object for a local path or a URI."""
     if _is_uri(path):
-        fs, p = _remote_fs(path)
+        fs, p = _remote_fs(path, endpoint_url)
         return fs.open_input_file(p)
     return open(path, "rb")
 
 
-def _parquet_file(path: str, streaming: bool = False) -> pq.ParquetFile:
+def _parquet_file(path: str, streaming: bool = False, endpoint_url: str | None = None) -> pq.ParquetFile:
     # streaming: no pre-buffering — Arrow's pre-buffer cache keeps every range it read
     # alive for the reader's lifetime, which grows with the file (≈ 25 bytes/row).
     opts: dict[str, Any] = {"pre_buffer": False, "buffer_size": 1 << 20} if streaming else {}
     try:
         if _is_uri(path):
-            return pq.ParquetFile(_open_input(path), **opts)
+            return pq.ParquetFile(_open_input(path, endpoint_url), **opts)
         return pq.ParquetFile(path, **opts)
     except FileNotFoundError:
         raise ManifestError(f"{path}: no such file") from None
@@ -518,47 +518,82 @@ def _pylist(arr: pa.Array, column: str, first_row: int) -> list[Any]:
         raise
 
 
-def read_rows(manifest: Manifest, spec: JobSpec, start: int, stop: int) -> list[Row]:
-    """Rows ``[start, stop)`` as ``Row``s, with job defaults applied.
+class ManifestReader:
+    """A manifest kept open for reading row ranges (a worker holds one for the whole job).
 
-    Only the row groups overlapping the range are read (found from the Parquet footers), so
-    the cost depends on the range, not on the manifest's size. A null in an optional column
-    means "use the job default"; a missing seed is derived with ``derive_seed``; ``strength``
-    is set only for img2img rows (row value or ``defaults.strength``). Passthrough columns go
-    into ``Row.extra`` as plain Python values (``to_pylist``). The rows are assumed to have
-    passed ``validate_manifest``.
+    Each file is opened, and its footer read, once — on the first range that touches it —
+    and checked against the row count the job was planned with, so a manifest file replaced
+    since ``open_manifest`` is refused instead of shifting rows between shards. Not
+    thread-safe: one thread reads.
     """
-    if not (0 <= start <= stop <= manifest.num_rows):
-        raise ManifestError(f"row range [{start}, {stop}) is outside the manifest's 0..{manifest.num_rows} rows")
-    file_rows = manifest.file_rows or tuple(_parquet_file(p).metadata.num_rows for p in manifest.files)
-    columns = [c for c in manifest.columns if not c.startswith(_IGNORED_PREFIX)]
-    out: list[Row] = []
-    file_start = 0
-    for path, nrows in zip(manifest.files, file_rows):
-        lo, hi = max(start, file_start), min(stop, file_start + nrows)
-        if lo < hi:
-            pf = _parquet_file(path)
-            md = pf.metadata
-            groups: list[int] = []
-            first = None
-            rg_start = file_start
-            for g in range(md.num_row_groups):
-                n = md.row_group(g).num_rows
-                if rg_start < hi and rg_start + n > lo:
-                    groups.append(g)
-                    if first is None:
-                        first = rg_start
-                rg_start += n
-            try:
-                table = pf.read_row_groups(groups, columns=columns, use_threads=False)
-            except (pa.ArrowException, OSError) as exc:
-                raise ManifestError(f"{path}: cannot read row groups {groups} (corrupt Parquet?): {exc}") from None
-            table = table.slice(lo - first, hi - lo)
-            out.extend(_rows_from_table(table, lo, manifest, spec))
-        file_start += nrows
-        if file_start >= stop:
-            break
-    return out
+
+    def __init__(self, manifest: Manifest, endpoint_url: str | None = None):
+        self.manifest = manifest
+        self.endpoint_url = endpoint_url  # for s3:// files (else AWS_ENDPOINT_URL[_S3], as boto3)
+        self._files: dict[int, pq.ParquetFile] = {}
+
+    def _file(self, number: int) -> pq.ParquetFile:
+        pf = self._files.get(number)
+        if pf is None:
+            path = self.manifest.files[number]
+            pf = _parquet_file(path, endpoint_url=self.endpoint_url)
+            planned = self.manifest.file_rows[number] if self.manifest.file_rows else pf.metadata.num_rows
+            if pf.metadata.num_rows != planned:
+                raise ManifestError(
+                    f"{path}: holds {pf.metadata.num_rows} rows, but the job was planned with {planned}; the "
+                    "manifest changed while the job ran — restore it, or start a new job with --new-run"
+                )
+            self._files[number] = pf
+        return pf
+
+    def read_rows(self, spec: JobSpec, start: int, stop: int) -> list[Row]:
+        """Rows ``[start, stop)`` as ``Row``s, with job defaults applied.
+
+        Only the row groups overlapping the range are read (found from the Parquet footers),
+        so the cost depends on the range, not on the manifest's size. A null in an optional
+        column means "use the job default"; a missing seed is derived with ``derive_seed``;
+        ``strength`` is set only for img2img rows (row value or ``defaults.strength``).
+        Passthrough columns go into ``Row.extra`` as plain Python values (``to_pylist``). The
+        rows are assumed to have passed ``validate_manifest``.
+        """
+        manifest = self.manifest
+        if not (0 <= start <= stop <= manifest.num_rows):
+            raise ManifestError(f"row range [{start}, {stop}) is outside the manifest's 0..{manifest.num_rows} rows")
+        columns = [c for c in manifest.columns if not c.startswith(_IGNORED_PREFIX)]
+        out: list[Row] = []
+        file_start = 0
+        for number, path in enumerate(manifest.files):
+            if file_start >= stop:
+                break
+            nrows = manifest.file_rows[number] if manifest.file_rows else self._file(number).metadata.num_rows
+            lo, hi = max(start, file_start), min(stop, file_start + nrows)
+            if lo < hi:
+                pf = self._file(number)
+                md = pf.metadata
+                groups: list[int] = []
+                first = None
+                rg_start = file_start
+                for g in range(md.num_row_groups):
+                    n = md.row_group(g).num_rows
+                    if rg_start < hi and rg_start + n > lo:
+                        groups.append(g)
+                        if first is None:
+                            first = rg_start
+                    rg_start += n
+                try:
+                    table = pf.read_row_groups(groups, columns=columns, use_threads=False)
+                except (pa.ArrowException, OSError) as exc:
+                    raise ManifestError(f"{path}: cannot read row groups {groups} (corrupt Parquet?): {exc}") from None
+                table = table.slice(lo - first, hi - lo)
+                out.extend(_rows_from_table(table, lo, manifest, spec))
+            file_start += nrows
+        return out
+
+
+def read_rows(manifest: Manifest, spec: JobSpec, start: int, stop: int) -> list[Row]:
+    """Rows ``[start, stop)`` of ``manifest`` (see ``ManifestReader.read_rows``), opening its
+    files for this one read."""
+    return ManifestReader(manifest).read_rows(spec, start, stop)
 
 
 def _rows_from_table(table: pa.Table, first_row: int, manifest: Manifest, spec: JobSpec) -> list[Row]:

@@ -1,14 +1,13 @@
-"""The Ray driver loop: the single owner of scheduling decisions.
+"""The Ray driver: the actor-pool mechanics around the scheduling policy (``policy.py``).
 
 It connects to Ray, takes the job lock, subtracts committed shards (storage is the single
 owner of truth about what is done), starts the worker actors and keeps each fed with at
-most ``PREFETCH_DEPTH`` shards, so a worker pulls its next shard while finishing the current
-one. Failures are classified: a dead actor (process exit, lost node) or a failed shard
-task re-queues the shard with a bounded number of attempts; a shard with no progress past
-the hang deadline has its actor replaced. At ``--deadline`` it hands out no more shards, and
-a shard handed out but not yet started by then is not started either (the actor returns it
-``deferred``); shards already running finish and commit, the rest are left for a rerun.
-When every shard is committed it merges the index and writes ``_SUCCESS``.
+most ``PREFETCH_DEPTH`` shards — only row ranges travel; each worker reads its own rows from
+the manifest, and the next shard's while the current one generates. What comes back (a
+result, a failed task, a dead actor, a shard with no progress past the hang timeout, a shard
+``deferred`` by a worker because the deadline had passed) is handed to the ``Schedule``,
+which decides what is requeued, charged, failed or left for a rerun. When every shard is
+committed it merges the index and writes ``_SUCCESS``.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import sdbatch
 from sdbatch.lock import JobLock
-from sdbatch.manifest import Manifest, passthrough_types, read_rows
+from sdbatch.manifest import Manifest, passthrough_types
 from sdbatch.output import (
     SUCCESS_KEY,
     STATUS_FAILED,
@@ -38,17 +36,16 @@ from sdbatch.output import (
     read_shard_index,
     write_json,
 )
-from sdbatch.plan import ShardSpec, num_shards, pending_shards, shard
+from sdbatch.plan import num_shards, pending_shards, shard
+from sdbatch.policy import FINISHED, STOPPED, Schedule, ShardResult, Work
 from sdbatch.progress import ProgressFeed, utc_now
 from sdbatch.spec import JobSpec
 from sdbatch.storage import Storage
-from sdbatch.worker import ShardResult, TestChaos, WorkerActor
+from sdbatch.worker import WorkerActor
 
 log = logging.getLogger("sdbatch.scheduler")
 
 PREFETCH_DEPTH = 2  # shards handed to one actor at a time: the running one and the next
-MIN_HANG_TIMEOUT_S = 300.0  # first batches include warm-up; a GPU batch rarely takes minutes
-HANG_FACTOR = 10.0
 MAX_START_FAILURES = 5
 
 # exit codes, documented in the README and `sdbatch submit --help`
@@ -143,19 +140,11 @@ def check_worker_model(ready: dict[str, Any], job: dict[str, Any]) -> None:
 
 
 @dataclass
-class _Work:
-    shard: ShardSpec
-    attempt: int = 1
-    retry_ids: frozenset[str] | None = None  # --retry-failed: regenerate only these rows
-    future: Any = None
-
-
-@dataclass
 class _Actor:
     handle: Any
     ready: Any  # ObjectRef of handle.ready(): resolves once the model is loaded
     is_ready: bool = False
-    inflight: list[_Work] = field(default_factory=list)
+    inflight: list[Work] = field(default_factory=list)  # handed to it, in order; the first runs
 
 
 class Driver:
@@ -182,25 +171,27 @@ class Driver:
         self.job = job
         self.endpoint_url = endpoint_url
         self.deadline = deadline  # epoch seconds: no shard starts at or after it
-        self.deadline_passed = False
         self.interactive = interactive
         self.spec_json = spec.model_dump_json()
+        self.start_failures = 0
 
     def run(self) -> JobOutcome:
         started = time.monotonic()
-        total_rows = self.manifest.num_rows
-        rps = self.spec.resources.rows_per_shard
+        total_rows, rps = self.manifest.num_rows, self.spec.resources.rows_per_shard
         committed = committed_shards(self.storage)
-        queue: deque[_Work] = deque(_Work(s) for s in pending_shards(total_rows, rps, committed))
+        work = [Work(s) for s in pending_shards(total_rows, rps, committed)]
         if self.retry_failed:
-            queue.extend(self._failed_rows_work(committed))
+            work.extend(self._failed_rows_work(committed))
         skipped = len(committed)
-        done_before = sum(shard(int(n), total_rows, rps).num_rows for n in committed if int(n) < num_shards(total_rows, rps))
-        if not queue:
+        if not work:
             return self._finish(started, skipped, 0, 0, "nothing to generate: every shard is already committed")
+        self.schedule = schedule = Schedule(
+            work, max_attempts=self.spec.retries.shard_attempts, deadline=self.deadline,
+            hang_timeout_s=self.spec.retries.hang_timeout_s, shards_committed=skipped,
+        )
         connect_ray(self.address)
-        log.info("%d shards to generate, %d already committed", len(queue), skipped)
-
+        log.info("%d shards to generate, %d already committed", len(work), skipped)
+        done_before = sum(shard(int(n), total_rows, rps).num_rows for n in committed if int(n) < num_shards(total_rows, rps))
         progress = ProgressFeed(
             self.storage, total_rows=total_rows, rows_already_done=done_before,
             shards_total=num_shards(total_rows, rps), shards_committed=skipped, interactive=self.interactive,
@@ -209,66 +200,19 @@ class Driver:
         self.tracker = ProgressTracker.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         ).remote()
-        self.queue = queue
-        self.failed_shards: list[str] = []
-        self.start_failures = 0
         pool = [self._new_actor() for _ in range(fit_workers(self.spec))]
-        rows_ok = rows_failed = regenerated = 0
-        shards_committed = skipped
-        shards_left = 0  # not started because of the deadline; a rerun does them
         try:
-            while queue or any(a.inflight for a in pool):
+            while schedule.queue or any(a.inflight for a in pool):
                 if self.lock is not None:
                     self.lock.check()
-                if queue and self._past_deadline():
-                    log.warning("deadline reached: starting no new shards; %d queued shards left for a rerun", len(queue))
-                    shards_left += len(queue)
-                    queue.clear()
                 pool = self._start_ready(pool)
-                for actor in pool:
-                    while actor.is_ready and queue and len(actor.inflight) < PREFETCH_DEPTH:
-                        self._dispatch(actor, queue.popleft())
-                futures = [w.future for a in pool for w in a.inflight]
-                ready = set(ray.wait(futures, num_returns=len(futures), timeout=1.0)[0]) if futures else set()
-                if not futures:
-                    time.sleep(0.5)
-                dead = []
-                for actor in pool:
-                    for item in [w for w in actor.inflight if w.future in ready]:
-                        if actor in dead:  # shards queued behind the one it died running: _replace
-                            break
-                        actor.inflight.remove(item)
-                        self.tracker.forget.remote(item.shard.name)
-                        try:
-                            result: ShardResult = ray.get(item.future)
-                        except RayActorError as exc:
-                            log.warning("worker died running shard %s (attempt %d): %s", item.shard.name, item.attempt, _short(exc))
-                            self._requeue(item, exc)
-                            dead.append(actor)
-                            continue
-                        except RayTaskError as exc:
-                            log.warning("shard %s failed (attempt %d): %s", item.shard.name, item.attempt, _short(exc))
-                            self._requeue(item, exc)
-                            continue
-                        if result.deferred:  # reached its worker after the deadline: nothing was written
-                            log.info("shard %s not started: the deadline had passed", item.shard.name)
-                            self.deadline_passed = True  # the worker's clock says so, whatever ours says
-                            shards_left += 1
-                            continue
-                        shards_committed += item.retry_ids is None
-                        if result.committed:
-                            rows_ok += result.rows_ok
-                            rows_failed += result.rows_failed
-                        else:
-                            regenerated += 1
-                        if result.rows_failed:
-                            log.warning("shard %s: %d rows failed permanently", result.shard, result.rows_failed)
-                pool = [self._replace(a) if a in dead else a for a in pool]
+                self._dispatch(pool)
+                pool = self._collect(pool)
                 live, slowest_batch = ray.get(self.tracker.snapshot.remote())
                 pool = self._watchdog(pool, live, slowest_batch)
                 progress.update(
-                    rows_ok + sum(e[0] for e in live.values()), rows_failed + sum(e[1] for e in live.values()),
-                    shards_committed=shards_committed, shards_failed=len(self.failed_shards), workers=len(pool),
+                    schedule.rows_ok + sum(e[0] for e in live.values()), schedule.rows_failed + sum(e[1] for e in live.values()),
+                    shards_committed=schedule.shards_committed, shards_failed=len(schedule.failed_shards), workers=len(pool),
                 )
         except BaseException as exc:  # progress.json must not go on saying "running"
             progress.close("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
@@ -276,34 +220,25 @@ class Driver:
         finally:
             for actor in pool:
                 ray.kill(actor.handle)
-        if regenerated:
-            log.warning("%d shards had been committed by an earlier attempt; their results were kept", regenerated)
-        progress.update(rows_ok, rows_failed, shards_committed=shards_committed, shards_failed=len(self.failed_shards), workers=0)
-        failed_shards = self.failed_shards
-        if shards_left:
-            progress.close("stopped")
-            return JobOutcome(EXIT_STOPPED, total_rows, rows_ok, rows_failed, skipped, failed_shards,
-                              time.monotonic() - started,
-                              f"stopped at the deadline with {shards_left} shards left; run the same command again to resume")
-        if failed_shards:
-            progress.close("incomplete")
-            return JobOutcome(EXIT_SHARDS_FAILED, total_rows, rows_ok, rows_failed, skipped, failed_shards,
-                              time.monotonic() - started,
-                              f"shards {', '.join(sorted(failed_shards))} failed on every attempt "
-                              "(see the log for their last error); run the same command again to retry them")
-        outcome = self._finish(started, skipped, rows_ok, rows_failed, "")
-        progress.close("finished")
+        if schedule.regenerated:
+            log.warning("%d shards had been committed by an earlier attempt; their results were kept", schedule.regenerated)
+        progress.update(schedule.rows_ok, schedule.rows_failed, shards_committed=schedule.shards_committed,
+                        shards_failed=len(schedule.failed_shards), workers=0)
+        verdict = schedule.verdict()
+        if verdict.state == FINISHED:
+            outcome = self._finish(started, skipped, schedule.rows_ok, schedule.rows_failed, "")
+        else:
+            code = EXIT_STOPPED if verdict.state == STOPPED else EXIT_SHARDS_FAILED
+            outcome = JobOutcome(code, total_rows, schedule.rows_ok, schedule.rows_failed, skipped,
+                                 schedule.failed_shards, time.monotonic() - started, verdict.message)
+        progress.close(verdict.state)
         return outcome
 
+    # -- the actor pool: Ray mechanics; every decision is the schedule's --------------------
     def _new_actor(self) -> _Actor:
         res = self.spec.resources
-        # test-only fault injection settings must reach the actors' processes
-        test_env = {k: v for k, v in os.environ.items() if k.startswith("SDBATCH_TEST_")}
-        options: dict[str, Any] = {"num_cpus": res.cpus_per_worker, "num_gpus": res.gpus_per_worker, "max_restarts": 0}
-        if test_env:
-            options["runtime_env"] = {"env_vars": test_env}
-        handle = WorkerActor.options(**options).remote(
-            self.spec_json, self.storage.url, self.endpoint_url, self.tracker,
+        handle = WorkerActor.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, max_restarts=0).remote(
+            self.spec_json, self.storage.url, self.endpoint_url, self.tracker, self.manifest,
             self.job["fingerprint"], self.job["model"]["fingerprint"],
         )
         return _Actor(handle, handle.ready.remote())
@@ -329,22 +264,77 @@ class Driver:
                 if self.start_failures > MAX_START_FAILURES:
                     raise WorkerStartError(f"workers keep failing to start; last error: {_short(exc)}") from None
                 log.warning("a worker failed to start: %s", _short(exc))
-                fresh.append(self._replace(actor))
+                fresh.append(self._replace(actor, "failed to start"))
         return fresh
 
-    def _dispatch(self, actor: _Actor, work: _Work) -> None:
-        rows = read_rows(self.manifest, self.spec, work.shard.start, work.shard.stop)
-        if work.retry_ids is not None:
-            rows = [r for r in rows if r.id in work.retry_ids]
-        work.future = actor.handle.run_shard.remote(
-            work.shard, rows, work.attempt, work.retry_ids is not None, not_after=self.deadline
-        )
-        actor.inflight.append(work)
+    def _dispatch(self, pool: list[_Actor]) -> None:
+        """Keep every ready actor fed with PREFETCH_DEPTH shards: only the range travels; a shard
+        queued behind a running one is announced (``prefetch``) so the actor reads it meanwhile."""
+        self.schedule.stop_at_deadline(time.time())
+        for actor in pool:
+            while actor.is_ready and len(actor.inflight) < PREFETCH_DEPTH:
+                work = self.schedule.next(time.time())
+                if work is None:
+                    return
+                if actor.inflight:
+                    actor.handle.prefetch.remote(work.shard, work.retry_ids)
+                work.future = actor.handle.run_shard.remote(work.shard, work.attempt, work.retry_ids, not_after=self.deadline)
+                actor.inflight.append(work)
 
-    def _past_deadline(self) -> bool:
-        return self.deadline_passed or (self.deadline is not None and time.time() >= self.deadline)
+    def _collect(self, pool: list[_Actor]) -> list[_Actor]:
+        """Hand every call that returned to the schedule; replace actors that died."""
+        futures = [w.future for a in pool for w in a.inflight]
+        if not futures:
+            time.sleep(0.5)
+            return pool
+        ready = set(ray.wait(futures, num_returns=len(futures), timeout=1.0)[0])
+        fresh = []
+        for actor in pool:
+            for work in [w for w in actor.inflight if w.future in ready]:
+                try:
+                    result: ShardResult = ray.get(work.future)
+                except RayActorError as exc:
+                    head = actor.inflight[0]
+                    log.warning("worker died running shard %s (attempt %d): %s", head.shard.name, head.attempt, _short(exc))
+                    actor = self._replace(actor, _short(exc))
+                    break
+                except RayTaskError as exc:
+                    log.warning("shard %s failed (attempt %d): %s", work.shard.name, work.attempt, _short(exc))
+                    self._forget(actor, work)
+                    self.schedule.attempt_failed(work, _short(exc))
+                    continue
+                self._forget(actor, work)
+                self.schedule.completed(work, result)
+            fresh.append(actor)
+        return fresh
 
-    def _failed_rows_work(self, committed: set[str]) -> list[_Work]:
+    def _forget(self, actor: _Actor, work: Work) -> None:
+        actor.inflight.remove(work)
+        self.tracker.forget.remote(work.shard.name)
+
+    def _replace(self, actor: _Actor, error: str) -> _Actor:
+        """Kill ``actor``, tell the schedule what was handed to it, and start a fresh actor."""
+        for work in actor.inflight:
+            self.tracker.forget.remote(work.shard.name)
+        self.schedule.worker_lost(actor.inflight, error)
+        ray.kill(actor.handle)
+        return self._new_actor()
+
+    def _watchdog(self, pool: list[_Actor], live: dict, slowest_batch: float) -> list[_Actor]:
+        """A shard whose worker reported no batch for the schedule's hang timeout is hung: its
+        actor is replaced."""
+        now = time.time()
+        fresh = []
+        for actor in pool:
+            entry = live.get(actor.inflight[0].shard.name) if actor.inflight else None
+            if entry is None or not self.schedule.is_hung(entry[2], now, slowest_batch):
+                fresh.append(actor)
+                continue
+            log.warning("shard %s made no progress for %.0f s: replacing its worker", actor.inflight[0].shard.name, now - entry[2])
+            fresh.append(self._replace(actor, f"no progress for {self.schedule.hang_timeout(slowest_batch):.0f} s"))
+        return fresh
+
+    def _failed_rows_work(self, committed: set[str]) -> list[Work]:
         """--retry-failed: one unit of work per committed shard that holds failed rows."""
         work = []
         rps = self.spec.resources.rows_per_shard
@@ -352,46 +342,11 @@ class Driver:
             table = read_shard_index(self.storage, name, self.job["fingerprint"])
             failed = [i for i, s in zip(table.column("id").to_pylist(), table.column("status").to_pylist()) if s == STATUS_FAILED]
             if failed:
-                work.append(_Work(shard(int(name), self.manifest.num_rows, rps), retry_ids=frozenset(failed)))
+                work.append(Work(shard(int(name), self.manifest.num_rows, rps), retry_ids=frozenset(failed)))
         if work:  # the job is no longer finished until the retried rows are committed
             log.info("retrying the failed rows of %d shards", len(work))
             self.storage.delete(SUCCESS_KEY)
         return work
-
-    def _requeue(self, item: _Work, exc: BaseException) -> None:
-        if item.attempt >= self.spec.retries.shard_attempts:
-            log.error("shard %s failed on all %d attempts; last error: %s", item.shard.name, item.attempt, _short(exc))
-            self.failed_shards.append(item.shard.name)
-        else:
-            self.queue.appendleft(_Work(item.shard, item.attempt + 1, item.retry_ids))
-
-    def _replace(self, actor: _Actor) -> _Actor:
-        """Kill ``actor``, give the shards queued behind on it back to the queue (same attempt:
-        they never started), and start a fresh actor."""
-        for item in actor.inflight:
-            self.tracker.forget.remote(item.shard.name)
-            self.queue.appendleft(_Work(item.shard, item.attempt, item.retry_ids))
-        ray.kill(actor.handle)
-        return self._new_actor()
-
-    def _watchdog(self, pool: list[_Actor], live: dict, slowest_batch: float) -> list[_Actor]:
-        """A shard with no batch reported for the hang timeout is hung: its actor is replaced.
-        The timeout is ``retries.hang_timeout_s`` if set, else derived from the batch times
-        measured so far (HANG_FACTOR × the slowest), never under MIN_HANG_TIMEOUT_S."""
-        timeout = self.spec.retries.hang_timeout_s or max(MIN_HANG_TIMEOUT_S, HANG_FACTOR * slowest_batch)
-        now = time.time()
-        fresh = []
-        for actor in pool:
-            entry = live.get(actor.inflight[0].shard.name) if actor.inflight else None
-            if entry is None or now - entry[2] < timeout:
-                fresh.append(actor)
-                continue
-            head = actor.inflight.pop(0)
-            log.warning("shard %s made no progress for %.0f s: replacing its worker", head.shard.name, now - entry[2])
-            self.tracker.forget.remote(head.shard.name)
-            self._requeue(head, TimeoutError(f"no progress for {timeout:.0f} s"))
-            fresh.append(self._replace(actor))
-        return fresh
 
     def _finish(self, started: float, skipped: int, rows_ok: int, rows_failed: int, message: str) -> JobOutcome:
         """Merge the index and write ``_SUCCESS`` (every shard is committed by now)."""
@@ -399,7 +354,6 @@ class Driver:
         if previous is not None:  # a finished job run again: leave its record alone
             code = EXIT_ROWS_FAILED if previous.get("rows_failed") else EXIT_OK
             return JobOutcome(code, self.manifest.num_rows, 0, 0, skipped, [], time.monotonic() - started, message)
-        TestChaos.from_env().before_merge(self.storage)
         if self.lock is not None:
             self.lock.check()
         index = merge_index(self.storage, passthrough_types(self.manifest), self.job["fingerprint"])

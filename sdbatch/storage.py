@@ -27,8 +27,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -371,12 +369,6 @@ class LocalStorage:
 _CLIENTS: dict[tuple, Any] = {}
 _CLIENTS_LOCK = threading.Lock()
 _HOOKS: list[Callable[[Any], None]] = []
-_ENV_HOOK: tuple[str, Callable[[Any], None]] | None = None  # (spec, fn) loaded from CLIENT_HOOK_ENV
-
-# TEST/DIAGNOSTICS ONLY: "module:function" or "/path/to/file.py:function". When set, the
-# function is registered with register_client_hook() the first time this process creates an
-# S3 client. This is how tests/faults.py reaches clients inside Ray worker processes.
-CLIENT_HOOK_ENV = "SDBATCH_TEST_S3_CLIENT_HOOK"
 
 
 def register_client_hook(fn: Callable[[Any], None]) -> Callable[[], None]:
@@ -402,34 +394,6 @@ def clear_client_cache() -> None:
     """Forget cached clients (tests; or after changing credentials/env)."""
     with _CLIENTS_LOCK:
         _CLIENTS.clear()
-
-
-def _load_env_hook() -> None:
-    """(Re)load the hook named by CLIENT_HOOK_ENV when it changed. Called under _CLIENTS_LOCK."""
-    global _ENV_HOOK
-    spec = os.environ.get(CLIENT_HOOK_ENV) or ""
-    if (_ENV_HOOK[0] if _ENV_HOOK else "") == spec:
-        return
-    if _ENV_HOOK is not None and _ENV_HOOK[1] in _HOOKS:
-        _HOOKS.remove(_ENV_HOOK[1])
-    _ENV_HOOK = None
-    if not spec:
-        return
-    mod_name, _, func_name = spec.rpartition(":")
-    if not mod_name or not func_name:
-        raise StorageError(f"{CLIENT_HOOK_ENV}={spec!r}: expected 'module:function'")
-    if mod_name.endswith(".py"):
-        modspec = importlib.util.spec_from_file_location(f"_sdbatch_hook_{abs(hash(mod_name))}", mod_name)
-        if modspec is None or modspec.loader is None:
-            raise StorageError(f"{CLIENT_HOOK_ENV}: cannot load {mod_name}")
-        module = importlib.util.module_from_spec(modspec)
-        modspec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(mod_name)
-    fn = getattr(module, func_name)
-    _HOOKS.append(fn)
-    _ENV_HOOK = (spec, fn)
-    log.warning("%s active: S3 client hook %s installed (test/diagnostics only)", CLIENT_HOOK_ENV, spec)
 
 
 def _endpoint(endpoint_url: str | None) -> str | None:
@@ -462,7 +426,6 @@ def _get_client(endpoint_url: str | None = None, max_attempts: int = 5, max_pool
         client = _CLIENTS.get(key)
         if client is not None:
             return client
-        _load_env_hook()
         from botocore.exceptions import BotoCoreError
 
         try:

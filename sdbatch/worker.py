@@ -3,7 +3,9 @@
 ``ShardRunner`` is the Ray-free core: it loads the shard's init images ahead, generates the
 canonical batches on the calling thread, and hands each image to a small thread pool that
 encodes it and writes it create-once, so the model never waits for a PUT. When every image
-is stored it writes the shard index — the commit. ``WorkerActor`` only wires it to Ray.
+is stored it writes the shard index — the commit. ``ShardFeed`` (Ray-free too) reads the
+worker's own rows from the manifest and reads the next shard ahead. ``WorkerActor`` only wires
+them to Ray.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from PIL import Image
 
 import sdbatch
 from sdbatch import encode
-from sdbatch.manifest import INDEX_RESULT_COLUMNS, Row
+from sdbatch.manifest import INDEX_RESULT_COLUMNS, Manifest, ManifestReader, Row
 from sdbatch.output import (
     STATUS_FAILED,
     STATUS_OK,
@@ -41,6 +43,7 @@ from sdbatch.output import (
     webdataset_key,
 )
 from sdbatch.plan import ShardSpec, batch_id, canonical_batches
+from sdbatch.policy import ShardResult
 from sdbatch.spec import JobSpec
 from sdbatch.storage import Storage, StorageError, open_storage, read_uri
 
@@ -50,6 +53,7 @@ if TYPE_CHECKING:  # the driver imports this module; only the actor needs torch
 log = logging.getLogger("sdbatch.worker")
 
 BatchCallback = Callable[[int, int], None]  # (rows done, rows failed) since the last call
+InitImages = dict[str, Future]  # row id -> future of (image, sha256 of its bytes)
 
 
 @dataclass(frozen=True)
@@ -60,20 +64,6 @@ class StoredImage:
     created: bool
     data: bytes = b""  # webdataset: the bytes, for the tar
     error: str | None = None  # the key holds an object that is not these bytes: not adopted
-
-
-@dataclass
-class ShardResult:
-    shard: str
-    rows_ok: int = 0
-    rows_failed: int = 0
-    images_created: int = 0
-    images_adopted: int = 0
-    generate_seconds: float = 0.0
-    wall_seconds: float = 0.0
-    committed: bool = True  # False: an earlier attempt had already committed this shard
-    worker: str = ""
-    deferred: bool = False  # True: not started, the deadline had passed; nothing was written
 
 
 def image_record(
@@ -155,7 +145,7 @@ class ShardRunner:
         # bounds encoded-but-unwritten images held in memory
         self._in_flight = threading.BoundedSemaphore(spec.resources.upload_threads * 4)
 
-    def _load_init_images(self, rows: list[Row]) -> dict[str, Future]:
+    def load_init_images(self, rows: list[Row]) -> dict[str, Future]:
         """Start reading each img2img row's init image; each future gives (image, sha256 hex
         of the bytes read)."""
         def load(uri: str) -> tuple[Image.Image, str]:
@@ -185,22 +175,25 @@ class ShardRunner:
             self._in_flight.release()
 
     def run_shard(
-        self, shard: ShardSpec, rows: list[Row], attempt: int = 1, on_batch: BatchCallback | None = None
+        self, shard: ShardSpec, rows: list[Row], attempt: int = 1, on_batch: BatchCallback | None = None,
+        init_images: InitImages | None = None,
     ) -> ShardResult:
-        """Generate, store and commit a whole shard (skipped if an earlier attempt committed it)."""
+        """Generate, store and commit a whole shard (skipped if an earlier attempt committed it).
+        ``init_images``: what ``load_init_images(rows)`` started earlier (prefetch), if it did."""
         started = time.perf_counter()
         result = ShardResult(shard=shard.name, worker=self.worker_name)
         if self.storage.exists(metadata_key(shard.name)):
             read_shard_index(self.storage, shard.name, self.job_fingerprint)  # ForeignCommit if not ours
             result.committed = False
             return result
-        index_rows = self._generate(shard, rows, attempt, on_batch, result, tar_name=shard.name)
+        index_rows = self._generate(shard, rows, attempt, on_batch, result, shard.name, init_images)
         result.committed = commit_shard(self.storage, shard.name, index_rows, self.job_fingerprint)
         result.wall_seconds = time.perf_counter() - started
         return result
 
     def retry_rows(
-        self, shard: ShardSpec, rows: list[Row], attempt: int = 1, on_batch: BatchCallback | None = None
+        self, shard: ShardSpec, rows: list[Row], attempt: int = 1, on_batch: BatchCallback | None = None,
+        init_images: InitImages | None = None,
     ) -> ShardResult:
         """Regenerate some rows of a committed shard (its failed ones) and rewrite its index
         with their new entries; every other entry of the index is kept as it was."""
@@ -209,7 +202,7 @@ class ShardRunner:
         existing = read_shard_index(self.storage, shard.name, self.job_fingerprint).to_pylist()
         ids = sorted(r.id for r in rows)
         tar_name = f"{shard.name}-retry-{hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:8]}"
-        fresh = {r["id"]: r for r in self._generate(shard, rows, attempt, on_batch, result, tar_name=tar_name)}
+        fresh = {r["id"]: r for r in self._generate(shard, rows, attempt, on_batch, result, tar_name, init_images)}
         merged = [fresh.get(r["id"], r) for r in existing]
         self.storage.put(metadata_key(shard.name), records_to_parquet(merged, self.job_fingerprint))
         result.wall_seconds = time.perf_counter() - started
@@ -217,10 +210,11 @@ class ShardRunner:
 
     def _generate(
         self, shard: ShardSpec, rows: list[Row], attempt: int, on_batch: BatchCallback | None,
-        result: ShardResult, tar_name: str,
+        result: ShardResult, tar_name: str, init_images: InitImages | None,
     ) -> list[dict[str, Any]]:
         """Generate and store ``rows``' images in canonical batches; returns their index rows."""
-        init_images = self._load_init_images(rows)
+        if init_images is None:
+            init_images = self.load_init_images(rows)
         index_rows: list[dict[str, Any]] = []
         stored: list[tuple[Row, dict, Future]] = []
         generate_started = time.perf_counter()
@@ -301,12 +295,59 @@ def _init_image_error(future: Future | None) -> str | None:
     return None
 
 
-@ray.remote
-class WorkerActor:
-    """One model replica. The driver calls ``run_shard``; rows come with the call so workers
-    need no access to the manifest, only to the output storage and init images."""
+class ShardFeed:
+    """A worker's rows: it keeps the job's manifest open and reads each shard's rows itself
+    (the driver sends only the row range), and reads the next shard's rows and starts loading
+    its init images while the current one generates — at most one shard ahead. All reads run
+    on one thread (the manifest reader is not thread-safe)."""
 
-    def __init__(self, spec_json: str, out_url: str, endpoint_url: str | None, tracker: Any,
+    def __init__(
+        self, manifest: Manifest, spec: JobSpec, load_init_images: Callable[[list[Row]], InitImages],
+        endpoint_url: str | None = None,
+    ):
+        self.reader = ManifestReader(manifest, endpoint_url)
+        self.spec = spec
+        self.load_init_images = load_init_images
+        self._reads = ThreadPoolExecutor(1, thread_name_prefix="sdbatch-rows")
+        self._ahead: dict[tuple[str, frozenset[str] | None], Future] = {}
+        self._taken: tuple[str, frozenset[str] | None] | None = None  # the shard running (or last run)
+        self._lock = threading.Lock()
+
+    def _read(self, shard: ShardSpec, retry_ids: frozenset[str] | None) -> tuple[list[Row], InitImages]:
+        rows = self.reader.read_rows(self.spec, shard.start, shard.stop)
+        if retry_ids is not None:
+            rows = [r for r in rows if r.id in retry_ids]
+        return rows, self.load_init_images(rows)
+
+    def prefetch(self, shard: ShardSpec, retry_ids: frozenset[str] | None = None) -> None:
+        """Start reading ``shard`` ahead, unless a shard is already read ahead (or this one has
+        already started: the two calls run on different threads)."""
+        with self._lock:
+            if not self._ahead and self._taken != (shard.name, retry_ids):
+                self._ahead[(shard.name, retry_ids)] = self._reads.submit(self._read, shard, retry_ids)
+
+    def take(self, shard: ShardSpec, retry_ids: frozenset[str] | None = None) -> tuple[list[Row], InitImages]:
+        """``shard``'s rows and the futures of its init images: read ahead, or read now."""
+        with self._lock:
+            self._taken = (shard.name, retry_ids)
+            future = self._ahead.pop(self._taken, None) or self._reads.submit(self._read, shard, retry_ids)
+        return future.result()
+
+    def drop(self, shard: ShardSpec, retry_ids: frozenset[str] | None = None) -> None:
+        """Forget ``shard``'s read-ahead (it will not run here)."""
+        with self._lock:
+            future = self._ahead.pop((shard.name, retry_ids), None)
+        if future is not None:
+            future.cancel()
+
+
+@ray.remote(concurrency_groups={"prefetch": 1})
+class WorkerActor:
+    """One model replica. The driver calls ``run_shard`` with a shard's row range; the actor
+    reads the rows from the manifest it was given at start (``ShardFeed``). ``prefetch``
+    (its own thread) tells it which shard comes next, so its rows are read meanwhile."""
+
+    def __init__(self, spec_json: str, out_url: str, endpoint_url: str | None, tracker: Any, manifest: Manifest,
                  job_fingerprint: str, model_pin: str):
         import torch
 
@@ -324,6 +365,7 @@ class WorkerActor:
             max_pool_connections=spec.resources.upload_threads,
         )
         self.runner = ShardRunner(generator, storage, spec, endpoint_url=endpoint_url, job_fingerprint=job_fingerprint)
+        self.feed = ShardFeed(manifest, spec, self.runner.load_init_images, endpoint_url)
         self.tracker = tracker
 
     def ready(self) -> dict[str, Any]:
@@ -331,80 +373,28 @@ class WorkerActor:
         return {"worker": self.runner.worker_name, "model_fingerprint": info.fingerprint, "model_pin": info.pin,
                 "device": info.device, "dtype": info.dtype, "versions": info.versions}
 
+    @ray.method(concurrency_group="prefetch")
+    def prefetch(self, shard: ShardSpec, retry_ids: frozenset[str] | None = None) -> None:
+        self.feed.prefetch(shard, retry_ids)
+
     def run_shard(
-        self, shard: ShardSpec, rows: list[Row], attempt: int, retry_failed: bool = False,
+        self, shard: ShardSpec, attempt: int, retry_ids: frozenset[str] | None = None,
         not_after: float | None = None,
     ) -> ShardResult:
-        """Run one shard (or, ``retry_failed``, regenerate the given rows of a committed one).
+        """Run one shard (or, ``retry_ids``, regenerate those rows of a committed one).
         The driver hands shards ahead, so a call may wait in this actor's queue: if it only
         reaches the front at or after ``not_after`` (the job's ``--deadline``, epoch seconds)
         it is not started and comes back ``deferred``, with nothing generated or written and
         no progress reported. A shard that has started always runs to its commit."""
         name = self.runner.worker_name
         if not_after is not None and time.time() >= not_after:
+            self.feed.drop(shard, retry_ids)
             return ShardResult(shard=shard.name, committed=False, worker=name, deferred=True)
-        chaos = TestChaos.from_env()
 
         def report(done: int, failed: int) -> None:
             self.tracker.report.remote(name, shard.name, done, failed)
-            chaos.after_batch(shard.name, attempt)
 
         self.tracker.report.remote(name, shard.name, 0, 0)  # marks the shard as started, for the watchdog
-        chaos.before_shard(shard.name, attempt)
-        run = self.runner.retry_rows if retry_failed else self.runner.run_shard
-        return run(shard, rows, attempt, on_batch=report)
-
-
-class TestChaos:
-    """Test-only fault injection for the chaos suite, off unless ``SDBATCH_TEST_CHAOS`` holds
-    JSON such as ``{"kill_fraction": 0.1, "seed": 1, "hang_shards": ["00002"],
-    "fail_shards": ["00003"], "hold_shards": ["00000"], "marker_dir": "/tmp/x"}``: the worker
-    process exits after the chosen fraction of batches (a hash of seed, shard, batch and
-    attempt picks them), listed shards hang on their first attempt or fail on every attempt,
-    held shards wait once started until a file ``release`` exists in ``marker_dir``, and each
-    injected fault leaves a file in ``marker_dir`` so a test can count them."""
-
-    ENV = "SDBATCH_TEST_CHAOS"
-
-    def __init__(self, config: dict[str, Any]):
-        self.config = config
-        self.batches: dict[tuple[str, int], int] = {}
-
-    @classmethod
-    def from_env(cls) -> TestChaos:
-        return cls(json.loads(os.environ.get(cls.ENV) or "{}"))
-
-    def _mark(self, kind: str, shard_name: str, attempt: int, detail: str = "") -> None:
-        folder = self.config.get("marker_dir")
-        if folder:
-            name = f"{kind}-{shard_name}-a{attempt}{detail}-{os.getpid()}"
-            open(os.path.join(folder, name), "w").close()
-
-    def before_shard(self, shard_name: str, attempt: int) -> None:
-        if shard_name in self.config.get("fail_shards", ()):
-            self._mark("fail", shard_name, attempt)
-            raise RuntimeError(f"injected failure of shard {shard_name}")
-        if shard_name in self.config.get("hang_shards", ()) and attempt == 1:
-            self._mark("hang", shard_name, attempt)
-            time.sleep(3600)
-        if shard_name in self.config.get("hold_shards", ()):
-            self._mark("hold", shard_name, attempt)
-            while not os.path.exists(os.path.join(self.config["marker_dir"], "release")):
-                time.sleep(0.1)
-
-    def after_batch(self, shard_name: str, attempt: int) -> None:
-        fraction = self.config.get("kill_fraction", 0)
-        if not fraction:
-            return
-        number = self.batches[(shard_name, attempt)] = self.batches.get((shard_name, attempt), -1) + 1
-        digest = hashlib.sha256(f"{self.config.get('seed', 0)}:{shard_name}:{number}:{attempt}".encode()).digest()
-        if int.from_bytes(digest[:8], "big") / 2**64 < fraction:
-            self._mark("kill", shard_name, attempt, f"-b{number}")
-            os._exit(1)
-
-    def before_merge(self, storage: Storage) -> None:
-        """``"driver_exit_at": "merge"``: the driver dies halfway through writing the index."""
-        if self.config.get("driver_exit_at") == "merge":
-            storage.put("index.parquet", b"PAR1-truncated-by-test")
-            self._mark("driver", "merge", 0)
-            os._exit(137)
+        rows, init_images = self.feed.take(shard, retry_ids)
+        run = self.runner.run_shard if retry_ids is None else self.runner.retry_rows
+        return run(shard, rows, attempt, on_batch=report, init_images=init_images)

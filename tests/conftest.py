@@ -129,10 +129,13 @@ def ray_address(s3_server):
 def sdbatch_cli(ray_address: str, *args, timeout: float = 600, env: dict | None = None,
                 **kwargs) -> _subprocess.CompletedProcess:
     """Run ``python -m sdbatch ARGS`` as a user would, against the Ray cluster at ``ray_address``
-    (module-scoped fixtures call this; tests use ``run_cli``)."""
+    (module-scoped fixtures call this; tests use ``run_cli``). An ``env`` asking for test
+    faults runs it through tests/faulty_sdbatch.py (``faults.sdbatch_command``)."""
+    from faults import sdbatch_command
+
     full_env = {**_os.environ, "RAY_ADDRESS": ray_address, **(env or {})}
     return _subprocess.run(
-        [_sys.executable, "-m", "sdbatch", *map(str, args)],
+        [*sdbatch_command(env), *map(str, args)],
         capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO, **kwargs,
     )
 

@@ -9,12 +9,14 @@ In this process::
     inj.uninstall()
     print(inj.summary())     # e.g. "PutObject: 212 requests, 41 faults (503=14, 500=13, reset=14)"
 
-In other processes (Ray workers): set the variables returned by ``fault_env(rules, counts_dir=...)``
-in their environment (``os.environ`` before ``ray.init`` or ``runtime_env={"env_vars": ...}``).
-storage.py imports this file by path the first time that process creates an S3 client
-(``SDBATCH_TEST_S3_CLIENT_HOOK``), builds one injector from ``SDBATCH_TEST_FAULTS`` and, when
-``counts_dir`` is given, writes its counts to ``<counts_dir>/<pid>.json`` after each fault;
-``read_counts(counts_dir)`` sums them.
+In other processes: ``fault_env(rules, counts_dir=...)`` gives the environment of a process
+that should inject faults; ``setup_process()`` (called there by ``faulty_sdbatch.py``, the
+test entry point of the CLI, and — through Ray's ``runtime_env`` ``worker_process_setup_hook``
+— by every Ray worker process of that job, see ``worker_runtime_env``) builds one injector
+from ``SDBATCH_TEST_FAULTS`` and installs it with ``sdbatch.storage.register_client_hook``.
+When ``counts_dir`` is given each process writes its counts to ``<counts_dir>/<pid>.json``
+after each fault; ``read_counts(counts_dir)`` sums them. The package itself reads none of
+these variables.
 
 Rules: ``{op: rule}``; ``op`` is a botocore operation name (PutObject, GetObject, HeadObject,
 ListObjectsV2, ...) or ``"*"`` for all S3 operations. A rule has:
@@ -43,6 +45,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import threading
 import time
 from pathlib import Path
@@ -50,7 +53,9 @@ from typing import Any
 
 ENV_RULES = "SDBATCH_TEST_FAULTS"
 ENV_COUNTS = "SDBATCH_TEST_FAULTS_COUNTS_DIR"
-ENV_HOOK = "SDBATCH_TEST_S3_CLIENT_HOOK"  # = sdbatch.storage.CLIENT_HOOK_ENV
+ENV_CHAOS = "SDBATCH_TEST_CHAOS"  # read by tests/chaos.py
+TEST_ENV = (ENV_RULES, ENV_COUNTS, ENV_CHAOS)  # what a process of a faulty job is started with
+TESTS = Path(__file__).resolve().parent
 
 KINDS = ("503", "500", "409", "reset", "connect", "timeout", "lost")
 
@@ -240,33 +245,50 @@ def _fail(kind: str, request):
 
 # ---- cross-process activation ---------------------------------------------------------------
 
-_ENV_INJECTOR: FaultInjector | None = None
-_ENV_RAW: str | None = None
-_ENV_LOCK = threading.Lock()
-
-
-def install_from_env(client) -> None:
-    """Client hook named by SDBATCH_TEST_S3_CLIENT_HOOK: one injector per process from SDBATCH_TEST_FAULTS
-    (rebuilt if that variable changes; clients created earlier keep the old injector)."""
-    global _ENV_INJECTOR, _ENV_RAW
-    with _ENV_LOCK:
-        raw = os.environ.get(ENV_RULES) or None
-        if raw != _ENV_RAW:
-            _ENV_RAW = raw
-            _ENV_INJECTOR = None
-            if raw:
-                _ENV_INJECTOR = FaultInjector(json.loads(raw), counts_dir=os.environ.get(ENV_COUNTS) or None)
-        inj = _ENV_INJECTOR
-    if inj is not None:
-        inj.attach(client)
-
 
 def fault_env(rules: dict[str, dict[str, Any]], *, counts_dir: str | Path | None = None) -> dict[str, str]:
-    """Environment variables that turn fault injection on in any process using sdbatch.storage."""
-    env = {ENV_HOOK: f"{Path(__file__).resolve()}:install_from_env", ENV_RULES: json.dumps(rules)}
+    """The environment of a process (and its job's Ray workers) that injects these faults."""
+    env = {ENV_RULES: json.dumps(rules)}
     if counts_dir is not None:
         env[ENV_COUNTS] = str(counts_dir)
     return env
+
+
+def install_from_env() -> FaultInjector | None:
+    """Install the injector ``SDBATCH_TEST_FAULTS`` describes in this process, if it names one."""
+    raw = os.environ.get(ENV_RULES)
+    if not raw:
+        return None
+    return FaultInjector(json.loads(raw), counts_dir=os.environ.get(ENV_COUNTS) or None).install()
+
+
+def setup_process() -> None:
+    """Every fault the environment asks for, installed in this process: the storage faults
+    here, the chaos (killed, hung, failing workers; a driver dying mid-merge) in chaos.py.
+    Ray's ``worker_process_setup_hook`` of a faulty job (``worker_runtime_env``)."""
+    import chaos
+
+    install_from_env()
+    chaos.install_from_env()
+
+
+def worker_runtime_env(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The Ray ``runtime_env`` that runs ``setup_process`` in every worker process of a job,
+    with the test variables of ``env`` (default: this process's) and tests/ importable."""
+    env = os.environ if env is None else env
+    path = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH", "")) if p)
+    return {
+        "worker_process_setup_hook": "faults.setup_process",
+        "env_vars": {"PYTHONPATH": path, **{k: env[k] for k in TEST_ENV if k in env}},
+    }
+
+
+def sdbatch_command(env: dict[str, str] | None) -> list[str]:
+    """How a test starts the CLI: ``python -m sdbatch`` as a user would, or — when ``env``
+    asks for faults — through faulty_sdbatch.py, which installs them first."""
+    if env and any(k in env for k in TEST_ENV):
+        return [sys.executable, str(TESTS / "faulty_sdbatch.py")]
+    return [sys.executable, "-m", "sdbatch"]
 
 
 def read_counts(counts_dir: str | Path) -> dict[str, dict[str, int]]:

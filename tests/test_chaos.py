@@ -12,13 +12,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import chaos
 import pyarrow.parquet as pq
 import pytest
 from conftest import write_manifest
+from faults import sdbatch_command
 
 FAST = ["--model", "builtin:tiny", "--steps", "3", "--rows-per-shard", "4", "--batch-size", "2"]
 
@@ -62,7 +63,7 @@ def markers(folder: Path, kind: str) -> int:
 def chaos_env(tmp_path: Path, **config) -> dict[str, str]:
     marker_dir = tmp_path / "faults"
     marker_dir.mkdir(exist_ok=True)
-    return {"SDBATCH_TEST_CHAOS": json.dumps({"marker_dir": str(marker_dir), **config})}
+    return chaos.chaos_env(marker_dir, **config)
 
 
 def test_workers_killed_on_a_tenth_of_batches(run_cli, tmp_path):
@@ -155,7 +156,7 @@ def test_deadline_stops_and_a_rerun_completes(run_cli, tmp_path):
 
 
 def _driver(ray_address: str, manifest: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    args = [sys.executable, "-m", "sdbatch", "submit", str(manifest), "--out", str(out), *FAST, *extra]
+    args = [*sdbatch_command(env), "submit", str(manifest), "--out", str(out), *FAST, *extra]
     return subprocess.Popen(args, env={**os.environ, "RAY_ADDRESS": ray_address, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -255,7 +256,7 @@ def test_worker_returns_a_shard_reaching_it_after_the_deadline_unstarted(ray_add
     written or reported to the progress tracker, so the watchdog cannot take it for hung."""
     import ray
 
-    from sdbatch.manifest import open_manifest, read_rows
+    from sdbatch.manifest import open_manifest
     from sdbatch.plan import shard
     from sdbatch.scheduler import ProgressTracker
     from sdbatch.spec import load_spec
@@ -266,12 +267,15 @@ def test_worker_returns_a_shard_reaching_it_after_the_deadline_unstarted(ray_add
     out = tmp_path / "out"
     out.mkdir()
     tracker = ProgressTracker.remote()
-    actor = WorkerActor.remote(spec.model_dump_json(), str(out), None, tracker)
+    from sdbatch.models import preflight
+
+    actor = WorkerActor.remote(spec.model_dump_json(), str(out), None, tracker, manifest, "job-fingerprint",
+                               preflight("builtin:tiny").pin)
     try:
         work = shard(0, 4, 4)
-        rows = read_rows(manifest, spec, work.start, work.stop)
-        for retry_failed in (False, True):
-            result = ray.get(actor.run_shard.remote(work, rows, 1, retry_failed, not_after=time.time() - 1))
+        for retry_ids in (None, frozenset({"c001"})):
+            actor.prefetch.remote(work, retry_ids)  # read ahead, then dropped: it does not start
+            result = ray.get(actor.run_shard.remote(work, 1, retry_ids, not_after=time.time() - 1))
             assert result.deferred and not result.committed
             assert (result.rows_ok, result.rows_failed, result.images_created) == (0, 0, 0)
         assert list(out.iterdir()) == []

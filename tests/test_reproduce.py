@@ -20,8 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from chaos import chaos_env
 from conftest import image_hashes, load_index, small_rows, write_manifest
 from conftest import sdbatch_cli as cli
+from faults import sdbatch_command
 from sdbatch.encode import read_embedded
 
 FAST = ["--model", "builtin:tiny", "--steps", "3", "--rows-per-shard", "6", "--batch-size", "4"]
@@ -31,8 +33,8 @@ def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def submit_args(manifest: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "sdbatch", "submit", str(manifest), "--out", str(out), *FAST, *extra]
+def submit_args(manifest: Path, out: Path, *extra: str, env: dict | None = None) -> list[str]:
+    return [*sdbatch_command(env), "submit", str(manifest), "--out", str(out), *FAST, *extra]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,9 +200,9 @@ def test_killed_driver_and_killed_actors_give_the_same_bytes(reference_run, modu
     markers = tmp_path / "chaos"
     markers.mkdir()
     chaos = tmp_path / "chaos-out"
-    env_chaos = {**env, "SDBATCH_TEST_CHAOS": json.dumps({"kill_fraction": 0.25, "seed": 15, "marker_dir": str(markers)})}
-    result = subprocess.run(submit_args(module_manifest, chaos, "--workers", "1", "--set", "retries.shard_attempts=4"),
-                            env=env_chaos, capture_output=True, text=True, timeout=600)
+    env_chaos = {**env, **chaos_env(markers, kill_fraction=0.25, seed=15)}
+    result = subprocess.run(submit_args(module_manifest, chaos, "--workers", "1", "--set", "retries.shard_attempts=4",
+                                        env=env_chaos), env=env_chaos, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     kills = sorted(p.name.rsplit("-", 1)[0] for p in markers.iterdir())
     assert kills == ["kill-00002-a1-b1"], kills

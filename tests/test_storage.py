@@ -30,7 +30,7 @@ from sdbatch.storage import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from faults import FaultInjector, fault_env, read_counts, summarize  # noqa: E402
+from faults import FaultInjector, fault_env, install_from_env, read_counts, summarize  # noqa: E402
 
 SECRET = os.environ.get("AWS_SECRET_ACCESS_KEY", "testing")
 
@@ -399,44 +399,54 @@ def test_outage_longer_than_retry_budget_is_transient(s3_bucket, kind):
     assert s.put_new("a.png", b"x").created  # after the outage: nothing half-written
 
 
-def test_faults_via_environment_in_another_process(s3_bucket, tmp_path):
-    """How Ray workers get faults: env vars name the hook; counts come back through files."""
+def test_faults_reach_ray_workers_through_the_setup_hook(ray_address, s3_bucket, tmp_path):
+    """How Ray workers get faults: a driver whose job runtime_env runs faults.setup_process in
+    each worker process (Ray's worker_process_setup_hook); counts come back through files."""
     endpoint, bucket = s3_bucket
     counts = tmp_path / "counts"
-    env = dict(os.environ)
-    env.update(fault_env({"PutObject": {"fraction": 0.3, "errors": ["503", "reset"], "seed": 3}}, counts_dir=counts))
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(st.__file__).parents[1]), env.get("PYTHONPATH", "")])
+    env = {**os.environ, **fault_env({"PutObject": {"fraction": 0.3, "errors": ["503", "reset"], "seed": 3}},
+                                     counts_dir=counts)}
     code = f"""
+import faults, ray
 from sdbatch.storage import S3Storage
-s = S3Storage("s3://{bucket}/env", endpoint_url="{endpoint}")
-for i in range(20):
-    assert s.put_new(f"k{{i}}", b"v%d" % i).sha256
-print("ok")
+ray.init(address={ray_address!r}, runtime_env=faults.worker_runtime_env())
+
+@ray.remote(num_cpus=0)
+def put_twenty():
+    s = S3Storage("s3://{bucket}/env", endpoint_url="{endpoint}")
+    return sum(bool(s.put_new(f"k{{i}}", b"v%d" % i).sha256) for i in range(20))
+
+assert ray.get(put_twenty.remote(), timeout=120) == 20
 """
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).parent,
+                         capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
     c = read_counts(counts)
     assert c["PutObject"].get("503", 0) + c["PutObject"].get("reset", 0) >= 1, c
-    print(f"[faults in subprocess] {summarize(c)}")
+    print(f"[faults in a Ray worker] {summarize(c)}")
     assert S3Storage(f"s3://{bucket}/env", endpoint_url=endpoint).list("") == sorted(f"k{i}" for i in range(20))
 
 
-def test_faults_via_environment_in_this_process(s3_bucket, tmp_path, monkeypatch):
+def test_faults_from_the_environment_in_this_process(s3_bucket, tmp_path, monkeypatch):
     endpoint, bucket = s3_bucket
     counts = tmp_path / "counts"
     for k, v in fault_env({"PutObject": {"first": 2, "errors": ["500"]}}, counts_dir=counts).items():
         monkeypatch.setenv(k, v)
-    st.clear_client_cache()
+    injector = install_from_env()
     s = S3Storage(f"s3://{bucket}", endpoint_url=endpoint)
     assert s.put_new("a", b"1").created
     assert read_counts(counts)["PutObject"]["500"] == 2
-    for k in fault_env({}):
-        monkeypatch.delenv(k)
+    injector.uninstall()
     st.clear_client_cache()
     with FaultInjector({"*": {"fraction": 0.0}}) as counter:
         assert s.put_new("b", b"2").created
-    assert counter.requests("PutObject") == 1  # the env hook is gone with the variable
+    assert counter.requests("PutObject") == 1  # the injector is gone once uninstalled
     assert read_counts(counts)["PutObject"]["500"] == 2
+    monkeypatch.setenv("SDBATCH_TEST_S3_CLIENT_HOOK", f"{Path(__file__).parent / 'faults.py'}:install_from_env")
+    st.clear_client_cache()
+    with FaultInjector({"*": {"fraction": 0.0}}) as counter:
+        assert s.put_new("c", b"3").created
+    assert counter.requests("PutObject") == 1 and read_counts(counts)["PutObject"]["500"] == 2  # no variable imports code
 
 
 # ---- read_uri / fetch_model_dir ---------------------------------------------------------------

@@ -1,0 +1,158 @@
+"""The scheduling policy, free of Ray: which work runs next, what a failure costs, when to stop.
+
+``Schedule`` holds the queue of work (a shard, or the failed rows of a committed shard, with
+its attempt number) and decides, from plain facts the Ray driver reports to it:
+
+- a shard task that failed, or the shard a worker was running when it died or hung, is charged
+  one attempt and goes back to the front of the queue, until ``max_attempts`` — then the
+  shard is failed for this run;
+- shards queued behind on a worker that is lost go back uncharged: they never started;
+- at the deadline no more work is handed out: the queue is left for a rerun, and a shard a
+  worker returns ``deferred`` (it reached the worker after the deadline) is counted with it;
+- a shard is hung when its worker reported no batch for the hang timeout;
+- when the queue is empty and nothing runs, ``verdict`` says how the run ended.
+
+Results come as ``ShardResult`` (defined here: the worker returns it, the policy reads it).
+Nothing here imports Ray, storage or torch, so every rule has a fast unit test
+(tests/test_policy.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sdbatch.plan import ShardSpec
+
+log = logging.getLogger("sdbatch.policy")
+
+MIN_HANG_TIMEOUT_S = 300.0  # first batches include warm-up; a GPU batch rarely takes minutes
+HANG_FACTOR = 10.0
+
+# how a run ended (also the state written to progress.json)
+FINISHED = "finished"  # every shard is committed: merge the index
+STOPPED = "stopped"  # the deadline left shards for a rerun
+INCOMPLETE = "incomplete"  # some shards failed on every attempt
+
+
+@dataclass
+class ShardResult:
+    """What a worker returns for one unit of work."""
+
+    shard: str
+    rows_ok: int = 0
+    rows_failed: int = 0
+    images_created: int = 0
+    images_adopted: int = 0
+    generate_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    committed: bool = True  # False: an earlier attempt had already committed this shard
+    worker: str = ""
+    deferred: bool = False  # True: not started, the deadline had passed; nothing was written
+
+
+@dataclass
+class Work:
+    """One unit of work: a shard, or (``retry_ids``, --retry-failed) some rows of a committed one."""
+
+    shard: ShardSpec
+    attempt: int = 1
+    retry_ids: frozenset[str] | None = None
+    future: Any = None  # the driver's handle on the running call
+
+    def again(self, charged: bool) -> Work:
+        return Work(self.shard, self.attempt + charged, self.retry_ids)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    state: str  # FINISHED, STOPPED or INCOMPLETE
+    message: str
+
+
+class Schedule:
+    def __init__(
+        self, work: Iterable[Work], *, max_attempts: int, deadline: float | None = None,
+        hang_timeout_s: float | None = None, shards_committed: int = 0,
+    ):
+        self.queue: deque[Work] = deque(work)
+        self.max_attempts = max_attempts
+        self.deadline = deadline  # epoch seconds: no work is handed out at or after it
+        self.hang_timeout_s = hang_timeout_s  # None: derived from the batch times measured
+        self.deadline_passed = False
+        self.failed_shards: list[str] = []
+        self.shards_left = 0  # not started because of the deadline; a rerun does them
+        self.shards_committed = shards_committed
+        self.rows_ok = self.rows_failed = 0
+        self.regenerated = 0  # shards an earlier attempt had committed (their results were kept)
+
+    # -- handing work out ------------------------------------------------------------------
+    def past_deadline(self, now: float) -> bool:
+        return self.deadline_passed or (self.deadline is not None and now >= self.deadline)
+
+    def stop_at_deadline(self, now: float) -> None:
+        """Past the deadline, the queue is left for a rerun."""
+        if self.queue and self.past_deadline(now):
+            log.warning("deadline reached: starting no new shards; %d queued shards left for a rerun", len(self.queue))
+            self.shards_left += len(self.queue)
+            self.queue.clear()
+
+    def next(self, now: float) -> Work | None:
+        """The next work to hand out, or None (queue empty, or the deadline reached)."""
+        self.stop_at_deadline(now)
+        return self.queue.popleft() if self.queue else None
+
+    # -- what came back --------------------------------------------------------------------
+    def completed(self, work: Work, result: ShardResult) -> None:
+        if result.deferred:  # reached its worker after the deadline: nothing was written
+            log.info("shard %s not started: the deadline had passed", work.shard.name)
+            self.deadline_passed = True  # the worker's clock says so, whatever ours says
+            self.shards_left += 1
+            return
+        self.shards_committed += work.retry_ids is None
+        if result.committed:
+            self.rows_ok += result.rows_ok
+            self.rows_failed += result.rows_failed
+        else:
+            self.regenerated += 1
+        if result.rows_failed:
+            log.warning("shard %s: %d rows failed permanently", result.shard, result.rows_failed)
+
+    def attempt_failed(self, work: Work, error: str) -> None:
+        """Charge ``work`` one attempt: requeue it at the front, or fail its shard for this run."""
+        if work.attempt >= self.max_attempts:
+            log.error("shard %s failed on all %d attempts; last error: %s", work.shard.name, work.attempt, error)
+            self.failed_shards.append(work.shard.name)
+        else:
+            self.queue.appendleft(work.again(charged=True))
+
+    def worker_lost(self, inflight: list[Work], error: str) -> None:
+        """A worker died or was replaced with ``inflight`` handed to it, the first running:
+        that one is charged, the ones queued behind it go back uncharged."""
+        for work in reversed(inflight[1:]):
+            self.queue.appendleft(work.again(charged=False))
+        if inflight:
+            self.attempt_failed(inflight[0], error)
+
+    # -- the watchdog ----------------------------------------------------------------------
+    def hang_timeout(self, slowest_batch: float) -> float:
+        """``hang_timeout_s`` if set, else HANG_FACTOR × the slowest batch gap measured so far,
+        never under MIN_HANG_TIMEOUT_S."""
+        return self.hang_timeout_s or max(MIN_HANG_TIMEOUT_S, HANG_FACTOR * slowest_batch)
+
+    def is_hung(self, last_report: float, now: float, slowest_batch: float) -> bool:
+        return now - last_report >= self.hang_timeout(slowest_batch)
+
+    # -- the end ---------------------------------------------------------------------------
+    def verdict(self) -> Verdict:
+        """How the run ended, once the queue is empty and nothing runs."""
+        if self.shards_left:
+            return Verdict(STOPPED, f"stopped at the deadline with {self.shards_left} shards left; "
+                                    "run the same command again to resume")
+        if self.failed_shards:
+            return Verdict(INCOMPLETE, f"shards {', '.join(sorted(self.failed_shards))} failed on every attempt "
+                                       "(see the log for their last error); run the same command again to retry them")
+        return Verdict(FINISHED, "")

@@ -1,0 +1,110 @@
+"""Chaos for the test suite: workers killed, hung or failing, a driver dying mid-merge.
+
+Off unless ``SDBATCH_TEST_CHAOS`` (faults.ENV_CHAOS) holds JSON such as ``{"kill_fraction":
+0.1, "seed": 1, "hang_shards": ["00002"], "fail_shards": ["00003"], "hold_shards": ["00000"],
+"marker_dir": "/tmp/x", "driver_exit_at": "merge"}``: the worker process exits after the chosen
+fraction of batches (a hash of seed, shard, batch and attempt picks them), listed shards hang on
+their first attempt or fail on every attempt, held shards wait once started until a file
+``release`` exists in ``marker_dir``, the driver dies halfway through writing the index, and
+each injected fault leaves a file in ``marker_dir`` so a test can count them.
+
+``install_from_env()`` wraps ``ShardRunner``'s shard methods (in a Ray worker process, where
+faults.setup_process runs it as Ray's ``worker_process_setup_hook``) and the driver's index
+merge (in the CLI process, where tests/faulty_sdbatch.py runs it). The package knows nothing
+of it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+from faults import ENV_CHAOS
+
+
+class Chaos:
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+        self.batches: dict[tuple[str, int], int] = {}
+
+    def _mark(self, kind: str, shard_name: str, attempt: int, detail: str = "") -> None:
+        folder = self.config.get("marker_dir")
+        if folder:
+            name = f"{kind}-{shard_name}-a{attempt}{detail}-{os.getpid()}"
+            open(os.path.join(folder, name), "w").close()
+
+    def before_shard(self, shard_name: str, attempt: int) -> None:
+        if shard_name in self.config.get("fail_shards", ()):
+            self._mark("fail", shard_name, attempt)
+            raise RuntimeError(f"injected failure of shard {shard_name}")
+        if shard_name in self.config.get("hang_shards", ()) and attempt == 1:
+            self._mark("hang", shard_name, attempt)
+            time.sleep(3600)
+        if shard_name in self.config.get("hold_shards", ()):
+            self._mark("hold", shard_name, attempt)
+            while not os.path.exists(os.path.join(self.config["marker_dir"], "release")):
+                time.sleep(0.1)
+
+    def after_batch(self, shard_name: str, attempt: int) -> None:
+        fraction = self.config.get("kill_fraction", 0)
+        if not fraction:
+            return
+        number = self.batches[(shard_name, attempt)] = self.batches.get((shard_name, attempt), -1) + 1
+        digest = hashlib.sha256(f"{self.config.get('seed', 0)}:{shard_name}:{number}:{attempt}".encode()).digest()
+        if int.from_bytes(digest[:8], "big") / 2**64 < fraction:
+            self._mark("kill", shard_name, attempt, f"-b{number}")
+            os._exit(1)
+
+    def before_merge(self, storage: Any) -> None:
+        if self.config.get("driver_exit_at") == "merge":
+            storage.put("index.parquet", b"PAR1-truncated-by-test")
+            self._mark("driver", "merge", 0)
+            os._exit(137)
+
+    # -- wiring --------------------------------------------------------------------------------
+    def wrap_shard_method(self, method):
+        """``ShardRunner.run_shard`` / ``retry_rows`` with this chaos before the shard and after
+        each batch (the call comes after the actor reported the shard started)."""
+
+        @functools.wraps(method)
+        def run(runner, shard, rows, attempt=1, on_batch=None, **kwargs):
+            def report(done: int, failed: int) -> None:
+                if on_batch:
+                    on_batch(done, failed)
+                self.after_batch(shard.name, attempt)
+
+            self.before_shard(shard.name, attempt)
+            return method(runner, shard, rows, attempt, on_batch=report, **kwargs)
+
+        return run
+
+    def install(self) -> None:
+        from sdbatch import scheduler, worker
+
+        for name in ("run_shard", "retry_rows"):
+            setattr(worker.ShardRunner, name, self.wrap_shard_method(getattr(worker.ShardRunner, name)))
+        merge = scheduler.merge_index
+
+        def merge_index(storage, *args, **kwargs):
+            self.before_merge(storage)
+            return merge(storage, *args, **kwargs)
+
+        scheduler.merge_index = merge_index
+
+
+def install_from_env() -> Chaos | None:
+    raw = os.environ.get(ENV_CHAOS)
+    if not raw:
+        return None
+    chaos = Chaos(json.loads(raw))
+    chaos.install()
+    return chaos
+
+
+def chaos_env(marker_dir: os.PathLike, **config: Any) -> dict[str, str]:
+    """The environment of a CLI run with this chaos (``marker_dir`` must exist)."""
+    return {ENV_CHAOS: json.dumps({"marker_dir": str(marker_dir), **config})}

@@ -1,0 +1,18 @@
+"""``python tests/faulty_sdbatch.py ARGS``: the sdbatch CLI with the test faults its environment
+names (faults.TEST_ENV) installed — in this process, and in every Ray worker process of the
+job through Ray's documented ``runtime_env`` ``worker_process_setup_hook``
+(faults.worker_runtime_env). Tests start it through ``faults.sdbatch_command``."""
+
+from __future__ import annotations
+
+import functools
+
+import faults
+import ray
+
+faults.setup_process()
+ray.init = functools.partial(ray.init, runtime_env=faults.worker_runtime_env())
+
+from sdbatch.cli import main  # noqa: E402
+
+main()

@@ -1,0 +1,124 @@
+"""The scheduling policy (sdbatch.policy) on its own: attempts, requeues, the deadline, the
+hang decision and the verdict — no Ray, no storage, no model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sdbatch.plan import shard
+from sdbatch.policy import (
+    FINISHED,
+    HANG_FACTOR,
+    INCOMPLETE,
+    MIN_HANG_TIMEOUT_S,
+    STOPPED,
+    Schedule,
+    ShardResult,
+    Work,
+)
+
+
+def schedule(n: int = 4, **options) -> Schedule:
+    return Schedule([Work(shard(i, n * 4, 4)) for i in range(n)], **{"max_attempts": 3, **options})
+
+
+def names(s: Schedule) -> list[tuple[str, int]]:
+    return [(w.shard.name, w.attempt) for w in s.queue]
+
+
+def test_the_policy_module_needs_no_ray():
+    code = "import sys, sdbatch.policy; print('ray' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_work_is_handed_out_in_order_and_results_are_counted():
+    s = schedule(3, shards_committed=1)
+    handed = [s.next(0.0) for _ in range(3)]
+    assert [w.shard.name for w in handed] == ["00000", "00001", "00002"] and s.next(0.0) is None
+    s.completed(handed[0], ShardResult("00000", rows_ok=4))
+    s.completed(handed[1], ShardResult("00001", rows_ok=3, rows_failed=1))
+    s.completed(handed[2], ShardResult("00002", committed=False))  # an earlier attempt had committed it
+    assert (s.rows_ok, s.rows_failed, s.shards_committed, s.regenerated) == (7, 1, 4, 1)
+    assert s.verdict().state == FINISHED
+
+
+def test_a_failed_attempt_is_charged_and_requeued_first_until_the_last_attempt():
+    s = schedule(2, max_attempts=2)
+    first = s.next(0.0)
+    s.attempt_failed(first, "boom")
+    assert names(s) == [("00000", 2), ("00001", 1)]
+    again = s.next(0.0)
+    s.attempt_failed(again, "boom again")
+    assert names(s) == [("00001", 1)] and s.failed_shards == ["00000"]
+    s.completed(s.next(0.0), ShardResult("00001", rows_ok=4))
+    verdict = s.verdict()
+    assert verdict.state == INCOMPLETE
+    assert "shards 00000 failed on every attempt" in verdict.message
+
+
+def test_a_lost_worker_charges_only_the_shard_it_was_running():
+    s = schedule(4)
+    running, queued = s.next(0.0), s.next(0.0)
+    s.worker_lost([running, queued], "actor died")
+    assert names(s) == [("00000", 2), ("00001", 1), ("00002", 1), ("00003", 1)]
+    s.worker_lost([], "failed to start")  # nothing handed to it: nothing changes
+    assert len(s.queue) == 4
+
+
+def test_a_lost_worker_on_its_last_attempt_fails_the_shard_and_returns_the_rest():
+    s = Schedule([Work(shard(0, 8, 4), attempt=3), Work(shard(1, 8, 4))], max_attempts=3)
+    running, queued = s.next(0.0), s.next(0.0)
+    s.worker_lost([running, queued], "hung")
+    assert s.failed_shards == ["00000"] and names(s) == [("00001", 1)]
+
+
+def test_retried_rows_keep_their_ids_across_attempts():
+    ids = frozenset({"a", "b"})
+    s = Schedule([Work(shard(0, 4, 4), retry_ids=ids)], max_attempts=3, shards_committed=1)
+    work = s.next(0.0)
+    s.attempt_failed(work, "storage outage")
+    again = s.next(0.0)
+    assert (again.attempt, again.retry_ids) == (2, ids)
+    s.completed(again, ShardResult("00000", rows_ok=2))
+    assert s.shards_committed == 1  # retrying rows of a committed shard commits no new shard
+
+
+def test_the_deadline_leaves_the_queue_for_a_rerun():
+    s = schedule(4, deadline=100.0)
+    running = s.next(99.0)
+    assert s.next(100.0) is None and not s.queue and s.shards_left == 3
+    s.completed(running, ShardResult("00000", rows_ok=4))
+    verdict = s.verdict()
+    assert verdict.state == STOPPED
+    assert verdict.message.startswith("stopped at the deadline with 3 shards left")
+
+
+def test_a_shard_deferred_by_its_worker_counts_as_left_and_stops_handing_out():
+    s = schedule(3)  # no deadline of the driver's own: the worker's clock decided
+    deferred = s.next(0.0)
+    s.completed(deferred, ShardResult("00000", committed=False, deferred=True))
+    assert s.past_deadline(0.0) and s.next(0.0) is None
+    assert s.shards_left == 3 and s.shards_committed == 0 and s.regenerated == 0
+    assert s.verdict().state == STOPPED
+
+
+def test_the_deadline_wins_over_failed_shards_in_the_verdict():
+    s = schedule(2, max_attempts=1, deadline=10.0)
+    s.attempt_failed(s.next(0.0), "boom")
+    s.stop_at_deadline(10.0)
+    assert s.failed_shards == ["00000"] and s.shards_left == 1 and s.verdict().state == STOPPED
+
+
+@pytest.mark.parametrize(
+    ("hang_timeout_s", "slowest_batch", "timeout"),
+    [(None, 0.0, MIN_HANG_TIMEOUT_S), (None, 60.0, HANG_FACTOR * 60.0), (6.0, 60.0, 6.0)],
+)
+def test_hang_timeout_is_the_setting_or_derived_from_the_slowest_batch(hang_timeout_s, slowest_batch, timeout):
+    s = schedule(1, hang_timeout_s=hang_timeout_s)
+    assert s.hang_timeout(slowest_batch) == timeout
+    assert not s.is_hung(last_report=1000.0, now=1000.0 + timeout - 0.5, slowest_batch=slowest_batch)
+    assert s.is_hung(last_report=1000.0, now=1000.0 + timeout, slowest_batch=slowest_batch)
