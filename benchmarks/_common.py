@@ -54,3 +54,15 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
             time.sleep(0.1)
     proc.kill()
     raise SystemExit("moto server process did not start")
+
+
+def commit_rate(out_dir, rows_total: int, rows_first_shard: int) -> float:
+    """A local job's steady-state images/s from its commit times (the mtimes of
+    ``metadata/NNNNN.parquet``): rows committed after the first shard ÷ first-to-last commit
+    time, so start-up (Ray, the actor, model load, warm-up) is excluded."""
+    from pathlib import Path
+
+    commits = sorted(p.stat().st_mtime for p in (Path(out_dir) / "metadata").glob("*.parquet"))
+    if len(commits) < 2:
+        raise ValueError(f"{out_dir}: {len(commits)} commits; a steady-state rate needs at least two shards")
+    return (rows_total - rows_first_shard) / (commits[-1] - commits[0])

@@ -2,17 +2,18 @@
 
 Builds a local job output with ``--rows`` committed rows in shards of ``--rows-per-shard``
 (realistic index columns: ~90-character prompts, sha256s, keys, a versions JSON, an
-8-id ``batch_rows`` list, a passthrough label), then merges it, each contender in a fresh
-process, side by side:
+8-id ``batch_rows`` list, a passthrough label, quality columns with every tenth row's phash
+repeating an earlier one), then merges it, each contender in a fresh process, side by side:
 
 * ``in memory`` — every shard index concatenated into one table, sorted, written
   (what ``merge_index`` did before it streamed);
-* ``streaming`` — ``sdbatch.output.merge_index``: shard by shard through a ParquetWriter.
+* ``streaming`` — ``sdbatch.output.merge_index``: shard by shard through a ParquetWriter,
+  then ``duplicate_of`` filled in by DuckDB (phash distance ``--duplicate-distance``).
 
 Prints wall time and peak RSS (``ru_maxrss`` of that one child, from ``os.wait4``) of each,
 their ratios, and checks that both indexes hold the same rows in the same order.
 
-    python benchmarks/bench_index_merge.py [--rows 1000000] [--rows-per-shard 1000]
+    python benchmarks/bench_index_merge.py [--rows 1000000] [--rows-per-shard 1000] [--duplicate-distance 0]
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ for number, start in enumerate(range(0, rows, rps)):
         "sha256": [hashlib.sha256(i.encode()).hexdigest() for i in ids], "bytes": [350_000 + j for j in range(n)],
         "attempt": [1] * n, "worker": ["node-3:41234"] * n, "generate_seconds": [0.731] * n,
         "label": [j % 10 for j in range(n)],
+        "phash": [hashlib.blake2b(str(i if i % 10 else i // 10).encode(), digest_size=8).hexdigest()
+                  for i in range(start, start + n)],
+        "luma_mean": [120.5] * n, "luma_std": [40.25] * n, "blank": [False] * n, "clip_score": pa.nulls(n),
+        "duplicate_of": pa.nulls(n),
     })
     table = table.replace_schema_metadata({b"sdbatch.job_fingerprint": b"bench"})  # the job's stamp
     pq.write_table(table, out / "metadata" / f"{name}.parquet", compression="zstd")
@@ -64,7 +69,7 @@ MERGE = {
     ),
     "streaming": (
         "import pyarrow as pa\nfrom sdbatch.output import merge_index\n"
-        "merge_index(storage, {'label': pa.int64()}, 'bench')\n"
+        "merge_index(storage, {'label': pa.int64()}, 'bench', int(sys.argv[2]))\n"
     ),
 }
 PRELUDE = "import sys\nfrom sdbatch.storage import LocalStorage\nstorage = LocalStorage(sys.argv[1])\n"
@@ -80,19 +85,22 @@ def run_child(code: str, *args: str) -> tuple[float, int]:
     return time.perf_counter() - started, usage.ru_maxrss * 1024
 
 
-def index_ids(path: str) -> tuple[int, str]:
+def index_ids(path: str) -> tuple[int, str, int]:
+    """Rows, a digest of the ids in order, and rows marked duplicate."""
     code = ("import sys, hashlib, pyarrow.parquet as pq\n"
-            "t = pq.read_table(sys.argv[1], columns=['id'])\n"
-            "print(t.num_rows, hashlib.sha256('\\n'.join(t.column('id').to_pylist()).encode()).hexdigest())")
-    rows, digest = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
-                                  check=True).stdout.split()
-    return int(rows), digest
+            "t = pq.read_table(sys.argv[1], columns=['id', 'duplicate_of'])\n"
+            "print(t.num_rows, hashlib.sha256('\\n'.join(t.column('id').to_pylist()).encode()).hexdigest(),"
+            " t.num_rows - t.column('duplicate_of').null_count)")
+    rows, digest, duplicates = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
+                                              check=True).stdout.split()
+    return int(rows), digest, int(duplicates)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--rows-per-shard", type=int, default=1000)
+    parser.add_argument("--duplicate-distance", type=int, default=0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sdbatch-bench-index-") as tmp:
         out = os.path.join(tmp, "out")
@@ -102,12 +110,13 @@ def main() -> None:
               f"{platform.node()}, {os.cpu_count()} CPUs")
         results, digests = {}, {}
         for name, body in MERGE.items():
-            results[name] = run_child(PRELUDE + body, out)
+            results[name] = run_child(PRELUDE + body, out, str(args.duplicate_distance))
             digests[name] = index_ids(os.path.join(out, "index.parquet"))
             size = os.path.getsize(os.path.join(out, "index.parquet"))
             wall, rss = results[name]
-            print(f"{name:>10}: {wall:6.1f} s wall, peak RSS {rss / 2**20:7.0f} MiB, index {size / 2**20:.0f} MiB")
-        if digests["in memory"] != digests["streaming"] or digests["streaming"][0] != args.rows:
+            print(f"{name:>10}: {wall:6.1f} s wall, peak RSS {rss / 2**20:7.0f} MiB, index {size / 2**20:.0f} MiB, "
+                  f"{digests[name][2]:,} rows marked duplicate")
+        if digests["in memory"][:2] != digests["streaming"][:2] or digests["streaming"][0] != args.rows:
             raise SystemExit(f"the two indexes differ: {digests}")
         (mem_s, mem_rss), (stream_s, stream_rss) = results["in memory"], results["streaming"]
         print(f"streaming / in memory: time {stream_s / mem_s:.2f}x, peak RSS {stream_rss / mem_rss:.2f}x "

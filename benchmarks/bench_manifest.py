@@ -94,7 +94,7 @@ def build(path: str, rows: int, row_group_size: int = 65_536, bad: bool = False)
 PLAN_SCRIPT = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
-from sdbatch.manifest import open_manifest, read_rows
+from sdbatch.manifest import open_manifest, read_rows_at
 from sdbatch.spec import JobSpec
 import sdbatch.plan as plan
 t_import = time.perf_counter() - t0
@@ -103,18 +103,14 @@ m = open_manifest(sys.argv[1])
 t_open = time.perf_counter() - t1
 rps = int(sys.argv[2])
 t2 = time.perf_counter()
-if hasattr(plan, "plan_shards"):
-    shards = list(plan.plan_shards(m.num_rows, rps))
-    how = "plan.plan_shards"
-else:
-    shards = list(plan.pending_shards(m.num_rows, rps))
-    how = "plan.pending_shards"
+shards = list(plan.make_plan(m.num_rows, rps, 8).pending())
+how = "plan.make_plan(...).pending"
 t_plan = time.perf_counter() - t2
 last = shards[-1]
 t3 = time.perf_counter()
-rows = read_rows(m, JobSpec(), last.start, last.stop)
+rows = read_rows_at(m, JobSpec(), last.rows)
 t_read = time.perf_counter() - t3
-assert len(rows) == last.stop - last.start and rows[-1].index == m.num_rows - 1
+assert len(rows) == last.num_rows and rows[-1].index == m.num_rows - 1
 print(json.dumps({"import_s": t_import, "open_s": t_open, "plan_s": t_plan, "shards": len(shards), "how": how,
                   "read_last_shard_s": t_read, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """

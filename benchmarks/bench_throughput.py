@@ -160,8 +160,8 @@ class Bench:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from sdbatch.manifest import open_manifest, read_rows
-        from sdbatch.plan import pending_shards
+        from sdbatch.manifest import open_manifest, read_rows_at
+        from sdbatch.scheduler import job_plan
         from sdbatch.spec import load_spec
 
         self.args, self.model, self.work, self.endpoint, self.bucket = args, model, work, endpoint, bucket
@@ -183,8 +183,8 @@ class Bench:
             "defaults.scheduler": "ddim",
         })
         manifest = open_manifest(str(self.manifest_path))
-        self.shards = list(pending_shards(manifest.num_rows, args.rows_per_shard))
-        self.shard_rows = [(s, read_rows(manifest, self.spec, s.start, s.stop)) for s in self.shards]
+        self.shards = list(job_plan(manifest, self.spec).pending())
+        self.shard_rows = [(s, read_rows_at(manifest, self.spec, s.rows)) for s in self.shards]
         self.generators: dict[str, Any] = {}
         self.load_seconds: dict[str, float] = {}
 
@@ -243,7 +243,7 @@ class Bench:
         t0 = time.perf_counter()
         for shard, rows in self.shard_rows:
             for number, batch in enumerate(canonical_batches(rows, self.args.batch_size)):
-                images = gen.generate(batch)
+                images = gen.generate(batch).pixels
                 bid, batch_rows = batch_id(shard.name, number), [r.id for r in batch]
                 for row, image in zip(batch, images):
                     record = image_record(row, shard, bid, batch_rows, gen)

@@ -334,7 +334,7 @@ class Reproducer:
         return image, sha256(data)
 
     def _generate_batch(self, record: dict[str, Any], gen: Generator) -> dict[str, Any]:
-        """Regenerate the batch the record names; returns {id: PIL image} plus notes, and the
+        """Regenerate the batch the record names; returns {id: uint8 pixels} plus notes, and the
         sha256 of each init image as read now ({id: hex}, img2img batches)."""
         target = _row_from_params(record, record.get("extra"))
         batch_ids = list(record.get("batch_rows") or [target.id])
@@ -381,8 +381,8 @@ class Reproducer:
                     notes.append(f"batch-mate {row.id}: init image {row.init_image} unreadable; regenerating without it")
                     rebuilt = False
             rows = kept
-        images = gen.generate(rows, init_images)
-        result = {"images": {r.id: img for r, img in zip(rows, images)}, "notes": notes, "rebuilt": rebuilt,
+        generated = gen.generate(rows, init_images)
+        result = {"images": {r.id: pixels for r, pixels in zip(rows, generated.pixels)}, "notes": notes, "rebuilt": rebuilt,
                   "rows": [r.id for r in rows], "init_sha256": init_sha256}
         self._batches[cache_key] = result
         return result
@@ -754,5 +754,5 @@ def _rebuild_index(out: JobOutput, progress: Callable[[str], None] | None) -> st
         progress("rebuilding the index from the commits")
     commits, merged = committed_index(out.storage, out.job["fingerprint"])
     passthrough = {f.name: f.type for f in commits.schema if f.name not in INDEX_COLUMN_TYPES}
-    summary = merge_index(out.storage, passthrough, out.job["fingerprint"])
+    summary = merge_index(out.storage, passthrough, out.job["fingerprint"], out.spec.scoring.duplicate_max_distance)
     return f"rebuilt {INDEX_KEY} from {merged} commits ({summary.rows} rows)"

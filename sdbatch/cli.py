@@ -161,6 +161,9 @@ def submit(
         raise fail(str(exc)) from None
     except StorageError as exc:
         raise fail(f"model {spec.model.name!r}: {exc}") from None
+    clip_error = preflight_clip_model(spec.scoring.clip_model, s3_endpoint)
+    if clip_error:
+        raise fail(clip_error)
     ray_error = local_ray_environment(address, allow_unauthenticated_ray)
     if ray_error:
         raise fail(ray_error)
@@ -197,7 +200,8 @@ def submit(
     rate = outcome.rows_generated / wall if wall > 0 else 0.0
     stdout.print(
         f"{outcome.rows_generated} images generated this run ({outcome.rows_failed} rows failed, "
-        f"{outcome.shards_skipped} shards already committed) in {wall:.1f} s, {rate:.2f} images/s → {storage.url}"
+        f"{outcome.shards_skipped} shards already committed) in {wall:.1f} s, {rate:.2f} images/s, "
+        f"batches {outcome.batch_fill:.0%} full → {storage.url}"
     )
     if outcome.exit_code:
         raise fail(outcome.message, outcome.exit_code)
@@ -221,6 +225,20 @@ def local_ray_environment(address: str | None, allow_unauthenticated: bool) -> s
     return None
 
 
+def preflight_clip_model(location: str | None, endpoint_url: str | None) -> str | None:
+    """Check ``scoring.clip_model`` names a transformers folder before any worker starts."""
+    if location is None:
+        return None
+    fix = "; set scoring.clip_model to a folder written by CLIPModel.save_pretrained (config.json + model.safetensors)"
+    from sdbatch.storage import StorageError, open_storage
+
+    try:
+        found = open_storage(location, endpoint_url=endpoint_url).exists("config.json")
+    except StorageError as exc:
+        return f"scoring.clip_model {location!r}: {exc}"
+    return None if found else f"scoring.clip_model {location!r}: no config.json there{fix}"
+
+
 @app.command()
 def status(
     out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
@@ -232,9 +250,7 @@ def status(
 
     from sdbatch.lock import lock_is_stale
     from sdbatch.output import JOB_KEY, LOCK_KEY, PROGRESS_KEY, SUCCESS_KEY, committed_shards, read_json
-    from sdbatch.storage import NotFound
-    from sdbatch.plan import num_shards
-    from sdbatch.storage import StorageError, open_storage
+    from sdbatch.storage import NotFound, StorageError, open_storage
 
     try:
         storage = open_storage(out_location, endpoint_url=s3_endpoint)
@@ -251,9 +267,8 @@ def status(
         committed = len(committed_shards(storage))
     except StorageError as exc:
         raise fail(str(exc)) from None
-    rps = job["spec"]["resources"]["rows_per_shard"]
     total = job["manifest"]["num_rows"]
-    shards_total = num_shards(total, rps)
+    shards_total = progress.get("shards_total", "?")  # the plan needs the manifest; its driver wrote it
     state = "finished" if success else progress.get("state", "not started")
     driver_alive = lock is not None and not lock_is_stale(lock, lock_age)
     if state == "running" and not driver_alive:  # progress.json's last word came from a driver that died
@@ -351,6 +366,70 @@ def verify(
     stdout.print(report.render(), soft_wrap=True, markup=False)
     if not report.clean:
         raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
+    to: str = typer.Option(..., "--to", help="hf (a Hugging Face imagefolder: datasets.load_dataset(DIR)) or webdataset."),
+    dest: Path = typer.Argument(..., metavar="DIR", help="A new (or empty) local directory to write."),
+    where: Optional[str] = typer.Option(None, "--where", help="SQL condition over the index columns, e.g. \"not blank and duplicate_of is null\"."),
+    shard_size: int = typer.Option(1 << 30, "--shard-size", min=1, help="webdataset: bytes per tar shard."),
+    s3_endpoint: Optional[str] = EndpointOpt,
+) -> None:
+    """Write OUT's images and index rows (all columns), filtered by --where, in a training format."""
+    setup_logging(False)
+    from sdbatch.export import ExportError
+    from sdbatch.export import export as run_export
+    from sdbatch.storage import StorageError, open_storage
+
+    try:
+        count = run_export(open_storage(out_location, endpoint_url=s3_endpoint), to, dest, where, shard_size)
+    except (ExportError, StorageError) as exc:
+        raise fail(str(exc)) from None
+    stdout.print(f"exported {count} images to {dest} ({to})")
+
+
+@app.command()
+def stats(
+    out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON."),
+    s3_endpoint: Optional[str] = EndpointOpt,
+) -> None:
+    """Counts per label column, failed, blank and duplicate rows, and score distributions of OUT's index."""
+    import json
+
+    from sdbatch.export import ExportError, load_index
+    from sdbatch.stats import job_stats, render
+    from sdbatch.storage import StorageError, open_storage
+
+    try:
+        result = job_stats(*load_index(open_storage(out_location, endpoint_url=s3_endpoint)))
+    except (ExportError, StorageError) as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        stdout.print(render(result), markup=False, soft_wrap=True)
+
+
+@app.command()
+def grid(
+    out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
+    dest: Path = typer.Option(..., "--output", "-o", help="Local directory for the grid images."),
+    s3_endpoint: Optional[str] = EndpointOpt,
+) -> None:
+    """Draw one labelled X/Y grid image per prompt of a job built with `sdbatch manifest --grid`."""
+    from sdbatch.export import ExportError, load_index
+    from sdbatch.grid import GridError, render_grids
+    from sdbatch.storage import StorageError, open_storage
+
+    try:
+        storage = open_storage(out_location, endpoint_url=s3_endpoint)
+        paths = render_grids(storage, load_index(storage)[0], dest)
+    except (ExportError, GridError, StorageError) as exc:
+        raise fail(str(exc)) from None
+    stdout.print(f"wrote {len(paths)} grid images to {dest}")
 
 
 app.command("validate")(manifest_cli.validate)

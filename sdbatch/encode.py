@@ -46,6 +46,7 @@ import re
 import struct
 from typing import Any
 
+import numpy as np
 from PIL import Image, PngImagePlugin
 
 __all__ = [
@@ -314,7 +315,7 @@ def _decode_user_comment(raw: Any) -> str | None:
 
 
 def encode_image(
-    image: Image.Image,
+    image: Image.Image | np.ndarray,
     record: dict,
     *,
     fmt: str = "png",
@@ -323,11 +324,14 @@ def encode_image(
 ) -> bytes:
     """Encode ``image`` to bytes in ``fmt`` with ``infotext(record)`` and the JSON record embedded.
 
-    Deterministic: the same image and record give identical bytes.
+    Deterministic: the same image and record give identical bytes. ``image`` may be a PIL image
+    or an (h, w, 3) uint8 array (as ``Generator.generate`` returns them).
     png: ``png_compress_level`` 0..9 (1 = fast). jpeg: converted to RGB, ``quality`` 1..100.
     webp: ``quality`` 1..100, lossless when ``quality == 100``.
     """
     f = _norm_fmt(fmt)
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
     params = infotext(record)
     buf = io.BytesIO()
     if f == "png":

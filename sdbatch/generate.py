@@ -7,6 +7,13 @@ holding one (resolved and checked by ``sdbatch.models``), and loads every kind t
 guidance and mode (DESIGN §3). Each row gets its own CPU ``torch.Generator`` seeded with the
 row's seed, used for its initial noise and for any per-step noise of ancestral samplers, so a
 row's image does not depend on which other rows share its batch.
+
+The latents are decoded to uint8 pixels on the model's device and copied to the host once per
+batch (no PIL on the generation thread). A row whose latents or pixels hold NaN/inf, or whose
+image is all black (the fp16 VAE overflow of SD models), is decoded again with the VAE in
+float32; if it is still bad it comes back with an error instead of an image. On CUDA the
+UNet runs channels_last with PyTorch SDPA attention, optionally ``torch.compile``d.
+``builtin:null`` (``models/null_model.py``) loads through ``Generator.load`` too.
 """
 
 from __future__ import annotations
@@ -14,9 +21,8 @@ from __future__ import annotations
 import logging
 import os
 import platform
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 # Library chatter (progress bars, safety-checker and torchvision notices) would bury our
 # own log lines in every worker; this must be set before diffusers/transformers import.
@@ -26,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import diffusers  # noqa: E402
+import numpy as np
 import torch
 import transformers
 from diffusers import (
@@ -39,10 +46,14 @@ from diffusers import (
     StableDiffusionPipeline,
     UniPCMultistepScheduler,
 )
+from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
 from sdbatch.manifest import Row
-from sdbatch.models import ModelError, fingerprint_model_dir, resolve
+from sdbatch.models import GeneratedBatch, ModelError, fingerprint_model_dir, resolve
+
+if TYPE_CHECKING:
+    from sdbatch.models.null_model import NullGenerator
 
 log = logging.getLogger("sdbatch.generate")
 diffusers.utils.logging.disable_progress_bar()
@@ -62,6 +73,16 @@ SCHEDULER_FACTORIES: dict[str, tuple[type, dict[str, Any]]] = {
     ),
     "unipc": (UniPCMultistepScheduler, {}),
 }
+
+# what a worker catches to retry a batch in halves (the tests inject it on CPU)
+OUT_OF_MEMORY_ERRORS: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,)
+
+
+def free_device_memory() -> None:
+    """Give the allocator's cached blocks back after an out-of-memory error (no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
 
 def pick_device(device: str) -> str:
     if device == "auto":
@@ -118,8 +139,10 @@ class Generator:
     """One loaded model replica: a text-to-image pipeline and an img2img pipeline that share
     the same modules, and a per-call scheduler built from the model's own scheduler config."""
 
-    def __init__(self, txt2img: StableDiffusionPipeline, info: ModelInfo):
+    def __init__(self, txt2img: StableDiffusionPipeline, info: ModelInfo, compiled: bool = False):
         self.txt2img = txt2img
+        self.compiled = compiled
+        self._warm_shapes: set[tuple] = set()
         self.img2img = StableDiffusionImg2ImgPipeline(**txt2img.components)
         self.info = info
         self._scheduler_config = dict(txt2img.scheduler.config)
@@ -136,8 +159,16 @@ class Generator:
         device: str = "auto",
         dtype: str = "auto",
         endpoint_url: str | None = None,
-    ) -> Generator:
+        compile: bool = False,
+    ) -> Generator | NullGenerator:
+        """Load ``model``; ``builtin:null`` (any folder whose model_index names the null model)
+        gives a ``NullGenerator``, which has this class's interface."""
+        from sdbatch.models.null_model import NullGenerator, is_null_model
+
         folder, found_pin = resolve(model, pin=pin, endpoint_url=endpoint_url)
+        fingerprint = fingerprint_model_dir(folder) if model.startswith("s3://") else found_pin
+        if is_null_model(folder):
+            return NullGenerator.from_folder(model, folder, fingerprint, found_pin)
         device = pick_device(device)
         torch_dtype = pick_dtype(dtype, device)
         try:
@@ -153,17 +184,26 @@ class Generator:
         except (OSError, ValueError) as exc:
             raise ModelError(f"model {model!r} could not be loaded from {folder}: {exc}") from exc
         pipe = pipe.to(device)
+        for module in (pipe.unet, pipe.vae):
+            module.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA (flash / memory-efficient kernels)
+        versions = software_versions()
+        if device == "cuda":  # on CPU it is slower and would change the recorded images' low bits
+            pipe.unet.to(memory_format=torch.channels_last)
+        if compile:
+            pipe.unet = torch.compile(pipe.unet)
+            versions["torch_compile"] = "unet"  # compiled kernels can change the low bits: recorded
         info = ModelInfo(
             name=model,
-            fingerprint=fingerprint_model_dir(folder) if model.startswith("s3://") else found_pin,
+            fingerprint=fingerprint,
             pin=found_pin,
             device=device,
             dtype=str(torch_dtype).removeprefix("torch."),
-            versions=software_versions(),
+            versions=versions,
             threads=torch.get_num_threads(),
         )
-        log.info("loaded model %s on %s (%s), fingerprint %s", model, device, info.dtype, info.short_hash)
-        return cls(pipe, info)
+        log.info("loaded model %s on %s (%s%s), fingerprint %s", model, device, info.dtype,
+                 ", compiled" if compile else "", info.short_hash)
+        return cls(pipe, info, compiled=compile)
 
     def make_scheduler(self, name: str):
         try:
@@ -182,13 +222,22 @@ class Generator:
         return self._sampler_configs[name]
 
     @torch.inference_mode()
-    def generate(self, rows: list[Row], init_images: list[Image.Image | None] | None = None) -> list[Image.Image]:
+    def generate(self, rows: list[Row], init_images: list[Image.Image | None] | None = None) -> GeneratedBatch:
         """Generate one canonical batch; all rows must share ``Row.batch_key()``."""
         if not rows:
-            return []
+            return GeneratedBatch(np.zeros((0, 0, 0, 3), np.uint8), [])
         key = rows[0].batch_key()
         if any(r.batch_key() != key for r in rows):
             raise ValueError("generate() takes one canonical batch: all rows must share batch_key()")
+        if self.compiled and (len(rows), key) not in self._warm_shapes:
+            # compile for this batch shape now, with a one-step run, so the first real batch
+            # (and the hang watchdog's idea of a batch's duration) does not include compiling
+            self._warm_shapes.add((len(rows), key))
+            self._denoise([replace(r, steps=1) for r in rows], init_images)
+        latents = self._denoise(rows, init_images)
+        return self._decode(latents)
+
+    def _denoise(self, rows: list[Row], init_images: list[Image.Image | None] | None) -> torch.Tensor:
         first = rows[0]
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in rows]
         common = dict(
@@ -197,7 +246,7 @@ class Generator:
             num_inference_steps=first.steps,
             guidance_scale=first.guidance_scale,
             generator=generators,
-            output_type="pil",
+            output_type="latent",
         )
         pipe = self.img2img if first.is_img2img else self.txt2img
         pipe.scheduler = self.make_scheduler(first.scheduler)
@@ -208,4 +257,42 @@ class Generator:
             result = pipe(image=images, strength=first.strength, **common)
         else:
             result = pipe(height=first.height, width=first.width, **common)
-        return list(result.images)
+        return result.images
+
+    def _decode(self, latents: torch.Tensor) -> GeneratedBatch:
+        """Latents → uint8 pixels on the device → one copy to the host; bad rows (see the
+        module docstring) are decoded once more with the VAE in float32."""
+        errors: list[str | None] = [
+            None if ok else "the denoiser produced NaN/inf latents; no image was stored"
+            for ok in torch.isfinite(latents).flatten(1).all(dim=1).tolist()
+        ]
+        pixels, bad = self._decode_pixels(latents)
+        retry = [i for i, b in enumerate(bad) if b and errors[i] is None]
+        if retry:
+            # the whole batch again, not the bad rows alone: a row's pixels depend (in the last
+            # bit) on its batch, and `reproduce` must meet the same failure and the same retry
+            vae = self.txt2img.vae
+            dtype = vae.dtype
+            log.warning("rows %s of a batch decoded to NaN/inf or black pixels: decoding the batch "
+                        "again with the VAE in float32", retry)
+            vae.to(torch.float32)
+            try:
+                again, still_bad = self._decode_pixels(latents.float())
+            finally:
+                vae.to(dtype)
+            for i in retry:
+                pixels[i] = again[i]
+                if still_bad[i]:
+                    errors[i] = f"the VAE decoded this row to {still_bad[i]} pixels, also with the VAE in float32; no image was stored"
+        return GeneratedBatch(pixels.cpu().numpy(), errors)
+
+    def _decode_pixels(self, latents: torch.Tensor) -> tuple[torch.Tensor, list[str | None]]:
+        """(rows, h, w, 3) uint8 on the device, and per row None or what is wrong with it."""
+        vae = self.txt2img.vae
+        decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        finite = torch.isfinite(decoded).flatten(1).all(dim=1).tolist()
+        image = self.txt2img.image_processor.postprocess(decoded, output_type="pt", do_denormalize=[True] * len(decoded))
+        # the same arithmetic as diffusers' numpy_to_pil (float32, ×255, round), on the device
+        pixels = (image.permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8)
+        black = (pixels.flatten(1).amax(dim=1) == 0).tolist()
+        return pixels, [None if ok and not dark else ("NaN/inf" if not ok else "all-black") for ok, dark in zip(finite, black)]

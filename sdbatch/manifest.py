@@ -14,7 +14,7 @@ import math
 import os
 import posixpath
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from sdbatch.quality import QUALITY_COLUMN_TYPES
 from sdbatch.spec import SCHEDULERS, JobSpec
 
 
@@ -95,10 +96,13 @@ KNOWN_COLUMNS = (
     "init_image",
     "strength",
 )
+#: The columns whose values go into ``Row.batch_key``: a manifest without any of them has one key.
+BATCH_KEY_COLUMNS = ("steps", "guidance_scale", "width", "height", "scheduler", "init_image", "strength")
 #: The columns the output index adds to each row's parameters (``worker.index_row``).
 INDEX_RESULT_COLUMNS = (
     "shard", "batch_id", "batch_rows", "model_fingerprint", "device", "dtype", "torch_threads", "versions",
     "init_image_sha256", "status", "error", "key", "sha256", "bytes", "attempt", "worker", "generate_seconds",
+    *QUALITY_COLUMN_TYPES,
 )
 #: A passthrough column with one of these names would overwrite the index's own (say,
 #: ``status``), so validation refuses it.
@@ -590,10 +594,52 @@ class ManifestReader:
         return out
 
 
+    def read_rows_at(self, spec: JobSpec, numbers: range | Sequence[int]) -> list[Row]:
+        """The rows numbered ``numbers`` (a shard's rows), in that order. Rows closer together
+        than ``_READ_GAP_ROWS`` are read as one range, so a shard of interleaved rows costs a
+        few reads, not one per row."""
+        if isinstance(numbers, range) and numbers.step == 1:
+            return self.read_rows(spec, numbers.start, numbers.stop)
+        wanted = set(numbers)
+        ordered = sorted(wanted)
+        found: dict[int, Row] = {}
+        lo = 0
+        for i in range(1, len(ordered) + 1):
+            if i == len(ordered) or ordered[i] - ordered[i - 1] > _READ_GAP_ROWS:
+                span = self.read_rows(spec, ordered[lo], ordered[i - 1] + 1)
+                found.update((r.index, r) for r in span if r.index in wanted)
+                lo = i
+        return [found[n] for n in numbers]
+
+
+#: rows read per step by ``iter_batch_keys``, and the largest gap between a shard's rows that
+#: ``read_rows_at`` reads through rather than starting a new read
+_KEY_CHUNK_ROWS = 65_536
+_READ_GAP_ROWS = 4_096
+
+
 def read_rows(manifest: Manifest, spec: JobSpec, start: int, stop: int) -> list[Row]:
     """Rows ``[start, stop)`` of ``manifest`` (see ``ManifestReader.read_rows``), opening its
     files for this one read."""
     return ManifestReader(manifest).read_rows(spec, start, stop)
+
+
+def read_rows_at(manifest: Manifest, spec: JobSpec, numbers: range | Sequence[int]) -> list[Row]:
+    """The rows numbered ``numbers`` of ``manifest`` (see ``ManifestReader.read_rows_at``)."""
+    return ManifestReader(manifest).read_rows_at(spec, numbers)
+
+
+def iter_batch_keys(manifest: Manifest, spec: JobSpec) -> Iterator[tuple] | None:
+    """Every row's ``Row.batch_key()`` in manifest order, read in chunks (bounded memory);
+    None when the manifest has no batch-key column, so every row has the spec's key."""
+    if not set(BATCH_KEY_COLUMNS) & set(manifest.columns):
+        return None
+    reader = ManifestReader(manifest)
+    return (
+        row.batch_key()
+        for start in range(0, manifest.num_rows, _KEY_CHUNK_ROWS)
+        for row in reader.read_rows(spec, start, min(start + _KEY_CHUNK_ROWS, manifest.num_rows))
+    )
 
 
 def _rows_from_table(table: pa.Table, first_row: int, manifest: Manifest, spec: JobSpec) -> list[Row]:

@@ -1,11 +1,13 @@
 """``sdbatch manifest``: build a Parquet manifest for dataset synthesis.
 
 Prompts come from one source — a text file (one prompt per line), a CSV/JSONL table (its
-columns kept, renamed with ``--map TARGET=SOURCE``), or templates with alternatives
-(``"a photo of a {red|green|blue} {cat|dog}"``, expanded as a product in reading order;
-``{color=red|green}`` also records the choice in a ``color`` column). Each prompt row is
-repeated for every seed of ``--seeds`` (``0-99``, ``1,5,9``, ``0-9,100``), and constant
-columns (``--column steps=30``) are added.
+columns kept, renamed with ``--map TARGET=SOURCE``), or templates in dynamicprompts syntax
+(``"a photo of a {red|green|blue} {cat|dog}"``, ``{2$$a|b|c}``, ``__colour__`` wildcards),
+expanded as a product in reading order or sampled at random with a seed;
+``{color=red|green}`` also records the choice in a ``color`` column. ``--grid`` axes repeat
+each prompt per X/Y cell (``sdbatch.grid``). Each prompt row is repeated for every seed of
+``--seeds`` (``0-99``, ``1,5,9``, ``0-9,100``), and constant columns (``--column steps=30``)
+are added.
 
 Ids are deterministic: the source's ``id`` column if it has one, else the 0-based prompt
 row number zero-padded to 8 digits (as ``default_row_id``); with seeds, ``<base>-s<seed>``.
@@ -15,8 +17,8 @@ Output rows are ordered prompt-major, seeds inner. Nothing here imports torch.
 from __future__ import annotations
 
 import itertools
-import math
 import os
+import random
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -54,80 +56,150 @@ class ManifestBuildError(ValueError):
 
 # --- templates --------------------------------------------------------------------------------
 
+#: ``{{`` / ``}}`` (literal braces) travel through dynamicprompts as these private-use characters.
+_LITERAL_OPEN, _LITERAL_CLOSE = "\ue000", "\ue001"
+_WILDCARD_RE = re.compile(r"__([A-Za-z0-9_./-]+?)__")
 
-def parse_template(template: str) -> list[tuple[str | None, list[str]] | str]:
-    """Split a template into literal text and ``(name, alternatives)`` groups.
 
-    ``{a|b}`` is a group, ``{name=a|b}`` a named group, ``{{`` and ``}}`` literal braces.
+def _group_end(template: str, start: int) -> int:
+    """Index of the ``}`` closing the ``{`` at ``start`` (groups may nest, as in dynamicprompts)."""
+    depth = 0
+    for i in range(start, len(template)):
+        if template[i] == "{":
+            depth += 1
+        elif template[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+    raise ManifestBuildError(f"template {template!r}: '{{' at position {start} is never closed; write '{{{{' for a literal brace")
+
+
+def parse_template(template: str) -> list[tuple[str, list[str]] | str]:
+    """Split a template into text and ``(name, alternatives)`` label groups (``{name=a|b}``).
+
+    Text keeps every other ``{...}`` group (``{a|b}``, ``{2$$a|b|c}``, nested ones) and
+    ``__wildcard__`` for dynamicprompts; ``{{`` and ``}}`` become literal braces.
     """
-    parts: list[tuple[str | None, list[str]] | str] = []
+    parts: list[tuple[str, list[str]] | str] = []
     text: list[str] = []
     i = 0
     while i < len(template):
-        ch = template[i]
-        if ch == "{" and template.startswith("{{", i):
-            text.append("{")
+        if template.startswith("{{", i) or template.startswith("}}", i):
+            text.append(_LITERAL_OPEN if template[i] == "{" else _LITERAL_CLOSE)
             i += 2
-        elif ch == "}" and template.startswith("}}", i):
-            text.append("}")
-            i += 2
-        elif ch == "{":
-            end = template.find("}", i + 1)
-            inner_open = template.find("{", i + 1)
-            if end < 0:
-                raise ManifestBuildError(f"template {template!r}: '{{' at position {i} is never closed; write '{{{{' for a literal brace")
-            if 0 <= inner_open < end:
-                raise ManifestBuildError(f"template {template!r}: nested '{{' at position {inner_open}; groups cannot nest")
-            body = template[i + 1 : end]
-            name = None
-            m = _NAME_RE.match(body)
-            if m:
-                name, body = m.group(1), m.group(2)
+        elif template[i] == "{":
+            end = _group_end(template, i)
+            m = _NAME_RE.match(template[i + 1 : end])
+            if m is None:
+                text.append(template[i : end + 1])
+            else:
+                name = m.group(1)
                 if name in KNOWN_COLUMNS:
                     raise ManifestBuildError(
                         f"template {template!r}: group name {name!r} is a manifest column; use a label name such as 'color'"
                     )
-            if text:
-                parts.append("".join(text))
-                text = []
-            parts.append((name, body.split("|")))
+                if text:
+                    parts.append("".join(text))
+                    text = []
+                parts.append((name, m.group(2).split("|")))
             i = end + 1
-        elif ch == "}":
+        elif template[i] == "}":
             raise ManifestBuildError(f"template {template!r}: '}}' at position {i} has no opening '{{'; write '}}}}' for a literal brace")
         else:
-            text.append(ch)
+            text.append(template[i])
             i += 1
     if text:
         parts.append("".join(text))
     return parts
 
 
-def expand_template(template: str) -> tuple[list[str], dict[str, list[str]]]:
-    """All prompts of a template (product of its groups, first group slowest) and, for each
-    named group, the chosen alternative per prompt."""
+def _known_size(parts: list[tuple[str, list[str]] | str]) -> int:
+    """How many prompts the label groups and the plain ``{a|b}`` groups make (a lower bound when
+    the template also has wildcards or ``$$`` groups, which are counted as they expand)."""
+    total = 1
+    for part in parts:
+        if isinstance(part, tuple):
+            total *= len(part[1])
+        else:
+            for body in re.findall(r"\{([^{}]*)\}", part):
+                if "$$" not in body and "__" not in body:
+                    total *= body.count("|") + 1
+    return total
+
+
+class _Expander:
+    """dynamicprompts over one set of wildcard files: every expansion (combinatorial) or
+    ``sample`` seeded random draws."""
+
+    def __init__(self, wildcards: Path | None, sample: int | None, seed: int):
+        from dynamicprompts.generators import CombinatorialPromptGenerator, RandomPromptGenerator
+        from dynamicprompts.wildcards import WildcardManager
+
+        self.wildcards = wildcards
+        self.manager = WildcardManager(wildcards) if wildcards else WildcardManager()
+        self.sample = sample
+        self.combinatorial = CombinatorialPromptGenerator(self.manager)
+        self.random = RandomPromptGenerator(self.manager, seed=seed)
+        self.rng = random.Random(seed)  # label-group choices when sampling
+
+    def random_choice(self, alternatives: list[str]) -> str:
+        return self.rng.choice(alternatives)
+
+    def check_wildcards(self, template: str) -> None:
+        for name in _WILDCARD_RE.findall(template):
+            if self.wildcards is None:
+                raise ManifestBuildError(f"template {template!r} uses the wildcard __{name}__; pass --wildcards DIR "
+                                         f"with a file {name}.txt (one value per line)")
+            if not self.manager.get_values(name):
+                raise ManifestBuildError(f"template {template!r}: wildcard __{name}__ has no values; "
+                                         f"add {Path(self.wildcards) / name}.txt (one value per line)")
+
+    def expand(self, text: str, limit: int) -> list[str]:
+        if "{" not in text and "__" not in text:
+            return [text]
+        try:
+            if self.sample:
+                return [str(p) for p in self.random.generate(text, 1)]
+            return [str(p) for p in self.combinatorial.generate(text, max_prompts=limit + 1)]
+        except Exception as exc:  # pyparsing's ParseException and dynamicprompts' own errors
+            raise ManifestBuildError(f"template {text!r} is not valid prompt syntax: {exc}") from None
+
+
+def expand_template(
+    template: str, *, wildcards: Path | None = None, sample: int | None = None, sample_seed: int = 0,
+) -> tuple[list[str], dict[str, list[str]]]:
+    """The prompts of a template and, for each label group, the chosen alternative per prompt.
+
+    Combinatorial by default (every prompt, first group slowest); ``sample=N`` draws N prompts
+    at random instead, reproducibly for a ``sample_seed``. Expansion is dynamicprompts'
+    (variants ``{a|b}``, ``{2$$a|b|c}``, wildcards ``__name__`` from files in ``wildcards``).
+    """
     parts = parse_template(template)
     groups = [p for p in parts if isinstance(p, tuple)]
-    total = math.prod(len(alts) for _, alts in groups)
-    if total > MAX_TEMPLATE_PROMPTS:
-        raise ManifestBuildError(f"template {template!r} expands to {total:,} prompts (limit {MAX_TEMPLATE_PROMPTS:,}); split it")
-    names = [name for name, _ in groups if name is not None]
+    names = [name for name, _ in groups]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise ManifestBuildError(f"template {template!r}: group name(s) {sorted(dup)} used twice")
+    total = sample if sample else _known_size(parts)
+    if total > MAX_TEMPLATE_PROMPTS:
+        raise ManifestBuildError(f"template {template!r} expands to {total:,} prompts (limit {MAX_TEMPLATE_PROMPTS:,}); split it")
+    expander = _Expander(wildcards, sample, sample_seed)
+    expander.check_wildcards(template)
+    choices: Iterable[tuple[str, ...]] = (
+        [tuple(expander.random_choice(alts) for _, alts in groups) for _ in range(sample)] if sample
+        else itertools.product(*(alts for _, alts in groups))
+    )
     prompts: list[str] = []
     labels: dict[str, list[str]] = {n: [] for n in names}
-    for choice in itertools.product(*(alts for _, alts in groups)):
+    for choice in choices:
         it = iter(choice)
-        out = []
-        for p in parts:
-            if isinstance(p, tuple):
-                value = next(it)
-                out.append(value)
-                if p[0] is not None:
-                    labels[p[0]].append(value)
-            else:
-                out.append(p)
-        prompts.append("".join(out))
+        text = "".join(next(it) if isinstance(p, tuple) else p for p in parts)
+        expanded = expander.expand(text, MAX_TEMPLATE_PROMPTS - len(prompts))
+        if len(prompts) + len(expanded) > MAX_TEMPLATE_PROMPTS:
+            raise ManifestBuildError(f"template {template!r} expands to more than {MAX_TEMPLATE_PROMPTS:,} prompts; split it")
+        prompts.extend(p.replace(_LITERAL_OPEN, "{").replace(_LITERAL_CLOSE, "}") for p in expanded)
+        for name, value in zip(names, choice):
+            labels[name].extend([value] * len(expanded))
     return prompts, labels
 
 
@@ -271,12 +343,12 @@ def _read_table_file(path: Path, mapping: Iterable[str]) -> pa.Table:
     return table
 
 
-def _templates_table(templates: Sequence[str]) -> pa.Table:
+def _templates_table(templates: Sequence[str], **expand: Any) -> pa.Table:
     prompts: list[str] = []
     label_names: list[str] = []
     per_template: list[tuple[int, dict[str, list[str]]]] = []
     for t in templates:
-        p, labels = expand_template(t)
+        p, labels = expand_template(t, **expand)
         per_template.append((len(p), labels))
         prompts.extend(p)
         label_names.extend(n for n in labels if n not in label_names)
@@ -335,9 +407,14 @@ def build_manifest(
     columns: Iterable[str] = (),
     row_group_size: int = 65_536,
     overwrite: bool = False,
+    wildcards: str | os.PathLike[str] | None = None,
+    sample: int | None = None,
+    sample_seed: int = 0,
+    grid: Sequence[str] = (),
 ) -> int:
     """Write the manifest to ``out`` (atomically: a temporary file renamed into place) and
-    return its number of rows."""
+    return its number of rows. Templates expand with ``wildcards`` files, every prompt or
+    ``sample`` random ones (``sample_seed``); ``grid`` axes repeat each prompt per cell."""
     sources = [s for s in (prompts_file, table_file, templates or None) if s]
     if len(sources) != 1:
         raise ManifestBuildError("give exactly one prompt source: --prompts FILE, --from FILE, or --template (repeatable)")
@@ -349,7 +426,19 @@ def build_manifest(
     elif table_file:
         base = _read_table_file(Path(table_file), mapping)
     else:
-        base = _templates_table(templates)
+        base = _templates_table(templates, wildcards=Path(wildcards) if wildcards else None, sample=sample,
+                                sample_seed=sample_seed)
+    if (wildcards or sample) and not templates:
+        raise ManifestBuildError("--wildcards and --sample only apply to --template")
+    if sample is not None and sample < 1:
+        raise ManifestBuildError("--sample must be at least 1")
+    if grid:
+        from sdbatch.grid import GridError, expand_grid, parse_axes
+
+        try:
+            base = expand_grid(base, parse_axes(list(grid)), _COLUMN_TYPES)
+        except GridError as exc:
+            raise ManifestBuildError(str(exc)) from None
     if mapping and not table_file:
         raise ManifestBuildError("--map only applies to --from FILE")
     seed_ranges = parse_seeds(seeds) if seeds else None

@@ -69,8 +69,15 @@ def manifest(
     map_: list[str] = typer.Option([], "--map", help="Rename a --from column: --map prompt=text (TARGET=SOURCE, repeatable)."),
     template: list[str] = typer.Option(
         [], "--template", "-t",
-        help="Prompt template with alternatives, expanded as a product: 'a {red|blue} {cat|dog}'. "
-        "Name a group to get a label column: '{color=red|blue}'. Repeatable.",
+        help="Prompt template (dynamicprompts syntax), expanded as a product: 'a {red|blue} {cat|dog}', "
+        "'{2$$a|b|c}', '__colour__' (with --wildcards). Name a group to get a label column: '{color=red|blue}'. Repeatable.",
+    ),
+    wildcards: Optional[Path] = typer.Option(None, "--wildcards", help="Folder of wildcard files: __colour__ in a template draws from colour.txt."),
+    sample: Optional[int] = typer.Option(None, "--sample", help="Draw N random prompts per template instead of every combination."),
+    sample_seed: int = typer.Option(0, "--sample-seed", help="Seed of --sample (same seed, same prompts)."),
+    grid: list[str] = typer.Option(
+        [], "--grid", help="X/Y grid axis: --grid seed=1-4 --grid guidance_scale=3,5,7; every prompt once per cell "
+        "(draw the grids after the job with `sdbatch grid OUT -o DIR`).",
     ),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds per prompt: 0-99, 1,5,9 or 0-9,100. Default: none (derived)."),
     column: list[str] = typer.Option([], "--column", "-c", help="Constant column: --column steps=30 (repeatable)."),
@@ -102,6 +109,10 @@ def manifest(
             columns=column,
             row_group_size=row_group_size,
             overwrite=overwrite,
+            wildcards=wildcards,
+            sample=sample,
+            sample_seed=sample_seed,
+            grid=grid,
         )
     except ManifestBuildError as exc:
         raise _err(f"cannot build manifest: {exc}") from None

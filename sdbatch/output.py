@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 import sdbatch
 from sdbatch.manifest import Manifest
+from sdbatch.quality import QUALITY_COLUMN_TYPES, mark_duplicates
 from sdbatch.spec import JobSpec, fingerprint
 from sdbatch.storage import NotFound, Storage
 
@@ -162,7 +163,7 @@ INDEX_COLUMN_TYPES: dict[str, pa.DataType] = {
     "model_fingerprint": pa.string(), "device": pa.string(), "dtype": pa.string(), "torch_threads": pa.int64(),
     "versions": pa.string(), "init_image_sha256": pa.string(), "status": pa.string(), "error": pa.string(),
     "key": pa.string(), "sha256": pa.string(), "bytes": pa.int64(), "attempt": pa.int64(), "worker": pa.string(),
-    "generate_seconds": pa.float64(),
+    "generate_seconds": pa.float64(), **QUALITY_COLUMN_TYPES,
 }
 #: Shard indexes read ahead of the writer while merging, and the rows gathered into one
 #: Parquet row group: together they bound the merge's memory.
@@ -191,13 +192,17 @@ def _write_row_group(writer: pq.ParquetWriter, tables: list[pa.Table]) -> None:
 class IndexSummary:
     rows: int
     rows_failed: int
+    duplicates: int = 0
 
 
-def merge_index(storage: Storage, passthrough_types: dict[str, pa.DataType], job_fingerprint: str) -> IndexSummary:
+def merge_index(
+    storage: Storage, passthrough_types: dict[str, pa.DataType], job_fingerprint: str, duplicate_max_distance: int = 0
+) -> IndexSummary:
     """Write every committed shard index, in row order, as ``index.parquet``, one shard at a
     time through a local temporary file: the driver holds ``MERGE_READ_AHEAD`` shard indexes,
     never the whole index. Shards cover consecutive row ranges, so shard order is row order.
-    Idempotent: an interrupted merge is simply redone."""
+    ``duplicate_of`` is then filled in from that file (``quality.mark_duplicates``, bounded
+    memory too). Idempotent: an interrupted merge is simply redone."""
     names = sorted(committed_shards(storage), key=int)
     schema = index_schema(passthrough_types).with_metadata({FINGERPRINT_META: job_fingerprint.encode()})
     rows = failed = 0
@@ -216,8 +221,10 @@ def merge_index(storage: Storage, passthrough_types: dict[str, pa.DataType], job
                         group = []
             if group or not rows:
                 _write_row_group(writer, group or [schema.empty_table()])
-        storage.put_file(INDEX_KEY, path)
-    return IndexSummary(rows=rows, rows_failed=failed)
+        marked = Path(tmp) / f"marked-{INDEX_KEY}"
+        duplicates = mark_duplicates(path, marked, duplicate_max_distance)
+        storage.put_file(INDEX_KEY, marked)
+    return IndexSummary(rows=rows, rows_failed=failed, duplicates=duplicates)
 
 
 def committed_index(storage: Storage, job_fingerprint: str) -> tuple[pa.Table, int]:
@@ -227,6 +234,16 @@ def committed_index(storage: Storage, job_fingerprint: str) -> tuple[pa.Table, i
     tables = [read_shard_index(storage, name, job_fingerprint) for name in names]
     table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
     return (table.sort_by("row") if "row" in table.column_names else table), len(names)
+
+
+def read_index(storage: Storage, job_fingerprint: str) -> tuple[pa.Table, int | None]:
+    """The final index if written and stamped with ``job_fingerprint`` (and None), else the
+    merge of what is committed so far (not written) and how many commits that is."""
+    try:
+        table = _stamped(storage.get(INDEX_KEY), job_fingerprint)
+    except NotFound:
+        table = None
+    return (table, None) if table is not None else committed_index(storage, job_fingerprint)
 
 
 def read_json(storage: Storage, key: str) -> dict[str, Any] | None:

@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import sdbatch
 from sdbatch.lock import JobLock
-from sdbatch.manifest import Manifest, passthrough_types
+from sdbatch.manifest import Manifest, iter_batch_keys, passthrough_types
 from sdbatch.output import (
     SUCCESS_KEY,
     STATUS_FAILED,
@@ -36,7 +36,7 @@ from sdbatch.output import (
     read_shard_index,
     write_json,
 )
-from sdbatch.plan import num_shards, pending_shards, shard
+from sdbatch.plan import Plan, key_codes, make_plan
 from sdbatch.policy import FINISHED, STOPPED, Schedule, ShardResult, Work
 from sdbatch.progress import ProgressFeed, utc_now
 from sdbatch.spec import JobSpec
@@ -81,6 +81,15 @@ class ProgressTracker:
         return self.shards, self.slowest_batch
 
 
+def job_plan(manifest: Manifest, spec: JobSpec) -> Plan:
+    """The job's shards and batches: reads every row's batch key (skipped for a manifest with
+    no batch-key column) and plans them with ``plan.make_plan``."""
+    keys = iter_batch_keys(manifest, spec)
+    codes = key_codes(keys) if keys is not None else None
+    res = spec.resources
+    return make_plan(manifest.num_rows, res.rows_per_shard, res.batch_size, codes)
+
+
 def connect_ray(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
@@ -122,6 +131,7 @@ class JobOutcome:
     shards_failed: list[str]
     wall_seconds: float
     message: str
+    batch_fill: float  # the plan's mean rows per batch ÷ batch size
 
 
 class WorkerStartError(RuntimeError):
@@ -177,9 +187,12 @@ class Driver:
 
     def run(self) -> JobOutcome:
         started = time.monotonic()
-        total_rows, rps = self.manifest.num_rows, self.spec.resources.rows_per_shard
+        total_rows = self.manifest.num_rows
         committed = committed_shards(self.storage)
-        work = [Work(s) for s in pending_shards(total_rows, rps, committed)]
+        self.plan = plan = job_plan(self.manifest, self.spec)
+        log.info("planned %d shards, %d batches (mean %.1f rows per batch of %d)", plan.num_shards,
+                 plan.num_batches, plan.batch_fill * plan.batch_size, plan.batch_size)
+        work = [Work(s) for s in plan.pending(committed)]
         if self.retry_failed:
             work.extend(self._failed_rows_work(committed))
         skipped = len(committed)
@@ -191,10 +204,10 @@ class Driver:
         )
         connect_ray(self.address)
         log.info("%d shards to generate, %d already committed", len(work), skipped)
-        done_before = sum(shard(int(n), total_rows, rps).num_rows for n in committed if int(n) < num_shards(total_rows, rps))
+        done_before = sum(plan.shard(int(n)).num_rows for n in committed if int(n) < plan.num_shards)
         progress = ProgressFeed(
             self.storage, total_rows=total_rows, rows_already_done=done_before,
-            shards_total=num_shards(total_rows, rps), shards_committed=skipped, interactive=self.interactive,
+            shards_total=plan.num_shards, shards_committed=skipped, interactive=self.interactive,
         )
         # pinned to the driver's node: losing a worker node must not take the tracker with it
         self.tracker = ProgressTracker.options(
@@ -230,7 +243,7 @@ class Driver:
         else:
             code = EXIT_STOPPED if verdict.state == STOPPED else EXIT_SHARDS_FAILED
             outcome = JobOutcome(code, total_rows, schedule.rows_ok, schedule.rows_failed, skipped,
-                                 schedule.failed_shards, time.monotonic() - started, verdict.message)
+                                 schedule.failed_shards, time.monotonic() - started, verdict.message, plan.batch_fill)
         progress.close(verdict.state)
         return outcome
 
@@ -337,12 +350,11 @@ class Driver:
     def _failed_rows_work(self, committed: set[str]) -> list[Work]:
         """--retry-failed: one unit of work per committed shard that holds failed rows."""
         work = []
-        rps = self.spec.resources.rows_per_shard
         for name in sorted(committed, key=int):
             table = read_shard_index(self.storage, name, self.job["fingerprint"])
             failed = [i for i, s in zip(table.column("id").to_pylist(), table.column("status").to_pylist()) if s == STATUS_FAILED]
             if failed:
-                work.append(Work(shard(int(name), self.manifest.num_rows, rps), retry_ids=frozenset(failed)))
+                work.append(Work(self.plan.shard(int(name)), retry_ids=frozenset(failed)))
         if work:  # the job is no longer finished until the retried rows are committed
             log.info("retrying the failed rows of %d shards", len(work))
             self.storage.delete(SUCCESS_KEY)
@@ -353,10 +365,12 @@ class Driver:
         previous = read_json(self.storage, SUCCESS_KEY) if rows_ok == rows_failed == 0 else None
         if previous is not None:  # a finished job run again: leave its record alone
             code = EXIT_ROWS_FAILED if previous.get("rows_failed") else EXIT_OK
-            return JobOutcome(code, self.manifest.num_rows, 0, 0, skipped, [], time.monotonic() - started, message)
+            return JobOutcome(code, self.manifest.num_rows, 0, 0, skipped, [], time.monotonic() - started, message,
+                              self.plan.batch_fill)
         if self.lock is not None:
             self.lock.check()
-        index = merge_index(self.storage, passthrough_types(self.manifest), self.job["fingerprint"])
+        index = merge_index(self.storage, passthrough_types(self.manifest), self.job["fingerprint"],
+                            self.spec.scoring.duplicate_max_distance)
         total = self.manifest.num_rows
         failed_total = index.rows_failed
         wall = time.monotonic() - started
@@ -365,10 +379,14 @@ class Driver:
             "rows_in_index": index.rows,
             "rows_ok": index.rows - failed_total,
             "rows_failed": failed_total,
+            "rows_duplicate": index.duplicates,
             "rows_generated_this_run": rows_ok,
             "shards_skipped": skipped,
             "wall_seconds_this_run": round(wall, 2),
             "images_per_second_this_run": round(rows_ok / wall, 3) if wall > 0 else None,
+            "batches": self.plan.num_batches,
+            "batch_size": self.plan.batch_size,
+            "batch_fill": round(self.plan.batch_fill, 4),
             "fingerprint": self.job["fingerprint"],
             "finished_at": utc_now(),
             "sdbatch_version": sdbatch.__version__,
@@ -377,7 +395,7 @@ class Driver:
         code = EXIT_ROWS_FAILED if failed_total else EXIT_OK
         if failed_total:
             message = f"{failed_total} rows failed permanently (status=failed in index.parquet); rerun with --retry-failed"
-        return JobOutcome(code, total, rows_ok, rows_failed, skipped, [], wall, message)
+        return JobOutcome(code, total, rows_ok, rows_failed, skipped, [], wall, message, self.plan.batch_fill)
 
 
 def _short(exc: BaseException) -> str:

@@ -50,6 +50,9 @@ class ModelSpec(_Section):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto = float16 on cuda, float32 on cpu"
     )
+    compile: bool = Field(
+        False, description="torch.compile the UNet (warmed up per batch shape; recorded, as it can change the low bits)"
+    )
 
 
 class RowDefaults(_Section):
@@ -98,6 +101,24 @@ class RetrySpec(_Section):
     )
 
 
+class ScoringSpec(_Section):
+    """The quality columns of the index (``sdbatch.quality``) and the optional CLIP score."""
+
+    clip_model: str | None = Field(
+        None,
+        description="a transformers CLIP folder (local or s3://, safetensors) to add clip_score, the prompt-image "
+        "agreement, per image; e.g. openai/clip-vit-large-patch14 saved with save_pretrained",
+    )
+    blank_max_std: float = Field(
+        2.0, ge=0, description="an image whose luminance standard deviation (0-255) is at most this is flagged blank"
+    )
+    duplicate_max_distance: int = Field(
+        0, ge=0, le=16,
+        description="images whose phashes differ in at most this many bits are duplicates (0: identical phash); "
+        "each bit more compares more pairs at merge",
+    )
+
+
 class LimitsSpec(_Section):
     max_prompt_chars: int = Field(4000, ge=1)
     max_steps: int = Field(200, ge=1)
@@ -118,6 +139,7 @@ class JobSpec(_Section):
     output: OutputSpec = OutputSpec()
     resources: ResourcesSpec = ResourcesSpec()
     retries: RetrySpec = RetrySpec()
+    scoring: ScoringSpec = ScoringSpec()
     limits: LimitsSpec = LimitsSpec()
 
     def fingerprint_fields(self) -> dict[str, Any]:
@@ -126,10 +148,14 @@ class JobSpec(_Section):
             "seed": self.seed,
             "model": self.model.name,
             "dtype": self.model.dtype,
+            "compile": self.model.compile,
             "defaults": self.defaults.model_dump(),
             "output": self.output.model_dump(),
             "batch_size": self.resources.batch_size,
             "rows_per_shard": self.resources.rows_per_shard,
+            "planner": 2,  # 2: shards grouped by batch key (plan.make_plan); 1 was contiguous ranges
+            # the worker writes these columns into each shard's commit (duplicates are redone at merge)
+            "scoring": {"clip_model": self.scoring.clip_model, "blank_max_std": self.scoring.blank_max_std},
         }
 
 

@@ -1,25 +1,31 @@
 """Running one shard end to end, and the Ray actor that holds one model replica to do it.
 
 ``ShardRunner`` is the Ray-free core: it loads the shard's init images ahead, generates the
-canonical batches on the calling thread, and hands each image to a small thread pool that
-encodes it and writes it create-once, so the model never waits for a PUT. When every image
-is stored it writes the shard index — the commit. ``ShardFeed`` (Ray-free too) reads the
-worker's own rows from the manifest and reads the next shard ahead. ``WorkerActor`` only wires
-them to Ray.
+canonical batches on the calling thread (each batch comes back as one uint8 host array), and
+hands each image to the store pool: encoding runs in processes, one per CPU of the worker
+(Pillow's encoders hold the GIL: ``benchmarks/bench_png_gil.py``), hashing and the create-once
+writes on threads, so the model never waits for encoding or a PUT while the bounded queue has
+room. A batch that runs out of GPU memory is generated again in halves (each half is then its
+own batch, in ``batch_rows``); a row whose image came out NaN or black fails with that error.
+When every image is stored it writes the shard index — the commit. ``ShardFeed`` (Ray-free
+too) reads the worker's own rows from the manifest and reads the next shard ahead.
+``WorkerActor`` only wires them to Ray.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,11 +50,16 @@ from sdbatch.output import (
 )
 from sdbatch.plan import ShardSpec, batch_id, canonical_batches
 from sdbatch.policy import ShardResult
+from sdbatch.quality import measure_image
 from sdbatch.spec import JobSpec
 from sdbatch.storage import Storage, StorageError, open_storage, read_uri
 
 if TYPE_CHECKING:  # the driver imports this module; only the actor needs torch
+    import numpy as np
+
+    from sdbatch.clip_score import ClipScorer
     from sdbatch.generate import Generator
+    from sdbatch.models import GeneratedBatch
 
 log = logging.getLogger("sdbatch.worker")
 
@@ -62,6 +73,7 @@ class StoredImage:
     sha256: str  # of this row's bytes
     size: int
     created: bool
+    quality: dict[str, Any]  # the quality columns (sdbatch.quality), measured on the pixels
     data: bytes = b""  # webdataset: the bytes, for the tar
     error: str | None = None  # the key holds an object that is not these bytes: not adopted
 
@@ -124,6 +136,18 @@ def index_row(record: dict[str, Any] | None, row: Row, shard_name: str, **fields
     return base
 
 
+@functools.cache
+def encode_pool(workers: int) -> ProcessPoolExecutor:
+    """The processes that encode images, shared by every ShardRunner of this process. Spawned,
+    not forked: a worker process runs threads (Ray's, the store pool's) that a fork would copy
+    mid-flight."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def encode_workers(cpus_per_worker: float) -> int:
+    return max(1, int(cpus_per_worker))
+
+
 class ShardRunner:
     def __init__(
         self,
@@ -132,18 +156,24 @@ class ShardRunner:
         spec: JobSpec,
         worker_name: str = "",
         endpoint_url: str | None = None,
+        scorer: ClipScorer | None = None,
         *,
         job_fingerprint: str,
     ):
         self.generator = generator
+        self.scorer = scorer
         self.job_fingerprint = job_fingerprint  # stamped on every commit this runner writes
         self.storage = storage
         self.spec = spec
         self.worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
         self.endpoint_url = endpoint_url
-        self.pool = ThreadPoolExecutor(spec.resources.upload_threads, thread_name_prefix="sdbatch-io")
-        # bounds encoded-but-unwritten images held in memory
-        self._in_flight = threading.BoundedSemaphore(spec.resources.upload_threads * 4)
+        encoders = encode_workers(spec.resources.cpus_per_worker)
+        self.encoder = encode_pool(encoders)
+        # each store thread waits for its image's encoding, then hashes and writes it
+        threads = spec.resources.upload_threads + encoders
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="sdbatch-io")
+        # bounds generated-but-unwritten images held in memory
+        self._in_flight = threading.BoundedSemaphore(threads * 2)
 
     def load_init_images(self, rows: list[Row]) -> dict[str, Future]:
         """Start reading each img2img row's init image; each future gives (image, sha256 hex
@@ -156,21 +186,24 @@ class ShardRunner:
 
         return {r.id: self.pool.submit(load, r.init_image) for r in rows if r.is_img2img}
 
-    def _store_image(self, shard: ShardSpec, row: Row, image: Image.Image, record: dict) -> StoredImage:
-        """Encode and store create-once. A key already taken is adopted only when it holds
-        exactly these bytes (a dead attempt of this row made them); anything else is not ours."""
+    def _store_image(self, shard: ShardSpec, row: Row, pixels: np.ndarray, record: dict) -> StoredImage:
+        """Encode and store create-once; also measures its quality columns while its pixels are
+        here. A key already taken is adopted only when it holds exactly these bytes (a dead
+        attempt of this row made them); anything else is not ours."""
         try:
+            quality = measure_image(Image.fromarray(pixels), self.spec.scoring.blank_max_std)
             out = self.spec.output
-            data = encode.encode_image(
-                image, record, fmt=out.image_format, png_compress_level=out.png_compress_level, quality=out.quality
-            )
+            data = self.encoder.submit(
+                encode.encode_image, pixels, record,
+                fmt=out.image_format, png_compress_level=out.png_compress_level, quality=out.quality,
+            ).result()
             sha = hashlib.sha256(data).hexdigest()
             if out.format == "webdataset":
-                return StoredImage("", sha, len(data), True, data)
+                return StoredImage("", sha, len(data), True, quality, data)
             key = image_key(shard.name, row.id, encode.extension(out.image_format))
             put = self.storage.put_new(key, data)
             error = None if put.created or put.sha256 == sha else foreign_object_error(key, put.sha256, sha)
-            return StoredImage(key, sha, len(data), put.created, error=error)
+            return StoredImage(key, sha, len(data), put.created, quality, error=error)
         finally:
             self._in_flight.release()
 
@@ -216,9 +249,10 @@ class ShardRunner:
         if init_images is None:
             init_images = self.load_init_images(rows)
         index_rows: list[dict[str, Any]] = []
-        stored: list[tuple[Row, dict, Future]] = []
+        stored: list[tuple[Row, dict, Future, float | None]] = []
         generate_started = time.perf_counter()
         for number, batch in enumerate(canonical_batches(rows, self.spec.resources.batch_size)):
+            failed_before = result.rows_failed
             good, images_in, init_hashes = [], [], {}
             for row in batch:
                 error = _init_image_error(init_images.get(row.id))
@@ -231,35 +265,40 @@ class ShardRunner:
                     images_in.append(image_in)
             if good:
                 bid = batch_id(tar_name, number)
-                t0 = time.perf_counter()
-                images = self.generator.generate(good, images_in if good[0].is_img2img else None)
-                per_row = (time.perf_counter() - t0) / len(good)
-                batch_rows = [r.id for r in good]
-                for row, image in zip(good, images):
-                    record = image_record(row, shard, bid, batch_rows, self.generator, init_hashes[row.id])
-                    self._in_flight.acquire()
-                    future = self.pool.submit(self._store_image, shard, row, image, record)
-                    stored.append((row, {**record, "generate_seconds": per_row}, future))
+                for part, generated, per_row in self._generate_fitting(good, images_in if good[0].is_img2img else None):
+                    batch_rows = [r.id for r in part]
+                    scores = (self.scorer.score([r.prompt for r in part], generated.images()) if self.scorer
+                              else [None] * len(part))
+                    for i, (row, score) in enumerate(zip(part, scores)):
+                        if generated.errors[i]:
+                            index_rows.append(index_row(None, row, shard.name, status=STATUS_FAILED, error=generated.errors[i], attempt=attempt, worker=self.worker_name))
+                            result.rows_failed += 1
+                            continue
+                        record = image_record(row, shard, bid, batch_rows, self.generator, init_hashes[row.id])
+                        self._in_flight.acquire()
+                        future = self.pool.submit(self._store_image, shard, row, generated.pixels[i], record)
+                        stored.append((row, {**record, "generate_seconds": per_row}, future, score))
             if on_batch:
-                on_batch(len(good), len(batch) - len(good))
+                failed = result.rows_failed - failed_before
+                on_batch(len(batch) - failed, failed)
         result.generate_seconds = time.perf_counter() - generate_started
 
         webdataset = self.spec.output.format == "webdataset"
         ext = encode.extension(self.spec.output.image_format)
-        done = [(row, record, future.result()) for row, record, future in stored]  # storage errors → shard retried
+        done = [(row, record, future.result(), score) for row, record, future, score in stored]  # storage errors → shard retried
         tar_error = None
         if webdataset and done:
             members = [
                 (webdataset_key(row.id), put.data,
                  json.dumps({k: v for k, v in record.items() if k != "generate_seconds"}, sort_keys=True).encode())
-                for row, record, put in done
+                for row, record, put, _ in done
             ]
             tar = build_webdataset_tar(members, ext)
             put = self.storage.put_new(tar_key(tar_name), tar)
             ours = hashlib.sha256(tar).hexdigest()
             if not put.created and put.sha256 != ours:
                 tar_error = foreign_object_error(tar_key(tar_name), put.sha256, ours)
-        for row, record, put in done:
+        for row, record, put, score in done:
             key = f"{tar_key(tar_name)}#{webdataset_key(row.id)}.{ext}" if webdataset else put.key
             error = tar_error or put.error
             if error:
@@ -274,11 +313,34 @@ class ShardRunner:
                 index_row(
                     record, row, shard.name, status=STATUS_OK, error=None, key=key, sha256=put.sha256, bytes=put.size,
                     attempt=attempt, worker=self.worker_name, generate_seconds=record["generate_seconds"],
+                    clip_score=score, **put.quality,
                 )
             )
             result.rows_ok += 1
         index_rows.sort(key=lambda r: r["row"])
         return index_rows
+
+    def _generate_fitting(
+        self, rows: list[Row], init_images: list | None
+    ) -> list[tuple[list[Row], GeneratedBatch, float]]:
+        """Generate ``rows`` as one batch or, when the device runs out of memory, as halves
+        (recursively; one row that does not fit fails the shard). Returns (rows, their batch,
+        seconds per row) for each part generated."""
+        from sdbatch.generate import OUT_OF_MEMORY_ERRORS, free_device_memory
+
+        t0 = time.perf_counter()
+        try:
+            generated = self.generator.generate(rows, init_images)
+        except OUT_OF_MEMORY_ERRORS:
+            if len(rows) == 1:
+                raise
+            free_device_memory()
+            half = (len(rows) + 1) // 2
+            log.warning("a batch of %d rows ran out of device memory: generating it as %d + %d rows",
+                        len(rows), half, len(rows) - half)
+            halves = [(rows[:half], init_images and init_images[:half]), (rows[half:], init_images and init_images[half:])]
+            return [part for sub, images in halves for part in self._generate_fitting(sub, images)]
+        return [(rows, generated, (time.perf_counter() - t0) / len(rows))]
 
 
 def _init_image_error(future: Future | None) -> str | None:
@@ -314,7 +376,7 @@ class ShardFeed:
         self._lock = threading.Lock()
 
     def _read(self, shard: ShardSpec, retry_ids: frozenset[str] | None) -> tuple[list[Row], InitImages]:
-        rows = self.reader.read_rows(self.spec, shard.start, shard.stop)
+        rows = self.reader.read_rows_at(self.spec, shard.rows)
         if retry_ids is not None:
             rows = [r for r in rows if r.id in retry_ids]
         return rows, self.load_init_images(rows)
@@ -356,7 +418,8 @@ class WorkerActor:
         spec = JobSpec.model_validate_json(spec_json)
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
         generator = Generator.load(
-            spec.model.name, pin=model_pin, device=spec.model.device, dtype=spec.model.dtype, endpoint_url=endpoint_url
+            spec.model.name, pin=model_pin, device=spec.model.device, dtype=spec.model.dtype,
+            endpoint_url=endpoint_url, compile=spec.model.compile,
         )
         storage = open_storage(
             out_url,
@@ -364,7 +427,13 @@ class WorkerActor:
             max_attempts=spec.retries.storage_attempts,
             max_pool_connections=spec.resources.upload_threads,
         )
-        self.runner = ShardRunner(generator, storage, spec, endpoint_url=endpoint_url, job_fingerprint=job_fingerprint)
+        scorer = None
+        if spec.scoring.clip_model:
+            from sdbatch.clip_score import ClipScorer
+
+            scorer = ClipScorer.load(spec.scoring.clip_model, device=generator.info.device, endpoint_url=endpoint_url)
+        self.runner = ShardRunner(generator, storage, spec, endpoint_url=endpoint_url, scorer=scorer,
+                                  job_fingerprint=job_fingerprint)
         self.feed = ShardFeed(manifest, spec, self.runner.load_init_images, endpoint_url)
         self.tracker = tracker
 

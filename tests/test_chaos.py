@@ -257,7 +257,7 @@ def test_worker_returns_a_shard_reaching_it_after_the_deadline_unstarted(ray_add
     import ray
 
     from sdbatch.manifest import open_manifest
-    from sdbatch.plan import shard
+    from sdbatch.plan import ShardSpec
     from sdbatch.scheduler import ProgressTracker
     from sdbatch.spec import load_spec
     from sdbatch.worker import WorkerActor
@@ -272,7 +272,7 @@ def test_worker_returns_a_shard_reaching_it_after_the_deadline_unstarted(ray_add
     actor = WorkerActor.remote(spec.model_dump_json(), str(out), None, tracker, manifest, "job-fingerprint",
                                preflight("builtin:tiny").pin)
     try:
-        work = shard(0, 4, 4)
+        work = ShardSpec(0, range(4))
         for retry_ids in (None, frozenset({"c001"})):
             actor.prefetch.remote(work, retry_ids)  # read ahead, then dropped: it does not start
             result = ray.get(actor.run_shard.remote(work, 1, retry_ids, not_after=time.time() - 1))

@@ -8,10 +8,15 @@ import threading
 import pytest
 from conftest import write_manifest
 
-from sdbatch.manifest import ManifestError, ManifestReader, open_manifest, read_rows
-from sdbatch.plan import shard
+from sdbatch.manifest import ManifestError, ManifestReader, open_manifest, read_rows_at
+from sdbatch.plan import make_plan
 from sdbatch.spec import JobSpec
 from sdbatch.worker import ShardFeed
+
+
+def shard(index: int, num_rows: int, rows_per_shard: int):
+    """Shard ``index`` of a one-key manifest: a plain row range."""
+    return make_plan(num_rows, rows_per_shard, rows_per_shard).shard(index)
 
 ROWS = [{"id": f"f{i:02d}", "prompt": f"a red circle {i}", "seed": i, "label": i % 2} for i in range(10)]
 
@@ -39,7 +44,7 @@ def test_the_feed_reads_the_same_rows_as_the_driver_did(manifest):
     feed = ShardFeed(manifest, spec, InitImages())
     for s in (shard(0, 10, 4), shard(2, 10, 4)):
         rows, init_images = feed.take(s)
-        assert rows == read_rows(manifest, spec, s.start, s.stop) and init_images == {}
+        assert rows == read_rows_at(manifest, spec, s.rows) and init_images == {}
     rows, _ = feed.take(shard(1, 10, 4), frozenset({"f05", "f07", "zz"}))
     assert [r.id for r in rows] == ["f05", "f07"]
 

@@ -49,7 +49,6 @@ def test_template_named_groups_escapes_and_empty_alternatives():
     [
         ("a {red|blue", "never closed"),
         ("a red} cat", "no opening"),
-        ("a {b{c}|d}", "cannot nest"),
         ("{steps=10|20}", "is a manifest column"),
         ("{c=a|b} {c=x|y}", "used twice"),
     ],
@@ -57,6 +56,24 @@ def test_template_named_groups_escapes_and_empty_alternatives():
 def test_template_errors(template, message):
     with pytest.raises(ManifestBuildError, match=message):
         expand_template(template)
+
+
+def test_dynamicprompts_syntax_wildcards_variants_nesting_and_sampling(tmp_path):
+    (tmp_path / "colour.txt").write_text("red\ngreen\n")
+    prompts, labels = expand_template("a {size=small|large} __colour__ {2$$a|b|c}, {x|{y|z}}", wildcards=tmp_path)
+    assert len(prompts) == 2 * 2 * 6 * 3 and len(set(prompts)) == len(prompts)
+    assert "a small red b,c, z" in prompts and "a large green a,b, x" in prompts
+    assert labels["size"] == ["small"] * 36 + ["large"] * 36
+    assert all(p.split()[1] == s for p, s in zip(prompts, labels["size"]))
+    sampled, sampled_labels = expand_template("a {size=small|large} __colour__ {x|y|z}", wildcards=tmp_path, sample=5, sample_seed=7)
+    assert len(sampled) == 5 and all(p.split()[1] == s for p, s in zip(sampled, sampled_labels["size"]))
+    assert (sampled, sampled_labels) == expand_template(
+        "a {size=small|large} __colour__ {x|y|z}", wildcards=tmp_path, sample=5, sample_seed=7)
+    assert {p.split()[2] for p in sampled} <= {"red", "green"}
+    with pytest.raises(ManifestBuildError, match="pass --wildcards DIR"):
+        expand_template("a __colour__ cat")
+    with pytest.raises(ManifestBuildError, match="wildcard __animal__ has no values; add .*animal.txt"):
+        expand_template("a __animal__", wildcards=tmp_path)
 
 
 def test_template_too_large():
@@ -224,3 +241,27 @@ def test_cli_manifest(tmp_path):
     # builds, but does not validate: exit 2 with the report
     res = runner.invoke(cli_app, ["manifest", "-o", str(tmp_path / "bad.parquet"), "-t", "x", "-c", "steps=0"])
     assert res.exit_code == 2 and "column 'steps': value 0" in res.stderr
+
+
+def test_cli_manifest_wildcards_sampling_and_grid_errors(tmp_path):
+    from sdbatch.cli import app as cli_app
+
+    (tmp_path / "wc").mkdir()
+    (tmp_path / "wc" / "colour.txt").write_text("red\nblue\n")
+    runner = CliRunner()
+    out = tmp_path / "m.parquet"
+    args = ["manifest", "-o", str(out), "-t", "a {size=small|large} __colour__ {circle|square}", "--wildcards",
+            str(tmp_path / "wc"), "--sample", "5", "--sample-seed", "3", "--seeds", "0-1"]
+    res = runner.invoke(cli_app, args)
+    assert res.exit_code == 0, res.output
+    first = rows(out)
+    assert len(first) == 10 and [r["seed"] for r in first[:2]] == [0, 1]
+    assert all(r["prompt"].split()[1] == r["size"] and r["prompt"].split()[2] in ("red", "blue") for r in first)
+    assert runner.invoke(cli_app, [*args, "--overwrite"]).exit_code == 0 and rows(out) == first  # seeded
+    for grid, message in [("foo=1", "COLUMN one of seed"), ("seed=1-2 steps=2 guidance_scale=3", "one or two axes"),
+                          ("steps=2,2", "each value once"), ("guidance_scale=x", "must be a number")]:
+        res = runner.invoke(cli_app, ["manifest", "-o", str(tmp_path / "g.parquet"), "-t", "a cat", "--grid", grid])
+        assert res.exit_code == 2 and message in res.stderr and "Traceback" not in res.output, (grid, res.output)
+    res = runner.invoke(cli_app, ["manifest", "-o", str(tmp_path / "g.parquet"), "-t", "a cat", "--grid", "seed=1-2",
+                                  "--seeds", "0-3"])
+    assert res.exit_code == 2 and "already has a 'seed' column" in res.stderr

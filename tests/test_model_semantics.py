@@ -112,7 +112,7 @@ def corner_fill(img: Image.Image, colour: str) -> float:
 
 def measure_colours(gen, colour, background, seeds=SEEDS, guidance=5.0):
     s = scene(colour, background)
-    imgs = gen.generate(rows(sd.caption(s), seeds, guidance=guidance))
+    imgs = gen.generate(rows(sd.caption(s), seeds, guidance=guidance)).images()
     return [agreement(im, s) for im in imgs]
 
 
@@ -122,15 +122,15 @@ def measure_fill(gen, shape, seeds=SEEDS):
     for background in ("white", "blue"):
         s = scene("red", background, shape)
         out += [(fill_ratio(im, "red"), corner_fill(im, "red"))
-                for im in gen.generate(rows(sd.caption(s), seeds))]
+                for im in gen.generate(rows(sd.caption(s), seeds)).images()]
     return out
 
 
 def measure_negative(gen, seeds=SEEDS, guidance=7.5):
     """Fraction of red pixels in the image: (negative prompt "", negative prompt "red")."""
     s = scene("red", "blue")
-    plain = gen.generate(rows(sd.caption(s), seeds, guidance=guidance))
-    negated = gen.generate(rows(sd.caption(s), seeds, negative="red", guidance=guidance))
+    plain = gen.generate(rows(sd.caption(s), seeds, guidance=guidance)).images()
+    negated = gen.generate(rows(sd.caption(s), seeds, negative="red", guidance=guidance)).images()
     return ([colour_fraction(im, "red") for im in plain],
             [colour_fraction(im, "red") for im in negated])
 
@@ -141,7 +141,7 @@ def measure_img2img(gen, strength, seeds=SEEDS[:2]):
     target = scene("yellow", "green", "square")
     init = sd.render(init_scene)
     imgs = gen.generate(rows(sd.caption(target), seeds, init_image="init.png", strength=strength),
-                        init_images=[init] * len(seeds))
+                        init_images=[init] * len(seeds)).images()
     ref = np.asarray(init, dtype=np.float32)
     return [
         (float(np.abs(np.asarray(im, np.float32) - ref).mean()),
@@ -152,7 +152,7 @@ def measure_img2img(gen, strength, seeds=SEEDS[:2]):
 
 def measure_sampler(gen, sampler, seeds=SEEDS[:1]):
     s = scene("yellow", "blue")
-    return [agreement(im, s) for im in gen.generate(rows(sd.caption(s), seeds, scheduler=sampler))]
+    return [agreement(im, s) for im in gen.generate(rows(sd.caption(s), seeds, scheduler=sampler)).images()]
 
 
 # ------------------------------------------------------------------------------ tests

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sdbatch import output
-from sdbatch.manifest import open_manifest, passthrough_types, read_rows
+from sdbatch.manifest import open_manifest, passthrough_types, read_rows_at
 from sdbatch.output import (
     INDEX_COLUMN_TYPES,
     INDEX_KEY,
@@ -22,7 +22,7 @@ from sdbatch.output import (
     index_schema,
     merge_index,
 )
-from sdbatch.plan import shard
+from sdbatch.plan import make_plan
 from sdbatch.spec import load_spec
 from sdbatch.storage import LocalStorage, S3Storage
 from sdbatch.worker import index_row
@@ -61,8 +61,8 @@ JOB_FP = "0123456789abcdef"  # the job whose commits these are
 def commit_shards(storage, manifest, spec):
     """Commit every shard as a worker would: img2img rows failed (no record), the rest ok."""
     for number in range(3):
-        s = shard(number, manifest.num_rows, ROWS_PER_SHARD)
-        rows = read_rows(manifest, spec, s.start, s.stop)
+        s = make_plan(manifest.num_rows, ROWS_PER_SHARD, ROWS_PER_SHARD).shard(number)
+        rows = read_rows_at(manifest, spec, s.rows)
         records = []
         for row in rows:
             if row.is_img2img:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from sdbatch.plan import shard
+from sdbatch.plan import ShardSpec
 from sdbatch.policy import (
     FINISHED,
     HANG_FACTOR,
@@ -22,7 +22,7 @@ from sdbatch.policy import (
 
 
 def schedule(n: int = 4, **options) -> Schedule:
-    return Schedule([Work(shard(i, n * 4, 4)) for i in range(n)], **{"max_attempts": 3, **options})
+    return Schedule([Work(ShardSpec(i, range(i * 4, i * 4 + 4))) for i in range(n)], **{"max_attempts": 3, **options})
 
 
 def names(s: Schedule) -> list[tuple[str, int]]:
@@ -70,7 +70,7 @@ def test_a_lost_worker_charges_only_the_shard_it_was_running():
 
 
 def test_a_lost_worker_on_its_last_attempt_fails_the_shard_and_returns_the_rest():
-    s = Schedule([Work(shard(0, 8, 4), attempt=3), Work(shard(1, 8, 4))], max_attempts=3)
+    s = Schedule([Work(ShardSpec(0, range(0, 4)), attempt=3), Work(ShardSpec(1, range(4, 8)))], max_attempts=3)
     running, queued = s.next(0.0), s.next(0.0)
     s.worker_lost([running, queued], "hung")
     assert s.failed_shards == ["00000"] and names(s) == [("00001", 1)]
@@ -78,7 +78,7 @@ def test_a_lost_worker_on_its_last_attempt_fails_the_shard_and_returns_the_rest(
 
 def test_retried_rows_keep_their_ids_across_attempts():
     ids = frozenset({"a", "b"})
-    s = Schedule([Work(shard(0, 4, 4), retry_ids=ids)], max_attempts=3, shards_committed=1)
+    s = Schedule([Work(ShardSpec(0, range(0, 4)), retry_ids=ids)], max_attempts=3, shards_committed=1)
     work = s.next(0.0)
     s.attempt_failed(work, "storage outage")
     again = s.next(0.0)

@@ -57,10 +57,10 @@ def run_in_process(generator, manifest: Path, out: Path, order: list[int], *, jo
                    spec_overrides: dict | None = None) -> dict:
     """Run the shards of ``manifest`` with ``worker.ShardRunner`` in the given order into a
     LocalStorage at ``out``; returns the job dict (fingerprint computed as `sdbatch submit` does)."""
-    from sdbatch.manifest import open_manifest, passthrough_types, read_rows
+    from sdbatch.manifest import open_manifest, passthrough_types, read_rows_at
     from sdbatch.models import preflight
     from sdbatch.output import claim_job, job_record, merge_index
-    from sdbatch.plan import num_shards, shard
+    from sdbatch.scheduler import job_plan
     from sdbatch.spec import load_spec
     from sdbatch.storage import LocalStorage
     from sdbatch.worker import ShardRunner
@@ -74,11 +74,11 @@ def run_in_process(generator, manifest: Path, out: Path, order: list[int], *, jo
     storage = LocalStorage(out)
     claim_job(storage, job)
     runner = ShardRunner(generator, storage, spec, worker_name="test", job_fingerprint=job["fingerprint"])
-    rps = spec.resources.rows_per_shard
-    assert sorted(order) == list(range(num_shards(source.num_rows, rps)))
+    plan = job_plan(source, spec)
+    assert sorted(order) == list(range(plan.num_shards))
     for index in order:
-        s = shard(index, source.num_rows, rps)
-        runner.run_shard(s, read_rows(source, spec, s.start, s.stop))
+        s = plan.shard(index)
+        runner.run_shard(s, read_rows_at(source, spec, s.rows))
     merge_index(storage, passthrough_types(source), job["fingerprint"])
     return job
 
@@ -103,8 +103,8 @@ def test_shard_order_and_a_retried_shard_give_identical_bytes(tiny_generator, tm
     # an attempt that died before its commit: images stored, no shard index. The retry
     # regenerates the shard, finds every key taken, adopts the stored objects — same bytes.
     from sdbatch.output import INDEX_KEY, metadata_key
-    from sdbatch.plan import shard
     from sdbatch.manifest import open_manifest, read_rows
+    from sdbatch.plan import ShardSpec
     from sdbatch.spec import JobSpec
     from sdbatch.storage import LocalStorage
     from sdbatch.worker import ShardRunner
@@ -114,14 +114,42 @@ def test_shard_order_and_a_retried_shard_give_identical_bytes(tiny_generator, tm
     for key in (metadata_key("00001"), INDEX_KEY):
         storage.delete(key)
     spec = JobSpec.model_validate(job["spec"])
-    s = shard(1, 12, 6)
+    s = ShardSpec(1, range(6, 12))
     result = ShardRunner(tiny_generator, storage, spec, job_fingerprint=job["fingerprint"]).run_shard(
-        s, read_rows(open_manifest(str(manifest)), spec, s.start, s.stop), attempt=2)
+        s, read_rows(open_manifest(str(manifest)), spec, 6, 12), attempt=2)
     assert result.committed and result.images_adopted == 6 and result.images_created == 0
     assert {p.name: p.read_bytes() for p in (backward / "images" / "00001").iterdir()} == before
     entries = pq.read_table(backward / "metadata" / "00001.parquet").to_pylist()
     assert {e["id"]: e["sha256"] for e in entries} == {k: v for k, v in reference.items() if k in {e["id"] for e in entries}}
     assert all(e["attempt"] == 2 for e in entries)
+
+
+def mixed_rows(n: int, sizes=((64, 64), (96, 64), (64, 96), (80, 80)), samplers=("ddim", "euler_a", "dpmpp_2m")) -> list[dict]:
+    """``n`` rows interleaving 4 sizes × 3 samplers row by row (the worst case for row ranges)."""
+    combos = [(w, h, s) for w, h in sizes for s in samplers]
+    return [{"id": f"x{i:03d}", "prompt": f"a {['red', 'green', 'blue'][i % 3]} square {i}", "seed": 11 * i + 3,
+             "width": combos[i % 12][0], "height": combos[i % 12][1], "scheduler": combos[i % 12][2]}
+            for i in range(n)]
+
+
+def test_mixed_manifest_gets_full_batches_with_identical_bytes_in_any_shard_order(tiny_generator, tmp_path):
+    manifest = write_manifest(tmp_path / "mixed.parquet", mixed_rows(48))
+    forward, backward = tmp_path / "forward", tmp_path / "backward"
+    overrides = {"defaults.steps": 2, "resources.rows_per_shard": 8}
+    # 12 keys of 4 rows: 6 shards of two keys each
+    run_in_process(tiny_generator, manifest, forward, [0, 1, 2, 3, 4, 5], spec_overrides=overrides)
+    run_in_process(tiny_generator, manifest, backward, [5, 3, 1, 4, 2, 0], spec_overrides=overrides)
+    reference = image_hashes(forward)
+    assert len(reference) == 48 and len(set(reference.values())) == 48
+    assert image_hashes(backward) == reference
+    entries = load_index(forward)
+    by_id = {e["id"]: e for e in entries}
+    # 4 rows per batch key: every batch is one whole key, full at batch size 4
+    assert sorted(len(e["batch_rows"]) for e in entries) == [4] * 48
+    for e in entries:
+        mates = [by_id[m] for m in e["batch_rows"]]
+        assert {(m["width"], m["height"], m["scheduler"]) for m in mates} == {(e["width"], e["height"], e["scheduler"])}
+    assert {pixels(forward / e["key"]).shape for e in entries} == {(64, 64, 3), (64, 96, 3), (96, 64, 3), (80, 80, 3)}
 
 
 def test_changing_one_seed_changes_only_that_image(tiny_generator, tmp_path):

@@ -290,7 +290,7 @@ def test_an_unsupported_family_exits_2_before_any_worker_starts(run_cli, tmp_pat
     result = run_cli("submit", write_manifest(tmp_path / "m.parquet", rows()), "--out", tmp_path / "out",
                      *FAST[2:], "--model", folder)
     assert result.returncode == 2, result.stderr
-    assert "is a 'StableDiffusionXLPipeline' (model_index.json _class_name); sdbatch runs StableDiffusionPipeline only" in said(result)
+    assert "is a 'StableDiffusionXLPipeline' (model_index.json _class_name); sdbatch runs StableDiffusionPipeline, SdbatchNullModel only" in said(result)
     assert not (tmp_path / "out").exists()
 
 
@@ -303,6 +303,8 @@ def test_the_fingerprint_covers_every_file_of_every_component(tmp_path):
     (folder / "tokenizer" / "spiece.model").write_bytes(b"a sentencepiece model")
     assert fingerprint_model_dir(folder) != before
     assert preflight(str(folder)).pin == fingerprint_model_dir(folder)
+    null = preflight("builtin:null")  # the numpy model's class is supported, and it is pinned too
+    assert null.pin == fingerprint_model_dir(resolve_builtin("builtin:null")) != before
     with pytest.raises(ModelError, match="no model_index.json"):
         preflight(str(tmp_path))
 

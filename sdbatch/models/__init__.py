@@ -9,11 +9,15 @@ diffusers folder, or an ``s3://`` prefix holding one. Everything here runs witho
   refused, even next to safetensors — sdbatch loads safetensors only and never ships a folder
   whose other files a loader could be tricked into unpickling;
 - **the family**, from ``model_index.json`` ``_class_name``: a pipeline class sdbatch does not
-  run exits 2, naming the class found and the supported ones;
+  run exits 2, naming the class found and the supported ones (``StableDiffusionPipeline``, and
+  ``SdbatchNullModel``: ``builtin:null``'s folder names a model that is not a diffusers
+  pipeline, ``null_model.py``);
 - **the pin**, recorded in ``job.json`` at submit and compared with every worker's before it
   gets a shard: a local folder's content fingerprint (sha256 over every file of every component
   folder), an ``s3://`` prefix's ETags and sizes (``s3-etags:<sha256>``), which also key the
   per-node download cache.
+
+It also owns ``GeneratedBatch``, the batch every model returns.
 """
 
 from __future__ import annotations
@@ -23,11 +27,34 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 BUILTIN_PREFIX = "builtin:"
+
+
+@dataclass
+class GeneratedBatch:
+    """One batch's images as a (rows, height, width, 3) uint8 host array, and per row either
+    None or why its image is unusable (it must then not be stored as a success)."""
+
+    pixels: np.ndarray
+    errors: list[str | None]
+
+    def images(self) -> list[Image.Image]:
+        from PIL import Image
+
+        return [Image.fromarray(p) for p in self.pixels]
+
+
 MODELS_DIR = Path(__file__).resolve().parent
+NULL_CLASS_NAME = "SdbatchNullModel"  # builtin:null (null_model.py), drawn with numpy
 #: pipeline classes (``model_index.json`` ``_class_name``) sdbatch can run
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", NULL_CLASS_NAME)
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 #: files of a model folder that are not part of the model (docs, the download cache's marker)
 _NOT_MODEL_FILES = ("README.md",)
@@ -121,9 +148,14 @@ def local_model_dir(name: str) -> Path:
     return folder.resolve()
 
 
-def check_folder(where: str, folder: Path) -> None:
-    """The pickle policy and the family check on a local folder."""
+def check_pickles(where: str, folder: Path) -> None:
+    """The pickle policy on a local folder (a diffusers model, or ``scoring.clip_model``)."""
     refuse_pickles(where, [p.relative_to(folder).as_posix() for p in _model_files(folder)])
+
+
+def check_folder(where: str, folder: Path) -> None:
+    """The pickle policy and the family check on a local diffusers folder."""
+    check_pickles(where, folder)
     check_family(where, (folder / "model_index.json").read_bytes())
 
 

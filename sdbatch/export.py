@@ -1,0 +1,167 @@
+"""``sdbatch export``: a finished job's images and index rows, filtered, in a training format.
+
+* ``hf``: a Hugging Face ``imagefolder`` — ``DIR/images/<id>.<ext>`` and ``DIR/metadata.parquet``
+  (``file_name`` plus every index column: prompt, seed, parameters, labels, quality columns),
+  which ``datasets.load_dataset(DIR)`` loads with an ``image`` column.
+* ``webdataset``: ``DIR/shard-NNNNNN.tar`` re-sharded by size (``webdataset.ShardWriter``);
+  each sample is ``<key>.<ext>`` + ``<key>.json`` (the index row).
+
+Rows are selected with ``--where``, a SQL boolean expression over the index columns
+(``"not blank and duplicate_of is null"``) evaluated by DuckDB on the index alone, with file
+and network access switched off; only rows whose image exists (``status = 'ok'``) are
+exported. OUT may be local or ``s3://``. No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from sdbatch.audit import split_key, tar_members
+from sdbatch.output import JOB_KEY, STATUS_OK, OutputMismatch, read_index, read_json, webdataset_key
+from sdbatch.storage import Storage
+
+log = logging.getLogger("sdbatch.export")
+
+FORMATS = ("hf", "webdataset")
+#: Columns the Hugging Face imagefolder layout adds itself; an index column of that name would clash.
+HF_OWN_COLUMNS = ("image", "file_name")
+DEFAULT_SHARD_BYTES = 1 << 30
+
+
+class ExportError(ValueError):
+    """Bad input to ``sdbatch export`` (no job at OUT, a bad --where, a DIR in use)."""
+
+
+def load_index(storage: Storage) -> tuple[pa.Table, bool]:
+    """The job's index — the final one, else what is committed so far — and whether it is the
+    final one (only that one has ``duplicate_of`` filled in)."""
+    job = read_json(storage, JOB_KEY)
+    if job is None:
+        raise ExportError(f"no sdbatch job at {storage.url} (no {JOB_KEY})")
+    try:
+        table, shards_merged = read_index(storage, job["fingerprint"])
+    except OutputMismatch as exc:  # a commit this job did not write: not exported
+        raise ExportError(str(exc)) from None
+    return table, shards_merged is None
+
+
+def select_rows(index: pa.Table, where: str | None) -> pa.Table:
+    """The index rows ``where`` (a DuckDB SQL boolean expression) holds for, in row order."""
+    if not where:
+        return index
+    import duckdb
+
+    con = duckdb.connect(config={"enable_external_access": False})
+    try:
+        con.execute("SET enable_progress_bar = false")
+        con.register("idx", index)
+        rows = con.execute(f"SELECT row FROM idx WHERE ({where})").fetchnumpy()["row"]
+    except duckdb.Error as exc:
+        first_line = str(exc).splitlines()[0]
+        raise ExportError(
+            f"--where {where!r}: {first_line}. Write a SQL condition over the index columns "
+            f"({', '.join(index.column_names)}), e.g. \"not blank and duplicate_of is null\""
+        ) from None
+    finally:
+        con.close()
+    return index.filter(pc.is_in(index.column("row"), pa.array(rows, pa.int64())))
+
+
+def iter_images(storage: Storage, rows: pa.Table) -> Iterator[tuple[dict[str, Any], bytes]]:
+    """Each ok row with its image bytes; a webdataset tar is read once for all its rows."""
+    cached_tar: tuple[str, dict[str, bytes]] | None = None
+    for entry in rows.filter(pc.equal(rows.column("status"), STATUS_OK)).to_pylist():
+        obj, member = split_key(entry["key"])
+        if member is None:
+            yield entry, storage.get(obj)
+            continue
+        if cached_tar is None or cached_tar[0] != obj:
+            cached_tar = (obj, tar_members(storage.get(obj)))
+        yield entry, cached_tar[1][member]
+
+
+def _image_ext(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def _fresh_dir(dest: Path) -> Path:
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ExportError(f"{dest} exists and is not an empty directory; choose a new DIR or remove it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+
+
+def _publish(tmp: Path, dest: Path) -> None:
+    if dest.exists():
+        dest.rmdir()
+    os.replace(tmp, dest)
+
+
+def export_hf(storage: Storage, rows: pa.Table, dest: Path) -> int:
+    clash = [c for c in HF_OWN_COLUMNS if c in rows.column_names]
+    if clash:
+        raise ExportError(f"the index has a column named {clash[0]!r}, which the Hugging Face layout adds itself; "
+                          "rename that manifest column")
+    tmp = _fresh_dir(dest)
+    try:
+        (tmp / "images").mkdir()
+        kept: list[int] = []
+        names: list[str] = []
+        for entry, data in iter_images(storage, rows):
+            name = f"images/{entry['id']}.{_image_ext(entry['key'])}"
+            (tmp / name).write_bytes(data)
+            kept.append(entry["row"])
+            names.append(name)
+        table = rows.filter(pc.is_in(rows.column("row"), pa.array(kept, pa.int64())))
+        pq.write_table(table.add_column(0, "file_name", pa.array(names, pa.string())), tmp / "metadata.parquet")
+        _publish(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return len(kept)
+
+
+def export_webdataset(storage: Storage, rows: pa.Table, dest: Path, shard_bytes: int = DEFAULT_SHARD_BYTES) -> int:
+    import webdataset
+
+    tmp = _fresh_dir(dest)
+    count = 0
+    try:
+        with webdataset.ShardWriter(str(tmp / "shard-%06d.tar"), maxsize=shard_bytes, verbose=0) as writer:
+            for entry, data in iter_images(storage, rows):
+                writer.write({
+                    "__key__": webdataset_key(entry["id"]),
+                    _image_ext(entry["key"]): data,
+                    "json": json.dumps(entry, sort_keys=True, default=str).encode(),
+                })
+                count += 1
+        _publish(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return count
+
+
+def export(storage: Storage, to: str, dest: Path, where: str | None = None,
+           shard_bytes: int = DEFAULT_SHARD_BYTES) -> int:
+    """Export the rows of OUT's index that ``where`` selects to ``dest``; returns how many."""
+    if to not in FORMATS:
+        raise ExportError(f"--to {to!r}: use one of {', '.join(FORMATS)}")
+    index, final = load_index(storage)
+    if not final:
+        log.warning("%s is unfinished: exporting its committed rows; duplicate_of is filled in only when the "
+                    "job finishes", storage.url)
+    rows = select_rows(index, where)
+    if to == "hf":
+        return export_hf(storage, rows, dest)
+    return export_webdataset(storage, rows, dest, shard_bytes)
+

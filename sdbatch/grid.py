@@ -1,0 +1,131 @@
+"""X/Y grids, as AUTOMATIC1111's X/Y/Z plot: ``sdbatch manifest --grid seed=1-4 --grid
+guidance_scale=3,5,7`` repeats every prompt for each cell of the axes, and after the job
+``sdbatch grid OUT -o DIR`` draws one labelled image per prompt (columns: X values; rows: Y).
+
+A grid manifest records itself in two passthrough columns: ``grid_group`` (the prompt's number)
+and ``grid_axes`` (``"seed,guidance_scale"``); the cell values are the rows' own columns.
+No torch here.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import re
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+GRID_GROUP, GRID_AXES = "grid_group", "grid_axes"
+#: Manifest columns an axis may vary.
+AXIS_COLUMNS = ("seed", "steps", "guidance_scale", "width", "height", "scheduler", "negative_prompt", "strength")
+MAX_AXES = 2
+CELL_MIN_PIXELS = 128  # small images are scaled up (nearest) so labels stay readable
+LABEL_HEIGHT = 18
+
+
+class GridError(ValueError):
+    """Bad ``--grid`` axes or an OUT without grid rows; the message says what to change."""
+
+
+def parse_axes(items: list[str]) -> list[tuple[str, list[Any]]]:
+    """``["seed=1-4 guidance_scale=3,5,7"]`` (or one axis per item) → ``[(column, values)]``."""
+    from sdbatch.manifest_builder import ManifestBuildError, parse_constant
+
+    axes: list[tuple[str, list[Any]]] = []
+    for item in (word for text in items for word in text.split()):
+        name, sep, raw = item.partition("=")
+        if not sep or name not in AXIS_COLUMNS:
+            raise GridError(f"--grid {item!r}: expected COLUMN=VALUES with COLUMN one of {', '.join(AXIS_COLUMNS)}, "
+                            "e.g. --grid seed=1-4 --grid guidance_scale=3,5,7")
+        values: list[Any] = []
+        for value in raw.split(","):
+            span = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value)
+            if span and name in ("seed", "steps", "width", "height"):
+                values.extend(range(int(span[1]), int(span[2]) + 1))
+                continue
+            try:
+                values.append(parse_constant(f"{name}={value}")[1])
+            except ManifestBuildError as exc:
+                raise GridError(f"--grid {item!r}: {exc}") from None
+        if not values or len(set(values)) != len(values):
+            raise GridError(f"--grid {item!r}: give each value once (e.g. 1-4 or 3,5,7)")
+        if name in (n for n, _ in axes):
+            raise GridError(f"--grid {name}: that axis is given twice")
+        axes.append((name, values))
+    if not 1 <= len(axes) <= MAX_AXES:
+        raise GridError(f"--grid: give one or two axes (X and Y), not {len(axes)}")
+    return axes
+
+
+def expand_grid(base: pa.Table, axes: list[tuple[str, list[Any]]], column_types: dict[str, pa.DataType]) -> pa.Table:
+    """Every row of ``base`` once per cell (X slowest), with the axis columns and the grid columns."""
+    clash = [name for name, _ in axes if name in base.column_names]
+    if clash:
+        raise GridError(f"--grid {clash[0]}: the prompts already have a {clash[0]!r} column")
+    cells = list(itertools.product(*(values for _, values in axes)))
+    positions = pa.array([i for i in range(base.num_rows) for _ in cells], pa.int64())
+    table = base.take(positions)
+    base_ids = base.column("id").to_pylist() if "id" in base.column_names else [f"{i:08d}" for i in range(base.num_rows)]
+    ids = [f"{base_ids[i]}-{'-'.join(f'{n}{v}' for (n, _), v in zip(axes, cell))}" for i in range(base.num_rows) for cell in cells]
+    if "id" in table.column_names:
+        table = table.drop_columns(["id"])
+    table = table.add_column(0, "id", pa.array(ids, pa.string()))
+    for a, (name, _) in enumerate(axes):
+        values = [cell[a] for _ in range(base.num_rows) for cell in cells]
+        table = table.append_column(name, pa.array(values, column_types.get(name)))
+    table = table.append_column(GRID_GROUP, positions)
+    return table.append_column(GRID_AXES, pa.array([",".join(n for n, _ in axes)] * len(ids), pa.string()))
+
+
+def _cell(image: Any, size: tuple[int, int]) -> Any:
+    from PIL import Image
+
+    return image.convert("RGB").resize(size, Image.Resampling.NEAREST)
+
+
+def render_grids(storage: Any, index: pa.Table, dest: Path) -> list[Path]:
+    """One labelled PNG per grid prompt under ``dest`` (``grid-<group>.png``); returns their paths."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from sdbatch.export import iter_images
+
+    if GRID_GROUP not in index.column_names:
+        raise GridError(f"{storage.url} holds no grid rows (no {GRID_GROUP} column); build the manifest with "
+                        "`sdbatch manifest --grid ...`")
+    rows = index.filter(pc.is_valid(index.column(GRID_GROUP)))
+    font = ImageFont.load_default()
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for group in sorted(set(rows.column(GRID_GROUP).to_pylist())):
+        group_rows = rows.filter(pc.equal(rows.column(GRID_GROUP), group))
+        images = {entry["row"]: data for entry, data in iter_images(storage, group_rows)}  # one prompt's at a time
+        cells = group_rows.to_pylist()
+        axes = cells[0][GRID_AXES].split(",")
+        xs = list(dict.fromkeys(c[axes[0]] for c in cells))
+        ys = list(dict.fromkeys(c[axes[1]] for c in cells)) if len(axes) > 1 else [None]
+        scale = max(1, -(-CELL_MIN_PIXELS // max(cells[0]["width"], cells[0]["height"])))
+        cw, ch = cells[0]["width"] * scale, cells[0]["height"] * scale
+        left = 8 + max((int(font.getlength(f"{axes[1]}={y}")) for y in ys), default=0) if len(axes) > 1 else 0
+        top = 2 * LABEL_HEIGHT
+        sheet = Image.new("RGB", (left + cw * len(xs), top + ch * len(ys)), "white")
+        draw = ImageDraw.Draw(sheet)
+        draw.text((4, 2), cells[0]["prompt"], fill="black", font=font)
+        for i, x in enumerate(xs):
+            draw.text((left + i * cw + 4, LABEL_HEIGHT + 2), f"{axes[0]}={x}", fill="black", font=font)
+        for j, y in enumerate(ys):
+            if y is not None:
+                draw.text((4, top + j * ch + ch // 2), f"{axes[1]}={y}", fill="black", font=font)
+        for c in cells:
+            at = (left + xs.index(c[axes[0]]) * cw, top + ys.index(c[axes[1]] if len(axes) > 1 else None) * ch)
+            if c["row"] in images:
+                sheet.paste(_cell(Image.open(io.BytesIO(images[c["row"]])), (cw, ch)), at)
+            else:
+                draw.rectangle([at, (at[0] + cw - 1, at[1] + ch - 1)], fill="lightgrey")
+                draw.text((at[0] + 4, at[1] + 4), "failed", fill="red", font=font)
+        path = dest / f"grid-{group:05d}.png"
+        sheet.save(path)
+        written.append(path)
+    return written

@@ -1,0 +1,165 @@
+"""Per-image quality columns of the index, and duplicate detection at index merge.
+
+In the worker, where the pixels are in memory, ``measure_image`` gives each image a
+perceptual hash (``imagehash.phash``, 64 bits as 16 hex digits), the mean and standard
+deviation of its luminance (0–255) and a ``blank`` flag for near-uniform images (a known
+diffusion failure: all black, all grey). ``clip_score`` (prompt–image agreement) comes from
+``sdbatch.clip_score`` when ``scoring.clip_model`` is set.
+
+At merge, ``mark_duplicates`` fills ``duplicate_of``: the id of the first row in manifest order
+whose image has the same sha256, or a phash within ``scoring.duplicate_max_distance`` bits.
+It runs in DuckDB over the merged index on local disk, with a memory limit (spilling to disk
+past it), so the driver's memory stays bounded whatever the number of rows. Near (not exact)
+phash matches use multi-index hashing: two 64-bit hashes within d bits agree exactly on at
+least one of d+1 disjoint blocks, so only hashes sharing a block are compared.
+
+No torch here, and ``imagehash`` is imported only where images are measured.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+#: The quality columns of the index and their types (``output.INDEX_COLUMN_TYPES`` holds them).
+QUALITY_COLUMN_TYPES: dict[str, pa.DataType] = {
+    "phash": pa.string(),
+    "luma_mean": pa.float64(),
+    "luma_std": pa.float64(),
+    "blank": pa.bool_(),
+    "clip_score": pa.float64(),
+    "duplicate_of": pa.string(),
+}
+#: DuckDB's memory while marking duplicates; past it, it spills to the temporary directory.
+DUPLICATES_MEMORY_LIMIT = "128MB"
+PHASH_BITS = 64
+
+
+def measure_image(image: Any, blank_max_std: float) -> dict[str, Any]:
+    """The quality columns of one generated image (a PIL image)."""
+    import imagehash
+    import numpy as np
+
+    luma = np.asarray(image.convert("L"), dtype=np.float64)
+    std = float(luma.std())
+    return {
+        "phash": str(imagehash.phash(image)),
+        "luma_mean": round(float(luma.mean()), 4),
+        "luma_std": round(std, 4),
+        "blank": std <= blank_max_std,
+    }
+
+
+def _block_joins(max_distance: int) -> list[str]:
+    """For each of the ``max_distance + 1`` blocks of the 64 bits: the distinct phashes ``p``
+    joined to those that agree on that block and lie within ``max_distance`` bits, each with
+    the earliest first row among them."""
+    blocks = max_distance + 1
+    edges = [round(i * PHASH_BITS / blocks) for i in range(blocks + 1)]
+    statements = []
+    for lo, hi in zip(edges, edges[1:]):
+        mask = (1 << (hi - lo)) - 1
+        statements.append(
+            "INSERT INTO near SELECT a.phash, min(b.r0), arg_min(b.id0, b.r0) FROM p a JOIN p b "
+            f"ON (a.v >> {lo}) & {mask} = (b.v >> {lo}) & {mask} AND a.phash <> b.phash "
+            f"AND bit_count(xor(a.v, b.v)) <= {max_distance} GROUP BY a.phash"
+        )
+    return statements
+
+
+def duplicates_statements(index_path: str, max_distance: int, dups_path: str) -> list[str]:
+    """DuckDB statements writing ``(row, duplicate_of)`` — every row of the index with an
+    earlier duplicate, ordered by row — to ``dups_path``. One join at a time, each into a
+    table of the on-disk database, so no two hash tables compete for the memory limit."""
+    near = [
+        "CREATE TABLE near (phash VARCHAR, r0 BIGINT, id0 VARCHAR)",
+        *_block_joins(max_distance),
+        "INSERT INTO c SELECT k.row, n.r0, n.id0 FROM k JOIN "
+        "(SELECT phash, min(r0) AS r0, arg_min(id0, r0) AS id0 FROM near GROUP BY phash) n USING (phash) "
+        "WHERE n.r0 < k.row",
+    ] if max_distance > 0 else []
+    return [
+        "CREATE TABLE k AS SELECT row, id, sha256, phash FROM read_parquet("
+        f"'{index_path}') WHERE status = 'ok' AND sha256 IS NOT NULL",
+        "CREATE TABLE s AS SELECT sha256, min(row) AS r0, arg_min(id, row) AS id0 FROM k GROUP BY sha256",
+        "CREATE TABLE p AS SELECT phash, CAST('0x' || phash AS UBIGINT) AS v, min(row) AS r0, "
+        "arg_min(id, row) AS id0 FROM k WHERE phash IS NOT NULL GROUP BY phash",
+        "CREATE TABLE c AS SELECT k.row, s.r0, s.id0 FROM k JOIN s USING (sha256) WHERE s.r0 < k.row",
+        "INSERT INTO c SELECT k.row, p.r0, p.id0 FROM k JOIN p USING (phash) WHERE p.r0 < k.row",
+        *near,
+        f"COPY (SELECT row, arg_min(id0, r0) AS duplicate_of FROM c GROUP BY row ORDER BY row) TO '{dups_path}' "
+        "(FORMAT parquet)",
+    ]
+
+
+def _escape_path(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
+class _RowCursor:
+    """Reads ``(row, duplicate_of)`` batches in row order and answers, batch by batch of the
+    index, the duplicate_of value of each of its rows."""
+
+    def __init__(self, batches: Iterator[pa.RecordBatch]):
+        self._batches = batches
+        self._rows: list[int] = []
+        self._values: list[str] = []
+        self._at = 0
+        self._done = False
+
+    def _fill_past(self, row: int) -> None:
+        while not self._done and (self._at >= len(self._rows) or self._rows[-1] <= row):
+            try:
+                batch = next(self._batches)
+            except StopIteration:
+                self._done = True
+                return
+            self._rows = self._rows[self._at:] + batch.column("row").to_pylist()
+            self._values = self._values[self._at:] + batch.column("duplicate_of").to_pylist()
+            self._at = 0
+
+    def values_for(self, rows: list[int]) -> list[str | None]:
+        out: list[str | None] = []
+        for row in rows:
+            self._fill_past(row)
+            if self._at < len(self._rows) and self._rows[self._at] == row:
+                out.append(self._values[self._at])
+                self._at += 1
+            else:
+                out.append(None)
+        return out
+
+
+def mark_duplicates(index_path: Path, out_path: Path, max_distance: int) -> int:
+    """Write ``index_path`` (sorted by row, with a ``duplicate_of`` column) to ``out_path``
+    with ``duplicate_of`` filled in, row group by row group. Returns the number of duplicates."""
+    import duckdb
+
+    with tempfile.TemporaryDirectory(prefix="sdbatch-dups-") as tmp:
+        dups_path = Path(tmp) / "duplicates.parquet"
+        con = duckdb.connect(str(Path(tmp) / "duplicates.duckdb"), config={
+            "memory_limit": DUPLICATES_MEMORY_LIMIT, "temp_directory": tmp, "threads": 2,
+            "preserve_insertion_order": False,
+        })
+        try:
+            con.execute("SET enable_progress_bar = false")
+            for statement in duplicates_statements(_escape_path(index_path), max_distance, _escape_path(dups_path)):
+                con.execute(statement)
+        finally:
+            con.close()
+        found = pq.ParquetFile(dups_path)
+        cursor = _RowCursor(found.iter_batches(batch_size=65_536))
+        source = pq.ParquetFile(index_path)
+        column = source.schema_arrow.get_field_index("duplicate_of")
+        with pq.ParquetWriter(out_path, source.schema_arrow, compression="zstd") as writer:
+            for group in range(source.num_row_groups):
+                table = source.read_row_group(group)
+                values = cursor.values_for(table.column("row").to_pylist())
+                table = table.set_column(column, "duplicate_of", pa.array(values, pa.string()))
+                writer.write_table(table, row_group_size=max(table.num_rows, 1))
+        return found.metadata.num_rows
