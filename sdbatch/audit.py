@@ -33,7 +33,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sdbatch import encode
-from sdbatch.manifest import KNOWN_COLUMNS, RESERVED_COLUMNS, Row
+from sdbatch.columns import BATCH_KEY, COLUMN, COLUMNS, KNOWN_COLUMNS, record_parameters
+from sdbatch.errors import BadInput
+from sdbatch.manifest import RESERVED_COLUMNS, Row
 from sdbatch.output import (
     FINGERPRINT_META,
     INDEX_COLUMN_TYPES,
@@ -66,7 +68,7 @@ __all__ = [
 IMAGE_PREFIXES = ("images/", "shards/")
 
 
-class AuditError(ValueError):
+class AuditError(BadInput, ValueError):
     """Bad input for an audit (no job at OUT, unknown row id, a row that cannot be rebuilt)."""
 
 
@@ -199,33 +201,23 @@ class ReproduceResult:
 
 
 def _row_from_params(d: dict[str, Any], extra: dict[str, Any] | None = None) -> Row:
-    strength = d.get("strength")
-    return Row(
-        index=int(d["row"]),
-        id=str(d["id"]),
-        prompt=d["prompt"],
-        negative_prompt=d.get("negative_prompt") or "",
-        seed=int(d["seed"]),
-        steps=int(d["steps"]),
-        guidance_scale=float(d["guidance_scale"]),
-        width=int(d["width"]),
-        height=int(d["height"]),
-        scheduler=d["scheduler"],
-        init_image=d.get("init_image"),
-        strength=float(strength) if strength is not None else None,
-        extra=dict(extra or {}),
-    )
+    """A Row from a record or an index row (a column missing there — older jobs — is its default)."""
+    return Row(index=int(d["row"]), extra=dict(extra or {}), **{c.name: c.coerce(d.get(c.name)) for c in COLUMNS})
 
 
 def _extra_from_index(entry: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in entry.items() if k not in KNOWN_COLUMNS and k not in RESERVED_COLUMNS}
 
 
-_PARAM_KEYS = ("seed", "steps", "width", "height", "scheduler", "batch_id", "prompt")
-
-
 def _record_agrees(record: dict[str, Any], entry: dict[str, Any]) -> bool:
-    return record.get("id") == entry["id"] and all(record.get(k) == entry.get(k) for k in _PARAM_KEYS)
+    """The embedded record describes the index row: same batch and every batch-key parameter,
+    seed and prompt (a column the record leaves out holds its default)."""
+    keys = ("id", "seed", "prompt", *BATCH_KEY)
+    try:
+        return record.get("batch_id") == entry.get("batch_id") and all(
+            COLUMN[k].coerce(record.get(k)) == COLUMN[k].coerce(entry.get(k)) for k in keys)
+    except (TypeError, ValueError):  # a record that is not ours (or mangled)
+        return False
 
 
 class Reproducer:
@@ -269,22 +261,11 @@ class Reproducer:
         gen = self._generator_for(entry)
         fp = entry.get("model_fingerprint") or gen.info.fingerprint
         return {
-            "id": entry["id"],
-            "row": entry["row"],
+            **record_parameters(_row_from_params(entry).parameters()),
             "shard": entry["shard"],
             "batch_id": entry["batch_id"],
             "batch_rows": list(entry["batch_rows"]),
-            "prompt": entry["prompt"],
-            "negative_prompt": entry.get("negative_prompt") or "",
-            "seed": entry["seed"],
-            "steps": entry["steps"],
-            "guidance_scale": entry["guidance_scale"],
-            "width": entry["width"],
-            "height": entry["height"],
-            "scheduler": entry["scheduler"],
             "scheduler_config": gen.scheduler_config(entry["scheduler"]),
-            "init_image": entry.get("init_image"),
-            "strength": entry.get("strength"),
             "init_image_sha256": entry.get("init_image_sha256"),
             "extra": _extra_from_index(entry),
             "model_name": self.out.spec.model.name,

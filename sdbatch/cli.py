@@ -1,32 +1,48 @@
-"""The ``sdbatch`` command line: typer commands, exit codes, no logic of its own.
+"""The ``sdbatch`` command line: typer commands and the one error printer, no logic of its own.
 
-Exit codes: 0 done; 2 bad input (manifest, spec, model, output location, lock held);
-3 finished but some rows failed permanently; 4 stopped at --deadline (resumable);
-5 some shards failed on every attempt, or the storage failed (resumable); 130 interrupted
-(resumable). ``--help``, ``validate`` and ``status`` never import torch.
+Every command is registered through ``command``: a documented condition (an ``SdbatchError``)
+is printed as ``error: …`` and exits with its class's code (``sdbatch.errors``); Ctrl-C and
+SIGTERM exit 130; anything else is a bug (traceback, exit 1). ``--help``, ``validate`` and
+``status`` never import torch.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
+import inspect
 import logging
 import os
 import re
+import signal
 import sys
 import time
 import traceback
 from datetime import datetime, timedelta
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Optional
 
 import typer
 from rich.console import Console
 
 from sdbatch import manifest_cli
+from sdbatch.columns import DEFAULTED
+from sdbatch.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_CODES_HELP,
+    EXIT_INTERRUPTED,
+    EXIT_SHARDS_FAILED,
+    RESUME_HINT,
+    BadInput,
+    SdbatchError,
+)
 
 app = typer.Typer(
     name="sdbatch",
     help="Distributed, resumable, reproducible batch image generation for Stable Diffusion on Ray.",
+    epilog="Examples: sdbatch validate manifest.parquet · sdbatch submit manifest.parquet --out out/cats --workers 2 · "
+    "sdbatch status out/cats · sdbatch verify out/cats",
     context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
     add_completion=False,
@@ -35,11 +51,20 @@ app = typer.Typer(
 err = Console(stderr=True, highlight=False)
 stdout = Console(highlight=False)
 
-EXIT_CODES_HELP = (
-    "Exit codes: 0 done; 2 bad input (manifest, spec, model, --out, lock held); "
-    "3 finished, some rows failed (rerun with --retry-failed); 4 stopped at --deadline (rerun to resume); "
-    "5 some shards failed on every attempt, or the storage failed (rerun to retry); 130 interrupted (rerun to resume)."
-)
+
+def _print_version(value: bool) -> None:
+    if value:
+        import sdbatch
+
+        typer.echo(f"sdbatch {sdbatch.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Options of every command."""
 
 SpecOpt = typer.Option(None, "--spec", help="Job spec YAML (see `sdbatch spec --schema`, jobs/example-full.yaml).")
 SetOpt = typer.Option([], "--set", help="Override a spec key: --set resources.batch_size=16 (repeatable).")
@@ -54,8 +79,9 @@ def setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("botocore", "boto3", "urllib3", "filelock", "ray"):
+    for noisy in ("botocore", "boto3", "filelock", "ray"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # "connection pool is full": a pool size, not a problem
 
 
 def use_endpoint(endpoint_url: str | None) -> None:
@@ -65,46 +91,85 @@ def use_endpoint(endpoint_url: str | None) -> None:
         os.environ["AWS_ENDPOINT_URL"] = endpoint_url
 
 
-def fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
+    """The one error printer: ``error: MESSAGE`` on stderr, then exit with ``code``."""
+    err.print("[bold red]error:[/] ", end="")
+    err.print(message, soft_wrap=True, markup=False)
     return typer.Exit(code)
 
 
+def command(name: str | None = None, *, resumable: bool = False, epilog: str = EXIT_CODES_HELP) -> Callable:
+    """Register a command on ``app`` whose documented errors go through ``fail``. For a
+    ``resumable`` command (one that drives a job), failures that leave the job resumable say so."""
+    def register(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return function(*args, **kwargs)
+            except SdbatchError as exc:
+                hint = f"; {RESUME_HINT}" if resumable and exc.exit_code >= EXIT_SHARDS_FAILED else ""
+                raise fail(f"{exc}{hint}", exc.exit_code) from None
+            except KeyboardInterrupt:
+                raise fail(f"interrupted; {RESUME_HINT}" if resumable else "interrupted", EXIT_INTERRUPTED) from None
+
+        return app.command(name, epilog=epilog)(run)
+
+    return register
+
+
 def parse_deadline(text: str, now: datetime | None = None) -> float:
-    """``HH:MM`` (next such clock time, local) or a duration like ``90m``, ``2h30m``, ``45s``."""
+    """``HH:MM`` (next such clock time, local: one already past today means tomorrow) or a
+    duration like ``90m``, ``2h30m``, ``45s``."""
     now = now or datetime.now()
     clock = re.fullmatch(r"(\d{1,2}):(\d{2})", text.strip())
     if clock:
         hour, minute = int(clock[1]), int(clock[2])
         if hour > 23 or minute > 59:
-            raise ValueError(f"--deadline {text!r}: not a clock time (HH:MM, 00:00–23:59)")
+            raise BadInput(f"--deadline {text!r}: not a clock time (HH:MM, 00:00–23:59)")
         at = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
         if at <= now:
             at += timedelta(days=1)
         return at.timestamp()
     parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text.strip())
     if not parts or not any(parts.groups()):
-        raise ValueError(f"--deadline {text!r}: use a clock time like 06:30 or a duration like 90m, 2h30m, 45s")
+        raise BadInput(f"--deadline {text!r}: use a clock time like 06:30 or a duration like 90m, 2h30m, 45s")
     hours, minutes, seconds = (int(g or 0) for g in parts.groups())
     return now.timestamp() + hours * 3600 + minutes * 60 + seconds
 
 
-@app.command(epilog=EXIT_CODES_HELP)
+def with_row_default_flags(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` one option per column-table column that has a flag (``--steps``,
+    ``--width``, ...); it receives them as ``row_defaults`` (``{"defaults.steps": 30, ...}``)."""
+    flagged = [c for c in DEFAULTED if c.flag]
+
+    @functools.wraps(command)
+    def with_flags(**kwargs: Any) -> None:
+        row_defaults = {f"defaults.{c.name}": kwargs.pop(c.name) for c in flagged}
+        command(row_defaults=row_defaults, **kwargs)
+
+    params = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "row_defaults"]
+    params += [
+        inspect.Parameter(c.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[c.python_type],
+                          default=typer.Option(None, c.flag, help=c.description or f"Default {c.name} for rows without a value."))
+        for c in flagged
+    ]
+    with_flags.__signature__ = inspect.Signature(params)  # what typer reads
+    with_flags.__annotations__ = {p.name: p.annotation for p in params}
+    return with_flags
+
+
+@command(resumable=True)
+@with_row_default_flags
 def submit(
     manifest: str = typer.Argument(..., help="Parquet manifest: a file, a directory of .parquet files, a glob or s3:// URI."),
-    out: str = typer.Option(..., "--out", "-o", help="Output location: a local directory or s3://bucket/prefix."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output location: a local directory or s3://bucket/prefix (default: the spec's output.location, else ./sdbatch-out/<manifest stem>/)."),
     spec_path: Optional[Path] = SpecOpt,
     sets: list[str] = SetOpt,
     model: Optional[str] = typer.Option(None, "--model", help="builtin:shapes (default), a diffusers folder, or s3://…"),
     workers: Optional[int] = typer.Option(None, "--workers", help="Model replicas (Ray actors)."),
-    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    rows_per_shard: Optional[int] = typer.Option(None, "--rows-per-shard"),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Default steps for rows without a value."),
-    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale"),
-    width: Optional[int] = typer.Option(None, "--width"),
-    height: Optional[int] = typer.Option(None, "--height"),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler"),
+    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="GPUs per worker (0 = CPU, default; 1 on GPU nodes; 0.5 packs two per GPU)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Rows per GPU batch (default 8)."),
+    rows_per_shard: Optional[int] = typer.Option(None, "--rows-per-shard", help="Rows per shard, the unit of commit and retry (default 64)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Job seed: rows without a seed derive theirs from it and their id."),
     output_format: Optional[str] = typer.Option(None, "--format", help="files (default) or webdataset."),
     image_format: Optional[str] = typer.Option(None, "--image-format", help="png (default), webp or jpeg."),
@@ -112,16 +177,22 @@ def submit(
     s3_endpoint: Optional[str] = EndpointOpt,
     deadline: Optional[str] = typer.Option(None, "--deadline", help="Start no shard at or after HH:MM or a duration (90m, 2h); running shards finish, the rest wait for a rerun (exit 4)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Also regenerate rows that failed permanently in an earlier run."),
+    repair: bool = typer.Option(False, "--repair", help="Also regenerate the rows `sdbatch verify` flags (image missing, or not matching its recorded sha256), through the normal commit path."),
     new_run: bool = typer.Option(False, "--new-run", help="Start over: delete the job OUT holds (only the objects its commits and index name, and its _sdbatch state; no other file) and run this one there."),
     allow_unauthenticated_ray: bool = typer.Option(False, "--allow-unauthenticated-ray", help="Start the local Ray cluster even with RAY_AUTH_MODE=disabled (it still listens on 127.0.0.1 only)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    strict: bool = typer.Option(False, "--strict", help="Refuse columns named like a misspelled per-row column (widht, promt) instead of warning."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate, preflight storage and model, and print the plan (shards, batches, fill ratio, estimate); write nothing. Exit 0, or 2 if a real submit would be refused."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    row_defaults: dict[str, Any] | None = None,  # --steps, --width, ...: see with_row_default_flags
 ) -> None:
-    """Validate MANIFEST, then generate every row's image into OUT (resuming what OUT holds)."""
+    """Validate MANIFEST, then generate every row's image into OUT (resuming what OUT holds),
+    and write OUT/report.html at the end. SIGTERM (``ray job stop``, ``kill``) stops like Ctrl-C."""
     setup_logging(verbose)
     use_endpoint(s3_endpoint)
-    from sdbatch.manifest import ManifestError, open_manifest, validate_manifest
-    from sdbatch.spec import SpecError, load_spec
-    from sdbatch.storage import StorageConfigError, StorageError, open_storage
+    from sdbatch.manifest import open_manifest, validate_manifest
+    from sdbatch.progress import local_time, plural
+    from sdbatch.spec import load_spec
+    from sdbatch.storage import open_storage
 
     overrides: dict[str, Any] = {
         "model.name": model,
@@ -129,100 +200,122 @@ def submit(
         "resources.gpus_per_worker": gpus_per_worker,
         "resources.batch_size": batch_size,
         "resources.rows_per_shard": rows_per_shard,
-        "defaults.steps": steps,
-        "defaults.guidance_scale": guidance_scale,
-        "defaults.width": width,
-        "defaults.height": height,
-        "defaults.scheduler": scheduler,
+        **(row_defaults or {}),
         "seed": seed,
         "output.format": output_format,
         "output.image_format": image_format,
     }
-    try:
-        spec = load_spec(spec_path, sets, overrides)
-        deadline_at = parse_deadline(deadline) if deadline else None
-    except (SpecError, ValueError) as exc:
-        raise fail(str(exc)) from None
-    try:
-        source = open_manifest(manifest)
-        report = validate_manifest(source, spec)
-    except ManifestError as exc:
-        raise fail(str(exc)) from None
+    spec = load_spec(spec_path, sets, overrides)
+    deadline_at = parse_deadline(deadline) if deadline else None
+    out = out or spec.output.location or default_out(manifest)
+    stdout.print(f"output → {out}" + ("  (dry run: nothing is written)" if dry_run else ""), soft_wrap=True)
+    if deadline_at is not None:  # say which moment "06:30" became: it may be tomorrow's
+        err.print(f"deadline: no shard starts at or after {local_time(deadline_at)}", highlight=False)
+    source = open_manifest(manifest)
+    report = validate_manifest(source, spec, strict=strict)
     if not report.ok:
         err.print(report.render(), soft_wrap=True, markup=False)
-        raise fail(f"manifest {manifest} has {report.issue_count} invalid values; nothing was written to {out}")
+        raise BadInput(f"manifest {manifest} has {report.issue_count} invalid values; nothing was written to {out}")
+    for warning in report.warnings:
+        err.print(f"warning: {warning}", soft_wrap=True, markup=False)
     from sdbatch.manifest import check_init_image_roots
-    from sdbatch.models import ModelError, preflight
 
-    try:
-        check_init_image_roots(source, spec, [out, spec.model.name])
-        model_ref = preflight(spec.model.name, endpoint_url=s3_endpoint)
-    except (ManifestError, ModelError) as exc:
-        raise fail(str(exc)) from None
-    except StorageError as exc:
-        raise fail(f"model {spec.model.name!r}: {exc}") from None
-    clip_error = preflight_clip_model(spec.scoring.clip_model, s3_endpoint)
-    if clip_error:
-        raise fail(clip_error)
-    ray_error = local_ray_environment(address, allow_unauthenticated_ray)
-    if ray_error:
-        raise fail(ray_error)
-    try:
-        storage = open_storage(
-            out, endpoint_url=s3_endpoint, max_attempts=spec.retries.storage_attempts,
-            max_pool_connections=spec.resources.upload_threads,
-        )
-        storage.check_access()
-    except StorageError as exc:
-        raise fail(str(exc)) from None
+    check_init_image_roots(source, spec, [out, spec.model.name])
+    model_ref = preflight_model(spec.model.name, s3_endpoint)
+    preflight_error = preflight_samplers(report.summary["schedulers"]) or preflight_clip_model(spec.scoring.clip_model, s3_endpoint)
+    if preflight_error:
+        raise BadInput(preflight_error)
+    local_ray_environment(address, allow_unauthenticated_ray)
+    from sdbatch.output import job_record
 
-    from sdbatch.output import OutputMismatch, job_record
-
+    storage = open_storage(
+        out, endpoint_url=s3_endpoint, max_attempts=spec.retries.storage_attempts,
+        max_pool_connections=spec.resources.upload_threads,
+    )
     job = job_record(spec, source, model_ref.pin)
-    from sdbatch.lock import LockHeld
-    from sdbatch.scheduler import EXIT_SHARDS_FAILED, WorkerStartError, run_job
+    if dry_run:
+        from sdbatch.dry_run import check_output, plan_job
+
+        check_output(storage)
+        plan = plan_job(spec, source, storage, job, new_run=new_run, endpoint_url=s3_endpoint)
+        stdout.print(plan.render(), soft_wrap=True, markup=False)
+        if plan.refused:
+            raise typer.Exit(EXIT_BAD_INPUT)
+        return
+    storage.check_access()
+
+    from sdbatch.scheduler import run_job
 
     t0 = time.monotonic()
-    try:
-        outcome = run_job(
-            spec, source, storage, job, address=address, endpoint_url=s3_endpoint, deadline=deadline_at,
-            retry_failed=retry_failed, new_run=new_run,
-        )
-    except (OutputMismatch, LockHeld, WorkerStartError, StorageConfigError) as exc:
-        raise fail(str(exc)) from None
-    except StorageError as exc:
-        raise fail(f"{exc}; committed shards are kept — run the same command again to go on", EXIT_SHARDS_FAILED) from None
-    except KeyboardInterrupt:
-        raise fail("interrupted; committed shards are kept — run the same command again to resume", 130) from None
+    outcome = run_job(
+        spec, source, storage, job, address=address, endpoint_url=s3_endpoint, deadline=deadline_at,
+        retry_failed=retry_failed, repair=repair, new_run=new_run,
+    )
     wall = time.monotonic() - t0
     if outcome.rows_generated == 0 and outcome.message:
         stdout.print(outcome.message)
     rate = outcome.rows_generated / wall if wall > 0 else 0.0
     stdout.print(
         f"{outcome.rows_generated} images generated this run ({outcome.rows_failed} rows failed, "
-        f"{outcome.shards_skipped} shards already committed) in {wall:.1f} s, {rate:.2f} images/s, "
+        f"{plural(outcome.shards_skipped, 'shard')} already committed) in {wall:.1f} s, {rate:.2f} images/s, "
         f"batches {outcome.batch_fill:.0%} full → {storage.url}"
     )
+    from sdbatch.report import write_report_quietly
+
+    report_url = write_report_quietly(storage)
+    if report_url:
+        stdout.print(f"report → {report_url}", soft_wrap=True)
     if outcome.exit_code:
         raise fail(outcome.message, outcome.exit_code)
 
 
-def local_ray_environment(address: str | None, allow_unauthenticated: bool) -> str | None:
+def local_ray_environment(address: str | None, allow_unauthenticated: bool) -> None:
     """Prepare the local Ray cluster sdbatch starts when no ``--address``/``RAY_ADDRESS`` is
     given (before ray is imported): every process of it, dashboard and agents included, gets
     127.0.0.1 as its node IP, and Ray binds its servers to the node IP. ``ray.init`` alone turns
     ``_node_ip_address="127.0.0.1"`` into the host's address on Linux; Ray's
     ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (single-machine mode, inherited by every process
-    the cluster starts) keeps it loopback. Returns an error when authentication is disabled and
-    the user did not opt in, else None."""
+    the cluster starts) keeps it loopback. BadInput when authentication is disabled and the
+    user did not opt in."""
     if address or os.environ.get("RAY_ADDRESS"):
-        return None
+        return
     if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled" and not allow_unauthenticated:
-        return ("RAY_AUTH_MODE=disabled: the local Ray cluster would accept commands from any process on this "
+        raise BadInput("RAY_AUTH_MODE=disabled: the local Ray cluster would accept commands from any process on this "
                 "machine without a token. Unset RAY_AUTH_MODE (token authentication is Ray's default), or pass "
                 "--allow-unauthenticated-ray if that is really wanted; nothing was written")
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+
+def preflight_samplers(used: dict[str, int]) -> str | None:
+    """The Python packages the manifest's samplers need (``lms``: scipy) are installed (no import)."""
+    import importlib.util
+
+    from sdbatch.columns import SAMPLERS
+
+    for name, rows in used.items():
+        missing = [m for m in SAMPLERS[name].requires if importlib.util.find_spec(m) is None]
+        if missing:
+            return (f"the {name!r} sampler ({rows:,} rows) needs the Python package {', '.join(missing)}, which is not "
+                    f"installed: pip install {' '.join(missing)} (or reinstall sdbatch, which declares it); nothing was written")
     return None
+
+
+def default_out(manifest: str) -> str:
+    """``./sdbatch-out/<manifest stem>/``: a glob's or directory's stem is its last plain part."""
+    stem = Path(manifest.rstrip("/").split("?")[0]).stem.rstrip("*") or "manifest"
+    return str(Path("sdbatch-out") / stem)
+
+
+def preflight_model(name: str, endpoint_url: str | None):
+    """Check the model before any worker starts (pickles, family; no torch import) and pin it
+    (``sdbatch.models.preflight``): its ModelRef."""
+    from sdbatch.models import preflight
+    from sdbatch.storage import StorageError
+
+    try:
+        return preflight(name, endpoint_url=endpoint_url)
+    except StorageError as exc:
+        raise BadInput(f"model {name!r}: {exc}") from None
 
 
 def preflight_clip_model(location: str | None, endpoint_url: str | None) -> str | None:
@@ -239,34 +332,32 @@ def preflight_clip_model(location: str | None, endpoint_url: str | None) -> str 
     return None if found else f"scoring.clip_model {location!r}: no config.json there{fix}"
 
 
-@app.command()
+@command()
 def status(
     out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
     s3_endpoint: Optional[str] = EndpointOpt,
-    as_json: bool = typer.Option(False, "--json", help="Print the raw progress snapshot as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print state, row counts, ETA, per-worker rates and the raw snapshots as JSON (for monitors)."),
 ) -> None:
     """Show a job's progress, read from its output location alone (works from any machine)."""
     import json
 
     from sdbatch.lock import lock_is_stale
-    from sdbatch.output import JOB_KEY, LOCK_KEY, PROGRESS_KEY, SUCCESS_KEY, committed_shards, read_json
-    from sdbatch.storage import NotFound, StorageError, open_storage
+    from sdbatch.output import JOB_KEY, LOCK_KEY, PROGRESS_KEY, SUCCESS_KEY, committed_shards, failed_rows_text, read_json
+    from sdbatch.progress import eta_text
+    from sdbatch.storage import NotFound, open_storage
 
+    storage = open_storage(out_location, endpoint_url=s3_endpoint)
+    job = read_json(storage, JOB_KEY)
+    if job is None:
+        raise BadInput(f"no sdbatch job at {out_location} (no _sdbatch/job.json)")
+    progress = read_json(storage, PROGRESS_KEY) or {}
+    success = read_json(storage, SUCCESS_KEY)
+    lock = read_json(storage, LOCK_KEY)
     try:
-        storage = open_storage(out_location, endpoint_url=s3_endpoint)
-        job = read_json(storage, JOB_KEY)
-        if job is None:
-            raise fail(f"no sdbatch job at {out_location} (no _sdbatch/job.json)")
-        progress = read_json(storage, PROGRESS_KEY) or {}
-        success = read_json(storage, SUCCESS_KEY)
-        lock = read_json(storage, LOCK_KEY)
-        try:
-            lock_age = storage.age(LOCK_KEY) if lock is not None else 0.0
-        except NotFound:  # released meanwhile
-            lock, lock_age = None, 0.0
-        committed = len(committed_shards(storage))
-    except StorageError as exc:
-        raise fail(str(exc)) from None
+        lock_age = storage.age(LOCK_KEY) if lock is not None else 0.0
+    except NotFound:  # released meanwhile
+        lock, lock_age = None, 0.0
+    committed = len(committed_shards(storage))
     total = job["manifest"]["num_rows"]
     shards_total = progress.get("shards_total", "?")  # the plan needs the manifest; its driver wrote it
     state = "finished" if success else progress.get("state", "not started")
@@ -274,9 +365,19 @@ def status(
     if state == "running" and not driver_alive:  # progress.json's last word came from a driver that died
         state = "interrupted (no driver is running it; run the same command to resume)"
     if as_json:
-        stdout.print_json(json.dumps({"state": state, "shards_committed": committed, "shards_total": shards_total,
-                                    "driver": lock, "driver_alive": driver_alive,
-                                    "progress": progress, "success": success}))
+        progress.pop("history", None)  # report.html charts it; monitors want the current numbers
+        if success:
+            rows = {"rows_done": success.get("rows_ok"), "rows_failed": success.get("rows_failed"), "rows_remaining": 0}
+        else:
+            rows = {"rows_done": progress.get("rows_done", 0), "rows_failed": progress.get("rows_failed_this_run", 0),
+                    "rows_remaining": progress.get("rows_remaining", total)}
+        stdout.print_json(json.dumps({
+            "state": state, "rows_total": total, **rows,
+            "images_per_second": progress.get("images_per_second"), "eta_seconds": None if success else progress.get("eta_seconds"),
+            "per_worker": progress.get("per_worker", {}),
+            "shards_committed": committed, "shards_total": shards_total,
+            "driver": lock, "driver_alive": driver_alive, "progress": progress, "success": success,
+        }))
         return
     stdout.print(f"job        {job['fingerprint']}  ({job['manifest']['source']}, {total} rows)")
     stdout.print(f"state      {state}")
@@ -289,20 +390,45 @@ def status(
             f"rows       {progress.get('rows_done')}/{progress.get('rows_total')} done, "
             f"{progress.get('rows_failed_this_run')} failed this run"
         )
-        stdout.print(f"speed      {progress.get('images_per_second')} images/s, ETA {progress.get('eta_seconds')} s")
+        stdout.print(f"speed      {progress.get('images_per_second')} images/s, {eta_text(progress.get('eta_seconds'))}")
         stdout.print(f"updated    {progress.get('updated_at')}")
     if success:
         stdout.print(f"result     {success.get('rows_ok')} ok, {success.get('rows_failed')} failed, finished {success.get('finished_at')}")
+        if success.get("failed_rows"):
+            stdout.print("failed rows (first ones; all in index.parquet, status=failed):", soft_wrap=True)
+            stdout.print(failed_rows_text(success["failed_rows"]), soft_wrap=True, markup=False)
 
 
-@app.command()
+@command(epilog="Exit codes: 0 the lock was removed (or there was none); 2 a driver may still hold it, or OUT is unreadable.")
+def unlock(
+    out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
+    force: bool = typer.Option(False, "--force", help="Remove the lock even if its driver may be alive (you checked it is not)."),
+    s3_endpoint: Optional[str] = EndpointOpt,
+) -> None:
+    """Remove OUT's job lock left by a driver that died, once no driver can be alive: on the
+    same host its process must be gone, elsewhere its lease (60 s after its last heartbeat)
+    must have expired — or pass --force.
+
+    Example: sdbatch unlock s3://bucket/runs/cats"""
+    from sdbatch.lock import break_lock
+    from sdbatch.storage import open_storage
+
+    held = break_lock(open_storage(out_location, endpoint_url=s3_endpoint), force=force)
+    if held is None:
+        stdout.print(f"no lock on {out_location}: nothing to do")
+    else:
+        stdout.print(f"removed the lock of driver {held.get('driver', '?')} (host {held.get('host', '?')}, "
+                     f"pid {held.get('pid', '?')}) on {out_location}", soft_wrap=True)
+
+
+@command(epilog="")
 def reproduce(
     out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
     row_id: str = typer.Argument(..., metavar="ID", help="The row id (the `id` column of the index)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the regenerated image here."),
     model: Optional[str] = typer.Option(None, "--model", help="Load the model from here instead of its recorded location (its fingerprint is still checked)."),
     s3_endpoint: Optional[str] = EndpointOpt,
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """Regenerate one image from OUT's metadata alone and compare its bytes with the stored one.
 
@@ -310,19 +436,16 @@ def reproduce(
     2 bad input (no job at OUT, unknown ID, a row that cannot be rebuilt)."""
     setup_logging(verbose)
     from sdbatch.audit import AuditError, Reproducer, open_job
-    from sdbatch.storage import StorageError
 
+    job_output = open_job(out_location, endpoint_url=s3_endpoint)
+    reproducer = Reproducer(job_output, endpoint_url=s3_endpoint, model=model)
+    if row_id not in reproducer.by_id:
+        raise AuditError(f"no row with id {row_id!r} in the index of {out_location} ({job_output.index_source})")
+    err.print(f"regenerating {row_id} …", highlight=False)
     try:
-        job_output = open_job(out_location, endpoint_url=s3_endpoint)
-        reproducer = Reproducer(job_output, endpoint_url=s3_endpoint, model=model)
-        if row_id not in reproducer.by_id:
-            raise AuditError(f"no row with id {row_id!r} in the index of {out_location} ({job_output.index_source})")
-        err.print(f"regenerating {row_id} …", highlight=False)
         result = reproducer.reproduce(row_id)
-    except (AuditError, StorageError) as exc:
-        raise fail(str(exc)) from None
-    except ValueError as exc:  # ModelError and friends: the recorded model cannot be loaded
-        raise fail(f"cannot reproduce {row_id}: {exc}") from None
+    except ValueError as exc:  # the recorded model cannot be loaded (models raise ValueError)
+        raise BadInput(f"cannot reproduce {row_id}: {exc}") from None
     for note in result.notes:
         err.print(f"[yellow]note:[/] {note}", soft_wrap=True)
     if output is not None:
@@ -336,7 +459,7 @@ def reproduce(
         raise typer.Exit(1)
 
 
-@app.command()
+@command(epilog="")
 def verify(
     out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
     regenerate: int = typer.Option(0, "--regenerate", min=0, help="Also regenerate K random ok rows and report drift."),
@@ -344,7 +467,7 @@ def verify(
     model: Optional[str] = typer.Option(None, "--model", help="With --regenerate: load the model from here instead of its recorded location."),
     rebuild_index: bool = typer.Option(False, "--rebuild-index", help="First rewrite a finished job's missing, corrupt or incomplete index.parquet from its commits."),
     s3_endpoint: Optional[str] = EndpointOpt,
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """Check the index against job.json, the manifest and the commits, and that every index row's
     object exists with its recorded size and sha256; list orphans.
@@ -353,22 +476,31 @@ def verify(
     but are not an error: readers trust the index, never a listing. Exit codes: 0 clean;
     1 objects missing, mismatched or foreign, the index incomplete, or regenerated rows drifted; 2 no job at OUT."""
     setup_logging(verbose)
-    from sdbatch.audit import AuditError
     from sdbatch.audit import verify as run_verify
-    from sdbatch.storage import StorageError
 
-    try:
-        report = run_verify(out_location, regenerate=regenerate, seed=seed, endpoint_url=s3_endpoint, model=model,
-                            rebuild_index=rebuild_index,
-                            progress=lambda msg: err.print(msg, highlight=False) if verbose else None)
-    except (AuditError, StorageError) as exc:
-        raise fail(str(exc)) from None
+    report = run_verify(out_location, regenerate=regenerate, seed=seed, endpoint_url=s3_endpoint, model=model,
+                        rebuild_index=rebuild_index,
+                        progress=lambda msg: err.print(msg, highlight=False) if verbose else None)
     stdout.print(report.render(), soft_wrap=True, markup=False)
     if not report.clean:
         raise typer.Exit(1)
 
 
-@app.command()
+@command()
+def report(
+    out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
+    gpu_hour_usd: Optional[float] = typer.Option(None, "--gpu-hour-usd", min=0, help="Price of one GPU-hour (default: the job's report.gpu_hour_usd)."),
+    s3_endpoint: Optional[str] = EndpointOpt,
+) -> None:
+    """(Re)write OUT/report.html: summary, throughput chart, workers, failures, contact sheet."""
+    from sdbatch.report import write_report
+    from sdbatch.storage import open_storage
+
+    stdout.print(f"report → {write_report(open_storage(out_location, endpoint_url=s3_endpoint), gpu_hour_usd)}",
+                 soft_wrap=True)
+
+
+@command(epilog="")
 def export(
     out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
     to: str = typer.Option(..., "--to", help="hf (a Hugging Face imagefolder: datasets.load_dataset(DIR)) or webdataset."),
@@ -390,7 +522,7 @@ def export(
     stdout.print(f"exported {count} images to {dest} ({to})")
 
 
-@app.command()
+@command(epilog="")
 def stats(
     out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON."),
@@ -413,7 +545,7 @@ def stats(
         stdout.print(render(result), markup=False, soft_wrap=True)
 
 
-@app.command()
+@command(epilog="")
 def grid(
     out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
     dest: Path = typer.Option(..., "--output", "-o", help="Local directory for the grid images."),
@@ -432,9 +564,9 @@ def grid(
     stdout.print(f"wrote {len(paths)} grid images to {dest}")
 
 
-app.command("validate")(manifest_cli.validate)
-app.command("manifest")(manifest_cli.manifest)
-app.command("spec")(manifest_cli.spec)
+command("validate", epilog="")(manifest_cli.validate)
+command("manifest", epilog="")(manifest_cli.manifest)
+command("spec", epilog="")(manifest_cli.spec)
 
 
 def main() -> None:
@@ -442,6 +574,7 @@ def main() -> None:
     logging) have run. Skipping interpreter finalisation matters: pyarrow's native thread pools
     can abort a process that is being torn down ("terminate called without an active
     exception", apache/arrow#34314), which would turn a finished command's exit code into -6."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM is an interruption, like Ctrl-C
     try:
         app()
         code = 0

@@ -49,6 +49,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from sdbatch.columns import COLUMNS, SAMPLERS
+
 __all__ = [
     "A1111_SAMPLER_NAMES",
     "infotext",
@@ -59,16 +61,7 @@ __all__ = [
 ]
 
 #: sdbatch scheduler name -> AUTOMATIC1111 sampler name (as written in infotext).
-A1111_SAMPLER_NAMES: dict[str, str] = {
-    "ddim": "DDIM",
-    "pndm": "PLMS",
-    "lms": "LMS",
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-    "unipc": "UniPC",
-}
+A1111_SAMPLER_NAMES: dict[str, str] = {s.name: s.a1111 for s in SAMPLERS.values()}
 
 # A1111 sampler name (lower-cased) -> sdbatch name; plus the "<name> Karras" legacy spellings.
 _FROM_A1111: dict[str, str] = {v.lower(): k for k, v in A1111_SAMPLER_NAMES.items()}
@@ -88,9 +81,17 @@ _UC_JIS = b"JIS\x00\x00\x00\x00\x00"
 _UC_UNDEFINED = b"\x00" * 8
 _JPEG_MAX_EXIF = 65533
 
+
+class MetadataTooLarge(ValueError):
+    """A record that the image format's metadata segment cannot hold."""
+
 # A1111's params regex (modules/infotext_utils.py): key, then a quoted or unquoted value.
 _RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _RE_SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
+# Where the parameters that are not manifest columns go, in A1111's order (columns: columns.py).
+_RANK_MODEL_HASH, _RANK_MODEL, _RANK_VERSION = 60, 61, 100
+# A1111 label -> column, for the columns parse_infotext reads back as plain numbers.
+_NUMERIC_LABELS = {c.a1111: c for c in COLUMNS if c.a1111 and c.name not in ("width", "scheduler")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,39 +128,27 @@ def _present(v: Any) -> bool:
 def infotext(record: dict) -> str:
     """Format ``record`` as an AUTOMATIC1111 ``parameters`` string.
 
-    Keys used: prompt, negative_prompt, steps, scheduler, guidance_scale, seed, width,
-    height, model_hash, model_name, strength (only when ``init_image`` is set),
-    sdbatch_version.  Missing/None values are left out, as A1111 leaves out None.
+    Keys used: prompt, negative_prompt, every column with an A1111 label in the column table
+    (steps, scheduler, guidance_scale, seed, width/height, strength only when ``init_image``
+    is set, clip_skip only above 1), model_hash, model_name, sdbatch_version.  Missing/None
+    values are left out, as A1111 leaves out None.
     """
     prompt = record.get("prompt") or ""
     neg = record.get("negative_prompt") or ""
 
-    params: list[tuple[str, Any]] = []
-    if record.get("steps") is not None:
-        params.append(("Steps", int(record["steps"])))
-    sched = record.get("scheduler")
-    if _present(sched):
-        params.append(("Sampler", A1111_SAMPLER_NAMES.get(str(sched), str(sched))))
-    if record.get("guidance_scale") is not None:
-        params.append(("CFG scale", float(record["guidance_scale"])))
-    if record.get("seed") is not None:
-        params.append(("Seed", int(record["seed"])))
-    w, h = record.get("width"), record.get("height")
-    if w is not None and h is not None:
-        params.append(("Size", f"{int(w)}x{int(h)}"))
+    params = [(c.a1111_rank, c.a1111, c.a1111_value(record)) for c in COLUMNS if c.a1111]
     if _present(record.get("model_hash")):
-        params.append(("Model hash", record["model_hash"]))
+        params.append((_RANK_MODEL_HASH, "Model hash", record["model_hash"]))
     if _present(record.get("model_name")):
-        params.append(("Model", record["model_name"]))
-    if _present(record.get("init_image")) and record.get("strength") is not None:
-        params.append(("Denoising strength", float(record["strength"])))
+        params.append((_RANK_MODEL, "Model", record["model_name"]))
     if _present(record.get("sdbatch_version")):
-        params.append(("Version", f"sdbatch {record['sdbatch_version']}"))
+        params.append((_RANK_VERSION, "Version", f"sdbatch {record['sdbatch_version']}"))
+    params = sorted((p for p in params if p[2] is not None), key=lambda p: p[0])
 
     lines = [prompt]
     if neg:
         lines.append(f"Negative prompt: {neg}")
-    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in params))
+    lines.append(", ".join(f"{k}: {_quote(v)}" for _, k, v in params))
     return "\n".join(lines)
 
 
@@ -173,7 +162,7 @@ def parse_infotext(text: str) -> dict:
     Returns ``prompt``, ``negative_prompt`` (``""`` when absent) and the params:
     steps (int), scheduler (sdbatch name; only for known samplers — the raw A1111 name is
     always kept under ``"Sampler"`` when it is unknown), guidance_scale (float), seed (int),
-    width/height (int), strength (float), model_hash, model_name, sdbatch_version (when
+    width/height (int), strength (float), clip_skip (int), model_hash, model_name, sdbatch_version (when
     ``Version: sdbatch X``; other versions kept under ``"Version"``), and every other key
     verbatim (A1111 key name -> string).
     """
@@ -207,8 +196,9 @@ def parse_infotext(text: str) -> dict:
     schedule_type = raw.pop("Schedule type", None)
     for key, val in raw.items():
         try:
-            if key == "Steps":
-                out["steps"] = int(val)
+            if key in _NUMERIC_LABELS:
+                column = _NUMERIC_LABELS[key]
+                out[column.name] = column.python_type(val)
             elif key == "Sampler":
                 name = val
                 if schedule_type and schedule_type.lower() not in ("automatic", "uniform", ""):
@@ -218,17 +208,11 @@ def parse_infotext(text: str) -> dict:
                     out["scheduler"] = sd
                 else:
                     out["Sampler"] = val
-            elif key == "CFG scale":
-                out["guidance_scale"] = float(val)
-            elif key == "Seed":
-                out["seed"] = int(val)
             elif key == "Size":
                 m = _RE_SIZE.match(val)
                 if not m:
                     raise ValueError(val)
                 out["width"], out["height"] = int(m.group(1)), int(m.group(2))
-            elif key == "Denoising strength":
-                out["strength"] = float(val)
             elif key == "Model hash":
                 out["model_hash"] = val
             elif key == "Model":
@@ -350,7 +334,7 @@ def encode_image(
 
     if f == "jpeg":
         if len(exif_bytes) > _JPEG_MAX_EXIF:
-            raise ValueError(
+            raise MetadataTooLarge(
                 f"metadata too large for a JPEG EXIF segment ({len(exif_bytes)} > {_JPEG_MAX_EXIF} bytes);"
                 " use png or webp for this record"
             )

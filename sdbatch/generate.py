@@ -18,6 +18,7 @@ UNet runs channels_last with PyTorch SDPA attention, optionally ``torch.compile`
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import platform
@@ -35,20 +36,11 @@ import diffusers  # noqa: E402
 import numpy as np
 import torch
 import transformers
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionPipeline,
-    UniPCMultistepScheduler,
-)
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
+from sdbatch.columns import SAMPLERS, SCHEDULERS
 from sdbatch.manifest import Row
 from sdbatch.models import GeneratedBatch, ModelError, fingerprint_model_dir, resolve
 
@@ -59,20 +51,6 @@ log = logging.getLogger("sdbatch.generate")
 diffusers.utils.logging.disable_progress_bar()
 transformers.utils.logging.disable_progress_bar()
 
-# scheduler name -> (class, config overrides applied on top of the model's own scheduler config)
-SCHEDULER_FACTORIES: dict[str, tuple[type, dict[str, Any]]] = {
-    "ddim": (DDIMScheduler, {}),
-    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
-    "lms": (LMSDiscreteScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": (
-        DPMSolverMultistepScheduler,
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-    ),
-    "unipc": (UniPCMultistepScheduler, {}),
-}
 
 # what a worker catches to retry a batch in halves (the tests inject it on CPU)
 OUT_OF_MEMORY_ERRORS: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,)
@@ -147,6 +125,12 @@ class Generator:
         self.info = info
         self._scheduler_config = dict(txt2img.scheduler.config)
         self._sampler_configs: dict[str, dict[str, Any]] = {}
+        encoder = txt2img.text_encoder
+        if not hasattr(encoder, "text_model"):
+            # diffusers' clip_skip path reads text_encoder.text_model.final_layer_norm, which
+            # transformers 5 flattened into text_encoder.final_layer_norm; point the old name at
+            # the model itself (bypassing nn.Module registration, so it is no submodule)
+            object.__setattr__(encoder, "text_model", encoder)
         for pipe in (self.txt2img, self.img2img):
             pipe.set_progress_bar_config(disable=True)
 
@@ -203,16 +187,29 @@ class Generator:
         )
         log.info("loaded model %s on %s (%s%s), fingerprint %s", model, device, info.dtype,
                  ", compiled" if compile else "", info.short_hash)
-        return cls(pipe, info, compiled=compile)
+        generator = cls(pipe, info, compiled=compile)
+        generator.build_samplers()
+        return generator
+
+    def build_samplers(self) -> None:
+        """Build every sampler whose packages are installed from this model's scheduler config,
+        so one that cannot be built fails the worker's start (a job-level error), not every
+        shard. (A sampler missing a package is refused before the job starts: cli.preflight_samplers.)"""
+        for sampler in SAMPLERS.values():
+            if all(importlib.util.find_spec(m) for m in sampler.requires):
+                try:
+                    self.scheduler_config(sampler.name)
+                except Exception as exc:  # noqa: BLE001 - any diffusers error: the model and sampler do not fit
+                    raise ModelError(f"sampler {sampler.name!r} ({sampler.diffusers_class}) cannot be built from the "
+                                     f"scheduler config of model {self.info.name!r}: {type(exc).__name__}: {exc}") from exc
 
     def make_scheduler(self, name: str):
         try:
-            scheduler_cls, overrides = SCHEDULER_FACTORIES[name]
+            sampler = SAMPLERS[name]
         except KeyError:
-            raise ModelError(
-                f"scheduler {name!r} is not supported; use one of {', '.join(SCHEDULER_FACTORIES)}"
-            ) from None
-        return scheduler_cls.from_config({**self._scheduler_config, **overrides})
+            raise ModelError(f"scheduler {name!r} is not supported; use one of {', '.join(SCHEDULERS)}") from None
+        scheduler_cls = getattr(diffusers, sampler.diffusers_class)
+        return scheduler_cls.from_config({**self._scheduler_config, **sampler.overrides})
 
     def scheduler_config(self, name: str) -> dict[str, Any]:
         """The full config of the sampler as used, for the metadata record (built once per
@@ -239,12 +236,18 @@ class Generator:
 
     def _denoise(self, rows: list[Row], init_images: list[Image.Image | None] | None) -> torch.Tensor:
         first = rows[0]
+        layers = self.txt2img.text_encoder.config.num_hidden_layers
+        if first.clip_skip > layers + 1:
+            raise ValueError(f"clip_skip {first.clip_skip} needs a text encoder of at least {first.clip_skip - 1} "
+                             f"layers; this model's has {layers}: use clip_skip <= {layers + 1}")
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in rows]
         common = dict(
             prompt=[r.prompt for r in rows],
             negative_prompt=[r.negative_prompt for r in rows],
             num_inference_steps=first.steps,
             guidance_scale=first.guidance_scale,
+            # A1111 counts the last layer as clip skip 1; diffusers counts layers skipped
+            clip_skip=first.clip_skip - 1 or None,
             generator=generators,
             output_type="latent",
         )

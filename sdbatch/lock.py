@@ -21,7 +21,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from sdbatch.output import LOCK_KEY, read_json
+from sdbatch.errors import BadInput
+from sdbatch.output import LOCK_KEY, CorruptState, parse_json, read_json
 from sdbatch.progress import utc_now
 from sdbatch.storage import NotFound, Storage
 
@@ -31,7 +32,7 @@ LOCK_LEASE_S = 60.0
 HEARTBEAT_S = 10.0
 
 
-class LockHeld(RuntimeError):
+class LockHeld(BadInput, RuntimeError):
     """Another live driver holds the job lock on OUT."""
 
 
@@ -63,14 +64,14 @@ class JobLock:
         while True:
             if storage.put_new(LOCK_KEY, body).created:
                 stored, tag = storage.get_tagged(LOCK_KEY)
-                if json.loads(stored).get("driver") == owner["driver"]:
+                if parse_json(storage, LOCK_KEY, stored).get("driver") == owner["driver"]:
                     break
                 continue  # a takeover replaced ours between the two calls: look again
             try:
                 stored, tag = storage.get_tagged(LOCK_KEY)
             except NotFound:  # released meanwhile: try to create it again
                 continue
-            held = json.loads(stored)
+            held = parse_json(storage, LOCK_KEY, stored)
             try:
                 age = storage.age(LOCK_KEY)
             except NotFound:
@@ -130,6 +131,36 @@ class JobLock:
         held = read_json(self.storage, LOCK_KEY) or {}
         if held.get("driver") == self.owner["driver"]:
             self.storage.delete(LOCK_KEY)
+
+
+def break_lock(storage: Storage, *, force: bool = False) -> dict[str, Any] | None:
+    """``sdbatch unlock``: delete OUT's lock once no driver can be holding it — on this host,
+    its pid is gone; elsewhere, its lease has expired by the storage's clock — or at once with
+    ``force``. Returns the lock body removed (None: there was none); LockHeld while a driver
+    may be alive."""
+    try:
+        held = read_json(storage, LOCK_KEY)
+    except CorruptState:
+        if not force:
+            raise LockHeld(f"{storage.url}/{LOCK_KEY} is unreadable, so whether its driver is alive cannot be "
+                           "told; fix: make sure no sdbatch driver runs on this job, then `sdbatch unlock OUT --force`") from None
+        held = {}
+    if held is None:
+        return None
+    if not force:
+        try:
+            age = storage.age(LOCK_KEY)
+        except NotFound:  # released meanwhile
+            return None
+        if not lock_is_stale(held, age):
+            where = "on this host, its process is alive" if held.get("host") == socket.gethostname() else "its lease has not expired"
+            raise LockHeld(
+                f"the lock on {storage.url} belongs to a driver that may be alive (host {held.get('host')}, pid "
+                f"{held.get('pid')}; {where}, last heartbeat {age:.0f} s ago by the storage's clock); fix: stop that "
+                f"driver, or wait {int(LOCK_LEASE_S)} s after its last heartbeat, or pass --force if you are sure it is gone"
+            )
+    storage.delete(LOCK_KEY)
+    return held
 
 
 def lock_is_stale(held: dict[str, Any], age_s: float) -> bool:

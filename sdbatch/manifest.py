@@ -10,12 +10,11 @@ from __future__ import annotations
 import difflib
 import glob
 import hashlib
-import math
 import os
 import posixpath
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,80 +23,53 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from sdbatch.columns import BATCH_KEY, COLUMN, COLUMNS, DEFAULTED, KNOWN_COLUMNS, SCHEDULERS, Column, suggest
+from sdbatch.errors import BadInput
 from sdbatch.quality import QUALITY_COLUMN_TYPES
-from sdbatch.spec import SCHEDULERS, JobSpec
+from sdbatch.spec import JobSpec
+from sdbatch.storage import TMP_MARK
 
 
-@dataclass(frozen=True)
-class Row:
-    index: int  # 0-based position in the manifest (across all its files)
-    id: str
-    prompt: str
-    negative_prompt: str
-    seed: int
-    steps: int
-    guidance_scale: float
-    width: int
-    height: int
-    scheduler: str
-    init_image: str | None = None  # resolved location: absolute local path or s3:// URI
-    strength: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # passthrough columns, untouched
-
+class _RowBehaviour:
     @property
     def is_img2img(self) -> bool:
         return self.init_image is not None
 
     def batch_key(self) -> tuple:
         """Everything that must be equal for rows to share one GPU batch (DESIGN §3)."""
-        return (
-            self.width,
-            self.height,
-            self.steps,
-            self.scheduler,
-            self.guidance_scale,
-            self.is_img2img,
-            self.strength,
-        )
+        return (*(getattr(self, name) for name in BATCH_KEY), self.is_img2img)
 
     def parameters(self) -> dict[str, Any]:
         """The row's identity and generation parameters, as the index and image records hold them."""
-        return {
-            "id": self.id,
-            "row": self.index,
-            "prompt": self.prompt,
-            "negative_prompt": self.negative_prompt,
-            "seed": self.seed,
-            "steps": self.steps,
-            "guidance_scale": self.guidance_scale,
-            "width": self.width,
-            "height": self.height,
-            "scheduler": self.scheduler,
-            "init_image": self.init_image,
-            "strength": self.strength,
-        }
+        return {"id": self.id, "row": self.index, **{c.name: getattr(self, c.name) for c in COLUMNS if c.name != "id"}}
+
+
+def _row_field(column: Column) -> tuple:
+    if column.nullable:
+        return column.name, column.python_type | None, field(default=None)
+    if column.recorded_when_set:
+        return column.name, column.python_type, field(default=column.default)
+    return column.name, column.python_type
+
+
+#: One manifest row with every job default applied: ``index`` (0-based position in the
+#: manifest, across all its files), one field per column of the column table (``init_image``
+#: is the resolved location: an absolute local path or an s3:// URI; ``strength`` is set for
+#: img2img rows only), and ``extra``, the passthrough columns, untouched.
+Row = make_dataclass(
+    "Row",
+    [("index", int), *sorted((_row_field(c) for c in COLUMNS), key=lambda f: len(f) == 3),  # defaulted fields last
+     ("extra", dict, field(default_factory=dict))],
+    bases=(_RowBehaviour,),
+    frozen=True,
+)
+Row.__module__ = __name__
 
 
 # =============================================================================================
 # Manifest sources
 # =============================================================================================
 
-#: The per-row columns of DESIGN §2. Every other column is a passthrough column.
-KNOWN_COLUMNS = (
-    "id",
-    "prompt",
-    "negative_prompt",
-    "seed",
-    "steps",
-    "guidance_scale",
-    "width",
-    "height",
-    "scheduler",
-    "init_image",
-    "strength",
-)
-#: The columns whose values go into ``Row.batch_key``: a manifest without any of them has one key.
-BATCH_KEY_COLUMNS = ("steps", "guidance_scale", "width", "height", "scheduler", "init_image", "strength")
 #: The columns the output index adds to each row's parameters (``worker.index_row``).
 INDEX_RESULT_COLUMNS = (
     "shard", "batch_id", "batch_rows", "model_fingerprint", "device", "dtype", "torch_threads", "versions",
@@ -115,7 +87,7 @@ MAX_SEED = 2**63  # seeds are 0 <= seed < MAX_SEED (they fit int64 and torch.man
 _GLOB_CHARS = "*?["
 
 
-class ManifestError(ValueError):
+class ManifestError(BadInput, ValueError):
     """A manifest that cannot be read at all (missing, not Parquet, empty, no prompt column).
 
     Row-level problems are not raised: ``validate_manifest`` reports them as ``RowIssue``s.
@@ -338,7 +310,16 @@ def open_manifest(source: str) -> Manifest:
     size and complete Parquet footer.
     """
     source = str(source)
-    files, base_dir = _list_remote(source) if _is_uri(source) else _list_local(source)
+    if _is_uri(source):
+        try:
+            files, base_dir = _list_remote(source)
+        except OSError as exc:  # pyarrow's S3 errors: endpoint unreachable, access denied, no bucket
+            raise ManifestError(
+                f"manifest {source}: cannot list or read it ({type(exc).__name__}: {exc}); fix: check the URI, "
+                "the endpoint (--s3-endpoint or AWS_ENDPOINT_URL) and the credentials"
+            ) from None
+    else:
+        files, base_dir = _list_local(source)
     columns: tuple[str, ...] | None = None
     schema: pa.Schema | None = None
     file_rows: list[int] = []
@@ -632,7 +613,7 @@ def read_rows_at(manifest: Manifest, spec: JobSpec, numbers: range | Sequence[in
 def iter_batch_keys(manifest: Manifest, spec: JobSpec) -> Iterator[tuple] | None:
     """Every row's ``Row.batch_key()`` in manifest order, read in chunks (bounded memory);
     None when the manifest has no batch-key column, so every row has the spec's key."""
-    if not set(BATCH_KEY_COLUMNS) & set(manifest.columns):
+    if not set(BATCH_KEY) & set(manifest.columns):
         return None
     reader = ManifestReader(manifest)
     return (
@@ -642,18 +623,21 @@ def iter_batch_keys(manifest: Manifest, spec: JobSpec) -> Iterator[tuple] | None
     )
 
 
+#: Columns whose null is not simply "the job default" (read_rows resolves them itself).
+_RESOLVED_COLUMNS = ("id", "seed", "init_image", "strength")
+
+
 def _rows_from_table(table: pa.Table, first_row: int, manifest: Manifest, spec: JobSpec) -> list[Row]:
     n = table.num_rows
     cols = {name: _pylist(table.column(name), name, first_row) for name in table.column_names}
     d = spec.defaults
     none = [None] * n
-
-    def col(name: str) -> list[Any]:
-        return cols.get(name, none)
-
-    ids, prompts, negs, seeds = col("id"), col("prompt"), col("negative_prompt"), col("seed")
-    steps, cfg, widths, heights = col("steps"), col("guidance_scale"), col("width"), col("height")
-    scheds, inits, strengths = col("scheduler"), col("init_image"), col("strength")
+    plain: dict[str, list[Any]] = {}
+    for column in COLUMNS:
+        if column.name not in _RESOLVED_COLUMNS:
+            default, convert = getattr(d, column.name, None), column.python_type
+            plain[column.name] = [convert(v) if v is not None else default for v in cols.get(column.name, none)]
+    ids, seeds, inits, strengths = (cols.get(name, none) for name in _RESOLVED_COLUMNS)
     extra_names = [c for c in table.column_names if c not in KNOWN_COLUMNS]
     rows = []
     for i in range(n):
@@ -665,19 +649,13 @@ def _rows_from_table(table: pa.Table, first_row: int, manifest: Manifest, spec: 
             Row(
                 index=index,
                 id=rid,
-                prompt=prompts[i],
-                negative_prompt=negs[i] if negs[i] is not None else d.negative_prompt,
                 seed=int(seeds[i]) if seeds[i] is not None else derive_seed(spec.seed, rid),
-                steps=int(steps[i]) if steps[i] is not None else d.steps,
-                guidance_scale=float(cfg[i]) if cfg[i] is not None else float(d.guidance_scale),
-                width=int(widths[i]) if widths[i] is not None else d.width,
-                height=int(heights[i]) if heights[i] is not None else d.height,
-                scheduler=scheds[i] if scheds[i] is not None else d.scheduler,
                 init_image=init_loc,
                 strength=(float(strengths[i]) if strengths[i] is not None else float(d.strength))
                 if init_loc is not None
                 else None,
                 extra={name: cols[name][i] for name in extra_names},
+                **{name: values[i] for name, values in plain.items()},
             )
         )
     return rows
@@ -715,6 +693,7 @@ class ValidationReport:
     issues: list[RowIssue] = field(default_factory=list)  # the first limits.max_errors_shown, by row
     issue_count: int = 0  # every issue found
     summary: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # not errors: see validate_manifest(strict=)
 
     @property
     def ok(self) -> bool:
@@ -744,6 +723,7 @@ class ValidationReport:
             lines.append(f"  ids: {s['ids']}")
         pt = s.get("passthrough_columns") or {}
         lines.append("  passthrough columns: " + (", ".join(f"{k} ({v})" for k, v in pt.items()) if pt else "(none)"))
+        lines.extend(f"warning: {w}" for w in self.warnings)
         if self.ok:
             lines.append("OK: the manifest is valid")
             return "\n".join(lines)
@@ -770,26 +750,6 @@ def _kind(t: pa.DataType) -> str:
     if pa.types.is_null(t):
         return "null"
     return "other"
-
-
-_EXPECTED = {
-    "prompt": ({"string"}, "a string column", "write the prompts as strings (pandas: df['prompt'] = df['prompt'].astype(str))"),
-    "negative_prompt": ({"string"}, "a string column", "write it as strings, nulls for rows that use the job default"),
-    "scheduler": ({"string"}, "a string column", "write scheduler names as strings, e.g. 'euler_a'"),
-    "init_image": ({"string"}, "a string column", "write init_image as path strings (relative to the manifest) or s3:// URIs"),
-    "id": ({"string", "int"}, "a string or integer column", "write ids as strings (or integers)"),
-    "seed": (
-        {"int"},
-        "an integer column (int64)",
-        "write seeds as int64; for rows without a seed drop the column or fill it "
-        "(pandas turns ints with NaN into float64 — use the nullable dtype 'Int64')",
-    ),
-    "steps": ({"int"}, "an integer column", "write steps as int64 (pandas nullable 'Int64' when some rows use the default)"),
-    "width": ({"int"}, "an integer column", "write width as int64 (pandas nullable 'Int64' when some rows use the default)"),
-    "height": ({"int"}, "an integer column", "write height as int64 (pandas nullable 'Int64' when some rows use the default)"),
-    "guidance_scale": ({"float", "int"}, "a float column", "write guidance_scale as float64"),
-    "strength": ({"float", "int"}, "a float column", "write strength as float64"),
-}
 
 
 def _repr_value(v: Any, limit: int = 80) -> str:
@@ -1076,12 +1036,27 @@ def _check_utf8(b: _Batch, column: str, arr: pa.Array) -> pa.Array:
     return cleaned
 
 
-def _int_range(b: _Batch, column: str, lo: int, hi_incl: int, rule: str, fix: str) -> None:
-    arr = b.cols.get(column)
-    if arr is None or pa.types.is_null(arr.type):
+def _check_range(b: _Batch, column: Column, limits: Any) -> None:
+    """A column's ``Range`` rule (column table) on every non-null value of the batch."""
+    rule, arr, name = column.range, b.cols.get(column.name), column.name
+    if rule is None or arr is None or pa.types.is_null(arr.type):
         return
-    bad = pc.or_(pc.less(arr, lo), pc.greater(arr, pa.scalar(hi_incl, pa.uint64()) if pa.types.is_unsigned_integer(arr.type) else hi_incl))
-    b.flag(column, bad, rule, fix)
+    if rule.multiple_of:
+        low_bits = pa.scalar(rule.multiple_of - 1, arr.type)  # multiple_of is a power of two
+        b.flag(name, pc.not_equal(pc.bit_wise_and(arr, low_bits), pa.scalar(0, arr.type)),
+               f"{name} must be a multiple of {rule.multiple_of}", f"round {name} to a multiple of {rule.multiple_of} (e.g. 512)")
+    values, nonfinite = arr, None
+    if rule.finite is not None:
+        values = arr.cast(pa.float64())
+        nonfinite = pc.or_(pc.is_nan(values), pc.is_inf(values))
+        b.flag(name, nonfinite, f"{name} must be finite (no NaN or infinity)", rule.finite)
+    hi = rule.upper(limits)
+    hi = pa.scalar(hi, pa.uint64()) if pa.types.is_unsigned_integer(arr.type) else hi
+    low_ok = pc.greater(values, rule.lo) if rule.lo_open else pc.greater_equal(values, rule.lo)
+    bad = pc.invert(pc.and_(low_ok, pc.less_equal(values, hi)))  # NaN compares false: out of range
+    if nonfinite is not None:
+        bad = pc.and_(bad, pc.invert(nonfinite))  # already reported as not finite
+    b.flag(name, bad, rule.text(name, limits), rule.fix)
 
 
 def _check_spec_defaults(spec: JobSpec, coll: _Collector) -> None:
@@ -1090,22 +1065,19 @@ def _check_spec_defaults(spec: JobSpec, coll: _Collector) -> None:
     def bad(key: str, value: Any, rule: str, fix: str) -> None:
         coll.add(RowIssue(-1, None, f"defaults.{key}", _repr_value(value), rule, fix))
 
-    if not 1 <= d.steps <= lim.max_steps:
-        bad("steps", d.steps, f"1 <= steps <= {lim.max_steps} (limits.max_steps)", "--set defaults.steps=N, or raise limits.max_steps")
-    if not math.isfinite(d.guidance_scale) or not 0 <= d.guidance_scale <= lim.max_guidance:
-        bad("guidance_scale", d.guidance_scale, f"finite and 0 <= guidance_scale <= {lim.max_guidance} (limits.max_guidance)",
-            "--set defaults.guidance_scale=7.5")
-    for key, mx in (("width", lim.max_width), ("height", lim.max_height)):
-        v = getattr(d, key)
-        if v % 8 or not 64 <= v <= mx:
-            bad(key, v, f"a multiple of 8 with 64 <= {key} <= {mx} (limits.max_{key})", f"--set defaults.{key}=512 (or another multiple of 8)")
+    for column in DEFAULTED:
+        rule, value = column.range, getattr(d, column.name)
+        if rule is not None and not rule.accepts(value, lim):
+            grid = f"a multiple of {rule.multiple_of} with " if rule.multiple_of else ""
+            finite = "finite and " if rule.finite else ""
+            raise_limit = f", or raise limits.{rule.hi}" if isinstance(rule.hi, str) else ""
+            bad(column.name, value, f"{finite}{grid}{rule.text(column.name, lim)}",
+                f"--set defaults.{column.name}={column.default}{raise_limit}")
     if d.width * d.height > lim.max_pixels:
         bad("width", f"{d.width}x{d.height}", f"width*height <= {lim.max_pixels:,} (limits.max_pixels)",
             "choose a smaller default size or raise limits.max_pixels")
     if len(d.negative_prompt) > lim.max_prompt_chars or "\x00" in d.negative_prompt:
         bad("negative_prompt", d.negative_prompt, f"at most {lim.max_prompt_chars:,} characters, no NUL", "shorten it")
-    if not (0 < d.strength <= 1):
-        bad("strength", d.strength, "0 < strength <= 1", "--set defaults.strength=0.75")
     if d.scheduler not in SCHEDULERS:
         bad("scheduler", d.scheduler, f"one of {', '.join(SCHEDULERS)}", "--set defaults.scheduler=ddim")
 
@@ -1119,7 +1091,62 @@ def _scheduler_fix(value: Any) -> str:
     return f"use one of: {names} (or leave it null for the job default)"
 
 
-def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_536) -> ValidationReport:
+def _unrecordable(t: pa.DataType) -> pa.DataType | None:
+    """The part of a passthrough column's type that JSON (the image record) cannot hold faithfully."""
+    if pa.types.is_dictionary(t):
+        return _unrecordable(t.value_type)
+    if any(test(t) for test in _UNRECORDABLE_TYPES):
+        return t
+    nested = (t.field(i).type for i in range(t.num_fields)) if pa.types.is_nested(t) else ()
+    return next((u for u in map(_unrecordable, nested) if u is not None), None)
+
+
+_UNRECORDABLE_TYPES = (pa.types.is_timestamp, pa.types.is_date, pa.types.is_time, pa.types.is_decimal,
+                       pa.types.is_duration, pa.types.is_binary, pa.types.is_large_binary,
+                       pa.types.is_fixed_size_binary, getattr(pa.types, "is_binary_view", lambda _: False))
+
+
+def _check_passthrough_columns(manifest: Manifest, coll: _Collector, strict: bool) -> list[str]:
+    """Passthrough columns that would break the index or the record are refused; names that look
+    like a misspelled per-row column (``widht``) are warned about — refused with ``strict``."""
+    warnings = []
+    for name in manifest.passthrough_columns:
+        t = manifest.schema.field(name).type
+        if name in RESERVED_COLUMNS:
+            coll.add(RowIssue(0, None, name, "a passthrough column",
+                              f"passthrough column names must differ from the index's own columns ({', '.join(RESERVED_COLUMNS)})",
+                              f"rename the column, e.g. to 'label_{name}'"))
+        bad_type = _unrecordable(t)
+        if bad_type is not None:
+            coll.add(RowIssue(0, None, name, f"a passthrough column of type {t}",
+                              f"passthrough values go into each image's JSON record, which has no faithful form for {bad_type}",
+                              "cast the column to string before writing the manifest (ISO 8601 for dates and times; "
+                              "pandas: df[col] = df[col].astype(str); pyarrow: pc.cast(col, pa.string())), or drop it"))
+        close = suggest(name, KNOWN_COLUMNS)
+        if close and close not in manifest.columns:
+            text = f"column {name!r} is not a per-row column, so it is passed through as a label: did you mean {close!r}?"
+            if strict:
+                coll.add(RowIssue(0, None, name, "a passthrough column", f"{text} (--strict refuses it)",
+                                  f"rename it to {close!r}, or to a label name not so close to a per-row column"))
+            else:
+                warnings.append(f"{text} Rename it, or pass --strict to refuse such columns.")
+    return warnings
+
+
+def _check_same_passthrough_types(manifest: Manifest, path: str, schema: pa.Schema, base: int, coll: _Collector) -> None:
+    """Every file of a manifest gives each passthrough column the first file's type (a file where
+    it is all-null is fine): the index is one table, typed by the first file."""
+    for name in manifest.passthrough_columns:
+        want, got = manifest.schema.field(name).type, schema.field(name).type
+        if got != want and not pa.types.is_null(got):
+            first, this = os.path.basename(manifest.files[0]), os.path.basename(path)
+            coll.add(RowIssue(base, None, name, f"type {got} in {this}",
+                              f"every file of a manifest must give passthrough column {name!r} one type "
+                              f"({manifest.files[0]}: {want}; {path}: {got})",
+                              f"write {name!r} with one type in every file ({first} has {want}, {this} has {got})"))
+
+
+def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_536, *, strict: bool = False) -> ValidationReport:
     """Check every row against DESIGN §2, streaming (one record batch in memory at a time).
 
     Semantics of nulls: a null in ``negative_prompt``, ``steps``, ``guidance_scale``,
@@ -1146,25 +1173,23 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
     img2img = 0
     bad_rows = 0
     base = 0
-    for name in manifest.passthrough_columns:
-        if name in RESERVED_COLUMNS:
-            coll.add(RowIssue(0, None, name, "a passthrough column",
-                              f"passthrough column names must differ from the index's own columns ({', '.join(RESERVED_COLUMNS)})",
-                              f"rename the column, e.g. to 'label_{name}'"))
+    warnings = _check_passthrough_columns(manifest, coll, strict)
     for path, nrows in zip(manifest.files, manifest.file_rows or [None] * len(manifest.files)):
         pf = _parquet_file(path, streaming=True)
         if pf.metadata.num_rows == 0:
             continue
         schema = pf.schema_arrow
+        _check_same_passthrough_types(manifest, path, schema, base, coll)
+        file_start = base
         skip: set[str] = set()
         for name in read_cols:
-            kinds, expected, fix = _EXPECTED[name] if name in _EXPECTED else ({"string"}, "", "")
+            column = COLUMN[name]
             found = _kind(schema.field(name).type)
-            if found not in kinds and found != "null":
+            if found not in column.kinds and found != "null":
                 skip.add(name)
                 coll.add(RowIssue(base, None, name, f"a column of type {schema.field(name).type} "
                                   f"(all {pf.metadata.num_rows:,} rows of {os.path.basename(path)})",
-                                  f"{name} must be {expected}", fix))
+                                  f"{name} must be {column.expected}", column.type_fix))
         cols = [c for c in read_cols if c not in skip]
         file_bad_all = bool(skip)
         for rb in _guarded_batches(pf, path, batch_size, cols):
@@ -1194,6 +1219,9 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
                 pattern = pc.and_(nonnull, pc.invert(pc.match_substring_regex(ids, f"^{ID_PATTERN}$")))
                 b.flag("id", pc.and_(pattern, pc.invert(dots)), f"id must match {ID_PATTERN} (ids name output files)",
                        "use only letters, digits, '.', '_' and '-', at most 128 characters", ids)
+                b.flag("id", pc.match_substring(ids, TMP_MARK),
+                       f"id must not contain {TMP_MARK!r} (ids name output files; storage reserves that mark for temporary files)",
+                       f"rename the row's id without {TMP_MARK!r}", ids)
                 id_hashes[base : base + n] = _hash_strings(ids)
                 id_valid[base : base + n] = nonnull.to_numpy(zero_copy_only=False)
             # seed
@@ -1206,16 +1234,9 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
                     too_big = (pc.greater_equal(seed, pa.scalar(MAX_SEED, pa.uint64()))
                                if pa.types.is_unsigned_integer(seed.type) else pc.less(seed, 0))
                     b.flag("seed", too_big, "0 <= seed < 2**63", "use a seed in 0..9223372036854775807")
-            # steps, width, height
-            _int_range(b, "steps", 1, lim.max_steps, f"1 <= steps <= {lim.max_steps:,} (limits.max_steps)",
-                       "use fewer steps, or raise the limit: --set limits.max_steps=N")
-            for key, mx in (("width", lim.max_width), ("height", lim.max_height)):
-                arr = b.cols.get(key)
-                if arr is not None and not pa.types.is_null(arr.type):
-                    b.flag(key, pc.not_equal(pc.bit_wise_and(arr, pa.scalar(7, arr.type)), pa.scalar(0, arr.type)),
-                           f"{key} must be a multiple of 8", f"round {key} to a multiple of 8 (e.g. 512)")
-                    _int_range(b, key, 64, mx, f"64 <= {key} <= {mx:,} (limits.max_{key})",
-                               f"use a smaller {key}, or raise the limit: --set limits.max_{key}=N")
+            # the range rules of the column table: steps, guidance_scale, width, height, strength, ...
+            for column in COLUMNS:
+                _check_range(b, column, lim)
             w = _np(b.cols["width"], d.width, np.float64) if b.cols.get("width") is not None and not pa.types.is_null(b.cols["width"].type) else np.full(n, float(d.width))
             h = _np(b.cols["height"], d.height, np.float64) if b.cols.get("height") is not None and not pa.types.is_null(b.cols["height"].type) else np.full(n, float(d.height))
             in_range = (w >= 64) & (w <= lim.max_width) & (h >= 64) & (h <= lim.max_height)
@@ -1234,12 +1255,6 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
             g = b.cols.get("guidance_scale")
             if g is not None and not pa.types.is_null(g.type):
                 gf = g.cast(pa.float64())
-                nonfinite = pc.or_(pc.is_nan(gf), pc.is_inf(gf))
-                b.flag("guidance_scale", nonfinite, "guidance_scale must be finite (no NaN or infinity)",
-                       "use a number such as 7.5, or null for the job default")
-                rng = pc.and_(pc.invert(nonfinite), pc.or_(pc.less(gf, 0), pc.greater(gf, lim.max_guidance)))
-                b.flag("guidance_scale", rng, f"0 <= guidance_scale <= {lim.max_guidance:g} (limits.max_guidance)",
-                       "use a guidance in range (typical: 3..12), or raise limits.max_guidance")
                 gvals = _np(gf, float(d.guidance_scale), np.float64)
                 cfg_c.add(gvals[np.isfinite(gvals) & (gvals >= 0) & (gvals <= lim.max_guidance)])
             else:
@@ -1283,8 +1298,6 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
                 given = pc.is_valid(sf).to_numpy(zero_copy_only=False)
                 b.flag("strength", given & ~has_init, "strength is only for img2img rows: it needs init_image in the same row",
                        "set init_image for this row, or leave strength null", st)
-                in_rng = pc.and_(pc.greater(sf, 0), pc.less_equal(sf, 1)).fill_null(True)
-                b.flag("strength", pc.invert(in_rng), "0 < strength <= 1", "use a strength such as 0.75", st)
             # img2img runs int(steps * strength) denoising steps; zero steps would make no image
             steps_v = np.full(n, float(d.steps)) if s is None or pa.types.is_null(s.type) else _np(s, d.steps, np.float64)
             strength_v = (np.full(n, float(d.strength)) if st is None or pa.types.is_null(st.type)
@@ -1296,6 +1309,11 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
                 b.bad[:] = True
             bad_rows += int(b.bad.sum())
             base += n
+        if base - file_start != pf.metadata.num_rows:
+            raise ManifestError(
+                f"{path}: its Parquet footer says {pf.metadata.num_rows:,} rows but its data holds {base - file_start:,}; "
+                "the file is corrupt or was cut short — write it again"
+            )
     # --- duplicate ids -------------------------------------------------------------------------
     dup_count = 0
     if has_ids and manifest.num_rows:
@@ -1321,7 +1339,8 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
         "passthrough_columns": {c: str(manifest_type) for c, manifest_type in passthrough_types(manifest).items()},
         "bad_rows": min(bad_rows, manifest.num_rows),
     }
-    return ValidationReport(num_rows=manifest.num_rows, issues=list(coll.kept), issue_count=coll.count, summary=summary)
+    return ValidationReport(num_rows=manifest.num_rows, issues=list(coll.kept), issue_count=coll.count, summary=summary,
+                            warnings=warnings)
 
 
 def passthrough_types(manifest: Manifest) -> dict[str, pa.DataType]:

@@ -29,28 +29,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from sdbatch.manifest import KNOWN_COLUMNS, MAX_SEED, default_row_id
+from sdbatch.columns import KNOWN_COLUMNS, arrow_types
+from sdbatch.errors import BadInput
+from sdbatch.manifest import MAX_SEED, default_row_id
 
 MAX_ROWS = 100_000_000  # a guard against typos such as --seeds 0-9999999999
 MAX_TEMPLATE_PROMPTS = 10_000_000
 _NAME_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.S)
 
-_COLUMN_TYPES: dict[str, pa.DataType] = {
-    "id": pa.string(),
-    "prompt": pa.string(),
-    "negative_prompt": pa.string(),
-    "seed": pa.int64(),
-    "steps": pa.int64(),
-    "guidance_scale": pa.float64(),
-    "width": pa.int64(),
-    "height": pa.int64(),
-    "scheduler": pa.string(),
-    "init_image": pa.string(),
-    "strength": pa.float64(),
-}
+_COLUMN_TYPES: dict[str, pa.DataType] = arrow_types()
 
 
-class ManifestBuildError(ValueError):
+class ManifestBuildError(BadInput, ValueError):
     """Bad input to ``sdbatch manifest``; the message says what to change."""
 
 
@@ -305,7 +295,7 @@ def _read_table_file(path: Path, mapping: Iterable[str]) -> pa.Table:
 
             parse = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",", newlines_in_values=True)
             # text columns stay text even when they look like numbers ("007", a prompt "1984")
-            text_cols = {sources.get(c, c): pa.string() for c in ("id", "prompt", "negative_prompt", "scheduler", "init_image")}
+            text_cols = {sources.get(c, c): pa.string() for c, t in _COLUMN_TYPES.items() if t == pa.string()}
             convert = pacsv.ConvertOptions(column_types=text_cols, strings_can_be_null=True)  # empty cell = null = job default
             table = pacsv.read_csv(path, parse_options=parse, convert_options=convert)
         elif suffix in (".jsonl", ".ndjson", ".json"):

@@ -1,8 +1,8 @@
 """The ``validate``, ``manifest`` and ``spec`` commands, as plain typer-annotated functions.
 
-``sdbatch.cli`` registers them (``app.command("validate")(manifest_cli.validate)``). Every
-bad input ends with a report on stderr and exit code 2 — never a traceback. Nothing here
-imports torch.
+``sdbatch.cli`` registers them through its error printer (``command("validate")(...)``), so a
+bad input raised here (an ``SdbatchError``) ends as ``error: …`` on stderr and exit code 2 —
+never a traceback. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -13,12 +13,7 @@ from typing import Optional
 
 import typer
 
-EXIT_BAD_INPUT = 2
-
-
-def _err(message: str) -> typer.Exit:
-    typer.echo(message, err=True)
-    return typer.Exit(EXIT_BAD_INPUT)
+from sdbatch.errors import EXIT_BAD_INPUT
 
 
 def validate(
@@ -27,30 +22,26 @@ def validate(
     set_: list[str] = typer.Option([], "--set", help="Override a spec key: --set defaults.steps=30 (repeatable)."),
     max_errors: Optional[int] = typer.Option(None, "--max-errors", help="Bad rows to list (default limits.max_errors_shown)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse columns named like a misspelled per-row column (widht, promt) instead of warning."),
 ) -> None:
     """Check a manifest against the contract (types, ranges, ids, seeds…) before anything runs.
 
     Exit code 0: valid. Exit code 2: the manifest or spec is invalid (report on stderr).
     """
-    from sdbatch.manifest import ManifestError, open_manifest, validate_manifest
-    from sdbatch.spec import SpecError, load_spec
+    from sdbatch.manifest import open_manifest, validate_manifest
+    from sdbatch.spec import load_spec
 
     overrides = {"limits.max_errors_shown": max_errors} if max_errors is not None else None
-    try:
-        job = load_spec(spec, set_, overrides)
-    except SpecError as exc:
-        raise _err(str(exc)) from None
-    try:
-        source = open_manifest(manifest)
-        report = validate_manifest(source, job)
-    except ManifestError as exc:
-        raise _err(f"invalid manifest: {exc}") from None
+    job = load_spec(spec, set_, overrides)
+    source = open_manifest(manifest)
+    report = validate_manifest(source, job, strict=strict)
     if json_out:
         payload = {
             "ok": report.ok,
             "num_rows": report.num_rows,
             "issue_count": report.issue_count,
             "issues": [vars(i) for i in report.issues],
+            "warnings": report.warnings,
             "summary": report.summary,
         }
         typer.echo(json.dumps(payload, indent=2, default=str))
@@ -90,36 +81,17 @@ def manifest(
 
     The written manifest is validated; exit code 2 when an input or the result is invalid.
     """
-    from sdbatch.manifest import ManifestError, open_manifest, validate_manifest
-    from sdbatch.manifest_builder import ManifestBuildError, build_manifest
-    from sdbatch.spec import SpecError, load_spec
+    from sdbatch.manifest import open_manifest, validate_manifest
+    from sdbatch.manifest_builder import build_manifest
+    from sdbatch.spec import load_spec
 
-    try:
-        job = load_spec(spec, set_)
-    except SpecError as exc:
-        raise _err(str(exc)) from None
-    try:
-        n = build_manifest(
-            out,
-            prompts_file=prompts,
-            table_file=from_,
-            mapping=map_,
-            templates=template,
-            seeds=seeds,
-            columns=column,
-            row_group_size=row_group_size,
-            overwrite=overwrite,
-            wildcards=wildcards,
-            sample=sample,
-            sample_seed=sample_seed,
-            grid=grid,
-        )
-    except ManifestBuildError as exc:
-        raise _err(f"cannot build manifest: {exc}") from None
-    try:
-        report = validate_manifest(open_manifest(str(out)), job)
-    except ManifestError as exc:
-        raise _err(f"the written manifest is unreadable: {exc}") from None
+    job = load_spec(spec, set_)
+    n = build_manifest(
+        out, prompts_file=prompts, table_file=from_, mapping=map_, templates=template, seeds=seeds,
+        columns=column, row_group_size=row_group_size, overwrite=overwrite, wildcards=wildcards, sample=sample,
+        sample_seed=sample_seed, grid=grid,
+    )
+    report = validate_manifest(open_manifest(str(out)), job)
     if not report.ok:
         typer.echo(report.render(), err=True)
         typer.echo(f"wrote {n:,} rows to {out}, but they do not validate (see above)", err=True)
@@ -134,15 +106,12 @@ def spec(
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set resources.batch_size=16 (repeatable)."),
 ) -> None:
     """Print the job spec schema (--schema), or check a spec and print it with every default filled in."""
-    from sdbatch.spec import SpecError, load_spec, spec_schema
+    from sdbatch.spec import load_spec, spec_schema
 
     if schema:
         typer.echo(json.dumps(spec_schema(), indent=2))
         return
-    try:
-        job = load_spec(spec_file, set_)
-    except SpecError as exc:
-        raise _err(str(exc)) from None
+    job = load_spec(spec_file, set_)
     import yaml
 
     typer.echo(f"# resolved job spec (fingerprint {fingerprint_of(job)})")

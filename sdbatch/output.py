@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -33,10 +34,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import sdbatch
+from sdbatch.columns import arrow_types
+from sdbatch.errors import BadInput, JobFailed
 from sdbatch.manifest import Manifest
 from sdbatch.quality import QUALITY_COLUMN_TYPES, mark_duplicates
 from sdbatch.spec import JobSpec, fingerprint
 from sdbatch.storage import NotFound, Storage
+
+log = logging.getLogger("sdbatch.output")
 
 JOB_KEY = "_sdbatch/job.json"
 LOCK_KEY = "_sdbatch/lock.json"
@@ -46,6 +51,7 @@ IMAGES_PREFIX = "images/"
 TARS_PREFIX = "shards/"
 INDEX_KEY = "index.parquet"
 SUCCESS_KEY = "_SUCCESS"
+REPORT_KEY = "report.html"
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
@@ -55,7 +61,7 @@ STATUS_FAILED = "failed"
 FINGERPRINT_META = b"sdbatch.job_fingerprint"
 
 
-class OutputMismatch(ValueError):
+class OutputMismatch(BadInput, ValueError):
     """OUT already holds a different job, or objects this job did not write."""
 
 
@@ -88,12 +94,10 @@ def foreign_object_error(key: str, stored_sha256: str, ours_sha256: str) -> str:
 
 
 def committed_shards(storage: Storage) -> set[str]:
-    """Names of committed shards, from a listing of metadata/ only."""
-    return {
-        key[len(METADATA_PREFIX) : -len(".parquet")]
-        for key in storage.list(METADATA_PREFIX)
-        if key.endswith(".parquet")
-    }
+    """Names of committed shards, from a listing of metadata/ only. Only ``NNNNN.parquet``
+    is a commit: another file there (a ``summary.parquet`` some tool left) is not a shard."""
+    names = (key[len(METADATA_PREFIX) : -len(".parquet")] for key in storage.list(METADATA_PREFIX) if key.endswith(".parquet"))
+    return {name for name in names if name.isdigit()}
 
 
 def build_webdataset_tar(members: list[tuple[str, bytes, bytes]], image_ext: str) -> bytes:
@@ -117,33 +121,68 @@ def table_to_parquet(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def records_to_parquet(records: list[dict[str, Any]], job_fingerprint: str) -> bytes:
-    """A shard index's bytes (records share one set of keys: ``worker.index_row``), stamped
-    with the fingerprint of the job that wrote it."""
-    table = pa.Table.from_pylist(records)
-    return table_to_parquet(table.replace_schema_metadata({FINGERPRINT_META: job_fingerprint.encode()}))
+def records_to_parquet(records: list[dict[str, Any]], schema: pa.Schema, job_fingerprint: str) -> bytes:
+    """A shard index's bytes, typed by ``schema`` (``index_schema``): a column that is null
+    throughout one shard (``strength`` in a text-to-image shard) still has its declared type;
+    stamped with the fingerprint of the job that wrote it."""
+    undeclared = sorted(set().union(*records) - set(schema.names))
+    if undeclared:  # a new index column must be declared in INDEX_COLUMN_TYPES, not dropped
+        raise ValueError(f"index rows carry columns the index schema does not declare: {', '.join(undeclared)}")
+    stamped = schema.with_metadata({FINGERPRINT_META: job_fingerprint.encode()})
+    return table_to_parquet(pa.Table.from_pylist(records, schema=stamped))
 
 
-def commit_shard(storage: Storage, shard_name: str, records: list[dict[str, Any]], job_fingerprint: str) -> bool:
-    """Write the shard index (create-once). Returns False if an earlier attempt of this job
-    had already committed this shard — its index stays, ours is dropped; ForeignCommit if the
-    commit there is not this job's."""
-    created = storage.put_new(metadata_key(shard_name), records_to_parquet(records, job_fingerprint)).created
-    if not created:
-        read_shard_index(storage, shard_name, job_fingerprint)
-    return created
+@dataclass(frozen=True)
+class Commit:
+    """A shard's committed index rows and the storage tag of the commit they were read from."""
+
+    records: list[dict[str, Any]]
+    tag: str
 
 
-def read_shard_index(storage: Storage, shard_name: str, job_fingerprint: str) -> pa.Table:
-    """A commit, only if it carries ``job_fingerprint`` (ForeignCommit otherwise)."""
-    key = metadata_key(shard_name)
+def read_commit(storage: Storage, shard_name: str, job_fingerprint: str) -> Commit:
+    """A commit and its tag, only if it carries ``job_fingerprint`` (ForeignCommit otherwise;
+    CorruptCommit if it is not readable Parquet)."""
+    data, tag = storage.get_tagged(metadata_key(shard_name))
+    return Commit(_own_commit(storage, shard_name, data, job_fingerprint).to_pylist(), tag)
+
+
+def commit_shard(
+    storage: Storage, shard_name: str, records: list[dict[str, Any]], schema: pa.Schema, job_fingerprint: str,
+    replacing: Commit | None = None,
+) -> bool:
+    """Write the shard index — the commit — typed by ``schema`` and stamped with
+    ``job_fingerprint``. A new shard's is create-once: False if an earlier attempt of this job
+    had already committed it (its index stays, ours is dropped; ForeignCommit if the commit
+    there is not this job's). ``replacing`` (--retry-failed) is the commit read before its
+    failed rows were regenerated: it is replaced by compare-and-swap, False if it changed
+    meanwhile (a concurrent attempt replaced it first; that one stays)."""
+    data = records_to_parquet(records, schema, job_fingerprint)
+    if replacing is None:
+        created = storage.put_new(metadata_key(shard_name), data).created
+        if not created:
+            read_shard_index(storage, shard_name, job_fingerprint)
+        return created
+    return storage.replace_if(metadata_key(shard_name), data, replacing.tag) is not None
+
+
+class CorruptCommit(JobFailed):
+    """A shard's commit that is not readable Parquet (truncated, overwritten by another tool)."""
+
+    def __init__(self, shard_name: str, cause: Exception):
+        super().__init__(f"{metadata_key(shard_name)} is not a readable shard index ({type(cause).__name__}: "
+                         f"{cause}): shard {shard_name} is treated as uncommitted")
+        self.shard_name = shard_name
+
+
+def _own_commit(storage: Storage, shard_name: str, data: bytes, job_fingerprint: str) -> pa.Table:
     try:
-        table = pq.read_table(io.BytesIO(storage.get(key)))
-    except pa.ArrowInvalid as exc:
-        raise ForeignCommit(f"{storage.url}/{key} is not a readable Parquet commit ({exc}); "
-                            "delete it and run the same command again to regenerate that shard") from None
-    found = (table.schema.metadata or {}).get(FINGERPRINT_META, b"").decode()
+        table = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise CorruptCommit(shard_name, exc) from None
+    found = _stamp(table)
     if found != job_fingerprint:
+        key = metadata_key(shard_name)
         raise ForeignCommit(
             f"{storage.url}/{key} was not written by this job (it carries fingerprint {found or 'none'!r}, "
             f"the job is {job_fingerprint}); sdbatch trusts only its own commits. Delete it (or choose another "
@@ -152,13 +191,17 @@ def read_shard_index(storage: Storage, shard_name: str, job_fingerprint: str) ->
     return table
 
 
+def read_shard_index(storage: Storage, shard_name: str, job_fingerprint: str) -> pa.Table:
+    """A commit, only if it carries ``job_fingerprint`` (ForeignCommit otherwise; CorruptCommit
+    if it is not readable Parquet)."""
+    return _own_commit(storage, shard_name, storage.get(metadata_key(shard_name)), job_fingerprint)
+
+
 #: The index's own columns and their types, in index order; passthrough columns follow with
 #: their manifest types. A shard index infers its types from its values, so a column that is
 #: null throughout one shard (``strength`` in a text-to-image shard) is typed here.
 INDEX_COLUMN_TYPES: dict[str, pa.DataType] = {
-    "id": pa.string(), "row": pa.int64(), "prompt": pa.string(), "negative_prompt": pa.string(),
-    "seed": pa.int64(), "steps": pa.int64(), "guidance_scale": pa.float64(), "width": pa.int64(),
-    "height": pa.int64(), "scheduler": pa.string(), "init_image": pa.string(), "strength": pa.float64(),
+    "id": pa.string(), "row": pa.int64(), **{name: t for name, t in arrow_types().items() if name != "id"},
     "shard": pa.string(), "batch_id": pa.string(), "batch_rows": pa.list_(pa.string()),
     "model_fingerprint": pa.string(), "device": pa.string(), "dtype": pa.string(), "torch_threads": pa.int64(),
     "versions": pa.string(), "init_image_sha256": pa.string(), "status": pa.string(), "error": pa.string(),
@@ -192,7 +235,16 @@ def _write_row_group(writer: pq.ParquetWriter, tables: list[pa.Table]) -> None:
 class IndexSummary:
     rows: int
     rows_failed: int
+    first_failed: list[dict[str, str]]  # {"id", "error"} of the first FAILED_ROWS_SHOWN failed rows
     duplicates: int = 0
+
+
+FAILED_ROWS_SHOWN = 10  # failed rows listed at the end of a job and by `sdbatch status`
+
+
+def failed_rows_text(failed_rows: list[dict[str, str]]) -> str:
+    """The listing of failed rows the console and ``sdbatch status`` show, one per line."""
+    return "\n".join(f"  {row['id']}: {row['error']}" for row in failed_rows)
 
 
 def merge_index(
@@ -206,6 +258,7 @@ def merge_index(
     names = sorted(committed_shards(storage), key=int)
     schema = index_schema(passthrough_types).with_metadata({FINGERPRINT_META: job_fingerprint.encode()})
     rows = failed = 0
+    first_failed: list[dict[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="sdbatch-index-") as tmp, ThreadPoolExecutor(MERGE_READ_AHEAD) as pool:
         path = Path(tmp) / INDEX_KEY
         with pq.ParquetWriter(path, schema, compression="zstd") as writer:
@@ -215,7 +268,9 @@ def merge_index(
                 for table in pool.map(read, names[start:start + MERGE_READ_AHEAD]):
                     group.append(_conform(table, schema))
                     rows += table.num_rows
-                    failed += pc.sum(pc.equal(table.column("status"), STATUS_FAILED)).as_py() or 0
+                    failures = table.filter(pc.equal(table.column("status"), STATUS_FAILED))
+                    failed += failures.num_rows
+                    first_failed += failures.select(["id", "error"]).slice(0, FAILED_ROWS_SHOWN - len(first_failed)).to_pylist()
                     if sum(t.num_rows for t in group) >= MERGE_ROW_GROUP_ROWS:
                         _write_row_group(writer, group)
                         group = []
@@ -224,7 +279,7 @@ def merge_index(
         marked = Path(tmp) / f"marked-{INDEX_KEY}"
         duplicates = mark_duplicates(path, marked, duplicate_max_distance)
         storage.put_file(INDEX_KEY, marked)
-    return IndexSummary(rows=rows, rows_failed=failed, duplicates=duplicates)
+    return IndexSummary(rows=rows, rows_failed=failed, first_failed=first_failed, duplicates=duplicates)
 
 
 def committed_index(storage: Storage, job_fingerprint: str) -> tuple[pa.Table, int]:
@@ -240,15 +295,47 @@ def read_index(storage: Storage, job_fingerprint: str) -> tuple[pa.Table, int | 
     """The final index if written and stamped with ``job_fingerprint`` (and None), else the
     merge of what is committed so far (not written) and how many commits that is."""
     try:
-        table = _stamped(storage.get(INDEX_KEY), job_fingerprint)
+        table = pq.read_table(io.BytesIO(storage.get(INDEX_KEY)))
     except NotFound:
-        table = None
-    return (table, None) if table is not None else committed_index(storage, job_fingerprint)
+        pass
+    except (pa.ArrowInvalid, OSError) as exc:  # a merge cut short: the commits still hold every row
+        log.warning("%s is not readable Parquet (%s: %s): reading the shard commits instead; rerun "
+                    "`sdbatch submit` to rewrite it", INDEX_KEY, type(exc).__name__, exc)
+    else:
+        if _stamp(table) == job_fingerprint:
+            return table, None
+        log.warning("%s does not carry this job's fingerprint: reading the shard commits instead", INDEX_KEY)
+    return committed_index(storage, job_fingerprint)
+
+
+class CorruptState(BadInput):
+    """One of OUT's job-state files is not the JSON sdbatch wrote (truncated, edited, another tool's)."""
+
+
+#: How to recover from each job-state file being unreadable.
+_RECOVERY = {
+    JOB_KEY: "it records which job OUT holds: restore it, or start over with `sdbatch submit … --new-run`",
+    LOCK_KEY: "it is the driver's lease: once no driver is running, remove it with `sdbatch unlock OUT --force`",
+    PROGRESS_KEY: "it is only a progress snapshot: delete it, the next run rewrites it",
+    SUCCESS_KEY: "it is the finished job's summary: delete it and rerun the same command to rewrite it",
+}
+
+
+def parse_json(storage: Storage, key: str, data: bytes) -> dict[str, Any]:
+    """A job-state document's content, or CorruptState naming the file and the recovery."""
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:
+        doc = exc
+    if not isinstance(doc, dict):
+        raise CorruptState(f"{storage.url}/{key} is corrupt (not a JSON object: {str(doc)[:80]}); "
+                           f"{_RECOVERY.get(key, 'delete it')}")
+    return doc
 
 
 def read_json(storage: Storage, key: str) -> dict[str, Any] | None:
     try:
-        return json.loads(storage.get(key))
+        return parse_json(storage, key, storage.get(key))
     except NotFound:
         return None
 
@@ -284,16 +371,23 @@ CLEAR_KEY = "_sdbatch/clear.json"
 #: The order of deletion: commits first and job.json last, so an interrupted clear leaves a
 #: state of the old job that still resumes (job.json names it; its uncommitted shards are
 #: simply redone), and a new job is claimed only once no image of the old one is left.
-_DELETE_ORDER = (METADATA_PREFIX, INDEX_KEY, SUCCESS_KEY, IMAGES_PREFIX, TARS_PREFIX, PROGRESS_KEY, JOB_KEY)
+_DELETE_ORDER = (
+    METADATA_PREFIX, INDEX_KEY, SUCCESS_KEY, REPORT_KEY, IMAGES_PREFIX, TARS_PREFIX, PROGRESS_KEY, JOB_KEY,
+)
 
 
 def _stamped(data: bytes, job_fingerprint: str) -> pa.Table | None:
     """The Parquet table in ``data`` if it carries ``job_fingerprint``, else None."""
     try:
         table = pq.read_table(io.BytesIO(data))
-    except pa.ArrowInvalid:
+    except (pa.ArrowInvalid, OSError):
         return None
-    return table if (table.schema.metadata or {}).get(FINGERPRINT_META) == job_fingerprint.encode() else None
+    return table if _stamp(table) == job_fingerprint else None
+
+
+def _stamp(table: pa.Table) -> str:
+    """The job fingerprint a commit or index carries ('' for none)."""
+    return (table.schema.metadata or {}).get(FINGERPRINT_META, b"").decode()
 
 
 def _objects_named(table: pa.Table) -> set[str]:
@@ -306,7 +400,7 @@ def _objects_named(table: pa.Table) -> set[str]:
 def _old_job_objects(storage: Storage, job_fingerprint: str) -> set[str]:
     """Every object the job with ``job_fingerprint`` owns: its commits, what they and its index
     name, its index and ``_SUCCESS``; its state files under ``_sdbatch/``."""
-    owned = {JOB_KEY, PROGRESS_KEY}
+    owned = {JOB_KEY, PROGRESS_KEY, REPORT_KEY}  # and the report it writes at the end of every run
     for key in storage.list(METADATA_PREFIX):
         table = _stamped(storage.get(key), job_fingerprint)
         if table is not None:

@@ -3,9 +3,10 @@
 ``Schedule`` holds the queue of work (a shard, or the failed rows of a committed shard, with
 its attempt number) and decides, from plain facts the Ray driver reports to it:
 
-- a shard task that failed, or the shard a worker was running when it died or hung, is charged
-  one attempt and goes back to the front of the queue, until ``max_attempts`` — then the
-  shard is failed for this run;
+- a shard task that failed transiently, or the shard a worker was running when it died or
+  hung, is charged one attempt and goes back to the front of the queue, until
+  ``max_attempts`` — then the shard is failed for this run; a deterministic error fails it at
+  once (``give_up``): another attempt would fail the same way;
 - shards queued behind on a worker that is lost go back uncharged: they never started;
 - at the deadline no more work is handed out: the queue is left for a rerun, and a shard a
   worker returns ``deferred`` (it reached the worker after the deadline) is counted with it;
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,58 @@ class Work:
         return Work(self.shard, self.attempt + charged, self.retry_ids)
 
 
+class WorkQueue:
+    """The work still to hand out: work that came back (or was given first) in a deque, then
+    the plan's pending shards, read from their compact sequence (``plan.PendingShards``) in
+    order and made into ``Work`` only when handed out — the driver holds no object per shard
+    it has not dispatched yet."""
+
+    def __init__(self, work: Iterable[Work] = (), shards: Sequence[ShardSpec] = ()):
+        self.front: deque[Work] = deque(work)
+        self.shards = shards
+        self.next_shard = 0  # position in ``shards`` of the first not handed out
+
+    def __len__(self) -> int:
+        return len(self.front) + len(self.shards) - self.next_shard
+
+    def __iter__(self) -> Iterator[Work]:
+        yield from self.front
+        for position in range(self.next_shard, len(self.shards)):
+            yield Work(self.shards[position])
+
+    def popleft(self) -> Work:
+        if self.front:
+            return self.front.popleft()
+        if self.next_shard >= len(self.shards):
+            raise IndexError("the work queue is empty")
+        self.next_shard += 1
+        return Work(self.shards[self.next_shard - 1])
+
+    def appendleft(self, work: Work) -> None:
+        self.front.appendleft(work)
+
+    def clear(self) -> None:
+        self.front.clear()
+        self.next_shard = len(self.shards)
+
+
+def workers_to_start(workers: int, units: int, *, rows: int, rows_per_shard: int, fresh_job: bool) -> tuple[int, str | None]:
+    """Start no more workers than there are units of work, and say why when that is fewer
+    than asked for. Shards are never sized by the worker count (they are a function of the
+    manifest and the spec, so a resume with any number of workers finds the same shards);
+    for a job not yet started the notice names the ``--rows-per-shard`` that would give every
+    worker a shard."""
+    if units >= workers:
+        return workers, None
+    notice = (f"{units} {'shard' if units == 1 else 'shards'} to generate for {workers} workers: starting {units}; "
+              f"shards hold {rows_per_shard} rows each whatever the number of workers, so that a resume with "
+              "another worker count finds the same shards")
+    if fresh_job:
+        notice += (f". To spread these {rows} rows over {workers} workers, start the job with --rows-per-shard "
+                   f"{max(1, -(-rows // workers))} (choose it before the first run: it is part of the job)")
+    return units, notice
+
+
 @dataclass(frozen=True)
 class Verdict:
     state: str  # FINISHED, STOPPED or INCOMPLETE
@@ -75,15 +128,17 @@ class Verdict:
 
 class Schedule:
     def __init__(
-        self, work: Iterable[Work], *, max_attempts: int, deadline: float | None = None,
-        hang_timeout_s: float | None = None, shards_committed: int = 0,
+        self, work: Iterable[Work] = (), *, shards: Sequence[ShardSpec] = (), max_attempts: int,
+        deadline: float | None = None, hang_timeout_s: float | None = None, shards_committed: int = 0,
     ):
-        self.queue: deque[Work] = deque(work)
+        """``work`` goes out first (the --retry-failed rows), then ``shards`` in order."""
+        self.queue = WorkQueue(work, shards)
         self.max_attempts = max_attempts
         self.deadline = deadline  # epoch seconds: no work is handed out at or after it
         self.hang_timeout_s = hang_timeout_s  # None: derived from the batch times measured
         self.deadline_passed = False
         self.failed_shards: list[str] = []
+        self.errors: dict[str, str] = {}  # failed shard -> its last error
         self.shards_left = 0  # not started because of the deadline; a rerun does them
         self.shards_committed = shards_committed
         self.rows_ok = self.rows_failed = 0
@@ -105,6 +160,11 @@ class Schedule:
         self.stop_at_deadline(now)
         return self.queue.popleft() if self.queue else None
 
+    def may_read_ahead(self, idle_workers: int) -> bool:
+        """Whether a busy worker may take a shard to read ahead: only while the queue holds
+        more than one unit for each worker that has nothing (a short queue goes to them)."""
+        return len(self.queue) > idle_workers
+
     # -- what came back --------------------------------------------------------------------
     def completed(self, work: Work, result: ShardResult) -> None:
         if result.deferred:  # reached its worker after the deadline: nothing was written
@@ -125,16 +185,22 @@ class Schedule:
         """Charge ``work`` one attempt: requeue it at the front, or fail its shard for this run."""
         if work.attempt >= self.max_attempts:
             log.error("shard %s failed on all %d attempts; last error: %s", work.shard.name, work.attempt, error)
-            self.failed_shards.append(work.shard.name)
+            self.give_up(work, error)
         else:
             self.queue.appendleft(work.again(charged=True))
 
-    def worker_lost(self, inflight: list[Work], error: str) -> None:
+    def give_up(self, work: Work, error: str) -> None:
+        """Fail ``work``'s shard for this run (a rerun tries it again)."""
+        self.failed_shards.append(work.shard.name)
+        self.errors[work.shard.name] = error
+
+    def worker_lost(self, inflight: list[Work], error: str, charge_head: bool = True) -> None:
         """A worker died or was replaced with ``inflight`` handed to it, the first running:
-        that one is charged, the ones queued behind it go back uncharged."""
-        for work in reversed(inflight[1:]):
+        that one is charged (unless ``charge_head`` is False: its failure was charged already
+        and it is not in ``inflight``), the ones queued behind it go back uncharged."""
+        for work in reversed(inflight[1:] if charge_head else inflight):
             self.queue.appendleft(work.again(charged=False))
-        if inflight:
+        if charge_head and inflight:
             self.attempt_failed(inflight[0], error)
 
     # -- the watchdog ----------------------------------------------------------------------
@@ -153,6 +219,8 @@ class Schedule:
             return Verdict(STOPPED, f"stopped at the deadline with {self.shards_left} shards left; "
                                     "run the same command again to resume")
         if self.failed_shards:
-            return Verdict(INCOMPLETE, f"shards {', '.join(sorted(self.failed_shards))} failed on every attempt "
-                                       "(see the log for their last error); run the same command again to retry them")
+            errors = "; ".join(f"{name}: {self.errors[name]}" for name in sorted(self.failed_shards)[:5])
+            return Verdict(INCOMPLETE, f"shards {', '.join(sorted(self.failed_shards))} failed on every attempt they "
+                                       f"were given (a deterministic error gets one) — {errors}; run the same command "
+                                       "again to retry them")
         return Verdict(FINISHED, "")

@@ -1,5 +1,7 @@
-"""Progress: the driver's live view (a rich bar on a terminal, log lines otherwise) and the
-``_sdbatch/progress.json`` snapshot that ``sdbatch status`` reads from any machine."""
+"""Progress: the driver's live view (a rich bar on a terminal, log lines otherwise), the
+``_sdbatch/progress.json`` snapshot that ``sdbatch status`` reads from any machine (with
+per-worker rates and a bounded history of rows done over time, kept across resumes, that
+``report.html`` charts), and the job-level Prometheus gauges (``sdbatch.metrics``)."""
 
 from __future__ import annotations
 
@@ -12,14 +14,35 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from sdbatch.output import PROGRESS_KEY, write_json
+from sdbatch import metrics
+from sdbatch.output import PROGRESS_KEY, read_json, write_json
 from sdbatch.storage import Storage, StorageError
 
 log = logging.getLogger("sdbatch.progress")
 
+MAX_HISTORY = 720  # samples kept in progress.json; older ones are thinned out to stay under it
+
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def local_time(epoch: float) -> str:
+    """An epoch time as a reader wants it: local clock time with its zone."""
+    return datetime.fromtimestamp(epoch).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def eta_text(seconds: float | None) -> str:
+    """``ETA 4m 05s``; ``ETA unknown`` before the first image gives a rate."""
+    if seconds is None:
+        return "ETA unknown"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"ETA {hours}h {minutes:02d}m" if hours else f"ETA {minutes}m {secs:02d}s" if minutes else f"ETA {secs}s"
 
 
 class ProgressFeed:
@@ -47,6 +70,8 @@ class ProgressFeed:
         self.failed = 0
         self.shards_failed = 0
         self.workers = 0
+        self.per_worker: dict[str, list[float]] = {}
+        self.history = self._previous_history()
         self.state = "running"
         self.started_at = utc_now()
         self._t0 = time.monotonic()
@@ -71,6 +96,15 @@ class ProgressFeed:
             self._task = self._bar.add_task("rows", total=total_rows, completed=rows_already_done, failed=0, rate=0.0)
             self._bar.start()
 
+    def _previous_history(self) -> list[list[float]]:
+        """The samples of earlier runs of this job, so the chart covers every run."""
+        try:
+            previous = read_json(self.storage, PROGRESS_KEY) or {}
+        except StorageError as exc:
+            log.warning("could not read the previous progress.json: %s", exc)
+            return []
+        return list(previous.get("history") or [])
+
     @property
     def rate(self) -> float:
         elapsed = time.monotonic() - self._t0
@@ -93,14 +127,25 @@ class ProgressFeed:
             "shards_committed": self.shards_committed,
             "shards_failed": self.shards_failed,
             "workers": self.workers,
+            "per_worker": {
+                name: {"rows_done": int(done), "rows_failed": int(failed),
+                       "images_per_second": round(done / (last - first), 3) if last > first else None}
+                for name, (done, failed, first, last) in sorted(self.per_worker.items())
+            },
+            "history": self.history,
             "started_at": self.started_at,
             "updated_at": utc_now(),
         }
 
-    def update(self, done: int, failed: int, *, shards_committed: int, shards_failed: int, workers: int) -> None:
-        """Set this run's cumulative counts (rows generated/failed, including in-flight shards)."""
+    def update(self, done: int, failed: int, *, shards_committed: int, shards_failed: int, workers: int,
+               per_worker: dict[str, list[float]] | None = None) -> None:
+        """Set this run's cumulative counts (rows generated/failed, including in-flight shards;
+        ``per_worker``: worker -> [rows done, rows failed, first report, last report])."""
         self.done, self.failed = done, failed
         self.shards_committed, self.shards_failed, self.workers = shards_committed, shards_failed, workers
+        if per_worker is not None:
+            self.per_worker = per_worker
+        metrics.job_progress(self.snapshot())
         now = time.monotonic()
         if self._bar is not None:
             self._bar.update(self._task, completed=self.base_done + done + failed, failed=failed, rate=self.rate)
@@ -108,14 +153,18 @@ class ProgressFeed:
             self._last_log = now
             snap = self.snapshot()
             log.info(
-                "%d/%d rows done, %d failed, %.2f img/s, ETA %s s",
-                snap["rows_done"], self.total, failed, snap["images_per_second"], snap["eta_seconds"],
+                "%d/%d rows done, %d failed, %.2f img/s, %s",
+                snap["rows_done"], self.total, failed, snap["images_per_second"], eta_text(snap["eta_seconds"]),
             )
         if now - self._last_write >= self.write_every:
             self.write()
 
     def write(self) -> None:
         self._last_write = time.monotonic()
+        self.history.append([round(time.time(), 1), self.base_done + self.done, self.failed])
+        if len(self.history) > MAX_HISTORY:  # thin the older half, keep the recent samples dense
+            half = len(self.history) // 2
+            self.history[:half] = self.history[:half:2]
         try:
             write_json(self.storage, PROGRESS_KEY, self.snapshot())
         except StorageError as exc:

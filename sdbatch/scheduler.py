@@ -14,45 +14,48 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import signal
+import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import sdbatch
+from sdbatch import metrics
+from sdbatch.errors import EXIT_OK, EXIT_ROWS_FAILED, EXIT_SHARDS_FAILED, EXIT_STOPPED, BadInput, JobFailed
 from sdbatch.lock import JobLock
 from sdbatch.manifest import Manifest, iter_batch_keys, passthrough_types
 from sdbatch.output import (
     SUCCESS_KEY,
     STATUS_FAILED,
+    CorruptCommit,
     claim_job,
     clear_job,
     committed_shards,
+    failed_rows_text,
     merge_index,
+    metadata_key,
     read_json,
     read_shard_index,
     write_json,
 )
 from sdbatch.plan import Plan, key_codes, make_plan
-from sdbatch.policy import FINISHED, STOPPED, Schedule, ShardResult, Work
-from sdbatch.progress import ProgressFeed, utc_now
+from sdbatch.policy import FINISHED, STOPPED, Schedule, ShardResult, Work, workers_to_start
+from sdbatch.progress import ProgressFeed, plural, utc_now
 from sdbatch.spec import JobSpec
 from sdbatch.storage import Storage
-from sdbatch.worker import WorkerActor
+from sdbatch.worker import PipelineError, WorkerActor, describe, is_transient
 
 log = logging.getLogger("sdbatch.scheduler")
 
 PREFETCH_DEPTH = 2  # shards handed to one actor at a time: the running one and the next
 MAX_START_FAILURES = 5
-
-# exit codes, documented in the README and `sdbatch submit --help`
-EXIT_OK = 0
-EXIT_ROWS_FAILED = 3  # finished; some rows failed permanently (rerun with --retry-failed)
-EXIT_STOPPED = 4  # stopped at --deadline; rerun to resume
-EXIT_SHARDS_FAILED = 5  # some shards failed on every attempt; rerun to retry them
 
 
 @ray.remote(num_cpus=0)
@@ -62,9 +65,14 @@ class ProgressTracker:
     def __init__(self) -> None:
         self.shards: dict[str, list[Any]] = {}  # shard -> [done, failed, last report time, worker]
         self.slowest_batch = 0.0  # the longest gap between two reports of one shard, seconds
+        self.workers: dict[str, list[float]] = {}  # worker -> [rows done, rows failed, first report, last report]
 
     def report(self, worker: str, shard_name: str, done: int, failed: int) -> None:
         now = time.time()
+        tally = self.workers.setdefault(worker, [0, 0, now, now])
+        tally[0] += done
+        tally[1] += failed
+        tally[3] = now
         entry = self.shards.setdefault(shard_name, [0, 0, now, worker])
         if entry[3] != worker:  # a new attempt on another worker starts from zero
             entry[:] = [0, 0, now, worker]
@@ -77,8 +85,8 @@ class ProgressTracker:
     def forget(self, shard_name: str) -> None:
         self.shards.pop(shard_name, None)
 
-    def snapshot(self) -> tuple[dict[str, list[Any]], float]:
-        return self.shards, self.slowest_batch
+    def snapshot(self) -> tuple[dict[str, list[Any]], float, dict[str, list[float]]]:
+        return self.shards, self.slowest_batch, self.workers
 
 
 def job_plan(manifest: Manifest, spec: JobSpec) -> Plan:
@@ -94,13 +102,41 @@ def connect_ray(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    _init_ray(address)
+    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)  # ray.init replaced the caller's (the CLI's) with sys.exit
+
+
+def _init_ray(address: str | None) -> None:
     if address:
+        log.info("connecting to the Ray cluster at %s …", address)
+        check_reachable(address)
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     else:  # loopback only: see sdbatch.cli.local_ray_environment, which ran before ray was imported
+        log.info("starting a local Ray cluster …")
         ray.init(
             include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
             _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
         )
+    # Ray's core worker installs its own SIGTERM handler (it dumps a stack and exits 1): make
+    # SIGTERM an interruption again, so the driver releases its lock and exits 130 as on Ctrl-C
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail within seconds on an ``--address`` nothing listens at (``ray.init`` would retry for
+    minutes). ``auto`` and addresses without a port are left to Ray."""
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)/?", address.strip())
+    if not match:
+        return
+    host, port = match[1], int(match[2])
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise BadInput(f"--address {address!r}: cannot reach a Ray cluster there ({type(exc).__name__}: {exc}); "
+                       "fix: check the head node's address and port (`ray status` on it), or leave --address "
+                       "and RAY_ADDRESS unset to start a local cluster") from None
 
 
 def fit_workers(spec: JobSpec) -> int:
@@ -112,9 +148,12 @@ def fit_workers(spec: JobSpec) -> int:
     if spec.resources.gpus_per_worker > 0:
         fit = min(fit, int(res.get("GPU", 0) // spec.resources.gpus_per_worker))
     if fit < 1:
-        raise RuntimeError(
-            f"the Ray cluster ({res.get('CPU', 0)} CPUs, {res.get('GPU', 0)} GPUs) cannot place one worker "
-            f"needing {spec.resources.cpus_per_worker} CPUs and {spec.resources.gpus_per_worker} GPUs"
+        need = {"CPU": spec.resources.cpus_per_worker, "GPU": spec.resources.gpus_per_worker}
+        missing = [f"{name} (a worker needs {amount:g}, the cluster has {res.get(name, 0):g})"
+                   for name, amount in need.items() if amount > res.get(name, 0)]
+        raise BadInput(
+            f"the Ray cluster cannot place one worker: not enough {' nor '.join(missing)}; fix: lower "
+            "--gpus-per-worker / resources.cpus_per_worker, or add nodes with those resources"
         )
     if fit < wanted:
         log.warning("the cluster fits %d of the %d workers asked for; using %d", fit, wanted, fit)
@@ -134,7 +173,7 @@ class JobOutcome:
     batch_fill: float  # the plan's mean rows per batch ÷ batch size
 
 
-class WorkerStartError(RuntimeError):
+class WorkerStartError(BadInput, RuntimeError):
     """Workers cannot start (e.g. the model fails to load on them), or loaded another model."""
 
 
@@ -170,9 +209,11 @@ class Driver:
         deadline: float | None = None,
         interactive: bool | None = None,
         retry_failed: bool = False,
+        repair: bool = False,
         lock: JobLock | None = None,
     ):
         self.retry_failed = retry_failed
+        self.repair = repair
         self.lock = lock
         self.address = address
         self.spec = spec
@@ -192,19 +233,20 @@ class Driver:
         self.plan = plan = job_plan(self.manifest, self.spec)
         log.info("planned %d shards, %d batches (mean %.1f rows per batch of %d)", plan.num_shards,
                  plan.num_batches, plan.batch_fill * plan.batch_size, plan.batch_size)
-        work = [Work(s) for s in plan.pending(committed)]
-        if self.retry_failed:
-            work.extend(self._failed_rows_work(committed))
+        pending = plan.pending(committed)
+        retried = self._rows_work(committed) if self.retry_failed or self.repair else []
         skipped = len(committed)
-        if not work:
+        if not pending and not retried:
             return self._finish(started, skipped, 0, 0, "nothing to generate: every shard is already committed")
         self.schedule = schedule = Schedule(
-            work, max_attempts=self.spec.retries.shard_attempts, deadline=self.deadline,
+            retried, shards=pending, max_attempts=self.spec.retries.shard_attempts, deadline=self.deadline,
             hang_timeout_s=self.spec.retries.hang_timeout_s, shards_committed=skipped,
         )
         connect_ray(self.address)
-        log.info("%d shards to generate, %d already committed", len(work), skipped)
-        done_before = sum(plan.shard(int(n)).num_rows for n in committed if int(n) < plan.num_shards)
+        metrics.start(self.storage.url)
+        log.info("%s to generate, %d already committed", plural(len(schedule.queue), "shard"), skipped)
+        done_before = total_rows - pending.num_rows
+        done_before -= sum(len(w.retry_ids) for w in retried if w.retry_ids)  # counted again once regenerated ("9/8 done")
         progress = ProgressFeed(
             self.storage, total_rows=total_rows, rows_already_done=done_before,
             shards_total=plan.num_shards, shards_committed=skipped, interactive=self.interactive,
@@ -213,7 +255,12 @@ class Driver:
         self.tracker = ProgressTracker.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         ).remote()
-        pool = [self._new_actor() for _ in range(fit_workers(self.spec))]
+        workers, notice = workers_to_start(fit_workers(self.spec), len(schedule.queue), rows=total_rows,
+                                           rows_per_shard=plan.rows_per_shard, fresh_job=not committed)
+        if notice:
+            log.warning("%s", notice)
+        pool = [self._new_actor() for _ in range(workers)]
+        log.info("loading the model on %s …", plural(len(pool), "worker"))
         try:
             while schedule.queue or any(a.inflight for a in pool):
                 if self.lock is not None:
@@ -221,11 +268,12 @@ class Driver:
                 pool = self._start_ready(pool)
                 self._dispatch(pool)
                 pool = self._collect(pool)
-                live, slowest_batch = ray.get(self.tracker.snapshot.remote())
+                live, slowest_batch, per_worker = ray.get(self.tracker.snapshot.remote())
                 pool = self._watchdog(pool, live, slowest_batch)
                 progress.update(
                     schedule.rows_ok + sum(e[0] for e in live.values()), schedule.rows_failed + sum(e[1] for e in live.values()),
                     shards_committed=schedule.shards_committed, shards_failed=len(schedule.failed_shards), workers=len(pool),
+                    per_worker=per_worker,
                 )
         except BaseException as exc:  # progress.json must not go on saying "running"
             progress.close("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
@@ -282,17 +330,23 @@ class Driver:
 
     def _dispatch(self, pool: list[_Actor]) -> None:
         """Keep every ready actor fed with PREFETCH_DEPTH shards: only the range travels; a shard
-        queued behind a running one is announced (``prefetch``) so the actor reads it meanwhile."""
+        queued behind a running one is announced (``prefetch``) so the actor reads it meanwhile.
+        Every ready actor gets its first shard before any gets a second, and none while that
+        second is the last one an idle actor could have."""
         self.schedule.stop_at_deadline(time.time())
-        for actor in pool:
-            while actor.is_ready and len(actor.inflight) < PREFETCH_DEPTH:
-                work = self.schedule.next(time.time())
-                if work is None:
-                    return
-                if actor.inflight:
-                    actor.handle.prefetch.remote(work.shard, work.retry_ids)
-                work.future = actor.handle.run_shard.remote(work.shard, work.attempt, work.retry_ids, not_after=self.deadline)
-                actor.inflight.append(work)
+        for depth in range(1, PREFETCH_DEPTH + 1):  # a shard for every ready actor before any reads ahead
+            idle = sum(not a.inflight for a in pool)  # actors with nothing yet, ready or still loading
+            for actor in pool:
+                while actor.is_ready and len(actor.inflight) < depth:
+                    if actor.inflight and not self.schedule.may_read_ahead(idle):
+                        return
+                    work = self.schedule.next(time.time())
+                    if work is None:
+                        return
+                    if actor.inflight:
+                        actor.handle.prefetch.remote(work.shard, work.retry_ids)
+                    work.future = actor.handle.run_shard.remote(work.shard, work.attempt, work.retry_ids, not_after=self.deadline)
+                    actor.inflight.append(work)
 
     def _collect(self, pool: list[_Actor]) -> list[_Actor]:
         """Hand every call that returned to the schedule; replace actors that died."""
@@ -312,12 +366,28 @@ class Driver:
                     actor = self._replace(actor, _short(exc))
                     break
                 except RayTaskError as exc:
-                    log.warning("shard %s failed (attempt %d): %s", work.shard.name, work.attempt, _short(exc))
+                    cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
+                    error = describe(cause)
+                    log.warning("shard %s failed (attempt %d): %s", work.shard.name, work.attempt, error)
+                    self._forget(actor, work)
+                    if isinstance(cause, PipelineError):  # retried once, on a fresh worker
+                        self.schedule.attempt_failed(work, error)
+                        actor = self._replace(actor, error, charge_head=False)
+                        break
+                    if is_transient(cause):
+                        self.schedule.attempt_failed(work, error)
+                    else:  # deterministic: another attempt would fail the same way
+                        self.schedule.give_up(work, error)
+                    continue
+                except RayError as exc:  # Ray lost the task (e.g. its memory monitor killed it): transient
+                    log.warning("shard %s lost (attempt %d): %s", work.shard.name, work.attempt, _short(exc))
                     self._forget(actor, work)
                     self.schedule.attempt_failed(work, _short(exc))
                     continue
                 self._forget(actor, work)
                 self.schedule.completed(work, result)
+                if result.committed and not result.deferred:
+                    metrics.shard_finished(result.wall_seconds)
             fresh.append(actor)
         return fresh
 
@@ -325,12 +395,13 @@ class Driver:
         actor.inflight.remove(work)
         self.tracker.forget.remote(work.shard.name)
 
-    def _replace(self, actor: _Actor, error: str) -> _Actor:
+    def _replace(self, actor: _Actor, error: str, charge_head: bool = True) -> _Actor:
         """Kill ``actor``, tell the schedule what was handed to it, and start a fresh actor."""
         for work in actor.inflight:
             self.tracker.forget.remote(work.shard.name)
-        self.schedule.worker_lost(actor.inflight, error)
+        self.schedule.worker_lost(actor.inflight, error, charge_head)
         ray.kill(actor.handle)
+        metrics.worker_restarted()
         return self._new_actor()
 
     def _watchdog(self, pool: list[_Actor], live: dict, slowest_batch: float) -> list[_Actor]:
@@ -347,18 +418,41 @@ class Driver:
             fresh.append(self._replace(actor, f"no progress for {self.schedule.hang_timeout(slowest_batch):.0f} s"))
         return fresh
 
-    def _failed_rows_work(self, committed: set[str]) -> list[Work]:
-        """--retry-failed: one unit of work per committed shard that holds failed rows."""
-        work = []
-        for name in sorted(committed, key=int):
-            table = read_shard_index(self.storage, name, self.job["fingerprint"])
-            failed = [i for i, s in zip(table.column("id").to_pylist(), table.column("status").to_pylist()) if s == STATUS_FAILED]
-            if failed:
-                work.append(Work(self.plan.shard(int(name)), retry_ids=frozenset(failed)))
-        if work:  # the job is no longer finished until the retried rows are committed
-            log.info("retrying the failed rows of %d shards", len(work))
+    def _rows_work(self, committed: set[str]) -> list[Work]:
+        """--retry-failed and --repair: one unit of work per committed shard holding rows to
+        regenerate — failed rows, and rows whose stored image ``sdbatch verify`` flags as
+        missing or not matching its recorded sha256 (the bad object is deleted first: its key
+        is named by this job's own index, and create-once would not overwrite it)."""
+        ids: dict[str, set[str]] = {}
+        if self.retry_failed:
+            for name in committed:
+                table = read_shard_index(self.storage, name, self.job["fingerprint"])
+                failed = {i for i, s in zip(table.column("id").to_pylist(), table.column("status").to_pylist()) if s == STATUS_FAILED}
+                if failed:
+                    ids.setdefault(name, set()).update(failed)
+        if self.repair:
+            ids = self._flagged_rows(ids)
+        work = [Work(self.plan.shard(int(name)), retry_ids=frozenset(rows))
+                for name, rows in sorted(ids.items(), key=lambda item: int(item[0]))]
+        if work:  # the job is no longer finished until the regenerated rows are committed
+            log.info("regenerating %s of %s", plural(sum(len(w.retry_ids or ()) for w in work), "row"), plural(len(work), "shard"))
             self.storage.delete(SUCCESS_KEY)
         return work
+
+    def _flagged_rows(self, ids: dict[str, set[str]]) -> dict[str, set[str]]:
+        from sdbatch.audit import open_job, verify
+
+        if self.spec.output.format == "webdataset":
+            raise BadInput("--repair regenerates single image files; with --format webdataset a shard's images "
+                           "share one tar: rerun the job with --new-run instead")
+        report = verify(self.storage)
+        shard_of = {e["id"]: e["shard"] for e in open_job(self.storage).index}
+        for row_id, key, *_ in report.mismatched:
+            self.storage.delete(key)
+        for row_id, key, *_ in report.missing + report.mismatched:
+            ids.setdefault(shard_of[row_id], set()).add(row_id)
+        log.info("--repair: %d images missing, %d not matching their recorded sha256", len(report.missing), len(report.mismatched))
+        return ids
 
     def _finish(self, started: float, skipped: int, rows_ok: int, rows_failed: int, message: str) -> JobOutcome:
         """Merge the index and write ``_SUCCESS`` (every shard is committed by now)."""
@@ -369,8 +463,12 @@ class Driver:
                               self.plan.batch_fill)
         if self.lock is not None:
             self.lock.check()
-        index = merge_index(self.storage, passthrough_types(self.manifest), self.job["fingerprint"],
-                            self.spec.scoring.duplicate_max_distance)
+        try:
+            index = merge_index(self.storage, passthrough_types(self.manifest), self.job["fingerprint"],
+                                self.spec.scoring.duplicate_max_distance)
+        except CorruptCommit as exc:  # not a commit after all: the next run regenerates the shard
+            self.storage.delete(metadata_key(exc.shard_name))
+            raise JobFailed(f"{exc}: removed it, so the next run generates that shard again") from None
         total = self.manifest.num_rows
         failed_total = index.rows_failed
         wall = time.monotonic() - started
@@ -384,6 +482,7 @@ class Driver:
             "shards_skipped": skipped,
             "wall_seconds_this_run": round(wall, 2),
             "images_per_second_this_run": round(rows_ok / wall, 3) if wall > 0 else None,
+            "failed_rows": index.first_failed,
             "batches": self.plan.num_batches,
             "batch_size": self.plan.batch_size,
             "batch_fill": round(self.plan.batch_fill, 4),
@@ -394,7 +493,8 @@ class Driver:
         write_json(self.storage, SUCCESS_KEY, summary)
         code = EXIT_ROWS_FAILED if failed_total else EXIT_OK
         if failed_total:
-            message = f"{failed_total} rows failed permanently (status=failed in index.parquet); rerun with --retry-failed"
+            message = (f"{failed_total} rows failed permanently (status=failed in index.parquet; the first ones below); "
+                       "fix them, then rerun with --retry-failed\n" + failed_rows_text(index.first_failed))
         return JobOutcome(code, total, rows_ok, rows_failed, skipped, [], wall, message, self.plan.batch_fill)
 
 
@@ -417,5 +517,7 @@ def run_job(
             log.warning("--new-run: deleted the previous job's %d objects under %s", deleted, storage.url)
         claim_job(storage, job)
         return Driver(spec, manifest, storage, job, lock=lock, **options).run()
+    except RayError as exc:  # the tracker, the raylet or the head node died under the driver
+        raise JobFailed(f"the Ray cluster failed under the driver ({type(exc).__name__}: {_short(exc)})") from None
     finally:
         lock.release()

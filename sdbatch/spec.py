@@ -17,21 +17,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-SCHEDULERS = (
-    "ddim",
-    "pndm",
-    "lms",
-    "euler",
-    "euler_a",
-    "dpmpp_2m",
-    "dpmpp_2m_karras",
-    "unipc",
-)
+from sdbatch.columns import DEFAULTED, SCHEDULERS, fingerprint_defaults, suggest
+from sdbatch.errors import BadInput
 
 
-class SpecError(ValueError):
+class SpecError(BadInput, ValueError):
     """A job spec that cannot be used; the message names the key and the fix."""
 
 
@@ -55,27 +47,28 @@ class ModelSpec(_Section):
     )
 
 
-class RowDefaults(_Section):
-    """Values for every per-row manifest column a row leaves empty or the manifest lacks."""
+def _known_scheduler(self: BaseModel) -> BaseModel:
+    if self.scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler {self.scheduler!r} is not supported; use one of {', '.join(SCHEDULERS)}")
+    return self
 
-    negative_prompt: str = ""
-    steps: int = Field(20, ge=1)
-    guidance_scale: float = Field(7.5, ge=0)
-    width: int = Field(64, ge=8)
-    height: int = Field(64, ge=8)
-    scheduler: str = "ddim"
-    strength: float = Field(0.75, gt=0, le=1, description="used only by rows with init_image")
 
-    @model_validator(mode="after")
-    def _known_scheduler(self) -> RowDefaults:
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(
-                f"scheduler {self.scheduler!r} is not supported; use one of {', '.join(SCHEDULERS)}"
-            )
-        return self
+#: Values for every per-row manifest column a row leaves empty or the manifest lacks: one
+#: field per column of the column table that has a default.
+RowDefaults = create_model(
+    "RowDefaults",
+    __base__=_Section,
+    __doc__="Values for every per-row manifest column a row leaves empty or the manifest lacks.",
+    __validators__={"_known_scheduler": model_validator(mode="after")(_known_scheduler)},
+    **{c.name: (c.python_type, Field(c.default, description=c.description or None, **c.spec_bounds))
+       for c in DEFAULTED},
+)
 
 
 class OutputSpec(_Section):
+    location: str | None = Field(
+        None, description="where `sdbatch submit` writes when --out is not given (default ./sdbatch-out/<manifest stem>/)",
+    )
     format: Literal["files", "webdataset"] = "files"
     image_format: Literal["png", "webp", "jpeg"] = "png"
     png_compress_level: int = Field(1, ge=0, le=9, description="1 = fast; 9 = smallest")
@@ -101,6 +94,13 @@ class RetrySpec(_Section):
     )
 
 
+class ReportSpec(_Section):
+    gpu_hour_usd: float | None = Field(
+        None, ge=0, description="price of one GPU-hour (one worker-hour on CPU workers): report.html adds the cost per 1,000 images",
+    )
+    contact_sheet_images: int = Field(24, ge=0, le=500, description="sample of images shown in report.html")
+
+
 class ScoringSpec(_Section):
     """The quality columns of the index (``sdbatch.quality``) and the optional CLIP score."""
 
@@ -124,7 +124,10 @@ class LimitsSpec(_Section):
     max_steps: int = Field(200, ge=1)
     max_width: int = Field(2048, ge=64)
     max_height: int = Field(2048, ge=64)
-    max_pixels: int = Field(2048 * 2048, ge=64 * 64, description="width*height budget per image")
+    max_pixels: int = Field(2048 * 2048, ge=64 * 64, description="width*height budget per image, and per init image")
+    max_init_image_bytes: int = Field(
+        64 * 2**20, ge=1, description="an init image file larger than this fails its row (read no further)"
+    )
     max_guidance: float = Field(50.0, gt=0)
     max_errors_shown: int = Field(50, ge=1, description="bad rows listed by validate")
     init_image_roots: list[str] = Field(
@@ -141,6 +144,7 @@ class JobSpec(_Section):
     retries: RetrySpec = RetrySpec()
     scoring: ScoringSpec = ScoringSpec()
     limits: LimitsSpec = LimitsSpec()
+    report: ReportSpec = ReportSpec()
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The settings that decide image bytes and row placement (not workers, retries...)."""
@@ -149,8 +153,8 @@ class JobSpec(_Section):
             "model": self.model.name,
             "dtype": self.model.dtype,
             "compile": self.model.compile,
-            "defaults": self.defaults.model_dump(),
-            "output": self.output.model_dump(),
+            "defaults": fingerprint_defaults(self.defaults.model_dump()),
+            "output": self.output.model_dump(exclude={"location"}),
             "batch_size": self.resources.batch_size,
             "rows_per_shard": self.resources.rows_per_shard,
             "planner": 2,  # 2: shards grouped by batch key (plan.make_plan); 1 was contiguous ranges
@@ -165,12 +169,38 @@ def fingerprint(data: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def spec_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the job spec (``defaults.steps``, ``resources.workers``, ...)."""
+    keys = []
+    for name, info in (model or JobSpec).model_fields.items():
+        section = info.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            keys.extend(spec_keys(section, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _closest_key(dotted: str) -> str | None:
+    """``defaults.stpes`` → ``defaults.steps``; ``stpes`` → ``defaults.steps``; ``defualts`` → ``defaults``."""
+    keys = spec_keys()
+    by_leaf = {}
+    for key in keys:
+        by_leaf.setdefault(key.rsplit(".", 1)[-1], key)
+    sections = {key.split(".", 1)[0] for key in keys if "." in key}
+    leaf = suggest(dotted.rsplit(".", 1)[-1], by_leaf)
+    section = suggest(dotted, sections) if "." not in dotted else None
+    return suggest(dotted, keys) or (by_leaf[leaf] if leaf else None) or section
+
+
 def _format_validation_error(err: ValidationError, origin: str) -> str:
     lines = [f"invalid job spec ({origin}):"]
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {where}: unknown key; remove it or check its spelling (see `sdbatch spec --schema`)")
+            close = _closest_key(where)
+            hint = f"did you mean `{close}`?" if close else "remove it or check its spelling"
+            lines.append(f"  {where}: unknown key; {hint} (see `sdbatch spec --schema`)")
         else:
             lines.append(f"  {where}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)

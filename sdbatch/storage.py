@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -39,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
+
+from sdbatch.errors import EXIT_BAD_INPUT, JobFailed
 
 log = logging.getLogger("sdbatch.storage")
 
@@ -52,6 +55,7 @@ __all__ = [
     "S3Storage",
     "open_storage",
     "read_uri",
+    "TooLarge",
     "fetch_model_dir",
     "object_identity",
     "register_client_hook",
@@ -60,7 +64,7 @@ __all__ = [
 ]
 
 PROBE_PREFIX = "_sdbatch/"
-_TMP_MARK = ".sdbatch-tmp-"
+TMP_MARK = ".sdbatch-tmp-"  # names temporary files; keys holding it are refused (and so are such row ids)
 _COPY_CHUNK = 1 << 20
 MODEL_MARKER = ".sdbatch-complete.json"
 
@@ -69,8 +73,8 @@ MODEL_MARKER = ".sdbatch-complete.json"
 # errors and results
 
 
-class StorageError(Exception):
-    """Any storage failure. ``transient``: retrying later may succeed."""
+class StorageError(JobFailed):
+    """Any storage failure (exit 5 when it stops a driver). ``transient``: retrying later may succeed."""
 
     def __init__(self, message: str, *, transient: bool = False):
         super().__init__(message)
@@ -78,7 +82,9 @@ class StorageError(Exception):
 
 
 class StorageConfigError(StorageError):
-    """A problem the user must fix (bucket, access, credentials, endpoint, URL)."""
+    """A problem the user must fix (bucket, access, credentials, endpoint, URL): exit 2."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 class NotFound(StorageError):
@@ -123,8 +129,8 @@ def _check_key(key: str) -> str:
     parts = key.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise StorageError(f"invalid storage key {key!r}: empty, '.' or '..' segment")
-    if _TMP_MARK in key:
-        raise StorageError(f"invalid storage key {key!r}: reserved marker {_TMP_MARK!r}")
+    if TMP_MARK in key:
+        raise StorageError(f"invalid storage key {key!r}: reserved marker {TMP_MARK!r}")
     return key
 
 
@@ -187,7 +193,7 @@ class LocalStorage:
         """``data`` (bytes, or the local file at that path) in a temp file next to ``path``."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.parent / f".{path.name}{_TMP_MARK}{uuid.uuid4().hex}"
+            tmp = path.parent / f".{path.name}{TMP_MARK}{uuid.uuid4().hex}"
             try:
                 with open(tmp, "xb") as f:
                     if isinstance(data, Path):
@@ -220,7 +226,7 @@ class LocalStorage:
             os.link(tmp, path)
         except FileExistsError:
             stored = path.read_bytes()
-            log.info("put_new %s: key exists, adopting stored object (%d bytes)", key, len(stored))
+            log.debug("put_new %s: key exists, adopting stored object (%d bytes)", key, len(stored))
             return PutResult(created=False, sha256=_sha256(stored), size=len(stored))
         except OSError as e:
             raise StorageError(
@@ -262,7 +268,7 @@ class LocalStorage:
         path = self._path(key)
         if not path.parent.is_dir():
             return None
-        with open(path.parent / f".{path.name}{_TMP_MARK}cas-lock", "a+b") as guard:  # listings skip it
+        with open(path.parent / f".{path.name}{TMP_MARK}cas-lock", "a+b") as guard:  # listings skip it
             fcntl.flock(guard, fcntl.LOCK_EX)
             try:
                 if _sha256(path.read_bytes()) != tag:
@@ -314,7 +320,7 @@ class LocalStorage:
                 if os.path.islink(os.path.join(dirpath, name)):
                     self._inside(Path(dirpath) / name, rel_dir + name)
             for name in filenames:
-                if _TMP_MARK in name:
+                if TMP_MARK in name:
                     continue
                 k = rel_dir + name
                 if k.startswith(prefix):
@@ -669,7 +675,7 @@ class S3Storage:
                     except NotFound:
                         # deleted between our PUT and GET: try to create again
                         continue
-                    log.info("put_new %s: key exists, adopting stored object (%d bytes)", self.url + "/" + key,
+                    log.debug("put_new %s: key exists, adopting stored object (%d bytes)", self.url + "/" + key,
                              len(stored))
                     return PutResult(created=False, sha256=_sha256(stored), size=len(stored))
                 if status == 409 or code == "ConditionalRequestConflict":
@@ -860,8 +866,14 @@ def _file_url_path(url: str) -> str:
     return unquote(parts.path)
 
 
-def read_uri(uri: str | Path, *, endpoint_url: str | None = None) -> bytes:
-    """Bytes of a local path, file:// URL, or s3://bucket/key. Raises NotFound / StorageError."""
+class TooLarge(StorageError):
+    """An object larger than the caller's ``max_bytes`` (not read past it)."""
+
+
+def read_uri(uri: str | Path, *, endpoint_url: str | None = None, max_bytes: int | None = None) -> bytes:
+    """Bytes of a local path, file:// URL, or s3://bucket/key. Raises NotFound / StorageError,
+    and TooLarge for an object over ``max_bytes`` (of which at most ``max_bytes + 1`` are read).
+    A local path must be a regular file: a FIFO or device is refused, never opened."""
     uri = str(uri)
     if uri.startswith("s3://"):
         bucket, key = parse_s3_url(uri)
@@ -870,10 +882,16 @@ def read_uri(uri: str | Path, *, endpoint_url: str | None = None) -> bytes:
         ep = _endpoint(endpoint_url)
         client = _get_client(ep)
         try:
-            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            ranged = {"Range": f"bytes=0-{max_bytes}"} if max_bytes is not None else {}
+            data = client.get_object(Bucket=bucket, Key=key, **ranged)["Body"].read()
+            if max_bytes is not None and len(data) > max_bytes:
+                raise TooLarge(f"{uri} is larger than {max_bytes:,} bytes")
+            return data
         except Exception as e:
             if not _is_botocore_error(e):
                 raise
+            if ranged and _error_code(e)[1] == 416:  # a range of an empty object
+                return b""
             err = _translate(e, what=f"get_object {key}", bucket=bucket, endpoint=ep)
             if isinstance(err, NotFound):
                 err = NotFound(f"{uri} not found")
@@ -885,7 +903,16 @@ def read_uri(uri: str | Path, *, endpoint_url: str | None = None) -> bytes:
         uri = _file_url_path(uri)
     p = Path(uri).expanduser()
     try:
-        return p.read_bytes()
+        mode = p.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(p)
+        if not stat.S_ISREG(mode):  # opening a FIFO blocks; a device may never end
+            raise StorageError(f"{p} is not a regular file ({_file_kind(mode)})")
+        with p.open("rb") as f:
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        if max_bytes is not None and len(data) > max_bytes:
+            raise TooLarge(f"{p} is larger than {max_bytes:,} bytes ({p.stat().st_size:,})")
+        return data
     except (FileNotFoundError, NotADirectoryError) as e:
         raise NotFound(f"{p} not found") from e
     except IsADirectoryError as e:
@@ -907,6 +934,14 @@ def object_identity(uri: str, *, endpoint_url: str | None = None) -> str:
             raise
         raise _translate(e, what=f"head_object {key}", bucket=bucket, endpoint=ep, target=uri) from None
     return f"{resp['ETag']}|{resp.get('VersionId') or ''}"
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a plain file"
 
 
 def default_model_cache_dir() -> Path:
@@ -966,7 +1001,7 @@ def fetch_model_dir(uri: str, *, pin: str | None = None, cache_dir: str | Path |
             total += size
         marker = {"uri": canonical, "pin": found, "files": {rel: size for rel, (size, _) in listing.items()},
                   "completed_at": time.time()}
-        tmp = dest / (MODEL_MARKER + _TMP_MARK)
+        tmp = dest / (MODEL_MARKER + TMP_MARK)
         tmp.write_text(json.dumps(marker, sort_keys=True))
         os.replace(tmp, dest / MODEL_MARKER)
         log.info("downloaded model %s (%d files, %d bytes) to %s", canonical, len(listing), total, dest)
@@ -990,7 +1025,7 @@ def _complete(dest: Path) -> bool:
 
 def _download(client, bucket: str, key: str, target: Path, size: int, etag: str, ep: str | None,
               tries: int = 3) -> None:
-    tmp = target.with_name(target.name + _TMP_MARK + uuid.uuid4().hex)
+    tmp = target.with_name(target.name + TMP_MARK + uuid.uuid4().hex)
     last: Exception | None = None
     try:
         for attempt in range(tries):

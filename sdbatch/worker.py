@@ -10,10 +10,17 @@ own batch, in ``batch_rows``); a row whose image came out NaN or black fails wit
 When every image is stored it writes the shard index — the commit. ``ShardFeed`` (Ray-free
 too) reads the worker's own rows from the manifest and reads the next shard ahead.
 ``WorkerActor`` only wires them to Ray.
+
+Failure classes (DESIGN §4): a problem of one row (its init image, its metadata) fails that
+row with an error naming the exception, the row and the fix; an exception the pipeline
+raises for a batch is retried once, on a fresh worker (``PipelineError``), and then fails that
+batch's rows; transient failures (storage outages, CUDA out of memory) propagate so the
+driver re-queues the shard; the other rows of the shard commit in every case.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import io
@@ -29,12 +36,15 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
 import ray
 from PIL import Image
 
 import sdbatch
-from sdbatch import encode
-from sdbatch.manifest import INDEX_RESULT_COLUMNS, Manifest, ManifestReader, Row
+from sdbatch import encode, metrics
+from sdbatch.columns import record_parameters
+from sdbatch.errors import SdbatchError
+from sdbatch.manifest import INDEX_RESULT_COLUMNS, Manifest, ManifestReader, Row, passthrough_types
 from sdbatch.output import (
     STATUS_FAILED,
     STATUS_OK,
@@ -42,9 +52,10 @@ from sdbatch.output import (
     commit_shard,
     foreign_object_error,
     image_key,
+    index_schema,
     metadata_key,
+    read_commit,
     read_shard_index,
-    records_to_parquet,
     tar_key,
     webdataset_key,
 )
@@ -52,7 +63,7 @@ from sdbatch.plan import ShardSpec, batch_id, canonical_batches
 from sdbatch.policy import ShardResult
 from sdbatch.quality import measure_image
 from sdbatch.spec import JobSpec
-from sdbatch.storage import Storage, StorageError, open_storage, read_uri
+from sdbatch.storage import NotFound, Storage, StorageConfigError, StorageError, TooLarge, open_storage, read_uri
 
 if TYPE_CHECKING:  # the driver imports this module; only the actor needs torch
     import numpy as np
@@ -64,7 +75,27 @@ if TYPE_CHECKING:  # the driver imports this module; only the actor needs torch
 log = logging.getLogger("sdbatch.worker")
 
 BatchCallback = Callable[[int, int], None]  # (rows done, rows failed) since the last call
-InitImages = dict[str, Future]  # row id -> future of (image, sha256 of its bytes)
+InitImages = dict[str, Future]  # row id -> future of (image, sha256 of its bytes), or RowError
+
+
+class PipelineError(SdbatchError):
+    """The pipeline raised for one batch on a first attempt: the driver retries the shard on
+    a fresh worker, and a second failure fails that batch's rows only."""
+
+
+class RowError(Exception):
+    """One row cannot be generated (its init image, its metadata); the message says why and how to fix it."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth re-queueing: a storage outage, or the GPU out of memory (torch's
+    ``OutOfMemoryError``, named so this module needs no torch)."""
+    return (isinstance(exc, StorageError) and exc.transient) or type(exc).__name__ == "OutOfMemoryError"
+
+
+def describe(exc: BaseException) -> str:
+    """``Class: message`` — never a bare message (``scipy```) nor an object repr."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -93,7 +124,7 @@ def image_record(
     an audit can tell when the file at ``init_image`` was replaced afterwards."""
     info = generator.info
     return {
-        **row.parameters(),
+        **record_parameters(row.parameters()),
         "init_image_sha256": init_image_sha256,
         "shard": shard.name,
         "batch_id": batch,
@@ -140,8 +171,12 @@ def index_row(record: dict[str, Any] | None, row: Row, shard_name: str, **fields
 def encode_pool(workers: int) -> ProcessPoolExecutor:
     """The processes that encode images, shared by every ShardRunner of this process. Spawned,
     not forked: a worker process runs threads (Ray's, the store pool's) that a fork would copy
-    mid-flight."""
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    mid-flight. Shut down at exit before multiprocessing's own atexit hook joins its children:
+    ``cli.main`` (and the test session) run the atexit handlers before threading's shutdown,
+    which would otherwise leave the idle encoders waiting for work and the join hanging."""
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    atexit.register(pool.shutdown, wait=True, cancel_futures=True)
+    return pool
 
 
 def encode_workers(cpus_per_worker: float) -> int:
@@ -157,12 +192,16 @@ class ShardRunner:
         worker_name: str = "",
         endpoint_url: str | None = None,
         scorer: ClipScorer | None = None,
+        passthrough: dict[str, pa.DataType] | None = None,
         *,
         job_fingerprint: str,
     ):
+        """``passthrough``: the manifest's passthrough columns and their types
+        (``manifest.passthrough_types``), the last columns of every shard index written."""
         self.generator = generator
         self.scorer = scorer
         self.job_fingerprint = job_fingerprint  # stamped on every commit this runner writes
+        self.index_schema = index_schema(passthrough or {})
         self.storage = storage
         self.spec = spec
         self.worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
@@ -175,16 +214,36 @@ class ShardRunner:
         # bounds generated-but-unwritten images held in memory
         self._in_flight = threading.BoundedSemaphore(threads * 2)
 
-    def load_init_images(self, rows: list[Row]) -> dict[str, Future]:
+    def load_init_images(self, rows: list[Row]) -> InitImages:
         """Start reading each img2img row's init image; each future gives (image, sha256 hex
-        of the bytes read)."""
-        def load(uri: str) -> tuple[Image.Image, str]:
-            data = read_uri(uri, endpoint_url=self.endpoint_url)
-            image = Image.open(io.BytesIO(data))
-            image.load()
-            return image, hashlib.sha256(data).hexdigest()
+        of the bytes read) or raises RowError (or a transient StorageError)."""
+        return {r.id: self.pool.submit(self._load_init_image, r) for r in rows if r.is_img2img}
 
-        return {r.id: self.pool.submit(load, r.init_image) for r in rows if r.is_img2img}
+    def _load_init_image(self, row: Row) -> tuple[Image.Image, str]:
+        limits = self.spec.limits
+        where = f"row {row.id}: init_image {row.init_image!r}"
+        try:
+            data = read_uri(row.init_image, endpoint_url=self.endpoint_url, max_bytes=limits.max_init_image_bytes)
+            with Image.open(io.BytesIO(data)) as image:  # reads the header only
+                pixels = image.width * image.height
+                if pixels > limits.max_pixels:
+                    raise RowError(
+                        f"{where} is {image.width}x{image.height} = {pixels:,} pixels, over limits.max_pixels "
+                        f"({limits.max_pixels:,}); fix: downscale it, or raise limits.max_pixels"
+                    )
+                image.load()
+                return image.copy(), hashlib.sha256(data).hexdigest()
+        except StorageError as exc:
+            if exc.transient:
+                raise  # a storage outage is not the row's fault: retry the shard
+            raise RowError(f"{where}: {describe(exc)}; fix: {_init_image_fix(exc)}") from None
+        except Image.UnidentifiedImageError:  # its message is the repr of our BytesIO: say it plainly
+            raise RowError(f"{where}: UnidentifiedImageError: cannot identify the image format of its "
+                           f"{len(data):,} bytes; fix: replace it with a PNG, JPEG or WebP file") from None
+        except Image.DecompressionBombError as exc:
+            raise RowError(f"{where}: {describe(exc)}; fix: downscale the image (it decodes to too many pixels)") from None
+        except (OSError, ValueError, SyntaxError) as exc:  # what Pillow raises for unreadable or truncated images
+            raise RowError(f"{where}: {describe(exc)}; fix: replace it with a readable PNG, JPEG or WebP file") from None
 
     def _store_image(self, shard: ShardSpec, row: Row, pixels: np.ndarray, record: dict) -> StoredImage:
         """Encode and store create-once; also measures its quality columns while its pixels are
@@ -209,35 +268,29 @@ class ShardRunner:
 
     def run_shard(
         self, shard: ShardSpec, rows: list[Row], attempt: int = 1, on_batch: BatchCallback | None = None,
-        init_images: InitImages | None = None,
+        init_images: InitImages | None = None, *, retry: bool = False,
     ) -> ShardResult:
-        """Generate, store and commit a whole shard (skipped if an earlier attempt committed it).
-        ``init_images``: what ``load_init_images(rows)`` started earlier (prefetch), if it did."""
+        """Generate, store and commit ``rows``: a whole shard (skipped if an earlier attempt
+        committed it), or (``retry``, --retry-failed) some rows of a committed shard, whose
+        commit is then replaced by one with their new entries in place of the old, every
+        other entry kept as it was. ``init_images``: what ``load_init_images(rows)`` started
+        earlier (prefetch), if it did."""
         started = time.perf_counter()
         result = ShardResult(shard=shard.name, worker=self.worker_name)
-        if self.storage.exists(metadata_key(shard.name)):
+        previous = read_commit(self.storage, shard.name, self.job_fingerprint) if retry else None
+        if previous is None and self.storage.exists(metadata_key(shard.name)):
             read_shard_index(self.storage, shard.name, self.job_fingerprint)  # ForeignCommit if not ours
             result.committed = False
             return result
-        index_rows = self._generate(shard, rows, attempt, on_batch, result, shard.name, init_images)
-        result.committed = commit_shard(self.storage, shard.name, index_rows, self.job_fingerprint)
-        result.wall_seconds = time.perf_counter() - started
-        return result
-
-    def retry_rows(
-        self, shard: ShardSpec, rows: list[Row], attempt: int = 1, on_batch: BatchCallback | None = None,
-        init_images: InitImages | None = None,
-    ) -> ShardResult:
-        """Regenerate some rows of a committed shard (its failed ones) and rewrite its index
-        with their new entries; every other entry of the index is kept as it was."""
-        started = time.perf_counter()
-        result = ShardResult(shard=shard.name, worker=self.worker_name)
-        existing = read_shard_index(self.storage, shard.name, self.job_fingerprint).to_pylist()
-        ids = sorted(r.id for r in rows)
-        tar_name = f"{shard.name}-retry-{hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:8]}"
-        fresh = {r["id"]: r for r in self._generate(shard, rows, attempt, on_batch, result, tar_name, init_images)}
-        merged = [fresh.get(r["id"], r) for r in existing]
-        self.storage.put(metadata_key(shard.name), records_to_parquet(merged, self.job_fingerprint))
+        unit = shard.name
+        if previous is not None:  # its own tar (webdataset) and batch ids, named by the rows retried
+            unit = f"{shard.name}-retry-{hashlib.sha256(json.dumps(sorted(r.id for r in rows)).encode()).hexdigest()[:8]}"
+        index_rows = self._generate(shard, rows, attempt, on_batch, result, unit, init_images)
+        if previous is not None:
+            fresh = {r["id"]: r for r in index_rows}
+            index_rows = [fresh.get(r["id"], r) for r in previous.records]
+        result.committed = commit_shard(self.storage, shard.name, index_rows, self.index_schema, self.job_fingerprint,
+                                        replacing=previous)
         result.wall_seconds = time.perf_counter() - started
         return result
 
@@ -250,34 +303,51 @@ class ShardRunner:
             init_images = self.load_init_images(rows)
         index_rows: list[dict[str, Any]] = []
         stored: list[tuple[Row, dict, Future, float | None]] = []
+
+        def fail_row(row: Row, error: str) -> None:
+            index_rows.append(index_row(None, row, shard.name, status=STATUS_FAILED, error=error, attempt=attempt, worker=self.worker_name))
+            result.rows_failed += 1
+
         generate_started = time.perf_counter()
         for number, batch in enumerate(canonical_batches(rows, self.spec.resources.batch_size)):
             failed_before = result.rows_failed
             good, images_in, init_hashes = [], [], {}
             for row in batch:
-                error = _init_image_error(init_images.get(row.id))
-                if error:
-                    index_rows.append(index_row(None, row, shard.name, status=STATUS_FAILED, error=error, attempt=attempt, worker=self.worker_name))
-                    result.rows_failed += 1
-                else:
-                    good.append(row)
+                try:
                     image_in, init_hashes[row.id] = init_images[row.id].result() if row.is_img2img else (None, None)
-                    images_in.append(image_in)
+                except RowError as exc:
+                    fail_row(row, str(exc))
+                    continue
+                good.append(row)
+                images_in.append(image_in)
             if good:
                 bid = batch_id(tar_name, number)
-                for part, generated, per_row in self._generate_fitting(good, images_in if good[0].is_img2img else None):
-                    batch_rows = [r.id for r in part]
-                    scores = (self.scorer.score([r.prompt for r in part], generated.images()) if self.scorer
-                              else [None] * len(part))
-                    for i, (row, score) in enumerate(zip(part, scores)):
-                        if generated.errors[i]:
-                            index_rows.append(index_row(None, row, shard.name, status=STATUS_FAILED, error=generated.errors[i], attempt=attempt, worker=self.worker_name))
-                            result.rows_failed += 1
-                            continue
-                        record = image_record(row, shard, bid, batch_rows, self.generator, init_hashes[row.id])
-                        self._in_flight.acquire()
-                        future = self.pool.submit(self._store_image, shard, row, generated.pixels[i], record)
-                        stored.append((row, {**record, "generate_seconds": per_row}, future, score))
+                handled: set[str] = set()  # rows of the parts generated before a pipeline exception
+                try:
+                    for part, generated, per_row in self._generate_fitting(good, images_in if good[0].is_img2img else None):
+                        batch_rows = [r.id for r in part]
+                        scores = (self.scorer.score([r.prompt for r in part], generated.images()) if self.scorer
+                                  else [None] * len(part))
+                        for i, (row, score) in enumerate(zip(part, scores)):
+                            if generated.errors[i]:
+                                index_rows.append(index_row(None, row, shard.name, status=STATUS_FAILED, error=generated.errors[i], attempt=attempt, worker=self.worker_name))
+                                result.rows_failed += 1
+                                continue
+                            record = image_record(row, shard, bid, batch_rows, self.generator, init_hashes[row.id])
+                            self._in_flight.acquire()
+                            future = self.pool.submit(self._store_image, shard, row, generated.pixels[i], record)
+                            stored.append((row, {**record, "generate_seconds": per_row}, future, score))
+                        handled.update(r.id for r in part)
+                except Exception as exc:  # noqa: BLE001 - any pipeline exception: retried once, then its rows fail
+                    if is_transient(exc):
+                        raise
+                    if attempt < min(2, self.spec.retries.shard_attempts):
+                        raise PipelineError(f"the pipeline raised for batch {bid} of shard {shard.name}: {describe(exc)}") from exc
+                    retried = "after a retry on a fresh worker" if attempt > 1 else "not retried: retries.shard_attempts=1"
+                    for row in good:
+                        if row.id not in handled:
+                            fail_row(row, f"row {row.id}: the pipeline raised {describe(exc)} for batch {bid} ({retried}); "
+                                          "fix: check this row's parameters and the model, then rerun with --retry-failed")
             if on_batch:
                 failed = result.rows_failed - failed_before
                 on_batch(len(batch) - failed, failed)
@@ -285,7 +355,13 @@ class ShardRunner:
 
         webdataset = self.spec.output.format == "webdataset"
         ext = encode.extension(self.spec.output.image_format)
-        done = [(row, record, future.result(), score) for row, record, future, score in stored]  # storage errors → shard retried
+        done: list[tuple[Row, dict, StoredImage, float | None]] = []
+        for row, record, future, score in stored:
+            try:
+                done.append((row, record, future.result(), score))  # re-raises storage errors → shard retried
+            except encode.MetadataTooLarge as exc:
+                fail_row(row, f"row {row.id}: {describe(exc)}; fix: shorten its prompt or passthrough columns, "
+                              "or use --image-format png")
         tar_error = None
         if webdataset and done:
             members = [
@@ -343,18 +419,14 @@ class ShardRunner:
         return [(rows, generated, (time.perf_counter() - t0) / len(rows))]
 
 
-def _init_image_error(future: Future | None) -> str | None:
-    if future is None:
-        return None
-    try:
-        future.result()
-    except StorageError as exc:
-        if getattr(exc, "transient", False):
-            raise  # a storage outage is not the row's fault: retry the shard
-        return f"init_image unreadable: {exc}"
-    except (OSError, Image.UnidentifiedImageError, ValueError) as exc:
-        return f"init_image unreadable: {type(exc).__name__}: {exc}"
-    return None
+def _init_image_fix(exc: StorageError) -> str:
+    if isinstance(exc, TooLarge):
+        return "shrink the file, or raise limits.max_init_image_bytes"
+    if isinstance(exc, NotFound):
+        return "correct the path (absolute, or relative to the manifest), or clear init_image for this row"
+    if isinstance(exc, StorageConfigError):
+        return "make the file readable by the workers"
+    return "point init_image at a regular image file"
 
 
 class ShardFeed:
@@ -416,6 +488,7 @@ class WorkerActor:
         from sdbatch.generate import Generator
 
         spec = JobSpec.model_validate_json(spec_json)
+        metrics.start(out_url)
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
         generator = Generator.load(
             spec.model.name, pin=model_pin, device=spec.model.device, dtype=spec.model.dtype,
@@ -433,7 +506,7 @@ class WorkerActor:
 
             scorer = ClipScorer.load(spec.scoring.clip_model, device=generator.info.device, endpoint_url=endpoint_url)
         self.runner = ShardRunner(generator, storage, spec, endpoint_url=endpoint_url, scorer=scorer,
-                                  job_fingerprint=job_fingerprint)
+                                  passthrough=passthrough_types(manifest), job_fingerprint=job_fingerprint)
         self.feed = ShardFeed(manifest, spec, self.runner.load_init_images, endpoint_url)
         self.tracker = tracker
 
@@ -460,10 +533,16 @@ class WorkerActor:
             self.feed.drop(shard, retry_ids)
             return ShardResult(shard=shard.name, committed=False, worker=name, deferred=True)
 
+        batch_started = [0.0]  # when the batch being reported began (metrics)
+
         def report(done: int, failed: int) -> None:
             self.tracker.report.remote(name, shard.name, done, failed)
+            now = time.monotonic()
+            metrics.batch_finished(now - batch_started[0], done)
+            batch_started[0] = now
 
         self.tracker.report.remote(name, shard.name, 0, 0)  # marks the shard as started, for the watchdog
         rows, init_images = self.feed.take(shard, retry_ids)
-        run = self.runner.run_shard if retry_ids is None else self.runner.retry_rows
-        return run(shard, rows, attempt, on_batch=report, init_images=init_images)
+        batch_started[0] = time.monotonic()
+        return self.runner.run_shard(shard, rows, attempt, on_batch=report, init_images=init_images,
+                                     retry=retry_ids is not None)

@@ -25,6 +25,8 @@ from typing import Any
 
 from faults import ENV_CHAOS
 
+from sdbatch.storage import StorageError
+
 
 class Chaos:
     def __init__(self, config: dict[str, Any]):
@@ -40,7 +42,7 @@ class Chaos:
     def before_shard(self, shard_name: str, attempt: int) -> None:
         if shard_name in self.config.get("fail_shards", ()):
             self._mark("fail", shard_name, attempt)
-            raise RuntimeError(f"injected failure of shard {shard_name}")
+            raise StorageError(f"injected failure of shard {shard_name}", transient=True)  # an outage: retried
         if shard_name in self.config.get("hang_shards", ()) and attempt == 1:
             self._mark("hang", shard_name, attempt)
             time.sleep(3600)
@@ -67,7 +69,7 @@ class Chaos:
 
     # -- wiring --------------------------------------------------------------------------------
     def wrap_shard_method(self, method):
-        """``ShardRunner.run_shard`` / ``retry_rows`` with this chaos before the shard and after
+        """``ShardRunner.run_shard`` (a shard, or --retry-failed rows of one) with this chaos before the shard and after
         each batch (the call comes after the actor reported the shard started)."""
 
         @functools.wraps(method)
@@ -85,8 +87,7 @@ class Chaos:
     def install(self) -> None:
         from sdbatch import scheduler, worker
 
-        for name in ("run_shard", "retry_rows"):
-            setattr(worker.ShardRunner, name, self.wrap_shard_method(getattr(worker.ShardRunner, name)))
+        worker.ShardRunner.run_shard = self.wrap_shard_method(worker.ShardRunner.run_shard)
         merge = scheduler.merge_index
 
         def merge_index(storage, *args, **kwargs):

@@ -238,13 +238,14 @@ def test_deadline_does_not_start_shards_already_handed_to_a_worker(ray_address, 
     assert sorted(committed) == ["00000.parquet"]
     shard0 = pq.read_table(out / "metadata" / "00000.parquet").to_pylist()
     assert [(r["id"], r["status"]) for r in shard0] == [(f"c{i:03d}", "ok") for i in range(4)]
-    stored = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.parts[-2] != "_sdbatch")
+    stored = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                    if p.is_file() and p.parts[-2] != "_sdbatch" and p.name != "report.html")  # the run's report
     assert stored == sorted(["metadata/00000.parquet", *(r["key"] for r in shard0)])  # nothing of 00001-00003
     assert not (out / "_SUCCESS").exists() and markers(faults, "hold") == 1
 
     rerun = run_cli("submit", manifest, "--out", out, *FAST, "--workers", "1")
     assert rerun.returncode == 0, rerun.stderr
-    assert "1 shards already committed" in " ".join(rerun.stdout.split())
+    assert "1 shard already committed" in " ".join(rerun.stdout.split())
     index = pq.read_table(out / "index.parquet").to_pylist()
     assert [r["id"] for r in index] == [r["id"] for r in pq.read_table(manifest).to_pylist()]
     assert {r["shard"] for r in index if r["attempt"] == 1} == {"00000", "00001", "00002", "00003"}
@@ -279,7 +280,7 @@ def test_worker_returns_a_shard_reaching_it_after_the_deadline_unstarted(ray_add
             assert result.deferred and not result.committed
             assert (result.rows_ok, result.rows_failed, result.images_created) == (0, 0, 0)
         assert list(out.iterdir()) == []
-        assert ray.get(tracker.snapshot.remote()) == ({}, 0.0)
+        assert ray.get(tracker.snapshot.remote()) == ({}, 0.0, {})
     finally:
         ray.kill(actor)
         ray.kill(tracker)
@@ -327,3 +328,20 @@ def test_driver_whose_lock_was_taken_over_stops(ray_address, tmp_path):
     assert "another sdbatch driver (host other-host, pid 4242) took over the job lock" in said
     assert json.loads((out / "_sdbatch" / "lock.json").read_text()) == usurper
     assert not (out / "index.parquet").exists() and not (out / "_SUCCESS").exists()
+
+
+def test_sigterm_interrupts_the_driver_like_ctrl_c(ray_address, tmp_path):
+    """SIGTERM (a scheduler's or systemd's stop) ends a driver as Ctrl-C does: exit 130, the
+    resume hint, the lock released, progress.json saying interrupted — no traceback."""
+    manifest = chaos_manifest(tmp_path, 8)
+    out = tmp_path / "out"
+    faults = tmp_path / "faults"
+    driver = _driver(ray_address, manifest, out, "--workers", "1", env=chaos_env(tmp_path, hold_shards=["00000"]))
+    _wait_for(lambda: markers(faults, "hold") == 1, driver)
+    driver.send_signal(signal.SIGTERM)
+    _, stderr = driver.communicate(timeout=120)
+    (faults / "release").touch()
+    assert driver.returncode == 130, stderr
+    assert "error: interrupted; committed shards are kept" in stderr and "Traceback" not in stderr
+    assert not (out / "_sdbatch" / "lock.json").exists()
+    assert json.loads((out / "_sdbatch" / "progress.json").read_text())["state"] == "interrupted"

@@ -21,6 +21,7 @@ from sdbatch.output import (
     commit_shard,
     index_schema,
     merge_index,
+    read_commit,
 )
 from sdbatch.plan import make_plan
 from sdbatch.spec import load_spec
@@ -73,7 +74,8 @@ def commit_shards(storage, manifest, spec):
                       "versions": {"torch": "2.13.0"}, "init_image_sha256": None}
             records.append(index_row(record, row, s.name, status=STATUS_OK, key=f"images/{s.name}/{row.id}.png",
                                      sha256="0" * 64, bytes=100 + row.index, attempt=1, worker="w"))
-        commit_shard(storage, s.name, list(reversed(records)), JOB_FP)  # merge restores row order
+        schema = index_schema(passthrough_types(manifest))
+        commit_shard(storage, s.name, list(reversed(records)), schema, JOB_FP)  # merge restores row order
 
 
 @pytest.fixture
@@ -112,6 +114,26 @@ def test_merge_types_every_column_and_keeps_row_order(tmp_path, committed, monke
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp file left
 
 
+def test_every_commit_has_the_declared_schema_and_a_retry_replaces_only_the_commit_it_read(tmp_path, committed):
+    source, manifest, spec = committed
+    storage = LocalStorage(tmp_path / "out")
+    commit_shards(storage, manifest, spec)
+    schema = index_schema(passthrough_types(manifest))
+    for name in ("00000", "00001", "00002"):  # strength is null throughout 00000 and 00002, still float64
+        stored = pq.read_schema(tmp_path / "out" / "metadata" / f"{name}.parquet")
+        assert stored.remove_metadata() == schema and stored.metadata[output.FINGERPRINT_META] == JOB_FP.encode()
+    read = read_commit(storage, "00001", JOB_FP)
+    fixed = [{**r, "status": STATUS_OK, "error": None} for r in read.records]
+    assert commit_shard(storage, "00001", fixed, schema, JOB_FP, replacing=read)
+    assert {r["status"] for r in read_commit(storage, "00001", JOB_FP).records} == {STATUS_OK}
+    assert not commit_shard(storage, "00001", read.records, schema, JOB_FP, replacing=read)  # it changed since it was read
+    assert {r["status"] for r in read_commit(storage, "00001", JOB_FP).records} == {STATUS_OK}
+    assert not commit_shard(storage, "00001", read.records, schema, JOB_FP)  # a new shard's commit is create-once
+    with pytest.raises(ValueError, match="does not declare: quality"):
+        commit_shard(storage, "00003", [{**fixed[0], "quality": 1.0}], schema, JOB_FP)
+    assert not (tmp_path / "out" / "metadata" / "00003.parquet").exists()
+
+
 def test_merge_uploads_the_index_to_s3(s3_bucket, committed):
     source, manifest, spec = committed
     endpoint, bucket = s3_bucket
@@ -130,6 +152,6 @@ def test_index_column_types_cover_every_index_column():
 
 def test_merge_of_no_committed_shard_writes_an_empty_typed_index(tmp_path):
     storage = LocalStorage(tmp_path / "out")
-    assert merge_index(storage, {"label": pa.int32()}, JOB_FP) == output.IndexSummary(rows=0, rows_failed=0)
+    assert merge_index(storage, {"label": pa.int32()}, JOB_FP) == output.IndexSummary(rows=0, rows_failed=0, first_failed=[])
     index = pq.read_table(tmp_path / "out" / INDEX_KEY)
     assert index.num_rows == 0 and index.schema == index_schema({"label": pa.int32()})

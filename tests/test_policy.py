@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from sdbatch.plan import ShardSpec
+from sdbatch.plan import ShardSpec, make_plan
 from sdbatch.policy import (
     FINISHED,
     HANG_FACTOR,
@@ -18,6 +18,7 @@ from sdbatch.policy import (
     Schedule,
     ShardResult,
     Work,
+    workers_to_start,
 )
 
 
@@ -122,3 +123,47 @@ def test_hang_timeout_is_the_setting_or_derived_from_the_slowest_batch(hang_time
     assert s.hang_timeout(slowest_batch) == timeout
     assert not s.is_hung(last_report=1000.0, now=1000.0 + timeout - 0.5, slowest_batch=slowest_batch)
     assert s.is_hung(last_report=1000.0, now=1000.0 + timeout, slowest_batch=slowest_batch)
+
+
+def test_pending_shards_skip_committed_ones_and_count_their_rows():
+    pending = make_plan(10, 4, 4).pending(committed={"00001", "00007"})  # shards 0..2; 00007 is no shard of this plan
+    assert [(s.name, s.rows) for s in pending] == [("00000", range(0, 4)), ("00002", range(8, 10))]
+    assert (len(pending), pending.num_rows) == (2, 6)
+    assert make_plan(10, 4, 4).pending(committed={"00002"}).num_rows == 8  # the short last shard is the one left out
+    assert not make_plan(8, 4, 4).pending(committed={"00000", "00001"})
+    mixed = make_plan(6, 4, 4, codes=[0, 1, 0, 1, 0, 0]).pending(committed={"00000"})  # a plan of row tuples
+    assert [(s.name, s.rows) for s in mixed] == [("00001", (1, 3))] and mixed.num_rows == 2
+
+
+def test_a_ten_million_row_plan_is_one_integer_per_shard_and_work_is_made_when_handed_out():
+    pending = make_plan(10_000_000, 64, 8).pending(committed={"00000"})
+    assert len(pending) == 156_249 and pending.indices.nbytes <= 8 * 156_250
+    s = Schedule([Work(ShardSpec(0, range(0, 64)), retry_ids=frozenset({"x"}))], shards=pending, max_attempts=3)
+    assert len(s.queue) == 156_250 and len(s.queue.front) == 1
+    first, second, third = s.next(0.0), s.next(0.0), s.next(0.0)
+    assert (first.retry_ids, second.shard.name, third.shard.name) == (frozenset({"x"}), "00001", "00002")
+    s.worker_lost([second, third], "actor died")
+    assert names(s)[:3] == [("00001", 2), ("00002", 1), ("00003", 1)] and len(s.queue) == 156_249
+
+
+def test_the_deadline_leaves_pending_shards_for_a_rerun_and_counts_them():
+    s = Schedule(shards=make_plan(40, 4, 4).pending(), max_attempts=3, deadline=100.0)
+    s.next(99.0)
+    assert s.next(100.0) is None and not s.queue and s.shards_left == 9
+
+
+def test_no_more_workers_start_than_there_are_shards_and_the_notice_says_why():
+    assert workers_to_start(2, 5, rows=320, rows_per_shard=64, fresh_job=True) == (2, None)
+    started, notice = workers_to_start(2, 1, rows=32, rows_per_shard=64, fresh_job=True)
+    assert started == 1
+    assert notice.startswith("1 shard to generate for 2 workers: starting 1; shards hold 64 rows each")
+    assert "start the job with --rows-per-shard 16" in notice
+    started, notice = workers_to_start(4, 2, rows=1000, rows_per_shard=64, fresh_job=False)  # a resume
+    assert started == 2 and notice.startswith("2 shards to generate for 4 workers") and "--rows-per-shard" not in notice
+
+
+def test_a_busy_worker_reads_ahead_only_what_no_idle_worker_needs():
+    s = schedule(3)
+    assert s.may_read_ahead(idle_workers=2)  # 3 queued, 2 workers with nothing: one to spare
+    s.next(0.0)
+    assert not s.may_read_ahead(idle_workers=2) and s.may_read_ahead(idle_workers=1)

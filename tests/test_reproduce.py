@@ -4,6 +4,7 @@ regenerates any image bit for bit from the output's metadata alone."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -73,7 +74,8 @@ def run_in_process(generator, manifest: Path, out: Path, order: list[int], *, jo
         job["fingerprint"] = job_fingerprint
     storage = LocalStorage(out)
     claim_job(storage, job)
-    runner = ShardRunner(generator, storage, spec, worker_name="test", job_fingerprint=job["fingerprint"])
+    runner = ShardRunner(generator, storage, spec, worker_name="test", passthrough=passthrough_types(source),
+                         job_fingerprint=job["fingerprint"])
     plan = job_plan(source, spec)
     assert sorted(order) == list(range(plan.num_shards))
     for index in order:
@@ -245,8 +247,9 @@ def test_killed_driver_and_killed_actors_give_the_same_bytes(reference_run, modu
 
 @pytest.fixture(scope="module")
 def mixed_job(ray_address, tmp_path_factory):
-    """One shard of 12 rows: 7 txt2img DDIM rows (batches of 4 and 3), 3 Euler a rows in one
-    batch, 2 img2img rows in one batch (an init image written here, relative path in the manifest)."""
+    """One shard of 12 rows: 6 txt2img DDIM rows (batches of 4 and 2), one DDIM row with clip
+    skip 2 (a batch of its own), 3 Euler a rows in one batch, 2 img2img rows in one batch (an
+    init image written here, relative path in the manifest)."""
     init = np.zeros((96, 80, 3), dtype=np.uint8)
     init[16:80, 10:70] = (220, 30, 30)
     init[::7] = 255
@@ -256,7 +259,7 @@ def mixed_job(ray_address, tmp_path_factory):
     rows = []
     for i in range(12):
         row = {"id": f"m{i:02d}", "prompt": f"a red circle number {i}", "seed": 1000 + i, "scheduler": None,
-               "init_image": None, "strength": None}
+               "init_image": None, "strength": None, "clip_skip": 2 if i == 10 else None}
         if i in (3, 7, 11):
             row["scheduler"] = "euler_a"
         if i in (4, 9):
@@ -284,6 +287,38 @@ def test_reproduce_txt2img_img2img_and_ancestral_rows(run_cli, mixed_job, tmp_pa
         assert target.read_bytes() == (out / index[rid]["key"]).read_bytes()
     # img2img from the init image alone differs from text-to-image (the init image is used)
     assert not np.array_equal(pixels(out / index["m09"]["key"]), pixels(out / index["m00"]["key"]))
+
+
+def test_clip_skip_row_end_to_end(run_cli, mixed_job, tmp_path):
+    """clip_skip: its own batch, ``Clip skip: 2`` in the infotext, in the record and index; rows
+    at the default write neither (their bytes are as before the column existed); reproduce
+    matches from the image and from the index alone; and it changes the image."""
+    from sdbatch.audit import reproduce_row
+
+    out, index = mixed_job
+    row = index["m10"]
+    assert row["clip_skip"] == 2 and row["batch_rows"] == ["m10"] and index["m00"]["clip_skip"] == 1
+    text, record = read_embedded((out / row["key"]).read_bytes())
+    assert "Clip skip: 2" in text and record["clip_skip"] == 2
+    text, record = read_embedded((out / index["m00"]["key"]).read_bytes())
+    assert "Clip skip" not in text and "clip_skip" not in record
+    result = run_cli("reproduce", out, "m10", "-o", tmp_path / "m10.png")
+    assert result.returncode == 0 and "bytes match" in result.stdout, (result.stdout, result.stderr)
+    work = tmp_path / "copy"
+    shutil.copytree(out, work)
+    original = (work / row["key"]).read_bytes()
+    (work / row["key"]).unlink()
+    rebuilt = reproduce_row(str(work), "m10")
+    assert rebuilt.match and rebuilt.record_source == "index" and rebuilt.data == original
+    # the same row without clip skip is another image
+    from sdbatch.audit import _row_from_params
+    from sdbatch.generate import Generator
+
+    generator = Generator.load("builtin:tiny", device="cpu")
+    with_skip = _row_from_params(row)
+    without = dataclasses.replace(with_skip, clip_skip=1)
+    a, b = (np.asarray(generator.generate([r])[0]) for r in (with_skip, without))
+    assert np.abs(a.astype(int) - b.astype(int)).max() > 0
 
 
 def test_reproduce_in_process_reports_drift_and_rebuilds_a_deleted_image(mixed_job, tmp_path):

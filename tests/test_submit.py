@@ -71,6 +71,19 @@ def test_same_manifest_gives_same_bytes_with_other_worker_counts(run_cli, small_
     assert len(set(runs["1"].values())) == 24  # different seeds and prompts, different images
 
 
+def test_fewer_shards_than_workers_starts_one_worker_per_shard_and_says_how_to_spread_them(run_cli, tmp_path):
+    from conftest import write_manifest
+
+    manifest = write_manifest(tmp_path / "m.parquet", [{"prompt": f"a red square {i}", "seed": i} for i in range(3)])
+    out = tmp_path / "out"
+    result = run_cli("submit", manifest, "--out", out, "--model", "builtin:tiny", "--steps", "2", "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    assert "1 shard to generate for 2 workers: starting 1; shards hold 64 rows each" in result.stderr
+    assert "start the job with --rows-per-shard 2" in result.stderr
+    assert sorted(os.listdir(out / "metadata")) == ["00000.parquet"]  # shards are not sized by --workers
+    assert [r["status"] for r in load_index(out)] == ["ok"] * 3
+
+
 def test_driver_killed_mid_job_resumes_without_redoing_committed_shards(ray_address, tmp_path):
     from conftest import write_manifest
 

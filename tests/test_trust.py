@@ -24,7 +24,15 @@ import pytest
 from conftest import REPO, write_manifest
 
 from sdbatch.models import fingerprint_model_dir, resolve_builtin
-from sdbatch.output import JOB_KEY, OutputMismatch, claim_job, read_shard_index, records_to_parquet
+from sdbatch.output import (
+    JOB_KEY,
+    OutputMismatch,
+    claim_job,
+    index_schema,
+    read_commit,
+    read_shard_index,
+    records_to_parquet,
+)
 from sdbatch.storage import LocalStorage, StorageConfigError, open_storage
 
 FAST = ["--model", "builtin:tiny", "--steps", "2", "--rows-per-shard", "2", "--batch-size", "2", "--workers", "1"]
@@ -139,9 +147,11 @@ def test_a_new_job_refuses_an_out_holding_a_foreign_commit(kind, run_cli, tmp_pa
 
 def test_a_commit_without_this_jobs_fingerprint_is_not_trusted(tmp_path):
     storage = LocalStorage(tmp_path / "out")
-    storage.put("metadata/00000.parquet", records_to_parquet([{"id": "x", "row": 0}], "another-job"))
+    storage.put("metadata/00000.parquet", records_to_parquet([{"id": "x", "row": 0}], index_schema({}), "another-job"))
     with pytest.raises(OutputMismatch, match="was not written by this job .it carries fingerprint 'another-job'"):
         read_shard_index(storage, "00000", "this-job")
+    with pytest.raises(OutputMismatch, match="carries fingerprint 'another-job'"):  # the --retry-failed/--repair read
+        read_commit(storage, "00000", "this-job")
     unstamped = io.BytesIO()
     pq.write_table(pa.table({"id": ["x"], "row": [0]}), unstamped)
     storage.put("metadata/00001.parquet", unstamped.getvalue())

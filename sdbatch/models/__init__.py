@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from sdbatch.errors import BadInput
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -60,7 +62,7 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 _NOT_MODEL_FILES = ("README.md",)
 
 
-class ModelError(ValueError):
+class ModelError(BadInput, ValueError):
     """The model cannot be used: the message names the model and the fix."""
 
 

@@ -1,0 +1,243 @@
+"""The column table and the sampler table: the one definition of every per-row manifest column
+and of every sampler.
+
+For each per-row column (DESIGN §2) a ``Column`` says its name, its Arrow type (what the
+manifest builder writes and the index stores), which Arrow kinds a manifest may use for it,
+its job-spec default (``spec.RowDefaults`` is built from these), whether it is part of the
+batch key, its range rule and the fix to print, its ``--flag`` for ``sdbatch submit``, and its
+AUTOMATIC1111 infotext label. Manifest validation, ``manifest.Row``, the spec, the CLI, the
+manifest builder, the index schema, the infotext and the audit's record rebuild all derive
+from ``COLUMNS``; adding a column is one entry here (and, if the pipeline must see it,
+generate.py).
+
+A leaf module: pyarrow only.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+#: Marks a column without a job-spec default (``id``, ``prompt``, ``seed``, ``init_image``).
+NO_DEFAULT: Any = type("NoDefault", (), {"__repr__": lambda self: "NO_DEFAULT"})()
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric rule: ``lo <= value <= hi`` (``lo < value`` when ``lo_open``), ``hi`` a number
+    or the name of a ``limits`` key; optionally a multiple of a power of two, or finite."""
+
+    lo: float
+    hi: float | str
+    fix: str
+    lo_open: bool = False
+    multiple_of: int | None = None
+    finite: str | None = None  # the fix for NaN/infinity; None: the column is an integer
+
+    def upper(self, limits: Any) -> float:
+        return getattr(limits, self.hi) if isinstance(self.hi, str) else self.hi
+
+    def text(self, name: str, limits: Any) -> str:
+        hi = self.upper(limits)
+        hi_text = f"{hi:,}" if isinstance(hi, int) else f"{hi:g}"
+        where = f" (limits.{self.hi})" if isinstance(self.hi, str) else ""
+        return f"{self.lo:g} {'<' if self.lo_open else '<='} {name} <= {hi_text}{where}"
+
+    def accepts(self, value: float, limits: Any) -> bool:
+        low_ok = value > self.lo if self.lo_open else value >= self.lo
+        on_grid = self.multiple_of is None or value % self.multiple_of == 0
+        return low_ok and value <= self.upper(limits) and on_grid and value == value  # NaN fails
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    arrow_type: pa.DataType  # the manifest builder's type, and the index's
+    kinds: frozenset[str]  # Arrow kinds a manifest may use (see manifest._kind)
+    expected: str  # "a string column": said when the kind is wrong
+    type_fix: str
+    default: Any = NO_DEFAULT  # the job-spec default (RowDefaults.<name>)
+    spec_bounds: dict[str, float] = field(default_factory=dict)  # pydantic Field bounds on the default
+    description: str = ""
+    flag: str | None = None  # the ``sdbatch submit`` option setting defaults.<name>
+    batch_key: bool = False  # rows must agree on it to share one batch (DESIGN §3)
+    nullable: bool = False  # Row holds None for "not applicable" (init_image, strength)
+    range: Range | None = None
+    #: AUTOMATIC1111 infotext: label, rank in A1111's parameter order, and the value to write
+    #: for a record (None: leave the parameter out, as A1111 does)
+    a1111: str | None = None
+    a1111_rank: int = 0
+    a1111_value: Callable[[dict[str, Any]], Any] | None = None
+    #: added after the record format was fixed: the image record holds it only when it differs
+    #: from its default, so images made before it existed keep their bytes and reproduce
+    recorded_when_set: bool = False
+
+    @property
+    def python_type(self) -> type:
+        return {pa.string(): str, pa.int64(): int, pa.float64(): float}[self.arrow_type]
+
+    def coerce(self, value: Any) -> Any:
+        """A stored value (index, record) as the Row holds it; None → the default
+        (or None for a nullable column)."""
+        if value is None:
+            return None if self.nullable or self.default is NO_DEFAULT else self.default
+        return self.python_type(value)
+
+
+# =============================================================================================
+# Samplers
+# =============================================================================================
+
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str  # the sdbatch name, as manifests and specs write it
+    a1111: str  # the AUTOMATIC1111 sampler name written in infotext
+    diffusers_class: str  # a scheduler class exported by ``diffusers``
+    overrides: dict[str, Any] = field(default_factory=dict)  # on top of the model's scheduler config
+    requires: tuple[str, ...] = ()  # modules the class imports when built (pip names)
+
+
+#: ``dpmpp_2m_karras`` is written with the legacy single A1111 name "DPM++ 2M Karras", which
+#: every infotext parser understands (encode.py).
+SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
+    Sampler("ddim", "DDIM", "DDIMScheduler"),
+    Sampler("pndm", "PLMS", "PNDMScheduler", {"skip_prk_steps": True}),
+    Sampler("lms", "LMS", "LMSDiscreteScheduler", requires=("scipy",)),
+    Sampler("euler", "Euler", "EulerDiscreteScheduler"),
+    Sampler("euler_a", "Euler a", "EulerAncestralDiscreteScheduler"),
+    Sampler("dpmpp_2m", "DPM++ 2M", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    Sampler("dpmpp_2m_karras", "DPM++ 2M Karras", "DPMSolverMultistepScheduler",
+            {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    Sampler("unipc", "UniPC", "UniPCMultistepScheduler"),
+)}
+SCHEDULERS: tuple[str, ...] = tuple(SAMPLERS)
+
+
+# =============================================================================================
+# Columns
+# =============================================================================================
+
+
+def _int(name: str) -> Callable[[dict[str, Any]], Any]:
+    return lambda r: int(r[name]) if r.get(name) is not None else None
+
+
+def _float(name: str) -> Callable[[dict[str, Any]], Any]:
+    return lambda r: float(r[name]) if r.get(name) is not None else None
+
+
+def _size(r: dict[str, Any]) -> str | None:
+    w, h = r.get("width"), r.get("height")
+    return f"{int(w)}x{int(h)}" if w is not None and h is not None else None
+
+
+def _sampler(r: dict[str, Any]) -> str | None:
+    s = r.get("scheduler")
+    if s is None or s == "":
+        return None
+    return SAMPLERS[s].a1111 if s in SAMPLERS else str(s)
+
+
+def _denoising(r: dict[str, Any]) -> float | None:
+    # A1111 writes the denoising strength for img2img only
+    has_init = r.get("init_image") not in (None, "")
+    return float(r["strength"]) if has_init and r.get("strength") is not None else None
+
+
+def _clip_skip(r: dict[str, Any]) -> int | None:
+    # A1111 leaves "Clip skip" out at 1 (no layer skipped)
+    v = r.get("clip_skip")
+    return int(v) if v is not None and int(v) > 1 else None
+
+
+_TEXT = frozenset({"string"})
+_INT = frozenset({"int"})
+_NUMBER = frozenset({"float", "int"})
+
+
+def _int_fix(name: str) -> str:
+    return f"write {name} as int64 (pandas nullable 'Int64' when some rows use the default)"
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("id", pa.string(), frozenset({"string", "int"}), "a string or integer column",
+           "write ids as strings (or integers)"),
+    Column("prompt", pa.string(), _TEXT, "a string column",
+           "write the prompts as strings (pandas: df['prompt'] = df['prompt'].astype(str))"),
+    Column("negative_prompt", pa.string(), _TEXT, "a string column",
+           "write it as strings, nulls for rows that use the job default", default=""),
+    Column("seed", pa.int64(), _INT, "an integer column (int64)",
+           "write seeds as int64; for rows without a seed drop the column or fill it "
+           "(pandas turns ints with NaN into float64 — use the nullable dtype 'Int64')",
+           a1111="Seed", a1111_rank=40, a1111_value=_int("seed")),
+    Column("steps", pa.int64(), _INT, "an integer column", _int_fix("steps"), default=20,
+           spec_bounds={"ge": 1}, flag="--steps", batch_key=True,
+           description="Default steps for rows without a value.",
+           range=Range(1, "max_steps", "use fewer steps, or raise the limit: --set limits.max_steps=N"),
+           a1111="Steps", a1111_rank=10, a1111_value=_int("steps")),
+    Column("guidance_scale", pa.float64(), _NUMBER, "a float column", "write guidance_scale as float64",
+           default=7.5, spec_bounds={"ge": 0}, flag="--guidance-scale", batch_key=True,
+           range=Range(0, "max_guidance", "use a guidance in range (typical: 3..12), or raise limits.max_guidance",
+                       finite="use a number such as 7.5, or null for the job default"),
+           a1111="CFG scale", a1111_rank=30, a1111_value=_float("guidance_scale")),
+    Column("width", pa.int64(), _INT, "an integer column", _int_fix("width"), default=64,
+           spec_bounds={"ge": 8}, flag="--width", batch_key=True,
+           range=Range(64, "max_width", "use a smaller width, or raise the limit: --set limits.max_width=N",
+                       multiple_of=8),
+           a1111="Size", a1111_rank=50, a1111_value=_size),
+    Column("height", pa.int64(), _INT, "an integer column", _int_fix("height"), default=64,
+           spec_bounds={"ge": 8}, flag="--height", batch_key=True,
+           range=Range(64, "max_height", "use a smaller height, or raise the limit: --set limits.max_height=N",
+                       multiple_of=8)),
+    Column("scheduler", pa.string(), _TEXT, "a string column", "write scheduler names as strings, e.g. 'euler_a'",
+           default="ddim", flag="--scheduler", batch_key=True, description=f"Default sampler: {', '.join(SCHEDULERS)}.",
+           a1111="Sampler", a1111_rank=20, a1111_value=_sampler),
+    Column("init_image", pa.string(), _TEXT, "a string column",
+           "write init_image as path strings (relative to the manifest) or s3:// URIs", nullable=True),
+    Column("strength", pa.float64(), _NUMBER, "a float column", "write strength as float64",
+           default=0.75, spec_bounds={"gt": 0, "le": 1}, batch_key=True, nullable=True,
+           description="used only by rows with init_image",
+           range=Range(0, 1, "use a strength such as 0.75", lo_open=True),
+           a1111="Denoising strength", a1111_rank=70, a1111_value=_denoising),
+    Column("clip_skip", pa.int64(), _INT, "an integer column", _int_fix("clip_skip"), default=1,
+           spec_bounds={"ge": 1, "le": 12}, flag="--clip-skip", batch_key=True,
+           description="AUTOMATIC1111's Clip skip: 1 = the text encoder's last layer (the default), "
+                       "2 = its penultimate layer, ...",
+           range=Range(1, 12, "use a clip skip in 1..12 (1 = the last layer; 2 is common for anime models)"),
+           a1111="Clip skip", a1111_rank=80, a1111_value=_clip_skip, recorded_when_set=True),
+)
+
+COLUMN: dict[str, Column] = {c.name: c for c in COLUMNS}
+#: The per-row columns of DESIGN §2. Every other manifest column is a passthrough column.
+KNOWN_COLUMNS: tuple[str, ...] = tuple(COLUMN)
+#: The columns that have a job-spec default (the fields of ``spec.RowDefaults``).
+DEFAULTED: tuple[Column, ...] = tuple(c for c in COLUMNS if c.default is not NO_DEFAULT)
+#: The columns rows must agree on to share a batch (with img2img-or-not).
+BATCH_KEY: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.batch_key)
+
+
+def arrow_types() -> dict[str, pa.DataType]:
+    return {c.name: c.arrow_type for c in COLUMNS}
+
+
+def record_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
+    """A row's parameters as an image record holds them (see ``Column.recorded_when_set``)."""
+    return {k: v for k, v in parameters.items()
+            if not (k in COLUMN and COLUMN[k].recorded_when_set and v == COLUMN[k].default)}
+
+
+def fingerprint_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
+    """The spec defaults as the job fingerprint hashes them: a column added later counts only
+    when set, so a job started before it existed still resumes."""
+    return record_parameters(defaults)
+
+
+def suggest(name: str, choices: Iterable[str]) -> str | None:
+    """The closest of ``choices`` to a misspelled ``name`` (``widht`` → ``width``), if any is close."""
+    close = difflib.get_close_matches(name.lower().strip(), list(choices), n=1, cutoff=0.75)
+    return close[0] if close else None

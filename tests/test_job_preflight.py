@@ -1,0 +1,136 @@
+"""Job-level problems found before any worker starts: exit 2, a message naming what is wrong
+and the fix, nothing written (issue 11). Validation runs in process (CliRunner); ``submit``
+runs as a subprocess, and every case here stops before Ray starts.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from conftest import write_manifest
+from sdbatch.cli import app
+
+runner = CliRunner()
+
+
+def validate(*args) -> tuple[int, str]:
+    result = runner.invoke(app, ["validate", *map(str, args)])
+    return result.exit_code, " ".join((result.stdout + result.stderr).split())
+
+
+def submit(*args: object, prelude: str = "pass") -> subprocess.CompletedProcess:
+    """``sdbatch submit`` in a subprocess; ``prelude`` runs first (to hide a package)."""
+    code = f"import sys; {prelude}; from sdbatch.cli import main; sys.argv = ['sdbatch', 'submit', *sys.argv[1:]]; main()"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_id_storage_would_refuse_is_a_validation_error(tmp_path):
+    path = write_manifest(tmp_path / "m.parquet", [{"id": "ok-1", "prompt": "a"}, {"id": "x.sdbatch-tmp-y", "prompt": "b"}])
+    code, text = validate(path)
+    assert code == 2 and "row 1 (id 'x.sdbatch-tmp-y'), column 'id'" in text and "'.sdbatch-tmp-'" in text, text
+
+
+@pytest.mark.parametrize("value, type_text", [
+    (datetime.datetime(2024, 5, 1, 12), "timestamp[us]"),
+    (datetime.date(2024, 5, 1), "date32[day]"),
+    (decimal.Decimal("1.25"), "decimal128(3, 2)"),
+    (b"\x00\x01", "binary"),
+    (datetime.timedelta(seconds=3), "duration[us]"),
+    ([datetime.date(2024, 5, 1)], "date32[day]"),  # nested
+])
+def test_passthrough_types_the_record_cannot_hold_are_refused(tmp_path, value, type_text):
+    path = write_manifest(tmp_path / "m.parquet", [{"prompt": "a", "taken": value}])
+    code, text = validate(path)
+    assert code == 2, text
+    assert "column 'taken'" in text and f"no faithful form for {type_text}" in text and "cast the column to string" in text
+
+
+def test_mixed_passthrough_types_across_files_are_refused(tmp_path):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    write_manifest(folder / "a.parquet", [{"prompt": "a", "label": 1}])
+    write_manifest(folder / "b.parquet", [{"prompt": "b", "label": "one"}])
+    write_manifest(folder / "c.parquet", [{"prompt": "c", "label": None}])  # all-null: fine
+    code, text = validate(folder)
+    assert code == 2 and "1 error in total" in text and "row 1, column 'label'" in text, text
+    assert f"{folder / 'a.parquet'}: int64; {folder / 'b.parquet'}: string" in text and "row 1" in text
+
+
+def test_footer_row_count_that_disagrees_with_the_data_is_refused(tmp_path):
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(300)]}), path)
+    data = path.read_bytes()
+    size = struct.unpack("<i", data[-8:-4])[0]
+    footer = data[-8 - size:-8]
+    at = footer.find(bytes([0x16, 0xD8, 0x04]))  # FileMetaData.num_rows = 300 (zigzag varint), before the row groups
+    path.write_bytes(data[:-8 - size] + footer[:at] + bytes([0x16, 0xDA, 0x04]) + footer[at + 3:] + data[-8:])
+    assert pq.ParquetFile(path).metadata.num_rows == 301
+    code, text = validate(path)
+    assert code == 2 and "footer says 301 rows but its data holds 300" in text and "Traceback" not in text, text
+
+
+def test_misspelled_columns_warn_and_strict_refuses(tmp_path):
+    path = write_manifest(tmp_path / "m.parquet", [{"promt_x": "x", "prompt": "a", "widht": 64, "negativ_prompt": "b",
+                                                    "label": "cat"}])
+    code, text = validate(path)
+    assert code == 0, text
+    assert "column 'widht' is not a per-row column" in text and "did you mean 'width'?" in text
+    assert "did you mean 'negative_prompt'?" in text and text.count("warning: ") == 2  # not 'label', not 'promt_x'
+
+    code, text = validate(path, "--strict")
+    assert code == 2 and "(--strict refuses it)" in text and "rename it to 'width'" in text, text
+    out = tmp_path / "out"
+    refused = submit(path, "--out", out, "--strict")
+    assert refused.returncode == 2 and "did you mean 'width'?" in refused.stderr and not out.exists(), refused.stderr
+    # without --strict submit warns (here it then stops at a missing model, before Ray)
+    warned = submit(path, "--out", out, "--model", tmp_path / "no-model")
+    assert warned.returncode == 2 and "warning: column 'widht'" in warned.stderr and not out.exists(), warned.stderr
+
+
+def test_unknown_set_key_suggests_the_known_one(tmp_path):
+    path = write_manifest(tmp_path / "m.parquet", [{"prompt": "a"}])
+    result = submit(path, "--out", tmp_path / "out", "--set", "defaults.stpes=3")
+    assert result.returncode == 2 and "did you mean `defaults.steps`?" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_sampler_missing_its_package_is_refused_naming_the_pip_command(tmp_path):
+    path = write_manifest(tmp_path / "m.parquet", [{"prompt": "a", "scheduler": "lms"}, {"prompt": "b"}])
+    out = tmp_path / "out"
+    result = submit(path, "--out", out, prelude="sys.modules['scipy'] = None")  # as if scipy were not installed
+    assert result.returncode == 2, result.stderr
+    assert "the 'lms' sampler (1 rows) needs the Python package scipy" in result.stderr
+    assert "pip install scipy" in result.stderr and "Traceback" not in result.stderr and not out.exists()
+
+
+def test_clip_skip_flag_sets_the_default(tmp_path):
+    path = write_manifest(tmp_path / "m.parquet", [{"prompt": "a"}])
+    result = submit(path, "--out", tmp_path / "out", "--clip-skip", "13")
+    assert result.returncode == 2 and "defaults.clip_skip" in result.stderr and not Path(tmp_path / "out").exists()
+
+
+def test_a_sampler_the_model_cannot_build_fails_the_worker_start(tmp_path):
+    """Every installed sampler is built when a worker loads the model, so one that cannot be
+    built from the model's scheduler config fails the start (job-level), naming the sampler."""
+    import json
+    import shutil
+
+    from sdbatch.generate import Generator, ModelError
+    from sdbatch.models import local_model_dir
+
+    model = tmp_path / "tiny"
+    shutil.copytree(local_model_dir("builtin:tiny"), model)
+    config = model / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "solver_type": "no-such-solver"}))  # DDIM ignores it
+    with pytest.raises(ModelError, match=r"sampler 'dpmpp_2m' \(DPMSolverMultistepScheduler\) cannot be built .*no-such-solver"):
+        Generator.load(str(model), device="cpu")
