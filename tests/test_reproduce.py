@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -221,7 +222,7 @@ def test_killed_driver_and_killed_actors_give_the_same_bytes(reference_run, modu
     assert not (resumed / "_SUCCESS").exists()
     rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
-    assert "shards already committed" in rerun.stdout.replace("\n", " ")
+    assert re.search(r"\b[1-9]\d* shards? already committed", rerun.stdout.replace("\n", " "))  # however many the kill left
     assert image_hashes(resumed) == reference
 
     # 2. worker processes exit mid-shard (after a batch; images of the attempt partly stored)
@@ -317,7 +318,7 @@ def test_clip_skip_row_end_to_end(run_cli, mixed_job, tmp_path):
     generator = Generator.load("builtin:tiny", device="cpu")
     with_skip = _row_from_params(row)
     without = dataclasses.replace(with_skip, clip_skip=1)
-    a, b = (np.asarray(generator.generate([r])[0]) for r in (with_skip, without))
+    a, b = (generator.generate([r]).pixels[0] for r in (with_skip, without))
     assert np.abs(a.astype(int) - b.astype(int)).max() > 0
 
 
