@@ -154,7 +154,7 @@ def runner_rate(folder: Path, model_dir: Path, manifest: Path, overrides: dict, 
     plan = job_plan(source, spec)
     generator = Generator.load(str(model_dir), device=spec.model.device, dtype=spec.model.dtype, compile=spec.model.compile)
     out = folder / f"runner-{time.monotonic_ns()}"
-    runner = ShardRunner(generator, LocalStorage(out), spec)
+    runner = ShardRunner(generator, LocalStorage(out), spec, job_fingerprint="bench")
     shards = list(plan.pending())
     runner.run_shard(shards[0], read_rows_at(source, spec, shards[0].rows))
     t0 = time.perf_counter()

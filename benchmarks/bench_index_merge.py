@@ -58,17 +58,18 @@ for number, start in enumerate(range(0, rows, rps)):
         "luma_mean": [120.5] * n, "luma_std": [40.25] * n, "blank": [False] * n, "clip_score": pa.nulls(n),
         "duplicate_of": pa.nulls(n),
     })
+    table = table.replace_schema_metadata({b"sdbatch.job_fingerprint": b"bench"})  # the job's stamp
     pq.write_table(table, out / "metadata" / f"{name}.parquet", compression="zstd")
 """
 
 MERGE = {
     "in memory": (
-        "from sdbatch.output import INDEX_KEY, _committed_index, table_to_parquet\n"
-        "storage.put(INDEX_KEY, table_to_parquet(_committed_index(storage)))\n"
+        "from sdbatch.output import INDEX_KEY, committed_index, table_to_parquet\n"
+        "storage.put(INDEX_KEY, table_to_parquet(committed_index(storage, 'bench')[0]))\n"
     ),
     "streaming": (
         "import pyarrow as pa\nfrom sdbatch.output import merge_index\n"
-        "merge_index(storage, {'label': pa.int64()}, int(sys.argv[2]))\n"
+        "merge_index(storage, {'label': pa.int64()}, 'bench', int(sys.argv[2]))\n"
     ),
 }
 PRELUDE = "import sys\nfrom sdbatch.storage import LocalStorage\nstorage = LocalStorage(sys.argv[1])\n"

@@ -27,7 +27,7 @@ from _common import commit_rate
 from PIL import Image
 
 from sdbatch.manifest import open_manifest
-from sdbatch.models import local_model_fingerprint
+from sdbatch.models import preflight
 from sdbatch.models.null_model import draw
 from sdbatch.output import job_record
 from sdbatch.scheduler import connect_ray, run_job
@@ -58,7 +58,7 @@ def job_rate(folder: Path, path: Path, size: int, cpus: int, rows_per_shard: int
                                 "resources.rows_per_shard": rows_per_shard, "resources.batch_size": rows_per_shard})
     source = open_manifest(str(path))
     storage = open_storage(str(out))
-    job = job_record(spec, source, local_model_fingerprint("builtin:null"))
+    job = job_record(spec, source, preflight("builtin:null").pin)
     t0 = time.perf_counter()
     outcome = run_job(spec, source, storage, job, interactive=False)
     wall = time.perf_counter() - t0

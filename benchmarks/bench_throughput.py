@@ -264,7 +264,7 @@ class Bench:
         gen = self.generator("sdbatch")
         storage = self.storage_for(f"sdbatch-r{round_no}")
         self.warm_storage("sdbatch")
-        runner = ShardRunner(gen, storage, self.spec, endpoint_url=self.endpoint)
+        runner = ShardRunner(gen, storage, self.spec, endpoint_url=self.endpoint, job_fingerprint="bench")
         try:
             t0 = time.perf_counter()
             results = [runner.run_shard(shard, rows) for shard, rows in self.shard_rows]

@@ -29,17 +29,23 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from sdbatch import encode
 from sdbatch.columns import BATCH_KEY, COLUMN, COLUMNS, KNOWN_COLUMNS, record_parameters
 from sdbatch.errors import BadInput
 from sdbatch.manifest import RESERVED_COLUMNS, Row
 from sdbatch.output import (
+    FINGERPRINT_META,
+    INDEX_COLUMN_TYPES,
     INDEX_KEY,
     JOB_KEY,
     STATUS_OK,
     SUCCESS_KEY,
-    read_index,
+    OutputMismatch,
+    committed_index,
+    merge_index,
     read_json,
 )
 from sdbatch.spec import JobSpec
@@ -78,6 +84,7 @@ class JobOutput:
     index: list[dict[str, Any]]
     index_source: str  # "index.parquet" or "N committed shard indexes"
     finished: bool
+    index_error: str | None = None  # index.parquet is there but not this job's readable index
 
     @property
     def output_format(self) -> str:
@@ -96,10 +103,22 @@ def open_job(storage: Storage | str, *, endpoint_url: str | None = None) -> JobO
     if job is None:
         raise AuditError(f"no sdbatch job at {storage.url} (no {JOB_KEY})")
     spec = JobSpec.model_validate(job["spec"])
-    table, shards_merged = read_index(storage)
-    finished = shards_merged is None and storage.exists(SUCCESS_KEY)
-    source = INDEX_KEY if shards_merged is None else f"{shards_merged} committed shard indexes (job unfinished)"
-    return JobOutput(storage, job, spec, table.to_pylist() if table.num_rows else [], source, finished)
+    index_error = None
+    try:
+        table = pq.read_table(io.BytesIO(storage.get(INDEX_KEY)))
+        if (table.schema.metadata or {}).get(FINGERPRINT_META) != job["fingerprint"].encode():
+            raise ValueError("it does not carry this job's fingerprint")
+        source = INDEX_KEY
+    except (NotFound, pa.ArrowInvalid, ValueError) as exc:
+        if not isinstance(exc, NotFound):
+            index_error = f"{INDEX_KEY} is not this job's readable index ({exc}); rebuild it with --rebuild-index"
+        try:
+            table, merged = committed_index(storage, job["fingerprint"])
+        except OutputMismatch as foreign:
+            raise AuditError(str(foreign)) from None
+        source = f"{merged} committed shard indexes" + ("" if index_error else " (job unfinished)")
+    finished = source == INDEX_KEY and storage.exists(SUCCESS_KEY)
+    return JobOutput(storage, job, spec, table.to_pylist() if table.num_rows else [], source, finished, index_error)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,6 +476,9 @@ class VerifyReport:
     mismatched: list[tuple[str, str, str]] = field(default_factory=list)  # (id, key, what)
     duplicates: list[str] = field(default_factory=list)  # ids indexed more than once
     orphans: list[str] = field(default_factory=list)  # objects no committed index row names
+    foreign: list[tuple[str, str]] = field(default_factory=list)  # (id, key): an object there that is not the row's
+    index_problems: list[str] = field(default_factory=list)  # the index disagrees with job.json, manifest or commits
+    notes: list[str] = field(default_factory=list)
     regenerate_seed: int | None = None
     regenerated: list[ReproduceResult] = field(default_factory=list)
     regenerate_errors: list[tuple[str, str]] = field(default_factory=list)  # (id, message)
@@ -468,7 +490,8 @@ class VerifyReport:
     @property
     def clean(self) -> bool:
         """Orphans do not count: readers trust the index, never a listing (DESIGN §4)."""
-        return not (self.missing or self.mismatched or self.duplicates or self.drift or self.regenerate_errors)
+        return not (self.missing or self.mismatched or self.duplicates or self.drift or self.regenerate_errors
+                    or self.foreign or self.index_problems)
 
     def render(self, limit: int = 20) -> str:
         lines = [
@@ -487,6 +510,12 @@ class VerifyReport:
             if len(items) > limit:
                 lines.append(f"    … and {len(items) - limit} more")
 
+        lines.extend(f"  note       {n}" for n in self.notes)
+        if self.index_problems:
+            section("index", self.index_problems)
+        if self.foreign:
+            section("foreign", [f"{i}  {k}  (an object sdbatch did not write sits at this row's key; the row failed)"
+                                for i, k in self.foreign])
         section("missing", [f"{i}  {k}" for i, k in self.missing])
         section("mismatched", [f"{i}  {k}  ({w})" for i, k, w in self.mismatched])
         if self.duplicates:
@@ -591,12 +620,19 @@ def verify(
     threads: int = 16,
     model: str | None = None,
     progress: Callable[[str], None] | None = None,
+    rebuild_index: bool = False,
 ) -> VerifyReport:
-    """Check every index row's object (exists, recorded size, recorded sha256), list orphan
-    objects, and optionally regenerate ``regenerate`` random ok rows (chosen with ``seed``;
-    a random seed is drawn and reported when none is given) and report drift."""
+    """Check the index against ``job.json``, the manifest (when reachable) and the commits,
+    every index row's object (exists, recorded size, recorded sha256), list orphan objects,
+    and optionally regenerate ``regenerate`` random ok rows (chosen with ``seed``; a random
+    seed is drawn and reported when none is given) and report drift. ``rebuild_index``
+    first rewrites a finished job's missing, corrupt or incomplete index from its commits."""
     out = open_job(storage, endpoint_url=endpoint_url)
     storage = out.storage
+    rebuilt = None
+    if rebuild_index:
+        rebuilt = _rebuild_index(out, progress)
+        out = open_job(storage)
     statuses = [r.get("status") for r in out.index]
     report = VerifyReport(
         url=storage.url,
@@ -606,6 +642,10 @@ def verify(
         rows_in_index=len(out.index),
         rows_failed=sum(s != STATUS_OK for s in statuses),
     )
+    if rebuilt:
+        report.notes.append(rebuilt)
+    report.index_problems = _index_problems(out, progress)
+    report.foreign = [(r["id"], r["key"]) for r in out.index if r.get("status") != STATUS_OK and r.get("key")]
     seen: dict[str, int] = {}
     for r in out.index:
         seen[r["id"]] = seen.get(r["id"], 0) + 1
@@ -639,3 +679,70 @@ def verify(
             except (AuditError, StorageError, ValueError) as exc:
                 report.regenerate_errors.append((rid, str(exc)))
     return report
+
+
+def _manifest_ids(job: dict[str, Any]) -> list[str] | None:
+    """The ids of the job's manifest in row order, if it is reachable and unchanged."""
+    from sdbatch.manifest import ManifestError, default_row_id, iter_row_batches, open_manifest
+
+    try:
+        manifest = open_manifest(job["manifest"]["source"])
+        if manifest.fingerprint != job["manifest"]["fingerprint"]:
+            return None
+        if "id" not in manifest.columns:
+            return [default_row_id(i) for i in range(manifest.num_rows)]
+        return [v for rb in iter_row_batches(manifest, columns=["id"]) for v in rb.column(0).to_pylist()]
+    except (ManifestError, StorageError, OSError):
+        return None
+
+
+def _index_problems(out: JobOutput, progress: Callable[[str], None] | None) -> list[str]:
+    """How the index disagrees with job.json (row count), the manifest (ids, when reachable)
+    and the commits (the rows they hold)."""
+    problems = [out.index_error] if out.index_error else []
+    ids = [r["id"] for r in out.index]
+    total = int(out.job["manifest"]["num_rows"])
+    if out.finished and len(ids) != total:
+        problems.append(f"{INDEX_KEY} holds {len(ids)} rows, the job's manifest {total} (job.json); "
+                        "rebuild it with --rebuild-index")
+    if out.index_source == INDEX_KEY:
+        if progress:
+            progress("comparing the index with the commits")
+        commits, _ = committed_index(out.storage, out.job["fingerprint"])
+        committed = {r["id"]: (r["key"], r["sha256"], r["status"]) for r in commits.to_pylist()} if commits.num_rows else {}
+        indexed = {r["id"]: (r["key"], r["sha256"], r["status"]) for r in out.index}
+        lost = sorted(set(committed) - set(indexed))
+        if lost:
+            problems.append(f"{len(lost)} committed rows are not in {INDEX_KEY} (e.g. {', '.join(lost[:5])}); "
+                            "rebuild it with --rebuild-index")
+        differ = sorted(i for i in set(committed) & set(indexed) if committed[i] != indexed[i])
+        if differ:
+            problems.append(f"{len(differ)} rows of {INDEX_KEY} differ from their commit (e.g. {', '.join(differ[:5])}); "
+                            "rebuild it with --rebuild-index")
+        unknown = sorted(set(indexed) - set(committed))
+        if unknown:
+            problems.append(f"{len(unknown)} rows of {INDEX_KEY} are in no commit (e.g. {', '.join(unknown[:5])})")
+    expected = _manifest_ids(out.job)
+    if expected is None:
+        return problems
+    present = set(ids)
+    absent = [i for i in expected if i not in present] if out.finished else []
+    strangers = sorted(present - set(expected))
+    if absent:
+        problems.append(f"{len(absent)} manifest rows are not in the index (e.g. {', '.join(absent[:5])})")
+    if strangers:
+        problems.append(f"{len(strangers)} index rows are not in the manifest (e.g. {', '.join(strangers[:5])})")
+    return problems
+
+
+def _rebuild_index(out: JobOutput, progress: Callable[[str], None] | None) -> str:
+    """Rewrite a finished job's index from its commits (the driver's own merge)."""
+    if not out.storage.exists(SUCCESS_KEY):
+        raise AuditError(f"{out.storage.url}: the job is not finished (no {SUCCESS_KEY}); its driver writes the "
+                         "index when every shard is committed — run the job's submit command again instead")
+    if progress:
+        progress("rebuilding the index from the commits")
+    commits, merged = committed_index(out.storage, out.job["fingerprint"])
+    passthrough = {f.name: f.type for f in commits.schema if f.name not in INDEX_COLUMN_TYPES}
+    summary = merge_index(out.storage, passthrough, out.job["fingerprint"], out.spec.scoring.duplicate_max_distance)
+    return f"rebuilt {INDEX_KEY} from {merged} commits ({summary.rows} rows)"

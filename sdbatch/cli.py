@@ -179,7 +179,8 @@ def submit(
     deadline: Optional[str] = typer.Option(None, "--deadline", help="Start no shard at or after HH:MM or a duration (90m, 2h); running shards finish, the rest wait for a rerun (exit 4)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Also regenerate rows that failed permanently in an earlier run."),
     repair: bool = typer.Option(False, "--repair", help="Also regenerate the rows `sdbatch verify` flags (image missing, or not matching its recorded sha256), through the normal commit path."),
-    new_run: bool = typer.Option(False, "--new-run", help="Start over: delete the job OUT holds (its images, metadata, index, _SUCCESS, _sdbatch state; no other file) and run this one there."),
+    new_run: bool = typer.Option(False, "--new-run", help="Start over: delete the job OUT holds (only the objects its commits and index name, and its _sdbatch state; no other file) and run this one there."),
+    allow_unauthenticated_ray: bool = typer.Option(False, "--allow-unauthenticated-ray", help="Start the local Ray cluster even with RAY_AUTH_MODE=disabled (it still listens on 127.0.0.1 only)."),
     strict: bool = typer.Option(False, "--strict", help="Refuse columns named like a misspelled per-row column (widht, promt) instead of warning."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate, preflight storage and model, and print the plan (shards, batches, fill ratio, estimate); write nothing. Exit 0, or 2 if a real submit would be refused."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
@@ -215,7 +216,8 @@ def submit(
     stdout.print(f"output → {out}" + ("  (dry run: nothing is written)" if dry_run else ""), soft_wrap=True)
     if deadline_at is not None:  # say which moment "06:30" became: it may be tomorrow's
         err.print(f"deadline: no shard starts at or after {local_time(deadline_at)}", highlight=False)
-    traits = model_traits(spec.model.name, s3_endpoint)  # before any worker starts, torch-free
+    model_ref = preflight_model(spec.model.name, s3_endpoint)  # pickles, family, pin: torch-free
+    traits = model_traits(spec.model.name, s3_endpoint)
     spec = spec.with_native_size(traits)
     lora_sha256 = adapter_hashes(spec.loras, s3_endpoint)
     source = open_manifest(manifest)
@@ -225,21 +227,24 @@ def submit(
         raise BadInput(f"manifest {manifest} has {report.issue_count} invalid values; nothing was written to {out}")
     for warning in report.warnings:
         err.print(f"warning: {warning}", soft_wrap=True, markup=False)
+    from sdbatch.manifest import check_init_image_roots
+
+    check_init_image_roots(source, spec, [out, spec.model.name])
     preflight_error = preflight_samplers(report.summary["schedulers"]) or preflight_clip_model(spec.scoring.clip_model, s3_endpoint)
     if preflight_error:
         raise BadInput(preflight_error)
-    from sdbatch.models import local_model_fingerprint
+    local_ray_environment(address, allow_unauthenticated_ray)
     from sdbatch.output import job_record
 
     storage = open_storage(
         out, endpoint_url=s3_endpoint, max_attempts=spec.retries.storage_attempts,
         max_pool_connections=spec.resources.upload_threads,
     )
+    job = job_record(spec, source, model_ref.pin, lora_sha256)
     if dry_run:
         from sdbatch.dry_run import check_output, plan_job
 
         check_output(storage)
-        job = job_record(spec, source, local_model_fingerprint(spec.model.name))
         plan = plan_job(spec, source, storage, job, new_run=new_run, endpoint_url=s3_endpoint)
         stdout.print(plan.render(), soft_wrap=True, markup=False)
         if plan.refused:
@@ -249,7 +254,6 @@ def submit(
 
     from sdbatch.scheduler import run_job
 
-    job = job_record(spec, source, local_model_fingerprint(spec.model.name), lora_sha256)
     t0 = time.monotonic()
     outcome = run_job(
         spec, source, storage, job, address=address, endpoint_url=s3_endpoint, deadline=deadline_at,
@@ -290,6 +294,23 @@ def adapter_hashes(declared: dict[str, str], endpoint_url: str | None) -> dict[s
     return hashes
 
 
+def local_ray_environment(address: str | None, allow_unauthenticated: bool) -> None:
+    """Prepare the local Ray cluster sdbatch starts when no ``--address``/``RAY_ADDRESS`` is
+    given (before ray is imported): every process of it, dashboard and agents included, gets
+    127.0.0.1 as its node IP, and Ray binds its servers to the node IP. ``ray.init`` alone turns
+    ``_node_ip_address="127.0.0.1"`` into the host's address on Linux; Ray's
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (single-machine mode, inherited by every process
+    the cluster starts) keeps it loopback. BadInput when authentication is disabled and the
+    user did not opt in."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return
+    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled" and not allow_unauthenticated:
+        raise BadInput("RAY_AUTH_MODE=disabled: the local Ray cluster would accept commands from any process on this "
+                "machine without a token. Unset RAY_AUTH_MODE (token authentication is Ray's default), or pass "
+                "--allow-unauthenticated-ray if that is really wanted; nothing was written")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+
 def preflight_samplers(used: dict[str, int]) -> str | None:
     """The Python packages the manifest's samplers need (``lms``: scipy) are installed (no import)."""
     import importlib.util
@@ -309,6 +330,18 @@ def default_out(manifest: str) -> str:
     """``./sdbatch-out/<manifest stem>/``: a glob's or directory's stem is its last plain part."""
     stem = Path(manifest.rstrip("/").split("?")[0]).stem.rstrip("*") or "manifest"
     return str(Path("sdbatch-out") / stem)
+
+
+def preflight_model(name: str, endpoint_url: str | None):
+    """Check the model before any worker starts (pickles, family; no torch import) and pin it
+    (``sdbatch.models.preflight``): its ModelRef."""
+    from sdbatch.models import preflight
+    from sdbatch.storage import StorageError
+
+    try:
+        return preflight(name, endpoint_url=endpoint_url)
+    except StorageError as exc:
+        raise BadInput(f"model {name!r}: {exc}") from None
 
 
 def preflight_clip_model(location: str | None, endpoint_url: str | None) -> str | None:
@@ -337,7 +370,7 @@ def status(
     from sdbatch.lock import lock_is_stale
     from sdbatch.output import JOB_KEY, LOCK_KEY, PROGRESS_KEY, SUCCESS_KEY, committed_shards, failed_rows_text, read_json
     from sdbatch.progress import eta_text
-    from sdbatch.storage import open_storage
+    from sdbatch.storage import NotFound, open_storage
 
     storage = open_storage(out_location, endpoint_url=s3_endpoint)
     job = read_json(storage, JOB_KEY)
@@ -346,11 +379,15 @@ def status(
     progress = read_json(storage, PROGRESS_KEY) or {}
     success = read_json(storage, SUCCESS_KEY)
     lock = read_json(storage, LOCK_KEY)
+    try:
+        lock_age = storage.age(LOCK_KEY) if lock is not None else 0.0
+    except NotFound:  # released meanwhile
+        lock, lock_age = None, 0.0
     committed = len(committed_shards(storage))
     total = job["manifest"]["num_rows"]
     shards_total = progress.get("shards_total", "?")  # the plan needs the manifest; its driver wrote it
     state = "finished" if success else progress.get("state", "not started")
-    driver_alive = lock is not None and not lock_is_stale(lock)
+    driver_alive = lock is not None and not lock_is_stale(lock, lock_age)
     if state == "running" and not driver_alive:  # progress.json's last word came from a driver that died
         state = "interrupted (no driver is running it; run the same command to resume)"
     if as_json:
@@ -371,8 +408,7 @@ def status(
     stdout.print(f"job        {job['fingerprint']}  ({job['manifest']['source']}, {total} rows)")
     stdout.print(f"state      {state}")
     if lock is not None:
-        since = time.time() - float(lock.get("heartbeat_at", 0))
-        who = f"host {lock.get('host')}, pid {lock.get('pid')}, last heartbeat {since:.0f} s ago"
+        who = f"host {lock.get('host')}, pid {lock.get('pid')}, last heartbeat {lock_age:.0f} s ago"
         stdout.print(f"driver     {who}" if driver_alive else f"driver     gone ({who}; its lease has expired)")
     stdout.print(f"shards     {committed}/{shards_total} committed")
     if progress:
@@ -455,18 +491,21 @@ def verify(
     regenerate: int = typer.Option(0, "--regenerate", min=0, help="Also regenerate K random ok rows and report drift."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for choosing the rows to regenerate (default: random, printed)."),
     model: Optional[str] = typer.Option(None, "--model", help="With --regenerate: load the model from here instead of its recorded location."),
+    rebuild_index: bool = typer.Option(False, "--rebuild-index", help="First rewrite a finished job's missing, corrupt or incomplete index.parquet from its commits."),
     s3_endpoint: Optional[str] = EndpointOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
-    """Check that every index row's object exists with its recorded size and sha256; list orphans.
+    """Check the index against job.json, the manifest and the commits, and that every index row's
+    object exists with its recorded size and sha256; list orphans.
 
     Orphans (objects under images/ or shards/ that no committed index row names) are reported
     but are not an error: readers trust the index, never a listing. Exit codes: 0 clean;
-    1 objects missing or mismatched, or regenerated rows drifted; 2 no job at OUT."""
+    1 objects missing, mismatched or foreign, the index incomplete, or regenerated rows drifted; 2 no job at OUT."""
     setup_logging(verbose)
     from sdbatch.audit import verify as run_verify
 
     report = run_verify(out_location, regenerate=regenerate, seed=seed, endpoint_url=s3_endpoint, model=model,
+                        rebuild_index=rebuild_index,
                         progress=lambda msg: err.print(msg, highlight=False) if verbose else None)
     stdout.print(report.render(), soft_wrap=True, markup=False)
     if not report.clean:

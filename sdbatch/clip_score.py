@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import CLIPModel, CLIPProcessor
 
+from sdbatch.models import check_pickles
 from sdbatch.storage import fetch_model_dir
 
 
@@ -28,7 +29,11 @@ class ClipScorer:
 
     @classmethod
     def load(cls, location: str, *, device: str = "cpu", endpoint_url: str | None = None) -> ClipScorer:
-        folder = Path(fetch_model_dir(location, endpoint_url=endpoint_url))  # refuses pickle-only folders
+        if location.startswith("s3://"):
+            folder, _ = fetch_model_dir(location, endpoint_url=endpoint_url)
+        else:
+            folder = Path(location).expanduser()
+        check_pickles(location, folder)  # the one pickle policy, as for the diffusion model
         model = CLIPModel.from_pretrained(folder, use_safetensors=True).eval().to(device)
         return cls(model, CLIPProcessor.from_pretrained(folder), device)
 

@@ -3,8 +3,10 @@
 After the same validation and model preflight as a real submit, it checks the output
 location read-only (a local OUT is not created; an S3 OUT gets the same create-once probe
 as a real submit, which deletes its probe object), reads what OUT already holds (a job to
-resume, or a different job that would be refused), and plans every pending shard into its
-canonical batches (``plan.canonical_batches``, exactly as workers will): shards, batches,
+resume, a different job, objects no job there wrote, commits not carrying this job's
+fingerprint: each refused as a real submit's claim would refuse it), and plans every
+pending shard into its canonical batches (``plan.canonical_batches``, exactly as workers
+will): shards, batches,
 fill ratio, rows per model family and per LoRA set, and a time estimate once OUT's
 progress knows a rate. The plan is the driver's own (``scheduler.job_plan``); Ray is never
 started and torch never imported.
@@ -20,7 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from sdbatch.manifest import Manifest, ManifestReader
-from sdbatch.output import JOB_KEY, PROGRESS_KEY, SUCCESS_KEY, committed_shards, read_json
+from sdbatch.output import (
+    JOB_KEY,
+    PROGRESS_KEY,
+    SUCCESS_KEY,
+    OutputMismatch,
+    committed_index,
+    committed_shards,
+    read_json,
+    refuse_foreign_objects,
+    what_changed,
+)
 from sdbatch.plan import canonical_batches
 from sdbatch.spec import JobSpec
 from sdbatch.storage import LocalStorage, Storage, StorageConfigError, open_storage
@@ -83,14 +95,15 @@ def check_output(storage: Storage) -> None:
 
 
 def model_family(name: str, endpoint_url: str | None) -> str:
-    """The diffusers pipeline class named by the model's ``model_index.json``."""
+    """The diffusers pipeline class named by the model's ``model_index.json`` (checked by the
+    same family rule as a submit's preflight)."""
+    from sdbatch.models import check_family, local_model_dir
+
     if name.startswith("s3://"):
         index = open_storage(name, endpoint_url=endpoint_url).get("model_index.json")
     else:
-        from sdbatch.models import local_model_dir
-
         index = (local_model_dir(name) / "model_index.json").read_bytes()
-    return json.loads(index).get("_class_name", "?")
+    return check_family(name, index)
 
 
 def plan_job(spec: JobSpec, manifest: Manifest, storage: Storage, job: dict[str, Any], *, new_run: bool = False,
@@ -103,14 +116,26 @@ def plan_job(spec: JobSpec, manifest: Manifest, storage: Storage, job: dict[str,
                       rows_per_shard=rps, batch_size=batch_size, family=model_family(spec.model.name, endpoint_url))
     existing = read_json(storage, JOB_KEY)
     committed: set[str] = set()
-    if existing is not None and new_run:
-        plan.out_state = f"holds job {existing.get('fingerprint')}: --new-run would delete it first"
-    elif existing is not None and existing.get("fingerprint") != job["fingerprint"]:
+    if existing is None and new_run:
+        plan.refused = (f"--new-run: {storage.url} holds no sdbatch job (no {JOB_KEY}), so there is nothing sdbatch "
+                        "may delete; choose an empty --out, or move the files there away yourself")
+    elif existing is not None and new_run:
+        plan.out_state = f"holds job {existing.get('fingerprint')}: --new-run would delete it first (only its own objects)"
+    elif existing is None:
+        try:  # what claim_job checks under the lock, read-only
+            refuse_foreign_objects(storage)
+        except OutputMismatch as exc:
+            plan.refused = str(exc)
+    elif existing.get("fingerprint") != job["fingerprint"]:
         plan.out_state = f"holds a different job ({existing.get('fingerprint')})"
-        plan.refused = (f"{storage.url} already holds a different job; choose a new --out or pass --new-run "
-                        "to replace it")
-    elif existing is not None:
+        plan.refused = (f"{storage.url} already holds a different job: {what_changed(existing, job)}; choose a new "
+                        "--out or pass --new-run to replace it")
+    else:
         committed = committed_shards(storage)
+        try:  # only commits carrying this job's fingerprint are trusted
+            committed_index(storage, job["fingerprint"])
+        except OutputMismatch as exc:
+            plan.refused = str(exc)
         finished = read_json(storage, SUCCESS_KEY) is not None
         plan.out_state = f"resumes job {job['fingerprint']}" + (" (already finished)" if finished else "")
         progress = read_json(storage, PROGRESS_KEY) or {}

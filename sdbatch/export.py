@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sdbatch.audit import split_key, tar_members
-from sdbatch.output import JOB_KEY, STATUS_OK, read_index, read_json, webdataset_key
+from sdbatch.output import JOB_KEY, STATUS_OK, OutputMismatch, read_index, read_json, webdataset_key
 from sdbatch.storage import Storage
 
 log = logging.getLogger("sdbatch.export")
@@ -46,9 +46,13 @@ class ExportError(ValueError):
 def load_index(storage: Storage) -> tuple[pa.Table, bool]:
     """The job's index — the final one, else what is committed so far — and whether it is the
     final one (only that one has ``duplicate_of`` filled in)."""
-    if read_json(storage, JOB_KEY) is None:
+    job = read_json(storage, JOB_KEY)
+    if job is None:
         raise ExportError(f"no sdbatch job at {storage.url} (no {JOB_KEY})")
-    table, shards_merged = read_index(storage)
+    try:
+        table, shards_merged = read_index(storage, job["fingerprint"])
+    except OutputMismatch as exc:  # a commit this job did not write: not exported
+        raise ExportError(str(exc)) from None
     return table, shards_merged is None
 
 

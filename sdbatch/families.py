@@ -17,6 +17,7 @@ from typing import Any
 
 from sdbatch.columns import SCHEDULERS, family_samplers
 from sdbatch.errors import BadInput
+from sdbatch.models import NULL_CLASS_NAME
 
 #: Samplers of the noise-prediction families (SD 1.x/2.x, SDXL), from the sampler table.
 DIFFUSION_SAMPLERS = family_samplers(flow=False)
@@ -50,7 +51,7 @@ FAMILIES: dict[str, Family] = {
         Family("SD3", "StableDiffusion3Pipeline", "StableDiffusion3Pipeline",
                "StableDiffusion3Img2ImgPipeline", FLOW_SAMPLERS, "transformer"),
         # builtin:null draws from seed and size alone (models.null_model): any sampler, no weights
-        Family("null (machinery)", "SdbatchNullModel", "", "", SCHEDULERS, "", fixed_size=64),
+        Family("null (machinery)", NULL_CLASS_NAME, "", "", SCHEDULERS, "", fixed_size=64),
     )
 }
 

@@ -1,9 +1,10 @@
 """Model loading and batch generation: the only module that imports torch and diffusers.
 
 ``Generator.load`` accepts ``builtin:NAME``, a local diffusers folder or an ``s3://`` prefix
-holding one, finds its family (``families.FAMILIES``: SD 1.x/2.x, SDXL, SD3) and loads the
-family's text-to-image pipeline through ``from_pretrained`` (safetensors only); its img2img
-pipeline is made with ``from_pipe``, sharing every module (no second copy of the weights).
+holding one (resolved, pinned and checked by ``sdbatch.models``), finds its family
+(``families.FAMILIES``: SD 1.x/2.x, SDXL, SD3) and loads the family's text-to-image pipeline
+through ``from_pretrained`` (safetensors only); its img2img pipeline is made with ``from_pipe``,
+sharing every module (no second copy of the weights).
 ``Generator.generate`` runs one canonical batch: rows that share size, steps, sampler,
 guidance, mode and adapter set (DESIGN §3). Each row gets its own CPU ``torch.Generator``
 seeded with the row's seed, used for its initial noise and for any per-step noise of
@@ -48,11 +49,10 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from PIL import Image
 
 from sdbatch.columns import DEFAULT_SAMPLER, SAMPLERS
-from sdbatch.errors import BadInput
 from sdbatch.families import Family, local_traits
 from sdbatch.lora import LoraSet, check_safetensors, sha256_hex
 from sdbatch.manifest import Row
-from sdbatch.models import GeneratedBatch, fingerprint_model_dir, local_model_dir
+from sdbatch.models import GeneratedBatch, ModelError, fingerprint_model_dir, resolve
 from sdbatch.storage import read_uri
 
 if TYPE_CHECKING:
@@ -70,12 +70,6 @@ LOAD_OPTIONS: dict[str, dict[str, Any]] = {
 #: LoRA adapters a worker keeps loaded; the least recently used is unloaded beyond this.
 LORA_CACHE_SIZE = 8
 
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-
-
-class ModelError(BadInput, ValueError):
-    """The model cannot be used: the message names the model and the fix."""
-
 
 # what a worker catches to retry a batch in halves (the tests inject it on CPU)
 OUT_OF_MEMORY_ERRORS: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,)
@@ -85,29 +79,6 @@ def free_device_memory() -> None:
     """Give the allocator's cached blocks back after an out-of-memory error (no-op on CPU)."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def resolve_model_dir(name: str, *, endpoint_url: str | None = None) -> Path:
-    """Turn ``--model`` into a local diffusers folder (downloading an s3:// one once per node)."""
-    if name.startswith("s3://"):
-        from sdbatch.storage import fetch_model_dir
-
-        return fetch_model_dir(name, endpoint_url=endpoint_url)
-    try:
-        return local_model_dir(name)
-    except ValueError as exc:
-        raise ModelError(str(exc)) from None
-
-
-def _refuse_pickle_weights(folder: Path) -> None:
-    weights = list(folder.rglob("*.safetensors"))
-    pickles = [p for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES]
-    if pickles and not weights:
-        names = ", ".join(str(p.relative_to(folder)) for p in pickles[:3])
-        raise ModelError(
-            f"model folder {folder} holds only pickle weights ({names}); sdbatch loads safetensors "
-            "only. Convert with `pipe.save_pretrained(dir, safe_serialization=True)`."
-        )
 
 
 def pick_device(device: str) -> str:
@@ -148,7 +119,8 @@ def resize_for_row(image: Image.Image, width: int, height: int) -> Image.Image:
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
-    fingerprint: str  # sha256 over the folder's configs and weights
+    fingerprint: str  # sha256 over every file of the folder loaded
+    pin: str  # what the job pins the model to (sdbatch.models): equals fingerprint for local folders
     device: str
     dtype: str
     versions: dict[str, str]
@@ -276,6 +248,7 @@ class Generator:
         cls,
         model: str = "builtin:shapes",
         *,
+        pin: str | None = None,
         device: str = "auto",
         dtype: str = "auto",
         endpoint_url: str | None = None,
@@ -286,14 +259,11 @@ class Generator:
         gives a ``NullGenerator``, which has this class's interface."""
         from sdbatch.models.null_model import NullGenerator, is_null_model
 
-        folder = resolve_model_dir(model, endpoint_url=endpoint_url)
+        folder, found_pin = resolve(model, pin=pin, endpoint_url=endpoint_url)
+        fingerprint = fingerprint_model_dir(folder) if model.startswith("s3://") else found_pin
         if is_null_model(folder):
-            return NullGenerator.from_folder(model, folder, fingerprint_model_dir(folder))
-        _refuse_pickle_weights(folder)
-        try:
-            family = local_traits(folder).family
-        except ValueError as exc:
-            raise ModelError(str(exc)) from None
+            return NullGenerator.from_folder(model, folder, fingerprint, found_pin)
+        family = local_traits(folder).family  # resolve() checked the family; this names its pipelines
         device = pick_device(device)
         torch_dtype = pick_dtype(dtype, device)
         pipeline_cls = getattr(diffusers, family.txt2img)
@@ -319,7 +289,8 @@ class Generator:
             versions["torch_compile"] = family.denoiser  # compiled kernels can change the low bits: recorded
         info = ModelInfo(
             name=model,
-            fingerprint=fingerprint_model_dir(folder),
+            fingerprint=fingerprint,
+            pin=found_pin,
             device=device,
             dtype=str(torch_dtype).removeprefix("torch."),
             versions=versions,

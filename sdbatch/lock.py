@@ -2,7 +2,10 @@
 
 The lock is a lease: created once, renewed every HEARTBEAT_S, valid for LOCK_LEASE_S after its
 last renewal, and taken over by another driver only once expired (or, on the same host, once
-its process is gone). Renewal and takeover are compare-and-swap writes on the store
+its process is gone). A lease's age is measured by the storage's own clock (the lock object's
+modification time: S3 ``Last-Modified`` against the server's ``Date``, a local file's mtime),
+never by a time the writer put in the body, so clock skew between hosts cannot expire or
+extend a lease; the body carries a renewal count instead, so every renewal writes new bytes. Renewal and takeover are compare-and-swap writes on the store
 (``Storage.replace_if``: S3 ``If-Match``, a local ``flock``). Needs no Ray, so ``sdbatch
 status`` can say who holds a job.
 """
@@ -14,14 +17,13 @@ import logging
 import os
 import socket
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from sdbatch.errors import BadInput
 from sdbatch.output import LOCK_KEY, CorruptState, parse_json, read_json
-from sdbatch.progress import local_time, utc_now
+from sdbatch.progress import utc_now
 from sdbatch.storage import NotFound, Storage
 
 log = logging.getLogger("sdbatch.lock")
@@ -49,6 +51,7 @@ class JobLock:
     storage: Storage
     owner: dict[str, Any]
     tag: str = ""
+    renewals: int = 0  # a monotonic count: each renewal's body differs from the last
     lost: dict[str, Any] | None = None  # the lock body of the driver that took over
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -69,10 +72,14 @@ class JobLock:
             except NotFound:  # released meanwhile: try to create it again
                 continue
             held = parse_json(storage, LOCK_KEY, stored)
-            if not lock_is_stale(held):
+            try:
+                age = storage.age(LOCK_KEY)
+            except NotFound:
+                continue
+            if not lock_is_stale(held, age):
                 raise LockHeld(
                     f"{storage.url} is being written by another sdbatch driver "
-                    f"(host {held.get('host')}, pid {held.get('pid')}, last heartbeat {local_time(float(held.get('heartbeat_at', 0)))}). "
+                    f"(host {held.get('host')}, pid {held.get('pid')}, last heartbeat {age:.0f} s ago by the storage's clock). "
                     f"Wait for it to finish, or for its lease to expire ({int(LOCK_LEASE_S)} s after its last "
                     "heartbeat) if it died."
                 )
@@ -88,8 +95,8 @@ class JobLock:
         return lock
 
     def _body(self) -> bytes:
-        now = time.time()
-        return json.dumps({**self.owner, "heartbeat_at": now, "expires_at": now + LOCK_LEASE_S}).encode()
+        self.renewals += 1
+        return json.dumps({**self.owner, "renewals": self.renewals, "lease_s": LOCK_LEASE_S}).encode()
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -128,8 +135,9 @@ class JobLock:
 
 def break_lock(storage: Storage, *, force: bool = False) -> dict[str, Any] | None:
     """``sdbatch unlock``: delete OUT's lock once no driver can be holding it — on this host,
-    its pid is gone; elsewhere, its lease has expired — or at once with ``force``. Returns the
-    lock body removed (None: there was none); LockHeld while a driver may be alive."""
+    its pid is gone; elsewhere, its lease has expired by the storage's clock — or at once with
+    ``force``. Returns the lock body removed (None: there was none); LockHeld while a driver
+    may be alive."""
     try:
         held = read_json(storage, LOCK_KEY)
     except CorruptState:
@@ -139,20 +147,26 @@ def break_lock(storage: Storage, *, force: bool = False) -> dict[str, Any] | Non
         held = {}
     if held is None:
         return None
-    if not force and not lock_is_stale(held):
-        where = "on this host, its process is alive" if held.get("host") == socket.gethostname() else "its lease has not expired"
-        raise LockHeld(
-            f"the lock on {storage.url} belongs to a driver that may be alive (host {held.get('host')}, pid "
-            f"{held.get('pid')}; {where}); fix: stop that driver, or wait {int(LOCK_LEASE_S)} s after its last "
-            "heartbeat, or pass --force if you are sure it is gone"
-        )
+    if not force:
+        try:
+            age = storage.age(LOCK_KEY)
+        except NotFound:  # released meanwhile
+            return None
+        if not lock_is_stale(held, age):
+            where = "on this host, its process is alive" if held.get("host") == socket.gethostname() else "its lease has not expired"
+            raise LockHeld(
+                f"the lock on {storage.url} belongs to a driver that may be alive (host {held.get('host')}, pid "
+                f"{held.get('pid')}; {where}, last heartbeat {age:.0f} s ago by the storage's clock); fix: stop that "
+                f"driver, or wait {int(LOCK_LEASE_S)} s after its last heartbeat, or pass --force if you are sure it is gone"
+            )
     storage.delete(LOCK_KEY)
     return held
 
 
-def lock_is_stale(held: dict[str, Any]) -> bool:
-    """Whether the lease in ``held`` (a lock.json body) may be taken over."""
-    if held.get("expires_at", 0) < time.time():
+def lock_is_stale(held: dict[str, Any], age_s: float) -> bool:
+    """Whether the lease in ``held`` (a lock.json body), last renewed ``age_s`` seconds ago by
+    the storage's clock, may be taken over."""
+    if age_s > LOCK_LEASE_S:
         return True
     if held.get("host") == socket.gethostname():  # same machine: a dead pid cannot heartbeat
         try:

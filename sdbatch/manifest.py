@@ -276,6 +276,16 @@ def _list_remote(source: str) -> tuple[list[str], str]:
     return [uri(p) for _, p in found], uri(base)
 
 
+def _s3_identity(uri: str) -> str:
+    """An s3:// file's ETag and version id: a content change of any kind changes the ETag."""
+    from sdbatch.storage import StorageError, object_identity
+
+    try:
+        return object_identity(uri)
+    except StorageError as exc:
+        raise ManifestError(f"cannot read manifest file {uri}: {exc}") from None
+
+
 def _hash_file_bytes(path: str, h: Any) -> None:
     with _open_input(path) as f:
         while True:
@@ -296,8 +306,9 @@ def open_manifest(source: str) -> Manifest:
     folder without wildcards.
 
     The fingerprint is a SHA-256 over every file's bytes (streamed; ~1.5 GB/s) and, for
-    several files, their relative names; for remote files it covers each file's size and
-    its complete Parquet footer (schema, row groups, column statistics) instead.
+    several files, their relative names; for ``s3://`` files it covers each object's ETag and
+    version id instead (any content change changes the ETag), for other remote files their
+    size and complete Parquet footer.
     """
     source = str(source)
     if _is_uri(source):
@@ -342,7 +353,9 @@ def open_manifest(source: str) -> Manifest:
         if len(files) > 1:
             rel = path[len(base_dir) :].lstrip("/\\") if path.startswith(base_dir) else path
             h.update(f"file:{rel}\0".encode())
-        if _is_uri(path):
+        if path.startswith("s3://"):
+            h.update(f"s3:{_s3_identity(path)}\0".encode())
+        elif _is_uri(path):
             sink = pa.BufferOutputStream()
             pf.metadata.write_metadata_file(sink)
             h.update(f"size:{_size_or_none(path)}\0".encode())
@@ -396,6 +409,47 @@ def resolve_init_image(value: str, base_dir: str) -> str:
     if _is_uri(base_dir):
         return posixpath.normpath(base_dir.rstrip("/") + "/" + value.lstrip("/")).replace(":/", "://", 1)
     return os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
+
+
+def _s3_bucket(uri: str) -> str:
+    return uri[len("s3://"):].partition("/")[0]
+
+
+def check_init_image_roots(manifest: Manifest, spec: JobSpec, job_locations: list[str], shown: int = 20) -> None:
+    """Init images are read only from where the job already reads and writes: local paths
+    under the manifest's folder, ``s3://`` URIs in the buckets the job uses (``job_locations``:
+    its output, model, manifest), plus what ``limits.init_image_roots`` adds. ManifestError
+    naming each row outside (symlinks resolved)."""
+    if "init_image" not in manifest.columns:
+        return
+    roots = [manifest.base_dir, *spec.limits.init_image_roots]
+    local_roots = [os.path.realpath(os.path.expanduser(_strip_file_scheme(r))) for r in roots if not _is_uri(r)]
+    s3_roots = [f"s3://{_s3_bucket(loc)}/" for loc in [*job_locations, manifest.source] if loc.startswith("s3://")]
+    s3_roots += [r.rstrip("/") + "/" for r in spec.limits.init_image_roots if r.startswith("s3://")]
+    columns = ["init_image"] + (["id"] if "id" in manifest.columns else [])
+    problems: list[str] = []
+    row = 0
+    for rb in iter_row_batches(manifest, columns=columns):
+        values = _pylist(rb.column(0), "init_image", row)
+        ids = _pylist(rb.column(1), "id", row) if len(columns) > 1 else [default_row_id(row + i) for i in range(len(values))]
+        for i, value in enumerate(values):
+            if value is None:
+                continue
+            where = resolve_init_image(value, manifest.base_dir)
+            if where.startswith("s3://"):
+                inside = any(where.startswith(r) for r in s3_roots)
+            else:
+                where = os.path.realpath(_strip_file_scheme(where))
+                inside = any(where == r or where.startswith(r.rstrip(os.sep) + os.sep) for r in local_roots)
+            if not inside and len(problems) < shown:
+                problems.append(f"  row {row + i} (id {ids[i]}): init_image {value!r} resolves to {where}")
+        row += len(values)
+    if problems:
+        raise ManifestError(
+            f"init images outside the places this job reads from ({', '.join([*local_roots, *s3_roots])}):\n"
+            + "\n".join(problems) + "\nMove them under the manifest's folder, or allow their folder or bucket "
+            "explicitly with --set 'limits.init_image_roots=[\"/path/or/s3://bucket/prefix\"]'; nothing was written"
+        )
 
 
 def iter_row_batches(

@@ -8,8 +8,11 @@
     OUT/index.parquet            all shard indexes merged, once every shard is committed
     OUT/_SUCCESS                 JSON summary, written last of all
 
-A shard is done exactly when its metadata file exists; readers trust metadata, never a
-listing of images/. Everything here works on any ``Storage`` and needs no Ray.
+A shard is done exactly when its metadata file exists and carries this job's fingerprint (in
+its Parquet key-value metadata); readers trust such commits, never a listing of images/. A new
+job claims only an OUT that holds no images, shards or commits it did not write, and
+``--new-run`` deletes only what the old job's commits and index name. Everything here works on
+any ``Storage`` and needs no Ray.
 """
 
 from __future__ import annotations
@@ -54,8 +57,16 @@ STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 
 
+#: Parquet key-value metadata of every commit (and of the index): the job that wrote it
+FINGERPRINT_META = b"sdbatch.job_fingerprint"
+
+
 class OutputMismatch(BadInput, ValueError):
-    """OUT already holds a different job."""
+    """OUT already holds a different job, or objects this job did not write."""
+
+
+class ForeignCommit(OutputMismatch):
+    """A commit (metadata/NNNNN.parquet) that does not carry this job's fingerprint."""
 
 
 def image_key(shard_name: str, row_id: str, ext: str) -> str:
@@ -73,6 +84,13 @@ def metadata_key(shard_name: str) -> str:
 def webdataset_key(row_id: str) -> str:
     """webdataset splits a member name at its first dot, so dots in ids are escaped."""
     return row_id.replace(".", "%2E")
+
+
+def foreign_object_error(key: str, stored_sha256: str, ours_sha256: str) -> str:
+    """The error of a row whose key already holds an object that is not its bytes."""
+    return (f"{key} already holds an object that is not this row's image (stored sha256 {stored_sha256[:16]}…, "
+            f"this row's {ours_sha256[:16]}…): sdbatch adopts only the bytes it just produced. Delete {key} "
+            "and rerun with --retry-failed")
 
 
 def committed_shards(storage: Storage) -> set[str]:
@@ -103,13 +121,15 @@ def table_to_parquet(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def records_to_parquet(records: list[dict[str, Any]], schema: pa.Schema) -> bytes:
+def records_to_parquet(records: list[dict[str, Any]], schema: pa.Schema, job_fingerprint: str) -> bytes:
     """A shard index's bytes, typed by ``schema`` (``index_schema``): a column that is null
-    throughout one shard (``strength`` in a text-to-image shard) still has its declared type."""
+    throughout one shard (``strength`` in a text-to-image shard) still has its declared type;
+    stamped with the fingerprint of the job that wrote it."""
     undeclared = sorted(set().union(*records) - set(schema.names))
     if undeclared:  # a new index column must be declared in INDEX_COLUMN_TYPES, not dropped
         raise ValueError(f"index rows carry columns the index schema does not declare: {', '.join(undeclared)}")
-    return table_to_parquet(pa.Table.from_pylist(records, schema=schema))
+    stamped = schema.with_metadata({FINGERPRINT_META: job_fingerprint.encode()})
+    return table_to_parquet(pa.Table.from_pylist(records, schema=stamped))
 
 
 @dataclass(frozen=True)
@@ -120,23 +140,29 @@ class Commit:
     tag: str
 
 
-def read_commit(storage: Storage, shard_name: str) -> Commit:
+def read_commit(storage: Storage, shard_name: str, job_fingerprint: str) -> Commit:
+    """A commit and its tag, only if it carries ``job_fingerprint`` (ForeignCommit otherwise;
+    CorruptCommit if it is not readable Parquet)."""
     data, tag = storage.get_tagged(metadata_key(shard_name))
-    return Commit(pq.read_table(io.BytesIO(data)).to_pylist(), tag)
+    return Commit(_own_commit(storage, shard_name, data, job_fingerprint).to_pylist(), tag)
 
 
 def commit_shard(
-    storage: Storage, shard_name: str, records: list[dict[str, Any]], schema: pa.Schema,
+    storage: Storage, shard_name: str, records: list[dict[str, Any]], schema: pa.Schema, job_fingerprint: str,
     replacing: Commit | None = None,
 ) -> bool:
-    """Write the shard index — the commit — typed by ``schema``. A new shard's is create-once:
-    False if an earlier attempt had already committed it (its index stays, ours is dropped).
-    ``replacing`` (--retry-failed) is the commit read before its failed rows were regenerated:
-    it is replaced by compare-and-swap, False if it changed meanwhile (a concurrent attempt
-    replaced it first; that one stays)."""
-    data = records_to_parquet(records, schema)
+    """Write the shard index — the commit — typed by ``schema`` and stamped with
+    ``job_fingerprint``. A new shard's is create-once: False if an earlier attempt of this job
+    had already committed it (its index stays, ours is dropped; ForeignCommit if the commit
+    there is not this job's). ``replacing`` (--retry-failed) is the commit read before its
+    failed rows were regenerated: it is replaced by compare-and-swap, False if it changed
+    meanwhile (a concurrent attempt replaced it first; that one stays)."""
+    data = records_to_parquet(records, schema, job_fingerprint)
     if replacing is None:
-        return storage.put_new(metadata_key(shard_name), data).created
+        created = storage.put_new(metadata_key(shard_name), data).created
+        if not created:
+            read_shard_index(storage, shard_name, job_fingerprint)
+        return created
     return storage.replace_if(metadata_key(shard_name), data, replacing.tag) is not None
 
 
@@ -149,20 +175,26 @@ class CorruptCommit(JobFailed):
         self.shard_name = shard_name
 
 
-def read_shard_index(storage: Storage, shard_name: str) -> pa.Table:
-    data = storage.get(metadata_key(shard_name))
+def _own_commit(storage: Storage, shard_name: str, data: bytes, job_fingerprint: str) -> pa.Table:
     try:
-        return pq.read_table(io.BytesIO(data))
+        table = pq.read_table(io.BytesIO(data))
     except (pa.ArrowInvalid, OSError) as exc:
         raise CorruptCommit(shard_name, exc) from None
+    found = _stamp(table)
+    if found != job_fingerprint:
+        key = metadata_key(shard_name)
+        raise ForeignCommit(
+            f"{storage.url}/{key} was not written by this job (it carries fingerprint {found or 'none'!r}, "
+            f"the job is {job_fingerprint}); sdbatch trusts only its own commits. Delete it (or choose another "
+            "--out) and run the same command again"
+        )
+    return table
 
 
-def _committed_index(storage: Storage) -> pa.Table:
-    """Every committed shard index, concatenated in row order."""
-    names = sorted(committed_shards(storage), key=int)
-    tables = [read_shard_index(storage, name) for name in names]
-    table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
-    return table.sort_by("row") if "row" in table.column_names else table
+def read_shard_index(storage: Storage, shard_name: str, job_fingerprint: str) -> pa.Table:
+    """A commit, only if it carries ``job_fingerprint`` (ForeignCommit otherwise; CorruptCommit
+    if it is not readable Parquet)."""
+    return _own_commit(storage, shard_name, storage.get(metadata_key(shard_name)), job_fingerprint)
 
 
 #: The index's own columns and their types, in index order; passthrough columns follow with
@@ -211,14 +243,16 @@ def failed_rows_text(failed_rows: list[dict[str, str]]) -> str:
     return "\n".join(f"  {row['id']}: {row['error']}" for row in failed_rows)
 
 
-def merge_index(storage: Storage, passthrough_types: dict[str, pa.DataType], duplicate_max_distance: int = 0) -> IndexSummary:
+def merge_index(
+    storage: Storage, passthrough_types: dict[str, pa.DataType], job_fingerprint: str, duplicate_max_distance: int = 0
+) -> IndexSummary:
     """Write every committed shard index, in row order, as ``index.parquet``, one shard at a
     time through a local temporary file: the driver holds ``MERGE_READ_AHEAD`` shard indexes,
     never the whole index. Shards cover consecutive row ranges, so shard order is row order.
     ``duplicate_of`` is then filled in from that file (``quality.mark_duplicates``, bounded
     memory too). Idempotent: an interrupted merge is simply redone."""
     names = sorted(committed_shards(storage), key=int)
-    schema = index_schema(passthrough_types)
+    schema = index_schema(passthrough_types).with_metadata({FINGERPRINT_META: job_fingerprint.encode()})
     rows = failed = 0
     first_failed: list[dict[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="sdbatch-index-") as tmp, ThreadPoolExecutor(MERGE_READ_AHEAD) as pool:
@@ -226,7 +260,8 @@ def merge_index(storage: Storage, passthrough_types: dict[str, pa.DataType], dup
         with pq.ParquetWriter(path, schema, compression="zstd") as writer:
             group: list[pa.Table] = []
             for start in range(0, len(names), MERGE_READ_AHEAD):
-                for table in pool.map(partial(read_shard_index, storage), names[start:start + MERGE_READ_AHEAD]):
+                read = partial(read_shard_index, storage, job_fingerprint=job_fingerprint)
+                for table in pool.map(read, names[start:start + MERGE_READ_AHEAD]):
                     group.append(_conform(table, schema))
                     rows += table.num_rows
                     failures = table.filter(pc.equal(table.column("status"), STATUS_FAILED))
@@ -243,18 +278,30 @@ def merge_index(storage: Storage, passthrough_types: dict[str, pa.DataType], dup
     return IndexSummary(rows=rows, rows_failed=failed, first_failed=first_failed, duplicates=duplicates)
 
 
-def read_index(storage: Storage) -> tuple[pa.Table, int | None]:
-    """The final index if written (and None), else the merge of what is committed so far (not
-    written) and how many shard indexes that is."""
+def committed_index(storage: Storage, job_fingerprint: str) -> tuple[pa.Table, int]:
+    """The merge of every commit (each checked to carry ``job_fingerprint``), in row order,
+    and how many commits that is."""
+    names = sorted(committed_shards(storage), key=int)
+    tables = [read_shard_index(storage, name, job_fingerprint) for name in names]
+    table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+    return (table.sort_by("row") if "row" in table.column_names else table), len(names)
+
+
+def read_index(storage: Storage, job_fingerprint: str) -> tuple[pa.Table, int | None]:
+    """The final index if written and stamped with ``job_fingerprint`` (and None), else the
+    merge of what is committed so far (not written) and how many commits that is."""
     try:
-        return pq.read_table(io.BytesIO(storage.get(INDEX_KEY))), None
+        table = pq.read_table(io.BytesIO(storage.get(INDEX_KEY)))
     except NotFound:
         pass
     except (pa.ArrowInvalid, OSError) as exc:  # a merge cut short: the commits still hold every row
         log.warning("%s is not readable Parquet (%s: %s): reading the shard commits instead; rerun "
                     "`sdbatch submit` to rewrite it", INDEX_KEY, type(exc).__name__, exc)
-    table = _committed_index(storage)
-    return table, len(table.column("shard").unique()) if table.num_rows else 0
+    else:
+        if _stamp(table) == job_fingerprint:
+            return table, None
+        log.warning("%s does not carry this job's fingerprint: reading the shard commits instead", INDEX_KEY)
+    return committed_index(storage, job_fingerprint)
 
 
 class CorruptState(BadInput):
@@ -315,38 +362,145 @@ def job_record(spec: JobSpec, manifest: Manifest, model_fingerprint: str | None,
     }
 
 
-#: What a job writes under OUT, in the order ``clear_job`` deletes it: the commits first and
-#: job.json last, so an interrupted clear leaves a state of the old job that still resumes
-#: (job.json names it; its uncommitted shards are simply redone), and a new job is claimed
-#: only once no image of the old one is left for it to adopt under the same key.
-JOB_PARTS_IN_DELETE_ORDER = (
+#: What a job may write under OUT besides its state files: a new job claims an OUT only if
+#: none of these holds an object (sdbatch trusts nothing in OUT it did not write).
+JOB_OUTPUT_PARTS = (METADATA_PREFIX, IMAGES_PREFIX, TARS_PREFIX, INDEX_KEY, SUCCESS_KEY)
+#: ``--new-run``'s plan: the old job's objects, written before the first delete so an
+#: interrupted clear can be finished by running ``--new-run`` again.
+CLEAR_KEY = "_sdbatch/clear.json"
+#: The order of deletion: commits first and job.json last, so an interrupted clear leaves a
+#: state of the old job that still resumes (job.json names it; its uncommitted shards are
+#: simply redone), and a new job is claimed only once no image of the old one is left.
+_DELETE_ORDER = (
     METADATA_PREFIX, INDEX_KEY, SUCCESS_KEY, REPORT_KEY, IMAGES_PREFIX, TARS_PREFIX, PROGRESS_KEY, JOB_KEY,
 )
 
 
+def _stamped(data: bytes, job_fingerprint: str) -> pa.Table | None:
+    """The Parquet table in ``data`` if it carries ``job_fingerprint``, else None."""
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowInvalid, OSError):
+        return None
+    return table if _stamp(table) == job_fingerprint else None
+
+
+def _stamp(table: pa.Table) -> str:
+    """The job fingerprint a commit or index carries ('' for none)."""
+    return (table.schema.metadata or {}).get(FINGERPRINT_META, b"").decode()
+
+
+def _objects_named(table: pa.Table) -> set[str]:
+    """The objects a commit or index names (a webdataset member's tar)."""
+    if "key" not in table.column_names:
+        return set()
+    return {key.partition("#")[0] for key in table.column("key").to_pylist() if key}
+
+
+def _old_job_objects(storage: Storage, job_fingerprint: str) -> set[str]:
+    """Every object the job with ``job_fingerprint`` owns: its commits, what they and its index
+    name, its index and ``_SUCCESS``; its state files under ``_sdbatch/``."""
+    owned = {JOB_KEY, PROGRESS_KEY, REPORT_KEY}  # and the report it writes at the end of every run
+    for key in storage.list(METADATA_PREFIX):
+        table = _stamped(storage.get(key), job_fingerprint)
+        if table is not None:
+            owned |= {key} | _objects_named(table)
+    try:
+        index = _stamped(storage.get(INDEX_KEY), job_fingerprint)
+        if index is not None:
+            owned |= {INDEX_KEY} | _objects_named(index)
+    except NotFound:
+        pass
+    success = read_json(storage, SUCCESS_KEY)
+    if success is not None and success.get("fingerprint") == job_fingerprint:
+        owned.add(SUCCESS_KEY)
+    return owned
+
+
 def clear_job(storage: Storage) -> int:
-    """Delete every object a job wrote under OUT (not the lock: the caller holds it; not files
-    of the user's own there). Returns how many objects were deleted."""
+    """``--new-run``: delete the job OUT holds — only the objects its commits and index name,
+    and its own state files; never a file of the user's, never an object no commit of that job
+    names. OutputMismatch when OUT holds no job. Returns how many objects were deleted."""
+    old = read_json(storage, JOB_KEY)
+    if old is None:
+        raise OutputMismatch(
+            f"--new-run: {storage.url} holds no sdbatch job (no {JOB_KEY}), so there is nothing sdbatch may delete; "
+            "choose an empty --out, or move the files there away yourself"
+        )
+    planned = read_json(storage, CLEAR_KEY) or {}
+    owned = _old_job_objects(storage, old["fingerprint"])
+    if planned.get("fingerprint") == old["fingerprint"]:
+        owned |= set(planned["keys"])
+    write_json(storage, CLEAR_KEY, {"fingerprint": old["fingerprint"], "keys": sorted(owned)})
     deleted = 0
-    for part in JOB_PARTS_IN_DELETE_ORDER:
-        keys = storage.list(part) if part.endswith("/") else [part] if storage.exists(part) else []
+    for part in _DELETE_ORDER:
+        keys = sorted(k for k in owned if k.startswith(part)) if part.endswith("/") else [part] if part in owned else []
         storage.delete_many(keys)
         deleted += len(keys)
+    storage.delete(CLEAR_KEY)
     return deleted
 
 
+def refuse_foreign_objects(storage: Storage) -> None:
+    """A new job (no job.json yet) writes only into an OUT whose job parts are empty."""
+    found = [key for part in JOB_OUTPUT_PARTS
+             for key in (storage.list(part) if part.endswith("/") else [part] if storage.exists(part) else [])]
+    if found:
+        shown = ", ".join(found[:5]) + (f" … (+{len(found) - 5} more)" if len(found) > 5 else "")
+        raise OutputMismatch(
+            f"{storage.url} holds {len(found)} objects that no sdbatch job there wrote ({shown}); a new job "
+            f"writes only into an OUT without {', '.join(JOB_OUTPUT_PARTS)} of its own. Choose an empty --out, "
+            "or move those objects away"
+        )
+
+
 def claim_job(storage: Storage, job: dict[str, Any]) -> bool:
-    """Write job.json first; on an OUT that already has one, the fingerprints must agree.
-    Returns True when resuming an existing job."""
+    """Under the job lock: write job.json (create-once) on an OUT that holds none, checking that
+    the create won; on an OUT that has one, its fingerprint must be this job's. Returns True
+    when resuming an existing job."""
     existing = read_json(storage, JOB_KEY)
     if existing is None:
-        storage.put_new(JOB_KEY, json.dumps(job, indent=2, sort_keys=True).encode())
-        return False
+        refuse_foreign_objects(storage)
+        if storage.put_new(JOB_KEY, json.dumps(job, indent=2, sort_keys=True).encode()).created:
+            return False
+        existing = read_json(storage, JOB_KEY) or {}  # another driver's create won
     if existing.get("fingerprint") != job["fingerprint"]:
         raise OutputMismatch(
-            f"{storage.url} already holds a different job (fingerprint {existing.get('fingerprint')}, "
-            f"manifest {existing.get('manifest', {}).get('source')!r}); this one has fingerprint "
-            f"{job['fingerprint']}. Resume only with the same manifest and settings, choose a new --out, or "
-            "pass --new-run to delete that job's output and start this one there."
+            f"{storage.url} already holds a different job: {what_changed(existing, job)}. Resume only with the "
+            "same manifest, settings and model, choose a new --out, or pass --new-run to delete that job's "
+            "output and start this one there."
         )
     return True
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def what_changed(existing: dict[str, Any], job: dict[str, Any]) -> str:
+    """What differs between the job OUT holds and ``job``: manifest, spec keys, model."""
+    changes = []
+    old_m, new_m = existing.get("manifest", {}), job["manifest"]
+    if (old_m.get("fingerprint"), old_m.get("num_rows")) != (new_m["fingerprint"], new_m["num_rows"]):
+        changes.append(f"the manifest ({old_m.get('source')!r}, {old_m.get('num_rows')} rows, fingerprint "
+                       f"{old_m.get('fingerprint')} → {new_m['source']!r}, {new_m['num_rows']} rows, fingerprint "
+                       f"{new_m['fingerprint']})")
+    try:
+        old_spec = _flat(JobSpec.model_validate(existing.get("spec", {})).fingerprint_fields())
+    except ValueError:
+        old_spec = {}
+    new_spec = _flat(JobSpec.model_validate(job["spec"]).fingerprint_fields())
+    keys = [k for k in new_spec if old_spec.get(k) != new_spec[k]]
+    if keys:
+        changes.append("the settings " + ", ".join(f"{k} ({old_spec.get(k)!r} → {new_spec[k]!r})" for k in keys))
+    old_model, new_model = existing.get("model", {}), job["model"]
+    if old_model.get("fingerprint") != new_model["fingerprint"]:
+        changes.append(f"the model {new_model['name']!r} (pinned {old_model.get('fingerprint')} when that job was "
+                       f"submitted, now {new_model['fingerprint']})")
+    return "; ".join(changes) or (f"job fingerprint {existing.get('fingerprint')} there, {job['fingerprint']} here")

@@ -113,11 +113,11 @@ def _init_ray(address: str | None) -> None:
         log.info("connecting to the Ray cluster at %s …", address)
         check_reachable(address)
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    else:
+    else:  # loopback only: see sdbatch.cli.local_ray_environment, which ran before ray was imported
         log.info("starting a local Ray cluster …")
         ray.init(
             include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-            _node_ip_address="127.0.0.1",  # a job-local cluster talks over loopback only
+            _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
         )
     # Ray's core worker installs its own SIGTERM handler (it dumps a stack and exits 1): make
     # SIGTERM an interruption again, so the driver releases its lock and exits 130 as on Ctrl-C
@@ -174,7 +174,18 @@ class JobOutcome:
 
 
 class WorkerStartError(BadInput, RuntimeError):
-    """Workers cannot start (e.g. the model fails to load on them)."""
+    """Workers cannot start (e.g. the model fails to load on them), or loaded another model."""
+
+
+def check_worker_model(ready: dict[str, Any], job: dict[str, Any]) -> None:
+    """A worker gets shards only if the model it loaded is the one the job pinned at submit."""
+    pinned = job["model"]["fingerprint"]
+    if ready.get("model_pin") != pinned:
+        raise WorkerStartError(
+            f"worker {ready.get('worker')} loaded model {job['model']['name']!r} pinned {ready.get('model_pin')}, "
+            f"but the job was submitted with {pinned}: the model changed since. Nothing more was generated; "
+            "restore the model, or submit to a new --out (or with --new-run) to use the new one"
+        )
 
 
 @dataclass
@@ -288,7 +299,8 @@ class Driver:
     def _new_actor(self) -> _Actor:
         res = self.spec.resources
         handle = WorkerActor.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, max_restarts=0).remote(
-            self.spec_json, self.storage.url, self.endpoint_url, self.tracker, self.manifest
+            self.spec_json, self.storage.url, self.endpoint_url, self.tracker, self.manifest,
+            self.job["fingerprint"], self.job["model"]["fingerprint"],
         )
         return _Actor(handle, handle.ready.remote())
 
@@ -305,7 +317,7 @@ class Driver:
                 fresh.append(actor)
                 continue
             try:
-                ray.get(actor.ready)
+                check_worker_model(ray.get(actor.ready), self.job)
                 actor.is_ready = True
                 fresh.append(actor)
             except RayActorError as exc:
@@ -414,7 +426,7 @@ class Driver:
         ids: dict[str, set[str]] = {}
         if self.retry_failed:
             for name in committed:
-                table = read_shard_index(self.storage, name)
+                table = read_shard_index(self.storage, name, self.job["fingerprint"])
                 failed = {i for i, s in zip(table.column("id").to_pylist(), table.column("status").to_pylist()) if s == STATUS_FAILED}
                 if failed:
                     ids.setdefault(name, set()).update(failed)
@@ -452,7 +464,8 @@ class Driver:
         if self.lock is not None:
             self.lock.check()
         try:
-            index = merge_index(self.storage, passthrough_types(self.manifest), self.spec.scoring.duplicate_max_distance)
+            index = merge_index(self.storage, passthrough_types(self.manifest), self.job["fingerprint"],
+                                self.spec.scoring.duplicate_max_distance)
         except CorruptCommit as exc:  # not a commit after all: the next run regenerates the shard
             self.storage.delete(metadata_key(exc.shard_name))
             raise JobFailed(f"{exc}: removed it, so the next run generates that shard again") from None
@@ -494,17 +507,15 @@ def run_job(
     spec: JobSpec, manifest: Manifest, storage: Storage, job: dict[str, Any], *, new_run: bool = False,
     **options: Any,
 ) -> JobOutcome:
-    """Claim OUT, lock it, run every pending shard, and finish the index. ``new_run`` first
-    deletes whatever job OUT holds — under the lock, so no other driver writes it meanwhile."""
-    if not new_run:
-        claim_job(storage, job)
+    """Lock OUT, claim it (under the lock, so of two drivers on an empty OUT one claims and the
+    other is refused), run every pending shard, and finish the index. ``new_run`` first deletes
+    the job OUT holds (only what its commits and index name, and its state files)."""
     lock = JobLock.acquire(storage)
     try:
         if new_run:
             deleted = clear_job(storage)
-            if deleted:
-                log.warning("--new-run: deleted the previous job's %d objects under %s", deleted, storage.url)
-            claim_job(storage, job)
+            log.warning("--new-run: deleted the previous job's %d objects under %s", deleted, storage.url)
+        claim_job(storage, job)
         return Driver(spec, manifest, storage, job, lock=lock, **options).run()
     except RayError as exc:  # the tracker, the raylet or the head node died under the driver
         raise JobFailed(f"the Ray cluster failed under the driver ({type(exc).__name__}: {_short(exc)})") from None

@@ -57,16 +57,15 @@ __all__ = [
     "read_uri",
     "TooLarge",
     "fetch_model_dir",
+    "object_identity",
     "register_client_hook",
     "clear_client_cache",
     "parse_s3_url",
-    "FORBIDDEN_MODEL_SUFFIXES",
 ]
 
 PROBE_PREFIX = "_sdbatch/"
 TMP_MARK = ".sdbatch-tmp-"  # names temporary files; keys holding it are refused (and so are such row ids)
 _COPY_CHUNK = 1 << 20
-FORBIDDEN_MODEL_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 MODEL_MARKER = ".sdbatch-complete.json"
 
 
@@ -111,6 +110,7 @@ class Storage(Protocol):
     def replace_if(self, key: str, data: bytes, tag: str) -> str | None: ...
     def get(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
+    def age(self, key: str) -> float: ...
     def list(self, prefix: str) -> list[str]: ...
     def delete(self, key: str) -> None: ...
     def delete_many(self, keys: list[str]) -> None: ...
@@ -169,12 +169,25 @@ class LocalStorage:
         root = Path(root).expanduser()
         self.root = root.absolute()
         self.url = self.root.as_uri()
+        self._real_root = self.root.resolve()
 
     def __repr__(self) -> str:
         return f"LocalStorage({str(self.root)!r})"
 
     def _path(self, key: str) -> Path:
-        return self.root.joinpath(*_check_key(key).split("/"))
+        """The file of ``key``. A key whose resolved path leaves OUT (a symlinked folder or
+        file pointing elsewhere) is refused, for reads, writes and deletes alike."""
+        path = self.root.joinpath(*_check_key(key).split("/"))
+        self._inside(path, key)
+        return path
+
+    def _inside(self, path: Path, key: str) -> None:
+        real = path.resolve()
+        if real != self._real_root and not real.is_relative_to(self._real_root):
+            raise StorageConfigError(
+                f"{self.url}/{key} resolves to {real}, outside the output directory {self._real_root} "
+                "(a symbolic link): sdbatch never follows links out of OUT; remove the link or choose another --out"
+            )
 
     def _write_temp(self, path: Path, data: bytes | Path) -> Path:
         """``data`` (bytes, or the local file at that path) in a temp file next to ``path``."""
@@ -279,6 +292,13 @@ class LocalStorage:
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def age(self, key: str) -> float:
+        """Seconds since ``key`` was last written, by the filesystem's clock (its mtime)."""
+        try:
+            return time.time() - self._path(key).stat().st_mtime
+        except FileNotFoundError as e:
+            raise NotFound(f"{self.url}/{key} not found") from e
+
     def list(self, prefix: str = "") -> list[str]:
         prefix = _check_prefix(prefix)
         # Walk only the deepest directory the prefix names.
@@ -286,6 +306,7 @@ class LocalStorage:
         base = self.root.joinpath(*base_rel.split("/")) if base_rel else self.root
         if not base.is_dir():
             return []
+        self._inside(base, base_rel or ".")
         out: list[str] = []
         for dirpath, dirnames, filenames in os.walk(base):
             rel_dir = Path(dirpath).relative_to(self.root).as_posix()
@@ -295,6 +316,9 @@ class LocalStorage:
                 d for d in dirnames
                 if (rel_dir + d + "/").startswith(prefix) or prefix.startswith(rel_dir + d + "/")
             ]
+            for name in dirnames + filenames:  # a link out of OUT is refused, not skipped
+                if os.path.islink(os.path.join(dirpath, name)):
+                    self._inside(Path(dirpath) / name, rel_dir + name)
             for name in filenames:
                 if TMP_MARK in name:
                     continue
@@ -723,17 +747,30 @@ class S3Storage:
             return False
 
     def list(self, prefix: str = "") -> list[str]:
-        return sorted(self._sizes(_check_prefix(prefix)))
+        return sorted(self.objects(prefix))
 
-    def _sizes(self, prefix: str) -> dict[str, int]:
-        """Every object under ``prefix``: its key (relative to this storage) and its size."""
+    def objects(self, prefix: str = "") -> dict[str, tuple[int, str]]:
+        """Every object under ``prefix`` (directory placeholders left out): its key relative
+        to this storage, its size and its ETag."""
         root = f"{self.prefix}/" if self.prefix else ""
+        prefix = _check_prefix(prefix)
 
-        def objects() -> list[dict[str, Any]]:
+        def listing() -> list[dict[str, Any]]:
             pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=root + prefix)
             return [obj for page in pages for obj in page.get("Contents", ())]
 
-        return {obj["Key"][len(root):]: int(obj["Size"]) for obj in self._call(f"list_objects_v2 {prefix}", objects)}
+        return {obj["Key"][len(root):]: (int(obj["Size"]), obj["ETag"])
+                for obj in self._call(f"list_objects_v2 {prefix}", listing)
+                if obj["Key"][len(root):] and not obj["Key"].endswith("/")}
+
+    def age(self, key: str) -> float:
+        """Seconds since ``key`` was last written, by the server's clock (its ``Date`` header
+        minus the object's ``Last-Modified``), so no host's clock is trusted."""
+        from email.utils import parsedate_to_datetime
+
+        resp = self._call(f"head_object {key}", self.client.head_object, Bucket=self.bucket, Key=self._key(key))
+        server_now = parsedate_to_datetime(resp["ResponseMetadata"]["HTTPHeaders"]["date"])
+        return (server_now - resp["LastModified"]).total_seconds()
 
     def delete(self, key: str) -> None:
         self._call(f"delete_object {key}", self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
@@ -884,27 +921,27 @@ def read_uri(uri: str | Path, *, endpoint_url: str | None = None, max_bytes: int
         raise StorageConfigError(f"cannot read {p}: permission denied") from e
 
 
+def object_identity(uri: str, *, endpoint_url: str | None = None) -> str:
+    """``ETag`` (and ``VersionId`` where versioning is on) of the object at ``s3://bucket/key``."""
+    bucket, key = parse_s3_url(uri)
+    if not key:
+        raise StorageConfigError(f"{uri!r} names a bucket, not an object")
+    ep = _endpoint(endpoint_url)
+    try:
+        resp = _get_client(ep).head_object(Bucket=bucket, Key=key)
+    except Exception as e:
+        if not _is_botocore_error(e):
+            raise
+        raise _translate(e, what=f"head_object {key}", bucket=bucket, endpoint=ep, target=uri) from None
+    return f"{resp['ETag']}|{resp.get('VersionId') or ''}"
+
+
 def _file_kind(mode: int) -> str:
     for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
         if test(mode):
             return kind
     return "not a plain file"
-
-
-def _forbidden(names) -> list[str]:
-    return sorted(n for n in names if n.lower().endswith(FORBIDDEN_MODEL_SUFFIXES))
-
-
-def _refuse_pickles(uri: str, names) -> None:
-    bad = _forbidden(names)
-    if bad:
-        shown = ", ".join(bad[:5]) + (f" … (+{len(bad) - 5} more)" if len(bad) > 5 else "")
-        raise StorageConfigError(
-            f"model at {uri} contains pickle checkpoint files ({shown}); sdbatch loads safetensors only. "
-            "Convert the weights to *.safetensors (e.g. diffusers save_pretrained(safe_serialization=True)) "
-            "and remove the pickle files"
-        )
 
 
 def default_model_cache_dir() -> Path:
@@ -914,69 +951,61 @@ def default_model_cache_dir() -> Path:
     return Path.home() / ".cache" / "sdbatch" / "models"
 
 
-def fetch_model_dir(uri: str | Path, *, cache_dir: str | Path | None = None,
-                    endpoint_url: str | None = None) -> Path:
-    """Local directory holding the diffusers folder at ``uri``.
+def _cache_dir(root: Path, pin: str) -> Path:
+    return root / hashlib.sha256(pin.encode()).hexdigest()[:16]
 
-    - local path (or file://): checked (exists, no pickle files) and returned as is.
-    - ``s3://bucket/prefix``: downloaded once per node into ``cache_dir/<sha256(uri)[:16]>``
-      (default ``~/.cache/sdbatch/models``, or ``$SDBATCH_MODEL_CACHE``), under a file lock so
-      concurrent processes download once; sizes checked against the listing; the marker file
-      ``.sdbatch-complete.json`` is written last. A cached, complete copy needs no S3 request.
-    """
-    uri = str(uri)
-    if not uri.startswith("s3://"):
-        if _SCHEME_RE.match(uri):
-            if not uri.lower().startswith("file://"):
-                raise StorageConfigError(f"unsupported model URL {_redact_url(uri)!r}: use a local path or s3://")
-            uri = _file_url_path(uri)
-        p = Path(uri).expanduser()
-        if not p.is_dir():
-            raise NotFound(f"model directory {p} not found")
-        _refuse_pickles(str(p), [q.name for q in p.rglob("*") if q.is_file()])
-        return p
 
+def fetch_model_dir(uri: str, *, pin: str | None = None, cache_dir: str | Path | None = None,
+                    endpoint_url: str | None = None) -> tuple[Path, str]:
+    """A local copy of the ``s3://bucket/prefix`` model and its pin (``models.s3_pin``: the
+    objects' names, sizes and ETags).
+
+    The per-node cache (``cache_dir``, default ``~/.cache/sdbatch/models`` or
+    ``$SDBATCH_MODEL_CACHE``) is keyed by the pin, so replaced weights are never served from an
+    old copy: with ``pin`` given and a complete copy of it cached, no S3 request is made;
+    otherwise the prefix is listed and its current objects are downloaded, each ``GetObject``
+    conditional on the listed ETag (an object replaced mid-download fails it). Concurrent
+    processes download once (a file lock); the marker ``.sdbatch-complete.json`` is written last.
+    Policy (pickles, family) is not checked here: ``sdbatch.models`` does that."""
     from filelock import FileLock
+
+    from sdbatch.models import s3_pin
 
     bucket, prefix = parse_s3_url(uri)
     canonical = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
     ep = _endpoint(endpoint_url)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_model_cache_dir()
-    dest = root / hashlib.sha256(f"{_redact_url(ep) or ''}|{canonical}".encode()).hexdigest()[:16]
-    marker = dest / MODEL_MARKER
-    if _complete(dest):
-        return dest
+    if pin is not None and _complete(_cache_dir(root, pin)):
+        return _cache_dir(root, pin), pin
+    storage = S3Storage(canonical, endpoint_url=ep)
+    listing = storage.objects("")
+    if not listing:
+        raise NotFound(f"no model files under {canonical}")
+    for rel in listing:
+        _check_key(rel)
+    found = s3_pin(listing)
+    dest = _cache_dir(root, found)
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dest) + ".lock"):
         if _complete(dest):
-            return dest
-        storage = S3Storage(canonical, endpoint_url=ep)
-        client = storage.client
-        root_prefix = f"{prefix}/" if prefix else ""
-        # directory placeholder objects ("", "sub/") are not files
-        listing = {rel: size for rel, size in storage._sizes("").items() if rel and not rel.endswith("/")}
-        if not listing:
-            raise NotFound(f"no model files under {canonical}")
-        for rel in listing:
-            _check_key(rel)
-        _refuse_pickles(canonical, listing)
-        if "model_index.json" not in listing and "config.json" not in listing:
-            log.warning("%s has no model_index.json/config.json: may not be a diffusers folder", canonical)
+            return dest, found
         dest.mkdir(parents=True, exist_ok=True)
         total = 0
-        for rel, size in sorted(listing.items()):
+        root_prefix = f"{prefix}/" if prefix else ""
+        for rel, (size, etag) in sorted(listing.items()):
             target = dest.joinpath(*rel.split("/"))
             if target.is_file() and target.stat().st_size == size:
                 continue  # finished in an interrupted earlier download (each file is temp+rename)
             target.parent.mkdir(parents=True, exist_ok=True)
-            _download(client, bucket, root_prefix + rel, target, size, ep)
+            _download(storage.client, bucket, root_prefix + rel, target, size, etag, ep)
             total += size
-        manifest = {"uri": canonical, "files": listing, "completed_at": time.time()}
+        marker = {"uri": canonical, "pin": found, "files": {rel: size for rel, (size, _) in listing.items()},
+                  "completed_at": time.time()}
         tmp = dest / (MODEL_MARKER + TMP_MARK)
-        tmp.write_text(json.dumps(manifest, sort_keys=True))
-        os.replace(tmp, marker)
+        tmp.write_text(json.dumps(marker, sort_keys=True))
+        os.replace(tmp, dest / MODEL_MARKER)
         log.info("downloaded model %s (%d files, %d bytes) to %s", canonical, len(listing), total, dest)
-    return dest
+    return dest, found
 
 
 def _complete(dest: Path) -> bool:
@@ -994,13 +1023,14 @@ def _complete(dest: Path) -> bool:
     return True
 
 
-def _download(client, bucket: str, key: str, target: Path, size: int, ep: str | None, tries: int = 3) -> None:
+def _download(client, bucket: str, key: str, target: Path, size: int, etag: str, ep: str | None,
+              tries: int = 3) -> None:
     tmp = target.with_name(target.name + TMP_MARK + uuid.uuid4().hex)
     last: Exception | None = None
     try:
         for attempt in range(tries):
             try:
-                body = client.get_object(Bucket=bucket, Key=key)["Body"]
+                body = client.get_object(Bucket=bucket, Key=key, IfMatch=etag)["Body"]
                 with open(tmp, "wb") as f:
                     for chunk in body.iter_chunks(8 << 20):
                         f.write(chunk)
@@ -1015,6 +1045,9 @@ def _download(client, bucket: str, key: str, target: Path, size: int, ep: str | 
             except Exception as e:
                 if not _is_botocore_error(e):
                     raise
+                if _error_code(e)[1] == 412:
+                    raise StorageError(f"s3://{bucket}/{key} was replaced while the model was downloading; "
+                                       "run again once the model is no longer being changed") from None
                 err = _translate(e, what=f"get_object {key}", bucket=bucket, endpoint=ep)
                 if not err.transient:
                     raise err from None

@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -49,10 +50,12 @@ from sdbatch.output import (
     STATUS_OK,
     build_webdataset_tar,
     commit_shard,
+    foreign_object_error,
     image_key,
     index_schema,
     metadata_key,
     read_commit,
+    read_shard_index,
     tar_key,
     webdataset_key,
 )
@@ -93,6 +96,17 @@ def is_transient(exc: BaseException) -> bool:
 def describe(exc: BaseException) -> str:
     """``Class: message`` — never a bare message (``scipy```) nor an object repr."""
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    key: str  # "" for a webdataset member (stored with its shard's tar)
+    sha256: str  # of this row's bytes
+    size: int
+    created: bool
+    quality: dict[str, Any]  # the quality columns (sdbatch.quality), measured on the pixels
+    data: bytes = b""  # webdataset: the bytes, for the tar
+    error: str | None = None  # the key holds an object that is not these bytes: not adopted
 
 
 def image_record(
@@ -186,11 +200,14 @@ class ShardRunner:
         endpoint_url: str | None = None,
         scorer: ClipScorer | None = None,
         passthrough: dict[str, pa.DataType] | None = None,
+        *,
+        job_fingerprint: str,
     ):
         """``passthrough``: the manifest's passthrough columns and their types
         (``manifest.passthrough_types``), the last columns of every shard index written."""
         self.generator = generator
         self.scorer = scorer
+        self.job_fingerprint = job_fingerprint  # stamped on every commit this runner writes
         self.index_schema = index_schema(passthrough or {})
         self.storage = storage
         self.spec = spec
@@ -235,10 +252,10 @@ class ShardRunner:
         except (OSError, ValueError, SyntaxError) as exc:  # what Pillow raises for unreadable or truncated images
             raise RowError(f"{where}: {describe(exc)}; fix: replace it with a readable PNG, JPEG or WebP file") from None
 
-    def _store_image(
-        self, shard: ShardSpec, row: Row, pixels: np.ndarray, record: dict
-    ) -> tuple[str, str, int, bool, bytes, dict[str, Any]]:
-        """Encode and store one image; also measures its quality columns while its pixels are here."""
+    def _store_image(self, shard: ShardSpec, row: Row, pixels: np.ndarray, record: dict) -> StoredImage:
+        """Encode and store create-once; also measures its quality columns while its pixels are
+        here. A key already taken is adopted only when it holds exactly these bytes (a dead
+        attempt of this row made them); anything else is not ours."""
         try:
             quality = measure_image(Image.fromarray(pixels), self.spec.scoring.blank_max_std)
             out = self.spec.output
@@ -246,11 +263,13 @@ class ShardRunner:
                 encode.encode_image, pixels, record,
                 fmt=out.image_format, png_compress_level=out.png_compress_level, quality=out.quality,
             ).result()
+            sha = hashlib.sha256(data).hexdigest()
             if out.format == "webdataset":
-                return "", hashlib.sha256(data).hexdigest(), len(data), True, data, quality
+                return StoredImage("", sha, len(data), True, quality, data)
             key = image_key(shard.name, row.id, encode.extension(out.image_format))
             put = self.storage.put_new(key, data)
-            return key, put.sha256, put.size, put.created, b"", quality
+            error = None if put.created or put.sha256 == sha else foreign_object_error(key, put.sha256, sha)
+            return StoredImage(key, sha, len(data), put.created, quality, error=error)
         finally:
             self._in_flight.release()
 
@@ -265,8 +284,9 @@ class ShardRunner:
         earlier (prefetch), if it did."""
         started = time.perf_counter()
         result = ShardResult(shard=shard.name, worker=self.worker_name)
-        previous = read_commit(self.storage, shard.name) if retry else None
+        previous = read_commit(self.storage, shard.name, self.job_fingerprint) if retry else None
         if previous is None and self.storage.exists(metadata_key(shard.name)):
+            read_shard_index(self.storage, shard.name, self.job_fingerprint)  # ForeignCommit if not ours
             result.committed = False
             return result
         unit = shard.name
@@ -276,7 +296,8 @@ class ShardRunner:
         if previous is not None:
             fresh = {r["id"]: r for r in index_rows}
             index_rows = [fresh.get(r["id"], r) for r in previous.records]
-        result.committed = commit_shard(self.storage, shard.name, index_rows, self.index_schema, replacing=previous)
+        result.committed = commit_shard(self.storage, shard.name, index_rows, self.index_schema, self.job_fingerprint,
+                                        replacing=previous)
         result.wall_seconds = time.perf_counter() - started
         return result
 
@@ -288,7 +309,7 @@ class ShardRunner:
         if init_images is None:
             init_images = self.load_init_images(rows)
         index_rows: list[dict[str, Any]] = []
-        stored: list[tuple[Row, dict, Future]] = []
+        stored: list[tuple[Row, dict, Future, float | None]] = []
 
         def fail_row(row: Row, error: str) -> None:
             index_rows.append(index_row(None, row, shard.name, status=STATUS_FAILED, error=error, attempt=attempt, worker=self.worker_name))
@@ -341,32 +362,45 @@ class ShardRunner:
 
         webdataset = self.spec.output.format == "webdataset"
         ext = encode.extension(self.spec.output.image_format)
-        tar_members: list[tuple[str, bytes, bytes]] = []
+        done: list[tuple[Row, dict, StoredImage, float | None]] = []
         for row, record, future, score in stored:
             try:
-                key, sha, size, created, data, quality = future.result()  # re-raises storage errors → shard retried
+                done.append((row, record, future.result(), score))  # re-raises storage errors → shard retried
             except encode.MetadataTooLarge as exc:
                 fail_row(row, f"row {row.id}: {describe(exc)}; fix: shorten its prompt or passthrough columns, "
                               "or use --image-format png")
+        tar_error = None
+        if webdataset and done:
+            members = [
+                (webdataset_key(row.id), put.data,
+                 json.dumps({k: v for k, v in record.items() if k != "generate_seconds"}, sort_keys=True).encode())
+                for row, record, put, _ in done
+            ]
+            tar = build_webdataset_tar(members, ext)
+            put = self.storage.put_new(tar_key(tar_name), tar)
+            ours = hashlib.sha256(tar).hexdigest()
+            if not put.created and put.sha256 != ours:
+                tar_error = foreign_object_error(tar_key(tar_name), put.sha256, ours)
+        for row, record, put, score in done:
+            key = f"{tar_key(tar_name)}#{webdataset_key(row.id)}.{ext}" if webdataset else put.key
+            error = tar_error or put.error
+            if error:
+                log.error("row %s: %s", row.id, error)
+                index_rows.append(index_row(record, row, shard.name, status=STATUS_FAILED, error=error, key=key,
+                                            attempt=attempt, worker=self.worker_name))
+                result.rows_failed += 1
                 continue
-            if webdataset:
-                wkey = webdataset_key(row.id)
-                record_json = json.dumps({k: v for k, v in record.items() if k != "generate_seconds"}, sort_keys=True)
-                tar_members.append((wkey, data, record_json.encode()))
-                key = f"{tar_key(tar_name)}#{wkey}.{ext}"
-            result.images_created += created
-            result.images_adopted += not created
+            result.images_created += put.created
+            result.images_adopted += not put.created
             index_rows.append(
                 index_row(
-                    record, row, shard.name, status=STATUS_OK, error=None, key=key, sha256=sha, bytes=size,
+                    record, row, shard.name, status=STATUS_OK, error=None, key=key, sha256=put.sha256, bytes=put.size,
                     attempt=attempt, worker=self.worker_name, generate_seconds=record["generate_seconds"],
-                    clip_score=score, **quality,
+                    clip_score=score, **put.quality,
                 )
             )
             result.rows_ok += 1
             result.prompts_truncated += record["prompt_truncated_at"] is not None
-        if tar_members:
-            self.storage.put_new(tar_key(tar_name), build_webdataset_tar(tar_members, ext))
         index_rows.sort(key=lambda r: r["row"])
         return index_rows
 
@@ -455,7 +489,8 @@ class WorkerActor:
     reads the rows from the manifest it was given at start (``ShardFeed``). ``prefetch``
     (its own thread) tells it which shard comes next, so its rows are read meanwhile."""
 
-    def __init__(self, spec_json: str, out_url: str, endpoint_url: str | None, tracker: Any, manifest: Manifest):
+    def __init__(self, spec_json: str, out_url: str, endpoint_url: str | None, tracker: Any, manifest: Manifest,
+                 job_fingerprint: str, model_pin: str):
         import torch
 
         from sdbatch.generate import Generator
@@ -464,9 +499,8 @@ class WorkerActor:
         metrics.start(out_url)
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
         generator = Generator.load(
-            spec.model.name, device=spec.model.device, dtype=spec.model.dtype, endpoint_url=endpoint_url,
-            loras=spec.loras,
-            compile=spec.model.compile,
+            spec.model.name, pin=model_pin, device=spec.model.device, dtype=spec.model.dtype,
+            endpoint_url=endpoint_url, loras=spec.loras, compile=spec.model.compile,
         )
         storage = open_storage(
             out_url,
@@ -480,13 +514,13 @@ class WorkerActor:
 
             scorer = ClipScorer.load(spec.scoring.clip_model, device=generator.info.device, endpoint_url=endpoint_url)
         self.runner = ShardRunner(generator, storage, spec, endpoint_url=endpoint_url, scorer=scorer,
-                                  passthrough=passthrough_types(manifest))
+                                  passthrough=passthrough_types(manifest), job_fingerprint=job_fingerprint)
         self.feed = ShardFeed(manifest, spec, self.runner.load_init_images, endpoint_url)
         self.tracker = tracker
 
     def ready(self) -> dict[str, Any]:
         info = self.runner.generator.info
-        return {"worker": self.runner.worker_name, "model_fingerprint": info.fingerprint,
+        return {"worker": self.runner.worker_name, "model_fingerprint": info.fingerprint, "model_pin": info.pin,
                 "device": info.device, "dtype": info.dtype, "versions": info.versions}
 
     @ray.method(concurrency_group="prefetch")

@@ -268,7 +268,10 @@ def test_worker_returns_a_shard_reaching_it_after_the_deadline_unstarted(ray_add
     out = tmp_path / "out"
     out.mkdir()
     tracker = ProgressTracker.remote()
-    actor = WorkerActor.remote(spec.model_dump_json(), str(out), None, tracker, manifest)
+    from sdbatch.models import preflight
+
+    actor = WorkerActor.remote(spec.model_dump_json(), str(out), None, tracker, manifest, "job-fingerprint",
+                               preflight("builtin:tiny").pin)
     try:
         work = ShardSpec(0, range(4))
         for retry_ids in (None, frozenset({"c001"})):

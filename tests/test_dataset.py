@@ -239,10 +239,12 @@ def test_blank_images_are_flagged_and_near_uniform_twins_share_a_phash(tmp_path)
     source = open_manifest(str(write_manifest(tmp_path / "m.parquet", [
         {"id": "g1", "prompt": "a red circle", "seed": 1}, {"id": "g2", "prompt": "a blue square", "seed": 2}])))
     storage = LocalStorage(tmp_path / "out")
-    claim_job(storage, job_record(spec, source, None))
-    ShardRunner(Generator.load(str(model)), storage, spec).run_shard(ShardSpec(0, range(2)), read_rows(source, spec, 0, 2))
+    job = job_record(spec, source, None)
+    claim_job(storage, job)
+    ShardRunner(Generator.load(str(model)), storage, spec, job_fingerprint=job["fingerprint"]).run_shard(
+        ShardSpec(0, range(2)), read_rows(source, spec, 0, 2))
     assert job_stats(*job_index(storage))["duplicates"] is None  # not merged yet: not known
-    assert merge_index(storage, passthrough_types(source)).duplicates == 1
+    assert merge_index(storage, passthrough_types(source), job["fingerprint"]).duplicates == 1
     rows = {r["id"]: r for r in load_index(tmp_path / "out")}
     assert rows["g1"]["blank"] is True and rows["g1"]["luma_std"] == 0
     assert rows["g1"]["sha256"] != rows["g2"]["sha256"] and rows["g2"]["duplicate_of"] == "g1"

@@ -52,7 +52,8 @@ def init_image_cases(folder: Path) -> dict[str, tuple[str, str]]:
     }
 
 
-LIMITS = ["--set", "limits.max_pixels=4096", "--set", "limits.max_init_image_bytes=20000"]
+LIMITS = ["--set", "limits.max_pixels=4096", "--set", "limits.max_init_image_bytes=20000",
+          "--set", 'limits.init_image_roots=["/dev"]']  # /dev/zero is read only once its root is allowed
 
 
 def init_rows(cases: dict[str, tuple[str, str]]) -> list[dict]:
@@ -170,7 +171,7 @@ def run_one_shard(generator, tmp_path: Path, rows: list[dict], attempt: int = 1,
     source = open_manifest(str(write_manifest(tmp_path / "m.parquet", rows)))
     storage = LocalStorage(tmp_path / "out")
     s = ShardSpec(0, range(source.num_rows))
-    runner = ShardRunner(generator, storage, spec, passthrough=passthrough_types(source))
+    runner = ShardRunner(generator, storage, spec, passthrough=passthrough_types(source), job_fingerprint="failures-test")
     result = runner.run_shard(s, read_rows(source, spec, 0, source.num_rows), attempt)
     return result, {r["id"]: r for r in pq.read_table(tmp_path / "out" / "metadata" / "00000.parquet").to_pylist()}
 
@@ -291,11 +292,11 @@ def test_a_stray_metadata_file_and_a_truncated_index_are_not_taken_for_commits(t
 
     storage = LocalStorage(tmp_path / "out")
     storage.put("metadata/00000.parquet",
-                records_to_parquet([{"id": "a", "row": 0, "shard": "00000", "status": "ok"}], index_schema({})))
+                records_to_parquet([{"id": "a", "row": 0, "shard": "00000", "status": "ok"}], index_schema({}), "fp"))
     storage.put("metadata/summary.parquet", b"another tool's file")
     assert committed_shards(storage) == {"00000"}
     storage.put("index.parquet", b"PAR1-truncated")
-    table, merged = read_index(storage)  # the commits still hold every row
+    table, merged = read_index(storage, "fp")  # the commits still hold every row
     assert merged == 1 and table.column("id").to_pylist() == ["a"]
 
 

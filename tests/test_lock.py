@@ -15,10 +15,14 @@ from sdbatch.lock import JobLock, LockHeld, LockLost
 from sdbatch.output import LOCK_KEY
 
 
-def lease(driver: str, *, expires_in: float) -> bytes:
-    now = time.time()
-    return json.dumps({"driver": driver, "host": "elsewhere", "pid": 1, "heartbeat_at": now,
-                       "expires_at": now + expires_in}).encode()
+def lease(driver: str) -> bytes:
+    return json.dumps({"driver": driver, "host": "elsewhere", "pid": 1, "renewals": 1}).encode()
+
+
+def expire(store, monkeypatch) -> None:
+    """Let the lease at LOCK_KEY expire by the storage's clock (S3 Last-Modified has 1 s steps)."""
+    monkeypatch.setattr(job_lock, "LOCK_LEASE_S", 2.0)
+    time.sleep(3.5)
 
 
 def test_live_lock_refuses_a_second_driver(store):
@@ -32,8 +36,9 @@ def test_live_lock_refuses_a_second_driver(store):
     assert not store.exists(LOCK_KEY)
 
 
-def test_racing_drivers_take_an_expired_lock_exactly_once(store):
-    store.put(LOCK_KEY, lease("dead-driver", expires_in=-5))
+def test_racing_drivers_take_an_expired_lock_exactly_once(store, monkeypatch):
+    store.put(LOCK_KEY, lease("dead-driver"))
+    expire(store, monkeypatch)
     n = 6
     barrier = threading.Barrier(n)
 
@@ -63,7 +68,7 @@ def test_a_lease_taken_over_is_noticed_and_left_to_its_new_owner(store, monkeypa
     assert first_beat["driver"] == lock.owner["driver"] and lock.lost is None
     lock.check()  # still ours
 
-    usurper = lease("usurper", expires_in=60)  # our lease lapsed; another driver took over
+    usurper = lease("usurper")  # our lease lapsed; another driver took over
     store.put(LOCK_KEY, usurper)
     deadline = time.time() + 10
     while lock.lost is None and time.time() < deadline:
@@ -75,3 +80,23 @@ def test_a_lease_taken_over_is_noticed_and_left_to_its_new_owner(store, monkeypa
     assert store.get(LOCK_KEY) == usurper
     lock.release()
     assert store.get(LOCK_KEY) == usurper
+
+
+def test_lease_age_is_the_storages_clock_not_the_writers(store, monkeypatch):
+    """Finding 10: a lease renewed just now by a driver whose clock is an hour behind (its body
+    says it expired long ago) is still held; one whose last write is older than the lease is
+    free, whatever times its body claims."""
+    behind = time.time() - 3600
+    store.put(LOCK_KEY, json.dumps({"driver": "skewed", "host": "elsewhere", "pid": 1,
+                                    "heartbeat_at": behind, "expires_at": behind + 60}).encode())
+    with pytest.raises(LockHeld, match="is being written by another sdbatch driver"):
+        JobLock.acquire(store)
+    ahead = time.time() + 3600
+    store.put(LOCK_KEY, json.dumps({"driver": "ahead", "host": "elsewhere", "pid": 1,
+                                    "heartbeat_at": ahead, "expires_at": ahead + 60}).encode())
+    expire(store, monkeypatch)
+    lock = JobLock.acquire(store)
+    try:
+        assert json.loads(store.get(LOCK_KEY))["driver"] == lock.owner["driver"]
+    finally:
+        lock.release()

@@ -160,7 +160,7 @@ def test_images_still_nan_or_black_fail_their_rows_and_are_not_stored(tiny, monk
     spoil_decode(monkeypatch, tiny, {0: -1.0, 2: float("nan")})
     spec = load_spec(None, [], {"model.name": "builtin:tiny", "resources.batch_size": 4})
     out = tmp_path / "out"
-    result = ShardRunner(tiny, LocalStorage(out), spec).run_shard(ShardSpec(0, range(4)), guard_rows())
+    result = ShardRunner(tiny, LocalStorage(out), spec, job_fingerprint="guard-test").run_shard(ShardSpec(0, range(4)), guard_rows())
     assert (result.rows_ok, result.rows_failed) == (2, 2)
     import pyarrow.parquet as pq
 

@@ -226,9 +226,9 @@ def test_vae_reconstructs_held_out_images():
     import torch
     from diffusers import AutoencoderKL
 
-    from sdbatch.generate import resolve_model_dir
+    from sdbatch.models import local_model_dir
 
-    vae = AutoencoderKL.from_pretrained(resolve_model_dir(MODEL) / "vae", torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(local_model_dir(MODEL) / "vae", torch_dtype=torch.float32)
     vae.eval()
     x, _, _ = sd.batch(seed=424242, start=0, n=32)  # a data stream never used in training
     with torch.no_grad():

@@ -56,6 +56,9 @@ def passthrough_manifest(path):
     return table
 
 
+JOB_FP = "0123456789abcdef"  # the job whose commits these are
+
+
 def commit_shards(storage, manifest, spec):
     """Commit every shard as a worker would: img2img rows failed (no record), the rest ok."""
     for number in range(3):
@@ -72,7 +75,7 @@ def commit_shards(storage, manifest, spec):
             records.append(index_row(record, row, s.name, status=STATUS_OK, key=f"images/{s.name}/{row.id}.png",
                                      sha256="0" * 64, bytes=100 + row.index, attempt=1, worker="w"))
         schema = index_schema(passthrough_types(manifest))
-        commit_shard(storage, s.name, list(reversed(records)), schema)  # merge restores row order
+        commit_shard(storage, s.name, list(reversed(records)), schema, JOB_FP)  # merge restores row order
 
 
 @pytest.fixture
@@ -102,7 +105,7 @@ def test_merge_types_every_column_and_keeps_row_order(tmp_path, committed, monke
     storage = LocalStorage(tmp_path / "out")
     commit_shards(storage, manifest, spec)
     monkeypatch.setattr(output, "MERGE_ROW_GROUP_ROWS", row_group_rows)
-    summary = merge_index(storage, passthrough_types(manifest))
+    summary = merge_index(storage, passthrough_types(manifest), JOB_FP)
     assert (summary.rows, summary.rows_failed) == (10, 4)
     index_file = pq.ParquetFile(tmp_path / "out" / INDEX_KEY)
     # shard indexes are gathered into row groups of MERGE_ROW_GROUP_ROWS: with 1, one per shard
@@ -117,16 +120,17 @@ def test_every_commit_has_the_declared_schema_and_a_retry_replaces_only_the_comm
     commit_shards(storage, manifest, spec)
     schema = index_schema(passthrough_types(manifest))
     for name in ("00000", "00001", "00002"):  # strength is null throughout 00000 and 00002, still float64
-        assert pq.read_schema(tmp_path / "out" / "metadata" / f"{name}.parquet").remove_metadata() == schema
-    read = read_commit(storage, "00001")
+        stored = pq.read_schema(tmp_path / "out" / "metadata" / f"{name}.parquet")
+        assert stored.remove_metadata() == schema and stored.metadata[output.FINGERPRINT_META] == JOB_FP.encode()
+    read = read_commit(storage, "00001", JOB_FP)
     fixed = [{**r, "status": STATUS_OK, "error": None} for r in read.records]
-    assert commit_shard(storage, "00001", fixed, schema, replacing=read)
-    assert {r["status"] for r in read_commit(storage, "00001").records} == {STATUS_OK}
-    assert not commit_shard(storage, "00001", read.records, schema, replacing=read)  # it changed since it was read
-    assert {r["status"] for r in read_commit(storage, "00001").records} == {STATUS_OK}
-    assert not commit_shard(storage, "00001", read.records, schema)  # a new shard's commit is create-once
+    assert commit_shard(storage, "00001", fixed, schema, JOB_FP, replacing=read)
+    assert {r["status"] for r in read_commit(storage, "00001", JOB_FP).records} == {STATUS_OK}
+    assert not commit_shard(storage, "00001", read.records, schema, JOB_FP, replacing=read)  # it changed since it was read
+    assert {r["status"] for r in read_commit(storage, "00001", JOB_FP).records} == {STATUS_OK}
+    assert not commit_shard(storage, "00001", read.records, schema, JOB_FP)  # a new shard's commit is create-once
     with pytest.raises(ValueError, match="does not declare: quality"):
-        commit_shard(storage, "00003", [{**fixed[0], "quality": 1.0}], schema)
+        commit_shard(storage, "00003", [{**fixed[0], "quality": 1.0}], schema, JOB_FP)
     assert not (tmp_path / "out" / "metadata" / "00003.parquet").exists()
 
 
@@ -135,7 +139,7 @@ def test_merge_uploads_the_index_to_s3(s3_bucket, committed):
     endpoint, bucket = s3_bucket
     storage = S3Storage(f"s3://{bucket}/job", endpoint_url=endpoint)
     commit_shards(storage, manifest, spec)
-    summary = merge_index(storage, passthrough_types(manifest))
+    summary = merge_index(storage, passthrough_types(manifest), JOB_FP)
     assert (summary.rows, summary.rows_failed) == (10, 4)
     check_index(pq.read_table(io.BytesIO(storage.get(INDEX_KEY))), source, manifest)
 
@@ -148,6 +152,6 @@ def test_index_column_types_cover_every_index_column():
 
 def test_merge_of_no_committed_shard_writes_an_empty_typed_index(tmp_path):
     storage = LocalStorage(tmp_path / "out")
-    assert merge_index(storage, {"label": pa.int32()}) == output.IndexSummary(rows=0, rows_failed=0, first_failed=[])
+    assert merge_index(storage, {"label": pa.int32()}, JOB_FP) == output.IndexSummary(rows=0, rows_failed=0, first_failed=[])
     index = pq.read_table(tmp_path / "out" / INDEX_KEY)
     assert index.num_rows == 0 and index.schema == index_schema({"label": pa.int32()})

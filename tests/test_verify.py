@@ -90,6 +90,56 @@ def test_unfinished_job_is_verified_from_committed_shard_indexes(job_copy):
     assert report.orphans == sorted(r["key"] for r in index.values() if r["shard"] == "00001")
 
 
+def cut_index(work, keep: int) -> None:
+    """index.parquet cut to its first ``keep`` rows, still stamped as this job's."""
+    table = pq.read_table(work / "index.parquet")
+    pq.write_table(table.slice(0, keep), work / "index.parquet")
+
+
+def test_an_incomplete_index_is_not_clean_and_is_rebuilt_from_the_commits(ray_address, job_copy):
+    """Issue 12 finding 4: an index cut to 2 of 12 rows is reported (job.json's row count,
+    the manifest's ids, the commits' rows), its rows' images are not called orphans safe to
+    delete without that problem, and --rebuild-index restores it from the commits."""
+    work, index = job_copy
+    cut_index(work, 2)
+    result = cli(ray_address, "verify", work)
+    text = " ".join(result.stdout.split())
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "index.parquet holds 2 rows, the job's manifest 12 (job.json)" in text
+    assert "10 committed rows are not in index.parquet" in text
+    assert "10 manifest rows are not in the index (e.g. v02, v03" in text
+    assert "PROBLEMS FOUND" in text
+
+    rebuilt = cli(ray_address, "verify", work, "--rebuild-index")
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    assert "rebuilt index.parquet from 2 commits (12 rows)" in rebuilt.stdout and "orphans    0" in rebuilt.stdout
+    assert {r["id"]: r for r in pq.read_table(work / "index.parquet").to_pylist()} == index
+
+
+def test_a_corrupt_index_is_reported_and_rebuilt(ray_address, job_copy):
+    work, index = job_copy
+    (work / "index.parquet").write_bytes(b"PAR1 not a parquet file")
+    result = cli(ray_address, "verify", work)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "index.parquet is not this job's readable index" in result.stdout
+    assert cli(ray_address, "verify", work, "--rebuild-index").returncode == 0
+    assert len(pq.read_table(work / "index.parquet")) == len(index)
+
+
+def test_a_refused_resume_says_what_changed(ray_address, job_out, tmp_path):
+    """Issue 11: a refused resume names the spec keys (and manifest, model) that changed."""
+    manifest = next(job_out.parent.glob("*.parquet"))
+    result = cli(ray_address, "submit", manifest, "--out", job_out, *FAST, "--workers", "1", "--steps", "4",
+                 "--guidance-scale", "5")
+    said = " ".join(result.stderr.split())
+    assert result.returncode == 2, result.stderr
+    assert "already holds a different job: the settings defaults.steps (3 → 4), defaults.guidance_scale (7.5 → 5.0)" in said
+    assert "the manifest" not in said and "the model" not in said
+    other = write_manifest(tmp_path / "other.parquet", rows(11))
+    result = cli(ray_address, "submit", other, "--out", job_out, *FAST, "--workers", "1")
+    assert result.returncode == 2 and "the manifest (" in result.stderr and "11 rows" in result.stderr
+
+
 def test_regenerate_three_rows_of_a_clean_job(ray_address, job_out):
     result = cli(ray_address, "verify", job_out, "--regenerate", "3", "--seed", "1")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1,19 +1,37 @@
-"""Built-in models shipped inside the package as ordinary diffusers folders, and the batch
-every model returns.
+"""Models, torch-free: resolution, preflight, fingerprint and the one pickle policy.
 
-A built-in model is named ``builtin:NAME`` and resolves to ``sdbatch/models/NAME/``, which is
-loaded by exactly the same code as any user-supplied diffusers folder (``builtin:null``'s
-folder names a model that is not a diffusers pipeline: ``null_model.py``).
+A model is ``builtin:NAME`` (a diffusers folder shipped in ``sdbatch/models/NAME/``), a local
+diffusers folder, or an ``s3://`` prefix holding one. Everything here runs without torch, so
+``submit`` can refuse a model before any worker starts:
+
+- **one pickle policy**, the same for local folders and ``s3://`` prefixes: a model holding any
+  pickle checkpoint (``*.bin``, ``*.ckpt``, ``*.pt``, ``*.pth``, ``*.pkl``, ``*.pickle``) is
+  refused, even next to safetensors — sdbatch loads safetensors only and never ships a folder
+  whose other files a loader could be tricked into unpickling;
+- **the family**, from ``model_index.json`` ``_class_name``: a pipeline class sdbatch does not
+  run exits 2, naming the class found and the supported ones (``StableDiffusionPipeline``, and
+  ``SdbatchNullModel``: ``builtin:null``'s folder names a model that is not a diffusers
+  pipeline, ``null_model.py``);
+- **the pin**, recorded in ``job.json`` at submit and compared with every worker's before it
+  gets a shard: a local folder's content fingerprint (sha256 over every file of every component
+  folder), an ``s3://`` prefix's ETags and sizes (``s3-etags:<sha256>``), which also key the
+  per-node download cache.
+
+It also owns ``GeneratedBatch``, the batch every model returns.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from sdbatch.errors import BadInput
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -34,7 +52,16 @@ class GeneratedBatch:
 
         return [Image.fromarray(p) for p in self.pixels]
 
+
 MODELS_DIR = Path(__file__).resolve().parent
+NULL_CLASS_NAME = "SdbatchNullModel"  # builtin:null (null_model.py), drawn with numpy
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+#: files of a model folder that are not part of the model (docs, the download cache's marker)
+_NOT_MODEL_FILES = ("README.md",)
+
+
+class ModelError(BadInput, ValueError):
+    """The model cannot be used: the message names the model and the fix."""
 
 
 def builtin_names() -> list[str]:
@@ -46,22 +73,28 @@ def resolve_builtin(name: str) -> Path:
     short = name.removeprefix(BUILTIN_PREFIX)
     folder = MODELS_DIR / short
     if not (folder / "model_index.json").is_file():
-        raise ValueError(
+        raise ModelError(
             f"unknown built-in model {name!r}; available: "
             + ", ".join(BUILTIN_PREFIX + n for n in builtin_names())
         )
     return folder
 
 
-def fingerprint_model_dir(folder: Path) -> str:
-    """sha256 over every config and weight file of a diffusers folder (relative path + bytes),
-    so two folders with the same weights and configs have the same fingerprint wherever they live."""
-    digest = hashlib.sha256()
-    files = sorted(
+def _model_files(folder: Path) -> list[Path]:
+    """Every file of the model: all component folders, all kinds (a tokenizer's
+    ``spiece.model`` decides images as much as a weight file does); not dotfiles, not docs."""
+    return sorted(
         p for p in Path(folder).rglob("*")
-        if p.is_file() and p.suffix in {".json", ".safetensors", ".txt"} and p.name != "README.md"
+        if p.is_file() and p.name not in _NOT_MODEL_FILES
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
-    for path in files:
+
+
+def fingerprint_model_dir(folder: Path) -> str:
+    """sha256 over every file of a diffusers folder (relative path + bytes), so two folders
+    with the same files have the same fingerprint wherever they live."""
+    digest = hashlib.sha256()
+    for path in _model_files(folder):
         digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
         with path.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
@@ -69,20 +102,97 @@ def fingerprint_model_dir(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def s3_pin(objects: dict[str, tuple[int, str]]) -> str:
+    """The pin of an ``s3://`` model: its files' relative names, sizes and ETags."""
+    listing = json.dumps(sorted((rel, size, etag) for rel, (size, etag) in objects.items()))
+    return "s3-etags:" + hashlib.sha256(listing.encode()).hexdigest()
+
+
+def refuse_pickles(where: str, names: Iterable[str]) -> None:
+    """The pickle policy (one, for local folders and s3:// prefixes alike)."""
+    bad = sorted(n for n in names if n.lower().endswith(PICKLE_SUFFIXES))
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" … (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+        raise ModelError(
+            f"model at {where} contains pickle checkpoint files ({shown}); sdbatch loads safetensors only "
+            "and refuses any folder holding pickles. Convert the weights to *.safetensors "
+            "(diffusers save_pretrained(safe_serialization=True)) and remove the pickle files"
+        )
+
+
+def check_family(where: str, model_index: bytes) -> str:
+    """The pipeline class named by ``model_index.json``; a ``families.FamilyError`` (bad input)
+    names the supported ones if sdbatch cannot run it."""
+    from sdbatch.families import family_for_class
+
+    try:
+        class_name = json.loads(model_index).get("_class_name")
+    except (ValueError, AttributeError):
+        raise ModelError(f"model at {where}: model_index.json is not a JSON object; "
+                         "pass a diffusers folder as written by save_pretrained") from None
+    return family_for_class(class_name, where).class_name
+
+
 def local_model_dir(name: str) -> Path:
-    """``builtin:NAME`` or a local diffusers folder → its path; ValueError naming the fix."""
+    """``builtin:NAME`` or a local diffusers folder → its path; ModelError naming the fix."""
     if name.startswith(BUILTIN_PREFIX):
         return resolve_builtin(name)
     folder = Path(name).expanduser()
     if not (folder / "model_index.json").is_file():
-        raise ValueError(
+        raise ModelError(
             f"model {name!r}: no model_index.json there; pass a diffusers folder "
             "(as written by save_pretrained), an s3:// prefix holding one, or builtin:shapes"
         )
     return folder.resolve()
 
 
-def local_model_fingerprint(name: str) -> str | None:
-    """The fingerprint of a built-in or local model folder, computed without loading it;
-    None for an ``s3://`` model (its workers record the fingerprint of what they load)."""
-    return None if name.startswith("s3://") else fingerprint_model_dir(local_model_dir(name))
+def check_pickles(where: str, folder: Path) -> None:
+    """The pickle policy on a local folder (a diffusers model, or ``scoring.clip_model``)."""
+    refuse_pickles(where, [p.relative_to(folder).as_posix() for p in _model_files(folder)])
+
+
+def check_folder(where: str, folder: Path) -> None:
+    """The pickle policy and the family check on a local diffusers folder."""
+    check_pickles(where, folder)
+    check_family(where, (folder / "model_index.json").read_bytes())
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model checked at preflight: where it is and what it is pinned to."""
+
+    name: str
+    pin: str
+
+
+def preflight(name: str, *, endpoint_url: str | None = None) -> ModelRef:
+    """Check the model before any worker starts (pickles, family) and pin it. ModelError, or a
+    StorageError for an s3:// prefix that cannot be read."""
+    if not name.startswith("s3://"):
+        folder = local_model_dir(name)
+        check_folder(name, folder)
+        return ModelRef(name, fingerprint_model_dir(folder))
+    from sdbatch.storage import open_storage
+
+    storage = open_storage(name, endpoint_url=endpoint_url)
+    objects = storage.objects("")
+    if "model_index.json" not in objects:
+        raise ModelError(f"model {name!r}: no model_index.json under that prefix; it must hold a diffusers folder")
+    refuse_pickles(name, objects)
+    check_family(name, storage.get("model_index.json"))
+    return ModelRef(name, s3_pin(objects))
+
+
+def resolve(name: str, *, pin: str | None = None, endpoint_url: str | None = None) -> tuple[Path, str]:
+    """The local folder to load ``name`` from (an s3:// prefix is downloaded once per node,
+    into a cache keyed by its pin) and the pin of what that folder holds, checked by the same
+    policy as at preflight."""
+    if name.startswith("s3://"):
+        from sdbatch.storage import fetch_model_dir
+
+        folder, found = fetch_model_dir(name, pin=pin, endpoint_url=endpoint_url)
+    else:
+        folder = local_model_dir(name)
+        found = fingerprint_model_dir(folder)
+    check_folder(name, folder)
+    return folder, found

@@ -21,9 +21,8 @@ from typing import Any
 import numpy as np
 
 from sdbatch.manifest import Row
-from sdbatch.models import GeneratedBatch
+from sdbatch.models import NULL_CLASS_NAME, GeneratedBatch
 
-NULL_CLASS_NAME = "SdbatchNullModel"
 NOISE_BITS = 4  # per-pixel noise of 16 levels: sets the PNG size (≈ 4 bits per sample)
 
 
@@ -52,6 +51,7 @@ class NullModelInfo:
 
     name: str
     fingerprint: str
+    pin: str  # what the job pins the model to (sdbatch.models), checked by the worker's ready()
     device: str = "cpu"
     dtype: str = "uint8"
     versions: dict[str, str] | None = None
@@ -72,10 +72,10 @@ class NullGenerator:
         self.config = config
 
     @classmethod
-    def from_folder(cls, name: str, folder: Path, fingerprint: str) -> NullGenerator:
+    def from_folder(cls, name: str, folder: Path, fingerprint: str, pin: str) -> NullGenerator:
         config = json.loads((folder / "model_index.json").read_text())
         versions = {"numpy": np.__version__, "python": platform.python_version()}
-        return cls(NullModelInfo(name=name, fingerprint=fingerprint, versions=versions), config)
+        return cls(NullModelInfo(name=name, fingerprint=fingerprint, pin=pin, versions=versions), config)
 
     class _NoAdapters:
         """No LoRA is ever loaded into the null model: rows record their adapters without hashes."""
