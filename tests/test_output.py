@@ -71,7 +71,8 @@ def commit_shards(storage, manifest, spec):
                 continue
             record = {"batch_id": f"{s.name}-000", "batch_rows": [r.id for r in rows if not r.is_img2img],
                       "model_fingerprint": "f" * 64, "device": "cpu", "dtype": "float32", "torch_threads": 2,
-                      "versions": {"torch": "2.13.0"}, "init_image_sha256": None}
+                      "versions": {"torch": "2.13.0"}, "init_image_sha256": None, "loras": [],
+                      "prompt_truncated_at": None}
             records.append(index_row(record, row, s.name, status=STATUS_OK, key=f"images/{s.name}/{row.id}.png",
                                      sha256="0" * 64, bytes=100 + row.index, attempt=1, worker="w"))
         schema = index_schema(passthrough_types(manifest))
