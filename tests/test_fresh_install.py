@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sdbatch.columns import SAMPLERS
+from sdbatch.families import DIFFUSION_SAMPLERS as SAMPLERS  # builtin:tiny is SD 1.x: every sampler of its family
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
