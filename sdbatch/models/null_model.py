@@ -3,7 +3,7 @@ no cost, for measuring the machinery (batching, encode, hash, store, commit) and
 tests — not for users' images.
 
 The picture is smooth colour gradients and waves plus per-pixel noise, so its PNGs cost what
-real images cost to encode (a 512² PNG at level 1 is about 400 KB). It depends on the row's
+real images cost to encode (a 512² PNG at level 1 is about 520 KB). It depends on the row's
 seed, width and height only — never on its batch-mates, prompt or sampler — and is drawn with
 numpy alone (no torch). ``NullGenerator`` has the interface of ``generate.Generator``, so the worker,
 ``reproduce`` and ``verify`` run it like any model; ``model_index.json`` in ``models/null/``
