@@ -78,7 +78,7 @@ def child(args: argparse.Namespace) -> None:
         def prefetch(self, shard, retry_ids=None):
             return None
 
-        def run_shard(self, shard, attempt, retry_ids=None, not_after=None):
+        def run_shard(self, shard, turn, attempt, retry_ids=None, not_after=None):
             self.tracker.report.remote("stub", shard.name, 0, 0)
             self.tracker.report.remote("stub", shard.name, shard.num_rows, 0)
             return ShardResult(shard=shard.name, rows_ok=shard.num_rows, worker="stub")

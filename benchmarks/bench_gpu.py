@@ -7,9 +7,8 @@ downloads), fp16, 20 steps, batch 8 and 16, compile off and on, three contenders
   job     ``sdbatch submit`` (Ray, one GPU worker), steady-state rate from its commit times.
 
 Prints images/s per contender and the ratios to ``bare`` (targets, DESIGN §7: job ≥ 0.95 ×
-bare; SD 1.5 512² ≥ 11 img/s per H100-class GPU; SDXL 1024² ≥ 2.4 img/s per H200). sdbatch
-loads SD 1.x/2.x pipelines only, so the SDXL rows have the bare loop alone. Meant to take
-≤ 8 minutes on one H100/H200:
+bare; SD 1.5 512² ≥ 11 img/s per H100-class GPU; SDXL 1024² ≥ 2.4 img/s per H200). Meant to
+take ≤ 8 minutes on one H100/H200 (``--compile off`` for a shorter first look):
 
     python benchmarks/bench_gpu.py                 # on a machine with one CUDA GPU
     python benchmarks/bench_gpu.py --smoke         # on CPU: tiny shapes, fp32, 2 steps (checks the script)
@@ -174,7 +173,7 @@ def job_rate(folder: Path, manifest: Path, overrides: dict, rows: int, batch: in
 
 
 def cell(rate: float | None, bare: float) -> str:
-    return "n/a (sdbatch loads SD 1.x/2.x only)" if rate is None else f"{rate:.2f} ({rate / bare:.2f}×)"
+    return "skipped" if rate is None else f"{rate:.2f} ({rate / bare:.2f}×)"
 
 
 def main() -> None:
@@ -203,25 +202,19 @@ def main() -> None:
         folder = Path(tmp)
         for family, size, rows in families:
             pipe = build(family, args.smoke, device, dtype)
-            model_dir = None
-            if family == "sd15":
-                model_dir = folder / "sd15"
-                pipe.save_pretrained(model_dir, safe_serialization=True)
+            model_dir = folder / family
+            pipe.save_pretrained(model_dir, safe_serialization=True)
             for batch in batches:
                 for compile_unet in compiles:
                     bare = bare_rate(pipe, device, batch, size, steps, rows, compile_unet)
-                    runner = job = None
-                    if model_dir is not None:
-                        manifest = write_manifest(folder, rows + batch, size, steps)  # + the warm-up shard
-                        overrides = spec_overrides(model_dir, batch, dtype_name, compile_unet, device)
-                        if device == "cuda":
-                            torch.cuda.empty_cache()
-                        runner = runner_rate(folder, model_dir, manifest, overrides, rows + batch)
-                        if not args.no_job:
-                            job = job_rate(folder, manifest, overrides, rows + batch, batch)
-                    job_cell = "skipped" if model_dir is not None and args.no_job else cell(job, bare)
+                    manifest = write_manifest(folder, rows + batch, size, steps)  # + the warm-up shard
+                    overrides = spec_overrides(model_dir, batch, dtype_name, compile_unet, device)
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                    runner = runner_rate(folder, model_dir, manifest, overrides, rows + batch)
+                    job = None if args.no_job else job_rate(folder, manifest, overrides, rows + batch, batch)
                     print(f"| {family} | {size}² | {batch} | {'on' if compile_unet else 'off'} | {bare:.2f} | "
-                          f"{cell(runner, bare)} | {job_cell} |", flush=True)
+                          f"{cell(runner, bare)} | {cell(job, bare)} |", flush=True)
             del pipe
             if device == "cuda":
                 torch.cuda.empty_cache()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +67,16 @@ class Work:
 
     def again(self, charged: bool) -> Work:
         return Work(self.shard, self.attempt + charged, self.retry_ids)
+
+
+def at_the_model(inflight: list[Work], started: Container[str]) -> Work | None:
+    """Which of the calls handed to one worker (in hand-out order) holds its model: they take
+    turns in that order, so it is the last one that has reported its start (those before it have
+    generated and are storing), or the first when none has."""
+    for work in reversed(inflight):
+        if work.shard.name in started:
+            return work
+    return inflight[0] if inflight else None
 
 
 class WorkQueue:
@@ -201,14 +211,16 @@ class Schedule:
         self.failed_shards.append(work.shard.name)
         self.errors[work.shard.name] = error
 
-    def worker_lost(self, inflight: list[Work], error: str, charge_head: bool = True) -> None:
-        """A worker died or was replaced with ``inflight`` handed to it, the first running:
-        that one is charged (unless ``charge_head`` is False: its failure was charged already
-        and it is not in ``inflight``), the ones queued behind it go back uncharged."""
-        for work in reversed(inflight[1:] if charge_head else inflight):
-            self.queue.appendleft(work.again(charged=False))
-        if charge_head and inflight:
-            self.attempt_failed(inflight[0], error)
+    def worker_lost(self, inflight: list[Work], error: str, culprit: Work | None = None) -> None:
+        """A worker died or was replaced with ``inflight`` handed to it: ``culprit`` (the call at
+        its model, ``at_the_model``) is charged one attempt — none is when it is None (its failure
+        was charged already and it is not in ``inflight``) — and the others go back uncharged,
+        in order, at the front of the queue."""
+        for work in reversed(inflight):
+            if work is not culprit:
+                self.queue.appendleft(work.again(charged=False))
+        if culprit is not None:
+            self.attempt_failed(culprit, error)
 
     # -- the watchdog ----------------------------------------------------------------------
     def hang_timeout(self, slowest_batch: float) -> float:

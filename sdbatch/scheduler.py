@@ -46,15 +46,15 @@ from sdbatch.output import (
     write_json,
 )
 from sdbatch.plan import Plan, key_codes, make_plan
-from sdbatch.policy import FINISHED, STOPPED, Schedule, ShardResult, Work, workers_to_start
+from sdbatch.policy import FINISHED, STOPPED, Schedule, ShardResult, Work, at_the_model, workers_to_start
 from sdbatch.progress import ProgressFeed, plural, utc_now
 from sdbatch.spec import JobSpec
 from sdbatch.storage import Storage
-from sdbatch.worker import PipelineError, WorkerActor, describe, is_transient
+from sdbatch.worker import SHARDS_PER_ACTOR, PipelineError, WorkerActor, describe, is_transient
 
 log = logging.getLogger("sdbatch.scheduler")
 
-PREFETCH_DEPTH = 2  # shards handed to one actor at a time: the running one and the next
+PREFETCH_DEPTH = SHARDS_PER_ACTOR  # shards handed to one actor at a time (worker.SHARDS_PER_ACTOR)
 MAX_START_FAILURES = 5
 
 
@@ -193,7 +193,8 @@ class _Actor:
     handle: Any
     ready: Any  # ObjectRef of handle.ready(): resolves once the model is loaded
     is_ready: bool = False
-    inflight: list[Work] = field(default_factory=list)  # handed to it, in order; the first runs
+    inflight: list[Work] = field(default_factory=list)  # handed to it, in order; they take turns at its model
+    calls: int = 0  # run_shard calls handed to it so far: the next call's turn
 
 
 class Driver:
@@ -225,6 +226,7 @@ class Driver:
         self.interactive = interactive
         self.spec_json = spec.model_dump_json()
         self.start_failures = 0
+        self.live: dict[str, list[Any]] = {}  # the tracker's last snapshot: shard -> [done, failed, last report, worker]
 
     def run(self) -> JobOutcome:
         started = time.monotonic()
@@ -269,6 +271,7 @@ class Driver:
                 self._dispatch(pool)
                 pool = self._collect(pool)
                 live, slowest_batch, per_worker = ray.get(self.tracker.snapshot.remote())
+                self.live = live  # which shards have started: who holds a dying worker's model
                 pool = self._watchdog(pool, live, slowest_batch)
                 progress.update(
                     schedule.rows_ok + sum(e[0] for e in live.values()), schedule.rows_failed + sum(e[1] for e in live.values()),
@@ -325,7 +328,7 @@ class Driver:
                 if self.start_failures > MAX_START_FAILURES:
                     raise WorkerStartError(f"workers keep failing to start; last error: {_short(exc)}") from None
                 log.warning("a worker failed to start: %s", _short(exc))
-                fresh.append(self._replace(actor, "failed to start"))
+                fresh.append(self._replace(actor, "failed to start", culprit=None))  # nothing was handed to it
         return fresh
 
     def _dispatch(self, pool: list[_Actor]) -> None:
@@ -345,7 +348,9 @@ class Driver:
                         return
                     if actor.inflight:
                         actor.handle.prefetch.remote(work.shard, work.retry_ids)
-                    work.future = actor.handle.run_shard.remote(work.shard, work.attempt, work.retry_ids, not_after=self.deadline)
+                    work.future = actor.handle.run_shard.remote(work.shard, actor.calls, work.attempt, work.retry_ids,
+                                                                not_after=self.deadline)
+                    actor.calls += 1
                     actor.inflight.append(work)
 
     def _collect(self, pool: list[_Actor]) -> list[_Actor]:
@@ -361,9 +366,9 @@ class Driver:
                 try:
                     result: ShardResult = ray.get(work.future)
                 except RayActorError as exc:
-                    head = actor.inflight[0]
-                    log.warning("worker died running shard %s (attempt %d): %s", head.shard.name, head.attempt, _short(exc))
-                    actor = self._replace(actor, _short(exc))
+                    culprit = at_the_model(actor.inflight, self.live)
+                    log.warning("worker died running shard %s (attempt %d): %s", culprit.shard.name, culprit.attempt, _short(exc))
+                    actor = self._replace(actor, _short(exc), culprit)
                     break
                 except RayTaskError as exc:
                     cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
@@ -372,7 +377,7 @@ class Driver:
                     self._forget(actor, work)
                     if isinstance(cause, PipelineError):  # retried once, on a fresh worker
                         self.schedule.attempt_failed(work, error)
-                        actor = self._replace(actor, error, charge_head=False)
+                        actor = self._replace(actor, error, culprit=None)
                         break
                     if is_transient(cause):
                         self.schedule.attempt_failed(work, error)
@@ -395,27 +400,30 @@ class Driver:
         actor.inflight.remove(work)
         self.tracker.forget.remote(work.shard.name)
 
-    def _replace(self, actor: _Actor, error: str, charge_head: bool = True) -> _Actor:
-        """Kill ``actor``, tell the schedule what was handed to it, and start a fresh actor."""
+    def _replace(self, actor: _Actor, error: str, culprit: Work | None) -> _Actor:
+        """Kill ``actor``, tell the schedule what was handed to it (``culprit`` is charged), and
+        start a fresh actor."""
         for work in actor.inflight:
             self.tracker.forget.remote(work.shard.name)
-        self.schedule.worker_lost(actor.inflight, error, charge_head)
+        self.schedule.worker_lost(actor.inflight, error, culprit)
         ray.kill(actor.handle)
         metrics.worker_restarted()
         return self._new_actor()
 
     def _watchdog(self, pool: list[_Actor], live: dict, slowest_batch: float) -> list[_Actor]:
-        """A shard whose worker reported no batch for the schedule's hang timeout is hung: its
-        actor is replaced."""
+        """A shard at a worker's model that reported no batch for the schedule's hang timeout is
+        hung: its actor is replaced. (A shard past the model, storing its last images while the
+        next one generates, reports nothing more and is not judged by its silence.)"""
         now = time.time()
         fresh = []
         for actor in pool:
-            entry = live.get(actor.inflight[0].shard.name) if actor.inflight else None
+            work = at_the_model(actor.inflight, live)
+            entry = live.get(work.shard.name) if work else None
             if entry is None or not self.schedule.is_hung(entry[2], now, slowest_batch):
                 fresh.append(actor)
                 continue
-            log.warning("shard %s made no progress for %.0f s: replacing its worker", actor.inflight[0].shard.name, now - entry[2])
-            fresh.append(self._replace(actor, f"no progress for {self.schedule.hang_timeout(slowest_batch):.0f} s"))
+            log.warning("shard %s made no progress for %.0f s: replacing its worker", work.shard.name, now - entry[2])
+            fresh.append(self._replace(actor, f"no progress for {self.schedule.hang_timeout(slowest_batch):.0f} s", work))
         return fresh
 
     def _rows_work(self, committed: set[str]) -> list[Work]:

@@ -276,12 +276,14 @@ class ShardRunner:
     def run_shard(
         self, shard: ShardSpec, rows: list[Row], attempt: int = 1, on_batch: BatchCallback | None = None,
         init_images: InitImages | None = None, *, retry: bool = False,
+        on_generated: Callable[[], None] | None = None,
     ) -> ShardResult:
         """Generate, store and commit ``rows``: a whole shard (skipped if an earlier attempt
         committed it), or (``retry``, --retry-failed) some rows of a committed shard, whose
         commit is then replaced by one with their new entries in place of the old, every
         other entry kept as it was. ``init_images``: what ``load_init_images(rows)`` started
-        earlier (prefetch), if it did."""
+        earlier (prefetch), if it did. ``on_generated`` is called once the model has made the
+        last image (stores and the commit may still be running)."""
         started = time.perf_counter()
         result = ShardResult(shard=shard.name, worker=self.worker_name)
         previous = read_commit(self.storage, shard.name, self.job_fingerprint) if retry else None
@@ -292,7 +294,7 @@ class ShardRunner:
         unit = shard.name
         if previous is not None:  # its own tar (webdataset) and batch ids, named by the rows retried
             unit = f"{shard.name}-retry-{hashlib.sha256(json.dumps(sorted(r.id for r in rows)).encode()).hexdigest()[:8]}"
-        index_rows = self._generate(shard, rows, attempt, on_batch, result, unit, init_images)
+        index_rows = self._generate(shard, rows, attempt, on_batch, result, unit, init_images, on_generated)
         if previous is not None:
             fresh = {r["id"]: r for r in index_rows}
             index_rows = [fresh.get(r["id"], r) for r in previous.records]
@@ -304,6 +306,7 @@ class ShardRunner:
     def _generate(
         self, shard: ShardSpec, rows: list[Row], attempt: int, on_batch: BatchCallback | None,
         result: ShardResult, tar_name: str, init_images: InitImages | None,
+        on_generated: Callable[[], None] | None = None,
     ) -> list[dict[str, Any]]:
         """Generate and store ``rows``' images in canonical batches; returns their index rows."""
         if init_images is None:
@@ -359,6 +362,8 @@ class ShardRunner:
                 failed = result.rows_failed - failed_before
                 on_batch(len(batch) - failed, failed)
         result.generate_seconds = time.perf_counter() - generate_started
+        if on_generated:
+            on_generated()
 
         webdataset = self.spec.output.format == "webdataset"
         ext = encode.extension(self.spec.output.image_format)
@@ -483,11 +488,19 @@ class ShardFeed:
             future.cancel()
 
 
-@ray.remote(concurrency_groups={"prefetch": 1})
+#: Shards one actor holds at once: one generating and the one after it, which starts generating
+#: as soon as the model is free — while the first one's last images are stored and committed.
+SHARDS_PER_ACTOR = 2
+
+
+@ray.remote(concurrency_groups={"prefetch": 1, "shards": SHARDS_PER_ACTOR})
 class WorkerActor:
     """One model replica. The driver calls ``run_shard`` with a shard's row range; the actor
     reads the rows from the manifest it was given at start (``ShardFeed``). ``prefetch``
-    (its own thread) tells it which shard comes next, so its rows are read meanwhile."""
+    (its own thread) tells it which shard comes next, so its rows are read meanwhile. Two
+    ``run_shard`` calls run at once and take turns at the model in the order the driver handed
+    them out (``turn``): the model never waits for a shard's stores and commit, nor for the
+    driver's next call."""
 
     def __init__(self, spec_json: str, out_url: str, endpoint_url: str | None, tracker: Any, manifest: Manifest,
                  job_fingerprint: str, model_pin: str):
@@ -517,6 +530,8 @@ class WorkerActor:
                                   passthrough=passthrough_types(manifest), job_fingerprint=job_fingerprint)
         self.feed = ShardFeed(manifest, spec, self.runner.load_init_images, endpoint_url)
         self.tracker = tracker
+        self._turns = threading.Condition()
+        self._turn = 0  # the turn that may use the model now
 
     def ready(self) -> dict[str, Any]:
         info = self.runner.generator.info
@@ -527,15 +542,38 @@ class WorkerActor:
     def prefetch(self, shard: ShardSpec, retry_ids: frozenset[str] | None = None) -> None:
         self.feed.prefetch(shard, retry_ids)
 
+    @ray.method(concurrency_group="shards")
     def run_shard(
-        self, shard: ShardSpec, attempt: int, retry_ids: frozenset[str] | None = None,
+        self, shard: ShardSpec, turn: int, attempt: int, retry_ids: frozenset[str] | None = None,
         not_after: float | None = None,
     ) -> ShardResult:
         """Run one shard (or, ``retry_ids``, regenerate those rows of a committed one).
         The driver hands shards ahead, so a call may wait in this actor's queue: if it only
         reaches the front at or after ``not_after`` (the job's ``--deadline``, epoch seconds)
         it is not started and comes back ``deferred``, with nothing generated or written and
-        no progress reported. A shard that has started always runs to its commit."""
+        no progress reported. A shard that has started always runs to its commit. "Reaches
+        the front" means: gets its turn at the model (``turn``: how many calls the driver handed
+        this actor before this one)."""
+        with self._turns:
+            self._turns.wait_for(lambda: self._turn == turn)
+        holding = [True]
+
+        def free_model() -> None:
+            with self._turns:
+                if holding[0]:
+                    holding[0] = False
+                    self._turn += 1
+                    self._turns.notify_all()
+
+        try:
+            return self._run_shard(shard, attempt, retry_ids, not_after, free_model)
+        finally:
+            free_model()
+
+    def _run_shard(
+        self, shard: ShardSpec, attempt: int, retry_ids: frozenset[str] | None, not_after: float | None,
+        free_model: Callable[[], None],
+    ) -> ShardResult:
         name = self.runner.worker_name
         if not_after is not None and time.time() >= not_after:
             self.feed.drop(shard, retry_ids)
@@ -553,4 +591,4 @@ class WorkerActor:
         rows, init_images = self.feed.take(shard, retry_ids)
         batch_started[0] = time.monotonic()
         return self.runner.run_shard(shard, rows, attempt, on_batch=report, init_images=init_images,
-                                     retry=retry_ids is not None)
+                                     retry=retry_ids is not None, on_generated=free_model)

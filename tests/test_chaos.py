@@ -274,9 +274,9 @@ def test_worker_returns_a_shard_reaching_it_after_the_deadline_unstarted(ray_add
                                preflight("builtin:tiny").pin)
     try:
         work = ShardSpec(0, range(4))
-        for retry_ids in (None, frozenset({"c001"})):
+        for turn, retry_ids in enumerate((None, frozenset({"c001"}))):
             actor.prefetch.remote(work, retry_ids)  # read ahead, then dropped: it does not start
-            result = ray.get(actor.run_shard.remote(work, 1, retry_ids, not_after=time.time() - 1))
+            result = ray.get(actor.run_shard.remote(work, turn, 1, retry_ids, not_after=time.time() - 1))
             assert result.deferred and not result.committed
             assert (result.rows_ok, result.rows_failed, result.images_created) == (0, 0, 0)
         assert list(out.iterdir()) == []

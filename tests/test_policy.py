@@ -10,6 +10,7 @@ import pytest
 
 from sdbatch.plan import ShardSpec, make_plan
 from sdbatch.policy import (
+    at_the_model,
     FINISHED,
     HANG_FACTOR,
     INCOMPLETE,
@@ -64,16 +65,27 @@ def test_a_failed_attempt_is_charged_and_requeued_first_until_the_last_attempt()
 def test_a_lost_worker_charges_only_the_shard_it_was_running():
     s = schedule(4)
     running, queued = s.next(0.0), s.next(0.0)
-    s.worker_lost([running, queued], "actor died")
+    s.worker_lost([running, queued], "actor died", culprit=running)
     assert names(s) == [("00000", 2), ("00001", 1), ("00002", 1), ("00003", 1)]
     s.worker_lost([], "failed to start")  # nothing handed to it: nothing changes
     assert len(s.queue) == 4
 
 
+def test_the_call_at_a_workers_model_is_the_last_started_and_only_it_is_charged():
+    s = schedule(4)
+    storing, generating, queued = s.next(0.0), s.next(0.0), s.next(0.0)
+    assert at_the_model([storing, generating, queued], {"00000": [8, 0], "00001": [0, 0]}) is generating
+    assert at_the_model([storing, generating], {"00000": [8, 0]}) is storing
+    assert at_the_model([storing, generating], {}) is storing  # none reported yet: the first has the turn
+    assert at_the_model([], {}) is None
+    s.worker_lost([storing, generating, queued], "actor died", culprit=generating)
+    assert names(s) == [("00001", 2), ("00000", 1), ("00002", 1), ("00003", 1)]
+
+
 def test_a_lost_worker_on_its_last_attempt_fails_the_shard_and_returns_the_rest():
     s = Schedule([Work(ShardSpec(0, range(0, 4)), attempt=3), Work(ShardSpec(1, range(4, 8)))], max_attempts=3)
     running, queued = s.next(0.0), s.next(0.0)
-    s.worker_lost([running, queued], "hung")
+    s.worker_lost([running, queued], "hung", culprit=running)
     assert s.failed_shards == ["00000"] and names(s) == [("00001", 1)]
 
 
@@ -142,7 +154,7 @@ def test_a_ten_million_row_plan_is_one_integer_per_shard_and_work_is_made_when_h
     assert len(s.queue) == 156_250 and len(s.queue.front) == 1
     first, second, third = s.next(0.0), s.next(0.0), s.next(0.0)
     assert (first.retry_ids, second.shard.name, third.shard.name) == (frozenset({"x"}), "00001", "00002")
-    s.worker_lost([second, third], "actor died")
+    s.worker_lost([second, third], "actor died", culprit=second)
     assert names(s)[:3] == [("00001", 2), ("00002", 1), ("00003", 1)] and len(s.queue) == 156_249
 
 
