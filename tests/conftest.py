@@ -184,6 +184,17 @@ def small_manifest(tmp_path):
     return write_manifest(tmp_path / "manifest.parquet", small_rows())
 
 
+# --- models --------------------------------------------------------------------------------------
+
+
+@_pytest_s3.fixture(scope="module")
+def tiny_generator():
+    """``builtin:tiny`` loaded in this process, for tests that run a ShardRunner without Ray."""
+    from sdbatch.generate import Generator
+
+    return Generator.load("builtin:tiny", device="cpu", dtype="auto")
+
+
 # --- process exit ------------------------------------------------------------------------------
 @_pytest_s3.hookimpl(trylast=True)
 def pytest_unconfigure(config):
