@@ -1,7 +1,8 @@
 """Running one shard end to end, and the Ray actor that holds one model replica to do it.
 
-``ShardRunner`` is the Ray-free core: it loads the shard's init images ahead, generates the
-canonical batches on the calling thread (each batch comes back as one uint8 host array), and
+``ShardRunner`` is the Ray-free core: it reads each batch's init images while the batch
+before it generates (``InitImageLoader``: at most ``resources.init_images_in_memory`` decoded
+at once, never a whole shard), generates the canonical batches on the calling thread (each batch comes back as one uint8 host array), and
 hands each image to the store pool: encoding runs in processes, one per CPU of the worker
 (Pillow's encoders hold the GIL: ``benchmarks/bench_png_gil.py``), hashing and the create-once
 writes on threads, so the model never waits for encoding or a PUT while the bounded queue has
