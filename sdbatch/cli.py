@@ -369,6 +369,7 @@ def status(
 
     from sdbatch.lock import lock_is_stale
     from sdbatch.output import JOB_KEY, LOCK_KEY, PROGRESS_KEY, SUCCESS_KEY, committed_shards, failed_rows_text, read_json
+    from sdbatch.policy import failed_shard_text
     from sdbatch.progress import eta_text
     from sdbatch.storage import NotFound, open_storage
 
@@ -418,6 +419,8 @@ def status(
         )
         stdout.print(f"speed      {progress.get('images_per_second')} images/s, {eta_text(progress.get('eta_seconds'))}")
         stdout.print(f"updated    {progress.get('updated_at')}")
+        for failed in progress.get("failed_shards") or []:
+            stdout.print(f"failed     shard {failed_shard_text(failed)}", soft_wrap=True, markup=False)
     if success:
         stdout.print(f"result     {success.get('rows_ok')} ok, {success.get('rows_failed')} failed, finished {success.get('finished_at')}")
         if success.get("failed_rows"):

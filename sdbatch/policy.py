@@ -121,6 +121,12 @@ def workers_to_start(workers: int, units: int, *, rows: int, rows_per_shard: int
     return units, notice
 
 
+def failed_shard_text(failure: dict[str, Any]) -> str:
+    """``00003 after 1 attempt: RuntimeError: …`` for one entry of ``Schedule.failures``."""
+    attempts = failure["attempts"]
+    return f"{failure['shard']} after {attempts} attempt{'s' * (attempts != 1)}: {failure['error']}"
+
+
 @dataclass(frozen=True)
 class Verdict:
     state: str  # FINISHED, STOPPED or INCOMPLETE
@@ -140,6 +146,7 @@ class Schedule:
         self.deadline_passed = False
         self.failed_shards: list[str] = []
         self.errors: dict[str, str] = {}  # failed shard -> its last error
+        self.attempts: dict[str, int] = {}  # failed shard -> the attempts it was given
         self.shards_left = 0  # not started because of the deadline; a rerun does them
         self.shards_committed = shards_committed
         self.rows_ok = self.rows_failed = 0
@@ -200,6 +207,7 @@ class Schedule:
         """Fail ``work``'s shard for this run (a rerun tries it again)."""
         self.failed_shards.append(work.shard.name)
         self.errors[work.shard.name] = error
+        self.attempts[work.shard.name] = work.attempt
 
     def worker_lost(self, inflight: list[Work], error: str, charge_head: bool = True) -> None:
         """A worker died or was replaced with ``inflight`` handed to it, the first running:
@@ -220,13 +228,18 @@ class Schedule:
         return now - last_report >= self.hang_timeout(slowest_batch)
 
     # -- the end ---------------------------------------------------------------------------
+    def failures(self) -> list[dict[str, Any]]:
+        """The shards failed this run: name, attempts given, last error (for progress.json)."""
+        return [{"shard": name, "attempts": self.attempts[name], "error": self.errors[name]}
+                for name in sorted(self.failed_shards)]
+
     def verdict(self) -> Verdict:
         """How the run ended, once the queue is empty and nothing runs."""
         if self.shards_left:
             return Verdict(STOPPED, f"stopped at the deadline with {self.shards_left} shards left; "
                                     "run the same command again to resume")
         if self.failed_shards:
-            errors = "; ".join(f"{name}: {self.errors[name]}" for name in sorted(self.failed_shards)[:5])
+            errors = "; ".join(failed_shard_text(f) for f in self.failures()[:5])
             return Verdict(INCOMPLETE, f"shards {', '.join(sorted(self.failed_shards))} failed on every attempt they "
                                        f"were given (a deterministic error gets one) — {errors}; run the same command "
                                        "again to retry them")

@@ -276,7 +276,7 @@ class Driver:
                     per_worker=per_worker,
                 )
         except BaseException as exc:  # progress.json must not go on saying "running"
-            progress.close("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+            progress.close("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", schedule.failures())
             raise
         finally:
             for actor in pool:
@@ -292,7 +292,7 @@ class Driver:
             code = EXIT_STOPPED if verdict.state == STOPPED else EXIT_SHARDS_FAILED
             outcome = JobOutcome(code, total_rows, schedule.rows_ok, schedule.rows_failed, skipped,
                                  schedule.failed_shards, time.monotonic() - started, verdict.message, plan.batch_fill)
-        progress.close(verdict.state)
+        progress.close(verdict.state, schedule.failures())
         return outcome
 
     # -- the actor pool: Ray mechanics; every decision is the schedule's --------------------

@@ -59,6 +59,17 @@ def test_a_failed_attempt_is_charged_and_requeued_first_until_the_last_attempt()
     verdict = s.verdict()
     assert verdict.state == INCOMPLETE
     assert "shards 00000 failed on every attempt" in verdict.message
+    assert "00000 after 2 attempts: boom again" in verdict.message
+    assert s.failures() == [{"shard": "00000", "attempts": 2, "error": "boom again"}]
+
+
+def test_a_deterministic_error_fails_its_shard_after_one_attempt():
+    s = schedule(2, max_attempts=3)
+    s.give_up(s.next(0.0), "RuntimeError: the same every time")
+    assert names(s) == [("00001", 1)]  # not requeued
+    assert s.failures() == [{"shard": "00000", "attempts": 1, "error": "RuntimeError: the same every time"}]
+    s.completed(s.next(0.0), ShardResult("00001", rows_ok=4))
+    assert "00000 after 1 attempt: RuntimeError: the same every time" in s.verdict().message
 
 
 def test_a_lost_worker_charges_only_the_shard_it_was_running():
