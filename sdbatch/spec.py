@@ -90,6 +90,12 @@ class ResourcesSpec(_Section):
         "(one batch ahead needs 2 × batch_size); default 2 × batch_size; at least batch_size",
     )
 
+    autoscaler_wait_s: float = Field(
+        600, ge=0,
+        description="on a cluster with an autoscaler, how long to wait for it to add what the workers need "
+        "before starting fewer of them (or refusing, if not one fits)",
+    )
+
     @model_validator(mode="after")
     def _room_for_one_batch(self) -> ResourcesSpec:
         if self.init_images_in_memory is not None and self.init_images_in_memory < self.batch_size:
