@@ -128,7 +128,9 @@ def _init_ray(address: str | None) -> None:
     else:  # loopback only: see sdbatch.cli.local_ray_environment, which ran before ray was imported
         log.info("starting a local Ray cluster …")
         ray.init(
-            include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+            # "local": a new cluster of its own — without it ray.init joins the last cluster a
+            # `ray start` left on this machine, whoever started it and wherever it listens
+            address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
             _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
         )
     # Ray's core worker installs its own SIGTERM handler (it dumps a stack and exits 1): make
