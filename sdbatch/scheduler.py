@@ -48,16 +48,8 @@ from sdbatch.output import (
     write_json,
 )
 from sdbatch.plan import Plan, key_codes, make_plan
-from sdbatch.policy import (
-    FINISHED,
-    STOPPED,
-    Schedule,
-    ShardResult,
-    Work,
-    autoscaler_in_status,
-    place_workers,
-    workers_to_start,
-)
+from sdbatch.policy import FINISHED, STOPPED, Schedule, ShardResult, Work, workers_to_start
+from sdbatch.policy import autoscaler_in_status, place_workers
 from sdbatch.progress import ProgressFeed, plural, utc_now
 from sdbatch.spec import JobSpec
 from sdbatch.storage import Storage
