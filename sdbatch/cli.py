@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 from rich.console import Console
 
 from sdbatch import manifest_cli
@@ -38,8 +39,29 @@ from sdbatch.errors import (
     SdbatchError,
 )
 
+class _PlainFlags:
+    """``--help`` shows a flag as ``--strict``, not ``--strict <bool>``: a flag takes no value
+    (typer gives every option a type column; an empty metavar leaves it blank)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class FlagsCommand(_PlainFlags, TyperCommand):
+    pass
+
+
+class FlagsGroup(_PlainFlags, TyperGroup):
+    pass
+
+
 app = typer.Typer(
     name="sdbatch",
+    cls=FlagsGroup,
     help="Distributed, resumable, reproducible batch image generation for Stable Diffusion on Ray.",
     epilog="Examples: sdbatch validate manifest.parquet · sdbatch submit manifest.parquet --out out/cats --workers 2 · "
     "sdbatch status out/cats · sdbatch verify out/cats",
@@ -112,7 +134,7 @@ def command(name: str | None = None, *, resumable: bool = False, epilog: str = E
             except KeyboardInterrupt:
                 raise fail(f"interrupted; {RESUME_HINT}" if resumable else "interrupted", EXIT_INTERRUPTED) from None
 
-        return app.command(name, epilog=epilog)(run)
+        return app.command(name, epilog=epilog, cls=FlagsCommand)(run)
 
     return register
 
@@ -300,8 +322,10 @@ def local_ray_environment(address: str | None, allow_unauthenticated: bool) -> N
     127.0.0.1 as its node IP, and Ray binds its servers to the node IP. ``ray.init`` alone turns
     ``_node_ip_address="127.0.0.1"`` into the host's address on Linux; Ray's
     ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (single-machine mode, inherited by every process
-    the cluster starts) keeps it loopback. BadInput when authentication is disabled and the
-    user did not opt in."""
+    the cluster starts) keeps it loopback. Token authentication is asked for explicitly
+    (``RAY_AUTH_MODE=token``, Ray's default made explicit): Ray then generates the token if
+    there is none and does not warn the user that it turned it on. BadInput when
+    authentication is disabled and the user did not opt in."""
     if address or os.environ.get("RAY_ADDRESS"):
         return
     if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled" and not allow_unauthenticated:
@@ -309,6 +333,9 @@ def local_ray_environment(address: str | None, allow_unauthenticated: bool) -> N
                 "machine without a token. Unset RAY_AUTH_MODE (token authentication is Ray's default), or pass "
                 "--allow-unauthenticated-ray if that is really wanted; nothing was written")
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    if not os.environ.get("RAY_AUTH_MODE"):
+        os.environ["RAY_AUTH_MODE"] = "token"
+        logging.getLogger("sdbatch.cli").debug("the local Ray cluster uses token authentication (RAY_AUTH_MODE=token)")
 
 
 def preflight_samplers(used: dict[str, int]) -> str | None:
@@ -369,6 +396,7 @@ def status(
 
     from sdbatch.lock import lock_is_stale
     from sdbatch.output import JOB_KEY, LOCK_KEY, PROGRESS_KEY, SUCCESS_KEY, committed_shards, failed_rows_text, read_json
+    from sdbatch.policy import failed_shard_text
     from sdbatch.progress import eta_text
     from sdbatch.storage import NotFound, open_storage
 
@@ -418,6 +446,8 @@ def status(
         )
         stdout.print(f"speed      {progress.get('images_per_second')} images/s, {eta_text(progress.get('eta_seconds'))}")
         stdout.print(f"updated    {progress.get('updated_at')}")
+        for failed in progress.get("failed_shards") or []:
+            stdout.print(f"failed     shard {failed_shard_text(failed)}", soft_wrap=True, markup=False)
     if success:
         stdout.print(f"result     {success.get('rows_ok')} ok, {success.get('rows_failed')} failed, finished {success.get('finished_at')}")
         if success.get("failed_rows"):

@@ -13,6 +13,10 @@ its attempt number) and decides, from plain facts the Ray driver reports to it:
 - a shard is hung when its worker reported no batch for the hang timeout;
 - when the queue is empty and nothing runs, ``verdict`` says how the run ended.
 
+Before that, ``place_workers`` decides how many workers the cluster can take: those that
+fit now, or — with an autoscaler (``autoscaler_in_status``) — wait for it to add the rest,
+up to a timeout, then start those that fit or refuse naming the missing resource.
+
 Results come as ``ShardResult`` (defined here: the worker returns it, the policy reads it).
 Nothing here imports Ray, storage or torch, so every rule has a fast unit test
 (tests/test_policy.py).
@@ -21,8 +25,9 @@ Nothing here imports Ray, storage or torch, so every rule has a fast unit test
 from __future__ import annotations
 
 import logging
+import re
 from collections import deque
-from collections.abc import Container, Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +35,8 @@ from sdbatch.plan import ShardSpec
 
 log = logging.getLogger("sdbatch.policy")
 
+# the node type Ray's read-only provider (a cluster without an autoscaling config) gives each node
+READ_ONLY_NODE_TYPE = re.compile(r"node_[0-9a-f]{56}")
 MIN_HANG_TIMEOUT_S = 300.0  # first batches include warm-up; a GPU batch rarely takes minutes
 HANG_FACTOR = 10.0
 
@@ -131,6 +138,82 @@ def workers_to_start(workers: int, units: int, *, rows: int, rows_per_shard: int
     return units, notice
 
 
+def failed_shard_text(failure: dict[str, Any]) -> str:
+    """``00003 after 1 attempt: RuntimeError: …`` for one entry of ``Schedule.failures``."""
+    attempts = failure["attempts"]
+    return f"{failure['shard']} after {attempts} attempt{'s' * (attempts != 1)}: {failure['error']}"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How many workers to start now; or ``wait`` (ask the autoscaler for ``target`` workers'
+    resources and look again); ``workers == 0`` without ``wait`` is a refusal, ``message`` its text."""
+
+    workers: int
+    target: int = 0
+    wait: bool = False
+    message: str | None = None  # the notice (fewer workers, waiting) or the refusal
+
+
+def workers_that_fit(resources: Mapping[str, float], need: Mapping[str, float]) -> int:
+    """Workers of ``need`` (resource -> amount per worker) that ``resources`` holds."""
+    return int(min(resources.get(name, 0) // amount for name, amount in need.items() if amount > 0))
+
+
+def _missing(workers: int, need: Mapping[str, float], cluster: Mapping[str, float]) -> str:
+    return ", ".join(f"{workers * amount - cluster.get(name, 0):g} {name}" for name, amount in need.items()
+                     if workers * amount > cluster.get(name, 0))
+
+
+def place_workers(
+    wanted: int, need: Mapping[str, float], cluster: Mapping[str, float], *, autoscaler: bool,
+    reachable: Mapping[str, float] | None = None, waited_s: float = 0.0, wait_s: float = 0.0,
+) -> Placement:
+    """Start as many of ``wanted`` workers as ``cluster`` (its total resources) fits. With an
+    ``autoscaler`` (``reachable``: the most it can grow to, None if unknown) wait up to
+    ``wait_s`` for it to add what more workers need, then start those that fit; refuse when
+    not one fits (at once when the autoscaler can never provide it)."""
+    fit = workers_that_fit(cluster, need)
+    if fit >= wanted:
+        return Placement(wanted, wanted)
+    target = wanted
+    if autoscaler and reachable is not None:
+        target = min(wanted, max(fit, workers_that_fit(reachable, need)))
+    if autoscaler and fit < target:
+        if waited_s < wait_s:
+            return Placement(0, target, wait=True, message=(
+                f"waiting up to {wait_s - waited_s:.0f} s for the Ray autoscaler to add {_missing(target, need, cluster)} "
+                f"for {target} {'worker' if target == 1 else 'workers'} (the cluster fits {fit} now; "
+                "resources.autoscaler_wait_s sets how long)"))
+    if fit < 1:
+        def short_of(name: str, amount: float) -> str:
+            text = f"{name} (a worker needs {amount:g}, the cluster has {cluster.get(name, 0):g}"
+            if autoscaler and target < 1:
+                text += f", and its autoscaler can grow it to {(reachable or {}).get(name, 0):g} at most"
+            elif autoscaler:
+                text += f", also after waiting {wait_s:.0f} s for its autoscaler"
+            return text + ")"
+
+        missing = [short_of(name, amount) for name, amount in need.items() if amount > cluster.get(name, 0)]
+        return Placement(0, target, message=(
+            f"the Ray cluster cannot place one worker: not enough {' nor '.join(missing)}; fix: lower "
+            "--gpus-per-worker / resources.cpus_per_worker, or add nodes with those resources"))
+    why = (f"the autoscaler did not add {_missing(target, need, cluster)} within {wait_s:.0f} s" if autoscaler and fit < target
+           else "its autoscaler can grow it no further" if autoscaler else "it has no autoscaler to add nodes")
+    return Placement(fit, target, message=f"the cluster fits {fit} of the {wanted} workers asked for ({why}); using {fit}")
+
+
+def autoscaler_in_status(status: Mapping[str, Any] | None) -> bool:
+    """Whether the status the Ray monitor writes to the GCS (``__autoscaling_status``) comes
+    from an autoscaler that can launch nodes. Every Ray head runs the monitor; without an
+    autoscaling config it uses Ray's read-only provider, whose node types are all
+    ``node_<node id>`` — a node type of any other name comes from a launch config."""
+    report = (status or {}).get("autoscaler_report") or {}
+    types = {*(report.get("node_type_mapping") or {}).values(), *(report.get("active_nodes") or {}),
+             *(report.get("pending_launches") or {})}
+    return any(not READ_ONLY_NODE_TYPE.fullmatch(name) for name in types)
+
+
 @dataclass(frozen=True)
 class Verdict:
     state: str  # FINISHED, STOPPED or INCOMPLETE
@@ -150,6 +233,7 @@ class Schedule:
         self.deadline_passed = False
         self.failed_shards: list[str] = []
         self.errors: dict[str, str] = {}  # failed shard -> its last error
+        self.attempts: dict[str, int] = {}  # failed shard -> the attempts it was given
         self.shards_left = 0  # not started because of the deadline; a rerun does them
         self.shards_committed = shards_committed
         self.rows_ok = self.rows_failed = 0
@@ -210,6 +294,7 @@ class Schedule:
         """Fail ``work``'s shard for this run (a rerun tries it again)."""
         self.failed_shards.append(work.shard.name)
         self.errors[work.shard.name] = error
+        self.attempts[work.shard.name] = work.attempt
 
     def worker_lost(self, inflight: list[Work], error: str, culprit: Work | None = None) -> None:
         """A worker died or was replaced with ``inflight`` handed to it: ``culprit`` (the call at
@@ -232,13 +317,18 @@ class Schedule:
         return now - last_report >= self.hang_timeout(slowest_batch)
 
     # -- the end ---------------------------------------------------------------------------
+    def failures(self) -> list[dict[str, Any]]:
+        """The shards failed this run: name, attempts given, last error (for progress.json)."""
+        return [{"shard": name, "attempts": self.attempts[name], "error": self.errors[name]}
+                for name in sorted(self.failed_shards)]
+
     def verdict(self) -> Verdict:
         """How the run ended, once the queue is empty and nothing runs."""
         if self.shards_left:
             return Verdict(STOPPED, f"stopped at the deadline with {self.shards_left} shards left; "
                                     "run the same command again to resume")
         if self.failed_shards:
-            errors = "; ".join(f"{name}: {self.errors[name]}" for name in sorted(self.failed_shards)[:5])
+            errors = "; ".join(failed_shard_text(f) for f in self.failures()[:5])
             return Verdict(INCOMPLETE, f"shards {', '.join(sorted(self.failed_shards))} failed on every attempt they "
                                        f"were given (a deterministic error gets one) — {errors}; run the same command "
                                        "again to retry them")

@@ -69,6 +69,7 @@ class ProgressFeed:
         self.done = 0
         self.failed = 0
         self.shards_failed = 0
+        self.failed_shards: list[dict[str, Any]] = []  # at the end: shard, attempts, last error
         self.workers = 0
         self.per_worker: dict[str, list[float]] = {}
         self.history = self._previous_history()
@@ -126,6 +127,7 @@ class ProgressFeed:
             "shards_total": self.shards_total,
             "shards_committed": self.shards_committed,
             "shards_failed": self.shards_failed,
+            "failed_shards": self.failed_shards,
             "workers": self.workers,
             "per_worker": {
                 name: {"rows_done": int(done), "rows_failed": int(failed),
@@ -170,8 +172,10 @@ class ProgressFeed:
         except StorageError as exc:
             log.warning("could not write progress.json: %s", exc)
 
-    def close(self, state: str) -> None:
+    def close(self, state: str, failed_shards: list[dict[str, Any]] | None = None) -> None:
+        """The run's last snapshot: its end state and the shards it failed (``Schedule.failures``)."""
         self.state = state
+        self.failed_shards = failed_shards or []
         if self._bar is not None:
             self._bar.stop()
         self.write()

@@ -12,6 +12,7 @@ committed it merges the index and writes ``_SUCCESS``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from ray.autoscaler.sdk import request_resources
 from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -47,6 +49,7 @@ from sdbatch.output import (
 )
 from sdbatch.plan import Plan, key_codes, make_plan
 from sdbatch.policy import FINISHED, STOPPED, Schedule, ShardResult, Work, at_the_model, workers_to_start
+from sdbatch.policy import autoscaler_in_status, place_workers
 from sdbatch.progress import ProgressFeed, plural, utc_now
 from sdbatch.spec import JobSpec
 from sdbatch.storage import Storage
@@ -56,6 +59,7 @@ log = logging.getLogger("sdbatch.scheduler")
 
 PREFETCH_DEPTH = SHARDS_PER_ACTOR  # shards handed to one actor at a time (worker.SHARDS_PER_ACTOR)
 MAX_START_FAILURES = 5
+AUTOSCALER_POLL_S = 2.0  # how often the cluster's resources are read while the autoscaler adds nodes
 
 
 @ray.remote(num_cpus=0)
@@ -116,7 +120,9 @@ def _init_ray(address: str | None) -> None:
     else:  # loopback only: see sdbatch.cli.local_ray_environment, which ran before ray was imported
         log.info("starting a local Ray cluster …")
         ray.init(
-            include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+            # "local": a new cluster of its own — without it ray.init joins the last cluster a
+            # `ray start` left on this machine, whoever started it and wherever it listens
+            address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
             _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
         )
     # Ray's core worker installs its own SIGTERM handler (it dumps a stack and exits 1): make
@@ -139,25 +145,55 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
                        "and RAY_ADDRESS unset to start a local cluster") from None
 
 
+def cluster_autoscaler() -> tuple[bool, dict[str, float] | None]:
+    """Whether the connected cluster has an autoscaler, and the most resources it can grow to
+    (None: not known). Read from what Ray keeps in the GCS, through internals no public API
+    offers yet (ray-project/ray#37838): the cluster config a platform such as KubeRay reports
+    (``get_max_resources_from_cluster_config``), else the monitor's status
+    (``policy.autoscaler_in_status``). Whatever fails to read means "no autoscaler known"."""
+    try:
+        reachable = ray._private.state.state.get_max_resources_from_cluster_config()
+        if reachable:
+            return True, {name: float(amount) for name, amount in reachable.items()}
+        from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        status = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
+        return autoscaler_in_status(json.loads(status) if status else None), None
+    except Exception as exc:  # noqa: BLE001 - Ray internals: an unreadable answer is no autoscaler
+        log.debug("could not tell whether the cluster has an autoscaler: %s", describe(exc))
+        return False, None
+
+
 def fit_workers(spec: JobSpec) -> int:
     """As many workers as asked for, but no more than the cluster can place (else they would
-    wait for resources forever)."""
-    res = ray.cluster_resources()
-    wanted = spec.resources.workers
-    fit = int(res.get("CPU", 0) // spec.resources.cpus_per_worker)
-    if spec.resources.gpus_per_worker > 0:
-        fit = min(fit, int(res.get("GPU", 0) // spec.resources.gpus_per_worker))
-    if fit < 1:
-        need = {"CPU": spec.resources.cpus_per_worker, "GPU": spec.resources.gpus_per_worker}
-        missing = [f"{name} (a worker needs {amount:g}, the cluster has {res.get(name, 0):g})"
-                   for name, amount in need.items() if amount > res.get(name, 0)]
-        raise BadInput(
-            f"the Ray cluster cannot place one worker: not enough {' nor '.join(missing)}; fix: lower "
-            "--gpus-per-worker / resources.cpus_per_worker, or add nodes with those resources"
-        )
-    if fit < wanted:
-        log.warning("the cluster fits %d of the %d workers asked for; using %d", fit, wanted, fit)
-    return min(wanted, fit)
+    wait for resources forever); on a cluster with an autoscaler, first ask it for what they
+    need and wait (``resources.autoscaler_wait_s`` at most) — ``policy.place_workers`` decides."""
+    res = spec.resources
+    need = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker > 0 else {})}
+    autoscaler, reachable = cluster_autoscaler()
+    started = time.monotonic()
+    requested = 0
+    try:
+        while True:
+            placement = place_workers(res.workers, need, ray.cluster_resources(), autoscaler=autoscaler,
+                                      reachable=reachable, waited_s=time.monotonic() - started,
+                                      wait_s=res.autoscaler_wait_s)
+            if not placement.wait:
+                break
+            if placement.target != requested:
+                request_resources(bundles=[need] * placement.target)
+                requested = placement.target
+                log.warning("%s …", placement.message)
+            time.sleep(AUTOSCALER_POLL_S)
+    finally:
+        if requested:  # the workers' own demand keeps what they were placed on
+            request_resources(bundles=[])
+    if placement.workers < 1:
+        raise BadInput(placement.message)
+    if placement.message:
+        log.warning("%s", placement.message)
+    return placement.workers
 
 
 @dataclass
@@ -279,7 +315,7 @@ class Driver:
                     per_worker=per_worker,
                 )
         except BaseException as exc:  # progress.json must not go on saying "running"
-            progress.close("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+            progress.close("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", schedule.failures())
             raise
         finally:
             for actor in pool:
@@ -295,7 +331,7 @@ class Driver:
             code = EXIT_STOPPED if verdict.state == STOPPED else EXIT_SHARDS_FAILED
             outcome = JobOutcome(code, total_rows, schedule.rows_ok, schedule.rows_failed, skipped,
                                  schedule.failed_shards, time.monotonic() - started, verdict.message, plan.batch_fill)
-        progress.close(verdict.state)
+        progress.close(verdict.state, schedule.failures())
         return outcome
 
     # -- the actor pool: Ray mechanics; every decision is the schedule's --------------------

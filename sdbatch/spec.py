@@ -84,6 +84,28 @@ class ResourcesSpec(_Section):
     batch_size: int = Field(8, ge=1, le=1024)
     rows_per_shard: int = Field(64, ge=1, le=1_000_000)
     upload_threads: int = Field(4, ge=1, le=64)
+    init_images_in_memory: int | None = Field(
+        None, ge=1,
+        description="decoded init images a worker holds at once: the batch generating and those read ahead "
+        "(one batch ahead needs 2 × batch_size); default 2 × batch_size; at least batch_size",
+    )
+
+    autoscaler_wait_s: float = Field(
+        600, ge=0,
+        description="on a cluster with an autoscaler, how long to wait for it to add what the workers need "
+        "before starting fewer of them (or refusing, if not one fits)",
+    )
+
+    @model_validator(mode="after")
+    def _room_for_one_batch(self) -> ResourcesSpec:
+        if self.init_images_in_memory is not None and self.init_images_in_memory < self.batch_size:
+            raise ValueError(f"resources.init_images_in_memory ({self.init_images_in_memory}) must be at least "
+                             f"resources.batch_size ({self.batch_size}): one batch's init images are held together")
+        return self
+
+    @property
+    def init_image_limit(self) -> int:
+        return self.init_images_in_memory or 2 * self.batch_size
 
 
 class RetrySpec(_Section):

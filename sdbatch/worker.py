@@ -1,7 +1,8 @@
 """Running one shard end to end, and the Ray actor that holds one model replica to do it.
 
-``ShardRunner`` is the Ray-free core: it loads the shard's init images ahead, generates the
-canonical batches on the calling thread (each batch comes back as one uint8 host array), and
+``ShardRunner`` is the Ray-free core: it reads each batch's init images while the batch
+before it generates (``InitImageLoader``: at most ``resources.init_images_in_memory`` decoded
+at once, never a whole shard), generates the canonical batches on the calling thread (each batch comes back as one uint8 host array), and
 hands each image to the store pool: encoding runs in processes, one per CPU of the worker
 (Pillow's encoders hold the GIL: ``benchmarks/bench_png_gil.py``), hashing and the create-once
 writes on threads, so the model never waits for encoding or a PUT while the bounded queue has
@@ -75,7 +76,6 @@ if TYPE_CHECKING:  # the driver imports this module; only the actor needs torch
 log = logging.getLogger("sdbatch.worker")
 
 BatchCallback = Callable[[int, int], None]  # (rows done, rows failed) since the last call
-InitImages = dict[str, Future]  # row id -> future of (image, sha256 of its bytes), or RowError
 
 
 class PipelineError(SdbatchError):
@@ -220,13 +220,11 @@ class ShardRunner:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="sdbatch-io")
         # bounds generated-but-unwritten images held in memory
         self._in_flight = threading.BoundedSemaphore(threads * 2)
-
-    def load_init_images(self, rows: list[Row]) -> InitImages:
-        """Start reading each img2img row's init image; each future gives (image, sha256 hex
-        of the bytes read) or raises RowError (or a transient StorageError)."""
-        return {r.id: self.pool.submit(self._load_init_image, r) for r in rows if r.is_img2img}
+        self.init_images = InitImageLoader(self._load_init_image, self.pool, spec.resources.init_image_limit,
+                                           spec.resources.batch_size)
 
     def _load_init_image(self, row: Row) -> tuple[Image.Image, str]:
+        """(image, sha256 hex of the bytes read), or RowError (or a transient StorageError)."""
         limits = self.spec.limits
         where = f"row {row.id}: init_image {row.init_image!r}"
         try:
@@ -275,15 +273,25 @@ class ShardRunner:
 
     def run_shard(
         self, shard: ShardSpec, rows: list[Row], attempt: int = 1, on_batch: BatchCallback | None = None,
-        init_images: InitImages | None = None, *, retry: bool = False,
+        upcoming: Callable[[], list[Row] | None] | None = None, *, retry: bool = False,
         on_generated: Callable[[], None] | None = None,
     ) -> ShardResult:
         """Generate, store and commit ``rows``: a whole shard (skipped if an earlier attempt
         committed it), or (``retry``, --retry-failed) some rows of a committed shard, whose
         commit is then replaced by one with their new entries in place of the old, every
-        other entry kept as it was. ``init_images``: what ``load_init_images(rows)`` started
-        earlier (prefetch), if it did. ``on_generated`` is called once the model has made the
+        other entry kept as it was. ``upcoming``: the rows of the shard this worker runs next,
+        if already read (``ShardFeed.upcoming``): its first batch's init images are read while
+        this shard's last batch generates. ``on_generated`` is called once the model has made the
         last image (stores and the commit may still be running)."""
+        try:
+            return self._run_shard(shard, rows, attempt, on_batch, upcoming, retry, on_generated)
+        finally:  # whatever happened, none of its init images stays held (some may have been read ahead)
+            self.init_images.release(rows)
+
+    def _run_shard(
+        self, shard: ShardSpec, rows: list[Row], attempt: int, on_batch: BatchCallback | None,
+        upcoming: Callable[[], list[Row] | None] | None, retry: bool, on_generated: Callable[[], None] | None,
+    ) -> ShardResult:
         started = time.perf_counter()
         result = ShardResult(shard=shard.name, worker=self.worker_name)
         previous = read_commit(self.storage, shard.name, self.job_fingerprint) if retry else None
@@ -294,7 +302,7 @@ class ShardRunner:
         unit = shard.name
         if previous is not None:  # its own tar (webdataset) and batch ids, named by the rows retried
             unit = f"{shard.name}-retry-{hashlib.sha256(json.dumps(sorted(r.id for r in rows)).encode()).hexdigest()[:8]}"
-        index_rows = self._generate(shard, rows, attempt, on_batch, result, unit, init_images, on_generated)
+        index_rows = self._generate(shard, rows, attempt, on_batch, result, unit, upcoming, on_generated)
         if previous is not None:
             fresh = {r["id"]: r for r in index_rows}
             index_rows = [fresh.get(r["id"], r) for r in previous.records]
@@ -305,12 +313,11 @@ class ShardRunner:
 
     def _generate(
         self, shard: ShardSpec, rows: list[Row], attempt: int, on_batch: BatchCallback | None,
-        result: ShardResult, tar_name: str, init_images: InitImages | None,
+        result: ShardResult, tar_name: str, upcoming: Callable[[], list[Row] | None] | None,
         on_generated: Callable[[], None] | None = None,
     ) -> list[dict[str, Any]]:
-        """Generate and store ``rows``' images in canonical batches; returns their index rows."""
-        if init_images is None:
-            init_images = self.load_init_images(rows)
+        """Generate and store ``rows``' images in canonical batches; returns their index rows.
+        Each batch's init images are read while the batch before it generates."""
         index_rows: list[dict[str, Any]] = []
         stored: list[tuple[Row, dict, Future, float | None]] = []
 
@@ -319,12 +326,18 @@ class ShardRunner:
             result.rows_failed += 1
 
         generate_started = time.perf_counter()
-        for number, batch in enumerate(canonical_batches(rows, self.spec.resources.batch_size)):
+        batches = canonical_batches(rows, self.spec.resources.batch_size)
+        for number, batch in enumerate(batches):
             failed_before = result.rows_failed
+            loading = self.init_images.take(batch)
+            if number + 1 < len(batches):
+                self.init_images.ahead(batches[number + 1])
+            elif upcoming and (next_rows := upcoming()):  # the next shard's first batch
+                self.init_images.ahead(canonical_batches(next_rows, self.spec.resources.batch_size)[0])
             good, images_in, init_hashes = [], [], {}
             for row in batch:
                 try:
-                    image_in, init_hashes[row.id] = init_images[row.id].result() if row.is_img2img else (None, None)
+                    image_in, init_hashes[row.id] = loading[row.id].result() if row.is_img2img else (None, None)
                 except RowError as exc:
                     fail_row(row, str(exc))
                     continue
@@ -358,6 +371,8 @@ class ShardRunner:
                         if row.id not in handled:
                             fail_row(row, f"row {row.id}: the pipeline raised {describe(exc)} for batch {bid} ({retried}); "
                                           "fix: check this row's parameters and the model, then rerun with --retry-failed")
+            self.init_images.release(batch)
+            del loading, images_in  # the decoded images go with the last references to them
             if on_batch:
                 failed = result.rows_failed - failed_before
                 on_batch(len(batch) - failed, failed)
@@ -442,29 +457,77 @@ def _init_image_fix(exc: StorageError) -> str:
     return "point init_image at a regular image file"
 
 
+class InitImageLoader:
+    """A worker's init images, read and decoded on the store pool a batch ahead of the batch
+    that uses them, at most ``limit`` held at once (counted from the start of a read until the
+    batch is generated, or its shard ends). ``take`` starts whatever of a batch is not started
+    yet, room or not (the batch must run); ``ahead`` starts a later batch only within
+    ``limit - batch_size``, so that the next ``take`` always fits under ``limit``."""
+
+    def __init__(self, load: Callable[[Row], tuple[Image.Image, str]], pool: ThreadPoolExecutor, limit: int,
+                 batch_size: int):
+        self._load = load
+        self._pool = pool
+        self.limit = limit
+        self.ahead_limit = limit - batch_size
+        self._held: dict[str, Future] = {}  # row id -> future of (image, sha256), or RowError
+        self._ahead: set[str] = set()  # the held ones started by ``ahead``, not taken yet
+        self._lock = threading.Lock()  # ``ahead`` also runs on the feed's thread
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def ahead(self, rows: list[Row]) -> bool:
+        """Start reading ``rows``' init images if all of them fit; False if they wait for ``take``."""
+        with self._lock:
+            new = [r for r in rows if r.is_img2img and r.id not in self._held]
+            if len(self._ahead) + len(new) > self.ahead_limit or len(self._held) + len(new) > self.limit:
+                return False
+            for row in new:
+                self._held[row.id] = self._pool.submit(self._load, row)
+                self._ahead.add(row.id)
+            return True
+
+    def take(self, rows: list[Row]) -> dict[str, Future]:
+        """The futures of one batch's init images, reads started now where ``ahead`` did not."""
+        with self._lock:
+            for row in rows:
+                if row.is_img2img and row.id not in self._held:
+                    self._held[row.id] = self._pool.submit(self._load, row)
+                self._ahead.discard(row.id)
+            return {r.id: self._held[r.id] for r in rows if r.is_img2img}
+
+    def release(self, rows: list[Row]) -> None:
+        """Forget ``rows``' images (generated, or their shard will not run here)."""
+        with self._lock:
+            for row in rows:
+                future = self._held.pop(row.id, None)
+                self._ahead.discard(row.id)
+                if future is not None:
+                    future.cancel()
+
+
 class ShardFeed:
     """A worker's rows: it keeps the job's manifest open and reads each shard's rows itself
-    (the driver sends only the row range), and reads the next shard's rows and starts loading
-    its init images while the current one generates — at most one shard ahead. All reads run
-    on one thread (the manifest reader is not thread-safe)."""
+    (the driver sends only the row range), and reads the next shard's rows while the current
+    one generates — at most one shard ahead (the runner reads the init images of that shard's
+    first batch during its own last batch: ``upcoming``). All reads run on one thread (the
+    manifest reader is not thread-safe)."""
 
-    def __init__(
-        self, manifest: Manifest, spec: JobSpec, load_init_images: Callable[[list[Row]], InitImages],
-        endpoint_url: str | None = None,
-    ):
+    def __init__(self, manifest: Manifest, spec: JobSpec, endpoint_url: str | None = None):
         self.reader = ManifestReader(manifest, endpoint_url)
         self.spec = spec
-        self.load_init_images = load_init_images
         self._reads = ThreadPoolExecutor(1, thread_name_prefix="sdbatch-rows")
         self._ahead: dict[tuple[str, frozenset[str] | None], Future] = {}
         self._taken: tuple[str, frozenset[str] | None] | None = None  # the shard running (or last run)
         self._lock = threading.Lock()
 
-    def _read(self, shard: ShardSpec, retry_ids: frozenset[str] | None) -> tuple[list[Row], InitImages]:
+    def _read(self, shard: ShardSpec, retry_ids: frozenset[str] | None) -> list[Row]:
         rows = self.reader.read_rows_at(self.spec, shard.rows)
         if retry_ids is not None:
             rows = [r for r in rows if r.id in retry_ids]
-        return rows, self.load_init_images(rows)
+        return rows
 
     def prefetch(self, shard: ShardSpec, retry_ids: frozenset[str] | None = None) -> None:
         """Start reading ``shard`` ahead, unless a shard is already read ahead (or this one has
@@ -473,19 +536,28 @@ class ShardFeed:
             if not self._ahead and self._taken != (shard.name, retry_ids):
                 self._ahead[(shard.name, retry_ids)] = self._reads.submit(self._read, shard, retry_ids)
 
-    def take(self, shard: ShardSpec, retry_ids: frozenset[str] | None = None) -> tuple[list[Row], InitImages]:
-        """``shard``'s rows and the futures of its init images: read ahead, or read now."""
+    def take(self, shard: ShardSpec, retry_ids: frozenset[str] | None = None) -> list[Row]:
+        """``shard``'s rows: read ahead, or read now."""
         with self._lock:
             self._taken = (shard.name, retry_ids)
             future = self._ahead.pop(self._taken, None) or self._reads.submit(self._read, shard, retry_ids)
         return future.result()
 
-    def drop(self, shard: ShardSpec, retry_ids: frozenset[str] | None = None) -> None:
-        """Forget ``shard``'s read-ahead (it will not run here)."""
+    def upcoming(self) -> list[Row] | None:
+        """The rows of the shard read ahead, if their read has finished (never waits)."""
+        with self._lock:
+            future = next(iter(self._ahead.values()), None)
+        if future is None or not future.done() or future.cancelled() or future.exception() is not None:
+            return None  # a failed read fails that shard when it runs, not this one
+        return future.result()
+
+    def drop(self, shard: ShardSpec, retry_ids: frozenset[str] | None = None) -> list[Row]:
+        """Forget ``shard``'s read-ahead (it will not run here); returns its rows if they were read."""
         with self._lock:
             future = self._ahead.pop((shard.name, retry_ids), None)
-        if future is not None:
-            future.cancel()
+        if future is None or future.cancel() or future.exception() is not None:
+            return []
+        return future.result()
 
 
 #: Shards one actor holds at once: one generating and the one after it, which starts generating
@@ -528,7 +600,7 @@ class WorkerActor:
             scorer = ClipScorer.load(spec.scoring.clip_model, device=generator.info.device, endpoint_url=endpoint_url)
         self.runner = ShardRunner(generator, storage, spec, endpoint_url=endpoint_url, scorer=scorer,
                                   passthrough=passthrough_types(manifest), job_fingerprint=job_fingerprint)
-        self.feed = ShardFeed(manifest, spec, self.runner.load_init_images, endpoint_url)
+        self.feed = ShardFeed(manifest, spec, endpoint_url)
         self.tracker = tracker
         self._turns = threading.Condition()
         self._turn = 0  # the turn that may use the model now
@@ -576,7 +648,7 @@ class WorkerActor:
     ) -> ShardResult:
         name = self.runner.worker_name
         if not_after is not None and time.time() >= not_after:
-            self.feed.drop(shard, retry_ids)
+            self.runner.init_images.release(self.feed.drop(shard, retry_ids))  # read ahead, if it was
             return ShardResult(shard=shard.name, committed=False, worker=name, deferred=True)
 
         batch_started = [0.0]  # when the batch being reported began (metrics)
@@ -588,7 +660,7 @@ class WorkerActor:
             batch_started[0] = now
 
         self.tracker.report.remote(name, shard.name, 0, 0)  # marks the shard as started, for the watchdog
-        rows, init_images = self.feed.take(shard, retry_ids)
+        rows = self.feed.take(shard, retry_ids)
         batch_started[0] = time.monotonic()
-        return self.runner.run_shard(shard, rows, attempt, on_batch=report, init_images=init_images,
+        return self.runner.run_shard(shard, rows, attempt, on_batch=report, upcoming=self.feed.upcoming,
                                      retry=retry_ids is not None, on_generated=free_model)

@@ -1,17 +1,21 @@
 """Chaos for the test suite: workers killed, hung or failing, a driver dying mid-merge.
 
 Off unless ``SDBATCH_TEST_CHAOS`` (faults.ENV_CHAOS) holds JSON such as ``{"kill_fraction":
-0.1, "seed": 1, "hang_shards": ["00002"], "fail_shards": ["00003"], "hold_shards": ["00000"],
-"marker_dir": "/tmp/x", "driver_exit_at": "merge"}``: the worker process exits after the chosen
-fraction of batches (a hash of seed, shard, batch and attempt picks them), listed shards hang on
-their first attempt or fail on every attempt, held shards wait once started until a file
-``release`` exists in ``marker_dir``, the driver dies halfway through writing the index, and
-each injected fault leaves a file in ``marker_dir`` so a test can count them.
+0.1, "seed": 1, "hang_shards": ["00002"], "fail_shards": ["00003"], "broken_shards": ["00004"],
+"hold_shards": ["00000"], "marker_dir": "/tmp/x", "driver_exit_at": "merge",
+"kill_tracker_after_commits": 1}``: the worker process exits after the chosen fraction of
+batches (a hash of seed, shard, batch and attempt picks them), listed shards hang on their
+first attempt, fail on every attempt with a transient storage error (``fail_shards``) or with
+a deterministic one (``broken_shards``: a ``RuntimeError``, as a bug or a bad input would),
+held shards wait once started until a file ``release`` exists in ``marker_dir``, the driver
+dies halfway through writing the index, the driver's progress tracker actor is killed once
+that many shards are committed, and each injected fault leaves a file in ``marker_dir`` so a
+test can count them.
 
 ``install_from_env()`` wraps ``ShardRunner``'s shard methods (in a Ray worker process, where
 faults.setup_process runs it as Ray's ``worker_process_setup_hook``) and the driver's index
-merge (in the CLI process, where tests/faulty_sdbatch.py runs it). The package knows nothing
-of it.
+merge and result collection (in the CLI process, where tests/faulty_sdbatch.py runs it). The
+package knows nothing of it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class Chaos:
     def __init__(self, config: dict[str, Any]):
         self.config = config
         self.batches: dict[tuple[str, int], int] = {}
+        self.tracker_killed = False
 
     def _mark(self, kind: str, shard_name: str, attempt: int, detail: str = "") -> None:
         folder = self.config.get("marker_dir")
@@ -43,6 +48,9 @@ class Chaos:
         if shard_name in self.config.get("fail_shards", ()):
             self._mark("fail", shard_name, attempt)
             raise StorageError(f"injected failure of shard {shard_name}", transient=True)  # an outage: retried
+        if shard_name in self.config.get("broken_shards", ()):
+            self._mark("broken", shard_name, attempt)
+            raise RuntimeError(f"injected deterministic failure of shard {shard_name}")  # would fail every attempt
         if shard_name in self.config.get("hang_shards", ()) and attempt == 1:
             self._mark("hang", shard_name, attempt)
             time.sleep(3600)
@@ -60,6 +68,15 @@ class Chaos:
         if int.from_bytes(digest[:8], "big") / 2**64 < fraction:
             self._mark("kill", shard_name, attempt, f"-b{number}")
             os._exit(1)
+
+    def after_collect(self, driver: Any) -> None:
+        after = self.config.get("kill_tracker_after_commits")
+        if after is not None and driver.schedule.shards_committed >= after and not self.tracker_killed:
+            import ray
+
+            self.tracker_killed = True
+            self._mark("tracker", "driver", 0)
+            ray.kill(driver.tracker)
 
     def before_merge(self, storage: Any) -> None:
         if self.config.get("driver_exit_at") == "merge":
@@ -95,6 +112,14 @@ class Chaos:
             return merge(storage, *args, **kwargs)
 
         scheduler.merge_index = merge_index
+        collect = scheduler.Driver._collect
+
+        def collect_then_chaos(driver, pool):
+            pool = collect(driver, pool)
+            self.after_collect(driver)
+            return pool
+
+        scheduler.Driver._collect = collect_then_chaos
 
 
 def install_from_env() -> Chaos | None:

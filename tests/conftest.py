@@ -117,7 +117,8 @@ def ray_address(s3_server):
     inherit the environment of this moment, so the fake AWS credentials are set first."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    # "local": a cluster of the session's own, not the last one a `ray start` left on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     address = ray.get_runtime_context().gcs_address
     yield address
     ray.shutdown()
@@ -182,6 +183,17 @@ def small_rows() -> list[dict]:
 @_pytest_s3.fixture
 def small_manifest(tmp_path):
     return write_manifest(tmp_path / "manifest.parquet", small_rows())
+
+
+# --- models --------------------------------------------------------------------------------------
+
+
+@_pytest_s3.fixture(scope="module")
+def tiny_generator():
+    """``builtin:tiny`` loaded in this process, for tests that run a ShardRunner without Ray."""
+    from sdbatch.generate import Generator
+
+    return Generator.load("builtin:tiny", device="cpu", dtype="auto")
 
 
 # --- process exit ------------------------------------------------------------------------------

@@ -345,3 +345,64 @@ def test_sigterm_interrupts_the_driver_like_ctrl_c(ray_address, tmp_path):
     assert "error: interrupted; committed shards are kept" in stderr and "Traceback" not in stderr
     assert not (out / "_sdbatch" / "lock.json").exists()
     assert json.loads((out / "_sdbatch" / "progress.json").read_text())["state"] == "interrupted"
+
+
+# ---------------------------------------------------------------------------------------------
+# one job, three runs: the tracker actor dies; a deterministic shard error; the resume
+
+
+@pytest.fixture(scope="module")
+def tracker_then_broken_shard(ray_address, tmp_path_factory):
+    from conftest import sdbatch_cli
+
+    tmp = tmp_path_factory.mktemp("tracker-broken")
+    manifest = chaos_manifest(tmp, 16)  # 4 shards of 4 rows
+    out = tmp / "out"
+    args = ["submit", manifest, "--out", out, *FAST, "--workers", "1"]
+    runs = {}
+    for name, env in (("tracker", chaos_env(tmp, kill_tracker_after_commits=1)),
+                      ("broken", chaos_env(tmp, broken_shards=["00003"])), ("resume", None)):
+        run = sdbatch_cli(ray_address, *args, env=env)
+        progress = json.loads((out / "_sdbatch" / "progress.json").read_text())
+        status = sdbatch_cli(ray_address, "status", out) if name == "broken" else None
+        runs[name] = (run, progress, status, snapshot_metadata(out))
+    return manifest, out, tmp / "faults", runs
+
+
+def test_a_dead_progress_tracker_stops_the_job_with_the_resume_hint(tracker_then_broken_shard):
+    _, out, faults, runs = tracker_then_broken_shard
+    run, progress, _, committed = runs["tracker"]
+    said = " ".join(run.stderr.split())
+    assert run.returncode == 5, run.stderr
+    assert markers(faults, "tracker") == 1 and "Traceback" not in run.stderr
+    assert "error: the Ray cluster failed under the driver (" in said
+    assert "committed shards are kept — run the same command again to go on" in said
+    assert progress["state"] == "failed" and 1 <= len(committed) < 4
+    assert runs["broken"][0].returncode != 2  # the lock was released: the next run was not refused
+
+
+def test_a_deterministic_shard_error_is_attempted_once_and_the_other_shards_commit(tracker_then_broken_shard):
+    _, out, faults, runs = tracker_then_broken_shard
+    committed = runs["tracker"][3]
+    run, progress, status, after = runs["broken"]
+    said = " ".join(run.stderr.split())
+    assert run.returncode == 5, run.stderr
+    assert markers(faults, "broken") == 1  # retries.shard_attempts is 3: a deterministic error gets one
+    assert "shards 00003 failed on every attempt" in said
+    assert "00003 after 1 attempt: RuntimeError: injected deterministic failure of shard 00003" in said
+    assert sorted(after) == ["00000.parquet", "00001.parquet", "00002.parquet"]
+    assert {name: after[name] for name in committed} == committed  # the first run's commits untouched
+    assert progress["state"] == "incomplete" and progress["failed_shards"] == [
+        {"shard": "00003", "attempts": 1, "error": "RuntimeError: injected deterministic failure of shard 00003"}]
+    assert status.returncode == 0, status.stderr
+    assert "failed     shard 00003 after 1 attempt: RuntimeError: injected deterministic failure" in status.stdout
+
+
+def test_the_resume_after_both_completes_every_row_once(tracker_then_broken_shard):
+    manifest, out, _, runs = tracker_then_broken_shard
+    resumed, after = runs["resume"][0], runs["broken"][3]
+    assert resumed.returncode == 0, resumed.stderr
+    figures("tracker-died-then-broken-shard", out, manifest, 2, after)
+    index = pq.read_table(out / "index.parquet").to_pylist()
+    assert [r["id"] for r in index] == [r["id"] for r in pq.read_table(manifest).to_pylist()]
+    assert all(r["status"] == "ok" for r in index)

@@ -137,13 +137,6 @@ def test_repair_regenerates_exactly_the_rows_verify_flags(bad_init_job, ray_addr
 # in process: metadata too large for JPEG EXIF, and a pipeline exception for one batch
 
 
-@pytest.fixture(scope="module")
-def tiny_generator():
-    from sdbatch.generate import Generator
-
-    return Generator.load("builtin:tiny", device="cpu", dtype="auto")
-
-
 class RaisingGenerator:
     """The real generator, except that a batch holding a row with ``prompt == poison`` raises
     as a broken pipeline would (no real pipeline fails for one batch on demand)."""

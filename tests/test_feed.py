@@ -1,10 +1,14 @@
-"""A worker's own rows: ``ManifestReader`` (the manifest kept open) and ``worker.ShardFeed``
-(each shard's rows read by the worker, the next one read ahead) — no Ray cluster, no model."""
+"""A worker's own rows: ``ManifestReader`` (the manifest kept open), ``worker.ShardFeed``
+(each shard's rows read by the worker, the next one read ahead) — no Ray cluster, no model —
+and ``worker.InitImageLoader`` (init images read a batch ahead, bounded; builtin:tiny in process)."""
 
 from __future__ import annotations
 
 import threading
+import time
+import weakref
 
+import pyarrow.parquet as pq
 import pytest
 from conftest import write_manifest
 
@@ -21,19 +25,6 @@ def shard(index: int, num_rows: int, rows_per_shard: int):
 ROWS = [{"id": f"f{i:02d}", "prompt": f"a red circle {i}", "seed": i, "label": i % 2} for i in range(10)]
 
 
-class InitImages:
-    """Stands in for ShardRunner.load_init_images: records which rows it was asked for."""
-
-    def __init__(self):
-        self.calls: list[list[str]] = []
-        self.called = threading.Event()
-
-    def __call__(self, rows):
-        self.calls.append([r.id for r in rows])
-        self.called.set()
-        return {}
-
-
 @pytest.fixture
 def manifest(tmp_path):
     return open_manifest(str(write_manifest(tmp_path / "m.parquet", ROWS)))
@@ -41,30 +32,39 @@ def manifest(tmp_path):
 
 def test_the_feed_reads_the_same_rows_as_the_driver_did(manifest):
     spec = JobSpec()
-    feed = ShardFeed(manifest, spec, InitImages())
+    feed = ShardFeed(manifest, spec)
     for s in (shard(0, 10, 4), shard(2, 10, 4)):
-        rows, init_images = feed.take(s)
-        assert rows == read_rows_at(manifest, spec, s.rows) and init_images == {}
-    rows, _ = feed.take(shard(1, 10, 4), frozenset({"f05", "f07", "zz"}))
+        assert feed.take(s) == read_rows_at(manifest, spec, s.rows)
+    rows = feed.take(shard(1, 10, 4), frozenset({"f05", "f07", "zz"}))
     assert [r.id for r in rows] == ["f05", "f07"]
 
 
+def read_ahead(feed: ShardFeed) -> list:
+    """The rows the feed has read ahead, once it has."""
+    deadline = time.monotonic() + 10
+    while feed.upcoming() is None:
+        assert time.monotonic() < deadline, "the shard announced was not read ahead"
+        time.sleep(0.01)
+    return feed.upcoming()
+
+
 def test_the_next_shard_is_read_ahead_and_only_one(manifest):
-    loads = InitImages()
-    feed = ShardFeed(manifest, JobSpec(), loads)
+    feed = ShardFeed(manifest, JobSpec())
+    assert feed.upcoming() is None
     feed.prefetch(shard(1, 10, 4))
-    assert loads.called.wait(10)  # read (and its init images started) before anyone asked for it
+    assert [r.id for r in read_ahead(feed)] == ["f04", "f05", "f06", "f07"]  # before anyone asked for it
     feed.prefetch(shard(2, 10, 4))  # one shard ahead already: not read now
-    rows, _ = feed.take(shard(1, 10, 4))
-    assert [r.id for r in rows] == ["f04", "f05", "f06", "f07"]
-    assert loads.calls == [["f04", "f05", "f06", "f07"]]
-    rows, _ = feed.take(shard(2, 10, 4))
-    assert [r.id for r in rows] == ["f08", "f09"] and len(loads.calls) == 2
+    assert [r.id for r in feed.take(shard(1, 10, 4))] == ["f04", "f05", "f06", "f07"]
+    assert feed.upcoming() is None  # shard 2 was not read ahead
+    assert [r.id for r in feed.take(shard(2, 10, 4))] == ["f08", "f09"]
     feed.prefetch(shard(2, 10, 4))  # announced after it started: nothing to read again
+    assert feed.upcoming() is None
     feed.prefetch(shard(0, 10, 4))
-    feed.drop(shard(0, 10, 4))  # deferred: its read-ahead is forgotten, the next can be read
+    read_ahead(feed)
+    assert [r.id for r in feed.drop(shard(0, 10, 4))] == ["f00", "f01", "f02", "f03"]  # deferred: forgotten
+    assert feed.drop(shard(0, 10, 4)) == []
     feed.prefetch(shard(1, 10, 4))
-    assert feed.take(shard(1, 10, 4))[0][0].id == "f04"
+    assert feed.take(shard(1, 10, 4))[0].id == "f04"
 
 
 def test_a_manifest_file_changed_during_the_job_is_refused(tmp_path):
@@ -73,3 +73,79 @@ def test_a_manifest_file_changed_during_the_job_is_refused(tmp_path):
     write_manifest(path, ROWS + ROWS[:1])
     with pytest.raises(ManifestError, match=r"holds 11 rows, but the job was planned with 10.*changed"):
         ManifestReader(manifest).read_rows(JobSpec(), 0, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# init images: read a batch ahead, never more than resources.init_images_in_memory decoded at once
+
+
+class LiveImages:
+    """Test hook on ``ShardRunner._load_init_image``: counts the decoded init images alive (each
+    one it returns, until the last reference to it goes) and the peak."""
+
+    def __init__(self, load):
+        self.load, self.live, self.peak, self.loaded = load, 0, 0, 0
+        self.lock = threading.Lock()
+
+    def __call__(self, runner, row):
+        image, sha = self.load(runner, row)
+        with self.lock:
+            self.live += 1
+            self.loaded += 1
+            self.peak = max(self.peak, self.live)
+        weakref.finalize(image, self._gone)
+        return image, sha
+
+    def _gone(self):
+        with self.lock:
+            self.live -= 1
+
+
+class HeldAtGenerate:
+    """The real generator, recording how many init images its runner holds at each batch."""
+
+    def __init__(self, real):
+        self.real, self.runner, self.held = real, None, []
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def generate(self, rows, init_images=None):
+        self.held.append(self.runner.init_images.held)
+        return self.real.generate(rows, init_images)
+
+
+def test_init_images_are_read_a_batch_ahead_and_bounded(tiny_generator, tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from sdbatch.manifest import read_rows
+    from sdbatch.plan import ShardSpec, canonical_batches
+    from sdbatch.spec import load_spec
+    from sdbatch.storage import LocalStorage
+    from sdbatch.worker import ShardRunner
+
+    rows = []
+    for i in range(5):  # 5 img2img rows, each its own colour: 3 batches of 2 (the last one short)
+        Image.new("RGB", (64, 64), (20 * i, 255 - 20 * i, 90)).save(tmp_path / f"init{i}.png")
+        rows.append({"id": f"i{i:02d}", "prompt": "a red square", "seed": i, "init_image": f"init{i}.png", "strength": 0.6})
+    spec = load_spec(None, [], {"model.name": "builtin:tiny", "defaults.steps": 2, "resources.batch_size": 2,
+                                "resources.init_images_in_memory": 4})
+    manifest = open_manifest(str(write_manifest(tmp_path / "m.parquet", rows)))
+    live = LiveImages(ShardRunner._load_init_image)
+    monkeypatch.setattr(ShardRunner, "_load_init_image", lambda runner, row: live(runner, row))
+    generator = HeldAtGenerate(tiny_generator)
+    runner = generator.runner = ShardRunner(generator, LocalStorage(tmp_path / "out"), spec, job_fingerprint="feed-test")
+    shard_rows = read_rows(manifest, spec, 0, 5)
+    result = runner.run_shard(ShardSpec(0, range(5)), shard_rows)
+
+    assert (result.rows_ok, result.rows_failed) == (5, 0)
+    assert live.loaded == 5 and live.peak <= 4  # 5 images, never more than the bound decoded at once
+    assert generator.held == [4, 3, 1]  # each batch generates with the next one's images read (or reading)
+    assert live.live == 0 and runner.init_images.held == 0
+    index = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "metadata" / "00000.parquet").to_pylist()}
+    for batch in canonical_batches(shard_rows, 2):  # the same pixels as the batch given its images directly
+        images = [Image.open(tmp_path / f"init{int(r.id[1:])}.png").convert("RGB") for r in batch]
+        expected = tiny_generator.generate(batch, images).pixels
+        for row, pixels in zip(batch, expected):
+            assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / index[row.id]["key"])), pixels), row.id

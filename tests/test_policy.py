@@ -1,5 +1,5 @@
 """The scheduling policy (sdbatch.policy) on its own: attempts, requeues, the deadline, the
-hang decision and the verdict — no Ray, no storage, no model."""
+hang decision, the verdict and the workers' placement (with or without an autoscaler) — no Ray, no storage, no model."""
 
 from __future__ import annotations
 
@@ -16,9 +16,12 @@ from sdbatch.policy import (
     INCOMPLETE,
     MIN_HANG_TIMEOUT_S,
     STOPPED,
+    Placement,
     Schedule,
     ShardResult,
     Work,
+    autoscaler_in_status,
+    place_workers,
     workers_to_start,
 )
 
@@ -60,6 +63,17 @@ def test_a_failed_attempt_is_charged_and_requeued_first_until_the_last_attempt()
     verdict = s.verdict()
     assert verdict.state == INCOMPLETE
     assert "shards 00000 failed on every attempt" in verdict.message
+    assert "00000 after 2 attempts: boom again" in verdict.message
+    assert s.failures() == [{"shard": "00000", "attempts": 2, "error": "boom again"}]
+
+
+def test_a_deterministic_error_fails_its_shard_after_one_attempt():
+    s = schedule(2, max_attempts=3)
+    s.give_up(s.next(0.0), "RuntimeError: the same every time")
+    assert names(s) == [("00001", 1)]  # not requeued
+    assert s.failures() == [{"shard": "00000", "attempts": 1, "error": "RuntimeError: the same every time"}]
+    s.completed(s.next(0.0), ShardResult("00001", rows_ok=4))
+    assert "00000 after 1 attempt: RuntimeError: the same every time" in s.verdict().message
 
 
 def test_a_lost_worker_charges_only_the_shard_it_was_running():
@@ -179,3 +193,53 @@ def test_a_busy_worker_reads_ahead_only_what_no_idle_worker_needs():
     assert s.may_read_ahead(idle_workers=2)  # 3 queued, 2 workers with nothing: one to spare
     s.next(0.0)
     assert not s.may_read_ahead(idle_workers=2) and s.may_read_ahead(idle_workers=1)
+
+
+CPU_WORKER = {"CPU": 2.0}
+GPU_WORKER = {"CPU": 1.0, "GPU": 1.0}
+
+
+def test_without_an_autoscaler_workers_are_clipped_to_the_cluster_or_refused():
+    assert place_workers(3, CPU_WORKER, {"CPU": 8}, autoscaler=False) == Placement(3, 3)
+    fewer = place_workers(3, CPU_WORKER, {"CPU": 4}, autoscaler=False)
+    assert fewer.workers == 2 and not fewer.wait
+    assert fewer.message == "the cluster fits 2 of the 3 workers asked for (it has no autoscaler to add nodes); using 2"
+    refused = place_workers(1, GPU_WORKER, {"CPU": 4}, autoscaler=False)
+    assert refused.workers == 0 and not refused.wait
+    assert refused.message.startswith("the Ray cluster cannot place one worker: not enough GPU (a worker needs 1, "
+                                      "the cluster has 0); fix: lower --gpus-per-worker")
+
+
+def test_with_an_autoscaler_the_driver_waits_for_it_then_starts_what_fits():
+    waiting = place_workers(4, GPU_WORKER, {"CPU": 8, "GPU": 1}, autoscaler=True, waited_s=10, wait_s=600)
+    assert waiting.wait and waiting.workers == 0 and waiting.target == 4
+    assert waiting.message == ("waiting up to 590 s for the Ray autoscaler to add 3 GPU for 4 workers (the cluster "
+                               "fits 1 now; resources.autoscaler_wait_s sets how long)")
+    assert place_workers(4, GPU_WORKER, {"CPU": 8, "GPU": 4}, autoscaler=True, waited_s=30, wait_s=600) == Placement(4, 4)
+    late = place_workers(4, GPU_WORKER, {"CPU": 8, "GPU": 1}, autoscaler=True, waited_s=600, wait_s=600)
+    assert late.workers == 1 and not late.wait
+    assert "(the autoscaler did not add 3 GPU within 600 s); using 1" in late.message
+    nothing = place_workers(1, GPU_WORKER, {"CPU": 8}, autoscaler=True, waited_s=601, wait_s=600)
+    assert nothing.workers == 0 and not nothing.wait
+    assert "not enough GPU (a worker needs 1, the cluster has 0, also after waiting 600 s for its autoscaler)" in nothing.message
+
+
+def test_an_autoscaler_that_can_never_provide_a_worker_is_not_waited_for():
+    never = place_workers(2, GPU_WORKER, {"CPU": 8}, autoscaler=True, reachable={"CPU": 64, "GPU": 0}, wait_s=600)
+    assert never.workers == 0 and not never.wait
+    assert "not enough GPU (a worker needs 1, the cluster has 0, and its autoscaler can grow it to 0 at most)" in never.message
+    capped = place_workers(8, GPU_WORKER, {"CPU": 8, "GPU": 1}, autoscaler=True, reachable={"CPU": 64, "GPU": 3}, wait_s=600)
+    assert capped.wait and capped.target == 3 and "add 2 GPU for 3 workers" in capped.message
+    grown = place_workers(8, GPU_WORKER, {"CPU": 8, "GPU": 3}, autoscaler=True, reachable={"CPU": 64, "GPU": 3}, wait_s=600)
+    assert grown.workers == 3 and "(its autoscaler can grow it no further); using 3" in grown.message
+
+
+def test_the_monitor_status_tells_an_autoscaler_from_the_read_only_provider():
+    node = "ce56a5b162aa34ba01571a466f864aef566108ee1d60a0eea1fdf666"
+    read_only = {"autoscaler_report": {"active_nodes": {f"node_{node}": 1}, "pending_launches": {},
+                                       "node_type_mapping": {node: f"node_{node}"}}}
+    assert not autoscaler_in_status(read_only)  # what a plain `ray start` / ray.init() head reports
+    launcher = {"autoscaler_report": {"active_nodes": {"ray.head.default": 1}, "pending_launches": {"gpu-group": 2},
+                                      "node_type_mapping": {node: "ray.head.default"}}}
+    assert autoscaler_in_status(launcher)
+    assert not autoscaler_in_status(None) and not autoscaler_in_status({})

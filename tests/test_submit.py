@@ -138,3 +138,25 @@ def test_help_and_status_do_not_import_torch():
     code = "import sys, sdbatch.cli, sdbatch.scheduler; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_help_shows_boolean_options_as_plain_flags():
+    import re
+
+    import typer.main
+    from typer.testing import CliRunner
+
+    from sdbatch.cli import app
+
+    runner = CliRunner()
+    commands = sorted(typer.main.get_command(app).commands)
+    assert {"submit", "validate", "status", "verify", "unlock"} <= set(commands)
+    for args in ([], *([name] for name in commands)):
+        result = runner.invoke(app, [*args, "--help"], terminal_width=200, env={"COLUMNS": "200"})
+        assert result.exit_code == 0, (args, result.output)
+        assert "<bool>" not in result.output and "BOOLEAN" not in result.output, (args, result.output)
+    submit = runner.invoke(app, ["submit", "--help"], terminal_width=200, env={"COLUMNS": "200"}).output
+    for flag, help_text in (("--strict", "Refuse columns"), ("--dry-run", "Validate, preflight"),
+                            ("--retry-failed", "Also regenerate rows"), ("--help", "Show this message")):
+        assert re.search(rf"{flag}\s+(-\w\s+)?{help_text}", submit), (flag, submit)  # the flag, then its help
+    assert re.search(r"--steps\s+<int>", submit)  # options that take a value keep their type

@@ -345,8 +345,10 @@ def test_a_local_cluster_listens_on_loopback_only(tmp_path):
             except psutil.Error:
                 continue
         time.sleep(0.2)
-    _, stderr = driver.communicate(timeout=60)
+    stdout, stderr = driver.communicate(timeout=60)
     assert driver.returncode == 0, stderr
+    # sdbatch asks for token authentication itself: Ray's "Token authentication is enabled" warning stays off the console
+    assert "Token authentication" not in stdout + stderr and "authentication_token_setup" not in stderr, stderr
     names = {name for name, _ in listening}
     assert {"gcs_server", "raylet"} <= names and any("Agent" in n for n in names), listening
     assert {ip for _, ip in listening} <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, listening
