@@ -58,6 +58,7 @@ def child(args: argparse.Namespace) -> None:
     import ray
 
     from sdbatch.manifest import open_manifest
+    from sdbatch.output import job_record
     from sdbatch.policy import ShardResult
     from sdbatch.scheduler import Driver, _Actor
     from sdbatch.spec import load_spec
@@ -99,7 +100,7 @@ def child(args: argparse.Namespace) -> None:
              _node_ip_address="127.0.0.1")
     rss_ray = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     deadline = time.time() + args.seconds if args.seconds else None
-    driver = StubDriver(spec, manifest, storage, {"fingerprint": "bench"}, interactive=False, deadline=deadline)
+    driver = StubDriver(spec, manifest, storage, job_record(spec, manifest, None), interactive=False, deadline=deadline)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     outcome = driver.run()
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0

@@ -229,9 +229,9 @@ class Bench:
 
     def run_naive(self, round_no: int) -> dict[str, Any]:
         from sdbatch import encode
-        from sdbatch.output import image_key
+        from sdbatch.layout import image_key
         from sdbatch.plan import batch_id, canonical_batches
-        from sdbatch.worker import image_record
+        from sdbatch.record import ImageRecord
 
         gen = self.generator("naive")
         out = self.spec.output
@@ -246,7 +246,7 @@ class Bench:
                 images = gen.generate(batch).pixels
                 bid, batch_rows = batch_id(shard.name, number), [r.id for r in batch]
                 for row, image in zip(batch, images):
-                    record = image_record(row, shard, bid, batch_rows, gen)
+                    record = ImageRecord.from_row(row, shard, bid, batch_rows, gen).to_embedded()
                     data = encode.encode_image(image, record, fmt=out.image_format,
                                                png_compress_level=out.png_compress_level, quality=out.quality)
                     key = image_key(shard.name, row.id, ext)

@@ -19,13 +19,9 @@ content changed since the job ran (its bytes' sha256 differs from the recorded
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import random
-import tarfile
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,22 +29,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sdbatch import encode
-from sdbatch.columns import BATCH_KEY, COLUMN, COLUMNS, KNOWN_COLUMNS, record_parameters
 from sdbatch.errors import BadInput
-from sdbatch.manifest import RESERVED_COLUMNS, Row
-from sdbatch.output import (
-    FINGERPRINT_META,
-    INDEX_COLUMN_TYPES,
-    INDEX_KEY,
-    JOB_KEY,
-    STATUS_OK,
-    SUCCESS_KEY,
-    OutputMismatch,
-    committed_index,
-    merge_index,
-    read_json,
-)
+from sdbatch.layout import PREFIXES, Layout, layout_for, sha256
+from sdbatch.manifest import Row
+from sdbatch.documents import JOB_KEY, SUCCESS_KEY, JobRecord
+from sdbatch.output import FINGERPRINT_META, INDEX_COLUMN_TYPES, INDEX_KEY, STATUS_OK, OutputMismatch, committed_index, merge_index
 from sdbatch.spec import JobSpec
+from sdbatch.record import ImageRecord, embedded_record, passthrough_of, row_from_stored
 from sdbatch.storage import NotFound, Storage, StorageError, open_storage, read_uri
 
 if TYPE_CHECKING:
@@ -65,8 +52,6 @@ __all__ = [
     "verify",
 ]
 
-IMAGE_PREFIXES = ("images/", "shards/")
-
 
 class AuditError(BadInput, ValueError):
     """Bad input for an audit (no job at OUT, unknown row id, a row that cannot be rebuilt)."""
@@ -79,7 +64,7 @@ class AuditError(BadInput, ValueError):
 @dataclass
 class JobOutput:
     storage: Storage
-    job: dict[str, Any]
+    job: JobRecord
     spec: JobSpec
     index: list[dict[str, Any]]
     index_source: str  # "index.parquet" or "N committed shard indexes"
@@ -87,8 +72,8 @@ class JobOutput:
     index_error: str | None = None  # index.parquet is there but not this job's readable index
 
     @property
-    def output_format(self) -> str:
-        return self.spec.output.format
+    def layout(self) -> Layout:
+        return layout_for(self.storage, self.spec.output)
 
     def rows_by_id(self) -> dict[str, dict[str, Any]]:
         return {r["id"]: r for r in self.index}
@@ -99,60 +84,26 @@ def open_job(storage: Storage | str, *, endpoint_url: str | None = None) -> JobO
     Raises ``AuditError`` when OUT holds no sdbatch job."""
     if isinstance(storage, str):
         storage = open_storage(storage, endpoint_url=endpoint_url)
-    job = read_json(storage, JOB_KEY)
+    job = JobRecord.read(storage)
     if job is None:
         raise AuditError(f"no sdbatch job at {storage.url} (no {JOB_KEY})")
-    spec = JobSpec.model_validate(job["spec"])
+    spec = job.job_spec
     index_error = None
     try:
         table = pq.read_table(io.BytesIO(storage.get(INDEX_KEY)))
-        if (table.schema.metadata or {}).get(FINGERPRINT_META) != job["fingerprint"].encode():
+        if (table.schema.metadata or {}).get(FINGERPRINT_META) != job.fingerprint.encode():
             raise ValueError("it does not carry this job's fingerprint")
         source = INDEX_KEY
     except (NotFound, pa.ArrowInvalid, ValueError) as exc:
         if not isinstance(exc, NotFound):
             index_error = f"{INDEX_KEY} is not this job's readable index ({exc}); rebuild it with --rebuild-index"
         try:
-            table, merged = committed_index(storage, job["fingerprint"])
+            table, merged = committed_index(storage, job.fingerprint)
         except OutputMismatch as foreign:
             raise AuditError(str(foreign)) from None
         source = f"{merged} committed shard indexes" + ("" if index_error else " (job unfinished)")
     finished = source == INDEX_KEY and storage.exists(SUCCESS_KEY)
     return JobOutput(storage, job, spec, table.to_pylist() if table.num_rows else [], source, finished, index_error)
-
-
-# ---------------------------------------------------------------------------------------------
-# object access (files and webdataset layouts)
-
-
-def split_key(key: str) -> tuple[str, str | None]:
-    """``shards/00000.tar#r01.png`` → (``shards/00000.tar``, ``r01.png``); a plain key → (key, None)."""
-    obj, sep, member = key.partition("#")
-    return obj, (member if sep else None)
-
-
-def tar_members(data: bytes) -> dict[str, bytes]:
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
-
-
-def read_object(storage: Storage, key: str) -> bytes:
-    """The bytes an index ``key`` names (a tar member for webdataset). Raises ``NotFound``."""
-    obj, member = split_key(key)
-    data = storage.get(obj)
-    if member is None:
-        return data
-    try:
-        members = tar_members(data)
-    except tarfile.TarError as exc:
-        raise StorageError(f"{obj} is not a readable tar: {exc}") from None
-    if member not in members:
-        raise NotFound(f"{obj} has no member {member}")
-    return members[member]
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def max_pixel_diff(a: bytes, b: bytes) -> int | None:
@@ -200,26 +151,6 @@ class ReproduceResult:
                 f"largest pixel difference {diff}")
 
 
-def _row_from_params(d: dict[str, Any], extra: dict[str, Any] | None = None) -> Row:
-    """A Row from a record or an index row (a column missing there — older jobs — is its default)."""
-    return Row(index=int(d["row"]), extra=dict(extra or {}), **{c.name: c.coerce(d.get(c.name)) for c in COLUMNS})
-
-
-def _extra_from_index(entry: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in entry.items() if k not in KNOWN_COLUMNS and k not in RESERVED_COLUMNS}
-
-
-def _record_agrees(record: dict[str, Any], entry: dict[str, Any]) -> bool:
-    """The embedded record describes the index row: same batch and every batch-key parameter,
-    seed and prompt (a column the record leaves out holds its default)."""
-    keys = ("id", "seed", "prompt", *BATCH_KEY)
-    try:
-        return record.get("batch_id") == entry.get("batch_id") and all(
-            COLUMN[k].coerce(record.get(k)) == COLUMN[k].coerce(entry.get(k)) for k in keys)
-    except (TypeError, ValueError):  # a record that is not ours (or mangled)
-        return False
-
-
 class Reproducer:
     """Regenerates rows of one job output. Keeps the loaded model and any batch it already
     regenerated, so ``verify --regenerate K`` loads the model once and runs each batch once."""
@@ -231,13 +162,14 @@ class Reproducer:
         self.model_override = model
         self.device_override = device
         self.by_id = out.rows_by_id()
+        self.layout = out.layout
         self._generators: dict[tuple[str, str, str], Generator] = {}
         self._batches: dict[tuple, dict[str, Any]] = {}
 
     # -- the record ---------------------------------------------------------------------------
     def _stored(self, entry: dict[str, Any]) -> bytes | None:
         try:
-            return read_object(self.out.storage, entry["key"])
+            return self.layout.read(entry["key"])
         except NotFound:
             return None
         except StorageError as exc:
@@ -245,50 +177,29 @@ class Reproducer:
                 raise
             return None
 
-    def _record(self, entry: dict[str, Any], stored: bytes | None) -> tuple[dict[str, Any], str]:
+    def _record(self, entry: dict[str, Any], stored: bytes | None) -> tuple[ImageRecord, dict[str, Any], str]:
+        """The row's record, the JSON its image embeds (re-encoded as stored, so the bytes of
+        an image of any sdbatch version can match), and where it came from."""
         if stored is not None:
             try:
-                _, record = encode.read_embedded(stored)
-            except Exception:  # noqa: BLE001 - corrupted object
-                record = None
-            if record is not None and _record_agrees(record, entry):
-                return record, "image"
-        return self._record_from_index(entry), "index"
-
-    def _record_from_index(self, entry: dict[str, Any]) -> dict[str, Any]:
-        """The record as ``worker.image_record`` wrote it, rebuilt from the index and job.json
-        (used when the stored object is gone or unreadable)."""
-        gen = self._generator_for(entry)
-        fp = entry.get("model_fingerprint") or gen.info.fingerprint
-        conditioning = gen.conditioning(_row_from_params(entry))
-        return {
-            **record_parameters(_row_from_params(entry).parameters()),
-            "shard": entry["shard"],
-            "batch_id": entry["batch_id"],
-            "batch_rows": list(entry["batch_rows"]),
-            "scheduler_config": gen.scheduler_config(entry["scheduler"]),
-            "init_image_sha256": entry.get("init_image_sha256"),
-            "loras": list(entry.get("loras") or []),
-            "prompt_truncated_at": entry.get("prompt_truncated_at"),
-            **({"size_conditioning": {k: list(v) for k, v in conditioning.items()}} if conditioning else {}),
-            "extra": _extra_from_index(entry),
-            "model_name": self.out.spec.model.name,
-            "model_family": gen.info.family,
-            "model_fingerprint": fp,
-            "model_hash": fp[:10],
-            "device": entry.get("device") or gen.info.device,
-            "dtype": entry.get("dtype") or gen.info.dtype,
-            "versions": json.loads(entry["versions"]) if entry.get("versions") else gen.info.versions,
-            "torch_threads": entry.get("torch_threads"),
-            "sdbatch_version": self.out.job.get("sdbatch_version"),
-        }
+                _, embedded = encode.read_embedded(stored)
+            except Exception:  # noqa: BLE001 - a corrupted object
+                embedded = None
+            record = embedded_record(embedded, entry)
+            if record is not None:
+                return record, embedded, "image"
+        gen = self._generator_for(None, entry.get("device"), entry.get("dtype"))
+        record = ImageRecord.from_index_row(entry, gen, model_name=self.out.spec.model.name,
+                                            sdbatch_version=self.out.job.sdbatch_version)
+        return record, record.to_embedded(), "index"
 
     # -- the model -----------------------------------------------------------------------------
-    def _load_settings(self, entry_or_record: dict[str, Any]) -> tuple[str, str, str, list[str]]:
+    def _load_settings(self, model_name: str | None, device: str | None,
+                       dtype: str | None) -> tuple[str, str, str, list[str]]:
         notes: list[str] = []
-        model = self.model_override or entry_or_record.get("model_name") or self.out.spec.model.name
-        device = self.device_override or entry_or_record.get("device") or "cpu"
-        dtype = entry_or_record.get("dtype") or "float32"
+        model = self.model_override or model_name or self.out.spec.model.name
+        device = self.device_override or device or "cpu"
+        dtype = dtype or "float32"
         if device.startswith("cuda") and not self.device_override:
             import torch
 
@@ -300,8 +211,8 @@ class Reproducer:
             notes.append("recorded dtype float16 on cpu: regenerating in float16 on cpu is slow and differs from GPU")
         return model, ("cuda" if device.startswith("cuda") else device), dtype, notes
 
-    def _generator_for(self, entry_or_record: dict[str, Any]) -> Generator:
-        model, device, dtype, _ = self._load_settings(entry_or_record)
+    def _generator_for(self, model_name: str | None, device: str | None, dtype: str | None) -> Generator:
+        model, device, dtype, _ = self._load_settings(model_name, device, dtype)
         key = (model, device, dtype)
         if key not in self._generators:
             from sdbatch.generate import Generator
@@ -320,12 +231,12 @@ class Reproducer:
         image.load()
         return image, sha256(data)
 
-    def _generate_batch(self, record: dict[str, Any], gen: Generator) -> dict[str, Any]:
+    def _generate_batch(self, record: ImageRecord, gen: Generator) -> dict[str, Any]:
         """Regenerate the batch the record names; returns {id: uint8 pixels} plus notes, and the
         sha256 of each init image as read now ({id: hex}, img2img batches)."""
-        target = _row_from_params(record, record.get("extra"))
-        batch_ids = list(record.get("batch_rows") or [target.id])
-        cache_key = (record.get("batch_id"), tuple(batch_ids), id(gen))
+        target = record.row
+        batch_ids = list(record.batch_rows or [target.id])
+        cache_key = (record.batch_id, tuple(batch_ids), id(gen))
         if cache_key in self._batches:
             return self._batches[cache_key]
         notes: list[str] = []
@@ -340,7 +251,7 @@ class Reproducer:
                 notes.append(f"batch-mate {rid} is not in the index; regenerating without it")
                 rebuilt = False
                 continue
-            row = _row_from_params(entry, _extra_from_index(entry))
+            row = row_from_stored(entry, passthrough_of(entry))
             if row.batch_key() != target.batch_key():
                 notes.append(f"batch-mate {rid} has other batch parameters in the index; regenerating without it")
                 rebuilt = False
@@ -374,19 +285,21 @@ class Reproducer:
         self._batches[cache_key] = result
         return result
 
-    def _init_image_notes(self, record: dict[str, Any], batch: dict[str, Any]) -> list[str]:
+    def _init_image_notes(self, record: ImageRecord, batch: dict[str, Any]) -> list[str]:
         """Notes for init images whose bytes differ from the sha256 recorded when the job ran:
         the target's (its record's hash), then any other init image of its batch (the index's)."""
         notes, mates = [], {}
+        target = record.row.id
         for rid, now in batch["init_sha256"].items():
-            source = record if rid == record["id"] else self.by_id.get(rid, {})
-            recorded, uri = source.get("init_image_sha256"), source.get("init_image")
+            mate = self.by_id.get(rid, {})
+            recorded, uri = ((record.init_image_sha256, record.row.init_image) if rid == target
+                             else (mate.get("init_image_sha256"), mate.get("init_image")))
             if not recorded or recorded == now:
                 continue
             change = f"init image {uri} changed since generation: recorded sha256 {recorded[:12]}…, now {now[:12]}…"
-            if rid == record["id"]:
+            if rid == target:
                 notes.insert(0, f"{change}; the regenerated image is expected to differ")
-            elif uri != record.get("init_image"):
+            elif uri != record.row.init_image:
                 mates.setdefault(change, []).append(rid)
         notes.extend(f"{change} (batch-mates {', '.join(ids)}); batch-mates can shift the image slightly"
                      for change, ids in mates.items())
@@ -401,25 +314,25 @@ class Reproducer:
             raise AuditError(f"row {row_id!r} has status {entry.get('status')!r} ({entry.get('error')}); "
                              "there is no image to reproduce")
         stored = self._stored(entry)
-        record, source = self._record(entry, stored)
-        _, _, _, notes = self._load_settings(record)
+        record, embedded, source = self._record(entry, stored)
+        settings = (record.model_name, record.device, record.dtype)
+        _, _, _, notes = self._load_settings(*settings)
         if source == "index":
             notes.append("the stored image is missing or unreadable: its record was rebuilt from the index")
-        gen = self._generator_for(record)
-        fp_ok = gen.info.fingerprint == record.get("model_fingerprint")
+        gen = self._generator_for(*settings)
+        fp_ok = gen.info.fingerprint == record.model_fingerprint
         if not fp_ok:
             notes.insert(0, f"MODEL CHANGED: the model loaded from {gen.info.name!r} has fingerprint "
-                            f"{gen.info.fingerprint[:16]}…, the image was made with {str(record.get('model_fingerprint'))[:16]}…; "
+                            f"{gen.info.fingerprint[:16]}…, the image was made with {record.model_fingerprint[:16]}…; "
                             "the result is not expected to match (pass the original model with --model)")
-        versions = record.get("versions") or {}
-        changed = {k: (v, gen.info.versions.get(k)) for k, v in versions.items() if gen.info.versions.get(k) != v}
+        changed = {k: (v, gen.info.versions.get(k)) for k, v in record.versions.items() if gen.info.versions.get(k) != v}
         if changed:
             notes.append("software versions differ from the recorded ones: "
                          + ", ".join(f"{k} {a} → {b}" for k, (a, b) in sorted(changed.items())))
         import torch
 
         previous_threads = torch.get_num_threads()
-        threads = record.get("torch_threads") or int(self.out.spec.resources.cpus_per_worker)
+        threads = record.torch_threads or int(self.out.spec.resources.cpus_per_worker)
         torch.set_num_threads(max(1, threads))  # as the worker ran: the last bit depends on it
         try:
             batch = self._generate_batch(record, gen)
@@ -427,9 +340,9 @@ class Reproducer:
             torch.set_num_threads(previous_threads)
         notes.extend(f"LoRA {a['name']} changed since generation: recorded sha256 {a['sha256'][:12]}…, "
                      f"now {str(gen.loras.sha256.get(a['name']))[:12]}…"
-                     for a in record.get("loras") or () if gen.loras.sha256.get(a["name"]) != a.get("sha256"))
+                     for a in record.loras if gen.loras.sha256.get(a["name"]) != a.get("sha256"))
         out_spec = self.out.spec.output
-        data = encode.encode_image(batch["images"][entry["id"]], record, fmt=out_spec.image_format,
+        data = encode.encode_image(batch["images"][entry["id"]], embedded, fmt=out_spec.image_format,
                                    png_compress_level=out_spec.png_compress_level, quality=out_spec.quality)
         new_sha = sha256(data)
         notes.extend(self._init_image_notes(record, batch))
@@ -442,7 +355,7 @@ class Reproducer:
             stored_sha256=sha256(stored) if stored is not None else None,
             new_sha256=new_sha,
             data=data,
-            batch_id=record.get("batch_id", ""),
+            batch_id=record.batch_id,
             batch_rows=batch["rows"],
             batch_rebuilt=batch["rebuilt"],
             record_source=source,
@@ -540,77 +453,6 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _object_problems(data: bytes, entry: dict[str, Any]) -> str | None:
-    """How a stored object differs from its index row (size, sha256), or None."""
-    problems = []
-    if len(data) != entry["bytes"]:
-        problems.append(f"size {len(data)} ≠ recorded {entry['bytes']}")
-    if sha256(data) != entry["sha256"]:
-        problems.append("sha256 differs")
-    return ", ".join(problems) or None
-
-
-def _check_files(storage: Storage, rows: list[dict[str, Any]], report: VerifyReport, threads: int) -> list[dict]:
-    def check(entry: dict[str, Any]) -> tuple[dict, str | None, str | None]:
-        try:
-            data = storage.get(entry["key"])
-        except NotFound:
-            return entry, "missing", None
-        problems = _object_problems(data, entry)
-        return entry, "mismatch" if problems else None, problems
-
-    good = []
-    with ThreadPoolExecutor(threads, thread_name_prefix="sdbatch-verify") as pool:
-        for entry, problem, what in pool.map(check, rows):
-            if problem == "missing":
-                report.missing.append((entry["id"], entry["key"]))
-            elif problem == "mismatch":
-                report.mismatched.append((entry["id"], entry["key"], what))
-            else:
-                good.append(entry)
-    return good
-
-
-def _check_webdataset(storage: Storage, rows: list[dict[str, Any]], report: VerifyReport,
-                      threads: int) -> tuple[list[dict], list[str]]:
-    by_tar: dict[str, list[dict]] = {}
-    for entry in rows:
-        by_tar.setdefault(split_key(entry["key"])[0], []).append(entry)
-
-    def check(tar: str) -> tuple[str, dict[str, bytes] | None, str | None]:
-        try:
-            return tar, tar_members(storage.get(tar)), None
-        except NotFound:
-            return tar, None, None
-        except tarfile.TarError as exc:
-            return tar, None, f"not a readable tar: {exc}"
-
-    good, orphan_members = [], []
-    with ThreadPoolExecutor(threads, thread_name_prefix="sdbatch-verify") as pool:
-        for tar, members, bad in pool.map(check, list(by_tar)):
-            entries = by_tar[tar]
-            if members is None:
-                for e in entries:
-                    (report.mismatched.append((e["id"], e["key"], bad)) if bad else report.missing.append((e["id"], e["key"])))
-                continue
-            named = set()
-            for e in entries:
-                member = split_key(e["key"])[1]
-                named.add(member)
-                named.add(member.rsplit(".", 1)[0] + ".json")
-                data = members.get(member)
-                if data is None:
-                    report.missing.append((e["id"], e["key"]))
-                    continue
-                problems = _object_problems(data, e)
-                if problems:
-                    report.mismatched.append((e["id"], e["key"], problems))
-                else:
-                    good.append(e)
-            orphan_members.extend(f"{tar}#{m}" for m in sorted(members) if m not in named)
-    return good, orphan_members
-
-
 def verify(
     storage: Storage | str,
     *,
@@ -638,7 +480,7 @@ def verify(
         url=storage.url,
         index_source=out.index_source,
         finished=out.finished,
-        rows_total=int(out.job.get("manifest", {}).get("num_rows", len(out.index))),
+        rows_total=out.job.manifest.num_rows,
         rows_in_index=len(out.index),
         rows_failed=sum(s != STATUS_OK for s in statuses),
     )
@@ -653,17 +495,12 @@ def verify(
     ok_rows = [r for r in out.index if r.get("status") == STATUS_OK]
     if progress:
         progress(f"checking {len(ok_rows)} objects from {out.index_source}")
-    if out.output_format == "webdataset":
-        good, orphans = _check_webdataset(storage, ok_rows, report, threads)
-        named = {split_key(r["key"])[0] for r in ok_rows}
-    else:
-        good, orphans = _check_files(storage, ok_rows, report, threads), []
-        named = {r["key"] for r in ok_rows}
-    report.ok = len(good)
-    listed: list[str] = []
-    for prefix in IMAGE_PREFIXES:
-        listed.extend(storage.list(prefix))
-    report.orphans = sorted([k for k in listed if k not in named] + orphans)
+    checked = out.layout.check(ok_rows, threads)
+    good = checked.good
+    report.missing, report.mismatched, report.ok = checked.missing, checked.mismatched, len(good)
+    named = out.layout.objects([r["key"] for r in ok_rows])
+    listed = [key for prefix in PREFIXES for key in storage.list(prefix)]
+    report.orphans = sorted([k for k in listed if k not in named] + checked.orphan_members)
 
     if regenerate > 0 and good:
         report.regenerate_seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
@@ -681,13 +518,13 @@ def verify(
     return report
 
 
-def _manifest_ids(job: dict[str, Any]) -> list[str] | None:
+def _manifest_ids(job: JobRecord) -> list[str] | None:
     """The ids of the job's manifest in row order, if it is reachable and unchanged."""
     from sdbatch.manifest import ManifestError, default_row_id, iter_row_batches, open_manifest
 
     try:
-        manifest = open_manifest(job["manifest"]["source"])
-        if manifest.fingerprint != job["manifest"]["fingerprint"]:
+        manifest = open_manifest(job.manifest.source)
+        if manifest.fingerprint != job.manifest.fingerprint:
             return None
         if "id" not in manifest.columns:
             return [default_row_id(i) for i in range(manifest.num_rows)]
@@ -701,14 +538,14 @@ def _index_problems(out: JobOutput, progress: Callable[[str], None] | None) -> l
     and the commits (the rows they hold)."""
     problems = [out.index_error] if out.index_error else []
     ids = [r["id"] for r in out.index]
-    total = int(out.job["manifest"]["num_rows"])
+    total = out.job.manifest.num_rows
     if out.finished and len(ids) != total:
         problems.append(f"{INDEX_KEY} holds {len(ids)} rows, the job's manifest {total} (job.json); "
                         "rebuild it with --rebuild-index")
     if out.index_source == INDEX_KEY:
         if progress:
             progress("comparing the index with the commits")
-        commits, _ = committed_index(out.storage, out.job["fingerprint"])
+        commits, _ = committed_index(out.storage, out.job.fingerprint)
         committed = {r["id"]: (r["key"], r["sha256"], r["status"]) for r in commits.to_pylist()} if commits.num_rows else {}
         indexed = {r["id"]: (r["key"], r["sha256"], r["status"]) for r in out.index}
         lost = sorted(set(committed) - set(indexed))
@@ -742,7 +579,7 @@ def _rebuild_index(out: JobOutput, progress: Callable[[str], None] | None) -> st
                          "index when every shard is committed — run the job's submit command again instead")
     if progress:
         progress("rebuilding the index from the commits")
-    commits, merged = committed_index(out.storage, out.job["fingerprint"])
+    commits, merged = committed_index(out.storage, out.job.fingerprint)
     passthrough = {f.name: f.type for f in commits.schema if f.name not in INDEX_COLUMN_TYPES}
-    summary = merge_index(out.storage, passthrough, out.job["fingerprint"], out.spec.scoring.duplicate_max_distance)
+    summary = merge_index(out.storage, passthrough, out.job.fingerprint, out.spec.scoring.duplicate_max_distance)
     return f"rebuilt {INDEX_KEY} from {merged} commits ({summary.rows} rows)"

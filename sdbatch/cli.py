@@ -32,6 +32,7 @@ from sdbatch.columns import DEFAULTED
 from sdbatch.errors import (
     EXIT_BAD_INPUT,
     EXIT_CODES_HELP,
+    READER_EXIT_CODES_HELP,
     EXIT_INTERRUPTED,
     EXIT_SHARDS_FAILED,
     RESUME_HINT,
@@ -394,65 +395,70 @@ def status(
     """Show a job's progress, read from its output location alone (works from any machine)."""
     import json
 
+    from sdbatch.documents import JOB_KEY, LOCK_KEY, JobRecord, Progress, Success, read_json
     from sdbatch.lock import lock_is_stale
-    from sdbatch.output import JOB_KEY, LOCK_KEY, PROGRESS_KEY, SUCCESS_KEY, committed_shards, failed_rows_text, read_json
+    from sdbatch.output import committed_shards, failed_rows_text
     from sdbatch.policy import failed_shard_text
     from sdbatch.progress import eta_text
     from sdbatch.storage import NotFound, open_storage
 
     storage = open_storage(out_location, endpoint_url=s3_endpoint)
-    job = read_json(storage, JOB_KEY)
+    job = JobRecord.read(storage)
     if job is None:
-        raise BadInput(f"no sdbatch job at {out_location} (no _sdbatch/job.json)")
-    progress = read_json(storage, PROGRESS_KEY) or {}
-    success = read_json(storage, SUCCESS_KEY)
+        raise BadInput(f"no sdbatch job at {out_location} (no {JOB_KEY})")
+    progress = Progress.read(storage)
+    success = Success.read(storage)
     lock = read_json(storage, LOCK_KEY)
     try:
         lock_age = storage.age(LOCK_KEY) if lock is not None else 0.0
     except NotFound:  # released meanwhile
         lock, lock_age = None, 0.0
     committed = len(committed_shards(storage))
-    total = job["manifest"]["num_rows"]
-    shards_total = progress.get("shards_total", "?")  # the plan needs the manifest; its driver wrote it
-    state = "finished" if success else progress.get("state", "not started")
+    total = job.manifest.num_rows
+    # the plan needs the manifest; its driver wrote it
+    shards_total = progress.shards_total if progress is not None and progress.shards_total is not None else "?"
+    state = "finished" if success else progress.state if progress else "not started"
     driver_alive = lock is not None and not lock_is_stale(lock, lock_age)
     if state == "running" and not driver_alive:  # progress.json's last word came from a driver that died
         state = "interrupted (no driver is running it; run the same command to resume)"
     if as_json:
-        progress.pop("history", None)  # report.html charts it; monitors want the current numbers
+        # report.html charts the history; monitors want the current numbers
+        snapshot = progress.model_dump(mode="json", exclude={"history"}) if progress else {}
         if success:
-            rows = {"rows_done": success.get("rows_ok"), "rows_failed": success.get("rows_failed"), "rows_remaining": 0}
+            rows = {"rows_done": success.rows_ok, "rows_failed": success.rows_failed, "rows_remaining": 0}
+        elif progress:
+            rows = {"rows_done": progress.rows_done, "rows_failed": progress.rows_failed_this_run,
+                    "rows_remaining": progress.rows_remaining}
         else:
-            rows = {"rows_done": progress.get("rows_done", 0), "rows_failed": progress.get("rows_failed_this_run", 0),
-                    "rows_remaining": progress.get("rows_remaining", total)}
+            rows = {"rows_done": 0, "rows_failed": 0, "rows_remaining": total}
         stdout.print_json(json.dumps({
             "state": state, "rows_total": total, **rows,
-            "images_per_second": progress.get("images_per_second"), "eta_seconds": None if success else progress.get("eta_seconds"),
-            "per_worker": progress.get("per_worker", {}),
+            "images_per_second": progress.images_per_second if progress else None,
+            "eta_seconds": progress.eta_seconds if progress and not success else None,
+            "per_worker": snapshot.get("per_worker", {}),
             "shards_committed": committed, "shards_total": shards_total,
-            "driver": lock, "driver_alive": driver_alive, "progress": progress, "success": success,
+            "driver": lock, "driver_alive": driver_alive, "progress": snapshot,
+            "success": success.model_dump(mode="json") if success else None,
         }))
         return
-    stdout.print(f"job        {job['fingerprint']}  ({job['manifest']['source']}, {total} rows)")
+    stdout.print(f"job        {job.fingerprint}  ({job.manifest.source}, {total} rows)")
     stdout.print(f"state      {state}")
     if lock is not None:
         who = f"host {lock.get('host')}, pid {lock.get('pid')}, last heartbeat {lock_age:.0f} s ago"
         stdout.print(f"driver     {who}" if driver_alive else f"driver     gone ({who}; its lease has expired)")
     stdout.print(f"shards     {committed}/{shards_total} committed")
     if progress:
-        stdout.print(
-            f"rows       {progress.get('rows_done')}/{progress.get('rows_total')} done, "
-            f"{progress.get('rows_failed_this_run')} failed this run"
-        )
-        stdout.print(f"speed      {progress.get('images_per_second')} images/s, {eta_text(progress.get('eta_seconds'))}")
-        stdout.print(f"updated    {progress.get('updated_at')}")
-        for failed in progress.get("failed_shards") or []:
-            stdout.print(f"failed     shard {failed_shard_text(failed)}", soft_wrap=True, markup=False)
+        stdout.print(f"rows       {progress.rows_done}/{progress.rows_total} done, "
+                     f"{progress.rows_failed_this_run} failed this run")
+        stdout.print(f"speed      {progress.images_per_second} images/s, {eta_text(progress.eta_seconds)}")
+        stdout.print(f"updated    {progress.updated_at}")
+        for failed in progress.failed_shards:
+            stdout.print(f"failed     shard {failed_shard_text(failed.model_dump())}", soft_wrap=True, markup=False)
     if success:
-        stdout.print(f"result     {success.get('rows_ok')} ok, {success.get('rows_failed')} failed, finished {success.get('finished_at')}")
-        if success.get("failed_rows"):
+        stdout.print(f"result     {success.rows_ok} ok, {success.rows_failed} failed, finished {success.finished_at}")
+        if success.failed_rows:
             stdout.print("failed rows (first ones; all in index.parquet, status=failed):", soft_wrap=True)
-            stdout.print(failed_rows_text(success["failed_rows"]), soft_wrap=True, markup=False)
+            stdout.print(failed_rows_text(success.failed_rows), soft_wrap=True, markup=False)
 
 
 @command(epilog="Exit codes: 0 the lock was removed (or there was none); 2 a driver may still hold it, or OUT is unreadable.")
@@ -556,7 +562,7 @@ def report(
                  soft_wrap=True)
 
 
-@command(epilog="")
+@command(epilog=READER_EXIT_CODES_HELP)
 def export(
     out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
     to: str = typer.Option(..., "--to", help="hf (a Hugging Face imagefolder: datasets.load_dataset(DIR)) or webdataset."),
@@ -567,18 +573,14 @@ def export(
 ) -> None:
     """Write OUT's images and index rows (all columns), filtered by --where, in a training format."""
     setup_logging(False)
-    from sdbatch.export import ExportError
     from sdbatch.export import export as run_export
-    from sdbatch.storage import StorageError, open_storage
+    from sdbatch.storage import open_storage
 
-    try:
-        count = run_export(open_storage(out_location, endpoint_url=s3_endpoint), to, dest, where, shard_size)
-    except (ExportError, StorageError) as exc:
-        raise fail(str(exc)) from None
+    count = run_export(open_storage(out_location, endpoint_url=s3_endpoint), to, dest, where, shard_size)
     stdout.print(f"exported {count} images to {dest} ({to})")
 
 
-@command(epilog="")
+@command(epilog=READER_EXIT_CODES_HELP)
 def stats(
     out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON."),
@@ -587,36 +589,31 @@ def stats(
     """Counts per label column, failed, blank and duplicate rows, and score distributions of OUT's index."""
     import json
 
-    from sdbatch.export import ExportError, load_index
+    from sdbatch.export import load_index
     from sdbatch.stats import job_stats, render
-    from sdbatch.storage import StorageError, open_storage
+    from sdbatch.storage import open_storage
 
-    try:
-        result = job_stats(*load_index(open_storage(out_location, endpoint_url=s3_endpoint)))
-    except (ExportError, StorageError) as exc:
-        raise fail(str(exc)) from None
+    index, final, _ = load_index(open_storage(out_location, endpoint_url=s3_endpoint))
+    result = job_stats(index, final)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:
         stdout.print(render(result), markup=False, soft_wrap=True)
 
 
-@command(epilog="")
+@command(epilog=READER_EXIT_CODES_HELP)
 def grid(
     out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
     dest: Path = typer.Option(..., "--output", "-o", help="Local directory for the grid images."),
     s3_endpoint: Optional[str] = EndpointOpt,
 ) -> None:
     """Draw one labelled X/Y grid image per prompt of a job built with `sdbatch manifest --grid`."""
-    from sdbatch.export import ExportError, load_index
-    from sdbatch.grid import GridError, render_grids
-    from sdbatch.storage import StorageError, open_storage
+    from sdbatch.export import load_index
+    from sdbatch.grid import render_grids
+    from sdbatch.storage import open_storage
 
-    try:
-        storage = open_storage(out_location, endpoint_url=s3_endpoint)
-        paths = render_grids(storage, load_index(storage)[0], dest)
-    except (ExportError, GridError, StorageError) as exc:
-        raise fail(str(exc)) from None
+    index, _, layout = load_index(open_storage(out_location, endpoint_url=s3_endpoint))
+    paths = render_grids(index, layout, dest)
     stdout.print(f"wrote {len(paths)} grid images to {dest}")
 
 

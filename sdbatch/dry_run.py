@@ -19,20 +19,10 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from sdbatch.documents import JOB_KEY, JobRecord, Progress, Success
 from sdbatch.manifest import Manifest, ManifestReader
-from sdbatch.output import (
-    JOB_KEY,
-    PROGRESS_KEY,
-    SUCCESS_KEY,
-    OutputMismatch,
-    committed_index,
-    committed_shards,
-    read_json,
-    refuse_foreign_objects,
-    what_changed,
-)
+from sdbatch.output import OutputMismatch, committed_index, committed_shards, refuse_foreign_objects, what_changed
 from sdbatch.plan import canonical_batches
 from sdbatch.spec import JobSpec
 from sdbatch.storage import LocalStorage, Storage, StorageConfigError, open_storage
@@ -106,7 +96,7 @@ def model_family(name: str, endpoint_url: str | None) -> str:
     return check_family(name, index)
 
 
-def plan_job(spec: JobSpec, manifest: Manifest, storage: Storage, job: dict[str, Any], *, new_run: bool = False,
+def plan_job(spec: JobSpec, manifest: Manifest, storage: Storage, job: JobRecord, *, new_run: bool = False,
              endpoint_url: str | None = None) -> DryRunPlan:
     from sdbatch.scheduler import job_plan  # imports ray, starts nothing
 
@@ -114,32 +104,32 @@ def plan_job(spec: JobSpec, manifest: Manifest, storage: Storage, job: dict[str,
     shards = job_plan(manifest, spec)
     plan = DryRunPlan(out=storage.url, rows_total=manifest.num_rows, shards_total=shards.num_shards,
                       rows_per_shard=rps, batch_size=batch_size, family=model_family(spec.model.name, endpoint_url))
-    existing = read_json(storage, JOB_KEY)
+    existing = JobRecord.read(storage)
     committed: set[str] = set()
     if existing is None and new_run:
         plan.refused = (f"--new-run: {storage.url} holds no sdbatch job (no {JOB_KEY}), so there is nothing sdbatch "
                         "may delete; choose an empty --out, or move the files there away yourself")
     elif existing is not None and new_run:
-        plan.out_state = f"holds job {existing.get('fingerprint')}: --new-run would delete it first (only its own objects)"
+        plan.out_state = f"holds job {existing.fingerprint}: --new-run would delete it first (only its own objects)"
     elif existing is None:
         try:  # what claim_job checks under the lock, read-only
             refuse_foreign_objects(storage)
         except OutputMismatch as exc:
             plan.refused = str(exc)
-    elif existing.get("fingerprint") != job["fingerprint"]:
-        plan.out_state = f"holds a different job ({existing.get('fingerprint')})"
+    elif existing.fingerprint != job.fingerprint:
+        plan.out_state = f"holds a different job ({existing.fingerprint})"
         plan.refused = (f"{storage.url} already holds a different job: {what_changed(existing, job)}; choose a new "
                         "--out or pass --new-run to replace it")
     else:
         committed = committed_shards(storage)
         try:  # only commits carrying this job's fingerprint are trusted
-            committed_index(storage, job["fingerprint"])
+            committed_index(storage, job.fingerprint)
         except OutputMismatch as exc:
             plan.refused = str(exc)
-        finished = read_json(storage, SUCCESS_KEY) is not None
-        plan.out_state = f"resumes job {job['fingerprint']}" + (" (already finished)" if finished else "")
-        progress = read_json(storage, PROGRESS_KEY) or {}
-        plan.rate = progress.get("images_per_second") or None
+        finished = Success.read(storage) is not None
+        plan.out_state = f"resumes job {job.fingerprint}" + (" (already finished)" if finished else "")
+        progress = Progress.read(storage)
+        plan.rate = (progress.images_per_second or None) if progress else None
     plan.shards_committed = len(committed)
     reader = ManifestReader(manifest)
     for work in shards.pending(committed):

@@ -23,6 +23,15 @@ EXIT_CODES_HELP = (
     "cluster failed (rerun to retry); 130 interrupted (rerun to resume)."
 )
 
+#: The commands that only read a job's output (export, stats, grid): a storage failure is the
+#: StorageError's own code, as under the driver — 5 (rerun to retry), 2 when it is the user's to
+#: fix (bucket, credentials, endpoint: StorageConfigError).
+READER_EXIT_CODES_HELP = (
+    "Exit codes: 0 done; 1 a bug (please report it); 2 bad input (no job at OUT, a bad option, DIR not "
+    "empty; storage misconfigured: bucket, credentials, endpoint); 5 storage failed while reading OUT, "
+    "or OUT names an object that is not there (rerun to retry; `sdbatch verify OUT` lists what is missing)."
+)
+
 RESUME_HINT = "committed shards are kept — run the same command again to go on"
 
 

@@ -27,8 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from sdbatch.audit import split_key, tar_members
-from sdbatch.output import JOB_KEY, STATUS_OK, OutputMismatch, read_index, read_json, webdataset_key
+from sdbatch.errors import BadInput
+from sdbatch.layout import Layout, layout_for, webdataset_key
+from sdbatch.documents import JOB_KEY, JobRecord
+from sdbatch.output import STATUS_OK, OutputMismatch, read_index
 from sdbatch.storage import Storage
 
 log = logging.getLogger("sdbatch.export")
@@ -39,21 +41,21 @@ HF_OWN_COLUMNS = ("image", "file_name")
 DEFAULT_SHARD_BYTES = 1 << 30
 
 
-class ExportError(ValueError):
+class ExportError(BadInput, ValueError):
     """Bad input to ``sdbatch export`` (no job at OUT, a bad --where, a DIR in use)."""
 
 
-def load_index(storage: Storage) -> tuple[pa.Table, bool]:
-    """The job's index — the final one, else what is committed so far — and whether it is the
-    final one (only that one has ``duplicate_of`` filled in)."""
-    job = read_json(storage, JOB_KEY)
+def load_index(storage: Storage) -> tuple[pa.Table, bool, Layout]:
+    """The job's index — the final one, else what is committed so far —, whether it is the
+    final one (only that one has ``duplicate_of`` filled in), and its images' layout."""
+    job = JobRecord.read(storage)
     if job is None:
         raise ExportError(f"no sdbatch job at {storage.url} (no {JOB_KEY})")
     try:
-        table, shards_merged = read_index(storage, job["fingerprint"])
+        table, shards_merged = read_index(storage, job.fingerprint)
     except OutputMismatch as exc:  # a commit this job did not write: not exported
         raise ExportError(str(exc)) from None
-    return table, shards_merged is None
+    return table, shards_merged is None, layout_for(storage, job.job_spec.output)
 
 
 def select_rows(index: pa.Table, where: str | None) -> pa.Table:
@@ -78,17 +80,10 @@ def select_rows(index: pa.Table, where: str | None) -> pa.Table:
     return index.filter(pc.is_in(index.column("row"), pa.array(rows, pa.int64())))
 
 
-def iter_images(storage: Storage, rows: pa.Table) -> Iterator[tuple[dict[str, Any], bytes]]:
-    """Each ok row with its image bytes; a webdataset tar is read once for all its rows."""
-    cached_tar: tuple[str, dict[str, bytes]] | None = None
+def iter_images(layout: Layout, rows: pa.Table) -> Iterator[tuple[dict[str, Any], bytes]]:
+    """Each ok row with its image bytes (the layout reads a webdataset tar once for its rows)."""
     for entry in rows.filter(pc.equal(rows.column("status"), STATUS_OK)).to_pylist():
-        obj, member = split_key(entry["key"])
-        if member is None:
-            yield entry, storage.get(obj)
-            continue
-        if cached_tar is None or cached_tar[0] != obj:
-            cached_tar = (obj, tar_members(storage.get(obj)))
-        yield entry, cached_tar[1][member]
+        yield entry, layout.read(entry["key"])
 
 
 def _image_ext(key: str) -> str:
@@ -108,7 +103,7 @@ def _publish(tmp: Path, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-def export_hf(storage: Storage, rows: pa.Table, dest: Path) -> int:
+def export_hf(layout: Layout, rows: pa.Table, dest: Path) -> int:
     clash = [c for c in HF_OWN_COLUMNS if c in rows.column_names]
     if clash:
         raise ExportError(f"the index has a column named {clash[0]!r}, which the Hugging Face layout adds itself; "
@@ -118,7 +113,7 @@ def export_hf(storage: Storage, rows: pa.Table, dest: Path) -> int:
         (tmp / "images").mkdir()
         kept: list[int] = []
         names: list[str] = []
-        for entry, data in iter_images(storage, rows):
+        for entry, data in iter_images(layout, rows):
             name = f"images/{entry['id']}.{_image_ext(entry['key'])}"
             (tmp / name).write_bytes(data)
             kept.append(entry["row"])
@@ -131,14 +126,14 @@ def export_hf(storage: Storage, rows: pa.Table, dest: Path) -> int:
     return len(kept)
 
 
-def export_webdataset(storage: Storage, rows: pa.Table, dest: Path, shard_bytes: int = DEFAULT_SHARD_BYTES) -> int:
+def export_webdataset(layout: Layout, rows: pa.Table, dest: Path, shard_bytes: int = DEFAULT_SHARD_BYTES) -> int:
     import webdataset
 
     tmp = _fresh_dir(dest)
     count = 0
     try:
         with webdataset.ShardWriter(str(tmp / "shard-%06d.tar"), maxsize=shard_bytes, verbose=0) as writer:
-            for entry, data in iter_images(storage, rows):
+            for entry, data in iter_images(layout, rows):
                 writer.write({
                     "__key__": webdataset_key(entry["id"]),
                     _image_ext(entry["key"]): data,
@@ -156,12 +151,12 @@ def export(storage: Storage, to: str, dest: Path, where: str | None = None,
     """Export the rows of OUT's index that ``where`` selects to ``dest``; returns how many."""
     if to not in FORMATS:
         raise ExportError(f"--to {to!r}: use one of {', '.join(FORMATS)}")
-    index, final = load_index(storage)
+    index, final, layout = load_index(storage)
     if not final:
         log.warning("%s is unfinished: exporting its committed rows; duplicate_of is filled in only when the "
                     "job finishes", storage.url)
     rows = select_rows(index, where)
     if to == "hf":
-        return export_hf(storage, rows, dest)
-    return export_webdataset(storage, rows, dest, shard_bytes)
+        return export_hf(layout, rows, dest)
+    return export_webdataset(layout, rows, dest, shard_bytes)
 

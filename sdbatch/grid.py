@@ -13,10 +13,15 @@ import io
 import itertools
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from sdbatch.errors import BadInput
+
+if TYPE_CHECKING:
+    from sdbatch.layout import Layout
 
 GRID_GROUP, GRID_AXES = "grid_group", "grid_axes"
 #: Manifest columns an axis may vary.
@@ -26,7 +31,7 @@ CELL_MIN_PIXELS = 128  # small images are scaled up (nearest) so labels stay rea
 LABEL_HEIGHT = 18
 
 
-class GridError(ValueError):
+class GridError(BadInput, ValueError):
     """Bad ``--grid`` axes or an OUT without grid rows; the message says what to change."""
 
 
@@ -86,14 +91,14 @@ def _cell(image: Any, size: tuple[int, int]) -> Any:
     return image.convert("RGB").resize(size, Image.Resampling.NEAREST)
 
 
-def render_grids(storage: Any, index: pa.Table, dest: Path) -> list[Path]:
+def render_grids(index: pa.Table, layout: Layout, dest: Path) -> list[Path]:
     """One labelled PNG per grid prompt under ``dest`` (``grid-<group>.png``); returns their paths."""
     from PIL import Image, ImageDraw, ImageFont
 
     from sdbatch.export import iter_images
 
     if GRID_GROUP not in index.column_names:
-        raise GridError(f"{storage.url} holds no grid rows (no {GRID_GROUP} column); build the manifest with "
+        raise GridError(f"{layout.storage.url} holds no grid rows (no {GRID_GROUP} column); build the manifest with "
                         "`sdbatch manifest --grid ...`")
     rows = index.filter(pc.is_valid(index.column(GRID_GROUP)))
     font = ImageFont.load_default()
@@ -101,7 +106,7 @@ def render_grids(storage: Any, index: pa.Table, dest: Path) -> list[Path]:
     written = []
     for group in sorted(set(rows.column(GRID_GROUP).to_pylist())):
         group_rows = rows.filter(pc.equal(rows.column(GRID_GROUP), group))
-        images = {entry["row"]: data for entry, data in iter_images(storage, group_rows)}  # one prompt's at a time
+        images = {entry["row"]: data for entry, data in iter_images(layout, group_rows)}  # one prompt's at a time
         cells = group_rows.to_pylist()
         axes = cells[0][GRID_AXES].split(",")
         xs = list(dict.fromkeys(c[axes[0]] for c in cells))

@@ -21,8 +21,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from sdbatch.documents import LOCK_KEY, CorruptState, parse_json, read_json
 from sdbatch.errors import BadInput
-from sdbatch.output import LOCK_KEY, CorruptState, parse_json, read_json
 from sdbatch.progress import utc_now
 from sdbatch.storage import NotFound, Storage
 

@@ -12,7 +12,10 @@ so the Ray-free core can call these hooks unconditionally.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sdbatch.documents import Progress
 
 _TAGS = ("out",)
 BATCH_SECONDS_BOUNDARIES = [0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300]
@@ -101,12 +104,12 @@ def _observe(name: str, value: float) -> None:
         metric.observe(value)
 
 
-def job_progress(snapshot: dict[str, Any]) -> None:
+def job_progress(snapshot: Progress) -> None:
     """Driver: the gauges, from a progress snapshot (``ProgressFeed.snapshot``)."""
     for name, key in (("sdbatch_rows_done", "rows_done"), ("sdbatch_rows_failed", "rows_failed_this_run"),
                       ("sdbatch_rows_remaining", "rows_remaining"), ("sdbatch_images_per_second", "images_per_second"),
                       ("sdbatch_workers", "workers")):
-        _set(name, float(snapshot[key] or 0))
+        _set(name, float(getattr(snapshot, key) or 0))
     _set("sdbatch_worker_restarts", _restarts)
 
 

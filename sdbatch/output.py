@@ -11,16 +11,15 @@
 A shard is done exactly when its metadata file exists and carries this job's fingerprint (in
 its Parquet key-value metadata); readers trust such commits, never a listing of images/. A new
 job claims only an OUT that holds no images, shards or commits it did not write, and
-``--new-run`` deletes only what the old job's commits and index name. Everything here works on
-any ``Storage`` and needs no Ray.
+``--new-run`` deletes only what the old job's commits and index name. Where the images go
+(files or webdataset tars) is ``layout``'s. Everything here works on any ``Storage`` and needs
+no Ray.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
-import tarfile
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,7 +34,21 @@ import pyarrow.parquet as pq
 
 import sdbatch
 from sdbatch.columns import RESULT_COLUMNS, index_types
+from sdbatch.documents import (
+    JOB_KEY,
+    PROGRESS_KEY,
+    SUCCESS_KEY,
+    FailedRow,
+    JobRecord,
+    LoraPin,
+    ManifestPin,
+    ModelPin,
+    Success,
+    read_json,
+    write_json,
+)
 from sdbatch.errors import BadInput, JobFailed
+from sdbatch.layout import IMAGES_PREFIX, TARS_PREFIX, object_key
 from sdbatch.manifest import Manifest
 from sdbatch.quality import QUALITY_COLUMN_TYPES, mark_duplicates
 from sdbatch.spec import JobSpec, fingerprint
@@ -43,14 +56,8 @@ from sdbatch.storage import NotFound, Storage
 
 log = logging.getLogger("sdbatch.output")
 
-JOB_KEY = "_sdbatch/job.json"
-LOCK_KEY = "_sdbatch/lock.json"
-PROGRESS_KEY = "_sdbatch/progress.json"
 METADATA_PREFIX = "metadata/"
-IMAGES_PREFIX = "images/"
-TARS_PREFIX = "shards/"
 INDEX_KEY = "index.parquet"
-SUCCESS_KEY = "_SUCCESS"
 REPORT_KEY = "report.html"
 
 STATUS_OK = "ok"
@@ -69,28 +76,8 @@ class ForeignCommit(OutputMismatch):
     """A commit (metadata/NNNNN.parquet) that does not carry this job's fingerprint."""
 
 
-def image_key(shard_name: str, row_id: str, ext: str) -> str:
-    return f"{IMAGES_PREFIX}{shard_name}/{row_id}.{ext}"
-
-
-def tar_key(shard_name: str) -> str:
-    return f"{TARS_PREFIX}{shard_name}.tar"
-
-
 def metadata_key(shard_name: str) -> str:
     return f"{METADATA_PREFIX}{shard_name}.parquet"
-
-
-def webdataset_key(row_id: str) -> str:
-    """webdataset splits a member name at its first dot, so dots in ids are escaped."""
-    return row_id.replace(".", "%2E")
-
-
-def foreign_object_error(key: str, stored_sha256: str, ours_sha256: str) -> str:
-    """The error of a row whose key already holds an object that is not its bytes."""
-    return (f"{key} already holds an object that is not this row's image (stored sha256 {stored_sha256[:16]}…, "
-            f"this row's {ours_sha256[:16]}…): sdbatch adopts only the bytes it just produced. Delete {key} "
-            "and rerun with --retry-failed")
 
 
 def committed_shards(storage: Storage) -> set[str]:
@@ -98,21 +85,6 @@ def committed_shards(storage: Storage) -> set[str]:
     is a commit: another file there (a ``summary.parquet`` some tool left) is not a shard."""
     names = (key[len(METADATA_PREFIX) : -len(".parquet")] for key in storage.list(METADATA_PREFIX) if key.endswith(".parquet"))
     return {name for name in names if name.isdigit()}
-
-
-def build_webdataset_tar(members: list[tuple[str, bytes, bytes]], image_ext: str) -> bytes:
-    """A deterministic tar (fixed mtimes/owners, row order) of ``<key>.<ext>`` + ``<key>.json``
-    so a retried shard produces the same bytes and adopts an earlier attempt's object."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for key, image_bytes, json_bytes in members:
-            for name, data in ((f"{key}.{image_ext}", image_bytes), (f"{key}.json", json_bytes)):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                info.mtime = 0
-                info.mode = 0o644
-                tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def table_to_parquet(table: pa.Table) -> bytes:
@@ -231,16 +203,16 @@ def _write_row_group(writer: pq.ParquetWriter, tables: list[pa.Table]) -> None:
 class IndexSummary:
     rows: int
     rows_failed: int
-    first_failed: list[dict[str, str]]  # {"id", "error"} of the first FAILED_ROWS_SHOWN failed rows
+    first_failed: list[FailedRow]  # the first FAILED_ROWS_SHOWN failed rows
     duplicates: int = 0
 
 
 FAILED_ROWS_SHOWN = 10  # failed rows listed at the end of a job and by `sdbatch status`
 
 
-def failed_rows_text(failed_rows: list[dict[str, str]]) -> str:
+def failed_rows_text(failed_rows: list[FailedRow]) -> str:
     """The listing of failed rows the console and ``sdbatch status`` show, one per line."""
-    return "\n".join(f"  {row['id']}: {row['error']}" for row in failed_rows)
+    return "\n".join(f"  {row.id}: {row.error}" for row in failed_rows)
 
 
 def merge_index(
@@ -254,7 +226,7 @@ def merge_index(
     names = sorted(committed_shards(storage), key=int)
     schema = index_schema(passthrough_types).with_metadata({FINGERPRINT_META: job_fingerprint.encode()})
     rows = failed = 0
-    first_failed: list[dict[str, str]] = []
+    first_failed: list[FailedRow] = []
     with tempfile.TemporaryDirectory(prefix="sdbatch-index-") as tmp, ThreadPoolExecutor(MERGE_READ_AHEAD) as pool:
         path = Path(tmp) / INDEX_KEY
         with pq.ParquetWriter(path, schema, compression="zstd") as writer:
@@ -266,7 +238,8 @@ def merge_index(
                     rows += table.num_rows
                     failures = table.filter(pc.equal(table.column("status"), STATUS_FAILED))
                     failed += failures.num_rows
-                    first_failed += failures.select(["id", "error"]).slice(0, FAILED_ROWS_SHOWN - len(first_failed)).to_pylist()
+                    shown = failures.select(["id", "error"]).slice(0, FAILED_ROWS_SHOWN - len(first_failed))
+                    first_failed += [FailedRow(**row) for row in shown.to_pylist()]
                     if sum(t.num_rows for t in group) >= MERGE_ROW_GROUP_ROWS:
                         _write_row_group(writer, group)
                         group = []
@@ -304,62 +277,26 @@ def read_index(storage: Storage, job_fingerprint: str) -> tuple[pa.Table, int | 
     return committed_index(storage, job_fingerprint)
 
 
-class CorruptState(BadInput):
-    """One of OUT's job-state files is not the JSON sdbatch wrote (truncated, edited, another tool's)."""
-
-
-#: How to recover from each job-state file being unreadable.
-_RECOVERY = {
-    JOB_KEY: "it records which job OUT holds: restore it, or start over with `sdbatch submit … --new-run`",
-    LOCK_KEY: "it is the driver's lease: once no driver is running, remove it with `sdbatch unlock OUT --force`",
-    PROGRESS_KEY: "it is only a progress snapshot: delete it, the next run rewrites it",
-    SUCCESS_KEY: "it is the finished job's summary: delete it and rerun the same command to rewrite it",
-}
-
-
-def parse_json(storage: Storage, key: str, data: bytes) -> dict[str, Any]:
-    """A job-state document's content, or CorruptState naming the file and the recovery."""
-    try:
-        doc = json.loads(data)
-    except ValueError as exc:
-        doc = exc
-    if not isinstance(doc, dict):
-        raise CorruptState(f"{storage.url}/{key} is corrupt (not a JSON object: {str(doc)[:80]}); "
-                           f"{_RECOVERY.get(key, 'delete it')}")
-    return doc
-
-
-def read_json(storage: Storage, key: str) -> dict[str, Any] | None:
-    try:
-        return parse_json(storage, key, storage.get(key))
-    except NotFound:
-        return None
-
-
-def write_json(storage: Storage, key: str, data: dict[str, Any]) -> None:
-    storage.put(key, json.dumps(data, indent=2, sort_keys=True).encode())
-
-
 def job_record(spec: JobSpec, manifest: Manifest, model_fingerprint: str | None,
-               lora_sha256: dict[str, str] | None = None) -> dict[str, Any]:
+               lora_sha256: dict[str, str] | None = None) -> JobRecord:
     """``_sdbatch/job.json``. Its fingerprint covers everything that decides the images and
     where rows land — spec settings, manifest content, model weights, LoRA adapters' bytes —
     so a resume with any of them changed is refused rather than mixing two jobs in one OUT."""
     lora_sha256 = lora_sha256 or {}
-    return {
-        "fingerprint": fingerprint({
+    return JobRecord(
+        fingerprint=fingerprint({
             "spec": spec.fingerprint_fields(), "manifest": manifest.fingerprint,
             "rows": manifest.num_rows, "model": model_fingerprint,
             **({"loras": lora_sha256} if lora_sha256 else {}),
         }),
-        "loras": {name: {"path": spec.loras[name], "sha256": sha} for name, sha in lora_sha256.items()},
-        "spec": spec.model_dump(mode="json"),
-        "manifest": {"source": manifest.source, "fingerprint": manifest.fingerprint,
-                     "num_rows": manifest.num_rows, "files": list(manifest.files)},
-        "model": {"name": spec.model.name, "fingerprint": model_fingerprint},
-        "sdbatch_version": sdbatch.__version__,
-        "created_at": datetime.now().astimezone().isoformat(timespec="seconds"),
-    }
+        loras={name: LoraPin(path=spec.loras[name], sha256=sha) for name, sha in lora_sha256.items()},
+        spec=spec.model_dump(mode="json"),
+        manifest=ManifestPin(source=manifest.source, fingerprint=manifest.fingerprint, num_rows=manifest.num_rows,
+                             files=list(manifest.files)),
+        model=ModelPin(name=spec.model.name, fingerprint=model_fingerprint),
+        sdbatch_version=sdbatch.__version__,
+        created_at=datetime.now().astimezone().isoformat(timespec="seconds"),
+    )
 
 
 #: What a job may write under OUT besides its state files: a new job claims an OUT only if
@@ -394,7 +331,7 @@ def _objects_named(table: pa.Table) -> set[str]:
     """The objects a commit or index names (a webdataset member's tar)."""
     if "key" not in table.column_names:
         return set()
-    return {key.partition("#")[0] for key in table.column("key").to_pylist() if key}
+    return {object_key(key) for key in table.column("key").to_pylist() if key}
 
 
 def _old_job_objects(storage: Storage, job_fingerprint: str) -> set[str]:
@@ -411,8 +348,8 @@ def _old_job_objects(storage: Storage, job_fingerprint: str) -> set[str]:
             owned |= {INDEX_KEY} | _objects_named(index)
     except NotFound:
         pass
-    success = read_json(storage, SUCCESS_KEY)
-    if success is not None and success.get("fingerprint") == job_fingerprint:
+    success = Success.read(storage)
+    if success is not None and success.fingerprint == job_fingerprint:
         owned.add(SUCCESS_KEY)
     return owned
 
@@ -421,17 +358,17 @@ def clear_job(storage: Storage) -> int:
     """``--new-run``: delete the job OUT holds — only the objects its commits and index name,
     and its own state files; never a file of the user's, never an object no commit of that job
     names. OutputMismatch when OUT holds no job. Returns how many objects were deleted."""
-    old = read_json(storage, JOB_KEY)
+    old = JobRecord.read(storage)
     if old is None:
         raise OutputMismatch(
             f"--new-run: {storage.url} holds no sdbatch job (no {JOB_KEY}), so there is nothing sdbatch may delete; "
             "choose an empty --out, or move the files there away yourself"
         )
     planned = read_json(storage, CLEAR_KEY) or {}
-    owned = _old_job_objects(storage, old["fingerprint"])
-    if planned.get("fingerprint") == old["fingerprint"]:
+    owned = _old_job_objects(storage, old.fingerprint)
+    if planned.get("fingerprint") == old.fingerprint:
         owned |= set(planned["keys"])
-    write_json(storage, CLEAR_KEY, {"fingerprint": old["fingerprint"], "keys": sorted(owned)})
+    write_json(storage, CLEAR_KEY, {"fingerprint": old.fingerprint, "keys": sorted(owned)})
     deleted = 0
     for part in _DELETE_ORDER:
         keys = sorted(k for k in owned if k.startswith(part)) if part.endswith("/") else [part] if part in owned else []
@@ -454,17 +391,20 @@ def refuse_foreign_objects(storage: Storage) -> None:
         )
 
 
-def claim_job(storage: Storage, job: dict[str, Any]) -> bool:
+def claim_job(storage: Storage, job: JobRecord) -> bool:
     """Under the job lock: write job.json (create-once) on an OUT that holds none, checking that
     the create won; on an OUT that has one, its fingerprint must be this job's. Returns True
     when resuming an existing job."""
-    existing = read_json(storage, JOB_KEY)
+    existing = JobRecord.read(storage)
     if existing is None:
         refuse_foreign_objects(storage)
-        if storage.put_new(JOB_KEY, json.dumps(job, indent=2, sort_keys=True).encode()).created:
+        if storage.put_new(JOB_KEY, job.to_bytes()).created:
             return False
-        existing = read_json(storage, JOB_KEY) or {}  # another driver's create won
-    if existing.get("fingerprint") != job["fingerprint"]:
+        existing = JobRecord.read(storage)  # another driver's create won
+        if existing is None:
+            raise OutputMismatch(f"{storage.url}/{JOB_KEY} appeared and vanished while this job claimed OUT: is "
+                                 "another tool writing there? Run the same command again")
+    if existing.fingerprint != job.fingerprint:
         raise OutputMismatch(
             f"{storage.url} already holds a different job: {what_changed(existing, job)}. Resume only with the "
             "same manifest, settings and model, choose a new --out, or pass --new-run to delete that job's "
@@ -483,24 +423,22 @@ def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def what_changed(existing: dict[str, Any], job: dict[str, Any]) -> str:
+def what_changed(existing: JobRecord, job: JobRecord) -> str:
     """What differs between the job OUT holds and ``job``: manifest, spec keys, model."""
     changes = []
-    old_m, new_m = existing.get("manifest", {}), job["manifest"]
-    if (old_m.get("fingerprint"), old_m.get("num_rows")) != (new_m["fingerprint"], new_m["num_rows"]):
-        changes.append(f"the manifest ({old_m.get('source')!r}, {old_m.get('num_rows')} rows, fingerprint "
-                       f"{old_m.get('fingerprint')} → {new_m['source']!r}, {new_m['num_rows']} rows, fingerprint "
-                       f"{new_m['fingerprint']})")
+    old_m, new_m = existing.manifest, job.manifest
+    if (old_m.fingerprint, old_m.num_rows) != (new_m.fingerprint, new_m.num_rows):
+        changes.append(f"the manifest ({old_m.source!r}, {old_m.num_rows} rows, fingerprint {old_m.fingerprint} → "
+                       f"{new_m.source!r}, {new_m.num_rows} rows, fingerprint {new_m.fingerprint})")
     try:
-        old_spec = _flat(JobSpec.model_validate(existing.get("spec", {})).fingerprint_fields())
-    except ValueError:
+        old_spec = _flat(existing.job_spec.fingerprint_fields())
+    except ValueError:  # a spec of another sdbatch version
         old_spec = {}
-    new_spec = _flat(JobSpec.model_validate(job["spec"]).fingerprint_fields())
+    new_spec = _flat(job.job_spec.fingerprint_fields())
     keys = [k for k in new_spec if old_spec.get(k) != new_spec[k]]
     if keys:
         changes.append("the settings " + ", ".join(f"{k} ({old_spec.get(k)!r} → {new_spec[k]!r})" for k in keys))
-    old_model, new_model = existing.get("model", {}), job["model"]
-    if old_model.get("fingerprint") != new_model["fingerprint"]:
-        changes.append(f"the model {new_model['name']!r} (pinned {old_model.get('fingerprint')} when that job was "
-                       f"submitted, now {new_model['fingerprint']})")
-    return "; ".join(changes) or (f"job fingerprint {existing.get('fingerprint')} there, {job['fingerprint']} here")
+    if existing.model.fingerprint != job.model.fingerprint:
+        changes.append(f"the model {job.model.name!r} (pinned {existing.model.fingerprint} when that job was "
+                       f"submitted, now {job.model.fingerprint})")
+    return "; ".join(changes) or f"job fingerprint {existing.fingerprint} there, {job.fingerprint} here"

@@ -12,10 +12,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as ProgressBar
 
 from sdbatch import metrics
-from sdbatch.output import PROGRESS_KEY, read_json, write_json
+from sdbatch.documents import Progress, WorkerProgress
 from sdbatch.storage import Storage, StorageError
 
 log = logging.getLogger("sdbatch.progress")
@@ -81,9 +82,9 @@ class ProgressFeed:
         self.write_every = write_every
         self.log_every = log_every
         interactive = sys.stderr.isatty() if interactive is None else interactive
-        self._bar: Progress | None = None
+        self._bar: ProgressBar | None = None
         if interactive:
-            self._bar = Progress(
+            self._bar = ProgressBar(
                 TextColumn("[bold]sdbatch"),
                 BarColumn(),
                 MofNCompleteColumn(),
@@ -100,44 +101,44 @@ class ProgressFeed:
     def _previous_history(self) -> list[list[float]]:
         """The samples of earlier runs of this job, so the chart covers every run."""
         try:
-            previous = read_json(self.storage, PROGRESS_KEY) or {}
+            previous = Progress.read(self.storage)
         except StorageError as exc:
             log.warning("could not read the previous progress.json: %s", exc)
             return []
-        return list(previous.get("history") or [])
+        return [list(sample) for sample in previous.history] if previous is not None else []
 
     @property
     def rate(self) -> float:
         elapsed = time.monotonic() - self._t0
         return self.done / elapsed if elapsed > 0 else 0.0
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> Progress:
         done_total = self.base_done + self.done + self.failed
         remaining = max(0, self.total - done_total)
         rate = self.rate
-        return {
-            "state": self.state,
-            "rows_total": self.total,
-            "rows_done": self.base_done + self.done,
-            "rows_failed_this_run": self.failed,
-            "rows_remaining": remaining,
-            "rows_generated_this_run": self.done,
-            "images_per_second": round(rate, 3),
-            "eta_seconds": round(remaining / rate, 1) if rate > 0 else None,
-            "shards_total": self.shards_total,
-            "shards_committed": self.shards_committed,
-            "shards_failed": self.shards_failed,
-            "failed_shards": self.failed_shards,
-            "workers": self.workers,
-            "per_worker": {
-                name: {"rows_done": int(done), "rows_failed": int(failed),
-                       "images_per_second": round(done / (last - first), 3) if last > first else None}
+        return Progress(
+            state=self.state,
+            rows_total=self.total,
+            rows_done=self.base_done + self.done,
+            rows_failed_this_run=self.failed,
+            rows_remaining=remaining,
+            rows_generated_this_run=self.done,
+            images_per_second=round(rate, 3),
+            eta_seconds=round(remaining / rate, 1) if rate > 0 else None,
+            shards_total=self.shards_total,
+            shards_committed=self.shards_committed,
+            shards_failed=self.shards_failed,
+            failed_shards=self.failed_shards,
+            workers=self.workers,
+            per_worker={
+                name: WorkerProgress(rows_done=int(done), rows_failed=int(failed),
+                                     images_per_second=round(done / (last - first), 3) if last > first else None)
                 for name, (done, failed, first, last) in sorted(self.per_worker.items())
             },
-            "history": self.history,
-            "started_at": self.started_at,
-            "updated_at": utc_now(),
-        }
+            history=self.history,
+            started_at=self.started_at,
+            updated_at=utc_now(),
+        )
 
     def update(self, done: int, failed: int, *, shards_committed: int, shards_failed: int, workers: int,
                per_worker: dict[str, list[float]] | None = None) -> None:
@@ -156,7 +157,7 @@ class ProgressFeed:
             snap = self.snapshot()
             log.info(
                 "%d/%d rows done, %d failed, %.2f img/s, %s",
-                snap["rows_done"], self.total, failed, snap["images_per_second"], eta_text(snap["eta_seconds"]),
+                snap.rows_done, self.total, failed, snap.images_per_second, eta_text(snap.eta_seconds),
             )
         if now - self._last_write >= self.write_every:
             self.write()
@@ -168,7 +169,7 @@ class ProgressFeed:
             half = len(self.history) // 2
             self.history[:half] = self.history[:half:2]
         try:
-            write_json(self.storage, PROGRESS_KEY, self.snapshot())
+            self.snapshot().write(self.storage)
         except StorageError as exc:
             log.warning("could not write progress.json: %s", exc)
 

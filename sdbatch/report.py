@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sdbatch.audit import AuditError, JobOutput, open_job, read_object
-from sdbatch.output import PROGRESS_KEY, REPORT_KEY, STATUS_FAILED, STATUS_OK, SUCCESS_KEY, read_json
+from sdbatch.audit import AuditError, JobOutput, open_job
+from sdbatch.documents import Progress, Success
+from sdbatch.output import REPORT_KEY, STATUS_FAILED, STATUS_OK
 from sdbatch.progress import utc_now
 from sdbatch.storage import Storage, StorageError
 
@@ -48,21 +49,23 @@ class Summary:
     gpu_hour_usd: float | None
 
 
-def summarize(job: JobOutput, success: dict[str, Any] | None, progress: dict[str, Any],
+def summarize(job: JobOutput, success: Success | None, progress: Progress | None,
               gpu_hour_usd: float | None) -> Summary:
     """The page's numbers. A finished job's come from ``_SUCCESS`` (the record of the run that
     finished it); an unfinished one's from the index so far and ``progress.json``."""
     statuses = [r["status"] for r in job.index]
     rows_ok, rows_failed = statuses.count(STATUS_OK), statuses.count(STATUS_FAILED)
-    rows_total = job.job["manifest"]["num_rows"]
+    rows_total = job.job.manifest.num_rows
     if success is not None:
-        wall = success.get("wall_seconds_this_run")
-        images = success.get("rows_generated_this_run") or 0
-        rate = success.get("images_per_second_this_run")
+        wall = success.wall_seconds_this_run
+        images = success.rows_generated_this_run
+        rate = success.images_per_second_this_run
+    elif progress is not None:
+        wall = _elapsed(progress.started_at, progress.updated_at)
+        images = progress.rows_generated_this_run
+        rate = progress.images_per_second
     else:
-        wall = _elapsed(progress.get("started_at"), progress.get("updated_at"))
-        images = progress.get("rows_generated_this_run") or 0
-        rate = progress.get("images_per_second")
+        wall, images, rate = None, 0, None
     res = job.spec.resources
     per_worker = res.gpus_per_worker or 1.0  # a CPU worker counts as one device
     device_hours = wall * res.workers * per_worker / 3600 if wall else None
@@ -134,12 +137,14 @@ def contact_sheet(job: JobOutput, count: int) -> list[dict[str, Any]]:
     step = max(1, len(ok) // count)
     sample = ok[::step][:count]
 
+    layout = job.layout
+
     def thumbnail(row: dict[str, Any]) -> dict[str, Any]:
         from PIL import Image
 
         entry = {"id": row["id"], "prompt": row["prompt"], "seed": row["seed"], "src": None}
         try:
-            image = Image.open(io.BytesIO(read_object(job.storage, row["key"])))
+            image = Image.open(io.BytesIO(layout.read(row["key"])))
             image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
             buffer = io.BytesIO()
             image.convert("RGB").save(buffer, format="PNG")
@@ -157,8 +162,8 @@ def render_report(storage: Storage, gpu_hour_usd: float | None = None) -> str:
     import jinja2
 
     job = open_job(storage)
-    success = read_json(storage, SUCCESS_KEY)
-    progress = read_json(storage, PROGRESS_KEY) or {}
+    success = Success.read(storage)
+    progress = Progress.read(storage)
     price = gpu_hour_usd if gpu_hour_usd is not None else job.spec.report.gpu_hour_usd
     failures = [r for r in job.index if r["status"] == STATUS_FAILED]
     environment = jinja2.Environment(
@@ -166,7 +171,7 @@ def render_report(storage: Storage, gpu_hour_usd: float | None = None) -> str:
     )
     return environment.get_template("report.html.j2").render(
         out=storage.url, job=job.job, spec=job.spec, summary=summarize(job, success, progress, price),
-        success=success, chart=throughput_chart(progress.get("history") or []), workers=worker_table(job.index),
+        success=success, chart=throughput_chart(progress.history if progress else []), workers=worker_table(job.index),
         failures=failures[:MAX_FAILURES_SHOWN], failures_total=len(failures),
         sheet=contact_sheet(job, job.spec.report.contact_sheet_images), generated_at=utc_now(),
     )

@@ -33,8 +33,8 @@ from sdbatch import metrics
 from sdbatch.errors import EXIT_OK, EXIT_ROWS_FAILED, EXIT_SHARDS_FAILED, EXIT_STOPPED, BadInput, JobFailed
 from sdbatch.lock import JobLock
 from sdbatch.manifest import Manifest, iter_batch_keys, passthrough_types
+from sdbatch.documents import SUCCESS_KEY, JobRecord, Success
 from sdbatch.output import (
-    SUCCESS_KEY,
     STATUS_FAILED,
     CorruptCommit,
     claim_job,
@@ -43,9 +43,7 @@ from sdbatch.output import (
     failed_rows_text,
     merge_index,
     metadata_key,
-    read_json,
     read_shard_index,
-    write_json,
 )
 from sdbatch.plan import Plan, key_codes, make_plan
 from sdbatch.policy import FINISHED, STOPPED, Schedule, ShardResult, Work, at_the_model, workers_to_start
@@ -213,12 +211,12 @@ class WorkerStartError(BadInput, RuntimeError):
     """Workers cannot start (e.g. the model fails to load on them), or loaded another model."""
 
 
-def check_worker_model(ready: dict[str, Any], job: dict[str, Any]) -> None:
+def check_worker_model(ready: dict[str, Any], job: JobRecord) -> None:
     """A worker gets shards only if the model it loaded is the one the job pinned at submit."""
-    pinned = job["model"]["fingerprint"]
+    pinned = job.model.fingerprint
     if ready.get("model_pin") != pinned:
         raise WorkerStartError(
-            f"worker {ready.get('worker')} loaded model {job['model']['name']!r} pinned {ready.get('model_pin')}, "
+            f"worker {ready.get('worker')} loaded model {job.model.name!r} pinned {ready.get('model_pin')}, "
             f"but the job was submitted with {pinned}: the model changed since. Nothing more was generated; "
             "restore the model, or submit to a new --out (or with --new-run) to use the new one"
         )
@@ -239,7 +237,7 @@ class Driver:
         spec: JobSpec,
         manifest: Manifest,
         storage: Storage,
-        job: dict[str, Any],
+        job: JobRecord,
         *,
         address: str | None = None,
         endpoint_url: str | None = None,
@@ -339,7 +337,7 @@ class Driver:
         res = self.spec.resources
         handle = WorkerActor.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, max_restarts=0).remote(
             self.spec_json, self.storage.url, self.endpoint_url, self.tracker, self.manifest,
-            self.job["fingerprint"], self.job["model"]["fingerprint"],
+            self.job.fingerprint, self.job.model.fingerprint,
         )
         return _Actor(handle, handle.ready.remote())
 
@@ -470,7 +468,7 @@ class Driver:
         ids: dict[str, set[str]] = {}
         if self.retry_failed:
             for name in committed:
-                table = read_shard_index(self.storage, name, self.job["fingerprint"])
+                table = read_shard_index(self.storage, name, self.job.fingerprint)
                 failed = {i for i, s in zip(table.column("id").to_pylist(), table.column("status").to_pylist()) if s == STATUS_FAILED}
                 if failed:
                     ids.setdefault(name, set()).update(failed)
@@ -500,15 +498,15 @@ class Driver:
 
     def _finish(self, started: float, skipped: int, rows_ok: int, rows_failed: int, message: str) -> JobOutcome:
         """Merge the index and write ``_SUCCESS`` (every shard is committed by now)."""
-        previous = read_json(self.storage, SUCCESS_KEY) if rows_ok == rows_failed == 0 else None
+        previous = Success.read(self.storage) if rows_ok == rows_failed == 0 else None
         if previous is not None:  # a finished job run again: leave its record alone
-            code = EXIT_ROWS_FAILED if previous.get("rows_failed") else EXIT_OK
+            code = EXIT_ROWS_FAILED if previous.rows_failed else EXIT_OK
             return JobOutcome(code, self.manifest.num_rows, 0, 0, skipped, [], time.monotonic() - started, message,
                               self.plan.batch_fill)
         if self.lock is not None:
             self.lock.check()
         try:
-            index = merge_index(self.storage, passthrough_types(self.manifest), self.job["fingerprint"],
+            index = merge_index(self.storage, passthrough_types(self.manifest), self.job.fingerprint,
                                 self.spec.scoring.duplicate_max_distance)
         except CorruptCommit as exc:  # not a commit after all: the next run regenerates the shard
             self.storage.delete(metadata_key(exc.shard_name))
@@ -516,25 +514,24 @@ class Driver:
         total = self.manifest.num_rows
         failed_total = index.rows_failed
         wall = time.monotonic() - started
-        summary = {
-            "rows_total": total,
-            "rows_in_index": index.rows,
-            "rows_ok": index.rows - failed_total,
-            "rows_failed": failed_total,
-            "rows_duplicate": index.duplicates,
-            "rows_generated_this_run": rows_ok,
-            "shards_skipped": skipped,
-            "wall_seconds_this_run": round(wall, 2),
-            "images_per_second_this_run": round(rows_ok / wall, 3) if wall > 0 else None,
-            "failed_rows": index.first_failed,
-            "batches": self.plan.num_batches,
-            "batch_size": self.plan.batch_size,
-            "batch_fill": round(self.plan.batch_fill, 4),
-            "fingerprint": self.job["fingerprint"],
-            "finished_at": utc_now(),
-            "sdbatch_version": sdbatch.__version__,
-        }
-        write_json(self.storage, SUCCESS_KEY, summary)
+        Success(
+            rows_total=total,
+            rows_in_index=index.rows,
+            rows_ok=index.rows - failed_total,
+            rows_failed=failed_total,
+            rows_duplicate=index.duplicates,
+            rows_generated_this_run=rows_ok,
+            shards_skipped=skipped,
+            wall_seconds_this_run=round(wall, 2),
+            images_per_second_this_run=round(rows_ok / wall, 3) if wall > 0 else None,
+            failed_rows=index.first_failed,
+            batches=self.plan.num_batches,
+            batch_size=self.plan.batch_size,
+            batch_fill=round(self.plan.batch_fill, 4),
+            fingerprint=self.job.fingerprint,
+            finished_at=utc_now(),
+            sdbatch_version=sdbatch.__version__,
+        ).write(self.storage)
         code = EXIT_ROWS_FAILED if failed_total else EXIT_OK
         if failed_total:
             message = (f"{failed_total} rows failed permanently (status=failed in index.parquet; the first ones below); "
@@ -548,7 +545,7 @@ def _short(exc: BaseException) -> str:
 
 
 def run_job(
-    spec: JobSpec, manifest: Manifest, storage: Storage, job: dict[str, Any], *, new_run: bool = False,
+    spec: JobSpec, manifest: Manifest, storage: Storage, job: JobRecord, *, new_run: bool = False,
     **options: Any,
 ) -> JobOutcome:
     """Lock OUT, claim it (under the lock, so of two drivers on an empty OUT one claims and the

@@ -41,28 +41,15 @@ import pyarrow as pa
 import ray
 from PIL import Image
 
-import sdbatch
 from sdbatch import encode, metrics
-from sdbatch.columns import record_parameters
 from sdbatch.errors import SdbatchError
-from sdbatch.manifest import INDEX_RESULT_COLUMNS, Manifest, ManifestReader, Row, passthrough_types
-from sdbatch.output import (
-    STATUS_FAILED,
-    STATUS_OK,
-    build_webdataset_tar,
-    commit_shard,
-    foreign_object_error,
-    image_key,
-    index_schema,
-    metadata_key,
-    read_commit,
-    read_shard_index,
-    tar_key,
-    webdataset_key,
-)
+from sdbatch.manifest import Manifest, ManifestReader, Row, passthrough_types
+from sdbatch.layout import ShardWriter, layout_for
+from sdbatch.output import STATUS_FAILED, STATUS_OK, commit_shard, index_schema, metadata_key, read_commit, read_shard_index
 from sdbatch.plan import ShardSpec, batch_id, canonical_batches
 from sdbatch.policy import ShardResult
 from sdbatch.quality import measure_image
+from sdbatch.record import ImageRecord, index_row
 from sdbatch.spec import JobSpec
 from sdbatch.storage import NotFound, Storage, StorageConfigError, StorageError, TooLarge, open_storage, read_uri
 
@@ -100,78 +87,9 @@ def describe(exc: BaseException) -> str:
 
 @dataclass(frozen=True)
 class StoredImage:
-    key: str  # "" for a webdataset member (stored with its shard's tar)
     sha256: str  # of this row's bytes
     size: int
-    created: bool
     quality: dict[str, Any]  # the quality columns (sdbatch.quality), measured on the pixels
-    data: bytes = b""  # webdataset: the bytes, for the tar
-    error: str | None = None  # the key holds an object that is not these bytes: not adopted
-
-
-def image_record(
-    row: Row,
-    shard: ShardSpec,
-    batch: str,
-    batch_rows: list[str],
-    generator: Generator,
-    init_image_sha256: str | None = None,
-) -> dict[str, Any]:
-    """Everything needed to regenerate the image, embedded in it. Nothing that varies between
-    attempts (times, worker, attempt number) or with other rows of the job goes in, so the
-    bytes are reproducible and a row's image depends on that row (and its batch) alone.
-    ``init_image_sha256`` (img2img rows) is the sha256 of the init image's bytes as read, so
-    an audit can tell when the file at ``init_image`` was replaced afterwards."""
-    info = generator.info
-    conditioning = generator.conditioning(row)
-    return {
-        **record_parameters(row.parameters()),
-        "loras": generator.loras.record(row.loras),
-        "prompt_truncated_at": generator.prompt_truncated_at(row.prompt),
-        **({"size_conditioning": {k: list(v) for k, v in conditioning.items()}} if conditioning else {}),
-        "init_image_sha256": init_image_sha256,
-        "shard": shard.name,
-        "batch_id": batch,
-        "batch_rows": batch_rows,
-        "scheduler_config": generator.scheduler_config(row.scheduler),
-        "extra": row.extra,
-        "model_name": info.name,
-        "model_family": info.family,
-        "model_fingerprint": info.fingerprint,
-        "model_hash": info.short_hash,
-        "device": info.device,
-        "dtype": info.dtype,
-        "versions": info.versions,
-        "torch_threads": info.threads,
-        "sdbatch_version": sdbatch.__version__,
-    }
-
-
-def index_row(record: dict[str, Any] | None, row: Row, shard_name: str, **fields: Any) -> dict[str, Any]:
-    """One row of the shard index: the row's parameters, the result and passthrough columns.
-    Every row has every column (None where it does not apply), so ok and failed rows share
-    one schema whichever comes first."""
-    base: dict[str, Any] = {
-        **row.parameters(),
-        **dict.fromkeys(INDEX_RESULT_COLUMNS),
-        "shard": shard_name,
-    }
-    if record is not None:
-        base.update(
-            batch_id=record["batch_id"],
-            batch_rows=record["batch_rows"],
-            model_fingerprint=record["model_fingerprint"],
-            device=record["device"],
-            dtype=record["dtype"],
-            torch_threads=record["torch_threads"],
-            versions=json.dumps(record["versions"], sort_keys=True),
-            init_image_sha256=record.get("init_image_sha256"),
-            loras=record["loras"],
-            prompt_truncated_at=record["prompt_truncated_at"],
-        )
-    base.update(fields)
-    base.update(row.extra)
-    return base
 
 
 @functools.cache
@@ -210,6 +128,7 @@ class ShardRunner:
         self.job_fingerprint = job_fingerprint  # stamped on every commit this runner writes
         self.index_schema = index_schema(passthrough or {})
         self.storage = storage
+        self.layout = layout_for(storage, spec.output)
         self.spec = spec
         self.worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
         self.endpoint_url = endpoint_url
@@ -250,24 +169,20 @@ class ShardRunner:
         except (OSError, ValueError, SyntaxError) as exc:  # what Pillow raises for unreadable or truncated images
             raise RowError(f"{where}: {describe(exc)}; fix: replace it with a readable PNG, JPEG or WebP file") from None
 
-    def _store_image(self, shard: ShardSpec, row: Row, pixels: np.ndarray, record: dict) -> StoredImage:
-        """Encode and store create-once; also measures its quality columns while its pixels are
-        here. A key already taken is adopted only when it holds exactly these bytes (a dead
-        attempt of this row made them); anything else is not ours."""
+    def _store_image(self, writer: ShardWriter, row: Row, pixels: np.ndarray, record: ImageRecord) -> StoredImage:
+        """Encode ``row``'s image and hand it to the layout's writer (create-once for files);
+        also measures its quality columns while its pixels are here."""
         try:
             quality = measure_image(Image.fromarray(pixels), self.spec.scoring.blank_max_std)
             out = self.spec.output
+            embedded = record.to_embedded()
             data = self.encoder.submit(
-                encode.encode_image, pixels, record,
+                encode.encode_image, pixels, embedded,
                 fmt=out.image_format, png_compress_level=out.png_compress_level, quality=out.quality,
             ).result()
             sha = hashlib.sha256(data).hexdigest()
-            if out.format == "webdataset":
-                return StoredImage("", sha, len(data), True, quality, data)
-            key = image_key(shard.name, row.id, encode.extension(out.image_format))
-            put = self.storage.put_new(key, data)
-            error = None if put.created or put.sha256 == sha else foreign_object_error(key, put.sha256, sha)
-            return StoredImage(key, sha, len(data), put.created, quality, error=error)
+            writer.add(row.id, data, sha, embedded)
+            return StoredImage(sha, len(data), quality)
         finally:
             self._in_flight.release()
 
@@ -313,16 +228,18 @@ class ShardRunner:
 
     def _generate(
         self, shard: ShardSpec, rows: list[Row], attempt: int, on_batch: BatchCallback | None,
-        result: ShardResult, tar_name: str, upcoming: Callable[[], list[Row] | None] | None,
+        result: ShardResult, unit: str, upcoming: Callable[[], list[Row] | None] | None,
         on_generated: Callable[[], None] | None = None,
     ) -> list[dict[str, Any]]:
         """Generate and store ``rows``' images in canonical batches; returns their index rows.
-        Each batch's init images are read while the batch before it generates."""
+        ``unit`` names this run's batches (and its tar, webdataset). Each batch's init images
+        are read while the batch before it generates."""
+        writer = self.layout.writer(shard.name, unit)
         index_rows: list[dict[str, Any]] = []
-        stored: list[tuple[Row, dict, Future, float | None]] = []
+        stored: list[tuple[Row, ImageRecord, float, Future, float | None]] = []
 
         def fail_row(row: Row, error: str) -> None:
-            index_rows.append(index_row(None, row, shard.name, status=STATUS_FAILED, error=error, attempt=attempt, worker=self.worker_name))
+            index_rows.append(index_row(row, shard.name, status=STATUS_FAILED, error=error, attempt=attempt, worker=self.worker_name))
             result.rows_failed += 1
 
         generate_started = time.perf_counter()
@@ -344,7 +261,7 @@ class ShardRunner:
                 good.append(row)
                 images_in.append(image_in)
             if good:
-                bid = batch_id(tar_name, number)
+                bid = batch_id(unit, number)
                 handled: set[str] = set()  # rows of the parts generated before a pipeline exception
                 try:
                     for part, generated, per_row in self._generate_fitting(good, images_in if good[0].is_img2img else None):
@@ -353,13 +270,13 @@ class ShardRunner:
                                   else [None] * len(part))
                         for i, (row, score) in enumerate(zip(part, scores)):
                             if generated.errors[i]:
-                                index_rows.append(index_row(None, row, shard.name, status=STATUS_FAILED, error=generated.errors[i], attempt=attempt, worker=self.worker_name))
+                                index_rows.append(index_row(row, shard.name, status=STATUS_FAILED, error=generated.errors[i], attempt=attempt, worker=self.worker_name))
                                 result.rows_failed += 1
                                 continue
-                            record = image_record(row, shard, bid, batch_rows, self.generator, init_hashes[row.id])
+                            record = ImageRecord.from_row(row, shard, bid, batch_rows, self.generator, init_hashes[row.id])
                             self._in_flight.acquire()
-                            future = self.pool.submit(self._store_image, shard, row, generated.pixels[i], record)
-                            stored.append((row, {**record, "generate_seconds": per_row}, future, score))
+                            future = self.pool.submit(self._store_image, writer, row, generated.pixels[i], record)
+                            stored.append((row, record, per_row, future, score))
                         handled.update(r.id for r in part)
                 except Exception as exc:  # noqa: BLE001 - any pipeline exception: retried once, then its rows fail
                     if is_transient(exc):
@@ -380,47 +297,33 @@ class ShardRunner:
         if on_generated:
             on_generated()
 
-        webdataset = self.spec.output.format == "webdataset"
-        ext = encode.extension(self.spec.output.image_format)
-        done: list[tuple[Row, dict, StoredImage, float | None]] = []
-        for row, record, future, score in stored:
+        done: list[tuple[Row, ImageRecord, float, StoredImage, float | None]] = []
+        for row, record, seconds, future, score in stored:
             try:
-                done.append((row, record, future.result(), score))  # re-raises storage errors → shard retried
+                done.append((row, record, seconds, future.result(), score))  # re-raises storage errors → shard retried
             except encode.MetadataTooLarge as exc:
                 fail_row(row, f"row {row.id}: {describe(exc)}; fix: shorten its prompt or passthrough columns, "
                               "or use --image-format png")
-        tar_error = None
-        if webdataset and done:
-            members = [
-                (webdataset_key(row.id), put.data,
-                 json.dumps({k: v for k, v in record.items() if k != "generate_seconds"}, sort_keys=True).encode())
-                for row, record, put, _ in done
-            ]
-            tar = build_webdataset_tar(members, ext)
-            put = self.storage.put_new(tar_key(tar_name), tar)
-            ours = hashlib.sha256(tar).hexdigest()
-            if not put.created and put.sha256 != ours:
-                tar_error = foreign_object_error(tar_key(tar_name), put.sha256, ours)
-        for row, record, put, score in done:
-            key = f"{tar_key(tar_name)}#{webdataset_key(row.id)}.{ext}" if webdataset else put.key
-            error = tar_error or put.error
-            if error:
-                log.error("row %s: %s", row.id, error)
-                index_rows.append(index_row(record, row, shard.name, status=STATUS_FAILED, error=error, key=key,
-                                            attempt=attempt, worker=self.worker_name))
+        placed = writer.finish([row.id for row, *_ in done])
+        for row, record, seconds, image, score in done:
+            where = placed[row.id]
+            if where.error:
+                log.error("row %s: %s", row.id, where.error)
+                index_rows.append(record.to_index_row(status=STATUS_FAILED, error=where.error, key=where.key,
+                                                      attempt=attempt, worker=self.worker_name))
                 result.rows_failed += 1
                 continue
-            result.images_created += put.created
-            result.images_adopted += not put.created
+            result.images_created += where.created
+            result.images_adopted += not where.created
             index_rows.append(
-                index_row(
-                    record, row, shard.name, status=STATUS_OK, error=None, key=key, sha256=put.sha256, bytes=put.size,
-                    attempt=attempt, worker=self.worker_name, generate_seconds=record["generate_seconds"],
-                    clip_score=score, **put.quality,
+                record.to_index_row(
+                    status=STATUS_OK, error=None, key=where.key, sha256=image.sha256,
+                    bytes=image.size, attempt=attempt, worker=self.worker_name, generate_seconds=seconds,
+                    clip_score=score, **image.quality,
                 )
             )
             result.rows_ok += 1
-            result.prompts_truncated += record["prompt_truncated_at"] is not None
+            result.prompts_truncated += record.prompt_truncated_at is not None
         index_rows.sort(key=lambda r: r["row"])
         return index_rows
 

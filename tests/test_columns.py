@@ -13,11 +13,11 @@ import typer
 
 from conftest import write_manifest
 from sdbatch import columns as C
-from sdbatch.audit import _record_agrees, _row_from_params
 from sdbatch.cli import app
 from sdbatch.encode import A1111_SAMPLER_NAMES, infotext, parse_infotext
 from sdbatch.manifest import Row, open_manifest, read_rows, validate_manifest
 from sdbatch.manifest_builder import _COLUMN_TYPES
+from sdbatch.record import embedded_record, row_from_stored
 from sdbatch.output import INDEX_COLUMN_TYPES
 from sdbatch.spec import JobSpec, RowDefaults, SpecError, load_spec
 
@@ -82,13 +82,13 @@ def test_record_and_index_round_trip_through_the_table():
     row = a_row(clip_skip=2, extra={"label": "x"})
     assert C.record_parameters(row.parameters())["clip_skip"] == 2
     assert "clip_skip" not in C.record_parameters(a_row().parameters())  # images from before the column
-    assert _row_from_params(row.parameters(), row.extra) == row
+    assert row_from_stored(row.parameters(), row.extra) == row
     old_index_row = {k: v for k, v in a_row().parameters().items() if k != "clip_skip"}
-    assert _row_from_params(old_index_row) == a_row()
+    assert row_from_stored(old_index_row) == a_row()
     entry = {**row.parameters(), "batch_id": "00000-000"}
-    assert _record_agrees({**C.record_parameters(row.parameters()), "batch_id": "00000-000"}, entry)
-    assert not _record_agrees({**row.parameters(), "clip_skip": 1, "batch_id": "00000-000"}, entry)
-    assert not _record_agrees({**row.parameters(), "steps": "many", "batch_id": "00000-000"}, entry)
+    assert embedded_record({**C.record_parameters(row.parameters()), "batch_id": "00000-000"}, entry) is not None
+    assert embedded_record({**row.parameters(), "clip_skip": 1, "batch_id": "00000-000"}, entry) is None
+    assert embedded_record({**row.parameters(), "steps": "many", "batch_id": "00000-000"}, entry) is None
     # the job fingerprint is unchanged by a later column left at its default
     assert "clip_skip" not in JobSpec().fingerprint_fields()["defaults"]
     assert load_spec(None, ["defaults.clip_skip=2"]).fingerprint_fields()["defaults"]["clip_skip"] == 2

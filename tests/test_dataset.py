@@ -241,15 +241,15 @@ def test_blank_images_are_flagged_and_near_uniform_twins_share_a_phash(tmp_path)
     storage = LocalStorage(tmp_path / "out")
     job = job_record(spec, source, None)
     claim_job(storage, job)
-    ShardRunner(Generator.load(str(model)), storage, spec, job_fingerprint=job["fingerprint"]).run_shard(
+    ShardRunner(Generator.load(str(model)), storage, spec, job_fingerprint=job.fingerprint).run_shard(
         ShardSpec(0, range(2)), read_rows(source, spec, 0, 2))
-    assert job_stats(*job_index(storage))["duplicates"] is None  # not merged yet: not known
-    assert merge_index(storage, passthrough_types(source), job["fingerprint"]).duplicates == 1
+    assert job_stats(*job_index(storage)[:2])["duplicates"] is None  # not merged yet: not known
+    assert merge_index(storage, passthrough_types(source), job.fingerprint).duplicates == 1
     rows = {r["id"]: r for r in load_index(tmp_path / "out")}
     assert rows["g1"]["blank"] is True and rows["g1"]["luma_std"] == 0
     assert rows["g1"]["sha256"] != rows["g2"]["sha256"] and rows["g2"]["duplicate_of"] == "g1"
     assert rows["g1"]["key"] == "shards/00000.tar#g1.png"
-    assert (job_stats(*job_index(storage))["blank"], job_stats(*job_index(storage))["duplicates"]) == (2, 1)
+    assert (job_stats(*job_index(storage)[:2])["blank"], job_stats(*job_index(storage)[:2])["duplicates"]) == (2, 1)
 
     assert export(storage, "hf", tmp_path / "hf", where="blank and duplicate_of is null") == 1
     loaded = datasets.load_dataset(str(tmp_path / "hf"), split="train", cache_dir=str(tmp_path / "hf-cache"))

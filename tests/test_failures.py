@@ -220,7 +220,7 @@ def test_corrupt_job_state_files_name_the_file_and_the_recovery(ray_address, tmp
     assert "--new-run" in result.stderr
 
     from sdbatch.lock import JobLock
-    from sdbatch.output import CorruptState
+    from sdbatch.documents import CorruptState
     from sdbatch.storage import LocalStorage
 
     (out / "_sdbatch" / "lock.json").write_text("garbage")

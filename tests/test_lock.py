@@ -12,7 +12,7 @@ import pytest
 
 from sdbatch import lock as job_lock
 from sdbatch.lock import JobLock, LockHeld, LockLost
-from sdbatch.output import LOCK_KEY
+from sdbatch.documents import LOCK_KEY
 
 
 def lease(driver: str) -> bytes:

@@ -245,5 +245,5 @@ def test_job_fingerprint_covers_adapter_bytes(tmp_path):
 
     source = open_manifest(str(write_manifest(tmp_path / "m.parquet", [{"prompt": "a red circle"}])))
     spec = JobSpec(loras={"a": str(tmp_path / "a.safetensors")})
-    one, other = (job_record(spec, source, "f" * 64, {"a": sha})["fingerprint"] for sha in ("1" * 64, "2" * 64))
+    one, other = (job_record(spec, source, "f" * 64, {"a": sha}).fingerprint for sha in ("1" * 64, "2" * 64))
     assert one != other

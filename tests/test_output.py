@@ -26,7 +26,7 @@ from sdbatch.output import (
 from sdbatch.plan import make_plan
 from sdbatch.spec import load_spec
 from sdbatch.storage import LocalStorage, S3Storage
-from sdbatch.worker import index_row
+from sdbatch.record import ImageRecord, index_row
 
 ROWS_PER_SHARD = 4
 UTC = dt.timezone.utc
@@ -67,14 +67,15 @@ def commit_shards(storage, manifest, spec):
         records = []
         for row in rows:
             if row.is_img2img:
-                records.append(index_row(None, row, s.name, status=STATUS_FAILED, error="init_image unreadable"))
+                records.append(index_row(row, s.name, status=STATUS_FAILED, error="init_image unreadable"))
                 continue
-            record = {"batch_id": f"{s.name}-000", "batch_rows": [r.id for r in rows if not r.is_img2img],
-                      "model_fingerprint": "f" * 64, "device": "cpu", "dtype": "float32", "torch_threads": 2,
-                      "versions": {"torch": "2.13.0"}, "init_image_sha256": None, "loras": [],
-                      "prompt_truncated_at": None}
-            records.append(index_row(record, row, s.name, status=STATUS_OK, key=f"images/{s.name}/{row.id}.png",
-                                     sha256="0" * 64, bytes=100 + row.index, attempt=1, worker="w"))
+            record = ImageRecord(
+                row=row, shard=s.name, batch_id=f"{s.name}-000", batch_rows=tuple(r.id for r in rows if not r.is_img2img),
+                loras=(), prompt_truncated_at=None, init_image_sha256=None, model_fingerprint="f" * 64, device="cpu",
+                dtype="float32", versions={"torch": "2.13.0"}, torch_threads=2, model_name="builtin:tiny",
+                model_family="StableDiffusionPipeline", scheduler_config={})
+            records.append(record.to_index_row(status=STATUS_OK, key=f"images/{s.name}/{row.id}.png",
+                                               sha256="0" * 64, bytes=100 + row.index, attempt=1, worker="w"))
         schema = index_schema(passthrough_types(manifest))
         commit_shard(storage, s.name, list(reversed(records)), schema, JOB_FP)  # merge restores row order
 

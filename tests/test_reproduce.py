@@ -58,7 +58,7 @@ def tiny_generator():
 def run_in_process(generator, manifest: Path, out: Path, order: list[int], *, job_fingerprint: str | None = None,
                    spec_overrides: dict | None = None) -> dict:
     """Run the shards of ``manifest`` with ``worker.ShardRunner`` in the given order into a
-    LocalStorage at ``out``; returns the job dict (fingerprint computed as `sdbatch submit` does)."""
+    LocalStorage at ``out``; returns the job record (fingerprint computed as `sdbatch submit` does)."""
     from sdbatch.manifest import open_manifest, passthrough_types, read_rows_at
     from sdbatch.models import preflight
     from sdbatch.output import claim_job, job_record, merge_index
@@ -72,17 +72,17 @@ def run_in_process(generator, manifest: Path, out: Path, order: list[int], *, jo
     source = open_manifest(str(manifest))
     job = job_record(spec, source, preflight("builtin:tiny").pin)
     if job_fingerprint:
-        job["fingerprint"] = job_fingerprint
+        job = job.model_copy(update={"fingerprint": job_fingerprint})
     storage = LocalStorage(out)
     claim_job(storage, job)
     runner = ShardRunner(generator, storage, spec, worker_name="test", passthrough=passthrough_types(source),
-                         job_fingerprint=job["fingerprint"])
+                         job_fingerprint=job.fingerprint)
     plan = job_plan(source, spec)
     assert sorted(order) == list(range(plan.num_shards))
     for index in order:
         s = plan.shard(index)
         runner.run_shard(s, read_rows_at(source, spec, s.rows))
-    merge_index(storage, passthrough_types(source), job["fingerprint"])
+    merge_index(storage, passthrough_types(source), job.fingerprint)
     return job
 
 
@@ -108,7 +108,6 @@ def test_shard_order_and_a_retried_shard_give_identical_bytes(tiny_generator, tm
     from sdbatch.output import INDEX_KEY, metadata_key
     from sdbatch.manifest import open_manifest, read_rows
     from sdbatch.plan import ShardSpec
-    from sdbatch.spec import JobSpec
     from sdbatch.storage import LocalStorage
     from sdbatch.worker import ShardRunner
 
@@ -116,9 +115,9 @@ def test_shard_order_and_a_retried_shard_give_identical_bytes(tiny_generator, tm
     before = {p.name: p.read_bytes() for p in (backward / "images" / "00001").iterdir()}
     for key in (metadata_key("00001"), INDEX_KEY):
         storage.delete(key)
-    spec = JobSpec.model_validate(job["spec"])
+    spec = job.job_spec
     s = ShardSpec(1, range(6, 12))
-    result = ShardRunner(tiny_generator, storage, spec, job_fingerprint=job["fingerprint"]).run_shard(
+    result = ShardRunner(tiny_generator, storage, spec, job_fingerprint=job.fingerprint).run_shard(
         s, read_rows(open_manifest(str(manifest)), spec, 6, 12), attempt=2)
     assert result.committed and result.images_adopted == 6 and result.images_created == 0
     assert {p.name: p.read_bytes() for p in (backward / "images" / "00001").iterdir()} == before
@@ -312,11 +311,11 @@ def test_clip_skip_row_end_to_end(run_cli, mixed_job, tmp_path):
     rebuilt = reproduce_row(str(work), "m10")
     assert rebuilt.match and rebuilt.record_source == "index" and rebuilt.data == original
     # the same row without clip skip is another image
-    from sdbatch.audit import _row_from_params
+    from sdbatch.record import row_from_stored
     from sdbatch.generate import Generator
 
     generator = Generator.load("builtin:tiny", device="cpu")
-    with_skip = _row_from_params(row)
+    with_skip = row_from_stored(row)
     without = dataclasses.replace(with_skip, clip_skip=1)
     a, b = (generator.generate([r]).pixels[0] for r in (with_skip, without))
     assert np.abs(a.astype(int) - b.astype(int)).max() > 0

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, write_manifest
 
+from sdbatch.documents import JobRecord
 from sdbatch.models import fingerprint_model_dir, resolve_builtin
 from sdbatch.output import (
     JOB_KEY,
@@ -110,7 +111,7 @@ def test_a_claim_whose_create_lost_is_refused(tmp_path):
     theirs = {**mine, "fingerprint": "theirs", "manifest": {"source": "a", "fingerprint": "fa", "num_rows": 4}}
     storage = RacedStorage(tmp_path / "out", json.dumps(theirs).encode())
     with pytest.raises(OutputMismatch, match="already holds a different job: the manifest"):
-        claim_job(storage, mine)
+        claim_job(storage, JobRecord.model_validate(mine))
     assert json.loads(storage.get(JOB_KEY))["fingerprint"] == "theirs"
 
 
@@ -259,7 +260,8 @@ def test_a_resume_with_a_changed_s3_manifest_or_model_is_refused(run_cli, s3_buc
 def test_a_worker_that_loaded_another_model_gets_no_shard():
     from sdbatch.scheduler import WorkerStartError, check_worker_model
 
-    job = {"model": {"name": "s3://b/m", "fingerprint": "s3-etags:aaa"}}
+    job = JobRecord(fingerprint="f", spec={}, manifest={"source": "m", "fingerprint": "fm", "num_rows": 1},
+                    model={"name": "s3://b/m", "fingerprint": "s3-etags:aaa"})
     check_worker_model({"worker": "w", "model_pin": "s3-etags:aaa"}, job)
     with pytest.raises(WorkerStartError, match="the model changed since"):
         check_worker_model({"worker": "w", "model_pin": "s3-etags:bbb"}, job)

@@ -1,0 +1,85 @@
+"""The image record: row → record → index row (through the shard index's Parquet) → record is
+the identity, for text-to-image, img2img and a row with adapters and passthrough columns; the
+embedded JSON keeps the keys images have always carried. No Ray, no torch: the null model."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import sdbatch
+from sdbatch.manifest import Row
+from sdbatch.models import resolve
+from sdbatch.models.null_model import NullGenerator
+from sdbatch.output import STATUS_FAILED, STATUS_OK, index_schema, records_to_parquet
+from sdbatch.plan import ShardSpec
+from sdbatch.record import ImageRecord, embedded_record, index_row
+
+PASSTHROUGH = {"label": pa.string(), "count": pa.int64()}
+#: The keys of an image's embedded JSON record since LoRA support (clip_skip only when set,
+#: size_conditioning only for SDXL): the on-disk format that must stay readable.
+EMBEDDED_KEYS = {
+    "id", "row", "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler",
+    "init_image", "strength", "loras", "prompt_truncated_at", "init_image_sha256", "shard", "batch_id",
+    "batch_rows", "scheduler_config", "extra", "model_name", "model_family", "model_fingerprint", "model_hash",
+    "device", "dtype", "versions", "torch_threads", "sdbatch_version",
+}
+
+
+@pytest.fixture(scope="module")
+def null_generator():
+    folder, pin = resolve("builtin:null")
+    return NullGenerator.from_folder("builtin:null", folder, pin, pin)
+
+
+def a_row(**changes) -> Row:
+    values = dict(index=3, id="r3", prompt="a red circle", negative_prompt="blurry", seed=5, steps=20,
+                  guidance_scale=7.5, width=64, height=64, scheduler="ddim", extra={"label": None, "count": None})
+    return Row(**{**values, **changes})
+
+
+ROWS = {
+    "txt2img": a_row(),
+    "img2img": a_row(init_image="/data/init.png", strength=0.5),
+    "loras+passthrough": a_row(loras=(("style", 0.8), ("ink", -0.25)), clip_skip=2,
+                               extra={"label": "train", "count": 7}),
+}
+
+
+@pytest.mark.parametrize("kind", ROWS)
+def test_row_record_index_row_record(kind, null_generator):
+    row = ROWS[kind]
+    init_sha = "ab" * 32 if row.is_img2img else None
+    record = ImageRecord.from_row(row, ShardSpec(0, range(3, 6)), "00000-000", ["r2", "r3"], null_generator, init_sha)
+    assert record.row == row and record.batch_rows == ("r2", "r3") and record.init_image_sha256 == init_sha
+    assert record.loras == tuple({"name": n, "scale": s, "sha256": None} for n, s in row.loras)
+
+    entry = record.to_index_row(status=STATUS_OK, error=None, key="images/00000/r3.png", sha256="0" * 64,
+                                bytes=123, attempt=1, worker="w", generate_seconds=0.5)
+    schema = index_schema(PASSTHROUGH)
+    assert list(entry) == [*schema.names[:len(entry) - len(PASSTHROUGH)], *PASSTHROUGH]  # every column, in order
+    assert set(entry) == set(schema.names)
+    # through the shard index's bytes, as verify and reproduce read it
+    stored = pq.read_table(io.BytesIO(records_to_parquet([entry], schema, "fp"))).to_pylist()[0]
+    back = ImageRecord.from_index_row(stored, null_generator, model_name="builtin:null",
+                                      sdbatch_version=sdbatch.__version__)
+    assert back == record
+
+    embedded = json.loads(json.dumps(record.to_embedded(), sort_keys=True))
+    assert set(embedded) == EMBEDDED_KEYS | ({"clip_skip"} if row.clip_skip != 1 else set())
+    assert embedded["model_hash"] == record.model_fingerprint[:10] and embedded["extra"] == row.extra
+    assert ImageRecord.from_embedded(embedded) == record
+    assert embedded_record(embedded, stored) == record
+    assert embedded_record({**embedded, "seed": 6}, stored) is None  # another row's image at this key
+    assert embedded_record({"parameters": "not ours"}, stored) is None
+
+
+def test_a_failed_row_has_every_index_column_and_no_record_facts():
+    entry = index_row(ROWS["loras+passthrough"], "00000", status=STATUS_FAILED, error="init image unreadable")
+    assert set(entry) == set(index_schema(PASSTHROUGH).names)
+    assert entry["batch_id"] is None and entry["status"] == STATUS_FAILED and entry["label"] == "train"
+    assert entry["loras"] == [{"name": "style", "scale": 0.8}, {"name": "ink", "scale": -0.25}]
