@@ -270,6 +270,8 @@ class Reproducer:
             "init_image_sha256": entry.get("init_image_sha256"),
             "loras": list(entry.get("loras") or []),
             "prompt_truncated_at": entry.get("prompt_truncated_at"),
+            **({"refiner_name": self.out.spec.model.refiner, "refiner_fingerprint": entry.get("refiner_fingerprint")}
+               if entry.get("refiner_switch") is not None else {}),
             **({"size_conditioning": {k: list(v) for k, v in conditioning.items()}} if conditioning else {}),
             "extra": _extra_from_index(entry),
             "model_name": self.out.spec.model.name,
@@ -307,7 +309,7 @@ class Reproducer:
             from sdbatch.generate import Generator
 
             self._generators[key] = Generator.load(model, device=device, dtype=dtype, endpoint_url=self.endpoint_url,
-                                                   loras=self.out.spec.loras)
+                                                   loras=self.out.spec.loras, refiner=self.out.spec.model.refiner)
         return self._generators[key]
 
     # -- the batch -----------------------------------------------------------------------------
@@ -411,6 +413,11 @@ class Reproducer:
             notes.insert(0, f"MODEL CHANGED: the model loaded from {gen.info.name!r} has fingerprint "
                             f"{gen.info.fingerprint[:16]}…, the image was made with {str(record.get('model_fingerprint'))[:16]}…; "
                             "the result is not expected to match (pass the original model with --model)")
+        recorded_refiner = record.get("refiner_fingerprint")
+        if recorded_refiner and gen.info.refiner_fingerprint != recorded_refiner:
+            notes.insert(0, f"REFINER CHANGED: the refiner loaded from {gen.info.refiner_name!r} has fingerprint "
+                            f"{str(gen.info.refiner_fingerprint)[:16]}…, the image was made with {recorded_refiner[:16]}…; "
+                            "the result is not expected to match (restore the original refiner)")
         versions = record.get("versions") or {}
         changed = {k: (v, gen.info.versions.get(k)) for k, v in versions.items() if gen.info.versions.get(k) != v}
         if changed:

@@ -341,18 +341,21 @@ def write_json(storage: Storage, key: str, data: dict[str, Any]) -> None:
 
 
 def job_record(spec: JobSpec, manifest: Manifest, model_fingerprint: str | None,
-               lora_sha256: dict[str, str] | None = None) -> dict[str, Any]:
+               lora_sha256: dict[str, str] | None = None, refiner_pin: str | None = None) -> dict[str, Any]:
     """``_sdbatch/job.json``. Its fingerprint covers everything that decides the images and
-    where rows land — spec settings, manifest content, model weights, LoRA adapters' bytes —
-    so a resume with any of them changed is refused rather than mixing two jobs in one OUT."""
+    where rows land — spec settings, manifest content, model weights, the refiner's pin, LoRA
+    adapters' bytes — so a resume with any of them changed is refused rather than mixing two
+    jobs in one OUT."""
     lora_sha256 = lora_sha256 or {}
     return {
         "fingerprint": fingerprint({
             "spec": spec.fingerprint_fields(), "manifest": manifest.fingerprint,
             "rows": manifest.num_rows, "model": model_fingerprint,
             **({"loras": lora_sha256} if lora_sha256 else {}),
+            **({"refiner": refiner_pin} if refiner_pin else {}),
         }),
         "loras": {name: {"path": spec.loras[name], "sha256": sha} for name, sha in lora_sha256.items()},
+        **({"refiner": {"name": spec.model.refiner, "fingerprint": refiner_pin}} if refiner_pin else {}),
         "spec": spec.model_dump(mode="json"),
         "manifest": {"source": manifest.source, "fingerprint": manifest.fingerprint,
                      "num_rows": manifest.num_rows, "files": list(manifest.files)},
@@ -484,7 +487,7 @@ def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def what_changed(existing: dict[str, Any], job: dict[str, Any]) -> str:
-    """What differs between the job OUT holds and ``job``: manifest, spec keys, model."""
+    """What differs between the job OUT holds and ``job``: manifest, spec keys, model, refiner, LoRAs."""
     changes = []
     old_m, new_m = existing.get("manifest", {}), job["manifest"]
     if (old_m.get("fingerprint"), old_m.get("num_rows")) != (new_m["fingerprint"], new_m["num_rows"]):
@@ -503,4 +506,15 @@ def what_changed(existing: dict[str, Any], job: dict[str, Any]) -> str:
     if old_model.get("fingerprint") != new_model["fingerprint"]:
         changes.append(f"the model {new_model['name']!r} (pinned {old_model.get('fingerprint')} when that job was "
                        f"submitted, now {new_model['fingerprint']})")
+    old_refiner, new_refiner = existing.get("refiner") or {}, job.get("refiner") or {}
+    if old_refiner.get("fingerprint") != new_refiner.get("fingerprint"):
+        changes.append(f"the refiner {new_refiner.get('name') or old_refiner.get('name')!r} (pinned "
+                       f"{old_refiner.get('fingerprint')} when that job was submitted, now {new_refiner.get('fingerprint')})")
+    old_loras, new_loras = existing.get("loras") or {}, job.get("loras") or {}
+    for name in sorted(set(old_loras) | set(new_loras)):
+        old_sha, new_sha = (old_loras.get(name) or {}).get("sha256"), (new_loras.get(name) or {}).get("sha256")
+        if old_sha != new_sha:
+            path = (new_loras.get(name) or old_loras.get(name))["path"]
+            changes.append(f"the LoRA {name}={path} (sha256 {str(old_sha)[:12]}… when that job was submitted, "
+                           f"now {str(new_sha)[:12]}…)")
     return "; ".join(changes) or (f"job fingerprint {existing.get('fingerprint')} there, {job['fingerprint']} here")

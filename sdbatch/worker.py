@@ -129,6 +129,7 @@ def image_record(
         "loras": generator.loras.record(row.loras),
         "prompt_truncated_at": generator.prompt_truncated_at(row.prompt),
         **({"size_conditioning": {k: list(v) for k, v in conditioning.items()}} if conditioning else {}),
+        **generator.refiner_record(row),
         "init_image_sha256": init_image_sha256,
         "shard": shard.name,
         "batch_id": batch,
@@ -161,6 +162,7 @@ def index_row(record: dict[str, Any] | None, row: Row, shard_name: str, **fields
             batch_id=record["batch_id"],
             batch_rows=record["batch_rows"],
             model_fingerprint=record["model_fingerprint"],
+            refiner_fingerprint=record.get("refiner_fingerprint"),
             device=record["device"],
             dtype=record["dtype"],
             torch_threads=record["torch_threads"],
@@ -490,7 +492,7 @@ class WorkerActor:
     (its own thread) tells it which shard comes next, so its rows are read meanwhile."""
 
     def __init__(self, spec_json: str, out_url: str, endpoint_url: str | None, tracker: Any, manifest: Manifest,
-                 job_fingerprint: str, model_pin: str):
+                 job_fingerprint: str, model_pin: str, refiner_pin: str | None = None):
         import torch
 
         from sdbatch.generate import Generator
@@ -501,6 +503,7 @@ class WorkerActor:
         generator = Generator.load(
             spec.model.name, pin=model_pin, device=spec.model.device, dtype=spec.model.dtype,
             endpoint_url=endpoint_url, loras=spec.loras, compile=spec.model.compile,
+            refiner=spec.model.refiner, refiner_pin=refiner_pin,
         )
         storage = open_storage(
             out_url,
@@ -521,6 +524,7 @@ class WorkerActor:
     def ready(self) -> dict[str, Any]:
         info = self.runner.generator.info
         return {"worker": self.runner.worker_name, "model_fingerprint": info.fingerprint, "model_pin": info.pin,
+                "refiner_pin": info.refiner_pin,
                 "device": info.device, "dtype": info.dtype, "versions": info.versions}
 
     @ray.method(concurrency_group="prefetch")

@@ -132,3 +132,22 @@ def build_shapes_lora(path: Path, *, seed: int, rank: int = 4) -> Path:
     StableDiffusionPipeline.save_lora_weights(path.parent, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
                                               weight_name=path.name, safe_serialization=True)
     return path
+
+
+def build_sdxl_refiner(folder: Path, base: Path) -> Path:
+    """A tiny SDXL refiner (``StableDiffusionXLImg2ImgPipeline``: no first text encoder, an
+    aesthetic-score UNet conditioned on text_encoder_2 alone), holding the base's text_encoder_2
+    and VAE as the real refiner folder does."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    torch.manual_seed(1)
+    base_pipe = StableDiffusionXLPipeline.from_pretrained(base)
+    # time ids: original size (2) + crop (2) + aesthetic score (1), 8 dims each, + the pooled text embedding (32)
+    unet = _sd_unet(NATIVE["sdxl"] // 2, cross_attention_dim=32, use_linear_projection=True,
+                    addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                    projection_class_embeddings_input_dim=5 * 8 + 32)
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=base_pipe.vae, text_encoder=None, tokenizer=None, text_encoder_2=base_pipe.text_encoder_2,
+        tokenizer_2=base_pipe.tokenizer_2, unet=unet, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+        scheduler=EulerDiscreteScheduler.from_config(base_pipe.scheduler.config))
+    return _save(pipe, folder)
