@@ -151,3 +151,18 @@ def build_sdxl_refiner(folder: Path, base: Path) -> Path:
         tokenizer_2=base_pipe.tokenizer_2, unet=unet, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
         scheduler=EulerDiscreteScheduler.from_config(base_pipe.scheduler.config))
     return _save(pipe, folder)
+
+
+def to_kohya(peft_lora: Path, path: Path, rank: int = 4) -> Path:
+    """The same adapter in kohya-ss naming (``lora_unet_<module path with _>.lora_down/up.weight``
+    and ``.alpha``), as sd-scripts writes SD 1.x LoRAs; alpha = rank keeps the scale at 1."""
+    from safetensors.torch import load_file, save_file
+
+    kohya = {}
+    for key, tensor in load_file(peft_lora).items():
+        module, _, kind = key.removeprefix("unet.").rpartition(".lora_")
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.{'lora_down' if kind == 'A.weight' else 'lora_up'}.weight"] = tensor
+        kohya[f"{name}.alpha"] = torch.tensor(float(rank))
+    save_file(kohya, path)
+    return path
