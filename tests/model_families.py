@@ -85,22 +85,44 @@ def build_sdxl(folder: Path) -> Path:
     return _save(pipe, folder)
 
 
-def build_sd3(folder: Path) -> Path:
+def _t5_tokenizer():
+    """A T5 (Unigram, sentencepiece-style) tokenizer over a few words and the letters, built in
+    code: no tokenizer files to download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    vocab += [(w, -2.0) for w in "a red blue green circle square on the of".split()]
+    vocab += [(chr(c), -5.0) for c in range(ord("a"), ord("z") + 1)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0,
+                           model_max_length=77)
+
+
+def build_sd3(folder: Path, *, t5: bool = False) -> Path:
+    """SD3 without its T5 encoder (as the 'no T5' checkpoints), or with a tiny one (``t5``)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel
 
     torch.manual_seed(0)
+    # the T5 embeddings are the joint attention's width; the two CLIPs' (32 + 32) are padded to it
+    joint = 64 if t5 else 32
     transformer = SD3Transformer2DModel(sample_size=NATIVE["sd3"] // 2, patch_size=1, in_channels=4, num_layers=1,
                                         attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
-                                        joint_attention_dim=32, pooled_projection_dim=64, out_channels=4)
+                                        joint_attention_dim=joint, pooled_projection_dim=64, out_channels=4)
     tok = CLIPTokenizer.from_pretrained(resolve_builtin("builtin:tiny") / "tokenizer")
     vae = _vae()
     vae.register_to_config(shift_factor=0.0625, scaling_factor=1.5)
+    tok_3 = _t5_tokenizer() if t5 else None
+    encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tok_3), d_model=joint, d_ff=37, d_kv=8, num_heads=4, num_layers=1,
+                                        pad_token_id=0, eos_token_id=1)) if t5 else None
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
                                     text_encoder=_clip(projection=True), tokenizer=tok,
                                     text_encoder_2=_clip(projection=True), tokenizer_2=tok,
-                                    text_encoder_3=None, tokenizer_3=None)
-    _save(pipe, folder)  # no T5 encoder, as the 'no T5' SD3 checkpoints: loaded with text_encoder_3=None
+                                    text_encoder_3=encoder_3, tokenizer_3=tok_3)
+    _save(pipe, folder)  # without T5: loaded with text_encoder_3=None
     return folder
 
 
