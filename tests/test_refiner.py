@@ -135,3 +135,12 @@ def test_refiner_folder_with_pickles_is_refused(sdxl_pair, tmp_path):
     manifest = write_manifest(tmp_path / "m.parquet", [{"prompt": "a red circle"}])
     code, text = submit(manifest, "--out", tmp_path / "out", "--model", base, "--refiner", copy)
     assert code == 2 and "pickle" in text and "diffusion_pytorch_model.bin" in text, text
+
+
+def test_a_worker_that_loaded_another_refiner_gets_no_shard():
+    from sdbatch.scheduler import WorkerStartError, check_worker_model
+
+    job = {"model": {"name": "m", "fingerprint": "f" * 64}, "refiner": {"name": "s3://b/r", "fingerprint": "s3-etags:aaa"}}
+    check_worker_model({"worker": "w", "model_pin": "f" * 64, "refiner_pin": "s3-etags:aaa"}, job)
+    with pytest.raises(WorkerStartError, match="the refiner changed since"):
+        check_worker_model({"worker": "w", "model_pin": "f" * 64, "refiner_pin": "s3-etags:bbb"}, job)
