@@ -4,7 +4,10 @@
 holding one (resolved, pinned and checked by ``sdbatch.models``), finds its family
 (``families.FAMILIES``: SD 1.x/2.x, SDXL, SD3) and loads the family's text-to-image pipeline
 through ``from_pretrained`` (safetensors only); its img2img pipeline is made with ``from_pipe``,
-sharing every module (no second copy of the weights).
+sharing every module (no second copy of the weights). With ``model.refiner`` (SDXL) the refiner
+pipeline is loaded given the base's ``text_encoder_2`` and VAE, and a row with ``refiner_switch``
+runs ensemble-of-experts style: the base to ``denoising_end=switch`` as latents, the refiner from
+``denoising_start=switch``, with the same per-row generators.
 ``Generator.generate`` runs one canonical batch: rows that share size, steps, sampler,
 guidance, mode and adapter set (DESIGN §3). Each row gets its own CPU ``torch.Generator``
 seeded with the row's seed, used for its initial noise and for any per-step noise of
