@@ -4,8 +4,9 @@
    run once all on adapter ``a`` and once alternating ``a``/``b`` every batch; the difference
    per batch is what ``set_adapters`` switching costs (adapters are loaded once, never fused).
 2. For the tiny random-weight pipeline of each family (SD 1.x, SD 2.x-v, SDXL, SD3; built from
-   configs like the tests'): seconds from ``Generator.load`` to the first image (1 row,
-   2 steps, native size). Tiny models: this measures the machinery, not real-model speed.
+   configs like the tests'), and SDXL with its tiny refiner (``refiner_switch`` 0.5): seconds
+   from ``Generator.load`` to the first image (1 row, 2 steps, native size). Tiny models: this
+   measures the machinery, not real-model speed.
 
     python benchmarks/bench_lora.py [--batches 8] [--batch-size 4] [--steps 4]
 """
@@ -57,20 +58,24 @@ def switching(root: Path, batches: int, size: int, steps: int) -> None:
 
 
 def first_image(root: Path) -> None:
-    from model_families import build_all
+    from model_families import build_all, build_sdxl_refiner
 
     from sdbatch.families import local_traits
     from sdbatch.generate import Generator
     from sdbatch.manifest import Row
 
-    for name, folder in build_all(root / "families").items():
+    folders = build_all(root / "families")
+    refiner = build_sdxl_refiner(root / "families" / "sdxl-refiner", folders["sdxl"])
+    runs = [(name, folder, None) for name, folder in folders.items()] + [("sdxl+refiner", folders["sdxl"], refiner)]
+    for name, folder, refiner_folder in runs:
         traits = local_traits(folder)
         started = time.perf_counter()
-        gen = Generator.load(str(folder), device="cpu")
+        gen = Generator.load(str(folder), device="cpu", refiner=str(refiner_folder) if refiner_folder else None)
         loaded = time.perf_counter()
-        gen.generate([Row(0, "x", "a red circle", "", 1, 2, 5.0, traits.native_width, traits.native_height, "default")])
+        gen.generate([Row(0, "x", "a red circle", "", 1, 2, 5.0, traits.native_width, traits.native_height, "default",
+                          refiner_switch=0.5 if refiner_folder else None)])
         done = time.perf_counter()
-        print(f"{name:5s} ({traits.family.name}, {traits.native_width}²): load {loaded - started:.2f} s, "
+        print(f"{name:12s} ({traits.family.name}, {traits.native_width}²): load {loaded - started:.2f} s, "
               f"first image {done - loaded:.2f} s, total {done - started:.2f} s")
 
 

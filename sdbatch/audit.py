@@ -190,6 +190,7 @@ class Reproducer:
                 return record, embedded, "image"
         gen = self._generator_for(None, entry.get("device"), entry.get("dtype"))
         record = ImageRecord.from_index_row(entry, gen, model_name=self.out.spec.model.name,
+                                            refiner_name=self.out.spec.model.refiner,
                                             sdbatch_version=self.out.job.sdbatch_version)
         return record, record.to_embedded(), "index"
 
@@ -218,7 +219,7 @@ class Reproducer:
             from sdbatch.generate import Generator
 
             self._generators[key] = Generator.load(model, device=device, dtype=dtype, endpoint_url=self.endpoint_url,
-                                                   loras=self.out.spec.loras)
+                                                   loras=self.out.spec.loras, refiner=self.out.spec.model.refiner)
         return self._generators[key]
 
     # -- the batch -----------------------------------------------------------------------------
@@ -325,6 +326,10 @@ class Reproducer:
             notes.insert(0, f"MODEL CHANGED: the model loaded from {gen.info.name!r} has fingerprint "
                             f"{gen.info.fingerprint[:16]}…, the image was made with {record.model_fingerprint[:16]}…; "
                             "the result is not expected to match (pass the original model with --model)")
+        if record.refiner_fingerprint and gen.info.refiner_fingerprint != record.refiner_fingerprint:
+            notes.insert(0, f"REFINER CHANGED: the refiner loaded from {gen.info.refiner_name!r} has fingerprint "
+                            f"{str(gen.info.refiner_fingerprint)[:16]}…, the image was made with {record.refiner_fingerprint[:16]}…; "
+                            "the result is not expected to match (restore the original refiner)")
         changed = {k: (v, gen.info.versions.get(k)) for k, v in record.versions.items() if gen.info.versions.get(k) != v}
         if changed:
             notes.append("software versions differ from the recorded ones: "

@@ -189,6 +189,7 @@ def submit(
     spec_path: Optional[Path] = SpecOpt,
     sets: list[str] = SetOpt,
     model: Optional[str] = typer.Option(None, "--model", help="builtin:shapes (default), a diffusers folder, or s3://…"),
+    refiner: Optional[str] = typer.Option(None, "--refiner", help="An SDXL refiner folder (local or s3://) that finishes each row's last steps (model.refiner; SDXL bases; see --refiner-switch)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Model replicas (Ray actors)."),
     gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="GPUs per worker (0 = CPU, default; 1 on GPU nodes; 0.5 packs two per GPU)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Rows per GPU batch (default 8)."),
@@ -220,6 +221,7 @@ def submit(
 
     overrides: dict[str, Any] = {
         "model.name": model,
+        "model.refiner": refiner,
         "resources.workers": workers,
         "resources.gpus_per_worker": gpus_per_worker,
         "resources.batch_size": batch_size,
@@ -229,7 +231,6 @@ def submit(
         "output.format": output_format,
         "output.image_format": image_format,
     }
-    from sdbatch.families import model_traits
     from sdbatch.lora import parse_declaration
 
     declared = dict(parse_declaration(item) for item in lora)
@@ -239,8 +240,9 @@ def submit(
     stdout.print(f"output → {out}" + ("  (dry run: nothing is written)" if dry_run else ""), soft_wrap=True)
     if deadline_at is not None:  # say which moment "06:30" became: it may be tomorrow's
         err.print(f"deadline: no shard starts at or after {local_time(deadline_at)}", highlight=False)
-    model_ref = preflight_model(spec.model.name, s3_endpoint)  # pickles, family, pin: torch-free
-    traits = model_traits(spec.model.name, s3_endpoint)
+    model_ref = preflight_model(spec.model.name, s3_endpoint)  # pickles, family, native size, pin: torch-free
+    traits = model_ref.traits
+    refiner_ref = preflight_model(spec.model.refiner, s3_endpoint, refiner_of=traits.family) if spec.model.refiner else None
     spec = spec.with_native_size(traits)
     lora_sha256 = adapter_hashes(spec.loras, s3_endpoint)
     source = open_manifest(manifest)
@@ -263,7 +265,7 @@ def submit(
         out, endpoint_url=s3_endpoint, max_attempts=spec.retries.storage_attempts,
         max_pool_connections=spec.resources.upload_threads,
     )
-    job = job_record(spec, source, model_ref.pin, lora_sha256)
+    job = job_record(spec, source, model_ref.pin, lora_sha256, refiner_ref.pin if refiner_ref else None)
     if dry_run:
         from sdbatch.dry_run import check_output, plan_job
 
@@ -360,14 +362,14 @@ def default_out(manifest: str) -> str:
     return str(Path("sdbatch-out") / stem)
 
 
-def preflight_model(name: str, endpoint_url: str | None):
-    """Check the model before any worker starts (pickles, family; no torch import) and pin it
-    (``sdbatch.models.preflight``): its ModelRef."""
+def preflight_model(name: str, endpoint_url: str | None, refiner_of=None):
+    """Check the model (or the refiner of a base of family ``refiner_of``) before any worker
+    starts (pickles, family; no torch import) and pin it (``sdbatch.models.preflight``): its ModelRef."""
     from sdbatch.models import preflight
     from sdbatch.storage import StorageError
 
     try:
-        return preflight(name, endpoint_url=endpoint_url)
+        return preflight(name, endpoint_url=endpoint_url, refiner_of=refiner_of)
     except StorageError as exc:
         raise BadInput(f"model {name!r}: {exc}") from None
 

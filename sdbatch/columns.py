@@ -35,6 +35,7 @@ class Range:
     hi: float | str
     fix: str
     lo_open: bool = False
+    hi_open: bool = False
     multiple_of: int | None = None
     finite: str | None = None  # the fix for NaN/infinity; None: the column is an integer
 
@@ -45,12 +46,13 @@ class Range:
         hi = self.upper(limits)
         hi_text = f"{hi:,}" if isinstance(hi, int) else f"{hi:g}"
         where = f" (limits.{self.hi})" if isinstance(self.hi, str) else ""
-        return f"{self.lo:g} {'<' if self.lo_open else '<='} {name} <= {hi_text}{where}"
+        return f"{self.lo:g} {'<' if self.lo_open else '<='} {name} {'<' if self.hi_open else '<='} {hi_text}{where}"
 
     def accepts(self, value: float, limits: Any) -> bool:
         low_ok = value > self.lo if self.lo_open else value >= self.lo
+        high_ok = value < self.upper(limits) if self.hi_open else value <= self.upper(limits)
         on_grid = self.multiple_of is None or value % self.multiple_of == 0
-        return low_ok and value <= self.upper(limits) and on_grid and value == value  # NaN fails
+        return low_ok and high_ok and on_grid and value == value  # NaN fails
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,8 @@ class Column:
     a1111_rank: int = 0
     a1111_value: Callable[[dict[str, Any]], Any] | None = None
     #: added after the record format was fixed: the image record holds it only when it differs
-    #: from its default, so images made before it existed keep their bytes and reproduce
+    #: from its default (a nullable column's: None), so images made before it existed keep
+    #: their bytes and reproduce; the job fingerprint holds its spec default only when changed
     recorded_when_set: bool = False
     #: a column the Row holds in another form than the manifest's (``loras``: parsed adapter
     #: pairs): its index type, the Row's type and default, and the conversions between the Row's
@@ -90,6 +93,11 @@ class Column:
         """The type of ``RowDefaults.<name>``: a default of None (width, height) means the
         model's native size, filled in at submit (``JobSpec.with_native_size``)."""
         return self.python_type | None if self.default is None else self.python_type
+
+    @property
+    def unset(self) -> Any:
+        """The Row's value when the column does not apply or is left at its default."""
+        return None if self.nullable else self.default
 
     @property
     def stored_type(self) -> pa.DataType:
@@ -262,6 +270,15 @@ COLUMNS: tuple[Column, ...] = (
            description="used only by rows with init_image",
            range=Range(0, 1, "use a strength such as 0.75", lo_open=True),
            a1111="Denoising strength", a1111_rank=70, a1111_value=_denoising),
+    # AUTOMATIC1111's "Refiner switch at": the fraction of the schedule the base model runs before
+    # model.refiner takes over; the Row holds None in a job without a refiner (manifest.read_rows)
+    Column("refiner_switch", pa.float64(), _NUMBER, "a float column", "write refiner_switch as float64",
+           default=0.8, spec_bounds={"gt": 0, "lt": 1}, flag="--refiner-switch", batch_key=True, nullable=True,
+           description="AUTOMATIC1111's 'Refiner switch at': the fraction of the steps the base model runs before "
+                       "model.refiner finishes them (jobs with a refiner only)",
+           range=Range(0, 1, "use a switch such as 0.8 (the base runs 80% of the steps, the refiner the rest)",
+                       lo_open=True, hi_open=True, finite="use a number such as 0.8, or null for the job default"),
+           a1111="Refiner switch at", a1111_rank=92, a1111_value=_float("refiner_switch"), recorded_when_set=True),
     Column("clip_skip", pa.int64(), _INT, "an integer column", _int_fix("clip_skip"), default=1,
            spec_bounds={"ge": 1, "le": 12}, flag="--clip-skip", batch_key=True,
            description="AUTOMATIC1111's Clip skip: 1 = the text encoder's last layer (the default), "
@@ -288,7 +305,9 @@ BATCH_KEY: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.batch_key)
 #: order, with their types (the quality columns, ``quality.QUALITY_COLUMN_TYPES``, follow them).
 RESULT_COLUMNS: dict[str, pa.DataType] = {
     "shard": pa.string(), "batch_id": pa.string(), "batch_rows": pa.list_(pa.string()),
-    "model_fingerprint": pa.string(), "device": pa.string(), "dtype": pa.string(), "torch_threads": pa.int64(),
+    "model_fingerprint": pa.string(),
+    "refiner_fingerprint": pa.string(),  # the refiner's sha256 fingerprint for refined rows; null: base only
+    "device": pa.string(), "dtype": pa.string(), "torch_threads": pa.int64(),
     "versions": pa.string(), "init_image_sha256": pa.string(),
     "prompt_truncated_at": pa.int64(),  # the prompt character where the text encoder stopped reading; null: all read
     "status": pa.string(), "error": pa.string(),
@@ -310,13 +329,14 @@ def index_types() -> dict[str, pa.DataType]:
 def record_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
     """A row's parameters as an image record holds them (see ``Column.recorded_when_set``)."""
     return {k: v for k, v in parameters.items()
-            if not (k in COLUMN and COLUMN[k].recorded_when_set and v == COLUMN[k].default)}
+            if not (k in COLUMN and COLUMN[k].recorded_when_set and v == COLUMN[k].unset)}
 
 
 def fingerprint_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
     """The spec defaults as the job fingerprint hashes them: a column added later counts only
     when set, so a job started before it existed still resumes."""
-    return record_parameters(defaults)
+    return {k: v for k, v in defaults.items()
+            if not (k in COLUMN and COLUMN[k].recorded_when_set and v == COLUMN[k].default)}
 
 
 def suggest(name: str, choices: Iterable[str]) -> str | None:

@@ -134,6 +134,7 @@ class JobRecord(Document):
     manifest: ManifestPin
     model: ModelPin
     loras: dict[str, LoraPin] = {}
+    refiner: ModelPin | None = None  # model.refiner, pinned like the model
     sdbatch_version: str | None = None
     created_at: str | None = None
 

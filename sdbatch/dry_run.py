@@ -25,7 +25,7 @@ from sdbatch.manifest import Manifest, ManifestReader
 from sdbatch.output import OutputMismatch, committed_index, committed_shards, refuse_foreign_objects, what_changed
 from sdbatch.plan import canonical_batches
 from sdbatch.spec import JobSpec
-from sdbatch.storage import LocalStorage, Storage, StorageConfigError, open_storage
+from sdbatch.storage import LocalStorage, Storage, StorageConfigError
 
 
 @dataclass
@@ -87,13 +87,9 @@ def check_output(storage: Storage) -> None:
 def model_family(name: str, endpoint_url: str | None) -> str:
     """The diffusers pipeline class named by the model's ``model_index.json`` (checked by the
     same family rule as a submit's preflight)."""
-    from sdbatch.models import check_family, local_model_dir
+    from sdbatch.families import model_traits
 
-    if name.startswith("s3://"):
-        index = open_storage(name, endpoint_url=endpoint_url).get("model_index.json")
-    else:
-        index = (local_model_dir(name) / "model_index.json").read_bytes()
-    return check_family(name, index)
+    return model_traits(name, endpoint_url).family.class_name
 
 
 def plan_job(spec: JobSpec, manifest: Manifest, storage: Storage, job: JobRecord, *, new_run: bool = False,

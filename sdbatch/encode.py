@@ -90,7 +90,7 @@ class MetadataTooLarge(ValueError):
 _RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _RE_SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
 # Where the parameters that are not manifest columns go, in A1111's order (columns: columns.py).
-_RANK_MODEL_HASH, _RANK_MODEL, _RANK_LORA_HASHES, _RANK_VERSION = 60, 61, 90, 100
+_RANK_MODEL_HASH, _RANK_MODEL, _RANK_LORA_HASHES, _RANK_REFINER, _RANK_VERSION = 60, 61, 90, 91, 100
 # A1111 label -> column, for the columns parse_infotext reads back as plain numbers.
 _NUMERIC_LABELS = {c.a1111: c for c in COLUMNS if c.a1111 and c.name not in ("width", "scheduler")}
 
@@ -133,7 +133,8 @@ def infotext(record: dict) -> str:
     them), negative_prompt, every column with an A1111 label in the column table (steps,
     scheduler — ``default``: the A1111 name of ``scheduler_config``'s class —, guidance_scale,
     seed, width/height, strength only when ``init_image`` is set, clip_skip only above 1),
-    model_hash, model_name, the loras' ``Lora hashes``, sdbatch_version.  Missing/None values are
+    model_hash, model_name, the loras' ``Lora hashes``, the refiner (``Refiner: NAME [HASH10]``;
+    ``Refiner switch at`` is a column's label), sdbatch_version.  Missing/None values are
     left out, as A1111 leaves out None.
     """
     loras = record.get("loras") or []
@@ -148,6 +149,8 @@ def infotext(record: dict) -> str:
     if loras:
         params.append((_RANK_LORA_HASHES, "Lora hashes",
                        ", ".join(f"{a['name']}: {str(a.get('sha256') or '')[:10]}" for a in loras)))
+    if _present(record.get("refiner_name")):  # A1111: "Refiner: NAME [HASH10]", then "Refiner switch at"
+        params.append((_RANK_REFINER, "Refiner", f"{record['refiner_name']} [{str(record.get('refiner_fingerprint'))[:10]}]"))
     if _present(record.get("sdbatch_version")):
         params.append((_RANK_VERSION, "Version", f"sdbatch {record['sdbatch_version']}"))
     params = sorted((p for p in params if p[2] is not None), key=lambda p: p[0])

@@ -3,21 +3,21 @@
 A family is found from ``model_index.json`` ``_class_name``. The table below says, for each
 supported class, which diffusers pipelines make its text-to-image and img2img stages (built
 from the same loaded components), which samplers it accepts and where its native size comes
-from (denoiser ``sample_size`` × the VAE's scale factor). Nothing here imports torch, so the
-driver can refuse an unsupported model or a row's sampler before any worker starts.
+from (denoiser ``sample_size`` × the VAE's scale factor), and which refiner class it takes
+(``model.refiner``: SDXL's ``StableDiffusionXLImg2ImgPipeline``). Nothing here imports torch, so
+the driver can refuse an unsupported model, refiner or row sampler before any worker starts.
+The configs are read through a ``models.JsonReader``, so preflight reads each file once.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sdbatch.columns import SCHEDULERS, family_samplers
 from sdbatch.errors import BadInput
-from sdbatch.models import NULL_CLASS_NAME
+from sdbatch.models import NULL_CLASS_NAME, JsonReader
 
 #: Samplers of the noise-prediction families (SD 1.x/2.x, SDXL), from the sampler table.
 DIFFUSION_SAMPLERS = family_samplers(flow=False)
@@ -39,6 +39,7 @@ class Family:
     denoiser: str  # the component folder whose config holds sample_size
     size_conditioning: bool = False  # SDXL micro-conditioning (original/target size, crop)
     fixed_size: int | None = None  # a native size not read from configs (builtin:null)
+    refiner: str | None = None  # the pipeline class of the refiner this family takes (model.refiner)
 
 
 FAMILIES: dict[str, Family] = {
@@ -47,7 +48,8 @@ FAMILIES: dict[str, Family] = {
         Family("SD 1.x / 2.x", "StableDiffusionPipeline", "StableDiffusionPipeline",
                "StableDiffusionImg2ImgPipeline", DIFFUSION_SAMPLERS, "unet"),
         Family("SDXL", "StableDiffusionXLPipeline", "StableDiffusionXLPipeline",
-               "StableDiffusionXLImg2ImgPipeline", DIFFUSION_SAMPLERS, "unet", size_conditioning=True),
+               "StableDiffusionXLImg2ImgPipeline", DIFFUSION_SAMPLERS, "unet", size_conditioning=True,
+               refiner="StableDiffusionXLImg2ImgPipeline"),
         Family("SD3", "StableDiffusion3Pipeline", "StableDiffusion3Pipeline",
                "StableDiffusion3Img2ImgPipeline", FLOW_SAMPLERS, "transformer"),
         # builtin:null draws from seed and size alone (models.null_model): any sampler, no weights
@@ -65,9 +67,6 @@ class ModelTraits:
     native_height: int
 
 
-JsonReader = Callable[[str], "dict[str, Any] | None"]  # relative path in the folder -> parsed JSON or None
-
-
 def family_for_class(class_name: str | None, where: str) -> Family:
     try:
         return FAMILIES[str(class_name)]
@@ -78,10 +77,17 @@ def family_for_class(class_name: str | None, where: str) -> Family:
         ) from None
 
 
+def _model_index(read_json: JsonReader, where: str) -> dict[str, Any]:
+    index = read_json("model_index.json")
+    if not isinstance(index, dict):
+        raise FamilyError(f"model at {where}: model_index.json is missing or not a JSON object; "
+                          "pass a diffusers folder as written by save_pretrained")
+    return index
+
+
 def read_traits(read_json: JsonReader, where: str) -> ModelTraits:
     """Family and native size of the model whose files ``read_json`` reads."""
-    index = read_json("model_index.json") or {}
-    family = family_for_class(index.get("_class_name"), where)
+    family = family_for_class(_model_index(read_json, where).get("_class_name"), where)
     if family.fixed_size:
         return ModelTraits(family, native_width=family.fixed_size, native_height=family.fixed_size)
     denoiser = read_json(f"{family.denoiser}/config.json") or {}
@@ -98,40 +104,33 @@ def read_traits(read_json: JsonReader, where: str) -> ModelTraits:
     return ModelTraits(family, native_width=int(sample_w) * scale, native_height=int(sample_h) * scale)
 
 
-def local_traits(folder: Path) -> ModelTraits:
-    def read(rel: str) -> dict[str, Any] | None:
-        path = folder / rel
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+def check_refiner(read_json: JsonReader, where: str, base: Family) -> None:
+    """``model.refiner`` must be the refiner class ``base``'s family takes (SDXL's:
+    ``StableDiffusionXLImg2ImgPipeline``); FamilyError naming what was found and the fix."""
+    if base.refiner is None:
+        takes = ", ".join(f"{f.name} ({f.class_name})" for f in FAMILIES.values() if f.refiner)
+        raise FamilyError(f"model.refiner {where}: the base model is a {base.name} model ({base.class_name}), which "
+                          f"takes no refiner; only {takes} bases do. Remove model.refiner (--refiner), or use an SDXL base")
+    class_name = _model_index(read_json, where).get("_class_name")
+    if class_name != base.refiner:
+        raise FamilyError(f"model.refiner {where}: model_index.json names pipeline class {class_name!r}; an {base.name} "
+                          f"refiner is a {base.refiner} folder (such as stabilityai/stable-diffusion-xl-refiner-1.0 "
+                          "saved with save_pretrained). Point model.refiner (--refiner) at one")
 
-    return read_traits(read, str(folder))
+
+def local_traits(folder: Path) -> ModelTraits:
+    from sdbatch.models import folder_json_reader
+
+    return read_traits(folder_json_reader(folder), str(folder))
 
 
 def model_traits(name: str, endpoint_url: str | None = None) -> ModelTraits:
     """Traits of ``--model`` (builtin, local folder or ``s3://`` prefix) from its configs;
     FamilyError naming the model and the fix when it is missing or not a supported family."""
-    if not name.startswith("s3://"):
-        from sdbatch.models import local_model_dir
-
-        try:
-            folder = local_model_dir(name)
-        except ValueError as exc:
-            raise FamilyError(str(exc)) from None
-        return local_traits(folder)
-    from sdbatch.storage import NotFound, StorageError, open_storage
+    from sdbatch.models import ModelError, model_json_reader
 
     try:
-        storage = open_storage(name, endpoint_url=endpoint_url)
-    except StorageError as exc:
-        raise FamilyError(f"model {name!r}: {exc}") from None
-
-    def read(rel: str) -> dict[str, Any] | None:
-        try:
-            return json.loads(storage.get(rel))
-        except NotFound:
-            return None
-        except StorageError as exc:
-            raise FamilyError(f"model {name!r}: {exc}") from None
-
-    if read("model_index.json") is None:
-        raise FamilyError(f"model {name!r}: no model_index.json under that prefix; it must hold a diffusers folder")
+        read = model_json_reader(name, endpoint_url)
+    except ModelError as exc:
+        raise FamilyError(str(exc)) from None
     return read_traits(read, name)

@@ -4,7 +4,10 @@
 holding one (resolved, pinned and checked by ``sdbatch.models``), finds its family
 (``families.FAMILIES``: SD 1.x/2.x, SDXL, SD3) and loads the family's text-to-image pipeline
 through ``from_pretrained`` (safetensors only); its img2img pipeline is made with ``from_pipe``,
-sharing every module (no second copy of the weights).
+sharing every module (no second copy of the weights). With ``model.refiner`` (SDXL) the refiner
+pipeline is loaded given the base's ``text_encoder_2`` and VAE, and a row with ``refiner_switch``
+runs ensemble-of-experts style: the base to ``denoising_end=switch`` as latents, the refiner from
+``denoising_start=switch``, with the same per-row generators.
 ``Generator.generate`` runs one canonical batch: rows that share size, steps, sampler,
 guidance, mode and adapter set (DESIGN §3). Each row gets its own CPU ``torch.Generator``
 seeded with the row's seed, used for its initial noise and for any per-step noise of
@@ -49,10 +52,10 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from PIL import Image
 
 from sdbatch.columns import DEFAULT_SAMPLER, SAMPLERS
-from sdbatch.families import Family, local_traits
+from sdbatch.families import Family
 from sdbatch.lora import LoraSet, check_safetensors, sha256_hex
 from sdbatch.manifest import Row
-from sdbatch.models import GeneratedBatch, ModelError, fingerprint_model_dir, resolve
+from sdbatch.models import NULL_CLASS_NAME, GeneratedBatch, ModelError, fingerprint_model_dir, resolve
 from sdbatch.storage import read_uri
 
 if TYPE_CHECKING:
@@ -126,11 +129,27 @@ class ModelInfo:
     versions: dict[str, str]
     threads: int  # torch intra-op threads: on CPU, the reduction order and so the last bit depend on it
     family: str = "StableDiffusionPipeline"  # model_index.json _class_name
+    refiner_name: str | None = None  # model.refiner, as the job names it
+    refiner_fingerprint: str | None = None  # sha256 over every file of the refiner folder loaded
+    refiner_pin: str | None = None  # what the job pins the refiner to
 
     @property
     def short_hash(self) -> str:
         """A1111-style 10-hex model hash."""
         return self.fingerprint[:10]
+
+
+def _load_pipeline(class_name: str, model: str, folder: Path, dtype: torch.dtype, components: dict[str, Any],
+                   device: str) -> DiffusionPipeline:
+    """``from_pretrained`` of a diffusers folder (safetensors only, no network) on ``device``;
+    ``components`` are passed in (shared modules, or None for those sdbatch never runs)."""
+    pipeline_cls = getattr(diffusers, class_name)
+    try:
+        pipe = pipeline_cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True,
+                                            **{**_absent_components(pipeline_cls, folder), **components})
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model {model!r} could not be loaded from {folder}: {exc}") from exc
+    return pipe.to(device)
 
 
 def _absent_components(pipeline_cls: type, folder: Path) -> dict[str, None]:
@@ -220,8 +239,10 @@ class Generator:
     and the job's LoRA adapters."""
 
     def __init__(self, txt2img: DiffusionPipeline, info: ModelInfo, family: Family,
-                 loras: dict[str, str] | None = None, endpoint_url: str | None = None, compiled: bool = False):
+                 loras: dict[str, str] | None = None, endpoint_url: str | None = None, compiled: bool = False,
+                 refiner: DiffusionPipeline | None = None):
         self.txt2img = txt2img
+        self.refiner = refiner
         self.compiled = compiled
         self._warm_shapes: set[tuple] = set()
         self.img2img = getattr(diffusers, family.img2img).from_pipe(txt2img)
@@ -229,8 +250,9 @@ class Generator:
         self.info = info
         self.loras = LoraCache(txt2img, loras or {}, endpoint_url)
         self._tokenizers = _Tokenizers([t for t in (getattr(txt2img, "tokenizer", None), getattr(txt2img, "tokenizer_2", None)) if t is not None])
-        self._scheduler_config = dict(txt2img.scheduler.config)
-        self._own_scheduler = type(txt2img.scheduler)
+        # each stage's own scheduler (class and config): samplers are built from it per batch
+        self._schedulers = {stage: (type(pipe.scheduler), dict(pipe.scheduler.config))
+                            for stage, pipe in (("base", txt2img), ("refiner", refiner)) if pipe is not None}
         self._sampler_configs: dict[str, dict[str, Any]] = {}
         # SD3's img2img renders at its native size unless told the (init image's) row size
         self._img2img_takes_size = "height" in inspect.signature(self.img2img.__call__).parameters
@@ -240,8 +262,9 @@ class Generator:
                 # transformers 5 flattened into text_encoder.final_layer_norm; point the old name at
                 # the model itself (bypassing nn.Module registration, so it is no submodule)
                 object.__setattr__(encoder, "text_model", encoder)
-        for pipe in (self.txt2img, self.img2img):
-            pipe.set_progress_bar_config(disable=True)
+        for pipe in (self.txt2img, self.img2img, refiner):
+            if pipe is not None:
+                pipe.set_progress_bar_config(disable=True)
 
     @classmethod
     def load(
@@ -254,52 +277,58 @@ class Generator:
         endpoint_url: str | None = None,
         loras: dict[str, str] | None = None,
         compile: bool = False,
+        refiner: str | None = None,
+        refiner_pin: str | None = None,
     ) -> Generator | NullGenerator:
-        """Load ``model``; ``builtin:null`` (any folder whose model_index names the null model)
-        gives a ``NullGenerator``, which has this class's interface."""
-        from sdbatch.models.null_model import NullGenerator, is_null_model
+        """Load ``model`` (and ``refiner``, an SDXL refiner sharing the base's ``text_encoder_2``
+        and VAE); ``builtin:null`` (any folder whose model_index names the null model) gives a
+        ``NullGenerator``, which has this class's interface."""
+        from sdbatch.models.null_model import NullGenerator
 
-        folder, found_pin = resolve(model, pin=pin, endpoint_url=endpoint_url)
-        fingerprint = fingerprint_model_dir(folder) if model.startswith("s3://") else found_pin
-        if is_null_model(folder):
-            return NullGenerator.from_folder(model, folder, fingerprint, found_pin)
-        family = local_traits(folder).family  # resolve() checked the family; this names its pipelines
+        ref = resolve(model, pin=pin, endpoint_url=endpoint_url)
+        fingerprint = fingerprint_model_dir(ref.folder) if model.startswith("s3://") else ref.pin
+        family = ref.traits.family  # resolve() checked the family; this names its pipelines
+        if family.class_name == NULL_CLASS_NAME:
+            return NullGenerator.from_folder(model, ref.folder, fingerprint, ref.pin)
         device = pick_device(device)
         torch_dtype = pick_dtype(dtype, device)
-        pipeline_cls = getattr(diffusers, family.txt2img)
-        try:
-            pipe = pipeline_cls.from_pretrained(
-                folder,
-                dtype=torch_dtype,
-                use_safetensors=True,
-                local_files_only=True,
-                **{**_absent_components(pipeline_cls, folder), **LOAD_OPTIONS.get(family.class_name, {})},
-            )
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"model {model!r} could not be loaded from {folder}: {exc}") from exc
-        pipe = pipe.to(device)
+        pipe = _load_pipeline(family.txt2img, model, ref.folder, torch_dtype, LOAD_OPTIONS.get(family.class_name, {}), device)
+        refiner_pipe, refiner_ref = None, None
+        if refiner is not None:
+            refiner_ref = resolve(refiner, pin=refiner_pin, endpoint_url=endpoint_url, refiner_of=family)
+            # ensemble of experts: the refiner reads the base's second text encoder and VAE (no second copy)
+            refiner_pipe = _load_pipeline(family.refiner, refiner, refiner_ref.folder, torch_dtype, {
+                "text_encoder_2": pipe.text_encoder_2, "tokenizer_2": pipe.tokenizer_2, "vae": pipe.vae}, device)
         unet = family.denoiser == "unet"  # SD3's transformer keeps its own joint-attention processors
         for module in (pipe.unet, pipe.vae) if unet else (pipe.vae,):
             module.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA (flash / memory-efficient kernels)
+        if refiner_pipe is not None:
+            refiner_pipe.unet.set_attn_processor(AttnProcessor2_0())
         versions = software_versions()
         if device == "cuda" and unet:  # on CPU it is slower and would change the recorded images' low bits
-            pipe.unet.to(memory_format=torch.channels_last)
+            for stage in (pipe, refiner_pipe):
+                if stage is not None:
+                    stage.unet.to(memory_format=torch.channels_last)
         if compile:
             setattr(pipe, family.denoiser, torch.compile(getattr(pipe, family.denoiser)))
             versions["torch_compile"] = family.denoiser  # compiled kernels can change the low bits: recorded
         info = ModelInfo(
             name=model,
             fingerprint=fingerprint,
-            pin=found_pin,
+            pin=ref.pin,
             device=device,
             dtype=str(torch_dtype).removeprefix("torch."),
             versions=versions,
             threads=torch.get_num_threads(),
             family=family.class_name,
+            **({"refiner_name": refiner, "refiner_pin": refiner_ref.pin, "refiner_fingerprint":
+                fingerprint_model_dir(refiner_ref.folder) if refiner.startswith("s3://") else refiner_ref.pin}
+               if refiner_ref else {}),
         )
-        log.info("loaded %s model %s on %s (%s%s), fingerprint %s", family.name, model, device, info.dtype,
-                 ", compiled" if compile else "", info.short_hash)
-        generator = cls(pipe, info, family, loras=loras, endpoint_url=endpoint_url, compiled=compile)
+        log.info("loaded %s model %s on %s (%s%s), fingerprint %s%s", family.name, model, device, info.dtype,
+                 ", compiled" if compile else "", info.short_hash,
+                 f", refiner {refiner} ({info.refiner_fingerprint[:10]})" if refiner_ref else "")
+        generator = cls(pipe, info, family, loras=loras, endpoint_url=endpoint_url, compiled=compile, refiner=refiner_pipe)
         generator.build_samplers()
         return generator
 
@@ -311,20 +340,24 @@ class Generator:
         for name in self.family.samplers:
             sampler = SAMPLERS.get(name)
             if sampler is None or all(importlib.util.find_spec(m) for m in sampler.requires):
-                try:
-                    self.scheduler_config(name)
-                except Exception as exc:  # noqa: BLE001 - any diffusers error: the model and sampler do not fit
-                    built = f" ({sampler.diffusers_class})" if sampler else " (the model's own scheduler)"
-                    raise ModelError(f"sampler {name!r}{built} cannot be built from the scheduler config of model "
-                                     f"{self.info.name!r}: {type(exc).__name__}: {exc}") from exc
+                for stage in self._schedulers:
+                    try:
+                        self.make_scheduler(name, stage)
+                    except Exception as exc:  # noqa: BLE001 - any diffusers error: the model and sampler do not fit
+                        built = f" ({sampler.diffusers_class})" if sampler else " (the model's own scheduler)"
+                        model = self.info.refiner_name if stage == "refiner" else self.info.name
+                        raise ModelError(f"sampler {name!r}{built} cannot be built from the scheduler config of "
+                                         f"{stage} {model!r}: {type(exc).__name__}: {exc}") from exc
 
-    def make_scheduler(self, name: str):
+    def make_scheduler(self, name: str, stage: str = "base"):
+        """Sampler ``name`` built from the scheduler config of ``stage`` (``base`` or ``refiner``)."""
         if name not in self.family.samplers:
             raise ModelError(f"scheduler {name!r} is not one of the {self.family.name} family's: {', '.join(self.family.samplers)}")
+        own, config = self._schedulers[stage]
         if name == DEFAULT_SAMPLER:
-            return self._own_scheduler.from_config(self._scheduler_config)
+            return own.from_config(config)
         sampler = SAMPLERS[name]
-        return getattr(diffusers, sampler.diffusers_class).from_config({**self._scheduler_config, **sampler.overrides})
+        return getattr(diffusers, sampler.diffusers_class).from_config({**config, **sampler.overrides})
 
     def scheduler_config(self, name: str) -> dict[str, Any]:
         """The full config of the sampler as used, for the metadata record (built once per
@@ -340,6 +373,12 @@ class Generator:
             return {}
         size = (row.height, row.width)
         return {"original_size": size, "target_size": size, "crops_coords_top_left": (0, 0)}
+
+    def refiner_record(self, row: Row) -> dict[str, Any]:
+        """The refiner a row ran through, for its record and index (nothing for base-only rows)."""
+        if row.refiner_switch is None:
+            return {}
+        return {"refiner_name": self.info.refiner_name, "refiner_fingerprint": self.info.refiner_fingerprint}
 
     def prompt_truncated_at(self, prompt: str) -> int | None:
         return self._tokenizers.truncated_at(prompt)
@@ -381,15 +420,23 @@ class Generator:
         self.loras.use(first.loras)
         pipe = self.img2img if first.is_img2img else self.txt2img
         pipe.scheduler = self.make_scheduler(first.scheduler)
+        switch = first.refiner_switch
+        if switch is not None and self.refiner is None:
+            raise ModelError(f"row {first.id} has refiner_switch {switch:g} but no refiner is loaded (model.refiner)")
+        # ensemble of experts: the base stops at the switch, the refiner denoises the rest
+        stop = {"denoising_end": switch} if switch is not None else {}
         if first.is_img2img:
             if init_images is None or len(init_images) != len(rows) or any(i is None for i in init_images):
                 raise ValueError("img2img rows need one init image each")
             images = [resize_for_row(img, first.width, first.height) for img in init_images]
             size = dict(height=first.height, width=first.width) if self._img2img_takes_size else {}
-            result = pipe(image=images, strength=first.strength, **size, **common)
+            latents = pipe(image=images, strength=first.strength, **size, **stop, **common).images
         else:
-            result = pipe(height=first.height, width=first.width, **common)
-        return result.images
+            latents = pipe(height=first.height, width=first.width, **stop, **common).images
+        if switch is None:
+            return latents
+        self.refiner.scheduler = self.make_scheduler(first.scheduler, "refiner")
+        return self.refiner(image=latents, denoising_start=switch, **common).images
 
     def _decode(self, latents: torch.Tensor) -> GeneratedBatch:
         """Latents → uint8 pixels on the device → one copy to the host; bad rows (see the

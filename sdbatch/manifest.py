@@ -60,7 +60,7 @@ def _row_field(column: Column) -> tuple:
 #: One manifest row with every job default applied: ``index`` (0-based position in the
 #: manifest, across all its files), one field per column of the column table (``init_image``
 #: is the resolved location: an absolute local path or an s3:// URI; ``strength`` is set for
-#: img2img rows only), and ``extra``, the passthrough columns, untouched.
+#: img2img rows only, ``refiner_switch`` in jobs with a refiner only), and ``extra``, the passthrough columns, untouched.
 Row = make_dataclass(
     "Row",
     [("index", int), *sorted((_row_field(c) for c in COLUMNS), key=lambda f: len(f) == 3),  # defaulted fields last
@@ -538,8 +538,8 @@ class ManifestReader:
         Only the row groups overlapping the range are read (found from the Parquet footers),
         so the cost depends on the range, not on the manifest's size. A null in an optional
         column means "use the job default"; a missing seed is derived with ``derive_seed``;
-        ``strength`` is set only for img2img rows (row value or ``defaults.strength``).
-        Passthrough columns go into ``Row.extra`` as plain Python values (``to_pylist``). The
+        ``strength`` is set only for img2img rows (row value or ``defaults.strength``),
+        ``refiner_switch`` only in a job with ``model.refiner``. Passthrough columns go into ``Row.extra`` as plain Python values (``to_pylist``). The
         rows are assumed to have passed ``validate_manifest``.
         """
         manifest = self.manifest
@@ -625,7 +625,7 @@ def iter_batch_keys(manifest: Manifest, spec: JobSpec) -> Iterator[tuple] | None
 
 
 #: Columns whose null is not simply "the job default" (read_rows resolves them itself).
-_RESOLVED_COLUMNS = ("id", "prompt", "seed", "init_image", "strength", "loras")
+_RESOLVED_COLUMNS = ("id", "prompt", "seed", "init_image", "strength", "loras", "refiner_switch")
 
 
 def _rows_from_table(table: pa.Table, first_row: int, manifest: Manifest, spec: JobSpec) -> list[Row]:
@@ -638,7 +638,8 @@ def _rows_from_table(table: pa.Table, first_row: int, manifest: Manifest, spec: 
         if column.name not in _RESOLVED_COLUMNS:
             default, convert = getattr(d, column.name, None), column.python_type
             plain[column.name] = [convert(v) if v is not None else default for v in cols.get(column.name, none)]
-    ids, prompts, seeds, inits, strengths, loras = (cols.get(name, none) for name in _RESOLVED_COLUMNS)
+    ids, prompts, seeds, inits, strengths, loras, switches = (cols.get(name, none) for name in _RESOLVED_COLUMNS)
+    refined = spec.model.refiner is not None
     extra_names = [c for c in table.column_names if c not in KNOWN_COLUMNS]
     rows = []
     for i in range(n):
@@ -658,6 +659,9 @@ def _rows_from_table(table: pa.Table, first_row: int, manifest: Manifest, spec: 
                 if init_loc is not None
                 else None,
                 loras=adapters,
+                refiner_switch=(float(switches[i]) if switches[i] is not None else float(d.refiner_switch))
+                if refined
+                else None,
                 extra={name: cols[name][i] for name in extra_names},
                 **{name: values[i] for name, values in plain.items()},
             )
@@ -1057,7 +1061,8 @@ def _check_range(b: _Batch, column: Column, limits: Any) -> None:
     hi = rule.upper(limits)
     hi = pa.scalar(hi, pa.uint64()) if pa.types.is_unsigned_integer(arr.type) else hi
     low_ok = pc.greater(values, rule.lo) if rule.lo_open else pc.greater_equal(values, rule.lo)
-    bad = pc.invert(pc.and_(low_ok, pc.less_equal(values, hi)))  # NaN compares false: out of range
+    high_ok = pc.less(values, hi) if rule.hi_open else pc.less_equal(values, hi)
+    bad = pc.invert(pc.and_(low_ok, high_ok))  # NaN compares false: out of range
     if nonfinite is not None:
         bad = pc.and_(bad, pc.invert(nonfinite))  # already reported as not finite
     b.flag(name, bad, rule.text(name, limits), rule.fix)
@@ -1339,6 +1344,11 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
             no_steps = has_init & (strength_v > 0) & (strength_v <= 1) & (steps_v >= 1) & (np.floor(steps_v * strength_v) < 1)
             b.flag("strength", no_steps, "img2img needs steps * strength >= 1 (it runs int(steps * strength) denoising steps)",
                    "raise strength or steps for this row", pa.array(strength_v))
+            rs = b.cols.get("refiner_switch")
+            if spec.model.refiner is None and rs is not None and not pa.types.is_null(rs.type):
+                b.flag("refiner_switch", pc.is_valid(rs).to_numpy(zero_copy_only=False),
+                       "refiner_switch is only for jobs with a refiner, and model.refiner is not set",
+                       "set model.refiner (--refiner PATH) to an SDXL refiner folder, or leave refiner_switch null", rs)
             _check_loras(b, parr, spec.loras)
             if file_bad_all:
                 b.bad[:] = True

@@ -278,18 +278,21 @@ def read_index(storage: Storage, job_fingerprint: str) -> tuple[pa.Table, int | 
 
 
 def job_record(spec: JobSpec, manifest: Manifest, model_fingerprint: str | None,
-               lora_sha256: dict[str, str] | None = None) -> JobRecord:
+               lora_sha256: dict[str, str] | None = None, refiner_pin: str | None = None) -> JobRecord:
     """``_sdbatch/job.json``. Its fingerprint covers everything that decides the images and
-    where rows land — spec settings, manifest content, model weights, LoRA adapters' bytes —
-    so a resume with any of them changed is refused rather than mixing two jobs in one OUT."""
+    where rows land — spec settings, manifest content, model weights, the refiner's pin, LoRA
+    adapters' bytes — so a resume with any of them changed is refused rather than mixing two
+    jobs in one OUT."""
     lora_sha256 = lora_sha256 or {}
     return JobRecord(
         fingerprint=fingerprint({
             "spec": spec.fingerprint_fields(), "manifest": manifest.fingerprint,
             "rows": manifest.num_rows, "model": model_fingerprint,
             **({"loras": lora_sha256} if lora_sha256 else {}),
+            **({"refiner": refiner_pin} if refiner_pin else {}),
         }),
         loras={name: LoraPin(path=spec.loras[name], sha256=sha) for name, sha in lora_sha256.items()},
+        refiner=ModelPin(name=spec.model.refiner, fingerprint=refiner_pin) if refiner_pin else None,
         spec=spec.model_dump(mode="json"),
         manifest=ManifestPin(source=manifest.source, fingerprint=manifest.fingerprint, num_rows=manifest.num_rows,
                              files=list(manifest.files)),
@@ -424,7 +427,7 @@ def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def what_changed(existing: JobRecord, job: JobRecord) -> str:
-    """What differs between the job OUT holds and ``job``: manifest, spec keys, model."""
+    """What differs between the job OUT holds and ``job``: manifest, spec keys, model, refiner, LoRAs."""
     changes = []
     old_m, new_m = existing.manifest, job.manifest
     if (old_m.fingerprint, old_m.num_rows) != (new_m.fingerprint, new_m.num_rows):
@@ -441,4 +444,14 @@ def what_changed(existing: JobRecord, job: JobRecord) -> str:
     if existing.model.fingerprint != job.model.fingerprint:
         changes.append(f"the model {job.model.name!r} (pinned {existing.model.fingerprint} when that job was "
                        f"submitted, now {job.model.fingerprint})")
+    old_refiner, new_refiner = existing.refiner, job.refiner
+    if (old_refiner and old_refiner.fingerprint) != (new_refiner and new_refiner.fingerprint):
+        changes.append(f"the refiner {(new_refiner or old_refiner).name!r} (pinned "
+                       f"{old_refiner and old_refiner.fingerprint} when that job was submitted, now "
+                       f"{new_refiner and new_refiner.fingerprint})")
+    for name in sorted(set(existing.loras) | set(job.loras)):
+        old, new = existing.loras.get(name), job.loras.get(name)
+        if (old and old.sha256) != (new and new.sha256):
+            changes.append(f"the LoRA {name}={(new or old).path} (sha256 {str(old and old.sha256)[:12]}… when that "
+                           f"job was submitted, now {str(new and new.sha256)[:12]}…)")
     return "; ".join(changes) or f"job fingerprint {existing.fingerprint} there, {job.fingerprint} here"

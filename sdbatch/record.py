@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 #: The generation facts of a record that its index row stores (besides the row's parameters).
 INDEXED = ("shard", "batch_id", "batch_rows", "model_fingerprint", "device", "dtype", "torch_threads", "versions",
-           "init_image_sha256", "prompt_truncated_at")
+           "init_image_sha256", "prompt_truncated_at", "refiner_fingerprint")
 assert set(INDEXED) <= set(RESULT_COLUMNS), "every indexed record field is a declared index column"
 
 
@@ -81,6 +81,9 @@ class ImageRecord:
     scheduler_config: dict[str, Any]
     size_conditioning: dict[str, list] = field(default_factory=dict)  # SDXL's; empty for other families
     sdbatch_version: str | None = sdbatch.__version__
+    # model.refiner, for a row it refined (``refiner_switch`` set); the name follows from the job
+    refiner_name: str | None = None
+    refiner_fingerprint: str | None = None
 
     @property
     def model_hash(self) -> str:
@@ -100,15 +103,15 @@ class ImageRecord:
             init_image_sha256=init_image_sha256,
             model_fingerprint=info.fingerprint, device=info.device, dtype=info.dtype, versions=dict(info.versions),
             torch_threads=info.threads,
-            **_from_model(generator, row, info.name),
+            **_from_model(generator, row, info.name), **generator.refiner_record(row),
         )
 
     @classmethod
     def from_index_row(cls, entry: dict[str, Any], generator: Any, *, model_name: str,
-                       sdbatch_version: str | None) -> ImageRecord:
+                       sdbatch_version: str | None, refiner_name: str | None = None) -> ImageRecord:
         """The record as the worker made it, rebuilt from its index row and, for what the
         index leaves out, the model loaded to regenerate it (``generator``), the job's
-        ``model_name`` and ``sdbatch_version`` (job.json)."""
+        ``model_name``, ``refiner_name`` and ``sdbatch_version`` (job.json)."""
         info = generator.info
         row = row_from_stored(entry, passthrough_of(entry))
         return cls(
@@ -121,6 +124,8 @@ class ImageRecord:
             versions=json.loads(entry["versions"]) if entry.get("versions") else dict(info.versions),
             torch_threads=entry.get("torch_threads"),
             **_from_model(generator, row, model_name), sdbatch_version=sdbatch_version,
+            **({"refiner_name": refiner_name, "refiner_fingerprint": entry.get("refiner_fingerprint")}
+               if row.refiner_switch is not None else {}),
         )
 
     def to_index_row(self, **result: Any) -> dict[str, Any]:
@@ -135,6 +140,8 @@ class ImageRecord:
             "prompt_truncated_at": self.prompt_truncated_at,
             **({"size_conditioning": {k: list(v) for k, v in self.size_conditioning.items()}}
                if self.size_conditioning else {}),
+            **({"refiner_name": self.refiner_name, "refiner_fingerprint": self.refiner_fingerprint}
+               if self.row.refiner_switch is not None else {}),
             "init_image_sha256": self.init_image_sha256,
             "shard": self.shard,
             "batch_id": self.batch_id,
@@ -166,6 +173,7 @@ class ImageRecord:
             torch_threads=get("torch_threads"), model_name=str(get("model_name") or ""),
             model_family=str(get("model_family") or ""), scheduler_config=dict(get("scheduler_config") or {}),
             size_conditioning=dict(get("size_conditioning") or {}), sdbatch_version=get("sdbatch_version"),
+            refiner_name=get("refiner_name"), refiner_fingerprint=get("refiner_fingerprint"),
         )
 
     def describes(self, entry: dict[str, Any]) -> bool:

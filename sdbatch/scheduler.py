@@ -220,6 +220,13 @@ def check_worker_model(ready: dict[str, Any], job: JobRecord) -> None:
             f"but the job was submitted with {pinned}: the model changed since. Nothing more was generated; "
             "restore the model, or submit to a new --out (or with --new-run) to use the new one"
         )
+    refiner = job.refiner
+    if refiner and ready.get("refiner_pin") != refiner.fingerprint:
+        raise WorkerStartError(
+            f"worker {ready.get('worker')} loaded refiner {refiner.name!r} pinned {ready.get('refiner_pin')}, "
+            f"but the job was submitted with {refiner.fingerprint}: the refiner changed since. Nothing more was "
+            "generated; restore the refiner, or submit to a new --out (or with --new-run) to use the new one"
+        )
 
 
 @dataclass
@@ -337,7 +344,7 @@ class Driver:
         res = self.spec.resources
         handle = WorkerActor.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, max_restarts=0).remote(
             self.spec_json, self.storage.url, self.endpoint_url, self.tracker, self.manifest,
-            self.job.fingerprint, self.job.model.fingerprint,
+            self.job.fingerprint, self.job.model.fingerprint, self.job.refiner.fingerprint if self.job.refiner else None,
         )
         return _Actor(handle, handle.ready.remote())
 

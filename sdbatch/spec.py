@@ -38,6 +38,11 @@ class ModelSpec(_Section):
         "builtin:shapes",
         description="builtin:NAME, a local diffusers folder, or an s3:// prefix holding one",
     )
+    refiner: str | None = Field(
+        None,
+        description="an SDXL refiner folder (StableDiffusionXLImg2ImgPipeline; local or s3://) that finishes each "
+        "row's last steps after the base, from the row's refiner_switch (ensemble of experts); SDXL bases only",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto = cuda when the worker has a GPU, else cpu"
     )
@@ -219,6 +224,7 @@ class JobSpec(_Section):
         return {
             "seed": self.seed,
             "model": self.model.name,
+            **({"refiner": self.model.refiner} if self.model.refiner else {}),  # its pin: output.job_record
             "dtype": self.model.dtype,
             "compile": self.model.compile,
             "defaults": fingerprint_defaults(self.defaults.model_dump()),

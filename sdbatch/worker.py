@@ -478,7 +478,7 @@ class WorkerActor:
     driver's next call."""
 
     def __init__(self, spec_json: str, out_url: str, endpoint_url: str | None, tracker: Any, manifest: Manifest,
-                 job_fingerprint: str, model_pin: str):
+                 job_fingerprint: str, model_pin: str, refiner_pin: str | None = None):
         import torch
 
         from sdbatch.generate import Generator
@@ -489,6 +489,7 @@ class WorkerActor:
         generator = Generator.load(
             spec.model.name, pin=model_pin, device=spec.model.device, dtype=spec.model.dtype,
             endpoint_url=endpoint_url, loras=spec.loras, compile=spec.model.compile,
+            refiner=spec.model.refiner, refiner_pin=refiner_pin,
         )
         storage = open_storage(
             out_url,
@@ -511,6 +512,7 @@ class WorkerActor:
     def ready(self) -> dict[str, Any]:
         info = self.runner.generator.info
         return {"worker": self.runner.worker_name, "model_fingerprint": info.fingerprint, "model_pin": info.pin,
+                "refiner_pin": info.refiner_pin,
                 "device": info.device, "dtype": info.dtype, "versions": info.versions}
 
     @ray.method(concurrency_group="prefetch")

@@ -85,22 +85,44 @@ def build_sdxl(folder: Path) -> Path:
     return _save(pipe, folder)
 
 
-def build_sd3(folder: Path) -> Path:
+def _t5_tokenizer():
+    """A T5 (Unigram, sentencepiece-style) tokenizer over a few words and the letters, built in
+    code: no tokenizer files to download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    vocab += [(w, -2.0) for w in "a red blue green circle square on the of".split()]
+    vocab += [(chr(c), -5.0) for c in range(ord("a"), ord("z") + 1)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0,
+                           model_max_length=77)
+
+
+def build_sd3(folder: Path, *, t5: bool = False) -> Path:
+    """SD3 without its T5 encoder (as the 'no T5' checkpoints), or with a tiny one (``t5``)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel
 
     torch.manual_seed(0)
+    # the T5 embeddings are the joint attention's width; the two CLIPs' (32 + 32) are padded to it
+    joint = 64 if t5 else 32
     transformer = SD3Transformer2DModel(sample_size=NATIVE["sd3"] // 2, patch_size=1, in_channels=4, num_layers=1,
                                         attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
-                                        joint_attention_dim=32, pooled_projection_dim=64, out_channels=4)
+                                        joint_attention_dim=joint, pooled_projection_dim=64, out_channels=4)
     tok = CLIPTokenizer.from_pretrained(resolve_builtin("builtin:tiny") / "tokenizer")
     vae = _vae()
     vae.register_to_config(shift_factor=0.0625, scaling_factor=1.5)
+    tok_3 = _t5_tokenizer() if t5 else None
+    encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tok_3), d_model=joint, d_ff=37, d_kv=8, num_heads=4, num_layers=1,
+                                        pad_token_id=0, eos_token_id=1)) if t5 else None
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
                                     text_encoder=_clip(projection=True), tokenizer=tok,
                                     text_encoder_2=_clip(projection=True), tokenizer_2=tok,
-                                    text_encoder_3=None, tokenizer_3=None)
-    _save(pipe, folder)  # no T5 encoder, as the 'no T5' SD3 checkpoints: loaded with text_encoder_3=None
+                                    text_encoder_3=encoder_3, tokenizer_3=tok_3)
+    _save(pipe, folder)  # without T5: loaded with text_encoder_3=None
     return folder
 
 
@@ -131,4 +153,38 @@ def build_shapes_lora(path: Path, *, seed: int, rank: int = 4) -> Path:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
     StableDiffusionPipeline.save_lora_weights(path.parent, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
                                               weight_name=path.name, safe_serialization=True)
+    return path
+
+
+def build_sdxl_refiner(folder: Path, base: Path) -> Path:
+    """A tiny SDXL refiner (``StableDiffusionXLImg2ImgPipeline``: no first text encoder, an
+    aesthetic-score UNet conditioned on text_encoder_2 alone), holding the base's text_encoder_2
+    and VAE as the real refiner folder does."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    torch.manual_seed(1)
+    base_pipe = StableDiffusionXLPipeline.from_pretrained(base)
+    # time ids: original size (2) + crop (2) + aesthetic score (1), 8 dims each, + the pooled text embedding (32)
+    unet = _sd_unet(NATIVE["sdxl"] // 2, cross_attention_dim=32, use_linear_projection=True,
+                    addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                    projection_class_embeddings_input_dim=5 * 8 + 32)
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=base_pipe.vae, text_encoder=None, tokenizer=None, text_encoder_2=base_pipe.text_encoder_2,
+        tokenizer_2=base_pipe.tokenizer_2, unet=unet, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+        scheduler=EulerDiscreteScheduler.from_config(base_pipe.scheduler.config))
+    return _save(pipe, folder)
+
+
+def to_kohya(peft_lora: Path, path: Path, rank: int = 4) -> Path:
+    """The same adapter in kohya-ss naming (``lora_unet_<module path with _>.lora_down/up.weight``
+    and ``.alpha``), as sd-scripts writes SD 1.x LoRAs; alpha = rank keeps the scale at 1."""
+    from safetensors.torch import load_file, save_file
+
+    kohya = {}
+    for key, tensor in load_file(peft_lora).items():
+        module, _, kind = key.removeprefix("unet.").rpartition(".lora_")
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.{'lora_down' if kind == 'A.weight' else 'lora_up'}.weight"] = tensor
+        kohya[f"{name}.alpha"] = torch.tensor(float(rank))
+    save_file(kohya, path)
     return path

@@ -55,7 +55,7 @@ def test_submit_has_one_flag_per_flagged_column():
 def test_batch_key_is_every_batch_key_column():
     base = a_row()
     changed = {"steps": 21, "guidance_scale": 5.0, "width": 72, "height": 72, "scheduler": "euler",
-               "strength": 0.5, "clip_skip": 2, "loras": (("ink", 0.8),)}
+               "strength": 0.5, "clip_skip": 2, "loras": (("ink", 0.8),), "refiner_switch": 0.8}
     assert set(changed) == set(C.BATCH_KEY)
     for name, value in changed.items():
         assert dataclasses.replace(base, **{name: value}).batch_key() != base.batch_key(), name
@@ -63,18 +63,20 @@ def test_batch_key_is_every_batch_key_column():
 
 
 def test_infotext_writes_and_reads_every_labelled_column():
-    record = {**a_row(init_image="/i.png", strength=0.5, clip_skip=2, scheduler="euler_a").parameters(),
-              "model_hash": "abcdef0123", "sdbatch_version": "0.1.0"}
+    record = {**a_row(init_image="/i.png", strength=0.5, clip_skip=2, scheduler="euler_a", refiner_switch=0.7).parameters(),
+              "model_hash": "abcdef0123", "sdbatch_version": "0.1.0", "refiner_name": "xl-refiner",
+              "refiner_fingerprint": "0123456789abcdef"}
     text = infotext(record)
     assert text.splitlines()[-1] == ("Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 5, Size: 64x64, "
-                                     "Model hash: abcdef0123, Denoising strength: 0.5, Clip skip: 2, Version: sdbatch 0.1.0")
+                                     "Model hash: abcdef0123, Denoising strength: 0.5, Clip skip: 2, "
+                                     "Refiner: xl-refiner [0123456789], Refiner switch at: 0.7, Version: sdbatch 0.1.0")
     parsed = parse_infotext(text)
     for column in C.COLUMNS:
         if column.a1111:
             assert parsed[column.name] == record[column.name], column.name
     # A1111 leaves out clip skip 1 and the strength of a text-to-image row
     plain = infotext({**a_row(strength=0.5).parameters()})
-    assert "Clip skip" not in plain and "Denoising strength" not in plain
+    assert "Clip skip" not in plain and "Denoising strength" not in plain and "Refiner" not in plain
     assert A1111_SAMPLER_NAMES == {s.name: s.a1111 for s in C.SAMPLERS.values() if not s.flow}
 
 
@@ -82,6 +84,11 @@ def test_record_and_index_round_trip_through_the_table():
     row = a_row(clip_skip=2, extra={"label": "x"})
     assert C.record_parameters(row.parameters())["clip_skip"] == 2
     assert "clip_skip" not in C.record_parameters(a_row().parameters())  # images from before the column
+    assert "refiner_switch" not in C.record_parameters(a_row().parameters())  # a row without a refiner
+    refined = a_row(refiner_switch=0.8)  # at the job default, still recorded: the row was refined
+    assert C.record_parameters(refined.parameters())["refiner_switch"] == 0.8
+    assert row_from_stored(C.record_parameters(refined.parameters())) == refined
+    assert "refiner_switch" not in C.fingerprint_defaults({"refiner_switch": 0.8, "steps": 20})
     assert row_from_stored(row.parameters(), row.extra) == row
     old_index_row = {k: v for k, v in a_row().parameters().items() if k != "clip_skip"}
     assert row_from_stored(old_index_row) == a_row()
@@ -94,7 +101,8 @@ def test_record_and_index_round_trip_through_the_table():
     assert load_spec(None, ["defaults.clip_skip=2"]).fingerprint_fields()["defaults"]["clip_skip"] == 2
 
 
-BAD_VALUES = {"steps": 0, "guidance_scale": 51.0, "width": 72000, "height": 32, "strength": 1.5, "clip_skip": 13}
+BAD_VALUES = {"steps": 0, "guidance_scale": 51.0, "width": 72000, "height": 32, "strength": 1.5, "clip_skip": 13,
+              "refiner_switch": 1.0}
 
 
 @pytest.mark.parametrize("name", [c.name for c in C.COLUMNS if c.range])

@@ -32,8 +32,8 @@ EMBEDDED_KEYS = {
 
 @pytest.fixture(scope="module")
 def null_generator():
-    folder, pin = resolve("builtin:null")
-    return NullGenerator.from_folder("builtin:null", folder, pin, pin)
+    ref = resolve("builtin:null")
+    return NullGenerator.from_folder("builtin:null", ref.folder, ref.pin, ref.pin)
 
 
 def a_row(**changes) -> Row:

@@ -8,10 +8,12 @@ diffusers folder, or an ``s3://`` prefix holding one. Everything here runs witho
   pickle checkpoint (``*.bin``, ``*.ckpt``, ``*.pt``, ``*.pth``, ``*.pkl``, ``*.pickle``) is
   refused, even next to safetensors — sdbatch loads safetensors only and never ships a folder
   whose other files a loader could be tricked into unpickling;
-- **the family**, from ``model_index.json`` ``_class_name``: a pipeline class sdbatch does not
-  run exits 2, naming the class found and the supported ones (``StableDiffusionPipeline``, and
-  ``SdbatchNullModel``: ``builtin:null``'s folder names a model that is not a diffusers
-  pipeline, ``null_model.py``);
+- **the family**, from ``model_index.json`` ``_class_name`` (``families.FAMILIES``): a pipeline
+  class sdbatch does not run exits 2, naming the class found and the supported ones
+  (``SdbatchNullModel``: ``builtin:null``'s folder names a model that is not a diffusers
+  pipeline, ``null_model.py``); a ``model.refiner`` must be the class its base's family takes.
+  ``model_index.json`` and the configs are read once (``JsonReader``), and the same read gives
+  the family and native size (``ModelRef.traits``);
 - **the pin**, recorded in ``job.json`` at submit and compared with every worker's before it
   gets a shard: a local folder's content fingerprint (sha256 over every file of every component
   folder), an ``s3://`` prefix's ETags and sizes (``s3-etags:<sha256>``), which also key the
@@ -22,12 +24,13 @@ It also owns ``GeneratedBatch``, the batch every model returns.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,7 +39,11 @@ from sdbatch.errors import BadInput
 if TYPE_CHECKING:
     from PIL import Image
 
+    from sdbatch.families import Family, ModelTraits
+
 BUILTIN_PREFIX = "builtin:"
+#: A model folder's JSON files: relative path -> parsed JSON, or None where there is no such file.
+JsonReader = Callable[[str], Any]
 
 
 @dataclass
@@ -120,17 +127,56 @@ def refuse_pickles(where: str, names: Iterable[str]) -> None:
         )
 
 
-def check_family(where: str, model_index: bytes) -> str:
-    """The pipeline class named by ``model_index.json``; a ``families.FamilyError`` (bad input)
-    names the supported ones if sdbatch cannot run it."""
-    from sdbatch.families import family_for_class
+def folder_json_reader(folder: Path) -> JsonReader:
+    """The JSON files of a local model folder, each read (and parsed) at most once."""
+
+    @functools.cache
+    def read(rel: str) -> Any:
+        path = folder / rel
+        return _parse_json(path.read_bytes(), rel, str(folder)) if path.is_file() else None
+
+    return read
+
+
+def storage_json_reader(storage: Any, where: str) -> JsonReader:
+    """The JSON files under an ``s3://`` model prefix, each read at most once; ModelError when
+    the prefix cannot be read."""
+    from sdbatch.storage import NotFound, StorageError
+
+    @functools.cache
+    def read(rel: str) -> Any:
+        try:
+            return _parse_json(storage.get(rel), rel, where)
+        except NotFound:
+            return None
+        except StorageError as exc:
+            raise ModelError(f"model {where!r}: {exc}") from None
+
+    return read
+
+
+def _parse_json(data: bytes, rel: str, where: str) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise ModelError(f"model at {where}: {rel} is not valid JSON; pass a diffusers folder as written by "
+                         "save_pretrained") from None
+
+
+def model_json_reader(name: str, endpoint_url: str | None = None) -> JsonReader:
+    """The JSON reader of ``builtin:NAME``, a local folder or an ``s3://`` prefix (which must
+    hold a model_index.json), for its configs alone (no listing, no pin)."""
+    if not name.startswith("s3://"):
+        return folder_json_reader(local_model_dir(name))
+    from sdbatch.storage import StorageError, open_storage
 
     try:
-        class_name = json.loads(model_index).get("_class_name")
-    except (ValueError, AttributeError):
-        raise ModelError(f"model at {where}: model_index.json is not a JSON object; "
-                         "pass a diffusers folder as written by save_pretrained") from None
-    return family_for_class(class_name, where).class_name
+        read = storage_json_reader(open_storage(name, endpoint_url=endpoint_url), name)
+    except StorageError as exc:
+        raise ModelError(f"model {name!r}: {exc}") from None
+    if read("model_index.json") is None:
+        raise ModelError(f"model {name!r}: no model_index.json under that prefix; it must hold a diffusers folder")
+    return read
 
 
 def local_model_dir(name: str) -> Path:
@@ -151,27 +197,37 @@ def check_pickles(where: str, folder: Path) -> None:
     refuse_pickles(where, [p.relative_to(folder).as_posix() for p in _model_files(folder)])
 
 
-def check_folder(where: str, folder: Path) -> None:
-    """The pickle policy and the family check on a local diffusers folder."""
-    check_pickles(where, folder)
-    check_family(where, (folder / "model_index.json").read_bytes())
-
-
 @dataclass(frozen=True)
 class ModelRef:
-    """A model checked at preflight: where it is and what it is pinned to."""
+    """A model checked by the pickle policy and its family rule: where it is, what it is pinned
+    to, its family and native size (``families.ModelTraits``; None for a refiner), and, once
+    resolved on a worker, the local folder it is loaded from."""
 
     name: str
     pin: str
+    traits: ModelTraits | None
+    folder: Path | None = None
 
 
-def preflight(name: str, *, endpoint_url: str | None = None) -> ModelRef:
-    """Check the model before any worker starts (pickles, family) and pin it. ModelError, or a
-    StorageError for an s3:// prefix that cannot be read."""
+def _check_configs(where: str, read: JsonReader, refiner_of: Family | None) -> ModelTraits | None:
+    """The family rule on the configs ``read`` reads: a model's traits, or (``refiner_of``: the
+    base's family) the refiner's class check."""
+    from sdbatch.families import check_refiner, read_traits
+
+    if refiner_of is not None:
+        check_refiner(read, where, refiner_of)
+        return None
+    return read_traits(read, where)
+
+
+def preflight(name: str, *, endpoint_url: str | None = None, refiner_of: Family | None = None) -> ModelRef:
+    """Check the model (or, ``refiner_of`` given, the refiner of a base of that family) before
+    any worker starts — pickles, family — and pin it; model_index.json and the configs are read
+    once. ModelError or FamilyError, or a StorageError for an s3:// prefix that cannot be read."""
     if not name.startswith("s3://"):
         folder = local_model_dir(name)
-        check_folder(name, folder)
-        return ModelRef(name, fingerprint_model_dir(folder))
+        check_pickles(name, folder)
+        return ModelRef(name, fingerprint_model_dir(folder), _check_configs(name, folder_json_reader(folder), refiner_of))
     from sdbatch.storage import open_storage
 
     storage = open_storage(name, endpoint_url=endpoint_url)
@@ -179,11 +235,11 @@ def preflight(name: str, *, endpoint_url: str | None = None) -> ModelRef:
     if "model_index.json" not in objects:
         raise ModelError(f"model {name!r}: no model_index.json under that prefix; it must hold a diffusers folder")
     refuse_pickles(name, objects)
-    check_family(name, storage.get("model_index.json"))
-    return ModelRef(name, s3_pin(objects))
+    return ModelRef(name, s3_pin(objects), _check_configs(name, storage_json_reader(storage, name), refiner_of))
 
 
-def resolve(name: str, *, pin: str | None = None, endpoint_url: str | None = None) -> tuple[Path, str]:
+def resolve(name: str, *, pin: str | None = None, endpoint_url: str | None = None,
+            refiner_of: Family | None = None) -> ModelRef:
     """The local folder to load ``name`` from (an s3:// prefix is downloaded once per node,
     into a cache keyed by its pin) and the pin of what that folder holds, checked by the same
     policy as at preflight."""
@@ -194,5 +250,5 @@ def resolve(name: str, *, pin: str | None = None, endpoint_url: str | None = Non
     else:
         folder = local_model_dir(name)
         found = fingerprint_model_dir(folder)
-    check_folder(name, folder)
-    return folder, found
+    check_pickles(name, folder)
+    return ModelRef(name, found, _check_configs(name, folder_json_reader(folder), refiner_of), folder)

@@ -65,6 +65,7 @@ class NullModelInfo:
     versions: dict[str, str] | None = None
     threads: int = 1
     family: str = NULL_CLASS_NAME  # model_index.json _class_name, as ModelInfo.family
+    refiner_pin: None = None  # the null model takes no refiner (families.FAMILIES)
 
     @property
     def short_hash(self) -> str:
@@ -96,6 +97,9 @@ class NullGenerator:
     loras = _NoAdapters()
 
     def conditioning(self, row: Row) -> dict[str, Any]:
+        return {}
+
+    def refiner_record(self, row: Row) -> dict[str, Any]:
         return {}
 
     def prompt_truncated_at(self, prompt: str) -> int | None:
