@@ -111,25 +111,22 @@ import pyarrow.parquet as _pq
 REPO = _Path(__file__).resolve().parents[1]
 
 
+# Loopback only, as sdbatch's own local cluster (``cli.local_ray_environment``): Ray turns
+# ``_node_ip_address="127.0.0.1"`` into the host's address unless its single-machine mode is
+# on. Set before ray is imported here (Ray reads it then) and inherited by the session
+# cluster and every driver the tests start against it (a driver without it looks for a node
+# at the host's address and waits forever). Tests of the CLI's own local cluster remove it.
+RAY_SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_os.environ[RAY_SINGLE_MACHINE] = "0"
+
+
 @_pytest_s3.fixture(scope="session")
 def ray_address(s3_server):
     """One real local Ray cluster for the whole session, on loopback. Its worker processes
-    inherit the environment of this moment, so the fake AWS credentials are set first.
-
-    Loopback-only as sdbatch's own local cluster is (``cli.local_ray_environment``): Ray turns
-    ``_node_ip_address="127.0.0.1"`` into the host's address unless its single-machine mode
-    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) is on. It is on for ``ray.init`` and the
-    processes it starts only: the CLI processes the tests run must set it themselves."""
+    inherit the environment of this moment, so the fake AWS credentials are set first."""
     import ray
-    from ray._private import ray_constants
 
-    mp = _pytest_s3.MonkeyPatch()
-    mp.setenv(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")
-    mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)  # read when ray was first imported, maybe earlier
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    finally:
-        mp.undo()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     address = ray.get_runtime_context().gcs_address
     assert address.startswith("127.0.0.1:"), address
     yield address
