@@ -3,7 +3,7 @@ no cost, for measuring the machinery (batching, encode, hash, store, commit) and
 tests — not for users' images.
 
 The picture is smooth colour gradients and waves plus per-pixel noise, so its PNGs cost what
-real images cost to encode (a 512² PNG at level 1 is about 400 KB). It depends on the row's
+real images cost to encode (a 512² PNG at level 1 is about 520 KB). It depends on the row's
 seed, width and height only — never on its batch-mates, prompt or sampler — and is drawn with
 numpy alone (no torch). ``NullGenerator`` has the interface of ``generate.Generator``, so the worker,
 ``reproduce`` and ``verify`` run it like any model; ``model_index.json`` in ``models/null/``
@@ -24,15 +24,19 @@ from sdbatch.manifest import Row
 from sdbatch.models import NULL_CLASS_NAME, GeneratedBatch
 
 NOISE_BITS = 4  # per-pixel noise of 16 levels: sets the PNG size (≈ 4 bits per sample)
+SMOOTH_CELL = 4  # pixels per side of the grid the gradients and waves are drawn on
 
 
 def draw(seed: int, width: int, height: int) -> np.ndarray:
     """The (height, width, 3) uint8 picture of ``seed``: a bilinear gradient between four random
-    corner colours, two random waves, and uniform noise."""
+    corner colours and two random waves, drawn on a grid of ``SMOOTH_CELL``-pixel cells (the
+    smooth part needs no more; per-pixel float work would cost a third of a PNG encode), plus
+    per-pixel uniform noise."""
     rng = np.random.default_rng(seed)
+    rows, cols = -(-height // SMOOTH_CELL), -(-width // SMOOTH_CELL)
     corners = rng.uniform(40, 215, size=(2, 2, 3)).astype(np.float32)
-    y = np.linspace(0, 1, height, dtype=np.float32)[:, None, None]
-    x = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 1, rows, dtype=np.float32)[:, None, None]
+    x = np.linspace(0, 1, cols, dtype=np.float32)[None, :, None]
     top = corners[0, 0] * (1 - x) + corners[0, 1] * x
     bottom = corners[1, 0] * (1 - x) + corners[1, 1] * x
     picture = top * (1 - y) + bottom * y
@@ -40,9 +44,13 @@ def draw(seed: int, width: int, height: int) -> np.ndarray:
         fx, fy, phase = rng.uniform(1, 6), rng.uniform(1, 6), rng.uniform(0, 2 * np.pi)
         colour = rng.uniform(-25, 25, size=3).astype(np.float32)
         picture = picture + np.sin(2 * np.pi * (fx * x + fy * y) + phase) * colour
-    noise = np.frombuffer(rng.bytes(height * width * 3), np.uint8).reshape(height, width, 3)
     # the smooth part stays within [0, 255 - 15], so adding the noise cannot overflow uint8
-    return np.clip(picture, 0, 255 - (1 << NOISE_BITS) + 1).astype(np.uint8) + (noise >> (8 - NOISE_BITS))
+    smooth = np.clip(picture, 0, 255 - (1 << NOISE_BITS) + 1).astype(np.uint8)
+    smooth = smooth.repeat(SMOOTH_CELL, axis=0).repeat(SMOOTH_CELL, axis=1)[:height, :width]
+    noise = np.frombuffer(rng.bytes(height * width * 3), np.uint8).reshape(height, width, 3)
+    picture = noise >> (8 - NOISE_BITS)
+    picture += smooth
+    return picture
 
 
 @dataclass(frozen=True)
