@@ -111,6 +111,15 @@ import pyarrow.parquet as _pq
 REPO = _Path(__file__).resolve().parents[1]
 
 
+# Loopback only, as sdbatch's own local cluster (``cli.local_ray_environment``): Ray turns
+# ``_node_ip_address="127.0.0.1"`` into the host's address unless its single-machine mode is
+# on. Set before ray is imported here (Ray reads it then) and inherited by the session
+# cluster and every driver the tests start against it (a driver without it looks for a node
+# at the host's address and waits forever). Tests of the CLI's own local cluster remove it.
+RAY_SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_os.environ[RAY_SINGLE_MACHINE] = "0"
+
+
 @_pytest_s3.fixture(scope="session")
 def ray_address(s3_server):
     """One real local Ray cluster for the whole session, on loopback. Its worker processes
@@ -120,6 +129,7 @@ def ray_address(s3_server):
     # "local": a cluster of the session's own, not the last one a `ray start` left on this machine
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     address = ray.get_runtime_context().gcs_address
+    assert address.startswith("127.0.0.1:"), address
     yield address
     ray.shutdown()
 

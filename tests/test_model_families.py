@@ -51,11 +51,27 @@ def parse_with_sd_parsers(data: bytes):
 # one CLI job per family: native size, explicit size, a long prompt, an img2img row
 
 
-@pytest.fixture(scope="module", params=["sd15", "sd2v", "sdxl", "sd3"])
-def family_job(request, family_models, ray_address, tmp_path_factory):
+FAMILY_NAMES = ["sd15", "sd2v", "sdxl", "sd3"]
+
+
+@pytest.fixture(scope="module")
+def module_jobs(family_models, shapes_loras, ray_address, tmp_path_factory):
+    """The module's five CLI jobs (one per family, then the LoRA job), started at once and run
+    two at a time on the session cluster's two CPUs: a tiny job is mostly its processes
+    starting (imports, model load, one core each), so two overlap on a 2-core machine.
+    name -> Future of what its fixture below reads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        jobs = {name: pool.submit(run_family_job, name, family_models[name], ray_address, tmp_path_factory)
+                for name in FAMILY_NAMES}
+        jobs["lora"] = pool.submit(run_lora_job, shapes_loras, ray_address, tmp_path_factory)
+        yield jobs
+
+
+def run_family_job(name: str, model: Path, ray_address: str, tmp_path_factory) -> dict:
     from model_families import NATIVE
 
-    name = request.param
     tmp = tmp_path_factory.mktemp(f"job-{name}")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp / "init.png")
     rows = [
@@ -66,9 +82,14 @@ def family_job(request, family_models, ray_address, tmp_path_factory):
     ]
     manifest = write_manifest(tmp / "manifest.parquet", rows)
     out = tmp / "out"
-    result = cli(ray_address, "submit", manifest, "--out", out, "--model", family_models[name], "--steps", "2",
+    result = cli(ray_address, "submit", manifest, "--out", out, "--model", model, "--steps", "2",
                  "--set", "defaults.strength=0.5", "--batch-size", "4")
-    return {"name": name, "native": NATIVE[name], "out": out, "result": result, "model": family_models[name]}
+    return {"name": name, "native": NATIVE[name], "out": out, "result": result, "model": model}
+
+
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
+def family_job(request, module_jobs):
+    return module_jobs[request.param].result()
 
 
 def test_family_job_renders_native_and_explicit_sizes(family_job):
@@ -152,8 +173,7 @@ LORA_GROUPS = {  # id prefix -> (prompt, loras column)
 }
 
 
-@pytest.fixture(scope="module")
-def lora_job(shapes_loras, ray_address, tmp_path_factory):
+def run_lora_job(shapes_loras, ray_address: str, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("lora-job")
     # groups interleaved in the manifest: the plan must still batch each adapter set alone
     rows = [{"id": f"{g}-{seed}", "prompt": p, "loras": c, "seed": seed}
@@ -166,6 +186,11 @@ def lora_job(shapes_loras, ray_address, tmp_path_factory):
     index = {r["id"]: r for r in load_index(out)}
     data = {rid: (out / r["key"]).read_bytes() for rid, r in index.items()}
     return {"out": out, "index": index, "data": data}
+
+
+@pytest.fixture(scope="module")
+def lora_job(module_jobs):
+    return module_jobs["lora"].result()
 
 
 def test_lora_changes_the_image_and_scale_zero_is_no_adapter(lora_job):

@@ -184,7 +184,7 @@ def jobs_run(jobs_cluster, s3_bucket_module, tmp_path_factory):
     client.put_object(Bucket=bucket, Key="manifests/night.parquet", Body=sink.getvalue().to_pybytes())
     out = f"s3://{bucket}/run"
     command = ["sdbatch", "submit", f"s3://{bucket}/manifests/night.parquet", "--out", out, "--s3-endpoint", endpoint,
-               "--workers", "1", "--rows-per-shard", str(RPS), "--batch-size", str(BATCH), "--steps", "4"]
+               "--workers", "1", "--rows-per-shard", str(RPS), "--batch-size", str(BATCH), "--steps", "2"]
     markers = tmp_path_factory.mktemp("chaos")
     # job 1 holds at shard HELD, and each process's first two PutObjects answer 503 (botocore
     # retries them; a metric counts it): tests/faulty_sdbatch.py installs both in its driver

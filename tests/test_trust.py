@@ -21,7 +21,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, write_manifest
+from conftest import RAY_SINGLE_MACHINE, REPO, write_manifest
 
 from sdbatch.documents import JobRecord
 from sdbatch.models import fingerprint_model_dir, resolve_builtin
@@ -327,7 +327,7 @@ def test_the_fingerprint_covers_every_file_of_every_component(tmp_path):
 
 @pytest.mark.slow
 def test_a_local_cluster_listens_on_loopback_only(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", RAY_SINGLE_MACHINE)}  # the CLI's to set
     manifest = write_manifest(tmp_path / "m.parquet", rows(6))
     driver = subprocess.Popen([sys.executable, "-m", "sdbatch", "submit", manifest, "--out", tmp_path / "out",
                                *FAST, "--set", "resources.cpus_per_worker=1"],
