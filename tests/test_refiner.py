@@ -138,9 +138,11 @@ def test_refiner_folder_with_pickles_is_refused(sdxl_pair, tmp_path):
 
 
 def test_a_worker_that_loaded_another_refiner_gets_no_shard():
+    from sdbatch.documents import JobRecord, ModelPin
     from sdbatch.scheduler import WorkerStartError, check_worker_model
 
-    job = {"model": {"name": "m", "fingerprint": "f" * 64}, "refiner": {"name": "s3://b/r", "fingerprint": "s3-etags:aaa"}}
+    job = JobRecord.model_construct(model=ModelPin(name="m", fingerprint="f" * 64),
+                                    refiner=ModelPin(name="s3://b/r", fingerprint="s3-etags:aaa"))
     check_worker_model({"worker": "w", "model_pin": "f" * 64, "refiner_pin": "s3-etags:aaa"}, job)
     with pytest.raises(WorkerStartError, match="the refiner changed since"):
         check_worker_model({"worker": "w", "model_pin": "f" * 64, "refiner_pin": "s3-etags:bbb"}, job)
