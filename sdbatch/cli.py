@@ -71,8 +71,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True, highlight=False)
-stdout = Console(highlight=False)
+# soft_wrap: a line longer than the terminal (or 80 columns, off a terminal) is never broken
+# mid-sentence by rich — logs and scripts read whole lines
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+stdout = Console(highlight=False, soft_wrap=True)
 
 
 def _print_version(value: bool) -> None:
@@ -117,7 +119,7 @@ def use_endpoint(endpoint_url: str | None) -> None:
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
     """The one error printer: ``error: MESSAGE`` on stderr, then exit with ``code``."""
     err.print("[bold red]error:[/] ", end="")
-    err.print(message, soft_wrap=True, markup=False)
+    err.print(message, markup=False)
     return typer.Exit(code)
 
 
@@ -237,7 +239,7 @@ def submit(
     spec = load_spec(spec_path, sets, {**overrides, **{f"loras.{n}": p for n, p in declared.items()}})
     deadline_at = parse_deadline(deadline) if deadline else None
     out = out or spec.output.location or default_out(manifest)
-    stdout.print(f"output → {out}" + ("  (dry run: nothing is written)" if dry_run else ""), soft_wrap=True)
+    stdout.print(f"output → {out}" + ("  (dry run: nothing is written)" if dry_run else ""))
     if deadline_at is not None:  # say which moment "06:30" became: it may be tomorrow's
         err.print(f"deadline: no shard starts at or after {local_time(deadline_at)}", highlight=False)
     model_ref = preflight_model(spec.model.name, s3_endpoint)  # pickles, family, native size, pin: torch-free
@@ -248,10 +250,10 @@ def submit(
     source = open_manifest(manifest)
     report = validate_manifest(source, spec, strict=strict, family=traits.family)
     if not report.ok:
-        err.print(report.render(), soft_wrap=True, markup=False)
+        err.print(report.render(), markup=False)
         raise BadInput(f"manifest {manifest} has {report.issue_count} invalid values; nothing was written to {out}")
     for warning in report.warnings:
-        err.print(f"warning: {warning}", soft_wrap=True, markup=False)
+        err.print(f"warning: {warning}", markup=False)
     from sdbatch.manifest import check_init_image_roots
 
     check_init_image_roots(source, spec, [out, spec.model.name])
@@ -271,7 +273,7 @@ def submit(
 
         check_output(storage)
         plan = plan_job(spec, source, storage, job, new_run=new_run, endpoint_url=s3_endpoint)
-        stdout.print(plan.render(), soft_wrap=True, markup=False)
+        stdout.print(plan.render(), markup=False)
         if plan.refused:
             raise typer.Exit(EXIT_BAD_INPUT)
         return
@@ -297,7 +299,7 @@ def submit(
 
     report_url = write_report_quietly(storage)
     if report_url:
-        stdout.print(f"report → {report_url}", soft_wrap=True)
+        stdout.print(f"report → {report_url}")
     if outcome.exit_code:
         raise fail(outcome.message, outcome.exit_code)
 
@@ -455,12 +457,12 @@ def status(
         stdout.print(f"speed      {progress.images_per_second} images/s, {eta_text(progress.eta_seconds)}")
         stdout.print(f"updated    {progress.updated_at}")
         for failed in progress.failed_shards:
-            stdout.print(f"failed     shard {failed_shard_text(failed.model_dump())}", soft_wrap=True, markup=False)
+            stdout.print(f"failed     shard {failed_shard_text(failed.model_dump())}", markup=False)
     if success:
         stdout.print(f"result     {success.rows_ok} ok, {success.rows_failed} failed, finished {success.finished_at}")
         if success.failed_rows:
-            stdout.print("failed rows (first ones; all in index.parquet, status=failed):", soft_wrap=True)
-            stdout.print(failed_rows_text(success.failed_rows), soft_wrap=True, markup=False)
+            stdout.print("failed rows (first ones; all in index.parquet, status=failed):")
+            stdout.print(failed_rows_text(success.failed_rows), markup=False)
 
 
 @command(epilog="Exit codes: 0 the lock was removed (or there was none); 2 a driver may still hold it, or OUT is unreadable.")
@@ -482,7 +484,7 @@ def unlock(
         stdout.print(f"no lock on {out_location}: nothing to do")
     else:
         stdout.print(f"removed the lock of driver {held.get('driver', '?')} (host {held.get('host', '?')}, "
-                     f"pid {held.get('pid', '?')}) on {out_location}", soft_wrap=True)
+                     f"pid {held.get('pid', '?')}) on {out_location}")
 
 
 @command(epilog="")
@@ -511,12 +513,12 @@ def reproduce(
     except ValueError as exc:  # the recorded model cannot be loaded (models raise ValueError)
         raise BadInput(f"cannot reproduce {row_id}: {exc}") from None
     for note in result.notes:
-        err.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+        err.print(f"[yellow]note:[/] {note}")
     if output is not None:
         output.write_bytes(result.data)
     batch = f"batch {result.batch_id}: {len(result.batch_rows)} rows" + ("" if result.batch_rebuilt else " (NOT the recorded batch)")
-    stdout.print(f"{result.key}  ({batch}; record from the {'stored image' if result.record_source == 'image' else 'index'})", soft_wrap=True)
-    stdout.print(result.summary(), soft_wrap=True)
+    stdout.print(f"{result.key}  ({batch}; record from the {'stored image' if result.record_source == 'image' else 'index'})")
+    stdout.print(result.summary())
     if output is not None:
         stdout.print(f"wrote {output}")
     if not result.match:
@@ -545,7 +547,7 @@ def verify(
     report = run_verify(out_location, regenerate=regenerate, seed=seed, endpoint_url=s3_endpoint, model=model,
                         rebuild_index=rebuild_index,
                         progress=lambda msg: err.print(msg, highlight=False) if verbose else None)
-    stdout.print(report.render(), soft_wrap=True, markup=False)
+    stdout.print(report.render(), markup=False)
     if not report.clean:
         raise typer.Exit(1)
 
@@ -560,8 +562,7 @@ def report(
     from sdbatch.report import write_report
     from sdbatch.storage import open_storage
 
-    stdout.print(f"report → {write_report(open_storage(out_location, endpoint_url=s3_endpoint), gpu_hour_usd)}",
-                 soft_wrap=True)
+    stdout.print(f"report → {write_report(open_storage(out_location, endpoint_url=s3_endpoint), gpu_hour_usd)}")
 
 
 @command(epilog=READER_EXIT_CODES_HELP)
@@ -600,7 +601,7 @@ def stats(
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:
-        stdout.print(render(result), markup=False, soft_wrap=True)
+        stdout.print(render(result), markup=False)
 
 
 @command(epilog=READER_EXIT_CODES_HELP)

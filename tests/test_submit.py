@@ -27,6 +27,9 @@ def test_submit_writes_every_row_once_with_metadata(run_cli, small_manifest, tmp
     result = run_cli("submit", small_manifest, "--out", out, *FAST, "--guidance-scale", "6.5", "--workers", "2")
     assert result.returncode == 0, result.stderr
     assert (out / "_SUCCESS").is_file()
+    # the summary is one line, never wrapped at 80 columns off a terminal
+    summary = [line for line in result.stdout.splitlines() if "images generated this run" in line]
+    assert len(summary) == 1 and summary[0].endswith(f"full → {out.resolve().as_uri()}"), result.stdout
     manifest = pq.read_table(small_manifest).to_pylist()
     index = load_index(out)
     assert [r["id"] for r in index] == [m["id"] for m in manifest]  # one to one, in manifest order
