@@ -441,14 +441,12 @@ def what_changed(existing: JobRecord, job: JobRecord) -> str:
     keys = [k for k in new_spec if old_spec.get(k) != new_spec[k]]
     if keys:
         changes.append("the settings " + ", ".join(f"{k} ({old_spec.get(k)!r} → {new_spec[k]!r})" for k in keys))
-    if existing.model.fingerprint != job.model.fingerprint:
-        changes.append(f"the model {job.model.name!r} (pinned {existing.model.fingerprint} when that job was "
-                       f"submitted, now {job.model.fingerprint})")
-    old_refiner, new_refiner = existing.refiner, job.refiner
-    if (old_refiner and old_refiner.fingerprint) != (new_refiner and new_refiner.fingerprint):
-        changes.append(f"the refiner {(new_refiner or old_refiner).name!r} (pinned "
-                       f"{old_refiner and old_refiner.fingerprint} when that job was submitted, now "
-                       f"{new_refiner and new_refiner.fingerprint})")
+    for kind in ("model", "refiner"):  # a job may have no refiner, on either side
+        old, new = getattr(existing, kind), getattr(job, kind)
+        old_pin, new_pin = old and old.fingerprint, new and new.fingerprint
+        if old_pin != new_pin:
+            changes.append(f"the {kind} {(new or old).name!r} (pinned {old_pin} when that job was submitted, "
+                           f"now {new_pin})")
     for name in sorted(set(existing.loras) | set(job.loras)):
         old, new = existing.loras.get(name), job.loras.get(name)
         if (old and old.sha256) != (new and new.sha256):

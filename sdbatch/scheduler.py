@@ -212,21 +212,15 @@ class WorkerStartError(BadInput, RuntimeError):
 
 
 def check_worker_model(ready: dict[str, Any], job: JobRecord) -> None:
-    """A worker gets shards only if the model it loaded is the one the job pinned at submit."""
-    pinned = job.model.fingerprint
-    if ready.get("model_pin") != pinned:
-        raise WorkerStartError(
-            f"worker {ready.get('worker')} loaded model {job.model.name!r} pinned {ready.get('model_pin')}, "
-            f"but the job was submitted with {pinned}: the model changed since. Nothing more was generated; "
-            "restore the model, or submit to a new --out (or with --new-run) to use the new one"
-        )
-    refiner = job.refiner
-    if refiner and ready.get("refiner_pin") != refiner.fingerprint:
-        raise WorkerStartError(
-            f"worker {ready.get('worker')} loaded refiner {refiner.name!r} pinned {ready.get('refiner_pin')}, "
-            f"but the job was submitted with {refiner.fingerprint}: the refiner changed since. Nothing more was "
-            "generated; restore the refiner, or submit to a new --out (or with --new-run) to use the new one"
-        )
+    """A worker gets shards only if the model (and refiner) it loaded is the one the job pinned at submit."""
+    for kind, pinned in (("model", job.model), ("refiner", job.refiner)):
+        loaded = ready.get(f"{kind}_pin")
+        if pinned is not None and loaded != pinned.fingerprint:
+            raise WorkerStartError(
+                f"worker {ready.get('worker')} loaded {kind} {pinned.name!r} pinned {loaded}, but the job was "
+                f"submitted with {pinned.fingerprint}: the {kind} changed since. Nothing more was generated; "
+                f"restore the {kind}, or submit to a new --out (or with --new-run) to use the new one"
+            )
 
 
 @dataclass
