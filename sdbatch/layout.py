@@ -116,6 +116,13 @@ class ShardWriter:
         order they were generated: a tar's member order) is."""
         raise NotImplementedError
 
+    def _put_new(self, key: str, data: bytes, digest: str) -> tuple[bool, str | None]:
+        """Store ``data`` (sha256 ``digest``) create-once at ``key``: (created, error). A key
+        already taken is adopted only when it holds exactly these bytes."""
+        put = self.storage.put_new(key, data)
+        ours = put.created or put.sha256 == digest
+        return put.created, None if ours else foreign_object_error(key, put.sha256, digest)
+
 
 class _FileWriter(ShardWriter):
     def __init__(self, *args: Any):
@@ -124,10 +131,9 @@ class _FileWriter(ShardWriter):
 
     def add(self, row_id: str, data: bytes, digest: str, record: dict[str, Any]) -> None:
         key = image_key(self.shard_name, row_id, self.ext)
-        put = self.storage.put_new(key, data)
-        error = None if put.created or put.sha256 == digest else foreign_object_error(key, put.sha256, digest)
+        created, error = self._put_new(key, data, digest)
         with self._lock:
-            self._placed[row_id] = Placed(key, put.created, error)
+            self._placed[row_id] = Placed(key, created, error)
 
     def finish(self, row_ids: list[str]) -> dict[str, Placed]:
         return {rid: self._placed[rid] for rid in row_ids}
@@ -147,10 +153,8 @@ class _TarWriter(ShardWriter):
             return {}
         key = tar_key(self.unit)
         tar = _deterministic_tar([(webdataset_key(rid), *self._members[rid]) for rid in row_ids], self.ext)
-        put = self.storage.put_new(key, tar)
-        ours = sha256(tar)
-        error = None if put.created or put.sha256 == ours else foreign_object_error(key, put.sha256, ours)
-        return {rid: Placed(f"{key}{_MEMBER_MARK}{webdataset_key(rid)}.{self.ext}", put.created, error)
+        created, error = self._put_new(key, tar, sha256(tar))
+        return {rid: Placed(f"{key}{_MEMBER_MARK}{webdataset_key(rid)}.{self.ext}", created, error)
                 for rid in row_ids}
 
 
