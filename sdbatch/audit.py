@@ -33,7 +33,9 @@ from sdbatch.errors import BadInput
 from sdbatch.layout import PREFIXES, Layout, layout_for, sha256
 from sdbatch.manifest import Row
 from sdbatch.documents import JOB_KEY, SUCCESS_KEY, JobRecord
-from sdbatch.output import FINGERPRINT_META, INDEX_COLUMN_TYPES, INDEX_KEY, STATUS_OK, OutputMismatch, committed_index, merge_index
+from sdbatch.output import (
+    FINGERPRINT_META, INDEX_COLUMN_TYPES, INDEX_KEY, STATUS_OK, OutputMismatch, committed_index, committed_shards, merge_index,
+)
 from sdbatch.spec import JobSpec
 from sdbatch.record import ImageRecord, embedded_record, passthrough_of, row_from_stored
 from sdbatch.storage import NotFound, Storage, StorageError, open_storage, read_uri
@@ -586,5 +588,7 @@ def _rebuild_index(out: JobOutput, progress: Callable[[str], None] | None) -> st
         progress("rebuilding the index from the commits")
     commits, merged = committed_index(out.storage, out.job.fingerprint)
     passthrough = {f.name: f.type for f in commits.schema if f.name not in INDEX_COLUMN_TYPES}
-    summary = merge_index(out.storage, passthrough, out.job.fingerprint, out.spec.scoring.duplicate_max_distance)
+    names = sorted(committed_shards(out.storage), key=int)  # job.json has no plan; the rows are checked
+    summary = merge_index(out.storage, names, out.job.manifest.num_rows, passthrough, out.job.fingerprint,
+                          out.spec.scoring.duplicate_max_distance)
     return f"rebuilt {INDEX_KEY} from {merged} commits ({summary.rows} rows)"

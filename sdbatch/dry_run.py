@@ -117,7 +117,7 @@ def plan_job(spec: JobSpec, manifest: Manifest, storage: Storage, job: JobRecord
         plan.refused = (f"{storage.url} already holds a different job: {what_changed(existing, job)}; choose a new "
                         "--out or pass --new-run to replace it")
     else:
-        committed = committed_shards(storage)
+        committed = committed_shards(storage, shards.num_shards)
         try:  # only commits carrying this job's fingerprint are trusted
             committed_index(storage, job.fingerprint)
         except OutputMismatch as exc:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdbatch.encode import extension
-from sdbatch.storage import NotFound, Storage, StorageError
+from sdbatch.storage import NotAnObject, NotFound, Storage, StorageError
 
 IMAGES_PREFIX = "images/"
 TARS_PREFIX = "shards/"
@@ -118,8 +118,12 @@ class ShardWriter:
 
     def _put_new(self, key: str, data: bytes, digest: str) -> tuple[bool, str | None]:
         """Store ``data`` (sha256 ``digest``) create-once at ``key``: (created, error). A key
-        already taken is adopted only when it holds exactly these bytes."""
-        put = self.storage.put_new(key, data)
+        already taken is adopted only when it holds exactly these bytes; one a directory or a
+        link to nothing holds is that row's error, like foreign bytes."""
+        try:
+            put = self.storage.put_new(key, data)
+        except NotAnObject as exc:  # that row's key only: the rest of the shard is stored
+            return False, f"{exc}: remove {key} and rerun with --retry-failed"
         ours = put.created or put.sha256 == digest
         return put.created, None if ours else foreign_object_error(key, put.sha256, digest)
 

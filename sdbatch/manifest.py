@@ -1198,6 +1198,11 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
     if d.width is None or d.height is None:
         raise ManifestError(f"the native size of model {spec.model.name!r} is not known here; "
                             "set defaults.width and defaults.height (--width/--height)")
+    if len(manifest.columns) > lim.max_columns:  # before anything reads per column
+        raise ManifestError(
+            f"manifest {manifest.source} has {len(manifest.columns):,} columns, more than limits.max_columns "
+            f"({lim.max_columns:,}): each column is a column of the index and a key of every image's record. Fix: "
+            "write only the columns you need as labels, or raise the limit: --set limits.max_columns=N")
     samplers = family.samplers if family else SCHEDULERS
     coll = _Collector(lim.max_errors_shown)
     _check_spec_defaults(spec, coll, samplers)

@@ -28,6 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -50,6 +51,7 @@ from sdbatch.documents import (
 from sdbatch.errors import BadInput, JobFailed
 from sdbatch.layout import IMAGES_PREFIX, TARS_PREFIX, object_key
 from sdbatch.manifest import Manifest
+from sdbatch.plan import shard_name
 from sdbatch.quality import QUALITY_COLUMN_TYPES, mark_duplicates
 from sdbatch.spec import JobSpec, fingerprint
 from sdbatch.storage import NotFound, Storage
@@ -80,11 +82,13 @@ def metadata_key(shard_name: str) -> str:
     return f"{METADATA_PREFIX}{shard_name}.parquet"
 
 
-def committed_shards(storage: Storage) -> set[str]:
-    """Names of committed shards, from a listing of metadata/ only. Only ``NNNNN.parquet``
-    is a commit: another file there (a ``summary.parquet`` some tool left) is not a shard."""
+def committed_shards(storage: Storage, num_shards: int | None = None) -> set[str]:
+    """Names of committed shards, from a listing of metadata/ only. Only a name the plan makes
+    (``plan.shard_name``: ``00000`` … below ``num_shards`` when known) is a commit: another file
+    there (a ``summary.parquet`` some tool left, a copy at ``0.parquet``) is not a shard."""
     names = (key[len(METADATA_PREFIX) : -len(".parquet")] for key in storage.list(METADATA_PREFIX) if key.endswith(".parquet"))
-    return {name for name in names if name.isdigit()}
+    return {name for name in names if name.isascii() and name.isdigit() and shard_name(int(name)) == name
+            and (num_shards is None or int(name) < num_shards)}
 
 
 def table_to_parquet(table: pa.Table) -> bytes:
@@ -187,10 +191,10 @@ def index_schema(passthrough_types: dict[str, pa.DataType]) -> pa.Schema:
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    columns = [
-        table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
-        for f in schema
-    ]
+    """``table`` with ``schema``'s columns, in its order and types. Linear in the columns: a
+    wide manifest's labels are thousands of them (``limits.max_columns``)."""
+    present = dict(zip(table.column_names, table.columns))  # ``table.column_names`` is a new list per call
+    columns = [present[f.name].cast(f.type) if f.name in present else pa.nulls(table.num_rows, f.type) for f in schema]
     return pa.Table.from_arrays(columns, schema=schema).sort_by("row")
 
 
@@ -215,25 +219,95 @@ def failed_rows_text(failed_rows: list[FailedRow]) -> str:
     return "\n".join(f"  {row.id}: {row.error}" for row in failed_rows)
 
 
+class _RowCoverage:
+    """The manifest rows the commits read so far hold, one bit per row: an index is written
+    only of exactly the manifest's rows, each once, from a commit of every shard read."""
+
+    SHOWN = 5  # rows and shards named per problem
+
+    def __init__(self, num_rows: int):
+        self.seen = np.zeros(num_rows, dtype=bool)
+        self.problems: list[str] = []
+        self.absent: list[str] = []
+
+    def add(self, name: str, table: pa.Table) -> None:
+        rows = table.column("row").to_numpy(zero_copy_only=False)
+        inside = (rows >= 0) & (rows < len(self.seen))
+        first = np.zeros(len(rows), dtype=bool)
+        first[np.unique(rows, return_index=True)[1]] = True  # a row twice in one commit is extra too
+        extra = ~inside | ~first
+        extra[inside & first] = self.seen[rows[inside & first]]
+        self.seen[rows[inside]] = True
+        if extra.any():
+            ids = table.column("id").filter(pa.array(extra)).to_pylist()
+            self.problems.append(f"{metadata_key(name)} holds {len(ids)} rows that are not its own "
+                                 f"(ids {self._shown(ids)}: outside the manifest or in another commit too)")
+
+    def missing_commit(self, name: str) -> None:
+        self.absent.append(name)
+
+    def check(self) -> None:
+        """JobFailed naming what is missing or extra, if anything is."""
+        problems = list(self.problems)
+        if self.absent:
+            problems.insert(0, f"no commit of {len(self.absent)} planned shards "
+                               f"({self._shown([metadata_key(n) for n in self.absent])} missing)")
+        unseen = np.flatnonzero(~self.seen)
+        if len(unseen):
+            problems.append(f"{len(unseen)} manifest rows are in no commit (rows {self._shown(unseen.tolist())})")
+        if problems:
+            raise JobFailed(f"the job is not finished: its commits do not hold exactly the manifest's "
+                            f"{len(self.seen)} rows, each once: {'; '.join(problems)}. {INDEX_KEY} and {SUCCESS_KEY} "
+                            "were not written; move away a commit that is not its shard's, then run the same command "
+                            "again: shards without a commit are generated again")
+
+    def _shown(self, items: list[Any]) -> str:
+        return ", ".join(map(str, items[:self.SHOWN])) + (f" … (+{len(items) - self.SHOWN} more)" if len(items) > self.SHOWN else "")
+
+
+def _read_planned_commit(storage: Storage, name: str, job_fingerprint: str) -> pa.Table | None:
+    """Shard ``name``'s commit (None: it has none). A file there that is not a readable shard
+    index was not written by sdbatch (its commits are written whole, create-once): refused,
+    never deleted."""
+    try:
+        return read_shard_index(storage, name, job_fingerprint)
+    except NotFound:
+        return None
+    except CorruptCommit:
+        raise ForeignCommit(
+            f"{storage.url}/{metadata_key(name)} is not a shard index sdbatch wrote (not readable Parquet); it is "
+            f"not counted as shard {name}'s commit, and sdbatch never deletes a file it did not write. Move it "
+            "away, then run the same command again: that shard is generated again"
+        ) from None
+
+
 def merge_index(
-    storage: Storage, passthrough_types: dict[str, pa.DataType], job_fingerprint: str, duplicate_max_distance: int = 0
+    storage: Storage, shard_names: list[str], num_rows: int, passthrough_types: dict[str, pa.DataType],
+    job_fingerprint: str, duplicate_max_distance: int = 0,
 ) -> IndexSummary:
-    """Write every committed shard index, in row order, as ``index.parquet``, one shard at a
-    time through a local temporary file: the driver holds ``MERGE_READ_AHEAD`` shard indexes,
-    never the whole index. Shards cover consecutive row ranges, so shard order is row order.
-    ``duplicate_of`` is then filled in from that file (``quality.mark_duplicates``, bounded
-    memory too). Idempotent: an interrupted merge is simply redone."""
-    names = sorted(committed_shards(storage), key=int)
+    """Write the commits of ``shard_names`` (the plan's shards, in order), in row order, as
+    ``index.parquet``, one shard at a time through a local temporary file: the driver holds
+    ``MERGE_READ_AHEAD`` shard indexes, never the whole index. Nothing is written unless every
+    shard has its commit and the commits hold exactly rows 0 … ``num_rows`` - 1, each once
+    (``JobFailed`` naming what is missing or extra). ``duplicate_of`` is then filled in from
+    that file (``quality.mark_duplicates``, bounded memory too). Idempotent: an interrupted
+    merge is simply redone."""
     schema = index_schema(passthrough_types).with_metadata({FINGERPRINT_META: job_fingerprint.encode()})
     rows = failed = 0
     first_failed: list[FailedRow] = []
+    coverage = _RowCoverage(num_rows)
     with tempfile.TemporaryDirectory(prefix="sdbatch-index-") as tmp, ThreadPoolExecutor(MERGE_READ_AHEAD) as pool:
         path = Path(tmp) / INDEX_KEY
         with pq.ParquetWriter(path, schema, compression="zstd") as writer:
             group: list[pa.Table] = []
-            for start in range(0, len(names), MERGE_READ_AHEAD):
-                read = partial(read_shard_index, storage, job_fingerprint=job_fingerprint)
-                for table in pool.map(read, names[start:start + MERGE_READ_AHEAD]):
+            for start in range(0, len(shard_names), MERGE_READ_AHEAD):
+                names = shard_names[start:start + MERGE_READ_AHEAD]
+                read = partial(_read_planned_commit, storage, job_fingerprint=job_fingerprint)
+                for name, table in zip(names, pool.map(read, names)):
+                    if table is None:
+                        coverage.missing_commit(name)
+                        continue
+                    coverage.add(name, table)
                     group.append(_conform(table, schema))
                     rows += table.num_rows
                     failures = table.filter(pc.equal(table.column("status"), STATUS_FAILED))
@@ -243,6 +317,7 @@ def merge_index(
                     if sum(t.num_rows for t in group) >= MERGE_ROW_GROUP_ROWS:
                         _write_row_group(writer, group)
                         group = []
+            coverage.check()
             if group or not rows:
                 _write_row_group(writer, group or [schema.empty_table()])
         marked = Path(tmp) / f"marked-{INDEX_KEY}"
@@ -304,7 +379,7 @@ def job_record(spec: JobSpec, manifest: Manifest, model_fingerprint: str | None,
 
 #: What a job may write under OUT besides its state files: a new job claims an OUT only if
 #: none of these holds an object (sdbatch trusts nothing in OUT it did not write).
-JOB_OUTPUT_PARTS = (METADATA_PREFIX, IMAGES_PREFIX, TARS_PREFIX, INDEX_KEY, SUCCESS_KEY)
+JOB_OUTPUT_PARTS = (METADATA_PREFIX, IMAGES_PREFIX, TARS_PREFIX, INDEX_KEY, SUCCESS_KEY, REPORT_KEY)
 #: ``--new-run``'s plan: the old job's objects, written before the first delete so an
 #: interrupted clear can be finished by running ``--new-run`` again.
 CLEAR_KEY = "_sdbatch/clear.json"
@@ -340,7 +415,12 @@ def _objects_named(table: pa.Table) -> set[str]:
 def _old_job_objects(storage: Storage, job_fingerprint: str) -> set[str]:
     """Every object the job with ``job_fingerprint`` owns: its commits, what they and its index
     name, its index and ``_SUCCESS``; its state files under ``_sdbatch/``."""
-    owned = {JOB_KEY, PROGRESS_KEY, REPORT_KEY}  # and the report it writes at the end of every run
+    owned = {JOB_KEY, PROGRESS_KEY}
+    try:  # and the report it writes at the end of every run, if it is that job's
+        if is_own_report(storage.get(REPORT_KEY), job_fingerprint):
+            owned.add(REPORT_KEY)
+    except NotFound:
+        pass
     for key in storage.list(METADATA_PREFIX):
         table = _stamped(storage.get(key), job_fingerprint)
         if table is not None:
@@ -355,6 +435,33 @@ def _old_job_objects(storage: Storage, job_fingerprint: str) -> set[str]:
     if success is not None and success.fingerprint == job_fingerprint:
         owned.add(SUCCESS_KEY)
     return owned
+
+
+def report_mark(job_fingerprint: str) -> str:
+    """The tag in the head of the ``report.html`` sdbatch writes, naming its job: the only
+    ``report.html`` sdbatch replaces or deletes is one that carries its job's mark."""
+    return f'<meta name="sdbatch-job" content="{job_fingerprint}">'
+
+
+def is_own_report(data: bytes, job_fingerprint: str) -> bool:
+    return report_mark(job_fingerprint).encode() in data  # a page's own text is escaped: it cannot forge one
+
+
+def put_report(storage: Storage, page: bytes, job_fingerprint: str) -> None:
+    """Store ``page`` as ``report.html``: create-once, or by compare-and-swap in place of this
+    job's own report. OutputMismatch when the one there is not (a user's page, another job's)."""
+    if storage.put_new(REPORT_KEY, page).created:
+        return
+    data, tag = storage.get_tagged(REPORT_KEY)
+    if not is_own_report(data, job_fingerprint):
+        raise OutputMismatch(
+            f"{storage.url}/{REPORT_KEY} is not this job's report (sdbatch marks its own with the job's fingerprint, "
+            f"{job_fingerprint}), and sdbatch never overwrites a file it did not write: move it away, then run "
+            "`sdbatch report OUT`"
+        )
+    if storage.replace_if(REPORT_KEY, page, tag) is None:
+        raise OutputMismatch(f"{storage.url}/{REPORT_KEY} changed while this report was written (another writer "
+                             "there?): run `sdbatch report OUT` again")
 
 
 def clear_job(storage: Storage) -> int:

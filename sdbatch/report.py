@@ -22,7 +22,7 @@ from typing import Any
 
 from sdbatch.audit import AuditError, JobOutput, open_job
 from sdbatch.documents import Progress, Success
-from sdbatch.output import REPORT_KEY, STATUS_FAILED, STATUS_OK
+from sdbatch.output import REPORT_KEY, STATUS_FAILED, STATUS_OK, OutputMismatch, put_report, report_mark
 from sdbatch.progress import utc_now
 from sdbatch.storage import Storage, StorageError
 
@@ -157,11 +157,12 @@ def contact_sheet(job: JobOutput, count: int) -> list[dict[str, Any]]:
         return list(pool.map(thumbnail, sample))
 
 
-def render_report(storage: Storage, gpu_hour_usd: float | None = None) -> str:
-    """The HTML page for the job at ``storage`` (``gpu_hour_usd`` overrides the spec's)."""
+def render_report(job: JobOutput, gpu_hour_usd: float | None = None) -> str:
+    """The HTML page for ``job`` (``gpu_hour_usd`` overrides the spec's), marked as its own
+    (``output.report_mark``)."""
     import jinja2
 
-    job = open_job(storage)
+    storage = job.storage
     success = Success.read(storage)
     progress = Progress.read(storage)
     price = gpu_hour_usd if gpu_hour_usd is not None else job.spec.report.gpu_hour_usd
@@ -170,7 +171,7 @@ def render_report(storage: Storage, gpu_hour_usd: float | None = None) -> str:
         loader=jinja2.PackageLoader("sdbatch", "templates"), autoescape=True, undefined=jinja2.StrictUndefined,
     )
     return environment.get_template("report.html.j2").render(
-        out=storage.url, job=job.job, spec=job.spec, summary=summarize(job, success, progress, price),
+        out=storage.url, mark=report_mark(job.job.fingerprint), job=job.job, spec=job.spec, summary=summarize(job, success, progress, price),
         success=success, chart=throughput_chart(progress.history if progress else []), workers=worker_table(job.index),
         failures=failures[:MAX_FAILURES_SHOWN], failures_total=len(failures),
         sheet=contact_sheet(job, job.spec.report.contact_sheet_images), generated_at=utc_now(),
@@ -178,8 +179,10 @@ def render_report(storage: Storage, gpu_hour_usd: float | None = None) -> str:
 
 
 def write_report(storage: Storage, gpu_hour_usd: float | None = None) -> str:
-    """Render the report and store it as ``OUT/report.html``; returns its location."""
-    storage.put(REPORT_KEY, render_report(storage, gpu_hour_usd).encode())
+    """Render the report and store it as ``OUT/report.html`` — create-once, or in place of this
+    job's own earlier report only (``output.put_report``); returns its location."""
+    job = open_job(storage)
+    put_report(storage, render_report(job, gpu_hour_usd).encode(), job.job.fingerprint)
     return f"{storage.url.rstrip('/')}/{REPORT_KEY}"
 
 
@@ -187,6 +190,6 @@ def write_report_quietly(storage: Storage) -> str | None:
     """End of a run: a report that cannot be written is a warning, never the job's failure."""
     try:
         return write_report(storage)
-    except (AuditError, StorageError, OSError) as exc:
+    except (AuditError, OutputMismatch, StorageError, OSError) as exc:
         log.warning("could not write %s: %s (run `sdbatch report OUT` to retry)", REPORT_KEY, exc)
         return None

@@ -30,22 +30,20 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import sdbatch
 from sdbatch import metrics
-from sdbatch.errors import EXIT_OK, EXIT_ROWS_FAILED, EXIT_SHARDS_FAILED, EXIT_STOPPED, BadInput, JobFailed
+from sdbatch.errors import EXIT_OK, EXIT_ROWS_FAILED, EXIT_SHARDS_FAILED, EXIT_STOPPED, BadInput, JobFailed, SdbatchError
 from sdbatch.lock import JobLock
 from sdbatch.manifest import Manifest, iter_batch_keys, passthrough_types
 from sdbatch.documents import SUCCESS_KEY, JobRecord, Success
 from sdbatch.output import (
     STATUS_FAILED,
-    CorruptCommit,
     claim_job,
     clear_job,
     committed_shards,
     failed_rows_text,
     merge_index,
-    metadata_key,
     read_shard_index,
 )
-from sdbatch.plan import Plan, key_codes, make_plan
+from sdbatch.plan import Plan, key_codes, make_plan, shard_name
 from sdbatch.policy import FINISHED, STOPPED, Schedule, ShardResult, Work, at_the_model, workers_to_start
 from sdbatch.policy import autoscaler_in_status, place_workers
 from sdbatch.progress import ProgressFeed, plural, utc_now
@@ -266,8 +264,8 @@ class Driver:
     def run(self) -> JobOutcome:
         started = time.monotonic()
         total_rows = self.manifest.num_rows
-        committed = committed_shards(self.storage)
         self.plan = plan = job_plan(self.manifest, self.spec)
+        committed = committed_shards(self.storage, plan.num_shards)
         log.info("planned %d shards, %d batches (mean %.1f rows per batch of %d)", plan.num_shards,
                  plan.num_batches, plan.batch_fill * plan.batch_size, plan.batch_size)
         pending = plan.pending(committed)
@@ -325,7 +323,11 @@ class Driver:
                         shards_failed=len(schedule.failed_shards), workers=0)
         verdict = schedule.verdict()
         if verdict.state == FINISHED:
-            outcome = self._finish(started, skipped, schedule.rows_ok, schedule.rows_failed, "")
+            try:
+                outcome = self._finish(started, skipped, schedule.rows_ok, schedule.rows_failed, "")
+            except SdbatchError:  # the commits are not the plan's: not finished, and progress.json says so
+                progress.close("failed", schedule.failures())
+                raise
         else:
             code = EXIT_STOPPED if verdict.state == STOPPED else EXIT_SHARDS_FAILED
             outcome = JobOutcome(code, total_rows, schedule.rows_ok, schedule.rows_failed, skipped,
@@ -498,7 +500,8 @@ class Driver:
         return ids
 
     def _finish(self, started: float, skipped: int, rows_ok: int, rows_failed: int, message: str) -> JobOutcome:
-        """Merge the index and write ``_SUCCESS`` (every shard is committed by now)."""
+        """Merge the index and write ``_SUCCESS``: the merge checks that every shard of the plan
+        has its commit and that they hold exactly the manifest's rows (else nothing is written)."""
         previous = Success.read(self.storage) if rows_ok == rows_failed == 0 else None
         if previous is not None:  # a finished job run again: leave its record alone
             code = EXIT_ROWS_FAILED if previous.rows_failed else EXIT_OK
@@ -506,12 +509,8 @@ class Driver:
                               self.plan.batch_fill)
         if self.lock is not None:
             self.lock.check()
-        try:
-            index = merge_index(self.storage, passthrough_types(self.manifest), self.job.fingerprint,
-                                self.spec.scoring.duplicate_max_distance)
-        except CorruptCommit as exc:  # not a commit after all: the next run regenerates the shard
-            self.storage.delete(metadata_key(exc.shard_name))
-            raise JobFailed(f"{exc}: removed it, so the next run generates that shard again") from None
+        index = merge_index(self.storage, [shard_name(i) for i in range(self.plan.num_shards)], self.manifest.num_rows,
+                            passthrough_types(self.manifest), self.job.fingerprint, self.spec.scoring.duplicate_max_distance)
         total = self.manifest.num_rows
         failed_total = index.rows_failed
         wall = time.monotonic() - started

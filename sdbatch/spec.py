@@ -159,6 +159,9 @@ class LimitsSpec(_Section):
     )
     max_guidance: float = Field(50.0, gt=0)
     max_errors_shown: int = Field(50, ge=1, description="bad rows listed by validate")
+    max_columns: int = Field(
+        1000, ge=1, description="manifest columns (per-row and passthrough labels): each is an index column and a key "
+        "of every image's record, so a wider manifest is refused by validate")
     init_image_roots: list[str] = Field(
         [], description="folders or s3://bucket/prefix init images may also be read from, besides the manifest's "
         "folder and the buckets the job already uses")

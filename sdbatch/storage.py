@@ -49,6 +49,7 @@ __all__ = [
     "StorageError",
     "StorageConfigError",
     "NotFound",
+    "NotAnObject",
     "PutResult",
     "Storage",
     "LocalStorage",
@@ -90,6 +91,11 @@ class StorageConfigError(StorageError):
 class NotFound(StorageError):
     def __init__(self, message: str):
         super().__init__(message, transient=False)
+
+
+class NotAnObject(StorageError):
+    """``put_new`` at a key a directory or a link to nothing holds (local storage): there is no
+    object to create there nor to adopt. Not transient: it stays until someone removes it."""
 
 
 @dataclass(frozen=True)
@@ -225,7 +231,7 @@ class LocalStorage:
         try:
             os.link(tmp, path)
         except FileExistsError:
-            stored = path.read_bytes()
+            stored = self._read_existing(path, key)
             log.debug("put_new %s: key exists, adopting stored object (%d bytes)", key, len(stored))
             return PutResult(created=False, sha256=_sha256(stored), size=len(stored))
         except OSError as e:
@@ -238,6 +244,14 @@ class LocalStorage:
             except FileNotFoundError:
                 pass
         return PutResult(created=True, sha256=_sha256(data), size=len(data))
+
+    def _read_existing(self, path: Path, key: str) -> bytes:
+        """The object ``put_new`` found at ``key``; NotAnObject when what is there is no file."""
+        try:
+            return path.read_bytes()
+        except (IsADirectoryError, FileNotFoundError, NotADirectoryError):
+            what = "a symbolic link to nothing" if path.is_symlink() else "a directory" if path.is_dir() else "no file"
+            raise NotAnObject(f"{self.url}/{key} is {what}, not an image sdbatch can create or adopt there") from None
 
     def put(self, key: str, data: bytes) -> None:
         self._replace(key, bytes(data))

@@ -244,7 +244,7 @@ def test_blank_images_are_flagged_and_near_uniform_twins_share_a_phash(tmp_path)
     ShardRunner(Generator.load(str(model)), storage, spec, job_fingerprint=job.fingerprint).run_shard(
         ShardSpec(0, range(2)), read_rows(source, spec, 0, 2))
     assert job_stats(*job_index(storage)[:2])["duplicates"] is None  # not merged yet: not known
-    assert merge_index(storage, passthrough_types(source), job.fingerprint).duplicates == 1
+    assert merge_index(storage, ["00000"], 2, passthrough_types(source), job.fingerprint).duplicates == 1
     rows = {r["id"]: r for r in load_index(tmp_path / "out")}
     assert rows["g1"]["blank"] is True and rows["g1"]["luma_std"] == 0
     assert rows["g1"]["sha256"] != rows["g2"]["sha256"] and rows["g2"]["duplicate_of"] == "g1"

@@ -59,6 +59,9 @@ def passthrough_manifest(path):
 JOB_FP = "0123456789abcdef"  # the job whose commits these are
 
 
+SHARDS = ["00000", "00001", "00002"]
+
+
 def commit_shards(storage, manifest, spec):
     """Commit every shard as a worker would: img2img rows failed (no record), the rest ok."""
     for number in range(3):
@@ -107,7 +110,7 @@ def test_merge_types_every_column_and_keeps_row_order(tmp_path, committed, monke
     storage = LocalStorage(tmp_path / "out")
     commit_shards(storage, manifest, spec)
     monkeypatch.setattr(output, "MERGE_ROW_GROUP_ROWS", row_group_rows)
-    summary = merge_index(storage, passthrough_types(manifest), JOB_FP)
+    summary = merge_index(storage, SHARDS, manifest.num_rows, passthrough_types(manifest), JOB_FP)
     assert (summary.rows, summary.rows_failed) == (10, 4)
     index_file = pq.ParquetFile(tmp_path / "out" / INDEX_KEY)
     # shard indexes are gathered into row groups of MERGE_ROW_GROUP_ROWS: with 1, one per shard
@@ -141,7 +144,7 @@ def test_merge_uploads_the_index_to_s3(s3_bucket, committed):
     endpoint, bucket = s3_bucket
     storage = S3Storage(f"s3://{bucket}/job", endpoint_url=endpoint)
     commit_shards(storage, manifest, spec)
-    summary = merge_index(storage, passthrough_types(manifest), JOB_FP)
+    summary = merge_index(storage, SHARDS, manifest.num_rows, passthrough_types(manifest), JOB_FP)
     assert (summary.rows, summary.rows_failed) == (10, 4)
     check_index(pq.read_table(io.BytesIO(storage.get(INDEX_KEY))), source, manifest)
 
@@ -154,6 +157,6 @@ def test_index_column_types_cover_every_index_column():
 
 def test_merge_of_no_committed_shard_writes_an_empty_typed_index(tmp_path):
     storage = LocalStorage(tmp_path / "out")
-    assert merge_index(storage, {"label": pa.int32()}, JOB_FP) == output.IndexSummary(rows=0, rows_failed=0, first_failed=[])
+    assert merge_index(storage, [], 0, {"label": pa.int32()}, JOB_FP) == output.IndexSummary(rows=0, rows_failed=0, first_failed=[])
     index = pq.read_table(tmp_path / "out" / INDEX_KEY)
     assert index.num_rows == 0 and index.schema == index_schema({"label": pa.int32()})

@@ -82,7 +82,8 @@ def run_in_process(generator, manifest: Path, out: Path, order: list[int], *, jo
     for index in order:
         s = plan.shard(index)
         runner.run_shard(s, read_rows_at(source, spec, s.rows))
-    merge_index(storage, passthrough_types(source), job.fingerprint)
+    merge_index(storage, [plan.shard(i).name for i in range(plan.num_shards)], source.num_rows,
+                passthrough_types(source), job.fingerprint)
     return job
 
 
