@@ -29,7 +29,7 @@ from sdbatch.families import Family
 from sdbatch.lora import LoraError, row_loras
 from sdbatch.quality import QUALITY_COLUMN_TYPES
 from sdbatch.spec import JobSpec
-from sdbatch.storage import TMP_MARK
+from sdbatch.storage import TMP_MARK, check_uri, s3_endpoint
 
 
 class _RowBehaviour:
@@ -139,8 +139,8 @@ def _remote_fs(uri: str, endpoint_url: str | None = None) -> tuple[Any, str]:
     S3-compatible store (MinIO, moto) works on the driver and on every worker alike."""
     import pyarrow.fs as pafs
 
+    endpoint = s3_endpoint(endpoint_url)
     try:
-        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if uri.startswith("s3://") and endpoint:
             from urllib.parse import urlparse
 
@@ -338,7 +338,7 @@ def open_manifest(source: str) -> Manifest:
     ETag; another remote file's size and complete Parquet footer) and, for several files, their
     relative names. Each file's own pin is kept (``Manifest.file_pins``) for the readers.
     """
-    source = str(source)
+    source = check_uri(str(source), "manifest")
     if _is_uri(source):
         try:
             files, base_dir = _list_remote(source)

@@ -196,6 +196,20 @@ class JobSpec(_Section):
                 for name, path in loras.items()}
 
     @model_validator(mode="after")
+    def _no_credentials_in_uris(self) -> JobSpec:
+        """Credentials belong in the environment: a URI carrying them is refused before it can
+        reach a message or ``job.json`` (``storage.check_uri``)."""
+        from sdbatch.storage import check_uri
+
+        for key, uri in (("model.name", self.model.name), ("model.refiner", self.model.refiner),
+                         ("output.location", self.output.location), ("scoring.clip_model", self.scoring.clip_model),
+                         *((f"loras.{name}", path) for name, path in self.loras.items()),
+                         *(("limits.init_image_roots", root) for root in self.limits.init_image_roots)):
+            if uri:
+                check_uri(uri, key)
+        return self
+
+    @model_validator(mode="after")
     def _native_size_of_local_model(self) -> JobSpec:
         """A local or built-in model's native size fills an unset default width/height (an
         ``s3://`` model's is read at submit: ``with_native_size``). A folder that cannot be

@@ -87,3 +87,27 @@ def test_a_yaml_alias_bomb_in_a_spec_is_refused_at_once_and_messages_stay_short(
     assert refused.returncode == 2, said(refused)[:2000]
     assert "defaults.steps: Input should be a valid integer" in said(refused)
     assert len(refused.stderr) < 1000, refused.stderr[:2000]
+
+
+# --- 10, 19d. credentials in a URI are refused, never shown ----------------------------------------
+
+
+def test_credentials_in_a_uri_or_the_endpoint_are_refused_and_never_shown(run_cli, tmp_path):
+    manifest = same_size_parquet(tmp_path / "m.parquet", ["a red circle"])
+    cases = [
+        (["validate", "s3://AKIAXQ7:s3cr3tZ@bkt/m.parquet"], "manifest 's3://bkt/m.parquet'"),
+        (["validate", "s3://AKIAXQ7:s3cr3tZ/x+y@bkt/m.parquet"], "manifest 's3://bkt/m.parquet'"),  # a secret holding '/'
+        (["submit", manifest, "--out", "s3://AKIAXQ7:s3cr3tZ@bkt/out"], "--out 's3://bkt/out'"),
+        (["submit", manifest, "--out", tmp_path / "out", "--model", "s3://AKIAXQ7:s3cr3tZ@bkt/model"],
+         "model.name 's3://bkt/model'"),
+        (["submit", manifest, "--out", tmp_path / "out", "--s3-endpoint", "http://AKIAXQ7:s3cr3tZ@127.0.0.1:9"],
+         "--s3-endpoint 'http://127.0.0.1:9'"),
+        (["status", "s3://AKIAXQ7:s3cr3tZ@bkt/out"], "location 's3://bkt/out'"),
+    ]
+    for args, named in cases:
+        refused = run_cli(*args)
+        text = said(refused)
+        assert refused.returncode == 2, text
+        assert f"{named} carries credentials" in text and "Traceback" not in text
+        assert "AKIAXQ7" not in text and "s3cr3tZ" not in text, text
+    assert not (tmp_path / "out").exists()
