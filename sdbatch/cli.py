@@ -361,9 +361,15 @@ def preflight_samplers(used: dict[str, int]) -> str | None:
 
 
 def default_out(manifest: str) -> str:
-    """``./sdbatch-out/<manifest stem>/``: a glob's or directory's stem is its last plain part."""
+    """``./sdbatch-out/<manifest stem>/``: a glob's or directory's stem is its last plain part.
+    Never inside a local directory manifest (``submit .``): then beside it, so no rerun reads
+    the job's own output as manifest files."""
     stem = Path(manifest.rstrip("/").split("?")[0]).stem.rstrip("*") or "manifest"
-    return str(Path("sdbatch-out") / stem)
+    out = Path("sdbatch-out") / stem
+    folder = Path(manifest).resolve()
+    if folder.is_dir() and out.resolve().is_relative_to(folder):
+        out = folder.parent / "sdbatch-out" / folder.name
+    return str(out)
 
 
 def preflight_model(name: str, endpoint_url: str | None, refiner_of=None):

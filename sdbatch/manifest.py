@@ -29,6 +29,7 @@ from sdbatch.families import Family
 from sdbatch.lora import LoraError, row_loras
 from sdbatch.quality import QUALITY_COLUMN_TYPES
 from sdbatch.spec import JobSpec
+from sdbatch.documents import JOB_KEY  # marks an sdbatch OUT: a directory manifest never reads below it
 from sdbatch.storage import TMP_MARK, check_uri, s3_endpoint
 
 
@@ -229,6 +230,9 @@ def _list_local(source: str) -> tuple[list[str], str]:
         base = os.path.abspath(source)
         found = []
         for dirpath, dirnames, filenames in os.walk(base):
+            if os.path.exists(os.path.join(dirpath, JOB_KEY)):  # an sdbatch OUT: its index is no manifest
+                dirnames[:] = []
+                continue
             dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "_")))
             for name in filenames:
                 if name.endswith(".parquet") and not name.startswith((".", "_")):
@@ -275,14 +279,10 @@ def _list_remote(source: str) -> tuple[list[str], str]:
         return [source], source.rsplit("/", 1)[0]
     infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True))
     base = path.rstrip("/")
-    found = []
-    for i in infos:
-        rel = i.path[len(base) :].lstrip("/")
-        if i.type != pafs.FileType.File or not rel.endswith(".parquet"):
-            continue
-        if _hidden(rel):
-            continue
-        found.append((rel, i.path))
+    rels = [i.path[len(base) :].lstrip("/") for i in infos if i.type == pafs.FileType.File]
+    outs = tuple(rel[: -len(JOB_KEY)] for rel in rels if rel == JOB_KEY or rel.endswith("/" + JOB_KEY))
+    found = [(rel, f"{base}/{rel}") for rel in rels
+             if rel.endswith(".parquet") and not _hidden(rel) and not rel.startswith(outs)]
     if not found:
         raise ManifestError(f"manifest {source}: no such object, and no .parquet files under that prefix")
     found.sort()

@@ -6,6 +6,7 @@ Each test fails on the code before the fix, through the CLI where a user meets i
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -111,3 +112,28 @@ def test_credentials_in_a_uri_or_the_endpoint_are_refused_and_never_shown(run_cl
         assert f"{named} carries credentials" in text and "Traceback" not in text
         assert "AKIAXQ7" not in text and "s3cr3tZ" not in text, text
     assert not (tmp_path / "out").exists()
+
+
+# --- 16. a directory manifest never takes in sdbatch's own output ----------------------------------
+
+
+def test_submit_of_a_manifest_directory_keeps_out_beside_it_and_reruns_resume(ray_address, tmp_path):
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    same_size_parquet(folder / "m.parquet", [f"a red circle {i}" for i in range(4)])
+    env = {**os.environ, "RAY_ADDRESS": ray_address, "PYTHONPATH": str(REPO)}
+    submit = [sys.executable, "-m", "sdbatch", "submit", ".", *FAST]
+    first = subprocess.run(submit, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, said(first)
+    out = tmp_path / "sdbatch-out" / "prompts"
+    assert (out / "index.parquet").exists() and not (folder / "sdbatch-out").exists()
+    again = subprocess.run(submit, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, said(again)
+    assert "every shard is already committed" in said(again)
+
+    inside = folder / "old-run"  # an OUT someone put inside the directory is not read as manifest files
+    shutil.copytree(out, inside)
+    third = subprocess.run([*submit, "--out", tmp_path / "third"], cwd=folder, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert third.returncode == 0, said(third)
+    assert len(pq.read_table(tmp_path / "third" / "index.parquet")) == 4
