@@ -525,19 +525,22 @@ def verify(
     return report
 
 
-def _manifest_ids(job: JobRecord) -> list[str] | None:
-    """The ids of the job's manifest in row order, if it is reachable and unchanged."""
+def _manifest_ids(job: JobRecord) -> tuple[list[str] | None, str | None]:
+    """The ids of the job's manifest in row order — or, when it is unreachable or changed since
+    the job pinned it, None and the problem (the index cannot be checked against it)."""
     from sdbatch.manifest import ManifestError, default_row_id, iter_row_batches, open_manifest
 
+    unchecked = f"the index's ids were not checked against the job's manifest {job.manifest.source}"
     try:
         manifest = open_manifest(job.manifest.source)
         if manifest.fingerprint != job.manifest.fingerprint:
-            return None
+            return None, (f"{unchecked}: it changed since the job pinned it (fingerprint {manifest.fingerprint}, "
+                          f"job.json {job.manifest.fingerprint}); restore it to check the index")
         if "id" not in manifest.columns:
-            return [default_row_id(i) for i in range(manifest.num_rows)]
-        return [v for rb in iter_row_batches(manifest, columns=["id"]) for v in rb.column(0).to_pylist()]
-    except (ManifestError, StorageError, OSError):
-        return None
+            return [default_row_id(i) for i in range(manifest.num_rows)], None
+        return [v for rb in iter_row_batches(manifest, columns=["id"]) for v in rb.column(0).to_pylist()], None
+    except (ManifestError, StorageError, OSError) as exc:
+        return None, f"{unchecked}: cannot read it ({exc}); run verify where it is reachable"
 
 
 def _index_problems(out: JobOutput, progress: Callable[[str], None] | None) -> list[str]:
@@ -566,9 +569,9 @@ def _index_problems(out: JobOutput, progress: Callable[[str], None] | None) -> l
         unknown = sorted(set(indexed) - set(committed))
         if unknown:
             problems.append(f"{len(unknown)} rows of {INDEX_KEY} are in no commit (e.g. {', '.join(unknown[:5])})")
-    expected = _manifest_ids(out.job)
+    expected, unchecked = _manifest_ids(out.job)
     if expected is None:
-        return problems
+        return [*problems, unchecked]
     present = set(ids)
     absent = [i for i in expected if i not in present] if out.finished else []
     strangers = sorted(present - set(expected))

@@ -112,8 +112,10 @@ def setup_logging(verbose: bool) -> None:
 def use_endpoint(endpoint_url: str | None) -> None:
     """``--s3-endpoint`` means the same as ``AWS_ENDPOINT_URL``: set it for every client in
     this process (boto3 and pyarrow's S3 filesystem alike)."""
+    from sdbatch.storage import check_uri
+
     if endpoint_url:
-        os.environ["AWS_ENDPOINT_URL"] = endpoint_url
+        os.environ["AWS_ENDPOINT_URL"] = check_uri(endpoint_url, "--s3-endpoint")
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
@@ -219,7 +221,7 @@ def submit(
     from sdbatch.manifest import open_manifest, validate_manifest
     from sdbatch.progress import local_time, plural
     from sdbatch.spec import load_spec
-    from sdbatch.storage import open_storage
+    from sdbatch.storage import check_uri, open_storage
 
     overrides: dict[str, Any] = {
         "model.name": model,
@@ -238,7 +240,7 @@ def submit(
     declared = dict(parse_declaration(item) for item in lora)
     spec = load_spec(spec_path, sets, {**overrides, **{f"loras.{n}": p for n, p in declared.items()}})
     deadline_at = parse_deadline(deadline) if deadline else None
-    out = out or spec.output.location or default_out(manifest)
+    out = check_uri(out or spec.output.location or default_out(manifest), "--out")
     stdout.print(f"output → {out}" + ("  (dry run: nothing is written)" if dry_run else ""))
     if deadline_at is not None:  # say which moment "06:30" became: it may be tomorrow's
         err.print(f"deadline: no shard starts at or after {local_time(deadline_at)}", highlight=False)
@@ -359,9 +361,15 @@ def preflight_samplers(used: dict[str, int]) -> str | None:
 
 
 def default_out(manifest: str) -> str:
-    """``./sdbatch-out/<manifest stem>/``: a glob's or directory's stem is its last plain part."""
+    """``./sdbatch-out/<manifest stem>/``: a glob's or directory's stem is its last plain part.
+    Never inside a local directory manifest (``submit .``): then beside it, so no rerun reads
+    the job's own output as manifest files."""
     stem = Path(manifest.rstrip("/").split("?")[0]).stem.rstrip("*") or "manifest"
-    return str(Path("sdbatch-out") / stem)
+    out = Path("sdbatch-out") / stem
+    folder = Path(manifest).resolve()
+    if folder.is_dir() and out.resolve().is_relative_to(folder):
+        out = folder.parent / "sdbatch-out" / folder.name
+    return str(out)
 
 
 def preflight_model(name: str, endpoint_url: str | None, refiner_of=None):

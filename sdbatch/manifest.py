@@ -29,7 +29,8 @@ from sdbatch.families import Family
 from sdbatch.lora import LoraError, row_loras
 from sdbatch.quality import QUALITY_COLUMN_TYPES
 from sdbatch.spec import JobSpec
-from sdbatch.storage import TMP_MARK
+from sdbatch.documents import JOB_KEY  # marks an sdbatch OUT: a directory manifest never reads below it
+from sdbatch.storage import TMP_MARK, check_uri, s3_endpoint
 
 
 class _RowBehaviour:
@@ -95,12 +96,19 @@ class ManifestError(BadInput, ValueError):
     """
 
 
+class ManifestChanged(ManifestError):
+    """A manifest file whose content is not the one the job pinned when it opened the manifest:
+    replaced or rewritten while the job ran. Every shard would read it alike, so the driver
+    stops the job (exit 2) instead of generating rows nobody validated."""
+
+
 @dataclass(frozen=True)
 class Manifest:
     """What ``open_manifest`` learns from the Parquet footers, without reading any row.
 
     ``files`` are absolute local paths (or ``scheme://`` URIs), sorted; rows are numbered
-    0.. across the files in that order. ``file_rows`` holds each file's row count.
+    0.. across the files in that order. ``file_rows`` holds each file's row count,
+    ``file_pins`` each file's pin (``_pin_file``), which every reader checks when it opens it.
     """
 
     source: str
@@ -110,6 +118,7 @@ class Manifest:
     fingerprint: str
     base_dir: str
     file_rows: tuple[int, ...] = ()
+    file_pins: tuple[str, ...] = ()
     schema: pa.Schema = pa.schema([])  # the first file's Arrow schema
 
     @property
@@ -131,8 +140,8 @@ def _remote_fs(uri: str, endpoint_url: str | None = None) -> tuple[Any, str]:
     S3-compatible store (MinIO, moto) works on the driver and on every worker alike."""
     import pyarrow.fs as pafs
 
+    endpoint = s3_endpoint(endpoint_url)
     try:
-        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if uri.startswith("s3://") and endpoint:
             from urllib.parse import urlparse
 
@@ -148,22 +157,27 @@ def _remote_fs(uri: str, endpoint_url: str | None = None) -> tuple[Any, str]:
         raise ManifestError(f"cannot open manifest location {uri}: {exc}") from None
 
 
-def _open_input(path: str, endpoint_url: str | None = None):
-    """A readable file object for a local path or a URI."""
+def _open_input(path: str, endpoint_url: str | None = None) -> pa.NativeFile:
+    """A readable file for a local path or a URI."""
     if _is_uri(path):
         fs, p = _remote_fs(path, endpoint_url)
         return fs.open_input_file(p)
-    return open(path, "rb")
+    return pa.OSFile(path)
 
 
 def _parquet_file(path: str, streaming: bool = False, endpoint_url: str | None = None) -> pq.ParquetFile:
+    return _open_parquet(path, streaming, endpoint_url)[0]
+
+
+def _open_parquet(path: str, streaming: bool = False,
+                  endpoint_url: str | None = None) -> tuple[pq.ParquetFile, pa.NativeFile]:
+    """``path`` as a ParquetFile, and the file handle it reads (what ``_pin_file`` hashes)."""
     # streaming: no pre-buffering — Arrow's pre-buffer cache keeps every range it read
     # alive for the reader's lifetime, which grows with the file (≈ 25 bytes/row).
     opts: dict[str, Any] = {"pre_buffer": False, "buffer_size": 1 << 20} if streaming else {}
     try:
-        if _is_uri(path):
-            return pq.ParquetFile(_open_input(path, endpoint_url), **opts)
-        return pq.ParquetFile(path, **opts)
+        handle = _open_input(path, endpoint_url)
+        return pq.ParquetFile(handle, **opts), handle
     except FileNotFoundError:
         raise ManifestError(f"{path}: no such file") from None
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
@@ -216,6 +230,9 @@ def _list_local(source: str) -> tuple[list[str], str]:
         base = os.path.abspath(source)
         found = []
         for dirpath, dirnames, filenames in os.walk(base):
+            if os.path.exists(os.path.join(dirpath, JOB_KEY)):  # an sdbatch OUT: its index is no manifest
+                dirnames[:] = []
+                continue
             dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "_")))
             for name in filenames:
                 if name.endswith(".parquet") and not name.startswith((".", "_")):
@@ -262,37 +279,48 @@ def _list_remote(source: str) -> tuple[list[str], str]:
         return [source], source.rsplit("/", 1)[0]
     infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True))
     base = path.rstrip("/")
-    found = []
-    for i in infos:
-        rel = i.path[len(base) :].lstrip("/")
-        if i.type != pafs.FileType.File or not rel.endswith(".parquet"):
-            continue
-        if _hidden(rel):
-            continue
-        found.append((rel, i.path))
+    rels = [i.path[len(base) :].lstrip("/") for i in infos if i.type == pafs.FileType.File]
+    outs = tuple(rel[: -len(JOB_KEY)] for rel in rels if rel == JOB_KEY or rel.endswith("/" + JOB_KEY))
+    found = [(rel, f"{base}/{rel}") for rel in rels
+             if rel.endswith(".parquet") and not _hidden(rel) and not rel.startswith(outs)]
     if not found:
         raise ManifestError(f"manifest {source}: no such object, and no .parquet files under that prefix")
     found.sort()
     return [uri(p) for _, p in found], uri(base)
 
 
-def _s3_identity(uri: str) -> str:
+def _s3_identity(uri: str, endpoint_url: str | None = None) -> str:
     """An s3:// file's ETag and version id: a content change of any kind changes the ETag."""
     from sdbatch.storage import StorageError, object_identity
 
     try:
-        return object_identity(uri)
+        return object_identity(uri, endpoint_url=endpoint_url)
     except StorageError as exc:
         raise ManifestError(f"cannot read manifest file {uri}: {exc}") from None
 
 
-def _hash_file_bytes(path: str, h: Any) -> None:
-    with _open_input(path) as f:
-        while True:
-            chunk = f.read(1 << 22)
-            if not chunk:
-                break
-            h.update(chunk)
+def _pin_file(path: str, pf: pq.ParquetFile, fingerprint: Any, handle: pa.NativeFile,
+              endpoint_url: str | None = None) -> str:
+    """One manifest file's pin, also fed into ``fingerprint`` (the manifest's hash): for an
+    ``s3://`` file its ETag and version id, for another remote file the sha256 of its size and
+    complete footer, for a local file the sha256 of its bytes, read through ``handle`` — the
+    one its rows are then read from, so a file replaced after the check is never read."""
+    if path.startswith("s3://"):
+        identity = _s3_identity(path, endpoint_url)
+        fingerprint.update(f"s3:{identity}\0".encode())
+        return f"s3:{identity}"
+    if _is_uri(path):
+        sink = pa.BufferOutputStream()
+        pf.metadata.write_metadata_file(sink)
+        described = f"size:{_size_or_none(path)}\0".encode() + sink.getvalue().to_pybytes()
+        fingerprint.update(described)
+        return f"footer:{hashlib.sha256(described).hexdigest()}"
+    own = hashlib.sha256()
+    handle.seek(0)
+    while chunk := handle.read(1 << 22):  # ~1.5 GB/s
+        fingerprint.update(chunk)
+        own.update(chunk)
+    return f"sha256:{own.hexdigest()}"
 
 
 def open_manifest(source: str) -> Manifest:
@@ -305,12 +333,12 @@ def open_manifest(source: str) -> Manifest:
     paths are relative to — is the file's folder, the directory itself, or a glob's leading
     folder without wildcards.
 
-    The fingerprint is a SHA-256 over every file's bytes (streamed; ~1.5 GB/s) and, for
-    several files, their relative names; for ``s3://`` files it covers each object's ETag and
-    version id instead (any content change changes the ETag), for other remote files their
-    size and complete Parquet footer.
+    The fingerprint is a SHA-256 over every file's pin (``_pin_file``: its bytes, streamed
+    at ~1.5 GB/s; an ``s3://`` object's ETag and version id — any content change changes the
+    ETag; another remote file's size and complete Parquet footer) and, for several files, their
+    relative names. Each file's own pin is kept (``Manifest.file_pins``) for the readers.
     """
-    source = str(source)
+    source = check_uri(str(source), "manifest")
     if _is_uri(source):
         try:
             files, base_dir = _list_remote(source)
@@ -324,9 +352,10 @@ def open_manifest(source: str) -> Manifest:
     columns: tuple[str, ...] | None = None
     schema: pa.Schema | None = None
     file_rows: list[int] = []
+    file_pins: list[str] = []
     h = hashlib.sha256(b"sdbatch-manifest-v1\0")
     for path in files:
-        pf = _parquet_file(path)
+        pf, handle = _open_parquet(path)
         names = tuple(pf.schema_arrow.names)
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -353,15 +382,8 @@ def open_manifest(source: str) -> Manifest:
         if len(files) > 1:
             rel = path[len(base_dir) :].lstrip("/\\") if path.startswith(base_dir) else path
             h.update(f"file:{rel}\0".encode())
-        if path.startswith("s3://"):
-            h.update(f"s3:{_s3_identity(path)}\0".encode())
-        elif _is_uri(path):
-            sink = pa.BufferOutputStream()
-            pf.metadata.write_metadata_file(sink)
-            h.update(f"size:{_size_or_none(path)}\0".encode())
-            h.update(sink.getvalue().to_pybytes())
-        else:
-            _hash_file_bytes(path, h)
+        file_pins.append(_pin_file(path, pf, h, handle))
+        handle.close()
     num_rows = sum(file_rows)
     if num_rows == 0:
         raise ManifestError(
@@ -375,6 +397,7 @@ def open_manifest(source: str) -> Manifest:
         fingerprint=h.hexdigest()[:16],
         base_dir=base_dir,
         file_rows=tuple(file_rows),
+        file_pins=tuple(file_pins),
         schema=schema,
     )
 
@@ -508,29 +531,55 @@ class ManifestReader:
     """A manifest kept open for reading row ranges (a worker holds one for the whole job).
 
     Each file is opened, and its footer read, once — on the first range that touches it —
-    and checked against the row count the job was planned with, so a manifest file replaced
-    since ``open_manifest`` is refused instead of shifting rows between shards. Not
-    thread-safe: one thread reads.
+    and its content checked against the pin the job was planned with (``Manifest.file_pins``:
+    a local file hashed through the handle its rows are read from, an ``s3://`` object's ETag);
+    after each read a local file's size and modification time and an ``s3://`` object's ETag are
+    checked again, so a manifest replaced or rewritten since ``open_manifest`` is refused
+    (``ManifestChanged``) instead of generating rows nobody validated. Not thread-safe: one
+    thread reads.
     """
 
     def __init__(self, manifest: Manifest, endpoint_url: str | None = None):
         self.manifest = manifest
         self.endpoint_url = endpoint_url  # for s3:// files (else AWS_ENDPOINT_URL[_S3], as boto3)
         self._files: dict[int, pq.ParquetFile] = {}
+        self._handles: dict[int, tuple[pa.NativeFile, Any]] = {}  # and what tells the file is unchanged
 
     def _file(self, number: int) -> pq.ParquetFile:
         pf = self._files.get(number)
         if pf is None:
             path = self.manifest.files[number]
-            pf = _parquet_file(path, endpoint_url=self.endpoint_url)
-            planned = self.manifest.file_rows[number] if self.manifest.file_rows else pf.metadata.num_rows
-            if pf.metadata.num_rows != planned:
-                raise ManifestError(
-                    f"{path}: holds {pf.metadata.num_rows} rows, but the job was planned with {planned}; the "
-                    "manifest changed while the job ran — restore it, or start a new job with --new-run"
-                )
+            pf, handle = _open_parquet(path, endpoint_url=self.endpoint_url)
+            pin = _pin_file(path, pf, hashlib.sha256(), handle, self.endpoint_url)
+            self._handles[number] = (handle, self._witness(number, handle))
+            self._refuse_unless(number, pin == self.manifest.file_pins[number])
             self._files[number] = pf
         return pf
+
+    def _witness(self, number: int, handle: pa.NativeFile) -> Any:
+        """What cheaply tells an opened file is still the one that was pinned: a local file's size
+        and modification time, an ``s3://`` object's identity (None for other remote files: their
+        pin is checked at open)."""
+        path = self.manifest.files[number]
+        if path.startswith("s3://"):
+            return _s3_identity(path, self.endpoint_url)
+        if _is_uri(path):
+            return None
+        st = os.fstat(handle.fileno())
+        return st.st_size, st.st_mtime_ns
+
+    def _check_unchanged(self, number: int) -> None:
+        handle, witness = self._handles[number]
+        self._refuse_unless(number, self._witness(number, handle) == witness)
+
+    def _refuse_unless(self, number: int, unchanged: bool) -> None:
+        if not unchanged:
+            raise ManifestChanged(
+                f"{self.manifest.files[number]}: the manifest changed while the job ran (its content is not "
+                f"the one pinned when the job opened it, fingerprint {self.manifest.fingerprint}); no row "
+                "was generated from the changed file — restore the manifest and run the same command again, "
+                "or submit the new one as a new job (another --out, or --new-run)"
+            )
 
     def read_rows(self, spec: JobSpec, start: int, stop: int) -> list[Row]:
         """Rows ``[start, stop)`` as ``Row``s, with job defaults applied.
@@ -569,7 +618,9 @@ class ManifestReader:
                 try:
                     table = pf.read_row_groups(groups, columns=columns, use_threads=False)
                 except (pa.ArrowException, OSError) as exc:
+                    self._check_unchanged(number)  # rewritten under the reader, rather than corrupt
                     raise ManifestError(f"{path}: cannot read row groups {groups} (corrupt Parquet?): {exc}") from None
+                self._check_unchanged(number)  # the rows just read are the pinned ones
                 table = table.slice(lo - first, hi - lo)
                 out.extend(_rows_from_table(table, lo, manifest, spec))
             file_start += nrows

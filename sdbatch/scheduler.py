@@ -32,7 +32,7 @@ import sdbatch
 from sdbatch import metrics
 from sdbatch.errors import EXIT_OK, EXIT_ROWS_FAILED, EXIT_SHARDS_FAILED, EXIT_STOPPED, BadInput, JobFailed, SdbatchError
 from sdbatch.lock import JobLock
-from sdbatch.manifest import Manifest, iter_batch_keys, passthrough_types
+from sdbatch.manifest import Manifest, ManifestChanged, iter_batch_keys, passthrough_types
 from sdbatch.documents import SUCCESS_KEY, JobRecord, Success
 from sdbatch.output import (
     STATUS_FAILED,
@@ -409,6 +409,8 @@ class Driver:
                     break
                 except RayTaskError as exc:
                     cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
+                    if isinstance(cause, ManifestChanged):  # every shard would read it alike: the job stops
+                        raise ManifestChanged(f"{cause}. The job stopped; the shards committed before are kept") from None
                     error = describe(cause)
                     log.warning("shard %s failed (attempt %d): %s", work.shard.name, work.attempt, error)
                     self._forget(actor, work)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -198,6 +199,20 @@ class JobSpec(_Section):
                 for name, path in loras.items()}
 
     @model_validator(mode="after")
+    def _no_credentials_in_uris(self) -> JobSpec:
+        """Credentials belong in the environment: a URI carrying them is refused before it can
+        reach a message or ``job.json`` (``storage.check_uri``)."""
+        from sdbatch.storage import check_uri
+
+        for key, uri in (("model.name", self.model.name), ("model.refiner", self.model.refiner),
+                         ("output.location", self.output.location), ("scoring.clip_model", self.scoring.clip_model),
+                         *((f"loras.{name}", path) for name, path in self.loras.items()),
+                         *(("limits.init_image_roots", root) for root in self.limits.init_image_roots)):
+            if uri:
+                check_uri(uri, key)
+        return self
+
+    @model_validator(mode="after")
     def _native_size_of_local_model(self) -> JobSpec:
         """A local or built-in model's native size fills an unset default width/height (an
         ``s3://`` model's is read at submit: ``with_native_size``). A folder that cannot be
@@ -279,8 +294,49 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
             hint = f"did you mean `{close}`?" if close else "remove it or check its spelling"
             lines.append(f"  {where}: unknown key; {hint} (see `sdbatch spec --schema`)")
         else:
-            lines.append(f"  {where}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  {where}: {e['msg']} (got {_SHORT_REPR.repr(e.get('input'))})")
     return "\n".join(lines)
+
+
+#: The repr of a value in a message: bounded however large or deep the value is.
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 3, 80, 80
+
+#: YAML values a spec may hold once its aliases are followed: a real spec has a few hundred; an
+#: alias bomb (nine aliases of nine aliases of …, 1 KB) would expand to billions.
+MAX_YAML_VALUES = 10_000
+
+
+def _expanded_values(node: yaml.Node, sizes: dict[int, int | None]) -> float:
+    """How many values ``node`` holds with every alias followed (each shared node counted once
+    per use, computed once); a node that holds itself is infinite."""
+    if id(node) in sizes:
+        size = sizes[id(node)]
+        return float("inf") if size is None else size
+    sizes[id(node)] = None  # being counted: meeting it again is a cycle
+    children = node.value if isinstance(node, yaml.SequenceNode) else (
+        [part for pair in node.value for part in pair] if isinstance(node, yaml.MappingNode) else [])
+    size = 1 + sum(_expanded_values(child, sizes) for child in children)
+    sizes[id(node)] = size
+    return size
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load``, refusing a document whose aliases expand to more than
+    ``MAX_YAML_VALUES`` values before anything is built from it."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_values(node, {}) > MAX_YAML_VALUES:
+            raise SpecError(f"{where}: its YAML aliases (*name) expand to more than {MAX_YAML_VALUES:,} values; "
+                            "write the values out, or use fewer aliases")
+        return loader.construct_document(node)
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise SpecError(f"{where} is not valid YAML: {exc if isinstance(exc, yaml.YAMLError) else 'nested too deeply'}") from None
+    finally:
+        loader.dispose()
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -299,11 +355,7 @@ def parse_set_option(item: str) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. --set resources.batch_size=8")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise SpecError(f"--set {item!r}: value is not valid YAML: {exc}") from None
-    return key.strip(), value
+    return key.strip(), load_yaml(raw, f"--set {item!r}: value") if raw.strip() else ""
 
 
 def load_spec(
@@ -320,10 +372,7 @@ def load_spec(
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise SpecError(f"cannot read job spec {path}: {exc.strerror or exc}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise SpecError(f"job spec {path} is not valid YAML: {exc}") from None
+        loaded = load_yaml(text, f"job spec {path}")
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -62,6 +62,8 @@ __all__ = [
     "register_client_hook",
     "clear_client_cache",
     "parse_s3_url",
+    "check_uri",
+    "s3_endpoint",
 ]
 
 PROBE_PREFIX = "_sdbatch/"
@@ -148,20 +150,41 @@ def _check_prefix(prefix: str) -> str:
     return prefix
 
 
+def _userinfo_end(url: str) -> int:
+    """Where the user-info (``user:secret@``) of ``url`` ends — the index after its ``@`` — or 0
+    when it has none. A secret may hold ``/`` (AWS's do), so an authority whose "port" is not a
+    number, with an ``@`` after it, is user-info too."""
+    scheme, sep, rest = url.partition("://")
+    at = rest.find("@")
+    if not sep or at < 0:
+        return 0
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    _, colon, port = authority.partition(":")
+    if "@" in authority or (colon and not port.isdigit()):
+        return len(scheme) + len(sep) + at + 1
+    return 0
+
+
 def _redact_url(url: str | None) -> str | None:
-    """Drop any user:password@ part of a URL (never show credentials)."""
+    """``url`` without its user-info: what any message, log or record may show of a URI."""
     if not url:
         return url
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    end = _userinfo_end(url)
+    return url[: url.index("://") + 3] + url[end:] if end else url
+
+
+def check_uri(uri: str, what: str) -> str:
+    """``uri``, unless it carries user-info: then a ``StorageConfigError`` naming it redacted.
+    Credentials belong in the environment, never in a URI, which reaches messages, logs and
+    job records. Every URI sdbatch is given passes here when it is parsed (``parse_s3_url``,
+    ``open_storage``, ``read_uri``, the S3 endpoint, the manifest)."""
+    if _userinfo_end(uri):
+        raise StorageConfigError(
+            f"{what} {_redact_url(uri)!r} carries credentials (before its \"@\"; not shown); "
+            "remove them from the URI and set them in the environment instead (AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+        )
+    return uri
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,13 +439,15 @@ def clear_client_cache() -> None:
         _CLIENTS.clear()
 
 
-def _endpoint(endpoint_url: str | None) -> str | None:
+def s3_endpoint(endpoint_url: str | None) -> str | None:
+    """The S3 endpoint: ``endpoint_url``, else ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``
+    (as boto3 reads them), else None (AWS)."""
     ep = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-    return ep
+    return check_uri(ep, "S3 endpoint (--s3-endpoint / AWS_ENDPOINT_URL)") if ep else None
 
 
 def _get_client(endpoint_url: str | None = None, max_attempts: int = 5, max_pool_connections: int = 10):
-    ep = _endpoint(endpoint_url)
+    ep = s3_endpoint(endpoint_url)
     if ep is not None:
         try:
             parts = urlsplit(ep)
@@ -482,8 +507,8 @@ _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 def parse_s3_url(url: str) -> tuple[str, str]:
     """``s3://bucket/some/prefix/`` → ("bucket", "some/prefix") (prefix may be "")."""
     if not url.startswith("s3://"):
-        raise StorageConfigError(f"not an s3:// URL: {url!r}")
-    rest = url[5:]
+        raise StorageConfigError(f"not an s3:// URL: {_redact_url(url)!r}")
+    rest = check_uri(url, "S3 URL")[5:]
     bucket, _, prefix = rest.partition("/")
     if not bucket:
         raise StorageConfigError(f"S3 URL {url!r} names no bucket; expected s3://bucket/prefix")
@@ -640,7 +665,7 @@ class S3Storage:
                  max_pool_connections: int = 10):
         self.bucket, self.prefix = parse_s3_url(url)
         self.url = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
-        self._endpoint_raw = _endpoint(endpoint_url)
+        self._endpoint_raw = s3_endpoint(endpoint_url)
         self.endpoint_url = _redact_url(self._endpoint_raw)  # safe to print / record
         self.max_attempts = max_attempts
         self.max_pool_connections = max_pool_connections
@@ -856,7 +881,7 @@ _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 def open_storage(url: str, *, endpoint_url: str | None = None, max_attempts: int = 5,
                  max_pool_connections: int = 10) -> Storage:
     """"s3://bucket/prefix" → S3Storage; "file:///dir" or a path → LocalStorage (created on first write)."""
-    url = str(url)
+    url = check_uri(str(url), "location")
     m = _SCHEME_RE.match(url)
     if m:
         scheme = m.group(1).lower()
@@ -888,12 +913,12 @@ def read_uri(uri: str | Path, *, endpoint_url: str | None = None, max_bytes: int
     """Bytes of a local path, file:// URL, or s3://bucket/key. Raises NotFound / StorageError,
     and TooLarge for an object over ``max_bytes`` (of which at most ``max_bytes + 1`` are read).
     A local path must be a regular file: a FIFO or device is refused, never opened."""
-    uri = str(uri)
+    uri = check_uri(str(uri), "location")
     if uri.startswith("s3://"):
         bucket, key = parse_s3_url(uri)
         if not key:
             raise StorageConfigError(f"{uri!r} names a bucket, not an object")
-        ep = _endpoint(endpoint_url)
+        ep = s3_endpoint(endpoint_url)
         client = _get_client(ep)
         try:
             ranged = {"Range": f"bytes=0-{max_bytes}"} if max_bytes is not None else {}
@@ -940,7 +965,7 @@ def object_identity(uri: str, *, endpoint_url: str | None = None) -> str:
     bucket, key = parse_s3_url(uri)
     if not key:
         raise StorageConfigError(f"{uri!r} names a bucket, not an object")
-    ep = _endpoint(endpoint_url)
+    ep = s3_endpoint(endpoint_url)
     try:
         resp = _get_client(ep).head_object(Bucket=bucket, Key=key)
     except Exception as e:
@@ -987,7 +1012,7 @@ def fetch_model_dir(uri: str, *, pin: str | None = None, cache_dir: str | Path |
 
     bucket, prefix = parse_s3_url(uri)
     canonical = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
-    ep = _endpoint(endpoint_url)
+    ep = s3_endpoint(endpoint_url)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_model_cache_dir()
     if pin is not None and _complete(_cache_dir(root, pin)):
         return _cache_dir(root, pin), pin

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_manifest
 
-from sdbatch.manifest import ManifestError, ManifestReader, open_manifest, read_rows_at
+from sdbatch.manifest import ManifestChanged, ManifestReader, open_manifest, read_rows_at
 from sdbatch.plan import make_plan
 from sdbatch.spec import JobSpec
 from sdbatch.worker import ShardFeed
@@ -71,8 +71,18 @@ def test_a_manifest_file_changed_during_the_job_is_refused(tmp_path):
     path = write_manifest(tmp_path / "m.parquet", ROWS)
     manifest = open_manifest(str(path))
     write_manifest(path, ROWS + ROWS[:1])
-    with pytest.raises(ManifestError, match=r"holds 11 rows, but the job was planned with 10.*changed"):
+    with pytest.raises(ManifestChanged, match=r"m.parquet: the manifest changed while the job ran"):
         ManifestReader(manifest).read_rows(JobSpec(), 0, 4)
+
+
+def test_a_manifest_file_rewritten_after_it_was_opened_is_refused_at_the_next_read(tmp_path):
+    path = write_manifest(tmp_path / "m.parquet", ROWS)
+    reader = ManifestReader(open_manifest(str(path)))
+    assert [r.id for r in reader.read_rows(JobSpec(), 0, 2)] == ["f00", "f01"]
+    time.sleep(0.01)  # a new modification time even on coarse clocks
+    write_manifest(path, [{**r, "prompt": "a blue square"} for r in ROWS])  # in place: the handle sees it
+    with pytest.raises(ManifestChanged, match=r"the manifest changed while the job ran"):
+        reader.read_rows(JobSpec(), 2, 4)
 
 
 # ---------------------------------------------------------------------------------------------

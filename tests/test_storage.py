@@ -227,10 +227,12 @@ def test_open_storage_bad_urls():
 
 
 def test_bad_endpoint_urls(s3_server):
-    for ep in ["not a url", "ftp://u:pw@127.0.0.1:1", "http://"]:
-        with pytest.raises(StorageConfigError, match="invalid S3 endpoint") as ei:
+    for ep in ["not a url", "ftp://127.0.0.1:1", "http://"]:
+        with pytest.raises(StorageConfigError, match="invalid S3 endpoint"):
             S3Storage("s3://some-bucket/x", endpoint_url=ep).check_access()
-        assert "pw" not in str(ei.value)
+    with pytest.raises(StorageConfigError, match="S3 endpoint .* 'ftp://127.0.0.1:1' carries credentials") as ei:
+        S3Storage("s3://some-bucket/x", endpoint_url="ftp://u:pw@127.0.0.1:1")
+    assert "pw" not in str(ei.value)
 
 
 def test_check_access_missing_bucket(s3_server, caplog):
@@ -251,13 +253,12 @@ def test_check_access_missing_bucket(s3_server, caplog):
 def test_check_access_unreachable_endpoint(s3_server, caplog):
     caplog.set_level(logging.DEBUG, logger="sdbatch.storage")
     port = _free_port()
-    s = S3Storage("s3://some-bucket/out", endpoint_url=f"http://user:sekr3t@127.0.0.1:{port}", max_attempts=2)
+    s = S3Storage("s3://some-bucket/out", endpoint_url=f"http://127.0.0.1:{port}", max_attempts=2)
     with pytest.raises(StorageConfigError) as ei:
         s.check_access()
     msg = str(ei.value)
     assert f"127.0.0.1:{port}" in msg and "some-bucket" in msg and "cannot reach" in msg
-    assert "sekr3t" not in msg and "sekr3t" not in caplog.text and SECRET not in msg
-    assert "sekr3t" not in repr(s) and "sekr3t" not in s.endpoint_url
+    assert SECRET not in msg and SECRET not in caplog.text  # an endpoint with user-info is refused: test_inputs.py
     # mid-job, the same failure is transient (an outage, not a config mistake)
     with pytest.raises(StorageError) as ei2:
         s.get("a.png")
