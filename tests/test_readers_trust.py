@@ -131,3 +131,61 @@ def test_export_refuses_an_image_that_is_not_the_indexed_one(run_cli, job, tmp_p
     grid = run_cli("grid", copy, "-o", tmp_path / "grids")
     assert grid.returncode == 0, grid.stderr
     assert "1 cells show images that are not the bytes their index rows recorded: c " in said(grid)
+
+
+# --- 5. --new-run deletes only the bytes the old job wrote ---------------------------------------
+
+
+def test_new_run_keeps_a_foreign_object_at_a_failed_rows_key_and_an_altered_image(run_cli, tmp_path):
+    rows = [{"id": f"t{i}", "prompt": f"a red circle {i}", "seed": 10 + i} for i in range(4)]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    out = tmp_path / "out"
+    claimed = run_cli("submit", manifest, "--out", out, *FAST, "--deadline", "0s")  # claims OUT, runs nothing
+    assert claimed.returncode == 4, claimed.stderr
+    foreign = out / "images" / "00000" / "t0.png"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_bytes(b"the user's own file")
+    ran = run_cli("submit", manifest, "--out", out, *FAST)
+    assert ran.returncode == 3, ran.stderr  # t0 failed: its key holds an object sdbatch did not write
+    index = {r["id"]: r for r in load_index(out)}
+    assert index["t0"]["status"] == "failed" and index["t0"]["key"] == "images/00000/t0.png"
+    altered = out / index["t1"]["key"]
+    altered.write_bytes(b"edited by hand after the job")
+
+    replaced = run_cli("submit", write_manifest(tmp_path / "b.parquet", rows[:2]), "--out", out, *FAST, "--new-run")
+    assert replaced.returncode == 2, replaced.stderr  # the objects kept are not the new job's either
+    assert "holds 2 objects that no sdbatch job there wrote" in said(replaced)
+    assert foreign.read_bytes() == b"the user's own file" and altered.read_bytes() == b"edited by hand after the job"
+    left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and ".sdbatch-tmp-" not in p.name)
+    assert left == ["images/00000/t0.png", "images/00000/t1.png"]  # the job's own images and state went
+
+
+# --- 4. reproduce takes its parameters from the index and reads only the job's places ------------
+
+
+def test_reproduce_ignores_a_tampered_record_and_reads_init_images_only_from_the_jobs_places(run_cli, job, tmp_path):
+    copy, original = tampered_copy(job, tmp_path, "b")
+    _, index = job
+    elsewhere = tmp_path / "elsewhere" / "secret.png"  # outside the job's places, and another picture
+    elsewhere.parent.mkdir()
+    Image.fromarray(np.full((64, 64, 3), 200, dtype=np.uint8)).save(elsewhere)
+    _, record = read_embedded(original)
+    assert record["model_name"] == "builtin:tiny" and record["init_image"] == index["b"]["init_image"]
+    record.update(init_image=str(elsewhere), model_name="builtin:shapes")  # the same picture, a lying record
+    (copy / index["b"]["key"]).write_bytes(encode_image(pixels(original), record, fmt="png"))
+
+    result = run_cli("reproduce", copy, "b")
+    assert result.returncode == 0, said(result)  # the index's init image and the job's model: the same bytes
+    assert "b: bytes match" in result.stdout and "record from the index" in result.stdout
+    assert "the stored image is not the one the index recorded (size" in said(result)
+    assert "MODEL CHANGED" not in said(result) and "changed since generation" not in said(result)
+
+    # an index naming an init image outside the job's places is refused too
+    table = pq.read_table(copy / "index.parquet")
+    paths = [str(elsewhere) if p else p for p in table.column("init_image").to_pylist()]
+    at = table.schema.get_field_index("init_image")
+    pq.write_table(table.set_column(at, "init_image", pa.array(paths, pa.string())), copy / "index.parquet")
+    refused = run_cli("reproduce", copy, "b")
+    assert refused.returncode == 2, said(refused)
+    assert f"init image {elsewhere} resolves to {elsewhere}, outside the places this job read init images from" \
+        in said(refused) and "Traceback" not in refused.stderr
