@@ -15,9 +15,9 @@ with the *same record* — so the bytes match exactly when, and only when, the p
 img2img rows re-read their init image from the recorded location (an absolute path or
 ``s3://`` URI), only inside the places the job read init images from (submit's rule, from
 ``job.json``) and up to ``limits.max_init_image_bytes``; if it is gone the row cannot be
-reproduced, and if its
-content changed since the job ran (its bytes' sha256 differs from the recorded
-``init_image_sha256``) the result says so in a note: the regenerated image is expected to differ.
+reproduced, and if its content changed since the job ran (its bytes' sha256 differs from the
+recorded ``init_image_sha256``) the result says so in a note: the regenerated image is
+expected to differ.
 """
 
 from __future__ import annotations
@@ -250,7 +250,8 @@ class Reproducer:
         where, inside = self.places.resolve(uri)
         if not inside:
             raise AuditError(f"init image {uri} resolves to {where}, outside the places this job read init images "
-                             f"from ({self.places}); sdbatch reads nothing else")
+                             f"from ({self.places}), where sdbatch reads none; `sdbatch verify OUT` compares the index "
+                             "with the job's commits and manifest")
         data = read_uri(where, endpoint_url=self.endpoint_url, max_bytes=self.out.spec.limits.max_init_image_bytes)
         image = Image.open(io.BytesIO(data))
         image.load()
