@@ -189,3 +189,23 @@ def test_reproduce_ignores_a_tampered_record_and_reads_init_images_only_from_the
     assert refused.returncode == 2, said(refused)
     assert f"init image {elsewhere} resolves to {elsewhere}, outside the places this job read init images from" \
         in said(refused) and "Traceback" not in refused.stderr
+
+
+def test_new_run_keeps_a_foreign_tar_and_deletes_the_jobs_own(run_cli, tmp_path):
+    rows = [{"id": f"t{i}", "prompt": f"a red circle {i}", "seed": 10 + i} for i in range(4)]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    out = tmp_path / "out"
+    flags = ["--model", "builtin:null", "--rows-per-shard", "2", "--batch-size", "2", "--workers", "1",
+             "--set", "output.format=webdataset"]
+    assert run_cli("submit", manifest, "--out", out, *flags, "--deadline", "0s").returncode == 4
+    foreign = out / "shards" / "00000.tar"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_bytes(b"someone else's tar")
+    ran = run_cli("submit", manifest, "--out", out, *flags)
+    assert ran.returncode == 3, ran.stderr  # t0, t1 failed: their tar's key holds an object sdbatch did not write
+    assert sorted(p.name for p in foreign.parent.iterdir()) == ["00000.tar", "00001.tar"]
+
+    replaced = run_cli("submit", write_manifest(tmp_path / "b.parquet", rows[:1]), "--out", out, *flags, "--new-run")
+    assert replaced.returncode == 2, replaced.stderr
+    assert "holds 1 objects that no sdbatch job there wrote (shards/00000.tar)" in said(replaced)
+    assert foreign.read_bytes() == b"someone else's tar" and not (out / "shards" / "00001.tar").exists()
