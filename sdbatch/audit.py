@@ -5,21 +5,25 @@ Nothing here imports torch at module level: ``verify`` without regeneration is p
 and Parquet work; ``reproduce_row`` imports ``sdbatch.generate`` only when it needs the model.
 
 How an image is rebuilt (DESIGN §3): the target row's JSON record (embedded in the stored
-image, or rebuilt from the index when the object is gone or unreadable) and ``job.json``
-(output format and encoder settings) give everything; the rows named in the record's
-``batch_rows`` are rebuilt from the index, in order, so the batch that is regenerated is
-the batch that ran. The model named in the record is loaded on the recorded device and
-dtype, its fingerprint is checked against the recorded one, the batch is generated, and the
-target image is encoded with the *same record* — so the bytes match exactly when, and only
-when, the pixels match. img2img rows re-read their init image from the recorded location
-(an absolute path or ``s3://`` URI); if it is gone the row cannot be reproduced, and if its
-content changed since the job ran (its bytes' sha256 differs from the recorded
-``init_image_sha256``) the result says so in a note: the regenerated image is expected to differ.
+image when its bytes are the ones the index recorded, else rebuilt from the index: an image
+is never trusted over the job's own record) and ``job.json`` (model, output format and
+encoder settings) give everything; the rows named in the record's ``batch_rows`` are rebuilt
+from the index, in order, so the batch that is regenerated is the batch that ran. The job's
+model (job.json, or ``--model``) is loaded on the recorded device and dtype, its fingerprint
+is checked against the recorded one, the batch is generated, and the target image is encoded
+with the *same record* — so the bytes match exactly when, and only when, the pixels match.
+img2img rows re-read their init image from the recorded location (an absolute path or
+``s3://`` URI), only inside the places the job read init images from (submit's rule, from
+``job.json``) and up to ``limits.max_init_image_bytes``; if it is gone the row cannot be
+reproduced, and if its content changed since the job ran (its bytes' sha256 differs from the
+recorded ``init_image_sha256``) the result says so in a note: the regenerated image is
+expected to differ.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,8 +34,8 @@ import pyarrow.parquet as pq
 
 from sdbatch import encode
 from sdbatch.errors import BadInput
-from sdbatch.layout import PREFIXES, Layout, layout_for, sha256
-from sdbatch.manifest import Row
+from sdbatch.layout import PREFIXES, Layout, differs, layout_for, sha256
+from sdbatch.manifest import InitImagePlaces, Row, init_image_places
 from sdbatch.documents import JOB_KEY, SUCCESS_KEY, JobRecord
 from sdbatch.output import (
     FINGERPRINT_META, INDEX_COLUMN_TYPES, INDEX_KEY, STATUS_OK, OutputMismatch, committed_index, committed_shards, merge_index,
@@ -79,6 +83,15 @@ class JobOutput:
 
     def rows_by_id(self) -> dict[str, dict[str, Any]]:
         return {r["id"]: r for r in self.index}
+
+    @property
+    def init_image_places(self) -> InitImagePlaces:
+        """Where the job read init images from (submit's rule, from job.json)."""
+        pin = self.job.manifest
+        local_files = [f for f in pin.files if "://" not in f]
+        # a job.json of an older sdbatch has no base_dir: its files' common folder is never wider
+        base_dir = pin.base_dir or (os.path.commonpath([os.path.dirname(f) for f in local_files]) if local_files else None)
+        return init_image_places(base_dir, self.spec, [self.storage.url, self.spec.model.name, pin.source])
 
 
 def open_job(storage: Storage | str, *, endpoint_url: str | None = None) -> JobOutput:
@@ -165,6 +178,7 @@ class Reproducer:
         self.device_override = device
         self.by_id = out.rows_by_id()
         self.layout = out.layout
+        self.places = out.init_image_places
         self._generators: dict[tuple[str, str, str], Generator] = {}
         self._batches: dict[tuple, dict[str, Any]] = {}
 
@@ -179,28 +193,33 @@ class Reproducer:
                 raise
             return None
 
-    def _record(self, entry: dict[str, Any], stored: bytes | None) -> tuple[ImageRecord, dict[str, Any], str]:
+    def _record(self, entry: dict[str, Any], stored: bytes | None) -> tuple[ImageRecord, dict[str, Any], str | None]:
         """The row's record, the JSON its image embeds (re-encoded as stored, so the bytes of
-        an image of any sdbatch version can match), and where it came from."""
-        if stored is not None:
+        an image of any sdbatch version can match), and why it was rebuilt from the index (None:
+        it is the stored image's own, trusted only when those are the bytes the index recorded)."""
+        why = "the stored image is missing or unreadable"
+        problem = differs(entry, stored) if stored is not None else None
+        if problem:
+            why = f"the stored image is not the one the index recorded ({problem}), so its embedded record is not trusted"
+        elif stored is not None:
             try:
                 _, embedded = encode.read_embedded(stored)
             except Exception:  # noqa: BLE001 - a corrupted object
                 embedded = None
             record = embedded_record(embedded, entry)
             if record is not None:
-                return record, embedded, "image"
-        gen = self._generator_for(None, entry.get("device"), entry.get("dtype"))
+                return record, embedded, None
+        gen = self._generator_for(entry.get("device"), entry.get("dtype"))
         record = ImageRecord.from_index_row(entry, gen, model_name=self.out.spec.model.name,
                                             refiner_name=self.out.spec.model.refiner,
                                             sdbatch_version=self.out.job.sdbatch_version)
-        return record, record.to_embedded(), "index"
+        return record, record.to_embedded(), why
 
     # -- the model -----------------------------------------------------------------------------
-    def _load_settings(self, model_name: str | None, device: str | None,
-                       dtype: str | None) -> tuple[str, str, str, list[str]]:
+    def _load_settings(self, device: str | None, dtype: str | None) -> tuple[str, str, str, list[str]]:
+        """The model (the job's, or ``--model``), device and dtype to regenerate with, and notes."""
         notes: list[str] = []
-        model = self.model_override or model_name or self.out.spec.model.name
+        model = self.model_override or self.out.spec.model.name
         device = self.device_override or device or "cpu"
         dtype = dtype or "float32"
         if device.startswith("cuda") and not self.device_override:
@@ -214,8 +233,8 @@ class Reproducer:
             notes.append("recorded dtype float16 on cpu: regenerating in float16 on cpu is slow and differs from GPU")
         return model, ("cuda" if device.startswith("cuda") else device), dtype, notes
 
-    def _generator_for(self, model_name: str | None, device: str | None, dtype: str | None) -> Generator:
-        model, device, dtype, _ = self._load_settings(model_name, device, dtype)
+    def _generator_for(self, device: str | None, dtype: str | None) -> Generator:
+        model, device, dtype, _ = self._load_settings(device, dtype)
         key = (model, device, dtype)
         if key not in self._generators:
             from sdbatch.generate import Generator
@@ -226,10 +245,16 @@ class Reproducer:
 
     # -- the batch -----------------------------------------------------------------------------
     def _init_image(self, uri: str):
-        """The init image at ``uri`` now, and the sha256 hex of its bytes."""
+        """The init image at ``uri`` now, and the sha256 hex of its bytes; read only inside the
+        job's places and size limit, as the worker read it."""
         from PIL import Image
 
-        data = read_uri(uri, endpoint_url=self.endpoint_url)
+        where, inside = self.places.resolve(uri)
+        if not inside:
+            raise AuditError(f"init image {uri} resolves to {where}, outside the places this job read init images "
+                             f"from ({self.places}), where sdbatch reads none; `sdbatch verify OUT` compares the index "
+                             "with the job's commits and manifest")
+        data = read_uri(where, endpoint_url=self.endpoint_url, max_bytes=self.out.spec.limits.max_init_image_bytes)
         image = Image.open(io.BytesIO(data))
         image.load()
         return image, sha256(data)
@@ -317,12 +342,11 @@ class Reproducer:
             raise AuditError(f"row {row_id!r} has status {entry.get('status')!r} ({entry.get('error')}); "
                              "there is no image to reproduce")
         stored = self._stored(entry)
-        record, embedded, source = self._record(entry, stored)
-        settings = (record.model_name, record.device, record.dtype)
-        _, _, _, notes = self._load_settings(*settings)
-        if source == "index":
-            notes.append("the stored image is missing or unreadable: its record was rebuilt from the index")
-        gen = self._generator_for(*settings)
+        record, embedded, rebuilt_why = self._record(entry, stored)
+        _, _, _, notes = self._load_settings(record.device, record.dtype)
+        if rebuilt_why:
+            notes.append(f"{rebuilt_why}: its record was rebuilt from the index")
+        gen = self._generator_for(record.device, record.dtype)
         fp_ok = gen.info.fingerprint == record.model_fingerprint
         if not fp_ok:
             notes.insert(0, f"MODEL CHANGED: the model loaded from {gen.info.name!r} has fingerprint "
@@ -365,7 +389,7 @@ class Reproducer:
             batch_id=record.batch_id,
             batch_rows=batch["rows"],
             batch_rebuilt=batch["rebuilt"],
-            record_source=source,
+            record_source="index" if rebuilt_why else "image",
             model_fingerprint_ok=fp_ok,
             notes=notes + batch["notes"],
         )

@@ -580,14 +580,18 @@ def export(
     dest: Path = typer.Argument(..., metavar="DIR", help="A new (or empty) local directory to write."),
     where: Optional[str] = typer.Option(None, "--where", help="SQL condition over the index columns, e.g. \"not blank and duplicate_of is null\"."),
     shard_size: int = typer.Option(1 << 30, "--shard-size", min=1, help="webdataset: bytes per tar shard."),
+    skip_mismatched: bool = typer.Option(False, "--skip-mismatched", help="Leave out rows whose stored image is not the one the index recorded (size, sha256) instead of refusing the export; they are named in a warning."),
     s3_endpoint: Optional[str] = EndpointOpt,
 ) -> None:
-    """Write OUT's images and index rows (all columns), filtered by --where, in a training format."""
+    """Write OUT's images and index rows (all columns), filtered by --where, in a training format.
+
+    Every image copied is checked against its index row's size and sha256."""
     setup_logging(False)
     from sdbatch.export import export as run_export
     from sdbatch.storage import open_storage
 
-    count = run_export(open_storage(out_location, endpoint_url=s3_endpoint), to, dest, where, shard_size)
+    count = run_export(open_storage(out_location, endpoint_url=s3_endpoint), to, dest, where, shard_size,
+                       skip_mismatched)
     stdout.print(f"exported {count} images to {dest} ({to})")
 
 
@@ -619,6 +623,7 @@ def grid(
     s3_endpoint: Optional[str] = EndpointOpt,
 ) -> None:
     """Draw one labelled X/Y grid image per prompt of a job built with `sdbatch manifest --grid`."""
+    setup_logging(False)
     from sdbatch.export import load_index
     from sdbatch.grid import render_grids
     from sdbatch.storage import open_storage

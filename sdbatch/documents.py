@@ -112,6 +112,7 @@ class ManifestPin(_Part):
     fingerprint: str
     num_rows: int
     files: list[str] = []
+    base_dir: str | None = None  # what relative init_image paths were relative to: a place init images are read from
 
 
 class ModelPin(_Part):

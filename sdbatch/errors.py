@@ -29,7 +29,8 @@ EXIT_CODES_HELP = (
 READER_EXIT_CODES_HELP = (
     "Exit codes: 0 done; 1 a bug (please report it); 2 bad input (no job at OUT, a bad option, DIR not "
     "empty; storage misconfigured: bucket, credentials, endpoint); 5 storage failed while reading OUT, "
-    "or OUT names an object that is not there (rerun to retry; `sdbatch verify OUT` lists what is missing)."
+    "OUT names an object that is not there, or (export) an image is not the bytes its index row recorded "
+    "(rerun to retry; `sdbatch verify OUT` lists what is missing or mismatched)."
 )
 
 RESUME_HINT = "committed shards are kept — run the same command again to go on"

@@ -1,6 +1,7 @@
 """X/Y grids, as AUTOMATIC1111's X/Y/Z plot: ``sdbatch manifest --grid seed=1-4 --grid
 guidance_scale=3,5,7`` repeats every prompt for each cell of the axes, and after the job
-``sdbatch grid OUT -o DIR`` draws one labelled image per prompt (columns: X values; rows: Y).
+``sdbatch grid OUT -o DIR`` draws one labelled image per prompt (columns: X values; rows: Y). A cell whose stored image is not the
+bytes its index row recorded is drawn marked "not the indexed image" and named in a warning.
 
 A grid manifest records itself in two passthrough columns: ``grid_group`` (the prompt's number)
 and ``grid_axes`` (``"seed,guidance_scale"``); the cell values are the rows' own columns.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import logging
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +24,8 @@ from sdbatch.errors import BadInput
 
 if TYPE_CHECKING:
     from sdbatch.layout import Layout
+
+log = logging.getLogger("sdbatch.grid")
 
 GRID_GROUP, GRID_AXES = "grid_group", "grid_axes"
 #: Manifest columns an axis may vary.
@@ -95,7 +99,7 @@ def render_grids(index: pa.Table, layout: Layout, dest: Path) -> list[Path]:
     """One labelled PNG per grid prompt under ``dest`` (``grid-<group>.png``); returns their paths."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from sdbatch.export import iter_images
+    from sdbatch.export import iter_images, name_rows
 
     if GRID_GROUP not in index.column_names:
         raise GridError(f"{layout.storage.url} holds no grid rows (no {GRID_GROUP} column); build the manifest with "
@@ -106,7 +110,11 @@ def render_grids(index: pa.Table, layout: Layout, dest: Path) -> list[Path]:
     written = []
     for group in sorted(set(rows.column(GRID_GROUP).to_pylist())):
         group_rows = rows.filter(pc.equal(rows.column(GRID_GROUP), group))
-        images = {entry["row"]: data for entry, data in iter_images(layout, group_rows)}  # one prompt's at a time
+        images, mismatched = {}, []
+        for entry, data, problem in iter_images(layout, group_rows):  # one prompt's at a time
+            images[entry["row"]] = data
+            if problem:
+                mismatched.append((entry["id"], entry["key"], problem))
         cells = group_rows.to_pylist()
         axes = cells[0][GRID_AXES].split(",")
         xs = list(dict.fromkeys(c[axes[0]] for c in cells))
@@ -127,10 +135,15 @@ def render_grids(index: pa.Table, layout: Layout, dest: Path) -> list[Path]:
             at = (left + xs.index(c[axes[0]]) * cw, top + ys.index(c[axes[1]] if len(axes) > 1 else None) * ch)
             if c["row"] in images:
                 sheet.paste(_cell(Image.open(io.BytesIO(images[c["row"]])), (cw, ch)), at)
+                if c["id"] in {rid for rid, _, _ in mismatched}:
+                    draw.text((at[0] + 4, at[1] + 4), "not the indexed image", fill="red", font=font)
             else:
                 draw.rectangle([at, (at[0] + cw - 1, at[1] + ch - 1)], fill="lightgrey")
                 draw.text((at[0] + 4, at[1] + 4), "failed", fill="red", font=font)
         path = dest / f"grid-{group:05d}.png"
         sheet.save(path)
         written.append(path)
+        if mismatched:  # drawn, but said: what the grid shows is not what the job recorded
+            log.warning("%s: %d cells show images that are not the bytes their index rows recorded: %s",
+                        path, len(mismatched), name_rows(mismatched))
     return written

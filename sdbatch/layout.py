@@ -8,9 +8,10 @@
 bytes are held) and ``finish`` says where each row's image is — its index ``key`` — after
 writing the tar, if any. Readers go through ``read`` (an image by its index key), ``objects``
 (the storage objects index keys name) and ``check`` (every entry's object present, of the
-recorded size and sha256). The index key of a tar member, ``shards/NNNNN.tar#<key>.<ext>``,
-is made and parsed only here. A key already taken is adopted only when it holds exactly the
-bytes this job just produced; anything else is not ours (``foreign_object_error``).
+recorded size and sha256); ``differs`` says whether bytes read are the ones a row recorded.
+The index key of a tar member, ``shards/NNNNN.tar#<key>.<ext>``, is made and parsed only
+here. A key already taken is adopted only when it holds exactly the bytes this job just
+produced; anything else is not ours (``foreign_object_error``).
 Imports: ``encode`` (file extensions), ``storage``. Pure.
 """
 
@@ -89,15 +90,22 @@ class Checked:
         if data is None:
             self.missing.append((entry["id"], entry["key"]))
             return
-        problems = []
-        if len(data) != entry["bytes"]:
-            problems.append(f"size {len(data)} ≠ recorded {entry['bytes']}")
-        if sha256(data) != entry["sha256"]:
-            problems.append("sha256 differs")
-        if problems:
-            self.mismatched.append((entry["id"], entry["key"], ", ".join(problems)))
+        problem = differs(entry, data)
+        if problem:
+            self.mismatched.append((entry["id"], entry["key"], problem))
         else:
             self.good.append(entry)
+
+
+def differs(entry: dict[str, Any], data: bytes) -> str | None:
+    """How ``data`` differs from the image index row ``entry`` recorded (its ``bytes`` and
+    ``sha256``); None when it is that image. Every reader of stored images asks this."""
+    problems = []
+    if len(data) != entry["bytes"]:
+        problems.append(f"size {len(data)} ≠ recorded {entry['bytes']}")
+    if sha256(data) != entry["sha256"]:
+        problems.append("sha256 differs")
+    return ", ".join(problems) or None
 
 
 class ShardWriter:

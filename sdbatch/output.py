@@ -11,7 +11,8 @@
 A shard is done exactly when its metadata file exists and carries this job's fingerprint (in
 its Parquet key-value metadata); readers trust such commits, never a listing of images/. A new
 job claims only an OUT that holds no images, shards or commits it did not write, and
-``--new-run`` deletes only what the old job's commits and index name. Where the images go
+``--new-run`` deletes only what the old job's commits and index name — an image object only
+when it holds the bytes an ok row recorded (read and hashed first). Where the images go
 (files or webdataset tars) is ``layout``'s. Everything here works on any ``Storage`` and needs
 no Ray.
 """
@@ -49,7 +50,7 @@ from sdbatch.documents import (
     write_json,
 )
 from sdbatch.errors import BadInput, JobFailed
-from sdbatch.layout import IMAGES_PREFIX, TARS_PREFIX, object_key
+from sdbatch.layout import IMAGES_PREFIX, TARS_PREFIX, Layout, layout_for, object_key
 from sdbatch.manifest import Manifest
 from sdbatch.plan import shard_name
 from sdbatch.quality import QUALITY_COLUMN_TYPES, mark_duplicates
@@ -370,7 +371,7 @@ def job_record(spec: JobSpec, manifest: Manifest, model_fingerprint: str | None,
         refiner=ModelPin(name=spec.model.refiner, fingerprint=refiner_pin) if refiner_pin else None,
         spec=spec.model_dump(mode="json"),
         manifest=ManifestPin(source=manifest.source, fingerprint=manifest.fingerprint, num_rows=manifest.num_rows,
-                             files=list(manifest.files)),
+                             files=list(manifest.files), base_dir=manifest.base_dir),
         model=ModelPin(name=spec.model.name, fingerprint=model_fingerprint),
         sdbatch_version=sdbatch.__version__,
         created_at=datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -405,34 +406,56 @@ def _stamp(table: pa.Table) -> str:
     return (table.schema.metadata or {}).get(FINGERPRINT_META, b"").decode()
 
 
-def _objects_named(table: pa.Table) -> set[str]:
-    """The objects a commit or index names (a webdataset member's tar)."""
+#: How many image objects ``--new-run`` reads and hashes at once (a tar counts as one).
+CLEAR_CHECK_OBJECTS = 64
+
+
+def _objects_written(layout: Layout, table: pa.Table, seen: set[str]) -> set[str]:
+    """The objects a commit or index names for its ok rows that hold exactly the bytes those
+    rows recorded (a tar: every member an ok row's, each with its recorded bytes), read and
+    hashed ``CLEAR_CHECK_OBJECTS`` at a time; a failed row's key (a foreign object it could not
+    replace) and any other bytes are never the job's. Objects in ``seen`` were judged already."""
     if "key" not in table.column_names:
         return set()
-    return {object_key(key) for key in table.column("key").to_pylist() if key}
+    by_object: dict[str, list[dict[str, Any]]] = {}
+    for entry in table.filter(pc.equal(table.column("status"), STATUS_OK)).select(
+            ["id", "key", "bytes", "sha256"]).to_pylist():
+        if object_key(entry["key"]) not in seen:
+            by_object.setdefault(object_key(entry["key"]), []).append(entry)
+    seen |= set(by_object)
+    objects = list(by_object)
+    written: set[str] = set()
+    for start in range(0, len(objects), CLEAR_CHECK_OBJECTS):
+        chunk = objects[start:start + CLEAR_CHECK_OBJECTS]
+        checked = layout.check([e for obj in chunk for e in by_object[obj]], threads=4)
+        other = {object_key(k) for _, k in checked.missing} | {object_key(k) for _, k, _ in checked.mismatched}
+        other |= {object_key(member) for member in checked.orphan_members}
+        written |= {object_key(e["key"]) for e in checked.good} - other
+    return written
 
 
-def _old_job_objects(storage: Storage, job_fingerprint: str) -> set[str]:
-    """Every object the job with ``job_fingerprint`` owns: its commits, what they and its index
-    name, its index and ``_SUCCESS``; its state files under ``_sdbatch/``."""
+def _old_job_objects(storage: Storage, job: JobRecord) -> set[str]:
+    """Every object ``job`` owns: its commits, the images they and its index name that hold the
+    bytes it recorded, its index and ``_SUCCESS``; its state files under ``_sdbatch/``."""
     owned = {JOB_KEY, PROGRESS_KEY}
     try:  # and the report it writes at the end of every run, if it is that job's
-        if is_own_report(storage.get(REPORT_KEY), job_fingerprint):
+        if is_own_report(storage.get(REPORT_KEY), job.fingerprint):
             owned.add(REPORT_KEY)
     except NotFound:
         pass
+    layout, seen = layout_for(storage, job.job_spec.output), set()
     for key in storage.list(METADATA_PREFIX):
-        table = _stamped(storage.get(key), job_fingerprint)
+        table = _stamped(storage.get(key), job.fingerprint)
         if table is not None:
-            owned |= {key} | _objects_named(table)
+            owned |= {key} | _objects_written(layout, table, seen)
     try:
-        index = _stamped(storage.get(INDEX_KEY), job_fingerprint)
+        index = _stamped(storage.get(INDEX_KEY), job.fingerprint)
         if index is not None:
-            owned |= {INDEX_KEY} | _objects_named(index)
+            owned |= {INDEX_KEY} | _objects_written(layout, index, seen)
     except NotFound:
         pass
     success = Success.read(storage)
-    if success is not None and success.fingerprint == job_fingerprint:
+    if success is not None and success.fingerprint == job.fingerprint:
         owned.add(SUCCESS_KEY)
     return owned
 
@@ -465,9 +488,10 @@ def put_report(storage: Storage, page: bytes, job_fingerprint: str) -> None:
 
 
 def clear_job(storage: Storage) -> int:
-    """``--new-run``: delete the job OUT holds — only the objects its commits and index name,
-    and its own state files; never a file of the user's, never an object no commit of that job
-    names. OutputMismatch when OUT holds no job. Returns how many objects were deleted."""
+    """``--new-run``: delete the job OUT holds — only the objects its commits and index name
+    holding the bytes it recorded, and its own state files; never a file of the user's, never an
+    object no commit of that job names or whose bytes are not the ones it wrote. OutputMismatch
+    when OUT holds no job. Returns how many objects were deleted."""
     old = JobRecord.read(storage)
     if old is None:
         raise OutputMismatch(
@@ -475,7 +499,7 @@ def clear_job(storage: Storage) -> int:
             "choose an empty --out, or move the files there away yourself"
         )
     planned = read_json(storage, CLEAR_KEY) or {}
-    owned = _old_job_objects(storage, old.fingerprint)
+    owned = _old_job_objects(storage, old)
     if planned.get("fingerprint") == old.fingerprint:
         owned |= set(planned["keys"])
     write_json(storage, CLEAR_KEY, {"fingerprint": old.fingerprint, "keys": sorted(owned)})

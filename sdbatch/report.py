@@ -4,7 +4,8 @@ Written at the end of every ``sdbatch submit`` run and by ``sdbatch report OUT``
 ``s3://``). It holds the summary (rows ok / failed / skipped, wall time, images/s, images per
 GPU-hour, cost per 1,000 images when ``report.gpu_hour_usd`` is set), a throughput-over-time
 chart (matplotlib, from ``progress.json``'s history), a per-worker table (from the index), the
-failed rows with their errors and a contact sheet of a sample of images with their prompts.
+failed rows with their errors and a contact sheet of a sample of images with their prompts
+(an image whose bytes are not the ones its index row recorded is marked so).
 Every asset is inlined (data URIs), so the page opens offline and from any bucket. The page is
 a Jinja2 template (``templates/report.html.j2``); no torch is imported here.
 """
@@ -22,6 +23,7 @@ from typing import Any
 
 from sdbatch.audit import AuditError, JobOutput, open_job
 from sdbatch.documents import Progress, Success
+from sdbatch.layout import differs
 from sdbatch.output import REPORT_KEY, STATUS_FAILED, STATUS_OK, OutputMismatch, put_report, report_mark
 from sdbatch.progress import utc_now
 from sdbatch.storage import Storage, StorageError
@@ -142,9 +144,13 @@ def contact_sheet(job: JobOutput, count: int) -> list[dict[str, Any]]:
     def thumbnail(row: dict[str, Any]) -> dict[str, Any]:
         from PIL import Image
 
-        entry = {"id": row["id"], "prompt": row["prompt"], "seed": row["seed"], "src": None}
+        entry = {"id": row["id"], "prompt": row["prompt"], "seed": row["seed"], "src": None, "mismatch": None}
         try:
-            image = Image.open(io.BytesIO(layout.read(row["key"])))
+            data = layout.read(row["key"])
+            problem = differs(row, data)
+            if problem:  # still shown, but marked: the index, not the object, is what the job made
+                entry["mismatch"] = f"not the image the index recorded ({problem}); `sdbatch verify` lists every such row"
+            image = Image.open(io.BytesIO(data))
             image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
             buffer = io.BytesIO()
             image.convert("RGB").save(buffer, format="PNG")

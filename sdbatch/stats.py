@@ -1,11 +1,15 @@
 """``sdbatch stats``: what a job's index holds — rows ok and failed, blank images, duplicates,
 counts per label (passthrough) column and the distributions of the score columns.
+A list, struct or map label is counted by its JSON text (pyarrow's ``value_counts`` takes
+only flat types).
 
 Computed from the index alone with pyarrow compute; no image is read and no torch imported.
 """
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from typing import Any
 
 import pyarrow as pa
@@ -38,10 +42,12 @@ def _distribution(values: pa.ChunkedArray) -> dict[str, Any] | None:
 
 
 def _label_counts(values: pa.ChunkedArray) -> dict[str, int]:
-    counts = sorted(
-        ((str(v["values"]), int(v["counts"])) for v in pc.value_counts(values).to_pylist()),
-        key=lambda item: (-item[1], item[0]),
-    )
+    if pa.types.is_nested(values.type):  # list, struct, map: value_counts has no kernel for them
+        tally = Counter("None" if v is None else json.dumps(v, sort_keys=True, default=str)
+                        for v in values.to_pylist())
+    else:
+        tally = Counter({str(v["values"]): int(v["counts"]) for v in pc.value_counts(values).to_pylist()})
+    counts = sorted(tally.items(), key=lambda item: (-item[1], item[0]))
     top = dict(counts[:MAX_LABEL_VALUES])
     rest = sum(n for _, n in counts[MAX_LABEL_VALUES:])
     return {**top, "(other)": rest} if rest else top
