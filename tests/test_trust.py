@@ -322,6 +322,33 @@ def test_the_fingerprint_covers_every_file_of_every_component(tmp_path):
         preflight(str(tmp_path))
 
 
+def test_a_component_folder_behind_a_symbolic_link_is_pinned_by_what_it_holds(run_cli, tmp_path):
+    """Issue 21 finding 8: the loader reads through a linked component folder, so the pin does
+    too — a UNet switched behind the link between a run and its resume is a changed model; a
+    link loop is refused, naming the link."""
+    folder = model_copy(tmp_path)
+    (folder / "unet").rename(tmp_path / "unet-v1")
+    shutil.copytree(tmp_path / "unet-v1", tmp_path / "unet-v2")
+    config = json.loads((tmp_path / "unet-v2" / "config.json").read_text())
+    (tmp_path / "unet-v2" / "config.json").write_text(json.dumps({**config, "norm_eps": 1e-6}))
+    (folder / "unet").symlink_to(tmp_path / "unet-v1", target_is_directory=True)
+    manifest = write_manifest(tmp_path / "m.parquet", rows(2))
+    first = run_cli("submit", manifest, "--out", tmp_path / "out", *FAST[2:], "--model", folder)
+    assert first.returncode == 0, first.stderr
+
+    (folder / "unet").unlink()
+    (folder / "unet").symlink_to(tmp_path / "unet-v2", target_is_directory=True)
+    resumed = run_cli("submit", manifest, "--out", tmp_path / "out", *FAST[2:], "--model", folder)
+    assert resumed.returncode == 2, resumed.stderr
+    assert f"already holds a different job: the model {str(folder)!r} (pinned" in said(resumed)
+
+    (tmp_path / "unet-v2" / "loop").symlink_to(folder, target_is_directory=True)
+    looped = run_cli("submit", manifest, "--out", tmp_path / "out2", *FAST[2:], "--model", folder)
+    assert looped.returncode == 2 and "Traceback" not in looped.stderr
+    assert f"unet/loop is a symbolic link to {folder}, a folder that contains it (a loop)" in said(looped)
+    assert not (tmp_path / "out2").exists()
+
+
 # --- 8. the local cluster listens on loopback only ------------------------------------------------
 
 

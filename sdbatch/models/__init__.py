@@ -16,7 +16,7 @@ diffusers folder, or an ``s3://`` prefix holding one. Everything here runs witho
   the family and native size (``ModelRef.traits``);
 - **the pin**, recorded in ``job.json`` at submit and compared with every worker's before it
   gets a shard: a local folder's content fingerprint (sha256 over every file of every component
-  folder), an ``s3://`` prefix's ETags and sizes (``s3-etags:<sha256>``), which also key the
+  folder, read through symbolic links as the loader reads them), an ``s3://`` prefix's ETags and sizes (``s3-etags:<sha256>``), which also key the
   per-node download cache.
 
 It also owns ``GeneratedBatch``, the batch every model returns.
@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,12 +90,28 @@ def resolve_builtin(name: str) -> Path:
 
 def _model_files(folder: Path) -> list[Path]:
     """Every file of the model: all component folders, all kinds (a tokenizer's
-    ``spiece.model`` decides images as much as a weight file does); not dotfiles, not docs."""
-    return sorted(
-        p for p in Path(folder).rglob("*")
-        if p.is_file() and p.name not in _NOT_MODEL_FILES
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    ``spiece.model`` decides images as much as a weight file does); not dotfiles, not docs.
+    Symbolic links are followed, folders as well as files, because the loader reads through
+    them: a component folder linked from elsewhere (a ``unet`` → ``../unet-v2`` switch, the
+    Hugging Face cache's snapshots) is pinned by what it holds. A link to a folder containing
+    it (a loop) is refused, naming the link."""
+    folder = Path(folder)
+    files = []
+    above: dict[str, set[Path]] = {str(folder): {folder.resolve()}}  # each folder's real path and its parents'
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        here, chain = Path(dirpath), above.pop(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in dirnames:
+            target = (here / name).resolve()
+            if target in chain:
+                raise ModelError(
+                    f"model at {folder}: {(here / name).relative_to(folder)} is a symbolic link to {target}, a "
+                    "folder that contains it (a loop); replace the link with the component folder itself"
+                )
+            above[str(here / name)] = chain | {target}
+        files += [here / n for n in filenames
+                  if not n.startswith(".") and n not in _NOT_MODEL_FILES and (here / n).is_file()]
+    return sorted(files)
 
 
 def fingerprint_model_dir(folder: Path) -> str:
