@@ -307,6 +307,33 @@ def test_an_unsupported_family_exits_2_before_any_worker_starts(run_cli, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_a_model_with_custom_component_code_exits_2_before_anything_is_written(run_cli, tmp_path):
+    """Issue 21 finding 18: custom code in a model folder — a component from a module of its own,
+    a ``*.py`` file, a config's ``auto_map`` — is refused at submit, naming it; OUT is not made."""
+    manifest = write_manifest(tmp_path / "m.parquet", rows(2))
+
+    def submit(folder):
+        result = run_cli("submit", manifest, "--out", tmp_path / "out", *FAST[2:], "--model", folder)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert not (tmp_path / "out").exists()
+        return said(result)
+
+    custom = model_copy(tmp_path, "custom-unet")
+    index = json.loads((custom / "model_index.json").read_text())
+    (custom / "model_index.json").write_text(json.dumps({**index, "unet": ["my_unet", "MyUNet"]}))
+    assert (f"model at {custom}: model_index.json component 'unet' is 'MyUNet' from 'my_unet', custom code rather "
+            "than a class of diffusers or transformers; sdbatch runs no code shipped with a model") in submit(custom)
+
+    shipped = model_copy(tmp_path, "shipped-code")
+    (shipped / "unet" / "my_unet.py").write_text("import os\n")
+    assert f"model at {shipped} ships Python code (unet/my_unet.py)" in submit(shipped)
+
+    mapped = model_copy(tmp_path, "auto-map")
+    config = json.loads((mapped / "text_encoder" / "config.json").read_text())
+    (mapped / "text_encoder" / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "x.Y"}}))
+    assert f"model at {mapped}: text_encoder/config.json has an auto_map" in submit(mapped)
+
+
 def test_the_fingerprint_covers_every_file_of_every_component(tmp_path):
     from sdbatch.models import ModelError, preflight
 
