@@ -278,8 +278,10 @@ def test_unlock_removes_only_a_lock_no_live_driver_holds(tmp_path):
     now = time.time()
 
     def holder(**fields) -> None:
+        lock.parent.mkdir(exist_ok=True)  # a delete leaves no empty folder behind
         lock.write_text(json.dumps({"driver": "d" * 32, "host": socket.gethostname(), "pid": os.getpid(),
-                                    "heartbeat_at": now, "expires_at": now + 60, **fields}))
+                                    "pid_ns": os.readlink("/proc/self/ns/pid"), "heartbeat_at": now,
+                                    "expires_at": now + 60, **fields}))
 
     def unlock(*extra):
         return CliRunner().invoke(app, ["unlock", str(out), *extra])
@@ -293,6 +295,7 @@ def test_unlock_removes_only_a_lock_no_live_driver_holds(tmp_path):
     holder(pid=int(dead.stdout))  # this host, its process gone
     removed = unlock()
     assert removed.exit_code == 0 and f"pid {int(dead.stdout)}" in removed.output and not lock.exists()
+    lock.parent.mkdir(exist_ok=True)
     lock.write_text("{garbage")
     assert "--force" in unlock().output and lock.exists()
     assert unlock("--force").exit_code == 0 and not lock.exists()
