@@ -19,7 +19,8 @@ diffusers folder, or an ``s3://`` prefix holding one. Everything here runs witho
   the family and native size (``ModelRef.traits``);
 - **the pin**, recorded in ``job.json`` at submit and compared with every worker's before it
   gets a shard: a local folder's content fingerprint (sha256 over every file of every component
-  folder, read through symbolic links as the loader reads them), an ``s3://`` prefix's ETags and sizes (``s3-etags:<sha256>``), which also key the
+  folder, read through symbolic links as the loader reads them), an ``s3://`` prefix's ETags
+  and sizes (``s3-etags:<sha256>``), which also key the
   per-node download cache.
 
 It also owns ``GeneratedBatch``, the batch every model returns.
