@@ -418,9 +418,11 @@ def status(
     job = JobRecord.read(storage)
     if job is None:
         raise BadInput(f"no sdbatch job at {out_location} (no {JOB_KEY})")
-    progress = Progress.read(storage)
-    success = Success.read(storage)
-    lock = read_json(storage, LOCK_KEY)
+    # a state file that cannot be read is said, not fatal: status shows what the others tell
+    unreadable: list[str] = []
+    progress = _readable(Progress.read, storage, unreadable)
+    success = _readable(Success.read, storage, unreadable)
+    lock = _readable(lambda s: read_json(s, LOCK_KEY), storage, unreadable)
     try:
         lock_age = storage.age(LOCK_KEY) if lock is not None else 0.0
     except NotFound:  # released meanwhile
@@ -429,7 +431,7 @@ def status(
     total = job.manifest.num_rows
     # the plan needs the manifest; its driver wrote it
     shards_total = progress.shards_total if progress is not None and progress.shards_total is not None else "?"
-    state = "finished" if success else progress.state if progress else "not started"
+    state = "finished" if success else progress.state if progress else "unknown" if unreadable else "not started"
     driver_alive = lock is not None and not lock_is_stale(lock, lock_age)
     if state == "running" and not driver_alive:  # progress.json's last word came from a driver that died
         state = "interrupted (no driver is running it; run the same command to resume)"
@@ -451,6 +453,7 @@ def status(
             "shards_committed": committed, "shards_total": shards_total,
             "driver": lock, "driver_alive": driver_alive, "progress": snapshot,
             "success": success.model_dump(mode="json") if success else None,
+            "unreadable": unreadable,
         }))
         return
     stdout.print(f"job        {job.fingerprint}  ({job.manifest.source}, {total} rows)")
@@ -471,6 +474,20 @@ def status(
         if success.failed_rows:
             stdout.print("failed rows (first ones; all in index.parquet, status=failed):")
             stdout.print(failed_rows_text(success.failed_rows), markup=False)
+    for problem in unreadable:
+        stdout.print(f"unreadable {problem}", markup=False)
+
+
+def _readable(read: Callable[[Any], Any], storage: Any, unreadable: list[str]) -> Any:
+    """``read(storage)``, or None with the reason added to ``unreadable`` when the state file
+    is corrupt (``CorruptState``: its message names the file and the recovery)."""
+    from sdbatch.documents import CorruptState
+
+    try:
+        return read(storage)
+    except CorruptState as exc:
+        unreadable.append(str(exc))
+        return None
 
 
 @command(epilog="Exit codes: 0 the lock was removed (or there was none); 2 a driver may still hold it, or OUT is unreadable.")

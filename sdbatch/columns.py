@@ -33,11 +33,12 @@ class Range:
 
     lo: float
     hi: float | str
-    fix: str
+    fix: str  # the fix for a value out of range (above it, where ``low_fix`` is given)
     lo_open: bool = False
     hi_open: bool = False
     multiple_of: int | None = None
     finite: str | None = None  # the fix for NaN/infinity; None: the column is an integer
+    low_fix: str | None = None  # the fix for a value below ``lo`` (None: ``fix`` says both directions)
 
     def upper(self, limits: Any) -> float:
         return getattr(limits, self.hi) if isinstance(self.hi, str) else self.hi
@@ -47,6 +48,11 @@ class Range:
         hi_text = f"{hi:,}" if isinstance(hi, int) else f"{hi:g}"
         where = f" (limits.{self.hi})" if isinstance(self.hi, str) else ""
         return f"{self.lo:g} {'<' if self.lo_open else '<='} {name} {'<' if self.hi_open else '<='} {hi_text}{where}"
+
+    def fix_for(self, value: float) -> str:
+        """The fix for ``value``, an out-of-range value: it says which way to go."""
+        below = value <= self.lo if self.lo_open else value < self.lo
+        return self.low_fix if below and self.low_fix else self.fix
 
     def accepts(self, value: float, limits: Any) -> bool:
         low_ok = value > self.lo if self.lo_open else value >= self.lo
@@ -229,6 +235,10 @@ def _int_fix(name: str) -> str:
     return f"write {name} as int64 (pandas nullable 'Int64' when some rows use the default)"
 
 
+def _size_low_fix(side: str) -> str:
+    return f"use a {side} of at least 64, a multiple of 8 (e.g. 512), or null for the model's native {side}"
+
+
 COLUMNS: tuple[Column, ...] = (
     Column("id", pa.string(), frozenset({"string", "int"}), "a string or integer column",
            "write ids as strings (or integers)"),
@@ -243,7 +253,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("steps", pa.int64(), _INT, "an integer column", _int_fix("steps"), default=20,
            spec_bounds={"ge": 1}, flag="--steps", batch_key=True,
            description="Default steps for rows without a value.",
-           range=Range(1, "max_steps", "use fewer steps, or raise the limit: --set limits.max_steps=N"),
+           range=Range(1, "max_steps", "use fewer steps, or raise the limit: --set limits.max_steps=N",
+                       low_fix="use at least 1 step"),
            a1111="Steps", a1111_rank=10, a1111_value=_int("steps")),
     Column("guidance_scale", pa.float64(), _NUMBER, "a float column", "write guidance_scale as float64",
            default=7.5, spec_bounds={"ge": 0}, flag="--guidance-scale", batch_key=True,
@@ -253,12 +264,12 @@ COLUMNS: tuple[Column, ...] = (
     Column("width", pa.int64(), _INT, "an integer column", _int_fix("width"), default=None,
            spec_bounds={"ge": 8}, flag="--width", batch_key=True, description="null = the model's native width",
            range=Range(64, "max_width", "use a smaller width, or raise the limit: --set limits.max_width=N",
-                       multiple_of=8),
+                       multiple_of=8, low_fix=_size_low_fix("width")),
            a1111="Size", a1111_rank=50, a1111_value=_size),
     Column("height", pa.int64(), _INT, "an integer column", _int_fix("height"), default=None,
            spec_bounds={"ge": 8}, flag="--height", batch_key=True, description="null = the model's native height",
            range=Range(64, "max_height", "use a smaller height, or raise the limit: --set limits.max_height=N",
-                       multiple_of=8)),
+                       multiple_of=8, low_fix=_size_low_fix("height"))),
     Column("scheduler", pa.string(), _TEXT, "a string column", "write scheduler names as strings, e.g. 'euler_a'",
            default=DEFAULT_SAMPLER, flag="--scheduler", batch_key=True,
            description=f"Default sampler ({DEFAULT_SAMPLER} = the model's own scheduler): {', '.join(SCHEDULERS)}.",

@@ -1137,7 +1137,7 @@ def _check_range(b: _Batch, column: Column, limits: Any) -> None:
     bad = pc.invert(pc.and_(low_ok, high_ok))  # NaN compares false: out of range
     if nonfinite is not None:
         bad = pc.and_(bad, pc.invert(nonfinite))  # already reported as not finite
-    b.flag(name, bad, rule.text(name, limits), rule.fix)
+    b.flag(name, bad, rule.text(name, limits), rule.fix_for)
 
 
 def _check_loras(b: _Batch, prompts: pa.Array | None, declared: dict[str, str]) -> None:
@@ -1175,8 +1175,8 @@ def _check_spec_defaults(spec: JobSpec, coll: _Collector, samplers: tuple[str, .
             grid = f"a multiple of {rule.multiple_of} with " if rule.multiple_of else ""
             finite = "finite and " if rule.finite else ""
             raise_limit = f", or raise limits.{rule.hi}" if isinstance(rule.hi, str) else ""
-            bad(column.name, value, f"{finite}{grid}{rule.text(column.name, lim)}",
-                f"--set defaults.{column.name}={column.default}{raise_limit}")
+            fix = rule.fix_for(value) if rule.low_fix else f"--set defaults.{column.name}={column.default}{raise_limit}"
+            bad(column.name, value, f"{finite}{grid}{rule.text(column.name, lim)}", fix)
     if d.width * d.height > lim.max_pixels:
         bad("width", f"{d.width}x{d.height}", f"width*height <= {lim.max_pixels:,} (limits.max_pixels)",
             "choose a smaller default size or raise limits.max_pixels")

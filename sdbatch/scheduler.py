@@ -66,6 +66,10 @@ class ProgressTracker:
         self.shards: dict[str, list[Any]] = {}  # shard -> [done, failed, last report time, worker]
         self.slowest_batch = 0.0  # the longest gap between two reports of one shard, seconds
         self.workers: dict[str, list[float]] = {}  # worker -> [rows done, rows failed, first report, last report]
+        self.loading_since: dict[str, float] = {}  # actor id -> when it began loading the model
+
+    def loading(self, actor_id: str) -> None:
+        self.loading_since[actor_id] = time.time()
 
     def report(self, worker: str, shard_name: str, done: int, failed: int) -> None:
         now = time.time()
@@ -85,8 +89,8 @@ class ProgressTracker:
     def forget(self, shard_name: str) -> None:
         self.shards.pop(shard_name, None)
 
-    def snapshot(self) -> tuple[dict[str, list[Any]], float, dict[str, list[float]]]:
-        return self.shards, self.slowest_batch, self.workers
+    def snapshot(self) -> tuple[dict[str, list[Any]], float, dict[str, list[float]], dict[str, float]]:
+        return self.shards, self.slowest_batch, self.workers, self.loading_since
 
 
 def job_plan(manifest: Manifest, spec: JobSpec) -> Plan:
@@ -108,19 +112,33 @@ def connect_ray(address: str | None) -> None:
         signal.signal(signal.SIGTERM, on_sigterm)  # ray.init replaced the caller's (the CLI's) with sys.exit
 
 
+class RayStartError(JobFailed):
+    """Ray did not come up: the local cluster's processes did not start in time, or the cluster
+    at ``--address`` refused the connection mid-way. Nothing was generated; rerunning resumes."""
+
+
 def _init_ray(address: str | None) -> None:
-    if address:
-        log.info("connecting to the Ray cluster at %s …", address)
-        check_reachable(address)
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    else:  # loopback only: see sdbatch.cli.local_ray_environment, which ran before ray was imported
-        log.info("starting a local Ray cluster …")
-        ray.init(
-            # "local": a new cluster of its own — without it ray.init joins the last cluster a
-            # `ray start` left on this machine, whoever started it and wherever it listens
-            address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-            _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
-        )
+    try:
+        if address:
+            log.info("connecting to the Ray cluster at %s …", address)
+            check_reachable(address)
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        else:  # loopback only: see sdbatch.cli.local_ray_environment, which ran before ray was imported
+            log.info("starting a local Ray cluster …")
+            ray.init(
+                # "local": a new cluster of its own — without it ray.init joins the last cluster a
+                # `ray start` left on this machine, whoever started it and wherever it listens
+                address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
+            )
+    except BadInput:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Ray raises bare Exception/RuntimeError when its processes do not come up
+        where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
+        fix = ("check the cluster (`ray status` on its head node) and that this machine runs the same Ray version"
+               if address else "make sure the machine has free memory, CPU and space in /tmp, stop leftover Ray "
+               "processes you started (`ray stop`), and look at Ray's logs (/tmp/ray/session_latest/logs)")
+        raise RayStartError(f"could not start {where}: {type(exc).__name__}: {_short(exc)}. Fix: {fix}") from None
     # Ray's core worker installs its own SIGTERM handler (it dumps a stack and exits 1): make
     # SIGTERM an interruption again, so the driver releases its lock and exits 130 as on Ctrl-C
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -207,6 +225,10 @@ class JobOutcome:
 
 class WorkerStartError(BadInput, RuntimeError):
     """Workers cannot start (e.g. the model fails to load on them), or loaded another model."""
+
+
+class ModelLoadTimeout(JobFailed):
+    """Worker after worker did not load the model within ``retries.load_timeout_s``."""
 
 
 def check_worker_model(ready: dict[str, Any], job: JobRecord) -> None:
@@ -303,9 +325,10 @@ class Driver:
                 pool = self._start_ready(pool)
                 self._dispatch(pool)
                 pool = self._collect(pool)
-                live, slowest_batch, per_worker = ray.get(self.tracker.snapshot.remote())
+                live, slowest_batch, per_worker, loading_since = ray.get(self.tracker.snapshot.remote())
                 self.live = live  # which shards have started: who holds a dying worker's model
                 pool = self._watchdog(pool, live, slowest_batch)
+                pool = self._load_watchdog(pool, loading_since)
                 progress.update(
                     schedule.rows_ok + sum(e[0] for e in live.values()), schedule.rows_failed + sum(e[1] for e in live.values()),
                     shards_committed=schedule.shards_committed, shards_failed=len(schedule.failed_shards), workers=len(pool),
@@ -361,11 +384,37 @@ class Driver:
                 actor.is_ready = True
                 fresh.append(actor)
             except RayActorError as exc:
-                self.start_failures += 1
-                if self.start_failures > MAX_START_FAILURES:
-                    raise WorkerStartError(f"workers keep failing to start; last error: {_short(exc)}") from None
+                self._start_failed(WorkerStartError(f"workers keep failing to start; last error: {_short(exc)}"))
                 log.warning("a worker failed to start: %s", _short(exc))
                 fresh.append(self._replace(actor, "failed to start", culprit=None))  # nothing was handed to it
+        return fresh
+
+    def _start_failed(self, give_up: Exception) -> None:
+        """Count a worker that did not start; ``give_up`` is raised once too many did."""
+        self.start_failures += 1
+        if self.start_failures > MAX_START_FAILURES:
+            raise give_up
+
+    def _load_watchdog(self, pool: list[_Actor], loading_since: dict[str, float]) -> list[_Actor]:
+        """An actor still loading the model ``retries.load_timeout_s`` after it began (by the
+        tracker's report from its constructor) is hung: replaced, counted as a start failure.
+        An actor not placed yet has not begun, and is not judged."""
+        timeout, now = self.spec.retries.load_timeout_s, time.time()
+        fresh = []
+        for actor in pool:
+            began = loading_since.get(actor.handle._actor_id.hex())
+            if actor.is_ready or began is None or now - began <= timeout:
+                fresh.append(actor)
+                continue
+            self._start_failed(ModelLoadTimeout(
+                f"{MAX_START_FAILURES + 1} workers failed to start, the last because it did not load the model within "
+                f"retries.load_timeout_s ({timeout:g} s): it hung, or reading {self.spec.model.name!r} is that slow. Fix: look at the "
+                "workers' logs (Ray's session_latest/logs), or raise retries.load_timeout_s for a large model on slow "
+                "storage (--set retries.load_timeout_s=3600)"
+            ))
+            log.warning("a worker has been loading the model for %.0f s (retries.load_timeout_s=%g): replacing it",
+                        now - began, timeout)
+            fresh.append(self._replace(actor, "model load timed out", culprit=None))
         return fresh
 
     def _dispatch(self, pool: list[_Actor]) -> None:

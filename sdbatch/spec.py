@@ -122,6 +122,11 @@ class RetrySpec(_Section):
         description="a shard with no batch finished for this long is hung and its worker replaced; "
         "default: 10 × the slowest batch measured so far, at least 300 s",
     )
+    load_timeout_s: float = Field(
+        1800, gt=0,
+        description="a worker that has not loaded the model this long after it started is hung: it is replaced "
+        "(a failed start: the job gives up after 6); sized for a large model read from object storage",
+    )
 
 
 class ReportSpec(_Section):

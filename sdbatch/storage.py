@@ -38,7 +38,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Callable, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from sdbatch.errors import EXIT_BAD_INPUT, JobFailed
@@ -221,10 +221,9 @@ class LocalStorage:
     def _write_temp(self, path: Path, data: bytes | Path) -> Path:
         """``data`` (bytes, or the local file at that path) in a temp file next to ``path``."""
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.parent / f".{path.name}{TMP_MARK}{uuid.uuid4().hex}"
             try:
-                with open(tmp, "xb") as f:
+                with self._create(tmp) as f:
                     if isinstance(data, Path):
                         with open(data, "rb") as source:
                             shutil.copyfileobj(source, f, _COPY_CHUNK)
@@ -246,6 +245,18 @@ class LocalStorage:
             ) from e
         except OSError as e:
             raise StorageError(f"cannot write {path}: {e}", transient=False) from e
+
+    @staticmethod
+    def _create(path: Path) -> BinaryIO:
+        """``path`` opened for a new file, its folders made first — again if a ``delete``
+        emptied and removed one meanwhile."""
+        while True:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                return open(path, "xb")
+            except FileNotFoundError:
+                if path.parent.is_dir():  # not that race
+                    raise
 
     def put_new(self, key: str, data: bytes) -> PutResult:
         path = self._path(key)
@@ -366,12 +377,23 @@ class LocalStorage:
         return out
 
     def delete(self, key: str) -> None:
+        path = self._path(key)
         try:
-            os.unlink(self._path(key))
+            os.unlink(path)
         except FileNotFoundError:
             pass
         except OSError as e:
             raise StorageError(f"cannot delete {self.url}/{key}: {e}") from e
+        # like S3, where a prefix exists only while it holds objects: no empty folder is left
+        # behind (a refused run's lock leaves no `_sdbatch/`); a writer racing into a folder
+        # removed here makes it again (``_write_temp``)
+        for folder in path.parents:
+            if folder == self.root:
+                break
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or not ours to remove): stop here
+                break
 
     def delete_many(self, keys: list[str]) -> None:
         for key in keys:

@@ -479,6 +479,10 @@ class WorkerActor:
 
     def __init__(self, spec_json: str, out_url: str, endpoint_url: str | None, tracker: Any, manifest: Manifest,
                  job_fingerprint: str, model_pin: str, refiner_pin: str | None = None):
+        # the driver's clock for retries.load_timeout_s starts now: a load that hangs (a stuck
+        # read, a stopped process) is judged by it, since ready() never answers. Waited for, so
+        # the report is delivered before anything can hang
+        ray.get(tracker.loading.remote(ray.get_runtime_context().get_actor_id()))
         import torch
 
         from sdbatch.generate import Generator

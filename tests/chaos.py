@@ -2,12 +2,15 @@
 
 Off unless ``SDBATCH_TEST_CHAOS`` (faults.ENV_CHAOS) holds JSON such as ``{"kill_fraction":
 0.1, "seed": 1, "hang_shards": ["00002"], "fail_shards": ["00003"], "broken_shards": ["00004"],
-"hold_shards": ["00000"], "marker_dir": "/tmp/x", "driver_exit_at": "merge",
+"hold_shards": ["00000"], "marker_dir": "/tmp/x", "driver_exit_at": "merge", "hang_loads": 1,
+"ray_node_start_timeout": true,
 "kill_tracker_after_commits": 1}``: the worker process exits after the chosen fraction of
 batches (a hash of seed, shard, batch and attempt picks them), listed shards hang on their
 first attempt, fail on every attempt with a transient storage error (``fail_shards``) or with
 a deterministic one (``broken_shards``: a ``RuntimeError``, as a bug or a bad input would),
-held shards wait once started until a file ``release`` exists in ``marker_dir``, the driver
+held shards wait once started until a file ``release`` exists in ``marker_dir``, the first
+``hang_loads`` model loads stop their worker process (SIGSTOP), the local Ray node the driver
+starts times out (``ray_node_start_timeout``), the driver
 dies halfway through writing the index, the driver's progress tracker actor is killed once
 that many shards are committed, and each injected fault leaves a file in ``marker_dir`` so a
 test can count them.
@@ -24,6 +27,7 @@ import functools
 import hashlib
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -58,6 +62,14 @@ class Chaos:
             self._mark("hold", shard_name, attempt)
             while not os.path.exists(os.path.join(self.config["marker_dir"], "release")):
                 time.sleep(0.1)
+
+    def before_load(self) -> None:
+        """The first ``hang_loads`` model loads of the job stop their worker process (SIGSTOP,
+        as a load stuck in the kernel would): it never answers, and only a kill ends it."""
+        folder = self.config["marker_dir"]
+        if len([n for n in os.listdir(folder) if n.startswith("hangload-")]) < self.config.get("hang_loads", 0):
+            self._mark("hangload", "model", 0)
+            os.kill(os.getpid(), signal.SIGSTOP)
 
     def after_batch(self, shard_name: str, attempt: int) -> None:
         fraction = self.config.get("kill_fraction", 0)
@@ -101,10 +113,45 @@ class Chaos:
 
         return run
 
+    def slow_ray_node(self) -> None:
+        """``ray_node_start_timeout``: the local Ray node never registers with its GCS, and the
+        30 s Ray waits for it (``ray._private.node``, not configurable) pass at once — Ray then
+        raises its own "timed out during startup" error."""
+        import types
+
+        import ray._private.node
+        import ray._private.services
+
+        def unregistered(*args, **kwargs):
+            raise RuntimeError("injected: the raylet has not registered with the GCS")
+
+        clock = [time.monotonic()]
+
+        def jumping_monotonic() -> float:
+            clock[0] += 31.0
+            return clock[0]
+
+        ray._private.services.get_node = unregistered
+        ray._private.node.time = types.SimpleNamespace(**{**vars(time), "monotonic": jumping_monotonic})
+        self._mark("raystart", "driver", 0)
+
     def install(self) -> None:
         from sdbatch import scheduler, worker
 
+        if self.config.get("ray_node_start_timeout"):
+            self.slow_ray_node()
+
         worker.ShardRunner.run_shard = self.wrap_shard_method(worker.ShardRunner.run_shard)
+        if self.config.get("hang_loads"):  # imports torch: only in the jobs that ask for it
+            from sdbatch.generate import Generator
+
+            load = Generator.load.__func__
+
+            def hang_then_load(cls, *args, **kwargs):
+                self.before_load()
+                return load(cls, *args, **kwargs)
+
+            Generator.load = classmethod(hang_then_load)
         merge = scheduler.merge_index
 
         def merge_index(storage, *args, **kwargs):

@@ -228,6 +228,26 @@ def test_corrupt_job_state_files_name_the_file_and_the_recovery(ray_address, tmp
         JobLock.acquire(LocalStorage(out))
 
 
+def test_status_shows_what_it_can_beside_a_corrupt_progress_snapshot(ray_address, tmp_path):
+    """Issue 21 finding 19(c): a corrupt progress.json does not stop `status`: the job, its
+    commits and its result are shown, and the unreadable file is named with its recovery."""
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "a red square"}])
+    out = tmp_path / "out"
+    done = sdbatch_cli(ray_address, "submit", manifest, "--out", out, "--model", "builtin:null")
+    assert done.returncode == 0, done.stderr
+    (out / "_sdbatch" / "progress.json").write_text('{"state": "runn')  # truncated
+    shown = {}
+    for flags in ((), ("--json",)):
+        result = sdbatch_cli(ray_address, "status", out, *flags)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+        assert f"{out}/_sdbatch/progress.json is corrupt" in result.stdout
+        assert "it is only a progress snapshot: delete it, the next run rewrites it" in result.stdout
+        shown[flags] = result.stdout
+    assert "state      finished" in shown[()] and "shards     1/? committed" in shown[()]
+    assert "result     1 ok, 0 failed" in shown[()]
+    assert json.loads(shown[("--json",)])["shards_committed"] == 1
+
+
 def test_bad_deadline_and_unreadable_manifest_are_errors_not_tracebacks(ray_address, tmp_path):
     manifest = write_manifest(tmp_path / "m.parquet", [{"prompt": "a red square"}])
     bad = sdbatch_cli(ray_address, "submit", manifest, "--out", tmp_path / "o", "--deadline", "25:00")
@@ -258,8 +278,10 @@ def test_unlock_removes_only_a_lock_no_live_driver_holds(tmp_path):
     now = time.time()
 
     def holder(**fields) -> None:
+        lock.parent.mkdir(exist_ok=True)  # a delete leaves no empty folder behind
         lock.write_text(json.dumps({"driver": "d" * 32, "host": socket.gethostname(), "pid": os.getpid(),
-                                    "heartbeat_at": now, "expires_at": now + 60, **fields}))
+                                    "pid_ns": os.readlink("/proc/self/ns/pid"), "heartbeat_at": now,
+                                    "expires_at": now + 60, **fields}))
 
     def unlock(*extra):
         return CliRunner().invoke(app, ["unlock", str(out), *extra])
@@ -273,6 +295,7 @@ def test_unlock_removes_only_a_lock_no_live_driver_holds(tmp_path):
     holder(pid=int(dead.stdout))  # this host, its process gone
     removed = unlock()
     assert removed.exit_code == 0 and f"pid {int(dead.stdout)}" in removed.output and not lock.exists()
+    lock.parent.mkdir(exist_ok=True)
     lock.write_text("{garbage")
     assert "--force" in unlock().output and lock.exists()
     assert unlock("--force").exit_code == 0 and not lock.exists()

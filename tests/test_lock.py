@@ -4,11 +4,16 @@ an expired lease taken over by exactly one of several racing drivers, a lost lea
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from conftest import write_manifest
 
 from sdbatch import lock as job_lock
 from sdbatch.lock import JobLock, LockHeld, LockLost
@@ -100,3 +105,59 @@ def test_lease_age_is_the_storages_clock_not_the_writers(store, monkeypatch):
         assert json.loads(store.get(LOCK_KEY))["driver"] == lock.owner["driver"]
     finally:
         lock.release()
+
+
+# --- issue 21 finding 15: a live driver's lease is judged by the lease, through the CLI ---------
+
+
+class LiveDriverElsewhere(threading.Thread):
+    """A live driver this process cannot see: it renews OUT's lock.json every second (a new
+    renewal count each time), with the lock body ``owner`` and, after each renewal, the file's
+    mtime set ``mtime_shift`` seconds off (its host's clock, or a shared filesystem's)."""
+
+    def __init__(self, out, mtime_shift: float = 0.0, **owner):
+        super().__init__(daemon=True)
+        self.path, self.mtime_shift, self.owner = out / "_sdbatch" / "lock.json", mtime_shift, owner
+        self.stop = threading.Event()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.renew(1)
+
+    def renew(self, count: int) -> None:
+        temp = self.path.with_name(".lock.json.test-writing")
+        temp.write_text(json.dumps({"driver": "e" * 32, **self.owner, "renewals": count, "lease_s": 60}))
+        os.replace(temp, self.path)
+        if self.mtime_shift:
+            stamp = time.time() + self.mtime_shift
+            os.utime(self.path, (stamp, stamp))
+
+    def run(self) -> None:
+        count = 1
+        while not self.stop.wait(1.0):
+            count += 1
+            self.renew(count)
+
+
+@pytest.mark.parametrize("case", ["same hostname, another pid namespace", "file mtime 120 s behind the reader"])
+def test_a_live_drivers_lock_is_not_taken_over(case, run_cli, tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "a red square"}])
+    out = tmp_path / "out"
+    if case.startswith("same hostname"):  # a container beside us: its pid 1 means nothing here
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        holder = LiveDriverElsewhere(out, host=socket.gethostname(), pid=int(dead.stdout), pid_ns="pid:[1]")
+    else:  # NFS, or a writer whose clock is 120 s behind this reader's
+        holder = LiveDriverElsewhere(out, mtime_shift=-120, host="another-host", pid=1, pid_ns="pid:[1]")
+    holder.start()
+    try:
+        result = run_cli("submit", manifest, "--out", out, "--model", "builtin:null", timeout=180)
+    finally:
+        holder.stop.set()
+        holder.join()
+    text = " ".join(result.stderr.split())
+    assert result.returncode == 2, result.stderr
+    assert "is being written by another sdbatch driver" in text and "took over" not in text
+    assert json.loads(holder.path.read_text())["driver"] == "e" * 32
+    assert not (out / "_sdbatch" / "job.json").exists()
+    if case.startswith("file mtime"):
+        assert "it was renewed while this driver watched it, so it is alive whatever the clocks say" in text
+    else:
+        assert "its lease has not expired" in text

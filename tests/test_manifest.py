@@ -589,6 +589,23 @@ def test_cli_validate_in_process(tmp_path):
     assert res.exit_code == 2 and "defaults.width" in res.stderr
 
 
+def test_cli_size_fix_says_which_way_to_go(tmp_path):
+    """Issue 21 finding 19(b): a width below the minimum is told to go up, one above the limit
+    to go down — in the manifest and in the spec's defaults alike."""
+    runner = CliRunner()
+    sizes = write(tmp_path / "sizes.parquet", prompt=["a", "b"], width=[8, 4096])
+    res = runner.invoke(cli_app, ["validate", sizes])
+    assert res.exit_code == 2
+    assert ("row 0 (id '00000000'), column 'width': value 8 — rule: 64 <= width <= 2,048 (limits.max_width) — fix: "
+            "use a width of at least 64, a multiple of 8 (e.g. 512), or null for the model's native width") in res.stderr
+    assert ("row 1 (id '00000001'), column 'width': value 4096 — rule: 64 <= width <= 2,048 (limits.max_width) — fix: "
+            "use a smaller width, or raise the limit: --set limits.max_width=N") in res.stderr
+    good = write(tmp_path / "good.parquet", prompt=["a"])
+    res = runner.invoke(cli_app, ["validate", good, "--set", "defaults.height=8"])
+    assert res.exit_code == 2
+    assert "value 8 — rule: a multiple of 8 with 64 <= height <= 2,048 (limits.max_height) — fix: use a height of at least 64" in res.stderr
+
+
 def test_cli_spec(tmp_path):
     runner = CliRunner()
     res = runner.invoke(cli_app, ["spec", "--schema"])

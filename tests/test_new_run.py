@@ -97,3 +97,14 @@ def test_new_run_interrupted_by_a_storage_outage_leaves_the_old_job_resumable(ru
     assert resumed.returncode == 0, resumed.stderr
     index = check_only_job(out, a, endpoint)
     assert {r["sha256"] for r in index} == {hashlib.sha256(old[r["key"]]).hexdigest() for r in index}
+
+
+def test_new_run_refused_on_a_folder_without_a_job_leaves_it_as_it_was(run_cli, tmp_path):
+    """Issue 21 finding 19(a): the refusal writes nothing — not even an empty ``_sdbatch/``."""
+    a, _ = manifests(tmp_path)
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.txt").write_text("the user's own file")
+    refused = run_cli("submit", a, "--out", out, "--model", "builtin:null", "--new-run")
+    assert refused.returncode == 2 and "holds no sdbatch job (no _sdbatch/job.json)" in refused.stderr
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["holiday.txt"]

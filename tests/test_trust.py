@@ -307,6 +307,33 @@ def test_an_unsupported_family_exits_2_before_any_worker_starts(run_cli, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_a_model_with_custom_component_code_exits_2_before_anything_is_written(run_cli, tmp_path):
+    """Issue 21 finding 18: custom code in a model folder — a component from a module of its own,
+    a ``*.py`` file, a config's ``auto_map`` — is refused at submit, naming it; OUT is not made."""
+    manifest = write_manifest(tmp_path / "m.parquet", rows(2))
+
+    def submit(folder):
+        result = run_cli("submit", manifest, "--out", tmp_path / "out", *FAST[2:], "--model", folder)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert not (tmp_path / "out").exists()
+        return said(result)
+
+    custom = model_copy(tmp_path, "custom-unet")
+    index = json.loads((custom / "model_index.json").read_text())
+    (custom / "model_index.json").write_text(json.dumps({**index, "unet": ["my_unet", "MyUNet"]}))
+    assert (f"model at {custom}: model_index.json component 'unet' is 'MyUNet' from 'my_unet', custom code rather "
+            "than a class of diffusers or transformers; sdbatch runs no code shipped with a model") in submit(custom)
+
+    shipped = model_copy(tmp_path, "shipped-code")
+    (shipped / "unet" / "my_unet.py").write_text("import os\n")
+    assert f"model at {shipped} ships Python code (unet/my_unet.py)" in submit(shipped)
+
+    mapped = model_copy(tmp_path, "auto-map")
+    config = json.loads((mapped / "text_encoder" / "config.json").read_text())
+    (mapped / "text_encoder" / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "x.Y"}}))
+    assert f"model at {mapped}: text_encoder/config.json has an auto_map" in submit(mapped)
+
+
 def test_the_fingerprint_covers_every_file_of_every_component(tmp_path):
     from sdbatch.models import ModelError, preflight
 
@@ -320,6 +347,33 @@ def test_the_fingerprint_covers_every_file_of_every_component(tmp_path):
     assert null.pin == fingerprint_model_dir(resolve_builtin("builtin:null")) != before
     with pytest.raises(ModelError, match="no model_index.json"):
         preflight(str(tmp_path))
+
+
+def test_a_component_folder_behind_a_symbolic_link_is_pinned_by_what_it_holds(run_cli, tmp_path):
+    """Issue 21 finding 8: the loader reads through a linked component folder, so the pin does
+    too — a UNet switched behind the link between a run and its resume is a changed model; a
+    link loop is refused, naming the link."""
+    folder = model_copy(tmp_path)
+    (folder / "unet").rename(tmp_path / "unet-v1")
+    shutil.copytree(tmp_path / "unet-v1", tmp_path / "unet-v2")
+    config = json.loads((tmp_path / "unet-v2" / "config.json").read_text())
+    (tmp_path / "unet-v2" / "config.json").write_text(json.dumps({**config, "norm_eps": 1e-6}))
+    (folder / "unet").symlink_to(tmp_path / "unet-v1", target_is_directory=True)
+    manifest = write_manifest(tmp_path / "m.parquet", rows(2))
+    first = run_cli("submit", manifest, "--out", tmp_path / "out", *FAST[2:], "--model", folder)
+    assert first.returncode == 0, first.stderr
+
+    (folder / "unet").unlink()
+    (folder / "unet").symlink_to(tmp_path / "unet-v2", target_is_directory=True)
+    resumed = run_cli("submit", manifest, "--out", tmp_path / "out", *FAST[2:], "--model", folder)
+    assert resumed.returncode == 2, resumed.stderr
+    assert f"already holds a different job: the model {str(folder)!r} (pinned" in said(resumed)
+
+    (tmp_path / "unet-v2" / "loop").symlink_to(folder, target_is_directory=True)
+    looped = run_cli("submit", manifest, "--out", tmp_path / "out2", *FAST[2:], "--model", folder)
+    assert looped.returncode == 2 and "Traceback" not in looped.stderr
+    assert f"unet/loop is a symbolic link to {folder}, a folder that contains it (a loop)" in said(looped)
+    assert not (tmp_path / "out2").exists()
 
 
 # --- 8. the local cluster listens on loopback only ------------------------------------------------

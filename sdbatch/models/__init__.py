@@ -8,6 +8,9 @@ diffusers folder, or an ``s3://`` prefix holding one. Everything here runs witho
   pickle checkpoint (``*.bin``, ``*.ckpt``, ``*.pt``, ``*.pth``, ``*.pkl``, ``*.pickle``) is
   refused, even next to safetensors — sdbatch loads safetensors only and never ships a folder
   whose other files a loader could be tricked into unpickling;
+- **one code policy**: sdbatch runs only stock diffusers/transformers classes; a folder whose
+  ``model_index.json`` names a component from a module of its own, that holds ``*.py`` files,
+  or whose configs carry an ``auto_map`` is refused at submit, naming it;
 - **the family**, from ``model_index.json`` ``_class_name`` (``families.FAMILIES``): a pipeline
   class sdbatch does not run exits 2, naming the class found and the supported ones
   (``SdbatchNullModel``: ``builtin:null``'s folder names a model that is not a diffusers
@@ -16,7 +19,8 @@ diffusers folder, or an ``s3://`` prefix holding one. Everything here runs witho
   the family and native size (``ModelRef.traits``);
 - **the pin**, recorded in ``job.json`` at submit and compared with every worker's before it
   gets a shard: a local folder's content fingerprint (sha256 over every file of every component
-  folder), an ``s3://`` prefix's ETags and sizes (``s3-etags:<sha256>``), which also key the
+  folder, read through symbolic links as the loader reads them), an ``s3://`` prefix's ETags
+  and sizes (``s3-etags:<sha256>``), which also key the
   per-node download cache.
 
 It also owns ``GeneratedBatch``, the batch every model returns.
@@ -27,6 +31,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +68,8 @@ class GeneratedBatch:
 MODELS_DIR = Path(__file__).resolve().parent
 NULL_CLASS_NAME = "SdbatchNullModel"  # builtin:null (null_model.py), drawn with numpy
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+#: where a component of model_index.json may come from; any other "library" is custom code
+COMPONENT_LIBRARIES = ("diffusers", "transformers")
 #: files of a model folder that are not part of the model (docs, the download cache's marker)
 _NOT_MODEL_FILES = ("README.md",)
 
@@ -89,12 +96,28 @@ def resolve_builtin(name: str) -> Path:
 
 def _model_files(folder: Path) -> list[Path]:
     """Every file of the model: all component folders, all kinds (a tokenizer's
-    ``spiece.model`` decides images as much as a weight file does); not dotfiles, not docs."""
-    return sorted(
-        p for p in Path(folder).rglob("*")
-        if p.is_file() and p.name not in _NOT_MODEL_FILES
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    ``spiece.model`` decides images as much as a weight file does); not dotfiles, not docs.
+    Symbolic links are followed, folders as well as files, because the loader reads through
+    them: a component folder linked from elsewhere (a ``unet`` → ``../unet-v2`` switch, the
+    Hugging Face cache's snapshots) is pinned by what it holds. A link to a folder containing
+    it (a loop) is refused, naming the link."""
+    folder = Path(folder)
+    files = []
+    above: dict[str, set[Path]] = {str(folder): {folder.resolve()}}  # each folder's real path and its parents'
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        here, chain = Path(dirpath), above.pop(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in dirnames:
+            target = (here / name).resolve()
+            if target in chain:
+                raise ModelError(
+                    f"model at {folder}: {(here / name).relative_to(folder)} is a symbolic link to {target}, a "
+                    "folder that contains it (a loop); replace the link with the component folder itself"
+                )
+            above[str(here / name)] = chain | {target}
+        files += [here / n for n in filenames
+                  if not n.startswith(".") and n not in _NOT_MODEL_FILES and (here / n).is_file()]
+    return sorted(files)
 
 
 def fingerprint_model_dir(folder: Path) -> str:
@@ -125,6 +148,29 @@ def refuse_pickles(where: str, names: Iterable[str]) -> None:
             "and refuses any folder holding pickles. Convert the weights to *.safetensors "
             "(diffusers save_pretrained(safe_serialization=True)) and remove the pickle files"
         )
+
+
+def refuse_custom_code(where: str, names: Iterable[str], read: JsonReader) -> None:
+    """The code policy (one, for local folders and s3:// prefixes alike): sdbatch runs only the
+    diffusers and transformers classes a folder names, never code the folder brings — a
+    component whose library in model_index.json is a module of its own, a ``*.py`` file, a
+    config's ``auto_map``. Each would fail every worker start; refused here, naming it."""
+    fix = ("; sdbatch runs no code shipped with a model: save the pipeline with stock diffusers/transformers "
+           "components (save_pretrained) and remove the custom code")
+    code = sorted(n for n in names if n.lower().endswith(".py"))
+    if code:
+        raise ModelError(f"model at {where} ships Python code ({', '.join(code[:5])}){fix}")
+    for component, entry in (read("model_index.json") or {}).items():
+        if component.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[0] is None:
+            continue  # the pipeline's own keys, options, and components left out ([null, null])
+        library, class_name = entry
+        if library not in COMPONENT_LIBRARIES:
+            raise ModelError(f"model at {where}: model_index.json component {component!r} is {class_name!r} from "
+                             f"{library!r}, custom code rather than a class of {' or '.join(COMPONENT_LIBRARIES)}{fix}")
+    for name in sorted(n for n in names if n.endswith("config.json")):
+        config = read(name)
+        if isinstance(config, dict) and "auto_map" in config:
+            raise ModelError(f"model at {where}: {name} has an auto_map (classes loaded from custom code){fix}")
 
 
 def folder_json_reader(folder: Path) -> JsonReader:
@@ -194,7 +240,18 @@ def local_model_dir(name: str) -> Path:
 
 def check_pickles(where: str, folder: Path) -> None:
     """The pickle policy on a local folder (a diffusers model, or ``scoring.clip_model``)."""
-    refuse_pickles(where, [p.relative_to(folder).as_posix() for p in _model_files(folder)])
+    refuse_pickles(where, _file_names(folder))
+
+
+def _file_names(folder: Path) -> list[str]:
+    return [p.relative_to(folder).as_posix() for p in _model_files(folder)]
+
+
+def _check_folder(where: str, folder: Path, read: JsonReader) -> None:
+    """The pickle and code policies on a local model folder."""
+    names = _file_names(folder)
+    refuse_pickles(where, names)
+    refuse_custom_code(where, names, read)
 
 
 @dataclass(frozen=True)
@@ -226,8 +283,9 @@ def preflight(name: str, *, endpoint_url: str | None = None, refiner_of: Family 
     once. ModelError or FamilyError, or a StorageError for an s3:// prefix that cannot be read."""
     if not name.startswith("s3://"):
         folder = local_model_dir(name)
-        check_pickles(name, folder)
-        return ModelRef(name, fingerprint_model_dir(folder), _check_configs(name, folder_json_reader(folder), refiner_of))
+        read = folder_json_reader(folder)
+        _check_folder(name, folder, read)
+        return ModelRef(name, fingerprint_model_dir(folder), _check_configs(name, read, refiner_of))
     from sdbatch.storage import open_storage
 
     storage = open_storage(name, endpoint_url=endpoint_url)
@@ -235,7 +293,9 @@ def preflight(name: str, *, endpoint_url: str | None = None, refiner_of: Family 
     if "model_index.json" not in objects:
         raise ModelError(f"model {name!r}: no model_index.json under that prefix; it must hold a diffusers folder")
     refuse_pickles(name, objects)
-    return ModelRef(name, s3_pin(objects), _check_configs(name, storage_json_reader(storage, name), refiner_of))
+    read = storage_json_reader(storage, name)
+    refuse_custom_code(name, objects, read)
+    return ModelRef(name, s3_pin(objects), _check_configs(name, read, refiner_of))
 
 
 def resolve(name: str, *, pin: str | None = None, endpoint_url: str | None = None,
@@ -250,5 +310,6 @@ def resolve(name: str, *, pin: str | None = None, endpoint_url: str | None = Non
     else:
         folder = local_model_dir(name)
         found = fingerprint_model_dir(folder)
-    check_pickles(name, folder)
-    return ModelRef(name, found, _check_configs(name, folder_json_reader(folder), refiner_of), folder)
+    read = folder_json_reader(folder)
+    _check_folder(name, folder, read)
+    return ModelRef(name, found, _check_configs(name, read, refiner_of), folder)
