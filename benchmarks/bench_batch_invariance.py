@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from _common import PROMPTS
 
-from sdbatch.generate import Generator
-from sdbatch.manifest import Row
-from sdbatch.models import builtin_names
+from sdbatch.models.runtime import Generator
+from sdbatch.data.row import Row
+from sdbatch.models.builtin import builtin_names
 
 
 

@@ -62,7 +62,7 @@ def child(args: argparse.Namespace) -> None:
     from sdbatch.policy import ShardResult
     from sdbatch.scheduler import Driver, _Actor
     from sdbatch.spec import load_spec
-    from sdbatch.storage import open_storage
+    from sdbatch.storage.open import open_storage
 
     logging.basicConfig(level=logging.WARNING)
 

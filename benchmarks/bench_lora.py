@@ -26,7 +26,7 @@ from _common import PROMPTS  # noqa: E402
 
 
 def rows(batch: int, size: int, steps: int, loras: tuple):
-    from sdbatch.manifest import Row
+    from sdbatch.data.row import Row
 
     return [Row(i, f"r{batch}-{i}", PROMPTS[i % len(PROMPTS)], "", 1000 * batch + i, steps, 5.0, 64, 64, "default",
                 loras=loras) for i in range(size)]
@@ -35,7 +35,7 @@ def rows(batch: int, size: int, steps: int, loras: tuple):
 def switching(root: Path, batches: int, size: int, steps: int) -> None:
     from model_families import build_shapes_lora
 
-    from sdbatch.generate import Generator
+    from sdbatch.models.runtime import Generator
 
     paths = {n: str(build_shapes_lora(root / f"{n}.safetensors", seed=s)) for n, s in (("a", 1), ("b", 2))}
     gen = Generator.load("builtin:shapes", device="cpu", loras=paths)
@@ -60,9 +60,9 @@ def switching(root: Path, batches: int, size: int, steps: int) -> None:
 def first_image(root: Path) -> None:
     from model_families import build_all, build_sdxl_refiner
 
-    from sdbatch.families import local_traits
-    from sdbatch.generate import Generator
-    from sdbatch.manifest import Row
+    from sdbatch.models.families import local_traits
+    from sdbatch.models.runtime import Generator
+    from sdbatch.data.row import Row
 
     folders = build_all(root / "families")
     refiner = build_sdxl_refiner(root / "families" / "sdxl-refiner", folders["sdxl"])

@@ -31,12 +31,12 @@ from _common import commit_rate
 from PIL import Image
 
 from sdbatch.manifest import open_manifest
-from sdbatch.models import preflight
+from sdbatch.models.resolve import preflight
 from sdbatch.models.null_model import draw
 from sdbatch.output import job_record
 from sdbatch.scheduler import connect_ray, run_job
 from sdbatch.spec import load_spec
-from sdbatch.storage import open_storage
+from sdbatch.storage.open import open_storage
 
 
 def manifest(folder: Path, rows: int, size: int) -> Path:

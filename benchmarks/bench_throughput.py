@@ -191,7 +191,8 @@ class Bench:
     # -- helpers
 
     def storage_for(self, name: str):
-        from sdbatch.storage import LocalStorage, S3Storage
+        from sdbatch.storage.local import LocalStorage
+        from sdbatch.storage.s3 import S3Storage
 
         if self.args.storage == "s3":
             return S3Storage(f"s3://{self.bucket}/{name}", endpoint_url=self.endpoint,
@@ -201,7 +202,7 @@ class Bench:
 
     def generator(self, contender: str):
         if contender not in self.generators:
-            from sdbatch.generate import Generator
+            from sdbatch.models.runtime import Generator
             from sdbatch.plan import canonical_batches
 
             t0 = time.perf_counter()
@@ -231,7 +232,7 @@ class Bench:
         from sdbatch import encode
         from sdbatch.layout import image_key
         from sdbatch.plan import batch_id, canonical_batches
-        from sdbatch.record import ImageRecord
+        from sdbatch.data.record import ImageRecord
 
         gen = self.generator("naive")
         out = self.spec.output
@@ -449,7 +450,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the raw figures here")
     args = ap.parse_args()
 
-    from sdbatch.models import builtin_names
+    from sdbatch.models.builtin import builtin_names
 
     models = args.model or ["builtin:tiny"] + (["builtin:shapes"] if "shapes" in builtin_names() else [])
     endpoint = bucket = put_log = None

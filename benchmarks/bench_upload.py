@@ -28,7 +28,8 @@ from _common import S3_FAKE_ENV, free_port, use_fake_s3_env, wait_for_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdbatch.storage import S3Storage, register_client_hook  # noqa: E402
+from sdbatch.storage.s3 import S3Storage
+from sdbatch.storage.s3_client import register_client_hook
 
 
 

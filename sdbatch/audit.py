@@ -35,17 +35,18 @@ import pyarrow.parquet as pq
 from sdbatch import encode
 from sdbatch.errors import BadInput
 from sdbatch.layout import PREFIXES, Layout, differs, layout_for, sha256
-from sdbatch.manifest import InitImagePlaces, Row, init_image_places
+from sdbatch.manifest import InitImagePlaces, init_image_places
+from sdbatch.data.row import Row
 from sdbatch.documents import JOB_KEY, SUCCESS_KEY, JobRecord
-from sdbatch.output import (
-    FINGERPRINT_META, INDEX_COLUMN_TYPES, INDEX_KEY, STATUS_OK, OutputMismatch, committed_index, committed_shards, merge_index,
-)
+from sdbatch.output import FINGERPRINT_META, INDEX_KEY, OutputMismatch, committed_index, committed_shards, merge_index
+from sdbatch.data.index import INDEX_COLUMN_TYPES, STATUS_OK
 from sdbatch.spec import JobSpec
-from sdbatch.record import ImageRecord, embedded_record, passthrough_of, row_from_stored
-from sdbatch.storage import NotFound, Storage, StorageError, open_storage, read_uri
+from sdbatch.data.record import ImageRecord, embedded_record, passthrough_of, row_from_stored
+from sdbatch.storage.base import NotFound, Storage, StorageError
+from sdbatch.storage.open import open_storage, read_uri
 
 if TYPE_CHECKING:
-    from sdbatch.generate import Generator
+    from sdbatch.models.runtime import Generator
 
 __all__ = [
     "AuditError",
@@ -237,7 +238,7 @@ class Reproducer:
         model, device, dtype, _ = self._load_settings(device, dtype)
         key = (model, device, dtype)
         if key not in self._generators:
-            from sdbatch.generate import Generator
+            from sdbatch.models.runtime import Generator
 
             self._generators[key] = Generator.load(model, device=device, dtype=dtype, endpoint_url=self.endpoint_url,
                                                    loras=self.out.spec.loras, refiner=self.out.spec.model.refiner)
@@ -552,7 +553,8 @@ def verify(
 def _manifest_ids(job: JobRecord) -> tuple[list[str] | None, str | None]:
     """The ids of the job's manifest in row order — or, when it is unreachable or changed since
     the job pinned it, None and the problem (the index cannot be checked against it)."""
-    from sdbatch.manifest import ManifestError, default_row_id, iter_row_batches, open_manifest
+    from sdbatch.manifest import ManifestError, iter_row_batches, open_manifest
+    from sdbatch.data.row import default_row_id
 
     unchecked = f"the index's ids were not checked against the job's manifest {job.manifest.source}"
     try:

@@ -28,7 +28,7 @@ from typer.core import TyperCommand, TyperGroup
 from rich.console import Console
 
 from sdbatch import manifest_cli
-from sdbatch.columns import DEFAULTED
+from sdbatch.data.columns import DEFAULTED
 from sdbatch.errors import (
     EXIT_BAD_INPUT,
     EXIT_CODES_HELP,
@@ -112,7 +112,7 @@ def setup_logging(verbose: bool) -> None:
 def use_endpoint(endpoint_url: str | None) -> None:
     """``--s3-endpoint`` means the same as ``AWS_ENDPOINT_URL``: set it for every client in
     this process (boto3 and pyarrow's S3 filesystem alike)."""
-    from sdbatch.storage import check_uri
+    from sdbatch.storage.base import check_uri
 
     if endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = check_uri(endpoint_url, "--s3-endpoint")
@@ -221,7 +221,8 @@ def submit(
     from sdbatch.manifest import open_manifest, validate_manifest
     from sdbatch.progress import local_time, plural
     from sdbatch.spec import load_spec
-    from sdbatch.storage import check_uri, open_storage
+    from sdbatch.storage.base import check_uri
+    from sdbatch.storage.open import open_storage
 
     overrides: dict[str, Any] = {
         "model.name": model,
@@ -235,7 +236,7 @@ def submit(
         "output.format": output_format,
         "output.image_format": image_format,
     }
-    from sdbatch.lora import parse_declaration
+    from sdbatch.data.loras import parse_declaration
 
     declared = dict(parse_declaration(item) for item in lora)
     spec = load_spec(spec_path, sets, {**overrides, **{f"loras.{n}": p for n, p in declared.items()}})
@@ -309,8 +310,10 @@ def submit(
 def adapter_hashes(declared: dict[str, str], endpoint_url: str | None) -> dict[str, str]:
     """sha256 of each declared LoRA (read once here: the job fingerprint covers them), after
     checking it is a safetensors file; LoraError naming the adapter."""
-    from sdbatch.lora import LoraError, check_safetensors, sha256_hex
-    from sdbatch.storage import NotFound, read_uri
+    from sdbatch.data.loras import LoraError
+    from sdbatch.models.pins import check_safetensors, sha256_hex
+    from sdbatch.storage.base import NotFound
+    from sdbatch.storage.open import read_uri
 
     hashes = {}
     for name, path in sorted(declared.items()):
@@ -349,7 +352,7 @@ def preflight_samplers(used: dict[str, int]) -> str | None:
     """The Python packages the manifest's samplers need (``lms``: scipy) are installed (no import)."""
     import importlib.util
 
-    from sdbatch.columns import SAMPLERS
+    from sdbatch.data.samplers import SAMPLERS
 
     for name, rows in used.items():
         needs = SAMPLERS[name].requires if name in SAMPLERS else ()  # "default": the model's own, loaded with it
@@ -375,8 +378,8 @@ def default_out(manifest: str) -> str:
 def preflight_model(name: str, endpoint_url: str | None, refiner_of=None):
     """Check the model (or the refiner of a base of family ``refiner_of``) before any worker
     starts (pickles, family; no torch import) and pin it (``sdbatch.models.preflight``): its ModelRef."""
-    from sdbatch.models import preflight
-    from sdbatch.storage import StorageError
+    from sdbatch.models.resolve import preflight
+    from sdbatch.storage.base import StorageError
 
     try:
         return preflight(name, endpoint_url=endpoint_url, refiner_of=refiner_of)
@@ -389,7 +392,8 @@ def preflight_clip_model(location: str | None, endpoint_url: str | None) -> str 
     if location is None:
         return None
     fix = "; set scoring.clip_model to a folder written by CLIPModel.save_pretrained (config.json + model.safetensors)"
-    from sdbatch.storage import StorageError, open_storage
+    from sdbatch.storage.base import StorageError
+    from sdbatch.storage.open import open_storage
 
     try:
         found = open_storage(location, endpoint_url=endpoint_url).exists("config.json")
@@ -412,7 +416,8 @@ def status(
     from sdbatch.output import committed_shards, failed_rows_text
     from sdbatch.policy import failed_shard_text
     from sdbatch.progress import eta_text
-    from sdbatch.storage import NotFound, open_storage
+    from sdbatch.storage.base import NotFound
+    from sdbatch.storage.open import open_storage
 
     storage = open_storage(out_location, endpoint_url=s3_endpoint)
     job = JobRecord.read(storage)
@@ -502,7 +507,7 @@ def unlock(
 
     Example: sdbatch unlock s3://bucket/runs/cats"""
     from sdbatch.lock import break_lock
-    from sdbatch.storage import open_storage
+    from sdbatch.storage.open import open_storage
 
     held = break_lock(open_storage(out_location, endpoint_url=s3_endpoint), force=force)
     if held is None:
@@ -585,7 +590,7 @@ def report(
 ) -> None:
     """(Re)write OUT/report.html: summary, throughput chart, workers, failures, contact sheet."""
     from sdbatch.report import write_report
-    from sdbatch.storage import open_storage
+    from sdbatch.storage.open import open_storage
 
     stdout.print(f"report → {write_report(open_storage(out_location, endpoint_url=s3_endpoint), gpu_hour_usd)}")
 
@@ -605,7 +610,7 @@ def export(
     Every image copied is checked against its index row's size and sha256."""
     setup_logging(False)
     from sdbatch.export import export as run_export
-    from sdbatch.storage import open_storage
+    from sdbatch.storage.open import open_storage
 
     count = run_export(open_storage(out_location, endpoint_url=s3_endpoint), to, dest, where, shard_size,
                        skip_mismatched)
@@ -623,7 +628,7 @@ def stats(
 
     from sdbatch.export import load_index
     from sdbatch.stats import job_stats, render
-    from sdbatch.storage import open_storage
+    from sdbatch.storage.open import open_storage
 
     index, final, _ = load_index(open_storage(out_location, endpoint_url=s3_endpoint))
     result = job_stats(index, final)
@@ -643,7 +648,7 @@ def grid(
     setup_logging(False)
     from sdbatch.export import load_index
     from sdbatch.grid import render_grids
-    from sdbatch.storage import open_storage
+    from sdbatch.storage.open import open_storage
 
     index, _, layout = load_index(open_storage(out_location, endpoint_url=s3_endpoint))
     paths = render_grids(index, layout, dest)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from sdbatch.errors import BadInput
 from sdbatch.spec import JobSpec
-from sdbatch.storage import NotFound, Storage
+from sdbatch.storage.base import NotFound, Storage
 
 JOB_KEY = "_sdbatch/job.json"
 LOCK_KEY = "_sdbatch/lock.json"

@@ -25,7 +25,8 @@ from sdbatch.manifest import Manifest, ManifestReader
 from sdbatch.output import OutputMismatch, committed_index, committed_shards, refuse_foreign_objects, what_changed
 from sdbatch.plan import canonical_batches
 from sdbatch.spec import JobSpec
-from sdbatch.storage import LocalStorage, Storage, StorageConfigError
+from sdbatch.storage.local import LocalStorage
+from sdbatch.storage.base import Storage, StorageConfigError
 
 
 @dataclass
@@ -87,7 +88,7 @@ def check_output(storage: Storage) -> None:
 def model_family(name: str, endpoint_url: str | None) -> str:
     """The diffusers pipeline class named by the model's ``model_index.json`` (checked by the
     same family rule as a submit's preflight)."""
-    from sdbatch.families import model_traits
+    from sdbatch.models.families import model_traits
 
     return model_traits(name, endpoint_url).family.class_name
 

@@ -49,7 +49,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from sdbatch.columns import COLUMNS, SAMPLERS
+from sdbatch.data.columns import COLUMNS
+from sdbatch.data.samplers import SAMPLERS
 
 __all__ = [
     "A1111_SAMPLER_NAMES",

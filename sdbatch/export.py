@@ -36,8 +36,9 @@ import pyarrow.parquet as pq
 from sdbatch.errors import BadInput, JobFailed
 from sdbatch.layout import Layout, differs, layout_for, webdataset_key
 from sdbatch.documents import JOB_KEY, JobRecord
-from sdbatch.output import STATUS_OK, OutputMismatch, read_index
-from sdbatch.storage import Storage
+from sdbatch.data.index import STATUS_OK
+from sdbatch.output import OutputMismatch, read_index
+from sdbatch.storage.base import Storage
 
 log = logging.getLogger("sdbatch.export")
 

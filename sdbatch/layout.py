@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdbatch.encode import extension
-from sdbatch.storage import NotAnObject, NotFound, Storage, StorageError
+from sdbatch.storage.base import NotAnObject, NotFound, Storage, StorageError
 
 IMAGES_PREFIX = "images/"
 TARS_PREFIX = "shards/"

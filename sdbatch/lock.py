@@ -31,7 +31,7 @@ from typing import Any
 from sdbatch.documents import LOCK_KEY, CorruptState, parse_json, read_json
 from sdbatch.errors import BadInput
 from sdbatch.progress import utc_now
-from sdbatch.storage import NotFound, Storage
+from sdbatch.storage.base import NotFound, Storage
 
 log = logging.getLogger("sdbatch.lock")
 

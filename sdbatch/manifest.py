@@ -10,82 +10,33 @@ from __future__ import annotations
 import difflib
 import glob
 import hashlib
+import numpy as np
 import os
 import posixpath
-import re
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, make_dataclass
-from pathlib import Path
-from typing import Any
-
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from sdbatch.columns import BATCH_KEY, COLUMN, COLUMNS, DEFAULTED, KNOWN_COLUMNS, RESULT_COLUMNS, SCHEDULERS, Column, suggest
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from sdbatch.data.columns import BATCH_KEY, COLUMN, Column, COLUMNS, DEFAULTED, KNOWN_COLUMNS, suggest
+from sdbatch.data.index import RESERVED_COLUMNS
+from sdbatch.data.loras import LoraError, row_loras
+from sdbatch.data.row import default_row_id, derive_seed, ID_PATTERN, MAX_SEED, Row
+from sdbatch.data.samplers import SCHEDULERS
+from sdbatch.documents import JOB_KEY
 from sdbatch.errors import BadInput
-from sdbatch.families import Family
-from sdbatch.lora import LoraError, row_loras
-from sdbatch.quality import QUALITY_COLUMN_TYPES
+from sdbatch.models.families import Family
 from sdbatch.spec import JobSpec
-from sdbatch.documents import JOB_KEY  # marks an sdbatch OUT: a directory manifest never reads below it
-from sdbatch.storage import TMP_MARK, check_uri, s3_endpoint
+from sdbatch.storage.base import check_uri, TMP_MARK
+from sdbatch.storage.s3_client import s3_endpoint
 
 
-class _RowBehaviour:
-    @property
-    def is_img2img(self) -> bool:
-        return self.init_image is not None
-
-    def batch_key(self) -> tuple:
-        """Everything that must be equal for rows to share one GPU batch (DESIGN §3)."""
-        return (*(getattr(self, name) for name in BATCH_KEY), self.is_img2img)
-
-    def parameters(self) -> dict[str, Any]:
-        """The row's identity and generation parameters, as the index and image records hold them."""
-        return {"id": self.id, "row": self.index,
-                **{c.name: c.stored(getattr(self, c.name)) for c in COLUMNS if c.name != "id"}}
-
-
-def _row_field(column: Column) -> tuple:
-    if column.row is not None:
-        return column.name, column.row.type, field(default=column.row.default)
-    if column.nullable:
-        return column.name, column.python_type | None, field(default=None)
-    if column.recorded_when_set:
-        return column.name, column.python_type, field(default=column.default)
-    return column.name, column.python_type
-
-
-#: One manifest row with every job default applied: ``index`` (0-based position in the
-#: manifest, across all its files), one field per column of the column table (``init_image``
-#: is the resolved location: an absolute local path or an s3:// URI; ``strength`` is set for
-#: img2img rows only, ``refiner_switch`` in jobs with a refiner only), and ``extra``, the passthrough columns, untouched.
-Row = make_dataclass(
-    "Row",
-    [("index", int), *sorted((_row_field(c) for c in COLUMNS), key=lambda f: len(f) == 3),  # defaulted fields last
-     ("extra", dict, field(default_factory=dict))],
-    bases=(_RowBehaviour,),
-    frozen=True,
-)
-Row.__module__ = __name__
-
-
-# =============================================================================================
-# Manifest sources
-# =============================================================================================
-
-#: The columns the output index adds to each row's parameters (``worker.index_row``).
-INDEX_RESULT_COLUMNS = (*RESULT_COLUMNS, *QUALITY_COLUMN_TYPES)
-#: A passthrough column with one of these names would overwrite the index's own (say,
-#: ``status``), so validation refuses it.
-RESERVED_COLUMNS = ("row", *INDEX_RESULT_COLUMNS)
 #: Columns pandas writes for a non-default index; they are neither checked nor passed through.
 _IGNORED_PREFIX = "__index_level_"
-ID_PATTERN = r"[A-Za-z0-9._-]{1,128}"
-_ID_RE = re.compile(rf"^{ID_PATTERN}$")
-MAX_SEED = 2**63  # seeds are 0 <= seed < MAX_SEED (they fit int64 and torch.manual_seed)
+
+
 _GLOB_CHARS = "*?["
 
 
@@ -291,7 +242,8 @@ def _list_remote(source: str) -> tuple[list[str], str]:
 
 def _s3_identity(uri: str, endpoint_url: str | None = None) -> str:
     """An s3:// file's ETag and version id: a content change of any kind changes the ETag."""
-    from sdbatch.storage import StorageError, object_identity
+    from sdbatch.storage.base import StorageError
+    from sdbatch.storage.open import object_identity
 
     try:
         return object_identity(uri, endpoint_url=endpoint_url)
@@ -400,28 +352,6 @@ def open_manifest(source: str) -> Manifest:
         file_pins=tuple(file_pins),
         schema=schema,
     )
-
-
-# =============================================================================================
-# Seeds, ids, rows
-# =============================================================================================
-
-
-def derive_seed(job_seed: int, row_id: str) -> int:
-    """The seed of a row that has none: a stable hash of the job seed and the row id.
-
-    ``int.from_bytes(sha256(f"{job_seed}:{row_id}".encode("utf-8")).digest()[:8], "big") & (2**63 - 1)``
-
-    It depends on nothing else — not the row's position, file, shard or batch — so
-    reordering, filtering or re-sharding a manifest leaves every row's seed unchanged.
-    """
-    digest = hashlib.sha256(f"{job_seed}:{row_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & (MAX_SEED - 1)
-
-
-def default_row_id(index: int) -> str:
-    """The id of a row in a manifest without an ``id`` column: its 0-based index, zero-padded."""
-    return f"{index:08d}"
 
 
 def resolve_init_image(value: str, base_dir: str) -> str:
@@ -669,6 +599,8 @@ class ManifestReader:
 #: rows read per step by ``iter_batch_keys``, and the largest gap between a shard's rows that
 #: ``read_rows_at`` reads through rather than starting a new read
 _KEY_CHUNK_ROWS = 65_536
+
+
 _READ_GAP_ROWS = 4_096
 
 
@@ -741,11 +673,6 @@ def _rows_from_table(table: pa.Table, first_row: int, manifest: Manifest, spec: 
     return rows
 
 
-# =============================================================================================
-# Validation
-# =============================================================================================
-
-
 @dataclass
 class RowIssue:
     """One broken rule. ``row`` is the 0-based manifest row (as in default ids); -1 marks a
@@ -816,8 +743,6 @@ class ValidationReport:
         return "\n".join(line for line in lines if line is not None)
 
 
-# --- value types --------------------------------------------------------------------------------
-
 def _kind(t: pa.DataType) -> str:
     if pa.types.is_dictionary(t):
         return _kind(t.value_type)
@@ -849,10 +774,12 @@ def _value_at(arr: pa.Array, i: int) -> str:
     return _repr_value(v)
 
 
-# --- 64-bit string hashing, vectorised ----------------------------------------------------------
-
 _P = np.uint64(0x100000001B3)
+
+
 _P_INV = np.uint64(pow(0x100000001B3, -1, 2**64))
+
+
 _powers: dict[str, np.ndarray] = {"p": np.ones(1, np.uint64), "inv": np.ones(1, np.uint64)}
 
 

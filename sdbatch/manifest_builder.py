@@ -29,9 +29,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from sdbatch.columns import KNOWN_COLUMNS, arrow_types
+from sdbatch.data.columns import KNOWN_COLUMNS, arrow_types
 from sdbatch.errors import BadInput
-from sdbatch.manifest import MAX_SEED, default_row_id
+from sdbatch.data.row import MAX_SEED, default_row_id
 
 MAX_ROWS = 100_000_000  # a guard against typos such as --seeds 0-9999999999
 MAX_TEMPLATE_PROMPTS = 10_000_000

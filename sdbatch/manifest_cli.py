@@ -33,7 +33,7 @@ def validate(
 
     overrides = {"limits.max_errors_shown": max_errors} if max_errors is not None else None
     job = load_spec(spec, set_, overrides)
-    from sdbatch.families import model_traits
+    from sdbatch.models.families import model_traits
 
     traits = model_traits(job.model.name)
     source = open_manifest(manifest)

@@ -75,7 +75,7 @@ def start(out_url: str) -> None:
         install_hook = not _retry_hook_installed
         _retry_hook_installed = True
     if install_hook:
-        from sdbatch.storage import register_client_hook
+        from sdbatch.storage.s3_client import register_client_hook
 
         register_client_hook(lambda client: client.meta.events.register("after-call.s3", _count_retries))
 

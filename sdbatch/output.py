@@ -19,8 +19,12 @@ no Ray.
 
 from __future__ import annotations
 
-import io
 import logging
+import io
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,43 +32,27 @@ from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
 import sdbatch
-from sdbatch.columns import RESULT_COLUMNS, index_types
-from sdbatch.documents import (
-    JOB_KEY,
-    PROGRESS_KEY,
-    SUCCESS_KEY,
-    FailedRow,
-    JobRecord,
-    LoraPin,
-    ManifestPin,
-    ModelPin,
-    Success,
-    read_json,
-    write_json,
-)
+from sdbatch.data.index import index_schema, STATUS_FAILED, STATUS_OK
+from sdbatch.documents import FailedRow, JOB_KEY, JobRecord, LoraPin, ManifestPin, ModelPin, PROGRESS_KEY, read_json, Success, SUCCESS_KEY, write_json
 from sdbatch.errors import BadInput, JobFailed
-from sdbatch.layout import IMAGES_PREFIX, TARS_PREFIX, Layout, layout_for, object_key
+from sdbatch.layout import IMAGES_PREFIX, Layout, layout_for, object_key, TARS_PREFIX
 from sdbatch.manifest import Manifest
 from sdbatch.plan import shard_name
-from sdbatch.quality import QUALITY_COLUMN_TYPES, mark_duplicates
-from sdbatch.spec import JobSpec, fingerprint
-from sdbatch.storage import NotFound, Storage
+from sdbatch.quality import mark_duplicates
+from sdbatch.spec import fingerprint, JobSpec
+from sdbatch.storage.base import NotFound, Storage
 
 log = logging.getLogger("sdbatch.output")
 
-METADATA_PREFIX = "metadata/"
-INDEX_KEY = "index.parquet"
-REPORT_KEY = "report.html"
 
-STATUS_OK = "ok"
-STATUS_FAILED = "failed"
+METADATA_PREFIX = "metadata/"
+
+
+INDEX_KEY = "index.parquet"
+
+
+REPORT_KEY = "report.html"
 
 
 #: Parquet key-value metadata of every commit (and of the index): the job that wrote it
@@ -174,21 +162,12 @@ def read_shard_index(storage: Storage, shard_name: str, job_fingerprint: str) ->
     return _own_commit(storage, shard_name, storage.get(metadata_key(shard_name)), job_fingerprint)
 
 
-#: The index's own columns and their types, in index order; passthrough columns follow with
-#: their manifest types. A shard index infers its types from its values, so a column that is
-#: null throughout one shard (``strength`` in a text-to-image shard) is typed here.
-INDEX_COLUMN_TYPES: dict[str, pa.DataType] = {
-    "id": pa.string(), "row": pa.int64(), **{name: t for name, t in index_types().items() if name != "id"},
-    **RESULT_COLUMNS, **QUALITY_COLUMN_TYPES,
-}
 #: Shard indexes read ahead of the writer while merging, and the rows gathered into one
 #: Parquet row group: together they bound the merge's memory.
 MERGE_READ_AHEAD = 8
+
+
 MERGE_ROW_GROUP_ROWS = 65_536
-
-
-def index_schema(passthrough_types: dict[str, pa.DataType]) -> pa.Schema:
-    return pa.schema([*INDEX_COLUMN_TYPES.items(), *passthrough_types.items()])
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -381,9 +360,13 @@ def job_record(spec: JobSpec, manifest: Manifest, model_fingerprint: str | None,
 #: What a job may write under OUT besides its state files: a new job claims an OUT only if
 #: none of these holds an object (sdbatch trusts nothing in OUT it did not write).
 JOB_OUTPUT_PARTS = (METADATA_PREFIX, IMAGES_PREFIX, TARS_PREFIX, INDEX_KEY, SUCCESS_KEY, REPORT_KEY)
+
+
 #: ``--new-run``'s plan: the old job's objects, written before the first delete so an
 #: interrupted clear can be finished by running ``--new-run`` again.
 CLEAR_KEY = "_sdbatch/clear.json"
+
+
 #: The order of deletion: commits first and job.json last, so an interrupted clear leaves a
 #: state of the old job that still resumes (job.json names it; its uncommitted shards are
 #: simply redone), and a new job is claimed only once no image of the old one is left.

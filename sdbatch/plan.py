@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sdbatch.manifest import Row
+from sdbatch.data.row import Row
 
 
 def shard_name(index: int) -> str:

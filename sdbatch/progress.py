@@ -17,7 +17,7 @@ from rich.progress import Progress as ProgressBar
 
 from sdbatch import metrics
 from sdbatch.documents import Progress, WorkerProgress
-from sdbatch.storage import Storage, StorageError
+from sdbatch.storage.base import Storage, StorageError
 
 log = logging.getLogger("sdbatch.progress")
 

@@ -18,25 +18,18 @@ No torch here, and ``imagehash`` is imported only where images are measured.
 
 from __future__ import annotations
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-#: The quality columns of the index and their types (``output.INDEX_COLUMN_TYPES`` holds them).
-QUALITY_COLUMN_TYPES: dict[str, pa.DataType] = {
-    "phash": pa.string(),
-    "luma_mean": pa.float64(),
-    "luma_std": pa.float64(),
-    "blank": pa.bool_(),
-    "clip_score": pa.float64(),
-    "duplicate_of": pa.string(),
-}
 #: DuckDB's memory while marking duplicates; past it, it spills to the temporary directory.
 DUPLICATES_MEMORY_LIMIT = "128MB"
+
+
 PHASH_BITS = 64
 
 

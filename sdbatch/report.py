@@ -24,9 +24,10 @@ from typing import Any
 from sdbatch.audit import AuditError, JobOutput, open_job
 from sdbatch.documents import Progress, Success
 from sdbatch.layout import differs
-from sdbatch.output import REPORT_KEY, STATUS_FAILED, STATUS_OK, OutputMismatch, put_report, report_mark
+from sdbatch.output import REPORT_KEY, OutputMismatch, put_report, report_mark
+from sdbatch.data.index import STATUS_FAILED, STATUS_OK
 from sdbatch.progress import utc_now
-from sdbatch.storage import Storage, StorageError
+from sdbatch.storage.base import Storage, StorageError
 
 log = logging.getLogger("sdbatch.report")
 

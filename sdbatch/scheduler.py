@@ -34,21 +34,14 @@ from sdbatch.errors import EXIT_OK, EXIT_ROWS_FAILED, EXIT_SHARDS_FAILED, EXIT_S
 from sdbatch.lock import JobLock
 from sdbatch.manifest import Manifest, ManifestChanged, iter_batch_keys, passthrough_types
 from sdbatch.documents import SUCCESS_KEY, JobRecord, Success
-from sdbatch.output import (
-    STATUS_FAILED,
-    claim_job,
-    clear_job,
-    committed_shards,
-    failed_rows_text,
-    merge_index,
-    read_shard_index,
-)
+from sdbatch.data.index import STATUS_FAILED
+from sdbatch.output import claim_job, clear_job, committed_shards, failed_rows_text, merge_index, read_shard_index
 from sdbatch.plan import Plan, key_codes, make_plan, shard_name
 from sdbatch.policy import FINISHED, STOPPED, Schedule, ShardResult, Work, at_the_model, workers_to_start
 from sdbatch.policy import autoscaler_in_status, place_workers
 from sdbatch.progress import ProgressFeed, plural, utc_now
 from sdbatch.spec import JobSpec
-from sdbatch.storage import Storage
+from sdbatch.storage.base import Storage
 from sdbatch.worker import SHARDS_PER_ACTOR, PipelineError, WorkerActor, describe, is_transient
 
 log = logging.getLogger("sdbatch.scheduler")

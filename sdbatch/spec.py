@@ -20,10 +20,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from sdbatch.columns import DEFAULTED, SCHEDULERS, fingerprint_defaults, suggest
+from sdbatch.data.columns import DEFAULTED, fingerprint_defaults, suggest
+from sdbatch.data.samplers import SCHEDULERS
 from sdbatch.errors import BadInput
-from sdbatch.families import ModelTraits
-from sdbatch.lora import LoraError, parse_declaration
+from sdbatch.models.families import ModelTraits
+from sdbatch.data.loras import LoraError, parse_declaration
 
 
 class SpecError(BadInput, ValueError):
@@ -207,7 +208,7 @@ class JobSpec(_Section):
     def _no_credentials_in_uris(self) -> JobSpec:
         """Credentials belong in the environment: a URI carrying them is refused before it can
         reach a message or ``job.json`` (``storage.check_uri``)."""
-        from sdbatch.storage import check_uri
+        from sdbatch.storage.base import check_uri
 
         for key, uri in (("model.name", self.model.name), ("model.refiner", self.model.refiner),
                          ("output.location", self.output.location), ("scoring.clip_model", self.scoring.clip_model),
@@ -223,8 +224,9 @@ class JobSpec(_Section):
         ``s3://`` model's is read at submit: ``with_native_size``). A folder that cannot be
         read is left for the model preflight to report."""
         if (self.defaults.width is None or self.defaults.height is None) and not self.model.name.startswith("s3://"):
-            from sdbatch.families import FamilyError, local_traits
-            from sdbatch.models import local_model_dir
+            from sdbatch.models.errors import FamilyError
+            from sdbatch.models.families import local_traits
+            from sdbatch.models.builtin import local_model_dir
 
             try:
                 traits = local_traits(local_model_dir(self.model.name))

@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sdbatch.output import INDEX_COLUMN_TYPES, STATUS_FAILED, STATUS_OK
+from sdbatch.data.index import INDEX_COLUMN_TYPES, STATUS_FAILED, STATUS_OK
 
 #: Numeric index columns whose distributions are reported.
 SCORE_COLUMNS = ("luma_mean", "luma_std", "clip_score", "generate_seconds")

@@ -43,22 +43,25 @@ from PIL import Image
 
 from sdbatch import encode, metrics
 from sdbatch.errors import SdbatchError
-from sdbatch.manifest import Manifest, ManifestReader, Row, passthrough_types
+from sdbatch.manifest import Manifest, ManifestReader, passthrough_types
+from sdbatch.data.row import Row
 from sdbatch.layout import ShardWriter, layout_for
-from sdbatch.output import STATUS_FAILED, STATUS_OK, commit_shard, index_schema, metadata_key, read_commit, read_shard_index
+from sdbatch.data.index import STATUS_FAILED, STATUS_OK, index_schema
+from sdbatch.output import commit_shard, metadata_key, read_commit, read_shard_index
 from sdbatch.plan import ShardSpec, batch_id, canonical_batches
 from sdbatch.policy import ShardResult
 from sdbatch.quality import measure_image
-from sdbatch.record import ImageRecord, index_row
+from sdbatch.data.record import ImageRecord, index_row
 from sdbatch.spec import JobSpec
-from sdbatch.storage import NotFound, Storage, StorageConfigError, StorageError, TooLarge, open_storage, read_uri
+from sdbatch.storage.base import NotFound, Storage, StorageConfigError, StorageError, TooLarge
+from sdbatch.storage.open import open_storage, read_uri
 
 if TYPE_CHECKING:  # the driver imports this module; only the actor needs torch
     import numpy as np
 
-    from sdbatch.clip_score import ClipScorer
-    from sdbatch.generate import Generator
-    from sdbatch.models import GeneratedBatch
+    from sdbatch.models.clip_score import ClipScorer
+    from sdbatch.models.runtime import Generator
+    from sdbatch.models.adapter import GeneratedBatch
 
 log = logging.getLogger("sdbatch.worker")
 
@@ -333,7 +336,7 @@ class ShardRunner:
         """Generate ``rows`` as one batch or, when the device runs out of memory, as halves
         (recursively; one row that does not fit fails the shard). Returns (rows, their batch,
         seconds per row) for each part generated."""
-        from sdbatch.generate import OUT_OF_MEMORY_ERRORS, free_device_memory
+        from sdbatch.models.runtime import OUT_OF_MEMORY_ERRORS, free_device_memory
 
         t0 = time.perf_counter()
         try:
@@ -485,7 +488,7 @@ class WorkerActor:
         ray.get(tracker.loading.remote(ray.get_runtime_context().get_actor_id()))
         import torch
 
-        from sdbatch.generate import Generator
+        from sdbatch.models.runtime import Generator
 
         spec = JobSpec.model_validate_json(spec_json)
         metrics.start(out_url)
@@ -503,7 +506,7 @@ class WorkerActor:
         )
         scorer = None
         if spec.scoring.clip_model:
-            from sdbatch.clip_score import ClipScorer
+            from sdbatch.models.clip_score import ClipScorer
 
             scorer = ClipScorer.load(spec.scoring.clip_model, device=generator.info.device, endpoint_url=endpoint_url)
         self.runner = ShardRunner(generator, storage, spec, endpoint_url=endpoint_url, scorer=scorer,

@@ -33,7 +33,7 @@ from typing import Any
 
 from faults import ENV_CHAOS
 
-from sdbatch.storage import StorageError
+from sdbatch.storage.base import StorageError
 
 
 class Chaos:
@@ -143,7 +143,7 @@ class Chaos:
 
         worker.ShardRunner.run_shard = self.wrap_shard_method(worker.ShardRunner.run_shard)
         if self.config.get("hang_loads"):  # imports torch: only in the jobs that ask for it
-            from sdbatch.generate import Generator
+            from sdbatch.models.runtime import Generator
 
             load = Generator.load.__func__
 

@@ -61,7 +61,7 @@ def s3_server():
     server.start()
     host, port = server.get_host_and_port()
     try:
-        from sdbatch import storage as _storage
+        from sdbatch.storage import s3_client as _storage
 
         _storage.clear_client_cache()
     except ImportError:  # pragma: no cover
@@ -89,7 +89,8 @@ def s3_bucket(s3_server):
 @_pytest_s3.fixture(params=["local", "s3"])
 def store(request, tmp_path):
     """The same tests on a LocalStorage directory and on an S3Storage prefix of a fresh bucket."""
-    from sdbatch.storage import LocalStorage, S3Storage
+    from sdbatch.storage.local import LocalStorage
+    from sdbatch.storage.s3 import S3Storage
 
     if request.param == "local":
         return LocalStorage(tmp_path / "out")
@@ -109,6 +110,9 @@ import pyarrow as _pa
 import pyarrow.parquet as _pq
 
 REPO = _Path(__file__).resolve().parents[1]
+# the toy-model tools (tools/shapes) live beside the package, not in it
+if str(REPO) not in _sys.path:
+    _sys.path.insert(0, str(REPO))
 
 
 # Loopback only, as sdbatch's own local cluster (``cli.local_ray_environment``): Ray turns
@@ -201,7 +205,7 @@ def small_manifest(tmp_path):
 @_pytest_s3.fixture(scope="module")
 def tiny_generator():
     """``builtin:tiny`` loaded in this process, for tests that run a ShardRunner without Ray."""
-    from sdbatch.generate import Generator
+    from sdbatch.models.runtime import Generator
 
     return Generator.load("builtin:tiny", device="cpu", dtype="auto")
 

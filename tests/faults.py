@@ -137,7 +137,7 @@ class FaultInjector:
 
     def install(self) -> "FaultInjector":
         """Attach to every cached client of sdbatch.storage, present and future."""
-        from sdbatch import storage
+        from sdbatch.storage import s3_client as storage
 
         self._unregister = storage.register_client_hook(self.attach)
         return self

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from sdbatch.models import resolve_builtin
+from sdbatch.models.builtin import resolve_builtin
 
 #: folder name -> native size the configs below give (denoiser sample_size × VAE scale 2)
 NATIVE = {"sd15": 72, "sd2v": 80, "sdxl": 96, "sd3": 64}

@@ -301,7 +301,7 @@ def test_worker_returns_a_shard_reaching_it_after_the_deadline_unstarted(ray_add
     out = tmp_path / "out"
     out.mkdir()
     tracker = ProgressTracker.remote()
-    from sdbatch.models import preflight
+    from sdbatch.models.resolve import preflight
 
     actor = WorkerActor.remote(spec.model_dump_json(), str(out), None, tracker, manifest, "job-fingerprint",
                                preflight("builtin:tiny").pin)

@@ -12,13 +12,16 @@ import pytest
 import typer
 
 from conftest import write_manifest
-from sdbatch import columns as C
+from sdbatch.data import columns as C
+from sdbatch.data.index import index_types
+from sdbatch.data.samplers import SAMPLERS
 from sdbatch.cli import app
 from sdbatch.encode import A1111_SAMPLER_NAMES, infotext, parse_infotext
-from sdbatch.manifest import Row, open_manifest, read_rows, validate_manifest
+from sdbatch.data.row import Row
+from sdbatch.manifest import open_manifest, read_rows, validate_manifest
 from sdbatch.manifest_builder import _COLUMN_TYPES
-from sdbatch.record import embedded_record, row_from_stored
-from sdbatch.output import INDEX_COLUMN_TYPES
+from sdbatch.data.record import embedded_record, row_from_stored
+from sdbatch.data.index import INDEX_COLUMN_TYPES
 from sdbatch.spec import JobSpec, RowDefaults, SpecError, load_spec
 
 
@@ -40,7 +43,7 @@ def test_row_builder_and_index_types_are_the_table_types():
     assert [f.name for f in dataclasses.fields(Row)][1:-1] == sorted(
         C.KNOWN_COLUMNS, key=lambda n: C.COLUMN[n].nullable or C.COLUMN[n].recorded_when_set or C.COLUMN[n].row is not None)
     assert _COLUMN_TYPES == C.arrow_types()
-    assert {n: INDEX_COLUMN_TYPES[n] for n in C.KNOWN_COLUMNS} == C.index_types()
+    assert {n: INDEX_COLUMN_TYPES[n] for n in C.KNOWN_COLUMNS} == index_types()
     assert list(INDEX_COLUMN_TYPES)[:2] == ["id", "row"]
     assert set(a_row().parameters()) == {"row", *C.KNOWN_COLUMNS}
 
@@ -77,7 +80,7 @@ def test_infotext_writes_and_reads_every_labelled_column():
     # A1111 leaves out clip skip 1 and the strength of a text-to-image row
     plain = infotext({**a_row(strength=0.5).parameters()})
     assert "Clip skip" not in plain and "Denoising strength" not in plain and "Refiner" not in plain
-    assert A1111_SAMPLER_NAMES == {s.name: s.a1111 for s in C.SAMPLERS.values() if not s.flow}
+    assert A1111_SAMPLER_NAMES == {s.name: s.a1111 for s in SAMPLERS.values() if not s.flow}
 
 
 def test_record_and_index_round_trip_through_the_table():

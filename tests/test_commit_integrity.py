@@ -163,8 +163,9 @@ def test_a_users_report_html_is_never_overwritten(run_cli, half_done, tmp_path):
 def test_a_manifest_wider_than_the_limit_is_refused_and_a_wide_index_merges_fast(run_cli, tmp_path):
     """Finding 12: a manifest with more columns than ``limits.max_columns`` is refused by
     ``validate`` (exit 2 naming the limit), and the merge of an index that wide is linear."""
-    from sdbatch.output import index_schema, merge_index, records_to_parquet
-    from sdbatch.storage import LocalStorage
+    from sdbatch.data.index import index_schema
+    from sdbatch.output import merge_index, records_to_parquet
+    from sdbatch.storage.local import LocalStorage
 
     wide = {"id": ["a", "b"], "prompt": ["x", "y"], **{f"label_{n}": [n, n] for n in range(20_000)}}
     manifest = tmp_path / "wide.parquet"

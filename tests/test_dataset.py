@@ -98,7 +98,7 @@ def test_identical_rows_are_duplicates_and_distinct_prompts_are_not(job):
 
 
 def test_clip_score_matches_a_direct_computation(job):
-    from sdbatch.clip_score import ClipScorer
+    from sdbatch.models.clip_score import ClipScorer
 
     r = job["index"]["dup-a"]
     scorer = ClipScorer.load(str(job["clip"]))
@@ -170,7 +170,7 @@ def test_export_refuses_a_bad_filter_and_a_used_dir(job, tmp_path):
     assert res.returncode == 2 and "--where 'bogus_column > 1'" in res.stderr and "bogus_column" in res.stderr
     assert not dest.exists()
     from sdbatch.export import ExportError, export
-    from sdbatch.storage import LocalStorage
+    from sdbatch.storage.local import LocalStorage
 
     dest.mkdir()
     (dest / "mine.txt").write_text("keep")
@@ -224,13 +224,13 @@ def test_blank_images_are_flagged_and_near_uniform_twins_share_a_phash(tmp_path)
     import datasets
 
     from sdbatch.export import export, load_index as job_index
-    from sdbatch.generate import Generator
+    from sdbatch.models.runtime import Generator
     from sdbatch.manifest import open_manifest, passthrough_types, read_rows
     from sdbatch.output import claim_job, job_record, merge_index
     from sdbatch.plan import ShardSpec
     from sdbatch.stats import job_stats
     from sdbatch.spec import load_spec
-    from sdbatch.storage import LocalStorage
+    from sdbatch.storage.local import LocalStorage
     from sdbatch.worker import ShardRunner
     from conftest import write_manifest
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from sdbatch.cli import app
 from sdbatch.documents import CorruptState, FailedRow, JobRecord, Progress, Success, WorkerProgress
-from sdbatch.storage import LocalStorage
+from sdbatch.storage.local import LocalStorage
 
 JOB = {"fingerprint": "abc", "spec": {}, "manifest": {"source": "/m.parquet", "fingerprint": "fm", "num_rows": 3},
        "model": {"name": "builtin:tiny", "fingerprint": None}}

@@ -157,7 +157,7 @@ def run_one_shard(generator, tmp_path: Path, rows: list[dict], attempt: int = 1,
     from sdbatch.manifest import open_manifest, passthrough_types, read_rows
     from sdbatch.plan import ShardSpec
     from sdbatch.spec import load_spec
-    from sdbatch.storage import LocalStorage
+    from sdbatch.storage.local import LocalStorage
     from sdbatch.worker import ShardRunner
 
     spec = load_spec(None, [], {"model.name": "builtin:tiny", "defaults.steps": 2, "resources.batch_size": 2, **overrides})
@@ -221,7 +221,7 @@ def test_corrupt_job_state_files_name_the_file_and_the_recovery(ray_address, tmp
 
     from sdbatch.lock import JobLock
     from sdbatch.documents import CorruptState
-    from sdbatch.storage import LocalStorage
+    from sdbatch.storage.local import LocalStorage
 
     (out / "_sdbatch" / "lock.json").write_text("garbage")
     with pytest.raises(CorruptState, match=r"lock\.json is corrupt .*sdbatch unlock OUT"):
@@ -303,8 +303,9 @@ def test_unlock_removes_only_a_lock_no_live_driver_holds(tmp_path):
 
 
 def test_a_stray_metadata_file_and_a_truncated_index_are_not_taken_for_commits(tmp_path):
-    from sdbatch.output import committed_shards, index_schema, read_index, records_to_parquet
-    from sdbatch.storage import LocalStorage
+    from sdbatch.output import committed_shards, read_index, records_to_parquet
+    from sdbatch.data.index import index_schema
+    from sdbatch.storage.local import LocalStorage
 
     storage = LocalStorage(tmp_path / "out")
     storage.put("metadata/00000.parquet",

@@ -132,7 +132,7 @@ def test_init_images_are_read_a_batch_ahead_and_bounded(tiny_generator, tmp_path
     from sdbatch.manifest import read_rows
     from sdbatch.plan import ShardSpec, canonical_batches
     from sdbatch.spec import load_spec
-    from sdbatch.storage import LocalStorage
+    from sdbatch.storage.local import LocalStorage
     from sdbatch.worker import ShardRunner
 
     rows = []

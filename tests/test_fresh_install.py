@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import RAY_SINGLE_MACHINE
-from sdbatch.families import DIFFUSION_SAMPLERS as SAMPLERS  # builtin:tiny is SD 1.x: every sampler of its family
+from sdbatch.models.families import DIFFUSION_SAMPLERS as SAMPLERS
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -12,9 +12,9 @@ import pytest
 from conftest import write_manifest
 from PIL import Image
 
-from sdbatch.columns import A1111_BY_CLASS
+from sdbatch.data.samplers import A1111_BY_CLASS
 from sdbatch.encode import parse_infotext, read_embedded
-from sdbatch.families import DIFFUSION_SAMPLERS as SCHEDULERS  # builtin:tiny is SD 1.x
+from sdbatch.models.families import DIFFUSION_SAMPLERS as SCHEDULERS
 
 TINY = ["--model", "builtin:tiny", "--steps", "4", "--batch-size", "4"]
 # Measured (benchmarks/RESULTS.md, "Batch invariance"): a row generated alone and inside a

@@ -126,8 +126,9 @@ def test_a_sampler_the_model_cannot_build_fails_the_worker_start(tmp_path):
     import json
     import shutil
 
-    from sdbatch.generate import Generator, ModelError
-    from sdbatch.models import local_model_dir
+    from sdbatch.models.runtime import Generator
+    from sdbatch.models.errors import ModelError
+    from sdbatch.models.builtin import local_model_dir
 
     model = tmp_path / "tiny"
     shutil.copytree(local_model_dir("builtin:tiny"), model)

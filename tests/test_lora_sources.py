@@ -35,8 +35,8 @@ def lora_sources(s3_server, tmp_path_factory):
 
 
 def test_kohya_and_s3_loras_load_and_change_the_image(lora_sources):
-    from sdbatch.generate import Generator
-    from sdbatch.manifest import Row
+    from sdbatch.models.runtime import Generator
+    from sdbatch.data.row import Row
 
     gen = Generator.load("builtin:shapes", device="cpu", loras=lora_sources["declared"], endpoint_url=lora_sources["endpoint"])
 
@@ -57,10 +57,10 @@ def test_resume_refused_after_an_adapter_changed(lora_sources, ray_address):
     from model_families import build_shapes_lora
 
     from sdbatch.manifest import open_manifest
-    from sdbatch.models import preflight
+    from sdbatch.models.resolve import preflight
     from sdbatch.output import claim_job, job_record
     from sdbatch.spec import load_spec
-    from sdbatch.storage import LocalStorage
+    from sdbatch.storage.local import LocalStorage
 
     tmp, declared = lora_sources["tmp"], lora_sources["declared"]
     manifest = write_manifest(tmp / "manifest.parquet", [{"prompt": PROMPT, "loras": "k"}, {"prompt": PROMPT, "loras": "s"}])

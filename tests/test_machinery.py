@@ -66,7 +66,7 @@ def test_null_job_has_full_batches_and_reports_the_fill(null_job):
 
 
 def test_null_job_bytes_match_one_worker_in_reverse_shard_order_and_a_resume(null_job, ray_address, tmp_path):
-    from sdbatch.generate import Generator
+    from sdbatch.models.runtime import Generator
 
     manifest, out, _ = null_job
     reference = image_hashes(out)
@@ -102,7 +102,7 @@ def test_null_job_bytes_match_one_worker_in_reverse_shard_order_and_a_resume(nul
 def tiny():
     import torch
 
-    from sdbatch.generate import Generator
+    from sdbatch.models.runtime import Generator
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -111,7 +111,7 @@ def tiny():
 
 
 def guard_rows(n: int = 4):
-    from sdbatch.manifest import Row
+    from sdbatch.data.row import Row
 
     return [Row(index=i, id=f"g{i}", prompt=f"a red square {i}", negative_prompt="", seed=50 + i, steps=2,
                 guidance_scale=5.0, width=32, height=32, scheduler="ddim") for i in range(n)]
@@ -154,7 +154,7 @@ def test_a_nan_image_is_decoded_again_in_float32(tiny, monkeypatch):
 def test_images_still_nan_or_black_fail_their_rows_and_are_not_stored(tiny, monkeypatch, tmp_path):
     from sdbatch.plan import ShardSpec
     from sdbatch.spec import load_spec
-    from sdbatch.storage import LocalStorage
+    from sdbatch.storage.local import LocalStorage
     from sdbatch.worker import ShardRunner
 
     spoil_decode(monkeypatch, tiny, {0: -1.0, 2: float("nan")})

@@ -22,17 +22,8 @@ from typer.testing import CliRunner
 from sdbatch.cli import app as cli_app
 
 from sdbatch import manifest as M
-from sdbatch.manifest import (
-    Manifest,
-    ManifestError,
-    RowIssue,
-    default_row_id,
-    derive_seed,
-    iter_row_batches,
-    open_manifest,
-    read_rows,
-    validate_manifest,
-)
+from sdbatch.manifest import Manifest, ManifestError, RowIssue, iter_row_batches, open_manifest, read_rows, validate_manifest
+from sdbatch.data.row import default_row_id, derive_seed
 from sdbatch.spec import JobSpec, SpecError, load_spec
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from sdbatch.manifest import Row
-from sdbatch.models import MODELS_DIR
-from sdbatch.models import shapes_data as sd
+from sdbatch.data.row import Row
+from sdbatch.models.builtin import MODELS_DIR
+from tools.shapes import data as sd
 
 MODEL = os.environ.get("SDBATCH_SEMANTICS_MODEL", "builtin:shapes")  # override: other weights
 SEEDS = [0, 1, 2]
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def gen():
-    from sdbatch.generate import Generator
+    from sdbatch.models.runtime import Generator
 
     return Generator.load(MODEL, device="cpu", dtype="float32")
 
@@ -226,7 +226,7 @@ def test_vae_reconstructs_held_out_images():
     import torch
     from diffusers import AutoencoderKL
 
-    from sdbatch.models import local_model_dir
+    from sdbatch.models.builtin import local_model_dir
 
     vae = AutoencoderKL.from_pretrained(local_model_dir(MODEL) / "vae", torch_dtype=torch.float32)
     vae.eval()

@@ -13,20 +13,13 @@ import pytest
 
 from sdbatch import output
 from sdbatch.manifest import open_manifest, passthrough_types, read_rows_at
-from sdbatch.output import (
-    INDEX_COLUMN_TYPES,
-    INDEX_KEY,
-    STATUS_FAILED,
-    STATUS_OK,
-    commit_shard,
-    index_schema,
-    merge_index,
-    read_commit,
-)
+from sdbatch.data.index import INDEX_COLUMN_TYPES, STATUS_FAILED, STATUS_OK, index_schema
+from sdbatch.output import INDEX_KEY, commit_shard, merge_index, read_commit
 from sdbatch.plan import make_plan
 from sdbatch.spec import load_spec
-from sdbatch.storage import LocalStorage, S3Storage
-from sdbatch.record import ImageRecord, index_row
+from sdbatch.storage.local import LocalStorage
+from sdbatch.storage.s3 import S3Storage
+from sdbatch.data.record import ImageRecord, index_row
 
 ROWS_PER_SHARD = 4
 UTC = dt.timezone.utc
@@ -150,7 +143,8 @@ def test_merge_uploads_the_index_to_s3(s3_bucket, committed):
 
 
 def test_index_column_types_cover_every_index_column():
-    from sdbatch.manifest import INDEX_RESULT_COLUMNS, KNOWN_COLUMNS
+    from sdbatch.data.index import INDEX_RESULT_COLUMNS
+    from sdbatch.data.columns import KNOWN_COLUMNS
 
     assert set(INDEX_COLUMN_TYPES) == {"row", *KNOWN_COLUMNS, *INDEX_RESULT_COLUMNS}
 

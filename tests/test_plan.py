@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from sdbatch.manifest import Row
+from sdbatch.data.row import Row
 from sdbatch.plan import canonical_batches, key_codes, make_plan
 
 SIZES = [(512, 512), (768, 512), (512, 768), (1024, 1024)]

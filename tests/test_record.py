@@ -12,12 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 
 import sdbatch
-from sdbatch.manifest import Row
-from sdbatch.models import resolve
+from sdbatch.data.row import Row
+from sdbatch.models.resolve import resolve
 from sdbatch.models.null_model import NullGenerator
-from sdbatch.output import STATUS_FAILED, STATUS_OK, index_schema, records_to_parquet
+from sdbatch.data.index import STATUS_FAILED, STATUS_OK, index_schema
+from sdbatch.output import records_to_parquet
 from sdbatch.plan import ShardSpec
-from sdbatch.record import ImageRecord, embedded_record, index_row
+from sdbatch.data.record import ImageRecord, embedded_record, index_row
 
 PASSTHROUGH = {"label": pa.string(), "count": pa.int64()}
 #: The keys of an image's embedded JSON record since LoRA support (clip_skip only when set,

@@ -51,7 +51,7 @@ def refiner_job(sdxl_pair, ray_address, tmp_path_factory):
 
 
 def test_refiner_rows_recorded_in_index_record_and_infotext(refiner_job):
-    from sdbatch.models import fingerprint_model_dir
+    from sdbatch.models.pins import fingerprint_model_dir
 
     index, refiner = refiner_job["index"], refiner_job["refiner"]
     pin = fingerprint_model_dir(refiner)

@@ -47,7 +47,7 @@ def submit_args(manifest: Path, out: Path, *extra: str, env: dict | None = None)
 def tiny_generator():
     import torch
 
-    from sdbatch.generate import Generator
+    from sdbatch.models.runtime import Generator
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a worker with cpus_per_worker=1 runs
@@ -60,11 +60,11 @@ def run_in_process(generator, manifest: Path, out: Path, order: list[int], *, jo
     """Run the shards of ``manifest`` with ``worker.ShardRunner`` in the given order into a
     LocalStorage at ``out``; returns the job record (fingerprint computed as `sdbatch submit` does)."""
     from sdbatch.manifest import open_manifest, passthrough_types, read_rows_at
-    from sdbatch.models import preflight
+    from sdbatch.models.resolve import preflight
     from sdbatch.output import claim_job, job_record, merge_index
     from sdbatch.scheduler import job_plan
     from sdbatch.spec import load_spec
-    from sdbatch.storage import LocalStorage
+    from sdbatch.storage.local import LocalStorage
     from sdbatch.worker import ShardRunner
 
     spec = load_spec(None, [], {"model.name": "builtin:tiny", "defaults.steps": 3, "resources.rows_per_shard": 6,
@@ -109,7 +109,7 @@ def test_shard_order_and_a_retried_shard_give_identical_bytes(tiny_generator, tm
     from sdbatch.output import INDEX_KEY, metadata_key
     from sdbatch.manifest import open_manifest, read_rows
     from sdbatch.plan import ShardSpec
-    from sdbatch.storage import LocalStorage
+    from sdbatch.storage.local import LocalStorage
     from sdbatch.worker import ShardRunner
 
     storage = LocalStorage(backward)
@@ -312,8 +312,8 @@ def test_clip_skip_row_end_to_end(run_cli, mixed_job, tmp_path):
     rebuilt = reproduce_row(str(work), "m10")
     assert rebuilt.match and rebuilt.record_source == "index" and rebuilt.data == original
     # the same row without clip skip is another image
-    from sdbatch.record import row_from_stored
-    from sdbatch.generate import Generator
+    from sdbatch.data.record import row_from_stored
+    from sdbatch.models.runtime import Generator
 
     generator = Generator.load("builtin:tiny", device="cpu")
     with_skip = row_from_stored(row)

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from faults import fault_env, read_counts
 from PIL import Image
 
-from sdbatch.models import resolve_builtin
+from sdbatch.models.builtin import resolve_builtin
 
 FAST = ["--steps", "3", "--rows-per-shard", "4", "--batch-size", "2"]
 

@@ -15,19 +15,13 @@ from pathlib import Path
 import boto3
 import pytest
 
-from sdbatch import storage as st
-from sdbatch.storage import (
-    LocalStorage,
-    NotFound,
-    PutResult,
-    S3Storage,
-    Storage,
-    StorageConfigError,
-    StorageError,
-    fetch_model_dir,
-    open_storage,
-    read_uri,
-)
+from sdbatch.models.cache import MODEL_MARKER
+from sdbatch.storage import s3_client as st
+from sdbatch.storage.local import LocalStorage
+from sdbatch.storage.base import NotFound, PutResult, Storage, StorageConfigError, StorageError
+from sdbatch.storage.s3 import S3Storage
+from sdbatch.models.cache import fetch_model_dir
+from sdbatch.storage.open import open_storage, read_uri
 
 sys.path.insert(0, str(Path(__file__).parent))
 from faults import FaultInjector, fault_env, install_from_env, read_counts, summarize  # noqa: E402
@@ -499,7 +493,7 @@ def test_fetch_model_dir_downloads_once(s3_bucket, tmp_path):
     for rel, data in MODEL_FILES.items():
         assert (d / rel).read_bytes() == data
     assert counter.requests("GetObject") == len(MODEL_FILES)  # downloaded once
-    assert (d / st.MODEL_MARKER).exists()
+    assert (d / MODEL_MARKER).exists()
     with FaultInjector({"*": {"fraction": 0.0}}) as counter2:
         assert fetch_model_dir(uri, pin=pin, cache_dir=cache, endpoint_url=endpoint) == (d, pin)
     assert counter2.requests() == 0  # cached under its pin: no S3 request at all

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdbatch.models import MODELS_DIR, shapes_data
-from sdbatch.models.tokenizer import MODEL_MAX_LENGTH, build_tokenizer
+from sdbatch.models.builtin import MODELS_DIR
+from tools.shapes import data as shapes_data
+from tools.shapes.tokenizer import MODEL_MAX_LENGTH, build_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -24,17 +24,14 @@ import pytest
 from conftest import RAY_SINGLE_MACHINE, REPO, write_manifest
 
 from sdbatch.documents import JobRecord
-from sdbatch.models import fingerprint_model_dir, resolve_builtin
-from sdbatch.output import (
-    JOB_KEY,
-    OutputMismatch,
-    claim_job,
-    index_schema,
-    read_commit,
-    read_shard_index,
-    records_to_parquet,
-)
-from sdbatch.storage import LocalStorage, StorageConfigError, open_storage
+from sdbatch.models.pins import fingerprint_model_dir
+from sdbatch.models.builtin import resolve_builtin
+from sdbatch.documents import JOB_KEY
+from sdbatch.output import OutputMismatch, claim_job, read_commit, read_shard_index, records_to_parquet
+from sdbatch.data.index import index_schema
+from sdbatch.storage.local import LocalStorage
+from sdbatch.storage.base import StorageConfigError
+from sdbatch.storage.open import open_storage
 
 FAST = ["--model", "builtin:tiny", "--steps", "2", "--rows-per-shard", "2", "--batch-size", "2", "--workers", "1"]
 
@@ -335,7 +332,8 @@ def test_a_model_with_custom_component_code_exits_2_before_anything_is_written(r
 
 
 def test_the_fingerprint_covers_every_file_of_every_component(tmp_path):
-    from sdbatch.models import ModelError, preflight
+    from sdbatch.models.errors import ModelError
+    from sdbatch.models.resolve import preflight
 
     folder = model_copy(tmp_path)
     before = fingerprint_model_dir(folder)

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from sdbatch.manifest import Row
-from sdbatch.models import NULL_CLASS_NAME, GeneratedBatch
+from sdbatch.data.row import Row
+from sdbatch.models.builtin import NULL_CLASS_NAME
+from sdbatch.models.adapter import GeneratedBatch
 
 NOISE_BITS = 4  # per-pixel noise of 16 levels: sets the PNG size (≈ 4 bits per sample)
 SMOOTH_CELL = 4  # pixels per side of the grid the gradients and waves are drawn on

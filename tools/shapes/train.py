@@ -1,7 +1,7 @@
 """Train ``builtin:shapes``: a tiny latent diffusion model in the Stable Diffusion layout.
 
-    python -m sdbatch.models.train_shapes --out sdbatch/models/shapes --seed 0
-    python -m sdbatch.models.train_shapes --random-only --out sdbatch/models/tiny
+    python -m tools.shapes.train --out sdbatch/models/shapes --seed 0
+    python -m tools.shapes.train --random-only --out sdbatch/models/tiny
 
 Recipe (Stable Diffusion in miniature, CPU-sized):
 1. ``AutoencoderKL`` (×4 down, 4 latent channels: 64×64 images → 16×16×4 latents) trained on
@@ -22,40 +22,43 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numpy as np
 import shutil
 import time
-from pathlib import Path
-
-import numpy as np
 import torch
+from pathlib import Path
+from tools.shapes.tokenizer import build_tokenizer
+from tools.shapes import data as shapes_data
 
-from sdbatch.models import shapes_data
-from sdbatch.models.tokenizer import build_tokenizer
+def log(msg: str, t0: float | None = None) -> None:
+    prefix = f"[{time.time() - t0:7.1f}s] " if t0 is not None else ""
+    print(prefix + msg, flush=True)
+
 
 SCHEDULE = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
 )
+
 
 # Named size presets (measured on 2 CPU cores, see the model card).
 VAE_PRESETS = {
     "tiny": dict(block_out_channels=(32, 64), layers_per_block=1),
     "small": dict(block_out_channels=(32, 64, 64), layers_per_block=1),
 }
+
+
 UNET_PRESETS = {
     "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8),
     "small": dict(block_out_channels=(64, 128), layers_per_block=1, attention_head_dim=8),
     "medium": dict(block_out_channels=(64, 128), layers_per_block=2, attention_head_dim=8),
     "wide": dict(block_out_channels=(96, 192), layers_per_block=1, attention_head_dim=16),
 }
+
+
 TEXT_PRESETS = {
     "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
     "small": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
 }
-
-
-def log(msg: str, t0: float | None = None) -> None:
-    prefix = f"[{time.time() - t0:7.1f}s] " if t0 is not None else ""
-    print(prefix + msg, flush=True)
 
 
 def make_vae(preset: str):
@@ -170,14 +173,11 @@ def random_model(out: Path, seed: int) -> None:
         "# builtin:tiny\n\nRandom-weight Stable Diffusion-layout pipeline (AutoencoderKL "
         f"{n_params(vae)/1e6:.2f}M, UNet2DConditionModel {n_params(unet)/1e6:.2f}M, CLIPTextModel "
         f"{n_params(te)/1e6:.2f}M params; word-level CLIP tokenizer) for fast plumbing tests. "
-        "It draws noise, not pictures.\n\nMade with `python -m sdbatch.models.train_shapes "
+        "It draws noise, not pictures.\n\nMade with `python -m tools.shapes.train "
         f"--random-only --seed {seed} --out sdbatch/models/tiny`.\n"
     )
     save_pipeline(out, vae, te, tok, unet, card)
     log(f"random model saved to {out}: vae {n_params(vae)} unet {n_params(unet)} te {n_params(te)}")
-
-
-# ----------------------------------------------------------------------------- training
 
 
 def train_vae(args, t0):
@@ -298,7 +298,7 @@ def train_unet(args, t0, vae, tok, mean, logvar, scenes, unet=None, text_encoder
 
 def card(args, unet_steps_done: int, t0: float, unet_loss: float | None, extra: str = "") -> str:
     cmd = (
-        f"python -m sdbatch.models.train_shapes --out {args.out} --seed {args.seed} "
+        f"python -m tools.shapes.train --out {args.out} --seed {args.seed} "
         f"--vae-steps {args.vae_steps} --unet-steps {args.unet_steps} "
         f"--vae-preset {args.vae_preset} --unet-preset {args.unet_preset} "
         f"--text-preset {args.text_preset} --vae-batch {args.vae_batch} "
@@ -308,7 +308,7 @@ def card(args, unet_steps_done: int, t0: float, unet_loss: float | None, extra: 
 
 A toy latent diffusion model in the Stable Diffusion layout (AutoencoderKL + UNet2DConditionModel
 + CLIPTextModel + a word-level CLIPTokenizer), trained by sdbatch from scratch on CPU on
-synthetic 64×64 images of coloured shapes (`sdbatch/models/shapes_data.py`). It draws what
+synthetic 64×64 images of coloured shapes (`tools/shapes/data.py`). It draws what
 simple prompts such as "a large red circle in the center, blue background" name.
 
 It is **not** a substitute for real Stable Diffusion weights: it knows only the dataset's

@@ -14,19 +14,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from sdbatch.data.samplers import family_samplers, SCHEDULERS
+from sdbatch.models.builtin import NULL_CLASS_NAME
+from sdbatch.models.configs import JsonReader
+from sdbatch.models.errors import FamilyError
 
-from sdbatch.columns import SCHEDULERS, family_samplers
-from sdbatch.errors import BadInput
-from sdbatch.models import NULL_CLASS_NAME, JsonReader
 
 #: Samplers of the noise-prediction families (SD 1.x/2.x, SDXL), from the sampler table.
 DIFFUSION_SAMPLERS = family_samplers(flow=False)
+
+
 #: Samplers of the flow-matching families (SD3).
 FLOW_SAMPLERS = family_samplers(flow=True)
-
-
-class FamilyError(BadInput, ValueError):
-    """The folder is not a model family sdbatch runs; the message names the class and the fix."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,7 @@ def check_refiner(read_json: JsonReader, where: str, base: Family) -> None:
 
 
 def local_traits(folder: Path) -> ModelTraits:
-    from sdbatch.models import folder_json_reader
+    from sdbatch.models.configs import folder_json_reader
 
     return read_traits(folder_json_reader(folder), str(folder))
 
@@ -127,7 +126,8 @@ def local_traits(folder: Path) -> ModelTraits:
 def model_traits(name: str, endpoint_url: str | None = None) -> ModelTraits:
     """Traits of ``--model`` (builtin, local folder or ``s3://`` prefix) from its configs;
     FamilyError naming the model and the fix when it is missing or not a supported family."""
-    from sdbatch.models import ModelError, model_json_reader
+    from sdbatch.models.errors import ModelError
+    from sdbatch.models.configs import model_json_reader
 
     try:
         read = model_json_reader(name, endpoint_url)

@@ -16,11 +16,12 @@ A leaf module: pyarrow only.
 from __future__ import annotations
 
 import difflib
+import pyarrow as pa
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+from sdbatch.data.samplers import A1111_BY_CLASS, DEFAULT_SAMPLER, SAMPLERS, SCHEDULERS
 
-import pyarrow as pa
 
 #: Marks a column without a job-spec default (``id``, ``prompt``, ``seed``, ``init_image``).
 NO_DEFAULT: Any = type("NoDefault", (), {"__repr__": lambda self: "NO_DEFAULT"})()
@@ -134,55 +135,6 @@ class RowForm:
     from_stored: Callable[[Any], Any]
 
 
-# =============================================================================================
-# Samplers
-# =============================================================================================
-
-
-@dataclass(frozen=True)
-class Sampler:
-    name: str  # the sdbatch name, as manifests and specs write it
-    a1111: str  # the AUTOMATIC1111 sampler name written in infotext
-    diffusers_class: str  # a scheduler class exported by ``diffusers``
-    overrides: dict[str, Any] = field(default_factory=dict)  # on top of the model's scheduler config
-    requires: tuple[str, ...] = ()  # modules the class imports when built (pip names)
-    flow: bool = False  # a flow-matching sampler (the SD3 family's); the others predict noise
-
-
-#: ``dpmpp_2m_karras`` is written with the legacy single A1111 name "DPM++ 2M Karras", which
-#: every infotext parser understands (encode.py).
-SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
-    Sampler("ddim", "DDIM", "DDIMScheduler"),
-    Sampler("pndm", "PLMS", "PNDMScheduler", {"skip_prk_steps": True}),
-    Sampler("lms", "LMS", "LMSDiscreteScheduler", requires=("scipy",)),
-    Sampler("euler", "Euler", "EulerDiscreteScheduler"),
-    Sampler("euler_a", "Euler a", "EulerAncestralDiscreteScheduler"),
-    Sampler("dpmpp_2m", "DPM++ 2M", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    Sampler("dpmpp_2m_karras", "DPM++ 2M Karras", "DPMSolverMultistepScheduler",
-            {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
-    Sampler("unipc", "UniPC", "UniPCMultistepScheduler"),
-    Sampler("flow_euler", "Euler", "FlowMatchEulerDiscreteScheduler", flow=True),
-    Sampler("flow_heun", "Heun", "FlowMatchHeunDiscreteScheduler", flow=True),
-)}
-#: The model's own scheduler, as its folder configures it (every family accepts it).
-DEFAULT_SAMPLER = "default"
-#: Every sampler name a row or the job may give.
-SCHEDULERS: tuple[str, ...] = (DEFAULT_SAMPLER, *SAMPLERS)
-#: The A1111 name of a scheduler by diffusers class (sampler ``default`` writes its model's
-#: scheduler this way); the first sampler of a class names it ("DPM++ 2M", not "… Karras").
-A1111_BY_CLASS: dict[str, str] = {s.diffusers_class: s.a1111 for s in reversed(SAMPLERS.values())}
-
-
-def family_samplers(flow: bool) -> tuple[str, ...]:
-    """The samplers of the flow-matching families (``flow``) or of the noise-prediction ones."""
-    return (DEFAULT_SAMPLER, *(s.name for s in SAMPLERS.values() if s.flow == flow))
-
-
-# =============================================================================================
-# Columns
-# =============================================================================================
-
-
 def _int(name: str) -> Callable[[dict[str, Any]], Any]:
     return lambda r: int(r[name]) if r.get(name) is not None else None
 
@@ -207,6 +159,8 @@ def _sampler(r: dict[str, Any]) -> str | None:
 
 #: The index's and the record's form of a row's adapters (sha256 added by the worker).
 _LORA_ENTRY = pa.struct([("name", pa.string()), ("scale", pa.float64()), ("sha256", pa.string())])
+
+
 _LORA_FORM = RowForm(
     tuple, (),
     to_stored=lambda pairs: [{"name": name, "scale": scale} for name, scale in pairs],
@@ -227,7 +181,11 @@ def _clip_skip(r: dict[str, Any]) -> int | None:
 
 
 _TEXT = frozenset({"string"})
+
+
 _INT = frozenset({"int"})
+
+
 _NUMBER = frozenset({"float", "int"})
 
 
@@ -303,38 +261,25 @@ COLUMNS: tuple[Column, ...] = (
            index_type=pa.list_(_LORA_ENTRY), row=_LORA_FORM),
 )
 
+
 COLUMN: dict[str, Column] = {c.name: c for c in COLUMNS}
+
+
 #: The per-row columns of DESIGN §2. Every other manifest column is a passthrough column.
 KNOWN_COLUMNS: tuple[str, ...] = tuple(COLUMN)
+
+
 #: The columns that have a job-spec default (the fields of ``spec.RowDefaults``).
 DEFAULTED: tuple[Column, ...] = tuple(c for c in COLUMNS if c.default is not NO_DEFAULT)
+
+
 #: The columns rows must agree on to share a batch (with img2img-or-not).
 BATCH_KEY: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.batch_key)
-
-
-#: The columns the output index adds to each row's parameters (``worker.index_row``), in index
-#: order, with their types (the quality columns, ``quality.QUALITY_COLUMN_TYPES``, follow them).
-RESULT_COLUMNS: dict[str, pa.DataType] = {
-    "shard": pa.string(), "batch_id": pa.string(), "batch_rows": pa.list_(pa.string()),
-    "model_fingerprint": pa.string(),
-    "refiner_fingerprint": pa.string(),  # the refiner's sha256 fingerprint for refined rows; null: base only
-    "device": pa.string(), "dtype": pa.string(), "torch_threads": pa.int64(),
-    "versions": pa.string(), "init_image_sha256": pa.string(),
-    "prompt_truncated_at": pa.int64(),  # the prompt character where the text encoder stopped reading; null: all read
-    "status": pa.string(), "error": pa.string(),
-    "key": pa.string(), "sha256": pa.string(), "bytes": pa.int64(), "attempt": pa.int64(), "worker": pa.string(),
-    "generate_seconds": pa.float64(),
-}
 
 
 def arrow_types() -> dict[str, pa.DataType]:
     """The manifest's type of each column."""
     return {c.name: c.arrow_type for c in COLUMNS}
-
-
-def index_types() -> dict[str, pa.DataType]:
-    """The index's type of each column."""
-    return {c.name: c.stored_type for c in COLUMNS}
 
 
 def record_parameters(parameters: dict[str, Any]) -> dict[str, Any]:

@@ -30,9 +30,7 @@ import inspect
 import json
 import logging
 import os
-import platform
-from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,19 +42,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import diffusers  # noqa: E402
-import numpy as np
-import torch
-import transformers
-from diffusers.models.attention_processor import AttnProcessor2_0
-from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from PIL import Image
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline  # noqa: E402
+from PIL import Image  # noqa: E402
 
-from sdbatch.columns import DEFAULT_SAMPLER, SAMPLERS
-from sdbatch.families import Family
-from sdbatch.lora import LoraSet, check_safetensors, sha256_hex
-from sdbatch.manifest import Row
-from sdbatch.models import NULL_CLASS_NAME, GeneratedBatch, ModelError, fingerprint_model_dir, resolve
-from sdbatch.storage import read_uri
+from sdbatch.data.row import Row  # noqa: E402
+from sdbatch.data.samplers import DEFAULT_SAMPLER, SAMPLERS  # noqa: E402
+from sdbatch.models.adapter import GeneratedBatch  # noqa: E402
+from sdbatch.models.builtin import NULL_CLASS_NAME  # noqa: E402
+from sdbatch.models.device import pick_device, pick_dtype, software_versions  # noqa: E402
+from sdbatch.models.errors import ModelError  # noqa: E402
+from sdbatch.models.families import Family  # noqa: E402
+from sdbatch.models.lora_cache import LoraCache, _Tokenizers  # noqa: E402
+from sdbatch.models.pins import fingerprint_model_dir  # noqa: E402
+from sdbatch.models.resolve import resolve  # noqa: E402
 
 if TYPE_CHECKING:
     from sdbatch.models.null_model import NullGenerator
@@ -65,13 +67,12 @@ log = logging.getLogger("sdbatch.generate")
 diffusers.utils.logging.disable_progress_bar()
 transformers.utils.logging.disable_progress_bar()
 
+
 #: from_pretrained arguments of one family: SD 1.x/2.x folders may name a safety checker
 #: sdbatch never runs (dataset generation; the user's own filter comes after).
 LOAD_OPTIONS: dict[str, dict[str, Any]] = {
     "StableDiffusionPipeline": {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
 }
-#: LoRA adapters a worker keeps loaded; the least recently used is unloaded beyond this.
-LORA_CACHE_SIZE = 8
 
 
 # what a worker catches to retry a batch in halves (the tests inject it on CPU)
@@ -82,29 +83,6 @@ def free_device_memory() -> None:
     """Give the allocator's cached blocks back after an out-of-memory error (no-op on CPU)."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelError("model.device is 'cuda' but this worker sees no CUDA device; use 'auto' or 'cpu'")
-    return device
-
-
-def pick_dtype(dtype: str, device: str) -> torch.dtype:
-    if dtype == "auto":
-        return torch.float16 if device == "cuda" else torch.float32
-    return getattr(torch, dtype)
-
-
-def software_versions() -> dict[str, str]:
-    return {
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def resize_for_row(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -158,79 +136,6 @@ def _absent_components(pipeline_cls: type, folder: Path) -> dict[str, None]:
     index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     expected, _ = pipeline_cls._get_signature_keys(pipeline_cls)
     return {name: None for name in expected if not (index.get(name) or [None])[0]}
-
-
-class LoraCache:
-    """The job's declared adapters (name -> path) and those loaded into the pipeline, least
-    recently used first. An adapter is read, checked (safetensors only) and loaded at most
-    once while it stays among the ``LORA_CACHE_SIZE`` most recently used."""
-
-    def __init__(self, pipe: DiffusionPipeline, declared: dict[str, str], endpoint_url: str | None):
-        self.pipe = pipe
-        self.declared = dict(declared)
-        self.endpoint_url = endpoint_url
-        self.sha256: dict[str, str] = {}  # of every adapter read so far
-        self.loaded: OrderedDict[str, None] = OrderedDict()
-        self.active: LoraSet | None = None  # None: nothing set yet
-
-    def _load(self, name: str) -> None:
-        from safetensors.torch import load as load_safetensors
-
-        if name not in self.declared:
-            raise ModelError(f"LoRA {name!r} is not declared for this job (declared: {', '.join(self.declared) or 'none'})")
-        data = read_uri(self.declared[name], endpoint_url=self.endpoint_url)
-        check_safetensors(data, f"{name}={self.declared[name]}")
-        self.sha256[name] = sha256_hex(data)
-        self.pipe.load_lora_weights(load_safetensors(data), adapter_name=name)
-        log.info("loaded LoRA %s (sha256 %s)", name, self.sha256[name][:10])
-
-    @torch.inference_mode()  # adapters load as inference tensors; toggling them must stay in that mode
-    def use(self, loras: LoraSet) -> None:
-        """Make ``loras`` the pipeline's active adapters (none: adapters disabled)."""
-        if loras == self.active:
-            return
-        for name, _ in loras:
-            if name in self.loaded:
-                self.loaded.move_to_end(name)
-                continue
-            while len(self.loaded) >= LORA_CACHE_SIZE:
-                evicted, _ = self.loaded.popitem(last=False)
-                self.pipe.delete_adapters(evicted)
-            self._load(name)
-            self.loaded[name] = None
-        if loras:
-            self.pipe.enable_lora()
-            self.pipe.set_adapters([n for n, _ in loras], adapter_weights=[s for _, s in loras])
-        elif self.loaded:
-            self.pipe.disable_lora()
-        self.active = loras
-
-    def record(self, loras: LoraSet) -> list[dict[str, Any]]:
-        """Each adapter's name, scale and sha256, for the image record and the index."""
-        return [{"name": n, "scale": s, "sha256": self.sha256.get(n)} for n, s in loras]
-
-
-@dataclass
-class _Tokenizers:
-    """The text encoders' tokenizers, to say where a prompt is cut off."""
-
-    tokenizers: list[Any] = field(default_factory=list)
-
-    def truncated_at(self, prompt: str) -> int | None:
-        """The character offset where the first text encoder to stop reading stops (None: all read)."""
-        cuts = []
-        for tok in self.tokenizers:
-            limit = int(tok.model_max_length) - 2  # start and end tokens
-            try:
-                enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
-            except NotImplementedError:  # a tokenizer without offsets: where its kept tokens' text ends
-                ids = tok(prompt, add_special_tokens=False, truncation=False)["input_ids"]
-                if len(ids) > limit:
-                    cuts.append(len(tok.decode(ids[:limit])))
-                continue
-            if len(enc["input_ids"]) > limit:
-                cuts.append(int(enc["offset_mapping"][limit][0]))
-        return min(cuts) if cuts else None
 
 
 class Generator:

@@ -11,14 +11,12 @@ Imports torch: only worker actors load it.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import torch
+from pathlib import Path
 from transformers import CLIPModel, CLIPProcessor
-
-from sdbatch.models import check_pickles
-from sdbatch.storage import fetch_model_dir
+from typing import Any
+from sdbatch.models.cache import fetch_model_dir
+from sdbatch.models.pins import check_pickles
 
 
 class ClipScorer:

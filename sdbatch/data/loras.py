@@ -8,17 +8,18 @@ back into the infotext's prompt line with ``Lora hashes`` (``encode.infotext``).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
-import struct
-
 from sdbatch.errors import BadInput
+
 
 #: One A1111 extra-network tag for a LoRA: ``<lora:NAME>`` or ``<lora:NAME:SCALE>``.
 TAG_RE = re.compile(r"<lora:([^<>]*)>")
+
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # no '.': a name is also a spec key (loras.NAME)
+
+
 LoraSet = tuple[tuple[str, float], ...]
 
 
@@ -93,22 +94,3 @@ def parse_declaration(item: str) -> tuple[str, str]:
     if not sep or not _NAME_RE.match(name.strip()) or not path.strip():
         raise LoraError(f"--lora {item!r}: expected NAME=PATH, e.g. --lora style=./style.safetensors")
     return name.strip(), path.strip()
-
-
-def check_safetensors(data: bytes, where: str) -> None:
-    """Refuse anything that is not a safetensors file (pickles above all): its 8-byte header
-    length and JSON header must parse."""
-    if len(data) >= 8:
-        (size,) = struct.unpack("<Q", data[:8])
-        if 2 <= size <= len(data) - 8:
-            try:
-                json.loads(data[8 : 8 + size])
-                return
-            except ValueError:
-                pass
-    raise LoraError(f"LoRA {where}: not a safetensors file (pickle checkpoints are refused); "
-                    "convert it with safetensors.torch.save_file")
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

@@ -10,9 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+
 BOS = "<|startoftext|>"
+
+
 EOS = "<|endoftext|>"
+
+
 MODEL_MAX_LENGTH = 77
+
+
 END = "</w>"
 
 
@@ -70,7 +77,7 @@ def build_tokenizer(words: Iterable[str] | None = None):
     from transformers import CLIPTokenizer
 
     if words is None:
-        from sdbatch.models.shapes_data import VOCAB_WORDS
+        from tools.shapes.data import VOCAB_WORDS
 
         words = VOCAB_WORDS
     vocab, merges = build_vocab(words)

@@ -18,19 +18,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
+from typing import Any, TYPE_CHECKING
 import sdbatch
-from sdbatch.columns import BATCH_KEY, COLUMN, COLUMNS, KNOWN_COLUMNS, RESULT_COLUMNS, record_parameters
-from sdbatch.manifest import INDEX_RESULT_COLUMNS, RESERVED_COLUMNS, Row
+from sdbatch.data.columns import BATCH_KEY, COLUMN, COLUMNS, KNOWN_COLUMNS, record_parameters
+from sdbatch.data.index import INDEX_RESULT_COLUMNS, INDEXED, RESERVED_COLUMNS
+from sdbatch.data.row import Row
 
 if TYPE_CHECKING:
     from sdbatch.plan import ShardSpec
 
-#: The generation facts of a record that its index row stores (besides the row's parameters).
-INDEXED = ("shard", "batch_id", "batch_rows", "model_fingerprint", "device", "dtype", "torch_threads", "versions",
-           "init_image_sha256", "prompt_truncated_at", "refiner_fingerprint")
-assert set(INDEXED) <= set(RESULT_COLUMNS), "every indexed record field is a declared index column"
+
 
 
 def row_from_stored(stored: dict[str, Any], extra: dict[str, Any] | None = None) -> Row:

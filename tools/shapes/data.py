@@ -10,13 +10,14 @@ Everything is generated on the fly and is a pure function of a seed (numpy + PIL
 
 from __future__ import annotations
 
+import numpy as np
 import re
+from PIL import Image, ImageDraw
 from dataclasses import dataclass
 
-import numpy as np
-from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 64
+
 
 # Named colours, chosen to be far apart in RGB (min pairwise distance ≈ 110).
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -29,8 +30,14 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
     "black": (15, 15, 15),
 }
+
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+
+
 SIZES: dict[str, tuple[int, int]] = {"small": (16, 20), "large": (30, 36)}  # extent in px
+
+
 POSITIONS: dict[str, tuple[float, float]] = {  # nominal centre (x, y)
     "left": (18.0, 32.0),
     "right": (46.0, 32.0),
@@ -38,6 +45,8 @@ POSITIONS: dict[str, tuple[float, float]] = {  # nominal centre (x, y)
     "bottom": (32.0, 46.0),
     "center": (32.0, 32.0),
 }
+
+
 POSITION_PHRASES: dict[str, tuple[str, ...]] = {
     "left": ("on the left", "at the left", "left"),
     "right": ("on the right", "at the right", "right"),
@@ -46,11 +55,14 @@ POSITION_PHRASES: dict[str, tuple[str, ...]] = {
     "center": ("in the center", "in the middle", "center"),
 }
 
+
 # Every word any caption can contain (the tokenizer gives each one its own token).
 EXTRA_WORDS = (
     "a an the on in at of with and background gradient plain shape picture image "
     "middle top bottom left right center"
 ).split()
+
+
 VOCAB_WORDS: tuple[str, ...] = tuple(
     dict.fromkeys([*COLOURS, *SHAPES, *SIZES, *POSITIONS, *EXTRA_WORDS])
 )
@@ -245,4 +257,3 @@ def nearest_colour(pixels: np.ndarray) -> np.ndarray:
     table = np.array(list(COLOURS.values()), np.float32)
     d = np.linalg.norm(pixels.astype(np.float32)[..., None, :] - table, axis=-1)
     return d.argmin(-1)
-

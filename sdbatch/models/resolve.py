@@ -1,0 +1,109 @@
+"""Models, torch-free: resolution, preflight, fingerprint and the one pickle policy.
+
+A model is ``builtin:NAME`` (a diffusers folder shipped in ``sdbatch/models/NAME/``), a local
+diffusers folder, or an ``s3://`` prefix holding one. Everything here runs without torch, so
+``submit`` can refuse a model before any worker starts:
+
+- **one pickle policy**, the same for local folders and ``s3://`` prefixes: a model holding any
+  pickle checkpoint (``*.bin``, ``*.ckpt``, ``*.pt``, ``*.pth``, ``*.pkl``, ``*.pickle``) is
+  refused, even next to safetensors — sdbatch loads safetensors only and never ships a folder
+  whose other files a loader could be tricked into unpickling;
+- **one code policy**: sdbatch runs only stock diffusers/transformers classes; a folder whose
+  ``model_index.json`` names a component from a module of its own, that holds ``*.py`` files,
+  or whose configs carry an ``auto_map`` is refused at submit, naming it;
+- **the family**, from ``model_index.json`` ``_class_name`` (``families.FAMILIES``): a pipeline
+  class sdbatch does not run exits 2, naming the class found and the supported ones
+  (``SdbatchNullModel``: ``builtin:null``'s folder names a model that is not a diffusers
+  pipeline, ``null_model.py``); a ``model.refiner`` must be the class its base's family takes.
+  ``model_index.json`` and the configs are read once (``JsonReader``), and the same read gives
+  the family and native size (``ModelRef.traits``);
+- **the pin**, recorded in ``job.json`` at submit and compared with every worker's before it
+  gets a shard: a local folder's content fingerprint (sha256 over every file of every component
+  folder, read through symbolic links as the loader reads them), an ``s3://`` prefix's ETags
+  and sizes (``s3-etags:<sha256>``), which also key the
+  per-node download cache.
+
+It also owns ``GeneratedBatch``, the batch every model returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+from sdbatch.models.builtin import local_model_dir
+from sdbatch.models.configs import folder_json_reader, JsonReader, storage_json_reader
+from sdbatch.models.errors import ModelError
+from sdbatch.models.pins import _file_names, fingerprint_model_dir, refuse_custom_code, refuse_pickles, s3_pin
+
+if TYPE_CHECKING:
+    from sdbatch.models.families import Family
+    from sdbatch.models.families import ModelTraits
+
+
+def _check_folder(where: str, folder: Path, read: JsonReader) -> None:
+    """The pickle and code policies on a local model folder."""
+    names = _file_names(folder)
+    refuse_pickles(where, names)
+    refuse_custom_code(where, names, read)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model checked by the pickle policy and its family rule: where it is, what it is pinned
+    to, its family and native size (``families.ModelTraits``; None for a refiner), and, once
+    resolved on a worker, the local folder it is loaded from."""
+
+    name: str
+    pin: str
+    traits: ModelTraits | None
+    folder: Path | None = None
+
+
+def _check_configs(where: str, read: JsonReader, refiner_of: Family | None) -> ModelTraits | None:
+    """The family rule on the configs ``read`` reads: a model's traits, or (``refiner_of``: the
+    base's family) the refiner's class check."""
+    from sdbatch.models.families import check_refiner, read_traits
+
+    if refiner_of is not None:
+        check_refiner(read, where, refiner_of)
+        return None
+    return read_traits(read, where)
+
+
+def preflight(name: str, *, endpoint_url: str | None = None, refiner_of: Family | None = None) -> ModelRef:
+    """Check the model (or, ``refiner_of`` given, the refiner of a base of that family) before
+    any worker starts — pickles, family — and pin it; model_index.json and the configs are read
+    once. ModelError or FamilyError, or a StorageError for an s3:// prefix that cannot be read."""
+    if not name.startswith("s3://"):
+        folder = local_model_dir(name)
+        read = folder_json_reader(folder)
+        _check_folder(name, folder, read)
+        return ModelRef(name, fingerprint_model_dir(folder), _check_configs(name, read, refiner_of))
+    from sdbatch.storage.open import open_storage
+
+    storage = open_storage(name, endpoint_url=endpoint_url)
+    objects = storage.objects("")
+    if "model_index.json" not in objects:
+        raise ModelError(f"model {name!r}: no model_index.json under that prefix; it must hold a diffusers folder")
+    refuse_pickles(name, objects)
+    read = storage_json_reader(storage, name)
+    refuse_custom_code(name, objects, read)
+    return ModelRef(name, s3_pin(objects), _check_configs(name, read, refiner_of))
+
+
+def resolve(name: str, *, pin: str | None = None, endpoint_url: str | None = None,
+            refiner_of: Family | None = None) -> ModelRef:
+    """The local folder to load ``name`` from (an s3:// prefix is downloaded once per node,
+    into a cache keyed by its pin) and the pin of what that folder holds, checked by the same
+    policy as at preflight."""
+    if name.startswith("s3://"):
+        from sdbatch.models.cache import fetch_model_dir
+
+        folder, found = fetch_model_dir(name, pin=pin, endpoint_url=endpoint_url)
+    else:
+        folder = local_model_dir(name)
+        found = fingerprint_model_dir(folder)
+    read = folder_json_reader(folder)
+    _check_folder(name, folder, read)
+    return ModelRef(name, found, _check_configs(name, read, refiner_of), folder)

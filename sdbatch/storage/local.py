@@ -1,0 +1,263 @@
+"""A local directory as a ``Storage``: create-once by hard link, compare-and-swap under a file lock."""
+
+from __future__ import annotations
+
+import logging
+import contextlib
+import fcntl
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import urlsplit
+from sdbatch.storage.base import _check_key, _check_prefix, _COPY_CHUNK, _sha256, NotAnObject, NotFound, PROBE_PREFIX, PutResult, StorageConfigError, StorageError, TMP_MARK
+
+log = logging.getLogger("sdbatch.storage")
+
+
+class LocalStorage:
+    """A directory. Create-once = write a temp file in the same dir, then ``os.link``."""
+
+    def __init__(self, root: str | Path):
+        root = Path(root).expanduser()
+        self.root = root.absolute()
+        self.url = self.root.as_uri()
+        self._real_root = self.root.resolve()
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({str(self.root)!r})"
+
+    def _path(self, key: str) -> Path:
+        """The file of ``key``. A key whose resolved path leaves OUT (a symlinked folder or
+        file pointing elsewhere) is refused, for reads, writes and deletes alike."""
+        path = self.root.joinpath(*_check_key(key).split("/"))
+        self._inside(path, key)
+        return path
+
+    def _inside(self, path: Path, key: str) -> None:
+        real = path.resolve()
+        if real != self._real_root and not real.is_relative_to(self._real_root):
+            raise StorageConfigError(
+                f"{self.url}/{key} resolves to {real}, outside the output directory {self._real_root} "
+                "(a symbolic link): sdbatch never follows links out of OUT; remove the link or choose another --out"
+            )
+
+    def _write_temp(self, path: Path, data: bytes | Path) -> Path:
+        """``data`` (bytes, or the local file at that path) in a temp file next to ``path``."""
+        try:
+            tmp = path.parent / f".{path.name}{TMP_MARK}{uuid.uuid4().hex}"
+            try:
+                with self._create(tmp) as f:
+                    if isinstance(data, Path):
+                        with open(data, "rb") as source:
+                            shutil.copyfileobj(source, f, _COPY_CHUNK)
+                    else:
+                        f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
+            return tmp
+        except PermissionError as e:
+            raise StorageConfigError(
+                f"cannot write under {self.root}: permission denied ({e.strerror}); "
+                "choose a writable output directory"
+            ) from e
+        except OSError as e:
+            raise StorageError(f"cannot write {path}: {e}", transient=False) from e
+
+    @staticmethod
+    def _create(path: Path) -> BinaryIO:
+        """``path`` opened for a new file, its folders made first — again if a ``delete``
+        emptied and removed one meanwhile."""
+        while True:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                return open(path, "xb")
+            except FileNotFoundError:
+                if path.parent.is_dir():  # not that race
+                    raise
+
+    def put_new(self, key: str, data: bytes) -> PutResult:
+        path = self._path(key)
+        data = bytes(data)
+        tmp = self._write_temp(path, data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            stored = self._read_existing(path, key)
+            log.debug("put_new %s: key exists, adopting stored object (%d bytes)", key, len(stored))
+            return PutResult(created=False, sha256=_sha256(stored), size=len(stored))
+        except OSError as e:
+            raise StorageError(
+                f"cannot create {path}: {e} (create-once writes need a filesystem with hard links)"
+            ) from e
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        return PutResult(created=True, sha256=_sha256(data), size=len(data))
+
+    def _read_existing(self, path: Path, key: str) -> bytes:
+        """The object ``put_new`` found at ``key``; NotAnObject when what is there is no file."""
+        try:
+            return path.read_bytes()
+        except (IsADirectoryError, FileNotFoundError, NotADirectoryError):
+            what = "a symbolic link to nothing" if path.is_symlink() else "a directory" if path.is_dir() else "no file"
+            raise NotAnObject(f"{self.url}/{key} is {what}, not an image sdbatch can create or adopt there") from None
+
+    def put(self, key: str, data: bytes) -> None:
+        self._replace(key, bytes(data))
+
+    def put_file(self, key: str, source: Path) -> None:
+        self._replace(key, Path(source))
+
+    def _replace(self, key: str, data: bytes | Path) -> None:
+        path = self._path(key)
+        tmp = self._write_temp(path, data)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise StorageError(f"cannot write {path}: {e}") from e
+
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        """The object and a tag for ``replace_if``: its sha256."""
+        data = self.get(key)
+        return data, _sha256(data)
+
+    def replace_if(self, key: str, data: bytes, tag: str) -> str | None:
+        """Replace the object only if it still is the one ``tag`` names; its new tag, or None
+        if it changed or is gone. Writers of a key serialise on an ``flock`` of a sidecar file."""
+        path = self._path(key)
+        if not path.parent.is_dir():
+            return None
+        with open(path.parent / f".{path.name}{TMP_MARK}cas-lock", "a+b") as guard:  # listings skip it
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            try:
+                if _sha256(path.read_bytes()) != tag:
+                    return None
+            except FileNotFoundError:
+                return None
+            self._replace(key, bytes(data))
+        return _sha256(data)
+
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+            raise NotFound(f"{self.url}/{key} not found") from e
+        except PermissionError as e:
+            raise StorageConfigError(f"cannot read {path}: permission denied") from e
+        except OSError as e:
+            raise StorageError(f"cannot read {path}: {e}") from e
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def age(self, key: str) -> float:
+        """Seconds since ``key`` was last written, by the filesystem's clock (its mtime)."""
+        try:
+            return time.time() - self._path(key).stat().st_mtime
+        except FileNotFoundError as e:
+            raise NotFound(f"{self.url}/{key} not found") from e
+
+    def list(self, prefix: str = "") -> list[str]:
+        prefix = _check_prefix(prefix)
+        # Walk only the deepest directory the prefix names.
+        base_rel = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        base = self.root.joinpath(*base_rel.split("/")) if base_rel else self.root
+        if not base.is_dir():
+            return []
+        self._inside(base, base_rel or ".")
+        out: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
+            rel_dir = "" if rel_dir == "." else rel_dir + "/"
+            # prune directories that cannot match
+            dirnames[:] = [
+                d for d in dirnames
+                if (rel_dir + d + "/").startswith(prefix) or prefix.startswith(rel_dir + d + "/")
+            ]
+            for name in dirnames + filenames:  # a link out of OUT is refused, not skipped
+                if os.path.islink(os.path.join(dirpath, name)):
+                    self._inside(Path(dirpath) / name, rel_dir + name)
+            for name in filenames:
+                if TMP_MARK in name:
+                    continue
+                k = rel_dir + name
+                if k.startswith(prefix):
+                    out.append(k)
+        out.sort()
+        return out
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StorageError(f"cannot delete {self.url}/{key}: {e}") from e
+        # like S3, where a prefix exists only while it holds objects: no empty folder is left
+        # behind (a refused run's lock leaves no `_sdbatch/`); a writer racing into a folder
+        # removed here makes it again (``_write_temp``)
+        for folder in path.parents:
+            if folder == self.root:
+                break
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or not ours to remove): stop here
+                break
+
+    def delete_many(self, keys: list[str]) -> None:
+        for key in keys:
+            self.delete(key)
+
+    def check_access(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except PermissionError as e:
+            raise StorageConfigError(
+                f"cannot create output directory {self.root}: permission denied; "
+                "choose a writable location"
+            ) from e
+        except (FileExistsError, NotADirectoryError) as e:
+            raise StorageConfigError(f"output path {self.root} exists and is not a directory") from e
+        except OSError as e:
+            raise StorageConfigError(f"cannot create output directory {self.root}: {e}") from e
+        if not self.root.is_dir():
+            raise StorageConfigError(f"output path {self.root} exists and is not a directory")
+        key = f"{PROBE_PREFIX}probe-{uuid.uuid4().hex}"
+        probe_dir = self._path(key).parent
+        probe_dir_existed = probe_dir.exists()
+        try:
+            self.put(key, b"probe")
+            self.delete(key)
+            if not probe_dir_existed:  # a refused job must leave a new OUT as it found it
+                with contextlib.suppress(OSError):  # another driver's files appeared meanwhile
+                    probe_dir.rmdir()
+        except StorageConfigError:
+            raise
+        except StorageError as e:
+            raise StorageConfigError(f"cannot write to output directory {self.root}: {e}") from e
+
+
+def _file_url_path(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise StorageConfigError(f"file:// URL with a host is not supported: {url!r}")
+    from urllib.parse import unquote
+
+    return unquote(parts.path)

@@ -1,0 +1,2 @@
+"""Training the built-in ``builtin:shapes`` toy model: its data, tokenizer and training loop
+(``python -m tools.shapes.train``)."""
