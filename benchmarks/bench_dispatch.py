@@ -57,10 +57,10 @@ def child(args: argparse.Namespace) -> None:
 
     import ray
 
-    from sdbatch.manifest import open_manifest
-    from sdbatch.output import job_record
-    from sdbatch.policy import ShardResult
-    from sdbatch.scheduler import Driver, _Actor
+    from sdbatch.manifest.sources import open_manifest
+    from sdbatch.output.claim import job_record
+    from sdbatch.run.protocol import ShardResult
+    from sdbatch.run.driver import Driver, _Actor
     from sdbatch.spec import load_spec
     from sdbatch.storage.open import open_storage
 

@@ -64,15 +64,15 @@ for number, start in enumerate(range(0, rows, rps)):
 
 MERGE = {
     "in memory": (
-        "from sdbatch.output import INDEX_KEY, committed_index, table_to_parquet\n"
+        "from sdbatch.output.commits import table_to_parquet\nfrom sdbatch.output.index import INDEX_KEY, committed_index\n"
         "storage.put(INDEX_KEY, table_to_parquet(committed_index(storage, 'bench')[0]))\n"
     ),
     "streaming": (
-        "import pyarrow as pa\nfrom sdbatch.output import merge_index\n"
+        "import pyarrow as pa\nfrom sdbatch.output.index import merge_index\n"
         "merge_index(storage, {'label': pa.int64()}, 'bench', int(sys.argv[2]))\n"
     ),
 }
-PRELUDE = "import sys\nfrom sdbatch.storage import LocalStorage\nstorage = LocalStorage(sys.argv[1])\n"
+PRELUDE = "import sys\nfrom sdbatch.storage.local import LocalStorage\nstorage = LocalStorage(sys.argv[1])\n"
 
 
 def run_child(code: str, *args: str) -> tuple[float, int]:

@@ -30,11 +30,12 @@ import ray
 from _common import commit_rate
 from PIL import Image
 
-from sdbatch.manifest import open_manifest
+from sdbatch.manifest.sources import open_manifest
 from sdbatch.models.resolve import preflight
 from sdbatch.models.null_model import draw
-from sdbatch.output import job_record
-from sdbatch.scheduler import connect_ray, run_job
+from sdbatch.output.claim import job_record
+from sdbatch.run.cluster import connect_ray
+from sdbatch.run.driver import run_job
 from sdbatch.spec import load_spec
 from sdbatch.storage.open import open_storage
 

@@ -6,7 +6,7 @@ filled with words), seed, steps, a label column — then times, each in a fresh 
 * ``sdbatch validate MANIFEST`` (the real CLI, as a subprocess), with its peak RSS
   (``ru_maxrss`` of that one child, from ``os.wait4``);
 * the planning step as the driver does it: ``open_manifest`` (footers + fingerprint) and the
-  shard list (``sdbatch.plan``), then ``read_rows`` of the LAST shard (must seek, not scan),
+  shard list (``sdbatch.run.plan``), then ``read_rows`` of the LAST shard (must seek, not scan),
   with that process's own peak RSS.
 
 Peak RSS on Linux includes the parent's high-water mark at fork/exec time, so the manifest
@@ -94,9 +94,10 @@ def build(path: str, rows: int, row_group_size: int = 65_536, bad: bool = False)
 PLAN_SCRIPT = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
-from sdbatch.manifest import open_manifest, read_rows_at
+from sdbatch.manifest.reader import read_rows_at
+from sdbatch.manifest.sources import open_manifest
 from sdbatch.spec import JobSpec
-import sdbatch.plan as plan
+import sdbatch.run.plan as plan
 t_import = time.perf_counter() - t0
 t1 = time.perf_counter()
 m = open_manifest(sys.argv[1])

@@ -160,8 +160,9 @@ class Bench:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from sdbatch.manifest import open_manifest, read_rows_at
-        from sdbatch.scheduler import job_plan
+        from sdbatch.manifest.sources import open_manifest
+        from sdbatch.manifest.reader import read_rows_at
+        from sdbatch.run.plan import job_plan
         from sdbatch.spec import load_spec
 
         self.args, self.model, self.work, self.endpoint, self.bucket = args, model, work, endpoint, bucket
@@ -203,7 +204,7 @@ class Bench:
     def generator(self, contender: str):
         if contender not in self.generators:
             from sdbatch.models.runtime import Generator
-            from sdbatch.plan import canonical_batches
+            from sdbatch.run.plan import canonical_batches
 
             t0 = time.perf_counter()
             gen = Generator.load(self.model, device=self.spec.model.device, dtype=self.spec.model.dtype)
@@ -219,7 +220,7 @@ class Bench:
     # -- the contenders; each returns seconds for all rows
 
     def run_bare(self, round_no: int) -> dict[str, Any]:
-        from sdbatch.plan import canonical_batches
+        from sdbatch.run.plan import canonical_batches
 
         gen = self.generator("bare")
         t0 = time.perf_counter()
@@ -229,9 +230,9 @@ class Bench:
         return {"seconds": time.perf_counter() - t0}
 
     def run_naive(self, round_no: int) -> dict[str, Any]:
-        from sdbatch import encode
-        from sdbatch.layout import image_key
-        from sdbatch.plan import batch_id, canonical_batches
+        from sdbatch.output import encode
+        from sdbatch.output.layout import image_key
+        from sdbatch.run.plan import batch_id, canonical_batches
         from sdbatch.data.record import ImageRecord
 
         gen = self.generator("naive")
@@ -260,7 +261,7 @@ class Bench:
         return {"seconds": time.perf_counter() - t0}
 
     def run_sdbatch(self, round_no: int) -> dict[str, Any]:
-        from sdbatch.worker import ShardRunner
+        from sdbatch.run.shard_runner import ShardRunner
 
         gen = self.generator("sdbatch")
         storage = self.storage_for(f"sdbatch-r{round_no}")

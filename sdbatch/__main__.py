@@ -1,5 +1,5 @@
 """``python -m sdbatch`` runs the CLI."""
 
-from sdbatch.cli import main
+from sdbatch.cli.main import main
 
 main()

@@ -136,7 +136,8 @@ class Chaos:
         self._mark("raystart", "driver", 0)
 
     def install(self) -> None:
-        from sdbatch import scheduler, worker
+        from sdbatch.run import driver as scheduler
+        from sdbatch.run import shard_runner as worker
 
         if self.config.get("ray_node_start_timeout"):
             self.slow_ray_node()

@@ -290,11 +290,11 @@ def test_worker_returns_a_shard_reaching_it_after_the_deadline_unstarted(ray_add
     written or reported to the progress tracker, so the watchdog cannot take it for hung."""
     import ray
 
-    from sdbatch.manifest import open_manifest
-    from sdbatch.plan import ShardSpec
-    from sdbatch.scheduler import ProgressTracker
+    from sdbatch.manifest.sources import open_manifest
+    from sdbatch.run.plan import ShardSpec
+    from sdbatch.run.driver import ProgressTracker
     from sdbatch.spec import load_spec
-    from sdbatch.worker import WorkerActor
+    from sdbatch.run.worker import WorkerActor
 
     manifest = open_manifest(str(chaos_manifest(tmp_path, 4)))
     spec = load_spec(overrides={"model.name": "builtin:tiny", "defaults.steps": 3})

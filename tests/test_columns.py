@@ -15,11 +15,13 @@ from conftest import write_manifest
 from sdbatch.data import columns as C
 from sdbatch.data.index import index_types
 from sdbatch.data.samplers import SAMPLERS
-from sdbatch.cli import app
-from sdbatch.encode import A1111_SAMPLER_NAMES, infotext, parse_infotext
+from sdbatch.cli.app import app
+from sdbatch.output.encode import A1111_SAMPLER_NAMES, infotext, parse_infotext
 from sdbatch.data.row import Row
-from sdbatch.manifest import open_manifest, read_rows, validate_manifest
-from sdbatch.manifest_builder import _COLUMN_TYPES
+from sdbatch.manifest.sources import open_manifest
+from sdbatch.manifest.reader import read_rows
+from sdbatch.manifest.validate import validate_manifest
+from sdbatch.manifest.builder import _COLUMN_TYPES
 from sdbatch.data.record import embedded_record, row_from_stored
 from sdbatch.data.index import INDEX_COLUMN_TYPES
 from sdbatch.spec import JobSpec, RowDefaults, SpecError, load_spec

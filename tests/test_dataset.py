@@ -169,7 +169,7 @@ def test_export_refuses_a_bad_filter_and_a_used_dir(job, tmp_path):
     res = sdbatch_cli("", "export", job["out"], "--to", "hf", dest, "--where", "bogus_column > 1")
     assert res.returncode == 2 and "--where 'bogus_column > 1'" in res.stderr and "bogus_column" in res.stderr
     assert not dest.exists()
-    from sdbatch.export import ExportError, export
+    from sdbatch.datasets.export import ExportError, export
     from sdbatch.storage.local import LocalStorage
 
     dest.mkdir()
@@ -223,15 +223,17 @@ def test_blank_images_are_flagged_and_near_uniform_twins_share_a_phash(tmp_path)
     """In-process (no Ray) with the webdataset layout, which export and stats then read."""
     import datasets
 
-    from sdbatch.export import export, load_index as job_index
+    from sdbatch.datasets.export import export, load_index as job_index
     from sdbatch.models.runtime import Generator
-    from sdbatch.manifest import open_manifest, passthrough_types, read_rows
-    from sdbatch.output import claim_job, job_record, merge_index
-    from sdbatch.plan import ShardSpec
-    from sdbatch.stats import job_stats
+    from sdbatch.manifest.sources import open_manifest
+    from sdbatch.manifest.reader import passthrough_types, read_rows
+    from sdbatch.output.claim import claim_job, job_record
+    from sdbatch.output.index import merge_index
+    from sdbatch.run.plan import ShardSpec
+    from sdbatch.datasets.stats import job_stats
     from sdbatch.spec import load_spec
     from sdbatch.storage.local import LocalStorage
-    from sdbatch.worker import ShardRunner
+    from sdbatch.run.shard_runner import ShardRunner
     from conftest import write_manifest
 
     model = blank_model(tmp_path / "blank-model")
@@ -266,7 +268,7 @@ def hand_index(tmp_path: Path, rows: list[tuple[str, str, str, str]]) -> Path:
 
 
 def test_mark_duplicates_by_sha256_exact_and_near_phash(tmp_path):
-    from sdbatch.quality import mark_duplicates
+    from sdbatch.output.quality import mark_duplicates
 
     index = hand_index(tmp_path, [
         ("a", "ok", "s1", "ffffffffffffffff"),

@@ -9,8 +9,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from sdbatch.cli import app
-from sdbatch.documents import CorruptState, FailedRow, JobRecord, Progress, Success, WorkerProgress
+from sdbatch.cli.app import app
+from sdbatch.output.documents import CorruptState, FailedRow, JobRecord, Progress, Success, WorkerProgress
 from sdbatch.storage.local import LocalStorage
 
 JOB = {"fingerprint": "abc", "spec": {}, "manifest": {"source": "/m.parquet", "fingerprint": "fm", "num_rows": 3},

@@ -1,4 +1,4 @@
-"""sdbatch.encode: image bytes with A1111 infotext + JSON record, per format."""
+"""sdbatch.output.encode: image bytes with A1111 infotext + JSON record, per format."""
 
 from __future__ import annotations
 
@@ -9,14 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from sdbatch.encode import (
-    A1111_SAMPLER_NAMES,
-    encode_image,
-    extension,
-    infotext,
-    parse_infotext,
-    read_embedded,
-)
+from sdbatch.output.encode import A1111_SAMPLER_NAMES, encode_image, extension, infotext, parse_infotext, read_embedded
 
 # Lossy tolerances on a smooth 64x64 test image (measured: jpeg q95 mean abs ~0.6, jpeg q75 ~1.25, webp q90 ~1.3).
 LOSSY_MEAN_ABS_TOL = 4.0

@@ -154,11 +154,12 @@ class RaisingGenerator:
 
 
 def run_one_shard(generator, tmp_path: Path, rows: list[dict], attempt: int = 1, **overrides):
-    from sdbatch.manifest import open_manifest, passthrough_types, read_rows
-    from sdbatch.plan import ShardSpec
+    from sdbatch.manifest.sources import open_manifest
+    from sdbatch.manifest.reader import passthrough_types, read_rows
+    from sdbatch.run.plan import ShardSpec
     from sdbatch.spec import load_spec
     from sdbatch.storage.local import LocalStorage
-    from sdbatch.worker import ShardRunner
+    from sdbatch.run.shard_runner import ShardRunner
 
     spec = load_spec(None, [], {"model.name": "builtin:tiny", "defaults.steps": 2, "resources.batch_size": 2, **overrides})
     source = open_manifest(str(write_manifest(tmp_path / "m.parquet", rows)))
@@ -181,7 +182,7 @@ def test_metadata_too_large_for_jpeg_exif_fails_that_row(tiny_generator, tmp_pat
 
 
 def test_a_pipeline_exception_is_retried_once_then_fails_only_its_batch(tiny_generator, tmp_path):
-    from sdbatch.worker import PipelineError
+    from sdbatch.run.protocol import PipelineError
 
     rows = [{"id": f"r{i}", "prompt": "poison" if i == 2 else "a blue circle", "seed": i} for i in range(4)]
     generator = RaisingGenerator(tiny_generator, "poison")
@@ -219,8 +220,8 @@ def test_corrupt_job_state_files_name_the_file_and_the_recovery(ray_address, tmp
     assert result.stderr.startswith("error: ") and f"{out}/_sdbatch/job.json is corrupt" in result.stderr
     assert "--new-run" in result.stderr
 
-    from sdbatch.lock import JobLock
-    from sdbatch.documents import CorruptState
+    from sdbatch.output.lock import JobLock
+    from sdbatch.output.documents import CorruptState
     from sdbatch.storage.local import LocalStorage
 
     (out / "_sdbatch" / "lock.json").write_text("garbage")
@@ -269,7 +270,7 @@ def test_unlock_removes_only_a_lock_no_live_driver_holds(tmp_path):
 
     from typer.testing import CliRunner
 
-    from sdbatch.cli import app
+    from sdbatch.cli.app import app
 
     out = tmp_path / "out"
     (out / "_sdbatch").mkdir(parents=True)
@@ -303,7 +304,8 @@ def test_unlock_removes_only_a_lock_no_live_driver_holds(tmp_path):
 
 
 def test_a_stray_metadata_file_and_a_truncated_index_are_not_taken_for_commits(tmp_path):
-    from sdbatch.output import committed_shards, read_index, records_to_parquet
+    from sdbatch.output.commits import committed_shards, records_to_parquet
+    from sdbatch.output.index import read_index
     from sdbatch.data.index import index_schema
     from sdbatch.storage.local import LocalStorage
 

@@ -55,7 +55,7 @@ def test_fresh_venv_is_isolated_and_imports_this_checkout(fresh_venv):
     # and what a job imports (driver, worker, model) imports from the declared dependencies;
     # this one process also byte-compiles it all, before the job's cluster processes would
     # each compile the same modules at once (pip installed with --no-compile)
-    code = ("import sys, sdbatch, sdbatch.cli, sdbatch.scheduler, sdbatch.worker, sdbatch.generate, sdbatch.report; "
+    code = ("import sys, sdbatch, sdbatch.cli, sdbatch.run.driver, sdbatch.run.worker, sdbatch.models.runtime, sdbatch.audit.report; "
             "print(sdbatch.__file__); print(sys.prefix != sys.base_prefix)")
     result = in_venv(fresh_venv, fresh_venv / "bin" / "python", "-c", code, cwd=fresh_venv)
     assert result.returncode == 0, result.stderr

@@ -13,7 +13,7 @@ from conftest import write_manifest
 from PIL import Image
 
 from sdbatch.data.samplers import A1111_BY_CLASS
-from sdbatch.encode import parse_infotext, read_embedded
+from sdbatch.output.encode import parse_infotext, read_embedded
 from sdbatch.models.families import DIFFUSION_SAMPLERS as SCHEDULERS
 
 TINY = ["--model", "builtin:tiny", "--steps", "4", "--batch-size", "4"]

@@ -144,7 +144,7 @@ def test_rayjob_entrypoint_is_accepted_by_the_real_cli(tmp_path):
 
 
 def test_grafana_dashboard_shows_every_metric_and_only_real_ones():
-    from sdbatch.metrics import METRICS
+    from sdbatch.run.metrics import METRICS
 
     dashboard = json.loads((REPO / "infra" / "grafana" / "sdbatch.json").read_text())
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])

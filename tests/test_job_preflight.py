@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import write_manifest
-from sdbatch.cli import app
+from sdbatch.cli.app import app
 
 runner = CliRunner()
 
@@ -30,7 +30,7 @@ def validate(*args) -> tuple[int, str]:
 
 def submit(*args: object, prelude: str = "pass") -> subprocess.CompletedProcess:
     """``sdbatch submit`` in a subprocess; ``prelude`` runs first (to hide a package)."""
-    code = f"import sys; {prelude}; from sdbatch.cli import main; sys.argv = ['sdbatch', 'submit', *sys.argv[1:]]; main()"
+    code = f"import sys; {prelude}; from sdbatch.cli.main import main; sys.argv = ['sdbatch', 'submit', *sys.argv[1:]]; main()"
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from sdbatch.layout import FilesLayout, WebdatasetLayout, layout_for, tar_members
+from sdbatch.output.layout import FilesLayout, WebdatasetLayout, layout_for, tar_members
 from sdbatch.spec import OutputSpec
 from sdbatch.storage.local import LocalStorage
 from sdbatch.storage.base import NotFound, StorageError

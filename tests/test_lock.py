@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import write_manifest
 
-from sdbatch import lock as job_lock
-from sdbatch.lock import JobLock, LockHeld, LockLost
-from sdbatch.documents import LOCK_KEY
+from sdbatch.output import lock as job_lock
+from sdbatch.output.lock import JobLock, LockHeld, LockLost
+from sdbatch.output.documents import LOCK_KEY
 
 
 def lease(driver: str) -> bytes:

@@ -56,9 +56,9 @@ def test_resume_refused_after_an_adapter_changed(lora_sources, ray_address):
     the resume is refused (exit 2), naming that adapter and nothing else."""
     from model_families import build_shapes_lora
 
-    from sdbatch.manifest import open_manifest
+    from sdbatch.manifest.sources import open_manifest
     from sdbatch.models.resolve import preflight
-    from sdbatch.output import claim_job, job_record
+    from sdbatch.output.claim import claim_job, job_record
     from sdbatch.spec import load_spec
     from sdbatch.storage.local import LocalStorage
 

@@ -152,10 +152,10 @@ def test_a_nan_image_is_decoded_again_in_float32(tiny, monkeypatch):
 
 
 def test_images_still_nan_or_black_fail_their_rows_and_are_not_stored(tiny, monkeypatch, tmp_path):
-    from sdbatch.plan import ShardSpec
+    from sdbatch.run.plan import ShardSpec
     from sdbatch.spec import load_spec
     from sdbatch.storage.local import LocalStorage
-    from sdbatch.worker import ShardRunner
+    from sdbatch.run.shard_runner import ShardRunner
 
     spoil_decode(monkeypatch, tiny, {0: -1.0, 2: float("nan")})
     spec = load_spec(None, [], {"model.name": "builtin:tiny", "resources.batch_size": 4})
@@ -191,7 +191,7 @@ class OutOfMemoryAbove:
 
 
 def test_out_of_memory_splits_the_batch_in_halves_that_reproduce_rebuilds(tiny, tmp_path):
-    from sdbatch.audit import reproduce_row
+    from sdbatch.audit.reproduce import reproduce_row
 
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": f"o{i}", "prompt": f"a blue circle {i}", "seed": i}
                                                        for i in range(6)])

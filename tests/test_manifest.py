@@ -19,10 +19,14 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from sdbatch.cli import app as cli_app
+from sdbatch.cli.app import app as cli_app
 
-from sdbatch import manifest as M
-from sdbatch.manifest import Manifest, ManifestError, RowIssue, iter_row_batches, open_manifest, read_rows, validate_manifest
+from sdbatch.manifest.hashing import _DistinctCounter, _hash_strings
+from sdbatch.manifest.report import ValidationReport
+from sdbatch.manifest.sources import Manifest, ManifestError, open_manifest
+from sdbatch.manifest.report import RowIssue
+from sdbatch.manifest.reader import iter_row_batches, read_rows
+from sdbatch.manifest.validate import validate_manifest
 from sdbatch.data.row import default_row_id, derive_seed
 from sdbatch.spec import JobSpec, SpecError, load_spec
 
@@ -41,11 +45,11 @@ def write(path: Path, row_group_size: int | None = None, **cols) -> str:
     return str(path)
 
 
-def check(path: str, spec: JobSpec | None = None) -> M.ValidationReport:
+def check(path: str, spec: JobSpec | None = None) -> ValidationReport:
     return validate_manifest(open_manifest(path), spec or JobSpec())
 
 
-def find(report: M.ValidationReport, row: int, column: str, rule_part: str) -> RowIssue:
+def find(report: ValidationReport, row: int, column: str, rule_part: str) -> RowIssue:
     """The issue at (row, column) whose rule mentions ``rule_part``; also checks its rendering."""
     assert not report.ok
     for issue in report.issues:
@@ -254,21 +258,21 @@ def test_summary(tmp_path):
 
 
 def test_distinct_prompts_estimate_is_close_for_many_prompts():
-    counter = M._DistinctCounter()
+    counter = _DistinctCounter()
     for lo in range(0, 300_000, 50_000):
-        counter.add(M._hash_strings(pa.array([f"prompt {i}" for i in range(lo, lo + 50_000)])))
+        counter.add(_hash_strings(pa.array([f"prompt {i}" for i in range(lo, lo + 50_000)])))
     est, approx = counter.estimate()
     assert approx and abs(est - 300_000) / 300_000 < 0.03
 
 
 def test_hash_strings_matches_equal_strings_only():
     a = pa.array(["ab", "", None, "ba", "x" * 5000, "ab"] + [f"s{i}" for i in range(20000)])
-    h = M._hash_strings(a)
+    h = _hash_strings(a)
     assert h[0] == h[5] and h[0] != h[3] and h[1] == h[2]
     assert len(set(h.tolist())) == len(h) - 2
-    assert M._hash_strings(a.slice(5, 3))[0] == h[0]
+    assert _hash_strings(a.slice(5, 3))[0] == h[0]
     big = pa.array(["y" * (2 << 20), "ab"])  # one string longer than a hashing slice
-    assert M._hash_strings(big)[1] == h[0]
+    assert _hash_strings(big)[1] == h[0]
 
 
 # --- the bad-input corpus (Python API) ----------------------------------------------------------
@@ -685,7 +689,7 @@ def test_s3_manifest_file_and_prefix(s3_bucket, monkeypatch, tmp_path):
 
 def test_validation_path_does_not_import_torch():
     code = (
-        "import sys; import sdbatch.manifest, sdbatch.manifest_cli, sdbatch.manifest_builder; "
+        "import sys; import sdbatch.manifest.validate, sdbatch.cli.manifest_commands, sdbatch.manifest.builder; "
         "assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'ray')], 'heavy import'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -10,14 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from sdbatch.manifest import open_manifest, read_rows, validate_manifest
-from sdbatch.manifest_builder import (
-    ManifestBuildError,
-    build_manifest,
-    expand_template,
-    parse_constant,
-    parse_seeds,
-)
+from sdbatch.manifest.sources import open_manifest
+from sdbatch.manifest.reader import read_rows
+from sdbatch.manifest.validate import validate_manifest
+from sdbatch.manifest.values import ManifestBuildError, parse_constant, parse_seeds
+from sdbatch.manifest.builder import build_manifest
+from sdbatch.manifest.templates import expand_template
 from sdbatch.spec import JobSpec
 
 
@@ -229,7 +227,7 @@ def test_row_groups_and_large_products(tmp_path):
 
 
 def test_cli_manifest(tmp_path):
-    from sdbatch.cli import app as cli_app
+    from sdbatch.cli.app import app as cli_app
 
     runner = CliRunner()
     out = tmp_path / "m.parquet"
@@ -244,7 +242,7 @@ def test_cli_manifest(tmp_path):
 
 
 def test_cli_manifest_wildcards_sampling_and_grid_errors(tmp_path):
-    from sdbatch.cli import app as cli_app
+    from sdbatch.cli.app import app as cli_app
 
     (tmp_path / "wc").mkdir()
     (tmp_path / "wc" / "colour.txt").write_text("red\nblue\n")

@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import load_index, write_manifest
 from conftest import sdbatch_cli as cli
-from sdbatch.encode import read_embedded
+from sdbatch.output.encode import read_embedded
 
 LONG_PROMPT = " ".join(["a red circle on a blue square"] * 20)  # ≈ 140 tokens: past CLIP's 77
 EXPLICIT = (80, 64)  # width, height
@@ -128,7 +128,7 @@ def test_family_job_records_truncation_and_size_conditioning(family_job):
 
 
 def test_family_job_reproduces_byte_identical(family_job):
-    from sdbatch.audit import reproduce_row
+    from sdbatch.audit.reproduce import reproduce_row
 
     for rid in ("t0", "i0"):
         result = reproduce_row(str(family_job["out"]), rid)
@@ -229,7 +229,7 @@ def test_lora_recorded_in_index_record_and_infotext(lora_job, shapes_loras):
 
 
 def test_lora_rows_reproduce(lora_job):
-    from sdbatch.audit import reproduce_row
+    from sdbatch.audit.reproduce import reproduce_row
 
     for rid in ("ab-2", "a0-1"):
         result = reproduce_row(str(lora_job["out"]), rid)
@@ -264,8 +264,8 @@ def test_lora_declarations_refuse_pickle_files_and_bad_names():
 
 
 def test_job_fingerprint_covers_adapter_bytes(tmp_path):
-    from sdbatch.manifest import open_manifest
-    from sdbatch.output import job_record
+    from sdbatch.manifest.sources import open_manifest
+    from sdbatch.output.claim import job_record
     from sdbatch.spec import JobSpec
 
     source = open_manifest(str(write_manifest(tmp_path / "m.parquet", [{"prompt": "a red circle"}])))

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from conftest import write_manifest
 from faults import fault_env
 
-from sdbatch.encode import read_embedded
+from sdbatch.output.encode import read_embedded
 from sdbatch.storage.open import open_storage
 
 FAST = ["--model", "builtin:tiny", "--steps", "3", "--rows-per-shard", "3", "--batch-size", "3", "--workers", "1"]

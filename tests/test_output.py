@@ -11,11 +11,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sdbatch import output
-from sdbatch.manifest import open_manifest, passthrough_types, read_rows_at
+from sdbatch.output.commits import FINGERPRINT_META
+from sdbatch.output.index import IndexSummary
+from sdbatch.manifest.sources import open_manifest
+from sdbatch.manifest.reader import passthrough_types, read_rows_at
 from sdbatch.data.index import INDEX_COLUMN_TYPES, STATUS_FAILED, STATUS_OK, index_schema
-from sdbatch.output import INDEX_KEY, commit_shard, merge_index, read_commit
-from sdbatch.plan import make_plan
+from sdbatch.output.index import INDEX_KEY, merge_index
+from sdbatch.output.commits import commit_shard, read_commit
+from sdbatch.run.plan import make_plan
 from sdbatch.spec import load_spec
 from sdbatch.storage.local import LocalStorage
 from sdbatch.storage.s3 import S3Storage
@@ -102,7 +105,7 @@ def test_merge_types_every_column_and_keeps_row_order(tmp_path, committed, monke
     source, manifest, spec = committed
     storage = LocalStorage(tmp_path / "out")
     commit_shards(storage, manifest, spec)
-    monkeypatch.setattr(output, "MERGE_ROW_GROUP_ROWS", row_group_rows)
+    monkeypatch.setattr("sdbatch.output.index.MERGE_ROW_GROUP_ROWS", row_group_rows)
     summary = merge_index(storage, SHARDS, manifest.num_rows, passthrough_types(manifest), JOB_FP)
     assert (summary.rows, summary.rows_failed) == (10, 4)
     index_file = pq.ParquetFile(tmp_path / "out" / INDEX_KEY)
@@ -119,7 +122,7 @@ def test_every_commit_has_the_declared_schema_and_a_retry_replaces_only_the_comm
     schema = index_schema(passthrough_types(manifest))
     for name in ("00000", "00001", "00002"):  # strength is null throughout 00000 and 00002, still float64
         stored = pq.read_schema(tmp_path / "out" / "metadata" / f"{name}.parquet")
-        assert stored.remove_metadata() == schema and stored.metadata[output.FINGERPRINT_META] == JOB_FP.encode()
+        assert stored.remove_metadata() == schema and stored.metadata[FINGERPRINT_META] == JOB_FP.encode()
     read = read_commit(storage, "00001", JOB_FP)
     fixed = [{**r, "status": STATUS_OK, "error": None} for r in read.records]
     assert commit_shard(storage, "00001", fixed, schema, JOB_FP, replacing=read)
@@ -151,6 +154,6 @@ def test_index_column_types_cover_every_index_column():
 
 def test_merge_of_no_committed_shard_writes_an_empty_typed_index(tmp_path):
     storage = LocalStorage(tmp_path / "out")
-    assert merge_index(storage, [], 0, {"label": pa.int32()}, JOB_FP) == output.IndexSummary(rows=0, rows_failed=0, first_failed=[])
+    assert merge_index(storage, [], 0, {"label": pa.int32()}, JOB_FP) == IndexSummary(rows=0, rows_failed=0, first_failed=[])
     index = pq.read_table(tmp_path / "out" / INDEX_KEY)
     assert index.num_rows == 0 and index.schema == index_schema({"label": pa.int32()})

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sdbatch.data.row import Row
-from sdbatch.plan import canonical_batches, key_codes, make_plan
+from sdbatch.run.plan import canonical_batches, key_codes, make_plan
 
 SIZES = [(512, 512), (768, 512), (512, 768), (1024, 1024)]
 SAMPLERS = ["ddim", "euler_a", "dpmpp_2m"]

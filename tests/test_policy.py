@@ -1,4 +1,4 @@
-"""The scheduling policy (sdbatch.policy) on its own: attempts, requeues, the deadline, the
+"""The scheduling policy (sdbatch.run.policy) on its own: attempts, requeues, the deadline, the
 hang decision, the verdict and the workers' placement (with or without an autoscaler) — no Ray, no storage, no model."""
 
 from __future__ import annotations
@@ -8,22 +8,9 @@ import sys
 
 import pytest
 
-from sdbatch.plan import ShardSpec, make_plan
-from sdbatch.policy import (
-    at_the_model,
-    FINISHED,
-    HANG_FACTOR,
-    INCOMPLETE,
-    MIN_HANG_TIMEOUT_S,
-    STOPPED,
-    Placement,
-    Schedule,
-    ShardResult,
-    Work,
-    autoscaler_in_status,
-    place_workers,
-    workers_to_start,
-)
+from sdbatch.run.plan import ShardSpec, make_plan
+from sdbatch.run.policy import at_the_model, FINISHED, HANG_FACTOR, INCOMPLETE, MIN_HANG_TIMEOUT_S, STOPPED, Placement, Schedule, Work, autoscaler_in_status, place_workers, workers_to_start
+from sdbatch.run.protocol import ShardResult
 
 
 def schedule(n: int = 4, **options) -> Schedule:
@@ -35,7 +22,7 @@ def names(s: Schedule) -> list[tuple[str, int]]:
 
 
 def test_the_policy_module_needs_no_ray():
-    code = "import sys, sdbatch.policy; print('ray' in sys.modules, 'torch' in sys.modules)"
+    code = "import sys, sdbatch.run.policy; print('ray' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import load_index, sdbatch_cli, write_manifest
 from PIL import Image
 
-from sdbatch.encode import encode_image, read_embedded
+from sdbatch.output.encode import encode_image, read_embedded
 
 FAST = ["--model", "builtin:tiny", "--steps", "2", "--rows-per-shard", "4", "--batch-size", "2", "--workers", "1"]
 

@@ -16,8 +16,8 @@ from sdbatch.data.row import Row
 from sdbatch.models.resolve import resolve
 from sdbatch.models.null_model import NullGenerator
 from sdbatch.data.index import STATUS_FAILED, STATUS_OK, index_schema
-from sdbatch.output import records_to_parquet
-from sdbatch.plan import ShardSpec
+from sdbatch.output.commits import records_to_parquet
+from sdbatch.run.plan import ShardSpec
 from sdbatch.data.record import ImageRecord, embedded_record, index_row
 
 PASSTHROUGH = {"label": pa.string(), "count": pa.int64()}

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from conftest import load_index, write_manifest
 from conftest import sdbatch_cli as cli
-from sdbatch.cli import app
-from sdbatch.encode import parse_infotext, read_embedded
+from sdbatch.cli.app import app
+from sdbatch.output.encode import parse_infotext, read_embedded
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_refiner_switch_changes_the_image(refiner_job):
 
 
 def test_refined_rows_reproduce_byte_identical(refiner_job):
-    from sdbatch.audit import reproduce_row
+    from sdbatch.audit.reproduce import reproduce_row
 
     for rid in ("h1", "i1"):
         result = reproduce_row(str(refiner_job["out"]), rid)
@@ -138,8 +138,8 @@ def test_refiner_folder_with_pickles_is_refused(sdxl_pair, tmp_path):
 
 
 def test_a_worker_that_loaded_another_refiner_gets_no_shard():
-    from sdbatch.documents import JobRecord, ModelPin
-    from sdbatch.scheduler import WorkerStartError, check_worker_model
+    from sdbatch.output.documents import JobRecord, ModelPin
+    from sdbatch.run.driver import WorkerStartError, check_worker_model
 
     job = JobRecord.model_construct(model=ModelPin(name="m", fingerprint="f" * 64),
                                     refiner=ModelPin(name="s3://b/r", fingerprint="s3-etags:aaa"))

@@ -26,7 +26,7 @@ from chaos import chaos_env
 from conftest import image_hashes, load_index, small_rows, write_manifest
 from conftest import sdbatch_cli as cli
 from faults import sdbatch_command
-from sdbatch.encode import read_embedded
+from sdbatch.output.encode import read_embedded
 
 FAST = ["--model", "builtin:tiny", "--steps", "3", "--rows-per-shard", "6", "--batch-size", "4"]
 
@@ -59,13 +59,15 @@ def run_in_process(generator, manifest: Path, out: Path, order: list[int], *, jo
                    spec_overrides: dict | None = None) -> dict:
     """Run the shards of ``manifest`` with ``worker.ShardRunner`` in the given order into a
     LocalStorage at ``out``; returns the job record (fingerprint computed as `sdbatch submit` does)."""
-    from sdbatch.manifest import open_manifest, passthrough_types, read_rows_at
+    from sdbatch.manifest.sources import open_manifest
+    from sdbatch.manifest.reader import passthrough_types, read_rows_at
     from sdbatch.models.resolve import preflight
-    from sdbatch.output import claim_job, job_record, merge_index
-    from sdbatch.scheduler import job_plan
+    from sdbatch.output.claim import claim_job, job_record
+    from sdbatch.output.index import merge_index
+    from sdbatch.run.plan import job_plan
     from sdbatch.spec import load_spec
     from sdbatch.storage.local import LocalStorage
-    from sdbatch.worker import ShardRunner
+    from sdbatch.run.shard_runner import ShardRunner
 
     spec = load_spec(None, [], {"model.name": "builtin:tiny", "defaults.steps": 3, "resources.rows_per_shard": 6,
                                 "resources.batch_size": 4, **(spec_overrides or {})})
@@ -106,11 +108,13 @@ def test_shard_order_and_a_retried_shard_give_identical_bytes(tiny_generator, tm
 
     # an attempt that died before its commit: images stored, no shard index. The retry
     # regenerates the shard, finds every key taken, adopts the stored objects — same bytes.
-    from sdbatch.output import INDEX_KEY, metadata_key
-    from sdbatch.manifest import open_manifest, read_rows
-    from sdbatch.plan import ShardSpec
+    from sdbatch.output.index import INDEX_KEY
+    from sdbatch.output.commits import metadata_key
+    from sdbatch.manifest.sources import open_manifest
+    from sdbatch.manifest.reader import read_rows
+    from sdbatch.run.plan import ShardSpec
     from sdbatch.storage.local import LocalStorage
-    from sdbatch.worker import ShardRunner
+    from sdbatch.run.shard_runner import ShardRunner
 
     storage = LocalStorage(backward)
     before = {p.name: p.read_bytes() for p in (backward / "images" / "00001").iterdir()}
@@ -294,7 +298,7 @@ def test_clip_skip_row_end_to_end(run_cli, mixed_job, tmp_path):
     """clip_skip: its own batch, ``Clip skip: 2`` in the infotext, in the record and index; rows
     at the default write neither (their bytes are as before the column existed); reproduce
     matches from the image and from the index alone; and it changes the image."""
-    from sdbatch.audit import reproduce_row
+    from sdbatch.audit.reproduce import reproduce_row
 
     out, index = mixed_job
     row = index["m10"]
@@ -323,7 +327,8 @@ def test_clip_skip_row_end_to_end(run_cli, mixed_job, tmp_path):
 
 
 def test_reproduce_in_process_reports_drift_and_rebuilds_a_deleted_image(mixed_job, tmp_path):
-    from sdbatch.audit import AuditError, reproduce_row
+    from sdbatch.audit.job_output import AuditError
+    from sdbatch.audit.reproduce import reproduce_row
 
     out, index = mixed_job
     result = reproduce_row(str(out), "m05")  # txt2img, batch of 4
@@ -342,7 +347,7 @@ def test_reproduce_in_process_reports_drift_and_rebuilds_a_deleted_image(mixed_j
     image = np.asarray(Image.open(io.BytesIO(original)).convert("RGB")).copy()
     image[0, 0, 0] ^= 0x10
     _, record = read_embedded(original)
-    from sdbatch.encode import encode_image
+    from sdbatch.output.encode import encode_image
 
     (work / key).write_bytes(encode_image(Image.fromarray(image), record))
     result = reproduce_row(str(work), "m06")
@@ -411,6 +416,6 @@ def test_reproduce_bad_input_exits_2(run_cli, mixed_job, tmp_path):
 
 
 def test_reproduce_and_verify_do_not_import_torch_when_not_regenerating():
-    code = "import sys, sdbatch.cli, sdbatch.audit; print('torch' in sys.modules)"
+    code = "import sys, sdbatch.cli, sdbatch.audit.verify, sdbatch.audit.reproduce; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

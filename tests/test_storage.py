@@ -403,7 +403,7 @@ def test_faults_reach_ray_workers_through_the_setup_hook(ray_address, s3_bucket,
                                      counts_dir=counts)}
     code = f"""
 import faults, ray
-from sdbatch.storage import S3Storage
+from sdbatch.storage.s3 import S3Storage
 ray.init(address={ray_address!r}, runtime_env=faults.worker_runtime_env())
 
 @ray.remote(num_cpus=0)

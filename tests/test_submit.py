@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from conftest import image_hashes, load_index
 from PIL import Image
 
-from sdbatch.encode import parse_infotext, read_embedded
+from sdbatch.output.encode import parse_infotext, read_embedded
 
 FAST = ["--model", "builtin:tiny", "--steps", "4", "--rows-per-shard", "6", "--batch-size", "4"]
 
@@ -138,7 +138,7 @@ def test_unknown_model_is_refused_before_anything_is_written(run_cli, small_mani
 
 
 def test_help_and_status_do_not_import_torch():
-    code = "import sys, sdbatch.cli, sdbatch.scheduler; print('torch' in sys.modules)"
+    code = "import sys, sdbatch.cli, sdbatch.run.driver; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
@@ -149,7 +149,7 @@ def test_help_shows_boolean_options_as_plain_flags():
     import typer.main
     from typer.testing import CliRunner
 
-    from sdbatch.cli import app
+    from sdbatch.cli.app import app
 
     runner = CliRunner()
     commands = sorted(typer.main.get_command(app).commands)

@@ -23,11 +23,12 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import RAY_SINGLE_MACHINE, REPO, write_manifest
 
-from sdbatch.documents import JobRecord
+from sdbatch.output.documents import JobRecord
 from sdbatch.models.pins import fingerprint_model_dir
 from sdbatch.models.builtin import resolve_builtin
-from sdbatch.documents import JOB_KEY
-from sdbatch.output import OutputMismatch, claim_job, read_commit, read_shard_index, records_to_parquet
+from sdbatch.data.index import JOB_KEY
+from sdbatch.output.commits import OutputMismatch, read_commit, read_shard_index, records_to_parquet
+from sdbatch.output.claim import claim_job
 from sdbatch.data.index import index_schema
 from sdbatch.storage.local import LocalStorage
 from sdbatch.storage.base import StorageConfigError
@@ -114,7 +115,7 @@ def test_a_claim_whose_create_lost_is_refused(tmp_path):
 
 def test_the_lock_is_taken_before_anything_is_claimed(run_cli, tmp_path):
     """A driver that cannot get the lock writes nothing, not even job.json."""
-    from sdbatch.lock import JobLock
+    from sdbatch.output.lock import JobLock
 
     out = tmp_path / "out"
     lock = JobLock.acquire(LocalStorage(out))  # a live driver on this host holds OUT
@@ -255,7 +256,7 @@ def test_a_resume_with_a_changed_s3_manifest_or_model_is_refused(run_cli, s3_buc
 
 
 def test_a_worker_that_loaded_another_model_gets_no_shard():
-    from sdbatch.scheduler import WorkerStartError, check_worker_model
+    from sdbatch.run.driver import WorkerStartError, check_worker_model
 
     job = JobRecord(fingerprint="f", spec={}, manifest={"source": "m", "fingerprint": "fm", "num_rows": 1},
                     model={"name": "s3://b/m", "fingerprint": "s3-etags:aaa"})
@@ -445,7 +446,8 @@ def test_init_images_outside_the_manifests_folder_or_buckets_are_refused(run_cli
 
 
 def test_init_image_roots_widen_the_places_explicitly(tmp_path):
-    from sdbatch.manifest import ManifestError, check_init_image_roots, open_manifest
+    from sdbatch.manifest.sources import ManifestError, open_manifest
+    from sdbatch.manifest.init_roots import check_init_image_roots
     from sdbatch.spec import load_spec
 
     (tmp_path / "data").mkdir()

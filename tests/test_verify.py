@@ -65,7 +65,7 @@ def test_missing_corrupted_and_orphan_objects(ray_address, job_copy):
 
 
 def test_orphans_alone_are_not_an_error(ray_address, job_copy):
-    from sdbatch.audit import verify
+    from sdbatch.audit.verify import verify
 
     work, _ = job_copy
     (work / "images" / "00000" / "extra.png").write_bytes(b"x")
@@ -79,7 +79,7 @@ def test_orphans_alone_are_not_an_error(ray_address, job_copy):
 
 
 def test_unfinished_job_is_verified_from_committed_shard_indexes(job_copy):
-    from sdbatch.audit import verify
+    from sdbatch.audit.verify import verify
 
     work, index = job_copy
     for name in ("index.parquet", "_SUCCESS", "metadata/00001.parquet"):
@@ -153,7 +153,8 @@ def test_bad_out_exits_2(ray_address, tmp_path):
 
 
 def test_webdataset_output(ray_address, tmp_path):
-    from sdbatch.audit import reproduce_row, verify
+    from sdbatch.audit.reproduce import reproduce_row
+    from sdbatch.audit.verify import verify
 
     manifest = write_manifest(tmp_path / "m.parquet", rows(8))
     out = tmp_path / "wds"

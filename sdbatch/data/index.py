@@ -1,6 +1,7 @@
 """The output index's columns and types, in order: the row's columns, the result columns, the
 quality columns, then passthrough columns (design.md §4.4). The one owner of the index schema:
-every other module reads it from here."""
+every other module reads it from here. Also the key of the job record, which marks a folder as
+an OUT."""
 
 from __future__ import annotations
 
@@ -71,3 +72,7 @@ RESERVED_COLUMNS = ("row", *INDEX_RESULT_COLUMNS)
 INDEXED = ("shard", "batch_id", "batch_rows", "model_fingerprint", "device", "dtype", "torch_threads", "versions",
            "init_image_sha256", "prompt_truncated_at", "refiner_fingerprint")
 assert set(INDEXED) <= set(RESULT_COLUMNS), "every indexed record field is a declared index column"
+
+
+#: The job record's key under OUT: a folder holding it is an OUT, never a manifest source.
+JOB_KEY = "_sdbatch/job.json"

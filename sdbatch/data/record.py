@@ -25,7 +25,7 @@ from sdbatch.data.index import INDEX_RESULT_COLUMNS, INDEXED, RESERVED_COLUMNS
 from sdbatch.data.row import Row
 
 if TYPE_CHECKING:
-    from sdbatch.plan import ShardSpec
+    from sdbatch.run.plan import ShardSpec
 
 
 

@@ -1,0 +1,126 @@
+"""``sdbatch status`` and ``sdbatch unlock``: reading and releasing a job's state in OUT."""
+
+from __future__ import annotations
+
+import typer
+from collections.abc import Callable
+from typing import Any, Optional
+from sdbatch.cli.app import command, EndpointOpt, stdout
+from sdbatch.errors import BadInput
+
+
+@command()
+def status(
+    out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
+    s3_endpoint: Optional[str] = EndpointOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print state, row counts, ETA, per-worker rates and the raw snapshots as JSON (for monitors)."),
+) -> None:
+    """Show a job's progress, read from its output location alone (works from any machine)."""
+    import json
+
+    from sdbatch.data.index import JOB_KEY
+    from sdbatch.output.documents import LOCK_KEY, JobRecord, Progress, Success, read_json
+    from sdbatch.output.lock import lock_is_stale
+    from sdbatch.output.commits import committed_shards
+    from sdbatch.output.index import failed_rows_text
+    from sdbatch.run.policy import failed_shard_text
+    from sdbatch.run.progress import eta_text
+    from sdbatch.storage.base import NotFound
+    from sdbatch.storage.open import open_storage
+
+    storage = open_storage(out_location, endpoint_url=s3_endpoint)
+    job = JobRecord.read(storage)
+    if job is None:
+        raise BadInput(f"no sdbatch job at {out_location} (no {JOB_KEY})")
+    # a state file that cannot be read is said, not fatal: status shows what the others tell
+    unreadable: list[str] = []
+    progress = _readable(Progress.read, storage, unreadable)
+    success = _readable(Success.read, storage, unreadable)
+    lock = _readable(lambda s: read_json(s, LOCK_KEY), storage, unreadable)
+    try:
+        lock_age = storage.age(LOCK_KEY) if lock is not None else 0.0
+    except NotFound:  # released meanwhile
+        lock, lock_age = None, 0.0
+    committed = len(committed_shards(storage))
+    total = job.manifest.num_rows
+    # the plan needs the manifest; its driver wrote it
+    shards_total = progress.shards_total if progress is not None and progress.shards_total is not None else "?"
+    state = "finished" if success else progress.state if progress else "unknown" if unreadable else "not started"
+    driver_alive = lock is not None and not lock_is_stale(lock, lock_age)
+    if state == "running" and not driver_alive:  # progress.json's last word came from a driver that died
+        state = "interrupted (no driver is running it; run the same command to resume)"
+    if as_json:
+        # report.html charts the history; monitors want the current numbers
+        snapshot = progress.model_dump(mode="json", exclude={"history"}) if progress else {}
+        if success:
+            rows = {"rows_done": success.rows_ok, "rows_failed": success.rows_failed, "rows_remaining": 0}
+        elif progress:
+            rows = {"rows_done": progress.rows_done, "rows_failed": progress.rows_failed_this_run,
+                    "rows_remaining": progress.rows_remaining}
+        else:
+            rows = {"rows_done": 0, "rows_failed": 0, "rows_remaining": total}
+        stdout.print_json(json.dumps({
+            "state": state, "rows_total": total, **rows,
+            "images_per_second": progress.images_per_second if progress else None,
+            "eta_seconds": progress.eta_seconds if progress and not success else None,
+            "per_worker": snapshot.get("per_worker", {}),
+            "shards_committed": committed, "shards_total": shards_total,
+            "driver": lock, "driver_alive": driver_alive, "progress": snapshot,
+            "success": success.model_dump(mode="json") if success else None,
+            "unreadable": unreadable,
+        }))
+        return
+    stdout.print(f"job        {job.fingerprint}  ({job.manifest.source}, {total} rows)")
+    stdout.print(f"state      {state}")
+    if lock is not None:
+        who = f"host {lock.get('host')}, pid {lock.get('pid')}, last heartbeat {lock_age:.0f} s ago"
+        stdout.print(f"driver     {who}" if driver_alive else f"driver     gone ({who}; its lease has expired)")
+    stdout.print(f"shards     {committed}/{shards_total} committed")
+    if progress:
+        stdout.print(f"rows       {progress.rows_done}/{progress.rows_total} done, "
+                     f"{progress.rows_failed_this_run} failed this run")
+        stdout.print(f"speed      {progress.images_per_second} images/s, {eta_text(progress.eta_seconds)}")
+        stdout.print(f"updated    {progress.updated_at}")
+        for failed in progress.failed_shards:
+            stdout.print(f"failed     shard {failed_shard_text(failed.model_dump())}", markup=False)
+    if success:
+        stdout.print(f"result     {success.rows_ok} ok, {success.rows_failed} failed, finished {success.finished_at}")
+        if success.failed_rows:
+            stdout.print("failed rows (first ones; all in index.parquet, status=failed):")
+            stdout.print(failed_rows_text(success.failed_rows), markup=False)
+    for problem in unreadable:
+        stdout.print(f"unreadable {problem}", markup=False)
+
+
+def _readable(read: Callable[[Any], Any], storage: Any, unreadable: list[str]) -> Any:
+    """``read(storage)``, or None with the reason added to ``unreadable`` when the state file
+    is corrupt (``CorruptState``: its message names the file and the recovery)."""
+    from sdbatch.output.documents import CorruptState
+
+    try:
+        return read(storage)
+    except CorruptState as exc:
+        unreadable.append(str(exc))
+        return None
+
+
+@command(epilog="Exit codes: 0 the lock was removed (or there was none); 2 a driver may still hold it, or OUT is unreadable.")
+def unlock(
+    out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
+    force: bool = typer.Option(False, "--force", help="Remove the lock even if its driver may be alive (you checked it is not)."),
+    s3_endpoint: Optional[str] = EndpointOpt,
+) -> None:
+    """Remove OUT's job lock left by a driver that died, once no driver can be alive: on the
+    same host its process must be gone, elsewhere its lease (60 s after its last heartbeat)
+    must have expired — or pass --force.
+
+    Example: sdbatch unlock s3://bucket/runs/cats"""
+    from sdbatch.output.lock import break_lock
+    from sdbatch.storage.open import open_storage
+
+    held = break_lock(open_storage(out_location, endpoint_url=s3_endpoint), force=force)
+    if held is None:
+        stdout.print(f"no lock on {out_location}: nothing to do")
+    else:
+        stdout.print(f"removed the lock of driver {held.get('driver', '?')} (host {held.get('host', '?')}, "
+                     f"pid {held.get('pid', '?')}) on {out_location}")

@@ -1,0 +1,145 @@
+"""``sdbatch submit --dry-run``: what a submit would do, found without writing anything.
+
+After the same validation and model preflight as a real submit, it checks the output
+location read-only (a local OUT is not created; an S3 OUT gets the same create-once probe
+as a real submit, which deletes its probe object), reads what OUT already holds (a job to
+resume, a different job, objects no job there wrote, commits not carrying this job's
+fingerprint: each refused as a real submit's claim would refuse it), and plans every
+pending shard into its canonical batches (``plan.canonical_batches``, exactly as workers
+will): shards, batches,
+fill ratio, rows per model family and per LoRA set, and a time estimate once OUT's
+progress knows a rate. The plan is the driver's own (``scheduler.job_plan``); Ray is never
+started and torch never imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from sdbatch.manifest.reader import ManifestReader
+from sdbatch.manifest.sources import Manifest
+from sdbatch.output.claim import refuse_foreign_objects, what_changed
+from sdbatch.output.commits import committed_shards, OutputMismatch
+from sdbatch.data.index import JOB_KEY
+from sdbatch.output.documents import JobRecord, Progress, Success
+from sdbatch.output.index import committed_index
+from sdbatch.run.plan import canonical_batches
+from sdbatch.spec import JobSpec
+from sdbatch.storage.base import Storage, StorageConfigError
+from sdbatch.storage.local import LocalStorage
+
+
+@dataclass
+class DryRunPlan:
+    out: str
+    rows_total: int
+    shards_total: int
+    rows_per_shard: int
+    shards_committed: int = 0
+    shards_pending: int = 0
+    rows_pending: int = 0
+    batches: int = 0
+    batch_size: int = 1
+    family: str = "?"
+    rows_per_lora: Counter = field(default_factory=Counter)
+    out_state: str = "new job"
+    refused: str | None = None  # why a real submit would refuse this OUT (exit 2)
+    rate: float | None = None  # images/s that OUT's progress measured, if any
+
+    @property
+    def fill_ratio(self) -> float:
+        return self.rows_pending / (self.batches * self.batch_size) if self.batches else 1.0
+
+    @property
+    def eta_seconds(self) -> float | None:
+        return self.rows_pending / self.rate if self.rate else None
+
+    def render(self) -> str:
+        lines = [
+            f"out        {self.out}  ({self.out_state})",
+            f"shards     {self.shards_total} of up to {self.rows_per_shard} rows; "
+            f"{self.shards_committed} already committed, {self.shards_pending} to generate ({self.rows_pending} rows)",
+            f"batches    {self.batches} of up to {self.batch_size} rows; fill ratio {self.fill_ratio:.3f}",
+            f"family     {self.family}: {self.rows_pending} rows",
+            "loras      " + (", ".join(f"{name}: {n} rows" for name, n in sorted(self.rows_per_lora.items())) or "none"),
+        ]
+        if self.eta_seconds is not None:
+            lines.append(f"estimate   {self.eta_seconds:.0f} s at {self.rate:.3f} images/s (measured on this OUT)")
+        else:
+            lines.append("estimate   no rate known yet (a first run measures one; `sdbatch status` shows it)")
+        if self.refused:
+            lines.append(f"REFUSED    {self.refused}")
+        return "\n".join(lines)
+
+
+def check_output(storage: Storage) -> None:
+    """The output location is usable, checked without leaving anything behind."""
+    if not isinstance(storage, LocalStorage):
+        storage.check_access()  # its probe object is deleted again
+        return
+    path = Path(storage.root)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise StorageConfigError(f"output path {existing} exists and is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise StorageConfigError(f"cannot create output directory {path}: {existing} is not writable; choose a writable location")
+
+
+def model_family(name: str, endpoint_url: str | None) -> str:
+    """The diffusers pipeline class named by the model's ``model_index.json`` (checked by the
+    same family rule as a submit's preflight)."""
+    from sdbatch.models.families import model_traits
+
+    return model_traits(name, endpoint_url).family.class_name
+
+
+def plan_job(spec: JobSpec, manifest: Manifest, storage: Storage, job: JobRecord, *, new_run: bool = False,
+             endpoint_url: str | None = None) -> DryRunPlan:
+    from sdbatch.run.plan import job_plan
+
+    rps, batch_size = spec.resources.rows_per_shard, spec.resources.batch_size
+    shards = job_plan(manifest, spec)
+    plan = DryRunPlan(out=storage.url, rows_total=manifest.num_rows, shards_total=shards.num_shards,
+                      rows_per_shard=rps, batch_size=batch_size, family=model_family(spec.model.name, endpoint_url))
+    existing = JobRecord.read(storage)
+    committed: set[str] = set()
+    if existing is None and new_run:
+        plan.refused = (f"--new-run: {storage.url} holds no sdbatch job (no {JOB_KEY}), so there is nothing sdbatch "
+                        "may delete; choose an empty --out, or move the files there away yourself")
+    elif existing is not None and new_run:
+        plan.out_state = f"holds job {existing.fingerprint}: --new-run would delete it first (only its own objects)"
+    elif existing is None:
+        try:  # what claim_job checks under the lock, read-only
+            refuse_foreign_objects(storage)
+        except OutputMismatch as exc:
+            plan.refused = str(exc)
+    elif existing.fingerprint != job.fingerprint:
+        plan.out_state = f"holds a different job ({existing.fingerprint})"
+        plan.refused = (f"{storage.url} already holds a different job: {what_changed(existing, job)}; choose a new "
+                        "--out or pass --new-run to replace it")
+    else:
+        committed = committed_shards(storage, shards.num_shards)
+        try:  # only commits carrying this job's fingerprint are trusted
+            committed_index(storage, job.fingerprint)
+        except OutputMismatch as exc:
+            plan.refused = str(exc)
+        finished = Success.read(storage) is not None
+        plan.out_state = f"resumes job {job.fingerprint}" + (" (already finished)" if finished else "")
+        progress = Progress.read(storage)
+        plan.rate = (progress.images_per_second or None) if progress else None
+    plan.shards_committed = len(committed)
+    reader = ManifestReader(manifest)
+    for work in shards.pending(committed):
+        rows = reader.read_rows_at(spec, work.rows)
+        plan.shards_pending += 1
+        plan.rows_pending += len(rows)
+        plan.batches += len(canonical_batches(rows, batch_size))
+        for row in rows:
+            loras = row.parameters().get("loras")
+            plan.rows_per_lora[json.dumps(loras, sort_keys=True, default=str) if loras else "no LoRA"] += 1
+    if plan.rows_per_lora.keys() == {"no LoRA"}:
+        plan.rows_per_lora.clear()
+    return plan

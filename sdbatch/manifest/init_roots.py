@@ -1,0 +1,73 @@
+"""Where a manifest's ``init_image`` values may point: the roots a job allows, checked before any
+worker starts."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from sdbatch.data.row import default_row_id
+from sdbatch.manifest.reader import _pylist, iter_row_batches, resolve_init_image
+from sdbatch.manifest.sources import _is_uri, _strip_file_scheme, Manifest, ManifestError
+from sdbatch.spec import JobSpec
+
+
+def _s3_bucket(uri: str) -> str:
+    return uri[len("s3://"):].partition("/")[0]
+
+
+@dataclass(frozen=True)
+class InitImagePlaces:
+    """Where a job reads init images from: local folders (symlinks resolved) and ``s3://`` prefixes."""
+
+    local: tuple[str, ...]
+    s3: tuple[str, ...]
+
+    def resolve(self, where: str) -> tuple[str, bool]:
+        """A resolved ``init_image`` location as it is read (local: symlinks resolved) and
+        whether it lies in one of the places."""
+        if where.startswith("s3://"):
+            return where, any(where.startswith(r) for r in self.s3)
+        where = os.path.realpath(_strip_file_scheme(where))
+        return where, any(where == r or where.startswith(r.rstrip(os.sep) + os.sep) for r in self.local)
+
+    def __str__(self) -> str:
+        return ", ".join([*self.local, *self.s3])
+
+
+def init_image_places(base_dir: str | None, spec: JobSpec, job_locations: list[str]) -> InitImagePlaces:
+    """Where the job already reads and writes: the manifest's folder (``base_dir``), the buckets
+    of ``job_locations`` (its output, model, manifest), plus what ``limits.init_image_roots`` adds."""
+    roots = [*([base_dir] if base_dir else []), *spec.limits.init_image_roots]
+    s3_roots = [f"s3://{_s3_bucket(loc)}/" for loc in job_locations if loc.startswith("s3://")]
+    return InitImagePlaces(
+        local=tuple(os.path.realpath(os.path.expanduser(_strip_file_scheme(r))) for r in roots if not _is_uri(r)),
+        s3=tuple(s3_roots + [r.rstrip("/") + "/" for r in spec.limits.init_image_roots if r.startswith("s3://")]),
+    )
+
+
+def check_init_image_roots(manifest: Manifest, spec: JobSpec, job_locations: list[str], shown: int = 20) -> None:
+    """Init images are read only from the job's ``init_image_places`` (``job_locations``: its
+    output and model; the manifest is added here). ManifestError naming each row outside
+    (symlinks resolved)."""
+    if "init_image" not in manifest.columns:
+        return
+    places = init_image_places(manifest.base_dir, spec, [*job_locations, manifest.source])
+    columns = ["init_image"] + (["id"] if "id" in manifest.columns else [])
+    problems: list[str] = []
+    row = 0
+    for rb in iter_row_batches(manifest, columns=columns):
+        values = _pylist(rb.column(0), "init_image", row)
+        ids = _pylist(rb.column(1), "id", row) if len(columns) > 1 else [default_row_id(row + i) for i in range(len(values))]
+        for i, value in enumerate(values):
+            if value is None:
+                continue
+            where, inside = places.resolve(resolve_init_image(value, manifest.base_dir))
+            if not inside and len(problems) < shown:
+                problems.append(f"  row {row + i} (id {ids[i]}): init_image {value!r} resolves to {where}")
+        row += len(values)
+    if problems:
+        raise ManifestError(
+            f"init images outside the places this job reads from ({places}):\n"
+            + "\n".join(problems) + "\nMove them under the manifest's folder, or allow their folder or bucket "
+            "explicitly with --set 'limits.init_image_roots=[\"/path/or/s3://bucket/prefix\"]'; nothing was written"
+        )

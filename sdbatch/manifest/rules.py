@@ -1,0 +1,317 @@
+"""The per-column rules of validation, run on one record batch at a time, and the checks of the
+job's defaults and passthrough columns."""
+
+from __future__ import annotations
+
+import difflib
+import numpy as np
+import os
+import pyarrow as pa
+import pyarrow.compute as pc
+from collections.abc import Callable
+from typing import Any
+from sdbatch.data.columns import Column, DEFAULTED, KNOWN_COLUMNS, suggest
+from sdbatch.data.index import RESERVED_COLUMNS
+from sdbatch.data.loras import LoraError, row_loras
+from sdbatch.data.row import default_row_id
+from sdbatch.manifest.reader import _decode
+from sdbatch.manifest.report import _kind, _repr_value, _value_at, RowIssue
+from sdbatch.manifest.sources import Manifest
+from sdbatch.spec import JobSpec
+
+
+class _Counts:
+    """Value counts for the summary, capped in size."""
+
+    CAP = 10_000
+
+    def __init__(self) -> None:
+        self.counts: dict[Any, int] = {}
+
+    def add(self, values: np.ndarray) -> None:
+        if len(values) == 0:
+            return
+        keys, cnts = np.unique(values, return_counts=True)
+        for k, c in zip(keys.tolist(), cnts.tolist()):
+            if k in self.counts or len(self.counts) < self.CAP:
+                self.counts[k] = self.counts.get(k, 0) + c
+
+
+class _Collector:
+    """Counts every issue; keeps the first ``limit`` by (row, column) order."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.kept: list[RowIssue] = []
+        self.count = 0
+        self._col_order = {c: i for i, c in enumerate(KNOWN_COLUMNS)}
+
+    def full_before(self, row: int) -> bool:
+        return len(self.kept) >= self.limit and self.kept[-1].row < row
+
+    def _sort(self) -> None:
+        self.kept.sort(key=lambda x: (x.row, self._col_order.get(x.column, 99)))
+        del self.kept[self.limit :]
+
+    def add(self, issue: RowIssue) -> None:
+        self.count += 1
+        self.kept.append(issue)
+        self._sort()
+
+
+class _Batch:
+    """One record batch under validation: its columns, decoded, and issue bookkeeping."""
+
+    def __init__(self, rb: pa.RecordBatch, base: int, skip: set[str], coll: _Collector) -> None:
+        self.base = base
+        self.n = rb.num_rows
+        self.cols: dict[str, pa.Array] = {}
+        for name in rb.schema.names:
+            if name in KNOWN_COLUMNS and name not in skip:
+                self.cols[name] = _decode(rb.column(name))
+        self.coll = coll
+        self.id_unknown = "id" in skip  # an id column of the wrong type: don't show a made-up id
+        self.bad = np.zeros(self.n, dtype=bool)
+        self._ids: pa.Array | None = None
+
+    def ids(self) -> pa.Array | None:
+        if self._ids is None and "id" in self.cols:
+            a = self.cols["id"]
+            self._ids = a if _kind(a.type) == "string" else a.cast(pa.string())
+        return self._ids
+
+    def id_at(self, i: int) -> str | None:
+        ids = self.ids()
+        if ids is None:
+            return None if self.id_unknown else default_row_id(self.base + i)
+        try:
+            v = ids[i].as_py()
+        except UnicodeDecodeError:
+            return None
+        return v
+
+    def flag(self, column: str, mask: Any, rule: str, fix: str | Callable[[Any], str], values: pa.Array | None = None) -> None:
+        if isinstance(mask, (pa.Array, pa.ChunkedArray)):
+            mask = mask.fill_null(False).to_numpy(zero_copy_only=False)
+        idx = np.flatnonzero(mask)
+        if len(idx) == 0:
+            return
+        self.bad[idx] = True
+        coll = self.coll
+        coll.count += len(idx)
+        values = values if values is not None else self.cols.get(column)
+        for i in idx[: coll.limit].tolist():
+            if coll.full_before(self.base + i):
+                break
+            value = _value_at(values, i) if values is not None else "None"
+            coll.kept.append(
+                RowIssue(
+                    row=self.base + i,
+                    id=self.id_at(i),
+                    column=column,
+                    value=value,
+                    rule=rule,
+                    fix=fix(values[i].as_py() if values is not None else None) if callable(fix) else fix,
+                )
+            )
+        coll._sort()
+
+
+def _np(arr: pa.Array, fill: Any, dtype: Any) -> np.ndarray:
+    if arr.null_count:
+        arr = arr.fill_null(pa.scalar(fill, arr.type) if not pa.types.is_null(arr.type) else fill)
+    return arr.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+
+
+def _check_text(b: _Batch, column: str, limits: Any, required: bool) -> pa.Array | None:
+    """Checks shared by prompt and negative_prompt; returns the array with invalid-UTF-8
+    rows nulled (safe for further string kernels), or None when the column is absent."""
+    arr = b.cols.get(column)
+    if arr is None:
+        return None
+    if pa.types.is_null(arr.type):
+        if required:
+            b.flag(column, np.ones(b.n, bool), f"{column} is required: every row needs a non-null text",
+                   "give every row a prompt (or drop rows without one)", arr)
+        return None
+    nulls = arr.is_null()
+    arr = _check_utf8(b, column, arr)  # rows with invalid UTF-8 become null from here on
+    if required:
+        b.flag(column, nulls, f"{column} is required: every row needs a non-null text",
+               "give every row a prompt (or drop rows without one)", arr)
+        lengths = pc.utf8_length(arr)
+        empty = pc.or_(pc.equal(lengths, 0), pc.utf8_is_space(arr))
+        b.flag(column, empty, f"{column} must not be empty or only whitespace", "write a prompt, or drop the row", arr)
+    else:
+        lengths = pc.utf8_length(arr)
+    limit = limits.max_prompt_chars
+    b.flag(
+        column,
+        pc.greater(lengths, limit),
+        f"at most {limit:,} characters (limits.max_prompt_chars)",
+        "shorten the text (the text encoder reads only its first 77 tokens) or raise the limit: --set limits.max_prompt_chars=N",
+        arr,
+    )
+    b.flag(column, pc.match_substring(arr, "\x00"), "no NUL characters (\\x00) in text",
+           "remove the NUL characters (often a sign of binary data or a broken export)", arr)
+    return arr
+
+
+def _check_utf8(b: _Batch, column: str, arr: pa.Array) -> pa.Array:
+    try:
+        arr.validate(full=True)
+        return arr
+    except pa.ArrowInvalid:
+        pass
+    binary = arr.cast(pa.large_binary() if pa.types.is_large_string(arr.type) else pa.binary())
+    bad = np.zeros(len(arr), dtype=bool)
+    for i, v in enumerate(binary.to_pylist()):
+        if v is not None:
+            try:
+                v.decode("utf-8")
+            except UnicodeDecodeError:
+                bad[i] = True
+    b.flag(
+        column,
+        bad,
+        "text must be valid UTF-8 (no lone surrogates U+D800–U+DFFF, no broken byte sequences)",
+        "re-encode the text as UTF-8 and remove lone surrogate characters",
+        arr,
+    )
+    cleaned = pc.if_else(pa.array(bad), pa.scalar(None, arr.type), arr)
+    b.cols[column] = cleaned
+    return cleaned
+
+
+def _check_range(b: _Batch, column: Column, limits: Any) -> None:
+    """A column's ``Range`` rule (column table) on every non-null value of the batch."""
+    rule, arr, name = column.range, b.cols.get(column.name), column.name
+    if rule is None or arr is None or pa.types.is_null(arr.type):
+        return
+    if rule.multiple_of:
+        low_bits = pa.scalar(rule.multiple_of - 1, arr.type)  # multiple_of is a power of two
+        b.flag(name, pc.not_equal(pc.bit_wise_and(arr, low_bits), pa.scalar(0, arr.type)),
+               f"{name} must be a multiple of {rule.multiple_of}", f"round {name} to a multiple of {rule.multiple_of} (e.g. 512)")
+    values, nonfinite = arr, None
+    if rule.finite is not None:
+        values = arr.cast(pa.float64())
+        nonfinite = pc.or_(pc.is_nan(values), pc.is_inf(values))
+        b.flag(name, nonfinite, f"{name} must be finite (no NaN or infinity)", rule.finite)
+    hi = rule.upper(limits)
+    hi = pa.scalar(hi, pa.uint64()) if pa.types.is_unsigned_integer(arr.type) else hi
+    low_ok = pc.greater(values, rule.lo) if rule.lo_open else pc.greater_equal(values, rule.lo)
+    high_ok = pc.less(values, hi) if rule.hi_open else pc.less_equal(values, hi)
+    bad = pc.invert(pc.and_(low_ok, high_ok))  # NaN compares false: out of range
+    if nonfinite is not None:
+        bad = pc.and_(bad, pc.invert(nonfinite))  # already reported as not finite
+    b.flag(name, bad, rule.text(name, limits), rule.fix_for)
+
+
+def _check_loras(b: _Batch, prompts: pa.Array | None, declared: dict[str, str]) -> None:
+    """The rows' adapter references (``loras`` column and ``<lora:…>`` prompt tags): well formed,
+    declared by the job, one scale per adapter. Only rows that have any are looked at."""
+    column = b.cols.get("loras")
+    if column is not None and not pa.types.is_null(column.type):
+        column = _check_utf8(b, "loras", column)
+        given = pc.is_valid(column).to_numpy(zero_copy_only=False)
+    else:
+        column, given = None, np.zeros(b.n, dtype=bool)
+    tagged = (pc.match_substring(prompts, "<lora:").fill_null(False).to_numpy(zero_copy_only=False)
+              if prompts is not None else np.zeros(b.n, dtype=bool))
+    for i in np.flatnonzero(given | tagged).tolist():
+        value = column[i].as_py() if given[i] else None
+        try:
+            row_loras(prompts[i].as_py() if tagged[i] else "", value, declared)
+        except LoraError as exc:
+            name = "loras" if given[i] else "prompt"
+            one = np.zeros(b.n, dtype=bool)
+            one[i] = True
+            b.flag(name, one, str(exc), "write NAME:SCALE entries (or <lora:NAME:SCALE> tags) naming declared adapters",
+                   column if given[i] else prompts)
+
+
+def _check_spec_defaults(spec: JobSpec, coll: _Collector, samplers: tuple[str, ...]) -> None:
+    d, lim = spec.defaults, spec.limits
+
+    def bad(key: str, value: Any, rule: str, fix: str) -> None:
+        coll.add(RowIssue(-1, None, f"defaults.{key}", _repr_value(value), rule, fix))
+
+    for column in DEFAULTED:
+        rule, value = column.range, getattr(d, column.name)
+        if rule is not None and not rule.accepts(value, lim):
+            grid = f"a multiple of {rule.multiple_of} with " if rule.multiple_of else ""
+            finite = "finite and " if rule.finite else ""
+            raise_limit = f", or raise limits.{rule.hi}" if isinstance(rule.hi, str) else ""
+            fix = rule.fix_for(value) if rule.low_fix else f"--set defaults.{column.name}={column.default}{raise_limit}"
+            bad(column.name, value, f"{finite}{grid}{rule.text(column.name, lim)}", fix)
+    if d.width * d.height > lim.max_pixels:
+        bad("width", f"{d.width}x{d.height}", f"width*height <= {lim.max_pixels:,} (limits.max_pixels)",
+            "choose a smaller default size or raise limits.max_pixels")
+    if len(d.negative_prompt) > lim.max_prompt_chars or "\x00" in d.negative_prompt:
+        bad("negative_prompt", d.negative_prompt, f"at most {lim.max_prompt_chars:,} characters, no NUL", "shorten it")
+    if d.scheduler not in samplers:
+        bad("scheduler", d.scheduler, f"one of {', '.join(samplers)} (the model's samplers)", "--set defaults.scheduler=default")
+
+
+def _scheduler_fix(value: Any, samplers: tuple[str, ...]) -> str:
+    names = ", ".join(samplers)
+    if isinstance(value, str):
+        close = difflib.get_close_matches(value.lower().replace("-", "_").replace(" ", "_"), samplers, n=1, cutoff=0.5)
+        if close:
+            return f"did you mean {close[0]!r}? supported: {names}"
+    return f"use one of: {names} (or leave it null for the job default)"
+
+
+def _unrecordable(t: pa.DataType) -> pa.DataType | None:
+    """The part of a passthrough column's type that JSON (the image record) cannot hold faithfully."""
+    if pa.types.is_dictionary(t):
+        return _unrecordable(t.value_type)
+    if any(test(t) for test in _UNRECORDABLE_TYPES):
+        return t
+    nested = (t.field(i).type for i in range(t.num_fields)) if pa.types.is_nested(t) else ()
+    return next((u for u in map(_unrecordable, nested) if u is not None), None)
+
+
+_UNRECORDABLE_TYPES = (pa.types.is_timestamp, pa.types.is_date, pa.types.is_time, pa.types.is_decimal,
+                       pa.types.is_duration, pa.types.is_binary, pa.types.is_large_binary,
+                       pa.types.is_fixed_size_binary, getattr(pa.types, "is_binary_view", lambda _: False))
+
+
+def _check_passthrough_columns(manifest: Manifest, coll: _Collector, strict: bool) -> list[str]:
+    """Passthrough columns that would break the index or the record are refused; names that look
+    like a misspelled per-row column (``widht``) are warned about — refused with ``strict``."""
+    warnings = []
+    for name in manifest.passthrough_columns:
+        t = manifest.schema.field(name).type
+        if name in RESERVED_COLUMNS:
+            coll.add(RowIssue(0, None, name, "a passthrough column",
+                              f"passthrough column names must differ from the index's own columns ({', '.join(RESERVED_COLUMNS)})",
+                              f"rename the column, e.g. to 'label_{name}'"))
+        bad_type = _unrecordable(t)
+        if bad_type is not None:
+            coll.add(RowIssue(0, None, name, f"a passthrough column of type {t}",
+                              f"passthrough values go into each image's JSON record, which has no faithful form for {bad_type}",
+                              "cast the column to string before writing the manifest (ISO 8601 for dates and times; "
+                              "pandas: df[col] = df[col].astype(str); pyarrow: pc.cast(col, pa.string())), or drop it"))
+        close = suggest(name, KNOWN_COLUMNS)
+        if close and close not in manifest.columns:
+            text = f"column {name!r} is not a per-row column, so it is passed through as a label: did you mean {close!r}?"
+            if strict:
+                coll.add(RowIssue(0, None, name, "a passthrough column", f"{text} (--strict refuses it)",
+                                  f"rename it to {close!r}, or to a label name not so close to a per-row column"))
+            else:
+                warnings.append(f"{text} Rename it, or pass --strict to refuse such columns.")
+    return warnings
+
+
+def _check_same_passthrough_types(manifest: Manifest, path: str, schema: pa.Schema, base: int, coll: _Collector) -> None:
+    """Every file of a manifest gives each passthrough column the first file's type (a file where
+    it is all-null is fine): the index is one table, typed by the first file."""
+    for name in manifest.passthrough_columns:
+        want, got = manifest.schema.field(name).type, schema.field(name).type
+        if got != want and not pa.types.is_null(got):
+            first, this = os.path.basename(manifest.files[0]), os.path.basename(path)
+            coll.add(RowIssue(base, None, name, f"type {got} in {this}",
+                              f"every file of a manifest must give passthrough column {name!r} one type "
+                              f"({manifest.files[0]}: {want}; {path}: {got})",
+                              f"write {name!r} with one type in every file ({first} has {want}, {this} has {got})"))

@@ -1,0 +1,240 @@
+"""Manifest reading and validation, and the ``Row`` value type.
+
+A ``Row`` is one manifest row with every job default already applied. It flows from the
+manifest reader through planning and batching to the generator and into the metadata
+record, so it holds only plain, serialisable values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import os
+import pyarrow as pa
+import pyarrow.compute as pc
+from typing import Any
+from sdbatch.data.columns import COLUMN, COLUMNS, KNOWN_COLUMNS
+from sdbatch.data.row import ID_PATTERN, MAX_SEED
+from sdbatch.data.samplers import SCHEDULERS
+from sdbatch.manifest.hashing import _DistinctCounter, _find_duplicate_ids, _hash_strings
+from sdbatch.manifest.reader import _guarded_batches, passthrough_types
+from sdbatch.manifest.report import _kind, RowIssue, ValidationReport
+from sdbatch.manifest.rules import _Batch, _check_loras, _check_passthrough_columns, _check_range, _check_same_passthrough_types, _check_spec_defaults, _check_text, _check_utf8, _Collector, _Counts, _np, _scheduler_fix
+from sdbatch.manifest.sources import _parquet_file, Manifest, ManifestError
+from sdbatch.models.families import Family
+from sdbatch.spec import JobSpec
+from sdbatch.storage.base import TMP_MARK
+
+
+def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_536, *, strict: bool = False,
+                      family: Family | None = None) -> ValidationReport:
+    """Check every row against DESIGN §2, streaming (one record batch in memory at a time).
+
+    Semantics of nulls: a null in ``negative_prompt``, ``steps``, ``guidance_scale``,
+    ``width``, ``height``, ``scheduler`` or ``strength`` means "the job default"; a null
+    ``init_image`` makes the row text-to-image. A null ``prompt``, ``id`` or ``seed`` is an
+    error — to derive seeds, leave the ``seed`` column out (a half-filled seed column is
+    usually a broken join). Ranges are checked on the resolved values, and job defaults are
+    checked once (reported with row -1 and the spec key).
+
+    Duplicate ids are found with one 64-bit hash per row (8 bytes/row) sorted in numpy, then
+    the first duplicates are confirmed by their actual strings in a second pass over ``id``.
+    ``distinct prompts`` is exact up to 65,536 and a K-minimum-values estimate beyond.
+    ``family`` (the model's, when known) limits the samplers rows may ask for.
+    """
+    lim, d = spec.limits, spec.defaults
+    if d.width is None or d.height is None:
+        raise ManifestError(f"the native size of model {spec.model.name!r} is not known here; "
+                            "set defaults.width and defaults.height (--width/--height)")
+    if len(manifest.columns) > lim.max_columns:  # before anything reads per column
+        raise ManifestError(
+            f"manifest {manifest.source} has {len(manifest.columns):,} columns, more than limits.max_columns "
+            f"({lim.max_columns:,}): each column is a column of the index and a key of every image's record. Fix: "
+            "write only the columns you need as labels, or raise the limit: --set limits.max_columns=N")
+    samplers = family.samplers if family else SCHEDULERS
+    coll = _Collector(lim.max_errors_shown)
+    _check_spec_defaults(spec, coll, samplers)
+    present = set(manifest.columns)
+    read_cols = [c for c in KNOWN_COLUMNS if c in present]
+    has_ids = "id" in present
+    id_hashes = np.empty(manifest.num_rows if has_ids else 0, dtype=np.uint64)
+    id_valid = np.zeros(manifest.num_rows if has_ids else 0, dtype=bool)
+    prompts = _DistinctCounter()
+    sizes, steps_c, cfg_c, sched_c = _Counts(), _Counts(), _Counts(), _Counts()
+    img2img = 0
+    bad_rows = 0
+    base = 0
+    warnings = _check_passthrough_columns(manifest, coll, strict)
+    for path, nrows in zip(manifest.files, manifest.file_rows or [None] * len(manifest.files)):
+        pf = _parquet_file(path, streaming=True)
+        if pf.metadata.num_rows == 0:
+            continue
+        schema = pf.schema_arrow
+        _check_same_passthrough_types(manifest, path, schema, base, coll)
+        file_start = base
+        skip: set[str] = set()
+        for name in read_cols:
+            column = COLUMN[name]
+            found = _kind(schema.field(name).type)
+            if found not in column.kinds and found != "null":
+                skip.add(name)
+                coll.add(RowIssue(base, None, name, f"a column of type {schema.field(name).type} "
+                                  f"(all {pf.metadata.num_rows:,} rows of {os.path.basename(path)})",
+                                  f"{name} must be {column.expected}", column.type_fix))
+        cols = [c for c in read_cols if c not in skip]
+        file_bad_all = bool(skip)
+        for rb in _guarded_batches(pf, path, batch_size, cols):
+            b = _Batch(rb, base, skip, coll)
+            n = b.n
+            # prompt / negative_prompt
+            parr = _check_text(b, "prompt", lim, required=True)
+            if parr is not None:
+                valid = pc.is_valid(parr).to_numpy(zero_copy_only=False)
+                prompts.add(np.unique(_hash_strings(parr)[valid]))
+            _check_text(b, "negative_prompt", lim, required=False)
+            # id
+            ids = b.ids()
+            if ids is not None:
+                if pa.types.is_null(ids.type):
+                    ids = pa.nulls(n, pa.string())
+                raw = b.cols["id"]
+                id_nulls = ids.is_null()
+                if _kind(raw.type) == "string" and not pa.types.is_null(raw.type):
+                    ids = _check_utf8(b, "id", ids)
+                    b._ids = ids
+                b.flag("id", id_nulls, "id must be set in every row when the id column is present",
+                       "fill the id, or drop the id column to use row numbers", raw)
+                nonnull = pc.is_valid(ids)
+                dots = pc.or_(pc.equal(ids, "."), pc.equal(ids, ".."))
+                b.flag("id", dots, "id must not be '.' or '..' (ids name output files)", "rename the row's id")
+                pattern = pc.and_(nonnull, pc.invert(pc.match_substring_regex(ids, f"^{ID_PATTERN}$")))
+                b.flag("id", pc.and_(pattern, pc.invert(dots)), f"id must match {ID_PATTERN} (ids name output files)",
+                       "use only letters, digits, '.', '_' and '-', at most 128 characters", ids)
+                b.flag("id", pc.match_substring(ids, TMP_MARK),
+                       f"id must not contain {TMP_MARK!r} (ids name output files; storage reserves that mark for temporary files)",
+                       f"rename the row's id without {TMP_MARK!r}", ids)
+                id_hashes[base : base + n] = _hash_strings(ids)
+                id_valid[base : base + n] = nonnull.to_numpy(zero_copy_only=False)
+            # seed
+            seed = b.cols.get("seed")
+            if seed is not None:
+                b.flag("seed", seed.is_null(), "seed must be set in every row when the seed column is present "
+                       "(null is not 'derive')", "fill the seed, or drop the seed column so every row derives "
+                       "its seed from the job seed and its id")
+                if not pa.types.is_null(seed.type):
+                    too_big = (pc.greater_equal(seed, pa.scalar(MAX_SEED, pa.uint64()))
+                               if pa.types.is_unsigned_integer(seed.type) else pc.less(seed, 0))
+                    b.flag("seed", too_big, "0 <= seed < 2**63", "use a seed in 0..9223372036854775807")
+            # the range rules of the column table: steps, guidance_scale, width, height, strength, ...
+            for column in COLUMNS:
+                _check_range(b, column, lim)
+            w = _np(b.cols["width"], d.width, np.float64) if b.cols.get("width") is not None and not pa.types.is_null(b.cols["width"].type) else np.full(n, float(d.width))
+            h = _np(b.cols["height"], d.height, np.float64) if b.cols.get("height") is not None and not pa.types.is_null(b.cols["height"].type) else np.full(n, float(d.height))
+            in_range = (w >= 64) & (w <= lim.max_width) & (h >= 64) & (h <= lim.max_height)
+            over = in_range & (w * h > lim.max_pixels)
+            if over.any():
+                vals = pc.binary_join_element_wise(
+                    pc.cast(pa.array(w.astype(np.int64)), pa.string()),
+                    pc.cast(pa.array(h.astype(np.int64)), pa.string()),
+                    "x",
+                )
+                b.flag("width", over, f"width*height <= {lim.max_pixels:,} pixels (limits.max_pixels)",
+                       "use a smaller size, or raise the limit: --set limits.max_pixels=N", vals)
+            ok_size = in_range & (w * h <= lim.max_pixels)
+            sizes.add((w[ok_size].astype(np.int64) << 20) | h[ok_size].astype(np.int64))
+            # guidance_scale
+            g = b.cols.get("guidance_scale")
+            if g is not None and not pa.types.is_null(g.type):
+                gf = g.cast(pa.float64())
+                gvals = _np(gf, float(d.guidance_scale), np.float64)
+                cfg_c.add(gvals[np.isfinite(gvals) & (gvals >= 0) & (gvals <= lim.max_guidance)])
+            else:
+                cfg_c.add(np.full(1, float(d.guidance_scale)).repeat(n))
+            # steps summary
+            s = b.cols.get("steps")
+            if s is not None and not pa.types.is_null(s.type):
+                sv = _np(s, d.steps, np.float64)
+                steps_c.add(sv[(sv >= 1) & (sv <= lim.max_steps)].astype(np.int64))
+            else:
+                steps_c.add(np.full(n, d.steps, np.int64))
+            # scheduler
+            sc = b.cols.get("scheduler")
+            if sc is not None and not pa.types.is_null(sc.type):
+                sc = _check_utf8(b, "scheduler", sc)
+                known = pc.is_in(sc, value_set=pa.array(samplers))
+                rule = f"scheduler must be one of {', '.join(samplers)}" + (f" (the {family.name} family's samplers)" if family else "")
+                b.flag("scheduler", pc.and_(pc.is_valid(sc), pc.invert(known)), rule,
+                       lambda value: _scheduler_fix(value, samplers), sc)
+                vc = pc.value_counts(sc.fill_null(d.scheduler))
+                for item in vc.to_pylist():
+                    if item["values"] in samplers:
+                        sched_c.counts[item["values"]] = sched_c.counts.get(item["values"], 0) + item["counts"]
+            else:
+                sched_c.counts[d.scheduler] = sched_c.counts.get(d.scheduler, 0) + n
+            # init_image / strength
+            init = b.cols.get("init_image")
+            has_init = np.zeros(n, dtype=bool)
+            if init is not None and not pa.types.is_null(init.type):
+                has_init = pc.is_valid(init).to_numpy(zero_copy_only=False)
+                init = _check_utf8(b, "init_image", init)
+                b.flag("init_image", pc.equal(pc.utf8_length(init), 0), "init_image must be a non-empty path or s3:// URI",
+                       "give the image path (relative to the manifest folder) or null for text-to-image")
+                b.flag("init_image", pc.match_substring(init, "\x00"), "no NUL characters (\\x00) in init_image",
+                       "fix the path")
+            if "init_image" in skip:
+                has_init = np.ones(n, dtype=bool)  # unknown: don't pile strength errors on a type error
+            img2img += int(has_init.sum())
+            st = b.cols.get("strength")
+            if st is not None and not pa.types.is_null(st.type):
+                sf = st.cast(pa.float64())
+                given = pc.is_valid(sf).to_numpy(zero_copy_only=False)
+                b.flag("strength", given & ~has_init, "strength is only for img2img rows: it needs init_image in the same row",
+                       "set init_image for this row, or leave strength null", st)
+            # img2img runs int(steps * strength) denoising steps; zero steps would make no image
+            steps_v = np.full(n, float(d.steps)) if s is None or pa.types.is_null(s.type) else _np(s, d.steps, np.float64)
+            strength_v = (np.full(n, float(d.strength)) if st is None or pa.types.is_null(st.type)
+                          else _np(st.cast(pa.float64()), float(d.strength), np.float64))
+            no_steps = has_init & (strength_v > 0) & (strength_v <= 1) & (steps_v >= 1) & (np.floor(steps_v * strength_v) < 1)
+            b.flag("strength", no_steps, "img2img needs steps * strength >= 1 (it runs int(steps * strength) denoising steps)",
+                   "raise strength or steps for this row", pa.array(strength_v))
+            rs = b.cols.get("refiner_switch")
+            if spec.model.refiner is None and rs is not None and not pa.types.is_null(rs.type):
+                b.flag("refiner_switch", pc.is_valid(rs).to_numpy(zero_copy_only=False),
+                       "refiner_switch is only for jobs with a refiner, and model.refiner is not set",
+                       "set model.refiner (--refiner PATH) to an SDXL refiner folder, or leave refiner_switch null", rs)
+            _check_loras(b, parr, spec.loras)
+            if file_bad_all:
+                b.bad[:] = True
+            bad_rows += int(b.bad.sum())
+            base += n
+        if base - file_start != pf.metadata.num_rows:
+            raise ManifestError(
+                f"{path}: its Parquet footer says {pf.metadata.num_rows:,} rows but its data holds {base - file_start:,}; "
+                "the file is corrupt or was cut short — write it again"
+            )
+    # --- duplicate ids -------------------------------------------------------------------------
+    dup_count = 0
+    if has_ids and manifest.num_rows:
+        dup_count = _find_duplicate_ids(manifest, id_hashes, id_valid, coll, batch_size)
+        bad_rows += dup_count
+    del id_hashes, id_valid
+    distinct, approx = prompts.estimate()
+    summary: dict[str, Any] = {
+        "source": manifest.source,
+        "files": len(manifest.files),
+        "fingerprint": manifest.fingerprint,
+        "rows": manifest.num_rows,
+        "distinct_prompts": distinct,
+        "distinct_prompts_approximate": approx,
+        "sizes": {f"{k >> 20}x{k & 0xFFFFF}": v for k, v in sizes.counts.items()},
+        "steps": {int(k): v for k, v in steps_c.counts.items()},
+        "guidance_scale": {float(k): v for k, v in cfg_c.counts.items()},
+        "schedulers": dict(sched_c.counts),
+        "img2img_rows": img2img,
+        "seeds": "from the seed column" if "seed" in present
+        else f"derived from job seed {spec.seed} and each row's id (derive_seed)",
+        "ids": "from the id column" if has_ids else "row numbers (default_row_id: 00000000, 00000001, …)",
+        "passthrough_columns": {c: str(manifest_type) for c, manifest_type in passthrough_types(manifest).items()},
+        "bad_rows": min(bad_rows, manifest.num_rows),
+    }
+    return ValidationReport(num_rows=manifest.num_rows, issues=list(coll.kept), issue_count=coll.count, summary=summary,
+                            warnings=warnings)

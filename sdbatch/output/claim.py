@@ -1,0 +1,261 @@
+"""The output layout and commit protocol (DESIGN §4).
+
+    OUT/_sdbatch/job.json        the job record, written first
+    OUT/_sdbatch/lock.json       the running driver's lease
+    OUT/_sdbatch/progress.json   progress snapshot
+    OUT/images/NNNNN/<id>.<ext>  format=files        | OUT/shards/NNNNN.tar  format=webdataset
+    OUT/metadata/NNNNN.parquet   the shard index — written last: it IS the shard's commit
+    OUT/index.parquet            all shard indexes merged, once every shard is committed
+    OUT/_SUCCESS                 JSON summary, written last of all
+
+A shard is done exactly when its metadata file exists and carries this job's fingerprint (in
+its Parquet key-value metadata); readers trust such commits, never a listing of images/. A new
+job claims only an OUT that holds no images, shards or commits it did not write, and
+``--new-run`` deletes only what the old job's commits and index name — an image object only
+when it holds the bytes an ok row recorded (read and hashed first). Where the images go
+(files or webdataset tars) is ``layout``'s. Everything here works on any ``Storage`` and needs
+no Ray.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from datetime import datetime
+from typing import Any
+import sdbatch
+from sdbatch.data.index import STATUS_OK
+from sdbatch.manifest.sources import Manifest
+from sdbatch.output.commits import _stamped, METADATA_PREFIX, OutputMismatch
+from sdbatch.data.index import JOB_KEY
+from sdbatch.output.documents import JobRecord, LoraPin, ManifestPin, ModelPin, PROGRESS_KEY, read_json, Success, SUCCESS_KEY, write_json
+from sdbatch.output.index import INDEX_KEY
+from sdbatch.output.layout import IMAGES_PREFIX, Layout, layout_for, object_key, TARS_PREFIX
+from sdbatch.spec import fingerprint, JobSpec
+from sdbatch.storage.base import NotFound, Storage
+
+
+REPORT_KEY = "report.html"
+
+
+def job_record(spec: JobSpec, manifest: Manifest, model_fingerprint: str | None,
+               lora_sha256: dict[str, str] | None = None, refiner_pin: str | None = None) -> JobRecord:
+    """``_sdbatch/job.json``. Its fingerprint covers everything that decides the images and
+    where rows land — spec settings, manifest content, model weights, the refiner's pin, LoRA
+    adapters' bytes — so a resume with any of them changed is refused rather than mixing two
+    jobs in one OUT."""
+    lora_sha256 = lora_sha256 or {}
+    return JobRecord(
+        fingerprint=fingerprint({
+            "spec": spec.fingerprint_fields(), "manifest": manifest.fingerprint,
+            "rows": manifest.num_rows, "model": model_fingerprint,
+            **({"loras": lora_sha256} if lora_sha256 else {}),
+            **({"refiner": refiner_pin} if refiner_pin else {}),
+        }),
+        loras={name: LoraPin(path=spec.loras[name], sha256=sha) for name, sha in lora_sha256.items()},
+        refiner=ModelPin(name=spec.model.refiner, fingerprint=refiner_pin) if refiner_pin else None,
+        spec=spec.model_dump(mode="json"),
+        manifest=ManifestPin(source=manifest.source, fingerprint=manifest.fingerprint, num_rows=manifest.num_rows,
+                             files=list(manifest.files), base_dir=manifest.base_dir),
+        model=ModelPin(name=spec.model.name, fingerprint=model_fingerprint),
+        sdbatch_version=sdbatch.__version__,
+        created_at=datetime.now().astimezone().isoformat(timespec="seconds"),
+    )
+
+
+#: What a job may write under OUT besides its state files: a new job claims an OUT only if
+#: none of these holds an object (sdbatch trusts nothing in OUT it did not write).
+JOB_OUTPUT_PARTS = (METADATA_PREFIX, IMAGES_PREFIX, TARS_PREFIX, INDEX_KEY, SUCCESS_KEY, REPORT_KEY)
+
+
+#: ``--new-run``'s plan: the old job's objects, written before the first delete so an
+#: interrupted clear can be finished by running ``--new-run`` again.
+CLEAR_KEY = "_sdbatch/clear.json"
+
+
+#: The order of deletion: commits first and job.json last, so an interrupted clear leaves a
+#: state of the old job that still resumes (job.json names it; its uncommitted shards are
+#: simply redone), and a new job is claimed only once no image of the old one is left.
+_DELETE_ORDER = (
+    METADATA_PREFIX, INDEX_KEY, SUCCESS_KEY, REPORT_KEY, IMAGES_PREFIX, TARS_PREFIX, PROGRESS_KEY, JOB_KEY,
+)
+
+
+#: How many image objects ``--new-run`` reads and hashes at once (a tar counts as one).
+CLEAR_CHECK_OBJECTS = 64
+
+
+def _objects_written(layout: Layout, table: pa.Table, seen: set[str]) -> set[str]:
+    """The objects a commit or index names for its ok rows that hold exactly the bytes those
+    rows recorded (a tar: every member an ok row's, each with its recorded bytes), read and
+    hashed ``CLEAR_CHECK_OBJECTS`` at a time; a failed row's key (a foreign object it could not
+    replace) and any other bytes are never the job's. Objects in ``seen`` were judged already."""
+    if "key" not in table.column_names:
+        return set()
+    by_object: dict[str, list[dict[str, Any]]] = {}
+    for entry in table.filter(pc.equal(table.column("status"), STATUS_OK)).select(
+            ["id", "key", "bytes", "sha256"]).to_pylist():
+        if object_key(entry["key"]) not in seen:
+            by_object.setdefault(object_key(entry["key"]), []).append(entry)
+    seen |= set(by_object)
+    objects = list(by_object)
+    written: set[str] = set()
+    for start in range(0, len(objects), CLEAR_CHECK_OBJECTS):
+        chunk = objects[start:start + CLEAR_CHECK_OBJECTS]
+        checked = layout.check([e for obj in chunk for e in by_object[obj]], threads=4)
+        other = {object_key(k) for _, k in checked.missing} | {object_key(k) for _, k, _ in checked.mismatched}
+        other |= {object_key(member) for member in checked.orphan_members}
+        written |= {object_key(e["key"]) for e in checked.good} - other
+    return written
+
+
+def _old_job_objects(storage: Storage, job: JobRecord) -> set[str]:
+    """Every object ``job`` owns: its commits, the images they and its index name that hold the
+    bytes it recorded, its index and ``_SUCCESS``; its state files under ``_sdbatch/``."""
+    owned = {JOB_KEY, PROGRESS_KEY}
+    try:  # and the report it writes at the end of every run, if it is that job's
+        if is_own_report(storage.get(REPORT_KEY), job.fingerprint):
+            owned.add(REPORT_KEY)
+    except NotFound:
+        pass
+    layout, seen = layout_for(storage, job.job_spec.output), set()
+    for key in storage.list(METADATA_PREFIX):
+        table = _stamped(storage.get(key), job.fingerprint)
+        if table is not None:
+            owned |= {key} | _objects_written(layout, table, seen)
+    try:
+        index = _stamped(storage.get(INDEX_KEY), job.fingerprint)
+        if index is not None:
+            owned |= {INDEX_KEY} | _objects_written(layout, index, seen)
+    except NotFound:
+        pass
+    success = Success.read(storage)
+    if success is not None and success.fingerprint == job.fingerprint:
+        owned.add(SUCCESS_KEY)
+    return owned
+
+
+def report_mark(job_fingerprint: str) -> str:
+    """The tag in the head of the ``report.html`` sdbatch writes, naming its job: the only
+    ``report.html`` sdbatch replaces or deletes is one that carries its job's mark."""
+    return f'<meta name="sdbatch-job" content="{job_fingerprint}">'
+
+
+def is_own_report(data: bytes, job_fingerprint: str) -> bool:
+    return report_mark(job_fingerprint).encode() in data  # a page's own text is escaped: it cannot forge one
+
+
+def put_report(storage: Storage, page: bytes, job_fingerprint: str) -> None:
+    """Store ``page`` as ``report.html``: create-once, or by compare-and-swap in place of this
+    job's own report. OutputMismatch when the one there is not (a user's page, another job's)."""
+    if storage.put_new(REPORT_KEY, page).created:
+        return
+    data, tag = storage.get_tagged(REPORT_KEY)
+    if not is_own_report(data, job_fingerprint):
+        raise OutputMismatch(
+            f"{storage.url}/{REPORT_KEY} is not this job's report (sdbatch marks its own with the job's fingerprint, "
+            f"{job_fingerprint}), and sdbatch never overwrites a file it did not write: move it away, then run "
+            "`sdbatch report OUT`"
+        )
+    if storage.replace_if(REPORT_KEY, page, tag) is None:
+        raise OutputMismatch(f"{storage.url}/{REPORT_KEY} changed while this report was written (another writer "
+                             "there?): run `sdbatch report OUT` again")
+
+
+def clear_job(storage: Storage) -> int:
+    """``--new-run``: delete the job OUT holds — only the objects its commits and index name
+    holding the bytes it recorded, and its own state files; never a file of the user's, never an
+    object no commit of that job names or whose bytes are not the ones it wrote. OutputMismatch
+    when OUT holds no job. Returns how many objects were deleted."""
+    old = JobRecord.read(storage)
+    if old is None:
+        raise OutputMismatch(
+            f"--new-run: {storage.url} holds no sdbatch job (no {JOB_KEY}), so there is nothing sdbatch may delete; "
+            "choose an empty --out, or move the files there away yourself"
+        )
+    planned = read_json(storage, CLEAR_KEY) or {}
+    owned = _old_job_objects(storage, old)
+    if planned.get("fingerprint") == old.fingerprint:
+        owned |= set(planned["keys"])
+    write_json(storage, CLEAR_KEY, {"fingerprint": old.fingerprint, "keys": sorted(owned)})
+    deleted = 0
+    for part in _DELETE_ORDER:
+        keys = sorted(k for k in owned if k.startswith(part)) if part.endswith("/") else [part] if part in owned else []
+        storage.delete_many(keys)
+        deleted += len(keys)
+    storage.delete(CLEAR_KEY)
+    return deleted
+
+
+def refuse_foreign_objects(storage: Storage) -> None:
+    """A new job (no job.json yet) writes only into an OUT whose job parts are empty."""
+    found = [key for part in JOB_OUTPUT_PARTS
+             for key in (storage.list(part) if part.endswith("/") else [part] if storage.exists(part) else [])]
+    if found:
+        shown = ", ".join(found[:5]) + (f" … (+{len(found) - 5} more)" if len(found) > 5 else "")
+        raise OutputMismatch(
+            f"{storage.url} holds {len(found)} objects that no sdbatch job there wrote ({shown}); a new job "
+            f"writes only into an OUT without {', '.join(JOB_OUTPUT_PARTS)} of its own. Choose an empty --out, "
+            "or move those objects away"
+        )
+
+
+def claim_job(storage: Storage, job: JobRecord) -> bool:
+    """Under the job lock: write job.json (create-once) on an OUT that holds none, checking that
+    the create won; on an OUT that has one, its fingerprint must be this job's. Returns True
+    when resuming an existing job."""
+    existing = JobRecord.read(storage)
+    if existing is None:
+        refuse_foreign_objects(storage)
+        if storage.put_new(JOB_KEY, job.to_bytes()).created:
+            return False
+        existing = JobRecord.read(storage)  # another driver's create won
+        if existing is None:
+            raise OutputMismatch(f"{storage.url}/{JOB_KEY} appeared and vanished while this job claimed OUT: is "
+                                 "another tool writing there? Run the same command again")
+    if existing.fingerprint != job.fingerprint:
+        raise OutputMismatch(
+            f"{storage.url} already holds a different job: {what_changed(existing, job)}. Resume only with the "
+            "same manifest, settings and model, choose a new --out, or pass --new-run to delete that job's "
+            "output and start this one there."
+        )
+    return True
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def what_changed(existing: JobRecord, job: JobRecord) -> str:
+    """What differs between the job OUT holds and ``job``: manifest, spec keys, model, refiner, LoRAs."""
+    changes = []
+    old_m, new_m = existing.manifest, job.manifest
+    if (old_m.fingerprint, old_m.num_rows) != (new_m.fingerprint, new_m.num_rows):
+        changes.append(f"the manifest ({old_m.source!r}, {old_m.num_rows} rows, fingerprint {old_m.fingerprint} → "
+                       f"{new_m.source!r}, {new_m.num_rows} rows, fingerprint {new_m.fingerprint})")
+    try:
+        old_spec = _flat(existing.job_spec.fingerprint_fields())
+    except ValueError:  # a spec of another sdbatch version
+        old_spec = {}
+    new_spec = _flat(job.job_spec.fingerprint_fields())
+    keys = [k for k in new_spec if old_spec.get(k) != new_spec[k]]
+    if keys:
+        changes.append("the settings " + ", ".join(f"{k} ({old_spec.get(k)!r} → {new_spec[k]!r})" for k in keys))
+    for kind in ("model", "refiner"):  # a job may have no refiner, on either side
+        old, new = getattr(existing, kind), getattr(job, kind)
+        old_pin, new_pin = old and old.fingerprint, new and new.fingerprint
+        if old_pin != new_pin:
+            changes.append(f"the {kind} {(new or old).name!r} (pinned {old_pin} when that job was submitted, "
+                           f"now {new_pin})")
+    for name in sorted(set(existing.loras) | set(job.loras)):
+        old, new = existing.loras.get(name), job.loras.get(name)
+        if (old and old.sha256) != (new and new.sha256):
+            changes.append(f"the LoRA {name}={(new or old).path} (sha256 {str(old and old.sha256)[:12]}… when that "
+                           f"job was submitted, now {str(new and new.sha256)[:12]}…)")
+    return "; ".join(changes) or f"job fingerprint {existing.fingerprint} there, {job.fingerprint} here"

@@ -1,0 +1,137 @@
+"""The Ray cluster a job runs on: connecting (or starting a local one), its reachability, its
+autoscaler, and how many workers fit."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import ray
+import re
+import signal
+import socket
+import threading
+import time
+from ray.autoscaler.sdk import request_resources
+from sdbatch.errors import BadInput, JobFailed
+from sdbatch.run.policy import autoscaler_in_status, place_workers
+from sdbatch.run.protocol import describe
+from sdbatch.spec import JobSpec
+
+log = logging.getLogger("sdbatch.scheduler")
+
+
+AUTOSCALER_POLL_S = 2.0  # how often the cluster's resources are read while the autoscaler adds nodes
+
+
+def connect_ray(address: str | None) -> None:
+    address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    _init_ray(address)
+    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)  # ray.init replaced the caller's (the CLI's) with sys.exit
+
+
+class RayStartError(JobFailed):
+    """Ray did not come up: the local cluster's processes did not start in time, or the cluster
+    at ``--address`` refused the connection mid-way. Nothing was generated; rerunning resumes."""
+
+
+def _init_ray(address: str | None) -> None:
+    try:
+        if address:
+            log.info("connecting to the Ray cluster at %s …", address)
+            check_reachable(address)
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        else:  # loopback only: see sdbatch.cli.submit.local_ray_environment, which ran before ray was imported
+            log.info("starting a local Ray cluster …")
+            ray.init(
+                # "local": a new cluster of its own — without it ray.init joins the last cluster a
+                # `ray start` left on this machine, whoever started it and wherever it listens
+                address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
+            )
+    except BadInput:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Ray raises bare Exception/RuntimeError when its processes do not come up
+        where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
+        fix = ("check the cluster (`ray status` on its head node) and that this machine runs the same Ray version"
+               if address else "make sure the machine has free memory, CPU and space in /tmp, stop leftover Ray "
+               "processes you started (`ray stop`), and look at Ray's logs (/tmp/ray/session_latest/logs)")
+        raise RayStartError(f"could not start {where}: {type(exc).__name__}: {_short(exc)}. Fix: {fix}") from None
+    # Ray's core worker installs its own SIGTERM handler (it dumps a stack and exits 1): make
+    # SIGTERM an interruption again, so the driver releases its lock and exits 130 as on Ctrl-C
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail within seconds on an ``--address`` nothing listens at (``ray.init`` would retry for
+    minutes). ``auto`` and addresses without a port are left to Ray."""
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)/?", address.strip())
+    if not match:
+        return
+    host, port = match[1], int(match[2])
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise BadInput(f"--address {address!r}: cannot reach a Ray cluster there ({type(exc).__name__}: {exc}); "
+                       "fix: check the head node's address and port (`ray status` on it), or leave --address "
+                       "and RAY_ADDRESS unset to start a local cluster") from None
+
+
+def cluster_autoscaler() -> tuple[bool, dict[str, float] | None]:
+    """Whether the connected cluster has an autoscaler, and the most resources it can grow to
+    (None: not known). Read from what Ray keeps in the GCS, through internals no public API
+    offers yet (ray-project/ray#37838): the cluster config a platform such as KubeRay reports
+    (``get_max_resources_from_cluster_config``), else the monitor's status
+    (``policy.autoscaler_in_status``). Whatever fails to read means "no autoscaler known"."""
+    try:
+        reachable = ray._private.state.state.get_max_resources_from_cluster_config()
+        if reachable:
+            return True, {name: float(amount) for name, amount in reachable.items()}
+        from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        status = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
+        return autoscaler_in_status(json.loads(status) if status else None), None
+    except Exception as exc:  # noqa: BLE001 - Ray internals: an unreadable answer is no autoscaler
+        log.debug("could not tell whether the cluster has an autoscaler: %s", describe(exc))
+        return False, None
+
+
+def fit_workers(spec: JobSpec) -> int:
+    """As many workers as asked for, but no more than the cluster can place (else they would
+    wait for resources forever); on a cluster with an autoscaler, first ask it for what they
+    need and wait (``resources.autoscaler_wait_s`` at most) — ``policy.place_workers`` decides."""
+    res = spec.resources
+    need = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker > 0 else {})}
+    autoscaler, reachable = cluster_autoscaler()
+    started = time.monotonic()
+    requested = 0
+    try:
+        while True:
+            placement = place_workers(res.workers, need, ray.cluster_resources(), autoscaler=autoscaler,
+                                      reachable=reachable, waited_s=time.monotonic() - started,
+                                      wait_s=res.autoscaler_wait_s)
+            if not placement.wait:
+                break
+            if placement.target != requested:
+                request_resources(bundles=[need] * placement.target)
+                requested = placement.target
+                log.warning("%s …", placement.message)
+            time.sleep(AUTOSCALER_POLL_S)
+    finally:
+        if requested:  # the workers' own demand keeps what they were placed on
+            request_resources(bundles=[])
+    if placement.workers < 1:
+        raise BadInput(placement.message)
+    if placement.message:
+        log.warning("%s", placement.message)
+    return placement.workers
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1][:300] if text else type(exc).__name__

@@ -1,0 +1,310 @@
+"""Running one shard in a worker: batches generated, images encoded and stored, the shard committed."""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import pyarrow as pa
+import socket
+import threading
+import time
+from PIL import Image
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TYPE_CHECKING
+from sdbatch.output import encode
+from sdbatch.data.index import index_schema, STATUS_FAILED, STATUS_OK
+from sdbatch.data.record import ImageRecord, index_row
+from sdbatch.data.row import Row
+from sdbatch.output.commits import commit_shard, metadata_key, read_commit, read_shard_index
+from sdbatch.output.layout import layout_for, ShardWriter
+from sdbatch.output.quality import measure_image
+from sdbatch.run.feed import _init_image_fix, InitImageLoader
+from sdbatch.run.plan import batch_id, canonical_batches, ShardSpec
+from sdbatch.run.protocol import describe, is_transient, PipelineError, RowError, ShardResult
+from sdbatch.spec import JobSpec
+from sdbatch.storage.base import Storage, StorageError
+from sdbatch.storage.open import read_uri
+
+if TYPE_CHECKING:
+    from sdbatch.models.adapter import GeneratedBatch
+    from sdbatch.models.clip_score import ClipScorer
+    from sdbatch.models.runtime import Generator
+    import numpy as np
+
+log = logging.getLogger("sdbatch.worker")
+
+
+BatchCallback = Callable[[int, int], None]  # (rows done, rows failed) since the last call
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    sha256: str  # of this row's bytes
+    size: int
+    quality: dict[str, Any]  # the quality columns (sdbatch.quality), measured on the pixels
+
+
+@functools.cache
+def encode_pool(workers: int) -> ProcessPoolExecutor:
+    """The processes that encode images, shared by every ShardRunner of this process. Spawned,
+    not forked: a worker process runs threads (Ray's, the store pool's) that a fork would copy
+    mid-flight. Shut down at exit before multiprocessing's own atexit hook joins its children:
+    ``cli.main`` (and the test session) run the atexit handlers before threading's shutdown,
+    which would otherwise leave the idle encoders waiting for work and the join hanging."""
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    atexit.register(pool.shutdown, wait=True, cancel_futures=True)
+    return pool
+
+
+def encode_workers(cpus_per_worker: float) -> int:
+    return max(1, int(cpus_per_worker))
+
+
+class ShardRunner:
+    def __init__(
+        self,
+        generator: Generator,
+        storage: Storage,
+        spec: JobSpec,
+        worker_name: str = "",
+        endpoint_url: str | None = None,
+        scorer: ClipScorer | None = None,
+        passthrough: dict[str, pa.DataType] | None = None,
+        *,
+        job_fingerprint: str,
+    ):
+        """``passthrough``: the manifest's passthrough columns and their types
+        (``manifest.passthrough_types``), the last columns of every shard index written."""
+        self.generator = generator
+        self.scorer = scorer
+        self.job_fingerprint = job_fingerprint  # stamped on every commit this runner writes
+        self.index_schema = index_schema(passthrough or {})
+        self.storage = storage
+        self.layout = layout_for(storage, spec.output)
+        self.spec = spec
+        self.worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
+        self.endpoint_url = endpoint_url
+        encoders = encode_workers(spec.resources.cpus_per_worker)
+        self.encoder = encode_pool(encoders)
+        # each store thread waits for its image's encoding, then hashes and writes it
+        threads = spec.resources.upload_threads + encoders
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="sdbatch-io")
+        # bounds generated-but-unwritten images held in memory
+        self._in_flight = threading.BoundedSemaphore(threads * 2)
+        self.init_images = InitImageLoader(self._load_init_image, self.pool, spec.resources.init_image_limit,
+                                           spec.resources.batch_size)
+
+    def _load_init_image(self, row: Row) -> tuple[Image.Image, str]:
+        """(image, sha256 hex of the bytes read), or RowError (or a transient StorageError)."""
+        limits = self.spec.limits
+        where = f"row {row.id}: init_image {row.init_image!r}"
+        try:
+            data = read_uri(row.init_image, endpoint_url=self.endpoint_url, max_bytes=limits.max_init_image_bytes)
+            with Image.open(io.BytesIO(data)) as image:  # reads the header only
+                pixels = image.width * image.height
+                if pixels > limits.max_pixels:
+                    raise RowError(
+                        f"{where} is {image.width}x{image.height} = {pixels:,} pixels, over limits.max_pixels "
+                        f"({limits.max_pixels:,}); fix: downscale it, or raise limits.max_pixels"
+                    )
+                image.load()
+                return image.copy(), hashlib.sha256(data).hexdigest()
+        except StorageError as exc:
+            if exc.transient:
+                raise  # a storage outage is not the row's fault: retry the shard
+            raise RowError(f"{where}: {describe(exc)}; fix: {_init_image_fix(exc)}") from None
+        except Image.UnidentifiedImageError:  # its message is the repr of our BytesIO: say it plainly
+            raise RowError(f"{where}: UnidentifiedImageError: cannot identify the image format of its "
+                           f"{len(data):,} bytes; fix: replace it with a PNG, JPEG or WebP file") from None
+        except Image.DecompressionBombError as exc:
+            raise RowError(f"{where}: {describe(exc)}; fix: downscale the image (it decodes to too many pixels)") from None
+        except (OSError, ValueError, SyntaxError) as exc:  # what Pillow raises for unreadable or truncated images
+            raise RowError(f"{where}: {describe(exc)}; fix: replace it with a readable PNG, JPEG or WebP file") from None
+
+    def _store_image(self, writer: ShardWriter, row: Row, pixels: np.ndarray, record: ImageRecord) -> StoredImage:
+        """Encode ``row``'s image and hand it to the layout's writer (create-once for files);
+        also measures its quality columns while its pixels are here."""
+        try:
+            quality = measure_image(Image.fromarray(pixels), self.spec.scoring.blank_max_std)
+            out = self.spec.output
+            embedded = record.to_embedded()
+            data = self.encoder.submit(
+                encode.encode_image, pixels, embedded,
+                fmt=out.image_format, png_compress_level=out.png_compress_level, quality=out.quality,
+            ).result()
+            sha = hashlib.sha256(data).hexdigest()
+            writer.add(row.id, data, sha, embedded)
+            return StoredImage(sha, len(data), quality)
+        finally:
+            self._in_flight.release()
+
+    def run_shard(
+        self, shard: ShardSpec, rows: list[Row], attempt: int = 1, on_batch: BatchCallback | None = None,
+        upcoming: Callable[[], list[Row] | None] | None = None, *, retry: bool = False,
+        on_generated: Callable[[], None] | None = None,
+    ) -> ShardResult:
+        """Generate, store and commit ``rows``: a whole shard (skipped if an earlier attempt
+        committed it), or (``retry``, --retry-failed) some rows of a committed shard, whose
+        commit is then replaced by one with their new entries in place of the old, every
+        other entry kept as it was. ``upcoming``: the rows of the shard this worker runs next,
+        if already read (``ShardFeed.upcoming``): its first batch's init images are read while
+        this shard's last batch generates. ``on_generated`` is called once the model has made the
+        last image (stores and the commit may still be running)."""
+        try:
+            return self._run_shard(shard, rows, attempt, on_batch, upcoming, retry, on_generated)
+        finally:  # whatever happened, none of its init images stays held (some may have been read ahead)
+            self.init_images.release(rows)
+
+    def _run_shard(
+        self, shard: ShardSpec, rows: list[Row], attempt: int, on_batch: BatchCallback | None,
+        upcoming: Callable[[], list[Row] | None] | None, retry: bool, on_generated: Callable[[], None] | None,
+    ) -> ShardResult:
+        started = time.perf_counter()
+        result = ShardResult(shard=shard.name, worker=self.worker_name)
+        previous = read_commit(self.storage, shard.name, self.job_fingerprint) if retry else None
+        if previous is None and self.storage.exists(metadata_key(shard.name)):
+            read_shard_index(self.storage, shard.name, self.job_fingerprint)  # ForeignCommit if not ours
+            result.committed = False
+            return result
+        unit = shard.name
+        if previous is not None:  # its own tar (webdataset) and batch ids, named by the rows retried
+            unit = f"{shard.name}-retry-{hashlib.sha256(json.dumps(sorted(r.id for r in rows)).encode()).hexdigest()[:8]}"
+        index_rows = self._generate(shard, rows, attempt, on_batch, result, unit, upcoming, on_generated)
+        if previous is not None:
+            fresh = {r["id"]: r for r in index_rows}
+            index_rows = [fresh.get(r["id"], r) for r in previous.records]
+        result.committed = commit_shard(self.storage, shard.name, index_rows, self.index_schema, self.job_fingerprint,
+                                        replacing=previous)
+        result.wall_seconds = time.perf_counter() - started
+        return result
+
+    def _generate(
+        self, shard: ShardSpec, rows: list[Row], attempt: int, on_batch: BatchCallback | None,
+        result: ShardResult, unit: str, upcoming: Callable[[], list[Row] | None] | None,
+        on_generated: Callable[[], None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Generate and store ``rows``' images in canonical batches; returns their index rows.
+        ``unit`` names this run's batches (and its tar, webdataset). Each batch's init images
+        are read while the batch before it generates."""
+        writer = self.layout.writer(shard.name, unit)
+        index_rows: list[dict[str, Any]] = []
+        stored: list[tuple[Row, ImageRecord, float, Future, float | None]] = []
+
+        def fail_row(row: Row, error: str) -> None:
+            index_rows.append(index_row(row, shard.name, status=STATUS_FAILED, error=error, attempt=attempt, worker=self.worker_name))
+            result.rows_failed += 1
+
+        generate_started = time.perf_counter()
+        batches = canonical_batches(rows, self.spec.resources.batch_size)
+        for number, batch in enumerate(batches):
+            failed_before = result.rows_failed
+            loading = self.init_images.take(batch)
+            if number + 1 < len(batches):
+                self.init_images.ahead(batches[number + 1])
+            elif upcoming and (next_rows := upcoming()):  # the next shard's first batch
+                self.init_images.ahead(canonical_batches(next_rows, self.spec.resources.batch_size)[0])
+            good, images_in, init_hashes = [], [], {}
+            for row in batch:
+                try:
+                    image_in, init_hashes[row.id] = loading[row.id].result() if row.is_img2img else (None, None)
+                except RowError as exc:
+                    fail_row(row, str(exc))
+                    continue
+                good.append(row)
+                images_in.append(image_in)
+            if good:
+                bid = batch_id(unit, number)
+                handled: set[str] = set()  # rows of the parts generated before a pipeline exception
+                try:
+                    for part, generated, per_row in self._generate_fitting(good, images_in if good[0].is_img2img else None):
+                        batch_rows = [r.id for r in part]
+                        scores = (self.scorer.score([r.prompt for r in part], generated.images()) if self.scorer
+                                  else [None] * len(part))
+                        for i, (row, score) in enumerate(zip(part, scores)):
+                            if generated.errors[i]:
+                                index_rows.append(index_row(row, shard.name, status=STATUS_FAILED, error=generated.errors[i], attempt=attempt, worker=self.worker_name))
+                                result.rows_failed += 1
+                                continue
+                            record = ImageRecord.from_row(row, shard, bid, batch_rows, self.generator, init_hashes[row.id])
+                            self._in_flight.acquire()
+                            future = self.pool.submit(self._store_image, writer, row, generated.pixels[i], record)
+                            stored.append((row, record, per_row, future, score))
+                        handled.update(r.id for r in part)
+                except Exception as exc:  # noqa: BLE001 - any pipeline exception: retried once, then its rows fail
+                    if is_transient(exc):
+                        raise
+                    if attempt < min(2, self.spec.retries.shard_attempts):
+                        raise PipelineError(f"the pipeline raised for batch {bid} of shard {shard.name}: {describe(exc)}") from exc
+                    retried = "after a retry on a fresh worker" if attempt > 1 else "not retried: retries.shard_attempts=1"
+                    for row in good:
+                        if row.id not in handled:
+                            fail_row(row, f"row {row.id}: the pipeline raised {describe(exc)} for batch {bid} ({retried}); "
+                                          "fix: check this row's parameters and the model, then rerun with --retry-failed")
+            self.init_images.release(batch)
+            del loading, images_in  # the decoded images go with the last references to them
+            if on_batch:
+                failed = result.rows_failed - failed_before
+                on_batch(len(batch) - failed, failed)
+        result.generate_seconds = time.perf_counter() - generate_started
+        if on_generated:
+            on_generated()
+
+        done: list[tuple[Row, ImageRecord, float, StoredImage, float | None]] = []
+        for row, record, seconds, future, score in stored:
+            try:
+                done.append((row, record, seconds, future.result(), score))  # re-raises storage errors → shard retried
+            except encode.MetadataTooLarge as exc:
+                fail_row(row, f"row {row.id}: {describe(exc)}; fix: shorten its prompt or passthrough columns, "
+                              "or use --image-format png")
+        placed = writer.finish([row.id for row, *_ in done])
+        for row, record, seconds, image, score in done:
+            where = placed[row.id]
+            if where.error:
+                log.error("row %s: %s", row.id, where.error)
+                index_rows.append(record.to_index_row(status=STATUS_FAILED, error=where.error, key=where.key,
+                                                      attempt=attempt, worker=self.worker_name))
+                result.rows_failed += 1
+                continue
+            result.images_created += where.created
+            result.images_adopted += not where.created
+            index_rows.append(
+                record.to_index_row(
+                    status=STATUS_OK, error=None, key=where.key, sha256=image.sha256,
+                    bytes=image.size, attempt=attempt, worker=self.worker_name, generate_seconds=seconds,
+                    clip_score=score, **image.quality,
+                )
+            )
+            result.rows_ok += 1
+            result.prompts_truncated += record.prompt_truncated_at is not None
+        index_rows.sort(key=lambda r: r["row"])
+        return index_rows
+
+    def _generate_fitting(
+        self, rows: list[Row], init_images: list | None
+    ) -> list[tuple[list[Row], GeneratedBatch, float]]:
+        """Generate ``rows`` as one batch or, when the device runs out of memory, as halves
+        (recursively; one row that does not fit fails the shard). Returns (rows, their batch,
+        seconds per row) for each part generated."""
+        from sdbatch.models.runtime import OUT_OF_MEMORY_ERRORS, free_device_memory
+
+        t0 = time.perf_counter()
+        try:
+            generated = self.generator.generate(rows, init_images)
+        except OUT_OF_MEMORY_ERRORS:
+            if len(rows) == 1:
+                raise
+            free_device_memory()
+            half = (len(rows) + 1) // 2
+            log.warning("a batch of %d rows ran out of device memory: generating it as %d + %d rows",
+                        len(rows), half, len(rows) - half)
+            halves = [(rows[:half], init_images and init_images[:half]), (rows[half:], init_images and init_images[half:])]
+            return [part for sub, images in halves for part in self._generate_fitting(sub, images)]
+        return [(rows, generated, (time.perf_counter() - t0) / len(rows))]

@@ -1,0 +1,152 @@
+"""Running one shard end to end, and the Ray actor that holds one model replica to do it.
+
+``ShardRunner`` is the Ray-free core: it reads each batch's init images while the batch
+before it generates (``InitImageLoader``: at most ``resources.init_images_in_memory`` decoded
+at once, never a whole shard), generates the canonical batches on the calling thread (each batch comes back as one uint8 host array), and
+hands each image to the store pool: encoding runs in processes, one per CPU of the worker
+(Pillow's encoders hold the GIL: ``benchmarks/bench_png_gil.py``), hashing and the create-once
+writes on threads, so the model never waits for encoding or a PUT while the bounded queue has
+room. A batch that runs out of GPU memory is generated again in halves (each half is then its
+own batch, in ``batch_rows``); a row whose image came out NaN or black fails with that error.
+When every image is stored it writes the shard index — the commit. ``ShardFeed`` (Ray-free
+too) reads the worker's own rows from the manifest and reads the next shard ahead.
+``WorkerActor`` only wires them to Ray.
+
+Failure classes (DESIGN §4): a problem of one row (its init image, its metadata) fails that
+row with an error naming the exception, the row and the fix; an exception the pipeline
+raises for a batch is retried once, on a fresh worker (``PipelineError``), and then fails that
+batch's rows; transient failures (storage outages, CUDA out of memory) propagate so the
+driver re-queues the shard; the other rows of the shard commit in every case.
+"""
+
+from __future__ import annotations
+
+import ray
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TYPE_CHECKING
+from sdbatch.run import metrics
+from sdbatch.manifest.reader import passthrough_types
+from sdbatch.manifest.sources import Manifest
+from sdbatch.run.feed import ShardFeed
+from sdbatch.run.plan import ShardSpec
+from sdbatch.run.protocol import ShardResult
+from sdbatch.run.shard_runner import ShardRunner
+from sdbatch.spec import JobSpec
+from sdbatch.storage.open import open_storage
+
+if TYPE_CHECKING:
+    pass
+
+
+#: Shards one actor holds at once: one generating and the one after it, which starts generating
+#: as soon as the model is free — while the first one's last images are stored and committed.
+SHARDS_PER_ACTOR = 2
+
+
+@ray.remote(concurrency_groups={"prefetch": 1, "shards": SHARDS_PER_ACTOR})
+class WorkerActor:
+    """One model replica. The driver calls ``run_shard`` with a shard's row range; the actor
+    reads the rows from the manifest it was given at start (``ShardFeed``). ``prefetch``
+    (its own thread) tells it which shard comes next, so its rows are read meanwhile. Two
+    ``run_shard`` calls run at once and take turns at the model in the order the driver handed
+    them out (``turn``): the model never waits for a shard's stores and commit, nor for the
+    driver's next call."""
+
+    def __init__(self, spec_json: str, out_url: str, endpoint_url: str | None, tracker: Any, manifest: Manifest,
+                 job_fingerprint: str, model_pin: str, refiner_pin: str | None = None):
+        # the driver's clock for retries.load_timeout_s starts now: a load that hangs (a stuck
+        # read, a stopped process) is judged by it, since ready() never answers. Waited for, so
+        # the report is delivered before anything can hang
+        ray.get(tracker.loading.remote(ray.get_runtime_context().get_actor_id()))
+        import torch
+
+        from sdbatch.models.runtime import Generator
+
+        spec = JobSpec.model_validate_json(spec_json)
+        metrics.start(out_url)
+        torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
+        generator = Generator.load(
+            spec.model.name, pin=model_pin, device=spec.model.device, dtype=spec.model.dtype,
+            endpoint_url=endpoint_url, loras=spec.loras, compile=spec.model.compile,
+            refiner=spec.model.refiner, refiner_pin=refiner_pin,
+        )
+        storage = open_storage(
+            out_url,
+            endpoint_url=endpoint_url,
+            max_attempts=spec.retries.storage_attempts,
+            max_pool_connections=spec.resources.upload_threads,
+        )
+        scorer = None
+        if spec.scoring.clip_model:
+            from sdbatch.models.clip_score import ClipScorer
+
+            scorer = ClipScorer.load(spec.scoring.clip_model, device=generator.info.device, endpoint_url=endpoint_url)
+        self.runner = ShardRunner(generator, storage, spec, endpoint_url=endpoint_url, scorer=scorer,
+                                  passthrough=passthrough_types(manifest), job_fingerprint=job_fingerprint)
+        self.feed = ShardFeed(manifest, spec, endpoint_url)
+        self.tracker = tracker
+        self._turns = threading.Condition()
+        self._turn = 0  # the turn that may use the model now
+
+    def ready(self) -> dict[str, Any]:
+        info = self.runner.generator.info
+        return {"worker": self.runner.worker_name, "model_fingerprint": info.fingerprint, "model_pin": info.pin,
+                "refiner_pin": info.refiner_pin,
+                "device": info.device, "dtype": info.dtype, "versions": info.versions}
+
+    @ray.method(concurrency_group="prefetch")
+    def prefetch(self, shard: ShardSpec, retry_ids: frozenset[str] | None = None) -> None:
+        self.feed.prefetch(shard, retry_ids)
+
+    @ray.method(concurrency_group="shards")
+    def run_shard(
+        self, shard: ShardSpec, turn: int, attempt: int, retry_ids: frozenset[str] | None = None,
+        not_after: float | None = None,
+    ) -> ShardResult:
+        """Run one shard (or, ``retry_ids``, regenerate those rows of a committed one).
+        The driver hands shards ahead, so a call may wait in this actor's queue: if it only
+        reaches the front at or after ``not_after`` (the job's ``--deadline``, epoch seconds)
+        it is not started and comes back ``deferred``, with nothing generated or written and
+        no progress reported. A shard that has started always runs to its commit. "Reaches
+        the front" means: gets its turn at the model (``turn``: how many calls the driver handed
+        this actor before this one)."""
+        with self._turns:
+            self._turns.wait_for(lambda: self._turn == turn)
+        holding = [True]
+
+        def free_model() -> None:
+            with self._turns:
+                if holding[0]:
+                    holding[0] = False
+                    self._turn += 1
+                    self._turns.notify_all()
+
+        try:
+            return self._run_shard(shard, attempt, retry_ids, not_after, free_model)
+        finally:
+            free_model()
+
+    def _run_shard(
+        self, shard: ShardSpec, attempt: int, retry_ids: frozenset[str] | None, not_after: float | None,
+        free_model: Callable[[], None],
+    ) -> ShardResult:
+        name = self.runner.worker_name
+        if not_after is not None and time.time() >= not_after:
+            self.runner.init_images.release(self.feed.drop(shard, retry_ids))  # read ahead, if it was
+            return ShardResult(shard=shard.name, committed=False, worker=name, deferred=True)
+
+        batch_started = [0.0]  # when the batch being reported began (metrics)
+
+        def report(done: int, failed: int) -> None:
+            self.tracker.report.remote(name, shard.name, done, failed)
+            now = time.monotonic()
+            metrics.batch_finished(now - batch_started[0], done)
+            batch_started[0] = now
+
+        self.tracker.report.remote(name, shard.name, 0, 0)  # marks the shard as started, for the watchdog
+        rows = self.feed.take(shard, retry_ids)
+        batch_started[0] = time.monotonic()
+        return self.runner.run_shard(shard, rows, attempt, on_batch=report, upcoming=self.feed.upcoming,
+                                     retry=retry_ids is not None, on_generated=free_model)
