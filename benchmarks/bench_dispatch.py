@@ -11,7 +11,7 @@ measuring child inherits none of its memory). The child reports:
   cluster excluded), ÷ shards dispatched;
 * driver peak RSS: the child's ``ru_maxrss`` (Ray's core worker included).
 
-Targets (DESIGN §7): ≤ 2 ms driver CPU per shard; memory flat in manifest size (< 300 MiB with
+Targets (design.md §10): ≤ 2 ms driver CPU per shard; memory flat in manifest size (< 300 MiB with
 10,000,000 rows planned). ``--seconds S`` stops the run S seconds after it starts (its
 ``--deadline``): with a large ``--rows`` that measures a driver holding the whole plan.
 

@@ -6,7 +6,7 @@ downloads), fp16, 20 steps, batch 8 and 16, compile off and on, three contenders
   runner  ``worker.ShardRunner`` in-process: generate, encode, store and commit to a local dir;
   job     ``sdbatch submit`` (Ray, one GPU worker), steady-state rate from its commit times.
 
-Prints images/s per contender and the ratios to ``bare`` (targets, DESIGN §7: job ≥ 0.95 ×
+Prints images/s per contender and the ratios to ``bare`` (targets, design.md §10: job ≥ 0.95 ×
 bare; SD 1.5 512² ≥ 11 img/s per H100-class GPU; SDXL 1024² ≥ 2.4 img/s per H200). Meant to
 take ≤ 8 minutes on one H100/H200 (``--compile off`` for a shorter first look):
 

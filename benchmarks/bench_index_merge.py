@@ -1,4 +1,4 @@
-"""Benchmark: the final index merge, streaming vs in memory (DESIGN §7: bounded driver memory).
+"""Benchmark: the final index merge, streaming vs in memory (design.md §10: bounded driver memory).
 
 Builds a local job output with ``--rows`` committed rows in shards of ``--rows-per-shard``
 (realistic index columns: ~90-character prompts, sha256s, keys, a versions JSON, an

@@ -4,7 +4,7 @@ same images on the same machine, in one run.
 
 A job's steady-state rate comes from its commit times (the mtimes of ``metadata/NNNNN.parquet``):
 rows committed after the first shard ÷ time from the first commit to the last — start-up
-(Ray, the actor, the encode processes) excluded. The target (DESIGN §7): with 2 CPUs the job
+(Ray, the actor, the encode processes) excluded. The target (design.md §10): with 2 CPUs the job
 sustains ≥ 1.0× the single-thread encode rate, and it scales with CPUs.
 
     python benchmarks/bench_machinery.py [--rows-512 384] [--rows-1024 128] [--rows-per-shard 64] [--batch-size 8]

@@ -1,4 +1,4 @@
-"""Machinery overhead (DESIGN §7): sdbatch versus a bare diffusers loop and a naive loop.
+"""Machinery overhead (design.md §10): sdbatch versus a bare diffusers loop and a naive loop.
 
 Target: "an sdbatch job must reach >= 95% of the images/s of a bare diffusers loop over the
 same model and batch size, and beat a naive loop that also encodes and writes each image in

@@ -1,4 +1,4 @@
-"""The exit codes and the error base every documented condition derives from (DESIGN §4).
+"""The exit codes and the error base every documented condition derives from (design.md §7.2).
 
 A leaf module (stdlib only), so every other module may import it. Each documented failure
 raises a subclass of ``SdbatchError`` whose message says what is wrong, where, and the fix;

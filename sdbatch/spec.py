@@ -25,6 +25,7 @@ from sdbatch.data.samplers import SCHEDULERS
 from sdbatch.errors import BadInput
 from sdbatch.models.families import ModelTraits
 from sdbatch.data.loras import LoraError, parse_declaration
+from sdbatch.storage.locations import is_s3
 
 
 class SpecError(BadInput, ValueError):
@@ -201,7 +202,7 @@ class JobSpec(_Section):
                 raise ValueError(str(exc).replace("--lora", "loras:")) from None
             if not path.endswith(".safetensors"):
                 raise ValueError(f"loras: {name}={path}: only .safetensors files are loaded (pickle checkpoints are refused)")
-        return {name: path if path.startswith("s3://") else str(Path(path).expanduser().absolute())
+        return {name: path if is_s3(path) else str(Path(path).expanduser().absolute())
                 for name, path in loras.items()}
 
     @model_validator(mode="after")
@@ -223,7 +224,7 @@ class JobSpec(_Section):
         """A local or built-in model's native size fills an unset default width/height (an
         ``s3://`` model's is read at submit: ``with_native_size``). A folder that cannot be
         read is left for the model preflight to report."""
-        if (self.defaults.width is None or self.defaults.height is None) and not self.model.name.startswith("s3://"):
+        if (self.defaults.width is None or self.defaults.height is None) and not is_s3(self.model.name):
             from sdbatch.models.errors import FamilyError
             from sdbatch.models.families import local_traits
             from sdbatch.models.builtin import local_model_dir

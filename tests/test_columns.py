@@ -21,7 +21,7 @@ from sdbatch.data.row import Row
 from sdbatch.manifest.sources import open_manifest
 from sdbatch.manifest.reader import read_rows
 from sdbatch.manifest.validate import validate_manifest
-from sdbatch.manifest.builder import _COLUMN_TYPES
+from sdbatch.manifest.builder import COLUMN_TYPES
 from sdbatch.data.record import embedded_record, row_from_stored
 from sdbatch.data.index import INDEX_COLUMN_TYPES
 from sdbatch.spec import JobSpec, RowDefaults, SpecError, load_spec
@@ -44,7 +44,7 @@ def test_spec_defaults_are_the_table_defaults():
 def test_row_builder_and_index_types_are_the_table_types():
     assert [f.name for f in dataclasses.fields(Row)][1:-1] == sorted(
         C.KNOWN_COLUMNS, key=lambda n: C.COLUMN[n].nullable or C.COLUMN[n].recorded_when_set or C.COLUMN[n].row is not None)
-    assert _COLUMN_TYPES == C.arrow_types()
+    assert COLUMN_TYPES == C.arrow_types()
     assert {n: INDEX_COLUMN_TYPES[n] for n in C.KNOWN_COLUMNS} == index_types()
     assert list(INDEX_COLUMN_TYPES)[:2] == ["id", "row"]
     assert set(a_row().parameters()) == {"row", *C.KNOWN_COLUMNS}

@@ -1,4 +1,4 @@
-"""Failures land where they belong (issue 11, DESIGN §4): a problem of one row fails that row
+"""Failures land where they belong (issue 11, design.md §7.1): a problem of one row fails that row
 with a precise error and the rest of its shard commits; an exception the pipeline raises for
 a batch is retried once and then fails only that batch's rows; documented conditions end as
 ``error: …`` with their exit code, never a traceback."""

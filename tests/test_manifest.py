@@ -1,4 +1,4 @@
-"""Manifest contract (DESIGN §2): reading, seeds, and the bad-input corpus of issue 3.
+"""Manifest contract (design.md §3): reading, seeds, and the bad-input corpus of issue 3.
 
 Every bad input must produce a report that names the row, the column and the rule — through
 the Python API here, and through the CLI (exit code 2, OUT untouched) at the end.
@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from sdbatch.cli.app import app as cli_app
 
-from sdbatch.manifest.hashing import _DistinctCounter, _hash_strings
+from sdbatch.manifest.hashing import DistinctCounter, hash_strings
 from sdbatch.manifest.report import ValidationReport
 from sdbatch.manifest.sources import Manifest, ManifestError, open_manifest
 from sdbatch.manifest.report import RowIssue
@@ -258,21 +258,21 @@ def test_summary(tmp_path):
 
 
 def test_distinct_prompts_estimate_is_close_for_many_prompts():
-    counter = _DistinctCounter()
+    counter = DistinctCounter()
     for lo in range(0, 300_000, 50_000):
-        counter.add(_hash_strings(pa.array([f"prompt {i}" for i in range(lo, lo + 50_000)])))
+        counter.add(hash_strings(pa.array([f"prompt {i}" for i in range(lo, lo + 50_000)])))
     est, approx = counter.estimate()
     assert approx and abs(est - 300_000) / 300_000 < 0.03
 
 
 def test_hash_strings_matches_equal_strings_only():
     a = pa.array(["ab", "", None, "ba", "x" * 5000, "ab"] + [f"s{i}" for i in range(20000)])
-    h = _hash_strings(a)
+    h = hash_strings(a)
     assert h[0] == h[5] and h[0] != h[3] and h[1] == h[2]
     assert len(set(h.tolist())) == len(h) - 2
-    assert _hash_strings(a.slice(5, 3))[0] == h[0]
+    assert hash_strings(a.slice(5, 3))[0] == h[0]
     big = pa.array(["y" * (2 << 20), "ab"])  # one string longer than a hashing slice
-    assert _hash_strings(big)[1] == h[0]
+    assert hash_strings(big)[1] == h[0]
 
 
 # --- the bad-input corpus (Python API) ----------------------------------------------------------

@@ -18,6 +18,7 @@ from sdbatch.output.layout import Layout, layout_for
 from sdbatch.spec import JobSpec
 from sdbatch.storage.base import NotFound, Storage
 from sdbatch.storage.open import open_storage
+from sdbatch.storage.locations import has_scheme
 
 
 class AuditError(BadInput, ValueError):
@@ -45,7 +46,7 @@ class JobOutput:
     def init_image_places(self) -> InitImagePlaces:
         """Where the job read init images from (submit's rule, from job.json)."""
         pin = self.job.manifest
-        local_files = [f for f in pin.files if "://" not in f]
+        local_files = [f for f in pin.files if not has_scheme(f)]
         # a job.json of an older sdbatch has no base_dir: its files' common folder is never wider
         base_dir = pin.base_dir or (os.path.commonpath([os.path.dirname(f) for f in local_files]) if local_files else None)
         return init_image_places(base_dir, self.spec, [self.storage.url, self.spec.model.name, pin.source])

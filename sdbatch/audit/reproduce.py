@@ -1,4 +1,21 @@
-"""Reproducing rows: regenerate an image from its record and compare the bytes (design.md §4.3)."""
+"""Reproducing rows: regenerate one image from the output's metadata alone and compare bytes.
+
+``reproduce_row`` imports the model runtime only when it needs the model.
+
+How an image is rebuilt (design.md §4.3): the target row's JSON record (embedded in the stored
+image when its bytes are the ones the index recorded, else rebuilt from the index: an image
+is never trusted over the job's own record) and ``job.json`` (model, output format and
+encoder settings) give everything; the rows named in the record's ``batch_rows`` are rebuilt
+from the index, in order, so the batch that is regenerated is the batch that ran. The job's
+model (job.json, or ``--model``) is loaded on the recorded device and dtype, its fingerprint
+is checked against the recorded one, the batch is generated, and the target image is encoded
+with the *same record* — so the bytes match exactly when, and only when, the pixels match.
+img2img rows re-read their init image from the recorded location (an absolute path or
+``s3://`` URI), only inside the places the job read init images from (submit's rule, from
+``job.json``) and up to ``limits.max_init_image_bytes``; if it is gone the row cannot be
+reproduced, and if its content changed since the job ran (its bytes' sha256 differs from the
+recorded ``init_image_sha256``) the result says so in a note: the regenerated image is
+expected to differ."""
 
 from __future__ import annotations
 

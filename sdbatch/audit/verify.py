@@ -1,24 +1,6 @@
-"""Auditing a job's output: ``verify`` (every indexed object is there, intact) and
-``reproduce`` (regenerate one image from the output's metadata alone and compare bytes).
-
-Nothing here imports torch at module level: ``verify`` without regeneration is pure storage
-and Parquet work; ``reproduce_row`` imports ``sdbatch.generate`` only when it needs the model.
-
-How an image is rebuilt (DESIGN §3): the target row's JSON record (embedded in the stored
-image when its bytes are the ones the index recorded, else rebuilt from the index: an image
-is never trusted over the job's own record) and ``job.json`` (model, output format and
-encoder settings) give everything; the rows named in the record's ``batch_rows`` are rebuilt
-from the index, in order, so the batch that is regenerated is the batch that ran. The job's
-model (job.json, or ``--model``) is loaded on the recorded device and dtype, its fingerprint
-is checked against the recorded one, the batch is generated, and the target image is encoded
-with the *same record* — so the bytes match exactly when, and only when, the pixels match.
-img2img rows re-read their init image from the recorded location (an absolute path or
-``s3://`` URI), only inside the places the job read init images from (submit's rule, from
-``job.json``) and up to ``limits.max_init_image_bytes``; if it is gone the row cannot be
-reproduced, and if its content changed since the job ran (its bytes' sha256 differs from the
-recorded ``init_image_sha256``) the result says so in a note: the regenerated image is
-expected to differ.
-"""
+"""``verify``: every indexed object of a job's output is there and intact (its bytes hash to the
+recorded sha256), the index agrees with the shards' commits, and — with ``--reproduce`` —
+a sample of rows regenerates to the same bytes (``reproduce``, which imports torch only then)."""
 
 from __future__ import annotations
 
@@ -61,7 +43,7 @@ class VerifyReport:
 
     @property
     def clean(self) -> bool:
-        """Orphans do not count: readers trust the index, never a listing (DESIGN §4)."""
+        """Orphans do not count: readers trust the index, never a listing (design.md §5.3)."""
         return not (self.missing or self.mismatched or self.duplicates or self.drift or self.regenerate_errors
                     or self.foreign or self.index_problems)
 

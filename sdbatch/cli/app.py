@@ -1,10 +1,10 @@
-"""The ``sdbatch`` command line: typer commands and the one error printer, no logic of its own.
+"""The ``sdbatch`` app: the typer application, its consoles and shared options, and the one error
+printer; the commands live in the modules beside it (registered by ``main``).
 
 Every command is registered through ``command``: a documented condition (an ``SdbatchError``)
 is printed as ``error: …`` and exits with its class's code (``sdbatch.errors``); Ctrl-C and
 SIGTERM exit 130; anything else is a bug (traceback, exit 1). ``--help``, ``validate`` and
-``status`` never import torch.
-"""
+``status`` never import torch."""
 
 from __future__ import annotations
 

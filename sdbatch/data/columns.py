@@ -1,17 +1,15 @@
-"""The column table and the sampler table: the one definition of every per-row manifest column
-and of every sampler.
+"""The column table: the one definition of every per-row manifest column.
 
-For each per-row column (DESIGN §2) a ``Column`` says its name, its Arrow type (what the
+For each per-row column (design.md §3.1) a ``Column`` says its name, its Arrow type (what the
 manifest builder writes and the index stores), which Arrow kinds a manifest may use for it,
 its job-spec default (``spec.RowDefaults`` is built from these), whether it is part of the
 batch key, its range rule and the fix to print, its ``--flag`` for ``sdbatch submit``, and its
-AUTOMATIC1111 infotext label. Manifest validation, ``manifest.Row``, the spec, the CLI, the
+AUTOMATIC1111 infotext label. Manifest validation, ``data.row.Row``, the spec, the CLI, the
 manifest builder, the index schema, the infotext and the audit's record rebuild all derive
 from ``COLUMNS``; adding a column is one entry here (and, if the pipeline must see it,
-generate.py).
+``models.runtime``).
 
-A leaf module: pyarrow only.
-"""
+A leaf module: pyarrow only."""
 
 from __future__ import annotations
 
@@ -66,14 +64,14 @@ class Range:
 class Column:
     name: str
     arrow_type: pa.DataType  # the manifest builder's type, and the index's
-    kinds: frozenset[str]  # Arrow kinds a manifest may use (see manifest._kind)
+    kinds: frozenset[str]  # Arrow kinds a manifest may use (see manifest.report.arrow_kind)
     expected: str  # "a string column": said when the kind is wrong
     type_fix: str
     default: Any = NO_DEFAULT  # the job-spec default (RowDefaults.<name>)
     spec_bounds: dict[str, float] = field(default_factory=dict)  # pydantic Field bounds on the default
     description: str = ""
     flag: str | None = None  # the ``sdbatch submit`` option setting defaults.<name>
-    batch_key: bool = False  # rows must agree on it to share one batch (DESIGN §3)
+    batch_key: bool = False  # rows must agree on it to share one batch (design.md §4.2)
     nullable: bool = False  # Row holds None for "not applicable" (init_image, strength)
     range: Range | None = None
     #: AUTOMATIC1111 infotext: label, rank in A1111's parameter order, and the value to write
@@ -265,7 +263,7 @@ COLUMNS: tuple[Column, ...] = (
 COLUMN: dict[str, Column] = {c.name: c for c in COLUMNS}
 
 
-#: The per-row columns of DESIGN §2. Every other manifest column is a passthrough column.
+#: The per-row columns of design.md §3.1. Every other manifest column is a passthrough column.
 KNOWN_COLUMNS: tuple[str, ...] = tuple(COLUMN)
 
 

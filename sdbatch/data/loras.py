@@ -1,10 +1,10 @@
 """Per-row LoRA adapters, torch-free: the ``loras`` column and ``<lora:NAME:SCALE>`` prompt tags,
-the job's adapter declarations (``loras: {NAME: PATH}`` / ``--lora NAME=PATH``) and their checks.
+the job's adapter declarations (``loras: {NAME: PATH}`` / ``--lora NAME=PATH``); parsing only
+(the adapter files' checks are ``models.pins``').
 
 A row's adapter set is a sorted tuple of ``(name, scale)``; it is part of the row's batch key.
 Tags are taken out of the prompt the text encoder reads (as AUTOMATIC1111 does), and written
-back into the infotext's prompt line with ``Lora hashes`` (``encode.infotext``).
-"""
+back into the infotext's prompt line with ``Lora hashes`` (``encode.infotext``)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from sdbatch.errors import BadInput
 TAG_RE = re.compile(r"<lora:([^<>]*)>")
 
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # no '.': a name is also a spec key (loras.NAME)
+ASSIGNMENT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # no '.': a name is also a spec key (loras.NAME)
 
 
 LoraSet = tuple[tuple[str, float], ...]
@@ -30,7 +30,7 @@ class LoraError(BadInput, ValueError):
 def _entry(text: str, where: str) -> tuple[str, float]:
     name, sep, scale_text = text.strip().partition(":")
     name = name.strip()
-    if not _NAME_RE.match(name):
+    if not ASSIGNMENT_RE.match(name):
         raise LoraError(f"{where} {text!r}: adapter names use letters, digits, '_' and '-' (1-64 characters)")
     if not sep:
         return name, 1.0
@@ -91,6 +91,6 @@ def format_set(loras: LoraSet) -> str:
 def parse_declaration(item: str) -> tuple[str, str]:
     """``--lora NAME=PATH``."""
     name, sep, path = item.partition("=")
-    if not sep or not _NAME_RE.match(name.strip()) or not path.strip():
+    if not sep or not ASSIGNMENT_RE.match(name.strip()) or not path.strip():
         raise LoraError(f"--lora {item!r}: expected NAME=PATH, e.g. --lora style=./style.safetensors")
     return name.strip(), path.strip()

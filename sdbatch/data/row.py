@@ -16,7 +16,7 @@ class _RowBehaviour:
         return self.init_image is not None
 
     def batch_key(self) -> tuple:
-        """Everything that must be equal for rows to share one GPU batch (DESIGN §3)."""
+        """Everything that must be equal for rows to share one GPU batch (design.md §4.2)."""
         return (*(getattr(self, name) for name in BATCH_KEY), self.is_img2img)
 
     def parameters(self) -> dict[str, Any]:

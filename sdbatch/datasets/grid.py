@@ -1,12 +1,12 @@
-"""X/Y grids, as AUTOMATIC1111's X/Y/Z plot: ``sdbatch manifest --grid seed=1-4 --grid
+"""Drawing X/Y grids, as AUTOMATIC1111's X/Y/Z plot: ``sdbatch manifest --grid seed=1-4 --grid
 guidance_scale=3,5,7`` repeats every prompt for each cell of the axes, and after the job
 ``sdbatch grid OUT -o DIR`` draws one labelled image per prompt (columns: X values; rows: Y). A cell whose stored image is not the
 bytes its index row recorded is drawn marked "not the indexed image" and named in a warning.
 
 A grid manifest records itself in two passthrough columns: ``grid_group`` (the prompt's number)
-and ``grid_axes`` (``"seed,guidance_scale"``); the cell values are the rows' own columns.
-No torch here.
-"""
+and ``grid_axes`` (``"seed,guidance_scale"``); the cell values are the rows' own columns. Parsing and expanding the axes is
+``manifest.axes``'.
+No torch here."""
 
 from __future__ import annotations
 

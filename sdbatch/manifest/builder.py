@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from sdbatch.data.row import default_row_id
 from sdbatch.manifest.templates import expand_template
-from sdbatch.manifest.values import _COLUMN_TYPES, _seed_count, _seeds_at, ManifestBuildError, parse_constant, parse_seeds
+from sdbatch.manifest.values import COLUMN_TYPES, seed_count, seeds_at, ManifestBuildError, parse_constant, parse_seeds
 
 
 MAX_ROWS = 100_000_000  # a guard against typos such as --seeds 0-9999999999
@@ -61,7 +61,7 @@ def _read_table_file(path: Path, mapping: Iterable[str]) -> pa.Table:
 
             parse = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",", newlines_in_values=True)
             # text columns stay text even when they look like numbers ("007", a prompt "1984")
-            text_cols = {sources.get(c, c): pa.string() for c, t in _COLUMN_TYPES.items() if t == pa.string()}
+            text_cols = {sources.get(c, c): pa.string() for c, t in COLUMN_TYPES.items() if t == pa.string()}
             convert = pacsv.ConvertOptions(column_types=text_cols, strings_can_be_null=True)  # empty cell = null = job default
             table = pacsv.read_csv(path, parse_options=parse, convert_options=convert)
         elif suffix in (".jsonl", ".ndjson", ".json"):
@@ -119,7 +119,7 @@ def _templates_table(templates: Sequence[str], **expand: Any) -> pa.Table:
 
 def _chunks(base: pa.Table, seed_ranges: list[tuple[int, int]] | None, chunk_rows: int) -> Iterator[pa.Table]:
     n = base.num_rows
-    k = _seed_count(seed_ranges) if seed_ranges else 1
+    k = seed_count(seed_ranges) if seed_ranges else 1
     total = n * k
     has_id = "id" in base.column_names
     width = max(8, len(str(n - 1)))
@@ -135,7 +135,7 @@ def _chunks(base: pa.Table, seed_ranges: list[tuple[int, int]] | None, chunk_row
             base_ids = [f"{i:0{width}d}" if width > 8 else default_row_id(i) for i in base_idx.tolist()]
         cols: dict[str, pa.Array] = {}
         if seed_ranges:
-            seeds = _seeds_at(seed_ranges, pos % k)
+            seeds = seeds_at(seed_ranges, pos % k)
             ids = [f"{b}-s{s}" for b, s in zip(base_ids, seeds.tolist())]
             cols["id"] = pa.array(ids, pa.string())
             cols["prompt"] = chunk.column("prompt")
@@ -189,7 +189,7 @@ def build_manifest(
         from sdbatch.manifest.axes import GridError, expand_grid, parse_axes
 
         try:
-            base = expand_grid(base, parse_axes(list(grid)), _COLUMN_TYPES)
+            base = expand_grid(base, parse_axes(list(grid)), COLUMN_TYPES)
         except GridError as exc:
             raise ManifestBuildError(str(exc)) from None
     if mapping and not table_file:
@@ -201,7 +201,7 @@ def build_manifest(
     clash = sorted(set(constants) & (set(base.column_names) | {"seed" if seed_ranges else ""}))
     if clash:
         raise ManifestBuildError(f"--column {clash[0]}: the manifest already has a {clash[0]!r} column")
-    total = base.num_rows * (_seed_count(seed_ranges) if seed_ranges else 1)
+    total = base.num_rows * (seed_count(seed_ranges) if seed_ranges else 1)
     if total > MAX_ROWS:
         raise ManifestBuildError(f"that makes {total:,} rows (limit {MAX_ROWS:,}); use fewer prompts or seeds, or split the job")
     if out.exists() and not overwrite:
@@ -213,7 +213,7 @@ def build_manifest(
     try:
         for chunk in _chunks(base, seed_ranges, chunk_rows=row_group_size * max(1, 262_144 // row_group_size)):
             for name, value in constants.items():
-                typ = _COLUMN_TYPES.get(name)
+                typ = COLUMN_TYPES.get(name)
                 chunk = chunk.append_column(name, pa.array([value] * chunk.num_rows, typ))
             if writer is None:
                 writer = pq.ParquetWriter(tmp, chunk.schema)

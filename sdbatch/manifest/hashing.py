@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import numpy as np
 import pyarrow as pa
-from sdbatch.manifest.reader import _decode, iter_row_batches
-from sdbatch.manifest.report import _repr_value, RowIssue
-from sdbatch.manifest.rules import _Collector
+from sdbatch.manifest.reader import plain_array, iter_row_batches
+from sdbatch.manifest.report import repr_value, RowIssue
+from sdbatch.manifest.rules import IssueCollector
 from sdbatch.manifest.sources import Manifest
 
 
@@ -36,7 +36,7 @@ def _pow_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
 _HASH_SLICE_BYTES = 1 << 20  # bounds the per-byte temporaries (8 bytes per text byte, a few arrays)
 
 
-def _hash_strings(arr: pa.Array) -> np.ndarray:
+def hash_strings(arr: pa.Array) -> np.ndarray:
     """A 64-bit hash of every string of ``arr`` (nulls hash like ''): a polynomial hash
     modulo 2**64 (made position-independent with the modular inverse of the odd base),
     then the splitmix64 finaliser. Rows are hashed in slices of about 1 MiB of text; a
@@ -89,7 +89,7 @@ def _poly_hash(data: np.ndarray, offs: np.ndarray) -> np.ndarray:
     return h
 
 
-class _DistinctCounter:
+class DistinctCounter:
     """Distinct count of 64-bit hashes: exact up to K values, then the K-minimum-values
     estimate (relative error about 1/sqrt(K) ≈ 0.4%)."""
 
@@ -117,7 +117,7 @@ class _DistinctCounter:
         return int(round((self.K - 1) / kth)), True
 
 
-def _find_duplicate_ids(manifest: Manifest, hashes: np.ndarray, valid: np.ndarray, coll: _Collector, batch_size: int) -> int:
+def find_duplicate_ids(manifest: Manifest, hashes: np.ndarray, valid: np.ndarray, coll: IssueCollector, batch_size: int) -> int:
     """Count rows whose id an earlier row already used (8-byte hash per row, sorted), and
     report the first ones, confirmed by their actual strings (a second pass over ``id``).
     Peak: three arrays of 8 bytes per row (hashes, a sorted copy, the stable sort order)."""
@@ -145,7 +145,7 @@ def _find_duplicate_ids(manifest: Manifest, hashes: np.ndarray, valid: np.ndarra
         n = rb.num_rows
         lo, hi = np.searchsorted(needed, [base, base + n])
         if hi > lo:
-            col = _decode(rb.column("id"))
+            col = plain_array(rb.column("id"))
             for r in needed[lo:hi].tolist():
                 v = col[r - base].as_py()
                 id_of[r] = str(v)
@@ -158,7 +158,7 @@ def _find_duplicate_ids(manifest: Manifest, hashes: np.ndarray, valid: np.ndarra
             count -= 1  # a 64-bit hash collision, not a duplicate
             continue
         if reported < coll.limit and not coll.full_before(r):
-            coll.kept.append(RowIssue(r, id_of[r], "id", _repr_value(id_of[r]),
+            coll.kept.append(RowIssue(r, id_of[r], "id", repr_value(id_of[r]),
                                       f"ids must be unique (also used by row {f})",
                                       "give each row its own id, or drop the id column to use row numbers"))
             reported += 1

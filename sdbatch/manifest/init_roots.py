@@ -6,13 +6,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from sdbatch.data.row import default_row_id
-from sdbatch.manifest.reader import _pylist, iter_row_batches, resolve_init_image
-from sdbatch.manifest.sources import _is_uri, _strip_file_scheme, Manifest, ManifestError
+from sdbatch.manifest.reader import column_pylist, iter_row_batches, resolve_init_image
+from sdbatch.manifest.sources import Manifest, ManifestError
 from sdbatch.spec import JobSpec
-
-
-def _s3_bucket(uri: str) -> str:
-    return uri[len("s3://"):].partition("/")[0]
+from sdbatch.storage.locations import is_remote, is_s3, local_path, s3_bucket
 
 
 @dataclass(frozen=True)
@@ -25,9 +22,9 @@ class InitImagePlaces:
     def resolve(self, where: str) -> tuple[str, bool]:
         """A resolved ``init_image`` location as it is read (local: symlinks resolved) and
         whether it lies in one of the places."""
-        if where.startswith("s3://"):
+        if is_s3(where):
             return where, any(where.startswith(r) for r in self.s3)
-        where = os.path.realpath(_strip_file_scheme(where))
+        where = os.path.realpath(local_path(where))
         return where, any(where == r or where.startswith(r.rstrip(os.sep) + os.sep) for r in self.local)
 
     def __str__(self) -> str:
@@ -38,10 +35,10 @@ def init_image_places(base_dir: str | None, spec: JobSpec, job_locations: list[s
     """Where the job already reads and writes: the manifest's folder (``base_dir``), the buckets
     of ``job_locations`` (its output, model, manifest), plus what ``limits.init_image_roots`` adds."""
     roots = [*([base_dir] if base_dir else []), *spec.limits.init_image_roots]
-    s3_roots = [f"s3://{_s3_bucket(loc)}/" for loc in job_locations if loc.startswith("s3://")]
+    s3_roots = [f"s3://{s3_bucket(loc)}/" for loc in job_locations if is_s3(loc)]
     return InitImagePlaces(
-        local=tuple(os.path.realpath(os.path.expanduser(_strip_file_scheme(r))) for r in roots if not _is_uri(r)),
-        s3=tuple(s3_roots + [r.rstrip("/") + "/" for r in spec.limits.init_image_roots if r.startswith("s3://")]),
+        local=tuple(os.path.realpath(os.path.expanduser(local_path(r))) for r in roots if not is_remote(r)),
+        s3=tuple(s3_roots + [r.rstrip("/") + "/" for r in spec.limits.init_image_roots if is_s3(r)]),
     )
 
 
@@ -56,8 +53,8 @@ def check_init_image_roots(manifest: Manifest, spec: JobSpec, job_locations: lis
     problems: list[str] = []
     row = 0
     for rb in iter_row_batches(manifest, columns=columns):
-        values = _pylist(rb.column(0), "init_image", row)
-        ids = _pylist(rb.column(1), "id", row) if len(columns) > 1 else [default_row_id(row + i) for i in range(len(values))]
+        values = column_pylist(rb.column(0), "init_image", row)
+        ids = column_pylist(rb.column(1), "id", row) if len(columns) > 1 else [default_row_id(row + i) for i in range(len(values))]
         for i, value in enumerate(values):
             if value is None:
                 continue

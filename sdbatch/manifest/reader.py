@@ -13,16 +13,17 @@ from typing import Any
 from sdbatch.data.columns import BATCH_KEY, COLUMNS, KNOWN_COLUMNS
 from sdbatch.data.loras import row_loras
 from sdbatch.data.row import default_row_id, derive_seed, Row
-from sdbatch.manifest.sources import _IGNORED_PREFIX, _is_uri, _open_parquet, _parquet_file, _pin_file, _s3_identity, Manifest, ManifestChanged, ManifestError
+from sdbatch.manifest.sources import IGNORED_PREFIX, open_parquet, parquet_file, pin_file, s3_identity, Manifest, ManifestChanged, ManifestError
 from sdbatch.spec import JobSpec
+from sdbatch.storage.locations import has_scheme, is_remote, is_s3
 
 
 def resolve_init_image(value: str, base_dir: str) -> str:
     """``init_image`` as a location: URIs (``s3://…``) as given, local paths made absolute
     relative to the manifest's ``base_dir``."""
-    if "://" in value:
+    if has_scheme(value):
         return value
-    if _is_uri(base_dir):
+    if is_remote(base_dir):
         return posixpath.normpath(base_dir.rstrip("/") + "/" + value.lstrip("/")).replace(":/", "://", 1)
     return os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
 
@@ -33,13 +34,13 @@ def iter_row_batches(
     """Every row of the manifest, file after file, as record batches of at most ``batch_size``
     rows (memory is bounded by one batch). ``columns`` limits what is read."""
     for path in manifest.files:
-        pf = _parquet_file(path, streaming=True)
+        pf = parquet_file(path, streaming=True)
         if pf.metadata.num_rows == 0:
             continue
-        yield from _guarded_batches(pf, path, batch_size, columns)
+        yield from guarded_batches(pf, path, batch_size, columns)
 
 
-def _guarded_batches(pf: pq.ParquetFile, path: str, batch_size: int, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+def guarded_batches(pf: pq.ParquetFile, path: str, batch_size: int, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
     """``iter_batches`` that turns a corrupt page into a ManifestError naming the file and row."""
     it = pf.iter_batches(batch_size=batch_size, columns=columns, use_threads=True)
     done = 0
@@ -54,7 +55,7 @@ def _guarded_batches(pf: pq.ParquetFile, path: str, batch_size: int, columns: li
         yield rb
 
 
-def _decode(arr: pa.Array) -> pa.Array:
+def plain_array(arr: pa.Array) -> pa.Array:
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     if pa.types.is_dictionary(arr.type):
@@ -62,8 +63,8 @@ def _decode(arr: pa.Array) -> pa.Array:
     return arr
 
 
-def _pylist(arr: pa.Array, column: str, first_row: int) -> list[Any]:
-    arr = _decode(arr)
+def column_pylist(arr: pa.Array, column: str, first_row: int) -> list[Any]:
+    arr = plain_array(arr)
     try:
         return arr.to_pylist()
     except UnicodeDecodeError:
@@ -101,8 +102,8 @@ class ManifestReader:
         pf = self._files.get(number)
         if pf is None:
             path = self.manifest.files[number]
-            pf, handle = _open_parquet(path, endpoint_url=self.endpoint_url)
-            pin = _pin_file(path, pf, hashlib.sha256(), handle, self.endpoint_url)
+            pf, handle = open_parquet(path, endpoint_url=self.endpoint_url)
+            pin = pin_file(path, pf, hashlib.sha256(), handle, self.endpoint_url)
             self._handles[number] = (handle, self._witness(number, handle))
             self._refuse_unless(number, pin == self.manifest.file_pins[number])
             self._files[number] = pf
@@ -113,9 +114,9 @@ class ManifestReader:
         and modification time, an ``s3://`` object's identity (None for other remote files: their
         pin is checked at open)."""
         path = self.manifest.files[number]
-        if path.startswith("s3://"):
-            return _s3_identity(path, self.endpoint_url)
-        if _is_uri(path):
+        if is_s3(path):
+            return s3_identity(path, self.endpoint_url)
+        if is_remote(path):
             return None
         st = os.fstat(handle.fileno())
         return st.st_size, st.st_mtime_ns
@@ -146,7 +147,7 @@ class ManifestReader:
         manifest = self.manifest
         if not (0 <= start <= stop <= manifest.num_rows):
             raise ManifestError(f"row range [{start}, {stop}) is outside the manifest's 0..{manifest.num_rows} rows")
-        columns = [c for c in manifest.columns if not c.startswith(_IGNORED_PREFIX)]
+        columns = [c for c in manifest.columns if not c.startswith(IGNORED_PREFIX)]
         out: list[Row] = []
         file_start = 0
         for number, path in enumerate(manifest.files):
@@ -235,7 +236,7 @@ _RESOLVED_COLUMNS = ("id", "prompt", "seed", "init_image", "strength", "loras", 
 
 def _rows_from_table(table: pa.Table, first_row: int, manifest: Manifest, spec: JobSpec) -> list[Row]:
     n = table.num_rows
-    cols = {name: _pylist(table.column(name), name, first_row) for name in table.column_names}
+    cols = {name: column_pylist(table.column(name), name, first_row) for name in table.column_names}
     d = spec.defaults
     none = [None] * n
     plain: dict[str, list[Any]] = {}

@@ -24,7 +24,7 @@ class RowIssue:
         if self.row < 0:
             where = "job spec"
         else:
-            where = f"row {self.row}" + (f" (id {_repr_value(self.id)})" if self.id is not None else "")
+            where = f"row {self.row}" + (f" (id {repr_value(self.id)})" if self.id is not None else "")
         return f"{where}, column {self.column!r}: value {self.value} — rule: {self.rule} — fix: {self.fix}"
 
 
@@ -77,9 +77,9 @@ class ValidationReport:
         return "\n".join(line for line in lines if line is not None)
 
 
-def _kind(t: pa.DataType) -> str:
+def arrow_kind(t: pa.DataType) -> str:
     if pa.types.is_dictionary(t):
-        return _kind(t.value_type)
+        return arrow_kind(t.value_type)
     if pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", lambda _: False)(t):
         return "string"
     if pa.types.is_integer(t):
@@ -91,7 +91,7 @@ def _kind(t: pa.DataType) -> str:
     return "other"
 
 
-def _repr_value(v: Any, limit: int = 80) -> str:
+def repr_value(v: Any, limit: int = 80) -> str:
     if isinstance(v, (str, bytes)) and len(v) > limit - 20:
         r = repr(v[: limit - 24])
         return f"{r[:-1]}…{r[-1]} ({len(v):,} {'chars' if isinstance(v, str) else 'bytes'})"
@@ -99,10 +99,10 @@ def _repr_value(v: Any, limit: int = 80) -> str:
     return r if len(r) <= limit else r[: limit - 1] + "…"
 
 
-def _value_at(arr: pa.Array, i: int) -> str:
+def value_at(arr: pa.Array, i: int) -> str:
     try:
         v = arr[i].as_py()
     except UnicodeDecodeError:
         raw = arr.cast(pa.large_binary() if pa.types.is_large_string(arr.type) else pa.binary())[i].as_py()
-        return _repr_value(raw) + " (invalid UTF-8)"
-    return _repr_value(v)
+        return repr_value(raw) + " (invalid UTF-8)"
+    return repr_value(v)

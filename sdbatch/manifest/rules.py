@@ -14,13 +14,13 @@ from sdbatch.data.columns import Column, DEFAULTED, KNOWN_COLUMNS, suggest
 from sdbatch.data.index import RESERVED_COLUMNS
 from sdbatch.data.loras import LoraError, row_loras
 from sdbatch.data.row import default_row_id
-from sdbatch.manifest.reader import _decode
-from sdbatch.manifest.report import _kind, _repr_value, _value_at, RowIssue
+from sdbatch.manifest.reader import plain_array
+from sdbatch.manifest.report import arrow_kind, repr_value, value_at, RowIssue
 from sdbatch.manifest.sources import Manifest
 from sdbatch.spec import JobSpec
 
 
-class _Counts:
+class ValueCounts:
     """Value counts for the summary, capped in size."""
 
     CAP = 10_000
@@ -37,7 +37,7 @@ class _Counts:
                 self.counts[k] = self.counts.get(k, 0) + c
 
 
-class _Collector:
+class IssueCollector:
     """Counts every issue; keeps the first ``limit`` by (row, column) order."""
 
     def __init__(self, limit: int) -> None:
@@ -59,16 +59,16 @@ class _Collector:
         self._sort()
 
 
-class _Batch:
+class BatchUnderCheck:
     """One record batch under validation: its columns, decoded, and issue bookkeeping."""
 
-    def __init__(self, rb: pa.RecordBatch, base: int, skip: set[str], coll: _Collector) -> None:
+    def __init__(self, rb: pa.RecordBatch, base: int, skip: set[str], coll: IssueCollector) -> None:
         self.base = base
         self.n = rb.num_rows
         self.cols: dict[str, pa.Array] = {}
         for name in rb.schema.names:
             if name in KNOWN_COLUMNS and name not in skip:
-                self.cols[name] = _decode(rb.column(name))
+                self.cols[name] = plain_array(rb.column(name))
         self.coll = coll
         self.id_unknown = "id" in skip  # an id column of the wrong type: don't show a made-up id
         self.bad = np.zeros(self.n, dtype=bool)
@@ -77,7 +77,7 @@ class _Batch:
     def ids(self) -> pa.Array | None:
         if self._ids is None and "id" in self.cols:
             a = self.cols["id"]
-            self._ids = a if _kind(a.type) == "string" else a.cast(pa.string())
+            self._ids = a if arrow_kind(a.type) == "string" else a.cast(pa.string())
         return self._ids
 
     def id_at(self, i: int) -> str | None:
@@ -103,7 +103,7 @@ class _Batch:
         for i in idx[: coll.limit].tolist():
             if coll.full_before(self.base + i):
                 break
-            value = _value_at(values, i) if values is not None else "None"
+            value = value_at(values, i) if values is not None else "None"
             coll.kept.append(
                 RowIssue(
                     row=self.base + i,
@@ -117,13 +117,13 @@ class _Batch:
         coll._sort()
 
 
-def _np(arr: pa.Array, fill: Any, dtype: Any) -> np.ndarray:
+def filled_numpy(arr: pa.Array, fill: Any, dtype: Any) -> np.ndarray:
     if arr.null_count:
         arr = arr.fill_null(pa.scalar(fill, arr.type) if not pa.types.is_null(arr.type) else fill)
     return arr.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
 
 
-def _check_text(b: _Batch, column: str, limits: Any, required: bool) -> pa.Array | None:
+def check_text(b: BatchUnderCheck, column: str, limits: Any, required: bool) -> pa.Array | None:
     """Checks shared by prompt and negative_prompt; returns the array with invalid-UTF-8
     rows nulled (safe for further string kernels), or None when the column is absent."""
     arr = b.cols.get(column)
@@ -135,7 +135,7 @@ def _check_text(b: _Batch, column: str, limits: Any, required: bool) -> pa.Array
                    "give every row a prompt (or drop rows without one)", arr)
         return None
     nulls = arr.is_null()
-    arr = _check_utf8(b, column, arr)  # rows with invalid UTF-8 become null from here on
+    arr = check_utf8(b, column, arr)  # rows with invalid UTF-8 become null from here on
     if required:
         b.flag(column, nulls, f"{column} is required: every row needs a non-null text",
                "give every row a prompt (or drop rows without one)", arr)
@@ -157,7 +157,7 @@ def _check_text(b: _Batch, column: str, limits: Any, required: bool) -> pa.Array
     return arr
 
 
-def _check_utf8(b: _Batch, column: str, arr: pa.Array) -> pa.Array:
+def check_utf8(b: BatchUnderCheck, column: str, arr: pa.Array) -> pa.Array:
     try:
         arr.validate(full=True)
         return arr
@@ -183,7 +183,7 @@ def _check_utf8(b: _Batch, column: str, arr: pa.Array) -> pa.Array:
     return cleaned
 
 
-def _check_range(b: _Batch, column: Column, limits: Any) -> None:
+def check_range(b: BatchUnderCheck, column: Column, limits: Any) -> None:
     """A column's ``Range`` rule (column table) on every non-null value of the batch."""
     rule, arr, name = column.range, b.cols.get(column.name), column.name
     if rule is None or arr is None or pa.types.is_null(arr.type):
@@ -207,12 +207,12 @@ def _check_range(b: _Batch, column: Column, limits: Any) -> None:
     b.flag(name, bad, rule.text(name, limits), rule.fix_for)
 
 
-def _check_loras(b: _Batch, prompts: pa.Array | None, declared: dict[str, str]) -> None:
+def check_loras(b: BatchUnderCheck, prompts: pa.Array | None, declared: dict[str, str]) -> None:
     """The rows' adapter references (``loras`` column and ``<lora:…>`` prompt tags): well formed,
     declared by the job, one scale per adapter. Only rows that have any are looked at."""
     column = b.cols.get("loras")
     if column is not None and not pa.types.is_null(column.type):
-        column = _check_utf8(b, "loras", column)
+        column = check_utf8(b, "loras", column)
         given = pc.is_valid(column).to_numpy(zero_copy_only=False)
     else:
         column, given = None, np.zeros(b.n, dtype=bool)
@@ -230,11 +230,11 @@ def _check_loras(b: _Batch, prompts: pa.Array | None, declared: dict[str, str]) 
                    column if given[i] else prompts)
 
 
-def _check_spec_defaults(spec: JobSpec, coll: _Collector, samplers: tuple[str, ...]) -> None:
+def check_spec_defaults(spec: JobSpec, coll: IssueCollector, samplers: tuple[str, ...]) -> None:
     d, lim = spec.defaults, spec.limits
 
     def bad(key: str, value: Any, rule: str, fix: str) -> None:
-        coll.add(RowIssue(-1, None, f"defaults.{key}", _repr_value(value), rule, fix))
+        coll.add(RowIssue(-1, None, f"defaults.{key}", repr_value(value), rule, fix))
 
     for column in DEFAULTED:
         rule, value = column.range, getattr(d, column.name)
@@ -253,7 +253,7 @@ def _check_spec_defaults(spec: JobSpec, coll: _Collector, samplers: tuple[str, .
         bad("scheduler", d.scheduler, f"one of {', '.join(samplers)} (the model's samplers)", "--set defaults.scheduler=default")
 
 
-def _scheduler_fix(value: Any, samplers: tuple[str, ...]) -> str:
+def scheduler_fix(value: Any, samplers: tuple[str, ...]) -> str:
     names = ", ".join(samplers)
     if isinstance(value, str):
         close = difflib.get_close_matches(value.lower().replace("-", "_").replace(" ", "_"), samplers, n=1, cutoff=0.5)
@@ -277,7 +277,7 @@ _UNRECORDABLE_TYPES = (pa.types.is_timestamp, pa.types.is_date, pa.types.is_time
                        pa.types.is_fixed_size_binary, getattr(pa.types, "is_binary_view", lambda _: False))
 
 
-def _check_passthrough_columns(manifest: Manifest, coll: _Collector, strict: bool) -> list[str]:
+def check_passthrough_columns(manifest: Manifest, coll: IssueCollector, strict: bool) -> list[str]:
     """Passthrough columns that would break the index or the record are refused; names that look
     like a misspelled per-row column (``widht``) are warned about — refused with ``strict``."""
     warnings = []
@@ -304,7 +304,7 @@ def _check_passthrough_columns(manifest: Manifest, coll: _Collector, strict: boo
     return warnings
 
 
-def _check_same_passthrough_types(manifest: Manifest, path: str, schema: pa.Schema, base: int, coll: _Collector) -> None:
+def check_same_passthrough_types(manifest: Manifest, path: str, schema: pa.Schema, base: int, coll: IssueCollector) -> None:
     """Every file of a manifest gives each passthrough column the first file's type (a file where
     it is all-null is fine): the index is one table, typed by the first file."""
     for name in manifest.passthrough_columns:

@@ -20,10 +20,11 @@ from sdbatch.errors import BadInput
 from sdbatch.data.index import JOB_KEY
 from sdbatch.storage.base import check_uri
 from sdbatch.storage.s3_client import s3_endpoint
+from sdbatch.storage.locations import is_remote, is_s3, local_path, s3_path
 
 
 #: Columns pandas writes for a non-default index; they are neither checked nor passed through.
-_IGNORED_PREFIX = "__index_level_"
+IGNORED_PREFIX = "__index_level_"
 
 
 _GLOB_CHARS = "*?["
@@ -48,7 +49,7 @@ class Manifest:
 
     ``files`` are absolute local paths (or ``scheme://`` URIs), sorted; rows are numbered
     0.. across the files in that order. ``file_rows`` holds each file's row count,
-    ``file_pins`` each file's pin (``_pin_file``), which every reader checks when it opens it.
+    ``file_pins`` each file's pin (``pin_file``), which every reader checks when it opens it.
     """
 
     source: str
@@ -63,15 +64,7 @@ class Manifest:
 
     @property
     def passthrough_columns(self) -> tuple[str, ...]:
-        return tuple(c for c in self.columns if c not in KNOWN_COLUMNS and not c.startswith(_IGNORED_PREFIX))
-
-
-def _is_uri(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
-def _strip_file_scheme(path: str) -> str:
-    return path[len("file://") :] if path.startswith("file://") else path
+        return tuple(c for c in self.columns if c not in KNOWN_COLUMNS and not c.startswith(IGNORED_PREFIX))
 
 
 def _remote_fs(uri: str, endpoint_url: str | None = None) -> tuple[Any, str]:
@@ -82,7 +75,7 @@ def _remote_fs(uri: str, endpoint_url: str | None = None) -> tuple[Any, str]:
 
     endpoint = s3_endpoint(endpoint_url)
     try:
-        if uri.startswith("s3://") and endpoint:
+        if is_s3(uri) and endpoint:
             from urllib.parse import urlparse
 
             ep = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
@@ -91,7 +84,7 @@ def _remote_fs(uri: str, endpoint_url: str | None = None) -> tuple[Any, str]:
                 scheme=ep.scheme or "https",
                 region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
             )
-            return fs, uri[len("s3://") :]
+            return fs, s3_path(uri)
         return pafs.FileSystem.from_uri(uri)
     except Exception as exc:  # noqa: BLE001 - any filesystem error is a bad source
         raise ManifestError(f"cannot open manifest location {uri}: {exc}") from None
@@ -99,19 +92,19 @@ def _remote_fs(uri: str, endpoint_url: str | None = None) -> tuple[Any, str]:
 
 def _open_input(path: str, endpoint_url: str | None = None) -> pa.NativeFile:
     """A readable file for a local path or a URI."""
-    if _is_uri(path):
+    if is_remote(path):
         fs, p = _remote_fs(path, endpoint_url)
         return fs.open_input_file(p)
     return pa.OSFile(path)
 
 
-def _parquet_file(path: str, streaming: bool = False, endpoint_url: str | None = None) -> pq.ParquetFile:
-    return _open_parquet(path, streaming, endpoint_url)[0]
+def parquet_file(path: str, streaming: bool = False, endpoint_url: str | None = None) -> pq.ParquetFile:
+    return open_parquet(path, streaming, endpoint_url)[0]
 
 
-def _open_parquet(path: str, streaming: bool = False,
+def open_parquet(path: str, streaming: bool = False,
                   endpoint_url: str | None = None) -> tuple[pq.ParquetFile, pa.NativeFile]:
-    """``path`` as a ParquetFile, and the file handle it reads (what ``_pin_file`` hashes)."""
+    """``path`` as a ParquetFile, and the file handle it reads (what ``pin_file`` hashes)."""
     # streaming: no pre-buffering — Arrow's pre-buffer cache keeps every range it read
     # alive for the reader's lifetime, which grows with the file (≈ 25 bytes/row).
     opts: dict[str, Any] = {"pre_buffer": False, "buffer_size": 1 << 20} if streaming else {}
@@ -135,7 +128,7 @@ def _open_parquet(path: str, streaming: bool = False,
 
 def _size_or_none(path: str) -> int | None:
     try:
-        if _is_uri(path):
+        if is_remote(path):
             fs, p = _remote_fs(path)
             return fs.get_file_info(p).size
         return os.path.getsize(path)
@@ -149,7 +142,7 @@ def _hidden(rel: str) -> bool:
 
 
 def _list_local(source: str) -> tuple[list[str], str]:
-    source = _strip_file_scheme(source)
+    source = local_path(source)
     if any(ch in source for ch in _GLOB_CHARS) and not os.path.exists(source):
         # base: the leading part of the pattern without glob characters
         parts = []
@@ -229,7 +222,7 @@ def _list_remote(source: str) -> tuple[list[str], str]:
     return [uri(p) for _, p in found], uri(base)
 
 
-def _s3_identity(uri: str, endpoint_url: str | None = None) -> str:
+def s3_identity(uri: str, endpoint_url: str | None = None) -> str:
     """An s3:// file's ETag and version id: a content change of any kind changes the ETag."""
     from sdbatch.storage.base import StorageError
     from sdbatch.storage.open import object_identity
@@ -240,17 +233,17 @@ def _s3_identity(uri: str, endpoint_url: str | None = None) -> str:
         raise ManifestError(f"cannot read manifest file {uri}: {exc}") from None
 
 
-def _pin_file(path: str, pf: pq.ParquetFile, fingerprint: Any, handle: pa.NativeFile,
+def pin_file(path: str, pf: pq.ParquetFile, fingerprint: Any, handle: pa.NativeFile,
               endpoint_url: str | None = None) -> str:
     """One manifest file's pin, also fed into ``fingerprint`` (the manifest's hash): for an
     ``s3://`` file its ETag and version id, for another remote file the sha256 of its size and
     complete footer, for a local file the sha256 of its bytes, read through ``handle`` — the
     one its rows are then read from, so a file replaced after the check is never read."""
-    if path.startswith("s3://"):
-        identity = _s3_identity(path, endpoint_url)
+    if is_s3(path):
+        identity = s3_identity(path, endpoint_url)
         fingerprint.update(f"s3:{identity}\0".encode())
         return f"s3:{identity}"
-    if _is_uri(path):
+    if is_remote(path):
         sink = pa.BufferOutputStream()
         pf.metadata.write_metadata_file(sink)
         described = f"size:{_size_or_none(path)}\0".encode() + sink.getvalue().to_pybytes()
@@ -274,13 +267,13 @@ def open_manifest(source: str) -> Manifest:
     paths are relative to — is the file's folder, the directory itself, or a glob's leading
     folder without wildcards.
 
-    The fingerprint is a SHA-256 over every file's pin (``_pin_file``: its bytes, streamed
+    The fingerprint is a SHA-256 over every file's pin (``pin_file``: its bytes, streamed
     at ~1.5 GB/s; an ``s3://`` object's ETag and version id — any content change changes the
     ETag; another remote file's size and complete Parquet footer) and, for several files, their
     relative names. Each file's own pin is kept (``Manifest.file_pins``) for the readers.
     """
     source = check_uri(str(source), "manifest")
-    if _is_uri(source):
+    if is_remote(source):
         try:
             files, base_dir = _list_remote(source)
         except OSError as exc:  # pyarrow's S3 errors: endpoint unreachable, access denied, no bucket
@@ -296,7 +289,7 @@ def open_manifest(source: str) -> Manifest:
     file_pins: list[str] = []
     h = hashlib.sha256(b"sdbatch-manifest-v1\0")
     for path in files:
-        pf, handle = _open_parquet(path)
+        pf, handle = open_parquet(path)
         names = tuple(pf.schema_arrow.names)
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -323,7 +316,7 @@ def open_manifest(source: str) -> Manifest:
         if len(files) > 1:
             rel = path[len(base_dir) :].lstrip("/\\") if path.startswith(base_dir) else path
             h.update(f"file:{rel}\0".encode())
-        file_pins.append(_pin_file(path, pf, h, handle))
+        file_pins.append(pin_file(path, pf, h, handle))
         handle.close()
     num_rows = sum(file_rows)
     if num_rows == 0:

@@ -8,7 +8,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 from sdbatch.data.columns import KNOWN_COLUMNS
-from sdbatch.manifest.values import _NAME_RE, ManifestBuildError
+from sdbatch.manifest.values import ASSIGNMENT_RE, ManifestBuildError
 
 
 MAX_TEMPLATE_PROMPTS = 10_000_000
@@ -46,7 +46,7 @@ def parse_template(template: str) -> list[tuple[str, list[str]] | str]:
             i += 2
         elif template[i] == "{":
             end = _group_end(template, i)
-            m = _NAME_RE.match(template[i + 1 : end])
+            m = ASSIGNMENT_RE.match(template[i + 1 : end])
             if m is None:
                 text.append(template[i : end + 1])
             else:

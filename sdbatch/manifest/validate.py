@@ -1,9 +1,7 @@
-"""Manifest reading and validation, and the ``Row`` value type.
-
-A ``Row`` is one manifest row with every job default already applied. It flows from the
-manifest reader through planning and batching to the generator and into the metadata
-record, so it holds only plain, serialisable values.
-"""
+"""Validating a manifest against the column table and the job spec (design.md §3): every row is
+read once, in record batches, and each broken rule is reported with its row, column, value and
+fix (``report``); the rules themselves are ``rules``', duplicate ids and distinct prompts are
+counted by ``hashing``."""
 
 from __future__ import annotations
 
@@ -15,11 +13,11 @@ from typing import Any
 from sdbatch.data.columns import COLUMN, COLUMNS, KNOWN_COLUMNS
 from sdbatch.data.row import ID_PATTERN, MAX_SEED
 from sdbatch.data.samplers import SCHEDULERS
-from sdbatch.manifest.hashing import _DistinctCounter, _find_duplicate_ids, _hash_strings
-from sdbatch.manifest.reader import _guarded_batches, passthrough_types
-from sdbatch.manifest.report import _kind, RowIssue, ValidationReport
-from sdbatch.manifest.rules import _Batch, _check_loras, _check_passthrough_columns, _check_range, _check_same_passthrough_types, _check_spec_defaults, _check_text, _check_utf8, _Collector, _Counts, _np, _scheduler_fix
-from sdbatch.manifest.sources import _parquet_file, Manifest, ManifestError
+from sdbatch.manifest.hashing import DistinctCounter, find_duplicate_ids, hash_strings
+from sdbatch.manifest.reader import guarded_batches, passthrough_types
+from sdbatch.manifest.report import arrow_kind, RowIssue, ValidationReport
+from sdbatch.manifest.rules import BatchUnderCheck, check_loras, check_passthrough_columns, check_range, check_same_passthrough_types, check_spec_defaults, check_text, check_utf8, IssueCollector, ValueCounts, filled_numpy, scheduler_fix
+from sdbatch.manifest.sources import parquet_file, Manifest, ManifestError
 from sdbatch.models.families import Family
 from sdbatch.spec import JobSpec
 from sdbatch.storage.base import TMP_MARK
@@ -27,7 +25,7 @@ from sdbatch.storage.base import TMP_MARK
 
 def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_536, *, strict: bool = False,
                       family: Family | None = None) -> ValidationReport:
-    """Check every row against DESIGN §2, streaming (one record batch in memory at a time).
+    """Check every row against design.md §3, streaming (one record batch in memory at a time).
 
     Semantics of nulls: a null in ``negative_prompt``, ``steps``, ``guidance_scale``,
     ``width``, ``height``, ``scheduler`` or ``strength`` means "the job default"; a null
@@ -51,30 +49,30 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
             f"({lim.max_columns:,}): each column is a column of the index and a key of every image's record. Fix: "
             "write only the columns you need as labels, or raise the limit: --set limits.max_columns=N")
     samplers = family.samplers if family else SCHEDULERS
-    coll = _Collector(lim.max_errors_shown)
-    _check_spec_defaults(spec, coll, samplers)
+    coll = IssueCollector(lim.max_errors_shown)
+    check_spec_defaults(spec, coll, samplers)
     present = set(manifest.columns)
     read_cols = [c for c in KNOWN_COLUMNS if c in present]
     has_ids = "id" in present
     id_hashes = np.empty(manifest.num_rows if has_ids else 0, dtype=np.uint64)
     id_valid = np.zeros(manifest.num_rows if has_ids else 0, dtype=bool)
-    prompts = _DistinctCounter()
-    sizes, steps_c, cfg_c, sched_c = _Counts(), _Counts(), _Counts(), _Counts()
+    prompts = DistinctCounter()
+    sizes, steps_c, cfg_c, sched_c = ValueCounts(), ValueCounts(), ValueCounts(), ValueCounts()
     img2img = 0
     bad_rows = 0
     base = 0
-    warnings = _check_passthrough_columns(manifest, coll, strict)
+    warnings = check_passthrough_columns(manifest, coll, strict)
     for path, nrows in zip(manifest.files, manifest.file_rows or [None] * len(manifest.files)):
-        pf = _parquet_file(path, streaming=True)
+        pf = parquet_file(path, streaming=True)
         if pf.metadata.num_rows == 0:
             continue
         schema = pf.schema_arrow
-        _check_same_passthrough_types(manifest, path, schema, base, coll)
+        check_same_passthrough_types(manifest, path, schema, base, coll)
         file_start = base
         skip: set[str] = set()
         for name in read_cols:
             column = COLUMN[name]
-            found = _kind(schema.field(name).type)
+            found = arrow_kind(schema.field(name).type)
             if found not in column.kinds and found != "null":
                 skip.add(name)
                 coll.add(RowIssue(base, None, name, f"a column of type {schema.field(name).type} "
@@ -82,15 +80,15 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
                                   f"{name} must be {column.expected}", column.type_fix))
         cols = [c for c in read_cols if c not in skip]
         file_bad_all = bool(skip)
-        for rb in _guarded_batches(pf, path, batch_size, cols):
-            b = _Batch(rb, base, skip, coll)
+        for rb in guarded_batches(pf, path, batch_size, cols):
+            b = BatchUnderCheck(rb, base, skip, coll)
             n = b.n
             # prompt / negative_prompt
-            parr = _check_text(b, "prompt", lim, required=True)
+            parr = check_text(b, "prompt", lim, required=True)
             if parr is not None:
                 valid = pc.is_valid(parr).to_numpy(zero_copy_only=False)
-                prompts.add(np.unique(_hash_strings(parr)[valid]))
-            _check_text(b, "negative_prompt", lim, required=False)
+                prompts.add(np.unique(hash_strings(parr)[valid]))
+            check_text(b, "negative_prompt", lim, required=False)
             # id
             ids = b.ids()
             if ids is not None:
@@ -98,8 +96,8 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
                     ids = pa.nulls(n, pa.string())
                 raw = b.cols["id"]
                 id_nulls = ids.is_null()
-                if _kind(raw.type) == "string" and not pa.types.is_null(raw.type):
-                    ids = _check_utf8(b, "id", ids)
+                if arrow_kind(raw.type) == "string" and not pa.types.is_null(raw.type):
+                    ids = check_utf8(b, "id", ids)
                     b._ids = ids
                 b.flag("id", id_nulls, "id must be set in every row when the id column is present",
                        "fill the id, or drop the id column to use row numbers", raw)
@@ -112,7 +110,7 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
                 b.flag("id", pc.match_substring(ids, TMP_MARK),
                        f"id must not contain {TMP_MARK!r} (ids name output files; storage reserves that mark for temporary files)",
                        f"rename the row's id without {TMP_MARK!r}", ids)
-                id_hashes[base : base + n] = _hash_strings(ids)
+                id_hashes[base : base + n] = hash_strings(ids)
                 id_valid[base : base + n] = nonnull.to_numpy(zero_copy_only=False)
             # seed
             seed = b.cols.get("seed")
@@ -126,9 +124,9 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
                     b.flag("seed", too_big, "0 <= seed < 2**63", "use a seed in 0..9223372036854775807")
             # the range rules of the column table: steps, guidance_scale, width, height, strength, ...
             for column in COLUMNS:
-                _check_range(b, column, lim)
-            w = _np(b.cols["width"], d.width, np.float64) if b.cols.get("width") is not None and not pa.types.is_null(b.cols["width"].type) else np.full(n, float(d.width))
-            h = _np(b.cols["height"], d.height, np.float64) if b.cols.get("height") is not None and not pa.types.is_null(b.cols["height"].type) else np.full(n, float(d.height))
+                check_range(b, column, lim)
+            w = filled_numpy(b.cols["width"], d.width, np.float64) if b.cols.get("width") is not None and not pa.types.is_null(b.cols["width"].type) else np.full(n, float(d.width))
+            h = filled_numpy(b.cols["height"], d.height, np.float64) if b.cols.get("height") is not None and not pa.types.is_null(b.cols["height"].type) else np.full(n, float(d.height))
             in_range = (w >= 64) & (w <= lim.max_width) & (h >= 64) & (h <= lim.max_height)
             over = in_range & (w * h > lim.max_pixels)
             if over.any():
@@ -145,25 +143,25 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
             g = b.cols.get("guidance_scale")
             if g is not None and not pa.types.is_null(g.type):
                 gf = g.cast(pa.float64())
-                gvals = _np(gf, float(d.guidance_scale), np.float64)
+                gvals = filled_numpy(gf, float(d.guidance_scale), np.float64)
                 cfg_c.add(gvals[np.isfinite(gvals) & (gvals >= 0) & (gvals <= lim.max_guidance)])
             else:
                 cfg_c.add(np.full(1, float(d.guidance_scale)).repeat(n))
             # steps summary
             s = b.cols.get("steps")
             if s is not None and not pa.types.is_null(s.type):
-                sv = _np(s, d.steps, np.float64)
+                sv = filled_numpy(s, d.steps, np.float64)
                 steps_c.add(sv[(sv >= 1) & (sv <= lim.max_steps)].astype(np.int64))
             else:
                 steps_c.add(np.full(n, d.steps, np.int64))
             # scheduler
             sc = b.cols.get("scheduler")
             if sc is not None and not pa.types.is_null(sc.type):
-                sc = _check_utf8(b, "scheduler", sc)
+                sc = check_utf8(b, "scheduler", sc)
                 known = pc.is_in(sc, value_set=pa.array(samplers))
                 rule = f"scheduler must be one of {', '.join(samplers)}" + (f" (the {family.name} family's samplers)" if family else "")
                 b.flag("scheduler", pc.and_(pc.is_valid(sc), pc.invert(known)), rule,
-                       lambda value: _scheduler_fix(value, samplers), sc)
+                       lambda value: scheduler_fix(value, samplers), sc)
                 vc = pc.value_counts(sc.fill_null(d.scheduler))
                 for item in vc.to_pylist():
                     if item["values"] in samplers:
@@ -175,7 +173,7 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
             has_init = np.zeros(n, dtype=bool)
             if init is not None and not pa.types.is_null(init.type):
                 has_init = pc.is_valid(init).to_numpy(zero_copy_only=False)
-                init = _check_utf8(b, "init_image", init)
+                init = check_utf8(b, "init_image", init)
                 b.flag("init_image", pc.equal(pc.utf8_length(init), 0), "init_image must be a non-empty path or s3:// URI",
                        "give the image path (relative to the manifest folder) or null for text-to-image")
                 b.flag("init_image", pc.match_substring(init, "\x00"), "no NUL characters (\\x00) in init_image",
@@ -190,9 +188,9 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
                 b.flag("strength", given & ~has_init, "strength is only for img2img rows: it needs init_image in the same row",
                        "set init_image for this row, or leave strength null", st)
             # img2img runs int(steps * strength) denoising steps; zero steps would make no image
-            steps_v = np.full(n, float(d.steps)) if s is None or pa.types.is_null(s.type) else _np(s, d.steps, np.float64)
+            steps_v = np.full(n, float(d.steps)) if s is None or pa.types.is_null(s.type) else filled_numpy(s, d.steps, np.float64)
             strength_v = (np.full(n, float(d.strength)) if st is None or pa.types.is_null(st.type)
-                          else _np(st.cast(pa.float64()), float(d.strength), np.float64))
+                          else filled_numpy(st.cast(pa.float64()), float(d.strength), np.float64))
             no_steps = has_init & (strength_v > 0) & (strength_v <= 1) & (steps_v >= 1) & (np.floor(steps_v * strength_v) < 1)
             b.flag("strength", no_steps, "img2img needs steps * strength >= 1 (it runs int(steps * strength) denoising steps)",
                    "raise strength or steps for this row", pa.array(strength_v))
@@ -201,7 +199,7 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
                 b.flag("refiner_switch", pc.is_valid(rs).to_numpy(zero_copy_only=False),
                        "refiner_switch is only for jobs with a refiner, and model.refiner is not set",
                        "set model.refiner (--refiner PATH) to an SDXL refiner folder, or leave refiner_switch null", rs)
-            _check_loras(b, parr, spec.loras)
+            check_loras(b, parr, spec.loras)
             if file_bad_all:
                 b.bad[:] = True
             bad_rows += int(b.bad.sum())
@@ -214,7 +212,7 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
     # --- duplicate ids -------------------------------------------------------------------------
     dup_count = 0
     if has_ids and manifest.num_rows:
-        dup_count = _find_duplicate_ids(manifest, id_hashes, id_valid, coll, batch_size)
+        dup_count = find_duplicate_ids(manifest, id_hashes, id_valid, coll, batch_size)
         bad_rows += dup_count
     del id_hashes, id_valid
     distinct, approx = prompts.estimate()

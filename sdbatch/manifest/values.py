@@ -13,9 +13,9 @@ from sdbatch.errors import BadInput
 from sdbatch.data.columns import arrow_types
 
 
-_COLUMN_TYPES: dict[str, pa.DataType] = arrow_types()
+COLUMN_TYPES: dict[str, pa.DataType] = arrow_types()
 
-_NAME_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.S)
+ASSIGNMENT_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.S)
 
 
 class ManifestBuildError(BadInput, ValueError):
@@ -44,11 +44,11 @@ def parse_seeds(text: str) -> list[tuple[int, int]]:
     return ranges
 
 
-def _seed_count(ranges: Sequence[tuple[int, int]]) -> int:
+def seed_count(ranges: Sequence[tuple[int, int]]) -> int:
     return sum(b - a for a, b in ranges)
 
 
-def _seeds_at(ranges: Sequence[tuple[int, int]], positions: np.ndarray) -> np.ndarray:
+def seeds_at(ranges: Sequence[tuple[int, int]], positions: np.ndarray) -> np.ndarray:
     lengths = np.array([b - a for a, b in ranges], dtype=np.int64)
     cum = np.concatenate([[0], np.cumsum(lengths)])
     which = np.searchsorted(cum, positions, side="right") - 1
@@ -67,7 +67,7 @@ def parse_constant(item: str) -> tuple[str, Any]:
         value = raw
     if isinstance(value, (dict, list)) or value is None:
         value = raw
-    want = _COLUMN_TYPES.get(name)
+    want = COLUMN_TYPES.get(name)
     if name in ("id", "prompt"):
         raise ManifestBuildError(f"--column {item!r}: {name} cannot be a constant")
     if want is not None:

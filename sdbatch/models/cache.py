@@ -9,7 +9,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from sdbatch.storage.base import _check_key, NotFound, StorageError, TMP_MARK
+from sdbatch.storage.base import check_key, NotFound, StorageError, TMP_MARK
 from sdbatch.storage.s3 import S3Storage
 from sdbatch.storage.s3_client import _error_code, _is_botocore_error, _translate, parse_s3_url, s3_endpoint
 
@@ -57,7 +57,7 @@ def fetch_model_dir(uri: str, *, pin: str | None = None, cache_dir: str | Path |
     if not listing:
         raise NotFound(f"no model files under {canonical}")
     for rel in listing:
-        _check_key(rel)
+        check_key(rel)
     found = s3_pin(listing)
     dest = _cache_dir(root, found)
     root.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from transformers import CLIPModel, CLIPProcessor
 from typing import Any
 from sdbatch.models.cache import fetch_model_dir
 from sdbatch.models.pins import check_pickles
+from sdbatch.storage.locations import is_s3
 
 
 class ClipScorer:
@@ -27,7 +28,7 @@ class ClipScorer:
 
     @classmethod
     def load(cls, location: str, *, device: str = "cpu", endpoint_url: str | None = None) -> ClipScorer:
-        if location.startswith("s3://"):
+        if is_s3(location):
             folder, _ = fetch_model_dir(location, endpoint_url=endpoint_url)
         else:
             folder = Path(location).expanduser()

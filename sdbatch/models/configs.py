@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 from sdbatch.models.builtin import local_model_dir
 from sdbatch.models.errors import ModelError
+from sdbatch.storage.locations import is_s3
 
 
 #: A model folder's JSON files: relative path -> parsed JSON, or None where there is no such file.
@@ -54,7 +55,7 @@ def _parse_json(data: bytes, rel: str, where: str) -> Any:
 def model_json_reader(name: str, endpoint_url: str | None = None) -> JsonReader:
     """The JSON reader of ``builtin:NAME``, a local folder or an ``s3://`` prefix (which must
     hold a model_index.json), for its configs alone (no listing, no pin)."""
-    if not name.startswith("s3://"):
+    if not is_s3(name):
         return folder_json_reader(local_model_dir(name))
     from sdbatch.storage.base import StorageError
     from sdbatch.storage.open import open_storage

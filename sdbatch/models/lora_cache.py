@@ -71,7 +71,7 @@ class LoraCache:
 
 
 @dataclass
-class _Tokenizers:
+class Tokenizers:
     """The text encoders' tokenizers, to say where a prompt is cut off."""
 
     tokenizers: list[Any] = field(default_factory=list)

@@ -106,10 +106,10 @@ def refuse_custom_code(where: str, names: Iterable[str], read: JsonReader) -> No
 
 def check_pickles(where: str, folder: Path) -> None:
     """The pickle policy on a local folder (a diffusers model, or ``scoring.clip_model``)."""
-    refuse_pickles(where, _file_names(folder))
+    refuse_pickles(where, model_file_names(folder))
 
 
-def _file_names(folder: Path) -> list[str]:
+def model_file_names(folder: Path) -> list[str]:
     return [p.relative_to(folder).as_posix() for p in _model_files(folder)]
 
 

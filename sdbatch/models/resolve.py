@@ -1,19 +1,19 @@
-"""Models, torch-free: resolution, preflight, fingerprint and the one pickle policy.
+"""Model resolution, torch-free: a model name to a checked, pinned ``ModelRef``.
 
 A model is ``builtin:NAME`` (a diffusers folder shipped in ``sdbatch/models/NAME/``), a local
 diffusers folder, or an ``s3://`` prefix holding one. Everything here runs without torch, so
 ``submit`` can refuse a model before any worker starts:
 
-- **one pickle policy**, the same for local folders and ``s3://`` prefixes: a model holding any
+- **one pickle policy** (``pins``), the same for local folders and ``s3://`` prefixes: a model holding any
   pickle checkpoint (``*.bin``, ``*.ckpt``, ``*.pt``, ``*.pth``, ``*.pkl``, ``*.pickle``) is
   refused, even next to safetensors — sdbatch loads safetensors only and never ships a folder
   whose other files a loader could be tricked into unpickling;
-- **one code policy**: sdbatch runs only stock diffusers/transformers classes; a folder whose
+- **one code policy** (``pins``): sdbatch runs only stock diffusers/transformers classes; a folder whose
   ``model_index.json`` names a component from a module of its own, that holds ``*.py`` files,
   or whose configs carry an ``auto_map`` is refused at submit, naming it;
 - **the family**, from ``model_index.json`` ``_class_name`` (``families.FAMILIES``): a pipeline
   class sdbatch does not run exits 2, naming the class found and the supported ones
-  (``SdbatchNullModel``: ``builtin:null``'s folder names a model that is not a diffusers
+  (``builtin.NULL_CLASS_NAME``: ``builtin:null``'s folder names a model that is not a diffusers
   pipeline, ``null_model.py``); a ``model.refiner`` must be the class its base's family takes.
   ``model_index.json`` and the configs are read once (``JsonReader``), and the same read gives
   the family and native size (``ModelRef.traits``);
@@ -21,10 +21,7 @@ diffusers folder, or an ``s3://`` prefix holding one. Everything here runs witho
   gets a shard: a local folder's content fingerprint (sha256 over every file of every component
   folder, read through symbolic links as the loader reads them), an ``s3://`` prefix's ETags
   and sizes (``s3-etags:<sha256>``), which also key the
-  per-node download cache.
-
-It also owns ``GeneratedBatch``, the batch every model returns.
-"""
+  per-node download cache (``cache``)."""
 
 from __future__ import annotations
 
@@ -34,7 +31,8 @@ from typing import TYPE_CHECKING
 from sdbatch.models.builtin import local_model_dir
 from sdbatch.models.configs import folder_json_reader, JsonReader, storage_json_reader
 from sdbatch.models.errors import ModelError
-from sdbatch.models.pins import _file_names, fingerprint_model_dir, refuse_custom_code, refuse_pickles, s3_pin
+from sdbatch.models.pins import model_file_names, fingerprint_model_dir, refuse_custom_code, refuse_pickles, s3_pin
+from sdbatch.storage.locations import is_s3
 
 if TYPE_CHECKING:
     from sdbatch.models.families import Family
@@ -43,7 +41,7 @@ if TYPE_CHECKING:
 
 def _check_folder(where: str, folder: Path, read: JsonReader) -> None:
     """The pickle and code policies on a local model folder."""
-    names = _file_names(folder)
+    names = model_file_names(folder)
     refuse_pickles(where, names)
     refuse_custom_code(where, names, read)
 
@@ -75,7 +73,7 @@ def preflight(name: str, *, endpoint_url: str | None = None, refiner_of: Family 
     """Check the model (or, ``refiner_of`` given, the refiner of a base of that family) before
     any worker starts — pickles, family — and pin it; model_index.json and the configs are read
     once. ModelError or FamilyError, or a StorageError for an s3:// prefix that cannot be read."""
-    if not name.startswith("s3://"):
+    if not is_s3(name):
         folder = local_model_dir(name)
         read = folder_json_reader(folder)
         _check_folder(name, folder, read)
@@ -97,7 +95,7 @@ def resolve(name: str, *, pin: str | None = None, endpoint_url: str | None = Non
     """The local folder to load ``name`` from (an s3:// prefix is downloaded once per node,
     into a cache keyed by its pin) and the pin of what that folder holds, checked by the same
     policy as at preflight."""
-    if name.startswith("s3://"):
+    if is_s3(name):
         from sdbatch.models.cache import fetch_model_dir
 
         folder, found = fetch_model_dir(name, pin=pin, endpoint_url=endpoint_url)

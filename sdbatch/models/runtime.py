@@ -9,7 +9,7 @@ pipeline is loaded given the base's ``text_encoder_2`` and VAE, and a row with `
 runs ensemble-of-experts style: the base to ``denoising_end=switch`` as latents, the refiner from
 ``denoising_start=switch``, with the same per-row generators.
 ``Generator.generate`` runs one canonical batch: rows that share size, steps, sampler,
-guidance, mode and adapter set (DESIGN §3). Each row gets its own CPU ``torch.Generator``
+guidance, mode and adapter set (design.md §4.2, §4.3). Each row gets its own CPU ``torch.Generator``
 seeded with the row's seed, used for its initial noise and for any per-step noise of
 ancestral samplers, so a row's image does not depend on which other rows share its batch.
 LoRA adapters are loaded once each (``LoraCache``) and switched per batch with
@@ -56,9 +56,10 @@ from sdbatch.models.builtin import NULL_CLASS_NAME  # noqa: E402
 from sdbatch.models.device import pick_device, pick_dtype, software_versions  # noqa: E402
 from sdbatch.models.errors import ModelError  # noqa: E402
 from sdbatch.models.families import Family  # noqa: E402
-from sdbatch.models.lora_cache import LoraCache, _Tokenizers  # noqa: E402
+from sdbatch.models.lora_cache import LoraCache, Tokenizers  # noqa: E402
 from sdbatch.models.pins import fingerprint_model_dir  # noqa: E402
 from sdbatch.models.resolve import resolve  # noqa: E402
+from sdbatch.storage.locations import is_s3  # noqa: E402
 
 if TYPE_CHECKING:
     from sdbatch.models.null_model import NullGenerator
@@ -154,7 +155,7 @@ class Generator:
         self.family = family
         self.info = info
         self.loras = LoraCache(txt2img, loras or {}, endpoint_url)
-        self._tokenizers = _Tokenizers([t for t in (getattr(txt2img, "tokenizer", None), getattr(txt2img, "tokenizer_2", None)) if t is not None])
+        self._tokenizers = Tokenizers([t for t in (getattr(txt2img, "tokenizer", None), getattr(txt2img, "tokenizer_2", None)) if t is not None])
         # each stage's own scheduler (class and config): samplers are built from it per batch
         self._schedulers = {stage: (type(pipe.scheduler), dict(pipe.scheduler.config))
                             for stage, pipe in (("base", txt2img), ("refiner", refiner)) if pipe is not None}
@@ -191,7 +192,7 @@ class Generator:
         from sdbatch.models.null_model import NullGenerator
 
         ref = resolve(model, pin=pin, endpoint_url=endpoint_url)
-        fingerprint = fingerprint_model_dir(ref.folder) if model.startswith("s3://") else ref.pin
+        fingerprint = fingerprint_model_dir(ref.folder) if is_s3(model) else ref.pin
         family = ref.traits.family  # resolve() checked the family; this names its pipelines
         if family.class_name == NULL_CLASS_NAME:
             return NullGenerator.from_folder(model, ref.folder, fingerprint, ref.pin)
@@ -227,7 +228,7 @@ class Generator:
             threads=torch.get_num_threads(),
             family=family.class_name,
             **({"refiner_name": refiner, "refiner_pin": refiner_ref.pin, "refiner_fingerprint":
-                fingerprint_model_dir(refiner_ref.folder) if refiner.startswith("s3://") else refiner_ref.pin}
+                fingerprint_model_dir(refiner_ref.folder) if is_s3(refiner) else refiner_ref.pin}
                if refiner_ref else {}),
         )
         log.info("loaded %s model %s on %s (%s%s), fingerprint %s%s", family.name, model, device, info.dtype,

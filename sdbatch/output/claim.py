@@ -1,21 +1,7 @@
-"""The output layout and commit protocol (DESIGN §4).
-
-    OUT/_sdbatch/job.json        the job record, written first
-    OUT/_sdbatch/lock.json       the running driver's lease
-    OUT/_sdbatch/progress.json   progress snapshot
-    OUT/images/NNNNN/<id>.<ext>  format=files        | OUT/shards/NNNNN.tar  format=webdataset
-    OUT/metadata/NNNNN.parquet   the shard index — written last: it IS the shard's commit
-    OUT/index.parquet            all shard indexes merged, once every shard is committed
-    OUT/_SUCCESS                 JSON summary, written last of all
-
-A shard is done exactly when its metadata file exists and carries this job's fingerprint (in
-its Parquet key-value metadata); readers trust such commits, never a listing of images/. A new
-job claims only an OUT that holds no images, shards or commits it did not write, and
-``--new-run`` deletes only what the old job's commits and index name — an image object only
-when it holds the bytes an ok row recorded (read and hashed first). Where the images go
-(files or webdataset tars) is ``layout``'s. Everything here works on any ``Storage`` and needs
-no Ray.
-"""
+"""A job's claim on OUT and its clear: the job record (``job.json``) written first and compared on
+every resume (``what_changed`` names what differs), a foreign OUT refused, ``--new-run``'s
+deletion of only what the old job's commits and index name, and ``report.html``'s mark of
+ownership."""
 
 from __future__ import annotations
 
@@ -26,7 +12,7 @@ from typing import Any
 import sdbatch
 from sdbatch.data.index import STATUS_OK
 from sdbatch.manifest.sources import Manifest
-from sdbatch.output.commits import _stamped, METADATA_PREFIX, OutputMismatch
+from sdbatch.output.commits import stamped_table, METADATA_PREFIX, OutputMismatch
 from sdbatch.data.index import JOB_KEY
 from sdbatch.output.documents import JobRecord, LoraPin, ManifestPin, ModelPin, PROGRESS_KEY, read_json, Success, SUCCESS_KEY, write_json
 from sdbatch.output.index import INDEX_KEY
@@ -120,11 +106,11 @@ def _old_job_objects(storage: Storage, job: JobRecord) -> set[str]:
         pass
     layout, seen = layout_for(storage, job.job_spec.output), set()
     for key in storage.list(METADATA_PREFIX):
-        table = _stamped(storage.get(key), job.fingerprint)
+        table = stamped_table(storage.get(key), job.fingerprint)
         if table is not None:
             owned |= {key} | _objects_written(layout, table, seen)
     try:
-        index = _stamped(storage.get(INDEX_KEY), job.fingerprint)
+        index = stamped_table(storage.get(INDEX_KEY), job.fingerprint)
         if index is not None:
             owned |= {INDEX_KEY} | _objects_written(layout, index, seen)
     except NotFound:

@@ -109,7 +109,7 @@ def _own_commit(storage: Storage, shard_name: str, data: bytes, job_fingerprint:
         table = pq.read_table(io.BytesIO(data))
     except (pa.ArrowInvalid, OSError) as exc:
         raise CorruptCommit(shard_name, exc) from None
-    found = _stamp(table)
+    found = commit_stamp(table)
     if found != job_fingerprint:
         key = metadata_key(shard_name)
         raise ForeignCommit(
@@ -126,15 +126,15 @@ def read_shard_index(storage: Storage, shard_name: str, job_fingerprint: str) ->
     return _own_commit(storage, shard_name, storage.get(metadata_key(shard_name)), job_fingerprint)
 
 
-def _stamped(data: bytes, job_fingerprint: str) -> pa.Table | None:
+def stamped_table(data: bytes, job_fingerprint: str) -> pa.Table | None:
     """The Parquet table in ``data`` if it carries ``job_fingerprint``, else None."""
     try:
         table = pq.read_table(io.BytesIO(data))
     except (pa.ArrowInvalid, OSError):
         return None
-    return table if _stamp(table) == job_fingerprint else None
+    return table if commit_stamp(table) == job_fingerprint else None
 
 
-def _stamp(table: pa.Table) -> str:
+def commit_stamp(table: pa.Table) -> str:
     """The job fingerprint a commit or index carries ('' for none)."""
     return (table.schema.metadata or {}).get(FINGERPRINT_META, b"").decode()

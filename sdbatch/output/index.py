@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from sdbatch.data.index import index_schema, STATUS_FAILED
 from sdbatch.errors import JobFailed
-from sdbatch.output.commits import _stamp, committed_shards, CorruptCommit, FINGERPRINT_META, ForeignCommit, metadata_key, read_shard_index
+from sdbatch.output.commits import commit_stamp, committed_shards, CorruptCommit, FINGERPRINT_META, ForeignCommit, metadata_key, read_shard_index
 from sdbatch.output.documents import FailedRow, SUCCESS_KEY
 from sdbatch.output.quality import mark_duplicates
 from sdbatch.storage.base import NotFound, Storage
@@ -191,7 +191,7 @@ def read_index(storage: Storage, job_fingerprint: str) -> tuple[pa.Table, int | 
         log.warning("%s is not readable Parquet (%s: %s): reading the shard commits instead; rerun "
                     "`sdbatch submit` to rewrite it", INDEX_KEY, type(exc).__name__, exc)
     else:
-        if _stamp(table) == job_fingerprint:
+        if commit_stamp(table) == job_fingerprint:
             return table, None
         log.warning("%s does not carry this job's fingerprint: reading the shard commits instead", INDEX_KEY)
     return committed_index(storage, job_fingerprint)

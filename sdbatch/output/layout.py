@@ -1,4 +1,4 @@
-"""Where a job's images live: the two output layouts behind one interface (DESIGN §4).
+"""Where a job's images live: the two output layouts behind one interface (design.md §5.1).
 
     format=files       OUT/images/NNNNN/<id>.<ext>   one object per image
     format=webdataset  OUT/shards/NNNNN.tar          one tar per shard: <key>.<ext> + <key>.json

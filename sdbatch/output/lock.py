@@ -1,4 +1,4 @@
-"""The job lock: one driver at a time writes an output location (DESIGN §4, ``_sdbatch/lock.json``).
+"""The job lock: one driver at a time writes an output location (design.md §5.5, ``_sdbatch/lock.json``).
 
 The lock is a lease: created once, renewed every HEARTBEAT_S, valid for LOCK_LEASE_S after its
 last renewal, and taken over by another driver only once expired (or, in the same PID namespace

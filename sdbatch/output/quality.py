@@ -1,10 +1,11 @@
-"""Per-image quality columns of the index, and duplicate detection at index merge.
+"""How image quality is measured (the columns are ``data.index``'s), and duplicate detection at
+index merge.
 
 In the worker, where the pixels are in memory, ``measure_image`` gives each image a
 perceptual hash (``imagehash.phash``, 64 bits as 16 hex digits), the mean and standard
 deviation of its luminance (0–255) and a ``blank`` flag for near-uniform images (a known
 diffusion failure: all black, all grey). ``clip_score`` (prompt–image agreement) comes from
-``sdbatch.clip_score`` when ``scoring.clip_model`` is set.
+``models.clip_score`` when ``scoring.clip_model`` is set.
 
 At merge, ``mark_duplicates`` fills ``duplicate_of``: the id of the first row in manifest order
 whose image has the same sha256, or a phash within ``scoring.duplicate_max_distance`` bits.
@@ -13,8 +14,7 @@ past it), so the driver's memory stays bounded whatever the number of rows. Near
 phash matches use multi-index hashing: two 64-bit hashes within d bits agree exactly on at
 least one of d+1 disjoint blocks, so only hashes sharing a block are compared.
 
-No torch here, and ``imagehash`` is imported only where images are measured.
-"""
+No torch here, and ``imagehash`` is imported only where images are measured."""
 
 from __future__ import annotations
 

@@ -60,7 +60,7 @@ def _init_ray(address: str | None) -> None:
         fix = ("check the cluster (`ray status` on its head node) and that this machine runs the same Ray version"
                if address else "make sure the machine has free memory, CPU and space in /tmp, stop leftover Ray "
                "processes you started (`ray stop`), and look at Ray's logs (/tmp/ray/session_latest/logs)")
-        raise RayStartError(f"could not start {where}: {type(exc).__name__}: {_short(exc)}. Fix: {fix}") from None
+        raise RayStartError(f"could not start {where}: {type(exc).__name__}: {short_error(exc)}. Fix: {fix}") from None
     # Ray's core worker installs its own SIGTERM handler (it dumps a stack and exits 1): make
     # SIGTERM an interruption again, so the driver releases its lock and exits 130 as on Ctrl-C
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -132,6 +132,6 @@ def fit_workers(spec: JobSpec) -> int:
     return placement.workers
 
 
-def _short(exc: BaseException) -> str:
+def short_error(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[-1][:300] if text else type(exc).__name__

@@ -31,7 +31,7 @@ from sdbatch.output.commits import committed_shards, read_shard_index
 from sdbatch.output.documents import JobRecord, Success, SUCCESS_KEY, utc_now
 from sdbatch.output.index import failed_rows_text, merge_index
 from sdbatch.output.lock import JobLock
-from sdbatch.run.cluster import _short, connect_ray, fit_workers
+from sdbatch.run.cluster import short_error, connect_ray, fit_workers
 from sdbatch.run.plan import job_plan
 from sdbatch.output.commits import shard_name
 from sdbatch.run.policy import at_the_model, FINISHED, Schedule, STOPPED, Work, workers_to_start
@@ -257,8 +257,8 @@ class Driver:
                 actor.is_ready = True
                 fresh.append(actor)
             except RayActorError as exc:
-                self._start_failed(WorkerStartError(f"workers keep failing to start; last error: {_short(exc)}"))
-                log.warning("a worker failed to start: %s", _short(exc))
+                self._start_failed(WorkerStartError(f"workers keep failing to start; last error: {short_error(exc)}"))
+                log.warning("a worker failed to start: %s", short_error(exc))
                 fresh.append(self._replace(actor, "failed to start", culprit=None))  # nothing was handed to it
         return fresh
 
@@ -326,8 +326,8 @@ class Driver:
                     result: ShardResult = ray.get(work.future)
                 except RayActorError as exc:
                     culprit = at_the_model(actor.inflight, self.live)
-                    log.warning("worker died running shard %s (attempt %d): %s", culprit.shard.name, culprit.attempt, _short(exc))
-                    actor = self._replace(actor, _short(exc), culprit)
+                    log.warning("worker died running shard %s (attempt %d): %s", culprit.shard.name, culprit.attempt, short_error(exc))
+                    actor = self._replace(actor, short_error(exc), culprit)
                     break
                 except RayTaskError as exc:
                     cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
@@ -346,9 +346,9 @@ class Driver:
                         self.schedule.give_up(work, error)
                     continue
                 except RayError as exc:  # Ray lost the task (e.g. its memory monitor killed it): transient
-                    log.warning("shard %s lost (attempt %d): %s", work.shard.name, work.attempt, _short(exc))
+                    log.warning("shard %s lost (attempt %d): %s", work.shard.name, work.attempt, short_error(exc))
                     self._forget(actor, work)
-                    self.schedule.attempt_failed(work, _short(exc))
+                    self.schedule.attempt_failed(work, short_error(exc))
                     continue
                 self._forget(actor, work)
                 self.schedule.completed(work, result)
@@ -471,6 +471,6 @@ def run_job(
         claim_job(storage, job)
         return Driver(spec, manifest, storage, job, lock=lock, **options).run()
     except RayError as exc:  # the tracker, the raylet or the head node died under the driver
-        raise JobFailed(f"the Ray cluster failed under the driver ({type(exc).__name__}: {_short(exc)})") from None
+        raise JobFailed(f"the Ray cluster failed under the driver ({type(exc).__name__}: {short_error(exc)})") from None
     finally:
         lock.release()

@@ -14,7 +14,7 @@ from sdbatch.spec import JobSpec
 from sdbatch.storage.base import NotFound, StorageConfigError, StorageError, TooLarge
 
 
-def _init_image_fix(exc: StorageError) -> str:
+def init_image_fix(exc: StorageError) -> str:
     if isinstance(exc, TooLarge):
         return "shrink the file, or raise limits.max_init_image_bytes"
     if isinstance(exc, NotFound):

@@ -1,7 +1,7 @@
 """Pure planning: manifest rows → shards → canonical batches; committed shards subtracted.
 
 Rows that can share a GPU batch (same ``Row.batch_key()``) are planned together, so batches
-are full even on a manifest that interleaves sizes and samplers (DESIGN §3):
+are full even on a manifest that interleaves sizes and samplers (design.md §4.1):
 
 1. each row's batch key is a small integer ``code``, numbered in order of first appearance;
 2. the rows of each code, in manifest order, form a *run*; runs come in code order;

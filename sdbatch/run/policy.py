@@ -17,10 +17,9 @@ Before that, ``place_workers`` decides how many workers the cluster can take: th
 fit now, or — with an autoscaler (``autoscaler_in_status``) — wait for it to add the rest,
 up to a timeout, then start those that fit or refuse naming the missing resource.
 
-Results come as ``ShardResult`` (defined here: the worker returns it, the policy reads it).
+Results come as ``ShardResult`` (``protocol``: the worker returns it, the policy reads it).
 Nothing here imports Ray, storage or torch, so every rule has a fast unit test
-(tests/test_policy.py).
-"""
+(tests/test_policy.py)."""
 
 from __future__ import annotations
 

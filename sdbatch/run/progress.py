@@ -1,7 +1,7 @@
 """Progress: the driver's live view (a rich bar on a terminal, log lines otherwise), the
 ``_sdbatch/progress.json`` snapshot that ``sdbatch status`` reads from any machine (with
 per-worker rates and a bounded history of rows done over time, kept across resumes, that
-``report.html`` charts), and the job-level Prometheus gauges (``sdbatch.metrics``)."""
+``report.html`` charts), and the job-level Prometheus gauges (``metrics``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""What a worker tells the driver: a shard's result, and the failure classes (design.md §7.1)."""
+"""What a worker tells the driver: a shard's result, and the failure classes.
+
+Failure classes (design.md §7.1): a problem of one row (its init image, its metadata) fails that
+row with an error naming the exception, the row and the fix; an exception the pipeline
+raises for a batch is retried once, on a fresh worker (``PipelineError``), and then fails that
+batch's rows; transient failures (storage outages, CUDA out of memory) propagate so the
+driver re-queues the shard; the other rows of the shard commit in every case."""
 
 from __future__ import annotations
 

@@ -1,4 +1,14 @@
-"""Running one shard in a worker: batches generated, images encoded and stored, the shard committed."""
+"""Running one shard end to end, Ray-free.
+
+``ShardRunner`` is the Ray-free core: it reads each batch's init images while the batch
+before it generates (``InitImageLoader``: at most ``resources.init_images_in_memory`` decoded
+at once, never a whole shard), generates the canonical batches on the calling thread (each batch comes back as one uint8 host array), and
+hands each image to the store pool: encoding runs in processes, one per CPU of the worker
+(Pillow's encoders hold the GIL: ``benchmarks/bench_png_gil.py``), hashing and the create-once
+writes on threads, so the model never waits for encoding or a PUT while the bounded queue has
+room. A batch that runs out of GPU memory is generated again in halves (each half is then its
+own batch, in ``batch_rows``); a row whose image came out NaN or black fails with that error.
+When every image is stored it writes the shard index — the commit."""
 
 from __future__ import annotations
 
@@ -26,7 +36,7 @@ from sdbatch.data.row import Row
 from sdbatch.output.commits import commit_shard, metadata_key, read_commit, read_shard_index
 from sdbatch.output.layout import layout_for, ShardWriter
 from sdbatch.output.quality import measure_image
-from sdbatch.run.feed import _init_image_fix, InitImageLoader
+from sdbatch.run.feed import init_image_fix, InitImageLoader
 from sdbatch.run.plan import batch_id, canonical_batches, ShardSpec
 from sdbatch.run.protocol import describe, is_transient, PipelineError, RowError, ShardResult
 from sdbatch.spec import JobSpec
@@ -120,7 +130,7 @@ class ShardRunner:
         except StorageError as exc:
             if exc.transient:
                 raise  # a storage outage is not the row's fault: retry the shard
-            raise RowError(f"{where}: {describe(exc)}; fix: {_init_image_fix(exc)}") from None
+            raise RowError(f"{where}: {describe(exc)}; fix: {init_image_fix(exc)}") from None
         except Image.UnidentifiedImageError:  # its message is the repr of our BytesIO: say it plainly
             raise RowError(f"{where}: UnidentifiedImageError: cannot identify the image format of its "
                            f"{len(data):,} bytes; fix: replace it with a PNG, JPEG or WebP file") from None

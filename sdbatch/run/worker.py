@@ -1,23 +1,8 @@
-"""Running one shard end to end, and the Ray actor that holds one model replica to do it.
+"""The Ray actor that holds one model replica and runs the shards the driver sends it.
 
-``ShardRunner`` is the Ray-free core: it reads each batch's init images while the batch
-before it generates (``InitImageLoader``: at most ``resources.init_images_in_memory`` decoded
-at once, never a whole shard), generates the canonical batches on the calling thread (each batch comes back as one uint8 host array), and
-hands each image to the store pool: encoding runs in processes, one per CPU of the worker
-(Pillow's encoders hold the GIL: ``benchmarks/bench_png_gil.py``), hashing and the create-once
-writes on threads, so the model never waits for encoding or a PUT while the bounded queue has
-room. A batch that runs out of GPU memory is generated again in halves (each half is then its
-own batch, in ``batch_rows``); a row whose image came out NaN or black fails with that error.
-When every image is stored it writes the shard index — the commit. ``ShardFeed`` (Ray-free
-too) reads the worker's own rows from the manifest and reads the next shard ahead.
-``WorkerActor`` only wires them to Ray.
-
-Failure classes (DESIGN §4): a problem of one row (its init image, its metadata) fails that
-row with an error naming the exception, the row and the fix; an exception the pipeline
-raises for a batch is retried once, on a fresh worker (``PipelineError``), and then fails that
-batch's rows; transient failures (storage outages, CUDA out of memory) propagate so the
-driver re-queues the shard; the other rows of the shard commit in every case.
-"""
+``WorkerActor`` only wires the Ray-free parts to Ray: ``ShardFeed`` (``feed``) reads the
+worker's own rows from the manifest and the next shard ahead, ``ShardRunner`` (``shard_runner``)
+runs each shard end to end; what comes back is a ``protocol.ShardResult``."""
 
 from __future__ import annotations
 
@@ -25,7 +10,7 @@ import ray
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TYPE_CHECKING
+from typing import Any
 from sdbatch.run import metrics
 from sdbatch.manifest.reader import passthrough_types
 from sdbatch.manifest.sources import Manifest
@@ -35,9 +20,6 @@ from sdbatch.run.protocol import ShardResult
 from sdbatch.run.shard_runner import ShardRunner
 from sdbatch.spec import JobSpec
 from sdbatch.storage.open import open_storage
-
-if TYPE_CHECKING:
-    pass
 
 
 #: Shards one actor holds at once: one generating and the one after it, which starts generating

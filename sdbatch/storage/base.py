@@ -17,7 +17,7 @@ PROBE_PREFIX = "_sdbatch/"
 TMP_MARK = ".sdbatch-tmp-"  # names temporary files; keys holding it are refused (and so are such row ids)
 
 
-_COPY_CHUNK = 1 << 20
+COPY_CHUNK = 1 << 20
 
 
 class StorageError(JobFailed):
@@ -69,11 +69,11 @@ class Storage(Protocol):
     def check_access(self) -> None: ...
 
 
-def _sha256(data: bytes) -> str:
+def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _check_key(key: str) -> str:
+def check_key(key: str) -> str:
     if not isinstance(key, str) or not key:
         raise StorageError(f"invalid storage key {key!r}: must be a non-empty string")
     if key.startswith("/") or "\\" in key or "\x00" in key:
@@ -86,7 +86,7 @@ def _check_key(key: str) -> str:
     return key
 
 
-def _check_prefix(prefix: str) -> str:
+def check_prefix(prefix: str) -> str:
     if prefix in ("", None):
         return ""
     if prefix.startswith("/") or "\\" in prefix or any(p in (".", "..") for p in prefix.split("/")):
@@ -109,7 +109,7 @@ def _userinfo_end(url: str) -> int:
     return 0
 
 
-def _redact_url(url: str | None) -> str | None:
+def redact_url(url: str | None) -> str | None:
     """``url`` without its user-info: what any message, log or record may show of a URI."""
     if not url:
         return url
@@ -124,7 +124,7 @@ def check_uri(uri: str, what: str) -> str:
     ``open_storage``, ``read_uri``, the S3 endpoint, the manifest)."""
     if _userinfo_end(uri):
         raise StorageConfigError(
-            f"{what} {_redact_url(uri)!r} carries credentials (before its \"@\"; not shown); "
+            f"{what} {redact_url(uri)!r} carries credentials (before its \"@\"; not shown); "
             "remove them from the URI and set them in the environment instead (AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
         )

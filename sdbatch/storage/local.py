@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
-from sdbatch.storage.base import _check_key, _check_prefix, _COPY_CHUNK, _sha256, NotAnObject, NotFound, PROBE_PREFIX, PutResult, StorageConfigError, StorageError, TMP_MARK
+from sdbatch.storage.base import check_key, check_prefix, COPY_CHUNK, sha256_of, NotAnObject, NotFound, PROBE_PREFIX, PutResult, StorageConfigError, StorageError, TMP_MARK
 
 log = logging.getLogger("sdbatch.storage")
 
@@ -32,7 +32,7 @@ class LocalStorage:
     def _path(self, key: str) -> Path:
         """The file of ``key``. A key whose resolved path leaves OUT (a symlinked folder or
         file pointing elsewhere) is refused, for reads, writes and deletes alike."""
-        path = self.root.joinpath(*_check_key(key).split("/"))
+        path = self.root.joinpath(*check_key(key).split("/"))
         self._inside(path, key)
         return path
 
@@ -52,7 +52,7 @@ class LocalStorage:
                 with self._create(tmp) as f:
                     if isinstance(data, Path):
                         with open(data, "rb") as source:
-                            shutil.copyfileobj(source, f, _COPY_CHUNK)
+                            shutil.copyfileobj(source, f, COPY_CHUNK)
                     else:
                         f.write(data)
                     f.flush()
@@ -93,7 +93,7 @@ class LocalStorage:
         except FileExistsError:
             stored = self._read_existing(path, key)
             log.debug("put_new %s: key exists, adopting stored object (%d bytes)", key, len(stored))
-            return PutResult(created=False, sha256=_sha256(stored), size=len(stored))
+            return PutResult(created=False, sha256=sha256_of(stored), size=len(stored))
         except OSError as e:
             raise StorageError(
                 f"cannot create {path}: {e} (create-once writes need a filesystem with hard links)"
@@ -103,7 +103,7 @@ class LocalStorage:
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
-        return PutResult(created=True, sha256=_sha256(data), size=len(data))
+        return PutResult(created=True, sha256=sha256_of(data), size=len(data))
 
     def _read_existing(self, path: Path, key: str) -> bytes:
         """The object ``put_new`` found at ``key``; NotAnObject when what is there is no file."""
@@ -134,7 +134,7 @@ class LocalStorage:
     def get_tagged(self, key: str) -> tuple[bytes, str]:
         """The object and a tag for ``replace_if``: its sha256."""
         data = self.get(key)
-        return data, _sha256(data)
+        return data, sha256_of(data)
 
     def replace_if(self, key: str, data: bytes, tag: str) -> str | None:
         """Replace the object only if it still is the one ``tag`` names; its new tag, or None
@@ -145,12 +145,12 @@ class LocalStorage:
         with open(path.parent / f".{path.name}{TMP_MARK}cas-lock", "a+b") as guard:  # listings skip it
             fcntl.flock(guard, fcntl.LOCK_EX)
             try:
-                if _sha256(path.read_bytes()) != tag:
+                if sha256_of(path.read_bytes()) != tag:
                     return None
             except FileNotFoundError:
                 return None
             self._replace(key, bytes(data))
-        return _sha256(data)
+        return sha256_of(data)
 
     def get(self, key: str) -> bytes:
         path = self._path(key)
@@ -174,7 +174,7 @@ class LocalStorage:
             raise NotFound(f"{self.url}/{key} not found") from e
 
     def list(self, prefix: str = "") -> list[str]:
-        prefix = _check_prefix(prefix)
+        prefix = check_prefix(prefix)
         # Walk only the deepest directory the prefix names.
         base_rel = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         base = self.root.joinpath(*base_rel.split("/")) if base_rel else self.root
@@ -254,7 +254,7 @@ class LocalStorage:
             raise StorageConfigError(f"cannot write to output directory {self.root}: {e}") from e
 
 
-def _file_url_path(url: str) -> str:
+def file_url_path(url: str) -> str:
     parts = urlsplit(url)
     if parts.netloc not in ("", "localhost"):
         raise StorageConfigError(f"file:// URL with a host is not supported: {url!r}")

@@ -2,32 +2,28 @@
 
 from __future__ import annotations
 
-import re
 import stat
 from pathlib import Path
-from sdbatch.storage.base import _redact_url, check_uri, NotFound, Storage, StorageConfigError, StorageError, TooLarge
-from sdbatch.storage.local import _file_url_path, LocalStorage
+from sdbatch.storage.base import redact_url, check_uri, NotFound, Storage, StorageConfigError, StorageError, TooLarge
+from sdbatch.storage.local import file_url_path, LocalStorage
 from sdbatch.storage.s3 import S3Storage
 from sdbatch.storage.s3_client import _error_code, _get_client, _is_botocore_error, _translate, parse_s3_url, s3_endpoint
-
-
-_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+from sdbatch.storage.locations import is_s3, url_scheme
 
 
 def open_storage(url: str, *, endpoint_url: str | None = None, max_attempts: int = 5,
                  max_pool_connections: int = 10) -> Storage:
     """"s3://bucket/prefix" → S3Storage; "file:///dir" or a path → LocalStorage (created on first write)."""
     url = check_uri(str(url), "location")
-    m = _SCHEME_RE.match(url)
-    if m:
-        scheme = m.group(1).lower()
+    scheme = url_scheme(url)
+    if scheme:
         if scheme == "s3":
             return S3Storage(url, endpoint_url=endpoint_url, max_attempts=max_attempts,
                              max_pool_connections=max_pool_connections)
         if scheme == "file":
-            return LocalStorage(_file_url_path(url))
+            return LocalStorage(file_url_path(url))
         raise StorageConfigError(
-            f"unsupported storage URL scheme {scheme!r} in {_redact_url(url)!r}: use s3://bucket/prefix or a local path"
+            f"unsupported storage URL scheme {scheme!r} in {redact_url(url)!r}: use s3://bucket/prefix or a local path"
         )
     return LocalStorage(url)
 
@@ -37,7 +33,7 @@ def read_uri(uri: str | Path, *, endpoint_url: str | None = None, max_bytes: int
     and TooLarge for an object over ``max_bytes`` (of which at most ``max_bytes + 1`` are read).
     A local path must be a regular file: a FIFO or device is refused, never opened."""
     uri = check_uri(str(uri), "location")
-    if uri.startswith("s3://"):
+    if is_s3(uri):
         bucket, key = parse_s3_url(uri)
         if not key:
             raise StorageConfigError(f"{uri!r} names a bucket, not an object")
@@ -58,11 +54,11 @@ def read_uri(uri: str | Path, *, endpoint_url: str | None = None, max_bytes: int
             if isinstance(err, NotFound):
                 err = NotFound(f"{uri} not found")
             raise err from None
-    m = _SCHEME_RE.match(uri)
-    if m:
-        if m.group(1).lower() != "file":
-            raise StorageConfigError(f"unsupported URL scheme in {_redact_url(uri)!r}: use a local path or s3://")
-        uri = _file_url_path(uri)
+    scheme = url_scheme(uri)
+    if scheme:
+        if scheme != "file":
+            raise StorageConfigError(f"unsupported URL scheme in {redact_url(uri)!r}: use a local path or s3://")
+        uri = file_url_path(uri)
     p = Path(uri).expanduser()
     try:
         mode = p.stat().st_mode

@@ -7,7 +7,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
-from sdbatch.storage.base import _check_key, _check_prefix, _redact_url, _sha256, NotFound, PROBE_PREFIX, PutResult, StorageConfigError, StorageError
+from sdbatch.storage.base import check_key, check_prefix, redact_url, sha256_of, NotFound, PROBE_PREFIX, PutResult, StorageConfigError, StorageError
 from sdbatch.storage.s3_client import _error_code, _get_client, _if_match_refused, _is_botocore_error, _put_if_absent, _TRANSIENT_CODES, _translate, parse_s3_url, s3_endpoint
 
 log = logging.getLogger("sdbatch.storage")
@@ -23,7 +23,7 @@ class S3Storage:
         self.bucket, self.prefix = parse_s3_url(url)
         self.url = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
         self._endpoint_raw = s3_endpoint(endpoint_url)
-        self.endpoint_url = _redact_url(self._endpoint_raw)  # safe to print / record
+        self.endpoint_url = redact_url(self._endpoint_raw)  # safe to print / record
         self.max_attempts = max_attempts
         self.max_pool_connections = max_pool_connections
 
@@ -35,7 +35,7 @@ class S3Storage:
         return _get_client(self._endpoint_raw, self.max_attempts, self.max_pool_connections)
 
     def _key(self, key: str) -> str:
-        _check_key(key)
+        check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _err(self, e: Exception, what: str, preflight: bool = False) -> StorageError:
@@ -60,7 +60,7 @@ class S3Storage:
         for attempt in range(1, self.CONFLICT_RETRIES + 1):
             try:
                 client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*")
-                return PutResult(created=True, sha256=_sha256(data), size=len(data))
+                return PutResult(created=True, sha256=sha256_of(data), size=len(data))
             except Exception as e:
                 if not _is_botocore_error(e):
                     raise
@@ -73,7 +73,7 @@ class S3Storage:
                         continue
                     log.debug("put_new %s: key exists, adopting stored object (%d bytes)", self.url + "/" + key,
                              len(stored))
-                    return PutResult(created=False, sha256=_sha256(stored), size=len(stored))
+                    return PutResult(created=False, sha256=sha256_of(stored), size=len(stored))
                 if status == 409 or code == "ConditionalRequestConflict":
                     delay = min(0.05 * 2 ** attempt, 2.0)
                     log.info("put_new %s: 409 %s, retry %d in %.2fs", self.url + "/" + key, code, attempt, delay)
@@ -149,7 +149,7 @@ class S3Storage:
         """Every object under ``prefix`` (directory placeholders left out): its key relative
         to this storage, its size and its ETag."""
         root = f"{self.prefix}/" if self.prefix else ""
-        prefix = _check_prefix(prefix)
+        prefix = check_prefix(prefix)
 
         def listing() -> list[dict[str, Any]]:
             pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=root + prefix)
@@ -218,7 +218,7 @@ class S3Storage:
             log.warning(
                 "S3 endpoint %s (bucket %r) does not honour If-Match on PutObject: the job lock falls back to "
                 "last-writer-wins (two drivers racing for an expired lock could both run; create-once writes "
-                "still keep every row exactly once)", _redact_url(self.endpoint_url) or "AWS default", self.bucket,
+                "still keep every row exactly once)", redact_url(self.endpoint_url) or "AWS default", self.bucket,
             )
         if not honoured:
             raise StorageConfigError(

@@ -9,7 +9,8 @@ import re
 import threading
 from typing import Any, Callable
 from urllib.parse import urlsplit
-from sdbatch.storage.base import _redact_url, check_uri, NotFound, StorageConfigError, StorageError
+from sdbatch.storage.base import redact_url, check_uri, NotFound, StorageConfigError, StorageError
+from sdbatch.storage.locations import is_s3
 
 log = logging.getLogger("sdbatch.storage")
 
@@ -65,7 +66,7 @@ def _get_client(endpoint_url: str | None = None, max_attempts: int = 5, max_pool
             ok = False
         if not ok:
             raise StorageConfigError(
-                f"invalid S3 endpoint URL {_redact_url(ep)!r}; pass --s3-endpoint http(s)://host:port"
+                f"invalid S3 endpoint URL {redact_url(ep)!r}; pass --s3-endpoint http(s)://host:port"
             )
     key = (os.getpid(), ep, int(max_attempts), int(max_pool_connections))
     client = _CLIENTS.get(key)
@@ -100,12 +101,12 @@ def _get_client(endpoint_url: str | None = None, max_attempts: int = 5, max_pool
             client = session.client("s3", endpoint_url=ep, region_name=region, config=config)
         except (ValueError, BotoCoreError):  # the exception text may repeat the raw URL: not shown
             raise StorageConfigError(
-                f"invalid S3 endpoint URL {_redact_url(ep)!r}; pass --s3-endpoint http(s)://host:port"
+                f"invalid S3 endpoint URL {redact_url(ep)!r}; pass --s3-endpoint http(s)://host:port"
             ) from None
         for fn in _HOOKS:  # before publishing: no request runs without the hooks
             fn(client)
         _CLIENTS[key] = client
-    log.debug("created S3 client endpoint=%s max_attempts=%d pool=%d", _redact_url(ep) or "<aws default>",
+    log.debug("created S3 client endpoint=%s max_attempts=%d pool=%d", redact_url(ep) or "<aws default>",
               max_attempts, max_pool_connections)
     return client
 
@@ -115,8 +116,8 @@ _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
 def parse_s3_url(url: str) -> tuple[str, str]:
     """``s3://bucket/some/prefix/`` → ("bucket", "some/prefix") (prefix may be "")."""
-    if not url.startswith("s3://"):
-        raise StorageConfigError(f"not an s3:// URL: {_redact_url(url)!r}")
+    if not is_s3(url):
+        raise StorageConfigError(f"not an s3:// URL: {redact_url(url)!r}")
     rest = check_uri(url, "S3 URL")[5:]
     bucket, _, prefix = rest.partition("/")
     if not bucket:
@@ -180,7 +181,7 @@ def _translate(e: Exception, *, what: str, bucket: str, endpoint: str | None, pr
     """Map a boto3/botocore exception to StorageError / StorageConfigError / NotFound."""
     from botocore import exceptions as bx
 
-    where = f"bucket {bucket!r} at endpoint {_redact_url(endpoint) or 'AWS default (s3.amazonaws.com)'}"
+    where = f"bucket {bucket!r} at endpoint {redact_url(endpoint) or 'AWS default (s3.amazonaws.com)'}"
     if isinstance(e, bx.ClientError):
         code, status = _error_code(e)
         if code == "NoSuchBucket" or (status == 404 and what.startswith("head_bucket")):
@@ -213,7 +214,7 @@ def _translate(e: Exception, *, what: str, bucket: str, endpoint: str | None, pr
         return StorageConfigError(f"no AWS region configured for {where}; set AWS_DEFAULT_REGION")
     if isinstance(e, (bx.EndpointConnectionError, bx.ConnectTimeoutError)) and preflight:
         return StorageConfigError(
-            f"cannot reach S3 endpoint {_redact_url(endpoint) or 'AWS default'} for bucket {bucket!r} "
+            f"cannot reach S3 endpoint {redact_url(endpoint) or 'AWS default'} for bucket {bucket!r} "
             f"({type(e).__name__}); check --s3-endpoint / AWS_ENDPOINT_URL and the network"
         )
     if isinstance(e, (bx.ConnectionError, bx.HTTPClientError, bx.ReadTimeoutError,
