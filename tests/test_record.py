@@ -84,3 +84,12 @@ def test_a_failed_row_has_every_index_column_and_no_record_facts():
     assert set(entry) == set(index_schema(PASSTHROUGH).names)
     assert entry["batch_id"] is None and entry["status"] == STATUS_FAILED and entry["label"] == "train"
     assert entry["loras"] == [{"name": "style", "scale": 0.8}, {"name": "ink", "scale": -0.25}]
+
+
+def test_a_row_pickles_by_its_home_module():
+    """Ray pickles rows by their class's module path: it must be the module that defines Row."""
+    import pickle
+
+    row = a_row()
+    assert Row.__module__ == "sdbatch.data.row"
+    assert pickle.loads(pickle.dumps(row)) == row

@@ -8,9 +8,14 @@ import signal
 import sys
 import traceback
 
-# the command modules register their commands on ``app`` when imported, in --help's order
-from sdbatch.cli import job_commands, readers, submit  # noqa: F401
+# The command modules register their commands on ``app`` when imported: the order of these
+# imports is --help's order of the commands, so they are kept out of any sorting.
+# isort: off
+from sdbatch.cli import submit  # noqa: F401
+from sdbatch.cli import job_commands  # noqa: F401
+from sdbatch.cli import readers  # noqa: F401
 from sdbatch.cli import manifest_commands
+# isort: on
 from sdbatch.cli.app import app, command
 
 command("validate", epilog="")(manifest_commands.validate)
