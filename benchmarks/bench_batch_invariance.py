@@ -21,10 +21,9 @@ import numpy as np
 import torch
 from _common import PROMPTS
 
-from sdbatch.models.runtime import Generator
 from sdbatch.data.row import Row
 from sdbatch.models.builtin import builtin_names
-
+from sdbatch.models.runtime import Generator
 
 
 def rows_for(scheduler: str, steps: int, size: int, guidance: float) -> list[Row]:

@@ -59,8 +59,8 @@ def child(args: argparse.Namespace) -> None:
 
     from sdbatch.manifest.sources import open_manifest
     from sdbatch.output.claim import job_record
-    from sdbatch.run.protocol import ShardResult
     from sdbatch.run.driver import Driver, _Actor
+    from sdbatch.run.protocol import ShardResult
     from sdbatch.spec import load_spec
     from sdbatch.storage.open import open_storage
 

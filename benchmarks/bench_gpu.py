@@ -141,13 +141,13 @@ def spec_overrides(model_dir: Path, batch: int, dtype: str, compile_unet: bool, 
 
 def runner_rate(folder: Path, model_dir: Path, manifest: Path, overrides: dict, rows: int) -> float:
     """ShardRunner in-process; the first shard (model warm-up, compile) is not timed."""
-    from sdbatch.models.runtime import Generator
-    from sdbatch.manifest.sources import open_manifest
     from sdbatch.manifest.reader import read_rows_at
+    from sdbatch.manifest.sources import open_manifest
+    from sdbatch.models.runtime import Generator
     from sdbatch.run.plan import job_plan
+    from sdbatch.run.shard_runner import ShardRunner
     from sdbatch.spec import load_spec
     from sdbatch.storage.local import LocalStorage
-    from sdbatch.run.shard_runner import ShardRunner
 
     spec = load_spec(None, [], overrides)
     source = open_manifest(str(manifest))

@@ -60,9 +60,9 @@ def switching(root: Path, batches: int, size: int, steps: int) -> None:
 def first_image(root: Path) -> None:
     from model_families import build_all, build_sdxl_refiner
 
+    from sdbatch.data.row import Row
     from sdbatch.models.families import local_traits
     from sdbatch.models.runtime import Generator
-    from sdbatch.data.row import Row
 
     folders = build_all(root / "families")
     refiner = build_sdxl_refiner(root / "families" / "sdxl-refiner", folders["sdxl"])

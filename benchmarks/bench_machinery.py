@@ -31,8 +31,8 @@ from _common import commit_rate
 from PIL import Image
 
 from sdbatch.manifest.sources import open_manifest
-from sdbatch.models.resolve import preflight
 from sdbatch.models.null_model import draw
+from sdbatch.models.resolve import preflight
 from sdbatch.output.claim import job_record
 from sdbatch.run.cluster import connect_ray
 from sdbatch.run.driver import run_job

@@ -31,7 +31,6 @@ import sys
 import tempfile
 import time
 
-
 SUBJECTS = ["cat", "dog", "fox", "owl", "car", "boat", "house", "tree", "robot", "castle", "lighthouse", "teapot"]
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "golden", "silver"]
 STYLES = ["a photo of", "a painting of", "a sketch of", "a 3d render of", "an illustration of", "a watercolor of"]

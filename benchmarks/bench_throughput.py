@@ -160,8 +160,8 @@ class Bench:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from sdbatch.manifest.sources import open_manifest
         from sdbatch.manifest.reader import read_rows_at
+        from sdbatch.manifest.sources import open_manifest
         from sdbatch.run.plan import job_plan
         from sdbatch.spec import load_spec
 
@@ -230,10 +230,10 @@ class Bench:
         return {"seconds": time.perf_counter() - t0}
 
     def run_naive(self, round_no: int) -> dict[str, Any]:
+        from sdbatch.data.record import ImageRecord
         from sdbatch.output import encode
         from sdbatch.output.layout import image_key
         from sdbatch.run.plan import batch_id, canonical_batches
-        from sdbatch.data.record import ImageRecord
 
         gen = self.generator("naive")
         out = self.spec.output

@@ -32,8 +32,6 @@ from sdbatch.storage.s3 import S3Storage
 from sdbatch.storage.s3_client import register_client_hook
 
 
-
-
 def start_server(kind: str):
     """Returns (endpoint, stop_fn)."""
     if kind == "thread":

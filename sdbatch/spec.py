@@ -21,10 +21,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from sdbatch.data.columns import DEFAULTED, fingerprint_defaults, suggest
+from sdbatch.data.loras import LoraError, parse_declaration
 from sdbatch.data.samplers import SCHEDULERS
 from sdbatch.errors import BadInput
 from sdbatch.models.families import ModelTraits
-from sdbatch.data.loras import LoraError, parse_declaration
 from sdbatch.storage.locations import is_s3
 
 
@@ -225,9 +225,9 @@ class JobSpec(_Section):
         ``s3://`` model's is read at submit: ``with_native_size``). A folder that cannot be
         read is left for the model preflight to report."""
         if (self.defaults.width is None or self.defaults.height is None) and not is_s3(self.model.name):
+            from sdbatch.models.builtin import local_model_dir
             from sdbatch.models.errors import FamilyError
             from sdbatch.models.families import local_traits
-            from sdbatch.models.builtin import local_model_dir
 
             try:
                 traits = local_traits(local_model_dir(self.model.name))

@@ -10,20 +10,19 @@ import dataclasses
 
 import pytest
 import typer
-
 from conftest import write_manifest
-from sdbatch.data import columns as C
-from sdbatch.data.index import index_types
-from sdbatch.data.samplers import SAMPLERS
+
 from sdbatch.cli.app import app
-from sdbatch.output.encode import A1111_SAMPLER_NAMES, infotext, parse_infotext
-from sdbatch.data.row import Row
-from sdbatch.manifest.sources import open_manifest
-from sdbatch.manifest.reader import read_rows
-from sdbatch.manifest.validate import validate_manifest
-from sdbatch.manifest.builder import COLUMN_TYPES
+from sdbatch.data import columns as C
+from sdbatch.data.index import INDEX_COLUMN_TYPES, index_types
 from sdbatch.data.record import embedded_record, row_from_stored
-from sdbatch.data.index import INDEX_COLUMN_TYPES
+from sdbatch.data.row import Row
+from sdbatch.data.samplers import SAMPLERS
+from sdbatch.manifest.builder import COLUMN_TYPES
+from sdbatch.manifest.reader import read_rows
+from sdbatch.manifest.sources import open_manifest
+from sdbatch.manifest.validate import validate_manifest
+from sdbatch.output.encode import A1111_SAMPLER_NAMES, infotext, parse_infotext
 from sdbatch.spec import JobSpec, RowDefaults, SpecError, load_spec
 
 

@@ -164,8 +164,8 @@ def test_a_manifest_wider_than_the_limit_is_refused_and_a_wide_index_merges_fast
     """Finding 12: a manifest with more columns than ``limits.max_columns`` is refused by
     ``validate`` (exit 2 naming the limit), and the merge of an index that wide is linear."""
     from sdbatch.data.index import index_schema
-    from sdbatch.output.index import merge_index
     from sdbatch.output.commits import records_to_parquet
+    from sdbatch.output.index import merge_index
     from sdbatch.storage.local import LocalStorage
 
     wide = {"id": ["a", "b"], "prompt": ["x", "y"], **{f"label_{n}": [n, n] for n in range(20_000)}}

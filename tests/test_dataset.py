@@ -15,9 +15,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
-
 from conftest import REPO, load_index, sdbatch_cli
+from PIL import Image
 
 SHAPES = REPO / "sdbatch" / "models" / "shapes"
 
@@ -222,19 +221,20 @@ def blank_model(folder: Path) -> Path:
 def test_blank_images_are_flagged_and_near_uniform_twins_share_a_phash(tmp_path):
     """In-process (no Ray) with the webdataset layout, which export and stats then read."""
     import datasets
+    from conftest import write_manifest
 
-    from sdbatch.datasets.export import export, load_index as job_index
-    from sdbatch.models.runtime import Generator
-    from sdbatch.manifest.sources import open_manifest
+    from sdbatch.datasets.export import export
+    from sdbatch.datasets.export import load_index as job_index
+    from sdbatch.datasets.stats import job_stats
     from sdbatch.manifest.reader import passthrough_types, read_rows
+    from sdbatch.manifest.sources import open_manifest
+    from sdbatch.models.runtime import Generator
     from sdbatch.output.claim import claim_job, job_record
     from sdbatch.output.index import merge_index
     from sdbatch.run.plan import ShardSpec
-    from sdbatch.datasets.stats import job_stats
+    from sdbatch.run.shard_runner import ShardRunner
     from sdbatch.spec import load_spec
     from sdbatch.storage.local import LocalStorage
-    from sdbatch.run.shard_runner import ShardRunner
-    from conftest import write_manifest
 
     model = blank_model(tmp_path / "blank-model")
     spec = load_spec(None, [], {"model.name": str(model), "defaults.steps": 2, "output.format": "webdataset"})

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
-
 from conftest import load_index, sdbatch_cli, write_manifest
+from PIL import Image
 
 TINY = ["--model", "builtin:tiny", "--steps", "2", "--batch-size", "4"]
 
@@ -154,12 +153,12 @@ class RaisingGenerator:
 
 
 def run_one_shard(generator, tmp_path: Path, rows: list[dict], attempt: int = 1, **overrides):
-    from sdbatch.manifest.sources import open_manifest
     from sdbatch.manifest.reader import passthrough_types, read_rows
+    from sdbatch.manifest.sources import open_manifest
     from sdbatch.run.plan import ShardSpec
+    from sdbatch.run.shard_runner import ShardRunner
     from sdbatch.spec import load_spec
     from sdbatch.storage.local import LocalStorage
-    from sdbatch.run.shard_runner import ShardRunner
 
     spec = load_spec(None, [], {"model.name": "builtin:tiny", "defaults.steps": 2, "resources.batch_size": 2, **overrides})
     source = open_manifest(str(write_manifest(tmp_path / "m.parquet", rows)))
@@ -220,8 +219,8 @@ def test_corrupt_job_state_files_name_the_file_and_the_recovery(ray_address, tmp
     assert result.stderr.startswith("error: ") and f"{out}/_sdbatch/job.json is corrupt" in result.stderr
     assert "--new-run" in result.stderr
 
-    from sdbatch.output.lock import JobLock
     from sdbatch.output.documents import CorruptState
+    from sdbatch.output.lock import JobLock
     from sdbatch.storage.local import LocalStorage
 
     (out / "_sdbatch" / "lock.json").write_text("garbage")
@@ -304,9 +303,9 @@ def test_unlock_removes_only_a_lock_no_live_driver_holds(tmp_path):
 
 
 def test_a_stray_metadata_file_and_a_truncated_index_are_not_taken_for_commits(tmp_path):
+    from sdbatch.data.index import index_schema
     from sdbatch.output.commits import committed_shards, records_to_parquet
     from sdbatch.output.index import read_index
-    from sdbatch.data.index import index_schema
     from sdbatch.storage.local import LocalStorage
 
     storage = LocalStorage(tmp_path / "out")

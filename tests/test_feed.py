@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_manifest
 
-from sdbatch.manifest.sources import ManifestChanged, open_manifest
 from sdbatch.manifest.reader import ManifestReader, read_rows_at
+from sdbatch.manifest.sources import ManifestChanged, open_manifest
+from sdbatch.run.feed import ShardFeed
 from sdbatch.run.plan import make_plan
 from sdbatch.spec import JobSpec
-from sdbatch.run.feed import ShardFeed
 
 
 def shard(index: int, num_rows: int, rows_per_shard: int):
@@ -132,9 +132,9 @@ def test_init_images_are_read_a_batch_ahead_and_bounded(tiny_generator, tmp_path
 
     from sdbatch.manifest.reader import read_rows
     from sdbatch.run.plan import ShardSpec, canonical_batches
+    from sdbatch.run.shard_runner import ShardRunner
     from sdbatch.spec import load_spec
     from sdbatch.storage.local import LocalStorage
-    from sdbatch.run.shard_runner import ShardRunner
 
     rows = []
     for i in range(5):  # 5 img2img rows, each its own colour: 3 batches of 2 (the last one short)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import RAY_SINGLE_MACHINE
+
 from sdbatch.models.families import DIFFUSION_SAMPLERS as SAMPLERS
 
 REPO = Path(__file__).resolve().parents[1]

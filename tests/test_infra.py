@@ -18,7 +18,6 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-
 from conftest import REPO, load_index, small_rows, write_manifest
 
 KUBERAY = REPO / "infra" / "kuberay"

@@ -15,9 +15,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import write_manifest
 from typer.testing import CliRunner
 
-from conftest import write_manifest
 from sdbatch.cli.app import app
 
 runner = CliRunner()
@@ -126,9 +126,9 @@ def test_a_sampler_the_model_cannot_build_fails_the_worker_start(tmp_path):
     import json
     import shutil
 
-    from sdbatch.models.runtime import Generator
-    from sdbatch.models.errors import ModelError
     from sdbatch.models.builtin import local_model_dir
+    from sdbatch.models.errors import ModelError
+    from sdbatch.models.runtime import Generator
 
     model = tmp_path / "tiny"
     shutil.copytree(local_model_dir("builtin:tiny"), model)

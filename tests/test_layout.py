@@ -8,8 +8,8 @@ import pytest
 
 from sdbatch.output.layout import FilesLayout, WebdatasetLayout, layout_for, tar_members
 from sdbatch.spec import OutputSpec
-from sdbatch.storage.local import LocalStorage
 from sdbatch.storage.base import NotFound, StorageError
+from sdbatch.storage.local import LocalStorage
 
 IMAGES = {"r1": b"first image", "r.2": b"second image, longer"}  # a dot in an id: escaped in tars
 

@@ -16,8 +16,8 @@ import pytest
 from conftest import write_manifest
 
 from sdbatch.output import lock as job_lock
-from sdbatch.output.lock import JobLock, LockHeld, LockLost
 from sdbatch.output.documents import LOCK_KEY
+from sdbatch.output.lock import JobLock, LockHeld, LockLost
 
 
 def lease(driver: str) -> bytes:

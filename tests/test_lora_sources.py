@@ -11,9 +11,8 @@ import uuid
 import boto3
 import numpy as np
 import pytest
-
-from conftest import write_manifest
 from conftest import sdbatch_cli as cli
+from conftest import write_manifest
 
 PROMPT = "a red circle"
 
@@ -35,8 +34,8 @@ def lora_sources(s3_server, tmp_path_factory):
 
 
 def test_kohya_and_s3_loras_load_and_change_the_image(lora_sources):
-    from sdbatch.models.runtime import Generator
     from sdbatch.data.row import Row
+    from sdbatch.models.runtime import Generator
 
     gen = Generator.load("builtin:shapes", device="cpu", loras=lora_sources["declared"], endpoint_url=lora_sources["endpoint"])
 

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import image_hashes, load_index, write_manifest
 from conftest import sdbatch_cli as cli
+from PIL import Image
 from test_reproduce import mixed_rows, run_in_process
 
 NULL_JOB = ["--model", "builtin:null", "--rows-per-shard", "16", "--batch-size", "8"]
@@ -153,9 +152,9 @@ def test_a_nan_image_is_decoded_again_in_float32(tiny, monkeypatch):
 
 def test_images_still_nan_or_black_fail_their_rows_and_are_not_stored(tiny, monkeypatch, tmp_path):
     from sdbatch.run.plan import ShardSpec
+    from sdbatch.run.shard_runner import ShardRunner
     from sdbatch.spec import load_spec
     from sdbatch.storage.local import LocalStorage
-    from sdbatch.run.shard_runner import ShardRunner
 
     spoil_decode(monkeypatch, tiny, {0: -1.0, 2: float("nan")})
     spec = load_spec(None, [], {"model.name": "builtin:tiny", "resources.batch_size": 4})

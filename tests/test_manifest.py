@@ -20,14 +20,12 @@ import pytest
 from typer.testing import CliRunner
 
 from sdbatch.cli.app import app as cli_app
-
-from sdbatch.manifest.hashing import DistinctCounter, hash_strings
-from sdbatch.manifest.report import ValidationReport
-from sdbatch.manifest.sources import Manifest, ManifestError, open_manifest
-from sdbatch.manifest.report import RowIssue
-from sdbatch.manifest.reader import iter_row_batches, read_rows
-from sdbatch.manifest.validate import validate_manifest
 from sdbatch.data.row import default_row_id, derive_seed
+from sdbatch.manifest.hashing import DistinctCounter, hash_strings
+from sdbatch.manifest.reader import iter_row_batches, read_rows
+from sdbatch.manifest.report import RowIssue, ValidationReport
+from sdbatch.manifest.sources import Manifest, ManifestError, open_manifest
+from sdbatch.manifest.validate import validate_manifest
 from sdbatch.spec import JobSpec, SpecError, load_spec
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,12 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from sdbatch.manifest.sources import open_manifest
+from sdbatch.manifest.builder import build_manifest
 from sdbatch.manifest.reader import read_rows
+from sdbatch.manifest.sources import open_manifest
+from sdbatch.manifest.templates import expand_template
 from sdbatch.manifest.validate import validate_manifest
 from sdbatch.manifest.values import ManifestBuildError, parse_constant, parse_seeds
-from sdbatch.manifest.builder import build_manifest
-from sdbatch.manifest.templates import expand_template
 from sdbatch.spec import JobSpec
 
 

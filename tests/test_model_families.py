@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import load_index, write_manifest
 from conftest import sdbatch_cli as cli
+from PIL import Image
+
 from sdbatch.output.encode import read_embedded
 
 LONG_PROMPT = " ".join(["a red circle on a blue square"] * 20)  # ≈ 140 tokens: past CLIP's 77

@@ -11,18 +11,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sdbatch.output.commits import FINGERPRINT_META
-from sdbatch.output.index import IndexSummary
-from sdbatch.manifest.sources import open_manifest
-from sdbatch.manifest.reader import passthrough_types, read_rows_at
 from sdbatch.data.index import INDEX_COLUMN_TYPES, STATUS_FAILED, STATUS_OK, index_schema
-from sdbatch.output.index import INDEX_KEY, merge_index
-from sdbatch.output.commits import commit_shard, read_commit
+from sdbatch.data.record import ImageRecord, index_row
+from sdbatch.manifest.reader import passthrough_types, read_rows_at
+from sdbatch.manifest.sources import open_manifest
+from sdbatch.output.commits import FINGERPRINT_META, commit_shard, read_commit
+from sdbatch.output.index import INDEX_KEY, IndexSummary, merge_index
 from sdbatch.run.plan import make_plan
 from sdbatch.spec import load_spec
 from sdbatch.storage.local import LocalStorage
 from sdbatch.storage.s3 import S3Storage
-from sdbatch.data.record import ImageRecord, index_row
 
 ROWS_PER_SHARD = 4
 UTC = dt.timezone.utc
@@ -146,8 +144,8 @@ def test_merge_uploads_the_index_to_s3(s3_bucket, committed):
 
 
 def test_index_column_types_cover_every_index_column():
-    from sdbatch.data.index import INDEX_RESULT_COLUMNS
     from sdbatch.data.columns import KNOWN_COLUMNS
+    from sdbatch.data.index import INDEX_RESULT_COLUMNS
 
     assert set(INDEX_COLUMN_TYPES) == {"row", *KNOWN_COLUMNS, *INDEX_RESULT_COLUMNS}
 

@@ -9,7 +9,20 @@ import sys
 import pytest
 
 from sdbatch.run.plan import ShardSpec, make_plan
-from sdbatch.run.policy import at_the_model, FINISHED, HANG_FACTOR, INCOMPLETE, MIN_HANG_TIMEOUT_S, STOPPED, Placement, Schedule, Work, autoscaler_in_status, place_workers, workers_to_start
+from sdbatch.run.policy import (
+    FINISHED,
+    HANG_FACTOR,
+    INCOMPLETE,
+    MIN_HANG_TIMEOUT_S,
+    STOPPED,
+    Placement,
+    Schedule,
+    Work,
+    at_the_model,
+    autoscaler_in_status,
+    place_workers,
+    workers_to_start,
+)
 from sdbatch.run.protocol import ShardResult
 
 

@@ -12,13 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 
 import sdbatch
-from sdbatch.data.row import Row
-from sdbatch.models.resolve import resolve
-from sdbatch.models.null_model import NullGenerator
 from sdbatch.data.index import STATUS_FAILED, STATUS_OK, index_schema
+from sdbatch.data.record import ImageRecord, embedded_record, index_row
+from sdbatch.data.row import Row
+from sdbatch.models.null_model import NullGenerator
+from sdbatch.models.resolve import resolve
 from sdbatch.output.commits import records_to_parquet
 from sdbatch.run.plan import ShardSpec
-from sdbatch.data.record import ImageRecord, embedded_record, index_row
 
 PASSTHROUGH = {"label": pa.string(), "count": pa.int64()}
 #: The keys of an image's embedded JSON record since LoRA support (clip_skip only when set,

@@ -10,11 +10,11 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import load_index, write_manifest
+from conftest import sdbatch_cli as cli
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import load_index, write_manifest
-from conftest import sdbatch_cli as cli
 from sdbatch.cli.app import app
 from sdbatch.output.encode import parse_infotext, read_embedded
 

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
-
 from chaos import chaos_env
 from conftest import image_hashes, load_index, small_rows, write_manifest
 from conftest import sdbatch_cli as cli
 from faults import sdbatch_command
+from PIL import Image
+
 from sdbatch.output.encode import read_embedded
 
 FAST = ["--model", "builtin:tiny", "--steps", "3", "--rows-per-shard", "6", "--batch-size", "4"]
@@ -59,15 +59,15 @@ def run_in_process(generator, manifest: Path, out: Path, order: list[int], *, jo
                    spec_overrides: dict | None = None) -> dict:
     """Run the shards of ``manifest`` with ``worker.ShardRunner`` in the given order into a
     LocalStorage at ``out``; returns the job record (fingerprint computed as `sdbatch submit` does)."""
-    from sdbatch.manifest.sources import open_manifest
     from sdbatch.manifest.reader import passthrough_types, read_rows_at
+    from sdbatch.manifest.sources import open_manifest
     from sdbatch.models.resolve import preflight
     from sdbatch.output.claim import claim_job, job_record
     from sdbatch.output.index import merge_index
     from sdbatch.run.plan import job_plan
+    from sdbatch.run.shard_runner import ShardRunner
     from sdbatch.spec import load_spec
     from sdbatch.storage.local import LocalStorage
-    from sdbatch.run.shard_runner import ShardRunner
 
     spec = load_spec(None, [], {"model.name": "builtin:tiny", "defaults.steps": 3, "resources.rows_per_shard": 6,
                                 "resources.batch_size": 4, **(spec_overrides or {})})
@@ -108,13 +108,13 @@ def test_shard_order_and_a_retried_shard_give_identical_bytes(tiny_generator, tm
 
     # an attempt that died before its commit: images stored, no shard index. The retry
     # regenerates the shard, finds every key taken, adopts the stored objects — same bytes.
-    from sdbatch.output.index import INDEX_KEY
-    from sdbatch.output.commits import metadata_key
-    from sdbatch.manifest.sources import open_manifest
     from sdbatch.manifest.reader import read_rows
+    from sdbatch.manifest.sources import open_manifest
+    from sdbatch.output.commits import metadata_key
+    from sdbatch.output.index import INDEX_KEY
     from sdbatch.run.plan import ShardSpec
-    from sdbatch.storage.local import LocalStorage
     from sdbatch.run.shard_runner import ShardRunner
+    from sdbatch.storage.local import LocalStorage
 
     storage = LocalStorage(backward)
     before = {p.name: p.read_bytes() for p in (backward / "images" / "00001").iterdir()}

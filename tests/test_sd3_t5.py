@@ -13,10 +13,10 @@ import numpy as np
 def test_sd3_with_t5_renders_uses_and_pins_the_encoder(tmp_path):
     from model_families import NATIVE, build_sd3
 
-    from sdbatch.models.runtime import Generator
     from sdbatch.data.row import Row
     from sdbatch.models.pins import fingerprint_model_dir
     from sdbatch.models.resolve import preflight
+    from sdbatch.models.runtime import Generator
 
     model = build_sd3(tmp_path / "sd3", t5=True)
     ref = preflight(str(model))

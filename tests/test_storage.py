@@ -15,13 +15,12 @@ from pathlib import Path
 import boto3
 import pytest
 
-from sdbatch.models.cache import MODEL_MARKER
+from sdbatch.models.cache import MODEL_MARKER, fetch_model_dir
 from sdbatch.storage import s3_client as st
-from sdbatch.storage.local import LocalStorage
 from sdbatch.storage.base import NotFound, PutResult, Storage, StorageConfigError, StorageError
-from sdbatch.storage.s3 import S3Storage
-from sdbatch.models.cache import fetch_model_dir
+from sdbatch.storage.local import LocalStorage
 from sdbatch.storage.open import open_storage, read_uri
+from sdbatch.storage.s3 import S3Storage
 
 sys.path.insert(0, str(Path(__file__).parent))
 from faults import FaultInjector, fault_env, install_from_env, read_counts, summarize  # noqa: E402

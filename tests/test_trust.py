@@ -23,15 +23,14 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import RAY_SINGLE_MACHINE, REPO, write_manifest
 
-from sdbatch.output.documents import JobRecord
-from sdbatch.models.pins import fingerprint_model_dir
+from sdbatch.data.index import JOB_KEY, index_schema
 from sdbatch.models.builtin import resolve_builtin
-from sdbatch.data.index import JOB_KEY
-from sdbatch.output.commits import OutputMismatch, read_commit, read_shard_index, records_to_parquet
+from sdbatch.models.pins import fingerprint_model_dir
 from sdbatch.output.claim import claim_job
-from sdbatch.data.index import index_schema
-from sdbatch.storage.local import LocalStorage
+from sdbatch.output.commits import OutputMismatch, read_commit, read_shard_index, records_to_parquet
+from sdbatch.output.documents import JobRecord
 from sdbatch.storage.base import StorageConfigError
+from sdbatch.storage.local import LocalStorage
 from sdbatch.storage.open import open_storage
 
 FAST = ["--model", "builtin:tiny", "--steps", "2", "--rows-per-shard", "2", "--batch-size", "2", "--workers", "1"]
@@ -446,8 +445,8 @@ def test_init_images_outside_the_manifests_folder_or_buckets_are_refused(run_cli
 
 
 def test_init_image_roots_widen_the_places_explicitly(tmp_path):
-    from sdbatch.manifest.sources import ManifestError, open_manifest
     from sdbatch.manifest.init_roots import check_init_image_roots
+    from sdbatch.manifest.sources import ManifestError, open_manifest
     from sdbatch.spec import load_spec
 
     (tmp_path / "data").mkdir()

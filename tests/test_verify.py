@@ -10,7 +10,6 @@ import tarfile
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import sdbatch_cli as cli
 from conftest import write_manifest
 

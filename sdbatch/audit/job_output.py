@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import io
 import os
-import pyarrow as pa
-import pyarrow.parquet as pq
 from dataclasses import dataclass
 from typing import Any
-from sdbatch.errors import BadInput
-from sdbatch.manifest.init_roots import init_image_places, InitImagePlaces
-from sdbatch.output.commits import FINGERPRINT_META, OutputMismatch
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from sdbatch.data.index import JOB_KEY
-from sdbatch.output.documents import JobRecord, SUCCESS_KEY
-from sdbatch.output.index import committed_index, INDEX_KEY
+from sdbatch.errors import BadInput
+from sdbatch.manifest.init_roots import InitImagePlaces, init_image_places
+from sdbatch.output.commits import FINGERPRINT_META, OutputMismatch
+from sdbatch.output.documents import SUCCESS_KEY, JobRecord
+from sdbatch.output.index import INDEX_KEY, committed_index
 from sdbatch.output.layout import Layout, layout_for
 from sdbatch.spec import JobSpec
 from sdbatch.storage.base import NotFound, Storage
-from sdbatch.storage.open import open_storage
 from sdbatch.storage.locations import has_scheme
+from sdbatch.storage.open import open_storage
 
 
 class AuditError(BadInput, ValueError):

@@ -20,9 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
 from sdbatch.audit.job_output import AuditError, JobOutput, open_job
 from sdbatch.data.index import STATUS_FAILED, STATUS_OK
-from sdbatch.output.claim import put_report, REPORT_KEY, report_mark
+from sdbatch.output.claim import REPORT_KEY, put_report, report_mark
 from sdbatch.output.commits import OutputMismatch
 from sdbatch.output.documents import Progress, Success, utc_now
 from sdbatch.output.layout import differs

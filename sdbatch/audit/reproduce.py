@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from typing import Any, TYPE_CHECKING
-from sdbatch.output import encode
+from typing import TYPE_CHECKING, Any
+
 from sdbatch.audit.job_output import AuditError, JobOutput, open_job
 from sdbatch.data.index import STATUS_OK
-from sdbatch.data.record import embedded_record, ImageRecord, passthrough_of, row_from_stored
+from sdbatch.data.record import ImageRecord, embedded_record, passthrough_of, row_from_stored
 from sdbatch.data.row import Row
+from sdbatch.output import encode
 from sdbatch.output.layout import differs, sha256
 from sdbatch.storage.base import NotFound, Storage, StorageError
 from sdbatch.storage.open import read_uri

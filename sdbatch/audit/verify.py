@@ -7,12 +7,13 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
 from sdbatch.audit.job_output import AuditError, JobOutput, open_job
 from sdbatch.audit.reproduce import Reproducer, ReproduceResult
 from sdbatch.data.index import INDEX_COLUMN_TYPES, STATUS_OK
 from sdbatch.output.commits import committed_shards
-from sdbatch.output.documents import JobRecord, SUCCESS_KEY
-from sdbatch.output.index import committed_index, INDEX_KEY, merge_index
+from sdbatch.output.documents import SUCCESS_KEY, JobRecord
+from sdbatch.output.index import INDEX_KEY, committed_index, merge_index
 from sdbatch.output.layout import PREFIXES
 from sdbatch.storage.base import Storage, StorageError
 
@@ -162,9 +163,9 @@ def verify(
 def _manifest_ids(job: JobRecord) -> tuple[list[str] | None, str | None]:
     """The ids of the job's manifest in row order — or, when it is unreachable or changed since
     the job pinned it, None and the problem (the index cannot be checked against it)."""
-    from sdbatch.manifest.sources import ManifestError, open_manifest
-    from sdbatch.manifest.reader import iter_row_batches
     from sdbatch.data.row import default_row_id
+    from sdbatch.manifest.reader import iter_row_batches
+    from sdbatch.manifest.sources import ManifestError, open_manifest
 
     unchecked = f"the index's ids were not checked against the job's manifest {job.manifest.source}"
     try:

@@ -12,12 +12,21 @@ import functools
 import logging
 import os
 import sys
-import typer
 from collections.abc import Callable
+from typing import Any
+
+import typer
 from rich.console import Console
 from typer.core import TyperCommand, TyperGroup
-from typing import Any
-from sdbatch.errors import EXIT_BAD_INPUT, EXIT_CODES_HELP, EXIT_INTERRUPTED, EXIT_SHARDS_FAILED, RESUME_HINT, SdbatchError
+
+from sdbatch.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_CODES_HELP,
+    EXIT_INTERRUPTED,
+    EXIT_SHARDS_FAILED,
+    RESUME_HINT,
+    SdbatchError,
+)
 
 
 class _PlainFlags:

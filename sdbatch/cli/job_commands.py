@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import typer
 from collections.abc import Callable
 from typing import Any, Optional
-from sdbatch.cli.app import command, EndpointOpt, stdout
+
+import typer
+
+from sdbatch.cli.app import EndpointOpt, command, stdout
 from sdbatch.errors import BadInput
 
 
@@ -19,10 +21,10 @@ def status(
     import json
 
     from sdbatch.data.index import JOB_KEY
-    from sdbatch.output.documents import LOCK_KEY, JobRecord, Progress, Success, read_json
-    from sdbatch.output.lock import lock_is_stale
     from sdbatch.output.commits import committed_shards
+    from sdbatch.output.documents import LOCK_KEY, JobRecord, Progress, Success, read_json
     from sdbatch.output.index import failed_rows_text
+    from sdbatch.output.lock import lock_is_stale
     from sdbatch.run.policy import failed_shard_text
     from sdbatch.run.progress import eta_text
     from sdbatch.storage.base import NotFound

@@ -8,9 +8,11 @@ never a traceback. Nothing here imports torch.
 from __future__ import annotations
 
 import json
-import typer
 from pathlib import Path
 from typing import Optional
+
+import typer
+
 from sdbatch.errors import EXIT_BAD_INPUT
 
 
@@ -83,9 +85,9 @@ def manifest(
 
     The written manifest is validated; exit code 2 when an input or the result is invalid.
     """
+    from sdbatch.manifest.builder import build_manifest
     from sdbatch.manifest.sources import open_manifest
     from sdbatch.manifest.validate import validate_manifest
-    from sdbatch.manifest.builder import build_manifest
     from sdbatch.spec import load_spec
 
     job = load_spec(spec, set_)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import typer
 from pathlib import Path
 from typing import Optional
-from sdbatch.cli.app import command, EndpointOpt, err, setup_logging, stdout
-from sdbatch.errors import BadInput, READER_EXIT_CODES_HELP
+
+import typer
+
+from sdbatch.cli.app import EndpointOpt, command, err, setup_logging, stdout
+from sdbatch.errors import READER_EXIT_CODES_HELP, BadInput
 
 
 @command(epilog="")

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import logging
-import os
 import functools
 import inspect
+import logging
+import os
 import re
 import time
-import typer
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Optional
-from sdbatch.cli.app import command, EndpointOpt, err, fail, SetOpt, setup_logging, SpecOpt, stdout, use_endpoint
+
+import typer
+
+from sdbatch.cli.app import EndpointOpt, SetOpt, SpecOpt, command, err, fail, setup_logging, stdout, use_endpoint
 from sdbatch.data.columns import DEFAULTED
-from sdbatch.errors import BadInput, EXIT_BAD_INPUT
+from sdbatch.errors import EXIT_BAD_INPUT, BadInput
 
 
 def parse_deadline(text: str, now: datetime | None = None) -> float:

@@ -14,12 +14,13 @@ A leaf module: pyarrow only."""
 from __future__ import annotations
 
 import difflib
-import pyarrow as pa
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
-from sdbatch.data.samplers import A1111_BY_CLASS, DEFAULT_SAMPLER, SAMPLERS, SCHEDULERS
 
+import pyarrow as pa
+
+from sdbatch.data.samplers import A1111_BY_CLASS, DEFAULT_SAMPLER, SAMPLERS, SCHEDULERS
 
 #: Marks a column without a job-spec default (``id``, ``prompt``, ``seed``, ``init_image``).
 NO_DEFAULT: Any = type("NoDefault", (), {"__repr__": lambda self: "NO_DEFAULT"})()

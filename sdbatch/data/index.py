@@ -6,8 +6,8 @@ an OUT."""
 from __future__ import annotations
 
 import pyarrow as pa
-from sdbatch.data.columns import COLUMNS
 
+from sdbatch.data.columns import COLUMNS
 
 #: The columns the output index adds to each row's parameters (``worker.index_row``), in index
 #: order, with their types (the quality columns, ``quality.QUALITY_COLUMN_TYPES``, follow them).

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import re
-from sdbatch.errors import BadInput
 
+from sdbatch.errors import BadInput
 
 #: One A1111 extra-network tag for a LoRA: ``<lora:NAME>`` or ``<lora:NAME:SCALE>``.
 TAG_RE = re.compile(r"<lora:([^<>]*)>")

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
 import sdbatch
 from sdbatch.data.columns import BATCH_KEY, COLUMN, COLUMNS, KNOWN_COLUMNS, record_parameters
 from sdbatch.data.index import INDEX_RESULT_COLUMNS, INDEXED, RESERVED_COLUMNS

@@ -7,7 +7,8 @@ import hashlib
 import re
 from dataclasses import field, make_dataclass
 from typing import Any
-from sdbatch.data.columns import BATCH_KEY, Column, COLUMNS
+
+from sdbatch.data.columns import BATCH_KEY, COLUMNS, Column
 
 
 class _RowBehaviour:

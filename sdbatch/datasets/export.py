@@ -22,22 +22,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import shutil
 import tempfile
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from sdbatch.data.index import STATUS_OK
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from sdbatch.data.index import JOB_KEY, STATUS_OK
 from sdbatch.errors import BadInput, JobFailed
 from sdbatch.output.commits import OutputMismatch
-from sdbatch.data.index import JOB_KEY
 from sdbatch.output.documents import JobRecord
 from sdbatch.output.index import read_index
-from sdbatch.output.layout import differs, Layout, layout_for, webdataset_key
+from sdbatch.output.layout import Layout, differs, layout_for, webdataset_key
 from sdbatch.storage.base import Storage
 
 log = logging.getLogger("sdbatch.export")

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import io
 import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 import pyarrow as pa
 import pyarrow.compute as pc
-from pathlib import Path
-from typing import Any, TYPE_CHECKING
+
 from sdbatch.manifest.axes import GRID_AXES, GRID_GROUP, GridError
 
 if TYPE_CHECKING:

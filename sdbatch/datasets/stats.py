@@ -9,12 +9,13 @@ Computed from the index alone with pyarrow compute; no image is read and no torc
 from __future__ import annotations
 
 import json
-import pyarrow as pa
-import pyarrow.compute as pc
 from collections import Counter
 from typing import Any
-from sdbatch.data.index import INDEX_COLUMN_TYPES, STATUS_FAILED, STATUS_OK
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sdbatch.data.index import INDEX_COLUMN_TYPES, STATUS_FAILED, STATUS_OK
 
 #: Numeric index columns whose distributions are reported.
 SCORE_COLUMNS = ("luma_mean", "luma_std", "clip_score", "generate_seconds")

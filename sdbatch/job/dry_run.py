@@ -19,11 +19,12 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from sdbatch.data.index import JOB_KEY
 from sdbatch.manifest.reader import ManifestReader
 from sdbatch.manifest.sources import Manifest
 from sdbatch.output.claim import refuse_foreign_objects, what_changed
-from sdbatch.output.commits import committed_shards, OutputMismatch
-from sdbatch.data.index import JOB_KEY
+from sdbatch.output.commits import OutputMismatch, committed_shards
 from sdbatch.output.documents import JobRecord, Progress, Success
 from sdbatch.output.index import committed_index
 from sdbatch.run.plan import canonical_batches

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import itertools
-import pyarrow as pa
 import re
 from typing import Any
-from sdbatch.errors import BadInput
 
+import pyarrow as pa
+
+from sdbatch.errors import BadInput
 
 GRID_GROUP, GRID_AXES = "grid_group", "grid_axes"
 #: Manifest columns an axis may vary.

@@ -16,17 +16,18 @@ Output rows are ordered prompt-major, seeds inner. Nothing here imports torch.
 
 from __future__ import annotations
 
-import numpy as np
 import os
-import pyarrow as pa
-import pyarrow.parquet as pq
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from sdbatch.data.row import default_row_id
 from sdbatch.manifest.templates import expand_template
-from sdbatch.manifest.values import COLUMN_TYPES, seed_count, seeds_at, ManifestBuildError, parse_constant, parse_seeds
-
+from sdbatch.manifest.values import COLUMN_TYPES, ManifestBuildError, parse_constant, parse_seeds, seed_count, seeds_at
 
 MAX_ROWS = 100_000_000  # a guard against typos such as --seeds 0-9999999999
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+
 import numpy as np
 import pyarrow as pa
-from sdbatch.manifest.reader import plain_array, iter_row_batches
-from sdbatch.manifest.report import repr_value, RowIssue
+
+from sdbatch.manifest.reader import iter_row_batches, plain_array
+from sdbatch.manifest.report import RowIssue, repr_value
 from sdbatch.manifest.rules import IssueCollector
 from sdbatch.manifest.sources import Manifest
-
 
 _P = np.uint64(0x100000001B3)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
 from sdbatch.data.row import default_row_id
 from sdbatch.manifest.reader import column_pylist, iter_row_batches, resolve_init_image
 from sdbatch.manifest.sources import Manifest, ManifestError

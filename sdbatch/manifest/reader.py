@@ -6,14 +6,25 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
-import pyarrow as pa
-import pyarrow.parquet as pq
 from collections.abc import Iterator, Sequence
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from sdbatch.data.columns import BATCH_KEY, COLUMNS, KNOWN_COLUMNS
 from sdbatch.data.loras import row_loras
-from sdbatch.data.row import default_row_id, derive_seed, Row
-from sdbatch.manifest.sources import IGNORED_PREFIX, open_parquet, parquet_file, pin_file, s3_identity, Manifest, ManifestChanged, ManifestError
+from sdbatch.data.row import Row, default_row_id, derive_seed
+from sdbatch.manifest.sources import (
+    IGNORED_PREFIX,
+    Manifest,
+    ManifestChanged,
+    ManifestError,
+    open_parquet,
+    parquet_file,
+    pin_file,
+    s3_identity,
+)
 from sdbatch.spec import JobSpec
 from sdbatch.storage.locations import has_scheme, is_remote, is_s3
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import pyarrow as pa
 from dataclasses import dataclass, field
 from typing import Any
+
+import pyarrow as pa
 
 
 @dataclass

@@ -4,18 +4,20 @@ job's defaults and passthrough columns."""
 from __future__ import annotations
 
 import difflib
-import numpy as np
 import os
-import pyarrow as pa
-import pyarrow.compute as pc
 from collections.abc import Callable
 from typing import Any
-from sdbatch.data.columns import Column, DEFAULTED, KNOWN_COLUMNS, suggest
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sdbatch.data.columns import DEFAULTED, KNOWN_COLUMNS, Column, suggest
 from sdbatch.data.index import RESERVED_COLUMNS
 from sdbatch.data.loras import LoraError, row_loras
 from sdbatch.data.row import default_row_id
 from sdbatch.manifest.reader import plain_array
-from sdbatch.manifest.report import arrow_kind, repr_value, value_at, RowIssue
+from sdbatch.manifest.report import RowIssue, arrow_kind, repr_value, value_at
 from sdbatch.manifest.sources import Manifest
 from sdbatch.spec import JobSpec
 

@@ -10,18 +10,19 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
-import pyarrow as pa
-import pyarrow.parquet as pq
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from sdbatch.data.columns import KNOWN_COLUMNS
-from sdbatch.errors import BadInput
-from sdbatch.data.index import JOB_KEY
-from sdbatch.storage.base import check_uri
-from sdbatch.storage.s3_client import s3_endpoint
-from sdbatch.storage.locations import is_remote, is_s3, local_path, s3_path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sdbatch.data.columns import KNOWN_COLUMNS
+from sdbatch.data.index import JOB_KEY
+from sdbatch.errors import BadInput
+from sdbatch.storage.base import check_uri
+from sdbatch.storage.locations import is_remote, is_s3, local_path, s3_path
+from sdbatch.storage.s3_client import s3_endpoint
 
 #: Columns pandas writes for a non-default index; they are neither checked nor passed through.
 IGNORED_PREFIX = "__index_level_"

@@ -7,9 +7,9 @@ import random
 import re
 from collections.abc import Iterable
 from pathlib import Path
+
 from sdbatch.data.columns import KNOWN_COLUMNS
 from sdbatch.manifest.values import ASSIGNMENT_RE, ManifestBuildError
-
 
 MAX_TEMPLATE_PROMPTS = 10_000_000
 

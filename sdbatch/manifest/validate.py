@@ -5,19 +5,34 @@ counted by ``hashing``."""
 
 from __future__ import annotations
 
-import numpy as np
 import os
+from typing import Any
+
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from typing import Any
+
 from sdbatch.data.columns import COLUMN, COLUMNS, KNOWN_COLUMNS
 from sdbatch.data.row import ID_PATTERN, MAX_SEED
 from sdbatch.data.samplers import SCHEDULERS
 from sdbatch.manifest.hashing import DistinctCounter, find_duplicate_ids, hash_strings
 from sdbatch.manifest.reader import guarded_batches, passthrough_types
-from sdbatch.manifest.report import arrow_kind, RowIssue, ValidationReport
-from sdbatch.manifest.rules import BatchUnderCheck, check_loras, check_passthrough_columns, check_range, check_same_passthrough_types, check_spec_defaults, check_text, check_utf8, IssueCollector, ValueCounts, filled_numpy, scheduler_fix
-from sdbatch.manifest.sources import parquet_file, Manifest, ManifestError
+from sdbatch.manifest.report import RowIssue, ValidationReport, arrow_kind
+from sdbatch.manifest.rules import (
+    BatchUnderCheck,
+    IssueCollector,
+    ValueCounts,
+    check_loras,
+    check_passthrough_columns,
+    check_range,
+    check_same_passthrough_types,
+    check_spec_defaults,
+    check_text,
+    check_utf8,
+    filled_numpy,
+    scheduler_fix,
+)
+from sdbatch.manifest.sources import Manifest, ManifestError, parquet_file
 from sdbatch.models.families import Family
 from sdbatch.spec import JobSpec
 from sdbatch.storage.base import TMP_MARK

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pyarrow as pa
 import re
-import yaml
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import yaml
+
+from sdbatch.data.columns import arrow_types
 from sdbatch.data.row import MAX_SEED
 from sdbatch.errors import BadInput
-from sdbatch.data.columns import arrow_types
-
 
 COLUMN_TYPES: dict[str, pa.DataType] = arrow_types()
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from sdbatch.models.errors import ModelError
 
+from sdbatch.models.errors import ModelError
 
 BUILTIN_PREFIX = "builtin:"
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
 from pathlib import Path
-from sdbatch.storage.base import check_key, NotFound, StorageError, TMP_MARK
+
+from sdbatch.storage.base import TMP_MARK, NotFound, StorageError, check_key
 from sdbatch.storage.s3 import S3Storage
 from sdbatch.storage.s3_client import _error_code, _is_botocore_error, _translate, parse_s3_url, s3_endpoint
 

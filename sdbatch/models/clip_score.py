@@ -11,10 +11,12 @@ Imports torch: only worker actors load it.
 
 from __future__ import annotations
 
-import torch
 from pathlib import Path
-from transformers import CLIPModel, CLIPProcessor
 from typing import Any
+
+import torch
+from transformers import CLIPModel, CLIPProcessor
+
 from sdbatch.models.cache import fetch_model_dir
 from sdbatch.models.pins import check_pickles
 from sdbatch.storage.locations import is_s3

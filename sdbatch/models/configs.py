@@ -7,10 +7,10 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
 from sdbatch.models.builtin import local_model_dir
 from sdbatch.models.errors import ModelError
 from sdbatch.storage.locations import is_s3
-
 
 #: A model folder's JSON files: relative path -> parsed JSON, or None where there is no such file.
 JsonReader = Callable[[str], Any]

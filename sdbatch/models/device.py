@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import diffusers
 import platform
+
+import diffusers
 import torch
 import transformers
+
 from sdbatch.models.errors import ModelError
 
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from sdbatch.data.samplers import family_samplers, SCHEDULERS
+
+from sdbatch.data.samplers import SCHEDULERS, family_samplers
 from sdbatch.models.builtin import NULL_CLASS_NAME
 from sdbatch.models.configs import JsonReader
 from sdbatch.models.errors import FamilyError
-
 
 #: Samplers of the noise-prediction families (SD 1.x/2.x, SDXL), from the sampler table.
 DIFFUSION_SAMPLERS = family_samplers(flow=False)
@@ -126,8 +126,8 @@ def local_traits(folder: Path) -> ModelTraits:
 def model_traits(name: str, endpoint_url: str | None = None) -> ModelTraits:
     """Traits of ``--model`` (builtin, local folder or ``s3://`` prefix) from its configs;
     FamilyError naming the model and the fix when it is missing or not a supported family."""
-    from sdbatch.models.errors import ModelError
     from sdbatch.models.configs import model_json_reader
+    from sdbatch.models.errors import ModelError
 
     try:
         read = model_json_reader(name, endpoint_url)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
-import torch
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from typing import Any
+
+import torch
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+
 from sdbatch.data.loras import LoraSet
 from sdbatch.models.errors import ModelError
 from sdbatch.models.pins import check_safetensors, sha256_hex

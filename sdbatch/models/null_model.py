@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from sdbatch.data.row import Row
-from sdbatch.models.builtin import NULL_CLASS_NAME
 from sdbatch.models.adapter import GeneratedBatch
+from sdbatch.models.builtin import NULL_CLASS_NAME
 
 NOISE_BITS = 4  # per-pixel noise of 16 levels: sets the PNG size (≈ 4 bits per sample)
 SMOOTH_CELL = 4  # pixels per side of the grid the gradients and waves are drawn on

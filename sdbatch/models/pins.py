@@ -9,10 +9,10 @@ import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
+
 from sdbatch.data.loras import LoraError
 from sdbatch.models.configs import JsonReader
 from sdbatch.models.errors import ModelError
-
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 

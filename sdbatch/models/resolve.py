@@ -28,15 +28,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
 from sdbatch.models.builtin import local_model_dir
-from sdbatch.models.configs import folder_json_reader, JsonReader, storage_json_reader
+from sdbatch.models.configs import JsonReader, folder_json_reader, storage_json_reader
 from sdbatch.models.errors import ModelError
-from sdbatch.models.pins import model_file_names, fingerprint_model_dir, refuse_custom_code, refuse_pickles, s3_pin
+from sdbatch.models.pins import fingerprint_model_dir, model_file_names, refuse_custom_code, refuse_pickles, s3_pin
 from sdbatch.storage.locations import is_s3
 
 if TYPE_CHECKING:
-    from sdbatch.models.families import Family
-    from sdbatch.models.families import ModelTraits
+    from sdbatch.models.families import Family, ModelTraits
 
 
 def _check_folder(where: str, folder: Path, read: JsonReader) -> None:

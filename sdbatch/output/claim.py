@@ -5,21 +5,31 @@ ownership."""
 
 from __future__ import annotations
 
-import pyarrow as pa
-import pyarrow.compute as pc
 from datetime import datetime
 from typing import Any
-import sdbatch
-from sdbatch.data.index import STATUS_OK
-from sdbatch.manifest.sources import Manifest
-from sdbatch.output.commits import stamped_table, METADATA_PREFIX, OutputMismatch
-from sdbatch.data.index import JOB_KEY
-from sdbatch.output.documents import JobRecord, LoraPin, ManifestPin, ModelPin, PROGRESS_KEY, read_json, Success, SUCCESS_KEY, write_json
-from sdbatch.output.index import INDEX_KEY
-from sdbatch.output.layout import IMAGES_PREFIX, Layout, layout_for, object_key, TARS_PREFIX
-from sdbatch.spec import fingerprint, JobSpec
-from sdbatch.storage.base import NotFound, Storage
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
+import sdbatch
+from sdbatch.data.index import JOB_KEY, STATUS_OK
+from sdbatch.manifest.sources import Manifest
+from sdbatch.output.commits import METADATA_PREFIX, OutputMismatch, stamped_table
+from sdbatch.output.documents import (
+    PROGRESS_KEY,
+    SUCCESS_KEY,
+    JobRecord,
+    LoraPin,
+    ManifestPin,
+    ModelPin,
+    Success,
+    read_json,
+    write_json,
+)
+from sdbatch.output.index import INDEX_KEY
+from sdbatch.output.layout import IMAGES_PREFIX, TARS_PREFIX, Layout, layout_for, object_key
+from sdbatch.spec import JobSpec, fingerprint
+from sdbatch.storage.base import NotFound, Storage
 
 REPORT_KEY = "report.html"
 

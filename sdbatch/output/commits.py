@@ -4,13 +4,14 @@ fingerprint, read back and checked (design.md §5.3)."""
 from __future__ import annotations
 
 import io
-import pyarrow as pa
-import pyarrow.parquet as pq
 from dataclasses import dataclass
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from sdbatch.errors import BadInput, JobFailed
 from sdbatch.storage.base import Storage
-
 
 METADATA_PREFIX = "metadata/"
 

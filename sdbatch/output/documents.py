@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from pydantic import BaseModel, ConfigDict, ValidationError
 from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 from sdbatch.data.index import JOB_KEY
 from sdbatch.errors import BadInput
 from sdbatch.spec import JobSpec
 from sdbatch.storage.base import NotFound, Storage
-
 
 LOCK_KEY = "_sdbatch/lock.json"
 PROGRESS_KEY = "_sdbatch/progress.json"

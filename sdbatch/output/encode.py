@@ -42,14 +42,15 @@ from __future__ import annotations
 
 import io
 import json
-import numpy as np
 import re
 import struct
-from PIL import Image, PngImagePlugin
 from typing import Any
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
 from sdbatch.data.columns import COLUMNS
 from sdbatch.data.samplers import SAMPLERS
-
 
 #: sdbatch scheduler name -> AUTOMATIC1111 sampler name (as written in infotext).
 #: (The flow samplers share the diffusion ones' A1111 names, so only those are read back.)

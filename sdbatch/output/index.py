@@ -4,20 +4,30 @@ from __future__ import annotations
 
 import io
 import logging
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
-from sdbatch.data.index import index_schema, STATUS_FAILED
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from sdbatch.data.index import STATUS_FAILED, index_schema
 from sdbatch.errors import JobFailed
-from sdbatch.output.commits import commit_stamp, committed_shards, CorruptCommit, FINGERPRINT_META, ForeignCommit, metadata_key, read_shard_index
-from sdbatch.output.documents import FailedRow, SUCCESS_KEY
+from sdbatch.output.commits import (
+    FINGERPRINT_META,
+    CorruptCommit,
+    ForeignCommit,
+    commit_stamp,
+    committed_shards,
+    metadata_key,
+    read_shard_index,
+)
+from sdbatch.output.documents import SUCCESS_KEY, FailedRow
 from sdbatch.output.quality import mark_duplicates
 from sdbatch.storage.base import NotFound, Storage
 

@@ -25,9 +25,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
 from sdbatch.output.encode import extension
 from sdbatch.storage.base import NotAnObject, NotFound, Storage, StorageError
-
 
 IMAGES_PREFIX = "images/"
 TARS_PREFIX = "shards/"

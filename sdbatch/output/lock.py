@@ -27,8 +27,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+
 from sdbatch.errors import BadInput
-from sdbatch.output.documents import CorruptState, LOCK_KEY, parse_json, read_json, utc_now
+from sdbatch.output.documents import LOCK_KEY, CorruptState, parse_json, read_json, utc_now
 from sdbatch.storage.base import NotFound, Storage
 
 log = logging.getLogger("sdbatch.lock")

@@ -18,13 +18,13 @@ No torch here, and ``imagehash`` is imported only where images are measured."""
 
 from __future__ import annotations
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 #: DuckDB's memory while marking duplicates; past it, it spills to the temporary directory.
 DUPLICATES_MEMORY_LIMIT = "128MB"

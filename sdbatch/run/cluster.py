@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import ray
 import re
 import signal
 import socket
 import threading
 import time
+
+import ray
 from ray.autoscaler.sdk import request_resources
+
 from sdbatch.errors import BadInput, JobFailed
 from sdbatch.run.policy import autoscaler_in_status, place_workers
 from sdbatch.run.protocol import describe

@@ -13,30 +13,39 @@ committed it merges the index and writes ``_SUCCESS``.
 from __future__ import annotations
 
 import logging
-import ray
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from collections.abc import Callable
-from typing import Any
+
 import sdbatch
-from sdbatch.run import metrics
 from sdbatch.data.index import STATUS_FAILED
-from sdbatch.errors import BadInput, EXIT_OK, EXIT_ROWS_FAILED, EXIT_SHARDS_FAILED, EXIT_STOPPED, JobFailed, SdbatchError
+from sdbatch.errors import (
+    EXIT_OK,
+    EXIT_ROWS_FAILED,
+    EXIT_SHARDS_FAILED,
+    EXIT_STOPPED,
+    BadInput,
+    JobFailed,
+    SdbatchError,
+)
 from sdbatch.manifest.reader import passthrough_types
 from sdbatch.manifest.sources import Manifest, ManifestChanged
 from sdbatch.output.claim import claim_job, clear_job
-from sdbatch.output.commits import committed_shards, read_shard_index
-from sdbatch.output.documents import JobRecord, Success, SUCCESS_KEY, utc_now
+from sdbatch.output.commits import committed_shards, read_shard_index, shard_name
+from sdbatch.output.documents import SUCCESS_KEY, JobRecord, Success, utc_now
 from sdbatch.output.index import failed_rows_text, merge_index
 from sdbatch.output.lock import JobLock
-from sdbatch.run.cluster import short_error, connect_ray, fit_workers
+from sdbatch.run import metrics
+from sdbatch.run.cluster import connect_ray, fit_workers, short_error
 from sdbatch.run.plan import job_plan
-from sdbatch.output.commits import shard_name
-from sdbatch.run.policy import at_the_model, FINISHED, Schedule, STOPPED, Work, workers_to_start
-from sdbatch.run.progress import plural, ProgressFeed
-from sdbatch.run.protocol import describe, is_transient, PipelineError, ShardResult
+from sdbatch.run.policy import FINISHED, STOPPED, Schedule, Work, at_the_model, workers_to_start
+from sdbatch.run.progress import ProgressFeed, plural
+from sdbatch.run.protocol import PipelineError, ShardResult, describe, is_transient
 from sdbatch.run.worker import SHARDS_PER_ACTOR, WorkerActor
 from sdbatch.spec import JobSpec
 from sdbatch.storage.base import Storage

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import threading
-from PIL import Image
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+
+from PIL import Image
+
 from sdbatch.data.row import Row
 from sdbatch.manifest.reader import ManifestReader
 from sdbatch.manifest.sources import Manifest

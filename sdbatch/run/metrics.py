@@ -12,7 +12,7 @@ so the Ray-free core can call these hooks unconditionally.
 from __future__ import annotations
 
 import threading
-from typing import Any, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sdbatch.output.documents import Progress

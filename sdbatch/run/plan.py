@@ -19,13 +19,15 @@ manifest and the spec — the same whatever the workers, order, retries or resum
 
 from __future__ import annotations
 
-import numpy as np
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from sdbatch.output.commits import shard_name
+
+import numpy as np
+
 from sdbatch.data.row import Row
 from sdbatch.manifest.reader import iter_batch_keys
 from sdbatch.manifest.sources import Manifest
+from sdbatch.output.commits import shard_name
 from sdbatch.spec import JobSpec
 
 

@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
 from sdbatch.run.plan import ShardSpec
 from sdbatch.run.protocol import ShardResult
 

@@ -9,11 +9,14 @@ import logging
 import sys
 import time
 from datetime import datetime
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress as ProgressBar, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as ProgressBar
+
+from sdbatch.output.documents import Progress, WorkerProgress, utc_now
 from sdbatch.run import metrics
-from sdbatch.output.documents import Progress, utc_now, WorkerProgress
 from sdbatch.storage.base import Storage, StorageError
 
 log = logging.getLogger("sdbatch.progress")

@@ -9,6 +9,7 @@ driver re-queues the shard; the other rows of the shard commit in every case."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from sdbatch.errors import SdbatchError
 from sdbatch.storage.base import StorageError
 

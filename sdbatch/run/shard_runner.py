@@ -20,34 +20,37 @@ import json
 import logging
 import multiprocessing
 import os
-import pyarrow as pa
 import socket
 import threading
 import time
-from PIL import Image
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TYPE_CHECKING
-from sdbatch.output import encode
-from sdbatch.data.index import index_schema, STATUS_FAILED, STATUS_OK
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+from PIL import Image
+
+from sdbatch.data.index import STATUS_FAILED, STATUS_OK, index_schema
 from sdbatch.data.record import ImageRecord, index_row
 from sdbatch.data.row import Row
+from sdbatch.output import encode
 from sdbatch.output.commits import commit_shard, metadata_key, read_commit, read_shard_index
-from sdbatch.output.layout import layout_for, ShardWriter
+from sdbatch.output.layout import ShardWriter, layout_for
 from sdbatch.output.quality import measure_image
-from sdbatch.run.feed import init_image_fix, InitImageLoader
-from sdbatch.run.plan import batch_id, canonical_batches, ShardSpec
-from sdbatch.run.protocol import describe, is_transient, PipelineError, RowError, ShardResult
+from sdbatch.run.feed import InitImageLoader, init_image_fix
+from sdbatch.run.plan import ShardSpec, batch_id, canonical_batches
+from sdbatch.run.protocol import PipelineError, RowError, ShardResult, describe, is_transient
 from sdbatch.spec import JobSpec
 from sdbatch.storage.base import Storage, StorageError
 from sdbatch.storage.open import read_uri
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from sdbatch.models.adapter import GeneratedBatch
     from sdbatch.models.clip_score import ClipScorer
     from sdbatch.models.runtime import Generator
-    import numpy as np
 
 log = logging.getLogger("sdbatch.worker")
 

@@ -6,21 +6,22 @@ runs each shard end to end; what comes back is a ``protocol.ShardResult``."""
 
 from __future__ import annotations
 
-import ray
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
-from sdbatch.run import metrics
+
+import ray
+
 from sdbatch.manifest.reader import passthrough_types
 from sdbatch.manifest.sources import Manifest
+from sdbatch.run import metrics
 from sdbatch.run.feed import ShardFeed
 from sdbatch.run.plan import ShardSpec
 from sdbatch.run.protocol import ShardResult
 from sdbatch.run.shard_runner import ShardRunner
 from sdbatch.spec import JobSpec
 from sdbatch.storage.open import open_storage
-
 
 #: Shards one actor holds at once: one generating and the one after it, which starts generating
 #: as soon as the model is free — while the first one's last images are stored and committed.

@@ -8,8 +8,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
-from sdbatch.errors import EXIT_BAD_INPUT, JobFailed
 
+from sdbatch.errors import EXIT_BAD_INPUT, JobFailed
 
 PROBE_PREFIX = "_sdbatch/"
 

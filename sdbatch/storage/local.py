@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import contextlib
 import fcntl
+import logging
 import os
 import shutil
 import time
@@ -12,7 +12,20 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
-from sdbatch.storage.base import check_key, check_prefix, COPY_CHUNK, sha256_of, NotAnObject, NotFound, PROBE_PREFIX, PutResult, StorageConfigError, StorageError, TMP_MARK
+
+from sdbatch.storage.base import (
+    COPY_CHUNK,
+    PROBE_PREFIX,
+    TMP_MARK,
+    NotAnObject,
+    NotFound,
+    PutResult,
+    StorageConfigError,
+    StorageError,
+    check_key,
+    check_prefix,
+    sha256_of,
+)
 
 log = logging.getLogger("sdbatch.storage")
 

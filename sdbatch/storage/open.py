@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import stat
 from pathlib import Path
-from sdbatch.storage.base import redact_url, check_uri, NotFound, Storage, StorageConfigError, StorageError, TooLarge
-from sdbatch.storage.local import file_url_path, LocalStorage
-from sdbatch.storage.s3 import S3Storage
-from sdbatch.storage.s3_client import _error_code, _get_client, _is_botocore_error, _translate, parse_s3_url, s3_endpoint
+
+from sdbatch.storage.base import NotFound, Storage, StorageConfigError, StorageError, TooLarge, check_uri, redact_url
+from sdbatch.storage.local import LocalStorage, file_url_path
 from sdbatch.storage.locations import is_s3, url_scheme
+from sdbatch.storage.s3 import S3Storage
+from sdbatch.storage.s3_client import (
+    _error_code,
+    _get_client,
+    _is_botocore_error,
+    _translate,
+    parse_s3_url,
+    s3_endpoint,
+)
 
 
 def open_storage(url: str, *, endpoint_url: str | None = None, max_attempts: int = 5,

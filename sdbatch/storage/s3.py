@@ -7,8 +7,29 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
-from sdbatch.storage.base import check_key, check_prefix, redact_url, sha256_of, NotFound, PROBE_PREFIX, PutResult, StorageConfigError, StorageError
-from sdbatch.storage.s3_client import _error_code, _get_client, _if_match_refused, _is_botocore_error, _put_if_absent, _TRANSIENT_CODES, _translate, parse_s3_url, s3_endpoint
+
+from sdbatch.storage.base import (
+    PROBE_PREFIX,
+    NotFound,
+    PutResult,
+    StorageConfigError,
+    StorageError,
+    check_key,
+    check_prefix,
+    redact_url,
+    sha256_of,
+)
+from sdbatch.storage.s3_client import (
+    _TRANSIENT_CODES,
+    _error_code,
+    _get_client,
+    _if_match_refused,
+    _is_botocore_error,
+    _put_if_absent,
+    _translate,
+    parse_s3_url,
+    s3_endpoint,
+)
 
 log = logging.getLogger("sdbatch.storage")
 

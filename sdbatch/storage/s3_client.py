@@ -9,7 +9,8 @@ import re
 import threading
 from typing import Any, Callable
 from urllib.parse import urlsplit
-from sdbatch.storage.base import redact_url, check_uri, NotFound, StorageConfigError, StorageError
+
+from sdbatch.storage.base import NotFound, StorageConfigError, StorageError, check_uri, redact_url
 from sdbatch.storage.locations import is_s3
 
 log = logging.getLogger("sdbatch.storage")

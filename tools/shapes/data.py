@@ -10,11 +10,11 @@ Everything is generated on the fly and is a pure function of a seed (numpy + PIL
 
 from __future__ import annotations
 
-import numpy as np
 import re
-from PIL import Image, ImageDraw
 from dataclasses import dataclass
 
+import numpy as np
+from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 64
 

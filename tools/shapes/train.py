@@ -22,13 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import numpy as np
 import shutil
 import time
-import torch
 from pathlib import Path
-from tools.shapes.tokenizer import build_tokenizer
+
+import numpy as np
+import torch
+
 from tools.shapes import data as shapes_data
+from tools.shapes.tokenizer import build_tokenizer
+
 
 def log(msg: str, t0: float | None = None) -> None:
     prefix = f"[{time.time() - t0:7.1f}s] " if t0 is not None else ""
