@@ -115,7 +115,7 @@ def test_every_range_rule_is_checked_in_rows_and_spec_defaults(tmp_path, name):
     row = {"prompt": "a", name: BAD_VALUES[name], **({"init_image": "i.png"} if name == "strength" else {})}
     report = validate_manifest(open_manifest(str(write_manifest(tmp_path / "m.parquet", [row]))), spec)
     rule = column.range.text(name, spec.limits)
-    assert any(i.row == 0 and i.column == name and i.rule == rule and i.fix == column.range.fix
+    assert any(i.row == 0 and i.column == name and i.rule == rule and i.fix == column.range.fix_for(BAD_VALUES[name])
                for i in report.issues), report.render()
     # the same value as the job default: refused when the spec loads, or reported as row -1
     try:
