@@ -145,8 +145,8 @@ def sdbatch_cli(ray_address: str, *args, timeout: float = 600, env: dict | None 
                 **kwargs) -> _subprocess.CompletedProcess:
     """Run ``python -m sdbatch ARGS`` as a user would, against the Ray cluster at ``ray_address``
     (module-scoped fixtures call this; tests use ``run_cli``). An ``env`` asking for test
-    faults runs it through tests/faulty_sdbatch.py (``faults.sdbatch_command``)."""
-    from faults import sdbatch_command
+    faults runs it through tests/integration/faulty_sdbatch.py (``faults.sdbatch_command``)."""
+    from integration.faults import sdbatch_command
 
     full_env = {**_os.environ, "RAY_ADDRESS": ray_address, **(env or {})}
     return _subprocess.run(

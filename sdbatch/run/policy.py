@@ -19,7 +19,7 @@ up to a timeout, then start those that fit or refuse naming the missing resource
 
 Results come as ``ShardResult`` (``protocol``: the worker returns it, the policy reads it).
 Nothing here imports Ray, storage or torch, so every rule has a fast unit test
-(tests/test_policy.py)."""
+(tests/unit/run/test_policy.py)."""
 
 from __future__ import annotations
 
