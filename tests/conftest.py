@@ -210,6 +210,15 @@ def tiny_generator():
     return Generator.load("builtin:tiny", device="cpu", dtype="auto")
 
 
+# --- property tests (hypothesis) ------------------------------------------------------------------
+from hypothesis import settings as _hypothesis_settings
+
+# no per-example deadline: the machines that run the suite are shared and a first example pays
+# for imports, so a time limit would fail a property for how busy the machine was
+_hypothesis_settings.register_profile("sdbatch", deadline=None)
+_hypothesis_settings.load_profile("sdbatch")
+
+
 # --- process exit ------------------------------------------------------------------------------
 @_pytest_s3.hookimpl(trylast=True)
 def pytest_unconfigure(config):
