@@ -15,7 +15,7 @@ import hashlib
 import json
 import reprlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
@@ -65,14 +65,17 @@ def _known_scheduler(self: BaseModel) -> BaseModel:
 
 #: Values for every per-row manifest column a row leaves empty or the manifest lacks: one
 #: field per column of the column table that has a default.
-RowDefaults = create_model(
-    "RowDefaults",
-    __base__=_Section,
-    __doc__="Values for every per-row manifest column a row leaves empty or the manifest lacks.",
-    __validators__={"_known_scheduler": model_validator(mode="after")(_known_scheduler)},
-    **{c.name: (c.spec_type, Field(c.default, description=c.description or None, **c.spec_bounds))
-       for c in DEFAULTED},
-)
+if TYPE_CHECKING:  # the model is made at run time from the column table: to mypy it is Any
+    RowDefaults = Any
+else:
+    RowDefaults = create_model(
+        "RowDefaults",
+        __base__=_Section,
+        __doc__="Values for every per-row manifest column a row leaves empty or the manifest lacks.",
+        __validators__={"_known_scheduler": model_validator(mode="after")(_known_scheduler)},
+        **{c.name: (c.spec_type, Field(c.default, description=c.description or None, **c.spec_bounds))
+           for c in DEFAULTED},
+    )
 
 
 class OutputSpec(_Section):

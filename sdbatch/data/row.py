@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import field, make_dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdbatch.data.columns import BATCH_KEY, COLUMNS, Column
 
@@ -40,14 +40,17 @@ def _row_field(column: Column) -> tuple:
 #: manifest, across all its files), one field per column of the column table (``init_image``
 #: is the resolved location: an absolute local path or an s3:// URI; ``strength`` is set for
 #: img2img rows only, ``refiner_switch`` in jobs with a refiner only), and ``extra``, the passthrough columns, untouched.
-Row = make_dataclass(
-    "Row",
-    [("index", int), *sorted((_row_field(c) for c in COLUMNS), key=lambda f: len(f) == 3),  # defaulted fields last
-     ("extra", dict, field(default_factory=dict))],
-    bases=(_RowBehaviour,),
-    frozen=True,
-)
-Row.__module__ = __name__
+if TYPE_CHECKING:  # the class is made at run time from the column table: to mypy a row is Any
+    Row = Any
+else:
+    Row = make_dataclass(
+        "Row",
+        [("index", int), *sorted((_row_field(c) for c in COLUMNS), key=lambda f: len(f) == 3),  # defaulted fields last
+         ("extra", dict, field(default_factory=dict))],
+        bases=(_RowBehaviour,),
+        frozen=True,
+    )
+    Row.__module__ = __name__
 
 
 ID_PATTERN = r"[A-Za-z0-9._-]{1,128}"
