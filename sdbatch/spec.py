@@ -57,7 +57,7 @@ class ModelSpec(_Section):
     )
 
 
-def _known_scheduler(self: BaseModel) -> BaseModel:
+def _known_scheduler(self: Any) -> Any:  # a RowDefaults, made at run time
     if self.scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler {self.scheduler!r} is not supported; use one of {', '.join(SCHEDULERS)}")
     return self
@@ -287,7 +287,7 @@ def spec_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[st
 def _closest_key(dotted: str) -> str | None:
     """``defaults.stpes`` → ``defaults.steps``; ``stpes`` → ``defaults.steps``; ``defualts`` → ``defaults``."""
     keys = spec_keys()
-    by_leaf = {}
+    by_leaf: dict[str, str] = {}
     for key in keys:
         by_leaf.setdefault(key.rsplit(".", 1)[-1], key)
     sections = {key.split(".", 1)[0] for key in keys if "." in key}
@@ -318,7 +318,7 @@ _SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 3, 80, 80
 MAX_YAML_VALUES = 10_000
 
 
-def _expanded_values(node: yaml.Node, sizes: dict[int, int | None]) -> float:
+def _expanded_values(node: yaml.Node, sizes: dict[int, float | None]) -> float:
     """How many values ``node`` holds with every alias followed (each shared node counted once
     per use, computed once); a node that holds itself is infinite."""
     if id(node) in sizes:

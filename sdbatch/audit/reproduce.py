@@ -118,7 +118,7 @@ class Reproducer:
             except Exception:  # noqa: BLE001 - a corrupted object
                 embedded = None
             record = embedded_record(embedded, entry)
-            if record is not None:
+            if record is not None and embedded is not None:  # a record comes only from a dict
                 return record, embedded, None
         gen = self._generator_for(entry.get("device"), entry.get("dtype"))
         record = ImageRecord.from_index_row(entry, gen, model_name=self.out.spec.model.name,
@@ -227,7 +227,8 @@ class Reproducer:
     def _init_image_notes(self, record: ImageRecord, batch: dict[str, Any]) -> list[str]:
         """Notes for init images whose bytes differ from the sha256 recorded when the job ran:
         the target's (its record's hash), then any other init image of its batch (the index's)."""
-        notes, mates = [], {}
+        notes: list[str] = []
+        mates: dict[str, list[str]] = {}
         target = record.row.id
         for rid, now in batch["init_sha256"].items():
             mate = self.by_id.get(rid, {})

@@ -208,6 +208,7 @@ def _index_problems(out: JobOutput, progress: Callable[[str], None] | None) -> l
             problems.append(f"{len(unknown)} rows of {INDEX_KEY} are in no commit (e.g. {', '.join(unknown[:5])})")
     expected, unchecked = _manifest_ids(out.job)
     if expected is None:
+        assert unchecked is not None  # no ids: the problem says why
         return [*problems, unchecked]
     present = set(ids)
     absent = [i for i in expected if i not in present] if out.finished else []

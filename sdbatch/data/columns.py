@@ -153,7 +153,8 @@ def _sampler(r: dict[str, Any]) -> str | None:
         return None
     if s in SAMPLERS:
         return SAMPLERS[s].a1111
-    return A1111_BY_CLASS.get((r.get("scheduler_config") or {}).get("_class_name")) or str(s)
+    class_name = (r.get("scheduler_config") or {}).get("_class_name")
+    return (A1111_BY_CLASS.get(class_name) if class_name else None) or str(s)
 
 
 #: The index's and the record's form of a row's adapters (sha256 added by the worker).

@@ -12,6 +12,12 @@ from sdbatch.data.columns import BATCH_KEY, COLUMNS, Column
 
 
 class _RowBehaviour:
+    # fields of the class the column table makes, declared for mypy (a base that is not a
+    # dataclass adds no fields)
+    index: int
+    id: str
+    init_image: str | None
+
     @property
     def is_img2img(self) -> bool:
         return self.init_image is not None

@@ -185,6 +185,7 @@ class ManifestReader:
                     self._check_unchanged(number)  # rewritten under the reader, rather than corrupt
                     raise ManifestError(f"{path}: cannot read row groups {groups} (corrupt Parquet?): {exc}") from None
                 self._check_unchanged(number)  # the rows just read are the pinned ones
+                assert first is not None  # lo < hi: a row group holds row lo
                 table = table.slice(lo - first, hi - lo)
                 out.extend(_rows_from_table(table, lo, manifest, spec))
             file_start += nrows

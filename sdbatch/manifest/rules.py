@@ -221,9 +221,9 @@ def check_loras(b: BatchUnderCheck, prompts: pa.Array | None, declared: dict[str
     tagged = (pc.match_substring(prompts, "<lora:").fill_null(False).to_numpy(zero_copy_only=False)
               if prompts is not None else np.zeros(b.n, dtype=bool))
     for i in np.flatnonzero(given | tagged).tolist():
-        value = column[i].as_py() if given[i] else None
+        value = column[i].as_py() if column is not None and given[i] else None
         try:
-            row_loras(prompts[i].as_py() if tagged[i] else "", value, declared)
+            row_loras(prompts[i].as_py() if prompts is not None and tagged[i] else "", value, declared)
         except LoraError as exc:
             name = "loras" if given[i] else "prompt"
             one = np.zeros(b.n, dtype=bool)

@@ -114,7 +114,7 @@ def _old_job_objects(storage: Storage, job: JobRecord) -> set[str]:
             owned.add(REPORT_KEY)
     except NotFound:
         pass
-    layout, seen = layout_for(storage, job.job_spec.output), set()
+    layout, seen = layout_for(storage, job.job_spec.output), set[str]()
     for key in storage.list(METADATA_PREFIX):
         table = stamped_table(storage.get(key), job.fingerprint)
         if table is not None:
@@ -251,7 +251,8 @@ def what_changed(existing: JobRecord, job: JobRecord) -> str:
                            f"now {new_pin})")
     for name in sorted(set(existing.loras) | set(job.loras)):
         old, new = existing.loras.get(name), job.loras.get(name)
-        if (old and old.sha256) != (new and new.sha256):
-            changes.append(f"the LoRA {name}={(new or old).path} (sha256 {str(old and old.sha256)[:12]}… when that "
+        pin = new or old
+        if pin is not None and (old and old.sha256) != (new and new.sha256):
+            changes.append(f"the LoRA {name}={pin.path} (sha256 {str(old and old.sha256)[:12]}… when that "
                            f"job was submitted, now {str(new and new.sha256)[:12]}…)")
     return "; ".join(changes) or f"job fingerprint {existing.fingerprint} there, {job.fingerprint} here"

@@ -128,7 +128,7 @@ def infotext(record: dict) -> str:
     prompt = " ".join([record.get("prompt") or "", *(f"<lora:{a['name']}:{a['scale']:g}>" for a in loras)])
     neg = record.get("negative_prompt") or ""
 
-    params = [(c.a1111_rank, c.a1111, c.a1111_value(record)) for c in COLUMNS if c.a1111]
+    params = [(c.a1111_rank, c.a1111, c.a1111_value(record)) for c in COLUMNS if c.a1111 and c.a1111_value]
     if _present(record.get("model_hash")):
         params.append((_RANK_MODEL_HASH, "Model hash", record["model_hash"]))
     if _present(record.get("model_name")):

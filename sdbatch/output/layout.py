@@ -188,7 +188,7 @@ def _deterministic_tar(members: list[tuple[str, bytes, bytes]], image_ext: str) 
 def tar_members(data: bytes) -> dict[str, bytes]:
     """A tar's regular members by name (``tarfile.TarError`` if it is not a readable tar)."""
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+        return {m.name: file.read() for m in tar.getmembers() if m.isfile() and (file := tar.extractfile(m)) is not None}
 
 
 class Layout:

@@ -191,7 +191,7 @@ class Driver:
             shards_total=plan.num_shards, shards_committed=skipped, interactive=self.interactive,
         )
         # pinned to the driver's node: losing a worker node must not take the tracker with it
-        self.tracker = ProgressTracker.options(
+        self.tracker = ProgressTracker.options(  # type: ignore[attr-defined]  # @ray.remote adds it
             scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         ).remote()
         workers, notice = workers_to_start(fit_workers(self.spec), len(schedule.queue), rows=total_rows,
@@ -243,7 +243,7 @@ class Driver:
     # -- the actor pool: Ray mechanics; every decision is the schedule's --------------------
     def _new_actor(self) -> _Actor:
         res = self.spec.resources
-        handle = WorkerActor.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, max_restarts=0).remote(
+        handle = WorkerActor.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, max_restarts=0).remote(  # type: ignore[attr-defined]
             self.spec_json, self.storage.url, self.endpoint_url, self.tracker, self.manifest,
             self.job.fingerprint, self.job.model.fingerprint, self.job.refiner.fingerprint if self.job.refiner else None,
         )
@@ -334,7 +334,7 @@ class Driver:
                 try:
                     result: ShardResult = ray.get(work.future)
                 except RayActorError as exc:
-                    culprit = at_the_model(actor.inflight, self.live)
+                    culprit = at_the_model(actor.inflight, self.live) or work  # inflight holds work: never None
                     log.warning("worker died running shard %s (attempt %d): %s", culprit.shard.name, culprit.attempt, short_error(exc))
                     actor = self._replace(actor, short_error(exc), culprit)
                     break
@@ -389,7 +389,7 @@ class Driver:
         for actor in pool:
             work = at_the_model(actor.inflight, live)
             entry = live.get(work.shard.name) if work else None
-            if entry is None or not self.schedule.is_hung(entry[2], now, slowest_batch):
+            if work is None or entry is None or not self.schedule.is_hung(entry[2], now, slowest_batch):
                 fresh.append(actor)
                 continue
             log.warning("shard %s made no progress for %.0f s: replacing its worker", work.shard.name, now - entry[2])
@@ -421,6 +421,7 @@ class Driver:
         if self.spec.output.format == "webdataset":
             raise BadInput("--repair regenerates single image files; with --format webdataset a shard's images "
                            "share one tar: rerun the job with --new-run instead")
+        assert self.repair is not None  # called for --repair only
         for shard, rows in self.repair(self.storage).items():
             ids.setdefault(shard, set()).update(rows)
         return ids

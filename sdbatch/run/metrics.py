@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 
 
 _TAGS = ("out",)
-BATCH_SECONDS_BOUNDARIES = [0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300]
-SHARD_SECONDS_BOUNDARIES = [1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600]
+BATCH_SECONDS_BOUNDARIES: list[float] = [0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300]
+SHARD_SECONDS_BOUNDARIES: list[float] = [1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600]
 
 # name -> (kind, description, histogram boundaries)
 METRICS: dict[str, tuple[str, str, list[float] | None]] = {
@@ -59,7 +59,7 @@ def _metric(name: str) -> Any | None:
             elif kind == "counter":
                 metric = metrics.Counter(name, description=description, tag_keys=_TAGS)
             else:
-                metric = metrics.Histogram(name, description=description, boundaries=boundaries, tag_keys=_TAGS)
+                metric = metrics.Histogram(name, description=description, boundaries=boundaries or [], tag_keys=_TAGS)
             metric.set_default_tags(_out_tag)
             _made[name] = metric
         return metric

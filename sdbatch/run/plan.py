@@ -67,7 +67,7 @@ class Plan:
     def shard(self, index: int) -> ShardSpec:
         if not 0 <= index < self.num_shards:
             raise IndexError(f"shard {index} is outside this plan's {self.num_shards} shards")
-        if self.order is None:
+        if self.order is None or self.bounds is None:  # set together
             start = index * self.rows_per_shard
             return ShardSpec(index, range(start, min(start + self.rows_per_shard, self.num_rows)))
         lo, hi = int(self.bounds[index]), int(self.bounds[index + 1])

@@ -28,7 +28,7 @@ from sdbatch.storage.open import open_storage
 SHARDS_PER_ACTOR = 2
 
 
-@ray.remote(concurrency_groups={"prefetch": 1, "shards": SHARDS_PER_ACTOR})
+@ray.remote(concurrency_groups={"prefetch": 1, "shards": SHARDS_PER_ACTOR})  # type: ignore[call-overload]  # not in ray's stubs
 class WorkerActor:
     """One model replica. The driver calls ``run_shard`` with a shard's row range; the actor
     reads the rows from the manifest it was given at start (``ShardFeed``). ``prefetch``

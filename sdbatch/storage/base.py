@@ -3,6 +3,7 @@ checks every key, prefix and URI passes (design.md §5.2, §5.6)."""
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import re
 from dataclasses import dataclass
@@ -65,7 +66,7 @@ class Storage(Protocol):
     def age(self, key: str) -> float: ...
     def list(self, prefix: str) -> list[str]: ...
     def delete(self, key: str) -> None: ...
-    def delete_many(self, keys: list[str]) -> None: ...
+    def delete_many(self, keys: builtins.list[str]) -> None: ...  # the method ``list`` shadows the type
     def check_access(self) -> None: ...
 
 

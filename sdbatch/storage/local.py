@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fcntl
 import logging
@@ -234,7 +235,7 @@ class LocalStorage:
             except OSError:  # not empty (or not ours to remove): stop here
                 break
 
-    def delete_many(self, keys: list[str]) -> None:
+    def delete_many(self, keys: builtins.list[str]) -> None:  # the method ``list`` shadows the type
         for key in keys:
             self.delete(key)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import logging
 import time
 import uuid
@@ -192,7 +193,7 @@ class S3Storage:
     def delete(self, key: str) -> None:
         self._call(f"delete_object {key}", self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
 
-    def delete_many(self, keys: list[str]) -> None:
+    def delete_many(self, keys: builtins.list[str]) -> None:  # the method ``list`` shadows the type
         """``DeleteObjects``, 1,000 keys a request (the API's limit)."""
         for start in range(0, len(keys), 1000):
             chunk = [{"Key": self._key(k)} for k in keys[start:start + 1000]]
