@@ -32,7 +32,6 @@ import time
 from typing import Any
 
 from integration.faults import ENV_CHAOS
-
 from sdbatch.storage.base import StorageError
 
 

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from integration.chaos import chaos_env
 from conftest import image_hashes, load_index, small_rows, write_manifest
 from conftest import sdbatch_cli as cli
-from integration.faults import sdbatch_command
 from PIL import Image
 
+from integration.chaos import chaos_env
+from integration.faults import sdbatch_command
 from sdbatch.output.encode import read_embedded
 
 FAST = ["--model", "builtin:tiny", "--steps", "3", "--rows-per-shard", "6", "--batch-size", "4"]

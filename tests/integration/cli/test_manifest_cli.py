@@ -15,12 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO
+from unit.manifest.test_manifest import check, find, write
 
 from sdbatch.manifest.reader import read_rows
 from sdbatch.manifest.sources import ManifestError, open_manifest
 from sdbatch.manifest.validate import validate_manifest
 from sdbatch.spec import JobSpec
-from unit.manifest.test_manifest import check, find, write
 
 
 def _sdbatch(*args: str, cwd: Path) -> subprocess.CompletedProcess:

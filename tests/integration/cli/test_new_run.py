@@ -10,8 +10,8 @@ import json
 
 import pyarrow.parquet as pq
 from conftest import write_manifest
-from integration.faults import fault_env
 
+from integration.faults import fault_env
 from sdbatch.output.encode import read_embedded
 from sdbatch.storage.open import open_storage
 

@@ -54,7 +54,6 @@ def test_resume_refused_after_an_adapter_changed(lora_sources, ray_address):
     """OUT holds the job.json a submit of this manifest wrote; the s3 adapter's bytes change;
     the resume is refused (exit 2), naming that adapter and nothing else."""
     from integration.model_families import build_shapes_lora
-
     from sdbatch.manifest.sources import open_manifest
     from sdbatch.models.resolve import preflight
     from sdbatch.output.claim import claim_job, job_record

@@ -12,7 +12,6 @@ import numpy as np
 
 def test_sd3_with_t5_renders_uses_and_pins_the_encoder(tmp_path):
     from integration.model_families import NATIVE, build_sd3
-
     from sdbatch.data.row import Row
     from sdbatch.models.pins import fingerprint_model_dir
     from sdbatch.models.resolve import preflight

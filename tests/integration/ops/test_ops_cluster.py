@@ -32,10 +32,10 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import REPO, small_rows
 from PIL import Image
 
 from integration.chaos import chaos_env
-from conftest import REPO, small_rows
 from integration.faults import fault_env, sdbatch_command
 
 pytestmark = pytest.mark.slow

@@ -16,9 +16,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from integration.chaos import chaos_env
 from conftest import load_index, sdbatch_cli, write_manifest
 
+from integration.chaos import chaos_env
 from sdbatch.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_ROWS_FAILED, EXIT_SHARDS_FAILED
 
 FAST = ["--model", "builtin:tiny", "--steps", "2", "--rows-per-shard", "2", "--batch-size", "2", "--workers", "1"]

@@ -15,6 +15,7 @@ import pytest
 from conftest import image_hashes, load_index, write_manifest
 from conftest import sdbatch_cli as cli
 from PIL import Image
+
 from integration.audit.test_reproduce import mixed_rows, run_in_process
 
 NULL_JOB = ["--model", "builtin:null", "--rows-per-shard", "16", "--batch-size", "8"]

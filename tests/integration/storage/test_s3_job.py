@@ -15,9 +15,9 @@ import time
 import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
-from integration.faults import fault_env, read_counts
 from PIL import Image
 
+from integration.faults import fault_env, read_counts
 from sdbatch.models.builtin import resolve_builtin
 
 FAST = ["--steps", "3", "--rows-per-shard", "4", "--batch-size", "2"]

@@ -14,14 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 import boto3
 import pytest
 
+from integration.faults import TESTS, FaultInjector, fault_env, install_from_env, read_counts, summarize
 from sdbatch.models.cache import MODEL_MARKER, fetch_model_dir
 from sdbatch.storage import s3_client as st
 from sdbatch.storage.base import NotFound, PutResult, Storage, StorageConfigError, StorageError
 from sdbatch.storage.local import LocalStorage
 from sdbatch.storage.open import open_storage, read_uri
 from sdbatch.storage.s3 import S3Storage
-
-from integration.faults import TESTS, FaultInjector, fault_env, install_from_env, read_counts, summarize
 
 SECRET = os.environ.get("AWS_SECRET_ACCESS_KEY", "testing")
 

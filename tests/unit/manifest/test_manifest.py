@@ -27,8 +27,6 @@ from sdbatch.manifest.sources import Manifest, ManifestError, open_manifest
 from sdbatch.manifest.validate import validate_manifest
 from sdbatch.spec import JobSpec, SpecError, load_spec
 
-
-
 # --- helpers ------------------------------------------------------------------------------------
 
 
