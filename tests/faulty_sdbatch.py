@@ -13,6 +13,6 @@ import ray
 faults.setup_process()
 ray.init = functools.partial(ray.init, runtime_env=faults.worker_runtime_env())
 
-from sdbatch.cli.main import main
+from sdbatch.cli.main import main  # noqa: E402  (after the faults are installed)
 
 main()

@@ -111,7 +111,7 @@ def test_a_worker_hung_loading_the_model_is_replaced(run_cli, tmp_path):
 def test_a_local_ray_node_that_times_out_at_start_up_is_a_documented_error(tmp_path):
     """Issue 21 finding 17: Ray's own "timed out during startup" (the node never registers)
     exits 5 with the fix and the resume hint, not a traceback and exit 1."""
-    from conftest import REPO, RAY_SINGLE_MACHINE
+    from conftest import RAY_SINGLE_MACHINE, REPO
 
     manifest = chaos_manifest(tmp_path, 2)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", RAY_SINGLE_MACHINE)}  # a local cluster
@@ -291,10 +291,10 @@ def test_worker_returns_a_shard_reaching_it_after_the_deadline_unstarted(ray_add
     import ray
 
     from sdbatch.manifest.sources import open_manifest
-    from sdbatch.run.plan import ShardSpec
     from sdbatch.run.driver import ProgressTracker
-    from sdbatch.spec import load_spec
+    from sdbatch.run.plan import ShardSpec
     from sdbatch.run.worker import WorkerActor
+    from sdbatch.spec import load_spec
 
     manifest = open_manifest(str(chaos_manifest(tmp_path, 4)))
     spec = load_spec(overrides={"model.name": "builtin:tiny", "defaults.steps": 3})

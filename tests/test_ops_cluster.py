@@ -32,11 +32,10 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
-
 from chaos import chaos_env
 from conftest import REPO, small_rows
 from faults import fault_env, sdbatch_command
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,6 @@ case a user meets is driven through the CLI, on local and S3 storage where both 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os

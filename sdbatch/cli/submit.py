@@ -73,13 +73,16 @@ def with_row_default_flags(command: Callable[..., None]) -> Callable[..., None]:
 @with_row_default_flags
 def submit(
     manifest: str = typer.Argument(..., help="Parquet manifest: a file, a directory of .parquet files, a glob or s3:// URI."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output location: a local directory or s3://bucket/prefix (default: the spec's output.location, else ./sdbatch-out/<manifest stem>/)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output location: a local directory or s3://bucket/prefix (default: the spec's "
+        "output.location, else ./sdbatch-out/<manifest stem>/)."),
     spec_path: Optional[Path] = SpecOpt,
     sets: list[str] = SetOpt,
     model: Optional[str] = typer.Option(None, "--model", help="builtin:shapes (default), a diffusers folder, or s3://…"),
-    refiner: Optional[str] = typer.Option(None, "--refiner", help="An SDXL refiner folder (local or s3://) that finishes each row's last steps (model.refiner; SDXL bases; see --refiner-switch)."),
+    refiner: Optional[str] = typer.Option(None, "--refiner", help="An SDXL refiner folder (local or s3://) that finishes each row's last steps "
+        "(model.refiner; SDXL bases; see --refiner-switch)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Model replicas (Ray actors)."),
-    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="GPUs per worker (0 = CPU, default; 1 on GPU nodes; 0.5 packs two per GPU)."),
+    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="GPUs per worker (0 = CPU, default; 1 on GPU nodes; 0.5 packs two "
+        "per GPU)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Rows per GPU batch (default 8)."),
     rows_per_shard: Optional[int] = typer.Option(None, "--rows-per-shard", help="Rows per shard, the unit of commit and retry (default 64)."),
     lora: list[str] = typer.Option([], "--lora", help="Declare a LoRA rows may use: --lora NAME=PATH (.safetensors, local or s3://; repeatable)."),
@@ -88,13 +91,18 @@ def submit(
     image_format: Optional[str] = typer.Option(None, "--image-format", help="png (default), webp or jpeg."),
     address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Existing Ray cluster; default: start a local one."),
     s3_endpoint: Optional[str] = EndpointOpt,
-    deadline: Optional[str] = typer.Option(None, "--deadline", help="Start no shard at or after HH:MM or a duration (90m, 2h); running shards finish, the rest wait for a rerun (exit 4)."),
+    deadline: Optional[str] = typer.Option(None, "--deadline", help="Start no shard at or after HH:MM or a duration (90m, 2h); running shards finish, "
+        "the rest wait for a rerun (exit 4)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Also regenerate rows that failed permanently in an earlier run."),
-    repair: bool = typer.Option(False, "--repair", help="Also regenerate the rows `sdbatch verify` flags (image missing, or not matching its recorded sha256), through the normal commit path."),
-    new_run: bool = typer.Option(False, "--new-run", help="Start over: delete the job OUT holds (only the objects its commits and index name, and its _sdbatch state; no other file) and run this one there."),
-    allow_unauthenticated_ray: bool = typer.Option(False, "--allow-unauthenticated-ray", help="Start the local Ray cluster even with RAY_AUTH_MODE=disabled (it still listens on 127.0.0.1 only)."),
+    repair: bool = typer.Option(False, "--repair", help="Also regenerate the rows `sdbatch verify` flags (image missing, or not matching its recorded "
+        "sha256), through the normal commit path."),
+    new_run: bool = typer.Option(False, "--new-run", help="Start over: delete the job OUT holds (only the objects its commits and index name, and its "
+        "_sdbatch state; no other file) and run this one there."),
+    allow_unauthenticated_ray: bool = typer.Option(False, "--allow-unauthenticated-ray", help="Start the local Ray cluster even with "
+        "RAY_AUTH_MODE=disabled (it still listens on 127.0.0.1 only)."),
     strict: bool = typer.Option(False, "--strict", help="Refuse columns named like a misspelled per-row column (widht, promt) instead of warning."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Validate, preflight storage and model, and print the plan (shards, batches, fill ratio, estimate); write nothing. Exit 0, or 2 if a real submit would be refused."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate, preflight storage and model, and print the plan (shards, batches, fill ratio, "
+        "estimate); write nothing. Exit 0, or 2 if a real submit would be refused."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
     row_defaults: dict[str, Any] | None = None,  # --steps, --width, ...: see with_row_default_flags
 ) -> None:
