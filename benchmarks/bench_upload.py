@@ -116,7 +116,7 @@ def main() -> None:
 
             t0 = time.perf_counter()
             with ThreadPoolExecutor(args.threads) as pool:
-                results = list(pool.map(lambda kv: storage.put_new(f"pool{r}/{kv[0]:05d}.png", kv[1]),
+                results = list(pool.map(lambda kv, prefix=f"pool{r}/": storage.put_new(f"{prefix}{kv[0]:05d}.png", kv[1]),
                                         enumerate(images)))
             pool_times.append(time.perf_counter() - t0)
             assert all(x.created for x in results)

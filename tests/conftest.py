@@ -115,7 +115,7 @@ if str(REPO) not in _sys.path:
     _sys.path.insert(0, str(REPO))
 
 
-# Loopback only, as sdbatch's own local cluster (``cli.local_ray_environment``): Ray turns
+# Loopback only, as sdbatch's own local cluster (``job.preflight.local_ray_environment``): Ray turns
 # ``_node_ip_address="127.0.0.1"`` into the host's address unless its single-machine mode is
 # on. Set before ray is imported here (Ray reads it then) and inherited by the session
 # cluster and every driver the tests start against it (a driver without it looks for a node

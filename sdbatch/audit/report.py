@@ -18,15 +18,15 @@ import logging
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from sdbatch.audit.job_output import AuditError, JobOutput, open_job
 from sdbatch.data.index import STATUS_FAILED, STATUS_OK
 from sdbatch.output.claim import REPORT_KEY, put_report, report_mark
 from sdbatch.output.commits import OutputMismatch
-from sdbatch.output.documents import Progress, Success, utc_now
+from sdbatch.output.documents import utc_now
 from sdbatch.output.layout import differs
+from sdbatch.output.state import JobState, read_state
 from sdbatch.storage.base import Storage, StorageError
 
 log = logging.getLogger("sdbatch.report")
@@ -53,23 +53,13 @@ class Summary:
     gpu_hour_usd: float | None
 
 
-def summarize(job: JobOutput, success: Success | None, progress: Progress | None,
-              gpu_hour_usd: float | None) -> Summary:
-    """The page's numbers. A finished job's come from ``_SUCCESS`` (the record of the run that
-    finished it); an unfinished one's from the index so far and ``progress.json``."""
+def summarize(job: JobOutput, state: JobState, gpu_hour_usd: float | None) -> Summary:
+    """The page's numbers: the rows from the index so far, the last run's time and rate from
+    the job's state (``output.state.JobState.last_run``)."""
     statuses = [r["status"] for r in job.index]
     rows_ok, rows_failed = statuses.count(STATUS_OK), statuses.count(STATUS_FAILED)
-    rows_total = job.job.manifest.num_rows
-    if success is not None:
-        wall = success.wall_seconds_this_run
-        images = success.rows_generated_this_run
-        rate = success.images_per_second_this_run
-    elif progress is not None:
-        wall = _elapsed(progress.started_at, progress.updated_at)
-        images = progress.rows_generated_this_run
-        rate = progress.images_per_second
-    else:
-        wall, images, rate = None, 0, None
+    rows_total = state.rows_total
+    wall, images, rate = state.last_run
     res = job.spec.resources
     per_worker = res.gpus_per_worker or 1.0  # a CPU worker counts as one device
     device_hours = wall * res.workers * per_worker / 3600 if wall else None
@@ -77,17 +67,11 @@ def summarize(job: JobOutput, success: Success | None, progress: Progress | None
     cost = 1000 * gpu_hour_usd / per_hour if gpu_hour_usd is not None and per_hour else None
     return Summary(
         rows_total=rows_total, rows_ok=rows_ok, rows_failed=rows_failed,
-        rows_skipped=max(0, rows_total - rows_ok - rows_failed), finished=success is not None,
+        rows_skipped=max(0, rows_total - rows_ok - rows_failed), finished=state.phase == "finished",
         wall_seconds=wall, images_this_run=images, images_per_second=rate,
         device="GPU" if res.gpus_per_worker else "worker", device_hours=device_hours,
         images_per_device_hour=per_hour, cost_per_1000=cost, gpu_hour_usd=gpu_hour_usd,
     )
-
-
-def _elapsed(start: str | None, end: str | None) -> float | None:
-    if not start or not end:
-        return None
-    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
 
 def worker_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -171,15 +155,16 @@ def render_report(job: JobOutput, gpu_hour_usd: float | None = None) -> str:
     import jinja2
 
     storage = job.storage
-    success = Success.read(storage)
-    progress = Progress.read(storage)
+    state = read_state(storage)
+    assert state is not None  # open_job found the job record
+    success, progress = state.success, state.progress
     price = gpu_hour_usd if gpu_hour_usd is not None else job.spec.report.gpu_hour_usd
     failures = [r for r in job.index if r["status"] == STATUS_FAILED]
     environment = jinja2.Environment(
         loader=jinja2.PackageLoader("sdbatch", "templates"), autoescape=True, undefined=jinja2.StrictUndefined,
     )
     return environment.get_template("report.html.j2").render(
-        out=storage.url, mark=report_mark(job.job.fingerprint), job=job.job, spec=job.spec, summary=summarize(job, success, progress, price),
+        out=storage.url, mark=report_mark(job.job.fingerprint), job=job.job, spec=job.spec, summary=summarize(job, state, price),
         success=success, chart=throughput_chart(progress.history if progress else []), workers=worker_table(job.index),
         failures=failures[:MAX_FAILURES_SHOWN], failures_total=len(failures),
         sheet=contact_sheet(job, job.spec.report.contact_sheet_images), generated_at=utc_now(),

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
@@ -21,63 +20,37 @@ def status(
     import json
 
     from sdbatch.data.index import JOB_KEY
-    from sdbatch.output.commits import committed_shards
-    from sdbatch.output.documents import LOCK_KEY, JobRecord, Progress, Success, read_json
     from sdbatch.output.index import failed_rows_text
-    from sdbatch.output.lock import lock_is_stale
+    from sdbatch.output.state import read_state
     from sdbatch.run.policy import failed_shard_text
     from sdbatch.run.progress import eta_text
-    from sdbatch.storage.base import NotFound
     from sdbatch.storage.open import open_storage
 
-    storage = open_storage(out_location, endpoint_url=s3_endpoint)
-    job = JobRecord.read(storage)
-    if job is None:
+    state = read_state(open_storage(out_location, endpoint_url=s3_endpoint), tolerate_corrupt=True)
+    if state is None:
         raise BadInput(f"no sdbatch job at {out_location} (no {JOB_KEY})")
-    # a state file that cannot be read is said, not fatal: status shows what the others tell
-    unreadable: list[str] = []
-    progress = _readable(Progress.read, storage, unreadable)
-    success = _readable(Success.read, storage, unreadable)
-    lock = _readable(lambda s: read_json(s, LOCK_KEY), storage, unreadable)
-    try:
-        lock_age = storage.age(LOCK_KEY) if lock is not None else 0.0
-    except NotFound:  # released meanwhile
-        lock, lock_age = None, 0.0
-    committed = len(committed_shards(storage))
-    total = job.manifest.num_rows
-    # the plan needs the manifest; its driver wrote it
-    shards_total = progress.shards_total if progress is not None and progress.shards_total is not None else "?"
-    state = "finished" if success else progress.state if progress else "unknown" if unreadable else "not started"
-    driver_alive = lock is not None and not lock_is_stale(lock, lock_age)
-    if state == "running" and not driver_alive:  # progress.json's last word came from a driver that died
-        state = "interrupted (no driver is running it; run the same command to resume)"
+    job, progress, success, lock = state.job, state.progress, state.success, state.lock
+    shards_total = state.shards_total if state.shards_total is not None else "?"
     if as_json:
         # report.html charts the history; monitors want the current numbers
         snapshot = progress.model_dump(mode="json", exclude={"history"}) if progress else {}
-        if success:
-            rows = {"rows_done": success.rows_ok, "rows_failed": success.rows_failed, "rows_remaining": 0}
-        elif progress:
-            rows = {"rows_done": progress.rows_done, "rows_failed": progress.rows_failed_this_run,
-                    "rows_remaining": progress.rows_remaining}
-        else:
-            rows = {"rows_done": 0, "rows_failed": 0, "rows_remaining": total}
         stdout.print_json(json.dumps({
-            "state": state, "rows_total": total, **rows,
+            "state": state.phase_text, "rows_total": state.rows_total, **state.rows,
             "images_per_second": progress.images_per_second if progress else None,
             "eta_seconds": progress.eta_seconds if progress and not success else None,
             "per_worker": snapshot.get("per_worker", {}),
-            "shards_committed": committed, "shards_total": shards_total,
-            "driver": lock, "driver_alive": driver_alive, "progress": snapshot,
+            "shards_committed": len(state.committed), "shards_total": shards_total,
+            "driver": lock, "driver_alive": state.driver_alive, "progress": snapshot,
             "success": success.model_dump(mode="json") if success else None,
-            "unreadable": unreadable,
+            "unreadable": state.unreadable,
         }))
         return
-    stdout.print(f"job        {job.fingerprint}  ({job.manifest.source}, {total} rows)")
-    stdout.print(f"state      {state}")
+    stdout.print(f"job        {job.fingerprint}  ({job.manifest.source}, {state.rows_total} rows)")
+    stdout.print(f"state      {state.phase_text}")
     if lock is not None:
-        who = f"host {lock.get('host')}, pid {lock.get('pid')}, last heartbeat {lock_age:.0f} s ago"
-        stdout.print(f"driver     {who}" if driver_alive else f"driver     gone ({who}; its lease has expired)")
-    stdout.print(f"shards     {committed}/{shards_total} committed")
+        who = f"host {lock.get('host')}, pid {lock.get('pid')}, last heartbeat {state.lock_age:.0f} s ago"
+        stdout.print(f"driver     {who}" if state.driver_alive else f"driver     gone ({who}; its lease has expired)")
+    stdout.print(f"shards     {len(state.committed)}/{shards_total} committed")
     if progress:
         stdout.print(f"rows       {progress.rows_done}/{progress.rows_total} done, "
                      f"{progress.rows_failed_this_run} failed this run")
@@ -90,20 +63,8 @@ def status(
         if success.failed_rows:
             stdout.print("failed rows (first ones; all in index.parquet, status=failed):")
             stdout.print(failed_rows_text(success.failed_rows), markup=False)
-    for problem in unreadable:
+    for problem in state.unreadable:
         stdout.print(f"unreadable {problem}", markup=False)
-
-
-def _readable(read: Callable[[Any], Any], storage: Any, unreadable: list[str]) -> Any:
-    """``read(storage)``, or None with the reason added to ``unreadable`` when the state file
-    is corrupt (``CorruptState``: its message names the file and the recovery)."""
-    from sdbatch.output.documents import CorruptState
-
-    try:
-        return read(storage)
-    except CorruptState as exc:
-        unreadable.append(str(exc))
-        return None
 
 
 @command(epilog="Exit codes: 0 the lock was removed (or there was none); 2 a driver may still hold it, or OUT is unreadable.")

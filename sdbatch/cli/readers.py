@@ -56,7 +56,8 @@ def verify(
     regenerate: int = typer.Option(0, "--regenerate", min=0, help="Also regenerate K random ok rows and report drift."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for choosing the rows to regenerate (default: random, printed)."),
     model: Optional[str] = typer.Option(None, "--model", help="With --regenerate: load the model from here instead of its recorded location."),
-    rebuild_index: bool = typer.Option(False, "--rebuild-index", help="First rewrite a finished job's missing, corrupt or incomplete index.parquet from its commits."),
+    rebuild_index: bool = typer.Option(False, "--rebuild-index", help="First rewrite a finished job's missing, corrupt or incomplete index.parquet "
+        "from its commits."),
     s3_endpoint: Optional[str] = EndpointOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
@@ -97,7 +98,8 @@ def export(
     dest: Path = typer.Argument(..., metavar="DIR", help="A new (or empty) local directory to write."),
     where: Optional[str] = typer.Option(None, "--where", help="SQL condition over the index columns, e.g. \"not blank and duplicate_of is null\"."),
     shard_size: int = typer.Option(1 << 30, "--shard-size", min=1, help="webdataset: bytes per tar shard."),
-    skip_mismatched: bool = typer.Option(False, "--skip-mismatched", help="Leave out rows whose stored image is not the one the index recorded (size, sha256) instead of refusing the export; they are named in a warning."),
+    skip_mismatched: bool = typer.Option(False, "--skip-mismatched", help="Leave out rows whose stored image is not the one the index recorded (size, "
+        "sha256) instead of refusing the export; they are named in a warning."),
     s3_endpoint: Optional[str] = EndpointOpt,
 ) -> None:
     """Write OUT's images and index rows (all columns), filtered by --where, in a training format.

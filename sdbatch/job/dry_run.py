@@ -6,10 +6,10 @@ as a real submit, which deletes its probe object), reads what OUT already holds 
 resume, a different job, objects no job there wrote, commits not carrying this job's
 fingerprint: each refused as a real submit's claim would refuse it), and plans every
 pending shard into its canonical batches (``plan.canonical_batches``, exactly as workers
-will): shards, batches,
-fill ratio, rows per model family and per LoRA set, and a time estimate once OUT's
-progress knows a rate. The plan is the driver's own (``scheduler.job_plan``); Ray is never
-started and torch never imported.
+will): shards, batches, fill ratio, rows per model family and per LoRA set, and a time
+estimate once OUT's progress knows a rate. OUT's state is read by ``output.state.read_state``
+and the plan is the driver's own (``run.plan.job_plan``); Ray is never started and torch
+never imported.
 """
 
 from __future__ import annotations
@@ -21,14 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdbatch.data.index import JOB_KEY
+from sdbatch.job.preflight import PreparedJob
 from sdbatch.manifest.reader import ManifestReader
-from sdbatch.manifest.sources import Manifest
 from sdbatch.output.claim import refuse_foreign_objects, what_changed
-from sdbatch.output.commits import OutputMismatch, committed_shards
-from sdbatch.output.documents import JobRecord, Progress, Success
+from sdbatch.output.commits import OutputMismatch
 from sdbatch.output.index import committed_index
-from sdbatch.run.plan import canonical_batches
-from sdbatch.spec import JobSpec
+from sdbatch.output.state import read_state
+from sdbatch.run.plan import canonical_batches, job_plan
 from sdbatch.storage.base import Storage, StorageConfigError
 from sdbatch.storage.local import LocalStorage
 
@@ -89,47 +88,40 @@ def check_output(storage: Storage) -> None:
         raise StorageConfigError(f"cannot create output directory {path}: {existing} is not writable; choose a writable location")
 
 
-def model_family(name: str, endpoint_url: str | None) -> str:
-    """The diffusers pipeline class named by the model's ``model_index.json`` (checked by the
-    same family rule as a submit's preflight)."""
-    from sdbatch.models.families import model_traits
-
-    return model_traits(name, endpoint_url).family.class_name
-
-
-def plan_job(spec: JobSpec, manifest: Manifest, storage: Storage, job: JobRecord, *, new_run: bool = False,
-             endpoint_url: str | None = None) -> DryRunPlan:
-    from sdbatch.run.plan import job_plan
-
+def plan_job(prepared: PreparedJob) -> DryRunPlan:
+    """Check OUT read-only (``check_output``), read its state and plan every pending shard."""
+    spec, manifest, storage, job = prepared.spec, prepared.source, prepared.storage, prepared.job
+    new_run = prepared.request.new_run
+    check_output(storage)
     rps, batch_size = spec.resources.rows_per_shard, spec.resources.batch_size
     shards = job_plan(manifest, spec)
     plan = DryRunPlan(out=storage.url, rows_total=manifest.num_rows, shards_total=shards.num_shards,
-                      rows_per_shard=rps, batch_size=batch_size, family=model_family(spec.model.name, endpoint_url))
-    existing = JobRecord.read(storage)
+                      rows_per_shard=rps, batch_size=batch_size, family=prepared.model.traits.family.class_name)
+    existing = read_state(storage, num_shards=shards.num_shards)
     committed: set[str] = set()
     if existing is None and new_run:
         plan.refused = (f"--new-run: {storage.url} holds no sdbatch job (no {JOB_KEY}), so there is nothing sdbatch "
                         "may delete; choose an empty --out, or move the files there away yourself")
     elif existing is not None and new_run:
-        plan.out_state = f"holds job {existing.fingerprint}: --new-run would delete it first (only its own objects)"
+        plan.out_state = f"holds job {existing.job.fingerprint}: --new-run would delete it first (only its own objects)"
     elif existing is None:
         try:  # what claim_job checks under the lock, read-only
             refuse_foreign_objects(storage)
         except OutputMismatch as exc:
             plan.refused = str(exc)
-    elif existing.fingerprint != job.fingerprint:
-        plan.out_state = f"holds a different job ({existing.fingerprint})"
-        plan.refused = (f"{storage.url} already holds a different job: {what_changed(existing, job)}; choose a new "
+    elif existing.job.fingerprint != job.fingerprint:
+        plan.out_state = f"holds a different job ({existing.job.fingerprint})"
+        plan.refused = (f"{storage.url} already holds a different job: {what_changed(existing.job, job)}; choose a new "
                         "--out or pass --new-run to replace it")
     else:
-        committed = committed_shards(storage, shards.num_shards)
+        committed = existing.committed
         try:  # only commits carrying this job's fingerprint are trusted
             committed_index(storage, job.fingerprint)
         except OutputMismatch as exc:
             plan.refused = str(exc)
-        finished = Success.read(storage) is not None
+        finished = existing.phase == "finished"
         plan.out_state = f"resumes job {job.fingerprint}" + (" (already finished)" if finished else "")
-        progress = Progress.read(storage)
+        progress = existing.progress
         plan.rate = (progress.images_per_second or None) if progress else None
     plan.shards_committed = len(committed)
     reader = ManifestReader(manifest)

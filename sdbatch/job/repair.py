@@ -18,10 +18,10 @@ def repair_rows(storage: Storage) -> dict[str, set[str]]:
     again through the create-once commit path."""
     report = verify(storage)
     shard_of = {e["id"]: e["shard"] for e in open_job(storage).index}
-    for row_id, key, *_ in report.mismatched:
+    for _, key, *_ in report.mismatched:
         storage.delete(key)
     flagged: dict[str, set[str]] = {}
-    for row_id, key, *_ in report.missing + report.mismatched:
+    for row_id, *_ in report.missing + report.mismatched:
         flagged.setdefault(shard_of[row_id], set()).add(row_id)
     log.info("--repair: %d images missing, %d not matching their recorded sha256", len(report.missing), len(report.mismatched))
     return flagged

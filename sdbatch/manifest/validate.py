@@ -77,7 +77,7 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
     bad_rows = 0
     base = 0
     warnings = check_passthrough_columns(manifest, coll, strict)
-    for path, nrows in zip(manifest.files, manifest.file_rows or [None] * len(manifest.files)):
+    for path in manifest.files:
         pf = parquet_file(path, streaming=True)
         if pf.metadata.num_rows == 0:
             continue
@@ -140,8 +140,10 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
             # the range rules of the column table: steps, guidance_scale, width, height, strength, ...
             for column in COLUMNS:
                 check_range(b, column, lim)
-            w = filled_numpy(b.cols["width"], d.width, np.float64) if b.cols.get("width") is not None and not pa.types.is_null(b.cols["width"].type) else np.full(n, float(d.width))
-            h = filled_numpy(b.cols["height"], d.height, np.float64) if b.cols.get("height") is not None and not pa.types.is_null(b.cols["height"].type) else np.full(n, float(d.height))
+            w = (filled_numpy(b.cols["width"], d.width, np.float64)
+                 if b.cols.get("width") is not None and not pa.types.is_null(b.cols["width"].type) else np.full(n, float(d.width)))
+            h = (filled_numpy(b.cols["height"], d.height, np.float64)
+                 if b.cols.get("height") is not None and not pa.types.is_null(b.cols["height"].type) else np.full(n, float(d.height)))
             in_range = (w >= 64) & (w <= lim.max_width) & (h >= 64) & (h <= lim.max_height)
             over = in_range & (w * h > lim.max_pixels)
             if over.any():

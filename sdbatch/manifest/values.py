@@ -39,7 +39,7 @@ def parse_seeds(text: str) -> list[tuple[int, int]]:
             raise ManifestBuildError(f"--seeds {text!r}: seeds must be below 2**63")
         ranges.append((lo, hi + 1))
     ordered = sorted(ranges)
-    for (a0, a1), (b0, b1) in zip(ordered, ordered[1:]):
+    for (_, a1), (b0, _) in zip(ordered, ordered[1:]):
         if b0 < a1:
             raise ManifestBuildError(f"--seeds {text!r}: seed {b0} is listed twice (ids would repeat)")
     return ranges

@@ -47,7 +47,7 @@ def _init_ray(address: str | None) -> None:
             log.info("connecting to the Ray cluster at %s …", address)
             check_reachable(address)
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-        else:  # loopback only: see sdbatch.cli.submit.local_ray_environment, which ran before ray was imported
+        else:  # loopback only: see sdbatch.job.preflight.local_ray_environment, which ran before ray was imported
             log.info("starting a local Ray cluster …")
             ray.init(
                 # "local": a new cluster of its own — without it ray.init joins the last cluster a

@@ -243,7 +243,8 @@ class ShardRunner:
                                   else [None] * len(part))
                         for i, (row, score) in enumerate(zip(part, scores)):
                             if generated.errors[i]:
-                                index_rows.append(index_row(row, shard.name, status=STATUS_FAILED, error=generated.errors[i], attempt=attempt, worker=self.worker_name))
+                                index_rows.append(index_row(row, shard.name, status=STATUS_FAILED, error=generated.errors[i],
+                                                            attempt=attempt, worker=self.worker_name))
                                 result.rows_failed += 1
                                 continue
                             record = ImageRecord.from_row(row, shard, bid, batch_rows, self.generator, init_hashes[row.id])

@@ -18,6 +18,6 @@ from integration import faults  # noqa: E402
 faults.setup_process()
 ray.init = functools.partial(ray.init, runtime_env=faults.worker_runtime_env())
 
-from sdbatch.cli.main import main  # noqa: E402
+from sdbatch.cli.main import main  # noqa: E402  (after the faults are installed)
 
 main()

@@ -289,9 +289,11 @@ def train_unet(args, t0, vae, tok, mean, logvar, scenes, unet=None, text_encoder
         if step % 25 == 0 or step == args.unet_steps - 1:
             log(f"unet step {step} loss {loss.item():.4f} ema {ema:.4f} lr {opt.param_groups[0]['lr']:.2e}", t0)
         if args.save_every_s and time.time() - last_save > args.save_every_s:
-            unet.eval(); text_encoder.eval()
+            unet.eval()
+            text_encoder.eval()
             save_pipeline(Path(args.out), vae, text_encoder, tok, unet, card(args, step + 1, t0, ema))
-            unet.train(); text_encoder.train()
+            unet.train()
+            text_encoder.train()
             last_save = time.time()
             log(f"checkpoint saved at unet step {step + 1}", t0)
     unet.eval()

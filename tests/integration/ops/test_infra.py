@@ -79,7 +79,7 @@ def test_every_manifest_parses_and_built_in_kinds_validate():
     kinds = {doc["kind"] for _, doc in docs}
     assert {"RayJob", "RayCluster", "CronJob"} <= kinds
     version = kubernetes_validate.latest_version()
-    for name, doc in docs:
+    for _, doc in docs:
         if doc["apiVersion"].startswith("ray.io/"):
             # the CRDs are KubeRay's; their pod templates are Kubernetes' own PodTemplateSpec
             spec = doc["spec"].get("rayClusterSpec", doc["spec"])

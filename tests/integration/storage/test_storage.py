@@ -348,7 +348,7 @@ def test_faults_on_fraction_of_puts_every_object_stored_once(s3_bucket, capsys):
     rules = {"PutObject": {"fraction": 0.25, "errors": ["503", "500", "reset", "timeout", "lost"], "seed": 1}}
     with FaultInjector(rules) as inj:
         results, caller_retries = _put_all(s, items)
-    for (k, v), r in zip(items, results):
+    for (_, v), r in zip(items, results):
         assert r.sha256 == sha(v) and r.size == len(v)  # created, or adopted our own lost write
     assert s.list("images/") == sorted(k for k, _ in items)
     for k, v in items:

@@ -1,0 +1,211 @@
+"""The submit use case's first steps, before anything is written: the request (the CLI's
+arguments as a value), the job's settings (spec with the flags applied, OUT), validation
+(model and refiner preflight, LoRA hashes, the manifest checked against the spec and the
+model's family) and the preflight that ends in a ``PreparedJob`` (init-image roots, samplers,
+CLIP model, the local Ray environment, OUT opened, the job record). Torch-free; a real submit
+and ``--dry-run`` go through the same steps."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdbatch.data.loras import LoraError, parse_declaration
+from sdbatch.data.samplers import SAMPLERS
+from sdbatch.errors import BadInput
+from sdbatch.manifest.init_roots import check_init_image_roots
+from sdbatch.manifest.report import ValidationReport
+from sdbatch.manifest.sources import Manifest, open_manifest
+from sdbatch.manifest.validate import validate_manifest
+from sdbatch.models.pins import check_safetensors, sha256_hex
+from sdbatch.models.resolve import ModelRef, preflight
+from sdbatch.output.claim import job_record
+from sdbatch.output.documents import JobRecord
+from sdbatch.spec import JobSpec, load_spec
+from sdbatch.storage.base import NotFound, Storage, StorageError, check_uri
+from sdbatch.storage.open import open_storage, read_uri
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    """What ``sdbatch submit`` was asked, parsed but not yet checked."""
+
+    manifest: str
+    out: str | None
+    spec_path: Path | None
+    sets: list[str]
+    overrides: dict[str, Any]  # spec key -> flag value (None: the flag was not given)
+    loras: list[str]  # --lora NAME=PATH declarations
+    address: str | None
+    endpoint_url: str | None
+    deadline_at: float | None  # epoch seconds
+    retry_failed: bool = False
+    repair: bool = False
+    new_run: bool = False
+    allow_unauthenticated_ray: bool = False
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The spec with the flags and declared LoRAs applied, and the output location."""
+
+    spec: JobSpec
+    out: str
+
+
+@dataclass(frozen=True)
+class Validated:
+    """The checked model (and refiner), LoRA hashes and the manifest's validation report."""
+
+    request: SubmitRequest
+    spec: JobSpec  # sized for the model's native resolution
+    out: str
+    model: ModelRef
+    refiner: ModelRef | None
+    lora_sha256: dict[str, str]
+    source: Manifest
+    report: ValidationReport
+
+    @property
+    def refusal(self) -> str | None:
+        """Why the manifest is refused (its report says which values), or None."""
+        if self.report.ok:
+            return None
+        return f"manifest {self.request.manifest} has {self.report.issue_count} invalid values; nothing was written to {self.out}"
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """Everything a submit or its dry run needs, found without writing anything."""
+
+    request: SubmitRequest
+    spec: JobSpec
+    model: ModelRef
+    source: Manifest
+    storage: Storage
+    job: JobRecord
+
+
+def load_settings(request: SubmitRequest) -> Settings:
+    declared = dict(parse_declaration(item) for item in request.loras)
+    spec = load_spec(request.spec_path, request.sets, {**request.overrides, **{f"loras.{n}": p for n, p in declared.items()}})
+    return Settings(spec, check_uri(request.out or spec.output.location or default_out(request.manifest), "--out"))
+
+
+def validate(request: SubmitRequest, settings: Settings) -> Validated:
+    """Preflight the model (pickles, family, native size, pin: torch-free) and the refiner,
+    hash the LoRAs, and validate the manifest against the spec and the model's family."""
+    spec = settings.spec
+    model = preflight_model(spec.model.name, request.endpoint_url)
+    traits = model.traits
+    refiner = preflight_model(spec.model.refiner, request.endpoint_url, refiner_of=traits.family) if spec.model.refiner else None
+    spec = spec.with_native_size(traits)
+    lora_sha256 = adapter_hashes(spec.loras, request.endpoint_url)
+    source = open_manifest(request.manifest)
+    report = validate_manifest(source, spec, strict=request.strict, family=traits.family)
+    return Validated(request, spec, settings.out, model, refiner, lora_sha256, source, report)
+
+
+def prepare(validated: Validated) -> PreparedJob:
+    """The checks after validation (init-image roots, samplers, CLIP model, the local Ray
+    environment), OUT opened (nothing written) and the job record. BadInput naming the problem."""
+    if validated.refusal:
+        raise BadInput(validated.refusal)
+    request, spec, source = validated.request, validated.spec, validated.source
+    check_init_image_roots(source, spec, [validated.out, spec.model.name])
+    problem = preflight_samplers(validated.report.summary["schedulers"]) or preflight_clip_model(spec.scoring.clip_model, request.endpoint_url)
+    if problem:
+        raise BadInput(problem)
+    local_ray_environment(request.address, request.allow_unauthenticated_ray)
+    storage = open_storage(
+        validated.out, endpoint_url=request.endpoint_url, max_attempts=spec.retries.storage_attempts,
+        max_pool_connections=spec.resources.upload_threads,
+    )
+    refiner_pin = validated.refiner.pin if validated.refiner else None
+    job = job_record(spec, source, validated.model.pin, validated.lora_sha256, refiner_pin)
+    return PreparedJob(request, spec, validated.model, source, storage, job)
+
+
+def adapter_hashes(declared: dict[str, str], endpoint_url: str | None) -> dict[str, str]:
+    """sha256 of each declared LoRA (read once here: the job fingerprint covers them), after
+    checking it is a safetensors file; LoraError naming the adapter."""
+    hashes = {}
+    for name, path in sorted(declared.items()):
+        try:
+            data = read_uri(path, endpoint_url=endpoint_url)
+        except (NotFound, OSError) as exc:
+            raise LoraError(f"LoRA {name}={path}: cannot be read ({exc})") from None
+        check_safetensors(data, f"{name}={path}")
+        hashes[name] = sha256_hex(data)
+    return hashes
+
+
+def local_ray_environment(address: str | None, allow_unauthenticated: bool) -> None:
+    """Prepare the local Ray cluster sdbatch starts when no ``--address``/``RAY_ADDRESS`` is
+    given (before ray is imported): every process of it, dashboard and agents included, gets
+    127.0.0.1 as its node IP, and Ray binds its servers to the node IP. ``ray.init`` alone turns
+    ``_node_ip_address="127.0.0.1"`` into the host's address on Linux; Ray's
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (single-machine mode, inherited by every process
+    the cluster starts) keeps it loopback. Token authentication is asked for explicitly
+    (``RAY_AUTH_MODE=token``, Ray's default made explicit): Ray then generates the token if
+    there is none and does not warn the user that it turned it on. BadInput when
+    authentication is disabled and the user did not opt in."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return
+    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled" and not allow_unauthenticated:
+        raise BadInput("RAY_AUTH_MODE=disabled: the local Ray cluster would accept commands from any process on this "
+                "machine without a token. Unset RAY_AUTH_MODE (token authentication is Ray's default), or pass "
+                "--allow-unauthenticated-ray if that is really wanted; nothing was written")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    if not os.environ.get("RAY_AUTH_MODE"):
+        os.environ["RAY_AUTH_MODE"] = "token"
+        logging.getLogger("sdbatch.cli").debug("the local Ray cluster uses token authentication (RAY_AUTH_MODE=token)")
+
+
+def preflight_samplers(used: dict[str, int]) -> str | None:
+    """The Python packages the manifest's samplers need (``lms``: scipy) are installed (no import)."""
+    for name, rows in used.items():
+        needs = SAMPLERS[name].requires if name in SAMPLERS else ()  # "default": the model's own, loaded with it
+        missing = [m for m in needs if importlib.util.find_spec(m) is None]
+        if missing:
+            return (f"the {name!r} sampler ({rows:,} rows) needs the Python package {', '.join(missing)}, which is not "
+                    f"installed: pip install {' '.join(missing)} (or reinstall sdbatch, which declares it); nothing was written")
+    return None
+
+
+def default_out(manifest: str) -> str:
+    """``./sdbatch-out/<manifest stem>/``: a glob's or directory's stem is its last plain part.
+    Never inside a local directory manifest (``submit .``): then beside it, so no rerun reads
+    the job's own output as manifest files."""
+    stem = Path(manifest.rstrip("/").split("?")[0]).stem.rstrip("*") or "manifest"
+    out = Path("sdbatch-out") / stem
+    folder = Path(manifest).resolve()
+    if folder.is_dir() and out.resolve().is_relative_to(folder):
+        out = folder.parent / "sdbatch-out" / folder.name
+    return str(out)
+
+
+def preflight_model(name: str, endpoint_url: str | None, refiner_of=None) -> ModelRef:
+    """Check the model (or the refiner of a base of family ``refiner_of``) before any worker
+    starts (pickles, family; no torch import) and pin it (``sdbatch.models.resolve.preflight``)."""
+    try:
+        return preflight(name, endpoint_url=endpoint_url, refiner_of=refiner_of)
+    except StorageError as exc:
+        raise BadInput(f"model {name!r}: {exc}") from None
+
+
+def preflight_clip_model(location: str | None, endpoint_url: str | None) -> str | None:
+    """Check ``scoring.clip_model`` names a transformers folder before any worker starts."""
+    if location is None:
+        return None
+    fix = "; set scoring.clip_model to a folder written by CLIPModel.save_pretrained (config.json + model.safetensors)"
+    try:
+        found = open_storage(location, endpoint_url=endpoint_url).exists("config.json")
+    except StorageError as exc:
+        return f"scoring.clip_model {location!r}: {exc}"
+    return None if found else f"scoring.clip_model {location!r}: no config.json there{fix}"
