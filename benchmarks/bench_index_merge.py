@@ -7,7 +7,7 @@ repeating an earlier one), then merges it, each contender in a fresh process, si
 
 * ``in memory`` — every shard index concatenated into one table, sorted, written
   (what ``merge_index`` did before it streamed);
-* ``streaming`` — ``sdbatch.output.merge_index``: shard by shard through a ParquetWriter,
+* ``streaming`` — ``sdbatch.output.index.merge_index``: shard by shard through a ParquetWriter,
   then ``duplicate_of`` filled in by DuckDB (phash distance ``--duplicate-distance``).
 
 Prints wall time and peak RSS (``ru_maxrss`` of that one child, from ``os.wait4``) of each,

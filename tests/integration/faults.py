@@ -13,7 +13,7 @@ In other processes: ``fault_env(rules, counts_dir=...)`` gives the environment o
 that should inject faults; ``setup_process()`` (called there by ``faulty_sdbatch.py``, the
 test entry point of the CLI, and — through Ray's ``runtime_env`` ``worker_process_setup_hook``
 — by every Ray worker process of that job, see ``worker_runtime_env``) builds one injector
-from ``SDBATCH_TEST_FAULTS`` and installs it with ``sdbatch.storage.register_client_hook``.
+from ``SDBATCH_TEST_FAULTS`` and installs it with ``sdbatch.storage.s3_client.register_client_hook``.
 When ``counts_dir`` is given each process writes its counts to ``<counts_dir>/<pid>.json``
 after each fault; ``read_counts(counts_dir)`` sums them. The package itself reads none of
 these variables.

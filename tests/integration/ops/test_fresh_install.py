@@ -75,7 +75,7 @@ def test_every_sampler_and_image_format_in_a_fresh_install(fresh_venv, tmp_path)
     snippet = f"""
 import pyarrow.parquet as pq
 from PIL import Image
-from sdbatch.encode import encode_image, read_embedded
+from sdbatch.output.encode import encode_image, read_embedded
 index = pq.read_table({str(out / 'index.parquet')!r}).to_pandas()
 assert list(index.status.unique()) == ["ok"], index[["id", "status", "error"]].to_string()
 text, record = read_embedded(open({str(out)!r} + "/" + index.key[0], "rb").read())
