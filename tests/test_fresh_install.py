@@ -19,7 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import RAY_SINGLE_MACHINE
 
-from sdbatch.models.families import DIFFUSION_SAMPLERS as SAMPLERS
+from sdbatch.models.families.sd import StableDiffusion
+
+SAMPLERS = StableDiffusion.samplers
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

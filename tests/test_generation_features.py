@@ -13,7 +13,9 @@ from conftest import write_manifest
 from PIL import Image
 
 from sdbatch.data.samplers import A1111_BY_CLASS
-from sdbatch.models.families import DIFFUSION_SAMPLERS as SCHEDULERS
+from sdbatch.models.families.sd import StableDiffusion
+
+SCHEDULERS = StableDiffusion.samplers
 from sdbatch.output.encode import parse_infotext, read_embedded
 
 TINY = ["--model", "builtin:tiny", "--steps", "4", "--batch-size", "4"]

@@ -128,11 +128,11 @@ def test_a_sampler_the_model_cannot_build_fails_the_worker_start(tmp_path):
 
     from sdbatch.models.builtin import local_model_dir
     from sdbatch.models.errors import ModelError
-    from sdbatch.models.runtime import Generator
+    from sdbatch.models.runtime import load_model
 
     model = tmp_path / "tiny"
     shutil.copytree(local_model_dir("builtin:tiny"), model)
     config = model / "scheduler" / "scheduler_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "solver_type": "no-such-solver"}))  # DDIM ignores it
     with pytest.raises(ModelError, match=r"sampler 'dpmpp_2m' \(DPMSolverMultistepScheduler\) cannot be built .*no-such-solver"):
-        Generator.load(str(model), device="cpu")
+        load_model(str(model), device="cpu")

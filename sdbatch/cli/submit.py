@@ -128,7 +128,7 @@ def submit(
     spec = spec.with_native_size(traits)
     lora_sha256 = adapter_hashes(spec.loras, s3_endpoint)
     source = open_manifest(manifest)
-    report = validate_manifest(source, spec, strict=strict, family=traits.family)
+    report = validate_manifest(source, spec, strict=strict, model=traits)
     if not report.ok:
         err.print(report.render(), markup=False)
         raise BadInput(f"manifest {manifest} has {report.issue_count} invalid values; nothing was written to {out}")

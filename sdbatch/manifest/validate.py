@@ -23,6 +23,7 @@ from sdbatch.manifest.rules import (
     IssueCollector,
     ValueCounts,
     check_loras,
+    check_model_rules,
     check_passthrough_columns,
     check_range,
     check_same_passthrough_types,
@@ -33,13 +34,13 @@ from sdbatch.manifest.rules import (
     scheduler_fix,
 )
 from sdbatch.manifest.sources import Manifest, ManifestError, parquet_file
-from sdbatch.models.families import Family
+from sdbatch.models.families import ModelTraits
 from sdbatch.spec import JobSpec
 from sdbatch.storage.base import TMP_MARK
 
 
 def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_536, *, strict: bool = False,
-                      family: Family | None = None) -> ValidationReport:
+                      model: ModelTraits | None = None) -> ValidationReport:
     """Check every row against design.md §3, streaming (one record batch in memory at a time).
 
     Semantics of nulls: a null in ``negative_prompt``, ``steps``, ``guidance_scale``,
@@ -52,7 +53,9 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
     Duplicate ids are found with one 64-bit hash per row (8 bytes/row) sorted in numpy, then
     the first duplicates are confirmed by their actual strings in a second pass over ``id``.
     ``distinct prompts`` is exact up to 65,536 and a K-minimum-values estimate beyond.
-    ``family`` (the model's, when known) limits the samplers rows may ask for.
+    ``model`` (the model's traits, when known) limits the samplers rows may ask for, the columns
+    they may set (the family's ``honours``), and brings the model's row rules (clip_skip within
+    its text encoder's depth), so a row the model cannot run is refused before any worker starts.
     """
     lim, d = spec.limits, spec.defaults
     if d.width is None or d.height is None:
@@ -63,9 +66,11 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
             f"manifest {manifest.source} has {len(manifest.columns):,} columns, more than limits.max_columns "
             f"({lim.max_columns:,}): each column is a column of the index and a key of every image's record. Fix: "
             "write only the columns you need as labels, or raise the limit: --set limits.max_columns=N")
+    family = model.family if model else None
     samplers = family.samplers if family else SCHEDULERS
+    model_rules = model.row_rules() if model else ()
     coll = IssueCollector(lim.max_errors_shown)
-    check_spec_defaults(spec, coll, samplers)
+    check_spec_defaults(spec, coll, samplers, model_rules)
     present = set(manifest.columns)
     read_cols = [c for c in KNOWN_COLUMNS if c in present]
     has_ids = "id" in present
@@ -140,6 +145,8 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
             # the range rules of the column table: steps, guidance_scale, width, height, strength, ...
             for column in COLUMNS:
                 check_range(b, column, lim)
+            if family is not None:
+                check_model_rules(b, family, model_rules)
             w = filled_numpy(b.cols["width"], d.width, np.float64) if b.cols.get("width") is not None and not pa.types.is_null(b.cols["width"].type) else np.full(n, float(d.width))
             h = filled_numpy(b.cols["height"], d.height, np.float64) if b.cols.get("height") is not None and not pa.types.is_null(b.cols["height"].type) else np.full(n, float(d.height))
             in_range = (w >= 64) & (w <= lim.max_width) & (h >= 64) & (h <= lim.max_height)
