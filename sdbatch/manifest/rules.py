@@ -69,6 +69,7 @@ class BatchUnderCheck:
 
     def __init__(self, rb: pa.RecordBatch, base: int, skip: set[str], coll: IssueCollector) -> None:
         self.base = base
+        self.skip = skip  # columns of the wrong type, reported once for the whole file
         self.n = rb.num_rows
         self.cols: dict[str, pa.Array] = {}
         for name in rb.schema.names:
@@ -233,6 +234,31 @@ def check_loras(b: BatchUnderCheck, prompts: pa.Array | None, declared: dict[str
             one[i] = True
             b.flag(name, one, str(exc), "write NAME:SCALE entries (or <lora:NAME:SCALE> tags) naming declared adapters",
                    column if given[i] else prompts)
+
+
+def set_in_row(b: BatchUnderCheck, name: str) -> np.ndarray:
+    """Per row of the batch: is column ``name`` set (a column of the wrong type counts as set,
+    so its type error is not buried under errors of the columns that depend on it)."""
+    if name in b.skip:
+        return np.ones(b.n, dtype=bool)
+    arr = b.cols.get(name)
+    if arr is None or pa.types.is_null(arr.type):
+        return np.zeros(b.n, dtype=bool)
+    return pc.is_valid(arr).to_numpy(zero_copy_only=False)
+
+
+def check_applies(b: BatchUnderCheck, column: Column, spec: JobSpec) -> None:
+    """A conditional column (``Column.applies_when``) set in a row where it does not apply."""
+    when = column.applies_when
+    arr = b.cols.get(column.name)
+    if when is None or arr is None or pa.types.is_null(arr.type):
+        return
+    if when.row_column is not None:
+        applies = set_in_row(b, when.row_column)
+    else:
+        section, key = str(when.spec_key).split(".")
+        applies = np.full(b.n, getattr(getattr(spec, section), key) is not None)
+    b.flag(column.name, pc.is_valid(arr).to_numpy(zero_copy_only=False) & ~applies, when.rule, when.fix, arr)
 
 
 def check_model_rules(b: BatchUnderCheck, family: FamilyAdapter, rules: tuple[RowRule, ...]) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sdbatch.data.columns import COLUMN, COLUMNS, KNOWN_COLUMNS
+from sdbatch.data.columns import COLUMN, COLUMNS, CONDITIONAL, KNOWN_COLUMNS
 from sdbatch.data.row import ID_PATTERN, MAX_SEED
 from sdbatch.data.samplers import SCHEDULERS
 from sdbatch.manifest.hashing import DistinctCounter, find_duplicate_ids, hash_strings
@@ -23,6 +23,7 @@ from sdbatch.manifest.rules import (
     IssueCollector,
     ValueCounts,
     check_loras,
+    check_applies,
     check_model_rules,
     check_passthrough_columns,
     check_range,
@@ -32,6 +33,7 @@ from sdbatch.manifest.rules import (
     check_utf8,
     filled_numpy,
     scheduler_fix,
+    set_in_row,
 )
 from sdbatch.manifest.sources import Manifest, ManifestError, parquet_file
 from sdbatch.models.families import ModelTraits
@@ -190,25 +192,17 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
                         sched_c.counts[item["values"]] = sched_c.counts.get(item["values"], 0) + item["counts"]
             else:
                 sched_c.counts[d.scheduler] = sched_c.counts.get(d.scheduler, 0) + n
-            # init_image / strength
+            # init_image, strength (and every conditional column below)
             init = b.cols.get("init_image")
-            has_init = np.zeros(n, dtype=bool)
+            has_init = set_in_row(b, "init_image")
             if init is not None and not pa.types.is_null(init.type):
-                has_init = pc.is_valid(init).to_numpy(zero_copy_only=False)
                 init = check_utf8(b, "init_image", init)
                 b.flag("init_image", pc.equal(pc.utf8_length(init), 0), "init_image must be a non-empty path or s3:// URI",
                        "give the image path (relative to the manifest folder) or null for text-to-image")
                 b.flag("init_image", pc.match_substring(init, "\x00"), "no NUL characters (\\x00) in init_image",
                        "fix the path")
-            if "init_image" in skip:
-                has_init = np.ones(n, dtype=bool)  # unknown: don't pile strength errors on a type error
             img2img += int(has_init.sum())
             st = b.cols.get("strength")
-            if st is not None and not pa.types.is_null(st.type):
-                sf = st.cast(pa.float64())
-                given = pc.is_valid(sf).to_numpy(zero_copy_only=False)
-                b.flag("strength", given & ~has_init, "strength is only for img2img rows: it needs init_image in the same row",
-                       "set init_image for this row, or leave strength null", st)
             # img2img runs int(steps * strength) denoising steps; zero steps would make no image
             steps_v = np.full(n, float(d.steps)) if s is None or pa.types.is_null(s.type) else filled_numpy(s, d.steps, np.float64)
             strength_v = (np.full(n, float(d.strength)) if st is None or pa.types.is_null(st.type)
@@ -216,11 +210,8 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
             no_steps = has_init & (strength_v > 0) & (strength_v <= 1) & (steps_v >= 1) & (np.floor(steps_v * strength_v) < 1)
             b.flag("strength", no_steps, "img2img needs steps * strength >= 1 (it runs int(steps * strength) denoising steps)",
                    "raise strength or steps for this row", pa.array(strength_v))
-            rs = b.cols.get("refiner_switch")
-            if spec.model.refiner is None and rs is not None and not pa.types.is_null(rs.type):
-                b.flag("refiner_switch", pc.is_valid(rs).to_numpy(zero_copy_only=False),
-                       "refiner_switch is only for jobs with a refiner, and model.refiner is not set",
-                       "set model.refiner (--refiner PATH) to an SDXL refiner folder, or leave refiner_switch null", rs)
+            for column in CONDITIONAL:
+                check_applies(b, column, spec)
             check_loras(b, parr, spec.loras)
             if file_bad_all:
                 b.bad[:] = True

@@ -14,7 +14,7 @@ diffusers folder, or an ``s3://`` prefix holding one. Everything here runs witho
 - **the family**, from ``model_index.json`` ``_class_name`` (``families.FAMILIES``): a pipeline
   class sdbatch does not run exits 2, naming the class found and the supported ones
   (``builtin.NULL_CLASS_NAME``: ``builtin:null``'s folder names a model that is not a diffusers
-  pipeline, ``null_model.py``); a ``model.refiner`` must be the class its base's family takes.
+  pipeline, ``families/null.py``); a ``model.refiner`` must be the class its base's family takes.
   ``model_index.json`` and the configs are read once (``JsonReader``), and the same read gives
   the family and native size (``ModelRef.traits``);
 - **the pin**, recorded in ``job.json`` at submit and compared with every worker's before it
