@@ -281,9 +281,10 @@ class Reproducer:
             batch = self._generate_batch(record, gen)
         finally:
             torch.set_num_threads(previous_threads)
+        loaded_now = {a["name"]: a["sha256"] for a in gen.facts(record.row).loras}  # the batch loaded them
         notes.extend(f"LoRA {a['name']} changed since generation: recorded sha256 {a['sha256'][:12]}…, "
-                     f"now {str(gen.loras.sha256.get(a['name']))[:12]}…"
-                     for a in record.loras if gen.loras.sha256.get(a["name"]) != a.get("sha256"))
+                     f"now {str(loaded_now.get(a['name']))[:12]}…"
+                     for a in record.loras if loaded_now.get(a["name"]) != a.get("sha256"))
         out_spec = self.out.spec.output
         data = encode.encode_image(batch["images"][entry["id"]], embedded, fmt=out_spec.image_format,
                                    png_compress_level=out_spec.png_compress_level, quality=out_spec.quality)

@@ -300,10 +300,10 @@ def check_spec_defaults(spec: JobSpec, coll: IssueCollector, samplers: tuple[str
         bad("negative_prompt", d.negative_prompt, f"at most {lim.max_prompt_chars:,} characters, no NUL", "shorten it")
     if d.scheduler not in samplers:
         bad("scheduler", d.scheduler, f"one of {', '.join(samplers)} (the model's samplers)", "--set defaults.scheduler=default")
-    for rule in model_rules:
-        value = getattr(d, rule.column)
-        if rule.refuses_value(value):
-            bad(rule.column, value, rule.rule, f"{rule.fix} (--set defaults.{rule.column}=N)")
+    for model_rule in model_rules:
+        value = getattr(d, model_rule.column)
+        if model_rule.refuses_value(value):
+            bad(model_rule.column, value, model_rule.rule, f"{model_rule.fix} (--set defaults.{model_rule.column}=N)")
 
 
 def scheduler_fix(value: Any, samplers: tuple[str, ...]) -> str:

@@ -126,7 +126,8 @@ class DiffusersModel:
         self.refiner = refiner
         self.compiled = compiled
         self._warm_shapes: set[tuple] = set()
-        self.family: DiffusersFamily = traits.family
+        assert isinstance(traits.family, DiffusersFamily)  # RUNTIMES["diffusers"] loads only these
+        self.family = traits.family
         self.img2img = getattr(diffusers, self.family.img2img).from_pipe(txt2img)
         self.info = info
         self.loras = LoraCache(txt2img, loras or {}, endpoint_url)
@@ -345,9 +346,10 @@ def load_model(
     """Resolve ``model`` (and check it against ``pin``), then load it with its family's runtime,
     its samplers built (one that cannot be built fails the load, not every shard)."""
     ref = resolve(model, pin=pin, endpoint_url=endpoint_url)
-    traits: ModelTraits = ref.traits  # resolve() checked the family
-    fingerprint = fingerprint_model_dir(ref.folder) if is_s3(model) else ref.pin
-    request = LoadRequest(model, ref.folder, ref.pin, fingerprint, traits, device=device, dtype=dtype, endpoint_url=endpoint_url,
+    traits, folder = ref.traits, ref.folder
+    assert traits is not None and folder is not None  # resolve() of a base model gives both
+    fingerprint = fingerprint_model_dir(folder) if is_s3(model) else ref.pin
+    request = LoadRequest(model, folder, ref.pin, fingerprint, traits, device=device, dtype=dtype, endpoint_url=endpoint_url,
                           loras=loras, compile=compile, refiner=refiner, refiner_pin=refiner_pin)
     loaded = RUNTIMES[traits.family.runtime](request)
     loaded.build_samplers()

@@ -48,9 +48,8 @@ from sdbatch.storage.open import read_uri
 if TYPE_CHECKING:
     import numpy as np
 
-    from sdbatch.models.adapter import GeneratedBatch
+    from sdbatch.models.adapter import GeneratedBatch, LoadedModel
     from sdbatch.models.clip_score import ClipScorer
-    from sdbatch.models.adapter import LoadedModel
 
 log = logging.getLogger("sdbatch.worker")
 
