@@ -266,7 +266,7 @@ def check_model_rules(b: BatchUnderCheck, family: FamilyAdapter, rules: tuple[Ro
     model's row rules (``FamilyAdapter.row_rules``) on every value a row sets (the job default
     is checked once, by ``check_spec_defaults``)."""
     for name, arr in b.cols.items():
-        if name not in family.honours and name in KNOWN_COLUMNS and not pa.types.is_null(arr.type):
+        if name not in family.honours and not pa.types.is_null(arr.type):
             b.flag(name, pc.is_valid(arr), f"{name} is not used by {family.name} models ({family.class_name})",
                    f"leave {name} null for this model, or use a model that takes it", arr)
     for rule in rules:
