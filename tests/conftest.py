@@ -205,9 +205,9 @@ def small_manifest(tmp_path):
 @_pytest_s3.fixture(scope="module")
 def tiny_generator():
     """``builtin:tiny`` loaded in this process, for tests that run a ShardRunner without Ray."""
-    from sdbatch.models.runtime import Generator
+    from sdbatch.models.runtime import load_model
 
-    return Generator.load("builtin:tiny", device="cpu", dtype="auto")
+    return load_model("builtin:tiny", device="cpu", dtype="auto")
 
 
 # --- property tests (hypothesis) ------------------------------------------------------------------

@@ -33,7 +33,7 @@ from sdbatch.storage.base import NotFound, Storage, StorageError
 from sdbatch.storage.open import read_uri
 
 if TYPE_CHECKING:
-    from sdbatch.models.runtime import Generator
+    from sdbatch.models.adapter import LoadedModel
 
 
 def max_pixel_diff(a: bytes, b: bytes) -> int | None:
@@ -90,7 +90,7 @@ class Reproducer:
         self.by_id = out.rows_by_id()
         self.layout = out.layout
         self.places = out.init_image_places
-        self._generators: dict[tuple[str, str, str], Generator] = {}
+        self._generators: dict[tuple[str, str, str], LoadedModel] = {}
         self._batches: dict[tuple, dict[str, Any]] = {}
 
     # -- the record ---------------------------------------------------------------------------
@@ -121,7 +121,8 @@ class Reproducer:
             if record is not None and embedded is not None:  # a record comes only from a dict
                 return record, embedded, None
         gen = self._generator_for(entry.get("device"), entry.get("dtype"))
-        record = ImageRecord.from_index_row(entry, gen, model_name=self.out.spec.model.name,
+        facts = gen.facts(row_from_stored(entry, passthrough_of(entry)))
+        record = ImageRecord.from_index_row(entry, facts, model_name=self.out.spec.model.name,
                                             refiner_name=self.out.spec.model.refiner,
                                             sdbatch_version=self.out.job.sdbatch_version)
         return record, record.to_embedded(), why
@@ -144,14 +145,14 @@ class Reproducer:
             notes.append("recorded dtype float16 on cpu: regenerating in float16 on cpu is slow and differs from GPU")
         return model, ("cuda" if device.startswith("cuda") else device), dtype, notes
 
-    def _generator_for(self, device: str | None, dtype: str | None) -> Generator:
+    def _generator_for(self, device: str | None, dtype: str | None) -> LoadedModel:
         model, device, dtype, _ = self._load_settings(device, dtype)
         key = (model, device, dtype)
         if key not in self._generators:
-            from sdbatch.models.runtime import Generator
+            from sdbatch.models.runtime import load_model
 
-            self._generators[key] = Generator.load(model, device=device, dtype=dtype, endpoint_url=self.endpoint_url,
-                                                   loras=self.out.spec.loras, refiner=self.out.spec.model.refiner)
+            self._generators[key] = load_model(model, device=device, dtype=dtype, endpoint_url=self.endpoint_url,
+                                               loras=self.out.spec.loras, refiner=self.out.spec.model.refiner)
         return self._generators[key]
 
     # -- the batch -----------------------------------------------------------------------------
@@ -170,7 +171,7 @@ class Reproducer:
         image.load()
         return image, sha256(data)
 
-    def _generate_batch(self, record: ImageRecord, gen: Generator) -> dict[str, Any]:
+    def _generate_batch(self, record: ImageRecord, gen: LoadedModel) -> dict[str, Any]:
         """Regenerate the batch the record names; returns {id: uint8 pixels} plus notes, and the
         sha256 of each init image as read now ({id: hex}, img2img batches)."""
         target = record.row
@@ -281,9 +282,10 @@ class Reproducer:
             batch = self._generate_batch(record, gen)
         finally:
             torch.set_num_threads(previous_threads)
+        loaded_now = {a["name"]: a["sha256"] for a in gen.facts(record.row).loras}  # the batch loaded them
         notes.extend(f"LoRA {a['name']} changed since generation: recorded sha256 {a['sha256'][:12]}…, "
-                     f"now {str(gen.loras.sha256.get(a['name']))[:12]}…"
-                     for a in record.loras if gen.loras.sha256.get(a["name"]) != a.get("sha256"))
+                     f"now {str(loaded_now.get(a['name']))[:12]}…"
+                     for a in record.loras if loaded_now.get(a["name"]) != a.get("sha256"))
         out_spec = self.out.spec.output
         data = encode.encode_image(batch["images"][entry["id"]], embedded, fmt=out_spec.image_format,
                                    png_compress_level=out_spec.png_compress_level, quality=out_spec.quality)

@@ -38,7 +38,7 @@ def validate(
 
     traits = model_traits(job.model.name)
     source = open_manifest(manifest)
-    report = validate_manifest(source, job.with_native_size(traits), strict=strict, family=traits.family)
+    report = validate_manifest(source, job.with_native_size(traits), strict=strict, model=traits)
     if json_out:
         payload = {
             "ok": report.ok,

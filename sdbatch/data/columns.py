@@ -62,6 +62,18 @@ class Range:
 
 
 @dataclass(frozen=True)
+class AppliesWhen:
+    """When a conditional column may be set in a row: another column is set in the same row
+    (``row_column``), or the job spec sets a key (``spec_key``, dotted). Validation refuses a
+    row that sets the column otherwise, with ``rule`` and ``fix``."""
+
+    rule: str
+    fix: str
+    row_column: str | None = None
+    spec_key: str | None = None
+
+
+@dataclass(frozen=True)
 class Column:
     name: str
     arrow_type: pa.DataType  # the manifest builder's type, and the index's
@@ -89,6 +101,7 @@ class Column:
     #: value and the form the index and records store
     index_type: pa.DataType | None = None
     row: RowForm | None = None
+    applies_when: AppliesWhen | None = None  # a conditional column (strength, refiner_switch)
 
     @property
     def python_type(self) -> type:
@@ -238,7 +251,9 @@ COLUMNS: tuple[Column, ...] = (
            default=0.75, spec_bounds={"gt": 0, "le": 1}, batch_key=True, nullable=True,
            description="used only by rows with init_image",
            range=Range(0, 1, "use a strength such as 0.75", lo_open=True),
-           a1111="Denoising strength", a1111_rank=70, a1111_value=_denoising),
+           a1111="Denoising strength", a1111_rank=70, a1111_value=_denoising,
+           applies_when=AppliesWhen("strength is only for img2img rows: it needs init_image in the same row",
+                                    "set init_image for this row, or leave strength null", row_column="init_image")),
     # AUTOMATIC1111's "Refiner switch at": the fraction of the schedule the base model runs before
     # model.refiner takes over; the Row holds None in a job without a refiner (manifest.read_rows)
     Column("refiner_switch", pa.float64(), _NUMBER, "a float column", "write refiner_switch as float64",
@@ -247,7 +262,10 @@ COLUMNS: tuple[Column, ...] = (
                        "model.refiner finishes them (jobs with a refiner only)",
            range=Range(0, 1, "use a switch such as 0.8 (the base runs 80% of the steps, the refiner the rest)",
                        lo_open=True, hi_open=True, finite="use a number such as 0.8, or null for the job default"),
-           a1111="Refiner switch at", a1111_rank=92, a1111_value=_float("refiner_switch"), recorded_when_set=True),
+           a1111="Refiner switch at", a1111_rank=92, a1111_value=_float("refiner_switch"), recorded_when_set=True,
+           applies_when=AppliesWhen("refiner_switch is only for jobs with a refiner, and model.refiner is not set",
+                                    "set model.refiner (--refiner PATH) to an SDXL refiner folder, or leave "
+                                    "refiner_switch null", spec_key="model.refiner")),
     Column("clip_skip", pa.int64(), _INT, "an integer column", _int_fix("clip_skip"), default=1,
            spec_bounds={"ge": 1, "le": 12}, flag="--clip-skip", batch_key=True,
            description="AUTOMATIC1111's Clip skip: 1 = the text encoder's last layer (the default), "
@@ -267,6 +285,10 @@ COLUMN: dict[str, Column] = {c.name: c for c in COLUMNS}
 
 #: The per-row columns of design.md §3.1. Every other manifest column is a passthrough column.
 KNOWN_COLUMNS: tuple[str, ...] = tuple(COLUMN)
+
+
+#: The columns a row may set only when their ``applies_when`` holds.
+CONDITIONAL: tuple[Column, ...] = tuple(c for c in COLUMNS if c.applies_when is not None)
 
 
 #: The columns that have a job-spec default (the fields of ``spec.RowDefaults``).

@@ -107,7 +107,7 @@ def validate(request: SubmitRequest, settings: Settings) -> Validated:
     spec = spec.with_native_size(traits)
     lora_sha256 = adapter_hashes(spec.loras, request.endpoint_url)
     source = open_manifest(request.manifest)
-    report = validate_manifest(source, spec, strict=request.strict, family=traits.family)
+    report = validate_manifest(source, spec, strict=request.strict, model=traits)
     return Validated(request, spec, settings.out, model, refiner, lora_sha256, source, report)
 
 

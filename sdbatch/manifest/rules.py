@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +20,9 @@ from sdbatch.manifest.reader import plain_array
 from sdbatch.manifest.report import RowIssue, arrow_kind, repr_value, value_at
 from sdbatch.manifest.sources import Manifest
 from sdbatch.spec import JobSpec
+
+if TYPE_CHECKING:
+    from sdbatch.models.families import FamilyAdapter, RowRule
 
 
 class ValueCounts:
@@ -66,6 +69,7 @@ class BatchUnderCheck:
 
     def __init__(self, rb: pa.RecordBatch, base: int, skip: set[str], coll: IssueCollector) -> None:
         self.base = base
+        self.skip = skip  # columns of the wrong type, reported once for the whole file
         self.n = rb.num_rows
         self.cols: dict[str, pa.Array] = {}
         for name in rb.schema.names:
@@ -232,7 +236,50 @@ def check_loras(b: BatchUnderCheck, prompts: pa.Array | None, declared: dict[str
                    column if given[i] else prompts)
 
 
-def check_spec_defaults(spec: JobSpec, coll: IssueCollector, samplers: tuple[str, ...]) -> None:
+def set_in_row(b: BatchUnderCheck, name: str) -> np.ndarray:
+    """Per row of the batch: is column ``name`` set (a column of the wrong type counts as set,
+    so its type error is not buried under errors of the columns that depend on it)."""
+    if name in b.skip:
+        return np.ones(b.n, dtype=bool)
+    arr = b.cols.get(name)
+    if arr is None or pa.types.is_null(arr.type):
+        return np.zeros(b.n, dtype=bool)
+    return pc.is_valid(arr).to_numpy(zero_copy_only=False)
+
+
+def check_applies(b: BatchUnderCheck, column: Column, spec: JobSpec) -> None:
+    """A conditional column (``Column.applies_when``) set in a row where it does not apply."""
+    when = column.applies_when
+    arr = b.cols.get(column.name)
+    if when is None or arr is None or pa.types.is_null(arr.type):
+        return
+    if when.row_column is not None:
+        applies = set_in_row(b, when.row_column)
+    else:
+        section, key = str(when.spec_key).split(".")
+        applies = np.full(b.n, getattr(getattr(spec, section), key) is not None)
+    b.flag(column.name, pc.is_valid(arr).to_numpy(zero_copy_only=False) & ~applies, when.rule, when.fix, arr)
+
+
+def check_model_rules(b: BatchUnderCheck, family: FamilyAdapter, rules: tuple[RowRule, ...]) -> None:
+    """What the model cannot run: a column its family does not honour set in a row, and the
+    model's row rules (``FamilyAdapter.row_rules``) on every value a row sets (the job default
+    is checked once, by ``check_spec_defaults``)."""
+    for name, arr in b.cols.items():
+        if name not in family.honours and not pa.types.is_null(arr.type):
+            b.flag(name, pc.is_valid(arr), f"{name} is not used by {family.name} models ({family.class_name})",
+                   f"leave {name} null for this model, or use a model that takes it", arr)
+    for rule in rules:
+        arr = b.cols.get(rule.column)
+        if arr is None or pa.types.is_null(arr.type):
+            continue
+        given = pc.is_valid(arr).to_numpy(zero_copy_only=False)
+        values = arr.fill_null(0).to_numpy(zero_copy_only=False)
+        b.flag(rule.column, given & rule.refuses(values), rule.rule, rule.fix, arr)
+
+
+def check_spec_defaults(spec: JobSpec, coll: IssueCollector, samplers: tuple[str, ...],
+                        model_rules: tuple[RowRule, ...] = ()) -> None:
     d, lim = spec.defaults, spec.limits
 
     def bad(key: str, value: Any, rule: str, fix: str) -> None:
@@ -253,6 +300,10 @@ def check_spec_defaults(spec: JobSpec, coll: IssueCollector, samplers: tuple[str
         bad("negative_prompt", d.negative_prompt, f"at most {lim.max_prompt_chars:,} characters, no NUL", "shorten it")
     if d.scheduler not in samplers:
         bad("scheduler", d.scheduler, f"one of {', '.join(samplers)} (the model's samplers)", "--set defaults.scheduler=default")
+    for model_rule in model_rules:
+        value = getattr(d, model_rule.column)
+        if model_rule.refuses_value(value):
+            bad(model_rule.column, value, model_rule.rule, f"{model_rule.fix} (--set defaults.{model_rule.column}=N)")
 
 
 def scheduler_fix(value: Any, samplers: tuple[str, ...]) -> str:

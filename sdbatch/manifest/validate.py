@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sdbatch.data.columns import COLUMN, COLUMNS, KNOWN_COLUMNS
+from sdbatch.data.columns import COLUMN, COLUMNS, CONDITIONAL, KNOWN_COLUMNS
 from sdbatch.data.row import ID_PATTERN, MAX_SEED
 from sdbatch.data.samplers import SCHEDULERS
 from sdbatch.manifest.hashing import DistinctCounter, find_duplicate_ids, hash_strings
@@ -22,7 +22,9 @@ from sdbatch.manifest.rules import (
     BatchUnderCheck,
     IssueCollector,
     ValueCounts,
+    check_applies,
     check_loras,
+    check_model_rules,
     check_passthrough_columns,
     check_range,
     check_same_passthrough_types,
@@ -31,15 +33,16 @@ from sdbatch.manifest.rules import (
     check_utf8,
     filled_numpy,
     scheduler_fix,
+    set_in_row,
 )
 from sdbatch.manifest.sources import Manifest, ManifestError, parquet_file
-from sdbatch.models.families import Family
+from sdbatch.models.families import ModelTraits
 from sdbatch.spec import JobSpec
 from sdbatch.storage.base import TMP_MARK
 
 
 def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_536, *, strict: bool = False,
-                      family: Family | None = None) -> ValidationReport:
+                      model: ModelTraits | None = None) -> ValidationReport:
     """Check every row against design.md §3, streaming (one record batch in memory at a time).
 
     Semantics of nulls: a null in ``negative_prompt``, ``steps``, ``guidance_scale``,
@@ -52,7 +55,9 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
     Duplicate ids are found with one 64-bit hash per row (8 bytes/row) sorted in numpy, then
     the first duplicates are confirmed by their actual strings in a second pass over ``id``.
     ``distinct prompts`` is exact up to 65,536 and a K-minimum-values estimate beyond.
-    ``family`` (the model's, when known) limits the samplers rows may ask for.
+    ``model`` (the model's traits, when known) limits the samplers rows may ask for, the columns
+    they may set (the family's ``honours``), and brings the model's row rules (clip_skip within
+    its text encoder's depth), so a row the model cannot run is refused before any worker starts.
     """
     lim, d = spec.limits, spec.defaults
     if d.width is None or d.height is None:
@@ -63,9 +68,11 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
             f"manifest {manifest.source} has {len(manifest.columns):,} columns, more than limits.max_columns "
             f"({lim.max_columns:,}): each column is a column of the index and a key of every image's record. Fix: "
             "write only the columns you need as labels, or raise the limit: --set limits.max_columns=N")
+    family = model.family if model else None
     samplers = family.samplers if family else SCHEDULERS
+    model_rules = model.row_rules() if model else ()
     coll = IssueCollector(lim.max_errors_shown)
-    check_spec_defaults(spec, coll, samplers)
+    check_spec_defaults(spec, coll, samplers, model_rules)
     present = set(manifest.columns)
     read_cols = [c for c in KNOWN_COLUMNS if c in present]
     has_ids = "id" in present
@@ -140,6 +147,8 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
             # the range rules of the column table: steps, guidance_scale, width, height, strength, ...
             for column in COLUMNS:
                 check_range(b, column, lim)
+            if family is not None:
+                check_model_rules(b, family, model_rules)
             w = (filled_numpy(b.cols["width"], d.width, np.float64)
                  if b.cols.get("width") is not None and not pa.types.is_null(b.cols["width"].type) else np.full(n, float(d.width)))
             h = (filled_numpy(b.cols["height"], d.height, np.float64)
@@ -185,25 +194,17 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
                         sched_c.counts[item["values"]] = sched_c.counts.get(item["values"], 0) + item["counts"]
             else:
                 sched_c.counts[d.scheduler] = sched_c.counts.get(d.scheduler, 0) + n
-            # init_image / strength
+            # init_image, strength (and every conditional column below)
             init = b.cols.get("init_image")
-            has_init = np.zeros(n, dtype=bool)
+            has_init = set_in_row(b, "init_image")
             if init is not None and not pa.types.is_null(init.type):
-                has_init = pc.is_valid(init).to_numpy(zero_copy_only=False)
                 init = check_utf8(b, "init_image", init)
                 b.flag("init_image", pc.equal(pc.utf8_length(init), 0), "init_image must be a non-empty path or s3:// URI",
                        "give the image path (relative to the manifest folder) or null for text-to-image")
                 b.flag("init_image", pc.match_substring(init, "\x00"), "no NUL characters (\\x00) in init_image",
                        "fix the path")
-            if "init_image" in skip:
-                has_init = np.ones(n, dtype=bool)  # unknown: don't pile strength errors on a type error
             img2img += int(has_init.sum())
             st = b.cols.get("strength")
-            if st is not None and not pa.types.is_null(st.type):
-                sf = st.cast(pa.float64())
-                given = pc.is_valid(sf).to_numpy(zero_copy_only=False)
-                b.flag("strength", given & ~has_init, "strength is only for img2img rows: it needs init_image in the same row",
-                       "set init_image for this row, or leave strength null", st)
             # img2img runs int(steps * strength) denoising steps; zero steps would make no image
             steps_v = np.full(n, float(d.steps)) if s is None or pa.types.is_null(s.type) else filled_numpy(s, d.steps, np.float64)
             strength_v = (np.full(n, float(d.strength)) if st is None or pa.types.is_null(st.type)
@@ -211,11 +212,8 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
             no_steps = has_init & (strength_v > 0) & (strength_v <= 1) & (steps_v >= 1) & (np.floor(steps_v * strength_v) < 1)
             b.flag("strength", no_steps, "img2img needs steps * strength >= 1 (it runs int(steps * strength) denoising steps)",
                    "raise strength or steps for this row", pa.array(strength_v))
-            rs = b.cols.get("refiner_switch")
-            if spec.model.refiner is None and rs is not None and not pa.types.is_null(rs.type):
-                b.flag("refiner_switch", pc.is_valid(rs).to_numpy(zero_copy_only=False),
-                       "refiner_switch is only for jobs with a refiner, and model.refiner is not set",
-                       "set model.refiner (--refiner PATH) to an SDXL refiner folder, or leave refiner_switch null", rs)
+            for column in CONDITIONAL:
+                check_applies(b, column, spec)
             check_loras(b, parr, spec.loras)
             if file_bad_all:
                 b.bad[:] = True

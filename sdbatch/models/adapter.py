@@ -1,14 +1,60 @@
-"""The torch-free values a loaded model hands back: ``GeneratedBatch``."""
+"""The torch-free contract between a loaded model and its callers (the worker, ``reproduce``):
+``LoadRequest`` (what to load), ``ModelInfo`` (what was loaded), ``LoadedModel`` (what every
+family's runtime implements: generate a canonical batch, give each row's generation facts,
+build its samplers) and ``GeneratedBatch`` (one batch's pixels)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from sdbatch.data.record import GenerationFacts
+    from sdbatch.data.row import Row
+    from sdbatch.models.families import ModelTraits
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """A resolved model to load (``models.runtime.load_model`` makes it) and the job's options."""
+
+    name: str  # as the job names it
+    folder: Path  # the local folder it is loaded from
+    pin: str  # what the job pins it to
+    fingerprint: str  # sha256 over every file of ``folder``
+    traits: ModelTraits  # its family adapter and what its configs say
+    device: str = "auto"
+    dtype: str = "auto"
+    endpoint_url: str | None = None
+    loras: dict[str, str] | None = None
+    compile: bool = False
+    refiner: str | None = None
+    refiner_pin: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    fingerprint: str  # sha256 over every file of the folder loaded
+    pin: str  # what the job pins the model to (sdbatch.models): equals fingerprint for local folders
+    device: str
+    dtype: str
+    versions: dict[str, str]
+    threads: int  # torch intra-op threads: on CPU, the reduction order and so the last bit depend on it
+    family: str  # model_index.json _class_name
+    refiner_name: str | None = None  # model.refiner, as the job names it
+    refiner_fingerprint: str | None = None  # sha256 over every file of the refiner folder loaded
+    refiner_pin: str | None = None  # what the job pins the refiner to
+
+    @property
+    def short_hash(self) -> str:
+        """A1111-style 10-hex model hash."""
+        return self.fingerprint[:10]
 
 
 @dataclass
@@ -23,3 +69,21 @@ class GeneratedBatch:
         from PIL import Image
 
         return [Image.fromarray(p) for p in self.pixels]
+
+
+class LoadedModel(Protocol):
+    """One loaded model replica, whatever runs it."""
+
+    info: ModelInfo
+
+    def generate(self, rows: list[Row], init_images: list[Any] | None = None) -> GeneratedBatch:
+        """One canonical batch: all rows share ``Row.batch_key()``."""
+        ...
+
+    def facts(self, row: Row) -> GenerationFacts:
+        """What the record of ``row``'s image says about how it was generated."""
+        ...
+
+    def build_samplers(self) -> None:
+        """Build every sampler the family takes, so one that cannot be built fails the load."""
+        ...

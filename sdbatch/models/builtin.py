@@ -12,7 +12,7 @@ BUILTIN_PREFIX = "builtin:"
 MODELS_DIR = Path(__file__).resolve().parent
 
 
-NULL_CLASS_NAME = "SdbatchNullModel"  # builtin:null (null_model.py), drawn with numpy
+NULL_CLASS_NAME = "SdbatchNullModel"  # builtin:null (families/null.py), drawn with numpy
 
 
 def builtin_names() -> list[str]:

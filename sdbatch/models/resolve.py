@@ -14,7 +14,7 @@ diffusers folder, or an ``s3://`` prefix holding one. Everything here runs witho
 - **the family**, from ``model_index.json`` ``_class_name`` (``families.FAMILIES``): a pipeline
   class sdbatch does not run exits 2, naming the class found and the supported ones
   (``builtin.NULL_CLASS_NAME``: ``builtin:null``'s folder names a model that is not a diffusers
-  pipeline, ``null_model.py``); a ``model.refiner`` must be the class its base's family takes.
+  pipeline, ``families/null.py``); a ``model.refiner`` must be the class its base's family takes.
   ``model_index.json`` and the configs are read once (``JsonReader``), and the same read gives
   the family and native size (``ModelRef.traits``);
 - **the pin**, recorded in ``job.json`` at submit and compared with every worker's before it
@@ -36,7 +36,7 @@ from sdbatch.models.pins import fingerprint_model_dir, model_file_names, refuse_
 from sdbatch.storage.locations import is_s3
 
 if TYPE_CHECKING:
-    from sdbatch.models.families import Family, ModelTraits
+    from sdbatch.models.families import FamilyAdapter, ModelTraits
 
 
 def _check_folder(where: str, folder: Path, read: JsonReader) -> None:
@@ -58,7 +58,7 @@ class ModelRef:
     folder: Path | None = None
 
 
-def _check_configs(where: str, read: JsonReader, refiner_of: Family | None) -> ModelTraits | None:
+def _check_configs(where: str, read: JsonReader, refiner_of: FamilyAdapter | None) -> ModelTraits | None:
     """The family rule on the configs ``read`` reads: a model's traits, or (``refiner_of``: the
     base's family) the refiner's class check."""
     from sdbatch.models.families import check_refiner, read_traits
@@ -69,7 +69,7 @@ def _check_configs(where: str, read: JsonReader, refiner_of: Family | None) -> M
     return read_traits(read, where)
 
 
-def preflight(name: str, *, endpoint_url: str | None = None, refiner_of: Family | None = None) -> ModelRef:
+def preflight(name: str, *, endpoint_url: str | None = None, refiner_of: FamilyAdapter | None = None) -> ModelRef:
     """Check the model (or, ``refiner_of`` given, the refiner of a base of that family) before
     any worker starts — pickles, family — and pin it; model_index.json and the configs are read
     once. ModelError or FamilyError, or a StorageError for an s3:// prefix that cannot be read."""
@@ -91,7 +91,7 @@ def preflight(name: str, *, endpoint_url: str | None = None, refiner_of: Family 
 
 
 def resolve(name: str, *, pin: str | None = None, endpoint_url: str | None = None,
-            refiner_of: Family | None = None) -> ModelRef:
+            refiner_of: FamilyAdapter | None = None) -> ModelRef:
     """The local folder to load ``name`` from (an s3:// prefix is downloaded once per node,
     into a cache keyed by its pin) and the pin of what that folder holds, checked by the same
     policy as at preflight."""

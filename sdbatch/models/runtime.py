@@ -1,14 +1,17 @@
 """Model loading and batch generation: the only module that imports torch and diffusers.
 
-``Generator.load`` accepts ``builtin:NAME``, a local diffusers folder or an ``s3://`` prefix
-holding one (resolved, pinned and checked by ``sdbatch.models``), finds its family
-(``families.FAMILIES``: SD 1.x/2.x, SDXL, SD3) and loads the family's text-to-image pipeline
+``load_model`` accepts ``builtin:NAME``, a local diffusers folder or an ``s3://`` prefix
+holding one (resolved, pinned and checked by ``sdbatch.models``), finds its family adapter
+(``families.FAMILIES``) and hands it to the loader of the family's runtime (``RUNTIMES``).
+``DiffusersModel`` loads the family's text-to-image pipeline
 through ``from_pretrained`` (safetensors only); its img2img pipeline is made with ``from_pipe``,
 sharing every module (no second copy of the weights). With ``model.refiner`` (SDXL) the refiner
 pipeline is loaded given the base's ``text_encoder_2`` and VAE, and a row with ``refiner_switch``
 runs ensemble-of-experts style: the base to ``denoising_end=switch`` as latents, the refiner from
 ``denoising_start=switch``, with the same per-row generators.
-``Generator.generate`` runs one canonical batch: rows that share size, steps, sampler,
+What differs between families (pipeline arguments, guidance, clip skip, size conditioning,
+img2img extras, latent decoding, attention) comes from the adapter's declarations and hooks.
+``DiffusersModel.generate`` runs one canonical batch: rows that share size, steps, sampler,
 guidance, mode and adapter set (design.md §4.2, §4.3). Each row gets its own CPU ``torch.Generator``
 seeded with the row's seed, used for its initial noise and for any per-step noise of
 ancestral samplers, so a row's image does not depend on which other rows share its batch.
@@ -20,19 +23,19 @@ batch (no PIL on the generation thread). A row whose latents or pixels hold NaN/
 image is all black (the fp16 VAE overflow of SD models), is decoded again with the VAE in
 float32; if it is still bad it comes back with an error instead of an image. On CUDA the
 UNet runs channels_last with PyTorch SDPA attention, optionally ``torch.compile``d.
-``builtin:null`` (``models/null_model.py``) loads through ``Generator.load`` too.
+``builtin:null`` (``families/null.py``) loads through ``load_model`` too.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import json
 import logging
 import os
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 # Library chatter (progress bars, safety-checker and torchvision notices) would bury our
 # own log lines in every worker; this must be set before diffusers/transformers import.
@@ -49,31 +52,23 @@ from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from sdbatch.data.record import GenerationFacts  # noqa: E402
 from sdbatch.data.row import Row  # noqa: E402
 from sdbatch.data.samplers import DEFAULT_SAMPLER, SAMPLERS  # noqa: E402
-from sdbatch.models.adapter import GeneratedBatch  # noqa: E402
-from sdbatch.models.builtin import NULL_CLASS_NAME  # noqa: E402
+from sdbatch.models.adapter import GeneratedBatch, LoadedModel, LoadRequest, ModelInfo  # noqa: E402
 from sdbatch.models.device import pick_device, pick_dtype, software_versions  # noqa: E402
 from sdbatch.models.errors import ModelError  # noqa: E402
-from sdbatch.models.families import Family  # noqa: E402
+from sdbatch.models.families import ModelTraits  # noqa: E402
+from sdbatch.models.families.base import DiffusersFamily  # noqa: E402
+from sdbatch.models.families.null import NullModel  # noqa: E402
 from sdbatch.models.lora_cache import LoraCache, Tokenizers  # noqa: E402
 from sdbatch.models.pins import fingerprint_model_dir  # noqa: E402
 from sdbatch.models.resolve import resolve  # noqa: E402
 from sdbatch.storage.locations import is_s3  # noqa: E402
 
-if TYPE_CHECKING:
-    from sdbatch.models.null_model import NullGenerator
-
 log = logging.getLogger("sdbatch.generate")
 diffusers.utils.logging.disable_progress_bar()
 transformers.utils.logging.disable_progress_bar()
-
-
-#: from_pretrained arguments of one family: SD 1.x/2.x folders may name a safety checker
-#: sdbatch never runs (dataset generation; the user's own filter comes after).
-LOAD_OPTIONS: dict[str, dict[str, Any]] = {
-    "StableDiffusionPipeline": {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
-}
 
 
 # what a worker catches to retry a batch in halves (the tests inject it on CPU)
@@ -98,26 +93,6 @@ def resize_for_row(image: Image.Image, width: int, height: int) -> Image.Image:
     return image.crop((left, top, left + width, top + height))
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    fingerprint: str  # sha256 over every file of the folder loaded
-    pin: str  # what the job pins the model to (sdbatch.models): equals fingerprint for local folders
-    device: str
-    dtype: str
-    versions: dict[str, str]
-    threads: int  # torch intra-op threads: on CPU, the reduction order and so the last bit depend on it
-    family: str = "StableDiffusionPipeline"  # model_index.json _class_name
-    refiner_name: str | None = None  # model.refiner, as the job names it
-    refiner_fingerprint: str | None = None  # sha256 over every file of the refiner folder loaded
-    refiner_pin: str | None = None  # what the job pins the refiner to
-
-    @property
-    def short_hash(self) -> str:
-        """A1111-style 10-hex model hash."""
-        return self.fingerprint[:10]
-
-
 def _load_pipeline(class_name: str, model: str, folder: Path, dtype: torch.dtype, components: dict[str, Any],
                    device: str) -> DiffusionPipeline:
     """``from_pretrained`` of a diffusers folder (safetensors only, no network) on ``device``;
@@ -139,20 +114,21 @@ def _absent_components(pipeline_cls: type, folder: Path) -> dict[str, None]:
     return {name: None for name in expected if not (index.get(name) or [None])[0]}
 
 
-class Generator:
+class DiffusersModel:
     """One loaded model replica: the family's text-to-image pipeline and an img2img pipeline
     that shares its modules, a per-call scheduler built from the model's own scheduler config,
     and the job's LoRA adapters."""
 
-    def __init__(self, txt2img: DiffusionPipeline, info: ModelInfo, family: Family,
+    def __init__(self, txt2img: DiffusionPipeline, info: ModelInfo, traits: ModelTraits,
                  loras: dict[str, str] | None = None, endpoint_url: str | None = None, compiled: bool = False,
                  refiner: DiffusionPipeline | None = None):
         self.txt2img = txt2img
         self.refiner = refiner
         self.compiled = compiled
         self._warm_shapes: set[tuple] = set()
-        self.img2img = getattr(diffusers, family.img2img).from_pipe(txt2img)
-        self.family = family
+        assert isinstance(traits.family, DiffusersFamily)  # RUNTIMES["diffusers"] loads only these
+        self.family = traits.family
+        self.img2img = getattr(diffusers, self.family.img2img).from_pipe(txt2img)
         self.info = info
         self.loras = LoraCache(txt2img, loras or {}, endpoint_url)
         self._tokenizers = Tokenizers([t for t in (getattr(txt2img, "tokenizer", None), getattr(txt2img, "tokenizer_2", None)) if t is not None])
@@ -160,8 +136,8 @@ class Generator:
         self._schedulers = {stage: (type(pipe.scheduler), dict(pipe.scheduler.config))
                             for stage, pipe in (("base", txt2img), ("refiner", refiner)) if pipe is not None}
         self._sampler_configs: dict[str, dict[str, Any]] = {}
-        # SD3's img2img renders at its native size unless told the (init image's) row size
-        self._img2img_takes_size = "height" in inspect.signature(self.img2img.__call__).parameters
+        # the rules validation ran at preflight, checked again for callers that skip it
+        self._row_rules = traits.row_rules()
         for encoder in (getattr(txt2img, "text_encoder", None), getattr(txt2img, "text_encoder_2", None)):
             if encoder is not None and not hasattr(encoder, "text_model"):
                 # diffusers' clip_skip path reads text_encoder.text_model.final_layer_norm, which
@@ -173,55 +149,35 @@ class Generator:
                 pipe.set_progress_bar_config(disable=True)
 
     @classmethod
-    def load(
-        cls,
-        model: str = "builtin:shapes",
-        *,
-        pin: str | None = None,
-        device: str = "auto",
-        dtype: str = "auto",
-        endpoint_url: str | None = None,
-        loras: dict[str, str] | None = None,
-        compile: bool = False,
-        refiner: str | None = None,
-        refiner_pin: str | None = None,
-    ) -> Generator | NullGenerator:
-        """Load ``model`` (and ``refiner``, an SDXL refiner sharing the base's ``text_encoder_2``
-        and VAE); ``builtin:null`` (any folder whose model_index names the null model) gives a
-        ``NullGenerator``, which has this class's interface."""
-        from sdbatch.models.null_model import NullGenerator
-
-        ref = resolve(model, pin=pin, endpoint_url=endpoint_url)
-        fingerprint = fingerprint_model_dir(ref.folder) if is_s3(model) else ref.pin
-        family = ref.traits.family  # resolve() checked the family; this names its pipelines
-        if family.class_name == NULL_CLASS_NAME:
-            return NullGenerator.from_folder(model, ref.folder, fingerprint, ref.pin)
-        device = pick_device(device)
-        torch_dtype = pick_dtype(dtype, device)
-        pipe = _load_pipeline(family.txt2img, model, ref.folder, torch_dtype, LOAD_OPTIONS.get(family.class_name, {}), device)
+    def load(cls, request: LoadRequest) -> DiffusersModel:
+        """Load ``request``'s model (and its refiner, which shares the base's ``text_encoder_2``
+        and VAE) as its family says."""
+        model, refiner, family = request.name, request.refiner, request.traits.family
+        device = pick_device(request.device)
+        torch_dtype = pick_dtype(request.dtype, device)
+        pipe = _load_pipeline(family.txt2img, model, request.folder, torch_dtype, dict(family.load_options), device)
         refiner_pipe, refiner_ref = None, None
         if refiner is not None:
-            refiner_ref = resolve(refiner, pin=refiner_pin, endpoint_url=endpoint_url, refiner_of=family)
+            refiner_ref = resolve(refiner, pin=request.refiner_pin, endpoint_url=request.endpoint_url, refiner_of=family)
             # ensemble of experts: the refiner reads the base's second text encoder and VAE (no second copy)
             refiner_pipe = _load_pipeline(family.refiner, refiner, refiner_ref.folder, torch_dtype, {
                 "text_encoder_2": pipe.text_encoder_2, "tokenizer_2": pipe.tokenizer_2, "vae": pipe.vae}, device)
-        unet = family.denoiser == "unet"  # SD3's transformer keeps its own joint-attention processors
-        for module in (pipe.unet, pipe.vae) if unet else (pipe.vae,):
-            module.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA (flash / memory-efficient kernels)
+        for name in family.sdpa_modules:
+            getattr(pipe, name).set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA (flash / memory-efficient kernels)
         if refiner_pipe is not None:
-            refiner_pipe.unet.set_attn_processor(AttnProcessor2_0())
+            getattr(refiner_pipe, family.denoiser).set_attn_processor(AttnProcessor2_0())
         versions = software_versions()
-        if device == "cuda" and unet:  # on CPU it is slower and would change the recorded images' low bits
+        if device == "cuda" and family.channels_last:  # on CPU it is slower and would change the recorded images' low bits
             for stage in (pipe, refiner_pipe):
                 if stage is not None:
-                    stage.unet.to(memory_format=torch.channels_last)
-        if compile:
+                    getattr(stage, family.denoiser).to(memory_format=torch.channels_last)
+        if request.compile:
             setattr(pipe, family.denoiser, torch.compile(getattr(pipe, family.denoiser)))
             versions["torch_compile"] = family.denoiser  # compiled kernels can change the low bits: recorded
         info = ModelInfo(
             name=model,
-            fingerprint=fingerprint,
-            pin=ref.pin,
+            fingerprint=request.fingerprint,
+            pin=request.pin,
             device=device,
             dtype=str(torch_dtype).removeprefix("torch."),
             versions=versions,
@@ -232,11 +188,10 @@ class Generator:
                if refiner_ref else {}),
         )
         log.info("loaded %s model %s on %s (%s%s), fingerprint %s%s", family.name, model, device, info.dtype,
-                 ", compiled" if compile else "", info.short_hash,
+                 ", compiled" if request.compile else "", info.short_hash,
                  f", refiner {refiner} ({info.refiner_fingerprint[:10]})" if refiner_ref else "")
-        generator = cls(pipe, info, family, loras=loras, endpoint_url=endpoint_url, compiled=compile, refiner=refiner_pipe)
-        generator.build_samplers()
-        return generator
+        return cls(pipe, info, request.traits, loras=request.loras, endpoint_url=request.endpoint_url,
+                   compiled=request.compile, refiner=refiner_pipe)
 
     def build_samplers(self) -> None:
         """Build every sampler of the family whose packages are installed from this model's
@@ -272,22 +227,20 @@ class Generator:
             self._sampler_configs[name] = dict(self.make_scheduler(name).config)
         return self._sampler_configs[name]
 
-    def conditioning(self, row: Row) -> dict[str, Any]:
-        """The family's extra per-row conditioning, as passed to the pipeline and recorded:
-        SDXL's size micro-conditioning is the row's own size, uncropped."""
-        if not self.family.size_conditioning:
-            return {}
-        size = (row.height, row.width)
-        return {"original_size": size, "target_size": size, "crops_coords_top_left": (0, 0)}
-
-    def refiner_record(self, row: Row) -> dict[str, Any]:
-        """The refiner a row ran through, for its record and index (nothing for base-only rows)."""
-        if row.refiner_switch is None:
-            return {}
-        return {"refiner_name": self.info.refiner_name, "refiner_fingerprint": self.info.refiner_fingerprint}
-
-    def prompt_truncated_at(self, prompt: str) -> int | None:
-        return self._tokenizers.truncated_at(prompt)
+    def facts(self, row: Row) -> GenerationFacts:
+        """What ``row``'s record says about how this model generates it."""
+        info = self.info
+        refined = row.refiner_switch is not None
+        return GenerationFacts(
+            model_name=info.name, model_family=info.family, model_fingerprint=info.fingerprint, device=info.device,
+            dtype=info.dtype, versions=dict(info.versions), torch_threads=info.threads,
+            scheduler_config=self.scheduler_config(row.scheduler),
+            size_conditioning={k: list(v) for k, v in self.family.size_conditioning(row).items()},
+            loras=tuple(self.loras.record(row.loras)),
+            prompt_truncated_at=self._tokenizers.truncated_at(row.prompt),
+            refiner_name=info.refiner_name if refined else None,
+            refiner_fingerprint=info.refiner_fingerprint if refined else None,
+        )
 
     @torch.inference_mode()
     def generate(self, rows: list[Row], init_images: list[Image.Image | None] | None = None) -> GeneratedBatch:
@@ -307,22 +260,10 @@ class Generator:
 
     def _denoise(self, rows: list[Row], init_images: list[Image.Image | None] | None) -> torch.Tensor:
         first = rows[0]
-        layers = self.txt2img.text_encoder.config.num_hidden_layers
-        if first.clip_skip > layers + 1:
-            raise ValueError(f"clip_skip {first.clip_skip} needs a text encoder of at least {first.clip_skip - 1} "
-                             f"layers; this model's has {layers}: use clip_skip <= {layers + 1}")
+        for rule in self._row_rules:
+            rule.check_row(first)
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in rows]
-        common = dict(
-            prompt=[r.prompt for r in rows],
-            negative_prompt=[r.negative_prompt for r in rows],
-            num_inference_steps=first.steps,
-            guidance_scale=first.guidance_scale,
-            # A1111 counts the last layer as clip skip 1; diffusers counts layers skipped
-            clip_skip=first.clip_skip - 1 or None,
-            generator=generators,
-            output_type="latent",
-            **self.conditioning(first),
-        )
+        common = dict(**self.family.pipeline_kwargs(rows), generator=generators, output_type="latent")
         self.loras.use(first.loras)
         pipe = self.img2img if first.is_img2img else self.txt2img
         pipe.scheduler = self.make_scheduler(first.scheduler)
@@ -335,8 +276,8 @@ class Generator:
             if init_images is None or len(init_images) != len(rows) or any(i is None for i in init_images):
                 raise ValueError("img2img rows need one init image each")
             images = [resize_for_row(img, first.width, first.height) for img in init_images]
-            size = dict(height=first.height, width=first.width) if self._img2img_takes_size else {}
-            latents = pipe(image=images, strength=first.strength, **size, **stop, **common).images
+            latents = pipe(image=images, strength=first.strength, **self.family.img2img_kwargs(first), **stop,
+                           **common).images
         else:
             latents = pipe(height=first.height, width=first.width, **stop, **common).images
         if switch is None:
@@ -374,11 +315,42 @@ class Generator:
     def _decode_pixels(self, latents: torch.Tensor) -> tuple[torch.Tensor, list[str | None]]:
         """(rows, h, w, 3) uint8 on the device, and per row None or what is wrong with it."""
         vae = self.txt2img.vae
-        shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD3's VAE latents are shifted
-        decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift, return_dict=False)[0]
+        decoded = vae.decode(self.family.decode_input(vae, latents), return_dict=False)[0]
         finite = torch.isfinite(decoded).flatten(1).all(dim=1).tolist()
         image = self.txt2img.image_processor.postprocess(decoded, output_type="pt", do_denormalize=[True] * len(decoded))
         # the same arithmetic as diffusers' numpy_to_pil (float32, ×255, round), on the device
         pixels = (image.permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8)
         black = (pixels.flatten(1).amax(dim=1) == 0).tolist()
         return pixels, [None if ok and not dark else ("NaN/inf" if not ok else "all-black") for ok, dark in zip(finite, black)]
+
+
+#: The loader of each family runtime (``FamilyAdapter.runtime``).
+RUNTIMES: dict[str, Callable[[LoadRequest], LoadedModel]] = {
+    "diffusers": DiffusersModel.load,
+    "numpy": NullModel.load,
+}
+
+
+def load_model(
+    model: str = "builtin:shapes",
+    *,
+    pin: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    endpoint_url: str | None = None,
+    loras: dict[str, str] | None = None,
+    compile: bool = False,
+    refiner: str | None = None,
+    refiner_pin: str | None = None,
+) -> LoadedModel:
+    """Resolve ``model`` (and check it against ``pin``), then load it with its family's runtime,
+    its samplers built (one that cannot be built fails the load, not every shard)."""
+    ref = resolve(model, pin=pin, endpoint_url=endpoint_url)
+    traits, folder = ref.traits, ref.folder
+    assert traits is not None and folder is not None  # resolve() of a base model gives both
+    fingerprint = fingerprint_model_dir(folder) if is_s3(model) else ref.pin
+    request = LoadRequest(model, folder, ref.pin, fingerprint, traits, device=device, dtype=dtype, endpoint_url=endpoint_url,
+                          loras=loras, compile=compile, refiner=refiner, refiner_pin=refiner_pin)
+    loaded = RUNTIMES[traits.family.runtime](request)
+    loaded.build_samplers()
+    return loaded

@@ -48,9 +48,8 @@ from sdbatch.storage.open import read_uri
 if TYPE_CHECKING:
     import numpy as np
 
-    from sdbatch.models.adapter import GeneratedBatch
+    from sdbatch.models.adapter import GeneratedBatch, LoadedModel
     from sdbatch.models.clip_score import ClipScorer
-    from sdbatch.models.runtime import Generator
 
 log = logging.getLogger("sdbatch.worker")
 
@@ -84,7 +83,7 @@ def encode_workers(cpus_per_worker: float) -> int:
 class ShardRunner:
     def __init__(
         self,
-        generator: Generator,
+        generator: LoadedModel,
         storage: Storage,
         spec: JobSpec,
         worker_name: str = "",
@@ -247,7 +246,8 @@ class ShardRunner:
                                                             attempt=attempt, worker=self.worker_name))
                                 result.rows_failed += 1
                                 continue
-                            record = ImageRecord.from_row(row, shard, bid, batch_rows, self.generator, init_hashes[row.id])
+                            record = ImageRecord.from_row(row, shard.name, bid, batch_rows, self.generator.facts(row),
+                                                          init_hashes[row.id])
                             self._in_flight.acquire()
                             future = self.pool.submit(self._store_image, writer, row, generated.pixels[i], record)
                             stored.append((row, record, per_row, future, score))

@@ -45,12 +45,12 @@ class WorkerActor:
         ray.get(tracker.loading.remote(ray.get_runtime_context().get_actor_id()))
         import torch
 
-        from sdbatch.models.runtime import Generator
+        from sdbatch.models.runtime import load_model
 
         spec = JobSpec.model_validate_json(spec_json)
         metrics.start(out_url)
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
-        generator = Generator.load(
+        generator = load_model(
             spec.model.name, pin=model_pin, device=spec.model.device, dtype=spec.model.dtype,
             endpoint_url=endpoint_url, loras=spec.loras, compile=spec.model.compile,
             refiner=spec.model.refiner, refiner_pin=refiner_pin,

@@ -143,15 +143,15 @@ class Chaos:
 
         worker.ShardRunner.run_shard = self.wrap_shard_method(worker.ShardRunner.run_shard)
         if self.config.get("hang_loads"):  # imports torch: only in the jobs that ask for it
-            from sdbatch.models.runtime import Generator
+            from sdbatch.models import runtime
 
-            load = Generator.load.__func__
+            load = runtime.load_model
 
-            def hang_then_load(cls, *args, **kwargs):
+            def hang_then_load(*args, **kwargs):
                 self.before_load()
-                return load(cls, *args, **kwargs)
+                return load(*args, **kwargs)
 
-            Generator.load = classmethod(hang_then_load)
+            runtime.load_model = hang_then_load
         merge = scheduler.merge_index
 
         def merge_index(storage, *args, **kwargs):

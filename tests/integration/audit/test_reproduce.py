@@ -47,11 +47,11 @@ def submit_args(manifest: Path, out: Path, *extra: str, env: dict | None = None)
 def tiny_generator():
     import torch
 
-    from sdbatch.models.runtime import Generator
+    from sdbatch.models.runtime import load_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a worker with cpus_per_worker=1 runs
-    yield Generator.load("builtin:tiny", device="cpu", dtype="auto")
+    yield load_model("builtin:tiny", device="cpu", dtype="auto")
     torch.set_num_threads(threads)
 
 
@@ -317,9 +317,9 @@ def test_clip_skip_row_end_to_end(run_cli, mixed_job, tmp_path):
     assert rebuilt.match and rebuilt.record_source == "index" and rebuilt.data == original
     # the same row without clip skip is another image
     from sdbatch.data.record import row_from_stored
-    from sdbatch.models.runtime import Generator
+    from sdbatch.models.runtime import load_model
 
-    generator = Generator.load("builtin:tiny", device="cpu")
+    generator = load_model("builtin:tiny", device="cpu")
     with_skip = row_from_stored(row)
     without = dataclasses.replace(with_skip, clip_skip=1)
     a, b = (generator.generate([r]).pixels[0] for r in (with_skip, without))

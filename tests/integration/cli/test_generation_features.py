@@ -13,8 +13,10 @@ from conftest import write_manifest
 from PIL import Image
 
 from sdbatch.data.samplers import A1111_BY_CLASS
-from sdbatch.models.families import DIFFUSION_SAMPLERS as SCHEDULERS
+from sdbatch.models.families.sd import StableDiffusion
 from sdbatch.output.encode import parse_infotext, read_embedded
+
+SCHEDULERS = StableDiffusion.samplers
 
 TINY = ["--model", "builtin:tiny", "--steps", "4", "--batch-size", "4"]
 # Measured (benchmarks/RESULTS.md, "Batch invariance"): a row generated alone and inside a

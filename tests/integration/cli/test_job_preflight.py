@@ -128,11 +128,30 @@ def test_a_sampler_the_model_cannot_build_fails_the_worker_start(tmp_path):
 
     from sdbatch.models.builtin import local_model_dir
     from sdbatch.models.errors import ModelError
-    from sdbatch.models.runtime import Generator
+    from sdbatch.models.runtime import load_model
 
     model = tmp_path / "tiny"
     shutil.copytree(local_model_dir("builtin:tiny"), model)
     config = model / "scheduler" / "scheduler_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "solver_type": "no-such-solver"}))  # DDIM ignores it
     with pytest.raises(ModelError, match=r"sampler 'dpmpp_2m' \(DPMSolverMultistepScheduler\) cannot be built .*no-such-solver"):
-        Generator.load(str(model), device="cpu")
+        load_model(str(model), device="cpu")
+
+
+def test_clip_skip_deeper_than_the_text_encoder_is_refused_at_preflight(tmp_path):
+    """A model-dependent row rule (the family adapter's ``row_rules``): builtin:shapes' text
+    encoder has 2 layers, so clip_skip 4 cannot run; refused naming row, column, value and fix,
+    before any worker starts (it used to fail the batch at generation time)."""
+    path = write_manifest(tmp_path / "m.parquet", [{"id": "ok", "prompt": "a", "clip_skip": 3},
+                                                   {"id": "deep", "prompt": "b", "clip_skip": 4}])
+    code, text = validate(path)
+    assert code == 2 and "row 1 (id 'deep'), column 'clip_skip'" in text and "4" in text, text
+    assert "this model's has 2" in text and "use clip_skip <= 3" in text and "row 0" not in text, text
+    out = tmp_path / "out"
+    result = submit(path, "--out", out)
+    assert result.returncode == 2, result.stderr
+    assert "column 'clip_skip'" in result.stderr and "use clip_skip <= 3" in result.stderr
+    assert "Traceback" not in result.stderr and "worker" not in result.stderr.lower() and not out.exists()
+    default_too_deep = submit(write_manifest(tmp_path / "d.parquet", [{"prompt": "a"}]), "--out", out, "--clip-skip", "5")
+    assert default_too_deep.returncode == 2 and "defaults.clip_skip" in default_too_deep.stderr
+    assert "use clip_skip <= 3" in default_too_deep.stderr and not out.exists()

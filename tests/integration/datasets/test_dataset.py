@@ -228,7 +228,7 @@ def test_blank_images_are_flagged_and_near_uniform_twins_share_a_phash(tmp_path)
     from sdbatch.datasets.stats import job_stats
     from sdbatch.manifest.reader import passthrough_types, read_rows
     from sdbatch.manifest.sources import open_manifest
-    from sdbatch.models.runtime import Generator
+    from sdbatch.models.runtime import load_model
     from sdbatch.output.claim import claim_job, job_record
     from sdbatch.output.index import merge_index
     from sdbatch.run.plan import ShardSpec
@@ -243,7 +243,7 @@ def test_blank_images_are_flagged_and_near_uniform_twins_share_a_phash(tmp_path)
     storage = LocalStorage(tmp_path / "out")
     job = job_record(spec, source, None)
     claim_job(storage, job)
-    ShardRunner(Generator.load(str(model)), storage, spec, job_fingerprint=job.fingerprint).run_shard(
+    ShardRunner(load_model(str(model)), storage, spec, job_fingerprint=job.fingerprint).run_shard(
         ShardSpec(0, range(2)), read_rows(source, spec, 0, 2))
     assert job_stats(*job_index(storage)[:2])["duplicates"] is None  # not merged yet: not known
     assert merge_index(storage, ["00000"], 2, passthrough_types(source), job.fingerprint).duplicates == 1

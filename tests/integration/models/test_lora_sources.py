@@ -35,9 +35,9 @@ def lora_sources(s3_server, tmp_path_factory):
 
 def test_kohya_and_s3_loras_load_and_change_the_image(lora_sources):
     from sdbatch.data.row import Row
-    from sdbatch.models.runtime import Generator
+    from sdbatch.models.runtime import load_model
 
-    gen = Generator.load("builtin:shapes", device="cpu", loras=lora_sources["declared"], endpoint_url=lora_sources["endpoint"])
+    gen = load_model("builtin:shapes", device="cpu", loras=lora_sources["declared"], endpoint_url=lora_sources["endpoint"])
 
     def image(seed: int, loras: tuple) -> np.ndarray:
         return gen.generate([Row(0, "x", PROMPT, "", seed, 2, 7.5, 64, 64, "default", loras=loras)]).pixels[0].astype(int)

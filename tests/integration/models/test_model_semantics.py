@@ -35,9 +35,9 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def gen():
-    from sdbatch.models.runtime import Generator
+    from sdbatch.models.runtime import load_model
 
-    return Generator.load(MODEL, device="cpu", dtype="float32")
+    return load_model(MODEL, device="cpu", dtype="float32")
 
 
 # ------------------------------------------------------------------------------ helpers

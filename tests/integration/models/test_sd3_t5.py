@@ -15,12 +15,12 @@ def test_sd3_with_t5_renders_uses_and_pins_the_encoder(tmp_path):
     from sdbatch.data.row import Row
     from sdbatch.models.pins import fingerprint_model_dir
     from sdbatch.models.resolve import preflight
-    from sdbatch.models.runtime import Generator
+    from sdbatch.models.runtime import load_model
 
     model = build_sd3(tmp_path / "sd3", t5=True)
     ref = preflight(str(model))
     assert ref.traits.family.class_name == "StableDiffusion3Pipeline" and ref.traits.native_width == NATIVE["sd3"]
-    gen = Generator.load(str(model), device="cpu")
+    gen = load_model(str(model), device="cpu")
     assert type(gen.txt2img.text_encoder_3).__name__ == "T5EncoderModel"
     native = Row(0, "x", "a red circle", "", 1, 2, 5.0, NATIVE["sd3"], NATIVE["sd3"], "default")
     explicit = Row(1, "y", "a blue square", "", 2, 2, 5.0, 80, 64, "default")

@@ -19,7 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import RAY_SINGLE_MACHINE, REPO
 
-from sdbatch.models.families import DIFFUSION_SAMPLERS as SAMPLERS
+from sdbatch.models.families.sd import StableDiffusion
+
+SAMPLERS = StableDiffusion.samplers
 
 pytestmark = pytest.mark.slow
 

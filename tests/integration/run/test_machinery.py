@@ -22,7 +22,7 @@ NULL_JOB = ["--model", "builtin:null", "--rows-per-shard", "16", "--batch-size",
 
 
 def test_null_pictures_are_deterministic_and_cost_what_real_images_cost():
-    from sdbatch.models.null_model import draw
+    from sdbatch.models.families.null import draw
 
     a, b = draw(7, 512, 512), draw(7, 512, 512)
     assert a.dtype == np.uint8 and a.shape == (512, 512, 3) and np.array_equal(a, b)
@@ -65,14 +65,14 @@ def test_null_job_has_full_batches_and_reports_the_fill(null_job):
 
 
 def test_null_job_bytes_match_one_worker_in_reverse_shard_order_and_a_resume(null_job, ray_address, tmp_path):
-    from sdbatch.models.runtime import Generator
+    from sdbatch.models.runtime import load_model
 
     manifest, out, _ = null_job
     reference = image_hashes(out)
     assert len(set(reference.values())) == 96
     job = json.loads((out / "_sdbatch" / "job.json").read_text())
     reverse = tmp_path / "reverse"
-    run_in_process(Generator.load("builtin:null"), manifest, reverse, [5, 4, 3, 2, 1, 0], job_fingerprint=job["fingerprint"],
+    run_in_process(load_model("builtin:null"), manifest, reverse, [5, 4, 3, 2, 1, 0], job_fingerprint=job["fingerprint"],
                    spec_overrides={"model.name": "builtin:null", "resources.rows_per_shard": 16, "resources.batch_size": 8,
                                    "defaults.steps": 20})
     assert image_hashes(reverse) == reference
@@ -101,11 +101,11 @@ def test_null_job_bytes_match_one_worker_in_reverse_shard_order_and_a_resume(nul
 def tiny():
     import torch
 
-    from sdbatch.models.runtime import Generator
+    from sdbatch.models.runtime import load_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield Generator.load("builtin:tiny", device="cpu", dtype="auto")
+    yield load_model("builtin:tiny", device="cpu", dtype="auto")
     torch.set_num_threads(threads)
 
 

@@ -136,3 +136,23 @@ def test_clip_skip_column_reads_validates_and_defaults(tmp_path):
     wrong_type = write_manifest(tmp_path / "s.parquet", [{"prompt": "a", "clip_skip": "2"}])
     issue = validate_manifest(open_manifest(str(wrong_type)), JobSpec()).issues[0]
     assert issue.column == "clip_skip" and "integer column" in issue.rule
+
+
+def test_a_conditional_column_is_one_table_entry(tmp_path, monkeypatch):
+    """Validation refuses a conditional column where it does not apply from its column-table
+    declaration alone (``Column.applies_when``): the two declared today, and one made up here."""
+    from sdbatch.manifest import validate as validate_module
+
+    assert [c.name for c in C.CONDITIONAL] == ["strength", "refiner_switch"]
+    rows = [{"id": "a", "prompt": "a", "init_image": None, "refiner_switch": 0.5, "strength": 0.5, "clip_skip": 2},
+            {"id": "b", "prompt": "b", "init_image": "i.png", "refiner_switch": None, "strength": 0.5, "clip_skip": 2}]
+    manifest = open_manifest(str(write_manifest(tmp_path / "m.parquet", rows)))
+    issues = {(i.row, i.column): i for i in validate_manifest(manifest, JobSpec()).issues}
+    assert set(issues) == {(0, "refiner_switch"), (0, "strength")}
+    assert issues[0, "refiner_switch"].fix == C.COLUMN["refiner_switch"].applies_when.fix
+    assert "needs init_image in the same row" in issues[0, "strength"].rule
+    img2img_only = C.AppliesWhen("clip_skip is only for img2img rows here", "set init_image", row_column="init_image")
+    made_up = dataclasses.replace(C.COLUMN["clip_skip"], applies_when=img2img_only)
+    monkeypatch.setattr(validate_module, "CONDITIONAL", (*C.CONDITIONAL, made_up))
+    issues = {(i.row, i.column): i for i in validate_manifest(manifest, JobSpec()).issues}
+    assert issues[0, "clip_skip"].rule == img2img_only.rule and (1, "clip_skip") not in issues

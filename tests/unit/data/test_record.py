@@ -15,7 +15,8 @@ import sdbatch
 from sdbatch.data.index import STATUS_FAILED, STATUS_OK, index_schema
 from sdbatch.data.record import ImageRecord, embedded_record, index_row
 from sdbatch.data.row import Row
-from sdbatch.models.null_model import NullGenerator
+from sdbatch.models.adapter import LoadRequest
+from sdbatch.models.families.null import NullModel
 from sdbatch.models.resolve import resolve
 from sdbatch.output.commits import records_to_parquet
 from sdbatch.run.plan import ShardSpec
@@ -33,8 +34,8 @@ EMBEDDED_KEYS = {
 
 @pytest.fixture(scope="module")
 def null_generator():
-    ref = resolve("builtin:null")
-    return NullGenerator.from_folder("builtin:null", ref.folder, ref.pin, ref.pin)
+    ref = resolve("builtin:null")  # loaded without the torch runtime: this file stays pure
+    return NullModel.load(LoadRequest("builtin:null", ref.folder, ref.pin, ref.pin, ref.traits))
 
 
 def a_row(**changes) -> Row:
@@ -55,7 +56,8 @@ ROWS = {
 def test_row_record_index_row_record(kind, null_generator):
     row = ROWS[kind]
     init_sha = "ab" * 32 if row.is_img2img else None
-    record = ImageRecord.from_row(row, ShardSpec(0, range(3, 6)), "00000-000", ["r2", "r3"], null_generator, init_sha)
+    record = ImageRecord.from_row(row, ShardSpec(0, range(3, 6)).name, "00000-000", ["r2", "r3"],
+                                  null_generator.facts(row), init_sha)
     assert record.row == row and record.batch_rows == ("r2", "r3") and record.init_image_sha256 == init_sha
     assert record.loras == tuple({"name": n, "scale": s, "sha256": None} for n, s in row.loras)
 
@@ -66,7 +68,7 @@ def test_row_record_index_row_record(kind, null_generator):
     assert set(entry) == set(schema.names)
     # through the shard index's bytes, as verify and reproduce read it
     stored = pq.read_table(io.BytesIO(records_to_parquet([entry], schema, "fp"))).to_pylist()[0]
-    back = ImageRecord.from_index_row(stored, null_generator, model_name="builtin:null",
+    back = ImageRecord.from_index_row(stored, null_generator.facts(row), model_name="builtin:null",
                                       sdbatch_version=sdbatch.__version__)
     assert back == record
 

@@ -5,24 +5,27 @@ tests — not for users' images.
 The picture is smooth colour gradients and waves plus per-pixel noise, so its PNGs cost what
 real images cost to encode (a 512² PNG at level 1 is about 520 KB). It depends on the row's
 seed, width and height only — never on its batch-mates, prompt or sampler — and is drawn with
-numpy alone (no torch). ``NullGenerator`` has the interface of ``generate.Generator``, so the worker,
-``reproduce`` and ``verify`` run it like any model; ``model_index.json`` in ``models/null/``
-names it (and its ``version``, part of the model fingerprint, changes whenever the drawing does).
+numpy alone (no torch). ``NullFamily`` is its family adapter (a fixed native size, any sampler,
+no row rules) and ``NullModel`` its ``adapter.LoadedModel``, so the worker, ``reproduce`` and
+``verify`` run it like any model; ``model_index.json`` in ``models/null/`` names it (and its
+``version``, part of the model fingerprint, changes whenever the drawing does).
 """
 
 from __future__ import annotations
 
 import json
 import platform
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sdbatch.data.record import GenerationFacts
 from sdbatch.data.row import Row
-from sdbatch.models.adapter import GeneratedBatch
+from sdbatch.data.samplers import SCHEDULERS
+from sdbatch.models.adapter import GeneratedBatch, LoadRequest, ModelInfo
 from sdbatch.models.builtin import NULL_CLASS_NAME
+from sdbatch.models.configs import JsonReader
+from sdbatch.models.families.base import FamilyAdapter
 
 NOISE_BITS = 4  # per-pixel noise of 16 levels: sets the PNG size (≈ 4 bits per sample)
 SMOOTH_CELL = 4  # pixels per side of the grid the gradients and waves are drawn on
@@ -54,70 +57,53 @@ def draw(seed: int, width: int, height: int) -> np.ndarray:
     return picture
 
 
-@dataclass(frozen=True)
-class NullModelInfo:
-    """What ``generate.ModelInfo`` holds, for the null model (no device, no dtype, no threads)."""
+class NullFamily(FamilyAdapter):
+    """``builtin:null``: any sampler, no weights; rows take every column, which is recorded
+    (the drawing depends on seed and size alone)."""
 
-    name: str
-    fingerprint: str
-    pin: str  # what the job pins the model to (sdbatch.models), checked by the worker's ready()
-    device: str = "cpu"
-    dtype: str = "uint8"
-    versions: dict[str, str] | None = None
-    threads: int = 1
-    family: str = NULL_CLASS_NAME  # model_index.json _class_name, as ModelInfo.family
-    refiner_pin: None = None  # the null model takes no refiner (families.FAMILIES)
+    name = "null (machinery)"
+    class_name = NULL_CLASS_NAME
+    runtime = "numpy"
+    samplers = SCHEDULERS
+    guidance = "none"
+    size = 64
 
-    @property
-    def short_hash(self) -> str:
-        return self.fingerprint[:10]
+    def native_size(self, read_json: JsonReader, where: str) -> tuple[int, int]:
+        return self.size, self.size
 
 
-class NullGenerator:
+class NullModel:
     """Draws each row with ``draw``; img2img rows ignore their init image (it is still read,
-    hashed and recorded by the worker, so that path is measured too)."""
+    hashed and recorded by the worker, so that path is measured too). No LoRA is ever loaded:
+    rows record their adapters without hashes."""
 
-    def __init__(self, info: NullModelInfo, config: dict[str, Any]):
+    def __init__(self, info: ModelInfo, config: dict[str, Any]):
         self.info = info
         self.config = config
 
     @classmethod
-    def from_folder(cls, name: str, folder: Path, fingerprint: str, pin: str) -> NullGenerator:
-        config = json.loads((folder / "model_index.json").read_text())
+    def load(cls, request: LoadRequest) -> NullModel:
+        config = json.loads((request.folder / "model_index.json").read_text())
         versions = {"numpy": np.__version__, "python": platform.python_version()}
-        return cls(NullModelInfo(name=name, fingerprint=fingerprint, pin=pin, versions=versions), config)
+        info = ModelInfo(name=request.name, fingerprint=request.fingerprint, pin=request.pin, device="cpu",
+                         dtype="uint8", versions=versions, threads=1, family=request.traits.family.class_name)
+        return cls(info, config)
 
-    class _NoAdapters:
-        """No LoRA is ever loaded into the null model: rows record their adapters without hashes."""
+    def build_samplers(self) -> None:
+        """Nothing to build: a sampler is only recorded."""
 
-        sha256: dict[str, str] = {}
-
-        def record(self, loras) -> list[dict[str, Any]]:
-            return [{"name": n, "scale": s, "sha256": None} for n, s in loras]
-
-    loras = _NoAdapters()
-
-    def conditioning(self, row: Row) -> dict[str, Any]:
-        return {}
-
-    def refiner_record(self, row: Row) -> dict[str, Any]:
-        return {}
-
-    def prompt_truncated_at(self, prompt: str) -> int | None:
-        return None
-
-    def scheduler_config(self, name: str) -> dict[str, Any]:
-        return {"sampler": name, "null_model_version": self.config.get("version")}
+    def facts(self, row: Row) -> GenerationFacts:
+        info = self.info
+        return GenerationFacts(
+            model_name=info.name, model_family=info.family, model_fingerprint=info.fingerprint, device=info.device,
+            dtype=info.dtype, versions=dict(info.versions), torch_threads=info.threads,
+            scheduler_config={"sampler": row.scheduler, "null_model_version": self.config.get("version")},
+            size_conditioning={}, loras=tuple({"name": n, "scale": s, "sha256": None} for n, s in row.loras),
+            prompt_truncated_at=None,
+        )
 
     def generate(self, rows: list[Row], init_images: list | None = None) -> GeneratedBatch:
-        """One batch, like ``Generator.generate``."""
+        """One batch, like every ``LoadedModel``."""
         if not rows:
             return GeneratedBatch(np.zeros((0, 0, 0, 3), np.uint8), [])
         return GeneratedBatch(np.stack([draw(r.seed, r.width, r.height) for r in rows]), [None] * len(rows))
-
-
-def is_null_model(folder: Path) -> bool:
-    try:
-        return json.loads((folder / "model_index.json").read_text()).get("_class_name") == NULL_CLASS_NAME
-    except (OSError, ValueError):
-        return False

@@ -1,0 +1,29 @@
+"""SDXL: ``StableDiffusionXLPipeline``, two CLIP text encoders, size micro-conditioning, and the
+refiner it takes (``model.refiner``: a ``StableDiffusionXLImg2ImgPipeline`` folder)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sdbatch.data.samplers import family_samplers
+from sdbatch.models.families.base import DiffusersFamily
+
+if TYPE_CHECKING:
+    from sdbatch.data.row import Row
+
+
+class StableDiffusionXL(DiffusersFamily):
+    name = "SDXL"
+    class_name = "StableDiffusionXLPipeline"
+    txt2img = "StableDiffusionXLPipeline"
+    img2img = "StableDiffusionXLImg2ImgPipeline"
+    refiner = "StableDiffusionXLImg2ImgPipeline"
+    denoiser = "unet"
+    samplers = family_samplers(flow=False)
+    sdpa_modules = ("unet", "vae")
+    channels_last = True
+
+    def size_conditioning(self, row: Row) -> dict[str, tuple[int, ...]]:
+        """The row's own size, uncropped."""
+        size = (row.height, row.width)
+        return {"original_size": size, "target_size": size, "crops_coords_top_left": (0, 0)}
