@@ -89,7 +89,7 @@ def worker_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def throughput_chart(history: list[list[float]]) -> str | None:
+def throughput_chart(history: list[tuple[float, int, int]]) -> str | None:
     """A PNG data URI: rows done and images/s over time, or None with under two samples."""
     if len(history) < 2:
         return None

@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import typer
 
@@ -61,10 +61,10 @@ def with_row_default_flags(command: Callable[..., None]) -> Callable[..., None]:
     params = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "row_defaults"]
     params += [
         inspect.Parameter(c.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[c.python_type],
-                          default=typer.Option(None, c.flag, help=c.description or f"Default {c.name} for rows without a value."))
+                          default=typer.Option(None, cast(str, c.flag), help=c.description or f"Default {c.name} for rows without a value."))
         for c in flagged
     ]
-    with_flags.__signature__ = inspect.Signature(params)  # what typer reads
+    with_flags.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]  # what typer reads
     with_flags.__annotations__ = {p.name: p.annotation for p in params}
     return with_flags
 

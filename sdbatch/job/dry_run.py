@@ -95,8 +95,10 @@ def plan_job(prepared: PreparedJob) -> DryRunPlan:
     check_output(storage)
     rps, batch_size = spec.resources.rows_per_shard, spec.resources.batch_size
     shards = job_plan(manifest, spec)
+    traits = prepared.model.traits
+    assert traits is not None  # None only for a refiner
     plan = DryRunPlan(out=storage.url, rows_total=manifest.num_rows, shards_total=shards.num_shards,
-                      rows_per_shard=rps, batch_size=batch_size, family=prepared.model.traits.family.class_name)
+                      rows_per_shard=rps, batch_size=batch_size, family=traits.family.class_name)
     existing = read_state(storage, num_shards=shards.num_shards)
     committed: set[str] = set()
     if existing is None and new_run:

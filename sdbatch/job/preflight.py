@@ -103,6 +103,7 @@ def validate(request: SubmitRequest, settings: Settings) -> Validated:
     spec = settings.spec
     model = preflight_model(spec.model.name, request.endpoint_url)
     traits = model.traits
+    assert traits is not None  # None only for a refiner
     refiner = preflight_model(spec.model.refiner, request.endpoint_url, refiner_of=traits.family) if spec.model.refiner else None
     spec = spec.with_native_size(traits)
     lora_sha256 = adapter_hashes(spec.loras, request.endpoint_url)

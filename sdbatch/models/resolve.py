@@ -79,8 +79,10 @@ def preflight(name: str, *, endpoint_url: str | None = None, refiner_of: FamilyA
         _check_folder(name, folder, read)
         return ModelRef(name, fingerprint_model_dir(folder), _check_configs(name, read, refiner_of))
     from sdbatch.storage.open import open_storage
+    from sdbatch.storage.s3 import S3Storage
 
     storage = open_storage(name, endpoint_url=endpoint_url)
+    assert isinstance(storage, S3Storage)  # an s3:// name
     objects = storage.objects("")
     if "model_index.json" not in objects:
         raise ModelError(f"model {name!r}: no model_index.json under that prefix; it must hold a diffusers folder")

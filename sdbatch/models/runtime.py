@@ -106,7 +106,7 @@ def _load_pipeline(class_name: str, model: str, folder: Path, dtype: torch.dtype
     return pipe.to(device)
 
 
-def _absent_components(pipeline_cls: type, folder: Path) -> dict[str, None]:
+def _absent_components(pipeline_cls: Any, folder: Path) -> dict[str, None]:
     """Components the folder leaves out or names as null (an SD3 folder without its T5
     encoder): passed as None, which the pipelines accept for them."""
     index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
@@ -119,9 +119,10 @@ class DiffusersModel:
     that shares its modules, a per-call scheduler built from the model's own scheduler config,
     and the job's LoRA adapters."""
 
-    def __init__(self, txt2img: DiffusionPipeline, info: ModelInfo, traits: ModelTraits,
+    # a pipeline's __call__ is its own class's (DiffusionPipeline declares none): typed Any
+    def __init__(self, txt2img: Any, info: ModelInfo, traits: ModelTraits,
                  loras: dict[str, str] | None = None, endpoint_url: str | None = None, compiled: bool = False,
-                 refiner: DiffusionPipeline | None = None):
+                 refiner: Any = None):
         self.txt2img = txt2img
         self.refiner = refiner
         self.compiled = compiled
@@ -156,9 +157,12 @@ class DiffusersModel:
         device = pick_device(request.device)
         torch_dtype = pick_dtype(request.dtype, device)
         pipe = _load_pipeline(family.txt2img, model, request.folder, torch_dtype, dict(family.load_options), device)
-        refiner_pipe, refiner_ref = None, None
+        refiner_pipe, refiner_facts = None, {}
         if refiner is not None:
             refiner_ref = resolve(refiner, pin=request.refiner_pin, endpoint_url=request.endpoint_url, refiner_of=family)
+            assert family.refiner is not None and refiner_ref.folder is not None  # resolve refused a family without one
+            refiner_facts = {"refiner_name": refiner, "refiner_pin": refiner_ref.pin, "refiner_fingerprint":
+                             fingerprint_model_dir(refiner_ref.folder) if is_s3(refiner) else refiner_ref.pin}
             # ensemble of experts: the refiner reads the base's second text encoder and VAE (no second copy)
             refiner_pipe = _load_pipeline(family.refiner, refiner, refiner_ref.folder, torch_dtype, {
                 "text_encoder_2": pipe.text_encoder_2, "tokenizer_2": pipe.tokenizer_2, "vae": pipe.vae}, device)
@@ -183,13 +187,11 @@ class DiffusersModel:
             versions=versions,
             threads=torch.get_num_threads(),
             family=family.class_name,
-            **({"refiner_name": refiner, "refiner_pin": refiner_ref.pin, "refiner_fingerprint":
-                fingerprint_model_dir(refiner_ref.folder) if is_s3(refiner) else refiner_ref.pin}
-               if refiner_ref else {}),
+            **refiner_facts,
         )
         log.info("loaded %s model %s on %s (%s%s), fingerprint %s%s", family.name, model, device, info.dtype,
                  ", compiled" if request.compile else "", info.short_hash,
-                 f", refiner {refiner} ({info.refiner_fingerprint[:10]})" if refiner_ref else "")
+                 f", refiner {refiner} ({refiner_facts['refiner_fingerprint'][:10]})" if refiner_facts else "")
         return cls(pipe, info, request.traits, loras=request.loras, endpoint_url=request.endpoint_url,
                    compiled=request.compile, refiner=refiner_pipe)
 
@@ -275,7 +277,7 @@ class DiffusersModel:
         if first.is_img2img:
             if init_images is None or len(init_images) != len(rows) or any(i is None for i in init_images):
                 raise ValueError("img2img rows need one init image each")
-            images = [resize_for_row(img, first.width, first.height) for img in init_images]
+            images = [resize_for_row(img, first.width, first.height) for img in init_images if img is not None]
             latents = pipe(image=images, strength=first.strength, **self.family.img2img_kwargs(first), **stop,
                            **common).images
         else:
