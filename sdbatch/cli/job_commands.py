@@ -35,7 +35,7 @@ def status(
         # report.html charts the history; monitors want the current numbers
         snapshot = progress.model_dump(mode="json", exclude={"history"}) if progress else {}
         stdout.print_json(json.dumps({
-            "state": state.phase_text, "rows_total": state.rows_total, **state.rows,
+            "state": state.phase_text, "rows_total": state.rows_total, **state.rows, "rows_in_flight": state.rows_in_flight,
             "images_per_second": progress.images_per_second if progress else None,
             "eta_seconds": progress.eta_seconds if progress and not success else None,
             "per_worker": snapshot.get("per_worker", {}),
@@ -52,7 +52,8 @@ def status(
         stdout.print(f"driver     {who}" if state.driver_alive else f"driver     gone ({who}; its lease has expired)")
     stdout.print(f"shards     {len(state.committed)}/{shards_total} committed")
     if progress:
-        stdout.print(f"rows       {progress.rows_done}/{progress.rows_total} done, "
+        in_flight = f", {state.in_flight_text}" if state.rows_in_flight else ""
+        stdout.print(f"rows       {progress.rows_done}/{progress.rows_total} done (in committed shards){in_flight}, "
                      f"{progress.rows_failed_this_run} failed this run")
         stdout.print(f"speed      {progress.images_per_second} images/s, {eta_text(progress.eta_seconds)}")
         stdout.print(f"updated    {progress.updated_at}")

@@ -162,7 +162,8 @@ class Progress(Document):
     KEY: ClassVar[str] = PROGRESS_KEY
     state: str = "running"
     rows_total: int = 0
-    rows_done: int = 0
+    rows_done: int = 0  # rows in committed shards: durable
+    rows_in_flight: int = 0  # generated this run in shards not yet committed (lost if the run stops)
     rows_failed_this_run: int = 0
     rows_remaining: int = 0
     rows_generated_this_run: int = 0

@@ -80,6 +80,22 @@ class JobState:
         return {"rows_done": 0, "rows_failed": 0, "rows_remaining": self.rows_total}
 
     @property
+    def rows_in_flight(self) -> int:
+        """Rows generated in shards not committed yet: not in ``rows_done``, and lost (generated again
+        on resume) unless their shard commits."""
+        return self.progress.rows_in_flight if self.progress and not self.success else 0
+
+    @property
+    def in_flight_text(self) -> str:
+        """How ``status`` names the in-flight rows: a running driver may still commit them, a
+        stopped one will not."""
+        if not self.rows_in_flight:
+            return ""
+        if self.driver_alive:
+            return f"{self.rows_in_flight} generated in shards not committed yet"
+        return f"{self.rows_in_flight} generated in shards never committed (lost; generated again on resume)"
+
+    @property
     def last_run(self) -> tuple[float | None, int, float | None]:
         """The last run's wall seconds, images generated and images/s: a finished job's from
         ``_SUCCESS`` (the record of the run that finished it), an unfinished one's from progress."""

@@ -211,10 +211,11 @@ class Driver:
                 self.live = live  # which shards have started: who holds a dying worker's model
                 pool = self._watchdog(pool, live, slowest_batch)
                 pool = self._load_watchdog(pool, loading_since)
+                in_flight = sum(e[0] for e in live.values())  # generated, not committed yet
                 progress.update(
-                    schedule.rows_ok + sum(e[0] for e in live.values()), schedule.rows_failed + sum(e[1] for e in live.values()),
+                    schedule.rows_ok + in_flight, schedule.rows_failed + sum(e[1] for e in live.values()),
                     shards_committed=schedule.shards_committed, shards_failed=len(schedule.failed_shards), workers=len(pool),
-                    per_worker=per_worker,
+                    in_flight=in_flight, per_worker=per_worker,
                 )
         except BaseException as exc:  # progress.json must not go on saying "running"
             progress.close("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", schedule.failures())

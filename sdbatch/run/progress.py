@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as ProgressBar
 
 from sdbatch.output.documents import Progress, WorkerProgress, utc_now
@@ -65,6 +65,7 @@ class ProgressFeed:
         self.shards_total = shards_total
         self.shards_committed = shards_committed
         self.done = 0
+        self.in_flight = 0
         self.failed = 0
         self.shards_failed = 0
         self.failed_shards: list[dict[str, Any]] = []  # at the end: shard, attempts, last error
@@ -87,12 +88,15 @@ class ProgressFeed:
                 MofNCompleteColumn(),
                 TextColumn("rows · {task.fields[failed]} failed · {task.fields[rate]:.2f} img/s"),
                 TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
+                # the snapshot's ETA, not rich's TimeRemainingColumn: that one divides by its own speed over
+                # the last 30 s of bar updates (model loading left out, whole batches landing at once), so it
+                # disagreed with the img/s beside it and with `status` (0:00:23 for 80 rows at 0.49 img/s)
+                TextColumn("{task.fields[eta]}"),
                 console=Console(stderr=True),
                 transient=False,
             )
-            self._task = self._bar.add_task("rows", total=total_rows, completed=rows_already_done, failed=0, rate=0.0)
+            self._task = self._bar.add_task("rows", total=total_rows, completed=rows_already_done, failed=0, rate=0.0,
+                                            eta=eta_text(None))
             self._bar.start()
 
     def _previous_history(self) -> list[list[float]]:
@@ -116,7 +120,8 @@ class ProgressFeed:
         return Progress(
             state=self.state,
             rows_total=self.total,
-            rows_done=self.base_done + self.done,
+            rows_done=self.base_done + self.done - self.in_flight,
+            rows_in_flight=self.in_flight,
             rows_failed_this_run=self.failed,
             rows_remaining=remaining,
             rows_generated_this_run=self.done,
@@ -138,20 +143,22 @@ class ProgressFeed:
         )
 
     def update(self, done: int, failed: int, *, shards_committed: int, shards_failed: int, workers: int,
-               per_worker: dict[str, list[float]] | None = None) -> None:
+               in_flight: int = 0, per_worker: dict[str, list[float]] | None = None) -> None:
         """Set this run's cumulative counts (rows generated/failed, including in-flight shards;
+        ``in_flight``: how many of the generated rows are in shards not yet committed;
         ``per_worker``: worker -> [rows done, rows failed, first report, last report])."""
-        self.done, self.failed = done, failed
+        self.done, self.failed, self.in_flight = done, failed, in_flight
         self.shards_committed, self.shards_failed, self.workers = shards_committed, shards_failed, workers
         if per_worker is not None:
             self.per_worker = per_worker
         metrics.job_progress(self.snapshot())
         now = time.monotonic()
+        snap = self.snapshot()
         if self._bar is not None:
-            self._bar.update(self._task, completed=self.base_done + done + failed, failed=failed, rate=self.rate)
+            self._bar.update(self._task, completed=self.base_done + done + failed, failed=failed,
+                             rate=snap.images_per_second, eta=eta_text(snap.eta_seconds))
         elif now - self._last_log >= self.log_every:
             self._last_log = now
-            snap = self.snapshot()
             log.info(
                 "%d/%d rows done, %d failed, %.2f img/s, %s",
                 snap.rows_done, self.total, failed, snap.images_per_second, eta_text(snap.eta_seconds),

@@ -65,3 +65,12 @@ def test_a_corrupt_snapshot_stops_readers_unless_tolerated(out):
     state = read_state(out, tolerate_corrupt=True)
     assert state.success is None and state.phase == "unknown"
     assert len(state.unreadable) == 1 and "_SUCCESS" in state.unreadable[0]
+
+
+def test_rows_of_uncommitted_shards_are_not_done_and_a_stopped_run_says_they_are_lost(out):
+    # Ctrl-C at 16/96 rows generated, no shard committed: none of them is durable
+    Progress(state="interrupted", rows_total=96, rows_done=0, rows_in_flight=16, rows_remaining=80,
+             shards_total=6).write(out)
+    state = read_state(out)
+    assert state.rows["rows_done"] == 0 and state.rows_in_flight == 16
+    assert state.in_flight_text == "16 generated in shards never committed (lost; generated again on resume)"
