@@ -433,6 +433,8 @@ class Driver:
         previous = Success.read(self.storage) if rows_ok == rows_failed == 0 else None
         if previous is not None:  # a finished job run again: leave its record alone
             code = EXIT_ROWS_FAILED if previous.rows_failed else EXIT_OK
+            if previous.rows_failed:  # exit 3 must say why, and how to regenerate them
+                message += "; " + _rows_failed_text(previous.rows_failed, previous.failed_rows)
             return JobOutcome(code, self.manifest.num_rows, 0, 0, skipped, [], time.monotonic() - started, message,
                               self.plan.batch_fill)
         if self.lock is not None:
@@ -462,9 +464,13 @@ class Driver:
         ).write(self.storage)
         code = EXIT_ROWS_FAILED if failed_total else EXIT_OK
         if failed_total:
-            message = (f"{failed_total} rows failed permanently (status=failed in index.parquet; the first ones below); "
-                       "fix them, then rerun with --retry-failed\n" + failed_rows_text(index.first_failed))
+            message = _rows_failed_text(failed_total, index.first_failed)
         return JobOutcome(code, total, rows_ok, rows_failed, skipped, [], wall, message, self.plan.batch_fill)
+
+
+def _rows_failed_text(count: int, first_failed: list) -> str:
+    return (f"{plural(count, 'row')} failed permanently (status=failed in index.parquet; the first ones below); "
+            "fix them, then rerun with --retry-failed\n" + failed_rows_text(first_failed))
 
 
 def run_job(

@@ -110,6 +110,14 @@ def test_the_console_and_status_list_the_failed_rows(bad_init_job):
         "wide", "big", "text", "fifo", "device", "bomb", "gone"}
 
 
+def test_a_rerun_with_nothing_to_generate_names_the_failed_rows_and_the_fix(bad_init_job, ray_address):
+    *_, submit_args = bad_init_job
+    rerun = sdbatch_cli(ray_address, "submit", *submit_args)
+    assert rerun.returncode == 3, rerun.stderr
+    assert "error: nothing to generate: every shard is already committed; 7 rows failed permanently" in rerun.stderr
+    assert "rerun with --retry-failed" in rerun.stderr and "  fifo: row fifo: init_image" in rerun.stderr
+
+
 def test_repair_regenerates_exactly_the_rows_verify_flags(bad_init_job, ray_address):
     _, out, _, _, submit_args = bad_init_job
     index = {r["id"]: r for r in load_index(out)}
