@@ -27,6 +27,7 @@ from sdbatch.output.commits import OutputMismatch
 from sdbatch.output.documents import utc_now
 from sdbatch.output.layout import differs
 from sdbatch.output.state import JobState, read_state
+from sdbatch.run.progress import plural
 from sdbatch.storage.base import Storage, StorageError
 
 log = logging.getLogger("sdbatch.report")
@@ -47,6 +48,7 @@ class Summary:
     images_this_run: int
     images_per_second: float | None
     device: str  # "GPU" or "worker" (CPU workers): what one device-hour is
+    devices: str  # what the job ran on: "2 workers × 1 GPU", "1 worker" (CPU workers)
     device_hours: float | None
     images_per_device_hour: float | None
     cost_per_1000: float | None
@@ -69,9 +71,18 @@ def summarize(job: JobOutput, state: JobState, gpu_hour_usd: float | None) -> Su
         rows_total=rows_total, rows_ok=rows_ok, rows_failed=rows_failed,
         rows_skipped=max(0, rows_total - rows_ok - rows_failed), finished=state.phase == "finished",
         wall_seconds=wall, images_this_run=images, images_per_second=rate,
-        device="GPU" if res.gpus_per_worker else "worker", device_hours=device_hours,
+        device="GPU" if res.gpus_per_worker else "worker", devices=devices_text(res.workers, res.gpus_per_worker),
+        device_hours=device_hours,
         images_per_device_hour=per_hour, cost_per_1000=cost, gpu_hour_usd=gpu_hour_usd,
     )
+
+
+def devices_text(workers: int, gpus_per_worker: float) -> str:
+    """``2 workers × 1 GPU``, ``4 workers × 0.5 GPU``; CPU workers are their own devices: ``1 worker``."""
+    if not gpus_per_worker:
+        return plural(workers, "worker")
+    gpus = plural(int(gpus_per_worker), "GPU") if gpus_per_worker == int(gpus_per_worker) else f"{gpus_per_worker:g} GPU"
+    return f"{plural(workers, 'worker')} × {gpus}"
 
 
 def worker_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -80,8 +80,12 @@ def render(stats: dict[str, Any]) -> str:
         f"blank       {stats['blank'] if stats['blank'] is not None else 'n/a'}",
         f"duplicates  {stats['duplicates'] if stats['duplicates'] is not None else 'n/a (index not merged yet)'}",
     ]
-    for column, counts in stats["labels"].items():
-        lines.append(f"label {column}: " + ", ".join(f"{value}={n}" for value, n in counts.items()))
-    for column, dist in stats["scores"].items():
-        lines.append(f"score {column}: " + ", ".join(f"{k}={v}" for k, v in dist.items()))
+    lines += _section("labels", stats["labels"]) + _section("scores", stats["scores"])
     return "\n".join(lines)
+
+
+def _section(title: str, columns: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per column under a title, named by the column alone (a column called ``label``
+    reads ``labels      label: a=1``, not ``label label:``)."""
+    return [f"{title if i == 0 else '':<12}{column}: " + ", ".join(f"{key}={value}" for key, value in values.items())
+            for i, (column, values) in enumerate(columns.items())]

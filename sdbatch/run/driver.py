@@ -170,8 +170,8 @@ class Driver:
         total_rows = self.manifest.num_rows
         self.plan = plan = job_plan(self.manifest, self.spec)
         committed = committed_shards(self.storage, plan.num_shards)
-        log.info("planned %d shards, %d batches (mean %.1f rows per batch of %d)", plan.num_shards,
-                 plan.num_batches, plan.batch_fill * plan.batch_size, plan.batch_size)
+        log.info("planned %s, %s (mean %.1f rows per batch of %d)", plural(plan.num_shards, "shard"),
+                 plural(plan.num_batches, "batch", "batches"), plan.batch_fill * plan.batch_size, plan.batch_size)
         pending = plan.pending(committed)
         retried = self._rows_work(committed) if self.retry_failed or self.repair else []
         skipped = len(committed)

@@ -115,7 +115,7 @@ def test_stats_json_and_text(job):
     clip = stats["scores"]["clip_score"]
     assert clip["count"] == 18 and clip["min"] <= clip["p50"] <= clip["max"]
     text = sdbatch_cli("", "stats", job["out"])
-    assert text.returncode == 0 and "duplicates  1" in text.stdout and "label size: large=8" in text.stdout
+    assert text.returncode == 0 and "duplicates  1" in text.stdout and "size: large=8" in text.stdout
 
 
 def test_export_hf_loads_in_datasets_with_a_filter(job, tmp_path):

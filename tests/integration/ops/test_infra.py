@@ -183,6 +183,7 @@ def test_submit_without_out_writes_to_sdbatch_out_manifest_stem(usage_dir, usage
     assert [r["id"] for r in load_index(out)] == [r["id"] for r in usage_rows()]
     assert f"report → {out.resolve().as_uri()}/report.html" in done.stdout
     assert (out / "report.html").is_file()
+    assert "planned 1 shard, 2 batches" in done.stderr, done.stderr
 
 
 def test_status_json_for_monitors(usage_dir, usage_run):
@@ -207,6 +208,7 @@ def test_report_command_lists_failures_and_prices_images(usage_dir, usage_run):
     assert (shown["rows-ok"], shown["rows-failed"]) == ("6", "1") == (str(success["rows_ok"]), str(success["rows_failed"]))
     per_worker_hour = success["rows_generated_this_run"] / (success["wall_seconds_this_run"] / 3600)  # 1 CPU worker
     assert shown["images-per-device-hour"] == f"{per_worker_hour:.0f}"
+    assert "images per worker-hour (1 worker)</td>" in html
     assert shown["cost-per-1000"] == f"${1000 * 2 / per_worker_hour:.4f}"
     failures = re.search(r'<table id="failures">(.*?)</table>', html, re.S).group(1)
     assert "<td>broken</td>" in failures and "cannot identify the image format of its 9 bytes" in failures

@@ -4,7 +4,7 @@ local OUT, no Ray."""
 import time
 
 from sdbatch.output.documents import Progress
-from sdbatch.run.progress import ProgressFeed
+from sdbatch.run.progress import ProgressFeed, plural
 from sdbatch.storage.local import LocalStorage
 
 
@@ -30,3 +30,8 @@ def test_the_bar_shows_the_eta_of_its_own_rate(tmp_path, capsys):
     feed.close("interrupted")
     bar = capsys.readouterr().err
     assert "0.49 img/s" in bar and "ETA 2m 43s" in bar, bar
+
+
+def test_plurals():
+    assert [plural(1, "shard"), plural(2, "shard"), plural(1, "batch", "batches"), plural(0, "batch", "batches")] == [
+        "1 shard", "2 shards", "1 batch", "0 batches"]
