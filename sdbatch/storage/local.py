@@ -11,6 +11,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from collections.abc import Iterator
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
@@ -29,6 +30,28 @@ from sdbatch.storage.base import (
 )
 
 log = logging.getLogger("sdbatch.storage")
+
+
+@contextlib.contextmanager
+def _writers_of(path: Path) -> Iterator[None]:
+    """Hold the one writer's place of ``path``: an ``flock`` of a sidecar file (listings skip it),
+    removed again while still held, so no OUT keeps an empty one. A writer that waited on a sidecar
+    the holder removed meanwhile has locked a file nobody else will open: it sees the path no
+    longer names the file it locked, and tries again on the new one."""
+    sidecar = path.parent / f".{path.name}{TMP_MARK}cas-lock"
+    while True:
+        with open(sidecar, "a+b") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            try:
+                current = os.stat(sidecar).st_ino == os.fstat(guard.fileno()).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                try:
+                    yield
+                finally:
+                    sidecar.unlink(missing_ok=True)  # before the lock is released by closing
+                return
 
 
 class LocalStorage:
@@ -152,12 +175,11 @@ class LocalStorage:
 
     def replace_if(self, key: str, data: bytes, tag: str) -> str | None:
         """Replace the object only if it still is the one ``tag`` names; its new tag, or None
-        if it changed or is gone. Writers of a key serialise on an ``flock`` of a sidecar file."""
+        if it changed or is gone. Writers of a key serialise on ``_writers_of``."""
         path = self._path(key)
         if not path.parent.is_dir():
             return None
-        with open(path.parent / f".{path.name}{TMP_MARK}cas-lock", "a+b") as guard:  # listings skip it
-            fcntl.flock(guard, fcntl.LOCK_EX)
+        with _writers_of(path):
             try:
                 if sha256_of(path.read_bytes()) != tag:
                     return None

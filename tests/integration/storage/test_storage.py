@@ -112,6 +112,25 @@ def test_replace_if_concurrent_threads_exactly_one_wins(store):
     assert store.get_tagged("_sdbatch/lock.json") == (f"driver {winners[0]}".encode(), results[winners[0]])
 
 
+def test_replace_if_read_modify_write_loses_no_update_and_leaves_no_sidecar(tmp_path):
+    # threads counting up through compare-and-swap: a writer let in beside another would lose a count
+    store = LocalStorage(tmp_path / "out")
+    store.put("_sdbatch/lock.json", b"0")
+    threads, each = 8, 25
+
+    def count_up(_):
+        for _ in range(each):
+            while True:
+                data, tag = store.get_tagged("_sdbatch/lock.json")
+                if store.replace_if("_sdbatch/lock.json", str(int(data) + 1).encode(), tag) is not None:
+                    break
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(count_up, range(threads)))
+    assert store.get("_sdbatch/lock.json") == str(threads * each).encode()
+    assert sorted(p.name for p in (tmp_path / "out" / "_sdbatch").iterdir()) == ["lock.json"]
+
+
 def test_replace_if_lost_response_is_recognised_as_own_write(s3_bucket):
     endpoint, bucket = s3_bucket
     s = S3Storage(f"s3://{bucket}", endpoint_url=endpoint)
