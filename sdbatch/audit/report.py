@@ -27,7 +27,7 @@ from sdbatch.output.commits import OutputMismatch
 from sdbatch.output.documents import utc_now
 from sdbatch.output.layout import differs
 from sdbatch.output.state import JobState, read_state
-from sdbatch.run.progress import plural
+from sdbatch.run.progress import devices_text
 from sdbatch.storage.base import Storage, StorageError
 
 log = logging.getLogger("sdbatch.report")
@@ -75,14 +75,6 @@ def summarize(job: JobOutput, state: JobState, gpu_hour_usd: float | None) -> Su
         device_hours=device_hours,
         images_per_device_hour=per_hour, cost_per_1000=cost, gpu_hour_usd=gpu_hour_usd,
     )
-
-
-def devices_text(workers: int, gpus_per_worker: float) -> str:
-    """``2 workers × 1 GPU``, ``4 workers × 0.5 GPU``; CPU workers are their own devices: ``1 worker``."""
-    if not gpus_per_worker:
-        return plural(workers, "worker")
-    gpus = plural(int(gpus_per_worker), "GPU") if gpus_per_worker == int(gpus_per_worker) else f"{gpus_per_worker:g} GPU"
-    return f"{plural(workers, 'worker')} × {gpus}"
 
 
 def worker_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -6,7 +6,8 @@ as a real submit, which deletes its probe object), reads what OUT already holds 
 resume, a different job, objects no job there wrote, commits not carrying this job's
 fingerprint: each refused as a real submit's claim would refuse it), and plans every
 pending shard into its canonical batches (``plan.canonical_batches``, exactly as workers
-will): shards, batches, fill ratio, rows per model family and per LoRA set, and a time
+will): shards, batches, fill ratio, the workers it would start, the model (family and
+fingerprint), rows per image size, per model family and per LoRA set, and a time
 estimate once OUT's progress knows a rate. OUT's state is read by ``output.state.read_state``
 and the plan is the driver's own (``run.plan.job_plan``); Ray is never started and torch
 never imported.
@@ -28,6 +29,8 @@ from sdbatch.output.commits import OutputMismatch
 from sdbatch.output.index import committed_index
 from sdbatch.output.state import read_state
 from sdbatch.run.plan import canonical_batches, job_plan
+from sdbatch.run.policy import workers_to_start
+from sdbatch.run.progress import devices_text
 from sdbatch.storage.base import Storage, StorageConfigError
 from sdbatch.storage.local import LocalStorage
 
@@ -43,7 +46,12 @@ class DryRunPlan:
     rows_pending: int = 0
     batches: int = 0
     batch_size: int = 1
+    workers_asked: int = 1
+    gpus_per_worker: float = 0.0
+    model: str = "?"
     family: str = "?"
+    fingerprint: str = "?"  # the model's pin (``ModelRef.pin``), as job.json records it
+    rows_per_size: Counter = field(default_factory=Counter)  # (width, height) -> pending rows
     rows_per_lora: Counter = field(default_factory=Counter)
     out_state: str = "new job"
     refused: str | None = None  # why a real submit would refuse this OUT (exit 2)
@@ -52,6 +60,17 @@ class DryRunPlan:
     @property
     def fill_ratio(self) -> float:
         return self.rows_pending / (self.batches * self.batch_size) if self.batches else 1.0
+
+    @property
+    def workers_text(self) -> str:
+        """The workers a submit would start: no more than the shards to generate, and fewer if
+        the cluster cannot place them (known only once Ray is up)."""
+        workers, _ = workers_to_start(self.workers_asked, self.shards_pending, rows=self.rows_total,
+                                      rows_per_shard=self.rows_per_shard, fresh_job=False)
+        text = devices_text(workers, self.gpus_per_worker)
+        if workers < self.workers_asked:
+            text += f" ({self.workers_asked} asked for: no more than the shards to generate)"
+        return text + ", fewer if the cluster cannot place them"
 
     @property
     def eta_seconds(self) -> float | None:
@@ -63,7 +82,10 @@ class DryRunPlan:
             f"shards     {self.shards_total} of up to {self.rows_per_shard} rows; "
             f"{self.shards_committed} already committed, {self.shards_pending} to generate ({self.rows_pending} rows)",
             f"batches    {self.batches} of up to {self.batch_size} rows; fill ratio {self.fill_ratio:.3f}",
+            f"workers    {self.workers_text}",
+            f"model      {self.model}  ({self.family}, fingerprint {self.fingerprint})",
             f"family     {self.family}: {self.rows_pending} rows",
+            "sizes      " + (", ".join(f"{w}x{h}: {n} rows" for (w, h), n in sorted(self.rows_per_size.items())) or "none"),
             "loras      " + (", ".join(f"{name}: {n} rows" for name, n in sorted(self.rows_per_lora.items())) or "none"),
         ]
         if self.eta_seconds is not None:
@@ -98,7 +120,9 @@ def plan_job(prepared: PreparedJob) -> DryRunPlan:
     traits = prepared.model.traits
     assert traits is not None  # None only for a refiner
     plan = DryRunPlan(out=storage.url, rows_total=manifest.num_rows, shards_total=shards.num_shards,
-                      rows_per_shard=rps, batch_size=batch_size, family=traits.family.class_name)
+                      rows_per_shard=rps, batch_size=batch_size, workers_asked=spec.resources.workers,
+                      gpus_per_worker=spec.resources.gpus_per_worker, model=prepared.model.name,
+                      family=traits.family.class_name, fingerprint=prepared.model.pin)
     existing = read_state(storage, num_shards=shards.num_shards)
     committed: set[str] = set()
     if existing is None and new_run:
@@ -133,6 +157,7 @@ def plan_job(prepared: PreparedJob) -> DryRunPlan:
         plan.rows_pending += len(rows)
         plan.batches += len(canonical_batches(rows, batch_size))
         for row in rows:
+            plan.rows_per_size[row.width, row.height] += 1
             loras = row.parameters().get("loras")
             plan.rows_per_lora[json.dumps(loras, sort_keys=True, default=str) if loras else "no LoRA"] += 1
     if plan.rows_per_lora.keys() == {"no LoRA"}:

@@ -35,6 +35,14 @@ def plural(count: int, noun: str, nouns: str | None = None) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {nouns or noun + 's'}"
 
 
+def devices_text(workers: int, gpus_per_worker: float) -> str:
+    """``2 workers × 1 GPU``, ``4 workers × 0.5 GPU``; CPU workers are their own devices: ``1 worker``."""
+    if not gpus_per_worker:
+        return plural(workers, "worker")
+    gpus = plural(int(gpus_per_worker), "GPU") if gpus_per_worker == int(gpus_per_worker) else f"{gpus_per_worker:g} GPU"
+    return f"{plural(workers, 'worker')} × {gpus}"
+
+
 def eta_text(seconds: float | None) -> str:
     """``ETA 4m 05s``; ``ETA unknown`` before the first image gives a rate."""
     if seconds is None:

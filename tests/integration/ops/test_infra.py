@@ -239,6 +239,19 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == [manifest]
 
 
+def test_dry_run_names_the_workers_the_model_and_the_image_sizes(tmp_path):
+    rows = [{**r, "width": 64 if i < 20 else 72, "height": 64} for i, r in enumerate(small_rows())]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    done = cli("submit", manifest, "--out", tmp_path / "out", "--rows-per-shard", 16, "--workers", 3,
+               "--dry-run", env=NO_RAY)
+    assert done.returncode == 0, done.stdout + done.stderr
+    said = done.stdout
+    assert ("workers    2 workers (3 asked for: no more than the shards to generate), "
+            "fewer if the cluster cannot place them") in said
+    assert re.search(r"^model      builtin:shapes  \(StableDiffusionPipeline, fingerprint [0-9a-f]{64}\)$", said, re.M), said
+    assert "sizes      64x64: 20 rows, 72x64: 4 rows" in said
+
+
 def test_dry_run_on_an_existing_out_says_resume_or_refuse(usage_dir, usage_run, tmp_path):
     """The same job: resumes (here: finished, 0 rows left); another job: exit 2 and the reason;
     a bad manifest: the usual validation report, exit 2."""

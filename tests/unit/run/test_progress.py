@@ -3,8 +3,10 @@ local OUT, no Ray."""
 
 import time
 
+import pytest
+
 from sdbatch.output.documents import Progress
-from sdbatch.run.progress import ProgressFeed, plural
+from sdbatch.run.progress import ProgressFeed, devices_text, plural
 from sdbatch.storage.local import LocalStorage
 
 
@@ -35,3 +37,11 @@ def test_the_bar_shows_the_eta_of_its_own_rate(tmp_path, capsys):
 def test_plurals():
     assert [plural(1, "shard"), plural(2, "shard"), plural(1, "batch", "batches"), plural(0, "batch", "batches")] == [
         "1 shard", "2 shards", "1 batch", "0 batches"]
+
+
+@pytest.mark.parametrize(("workers", "gpus", "text"), [
+    (1, 0, "1 worker"), (3, 0, "3 workers"), (1, 1, "1 worker × 1 GPU"), (2, 2, "2 workers × 2 GPUs"),
+    (4, 0.5, "4 workers × 0.5 GPU"),
+])
+def test_devices_are_counted_in_words(workers, gpus, text):
+    assert devices_text(workers, gpus) == text
