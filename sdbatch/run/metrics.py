@@ -24,7 +24,7 @@ SHARD_SECONDS_BOUNDARIES: list[float] = [1, 5, 10, 30, 60, 120, 300, 600, 1800, 
 
 # name -> (kind, description, histogram boundaries)
 METRICS: dict[str, tuple[str, str, list[float] | None]] = {
-    "sdbatch_rows_done": ("gauge", "rows generated in this job so far (earlier runs included)", None),
+    "sdbatch_rows_done": ("gauge", "rows in committed shards of this job (earlier runs included)", None),
     "sdbatch_rows_failed": ("gauge", "rows that failed permanently in this run", None),
     "sdbatch_rows_remaining": ("gauge", "rows not done yet", None),
     "sdbatch_images_per_second": ("gauge", "images generated per second in this run", None),

@@ -87,7 +87,7 @@ def test_stats_counts_list_struct_and_map_labels(run_cli, job):
     assert labels["attrs"] == {'[["size", 1]]': 2, "[]": 1, '[["size", 2]]': 1}
     text = run_cli("stats", out)
     assert text.returncode == 0, text.stderr
-    assert 'label tags: ["red", "round"]=2, None=1, ["blue"]=1' in text.stdout
+    assert ' tags: ["red", "round"]=2, None=1, ["blue"]=1\n' in text.stdout and 'label ' not in text.stdout
 
 
 # --- 20. ids that differ only by case ------------------------------------------------------------
