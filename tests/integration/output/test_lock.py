@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import write_manifest
+from conftest import sdbatch_cli, write_manifest
 
 from sdbatch.output import lock as job_lock
 from sdbatch.output.documents import LOCK_KEY
@@ -161,3 +161,23 @@ def test_a_live_drivers_lock_is_not_taken_over(case, run_cli, tmp_path):
         assert "it was renewed while this driver watched it, so it is alive whatever the clocks say" in text
     else:
         assert "its lease has not expired" in text
+
+
+def test_status_after_ctrl_c_counts_only_committed_rows_as_done(tmp_path):
+    """A run stopped at 16 of 96 rows generated, no shard committed: none of them is done."""
+    from sdbatch.manifest.sources import open_manifest
+    from sdbatch.output.claim import job_record
+    from sdbatch.output.documents import Progress
+    from sdbatch.spec import load_spec
+    from sdbatch.storage.local import LocalStorage
+
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": f"r{i}", "prompt": "a red square"} for i in range(96)])
+    out = LocalStorage(tmp_path / "out")
+    job_record(load_spec(None, [], {}), open_manifest(str(manifest)), "pin").write(out)
+    Progress(state="interrupted", rows_total=96, rows_done=0, rows_in_flight=16, rows_remaining=80,
+             rows_generated_this_run=16, images_per_second=0.49, shards_total=6).write(out)
+    status = sdbatch_cli("", "status", tmp_path / "out")
+    assert status.returncode == 0, status.stderr
+    assert "shards     0/6 committed" in status.stdout
+    assert ("rows       0/96 done (in committed shards), 16 generated in shards never committed "
+            "(lost; generated again on resume), 0 failed this run") in status.stdout, status.stdout
