@@ -21,6 +21,7 @@ from sdbatch.data.index import INDEX_COLUMN_TYPES, STATUS_FAILED, STATUS_OK
 SCORE_COLUMNS = ("luma_mean", "luma_std", "clip_score", "generate_seconds")
 QUANTILES = (0.05, 0.5, 0.95)
 MAX_LABEL_VALUES = 20  # per label column; the rest are summed as "(other)"
+JSON_SLICE_ROWS = 65_536  # a nested label is turned into Python values this many rows at a time
 
 
 def _count(mask: pa.ChunkedArray) -> int:
@@ -44,7 +45,8 @@ def _distribution(values: pa.ChunkedArray) -> dict[str, Any] | None:
 def _label_counts(values: pa.ChunkedArray) -> dict[str, int]:
     if pa.types.is_nested(values.type):  # list, struct, map: value_counts has no kernel for them
         tally = Counter("None" if v is None else json.dumps(v, sort_keys=True, default=str)
-                        for v in values.to_pylist())
+                        for chunk in values.chunks for start in range(0, len(chunk), JSON_SLICE_ROWS)
+                        for v in chunk.slice(start, JSON_SLICE_ROWS).to_pylist())
     else:
         tally = Counter({str(v["values"]): int(v["counts"]) for v in pc.value_counts(values).to_pylist()})
     counts = sorted(tally.items(), key=lambda item: (-item[1], item[0]))
