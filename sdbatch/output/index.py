@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import tempfile
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -16,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from sdbatch.data.index import STATUS_FAILED, index_schema
+from sdbatch.data.index import INDEX_COLUMN_TYPES, STATUS_FAILED, index_schema
 from sdbatch.errors import JobFailed
 from sdbatch.output.commits import (
     FINGERPRINT_META,
@@ -188,6 +189,118 @@ def committed_index(storage: Storage, job_fingerprint: str) -> tuple[pa.Table, i
     tables = [read_shard_index(storage, name, job_fingerprint) for name in names]
     table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
     return (table.sort_by("row") if "row" in table.column_names else table), len(names)
+
+
+#: Rows per record batch a ``JobIndex`` yields: what a reader of the index holds at once.
+INDEX_BATCH_ROWS = 16_384
+
+
+class JobIndex:
+    """A job's index, read a slice at a time so no reader's memory grows with the job's rows:
+    ``index.parquet`` a record batch at a time (through ``Storage.open_read``: ranged reads on
+    S3), or — while the job is unfinished, or its index is not its own — the shards' commits
+    one at a time, in shard order. Either way the rows come in manifest-row order. Opened by
+    ``open_index``; ``problem`` says why ``index.parquet`` was passed over, if it was."""
+
+    def __init__(self, storage: Storage, job_fingerprint: str, *, file: pq.ParquetFile | None = None,
+                 commits: list[str] | None = None, problem: str | None = None):
+        self.storage, self.job_fingerprint, self.problem = storage, job_fingerprint, problem
+        self._file, self._commits = file, commits or []
+        self._commit_rows: int | None = None
+
+    @property
+    def final(self) -> bool:
+        """Whether this is the job's own ``index.parquet`` (not the commits so far)."""
+        return self._file is not None
+
+    @property
+    def source(self) -> str:
+        return INDEX_KEY if self._file is not None else f"{len(self._commits)} committed shard indexes"
+
+    @property
+    def num_rows(self) -> int:
+        if self._file is not None:
+            return self._file.metadata.num_rows
+        if self._commit_rows is None:
+            self._commit_rows = sum(batch.num_rows for batch in self.batches(["row"]))
+        return self._commit_rows
+
+    def batches(self, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """The index's rows in row order, ``INDEX_BATCH_ROWS`` at most per batch; ``columns``
+        (default all) in that order, a column a commit lacks as nulls of the index's type."""
+        if self._file is not None:
+            yield from self._file.iter_batches(batch_size=INDEX_BATCH_ROWS, columns=columns)
+            return
+        for name in self._commits:
+            table = read_shard_index(self.storage, name, self.job_fingerprint)
+            if table.num_rows:
+                yield from _commit_columns(table.sort_by("row"), columns).to_batches(INDEX_BATCH_ROWS)
+
+    def rows(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The index rows whose id is one of ``ids``, as plain values, by id (the last, should an
+        id be indexed twice). Reads the ``id`` column a batch at a time, then only the batches
+        that hold a wanted row."""
+        wanted = pa.array(sorted(set(ids)), pa.string())
+        found: dict[str, dict[str, Any]] = {}
+        if not len(wanted):
+            return found
+        if self._file is not None:
+            for group in range(self._file.num_row_groups):
+                if not _may_hold(self._file.metadata.row_group(group), wanted):
+                    continue
+                ids_here = self._file.read_row_group(group, columns=["id"]).column("id")
+                mask = pc.is_in(ids_here, value_set=wanted)
+                if pc.any(mask).as_py():
+                    for row in self._file.read_row_group(group).filter(mask).to_pylist():
+                        found[row["id"]] = row
+            return found
+        for batch in self.batches():
+            mask = pc.is_in(batch.column("id"), value_set=wanted)
+            if pc.any(mask).as_py():
+                found.update((row["id"], row) for row in batch.filter(mask).to_pylist())
+        return found
+
+
+def _may_hold(group: pq.RowGroupMetaData, wanted: pa.Array) -> bool:
+    """Whether a row group's ``id`` statistics allow one of ``wanted`` (sorted) in it."""
+    column = next((group.column(i) for i in range(group.num_columns) if group.column(i).path_in_schema == "id"), None)
+    stats = column.statistics if column is not None else None
+    if stats is None or not stats.has_min_max:
+        return True
+    low, high = stats.min, stats.max
+    return any(low <= w <= high for w in wanted.to_pylist())
+
+
+def _commit_columns(table: pa.Table, columns: list[str] | None) -> pa.Table:
+    """A commit's ``columns`` with the index's types (a commit infers its types from its values)."""
+    names = columns if columns is not None else table.column_names
+    present = dict(zip(table.column_names, table.columns))
+    arrays = []
+    for name in names:
+        index_type = INDEX_COLUMN_TYPES.get(name)
+        if name in present:
+            arrays.append(present[name].cast(index_type) if index_type is not None else present[name])
+        else:
+            arrays.append(pa.nulls(table.num_rows, index_type or pa.null()))
+    return pa.Table.from_arrays(arrays, names=list(names))
+
+
+def open_index(storage: Storage, job_fingerprint: str) -> JobIndex:
+    """The final index when it is written and stamped with ``job_fingerprint``, else the commits
+    so far (``JobIndex.problem`` says why the final one was passed over, when it is there).
+    Raises ``OutputMismatch`` when a commit is another job's."""
+    problem = None
+    try:
+        file = pq.ParquetFile(storage.open_read(INDEX_KEY))
+    except NotFound:
+        pass
+    except (pa.ArrowInvalid, OSError) as exc:  # a merge cut short: the commits still hold every row
+        problem = f"{INDEX_KEY} is not readable Parquet ({exc})"
+    else:
+        if (file.schema_arrow.metadata or {}).get(FINGERPRINT_META) == job_fingerprint.encode():
+            return JobIndex(storage, job_fingerprint, file=file)
+        problem = f"{INDEX_KEY} does not carry this job's fingerprint"
+    return JobIndex(storage, job_fingerprint, commits=sorted(committed_shards(storage), key=int), problem=problem)
 
 
 def read_index(storage: Storage, job_fingerprint: str) -> tuple[pa.Table, int | None]:

@@ -199,6 +199,17 @@ class LocalStorage:
         except OSError as e:
             raise StorageError(f"cannot read {path}: {e}") from e
 
+    def open_read(self, key: str) -> BinaryIO:
+        path = self._path(key)
+        try:
+            return path.open("rb")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+            raise NotFound(f"{self.url}/{key} not found") from e
+        except PermissionError as e:
+            raise StorageConfigError(f"cannot read {path}: permission denied") from e
+        except OSError as e:
+            raise StorageError(f"cannot read {path}: {e}") from e
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import builtins
+import io
 import logging
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from sdbatch.storage.base import (
     PROBE_PREFIX,
@@ -33,6 +34,43 @@ from sdbatch.storage.s3_client import (
 )
 
 log = logging.getLogger("sdbatch.storage")
+
+
+READ_BUFFER = 4 << 20  # bytes one ranged GET of ``open_read`` asks for at least
+
+
+class _RangedObject(io.RawIOBase):
+    """One S3 object as a seekable raw file; each read is a GET of its byte range, pinned to the
+    ETag seen when it was opened (``If-Match``) so a reader never mixes two versions."""
+
+    def __init__(self, storage: S3Storage, key: str, size: int, etag: str):
+        self._storage, self._key, self._size, self._etag, self._at = storage, key, size, etag, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._at
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._at, io.SEEK_END: self._size}[whence]
+        self._at = max(0, base + offset)
+        return self._at
+
+    def readinto(self, buffer: Any) -> int:
+        end = min(self._size, self._at + len(buffer))
+        if end <= self._at:
+            return 0
+        storage = self._storage
+        resp = storage._call(f"get_object {self._key}", storage.client.get_object, Bucket=storage.bucket,
+                             Key=storage._key(self._key), Range=f"bytes={self._at}-{end - 1}", IfMatch=self._etag)
+        data = resp["Body"].read()
+        buffer[:len(data)] = data
+        self._at += len(data)
+        return len(data)
 
 
 class S3Storage:
@@ -156,6 +194,12 @@ class S3Storage:
                     raise
                 log.info("get %s: stream error %s, retrying", key, type(e).__name__)
         raise AssertionError("unreachable")
+
+    def open_read(self, key: str) -> BinaryIO:
+        """The object as a seekable file read by ranged GETs (``READ_BUFFER`` bytes at a time), so
+        a reader of one slice (a Parquet footer and row group) never downloads the whole."""
+        head = self._call(f"head_object {key}", self.client.head_object, Bucket=self.bucket, Key=self._key(key))
+        return io.BufferedReader(_RangedObject(self, key, int(head["ContentLength"]), head["ETag"]), READ_BUFFER)
 
     def exists(self, key: str) -> bool:
         try:
