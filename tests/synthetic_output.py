@@ -153,8 +153,8 @@ def build_output(root: Path, rows: int, *, fmt: str = "files", objects: bool = T
             table.replace_schema_metadata({FINGERPRINT_META: job.fingerprint.encode()})))
     summary = merge_index(storage, names, rows, {"label": pa.int64()}, job.fingerprint)
     index = pq.read_table(out / "index.parquet", columns=["status"])
-    ok = pc.sum(pc.equal(index.column("status"), STATUS_OK)).as_py() or 0
-    Success(fingerprint=job.fingerprint, rows_total=rows, rows_in_index=summary.rows, rows_ok=ok,
+    rows_ok = pc.sum(pc.equal(index.column("status"), STATUS_OK)).as_py() or 0
+    Success(fingerprint=job.fingerprint, rows_total=rows, rows_in_index=summary.rows, rows_ok=rows_ok,
             rows_failed=summary.rows_failed, rows_duplicate=summary.duplicates,
             failed_rows=[FailedRow(id=r.id, error=r.error) for r in summary.first_failed]).write(storage)
     return out
