@@ -319,7 +319,9 @@ def open_index(storage: Storage, job_fingerprint: str) -> JobIndex:
     Raises ``OutputMismatch`` when a commit is another job's."""
     problem = None
     try:
-        file = pq.ParquetFile(storage.open_read(INDEX_KEY))
+        # pre_buffer off: on, Arrow fetches every row group an ``iter_batches`` names up front —
+        # the whole file — instead of a row group's columns at a time
+        file = pq.ParquetFile(storage.open_read(INDEX_KEY), pre_buffer=False)
     except NotFound:
         pass
     except (pa.ArrowInvalid, OSError) as exc:  # a merge cut short: the commits still hold every row

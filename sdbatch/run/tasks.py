@@ -5,6 +5,7 @@ retried by Ray. The readers above, which import no Ray themselves, are handed ``
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from itertools import islice
 from typing import TypeVar
 
 import ray
@@ -31,11 +32,11 @@ def ray_tasks(address: str | None) -> Callable[[Callable[[Item], Result], list[I
         remote = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(fn)
         limit = max(2, int(ray.cluster_resources().get("CPU", 1) * IN_FLIGHT_PER_CPU))
         waiting = iter(items)
-        pending = [remote.remote(item) for item, _ in zip(waiting, range(limit))]
+        pending = [remote.remote(item) for item in islice(waiting, limit)]
         try:
             while pending:
                 [ready], pending = ray.wait(pending, num_returns=1)
-                pending += [remote.remote(item) for item in _next(waiting)]
+                pending += [remote.remote(item) for item in islice(waiting, 1)]
                 try:
                     yield ray.get(ready)
                 except ray.exceptions.RayTaskError as exc:
@@ -45,7 +46,3 @@ def ray_tasks(address: str | None) -> Callable[[Callable[[Item], Result], list[I
                 ray.cancel(ref)
 
     return run
-
-
-def _next(items: Iterator[Item]) -> list[Item]:
-    return [item for item, _ in zip(items, range(1))]
