@@ -102,6 +102,14 @@ def load_index(storage: Storage) -> tuple[pa.Table, bool, Layout]:
     return table, shards_merged is None, layout_for(storage, job.job_spec.output)
 
 
+def iter_images(layout: Layout, rows: pa.Table) -> Iterator[tuple[dict[str, Any], bytes, str | None]]:
+    """Each ok row of ``rows`` with its image bytes and how they differ from what the row
+    recorded (None: they are its image); ``grid`` reads its cells so."""
+    for entry in rows.filter(pc.equal(rows.column("status"), STATUS_OK)).to_pylist():
+        data = layout.read(entry["key"])
+        yield entry, data, differs(entry, data)
+
+
 def _job(storage: Storage) -> JobRecord:
     job = JobRecord.read(storage)
     if job is None:
@@ -607,7 +615,7 @@ def _finish(dest: Storage, plan: ExportPlan, written_now: int) -> Exported:
         marker = json.loads(dest.get(key))
         rows += marker["rows"]
         left_out += marker["left_out_count"]
-        named += [tuple(m) for m in marker["left_out"]]  # type: ignore[misc]
+        named += [(m[0], m[1], m[2]) for m in marker["left_out"]]
     if left_out:
         log.warning("left out %d rows whose images are not the bytes their index rows recorded: %s",
                     left_out, name_rows(named))

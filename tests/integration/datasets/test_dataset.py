@@ -222,7 +222,7 @@ def test_blank_images_are_flagged_and_near_uniform_twins_share_a_phash(tmp_path)
     import datasets
     from conftest import write_manifest
 
-    from sdbatch.datasets.export import export
+    from sdbatch.datasets.export import ExportOptions, export
     from sdbatch.datasets.export import load_index as job_index
     from sdbatch.datasets.stats import job_stats
     from sdbatch.manifest.reader import passthrough_types, read_rows
@@ -252,7 +252,8 @@ def test_blank_images_are_flagged_and_near_uniform_twins_share_a_phash(tmp_path)
     assert rows["g1"]["key"] == "shards/00000.tar#g1.png"
     assert (job_stats(*job_index(storage)[:2])["blank"], job_stats(*job_index(storage)[:2])["duplicates"]) == (2, 1)
 
-    assert export(storage, "hf", tmp_path / "hf", where="blank and duplicate_of is null") == 1
+    assert export(str(tmp_path / "out"), str(tmp_path / "hf"),
+                  ExportOptions(to="hf", where="blank and duplicate_of is null")).rows == 1
     loaded = datasets.load_dataset(str(tmp_path / "hf"), split="train", cache_dir=str(tmp_path / "hf-cache"))
     assert loaded["id"] == ["g1"] and loaded[0]["image"].convert("L").getextrema() == (128, 128)
 

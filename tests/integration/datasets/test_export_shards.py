@@ -13,10 +13,10 @@ import tracemalloc
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from integration.faults import fault_env
 from synthetic_output import build_output, row_id
+
+from integration.faults import fault_env
 
 ROWS = 400
 FAILED_EVERY = 50  # rows 49, 99, …: failed, no image — never exported
