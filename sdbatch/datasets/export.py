@@ -632,15 +632,21 @@ def push_to_hub(folder: Path, repo_id: str) -> str:
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
     api = HfApi()
+    again = f"the export at {folder} is complete: rerun the same command to push it"
     try:
         api.create_repo(repo_id, repo_type="dataset", private=True, exist_ok=True)
         api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=folder, ignore_patterns=[f"{MARK_DIR}/*"],
                           commit_message="sdbatch export")
     except LocalTokenNotFoundError:
-        raise ExportError(f"--push-to {repo_id}: no Hugging Face token; log in with `hf auth login` or set HF_TOKEN. "
-                          f"The export at {folder} is complete: rerun the same command to push it") from None
-    except (HfHubHTTPError, OSError) as exc:
-        raise JobFailed(f"--push-to {repo_id}: the Hub refused or could not be reached ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}); the export at {folder} is complete: rerun "
-                        "the same command to push it") from None
+        raise ExportError(f"--push-to {repo_id}: no Hugging Face token; log in with `hf auth login` or set "
+                          f"HF_TOKEN. {again}") from None
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status in (401, 403):
+            raise ExportError(f"--push-to {repo_id}: the Hub refused the token (HTTP {status}); use a token that may "
+                              f"write {repo_id} (`hf auth login`, HF_TOKEN). {again}") from None
+        raise JobFailed(f"--push-to {repo_id}: the Hub answered HTTP {status}; {again}") from None
+    except Exception as exc:  # noqa: BLE001 - huggingface_hub lets its HTTP client's own errors through
+        raise JobFailed(f"--push-to {repo_id}: the Hub could not be reached ({type(exc).__name__}: {exc}); "
+                        f"{again}") from None
     return f"https://huggingface.co/datasets/{repo_id}"

@@ -203,3 +203,20 @@ def test_the_selection_pass_memory_does_not_grow_with_the_rows(tmp_path, monkeyp
     large = selection_peak(tmp_path / "large", 50_000, monkeypatch)
     assert large[0] < 1.5 * small[0], (small, large)  # Python objects
     assert large[1] < 1.5 * small[1], (small, large)  # Arrow buffers (outside Python's allocator)
+
+
+def test_push_to_an_unreachable_hub_fails_after_a_complete_export(run_cli, out, tmp_path):
+    """No network here: the Hub is a closed port on loopback. The export itself is complete;
+    the same command pushes it once the Hub is reachable."""
+    import socket
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_TOKEN": "hf_test_token_not_real", "HF_HOME": str(tmp_path / "hf")}
+    res = run_cli("export", out, "--to", "hf", tmp_path / "ds", "--push-to", "me/shapes", env=env)
+    assert res.returncode == 5 and "Traceback" not in res.stderr, res.stderr
+    said = " ".join(res.stderr.split())
+    assert "--push-to me/shapes: the Hub could not be reached" in said and "rerun the same command to push it" in said
+    assert f"exported {len(ok_ids())} images" in res.stdout and (tmp_path / "ds" / ".sdbatch-export" / "complete.json").exists()
+    assert "hf_test_token_not_real" not in res.stdout + res.stderr
