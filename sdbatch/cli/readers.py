@@ -133,6 +133,7 @@ def export(
         push_to_hub,
     )
     from sdbatch.datasets.export import export as run_export
+    from sdbatch.run.progress import plural
 
     modes = {"ray": 0, "local": None, "auto": EXPORT_IN_PROCESS_BELOW}
     if parallel not in modes:
@@ -155,7 +156,8 @@ def export(
                             in_process_below=threshold or 0,
                             on_shard=lambda done, total: bar.update(task, completed=done, total=total))
     resumed = f", {result.shards - result.written_now} of them from an earlier run" if result.written_now < result.shards else ""
-    stdout.print(f"exported {result.rows} images to {result.dest} ({to}, {result.shards} shards{resumed})", highlight=False)
+    stdout.print(f"exported {result.rows} images to {result.dest} ({to}, {plural(result.shards, 'shard')}{resumed})",
+                 highlight=False)
     if push_to:
         stdout.print(f"pushed to {push_to_hub(Path(dest), push_to)}", highlight=False)
 

@@ -372,7 +372,8 @@ def _class_values(batch: pa.RecordBatch, column: str) -> set[str]:
 
 
 class ShardTask(BaseModel):
-    """Everything a task needs to write one output shard, wherever it runs (plain values)."""
+    """Everything a task needs to write one output shard, wherever it runs (plain values; the
+    plan without its list of shards)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -409,7 +410,7 @@ class _ShardFile:
     """One output shard being written to a local file, a slice of checked rows at a time."""
 
     def __init__(self, plan: ExportPlan, path: Path):
-        self.plan, self.path = plan, path
+        self.plan = plan
         self.class_column = plan.options.class_column
         self.classes = pa.array(plan.classes, pa.string())
 
@@ -572,7 +573,8 @@ def export(out: str, dest_location: str, options: ExportOptions, *, endpoint_url
     _check_dest(dest, dest_location)
     _resume_or_claim(dest, plan)
     done = {key.removeprefix(DONE_PREFIX).removesuffix(".json") for key in dest.list(DONE_PREFIX)}
-    todo = [ShardTask(out=out, dest=dest_location, endpoint_url=endpoint_url, plan=plan, shard=shard)
+    slim = plan.model_copy(update={"shards": ()})  # a task needs its own shard only, not the whole list
+    todo = [ShardTask(out=out, dest=dest_location, endpoint_url=endpoint_url, plan=slim, shard=shard)
             for shard in plan.shards if shard.name not in done]
     if done:
         log.info("%s: %d of %d output shards are already written; writing the other %d", dest.url,
