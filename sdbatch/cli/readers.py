@@ -110,8 +110,9 @@ def export(
     shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="Bytes of images per output shard, about (default 512 MiB)."),
     skip_mismatched: bool = typer.Option(False, "--skip-mismatched", help="Leave out rows whose stored image is not the one the index recorded (size, "
         "sha256) instead of refusing the export; they are named in a warning."),
-    parallel: str = typer.Option("auto", "--parallel", help="Where output shards are written: ray (Ray tasks on the cluster), "
-        "local (this process), auto (Ray when there are over 256 MiB of images to write)."),
+    parallel: str = typer.Option("auto", "--parallel", help="Where output shards are written: ray (Ray tasks on the cluster; a "
+        "local OUT or DEST must then be on every node: one machine or a shared filesystem), local (this process), auto "
+        "(Ray when OUT and DEST are s3:// and there are over 256 MiB of images to write)."),
     address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Ray cluster for the shard tasks; default: start a local one."),
     push_to: Optional[str] = typer.Option(None, "--push-to", help="With --to hf and a local DEST: then upload DEST to this Hugging Face "
         "dataset repo (user/name) with your token (`hf auth login` or HF_TOKEN)."),
@@ -135,17 +136,17 @@ def export(
     from sdbatch.datasets.export import export as run_export
     from sdbatch.run.progress import plural
 
-    modes = {"ray": 0, "local": None, "auto": EXPORT_IN_PROCESS_BELOW}
-    if parallel not in modes:
-        raise ExportError(f"--parallel {parallel!r}: use one of {', '.join(modes)}")
+    if parallel not in ("ray", "local", "auto"):
+        raise ExportError(f"--parallel {parallel!r}: use one of ray, local, auto")
     if push_to and (to != "hf" or "://" in dest):
         raise ExportError("--push-to uploads a local hf export: give --to hf and a local DEST")
     options = ExportOptions(to=to, where=where, shard_bytes=shard_size or DEFAULT_SHARD_BYTES,
                             skip_mismatched=skip_mismatched, class_column=class_column, splits=parse_splits(split),
                             columns=tuple(c.strip() for c in columns.split(",") if c.strip()) if columns else None)
-    threshold = modes[parallel]
+    # auto: Ray tasks only where every node reaches OUT and DEST (s3://), and only for a copy that outweighs starting Ray
+    on_s3 = all(location.startswith("s3://") for location in (out_location, dest))
     runner = None
-    if threshold is not None:
+    if parallel == "ray" or (parallel == "auto" and on_s3):
         from sdbatch.run.tasks import ray_tasks
 
         runner = ray_tasks(address)
@@ -153,7 +154,7 @@ def export(
                   console=err, transient=True) as bar:
         task = bar.add_task("export", total=None)
         result = run_export(out_location, dest, options, endpoint_url=s3_endpoint, run_tasks=runner,
-                            in_process_below=threshold or 0,
+                            in_process_below=EXPORT_IN_PROCESS_BELOW if parallel == "auto" else 0,
                             on_shard=lambda done, total: bar.update(task, completed=done, total=total))
     resumed = f", {result.shards - result.written_now} of them from an earlier run" if result.written_now < result.shards else ""
     stdout.print(f"exported {result.rows} images to {result.dest} ({to}, {plural(result.shards, 'shard')}{resumed})",

@@ -409,7 +409,7 @@ def _hf_features(plan: ExportPlan) -> bytes:
 class _ShardFile:
     """One output shard being written to a local file, a slice of checked rows at a time."""
 
-    def __init__(self, plan: ExportPlan, path: Path):
+    def __init__(self, plan: ExportPlan):
         self.plan = plan
         self.class_column = plan.options.class_column
         self.classes = pa.array(plan.classes, pa.string())
@@ -426,7 +426,7 @@ class _ShardFile:
 
 class _ParquetShard(_ShardFile):
     def __init__(self, plan: ExportPlan, path: Path):
-        super().__init__(plan, path)
+        super().__init__(plan)
         fields = [pa.field(HF_IMAGE_COLUMN, pa.struct([("bytes", pa.binary()), ("path", pa.string())]))]
         fields += [pa.field(f.name, pa.int64()) if f.name == self.class_column else f for f in plan.schema]
         self.schema = pa.schema(fields, metadata={b"huggingface": _hf_features(plan)})
@@ -448,7 +448,7 @@ class _TarShard(_ShardFile):
     def __init__(self, plan: ExportPlan, path: Path):
         import webdataset
 
-        super().__init__(plan, path)
+        super().__init__(plan)
         self.writer = webdataset.TarWriter(str(path))
 
     def add(self, rows: pa.RecordBatch, images: list[bytes], exts: list[str]) -> None:
