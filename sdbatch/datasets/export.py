@@ -484,7 +484,8 @@ def write_shard(task: ShardTask) -> ShardResult:
     selection = Selection(plan.options)
     mismatched: list[tuple[str, str, str]] = []
     count = written_rows = 0
-    needed = list(dict.fromkeys([*_WORKING_COLUMNS, *plan.columns]))
+    # --where may name columns the export does not write: then every column is read
+    needed = None if plan.options.where else list(dict.fromkeys([*_WORKING_COLUMNS, *plan.columns]))
     with tempfile.TemporaryDirectory(prefix="sdbatch-export-") as tmp:
         path = Path(tmp) / "shard"
         out = (_ParquetShard if plan.options.to == "hf" else _TarShard)(plan, path)

@@ -13,6 +13,7 @@ import tracemalloc
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from synthetic_output import build_output, row_id
 
@@ -127,6 +128,14 @@ def test_an_empty_selection_is_refused_and_nothing_is_written(run_cli, out, tmp_
     said = " ".join(res.stderr.split())
     assert f"no row of its {ROWS} (index.parquet) has an image (status 'ok') and matches --where 'label = 11'" in said
     assert not (tmp_path / "ds").exists()
+
+
+def test_columns_leave_out_what_where_selects_by(run_cli, out, tmp_path):
+    res = run_cli("export", out, "--to", "hf", tmp_path / "ds", "--columns", "id", "--where", "label = 3 and seed > 100")
+    assert res.returncode == 0, res.stderr
+    table = pq.read_table(tmp_path / "ds" / "data")
+    assert table.column_names == ["image", "id"]
+    assert sorted(table.column("id").to_pylist()) == sorted(ok_ids(lambda r: r % 10 == 3 and r > 100))
 
 
 def test_bad_columns_split_and_class_column_are_refused(run_cli, out, tmp_path):
