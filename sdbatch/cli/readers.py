@@ -10,6 +10,10 @@ import typer
 from sdbatch.cli.app import EndpointOpt, command, err, setup_logging, stdout
 from sdbatch.errors import READER_EXIT_CODES_HELP, BadInput
 
+#: ``export --parallel auto``: fewer bytes of images than this to write are copied in this process
+#: (starting or joining Ray would take longer than the copy).
+EXPORT_IN_PROCESS_BELOW = 256 << 20
+
 
 @command(epilog="")
 def reproduce(
@@ -92,24 +96,69 @@ def report(
 @command(epilog=READER_EXIT_CODES_HELP)
 def export(
     out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
-    to: str = typer.Option(..., "--to", help="hf (a Hugging Face imagefolder: datasets.load_dataset(DIR)) or webdataset."),
-    dest: Path = typer.Argument(..., metavar="DIR", help="A new (or empty) local directory to write."),
+    to: str = typer.Option(..., "--to", help="hf (Parquet shards data/<split>-NNNNN-of-NNNNN.parquet with the images inline: "
+        "datasets.load_dataset(DEST)) or webdataset (tars)."),
+    dest: str = typer.Argument(..., metavar="DEST", help="A new (or empty) directory or s3://… prefix to write; the one an "
+        "interrupted export left, to finish it."),
     where: Optional[str] = typer.Option(None, "--where", help="SQL condition over the index columns, e.g. \"not blank and duplicate_of is null\"."),
-    shard_size: int = typer.Option(1 << 30, "--shard-size", min=1, help="webdataset: bytes per tar shard."),
+    columns: Optional[str] = typer.Option(None, "--columns", help="Comma-separated index columns to write (default: all)."),
+    class_column: Optional[str] = typer.Option(None, "--class-column", help="A label column written as class numbers: hf a "
+        "ClassLabel (names sorted), webdataset <key>.cls."),
+    split: Optional[str] = typer.Option(None, "--split", help="Splits by a stable hash of the id, e.g. train=0.9,test=0.1 (default: all in train)."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="Bytes of images per output shard, about (default 512 MiB)."),
     skip_mismatched: bool = typer.Option(False, "--skip-mismatched", help="Leave out rows whose stored image is not the one the index recorded (size, "
         "sha256) instead of refusing the export; they are named in a warning."),
+    parallel: str = typer.Option("auto", "--parallel", help="Where output shards are written: ray (Ray tasks on the cluster; a "
+        "local OUT or DEST must then be on every node: one machine or a shared filesystem), local (this process), auto "
+        "(Ray when OUT and DEST are s3:// and there are over 256 MiB of images to write)."),
+    address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Ray cluster for the shard tasks; default: start a local one."),
+    push_to: Optional[str] = typer.Option(None, "--push-to", help="With --to hf and a local DEST: then upload DEST to this Hugging Face "
+        "dataset repo (user/name) with your token (`hf auth login` or HF_TOKEN)."),
     s3_endpoint: Optional[str] = EndpointOpt,
 ) -> None:
-    """Write OUT's images and index rows (all columns), filtered by --where, in a training format.
+    """Write OUT's images and index rows, selected by --where, as a training dataset in output
+    shards of about --shard-size, resuming an interrupted export at DEST.
 
-    Every image copied is checked against its index row's size and sha256."""
+    Every image copied is checked against its index row's size and sha256. A selection of no
+    rows is refused (exit 2) before anything is written."""
     setup_logging(False)
-    from sdbatch.datasets.export import export as run_export
-    from sdbatch.storage.open import open_storage
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    count = run_export(open_storage(out_location, endpoint_url=s3_endpoint), to, dest, where, shard_size,
-                       skip_mismatched)
-    stdout.print(f"exported {count} images to {dest} ({to})")
+    from sdbatch.datasets.export import (
+        DEFAULT_SHARD_BYTES,
+        ExportError,
+        ExportOptions,
+        parse_splits,
+        push_to_hub,
+    )
+    from sdbatch.datasets.export import export as run_export
+    from sdbatch.run.progress import plural
+
+    if parallel not in ("ray", "local", "auto"):
+        raise ExportError(f"--parallel {parallel!r}: use one of ray, local, auto")
+    if push_to and (to != "hf" or "://" in dest):
+        raise ExportError("--push-to uploads a local hf export: give --to hf and a local DEST")
+    options = ExportOptions(to=to, where=where, shard_bytes=shard_size or DEFAULT_SHARD_BYTES,
+                            skip_mismatched=skip_mismatched, class_column=class_column, splits=parse_splits(split),
+                            columns=tuple(c.strip() for c in columns.split(",") if c.strip()) if columns else None)
+    # auto: Ray tasks only where every node reaches OUT and DEST (s3://), and only for a copy that outweighs starting Ray
+    on_s3 = all(location.startswith("s3://") for location in (out_location, dest))
+    runner = None
+    if parallel == "ray" or (parallel == "auto" and on_s3):
+        from sdbatch.run.tasks import ray_tasks
+
+        runner = ray_tasks(address)
+    with Progress(TextColumn("export"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task("export", total=None)
+        result = run_export(out_location, dest, options, endpoint_url=s3_endpoint, run_tasks=runner,
+                            in_process_below=EXPORT_IN_PROCESS_BELOW if parallel == "auto" else 0,
+                            on_shard=lambda done, total: bar.update(task, completed=done, total=total))
+    resumed = f", {result.shards - result.written_now} of them from an earlier run" if result.written_now < result.shards else ""
+    stdout.print(f"exported {result.rows} images to {result.dest} ({to}, {plural(result.shards, 'shard')}{resumed})",
+                 highlight=False)
+    if push_to:
+        stdout.print(f"pushed to {push_to_hub(Path(dest), push_to)}", highlight=False)
 
 
 @command(epilog=READER_EXIT_CODES_HELP)

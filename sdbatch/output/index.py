@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -23,7 +22,6 @@ from sdbatch.output.commits import (
     FINGERPRINT_META,
     CorruptCommit,
     ForeignCommit,
-    commit_stamp,
     committed_shards,
     metadata_key,
     read_shard_index,
@@ -234,11 +232,30 @@ class JobIndex:
             return []
         return read_shard_index(self.storage, self._commits[0], self.job_fingerprint).column_names
 
-    def batches(self, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    def batches(self, columns: list[str] | None = None, rows: tuple[int, int] | None = None) -> Iterator[pa.RecordBatch]:
         """The index's rows in row order, ``INDEX_BATCH_ROWS`` at most per batch; ``columns``
-        (default all) in that order, a column a commit lacks as nulls of the index's type."""
+        (default all) in that order, a column a commit lacks as nulls of the index's type.
+        ``rows`` (first, last): only the rows numbered first … last, reading only the row
+        groups whose ``row`` statistics reach into that range (an export shard's slice)."""
+        if rows is None:
+            yield from self._all_batches(columns)
+            return
+        first, last = rows
+        wanted = columns if columns is None or "row" in columns else [*columns, "row"]
+        for batch in self._all_batches(wanted, rows):
+            numbers = batch.column("row")
+            inside = pc.and_(pc.greater_equal(numbers, first), pc.less_equal(numbers, last))
+            if pc.any(inside).as_py():
+                batch = batch.filter(inside)
+                yield batch if wanted is columns else batch.select(columns)
+
+    def _all_batches(self, columns: list[str] | None, rows: tuple[int, int] | None = None) -> Iterator[pa.RecordBatch]:
         if self._file is not None:
-            yield from self._file.iter_batches(batch_size=INDEX_BATCH_ROWS, columns=columns)
+            groups = list(range(self._file.num_row_groups))
+            if rows is not None:
+                groups = [g for g in groups if _may_reach(self._file.metadata.row_group(g), "row", *rows)]
+            if groups:
+                yield from self._file.iter_batches(batch_size=INDEX_BATCH_ROWS, row_groups=groups, columns=columns)
             return
         for name in self._commits:
             table = read_shard_index(self.storage, name, self.job_fingerprint)
@@ -274,14 +291,23 @@ class JobIndex:
         return found
 
 
+def _min_max(group: pq.RowGroupMetaData, name: str) -> tuple[Any, Any] | None:
+    """A row group's statistics of column ``name`` (None: it has none)."""
+    column = next((group.column(i) for i in range(group.num_columns) if group.column(i).path_in_schema == name), None)
+    stats = column.statistics if column is not None else None
+    return (stats.min, stats.max) if stats is not None and stats.has_min_max else None
+
+
 def _may_hold(group: pq.RowGroupMetaData, wanted: pa.Array) -> bool:
     """Whether a row group's ``id`` statistics allow one of ``wanted`` (sorted) in it."""
-    column = next((group.column(i) for i in range(group.num_columns) if group.column(i).path_in_schema == "id"), None)
-    stats = column.statistics if column is not None else None
-    if stats is None or not stats.has_min_max:
-        return True
-    low, high = stats.min, stats.max
-    return any(low <= w <= high for w in wanted.to_pylist())
+    bounds = _min_max(group, "id")
+    return bounds is None or any(bounds[0] <= w <= bounds[1] for w in wanted.to_pylist())
+
+
+def _may_reach(group: pq.RowGroupMetaData, name: str, first: Any, last: Any) -> bool:
+    """Whether a row group's statistics of ``name`` allow a value in first … last."""
+    bounds = _min_max(group, name)
+    return bounds is None or (bounds[0] <= last and bounds[1] >= first)
 
 
 def _commit_columns(table: pa.Table, columns: list[str] | None) -> pa.Table:
@@ -304,8 +330,8 @@ def open_index(storage: Storage, job_fingerprint: str) -> JobIndex:
     Raises ``OutputMismatch`` when a commit is another job's."""
     problem = None
     try:
-        # pre_buffer (on by default) caches every column chunk read while the file is open: the
-        # memory of a pass over the index would grow with its rows
+        # pre_buffer off: on, Arrow fetches every row group an ``iter_batches`` names up front —
+        # the whole file — instead of a row group's columns at a time
         file = pq.ParquetFile(storage.open_read(INDEX_KEY), pre_buffer=False)
     except NotFound:
         pass
@@ -316,20 +342,3 @@ def open_index(storage: Storage, job_fingerprint: str) -> JobIndex:
             return JobIndex(storage, job_fingerprint, file=file)
         problem = f"{INDEX_KEY} does not carry this job's fingerprint"
     return JobIndex(storage, job_fingerprint, commits=sorted(committed_shards(storage), key=int), problem=problem)
-
-
-def read_index(storage: Storage, job_fingerprint: str) -> tuple[pa.Table, int | None]:
-    """The final index if written and stamped with ``job_fingerprint`` (and None), else the
-    merge of what is committed so far (not written) and how many commits that is."""
-    try:
-        table = pq.read_table(io.BytesIO(storage.get(INDEX_KEY)))
-    except NotFound:
-        pass
-    except (pa.ArrowInvalid, OSError) as exc:  # a merge cut short: the commits still hold every row
-        log.warning("%s is not readable Parquet (%s: %s): reading the shard commits instead; rerun "
-                    "`sdbatch submit` to rewrite it", INDEX_KEY, type(exc).__name__, exc)
-    else:
-        if commit_stamp(table) == job_fingerprint:
-            return table, None
-        log.warning("%s does not carry this job's fingerprint: reading the shard commits instead", INDEX_KEY)
-    return committed_index(storage, job_fingerprint)

@@ -151,6 +151,13 @@ class _FileWriter(ShardWriter):
         return {rid: self._placed[rid] for rid in row_ids}
 
 
+def tar_json(record: dict[str, Any]) -> bytes:
+    """A tar sample's ``<key>.json``: the image's record with its labels (the record's
+    ``extra``) also at the top level, as an export's samples carry them — the record's own keys
+    win a clash; ``extra`` keeps every label."""
+    return json.dumps({**(record.get("extra") or {}), **record}, sort_keys=True).encode()
+
+
 class _TarWriter(ShardWriter):
     def __init__(self, *args: Any):
         super().__init__(*args)
@@ -158,7 +165,7 @@ class _TarWriter(ShardWriter):
 
     def add(self, row_id: str, data: bytes, digest: str, record: dict[str, Any]) -> None:
         with self._lock:
-            self._members[row_id] = (data, json.dumps(record, sort_keys=True).encode())
+            self._members[row_id] = (data, tar_json(record))
 
     def finish(self, row_ids: list[str]) -> dict[str, Placed]:
         if not row_ids:

@@ -106,6 +106,7 @@ def test_webdataset_output_reads_back_with_the_webdataset_library(run_cli, small
         assert sample["png"].size == (64, 64)
         assert index[record["id"]]["key"].endswith(f"#{record['id']}.png")
         assert record["seed"] == index[record["id"]]["seed"]
+        assert record["label"] == record["extra"]["label"] == index[record["id"]]["label"]  # labels at the top level
     assert set(seen) == set(index)
 
 

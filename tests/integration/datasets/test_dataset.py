@@ -125,8 +125,9 @@ def test_export_hf_loads_in_datasets_with_a_filter(job, tmp_path):
     res = sdbatch_cli("", "export", job["out"], "--to", "hf", dest,
                       "--where", "not blank and duplicate_of is null and size = 'small'")
     assert res.returncode == 0, res.stderr
+    assert [p.name for p in (dest / "data").iterdir()] == ["train-00000-of-00001.parquet"]
     cache = str(tmp_path / "hf-cache")
-    loaded = datasets.load_dataset("imagefolder", data_dir=str(dest), split="train", cache_dir=cache)
+    loaded = datasets.load_dataset(str(dest), split="train", cache_dir=cache)
     assert loaded.num_rows == 8
     assert set(loaded["size"]) == {"small"} and all("small" in p for p in loaded["prompt"])
     for column in ("seed", "guidance_scale", "colour", "phash", "clip_score", "duplicate_of", "sha256"):
@@ -134,11 +135,10 @@ def test_export_hf_loads_in_datasets_with_a_filter(job, tmp_path):
     sample = loaded[0]
     stored = Image.open(job["out"] / job["index"][sample["id"]]["key"])
     assert sample["image"].convert("RGB").tobytes() == stored.convert("RGB").tobytes()
-    assert datasets.load_dataset(str(dest), split="train", cache_dir=cache).num_rows == 8
 
     everything = tmp_path / "all"
     assert sdbatch_cli("", "export", job["out"], "--to", "hf", everything).returncode == 0
-    assert len(list((everything / "images").iterdir())) == 18
+    assert pq.read_table(everything / "data").num_rows == 18
 
 
 def test_export_webdataset_from_s3_reshards_by_size(job, s3_bucket, tmp_path):
@@ -168,16 +168,15 @@ def test_export_refuses_a_bad_filter_and_a_used_dir(job, tmp_path):
     res = sdbatch_cli("", "export", job["out"], "--to", "hf", dest, "--where", "bogus_column > 1")
     assert res.returncode == 2 and "--where 'bogus_column > 1'" in res.stderr and "bogus_column" in res.stderr
     assert not dest.exists()
-    from sdbatch.datasets.export import ExportError, export
-    from sdbatch.storage.local import LocalStorage
+    from sdbatch.datasets.export import ExportError, ExportOptions, export
 
     dest.mkdir()
     (dest / "mine.txt").write_text("keep")
-    with pytest.raises(ExportError, match="not an empty directory"):
-        export(LocalStorage(job["out"]), "hf", dest)
+    with pytest.raises(ExportError, match="exists and is not empty"):
+        export(str(job["out"]), str(dest), ExportOptions(to="hf"))
     assert [p.name for p in dest.iterdir()] == ["mine.txt"]
     with pytest.raises(ExportError, match="--to 'csv': use one of hf, webdataset"):
-        export(LocalStorage(job["out"]), "csv", tmp_path / "y")
+        export(str(job["out"]), str(tmp_path / "y"), ExportOptions(to="csv"))
 
 
 def test_grid_images(job, tmp_path):
@@ -223,7 +222,7 @@ def test_blank_images_are_flagged_and_near_uniform_twins_share_a_phash(tmp_path)
     import datasets
     from conftest import write_manifest
 
-    from sdbatch.datasets.export import export
+    from sdbatch.datasets.export import ExportOptions, export
     from sdbatch.datasets.stats import job_stats
     from sdbatch.manifest.reader import passthrough_types, read_rows
     from sdbatch.manifest.sources import open_manifest
@@ -253,7 +252,8 @@ def test_blank_images_are_flagged_and_near_uniform_twins_share_a_phash(tmp_path)
     stats = job_stats(open_index(storage, job.fingerprint))
     assert (stats["blank"], stats["duplicates"]) == (2, 1)
 
-    assert export(storage, "hf", tmp_path / "hf", where="blank and duplicate_of is null") == 1
+    assert export(str(tmp_path / "out"), str(tmp_path / "hf"),
+                  ExportOptions(to="hf", where="blank and duplicate_of is null")).rows == 1
     loaded = datasets.load_dataset(str(tmp_path / "hf"), split="train", cache_dir=str(tmp_path / "hf-cache"))
     assert loaded["id"] == ["g1"] and loaded[0]["image"].convert("L").getextrema() == (128, 128)
 

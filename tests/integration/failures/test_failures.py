@@ -313,7 +313,7 @@ def test_unlock_removes_only_a_lock_no_live_driver_holds(tmp_path):
 def test_a_stray_metadata_file_and_a_truncated_index_are_not_taken_for_commits(tmp_path):
     from sdbatch.data.index import index_schema
     from sdbatch.output.commits import committed_shards, records_to_parquet
-    from sdbatch.output.index import read_index
+    from sdbatch.output.index import open_index
     from sdbatch.storage.local import LocalStorage
 
     storage = LocalStorage(tmp_path / "out")
@@ -322,8 +322,9 @@ def test_a_stray_metadata_file_and_a_truncated_index_are_not_taken_for_commits(t
     storage.put("metadata/summary.parquet", b"another tool's file")
     assert committed_shards(storage) == {"00000"}
     storage.put("index.parquet", b"PAR1-truncated")
-    table, merged = read_index(storage, "fp")  # the commits still hold every row
-    assert merged == 1 and table.column("id").to_pylist() == ["a"]
+    index = open_index(storage, "fp")  # the commits still hold every row
+    assert not index.final and "not readable Parquet" in index.problem
+    assert [i for b in index.batches(["id"]) for i in b.column("id").to_pylist()] == ["a"]
 
 
 def test_a_mistyped_address_fails_within_seconds(ray_address, tmp_path):
