@@ -97,12 +97,16 @@ class Checked:
             self.good.append(entry)
 
 
+def size_differs(size: int, recorded: int) -> str:
+    return f"size {size} ≠ recorded {recorded}"
+
+
 def differs(entry: dict[str, Any], data: bytes) -> str | None:
     """How ``data`` differs from the image index row ``entry`` recorded (its ``bytes`` and
     ``sha256``); None when it is that image. Every reader of stored images asks this."""
     problems = []
     if len(data) != entry["bytes"]:
-        problems.append(f"size {len(data)} ≠ recorded {entry['bytes']}")
+        problems.append(size_differs(len(data), entry["bytes"]))
     if sha256(data) != entry["sha256"]:
         problems.append("sha256 differs")
     return ", ".join(problems) or None
@@ -196,6 +200,8 @@ class Layout:
 
     format = ""
     _writer: type[ShardWriter] = ShardWriter
+    prefix = ""  # the folder this layout writes under (the other layout's is foreign to it)
+    listed_sizes = True  # whether a listing shows each row's recorded size (a tar's is not a member's)
 
     def __init__(self, storage: Storage, image_format: str = "png"):
         self.storage = storage
@@ -211,6 +217,15 @@ class Layout:
         when its object cannot be read."""
         raise NotImplementedError
 
+    def shard_prefix(self, shard_name: str) -> str:
+        """The listing prefix that holds every object of ``shard_name`` (and maybe others':
+        ``owner`` tells)."""
+        raise NotImplementedError
+
+    def owner(self, key: str) -> str | None:
+        """The shard whose objects the storage key or folder ``key`` holds (None: no shard's)."""
+        raise NotImplementedError
+
     def objects(self, keys: list[str]) -> set[str]:
         """The storage objects the index keys ``keys`` name."""
         return {object_key(k) for k in keys if k}
@@ -223,6 +238,14 @@ class Layout:
 class FilesLayout(Layout):
     format = "files"
     _writer = _FileWriter
+    prefix = IMAGES_PREFIX
+
+    def shard_prefix(self, shard_name: str) -> str:
+        return f"{IMAGES_PREFIX}{shard_name}/"
+
+    def owner(self, key: str) -> str | None:
+        folder, slash, _ = key.removeprefix(IMAGES_PREFIX).partition("/")
+        return folder if key.startswith(IMAGES_PREFIX) and slash else None
 
     def read(self, key: str) -> bytes:
         return self.storage.get(key)
@@ -244,6 +267,18 @@ class FilesLayout(Layout):
 class WebdatasetLayout(Layout):
     format = "webdataset"
     _writer = _TarWriter
+    prefix = TARS_PREFIX
+    listed_sizes = False
+
+    def shard_prefix(self, shard_name: str) -> str:
+        return f"{TARS_PREFIX}{shard_name}"
+
+    def owner(self, key: str) -> str | None:
+        """A shard's tar is ``shards/<shard>.tar``; a ``--retry-failed`` unit's ``shards/<shard>-….tar``."""
+        name = key.removeprefix(TARS_PREFIX)
+        if not key.startswith(TARS_PREFIX) or "/" in name or not name.endswith(".tar"):
+            return None
+        return name.removesuffix(".tar").partition("-")[0]
 
     def __init__(self, storage: Storage, image_format: str = "png"):
         super().__init__(storage, image_format)
