@@ -15,10 +15,13 @@ from __future__ import annotations
 import base64
 import io
 import logging
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from sdbatch.audit.job_output import AuditError, JobOutput, open_job
 from sdbatch.data.index import STATUS_FAILED, STATUS_OK
@@ -55,11 +58,50 @@ class Summary:
     gpu_hour_usd: float | None
 
 
-def summarize(job: JobOutput, state: JobState, gpu_hour_usd: float | None) -> Summary:
+#: The index columns the page's aggregates read, a record batch at a time.
+TALLY_COLUMNS = ["row", "id", "status", "attempt", "error", "worker", "generate_seconds"]
+
+
+@dataclass
+class IndexTally:
+    """What the page shows of the index, gathered a record batch at a time: rows ok and
+    failed, per worker (rows ok, rows failed, generation seconds) and the first failed rows."""
+
+    rows_ok: int = 0
+    rows_failed: int = 0
+    workers: dict[str, list[float]] = field(default_factory=dict)
+    failures: list[dict[str, Any]] = field(default_factory=list)  # the first MAX_FAILURES_SHOWN
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        status = batch.column("status")
+        ok, failed = pc.equal(status, STATUS_OK), pc.equal(status, STATUS_FAILED)
+        self.rows_ok += pc.sum(ok).as_py() or 0
+        self.rows_failed += pc.sum(failed).as_py() or 0
+        shown = MAX_FAILURES_SHOWN - len(self.failures)
+        if shown > 0:
+            self.failures += batch.filter(failed).slice(0, shown).to_pylist()
+        per_worker = pa.table({
+            "worker": pc.fill_null(batch.column("worker"), "?"), "ok": pc.fill_null(ok, False),
+            "seconds": pc.fill_null(batch.column("generate_seconds").cast(pa.float64()), 0.0),
+        }).group_by(["worker", "ok"], use_threads=False).aggregate([("seconds", "sum"), ("seconds", "count")])
+        for worker, is_ok, seconds, rows in zip(*(per_worker.column(c).to_pylist() for c in
+                                                  ("worker", "ok", "seconds_sum", "seconds_count"))):
+            entry = self.workers.setdefault(worker, [0, 0, 0.0])
+            entry[0 if is_ok else 1] += rows  # any status but ok counts as failed, as before
+            entry[2] += seconds
+
+
+def tally_index(job: JobOutput) -> IndexTally:
+    tally = IndexTally()
+    for batch in job.index.batches(TALLY_COLUMNS):
+        tally.add(batch)
+    return tally
+
+
+def summarize(job: JobOutput, tally: IndexTally, state: JobState, gpu_hour_usd: float | None) -> Summary:
     """The page's numbers: the rows from the index so far, the last run's time and rate from
     the job's state (``output.state.JobState.last_run``)."""
-    statuses = [r["status"] for r in job.index]
-    rows_ok, rows_failed = statuses.count(STATUS_OK), statuses.count(STATUS_FAILED)
+    rows_ok, rows_failed = tally.rows_ok, tally.rows_failed
     rows_total = state.rows_total
     wall, images, rate = state.last_run
     res = job.spec.resources
@@ -77,18 +119,13 @@ def summarize(job: JobOutput, state: JobState, gpu_hour_usd: float | None) -> Su
     )
 
 
-def worker_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def worker_table(tally: IndexTally) -> list[dict[str, Any]]:
     """Per worker (over every run): rows ok and failed, generation seconds, images per
     generation-second."""
-    tally: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0.0])
-    for row in rows:
-        entry = tally[row.get("worker") or "?"]
-        entry[0 if row["status"] == STATUS_OK else 1] += 1
-        entry[2] += row.get("generate_seconds") or 0.0
     return [
         {"worker": name, "rows_ok": int(ok), "rows_failed": int(failed), "generate_seconds": seconds,
          "images_per_second": ok / seconds if seconds else None}
-        for name, (ok, failed, seconds) in sorted(tally.items())
+        for name, (ok, failed, seconds) in sorted(tally.workers.items())
     ]
 
 
@@ -120,13 +157,32 @@ def throughput_chart(history: list[tuple[float, int, int]]) -> str | None:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def contact_sheet(job: JobOutput, count: int) -> list[dict[str, Any]]:
-    """``count`` ok rows spread evenly over the job, each with a thumbnail data URI."""
-    ok = [r for r in job.index if r["status"] == STATUS_OK]
-    if not ok or count <= 0:
+def _sheet_ids(job: JobOutput, rows_ok: int, count: int) -> list[str]:
+    """The ids of ``count`` of the ``rows_ok`` ok rows spread evenly over the job (every
+    ``rows_ok // count``-th), found from the ``id`` and ``status`` columns a batch at a time."""
+    step = max(1, rows_ok // count)
+    wanted = np.arange(0, rows_ok, step)[:count]  # ranks among the ok rows
+    ids: list[str] = []
+    seen = 0  # ok rows before this batch
+    for batch in job.index.batches(["id", "status"]):
+        ok = np.flatnonzero(pc.fill_null(pc.equal(batch.column("status"), STATUS_OK), False).to_numpy(zero_copy_only=False))
+        here = wanted[(wanted >= seen) & (wanted < seen + len(ok))] - seen
+        if len(here):
+            ids += batch.column("id").take(pa.array(ok[here])).to_pylist()
+        seen += len(ok)
+        if len(ids) == len(wanted):
+            break
+    return ids
+
+
+def contact_sheet(job: JobOutput, rows_ok: int, count: int) -> list[dict[str, Any]]:
+    """``count`` of the job's ``rows_ok`` ok rows spread evenly over the job, each with a
+    thumbnail data URI: only those rows are read whole (``JobIndex.rows``)."""
+    if not rows_ok or count <= 0:
         return []
-    step = max(1, len(ok) // count)
-    sample = ok[::step][:count]
+    ids = _sheet_ids(job, rows_ok, count)
+    found = job.index.rows(ids)
+    sample = [found[i] for i in ids if i in found]
 
     layout = job.layout
 
@@ -162,15 +218,15 @@ def render_report(job: JobOutput, gpu_hour_usd: float | None = None) -> str:
     assert state is not None  # open_job found the job record
     success, progress = state.success, state.progress
     price = gpu_hour_usd if gpu_hour_usd is not None else job.spec.report.gpu_hour_usd
-    failures = [r for r in job.index if r["status"] == STATUS_FAILED]
+    tally = tally_index(job)
     environment = jinja2.Environment(
         loader=jinja2.PackageLoader("sdbatch", "templates"), autoescape=True, undefined=jinja2.StrictUndefined,
     )
     return environment.get_template("report.html.j2").render(
-        out=storage.url, mark=report_mark(job.job.fingerprint), job=job.job, spec=job.spec, summary=summarize(job, state, price),
-        success=success, chart=throughput_chart(progress.history if progress else []), workers=worker_table(job.index),
-        failures=failures[:MAX_FAILURES_SHOWN], failures_total=len(failures),
-        sheet=contact_sheet(job, job.spec.report.contact_sheet_images), generated_at=utc_now(),
+        out=storage.url, mark=report_mark(job.job.fingerprint), job=job.job, spec=job.spec, summary=summarize(job, tally, state, price),
+        success=success, chart=throughput_chart(progress.history if progress else []), workers=worker_table(tally),
+        failures=tally.failures, failures_total=tally.rows_failed,
+        sheet=contact_sheet(job, tally.rows_ok, job.spec.report.contact_sheet_images), generated_at=utc_now(),
     )
 
 

@@ -87,11 +87,27 @@ class Reproducer:
         self.endpoint_url = endpoint_url
         self.model_override = model
         self.device_override = device
-        self.by_id = out.rows_by_id()
+        self._entries: dict[str, dict[str, Any]] = {}  # index rows looked up so far: targets and batch-mates
         self.layout = out.layout
         self.places = out.init_image_places
         self._generators: dict[tuple[str, str, str], LoadedModel] = {}
         self._batches: dict[tuple, dict[str, Any]] = {}
+
+    # -- the index rows --------------------------------------------------------------------------
+    def _lookup(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The index rows of ``ids`` that it holds, by id: read by ``JobIndex.rows`` (a filtered
+        read, never the whole index), each once."""
+        missing = [i for i in ids if i not in self._entries]
+        if missing:
+            self._entries.update(self.out.index.rows(missing))
+        return {i: self._entries[i] for i in ids if i in self._entries}
+
+    def entry(self, row_id: str) -> dict[str, Any]:
+        """Row ``row_id``'s index row; AuditError when the index holds no such row."""
+        found = self._lookup([str(row_id)]).get(str(row_id))
+        if found is None:
+            raise AuditError(f"no row with id {row_id!r} in the index of {self.out.storage.url} ({self.out.index_source})")
+        return found
 
     # -- the record ---------------------------------------------------------------------------
     def _stored(self, entry: dict[str, Any]) -> bytes | None:
@@ -182,11 +198,12 @@ class Reproducer:
         notes: list[str] = []
         rebuilt = True
         rows: list[Row] = []
+        mates = self._lookup([rid for rid in batch_ids if rid != target.id])
         for rid in batch_ids:
             if rid == target.id:
                 rows.append(target)
                 continue
-            entry = self.by_id.get(rid)
+            entry = mates.get(rid)
             if entry is None:
                 notes.append(f"batch-mate {rid} is not in the index; regenerating without it")
                 rebuilt = False
@@ -232,7 +249,7 @@ class Reproducer:
         mates: dict[str, list[str]] = {}
         target = record.row.id
         for rid, now in batch["init_sha256"].items():
-            mate = self.by_id.get(rid, {})
+            mate = self._entries.get(rid, {})  # the batch's rows were looked up to regenerate it
             recorded, uri = ((record.init_image_sha256, record.row.init_image) if rid == target
                              else (mate.get("init_image_sha256"), mate.get("init_image")))
             if not recorded or recorded == now:
@@ -248,9 +265,7 @@ class Reproducer:
 
     # -- one row -------------------------------------------------------------------------------
     def reproduce(self, row_id: str) -> ReproduceResult:
-        entry = self.by_id.get(str(row_id))
-        if entry is None:
-            raise AuditError(f"no row with id {row_id!r} in the index of {self.out.storage.url} ({self.out.index_source})")
+        entry = self.entry(row_id)
         if entry.get("status") != STATUS_OK:
             raise AuditError(f"row {row_id!r} has status {entry.get('status')!r} ({entry.get('error')}); "
                              "there is no image to reproduce")

@@ -25,13 +25,11 @@ def reproduce(
     Exit codes: 0 the bytes match; 1 they differ (the largest pixel difference is printed);
     2 bad input (no job at OUT, unknown ID, a row that cannot be rebuilt)."""
     setup_logging(verbose)
-    from sdbatch.audit.job_output import AuditError, open_job
+    from sdbatch.audit.job_output import open_job
     from sdbatch.audit.reproduce import Reproducer
 
-    job_output = open_job(out_location, endpoint_url=s3_endpoint)
-    reproducer = Reproducer(job_output, endpoint_url=s3_endpoint, model=model)
-    if row_id not in reproducer.by_id:
-        raise AuditError(f"no row with id {row_id!r} in the index of {out_location} ({job_output.index_source})")
+    reproducer = Reproducer(open_job(out_location, endpoint_url=s3_endpoint), endpoint_url=s3_endpoint, model=model)
+    reproducer.entry(row_id)  # an unknown ID is refused before the model loads
     err.print(f"regenerating {row_id} …", highlight=False)
     try:
         result = reproducer.reproduce(row_id)
@@ -137,12 +135,10 @@ def stats(
     """Counts per label column, failed, blank and duplicate rows, and score distributions of OUT's index."""
     import json
 
-    from sdbatch.datasets.export import load_index
+    from sdbatch.audit.job_output import open_job
     from sdbatch.datasets.stats import job_stats, render
-    from sdbatch.storage.open import open_storage
 
-    index, final, _ = load_index(open_storage(out_location, endpoint_url=s3_endpoint))
-    result = job_stats(index, final)
+    result = job_stats(open_job(out_location, endpoint_url=s3_endpoint).index)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:
@@ -157,10 +153,9 @@ def grid(
 ) -> None:
     """Draw one labelled X/Y grid image per prompt of a job built with `sdbatch manifest --grid`."""
     setup_logging(False)
-    from sdbatch.datasets.export import load_index
+    from sdbatch.audit.job_output import open_job
     from sdbatch.datasets.grid import render_grids
-    from sdbatch.storage.open import open_storage
 
-    index, _, layout = load_index(open_storage(out_location, endpoint_url=s3_endpoint))
-    paths = render_grids(index, layout, dest)
+    job = open_job(out_location, endpoint_url=s3_endpoint)
+    paths = render_grids(job.index, job.layout, dest)
     stdout.print(f"wrote {len(paths)} grid images to {dest}")

@@ -225,6 +225,15 @@ class JobIndex:
             self._commit_rows = sum(batch.num_rows for batch in self.batches(["row"]))
         return self._commit_rows
 
+    @property
+    def column_names(self) -> list[str]:
+        """The index's columns (while unfinished: its first commit's, as the merge writes them)."""
+        if self._file is not None:
+            return self._file.schema_arrow.names
+        if not self._commits:
+            return []
+        return read_shard_index(self.storage, self._commits[0], self.job_fingerprint).column_names
+
     def batches(self, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
         """The index's rows in row order, ``INDEX_BATCH_ROWS`` at most per batch; ``columns``
         (default all) in that order, a column a commit lacks as nulls of the index's type."""

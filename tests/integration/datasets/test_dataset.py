@@ -224,13 +224,12 @@ def test_blank_images_are_flagged_and_near_uniform_twins_share_a_phash(tmp_path)
     from conftest import write_manifest
 
     from sdbatch.datasets.export import export
-    from sdbatch.datasets.export import load_index as job_index
     from sdbatch.datasets.stats import job_stats
     from sdbatch.manifest.reader import passthrough_types, read_rows
     from sdbatch.manifest.sources import open_manifest
     from sdbatch.models.runtime import load_model
     from sdbatch.output.claim import claim_job, job_record
-    from sdbatch.output.index import merge_index
+    from sdbatch.output.index import merge_index, open_index
     from sdbatch.run.plan import ShardSpec
     from sdbatch.run.shard_runner import ShardRunner
     from sdbatch.spec import load_spec
@@ -245,13 +244,14 @@ def test_blank_images_are_flagged_and_near_uniform_twins_share_a_phash(tmp_path)
     claim_job(storage, job)
     ShardRunner(load_model(str(model)), storage, spec, job_fingerprint=job.fingerprint).run_shard(
         ShardSpec(0, range(2)), read_rows(source, spec, 0, 2))
-    assert job_stats(*job_index(storage)[:2])["duplicates"] is None  # not merged yet: not known
+    assert job_stats(open_index(storage, job.fingerprint))["duplicates"] is None  # not merged yet: not known
     assert merge_index(storage, ["00000"], 2, passthrough_types(source), job.fingerprint).duplicates == 1
     rows = {r["id"]: r for r in load_index(tmp_path / "out")}
     assert rows["g1"]["blank"] is True and rows["g1"]["luma_std"] == 0
     assert rows["g1"]["sha256"] != rows["g2"]["sha256"] and rows["g2"]["duplicate_of"] == "g1"
     assert rows["g1"]["key"] == "shards/00000.tar#g1.png"
-    assert (job_stats(*job_index(storage)[:2])["blank"], job_stats(*job_index(storage)[:2])["duplicates"]) == (2, 1)
+    stats = job_stats(open_index(storage, job.fingerprint))
+    assert (stats["blank"], stats["duplicates"]) == (2, 1)
 
     assert export(storage, "hf", tmp_path / "hf", where="blank and duplicate_of is null") == 1
     loaded = datasets.load_dataset(str(tmp_path / "hf"), split="train", cache_dir=str(tmp_path / "hf-cache"))
