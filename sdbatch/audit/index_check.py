@@ -16,10 +16,10 @@ import pyarrow.compute as pc
 from sdbatch.audit.job_output import JobOutput
 from sdbatch.audit.object_check import Findings
 from sdbatch.data.index import STATUS_OK
+from sdbatch.manifest.sources import ManifestError
 from sdbatch.output.commits import committed_shards
 from sdbatch.output.documents import JobRecord
 from sdbatch.output.index import INDEX_BATCH_ROWS, INDEX_KEY, JobIndex
-from sdbatch.manifest.sources import ManifestError
 from sdbatch.storage.base import StorageError
 
 SHOWN = 5  # ids named per problem
@@ -130,7 +130,7 @@ def _manifest_ids(job: JobRecord) -> tuple[Iterator[pa.RecordBatch] | None, str 
                 yield pa.record_batch({"row": pa.array(rows, pa.int64()), "id": [default_row_id(i) for i in rows]})
             return
         start = 0
-        for batch in iter_row_batches(manifest, columns=["id"]):
+        for batch in iter_row_batches(manifest, columns=["id"], batch_size=INDEX_BATCH_ROWS):
             yield pa.record_batch({"row": pa.array(np.arange(start, start + batch.num_rows), pa.int64()),
                                    "id": batch.column(0).cast(pa.string())})
             start += batch.num_rows

@@ -28,9 +28,11 @@ T = TypeVar("T")
 #: Findings of one kind kept in memory; beyond it they are only counted.
 KEPT = 10_000
 
-#: Index rows one task checks: whole shards, so each shard's objects are listed once, and tasks
-#: few enough (10M rows: ~2,500) that scheduling them costs nothing next to their reads.
+#: Index rows one task checks at most: whole shards, so each shard's objects are listed once,
+#: and tasks few enough (10M rows: ~2,500) that scheduling them costs nothing next to their
+#: reads. A smaller job is cut into ``TASKS_PER_WORKER`` tasks per worker, to keep every one busy.
 TASK_ROWS = 4096
+TASKS_PER_WORKER = 4
 
 #: The index columns the object checks need.
 CHECK_COLUMNS = ["id", "row", "shard", "status", "key", "bytes", "sha256"]
@@ -144,14 +146,15 @@ class ShardSet:
 
 
 class ShardDispatch:
-    """Cuts the index's row-ordered batches (``CHECK_COLUMNS``) into tasks of whole shards of
-    about ``TASK_ROWS`` rows and runs them — ``workers`` Ray tasks at a time, or here when
+    """Cuts the ``rows`` index rows, fed in row-ordered batches (``CHECK_COLUMNS``), into tasks
+    of whole shards of about ``task_rows`` rows and runs them — ``workers`` Ray tasks at a time, or here when
     ``workers`` is 0 — handing each task's findings to ``on_result`` as it completes.
     ``read_rows``: the rows whose objects are read (None: every row; empty: none)."""
 
-    def __init__(self, layout: Layout, on_result: Callable[[ShardChecks], None], *, workers: int,
+    def __init__(self, layout: Layout, on_result: Callable[[ShardChecks], None], *, workers: int, rows: int,
                  read_rows: Collection[int] | None, threads: int):
         self.layout, self.on_result, self.workers, self.threads = layout, on_result, workers, threads
+        self.task_rows = max(1, min(TASK_ROWS, -(-rows // (TASKS_PER_WORKER * max(workers, 1)))))
         self.read_rows = None if read_rows is None else np.sort(np.fromiter(read_rows, dtype=np.int64))
         self.shards = ShardSet()
         self._held: list[pa.RecordBatch] = []
@@ -160,7 +163,7 @@ class ShardDispatch:
 
     def add(self, batch: pa.RecordBatch) -> None:
         self._held.append(batch)
-        if sum(b.num_rows for b in self._held) < TASK_ROWS:
+        if sum(b.num_rows for b in self._held) < self.task_rows:
             return
         table = pa.Table.from_batches(self._held)
         shards = table.column("shard").to_numpy(zero_copy_only=False)

@@ -185,12 +185,12 @@ def verify(
         if progress:
             progress(f"checking the objects of {out.index_source}")
         if spot is None:
-            dispatch = ShardDispatch(out.layout, merge, workers=workers, threads=threads,
+            dispatch = ShardDispatch(out.layout, merge, workers=workers, rows=out.index.num_rows, threads=threads,
                                      read_rows=[] if listing_only else None)
             _scan(out, checks, regenerated, dispatch)
         else:  # the sample is known once the whole index is read: the objects are checked in a second pass
             _scan(out, checks, regenerated, spot)
-            dispatch = ShardDispatch(out.layout, merge, workers=workers, threads=threads, read_rows=spot.rows)
+            dispatch = ShardDispatch(out.layout, merge, workers=workers, rows=out.index.num_rows, threads=threads, read_rows=spot.rows)
             _scan(out, dispatch)
             report.sample_seed, report.sampled = seed, spot.ids
         dispatch.close()

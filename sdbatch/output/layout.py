@@ -85,16 +85,23 @@ class Checked:
     mismatched: list[tuple[str, str, str]] = field(default_factory=list)
     orphan_members: list[str] = field(default_factory=list)
 
-    def compare(self, entry: dict[str, Any], data: bytes | None) -> None:
-        """Sort ``entry`` by its object's bytes (None: not there)."""
-        if data is None:
+    def add(self, entry: dict[str, Any], problem: str | None) -> None:
+        """Sort ``entry`` by what ``judge`` said of its object."""
+        if problem == MISSING:
             self.missing.append((entry["id"], entry["key"]))
-            return
-        problem = differs(entry, data)
-        if problem:
+        elif problem:
             self.mismatched.append((entry["id"], entry["key"], problem))
         else:
             self.good.append(entry)
+
+
+MISSING = "missing"  # ``judge``'s word for an object that is not there
+
+
+def judge(entry: dict[str, Any], data: bytes | None) -> str | None:
+    """How the object's bytes ``data`` (None: not there) differ from what ``entry`` recorded:
+    ``MISSING``, what differs, or None. Run where the bytes were read, so only the verdict is kept."""
+    return MISSING if data is None else differs(entry, data)
 
 
 def size_differs(size: int, recorded: int) -> str:
@@ -251,16 +258,16 @@ class FilesLayout(Layout):
         return self.storage.get(key)
 
     def check(self, entries: list[dict[str, Any]], threads: int = 16) -> Checked:
-        def get(entry: dict[str, Any]) -> bytes | None:
+        def verdict(entry: dict[str, Any]) -> str | None:
             try:
-                return self.storage.get(entry["key"])
+                return judge(entry, self.storage.get(entry["key"]))
             except NotFound:
-                return None
+                return MISSING
 
         checked = Checked()
         with ThreadPoolExecutor(threads, thread_name_prefix="sdbatch-verify") as pool:
-            for entry, data in zip(entries, pool.map(get, entries)):
-                checked.compare(entry, data)
+            for entry, problem in zip(entries, pool.map(verdict, entries)):
+                checked.add(entry, problem)
         return checked
 
 
@@ -307,28 +314,28 @@ class WebdatasetLayout(Layout):
         for entry in entries:
             by_tar.setdefault(object_key(entry["key"]), []).append(entry)
 
-        def get(tar: str) -> tuple[dict[str, bytes] | None, str | None]:
+        def verdicts(tar: str) -> tuple[list[str | None], list[str]]:
+            """Each entry of ``tar``'s verdict, and its members no entry names."""
             try:
-                return tar_members(self.storage.get(tar)), None
+                members = tar_members(self.storage.get(tar))
             except NotFound:
-                return None, None
+                return [MISSING] * len(by_tar[tar]), []
             except tarfile.TarError as exc:
-                return None, f"not a readable tar: {exc}"
+                return [f"not a readable tar: {exc}"] * len(by_tar[tar]), []
+            named = set()
+            found = []
+            for e in by_tar[tar]:
+                member = e["key"].partition(_MEMBER_MARK)[2]
+                named |= {member, member.rsplit(".", 1)[0] + ".json"}
+                found.append(judge(e, members.get(member)))
+            return found, [f"{tar}{_MEMBER_MARK}{m}" for m in sorted(members) if m not in named]
 
         checked = Checked()
         with ThreadPoolExecutor(threads, thread_name_prefix="sdbatch-verify") as pool:
-            for tar, (members, bad) in zip(by_tar, pool.map(get, by_tar)):
-                if members is None:
-                    for e in by_tar[tar]:
-                        (checked.mismatched.append((e["id"], e["key"], bad)) if bad
-                         else checked.missing.append((e["id"], e["key"])))
-                    continue
-                named = set()
-                for e in by_tar[tar]:
-                    member = e["key"].partition(_MEMBER_MARK)[2]
-                    named |= {member, member.rsplit(".", 1)[0] + ".json"}
-                    checked.compare(e, members.get(member))
-                checked.orphan_members.extend(f"{tar}{_MEMBER_MARK}{m}" for m in sorted(members) if m not in named)
+            for tar, (found, orphans) in zip(by_tar, pool.map(verdicts, by_tar)):
+                for e, problem in zip(by_tar[tar], found):
+                    checked.add(e, problem)
+                checked.orphan_members.extend(orphans)
         return checked
 
 

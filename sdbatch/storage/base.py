@@ -6,9 +6,9 @@ from __future__ import annotations
 import builtins
 import hashlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from sdbatch.errors import EXIT_BAD_INPUT, JobFailed
