@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from synthetic_output import build_output
@@ -153,3 +154,38 @@ def test_webdataset_listing_and_orphan_tars(tmp_path):
         assert report.ok == 200 and len(report.missing) == 100 and not report.mismatched
         assert {k for _, k in report.missing} == {f"shards/00001.tar#img-{i:09d}.png" for i in range(100, 200)}
         assert report.orphans == ["shards/00002-retry-0badc0de.tar", "shards/00007.tar"]
+
+
+def test_index_checks_stream_by_row(tmp_path):
+    """The index against job.json, the manifest and the commits, merged by row: a row indexed
+    twice is a duplicate, a row holding another id differs from its commit and from the manifest."""
+    from sdbatch.audit.verify import verify
+
+    out = build_output(tmp_path / "job", 300, rows_per_shard=100)
+    table = pq.read_table(out / "index.parquet")
+    ids = table.column("id").to_pylist()
+    ids[7] = "stranger"
+    table = table.set_column(table.schema.get_field_index("id"), "id", [ids])
+    table = pa.concat_tables([table.slice(0, 6), table.slice(5)])  # row 5 twice
+    pq.write_table(table, out / "index.parquet")  # the schema keeps the job's stamp
+    report = verify(str(out), listing_only=True)
+    assert report.duplicates == ["img-000000005"]
+    assert report.index_problems == [
+        "index.parquet holds 301 rows, the job's manifest 300 (job.json); rebuild it with --rebuild-index",
+        "1 rows of index.parquet differ from their commit (e.g. stranger); rebuild it with --rebuild-index",
+        "1 manifest rows are not in the index (e.g. img-000000007)",
+        "1 index rows are not in the manifest (e.g. stranger)",
+    ]
+    assert not report.clean
+
+
+def test_an_index_out_of_row_order_is_reported(tmp_path):
+    from sdbatch.audit.verify import verify
+
+    out = build_output(tmp_path / "job", 300, rows_per_shard=100)
+    table = pq.read_table(out / "index.parquet")
+    pq.write_table(pa.concat_tables([table.slice(100), table.slice(0, 100)]), out / "index.parquet")
+    report = verify(str(out), listing_only=True)
+    assert report.ok == 300 and not report.orphans and not report.clean
+    assert report.index_problems == ["index.parquet is not in row order: it was not compared with the commits nor the "
+                                     "manifest; rebuild it with --rebuild-index"]
