@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from sdbatch.audit.index_check import IndexChecks, RowSample
 from sdbatch.audit.job_output import AuditError, JobOutput, open_job
-from sdbatch.audit.object_check import CHECK_COLUMNS, Findings, ShardChecks, ShardDispatch, sweep_orphans
+from sdbatch.audit.object_check import CHECK_COLUMNS, TASK_ROWS, Findings, ShardChecks, ShardDispatch, sweep_orphans
 from sdbatch.audit.reproduce import Reproducer, ReproduceResult
 from sdbatch.data.index import INDEX_COLUMN_TYPES
 from sdbatch.output.commits import committed_shards, metadata_key
@@ -145,8 +145,9 @@ def verify(
     with ``listing_only``, none read), list orphan objects, and optionally regenerate
     ``regenerate`` random ok rows and report drift. Random rows are chosen with ``seed`` (a
     random seed is drawn and reported when none is given). Objects are checked shard by shard
-    in ``workers`` Ray tasks at a time (None: the job's ``resources.workers``, as submit; on
-    the cluster at ``address``, else a local one), or in this process when ``workers`` is 0; ``bar`` shows a progress bar. ``rebuild_index`` first
+    in ``workers`` Ray tasks at a time (None: the job's ``resources.workers``, as submit, or 0
+    for a job of at most ``TASK_ROWS`` rows; on the cluster at ``address``, else a local one),
+    or in this process when ``workers`` is 0; ``bar`` shows a progress bar. ``rebuild_index`` first
     rewrites a finished job's missing, corrupt or incomplete index from its commits."""
     if sample and listing_only:
         raise AuditError("--sample reads rows in full and --listing-only reads none: choose one")
@@ -163,7 +164,8 @@ def verify(
         report.notes.append(rebuilt)
     if sample or regenerate:
         seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
-    workers = out.spec.resources.workers if workers is None else workers
+    if workers is None:  # a job of one task's rows is checked here: starting Ray would cost more than it saves
+        workers = out.spec.resources.workers if out.index.num_rows > TASK_ROWS else 0
     if workers:
         from sdbatch.run.cluster import connect_ray
 

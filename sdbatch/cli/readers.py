@@ -57,7 +57,8 @@ def verify(
         "size (files layout; a webdataset tar's members are not listed), from one listing per shard — for nightly checks. "
         "A corruption that keeps the size is NOT seen."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Ray tasks checking shards at once (default: the job's "
-        "resources.workers, as submit); 0 checks in this process, without Ray (quicker for small jobs)."),
+        "resources.workers, as submit; a job of at most 4,096 rows is checked in this process); 0 checks in this process, "
+        "without Ray (quicker for small jobs)."),
     address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Existing Ray cluster; default: start a local one."),
     regenerate: int = typer.Option(0, "--regenerate", min=0, help="Also regenerate K random ok rows and report drift."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for choosing the rows to read (--sample) and regenerate (default: random, printed)."),
