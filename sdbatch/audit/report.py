@@ -3,9 +3,11 @@
 Written at the end of every ``sdbatch submit`` run and by ``sdbatch report OUT`` (local or
 ``s3://``). It holds the summary (rows ok / failed / skipped, wall time, images/s, images per
 GPU-hour, cost per 1,000 images when ``report.gpu_hour_usd`` is set), a throughput-over-time
-chart (matplotlib, from ``progress.json``'s history), a per-worker table (from the index), the
-failed rows with their errors and a contact sheet of a sample of images with their prompts
-(an image whose bytes are not the ones its index row recorded is marked so).
+chart (matplotlib, from ``progress.json``'s history), a per-worker table, the first failed rows
+with their errors (both from one pass over a few index columns, a record batch at a time:
+``IndexTally``) and a contact sheet of a sample of images with their prompts, of which only the
+sampled rows are read whole (an image whose bytes are not the ones its index row recorded is
+marked so). Memory does not grow with the index's rows.
 Every asset is inlined (data URIs), so the page opens offline and from any bucket. The page is
 a Jinja2 template (``templates/report.html.j2``); no torch is imported here.
 """

@@ -25,8 +25,7 @@ from sdbatch.data.index import JOB_KEY
 from sdbatch.job.preflight import PreparedJob
 from sdbatch.manifest.reader import ManifestReader
 from sdbatch.output.claim import refuse_foreign_objects, what_changed
-from sdbatch.output.commits import OutputMismatch
-from sdbatch.output.index import committed_index
+from sdbatch.output.commits import OutputMismatch, read_shard_index
 from sdbatch.output.state import read_state
 from sdbatch.run.plan import canonical_batches, job_plan
 from sdbatch.run.policy import workers_to_start
@@ -141,8 +140,9 @@ def plan_job(prepared: PreparedJob) -> DryRunPlan:
                         "--out or pass --new-run to replace it")
     else:
         committed = existing.committed
-        try:  # only commits carrying this job's fingerprint are trusted
-            committed_index(storage, job.fingerprint)
+        try:  # only commits carrying this job's fingerprint are trusted: each read, one at a time
+            for name in sorted(committed, key=int):
+                read_shard_index(storage, name, job.fingerprint)
         except OutputMismatch as exc:
             plan.refused = str(exc)
         finished = existing.phase == "finished"

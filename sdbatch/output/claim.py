@@ -5,6 +5,7 @@ ownership."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -26,7 +27,7 @@ from sdbatch.output.documents import (
     read_json,
     write_json,
 )
-from sdbatch.output.index import INDEX_KEY
+from sdbatch.output.index import INDEX_KEY, open_index
 from sdbatch.output.layout import IMAGES_PREFIX, TARS_PREFIX, Layout, layout_for, object_key
 from sdbatch.spec import JobSpec, fingerprint
 from sdbatch.storage.base import NotFound, Storage
@@ -81,18 +82,23 @@ _DELETE_ORDER = (
 CLEAR_CHECK_OBJECTS = 64
 
 
-def _objects_written(layout: Layout, table: pa.Table, seen: set[str]) -> set[str]:
-    """The objects a commit or index names for its ok rows that hold exactly the bytes those
-    rows recorded (a tar: every member an ok row's, each with its recorded bytes), read and
-    hashed ``CLEAR_CHECK_OBJECTS`` at a time; a failed row's key (a foreign object it could not
-    replace) and any other bytes are never the job's. Objects in ``seen`` were judged already."""
-    if "key" not in table.column_names:
-        return set()
+#: The index columns that say which objects an index or commit names for its ok rows.
+_OBJECT_COLUMNS = ["id", "status", "key", "bytes", "sha256"]
+
+
+def _objects_written(layout: Layout, batches: Iterable[pa.RecordBatch], seen: set[str]) -> set[str]:
+    """The objects a commit or index (its record ``batches``) names for its ok rows that hold
+    exactly the bytes those rows recorded (a tar: every member an ok row's, each with its
+    recorded bytes), read and hashed ``CLEAR_CHECK_OBJECTS`` at a time; a failed row's key (a
+    foreign object it could not replace) and any other bytes are never the job's. Objects in
+    ``seen`` were judged already: only the entries of the others are held, a batch's rows at
+    a time as Python values."""
     by_object: dict[str, list[dict[str, Any]]] = {}
-    for entry in table.filter(pc.equal(table.column("status"), STATUS_OK)).select(
-            ["id", "key", "bytes", "sha256"]).to_pylist():
-        if object_key(entry["key"]) not in seen:
-            by_object.setdefault(object_key(entry["key"]), []).append(entry)
+    for batch in batches:
+        ok = batch.filter(pc.fill_null(pc.equal(batch.column("status"), STATUS_OK), False))
+        for entry in ok.select(["id", "key", "bytes", "sha256"]).to_pylist():
+            if object_key(entry["key"]) not in seen:
+                by_object.setdefault(object_key(entry["key"]), []).append(entry)
     seen |= set(by_object)
     objects = list(by_object)
     written: set[str] = set()
@@ -116,15 +122,14 @@ def _old_job_objects(storage: Storage, job: JobRecord) -> set[str]:
         pass
     layout, seen = layout_for(storage, job.job_spec.output), set[str]()
     for key in storage.list(METADATA_PREFIX):
-        table = stamped_table(storage.get(key), job.fingerprint)
+        table = stamped_table(storage.get(key), job.fingerprint)  # one shard's rows
         if table is not None:
-            owned |= {key} | _objects_written(layout, table, seen)
-    try:
-        index = stamped_table(storage.get(INDEX_KEY), job.fingerprint)
-        if index is not None:
-            owned |= {INDEX_KEY} | _objects_written(layout, index, seen)
-    except NotFound:
-        pass
+            owned.add(key)
+            if "key" in table.column_names:
+                owned |= _objects_written(layout, table.select(_OBJECT_COLUMNS).to_batches(), seen)
+    index = open_index(storage, job.fingerprint)
+    if index.final:  # read a record batch at a time; its objects are mostly its commits', judged already
+        owned |= {INDEX_KEY} | _objects_written(layout, index.batches(_OBJECT_COLUMNS), seen)
     success = Success.read(storage)
     if success is not None and success.fingerprint == job.fingerprint:
         owned.add(SUCCESS_KEY)

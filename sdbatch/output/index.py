@@ -247,8 +247,9 @@ class JobIndex:
 
     def rows(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         """The index rows whose id is one of ``ids``, as plain values, by id (the last, should an
-        id be indexed twice). Reads the ``id`` column a batch at a time, then only the batches
-        that hold a wanted row."""
+        id be indexed twice). Reads the ``id`` column a row group at a time (groups whose
+        statistics rule the ids out are skipped), then the rows of only the groups that hold
+        a wanted row, a batch at a time."""
         wanted = pa.array(sorted(set(ids)), pa.string())
         found: dict[str, dict[str, Any]] = {}
         if not len(wanted):
@@ -258,10 +259,13 @@ class JobIndex:
                 if not _may_hold(self._file.metadata.row_group(group), wanted):
                     continue
                 ids_here = self._file.read_row_group(group, columns=["id"]).column("id")
-                mask = pc.is_in(ids_here, value_set=wanted)
-                if pc.any(mask).as_py():
-                    for row in self._file.read_row_group(group).filter(mask).to_pylist():
-                        found[row["id"]] = row
+                if not pc.any(pc.is_in(ids_here, value_set=wanted)).as_py():
+                    continue
+                # the group's rows a batch at a time: a whole row group of every column is tens of MiB
+                for batch in self._file.iter_batches(batch_size=INDEX_BATCH_ROWS, row_groups=[group]):
+                    mask = pc.is_in(batch.column("id"), value_set=wanted)
+                    if pc.any(mask).as_py():
+                        found.update((row["id"], row) for row in batch.filter(mask).to_pylist())
             return found
         for batch in self.batches():
             mask = pc.is_in(batch.column("id"), value_set=wanted)
@@ -300,7 +304,9 @@ def open_index(storage: Storage, job_fingerprint: str) -> JobIndex:
     Raises ``OutputMismatch`` when a commit is another job's."""
     problem = None
     try:
-        file = pq.ParquetFile(storage.open_read(INDEX_KEY))
+        # pre_buffer (on by default) caches every column chunk read while the file is open: the
+        # memory of a pass over the index would grow with its rows
+        file = pq.ParquetFile(storage.open_read(INDEX_KEY), pre_buffer=False)
     except NotFound:
         pass
     except (pa.ArrowInvalid, OSError) as exc:  # a merge cut short: the commits still hold every row

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow.compute as pc
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -36,9 +37,9 @@ from sdbatch.errors import (
 from sdbatch.manifest.reader import passthrough_types
 from sdbatch.manifest.sources import Manifest, ManifestChanged
 from sdbatch.output.claim import claim_job, clear_job
-from sdbatch.output.commits import committed_shards, read_shard_index, shard_name
+from sdbatch.output.commits import committed_shards, shard_name
 from sdbatch.output.documents import SUCCESS_KEY, JobRecord, Success, utc_now
-from sdbatch.output.index import failed_rows_text, merge_index
+from sdbatch.output.index import JobIndex, failed_rows_text, merge_index, open_index
 from sdbatch.output.lock import JobLock
 from sdbatch.run import metrics
 from sdbatch.run.cluster import connect_ray, fit_workers, short_error
@@ -402,13 +403,7 @@ class Driver:
         regenerate — failed rows, and rows whose stored image ``sdbatch verify`` flags as
         missing or not matching its recorded sha256 (the bad object is deleted first: its key
         is named by this job's own index, and create-once would not overwrite it)."""
-        ids: dict[str, set[str]] = {}
-        if self.retry_failed:
-            for name in committed:
-                table = read_shard_index(self.storage, name, self.job.fingerprint)
-                failed = {i for i, s in zip(table.column("id").to_pylist(), table.column("status").to_pylist()) if s == STATUS_FAILED}
-                if failed:
-                    ids.setdefault(name, set()).update(failed)
+        ids = self._failed_rows(committed) if self.retry_failed else {}
         if self.repair:
             ids = self._flagged_rows(ids)
         work = [Work(self.plan.shard(int(name)), retry_ids=frozenset(rows))
@@ -417,6 +412,19 @@ class Driver:
             log.info("regenerating %s of %s", plural(sum(len(w.retry_ids or ()) for w in work), "row"), plural(len(work), "shard"))
             self.storage.delete(SUCCESS_KEY)
         return work
+
+    def _failed_rows(self, committed: set[str]) -> dict[str, set[str]]:
+        """The failed row ids by shard, read a record batch at a time: from ``index.parquet``
+        when the job finished (one read), else from the ``committed`` shards' commits."""
+        index = open_index(self.storage, self.job.fingerprint)
+        if not (index.final and self.storage.exists(SUCCESS_KEY)):  # an index a retry cut short may be stale
+            index = JobIndex(self.storage, self.job.fingerprint, commits=sorted(committed, key=int))
+        ids: dict[str, set[str]] = {}
+        for batch in index.batches(["id", "status", "shard"]):
+            failed = batch.filter(pc.fill_null(pc.equal(batch.column("status"), STATUS_FAILED), False))
+            for row_id, shard in zip(failed.column("id").to_pylist(), failed.column("shard").to_pylist()):
+                ids.setdefault(shard, set()).add(row_id)
+        return ids
 
     def _flagged_rows(self, ids: dict[str, set[str]]) -> dict[str, set[str]]:
         if self.spec.output.format == "webdataset":
