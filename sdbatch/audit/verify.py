@@ -162,8 +162,7 @@ def verify(
                           mode=SAMPLE if sample else LISTING if listing_only else FULL)
     if rebuilt:
         report.notes.append(rebuilt)
-    if sample or regenerate:
-        seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
+    seed = random.SystemRandom().randrange(2**31) if seed is None else seed  # printed only when used
     if workers is None:  # a job of one task's rows is checked here: starting Ray would cost more than it saves
         workers = out.spec.resources.workers if out.index.num_rows > TASK_ROWS else 0
     if workers:
@@ -173,8 +172,8 @@ def verify(
         report.checked_by = f"{plural(workers, 'Ray task')} at a time"
 
     checks = IndexChecks(out, progress)
-    regenerated = RowSample(regenerate, seed, 0) if regenerate and seed is not None else None
-    spot = RowSample(sample, seed, 1) if sample and seed is not None else None
+    regenerated = RowSample(regenerate, seed, 0) if regenerate else None
+    spot = RowSample(sample, seed, 1) if sample else None
     with _bar(bar, out.index.num_rows) as advance:
         def merge(found: ShardChecks) -> None:
             report.ok += found.ok
@@ -192,7 +191,8 @@ def verify(
             _scan(out, checks, regenerated, dispatch)
         else:  # the sample is known once the whole index is read: the objects are checked in a second pass
             _scan(out, checks, regenerated, spot)
-            dispatch = ShardDispatch(out.layout, merge, workers=workers, rows=out.index.num_rows, threads=threads, read_rows=spot.rows)
+            dispatch = ShardDispatch(out.layout, merge, workers=workers, rows=out.index.num_rows, threads=threads,
+                                     read_rows=spot.rows)
             _scan(out, dispatch)
             report.sample_seed, report.sampled = seed, spot.ids
         dispatch.close()
@@ -234,7 +234,7 @@ def _bar(shown: bool, total: int) -> Iterator[Callable[[int], None]]:
         yield lambda rows: progress.advance(task, rows)
 
 
-def _regenerate(out: JobOutput, report: VerifyReport, ids: list[str], seed: int | None, endpoint_url: str | None,
+def _regenerate(out: JobOutput, report: VerifyReport, ids: list[str], seed: int, endpoint_url: str | None,
                 model: str | None, progress: Callable[[str], None] | None) -> None:
     """Regenerate the rows ``ids`` (ok rows whose object checked good) and record what came out."""
     if not ids:
