@@ -1,21 +1,34 @@
 """``verify``: every indexed object of a job's output is there and intact (its bytes hash to the
-recorded sha256), the index agrees with the shards' commits, and — with ``--reproduce`` —
-a sample of rows regenerates to the same bytes (``reproduce``, which imports torch only then)."""
+recorded sha256), the index agrees with job.json, the manifest and the shards' commits, and —
+with ``--regenerate`` — a sample of rows regenerates to the same bytes (``reproduce``, which
+imports torch only then). The index is read a batch at a time, twice at most
+(``index_check``, then ``object_check``'s tasks, which run shard by shard in Ray tasks or in
+this process); ``--sample N`` reads N random rows in full and the rest from listings,
+``--listing-only`` reads none. Memory does not grow with the job's rows beyond a byte per row."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sdbatch.audit.index_check import IndexChecks, RowSample
 from sdbatch.audit.job_output import AuditError, JobOutput, open_job
+from sdbatch.audit.object_check import CHECK_COLUMNS, TASK_ROWS, Findings, ShardChecks, ShardDispatch, sweep_orphans
 from sdbatch.audit.reproduce import Reproducer, ReproduceResult
-from sdbatch.data.index import INDEX_COLUMN_TYPES, STATUS_OK
-from sdbatch.output.commits import committed_shards
-from sdbatch.output.documents import SUCCESS_KEY, JobRecord
-from sdbatch.output.index import INDEX_KEY, committed_index, merge_index
-from sdbatch.output.layout import PREFIXES
+from sdbatch.data.index import INDEX_COLUMN_TYPES
+from sdbatch.output.commits import committed_shards, metadata_key
+from sdbatch.output.documents import SUCCESS_KEY
+from sdbatch.output.index import INDEX_KEY, merge_index
+from sdbatch.run.progress import plural
 from sdbatch.storage.base import Storage, StorageError
+
+#: How verify reads objects: every one in full, a sample in full (the rest from listings), or none.
+FULL, SAMPLE, LISTING = "full", "sample", "listing"
 
 
 @dataclass
@@ -27,13 +40,19 @@ class VerifyReport:
     rows_in_index: int
     rows_failed: int  # status=failed rows: no object expected
     ok: int = 0
-    missing: list[tuple[str, str]] = field(default_factory=list)  # (id, key)
-    mismatched: list[tuple[str, str, str]] = field(default_factory=list)  # (id, key, what)
-    duplicates: list[str] = field(default_factory=list)  # ids indexed more than once
-    orphans: list[str] = field(default_factory=list)  # objects no committed index row names
-    foreign: list[tuple[str, str]] = field(default_factory=list)  # (id, key): an object there that is not the row's
+    # findings: the first object_check.KEPT of each kind kept (``Findings.total`` counts them all)
+    missing: Findings[tuple[str, str]] = field(default_factory=Findings)  # (id, key)
+    mismatched: Findings[tuple[str, str, str]] = field(default_factory=Findings)  # (id, key, what)
+    duplicates: Findings[str] = field(default_factory=Findings)  # ids indexed more than once
+    orphans: Findings[str] = field(default_factory=Findings)  # objects no committed index row names
+    foreign: Findings[tuple[str, str]] = field(default_factory=Findings)  # (id, key): an object there that is not the row's
     index_problems: list[str] = field(default_factory=list)  # the index disagrees with job.json, manifest or commits
     notes: list[str] = field(default_factory=list)
+    mode: str = FULL
+    checked_by: str = "this process"
+    read: int = 0  # ok rows whose object was read and hashed
+    sample_seed: int | None = None
+    sampled: list[str] = field(default_factory=list)  # --sample: the ids of the rows read in full, in row order
     regenerate_seed: int | None = None
     regenerated: list[ReproduceResult] = field(default_factory=list)
     regenerate_errors: list[tuple[str, str]] = field(default_factory=list)  # (id, message)
@@ -54,28 +73,37 @@ class VerifyReport:
             f"  index      {self.index_source}; {self.rows_in_index} rows"
             + (f" of {self.rows_total}" if self.rows_total != self.rows_in_index else "")
             + ("" if self.finished else " (job not finished)"),
-            f"  ok         {self.ok} objects present with the recorded size and sha256",
+            f"  checked    by {self.checked_by}",
+            f"  ok         {self.ok} objects present with the recorded size" + {
+                FULL: " and sha256",
+                SAMPLE: f"; the {self.read} of the sample read in full: sha256 checked too",
+                LISTING: " (listing only: contents not read, a same-size corruption is not seen)",
+            }[self.mode],
         ]
+        if self.sample_seed is not None:
+            shown = ", ".join(self.sampled[:limit]) + (f" … (+{len(self.sampled) - limit} more)" if len(self.sampled) > limit else "")
+            lines.append(f"  sample     {len(self.sampled)} random ok rows (seed {self.sample_seed}): {shown}")
         if self.rows_failed:
             lines.append(f"  failed     {self.rows_failed} rows have status=failed (no image; see the index's error column)")
 
-        def section(title: str, items: list[str]) -> None:
-            lines.append(f"  {title:<10} {len(items)}")
+        def section(title: str, items: list[str], total: int | None = None) -> None:
+            total = len(items) if total is None else total
+            lines.append(f"  {title:<10} {total}")
             lines.extend(f"    {x}" for x in items[:limit])
-            if len(items) > limit:
-                lines.append(f"    … and {len(items) - limit} more")
+            if total > limit:
+                lines.append(f"    … and {total - limit} more")
 
         lines.extend(f"  note       {n}" for n in self.notes)
         if self.index_problems:
             section("index", self.index_problems)
         if self.foreign:
             section("foreign", [f"{i}  {k}  (an object sdbatch did not write sits at this row's key; the row failed)"
-                                for i, k in self.foreign])
-        section("missing", [f"{i}  {k}" for i, k in self.missing])
-        section("mismatched", [f"{i}  {k}  ({w})" for i, k, w in self.mismatched])
+                                for i, k in self.foreign[:limit]], self.foreign.total)
+        section("missing", [f"{i}  {k}" for i, k in self.missing[:limit]], self.missing.total)
+        section("mismatched", [f"{i}  {k}  ({w})" for i, k, w in self.mismatched[:limit]], self.mismatched.total)
         if self.duplicates:
-            section("duplicates", self.duplicates)
-        section("orphans", self.orphans)
+            section("duplicates", self.duplicates, self.duplicates.total)
+        section("orphans", self.orphans, self.orphans.total)
         if self.orphans:
             lines.append("             (not an error: no committed index row names them, so no reader sees them — "
                          "writes of shards still running, or leftovers of a dead attempt, safe to delete once the job is finished)")
@@ -105,119 +133,123 @@ def verify(
     model: str | None = None,
     progress: Callable[[str], None] | None = None,
     rebuild_index: bool = False,
+    workers: int | None = 0,
+    address: str | None = None,
+    sample: int = 0,
+    listing_only: bool = False,
+    bar: bool = False,
 ) -> VerifyReport:
     """Check the index against ``job.json``, the manifest (when reachable) and the commits,
-    every index row's object (exists, recorded size, recorded sha256), list orphan objects,
-    and optionally regenerate ``regenerate`` random ok rows (chosen with ``seed``; a random
-    seed is drawn and reported when none is given) and report drift. ``rebuild_index``
-    first rewrites a finished job's missing, corrupt or incomplete index from its commits."""
+    every index row's object (exists, recorded size, recorded sha256: read in full; with
+    ``sample``, that many random ok rows read in full and the rest from their shard's listing;
+    with ``listing_only``, none read), list orphan objects, and optionally regenerate
+    ``regenerate`` random ok rows and report drift. Random rows are chosen with ``seed`` (a
+    random seed is drawn and reported when none is given). Objects are checked shard by shard
+    in ``workers`` Ray tasks at a time (None: the job's ``resources.workers``, as submit, or 0
+    for a job of at most ``TASK_ROWS`` rows; on the cluster at ``address``, else a local one),
+    or in this process when ``workers`` is 0; ``bar`` shows a progress bar. ``rebuild_index`` first
+    rewrites a finished job's missing, corrupt or incomplete index from its commits."""
+    if sample and listing_only:
+        raise AuditError("--sample reads rows in full and --listing-only reads none: choose one")
     out = open_job(storage, endpoint_url=endpoint_url)
     storage = out.storage
     rebuilt = None
     if rebuild_index:
         rebuilt = _rebuild_index(out, progress)
         out = open_job(storage)
-    statuses = [r.get("status") for r in out.index]
-    report = VerifyReport(
-        url=storage.url,
-        index_source=out.index_source,
-        finished=out.finished,
-        rows_total=out.job.manifest.num_rows,
-        rows_in_index=len(out.index),
-        rows_failed=sum(s != STATUS_OK for s in statuses),
-    )
+    report = VerifyReport(url=storage.url, index_source=out.index_source, finished=out.finished,
+                          rows_total=out.job.manifest.num_rows, rows_in_index=0, rows_failed=0,
+                          mode=SAMPLE if sample else LISTING if listing_only else FULL)
     if rebuilt:
         report.notes.append(rebuilt)
-    report.index_problems = _index_problems(out, progress)
-    report.foreign = [(r["id"], r["key"]) for r in out.index if r.get("status") != STATUS_OK and r.get("key")]
-    seen: dict[str, int] = {}
-    for r in out.index:
-        seen[r["id"]] = seen.get(r["id"], 0) + 1
-    report.duplicates = sorted(i for i, n in seen.items() if n > 1)
-    ok_rows = [r for r in out.index if r.get("status") == STATUS_OK]
-    if progress:
-        progress(f"checking {len(ok_rows)} objects from {out.index_source}")
-    checked = out.layout.check(ok_rows, threads)
-    good = checked.good
-    report.missing, report.mismatched, report.ok = checked.missing, checked.mismatched, len(good)
-    named = out.layout.objects([r["key"] for r in ok_rows])
-    listed = [key for prefix in PREFIXES for key in storage.list(prefix)]
-    report.orphans = sorted([k for k in listed if k not in named] + checked.orphan_members)
+    seed = random.SystemRandom().randrange(2**31) if seed is None else seed  # printed only when used
+    if workers is None:  # a job of one task's rows is checked here: starting Ray would cost more than it saves
+        workers = out.spec.resources.workers if out.index.num_rows > TASK_ROWS else 0
+    if workers:
+        from sdbatch.run.cluster import connect_ray
 
-    if regenerate > 0 and good:
-        report.regenerate_seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
-        chosen = random.Random(report.regenerate_seed).sample(sorted(r["id"] for r in good), min(regenerate, len(good)))
-        reproducer = Reproducer(out, endpoint_url=endpoint_url, model=model)
-        # rows of one batch together, so each batch is generated once
-        order = {rid: (reproducer.by_id[rid]["batch_id"], reproducer.by_id[rid]["row"]) for rid in chosen}
-        for rid in sorted(chosen, key=order.__getitem__):
-            if progress:
-                progress(f"regenerating {rid}")
-            try:
-                report.regenerated.append(reproducer.reproduce(rid))
-            except (AuditError, StorageError, ValueError) as exc:
-                report.regenerate_errors.append((rid, str(exc)))
+        connect_ray(address)
+        report.checked_by = f"{plural(workers, 'Ray task')} at a time"
+
+    checks = IndexChecks(out, progress)
+    regenerated = RowSample(regenerate, seed, 0) if regenerate else None
+    spot = RowSample(sample, seed, 1) if sample else None
+    with _bar(bar, out.index.num_rows) as advance:
+        def merge(found: ShardChecks) -> None:
+            report.ok += found.ok
+            report.read += found.read
+            report.missing.extend(found.missing)
+            report.mismatched.extend(found.mismatched)
+            report.orphans.extend(found.orphans)
+            advance(found.rows)
+
+        if progress:
+            progress(f"checking the objects of {out.index_source}")
+        if spot is None:
+            dispatch = ShardDispatch(out.layout, merge, workers=workers, rows=out.index.num_rows, threads=threads,
+                                     read_rows=[] if listing_only else None)
+            _scan(out, checks, regenerated, dispatch)
+        else:  # the sample is known once the whole index is read: the objects are checked in a second pass
+            _scan(out, checks, regenerated, spot)
+            dispatch = ShardDispatch(out.layout, merge, workers=workers, rows=out.index.num_rows, threads=threads,
+                                     read_rows=spot.rows)
+            _scan(out, dispatch)
+            report.sample_seed, report.sampled = seed, spot.ids
+        dispatch.close()
+    report.rows_in_index, report.rows_failed = checks.rows, checks.failed
+    report.index_problems = checks.problems()
+    report.duplicates, report.foreign = checks.duplicates, checks.foreign
+    if progress:
+        progress("listing the top-level folders for orphans")
+    report.orphans.extend(sweep_orphans(storage, out.layout, dispatch.shards))
+    report.orphans.sort()
+
+    if regenerated is not None:
+        bad = {i for i, _ in report.missing} | {i for i, _, _ in report.mismatched}
+        _regenerate(out, report, [i for i in regenerated.ids if i not in bad], seed, endpoint_url, model, progress)
     return report
 
 
-def _manifest_ids(job: JobRecord) -> tuple[list[str] | None, str | None]:
-    """The ids of the job's manifest in row order — or, when it is unreachable or changed since
-    the job pinned it, None and the problem (the index cannot be checked against it)."""
-    from sdbatch.data.row import default_row_id
-    from sdbatch.manifest.reader import iter_row_batches
-    from sdbatch.manifest.sources import ManifestError, open_manifest
-
-    unchecked = f"the index's ids were not checked against the job's manifest {job.manifest.source}"
-    try:
-        manifest = open_manifest(job.manifest.source)
-        if manifest.fingerprint != job.manifest.fingerprint:
-            return None, (f"{unchecked}: it changed since the job pinned it (fingerprint {manifest.fingerprint}, "
-                          f"job.json {job.manifest.fingerprint}); restore it to check the index")
-        if "id" not in manifest.columns:
-            return [default_row_id(i) for i in range(manifest.num_rows)], None
-        return [v for rb in iter_row_batches(manifest, columns=["id"]) for v in rb.column(0).to_pylist()], None
-    except (ManifestError, StorageError, OSError) as exc:
-        return None, f"{unchecked}: cannot read it ({exc}); run verify where it is reachable"
+def _scan(out: JobOutput, *readers: IndexChecks | RowSample | ShardDispatch | None) -> None:
+    """Read the index once, a record batch at a time, handing each batch to every reader."""
+    present = [r for r in readers if r is not None]
+    for batch in out.index.batches(CHECK_COLUMNS):
+        for reader in present:
+            reader.add(batch)
 
 
-def _index_problems(out: JobOutput, progress: Callable[[str], None] | None) -> list[str]:
-    """How the index disagrees with job.json (row count), the manifest (ids, when reachable)
-    and the commits (the rows they hold)."""
-    problems = [out.index_error] if out.index_error else []
-    ids = [r["id"] for r in out.index]
-    total = out.job.manifest.num_rows
-    if out.finished and len(ids) != total:
-        problems.append(f"{INDEX_KEY} holds {len(ids)} rows, the job's manifest {total} (job.json); "
-                        "rebuild it with --rebuild-index")
-    if out.index_source == INDEX_KEY:
+@contextmanager
+def _bar(shown: bool, total: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar of the index rows checked (on stderr), or nothing."""
+    if not shown:
+        yield lambda rows: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress as ProgressBar
+
+    with ProgressBar(TextColumn("[bold]verify"), BarColumn(), MofNCompleteColumn(), TextColumn("rows checked"),
+                     TimeElapsedColumn(), console=Console(stderr=True), transient=False) as progress:
+        task = progress.add_task("rows", total=total)
+        yield lambda rows: progress.advance(task, rows)
+
+
+def _regenerate(out: JobOutput, report: VerifyReport, ids: list[str], seed: int, endpoint_url: str | None,
+                model: str | None, progress: Callable[[str], None] | None) -> None:
+    """Regenerate the rows ``ids`` (ok rows whose object checked good) and record what came out."""
+    if not ids:
+        return
+    report.regenerate_seed = seed
+    reproducer = Reproducer(out, endpoint_url=endpoint_url, model=model)
+    found = out.index.rows(ids)
+    # rows of one batch together, so each batch is generated once
+    for rid in sorted(ids, key=lambda i: (found[i]["batch_id"] or "", found[i]["row"])):
         if progress:
-            progress("comparing the index with the commits")
-        commits, _ = committed_index(out.storage, out.job.fingerprint)
-        committed = {r["id"]: (r["key"], r["sha256"], r["status"]) for r in commits.to_pylist()} if commits.num_rows else {}
-        indexed = {r["id"]: (r["key"], r["sha256"], r["status"]) for r in out.index}
-        lost = sorted(set(committed) - set(indexed))
-        if lost:
-            problems.append(f"{len(lost)} committed rows are not in {INDEX_KEY} (e.g. {', '.join(lost[:5])}); "
-                            "rebuild it with --rebuild-index")
-        differ = sorted(i for i in set(committed) & set(indexed) if committed[i] != indexed[i])
-        if differ:
-            problems.append(f"{len(differ)} rows of {INDEX_KEY} differ from their commit (e.g. {', '.join(differ[:5])}); "
-                            "rebuild it with --rebuild-index")
-        unknown = sorted(set(indexed) - set(committed))
-        if unknown:
-            problems.append(f"{len(unknown)} rows of {INDEX_KEY} are in no commit (e.g. {', '.join(unknown[:5])})")
-    expected, unchecked = _manifest_ids(out.job)
-    if expected is None:
-        assert unchecked is not None  # no ids: the problem says why
-        return [*problems, unchecked]
-    present = set(ids)
-    absent = [i for i in expected if i not in present] if out.finished else []
-    strangers = sorted(present - set(expected))
-    if absent:
-        problems.append(f"{len(absent)} manifest rows are not in the index (e.g. {', '.join(absent[:5])})")
-    if strangers:
-        problems.append(f"{len(strangers)} index rows are not in the manifest (e.g. {', '.join(strangers[:5])})")
-    return problems
+            progress(f"regenerating {rid}")
+        try:
+            report.regenerated.append(reproducer.reproduce(rid))
+        except (AuditError, StorageError, ValueError) as exc:
+            report.regenerate_errors.append((rid, str(exc)))
 
 
 def _rebuild_index(out: JobOutput, progress: Callable[[str], None] | None) -> str:
@@ -227,9 +259,18 @@ def _rebuild_index(out: JobOutput, progress: Callable[[str], None] | None) -> st
                          "index when every shard is committed — run the job's submit command again instead")
     if progress:
         progress("rebuilding the index from the commits")
-    commits, merged = committed_index(out.storage, out.job.fingerprint)
-    passthrough = {f.name: f.type for f in commits.schema if f.name not in INDEX_COLUMN_TYPES}
     names = sorted(committed_shards(out.storage), key=int)  # job.json has no plan; the rows are checked
-    summary = merge_index(out.storage, names, out.job.manifest.num_rows, passthrough, out.job.fingerprint,
-                          out.spec.scoring.duplicate_max_distance)
-    return f"rebuilt {INDEX_KEY} from {merged} commits ({summary.rows} rows)"
+    summary = merge_index(out.storage, names, out.job.manifest.num_rows, _passthrough_types(out.storage, names),
+                          out.job.fingerprint, out.spec.scoring.duplicate_max_distance)
+    return f"rebuilt {INDEX_KEY} from {len(names)} commits ({summary.rows} rows)"
+
+
+def _passthrough_types(storage: Storage, names: list[str]) -> dict[str, pa.DataType]:
+    """The manifest's passthrough columns, from the commits' schemas (their Parquet footers)."""
+    types: dict[str, pa.DataType] = {}
+    for name in names:
+        with storage.open_read(metadata_key(name)) as file:
+            for f in pq.read_schema(file):
+                if f.name not in INDEX_COLUMN_TYPES:
+                    types.setdefault(f.name, f.type)
+    return types

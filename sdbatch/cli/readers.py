@@ -55,8 +55,17 @@ def reproduce(
 @command(epilog="")
 def verify(
     out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
+    sample: int = typer.Option(0, "--sample", min=0, help="Read only N random ok rows in full (size and sha256; seeded, printed); "
+        "every other row is checked from its shard's listing (exists, and its size in the files layout)."),
+    listing_only: bool = typer.Option(False, "--listing-only", help="Read no object: each row's object exists, and has its recorded "
+        "size (files layout; a webdataset tar's members are not listed), from one listing per shard — for nightly checks. "
+        "A corruption that keeps the size is NOT seen."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Ray tasks checking shards at once (default: the job's "
+        "resources.workers, as submit; a job of at most 4,096 rows is checked in this process); 0 checks in this process, "
+        "without Ray (quicker for small jobs)."),
+    address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Existing Ray cluster; default: start a local one."),
     regenerate: int = typer.Option(0, "--regenerate", min=0, help="Also regenerate K random ok rows and report drift."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for choosing the rows to regenerate (default: random, printed)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for choosing the rows to read (--sample) and regenerate (default: random, printed)."),
     model: Optional[str] = typer.Option(None, "--model", help="With --regenerate: load the model from here instead of its recorded location."),
     rebuild_index: bool = typer.Option(False, "--rebuild-index", help="First rewrite a finished job's missing, corrupt or incomplete index.parquet "
         "from its commits."),
@@ -64,16 +73,22 @@ def verify(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """Check the index against job.json, the manifest and the commits, and that every index row's
-    object exists with its recorded size and sha256; list orphans.
+    object exists with its recorded size and sha256; list orphans. Objects are checked shard by
+    shard in Ray tasks (--workers), the index read a batch at a time.
 
     Orphans (objects under images/ or shards/ that no committed index row names) are reported
     but are not an error: readers trust the index, never a listing. Exit codes: 0 clean;
-    1 objects missing, mismatched or foreign, the index incomplete, or regenerated rows drifted; 2 no job at OUT."""
+    1 objects missing, mismatched or foreign, the index incomplete, or regenerated rows drifted; 2 no job at OUT,
+    or bad options."""
     setup_logging(verbose)
     from sdbatch.audit.verify import verify as run_verify
+    from sdbatch.job.preflight import local_ray_environment
 
+    if workers != 0:
+        local_ray_environment(address, False)
     report = run_verify(out_location, regenerate=regenerate, seed=seed, endpoint_url=s3_endpoint, model=model,
-                        rebuild_index=rebuild_index,
+                        rebuild_index=rebuild_index, workers=workers, address=address, sample=sample,
+                        listing_only=listing_only, bar=True,
                         progress=lambda msg: err.print(msg, highlight=False) if verbose else None)
     stdout.print(report.render(), markup=False)
     if not report.clean:

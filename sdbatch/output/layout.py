@@ -85,16 +85,27 @@ class Checked:
     mismatched: list[tuple[str, str, str]] = field(default_factory=list)
     orphan_members: list[str] = field(default_factory=list)
 
-    def compare(self, entry: dict[str, Any], data: bytes | None) -> None:
-        """Sort ``entry`` by its object's bytes (None: not there)."""
-        if data is None:
+    def add(self, entry: dict[str, Any], problem: str | None) -> None:
+        """Sort ``entry`` by what ``judge`` said of its object."""
+        if problem == MISSING:
             self.missing.append((entry["id"], entry["key"]))
-            return
-        problem = differs(entry, data)
-        if problem:
+        elif problem:
             self.mismatched.append((entry["id"], entry["key"], problem))
         else:
             self.good.append(entry)
+
+
+MISSING = "missing"  # ``judge``'s word for an object that is not there
+
+
+def judge(entry: dict[str, Any], data: bytes | None) -> str | None:
+    """How the object's bytes ``data`` (None: not there) differ from what ``entry`` recorded:
+    ``MISSING``, what differs, or None. Run where the bytes were read, so only the verdict is kept."""
+    return MISSING if data is None else differs(entry, data)
+
+
+def size_differs(size: int, recorded: int) -> str:
+    return f"size {size} ≠ recorded {recorded}"
 
 
 def differs(entry: dict[str, Any], data: bytes) -> str | None:
@@ -102,7 +113,7 @@ def differs(entry: dict[str, Any], data: bytes) -> str | None:
     ``sha256``); None when it is that image. Every reader of stored images asks this."""
     problems = []
     if len(data) != entry["bytes"]:
-        problems.append(f"size {len(data)} ≠ recorded {entry['bytes']}")
+        problems.append(size_differs(len(data), entry["bytes"]))
     if sha256(data) != entry["sha256"]:
         problems.append("sha256 differs")
     return ", ".join(problems) or None
@@ -203,6 +214,8 @@ class Layout:
 
     format = ""
     _writer: type[ShardWriter] = ShardWriter
+    prefix = ""  # the folder this layout writes under (the other layout's is foreign to it)
+    listed_sizes = True  # whether a listing shows each row's recorded size (a tar's is not a member's)
 
     def __init__(self, storage: Storage, image_format: str = "png"):
         self.storage = storage
@@ -218,6 +231,15 @@ class Layout:
         when its object cannot be read."""
         raise NotImplementedError
 
+    def shard_prefix(self, shard_name: str) -> str:
+        """The listing prefix that holds every object of ``shard_name`` (and maybe others':
+        ``owner`` tells)."""
+        raise NotImplementedError
+
+    def owner(self, key: str) -> str | None:
+        """The shard whose objects the storage key or folder ``key`` holds (None: no shard's)."""
+        raise NotImplementedError
+
     def objects(self, keys: list[str]) -> set[str]:
         """The storage objects the index keys ``keys`` name."""
         return {object_key(k) for k in keys if k}
@@ -230,27 +252,47 @@ class Layout:
 class FilesLayout(Layout):
     format = "files"
     _writer = _FileWriter
+    prefix = IMAGES_PREFIX
+
+    def shard_prefix(self, shard_name: str) -> str:
+        return f"{IMAGES_PREFIX}{shard_name}/"
+
+    def owner(self, key: str) -> str | None:
+        folder, slash, _ = key.removeprefix(IMAGES_PREFIX).partition("/")
+        return folder if key.startswith(IMAGES_PREFIX) and slash else None
 
     def read(self, key: str) -> bytes:
         return self.storage.get(key)
 
     def check(self, entries: list[dict[str, Any]], threads: int = 16) -> Checked:
-        def get(entry: dict[str, Any]) -> bytes | None:
+        def verdict(entry: dict[str, Any]) -> str | None:
             try:
-                return self.storage.get(entry["key"])
+                return judge(entry, self.storage.get(entry["key"]))
             except NotFound:
-                return None
+                return MISSING
 
         checked = Checked()
         with ThreadPoolExecutor(threads, thread_name_prefix="sdbatch-verify") as pool:
-            for entry, data in zip(entries, pool.map(get, entries)):
-                checked.compare(entry, data)
+            for entry, problem in zip(entries, pool.map(verdict, entries)):
+                checked.add(entry, problem)
         return checked
 
 
 class WebdatasetLayout(Layout):
     format = "webdataset"
     _writer = _TarWriter
+    prefix = TARS_PREFIX
+    listed_sizes = False
+
+    def shard_prefix(self, shard_name: str) -> str:
+        return f"{TARS_PREFIX}{shard_name}"
+
+    def owner(self, key: str) -> str | None:
+        """A shard's tar is ``shards/<shard>.tar``; a ``--retry-failed`` unit's ``shards/<shard>-….tar``."""
+        name = key.removeprefix(TARS_PREFIX)
+        if not key.startswith(TARS_PREFIX) or "/" in name or not name.endswith(".tar"):
+            return None
+        return name.removesuffix(".tar").partition("-")[0]
 
     def __init__(self, storage: Storage, image_format: str = "png"):
         super().__init__(storage, image_format)
@@ -279,28 +321,28 @@ class WebdatasetLayout(Layout):
         for entry in entries:
             by_tar.setdefault(object_key(entry["key"]), []).append(entry)
 
-        def get(tar: str) -> tuple[dict[str, bytes] | None, str | None]:
+        def verdicts(tar: str) -> tuple[list[str | None], list[str]]:
+            """Each entry of ``tar``'s verdict, and its members no entry names."""
             try:
-                return tar_members(self.storage.get(tar)), None
+                members = tar_members(self.storage.get(tar))
             except NotFound:
-                return None, None
+                return [MISSING] * len(by_tar[tar]), []
             except tarfile.TarError as exc:
-                return None, f"not a readable tar: {exc}"
+                return [f"not a readable tar: {exc}"] * len(by_tar[tar]), []
+            named = set()
+            found = []
+            for e in by_tar[tar]:
+                member = e["key"].partition(_MEMBER_MARK)[2]
+                named |= {member, member.rsplit(".", 1)[0] + ".json"}
+                found.append(judge(e, members.get(member)))
+            return found, [f"{tar}{_MEMBER_MARK}{m}" for m in sorted(members) if m not in named]
 
         checked = Checked()
         with ThreadPoolExecutor(threads, thread_name_prefix="sdbatch-verify") as pool:
-            for tar, (members, bad) in zip(by_tar, pool.map(get, by_tar)):
-                if members is None:
-                    for e in by_tar[tar]:
-                        (checked.mismatched.append((e["id"], e["key"], bad)) if bad
-                         else checked.missing.append((e["id"], e["key"])))
-                    continue
-                named = set()
-                for e in by_tar[tar]:
-                    member = e["key"].partition(_MEMBER_MARK)[2]
-                    named |= {member, member.rsplit(".", 1)[0] + ".json"}
-                    checked.compare(e, members.get(member))
-                checked.orphan_members.extend(f"{tar}{_MEMBER_MARK}{m}" for m in sorted(members) if m not in named)
+            for tar, (found, orphans) in zip(by_tar, pool.map(verdicts, by_tar)):
+                for e, problem in zip(by_tar[tar], found):
+                    checked.add(e, problem)
+                checked.orphan_members.extend(orphans)
         return checked
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import hashlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
@@ -66,6 +67,8 @@ class Storage(Protocol):
     def exists(self, key: str) -> bool: ...
     def age(self, key: str) -> float: ...
     def list(self, prefix: str) -> list[str]: ...
+    def list_sizes(self, prefix: str) -> Iterator[tuple[str, int]]: ...  # every object under prefix and its size, in key order
+    def list_folder(self, prefix: str) -> Iterator[str]: ...  # what sits directly under a folder: keys, and sub-folders ending in "/"
     def delete(self, key: str) -> None: ...
     def delete_many(self, keys: builtins.list[str]) -> None: ...  # the method ``list`` shadows the type
     def check_access(self) -> None: ...

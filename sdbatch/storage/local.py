@@ -249,6 +249,31 @@ class LocalStorage:
         out.sort()
         return out
 
+    def list_sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        for key in self.list(prefix):
+            try:
+                yield key, (self.root / key).stat().st_size
+            except FileNotFoundError:  # deleted since it was listed, as on S3
+                continue
+
+    def list_folder(self, prefix: str = "") -> Iterator[str]:
+        """The keys directly under the folder ``prefix`` ("" or ending in "/") and its
+        sub-folders (``prefix/name/``), in key order (a folder as its name with its "/")."""
+        prefix = check_prefix(prefix)
+        folder = self.root.joinpath(*prefix.rstrip("/").split("/")) if prefix else self.root
+        if not folder.is_dir():
+            return
+        self._inside(folder, prefix or ".")
+        entries = []
+        with os.scandir(folder) as found:
+            for entry in found:
+                if TMP_MARK in entry.name:
+                    continue
+                if entry.is_symlink():  # a link out of OUT is refused, not skipped
+                    self._inside(Path(entry.path), prefix + entry.name)
+                entries.append(prefix + entry.name + ("/" if entry.is_dir() else ""))
+        yield from sorted(entries)
+
     def delete(self, key: str) -> None:
         path = self._path(key)
         try:

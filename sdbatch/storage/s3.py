@@ -7,6 +7,7 @@ import io
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -224,6 +225,36 @@ class S3Storage:
         return {obj["Key"][len(root):]: (int(obj["Size"]), obj["ETag"])
                 for obj in self._call(f"list_objects_v2 {prefix}", listing)
                 if obj["Key"][len(root):] and not obj["Key"].endswith("/")}
+
+    def _pages(self, prefix: str, **options: Any) -> Iterator[dict[str, Any]]:
+        """``list_objects_v2`` under ``prefix``, a page (1,000 keys) at a time, each page retried
+        on its own."""
+        root = f"{self.prefix}/" if self.prefix else ""
+        prefix = check_prefix(prefix)
+        request = {"Bucket": self.bucket, "Prefix": root + prefix, **options}
+        while True:
+            page = self._call(f"list_objects_v2 {prefix}", self.client.list_objects_v2, **request)
+            yield page
+            if not page.get("IsTruncated"):
+                return
+            request["ContinuationToken"] = page["NextContinuationToken"]
+
+    def list_sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        start = len(f"{self.prefix}/" if self.prefix else "")
+        for page in self._pages(prefix):
+            for obj in page.get("Contents", ()):
+                key = obj["Key"][start:]
+                if key and not key.endswith("/"):
+                    yield key, int(obj["Size"])
+
+    def list_folder(self, prefix: str = "") -> Iterator[str]:
+        """The keys directly under the folder ``prefix`` ("" or ending in "/") and its
+        sub-folders (``prefix/name/``), in key order (a delimiter listing)."""
+        start = len(f"{self.prefix}/" if self.prefix else "")
+        for page in self._pages(prefix, Delimiter="/"):
+            keys = [obj["Key"][start:] for obj in page.get("Contents", ())]
+            folders = [common["Prefix"][start:] for common in page.get("CommonPrefixes", ())]
+            yield from sorted(k for k in keys + folders if k and k != prefix)
 
     def age(self, key: str) -> float:
         """Seconds since ``key`` was last written, by the server's clock (its ``Date`` header

@@ -120,7 +120,7 @@ def test_a_corrupt_index_is_reported_and_rebuilt(ray_address, job_copy):
     (work / "index.parquet").write_bytes(b"PAR1 not a parquet file")
     result = cli(ray_address, "verify", work)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "index.parquet is not this job's readable index" in result.stdout
+    assert "index.parquet is not readable Parquet" in result.stdout and "rebuild it with --rebuild-index" in result.stdout
     assert cli(ray_address, "verify", work, "--rebuild-index").returncode == 0
     assert len(pq.read_table(work / "index.parquet")) == len(index)
 

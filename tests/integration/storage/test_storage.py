@@ -210,6 +210,20 @@ def test_s3_keys_are_under_prefix(s3_bucket):
     assert s.list("") == ["images/a.png"]
 
 
+def test_list_sizes_and_list_folder(store):
+    """Issue 23 (verify): keys and sizes under a prefix, and a delimiter listing of a folder —
+    its keys and sub-folders, in key order; a prefix shared by two names lists both."""
+    for key, data in [("images/00000/a.png", b"aa"), ("images/00000/b.png", b"bbb"), ("images/000001/c.png", b"c"),
+                      ("images/stray.png", b"ssss"), ("shards/00000.tar", b"t" * 5), ("shards/00000-retry-1.tar", b"r")]:
+        store.put(key, data)
+    assert list(store.list_sizes("images/00000/")) == [("images/00000/a.png", 2), ("images/00000/b.png", 3)]
+    assert list(store.list_sizes("shards/00000")) == [("shards/00000-retry-1.tar", 1), ("shards/00000.tar", 5)]
+    assert list(store.list_sizes("nothing/")) == []
+    assert list(store.list_folder("images/")) == ["images/00000/", "images/000001/", "images/stray.png"]
+    assert list(store.list_folder("")) == ["images/", "shards/"]
+    assert list(store.list_folder("nothing/")) == []
+
+
 def test_s3_list_and_delete_many_page_over_1000_keys(s3_bucket):
     endpoint, bucket = s3_bucket
     s = S3Storage(f"s3://{bucket}/p", endpoint_url=endpoint, max_pool_connections=8)
@@ -219,9 +233,10 @@ def test_s3_list_and_delete_many_page_over_1000_keys(s3_bucket):
     s.put("keep.txt", b"not listed below metadata/")
     with FaultInjector({"ListObjectsV2": {"fraction": 0.0}, "DeleteObjects": {"fraction": 0.0}}) as counter:
         listed = s.list("metadata/")  # (fraction 0: counts requests only)
+        sized = [key for key, _ in s.list_sizes("metadata/")]  # a page at a time too
         s.delete_many(listed)
-    assert listed == keys
-    assert counter.requests("ListObjectsV2") == 2 and counter.requests("DeleteObjects") == 2
+    assert listed == sized == keys
+    assert counter.requests("ListObjectsV2") == 4 and counter.requests("DeleteObjects") == 2
     assert s.list("") == ["keep.txt"]
 
 
