@@ -439,6 +439,7 @@ class Driver:
                               self.plan.batch_fill)
         if self.lock is not None:
             self.lock.check()
+        log.info("merging the index of %s", plural(self.plan.num_shards, "shard"))  # a phase of its own at scale
         index = merge_index(self.storage, [shard_name(i) for i in range(self.plan.num_shards)], self.manifest.num_rows,
                             passthrough_types(self.manifest), self.job.fingerprint, self.spec.scoring.duplicate_max_distance)
         total = self.manifest.num_rows

@@ -1,0 +1,441 @@
+"""Benchmark: sdbatch at scale (issue 23) — wall time and peak RSS of every command, by phase.
+
+Three parts, each a subcommand (every sdbatch command runs as ``python -m sdbatch`` in its own
+process, its RSS sampled with psutil every 0.1 s, its peak also from ``os.wait4``):
+
+* ``job`` — (a) a real job of ``--rows`` rows of ``builtin:null`` (64², ``--workers 2``,
+  webdataset) through the CLI: rows/s and the driver's peak RSS in each phase (plan, dispatch,
+  merge, report; the phases are told apart by the driver's log lines).
+* ``readers`` — (b)/(c) for each ``--rows`` (e.g. 100000 1000000 10000000), an OUT built
+  synthetically (below), then ``submit`` (every shard committed: plan, merge, report), ``submit``
+  again ("nothing to generate"), ``status``, ``verify`` (full, ``--listing-only``, ``--sample``;
+  a flag this sdbatch does not have yet is skipped with a message), ``reproduce`` (a row of the
+  last shard), ``report``, ``stats``, ``export --where``: wall and peak RSS each, and the ratio of
+  the largest size to the smallest per command.
+* ``resume`` — (item 3) what a resume costs when every shard (or all but one) is committed, on
+  local storage and on a moto S3 server on 127.0.0.1: the time until "nothing to generate" and
+  until the driver says what it will generate (before Ray starts), and its peak RSS.
+
+The synthetic OUT: a manifest of ``rows`` rows (id, prompt, seed, label); ``_sdbatch/job.json``
+written by sdbatch's own preflight and claim for exactly the flags the CLI is given (so the CLI
+resumes it); one commit per 64-row shard, made from the commit of a real 64-row job (every index
+column as a real worker writes it) with the ids, rows, seeds, prompts, labels, keys, sha256 and
+phashes replaced; and one webdataset tar per shard written through sdbatch's own layout, holding
+per row a distinct ~90-byte PNG (a 1×1 image with the row's id in a text chunk) and its JSON —
+so verify and export read real objects, at ~70 KiB of disk per shard. The images are not what
+``builtin:null`` would draw, so ``reproduce`` regenerates its row and reports a mismatch (its
+exit code is printed): its figure is the cost of finding the row, loading the model and
+generating it. The index and ``_SUCCESS`` are written by the first ``submit`` (the merge).
+
+    python benchmarks/bench_scale.py job --rows 1000000
+    python benchmarks/bench_scale.py readers --rows 100000 1000000
+    python benchmarks/bench_scale.py resume --rows 1000000 --s3
+    python benchmarks/bench_scale.py readers --rows 2000 20000      # a smoke test, about a minute
+
+``--keep DIR`` builds under DIR and keeps the outputs (a later run reuses an OUT already built there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import PROMPTS, free_port, use_fake_s3_env, wait_for_port  # noqa: E402
+
+ROWS_PER_SHARD = 64
+#: The flags of every submit: the synthetic OUT's job.json is claimed for exactly these.
+JOB_FLAGS = ["--model", "builtin:null", "--workers", "2", "--rows-per-shard", str(ROWS_PER_SHARD),
+             "--format", "webdataset"]
+JOB_OVERRIDES = {"model.name": "builtin:null", "resources.workers": 2, "resources.rows_per_shard": ROWS_PER_SHARD,
+                 "output.format": "webdataset"}
+SDBATCH = [sys.executable, "-m", "sdbatch"]
+MiB = 2**20
+
+
+# -- measuring one command ------------------------------------------------------------------
+@dataclass
+class Measured:
+    """One command's exit code, wall seconds, peak RSS of its own process (bytes) and, per
+    phase (named by the log line that starts it), the phase's wall and peak RSS."""
+
+    code: int
+    wall: float
+    peak: int
+    phases: dict[str, tuple[float, int]] = field(default_factory=dict)
+    output: str = ""
+
+
+def measure(args: list[str], markers: dict[str, str] | None = None, env: dict[str, str] | None = None,
+            until: str | None = None) -> Measured:
+    """Run ``sdbatch args``; ``markers`` (phase name → regex of the log line that starts it,
+    in order; the first phase starts at once) split its samples into phases. ``until``: a regex; the wall time reported is
+    the time to the first line matching it (the command still runs to its end)."""
+    started = time.perf_counter()
+    # /usr/bin/time reports the peak: the child of a large process (this one) would count the
+    # pages it was forked with in its own ru_maxrss; time's child is forked from time
+    peak_file = tempfile.NamedTemporaryFile(prefix="sdbatch-bench-rss-", delete=False)
+    proc = subprocess.Popen(["/usr/bin/time", "-o", peak_file.name, "-f", "%M", *SDBATCH, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+    samples: list[tuple[float, int]] = [(0.0, 0)]
+    first = next(iter(markers or {}), None)
+    seen: list[tuple[float, str]] = [(0.0, first)] if first else []  # (time, phase) as their lines arrive
+    lines: list[str] = []
+    reached: list[float] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            now = time.perf_counter() - started
+            lines.append(line)
+            for phase, pattern in (markers or {}).items():
+                if phase not in {p for _, p in seen} and re.search(pattern, line):
+                    seen.append((now, phase))
+            if until and not reached and re.search(until, line):
+                reached.append(now)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    import psutil
+
+    timer = psutil.Process(proc.pid)
+    while proc.poll() is None:  # sample the sdbatch process (time's child) until it exits
+        try:
+            samples += [(time.perf_counter() - started, p.memory_info().rss) for p in timer.children()]
+        except psutil.Error:
+            pass
+        time.sleep(0.1)
+    wall = time.perf_counter() - started
+    reader.join(timeout=10)
+    code = proc.returncode
+    peak = max(int(Path(peak_file.name).read_text().split()[-1]) * 1024, *(rss for _, rss in samples))
+    os.unlink(peak_file.name)
+    phases: dict[str, tuple[float, int]] = {}
+    bounds = [*seen, (wall, "")]
+    for (begin, phase), (end, _) in zip(bounds, bounds[1:]):
+        inside = [rss for t, rss in samples if begin <= t <= end]
+        phases[phase] = (end - begin, max(inside, default=0))
+    return Measured(code, reached[0] if reached else wall, peak, phases, "".join(lines))
+
+
+def has_flag(command: str, flag: str) -> bool:
+    shown = subprocess.run([*SDBATCH, command, "--help"], capture_output=True, text=True,
+                           env={**os.environ, "COLUMNS": "200"}).stdout
+    return flag in shown
+
+
+# -- the synthetic OUT ----------------------------------------------------------------------
+def write_manifest(path: Path, rows: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("seed", pa.int64()), ("label", pa.int64())])
+    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        for start in range(0, rows, 500_000):
+            n = range(start, min(start + 500_000, rows))
+            writer.write_table(pa.table({
+                "id": [f"img-{i:09d}" for i in n], "prompt": [f"{PROMPTS[i % len(PROMPTS)]}, variation {i}" for i in n],
+                "seed": list(n), "label": [i % 10 for i in n],
+            }, schema=schema), row_group_size=65_536)
+
+
+def template_commit(workdir: Path):
+    """The commit of a real one-shard ``builtin:null`` job with the benchmark's flags."""
+    import pyarrow.parquet as pq
+
+    made = workdir / "template" / "out" / "metadata" / "00000.parquet"
+    if not made.exists():
+        write_manifest(workdir / "template.parquet", ROWS_PER_SHARD)
+        result = subprocess.run([*SDBATCH, "submit", str(workdir / "template.parquet"), "--out",
+                                 str(workdir / "template" / "out"), *JOB_FLAGS, "--workers", "1"],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"the template job failed:\n{result.stdout}{result.stderr}")
+    return pq.read_table(made)
+
+
+def tiny_png(row_id: str) -> bytes:
+    """A valid 1×1 PNG carrying ``row_id`` in a tEXt chunk: distinct bytes per row, ~90 bytes."""
+    header = b"\x89PNG\r\n\x1a\n"
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (header + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
+            + chunk(b"tEXt", b"id\x00" + row_id.encode()) + chunk(b"IDAT", zlib.compress(b"\x00\x80\x80\x80"))
+            + chunk(b"IEND", b""))
+
+
+def build_out(workdir: Path, rows: int) -> tuple[Path, Path]:
+    """The manifest and the synthetic OUT of ``rows`` rows (see the module docstring); reused
+    when already built (its ``.built`` marker)."""
+    manifest, out = workdir / f"manifest-{rows}.parquet", workdir / f"out-{rows}"
+    if (out / ".built").exists():
+        return manifest, out
+    shutil.rmtree(out, ignore_errors=True)
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from sdbatch.job.preflight import SubmitRequest, load_settings, prepare, validate
+    from sdbatch.output.claim import claim_job
+    from sdbatch.output.commits import FINGERPRINT_META, metadata_key, shard_name, table_to_parquet
+    from sdbatch.output.layout import layout_for
+
+    started = time.perf_counter()
+    write_manifest(manifest, rows)
+    template = template_commit(workdir)
+    request = SubmitRequest(manifest=str(manifest), out=str(out), spec_path=None, sets=[], overrides=JOB_OVERRIDES,
+                            loras=[], address=None, endpoint_url=None, deadline_at=None)
+    settings = load_settings(request)
+    prepared = prepare(validate(request, settings))
+    claim_job(prepared.storage, prepared.job)
+    storage, layout = prepared.storage, layout_for(prepared.storage, prepared.spec.output)
+    stamp = {FINGERPRINT_META: prepared.job.fingerprint.encode()}
+    names = template.column_names
+    for number, start in enumerate(range(0, rows, ROWS_PER_SHARD)):
+        n = min(ROWS_PER_SHARD, rows - start)
+        name = shard_name(number)
+        ids = [f"img-{i:09d}" for i in range(start, start + n)]
+        images = [tiny_png(i) for i in ids]
+        digests = [hashlib.sha256(b).hexdigest() for b in images]
+        writer = layout.writer(name)
+        for row_id, data, digest in zip(ids, images, digests):
+            writer.add(row_id, data, digest, {"id": row_id, "shard": name})
+        placed = writer.finish(ids)
+        batch = len(template.column("batch_rows")[0])
+        replaced = {
+            "id": ids, "row": list(range(start, start + n)), "seed": list(range(start, start + n)),
+            "prompt": [f"{PROMPTS[i % len(PROMPTS)]}, variation {i}" for i in range(start, start + n)],
+            "label": [i % 10 for i in range(start, start + n)], "shard": [name] * n,
+            "batch_id": [f"{name}-{j // batch:03d}" for j in range(n)],
+            "batch_rows": [ids[j - j % batch: j - j % batch + batch] for j in range(n)],
+            "key": [placed[i].key for i in ids], "sha256": digests, "bytes": [len(b) for b in images],
+            "phash": [hashlib.blake2b(i.encode(), digest_size=8).hexdigest() for i in ids],
+        }
+        table = template.slice(0, n)
+        for column, values in replaced.items():
+            position = names.index(column)
+            table = table.set_column(position, names[position], pa.array(values, table.schema.field(column).type))
+        assert pc.all(pc.equal(table.column("status"), "ok")).as_py()
+        storage.put(metadata_key(name), table_to_parquet(table.replace_schema_metadata(stamp)))
+    (out / ".built").write_text(f"{rows} rows in {time.perf_counter() - started:.0f} s\n")
+    print(f"  built {rows:,} rows ({-(-rows // ROWS_PER_SHARD):,} shards) in {time.perf_counter() - started:.0f} s: "
+          f"{du(out) / MiB:,.0f} MiB on disk", flush=True)
+    return manifest, out
+
+
+def unfinish(out: Path) -> None:
+    """Back to "every shard committed, nothing merged": the next submit merges and reports."""
+    for key in ("index.parquet", "_SUCCESS", "report.html", "_sdbatch/progress.json"):
+        (out / key).unlink(missing_ok=True)
+
+
+def du(path: Path) -> int:
+    return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file())
+
+
+def line(name: str, m: Measured, rows: int | None = None) -> str:
+    rate = f", {rows / m.wall:,.0f} rows/s" if rows else ""
+    return f"  {name:<28} exit {m.code}  {m.wall:8.1f} s  peak RSS {m.peak / MiB:7.0f} MiB{rate}"
+
+
+# -- (a) a real job ---------------------------------------------------------------------------
+JOB_PHASES = {"plan": r"^$", "dispatch": r"to generate, \d+ already committed",
+              "merge": r"merging the index", "report": r"writing the report"}
+
+
+def run_job(workdir: Path, rows: int) -> None:
+    manifest, out = workdir / f"job-manifest-{rows}.parquet", workdir / f"job-out-{rows}"
+    shutil.rmtree(out, ignore_errors=True)
+    write_manifest(manifest, rows)
+    m = measure(["submit", str(manifest), "--out", str(out), *JOB_FLAGS], JOB_PHASES)
+    print(line(f"submit ({rows:,} rows)", m, rows))
+    for phase, (wall, peak) in m.phases.items():
+        print(f"    {phase:<10} {wall:8.1f} s  peak RSS {peak / MiB:7.0f} MiB")
+    if m.code != 0:
+        print(m.output[-3000:])
+    from _common import commit_rate
+
+    print(f"  steady-state rate from the commit times: {commit_rate(out, rows, ROWS_PER_SHARD):,.0f} rows/s")
+
+
+# -- (b)/(c) the readers ----------------------------------------------------------------------
+def reader_commands(manifest: Path, out: Path, rows: int) -> list[tuple[str, list[str], dict[str, str] | None]]:
+    last_id = f"img-{rows - 1:09d}"
+    return [
+        ("submit (merge + report)", ["submit", str(manifest), "--out", str(out), *JOB_FLAGS], JOB_PHASES),
+        ("submit (nothing to do)", ["submit", str(manifest), "--out", str(out), *JOB_FLAGS], None),
+        ("status", ["status", str(out)], None),
+        ("verify", ["verify", str(out)], None),
+        ("verify --listing-only", ["verify", str(out), "--listing-only"], None),
+        ("verify --sample 1000", ["verify", str(out), "--sample", "1000"], None),
+        ("reproduce (last shard)", ["reproduce", str(out), last_id, "--output", str(out.parent / "repro.png")], None),
+        ("report", ["report", str(out)], None),
+        ("stats", ["stats", str(out)], None),
+        ("export --where (1%, hf)", ["export", str(out), str(out.parent / f"export-{rows}"), "--to", "hf",
+                                     "--where", "label = 0 AND row % 10 = 0"], None),
+    ]
+
+
+def run_readers(workdir: Path, sizes: list[int]) -> None:
+    flags = {"--listing-only": has_flag("verify", "--listing-only"), "--sample": has_flag("verify", "--sample")}
+    figures: dict[str, dict[int, Measured]] = {}
+    for rows in sizes:
+        print(f"{rows:,} rows:", flush=True)
+        manifest, out = build_out(workdir, rows)
+        unfinish(out)
+        for name, args, markers in reader_commands(manifest, out, rows):
+            flag = next((f for f in flags if f in args), None)
+            if flag and not flags[flag]:
+                print(f"  {name:<28} skipped: this sdbatch's verify has no {flag} (rerun after it lands)")
+                continue
+            shutil.rmtree(out.parent / f"export-{rows}", ignore_errors=True)
+            m = measure(args, markers)
+            figures.setdefault(name, {})[rows] = m
+            print(line(name, m), flush=True)
+            for phase, (wall, peak) in m.phases.items() if markers else ():
+                print(f"    {phase:<10} {wall:8.1f} s  peak RSS {peak / MiB:7.0f} MiB")
+            if m.code not in (0, 3):
+                print("    " + "\n    ".join(m.output.strip().splitlines()[-3:]))
+    if len(sizes) > 1:
+        small, large = min(sizes), max(sizes)
+        print(f"ratio {large:,} / {small:,} rows:")
+        for name, by_rows in figures.items():
+            if small in by_rows and large in by_rows:
+                a, b = by_rows[small], by_rows[large]
+                print(f"  {name:<28} wall {b.wall / a.wall:6.1f}x  peak RSS {b.peak / a.peak:5.2f}x")
+
+
+# -- item 3: resume ---------------------------------------------------------------------------
+RESUME_UNTIL = r"nothing to generate|to generate, \d+ already committed"
+
+
+def run_resume(workdir: Path, rows: int, s3: bool) -> None:
+    manifest, out = build_out(workdir, rows)
+    if not (out / "_SUCCESS").exists():  # "nothing to generate" is a finished job's: merge it first
+        m = measure(["submit", str(manifest), "--out", str(out), *JOB_FLAGS])
+        print(line("submit (merge)", m))
+    shards = -(-rows // ROWS_PER_SHARD)
+    print(f"resume of {rows:,} rows, {shards:,} shards committed:")
+    places: list[tuple[str, str, dict[str, str]]] = [("local", str(out), {})]
+    server = None
+    if s3:
+        server, endpoint = start_moto()
+        places.append(("moto S3", upload(out, endpoint), {"AWS_ENDPOINT_URL": endpoint}))
+    try:
+        for where, location, env in places:
+            args = ["submit", str(manifest), "--out", location, *JOB_FLAGS]
+            m = measure(args, env=env, until=RESUME_UNTIL)
+            print(line(f"{where}: every shard committed", m) + f"  [{said(m.output, RESUME_UNTIL)}]", flush=True)
+            status = measure(["status", location], env=env)
+            print(line(f"{where}: status", status), flush=True)
+            last = f"metadata/{shards - 1:05d}.parquet"
+            removed = remove(location, [last, "_SUCCESS", "index.parquet"], env)
+            m = measure([*args, "--deadline", "1s"], env=env, until=RESUME_UNTIL)
+            print(line(f"{where}: all but one committed", m) + f"  [{said(m.output, RESUME_UNTIL)}]", flush=True)
+            restore(location, removed, env)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def said(output: str, pattern: str) -> str:
+    found = [ln for ln in output.splitlines() if re.search(pattern, ln)]
+    return found[0].split(": ", 1)[-1].strip() if found else "not reached: " + " | ".join(output.strip().splitlines()[-2:])
+
+
+def start_moto():
+    use_fake_s3_env()
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return server, f"http://127.0.0.1:{port}"
+
+
+def _s3(endpoint: str):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=endpoint, config=Config(max_pool_connections=32))
+
+
+def upload(out: Path, endpoint: str) -> str:
+    """OUT's job state (job.json, commits, index, _SUCCESS; not the tars: a resume never reads
+    them) copied to a bucket of the moto server."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = _s3(endpoint)
+    client.create_bucket(Bucket="bench")
+    files = [p for p in out.rglob("*") if p.is_file() and not p.name.endswith(".tar") and p.name != ".built"]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda p: client.put_object(Bucket="bench", Key=f"out/{p.relative_to(out)}", Body=p.read_bytes()),
+                      files))
+    print(f"  uploaded {len(files):,} objects to moto in {time.perf_counter() - started:.0f} s", flush=True)
+    return "s3://bench/out"
+
+
+def remove(location: str, keys: list[str], env: dict[str, str]) -> dict[str, bytes]:
+    """Delete ``keys`` under OUT, returning their bytes (to put back after)."""
+    if location.startswith("s3://"):
+        client = _s3(env["AWS_ENDPOINT_URL"])
+        kept = {k: client.get_object(Bucket="bench", Key=f"out/{k}")["Body"].read() for k in keys}
+        for k in keys:
+            client.delete_object(Bucket="bench", Key=f"out/{k}")
+        return kept
+    kept = {k: (Path(location) / k).read_bytes() for k in keys}
+    for k in keys:
+        (Path(location) / k).unlink()
+    return kept
+
+
+def restore(location: str, kept: dict[str, bytes], env: dict[str, str]) -> None:
+    if location.startswith("s3://"):
+        client = _s3(env["AWS_ENDPOINT_URL"])
+        for k, data in kept.items():
+            client.put_object(Bucket="bench", Key=f"out/{k}", Body=data)
+        return
+    for k, data in kept.items():
+        (Path(location) / k).write_bytes(data)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=["job", "readers", "resume"])
+    parser.add_argument("--rows", type=int, nargs="+", default=[100_000])
+    parser.add_argument("--s3", action="store_true", help="resume: also on a moto S3 server on 127.0.0.1")
+    parser.add_argument("--keep", type=Path, help="build under this folder and keep what was built")
+    args = parser.parse_args()
+    print(f"bench_scale {args.part}: {platform.node()}, {os.cpu_count()} CPUs, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="sdbatch-bench-scale-") as tmp:
+        workdir = args.keep or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        if args.part == "job":
+            for rows in args.rows:
+                run_job(workdir, rows)
+        elif args.part == "readers":
+            run_readers(workdir, sorted(args.rows))
+        else:
+            for rows in args.rows:
+                run_resume(workdir, rows, args.s3)
+
+
+if __name__ == "__main__":
+    main()
