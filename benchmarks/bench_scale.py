@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import platform
 import re
@@ -55,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import PROMPTS, free_port, use_fake_s3_env, wait_for_port  # noqa: E402
+from _common import PROMPTS, free_port, use_fake_s3_env  # noqa: E402
 
 ROWS_PER_SHARD = 64
 #: The flags of every submit: the synthetic OUT's job.json is claimed for exactly these.
