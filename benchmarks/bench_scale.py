@@ -30,6 +30,7 @@ generating it. The index and ``_SUCCESS`` are written by the first ``submit`` (t
     python benchmarks/bench_scale.py job --rows 1000000
     python benchmarks/bench_scale.py readers --rows 100000 1000000
     python benchmarks/bench_scale.py resume --rows 1000000 --s3
+    python benchmarks/bench_scale.py resume --rows 10000000 --s3 --state-only
     python benchmarks/bench_scale.py readers --rows 2000 20000      # a smoke test, about a minute
 
 ``--keep DIR`` builds under DIR and keeps the outputs (a later run reuses an OUT already built there).
@@ -43,6 +44,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -80,10 +82,11 @@ class Measured:
 
 
 def measure(args: list[str], markers: dict[str, str] | None = None, env: dict[str, str] | None = None,
-            until: str | None = None) -> Measured:
+            until: str | None = None, stop: bool = False) -> Measured:
     """Run ``sdbatch args``; ``markers`` (phase name → regex of the log line that starts it,
     in order; the first phase starts at once) split its samples into phases. ``until``: a regex; the wall time reported is
-    the time to the first line matching it (the command still runs to its end)."""
+    the time to the first line matching it; with ``stop`` the command is interrupted there
+    (Ctrl-C), else it runs to its end."""
     started = time.perf_counter()
     # /usr/bin/time reports the peak: the child of a large process (this one) would count the
     # pages it was forked with in its own ru_maxrss; time's child is forked from time
@@ -106,10 +109,14 @@ def measure(args: list[str], markers: dict[str, str] | None = None, env: dict[st
                     seen.append((now, phase))
             if until and not reached and re.search(until, line):
                 reached.append(now)
+                if stop:
+                    for child in psutil.Process(proc.pid).children():
+                        child.send_signal(signal.SIGINT)
+
+    import psutil
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    import psutil
 
     timer = psutil.Process(proc.pid)
     while proc.poll() is None:  # sample the sdbatch process (time's child) until it exits
@@ -189,19 +196,13 @@ def build_out(workdir: Path, rows: int) -> tuple[Path, Path]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from sdbatch.job.preflight import SubmitRequest, load_settings, prepare, validate
-    from sdbatch.output.claim import claim_job
     from sdbatch.output.commits import FINGERPRINT_META, metadata_key, shard_name, table_to_parquet
     from sdbatch.output.layout import layout_for
 
     started = time.perf_counter()
     write_manifest(manifest, rows)
     template = template_commit(workdir)
-    request = SubmitRequest(manifest=str(manifest), out=str(out), spec_path=None, sets=[], overrides=JOB_OVERRIDES,
-                            loras=[], address=None, endpoint_url=None, deadline_at=None)
-    settings = load_settings(request)
-    prepared = prepare(validate(request, settings))
-    claim_job(prepared.storage, prepared.job)
+    prepared = claimed(manifest, out)
     storage, layout = prepared.storage, layout_for(prepared.storage, prepared.spec.output)
     stamp = {FINGERPRINT_META: prepared.job.fingerprint.encode()}
     names = template.column_names
@@ -241,6 +242,47 @@ def unfinish(out: Path) -> None:
     """Back to "every shard committed, nothing merged": the next submit merges and reports."""
     for key in ("index.parquet", "_SUCCESS", "report.html", "_sdbatch/progress.json"):
         (out / key).unlink(missing_ok=True)
+
+
+def build_state(workdir: Path, rows: int) -> tuple[Path, Path]:
+    """A finished job's state alone, for the resume at sizes whose full OUT would take too long
+    to build: job.json (claimed as ``build_out`` does), one commit per shard — the same 64
+    rows in each (a resume of a finished job lists the commits, never reads them) — and
+    ``_SUCCESS``; no tars, no index."""
+    manifest, out = workdir / f"manifest-{rows}.parquet", workdir / f"state-{rows}"
+    if (out / ".built").exists():
+        return manifest, out
+    shutil.rmtree(out, ignore_errors=True)
+    from sdbatch.output.commits import FINGERPRINT_META, metadata_key, shard_name, table_to_parquet
+    from sdbatch.output.documents import Success
+
+    started = time.perf_counter()
+    if not manifest.exists():
+        write_manifest(manifest, rows)
+    prepared = claimed(manifest, out)
+    stamp = {FINGERPRINT_META: prepared.job.fingerprint.encode()}
+    commit = table_to_parquet(template_commit(workdir).replace_schema_metadata(stamp))
+    (out / "metadata").mkdir(parents=True)
+    for number in range(-(-rows // ROWS_PER_SHARD)):
+        (out / metadata_key(shard_name(number))).write_bytes(commit)
+    Success(fingerprint=prepared.job.fingerprint, rows_total=rows, rows_in_index=rows, rows_ok=rows,
+            rows_failed=0).write(prepared.storage)
+    (out / ".built").write_text(f"{rows} rows in {time.perf_counter() - started:.0f} s\n")
+    print(f"  built the state of {rows:,} rows ({-(-rows // ROWS_PER_SHARD):,} commits, no tars, no index) in "
+          f"{time.perf_counter() - started:.0f} s", flush=True)
+    return manifest, out
+
+
+def claimed(manifest: Path, out: Path):
+    """The job record sdbatch's preflight makes for ``JOB_FLAGS``, claimed on ``out``."""
+    from sdbatch.job.preflight import SubmitRequest, load_settings, prepare, validate
+    from sdbatch.output.claim import claim_job
+
+    request = SubmitRequest(manifest=str(manifest), out=str(out), spec_path=None, sets=[], overrides=JOB_OVERRIDES,
+                            loras=[], address=None, endpoint_url=None, deadline_at=None)
+    prepared = prepare(validate(request, load_settings(request)))
+    claim_job(prepared.storage, prepared.job)
+    return prepared
 
 
 def du(path: Path) -> int:
@@ -323,8 +365,11 @@ def run_readers(workdir: Path, sizes: list[int]) -> None:
 RESUME_UNTIL = r"nothing to generate|to generate, \d+ already committed"
 
 
-def run_resume(workdir: Path, rows: int, s3: bool) -> None:
-    manifest, out = build_out(workdir, rows)
+def run_resume(workdir: Path, rows: int, s3: bool, state_only: bool) -> None:
+    if state_only:
+        manifest, out = build_state(workdir, rows)
+    else:
+        manifest, out = build_out(workdir, rows)
     if not (out / "_SUCCESS").exists():  # "nothing to generate" is a finished job's: merge it first
         m = measure(["submit", str(manifest), "--out", str(out), *JOB_FLAGS])
         print(line("submit (merge)", m))
@@ -338,13 +383,13 @@ def run_resume(workdir: Path, rows: int, s3: bool) -> None:
     try:
         for where, location, env in places:
             args = ["submit", str(manifest), "--out", location, *JOB_FLAGS]
-            m = measure(args, env=env, until=RESUME_UNTIL)
+            m = measure(args, env=env, until=RESUME_UNTIL, stop=state_only)  # a state alone has no index to report
             print(line(f"{where}: every shard committed", m) + f"  [{said(m.output, RESUME_UNTIL)}]", flush=True)
             status = measure(["status", location], env=env)
             print(line(f"{where}: status", status), flush=True)
             last = f"metadata/{shards - 1:05d}.parquet"
             removed = remove(location, [last, "_SUCCESS", "index.parquet"], env)
-            m = measure([*args, "--deadline", "1s"], env=env, until=RESUME_UNTIL)
+            m = measure([*args, "--deadline", "1s"], env=env, until=RESUME_UNTIL, stop=True)
             print(line(f"{where}: all but one committed", m) + f"  [{said(m.output, RESUME_UNTIL)}]", flush=True)
             restore(location, removed, env)
     finally:
@@ -359,7 +404,11 @@ def said(output: str, pattern: str) -> str:
 
 def start_moto():
     use_fake_s3_env()
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # not a line per request
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -394,12 +443,14 @@ def remove(location: str, keys: list[str], env: dict[str, str]) -> dict[str, byt
     """Delete ``keys`` under OUT, returning their bytes (to put back after)."""
     if location.startswith("s3://"):
         client = _s3(env["AWS_ENDPOINT_URL"])
-        kept = {k: client.get_object(Bucket="bench", Key=f"out/{k}")["Body"].read() for k in keys}
-        for k in keys:
+        present = {o["Key"][len("out/"):] for k in keys
+                   for o in client.list_objects_v2(Bucket="bench", Prefix=f"out/{k}").get("Contents", [])}
+        kept = {k: client.get_object(Bucket="bench", Key=f"out/{k}")["Body"].read() for k in keys if k in present}
+        for k in kept:
             client.delete_object(Bucket="bench", Key=f"out/{k}")
         return kept
-    kept = {k: (Path(location) / k).read_bytes() for k in keys}
-    for k in keys:
+    kept = {k: (Path(location) / k).read_bytes() for k in keys if (Path(location) / k).exists()}
+    for k in kept:
         (Path(location) / k).unlink()
     return kept
 
@@ -419,6 +470,8 @@ def main() -> None:
     parser.add_argument("part", choices=["job", "readers", "resume"])
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000])
     parser.add_argument("--s3", action="store_true", help="resume: also on a moto S3 server on 127.0.0.1")
+    parser.add_argument("--state-only", action="store_true",
+                        help="resume: build only job.json, the commits and _SUCCESS (minutes at 10M rows, not hours)")
     parser.add_argument("--keep", type=Path, help="build under this folder and keep what was built")
     args = parser.parse_args()
     print(f"bench_scale {args.part}: {platform.node()}, {os.cpu_count()} CPUs, "
@@ -433,7 +486,7 @@ def main() -> None:
             run_readers(workdir, sorted(args.rows))
         else:
             for rows in args.rows:
-                run_resume(workdir, rows, args.s3)
+                run_resume(workdir, rows, args.s3, args.state_only)
 
 
 if __name__ == "__main__":
