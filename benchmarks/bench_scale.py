@@ -295,7 +295,8 @@ def line(name: str, m: Measured, rows: int | None = None) -> str:
 
 
 # -- (a) a real job ---------------------------------------------------------------------------
-JOB_PHASES = {"plan": r"^$", "dispatch": r"to generate, \d+ already committed",
+#: The phases of a submit, each begun by a line of the driver's log (the first at the start).
+JOB_PHASES = {"preflight, plan, listing": r"^$", "ray start": r"planned [\d,]+ shard", "dispatch": r"to generate, \d+ already committed",
               "merge": r"merging the index", "report": r"writing the report"}
 
 
