@@ -65,6 +65,7 @@ JOB_FLAGS = ["--model", "builtin:null", "--workers", "2", "--rows-per-shard", st
 JOB_OVERRIDES = {"model.name": "builtin:null", "resources.workers": 2, "resources.rows_per_shard": ROWS_PER_SHARD,
                  "output.format": "webdataset"}
 SDBATCH = [sys.executable, "-m", "sdbatch"]
+RSS_LIMIT = [8 * 2**30]  # --rss-limit-mib: a command whose RSS passes it is killed (and says so)
 MiB = 2**20
 
 
@@ -121,7 +122,11 @@ def measure(args: list[str], markers: dict[str, str] | None = None, env: dict[st
     timer = psutil.Process(proc.pid)
     while proc.poll() is None:  # sample the sdbatch process (time's child) until it exits
         try:
-            samples += [(time.perf_counter() - started, p.memory_info().rss) for p in timer.children()]
+            for child in timer.children():
+                samples.append((time.perf_counter() - started, child.memory_info().rss))
+                if samples[-1][1] > RSS_LIMIT[0]:  # the machine is shared: a command past the limit is stopped
+                    child.kill()
+                    lines.append(f"killed: RSS past the benchmark's limit of {RSS_LIMIT[0] / MiB:,.0f} MiB\n")
         except psutil.Error:
             pass
         time.sleep(0.1)
@@ -188,54 +193,63 @@ def tiny_png(row_id: str) -> bytes:
 
 def build_out(workdir: Path, rows: int) -> tuple[Path, Path]:
     """The manifest and the synthetic OUT of ``rows`` rows (see the module docstring); reused
-    when already built (its ``.built`` marker)."""
-    manifest, out = workdir / f"manifest-{rows}.parquet", workdir / f"out-{rows}"
-    if (out / ".built").exists():
-        return manifest, out
-    shutil.rmtree(out, ignore_errors=True)
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from sdbatch.output.commits import FINGERPRINT_META, metadata_key, shard_name, table_to_parquet
+    when already built (its ``.built`` marker), a shard whose commit is missing built again."""
+    from sdbatch.output.commits import FINGERPRINT_META, committed_shards, shard_name
     from sdbatch.output.layout import layout_for
 
-    started = time.perf_counter()
-    write_manifest(manifest, rows)
+    manifest, out = workdir / f"manifest-{rows}.parquet", workdir / f"out-{rows}"
+    started, built = time.perf_counter(), (out / ".built").exists()
+    if not built:
+        shutil.rmtree(out, ignore_errors=True)
+        write_manifest(manifest, rows)
     template = template_commit(workdir)
     prepared = claimed(manifest, out)
     storage, layout = prepared.storage, layout_for(prepared.storage, prepared.spec.output)
     stamp = {FINGERPRINT_META: prepared.job.fingerprint.encode()}
-    names = template.column_names
-    for number, start in enumerate(range(0, rows, ROWS_PER_SHARD)):
-        n = min(ROWS_PER_SHARD, rows - start)
-        name = shard_name(number)
-        ids = [f"img-{i:09d}" for i in range(start, start + n)]
-        images = [tiny_png(i) for i in ids]
-        digests = [hashlib.sha256(b).hexdigest() for b in images]
-        writer = layout.writer(name)
-        for row_id, data, digest in zip(ids, images, digests):
-            writer.add(row_id, data, digest, {"id": row_id, "shard": name})
-        placed = writer.finish(ids)
-        batch = len(template.column("batch_rows")[0])
-        replaced = {
-            "id": ids, "row": list(range(start, start + n)), "seed": list(range(start, start + n)),
-            "prompt": [f"{PROMPTS[i % len(PROMPTS)]}, variation {i}" for i in range(start, start + n)],
-            "label": [i % 10 for i in range(start, start + n)], "shard": [name] * n,
-            "batch_id": [f"{name}-{j // batch:03d}" for j in range(n)],
-            "batch_rows": [ids[j - j % batch: j - j % batch + batch] for j in range(n)],
-            "key": [placed[i].key for i in ids], "sha256": digests, "bytes": [len(b) for b in images],
-            "phash": [hashlib.blake2b(i.encode(), digest_size=8).hexdigest() for i in ids],
-        }
-        table = template.slice(0, n)
-        for column, values in replaced.items():
-            position = names.index(column)
-            table = table.set_column(position, names[position], pa.array(values, table.schema.field(column).type))
-        assert pc.all(pc.equal(table.column("status"), "ok")).as_py()
-        storage.put(metadata_key(name), table_to_parquet(table.replace_schema_metadata(stamp)))
-    (out / ".built").write_text(f"{rows} rows in {time.perf_counter() - started:.0f} s\n")
-    print(f"  built {rows:,} rows ({-(-rows // ROWS_PER_SHARD):,} shards) in {time.perf_counter() - started:.0f} s: "
-          f"{du(out) / MiB:,.0f} MiB on disk", flush=True)
+    there = committed_shards(storage) if built else set()
+    for number in range(-(-rows // ROWS_PER_SHARD)):
+        if shard_name(number) not in there:
+            _write_shard(storage, layout, template, stamp, number, rows)
+    if not built:
+        (out / ".built").write_text(f"{rows} rows in {time.perf_counter() - started:.0f} s\n")
+        print(f"  built {rows:,} rows ({-(-rows // ROWS_PER_SHARD):,} shards) in {time.perf_counter() - started:.0f} s: "
+              f"{du(out) / MiB:,.0f} MiB on disk", flush=True)
     return manifest, out
+
+
+def _write_shard(storage, layout, template, stamp: dict[bytes, bytes], number: int, rows: int) -> None:
+    """Shard ``number``'s tar (through the job's layout) and its commit: the template's rows
+    with this shard's ids, rows, seeds, prompts, labels, keys, sha256 and phashes."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from sdbatch.output.commits import metadata_key, shard_name, table_to_parquet
+
+    start = number * ROWS_PER_SHARD
+    n, name, names = min(ROWS_PER_SHARD, rows - start), shard_name(number), template.column_names
+    ids = [f"img-{i:09d}" for i in range(start, start + n)]
+    images = [tiny_png(i) for i in ids]
+    digests = [hashlib.sha256(b).hexdigest() for b in images]
+    writer = layout.writer(name)
+    for row_id, data, digest in zip(ids, images, digests):
+        writer.add(row_id, data, digest, {"id": row_id, "shard": name})
+    placed = writer.finish(ids)
+    batch = len(template.column("batch_rows")[0])
+    replaced = {
+        "id": ids, "row": list(range(start, start + n)), "seed": list(range(start, start + n)),
+        "prompt": [f"{PROMPTS[i % len(PROMPTS)]}, variation {i}" for i in range(start, start + n)],
+        "label": [i % 10 for i in range(start, start + n)], "shard": [name] * n,
+        "batch_id": [f"{name}-{j // batch:03d}" for j in range(n)],
+        "batch_rows": [ids[j - j % batch: j - j % batch + batch] for j in range(n)],
+        "key": [placed[i].key for i in ids], "sha256": digests, "bytes": [len(b) for b in images],
+        "phash": [hashlib.blake2b(i.encode(), digest_size=8).hexdigest() for i in ids],
+    }
+    table = template.slice(0, n)
+    for column, values in replaced.items():
+        position = names.index(column)
+        table = table.set_column(position, names[position], pa.array(values, table.schema.field(column).type))
+    assert pc.all(pc.equal(table.column("status"), "ok")).as_py()
+    storage.put(metadata_key(name), table_to_parquet(table.replace_schema_metadata(stamp)))
 
 
 def unfinish(out: Path) -> None:
@@ -352,7 +366,7 @@ def run_readers(workdir: Path, sizes: list[int]) -> None:
             for phase, (wall, peak) in m.phases.items() if markers else ():
                 print(f"    {phase:<10} {wall:8.1f} s  peak RSS {peak / MiB:7.0f} MiB")
             if m.code not in (0, 3):
-                print("    " + "\n    ".join(m.output.strip().splitlines()[-3:]))
+                print("    " + "\n    ".join(m.output.strip().splitlines()[-2:]))
     if len(sizes) > 1:
         small, large = min(sizes), max(sizes)
         print(f"ratio {large:,} / {small:,} rows:")
@@ -384,15 +398,17 @@ def run_resume(workdir: Path, rows: int, s3: bool, state_only: bool) -> None:
     try:
         for where, location, env in places:
             args = ["submit", str(manifest), "--out", location, *JOB_FLAGS]
-            m = measure(args, env=env, until=RESUME_UNTIL, stop=state_only)  # a state alone has no index to report
+            m = measure(args, env=env, until=RESUME_UNTIL, stop=True)  # the report after it is the readers' figure
             print(line(f"{where}: every shard committed", m) + f"  [{said(m.output, RESUME_UNTIL)}]", flush=True)
             status = measure(["status", location], env=env)
             print(line(f"{where}: status", status), flush=True)
             last = f"metadata/{shards - 1:05d}.parquet"
             removed = remove(location, [last, "_SUCCESS", "index.parquet"], env)
-            m = measure([*args, "--deadline", "1s"], env=env, until=RESUME_UNTIL, stop=True)
-            print(line(f"{where}: all but one committed", m) + f"  [{said(m.output, RESUME_UNTIL)}]", flush=True)
-            restore(location, removed, env)
+            try:  # the deadline has passed before the first shard: nothing is generated
+                m = measure([*args, "--deadline", "1s"], env=env, until=RESUME_UNTIL, stop=True)
+                print(line(f"{where}: all but one committed", m) + f"  [{said(m.output, RESUME_UNTIL)}]", flush=True)
+            finally:
+                restore(location, removed, env)
     finally:
         if server is not None:
             server.stop()
@@ -474,7 +490,9 @@ def main() -> None:
     parser.add_argument("--state-only", action="store_true",
                         help="resume: build only job.json, the commits and _SUCCESS (minutes at 10M rows, not hours)")
     parser.add_argument("--keep", type=Path, help="build under this folder and keep what was built")
+    parser.add_argument("--rss-limit-mib", type=int, default=8192, help="kill a command whose RSS passes this")
     args = parser.parse_args()
+    RSS_LIMIT[0] = args.rss_limit_mib * MiB
     print(f"bench_scale {args.part}: {platform.node()}, {os.cpu_count()} CPUs, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
     with tempfile.TemporaryDirectory(prefix="sdbatch-bench-scale-") as tmp:

@@ -176,6 +176,7 @@ class Driver:
         retried = self._rows_work(committed) if self.retry_failed or self.repair else []
         skipped = len(committed)
         if not pending and not retried:
+            log.info("nothing to generate: every shard is already committed")  # before the merge or report: a resume's cost
             return self._finish(started, skipped, 0, 0, "nothing to generate: every shard is already committed")
         self.schedule = schedule = Schedule(
             retried, shards=pending, max_attempts=self.spec.retries.shard_attempts, deadline=self.deadline,
