@@ -86,8 +86,8 @@ def measure(args: list[str], markers: dict[str, str] | None = None, env: dict[st
             until: str | None = None, stop: bool = False) -> Measured:
     """Run ``sdbatch args``; ``markers`` (phase name → regex of the log line that starts it,
     in order; the first phase starts at once) split its samples into phases. ``until``: a regex; the wall time reported is
-    the time to the first line matching it; with ``stop`` the command is interrupted there
-    (Ctrl-C), else it runs to its end."""
+    the time to the first line matching it and the peak RSS is the one sampled until then; with
+    ``stop`` the command is interrupted there (Ctrl-C), else it runs to its end."""
     started = time.perf_counter()
     # /usr/bin/time reports the peak: the child of a large process (this one) would count the
     # pages it was forked with in its own ru_maxrss; time's child is forked from time
@@ -134,6 +134,8 @@ def measure(args: list[str], markers: dict[str, str] | None = None, env: dict[st
     reader.join(timeout=10)
     code = proc.returncode
     peak = max(int(Path(peak_file.name).read_text().split()[-1]) * 1024, *(rss for _, rss in samples))
+    if reached:  # the peak before the line (sampled): what ran after it is not this figure's
+        peak = max(rss for t, rss in samples if t <= reached[0])
     os.unlink(peak_file.name)
     phases: dict[str, tuple[float, int]] = {}
     bounds = [*seen, (wall, "")]
@@ -377,7 +379,9 @@ def run_readers(workdir: Path, sizes: list[int]) -> None:
 
 
 # -- item 3: resume ---------------------------------------------------------------------------
-RESUME_UNTIL = r"nothing to generate|to generate, \d+ already committed"
+#: Where a resume's cost before its first new shard ends: the driver has listed the commits
+#: and planned ("planned N shards", before Ray starts), or found nothing to generate.
+RESUME_UNTIL = r"nothing to generate|planned [\d,]+ shard"
 
 
 def run_resume(workdir: Path, rows: int, s3: bool, state_only: bool) -> None:
@@ -398,14 +402,14 @@ def run_resume(workdir: Path, rows: int, s3: bool, state_only: bool) -> None:
     try:
         for where, location, env in places:
             args = ["submit", str(manifest), "--out", location, *JOB_FLAGS]
-            m = measure(args, env=env, until=RESUME_UNTIL, stop=True)  # the report after it is the readers' figure
-            print(line(f"{where}: every shard committed", m) + f"  [{said(m.output, RESUME_UNTIL)}]", flush=True)
+            m = measure(args, env=env, until="nothing to generate", stop=True)  # the report after it: the readers' figure
+            print(line(f"{where}: every shard committed", m) + f"  [{said(m.output, 'nothing to generate')}]", flush=True)
             status = measure(["status", location], env=env)
             print(line(f"{where}: status", status), flush=True)
             last = f"metadata/{shards - 1:05d}.parquet"
             removed = remove(location, [last, "_SUCCESS", "index.parquet"], env)
-            try:  # the deadline has passed before the first shard: nothing is generated
-                m = measure([*args, "--deadline", "1s"], env=env, until=RESUME_UNTIL, stop=True)
+            try:  # stopped (Ctrl-C) once planned, before Ray starts: nothing is generated
+                m = measure(args, env=env, until=RESUME_UNTIL, stop=True)
                 print(line(f"{where}: all but one committed", m) + f"  [{said(m.output, RESUME_UNTIL)}]", flush=True)
             finally:
                 restore(location, removed, env)
