@@ -44,7 +44,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -87,7 +86,7 @@ def measure(args: list[str], markers: dict[str, str] | None = None, env: dict[st
     """Run ``sdbatch args``; ``markers`` (phase name → regex of the log line that starts it,
     in order; the first phase starts at once) split its samples into phases. ``until``: a regex; the wall time reported is
     the time to the first line matching it and the peak RSS is the one sampled until then; with
-    ``stop`` the command is interrupted there (Ctrl-C), else it runs to its end."""
+    ``stop`` the command is killed there (before Ray starts, where it is used), else it runs to its end."""
     started = time.perf_counter()
     # /usr/bin/time reports the peak: the child of a large process (this one) would count the
     # pages it was forked with in its own ru_maxrss; time's child is forked from time
@@ -110,9 +109,9 @@ def measure(args: list[str], markers: dict[str, str] | None = None, env: dict[st
                     seen.append((now, phase))
             if until and not reached and re.search(until, line):
                 reached.append(now)
-                if stop:
-                    for child in psutil.Process(proc.pid).children():
-                        child.send_signal(signal.SIGINT)
+                if stop:  # SIGKILL: Ctrl-C there is not always honoured; the lock left behind is taken
+                    for child in psutil.Process(proc.pid).children():  # over by the next run (its pid is gone)
+                        child.kill()
 
     import psutil
 
@@ -408,7 +407,7 @@ def run_resume(workdir: Path, rows: int, s3: bool, state_only: bool) -> None:
             print(line(f"{where}: status", status), flush=True)
             last = f"metadata/{shards - 1:05d}.parquet"
             removed = remove(location, [last, "_SUCCESS", "index.parquet"], env)
-            try:  # stopped (Ctrl-C) once planned, before Ray starts: nothing is generated
+            try:  # stopped once planned, before Ray starts: nothing is generated
                 m = measure(args, env=env, until=RESUME_UNTIL, stop=True)
                 print(line(f"{where}: all but one committed", m) + f"  [{said(m.output, RESUME_UNTIL)}]", flush=True)
             finally:
