@@ -140,7 +140,8 @@ def measure(args: list[str], markers: dict[str, str] | None = None, env: dict[st
     bounds = [*seen, (wall, "")]
     for (begin, phase), (end, _) in zip(bounds, bounds[1:]):
         inside = [rss for t, rss in samples if begin <= t <= end]
-        phases[phase] = (end - begin, max(inside, default=0))
+        if inside:  # a phase too short to be sampled (Ray's start when nothing is generated) is left out
+            phases[phase] = (end - begin, max(inside))
     return Measured(code, reached[0] if reached else wall, peak, phases, "".join(lines))
 
 
