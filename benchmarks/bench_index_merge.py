@@ -14,6 +14,7 @@ Prints wall time and peak RSS (``ru_maxrss`` of that one child, from ``os.wait4`
 their ratios, and checks that both indexes hold the same rows in the same order.
 
     python benchmarks/bench_index_merge.py [--rows 1000000] [--rows-per-shard 1000] [--duplicate-distance 0]
+    python benchmarks/bench_index_merge.py --wide-columns 20000   # the merge of a 20,000-column index
 """
 
 from __future__ import annotations
@@ -68,10 +69,29 @@ MERGE = {
         "storage.put(INDEX_KEY, table_to_parquet(committed_index(storage, 'bench')[0]))\n"
     ),
     "streaming": (
-        "import pyarrow as pa\nfrom sdbatch.output.index import merge_index\n"
-        "merge_index(storage, {'label': pa.int64()}, 'bench', int(sys.argv[2]))\n"
+        "import os, pyarrow as pa\nfrom sdbatch.output.index import merge_index\n"
+        "names = sorted(n[:-len('.parquet')] for n in os.listdir(sys.argv[1] + '/metadata'))\n"
+        "merge_index(storage, names, int(sys.argv[3]), {'label': pa.int64()}, 'bench', int(sys.argv[2]))\n"
     ),
 }
+
+#: ``--wide-columns N``: one row of N int64 label columns committed, then merged (issue 21
+#: finding 12: the merge of an index that wide is linear in its columns).
+WIDE = r"""
+import sys, time
+import pyarrow as pa
+from sdbatch.data.index import index_schema
+from sdbatch.output.commits import records_to_parquet
+from sdbatch.output.index import merge_index
+from sdbatch.storage.local import LocalStorage
+storage, columns = LocalStorage(sys.argv[1]), int(sys.argv[2])
+labels = {f"label_{n}": pa.int64() for n in range(columns)}
+storage.put("metadata/00000.parquet", records_to_parquet(
+    [{"id": "a", "row": 0, "status": "ok", **{name: 1 for name in labels}}], index_schema(labels), "fp"))
+started = time.perf_counter()
+assert merge_index(storage, ["00000"], 1, labels, "fp").rows == 1
+print(f"{time.perf_counter() - started:.2f}")
+"""
 PRELUDE = "import sys\nfrom sdbatch.storage.local import LocalStorage\nstorage = LocalStorage(sys.argv[1])\n"
 
 
@@ -101,7 +121,18 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--rows-per-shard", type=int, default=1000)
     parser.add_argument("--duplicate-distance", type=int, default=0)
+    parser.add_argument("--wide-columns", type=int, default=0,
+                        help="instead: merge one row of this many passthrough columns (e.g. 20000)")
     args = parser.parse_args()
+    if args.wide_columns:
+        with tempfile.TemporaryDirectory(prefix="sdbatch-bench-wide-") as tmp:
+            started = time.perf_counter()
+            merge_s = subprocess.run([sys.executable, "-c", WIDE, os.path.join(tmp, "out"), str(args.wide_columns)],
+                                     capture_output=True, text=True, check=True).stdout.split()[-1]
+            print(f"one row of {args.wide_columns:,} passthrough columns: merge {float(merge_s):.1f} s "
+                  f"(commit + merge in a fresh process {time.perf_counter() - started:.1f} s); "
+                  f"{platform.node()}, {os.cpu_count()} CPUs")
+        return
     with tempfile.TemporaryDirectory(prefix="sdbatch-bench-index-") as tmp:
         out = os.path.join(tmp, "out")
         build_s, _ = run_child(BUILD, out, str(args.rows), str(args.rows_per_shard))
@@ -110,7 +141,7 @@ def main() -> None:
               f"{platform.node()}, {os.cpu_count()} CPUs")
         results, digests = {}, {}
         for name, body in MERGE.items():
-            results[name] = run_child(PRELUDE + body, out, str(args.duplicate_distance))
+            results[name] = run_child(PRELUDE + body, out, str(args.duplicate_distance), str(args.rows))
             digests[name] = index_ids(os.path.join(out, "index.parquet"))
             size = os.path.getsize(os.path.join(out, "index.parquet"))
             wall, rss = results[name]

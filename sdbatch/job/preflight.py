@@ -24,7 +24,7 @@ from sdbatch.manifest.validate import validate_manifest
 from sdbatch.models.pins import check_safetensors, sha256_hex
 from sdbatch.models.resolve import ModelRef, preflight
 from sdbatch.output.claim import job_record
-from sdbatch.output.documents import JobRecord
+from sdbatch.output.documents import CorruptState, JobRecord
 from sdbatch.spec import JobSpec, load_spec
 from sdbatch.storage.base import NotFound, Storage, StorageError, check_uri
 from sdbatch.storage.open import open_storage, read_uri
@@ -108,8 +108,34 @@ def validate(request: SubmitRequest, settings: Settings) -> Validated:
     spec = spec.with_native_size(traits)
     lora_sha256 = adapter_hashes(spec.loras, request.endpoint_url)
     source = open_manifest(request.manifest)
-    report = validate_manifest(source, spec, strict=request.strict, model=traits)
+    report = validated_at_claim(request, spec, settings.out, source, job_record(
+        spec, source, model.pin, lora_sha256, refiner.pin if refiner else None,
+    )) or validate_manifest(source, spec, strict=request.strict, model=traits)
     return Validated(request, spec, settings.out, model, refiner, lora_sha256, source, report)
+
+
+def validated_at_claim(request: SubmitRequest, spec: JobSpec, out: str, source: Manifest,
+                       job: JobRecord) -> ValidationReport | None:
+    """A resume's manifest is not validated again (at 10,000,000 rows that is minutes before
+    the first new shard): when OUT's job record carries this job's fingerprint — the same
+    manifest content (its files' pins), settings, model, refiner and LoRAs — written by this
+    sdbatch version, the manifest passed this validation when the job was claimed. The report
+    then holds what ``prepare`` needs: the samplers' rows, known without reading rows only when
+    the manifest has no ``scheduler`` column (else, and with ``--strict``, None: validate)."""
+    if request.strict or "scheduler" in source.columns:
+        return None
+    try:
+        existing = JobRecord.read(open_storage(out, endpoint_url=request.endpoint_url))
+    except (StorageError, CorruptState):  # unreadable here: the full path reports it
+        return None
+    if existing is None or existing.fingerprint != job.fingerprint or existing.sdbatch_version != job.sdbatch_version:
+        return None
+    logging.getLogger("sdbatch.cli").info("resuming %s: its manifest was validated when the job was claimed (%s); "
+                                          "its rows are not read again", out, existing.created_at)
+    return ValidationReport(num_rows=source.num_rows, summary={
+        "source": source.source, "files": len(source.files), "fingerprint": source.fingerprint, "rows": source.num_rows,
+        "schedulers": {spec.defaults.scheduler: source.num_rows}, "validated_at_claim": existing.created_at,
+    })
 
 
 def prepare(validated: Validated) -> PreparedJob:

@@ -4,6 +4,7 @@ prints; nothing here prints."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -11,6 +12,8 @@ from sdbatch.audit.report import write_report_quietly
 from sdbatch.job.preflight import PreparedJob
 from sdbatch.job.repair import repair_rows
 from sdbatch.run.driver import JobOutcome, run_job
+
+log = logging.getLogger("sdbatch.submit")
 
 
 @dataclass(frozen=True)
@@ -34,4 +37,5 @@ def submit(prepared: PreparedJob) -> SubmitOutcome:
         new_run=request.new_run,
     )
     wall = time.monotonic() - started
+    log.info("writing the report")
     return SubmitOutcome(outcome, wall, write_report_quietly(storage))

@@ -177,6 +177,7 @@ class Driver:
         retried = self._rows_work(committed) if self.retry_failed or self.repair else []
         skipped = len(committed)
         if not pending and not retried:
+            log.info("nothing to generate: every shard is already committed")  # before the merge or report: a resume's cost
             return self._finish(started, skipped, 0, 0, "nothing to generate: every shard is already committed")
         self.schedule = schedule = Schedule(
             retried, shards=pending, max_attempts=self.spec.retries.shard_attempts, deadline=self.deadline,
@@ -447,6 +448,7 @@ class Driver:
                               self.plan.batch_fill)
         if self.lock is not None:
             self.lock.check()
+        log.info("merging the index of %s", plural(self.plan.num_shards, "shard"))  # a phase of its own at scale
         index = merge_index(self.storage, [shard_name(i) for i in range(self.plan.num_shards)], self.manifest.num_rows,
                             passthrough_types(self.manifest), self.job.fingerprint, self.spec.scoring.duplicate_max_distance)
         total = self.manifest.num_rows

@@ -155,3 +155,35 @@ def test_clip_skip_deeper_than_the_text_encoder_is_refused_at_preflight(tmp_path
     default_too_deep = submit(write_manifest(tmp_path / "d.parquet", [{"prompt": "a"}]), "--out", out, "--clip-skip", "5")
     assert default_too_deep.returncode == 2 and "defaults.clip_skip" in default_too_deep.stderr
     assert "use clip_skip <= 3" in default_too_deep.stderr and not out.exists()
+
+
+def test_a_resume_of_the_same_job_does_not_validate_its_manifest_again(tmp_path):
+    """Issue 23 item 3: validation reads every row (minutes at 10M rows); a resume whose OUT holds
+    this job's record skips it — and validates again once anything the fingerprint covers
+    changed, or with --strict."""
+    from sdbatch.job.preflight import SubmitRequest, load_settings, prepare, validate
+    from sdbatch.output.claim import claim_job
+
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": f"r{i}", "prompt": f"a circle {i}"} for i in range(8)])
+    out = tmp_path / "out"
+
+    def validated(**changes):
+        request = SubmitRequest(**{"manifest": str(manifest), "out": str(out), "spec_path": None, "sets": [],
+                                   "overrides": {"model.name": "builtin:null"}, "loras": [], "address": None,
+                                   "endpoint_url": None, "deadline_at": None, **changes})
+        return validate(request, load_settings(request))
+
+    first = validated()
+    assert "distinct_prompts" in first.report.summary and "validated_at_claim" not in first.report.summary
+    claim_job(prepare(first).storage, prepare(first).job)
+
+    resumed = validated()
+    assert resumed.report.ok and resumed.report.summary["validated_at_claim"], resumed.report.summary
+    assert "distinct_prompts" not in resumed.report.summary  # no row was read
+    assert resumed.report.summary["schedulers"] == {"default": 8}  # what prepare's sampler check needs
+    assert prepare(resumed).job.fingerprint == prepare(first).job.fingerprint
+
+    assert "validated_at_claim" not in validated(strict=True).report.summary
+    assert "validated_at_claim" not in validated(overrides={"model.name": "builtin:null", "defaults.steps": 7}).report.summary
+    write_manifest(manifest, [{"id": f"r{i}", "prompt": f"a square {i}"} for i in range(8)])
+    assert "validated_at_claim" not in validated().report.summary

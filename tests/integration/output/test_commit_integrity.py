@@ -160,9 +160,10 @@ def test_a_users_report_html_is_never_overwritten(run_cli, half_done, tmp_path):
     assert (out / "report.html").read_text() == "<p>mine now</p>"
 
 
-def test_a_manifest_wider_than_the_limit_is_refused_and_a_wide_index_merges_fast(run_cli, tmp_path):
+def test_a_manifest_wider_than_the_limit_is_refused_and_a_wide_index_merges(run_cli, tmp_path):
     """Finding 12: a manifest with more columns than ``limits.max_columns`` is refused by
-    ``validate`` (exit 2 naming the limit), and the merge of an index that wide is linear."""
+    ``validate`` (exit 2 naming the limit), and an index that wide merges with every column
+    kept. (Its merge time is a benchmark figure: ``bench_index_merge.py --wide-columns``.)"""
     from sdbatch.data.index import index_schema
     from sdbatch.output.commits import records_to_parquet
     from sdbatch.output.index import merge_index
@@ -180,6 +181,8 @@ def test_a_manifest_wider_than_the_limit_is_refused_and_a_wide_index_merges_fast
     labels = {f"label_{n}": pa.int64() for n in range(20_000)}
     records = [{"id": "a", "row": 0, "status": "ok", **{name: 1 for name in labels}}]
     storage.put("metadata/00000.parquet", records_to_parquet(records, index_schema(labels), "fp"))
-    started = time.monotonic()
     summary = merge_index(storage, ["00000"], 1, labels, "fp")
-    assert summary.rows == 1 and time.monotonic() - started < 60
+    merged = pq.read_table(tmp_path / "out" / "index.parquet")
+    assert summary.rows == merged.num_rows == 1
+    assert [name for name in merged.column_names if name.startswith("label_")] == list(labels)
+    assert all(merged.column(name)[0].as_py() == 1 for name in labels)
