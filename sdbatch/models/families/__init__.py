@@ -20,12 +20,13 @@ from sdbatch.models.families.null import NullFamily
 from sdbatch.models.families.sd import StableDiffusion
 from sdbatch.models.families.sd3 import StableDiffusion3
 from sdbatch.models.families.sdxl import StableDiffusionXL
+from sdbatch.models.families.z_image import ZImage
 
 __all__ = ["FAMILIES", "FamilyAdapter", "ModelTraits", "RowRule", "check_refiner", "family_for_class",
            "local_traits", "model_traits", "read_traits"]
 
 FAMILIES: dict[str, FamilyAdapter] = {
-    f.class_name: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), NullFamily())
+    f.class_name: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), ZImage(), NullFamily())
 }
 
 

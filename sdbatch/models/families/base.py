@@ -46,6 +46,7 @@ class ModelTraits:
     native_width: int
     native_height: int
     text_encoder_layers: int | None = None  # depth of the CLIP text encoder clip_skip counts in
+    size_multiple: int | None = None  # width and height must be multiples of it (VAE factor × patch size)
 
     def row_rules(self) -> tuple[RowRule, ...]:
         return self.family.row_rules(self)
@@ -72,6 +73,15 @@ class RowRule:
             raise ValueError(f"row {row.id}: {self.column} {value!r}: {self.rule}. Fix: {self.fix}")
 
 
+def vae_scale(read_json: JsonReader, where: str) -> int:
+    """The pixels per latent of an ``AutoencoderKL``: 2 ** (levels - 1), as the pipelines compute it."""
+    blocks = (read_json("vae/config.json") or {}).get("block_out_channels")
+    if not blocks:
+        raise FamilyError(f"model {where}: vae/config.json needs block_out_channels to know the VAE's scale; "
+                          "is the folder complete?")
+    return 2 ** (len(blocks) - 1)
+
+
 class FamilyAdapter(ABC):
     """One model family. Subclasses declare the class attributes and implement ``native_size``."""
 
@@ -94,22 +104,33 @@ class FamilyAdapter(ABC):
     def native_size(self, read_json: JsonReader, where: str) -> tuple[int, int]:
         """(width, height) the family's pipeline renders by default for this model."""
 
+    def size_multiple(self, read_json: JsonReader, where: str) -> int | None:
+        """What width and height must be multiples of for this model (None: the column rules alone)."""
+        return None
+
     def read_traits(self, read_json: JsonReader, where: str) -> ModelTraits:
         width, height = self.native_size(read_json, where)
         encoder = read_json("text_encoder/config.json") if self.text_encoder_counts_layers else None
         layers = encoder.get("num_hidden_layers") if isinstance(encoder, dict) else None
-        return ModelTraits(self, width, height, int(layers) if layers else None)
+        return ModelTraits(self, width, height, int(layers) if layers else None, self.size_multiple(read_json, where))
 
     def row_rules(self, traits: ModelTraits) -> tuple[RowRule, ...]:
-        """The rules a row's values must meet for this model; by default, clip_skip within the
-        CLIP text encoder's depth (A1111 counts the last layer as clip skip 1)."""
+        """The rules a row's values must meet for this model: clip_skip within the CLIP text
+        encoder's depth (A1111 counts the last layer as clip skip 1), and the size on the model's grid."""
+        rules: list[RowRule] = []
         layers = traits.text_encoder_layers
-        if layers is None:
-            return ()
-        deepest = layers + 1
-        return (RowRule("clip_skip", lambda values: values > deepest,
-                        f"clip_skip N skips the text encoder's last N-1 layers, and this model's has {layers}",
-                        f"use clip_skip <= {deepest}"),)
+        if layers is not None:
+            deepest = layers + 1
+            rules.append(RowRule("clip_skip", lambda values: values > deepest,
+                                 f"clip_skip N skips the text encoder's last N-1 layers, and this model's has {layers}",
+                                 f"use clip_skip <= {deepest}"))
+        grid = traits.size_multiple
+        if grid is not None:
+            rules += [RowRule(side, lambda values: values % grid != 0,
+                              f"{self.name} renders sizes that are multiples of {grid} (VAE factor × patch size)",
+                              f"use a {side} that is a multiple of {grid}, such as the native "
+                              f"{traits.native_width}x{traits.native_height}") for side in ("width", "height")]
+        return tuple(rules)
 
 
 class DiffusersFamily(FamilyAdapter):
@@ -120,16 +141,12 @@ class DiffusersFamily(FamilyAdapter):
 
     def native_size(self, read_json: JsonReader, where: str) -> tuple[int, int]:
         denoiser = read_json(f"{self.denoiser}/config.json") or {}
-        vae = read_json("vae/config.json") or {}
         sample = denoiser.get("sample_size")
-        blocks = vae.get("block_out_channels")
-        if not sample or not blocks:
-            raise FamilyError(
-                f"model {where}: {self.denoiser}/config.json needs sample_size and vae/config.json "
-                "block_out_channels to know the native size; is the folder complete?"
-            )
+        if not sample:
+            raise FamilyError(f"model {where}: {self.denoiser}/config.json needs sample_size to know the native size; "
+                              "is the folder complete?")
         sample_h, sample_w = (sample, sample) if isinstance(sample, int) else sample
-        scale = 2 ** (len(blocks) - 1)
+        scale = vae_scale(read_json, where)
         return int(sample_w) * scale, int(sample_h) * scale
 
     def size_conditioning(self, row: Row) -> dict[str, tuple[int, ...]]:

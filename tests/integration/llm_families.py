@@ -1,0 +1,75 @@
+"""Tiny random-weight pipelines of the LLM-encoder families (Z-Image, Qwen-Image, FLUX.2
+[klein]) built from configs as diffusers' own tests build theirs (``get_dummy_components``),
+with a byte-level BPE tokenizer and chat template built in code (no downloads), saved as
+diffusers folders with safetensors. Test-only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+#: the chat template Qwen tokenizers ship (Z-Image and FLUX.2 [klein] format their prompts with it)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def qwen_tokenizer():
+    """A Qwen2-style byte-level BPE tokenizer over the 256 byte symbols and a few merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {s: i for i, s in enumerate(sorted(alphabet))}
+    merges = [("Ġ", "a"), ("r", "e"), ("Ġ", "c"), ("i", "r")]
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    for token in SPECIAL:
+        vocab[token] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL)
+    return Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                              unk_token=None, bos_token=None, chat_template=CHAT_TEMPLATE, model_max_length=32768)
+
+
+def _kl_vae(blocks: int, latent_channels: int, **extra):
+    """An AutoencoderKL of ``blocks`` levels (scale 2**(blocks-1)) without the mid-block
+    attention, so decoding a 1024² image stays cheap on CPU."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * blocks,
+                         up_block_types=["UpDecoderBlock2D"] * blocks, block_out_channels=[8] * blocks,
+                         layers_per_block=1, latent_channels=latent_channels, norm_num_groups=8, sample_size=32,
+                         mid_block_add_attention=False, **extra)
+
+
+def build_z_image(folder: Path, *, turbo: bool = False) -> Path:
+    """Z-Image (or -Turbo: its scheduler config, a fixed shift of 3) at the pipeline's 1024²
+    default: a VAE of scale 8, so the transformer sees 64×64 patches."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(0)
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32,
+                                           n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2, norm_eps=1e-5,
+                                           qk_norm=True, cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0,
+                                           axes_dims=[8, 4, 4], axes_lens=[256, 64, 64])
+    with torch.no_grad():  # created with torch.empty upstream
+        transformer.x_pad_token.copy_(torch.ones_like(transformer.x_pad_token))
+        transformer.cap_pad_token.copy_(torch.ones_like(transformer.cap_pad_token))
+    vae = _kl_vae(4, 4, scaling_factor=0.3611, shift_factor=0.1159)
+    tokenizer = qwen_tokenizer()
+    encoder = Qwen3Model(Qwen3Config(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     num_key_value_heads=2, head_dim=8, vocab_size=len(tokenizer),
+                                     max_position_embeddings=1024))
+    scheduler = (FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False) if turbo
+                 else FlowMatchEulerDiscreteScheduler(shift=6.0))
+    pipe = ZImagePipeline(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=encoder,
+                          tokenizer=tokenizer)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
