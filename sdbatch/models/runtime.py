@@ -258,7 +258,7 @@ class DiffusersModel:
             self._warm_shapes.add((len(rows), key))
             self._denoise([replace(r, steps=1) for r in rows], init_images)
         latents = self._denoise(rows, init_images)
-        return self._decode(latents)
+        return self._decode(self.family.unpack_latents(self.txt2img, latents, rows[0]))
 
     def _denoise(self, rows: list[Row], init_images: list[Image.Image | None] | None) -> torch.Tensor:
         first = rows[0]
@@ -317,7 +317,7 @@ class DiffusersModel:
     def _decode_pixels(self, latents: torch.Tensor) -> tuple[torch.Tensor, list[str | None]]:
         """(rows, h, w, 3) uint8 on the device, and per row None or what is wrong with it."""
         vae = self.txt2img.vae
-        decoded = vae.decode(self.family.decode_input(vae, latents), return_dict=False)[0]
+        decoded = self.family.vae_decode(vae, latents)
         finite = torch.isfinite(decoded).flatten(1).all(dim=1).tolist()
         image = self.txt2img.image_processor.postprocess(decoded, output_type="pt", do_denormalize=[True] * len(decoded))
         # the same arithmetic as diffusers' numpy_to_pil (float32, ×255, round), on the device

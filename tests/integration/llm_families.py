@@ -73,3 +73,32 @@ def build_z_image(folder: Path, *, turbo: bool = False) -> Path:
                           tokenizer=tokenizer)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def build_qwen_image(folder: Path) -> Path:
+    """Qwen-Image with a tiny Qwen2.5-VL text encoder and its 3-D VAE (scale 4): native 512²."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    z_dim = 4
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=z_dim * 4, out_channels=z_dim, num_layers=1,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=z_dim, dim_mult=[1, 2, 2], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.1] * z_dim, latents_std=[1.5] * z_dim)
+    tokenizer = qwen_tokenizer()
+    text = {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "vocab_size": len(tokenizer), "rope_theta": 1000000.0,
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            "bos_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16,
+                                                              "num_heads": 2, "out_hidden_size": 16},
+                              hidden_size=16, vocab_size=len(tokenizer), bos_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id)
+    encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    pipe = QwenImagePipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+                             text_encoder=encoder, tokenizer=tokenizer)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

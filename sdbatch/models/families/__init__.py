@@ -17,6 +17,7 @@ from sdbatch.models.configs import JsonReader
 from sdbatch.models.errors import FamilyError
 from sdbatch.models.families.base import FamilyAdapter, ModelTraits, RowRule
 from sdbatch.models.families.null import NullFamily
+from sdbatch.models.families.qwen_image import QwenImage
 from sdbatch.models.families.sd import StableDiffusion
 from sdbatch.models.families.sd3 import StableDiffusion3
 from sdbatch.models.families.sdxl import StableDiffusionXL
@@ -26,7 +27,8 @@ __all__ = ["FAMILIES", "FamilyAdapter", "ModelTraits", "RowRule", "check_refiner
            "local_traits", "model_traits", "read_traits"]
 
 FAMILIES: dict[str, FamilyAdapter] = {
-    f.class_name: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), ZImage(), NullFamily())
+    f.class_name: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), ZImage(), QwenImage(),
+                   NullFamily())
 }
 
 

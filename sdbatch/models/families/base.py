@@ -175,6 +175,11 @@ class DiffusersFamily(FamilyAdapter):
         """Extra arguments of the img2img call (beyond image and strength)."""
         return {}
 
+    def unpack_latents(self, pipe: Any, latents: Any, first: Row) -> Any:
+        """The latents as the VAE takes them (batch, channels, h, w), from what the pipeline
+        returns with output_type="latent" (packed token sequences for some families)."""
+        return latents
+
     def latent_shift(self, vae: Any) -> float:
         """What is added to the unscaled latents before decoding."""
         return 0.0
@@ -182,3 +187,7 @@ class DiffusersFamily(FamilyAdapter):
     def decode_input(self, vae: Any, latents: Any) -> Any:
         """The VAE's input for ``latents`` as the pipeline leaves them (output_type="latent")."""
         return latents.to(vae.dtype) / vae.config.scaling_factor + self.latent_shift(vae)
+
+    def vae_decode(self, vae: Any, latents: Any) -> Any:
+        """The VAE's (batch, 3, height, width) output for the unpacked ``latents``."""
+        return vae.decode(self.decode_input(vae, latents), return_dict=False)[0]

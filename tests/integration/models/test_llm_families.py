@@ -35,7 +35,7 @@ def llm_models(tmp_path_factory):
 
 
 #: family folder -> (native size, whether it takes a negative prompt)
-FAMILIES = {"z_image": (1024, True)}
+FAMILIES = {"z_image": (1024, True), "qwen_image": (512, True)}
 
 
 def pixels(data: bytes) -> np.ndarray:
