@@ -12,7 +12,7 @@ import torch
 from sdbatch.models.builtin import resolve_builtin
 
 #: folder name -> native size the configs below give (denoiser sample_size × VAE scale 2)
-NATIVE = {"sd15": 72, "sd2v": 80, "sdxl": 96, "sd3": 64}
+NATIVE = {"sd15": 72, "sd2v": 80, "sdxl": 96, "sd3": 64, "sd35_large": 64, "sd35_medium": 64}
 
 
 def _clip_tokenizer(folder: Path) -> None:
@@ -101,17 +101,18 @@ def _t5_tokenizer():
                            model_max_length=77)
 
 
-def build_sd3(folder: Path, *, t5: bool = False) -> Path:
-    """SD3 without its T5 encoder (as the 'no T5' checkpoints), or with a tiny one (``t5``)."""
+def build_sd3(folder: Path, *, t5: bool = False, **layout) -> Path:
+    """SD3 without its T5 encoder (as the 'no T5' checkpoints), or with a tiny one (``t5``);
+    ``layout``: more transformer config (SD3.5's qk_norm, dual_attention_layers)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTokenizer, T5Config, T5EncoderModel
 
     torch.manual_seed(0)
     # the T5 embeddings are the joint attention's width; the two CLIPs' (32 + 32) are padded to it
     joint = 64 if t5 else 32
-    transformer = SD3Transformer2DModel(sample_size=NATIVE["sd3"] // 2, patch_size=1, in_channels=4, num_layers=1,
+    transformer = SD3Transformer2DModel(sample_size=NATIVE[folder.name] // 2, patch_size=1, in_channels=4, num_layers=1,
                                         attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
-                                        joint_attention_dim=joint, pooled_projection_dim=64, out_channels=4)
+                                        joint_attention_dim=joint, pooled_projection_dim=64, out_channels=4, **layout)
     tok = CLIPTokenizer.from_pretrained(resolve_builtin("builtin:tiny") / "tokenizer")
     vae = _vae()
     vae.register_to_config(shift_factor=0.0625, scaling_factor=1.5)

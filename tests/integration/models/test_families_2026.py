@@ -1,5 +1,5 @@
 """The LLM-encoder families of issue 24 (Z-Image, Z-Image-Turbo, Qwen-Image, FLUX.2 [klein]) and
-SD3.5's layouts, through the CLI on tiny random-weight folders (``integration.llm_families``):
+SD3.5's layouts, through the CLI on tiny random-weight folders (``integration.families_2026``):
 each renders at its native size, is the same with one worker and batches of 4 as with two
 workers and batches of 1 (within the one uint8 level a batch may move a pixel, design.md §4.3),
 reproduces byte for byte, and refuses what it cannot run with exit 2 naming the row."""
@@ -23,9 +23,9 @@ EXPLICIT = (96, 64)  # width, height: on every family's grid
 
 
 def _build(name: str, root: Path) -> Path:
-    from integration import llm_families
+    from integration import families_2026
 
-    return getattr(llm_families, f"build_{name}")(root / name)
+    return getattr(families_2026, f"build_{name}")(root / name)
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +35,7 @@ def llm_models(tmp_path_factory):
 
 
 #: family folder -> (native size, whether it takes a negative prompt)
-FAMILIES = {"z_image": (1024, True), "qwen_image": (512, True)}
+FAMILIES = {"z_image": (1024, True), "qwen_image": (512, True), "sd35_medium": (64, True)}
 
 
 def pixels(data: bytes) -> np.ndarray:
@@ -70,9 +70,19 @@ def run_pair(name: str, model: Path, ray_address: str, tmp_path_factory) -> dict
     return {"name": name, "model": model, **runs}
 
 
+@pytest.fixture(scope="module")
+def module_runs(llm_models, ray_address, tmp_path_factory):
+    """Every family's pair of jobs, two at a time on the session cluster's two CPUs (a tiny job
+    is mostly its processes starting). name -> Future of ``run_pair``'s result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield {name: pool.submit(run_pair, name, llm_models[name], ray_address, tmp_path_factory) for name in FAMILIES}
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def family_runs(request, llm_models, ray_address, tmp_path_factory):
-    return run_pair(request.param, llm_models[request.param], ray_address, tmp_path_factory)
+def family_runs(request, module_runs):
+    return module_runs[request.param].result()
 
 
 def test_family_renders_native_size_records_and_infotext(family_runs):
@@ -110,3 +120,19 @@ def test_family_reproduces_byte_identical(family_runs):
     for rid in ("t0", "i0"):
         result = reproduce_row(str(family_runs["one"]["out"]), rid)
         assert result.match, (rid, result.summary(), result.notes)
+
+
+def test_sd35_layouts_load_as_sd3_with_their_attention(tmp_path):
+    """SD3.5 Large (qk-norm) and Medium (qk-norm + dual attention) folders are the SD3 family,
+    built with their layout, and render at the native size (Medium runs through the CLI above)."""
+    from integration.families_2026 import build_sd35_large, build_sd35_medium
+    from sdbatch.data.row import Row
+    from sdbatch.models.runtime import load_model
+
+    for build, dual in ((build_sd35_large, False), (build_sd35_medium, True)):
+        gen = load_model(str(build(tmp_path / build.__name__.removeprefix("build_"))), device="cpu")
+        block = gen.txt2img.transformer.transformer_blocks[0]
+        assert gen.info.family == "StableDiffusion3Pipeline" and type(block.attn.norm_q).__name__ == "RMSNorm"
+        assert (block.attn2 is not None) == dual
+        image = gen.generate([Row(0, "x", "a red circle", "", 1, 2, 5.0, 64, 64, "default")]).pixels[0]
+        assert image.shape == (64, 64, 3) and image.std() > 5

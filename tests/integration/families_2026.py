@@ -1,7 +1,7 @@
-"""Tiny random-weight pipelines of the LLM-encoder families (Z-Image, Qwen-Image, FLUX.2
-[klein]) built from configs as diffusers' own tests build theirs (``get_dummy_components``),
-with a byte-level BPE tokenizer and chat template built in code (no downloads), saved as
-diffusers folders with safetensors. Test-only."""
+"""Tiny random-weight pipelines of issue 24's part-B families (Z-Image, Qwen-Image, FLUX.2
+[klein], SD3.5's layouts) built from configs as diffusers' own tests build theirs
+(``get_dummy_components``), the LLM encoders' with a byte-level BPE tokenizer and chat template
+built in code (no downloads), saved as diffusers folders with safetensors. Test-only."""
 
 from __future__ import annotations
 
@@ -102,3 +102,17 @@ def build_qwen_image(folder: Path) -> Path:
                              text_encoder=encoder, tokenizer=tokenizer)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def build_sd35_large(folder: Path) -> Path:
+    """SD3.5 Large's layout: RMS qk-norm in every joint block."""
+    from integration.model_families import build_sd3
+
+    return build_sd3(folder, qk_norm="rms_norm")
+
+
+def build_sd35_medium(folder: Path) -> Path:
+    """SD3.5 Medium's layout (MMDiT-X): qk-norm and a second, image-only attention in the first block."""
+    from integration.model_families import build_sd3
+
+    return build_sd3(folder, qk_norm="rms_norm", dual_attention_layers=(0,))
