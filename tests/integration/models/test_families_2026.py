@@ -136,3 +136,22 @@ def test_sd35_layouts_load_as_sd3_with_their_attention(tmp_path):
         assert (block.attn2 is not None) == dual
         image = gen.generate([Row(0, "x", "a red circle", "", 1, 2, 5.0, 64, 64, "default")]).pixels[0]
         assert image.shape == (64, 64, 3) and image.std() > 5
+
+
+def test_refusals_exit_2_naming_the_row(llm_models, ray_address, tmp_path):
+    """clip_skip on a model without a CLIP encoder, and a size off the model's grid (VAE factor ×
+    patch: 16 for this Z-Image), are refused at validation: exit 2, the row named, nothing written."""
+    rows = [{"prompt": "a red circle", "clip_skip": 2, "width": None},
+            {"prompt": "a red circle", "clip_skip": None, "width": 72},
+            {"prompt": "a red circle", "clip_skip": None, "width": 96}]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    out = tmp_path / "out"
+    result = cli(ray_address, "submit", manifest, "--out", out, "--model", llm_models["z_image"], "--steps", "2")
+    assert result.returncode == 2, result.stderr
+    err = result.stderr
+    clip_line = next(ln for ln in err.splitlines() if "row 0" in ln)
+    assert "clip_skip" in clip_line and "Z-Image" in clip_line
+    size_line = next(ln for ln in err.splitlines() if "row 1" in ln)
+    assert "width" in size_line and "72" in size_line and "multiple of 16" in size_line
+    assert "row 2" not in err and "Traceback" not in err
+    assert not out.exists() or not any(out.rglob("*.png"))
