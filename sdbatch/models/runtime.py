@@ -129,7 +129,8 @@ class DiffusersModel:
         self._warm_shapes: set[tuple] = set()
         assert isinstance(traits.family, DiffusersFamily)  # RUNTIMES["diffusers"] loads only these
         self.family = traits.family
-        self.img2img = getattr(diffusers, self.family.img2img).from_pipe(txt2img)
+        # a family without img2img (FLUX.2 [klein]) has its init-image rows refused at validation
+        self.img2img = getattr(diffusers, self.family.img2img).from_pipe(txt2img) if self.family.img2img else None
         self.info = info
         self.loras = LoraCache(txt2img, loras or {}, endpoint_url)
         self._tokenizers = Tokenizers([t for t in (getattr(txt2img, "tokenizer", None), getattr(txt2img, "tokenizer_2", None)) if t is not None])
@@ -267,6 +268,8 @@ class DiffusersModel:
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in rows]
         common = dict(**self.family.pipeline_kwargs(rows), generator=generators, output_type="latent")
         self.loras.use(first.loras)
+        if first.is_img2img and self.img2img is None:
+            raise ModelError(f"row {first.id} has an init image, but {self.family.name} models have no img2img pipeline")
         pipe = self.img2img if first.is_img2img else self.txt2img
         pipe.scheduler = self.make_scheduler(first.scheduler)
         switch = first.refiner_switch

@@ -116,3 +116,33 @@ def build_sd35_medium(folder: Path) -> Path:
     from integration.model_families import build_sd3
 
     return build_sd3(folder, qk_norm="rms_norm", dual_attention_layers=(0,))
+
+
+def build_flux2_klein(folder: Path, *, distilled: bool = False) -> Path:
+    """FLUX.2 [klein] (base, or the step-distilled variant: ``is_distilled``) with a tiny Qwen3
+    causal LM deep enough for the pipeline's default hidden-state layers (9, 18, 27), whose
+    three outputs side by side are the transformer's text width; a VAE of scale 2: native 256²."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    hidden, latent_channels = 16, 2
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=latent_channels * 4, num_layers=1,
+                                          num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                          joint_attention_dim=3 * hidden, timestep_guidance_channels=256,
+                                          axes_dims_rope=[4, 4, 4, 4], guidance_embeds=False)
+    tokenizer = qwen_tokenizer()
+    encoder = Qwen3ForCausalLM(Qwen3Config(hidden_size=hidden, intermediate_size=16, num_hidden_layers=28,
+                                           num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                                           vocab_size=len(tokenizer), max_position_embeddings=1024))
+    vae = AutoencoderKLFlux2(sample_size=32, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                             latent_channels=latent_channels, norm_num_groups=8, use_quant_conv=False,
+                             use_post_quant_conv=False, mid_block_add_attention=False)
+    with torch.no_grad():  # non-trivial latent statistics, so de-normalising them is tested
+        vae.bn.running_mean.copy_(torch.linspace(-0.2, 0.2, vae.bn.running_mean.numel()))
+        vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, vae.bn.running_var.numel()))
+    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=encoder,
+                              tokenizer=tokenizer, transformer=transformer, is_distilled=distilled)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -16,6 +16,7 @@ from typing import Any
 from sdbatch.models.configs import JsonReader
 from sdbatch.models.errors import FamilyError
 from sdbatch.models.families.base import FamilyAdapter, ModelTraits, RowRule
+from sdbatch.models.families.flux2 import Flux2Klein
 from sdbatch.models.families.null import NullFamily
 from sdbatch.models.families.qwen_image import QwenImage
 from sdbatch.models.families.sd import StableDiffusion
@@ -28,7 +29,7 @@ __all__ = ["FAMILIES", "FamilyAdapter", "ModelTraits", "RowRule", "check_refiner
 
 FAMILIES: dict[str, FamilyAdapter] = {
     f.class_name: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), ZImage(), QwenImage(),
-                   NullFamily())
+                   Flux2Klein(), NullFamily())
 }
 
 

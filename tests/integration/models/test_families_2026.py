@@ -34,16 +34,17 @@ def llm_models(tmp_path_factory):
     return {name: _build(name, root) for name in FAMILIES}
 
 
-#: family folder -> (native size, whether it takes a negative prompt)
-FAMILIES = {"z_image": (1024, True), "qwen_image": (512, True), "sd35_medium": (64, True)}
+#: family folder -> (native size, whether it takes a negative prompt, whether it has img2img)
+FAMILIES = {"z_image": (1024, True, True), "qwen_image": (512, True, True), "sd35_medium": (64, True, True),
+            "flux2_klein": (256, False, False)}
 
 
 def pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def _rows(negative: bool) -> list[dict]:
-    return [
+def _rows(negative: bool, img2img: bool) -> list[dict]:
+    rows = [
         {"id": "t0", "prompt": "a red circle", "seed": 1, "width": None, "height": None, "init_image": None,
          "negative_prompt": "blurry" if negative else None},
         {"id": "t1", "prompt": "a blue square on a green circle", "seed": 2, "width": None, "height": None,
@@ -53,13 +54,14 @@ def _rows(negative: bool) -> list[dict]:
         {"id": "i0", "prompt": "a green circle", "seed": 4, "width": None, "height": None, "init_image": "init.png",
          "negative_prompt": None},
     ]
+    return rows if img2img else rows[:-1]
 
 
 def run_pair(name: str, model: Path, ray_address: str, tmp_path_factory) -> dict:
     """The family's manifest run twice: one worker with batches of 4, two workers with batches of 1."""
     tmp = tmp_path_factory.mktemp(f"llm-job-{name}")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp / "init.png")
-    manifest = write_manifest(tmp / "manifest.parquet", _rows(FAMILIES[name][1]))
+    manifest = write_manifest(tmp / "manifest.parquet", _rows(*FAMILIES[name][1:]))
     runs = {}
     for label, workers, batch in (("one", 1, 4), ("two", 2, 1)):
         out = tmp / f"out-{label}"
@@ -94,7 +96,9 @@ def test_family_renders_native_size_records_and_infotext(family_runs):
         index = {r["id"]: r for r in load_index(out)}
         assert {r["status"] for r in index.values()} == {"ok"}
         expected = {"t0": (native, native), "t1": (native, native), "e0": EXPLICIT, "i0": (native, native)}
-        for rid, size in expected.items():
+        assert set(index) == set(expected) if FAMILIES[family_runs["name"]][2] else set(index) == {"t0", "t1", "e0"}
+        for rid in index:
+            size = expected[rid]
             data = (out / index[rid]["key"]).read_bytes()
             assert hashlib.sha256(data).hexdigest() == index[rid]["sha256"]
             assert Image.open(io.BytesIO(data)).size == size == (index[rid]["width"], index[rid]["height"]), rid
@@ -117,7 +121,7 @@ def test_family_same_images_with_one_or_two_workers_and_any_batch_size(family_ru
 def test_family_reproduces_byte_identical(family_runs):
     from sdbatch.audit.reproduce import reproduce_row
 
-    for rid in ("t0", "i0"):
+    for rid in ("t0", "i0") if FAMILIES[family_runs["name"]][2] else ("t0", "e0"):
         result = reproduce_row(str(family_runs["one"]["out"]), rid)
         assert result.match, (rid, result.summary(), result.notes)
 
