@@ -25,6 +25,7 @@ from sdbatch.data.loras import LoraError, parse_declaration
 from sdbatch.data.samplers import SCHEDULERS
 from sdbatch.errors import BadInput
 from sdbatch.models.families import ModelTraits
+from sdbatch.models.families.base import MODEL_DEFAULTED
 from sdbatch.storage.locations import is_s3
 
 
@@ -223,11 +224,12 @@ class JobSpec(_Section):
         return self
 
     @model_validator(mode="after")
-    def _native_size_of_local_model(self) -> JobSpec:
-        """A local or built-in model's native size fills an unset default width/height (an
-        ``s3://`` model's is read at submit: ``with_native_size``). A folder that cannot be
-        read is left for the model preflight to report."""
-        if (self.defaults.width is None or self.defaults.height is None) and not is_s3(self.model.name):
+    def _model_defaults_of_local_model(self) -> JobSpec:
+        """A local or built-in model's native size and own defaults (``ModelTraits.defaults``:
+        a distilled model's steps and guidance) fill the defaults left null (an ``s3://``
+        model's are read at submit: ``with_model_defaults``). A folder that cannot be read is
+        left for the model preflight to report."""
+        if any(getattr(self.defaults, name) is None for name in MODEL_FILLED) and not is_s3(self.model.name):
             from sdbatch.models.builtin import local_model_dir
             from sdbatch.models.errors import FamilyError
             from sdbatch.models.families import local_traits
@@ -236,16 +238,15 @@ class JobSpec(_Section):
                 traits = local_traits(local_model_dir(self.model.name))
             except (FamilyError, ValueError, OSError):
                 return self
-            self.defaults.width = self.defaults.width or traits.native_width
-            self.defaults.height = self.defaults.height or traits.native_height
+            for name, value in model_defaults(traits).items():
+                if getattr(self.defaults, name) is None:
+                    setattr(self.defaults, name, value)
         return self
 
-    def with_native_size(self, traits: ModelTraits) -> JobSpec:
-        """This spec with the model's native size for a default width/height left unset."""
+    def with_model_defaults(self, traits: ModelTraits) -> JobSpec:
+        """This spec with the model's native size and own defaults for the defaults left null."""
         defaults = self.defaults.model_copy(update={
-            "width": self.defaults.width or traits.native_width,
-            "height": self.defaults.height or traits.native_height,
-        })
+            name: value for name, value in model_defaults(traits).items() if getattr(self.defaults, name) is None})
         return self.model_copy(update={"defaults": defaults})
 
     def fingerprint_fields(self) -> dict[str, Any]:
@@ -264,6 +265,16 @@ class JobSpec(_Section):
             # the worker writes these columns into each shard's commit (duplicates are redone at merge)
             "scoring": {"clip_model": self.scoring.clip_model, "blank_max_std": self.scoring.blank_max_std},
         }
+
+
+#: The defaults a null stands for the model's own value: its native size and MODEL_DEFAULTED.
+MODEL_FILLED = ("width", "height", *MODEL_DEFAULTED)
+
+
+def model_defaults(traits: ModelTraits) -> dict[str, Any]:
+    """The values of MODEL_FILLED that ``traits``' model gives."""
+    return {"width": traits.native_width, "height": traits.native_height,
+            **{name: traits.defaults[name] for name in MODEL_DEFAULTED}}
 
 
 def fingerprint(data: dict[str, Any]) -> str:

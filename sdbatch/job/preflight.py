@@ -105,7 +105,7 @@ def validate(request: SubmitRequest, settings: Settings) -> Validated:
     traits = model.traits
     assert traits is not None  # None only for a refiner
     refiner = preflight_model(spec.model.refiner, request.endpoint_url, refiner_of=traits.family) if spec.model.refiner else None
-    spec = spec.with_native_size(traits)
+    spec = spec.with_model_defaults(traits)
     lora_sha256 = adapter_hashes(spec.loras, request.endpoint_url)
     source = open_manifest(request.manifest)
     report = validate_manifest(source, spec, strict=request.strict, model=traits)

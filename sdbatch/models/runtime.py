@@ -129,10 +129,11 @@ class DiffusersModel:
         self._warm_shapes: set[tuple] = set()
         assert isinstance(traits.family, DiffusersFamily)  # RUNTIMES["diffusers"] loads only these
         self.family = traits.family
+        self.traits = traits
         self.img2img = getattr(diffusers, self.family.img2img).from_pipe(txt2img)
         self.info = info
         self.loras = LoraCache(txt2img, loras or {}, endpoint_url)
-        self._tokenizers = Tokenizers([t for t in (getattr(txt2img, "tokenizer", None), getattr(txt2img, "tokenizer_2", None)) if t is not None])
+        self._tokenizers = Tokenizers(self.family.prompt_tokenizers(txt2img, traits))
         # each stage's own scheduler (class and config): samplers are built from it per batch
         self._schedulers = {stage: (type(pipe.scheduler), dict(pipe.scheduler.config))
                             for stage, pipe in (("base", txt2img), ("refiner", refiner)) if pipe is not None}
@@ -242,6 +243,7 @@ class DiffusersModel:
             prompt_truncated_at=self._tokenizers.truncated_at(row.prompt),
             refiner_name=info.refiner_name if refined else None,
             refiner_fingerprint=info.refiner_fingerprint if refined else None,
+            model_parameters=self.traits.recorded(),
         )
 
     @torch.inference_mode()
@@ -265,7 +267,7 @@ class DiffusersModel:
         for rule in self._row_rules:
             rule.check_row(first)
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in rows]
-        common = dict(**self.family.pipeline_kwargs(rows), generator=generators, output_type="latent")
+        common = dict(**self.family.pipeline_kwargs(rows, self.traits), generator=generators, output_type="latent")
         self.loras.use(first.loras)
         pipe = self.img2img if first.is_img2img else self.txt2img
         pipe.scheduler = self.make_scheduler(first.scheduler)
@@ -283,7 +285,7 @@ class DiffusersModel:
         else:
             latents = pipe(height=first.height, width=first.width, **stop, **common).images
         if switch is None:
-            return latents
+            return self.family.unpack_latents(pipe, latents, first)
         self.refiner.scheduler = self.make_scheduler(first.scheduler, "refiner")
         return self.refiner(image=latents, denoising_start=switch, **common).images
 

@@ -11,8 +11,9 @@ import torch
 
 from sdbatch.models.builtin import resolve_builtin
 
-#: folder name -> native size the configs below give (denoiser sample_size × VAE scale 2)
-NATIVE = {"sd15": 72, "sd2v": 80, "sdxl": 96, "sd3": 64}
+#: folder name -> native size the configs below give (denoiser sample_size × VAE scale 2; FLUX's
+#: pipeline default_sample_size 128 × its one-block VAE's scale 1)
+NATIVE = {"sd15": 72, "sd2v": 80, "sdxl": 96, "sd3": 64, "flux-dev": 128, "flux-schnell": 128}
 
 
 def _clip_tokenizer(folder: Path) -> None:
@@ -46,8 +47,8 @@ def _sd_unet(sample_size: int, **extra):
 
 def _save(pipe, folder: Path) -> Path:
     pipe.save_pretrained(folder, safe_serialization=True)
-    for tok in ("tokenizer", "tokenizer_2"):  # the project's own tokenizer files, as shipped
-        if (folder / tok).exists():
+    for tok in ("tokenizer", "tokenizer_2"):  # the project's own CLIP tokenizer files, as shipped
+        if (folder / tok).exists() and "CLIP" in (folder / tok / "tokenizer_config.json").read_text():
             shutil.rmtree(folder / tok)
             _clip_tokenizer(folder / tok)
     return folder
@@ -104,7 +105,7 @@ def _t5_tokenizer():
 def build_sd3(folder: Path, *, t5: bool = False) -> Path:
     """SD3 without its T5 encoder (as the 'no T5' checkpoints), or with a tiny one (``t5``)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTokenizer, T5Config, T5EncoderModel
+    from transformers import CLIPTokenizer
 
     torch.manual_seed(0)
     # the T5 embeddings are the joint attention's width; the two CLIPs' (32 + 32) are padded to it
@@ -116,8 +117,7 @@ def build_sd3(folder: Path, *, t5: bool = False) -> Path:
     vae = _vae()
     vae.register_to_config(shift_factor=0.0625, scaling_factor=1.5)
     tok_3 = _t5_tokenizer() if t5 else None
-    encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tok_3), d_model=joint, d_ff=37, d_kv=8, num_heads=4, num_layers=1,
-                                        pad_token_id=0, eos_token_id=1)) if t5 else None
+    encoder_3 = _t5_encoder(tok_3, joint) if t5 else None
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
                                     text_encoder=_clip(projection=True), tokenizer=tok,
                                     text_encoder_2=_clip(projection=True), tokenizer_2=tok,
@@ -126,12 +126,58 @@ def build_sd3(folder: Path, *, t5: bool = False) -> Path:
     return folder
 
 
+def _t5_encoder(tokenizer, width: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=width, d_ff=37, d_kv=8, num_heads=4, num_layers=1,
+                                   pad_token_id=0, eos_token_id=1))
+
+
+def _flux_vae():
+    """FLUX's VAE shape (16 latent channels in the real one; 1 here) with one block: scale
+    factor 1, so the native size is the pipeline's default_sample_size, 128."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                         latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                         shift_factor=0.0609, scaling_factor=1.5035)
+
+
+def flux_transformer(*, guidance: bool):
+    """diffusers' test config of FluxTransformer2DModel ([dev] embeds its guidance)."""
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                  axes_dims_rope=[4, 4, 8], guidance_embeds=guidance)
+
+
+def build_flux(folder: Path, *, dev: bool = True) -> Path:
+    """A tiny FLUX.1 [dev] (guidance embedded, dynamic shift) or [schnell] (no guidance, fixed
+    shift 1), as their scheduler configs are."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTokenizer
+
+    torch.manual_seed(0)
+    transformer = flux_transformer(guidance=dev)
+    tok_2 = _t5_tokenizer()
+    scheduler = (FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                 base_image_seq_len=256, max_image_seq_len=4096) if dev
+                 else FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False))
+    pipe = FluxPipeline(scheduler=scheduler, vae=_flux_vae(), text_encoder=_clip(),
+                        tokenizer=CLIPTokenizer.from_pretrained(resolve_builtin("builtin:tiny") / "tokenizer"),
+                        text_encoder_2=_t5_encoder(tok_2, 32), tokenizer_2=tok_2, transformer=transformer)
+    return _save(pipe, folder)
+
+
 def build_all(root: Path) -> dict[str, Path]:
     return {
         "sd15": build_sd(root / "sd15"),
         "sd2v": build_sd(root / "sd2v", v_prediction=True),
         "sdxl": build_sdxl(root / "sdxl"),
         "sd3": build_sd3(root / "sd3"),
+        "flux-dev": build_flux(root / "flux-dev"),
+        "flux-schnell": build_flux(root / "flux-schnell", dev=False),
     }
 
 
