@@ -176,8 +176,6 @@ def build_all(root: Path) -> dict[str, Path]:
         "sd2v": build_sd(root / "sd2v", v_prediction=True),
         "sdxl": build_sdxl(root / "sdxl"),
         "sd3": build_sd3(root / "sd3"),
-        "flux-dev": build_flux(root / "flux-dev"),
-        "flux-schnell": build_flux(root / "flux-schnell", dev=False),
     }
 
 
@@ -230,6 +228,47 @@ def to_kohya(peft_lora: Path, path: Path, rank: int = 4) -> Path:
     for key, tensor in load_file(peft_lora).items():
         module, _, kind = key.removeprefix("unet.").rpartition(".lora_")
         name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.{'lora_down' if kind == 'A.weight' else 'lora_up'}.weight"] = tensor
+        kohya[f"{name}.alpha"] = torch.tensor(float(rank))
+    save_file(kohya, path)
+    return path
+
+
+#: the FLUX transformer modules the test LoRAs adapt, diffusers name -> kohya (sd-scripts) name
+FLUX_LORA_MODULES = {"transformer_blocks.0.attn.to_out.0": "lora_unet_double_blocks_0_img_attn_proj",
+                     "single_transformer_blocks.0.proj_out": "lora_unet_single_blocks_0_linear2"}
+
+
+def build_flux_lora(model: Path, path: Path, *, seed: int, rank: int = 4) -> Path:
+    """A PEFT LoRA on a tiny FLUX transformer (``FLUX_LORA_MODULES``) with non-zero weights,
+    saved with FluxPipeline.save_lora_weights (diffusers/PEFT key layout)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = FluxTransformer2DModel.from_pretrained(model / "transformer")
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(FLUX_LORA_MODULES),
+                                       init_lora_weights=False))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    FluxPipeline.save_lora_weights(path.parent, transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                   weight_name=path.name, safe_serialization=True)
+    return path
+
+
+def flux_to_kohya(peft_lora: Path, path: Path, rank: int = 4) -> Path:
+    """The same FLUX adapter in kohya-ss naming (``lora_unet_double_blocks_0_img_attn_proj``
+    ``.lora_down/.lora_up.weight`` and ``.alpha``, Black Forest Labs' module names), as
+    sd-scripts writes FLUX LoRAs; alpha = rank keeps the scale at 1."""
+    from safetensors.torch import load_file, save_file
+
+    kohya = {}
+    for key, tensor in load_file(peft_lora).items():
+        module, _, kind = key.removeprefix("transformer.").rpartition(".lora_")
+        name = FLUX_LORA_MODULES[module]
         kohya[f"{name}.{'lora_down' if kind == 'A.weight' else 'lora_up'}.weight"] = tensor
         kohya[f"{name}.alpha"] = torch.tensor(float(rank))
     save_file(kohya, path)
