@@ -47,6 +47,12 @@ class ModelSpec(_Section):
         description="an SDXL refiner folder (StableDiffusionXLImg2ImgPipeline; local or s3://) that finishes each "
         "row's last steps after the base, from the row's refiner_switch (ensemble of experts); SDXL bases only",
     )
+    config: str | None = Field(
+        None,
+        description="for a single-file checkpoint as model.name (a .safetensors file as AUTOMATIC1111/ComfyUI/Civitai "
+        "keep them: a whole SD/SDXL pipeline, or a FLUX/SD3 transformer): the diffusers folder (local or s3://) of "
+        "the same architecture giving its configuration and every component the file lacks",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto = cuda when the worker has a GPU, else cpu"
     )
@@ -56,6 +62,31 @@ class ModelSpec(_Section):
     compile: bool = Field(
         False, description="torch.compile the UNet (warmed up per batch shape; recorded, as it can change the low bits)"
     )
+
+
+    @model_validator(mode="after")
+    def _single_file_has_a_config(self) -> ModelSpec:
+        """A single-file checkpoint needs model.config, and only it takes one; a pickle
+        checkpoint is refused by its name before anything reads it."""
+        from sdbatch.models.pins import PICKLE_SUFFIXES
+
+        if self.name.lower().endswith(PICKLE_SUFFIXES):
+            raise ValueError(f"model.name {self.name!r} is a pickle checkpoint, which sdbatch never loads (unpickling runs "
+                             "code); convert it to .safetensors (safetensors.torch.save_file) and give that")
+        single = self.name.lower().endswith(".safetensors")
+        if single and self.config is None:
+            raise ValueError(f"model.name {self.name!r} is a single-file checkpoint: set model.config (--model-config) to "
+                             "a diffusers folder of the same architecture (e.g. the base model saved with save_pretrained) "
+                             "for its configuration and the components the file lacks")
+        if self.config is not None and not single:
+            raise ValueError(f"model.config is only for a single-file .safetensors checkpoint as model.name; {self.name!r} "
+                             "is a folder: remove model.config")
+        return self
+
+    @property
+    def configs_at(self) -> str:
+        """Where the model's configs are read: its folder, or a single file's model.config."""
+        return self.config or self.name
 
 
 def _known_scheduler(self: Any) -> Any:  # a RowDefaults, made at run time
@@ -215,7 +246,8 @@ class JobSpec(_Section):
         reach a message or ``job.json`` (``storage.check_uri``)."""
         from sdbatch.storage.base import check_uri
 
-        for key, uri in (("model.name", self.model.name), ("model.refiner", self.model.refiner),
+        for key, uri in (("model.name", self.model.name), ("model.config", self.model.config),
+                         ("model.refiner", self.model.refiner),
                          ("output.location", self.output.location), ("scoring.clip_model", self.scoring.clip_model),
                          *((f"loras.{name}", path) for name, path in self.loras.items()),
                          *(("limits.init_image_roots", root) for root in self.limits.init_image_roots)):
@@ -229,13 +261,13 @@ class JobSpec(_Section):
         a distilled model's steps and guidance) fill the defaults left null (an ``s3://``
         model's are read at submit: ``with_model_defaults``). A folder that cannot be read is
         left for the model preflight to report."""
-        if any(getattr(self.defaults, name) is None for name in MODEL_FILLED) and not is_s3(self.model.name):
+        if any(getattr(self.defaults, name) is None for name in MODEL_FILLED) and not is_s3(self.model.configs_at):
             from sdbatch.models.builtin import local_model_dir
             from sdbatch.models.errors import FamilyError
             from sdbatch.models.families import local_traits
 
             try:
-                traits = local_traits(local_model_dir(self.model.name))
+                traits = local_traits(local_model_dir(self.model.configs_at))
             except (FamilyError, ValueError, OSError):
                 return self
             for name, value in model_defaults(traits).items():
@@ -254,6 +286,7 @@ class JobSpec(_Section):
         return {
             "seed": self.seed,
             "model": self.model.name,
+            **({"model_config": self.model.config} if self.model.config else {}),  # its pin: the model pin
             **({"refiner": self.model.refiner} if self.model.refiner else {}),  # its pin: output.job_record
             "dtype": self.model.dtype,
             "compile": self.model.compile,

@@ -36,7 +36,7 @@ def validate(
     job = load_spec(spec, set_, overrides)
     from sdbatch.models.families import model_traits
 
-    traits = model_traits(job.model.name)
+    traits = model_traits(job.model.configs_at)
     source = open_manifest(manifest)
     report = validate_manifest(source, job.with_model_defaults(traits), strict=strict, model=traits)
     if json_out:
@@ -120,7 +120,7 @@ def spec(
     import yaml
 
     typer.echo(f"# resolved job spec (fingerprint {fingerprint_of(job)})")
-    for line in model_lines(job.model.name):
+    for line in model_lines(job.model.configs_at):
         typer.echo(f"# model: {line}")
     typer.echo(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False).rstrip())
 

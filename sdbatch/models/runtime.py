@@ -106,6 +106,34 @@ def _load_pipeline(class_name: str, model: str, folder: Path, dtype: torch.dtype
     return pipe.to(device)
 
 
+#: tensor-name prefixes of a single-file checkpoint that holds text encoders too (a whole SD 1.x /
+#: 2.x, SDXL or SD3 pipeline as AUTOMATIC1111 keeps it), not a denoiser alone (a FLUX transformer)
+_PIPELINE_CHECKPOINT = ("cond_stage_model.", "conditioner.", "text_encoders.")
+
+
+def _load_single_file(family: DiffusersFamily, model: str, checkpoint: Path, folder: Path, dtype: torch.dtype,
+                      components: dict[str, Any], device: str) -> DiffusionPipeline:
+    """A single-file checkpoint through diffusers' ``from_single_file``, with the configuration
+    of ``folder`` (no network): a whole pipeline, or the family's denoiser alone, the rest
+    loaded from ``folder``."""
+    from sdbatch.models.pins import checkpoint_tensor_names
+
+    names = checkpoint_tensor_names(checkpoint, repr(model))
+    try:
+        if any(n.startswith(_PIPELINE_CHECKPOINT) for n in names):
+            pipe = getattr(diffusers, family.txt2img).from_single_file(
+                str(checkpoint), config=str(folder), torch_dtype=dtype, local_files_only=True, **components)
+            return pipe.to(device)
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        denoiser_cls = getattr(diffusers, index[family.denoiser][1])
+        denoiser = denoiser_cls.from_single_file(str(checkpoint), config=str(folder), subfolder=family.denoiser,
+                                                 torch_dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"model {model!r}: the single-file checkpoint could not be loaded with the configuration of "
+                         f"{folder} ({type(exc).__name__}: {exc}); is model.config a folder of the same architecture?") from exc
+    return _load_pipeline(family.txt2img, model, folder, dtype, {**components, family.denoiser: denoiser}, device)
+
+
 def _absent_components(pipeline_cls: Any, folder: Path) -> dict[str, None]:
     """Components the folder leaves out or names as null (an SD3 folder without its T5
     encoder): passed as None, which the pipelines accept for them."""
@@ -157,7 +185,12 @@ class DiffusersModel:
         model, refiner, family = request.name, request.refiner, request.traits.family
         device = pick_device(request.device)
         torch_dtype = pick_dtype(request.dtype, device)
-        pipe = _load_pipeline(family.txt2img, model, request.folder, torch_dtype, dict(family.load_options), device)
+        assert isinstance(family, DiffusersFamily)  # RUNTIMES["diffusers"] loads only these
+        if request.checkpoint is not None:
+            pipe = _load_single_file(family, model, request.checkpoint, request.folder, torch_dtype,
+                                     dict(family.load_options), device)
+        else:
+            pipe = _load_pipeline(family.txt2img, model, request.folder, torch_dtype, dict(family.load_options), device)
         refiner_pipe, refiner_facts = None, {}
         if refiner is not None:
             refiner_ref = resolve(refiner, pin=request.refiner_pin, endpoint_url=request.endpoint_url, refiner_of=family)
@@ -346,15 +379,17 @@ def load_model(
     compile: bool = False,
     refiner: str | None = None,
     refiner_pin: str | None = None,
+    config: str | None = None,
 ) -> LoadedModel:
-    """Resolve ``model`` (and check it against ``pin``), then load it with its family's runtime,
+    """Resolve ``model`` (and check it against ``pin``; ``config``: ``model`` is a single-file
+    checkpoint and this its configuration's folder), then load it with its family's runtime,
     its samplers built (one that cannot be built fails the load, not every shard)."""
-    ref = resolve(model, pin=pin, endpoint_url=endpoint_url)
+    ref = resolve(model, pin=pin, endpoint_url=endpoint_url, config=config)
     traits, folder = ref.traits, ref.folder
     assert traits is not None and folder is not None  # resolve() of a base model gives both
     fingerprint = fingerprint_model_dir(folder) if is_s3(model) else ref.pin
     request = LoadRequest(model, folder, ref.pin, fingerprint, traits, device=device, dtype=dtype, endpoint_url=endpoint_url,
-                          loras=loras, compile=compile, refiner=refiner, refiner_pin=refiner_pin)
+                          loras=loras, compile=compile, refiner=refiner, refiner_pin=refiner_pin, checkpoint=ref.checkpoint)
     loaded = RUNTIMES[traits.family.runtime](request)
     loaded.build_samplers()
     return loaded

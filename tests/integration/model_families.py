@@ -273,3 +273,43 @@ def flux_to_kohya(peft_lora: Path, path: Path, rank: int = 4) -> Path:
         kohya[f"{name}.alpha"] = torch.tensor(float(rank))
     save_file(kohya, path)
     return path
+
+
+def sd3_transformer_to_original(transformer_folder: Path, path: Path) -> Path:
+    """A diffusers SD3 transformer written as a single-file checkpoint in Stability AI's original
+    key layout (``model.diffusion_model.joint_blocks.N.x_block.attn.qkv`` …), the inverse of
+    diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers`` for a model without dual
+    attention or qk-norm (SD3 Medium's layout)."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(transformer_folder / "diffusion_pytorch_model.safetensors")
+    layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
+
+    def swap_halves(t):  # the original's (shift, scale) is diffusers' (scale, shift): its own inverse
+        first, second = t.chunk(2, dim=0)
+        return torch.cat([second, first], dim=0)
+
+    out = {"pos_embed": sd["pos_embed.pos_embed"]}
+    renames = {"x_embedder.proj": "pos_embed.proj", "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+               "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2", "context_embedder": "context_embedder",
+               "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+               "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2", "final_layer.linear": "proj_out"}
+    for i in range(layers):
+        j, d, last = f"joint_blocks.{i}", f"transformer_blocks.{i}", i == layers - 1
+        renames |= {f"{j}.x_block.attn.proj": f"{d}.attn.to_out.0", f"{j}.x_block.adaLN_modulation.1": f"{d}.norm1.linear",
+                    f"{j}.x_block.mlp.fc1": f"{d}.ff.net.0.proj", f"{j}.x_block.mlp.fc2": f"{d}.ff.net.2"}
+        if not last:
+            renames |= {f"{j}.context_block.attn.proj": f"{d}.attn.to_add_out",
+                        f"{j}.context_block.adaLN_modulation.1": f"{d}.norm1_context.linear",
+                        f"{j}.context_block.mlp.fc1": f"{d}.ff_context.net.0.proj",
+                        f"{j}.context_block.mlp.fc2": f"{d}.ff_context.net.2"}
+        for kind in ("weight", "bias"):
+            out[f"{j}.x_block.attn.qkv.{kind}"] = torch.cat([sd[f"{d}.attn.to_{x}.{kind}"] for x in "qkv"])
+            out[f"{j}.context_block.attn.qkv.{kind}"] = torch.cat([sd[f"{d}.attn.add_{x}_proj.{kind}"] for x in "qkv"])
+            if last:
+                out[f"{j}.context_block.adaLN_modulation.1.{kind}"] = swap_halves(sd[f"{d}.norm1_context.linear.{kind}"])
+    for kind in ("weight", "bias"):
+        out |= {f"{original}.{kind}": sd[f"{ours}.{kind}"] for original, ours in renames.items()}
+        out[f"final_layer.adaLN_modulation.1.{kind}"] = swap_halves(sd[f"norm_out.linear.{kind}"])
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in out.items()}, path)
+    return path
