@@ -152,7 +152,8 @@ class Reproducer:
             from sdbatch.models.runtime import load_model
 
             self._generators[key] = load_model(model, device=device, dtype=dtype, endpoint_url=self.endpoint_url,
-                                               loras=self.out.spec.loras, refiner=self.out.spec.model.refiner)
+                                               loras=self.out.spec.loras, refiner=self.out.spec.model.refiner,
+                                               config=self.out.spec.model.config)
         return self._generators[key]
 
     # -- the batch -----------------------------------------------------------------------------

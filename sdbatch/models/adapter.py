@@ -35,6 +35,7 @@ class LoadRequest:
     compile: bool = False
     refiner: str | None = None
     refiner_pin: str | None = None
+    checkpoint: Path | None = None  # a single-file checkpoint, loaded with ``folder``'s configuration
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,34 @@ def _load_pipeline(class_name: str, model: str, folder: Path, dtype: torch.dtype
     return pipe.to(device)
 
 
+#: tensor-name prefixes of a single-file checkpoint that holds text encoders too (a whole SD 1.x /
+#: 2.x, SDXL or SD3 pipeline as AUTOMATIC1111 keeps it), not a denoiser alone (a FLUX transformer)
+_PIPELINE_CHECKPOINT = ("cond_stage_model.", "conditioner.", "text_encoders.")
+
+
+def _load_single_file(family: DiffusersFamily, model: str, checkpoint: Path, folder: Path, dtype: torch.dtype,
+                      components: dict[str, Any], device: str) -> DiffusionPipeline:
+    """A single-file checkpoint through diffusers' ``from_single_file``, with the configuration
+    of ``folder`` (no network): a whole pipeline, or the family's denoiser alone, the rest
+    loaded from ``folder``."""
+    from sdbatch.models.pins import checkpoint_tensor_names
+
+    names = checkpoint_tensor_names(checkpoint, repr(model))
+    try:
+        if any(n.startswith(_PIPELINE_CHECKPOINT) for n in names):
+            pipe = getattr(diffusers, family.txt2img).from_single_file(
+                str(checkpoint), config=str(folder), torch_dtype=dtype, local_files_only=True, **components)
+            return pipe.to(device)
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        denoiser_cls = getattr(diffusers, index[family.denoiser][1])
+        denoiser = denoiser_cls.from_single_file(str(checkpoint), config=str(folder), subfolder=family.denoiser,
+                                                 torch_dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"model {model!r}: the single-file checkpoint could not be loaded with the configuration of "
+                         f"{folder} ({type(exc).__name__}: {exc}); is model.config a folder of the same architecture?") from exc
+    return _load_pipeline(family.txt2img, model, folder, dtype, {**components, family.denoiser: denoiser}, device)
+
+
 def _absent_components(pipeline_cls: Any, folder: Path) -> dict[str, None]:
     """Components the folder leaves out or names as null (an SD3 folder without its T5
     encoder): passed as None, which the pipelines accept for them."""
@@ -129,11 +157,12 @@ class DiffusersModel:
         self._warm_shapes: set[tuple] = set()
         assert isinstance(traits.family, DiffusersFamily)  # RUNTIMES["diffusers"] loads only these
         self.family = traits.family
+        self.traits = traits
         # a family without img2img (FLUX.2 [klein]) has its init-image rows refused at validation
         self.img2img = getattr(diffusers, self.family.img2img).from_pipe(txt2img) if self.family.img2img else None
         self.info = info
         self.loras = LoraCache(txt2img, loras or {}, endpoint_url)
-        self._tokenizers = Tokenizers([t for t in (getattr(txt2img, "tokenizer", None), getattr(txt2img, "tokenizer_2", None)) if t is not None])
+        self._tokenizers = Tokenizers(self.family.prompt_tokenizers(txt2img, traits))
         # each stage's own scheduler (class and config): samplers are built from it per batch
         self._schedulers = {stage: (type(pipe.scheduler), dict(pipe.scheduler.config))
                             for stage, pipe in (("base", txt2img), ("refiner", refiner)) if pipe is not None}
@@ -157,7 +186,12 @@ class DiffusersModel:
         model, refiner, family = request.name, request.refiner, request.traits.family
         device = pick_device(request.device)
         torch_dtype = pick_dtype(request.dtype, device)
-        pipe = _load_pipeline(family.txt2img, model, request.folder, torch_dtype, dict(family.load_options), device)
+        assert isinstance(family, DiffusersFamily)  # RUNTIMES["diffusers"] loads only these
+        if request.checkpoint is not None:
+            pipe = _load_single_file(family, model, request.checkpoint, request.folder, torch_dtype,
+                                     dict(family.load_options), device)
+        else:
+            pipe = _load_pipeline(family.txt2img, model, request.folder, torch_dtype, dict(family.load_options), device)
         refiner_pipe, refiner_facts = None, {}
         if refiner is not None:
             refiner_ref = resolve(refiner, pin=request.refiner_pin, endpoint_url=request.endpoint_url, refiner_of=family)
@@ -243,6 +277,7 @@ class DiffusersModel:
             prompt_truncated_at=self._tokenizers.truncated_at(row.prompt),
             refiner_name=info.refiner_name if refined else None,
             refiner_fingerprint=info.refiner_fingerprint if refined else None,
+            model_parameters=self.traits.recorded(),
         )
 
     @torch.inference_mode()
@@ -259,14 +294,14 @@ class DiffusersModel:
             self._warm_shapes.add((len(rows), key))
             self._denoise([replace(r, steps=1) for r in rows], init_images)
         latents = self._denoise(rows, init_images)
-        return self._decode(self.family.unpack_latents(self.txt2img, latents, rows[0]))
+        return self._decode(latents)
 
     def _denoise(self, rows: list[Row], init_images: list[Image.Image | None] | None) -> torch.Tensor:
         first = rows[0]
         for rule in self._row_rules:
             rule.check_row(first)
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in rows]
-        common = dict(**self.family.pipeline_kwargs(rows), generator=generators, output_type="latent")
+        common = dict(**self.family.pipeline_kwargs(rows, self.traits), generator=generators, output_type="latent")
         self.loras.use(first.loras)
         if first.is_img2img and self.img2img is None:
             raise ModelError(f"row {first.id} has an init image, but {self.family.name} models have no img2img pipeline")
@@ -286,7 +321,7 @@ class DiffusersModel:
         else:
             latents = pipe(height=first.height, width=first.width, **stop, **common).images
         if switch is None:
-            return latents
+            return self.family.unpack_latents(pipe, latents, first)
         self.refiner.scheduler = self.make_scheduler(first.scheduler, "refiner")
         return self.refiner(image=latents, denoising_start=switch, **common).images
 
@@ -347,15 +382,17 @@ def load_model(
     compile: bool = False,
     refiner: str | None = None,
     refiner_pin: str | None = None,
+    config: str | None = None,
 ) -> LoadedModel:
-    """Resolve ``model`` (and check it against ``pin``), then load it with its family's runtime,
+    """Resolve ``model`` (and check it against ``pin``; ``config``: ``model`` is a single-file
+    checkpoint and this its configuration's folder), then load it with its family's runtime,
     its samplers built (one that cannot be built fails the load, not every shard)."""
-    ref = resolve(model, pin=pin, endpoint_url=endpoint_url)
+    ref = resolve(model, pin=pin, endpoint_url=endpoint_url, config=config)
     traits, folder = ref.traits, ref.folder
     assert traits is not None and folder is not None  # resolve() of a base model gives both
     fingerprint = fingerprint_model_dir(folder) if is_s3(model) else ref.pin
     request = LoadRequest(model, folder, ref.pin, fingerprint, traits, device=device, dtype=dtype, endpoint_url=endpoint_url,
-                          loras=loras, compile=compile, refiner=refiner, refiner_pin=refiner_pin)
+                          loras=loras, compile=compile, refiner=refiner, refiner_pin=refiner_pin, checkpoint=ref.checkpoint)
     loaded = RUNTIMES[traits.family.runtime](request)
     loaded.build_samplers()
     return loaded

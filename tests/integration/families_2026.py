@@ -104,6 +104,10 @@ def build_qwen_image(folder: Path) -> Path:
     return folder
 
 
+def build_flux2_klein_distilled(folder: Path) -> Path:
+    return build_flux2_klein(folder, distilled=True)
+
+
 def build_sd35_large(folder: Path) -> Path:
     """SD3.5 Large's layout: RMS qk-norm in every joint block."""
     from integration.model_families import build_sd3

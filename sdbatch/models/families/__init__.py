@@ -16,6 +16,7 @@ from typing import Any
 from sdbatch.models.configs import JsonReader
 from sdbatch.models.errors import FamilyError
 from sdbatch.models.families.base import FamilyAdapter, ModelTraits, RowRule
+from sdbatch.models.families.flux import Flux
 from sdbatch.models.families.flux2 import Flux2Klein
 from sdbatch.models.families.null import NullFamily
 from sdbatch.models.families.qwen_image import QwenImage
@@ -28,8 +29,8 @@ __all__ = ["FAMILIES", "FamilyAdapter", "ModelTraits", "RowRule", "check_refiner
            "local_traits", "model_traits", "read_traits"]
 
 FAMILIES: dict[str, FamilyAdapter] = {
-    f.class_name: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), ZImage(), QwenImage(),
-                   Flux2Klein(), NullFamily())
+    f.class_name: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux(), Flux2Klein(),
+                              QwenImage(), ZImage(), NullFamily())
 }
 
 

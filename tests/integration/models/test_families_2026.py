@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +35,23 @@ def llm_models(tmp_path_factory):
     return {name: _build(name, root) for name in FAMILIES}
 
 
-#: family folder -> (native size, whether it takes a negative prompt, whether it has img2img)
-FAMILIES = {"z_image": (1024, True, True), "qwen_image": (512, True, True), "sd35_medium": (64, True, True),
-            "flux2_klein": (256, False, False)}
+@dataclass(frozen=True)
+class Case:
+    native: int
+    parameters: dict  # the record's model_parameters
+    negative: bool = True  # rows may set a negative prompt
+    img2img: bool = True  # the family has an img2img pipeline
+    guidance: float | None = 2.0  # --guidance-scale (None: the model's own default)
+
+
+#: family folder -> what its job runs
+FAMILIES = {
+    "z_image": Case(1024, {"max_sequence_length": 512}),
+    "qwen_image": Case(512, {"guidance": "true_cfg", "max_sequence_length": 512}),
+    "sd35_medium": Case(64, {}),
+    "flux2_klein_distilled": Case(256, {"guidance": "none", "max_sequence_length": 512, "variant": "distilled"},
+                                  negative=False, img2img=False, guidance=None),
+}
 
 
 def pixels(data: bytes) -> np.ndarray:
@@ -61,12 +76,14 @@ def run_pair(name: str, model: Path, ray_address: str, tmp_path_factory) -> dict
     """The family's manifest run twice: one worker with batches of 4, two workers with batches of 1."""
     tmp = tmp_path_factory.mktemp(f"llm-job-{name}")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp / "init.png")
-    manifest = write_manifest(tmp / "manifest.parquet", _rows(*FAMILIES[name][1:]))
+    case = FAMILIES[name]
+    manifest = write_manifest(tmp / "manifest.parquet", _rows(case.negative, case.img2img))
+    guidance = () if case.guidance is None else ("--guidance-scale", str(case.guidance))
     runs = {}
     for label, workers, batch in (("one", 1, 4), ("two", 2, 1)):
         out = tmp / f"out-{label}"
-        result = cli(ray_address, "submit", manifest, "--out", out, "--model", model, "--steps", "2",
-                     "--guidance-scale", "2", "--set", "defaults.strength=0.5", "--workers", str(workers),
+        result = cli(ray_address, "submit", manifest, "--out", out, "--model", model, "--steps", "2", *guidance,
+                     "--set", "defaults.strength=0.5", "--workers", str(workers),
                      "--batch-size", str(batch), "--gpus-per-worker", "0")
         runs[label] = {"out": out, "result": result}
     return {"name": name, "model": model, **runs}
@@ -88,7 +105,7 @@ def family_runs(request, module_runs):
 
 
 def test_family_renders_native_size_records_and_infotext(family_runs):
-    native = FAMILIES[family_runs["name"]][0]
+    native = FAMILIES[family_runs["name"]].native
     class_name = json.loads((family_runs["model"] / "model_index.json").read_text())["_class_name"]
     for label in ("one", "two"):
         result, out = family_runs[label]["result"], family_runs[label]["out"]
@@ -96,7 +113,7 @@ def test_family_renders_native_size_records_and_infotext(family_runs):
         index = {r["id"]: r for r in load_index(out)}
         assert {r["status"] for r in index.values()} == {"ok"}
         expected = {"t0": (native, native), "t1": (native, native), "e0": EXPLICIT, "i0": (native, native)}
-        assert set(index) == set(expected) if FAMILIES[family_runs["name"]][2] else set(index) == {"t0", "t1", "e0"}
+        assert set(index) == set(expected) if FAMILIES[family_runs["name"]].img2img else set(index) == {"t0", "t1", "e0"}
         for rid in index:
             size = expected[rid]
             data = (out / index[rid]["key"]).read_bytes()
@@ -104,6 +121,7 @@ def test_family_renders_native_size_records_and_infotext(family_runs):
             assert Image.open(io.BytesIO(data)).size == size == (index[rid]["width"], index[rid]["height"]), rid
             _, record = read_embedded(data)
             assert record["model_family"] == class_name
+            assert record.get("model_parameters", {}) == FAMILIES[family_runs["name"]].parameters
             assert pixels(data).std() > 5, rid  # a picture, not a flat fill
 
 
@@ -121,7 +139,7 @@ def test_family_same_images_with_one_or_two_workers_and_any_batch_size(family_ru
 def test_family_reproduces_byte_identical(family_runs):
     from sdbatch.audit.reproduce import reproduce_row
 
-    for rid in ("t0", "i0") if FAMILIES[family_runs["name"]][2] else ("t0", "e0"):
+    for rid in ("t0", "i0") if FAMILIES[family_runs["name"]].img2img else ("t0", "e0"):
         result = reproduce_row(str(family_runs["one"]["out"]), rid)
         assert result.match, (rid, result.summary(), result.notes)
 
@@ -158,4 +176,45 @@ def test_refusals_exit_2_naming_the_row(llm_models, ray_address, tmp_path):
     size_line = next(ln for ln in err.splitlines() if "row 1" in ln)
     assert "width" in size_line and "72" in size_line and "multiple of 16" in size_line
     assert "row 2" not in err and "Traceback" not in err
+    assert not out.exists() or not any(out.rglob("*.png"))
+
+
+def test_variants_defaults_and_meaning_read_from_configs(llm_models, tmp_path):
+    """Z-Image-Turbo (its scheduler config) and FLUX.2 [klein] base vs step-distilled
+    (model_index.json is_distilled) get their own defaults and guidance meaning; the grid and
+    native size come from the VAE and patch configs."""
+    from integration.families_2026 import build_flux2_klein, build_z_image
+    from sdbatch.models.families import local_traits
+
+    turbo = local_traits(build_z_image(tmp_path / "turbo", turbo=True))
+    base = local_traits(llm_models["z_image"])
+    assert (turbo.variant, dict(turbo.defaults), turbo.guidance) == ("turbo", {"steps": 9, "guidance_scale": 0.0}, "cfg")
+    assert (base.variant, dict(base.defaults)) == (None, {"steps": 50, "guidance_scale": 5.0})
+    assert (base.native_width, base.native_height, base.size_multiple) == (1024, 1024, 16)
+    klein = local_traits(build_flux2_klein(tmp_path / "klein"))
+    distilled = local_traits(llm_models["flux2_klein_distilled"])
+    assert (klein.guidance, dict(klein.defaults)) == ("cfg", {"steps": 50, "guidance_scale": 4.0})
+    assert (distilled.guidance, dict(distilled.defaults)) == ("none", {"steps": 4, "guidance_scale": 0.0})
+    assert (distilled.native_width, distilled.size_multiple) == (256, 4)
+    qwen = local_traits(llm_models["qwen_image"])
+    assert (qwen.guidance, qwen.native_width, qwen.size_multiple) == ("true_cfg", 512, 8)
+    assert any("true CFG" in line for line in qwen.describe())
+
+
+def test_flux2_klein_refuses_what_it_cannot_run(llm_models, ray_address, tmp_path):
+    """[klein] distilled: a negative prompt, an init image and a guidance_scale each exit 2 naming the row."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "init.png")
+    rows = [{"prompt": "a red circle", "negative_prompt": "blurry", "init_image": None, "guidance_scale": None},
+            {"prompt": "a red circle", "negative_prompt": None, "init_image": "init.png", "guidance_scale": None},
+            {"prompt": "a red circle", "negative_prompt": None, "init_image": None, "guidance_scale": 3.5},
+            {"prompt": "a red circle", "negative_prompt": None, "init_image": None, "guidance_scale": None}]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    out = tmp_path / "out"
+    result = cli(ray_address, "submit", manifest, "--out", out, "--model", llm_models["flux2_klein_distilled"])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    for row, column in ((0, "negative_prompt"), (1, "init_image"), (2, "guidance_scale")):
+        line = next(ln for ln in lines if f"row {row} " in ln and column in ln)
+        assert "FLUX.2 [klein]" in line, line
+    assert not any("row 3 " in ln for ln in lines) and "Traceback" not in result.stderr
     assert not out.exists() or not any(out.rglob("*.png"))
