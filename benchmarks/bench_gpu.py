@@ -12,6 +12,7 @@ take ≤ 8 minutes on one H100/H200 (``--compile off`` for a shorter first look)
 
     python benchmarks/bench_gpu.py                 # on a machine with one CUDA GPU
     python benchmarks/bench_gpu.py --smoke         # on CPU: tiny shapes, fp32, 2 steps (checks the script)
+    python benchmarks/bench_gpu.py --qwen-image --compile off --batches 8   # + Qwen-Image-shaped, bf16
 """
 
 from __future__ import annotations
@@ -96,6 +97,99 @@ def build(family: str, smoke: bool, device: str, dtype: torch.dtype):
     pipe = pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# --- Qwen/Qwen-Image's published configs (transformer 20B, Qwen2.5-VL-7B text encoder, 3-D VAE), and shrunk
+QWEN_TRANSFORMER = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56))
+QWEN_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                 num_key_value_heads=4, vocab_size=152064, rope_theta=1000000.0, max_position_embeddings=128000,
+                 rope_scaling={"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"})
+QWEN_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True],
+                latents_mean=[0.0] * 16, latents_std=[1.0] * 16)
+SMOKE_QWEN_TRANSFORMER = dict(QWEN_TRANSFORMER, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16,
+                              num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(8, 4, 4))
+SMOKE_QWEN_TEXT = dict(QWEN_TEXT, hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=2, rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"})
+SMOKE_QWEN_VAE = dict(QWEN_VAE, base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
+                      temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+
+
+def build_qwen_image(smoke: bool, device: str, dtype: torch.dtype):
+    """A random-weight Qwen-Image-shaped pipeline (bf16 ≈ 57 GB of weights), built in ``dtype``
+    directly on ``device`` (an fp32 build would not fit); the tokenizer is the tests' byte-level
+    Qwen2 one (its token ids fit any Qwen vocabulary)."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from integration.families_2026 import qwen_tokenizer
+
+    torch.manual_seed(0)
+    text = SMOKE_QWEN_TEXT if smoke else QWEN_TEXT
+    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16} if smoke else {}
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            transformer = QwenImageTransformer2DModel(**(SMOKE_QWEN_TRANSFORMER if smoke else QWEN_TRANSFORMER))
+            encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+                text_config=text, vision_config=vision, hidden_size=text["hidden_size"], vocab_size=text["vocab_size"]))
+            vae = AutoencoderKLQwenImage(**(SMOKE_QWEN_VAE if smoke else QWEN_VAE))
+    finally:
+        torch.set_default_dtype(default_dtype)
+    pipe = QwenImagePipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+                             text_encoder=encoder, tokenizer=qwen_tokenizer())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def qwen_image_bare(pipe, device: str, batch: int, size: int, steps: int, rows: int) -> float:
+    """The plain loop, as a job with the model's defaults runs it: true CFG 4 against an empty negative prompt."""
+    def run(n: int) -> None:
+        pipe(prompt=[PROMPTS[i % len(PROMPTS)] for i in range(n)], negative_prompt=[""] * n, true_cfg_scale=4.0,
+             height=size, width=size, num_inference_steps=steps, output_type="pil",
+             generator=[torch.Generator("cpu").manual_seed(i) for i in range(n)])
+
+    with torch.inference_mode():
+        run(batch)  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(rows // batch):
+            run(batch)
+        sync(device)
+    return (rows // batch * batch) / (time.perf_counter() - t0)
+
+
+def qwen_image_rates(folder: Path, smoke: bool, device: str, no_job: bool) -> None:
+    """Qwen-Image 1024² (smoke: 512², the tiny VAE's native size), 20 steps, bf16, batch 1 and 2:
+    bare, then (the bare pipeline freed first: two copies do not fit one GPU) the job, printed as
+    rows of the same table. The job reads the model from disk: about 60 GB free are needed."""
+    dtype, dtype_name = (torch.float32, "float32") if smoke else (torch.bfloat16, "bfloat16")
+    size, steps, rows = (512, 2, 4) if smoke else (1024, 20, 8)
+    batches = (1, 2)
+    pipe = build_qwen_image(smoke, device, dtype)
+    model_dir = folder / "qwen-image"
+    if not no_job:
+        pipe.save_pretrained(model_dir, safe_serialization=True)
+    bare = {batch: qwen_image_bare(pipe, device, batch, size, steps, rows) for batch in batches}
+    del pipe
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    for batch in batches:
+        job = None
+        if not no_job:
+            manifest = write_manifest(folder, rows + batch, size, steps)
+            overrides = {**spec_overrides(model_dir, batch, dtype_name, False, device),
+                         "defaults.guidance_scale": 4.0, "defaults.scheduler": "default"}
+            job = job_rate(folder, manifest, overrides, rows + batch, batch)
+        print(f"| qwen-image | {size}² | {batch} | off | {bare[batch]:.2f} | skipped | {cell(job, bare[batch])} |",
+              flush=True)
 
 
 def sync(device: str) -> None:
@@ -184,6 +278,7 @@ def main() -> None:
     p.add_argument("--batches", default="8,16")
     p.add_argument("--compile", default="off,on", help="off, on or off,on")
     p.add_argument("--no-job", action="store_true", help="skip the `sdbatch submit` contender")
+    p.add_argument("--qwen-image", action="store_true", help="also the Qwen-Image-shaped configuration (bare vs job)")
     args = p.parse_args()
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -219,6 +314,8 @@ def main() -> None:
             del pipe
             if device == "cuda":
                 torch.cuda.empty_cache()
+        if args.qwen_image:
+            qwen_image_rates(folder, args.smoke, device, args.no_job)
 
 
 if __name__ == "__main__":

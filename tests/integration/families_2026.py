@@ -77,8 +77,7 @@ def build_z_image(folder: Path, *, turbo: bool = False) -> Path:
 
 def build_qwen_image(folder: Path) -> Path:
     """Qwen-Image with a tiny Qwen2.5-VL text encoder and its 3-D VAE (scale 4): native 512²."""
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
-                           QwenImageTransformer2DModel)
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(0)
