@@ -218,3 +218,25 @@ def test_flux2_klein_refuses_what_it_cannot_run(llm_models, ray_address, tmp_pat
         assert "FLUX.2 [klein]" in line, line
     assert not any("row 3 " in ln for ln in lines) and "Traceback" not in result.stderr
     assert not out.exists() or not any(out.rglob("*.png"))
+
+
+@pytest.mark.parametrize("name", ["z_image", "qwen_image"])
+def test_lora_changes_the_image_and_scale_zero_is_no_adapter(llm_models, tmp_path, name):
+    """A diffusers/PEFT LoRA on the transformer, loaded per batch like SD's: it changes the
+    image, a scale of 0 renders exactly as no adapter, and the record holds its sha256."""
+    from integration.families_2026 import build_transformer_lora
+    from sdbatch.data.row import Row
+    from sdbatch.models.runtime import load_model
+
+    lora = build_transformer_lora(llm_models[name], tmp_path / "a.safetensors", seed=1)
+    gen = load_model(str(llm_models[name]), device="cpu", loras={"a": str(lora)})
+
+    def render(loras: tuple) -> np.ndarray:
+        row = Row(0, "x", "a red circle", "", 1, 2, 2.0, 128, 64, "default", None, 0.5, None, 1, loras, {})
+        return gen.generate([row]).pixels[0]
+
+    base, with_a, zero, again = render(()), render((("a", 1.0),)), render((("a", 0.0),)), render(())
+    assert np.abs(with_a.astype(int) - base).max() > 10
+    assert np.array_equal(zero, base) and np.array_equal(again, base)
+    record = gen.facts(Row(0, "x", "p", "", 1, 2, 2.0, 128, 64, "default", None, 0.5, None, 1, (("a", 1.0),), {}))
+    assert record.loras[0]["sha256"] == hashlib.sha256(lora.read_bytes()).hexdigest()
