@@ -50,7 +50,7 @@ def _kl_vae(blocks: int, latent_channels: int, **extra):
 
 def build_z_image(folder: Path, *, turbo: bool = False) -> Path:
     """Z-Image (or -Turbo: its scheduler config, a fixed shift of 3) at the pipeline's 1024²
-    default: a VAE of scale 8, so the transformer sees 64×64 patches."""
+    default: a VAE of scale 16, so the transformer sees 32×32 patches and sizes are on a 32 grid."""
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
@@ -62,7 +62,7 @@ def build_z_image(folder: Path, *, turbo: bool = False) -> Path:
     with torch.no_grad():  # created with torch.empty upstream
         transformer.x_pad_token.copy_(torch.ones_like(transformer.x_pad_token))
         transformer.cap_pad_token.copy_(torch.ones_like(transformer.cap_pad_token))
-    vae = _kl_vae(4, 4, scaling_factor=0.3611, shift_factor=0.1159)
+    vae = _kl_vae(5, 4, scaling_factor=0.3611, shift_factor=0.1159)
     tokenizer = qwen_tokenizer()
     encoder = Qwen3Model(Qwen3Config(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
                                      num_key_value_heads=2, head_dim=8, vocab_size=len(tokenizer),
@@ -76,7 +76,7 @@ def build_z_image(folder: Path, *, turbo: bool = False) -> Path:
 
 
 def build_qwen_image(folder: Path) -> Path:
-    """Qwen-Image with a tiny Qwen2.5-VL text encoder and its 3-D VAE (scale 4): native 512²."""
+    """Qwen-Image with a tiny Qwen2.5-VL text encoder and its 3-D VAE with one level (scale 2): native 256²."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -85,8 +85,8 @@ def build_qwen_image(folder: Path) -> Path:
     transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=z_dim * 4, out_channels=z_dim, num_layers=1,
                                               attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
                                               guidance_embeds=False, axes_dims_rope=(8, 4, 4))
-    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=z_dim, dim_mult=[1, 2, 2], num_res_blocks=1,
-                                 temperal_downsample=[False, True], latents_mean=[0.1] * z_dim, latents_std=[1.5] * z_dim)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=z_dim, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.1] * z_dim, latents_std=[1.5] * z_dim)
     tokenizer = qwen_tokenizer()
     text = {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
             "num_key_value_heads": 2, "vocab_size": len(tokenizer), "rope_theta": 1000000.0,

@@ -47,7 +47,7 @@ class Case:
 #: family folder -> what its job runs
 FAMILIES = {
     "z_image": Case(1024, {"max_sequence_length": 512}),
-    "qwen_image": Case(512, {"guidance": "true_cfg", "max_sequence_length": 512}),
+    "qwen_image": Case(256, {"guidance": "true_cfg", "max_sequence_length": 512}),
     "sd35_medium": Case(64, {}),
     "flux2_klein_distilled": Case(256, {"guidance": "none", "max_sequence_length": 512, "variant": "distilled"},
                                   negative=False, img2img=False, guidance=None),
@@ -162,7 +162,7 @@ def test_sd35_layouts_load_as_sd3_with_their_attention(tmp_path):
 
 def test_refusals_exit_2_naming_the_row(llm_models, ray_address, tmp_path):
     """clip_skip on a model without a CLIP encoder, and a size off the model's grid (VAE factor ×
-    patch: 16 for this Z-Image), are refused at validation: exit 2, the row named, nothing written."""
+    patch: 32 for this Z-Image), are refused at validation: exit 2, the row named, nothing written."""
     rows = [{"prompt": "a red circle", "clip_skip": 2, "width": None},
             {"prompt": "a red circle", "clip_skip": None, "width": 72},
             {"prompt": "a red circle", "clip_skip": None, "width": 96}]
@@ -174,7 +174,7 @@ def test_refusals_exit_2_naming_the_row(llm_models, ray_address, tmp_path):
     clip_line = next(ln for ln in err.splitlines() if "row 0" in ln)
     assert "clip_skip" in clip_line and "Z-Image" in clip_line
     size_line = next(ln for ln in err.splitlines() if "row 1" in ln)
-    assert "width" in size_line and "72" in size_line and "multiple of 16" in size_line
+    assert "width" in size_line and "72" in size_line and "multiple of 32" in size_line
     assert "row 2" not in err and "Traceback" not in err
     assert not out.exists() or not any(out.rglob("*.png"))
 
@@ -190,14 +190,14 @@ def test_variants_defaults_and_meaning_read_from_configs(llm_models, tmp_path):
     base = local_traits(llm_models["z_image"])
     assert (turbo.variant, dict(turbo.defaults), turbo.guidance) == ("turbo", {"steps": 9, "guidance_scale": 0.0}, "cfg")
     assert (base.variant, dict(base.defaults)) == (None, {"steps": 50, "guidance_scale": 5.0})
-    assert (base.native_width, base.native_height, base.size_multiple) == (1024, 1024, 16)
+    assert (base.native_width, base.native_height, base.size_multiple) == (1024, 1024, 32)
     klein = local_traits(build_flux2_klein(tmp_path / "klein"))
     distilled = local_traits(llm_models["flux2_klein_distilled"])
     assert (klein.guidance, dict(klein.defaults)) == ("cfg", {"steps": 50, "guidance_scale": 4.0})
     assert (distilled.guidance, dict(distilled.defaults)) == ("none", {"steps": 4, "guidance_scale": 0.0})
     assert (distilled.native_width, distilled.size_multiple) == (256, 4)
     qwen = local_traits(llm_models["qwen_image"])
-    assert (qwen.guidance, qwen.native_width, qwen.size_multiple) == ("true_cfg", 512, 8)
+    assert (qwen.guidance, qwen.native_width, qwen.size_multiple) == ("true_cfg", 256, 4)
     assert any("true CFG" in line for line in qwen.describe())
 
 
