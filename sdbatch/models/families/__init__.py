@@ -16,6 +16,7 @@ from typing import Any
 from sdbatch.models.configs import JsonReader
 from sdbatch.models.errors import FamilyError
 from sdbatch.models.families.base import FamilyAdapter, ModelTraits, RowRule
+from sdbatch.models.families.chroma import Chroma
 from sdbatch.models.families.flux import Flux
 from sdbatch.models.families.null import NullFamily
 from sdbatch.models.families.sd import StableDiffusion
@@ -26,7 +27,7 @@ __all__ = ["FAMILIES", "FamilyAdapter", "ModelTraits", "RowRule", "check_refiner
            "local_traits", "model_traits", "read_traits"]
 
 FAMILIES: dict[str, FamilyAdapter] = {
-    f.class_name: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux(), NullFamily())
+    f.class_name: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux(), Chroma(), NullFamily())
 }
 
 
