@@ -62,6 +62,12 @@ class ModelSpec(_Section):
     compile: bool = Field(
         False, description="torch.compile the UNet (warmed up per batch shape; recorded, as it can change the low bits)"
     )
+    offload: Literal["none", "model", "group"] = Field(
+        "none",
+        description="for models larger than one GPU (FLUX.1 in bf16 on a 24-48 GB card, Qwen-Image, FLUX.2 [dev]): "
+        "model = diffusers' model CPU offload (each component moved to the GPU while it runs), group = group offload "
+        "(layers streamed to the GPU as they run: least GPU memory, slowest); CUDA only, recorded in job.json",
+    )
 
 
     @model_validator(mode="after")
@@ -81,6 +87,13 @@ class ModelSpec(_Section):
         if self.config is not None and not single:
             raise ValueError(f"model.config is only for a single-file .safetensors checkpoint as model.name; {self.name!r} "
                              "is a folder: remove model.config")
+        return self
+
+    @model_validator(mode="after")
+    def _offload_needs_a_gpu(self) -> ModelSpec:
+        if self.offload != "none" and self.device == "cpu":
+            raise ValueError(f"model.offload={self.offload} moves weights between CPU and GPU memory, and model.device is cpu: "
+                             "set model.device=cuda (or auto on GPU workers), or model.offload=none")
         return self
 
     @property

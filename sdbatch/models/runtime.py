@@ -134,6 +134,28 @@ def _load_single_file(family: DiffusersFamily, model: str, checkpoint: Path, fol
     return _load_pipeline(family.txt2img, model, folder, dtype, {**components, family.denoiser: denoiser}, device)
 
 
+def _offload(pipe: DiffusionPipeline, offload: str) -> None:
+    """diffusers' offloading for a model larger than the GPU (``model.offload``): each
+    component moved to the GPU while it runs, or its layers streamed there in groups."""
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device="cuda")
+    elif offload == "group":
+        pipe.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
+                                  offload_type="leaf_level", use_stream=True)
+
+
+def _quantized(pipe: DiffusionPipeline) -> dict[str, str]:
+    """The components a pre-quantized folder holds quantized (bitsandbytes, torchao, GGUF: what
+    their configs' ``quantization_config`` says), for each image's record (``versions``)."""
+    found = {}
+    for name, module in pipe.components.items():
+        config = getattr(getattr(module, "config", None), "quantization_config", None)
+        if config is not None:
+            method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", config)
+            found[name] = str(getattr(method, "value", method))
+    return {"quantized": ", ".join(f"{n}: {m}" for n, m in sorted(found.items()))} if found else {}
+
+
 def _absent_components(pipeline_cls: Any, folder: Path) -> dict[str, None]:
     """Components the folder leaves out or names as null (an SD3 folder without its T5
     encoder): passed as None, which the pipelines accept for them."""
@@ -187,11 +209,16 @@ class DiffusersModel:
         device = pick_device(request.device)
         torch_dtype = pick_dtype(request.dtype, device)
         assert isinstance(family, DiffusersFamily)  # RUNTIMES["diffusers"] loads only these
+        if request.offload != "none" and device != "cuda":
+            raise ModelError(f"model.offload={request.offload} needs a CUDA device and this worker has none; run on GPU "
+                             "workers (resources.gpus_per_worker=1), or set model.offload=none")
+        place = "cpu" if request.offload != "none" else device  # offloading hooks move the modules themselves
         if request.checkpoint is not None:
             pipe = _load_single_file(family, model, request.checkpoint, request.folder, torch_dtype,
-                                     dict(family.load_options), device)
+                                     dict(family.load_options), place)
         else:
-            pipe = _load_pipeline(family.txt2img, model, request.folder, torch_dtype, dict(family.load_options), device)
+            pipe = _load_pipeline(family.txt2img, model, request.folder, torch_dtype, dict(family.load_options), place)
+        _offload(pipe, request.offload)
         refiner_pipe, refiner_facts = None, {}
         if refiner is not None:
             refiner_ref = resolve(refiner, pin=request.refiner_pin, endpoint_url=request.endpoint_url, refiner_of=family)
@@ -205,7 +232,7 @@ class DiffusersModel:
             getattr(pipe, name).set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA (flash / memory-efficient kernels)
         if refiner_pipe is not None:
             getattr(refiner_pipe, family.denoiser).set_attn_processor(AttnProcessor2_0())
-        versions = software_versions()
+        versions = {**software_versions(), **_quantized(pipe)}
         if device == "cuda" and family.channels_last:  # on CPU it is slower and would change the recorded images' low bits
             for stage in (pipe, refiner_pipe):
                 if stage is not None:
@@ -383,6 +410,7 @@ def load_model(
     refiner: str | None = None,
     refiner_pin: str | None = None,
     config: str | None = None,
+    offload: str = "none",
 ) -> LoadedModel:
     """Resolve ``model`` (and check it against ``pin``; ``config``: ``model`` is a single-file
     checkpoint and this its configuration's folder), then load it with its family's runtime,
@@ -392,7 +420,8 @@ def load_model(
     assert traits is not None and folder is not None  # resolve() of a base model gives both
     fingerprint = fingerprint_model_dir(folder) if is_s3(model) else ref.pin
     request = LoadRequest(model, folder, ref.pin, fingerprint, traits, device=device, dtype=dtype, endpoint_url=endpoint_url,
-                          loras=loras, compile=compile, refiner=refiner, refiner_pin=refiner_pin, checkpoint=ref.checkpoint)
+                          loras=loras, compile=compile, refiner=refiner, refiner_pin=refiner_pin, checkpoint=ref.checkpoint,
+                          offload=offload)
     loaded = RUNTIMES[traits.family.runtime](request)
     loaded.build_samplers()
     return loaded

@@ -14,7 +14,7 @@ from sdbatch.models.builtin import resolve_builtin
 #: folder name -> native size the configs below give (denoiser sample_size × VAE scale 2; FLUX's
 #: pipeline default_sample_size 128 × its one-block VAE's scale 1)
 NATIVE = {"sd15": 72, "sd2v": 80, "sdxl": 96, "sd3": 64, "sd35_large": 64, "sd35_medium": 64, "flux-dev": 128,
-          "flux-schnell": 128}
+          "flux-schnell": 128, "chroma": 128}
 
 
 def _clip_tokenizer(folder: Path) -> None:
@@ -172,6 +172,21 @@ def build_flux(folder: Path, *, dev: bool = True) -> Path:
     return _save(pipe, folder)
 
 
+def build_chroma(folder: Path) -> Path:
+    """A tiny Chroma (diffusers' test config): FLUX.1's shape, a T5 alone, real CFG."""
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(0)
+    transformer = ChromaTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                           axes_dims_rope=[4, 4, 8], approximator_hidden_dim=32, approximator_layers=1,
+                                           approximator_num_channels=16)
+    tok = _t5_tokenizer()
+    pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True), vae=_flux_vae(),
+                          text_encoder=_t5_encoder(tok, 32), tokenizer=tok, transformer=transformer)
+    return _save(pipe, folder)
+
+
 def build_all(root: Path) -> dict[str, Path]:
     return {
         "sd15": build_sd(root / "sd15"),
@@ -242,13 +257,17 @@ FLUX_LORA_MODULES = {"transformer_blocks.0.attn.to_out.0": "lora_unet_double_blo
 
 
 def build_flux_lora(model: Path, path: Path, *, seed: int, rank: int = 4) -> Path:
-    """A PEFT LoRA on a tiny FLUX transformer (``FLUX_LORA_MODULES``) with non-zero weights,
-    saved with FluxPipeline.save_lora_weights (diffusers/PEFT key layout)."""
-    from diffusers import FluxPipeline, FluxTransformer2DModel
+    """A PEFT LoRA on a tiny FLUX-shaped transformer (FLUX.1's or Chroma's: ``FLUX_LORA_MODULES``)
+    with non-zero weights, saved with FluxPipeline.save_lora_weights (diffusers/PEFT key layout)."""
+    import json
+
+    import diffusers
+    from diffusers import FluxPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    transformer = FluxTransformer2DModel.from_pretrained(model / "transformer")
+    class_name = json.loads((model / "transformer" / "config.json").read_text())["_class_name"]
+    transformer = getattr(diffusers, class_name).from_pretrained(model / "transformer")
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(FLUX_LORA_MODULES),
                                        init_lora_weights=False))
     generator = torch.Generator().manual_seed(seed)

@@ -16,6 +16,7 @@ from typing import Any
 from sdbatch.models.configs import JsonReader
 from sdbatch.models.errors import FamilyError
 from sdbatch.models.families.base import FamilyAdapter, ModelTraits, RowRule
+from sdbatch.models.families.chroma import Chroma
 from sdbatch.models.families.flux import Flux
 from sdbatch.models.families.flux2 import Flux2Klein
 from sdbatch.models.families.null import NullFamily
@@ -29,7 +30,7 @@ __all__ = ["FAMILIES", "FamilyAdapter", "ModelTraits", "RowRule", "check_refiner
            "local_traits", "model_traits", "read_traits"]
 
 FAMILIES: dict[str, FamilyAdapter] = {
-    f.class_name: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux(), Flux2Klein(),
+    f.class_name: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux(), Chroma(), Flux2Klein(),
                               QwenImage(), ZImage(), NullFamily())
 }
 

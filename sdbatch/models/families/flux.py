@@ -13,7 +13,7 @@ pipeline's own scheduler computes a resolution-dependent shift (``mu``), which o
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sdbatch.data.samplers import DEFAULT_SAMPLER
 from sdbatch.models.configs import JsonReader
@@ -23,20 +23,39 @@ if TYPE_CHECKING:
     from sdbatch.data.row import Row
 
 
-class Flux(DiffusersFamily):
-    name = "FLUX.1"
-    class_name = "FluxPipeline"
-    txt2img = "FluxPipeline"
-    img2img = "FluxImg2ImgPipeline"
+class PackedTransformerFamily(DiffusersFamily):
+    """What the FLUX.1 architecture's pipelines share (FLUX.1, Chroma): a transformer over
+    2×2-packed latent tokens, the pipeline's fixed ``default_sample_size`` of 128, an img2img
+    told the row size, a T5 prompt encoder whose ``max_sequence_length`` is passed, no clip_skip,
+    and the resolution-shifted Euler flow sampler."""
+
     denoiser = "transformer"
     samplers = (DEFAULT_SAMPLER, "flow_euler")
-    guidance = "distilled"
     sdpa_modules = ("vae",)  # the transformer runs its own attention processors (SDPA already)
     text_encoder_counts_layers = False
     takes_clip_skip = False
     default_sample_size = 128
     packing = 2
     img2img_size = True
+    t5_tokenizer: ClassVar[str] = "tokenizer"  # the pipeline attribute of the T5's tokenizer
+
+    def prompt_tokenizers(self, pipe: Any, traits: ModelTraits) -> list[tuple[Any, int]]:
+        """The T5's: its tokens are the sequence the transformer attends to (a CLIP, where
+        there is one, gives only a pooled vector)."""
+        assert traits.max_sequence_length is not None
+        return [(getattr(pipe, self.t5_tokenizer), traits.max_sequence_length)]
+
+    def unpack_latents(self, pipe: Any, latents: Any, first: Row) -> Any:
+        return pipe._unpack_latents(latents, first.height, first.width, pipe.vae_scale_factor)
+
+
+class Flux(PackedTransformerFamily):
+    name = "FLUX.1"
+    class_name = "FluxPipeline"
+    txt2img = "FluxPipeline"
+    img2img = "FluxImg2ImgPipeline"
+    guidance = "distilled"
+    t5_tokenizer = "tokenizer_2"
 
     def _guidance_embedded(self, read_json: JsonReader) -> bool:
         return bool((read_json("transformer/config.json") or {}).get("guidance_embeds"))
@@ -52,12 +71,3 @@ class Flux(DiffusersFamily):
 
     def max_sequence_length(self, read_json: JsonReader) -> int | None:
         return 512 if self._guidance_embedded(read_json) else 256
-
-    def prompt_tokenizers(self, pipe: Any, traits: ModelTraits) -> list[tuple[Any, int]]:
-        """The T5's: its tokens are the sequence the transformer attends to (the CLIP gives
-        only the pooled vector, from the prompt's first 77 tokens)."""
-        assert traits.max_sequence_length is not None
-        return [(pipe.tokenizer_2, traits.max_sequence_length)]
-
-    def unpack_latents(self, pipe: Any, latents: Any, first: Row) -> Any:
-        return pipe._unpack_latents(latents, first.height, first.width, pipe.vae_scale_factor)

@@ -136,3 +136,18 @@ def test_validation_refuses_what_the_model_would_ignore_naming_the_row(tmp_path)
     assert "multiple of 16 (patch size × VAE factor)" in found["size", "width"][0]
     # [dev] uses guidance_scale (its distilled embedding): only the rest is refused
     assert set(issues(dev)) == {("neg", "negative_prompt"), ("skip", "clip_skip"), ("size", "width")}
+
+
+def test_offload_and_single_file_settings_are_checked_in_the_spec(tmp_path):
+    import pytest
+    from pydantic import ValidationError
+
+    assert JobSpec.model_validate({"model": {"offload": "group", "device": "cuda"}}).model.offload == "group"
+    with pytest.raises(ValidationError, match="model.offload=model moves weights .* set model.device=cuda"):
+        JobSpec.model_validate({"model": {"offload": "model", "device": "cpu"}})
+    folder = flux_configs(tmp_path / "dev", dev=True)
+    single = JobSpec.model_validate({"model": {"name": str(tmp_path / "flux1-dev.safetensors"), "config": str(folder)}})
+    assert single.model.configs_at == str(folder) and single.defaults.steps == 28  # the config folder's traits
+    assert single.fingerprint_fields()["model_config"] == str(folder)
+    with pytest.raises(ValidationError, match="pickle checkpoint"):
+        JobSpec.model_validate({"model": {"name": "model.ckpt", "config": str(folder)}})
