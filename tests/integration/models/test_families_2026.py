@@ -240,3 +240,29 @@ def test_lora_changes_the_image_and_scale_zero_is_no_adapter(llm_models, tmp_pat
     assert np.array_equal(zero, base) and np.array_equal(again, base)
     record = gen.facts(Row(0, "x", "p", "", 1, 2, 2.0, 128, 64, "default", None, 0.5, None, 1, (("a", 1.0),), {}))
     assert record.loras[0]["sha256"] == hashlib.sha256(lora.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name", ["z_image", "qwen_image", "flux2_klein"])
+def test_guidance_and_negative_prompt_reach_the_pipeline(llm_models, tmp_path, name):
+    """What guidance_scale means arrives as the pipeline's own argument: Z-Image's CFG and
+    Qwen-Image's true CFG use the row's negative prompt (and are off at 0 / 1, where it is then
+    unused); FLUX.2 [klein] base guides against its own empty prompt."""
+    from integration.families_2026 import build_flux2_klein
+    from sdbatch.models.runtime import load_model
+
+    model = build_flux2_klein(tmp_path / "klein") if name == "flux2_klein" else llm_models[name]
+    gen = load_model(str(model), device="cpu")
+    off = {"z_image": 0.0, "qwen_image": 1.0, "flux2_klein": 1.0}[name]
+
+    def render(guidance: float, negative: str) -> np.ndarray:
+        from sdbatch.data.row import Row
+
+        row = Row(0, "x", "a red circle", negative, 1, 2, guidance, 128, 64, "default", None, 0.5, None, 1, (), {})
+        return gen.generate([row]).pixels[0].astype(int)
+
+    # the tiny random encoders condition weakly: any change shows the argument arrived
+    guided, unguided = render(4.0, ""), render(off, "")
+    assert not np.array_equal(guided, unguided)
+    if name != "flux2_klein":
+        assert not np.array_equal(render(4.0, "blurry"), guided)
+        assert np.array_equal(render(off, "blurry"), unguided)
