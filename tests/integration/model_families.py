@@ -236,14 +236,15 @@ def build_sdxl_refiner(folder: Path, base: Path) -> Path:
     return _save(pipe, folder)
 
 
-def to_kohya(peft_lora: Path, path: Path, rank: int = 4) -> Path:
+def to_kohya(peft_lora: Path, path: Path, rank: int = 4, component: str = "unet") -> Path:
     """The same adapter in kohya-ss naming (``lora_unet_<module path with _>.lora_down/up.weight``
-    and ``.alpha``), as sd-scripts writes SD 1.x LoRAs; alpha = rank keeps the scale at 1."""
+    and ``.alpha``), as sd-scripts writes SD 1.x LoRAs (and trainers of Z-Image / Qwen-Image
+    theirs, ``component="transformer"``); alpha = rank keeps the scale at 1."""
     from safetensors.torch import load_file, save_file
 
     kohya = {}
     for key, tensor in load_file(peft_lora).items():
-        module, _, kind = key.removeprefix("unet.").rpartition(".lora_")
+        module, _, kind = key.removeprefix(f"{component}.").rpartition(".lora_")
         name = "lora_unet_" + module.replace(".", "_")
         kohya[f"{name}.{'lora_down' if kind == 'A.weight' else 'lora_up'}.weight"] = tensor
         kohya[f"{name}.alpha"] = torch.tensor(float(rank))
