@@ -25,6 +25,7 @@ from sdbatch.data.loras import LoraError, parse_declaration
 from sdbatch.data.samplers import SCHEDULERS
 from sdbatch.errors import BadInput
 from sdbatch.models.families import ModelTraits
+from sdbatch.models.families.base import MODEL_DEFAULTED
 from sdbatch.storage.locations import is_s3
 
 
@@ -46,6 +47,12 @@ class ModelSpec(_Section):
         description="an SDXL refiner folder (StableDiffusionXLImg2ImgPipeline; local or s3://) that finishes each "
         "row's last steps after the base, from the row's refiner_switch (ensemble of experts); SDXL bases only",
     )
+    config: str | None = Field(
+        None,
+        description="for a single-file checkpoint as model.name (a .safetensors file as AUTOMATIC1111/ComfyUI/Civitai "
+        "keep them: a whole SD/SDXL pipeline, or a FLUX/SD3 transformer): the diffusers folder (local or s3://) of "
+        "the same architecture giving its configuration and every component the file lacks",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto = cuda when the worker has a GPU, else cpu"
     )
@@ -55,6 +62,44 @@ class ModelSpec(_Section):
     compile: bool = Field(
         False, description="torch.compile the UNet (warmed up per batch shape; recorded, as it can change the low bits)"
     )
+    offload: Literal["none", "model", "group"] = Field(
+        "none",
+        description="for models larger than one GPU (FLUX.1 in bf16 on a 24-48 GB card, Qwen-Image, FLUX.2 [dev]): "
+        "model = diffusers' model CPU offload (each component moved to the GPU while it runs), group = group offload "
+        "(layers streamed to the GPU as they run: least GPU memory, slowest); CUDA only, recorded in job.json",
+    )
+
+
+    @model_validator(mode="after")
+    def _single_file_has_a_config(self) -> ModelSpec:
+        """A single-file checkpoint needs model.config, and only it takes one; a pickle
+        checkpoint is refused by its name before anything reads it."""
+        from sdbatch.models.pins import PICKLE_SUFFIXES
+
+        if self.name.lower().endswith(PICKLE_SUFFIXES):
+            raise ValueError(f"model.name {self.name!r} is a pickle checkpoint, which sdbatch never loads (unpickling runs "
+                             "code); convert it to .safetensors (safetensors.torch.save_file) and give that")
+        single = self.name.lower().endswith(".safetensors")
+        if single and self.config is None:
+            raise ValueError(f"model.name {self.name!r} is a single-file checkpoint: set model.config (--model-config) to "
+                             "a diffusers folder of the same architecture (e.g. the base model saved with save_pretrained) "
+                             "for its configuration and the components the file lacks")
+        if self.config is not None and not single:
+            raise ValueError(f"model.config is only for a single-file .safetensors checkpoint as model.name; {self.name!r} "
+                             "is a folder: remove model.config")
+        return self
+
+    @model_validator(mode="after")
+    def _offload_needs_a_gpu(self) -> ModelSpec:
+        if self.offload != "none" and self.device == "cpu":
+            raise ValueError(f"model.offload={self.offload} moves weights between CPU and GPU memory, and model.device is cpu: "
+                             "set model.device=cuda (or auto on GPU workers), or model.offload=none")
+        return self
+
+    @property
+    def configs_at(self) -> str:
+        """Where the model's configs are read: its folder, or a single file's model.config."""
+        return self.config or self.name
 
 
 def _known_scheduler(self: Any) -> Any:  # a RowDefaults, made at run time
@@ -214,7 +259,8 @@ class JobSpec(_Section):
         reach a message or ``job.json`` (``storage.check_uri``)."""
         from sdbatch.storage.base import check_uri
 
-        for key, uri in (("model.name", self.model.name), ("model.refiner", self.model.refiner),
+        for key, uri in (("model.name", self.model.name), ("model.config", self.model.config),
+                         ("model.refiner", self.model.refiner),
                          ("output.location", self.output.location), ("scoring.clip_model", self.scoring.clip_model),
                          *((f"loras.{name}", path) for name, path in self.loras.items()),
                          *(("limits.init_image_roots", root) for root in self.limits.init_image_roots)):
@@ -223,29 +269,29 @@ class JobSpec(_Section):
         return self
 
     @model_validator(mode="after")
-    def _native_size_of_local_model(self) -> JobSpec:
-        """A local or built-in model's native size fills an unset default width/height (an
-        ``s3://`` model's is read at submit: ``with_native_size``). A folder that cannot be
-        read is left for the model preflight to report."""
-        if (self.defaults.width is None or self.defaults.height is None) and not is_s3(self.model.name):
+    def _model_defaults_of_local_model(self) -> JobSpec:
+        """A local or built-in model's native size and own defaults (``ModelTraits.defaults``:
+        a distilled model's steps and guidance) fill the defaults left null (an ``s3://``
+        model's are read at submit: ``with_model_defaults``). A folder that cannot be read is
+        left for the model preflight to report."""
+        if any(getattr(self.defaults, name) is None for name in MODEL_FILLED) and not is_s3(self.model.configs_at):
             from sdbatch.models.builtin import local_model_dir
             from sdbatch.models.errors import FamilyError
             from sdbatch.models.families import local_traits
 
             try:
-                traits = local_traits(local_model_dir(self.model.name))
+                traits = local_traits(local_model_dir(self.model.configs_at))
             except (FamilyError, ValueError, OSError):
                 return self
-            self.defaults.width = self.defaults.width or traits.native_width
-            self.defaults.height = self.defaults.height or traits.native_height
+            for name, value in model_defaults(traits).items():
+                if getattr(self.defaults, name) is None:
+                    setattr(self.defaults, name, value)
         return self
 
-    def with_native_size(self, traits: ModelTraits) -> JobSpec:
-        """This spec with the model's native size for a default width/height left unset."""
+    def with_model_defaults(self, traits: ModelTraits) -> JobSpec:
+        """This spec with the model's native size and own defaults for the defaults left null."""
         defaults = self.defaults.model_copy(update={
-            "width": self.defaults.width or traits.native_width,
-            "height": self.defaults.height or traits.native_height,
-        })
+            name: value for name, value in model_defaults(traits).items() if getattr(self.defaults, name) is None})
         return self.model_copy(update={"defaults": defaults})
 
     def fingerprint_fields(self) -> dict[str, Any]:
@@ -253,6 +299,7 @@ class JobSpec(_Section):
         return {
             "seed": self.seed,
             "model": self.model.name,
+            **({"model_config": self.model.config} if self.model.config else {}),  # its pin: the model pin
             **({"refiner": self.model.refiner} if self.model.refiner else {}),  # its pin: output.job_record
             "dtype": self.model.dtype,
             "compile": self.model.compile,
@@ -264,6 +311,16 @@ class JobSpec(_Section):
             # the worker writes these columns into each shard's commit (duplicates are redone at merge)
             "scoring": {"clip_model": self.scoring.clip_model, "blank_max_std": self.scoring.blank_max_std},
         }
+
+
+#: The defaults a null stands for the model's own value: its native size and MODEL_DEFAULTED.
+MODEL_FILLED = ("width", "height", *MODEL_DEFAULTED)
+
+
+def model_defaults(traits: ModelTraits) -> dict[str, Any]:
+    """The values of MODEL_FILLED that ``traits``' model gives."""
+    return {"width": traits.native_width, "height": traits.native_height,
+            **{name: traits.defaults[name] for name in MODEL_DEFAULTED}}
 
 
 def fingerprint(data: dict[str, Any]) -> str:

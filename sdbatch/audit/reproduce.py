@@ -168,7 +168,10 @@ class Reproducer:
             from sdbatch.models.runtime import load_model
 
             self._generators[key] = load_model(model, device=device, dtype=dtype, endpoint_url=self.endpoint_url,
-                                               loras=self.out.spec.loras, refiner=self.out.spec.model.refiner)
+                                               loras=self.out.spec.loras, refiner=self.out.spec.model.refiner,
+                                               config=self.out.spec.model.config,
+                                               # offloading needs CUDA; it moves weights, not the arithmetic
+                                               offload=self.out.spec.model.offload if device == "cuda" else "none")
         return self._generators[key]
 
     # -- the batch -----------------------------------------------------------------------------

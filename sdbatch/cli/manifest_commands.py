@@ -36,9 +36,9 @@ def validate(
     job = load_spec(spec, set_, overrides)
     from sdbatch.models.families import model_traits
 
-    traits = model_traits(job.model.name)
+    traits = model_traits(job.model.configs_at)
     source = open_manifest(manifest)
-    report = validate_manifest(source, job.with_native_size(traits), strict=strict, model=traits)
+    report = validate_manifest(source, job.with_model_defaults(traits), strict=strict, model=traits)
     if json_out:
         payload = {
             "ok": report.ok,
@@ -120,7 +120,25 @@ def spec(
     import yaml
 
     typer.echo(f"# resolved job spec (fingerprint {fingerprint_of(job)})")
+    for line in model_lines(job.model.configs_at):
+        typer.echo(f"# model: {line}")
     typer.echo(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False).rstrip())
+
+
+def model_lines(name: str) -> list[str]:
+    """What the spec's model is and what its parameters mean (``ModelTraits.describe``), when its
+    configs can be read here (a local or built-in model)."""
+    from sdbatch.models.builtin import local_model_dir
+    from sdbatch.models.errors import FamilyError
+    from sdbatch.models.families import local_traits
+    from sdbatch.storage.locations import is_s3
+
+    if is_s3(name):
+        return ["an s3:// model: its native size and defaults are read at submit (--dry-run shows them)"]
+    try:
+        return local_traits(local_model_dir(name)).describe()
+    except (FamilyError, ValueError, OSError) as exc:
+        return [f"its configs cannot be read here ({exc})"]
 
 
 def fingerprint_of(job) -> str:  # noqa: ANN001 - JobSpec, imported lazily

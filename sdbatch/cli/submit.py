@@ -77,7 +77,10 @@ def submit(
         "output.location, else ./sdbatch-out/<manifest stem>/)."),
     spec_path: Optional[Path] = SpecOpt,
     sets: list[str] = SetOpt,
-    model: Optional[str] = typer.Option(None, "--model", help="builtin:shapes (default), a diffusers folder, or s3://…"),
+    model: Optional[str] = typer.Option(None, "--model", help="builtin:shapes (default), a diffusers folder, s3://…, or a single-file "
+        ".safetensors checkpoint (with --model-config)."),
+    model_config: Optional[str] = typer.Option(None, "--model-config", help="For a single-file checkpoint: the diffusers folder (local or s3://) "
+        "of its architecture, giving its configuration and the components the file lacks (model.config)."),
     refiner: Optional[str] = typer.Option(None, "--refiner", help="An SDXL refiner folder (local or s3://) that finishes each row's last steps "
         "(model.refiner; SDXL bases; see --refiner-switch)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Model replicas (Ray actors)."),
@@ -117,6 +120,7 @@ def submit(
         manifest=manifest, out=out, spec_path=spec_path, sets=sets,
         overrides={
             "model.name": model,
+            "model.config": model_config,
             "model.refiner": refiner,
             "resources.workers": workers,
             "resources.gpus_per_worker": gpus_per_worker,

@@ -110,7 +110,7 @@ class Column:
     @property
     def spec_type(self) -> Any:
         """The type of ``RowDefaults.<name>``: a default of None (width, height) means the
-        model's native size, filled in at submit (``JobSpec.with_native_size``)."""
+        model's native size or own default, filled in at submit (``JobSpec.with_model_defaults``)."""
         return self.python_type | None if self.default is None else self.python_type
 
     @property
@@ -221,14 +221,17 @@ COLUMNS: tuple[Column, ...] = (
            "write seeds as int64; for rows without a seed drop the column or fill it "
            "(pandas turns ints with NaN into float64 — use the nullable dtype 'Int64')",
            a1111="Seed", a1111_rank=40, a1111_value=_int("seed")),
-    Column("steps", pa.int64(), _INT, "an integer column", _int_fix("steps"), default=20,
+    Column("steps", pa.int64(), _INT, "an integer column", _int_fix("steps"), default=None,
            spec_bounds={"ge": 1}, flag="--steps", batch_key=True,
-           description="Default steps for rows without a value.",
+           description="Default steps for rows without a value; null = the model's own (20 for SD models, "
+                       "a distilled model's few).",
            range=Range(1, "max_steps", "use fewer steps, or raise the limit: --set limits.max_steps=N",
                        low_fix="use at least 1 step"),
            a1111="Steps", a1111_rank=10, a1111_value=_int("steps")),
     Column("guidance_scale", pa.float64(), _NUMBER, "a float column", "write guidance_scale as float64",
-           default=7.5, spec_bounds={"ge": 0}, flag="--guidance-scale", batch_key=True,
+           default=None, spec_bounds={"ge": 0}, flag="--guidance-scale", batch_key=True,
+           description="null = the model's own (7.5 for SD models; what it means depends on the model: "
+                       "`sdbatch spec` and --dry-run say)",
            range=Range(0, "max_guidance", "use a guidance in range (typical: 3..12), or raise limits.max_guidance",
                        finite="use a number such as 7.5, or null for the job default"),
            a1111="CFG scale", a1111_rank=30, a1111_value=_float("guidance_scale")),

@@ -45,6 +45,9 @@ class GenerationFacts:
     prompt_truncated_at: int | None  # the prompt character where the text encoder stopped reading
     refiner_name: str | None = None  # model.refiner, for a row it refined
     refiner_fingerprint: str | None = None
+    #: what the parameters mean for the model (``ModelTraits.recorded``: guidance kind,
+    #: max_sequence_length, variant); empty for the SD families
+    model_parameters: dict[str, Any] = field(default_factory=dict)
 
     def as_fields(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -101,6 +104,7 @@ class ImageRecord:
     # model.refiner, for a row it refined (``refiner_switch`` set); the name follows from the job
     refiner_name: str | None = None
     refiner_fingerprint: str | None = None
+    model_parameters: dict[str, Any] = field(default_factory=dict)  # GenerationFacts.model_parameters
 
     @property
     def model_hash(self) -> str:
@@ -134,6 +138,7 @@ class ImageRecord:
             torch_threads=entry.get("torch_threads"),
             model_name=model_name, model_family=facts.model_family, scheduler_config=facts.scheduler_config,
             size_conditioning=facts.size_conditioning, sdbatch_version=sdbatch_version,
+            model_parameters=dict(facts.model_parameters),
             **({"refiner_name": refiner_name, "refiner_fingerprint": entry.get("refiner_fingerprint")}
                if row.refiner_switch is not None else {}),
         )
@@ -152,6 +157,7 @@ class ImageRecord:
                if self.size_conditioning else {}),
             **({"refiner_name": self.refiner_name, "refiner_fingerprint": self.refiner_fingerprint}
                if self.row.refiner_switch is not None else {}),
+            **({"model_parameters": dict(self.model_parameters)} if self.model_parameters else {}),
             "init_image_sha256": self.init_image_sha256,
             "shard": self.shard,
             "batch_id": self.batch_id,
@@ -184,6 +190,7 @@ class ImageRecord:
             model_family=str(get("model_family") or ""), scheduler_config=dict(get("scheduler_config") or {}),
             size_conditioning=dict(get("size_conditioning") or {}), sdbatch_version=get("sdbatch_version"),
             refiner_name=get("refiner_name"), refiner_fingerprint=get("refiner_fingerprint"),
+            model_parameters=dict(get("model_parameters") or {}),
         )
 
     def describes(self, entry: dict[str, Any]) -> bool:

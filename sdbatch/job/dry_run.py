@@ -50,6 +50,7 @@ class DryRunPlan:
     model: str = "?"
     family: str = "?"
     fingerprint: str = "?"  # the model's pin (``ModelRef.pin``), as job.json records it
+    model_traits: list[str] = field(default_factory=list)  # ``ModelTraits.describe``: native size, defaults, meaning
     rows_per_size: Counter = field(default_factory=Counter)  # (width, height) -> pending rows
     rows_per_lora: Counter = field(default_factory=Counter)
     out_state: str = "new job"
@@ -84,6 +85,7 @@ class DryRunPlan:
             f"workers    {self.workers_text}",
             f"model      {self.model}  ({self.family}, fingerprint {self.fingerprint})",
             f"family     {self.family}: {self.rows_pending} rows",
+            *(f"{'parameters' if i == 0 else '':10} {line}" for i, line in enumerate(self.model_traits)),
             "sizes      " + (", ".join(f"{w}x{h}: {n} rows" for (w, h), n in sorted(self.rows_per_size.items())) or "none"),
             "loras      " + (", ".join(f"{name}: {n} rows" for name, n in sorted(self.rows_per_lora.items())) or "none"),
         ]
@@ -121,7 +123,7 @@ def plan_job(prepared: PreparedJob) -> DryRunPlan:
     plan = DryRunPlan(out=storage.url, rows_total=manifest.num_rows, shards_total=shards.num_shards,
                       rows_per_shard=rps, batch_size=batch_size, workers_asked=spec.resources.workers,
                       gpus_per_worker=spec.resources.gpus_per_worker, model=prepared.model.name,
-                      family=traits.family.class_name, fingerprint=prepared.model.pin)
+                      family=traits.family.class_name, fingerprint=prepared.model.pin, model_traits=traits.describe())
     existing = read_state(storage, num_shards=shards.num_shards)
     committed: set[str] = set()
     if existing is None and new_run:

@@ -101,11 +101,11 @@ def validate(request: SubmitRequest, settings: Settings) -> Validated:
     """Preflight the model (pickles, family, native size, pin: torch-free) and the refiner,
     hash the LoRAs, and validate the manifest against the spec and the model's family."""
     spec = settings.spec
-    model = preflight_model(spec.model.name, request.endpoint_url)
+    model = preflight_model(spec.model.name, request.endpoint_url, config=spec.model.config)
     traits = model.traits
     assert traits is not None  # None only for a refiner
     refiner = preflight_model(spec.model.refiner, request.endpoint_url, refiner_of=traits.family) if spec.model.refiner else None
-    spec = spec.with_native_size(traits)
+    spec = spec.with_model_defaults(traits)
     lora_sha256 = adapter_hashes(spec.loras, request.endpoint_url)
     source = open_manifest(request.manifest)
     report = validated_at_claim(request, spec, settings.out, source, job_record(
@@ -217,11 +217,11 @@ def default_out(manifest: str) -> str:
     return str(out)
 
 
-def preflight_model(name: str, endpoint_url: str | None, refiner_of=None) -> ModelRef:
+def preflight_model(name: str, endpoint_url: str | None, refiner_of=None, config: str | None = None) -> ModelRef:
     """Check the model (or the refiner of a base of family ``refiner_of``) before any worker
     starts (pickles, family; no torch import) and pin it (``sdbatch.models.resolve.preflight``)."""
     try:
-        return preflight(name, endpoint_url=endpoint_url, refiner_of=refiner_of)
+        return preflight(name, endpoint_url=endpoint_url, refiner_of=refiner_of, config=config)
     except StorageError as exc:
         raise BadInput(f"model {name!r}: {exc}") from None
 

@@ -274,7 +274,7 @@ def check_model_rules(b: BatchUnderCheck, family: FamilyAdapter, rules: tuple[Ro
         if arr is None or pa.types.is_null(arr.type):
             continue
         given = pc.is_valid(arr).to_numpy(zero_copy_only=False)
-        values = arr.fill_null(0).to_numpy(zero_copy_only=False)
+        values = arr.fill_null(rule.null_as).to_numpy(zero_copy_only=False)
         b.flag(rule.column, given & rule.refuses(values), rule.rule, rule.fix, arr)
 
 
@@ -291,7 +291,8 @@ def check_spec_defaults(spec: JobSpec, coll: IssueCollector, samplers: tuple[str
             grid = f"a multiple of {rule.multiple_of} with " if rule.multiple_of else ""
             finite = "finite and " if rule.finite else ""
             raise_limit = f", or raise limits.{rule.hi}" if isinstance(rule.hi, str) else ""
-            fix = rule.fix_for(value) if rule.low_fix else f"--set defaults.{column.name}={column.default}{raise_limit}"
+            default = "null" if column.default is None else column.default  # null: the model's own
+            fix = rule.fix_for(value) if rule.low_fix else f"--set defaults.{column.name}={default}{raise_limit}"
             bad(column.name, value, f"{finite}{grid}{rule.text(column.name, lim)}", fix)
     if d.width * d.height > lim.max_pixels:
         bad("width", f"{d.width}x{d.height}", f"width*height <= {lim.max_pixels:,} (limits.max_pixels)",

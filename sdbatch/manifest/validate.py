@@ -37,7 +37,7 @@ from sdbatch.manifest.rules import (
 )
 from sdbatch.manifest.sources import Manifest, ManifestError, parquet_file
 from sdbatch.models.families import ModelTraits
-from sdbatch.spec import JobSpec
+from sdbatch.spec import MODEL_FILLED, JobSpec
 from sdbatch.storage.base import TMP_MARK
 
 
@@ -60,9 +60,10 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
     its text encoder's depth), so a row the model cannot run is refused before any worker starts.
     """
     lim, d = spec.limits, spec.defaults
-    if d.width is None or d.height is None:
-        raise ManifestError(f"the native size of model {spec.model.name!r} is not known here; "
-                            "set defaults.width and defaults.height (--width/--height)")
+    unknown = [name for name in MODEL_FILLED if getattr(d, name) is None]
+    if unknown:
+        raise ManifestError(f"the native size and defaults of model {spec.model.name!r} are not known here; "
+                            f"set {' and '.join(f'defaults.{n}' for n in unknown)}")
     if len(manifest.columns) > lim.max_columns:  # before anything reads per column
         raise ManifestError(
             f"manifest {manifest.source} has {len(manifest.columns):,} columns, more than limits.max_columns "

@@ -35,6 +35,8 @@ class LoadRequest:
     compile: bool = False
     refiner: str | None = None
     refiner_pin: str | None = None
+    checkpoint: Path | None = None  # a single-file checkpoint, loaded with ``folder``'s configuration
+    offload: str = "none"  # model.offload: none, model (model CPU offload) or group (group offload)
 
 
 @dataclass(frozen=True)

@@ -74,15 +74,16 @@ class LoraCache:
 
 @dataclass
 class Tokenizers:
-    """The text encoders' tokenizers, to say where a prompt is cut off."""
+    """The tokenizers of the text encoders that read the prompt, each with the number of tokens
+    its encoder reads (special tokens included), to say where a prompt is cut off."""
 
-    tokenizers: list[Any] = field(default_factory=list)
+    tokenizers: list[tuple[Any, int]] = field(default_factory=list)
 
     def truncated_at(self, prompt: str) -> int | None:
         """The character offset where the first text encoder to stop reading stops (None: all read)."""
         cuts = []
-        for tok in self.tokenizers:
-            limit = int(tok.model_max_length) - 2  # start and end tokens
+        for tok, length in self.tokenizers:
+            limit = length - len(tok("")["input_ids"])  # the special tokens it adds (CLIP: start and end; T5: end)
             try:
                 enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
             except NotImplementedError:  # a tokenizer without offsets: where its kept tokens' text ends

@@ -63,6 +63,33 @@ def fingerprint_model_dir(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def single_file_pin(checkpoint: Path, config_pin: str) -> str:
+    """The pin of a single-file checkpoint loaded with the configuration of a folder: the
+    sha256 of the file's bytes and the folder's pin (its other components are loaded from it)."""
+    digest = hashlib.sha256()
+    with checkpoint.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return "single-file:" + hashlib.sha256(f"{digest.hexdigest()}:{config_pin}".encode()).hexdigest()
+
+
+def checkpoint_tensor_names(checkpoint: Path, where: str) -> list[str]:
+    """The tensor names of a ``.safetensors`` checkpoint, read from its header alone; ModelError
+    for a file that is not one (a pickle under a safetensors name above all)."""
+    with checkpoint.open("rb") as fh:
+        head = fh.read(8)
+        size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        header = fh.read(size) if 2 <= size <= 100 * 2**20 else b""
+    try:
+        names = json.loads(header)
+    except ValueError:
+        names = None
+    if not isinstance(names, dict):
+        raise ModelError(f"model {where}: not a safetensors file (pickle checkpoints are refused); convert it with "
+                         "safetensors.torch.save_file")
+    return [n for n in names if n != "__metadata__"]
+
+
 def s3_pin(objects: dict[str, tuple[int, str]]) -> str:
     """The pin of an ``s3://`` model: its files' relative names, sizes and ETags."""
     listing = json.dumps(sorted((rel, size, etag) for rel, (size, etag) in objects.items()))

@@ -17,6 +17,11 @@ diffusers folder, or an ``s3://`` prefix holding one. Everything here runs witho
   pipeline, ``families/null.py``); a ``model.refiner`` must be the class its base's family takes.
   ``model_index.json`` and the configs are read once (``JsonReader``), and the same read gives
   the family and native size (``ModelRef.traits``);
+- **single-file checkpoints**: a local ``.safetensors`` file as AUTOMATIC1111/ComfyUI/Civitai
+  keep them (``model.name``) with the diffusers folder of its architecture (``model.config``,
+  itself resolved as a model: its configs give the family and traits, and it supplies what the
+  file lacks); the file must be safetensors (its header is read), and the pin covers the file's
+  bytes and the folder's pin (``pins.single_file_pin``);
 - **the pin**, recorded in ``job.json`` at submit and compared with every worker's before it
   gets a shard: a local folder's content fingerprint (sha256 over every file of every component
   folder, read through symbolic links as the loader reads them), an ``s3://`` prefix's ETags
@@ -32,7 +37,15 @@ from typing import TYPE_CHECKING
 from sdbatch.models.builtin import local_model_dir
 from sdbatch.models.configs import JsonReader, folder_json_reader, storage_json_reader
 from sdbatch.models.errors import ModelError
-from sdbatch.models.pins import fingerprint_model_dir, model_file_names, refuse_custom_code, refuse_pickles, s3_pin
+from sdbatch.models.pins import (
+    checkpoint_tensor_names,
+    fingerprint_model_dir,
+    model_file_names,
+    refuse_custom_code,
+    refuse_pickles,
+    s3_pin,
+    single_file_pin,
+)
 from sdbatch.storage.locations import is_s3
 
 if TYPE_CHECKING:
@@ -56,6 +69,7 @@ class ModelRef:
     pin: str
     traits: ModelTraits | None
     folder: Path | None = None
+    checkpoint: Path | None = None  # a single-file checkpoint, loaded with ``folder``'s configuration
 
 
 def _check_configs(where: str, read: JsonReader, refiner_of: FamilyAdapter | None) -> ModelTraits | None:
@@ -69,10 +83,25 @@ def _check_configs(where: str, read: JsonReader, refiner_of: FamilyAdapter | Non
     return read_traits(read, where)
 
 
-def preflight(name: str, *, endpoint_url: str | None = None, refiner_of: FamilyAdapter | None = None) -> ModelRef:
+def _single_file(name: str, config: ModelRef) -> ModelRef:
+    """The single-file checkpoint ``name`` with the configuration of the resolved ``config``."""
+    checkpoint = Path(name).expanduser()
+    if is_s3(name) or not checkpoint.is_file():
+        raise ModelError(f"model {name!r}: a single-file checkpoint must be a local .safetensors file (copy it to each "
+                         "node, or save the pipeline as a diffusers folder, which may live on s3://)")
+    checkpoint_tensor_names(checkpoint, repr(name))
+    return ModelRef(name, single_file_pin(checkpoint, config.pin), config.traits, config.folder, checkpoint.resolve())
+
+
+def preflight(name: str, *, endpoint_url: str | None = None, refiner_of: FamilyAdapter | None = None,
+              config: str | None = None) -> ModelRef:
     """Check the model (or, ``refiner_of`` given, the refiner of a base of that family) before
     any worker starts — pickles, family — and pin it; model_index.json and the configs are read
-    once. ModelError or FamilyError, or a StorageError for an s3:// prefix that cannot be read."""
+    once. ``config``: ``name`` is a single-file checkpoint and this the folder of its
+    configuration. ModelError or FamilyError, or a StorageError for an s3:// prefix that cannot
+    be read."""
+    if config is not None:
+        return _single_file(name, preflight(config, endpoint_url=endpoint_url))
     if not is_s3(name):
         folder = local_model_dir(name)
         read = folder_json_reader(folder)
@@ -93,10 +122,12 @@ def preflight(name: str, *, endpoint_url: str | None = None, refiner_of: FamilyA
 
 
 def resolve(name: str, *, pin: str | None = None, endpoint_url: str | None = None,
-            refiner_of: FamilyAdapter | None = None) -> ModelRef:
+            refiner_of: FamilyAdapter | None = None, config: str | None = None) -> ModelRef:
     """The local folder to load ``name`` from (an s3:// prefix is downloaded once per node,
     into a cache keyed by its pin) and the pin of what that folder holds, checked by the same
-    policy as at preflight."""
+    policy as at preflight; ``config``: as for ``preflight``."""
+    if config is not None:
+        return _single_file(name, resolve(config, endpoint_url=endpoint_url))
     if is_s3(name):
         from sdbatch.models.cache import fetch_model_dir
 

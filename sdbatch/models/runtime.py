@@ -106,6 +106,56 @@ def _load_pipeline(class_name: str, model: str, folder: Path, dtype: torch.dtype
     return pipe.to(device)
 
 
+#: tensor-name prefixes of a single-file checkpoint that holds text encoders too (a whole SD 1.x /
+#: 2.x, SDXL or SD3 pipeline as AUTOMATIC1111 keeps it), not a denoiser alone (a FLUX transformer)
+_PIPELINE_CHECKPOINT = ("cond_stage_model.", "conditioner.", "text_encoders.")
+
+
+def _load_single_file(family: DiffusersFamily, model: str, checkpoint: Path, folder: Path, dtype: torch.dtype,
+                      components: dict[str, Any], device: str) -> DiffusionPipeline:
+    """A single-file checkpoint through diffusers' ``from_single_file``, with the configuration
+    of ``folder`` (no network): a whole pipeline, or the family's denoiser alone, the rest
+    loaded from ``folder``."""
+    from sdbatch.models.pins import checkpoint_tensor_names
+
+    names = checkpoint_tensor_names(checkpoint, repr(model))
+    try:
+        if any(n.startswith(_PIPELINE_CHECKPOINT) for n in names):
+            pipe = getattr(diffusers, family.txt2img).from_single_file(
+                str(checkpoint), config=str(folder), torch_dtype=dtype, local_files_only=True, **components)
+            return pipe.to(device)
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        denoiser_cls = getattr(diffusers, index[family.denoiser][1])
+        denoiser = denoiser_cls.from_single_file(str(checkpoint), config=str(folder), subfolder=family.denoiser,
+                                                 torch_dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"model {model!r}: the single-file checkpoint could not be loaded with the configuration of "
+                         f"{folder} ({type(exc).__name__}: {exc}); is model.config a folder of the same architecture?") from exc
+    return _load_pipeline(family.txt2img, model, folder, dtype, {**components, family.denoiser: denoiser}, device)
+
+
+def _offload(pipe: DiffusionPipeline, offload: str) -> None:
+    """diffusers' offloading for a model larger than the GPU (``model.offload``): each
+    component moved to the GPU while it runs, or its layers streamed there in groups."""
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device="cuda")
+    elif offload == "group":
+        pipe.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
+                                  offload_type="leaf_level", use_stream=True)
+
+
+def _quantized(pipe: DiffusionPipeline) -> dict[str, str]:
+    """The components a pre-quantized folder holds quantized (bitsandbytes, torchao, GGUF: what
+    their configs' ``quantization_config`` says), for each image's record (``versions``)."""
+    found = {}
+    for name, module in pipe.components.items():
+        config = getattr(getattr(module, "config", None), "quantization_config", None)
+        if config is not None:
+            method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", config)
+            found[name] = str(getattr(method, "value", method))
+    return {"quantized": ", ".join(f"{n}: {m}" for n, m in sorted(found.items()))} if found else {}
+
+
 def _absent_components(pipeline_cls: Any, folder: Path) -> dict[str, None]:
     """Components the folder leaves out or names as null (an SD3 folder without its T5
     encoder): passed as None, which the pipelines accept for them."""
@@ -129,10 +179,12 @@ class DiffusersModel:
         self._warm_shapes: set[tuple] = set()
         assert isinstance(traits.family, DiffusersFamily)  # RUNTIMES["diffusers"] loads only these
         self.family = traits.family
-        self.img2img = getattr(diffusers, self.family.img2img).from_pipe(txt2img)
+        self.traits = traits
+        # a family without img2img (FLUX.2 [klein]) has its init-image rows refused at validation
+        self.img2img = getattr(diffusers, self.family.img2img).from_pipe(txt2img) if self.family.img2img else None
         self.info = info
         self.loras = LoraCache(txt2img, loras or {}, endpoint_url)
-        self._tokenizers = Tokenizers([t for t in (getattr(txt2img, "tokenizer", None), getattr(txt2img, "tokenizer_2", None)) if t is not None])
+        self._tokenizers = Tokenizers(self.family.prompt_tokenizers(txt2img, traits))
         # each stage's own scheduler (class and config): samplers are built from it per batch
         self._schedulers = {stage: (type(pipe.scheduler), dict(pipe.scheduler.config))
                             for stage, pipe in (("base", txt2img), ("refiner", refiner)) if pipe is not None}
@@ -156,7 +208,17 @@ class DiffusersModel:
         model, refiner, family = request.name, request.refiner, request.traits.family
         device = pick_device(request.device)
         torch_dtype = pick_dtype(request.dtype, device)
-        pipe = _load_pipeline(family.txt2img, model, request.folder, torch_dtype, dict(family.load_options), device)
+        assert isinstance(family, DiffusersFamily)  # RUNTIMES["diffusers"] loads only these
+        if request.offload != "none" and device != "cuda":
+            raise ModelError(f"model.offload={request.offload} needs a CUDA device and this worker has none; run on GPU "
+                             "workers (resources.gpus_per_worker=1), or set model.offload=none")
+        place = "cpu" if request.offload != "none" else device  # offloading hooks move the modules themselves
+        if request.checkpoint is not None:
+            pipe = _load_single_file(family, model, request.checkpoint, request.folder, torch_dtype,
+                                     dict(family.load_options), place)
+        else:
+            pipe = _load_pipeline(family.txt2img, model, request.folder, torch_dtype, dict(family.load_options), place)
+        _offload(pipe, request.offload)
         refiner_pipe, refiner_facts = None, {}
         if refiner is not None:
             refiner_ref = resolve(refiner, pin=request.refiner_pin, endpoint_url=request.endpoint_url, refiner_of=family)
@@ -170,7 +232,7 @@ class DiffusersModel:
             getattr(pipe, name).set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA (flash / memory-efficient kernels)
         if refiner_pipe is not None:
             getattr(refiner_pipe, family.denoiser).set_attn_processor(AttnProcessor2_0())
-        versions = software_versions()
+        versions = {**software_versions(), **_quantized(pipe)}
         if device == "cuda" and family.channels_last:  # on CPU it is slower and would change the recorded images' low bits
             for stage in (pipe, refiner_pipe):
                 if stage is not None:
@@ -242,6 +304,7 @@ class DiffusersModel:
             prompt_truncated_at=self._tokenizers.truncated_at(row.prompt),
             refiner_name=info.refiner_name if refined else None,
             refiner_fingerprint=info.refiner_fingerprint if refined else None,
+            model_parameters=self.traits.recorded(),
         )
 
     @torch.inference_mode()
@@ -265,9 +328,11 @@ class DiffusersModel:
         for rule in self._row_rules:
             rule.check_row(first)
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in rows]
-        common = dict(**self.family.pipeline_kwargs(rows), generator=generators, output_type="latent")
+        common = dict(**self.family.pipeline_kwargs(rows, self.traits), generator=generators, output_type="latent")
         self.loras.use(first.loras)
-        pipe = self.img2img if first.is_img2img else self.txt2img
+        if first.is_img2img and self.img2img is None:
+            raise ModelError(f"row {first.id} has an init image, but {self.family.name} models have no img2img pipeline")
+        pipe: Any = self.img2img if first.is_img2img else self.txt2img
         pipe.scheduler = self.make_scheduler(first.scheduler)
         switch = first.refiner_switch
         if switch is not None and self.refiner is None:
@@ -283,7 +348,7 @@ class DiffusersModel:
         else:
             latents = pipe(height=first.height, width=first.width, **stop, **common).images
         if switch is None:
-            return latents
+            return self.family.unpack_latents(pipe, latents, first)
         self.refiner.scheduler = self.make_scheduler(first.scheduler, "refiner")
         return self.refiner(image=latents, denoising_start=switch, **common).images
 
@@ -317,7 +382,7 @@ class DiffusersModel:
     def _decode_pixels(self, latents: torch.Tensor) -> tuple[torch.Tensor, list[str | None]]:
         """(rows, h, w, 3) uint8 on the device, and per row None or what is wrong with it."""
         vae = self.txt2img.vae
-        decoded = vae.decode(self.family.decode_input(vae, latents), return_dict=False)[0]
+        decoded = self.family.vae_decode(vae, latents)
         finite = torch.isfinite(decoded).flatten(1).all(dim=1).tolist()
         image = self.txt2img.image_processor.postprocess(decoded, output_type="pt", do_denormalize=[True] * len(decoded))
         # the same arithmetic as diffusers' numpy_to_pil (float32, ×255, round), on the device
@@ -344,15 +409,19 @@ def load_model(
     compile: bool = False,
     refiner: str | None = None,
     refiner_pin: str | None = None,
+    config: str | None = None,
+    offload: str = "none",
 ) -> LoadedModel:
-    """Resolve ``model`` (and check it against ``pin``), then load it with its family's runtime,
+    """Resolve ``model`` (and check it against ``pin``; ``config``: ``model`` is a single-file
+    checkpoint and this its configuration's folder), then load it with its family's runtime,
     its samplers built (one that cannot be built fails the load, not every shard)."""
-    ref = resolve(model, pin=pin, endpoint_url=endpoint_url)
+    ref = resolve(model, pin=pin, endpoint_url=endpoint_url, config=config)
     traits, folder = ref.traits, ref.folder
     assert traits is not None and folder is not None  # resolve() of a base model gives both
     fingerprint = fingerprint_model_dir(folder) if is_s3(model) else ref.pin
     request = LoadRequest(model, folder, ref.pin, fingerprint, traits, device=device, dtype=dtype, endpoint_url=endpoint_url,
-                          loras=loras, compile=compile, refiner=refiner, refiner_pin=refiner_pin)
+                          loras=loras, compile=compile, refiner=refiner, refiner_pin=refiner_pin, checkpoint=ref.checkpoint,
+                          offload=offload)
     loaded = RUNTIMES[traits.family.runtime](request)
     loaded.build_samplers()
     return loaded

@@ -11,8 +11,10 @@ import torch
 
 from sdbatch.models.builtin import resolve_builtin
 
-#: folder name -> native size the configs below give (denoiser sample_size × VAE scale 2)
-NATIVE = {"sd15": 72, "sd2v": 80, "sdxl": 96, "sd3": 64}
+#: folder name -> native size the configs below give (denoiser sample_size × VAE scale 2; FLUX's
+#: pipeline default_sample_size 128 × its one-block VAE's scale 1)
+NATIVE = {"sd15": 72, "sd2v": 80, "sdxl": 96, "sd3": 64, "sd35_large": 64, "sd35_medium": 64, "flux-dev": 128,
+          "flux-schnell": 128, "chroma": 128}
 
 
 def _clip_tokenizer(folder: Path) -> None:
@@ -46,8 +48,8 @@ def _sd_unet(sample_size: int, **extra):
 
 def _save(pipe, folder: Path) -> Path:
     pipe.save_pretrained(folder, safe_serialization=True)
-    for tok in ("tokenizer", "tokenizer_2"):  # the project's own tokenizer files, as shipped
-        if (folder / tok).exists():
+    for tok in ("tokenizer", "tokenizer_2"):  # the project's own CLIP tokenizer files, as shipped
+        if (folder / tok).exists() and "CLIP" in (folder / tok / "tokenizer_config.json").read_text():
             shutil.rmtree(folder / tok)
             _clip_tokenizer(folder / tok)
     return folder
@@ -101,29 +103,88 @@ def _t5_tokenizer():
                            model_max_length=77)
 
 
-def build_sd3(folder: Path, *, t5: bool = False) -> Path:
-    """SD3 without its T5 encoder (as the 'no T5' checkpoints), or with a tiny one (``t5``)."""
+def build_sd3(folder: Path, *, t5: bool = False, **layout) -> Path:
+    """SD3 without its T5 encoder (as the 'no T5' checkpoints), or with a tiny one (``t5``);
+    ``layout``: more transformer config (SD3.5's qk_norm, dual_attention_layers)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTokenizer, T5Config, T5EncoderModel
+    from transformers import CLIPTokenizer
 
     torch.manual_seed(0)
     # the T5 embeddings are the joint attention's width; the two CLIPs' (32 + 32) are padded to it
     joint = 64 if t5 else 32
-    transformer = SD3Transformer2DModel(sample_size=NATIVE["sd3"] // 2, patch_size=1, in_channels=4, num_layers=1,
+    transformer = SD3Transformer2DModel(sample_size=NATIVE[folder.name] // 2, patch_size=1, in_channels=4, num_layers=1,
                                         attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
-                                        joint_attention_dim=joint, pooled_projection_dim=64, out_channels=4)
+                                        joint_attention_dim=joint, pooled_projection_dim=64, out_channels=4, **layout)
     tok = CLIPTokenizer.from_pretrained(resolve_builtin("builtin:tiny") / "tokenizer")
     vae = _vae()
     vae.register_to_config(shift_factor=0.0625, scaling_factor=1.5)
     tok_3 = _t5_tokenizer() if t5 else None
-    encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tok_3), d_model=joint, d_ff=37, d_kv=8, num_heads=4, num_layers=1,
-                                        pad_token_id=0, eos_token_id=1)) if t5 else None
+    encoder_3 = _t5_encoder(tok_3, joint) if t5 else None
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
                                     text_encoder=_clip(projection=True), tokenizer=tok,
                                     text_encoder_2=_clip(projection=True), tokenizer_2=tok,
                                     text_encoder_3=encoder_3, tokenizer_3=tok_3)
     _save(pipe, folder)  # without T5: loaded with text_encoder_3=None
     return folder
+
+
+def _t5_encoder(tokenizer, width: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=width, d_ff=37, d_kv=8, num_heads=4, num_layers=1,
+                                   pad_token_id=0, eos_token_id=1))
+
+
+def _flux_vae():
+    """FLUX's VAE shape (16 latent channels in the real one; 1 here) with one block: scale
+    factor 1, so the native size is the pipeline's default_sample_size, 128."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                         latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                         shift_factor=0.0609, scaling_factor=1.5035)
+
+
+def flux_transformer(*, guidance: bool):
+    """diffusers' test config of FluxTransformer2DModel ([dev] embeds its guidance)."""
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                  axes_dims_rope=[4, 4, 8], guidance_embeds=guidance)
+
+
+def build_flux(folder: Path, *, dev: bool = True) -> Path:
+    """A tiny FLUX.1 [dev] (guidance embedded, dynamic shift) or [schnell] (no guidance, fixed
+    shift 1), as their scheduler configs are."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTokenizer
+
+    torch.manual_seed(0)
+    transformer = flux_transformer(guidance=dev)
+    tok_2 = _t5_tokenizer()
+    scheduler = (FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                 base_image_seq_len=256, max_image_seq_len=4096) if dev
+                 else FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False))
+    pipe = FluxPipeline(scheduler=scheduler, vae=_flux_vae(), text_encoder=_clip(),
+                        tokenizer=CLIPTokenizer.from_pretrained(resolve_builtin("builtin:tiny") / "tokenizer"),
+                        text_encoder_2=_t5_encoder(tok_2, 32), tokenizer_2=tok_2, transformer=transformer)
+    return _save(pipe, folder)
+
+
+def build_chroma(folder: Path) -> Path:
+    """A tiny Chroma (diffusers' test config): FLUX.1's shape, a T5 alone, real CFG."""
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(0)
+    transformer = ChromaTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                           axes_dims_rope=[4, 4, 8], approximator_hidden_dim=32, approximator_layers=1,
+                                           approximator_num_channels=16)
+    tok = _t5_tokenizer()
+    pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True), vae=_flux_vae(),
+                          text_encoder=_t5_encoder(tok, 32), tokenizer=tok, transformer=transformer)
+    return _save(pipe, folder)
 
 
 def build_all(root: Path) -> dict[str, Path]:
@@ -175,16 +236,102 @@ def build_sdxl_refiner(folder: Path, base: Path) -> Path:
     return _save(pipe, folder)
 
 
-def to_kohya(peft_lora: Path, path: Path, rank: int = 4) -> Path:
+def to_kohya(peft_lora: Path, path: Path, rank: int = 4, component: str = "unet") -> Path:
     """The same adapter in kohya-ss naming (``lora_unet_<module path with _>.lora_down/up.weight``
-    and ``.alpha``), as sd-scripts writes SD 1.x LoRAs; alpha = rank keeps the scale at 1."""
+    and ``.alpha``), as sd-scripts writes SD 1.x LoRAs (and trainers of Z-Image / Qwen-Image
+    theirs, ``component="transformer"``); alpha = rank keeps the scale at 1."""
     from safetensors.torch import load_file, save_file
 
     kohya = {}
     for key, tensor in load_file(peft_lora).items():
-        module, _, kind = key.removeprefix("unet.").rpartition(".lora_")
+        module, _, kind = key.removeprefix(f"{component}.").rpartition(".lora_")
         name = "lora_unet_" + module.replace(".", "_")
         kohya[f"{name}.{'lora_down' if kind == 'A.weight' else 'lora_up'}.weight"] = tensor
         kohya[f"{name}.alpha"] = torch.tensor(float(rank))
     save_file(kohya, path)
+    return path
+
+
+#: the FLUX transformer modules the test LoRAs adapt, diffusers name -> kohya (sd-scripts) name
+FLUX_LORA_MODULES = {"transformer_blocks.0.attn.to_out.0": "lora_unet_double_blocks_0_img_attn_proj",
+                     "single_transformer_blocks.0.proj_out": "lora_unet_single_blocks_0_linear2"}
+
+
+def build_flux_lora(model: Path, path: Path, *, seed: int, rank: int = 4) -> Path:
+    """A PEFT LoRA on a tiny FLUX-shaped transformer (FLUX.1's or Chroma's: ``FLUX_LORA_MODULES``)
+    with non-zero weights, saved with FluxPipeline.save_lora_weights (diffusers/PEFT key layout)."""
+    import json
+
+    import diffusers
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    class_name = json.loads((model / "transformer" / "config.json").read_text())["_class_name"]
+    transformer = getattr(diffusers, class_name).from_pretrained(model / "transformer")
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(FLUX_LORA_MODULES),
+                                       init_lora_weights=False))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    FluxPipeline.save_lora_weights(path.parent, transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                   weight_name=path.name, safe_serialization=True)
+    return path
+
+
+def flux_to_kohya(peft_lora: Path, path: Path, rank: int = 4) -> Path:
+    """The same FLUX adapter in kohya-ss naming (``lora_unet_double_blocks_0_img_attn_proj``
+    ``.lora_down/.lora_up.weight`` and ``.alpha``, Black Forest Labs' module names), as
+    sd-scripts writes FLUX LoRAs; alpha = rank keeps the scale at 1."""
+    from safetensors.torch import load_file, save_file
+
+    kohya = {}
+    for key, tensor in load_file(peft_lora).items():
+        module, _, kind = key.removeprefix("transformer.").rpartition(".lora_")
+        name = FLUX_LORA_MODULES[module]
+        kohya[f"{name}.{'lora_down' if kind == 'A.weight' else 'lora_up'}.weight"] = tensor
+        kohya[f"{name}.alpha"] = torch.tensor(float(rank))
+    save_file(kohya, path)
+    return path
+
+
+def sd3_transformer_to_original(transformer_folder: Path, path: Path) -> Path:
+    """A diffusers SD3 transformer written as a single-file checkpoint in Stability AI's original
+    key layout (``model.diffusion_model.joint_blocks.N.x_block.attn.qkv`` …), the inverse of
+    diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers`` for a model without dual
+    attention or qk-norm (SD3 Medium's layout)."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(transformer_folder / "diffusion_pytorch_model.safetensors")
+    layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
+
+    def swap_halves(t):  # the original's (shift, scale) is diffusers' (scale, shift): its own inverse
+        first, second = t.chunk(2, dim=0)
+        return torch.cat([second, first], dim=0)
+
+    out = {"pos_embed": sd["pos_embed.pos_embed"]}
+    renames = {"x_embedder.proj": "pos_embed.proj", "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+               "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2", "context_embedder": "context_embedder",
+               "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+               "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2", "final_layer.linear": "proj_out"}
+    for i in range(layers):
+        j, d, last = f"joint_blocks.{i}", f"transformer_blocks.{i}", i == layers - 1
+        renames |= {f"{j}.x_block.attn.proj": f"{d}.attn.to_out.0", f"{j}.x_block.adaLN_modulation.1": f"{d}.norm1.linear",
+                    f"{j}.x_block.mlp.fc1": f"{d}.ff.net.0.proj", f"{j}.x_block.mlp.fc2": f"{d}.ff.net.2"}
+        if not last:
+            renames |= {f"{j}.context_block.attn.proj": f"{d}.attn.to_add_out",
+                        f"{j}.context_block.adaLN_modulation.1": f"{d}.norm1_context.linear",
+                        f"{j}.context_block.mlp.fc1": f"{d}.ff_context.net.0.proj",
+                        f"{j}.context_block.mlp.fc2": f"{d}.ff_context.net.2"}
+        for kind in ("weight", "bias"):
+            out[f"{j}.x_block.attn.qkv.{kind}"] = torch.cat([sd[f"{d}.attn.to_{x}.{kind}"] for x in "qkv"])
+            out[f"{j}.context_block.attn.qkv.{kind}"] = torch.cat([sd[f"{d}.attn.add_{x}_proj.{kind}"] for x in "qkv"])
+            if last:
+                out[f"{j}.context_block.adaLN_modulation.1.{kind}"] = swap_halves(sd[f"{d}.norm1_context.linear.{kind}"])
+    for kind in ("weight", "bias"):
+        out |= {f"{original}.{kind}": sd[f"{ours}.{kind}"] for original, ours in renames.items()}
+        out[f"final_layer.adaLN_modulation.1.{kind}"] = swap_halves(sd[f"norm_out.linear.{kind}"])
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in out.items()}, path)
     return path

@@ -2,10 +2,14 @@
 
 A family adapter declares what it loads (the diffusers pipelines of its text-to-image and
 img2img stages, the refiner class it takes, its denoiser folder and load options), which per-row
-columns it honours and what ``guidance_scale`` means for it (``guidance``), reads its traits from
-the model's configs (native size, as the pipeline computes it; the CLIP text encoder's depth),
-states the model-dependent row rules validation runs at preflight (``row_rules``), and gives the
-runtime the per-batch pipeline arguments, the img2img extras and how its latents decode.
+columns it honours, reads its traits from the model's configs (``ModelTraits``: native size, as
+the pipeline computes it; the size grid, patch × VAE factor; the CLIP text encoder's depth; what
+``guidance_scale`` means for this model — a distilled variant's differs from its family's —, the
+model's own defaults for steps and guidance, the text encoder's ``max_sequence_length``),
+states the model-dependent row rules validation runs at preflight (``row_rules``: a negative
+prompt without an unconditional branch, a guidance the model does not use, clip_skip without a
+CLIP encoder, a size off its grid), and gives the runtime the per-batch pipeline arguments, the
+img2img extras and how its latents decode.
 
 Nothing here imports torch: the hooks operate on the pipeline and tensor objects the runtime
 (``models.runtime``) hands them, with their own methods only. A family that is not run by a
@@ -15,9 +19,10 @@ each runtime to the loader that builds its ``adapter.LoadedModel``.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
@@ -29,10 +34,26 @@ from sdbatch.models.errors import FamilyError
 if TYPE_CHECKING:
     from sdbatch.data.row import Row
 
-#: What ``guidance_scale`` means for a family: classifier-free guidance with a negative prompt
+#: What ``guidance_scale`` means for a model: classifier-free guidance with a negative prompt
 #: (``cfg``), Qwen-Image style ``true_cfg_scale`` (``true_cfg``), a guidance embedding of a
 #: distilled model without an unconditional branch (``distilled``), or nothing (``none``).
 Guidance = Literal["cfg", "true_cfg", "distilled", "none"]
+
+#: What each guidance kind makes of ``guidance_scale`` and ``negative_prompt``, for ``--dry-run``,
+#: ``sdbatch spec`` and the README.
+GUIDANCE_MEANING: dict[str, str] = {
+    "cfg": "guidance_scale is classifier-free guidance against negative_prompt",
+    "true_cfg": "guidance_scale is true CFG (true_cfg_scale) against negative_prompt; 1 = off",
+    "distilled": "guidance_scale is the distilled guidance embedding (one pass, no negative_prompt)",
+    "none": "guidance_scale is unused (a guidance-free distilled model: leave it at 0, no negative_prompt)",
+}
+
+#: The per-row parameters a model may give its own default for (``ModelTraits.defaults``): left
+#: null in the spec, they take the model's (a distilled model's few steps), like the native size.
+MODEL_DEFAULTED = ("steps", "guidance_scale")
+
+#: The steps and guidance_scale of a model that declares none of its own (the SD families').
+DEFAULT_PARAMETERS: Mapping[str, Any] = {"steps": 20, "guidance_scale": 7.5}
 
 #: Every per-row column: what a family honours unless it says otherwise.
 ALL_COLUMNS: frozenset[str] = frozenset(KNOWN_COLUMNS)
@@ -46,9 +67,50 @@ class ModelTraits:
     native_width: int
     native_height: int
     text_encoder_layers: int | None = None  # depth of the CLIP text encoder clip_skip counts in
+    guidance: Guidance | None = None  # what guidance_scale means for this model (None: its family's)
+    #: the model's own steps and guidance_scale, for a spec that leaves them null (MODEL_DEFAULTED)
+    defaults: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_PARAMETERS))
+    max_sequence_length: int | None = None  # tokens the T5/LLM text encoder reads (passed, recorded)
+    size_multiple: int = 8  # width and height are multiples of this: patch size × VAE factor
+    variant: str | None = None  # the variant its configs show (FLUX.1 "schnell"), for messages
+
+    def __post_init__(self) -> None:
+        if self.guidance is None:
+            object.__setattr__(self, "guidance", self.family.guidance)
 
     def row_rules(self) -> tuple[RowRule, ...]:
         return self.family.row_rules(self)
+
+    @property
+    def label(self) -> str:
+        return f"{self.family.name}{f' [{self.variant}]' if self.variant else ''} ({self.family.class_name})"
+
+    def recorded(self) -> dict[str, Any]:
+        """What the parameters mean for this model, as each image record holds it (empty for
+        classifier-free guidance without a sequence limit, so older families' records keep
+        their bytes)."""
+        facts: dict[str, Any] = {}
+        if self.guidance != "cfg":
+            facts["guidance"] = self.guidance
+        if self.max_sequence_length is not None:
+            facts["max_sequence_length"] = self.max_sequence_length
+        if self.variant:
+            facts["variant"] = self.variant
+        return facts
+
+    def describe(self) -> list[str]:
+        """Lines saying the family, native size, defaults and what each parameter means for
+        this model (``--dry-run``, ``sdbatch spec``)."""
+        d = self.defaults
+        lines = [f"{self.label}: native size {self.native_width}x{self.native_height}, sizes a multiple of "
+                 f"{math.lcm(self.size_multiple, 8)}; default steps {d['steps']}, guidance_scale {d['guidance_scale']:g}",
+                 *self.family.parameter_meaning(self)]
+        if self.max_sequence_length is not None:
+            lines.append(f"prompts are read up to {self.max_sequence_length} tokens (max_sequence_length); "
+                         "prompt_truncated_at records where a longer one is cut")
+        if not self.family.takes_clip_skip:
+            lines.append("clip_skip is not used (leave it at 1)")
+        return lines
 
 
 @dataclass(frozen=True)
@@ -61,9 +123,10 @@ class RowRule:
     refuses: Callable[[np.ndarray], np.ndarray]
     rule: str  # what the value must be, for the error
     fix: str
+    null_as: Any = 0  # what a null value is checked as (a string column's: "")
 
     def refuses_value(self, value: Any) -> bool:
-        return bool(self.refuses(np.asarray([value]))[0])
+        return bool(self.refuses(np.asarray([self.null_as if value is None else value]))[0])
 
     def check_row(self, row: Row) -> None:
         """ValueError naming the row, column, value and fix when ``row`` breaks the rule."""
@@ -89,79 +152,178 @@ class FamilyAdapter(ABC):
     sdpa_modules: ClassVar[tuple[str, ...]] = ()  # modules switched to PyTorch SDPA attention
     channels_last: ClassVar[bool] = False  # the denoiser runs channels_last on CUDA (UNets)
     text_encoder_counts_layers: ClassVar[bool] = False  # clip_skip counts text_encoder's layers (CLIP)
+    takes_clip_skip: ClassVar[bool] = True  # False: the pipeline has no clip_skip (no CLIP prompt encoder)
 
     @abstractmethod
     def native_size(self, read_json: JsonReader, where: str) -> tuple[int, int]:
         """(width, height) the family's pipeline renders by default for this model."""
 
+    def parameter_meaning(self, traits: ModelTraits) -> list[str]:
+        """What guidance_scale (and the other parameters) mean for this model, in words."""
+        return [GUIDANCE_MEANING[str(traits.guidance)]]
+
+    def model_guidance(self, read_json: JsonReader) -> Guidance:
+        """What guidance_scale means for this model (a distilled variant may differ from its
+        family's ``guidance``)."""
+        return self.guidance
+
+    def model_defaults(self, read_json: JsonReader, guidance: Guidance) -> dict[str, Any]:
+        """This model's own steps and guidance_scale (MODEL_DEFAULTED), from its configs."""
+        return dict(DEFAULT_PARAMETERS)
+
+    def max_sequence_length(self, read_json: JsonReader) -> int | None:
+        """Tokens the pipeline's T5/LLM text encoder reads (None: the family passes none)."""
+        return None
+
+    def size_multiple(self, read_json: JsonReader) -> int:
+        """What width and height must be a multiple of (patch size × VAE factor)."""
+        return 8
+
+    def variant(self, read_json: JsonReader) -> str | None:
+        """The variant the configs show (``schnell``), for messages and the record."""
+        return None
+
     def read_traits(self, read_json: JsonReader, where: str) -> ModelTraits:
         width, height = self.native_size(read_json, where)
         encoder = read_json("text_encoder/config.json") if self.text_encoder_counts_layers else None
         layers = encoder.get("num_hidden_layers") if isinstance(encoder, dict) else None
-        return ModelTraits(self, width, height, int(layers) if layers else None)
+        guidance = self.model_guidance(read_json)
+        return ModelTraits(self, width, height, int(layers) if layers else None, guidance=guidance,
+                           defaults=self.model_defaults(read_json, guidance),
+                           max_sequence_length=self.max_sequence_length(read_json),
+                           size_multiple=self.size_multiple(read_json), variant=self.variant(read_json))
 
     def row_rules(self, traits: ModelTraits) -> tuple[RowRule, ...]:
-        """The rules a row's values must meet for this model; by default, clip_skip within the
-        CLIP text encoder's depth (A1111 counts the last layer as clip skip 1)."""
+        """The rules a row's values must meet for this model: clip_skip within the CLIP text
+        encoder's depth (A1111 counts the last layer as clip skip 1), or none without one; no
+        negative prompt without an unconditional branch; no guidance a guidance-free model would
+        ignore; sizes on the model's grid."""
+        rules: list[RowRule] = []
+        who = traits.label
         layers = traits.text_encoder_layers
-        if layers is None:
-            return ()
-        deepest = layers + 1
-        return (RowRule("clip_skip", lambda values: values > deepest,
-                        f"clip_skip N skips the text encoder's last N-1 layers, and this model's has {layers}",
-                        f"use clip_skip <= {deepest}"),)
+        if layers is not None:
+            deepest = layers + 1
+            rules.append(RowRule("clip_skip", lambda values: values > deepest,
+                                 f"clip_skip N skips the text encoder's last N-1 layers, and this model's has {layers}",
+                                 f"use clip_skip <= {deepest}"))
+        if not self.takes_clip_skip:
+            rules.append(RowRule("clip_skip", lambda values: values != 1,
+                                 f"{who} takes no clip_skip (its prompt encoder is not a CLIP whose layers it skips)",
+                                 "leave clip_skip null (1)"))
+        if traits.guidance in ("distilled", "none"):
+            rules.append(RowRule("negative_prompt", lambda values: values != "",
+                                 f"{who} has no unconditional branch, so a negative prompt would be ignored",
+                                 "leave negative_prompt null or empty for this model", null_as=""))
+        if traits.guidance == "none":
+            rules.append(RowRule("guidance_scale", lambda values: values != 0,
+                                 f"{who} is guidance-distilled and uses no guidance_scale",
+                                 "leave guidance_scale null (the model's 0)"))
+        multiple = traits.size_multiple
+        if multiple > 8 or 8 % multiple:  # 8 is the column rule every model has
+            for side in ("width", "height"):
+                rules.append(RowRule(side, lambda values: values % multiple != 0,
+                                     f"{who} renders {side}s that are a multiple of {multiple} (patch size × VAE factor)",
+                                     f"use a multiple of {multiple}, or null for the native {side}"))
+        return tuple(rules)
 
 
 class DiffusersFamily(FamilyAdapter):
     """A family run by a diffusers pipeline: the native size from the denoiser's
-    ``sample_size`` × the VAE's scale factor, and the hooks the runtime calls per batch."""
+    ``sample_size`` (or the pipeline's own ``default_sample_size``) × the VAE's scale factor,
+    and the hooks the runtime calls per batch."""
 
     text_encoder_counts_layers = True
+    #: the pipeline's fixed default_sample_size (FLUX's 128), where it does not read the denoiser's
+    default_sample_size: ClassVar[int | None] = None
+    #: latent pixels per token side the pipeline packs beyond the denoiser's patch_size (FLUX's 2×2)
+    packing: ClassVar[int] = 1
+    #: the img2img pipeline renders at its native size unless given the row's (SD3's, FLUX's)
+    img2img_size: ClassVar[bool] = False
+
+    def vae_scale_factor(self, read_json: JsonReader, where: str) -> int:
+        """Pixels per latent pixel, as the pipeline computes it (from the VAE's blocks)."""
+        blocks = (read_json("vae/config.json") or {}).get("block_out_channels")
+        if not blocks:
+            raise FamilyError(f"model {where}: vae/config.json needs block_out_channels to know the native size; "
+                              "is the folder complete?")
+        return int(2 ** (len(blocks) - 1))
 
     def native_size(self, read_json: JsonReader, where: str) -> tuple[int, int]:
-        denoiser = read_json(f"{self.denoiser}/config.json") or {}
-        vae = read_json("vae/config.json") or {}
-        sample = denoiser.get("sample_size")
-        blocks = vae.get("block_out_channels")
-        if not sample or not blocks:
+        sample = self.default_sample_size or (read_json(f"{self.denoiser}/config.json") or {}).get("sample_size")
+        if not sample:
             raise FamilyError(
-                f"model {where}: {self.denoiser}/config.json needs sample_size and vae/config.json "
-                "block_out_channels to know the native size; is the folder complete?"
+                f"model {where}: {self.denoiser}/config.json needs sample_size to know the native size; "
+                "is the folder complete?"
             )
         sample_h, sample_w = (sample, sample) if isinstance(sample, int) else sample
-        scale = 2 ** (len(blocks) - 1)
+        scale = self.vae_scale_factor(read_json, where)
         return int(sample_w) * scale, int(sample_h) * scale
+
+    def size_multiple(self, read_json: JsonReader) -> int:
+        patch = (read_json(f"{self.denoiser}/config.json") or {}).get("patch_size") or 1
+        try:
+            scale = self.vae_scale_factor(read_json, "")
+        except FamilyError:
+            return 8  # an incomplete folder: native_size says so
+        return scale * int(patch) * self.packing
+
+    def prompt_tokenizers(self, pipe: Any, traits: ModelTraits) -> list[tuple[Any, int]]:
+        """The tokenizers of the encoders whose token sequence the denoiser reads, each with the
+        tokens its encoder reads (prompt_truncated_at is where the first of them stops): by
+        default CLIP's ``tokenizer`` and ``tokenizer_2``, at their model_max_length."""
+        tokenizers = (getattr(pipe, name, None) for name in ("tokenizer", "tokenizer_2"))
+        return [(t, int(t.model_max_length)) for t in tokenizers if t is not None]
 
     def size_conditioning(self, row: Row) -> dict[str, tuple[int, ...]]:
         """Extra per-row conditioning passed to the pipeline and recorded (SDXL's)."""
         return {}
 
-    def pipeline_kwargs(self, rows: list[Row]) -> dict[str, Any]:
-        """The arguments of one canonical batch's pipeline call that follow from its rows."""
+    def guidance_kwargs(self, rows: list[Row], guidance: Guidance) -> dict[str, Any]:
+        """The pipeline arguments that carry a batch's guidance_scale (and negative prompts), by
+        what guidance means for the model; a family whose pipeline names them otherwise overrides."""
         first = rows[0]
-        guidance: dict[str, Any] = {
+        return {
             "cfg": {"guidance_scale": first.guidance_scale, "negative_prompt": [r.negative_prompt for r in rows]},
             "true_cfg": {"true_cfg_scale": first.guidance_scale, "negative_prompt": [r.negative_prompt for r in rows]},
             "distilled": {"guidance_scale": first.guidance_scale},
             "none": {},
-        }[self.guidance]
+        }[guidance]
+
+    def pipeline_kwargs(self, rows: list[Row], traits: ModelTraits | None = None) -> dict[str, Any]:
+        """The arguments of one canonical batch's pipeline call that follow from its rows (and
+        the model's traits: its guidance kind and max_sequence_length)."""
+        first = rows[0]
+        guidance = (traits.guidance if traits is not None else None) or self.guidance
+        limit = traits.max_sequence_length if traits is not None else None
         return dict(
             prompt=[r.prompt for r in rows],
             num_inference_steps=first.steps,
-            **guidance,
+            **self.guidance_kwargs(rows, guidance),
             # A1111 counts the last layer as clip skip 1; diffusers counts layers skipped
             **({"clip_skip": first.clip_skip - 1 or None} if self.text_encoder_counts_layers else {}),
+            **({"max_sequence_length": limit} if limit is not None else {}),
             **self.size_conditioning(first),
         )
 
     def img2img_kwargs(self, first: Row) -> dict[str, Any]:
-        """Extra arguments of the img2img call (beyond image and strength)."""
-        return {}
+        """Extra arguments of the img2img call (beyond image and strength): the row's size for
+        an img2img pipeline that renders at its native size unless told (``img2img_size``)."""
+        return {"height": first.height, "width": first.width} if self.img2img_size else {}
+
+    def unpack_latents(self, pipe: Any, latents: Any, first: Row) -> Any:
+        """The latents as the VAE reads them, from those the pipeline returns with
+        output_type="latent" (FLUX-style pipelines return them packed into tokens)."""
+        return latents
 
     def latent_shift(self, vae: Any) -> float:
-        """What is added to the unscaled latents before decoding."""
-        return 0.0
+        """What is added to the unscaled latents before decoding: the VAE's shift_factor
+        (SD3's and FLUX's VAEs have one; SD's none)."""
+        return getattr(vae.config, "shift_factor", None) or 0.0
 
     def decode_input(self, vae: Any, latents: Any) -> Any:
         """The VAE's input for ``latents`` as the pipeline leaves them (output_type="latent")."""
         return latents.to(vae.dtype) / vae.config.scaling_factor + self.latent_shift(vae)
+
+    def vae_decode(self, vae: Any, latents: Any) -> Any:
+        """The VAE's (batch, 3, height, width) output for the unpacked ``latents``."""
+        return vae.decode(self.decode_input(vae, latents), return_dict=False)[0]

@@ -25,7 +25,7 @@ from sdbatch.data.samplers import SCHEDULERS
 from sdbatch.models.adapter import GeneratedBatch, LoadRequest, ModelInfo
 from sdbatch.models.builtin import NULL_CLASS_NAME
 from sdbatch.models.configs import JsonReader
-from sdbatch.models.families.base import FamilyAdapter
+from sdbatch.models.families.base import FamilyAdapter, ModelTraits, RowRule
 
 NOISE_BITS = 4  # per-pixel noise of 16 levels: sets the PNG size (≈ 4 bits per sample)
 SMOOTH_CELL = 4  # pixels per side of the grid the gradients and waves are drawn on
@@ -70,6 +70,12 @@ class NullFamily(FamilyAdapter):
 
     def native_size(self, read_json: JsonReader, where: str) -> tuple[int, int]:
         return self.size, self.size
+
+    def row_rules(self, traits: ModelTraits) -> tuple[RowRule, ...]:
+        return ()  # every column is recorded; the drawing reads seed and size alone
+
+    def parameter_meaning(self, traits: ModelTraits) -> list[str]:
+        return ["the picture depends on seed and size alone; every other parameter is only recorded"]
 
 
 class NullModel:

@@ -64,7 +64,7 @@ def test_resume_refused_after_an_adapter_changed(lora_sources, ray_address):
     manifest = write_manifest(tmp / "manifest.parquet", [{"prompt": PROMPT, "loras": "k"}, {"prompt": PROMPT, "loras": "s"}])
     out = tmp / "out"
     model = preflight("builtin:shapes")
-    spec = load_spec(None, [], {f"loras.{n}": p for n, p in declared.items()}).with_native_size(model.traits)
+    spec = load_spec(None, [], {f"loras.{n}": p for n, p in declared.items()}).with_model_defaults(model.traits)
     claim_job(LocalStorage(out), job_record(spec, open_manifest(str(manifest)), model.pin, lora_sources["sha"]))
     other = build_shapes_lora(tmp / "b.safetensors", seed=2)
     lora_sources["client"].put_object(Bucket=lora_sources["bucket"], Key="loras/a.safetensors", Body=other.read_bytes())

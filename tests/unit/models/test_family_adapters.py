@@ -57,13 +57,97 @@ def test_a_new_family_declares_what_rows_may_set(tmp_path):
     class NoNegative(DiffusersFamily):
         name, class_name, samplers = "no-negative", "NoNegativePipeline", ("default",)
         honours = ALL_COLUMNS - {"negative_prompt"}
-        guidance = "distilled"
 
     traits = ModelTraits(NoNegative(), 64, 64)
     path = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "x", "negative_prompt": None},
                                                    {"id": "b", "prompt": "y", "negative_prompt": "blurry"}])
-    spec = JobSpec().with_native_size(traits)
+    spec = JobSpec().with_model_defaults(traits)
     report = validate_manifest(open_manifest(str(path)), spec, model=traits)
     [issue] = report.issues
     assert (issue.row, issue.id, issue.column, issue.value) == (1, "b", "negative_prompt", "'blurry'")
     assert "not used by no-negative models (NoNegativePipeline)" in issue.rule and "leave negative_prompt null" in issue.fix
+
+
+# ---------------------------------------------------------------------------------------------
+# per-model meaning of the parameters (issue 24): read from the configs alone, torch-free
+
+
+def flux_configs(folder, *, dev: bool, vae_blocks: int = 4):
+    """A FLUX.1 folder's configs as the published ones shape them (no weights: traits read JSON)."""
+    import json
+
+    files = {
+        "model_index.json": {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]},
+        "transformer/config.json": {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "guidance_embeds": dev},
+        "vae/config.json": {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512][:vae_blocks]},
+    }
+    for rel, config in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(json.dumps(config))
+    return folder
+
+
+def test_flux_variants_take_their_meaning_and_defaults_from_their_configs(tmp_path):
+    dev = local_traits(flux_configs(tmp_path / "dev", dev=True))
+    schnell = local_traits(flux_configs(tmp_path / "schnell", dev=False))
+    small = local_traits(flux_configs(tmp_path / "small", dev=True, vae_blocks=1))
+    # the pipeline's default_sample_size 128 × the VAE factor, not a constant per family
+    assert (dev.native_width, dev.native_height, dev.size_multiple) == (1024, 1024, 16)
+    assert (small.native_width, small.size_multiple) == (128, 2)
+    assert (dev.guidance, dict(dev.defaults), dev.max_sequence_length) == ("distilled", {"steps": 28, "guidance_scale": 3.5}, 512)
+    assert (schnell.guidance, dict(schnell.defaults), schnell.max_sequence_length) == ("none", {"steps": 4, "guidance_scale": 0.0}, 256)
+    assert schnell.recorded() == {"guidance": "none", "max_sequence_length": 256, "variant": "schnell"}
+    text = "\n".join(schnell.describe())
+    assert "FLUX.1 [schnell] (FluxPipeline): native size 1024x1024, sizes a multiple of 16; default steps 4" in text
+    assert "guidance_scale is unused" in text and "256 tokens" in text and "clip_skip is not used" in text
+    shapes = local_traits(local_model_dir("builtin:shapes"))
+    assert shapes.recorded() == {} and dict(shapes.defaults) == {"steps": 20, "guidance_scale": 7.5}
+
+
+def test_a_spec_leaving_steps_and_guidance_null_takes_the_models_own(tmp_path):
+    schnell = flux_configs(tmp_path / "schnell", dev=False)
+    spec = JobSpec.model_validate({"model": {"name": str(schnell)}})
+    assert (spec.defaults.steps, spec.defaults.guidance_scale, spec.defaults.width) == (4, 0.0, 1024)
+    spec = JobSpec.model_validate({"model": {"name": str(schnell)}, "defaults": {"steps": 8}})
+    assert (spec.defaults.steps, spec.defaults.guidance_scale) == (8, 0.0)  # a value given is kept
+    s3 = JobSpec.model_validate({"model": {"name": "s3://bucket/flux"}})
+    assert s3.defaults.steps is None  # read at submit
+    assert s3.with_model_defaults(local_traits(schnell)).defaults.steps == 4
+
+
+def test_validation_refuses_what_the_model_would_ignore_naming_the_row(tmp_path):
+    schnell, dev = flux_configs(tmp_path / "schnell", dev=False), flux_configs(tmp_path / "dev", dev=True)
+    rows = [{"id": "ok", "prompt": "x", "negative_prompt": None, "guidance_scale": None, "clip_skip": None, "width": None},
+            {"id": "neg", "prompt": "x", "negative_prompt": "blurry", "guidance_scale": None, "clip_skip": None, "width": None},
+            {"id": "cfg", "prompt": "x", "negative_prompt": "", "guidance_scale": 7.0, "clip_skip": None, "width": None},
+            {"id": "skip", "prompt": "x", "negative_prompt": None, "guidance_scale": None, "clip_skip": 2, "width": None},
+            {"id": "size", "prompt": "x", "negative_prompt": None, "guidance_scale": None, "clip_skip": None, "width": 520}]
+    path = write_manifest(tmp_path / "m.parquet", rows)
+
+    def issues(model):
+        traits, spec = local_traits(model), JobSpec.model_validate({"model": {"name": str(model)}})
+        return {(i.id, i.column): (i.rule, i.fix) for i in validate_manifest(open_manifest(str(path)), spec, model=traits).issues}
+
+    found = issues(schnell)
+    assert set(found) == {("neg", "negative_prompt"), ("cfg", "guidance_scale"), ("skip", "clip_skip"), ("size", "width")}
+    assert "no unconditional branch" in found["neg", "negative_prompt"][0]
+    assert "guidance-distilled and uses no guidance_scale" in found["cfg", "guidance_scale"][0]
+    assert "takes no clip_skip" in found["skip", "clip_skip"][0]
+    assert "multiple of 16 (patch size × VAE factor)" in found["size", "width"][0]
+    # [dev] uses guidance_scale (its distilled embedding): only the rest is refused
+    assert set(issues(dev)) == {("neg", "negative_prompt"), ("skip", "clip_skip"), ("size", "width")}
+
+
+def test_offload_and_single_file_settings_are_checked_in_the_spec(tmp_path):
+    import pytest
+    from pydantic import ValidationError
+
+    assert JobSpec.model_validate({"model": {"offload": "group", "device": "cuda"}}).model.offload == "group"
+    with pytest.raises(ValidationError, match="model.offload=model moves weights .* set model.device=cuda"):
+        JobSpec.model_validate({"model": {"offload": "model", "device": "cpu"}})
+    folder = flux_configs(tmp_path / "dev", dev=True)
+    single = JobSpec.model_validate({"model": {"name": str(tmp_path / "flux1-dev.safetensors"), "config": str(folder)}})
+    assert single.model.configs_at == str(folder) and single.defaults.steps == 28  # the config folder's traits
+    assert single.fingerprint_fields()["model_config"] == str(folder)
+    with pytest.raises(ValidationError, match="pickle checkpoint"):
+        JobSpec.model_validate({"model": {"name": "model.ckpt", "config": str(folder)}})
