@@ -45,6 +45,7 @@ class GenerationFacts:
     prompt_truncated_at: int | None  # the prompt character where the text encoder stopped reading
     refiner_name: str | None = None  # model.refiner, for a row it refined
     refiner_fingerprint: str | None = None
+    speed: dict[str, Any] | None = None  # the speed profile as applied (models.speed.AppliedSpeed); None: exact
 
     def as_fields(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -101,6 +102,9 @@ class ImageRecord:
     # model.refiner, for a row it refined (``refiner_switch`` set); the name follows from the job
     refiner_name: str | None = None
     refiner_fingerprint: str | None = None
+    # the job's speed profile as this worker applied it (one per job, so the index leaves it out);
+    # None for exact, whose images carry no such key
+    speed: dict[str, Any] | None = None
 
     @property
     def model_hash(self) -> str:
@@ -136,6 +140,7 @@ class ImageRecord:
             size_conditioning=facts.size_conditioning, sdbatch_version=sdbatch_version,
             **({"refiner_name": refiner_name, "refiner_fingerprint": entry.get("refiner_fingerprint")}
                if row.refiner_switch is not None else {}),
+            speed=facts.speed,
         )
 
     def to_index_row(self, **result: Any) -> dict[str, Any]:
@@ -167,6 +172,7 @@ class ImageRecord:
             "versions": self.versions,
             "torch_threads": self.torch_threads,
             "sdbatch_version": self.sdbatch_version,
+            **({"speed": self.speed} if self.speed else {}),
         }
 
     @classmethod
@@ -183,7 +189,7 @@ class ImageRecord:
             torch_threads=get("torch_threads"), model_name=str(get("model_name") or ""),
             model_family=str(get("model_family") or ""), scheduler_config=dict(get("scheduler_config") or {}),
             size_conditioning=dict(get("size_conditioning") or {}), sdbatch_version=get("sdbatch_version"),
-            refiner_name=get("refiner_name"), refiner_fingerprint=get("refiner_fingerprint"),
+            refiner_name=get("refiner_name"), refiner_fingerprint=get("refiner_fingerprint"), speed=get("speed"),
         )
 
     def describes(self, entry: dict[str, Any]) -> bool:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from sdbatch.data.record import GenerationFacts
     from sdbatch.data.row import Row
     from sdbatch.models.families import ModelTraits
+    from sdbatch.models.speed import SpeedSpec
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class LoadRequest:
     compile: bool = False
     refiner: str | None = None
     refiner_pin: str | None = None
+    speed: SpeedSpec | None = None  # the job's speed profile (None: exact)
 
 
 @dataclass(frozen=True)

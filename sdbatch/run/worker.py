@@ -53,7 +53,7 @@ class WorkerActor:
         generator = load_model(
             spec.model.name, pin=model_pin, device=spec.model.device, dtype=spec.model.dtype,
             endpoint_url=endpoint_url, loras=spec.loras, compile=spec.model.compile,
-            refiner=spec.model.refiner, refiner_pin=refiner_pin,
+            refiner=spec.model.refiner, refiner_pin=refiner_pin, speed=spec.speed,
         )
         storage = open_storage(
             out_url,
