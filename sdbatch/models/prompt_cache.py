@@ -3,16 +3,19 @@
 Dataset manifests repeat prompts across many seeds (10 classes × 200 seeds is 10 prompts), and
 every batch would otherwise run the text encoders again over the same text. ``PromptCache``
 wraps a pipeline's own ``encode_prompt``: a batch's call is answered row by row from a bounded
-LRU, each missing row encoded alone by the original ``encode_prompt`` (with the batch's other
-arguments), and the rows' embeddings concatenated in batch order — the same tensors, in the
-same layout, the batched call returns, so it works for every family's ``encode_prompt``
-(SD's two outputs, SDXL's and SD3's four) without knowing their arguments.
+LRU; the distinct rows it lacks are encoded by the original ``encode_prompt`` in one call of the
+batch's row count (with the batch's other arguments), and the rows' embeddings concatenated in
+batch order — the same tensors, in the same layout, the batched call returns, so it works for
+every family's ``encode_prompt`` (SD's two outputs, SDXL's and SD3's four) without knowing its
+arguments. A batch of already-seen prompts runs no text encoder at all.
 
 The key is the pipeline class, the identity of its text encoders, every other argument of the
 call (device, guidance on or off, clip skip, LoRA scale, sequence length, …), the text of each
 prompt argument for that row, and the batch's adapter set (``context``: a LoRA on a text encoder
-changes its output). A row's embedding no longer depends on its batch-mates (on CPU a CLIP
-encoder's output for a row alone and inside a batch are the same bytes; tests compare images).
+changes its output) — and the batch's row count: a row's embedding is computed in a call of as
+many rows as its batch's (padded with repeats), because a pooled projection of one row alone
+differs from the same row's inside a batch in the last bit (SDXL on CPU), while a row's bytes do
+not depend on what the other rows of a call hold. Tests compare the images byte for byte.
 """
 
 from __future__ import annotations
@@ -66,17 +69,35 @@ class PromptCache:
         if prompt is None or any(arguments.get(name) is not None for name in EMBEDDING_ARGUMENTS):
             return original(**texts, **arguments)
         rows = len(prompt) if isinstance(prompt, list) else 1
+        per_prompt = arguments.get("num_images_per_prompt") or 1
         settings = tuple(sorted((name, _hashable(value)) for name, value in arguments.items()))
-        per_row = []
-        for i in range(rows):
-            row_texts = {name: value[i] if isinstance(value, list) else value for name, value in texts.items()}
-            key = (owner, settings, self.context, tuple(sorted(row_texts.items())))
-            per_row.append(self._get(key) if key in self._entries else self._put(key, original(
-                **{name: None if value is None else [value] for name, value in row_texts.items()}, **arguments)))
-        return _concatenate(per_row, arguments.get("num_images_per_prompt") or 1)
+        row_texts = [{name: value[i] if isinstance(value, list) else value for name, value in texts.items()}
+                     for i in range(rows)]
+        # the batch's row count is part of the key: an encoder's pooled projection is a matmul
+        # whose last bits depend on how many rows it multiplies at once
+        keys = [(owner, settings, self.context, rows, tuple(sorted(t.items()))) for t in row_texts]
+        fresh = self._encode_missing(original, texts, arguments, dict(zip(keys, row_texts)), rows, per_prompt)
+        self.hits += rows - len(fresh)
+        per_row = [fresh[key] if key in fresh else self._get(key) for key in keys]
+        return _concatenate(per_row, per_prompt)
+
+    def _encode_missing(self, original: Any, texts: dict[str, Any], arguments: dict[str, Any],
+                        row_texts: dict[Hashable, dict[str, Any]], rows: int, per_prompt: int) -> dict[Hashable, Any]:
+        """The batch's distinct rows the cache lacks, encoded in one call of the batch's own row
+        count (padded with the last of them), so each comes out with the bytes the batch's own
+        call would have given it; each stored in the cache."""
+        missing = [key for key in row_texts if key not in self._entries]
+        if not missing:
+            return {}
+        padded = missing + [missing[-1]] * (rows - len(missing))
+        encoded = original(**{name: None if value is None else [row_texts[key][name] for key in padded]
+                              for name, value in texts.items()}, **arguments)
+        fresh = {key: _row_of(encoded, i, rows * per_prompt, per_prompt) for i, key in enumerate(missing)}
+        for key, value in fresh.items():
+            self._put(key, value)
+        return fresh
 
     def _get(self, key: Hashable) -> Any:
-        self.hits += 1
         self._entries.move_to_end(key)
         return self._entries[key][0]
 
@@ -102,6 +123,16 @@ def _hashable(value: Any) -> Hashable:
 def _tensors(value: Any) -> list[Any]:
     parts = value if isinstance(value, tuple) else (value,)
     return [p for p in parts if hasattr(p, "nelement")]
+
+
+def _row_of(encoded: Any, row: int, batched: int, per_prompt: int) -> Any:
+    """Row ``row``'s part of a batched ``encode_prompt`` output (tensors whose first dimension
+    is ``batched``, the rows × images per prompt, sliced and copied, so the cache does not keep
+    the whole batch's tensor alive; other outputs kept whole)."""
+    parts = encoded if isinstance(encoded, tuple) else (encoded,)
+    sliced = tuple(p[row * per_prompt:(row + 1) * per_prompt].clone() if isinstance(p, torch.Tensor) and p.shape[0] == batched
+                   else p for p in parts)
+    return sliced if isinstance(encoded, tuple) else sliced[0]
 
 
 def _concatenate(per_row: list[Any], per_prompt: int) -> Any:
