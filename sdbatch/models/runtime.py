@@ -81,6 +81,11 @@ transformers.utils.logging.disable_progress_bar()
 OUT_OF_MEMORY_ERRORS: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,)
 
 
+def device_capacity() -> int | None:
+    """The CUDA device's memory in bytes (None on CPU: batches are not sized by memory there)."""
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if torch.cuda.is_available() else None
+
+
 def free_device_memory() -> None:
     """Give the allocator's cached blocks back after an out-of-memory error (no-op on CPU)."""
     if torch.cuda.is_available():
@@ -275,6 +280,19 @@ class DiffusersModel:
                      time.perf_counter() - started)
         latents = self._denoise(rows, init_images)
         return self._decode(latents)
+
+    def memory_probe(self, rows: list[Row], init_images: list[Image.Image | None] | None = None) -> int | None:
+        """The device's peak bytes while generating ``rows`` for one step, decoding included,
+        or None when they do not fit (``run.batch_fit``; CUDA only)."""
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            with torch.inference_mode():
+                self._decode(self._denoise([replace(r, steps=1) for r in rows], init_images))
+        except OUT_OF_MEMORY_ERRORS:
+            free_device_memory()
+            return None
+        return int(torch.cuda.max_memory_allocated())
 
     def _denoise(self, rows: list[Row], init_images: list[Image.Image | None] | None) -> torch.Tensor:
         first = rows[0]
