@@ -1,17 +1,26 @@
-"""GPU throughput: an SD 1.5-shaped and an SDXL-shaped pipeline with random weights built from
-their published configs (written inline below: real layer shapes, so the compute is real; no
-downloads), fp16, 20 steps, batch 8 and 16, compile off and on, three contenders side by side:
+"""GPU throughput per speed profile: SD 1.5-, SDXL- and FLUX.1-shaped pipelines with random
+weights built from their published configs (written inline below: real layer shapes, so the
+compute is real; no downloads), three contenders side by side for each profile (``exact``,
+``fast``, ``fastest``; ``sdbatch.models.speed``):
 
-  bare    the diffusers pipeline called in a loop, PIL images out and discarded (the ceiling);
-  runner  ``worker.ShardRunner`` in-process: generate, encode, store and commit to a local dir;
-  job     ``sdbatch submit`` (Ray, one GPU worker), steady-state rate from its commit times.
+  bare    the diffusers pipeline called in a loop, the profile's switches applied to it with
+          ``models.speed_runtime.apply_speed`` (PIL images out, discarded): the ceiling;
+  runner  ``run.shard_runner.ShardRunner`` in-process: generate, encode, store and commit;
+  job     ``sdbatch submit --speed PROFILE`` (Ray, one GPU worker), steady-state rate from its
+          commit times.
 
-Prints images/s per contender and the ratios to ``bare`` (targets, design.md §10: job ≥ 0.95 ×
-bare; SD 1.5 512² ≥ 11 img/s per H100-class GPU; SDXL 1024² ≥ 2.4 img/s per H200). Meant to
-take ≤ 8 minutes on one H100/H200 (``--compile off`` for a shorter first look):
+Per cell: images/s and ÷ bare, seconds spent compiling (the warm-up call beyond a steady
+batch), peak GPU memory (bare and runner, in this process), and for the lossy profiles the
+mean absolute pixel difference (0–255) and PSNR against ``exact`` on the same rows (bare).
+Targets (design.md §10): job ≥ 0.95 × bare per profile; SD 1.5 512² 20 steps ``fast`` ≥ 11
+img/s; SDXL 1024² 20 steps ``fast`` ≥ 2.4 img/s; FLUX.1 1024² 28 steps ``fastest`` ≤ 2.0 s
+per image. FLUX.1's text encoders are left out (prompt embeddings are given, as sdbatch's
+prompt cache gives them after a prompt's first batch), so it runs bare only (its folder
+would be ~24 GB to write, and sdbatch's job encodes prompts). Cells past ``--budget-s``
+are skipped, so one call fits ≤ 8 minutes on one H100/H200:
 
     python benchmarks/bench_gpu.py                 # on a machine with one CUDA GPU
-    python benchmarks/bench_gpu.py --smoke         # on CPU: tiny shapes, fp32, 2 steps (checks the script)
+    python benchmarks/bench_gpu.py --smoke         # on CPU: tiny shapes, fp32, 2 steps, no compilation (checks the script)
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -31,6 +41,9 @@ from _common import PROMPTS, commit_rate
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -74,25 +87,49 @@ SMOKE_SDXL_UNET = dict(SDXL_UNET, sample_size=8, layers_per_block=1, block_out_c
 SMOKE_CLIP_G = dict(CLIP_G, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, projection_dim=32)
 
 
+# black-forest-labs/FLUX.1-dev (transformer, vae); the text encoders are replaced by given embeddings
+FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                        guidance_embeds=True, axes_dims_rope=[16, 56, 56])
+FLUX_VAE = dict(VAE, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                use_post_quant_conv=False)
+FLUX_TOKENS = 512
+SMOKE_FLUX_TRANSFORMER = dict(FLUX_TRANSFORMER, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                              num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                              axes_dims_rope=[4, 4, 8])
+SMOKE_FLUX_VAE = dict(SMOKE_VAE, latent_channels=4, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                      use_post_quant_conv=False)
+SMOKE_FLUX_TOKENS = 16
+
+#: family → (size, steps, guidance, denoiser) at full scale
+FAMILIES = {"sd15": (512, 20, 7.5, "unet"), "sdxl": (1024, 20, 7.5, "unet"), "flux": (1024, 28, 3.5, "transformer")}
+PROFILES = ("exact", "fast", "fastest")
+
+
 def build(family: str, smoke: bool, device: str, dtype: torch.dtype):
-    """A random-weight pipeline of ``family`` ("sd15" or "sdxl"), built directly on ``device``."""
+    """A random-weight pipeline of ``family`` (sd15, sdxl, flux), built directly on ``device``."""
     torch.manual_seed(0)
-    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)
     with torch.device(device):
-        vae = AutoencoderKL(**(SMOKE_VAE if smoke else VAE))
-        if family == "sd15":
-            unet = UNet2DConditionModel(**(SMOKE_SD15_UNET if smoke else SD15_UNET))
-            text = CLIPTextModel(CLIPTextConfig(**(SMOKE_CLIP if smoke else CLIP_L)))
-            pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                           scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None,
-                                           feature_extractor=None, requires_safety_checker=False)
+        if family == "flux":
+            pipe = FluxPipeline(transformer=FluxTransformer2DModel(**(SMOKE_FLUX_TRANSFORMER if smoke else FLUX_TRANSFORMER)),
+                                vae=AutoencoderKL(**(SMOKE_FLUX_VAE if smoke else FLUX_VAE)),
+                                scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
+                                text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
         else:
-            unet = UNet2DConditionModel(**(SMOKE_SDXL_UNET if smoke else SDXL_UNET))
-            clip_l = dict(SMOKE_CLIP if smoke else CLIP_L)
-            text = CLIPTextModel(CLIPTextConfig(**clip_l))
-            text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**(SMOKE_CLIP_G if smoke else CLIP_G)))
-            pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tokenizer,
-                                             tokenizer_2=tokenizer, unet=unet, scheduler=DDIMScheduler(**SCHEDULER))
+            tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)
+            vae = AutoencoderKL(**(SMOKE_VAE if smoke else VAE))
+            if family == "sd15":
+                pipe = StableDiffusionPipeline(
+                    vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**(SMOKE_CLIP if smoke else CLIP_L))),
+                    tokenizer=tokenizer, unet=UNet2DConditionModel(**(SMOKE_SD15_UNET if smoke else SD15_UNET)),
+                    scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None, feature_extractor=None,
+                    requires_safety_checker=False)
+            else:
+                pipe = StableDiffusionXLPipeline(
+                    vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**(SMOKE_CLIP if smoke else CLIP_L))),
+                    text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**(SMOKE_CLIP_G if smoke else CLIP_G))),
+                    tokenizer=tokenizer, tokenizer_2=tokenizer,
+                    unet=UNet2DConditionModel(**(SMOKE_SDXL_UNET if smoke else SDXL_UNET)), scheduler=DDIMScheduler(**SCHEDULER))
     pipe = pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -103,27 +140,67 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bare_rate(pipe, device: str, batch: int, size: int, steps: int, rows: int, compile_unet: bool) -> float:
-    """The plain loop: one pipeline call per batch, PIL out, per-row CPU generators (as sdbatch)."""
-    if compile_unet:
-        pipe.unet = torch.compile(pipe.unet)
+def reset_peak(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
-    def run(n: int) -> None:
-        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
-        generators = [torch.Generator("cpu").manual_seed(i) for i in range(n)]
-        pipe(prompt=prompts, height=size, width=size, num_inference_steps=steps, guidance_scale=7.5,
-             generator=generators, output_type="pil")
 
+def peak_gib(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+
+
+def flux_embeddings(n: int, smoke: bool, device: str, dtype: torch.dtype) -> dict:
+    generator = torch.Generator("cpu").manual_seed(1)
+    width = SMOKE_FLUX_TRANSFORMER if smoke else FLUX_TRANSFORMER
+    tokens = SMOKE_FLUX_TOKENS if smoke else FLUX_TOKENS
+    return {"prompt_embeds": torch.randn(n, tokens, width["joint_attention_dim"], generator=generator).to(device, dtype),
+            "pooled_prompt_embeds": torch.randn(n, width["pooled_projection_dim"], generator=generator).to(device, dtype)}
+
+
+def bare(pipe, family: str, profile: str, args, device: str, dtype: torch.dtype, batch: int, rows: int) -> dict:
+    """The plain loop with ``profile`` applied: one call per batch, per-row CPU generators
+    (as sdbatch), PIL out. Returns rate, compile seconds, peak memory and the pixels."""
+    from sdbatch.models.speed import SpeedSpec
+    from sdbatch.models.speed_runtime import apply_speed
+
+    size, steps, guidance, denoiser = args.shape[family]
+    applied = apply_speed(pipe, denoiser, SpeedSpec(profile=profile, **smoke_switches(args.smoke)), device)
+
+    def run(first: int, n: int) -> list[np.ndarray]:
+        generators = [torch.Generator("cpu").manual_seed(first + i) for i in range(n)]
+        text = (flux_embeddings(n, args.smoke, device, dtype) if family == "flux"
+                else {"prompt": [PROMPTS[(first + i) % len(PROMPTS)] for i in range(n)]})
+        images = pipe(**text, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+                      generator=generators, output_type="pil").images
+        return [np.asarray(image) for image in images]
+
+    reset_peak(device)
     with torch.inference_mode():
-        run(batch)  # warm-up (and compile) for this shape
-        sync(device)
         t0 = time.perf_counter()
-        for _ in range(rows // batch):
-            run(batch)
+        run(0, batch)  # warm-up (and compile) for this shape
         sync(device)
-    if compile_unet:
-        pipe.unet = pipe.unet._orig_mod
-    return (rows // batch * batch) / (time.perf_counter() - t0)
+        warm = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pixels = [p for start in range(0, rows, batch) for p in run(start, batch)]
+        sync(device)
+        seconds = time.perf_counter() - t0
+    per_batch = seconds / (rows // batch)
+    return {"rate": len(pixels) / seconds, "compile_s": max(0.0, warm - per_batch), "peak": peak_gib(device),
+            "pixels": pixels, "applied": applied}
+
+
+def smoke_switches(smoke: bool) -> dict:
+    """--smoke leaves compilation out: on CPU it takes minutes, and the smoke run checks the script."""
+    return {"regional_compile": False, "cuda_graphs": False} if smoke else {}
+
+
+def quality(pixels: list[np.ndarray], exact: list[np.ndarray]) -> tuple[float, float]:
+    """Mean absolute difference (0–255) and PSNR (dB) of the same rows against ``exact``."""
+    a = np.stack(pixels).astype(np.float64)
+    b = np.stack(exact).astype(np.float64)
+    mse = float(((a - b) ** 2).mean())
+    return float(np.abs(a - b).mean()), float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def write_manifest(folder: Path, rows: int, size: int, steps: int) -> Path:
@@ -133,17 +210,19 @@ def write_manifest(folder: Path, rows: int, size: int, steps: int) -> Path:
     return path
 
 
-def spec_overrides(model_dir: Path, batch: int, dtype: str, compile_unet: bool, device: str) -> dict:
-    return {"model.name": str(model_dir), "model.dtype": dtype, "model.compile": compile_unet, "model.device": device,
-            "resources.batch_size": batch, "resources.rows_per_shard": batch, "defaults.guidance_scale": 7.5,
-            "defaults.scheduler": "ddim", "resources.gpus_per_worker": 1 if device == "cuda" else 0}
+def spec_overrides(model_dir: Path, batch: int, dtype: str, profile: str, device: str, guidance: float,
+                   smoke: bool) -> dict:
+    return {**{f"speed.{k}": v for k, v in smoke_switches(smoke).items()}, "model.name": str(model_dir),
+            "model.dtype": dtype, "model.device": device, "speed.profile": profile,
+            "resources.batch_size": batch, "resources.rows_per_shard": batch, "defaults.guidance_scale": guidance,
+            "defaults.scheduler": "default", "resources.gpus_per_worker": 1 if device == "cuda" else 0}
 
 
-def runner_rate(folder: Path, model_dir: Path, manifest: Path, overrides: dict, rows: int) -> float:
+def runner(folder: Path, manifest: Path, overrides: dict, rows: int, device: str) -> dict:
     """ShardRunner in-process; the first shard (model warm-up, compile) is not timed."""
     from sdbatch.manifest.reader import read_rows_at
     from sdbatch.manifest.sources import open_manifest
-    from sdbatch.models.runtime import Generator
+    from sdbatch.models.runtime import load_model
     from sdbatch.run.plan import job_plan
     from sdbatch.run.shard_runner import ShardRunner
     from sdbatch.spec import load_spec
@@ -152,15 +231,19 @@ def runner_rate(folder: Path, model_dir: Path, manifest: Path, overrides: dict, 
     spec = load_spec(None, [], overrides)
     source = open_manifest(str(manifest))
     plan = job_plan(source, spec)
-    generator = Generator.load(str(model_dir), device=spec.model.device, dtype=spec.model.dtype, compile=spec.model.compile)
-    out = folder / f"runner-{time.monotonic_ns()}"
-    runner = ShardRunner(generator, LocalStorage(out), spec, job_fingerprint="bench")
+    generator = load_model(spec.model.name, device=spec.model.device, dtype=spec.model.dtype, speed=spec.speed)
+    runner = ShardRunner(generator, LocalStorage(folder / f"runner-{time.monotonic_ns()}"), spec, job_fingerprint="bench")
     shards = list(plan.pending())
+    reset_peak(device)
     runner.run_shard(shards[0], read_rows_at(source, spec, shards[0].rows))
     t0 = time.perf_counter()
     for shard in shards[1:]:
         runner.run_shard(shard, read_rows_at(source, spec, shard.rows))
-    return (rows - shards[0].num_rows) / (time.perf_counter() - t0)
+    sync(device)
+    result = {"rate": (rows - shards[0].num_rows) / (time.perf_counter() - t0),
+              "compile_s": getattr(generator, "warmup_seconds", 0.0), "peak": peak_gib(device)}
+    del runner, generator
+    return result
 
 
 def job_rate(folder: Path, manifest: Path, overrides: dict, rows: int, batch: int) -> float:
@@ -173,52 +256,74 @@ def job_rate(folder: Path, manifest: Path, overrides: dict, rows: int, batch: in
     return commit_rate(out, rows, batch)
 
 
-def cell(rate: float | None, bare: float) -> str:
-    return "skipped" if rate is None else f"{rate:.2f} ({rate / bare:.2f}×)"
+def fmt(value: float | None, pattern: str = "{:.2f}") -> str:
+    return "—" if value is None else pattern.format(value)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, fp32, 2 steps, batch 2: checks the script")
-    p.add_argument("--rows", type=int, default=64, help="rows per measurement for SD 1.5 (SDXL: half)")
-    p.add_argument("--batches", default="8,16")
-    p.add_argument("--compile", default="off,on", help="off, on or off,on")
-    p.add_argument("--no-job", action="store_true", help="skip the `sdbatch submit` contender")
+    p.add_argument("--families", default="sd15,sdxl,flux")
+    p.add_argument("--profiles", default=",".join(PROFILES))
+    p.add_argument("--contenders", default="bare,runner,job")
+    p.add_argument("--batch", type=int, default=0, help="rows per batch (default: sd15 16, sdxl 8, flux 4)")
+    p.add_argument("--rows", type=int, default=0, help="rows per measurement (default: 4 batches)")
+    p.add_argument("--budget-s", type=float, default=450,
+                   help="skip the cells that would start after this many seconds (not with --smoke)")
     args = p.parse_args()
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_gpu.py needs a CUDA GPU (or --smoke to check the script on CPU)")
-    dtype, dtype_name = (torch.float32, "float32") if args.smoke else (torch.float16, "float16")
-    steps = 2 if args.smoke else 20
-    batches = [2] if args.smoke else [int(b) for b in args.batches.split(",")]
-    compiles = [False] if args.smoke else [c == "on" for c in args.compile.split(",")]
-    families = [("sd15", 64 if args.smoke else 512, args.rows), ("sdxl", 64 if args.smoke else 1024, max(args.rows // 2, 16))]
-    if args.smoke:
-        families = [(f, s, 6) for f, s, _ in families]
+    started = time.monotonic()
+    args.shape = {f: ((64, 2, g, d) if args.smoke else (s, n, g, d)) for f, (s, n, g, d) in FAMILIES.items()}
+    dtypes = {"sd15": torch.float16, "sdxl": torch.float16, "flux": torch.bfloat16}
+    contenders = set(args.contenders.split(","))
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(f"device: {name}; torch {torch.__version__}; {steps} steps, {dtype_name}")
-    print("| model | size | batch | compile | bare img/s | runner img/s (÷bare) | job img/s (÷bare) |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"device: {name}; torch {torch.__version__}")
+    print("| model | profile | size, steps | batch | bare img/s | runner img/s (÷bare) | job img/s (÷bare) | "
+          "s/image (bare) | compile s (bare / runner) | peak GiB (bare / runner) | MAD / PSNR vs exact | applied |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         folder = Path(tmp)
-        for family, size, rows in families:
-            pipe = build(family, args.smoke, device, dtype)
-            model_dir = folder / family
-            pipe.save_pretrained(model_dir, safe_serialization=True)
-            for batch in batches:
-                for compile_unet in compiles:
-                    bare = bare_rate(pipe, device, batch, size, steps, rows, compile_unet)
+        for family in args.families.split(","):
+            size, steps, guidance, _ = args.shape[family]
+            dtype = torch.float32 if args.smoke else dtypes[family]
+            dtype_name = str(dtype).removeprefix("torch.")
+            batch = args.batch or (2 if args.smoke else {"sd15": 16, "sdxl": 8, "flux": 4}[family])
+            rows = args.rows or (batch if args.smoke else 4 * batch)
+            model_dir = None
+            sdbatch_runs = family != "flux"  # its folder here has no text encoders (and would be ~24 GB)
+            exact_pixels = None
+            for profile in args.profiles.split(","):
+                if not args.smoke and time.monotonic() - started > args.budget_s:
+                    print(f"| {family} | {profile} | skipped: past --budget-s {args.budget_s:g} |", flush=True)
+                    continue
+                pipe = build(family, args.smoke, device, dtype)  # fresh: a profile changes the modules
+                if model_dir is None and sdbatch_runs and contenders & {"runner", "job"}:
+                    model_dir = folder / family
+                    pipe.save_pretrained(model_dir, safe_serialization=True)
+                b = bare(pipe, family, profile, args, device, dtype, batch, rows)
+                del pipe
+                reset_peak(device)
+                if profile == "exact":
+                    exact_pixels = b["pixels"]
+                mad_psnr = (f"{quality(b['pixels'], exact_pixels)[0]:.2f} / {quality(b['pixels'], exact_pixels)[1]:.1f} dB"
+                            if exact_pixels is not None and profile != "exact" else "—")
+                r = j = None
+                if model_dir is not None:
                     manifest = write_manifest(folder, rows + batch, size, steps)  # + the warm-up shard
-                    overrides = spec_overrides(model_dir, batch, dtype_name, compile_unet, device)
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-                    runner = runner_rate(folder, model_dir, manifest, overrides, rows + batch)
-                    job = None if args.no_job else job_rate(folder, manifest, overrides, rows + batch, batch)
-                    print(f"| {family} | {size}² | {batch} | {'on' if compile_unet else 'off'} | {bare:.2f} | "
-                          f"{cell(runner, bare)} | {cell(job, bare)} |", flush=True)
-            del pipe
-            if device == "cuda":
-                torch.cuda.empty_cache()
+                    overrides = spec_overrides(model_dir, batch, dtype_name, profile, device, guidance, args.smoke)
+                    if "runner" in contenders:
+                        r = runner(folder, manifest, overrides, rows + batch, device)
+                        reset_peak(device)
+                    if "job" in contenders:
+                        j = job_rate(folder, manifest, overrides, rows + batch, batch)
+                applied = ", ".join(f"{k}={v}" if v is not True else k for k, v in b["applied"].applied.items()) or "—"
+                print(f"| {family} | {profile} | {size}², {steps} | {batch} | {b['rate']:.2f} | "
+                      f"{fmt(r and r['rate'])} ({fmt(r and r['rate'] / b['rate'])}×) | {fmt(j)} ({fmt(j and j / b['rate'])}×) | "
+                      f"{1 / b['rate']:.2f} | {b['compile_s']:.1f} / {fmt(r and r['compile_s'], '{:.1f}')} | "
+                      f"{fmt(b['peak'])} / {fmt(r and r['peak'])} | {mad_psnr} | {applied} |", flush=True)
+    print(f"total {time.monotonic() - started:.0f} s")
 
 
 if __name__ == "__main__":

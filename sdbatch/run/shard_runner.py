@@ -38,8 +38,8 @@ from sdbatch.output import encode
 from sdbatch.output.commits import commit_shard, metadata_key, read_commit, read_shard_index
 from sdbatch.output.layout import ShardWriter, layout_for
 from sdbatch.output.quality import measure_image
-from sdbatch.run.feed import InitImageLoader, init_image_fix
 from sdbatch.run.batch_fit import BatchFit, parts
+from sdbatch.run.feed import InitImageLoader, init_image_fix
 from sdbatch.run.plan import ShardSpec, batch_id, canonical_batches
 from sdbatch.run.protocol import PipelineError, RowError, ShardResult, describe, is_transient
 from sdbatch.spec import JobSpec
