@@ -66,7 +66,8 @@ class PromptCache:
     def _encode(self, original: Any, owner: tuple, arguments: dict[str, Any]) -> Any:
         texts = {name: arguments.pop(name) for name in PROMPT_ARGUMENTS if name in arguments}
         prompt = texts.get("prompt")
-        if prompt is None or any(arguments.get(name) is not None for name in EMBEDDING_ARGUMENTS):
+        if (prompt is None or any(arguments.get(name) is not None for name in EMBEDDING_ARGUMENTS)
+                or any(isinstance(value, torch.Tensor) for value in arguments.values())):  # a tensor: no key for it
             return original(**texts, **arguments)
         rows = len(prompt) if isinstance(prompt, list) else 1
         per_prompt = arguments.get("num_images_per_prompt") or 1
