@@ -26,6 +26,7 @@ from sdbatch.data.samplers import SCHEDULERS
 from sdbatch.errors import BadInput
 from sdbatch.models.families import ModelTraits
 from sdbatch.models.families.base import MODEL_DEFAULTED
+from sdbatch.models.speed import SpeedSpec
 from sdbatch.storage.locations import is_s3
 
 
@@ -233,6 +234,7 @@ class JobSpec(_Section):
     scoring: ScoringSpec = ScoringSpec()
     limits: LimitsSpec = LimitsSpec()
     report: ReportSpec = ReportSpec()
+    speed: SpeedSpec = SpeedSpec()
     loras: dict[str, str] = Field(
         default_factory=dict,
         description="LoRA adapters rows may use: NAME -> local path or s3:// URI of a .safetensors file",
@@ -266,6 +268,20 @@ class JobSpec(_Section):
                          *(("limits.init_image_roots", root) for root in self.limits.init_image_roots)):
             if uri:
                 check_uri(uri, key)
+        return self
+
+    @model_validator(mode="after")
+    def _speed_fits_the_workers(self) -> JobSpec:
+        """What the speed section asks of the workers they can do (models.speed)."""
+        if self.model.compile and self.speed.switches().regional_compile:
+            raise ValueError("model.compile (the whole denoiser) and speed.regional_compile (its repeated blocks) "
+                             "both compile it; keep one: set speed.regional_compile=false or model.compile=false")
+        gpu_only = self.speed.gpu_only_set()
+        if gpu_only and (self.resources.gpus_per_worker == 0 or self.model.device == "cpu"):
+            raise ValueError(f"speed.{gpu_only[0]} needs a GPU, and this job's workers have none "
+                             f"(resources.gpus_per_worker={self.resources.gpus_per_worker:g}, model.device={self.model.device}); "
+                             "give workers a GPU (--gpus-per-worker 1), or leave the switch to the profile, which skips "
+                             "it on a CPU and records that")
         return self
 
     @model_validator(mode="after")
@@ -303,6 +319,8 @@ class JobSpec(_Section):
             **({"refiner": self.model.refiner} if self.model.refiner else {}),  # its pin: output.job_record
             "dtype": self.model.dtype,
             "compile": self.model.compile,
+            # None for exact (left out, so jobs from before profiles keep their fingerprint)
+            **({"speed": speed} if (speed := self.speed.fingerprint_value()) else {}),
             "defaults": fingerprint_defaults(self.defaults.model_dump()),
             "output": self.output.model_dump(exclude={"location"}),
             "batch_size": self.resources.batch_size,

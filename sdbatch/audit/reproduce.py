@@ -15,7 +15,9 @@ img2img rows re-read their init image from the recorded location (an absolute pa
 ``job.json``) and up to ``limits.max_init_image_bytes``; if it is gone the row cannot be
 reproduced, and if its content changed since the job ran (its bytes' sha256 differs from the
 recorded ``init_image_sha256``) the result says so in a note: the regenerated image is
-expected to differ."""
+expected to differ. The job's speed profile (``spec.speed``) is applied as the workers applied
+it; one that applied anything is said not to be bit-reproducible across devices, and one applied
+differently here (a GPU-only switch skipped on this CPU) is said not to match."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from sdbatch.audit.job_output import AuditError, JobOutput, open_job
 from sdbatch.data.index import STATUS_OK
 from sdbatch.data.record import ImageRecord, embedded_record, passthrough_of, row_from_stored
 from sdbatch.data.row import Row
+from sdbatch.models.speed import AppliedSpeed
 from sdbatch.output import encode
 from sdbatch.output.layout import differs, sha256
 from sdbatch.storage.base import NotFound, Storage, StorageError
@@ -167,11 +170,12 @@ class Reproducer:
         if key not in self._generators:
             from sdbatch.models.runtime import load_model
 
+            spec = self.out.spec
             self._generators[key] = load_model(model, device=device, dtype=dtype, endpoint_url=self.endpoint_url,
-                                               loras=self.out.spec.loras, refiner=self.out.spec.model.refiner,
-                                               config=self.out.spec.model.config,
+                                               loras=spec.loras, refiner=spec.model.refiner, config=spec.model.config,
+                                               compile=spec.model.compile, speed=spec.speed,
                                                # offloading needs CUDA; it moves weights, not the arithmetic
-                                               offload=self.out.spec.model.offload if device == "cuda" else "none")
+                                               offload=spec.model.offload if device == "cuda" else "none")
         return self._generators[key]
 
     # -- the batch -----------------------------------------------------------------------------
@@ -291,6 +295,7 @@ class Reproducer:
         if changed:
             notes.append("software versions differ from the recorded ones: "
                          + ", ".join(f"{k} {a} → {b}" for k, (a, b) in sorted(changed.items())))
+        notes.extend(speed_notes(record.speed, gen.facts(record.row).speed))
         import torch
 
         previous_threads = torch.get_num_threads()
@@ -325,6 +330,23 @@ class Reproducer:
             model_fingerprint_ok=fp_ok,
             notes=notes + batch["notes"],
         )
+
+
+def speed_notes(recorded: dict[str, Any] | None, now: dict[str, Any] | None) -> list[str]:
+    """What the job's speed profile means for matching bytes: a profile that applied anything is
+    not bit-reproducible across devices (compiled kernels, quantisation and the step cache depend
+    on the device and its kernels), and one applied differently here will not match."""
+    notes = []
+    applied = AppliedSpeed.from_record(recorded)
+    if not applied.bit_reproducible:
+        notes.append(f"speed profile {applied.profile!r} applied {', '.join(applied.applied)}: not bit-reproducible "
+                     "across devices; expect a match only on the same GPU model and software (exact is)")
+    here = AppliedSpeed.from_record(now)
+    if here.applied != applied.applied:
+        notes.append(f"SPEED PROFILE APPLIED DIFFERENTLY: the image was made with {applied.applied or 'nothing'}, "
+                     f"here {here.applied or 'nothing'} ({'; '.join(f'{k}: {v}' for k, v in here.skipped.items()) or 'as the profile says'}); "
+                     "the result is not expected to match")
+    return notes
 
 
 def reproduce_row(storage: Storage | str, row_id: str, *, endpoint_url: str | None = None,

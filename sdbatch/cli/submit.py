@@ -86,6 +86,9 @@ def submit(
     workers: Optional[int] = typer.Option(None, "--workers", help="Model replicas (Ray actors)."),
     gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="GPUs per worker (0 = CPU, default; 1 on GPU nodes; 0.5 packs two "
         "per GPU)."),
+    speed: Optional[str] = typer.Option(None, "--speed", help="Speed profile: exact (default: bit-reproducible), fast (regional "
+        "torch.compile, CUDA graphs, fused QKV, fp8/int8 where the GPU has it) or fastest (fast plus a step cache); "
+        "single switches with --set speed.NAME=VALUE (see `sdbatch spec`)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Rows per GPU batch (default 8)."),
     rows_per_shard: Optional[int] = typer.Option(None, "--rows-per-shard", help="Rows per shard, the unit of commit and retry (default 64)."),
     lora: list[str] = typer.Option([], "--lora", help="Declare a LoRA rows may use: --lora NAME=PATH (.safetensors, local or s3://; repeatable)."),
@@ -126,6 +129,7 @@ def submit(
             "resources.gpus_per_worker": gpus_per_worker,
             "resources.batch_size": batch_size,
             "resources.rows_per_shard": rows_per_shard,
+            "speed.profile": speed,
             **(row_defaults or {}),
             "seed": seed,
             "output.format": output_format,

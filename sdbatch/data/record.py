@@ -48,6 +48,7 @@ class GenerationFacts:
     #: what the parameters mean for the model (``ModelTraits.recorded``: guidance kind,
     #: max_sequence_length, variant); empty for the SD families
     model_parameters: dict[str, Any] = field(default_factory=dict)
+    speed: dict[str, Any] | None = None  # the speed profile as applied (models.speed.AppliedSpeed); None: exact
 
     def as_fields(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -105,6 +106,9 @@ class ImageRecord:
     refiner_name: str | None = None
     refiner_fingerprint: str | None = None
     model_parameters: dict[str, Any] = field(default_factory=dict)  # GenerationFacts.model_parameters
+    # the job's speed profile as this worker applied it (one per job, so the index leaves it out);
+    # None for exact, whose images carry no such key
+    speed: dict[str, Any] | None = None
 
     @property
     def model_hash(self) -> str:
@@ -141,6 +145,7 @@ class ImageRecord:
             model_parameters=dict(facts.model_parameters),
             **({"refiner_name": refiner_name, "refiner_fingerprint": entry.get("refiner_fingerprint")}
                if row.refiner_switch is not None else {}),
+            speed=facts.speed,
         )
 
     def to_index_row(self, **result: Any) -> dict[str, Any]:
@@ -173,6 +178,7 @@ class ImageRecord:
             "versions": self.versions,
             "torch_threads": self.torch_threads,
             "sdbatch_version": self.sdbatch_version,
+            **({"speed": self.speed} if self.speed else {}),
         }
 
     @classmethod
@@ -190,7 +196,7 @@ class ImageRecord:
             model_family=str(get("model_family") or ""), scheduler_config=dict(get("scheduler_config") or {}),
             size_conditioning=dict(get("size_conditioning") or {}), sdbatch_version=get("sdbatch_version"),
             refiner_name=get("refiner_name"), refiner_fingerprint=get("refiner_fingerprint"),
-            model_parameters=dict(get("model_parameters") or {}),
+            model_parameters=dict(get("model_parameters") or {}), speed=get("speed"),
         )
 
     def describes(self, entry: dict[str, Any]) -> bool:

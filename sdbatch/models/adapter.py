@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from sdbatch.data.record import GenerationFacts
     from sdbatch.data.row import Row
     from sdbatch.models.families import ModelTraits
+    from sdbatch.models.speed import SpeedSpec
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class LoadRequest:
     refiner_pin: str | None = None
     checkpoint: Path | None = None  # a single-file checkpoint, loaded with ``folder``'s configuration
     offload: str = "none"  # model.offload: none, model (model CPU offload) or group (group offload)
+    speed: SpeedSpec | None = None  # the job's speed profile (None: exact)
 
 
 @dataclass(frozen=True)

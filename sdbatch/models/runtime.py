@@ -22,7 +22,9 @@ The latents are decoded to uint8 pixels on the model's device and copied to the 
 batch (no PIL on the generation thread). A row whose latents or pixels hold NaN/inf, or whose
 image is all black (the fp16 VAE overflow of SD models), is decoded again with the VAE in
 float32; if it is still bad it comes back with an error instead of an image. On CUDA the
-UNet runs channels_last with PyTorch SDPA attention, optionally ``torch.compile``d.
+UNet runs channels_last with PyTorch SDPA attention, optionally ``torch.compile``d. The job's
+speed profile (``models.speed``) is applied after loading (``speed_runtime.apply_speed``) and
+recorded in each row's facts; each distinct prompt is encoded once per worker (``PromptCache``).
 ``builtin:null`` (``families/null.py``) loads through ``load_model`` too.
 """
 
@@ -32,6 +34,7 @@ import importlib.util
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -63,7 +66,10 @@ from sdbatch.models.families.base import DiffusersFamily  # noqa: E402
 from sdbatch.models.families.null import NullModel  # noqa: E402
 from sdbatch.models.lora_cache import LoraCache, Tokenizers  # noqa: E402
 from sdbatch.models.pins import fingerprint_model_dir  # noqa: E402
+from sdbatch.models.prompt_cache import PromptCache  # noqa: E402
 from sdbatch.models.resolve import resolve  # noqa: E402
+from sdbatch.models.speed import AppliedSpeed, SpeedSpec  # noqa: E402
+from sdbatch.models.speed_runtime import apply_speed  # noqa: E402
 from sdbatch.storage.locations import is_s3  # noqa: E402
 
 log = logging.getLogger("sdbatch.generate")
@@ -73,6 +79,11 @@ transformers.utils.logging.disable_progress_bar()
 
 # what a worker catches to retry a batch in halves (the tests inject it on CPU)
 OUT_OF_MEMORY_ERRORS: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,)
+
+
+def device_capacity() -> int | None:
+    """The CUDA device's memory in bytes (None on CPU: batches are not sized by memory there)."""
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if torch.cuda.is_available() else None
 
 
 def free_device_memory() -> None:
@@ -172,10 +183,12 @@ class DiffusersModel:
     # a pipeline's __call__ is its own class's (DiffusionPipeline declares none): typed Any
     def __init__(self, txt2img: Any, info: ModelInfo, traits: ModelTraits,
                  loras: dict[str, str] | None = None, endpoint_url: str | None = None, compiled: bool = False,
-                 refiner: Any = None):
+                 refiner: Any = None, speed: AppliedSpeed | None = None):
         self.txt2img = txt2img
         self.refiner = refiner
         self.compiled = compiled
+        self.speed = speed or AppliedSpeed("exact", {}, {})
+        self.warmup_seconds = 0.0  # spent compiling (the one-step warm-up per batch shape), reported apart
         self._warm_shapes: set[tuple] = set()
         assert isinstance(traits.family, DiffusersFamily)  # RUNTIMES["diffusers"] loads only these
         self.family = traits.family
@@ -197,9 +210,11 @@ class DiffusersModel:
                 # transformers 5 flattened into text_encoder.final_layer_norm; point the old name at
                 # the model itself (bypassing nn.Module registration, so it is no submodule)
                 object.__setattr__(encoder, "text_model", encoder)
+        self.prompts = PromptCache()
         for pipe in (self.txt2img, self.img2img, refiner):
             if pipe is not None:
                 pipe.set_progress_bar_config(disable=True)
+                self.prompts.install(pipe)
 
     @classmethod
     def load(cls, request: LoadRequest) -> DiffusersModel:
@@ -237,6 +252,7 @@ class DiffusersModel:
             for stage in (pipe, refiner_pipe):
                 if stage is not None:
                     getattr(stage, family.denoiser).to(memory_format=torch.channels_last)
+        speed = apply_speed(pipe, family.denoiser, request.speed or SpeedSpec(), device)
         if request.compile:
             setattr(pipe, family.denoiser, torch.compile(getattr(pipe, family.denoiser)))
             versions["torch_compile"] = family.denoiser  # compiled kernels can change the low bits: recorded
@@ -255,7 +271,7 @@ class DiffusersModel:
                  ", compiled" if request.compile else "", info.short_hash,
                  f", refiner {refiner} ({refiner_facts['refiner_fingerprint'][:10]})" if refiner_facts else "")
         return cls(pipe, info, request.traits, loras=request.loras, endpoint_url=request.endpoint_url,
-                   compiled=request.compile, refiner=refiner_pipe)
+                   compiled=request.compile or "regional_compile" in speed.applied, refiner=refiner_pipe, speed=speed)
 
     def build_samplers(self) -> None:
         """Build every sampler of the family whose packages are installed from this model's
@@ -305,6 +321,7 @@ class DiffusersModel:
             refiner_name=info.refiner_name if refined else None,
             refiner_fingerprint=info.refiner_fingerprint if refined else None,
             model_parameters=self.traits.recorded(),
+            speed=self.speed.record(),
         )
 
     @torch.inference_mode()
@@ -319,9 +336,26 @@ class DiffusersModel:
             # compile for this batch shape now, with a one-step run, so the first real batch
             # (and the hang watchdog's idea of a batch's duration) does not include compiling
             self._warm_shapes.add((len(rows), key))
+            started = time.perf_counter()
             self._denoise([replace(r, steps=1) for r in rows], init_images)
+            self.warmup_seconds += time.perf_counter() - started
+            log.info("compiled for batch shape %d × %dx%d in %.1f s", len(rows), rows[0].width, rows[0].height,
+                     time.perf_counter() - started)
         latents = self._denoise(rows, init_images)
         return self._decode(latents)
+
+    def memory_probe(self, rows: list[Row], init_images: list[Image.Image | None] | None = None) -> int | None:
+        """The device's peak bytes while generating ``rows`` for one step, decoding included,
+        or None when they do not fit (``run.batch_fit``; CUDA only)."""
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            with torch.inference_mode():
+                self._decode(self._denoise([replace(r, steps=1) for r in rows], init_images))
+        except OUT_OF_MEMORY_ERRORS:
+            free_device_memory()
+            return None
+        return int(torch.cuda.max_memory_allocated())
 
     def _denoise(self, rows: list[Row], init_images: list[Image.Image | None] | None) -> torch.Tensor:
         first = rows[0]
@@ -332,6 +366,7 @@ class DiffusersModel:
         self.loras.use(first.loras)
         if first.is_img2img and self.img2img is None:
             raise ModelError(f"row {first.id} has an init image, but {self.family.name} models have no img2img pipeline")
+        self.prompts.context = first.loras  # an adapter on a text encoder changes its embeddings
         pipe: Any = self.img2img if first.is_img2img else self.txt2img
         pipe.scheduler = self.make_scheduler(first.scheduler)
         switch = first.refiner_switch
@@ -411,6 +446,7 @@ def load_model(
     refiner_pin: str | None = None,
     config: str | None = None,
     offload: str = "none",
+    speed: SpeedSpec | None = None,
 ) -> LoadedModel:
     """Resolve ``model`` (and check it against ``pin``; ``config``: ``model`` is a single-file
     checkpoint and this its configuration's folder), then load it with its family's runtime,
@@ -421,7 +457,7 @@ def load_model(
     fingerprint = fingerprint_model_dir(folder) if is_s3(model) else ref.pin
     request = LoadRequest(model, folder, ref.pin, fingerprint, traits, device=device, dtype=dtype, endpoint_url=endpoint_url,
                           loras=loras, compile=compile, refiner=refiner, refiner_pin=refiner_pin, checkpoint=ref.checkpoint,
-                          offload=offload)
+                          offload=offload, speed=speed)
     loaded = RUNTIMES[traits.family.runtime](request)
     loaded.build_samplers()
     return loaded

@@ -233,6 +233,10 @@ def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _speed_of(flat: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in flat.items() if k.startswith("speed.")}
+
+
 def what_changed(existing: JobRecord, job: JobRecord) -> str:
     """What differs between the job OUT holds and ``job``: manifest, spec keys, model, refiner, LoRAs."""
     changes = []
@@ -245,9 +249,11 @@ def what_changed(existing: JobRecord, job: JobRecord) -> str:
     except ValueError:  # a spec of another sdbatch version
         old_spec = {}
     new_spec = _flat(job.job_spec.fingerprint_fields())
-    keys = [k for k in new_spec if old_spec.get(k) != new_spec[k]]
+    keys = [k for k in new_spec if old_spec.get(k) != new_spec[k] and not k.startswith("speed.")]
     if keys:
         changes.append("the settings " + ", ".join(f"{k} ({old_spec.get(k)!r} → {new_spec[k]!r})" for k in keys))
+    if old_spec and _speed_of(old_spec) != _speed_of(new_spec):  # exact has no keys: named apart
+        changes.append(f"the speed profile ({existing.job_spec.speed.summary()} → {job.job_spec.speed.summary()})")
     for kind in ("model", "refiner"):  # a job may have no refiner, on either side
         old, new = getattr(existing, kind), getattr(job, kind)
         old_pin, new_pin = old and old.fingerprint, new and new.fingerprint

@@ -51,6 +51,7 @@ from PIL import Image, PngImagePlugin
 
 from sdbatch.data.columns import COLUMNS
 from sdbatch.data.samplers import SAMPLERS
+from sdbatch.models.speed import infotext_value as speed_infotext
 
 #: sdbatch scheduler name -> AUTOMATIC1111 sampler name (as written in infotext).
 #: (The flow samplers share the diffusion ones' A1111 names, so only those are read back.)
@@ -82,7 +83,7 @@ class MetadataTooLarge(ValueError):
 _RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _RE_SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
 # Where the parameters that are not manifest columns go, in A1111's order (columns: columns.py).
-_RANK_MODEL_HASH, _RANK_MODEL, _RANK_LORA_HASHES, _RANK_REFINER, _RANK_VERSION = 60, 61, 90, 91, 100
+_RANK_MODEL_HASH, _RANK_MODEL, _RANK_LORA_HASHES, _RANK_REFINER, _RANK_SPEED, _RANK_VERSION = 60, 61, 90, 91, 95, 100
 # A1111 label -> column, for the columns parse_infotext reads back as plain numbers.
 _NUMERIC_LABELS = {c.a1111: c for c in COLUMNS if c.a1111 and c.name not in ("width", "scheduler")}
 
@@ -121,7 +122,8 @@ def infotext(record: dict) -> str:
     scheduler — ``default``: the A1111 name of ``scheduler_config``'s class —, guidance_scale,
     seed, width/height, strength only when ``init_image`` is set, clip_skip only above 1),
     model_hash, model_name, the loras' ``Lora hashes``, the refiner (``Refiner: NAME [HASH10]``;
-    ``Refiner switch at`` is a column's label), sdbatch_version.  Missing/None values are
+    ``Refiner switch at`` is a column's label), the speed profile (``Speed profile: fast
+    (fuse_qkv regional_compile)``, only when not exact), sdbatch_version.  Missing/None values are
     left out, as A1111 leaves out None.
     """
     loras = record.get("loras") or []
@@ -138,6 +140,8 @@ def infotext(record: dict) -> str:
                        ", ".join(f"{a['name']}: {str(a.get('sha256') or '')[:10]}" for a in loras)))
     if _present(record.get("refiner_name")):  # A1111: "Refiner: NAME [HASH10]", then "Refiner switch at"
         params.append((_RANK_REFINER, "Refiner", f"{record['refiner_name']} [{str(record.get('refiner_fingerprint'))[:10]}]"))
+    if record.get("speed"):  # not A1111's: the speed profile and the switches applied (none for exact)
+        params.append((_RANK_SPEED, "Speed profile", speed_infotext(record["speed"])))
     if _present(record.get("sdbatch_version")):
         params.append((_RANK_VERSION, "Version", f"sdbatch {record['sdbatch_version']}"))
     params = sorted((p for p in params if p[2] is not None), key=lambda p: p[0])

@@ -38,6 +38,7 @@ from sdbatch.output import encode
 from sdbatch.output.commits import commit_shard, metadata_key, read_commit, read_shard_index
 from sdbatch.output.layout import ShardWriter, layout_for
 from sdbatch.output.quality import measure_image
+from sdbatch.run.batch_fit import BatchFit, parts
 from sdbatch.run.feed import InitImageLoader, init_image_fix
 from sdbatch.run.plan import ShardSpec, batch_id, canonical_batches
 from sdbatch.run.protocol import PipelineError, RowError, ShardResult, describe, is_transient
@@ -92,10 +93,13 @@ class ShardRunner:
         passthrough: dict[str, pa.DataType] | None = None,
         *,
         job_fingerprint: str,
+        batch_fit: BatchFit | None = None,
     ):
         """``passthrough``: the manifest's passthrough columns and their types
-        (``manifest.passthrough_types``), the last columns of every shard index written."""
+        (``manifest.passthrough_types``), the last columns of every shard index written.
+        ``batch_fit``: the batch size that fits the device per batch key (GPU workers)."""
         self.generator = generator
+        self.batch_fit = batch_fit
         self.scorer = scorer
         self.job_fingerprint = job_fingerprint  # stamped on every commit this runner writes
         self.index_schema = index_schema(passthrough or {})
@@ -304,10 +308,16 @@ class ShardRunner:
     def _generate_fitting(
         self, rows: list[Row], init_images: list | None
     ) -> list[tuple[list[Row], GeneratedBatch, float]]:
-        """Generate ``rows`` as one batch or, when the device runs out of memory, as halves
-        (recursively; one row that does not fit fails the shard). Returns (rows, their batch,
-        seconds per row) for each part generated."""
+        """Generate ``rows`` as one batch, or as parts of the size that fits the device
+        (``batch_fit``), or, when the device runs out of memory, as halves (recursively; one
+        row that does not fit fails the shard). Returns (rows, their batch, seconds per row)
+        for each part generated."""
         from sdbatch.models.runtime import OUT_OF_MEMORY_ERRORS, free_device_memory
+
+        fitting = self.batch_fit.size_for(rows, init_images) if self.batch_fit else len(rows)
+        if len(rows) > fitting:
+            return [part for cut in parts(rows, fitting)
+                    for part in self._generate_fitting(rows[cut], init_images and init_images[cut])]
 
         t0 = time.perf_counter()
         try:

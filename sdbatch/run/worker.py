@@ -16,6 +16,7 @@ import ray
 from sdbatch.manifest.reader import passthrough_types
 from sdbatch.manifest.sources import Manifest
 from sdbatch.run import metrics
+from sdbatch.run.batch_fit import BatchFit
 from sdbatch.run.feed import ShardFeed
 from sdbatch.run.plan import ShardSpec
 from sdbatch.run.protocol import ShardResult
@@ -45,7 +46,7 @@ class WorkerActor:
         ray.get(tracker.loading.remote(ray.get_runtime_context().get_actor_id()))
         import torch
 
-        from sdbatch.models.runtime import load_model
+        from sdbatch.models.runtime import device_capacity, load_model
 
         spec = JobSpec.model_validate_json(spec_json)
         metrics.start(out_url)
@@ -54,6 +55,7 @@ class WorkerActor:
             spec.model.name, pin=model_pin, device=spec.model.device, dtype=spec.model.dtype,
             endpoint_url=endpoint_url, loras=spec.loras, compile=spec.model.compile,
             refiner=spec.model.refiner, refiner_pin=refiner_pin, config=spec.model.config, offload=spec.model.offload,
+            speed=spec.speed,
         )
         storage = open_storage(
             out_url,
@@ -66,8 +68,11 @@ class WorkerActor:
             from sdbatch.models.clip_score import ClipScorer
 
             scorer = ClipScorer.load(spec.scoring.clip_model, device=generator.info.device, endpoint_url=endpoint_url)
+        capacity = device_capacity() if generator.info.device == "cuda" else None
+        batch_fit = BatchFit(spec.resources.batch_size, generator.memory_probe, capacity) if capacity else None  # type: ignore[attr-defined]  # DiffusersModel's
         self.runner = ShardRunner(generator, storage, spec, endpoint_url=endpoint_url, scorer=scorer,
-                                  passthrough=passthrough_types(manifest), job_fingerprint=job_fingerprint)
+                                  passthrough=passthrough_types(manifest), job_fingerprint=job_fingerprint,
+                                  batch_fit=batch_fit)
         self.feed = ShardFeed(manifest, spec, endpoint_url)
         self.tracker = tracker
         self._turns = threading.Condition()

@@ -56,7 +56,7 @@ def tiny_generator():
 
 
 def run_in_process(generator, manifest: Path, out: Path, order: list[int], *, job_fingerprint: str | None = None,
-                   spec_overrides: dict | None = None) -> dict:
+                   spec_overrides: dict | None = None, batch_fit=None) -> dict:
     """Run the shards of ``manifest`` with ``worker.ShardRunner`` in the given order into a
     LocalStorage at ``out``; returns the job record (fingerprint computed as `sdbatch submit` does)."""
     from sdbatch.manifest.reader import passthrough_types, read_rows_at
@@ -78,7 +78,7 @@ def run_in_process(generator, manifest: Path, out: Path, order: list[int], *, jo
     storage = LocalStorage(out)
     claim_job(storage, job)
     runner = ShardRunner(generator, storage, spec, worker_name="test", passthrough=passthrough_types(source),
-                         job_fingerprint=job.fingerprint)
+                         job_fingerprint=job.fingerprint, batch_fit=batch_fit)
     plan = job_plan(source, spec)
     assert sorted(order) == list(range(plan.num_shards))
     for index in order:

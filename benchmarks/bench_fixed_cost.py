@@ -1,0 +1,165 @@
+"""The fixed cost of a job, and sdbatch beside Ray Data on the same rows.
+
+1. Where a small job's time goes: ``sdbatch submit`` of N rows (default 3) on ``builtin:shapes``
+   as a user runs it (a fresh local Ray cluster), its phases read from its log's timestamps —
+   start-up and validation (imports, manifest, model preflight), Ray's start, worker start and
+   model load up to the first committed rows, the rest of the run, and what follows the
+   summary line (the report) — beside the same rows generated in one process by
+   ``models.runtime`` (the generation itself). Fixed cost = wall − generation.
+2. The same 100 rows (``builtin:shapes`` 64², 20 DDIM steps, batch 8, one worker with 2 CPUs)
+   through ``sdbatch submit`` and through Ray Data's ``map_batches`` (one actor holding the
+   pipeline, PNGs written by the actor), each with its own fresh local Ray cluster; prints
+   both wall times and the ratio (target: sdbatch ≤ 0.8 × Ray Data).
+
+    python benchmarks/bench_fixed_cost.py [--small-rows 3] [--rows 100] [--skip-ray-data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import PROMPTS  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS, SIZE, BATCH = 20, 64, 8
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+ENV.pop("RAY_ADDRESS", None)  # a fresh local cluster each time, as a new user gets
+
+#: output line → the phase it ends (the first line matching each, in order; times are when the
+#: line reached this process, so lines without a timestamp, such as the summary, count too)
+PHASES = [
+    ("start-up and validation", r"starting a local Ray cluster"),
+    ("Ray start", r"shards? to generate"),
+    ("workers, model load, generation", r"images generated this run"),
+]
+
+
+def manifest(folder: Path, rows: int) -> Path:
+    path = folder / f"rows-{rows}.parquet"
+    pq.write_table(pa.table({"prompt": [PROMPTS[i % len(PROMPTS)] for i in range(rows)], "seed": list(range(rows))}), path)
+    return path
+
+
+def sdbatch_submit(source: Path, out: Path, workers: int = 1, cpus: int = 2) -> tuple[float, list[tuple[float, str]]]:
+    """Wall seconds of ``sdbatch submit`` and its output lines with the second each arrived."""
+    started = time.time()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sdbatch", "submit", str(source), "--out", str(out), "--steps", str(STEPS),
+         "--batch-size", str(BATCH), "--workers", str(workers), "--set", f"resources.cpus_per_worker={cpus}",
+         "--set", "defaults.scheduler=ddim", "--set", f"defaults.width={SIZE}", "--set", f"defaults.height={SIZE}",
+         "--set", f"resources.rows_per_shard={BATCH}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=ENV)
+    assert process.stdout is not None
+    lines = [(time.time() - started, line.rstrip()) for line in process.stdout]
+    wall = time.time() - started
+    if process.wait() != 0:
+        raise SystemExit(f"sdbatch submit failed ({process.returncode}):\n" + "\n".join(line for _, line in lines[-40:]))
+    return wall, lines
+
+
+def phases(wall: float, lines: list[tuple[float, str]]) -> list[tuple[str, float]]:
+    out, last = [], 0.0
+    for name, pattern in PHASES:
+        at = next((t for t, line in lines if re.search(pattern, line)), None)
+        if at is not None:
+            out.append((name, at - last))
+            last = at
+    out.append(("report and exit", wall - last))
+    return out
+
+
+def bare_generation(rows: int) -> float:
+    """The rows' generation alone, in this process (model loaded first, not timed)."""
+    import torch
+
+    from sdbatch.data.row import Row
+    from sdbatch.models.runtime import load_model
+
+    torch.set_num_threads(2)
+    model = load_model("builtin:shapes", device="cpu")
+    batch = [Row(index=i, id=f"r{i}", prompt=PROMPTS[i % len(PROMPTS)], negative_prompt="", seed=i, steps=STEPS,
+                 guidance_scale=7.5, width=SIZE, height=SIZE, scheduler="ddim", extra={}) for i in range(rows)]
+    started = time.perf_counter()
+    for start in range(0, rows, BATCH):
+        model.generate(batch[start:start + BATCH])
+    return time.perf_counter() - started
+
+
+RAY_DATA = r'''
+import sys, time, io
+started = time.time()
+import ray, ray.data, torch
+from pathlib import Path
+ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+source, out, steps, size, batch = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+out.mkdir(parents=True, exist_ok=True)
+
+class Generate:
+    def __init__(self):
+        torch.set_num_threads(2)
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        from sdbatch.models.builtin import resolve_builtin
+        self.pipe = StableDiffusionPipeline.from_pretrained(resolve_builtin("builtin:shapes"), safety_checker=None,
+                                                            requires_safety_checker=False)
+        self.pipe.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def __call__(self, rows):
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in rows["seed"]]
+        images = self.pipe(prompt=list(rows["prompt"]), num_inference_steps=steps, guidance_scale=7.5, width=size,
+                           height=size, generator=generators).images
+        for seed, image in zip(rows["seed"], images):
+            image.save(out / f"{int(seed):08d}.png", compress_level=1)
+        return {"seed": rows["seed"]}
+
+ds = ray.data.read_parquet(source).map_batches(Generate, batch_size=batch, concurrency=1, num_cpus=2)
+done = ds.count()
+print(f"RAYDATA {done} {time.time() - started:.2f}")
+'''
+
+
+def ray_data(source: Path, out: Path) -> float:
+    started = time.time()
+    result = subprocess.run([sys.executable, "-c", RAY_DATA, str(source), str(out), str(STEPS), str(SIZE), str(BATCH)],
+                            capture_output=True, text=True, cwd=REPO, env=ENV)
+    if result.returncode != 0 or "RAYDATA" not in result.stdout:
+        raise SystemExit(f"Ray Data run failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return time.time() - started
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--small-rows", type=int, default=3)
+    p.add_argument("--rows", type=int, default=100)
+    p.add_argument("--skip-ray-data", action="store_true")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-fixed-") as tmp:
+        folder = Path(tmp)
+        wall, lines = sdbatch_submit(manifest(folder, args.small_rows), folder / "small")
+        generation = bare_generation(args.small_rows)
+        print(f"## {args.small_rows}-row job on builtin:shapes ({SIZE}², {STEPS} steps): {wall:.1f} s wall, "
+              f"{generation:.1f} s of generation → fixed cost {wall - generation:.1f} s")
+        for name, seconds in phases(wall, lines):
+            print(f"  {name:28s} {seconds:6.1f} s")
+        if args.skip_ray_data:
+            return
+        rows = manifest(folder, args.rows)
+        sdbatch_wall, _ = sdbatch_submit(rows, folder / "sdbatch")
+        ray_wall = ray_data(rows, folder / "raydata")
+        print(f"## {args.rows} rows, batch {BATCH}, one worker with 2 CPUs: sdbatch {sdbatch_wall:.1f} s, "
+              f"Ray Data map_batches {ray_wall:.1f} s → sdbatch ÷ Ray Data = {sdbatch_wall / ray_wall:.2f}×")
+
+
+if __name__ == "__main__":
+    main()
