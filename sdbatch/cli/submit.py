@@ -92,6 +92,8 @@ def submit(
     seed: Optional[int] = typer.Option(None, "--seed", help="Job seed: rows without a seed derive theirs from it and their id."),
     output_format: Optional[str] = typer.Option(None, "--format", help="files (default) or webdataset."),
     image_format: Optional[str] = typer.Option(None, "--image-format", help="png (default), webp or jpeg."),
+    dedup_within: Optional[str] = typer.Option(None, "--dedup-within", help="A label column: only images with the same value of it "
+        "can be duplicates (scoring.dedup_within; distances: scoring.duplicate_max_distance, duplicate_colour_max_distance)."),
     address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Existing Ray cluster; default: start a local one."),
     s3_endpoint: Optional[str] = EndpointOpt,
     deadline: Optional[str] = typer.Option(None, "--deadline", help="Start no shard at or after HH:MM or a duration (90m, 2h); running shards finish, "
@@ -130,6 +132,7 @@ def submit(
             "seed": seed,
             "output.format": output_format,
             "output.image_format": image_format,
+            "scoring.dedup_within": dedup_within,
         },
         loras=lora, address=address, endpoint_url=s3_endpoint,
         deadline_at=parse_deadline(deadline) if deadline else None, retry_failed=retry_failed,
