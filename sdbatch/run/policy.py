@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdbatch.run.plan import ShardSpec
+from sdbatch.run.progress import plural
 from sdbatch.run.protocol import ShardResult
 
 log = logging.getLogger("sdbatch.policy")
@@ -264,7 +265,7 @@ class Schedule:
         else:
             self.regenerated += 1
         if result.rows_failed:
-            log.warning("shard %s: %d rows failed permanently", result.shard, result.rows_failed)
+            log.warning("shard %s: %s failed permanently", result.shard, plural(result.rows_failed, "row"))
 
     def attempt_failed(self, work: Work, error: str) -> None:
         """Charge ``work`` one attempt: requeue it at the front, or fail its shard for this run."""
