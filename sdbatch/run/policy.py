@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdbatch.run.plan import ShardSpec
-from sdbatch.run.progress import plural
 from sdbatch.run.protocol import ShardResult
 
 log = logging.getLogger("sdbatch.policy")
@@ -265,7 +264,8 @@ class Schedule:
         else:
             self.regenerated += 1
         if result.rows_failed:
-            log.warning("shard %s: %s failed permanently", result.shard, plural(result.rows_failed, "row"))
+            # the count last: no "1 rows" (run.progress.plural would bring Ray into this pure module)
+            log.warning("shard %s: rows failed permanently: %d", result.shard, result.rows_failed)
 
     def attempt_failed(self, work: Work, error: str) -> None:
         """Charge ``work`` one attempt: requeue it at the front, or fail its shard for this run."""

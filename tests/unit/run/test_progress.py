@@ -76,7 +76,7 @@ def test_a_log_line_prints_above_the_bar_not_into_it(tmp_path):
     assert text.count("loading the model") == 1 and text.endswith("WARNING sdbatch.cli: after the bar\n")
 
 
-def test_failed_rows_warning_says_1_row(caplog):
+def test_failed_rows_warning_has_no_1_rows(caplog):
     from sdbatch.run.plan import ShardSpec
     from sdbatch.run.policy import Schedule, Work
     from sdbatch.run.protocol import ShardResult
@@ -85,7 +85,7 @@ def test_failed_rows_warning_says_1_row(caplog):
     schedule.completed(schedule.next(0.0), ShardResult("00000", rows_ok=3, rows_failed=1))
     schedule.completed(schedule.next(0.0), ShardResult("00001", rows_ok=2, rows_failed=2))
     assert [r.getMessage() for r in caplog.records] == [
-        "shard 00000: 1 row failed permanently", "shard 00001: 2 rows failed permanently"]
+        "shard 00000: rows failed permanently: 1", "shard 00001: rows failed permanently: 2"]
 
 
 def test_the_images_per_second_chart_is_a_moving_average():
