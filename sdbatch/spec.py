@@ -200,8 +200,17 @@ class ScoringSpec(_Section):
     )
     duplicate_max_distance: int = Field(
         0, ge=0, le=16,
-        description="images whose phashes differ in at most this many bits are duplicates (0: identical phash); "
-        "each bit more compares more pairs at merge",
+        description="images whose phashes differ in at most this many bits (and colour hashes as "
+        "duplicate_colour_max_distance allows) are duplicates (0: identical phash); each bit more compares more pairs at merge",
+    )
+    duplicate_colour_max_distance: int = Field(
+        0, ge=0, le=42,
+        description="and whose colour hashes (42 bits: the share of the image in each hue and greyness bin) differ in at "
+        "most this many bits (0: identical), so a green and a red triangle of the same seed are not duplicates",
+    )
+    dedup_within: str | None = Field(
+        None, description="a manifest label column: only images with the same value of it are compared for duplicates "
+        "(e.g. label, so images of different classes are never duplicates)",
     )
 
 

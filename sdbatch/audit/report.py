@@ -131,6 +131,26 @@ def worker_table(tally: IndexTally) -> list[dict[str, Any]]:
     ]
 
 
+#: The images/s chart averages over this many seconds at least, and over a thirtieth of the job
+#: at least: batches land whole, so a per-sample rate jumps between 0 and a batch's worth.
+RATE_WINDOW_SECONDS = 60.0
+RATE_WINDOWS_PER_CHART = 30
+
+
+def moving_rate(history: list[tuple[float, int, int]], window: float) -> list[float]:
+    """For each sample of ``history`` (time, rows done, ...) after the first: the images/s over
+    the ``window`` seconds before it (from the latest sample at least that old, else the first)."""
+    rates = []
+    start = 0
+    for end in range(1, len(history)):
+        t1, d1 = history[end][0], history[end][1]
+        while start + 1 < end and t1 - history[start + 1][0] >= window:
+            start += 1
+        t0, d0 = history[start][0], history[start][1]
+        rates.append(max(0.0, (d1 - d0) / (t1 - t0)) if t1 > t0 else 0.0)
+    return rates
+
+
 def throughput_chart(history: list[tuple[float, int, int]]) -> str | None:
     """A PNG data URI: rows done and images/s over time, or None with under two samples."""
     if len(history) < 2:
@@ -143,16 +163,17 @@ def throughput_chart(history: list[tuple[float, int, int]]) -> str | None:
     t0 = history[0][0]
     minutes = [(t - t0) / 60 for t, _, _ in history]
     done = [d for _, d, _ in history]
-    rates = [max(0.0, (d1 - d0) / (t1 - t0_)) if t1 > t0_ else 0.0
-             for (t0_, d0, _), (t1, d1, _) in zip(history, history[1:])]
+    window = max(RATE_WINDOW_SECONDS, (history[-1][0] - t0) / RATE_WINDOWS_PER_CHART)
+    rates = moving_rate(history, window)
     figure = Figure(figsize=(8, 3), dpi=100, layout="constrained")
     ax = figure.subplots()
     ax.plot(minutes, done, color="#1f77b4", label="rows done")
     ax.set_xlabel("minutes since the first run started")
     ax.set_ylabel("rows done", color="#1f77b4")
     rate_ax = ax.twinx()
-    rate_ax.step(minutes[1:], rates, where="pre", color="#d62728", label="images/s")
-    rate_ax.set_ylabel("images/s", color="#d62728")
+    rate_ax.plot(minutes[1:], rates, color="#d62728", label="images/s")
+    rate_ax.set_ylabel(f"images/s (moving average, {window / 60:.0f} min)" if window >= 90 else
+                       f"images/s (moving average, {window:.0f} s)", color="#d62728")
     rate_ax.set_ylim(bottom=0)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")

@@ -24,6 +24,7 @@ from sdbatch.data.index import INDEX_COLUMN_TYPES
 from sdbatch.output.commits import committed_shards, metadata_key
 from sdbatch.output.documents import SUCCESS_KEY
 from sdbatch.output.index import INDEX_KEY, merge_index
+from sdbatch.output.quality import DuplicateRule
 from sdbatch.run.progress import plural
 from sdbatch.storage.base import Storage, StorageError
 
@@ -261,7 +262,7 @@ def _rebuild_index(out: JobOutput, progress: Callable[[str], None] | None) -> st
         progress("rebuilding the index from the commits")
     names = sorted(committed_shards(out.storage), key=int)  # job.json has no plan; the rows are checked
     summary = merge_index(out.storage, names, out.job.manifest.num_rows, _passthrough_types(out.storage, names),
-                          out.job.fingerprint, out.spec.scoring.duplicate_max_distance)
+                          out.job.fingerprint, DuplicateRule.of(out.spec.scoring))
     return f"rebuilt {INDEX_KEY} from {len(names)} commits ({summary.rows} rows)"
 
 

@@ -65,10 +65,12 @@ def manifest(
     template: list[str] = typer.Option(
         [], "--template", "-t",
         help="Prompt template (dynamicprompts syntax), expanded as a product: 'a {red|blue} {cat|dog}', "
-        "'{2$$a|b|c}', '__colour__' (with --wildcards). Name a group to get a label column: '{color=red|blue}'. Repeatable.",
+        "'{2$$a|b|c}', '__colour__' (with --wildcards). Name a group to get a label column of its choices: '{color=red|blue}', "
+        "'{colour=__colour__}', '{shape={small|large} circle|square}' (nested too). Repeatable.",
     ),
     wildcards: Optional[Path] = typer.Option(None, "--wildcards", help="Folder of wildcard files: __colour__ in a template draws from colour.txt."),
-    sample: Optional[int] = typer.Option(None, "--sample", help="Draw N random prompts per template instead of every combination."),
+    sample: Optional[int] = typer.Option(None, "--sample", help="Draw N distinct random prompts per template instead of every combination (all, once each, "
+                                          "when there are fewer; a warning says so)."),
     sample_seed: int = typer.Option(0, "--sample-seed", help="Seed of --sample (same seed, same prompts)."),
     grid: list[str] = typer.Option(
         [], "--grid", help="X/Y grid axis: --grid seed=1-4 --grid guidance_scale=3,5,7; every prompt once per cell "
@@ -94,7 +96,7 @@ def manifest(
     n = build_manifest(
         out, prompts_file=prompts, table_file=from_, mapping=map_, templates=template, seeds=seeds,
         columns=column, row_group_size=row_group_size, overwrite=overwrite, wildcards=wildcards, sample=sample,
-        sample_seed=sample_seed, grid=grid,
+        sample_seed=sample_seed, grid=grid, warn=lambda message: typer.echo(f"warning: {message}", err=True),
     )
     report = validate_manifest(open_manifest(str(out)), job)
     if not report.ok:

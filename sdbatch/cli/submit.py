@@ -95,6 +95,8 @@ def submit(
     seed: Optional[int] = typer.Option(None, "--seed", help="Job seed: rows without a seed derive theirs from it and their id."),
     output_format: Optional[str] = typer.Option(None, "--format", help="files (default) or webdataset."),
     image_format: Optional[str] = typer.Option(None, "--image-format", help="png (default), webp or jpeg."),
+    dedup_within: Optional[str] = typer.Option(None, "--dedup-within", help="A label column: only images with the same value of it "
+        "can be duplicates (scoring.dedup_within; distances: scoring.duplicate_max_distance, duplicate_colour_max_distance)."),
     address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Existing Ray cluster; default: start a local one."),
     s3_endpoint: Optional[str] = EndpointOpt,
     deadline: Optional[str] = typer.Option(None, "--deadline", help="Start no shard at or after HH:MM or a duration (90m, 2h); running shards finish, "
@@ -109,6 +111,8 @@ def submit(
     strict: bool = typer.Option(False, "--strict", help="Refuse columns named like a misspelled per-row column (widht, promt) instead of warning."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate, preflight storage and model, and print the plan (shards, batches, fill ratio, "
         "estimate); write nothing. Exit 0, or 2 if a real submit would be refused."),
+    notify: Optional[str] = typer.Option(None, "--notify", envvar="SDBATCH_NOTIFY", help="POST a JSON notification (state, rows, failures, report URL) to "
+        "this webhook URL when the job ends, however it ends; a token in the URL is never logged."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
     row_defaults: dict[str, Any] | None = None,  # --steps, --width, ...: see with_row_default_flags
 ) -> None:
@@ -116,60 +120,68 @@ def submit(
     and write OUT/report.html at the end. SIGTERM (``ray job stop``, ``kill``) stops like Ctrl-C."""
     setup_logging(verbose)
     use_endpoint(s3_endpoint)
-    from sdbatch.job.preflight import SubmitRequest, load_settings, prepare, validate
-    from sdbatch.run.progress import local_time, plural
+    from sdbatch.job.notify import check_notify_url, notifying
 
-    request = SubmitRequest(
-        manifest=manifest, out=out, spec_path=spec_path, sets=sets,
-        overrides={
-            "model.name": model,
-            "model.config": model_config,
-            "model.refiner": refiner,
-            "resources.workers": workers,
-            "resources.gpus_per_worker": gpus_per_worker,
-            "resources.batch_size": batch_size,
-            "resources.rows_per_shard": rows_per_shard,
-            "speed.profile": speed,
-            **(row_defaults or {}),
-            "seed": seed,
-            "output.format": output_format,
-            "output.image_format": image_format,
-        },
-        loras=lora, address=address, endpoint_url=s3_endpoint,
-        deadline_at=parse_deadline(deadline) if deadline else None, retry_failed=retry_failed,
-        repair=repair, new_run=new_run, allow_unauthenticated_ray=allow_unauthenticated_ray, strict=strict,
-    )
-    settings = load_settings(request)
-    stdout.print(f"output → {settings.out}" + ("  (dry run: nothing is written)" if dry_run else ""))
-    if request.deadline_at is not None:  # say which moment "06:30" became: it may be tomorrow's
-        err.print(f"deadline: no shard starts at or after {local_time(request.deadline_at)}", highlight=False)
-    validated = validate(request, settings)
-    if validated.refusal:
-        err.print(validated.report.render(), markup=False)
-        raise BadInput(validated.refusal)
-    for warning in validated.report.warnings:
-        err.print(f"warning: {warning}", markup=False)
-    prepared = prepare(validated)
-    if dry_run:
-        from sdbatch.job.dry_run import plan_job
+    with notifying(None if dry_run or notify is None else check_notify_url(notify)) as end:
+        from sdbatch.job.preflight import SubmitRequest, load_settings, prepare, validate
+        from sdbatch.run.progress import local_time, plural
 
-        plan = plan_job(prepared)
-        stdout.print(plan.render(), markup=False)
-        if plan.refused:
-            raise typer.Exit(EXIT_BAD_INPUT)
-        return
-    from sdbatch.job.submit import submit as run_submit
+        request = SubmitRequest(
+            manifest=manifest, out=out, spec_path=spec_path, sets=sets,
+            overrides={
+                "model.name": model,
+                "model.config": model_config,
+                "model.refiner": refiner,
+                "resources.workers": workers,
+                "resources.gpus_per_worker": gpus_per_worker,
+                "resources.batch_size": batch_size,
+                "resources.rows_per_shard": rows_per_shard,
+                "speed.profile": speed,
+                **(row_defaults or {}),
+                "seed": seed,
+                "output.format": output_format,
+                "output.image_format": image_format,
+                "scoring.dedup_within": dedup_within,
+            },
+            loras=lora, address=address, endpoint_url=s3_endpoint,
+            deadline_at=parse_deadline(deadline) if deadline else None, retry_failed=retry_failed,
+            repair=repair, new_run=new_run, allow_unauthenticated_ray=allow_unauthenticated_ray, strict=strict,
+        )
+        settings = load_settings(request)
+        end.out = settings.out
+        stdout.print(f"output → {settings.out}" + ("  (dry run: nothing is written)" if dry_run else ""))
+        if request.deadline_at is not None:  # say which moment "06:30" became: it may be tomorrow's
+            err.print(f"deadline: no shard starts at or after {local_time(request.deadline_at)}", highlight=False)
+        validated = validate(request, settings)
+        if validated.refusal:
+            err.print(validated.report.render(), markup=False)
+            raise BadInput(validated.refusal)
+        for warning in validated.report.warnings:
+            err.print(f"warning: {warning}", markup=False)
+        prepared = prepare(validated)
+        if dry_run:
+            from sdbatch.job.dry_run import plan_job
 
-    result = run_submit(prepared)
-    outcome = result.run
-    if outcome.rows_generated == 0 and outcome.message:
-        stdout.print(outcome.message)
-    stdout.print(
-        f"{outcome.rows_generated} images generated this run ({outcome.rows_failed} rows failed, "
-        f"{plural(outcome.shards_skipped, 'shard')} already committed) in {result.wall_seconds:.1f} s, "
-        f"{result.images_per_second:.2f} images/s, batches {outcome.batch_fill:.0%} full → {prepared.storage.url}"
-    )
-    if result.report_url:
-        stdout.print(f"report → {result.report_url}")
-    if outcome.exit_code:
-        raise fail(outcome.message, outcome.exit_code)
+            plan = plan_job(prepared)
+            stdout.print(plan.render(), markup=False)
+            if plan.refused:
+                raise typer.Exit(EXIT_BAD_INPUT)
+            return
+        from sdbatch.job.submit import submit as run_submit
+
+        result = run_submit(prepared)
+        outcome = result.run
+        end.out, end.report_url, end.message = prepared.storage.url, result.report_url, outcome.message
+        end.rows = {"total": outcome.rows_total, "generated": outcome.rows_generated, "failed": outcome.rows_failed}
+        end.failures = {"rows": outcome.rows_failed, "shards": outcome.shards_failed}
+        if outcome.rows_generated == 0 and outcome.message:
+            stdout.print(outcome.message)
+        stdout.print(
+            f"{outcome.rows_generated} images generated this run ({outcome.rows_failed} rows failed, "
+            f"{plural(outcome.shards_skipped, 'shard')} already committed) in {result.wall_seconds:.1f} s, "
+            f"{result.images_per_second:.2f} images/s, batches {outcome.batch_fill:.0%} full → {prepared.storage.url}"
+        )
+        if result.report_url:
+            stdout.print(f"report → {result.report_url}")
+        if outcome.exit_code:
+            raise fail(outcome.message, outcome.exit_code)

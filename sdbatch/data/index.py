@@ -32,6 +32,7 @@ def index_types() -> dict[str, pa.DataType]:
 #: The quality columns of the index and their types (``output.INDEX_COLUMN_TYPES`` holds them).
 QUALITY_COLUMN_TYPES: dict[str, pa.DataType] = {
     "phash": pa.string(),
+    "colour_hash": pa.string(),
     "luma_mean": pa.float64(),
     "luma_std": pa.float64(),
     "blank": pa.bool_(),

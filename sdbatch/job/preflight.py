@@ -145,7 +145,8 @@ def prepare(validated: Validated) -> PreparedJob:
         raise BadInput(validated.refusal)
     request, spec, source = validated.request, validated.spec, validated.source
     check_init_image_roots(source, spec, [validated.out, spec.model.name])
-    problem = preflight_samplers(validated.report.summary["schedulers"]) or preflight_clip_model(spec.scoring.clip_model, request.endpoint_url)
+    problem = (preflight_samplers(validated.report.summary["schedulers"]) or preflight_dedup_within(spec, source)
+               or preflight_clip_model(spec.scoring.clip_model, request.endpoint_url))
     if problem:
         raise BadInput(problem)
     local_ray_environment(request.address, request.allow_unauthenticated_ray)
@@ -224,6 +225,16 @@ def preflight_model(name: str, endpoint_url: str | None, refiner_of=None, config
         return preflight(name, endpoint_url=endpoint_url, refiner_of=refiner_of, config=config)
     except StorageError as exc:
         raise BadInput(f"model {name!r}: {exc}") from None
+
+
+def preflight_dedup_within(spec: JobSpec, source: Manifest) -> str | None:
+    """Check ``scoring.dedup_within`` names a label column of the manifest."""
+    within = spec.scoring.dedup_within
+    if within is None or within in source.passthrough_columns:
+        return None
+    labels = ", ".join(source.passthrough_columns) or "none"
+    return (f"--dedup-within / scoring.dedup_within {within!r} is not a label column of the manifest "
+            f"(its label columns: {labels}); name one of them, or leave it out to compare all images")
 
 
 def preflight_clip_model(location: str | None, endpoint_url: str | None) -> str | None:

@@ -16,8 +16,9 @@ Output rows are ordered prompt-major, seeds inner. Nothing here imports torch.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,12 +101,14 @@ def _read_table_file(path: Path, mapping: Iterable[str]) -> pa.Table:
     return table
 
 
-def _templates_table(templates: Sequence[str], **expand: Any) -> pa.Table:
+def _templates_table(templates: Sequence[str], warn: Callable[[str], None], **expand: Any) -> pa.Table:
     prompts: list[str] = []
     label_names: list[str] = []
-    per_template: list[tuple[int, dict[str, list[str]]]] = []
+    per_template: list[tuple[int, dict[str, list[str | None]]]] = []
     for t in templates:
         p, labels = expand_template(t, **expand)
+        if expand["sample"] and len(p) < expand["sample"]:
+            warn(f"--sample {expand['sample']}: template {t!r} has only {len(p)} distinct prompts; wrote all {len(p)}, each once")
         per_template.append((len(p), labels))
         prompts.extend(p)
         label_names.extend(n for n in labels if n not in label_names)
@@ -165,10 +168,11 @@ def build_manifest(
     sample: int | None = None,
     sample_seed: int = 0,
     grid: Sequence[str] = (),
+    warn: Callable[[str], None] = logging.getLogger(__name__).warning,
 ) -> int:
     """Write the manifest to ``out`` (atomically: a temporary file renamed into place) and
     return its number of rows. Templates expand with ``wildcards`` files, every prompt or
-    ``sample`` random ones (``sample_seed``); ``grid`` axes repeat each prompt per cell."""
+    ``sample`` distinct random ones (``sample_seed``; ``warn`` says when there are fewer); ``grid`` axes repeat each prompt per cell."""
     sources = [s for s in (prompts_file, table_file, templates or None) if s]
     if len(sources) != 1:
         raise ManifestBuildError("give exactly one prompt source: --prompts FILE, --from FILE, or --template (repeatable)")
@@ -180,7 +184,7 @@ def build_manifest(
     elif table_file:
         base = _read_table_file(Path(table_file), mapping)
     else:
-        base = _templates_table(templates, wildcards=Path(wildcards) if wildcards else None, sample=sample,
+        base = _templates_table(templates, warn, wildcards=Path(wildcards) if wildcards else None, sample=sample,
                                 sample_seed=sample_seed)
     if (wildcards or sample) and not templates:
         raise ManifestBuildError("--wildcards and --sample only apply to --template")

@@ -27,7 +27,7 @@ from sdbatch.output.commits import (
     read_shard_index,
 )
 from sdbatch.output.documents import SUCCESS_KEY, FailedRow
-from sdbatch.output.quality import mark_duplicates
+from sdbatch.output.quality import DuplicateRule, mark_duplicates
 from sdbatch.storage.base import NotFound, Storage
 
 log = logging.getLogger("sdbatch.output")
@@ -137,7 +137,7 @@ def _read_planned_commit(storage: Storage, name: str, job_fingerprint: str) -> p
 
 def merge_index(
     storage: Storage, shard_names: list[str], num_rows: int, passthrough_types: dict[str, pa.DataType],
-    job_fingerprint: str, duplicate_max_distance: int = 0,
+    job_fingerprint: str, duplicates: DuplicateRule = DuplicateRule(),
 ) -> IndexSummary:
     """Write the commits of ``shard_names`` (the plan's shards, in order), in row order, as
     ``index.parquet``, one shard at a time through a local temporary file: the driver holds
@@ -175,9 +175,9 @@ def merge_index(
             if group or not rows:
                 _write_row_group(writer, group or [schema.empty_table()])
         marked = Path(tmp) / f"marked-{INDEX_KEY}"
-        duplicates = mark_duplicates(path, marked, duplicate_max_distance)
+        found = mark_duplicates(path, marked, duplicates)
         storage.put_file(INDEX_KEY, marked)
-    return IndexSummary(rows=rows, rows_failed=failed, first_failed=first_failed, duplicates=duplicates)
+    return IndexSummary(rows=rows, rows_failed=failed, first_failed=first_failed, duplicates=found)
 
 
 def committed_index(storage: Storage, job_fingerprint: str) -> tuple[pa.Table, int]:

@@ -2,14 +2,18 @@
 index merge.
 
 In the worker, where the pixels are in memory, ``measure_image`` gives each image a
-perceptual hash (``imagehash.phash``, 64 bits as 16 hex digits), the mean and standard
-deviation of its luminance (0–255) and a ``blank`` flag for near-uniform images (a known
+perceptual hash (``imagehash.phash``, 64 bits as 16 hex digits: shapes and tones, blind to hue),
+a colour hash (``imagehash.colorhash``, 42 bits: how much of the image falls in each hue and
+greyness bin), the mean and standard deviation of its luminance (0–255) and a ``blank`` flag for near-uniform images (a known
 diffusion failure: all black, all grey). ``clip_score`` (prompt–image agreement) comes from
 ``models.clip_score`` when ``scoring.clip_model`` is set.
 
 At merge, ``mark_duplicates`` fills ``duplicate_of``: the id of the first row in manifest order
-whose image has the same sha256, or a phash within ``scoring.duplicate_max_distance`` bits.
-It runs in DuckDB over the merged index on local disk, with a memory limit (spilling to disk
+whose image has the same sha256, or a phash within ``scoring.duplicate_max_distance`` bits *and*
+a colour hash within ``scoring.duplicate_colour_max_distance`` bits — so a green triangle is not
+a duplicate of the red triangle of the same seed. With ``scoring.dedup_within`` (a label column)
+only rows with the same value of it are compared. Rows merged before the colour hash existed
+compare by phash among themselves only. It runs in DuckDB over the merged index on local disk, with a memory limit (spilling to disk
 past it), so the driver's memory stays bounded whatever the number of rows. Near (not exact)
 phash matches use multi-index hashing: two 64-bit hashes within d bits agree exactly on at
 least one of d+1 disjoint blocks, so only hashes sharing a block are compared.
@@ -20,17 +24,46 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sdbatch.spec import ScoringSpec
+
 #: DuckDB's memory while marking duplicates; past it, it spills to the temporary directory.
 DUPLICATES_MEMORY_LIMIT = "128MB"
 
 
 PHASH_BITS = 64
+
+
+#: Bits per bin of the colour hash (14 bins): 3 gives 42 bits, 11 hex digits.
+COLOUR_HASH_BINBITS = 3
+
+
+#: The colour hash of a row that has none (merged before it existed): farther than any real
+#: colour hash (42 bits) from all but its likes, so such rows compare by phash among themselves.
+NO_COLOUR_HASH = 1 << 63
+
+
+@dataclass(frozen=True)
+class DuplicateRule:
+    """When two images are duplicates (``scoring``'s duplicate keys)."""
+
+    max_distance: int = 0  # phash bits
+    colour_max_distance: int = 0  # colour-hash bits
+    within: str | None = None  # a label column: only rows with the same value are compared
+
+    @property
+    def exact(self) -> bool:
+        return self.max_distance == 0 and self.colour_max_distance == 0
+
+    @classmethod
+    def of(cls, scoring: ScoringSpec) -> DuplicateRule:
+        return cls(scoring.duplicate_max_distance, scoring.duplicate_colour_max_distance, scoring.dedup_within)
 
 
 def measure_image(image: Any, blank_max_std: float) -> dict[str, Any]:
@@ -42,52 +75,68 @@ def measure_image(image: Any, blank_max_std: float) -> dict[str, Any]:
     std = float(luma.std())
     return {
         "phash": str(imagehash.phash(image)),
+        "colour_hash": str(imagehash.colorhash(image.convert("RGB"), binbits=COLOUR_HASH_BINBITS)),
         "luma_mean": round(float(luma.mean()), 4),
         "luma_std": round(std, 4),
         "blank": std <= blank_max_std,
     }
 
 
-def _block_joins(max_distance: int) -> list[str]:
-    """For each of the ``max_distance + 1`` blocks of the 64 bits: the distinct phashes ``p``
-    joined to those that agree on that block and lie within ``max_distance`` bits, each with
-    the earliest first row among them."""
-    blocks = max_distance + 1
+#: The key of a distinct image in the duplicate search: phash, colour hash, scope.
+_KEY = "phash, cv, scope"
+
+
+def _block_joins(rule: DuplicateRule) -> list[str]:
+    """For each of the ``max_distance + 1`` blocks of the 64 phash bits: the distinct keys of
+    ``p`` joined to the others of their scope that agree on that block and lie within both
+    distances, each with the earliest first row among them."""
+    blocks = rule.max_distance + 1
     edges = [round(i * PHASH_BITS / blocks) for i in range(blocks + 1)]
     statements = []
     for lo, hi in zip(edges, edges[1:]):
         mask = (1 << (hi - lo)) - 1
         statements.append(
-            "INSERT INTO near SELECT a.phash, min(b.r0), arg_min(b.id0, b.r0) FROM p a JOIN p b "
-            f"ON (a.v >> {lo}) & {mask} = (b.v >> {lo}) & {mask} AND a.phash <> b.phash "
-            f"AND bit_count(xor(a.v, b.v)) <= {max_distance} GROUP BY a.phash"
+            "INSERT INTO near SELECT a.phash, a.cv, a.scope, min(b.r0), arg_min(b.id0, b.r0) FROM p a JOIN p b "
+            f"ON (a.v >> {lo}) & {mask} = (b.v >> {lo}) & {mask} AND a.scope = b.scope "
+            "AND (a.phash <> b.phash OR a.cv <> b.cv) "
+            f"AND bit_count(xor(a.v, b.v)) <= {rule.max_distance} "
+            f"AND bit_count(xor(a.cv, b.cv)) <= {rule.colour_max_distance} GROUP BY a.phash, a.cv, a.scope"
         )
     return statements
 
 
-def duplicates_statements(index_path: str, max_distance: int, dups_path: str) -> list[str]:
-    """DuckDB statements writing ``(row, duplicate_of)`` — every row of the index with an
-    earlier duplicate, ordered by row — to ``dups_path``. One join at a time, each into a
-    table of the on-disk database, so no two hash tables compete for the memory limit."""
-    near = [
-        "CREATE TABLE near (phash VARCHAR, r0 BIGINT, id0 VARCHAR)",
-        *_block_joins(max_distance),
-        "INSERT INTO c SELECT k.row, n.r0, n.id0 FROM k JOIN "
-        "(SELECT phash, min(r0) AS r0, arg_min(id0, r0) AS id0 FROM near GROUP BY phash) n USING (phash) "
-        "WHERE n.r0 < k.row",
-    ] if max_distance > 0 else []
+def duplicates_statements(index_path: str, rule: DuplicateRule, dups_path: str, columns: list[str]) -> list[str]:
+    """DuckDB statements writing ``(row, duplicate_of)`` — every row of the index (whose
+    columns are ``columns``) with an earlier duplicate, ordered by row — to ``dups_path``. One
+    join at a time, each into a table of the on-disk database, so no two hash tables compete
+    for the memory limit."""
+    colour = (f"coalesce(CAST('0x' || colour_hash AS UBIGINT), {NO_COLOUR_HASH})" if "colour_hash" in columns
+              else f"CAST({NO_COLOUR_HASH} AS UBIGINT)")
+    # the scope's value as text, a null label its own scope
+    scope = (f"CASE WHEN \"{_escape_name(rule.within)}\" IS NULL THEN 'n' "
+             f"ELSE 'v' || CAST(\"{_escape_name(rule.within)}\" AS VARCHAR) END") if rule.within else "''"
+    near = [] if rule.exact else [
+        "CREATE TABLE near (phash VARCHAR, cv UBIGINT, scope VARCHAR, r0 BIGINT, id0 VARCHAR)",
+        *_block_joins(rule),
+        f"INSERT INTO c SELECT k.row, n.r0, n.id0 FROM k JOIN (SELECT {_KEY}, min(r0) AS r0, arg_min(id0, r0) AS id0 "
+        f"FROM near GROUP BY {_KEY}) n USING ({_KEY}) WHERE n.r0 < k.row",
+    ]
     return [
-        "CREATE TABLE k AS SELECT row, id, sha256, phash FROM read_parquet("
+        f"CREATE TABLE k AS SELECT row, id, sha256, phash, {colour} AS cv, {scope} AS scope FROM read_parquet("
         f"'{index_path}') WHERE status = 'ok' AND sha256 IS NOT NULL",
-        "CREATE TABLE s AS SELECT sha256, min(row) AS r0, arg_min(id, row) AS id0 FROM k GROUP BY sha256",
-        "CREATE TABLE p AS SELECT phash, CAST('0x' || phash AS UBIGINT) AS v, min(row) AS r0, "
-        "arg_min(id, row) AS id0 FROM k WHERE phash IS NOT NULL GROUP BY phash",
-        "CREATE TABLE c AS SELECT k.row, s.r0, s.id0 FROM k JOIN s USING (sha256) WHERE s.r0 < k.row",
-        "INSERT INTO c SELECT k.row, p.r0, p.id0 FROM k JOIN p USING (phash) WHERE p.r0 < k.row",
+        "CREATE TABLE s AS SELECT sha256, scope, min(row) AS r0, arg_min(id, row) AS id0 FROM k GROUP BY sha256, scope",
+        f"CREATE TABLE p AS SELECT {_KEY}, CAST('0x' || phash AS UBIGINT) AS v, min(row) AS r0, "
+        f"arg_min(id, row) AS id0 FROM k WHERE phash IS NOT NULL GROUP BY {_KEY}",
+        "CREATE TABLE c AS SELECT k.row, s.r0, s.id0 FROM k JOIN s USING (sha256, scope) WHERE s.r0 < k.row",
+        f"INSERT INTO c SELECT k.row, p.r0, p.id0 FROM k JOIN p USING ({_KEY}) WHERE p.r0 < k.row",
         *near,
         f"COPY (SELECT row, arg_min(id0, r0) AS duplicate_of FROM c GROUP BY row ORDER BY row) TO '{dups_path}' "
         "(FORMAT parquet)",
     ]
+
+
+def _escape_name(name: str) -> str:
+    return name.replace('"', '""')
 
 
 def _escape_path(path: Path) -> str:
@@ -128,10 +177,16 @@ class _RowCursor:
         return out
 
 
-def mark_duplicates(index_path: Path, out_path: Path, max_distance: int) -> int:
+def mark_duplicates(index_path: Path, out_path: Path, rule: DuplicateRule) -> int:
     """Write ``index_path`` (sorted by row, with a ``duplicate_of`` column) to ``out_path``
-    with ``duplicate_of`` filled in, row group by row group. Returns the number of duplicates."""
+    with ``duplicate_of`` filled in, row group by row group. Returns the number of duplicates.
+    ``ValueError`` when ``rule.within`` is not a column of the index."""
     import duckdb
+
+    source = pq.ParquetFile(index_path)
+    columns = source.schema_arrow.names
+    if rule.within is not None and rule.within not in columns:
+        raise ValueError(f"scoring.dedup_within {rule.within!r} is not a column of the index (columns: {', '.join(columns)})")
 
     with tempfile.TemporaryDirectory(prefix="sdbatch-dups-") as tmp:
         dups_path = Path(tmp) / "duplicates.parquet"
@@ -141,13 +196,12 @@ def mark_duplicates(index_path: Path, out_path: Path, max_distance: int) -> int:
         })
         try:
             con.execute("SET enable_progress_bar = false")
-            for statement in duplicates_statements(_escape_path(index_path), max_distance, _escape_path(dups_path)):
+            for statement in duplicates_statements(_escape_path(index_path), rule, _escape_path(dups_path), columns):
                 con.execute(statement)
         finally:
             con.close()
         found = pq.ParquetFile(dups_path)
         cursor = _RowCursor(found.iter_batches(batch_size=65_536))
-        source = pq.ParquetFile(index_path)
         column = source.schema_arrow.get_field_index("duplicate_of")
         with pq.ParquetWriter(out_path, source.schema_arrow, compression="zstd") as writer:
             for group in range(source.num_row_groups):

@@ -41,6 +41,7 @@ from sdbatch.output.commits import committed_shards, shard_name
 from sdbatch.output.documents import SUCCESS_KEY, JobRecord, Success, utc_now
 from sdbatch.output.index import JobIndex, failed_rows_text, merge_index, open_index
 from sdbatch.output.lock import JobLock
+from sdbatch.output.quality import DuplicateRule
 from sdbatch.run import metrics
 from sdbatch.run.cluster import connect_ray, fit_workers, short_error
 from sdbatch.run.plan import job_plan
@@ -450,7 +451,7 @@ class Driver:
             self.lock.check()
         log.info("merging the index of %s", plural(self.plan.num_shards, "shard"))  # a phase of its own at scale
         index = merge_index(self.storage, [shard_name(i) for i in range(self.plan.num_shards)], self.manifest.num_rows,
-                            passthrough_types(self.manifest), self.job.fingerprint, self.spec.scoring.duplicate_max_distance)
+                            passthrough_types(self.manifest), self.job.fingerprint, DuplicateRule.of(self.spec.scoring))
         total = self.manifest.num_rows
         failed_total = index.rows_failed
         wall = time.monotonic() - started

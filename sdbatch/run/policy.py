@@ -264,7 +264,8 @@ class Schedule:
         else:
             self.regenerated += 1
         if result.rows_failed:
-            log.warning("shard %s: %d rows failed permanently", result.shard, result.rows_failed)
+            # the count last: no "1 rows" (run.progress.plural would bring Ray into this pure module)
+            log.warning("shard %s: rows failed permanently: %d", result.shard, result.rows_failed)
 
     def attempt_failed(self, work: Work, error: str) -> None:
         """Charge ``work`` one attempt: requeue it at the front, or fail its shard for this run."""

@@ -25,6 +25,39 @@ log = logging.getLogger("sdbatch.progress")
 MAX_HISTORY = 720  # samples kept in progress.json; older ones are thinned out to stay under it
 
 
+class _ConsoleLogging(logging.Handler):
+    """While the bar is live, the root logger's terminal handlers print through the bar's
+    console, which writes each line above the bar; written straight to the terminal (the
+    stream a handler holds), a line lands in the middle of the bar."""
+
+    def __init__(self, console: Console):
+        super().__init__()
+        self.console = console
+        terminal = {id(s) for s in (console.file, sys.stderr, sys.__stderr__, sys.stdout, sys.__stdout__)}
+        root = logging.getLogger()
+        self.replaced = [h for h in root.handlers
+                         if type(h) is logging.StreamHandler and id(h.stream) in terminal]  # not files, not test capture
+        if self.replaced:
+            self.setLevel(min(h.level for h in self.replaced))
+            self.setFormatter(self.replaced[0].formatter)
+            for handler in self.replaced:
+                root.removeHandler(handler)
+            root.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.console.print(self.format(record), markup=False, highlight=False, soft_wrap=True)
+        except Exception:  # as logging's own handlers: a failed log line never stops the job
+            self.handleError(record)
+
+    def restore(self) -> None:
+        root = logging.getLogger()
+        if self.replaced:
+            root.removeHandler(self)
+            for handler in self.replaced:
+                root.addHandler(handler)
+
+
 def local_time(epoch: float) -> str:
     """An epoch time as a reader wants it: local clock time with its zone."""
     return datetime.fromtimestamp(epoch).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -65,6 +98,7 @@ class ProgressFeed:
         shards_total: int,
         shards_committed: int,
         interactive: bool | None = None,
+        console: Console | None = None,
         write_every: float = 3.0,
         log_every: float = 15.0,
     ):
@@ -101,11 +135,12 @@ class ProgressFeed:
                 # the last 30 s of bar updates (model loading left out, whole batches landing at once), so it
                 # disagreed with the img/s beside it and with `status` (0:00:23 for 80 rows at 0.49 img/s)
                 TextColumn("{task.fields[eta]}"),
-                console=Console(stderr=True),
+                console=console or Console(stderr=True),
                 transient=False,
             )
             self._task = self._bar.add_task("rows", total=total_rows, completed=rows_already_done, failed=0, rate=0.0,
                                             eta=eta_text(None))
+            self._logging = _ConsoleLogging(self._bar.console)
             self._bar.start()
 
     def _previous_history(self) -> list[list[float]]:
@@ -192,4 +227,5 @@ class ProgressFeed:
         self.failed_shards = failed_shards or []
         if self._bar is not None:
             self._bar.stop()
+            self._logging.restore()
         self.write()

@@ -268,7 +268,8 @@ def hand_index(tmp_path: Path, rows: list[tuple[str, str, str, str]]) -> Path:
 
 
 def test_mark_duplicates_by_sha256_exact_and_near_phash(tmp_path):
-    from sdbatch.output.quality import mark_duplicates
+    """An index without colour hashes (merged before they existed) compares by phash alone."""
+    from sdbatch.output.quality import DuplicateRule, mark_duplicates
 
     index = hand_index(tmp_path, [
         ("a", "ok", "s1", "ffffffffffffffff"),
@@ -280,7 +281,7 @@ def test_mark_duplicates_by_sha256_exact_and_near_phash(tmp_path):
     ])
     def marked(distance: int) -> dict[str, str | None]:
         out = tmp_path / f"marked-{distance}.parquet"
-        mark_duplicates(index, out, distance)
+        mark_duplicates(index, out, DuplicateRule(distance))
         table = pq.read_table(out)
         assert table.column("row").to_pylist() == list(range(6))
         return dict(zip(table.column("id").to_pylist(), table.column("duplicate_of").to_pylist()))
@@ -288,3 +289,50 @@ def test_mark_duplicates_by_sha256_exact_and_near_phash(tmp_path):
     assert marked(0) == {"a": None, "b": "a", "c": "b", "d": None, "e": None, "f": None}
     assert marked(2) == {"a": None, "b": "a", "c": "b", "d": None, "e": "b", "f": None}
     assert marked(6) == {"a": None, "b": "a", "c": "b", "d": None, "e": "b", "f": "e"}
+
+
+def triangle(colour: str, size: int = 64, apex: int = 10):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), "white")
+    ImageDraw.Draw(image).polygon([(10, 50), (32, apex), (54, 50)], fill=colour)
+    return image
+
+
+def test_colour_hash_and_label_scope_decide_duplicates(tmp_path):
+    """Issue 27: a green and a red triangle share a phash (it is blind to hue) but are not
+    duplicates; the same red triangle twice is; ``within`` keeps classes apart; the colour
+    distance is tunable."""
+    from sdbatch.output.quality import DuplicateRule, mark_duplicates, measure_image
+
+    images = [("red", triangle("red"), "a"), ("green", triangle("green"), "a"), ("red-again", triangle("red"), "b"),
+              ("red-twin", triangle((250, 0, 0)), "a"), ("blue", triangle("blue"), "a"),
+              ("red-shifted", triangle("red", apex=12), "a")]
+    measured = {name: measure_image(image, 2.0) for name, image, _ in images}
+    assert measured["red"]["phash"] == measured["green"]["phash"] == measured["blue"]["phash"]
+    assert measured["red"]["colour_hash"] != measured["green"]["colour_hash"]
+    path = tmp_path / "index.parquet"
+    pq.write_table(pa.table({
+        "row": pa.array(range(len(images)), pa.int64()), "id": [n for n, _, _ in images],
+        "status": ["ok"] * len(images), "sha256": [f"s{i}" for i in range(len(images))],
+        "phash": [measured[n]["phash"] for n, _, _ in images],
+        "colour_hash": [measured[n]["colour_hash"] for n, _, _ in images],
+        "label": [label for _, _, label in images], "duplicate_of": pa.nulls(len(images), pa.string()),
+    }), path)
+
+    def marked(rule: DuplicateRule) -> dict[str, str]:
+        out = tmp_path / "marked.parquet"
+        mark_duplicates(path, out, rule)
+        table = pq.read_table(out)
+        return {i: d for i, d in zip(table.column("id").to_pylist(), table.column("duplicate_of").to_pylist()) if d}
+
+    shifted = bin(int(measured["red"]["phash"], 16) ^ int(measured["red-shifted"]["phash"], 16)).count("1")
+    assert shifted > 0
+    assert marked(DuplicateRule()) == {"red-again": "red", "red-twin": "red"}
+    assert marked(DuplicateRule(within="label")) == {"red-twin": "red"}
+    assert marked(DuplicateRule(max_distance=shifted, within="label")) == {"red-twin": "red", "red-shifted": "red"}
+    # every colour hash within reach: colour no longer tells the triangles apart
+    assert marked(DuplicateRule(colour_max_distance=42)) == {
+        "green": "red", "red-again": "red", "red-twin": "red", "blue": "red"}
+    with pytest.raises(ValueError, match="'shape' is not a column of the index"):
+        marked(DuplicateRule(within="shape"))

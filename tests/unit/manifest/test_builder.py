@@ -74,6 +74,51 @@ def test_dynamicprompts_syntax_wildcards_variants_nesting_and_sampling(tmp_path)
         expand_template("a __animal__", wildcards=tmp_path)
 
 
+def test_every_named_choice_is_a_label_wildcards_and_nested_too(tmp_path):
+    """Issue 27: a named wildcard records its pick, a named group with a nested group works
+    and records the expanded choice, a named group inside an alternative not taken is null."""
+    (tmp_path / "colour.txt").write_text("blue\nred\n")
+    prompts, labels = expand_template("a {colour=__colour__} {shape=circle|square}", wildcards=tmp_path)
+    assert prompts == ["a blue circle", "a blue square", "a red circle", "a red square"]
+    assert labels == {"colour": ["blue", "blue", "red", "red"], "shape": ["circle", "square"] * 2}
+    prompts, labels = expand_template("{shape={small|large} circle|square}")
+    assert prompts == ["small circle", "large circle", "square"]
+    assert labels == {"shape": ["small circle", "large circle", "square"]}
+    prompts, labels = expand_template("a {shape={size=small|__colour__} circle|square} on {bg=white|black}", wildcards=tmp_path)
+    assert len(prompts) == 8 and prompts[0] == "a small circle on white" and prompts[-1] == "a square on black"
+    assert labels["size"] == ["small", "small", "blue", "blue", "red", "red", None, None]
+    assert labels["shape"][2:4] == ["blue circle"] * 2 and labels["bg"] == ["white", "black"] * 4
+    assert all(p == f"a {s} on {b}" for p, s, b in zip(prompts, labels["shape"], labels["bg"]))
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{shape={small|large circle|square}", "template '{shape={small|large circle|square}': '{' is never closed"),
+        ("{shape={s=a|b} x|{s=c|d}}", None),  # one name in two exclusive alternatives: fine
+        ("{shape={s=a|b} {s=c|d}}", "template '{shape={s=a|b} {s=c|d}}': group name(s) ['s'] used twice"),
+        ("{shape=a}|b}", "template '{shape=a}|b}': '}' has no opening"),
+    ],
+)
+def test_nested_template_errors_quote_what_the_user_wrote(template, message):
+    if message is None:
+        assert expand_template(template)[1]["s"] == ["a", "b", "c", "d"]
+        return
+    with pytest.raises(ManifestBuildError) as raised:
+        expand_template(template)
+    assert str(raised.value).startswith(message)
+
+
+def test_sample_draws_without_replacement():
+    template = "{a|b|c} {x|y|z}"
+    sampled, _ = expand_template(template, sample=9, sample_seed=1)
+    assert sorted(sampled) == sorted(expand_template(template)[0])  # all 9, each once
+    sampled, labels = expand_template("{n=1|2|3} {x|y}", sample=4, sample_seed=2)
+    assert len(set(sampled)) == 4 and all(p.startswith(n) for p, n in zip(sampled, labels["n"]))
+    sampled, _ = expand_template(template, sample=20, sample_seed=1)
+    assert len(sampled) == len(set(sampled)) == 9  # all there are (the builder warns: see the CLI test)
+
+
 def test_template_too_large():
     group = "{" + "|".join(str(i) for i in range(100)) + "}"
     with pytest.raises(ManifestBuildError, match="expands to 10,000,000,000 prompts"):
@@ -256,6 +301,9 @@ def test_cli_manifest_wildcards_sampling_and_grid_errors(tmp_path):
     assert len(first) == 10 and [r["seed"] for r in first[:2]] == [0, 1]
     assert all(r["prompt"].split()[1] == r["size"] and r["prompt"].split()[2] in ("red", "blue") for r in first)
     assert runner.invoke(cli_app, [*args, "--overwrite"]).exit_code == 0 and rows(out) == first  # seeded
+    res = runner.invoke(cli_app, [*args[:-4], "--sample", "9", "--overwrite"])  # 8 combinations
+    assert res.exit_code == 0 and len({r["prompt"] for r in rows(out)}) == 8
+    assert "--sample 9: template 'a {size=small|large} __colour__ {circle|square}' has only 8 distinct prompts; wrote all 8" in res.stderr
     for grid, message in [("foo=1", "COLUMN one of seed"), ("seed=1-2 steps=2 guidance_scale=3", "one or two axes"),
                           ("steps=2,2", "each value once"), ("guidance_scale=x", "must be a number")]:
         res = runner.invoke(cli_app, ["manifest", "-o", str(tmp_path / "g.parquet"), "-t", "a cat", "--grid", grid])
