@@ -53,6 +53,11 @@ class ModelSpec(_Section):
         "keep them: a whole SD/SDXL pipeline, or a FLUX/SD3 transformer): the diffusers folder (local or s3://) of "
         "the same architecture giving its configuration and every component the file lacks",
     )
+    vae: str | None = Field(
+        None,
+        description="a local diffusers VAE folder (AutoencoderKL.save_pretrained: config.json + safetensors) of the "
+        "model's VAE class, loaded in place of the model's own (AUTOMATIC1111's sd_vae); pinned with the model",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto = cuda when the worker has a GPU, else cpu"
     )
@@ -260,7 +265,7 @@ class JobSpec(_Section):
         from sdbatch.storage.base import check_uri
 
         for key, uri in (("model.name", self.model.name), ("model.config", self.model.config),
-                         ("model.refiner", self.model.refiner),
+                         ("model.refiner", self.model.refiner), ("model.vae", self.model.vae),
                          ("output.location", self.output.location), ("scoring.clip_model", self.scoring.clip_model),
                          *((f"loras.{name}", path) for name, path in self.loras.items()),
                          *(("limits.init_image_roots", root) for root in self.limits.init_image_roots)):
@@ -301,6 +306,7 @@ class JobSpec(_Section):
             "model": self.model.name,
             **({"model_config": self.model.config} if self.model.config else {}),  # its pin: the model pin
             **({"refiner": self.model.refiner} if self.model.refiner else {}),  # its pin: output.job_record
+            **({"vae": self.model.vae} if self.model.vae else {}),  # its pin: the model pin
             "dtype": self.model.dtype,
             "compile": self.model.compile,
             "defaults": fingerprint_defaults(self.defaults.model_dump()),

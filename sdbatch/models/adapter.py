@@ -37,6 +37,7 @@ class LoadRequest:
     refiner_pin: str | None = None
     checkpoint: Path | None = None  # a single-file checkpoint, loaded with ``folder``'s configuration
     offload: str = "none"  # model.offload: none, model (model CPU offload) or group (group offload)
+    vae: Path | None = None  # model.vae: a VAE folder loaded in place of the model's own
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,12 @@ def single_file_pin(checkpoint: Path, config_pin: str) -> str:
     return "single-file:" + hashlib.sha256(f"{digest.hexdigest()}:{config_pin}".encode()).hexdigest()
 
 
+def vae_pin(model_pin: str, vae_fingerprint: str) -> str:
+    """The pin of a model loaded with another VAE folder (``model.vae``): its own pin and the
+    VAE folder's content fingerprint."""
+    return "vae:" + hashlib.sha256(f"{model_pin}:{vae_fingerprint}".encode()).hexdigest()
+
+
 def checkpoint_tensor_names(checkpoint: Path, where: str) -> list[str]:
     """The tensor names of a ``.safetensors`` checkpoint, read from its header alone; ModelError
     for a file that is not one (a pickle under a safetensors name above all)."""

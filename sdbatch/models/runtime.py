@@ -62,7 +62,7 @@ from sdbatch.models.families import ModelTraits  # noqa: E402
 from sdbatch.models.families.base import DiffusersFamily  # noqa: E402
 from sdbatch.models.families.null import NullModel  # noqa: E402
 from sdbatch.models.lora_cache import LoraCache, Tokenizers  # noqa: E402
-from sdbatch.models.pins import fingerprint_model_dir  # noqa: E402
+from sdbatch.models.pins import fingerprint_model_dir, vae_pin  # noqa: E402
 from sdbatch.models.resolve import resolve  # noqa: E402
 from sdbatch.storage.locations import is_s3  # noqa: E402
 
@@ -132,6 +132,19 @@ def _load_single_file(family: DiffusersFamily, model: str, checkpoint: Path, fol
         raise ModelError(f"model {model!r}: the single-file checkpoint could not be loaded with the configuration of "
                          f"{folder} ({type(exc).__name__}: {exc}); is model.config a folder of the same architecture?") from exc
     return _load_pipeline(family.txt2img, model, folder, dtype, {**components, family.denoiser: denoiser}, device)
+
+
+def _vae_override(folder: Path, vae: Path | None, dtype: torch.dtype) -> dict[str, Any]:
+    """``model.vae``: the VAE folder loaded as the class the model's own ``vae`` component is
+    (``resolve`` checked it is), passed to the pipeline in place of its own."""
+    if vae is None:
+        return {}
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    try:
+        return {"vae": getattr(diffusers, index["vae"][1]).from_pretrained(vae, dtype=dtype, use_safetensors=True,
+                                                                          local_files_only=True)}
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model.vae {str(vae)!r} could not be loaded: {exc}") from exc
 
 
 def _offload(pipe: DiffusionPipeline, offload: str) -> None:
@@ -213,11 +226,11 @@ class DiffusersModel:
             raise ModelError(f"model.offload={request.offload} needs a CUDA device and this worker has none; run on GPU "
                              "workers (resources.gpus_per_worker=1), or set model.offload=none")
         place = "cpu" if request.offload != "none" else device  # offloading hooks move the modules themselves
+        components = {**family.load_options, **_vae_override(request.folder, request.vae, torch_dtype)}
         if request.checkpoint is not None:
-            pipe = _load_single_file(family, model, request.checkpoint, request.folder, torch_dtype,
-                                     dict(family.load_options), place)
+            pipe = _load_single_file(family, model, request.checkpoint, request.folder, torch_dtype, components, place)
         else:
-            pipe = _load_pipeline(family.txt2img, model, request.folder, torch_dtype, dict(family.load_options), place)
+            pipe = _load_pipeline(family.txt2img, model, request.folder, torch_dtype, components, place)
         _offload(pipe, request.offload)
         refiner_pipe, refiner_facts = None, {}
         if refiner is not None:
@@ -411,17 +424,22 @@ def load_model(
     refiner_pin: str | None = None,
     config: str | None = None,
     offload: str = "none",
+    vae: str | None = None,
 ) -> LoadedModel:
     """Resolve ``model`` (and check it against ``pin``; ``config``: ``model`` is a single-file
-    checkpoint and this its configuration's folder), then load it with its family's runtime,
-    its samplers built (one that cannot be built fails the load, not every shard)."""
-    ref = resolve(model, pin=pin, endpoint_url=endpoint_url, config=config)
+    checkpoint and this its configuration's folder; ``vae``: a VAE folder in place of its own),
+    then load it with its family's runtime, its samplers built (one that cannot be built fails
+    the load, not every shard)."""
+    ref = resolve(model, pin=pin, endpoint_url=endpoint_url, config=config, vae=vae)
     traits, folder = ref.traits, ref.folder
     assert traits is not None and folder is not None  # resolve() of a base model gives both
-    fingerprint = fingerprint_model_dir(folder) if is_s3(model) else ref.pin
+    fingerprint = ref.pin
+    if is_s3(model):  # the content of what was downloaded, not the ETags
+        fingerprint = fingerprint_model_dir(folder)
+        fingerprint = vae_pin(fingerprint, fingerprint_model_dir(ref.vae)) if ref.vae else fingerprint
     request = LoadRequest(model, folder, ref.pin, fingerprint, traits, device=device, dtype=dtype, endpoint_url=endpoint_url,
                           loras=loras, compile=compile, refiner=refiner, refiner_pin=refiner_pin, checkpoint=ref.checkpoint,
-                          offload=offload)
+                          offload=offload, vae=ref.vae)
     loaded = RUNTIMES[traits.family.runtime](request)
     loaded.build_samplers()
     return loaded
