@@ -79,11 +79,10 @@ class ModelSpec(_Section):
     def _single_file_has_a_config(self) -> ModelSpec:
         """A single-file checkpoint needs model.config, and only it takes one; a pickle
         checkpoint is refused by its name before anything reads it."""
-        from sdbatch.models.pins import PICKLE_SUFFIXES
+        from sdbatch.models.errors import PICKLE_SUFFIXES, pickle_checkpoint_fix
 
         if self.name.lower().endswith(PICKLE_SUFFIXES):
-            raise ValueError(f"model.name {self.name!r} is a pickle checkpoint, which sdbatch never loads (unpickling runs "
-                             "code); convert it to .safetensors (safetensors.torch.save_file) and give that")
+            raise ValueError(f"model.name {self.name!r} is {pickle_checkpoint_fix(self.name)}")
         single = self.name.lower().endswith(".safetensors")
         if single and self.config is None:
             raise ValueError(f"model.name {self.name!r} is a single-file checkpoint: set model.config (--model-config) to "

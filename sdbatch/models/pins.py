@@ -12,10 +12,7 @@ from pathlib import Path
 
 from sdbatch.data.loras import LoraError
 from sdbatch.models.configs import JsonReader
-from sdbatch.models.errors import ModelError
-
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
-
+from sdbatch.models.errors import PICKLE_SUFFIXES, ModelError
 
 #: where a component of model_index.json may come from; any other "library" is custom code
 COMPONENT_LIBRARIES = ("diffusers", "transformers")

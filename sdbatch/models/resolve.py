@@ -93,6 +93,9 @@ def _check_configs(where: str, read: JsonReader, refiner_of: FamilyAdapter | Non
 def _single_file(name: str, config: ModelRef) -> ModelRef:
     """The single-file checkpoint ``name`` with the configuration of the resolved ``config``."""
     checkpoint = Path(name).expanduser()
+    if not is_s3(name) and not checkpoint.exists():
+        raise ModelError(f"model {name!r}: no such file (relative paths are read from {Path.cwd()}); check the path to "
+                         "the .safetensors checkpoint")
     if is_s3(name) or not checkpoint.is_file():
         raise ModelError(f"model {name!r}: a single-file checkpoint must be a local .safetensors file (copy it to each "
                          "node, or save the pipeline as a diffusers folder, which may live on s3://)")
