@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import reprlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -242,6 +243,25 @@ class JobSpec(_Section):
         description="LoRA adapters rows may use: NAME -> local path or s3:// URI of a .safetensors file",
     )
 
+    embeddings: dict[str, str] = Field(
+        default_factory=dict,
+        description="textual-inversion embeddings (SD 1.x/2.x, SDXL): NAME -> local .safetensors file, named in "
+        "prompts as <NAME> or embedding:NAME; pinned by content with the model",
+    )
+
+    @field_validator("embeddings")
+    @classmethod
+    def _embeddings_declared_well(cls, embeddings: dict[str, str]) -> dict[str, str]:
+        """Names as LoRAs take them, local .safetensors files only, made absolute (workers run elsewhere)."""
+        for name, path in embeddings.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise ValueError(f"embeddings: {name!r}: a name is letters, digits, '_', '.' and '-' (it is written <{name}> "
+                                 "in prompts)")
+            if not path.endswith(".safetensors") or is_s3(path):
+                raise ValueError(f"embeddings: {name}={path}: a local .safetensors file is loaded (pickle .pt/.bin "
+                                 "embeddings are refused: convert with safetensors.torch.save_file)")
+        return {name: str(Path(path).expanduser().absolute()) for name, path in embeddings.items()}
+
     @field_validator("loras")
     @classmethod
     def _loras_declared_well(cls, loras: dict[str, str]) -> dict[str, str]:
@@ -267,6 +287,7 @@ class JobSpec(_Section):
                          ("model.refiner", self.model.refiner), ("model.vae", self.model.vae),
                          ("output.location", self.output.location), ("scoring.clip_model", self.scoring.clip_model),
                          *((f"loras.{name}", path) for name, path in self.loras.items()),
+                         *((f"embeddings.{name}", path) for name, path in self.embeddings.items()),
                          *(("limits.init_image_roots", root) for root in self.limits.init_image_roots)):
             if uri:
                 check_uri(uri, key)
@@ -306,6 +327,7 @@ class JobSpec(_Section):
             **({"model_config": self.model.config} if self.model.config else {}),  # its pin: the model pin
             **({"refiner": self.model.refiner} if self.model.refiner else {}),  # its pin: output.job_record
             **({"vae": self.model.vae} if self.model.vae else {}),  # its pin: the model pin
+            **({"embeddings": self.embeddings} if self.embeddings else {}),  # their sha256: the model pin
             "dtype": self.model.dtype,
             "compile": self.model.compile,
             "defaults": fingerprint_defaults(self.defaults.model_dump()),

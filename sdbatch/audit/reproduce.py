@@ -170,6 +170,7 @@ class Reproducer:
             self._generators[key] = load_model(model, device=device, dtype=dtype, endpoint_url=self.endpoint_url,
                                                loras=self.out.spec.loras, refiner=self.out.spec.model.refiner,
                                                config=self.out.spec.model.config, vae=self.out.spec.model.vae,
+                                               embeddings=self.out.spec.embeddings,
                                                # offloading needs CUDA; it moves weights, not the arithmetic
                                                offload=self.out.spec.model.offload if device == "cuda" else "none")
         return self._generators[key]

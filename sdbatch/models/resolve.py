@@ -27,6 +27,9 @@ diffusers folder, or an ``s3://`` prefix holding one. Everything here runs witho
   ``vae`` component is, under the same pickle and code policies; the model's pin then covers
   the VAE folder's content too (``pins.vae_pin``), so the fingerprint, ``job.json`` and each
   image's model hash name the pair;
+- **textual-inversion embeddings** (``embeddings``): local safetensors files, for a family that
+  takes them (``FamilyAdapter.takes_embeddings``: SD 1.x/2.x, SDXL); the model's pin covers each
+  one's name and sha256 (``pins.embeddings_pin``);
 - **the pin**, recorded in ``job.json`` at submit and compared with every worker's before it
   gets a shard: a local folder's content fingerprint (sha256 over every file of every component
   folder, read through symbolic links as the loader reads them), an ``s3://`` prefix's ETags
@@ -44,6 +47,8 @@ from sdbatch.models.configs import JsonReader, folder_json_reader, storage_json_
 from sdbatch.models.errors import ModelError
 from sdbatch.models.pins import (
     checkpoint_tensor_names,
+    embeddings_pin,
+    file_sha256,
     fingerprint_model_dir,
     model_file_names,
     refuse_custom_code,
@@ -77,6 +82,7 @@ class ModelRef:
     folder: Path | None = None
     checkpoint: Path | None = None  # a single-file checkpoint, loaded with ``folder``'s configuration
     vae: Path | None = None  # model.vae: the VAE folder loaded in place of the model's own
+    embeddings: tuple[tuple[str, Path], ...] = ()  # textual-inversion embeddings: (name, file)
 
 
 def _check_configs(where: str, read: JsonReader, refiner_of: FamilyAdapter | None) -> ModelTraits | None:
@@ -129,6 +135,30 @@ def _with_vae(ref: ModelRef, vae: str | None, read: JsonReader) -> ModelRef:
     return replace(ref, pin=vae_pin(ref.pin, fingerprint_model_dir(folder)), vae=folder.resolve())
 
 
+def _with_embeddings(ref: ModelRef, embeddings: dict[str, str] | None) -> ModelRef:
+    """``ref`` with the textual-inversion embedding files ``embeddings`` (name → local
+    .safetensors), checked and pinned with it."""
+    from sdbatch.models.families import FAMILIES
+
+    if not embeddings:
+        return ref
+    assert ref.traits is not None  # a base model's ref
+    family = ref.traits.family
+    if not family.takes_embeddings:
+        takes = ", ".join(f.name for f in FAMILIES.values() if f.takes_embeddings)
+        raise ModelError(f"embeddings: model {ref.name!r} is a {family.name} model, which takes no textual-inversion "
+                         f"embeddings (only {takes} models do, through their CLIP text encoders); remove embeddings")
+    sha256 = {}
+    for name, path in sorted(embeddings.items()):
+        where = f"embedding {name!r} ({path})"
+        if not Path(path).is_file():
+            raise ModelError(f"embeddings: {where}: no such file; check the path (it must be readable on every node)")
+        checkpoint_tensor_names(Path(path), where)
+        sha256[name] = file_sha256(Path(path))
+    return replace(ref, pin=embeddings_pin(ref.pin, sha256),
+                   embeddings=tuple((name, Path(path)) for name, path in sorted(embeddings.items())))
+
+
 def _configs(ref: ModelRef, name: str, config: str | None, endpoint_url: str | None) -> JsonReader:
     """A reader of the configs of the model ``ref`` resolved (its folder, or the single file's
     configuration folder), read once more for the VAE check; local or s3://."""
@@ -143,10 +173,12 @@ def _configs(ref: ModelRef, name: str, config: str | None, endpoint_url: str | N
 
 
 def preflight(name: str, *, endpoint_url: str | None = None, refiner_of: FamilyAdapter | None = None,
-              config: str | None = None, vae: str | None = None) -> ModelRef:
-    """The model pinned and checked (``_preflight``), with its VAE override ``vae`` if any."""
+              config: str | None = None, vae: str | None = None, embeddings: dict[str, str] | None = None) -> ModelRef:
+    """The model pinned and checked (``_preflight``), with its VAE override ``vae`` and its
+    textual-inversion ``embeddings`` if any."""
     ref = _preflight(name, endpoint_url=endpoint_url, refiner_of=refiner_of, config=config)
-    return _with_vae(ref, vae, _configs(ref, name, config, endpoint_url)) if vae else ref
+    ref = _with_vae(ref, vae, _configs(ref, name, config, endpoint_url)) if vae else ref
+    return _with_embeddings(ref, embeddings)
 
 
 def _preflight(name: str, *, endpoint_url: str | None = None, refiner_of: FamilyAdapter | None = None,
@@ -178,11 +210,15 @@ def _preflight(name: str, *, endpoint_url: str | None = None, refiner_of: Family
 
 
 def resolve(name: str, *, pin: str | None = None, endpoint_url: str | None = None,
-            refiner_of: FamilyAdapter | None = None, config: str | None = None, vae: str | None = None) -> ModelRef:
-    """The model's local folder and pin (``_resolve``), with its VAE override ``vae`` if any."""
-    # with a VAE the job's pin is the pair's, not the one an s3:// model's download cache is keyed by
-    ref = _resolve(name, pin=None if vae else pin, endpoint_url=endpoint_url, refiner_of=refiner_of, config=config)
-    return _with_vae(ref, vae, _configs(ref, name, config, endpoint_url)) if vae else ref
+            refiner_of: FamilyAdapter | None = None, config: str | None = None, vae: str | None = None,
+            embeddings: dict[str, str] | None = None) -> ModelRef:
+    """The model's local folder and pin (``_resolve``), with its VAE override ``vae`` and its
+    textual-inversion ``embeddings`` if any."""
+    # with either, the job's pin is not the one an s3:// model's download cache is keyed by
+    ref = _resolve(name, pin=None if vae or embeddings else pin, endpoint_url=endpoint_url, refiner_of=refiner_of,
+                   config=config)
+    ref = _with_vae(ref, vae, _configs(ref, name, config, endpoint_url)) if vae else ref
+    return _with_embeddings(ref, embeddings)
 
 
 def _resolve(name: str, *, pin: str | None = None, endpoint_url: str | None = None,

@@ -54,7 +54,7 @@ class WorkerActor:
             spec.model.name, pin=model_pin, device=spec.model.device, dtype=spec.model.dtype,
             endpoint_url=endpoint_url, loras=spec.loras, compile=spec.model.compile,
             refiner=spec.model.refiner, refiner_pin=refiner_pin, config=spec.model.config, offload=spec.model.offload,
-            vae=spec.model.vae,
+            vae=spec.model.vae, embeddings=spec.embeddings,
         )
         storage = open_storage(
             out_url,
