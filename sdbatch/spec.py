@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import reprlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -54,6 +55,11 @@ class ModelSpec(_Section):
         "keep them: a whole SD/SDXL pipeline, or a FLUX/SD3 transformer): the diffusers folder (local or s3://) of "
         "the same architecture giving its configuration and every component the file lacks",
     )
+    vae: str | None = Field(
+        None,
+        description="a local diffusers VAE folder (AutoencoderKL.save_pretrained: config.json + safetensors) of the "
+        "model's VAE class, loaded in place of the model's own (AUTOMATIC1111's sd_vae); pinned with the model",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto = cuda when the worker has a GPU, else cpu"
     )
@@ -75,11 +81,10 @@ class ModelSpec(_Section):
     def _single_file_has_a_config(self) -> ModelSpec:
         """A single-file checkpoint needs model.config, and only it takes one; a pickle
         checkpoint is refused by its name before anything reads it."""
-        from sdbatch.models.pins import PICKLE_SUFFIXES
+        from sdbatch.models.errors import PICKLE_SUFFIXES, pickle_checkpoint_fix
 
         if self.name.lower().endswith(PICKLE_SUFFIXES):
-            raise ValueError(f"model.name {self.name!r} is a pickle checkpoint, which sdbatch never loads (unpickling runs "
-                             "code); convert it to .safetensors (safetensors.torch.save_file) and give that")
+            raise ValueError(f"model.name {self.name!r} is {pickle_checkpoint_fix(self.name)}")
         single = self.name.lower().endswith(".safetensors")
         if single and self.config is None:
             raise ValueError(f"model.name {self.name!r} is a single-file checkpoint: set model.config (--model-config) to "
@@ -249,6 +254,25 @@ class JobSpec(_Section):
         description="LoRA adapters rows may use: NAME -> local path or s3:// URI of a .safetensors file",
     )
 
+    embeddings: dict[str, str] = Field(
+        default_factory=dict,
+        description="textual-inversion embeddings (SD 1.x/2.x, SDXL): NAME -> local .safetensors file, named in "
+        "prompts as <NAME> or embedding:NAME; pinned by content with the model",
+    )
+
+    @field_validator("embeddings")
+    @classmethod
+    def _embeddings_declared_well(cls, embeddings: dict[str, str]) -> dict[str, str]:
+        """Names as LoRAs take them, local .safetensors files only, made absolute (workers run elsewhere)."""
+        for name, path in embeddings.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise ValueError(f"embeddings: {name!r}: a name is letters, digits, '_', '.' and '-' (it is written <{name}> "
+                                 "in prompts)")
+            if not path.endswith(".safetensors") or is_s3(path):
+                raise ValueError(f"embeddings: {name}={path}: a local .safetensors file is loaded (pickle .pt/.bin "
+                                 "embeddings are refused: convert with safetensors.torch.save_file)")
+        return {name: str(Path(path).expanduser().absolute()) for name, path in embeddings.items()}
+
     @field_validator("loras")
     @classmethod
     def _loras_declared_well(cls, loras: dict[str, str]) -> dict[str, str]:
@@ -271,9 +295,10 @@ class JobSpec(_Section):
         from sdbatch.storage.base import check_uri
 
         for key, uri in (("model.name", self.model.name), ("model.config", self.model.config),
-                         ("model.refiner", self.model.refiner),
+                         ("model.refiner", self.model.refiner), ("model.vae", self.model.vae),
                          ("output.location", self.output.location), ("scoring.clip_model", self.scoring.clip_model),
                          *((f"loras.{name}", path) for name, path in self.loras.items()),
+                         *((f"embeddings.{name}", path) for name, path in self.embeddings.items()),
                          *(("limits.init_image_roots", root) for root in self.limits.init_image_roots)):
             if uri:
                 check_uri(uri, key)
@@ -326,6 +351,8 @@ class JobSpec(_Section):
             "model": self.model.name,
             **({"model_config": self.model.config} if self.model.config else {}),  # its pin: the model pin
             **({"refiner": self.model.refiner} if self.model.refiner else {}),  # its pin: output.job_record
+            **({"vae": self.model.vae} if self.model.vae else {}),  # its pin: the model pin
+            **({"embeddings": self.embeddings} if self.embeddings else {}),  # their sha256: the model pin
             "dtype": self.model.dtype,
             "compile": self.model.compile,
             # None for exact (left out, so jobs from before profiles keep their fingerprint)

@@ -174,6 +174,7 @@ class Reproducer:
             self._generators[key] = load_model(model, device=device, dtype=dtype, endpoint_url=self.endpoint_url,
                                                loras=spec.loras, refiner=spec.model.refiner, config=spec.model.config,
                                                compile=spec.model.compile, speed=spec.speed,
+                                               vae=spec.model.vae, embeddings=spec.embeddings,
                                                # offloading needs CUDA; it moves weights, not the arithmetic
                                                offload=spec.model.offload if device == "cuda" else "none")
         return self._generators[key]

@@ -83,6 +83,8 @@ def submit(
         "of its architecture, giving its configuration and the components the file lacks (model.config)."),
     refiner: Optional[str] = typer.Option(None, "--refiner", help="An SDXL refiner folder (local or s3://) that finishes each row's last steps "
         "(model.refiner; SDXL bases; see --refiner-switch)."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="A local diffusers VAE folder of the model's VAE class, used in place of its "
+        "own (model.vae; AUTOMATIC1111's sd_vae); pinned with the model."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Model replicas (Ray actors)."),
     gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="GPUs per worker (0 = CPU, default; 1 on GPU nodes; 0.5 packs two "
         "per GPU)."),
@@ -132,6 +134,7 @@ def submit(
                 "model.name": model,
                 "model.config": model_config,
                 "model.refiner": refiner,
+                "model.vae": vae,
                 "resources.workers": workers,
                 "resources.gpus_per_worker": gpus_per_worker,
                 "resources.batch_size": batch_size,

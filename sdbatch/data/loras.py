@@ -4,12 +4,16 @@ the job's adapter declarations (``loras: {NAME: PATH}`` / ``--lora NAME=PATH``);
 
 A row's adapter set is a sorted tuple of ``(name, scale)``; it is part of the row's batch key.
 Tags are taken out of the prompt the text encoder reads (as AUTOMATIC1111 does), and written
-back into the infotext's prompt line with ``Lora hashes`` (``encode.infotext``)."""
+back into the infotext's prompt line with ``Lora hashes`` (``encode.infotext``).
+
+Textual-inversion embeddings (``embeddings: {NAME: PATH}``) are named in prompts as ``<NAME>``
+(the token they are loaded under) or ComfyUI's ``embedding:NAME`` (``embedding_tokens``)."""
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 
 from sdbatch.errors import BadInput
 
@@ -94,3 +98,12 @@ def parse_declaration(item: str) -> tuple[str, str]:
     if not sep or not ASSIGNMENT_RE.match(name.strip()) or not path.strip():
         raise LoraError(f"--lora {item!r}: expected NAME=PATH, e.g. --lora style=./style.safetensors")
     return name.strip(), path.strip()
+
+
+def embedding_tokens(text: str, names: Iterable[str]) -> str:
+    """``text`` with ComfyUI's ``embedding:NAME`` (and ``embedding:NAME.safetensors``) written as
+    ``<NAME>``, the token a declared embedding is loaded under; other text is left as it is."""
+    for name in names:
+        if "embedding:" in text:
+            text = re.sub(rf"embedding:{re.escape(name)}(?:\.safetensors)?(?![\w.-])", f"<{name}>", text)
+    return text

@@ -101,7 +101,8 @@ def validate(request: SubmitRequest, settings: Settings) -> Validated:
     """Preflight the model (pickles, family, native size, pin: torch-free) and the refiner,
     hash the LoRAs, and validate the manifest against the spec and the model's family."""
     spec = settings.spec
-    model = preflight_model(spec.model.name, request.endpoint_url, config=spec.model.config)
+    model = preflight_model(spec.model.name, request.endpoint_url, config=spec.model.config, vae=spec.model.vae,
+                            embeddings=spec.embeddings)
     traits = model.traits
     assert traits is not None  # None only for a refiner
     refiner = preflight_model(spec.model.refiner, request.endpoint_url, refiner_of=traits.family) if spec.model.refiner else None
@@ -218,11 +219,13 @@ def default_out(manifest: str) -> str:
     return str(out)
 
 
-def preflight_model(name: str, endpoint_url: str | None, refiner_of=None, config: str | None = None) -> ModelRef:
+def preflight_model(name: str, endpoint_url: str | None, refiner_of=None, config: str | None = None,
+                    vae: str | None = None, embeddings: dict[str, str] | None = None) -> ModelRef:
     """Check the model (or the refiner of a base of family ``refiner_of``) before any worker
     starts (pickles, family; no torch import) and pin it (``sdbatch.models.resolve.preflight``)."""
     try:
-        return preflight(name, endpoint_url=endpoint_url, refiner_of=refiner_of, config=config)
+        return preflight(name, endpoint_url=endpoint_url, refiner_of=refiner_of, config=config, vae=vae,
+                         embeddings=embeddings)
     except StorageError as exc:
         raise BadInput(f"model {name!r}: {exc}") from None
 

@@ -39,6 +39,8 @@ class LoadRequest:
     checkpoint: Path | None = None  # a single-file checkpoint, loaded with ``folder``'s configuration
     offload: str = "none"  # model.offload: none, model (model CPU offload) or group (group offload)
     speed: SpeedSpec | None = None  # the job's speed profile (None: exact)
+    vae: Path | None = None  # model.vae: a VAE folder loaded in place of the model's own
+    embeddings: tuple[tuple[str, Path], ...] = ()  # textual-inversion embeddings: (name, file)
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from sdbatch.models.errors import ModelError
+from sdbatch.models.errors import PICKLE_SUFFIXES, ModelError, pickle_checkpoint_fix
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -32,13 +33,38 @@ def resolve_builtin(name: str) -> Path:
 
 
 def local_model_dir(name: str) -> Path:
-    """``builtin:NAME`` or a local diffusers folder → its path; ModelError naming the fix."""
+    """``builtin:NAME`` or a local diffusers folder → its path; ModelError naming what the name
+    is instead (missing, a Hugging Face Hub id, a checkpoint file, a folder of another kind) and
+    the fix."""
     if name.startswith(BUILTIN_PREFIX):
         return resolve_builtin(name)
     folder = Path(name).expanduser()
     if not (folder / "model_index.json").is_file():
-        raise ModelError(
-            f"model {name!r}: no model_index.json there; pass a diffusers folder "
-            "(as written by save_pretrained), an s3:// prefix holding one, or builtin:shapes"
-        )
+        raise ModelError(f"model {name!r}: {_not_a_folder(name, folder)}")
     return folder.resolve()
+
+
+#: a Hugging Face Hub repo id: ``owner/name``, nothing more
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+#: what a diffusers folder is, and every other way to give a model
+_MODEL_FORMS = ("pass a diffusers folder (as written by save_pretrained), an s3:// prefix holding one, a single-file "
+                ".safetensors checkpoint with --model-config (model.config), or builtin:shapes")
+
+
+def _not_a_folder(name: str, folder: Path) -> str:
+    """Why ``folder``, holding no model_index.json, is no model, and the fix."""
+    if not folder.exists():
+        if _HUB_ID.fullmatch(name):
+            return (f"no such folder (relative to {Path.cwd()}); it looks like a Hugging Face Hub repo id, and sdbatch "
+                    f"never downloads models: fetch it once (hf download {name} --local-dir models/{name.split('/')[1]}) "
+                    "and pass that folder, copied to every node or uploaded to s3://")
+        return f"no such file or folder (relative paths are read from {Path.cwd()}); check the path, or {_MODEL_FORMS}"
+    if folder.is_file():
+        if name.lower().endswith(PICKLE_SUFFIXES):
+            return pickle_checkpoint_fix(name)
+        if name.lower().endswith(".safetensors"):
+            return ("a single-file checkpoint: give the diffusers folder of its architecture as --model-config "
+                    "(model.config), which supplies its configuration and the components the file lacks")
+        return f"a file of a kind sdbatch does not load; {_MODEL_FORMS}"
+    return f"a folder with no model_index.json, so not a diffusers pipeline folder; {_MODEL_FORMS}"

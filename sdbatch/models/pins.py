@@ -12,10 +12,7 @@ from pathlib import Path
 
 from sdbatch.data.loras import LoraError
 from sdbatch.models.configs import JsonReader
-from sdbatch.models.errors import ModelError
-
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
-
+from sdbatch.models.errors import PICKLE_SUFFIXES, ModelError
 
 #: where a component of model_index.json may come from; any other "library" is custom code
 COMPONENT_LIBRARIES = ("diffusers", "transformers")
@@ -66,11 +63,27 @@ def fingerprint_model_dir(folder: Path) -> str:
 def single_file_pin(checkpoint: Path, config_pin: str) -> str:
     """The pin of a single-file checkpoint loaded with the configuration of a folder: the
     sha256 of the file's bytes and the folder's pin (its other components are loaded from it)."""
+    return "single-file:" + hashlib.sha256(f"{file_sha256(checkpoint)}:{config_pin}".encode()).hexdigest()
+
+
+def vae_pin(model_pin: str, vae_fingerprint: str) -> str:
+    """The pin of a model loaded with another VAE folder (``model.vae``): its own pin and the
+    VAE folder's content fingerprint."""
+    return "vae:" + hashlib.sha256(f"{model_pin}:{vae_fingerprint}".encode()).hexdigest()
+
+
+def embeddings_pin(model_pin: str, sha256: dict[str, str]) -> str:
+    """The pin of a model loaded with textual-inversion embeddings (``embeddings``): its own pin
+    and each embedding's name and sha256."""
+    return "ti:" + hashlib.sha256(f"{model_pin}:{json.dumps(sorted(sha256.items()))}".encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with checkpoint.open("rb") as fh:
+    with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
-    return "single-file:" + hashlib.sha256(f"{digest.hexdigest()}:{config_pin}".encode()).hexdigest()
+    return digest.hexdigest()
 
 
 def checkpoint_tensor_names(checkpoint: Path, where: str) -> list[str]:

@@ -22,6 +22,14 @@ diffusers folder, or an ``s3://`` prefix holding one. Everything here runs witho
   itself resolved as a model: its configs give the family and traits, and it supplies what the
   file lacks); the file must be safetensors (its header is read), and the pin covers the file's
   bytes and the folder's pin (``pins.single_file_pin``);
+- **a VAE override** (``model.vae``): a local diffusers VAE folder (``config.json`` and
+  safetensors, as ``AutoencoderKL.save_pretrained`` writes it) of the class the model's own
+  ``vae`` component is, under the same pickle and code policies; the model's pin then covers
+  the VAE folder's content too (``pins.vae_pin``), so the fingerprint, ``job.json`` and each
+  image's model hash name the pair;
+- **textual-inversion embeddings** (``embeddings``): local safetensors files, for a family that
+  takes them (``FamilyAdapter.takes_embeddings``: SD 1.x/2.x, SDXL); the model's pin covers each
+  one's name and sha256 (``pins.embeddings_pin``);
 - **the pin**, recorded in ``job.json`` at submit and compared with every worker's before it
   gets a shard: a local folder's content fingerprint (sha256 over every file of every component
   folder, read through symbolic links as the loader reads them), an ``s3://`` prefix's ETags
@@ -30,7 +38,7 @@ diffusers folder, or an ``s3://`` prefix holding one. Everything here runs witho
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,12 +47,15 @@ from sdbatch.models.configs import JsonReader, folder_json_reader, storage_json_
 from sdbatch.models.errors import ModelError
 from sdbatch.models.pins import (
     checkpoint_tensor_names,
+    embeddings_pin,
+    file_sha256,
     fingerprint_model_dir,
     model_file_names,
     refuse_custom_code,
     refuse_pickles,
     s3_pin,
     single_file_pin,
+    vae_pin,
 )
 from sdbatch.storage.locations import is_s3
 
@@ -70,6 +81,8 @@ class ModelRef:
     traits: ModelTraits | None
     folder: Path | None = None
     checkpoint: Path | None = None  # a single-file checkpoint, loaded with ``folder``'s configuration
+    vae: Path | None = None  # model.vae: the VAE folder loaded in place of the model's own
+    embeddings: tuple[tuple[str, Path], ...] = ()  # textual-inversion embeddings: (name, file)
 
 
 def _check_configs(where: str, read: JsonReader, refiner_of: FamilyAdapter | None) -> ModelTraits | None:
@@ -86,6 +99,9 @@ def _check_configs(where: str, read: JsonReader, refiner_of: FamilyAdapter | Non
 def _single_file(name: str, config: ModelRef) -> ModelRef:
     """The single-file checkpoint ``name`` with the configuration of the resolved ``config``."""
     checkpoint = Path(name).expanduser()
+    if not is_s3(name) and not checkpoint.exists():
+        raise ModelError(f"model {name!r}: no such file (relative paths are read from {Path.cwd()}); check the path to "
+                         "the .safetensors checkpoint")
     if is_s3(name) or not checkpoint.is_file():
         raise ModelError(f"model {name!r}: a single-file checkpoint must be a local .safetensors file (copy it to each "
                          "node, or save the pipeline as a diffusers folder, which may live on s3://)")
@@ -93,8 +109,80 @@ def _single_file(name: str, config: ModelRef) -> ModelRef:
     return ModelRef(name, single_file_pin(checkpoint, config.pin), config.traits, config.folder, checkpoint.resolve())
 
 
+def _with_vae(ref: ModelRef, vae: str | None, read: JsonReader) -> ModelRef:
+    """``ref`` with the VAE folder ``vae`` in place of its own VAE (``read``: the model's
+    configs): the class its ``vae`` component is, the pickle and code policies, pinned together."""
+    if vae is None:
+        return ref
+    where = f"model.vae {vae!r}"
+    folder = Path(vae).expanduser()
+    if is_s3(vae) or not (folder / "config.json").is_file():
+        raise ModelError(f"{where}: no config.json there; model.vae must be a local diffusers VAE folder (config.json "
+                         "and diffusion_pytorch_model.safetensors, as AutoencoderKL.save_pretrained writes it). A "
+                         "single .safetensors VAE: load it with AutoencoderKL.from_single_file and save_pretrained it")
+    names = model_file_names(folder)
+    refuse_pickles(where, names)
+    vae_read = folder_json_reader(folder)
+    refuse_custom_code(where, names, vae_read)
+    own = (read("model_index.json") or {}).get("vae") or [None, None]
+    found = (vae_read("config.json") or {}).get("_class_name")
+    if own[1] is None or found != own[1]:
+        takes = f"a {own[1]} folder" if own[1] else "none: the model has no vae component"
+        raise ModelError(f"{where}: config.json names class {found!r}; model {ref.name!r} takes {takes}. Point "
+                         "model.vae at a VAE of the model's architecture (e.g. a fine-tuned SD/SDXL VAE), or remove it")
+    if not any(n.endswith(".safetensors") for n in names):
+        raise ModelError(f"{where}: no .safetensors weights there; save the VAE with save_pretrained(safe_serialization=True)")
+    return replace(ref, pin=vae_pin(ref.pin, fingerprint_model_dir(folder)), vae=folder.resolve())
+
+
+def _with_embeddings(ref: ModelRef, embeddings: dict[str, str] | None) -> ModelRef:
+    """``ref`` with the textual-inversion embedding files ``embeddings`` (name → local
+    .safetensors), checked and pinned with it."""
+    from sdbatch.models.families import FAMILIES
+
+    if not embeddings:
+        return ref
+    assert ref.traits is not None  # a base model's ref
+    family = ref.traits.family
+    if not family.takes_embeddings:
+        takes = ", ".join(f.name for f in FAMILIES.values() if f.takes_embeddings)
+        raise ModelError(f"embeddings: model {ref.name!r} is a {family.name} model, which takes no textual-inversion "
+                         f"embeddings (only {takes} models do, through their CLIP text encoders); remove embeddings")
+    sha256 = {}
+    for name, path in sorted(embeddings.items()):
+        where = f"embedding {name!r} ({path})"
+        if not Path(path).is_file():
+            raise ModelError(f"embeddings: {where}: no such file; check the path (it must be readable on every node)")
+        checkpoint_tensor_names(Path(path), where)
+        sha256[name] = file_sha256(Path(path))
+    return replace(ref, pin=embeddings_pin(ref.pin, sha256),
+                   embeddings=tuple((name, Path(path)) for name, path in sorted(embeddings.items())))
+
+
+def _configs(ref: ModelRef, name: str, config: str | None, endpoint_url: str | None) -> JsonReader:
+    """A reader of the configs of the model ``ref`` resolved (its folder, or the single file's
+    configuration folder), read once more for the VAE check; local or s3://."""
+    where = config or name
+    if ref.folder is not None:
+        return folder_json_reader(ref.folder)
+    if not is_s3(where):
+        return folder_json_reader(local_model_dir(where))
+    from sdbatch.storage.open import open_storage
+
+    return storage_json_reader(open_storage(where, endpoint_url=endpoint_url), where)
+
+
 def preflight(name: str, *, endpoint_url: str | None = None, refiner_of: FamilyAdapter | None = None,
-              config: str | None = None) -> ModelRef:
+              config: str | None = None, vae: str | None = None, embeddings: dict[str, str] | None = None) -> ModelRef:
+    """The model pinned and checked (``_preflight``), with its VAE override ``vae`` and its
+    textual-inversion ``embeddings`` if any."""
+    ref = _preflight(name, endpoint_url=endpoint_url, refiner_of=refiner_of, config=config)
+    ref = _with_vae(ref, vae, _configs(ref, name, config, endpoint_url)) if vae else ref
+    return _with_embeddings(ref, embeddings)
+
+
+def _preflight(name: str, *, endpoint_url: str | None = None, refiner_of: FamilyAdapter | None = None,
+               config: str | None = None) -> ModelRef:
     """Check the model (or, ``refiner_of`` given, the refiner of a base of that family) before
     any worker starts — pickles, family — and pin it; model_index.json and the configs are read
     once. ``config``: ``name`` is a single-file checkpoint and this the folder of its
@@ -122,7 +210,19 @@ def preflight(name: str, *, endpoint_url: str | None = None, refiner_of: FamilyA
 
 
 def resolve(name: str, *, pin: str | None = None, endpoint_url: str | None = None,
-            refiner_of: FamilyAdapter | None = None, config: str | None = None) -> ModelRef:
+            refiner_of: FamilyAdapter | None = None, config: str | None = None, vae: str | None = None,
+            embeddings: dict[str, str] | None = None) -> ModelRef:
+    """The model's local folder and pin (``_resolve``), with its VAE override ``vae`` and its
+    textual-inversion ``embeddings`` if any."""
+    # with either, the job's pin is not the one an s3:// model's download cache is keyed by
+    ref = _resolve(name, pin=None if vae or embeddings else pin, endpoint_url=endpoint_url, refiner_of=refiner_of,
+                   config=config)
+    ref = _with_vae(ref, vae, _configs(ref, name, config, endpoint_url)) if vae else ref
+    return _with_embeddings(ref, embeddings)
+
+
+def _resolve(name: str, *, pin: str | None = None, endpoint_url: str | None = None,
+             refiner_of: FamilyAdapter | None = None, config: str | None = None) -> ModelRef:
     """The local folder to load ``name`` from (an s3:// prefix is downloaded once per node,
     into a cache keyed by its pin) and the pin of what that folder holds, checked by the same
     policy as at preflight; ``config``: as for ``preflight``."""

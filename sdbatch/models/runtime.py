@@ -55,6 +55,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from sdbatch.data.loras import embedding_tokens  # noqa: E402
 from sdbatch.data.record import GenerationFacts  # noqa: E402
 from sdbatch.data.row import Row  # noqa: E402
 from sdbatch.data.samplers import DEFAULT_SAMPLER, SAMPLERS  # noqa: E402
@@ -65,7 +66,7 @@ from sdbatch.models.families import ModelTraits  # noqa: E402
 from sdbatch.models.families.base import DiffusersFamily  # noqa: E402
 from sdbatch.models.families.null import NullModel  # noqa: E402
 from sdbatch.models.lora_cache import LoraCache, Tokenizers  # noqa: E402
-from sdbatch.models.pins import fingerprint_model_dir  # noqa: E402
+from sdbatch.models.pins import embeddings_pin, file_sha256, fingerprint_model_dir, vae_pin  # noqa: E402
 from sdbatch.models.prompt_cache import PromptCache  # noqa: E402
 from sdbatch.models.resolve import resolve  # noqa: E402
 from sdbatch.models.speed import AppliedSpeed, SpeedSpec  # noqa: E402
@@ -145,6 +146,37 @@ def _load_single_file(family: DiffusersFamily, model: str, checkpoint: Path, fol
     return _load_pipeline(family.txt2img, model, folder, dtype, {**components, family.denoiser: denoiser}, device)
 
 
+def _vae_override(folder: Path, vae: Path | None, dtype: torch.dtype) -> dict[str, Any]:
+    """``model.vae``: the VAE folder loaded as the class the model's own ``vae`` component is
+    (``resolve`` checked it is), passed to the pipeline in place of its own."""
+    if vae is None:
+        return {}
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    try:
+        return {"vae": getattr(diffusers, index["vae"][1]).from_pretrained(vae, dtype=dtype, use_safetensors=True,
+                                                                          local_files_only=True)}
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model.vae {str(vae)!r} could not be loaded: {exc}") from exc
+
+
+def _load_embeddings(pipe: Any, embeddings: tuple[tuple[str, Path], ...]) -> None:
+    """Textual-inversion embeddings under the token ``<NAME>``: an SD file into the text
+    encoder, an SDXL one (AUTOMATIC1111's ``clip_l`` / ``clip_g`` tensors) into both."""
+    from safetensors.torch import load_file
+
+    for name, path in embeddings:
+        tensors = load_file(path)
+        try:
+            if {"clip_l", "clip_g"} <= tensors.keys() and getattr(pipe, "text_encoder_2", None) is not None:
+                for key, encoder, tokenizer in (("clip_l", pipe.text_encoder, pipe.tokenizer),
+                                                ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)):
+                    pipe.load_textual_inversion(tensors[key], token=f"<{name}>", text_encoder=encoder, tokenizer=tokenizer)
+            else:
+                pipe.load_textual_inversion(str(path), token=f"<{name}>")
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise ModelError(f"embedding {name!r} ({path}) does not fit the model's text encoder: {exc}") from exc
+
+
 def _offload(pipe: DiffusionPipeline, offload: str) -> None:
     """diffusers' offloading for a model larger than the GPU (``model.offload``): each
     component moved to the GPU while it runs, or its layers streamed there in groups."""
@@ -183,7 +215,7 @@ class DiffusersModel:
     # a pipeline's __call__ is its own class's (DiffusionPipeline declares none): typed Any
     def __init__(self, txt2img: Any, info: ModelInfo, traits: ModelTraits,
                  loras: dict[str, str] | None = None, endpoint_url: str | None = None, compiled: bool = False,
-                 refiner: Any = None, speed: AppliedSpeed | None = None):
+                 refiner: Any = None, speed: AppliedSpeed | None = None, embedding_names: tuple[str, ...] = ()):
         self.txt2img = txt2img
         self.refiner = refiner
         self.compiled = compiled
@@ -196,6 +228,7 @@ class DiffusersModel:
         # a family without img2img (FLUX.2 [klein]) has its init-image rows refused at validation
         self.img2img = getattr(diffusers, self.family.img2img).from_pipe(txt2img) if self.family.img2img else None
         self.info = info
+        self._embedding_names = embedding_names
         self.loras = LoraCache(txt2img, loras or {}, endpoint_url)
         self._tokenizers = Tokenizers(self.family.prompt_tokenizers(txt2img, traits))
         # each stage's own scheduler (class and config): samplers are built from it per batch
@@ -228,11 +261,12 @@ class DiffusersModel:
             raise ModelError(f"model.offload={request.offload} needs a CUDA device and this worker has none; run on GPU "
                              "workers (resources.gpus_per_worker=1), or set model.offload=none")
         place = "cpu" if request.offload != "none" else device  # offloading hooks move the modules themselves
+        components = {**family.load_options, **_vae_override(request.folder, request.vae, torch_dtype)}
         if request.checkpoint is not None:
-            pipe = _load_single_file(family, model, request.checkpoint, request.folder, torch_dtype,
-                                     dict(family.load_options), place)
+            pipe = _load_single_file(family, model, request.checkpoint, request.folder, torch_dtype, components, place)
         else:
-            pipe = _load_pipeline(family.txt2img, model, request.folder, torch_dtype, dict(family.load_options), place)
+            pipe = _load_pipeline(family.txt2img, model, request.folder, torch_dtype, components, place)
+        _load_embeddings(pipe, request.embeddings)
         _offload(pipe, request.offload)
         refiner_pipe, refiner_facts = None, {}
         if refiner is not None:
@@ -271,7 +305,8 @@ class DiffusersModel:
                  ", compiled" if request.compile else "", info.short_hash,
                  f", refiner {refiner} ({refiner_facts['refiner_fingerprint'][:10]})" if refiner_facts else "")
         return cls(pipe, info, request.traits, loras=request.loras, endpoint_url=request.endpoint_url,
-                   compiled=request.compile or "regional_compile" in speed.applied, refiner=refiner_pipe, speed=speed)
+                   compiled=request.compile or "regional_compile" in speed.applied, refiner=refiner_pipe, speed=speed,
+                   embedding_names=tuple(name for name, _ in request.embeddings))
 
     def build_samplers(self) -> None:
         """Build every sampler of the family whose packages are installed from this model's
@@ -363,6 +398,10 @@ class DiffusersModel:
             rule.check_row(first)
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in rows]
         common = dict(**self.family.pipeline_kwargs(rows, self.traits), generator=generators, output_type="latent")
+        if self._embedding_names:  # ComfyUI's embedding:NAME is the token <NAME> the embedding is loaded under
+            for key in ("prompt", "negative_prompt"):
+                if isinstance(common.get(key), list):
+                    common[key] = [embedding_tokens(p, self._embedding_names) for p in common[key]]
         self.loras.use(first.loras)
         if first.is_img2img and self.img2img is None:
             raise ModelError(f"row {first.id} has an init image, but {self.family.name} models have no img2img pipeline")
@@ -447,17 +486,24 @@ def load_model(
     config: str | None = None,
     offload: str = "none",
     speed: SpeedSpec | None = None,
+    vae: str | None = None,
+    embeddings: dict[str, str] | None = None,
 ) -> LoadedModel:
     """Resolve ``model`` (and check it against ``pin``; ``config``: ``model`` is a single-file
-    checkpoint and this its configuration's folder), then load it with its family's runtime,
-    its samplers built (one that cannot be built fails the load, not every shard)."""
-    ref = resolve(model, pin=pin, endpoint_url=endpoint_url, config=config)
+    checkpoint and this its configuration's folder; ``vae``: a VAE folder in place of its own),
+    then load it with its family's runtime, its samplers built (one that cannot be built fails
+    the load, not every shard)."""
+    ref = resolve(model, pin=pin, endpoint_url=endpoint_url, config=config, vae=vae, embeddings=embeddings)
     traits, folder = ref.traits, ref.folder
     assert traits is not None and folder is not None  # resolve() of a base model gives both
-    fingerprint = fingerprint_model_dir(folder) if is_s3(model) else ref.pin
+    fingerprint = ref.pin
+    if is_s3(model):  # the content of what was downloaded, not the ETags
+        fingerprint = fingerprint_model_dir(folder)
+        fingerprint = vae_pin(fingerprint, fingerprint_model_dir(ref.vae)) if ref.vae else fingerprint
+        fingerprint = embeddings_pin(fingerprint, {n: file_sha256(p) for n, p in ref.embeddings}) if ref.embeddings else fingerprint
     request = LoadRequest(model, folder, ref.pin, fingerprint, traits, device=device, dtype=dtype, endpoint_url=endpoint_url,
                           loras=loras, compile=compile, refiner=refiner, refiner_pin=refiner_pin, checkpoint=ref.checkpoint,
-                          offload=offload, speed=speed)
+                          offload=offload, speed=speed, vae=ref.vae, embeddings=ref.embeddings)
     loaded = RUNTIMES[traits.family.runtime](request)
     loaded.build_samplers()
     return loaded

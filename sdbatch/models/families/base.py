@@ -153,6 +153,7 @@ class FamilyAdapter(ABC):
     channels_last: ClassVar[bool] = False  # the denoiser runs channels_last on CUDA (UNets)
     text_encoder_counts_layers: ClassVar[bool] = False  # clip_skip counts text_encoder's layers (CLIP)
     takes_clip_skip: ClassVar[bool] = True  # False: the pipeline has no clip_skip (no CLIP prompt encoder)
+    takes_embeddings: ClassVar[bool] = False  # textual-inversion embeddings load into its CLIP encoders
 
     @abstractmethod
     def native_size(self, read_json: JsonReader, where: str) -> tuple[int, int]:

@@ -18,3 +18,4 @@ class StableDiffusion(DiffusersFamily):
     load_options = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     sdpa_modules = ("unet", "vae")
     channels_last = True
+    takes_embeddings = True
