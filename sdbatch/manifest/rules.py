@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sdbatch.data.aliases import foreign
 from sdbatch.data.columns import DEFAULTED, KNOWN_COLUMNS, Column, suggest
 from sdbatch.data.index import RESERVED_COLUMNS
 from sdbatch.data.loras import LoraError, row_loras
@@ -332,8 +333,10 @@ _UNRECORDABLE_TYPES = (pa.types.is_timestamp, pa.types.is_date, pa.types.is_time
 
 
 def check_passthrough_columns(manifest: Manifest, coll: IssueCollector, strict: bool) -> list[str]:
-    """Passthrough columns that would break the index or the record are refused; names that look
-    like a misspelled per-row column (``widht``) are warned about — refused with ``strict``."""
+    """Passthrough columns that would break the index or the record are refused, and so are other
+    tools' names for a per-row column or setting (``cfg_scale``, ``enable_hr``: ``data.aliases``);
+    names that look like a misspelled per-row column (``widht``) are warned about — refused with
+    ``strict``."""
     warnings = []
     for name in manifest.passthrough_columns:
         t = manifest.schema.field(name).type
@@ -347,6 +350,15 @@ def check_passthrough_columns(manifest: Manifest, coll: IssueCollector, strict: 
                               f"passthrough values go into each image's JSON record, which has no faithful form for {bad_type}",
                               "cast the column to string before writing the manifest (ISO 8601 for dates and times; "
                               "pandas: df[col] = df[col].astype(str); pyarrow: pc.cast(col, pa.string())), or drop it"))
+        alias = foreign(name)
+        if alias is not None:  # refused even without --strict: the row would silently render with the default
+            what = (f"another tool's name (AUTOMATIC1111, ComfyUI or diffusers) for sdbatch's column {alias.column!r}"
+                    if alias.column else "another tool's setting (AUTOMATIC1111, ComfyUI or diffusers) that sdbatch has "
+                    "no per-row column for")
+            coll.add(RowIssue(0, None, name, "a passthrough column",
+                              f"column {name!r} is {what}; it would be passed through as a label and every row "
+                              "rendered with the job's default", alias.fix(name)))
+            continue
         close = suggest(name, KNOWN_COLUMNS)
         if close and close not in manifest.columns:
             text = f"column {name!r} is not a per-row column, so it is passed through as a label: did you mean {close!r}?"

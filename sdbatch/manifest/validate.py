@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 
 from sdbatch.data.columns import COLUMN, COLUMNS, CONDITIONAL, KNOWN_COLUMNS
 from sdbatch.data.row import ID_PATTERN, MAX_SEED
-from sdbatch.data.samplers import SCHEDULERS
+from sdbatch.data.samplers import SCHEDULERS, sampler_name
 from sdbatch.manifest.hashing import DistinctCounter, find_duplicate_ids, hash_strings
 from sdbatch.manifest.reader import guarded_batches, passthrough_types
 from sdbatch.manifest.report import RowIssue, ValidationReport, arrow_kind
@@ -39,6 +39,14 @@ from sdbatch.manifest.sources import Manifest, ManifestError, parquet_file
 from sdbatch.models.families import ModelTraits
 from sdbatch.spec import MODEL_FILLED, JobSpec
 from sdbatch.storage.base import TMP_MARK
+
+
+def canonical_names(schedulers: pa.Array) -> pa.Array:
+    """Sampler names as rows will hold them (AUTOMATIC1111's ``DPM++ 2M Karras`` → ``dpmpp_2m_karras``),
+    each distinct value converted once."""
+    encoded = pc.dictionary_encode(schedulers)
+    names = [sampler_name(v) if v is not None else None for v in encoded.dictionary.to_pylist()]
+    return pa.array(names, pa.string()).take(encoded.indices)
 
 
 def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_536, *, strict: bool = False,
@@ -184,7 +192,7 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
             # scheduler
             sc = b.cols.get("scheduler")
             if sc is not None and not pa.types.is_null(sc.type):
-                sc = check_utf8(b, "scheduler", sc)
+                sc = canonical_names(check_utf8(b, "scheduler", sc))
                 known = pc.is_in(sc, value_set=pa.array(samplers))
                 rule = f"scheduler must be one of {', '.join(samplers)}" + (f" (the {family.name} family's samplers)" if family else "")
                 b.flag("scheduler", pc.and_(pc.is_valid(sc), pc.invert(known)), rule,
