@@ -6,8 +6,8 @@ renders with the job's defaults, so manifest validation refuses it (with or with
 naming the sdbatch column or spec option and the fix (``manifest.rules.check_passthrough_columns``).
 Matching ignores case, spaces and dashes (``CFG scale``, ``cfg-scale``, ``cfg_scale``). Names that
 are also sdbatch's own (``prompt``, ``steps``, ``seed``, ``scheduler``) are not listed: they are
-the per-row columns. A1111 sampler names are accepted as values of ``scheduler``
-(``data.samplers.sampler_name``).
+the per-row columns; nor are names common as labels (``size``, ``styles``). A1111 sampler names
+are accepted as values of ``scheduler`` (``data.samplers.sampler_name``).
 
 A leaf module: the standard library only."""
 
@@ -53,7 +53,6 @@ FOREIGN_COLUMNS: dict[str, Foreign] = {
     "noise_seed": _rename("seed"), "clip_stop_at_last_layers": _rename("clip_skip"),
     "init_images": _rename("init_image"), "image": _rename("init_image"), "init_image_path": _rename("init_image"),
     "refiner_switch_at": _rename("refiner_switch"),
-    "size": Foreign(instead="write the size as two integer columns, width and height"),
     "batch_size": _BATCH, "n_iter": _BATCH, "num_images_per_prompt": _BATCH, "batch_count": _BATCH,
     "enable_hr": _HIRES, "hr_scale": _HIRES, "hr_upscaler": _HIRES, "hr_second_pass_steps": _HIRES,
     "hr_resize_x": _HIRES, "hr_resize_y": _HIRES, "hires_upscale": _HIRES, "hires_steps": _HIRES,
@@ -64,7 +63,6 @@ FOREIGN_COLUMNS: dict[str, Foreign] = {
     "subseed_strength": Foreign(instead="sdbatch has no variation seeds: vary the seed column"),
     "restore_faces": Foreign(instead="sdbatch does not restore faces; post-process the outputs"),
     "tiling": Foreign(instead="sdbatch does not render tiling images"),
-    "styles": Foreign(instead="write the style text into the prompt (sdbatch manifest templates can combine them)"),
     "eta": Foreign(instead="sdbatch runs each sampler with its default eta"),
     "guidance_rescale": Foreign(instead="sdbatch runs each model without guidance rescale"),
     "mask": Foreign(instead="inpainting masks are not a column of this version"),

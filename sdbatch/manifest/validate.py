@@ -16,7 +16,8 @@ from sdbatch.data.columns import COLUMN, COLUMNS, CONDITIONAL, KNOWN_COLUMNS
 from sdbatch.data.row import ID_PATTERN, MAX_SEED
 from sdbatch.data.samplers import SCHEDULERS, sampler_name
 from sdbatch.manifest.hashing import DistinctCounter, find_duplicate_ids, hash_strings
-from sdbatch.manifest.reader import guarded_batches, passthrough_types
+from sdbatch.manifest.init_roots import unreadable_init_image
+from sdbatch.manifest.reader import guarded_batches, passthrough_types, resolve_init_image
 from sdbatch.manifest.report import RowIssue, ValidationReport, arrow_kind
 from sdbatch.manifest.rules import (
     BatchUnderCheck,
@@ -47,6 +48,39 @@ def canonical_names(schedulers: pa.Array) -> pa.Array:
     encoded = pc.dictionary_encode(schedulers)
     names = [sampler_name(v) if v is not None else None for v in encoded.dictionary.to_pylist()]
     return pa.array(names, pa.string()).take(encoded.indices)
+
+
+class UnreadableInitImages:
+    """Local init images that are missing, not regular files or not readable now: a warning
+    listing the rows (such a row fails at generation), or with ``strict`` each row refused."""
+
+    FIX = "fix the path (a relative one starts at the manifest's folder), or leave the row's init_image null"
+
+    def __init__(self, base_dir: str, shown: int) -> None:
+        self.base_dir, self.shown = base_dir, shown
+        self.count, self.listed = 0, list[str]()
+
+    def check(self, b: BatchUnderCheck, init: pa.Array, strict: bool) -> None:
+        found = {i: problem for i, value in enumerate(init.to_pylist())
+                 if value and "\x00" not in value and (problem := unreadable_init_image(value, self.base_dir))}
+        if strict:
+            for why in sorted({why for _, why in found.values()}):
+                rows = np.isin(np.arange(b.n), [i for i, (_, w) in found.items() if w == why])
+                b.flag("init_image", rows, f"init_image must be a readable file; this one {why}",
+                       lambda value: f"{self.FIX} (--strict refuses it; it resolves to "
+                                     f"{resolve_init_image(value, self.base_dir)})", init)
+            return
+        self.count += len(found)
+        for i, (path, why) in found.items():
+            if len(self.listed) < self.shown:
+                self.listed.append(f"row {b.base + i} (id {b.id_at(i)}): {path} {why}")
+
+    def warnings(self) -> list[str]:
+        if not self.count:
+            return []
+        more = f"; … {self.count - len(self.listed):,} more" if self.count > len(self.listed) else ""
+        return [f"{self.count:,} row(s) name an init_image that cannot be read now, so they will fail at generation "
+                f"({'; '.join(self.listed)}{more}). Fix: {self.FIX}; --strict refuses such rows."]
 
 
 def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_536, *, strict: bool = False,
@@ -93,6 +127,7 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
     bad_rows = 0
     base = 0
     warnings = check_passthrough_columns(manifest, coll, strict)
+    unreadable = UnreadableInitImages(manifest.base_dir, lim.max_errors_shown)
     for path in manifest.files:
         pf = parquet_file(path, streaming=True)
         if pf.metadata.num_rows == 0:
@@ -213,6 +248,8 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
                 b.flag("init_image", pc.match_substring(init, "\x00"), "no NUL characters (\\x00) in init_image",
                        "fix the path")
             img2img += int(has_init.sum())
+            if init is not None and not pa.types.is_null(init.type):
+                unreadable.check(b, init, strict)
             st = b.cols.get("strength")
             # img2img runs int(steps * strength) denoising steps; zero steps would make no image
             steps_v = np.full(n, float(d.steps)) if s is None or pa.types.is_null(s.type) else filled_numpy(s, d.steps, np.float64)
@@ -259,4 +296,4 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
         "bad_rows": min(bad_rows, manifest.num_rows),
     }
     return ValidationReport(num_rows=manifest.num_rows, issues=list(coll.kept), issue_count=coll.count, summary=summary,
-                            warnings=warnings)
+                            warnings=warnings + unreadable.warnings())
