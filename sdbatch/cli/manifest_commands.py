@@ -22,7 +22,10 @@ def validate(
     set_: list[str] = typer.Option([], "--set", help="Override a spec key: --set defaults.steps=30 (repeatable)."),
     max_errors: Optional[int] = typer.Option(None, "--max-errors", help="Bad rows to list (default limits.max_errors_shown)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
-    strict: bool = typer.Option(False, "--strict", help="Refuse columns named like a misspelled per-row column (widht, promt), and rows whose local init_image cannot be read, instead of warning."),
+    strict: bool = typer.Option(
+        False, "--strict",
+        help="Refuse columns named like a misspelled per-row column (widht, promt), and rows whose local init_image "
+        "cannot be read, instead of warning."),
 ) -> None:
     """Check a manifest against the contract (types, ranges, ids, seeds…) before anything runs.
 

@@ -103,7 +103,10 @@ def submit(
         "_sdbatch state; no other file) and run this one there."),
     allow_unauthenticated_ray: bool = typer.Option(False, "--allow-unauthenticated-ray", help="Start the local Ray cluster even with "
         "RAY_AUTH_MODE=disabled (it still listens on 127.0.0.1 only)."),
-    strict: bool = typer.Option(False, "--strict", help="Refuse columns named like a misspelled per-row column (widht, promt), and rows whose local init_image cannot be read, instead of warning."),
+    strict: bool = typer.Option(
+        False, "--strict",
+        help="Refuse columns named like a misspelled per-row column (widht, promt), and rows whose local init_image "
+        "cannot be read, instead of warning."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate, preflight storage and model, and print the plan (shards, batches, fill ratio, "
         "estimate); write nothing. Exit 0, or 2 if a real submit would be refused."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
