@@ -107,6 +107,10 @@ def submit(
         False, "--strict",
         help="Refuse columns named like a misspelled per-row column (widht, promt), and rows whose local init_image "
         "cannot be read, instead of warning."),
+    literal_prompts: bool = typer.Option(
+        False, "--literal-prompts",
+        help="Prompts mean brackets literally: no AUTOMATIC1111 prompt-syntax checks ([a|b], [a:b:0.5] are refused "
+        "without it; (word:1.3), BREAK warned about)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate, preflight storage and model, and print the plan (shards, batches, fill ratio, "
         "estimate); write nothing. Exit 0, or 2 if a real submit would be refused."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
@@ -137,6 +141,7 @@ def submit(
         loras=lora, address=address, endpoint_url=s3_endpoint,
         deadline_at=parse_deadline(deadline) if deadline else None, retry_failed=retry_failed,
         repair=repair, new_run=new_run, allow_unauthenticated_ray=allow_unauthenticated_ray, strict=strict,
+        literal_prompts=literal_prompts,
     )
     settings = load_settings(request)
     stdout.print(f"output → {settings.out}" + ("  (dry run: nothing is written)" if dry_run else ""))

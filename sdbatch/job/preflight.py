@@ -51,6 +51,7 @@ class SubmitRequest:
     new_run: bool = False
     allow_unauthenticated_ray: bool = False
     strict: bool = False
+    literal_prompts: bool = False  # no AUTOMATIC1111 prompt-syntax checks (--literal-prompts)
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,8 @@ def validate(request: SubmitRequest, settings: Settings) -> Validated:
     source = open_manifest(request.manifest)
     report = validated_at_claim(request, spec, settings.out, source, job_record(
         spec, source, model.pin, lora_sha256, refiner.pin if refiner else None,
-    )) or validate_manifest(source, spec, strict=request.strict, model=traits)
+    )) or validate_manifest(source, spec, strict=request.strict, model=traits,
+                                    literal_prompts=request.literal_prompts)
     return Validated(request, spec, settings.out, model, refiner, lora_sha256, source, report)
 
 

@@ -16,6 +16,7 @@ from sdbatch.data.aliases import foreign
 from sdbatch.data.columns import DEFAULTED, KNOWN_COLUMNS, Column, suggest
 from sdbatch.data.index import RESERVED_COLUMNS
 from sdbatch.data.loras import LoraError, row_loras
+from sdbatch.data.prompt_syntax import PROMPT_SYNTAX, REFUSED_FIX, REFUSED_RULE, WARNING
 from sdbatch.data.row import default_row_id
 from sdbatch.manifest.reader import plain_array
 from sdbatch.manifest.report import RowIssue, arrow_kind, repr_value, value_at
@@ -122,6 +123,32 @@ class BatchUnderCheck:
                 )
             )
         coll._sort()
+
+
+class PromptSyntax:
+    """AUTOMATIC1111 prompt syntax in the prompts (``data.prompt_syntax``): the forms sdbatch
+    refuses are row errors, the others counted for one warning each; nothing with
+    ``literal`` (``--literal-prompts``)."""
+
+    def __init__(self, literal: bool) -> None:
+        self.literal = literal
+        self.seen: dict[str, tuple[int, int]] = {}  # form → rows, first row
+
+    def check(self, b: BatchUnderCheck, column: str, texts: pa.Array | None) -> None:
+        if self.literal or texts is None:
+            return
+        for form in PROMPT_SYNTAX:
+            hits = pc.match_substring_regex(texts, form.pattern)
+            if form.refused:
+                b.flag(column, hits, REFUSED_RULE.format(form=form.name), REFUSED_FIX, texts)
+                continue
+            rows = np.flatnonzero(hits.fill_null(False).to_numpy(zero_copy_only=False))
+            if len(rows):
+                count, first = self.seen.get(form.name, (0, b.base + int(rows[0])))
+                self.seen[form.name] = (count + len(rows), first)
+
+    def warnings(self) -> list[str]:
+        return [WARNING.format(count=count, form=form, row=first) for form, (count, first) in self.seen.items()]
 
 
 def filled_numpy(arr: pa.Array, fill: Any, dtype: Any) -> np.ndarray:

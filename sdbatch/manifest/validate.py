@@ -30,6 +30,7 @@ from sdbatch.manifest.rules import (
     check_range,
     check_same_passthrough_types,
     check_spec_defaults,
+    PromptSyntax,
     check_text,
     check_utf8,
     filled_numpy,
@@ -84,7 +85,7 @@ class UnreadableInitImages:
 
 
 def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_536, *, strict: bool = False,
-                      model: ModelTraits | None = None) -> ValidationReport:
+                      model: ModelTraits | None = None, literal_prompts: bool = False) -> ValidationReport:
     """Check every row against design.md §3, streaming (one record batch in memory at a time).
 
     Semantics of nulls: a null in ``negative_prompt``, ``steps``, ``guidance_scale``,
@@ -100,6 +101,7 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
     ``model`` (the model's traits, when known) limits the samplers rows may ask for, the columns
     they may set (the family's ``honours``), and brings the model's row rules (clip_skip within
     its text encoder's depth), so a row the model cannot run is refused before any worker starts.
+    ``literal_prompts``: prompts mean AUTOMATIC1111's brackets literally (no syntax check).
     """
     lim, d = spec.limits, spec.defaults
     unknown = [name for name in MODEL_FILLED if getattr(d, name) is None]
@@ -128,6 +130,7 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
     base = 0
     warnings = check_passthrough_columns(manifest, coll, strict)
     unreadable = UnreadableInitImages(manifest.base_dir, lim.max_errors_shown)
+    syntax = PromptSyntax(literal_prompts)
     for path in manifest.files:
         pf = parquet_file(path, streaming=True)
         if pf.metadata.num_rows == 0:
@@ -154,7 +157,8 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
             if parr is not None:
                 valid = pc.is_valid(parr).to_numpy(zero_copy_only=False)
                 prompts.add(np.unique(hash_strings(parr)[valid]))
-            check_text(b, "negative_prompt", lim, required=False)
+            syntax.check(b, "prompt", parr)
+            syntax.check(b, "negative_prompt", check_text(b, "negative_prompt", lim, required=False))
             # id
             ids = b.ids()
             if ids is not None:
@@ -296,4 +300,4 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
         "bad_rows": min(bad_rows, manifest.num_rows),
     }
     return ValidationReport(num_rows=manifest.num_rows, issues=list(coll.kept), issue_count=coll.count, summary=summary,
-                            warnings=warnings + unreadable.warnings())
+                            warnings=warnings + syntax.warnings() + unreadable.warnings())
