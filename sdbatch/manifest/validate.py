@@ -22,6 +22,7 @@ from sdbatch.manifest.report import RowIssue, ValidationReport, arrow_kind
 from sdbatch.manifest.rules import (
     BatchUnderCheck,
     IssueCollector,
+    PromptSyntax,
     ValueCounts,
     check_applies,
     check_loras,
@@ -30,7 +31,6 @@ from sdbatch.manifest.rules import (
     check_range,
     check_same_passthrough_types,
     check_spec_defaults,
-    PromptSyntax,
     check_text,
     check_utf8,
     filled_numpy,
