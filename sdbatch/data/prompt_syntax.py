@@ -31,6 +31,9 @@ PROMPT_SYNTAX: tuple[SyntaxForm, ...] = (
     SyntaxForm("embedding:NAME", r"(^|[\s,(])embedding:[A-Za-z0-9_.-]+", refused=False),
 )
 
+#: What every form above contains: a prompt without it is checked by this one pattern alone.
+ANY_FORM = r"[\[(]|BREAK|embedding:"
+
 REFUSED_RULE = "AUTOMATIC1111's {form} is not built by sdbatch: the text encoder would read it as literal text"
 REFUSED_FIX = ("write the variants as separate rows (sdbatch manifest -t 'a {red|blue} cat' expands them), or pass "
                "--literal-prompts if the brackets are meant literally")

@@ -16,7 +16,7 @@ from sdbatch.data.aliases import foreign
 from sdbatch.data.columns import DEFAULTED, KNOWN_COLUMNS, Column, suggest
 from sdbatch.data.index import RESERVED_COLUMNS
 from sdbatch.data.loras import LoraError, row_loras
-from sdbatch.data.prompt_syntax import PROMPT_SYNTAX, REFUSED_FIX, REFUSED_RULE, WARNING
+from sdbatch.data.prompt_syntax import ANY_FORM, PROMPT_SYNTAX, REFUSED_FIX, REFUSED_RULE, WARNING
 from sdbatch.data.row import default_row_id
 from sdbatch.manifest.reader import plain_array
 from sdbatch.manifest.report import RowIssue, arrow_kind, repr_value, value_at
@@ -135,7 +135,7 @@ class PromptSyntax:
         self.seen: dict[str, tuple[int, int]] = {}  # form → rows, first row
 
     def check(self, b: BatchUnderCheck, column: str, texts: pa.Array | None) -> None:
-        if self.literal or texts is None:
+        if self.literal or texts is None or not pc.any(pc.match_substring_regex(texts, ANY_FORM)).as_py():
             return
         for form in PROMPT_SYNTAX:
             hits = pc.match_substring_regex(texts, form.pattern)
