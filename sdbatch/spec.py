@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from sdbatch.data.columns import DEFAULTED, fingerprint_defaults, suggest
 from sdbatch.data.loras import LoraError, parse_declaration
-from sdbatch.data.samplers import SCHEDULERS
+from sdbatch.data.samplers import SCHEDULERS, sampler_name
 from sdbatch.errors import BadInput
 from sdbatch.models.families import ModelTraits
 from sdbatch.models.families.base import MODEL_DEFAULTED
@@ -108,10 +108,12 @@ class ModelSpec(_Section):
         return self.config or self.name
 
 
-def _known_scheduler(self: Any) -> Any:  # a RowDefaults, made at run time
-    if self.scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler {self.scheduler!r} is not supported; use one of {', '.join(SCHEDULERS)}")
-    return self
+def _known_scheduler(value: Any) -> Any:  # RowDefaults.scheduler, made at run time
+    name = sampler_name(value) if isinstance(value, str) else value  # AUTOMATIC1111's names too
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler {value!r} is not supported; use one of {', '.join(SCHEDULERS)} "
+                         "(or AUTOMATIC1111's name, e.g. 'DPM++ 2M Karras')")
+    return name
 
 
 #: Values for every per-row manifest column a row leaves empty or the manifest lacks: one
@@ -123,7 +125,7 @@ else:
         "RowDefaults",
         __base__=_Section,
         __doc__="Values for every per-row manifest column a row leaves empty or the manifest lacks.",
-        __validators__={"_known_scheduler": model_validator(mode="after")(_known_scheduler)},
+        __validators__={"_known_scheduler": field_validator("scheduler", mode="before")(_known_scheduler)},
         **{c.name: (c.spec_type, Field(c.default, description=c.description or None, **c.spec_bounds))
            for c in DEFAULTED},
     )

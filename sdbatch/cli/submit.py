@@ -110,7 +110,14 @@ def submit(
         "_sdbatch state; no other file) and run this one there."),
     allow_unauthenticated_ray: bool = typer.Option(False, "--allow-unauthenticated-ray", help="Start the local Ray cluster even with "
         "RAY_AUTH_MODE=disabled (it still listens on 127.0.0.1 only)."),
-    strict: bool = typer.Option(False, "--strict", help="Refuse columns named like a misspelled per-row column (widht, promt) instead of warning."),
+    strict: bool = typer.Option(
+        False, "--strict",
+        help="Refuse columns named like a misspelled per-row column (widht, promt), and rows whose local init_image "
+        "cannot be read, instead of warning."),
+    literal_prompts: bool = typer.Option(
+        False, "--literal-prompts",
+        help="Prompts mean brackets literally: no AUTOMATIC1111 prompt-syntax checks ([a|b], [a:b:0.5] are refused "
+        "without it; (word:1.3), BREAK warned about)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate, preflight storage and model, and print the plan (shards, batches, fill ratio, "
         "estimate); write nothing. Exit 0, or 2 if a real submit would be refused."),
     notify: Optional[str] = typer.Option(None, "--notify", envvar="SDBATCH_NOTIFY", help="POST a JSON notification (state, rows, failures, report URL) to "
@@ -149,6 +156,7 @@ def submit(
             loras=lora, address=address, endpoint_url=s3_endpoint,
             deadline_at=parse_deadline(deadline) if deadline else None, retry_failed=retry_failed,
             repair=repair, new_run=new_run, allow_unauthenticated_ray=allow_unauthenticated_ray, strict=strict,
+            literal_prompts=literal_prompts,
         )
         settings = load_settings(request)
         end.out = settings.out

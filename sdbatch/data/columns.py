@@ -20,7 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from sdbatch.data.samplers import A1111_BY_CLASS, DEFAULT_SAMPLER, SAMPLERS, SCHEDULERS
+from sdbatch.data.samplers import A1111_BY_CLASS, DEFAULT_SAMPLER, SAMPLERS, SCHEDULERS, sampler_name
 
 #: Marks a column without a job-spec default (``id``, ``prompt``, ``seed``, ``init_image``).
 NO_DEFAULT: Any = type("NoDefault", (), {"__repr__": lambda self: "NO_DEFAULT"})()
@@ -102,6 +102,9 @@ class Column:
     index_type: pa.DataType | None = None
     row: RowForm | None = None
     applies_when: AppliesWhen | None = None  # a conditional column (strength, refiner_switch)
+    #: a manifest value as the Row holds it, where a value has other spellings (scheduler:
+    #: AUTOMATIC1111's sampler names); None: the value as it is
+    canonical: Callable[[Any], Any] | None = None
 
     @property
     def python_type(self) -> type:
@@ -246,8 +249,9 @@ COLUMNS: tuple[Column, ...] = (
                        multiple_of=8, low_fix=_size_low_fix("height"))),
     Column("scheduler", pa.string(), _TEXT, "a string column", "write scheduler names as strings, e.g. 'euler_a'",
            default=DEFAULT_SAMPLER, flag="--scheduler", batch_key=True,
-           description=f"Default sampler ({DEFAULT_SAMPLER} = the model's own scheduler): {', '.join(SCHEDULERS)}.",
-           a1111="Sampler", a1111_rank=20, a1111_value=_sampler),
+           description=f"Default sampler ({DEFAULT_SAMPLER} = the model's own scheduler): {', '.join(SCHEDULERS)} "
+                       "(or AUTOMATIC1111's name, e.g. 'DPM++ 2M Karras').",
+           a1111="Sampler", a1111_rank=20, a1111_value=_sampler, canonical=sampler_name),
     Column("init_image", pa.string(), _TEXT, "a string column",
            "write init_image as path strings (relative to the manifest) or s3:// URIs", nullable=True),
     Column("strength", pa.float64(), _NUMBER, "a float column", "write strength as float64",

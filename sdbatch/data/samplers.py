@@ -47,6 +47,17 @@ SCHEDULERS: tuple[str, ...] = (DEFAULT_SAMPLER, *SAMPLERS)
 A1111_BY_CLASS: dict[str, str] = {s.diffusers_class: s.a1111 for s in reversed(SAMPLERS.values())}
 
 
+#: AUTOMATIC1111's sampler names (case-insensitive) → sdbatch's, for manifests and ``--scheduler``
+#: written the A1111 way; a name both kinds share ("Euler") means the noise-prediction sampler.
+SAMPLER_BY_A1111: dict[str, str] = {s.a1111.lower(): s.name for s in reversed(SAMPLERS.values())}
+
+
+def sampler_name(value: str) -> str:
+    """sdbatch's name of a sampler written either way (``DPM++ 2M Karras`` → ``dpmpp_2m_karras``);
+    any other value unchanged, for validation to refuse."""
+    return value if value in SCHEDULERS else SAMPLER_BY_A1111.get(value.strip().lower(), value)
+
+
 def family_samplers(flow: bool) -> tuple[str, ...]:
     """The samplers of the flow-matching families (``flow``) or of the noise-prediction ones."""
     return (DEFAULT_SAMPLER, *(s.name for s in SAMPLERS.values() if s.flow == flow))

@@ -21,12 +21,15 @@ from sdbatch.manifest.init_roots import check_init_image_roots
 from sdbatch.manifest.report import ValidationReport
 from sdbatch.manifest.sources import Manifest, open_manifest
 from sdbatch.manifest.validate import validate_manifest
+from sdbatch.models.builtin import local_model_dir
+from sdbatch.models.lora_keys import ModelModules, describe_misfits, lora_misfits, safetensors_shapes
 from sdbatch.models.pins import check_safetensors, sha256_hex
 from sdbatch.models.resolve import ModelRef, preflight
 from sdbatch.output.claim import job_record
 from sdbatch.output.documents import CorruptState, JobRecord
 from sdbatch.spec import JobSpec, load_spec
 from sdbatch.storage.base import NotFound, Storage, StorageError, check_uri
+from sdbatch.storage.locations import is_s3
 from sdbatch.storage.open import open_storage, read_uri
 
 
@@ -48,6 +51,7 @@ class SubmitRequest:
     new_run: bool = False
     allow_unauthenticated_ray: bool = False
     strict: bool = False
+    literal_prompts: bool = False  # no AUTOMATIC1111 prompt-syntax checks (--literal-prompts)
 
 
 @dataclass(frozen=True)
@@ -107,11 +111,12 @@ def validate(request: SubmitRequest, settings: Settings) -> Validated:
     assert traits is not None  # None only for a refiner
     refiner = preflight_model(spec.model.refiner, request.endpoint_url, refiner_of=traits.family) if spec.model.refiner else None
     spec = spec.with_model_defaults(traits)
-    lora_sha256 = adapter_hashes(spec.loras, request.endpoint_url)
+    lora_sha256 = adapter_hashes(spec.loras, request.endpoint_url, model_modules(spec), spec.model.name)
     source = open_manifest(request.manifest)
     report = validated_at_claim(request, spec, settings.out, source, job_record(
         spec, source, model.pin, lora_sha256, refiner.pin if refiner else None,
-    )) or validate_manifest(source, spec, strict=request.strict, model=traits)
+    )) or validate_manifest(source, spec, strict=request.strict, model=traits,
+                                    literal_prompts=request.literal_prompts)
     return Validated(request, spec, settings.out, model, refiner, lora_sha256, source, report)
 
 
@@ -160,9 +165,21 @@ def prepare(validated: Validated) -> PreparedJob:
     return PreparedJob(request, spec, validated.model, source, storage, job)
 
 
-def adapter_hashes(declared: dict[str, str], endpoint_url: str | None) -> dict[str, str]:
+def model_modules(spec: JobSpec) -> ModelModules | None:
+    """The model's modules that declared LoRAs are checked against: a local diffusers folder's
+    (an ``s3://`` model, a single-file checkpoint or a folder without weights: None, left to
+    the loader)."""
+    if not spec.loras or spec.model.config is not None or is_s3(spec.model.name):
+        return None
+    modules = ModelModules(local_model_dir(spec.model.name))
+    return modules if modules.components() else None  # builtin:null: no weights to compare with
+
+
+def adapter_hashes(declared: dict[str, str], endpoint_url: str | None, model: ModelModules | None = None,
+                   model_name: str = "") -> dict[str, str]:
     """sha256 of each declared LoRA (read once here: the job fingerprint covers them), after
-    checking it is a safetensors file; LoraError naming the adapter."""
+    checking it is a safetensors file and, ``model`` given, that its keys fit the model
+    (``models.lora_keys``); LoraError naming the adapter (and the model)."""
     hashes = {}
     for name, path in sorted(declared.items()):
         try:
@@ -170,6 +187,12 @@ def adapter_hashes(declared: dict[str, str], endpoint_url: str | None) -> dict[s
         except (NotFound, OSError) as exc:
             raise LoraError(f"LoRA {name}={path}: cannot be read ({exc})") from None
         check_safetensors(data, f"{name}={path}")
+        problems = lora_misfits(safetensors_shapes(data), model) if model is not None else []
+        if problems:
+            raise LoraError(f"LoRA {name}={path} does not fit model {model_name!r} "
+                            f"({describe_misfits(problems)}). Fix: use a LoRA trained for this model's architecture "
+                            "(an SD 1.x LoRA fits SD 1.x models only, an SDXL one SDXL), or drop it from the job; "
+                            "nothing was written")
         hashes[name] = sha256_hex(data)
     return hashes
 

@@ -1,5 +1,5 @@
 """Where a manifest's ``init_image`` values may point: the roots a job allows, checked before any
-worker starts."""
+worker starts, and whether a local one is a readable file (``unreadable_init_image``)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,23 @@ def init_image_places(base_dir: str | None, spec: JobSpec, job_locations: list[s
         local=tuple(os.path.realpath(os.path.expanduser(local_path(r))) for r in roots if not is_remote(r)),
         s3=tuple(s3_roots + [r.rstrip("/") + "/" for r in spec.limits.init_image_roots if is_s3(r)]),
     )
+
+
+def unreadable_init_image(value: str, base_dir: str) -> tuple[str, str] | None:
+    """Why a local ``init_image`` cannot be read as it stands now — its path and "does not
+    exist", "is not a regular file" or "is not readable" — or None (readable, or remote: an
+    ``s3://`` image is checked when it is read)."""
+    where = resolve_init_image(value, base_dir)
+    if is_remote(where) and not where.startswith("file://"):
+        return None
+    path = local_path(where)
+    if not os.path.exists(path):
+        return path, "does not exist"
+    if not os.path.isfile(path):
+        return path, "is not a regular file"
+    if not os.access(path, os.R_OK):
+        return path, "is not readable"
+    return None
 
 
 def check_init_image_roots(manifest: Manifest, spec: JobSpec, job_locations: list[str], shown: int = 20) -> None:

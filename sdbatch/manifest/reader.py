@@ -254,7 +254,7 @@ def _rows_from_table(table: pa.Table, first_row: int, manifest: Manifest, spec: 
     plain: dict[str, list[Any]] = {}
     for column in COLUMNS:
         if column.name not in _RESOLVED_COLUMNS:
-            default, convert = getattr(d, column.name, None), column.python_type
+            default, convert = getattr(d, column.name, None), column.canonical or column.python_type
             plain[column.name] = [convert(v) if v is not None else default for v in cols.get(column.name, none)]
     ids, prompts, seeds, inits, strengths, loras, switches = (cols.get(name, none) for name in _RESOLVED_COLUMNS)
     refined = spec.model.refiner is not None

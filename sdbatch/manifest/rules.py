@@ -12,9 +12,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sdbatch.data.aliases import foreign
 from sdbatch.data.columns import DEFAULTED, KNOWN_COLUMNS, Column, suggest
 from sdbatch.data.index import RESERVED_COLUMNS
 from sdbatch.data.loras import LoraError, row_loras
+from sdbatch.data.prompt_syntax import ANY_FORM, PROMPT_SYNTAX, REFUSED_FIX, REFUSED_RULE, WARNING
 from sdbatch.data.row import default_row_id
 from sdbatch.manifest.reader import plain_array
 from sdbatch.manifest.report import RowIssue, arrow_kind, repr_value, value_at
@@ -121,6 +123,32 @@ class BatchUnderCheck:
                 )
             )
         coll._sort()
+
+
+class PromptSyntax:
+    """AUTOMATIC1111 prompt syntax in the prompts (``data.prompt_syntax``): the forms sdbatch
+    refuses are row errors, the others counted for one warning each; nothing with
+    ``literal`` (``--literal-prompts``)."""
+
+    def __init__(self, literal: bool) -> None:
+        self.literal = literal
+        self.seen: dict[str, tuple[int, int]] = {}  # form → rows, first row
+
+    def check(self, b: BatchUnderCheck, column: str, texts: pa.Array | None) -> None:
+        if self.literal or texts is None or not pc.any(pc.match_substring_regex(texts, ANY_FORM)).as_py():
+            return
+        for form in PROMPT_SYNTAX:
+            hits = pc.match_substring_regex(texts, form.pattern)
+            if form.refused:
+                b.flag(column, hits, REFUSED_RULE.format(form=form.name), REFUSED_FIX, texts)
+                continue
+            rows = np.flatnonzero(hits.fill_null(False).to_numpy(zero_copy_only=False))
+            if len(rows):
+                count, first = self.seen.get(form.name, (0, b.base + int(rows[0])))
+                self.seen[form.name] = (count + len(rows), first)
+
+    def warnings(self) -> list[str]:
+        return [WARNING.format(count=count, form=form, row=first) for form, (count, first) in self.seen.items()]
 
 
 def filled_numpy(arr: pa.Array, fill: Any, dtype: Any) -> np.ndarray:
@@ -332,8 +360,10 @@ _UNRECORDABLE_TYPES = (pa.types.is_timestamp, pa.types.is_date, pa.types.is_time
 
 
 def check_passthrough_columns(manifest: Manifest, coll: IssueCollector, strict: bool) -> list[str]:
-    """Passthrough columns that would break the index or the record are refused; names that look
-    like a misspelled per-row column (``widht``) are warned about — refused with ``strict``."""
+    """Passthrough columns that would break the index or the record are refused, and so are other
+    tools' names for a per-row column or setting (``cfg_scale``, ``enable_hr``: ``data.aliases``);
+    names that look like a misspelled per-row column (``widht``) are warned about — refused with
+    ``strict``."""
     warnings = []
     for name in manifest.passthrough_columns:
         t = manifest.schema.field(name).type
@@ -347,6 +377,15 @@ def check_passthrough_columns(manifest: Manifest, coll: IssueCollector, strict: 
                               f"passthrough values go into each image's JSON record, which has no faithful form for {bad_type}",
                               "cast the column to string before writing the manifest (ISO 8601 for dates and times; "
                               "pandas: df[col] = df[col].astype(str); pyarrow: pc.cast(col, pa.string())), or drop it"))
+        alias = foreign(name)
+        if alias is not None:  # refused even without --strict: the row would silently render with the default
+            what = (f"another tool's name (AUTOMATIC1111, ComfyUI or diffusers) for sdbatch's column {alias.column!r}"
+                    if alias.column else "another tool's setting (AUTOMATIC1111, ComfyUI or diffusers) that sdbatch has "
+                    "no per-row column for")
+            coll.add(RowIssue(0, None, name, "a passthrough column",
+                              f"column {name!r} is {what}; it would be passed through as a label and every row "
+                              "rendered with the job's default", alias.fix(name)))
+            continue
         close = suggest(name, KNOWN_COLUMNS)
         if close and close not in manifest.columns:
             text = f"column {name!r} is not a per-row column, so it is passed through as a label: did you mean {close!r}?"

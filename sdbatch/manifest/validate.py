@@ -14,13 +14,15 @@ import pyarrow.compute as pc
 
 from sdbatch.data.columns import COLUMN, COLUMNS, CONDITIONAL, KNOWN_COLUMNS
 from sdbatch.data.row import ID_PATTERN, MAX_SEED
-from sdbatch.data.samplers import SCHEDULERS
+from sdbatch.data.samplers import SCHEDULERS, sampler_name
 from sdbatch.manifest.hashing import DistinctCounter, find_duplicate_ids, hash_strings
-from sdbatch.manifest.reader import guarded_batches, passthrough_types
+from sdbatch.manifest.init_roots import unreadable_init_image
+from sdbatch.manifest.reader import guarded_batches, passthrough_types, resolve_init_image
 from sdbatch.manifest.report import RowIssue, ValidationReport, arrow_kind
 from sdbatch.manifest.rules import (
     BatchUnderCheck,
     IssueCollector,
+    PromptSyntax,
     ValueCounts,
     check_applies,
     check_loras,
@@ -41,8 +43,49 @@ from sdbatch.spec import MODEL_FILLED, JobSpec
 from sdbatch.storage.base import TMP_MARK
 
 
+def canonical_names(schedulers: pa.Array) -> pa.Array:
+    """Sampler names as rows will hold them (AUTOMATIC1111's ``DPM++ 2M Karras`` → ``dpmpp_2m_karras``),
+    each distinct value converted once."""
+    encoded = pc.dictionary_encode(schedulers)
+    names = [sampler_name(v) if v is not None else None for v in encoded.dictionary.to_pylist()]
+    return pa.array(names, pa.string()).take(encoded.indices)
+
+
+class UnreadableInitImages:
+    """Local init images that are missing, not regular files or not readable now: a warning
+    listing the rows (such a row fails at generation), or with ``strict`` each row refused."""
+
+    FIX = "fix the path (a relative one starts at the manifest's folder), or leave the row's init_image null"
+
+    def __init__(self, base_dir: str, shown: int) -> None:
+        self.base_dir, self.shown = base_dir, shown
+        self.count, self.listed = 0, list[str]()
+
+    def check(self, b: BatchUnderCheck, init: pa.Array, strict: bool) -> None:
+        found = {i: problem for i, value in enumerate(init.to_pylist())
+                 if value and "\x00" not in value and (problem := unreadable_init_image(value, self.base_dir))}
+        if strict:
+            for why in sorted({why for _, why in found.values()}):
+                rows = np.isin(np.arange(b.n), [i for i, (_, w) in found.items() if w == why])
+                b.flag("init_image", rows, f"init_image must be a readable file; this one {why}",
+                       lambda value: f"{self.FIX} (--strict refuses it; it resolves to "
+                                     f"{resolve_init_image(value, self.base_dir)})", init)
+            return
+        self.count += len(found)
+        for i, (path, why) in found.items():
+            if len(self.listed) < self.shown:
+                self.listed.append(f"row {b.base + i} (id {b.id_at(i)}): {path} {why}")
+
+    def warnings(self) -> list[str]:
+        if not self.count:
+            return []
+        more = f"; … {self.count - len(self.listed):,} more" if self.count > len(self.listed) else ""
+        return [f"{self.count:,} row(s) name an init_image that cannot be read now, so they will fail at generation "
+                f"({'; '.join(self.listed)}{more}). Fix: {self.FIX}; --strict refuses such rows."]
+
+
 def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_536, *, strict: bool = False,
-                      model: ModelTraits | None = None) -> ValidationReport:
+                      model: ModelTraits | None = None, literal_prompts: bool = False) -> ValidationReport:
     """Check every row against design.md §3, streaming (one record batch in memory at a time).
 
     Semantics of nulls: a null in ``negative_prompt``, ``steps``, ``guidance_scale``,
@@ -58,6 +101,7 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
     ``model`` (the model's traits, when known) limits the samplers rows may ask for, the columns
     they may set (the family's ``honours``), and brings the model's row rules (clip_skip within
     its text encoder's depth), so a row the model cannot run is refused before any worker starts.
+    ``literal_prompts``: prompts mean AUTOMATIC1111's brackets literally (no syntax check).
     """
     lim, d = spec.limits, spec.defaults
     unknown = [name for name in MODEL_FILLED if getattr(d, name) is None]
@@ -85,6 +129,8 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
     bad_rows = 0
     base = 0
     warnings = check_passthrough_columns(manifest, coll, strict)
+    unreadable = UnreadableInitImages(manifest.base_dir, lim.max_errors_shown)
+    syntax = PromptSyntax(literal_prompts)
     for path in manifest.files:
         pf = parquet_file(path, streaming=True)
         if pf.metadata.num_rows == 0:
@@ -111,7 +157,8 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
             if parr is not None:
                 valid = pc.is_valid(parr).to_numpy(zero_copy_only=False)
                 prompts.add(np.unique(hash_strings(parr)[valid]))
-            check_text(b, "negative_prompt", lim, required=False)
+            syntax.check(b, "prompt", parr)
+            syntax.check(b, "negative_prompt", check_text(b, "negative_prompt", lim, required=False))
             # id
             ids = b.ids()
             if ids is not None:
@@ -184,7 +231,7 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
             # scheduler
             sc = b.cols.get("scheduler")
             if sc is not None and not pa.types.is_null(sc.type):
-                sc = check_utf8(b, "scheduler", sc)
+                sc = canonical_names(check_utf8(b, "scheduler", sc))
                 known = pc.is_in(sc, value_set=pa.array(samplers))
                 rule = f"scheduler must be one of {', '.join(samplers)}" + (f" (the {family.name} family's samplers)" if family else "")
                 b.flag("scheduler", pc.and_(pc.is_valid(sc), pc.invert(known)), rule,
@@ -205,6 +252,8 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
                 b.flag("init_image", pc.match_substring(init, "\x00"), "no NUL characters (\\x00) in init_image",
                        "fix the path")
             img2img += int(has_init.sum())
+            if init is not None and not pa.types.is_null(init.type):
+                unreadable.check(b, init, strict)
             st = b.cols.get("strength")
             # img2img runs int(steps * strength) denoising steps; zero steps would make no image
             steps_v = np.full(n, float(d.steps)) if s is None or pa.types.is_null(s.type) else filled_numpy(s, d.steps, np.float64)
@@ -251,4 +300,4 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
         "bad_rows": min(bad_rows, manifest.num_rows),
     }
     return ValidationReport(num_rows=manifest.num_rows, issues=list(coll.kept), issue_count=coll.count, summary=summary,
-                            warnings=warnings)
+                            warnings=warnings + syntax.warnings() + unreadable.warnings())

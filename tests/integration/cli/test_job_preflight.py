@@ -187,3 +187,43 @@ def test_a_resume_of_the_same_job_does_not_validate_its_manifest_again(tmp_path)
     assert "validated_at_claim" not in validated(overrides={"model.name": "builtin:null", "defaults.steps": 7}).report.summary
     write_manifest(manifest, [{"id": f"r{i}", "prompt": f"a square {i}"} for i in range(8)])
     assert "validated_at_claim" not in validated().report.summary
+
+
+def test_a_lora_whose_keys_do_not_fit_the_model_exits_2_at_preflight(tmp_path):
+    """Issue 26: a LoRA for another architecture (here: an SD 1.x attention width of 768 on
+    builtin:tiny's 32) is refused before Ray starts, naming the file, the model and the keys."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    module = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    lora = tmp_path / "sd15-style.safetensors"
+    save_file({f"{module}.lora_A.weight": np.zeros((4, 768), np.float16),
+               f"{module}.lora_B.weight": np.zeros((320, 4), np.float16)}, str(lora))
+    manifest = write_manifest(tmp_path / "m.parquet", [{"prompt": "a red circle", "loras": "style:1"}])
+    out = tmp_path / "out"
+    result = submit(manifest, "--model", "builtin:tiny", "--out", out, "--lora", f"style={lora}", "--dry-run",
+                    prelude="sys.modules['ray'] = None")  # preflight must not need Ray
+    assert result.returncode == 2, result.stderr
+    err = " ".join(result.stderr.split())
+    assert f"LoRA style={lora} does not fit model 'builtin:tiny'" in err
+    assert f"{module}.lora_A.weight: its input width is 768, the model's module takes 32" in err
+    assert "Fix: use a LoRA trained for this model's architecture" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a1111_column_names_exit_2_and_a1111_sampler_names_are_accepted(tmp_path):
+    """Issue 26: ``cfg_scale`` is refused naming ``guidance_scale`` (no Ray started); samplers
+    written A1111's way, on --scheduler and in the column, pass preflight (the rows holding
+    sdbatch's names: tests/unit/manifest/test_foreign_columns.py)."""
+    out = tmp_path / "out"
+    foreign = write_manifest(tmp_path / "a1111.parquet", [{"prompt": "a red circle", "cfg_scale": 9.0}])
+    refused = submit(foreign, "--model", "builtin:tiny", "--out", out, prelude="sys.modules['ray'] = None")
+    err = " ".join(refused.stderr.split())
+    assert refused.returncode == 2 and "rename column 'cfg_scale' to 'guidance_scale'" in err, err
+    assert "Traceback" not in err and not out.exists()
+    samplers = write_manifest(tmp_path / "s.parquet", [{"prompt": "a", "scheduler": "DPM++ 2M Karras"}, {"prompt": "b"}])
+    planned = submit(samplers, "--model", "builtin:tiny", "--out", out, "--scheduler", "Euler a", "--dry-run",
+                     prelude="sys.modules['ray'] = None")
+    assert planned.returncode == 0, planned.stderr  # an unknown sampler name is refused (exit 2)
+    assert "batches 2 of up to 8 rows" in " ".join(planned.stdout.split())  # one per sampler
+    assert not out.exists()
