@@ -56,7 +56,7 @@ FOREIGN_COLUMNS: dict[str, Foreign] = {
     "batch_size": _BATCH, "n_iter": _BATCH, "num_images_per_prompt": _BATCH, "batch_count": _BATCH,
     "enable_hr": _HIRES, "hr_scale": _HIRES, "hr_upscaler": _HIRES, "hr_second_pass_steps": _HIRES,
     "hr_resize_x": _HIRES, "hr_resize_y": _HIRES, "hires_upscale": _HIRES, "hires_steps": _HIRES,
-    "sd_vae": Foreign(instead="a VAE is one per job, in the spec (model.vae where this version has it), not per row"),
+    "sd_vae": Foreign(instead="a VAE is one per job, not per row: set model.vae in the spec (or --vae FOLDER)"),
     "sd_model_checkpoint": Foreign(instead="the model is one per job: model.name in the spec (--model PATH)"),
     "refiner_checkpoint": Foreign(instead="the refiner is one per job: model.refiner in the spec (--refiner PATH)"),
     "subseed": Foreign(instead="sdbatch has no variation seeds: vary the seed column"),
