@@ -1,5 +1,5 @@
-"""GPU throughput per speed profile: SD 1.5-, SDXL- and FLUX.1-shaped pipelines with random
-weights built from their published configs (written inline below: real layer shapes, so the
+"""GPU throughput per speed profile: SD 1.5-, SDXL-, FLUX.1- and Qwen-Image-shaped pipelines with
+random weights built from their published configs (written inline below: real layer shapes, so the
 compute is real; no downloads), three contenders side by side for each profile (``exact``,
 ``fast``, ``fastest``; ``sdbatch.models.speed``):
 
@@ -16,11 +16,16 @@ Targets (design.md §10): job ≥ 0.95 × bare per profile; SD 1.5 512² 20 step
 img/s; SDXL 1024² 20 steps ``fast`` ≥ 2.4 img/s; FLUX.1 1024² 28 steps ``fastest`` ≤ 2.0 s
 per image. FLUX.1's text encoders are left out (prompt embeddings are given, as sdbatch's
 prompt cache gives them after a prompt's first batch), so it runs bare only (its folder
-would be ~24 GB to write, and sdbatch's job encodes prompts). Cells past ``--budget-s``
-are skipped, so one call fits ≤ 8 minutes on one H100/H200:
+would be ~24 GB to write, and sdbatch's job encodes prompts). Qwen-Image (1024², 20 steps,
+true CFG 4 against an empty negative prompt, as a job with the model's defaults runs it) is
+not in the default ``--families``: its bf16 weights are ~57 GB, built directly in bf16, and
+saved once more for runner and job (~60 GB of free disk). Cells past ``--budget-s`` are
+skipped, so one call fits ≤ 8 minutes on one H100/H200:
 
     python benchmarks/bench_gpu.py                 # on a machine with one CUDA GPU
+    python benchmarks/bench_gpu.py --families qwen --contenders bare,job   # Qwen-Image (H200 for headroom)
     python benchmarks/bench_gpu.py --smoke         # on CPU: tiny shapes, fp32, 2 steps, no compilation (checks the script)
+    python benchmarks/bench_gpu.py --smoke --families qwen --profiles exact --contenders bare
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -101,16 +107,65 @@ SMOKE_FLUX_VAE = dict(SMOKE_VAE, latent_channels=4, scaling_factor=0.3611, shift
                       use_post_quant_conv=False)
 SMOKE_FLUX_TOKENS = 16
 
-#: family → (size, steps, guidance, denoiser) at full scale
-FAMILIES = {"sd15": (512, 20, 7.5, "unet"), "sdxl": (1024, 20, 7.5, "unet"), "flux": (1024, 28, 3.5, "transformer")}
+# Qwen/Qwen-Image (transformer, Qwen2.5-VL text encoder, 3-D VAE); the tokenizer is the tests'
+# byte-level Qwen2 one (its token ids fit any Qwen vocabulary)
+QWEN_TRANSFORMER = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56))
+QWEN_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                 num_key_value_heads=4, vocab_size=152064, rope_theta=1000000.0, max_position_embeddings=128000,
+                 rope_scaling={"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"})
+QWEN_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True],
+                latents_mean=[0.0] * 16, latents_std=[1.0] * 16)
+SMOKE_QWEN_TRANSFORMER = dict(QWEN_TRANSFORMER, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16,
+                              num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(8, 4, 4))
+SMOKE_QWEN_TEXT = dict(QWEN_TEXT, hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=2, rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"})
+SMOKE_QWEN_VISION = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16)
+SMOKE_QWEN_VAE = dict(QWEN_VAE, base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
+                      temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+
+#: family → (size, steps, guidance, denoiser) at full scale; Qwen-Image's guidance is its true CFG scale
+FAMILIES = {"sd15": (512, 20, 7.5, "unet"), "sdxl": (1024, 20, 7.5, "unet"), "flux": (1024, 28, 3.5, "transformer"),
+            "qwen": (1024, 20, 4.0, "transformer")}
+DEFAULT_FAMILIES = "sd15,sdxl,flux"  # qwen on request: ~57 GB of bf16 weights
 PROFILES = ("exact", "fast", "fastest")
 
 
+@contextmanager
+def default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_qwen_image(smoke: bool, dtype: torch.dtype):
+    """Qwen-Image's modules, built in ``dtype``: an fp32 build (~114 GB) would not fit one GPU."""
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from integration.families_2026 import qwen_tokenizer
+
+    text = SMOKE_QWEN_TEXT if smoke else QWEN_TEXT
+    with default_dtype(dtype):
+        encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+            text_config=text, vision_config=SMOKE_QWEN_VISION if smoke else {}, hidden_size=text["hidden_size"],
+            vocab_size=text["vocab_size"]))
+        return QwenImagePipeline(transformer=QwenImageTransformer2DModel(**(SMOKE_QWEN_TRANSFORMER if smoke else QWEN_TRANSFORMER)),
+                                 vae=AutoencoderKLQwenImage(**(SMOKE_QWEN_VAE if smoke else QWEN_VAE)),
+                                 scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=encoder, tokenizer=qwen_tokenizer())
+
+
 def build(family: str, smoke: bool, device: str, dtype: torch.dtype):
-    """A random-weight pipeline of ``family`` (sd15, sdxl, flux), built directly on ``device``."""
+    """A random-weight pipeline of ``family`` (``FAMILIES``), built directly on ``device``."""
     torch.manual_seed(0)
     with torch.device(device):
-        if family == "flux":
+        if family == "qwen":
+            pipe = build_qwen_image(smoke, dtype)
+        elif family == "flux":
             pipe = FluxPipeline(transformer=FluxTransformer2DModel(**(SMOKE_FLUX_TRANSFORMER if smoke else FLUX_TRANSFORMER)),
                                 vae=AutoencoderKL(**(SMOKE_FLUX_VAE if smoke else FLUX_VAE)),
                                 scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
@@ -158,6 +213,16 @@ def flux_embeddings(n: int, smoke: bool, device: str, dtype: torch.dtype) -> dic
             "pooled_prompt_embeds": torch.randn(n, width["pooled_projection_dim"], generator=generator).to(device, dtype)}
 
 
+def conditioning(family: str, first: int, n: int, guidance: float, smoke: bool, device: str, dtype: torch.dtype) -> dict:
+    """The pipeline's text and guidance arguments for rows ``first`` … ``first + n - 1``."""
+    prompts = [PROMPTS[(first + i) % len(PROMPTS)] for i in range(n)]
+    if family == "flux":
+        return {**flux_embeddings(n, smoke, device, dtype), "guidance_scale": guidance}
+    if family == "qwen":  # true CFG against an empty negative prompt, as sdbatch runs it
+        return {"prompt": prompts, "negative_prompt": [""] * n, "true_cfg_scale": guidance}
+    return {"prompt": prompts, "guidance_scale": guidance}
+
+
 def bare(pipe, family: str, profile: str, args, device: str, dtype: torch.dtype, batch: int, rows: int) -> dict:
     """The plain loop with ``profile`` applied: one call per batch, per-row CPU generators
     (as sdbatch), PIL out. Returns rate, compile seconds, peak memory and the pixels."""
@@ -169,10 +234,8 @@ def bare(pipe, family: str, profile: str, args, device: str, dtype: torch.dtype,
 
     def run(first: int, n: int) -> list[np.ndarray]:
         generators = [torch.Generator("cpu").manual_seed(first + i) for i in range(n)]
-        text = (flux_embeddings(n, args.smoke, device, dtype) if family == "flux"
-                else {"prompt": [PROMPTS[(first + i) % len(PROMPTS)] for i in range(n)]})
-        images = pipe(**text, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-                      generator=generators, output_type="pil").images
+        images = pipe(**conditioning(family, first, n, guidance, args.smoke, device, dtype), height=size, width=size,
+                      num_inference_steps=steps, generator=generators, output_type="pil").images
         return [np.asarray(image) for image in images]
 
     reset_peak(device)
@@ -263,10 +326,10 @@ def fmt(value: float | None, pattern: str = "{:.2f}") -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, fp32, 2 steps, batch 2: checks the script")
-    p.add_argument("--families", default="sd15,sdxl,flux")
+    p.add_argument("--families", default=DEFAULT_FAMILIES, help=f"of {','.join(FAMILIES)}")
     p.add_argument("--profiles", default=",".join(PROFILES))
     p.add_argument("--contenders", default="bare,runner,job")
-    p.add_argument("--batch", type=int, default=0, help="rows per batch (default: sd15 16, sdxl 8, flux 4)")
+    p.add_argument("--batch", type=int, default=0, help="rows per batch (default: sd15 16, sdxl 8, flux 4, qwen 2)")
     p.add_argument("--rows", type=int, default=0, help="rows per measurement (default: 4 batches)")
     p.add_argument("--budget-s", type=float, default=450,
                    help="skip the cells that would start after this many seconds (not with --smoke)")
@@ -276,7 +339,7 @@ def main() -> None:
         sys.exit("bench_gpu.py needs a CUDA GPU (or --smoke to check the script on CPU)")
     started = time.monotonic()
     args.shape = {f: ((64, 2, g, d) if args.smoke else (s, n, g, d)) for f, (s, n, g, d) in FAMILIES.items()}
-    dtypes = {"sd15": torch.float16, "sdxl": torch.float16, "flux": torch.bfloat16}
+    dtypes = {"sd15": torch.float16, "sdxl": torch.float16, "flux": torch.bfloat16, "qwen": torch.bfloat16}
     contenders = set(args.contenders.split(","))
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"device: {name}; torch {torch.__version__}")
@@ -289,7 +352,7 @@ def main() -> None:
             size, steps, guidance, _ = args.shape[family]
             dtype = torch.float32 if args.smoke else dtypes[family]
             dtype_name = str(dtype).removeprefix("torch.")
-            batch = args.batch or (2 if args.smoke else {"sd15": 16, "sdxl": 8, "flux": 4}[family])
+            batch = args.batch or (2 if args.smoke else {"sd15": 16, "sdxl": 8, "flux": 4, "qwen": 2}[family])
             rows = args.rows or (batch if args.smoke else 4 * batch)
             model_dir = None
             sdbatch_runs = family != "flux"  # its folder here has no text encoders (and would be ~24 GB)
