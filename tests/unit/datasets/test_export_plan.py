@@ -41,3 +41,24 @@ def test_a_rows_split_depends_on_its_id_alone():
     first = selection.splits_of(pa.array(ids))
     assert (selection.splits_of(pa.array(ids[::-1]))[::-1] == first).all()  # not by position
     assert 0.75 < (first == 0).mean() < 0.85
+
+
+def test_the_columns_read_are_the_ones_given_and_every_one_where_names():
+    names = ["id", "row", "status", "bytes", "label", "label_2", "Blank", "prompt", "clip score"]
+    also = ["row", "id", "status", "bytes"]
+
+    def read(where: str | None) -> list[str] | None:
+        return Selection(ExportOptions(to="hf", where=where)).columns_read(names, also)
+
+    assert read(None) == also
+    assert read("label = 0 AND row % 10 = 0") == [*also, "label"]  # not label_2: a word, not a prefix
+    assert read('NOT blank AND "clip score" > 0.3') == [*also, "Blank", "clip score"]  # names match without case
+    assert read("prompt LIKE '%cat%'") == [*also, "prompt"]  # a superset: a name inside a string still counts
+    assert read("row * 2 > 10") is None and read("COLUMNS('label.*') = 1") is None  # patterns: every column
+
+
+def test_a_bad_where_names_every_index_column_though_fewer_were_read():
+    selection = Selection(ExportOptions(to="hf", where="lable = 0"), ["id", "row", "status", "label"])
+    batch = pa.record_batch({"row": [0], "status": ["ok"]})
+    with pytest.raises(ExportError, match=r"over the index columns \(id, row, status, label\)"):
+        selection.select(batch)
