@@ -48,8 +48,9 @@ MERGE_ROW_GROUP_ROWS = 16_384
 
 
 #: Commits a reader of an unfinished job's index reads at once: a GET each, so on S3 the
-#: latency of 15,625 commits (1M rows) is paid 16 at a time; 16 small tables held at most.
-COMMIT_READ_AHEAD = 16
+#: latency of 15,625 commits (1M rows) is paid 4 at a time. Not more: locally the reads are
+#: parsing, not waiting, and on 2 loaded cores 8 or 16 threads were slower than one (issue 23).
+COMMIT_READ_AHEAD = 4
 
 
 _Read = TypeVar("_Read")

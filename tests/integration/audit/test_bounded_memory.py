@@ -121,7 +121,7 @@ def test_the_report_of_an_unfinished_job_reads_its_commits_in_bounded_memory(unf
     (``COMMIT_READ_AHEAD``), in memory that does not grow with them, the same page as finished."""
     import re
 
-    monkeypatch.setattr("sdbatch.output.index.COMMIT_READ_AHEAD", 4)  # under the smaller output's 8 commits
+    monkeypatch.setattr("sdbatch.output.index.COMMIT_READ_AHEAD", 4)  # pinned under the smaller output's 8 commits
 
     from sdbatch.audit.report import MAX_FAILURES_SHOWN, render_report
 
