@@ -64,9 +64,11 @@ for number, start in enumerate(range(0, rows, rps)):
 """
 
 MERGE = {
-    "in memory": (
-        "from sdbatch.output.commits import table_to_parquet\nfrom sdbatch.output.index import INDEX_KEY, committed_index\n"
-        "storage.put(INDEX_KEY, table_to_parquet(committed_index(storage, 'bench')[0]))\n"
+    "in memory": (  # the baseline: every commit in one table, sorted, written (not in the package: no reader does this)
+        "import pyarrow as pa\nfrom sdbatch.output.commits import committed_shards, read_shard_index, table_to_parquet\n"
+        "from sdbatch.output.index import INDEX_KEY\n"
+        "tables = [read_shard_index(storage, n, 'bench') for n in sorted(committed_shards(storage), key=int)]\n"
+        "storage.put(INDEX_KEY, table_to_parquet(pa.concat_tables(tables, promote_options='permissive').sort_by('row')))\n"
     ),
     "streaming": (
         "import os, pyarrow as pa\nfrom sdbatch.output.index import merge_index\n"

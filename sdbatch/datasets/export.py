@@ -36,6 +36,7 @@ import base64
 import hashlib
 import json
 import logging
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -68,8 +69,15 @@ MAX_ROWS_NAMED = 20
 MAX_CLASSES = 10_000  # more distinct values than this is not a class column
 #: Rows a shard writer reads and checks at a time (their images are held together).
 ROWS_PER_SLICE = 64
+#: An ``hf`` shard's Parquet row group: slices gathered until this many image bytes or rows.
+#: One row group per slice made 1,587 groups in a shard of 100,000 small images, whose footer
+#: (8 MB, held by the writer until it closes) grew the export's peak by 100 MiB (issue 23).
+ROW_GROUP_BYTES = 32 << 20
+ROW_GROUP_ROWS = 16_384
 #: The columns a shard writer needs whatever ``--columns`` says: to find, check and name each image.
 _WORKING_COLUMNS = ("row", "id", "status", "key", "bytes", "sha256")
+#: The columns the planning pass needs whatever ``--columns`` says: to select, split and size rows.
+_PLANNING_COLUMNS = ("row", "id", "status", "bytes")
 MARK_DIR = ".sdbatch-export"
 PLAN_KEY = f"{MARK_DIR}/plan.json"
 DONE_PREFIX = f"{MARK_DIR}/done/"
@@ -170,8 +178,9 @@ class Selection:
     """The rows of an index batch an export holds: ``status = 'ok'`` and ``--where`` (DuckDB,
     external access off), each in its split by a stable hash of its id."""
 
-    def __init__(self, options: ExportOptions):
+    def __init__(self, options: ExportOptions, index_columns: list[str] | None = None):
         self.where = options.where
+        self.index_columns = index_columns  # named in a bad --where's message (default: the batch's)
         self.split_names = [name for name, _ in options.splits] or [DEFAULT_SPLIT]
         self._bounds = np.cumsum([fraction for _, fraction in options.splits]) if options.splits else None
         self._con: Any = None
@@ -195,10 +204,21 @@ class Selection:
             first_line = str(exc).splitlines()[0]
             raise ExportError(
                 f"--where {self.where!r}: {first_line}. Write a SQL condition over the index columns "
-                f"({', '.join(batch.schema.names)}), e.g. \"not blank and duplicate_of is null\""
+                f"({', '.join(self.index_columns or batch.schema.names)}), e.g. \"not blank and duplicate_of is null\""
             ) from None
         finally:
             self._con.unregister("idx")
+
+    def columns_read(self, names: list[str], also: Iterable[str]) -> list[str] | None:
+        """The index columns (of ``names``) to read to select rows and give ``also``: ``also``
+        and every column ``--where`` may name — each whose name is a word of its text, matched
+        without case as DuckDB matches names (a superset: the condition reads every column it
+        uses). None (every column) when ``--where`` holds ``*`` or ``COLUMNS(…)``, which name
+        columns by pattern."""
+        if self.where and re.search(r"\*|\bcolumns\s*\(", self.where, re.IGNORECASE):
+            return None
+        named = [n for n in names if self.where and re.search(rf"(?<!\w){re.escape(n)}(?!\w)", self.where, re.IGNORECASE)]
+        return list(dict.fromkeys([*also, *named]))
 
     def splits_of(self, ids: pa.Array) -> np.ndarray:
         """Each id's split number: where the first 8 bytes of its sha256, as a fraction of
@@ -293,21 +313,31 @@ class _SplitCutter:
 
 def plan_export(job: JobRecord, index: JobIndex, options: ExportOptions) -> ExportPlan:
     """One streaming pass over ``index``: the output shards of the rows ``options`` select.
-    Holds a record batch and a few numbers per output shard, never the selection."""
-    selection = Selection(options)
+    Holds a record batch and a few numbers per output shard, never the selection. From
+    ``index.parquet`` it reads only the columns that select, split and size the rows (the
+    output's schema is the file's); from the commits of an unfinished job, every column (each
+    commit's types are its own)."""
+    selection = Selection(options, index.column_names)
     cutters = {name: _SplitCutter(options.shard_bytes) for name in selection.split_names}
     classes: set[str] = set()
     schema: pa.Schema | None = None
     columns: list[str] | None = None
-    for batch in index.batches():
+    read: list[str] | None = None
+    if index.schema is not None:
+        columns = _output_columns(index.schema, options)
+        read = selection.columns_read(index.schema.names, [*_PLANNING_COLUMNS, *([options.class_column] if options.class_column else [])])
+    chosen_any = False
+    for batch in index.batches(read):
         if columns is None:
             columns = _output_columns(batch.schema, options)
         chosen = selection.select(batch)
         if not chosen.num_rows:
             continue
-        out_schema = chosen.select(columns).schema
-        schema = out_schema if schema is None or schema == out_schema else pa.unify_schemas(
-            [schema, out_schema], promote_options="permissive")
+        chosen_any = True
+        if index.schema is None:
+            out_schema = chosen.select(columns).schema
+            schema = out_schema if schema is None or schema == out_schema else pa.unify_schemas(
+                [schema, out_schema], promote_options="permissive")
         if options.class_column:
             classes |= _class_values(chosen, options.class_column)
         numbers, sizes = chosen.column("row").to_numpy(), chosen.column("bytes").fill_null(0).to_numpy()
@@ -316,6 +346,8 @@ def plan_export(job: JobRecord, index: JobIndex, options: ExportOptions) -> Expo
             mine = split_of == number
             if mine.any():
                 cutters[name].add(numbers[mine], sizes[mine])
+    if index.schema is not None and chosen_any and columns is not None:
+        schema = pa.schema([index.schema.field(c) for c in columns], metadata=index.schema.metadata)
     shards = [shard for name, cutter in cutters.items() for shard in cutter.shards(name)]
     if not shards or schema is None or columns is None:
         where = f" --where {options.where!r}" if options.where else ""
@@ -420,6 +452,8 @@ class _ParquetShard(_ShardFile):
         fields += [pa.field(f.name, pa.int64()) if f.name == self.class_column else f for f in plan.schema]
         self.schema = pa.schema(fields, metadata={b"huggingface": _hf_features(plan)})
         self.writer = pq.ParquetWriter(path, self.schema)
+        self.group: list[pa.Table] = []
+        self.group_bytes = 0
 
     def add(self, rows: pa.RecordBatch, images: list[bytes], exts: list[str]) -> None:
         names = [f"{rid}.{ext}" for rid, ext in zip(rows.column("id").to_pylist(), exts)]
@@ -427,9 +461,19 @@ class _ParquetShard(_ShardFile):
                                            names=["bytes", "path"])
         arrays = [image] + [self._class_numbers(rows).cast(pa.int64()) if f.name == self.class_column
                             else rows.column(f.name).cast(f.type) for f in list(self.schema)[1:]]
-        self.writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
+        self.group.append(pa.Table.from_arrays(arrays, schema=self.schema))
+        self.group_bytes += sum(map(len, images))
+        if self.group_bytes >= ROW_GROUP_BYTES or sum(t.num_rows for t in self.group) >= ROW_GROUP_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.group:
+            table = pa.concat_tables(self.group)
+            self.writer.write_table(table, row_group_size=table.num_rows)
+        self.group, self.group_bytes = [], 0
 
     def close(self) -> None:
+        self._flush()
         self.writer.close()
 
 
@@ -470,11 +514,10 @@ def write_shard(task: ShardTask) -> ShardResult:
         raise ExportError(f"{task.out} changed since this export was planned ({plan.index_source} of job "
                           f"{plan.fingerprint[:12]}…, now {index.source} of {job.fingerprint[:12]}…); export to a new DEST")
     layout = layout_for(source, job.job_spec.output)
-    selection = Selection(plan.options)
+    selection = Selection(plan.options, index.column_names)
     mismatched: list[tuple[str, str, str]] = []
     count = written_rows = 0
-    # --where may name columns the export does not write: then every column is read
-    needed = None if plan.options.where else list(dict.fromkeys([*_WORKING_COLUMNS, *plan.columns]))
+    needed = selection.columns_read(index.column_names, [*_WORKING_COLUMNS, *plan.columns])
     with tempfile.TemporaryDirectory(prefix="sdbatch-export-") as tmp:
         path = Path(tmp) / "shard"
         out = (_ParquetShard if plan.options.to == "hf" else _TarShard)(plan, path)

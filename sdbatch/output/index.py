@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -41,7 +42,33 @@ INDEX_KEY = "index.parquet"
 MERGE_READ_AHEAD = 8
 
 
-MERGE_ROW_GROUP_ROWS = 65_536
+#: 16,384 (a reader's batch, ``INDEX_BATCH_ROWS``): 65,536 took the merge's driver to 440–460 MiB
+#: (the group concatenated and encoded, then rewritten by ``mark_duplicates``), this 340.
+MERGE_ROW_GROUP_ROWS = 16_384
+
+
+#: Commits a reader of an unfinished job's index reads at once: a GET each, so on S3 the
+#: latency of 15,625 commits (1M rows) is paid 4 at a time. Not more: locally the reads are
+#: parsing, not waiting, and on 2 loaded cores 8 or 16 threads were slower than one (issue 23).
+COMMIT_READ_AHEAD = 4
+
+
+_Read = TypeVar("_Read")
+
+
+def _read_ahead(read: Callable[[str], _Read], names: list[str], ahead: int) -> Iterator[tuple[str, _Read]]:
+    """``(name, read(name))`` for each of ``names`` in order, ``ahead`` reads in flight at once
+    (threads): the reads' latency overlaps, and at most ``ahead`` results are held."""
+    with ThreadPoolExecutor(ahead) as pool:
+        pending: deque[tuple[str, Any]] = deque()
+        for name in names:
+            pending.append((name, pool.submit(read, name)))
+            if len(pending) >= ahead:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -150,27 +177,25 @@ def merge_index(
     rows = failed = 0
     first_failed: list[FailedRow] = []
     coverage = _RowCoverage(num_rows)
-    with tempfile.TemporaryDirectory(prefix="sdbatch-index-") as tmp, ThreadPoolExecutor(MERGE_READ_AHEAD) as pool:
+    read = partial(_read_planned_commit, storage, job_fingerprint=job_fingerprint)
+    with tempfile.TemporaryDirectory(prefix="sdbatch-index-") as tmp:
         path = Path(tmp) / INDEX_KEY
         with pq.ParquetWriter(path, schema, compression="zstd") as writer:
             group: list[pa.Table] = []
-            for start in range(0, len(shard_names), MERGE_READ_AHEAD):
-                names = shard_names[start:start + MERGE_READ_AHEAD]
-                read = partial(_read_planned_commit, storage, job_fingerprint=job_fingerprint)
-                for name, table in zip(names, pool.map(read, names)):
-                    if table is None:
-                        coverage.missing_commit(name)
-                        continue
-                    coverage.add(name, table)
-                    group.append(_conform(table, schema))
-                    rows += table.num_rows
-                    failures = table.filter(pc.equal(table.column("status"), STATUS_FAILED))
-                    failed += failures.num_rows
-                    shown = failures.select(["id", "error"]).slice(0, FAILED_ROWS_SHOWN - len(first_failed))
-                    first_failed += [FailedRow(**row) for row in shown.to_pylist()]
-                    if sum(t.num_rows for t in group) >= MERGE_ROW_GROUP_ROWS:
-                        _write_row_group(writer, group)
-                        group = []
+            for name, table in _read_ahead(read, shard_names, MERGE_READ_AHEAD):
+                if table is None:
+                    coverage.missing_commit(name)
+                    continue
+                coverage.add(name, table)
+                group.append(_conform(table, schema))
+                rows += table.num_rows
+                failures = table.filter(pc.equal(table.column("status"), STATUS_FAILED))
+                failed += failures.num_rows
+                shown = failures.select(["id", "error"]).slice(0, FAILED_ROWS_SHOWN - len(first_failed))
+                first_failed += [FailedRow(**row) for row in shown.to_pylist()]
+                if sum(t.num_rows for t in group) >= MERGE_ROW_GROUP_ROWS:
+                    _write_row_group(writer, group)
+                    group = []
             coverage.check()
             if group or not rows:
                 _write_row_group(writer, group or [schema.empty_table()])
@@ -178,15 +203,6 @@ def merge_index(
         found = mark_duplicates(path, marked, duplicates)
         storage.put_file(INDEX_KEY, marked)
     return IndexSummary(rows=rows, rows_failed=failed, first_failed=first_failed, duplicates=found)
-
-
-def committed_index(storage: Storage, job_fingerprint: str) -> tuple[pa.Table, int]:
-    """The merge of every commit (each checked to carry ``job_fingerprint``), in row order,
-    and how many commits that is."""
-    names = sorted(committed_shards(storage), key=int)
-    tables = [read_shard_index(storage, name, job_fingerprint) for name in names]
-    table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
-    return (table.sort_by("row") if "row" in table.column_names else table), len(names)
 
 
 #: Rows per record batch a ``JobIndex`` yields: what a reader of the index holds at once.
@@ -197,7 +213,7 @@ class JobIndex:
     """A job's index, read a slice at a time so no reader's memory grows with the job's rows:
     ``index.parquet`` a record batch at a time (through ``Storage.open_read``: ranged reads on
     S3), or — while the job is unfinished, or its index is not its own — the shards' commits
-    one at a time, in shard order. Either way the rows come in manifest-row order. Opened by
+    in shard order, ``COMMIT_READ_AHEAD`` read at once. Either way the rows come in manifest-row order. Opened by
     ``open_index``; ``problem`` says why ``index.parquet`` was passed over, if it was."""
 
     def __init__(self, storage: Storage, job_fingerprint: str, *, file: pq.ParquetFile | None = None,
@@ -222,6 +238,12 @@ class JobIndex:
         if self._commit_rows is None:
             self._commit_rows = sum(batch.num_rows for batch in self.batches(["row"]))
         return self._commit_rows
+
+    @property
+    def schema(self) -> pa.Schema | None:
+        """``index.parquet``'s Arrow schema; None while the index is the commits (each commit's
+        types are its own: a column all null in one is typed null there)."""
+        return self._file.schema_arrow if self._file is not None else None
 
     @property
     def column_names(self) -> list[str]:
@@ -257,8 +279,8 @@ class JobIndex:
             if groups:
                 yield from self._file.iter_batches(batch_size=INDEX_BATCH_ROWS, row_groups=groups, columns=columns)
             return
-        for name in self._commits:
-            table = read_shard_index(self.storage, name, self.job_fingerprint)
+        read = partial(read_shard_index, self.storage, job_fingerprint=self.job_fingerprint)
+        for _, table in _read_ahead(read, self._commits, COMMIT_READ_AHEAD):
             if table.num_rows:
                 yield from _commit_columns(table.sort_by("row"), columns).to_batches(INDEX_BATCH_ROWS)
 

@@ -30,7 +30,7 @@ def batch_of(row: int) -> list[str]:
     first = row - (row % SHARD_ROWS) % BATCH_SIZE
     return [row_id(i) for i in range(first, min(first + BATCH_SIZE, row - row % SHARD_ROWS + SHARD_ROWS))]
 GROWTH = 1.5  # the most the larger output may take, as a multiple of the smaller's (plus the reader's growth)
-ROW_GROUP_ROWS = 1_000  # sdbatch writes 65,536: here small, so that both sizes span many
+ROW_GROUP_ROWS = 1_000  # sdbatch writes 16,384: here small, so that both sizes span many
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +103,36 @@ def test_the_report_is_computed_in_bounded_memory(outputs):
     assert page.count('<td class="error">synthetic failure of row') == MAX_FAILURES_SHOWN
 
 
+@pytest.fixture(scope="module")
+def unfinished(outputs, tmp_path_factory) -> dict[int, Path]:
+    """The same outputs as a run that ended unfinished leaves them: commits, no index, no _SUCCESS."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("unfinished")
+    copies = {rows: Path(shutil.copytree(out, root / str(rows))) for rows, out in outputs.items()}
+    for out in copies.values():
+        (out / "index.parquet").unlink()
+        (out / "_SUCCESS").unlink()
+    return copies
+
+
+def test_the_report_of_an_unfinished_job_reads_its_commits_in_bounded_memory(unfinished, monkeypatch):
+    """The report at the end of a run that did not finish: the commits, read several at once
+    (``COMMIT_READ_AHEAD``), in memory that does not grow with them, the same page as finished."""
+    import re
+
+    monkeypatch.setattr("sdbatch.output.index.COMMIT_READ_AHEAD", 4)  # pinned under the smaller output's 8 commits
+
+    from sdbatch.audit.report import MAX_FAILURES_SHOWN, render_report
+
+    assert open_job(str(unfinished[LARGE])).index_source == f"{LARGE // SHARD_ROWS} committed shard indexes (job unfinished)"
+    page = assert_bounded(render_report, unfinished)
+    assert f"Failures ({LARGE // 97})" in page and page.count("<figure>") == 24
+    assert page.count('<td class="error">synthetic failure of row') == MAX_FAILURES_SHOWN
+    ok = [row_id(i) for i in range(LARGE) if i % 97 != 96]
+    assert re.findall(r'alt="([^"]+)"', page) == ok[::len(ok) // 24][:24]  # the sheet's rows, in row order
+
+
 def test_the_contact_sheet_shows_ok_rows_spread_evenly_over_the_job(outputs):
     import re
 
@@ -149,7 +179,7 @@ def test_reproduce_of_a_row_in_the_last_shard_of_a_50000_row_index(tmp_path):
     from sdbatch.audit.reproduce import Reproducer
 
     rows, target = 50_000, 49_997  # its batch: 49,992 … 49,999
-    out = build_output(tmp_path, rows, objects=False)  # shards of 1,000 rows, in row groups of 65,536
+    out = build_output(tmp_path, rows, objects=False)  # shards of 1,000 rows, in row groups of 16,384
     result = Reproducer(open_job(str(out))).reproduce(row_id(target))
     assert result.id == row_id(target) and result.key == f"images/00049/{row_id(target)}.png"
     assert result.batch_rows == [row_id(i) for i in range(49_992, rows)] and result.batch_rebuilt

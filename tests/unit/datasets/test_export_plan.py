@@ -41,3 +41,45 @@ def test_a_rows_split_depends_on_its_id_alone():
     first = selection.splits_of(pa.array(ids))
     assert (selection.splits_of(pa.array(ids[::-1]))[::-1] == first).all()  # not by position
     assert 0.75 < (first == 0).mean() < 0.85
+
+
+def test_the_columns_read_are_the_ones_given_and_every_one_where_names():
+    names = ["id", "row", "status", "bytes", "label", "label_2", "Blank", "prompt", "clip score"]
+    also = ["row", "id", "status", "bytes"]
+
+    def read(where: str | None) -> list[str] | None:
+        return Selection(ExportOptions(to="hf", where=where)).columns_read(names, also)
+
+    assert read(None) == also
+    assert read("label = 0 AND row % 10 = 0") == [*also, "label"]  # not label_2: a word, not a prefix
+    assert read('NOT blank AND "clip score" > 0.3') == [*also, "Blank", "clip score"]  # names match without case
+    assert read("prompt LIKE '%cat%'") == [*also, "prompt"]  # a superset: a name inside a string still counts
+    assert read("row * 2 > 10") is None and read("COLUMNS('label.*') = 1") is None  # patterns: every column
+
+
+def test_a_bad_where_names_every_index_column_though_fewer_were_read():
+    selection = Selection(ExportOptions(to="hf", where="lable = 0"), ["id", "row", "status", "label"])
+    batch = pa.record_batch({"row": [0], "status": ["ok"]})
+    with pytest.raises(ExportError, match=r"over the index columns \(id, row, status, label\)"):
+        selection.select(batch)
+
+
+def test_an_hf_shard_gathers_its_slices_into_row_groups(tmp_path, monkeypatch):
+    import base64
+
+    import pyarrow.parquet as pq
+
+    from sdbatch.datasets.export import ExportPlan, _ParquetShard
+
+    monkeypatch.setattr("sdbatch.datasets.export.ROW_GROUP_ROWS", 100)
+    schema = pa.schema([("id", pa.string()), ("row", pa.int64())])
+    plan = ExportPlan(fingerprint="f", index_source="index.parquet", index_rows=192, options=ExportOptions(to="hf"),
+                      columns=("id", "row"), schema_b64=base64.b64encode(schema.serialize().to_pybytes()).decode(), shards=())
+    shard = _ParquetShard(plan, tmp_path / "shard.parquet")
+    for start in range(0, 192, 64):  # three 64-row slices: a group once 100 rows are gathered, the rest at close
+        rows = pa.record_batch({"id": [f"img-{i}" for i in range(start, start + 64)], "row": list(range(start, start + 64))})
+        shard.add(rows, [b"x" * 10] * 64, ["png"] * 64)
+    shard.close()
+    written = pq.ParquetFile(tmp_path / "shard.parquet")
+    assert [written.metadata.row_group(g).num_rows for g in range(written.num_row_groups)] == [128, 64]
+    assert written.read(columns=["row"]).column("row").to_pylist() == list(range(192))
