@@ -430,6 +430,9 @@ def test_init_images_outside_the_manifests_folder_or_buckets_are_refused(run_cli
     _, bucket = s3_bucket
     folder = tmp_path / "data"
     folder.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(folder / "ok.png")  # there: validate's missing-file warning does not name it
     manifest = write_manifest(folder / "m.parquet", img2img_rows(
         "../../../../../../etc/hostname", "~/.bashrc", "s3://someone-elses-bucket/x.png", "ok.png",
         f"s3://{bucket}/in/ok.png"))
