@@ -184,6 +184,10 @@ class CommitSource:
         """The committed ones of ``shards``, in shard order."""
         return sorted((s for s in shards if s in self.names), key=int)
 
+    def only(self, shards: Iterable[str]) -> CommitSource:
+        """These commits narrowed to ``shards``: what a task is sent, not every commit's name."""
+        return CommitSource(frozenset(self.of(shards)), self.job_fingerprint)
+
 
 def check_shards(storage: Storage, layout: Layout, rows: pa.Table, read_rows: Collection[int] | None,
                  threads: int = 16, commits: CommitSource | None = None) -> ShardChecks:
@@ -306,7 +310,9 @@ class ShardDispatch:
                 self.on_result(ShardChecks(commits=found))
 
     def _submit(self, table: pa.Table) -> None:
-        self.shards.add(pc.unique(table.column("shard")).to_pylist())
+        shards = pc.unique(table.column("shard")).to_pylist()
+        self.shards.add(shards)
+        commits = None if self.commits is None else self.commits.only(shards)
         read = None
         if self.read_rows is not None:
             rows = table.column("row").to_numpy(zero_copy_only=False)
@@ -314,7 +320,7 @@ class ShardDispatch:
             read = inside.tolist()
         if not self.workers:
             self.on_result(check_shards(self.layout.storage, self.layout, table, None if read is None else set(read),
-                                        self.threads, self.commits))
+                                        self.threads, commits))
             return
         if self._remote is None:
             import ray
@@ -322,7 +328,7 @@ class ShardDispatch:
             self._remote = ray.remote(num_cpus=1)(_remote_check)
         while len(self._pending) >= self.workers:
             self._collect()
-        self._pending.append(self._remote.remote(self.layout, table, read, self.threads, self.commits))
+        self._pending.append(self._remote.remote(self.layout, table, read, self.threads, commits))
 
     def _collect(self) -> None:
         import ray
