@@ -1,51 +1,27 @@
 """``verify``'s checks of the index itself, streamed a record batch at a time in row order: its
 row count against ``job.json``, each manifest row once (a count per row, saturating at 2: a
-byte per row), its ids against the manifest's and its rows against the shards' commits (both
-merge-joins by row: those streams are in row order too), and foreign objects at failed rows'
-keys. Also ``RowSample``: rows drawn uniformly in memory of the sample's size. Nothing here
-holds more than a batch of each stream and the per-row counts."""
+byte per row), its ids against the manifest's (a merge-join by row: that stream is in row order
+too), and foreign objects at failed rows' keys; its rows against the shards' commits are
+compared by the object checks' tasks, whose findings are merged here in row order. Also
+``RowSample``: rows drawn uniformly in memory of the sample's size. Nothing here holds more than
+a batch of each stream, the per-row counts and a few numbers per task."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from sdbatch.audit.job_output import JobOutput
-from sdbatch.audit.object_check import Findings
+from sdbatch.audit.object_check import CommitChecks, CommitSource, Findings, Tally, follows, pair_by_row
 from sdbatch.data.index import STATUS_OK
 from sdbatch.manifest.sources import ManifestError
 from sdbatch.output.commits import committed_shards
 from sdbatch.output.documents import JobRecord
-from sdbatch.output.index import INDEX_BATCH_ROWS, INDEX_KEY, JobIndex
+from sdbatch.output.index import INDEX_BATCH_ROWS, INDEX_KEY
 from sdbatch.storage.base import StorageError
-
-SHOWN = 5  # ids named per problem
-
-#: The columns the index is compared with its commits on.
-COMMITTED = ["id", "key", "sha256", "status"]
-
-
-class _Tally:
-    """How many ids a problem concerns, and the first ``SHOWN`` of them."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.first: list[str] = []
-
-    def add(self, ids: list[str]) -> None:
-        self.count += len(ids)
-        self.first += ids[:SHOWN - len(self.first)]
-
-    def example(self) -> str:
-        return ", ".join(self.first)
-
-
-def _follows(rows: np.ndarray, last: int) -> bool:
-    """Whether ``rows`` are in order and none comes before row ``last``."""
-    return not len(rows) or bool(rows[0] >= last and np.all(np.diff(rows) >= 0))
 
 
 class _RowStream:
@@ -67,7 +43,7 @@ class _RowStream:
                 if self._held is None:
                     break
                 rows = self._held.column("row").to_numpy(zero_copy_only=False)
-                self.ordered &= _follows(rows, self._last)
+                self.ordered &= follows(rows, self._last)
                 self._last = max(self._last, int(rows.max(initial=-1)))
             rows = self._held.column("row").to_numpy(zero_copy_only=False)
             cut = len(rows) if stop is None else int(np.searchsorted(rows, stop))
@@ -78,33 +54,6 @@ class _RowStream:
                 break
             self._held = None
         return pa.Table.from_batches(taken) if taken else None
-
-
-def _equal(a: pa.ChunkedArray, b: pa.ChunkedArray) -> np.ndarray:
-    """Element-wise equality where two nulls are equal."""
-    same = pc.fill_null(pc.equal(a, b), False)
-    both_null = pc.and_(pc.is_null(a), pc.is_null(b))
-    return pc.or_(same, both_null).to_numpy(zero_copy_only=False)
-
-
-def _pair(index: pa.Table | None, other: pa.Table | None, compared: list[str]) -> tuple[list[str], ...]:
-    """Index rows and another stream's rows of the same row range, paired by row. The ids of:
-    index rows the other lacks; index rows whose ``compared`` columns differ from the other's
-    row, and that row's id in the other; the other's rows the index lacks."""
-    if index is None or other is None:
-        return ([] if index is None else index.column("id").to_pylist()), [], [], \
-               ([] if other is None else other.column("id").to_pylist())
-    irows = index.column("row").to_numpy(zero_copy_only=False)
-    orows = other.column("row").to_numpy(zero_copy_only=False)
-    has = np.isin(irows, orows)
-    partner = np.searchsorted(orows, irows[has])
-    theirs, mine = other.take(pa.array(partner, pa.int64())), index.filter(pa.array(has))
-    same = np.ones(len(partner), dtype=bool)
-    for name in compared:
-        same &= _equal(mine.column(name), theirs.column(name))
-    differ = pa.array(~same)
-    return (index.column("id").filter(pa.array(~has)).to_pylist(), mine.column("id").filter(differ).to_pylist(),
-            theirs.column("id").filter(differ).to_pylist(), other.column("id").filter(pa.array(~np.isin(orows, irows))).to_pylist())
 
 
 def _manifest_ids(job: JobRecord) -> tuple[Iterator[pa.RecordBatch] | None, str | None]:
@@ -151,7 +100,7 @@ class IndexChecks:
     ``problems()`` at the end: how the index disagrees with job.json, the manifest and the
     commits. Also counts the rows, failed rows, duplicates and foreign objects."""
 
-    def __init__(self, out: JobOutput, progress: Callable[[str], None] | None = None):
+    def __init__(self, out: JobOutput):
         self.out = out
         self.total = out.job.manifest.num_rows
         self.rows = self.failed = 0
@@ -161,16 +110,16 @@ class IndexChecks:
         self._last = -1
         self.ordered = True
         self._carry: pa.Table | None = None  # rows of the last row number seen: its duplicate may follow
-        self._commits = None
-        if out.index.final:
-            if progress:
-                progress("comparing the index with the commits")
-            commits = JobIndex(out.storage, out.job.fingerprint, commits=sorted(committed_shards(out.storage), key=int))
-            self._commits = _RowStream(commits.batches(["row", *COMMITTED]))
+        # the index's own file is compared with the commits, by the object checks' tasks
+        self.commits = CommitSource(frozenset(committed_shards(out.storage)), out.job.fingerprint) if out.index.final else None
+        self._compared: list[CommitChecks] = []
         manifest, self._unchecked = _manifest_ids(out.job)
         self._manifest = None if manifest is None else _RowStream(manifest)
-        self.lost, self.differ, self.unknown = _Tally(), _Tally(), _Tally()
-        self.absent, self.strangers = _Tally(), _Tally()
+        self.absent, self.strangers = Tally(), Tally()
+
+    def add_commits(self, found: CommitChecks) -> None:
+        """A task's comparison of its rows with their shards' commits."""
+        self._compared.append(found)
 
     def add(self, batch: pa.RecordBatch) -> None:
         if not batch.num_rows:
@@ -183,12 +132,12 @@ class IndexChecks:
             self.foreign.extend(zip(batch.column("id").filter(foreign).to_pylist(), batch.column("key").filter(foreign).to_pylist()))
         self._count(batch)
         rows = batch.column("row").to_numpy(zero_copy_only=False)
-        self.ordered &= _follows(rows, self._last)
+        self.ordered &= follows(rows, self._last)
         self._last = max(self._last, int(rows.max()))
         if not self.ordered:  # the merge-joins mean nothing: said in problems()
             self._carry = None
             return
-        table = pa.Table.from_batches([batch]).select(["row", *COMMITTED])
+        table = pa.Table.from_batches([batch]).select(["row", "id"])
         if self._carry is not None:
             table = pa.concat_tables([self._carry, table])
         rows = table.column("row").to_numpy(zero_copy_only=False)
@@ -211,19 +160,14 @@ class IndexChecks:
 
     def _compare(self, table: pa.Table | None, stop: int | None) -> None:
         """Compare the index rows ``table`` (those before row ``stop``; None: the rest of the
-        index) with the commits' and the manifest's rows up to there."""
-        if self._commits is not None:
-            unknown, differ, _, lost = _pair(table, self._commits.upto(stop), COMMITTED)
-            self.unknown.add(unknown)
-            self.differ.add(differ)
-            self.lost.add(lost)
+        index) with the manifest's rows up to there."""
         if self._manifest is not None:
             try:
                 manifest = self._manifest.upto(stop)
             except (ManifestError, StorageError, OSError) as exc:  # the manifest became unreadable part-way
                 self._manifest, self._unchecked = None, _unreadable(self.out.job, exc)
                 return
-            strangers, other_id, held_by_another, absent = _pair(table, manifest, ["id"])
+            strangers, other_id, held_by_another, absent = pair_by_row(table, manifest, ["id"])
             self.strangers.add(strangers + other_id)
             self.absent.add(absent + held_by_another)
 
@@ -242,24 +186,40 @@ class IndexChecks:
             problems.append(f"{out.index.source} is not in row order: it was not compared with the commits nor the "
                             "manifest; rebuild it with --rebuild-index")
             return problems if self._unchecked is None else [*problems, self._unchecked]
-        if self._commits is not None and not self._commits.ordered:
-            problems.append("the commits are not in row order (a commit holds rows of another shard): the index was "
-                            "not compared with them")
-        elif self._commits is not None:
-            if self.lost.count:
-                problems.append(f"{self.lost.count} committed rows are not in {INDEX_KEY} (e.g. {self.lost.example()}); "
-                                "rebuild it with --rebuild-index")
-            if self.differ.count:
-                problems.append(f"{self.differ.count} rows of {INDEX_KEY} differ from their commit (e.g. "
-                                f"{self.differ.example()}); rebuild it with --rebuild-index")
-            if self.unknown.count:
-                problems.append(f"{self.unknown.count} rows of {INDEX_KEY} are in no commit (e.g. {self.unknown.example()})")
+        if self.commits is not None:
+            problems += self._commit_problems()
         if self._unchecked is not None:
             return [*problems, self._unchecked]
         if self.absent.count and out.finished:
             problems.append(f"{self.absent.count} manifest rows are not in the index (e.g. {self.absent.example()})")
         if self.strangers.count:
             problems.append(f"{self.strangers.count} index rows are not in the manifest (e.g. {self.strangers.example()})")
+        return problems
+
+
+    def _commit_problems(self) -> list[str]:
+        """The tasks' comparisons with the commits, merged in row order."""
+        last, ordered = -1, True
+        for _, first, top, inside in sorted((s for c in self._compared for s in c.spans), key=lambda s: int(s[0])):
+            ordered &= inside and first >= last
+            last = max(last, top)
+        if not ordered:
+            return ["the commits are not in row order (a commit holds rows of another shard): the index was "
+                    "not compared with them"]
+        lost, differ, unknown = Tally(), Tally(), Tally()
+        for found in sorted(self._compared, key=lambda c: c.first_row):
+            lost.merge(found.lost)
+            differ.merge(found.differ)
+            unknown.merge(found.unknown)
+        problems = []
+        if lost.count:
+            problems.append(f"{lost.count} committed rows are not in {INDEX_KEY} (e.g. {lost.example()}); "
+                            "rebuild it with --rebuild-index")
+        if differ.count:
+            problems.append(f"{differ.count} rows of {INDEX_KEY} differ from their commit (e.g. "
+                            f"{differ.example()}); rebuild it with --rebuild-index")
+        if unknown.count:
+            problems.append(f"{unknown.count} rows of {INDEX_KEY} are in no commit (e.g. {unknown.example()})")
         return problems
 
 

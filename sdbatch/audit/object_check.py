@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from sdbatch.data.index import STATUS_OK
 from sdbatch.output.commits import shard_name
+from sdbatch.output.index import JobIndex
 from sdbatch.output.layout import PREFIXES, Layout, object_key, size_differs
 from sdbatch.storage.base import Storage
 
@@ -36,6 +37,64 @@ TASKS_PER_WORKER = 4
 
 #: The index columns the object checks need.
 CHECK_COLUMNS = ["id", "row", "shard", "status", "key", "bytes", "sha256"]
+
+
+SHOWN = 5  # ids named per problem
+
+#: The columns the index is compared with its commits on.
+COMMITTED = ["id", "key", "sha256", "status"]
+
+
+class Tally:
+    """How many ids a problem concerns, and the first ``SHOWN`` of them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first: list[str] = []
+
+    def add(self, ids: list[str]) -> None:
+        self.count += len(ids)
+        self.first += ids[:SHOWN - len(self.first)]
+
+    def merge(self, other: Tally) -> None:
+        """Add a later row range's tally."""
+        self.count += other.count
+        self.first += other.first[:SHOWN - len(self.first)]
+
+    def example(self) -> str:
+        return ", ".join(self.first)
+
+
+def follows(rows: np.ndarray, last: int) -> bool:
+    """Whether ``rows`` are in order and none comes before row ``last``."""
+    return not len(rows) or bool(rows[0] >= last and np.all(np.diff(rows) >= 0))
+
+
+def _equal(a: pa.ChunkedArray, b: pa.ChunkedArray) -> np.ndarray:
+    """Element-wise equality where two nulls are equal."""
+    same = pc.fill_null(pc.equal(a, b), False)
+    both_null = pc.and_(pc.is_null(a), pc.is_null(b))
+    return pc.or_(same, both_null).to_numpy(zero_copy_only=False)
+
+
+def pair_by_row(index: pa.Table | None, other: pa.Table | None, compared: list[str]) -> tuple[list[str], ...]:
+    """Index rows and another stream's rows of the same row range, paired by row. The ids of:
+    index rows the other lacks; index rows whose ``compared`` columns differ from the other's
+    row, and that row's id in the other; the other's rows the index lacks."""
+    if index is None or other is None:
+        return ([] if index is None else index.column("id").to_pylist()), [], [], \
+               ([] if other is None else other.column("id").to_pylist())
+    irows = index.column("row").to_numpy(zero_copy_only=False)
+    orows = other.column("row").to_numpy(zero_copy_only=False)
+    has = np.isin(irows, orows)
+    partner = np.searchsorted(orows, irows[has])
+    theirs, mine = other.take(pa.array(partner, pa.int64())), index.filter(pa.array(has))
+    same = np.ones(len(partner), dtype=bool)
+    for name in compared:
+        same &= _equal(mine.column(name), theirs.column(name))
+    differ = pa.array(~same)
+    return (index.column("id").filter(pa.array(~has)).to_pylist(), mine.column("id").filter(differ).to_pylist(),
+            theirs.column("id").filter(differ).to_pylist(), other.column("id").filter(pa.array(~np.isin(orows, irows))).to_pylist())
 
 
 class Findings(list[T]):
@@ -62,9 +121,47 @@ class Findings(list[T]):
 
 
 @dataclass
+class CommitChecks:
+    """A task's index rows against its shards' commits, paired by row: the first row they hold
+    (to merge tasks' tallies in row order), the ids of index rows in no commit (``unknown``),
+    differing from their commit (``differ``), committed rows not indexed (``lost``), and each
+    commit's (name, first row, last row, whether in row order)."""
+
+    first_row: int
+    unknown: Tally = field(default_factory=Tally)
+    differ: Tally = field(default_factory=Tally)
+    lost: Tally = field(default_factory=Tally)
+    spans: list[tuple[str, int, int, bool]] = field(default_factory=list)
+
+
+def compare_commits(storage: Storage, job_fingerprint: str, names: list[str], index: pa.Table | None) -> CommitChecks:
+    """The index rows ``index`` (row-ordered; None: none) against the commits ``names`` (their
+    shards' commits, in shard order), a commit read at a time into one table."""
+    tables = []
+    found = CommitChecks(first_row=-1)
+    for name in names:
+        batches = list(JobIndex(storage, job_fingerprint, commits=[name]).batches(["row", *COMMITTED]))
+        commit = pa.Table.from_batches(batches) if batches else None
+        if commit is None or not commit.num_rows:
+            continue
+        rows = commit.column("row").to_numpy()
+        found.spans.append((name, int(rows[0]), int(rows.max()), follows(rows, -1)))
+        tables.append(commit)
+    commits = pa.concat_tables(tables) if tables else None
+    start = index if index is not None and index.num_rows else commits
+    found.first_row = -1 if start is None else int(pc.min(start.column("row")).as_py())
+    unknown, differ, _, lost = pair_by_row(index, commits, COMMITTED)
+    found.unknown.add(unknown)
+    found.differ.add(differ)
+    found.lost.add(lost)
+    return found
+
+
+@dataclass
 class ShardChecks:
     """What a task found: its index rows, ok rows whose object is intact, rows whose object was
-    read, missing (id, key), mismatched (id, key, what) and orphan objects."""
+    read, missing (id, key), mismatched (id, key, what) and orphan objects; and, when the index
+    is compared with the commits, how its rows agree with their shards' (``commits``)."""
 
     rows: int = 0
     ok: int = 0
@@ -72,13 +169,32 @@ class ShardChecks:
     missing: list[tuple[str, str]] = field(default_factory=list)
     mismatched: list[tuple[str, str, str]] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
+    commits: CommitChecks | None = None
+
+
+@dataclass(frozen=True)
+class CommitSource:
+    """The commits the index is compared with: the committed shards' names and the job's
+    fingerprint (each commit's stamp)."""
+
+    names: frozenset[str]
+    job_fingerprint: str
+
+    def of(self, shards: Iterable[str]) -> list[str]:
+        """The committed ones of ``shards``, in shard order."""
+        return sorted((s for s in shards if s in self.names), key=int)
+
+    def only(self, shards: Iterable[str]) -> CommitSource:
+        """These commits narrowed to ``shards``: what a task is sent, not every commit's name."""
+        return CommitSource(frozenset(self.of(shards)), self.job_fingerprint)
 
 
 def check_shards(storage: Storage, layout: Layout, rows: pa.Table, read_rows: Collection[int] | None,
-                 threads: int = 16) -> ShardChecks:
+                 threads: int = 16, commits: CommitSource | None = None) -> ShardChecks:
     """Check the index ``rows`` of whole shards against their objects: every ok row's object
     listed (and of its recorded size, where a listing shows it), and the rows of ``read_rows``
-    (None: all) read and hashed. Orphans: listed objects of these shards no ok row names."""
+    (None: all) read and hashed. Orphans: listed objects of these shards no ok row names. With
+    ``commits``, the rows against their shards' commits too."""
     entries = rows.to_pylist()
     shards = {e["shard"] for e in entries}
     listed = {key: size for shard in sorted(shards)
@@ -105,6 +221,8 @@ def check_shards(storage: Storage, layout: Layout, rows: pa.Table, read_rows: Co
     found.mismatched += checked.mismatched
     named = layout.objects([e["key"] for e in ok])
     found.orphans = sorted([k for k in listed if k not in named] + checked.orphan_members)
+    if commits is not None:
+        found.commits = compare_commits(storage, commits.job_fingerprint, commits.of(shards), rows)
     return found
 
 
@@ -114,9 +232,10 @@ def _listed_size(storage: Storage, key: str) -> int | None:
     return next((size for listed, size in storage.list_sizes(key) if listed == key), None)
 
 
-def _remote_check(layout: Layout, rows: pa.Table, read_rows: list[int] | None, threads: int) -> ShardChecks:
+def _remote_check(layout: Layout, rows: pa.Table, read_rows: list[int] | None, threads: int,
+                  commits: CommitSource | None) -> ShardChecks:
     """``check_shards`` in a Ray task (the layout arrives pickled with its storage: URL, endpoint)."""
-    return check_shards(layout.storage, layout, rows, None if read_rows is None else set(read_rows), threads)
+    return check_shards(layout.storage, layout, rows, None if read_rows is None else set(read_rows), threads, commits)
 
 
 class ShardSet:
@@ -149,11 +268,14 @@ class ShardDispatch:
     """Cuts the ``rows`` index rows, fed in row-ordered batches (``CHECK_COLUMNS``), into tasks
     of whole shards of about ``task_rows`` rows and runs them — ``workers`` Ray tasks at a time, or here when
     ``workers`` is 0 — handing each task's findings to ``on_result`` as it completes.
-    ``read_rows``: the rows whose objects are read (None: every row; empty: none)."""
+    ``read_rows``: the rows whose objects are read (None: every row; empty: none). With
+    ``commits``, each task compares its rows with their shards' commits, and ``close`` the
+    commits of shards the index holds no row of."""
 
     def __init__(self, layout: Layout, on_result: Callable[[ShardChecks], None], *, workers: int, rows: int,
-                 read_rows: Collection[int] | None, threads: int):
+                 read_rows: Collection[int] | None, threads: int, commits: CommitSource | None = None):
         self.layout, self.on_result, self.workers, self.threads = layout, on_result, workers, threads
+        self.commits = commits
         self.task_rows = max(1, min(TASK_ROWS, -(-rows // (TASKS_PER_WORKER * max(workers, 1)))))
         self.read_rows = None if read_rows is None else np.sort(np.fromiter(read_rows, dtype=np.int64))
         self.shards = ShardSet()
@@ -182,16 +304,23 @@ class ShardDispatch:
             self._submit(table)
         while self._pending:
             self._collect()
+        if self.commits is not None:  # every row of these commits is lost: compared here, one at a time
+            for name in sorted((n for n in self.commits.names if n not in self.shards), key=int):
+                found = compare_commits(self.layout.storage, self.commits.job_fingerprint, [name], None)
+                self.on_result(ShardChecks(commits=found))
 
     def _submit(self, table: pa.Table) -> None:
-        self.shards.add(pc.unique(table.column("shard")).to_pylist())
+        shards = pc.unique(table.column("shard")).to_pylist()
+        self.shards.add(shards)
+        commits = None if self.commits is None else self.commits.only(shards)
         read = None
         if self.read_rows is not None:
             rows = table.column("row").to_numpy(zero_copy_only=False)
             inside = self.read_rows[np.searchsorted(self.read_rows, rows.min()):np.searchsorted(self.read_rows, rows.max(), "right")]
             read = inside.tolist()
         if not self.workers:
-            self.on_result(check_shards(self.layout.storage, self.layout, table, None if read is None else set(read), self.threads))
+            self.on_result(check_shards(self.layout.storage, self.layout, table, None if read is None else set(read),
+                                        self.threads, commits))
             return
         if self._remote is None:
             import ray
@@ -199,7 +328,7 @@ class ShardDispatch:
             self._remote = ray.remote(num_cpus=1)(_remote_check)
         while len(self._pending) >= self.workers:
             self._collect()
-        self._pending.append(self._remote.remote(self.layout, table, read, self.threads))
+        self._pending.append(self._remote.remote(self.layout, table, read, self.threads, commits))
 
     def _collect(self) -> None:
         import ray

@@ -172,7 +172,7 @@ def verify(
         connect_ray(address)
         report.checked_by = f"{plural(workers, 'Ray task')} at a time"
 
-    checks = IndexChecks(out, progress)
+    checks = IndexChecks(out)
     regenerated = RowSample(regenerate, seed, 0) if regenerate else None
     spot = RowSample(sample, seed, 1) if sample else None
     with _bar(bar, out.index.num_rows) as advance:
@@ -182,18 +182,20 @@ def verify(
             report.missing.extend(found.missing)
             report.mismatched.extend(found.mismatched)
             report.orphans.extend(found.orphans)
+            if found.commits is not None:
+                checks.add_commits(found.commits)
             advance(found.rows)
 
         if progress:
             progress(f"checking the objects of {out.index_source}")
         if spot is None:
             dispatch = ShardDispatch(out.layout, merge, workers=workers, rows=out.index.num_rows, threads=threads,
-                                     read_rows=[] if listing_only else None)
+                                     read_rows=[] if listing_only else None, commits=checks.commits)
             _scan(out, checks, regenerated, dispatch)
         else:  # the sample is known once the whole index is read: the objects are checked in a second pass
             _scan(out, checks, regenerated, spot)
             dispatch = ShardDispatch(out.layout, merge, workers=workers, rows=out.index.num_rows, threads=threads,
-                                     read_rows=spot.rows)
+                                     read_rows=spot.rows, commits=checks.commits)
             _scan(out, dispatch)
             report.sample_seed, report.sampled = seed, spot.ids
         dispatch.close()

@@ -179,6 +179,28 @@ def test_index_checks_stream_by_row(tmp_path):
     assert not report.clean
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_index_rows_of_an_uncommitted_shard_and_commits_out_of_order(tmp_path, workers, request):
+    """Each task compares its shards' index rows with their commits: rows whose shard has no
+    commit are in no commit (the first of them named, in row order, whichever task ends first);
+    a commit holding another shard's rows leaves the commits unordered, and nothing compared."""
+    from sdbatch.audit.verify import verify
+
+    if workers:
+        request.getfixturevalue("ray_address")
+    out = build_output(tmp_path / "job", 300, rows_per_shard=100)
+    (out / "metadata" / "00001.parquet").unlink()
+    report = verify(str(out), listing_only=True, workers=workers)
+    assert report.index_problems == ["100 rows of index.parquet are in no commit (e.g. img-000000100, img-000000101, "
+                                     "img-000000102, img-000000103, img-000000104)"]
+    shutil.copy(out / "metadata" / "00002.parquet", out / "metadata" / "00001.parquet")
+    (out / "metadata" / "00002.parquet").unlink()
+    shutil.copy(out / "metadata" / "00000.parquet", out / "metadata" / "00002.parquet")
+    report = verify(str(out), listing_only=True, workers=workers)
+    assert report.index_problems == ["the commits are not in row order (a commit holds rows of another shard): the "
+                                     "index was not compared with them"]
+
+
 def test_an_index_out_of_row_order_is_reported(tmp_path):
     from sdbatch.audit.verify import verify
 
