@@ -53,13 +53,13 @@ class PromptCache:
         """Answer ``pipe.encode_prompt`` from this cache (an instance attribute shadows the method)."""
         original = pipe.encode_prompt
         signature = inspect.signature(original)
-        owner = (type(pipe).__name__, *(id(getattr(pipe, name, None)) for name in TEXT_ENCODERS))
 
         def encode_prompt(*args: Any, **kwargs: Any) -> Any:
             call = signature.bind(*args, **kwargs)
             call.apply_defaults()
-            arguments = dict(call.arguments)
-            return self._encode(original, owner, arguments)
+            # the encoders the pipeline holds now: one swapped or removed since is another key
+            owner = (type(pipe).__name__, *(id(getattr(pipe, name, None)) for name in TEXT_ENCODERS))
+            return self._encode(original, owner, dict(call.arguments))
 
         pipe.encode_prompt = encode_prompt
 
