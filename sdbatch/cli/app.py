@@ -86,6 +86,16 @@ EndpointOpt = typer.Option(
     None, "--s3-endpoint", envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL (MinIO, Ceph, R2, moto)."
 )
 
+StrictOpt = typer.Option(
+    False, "--strict",
+    help="Refuse columns named like a misspelled per-row column (widht, promt), and rows whose local init_image "
+    "cannot be read, instead of warning.")
+
+LiteralPromptsOpt = typer.Option(
+    False, "--literal-prompts",
+    help="Prompts mean brackets literally: no AUTOMATIC1111 prompt-syntax checks (\\[a|b], \\[x:y:0.5] are refused "
+    "without it; (word:1.3), BREAK warned about).")
+
 
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(

@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 
+from sdbatch.cli.app import LiteralPromptsOpt, StrictOpt
 from sdbatch.errors import EXIT_BAD_INPUT
 
 
@@ -22,14 +23,8 @@ def validate(
     set_: list[str] = typer.Option([], "--set", help="Override a spec key: --set defaults.steps=30 (repeatable)."),
     max_errors: Optional[int] = typer.Option(None, "--max-errors", help="Bad rows to list (default limits.max_errors_shown)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
-    strict: bool = typer.Option(
-        False, "--strict",
-        help="Refuse columns named like a misspelled per-row column (widht, promt), and rows whose local init_image "
-        "cannot be read, instead of warning."),
-    literal_prompts: bool = typer.Option(
-        False, "--literal-prompts",
-        help="Prompts mean brackets literally: no AUTOMATIC1111 prompt-syntax checks ([a|b], [a:b:0.5] are refused "
-        "without it; (word:1.3), BREAK warned about)."),
+    strict: bool = StrictOpt,
+    literal_prompts: bool = LiteralPromptsOpt,
 ) -> None:
     """Check a manifest against the contract (types, ranges, ids, seeds…) before anything runs.
 

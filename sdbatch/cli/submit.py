@@ -15,8 +15,10 @@ import typer
 
 from sdbatch.cli.app import (
     EndpointOpt,
+    LiteralPromptsOpt,
     SetOpt,
     SpecOpt,
+    StrictOpt,
     command,
     err,
     fail,
@@ -110,14 +112,8 @@ def submit(
         "_sdbatch state; no other file) and run this one there."),
     allow_unauthenticated_ray: bool = typer.Option(False, "--allow-unauthenticated-ray", help="Start the local Ray cluster even with "
         "RAY_AUTH_MODE=disabled (it still listens on 127.0.0.1 only)."),
-    strict: bool = typer.Option(
-        False, "--strict",
-        help="Refuse columns named like a misspelled per-row column (widht, promt), and rows whose local init_image "
-        "cannot be read, instead of warning."),
-    literal_prompts: bool = typer.Option(
-        False, "--literal-prompts",
-        help="Prompts mean brackets literally: no AUTOMATIC1111 prompt-syntax checks ([a|b], [a:b:0.5] are refused "
-        "without it; (word:1.3), BREAK warned about)."),
+    strict: bool = StrictOpt,
+    literal_prompts: bool = LiteralPromptsOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate, preflight storage and model, and print the plan (shards, batches, fill ratio, "
         "estimate); write nothing. Exit 0, or 2 if a real submit would be refused."),
     notify: Optional[str] = typer.Option(None, "--notify", envvar="SDBATCH_NOTIFY", help="POST a JSON notification (state, rows, failures, report URL) to "

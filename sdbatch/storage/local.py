@@ -189,15 +189,11 @@ class LocalStorage:
         return sha256_of(data)
 
     def get(self, key: str) -> bytes:
-        path = self._path(key)
-        try:
-            return path.read_bytes()
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
-            raise NotFound(f"{self.url}/{key} not found") from e
-        except PermissionError as e:
-            raise StorageConfigError(f"cannot read {path}: permission denied") from e
-        except OSError as e:
-            raise StorageError(f"cannot read {path}: {e}") from e
+        with self.open_read(key) as file:
+            try:
+                return file.read()
+            except OSError as e:
+                raise StorageError(f"cannot read {self._path(key)}: {e}") from e
 
     def open_read(self, key: str) -> BinaryIO:
         path = self._path(key)
