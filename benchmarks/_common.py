@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark scripts: prompts, a local S3 server's plumbing."""
+"""Shared pieces of the benchmark scripts: prompts, a local S3 server's plumbing, timing."""
 
 from __future__ import annotations
 
@@ -66,3 +66,11 @@ def commit_rate(out_dir, rows_total: int, rows_first_shard: int) -> float:
     if len(commits) < 2:
         raise ValueError(f"{out_dir}: {len(commits)} commits; a steady-state rate needs at least two shards")
     return (rows_total - rows_first_shard) / (commits[-1] - commits[0])
+
+
+def seconds_each(items: list, work) -> tuple[float, list]:
+    """Mean wall seconds of ``work(item)`` over ``items``, run one after another (warm up before:
+    this times every call), and what the calls returned."""
+    started = time.perf_counter()
+    results = [work(item) for item in items]
+    return (time.perf_counter() - started) / len(items), results

@@ -27,11 +27,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from _common import commit_rate
+from _common import commit_rate, seconds_each
 from PIL import Image
 
 from sdbatch.manifest.sources import open_manifest
-from sdbatch.models.null_model import draw
+from sdbatch.models.families.null import draw
 from sdbatch.models.resolve import preflight
 from sdbatch.output.claim import job_record
 from sdbatch.run.cluster import connect_ray
@@ -50,10 +50,8 @@ def manifest(folder: Path, rows: int, size: int) -> Path:
 def encode_rate(rows: int, size: int) -> float:
     """Single-thread PNG encodes per second (level 1, as the jobs write) of the same pictures."""
     pictures = [draw(seed, size, size) for seed in range(rows)]
-    t0 = time.perf_counter()
-    for pixels in pictures:
-        Image.fromarray(pixels).save(io.BytesIO(), format="PNG", compress_level=1)
-    return rows / (time.perf_counter() - t0)
+    seconds, _ = seconds_each(pictures, lambda pixels: Image.fromarray(pixels).save(io.BytesIO(), format="PNG", compress_level=1))
+    return 1 / seconds
 
 
 def job_rate(folder: Path, path: Path, size: int, cpus: int, rows_per_shard: int, batch_size: int) -> tuple[float, float]:

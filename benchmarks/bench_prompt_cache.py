@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import seconds_each  # noqa: E402
 from bench_gpu import CLIP_L, SCHEDULER, SMOKE_SD15_UNET, SMOKE_VAE, TOKENIZER  # noqa: E402
 
 from sdbatch.data.row import Row  # noqa: E402
@@ -47,9 +47,8 @@ def batches(prompts: int, seeds: int, batch: int, steps: int) -> list[list[Row]]
 def run(model, work: list[list[Row]]) -> tuple[float, bytes]:
     model.generate(work[0])  # warm-up: first-call allocations
     model.prompts.__init__(model.prompts.max_bytes)  # and an empty cache again: every prompt is encoded once
-    started = time.perf_counter()
-    pixels = b"".join(model.generate(rows).pixels.tobytes() for rows in work)
-    return (time.perf_counter() - started) / len(work), pixels
+    per_batch, pixels = seconds_each(work, lambda rows: model.generate(rows).pixels.tobytes())
+    return per_batch, b"".join(pixels)
 
 
 def main() -> None:
