@@ -67,6 +67,7 @@ def chaos_env(tmp_path: Path, **config) -> dict[str, str]:
     return chaos.chaos_env(marker_dir, **config)
 
 
+@pytest.mark.slow
 def test_workers_killed_on_a_tenth_of_batches(run_cli, tmp_path):
     manifest = chaos_manifest(tmp_path, 16)  # 4 shards of 2 batches
     out = tmp_path / "out"
