@@ -155,6 +155,36 @@ def sdbatch_cli(ray_address: str, *args, timeout: float = 600, env: dict | None 
     )
 
 
+def submit_jobs(ray_address: str, manifest: _Path, root: _Path, runs: dict[str, list], *common) -> dict[str, _Path]:
+    """One ``submit MANIFEST --out ROOT/NAME *common *args`` per NAME, args in ``runs``, two at a
+    time on the session cluster's two CPUs (a tiny job is mostly its processes starting); each
+    must succeed. NAME -> its output folder."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(sdbatch_cli, ray_address, "submit", manifest, "--out", root / name, *common, *args)
+                   for name, args in runs.items()}
+        results = {name: future.result() for name, future in futures.items()}
+    for name, result in results.items():
+        assert result.returncode == 0, (name, result.stderr)
+    return {name: root / name for name in runs}
+
+
+def assert_refused(ray_address: str, manifest: _Path, out: _Path, cases: list[tuple[list, str]]) -> None:
+    """Each case's ``submit MANIFEST --out OUT --dry-run *args`` exits 2 saying its message,
+    without a traceback: (args, message) per case. Two at a time, as ``submit_jobs``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def dry_run(args: list):
+        return sdbatch_cli(ray_address, "submit", manifest, "--out", out, "--dry-run", *args)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(dry_run, [args for args, _ in cases]))
+    for (args, message), result in zip(cases, results):
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+
+
 @_pytest_s3.fixture
 def run_cli(ray_address):
     """``sdbatch_cli`` against the session's Ray cluster."""
@@ -178,6 +208,23 @@ def image_hashes(out: _Path) -> dict[str, str]:
         assert digest == r["sha256"], r["id"]
         hashes[r["id"]] = digest
     return hashes
+
+
+def stored_pixels(out: _Path, entry: dict):
+    """The RGB pixels (numpy) of the image an index ``entry`` of ``out`` names."""
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(out / entry["key"]).convert("RGB"))
+
+
+def assert_reproduces(out: _Path, *row_ids: str) -> None:
+    """``reproduce_row`` (what ``sdbatch reproduce`` runs) renders each row of ``out`` byte for byte."""
+    from sdbatch.audit.reproduce import reproduce_row
+
+    for row_id in row_ids:
+        result = reproduce_row(str(out), row_id)
+        assert result.match, (row_id, result.summary(), result.notes)
 
 
 def small_rows() -> list[dict]:

@@ -11,8 +11,7 @@ import json
 import numpy as np
 import pytest
 import yaml
-from conftest import load_index, write_manifest
-from conftest import sdbatch_cli as cli
+from conftest import assert_refused, assert_reproduces, load_index, stored_pixels, submit_jobs, write_manifest
 
 from sdbatch.models.builtin import resolve_builtin
 
@@ -38,25 +37,15 @@ def write_spec(path, embedding) -> str:
 def jobs(ray_address, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("embeddings")
     manifest = write_manifest(tmp / "m.parquet", ROWS)
-    outs = {}
-    for name, seed in (("a", 1), ("b", 2)):
-        spec = write_spec(tmp / f"{name}.yaml", build_embedding(tmp / f"foo-{name}.safetensors", seed=seed))
-        outs[name] = tmp / f"out-{name}"
-        result = cli(ray_address, "submit", manifest, "--spec", spec, "--out", outs[name], "--steps", "2")
-        assert result.returncode == 0, (name, result.stderr)
-    return {"tmp": tmp, **outs}
-
-
-def _pixels(out, entry) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(out / entry["key"]).convert("RGB"))
+    runs = {name: ["--spec", write_spec(tmp / f"{name}.yaml", build_embedding(tmp / f"foo-{name}.safetensors", seed=seed))]
+            for name, seed in (("a", 1), ("b", 2))}
+    return {"tmp": tmp, **submit_jobs(ray_address, manifest, tmp / "out", runs, "--steps", "2")}
 
 
 def test_an_embedding_changes_the_image_and_both_spellings_name_it(jobs):
     a, b = ({r["id"]: r for r in load_index(jobs[n])} for n in ("a", "b"))
-    assert np.array_equal(_pixels(jobs["a"], a["tag"]), _pixels(jobs["a"], a["comfy"]))
-    assert not np.array_equal(_pixels(jobs["a"], a["tag"]), _pixels(jobs["b"], b["tag"]))
+    assert np.array_equal(stored_pixels(jobs["a"], a["tag"]), stored_pixels(jobs["a"], a["comfy"]))
+    assert not np.array_equal(stored_pixels(jobs["a"], a["tag"]), stored_pixels(jobs["b"], b["tag"]))
 
 
 def test_an_embedding_is_pinned_by_content(jobs):
@@ -71,10 +60,7 @@ def test_an_embedding_is_pinned_by_content(jobs):
 
 
 def test_an_embedding_row_reproduces(jobs):
-    from sdbatch.audit.reproduce import reproduce_row
-
-    result = reproduce_row(str(jobs["a"]), "comfy")
-    assert result.match, (result.summary(), result.notes)
+    assert_reproduces(jobs["a"], "comfy")
 
 
 def test_embedding_refusals_exit_2(jobs, ray_address, tmp_path):
@@ -87,7 +73,4 @@ def test_embedding_refusals_exit_2(jobs, ray_address, tmp_path):
              (["--spec", write_spec(tmp_path / "pt.yaml", tmp_path / "foo.pt")], "pickle .pt/.bin embeddings are refused"),
              (["--spec", write_spec(tmp_path / "null.yaml", good), "--model", "builtin:null"],
               "takes no textual-inversion embeddings")]
-    for args, message in cases:
-        result = cli(ray_address, "submit", manifest, "--out", tmp_path / "out", "--dry-run", *args)
-        assert result.returncode == 2, (args, result.stderr)
-        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert_refused(ray_address, manifest, tmp_path / "out", cases)

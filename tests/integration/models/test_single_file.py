@@ -6,14 +6,11 @@ under a .safetensors name and a checkpoint without its configuration exit 2 nami
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 import pytest
-from conftest import load_index, write_manifest
-from conftest import sdbatch_cli as cli
-from PIL import Image
+from conftest import assert_refused, assert_reproduces, load_index, stored_pixels, submit_jobs, write_manifest
 
 ROWS = [{"id": f"r{i}", "prompt": p, "seed": i} for i, p in enumerate(["a red circle", "a blue square", "a green circle"])]
 
@@ -29,41 +26,27 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def jobs(checkpoint, ray_address, tmp_path_factory):
-    from concurrent.futures import ThreadPoolExecutor
-
     tmp = tmp_path_factory.mktemp("single-file-jobs")
     manifest = write_manifest(tmp / "m.parquet", ROWS)
     runs = {"folder": ["--model", checkpoint["folder"]],
             "file": ["--model", checkpoint["file"], "--model-config", checkpoint["folder"]]}
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(cli, ray_address, "submit", manifest, "--out", tmp / name, "--steps", "2", *args)
-                   for name, args in runs.items()}
-        results = {name: f.result() for name, f in futures.items()}
-    for name, result in results.items():
-        assert result.returncode == 0, (name, result.stderr)
-    return {name: tmp / name for name in runs}
-
-
-def pixels(out, entry) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO((out / entry["key"]).read_bytes())).convert("RGB"))
+    return submit_jobs(ray_address, manifest, tmp, runs, "--steps", "2")
 
 
 def test_a_single_file_checkpoint_renders_like_its_folder(jobs):
     folder, file = ({r["id"]: r for r in load_index(jobs[n])} for n in ("folder", "file"))
     for rid in folder:
-        assert np.array_equal(pixels(jobs["folder"], folder[rid]), pixels(jobs["file"], file[rid])), rid
+        assert np.array_equal(stored_pixels(jobs["folder"], folder[rid]), stored_pixels(jobs["file"], file[rid])), rid
     assert folder["r0"]["model_fingerprint"] != file["r0"]["model_fingerprint"]
 
 
 def test_a_single_file_checkpoint_is_pinned_by_its_bytes_and_reproduces(jobs, checkpoint):
-    from sdbatch.audit.reproduce import reproduce_row
     from sdbatch.models.resolve import preflight
 
     job = json.loads((jobs["file"] / "_sdbatch" / "job.json").read_text())
     pin = preflight(str(checkpoint["file"]), config=str(checkpoint["folder"])).pin
     assert pin.startswith("single-file:") and json.dumps(job).count(pin) >= 1
-    result = reproduce_row(str(jobs["file"]), "r1")
-    assert result.match, (result.summary(), result.notes)
+    assert_reproduces(jobs["file"], "r1")
 
 
 def test_single_file_refusals_exit_2_naming_the_fix(checkpoint, ray_address, tmp_path):
@@ -76,7 +59,4 @@ def test_single_file_refusals_exit_2_naming_the_fix(checkpoint, ray_address, tmp
              (["--model", disguised, "--model-config", checkpoint["folder"]], "not a safetensors file"),
              (["--model", checkpoint["file"]], "set model.config (--model-config)"),
              (["--model-config", checkpoint["folder"]], "model.config is only for a single-file")]
-    for args, message in cases:
-        result = cli(ray_address, "submit", manifest, "--out", tmp_path / "out", "--dry-run", *args)
-        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
-        assert "Traceback" not in result.stderr
+    assert_refused(ray_address, manifest, tmp_path / "out", cases)

@@ -9,8 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import load_index, write_manifest
-from conftest import sdbatch_cli as cli
+from conftest import assert_refused, assert_reproduces, load_index, stored_pixels, submit_jobs, write_manifest
 
 from sdbatch.models.builtin import resolve_builtin
 
@@ -36,16 +35,7 @@ def jobs(ray_address, tmp_path_factory):
     vae = build_vae(tmp / "vae-folder", scale=-1.0)
     manifest = write_manifest(tmp / "m.parquet", ROWS)
     runs = {"own": [], "vae": ["--vae", vae]}
-    for name, args in runs.items():
-        result = cli(ray_address, "submit", manifest, "--out", tmp / name, "--model", "builtin:tiny", "--steps", "2", *args)
-        assert result.returncode == 0, (name, result.stderr)
-    return {"vae_folder": vae, **{name: tmp / name for name in runs}}
-
-
-def _pixels(out, entry) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(out / entry["key"]).convert("RGB"))
+    return {"vae_folder": vae, **submit_jobs(ray_address, manifest, tmp, runs, "--model", "builtin:tiny", "--steps", "2")}
 
 
 def test_a_vae_override_changes_the_image_and_is_pinned(jobs):
@@ -53,7 +43,7 @@ def test_a_vae_override_changes_the_image_and_is_pinned(jobs):
 
     own, vae = ({r["id"]: r for r in load_index(jobs[n])} for n in ("own", "vae"))
     for rid in own:
-        assert not np.array_equal(_pixels(jobs["own"], own[rid]), _pixels(jobs["vae"], vae[rid])), rid
+        assert not np.array_equal(stored_pixels(jobs["own"], own[rid]), stored_pixels(jobs["vae"], vae[rid])), rid
     pin = preflight("builtin:tiny", vae=str(jobs["vae_folder"])).pin
     assert pin.startswith("vae:") and pin != preflight("builtin:tiny").pin
     job = json.loads((jobs["vae"] / "_sdbatch" / "job.json").read_text())
@@ -69,18 +59,12 @@ def test_a_changed_vae_changes_the_pin(jobs, tmp_path):
 
 
 def test_a_vae_override_reproduces(jobs):
-    from sdbatch.audit.reproduce import reproduce_row
-
-    result = reproduce_row(str(jobs["vae"]), "r1")
-    assert result.match, (result.summary(), result.notes)
+    assert_reproduces(jobs["vae"], "r1")
 
 
 def test_a_folder_that_is_no_vae_of_the_model_exits_2(jobs, ray_address, tmp_path):
     manifest = write_manifest(tmp_path / "m.parquet", ROWS[:1])
     text_encoder = resolve_builtin("builtin:tiny") / "text_encoder"
-    cases = [(["--vae", tmp_path / "missing"], "no config.json there"),
-             (["--vae", text_encoder], "takes a AutoencoderKL folder")]
-    for args, message in cases:
-        result = cli(ray_address, "submit", manifest, "--out", tmp_path / "out", "--model", "builtin:tiny", "--dry-run", *args)
-        assert result.returncode == 2, (args, result.stderr)
-        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    cases = [(["--model", "builtin:tiny", "--vae", tmp_path / "missing"], "no config.json there"),
+             (["--model", "builtin:tiny", "--vae", text_encoder], "takes a AutoencoderKL folder")]
+    assert_refused(ray_address, manifest, tmp_path / "out", cases)
