@@ -151,26 +151,5 @@ def build_flux2_klein(folder: Path, *, distilled: bool = False) -> Path:
     return folder
 
 
-def build_transformer_lora(model: Path, path: Path, *, seed: int, rank: int = 4) -> Path:
-    """A PEFT LoRA on the attention projections of ``model``'s transformer (Z-Image, Qwen-Image,
-    FLUX.2) with non-zero weights (PEFT starts lora_B at zero, a no-op), saved with the model's
-    pipeline class's save_lora_weights (diffusers/PEFT key layout)."""
-    import json
-
-    import diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    index = json.loads((model / "model_index.json").read_text())
-    transformer = getattr(diffusers, index["transformer"][1]).from_pretrained(model / "transformer")
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                       init_lora_weights=False))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in transformer.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    getattr(diffusers, index["_class_name"]).save_lora_weights(
-        path.parent, transformer_lora_layers=get_peft_model_state_dict(transformer), weight_name=path.name,
-        safe_serialization=True)
-    return path
+#: the transformer modules the test LoRAs of these families adapt (model_families.build_transformer_lora)
+ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]

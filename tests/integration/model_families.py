@@ -257,27 +257,28 @@ FLUX_LORA_MODULES = {"transformer_blocks.0.attn.to_out.0": "lora_unet_double_blo
                      "single_transformer_blocks.0.proj_out": "lora_unet_single_blocks_0_linear2"}
 
 
-def build_flux_lora(model: Path, path: Path, *, seed: int, rank: int = 4) -> Path:
-    """A PEFT LoRA on a tiny FLUX-shaped transformer (FLUX.1's or Chroma's: ``FLUX_LORA_MODULES``)
-    with non-zero weights, saved with FluxPipeline.save_lora_weights (diffusers/PEFT key layout)."""
+def build_transformer_lora(model: Path, path: Path, *, seed: int, target_modules: list[str], rank: int = 4) -> Path:
+    """A PEFT LoRA on ``target_modules`` of ``model``'s transformer (FLUX.1, Chroma, Z-Image,
+    Qwen-Image, FLUX.2: the classes its model_index.json names) with non-zero weights (PEFT
+    starts lora_B at zero, a no-op), saved with the model's pipeline class's save_lora_weights
+    (diffusers/PEFT key layout)."""
     import json
 
     import diffusers
-    from diffusers import FluxPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    class_name = json.loads((model / "transformer" / "config.json").read_text())["_class_name"]
-    transformer = getattr(diffusers, class_name).from_pretrained(model / "transformer")
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(FLUX_LORA_MODULES),
-                                       init_lora_weights=False))
+    index = json.loads((model / "model_index.json").read_text())
+    transformer = getattr(diffusers, index["transformer"][1]).from_pretrained(model / "transformer")
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=target_modules, init_lora_weights=False))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in transformer.named_parameters():
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    FluxPipeline.save_lora_weights(path.parent, transformer_lora_layers=get_peft_model_state_dict(transformer),
-                                   weight_name=path.name, safe_serialization=True)
+    getattr(diffusers, index["_class_name"]).save_lora_weights(
+        path.parent, transformer_lora_layers=get_peft_model_state_dict(transformer), weight_name=path.name,
+        safe_serialization=True)
     return path
 
 

@@ -27,11 +27,11 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def chroma_job(ray_address, tmp_path_factory):
-    from integration.model_families import build_chroma, build_flux_lora
+    from integration.model_families import FLUX_LORA_MODULES, build_chroma, build_transformer_lora
 
     tmp = tmp_path_factory.mktemp("chroma")
     model = build_chroma(tmp / "chroma")
-    lora = build_flux_lora(model, tmp / "style.safetensors", seed=4)
+    lora = build_transformer_lora(model, tmp / "style.safetensors", seed=4, target_modules=list(FLUX_LORA_MODULES))
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp / "init.png")
     manifest = write_manifest(tmp / "manifest.parquet", ROWS)
     result = cli(ray_address, "submit", manifest, "--out", tmp / "out", "--model", model, "--steps", "2", "--batch-size", "2",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_index, write_manifest
+from conftest import assert_reproduces, load_index, write_manifest
 from conftest import sdbatch_cli as cli
 from PIL import Image
 
@@ -33,6 +33,12 @@ def _build(name: str, root: Path) -> Path:
 def llm_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("llm-families")
     return {name: _build(name, root) for name in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def klein_base(tmp_path_factory) -> Path:
+    """FLUX.2 [klein] base (not step-distilled), for the tests that read or run it in-process."""
+    return _build("flux2_klein", tmp_path_factory.mktemp("klein-base"))
 
 
 @dataclass(frozen=True)
@@ -137,11 +143,7 @@ def test_family_same_images_with_one_or_two_workers_and_any_batch_size(family_ru
 
 
 def test_family_reproduces_byte_identical(family_runs):
-    from sdbatch.audit.reproduce import reproduce_row
-
-    for rid in ("t0", "i0") if FAMILIES[family_runs["name"]].img2img else ("t0", "e0"):
-        result = reproduce_row(str(family_runs["one"]["out"]), rid)
-        assert result.match, (rid, result.summary(), result.notes)
+    assert_reproduces(family_runs["one"]["out"], *(("t0", "i0") if FAMILIES[family_runs["name"]].img2img else ("t0", "e0")))
 
 
 def test_sd35_layouts_load_as_sd3_with_their_attention(tmp_path):
@@ -179,11 +181,11 @@ def test_refusals_exit_2_naming_the_row(llm_models, ray_address, tmp_path):
     assert not out.exists() or not any(out.rglob("*.png"))
 
 
-def test_variants_defaults_and_meaning_read_from_configs(llm_models, tmp_path):
+def test_variants_defaults_and_meaning_read_from_configs(llm_models, klein_base, tmp_path):
     """Z-Image-Turbo (its scheduler config) and FLUX.2 [klein] base vs step-distilled
     (model_index.json is_distilled) get their own defaults and guidance meaning; the grid and
     native size come from the VAE and patch configs."""
-    from integration.families_2026 import build_flux2_klein, build_z_image
+    from integration.families_2026 import build_z_image
     from sdbatch.models.families import local_traits
 
     turbo = local_traits(build_z_image(tmp_path / "turbo", turbo=True))
@@ -191,7 +193,7 @@ def test_variants_defaults_and_meaning_read_from_configs(llm_models, tmp_path):
     assert (turbo.variant, dict(turbo.defaults), turbo.guidance) == ("turbo", {"steps": 9, "guidance_scale": 0.0}, "cfg")
     assert (base.variant, dict(base.defaults)) == (None, {"steps": 50, "guidance_scale": 5.0})
     assert (base.native_width, base.native_height, base.size_multiple) == (1024, 1024, 32)
-    klein = local_traits(build_flux2_klein(tmp_path / "klein"))
+    klein = local_traits(klein_base)
     distilled = local_traits(llm_models["flux2_klein_distilled"])
     assert (klein.guidance, dict(klein.defaults)) == ("cfg", {"steps": 50, "guidance_scale": 4.0})
     assert (distilled.guidance, dict(distilled.defaults)) == ("none", {"steps": 4, "guidance_scale": 0.0})
@@ -225,12 +227,12 @@ def test_lora_changes_the_image_and_scale_zero_is_no_adapter(llm_models, tmp_pat
     """A diffusers/PEFT LoRA on the transformer, loaded per batch like SD's: it changes the
     image, a scale of 0 renders exactly as no adapter, the record holds its sha256, and the same
     adapter in kohya naming renders like it."""
-    from integration.families_2026 import build_transformer_lora
-    from integration.model_families import to_kohya
+    from integration.families_2026 import ATTENTION_PROJECTIONS
+    from integration.model_families import build_transformer_lora, to_kohya
     from sdbatch.data.row import Row
     from sdbatch.models.runtime import load_model
 
-    lora = build_transformer_lora(llm_models[name], tmp_path / "a.safetensors", seed=1)
+    lora = build_transformer_lora(llm_models[name], tmp_path / "a.safetensors", seed=1, target_modules=ATTENTION_PROJECTIONS)
     kohya = to_kohya(lora, tmp_path / "k.safetensors", component="transformer")
     gen = load_model(str(llm_models[name]), device="cpu", loras={"a": str(lora), "k": str(kohya)})
 
@@ -250,14 +252,13 @@ def test_lora_changes_the_image_and_scale_zero_is_no_adapter(llm_models, tmp_pat
 
 
 @pytest.mark.parametrize("name", ["z_image", "qwen_image", "flux2_klein"])
-def test_guidance_and_negative_prompt_reach_the_pipeline(llm_models, tmp_path, name):
+def test_guidance_and_negative_prompt_reach_the_pipeline(llm_models, klein_base, name):
     """What guidance_scale means arrives as the pipeline's own argument: Z-Image's CFG and
     Qwen-Image's true CFG use the row's negative prompt (and are off at 0 / 1, where it is then
     unused); FLUX.2 [klein] base guides against its own empty prompt."""
-    from integration.families_2026 import build_flux2_klein
     from sdbatch.models.runtime import load_model
 
-    model = build_flux2_klein(tmp_path / "klein") if name == "flux2_klein" else llm_models[name]
+    model = klein_base if name == "flux2_klein" else llm_models[name]
     gen = load_model(str(model), device="cpu")
     off = {"z_image": 0.0, "qwen_image": 1.0, "flux2_klein": 1.0}[name]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_index, write_manifest
+from conftest import assert_reproduces, load_index, write_manifest
 from conftest import sdbatch_cli as cli
 from PIL import Image
 
@@ -26,11 +26,11 @@ NATIVE = 128
 
 @pytest.fixture(scope="module")
 def flux_models(tmp_path_factory):
-    from integration.model_families import build_flux, build_flux_lora, flux_to_kohya
+    from integration.model_families import FLUX_LORA_MODULES, build_flux, build_transformer_lora, flux_to_kohya
 
     root = tmp_path_factory.mktemp("flux")
     dev, schnell = build_flux(root / "flux-dev"), build_flux(root / "flux-schnell", dev=False)
-    peft = build_flux_lora(dev, root / "style.safetensors", seed=3)
+    peft = build_transformer_lora(dev, root / "style.safetensors", seed=3, target_modules=list(FLUX_LORA_MODULES))
     return {"dev": dev, "schnell": schnell, "peft": peft, "kohya": flux_to_kohya(peft, root / "style_kohya.safetensors")}
 
 
@@ -113,11 +113,7 @@ def test_flux_is_deterministic_across_workers_and_batch_sizes(flux_jobs):
 
 
 def test_flux_reproduces_byte_identical(flux_jobs):
-    from sdbatch.audit.reproduce import reproduce_row
-
-    for rid in ("t0", "i0", "k1"):
-        result = reproduce_row(str(flux_jobs["w1"]["_out"]), rid)
-        assert result.match, (rid, result.summary(), result.notes)
+    assert_reproduces(flux_jobs["w1"]["_out"], "t0", "i0", "k1")
 
 
 def test_flux_lora_changes_the_image_in_both_formats_and_scale_zero_is_none(flux_jobs, flux_models):
