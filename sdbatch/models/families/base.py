@@ -237,8 +237,8 @@ class FamilyAdapter(ABC):
             rules.append(RowRule("negative_prompt", lambda negatives, scales: (negatives != "") & (scales <= above),
                                  f"{who} runs no unconditional branch at guidance_scale <= {above:g}, "
                                  "so the negative prompt would be ignored",
-                                 f"raise guidance_scale above {above:g}, or set negative_prompt to '' for this row "
-                                 "(an empty one overrides the job default)", null_as="", paired="guidance_scale"))
+                                 f"raise guidance_scale above {above:g}, or leave the negative prompt empty "
+                                 "(a row's '' overrides the job default)", null_as="", paired="guidance_scale"))
         if traits.guidance == "none":
             rules.append(RowRule("guidance_scale", lambda values: values != 0,
                                  f"{who} is guidance-distilled and uses no guidance_scale",

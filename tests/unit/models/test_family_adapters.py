@@ -202,7 +202,7 @@ def test_a_negative_prompt_at_a_guidance_that_turns_its_branch_off_is_refused(tm
     issue = negative_prompt_issues(turbo, rows, tmp_path)["own", "negative_prompt"]
     assert issue.value == "{'guidance_scale': 0.0, 'negative_prompt': 'blurry'}"  # the model's own 0, shown
     assert "Z-Image [turbo] (ZImagePipeline) runs no unconditional branch at guidance_scale <= 0" in issue.rule
-    assert "raise guidance_scale above 0, or set negative_prompt to ''" in issue.fix
+    assert "raise guidance_scale above 0, or leave the negative prompt empty (a row's '' overrides" in issue.fix
     qwen = negative_prompt_issues(tmp_path / "qwen", rows, tmp_path)["one", "negative_prompt"]
     assert "guidance_scale <= 1" in qwen.rule and qwen.value == "{'guidance_scale': 1.0, 'negative_prompt': 'blurry'}"
 
