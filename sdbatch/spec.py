@@ -52,7 +52,8 @@ class ModelSpec(_Section):
     config: str | None = Field(
         None,
         description="for a single-file checkpoint as model.name (a .safetensors file as AUTOMATIC1111/ComfyUI/Civitai "
-        "keep them: a whole SD/SDXL pipeline, or a FLUX/SD3 transformer): the diffusers folder (local or s3://) of "
+        "keep them: a whole SD/SDXL pipeline, or a FLUX/SD3 transformer; or a GGUF-quantized .gguf transformer of "
+        "FLUX.1, Qwen-Image or Z-Image, with the gguf package installed): the diffusers folder (local or s3://) of "
         "the same architecture giving its configuration and every component the file lacks",
     )
     vae: str | None = Field(
@@ -81,17 +82,17 @@ class ModelSpec(_Section):
     def _single_file_has_a_config(self) -> ModelSpec:
         """A single-file checkpoint needs model.config, and only it takes one; a pickle
         checkpoint is refused by its name before anything reads it."""
-        from sdbatch.models.errors import PICKLE_SUFFIXES, pickle_checkpoint_fix
+        from sdbatch.models.errors import PICKLE_SUFFIXES, SINGLE_FILE_SUFFIXES, pickle_checkpoint_fix
 
         if self.name.lower().endswith(PICKLE_SUFFIXES):
             raise ValueError(f"model.name {self.name!r} is {pickle_checkpoint_fix(self.name)}")
-        single = self.name.lower().endswith(".safetensors")
+        single = self.name.lower().endswith(SINGLE_FILE_SUFFIXES)
         if single and self.config is None:
             raise ValueError(f"model.name {self.name!r} is a single-file checkpoint: set model.config (--model-config) to "
                              "a diffusers folder of the same architecture (e.g. the base model saved with save_pretrained) "
                              "for its configuration and the components the file lacks")
         if self.config is not None and not single:
-            raise ValueError(f"model.config is only for a single-file .safetensors checkpoint as model.name; {self.name!r} "
+            raise ValueError(f"model.config is only for a single-file .safetensors or .gguf checkpoint as model.name; {self.name!r} "
                              "is a folder: remove model.config")
         return self
 

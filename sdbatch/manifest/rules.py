@@ -289,21 +289,44 @@ def check_applies(b: BatchUnderCheck, column: Column, spec: JobSpec) -> None:
     b.flag(column.name, pc.is_valid(arr).to_numpy(zero_copy_only=False) & ~applies, when.rule, when.fix, arr)
 
 
-def check_model_rules(b: BatchUnderCheck, family: FamilyAdapter, rules: tuple[RowRule, ...]) -> None:
+def check_model_rules(b: BatchUnderCheck, family: FamilyAdapter, rules: tuple[RowRule, ...], spec: JobSpec) -> None:
     """What the model cannot run: a column its family does not honour set in a row, and the
     model's row rules (``FamilyAdapter.row_rules``) on every value a row sets (the job default
-    is checked once, by ``check_spec_defaults``)."""
+    is checked once, by ``check_spec_defaults``). A rule on two columns (``RowRule.paired``)
+    reads each as the row will run it (a null: the job default) wherever the row sets either,
+    and shows both values."""
     for name, arr in b.cols.items():
         if name not in family.honours and not pa.types.is_null(arr.type):
             b.flag(name, pc.is_valid(arr), f"{name} is not used by {family.name} models ({family.class_name})",
                    f"leave {name} null for this model, or use a model that takes it", arr)
     for rule in rules:
-        arr = b.cols.get(rule.column)
-        if arr is None or pa.types.is_null(arr.type):
+        if rule.column not in family.honours:
+            continue  # refused above wherever a row sets it
+        if rule.paired is None:
+            arr = b.cols.get(rule.column)
+            if arr is None or pa.types.is_null(arr.type):
+                continue
+            given = pc.is_valid(arr).to_numpy(zero_copy_only=False)
+            values = arr.fill_null(rule.null_as).to_numpy(zero_copy_only=False)
+            b.flag(rule.column, given & rule.refuses(values), rule.rule, rule.fix, arr)
             continue
-        given = pc.is_valid(arr).to_numpy(zero_copy_only=False)
-        values = arr.fill_null(rule.null_as).to_numpy(zero_copy_only=False)
-        b.flag(rule.column, given & rule.refuses(values), rule.rule, rule.fix, arr)
+        names = (rule.paired, rule.column)  # the paired (short) value first: a long text is cut when shown
+        given = set_in_row(b, names[0]) | set_in_row(b, names[1])
+        if not given.any() or names[0] in b.skip or names[1] in b.skip:
+            continue
+        run = [row_values(b, name, getattr(spec.defaults, name)) for name in names]
+        refused = given & rule.refuses(run[1].to_numpy(zero_copy_only=False), run[0].to_numpy(zero_copy_only=False))
+        b.flag(rule.column, refused, rule.rule, rule.fix, pa.StructArray.from_arrays(run, names=list(names)))
+
+
+def row_values(b: BatchUnderCheck, name: str, default: Any) -> pa.Array:
+    """Column ``name`` of the batch as the rows will run it: a null (or an absent column) is the job default."""
+    arr = b.cols.get(name)
+    if arr is None or pa.types.is_null(arr.type):
+        return pa.array([default] * b.n)
+    if pa.types.is_integer(arr.type) and isinstance(default, float):
+        arr = arr.cast(pa.float64())  # a column of whole guidance scales, a default of 7.5
+    return arr.fill_null(pa.scalar(default, arr.type))
 
 
 def check_spec_defaults(spec: JobSpec, coll: IssueCollector, samplers: tuple[str, ...],
@@ -331,7 +354,12 @@ def check_spec_defaults(spec: JobSpec, coll: IssueCollector, samplers: tuple[str
         bad("scheduler", d.scheduler, f"one of {', '.join(samplers)} (the model's samplers)", "--set defaults.scheduler=default")
     for model_rule in model_rules:
         value = getattr(d, model_rule.column)
-        if model_rule.refuses_value(value):
+        if model_rule.paired is not None:
+            paired = getattr(d, model_rule.paired)
+            if model_rule.refuses_value(value, paired):
+                bad(model_rule.column, {model_rule.paired: paired, model_rule.column: value}, model_rule.rule,
+                    f"{model_rule.fix} (--set defaults.{model_rule.paired}=N, or --set defaults.{model_rule.column}=)")
+        elif model_rule.refuses_value(value):
             bad(model_rule.column, value, model_rule.rule, f"{model_rule.fix} (--set defaults.{model_rule.column}=N)")
 
 

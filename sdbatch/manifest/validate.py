@@ -196,7 +196,7 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
             for column in COLUMNS:
                 check_range(b, column, lim)
             if family is not None:
-                check_model_rules(b, family, model_rules)
+                check_model_rules(b, family, model_rules, spec)
             w = (filled_numpy(b.cols["width"], d.width, np.float64)
                  if b.cols.get("width") is not None and not pa.types.is_null(b.cols["width"].type) else np.full(n, float(d.width)))
             h = (filled_numpy(b.cols["height"], d.height, np.float64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from sdbatch.models.errors import PICKLE_SUFFIXES, ModelError, pickle_checkpoint_fix
+from sdbatch.models.errors import PICKLE_SUFFIXES, SINGLE_FILE_SUFFIXES, ModelError, pickle_checkpoint_fix
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -49,7 +49,7 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 #: what a diffusers folder is, and every other way to give a model
 _MODEL_FORMS = ("pass a diffusers folder (as written by save_pretrained), an s3:// prefix holding one, a single-file "
-                ".safetensors checkpoint with --model-config (model.config), or builtin:shapes")
+                ".safetensors or .gguf checkpoint with --model-config (model.config), or builtin:shapes")
 
 
 def _not_a_folder(name: str, folder: Path) -> str:
@@ -63,7 +63,7 @@ def _not_a_folder(name: str, folder: Path) -> str:
     if folder.is_file():
         if name.lower().endswith(PICKLE_SUFFIXES):
             return pickle_checkpoint_fix(name)
-        if name.lower().endswith(".safetensors"):
+        if name.lower().endswith(SINGLE_FILE_SUFFIXES):
             return ("a single-file checkpoint: give the diffusers folder of its architecture as --model-config "
                     "(model.config), which supplies its configuration and the components the file lacks")
         return f"a file of a kind sdbatch does not load; {_MODEL_FORMS}"

@@ -10,6 +10,12 @@ from sdbatch.errors import BadInput
 #: pickle checkpoint suffixes: never loaded (the one pickle policy: ``pins``)
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 
+#: a GGUF-quantized transformer (FLUX.1, Qwen-Image, Z-Image as city96/QuantStack publish them)
+GGUF_SUFFIX = ".gguf"
+
+#: what a single-file checkpoint (``model.name`` with ``model.config``) may be
+SINGLE_FILE_SUFFIXES = (".safetensors", GGUF_SUFFIX)
+
 
 class ModelError(BadInput, ValueError):
     """The model cannot be used: the message names the model and the fix."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sdbatch.data.loras import LoraError
 from sdbatch.models.configs import JsonReader
-from sdbatch.models.errors import PICKLE_SUFFIXES, ModelError
+from sdbatch.models.errors import GGUF_SUFFIX, PICKLE_SUFFIXES, ModelError
 
 #: where a component of model_index.json may come from; any other "library" is custom code
 COMPONENT_LIBRARIES = ("diffusers", "transformers")
@@ -87,8 +87,10 @@ def file_sha256(path: Path) -> str:
 
 
 def checkpoint_tensor_names(checkpoint: Path, where: str) -> list[str]:
-    """The tensor names of a ``.safetensors`` checkpoint, read from its header alone; ModelError
-    for a file that is not one (a pickle under a safetensors name above all)."""
+    """The tensor names of a ``.safetensors`` (or ``.gguf``) checkpoint, read from its header
+    alone; ModelError for a file that is not one (a pickle under a safetensors name above all)."""
+    if checkpoint.suffix.lower() == GGUF_SUFFIX:
+        return gguf_tensor_names(checkpoint, where)
     with checkpoint.open("rb") as fh:
         head = fh.read(8)
         size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
@@ -101,6 +103,21 @@ def checkpoint_tensor_names(checkpoint: Path, where: str) -> list[str]:
         raise ModelError(f"model {where}: not a safetensors file (pickle checkpoints are refused); convert it with "
                          "safetensors.torch.save_file")
     return [n for n in names if n != "__metadata__"]
+
+
+def gguf_tensor_names(checkpoint: Path, where: str) -> list[str]:
+    """The tensor names of a GGUF file (the ``gguf`` package's reader maps the file, reading its
+    header); ModelError when the package is missing or the file is not GGUF."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise ModelError(f"model {where}: a .gguf checkpoint needs the gguf package, which diffusers' GGUF loader "
+                         "reads it with: pip install 'gguf>=0.19' (a dependency of sdbatch) on the driver and every worker") from None
+    try:
+        return [tensor.name for tensor in GGUFReader(checkpoint).tensors]
+    except (ValueError, OSError) as exc:
+        raise ModelError(f"model {where}: not a GGUF file ({exc}); a .gguf checkpoint is a transformer as "
+                         "city96/QuantStack publish them (FLUX.1, Qwen-Image, Z-Image)") from None
 
 
 def s3_pin(objects: dict[str, tuple[int, str]]) -> str:

@@ -20,8 +20,10 @@ diffusers folder, or an ``s3://`` prefix holding one. Everything here runs witho
 - **single-file checkpoints**: a local ``.safetensors`` file as AUTOMATIC1111/ComfyUI/Civitai
   keep them (``model.name``) with the diffusers folder of its architecture (``model.config``,
   itself resolved as a model: its configs give the family and traits, and it supplies what the
-  file lacks); the file must be safetensors (its header is read), and the pin covers the file's
-  bytes and the folder's pin (``pins.single_file_pin``);
+  file lacks); the file must be safetensors (its header is read) or a GGUF-quantized
+  transformer (``.gguf``, read by the ``gguf`` package; loaded with diffusers'
+  ``GGUFQuantizationConfig``), and the pin covers the file's bytes and the folder's pin
+  (``pins.single_file_pin``);
 - **a VAE override** (``model.vae``): a local diffusers VAE folder (``config.json`` and
   safetensors, as ``AutoencoderKL.save_pretrained`` writes it) of the class the model's own
   ``vae`` component is, under the same pickle and code policies; the model's pin then covers
@@ -103,7 +105,7 @@ def _single_file(name: str, config: ModelRef) -> ModelRef:
         raise ModelError(f"model {name!r}: no such file (relative paths are read from {Path.cwd()}); check the path to "
                          "the .safetensors checkpoint")
     if is_s3(name) or not checkpoint.is_file():
-        raise ModelError(f"model {name!r}: a single-file checkpoint must be a local .safetensors file (copy it to each "
+        raise ModelError(f"model {name!r}: a single-file checkpoint must be a local .safetensors or .gguf file (copy it to each "
                          "node, or save the pipeline as a diffusers folder, which may live on s3://)")
     checkpoint_tensor_names(checkpoint, repr(name))
     return ModelRef(name, single_file_pin(checkpoint, config.pin), config.traits, config.folder, checkpoint.resolve())
@@ -189,7 +191,11 @@ def _preflight(name: str, *, endpoint_url: str | None = None, refiner_of: Family
     configuration. ModelError or FamilyError, or a StorageError for an s3:// prefix that cannot
     be read."""
     if config is not None:
-        return _single_file(name, preflight(config, endpoint_url=endpoint_url))
+        try:
+            configured = preflight(config, endpoint_url=endpoint_url)
+        except ModelError as exc:  # a Hub id, a missing folder: said of model.config, not of the checkpoint
+            raise ModelError(f"model.config (--model-config) of {name!r}: {exc}") from None
+        return _single_file(name, configured)
     if not is_s3(name):
         folder = local_model_dir(name)
         read = folder_json_reader(folder)

@@ -61,7 +61,7 @@ from sdbatch.data.row import Row  # noqa: E402
 from sdbatch.data.samplers import DEFAULT_SAMPLER, SAMPLERS  # noqa: E402
 from sdbatch.models.adapter import GeneratedBatch, LoadedModel, LoadRequest, ModelInfo  # noqa: E402
 from sdbatch.models.device import pick_device, pick_dtype, software_versions  # noqa: E402
-from sdbatch.models.errors import ModelError  # noqa: E402
+from sdbatch.models.errors import GGUF_SUFFIX, ModelError  # noqa: E402
 from sdbatch.models.families import ModelTraits  # noqa: E402
 from sdbatch.models.families.base import DiffusersFamily  # noqa: E402
 from sdbatch.models.families.null import NullModel  # noqa: E402
@@ -131,19 +131,32 @@ def _load_single_file(family: DiffusersFamily, model: str, checkpoint: Path, fol
     from sdbatch.models.pins import checkpoint_tensor_names
 
     names = checkpoint_tensor_names(checkpoint, repr(model))
+    gguf = checkpoint.suffix.lower() == GGUF_SUFFIX  # a quantized transformer, dequantized per layer as it runs
+    quantized = {"quantization_config": diffusers.GGUFQuantizationConfig(compute_dtype=dtype)} if gguf else {}
     try:
-        if any(n.startswith(_PIPELINE_CHECKPOINT) for n in names):
+        if not gguf and any(n.startswith(_PIPELINE_CHECKPOINT) for n in names):
             pipe = getattr(diffusers, family.txt2img).from_single_file(
                 str(checkpoint), config=str(folder), torch_dtype=dtype, local_files_only=True, **components)
             return pipe.to(device)
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
         denoiser_cls = getattr(diffusers, index[family.denoiser][1])
         denoiser = denoiser_cls.from_single_file(str(checkpoint), config=str(folder), subfolder=family.denoiser,
-                                                 torch_dtype=dtype, local_files_only=True)
+                                                 torch_dtype=dtype, local_files_only=True, **quantized)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"model {model!r}: the single-file checkpoint could not be loaded with the configuration of "
                          f"{folder} ({type(exc).__name__}: {exc}); is model.config a folder of the same architecture?") from exc
     return _load_pipeline(family.txt2img, model, folder, dtype, {**components, family.denoiser: denoiser}, device)
+
+
+def _img2img_pipeline(class_name: str, txt2img: DiffusionPipeline) -> DiffusionPipeline:
+    """The img2img pipeline over the same modules as ``txt2img`` (``from_pipe``). from_pipe casts
+    every module to one dtype, which a quantized one (a GGUF transformer) refuses: then the
+    modules are passed as they are."""
+    img2img = getattr(diffusers, class_name)
+    if not any(getattr(module, "is_quantized", False) for module in txt2img.components.values()):
+        return img2img.from_pipe(txt2img)
+    expected, optional = img2img._get_signature_keys(img2img)
+    return img2img(**{name: module for name, module in txt2img.components.items() if name in (*expected, *optional)})
 
 
 def _vae_override(folder: Path, vae: Path | None, dtype: torch.dtype) -> dict[str, Any]:
@@ -193,6 +206,8 @@ def _quantized(pipe: DiffusionPipeline) -> dict[str, str]:
     found = {}
     for name, module in pipe.components.items():
         config = getattr(getattr(module, "config", None), "quantization_config", None)
+        if config is None and getattr(module, "hf_quantizer", None) is not None:  # quantized at load: a .gguf file
+            config = module.hf_quantizer.quantization_config
         if config is not None:
             method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", config)
             found[name] = str(getattr(method, "value", method))
@@ -226,7 +241,7 @@ class DiffusersModel:
         self.family = traits.family
         self.traits = traits
         # a family without img2img (FLUX.2 [klein]) has its init-image rows refused at validation
-        self.img2img = getattr(diffusers, self.family.img2img).from_pipe(txt2img) if self.family.img2img else None
+        self.img2img = _img2img_pipeline(self.family.img2img, txt2img) if self.family.img2img else None
         self.info = info
         self._embedding_names = embedding_names
         self.loras = LoraCache(txt2img, loras or {}, endpoint_url)
@@ -395,7 +410,8 @@ class DiffusersModel:
     def _denoise(self, rows: list[Row], init_images: list[Image.Image | None] | None) -> torch.Tensor:
         first = rows[0]
         for rule in self._row_rules:
-            rule.check_row(first)
+            for row in rows:  # a negative prompt is per row
+                rule.check_row(row)
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in rows]
         common = dict(**self.family.pipeline_kwargs(rows, self.traits), generator=generators, output_type="latent")
         if self._embedding_names:  # ComfyUI's embedding:NAME is the token <NAME> the embedding is loaded under

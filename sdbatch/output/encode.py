@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from sdbatch.data.columns import COLUMNS
+from sdbatch.data.columns import COLUMNS, Column
 from sdbatch.data.samplers import SAMPLERS
 from sdbatch.models.speed import infotext_value as speed_infotext
 
@@ -86,6 +86,11 @@ _RE_SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
 _RANK_MODEL_HASH, _RANK_MODEL, _RANK_LORA_HASHES, _RANK_REFINER, _RANK_SPEED, _RANK_VERSION = 60, 61, 90, 91, 95, 100
 # A1111 label -> column, for the columns parse_infotext reads back as plain numbers.
 _NUMERIC_LABELS = {c.a1111: c for c in COLUMNS if c.a1111 and c.name not in ("width", "scheduler")}
+# guidance_scale's label by what it means for the model (the record's model_parameters.guidance):
+# Forge's "Distilled CFG Scale" for a distilled guidance embedding (FLUX.1 [dev]), none for a
+# model that uses no guidance ([schnell], [klein] distilled); "CFG scale" (the column's) otherwise.
+DISTILLED_CFG_LABEL = "Distilled CFG Scale"
+_GUIDANCE_LABEL: dict[str, str | None] = {"distilled": DISTILLED_CFG_LABEL, "none": None}
 
 
 def _quote(v: Any) -> str:
@@ -120,7 +125,9 @@ def infotext(record: dict) -> str:
     Keys used: prompt (followed by the ``<lora:NAME:SCALE>`` tags of ``loras``, as A1111 writes
     them), negative_prompt, every column with an A1111 label in the column table (steps,
     scheduler — ``default``: the A1111 name of ``scheduler_config``'s class —, guidance_scale,
-    seed, width/height, strength only when ``init_image`` is set, clip_skip only above 1),
+    seed, width/height, strength only when ``init_image`` is set, clip_skip only above 1; guidance_scale
+    is Forge's ``Distilled CFG Scale`` for a distilled guidance embedding and left out where the
+    model uses none, by ``model_parameters.guidance``),
     model_hash, model_name, the loras' ``Lora hashes``, the refiner (``Refiner: NAME [HASH10]``;
     ``Refiner switch at`` is a column's label), the speed profile (``Speed profile: fast
     (fuse_qkv regional_compile)``, only when not exact), sdbatch_version.  Missing/None values are
@@ -130,7 +137,9 @@ def infotext(record: dict) -> str:
     prompt = " ".join([record.get("prompt") or "", *(f"<lora:{a['name']}:{a['scale']:g}>" for a in loras)])
     neg = record.get("negative_prompt") or ""
 
-    params = [(c.a1111_rank, c.a1111, c.a1111_value(record)) for c in COLUMNS if c.a1111 and c.a1111_value]
+    guidance = (record.get("model_parameters") or {}).get("guidance")
+    params = [(c.a1111_rank, label, c.a1111_value(record)) for c in COLUMNS
+              if c.a1111 and c.a1111_value and (label := _a1111_label(c, guidance))]
     if _present(record.get("model_hash")):
         params.append((_RANK_MODEL_HASH, "Model hash", record["model_hash"]))
     if _present(record.get("model_name")):
@@ -153,6 +162,12 @@ def infotext(record: dict) -> str:
     return "\n".join(lines)
 
 
+def _a1111_label(column: Column, guidance: str | None) -> str | None:
+    if column.name == "guidance_scale" and guidance in _GUIDANCE_LABEL:
+        return _GUIDANCE_LABEL[guidance]
+    return column.a1111
+
+
 def _parse_params(line: str) -> dict[str, str]:
     return {k.strip(): _unquote(v.strip()) for k, v in _RE_PARAM.findall(line)}
 
@@ -162,7 +177,8 @@ def parse_infotext(text: str) -> dict:
 
     Returns ``prompt``, ``negative_prompt`` (``""`` when absent) and the params:
     steps (int), scheduler (sdbatch name; only for known samplers — the raw A1111 name is
-    always kept under ``"Sampler"`` when it is unknown), guidance_scale (float), seed (int),
+    always kept under ``"Sampler"`` when it is unknown), guidance_scale (float; from ``Distilled
+    CFG Scale`` where there is no ``CFG scale``), seed (int),
     width/height (int), strength (float), clip_skip (int), model_hash, model_name, sdbatch_version (when
     ``Version: sdbatch X``; other versions kept under ``"Version"``), and every other key
     verbatim (A1111 key name -> string).
@@ -226,6 +242,11 @@ def parse_infotext(text: str) -> dict:
             out[key] = val  # malformed known key: keep it verbatim rather than fail
     if schedule_type is not None and "scheduler" not in out:
         out["Schedule type"] = schedule_type
+    if "guidance_scale" not in out and DISTILLED_CFG_LABEL in out:  # ours for FLUX.1 [dev] (Forge adds "CFG scale: 1")
+        try:
+            out["guidance_scale"] = float(out.pop(DISTILLED_CFG_LABEL))
+        except ValueError:
+            pass  # kept verbatim, like any malformed known key
     return out
 
 

@@ -153,3 +153,26 @@ def build_flux2_klein(folder: Path, *, distilled: bool = False) -> Path:
 
 #: the transformer modules the test LoRAs of these families adapt (model_families.build_transformer_lora)
 ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def write_gguf(transformer_folder: Path, path: Path, *, quantized: bool) -> Path:
+    """A diffusers transformer's weights as a GGUF file, as QuantStack publish Qwen-Image's (its
+    diffusers key names, which diffusers' single-file loader takes unchanged): with
+    ``quantized``, each 2-D weight whose rows split into 32-value blocks as Q8_0 and the other
+    matrices as F16; without, every tensor F32 (the same numbers as the folder)."""
+    import gguf
+    from safetensors.torch import load_file
+
+    writer = gguf.GGUFWriter(str(path), "qwen_image")
+    for name, tensor in load_file(transformer_folder / "diffusion_pytorch_model.safetensors").items():
+        values = tensor.float().numpy()
+        if quantized and values.ndim == 2 and values.shape[1] % 32 == 0:
+            blocks = gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, values.astype("float16") if quantized and values.ndim == 2 else values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

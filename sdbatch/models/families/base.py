@@ -82,6 +82,12 @@ class ModelTraits:
         return self.family.row_rules(self)
 
     @property
+    def unconditional_above(self) -> float | None:
+        """The guidance_scale above which the pipeline runs the unconditional branch the negative
+        prompt feeds (its ``do_classifier_free_guidance``); None: it has none at any guidance."""
+        return self.family.unconditional_above if self.guidance in ("cfg", "true_cfg") else None
+
+    @property
     def label(self) -> str:
         return f"{self.family.name}{f' [{self.variant}]' if self.variant else ''} ({self.family.class_name})"
 
@@ -115,24 +121,31 @@ class ModelTraits:
 
 @dataclass(frozen=True)
 class RowRule:
-    """A model-dependent rule on one column, run by manifest validation on every row's value
-    (the job default filled in) and by the runtime on a batch's row: ``refuses`` maps an array
-    of values to a mask of the refused ones."""
+    """A model-dependent rule on one column (or on two together: ``paired``), run by manifest
+    validation on every row's value (the job default filled in) and by the runtime on each row of
+    a batch: ``refuses`` maps an array of values (and one of the paired column's) to a mask of
+    the refused ones."""
 
     column: str
-    refuses: Callable[[np.ndarray], np.ndarray]
+    refuses: Callable[..., np.ndarray]
     rule: str  # what the value must be, for the error
     fix: str
     null_as: Any = 0  # what a null value is checked as (a string column's: "")
+    paired: str | None = None  # the second column whose value the rule reads (guidance_scale)
 
-    def refuses_value(self, value: Any) -> bool:
-        return bool(self.refuses(np.asarray([self.null_as if value is None else value]))[0])
+    def refuses_value(self, value: Any, paired_value: Any = None) -> bool:
+        values = [np.asarray([self.null_as if value is None else value])]
+        if self.paired is not None:
+            values.append(np.asarray([paired_value]))
+        return bool(self.refuses(*values)[0])
 
     def check_row(self, row: Row) -> None:
-        """ValueError naming the row, column, value and fix when ``row`` breaks the rule."""
+        """ValueError naming the row, column(s), value(s) and fix when ``row`` breaks the rule."""
         value = getattr(row, self.column)
-        if self.refuses_value(value):
-            raise ValueError(f"row {row.id}: {self.column} {value!r}: {self.rule}. Fix: {self.fix}")
+        paired = getattr(row, self.paired) if self.paired is not None else None
+        if self.refuses_value(value, paired):
+            given = f" with {self.paired} {paired!r}" if self.paired is not None else ""
+            raise ValueError(f"row {row.id}: {self.column} {value!r}{given}: {self.rule}. Fix: {self.fix}")
 
 
 class FamilyAdapter(ABC):
@@ -149,6 +162,9 @@ class FamilyAdapter(ABC):
     load_options: ClassVar[Mapping[str, Any]] = {}  # from_pretrained arguments
     honours: ClassVar[frozenset[str]] = ALL_COLUMNS  # the per-row columns a row may set
     guidance: ClassVar[Guidance] = "cfg"
+    #: with guidance "cfg"/"true_cfg": the guidance_scale above which the pipeline runs its
+    #: unconditional branch (diffusers' ``do_classifier_free_guidance``: ``guidance_scale > 1``)
+    unconditional_above: ClassVar[float] = 1.0
     sdpa_modules: ClassVar[tuple[str, ...]] = ()  # modules switched to PyTorch SDPA attention
     channels_last: ClassVar[bool] = False  # the denoiser runs channels_last on CUDA (UNets)
     text_encoder_counts_layers: ClassVar[bool] = False  # clip_skip counts text_encoder's layers (CLIP)
@@ -197,8 +213,8 @@ class FamilyAdapter(ABC):
     def row_rules(self, traits: ModelTraits) -> tuple[RowRule, ...]:
         """The rules a row's values must meet for this model: clip_skip within the CLIP text
         encoder's depth (A1111 counts the last layer as clip skip 1), or none without one; no
-        negative prompt without an unconditional branch; no guidance a guidance-free model would
-        ignore; sizes on the model's grid."""
+        negative prompt without an unconditional branch, or with a guidance_scale that turns it
+        off; no guidance a guidance-free model would ignore; sizes on the model's grid."""
         rules: list[RowRule] = []
         who = traits.label
         layers = traits.text_encoder_layers
@@ -211,10 +227,18 @@ class FamilyAdapter(ABC):
             rules.append(RowRule("clip_skip", lambda values: values != 1,
                                  f"{who} takes no clip_skip (its prompt encoder is not a CLIP whose layers it skips)",
                                  "leave clip_skip null (1)"))
-        if traits.guidance in ("distilled", "none"):
+        above = traits.unconditional_above
+        if above is None or "negative_prompt" not in self.honours:
+            why = "has no unconditional branch" if above is None else "takes no negative prompt"
             rules.append(RowRule("negative_prompt", lambda values: values != "",
-                                 f"{who} has no unconditional branch, so a negative prompt would be ignored",
+                                 f"{who} {why}, so a negative prompt would be ignored",
                                  "leave negative_prompt null or empty for this model", null_as=""))
+        else:  # a negative prompt feeds the unconditional branch, which low guidance turns off
+            rules.append(RowRule("negative_prompt", lambda negatives, scales: (negatives != "") & (scales <= above),
+                                 f"{who} runs no unconditional branch at guidance_scale <= {above:g}, "
+                                 "so the negative prompt would be ignored",
+                                 f"raise guidance_scale above {above:g}, or leave the negative prompt empty "
+                                 "(a row's '' overrides the job default)", null_as="", paired="guidance_scale"))
         if traits.guidance == "none":
             rules.append(RowRule("guidance_scale", lambda values: values != 0,
                                  f"{who} is guidance-distilled and uses no guidance_scale",

@@ -29,13 +29,14 @@ class ZImage(DiffusersFamily):
     takes_clip_skip = False
     packing = 2  # the transformer's 2×2 patches (all_patch_size), not in a patch_size key
     default_size = 1024  # ZImagePipeline.__call__: height = height or 1024
+    unconditional_above = 0.0  # ZImagePipeline.do_classifier_free_guidance: guidance_scale > 0
 
     def native_size(self, read_json: JsonReader, where: str) -> tuple[int, int]:
         return self.default_size, self.default_size
 
     def parameter_meaning(self, traits: ModelTraits) -> list[str]:
         return [*super().parameter_meaning(traits),
-                "guidance_scale 0 turns the unconditional branch off (negative_prompt is then unused)"]
+                "guidance_scale 0 turns the unconditional branch off (a row setting negative_prompt is then refused)"]
 
     def variant(self, read_json: JsonReader) -> str | None:
         scheduler = read_json("scheduler/scheduler_config.json") or {}

@@ -254,8 +254,9 @@ def test_lora_changes_the_image_and_scale_zero_is_no_adapter(llm_models, tmp_pat
 @pytest.mark.parametrize("name", ["z_image", "qwen_image", "flux2_klein"])
 def test_guidance_and_negative_prompt_reach_the_pipeline(llm_models, klein_base, name):
     """What guidance_scale means arrives as the pipeline's own argument: Z-Image's CFG and
-    Qwen-Image's true CFG use the row's negative prompt (and are off at 0 / 1, where it is then
-    unused); FLUX.2 [klein] base guides against its own empty prompt."""
+    Qwen-Image's true CFG use the row's negative prompt (and are off at 0 / 1, where a row that
+    still sets one is refused, not rendered without it); FLUX.2 [klein] base guides against its
+    own empty prompt."""
     from sdbatch.models.runtime import load_model
 
     model = klein_base if name == "flux2_klein" else llm_models[name]
@@ -273,4 +274,5 @@ def test_guidance_and_negative_prompt_reach_the_pipeline(llm_models, klein_base,
     assert not np.array_equal(guided, unguided)
     if name != "flux2_klein":
         assert not np.array_equal(render(4.0, "blurry"), guided)
-        assert np.array_equal(render(off, "blurry"), unguided)
+        with pytest.raises(ValueError, match=f"negative_prompt 'blurry' with guidance_scale {off}: .*no unconditional"):
+            render(off, "blurry")

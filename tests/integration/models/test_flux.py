@@ -93,7 +93,8 @@ def test_flux_dev_renders_its_native_size_and_records_its_meaning(flux_jobs, flu
     assert Image.open(io.BytesIO(image(job, "e0"))).size == (96, NATIVE)
     assert {job[r]["status"] for r in ("t0", "e0", "i0")} == {"ok"}
     assert (job["t0"]["steps"], job["t0"]["guidance_scale"]) == (2, 3.5)  # --steps given; guidance the model's
-    _, record = read_embedded(image(job, "t0"))
+    parameters, record = read_embedded(image(job, "t0"))
+    assert "Distilled CFG Scale: 3.5," in parameters and "CFG scale" not in parameters  # as Forge writes [dev]'s
     assert record["model_family"] == "FluxPipeline"
     assert record["model_parameters"] == {"guidance": "distilled", "max_sequence_length": 512, "variant": "dev"}
     assert job["t0"]["prompt_truncated_at"] is None
@@ -131,8 +132,9 @@ def test_flux_lora_changes_the_image_in_both_formats_and_scale_zero_is_none(flux
 def test_flux_schnell_takes_its_own_defaults(flux_jobs):
     job = flux_jobs["schnell"]
     assert (job["t0"]["steps"], job["t0"]["guidance_scale"]) == (4, 0.0)
-    _, record = read_embedded(image(job, "t0"))
+    parameters, record = read_embedded(image(job, "t0"))
     assert record["model_parameters"] == {"guidance": "none", "max_sequence_length": 256, "variant": "schnell"}
+    assert "Steps: 4, Sampler:" in parameters and "CFG" not in parameters  # guidance unused: not written
     cut = job["t1"]["prompt_truncated_at"]
     assert cut is not None and cut < flux_jobs["w1"]["t1"]["prompt_truncated_at"]  # 256 tokens, not 512
 

@@ -31,8 +31,9 @@ def test_every_family_is_a_complete_adapter_keyed_by_its_class():
 def test_builtin_traits_read_the_text_encoder_depth():
     shapes = local_traits(local_model_dir("builtin:shapes"))
     assert (shapes.native_width, shapes.native_height, shapes.text_encoder_layers) == (64, 64, 2)
-    [rule] = shapes.row_rules()
+    rule, negative = shapes.row_rules()
     assert rule.column == "clip_skip" and not rule.refuses_value(3) and rule.refuses_value(4)
+    assert (negative.column, negative.paired) == ("negative_prompt", "guidance_scale")
     assert local_traits(local_model_dir("builtin:null")).row_rules() == ()
 
 
@@ -72,19 +73,23 @@ def test_a_new_family_declares_what_rows_may_set(tmp_path):
 # per-model meaning of the parameters (issue 24): read from the configs alone, torch-free
 
 
-def flux_configs(folder, *, dev: bool, vae_blocks: int = 4):
-    """A FLUX.1 folder's configs as the published ones shape them (no weights: traits read JSON)."""
+def write_configs(folder, files: dict[str, dict]):
+    """A model folder of configs alone (no weights: traits read JSON)."""
     import json
 
-    files = {
-        "model_index.json": {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]},
-        "transformer/config.json": {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "guidance_embeds": dev},
-        "vae/config.json": {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512][:vae_blocks]},
-    }
     for rel, config in files.items():
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         (folder / rel).write_text(json.dumps(config))
     return folder
+
+
+def flux_configs(folder, *, dev: bool, vae_blocks: int = 4):
+    """A FLUX.1 folder's configs as the published ones shape them."""
+    return write_configs(folder, {
+        "model_index.json": {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]},
+        "transformer/config.json": {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "guidance_embeds": dev},
+        "vae/config.json": {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512][:vae_blocks]},
+    })
 
 
 def test_flux_variants_take_their_meaning_and_defaults_from_their_configs(tmp_path):
@@ -151,3 +156,87 @@ def test_offload_and_single_file_settings_are_checked_in_the_spec(tmp_path):
     assert single.fingerprint_fields()["model_config"] == str(folder)
     with pytest.raises(ValidationError, match="pickle checkpoint"):
         JobSpec.model_validate({"model": {"name": "model.ckpt", "config": str(folder)}})
+    gguf = JobSpec.model_validate({"model": {"name": str(tmp_path / "flux1-dev-Q8_0.gguf"), "config": str(folder)}})
+    assert gguf.model.configs_at == str(folder)  # a GGUF transformer is a single file like a .safetensors one
+    with pytest.raises(ValidationError, match="is a single-file checkpoint: set model.config"):
+        JobSpec.model_validate({"model": {"name": "flux1-dev-Q8_0.gguf"}})
+
+
+def cfg_model_configs(folder, class_name: str, *, turbo: bool = False):
+    """Configs of a Z-Image, Qwen-Image or Chroma folder, enough for their traits."""
+    vae = ({"temperal_downsample": [False, True, True]} if class_name == "QwenImagePipeline"
+           else {"block_out_channels": [128, 256, 512, 512]})
+    return write_configs(folder, {
+        "model_index.json": {"_class_name": class_name},
+        "transformer/config.json": {"patch_size": 2 if class_name == "QwenImagePipeline" else 1},
+        "vae/config.json": vae,
+        "scheduler/scheduler_config.json": {"use_dynamic_shifting": not turbo, "shift": 3.0},
+    })
+
+
+def negative_prompt_issues(model, rows, tmp_path, **defaults):
+    path = write_manifest(tmp_path / "neg.parquet", rows)
+    spec = JobSpec.model_validate({"model": {"name": str(model)}, "defaults": defaults})
+    report = validate_manifest(open_manifest(str(path)), spec, model=local_traits(model))
+    return {(i.id, i.column): i for i in report.issues}
+
+
+def test_a_negative_prompt_at_a_guidance_that_turns_its_branch_off_is_refused(tmp_path):
+    """The two-column rule: a negative prompt (the row's, else the job's) while the row's guidance
+    (the row's, else the spec's, else the model's own) runs no unconditional branch — each
+    pipeline's own do_classifier_free_guidance: Z-Image > 0, SD/Chroma > 1, Qwen-Image's true CFG > 1."""
+    rows = [{"id": "own", "prompt": "x", "negative_prompt": "blurry", "guidance_scale": None},
+            {"id": "zero", "prompt": "x", "negative_prompt": "blurry", "guidance_scale": 0.0},
+            {"id": "one", "prompt": "x", "negative_prompt": "blurry", "guidance_scale": 1.0},
+            {"id": "two", "prompt": "x", "negative_prompt": "blurry", "guidance_scale": 2.0},
+            {"id": "empty", "prompt": "x", "negative_prompt": "", "guidance_scale": 0.0},
+            {"id": "none", "prompt": "x", "negative_prompt": None, "guidance_scale": 0.0}]
+    turbo = cfg_model_configs(tmp_path / "turbo", "ZImagePipeline", turbo=True)
+    expected = {turbo: {"own", "zero"}, cfg_model_configs(tmp_path / "z", "ZImagePipeline"): {"zero"},
+                cfg_model_configs(tmp_path / "qwen", "QwenImagePipeline"): {"zero", "one"},
+                cfg_model_configs(tmp_path / "chroma", "ChromaPipeline"): {"zero", "one"},
+                local_model_dir("builtin:shapes"): {"zero", "one"}}
+    for model, refused in expected.items():
+        found = negative_prompt_issues(model, rows, tmp_path)
+        assert set(found) == {(row, "negative_prompt") for row in refused}, model
+    issue = negative_prompt_issues(turbo, rows, tmp_path)["own", "negative_prompt"]
+    assert issue.value == "{'guidance_scale': 0.0, 'negative_prompt': 'blurry'}"  # the model's own 0, shown
+    assert "Z-Image [turbo] (ZImagePipeline) runs no unconditional branch at guidance_scale <= 0" in issue.rule
+    assert "raise guidance_scale above 0, or leave the negative prompt empty (a row's '' overrides" in issue.fix
+    qwen = negative_prompt_issues(tmp_path / "qwen", rows, tmp_path)["one", "negative_prompt"]
+    assert "guidance_scale <= 1" in qwen.rule and qwen.value == "{'guidance_scale': 1.0, 'negative_prompt': 'blurry'}"
+
+
+def test_the_job_negative_prompt_meets_each_rows_guidance(tmp_path):
+    """A job-wide negative prompt is checked against every row's guidance (a whole-number guidance
+    column included), and against the job's own guidance once, as the spec's error."""
+    rows = [{"id": "low", "prompt": "x", "guidance_scale": 1}, {"id": "high", "prompt": "x", "guidance_scale": 7},
+            {"id": "default", "prompt": "x", "guidance_scale": None}]
+    shapes = local_model_dir("builtin:shapes")
+    found = negative_prompt_issues(shapes, rows, tmp_path, negative_prompt="blurry")
+    assert set(found) == {("low", "negative_prompt")}
+    assert found["low", "negative_prompt"].value == "{'guidance_scale': 1.0, 'negative_prompt': 'blurry'}"
+    turbo = cfg_model_configs(tmp_path / "turbo", "ZImagePipeline", turbo=True)
+    found = negative_prompt_issues(turbo, rows, tmp_path, negative_prompt="blurry")
+    assert set(found) == {(None, "defaults.negative_prompt")}  # rows "low" and "high" run CFG
+    assert "--set defaults.guidance_scale=N, or --set defaults.negative_prompt=" in found[None, "defaults.negative_prompt"].fix
+
+
+def test_the_runtime_checks_every_row_of_a_batch(tmp_path):
+    import pytest
+
+    [rule] = [r for r in local_traits(local_model_dir("builtin:shapes")).row_rules() if r.paired]
+    rule.check_row(a_row(guidance_scale=1.0, negative_prompt=""))
+    with pytest.raises(ValueError, match="row r0: negative_prompt 'blurry' with guidance_scale 1.0: .* at guidance_scale <= 1"):
+        rule.check_row(a_row(guidance_scale=1.0))
+
+
+def test_flux2_dev_is_refused_naming_what_is_missing(tmp_path):
+    import pytest
+
+    from sdbatch.models.errors import FamilyError
+
+    folder = write_configs(tmp_path / "flux2-dev", {"model_index.json": {"_class_name": "Flux2Pipeline"}})
+    with pytest.raises(FamilyError, match="'Flux2Pipeline': FLUX.2 \\[dev\\] is not run yet: its prompt processor "
+                                          "\\(transformers' PixtralProcessor.*needs torchvision.*Use FLUX.2 \\[klein\\]"):
+        local_traits(folder)

@@ -71,6 +71,19 @@ def test_infotext_float_formatting_and_empty_negative():
     assert "CFG scale: 7.0," in infotext(_record(guidance_scale=7))  # int guidance prints as A1111's float
 
 
+def test_infotext_names_guidance_by_what_it_means_for_the_model():
+    """FLUX.1 [dev]'s guidance embedding is Forge's "Distilled CFG Scale" (no "CFG scale"); a model
+    that uses no guidance ([schnell]) writes none; true CFG (Qwen-Image) stays "CFG scale"."""
+    dev = infotext(_record(guidance_scale=3.5, negative_prompt="", model_parameters={"guidance": "distilled"}))
+    assert dev.split("\n")[1].startswith("Steps: 20, Sampler: DDIM, Distilled CFG Scale: 3.5, Seed: 123,")
+    assert "CFG scale" not in dev and parse_infotext(dev)["guidance_scale"] == 3.5
+    schnell = infotext(_record(guidance_scale=0.0, negative_prompt="", model_parameters={"guidance": "none"}))
+    assert "CFG" not in schnell and "guidance_scale" not in parse_infotext(schnell)
+    assert "CFG scale: 4.0," in infotext(_record(guidance_scale=4.0, model_parameters={"guidance": "true_cfg"}))
+    forge = parse_infotext("a cat\nSteps: 20, Sampler: Euler, CFG scale: 1, Distilled CFG Scale: 3.5, Seed: 1")
+    assert (forge["guidance_scale"], forge["Distilled CFG Scale"]) == (1.0, "3.5")  # Forge's own: both kept
+
+
 def test_strength_only_with_init_image():
     assert "Denoising strength" not in infotext(_record(strength=0.6))
     t = infotext(_record(init_image="init/a.png", strength=0.6))
