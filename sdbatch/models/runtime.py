@@ -25,6 +25,9 @@ float32; if it is still bad it comes back with an error instead of an image. On 
 UNet runs channels_last with PyTorch SDPA attention, optionally ``torch.compile``d. The job's
 speed profile (``models.speed``) is applied after loading (``speed_runtime.apply_speed``) and
 recorded in each row's facts; each distinct prompt is encoded once per worker (``PromptCache``).
+A CLIP-encoder family reads AUTOMATIC1111 emphasis, BREAK and long prompts through compel
+(``PromptReader``, unless ``model.prompt_syntax`` is literal); a canonical batch then runs in
+groups of equal chunk count, so no row's conditioning is padded by a batch-mate's length.
 ``builtin:null`` (``families/null.py``) loads through ``load_model`` too.
 """
 
