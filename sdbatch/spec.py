@@ -78,6 +78,13 @@ class ModelSpec(_Section):
     )
 
 
+    prompt_syntax: Literal["a1111", "literal"] = Field(
+        "a1111",
+        description="a1111 = AUTOMATIC1111 emphasis (word:1.3), (word), [word], BREAK and prompts longer than 75 "
+        "tokens (in 75-token chunks) read through compel for CLIP-encoder models (SD 1.x/2.x, SDXL, SD3); literal = "
+        "every prompt is text as written, cut at the encoder's limit (--literal-prompts)",
+    )
+
     @model_validator(mode="after")
     def _single_file_has_a_config(self) -> ModelSpec:
         """A single-file checkpoint needs model.config, and only it takes one; a pickle
@@ -358,6 +365,8 @@ class JobSpec(_Section):
             **({"embeddings": self.embeddings} if self.embeddings else {}),  # their sha256: the model pin
             "dtype": self.model.dtype,
             "compile": self.model.compile,
+            # left out at its default, so jobs from before it keep their fingerprint
+            **({"prompt_syntax": self.model.prompt_syntax} if self.model.prompt_syntax != "a1111" else {}),
             # None for exact (left out, so jobs from before profiles keep their fingerprint)
             **({"speed": speed} if (speed := self.speed.fingerprint_value()) else {}),
             "defaults": fingerprint_defaults(self.defaults.model_dump()),

@@ -175,6 +175,7 @@ class Reproducer:
                                                loras=spec.loras, refiner=spec.model.refiner, config=spec.model.config,
                                                compile=spec.model.compile, speed=spec.speed,
                                                vae=spec.model.vae, embeddings=spec.embeddings,
+                                               prompt_syntax=spec.model.prompt_syntax,
                                                # offloading needs CUDA; it moves weights, not the arithmetic
                                                offload=spec.model.offload if device == "cuda" else "none")
         return self._generators[key]

@@ -93,8 +93,8 @@ StrictOpt = typer.Option(
 
 LiteralPromptsOpt = typer.Option(
     False, "--literal-prompts",
-    help="Prompts mean brackets literally: no AUTOMATIC1111 prompt-syntax checks (\\[a|b], \\[x:y:0.5] are refused "
-    "without it; (word:1.3), BREAK warned about).")
+    help="Prompts mean brackets literally (model.prompt_syntax=literal): AUTOMATIC1111 emphasis (word:1.3), "
+    "\\[word], BREAK and 75-token chunks are not read, and \\[a|b], \\[x:y:0.5] (refused without it) pass as text.")
 
 
 def setup_logging(verbose: bool) -> None:

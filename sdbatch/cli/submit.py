@@ -138,6 +138,7 @@ def submit(
                 "model.config": model_config,
                 "model.refiner": refiner,
                 "model.vae": vae,
+                "model.prompt_syntax": "literal" if literal_prompts else None,
                 "resources.workers": workers,
                 "resources.gpus_per_worker": gpus_per_worker,
                 "resources.batch_size": batch_size,

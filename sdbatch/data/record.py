@@ -49,6 +49,9 @@ class GenerationFacts:
     #: max_sequence_length, variant); empty for the SD families
     model_parameters: dict[str, Any] = field(default_factory=dict)
     speed: dict[str, Any] | None = None  # the speed profile as applied (models.speed.AppliedSpeed); None: exact
+    #: "a1111" where the row's prompt or negative was read by AUTOMATIC1111's rules as more than
+    #: its text (emphasis, BREAK, 75-token chunks: models.prompt_weights); None: read as written
+    prompt_syntax: str | None = None
 
     def as_fields(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -109,6 +112,7 @@ class ImageRecord:
     # the job's speed profile as this worker applied it (one per job, so the index leaves it out);
     # None for exact, whose images carry no such key
     speed: dict[str, Any] | None = None
+    prompt_syntax: str | None = None  # GenerationFacts.prompt_syntax; images read literally carry no such key
 
     @property
     def model_hash(self) -> str:
@@ -145,7 +149,7 @@ class ImageRecord:
             model_parameters=dict(facts.model_parameters),
             **({"refiner_name": refiner_name, "refiner_fingerprint": entry.get("refiner_fingerprint")}
                if row.refiner_switch is not None else {}),
-            speed=facts.speed,
+            speed=facts.speed, prompt_syntax=facts.prompt_syntax,
         )
 
     def to_index_row(self, **result: Any) -> dict[str, Any]:
@@ -179,6 +183,7 @@ class ImageRecord:
             "torch_threads": self.torch_threads,
             "sdbatch_version": self.sdbatch_version,
             **({"speed": self.speed} if self.speed else {}),
+            **({"prompt_syntax": self.prompt_syntax} if self.prompt_syntax else {}),
         }
 
     @classmethod
@@ -197,6 +202,7 @@ class ImageRecord:
             size_conditioning=dict(get("size_conditioning") or {}), sdbatch_version=get("sdbatch_version"),
             refiner_name=get("refiner_name"), refiner_fingerprint=get("refiner_fingerprint"),
             model_parameters=dict(get("model_parameters") or {}), speed=get("speed"),
+            prompt_syntax=get("prompt_syntax"),
         )
 
     def describes(self, entry: dict[str, Any]) -> bool:

@@ -16,7 +16,15 @@ from sdbatch.data.aliases import foreign
 from sdbatch.data.columns import DEFAULTED, KNOWN_COLUMNS, Column, suggest
 from sdbatch.data.index import RESERVED_COLUMNS
 from sdbatch.data.loras import LoraError, row_loras
-from sdbatch.data.prompt_syntax import ANY_FORM, PROMPT_SYNTAX, REFUSED_FIX, REFUSED_RULE, WARNING
+from sdbatch.data.prompt_syntax import (
+    ANY_FORM,
+    LITERAL_READER,
+    PROMPT_SYNTAX,
+    REFUSED_FIX,
+    REFUSED_RULE,
+    UNKNOWN_READER,
+    WARNING,
+)
 from sdbatch.data.row import default_row_id
 from sdbatch.manifest.reader import plain_array
 from sdbatch.manifest.report import RowIssue, arrow_kind, repr_value, value_at
@@ -127,17 +135,22 @@ class BatchUnderCheck:
 
 class PromptSyntax:
     """AUTOMATIC1111 prompt syntax in the prompts (``data.prompt_syntax``): the forms sdbatch
-    refuses are row errors, the others counted for one warning each; nothing with
-    ``literal`` (``--literal-prompts``)."""
+    refuses are row errors, the others counted for one warning each — emphasis and BREAK only
+    where the model's family does not weight prompts (``FamilyAdapter.weighted_prompts``) or is
+    not known; nothing with ``literal`` (``--literal-prompts``)."""
 
-    def __init__(self, literal: bool) -> None:
+    def __init__(self, literal: bool, family: FamilyAdapter | None = None) -> None:
         self.literal = literal
+        self.weighted = family is not None and family.weighted_prompts is not None
+        self.reader = LITERAL_READER.format(family=family.name) if family is not None else UNKNOWN_READER
         self.seen: dict[str, tuple[int, int]] = {}  # form → rows, first row
 
     def check(self, b: BatchUnderCheck, column: str, texts: pa.Array | None) -> None:
         if self.literal or texts is None or not pc.any(pc.match_substring_regex(texts, ANY_FORM)).as_py():
             return
         for form in PROMPT_SYNTAX:
+            if form.weighting and self.weighted:
+                continue
             hits = pc.match_substring_regex(texts, form.pattern)
             if form.refused:
                 b.flag(column, hits, REFUSED_RULE.format(form=form.name), REFUSED_FIX, texts)
@@ -148,7 +161,8 @@ class PromptSyntax:
                 self.seen[form.name] = (count + len(rows), first)
 
     def warnings(self) -> list[str]:
-        return [WARNING.format(count=count, form=form, row=first) for form, (count, first) in self.seen.items()]
+        return [WARNING.format(count=count, form=form, row=first, reader=self.reader)
+                for form, (count, first) in self.seen.items()]
 
 
 def filled_numpy(arr: pa.Array, fill: Any, dtype: Any) -> np.ndarray:

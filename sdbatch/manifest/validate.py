@@ -101,7 +101,8 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
     ``model`` (the model's traits, when known) limits the samplers rows may ask for, the columns
     they may set (the family's ``honours``), and brings the model's row rules (clip_skip within
     its text encoder's depth), so a row the model cannot run is refused before any worker starts.
-    ``literal_prompts``: prompts mean AUTOMATIC1111's brackets literally (no syntax check).
+    ``literal_prompts`` (or ``model.prompt_syntax: literal``): prompts mean AUTOMATIC1111's brackets
+    literally (no syntax check).
     """
     lim, d = spec.limits, spec.defaults
     unknown = [name for name in MODEL_FILLED if getattr(d, name) is None]
@@ -130,7 +131,7 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
     base = 0
     warnings = check_passthrough_columns(manifest, coll, strict)
     unreadable = UnreadableInitImages(manifest.base_dir, lim.max_errors_shown)
-    syntax = PromptSyntax(literal_prompts)
+    syntax = PromptSyntax(literal_prompts or spec.model.prompt_syntax == "literal", family)
     for path in manifest.files:
         pf = parquet_file(path, streaming=True)
         if pf.metadata.num_rows == 0:

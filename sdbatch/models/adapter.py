@@ -41,6 +41,7 @@ class LoadRequest:
     speed: SpeedSpec | None = None  # the job's speed profile (None: exact)
     vae: Path | None = None  # model.vae: a VAE folder loaded in place of the model's own
     embeddings: tuple[tuple[str, Path], ...] = ()  # textual-inversion embeddings: (name, file)
+    prompt_syntax: str = "a1111"  # model.prompt_syntax: a1111 (emphasis, BREAK, chunks through compel) or literal
 
 
 @dataclass(frozen=True)

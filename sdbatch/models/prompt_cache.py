@@ -16,6 +16,10 @@ changes its output) — and the batch's row count: a row's embedding is computed
 many rows as its batch's (padded with repeats), because a pooled projection of one row alone
 differs from the same row's inside a batch in the last bit (SDXL on CPU), while a row's bytes do
 not depend on what the other rows of a call hold. Tests compare the images byte for byte.
+
+Below the cache, ``models.prompt_weights`` reads AUTOMATIC1111 syntax (emphasis, BREAK, long
+prompts) through compel; the key holds the prompt as written, so weighted embeddings are cached
+like any other.
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ float32; if it is still bad it comes back with an error instead of an image. On 
 UNet runs channels_last with PyTorch SDPA attention, optionally ``torch.compile``d. The job's
 speed profile (``models.speed``) is applied after loading (``speed_runtime.apply_speed``) and
 recorded in each row's facts; each distinct prompt is encoded once per worker (``PromptCache``).
+A CLIP-encoder family reads AUTOMATIC1111 emphasis, BREAK and long prompts through compel
+(``PromptReader``, unless ``model.prompt_syntax`` is literal); a canonical batch then runs in
+groups of equal chunk count, so no row's conditioning is padded by a batch-mate's length.
 ``builtin:null`` (``families/null.py``) loads through ``load_model`` too.
 """
 
@@ -68,6 +71,7 @@ from sdbatch.models.families.null import NullModel  # noqa: E402
 from sdbatch.models.lora_cache import LoraCache, Tokenizers  # noqa: E402
 from sdbatch.models.pins import embeddings_pin, file_sha256, fingerprint_model_dir, vae_pin  # noqa: E402
 from sdbatch.models.prompt_cache import PromptCache  # noqa: E402
+from sdbatch.models.prompt_weights import PromptReader  # noqa: E402
 from sdbatch.models.resolve import resolve  # noqa: E402
 from sdbatch.models.speed import AppliedSpeed, SpeedSpec  # noqa: E402
 from sdbatch.models.speed_runtime import apply_speed  # noqa: E402
@@ -230,7 +234,8 @@ class DiffusersModel:
     # a pipeline's __call__ is its own class's (DiffusionPipeline declares none): typed Any
     def __init__(self, txt2img: Any, info: ModelInfo, traits: ModelTraits,
                  loras: dict[str, str] | None = None, endpoint_url: str | None = None, compiled: bool = False,
-                 refiner: Any = None, speed: AppliedSpeed | None = None, embedding_names: tuple[str, ...] = ()):
+                 refiner: Any = None, speed: AppliedSpeed | None = None, embedding_names: tuple[str, ...] = (),
+                 prompt_syntax: str = "a1111"):
         self.txt2img = txt2img
         self.refiner = refiner
         self.compiled = compiled
@@ -258,10 +263,14 @@ class DiffusersModel:
                 # transformers 5 flattened into text_encoder.final_layer_norm; point the old name at
                 # the model itself (bypassing nn.Module registration, so it is no submodule)
                 object.__setattr__(encoder, "text_model", encoder)
+        # A1111 emphasis, BREAK and long prompts through compel, below the cache (which keeps their embeddings too)
+        self.reader = PromptReader(self.family.weighted_prompts if prompt_syntax == "a1111" else None, txt2img,
+                                   self._encoder_text)
         self.prompts = PromptCache()
         for pipe in (self.txt2img, self.img2img, refiner):
             if pipe is not None:
                 pipe.set_progress_bar_config(disable=True)
+                PromptReader(self.reader.weighting, pipe, self._encoder_text).install(pipe)
                 self.prompts.install(pipe)
 
     @classmethod
@@ -321,7 +330,7 @@ class DiffusersModel:
                  f", refiner {refiner} ({refiner_facts['refiner_fingerprint'][:10]})" if refiner_facts else "")
         return cls(pipe, info, request.traits, loras=request.loras, endpoint_url=request.endpoint_url,
                    compiled=request.compile or "regional_compile" in speed.applied, refiner=refiner_pipe, speed=speed,
-                   embedding_names=tuple(name for name, _ in request.embeddings))
+                   embedding_names=tuple(name for name, _ in request.embeddings), prompt_syntax=request.prompt_syntax)
 
     def build_samplers(self) -> None:
         """Build every sampler of the family whose packages are installed from this model's
@@ -367,7 +376,9 @@ class DiffusersModel:
             scheduler_config=self.scheduler_config(row.scheduler),
             size_conditioning={k: list(v) for k, v in self.family.size_conditioning(row).items()},
             loras=tuple(self.loras.record(row.loras)),
-            prompt_truncated_at=self._tokenizers.truncated_at(row.prompt),
+            # CLIP reads an interpreted prompt whole, in chunks
+            prompt_truncated_at=None if self.reader.active else self._tokenizers.truncated_at(row.prompt),
+            prompt_syntax="a1111" if self.reader.interpreted(row) else None,
             refiner_name=info.refiner_name if refined else None,
             refiner_fingerprint=info.refiner_fingerprint if refined else None,
             model_parameters=self.traits.recorded(),
@@ -382,6 +393,25 @@ class DiffusersModel:
         key = rows[0].batch_key()
         if any(r.batch_key() != key for r in rows):
             raise ValueError("generate() takes one canonical batch: all rows must share batch_key()")
+        groups = self.reader.groups(rows)
+        if len(groups) == 1:
+            return self._generate(rows, init_images)
+        # rows of different chunk counts run apart, each group as its own batch: no row's
+        # conditioning is padded by another's length (PromptReader)
+        pixels: np.ndarray | None = None
+        errors: list[str | None] = [None] * len(rows)
+        for group in groups:
+            part = self._generate([rows[i] for i in group], None if init_images is None else [init_images[i] for i in group])
+            if pixels is None:
+                pixels = np.empty((len(rows), *part.pixels.shape[1:]), part.pixels.dtype)
+            pixels[group] = part.pixels
+            for i, error in zip(group, part.errors):
+                errors[i] = error
+        assert pixels is not None
+        return GeneratedBatch(pixels, errors)
+
+    def _generate(self, rows: list[Row], init_images: list[Image.Image | None] | None) -> GeneratedBatch:
+        key = rows[0].batch_key()
         if self.compiled and (len(rows), key) not in self._warm_shapes:
             # compile for this batch shape now, with a one-step run, so the first real batch
             # (and the hang watchdog's idea of a batch's duration) does not include compiling
@@ -401,7 +431,9 @@ class DiffusersModel:
         torch.cuda.reset_peak_memory_stats()
         try:
             with torch.inference_mode():
-                self._decode(self._denoise([replace(r, steps=1) for r in rows], init_images))
+                for group in self.reader.groups(rows):
+                    self._decode(self._denoise([replace(rows[i], steps=1) for i in group],
+                                               None if init_images is None else [init_images[i] for i in group]))
         except OUT_OF_MEMORY_ERRORS:
             free_device_memory()
             return None
@@ -414,10 +446,9 @@ class DiffusersModel:
                 rule.check_row(row)
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in rows]
         common = dict(**self.family.pipeline_kwargs(rows, self.traits), generator=generators, output_type="latent")
-        if self._embedding_names:  # ComfyUI's embedding:NAME is the token <NAME> the embedding is loaded under
-            for key in ("prompt", "negative_prompt"):
-                if isinstance(common.get(key), list):
-                    common[key] = [embedding_tokens(p, self._embedding_names) for p in common[key]]
+        for key in ("prompt", "negative_prompt"):
+            if isinstance(common.get(key), list):
+                common[key] = [self._encoder_text(p) for p in common[key]]
         self.loras.use(first.loras)
         if first.is_img2img and self.img2img is None:
             raise ModelError(f"row {first.id} has an init image, but {self.family.name} models have no img2img pipeline")
@@ -441,6 +472,11 @@ class DiffusersModel:
             return self.family.unpack_latents(pipe, latents, first)
         self.refiner.scheduler = self.make_scheduler(first.scheduler, "refiner")
         return self.refiner(image=latents, denoising_start=switch, **common).images
+
+    def _encoder_text(self, prompt: str) -> str:
+        """A row's prompt as the pipeline is given it: ComfyUI's embedding:NAME is the token
+        <NAME> the embedding is loaded under."""
+        return embedding_tokens(prompt, self._embedding_names) if self._embedding_names and prompt else prompt
 
     def _decode(self, latents: torch.Tensor) -> GeneratedBatch:
         """Latents → uint8 pixels on the device → one copy to the host; bad rows (see the
@@ -504,11 +540,12 @@ def load_model(
     speed: SpeedSpec | None = None,
     vae: str | None = None,
     embeddings: dict[str, str] | None = None,
+    prompt_syntax: str = "a1111",
 ) -> LoadedModel:
     """Resolve ``model`` (and check it against ``pin``; ``config``: ``model`` is a single-file
     checkpoint and this its configuration's folder; ``vae``: a VAE folder in place of its own),
     then load it with its family's runtime, its samplers built (one that cannot be built fails
-    the load, not every shard)."""
+    the load, not every shard; ``prompt_syntax``: how prompts are read, ``model.prompt_syntax``)."""
     ref = resolve(model, pin=pin, endpoint_url=endpoint_url, config=config, vae=vae, embeddings=embeddings)
     traits, folder = ref.traits, ref.folder
     assert traits is not None and folder is not None  # resolve() of a base model gives both
@@ -519,7 +556,7 @@ def load_model(
         fingerprint = embeddings_pin(fingerprint, {n: file_sha256(p) for n, p in ref.embeddings}) if ref.embeddings else fingerprint
     request = LoadRequest(model, folder, ref.pin, fingerprint, traits, device=device, dtype=dtype, endpoint_url=endpoint_url,
                           loras=loras, compile=compile, refiner=refiner, refiner_pin=refiner_pin, checkpoint=ref.checkpoint,
-                          offload=offload, speed=speed, vae=ref.vae, embeddings=ref.embeddings)
+                          offload=offload, speed=speed, vae=ref.vae, embeddings=ref.embeddings, prompt_syntax=prompt_syntax)
     loaded = RUNTIMES[traits.family.runtime](request)
     loaded.build_samplers()
     return loaded

@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 #: (``cfg``), Qwen-Image style ``true_cfg_scale`` (``true_cfg``), a guidance embedding of a
 #: distilled model without an unconditional branch (``distilled``), or nothing (``none``).
 Guidance = Literal["cfg", "true_cfg", "distilled", "none"]
+#: which hidden state of a CLIP text encoder a weighted prompt reads (``FamilyAdapter.weighted_prompts``):
+#: the layer clip_skip picks through the final layer norm (SD 1.x/2.x), or the penultimate layer
+#: (clip_skip deeper) without it (SDXL, SD3)
+PromptWeighting = Literal["normalized", "penultimate"]
 
 #: What each guidance kind makes of ``guidance_scale`` and ``negative_prompt``, for ``--dry-run``,
 #: ``sdbatch spec`` and the README.
@@ -170,6 +174,10 @@ class FamilyAdapter(ABC):
     text_encoder_counts_layers: ClassVar[bool] = False  # clip_skip counts text_encoder's layers (CLIP)
     takes_clip_skip: ClassVar[bool] = True  # False: the pipeline has no clip_skip (no CLIP prompt encoder)
     takes_embeddings: ClassVar[bool] = False  # textual-inversion embeddings load into its CLIP encoders
+    #: how its CLIP text encoders' output is read when a prompt is weighted through compel
+    #: (``models.prompt_weights``: A1111 emphasis, BREAK, 75-token chunks); None: prompts are
+    #: read literally (T5/LLM encoders), validation warns about the syntax
+    weighted_prompts: ClassVar[PromptWeighting | None] = None
 
     @abstractmethod
     def native_size(self, read_json: JsonReader, where: str) -> tuple[int, int]:

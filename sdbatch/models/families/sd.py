@@ -13,6 +13,7 @@ class StableDiffusion(DiffusersFamily):
     img2img = "StableDiffusionImg2ImgPipeline"
     denoiser = "unet"
     samplers = family_samplers(flow=False)
+    weighted_prompts = "normalized"  # the layer clip_skip picks, final layer norm (as its pipeline)
     # folders may name a safety checker sdbatch never runs (dataset generation; the user's own
     # filter comes after)
     load_options = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}

@@ -18,5 +18,6 @@ class StableDiffusion3(DiffusersFamily):
     img2img = "StableDiffusion3Img2ImgPipeline"
     denoiser = "transformer"
     samplers = family_samplers(flow=True)
+    weighted_prompts = "penultimate"  # the CLIP pair as SDXL's, before the T5 tokens
     sdpa_modules = ("vae",)  # the transformer keeps its own joint-attention processors
     img2img_size = True

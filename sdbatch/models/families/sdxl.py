@@ -20,6 +20,7 @@ class StableDiffusionXL(DiffusersFamily):
     refiner = "StableDiffusionXLImg2ImgPipeline"
     denoiser = "unet"
     samplers = family_samplers(flow=False)
+    weighted_prompts = "penultimate"  # both encoders' penultimate layer (or clip_skip deeper), no norm
     takes_embeddings = True  # A1111's SDXL embedding files: clip_l and clip_g tensors
     sdpa_modules = ("unet", "vae")
     channels_last = True

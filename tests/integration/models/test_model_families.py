@@ -112,13 +112,15 @@ def test_family_job_renders_native_and_explicit_sizes(family_job):
     assert index["i0"]["init_image_sha256"] is not None and index["t0"]["scheduler"] == "default"
 
 
-def test_family_job_records_truncation_and_size_conditioning(family_job):
+def test_family_job_reads_long_prompts_whole_and_records_size_conditioning(family_job):
     result, out = family_job["result"], family_job["out"]
     index = {r["id"]: r for r in load_index(out)}
     assert index["t0"]["prompt_truncated_at"] is None
-    cut = index["t1"]["prompt_truncated_at"]
-    assert cut is not None and 0 < cut < len(LONG_PROMPT)
-    assert result.stderr.count("prompt_truncated_at") == 1  # warned once per job
+    # every family here reads prompts with CLIP: a long one is read whole, in 75-token chunks
+    # (A1111's reading through compel; --literal-prompts cuts it: test_prompt_weights.py)
+    assert index["t1"]["prompt_truncated_at"] is None
+    assert read_embedded((out / index["t1"]["key"]).read_bytes())[1]["prompt_syntax"] == "a1111"
+    assert "prompt_truncated_at" not in result.stderr  # nothing was cut, nothing to warn about
     _, record = read_embedded((out / index["e0"]["key"]).read_bytes())
     if family_job["name"] == "sdxl":
         h_w = [EXPLICIT[1], EXPLICIT[0]]

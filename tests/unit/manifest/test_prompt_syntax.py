@@ -48,3 +48,28 @@ def test_literal_prompts_turns_the_checks_off(manifest):
     result = CliRunner().invoke(app, ["validate", manifest])
     assert result.exit_code == 2 and "row 2 (id 'r2'), column 'prompt'" in result.stderr
     assert CliRunner().invoke(app, ["validate", manifest, "--literal-prompts"]).exit_code == 0
+
+
+def test_emphasis_and_break_are_not_warned_about_for_a_clip_model(manifest):
+    from sdbatch.models.families import model_traits
+
+    traits = model_traits("builtin:tiny")  # SD 1.x: its CLIP encoder reads them through compel
+    report = validate_manifest(open_manifest(manifest), JobSpec(model={"name": "builtin:tiny"}), model=traits)
+    assert [w.split(" (first")[0] for w in report.warnings] == ["1 row(s) use AUTOMATIC1111's embedding:NAME"]
+    assert report.issue_count == 3  # editing and alternation are refused all the same
+
+
+def test_a_t5_family_is_named_in_the_warning(manifest):
+    from sdbatch.models.families import FAMILIES
+    from sdbatch.models.families.base import ModelTraits
+
+    flux = ModelTraits(FAMILIES["FluxPipeline"], 64, 64)
+    warnings = " ".join(validate_manifest(open_manifest(manifest), JobSpec(), model=flux).warnings)
+    assert "emphasis (word:1.3) (first: row 3); sdbatch weights it for CLIP text encoders only: the FLUX" in warnings
+
+
+def test_model_prompt_syntax_literal_is_the_flag_in_the_spec(manifest):
+    spec = JobSpec(model={"name": "builtin:tiny", "prompt_syntax": "literal"})
+    assert validate_manifest(open_manifest(manifest), spec).ok
+    assert spec.fingerprint_fields()["prompt_syntax"] == "literal"
+    assert "prompt_syntax" not in JobSpec(model={"name": "builtin:tiny"}).fingerprint_fields()
