@@ -65,6 +65,7 @@ from sdbatch.models.errors import ModelError  # noqa: E402
 from sdbatch.models.families import ModelTraits  # noqa: E402
 from sdbatch.models.families.base import DiffusersFamily  # noqa: E402
 from sdbatch.models.families.null import NullModel  # noqa: E402
+from sdbatch.models.hires import hires_pass  # noqa: E402
 from sdbatch.models.lora_cache import LoraCache, Tokenizers  # noqa: E402
 from sdbatch.models.pins import embeddings_pin, file_sha256, fingerprint_model_dir, vae_pin  # noqa: E402
 from sdbatch.models.prompt_cache import PromptCache  # noqa: E402
@@ -227,6 +228,7 @@ class DiffusersModel:
         self.traits = traits
         # a family without img2img (FLUX.2 [klein]) has its init-image rows refused at validation
         self.img2img = getattr(diffusers, self.family.img2img).from_pipe(txt2img) if self.family.img2img else None
+        self.inpaint = getattr(diffusers, self.family.inpaint).from_pipe(txt2img) if self.family.inpaint else None
         self.info = info
         self._embedding_names = embedding_names
         self.loras = LoraCache(txt2img, loras or {}, endpoint_url)
@@ -244,7 +246,7 @@ class DiffusersModel:
                 # the model itself (bypassing nn.Module registration, so it is no submodule)
                 object.__setattr__(encoder, "text_model", encoder)
         self.prompts = PromptCache()
-        for pipe in (self.txt2img, self.img2img, refiner):
+        for pipe in (self.txt2img, self.img2img, self.inpaint, refiner):
             if pipe is not None:
                 pipe.set_progress_bar_config(disable=True)
                 self.prompts.install(pipe)
@@ -360,8 +362,10 @@ class DiffusersModel:
         )
 
     @torch.inference_mode()
-    def generate(self, rows: list[Row], init_images: list[Image.Image | None] | None = None) -> GeneratedBatch:
-        """Generate one canonical batch; all rows must share ``Row.batch_key()``."""
+    def generate(self, rows: list[Row], init_images: list[Image.Image | None] | None = None,
+                 masks: list[Image.Image | None] | None = None) -> GeneratedBatch:
+        """Generate one canonical batch; all rows must share ``Row.batch_key()``. ``init_images``
+        and ``masks``: one per row of an img2img or inpainting batch."""
         if not rows:
             return GeneratedBatch(np.zeros((0, 0, 0, 3), np.uint8), [])
         key = rows[0].batch_key()
@@ -372,11 +376,11 @@ class DiffusersModel:
             # (and the hang watchdog's idea of a batch's duration) does not include compiling
             self._warm_shapes.add((len(rows), key))
             started = time.perf_counter()
-            self._denoise([replace(r, steps=1) for r in rows], init_images)
+            self._denoise([replace(r, steps=1, hires_steps=None) for r in rows], init_images, masks)
             self.warmup_seconds += time.perf_counter() - started
             log.info("compiled for batch shape %d × %dx%d in %.1f s", len(rows), rows[0].width, rows[0].height,
                      time.perf_counter() - started)
-        latents = self._denoise(rows, init_images)
+        latents = self._denoise(rows, init_images, masks)
         return self._decode(latents)
 
     def memory_probe(self, rows: list[Row], init_images: list[Image.Image | None] | None = None) -> int | None:
@@ -384,29 +388,41 @@ class DiffusersModel:
         or None when they do not fit (``run.batch_fit``; CUDA only)."""
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        # an all-white mask of the row's size costs what the row's own does
+        masks: list[Image.Image | None] | None = (
+            [Image.new("L", (rows[0].width, rows[0].height), 255)] * len(rows) if rows[0].is_inpaint else None)
         try:
             with torch.inference_mode():
-                self._decode(self._denoise([replace(r, steps=1) for r in rows], init_images))
+                self._decode(self._denoise([replace(r, steps=1, hires_steps=None) for r in rows], init_images, masks))
         except OUT_OF_MEMORY_ERRORS:
             free_device_memory()
             return None
         return int(torch.cuda.max_memory_allocated())
 
-    def _denoise(self, rows: list[Row], init_images: list[Image.Image | None] | None) -> torch.Tensor:
-        first = rows[0]
-        for rule in self._row_rules:
-            rule.check_row(first)
+    def _call_kwargs(self, rows: list[Row]) -> dict[str, Any]:
+        """The pipeline arguments of one canonical batch that follow from its rows: the family's,
+        a CPU generator per row seeded with its seed, latent output."""
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in rows]
         common = dict(**self.family.pipeline_kwargs(rows, self.traits), generator=generators, output_type="latent")
         if self._embedding_names:  # ComfyUI's embedding:NAME is the token <NAME> the embedding is loaded under
             for key in ("prompt", "negative_prompt"):
                 if isinstance(common.get(key), list):
                     common[key] = [embedding_tokens(p, self._embedding_names) for p in common[key]]
+        return common
+
+    def _denoise(self, rows: list[Row], init_images: list[Image.Image | None] | None,
+                 masks: list[Image.Image | None] | None = None) -> torch.Tensor:
+        first = rows[0]
+        for rule in self._row_rules:
+            rule.check_row(first)
+        common = self._call_kwargs(rows)
         self.loras.use(first.loras)
         if first.is_img2img and self.img2img is None:
             raise ModelError(f"row {first.id} has an init image, but {self.family.name} models have no img2img pipeline")
+        if (first.is_inpaint and self.inpaint is None) or (first.hires_scale is not None and self.img2img is None):
+            raise ModelError(f"row {first.id}: {self.family.name} models take no mask_image or hires-fix pass here")
         self.prompts.context = first.loras  # an adapter on a text encoder changes its embeddings
-        pipe: Any = self.img2img if first.is_img2img else self.txt2img
+        pipe: Any = self.inpaint if first.is_inpaint else self.img2img if first.is_img2img else self.txt2img
         pipe.scheduler = self.make_scheduler(first.scheduler)
         switch = first.refiner_switch
         if switch is not None and self.refiner is None:
@@ -414,17 +430,25 @@ class DiffusersModel:
         # ensemble of experts: the base stops at the switch, the refiner denoises the rest
         stop = {"denoising_end": switch} if switch is not None else {}
         if first.is_img2img:
-            if init_images is None or len(init_images) != len(rows) or any(i is None for i in init_images):
-                raise ValueError("img2img rows need one init image each")
-            images = [resize_for_row(img, first.width, first.height) for img in init_images if img is not None]
-            latents = pipe(image=images, strength=first.strength, **self.family.img2img_kwargs(first), **stop,
-                           **common).images
+            images = [resize_for_row(img, first.width, first.height) for img in _one_each(init_images, rows, "init image")]
+            extra = self.family.img2img_kwargs(first)
+            if first.is_inpaint:  # the mask cropped as its init image is; white = repaint
+                extra = {"mask_image": [resize_for_row(m, first.width, first.height)
+                                        for m in _one_each(masks, rows, "mask")],
+                         "height": first.height, "width": first.width}
+            latents = pipe(image=images, strength=first.strength, **extra, **stop, **common).images
         else:
             latents = pipe(height=first.height, width=first.width, **stop, **common).images
-        if switch is None:
-            return self.family.unpack_latents(pipe, latents, first)
-        self.refiner.scheduler = self.make_scheduler(first.scheduler, "refiner")
-        return self.refiner(image=latents, denoising_start=switch, **common).images
+        if switch is not None:
+            self.refiner.scheduler = self.make_scheduler(first.scheduler, "refiner")
+            latents = self.refiner(image=latents, denoising_start=switch, **common).images
+        else:
+            latents = self.family.unpack_latents(pipe, latents, first)
+        if first.hires_scale is not None:
+            second: Any = self.img2img  # checked above
+            second.scheduler = self.make_scheduler(first.scheduler)
+            latents = hires_pass(second, latents, rows, self._call_kwargs)
+        return latents
 
     def _decode(self, latents: torch.Tensor) -> GeneratedBatch:
         """Latents → uint8 pixels on the device → one copy to the host; bad rows (see the
@@ -463,6 +487,13 @@ class DiffusersModel:
         pixels = (image.permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8)
         black = (pixels.flatten(1).amax(dim=1) == 0).tolist()
         return pixels, [None if ok and not dark else ("NaN/inf" if not ok else "all-black") for ok, dark in zip(finite, black)]
+
+
+def _one_each(images: list[Any] | None, rows: list[Row], what: str) -> list[Any]:
+    """A batch's conditioning images, one per row (ValueError otherwise)."""
+    if images is None or len(images) != len(rows) or any(i is None for i in images):
+        raise ValueError(f"these rows need one {what} each")
+    return images
 
 
 #: The loader of each family runtime (``FamilyAdapter.runtime``).
