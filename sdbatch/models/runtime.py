@@ -5,7 +5,9 @@ holding one (resolved, pinned and checked by ``sdbatch.models``), finds its fami
 (``families.FAMILIES``) and hands it to the loader of the family's runtime (``RUNTIMES``).
 ``DiffusersModel`` loads the family's text-to-image pipeline
 through ``from_pretrained`` (safetensors only); its img2img pipeline is made with ``from_pipe``,
-sharing every module (no second copy of the weights). With ``model.refiner`` (SDXL) the refiner
+sharing every module (no second copy of the weights), and so is its inpainting pipeline (rows
+with ``mask_image``); a row with ``hires_scale`` gets the hires-fix pass (``models.hires``) on
+its latents. With ``model.refiner`` (SDXL) the refiner
 pipeline is loaded given the base's ``text_encoder_2`` and VAE, and a row with ``refiner_switch``
 runs ensemble-of-experts style: the base to ``denoising_end=switch`` as latents, the refiner from
 ``denoising_start=switch``, with the same per-row generators.
