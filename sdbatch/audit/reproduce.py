@@ -15,7 +15,7 @@ img2img rows re-read their init image from the recorded location (an absolute pa
 ``job.json``) and up to ``limits.max_init_image_bytes``; if it is gone the row cannot be
 reproduced, and if its content changed since the job ran (its bytes' sha256 differs from the
 recorded ``init_image_sha256``) the result says so in a note: the regenerated image is
-expected to differ. The job's speed profile (``spec.speed``) is applied as the workers applied
+expected to differ; an inpainting row's mask likewise (``mask_image_sha256``). The job's speed profile (``spec.speed``) is applied as the workers applied
 it; one that applied anything is said not to be bit-reproducible across devices, and one applied
 differently here (a GPU-only switch skipped on this CPU) is said not to match."""
 
@@ -182,8 +182,8 @@ class Reproducer:
 
     # -- the batch -----------------------------------------------------------------------------
     def _init_image(self, uri: str):
-        """The init image at ``uri`` now, and the sha256 hex of its bytes; read only inside the
-        job's places and size limit, as the worker read it."""
+        """The init image (or mask) at ``uri`` now, and the sha256 hex of its bytes; read only
+        inside the job's places and size limit, as the worker read it."""
         from PIL import Image
 
         where, inside = self.places.resolve(uri)
@@ -227,27 +227,32 @@ class Reproducer:
             rows = [target]
             rebuilt = False
             notes.append("the record's batch_rows does not list the row itself; regenerating it alone")
-        init_images = None
+        init_images, masks = None, None
         init_sha256: dict[str, str] = {}
+        mask_sha256: dict[str, str] = {}
         if target.is_img2img:
-            init_images, kept = [], []
+            init_images, masks, kept = [], [], []
             for row in rows:
                 try:
                     image, init_sha256[row.id] = self._init_image(row.init_image)
+                    if row.is_inpaint:
+                        mask, mask_sha256[row.id] = self._init_image(row.mask_image)
+                        masks.append(mask)
                     init_images.append(image)
                     kept.append(row)
                 except (StorageError, OSError, ValueError) as exc:
                     if row.id == target.id:
                         raise AuditError(
-                            f"row {target.id}: its init image {row.init_image} cannot be read ({exc}); "
-                            "an img2img row is reproduced from its init image at the recorded location"
+                            f"row {target.id}: its init image {row.init_image} or mask cannot be read ({exc}); "
+                            "an img2img or inpainting row is reproduced from its images at the recorded locations"
                         ) from None
-                    notes.append(f"batch-mate {row.id}: init image {row.init_image} unreadable; regenerating without it")
+                    notes.append(f"batch-mate {row.id}: init image {row.init_image} or mask unreadable; "
+                                 "regenerating without it")
                     rebuilt = False
             rows = kept
-        generated = gen.generate(rows, init_images)
+        generated = gen.generate(rows, init_images, **({"masks": masks} if target.is_inpaint else {}))
         result = {"images": {r.id: pixels for r, pixels in zip(rows, generated.pixels)}, "notes": notes, "rebuilt": rebuilt,
-                  "rows": [r.id for r in rows], "init_sha256": init_sha256}
+                  "rows": [r.id for r in rows], "init_sha256": init_sha256, "mask_sha256": mask_sha256}
         self._batches[cache_key] = result
         return result
 
@@ -270,6 +275,10 @@ class Reproducer:
                 mates.setdefault(change, []).append(rid)
         notes.extend(f"{change} (batch-mates {', '.join(ids)}); batch-mates can shift the image slightly"
                      for change, ids in mates.items())
+        mask_now = batch["mask_sha256"].get(target)
+        if record.mask_image_sha256 and mask_now and mask_now != record.mask_image_sha256:
+            notes.insert(0, f"mask {record.row.mask_image} changed since generation: recorded sha256 "
+                            f"{record.mask_image_sha256[:12]}…, now {mask_now[:12]}…; the regenerated image is expected to differ")
         return notes
 
     # -- one row -------------------------------------------------------------------------------

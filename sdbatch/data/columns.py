@@ -20,6 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from sdbatch.data.hires import HIRES_UPSCALER
 from sdbatch.data.samplers import A1111_BY_CLASS, DEFAULT_SAMPLER, SAMPLERS, SCHEDULERS, sampler_name
 
 #: Marks a column without a job-spec default (``id``, ``prompt``, ``seed``, ``init_image``).
@@ -105,6 +106,9 @@ class Column:
     #: a manifest value as the Row holds it, where a value has other spellings (scheduler:
     #: AUTOMATIC1111's sampler names); None: the value as it is
     canonical: Callable[[Any], Any] | None = None
+    #: a conditioning image (init_image, mask_image): a location resolved like init_image, read by
+    #: the workers' bounded loader inside the job's init-image places, its bytes' sha256 recorded
+    image: bool = False
 
     @property
     def python_type(self) -> type:
@@ -185,9 +189,17 @@ _LORA_FORM = RowForm(
 
 
 def _denoising(r: dict[str, Any]) -> float | None:
-    # A1111 writes the denoising strength for img2img only
+    # A1111 writes the denoising strength for img2img, and for a hires-fix pass (its strength)
+    if r.get("hires_scale") is not None and r.get("hires_strength") is not None:
+        return float(r["hires_strength"])
     has_init = r.get("init_image") not in (None, "")
     return float(r["strength"]) if has_init and r.get("strength") is not None else None
+
+
+
+def _scale(r: dict[str, Any]) -> str | None:
+    # A1111 writes the factor as typed: "Hires upscale: 2", "Hires upscale: 1.5"
+    return f"{float(r['hires_scale']):g}" if r.get("hires_scale") is not None else None
 
 
 def _clip_skip(r: dict[str, Any]) -> int | None:
@@ -253,7 +265,7 @@ COLUMNS: tuple[Column, ...] = (
                        "(or AUTOMATIC1111's name, e.g. 'DPM++ 2M Karras').",
            a1111="Sampler", a1111_rank=20, a1111_value=_sampler, canonical=sampler_name),
     Column("init_image", pa.string(), _TEXT, "a string column",
-           "write init_image as path strings (relative to the manifest) or s3:// URIs", nullable=True),
+           "write init_image as path strings (relative to the manifest) or s3:// URIs", nullable=True, image=True),
     Column("strength", pa.float64(), _NUMBER, "a float column", "write strength as float64",
            default=0.75, spec_bounds={"gt": 0, "le": 1}, batch_key=True, nullable=True,
            description="used only by rows with init_image",
@@ -284,6 +296,40 @@ COLUMNS: tuple[Column, ...] = (
     Column("loras", pa.string(), _TEXT, "a string column",
            "write adapters as 'NAME:SCALE[,NAME:SCALE…]' strings, null for none", batch_key=True,
            index_type=pa.list_(_LORA_ENTRY), row=_LORA_FORM),
+    # inpainting (issue 26): the area of init_image to repaint, white = repaint (as diffusers reads it)
+    Column("mask_image", pa.string(), _TEXT, "a string column",
+           "write mask_image as path strings (relative to the manifest) or s3:// URIs", nullable=True, image=True,
+           recorded_when_set=True,
+           applies_when=AppliesWhen("mask_image is only for inpainting rows: it needs init_image (the image to "
+                                    "repaint) in the same row", "set init_image for this row, or leave mask_image null",
+                                    row_column="init_image")),
+    # AUTOMATIC1111's hires fix (data.hires): a second img2img pass at width×height × hires_scale
+    Column("hires_scale", pa.float64(), _NUMBER, "a float column", "write hires_scale as float64",
+           default=None, spec_bounds={"gt": 1, "le": 4}, flag="--hires-scale", batch_key=True, nullable=True,
+           description="AUTOMATIC1111's hires fix: upscale each image by this factor (its latents, A1111's "
+                       f"'{HIRES_UPSCALER}' upscaler) and denoise it again; null = no second pass (SD 1.x/2.x, SDXL)",
+           range=Range(1, 4, "use an upscale factor such as 2 (1 < hires_scale <= 4)", lo_open=True,
+                       finite="use a number such as 2, or null for no hires-fix pass"),
+           a1111="Hires upscale", a1111_rank=71, a1111_value=_scale, recorded_when_set=True),
+    Column("hires_strength", pa.float64(), _NUMBER, "a float column", "write hires_strength as float64",
+           default=0.7, spec_bounds={"gt": 0, "le": 1}, flag="--hires-strength", batch_key=True, nullable=True,
+           description="the denoising strength of the hires-fix pass (A1111's 'Denoising strength' with hires fix)",
+           range=Range(0, 1, "use a strength such as 0.5", lo_open=True,
+                       finite="use a number such as 0.5, or null for the job default"),
+           recorded_when_set=True,  # its infotext label is strength's "Denoising strength" (_denoising)
+           applies_when=AppliesWhen("hires_strength is only for rows with a hires-fix pass: it needs hires_scale",
+                                    "set hires_scale for this row (or defaults.hires_scale), or leave hires_strength null",
+                                    row_column="hires_scale")),
+    Column("hires_steps", pa.int64(), _INT, "an integer column", _int_fix("hires_steps"), default=None,
+           spec_bounds={"ge": 1}, flag="--hires-steps", batch_key=True, nullable=True,
+           description="steps of the hires-fix pass (it runs int(hires_steps × hires_strength) of them, as A1111); "
+                       "null = the row's steps",
+           range=Range(1, "max_steps", "use fewer steps, or raise the limit: --set limits.max_steps=N",
+                       low_fix="use at least 1 step"),
+           a1111="Hires steps", a1111_rank=72, a1111_value=_int("hires_steps"), recorded_when_set=True,
+           applies_when=AppliesWhen("hires_steps is only for rows with a hires-fix pass: it needs hires_scale",
+                                    "set hires_scale for this row (or defaults.hires_scale), or leave hires_steps null",
+                                    row_column="hires_scale")),
 )
 
 
@@ -296,6 +342,10 @@ KNOWN_COLUMNS: tuple[str, ...] = tuple(COLUMN)
 
 #: The columns a row may set only when their ``applies_when`` holds.
 CONDITIONAL: tuple[Column, ...] = tuple(c for c in COLUMNS if c.applies_when is not None)
+
+
+#: The conditioning-image columns (``Column.image``), in table order.
+IMAGE_COLUMNS: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.image)
 
 
 #: The columns that have a job-spec default (the fields of ``spec.RowDefaults``).

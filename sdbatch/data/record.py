@@ -113,6 +113,7 @@ class ImageRecord:
     # None for exact, whose images carry no such key
     speed: dict[str, Any] | None = None
     prompt_syntax: str | None = None  # GenerationFacts.prompt_syntax; images read literally carry no such key
+    mask_image_sha256: str | None = None  # inpainting: of the mask's bytes as read (images without one lack the key)
 
     @property
     def model_hash(self) -> str:
@@ -121,11 +122,11 @@ class ImageRecord:
 
     @classmethod
     def from_row(cls, row: Row, shard_name: str, batch: str, batch_rows: list[str], facts: GenerationFacts,
-                 init_image_sha256: str | None = None) -> ImageRecord:
+                 init_image_sha256: str | None = None, mask_image_sha256: str | None = None) -> ImageRecord:
         """The record of ``row``'s image, generated in batch ``batch`` (``batch_rows``, in order)
         of shard ``shard_name`` by the model whose ``facts`` for the row these are."""
         return cls(row=row, shard=shard_name, batch_id=batch, batch_rows=tuple(batch_rows),
-                   init_image_sha256=init_image_sha256, **facts.as_fields())
+                   init_image_sha256=init_image_sha256, mask_image_sha256=mask_image_sha256, **facts.as_fields())
 
     @classmethod
     def from_index_row(cls, entry: dict[str, Any], facts: GenerationFacts, *, model_name: str,
@@ -139,7 +140,7 @@ class ImageRecord:
             row=row, shard=entry["shard"], batch_id=entry["batch_id"], batch_rows=tuple(entry["batch_rows"] or ()),
             loras=tuple(dict(a) for a in entry.get("loras") or ()),
             prompt_truncated_at=entry.get("prompt_truncated_at"),
-            init_image_sha256=entry.get("init_image_sha256"),
+            init_image_sha256=entry.get("init_image_sha256"), mask_image_sha256=entry.get("mask_image_sha256"),
             model_fingerprint=entry.get("model_fingerprint") or facts.model_fingerprint,
             device=entry.get("device") or facts.device, dtype=entry.get("dtype") or facts.dtype,
             versions=json.loads(entry["versions"]) if entry.get("versions") else dict(facts.versions),
@@ -168,6 +169,7 @@ class ImageRecord:
                if self.row.refiner_switch is not None else {}),
             **({"model_parameters": dict(self.model_parameters)} if self.model_parameters else {}),
             "init_image_sha256": self.init_image_sha256,
+            **({"mask_image_sha256": self.mask_image_sha256} if self.mask_image_sha256 else {}),
             "shard": self.shard,
             "batch_id": self.batch_id,
             "batch_rows": list(self.batch_rows),
@@ -203,6 +205,7 @@ class ImageRecord:
             refiner_name=get("refiner_name"), refiner_fingerprint=get("refiner_fingerprint"),
             model_parameters=dict(get("model_parameters") or {}), speed=get("speed"),
             prompt_syntax=get("prompt_syntax"),
+            mask_image_sha256=get("mask_image_sha256"),
         )
 
     def describes(self, entry: dict[str, Any]) -> bool:

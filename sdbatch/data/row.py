@@ -8,7 +8,7 @@ import re
 from dataclasses import field, make_dataclass
 from typing import TYPE_CHECKING, Any
 
-from sdbatch.data.columns import BATCH_KEY, COLUMNS, Column
+from sdbatch.data.columns import BATCH_KEY, COLUMNS, IMAGE_COLUMNS, Column
 
 
 class _RowBehaviour:
@@ -17,14 +17,24 @@ class _RowBehaviour:
     index: int
     id: str
     init_image: str | None
+    mask_image: str | None
 
     @property
     def is_img2img(self) -> bool:
         return self.init_image is not None
 
+    @property
+    def is_inpaint(self) -> bool:
+        """An inpainting row: its init image repainted where its mask is white."""
+        return self.mask_image is not None
+
+    def images(self) -> dict[str, str]:
+        """The row's conditioning images (``columns.IMAGE_COLUMNS`` it sets): column → location."""
+        return {name: getattr(self, name) for name in IMAGE_COLUMNS if getattr(self, name) is not None}
+
     def batch_key(self) -> tuple:
         """Everything that must be equal for rows to share one GPU batch (design.md §4.2)."""
-        return (*(getattr(self, name) for name in BATCH_KEY), self.is_img2img)
+        return (*(getattr(self, name) for name in BATCH_KEY), self.is_img2img, self.is_inpaint)
 
     def parameters(self) -> dict[str, Any]:
         """The row's identity and generation parameters, as the index and image records hold them."""

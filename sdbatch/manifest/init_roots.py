@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from sdbatch.data.columns import IMAGE_COLUMNS
 from sdbatch.data.row import default_row_id
 from sdbatch.manifest.reader import column_pylist, iter_row_batches, resolve_init_image
 from sdbatch.manifest.sources import Manifest, ManifestError
@@ -61,25 +62,27 @@ def unreadable_init_image(value: str, base_dir: str) -> tuple[str, str] | None:
 
 
 def check_init_image_roots(manifest: Manifest, spec: JobSpec, job_locations: list[str], shown: int = 20) -> None:
-    """Init images are read only from the job's ``init_image_places`` (``job_locations``: its
-    output and model; the manifest is added here). ManifestError naming each row outside
-    (symlinks resolved)."""
-    if "init_image" not in manifest.columns:
+    """Init images (and every conditioning image: ``columns.IMAGE_COLUMNS``) are read only from
+    the job's ``init_image_places`` (``job_locations``: its output and model; the manifest is
+    added here). ManifestError naming each row outside (symlinks resolved)."""
+    image_columns = [c for c in IMAGE_COLUMNS if c in manifest.columns]
+    if not image_columns:
         return
     places = init_image_places(manifest.base_dir, spec, [*job_locations, manifest.source])
-    columns = ["init_image"] + (["id"] if "id" in manifest.columns else [])
+    columns = image_columns + (["id"] if "id" in manifest.columns else [])
     problems: list[str] = []
     row = 0
     for rb in iter_row_batches(manifest, columns=columns):
-        values = column_pylist(rb.column(0), "init_image", row)
-        ids = column_pylist(rb.column(1), "id", row) if len(columns) > 1 else [default_row_id(row + i) for i in range(len(values))]
-        for i, value in enumerate(values):
-            if value is None:
-                continue
-            where, inside = places.resolve(resolve_init_image(value, manifest.base_dir))
-            if not inside and len(problems) < shown:
-                problems.append(f"  row {row + i} (id {ids[i]}): init_image {value!r} resolves to {where}")
-        row += len(values)
+        ids = (column_pylist(rb.column("id"), "id", row) if "id" in columns
+               else [default_row_id(row + i) for i in range(rb.num_rows)])
+        for column in image_columns:
+            for i, value in enumerate(column_pylist(rb.column(column), column, row)):
+                if value is None:
+                    continue
+                where, inside = places.resolve(resolve_init_image(value, manifest.base_dir))
+                if not inside and len(problems) < shown:
+                    problems.append(f"  row {row + i} (id {ids[i]}): {column} {value!r} resolves to {where}")
+        row += rb.num_rows
     if problems:
         raise ManifestError(
             f"init images outside the places this job reads from ({places}):\n"

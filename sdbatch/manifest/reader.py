@@ -7,12 +7,13 @@ import hashlib
 import os
 import posixpath
 from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sdbatch.data.columns import BATCH_KEY, COLUMNS, KNOWN_COLUMNS
+from sdbatch.data.columns import BATCH_KEY, COLUMNS, CONDITIONAL, KNOWN_COLUMNS
 from sdbatch.data.loras import row_loras
 from sdbatch.data.row import Row, default_row_id, derive_seed
 from sdbatch.manifest.sources import (
@@ -255,7 +256,14 @@ def _rows_from_table(table: pa.Table, first_row: int, manifest: Manifest, spec: 
     for column in COLUMNS:
         if column.name not in _RESOLVED_COLUMNS:
             default, convert = getattr(d, column.name, None), column.canonical or column.python_type
+            if column.image:  # a conditioning image is a location, resolved as init_image is
+                convert = partial(resolve_init_image, base_dir=manifest.base_dir)
             plain[column.name] = [convert(v) if v is not None else default for v in cols.get(column.name, none)]
+    for column in CONDITIONAL:  # None where the column does not apply (hires_strength without hires_scale)
+        on = column.applies_when.row_column if column.applies_when else None
+        if column.name in plain and on is not None:
+            given = plain[on] if on in plain else cols.get(on, none)
+            plain[column.name] = [v if given[i] is not None else None for i, v in enumerate(plain[column.name])]
     ids, prompts, seeds, inits, strengths, loras, switches = (cols.get(name, none) for name in _RESOLVED_COLUMNS)
     refined = spec.model.refiner is not None
     extra_names = [c for c in table.column_names if c not in KNOWN_COLUMNS]

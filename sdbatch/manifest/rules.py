@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 
 from sdbatch.data.aliases import foreign
 from sdbatch.data.columns import DEFAULTED, KNOWN_COLUMNS, Column, suggest
+from sdbatch.data.hires import HIRES_MULTIPLE
 from sdbatch.data.index import RESERVED_COLUMNS
 from sdbatch.data.loras import LoraError, row_loras
 from sdbatch.data.prompt_syntax import (
@@ -295,12 +296,37 @@ def check_applies(b: BatchUnderCheck, column: Column, spec: JobSpec) -> None:
     arr = b.cols.get(column.name)
     if when is None or arr is None or pa.types.is_null(arr.type):
         return
-    if when.row_column is not None:
-        applies = set_in_row(b, when.row_column)
+    if when.row_column is not None:  # set in the row, or for every row by its spec default (hires_scale)
+        applies = set_in_row(b, when.row_column) | (getattr(spec.defaults, when.row_column, None) is not None)
     else:
         section, key = str(when.spec_key).split(".")
         applies = np.full(b.n, getattr(getattr(spec, section), key) is not None)
     b.flag(column.name, pc.is_valid(arr).to_numpy(zero_copy_only=False) & ~applies, when.rule, when.fix, arr)
+
+
+def check_hires_size(b: BatchUnderCheck, width: np.ndarray, height: np.ndarray, spec: JobSpec) -> None:
+    """A hires-fix row's upscaled size (``data.hires.hires_size``): on the ``HIRES_MULTIPLE``
+    grid, within ``limits.max_width`` / ``max_height`` / ``max_pixels``. ``width`` and ``height``
+    are the rows' first-pass sizes (defaults filled in)."""
+    default = spec.defaults.hires_scale
+    arr = b.cols.get("hires_scale")
+    fill = np.nan if default is None else float(default)
+    scale = (filled_numpy(arr.cast(pa.float64()), fill, np.float64) if arr is not None and not pa.types.is_null(arr.type)
+             else np.full(b.n, fill))
+    valid = np.nan_to_num(scale) > 1  # out of its range: the range rule says so
+    wide, high = np.round(width * np.nan_to_num(scale)), np.round(height * np.nan_to_num(scale))
+    off = valid & ((wide % HIRES_MULTIPLE != 0) | (high % HIRES_MULTIPLE != 0))
+    lim = spec.limits
+    over = valid & ~off & ((wide > lim.max_width) | (high > lim.max_height) | (wide * high > lim.max_pixels))
+    if not (off | over).any():
+        return
+    values = pa.array([f"{int(width[i])}x{int(height[i])} × {scale[i]:g} = {int(wide[i])}x{int(high[i])}"
+                       if off[i] or over[i] else None for i in range(b.n)], pa.string())
+    b.flag("hires_scale", off, f"the hires-fix size (width and height × hires_scale) must be a multiple of {HIRES_MULTIPLE}",
+           "pick a hires_scale that gives whole multiples of 8 (2 always does), or change width/height", values)
+    b.flag("hires_scale", over, f"the hires-fix size must be at most {lim.max_width}x{lim.max_height} "
+           f"(limits.max_width, max_height) and {lim.max_pixels:,} pixels (limits.max_pixels)",
+           "use a smaller hires_scale or size, or raise the limits (--set limits.max_pixels=N)", values)
 
 
 def check_model_rules(b: BatchUnderCheck, family: FamilyAdapter, rules: tuple[RowRule, ...], spec: JobSpec) -> None:
@@ -352,7 +378,7 @@ def check_spec_defaults(spec: JobSpec, coll: IssueCollector, samplers: tuple[str
 
     for column in DEFAULTED:
         rule, value = column.range, getattr(d, column.name)
-        if rule is not None and not rule.accepts(value, lim):
+        if rule is not None and value is not None and not rule.accepts(value, lim):  # None: off (hires_scale)
             grid = f"a multiple of {rule.multiple_of} with " if rule.multiple_of else ""
             finite = "finite and " if rule.finite else ""
             raise_limit = f", or raise limits.{rule.hi}" if isinstance(rule.hi, str) else ""

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sdbatch.data.columns import COLUMN, COLUMNS, CONDITIONAL, KNOWN_COLUMNS
+from sdbatch.data.columns import COLUMN, COLUMNS, CONDITIONAL, IMAGE_COLUMNS, KNOWN_COLUMNS
 from sdbatch.data.row import ID_PATTERN, MAX_SEED
 from sdbatch.data.samplers import SCHEDULERS, sampler_name
 from sdbatch.manifest.hashing import DistinctCounter, find_duplicate_ids, hash_strings
@@ -25,6 +25,7 @@ from sdbatch.manifest.rules import (
     PromptSyntax,
     ValueCounts,
     check_applies,
+    check_hires_size,
     check_loras,
     check_model_rules,
     check_passthrough_columns,
@@ -52,36 +53,42 @@ def canonical_names(schedulers: pa.Array) -> pa.Array:
 
 
 class UnreadableInitImages:
-    """Local init images that are missing, not regular files or not readable now: a warning
-    listing the rows (such a row fails at generation), or with ``strict`` each row refused."""
+    """Local init images (and masks: every ``columns.IMAGE_COLUMNS``) that are missing, not
+    regular files or not readable now: a warning listing the rows (such a row fails at
+    generation), or with ``strict`` each row refused."""
 
-    FIX = "fix the path (a relative one starts at the manifest's folder), or leave the row's init_image null"
+    FIX = "fix the path (a relative one starts at the manifest's folder), or leave the row's {column} null"
 
     def __init__(self, base_dir: str, shown: int) -> None:
         self.base_dir, self.shown = base_dir, shown
-        self.count, self.listed = 0, list[str]()
+        self.count, self.listed, self.columns = 0, list[str](), dict[str, None]()
 
-    def check(self, b: BatchUnderCheck, init: pa.Array, strict: bool) -> None:
+    def check(self, b: BatchUnderCheck, init: pa.Array, strict: bool, column: str = "init_image") -> None:
         found = {i: problem for i, value in enumerate(init.to_pylist())
                  if value and "\x00" not in value and (problem := unreadable_init_image(value, self.base_dir))}
+        fix = self.FIX.format(column=column)
         if strict:
             for why in sorted({why for _, why in found.values()}):
                 rows = np.isin(np.arange(b.n), [i for i, (_, w) in found.items() if w == why])
-                b.flag("init_image", rows, f"init_image must be a readable file; this one {why}",
-                       lambda value: f"{self.FIX} (--strict refuses it; it resolves to "
+                b.flag(column, rows, f"{column} must be a readable file; this one {why}",
+                       lambda value: f"{fix} (--strict refuses it; it resolves to "
                                      f"{resolve_init_image(value, self.base_dir)})", init)
             return
         self.count += len(found)
+        if found:
+            self.columns[column] = None
         for i, (path, why) in found.items():
             if len(self.listed) < self.shown:
-                self.listed.append(f"row {b.base + i} (id {b.id_at(i)}): {path} {why}")
+                self.listed.append(f"row {b.base + i} (id {b.id_at(i)}): {column} {path} {why}"
+                                   if column != "init_image" else f"row {b.base + i} (id {b.id_at(i)}): {path} {why}")
 
     def warnings(self) -> list[str]:
         if not self.count:
             return []
         more = f"; … {self.count - len(self.listed):,} more" if self.count > len(self.listed) else ""
-        return [f"{self.count:,} row(s) name an init_image that cannot be read now, so they will fail at generation "
-                f"({'; '.join(self.listed)}{more}). Fix: {self.FIX}; --strict refuses such rows."]
+        named = " or ".join(self.columns)
+        return [f"{self.count:,} row(s) name an {named} that cannot be read now, so they will fail at generation "
+                f"({'; '.join(self.listed)}{more}). Fix: {self.FIX.format(column=named)}; --strict refuses such rows."]
 
 
 def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_536, *, strict: bool = False,
@@ -212,6 +219,7 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
                 )
                 b.flag("width", over, f"width*height <= {lim.max_pixels:,} pixels (limits.max_pixels)",
                        "use a smaller size, or raise the limit: --set limits.max_pixels=N", vals)
+            check_hires_size(b, w, h, spec)
             ok_size = in_range & (w * h <= lim.max_pixels)
             sizes.add((w[ok_size].astype(np.int64) << 20) | h[ok_size].astype(np.int64))
             # guidance_scale
@@ -244,17 +252,17 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
             else:
                 sched_c.counts[d.scheduler] = sched_c.counts.get(d.scheduler, 0) + n
             # init_image, strength (and every conditional column below)
-            init = b.cols.get("init_image")
             has_init = set_in_row(b, "init_image")
-            if init is not None and not pa.types.is_null(init.type):
-                init = check_utf8(b, "init_image", init)
-                b.flag("init_image", pc.equal(pc.utf8_length(init), 0), "init_image must be a non-empty path or s3:// URI",
-                       "give the image path (relative to the manifest folder) or null for text-to-image")
-                b.flag("init_image", pc.match_substring(init, "\x00"), "no NUL characters (\\x00) in init_image",
-                       "fix the path")
+            for name in IMAGE_COLUMNS:  # init_image, mask_image: paths or URIs of image files
+                init = b.cols.get(name)
+                if init is not None and not pa.types.is_null(init.type):
+                    init = check_utf8(b, name, init)
+                    b.flag(name, pc.equal(pc.utf8_length(init), 0), f"{name} must be a non-empty path or s3:// URI",
+                           "give the image path (relative to the manifest folder) or null"
+                           + (" for text-to-image" if name == "init_image" else ""))
+                    b.flag(name, pc.match_substring(init, "\x00"), f"no NUL characters (\\x00) in {name}", "fix the path")
+                    unreadable.check(b, init, strict, name)
             img2img += int(has_init.sum())
-            if init is not None and not pa.types.is_null(init.type):
-                unreadable.check(b, init, strict)
             st = b.cols.get("strength")
             # img2img runs int(steps * strength) denoising steps; zero steps would make no image
             steps_v = np.full(n, float(d.steps)) if s is None or pa.types.is_null(s.type) else filled_numpy(s, d.steps, np.float64)

@@ -83,8 +83,10 @@ class LoadedModel(Protocol):
 
     info: ModelInfo
 
-    def generate(self, rows: list[Row], init_images: list[Any] | None = None) -> GeneratedBatch:
-        """One canonical batch: all rows share ``Row.batch_key()``."""
+    def generate(self, rows: list[Row], init_images: list[Any] | None = None,
+                 masks: list[Any] | None = None) -> GeneratedBatch:
+        """One canonical batch: all rows share ``Row.batch_key()``; ``init_images`` and ``masks``
+        (inpainting) one per row where the batch has them."""
         ...
 
     def facts(self, row: Row) -> GenerationFacts:

@@ -5,7 +5,9 @@ holding one (resolved, pinned and checked by ``sdbatch.models``), finds its fami
 (``families.FAMILIES``) and hands it to the loader of the family's runtime (``RUNTIMES``).
 ``DiffusersModel`` loads the family's text-to-image pipeline
 through ``from_pretrained`` (safetensors only); its img2img pipeline is made with ``from_pipe``,
-sharing every module (no second copy of the weights). With ``model.refiner`` (SDXL) the refiner
+sharing every module (no second copy of the weights), and so is its inpainting pipeline (rows
+with ``mask_image``); a row with ``hires_scale`` gets the hires-fix pass (``models.hires``) on
+its latents. With ``model.refiner`` (SDXL) the refiner
 pipeline is loaded given the base's ``text_encoder_2`` and VAE, and a row with ``refiner_switch``
 runs ensemble-of-experts style: the base to ``denoising_end=switch`` as latents, the refiner from
 ``denoising_start=switch``, with the same per-row generators.
@@ -68,6 +70,7 @@ from sdbatch.models.errors import GGUF_SUFFIX, ModelError  # noqa: E402
 from sdbatch.models.families import ModelTraits  # noqa: E402
 from sdbatch.models.families.base import DiffusersFamily  # noqa: E402
 from sdbatch.models.families.null import NullModel  # noqa: E402
+from sdbatch.models.hires import hires_pass  # noqa: E402
 from sdbatch.models.lora_cache import LoraCache, Tokenizers  # noqa: E402
 from sdbatch.models.pins import embeddings_pin, file_sha256, fingerprint_model_dir, vae_pin  # noqa: E402
 from sdbatch.models.prompt_cache import PromptCache  # noqa: E402
@@ -247,6 +250,7 @@ class DiffusersModel:
         self.traits = traits
         # a family without img2img (FLUX.2 [klein]) has its init-image rows refused at validation
         self.img2img = _img2img_pipeline(self.family.img2img, txt2img) if self.family.img2img else None
+        self.inpaint = _img2img_pipeline(self.family.inpaint, txt2img) if self.family.inpaint else None
         self.info = info
         self._embedding_names = embedding_names
         self.loras = LoraCache(txt2img, loras or {}, endpoint_url)
@@ -267,7 +271,7 @@ class DiffusersModel:
         self.reader = PromptReader(self.family.weighted_prompts if prompt_syntax == "a1111" else None, txt2img,
                                    self._encoder_text)
         self.prompts = PromptCache()
-        for pipe in (self.txt2img, self.img2img, refiner):
+        for pipe in (self.txt2img, self.img2img, self.inpaint, refiner):
             if pipe is not None:
                 pipe.set_progress_bar_config(disable=True)
                 PromptReader(self.reader.weighting, pipe, self._encoder_text).install(pipe)
@@ -386,8 +390,10 @@ class DiffusersModel:
         )
 
     @torch.inference_mode()
-    def generate(self, rows: list[Row], init_images: list[Image.Image | None] | None = None) -> GeneratedBatch:
-        """Generate one canonical batch; all rows must share ``Row.batch_key()``."""
+    def generate(self, rows: list[Row], init_images: list[Image.Image | None] | None = None,
+                 masks: list[Image.Image | None] | None = None) -> GeneratedBatch:
+        """Generate one canonical batch; all rows must share ``Row.batch_key()``. ``init_images``
+        and ``masks``: one per row of an img2img or inpainting batch."""
         if not rows:
             return GeneratedBatch(np.zeros((0, 0, 0, 3), np.uint8), [])
         key = rows[0].batch_key()
@@ -395,13 +401,14 @@ class DiffusersModel:
             raise ValueError("generate() takes one canonical batch: all rows must share batch_key()")
         groups = self.reader.groups(rows)
         if len(groups) == 1:
-            return self._generate(rows, init_images)
+            return self._generate(rows, init_images, masks)
         # rows of different chunk counts run apart, each group as its own batch: no row's
         # conditioning is padded by another's length (PromptReader)
         pixels: np.ndarray | None = None
         errors: list[str | None] = [None] * len(rows)
         for group in groups:
-            part = self._generate([rows[i] for i in group], None if init_images is None else [init_images[i] for i in group])
+            part = self._generate([rows[i] for i in group], None if init_images is None else [init_images[i] for i in group],
+                                  None if masks is None else [masks[i] for i in group])
             if pixels is None:
                 pixels = np.empty((len(rows), *part.pixels.shape[1:]), part.pixels.dtype)
             pixels[group] = part.pixels
@@ -410,18 +417,19 @@ class DiffusersModel:
         assert pixels is not None
         return GeneratedBatch(pixels, errors)
 
-    def _generate(self, rows: list[Row], init_images: list[Image.Image | None] | None) -> GeneratedBatch:
+    def _generate(self, rows: list[Row], init_images: list[Image.Image | None] | None,
+                  masks: list[Image.Image | None] | None) -> GeneratedBatch:
         key = rows[0].batch_key()
         if self.compiled and (len(rows), key) not in self._warm_shapes:
             # compile for this batch shape now, with a one-step run, so the first real batch
             # (and the hang watchdog's idea of a batch's duration) does not include compiling
             self._warm_shapes.add((len(rows), key))
             started = time.perf_counter()
-            self._denoise([replace(r, steps=1) for r in rows], init_images)
+            self._denoise([replace(r, steps=1, hires_steps=None) for r in rows], init_images, masks)
             self.warmup_seconds += time.perf_counter() - started
             log.info("compiled for batch shape %d × %dx%d in %.1f s", len(rows), rows[0].width, rows[0].height,
                      time.perf_counter() - started)
-        latents = self._denoise(rows, init_images)
+        latents = self._denoise(rows, init_images, masks)
         return self._decode(latents)
 
     def memory_probe(self, rows: list[Row], init_images: list[Image.Image | None] | None = None) -> int | None:
@@ -429,31 +437,44 @@ class DiffusersModel:
         or None when they do not fit (``run.batch_fit``; CUDA only)."""
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        # an all-white mask of the row's size costs what the row's own does
+        masks: list[Image.Image | None] | None = (
+            [Image.new("L", (rows[0].width, rows[0].height), 255)] * len(rows) if rows[0].is_inpaint else None)
         try:
             with torch.inference_mode():
                 for group in self.reader.groups(rows):
-                    self._decode(self._denoise([replace(rows[i], steps=1) for i in group],
-                                               None if init_images is None else [init_images[i] for i in group]))
+                    self._decode(self._denoise([replace(rows[i], steps=1, hires_steps=None) for i in group],
+                                               None if init_images is None else [init_images[i] for i in group],
+                                               None if masks is None else [masks[i] for i in group]))
         except OUT_OF_MEMORY_ERRORS:
             free_device_memory()
             return None
         return int(torch.cuda.max_memory_allocated())
 
-    def _denoise(self, rows: list[Row], init_images: list[Image.Image | None] | None) -> torch.Tensor:
-        first = rows[0]
-        for rule in self._row_rules:
-            for row in rows:  # a negative prompt is per row
-                rule.check_row(row)
+    def _call_kwargs(self, rows: list[Row]) -> dict[str, Any]:
+        """The pipeline arguments of one canonical batch that follow from its rows: the family's,
+        a CPU generator per row seeded with its seed, latent output."""
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in rows]
         common = dict(**self.family.pipeline_kwargs(rows, self.traits), generator=generators, output_type="latent")
         for key in ("prompt", "negative_prompt"):
             if isinstance(common.get(key), list):
                 common[key] = [self._encoder_text(p) for p in common[key]]
+        return common
+
+    def _denoise(self, rows: list[Row], init_images: list[Image.Image | None] | None,
+                 masks: list[Image.Image | None] | None = None) -> torch.Tensor:
+        first = rows[0]
+        for rule in self._row_rules:
+            for row in rows:  # a negative prompt is per row
+                rule.check_row(row)
+        common = self._call_kwargs(rows)
         self.loras.use(first.loras)
         if first.is_img2img and self.img2img is None:
             raise ModelError(f"row {first.id} has an init image, but {self.family.name} models have no img2img pipeline")
+        if (first.is_inpaint and self.inpaint is None) or (first.hires_scale is not None and self.img2img is None):
+            raise ModelError(f"row {first.id}: {self.family.name} models take no mask_image or hires-fix pass here")
         self.prompts.context = first.loras  # an adapter on a text encoder changes its embeddings
-        pipe: Any = self.img2img if first.is_img2img else self.txt2img
+        pipe: Any = self.inpaint if first.is_inpaint else self.img2img if first.is_img2img else self.txt2img
         pipe.scheduler = self.make_scheduler(first.scheduler)
         switch = first.refiner_switch
         if switch is not None and self.refiner is None:
@@ -461,17 +482,25 @@ class DiffusersModel:
         # ensemble of experts: the base stops at the switch, the refiner denoises the rest
         stop = {"denoising_end": switch} if switch is not None else {}
         if first.is_img2img:
-            if init_images is None or len(init_images) != len(rows) or any(i is None for i in init_images):
-                raise ValueError("img2img rows need one init image each")
-            images = [resize_for_row(img, first.width, first.height) for img in init_images if img is not None]
-            latents = pipe(image=images, strength=first.strength, **self.family.img2img_kwargs(first), **stop,
-                           **common).images
+            images = [resize_for_row(img, first.width, first.height) for img in _one_each(init_images, rows, "init image")]
+            extra = self.family.img2img_kwargs(first)
+            if first.is_inpaint:  # the mask cropped as its init image is; white = repaint
+                extra = {"mask_image": [resize_for_row(m, first.width, first.height)
+                                        for m in _one_each(masks, rows, "mask")],
+                         "height": first.height, "width": first.width}
+            latents = pipe(image=images, strength=first.strength, **extra, **stop, **common).images
         else:
             latents = pipe(height=first.height, width=first.width, **stop, **common).images
-        if switch is None:
-            return self.family.unpack_latents(pipe, latents, first)
-        self.refiner.scheduler = self.make_scheduler(first.scheduler, "refiner")
-        return self.refiner(image=latents, denoising_start=switch, **common).images
+        if switch is not None:
+            self.refiner.scheduler = self.make_scheduler(first.scheduler, "refiner")
+            latents = self.refiner(image=latents, denoising_start=switch, **common).images
+        else:
+            latents = self.family.unpack_latents(pipe, latents, first)
+        if first.hires_scale is not None:
+            second: Any = self.img2img  # checked above
+            second.scheduler = self.make_scheduler(first.scheduler)
+            latents = hires_pass(second, latents, rows, self._call_kwargs)
+        return latents
 
     def _encoder_text(self, prompt: str) -> str:
         """A row's prompt as the pipeline is given it: ComfyUI's embedding:NAME is the token
@@ -515,6 +544,13 @@ class DiffusersModel:
         pixels = (image.permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8)
         black = (pixels.flatten(1).amax(dim=1) == 0).tolist()
         return pixels, [None if ok and not dark else ("NaN/inf" if not ok else "all-black") for ok, dark in zip(finite, black)]
+
+
+def _one_each(images: list[Any] | None, rows: list[Row], what: str) -> list[Any]:
+    """A batch's conditioning images, one per row (ValueError otherwise)."""
+    if images is None or len(images) != len(rows) or any(i is None for i in images):
+        raise ValueError(f"these rows need one {what} each")
+    return images
 
 
 #: The loader of each family runtime (``FamilyAdapter.runtime``).

@@ -50,6 +50,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from sdbatch.data.columns import COLUMNS, Column
+from sdbatch.data.hires import HIRES_UPSCALER
 from sdbatch.data.samplers import SAMPLERS
 from sdbatch.models.speed import infotext_value as speed_infotext
 
@@ -84,6 +85,7 @@ _RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _RE_SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
 # Where the parameters that are not manifest columns go, in A1111's order (columns: columns.py).
 _RANK_MODEL_HASH, _RANK_MODEL, _RANK_LORA_HASHES, _RANK_REFINER, _RANK_SPEED, _RANK_VERSION = 60, 61, 90, 91, 95, 100
+_RANK_HIRES_UPSCALER = 73  # after "Hires upscale" and "Hires steps", as A1111 writes them
 # A1111 label -> column, for the columns parse_infotext reads back as plain numbers.
 _NUMERIC_LABELS = {c.a1111: c for c in COLUMNS if c.a1111 and c.name not in ("width", "scheduler")}
 # guidance_scale's label by what it means for the model (the record's model_parameters.guidance):
@@ -128,7 +130,8 @@ def infotext(record: dict) -> str:
     seed, width/height, strength only when ``init_image`` is set, clip_skip only above 1; guidance_scale
     is Forge's ``Distilled CFG Scale`` for a distilled guidance embedding and left out where the
     model uses none, by ``model_parameters.guidance``),
-    model_hash, model_name, the loras' ``Lora hashes``, the refiner (``Refiner: NAME [HASH10]``;
+    model_hash, model_name, the loras' ``Lora hashes``, the hires-fix pass (``Hires upscale``,
+    ``Hires steps``, ``Hires upscaler``; ``Denoising strength`` is its strength), the refiner (``Refiner: NAME [HASH10]``;
     ``Refiner switch at`` is a column's label), the speed profile (``Speed profile: fast
     (fuse_qkv regional_compile)``, only when not exact), sdbatch_version.  Missing/None values are
     left out, as A1111 leaves out None.
@@ -149,6 +152,8 @@ def infotext(record: dict) -> str:
                        ", ".join(f"{a['name']}: {str(a.get('sha256') or '')[:10]}" for a in loras)))
     if _present(record.get("refiner_name")):  # A1111: "Refiner: NAME [HASH10]", then "Refiner switch at"
         params.append((_RANK_REFINER, "Refiner", f"{record['refiner_name']} [{str(record.get('refiner_fingerprint'))[:10]}]"))
+    if record.get("hires_scale") is not None:  # the hires-fix pass's upscaler (data.hires)
+        params.append((_RANK_HIRES_UPSCALER, "Hires upscaler", HIRES_UPSCALER))
     if record.get("speed"):  # not A1111's: the speed profile and the switches applied (none for exact)
         params.append((_RANK_SPEED, "Speed profile", speed_infotext(record["speed"])))
     if _present(record.get("sdbatch_version")):

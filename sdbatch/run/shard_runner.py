@@ -115,15 +115,19 @@ class ShardRunner:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="sdbatch-io")
         # bounds generated-but-unwritten images held in memory
         self._in_flight = threading.BoundedSemaphore(threads * 2)
-        self.init_images = InitImageLoader(self._load_init_image, self.pool, spec.resources.init_image_limit,
+        self.init_images = InitImageLoader(self._load_images, self.pool, spec.resources.init_image_limit,
                                            spec.resources.batch_size)
 
-    def _load_init_image(self, row: Row) -> tuple[Image.Image, str]:
-        """(image, sha256 hex of the bytes read), or RowError (or a transient StorageError)."""
+    def _load_images(self, row: Row) -> dict[str, tuple[Image.Image, str]]:
+        """The row's conditioning images (``Row.images``): column → (image, sha256 hex of the bytes
+        read), or RowError (or a transient StorageError)."""
+        return {column: self._load_image(row.id, column, location) for column, location in row.images().items()}
+
+    def _load_image(self, row_id: str, column: str, location: str) -> tuple[Image.Image, str]:
         limits = self.spec.limits
-        where = f"row {row.id}: init_image {row.init_image!r}"
+        where = f"row {row_id}: {column} {location!r}"
         try:
-            data = read_uri(row.init_image, endpoint_url=self.endpoint_url, max_bytes=limits.max_init_image_bytes)
+            data = read_uri(location, endpoint_url=self.endpoint_url, max_bytes=limits.max_init_image_bytes)
             with Image.open(io.BytesIO(data)) as image:  # reads the header only
                 pixels = image.width * image.height
                 if pixels > limits.max_pixels:
@@ -136,7 +140,7 @@ class ShardRunner:
         except StorageError as exc:
             if exc.transient:
                 raise  # a storage outage is not the row's fault: retry the shard
-            raise RowError(f"{where}: {describe(exc)}; fix: {init_image_fix(exc)}") from None
+            raise RowError(f"{where}: {describe(exc)}; fix: {init_image_fix(exc, column)}") from None
         except Image.UnidentifiedImageError:  # its message is the repr of our BytesIO: say it plainly
             raise RowError(f"{where}: UnidentifiedImageError: cannot identify the image format of its "
                            f"{len(data):,} bytes; fix: replace it with a PNG, JPEG or WebP file") from None
@@ -227,20 +231,23 @@ class ShardRunner:
                 self.init_images.ahead(batches[number + 1])
             elif upcoming and (next_rows := upcoming()):  # the next shard's first batch
                 self.init_images.ahead(canonical_batches(next_rows, self.spec.resources.batch_size)[0])
-            good, images_in, init_hashes = [], [], {}
+            good, images_in, masks_in, hashes = [], [], [], {}
             for row in batch:
                 try:
-                    image_in, init_hashes[row.id] = loading[row.id].result() if row.is_img2img else (None, None)
+                    loaded = loading[row.id].result() if row.id in loading else {}
                 except RowError as exc:
                     fail_row(row, str(exc))
                     continue
                 good.append(row)
-                images_in.append(image_in)
+                images_in.append(loaded["init_image"][0] if "init_image" in loaded else None)
+                masks_in.append(loaded["mask_image"][0] if "mask_image" in loaded else None)
+                hashes[row.id] = {f"{column}_sha256": sha for column, (_, sha) in loaded.items()}
             if good:
                 bid = batch_id(unit, number)
                 handled: set[str] = set()  # rows of the parts generated before a pipeline exception
                 try:
-                    for part, generated, per_row in self._generate_fitting(good, images_in if good[0].is_img2img else None):
+                    for part, generated, per_row in self._generate_fitting(
+                            good, images_in if good[0].is_img2img else None, masks_in if good[0].is_inpaint else None):
                         batch_rows = [r.id for r in part]
                         scores = (self.scorer.score([r.prompt for r in part], generated.images()) if self.scorer
                                   else [None] * len(part))
@@ -251,7 +258,7 @@ class ShardRunner:
                                 result.rows_failed += 1
                                 continue
                             record = ImageRecord.from_row(row, shard.name, bid, batch_rows, self.generator.facts(row),
-                                                          init_hashes[row.id])
+                                                          **hashes[row.id])
                             self._in_flight.acquire()
                             future = self.pool.submit(self._store_image, writer, row, generated.pixels[i], record)
                             stored.append((row, record, per_row, future, score))
@@ -267,7 +274,7 @@ class ShardRunner:
                             fail_row(row, f"row {row.id}: the pipeline raised {describe(exc)} for batch {bid} ({retried}); "
                                           "fix: check this row's parameters and the model, then rerun with --retry-failed")
             self.init_images.release(batch)
-            del loading, images_in  # the decoded images go with the last references to them
+            del loading, images_in, masks_in  # the decoded images go with the last references to them
             if on_batch:
                 failed = result.rows_failed - failed_before
                 on_batch(len(batch) - failed, failed)
@@ -306,7 +313,7 @@ class ShardRunner:
         return index_rows
 
     def _generate_fitting(
-        self, rows: list[Row], init_images: list | None
+        self, rows: list[Row], init_images: list | None, masks: list | None = None
     ) -> list[tuple[list[Row], GeneratedBatch, float]]:
         """Generate ``rows`` as one batch, or as parts of the size that fits the device
         (``batch_fit``), or, when the device runs out of memory, as halves (recursively; one
@@ -317,11 +324,12 @@ class ShardRunner:
         fitting = self.batch_fit.size_for(rows, init_images) if self.batch_fit else len(rows)
         if len(rows) > fitting:
             return [part for cut in parts(rows, fitting)
-                    for part in self._generate_fitting(rows[cut], init_images and init_images[cut])]
+                    for part in self._generate_fitting(rows[cut], init_images and init_images[cut], masks and masks[cut])]
 
         t0 = time.perf_counter()
         try:
-            generated = self.generator.generate(rows, init_images)
+            # masks only to an inpainting batch (a LoadedModel without inpainting takes none)
+            generated = self.generator.generate(rows, init_images, **({"masks": masks} if masks else {}))
         except OUT_OF_MEMORY_ERRORS:
             if len(rows) == 1:
                 raise
@@ -329,6 +337,6 @@ class ShardRunner:
             half = (len(rows) + 1) // 2
             log.warning("a batch of %d rows ran out of device memory: generating it as %d + %d rows",
                         len(rows), half, len(rows) - half)
-            halves = [(rows[:half], init_images and init_images[:half]), (rows[half:], init_images and init_images[half:])]
-            return [part for sub, images in halves for part in self._generate_fitting(sub, images)]
+            return [part for cut in (slice(None, half), slice(half, None))
+                    for part in self._generate_fitting(rows[cut], init_images and init_images[cut], masks and masks[cut])]
         return [(rows, generated, (time.perf_counter() - t0) / len(rows))]

@@ -21,7 +21,7 @@ from sdbatch.models.families.flux import Flux
 from sdbatch.models.families.flux2 import Flux2Klein
 from sdbatch.models.families.null import NullFamily
 from sdbatch.models.families.qwen_image import QwenImage
-from sdbatch.models.families.sd import StableDiffusion
+from sdbatch.models.families.sd import StableDiffusion, StableDiffusionInpainting
 from sdbatch.models.families.sd3 import StableDiffusion3
 from sdbatch.models.families.sdxl import StableDiffusionXL
 from sdbatch.models.families.z_image import ZImage
@@ -30,7 +30,7 @@ __all__ = ["FAMILIES", "FamilyAdapter", "ModelTraits", "RowRule", "check_refiner
            "local_traits", "model_traits", "read_traits"]
 
 FAMILIES: dict[str, FamilyAdapter] = {
-    f.class_name: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux(), Chroma(), Flux2Klein(),
+    f.class_name: f for f in (StableDiffusion(), StableDiffusionInpainting(), StableDiffusionXL(), StableDiffusion3(), Flux(), Chroma(), Flux2Klein(),
                               QwenImage(), ZImage(), NullFamily())
 }
 

@@ -59,8 +59,15 @@ MODEL_DEFAULTED = ("steps", "guidance_scale")
 #: The steps and guidance_scale of a model that declares none of its own (the SD families').
 DEFAULT_PARAMETERS: Mapping[str, Any] = {"steps": 20, "guidance_scale": 7.5}
 
-#: Every per-row column: what a family honours unless it says otherwise.
+#: Every per-row column.
 ALL_COLUMNS: frozenset[str] = frozenset(KNOWN_COLUMNS)
+
+#: The hires-fix pass and the inpainting mask (issue 26): sdbatch runs them with the SD families'
+#: pipelines only (SD 1.x/2.x, SDXL), so a family honours them only where it says so.
+SD_ONLY_COLUMNS: frozenset[str] = frozenset({"hires_scale", "hires_strength", "hires_steps", "mask_image"})
+
+#: What a family honours unless it says otherwise.
+COMMON_COLUMNS: frozenset[str] = ALL_COLUMNS - SD_ONLY_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -160,11 +167,12 @@ class FamilyAdapter(ABC):
     runtime: ClassVar[str] = "diffusers"  # which loader of models.runtime builds it
     txt2img: ClassVar[str] = ""  # diffusers pipeline class for text-to-image
     img2img: ClassVar[str] = ""  # diffusers pipeline class for img2img, built with from_pipe (shared modules)
+    inpaint: ClassVar[str] = ""  # diffusers pipeline class for inpainting (mask_image), built with from_pipe
     refiner: ClassVar[str | None] = None  # the pipeline class of the refiner it takes (model.refiner)
     denoiser: ClassVar[str] = ""  # the component folder whose config holds sample_size
     samplers: ClassVar[tuple[str, ...]]
     load_options: ClassVar[Mapping[str, Any]] = {}  # from_pretrained arguments
-    honours: ClassVar[frozenset[str]] = ALL_COLUMNS  # the per-row columns a row may set
+    honours: ClassVar[frozenset[str]] = COMMON_COLUMNS  # the per-row columns a row may set
     guidance: ClassVar[Guidance] = "cfg"
     #: with guidance "cfg"/"true_cfg": the guidance_scale above which the pipeline runs its
     #: unconditional branch (diffusers' ``do_classifier_free_guidance``: ``guidance_scale > 1``)

@@ -17,7 +17,7 @@ from typing import Any
 
 from sdbatch.data.row import Row
 from sdbatch.models.configs import JsonReader
-from sdbatch.models.families.base import ALL_COLUMNS, DiffusersFamily, Guidance, ModelTraits
+from sdbatch.models.families.base import COMMON_COLUMNS, DiffusersFamily, Guidance, ModelTraits
 from sdbatch.models.families.chat import LLM_MAX_SEQUENCE_LENGTH, MU_SAMPLERS, chat_wrapper, prompt_budget
 
 
@@ -28,7 +28,7 @@ class Flux2Klein(DiffusersFamily):
     img2img = ""  # none: [klein]'s image input is an editing reference, not an init image
     denoiser = "transformer"
     samplers = MU_SAMPLERS
-    honours = ALL_COLUMNS - {"negative_prompt", "init_image", "strength"}
+    honours = COMMON_COLUMNS - {"negative_prompt", "init_image", "strength"}
     text_encoder_counts_layers = False
     takes_clip_skip = False
     default_sample_size = 128

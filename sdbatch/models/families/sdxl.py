@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from sdbatch.data.samplers import family_samplers
-from sdbatch.models.families.base import DiffusersFamily
+from sdbatch.models.families.base import ALL_COLUMNS, DiffusersFamily
 
 if TYPE_CHECKING:
     from sdbatch.data.row import Row
@@ -17,7 +17,9 @@ class StableDiffusionXL(DiffusersFamily):
     class_name = "StableDiffusionXLPipeline"
     txt2img = "StableDiffusionXLPipeline"
     img2img = "StableDiffusionXLImg2ImgPipeline"
+    inpaint = "StableDiffusionXLInpaintPipeline"
     refiner = "StableDiffusionXLImg2ImgPipeline"
+    honours = ALL_COLUMNS  # the hires-fix pass and mask_image too
     denoiser = "unet"
     samplers = family_samplers(flow=False)
     weighted_prompts = "penultimate"  # both encoders' penultimate layer (or clip_skip deeper), no norm

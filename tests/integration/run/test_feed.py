@@ -91,15 +91,15 @@ def test_a_manifest_file_rewritten_after_it_was_opened_is_refused_at_the_next_re
 
 
 class LiveImages:
-    """Test hook on ``ShardRunner._load_init_image``: counts the decoded init images alive (each
+    """Test hook on ``ShardRunner._load_image``: counts the decoded init images alive (each
     one it returns, until the last reference to it goes) and the peak."""
 
     def __init__(self, load):
         self.load, self.live, self.peak, self.loaded = load, 0, 0, 0
         self.lock = threading.Lock()
 
-    def __call__(self, runner, row):
-        image, sha = self.load(runner, row)
+    def __call__(self, runner, row_id, column, location):
+        image, sha = self.load(runner, row_id, column, location)
         with self.lock:
             self.live += 1
             self.loaded += 1
@@ -143,8 +143,8 @@ def test_init_images_are_read_a_batch_ahead_and_bounded(tiny_generator, tmp_path
     spec = load_spec(None, [], {"model.name": "builtin:tiny", "defaults.steps": 2, "resources.batch_size": 2,
                                 "resources.init_images_in_memory": 4})
     manifest = open_manifest(str(write_manifest(tmp_path / "m.parquet", rows)))
-    live = LiveImages(ShardRunner._load_init_image)
-    monkeypatch.setattr(ShardRunner, "_load_init_image", lambda runner, row: live(runner, row))
+    live = LiveImages(ShardRunner._load_image)
+    monkeypatch.setattr(ShardRunner, "_load_image", lambda runner, *image: live(runner, *image))
     generator = HeldAtGenerate(tiny_generator)
     runner = generator.runner = ShardRunner(generator, LocalStorage(tmp_path / "out"), spec, job_fingerprint="feed-test")
     shard_rows = read_rows(manifest, spec, 0, 5)

@@ -59,11 +59,14 @@ def test_submit_has_one_flag_per_flagged_column():
 def test_batch_key_is_every_batch_key_column():
     base = a_row()
     changed = {"steps": 21, "guidance_scale": 5.0, "width": 72, "height": 72, "scheduler": "euler",
-               "strength": 0.5, "clip_skip": 2, "loras": (("ink", 0.8),), "refiner_switch": 0.8}
+               "strength": 0.5, "clip_skip": 2, "loras": (("ink", 0.8),), "refiner_switch": 0.8,
+               "hires_scale": 2.0, "hires_strength": 0.4, "hires_steps": 5}
     assert set(changed) == set(C.BATCH_KEY)
     for name, value in changed.items():
         assert dataclasses.replace(base, **{name: value}).batch_key() != base.batch_key(), name
     assert dataclasses.replace(base, seed=6, prompt="a dog").batch_key() == base.batch_key()
+    inpaint = dataclasses.replace(base, init_image="/i.png", strength=0.5)
+    assert dataclasses.replace(inpaint, mask_image="/m.png").batch_key() != inpaint.batch_key()  # another pipeline
 
 
 def test_infotext_writes_and_reads_every_labelled_column():
@@ -76,8 +79,13 @@ def test_infotext_writes_and_reads_every_labelled_column():
                                      "Refiner: xl-refiner [0123456789], Refiner switch at: 0.7, Version: sdbatch 0.1.0")
     parsed = parse_infotext(text)
     for column in C.COLUMNS:
-        if column.a1111:
+        if column.a1111 and record[column.name] is not None:
             assert parsed[column.name] == record[column.name], column.name
+    # the hires-fix pass as A1111 writes it: its strength is the "Denoising strength"
+    hires = C.record_parameters(a_row(hires_scale=2.0, hires_strength=0.4, hires_steps=5).parameters())
+    hires_text = infotext(hires)
+    assert "Size: 64x64, Denoising strength: 0.4, Hires upscale: 2, Hires steps: 5, Hires upscaler: Latent" in hires_text
+    assert {k: parse_infotext(hires_text)[k] for k in ("hires_scale", "hires_steps")} == {"hires_scale": 2.0, "hires_steps": 5}
     # A1111 leaves out clip skip 1 and the strength of a text-to-image row
     plain = infotext({**a_row(strength=0.5).parameters()})
     assert "Clip skip" not in plain and "Denoising strength" not in plain and "Refiner" not in plain
@@ -106,13 +114,14 @@ def test_record_and_index_round_trip_through_the_table():
 
 
 BAD_VALUES = {"steps": 0, "guidance_scale": 51.0, "width": 72000, "height": 32, "strength": 1.5, "clip_skip": 13,
-              "refiner_switch": 1.0}
+              "refiner_switch": 1.0, "hires_scale": 5.0, "hires_strength": 1.5, "hires_steps": 0}
 
 
 @pytest.mark.parametrize("name", [c.name for c in C.COLUMNS if c.range])
 def test_every_range_rule_is_checked_in_rows_and_spec_defaults(tmp_path, name):
     column, spec = C.COLUMN[name], JobSpec()
-    row = {"prompt": "a", name: BAD_VALUES[name], **({"init_image": "i.png"} if name == "strength" else {})}
+    row = {"prompt": "a", name: BAD_VALUES[name], **({"init_image": "i.png"} if name == "strength" else {}),
+           **({"hires_scale": 2.0} if name in ("hires_strength", "hires_steps") else {})}
     report = validate_manifest(open_manifest(str(write_manifest(tmp_path / "m.parquet", [row]))), spec)
     rule = column.range.text(name, spec.limits)
     assert any(i.row == 0 and i.column == name and i.rule == rule and i.fix == column.range.fix_for(BAD_VALUES[name])
@@ -140,10 +149,10 @@ def test_clip_skip_column_reads_validates_and_defaults(tmp_path):
 
 def test_a_conditional_column_is_one_table_entry(tmp_path, monkeypatch):
     """Validation refuses a conditional column where it does not apply from its column-table
-    declaration alone (``Column.applies_when``): the two declared today, and one made up here."""
+    declaration alone (``Column.applies_when``): those declared today, and one made up here."""
     from sdbatch.manifest import validate as validate_module
 
-    assert [c.name for c in C.CONDITIONAL] == ["strength", "refiner_switch"]
+    assert [c.name for c in C.CONDITIONAL] == ["strength", "refiner_switch", "mask_image", "hires_strength", "hires_steps"]
     rows = [{"id": "a", "prompt": "a", "init_image": None, "refiner_switch": 0.5, "strength": 0.5, "clip_skip": 2},
             {"id": "b", "prompt": "b", "init_image": "i.png", "refiner_switch": None, "strength": 0.5, "clip_skip": 2}]
     manifest = open_manifest(str(write_manifest(tmp_path / "m.parquet", rows)))

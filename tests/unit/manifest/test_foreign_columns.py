@@ -46,7 +46,7 @@ def test_each_foreign_name_is_refused_naming_the_sdbatch_column(tmp_path, strict
         [issue] = [i for i in report.issues if i.column == name]
         if entry.column is not None:
             assert f"sdbatch's column {entry.column!r}" in issue.rule
-            assert issue.fix == f"rename column {name!r} to {entry.column!r}"
+            assert issue.fix == entry.fix(name) and issue.fix.startswith(f"rename column {name!r} to {entry.column!r}")
         else:
             assert entry.instead is not None and entry.instead in issue.fix
         assert issue.render() in report.render()
