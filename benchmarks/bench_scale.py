@@ -11,7 +11,9 @@ process, its RSS sampled with psutil every 0.1 s, its peak also from ``os.wait4`
   again ("nothing to generate"), ``status``, ``verify`` (full, ``--listing-only``, ``--sample``;
   a flag this sdbatch does not have yet is skipped with a message), ``reproduce`` (a row of the
   last shard), ``report``, ``stats``, ``export --where``: wall and peak RSS each, and the ratio of
-  the largest size to the smallest per command.
+  the largest size to the smallest per command. With ``--index-only`` the OUT is built by
+  ``build_index_only`` (the index written directly, tars only for the rows read), for 10M rows;
+  ``reproduce`` is also measured up to its "regenerating" line: the lookup apart from the model.
 * ``resume`` — (item 3) what a resume costs when every shard (or all but one) is committed, on
   local storage and on a moto S3 server on 127.0.0.1: the time until "nothing to generate" and
   until the driver says what it will generate (before Ray starts), and its peak RSS.
@@ -32,6 +34,7 @@ generating it. The index and ``_SUCCESS`` are written by the first ``submit`` (t
     python benchmarks/bench_scale.py resume --rows 1000000 --s3
     python benchmarks/bench_scale.py resume --rows 10000000 --s3 --state-only
     python benchmarks/bench_scale.py readers --rows 2000 20000      # a smoke test, about a minute
+    python benchmarks/bench_scale.py readers --index-only --rows 100000 10000000
 
 ``--keep DIR`` builds under DIR and keeps the outputs (a later run reuses an OUT already built there).
 """
@@ -51,6 +54,7 @@ import tempfile
 import threading
 import time
 import zlib
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,18 +258,97 @@ def _write_shard(storage, layout, template, stamp: dict[bytes, bytes], number: i
     storage.put(metadata_key(name), table_to_parquet(table.replace_schema_metadata(stamp)))
 
 
+def build_index_only(workdir: Path, rows: int) -> tuple[Path, Path]:
+    """A finished job of ``rows`` rows whose index is written directly, for sizes whose full OUT
+    takes hours to build (10M: ~2 h of tars and commits, then the merge): job.json (claimed as
+    ``build_out`` does), ``index.parquet`` as the merge writes it (row groups of
+    ``MERGE_ROW_GROUP_ROWS`` rows, the template commit's rows with each row's id, row, seed,
+    prompt, label, key, sha256 and phash; every image distinct, so no duplicate is marked), ``_SUCCESS``,
+    one commit per shard (the same 64 rows in each: a resume lists them, never reads them), and
+    tars only for the shards ``index_only_shards`` names — the rows ``reproduce`` and
+    ``export --where`` read. Every row's sha256 and size are those of the tar member
+    ``_write_shard`` would write for it. ``verify`` reads every commit and object: not measured here."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sdbatch.data.index import index_schema
+    from sdbatch.output.commits import FINGERPRINT_META, shard_name
+    from sdbatch.output.index import INDEX_KEY, MERGE_ROW_GROUP_ROWS, _conform
+    from sdbatch.output.layout import layout_for, tar_key, webdataset_key
+
+    manifest, out = build_state(workdir, rows, folder="index-only")  # job.json, the commits, _SUCCESS
+    if (out / ".index-built").exists():
+        return manifest, out
+    started = time.perf_counter()
+    template, prepared = template_commit(workdir), claimed(manifest, out)  # the job build_state claimed
+    storage, stamp = prepared.storage, {FINGERPRINT_META: prepared.job.fingerprint.encode()}
+    schema = index_schema({"label": pa.int64()}).with_metadata(stamp)
+    shards, batch = -(-rows // ROWS_PER_SHARD), len(template.column("batch_rows")[0])
+    tiled = _conform(pa.concat_tables([template] * (MERGE_ROW_GROUP_ROWS // ROWS_PER_SHARD)), schema)
+    unmarked = workdir / f"unmarked-{rows}.parquet"  # renamed once whole: a build cut short after it reuses it
+    partial = unmarked.with_suffix(".partial")
+    with pq.ParquetWriter(partial, schema, compression="zstd") if not unmarked.exists() else nullcontext() as writer:
+        for start in range(0, rows if writer is not None else 0, MERGE_ROW_GROUP_ROWS):
+            n = min(MERGE_ROW_GROUP_ROWS, rows - start)
+            numbers = range(start, start + n)
+            ids = [f"img-{i:09d}" for i in numbers]
+            images = [tiny_png(i) for i in ids]
+            names = [shard_name(i // ROWS_PER_SHARD) for i in numbers]
+            first = [i - i % batch - start for i in numbers]  # a batch never spans shards: 64 is a multiple
+            replaced = {
+                "id": ids, "row": list(numbers), "seed": list(numbers),
+                "prompt": [f"{PROMPTS[i % len(PROMPTS)]}, variation {i}" for i in numbers],
+                "label": [i % 10 for i in numbers], "shard": names,
+                "batch_id": [f"{name}-{i % ROWS_PER_SHARD // batch:03d}" for name, i in zip(names, numbers)],
+                "batch_rows": [ids[f:f + batch] for f in first],
+                "key": [f"{tar_key(name)}#{webdataset_key(i)}.png" for name, i in zip(names, ids)],
+                "sha256": [hashlib.sha256(b).hexdigest() for b in images], "bytes": [len(b) for b in images],
+                "phash": [hashlib.blake2b(i.encode(), digest_size=8).hexdigest() for i in ids],
+            }
+            table = tiled.slice(0, n)
+            for column, values in replaced.items():
+                position = schema.get_field_index(column)
+                table = table.set_column(position, column, pa.array(values, schema.field(column).type))
+            assert writer is not None
+            writer.write_table(table, row_group_size=n)
+    if not unmarked.exists():
+        partial.rename(unmarked)
+    # every row's image is distinct, so duplicate_of stays null, as mark_duplicates would leave it
+    # (at 10M rows its DuckDB query ran out of its memory limit here: see RESULTS.md)
+    unmarked.rename(out / INDEX_KEY)
+    layout = layout_for(storage, prepared.spec.output)
+    for number in index_only_shards(rows):
+        _write_shard(storage, layout, template, stamp, number, rows)  # its commit too: the real one
+    (out / ".index-built").write_text(f"{rows} rows in {time.perf_counter() - started:.0f} s\n")
+    print(f"  built {rows:,} rows index-only ({shards:,} commits, {len(index_only_shards(rows)):,} tars) in "
+          f"{time.perf_counter() - started:.0f} s: {du(out) / MiB:,.0f} MiB on disk", flush=True)
+    return manifest, out
+
+
+def exported_from(rows: int) -> int:
+    """``export --where``'s 1%: the last hundredth of the rows (contiguous, so an index-only OUT
+    holds their tars)."""
+    return rows - rows // 100
+
+
+def index_only_shards(rows: int) -> range:
+    """The shards whose tars an index-only OUT holds: those of the exported rows (the last 1%),
+    the last shard (``reproduce``'s row) among them."""
+    return range(exported_from(rows) // ROWS_PER_SHARD, -(-rows // ROWS_PER_SHARD))
+
+
 def unfinish(out: Path) -> None:
     """Back to "every shard committed, nothing merged": the next submit merges and reports."""
     for key in ("index.parquet", "_SUCCESS", "report.html", "_sdbatch/progress.json"):
         (out / key).unlink(missing_ok=True)
 
 
-def build_state(workdir: Path, rows: int) -> tuple[Path, Path]:
+def build_state(workdir: Path, rows: int, folder: str = "state") -> tuple[Path, Path]:
     """A finished job's state alone, for the resume at sizes whose full OUT would take too long
     to build: job.json (claimed as ``build_out`` does), one commit per shard — the same 64
     rows in each (a resume of a finished job lists the commits, never reads them) — and
     ``_SUCCESS``; no tars, no index."""
-    manifest, out = workdir / f"manifest-{rows}.parquet", workdir / f"state-{rows}"
+    manifest, out = workdir / f"manifest-{rows}.parquet", workdir / f"{folder}-{rows}"
     if (out / ".built").exists():
         return manifest, out
     shutil.rmtree(out, ignore_errors=True)
@@ -349,14 +432,30 @@ def reader_commands(manifest: Path, out: Path, rows: int) -> list[tuple[str, lis
     ]
 
 
-def run_readers(workdir: Path, sizes: list[int]) -> None:
+def index_only_commands(manifest: Path, out: Path, rows: int) -> list[tuple[str, list[str], dict[str, str] | None]]:
+    """What an index-only OUT can answer honestly: no merge (its index was written directly), no
+    verify (it reads every commit and object); ``export --where`` of the last 1% (their tars are there)."""
+    skipped = ("submit (merge + report)", "verify", "verify --listing-only", "verify --sample 1000", "export --where (1%, hf)")
+    kept = [c for c in reader_commands(manifest, out, rows) if c[0] not in skipped]
+    return [*kept, ("export --where (last 1%, hf)", ["export", str(out), str(out.parent / f"export-{rows}"), "--to", "hf",
+                                                     "--where", f"row >= {exported_from(rows)}"], None)]
+
+
+#: Where ``reproduce`` has found its row, its batch-mates and checked the model's pin: the
+#: lookup's figure is the peak RSS sampled until this line (the generation's is the whole run's).
+REPRODUCE_LOOKED_UP = r"regenerating .* …"
+
+
+def run_readers(workdir: Path, sizes: list[int], index_only: bool = False) -> None:
     flags = {"--listing-only": has_flag("verify", "--listing-only"), "--sample": has_flag("verify", "--sample")}
     figures: dict[str, dict[int, Measured]] = {}
     for rows in sizes:
-        print(f"{rows:,} rows:", flush=True)
-        manifest, out = build_out(workdir, rows)
-        unfinish(out)
-        for name, args, markers in reader_commands(manifest, out, rows):
+        print(f"{rows:,} rows{' (index-only OUT)' if index_only else ''}:", flush=True)
+        manifest, out = build_index_only(workdir, rows) if index_only else build_out(workdir, rows)
+        if not index_only:
+            unfinish(out)
+        commands = index_only_commands if index_only else reader_commands
+        for name, args, markers in commands(manifest, out, rows):
             flag = next((f for f in flags if f in args), None)
             if flag and not flags[flag]:
                 print(f"  {name:<28} skipped: this sdbatch's verify has no {flag} (rerun after it lands)")
@@ -365,6 +464,10 @@ def run_readers(workdir: Path, sizes: list[int]) -> None:
             m = measure(args, markers)
             figures.setdefault(name, {})[rows] = m
             print(line(name, m), flush=True)
+            if args[0] == "reproduce":
+                lookup = measure(args, until=REPRODUCE_LOOKED_UP, stop=True)
+                figures.setdefault("reproduce: the lookup", {})[rows] = lookup
+                print(line("reproduce: the lookup", lookup), flush=True)
             for phase, (wall, peak) in m.phases.items() if markers else ():
                 print(f"    {phase:<10} {wall:8.1f} s  peak RSS {peak / MiB:7.0f} MiB")
             if m.code not in (0, 3):
@@ -493,6 +596,8 @@ def main() -> None:
     parser.add_argument("--s3", action="store_true", help="resume: also on a moto S3 server on 127.0.0.1")
     parser.add_argument("--state-only", action="store_true",
                         help="resume: build only job.json, the commits and _SUCCESS (minutes at 10M rows, not hours)")
+    parser.add_argument("--index-only", action="store_true",
+                        help="readers: write the index directly, tars only for the rows reproduce and export read")
     parser.add_argument("--keep", type=Path, help="build under this folder and keep what was built")
     parser.add_argument("--rss-limit-mib", type=int, default=8192, help="kill a command whose RSS passes this")
     args = parser.parse_args()
@@ -506,7 +611,7 @@ def main() -> None:
             for rows in args.rows:
                 run_job(workdir, rows)
         elif args.part == "readers":
-            run_readers(workdir, sorted(args.rows))
+            run_readers(workdir, sorted(args.rows), args.index_only)
         else:
             for rows in args.rows:
                 run_resume(workdir, rows, args.s3, args.state_only)

@@ -112,6 +112,17 @@ class Reproducer:
             raise AuditError(f"no row with id {row_id!r} in the index of {self.out.storage.url} ({self.out.index_source})")
         return found
 
+    def look_up(self, row_id: str) -> dict[str, Any]:
+        """Row ``row_id``'s index row, its batch-mates' looked up too (``batch_rows``), before any
+        model is loaded and before torch is imported: an unknown id, or a row without an image,
+        is refused at once, in the memory of the index's reader alone (AuditError)."""
+        entry = self.entry(row_id)
+        if entry.get("status") != STATUS_OK:
+            raise AuditError(f"row {row_id!r} has status {entry.get('status')!r} ({entry.get('error')}); "
+                             "there is no image to reproduce")
+        self._lookup([str(mate) for mate in entry.get("batch_rows") or []])
+        return entry
+
     # -- the record ---------------------------------------------------------------------------
     def _stored(self, entry: dict[str, Any]) -> bytes | None:
         try:
@@ -283,10 +294,7 @@ class Reproducer:
 
     # -- one row -------------------------------------------------------------------------------
     def reproduce(self, row_id: str) -> ReproduceResult:
-        entry = self.entry(row_id)
-        if entry.get("status") != STATUS_OK:
-            raise AuditError(f"row {row_id!r} has status {entry.get('status')!r} ({entry.get('error')}); "
-                             "there is no image to reproduce")
+        entry = self.look_up(row_id)
         stored = self._stored(entry)
         record, embedded, rebuilt_why = self._record(entry, stored)
         _, _, _, notes = self._load_settings(record.device, record.dtype)

@@ -33,7 +33,7 @@ def reproduce(
     from sdbatch.audit.reproduce import Reproducer
 
     reproducer = Reproducer(open_job(out_location, endpoint_url=s3_endpoint), endpoint_url=s3_endpoint, model=model)
-    reproducer.entry(row_id)  # an unknown ID is refused before the model loads
+    reproducer.look_up(row_id)  # an unknown ID, or a row without an image, is refused before torch is imported
     err.print(f"regenerating {row_id} …", highlight=False)
     try:
         result = reproducer.reproduce(row_id)

@@ -5,10 +5,11 @@ ownership."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -65,9 +66,14 @@ def job_record(spec: JobSpec, manifest: Manifest, model_fingerprint: str | None,
 JOB_OUTPUT_PARTS = (METADATA_PREFIX, IMAGES_PREFIX, TARS_PREFIX, INDEX_KEY, SUCCESS_KEY, REPORT_KEY)
 
 
-#: ``--new-run``'s plan: the old job's objects, written before the first delete so an
-#: interrupted clear can be finished by running ``--new-run`` again.
-CLEAR_KEY = "_sdbatch/clear.json"
+#: ``--new-run``'s plan, written whole before the first delete so that an interrupted clear is
+#: finished by running ``--new-run`` again: the old job's objects in parts of at most
+#: ``CLEAR_PART_KEYS`` keys, a sequence per kind of object (``_DELETE_ORDER``), then
+#: ``CLEAR_PLAN_KEY`` (the job's fingerprint and each kind's number of parts), which says the
+#: plan is complete. Neither writing nor carrying out the plan holds more than a part.
+CLEAR_PREFIX = "_sdbatch/clear/"
+CLEAR_PLAN_KEY = f"{CLEAR_PREFIX}plan.json"
+CLEAR_PART_KEYS = 10_000
 
 
 #: The order of deletion: commits first and job.json last, so an interrupted clear leaves a
@@ -86,20 +92,17 @@ CLEAR_CHECK_OBJECTS = 64
 _OBJECT_COLUMNS = ["id", "status", "key", "bytes", "sha256"]
 
 
-def _objects_written(layout: Layout, batches: Iterable[pa.RecordBatch], seen: set[str]) -> set[str]:
-    """The objects a commit or index (its record ``batches``) names for its ok rows that hold
-    exactly the bytes those rows recorded (a tar: every member an ok row's, each with its
-    recorded bytes), read and hashed ``CLEAR_CHECK_OBJECTS`` at a time; a failed row's key (a
-    foreign object it could not replace) and any other bytes are never the job's. Objects in
-    ``seen`` were judged already: only the entries of the others are held, a batch's rows at
-    a time as Python values."""
+def _objects_written(layout: Layout, batch: pa.RecordBatch, skip: set[str]) -> tuple[set[str], set[str]]:
+    """The objects a commit's or index's record ``batch`` names for its ok rows (but those in
+    ``skip``, judged already), and of those the ones that hold exactly the bytes those rows
+    recorded (a tar: every member an ok row's, each with its recorded bytes), read and hashed
+    ``CLEAR_CHECK_OBJECTS`` at a time; a failed row's key (a foreign object it could not
+    replace) and any other bytes are never the job's."""
     by_object: dict[str, list[dict[str, Any]]] = {}
-    for batch in batches:
-        ok = batch.filter(pc.fill_null(pc.equal(batch.column("status"), STATUS_OK), False))
-        for entry in ok.select(["id", "key", "bytes", "sha256"]).to_pylist():
-            if object_key(entry["key"]) not in seen:
-                by_object.setdefault(object_key(entry["key"]), []).append(entry)
-    seen |= set(by_object)
+    ok = batch.filter(pc.fill_null(pc.equal(batch.column("status"), STATUS_OK), False))
+    for entry in ok.select(["id", "key", "bytes", "sha256"]).to_pylist():
+        if object_key(entry["key"]) not in skip:
+            by_object.setdefault(object_key(entry["key"]), []).append(entry)
     objects = list(by_object)
     written: set[str] = set()
     for start in range(0, len(objects), CLEAR_CHECK_OBJECTS):
@@ -108,32 +111,90 @@ def _objects_written(layout: Layout, batches: Iterable[pa.RecordBatch], seen: se
         other = {object_key(k) for _, k in checked.missing} | {object_key(k) for _, k, _ in checked.mismatched}
         other |= {object_key(member) for member in checked.orphan_members}
         written |= {object_key(e["key"]) for e in checked.good} - other
-    return written
+    return set(by_object), written
 
 
-def _old_job_objects(storage: Storage, job: JobRecord) -> set[str]:
-    """Every object ``job`` owns: its commits, the images they and its index name that hold the
-    bytes it recorded, its index and ``_SUCCESS``; its state files under ``_sdbatch/``."""
-    owned = {JOB_KEY, PROGRESS_KEY}
+def _old_job_objects(storage: Storage, job: JobRecord) -> Iterator[str]:
+    """Every object ``job`` owns, a commit's or an index batch's at a time: its commits, the
+    images they and its index name that hold the bytes it recorded, its index and
+    ``_SUCCESS``; its state files under ``_sdbatch/``. What it holds between them is a bit per
+    shard (whose commit was judged), not a key per object."""
+    yield from (JOB_KEY, PROGRESS_KEY)
     try:  # and the report it writes at the end of every run, if it is that job's
         if is_own_report(storage.get(REPORT_KEY), job.fingerprint):
-            owned.add(REPORT_KEY)
+            yield REPORT_KEY
     except NotFound:
         pass
-    layout, seen = layout_for(storage, job.job_spec.output), set[str]()
+    layout = layout_for(storage, job.job_spec.output)
+    judged: list[bool] = []  # by shard number: its commit's objects were judged
     for key in storage.list(METADATA_PREFIX):
         table = stamped_table(storage.get(key), job.fingerprint)  # one shard's rows
         if table is not None:
-            owned.add(key)
+            yield key
+            number = int(key[len(METADATA_PREFIX):].split(".")[0])
+            judged += [False] * (number + 1 - len(judged))
+            judged[number] = True
             if "key" in table.column_names:
-                owned |= _objects_written(layout, table.select(_OBJECT_COLUMNS).to_batches(), seen)
+                for batch in table.select(_OBJECT_COLUMNS).to_batches():
+                    yield from _objects_written(layout, batch, set())[1]
     index = open_index(storage, job.fingerprint)
-    if index.final:  # read a record batch at a time; its objects are mostly its commits', judged already
-        owned |= {INDEX_KEY} | _objects_written(layout, index.batches(_OBJECT_COLUMNS), seen)
+    if index.final:  # a record batch at a time; the rows of a shard whose commit was judged are skipped
+        yield INDEX_KEY
+        shards_judged, previous = np.array(judged + [False], dtype=bool), set[str]()
+        for batch in index.batches([*_OBJECT_COLUMNS, "shard"]):
+            numbers = np.minimum(pc.cast(batch.column("shard"), pa.int64()).to_numpy(), len(shards_judged) - 1)
+            unjudged = batch.filter(pa.array(~shards_judged[numbers]))
+            previous, written = _objects_written(layout, unjudged, previous)  # a tar may reach into the next batch
+            yield from written
     success = Success.read(storage)
     if success is not None and success.fingerprint == job.fingerprint:
-        owned.add(SUCCESS_KEY)
-    return owned
+        yield SUCCESS_KEY
+
+
+def _kind(key: str) -> int:
+    """Which of ``_DELETE_ORDER`` a key of the old job is."""
+    return next(i for i, part in enumerate(_DELETE_ORDER) if (key.startswith(part) if part.endswith("/") else key == part))
+
+
+def _part_key(kind: int, number: int) -> str:
+    return f"{CLEAR_PREFIX}{kind}-{number:05d}.json"
+
+
+class _ClearPlan:
+    """The plan being written: keys go to their kind's sequence of parts, a part stored as soon
+    as it holds ``CLEAR_PART_KEYS`` keys; ``finish`` stores the rest, then ``CLEAR_PLAN_KEY``."""
+
+    def __init__(self, storage: Storage, fingerprint: str, parts: list[int]):
+        self.storage, self.fingerprint, self.parts = storage, fingerprint, parts
+        self.pending: list[list[str]] = [[] for _ in _DELETE_ORDER]
+
+    def add(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            kind = _kind(key)
+            self.pending[kind].append(key)
+            if len(self.pending[kind]) >= CLEAR_PART_KEYS:
+                self._store(kind)
+
+    def _store(self, kind: int) -> None:
+        if self.pending[kind]:
+            write_json(self.storage, _part_key(kind, self.parts[kind]), {"keys": self.pending[kind]})
+            self.parts[kind] += 1
+            self.pending[kind] = []
+
+    def finish(self) -> dict[str, Any]:
+        for kind in range(len(_DELETE_ORDER)):
+            self._store(kind)
+        plan = {"fingerprint": self.fingerprint, "parts": self.parts}
+        write_json(self.storage, CLEAR_PLAN_KEY, plan)
+        return plan
+
+
+def _remove_plan(storage: Storage) -> None:
+    """The plan's own files, the marker last (parts of an interrupted planning too)."""
+    there = storage.list(CLEAR_PREFIX)
+    storage.delete_many([k for k in there if k != CLEAR_PLAN_KEY])
+    if CLEAR_PLAN_KEY in there:
+        storage.delete(CLEAR_PLAN_KEY)
 
 
 def report_mark(job_fingerprint: str) -> str:
@@ -166,25 +227,33 @@ def put_report(storage: Storage, page: bytes, job_fingerprint: str) -> None:
 def clear_job(storage: Storage) -> int:
     """``--new-run``: delete the job OUT holds — only the objects its commits and index name
     holding the bytes it recorded, and its own state files; never a file of the user's, never an
-    object no commit of that job names or whose bytes are not the ones it wrote. OutputMismatch
-    when OUT holds no job. Returns how many objects were deleted."""
+    object no commit of that job names or whose bytes are not the ones it wrote. The plan is
+    written whole first (``CLEAR_PREFIX``), then carried out a part at a time in
+    ``_DELETE_ORDER``; a plan there already for this job (a clear cut short) is kept and
+    added to. OutputMismatch when OUT holds no job. Returns how many objects were deleted."""
     old = JobRecord.read(storage)
+    planned = read_json(storage, CLEAR_PLAN_KEY)
+    if old is None and planned is not None:  # cut short after job.json went: only the plan is left
+        _remove_plan(storage)
+        return 0
     if old is None:
         raise OutputMismatch(
             f"--new-run: {storage.url} holds no sdbatch job (no {JOB_KEY}), so there is nothing sdbatch may delete; "
             "choose an empty --out, or move the files there away yourself"
         )
-    planned = read_json(storage, CLEAR_KEY) or {}
-    owned = _old_job_objects(storage, old)
-    if planned.get("fingerprint") == old.fingerprint:
-        owned |= set(planned["keys"])
-    write_json(storage, CLEAR_KEY, {"fingerprint": old.fingerprint, "keys": sorted(owned)})
+    if planned is None or planned.get("fingerprint") != old.fingerprint:
+        _remove_plan(storage)  # another job's, or a planning cut short: planned again in full
+        planned = {"parts": [0] * len(_DELETE_ORDER)}
+    plan = _ClearPlan(storage, old.fingerprint, list(planned["parts"]))
+    plan.add(_old_job_objects(storage, old))
+    parts = plan.finish()["parts"]
     deleted = 0
-    for part in _DELETE_ORDER:
-        keys = sorted(k for k in owned if k.startswith(part)) if part.endswith("/") else [part] if part in owned else []
-        storage.delete_many(keys)
-        deleted += len(keys)
-    storage.delete(CLEAR_KEY)
+    for kind, count in enumerate(parts):
+        for number in range(count):
+            keys = (read_json(storage, _part_key(kind, number)) or {}).get("keys", [])
+            storage.delete_many(keys)
+            deleted += len(keys)
+    _remove_plan(storage)
     return deleted
 
 

@@ -20,6 +20,7 @@ import pytest
 from synthetic_output import BATCH_SIZE, build_output, row_id
 
 from sdbatch.audit.job_output import JobOutput, open_job
+from sdbatch.storage.local import LocalStorage
 
 SMALL, LARGE = 2_000, 20_000
 SHARD_ROWS = 250
@@ -158,7 +159,7 @@ def test_reproduce_finds_its_row_and_batch_mates_in_bounded_memory(outputs):
 
     def lookup(job: JobOutput) -> list[str]:
         reproducer = Reproducer(job)
-        entry = reproducer.entry(row_id(job.job.manifest.num_rows - 2))
+        entry = reproducer.look_up(row_id(job.job.manifest.num_rows - 2))
         return sorted(job.index.rows(entry["batch_rows"]))
 
     assert assert_bounded(lookup, outputs) == batch_of(LARGE - 2)  # in the last shard, and ok
@@ -168,11 +169,54 @@ def test_new_runs_check_of_the_old_jobs_objects_is_bounded(outputs):
     from sdbatch.output.claim import _old_job_objects
 
     def owned(job: JobOutput) -> set[str]:
-        return _old_job_objects(job.storage, job.job)
+        return set(_old_job_objects(job.storage, job.job))
 
     keys = assert_bounded(owned, outputs)  # its answer holds the objects (here a tar per shard), not the rows
     assert {k for k in keys if k.startswith("shards/")} == {f"shards/{n:05d}.tar" for n in range(LARGE // SHARD_ROWS)}
     assert len([k for k in keys if k.startswith("metadata/")]) == LARGE // SHARD_ROWS and "index.parquet" in keys
+
+
+@pytest.fixture(scope="module")
+def file_outputs(tmp_path_factory) -> dict[int, Path]:
+    """Finished outputs of both sizes in the files layout (an object per ok row: what ``--new-run``'s
+    plan lists grows with the rows), one row in 97 failed."""
+    root = tmp_path_factory.mktemp("bounded-files")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sdbatch.output.index.MERGE_ROW_GROUP_ROWS", ROW_GROUP_ROWS)
+        return {rows: build_output(root / str(rows), rows, rows_per_shard=SHARD_ROWS, failed_every=97)
+                for rows in (SMALL, LARGE)}
+
+
+def test_new_runs_clear_cut_short_after_the_commits_is_finished_by_its_plan(file_outputs, tmp_path, monkeypatch):
+    """A clear whose deletes stop after the commits: the images are named only by the plan (and
+    the index) now, and the next ``clear_job`` deletes every one of them, then the plan itself."""
+    import shutil
+
+    from sdbatch.output.claim import CLEAR_PREFIX, clear_job
+    from sdbatch.storage.base import StorageError
+
+    monkeypatch.setattr("sdbatch.output.claim.CLEAR_PART_KEYS", 1_000)
+    out = Path(shutil.copytree(file_outputs[SMALL], tmp_path / "cut"))
+    (out / "index.parquet").unlink()  # only the plan names the images once the commits are gone
+    images = sorted(p.relative_to(out).as_posix() for p in (out / "images").rglob("*.png"))
+    storage, calls = LocalStorage(str(out)), [0]
+    delete_many = LocalStorage.delete_many
+
+    def fail_after_the_commits(self: LocalStorage, keys: list[str]) -> None:
+        calls[0] += 1
+        if keys and not keys[0].startswith("metadata/"):
+            raise StorageError("storage outage (test)")
+        delete_many(self, keys)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(LocalStorage, "delete_many", fail_after_the_commits)
+        with pytest.raises(StorageError):
+            clear_job(storage)
+    assert not (out / "metadata").exists() and len(images) == SMALL - SMALL // 97
+    assert sorted(p.relative_to(out).as_posix() for p in (out / "images").rglob("*.png")) == images
+    assert [k for k in storage.list(CLEAR_PREFIX) if k.endswith("plan.json")]
+    clear_job(storage)
+    assert not (out / "images").exists() and not (out / "_sdbatch").exists()
 
 
 def test_reproduce_of_a_row_in_the_last_shard_of_a_50000_row_index(tmp_path):

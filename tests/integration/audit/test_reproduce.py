@@ -419,3 +419,17 @@ def test_reproduce_and_verify_do_not_import_torch_when_not_regenerating():
     code = "import sys, sdbatch.cli, sdbatch.audit.verify, sdbatch.audit.reproduce; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_reproduce_refuses_an_unknown_id_and_a_failed_row_before_importing_torch(tmp_path):
+    """The lookup (the row, its status, its batch-mates) comes before torch is imported: a bad
+    ID or a row without an image is answered exit 2 by a process that never imported torch."""
+    from synthetic_output import build_output, row_id
+
+    out = build_output(tmp_path, 200, objects=False, rows_per_shard=100, failed_every=97)
+    for wanted, said in ((row_id(96), "has status 'failed' (synthetic failure of row 96)"),
+                         ("no-such-row", "no row with id 'no-such-row'")):
+        result = subprocess.run([sys.executable, "-X", "importtime", "-m", "sdbatch", "reproduce", str(out), wanted],
+                                capture_output=True, text=True)
+        assert result.returncode == 2 and said in " ".join(result.stderr.split()), result.stderr[-2000:]
+        assert not re.search(r"\|\s+(torch|diffusers)$", result.stderr, re.MULTILINE)  # -X importtime lists every import
