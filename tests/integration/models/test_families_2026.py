@@ -239,7 +239,7 @@ def test_lora_changes_the_image_and_scale_zero_is_no_adapter(llm_models, tmp_pat
     guidance = 0.0 if name == "flux2_klein_distilled" else 2.0  # the distilled model takes none
 
     def render(loras: tuple) -> np.ndarray:
-        row = Row(0, "x", "a red circle", "", 1, 2, guidance, 128, 64, "default", None, 0.5, None, 1, loras, {})
+        row = Row(0, "x", "a red circle", "", 1, 2, guidance, 128, 64, "default", strength=0.5, clip_skip=1, loras=loras)
         return gen.generate([row]).pixels[0]
 
     base, with_a, zero, again = render(()), render((("a", 1.0),)), render((("a", 0.0),)), render(())
@@ -247,7 +247,7 @@ def test_lora_changes_the_image_and_scale_zero_is_no_adapter(llm_models, tmp_pat
     assert np.array_equal(zero, base) and np.array_equal(again, base)
     if name != "flux2_klein_distilled":  # FLUX.2's kohya files use Black Forest Labs' module names
         assert np.abs(render((("k", 1.0),)).astype(int) - with_a).max() <= 1
-    record = gen.facts(Row(0, "x", "p", "", 1, 2, guidance, 128, 64, "default", None, 0.5, None, 1, (("a", 1.0),), {}))
+    record = gen.facts(Row(0, "x", "p", "", 1, 2, guidance, 128, 64, "default", strength=0.5, clip_skip=1, loras=(("a", 1.0),)))
     assert record.loras[0]["sha256"] == hashlib.sha256(lora.read_bytes()).hexdigest()
 
 
@@ -266,7 +266,7 @@ def test_guidance_and_negative_prompt_reach_the_pipeline(llm_models, klein_base,
     def render(guidance: float, negative: str) -> np.ndarray:
         from sdbatch.data.row import Row
 
-        row = Row(0, "x", "a red circle", negative, 1, 2, guidance, 128, 64, "default", None, 0.5, None, 1, (), {})
+        row = Row(0, "x", "a red circle", negative, 1, 2, guidance, 128, 64, "default", strength=0.5, clip_skip=1, loras=())
         return gen.generate([row]).pixels[0].astype(int)
 
     # the tiny random encoders condition weakly: any change shows the argument arrived

@@ -32,7 +32,7 @@ def test_a_gguf_transformer_renders_like_its_folder(gguf_files):
     from sdbatch.data.row import Row
     from sdbatch.models.runtime import load_model
 
-    row = Row(0, "r0", "a red circle", "", 1, 2, 2.0, 128, 64, "default", None, 0.5, None, 1, (), {})
+    row = Row(0, "r0", "a red circle", "", 1, 2, 2.0, 128, 64, "default", strength=0.5, clip_skip=1, loras=())
     folder = str(gguf_files["folder"])
     rendered, infos = {}, {}
     for name, model, config in (("folder", folder, None), ("f32", gguf_files["f32"], folder), ("q8", gguf_files["q8"], folder)):
