@@ -2,16 +2,21 @@
 
 1. Where a small job's time goes: ``sdbatch submit`` of N rows (default 3) on ``builtin:shapes``
    as a user runs it (a fresh local Ray cluster), its phases read from its log's timestamps —
-   start-up and validation (imports, manifest, model preflight), Ray's start, worker start and
-   model load up to the first committed rows, the rest of the run, and what follows the
-   summary line (the report) — beside the same rows generated in one process by
+   start-up and validation (imports, manifest, model preflight), Ray's start, worker start,
+   model load and generation, the index merge, the report, and what follows the summary line
+   (Ray's shutdown at exit) — beside the same rows generated in one process by
    ``models.runtime`` (the generation itself). Fixed cost = wall − generation.
 2. The same 100 rows (``builtin:shapes`` 64², 20 DDIM steps, batch 8, one worker with 2 CPUs)
    through ``sdbatch submit`` and through Ray Data's ``map_batches`` (one actor holding the
    pipeline, PNGs written by the actor), each with its own fresh local Ray cluster; prints
    both wall times and the ratio (target: sdbatch ≤ 0.8 × Ray Data).
 
-    python benchmarks/bench_fixed_cost.py [--small-rows 3] [--rows 100] [--skip-ray-data]
+Contenders alternate (``--repeat`` rounds; medians reported), so a machine whose load drifts
+affects them alike. ``--baseline DIR`` (another sdbatch checkout, e.g. ``main``'s worktree)
+adds that checkout's 3-row job to part 1, so a change is measured beside what it changes.
+
+    python benchmarks/bench_fixed_cost.py [--small-rows 3] [--rows 100] [--repeat 3]
+        [--baseline /work/main] [--skip-ray-data]
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,15 +39,16 @@ from _common import PROMPTS  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, SIZE, BATCH = 20, 64, 8
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-ENV.pop("RAY_ADDRESS", None)  # a fresh local cluster each time, as a new user gets
+ENV = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local cluster each time, as a new user gets
 
 #: output line → the phase it ends (the first line matching each, in order; times are when the
 #: line reached this process, so lines without a timestamp, such as the summary, count too)
 PHASES = [
     ("start-up and validation", r"starting a local Ray cluster"),
     ("Ray start", r"shards? to generate"),
-    ("workers, model load, generation", r"images generated this run"),
+    ("workers, model load, generation", r"merging the index"),
+    ("index merge, _SUCCESS", r"writing the report"),
+    ("report", r"images generated this run"),
 ]
 
 
@@ -51,15 +58,16 @@ def manifest(folder: Path, rows: int) -> Path:
     return path
 
 
-def sdbatch_submit(source: Path, out: Path, workers: int = 1, cpus: int = 2) -> tuple[float, list[tuple[float, str]]]:
-    """Wall seconds of ``sdbatch submit`` and its output lines with the second each arrived."""
+def sdbatch_submit(source: Path, out: Path, checkout: Path = REPO, workers: int = 1, cpus: int = 2) -> tuple[float, list[tuple[float, str]]]:
+    """Wall seconds of ``sdbatch submit`` (of the sdbatch in ``checkout``) and its output lines
+    with the second each arrived."""
     started = time.time()
     process = subprocess.Popen(
         [sys.executable, "-m", "sdbatch", "submit", str(source), "--out", str(out), "--steps", str(STEPS),
          "--batch-size", str(BATCH), "--workers", str(workers), "--set", f"resources.cpus_per_worker={cpus}",
          "--set", "defaults.scheduler=ddim", "--set", f"defaults.width={SIZE}", "--set", f"defaults.height={SIZE}",
          "--set", f"resources.rows_per_shard={BATCH}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=ENV)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=checkout, env={**ENV, "PYTHONPATH": str(checkout)})
     assert process.stdout is not None
     lines = [(time.time() - started, line.rstrip()) for line in process.stdout]
     wall = time.time() - started
@@ -75,7 +83,7 @@ def phases(wall: float, lines: list[tuple[float, str]]) -> list[tuple[str, float
         if at is not None:
             out.append((name, at - last))
             last = at
-    out.append(("report and exit", wall - last))
+    out.append(("exit (Ray's shutdown)", wall - last))
     return out
 
 
@@ -132,33 +140,62 @@ print(f"RAYDATA {done} {time.time() - started:.2f}")
 def ray_data(source: Path, out: Path) -> float:
     started = time.time()
     result = subprocess.run([sys.executable, "-c", RAY_DATA, str(source), str(out), str(STEPS), str(SIZE), str(BATCH)],
-                            capture_output=True, text=True, cwd=REPO, env=ENV)
+                            capture_output=True, text=True, cwd=REPO, env={**ENV, "PYTHONPATH": str(REPO)})
     if result.returncode != 0 or "RAYDATA" not in result.stdout:
         raise SystemExit(f"Ray Data run failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return time.time() - started
+
+
+def load_average() -> str:
+    return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def small_job(folder: Path, rows: int, repeat: int, baseline: Path | None) -> None:
+    source = manifest(folder, rows)
+    contenders = {"this checkout": REPO, **({f"baseline {baseline}": baseline} if baseline else {})}
+    runs: dict[str, list[tuple[float, list[tuple[str, float]]]]] = {name: [] for name in contenders}
+    for round_ in range(repeat):
+        for number, (name, checkout) in enumerate(contenders.items()):
+            wall, lines = sdbatch_submit(source, folder / f"small-{round_}-{number}", checkout)
+            runs[name].append((wall, phases(wall, lines)))
+            print(f"  round {round_ + 1} {name}: {wall:.1f} s ({load_average()})", flush=True)
+    generation = bare_generation(rows)
+    for name, results in runs.items():
+        wall = statistics.median(w for w, _ in results)
+        print(f"## {name}: {rows}-row job on builtin:shapes ({SIZE}², {STEPS} steps): median {wall:.1f} s wall of "
+              f"{len(results)}, {generation:.1f} s of generation → fixed cost {wall - generation:.1f} s")
+        for i, (phase, _) in enumerate(results[0][1]):
+            print(f"  {phase:32s} {statistics.median(p[i][1] for _, p in results):6.1f} s")
+
+
+def beside_ray_data(folder: Path, rows: int, repeat: int) -> None:
+    source = manifest(folder, rows)
+    ours, theirs = [], []
+    for round_ in range(repeat):
+        ours.append(sdbatch_submit(source, folder / f"sdbatch-{round_}")[0])
+        theirs.append(ray_data(source, folder / f"raydata-{round_}"))
+        print(f"  round {round_ + 1}: sdbatch {ours[-1]:.1f} s, Ray Data {theirs[-1]:.1f} s → "
+              f"{ours[-1] / theirs[-1]:.2f}× ({load_average()})", flush=True)
+    ours_s, theirs_s = statistics.median(ours), statistics.median(theirs)
+    print(f"## {rows} rows, batch {BATCH}, one worker with 2 CPUs (medians of {repeat}): sdbatch {ours_s:.1f} s, "
+          f"Ray Data map_batches {theirs_s:.1f} s → sdbatch ÷ Ray Data = {ours_s / theirs_s:.2f}×")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small-rows", type=int, default=3)
     p.add_argument("--rows", type=int, default=100)
+    p.add_argument("--repeat", type=int, default=3, help="rounds of each contender, alternating")
+    p.add_argument("--baseline", type=Path, help="another sdbatch checkout whose 3-row job runs beside this one's")
+    p.add_argument("--skip-small", action="store_true")
     p.add_argument("--skip-ray-data", action="store_true")
     args = p.parse_args()
+    print(f"{load_average()}, {os.cpu_count()} CPUs", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-fixed-") as tmp:
-        folder = Path(tmp)
-        wall, lines = sdbatch_submit(manifest(folder, args.small_rows), folder / "small")
-        generation = bare_generation(args.small_rows)
-        print(f"## {args.small_rows}-row job on builtin:shapes ({SIZE}², {STEPS} steps): {wall:.1f} s wall, "
-              f"{generation:.1f} s of generation → fixed cost {wall - generation:.1f} s")
-        for name, seconds in phases(wall, lines):
-            print(f"  {name:28s} {seconds:6.1f} s")
-        if args.skip_ray_data:
-            return
-        rows = manifest(folder, args.rows)
-        sdbatch_wall, _ = sdbatch_submit(rows, folder / "sdbatch")
-        ray_wall = ray_data(rows, folder / "raydata")
-        print(f"## {args.rows} rows, batch {BATCH}, one worker with 2 CPUs: sdbatch {sdbatch_wall:.1f} s, "
-              f"Ray Data map_batches {ray_wall:.1f} s → sdbatch ÷ Ray Data = {sdbatch_wall / ray_wall:.2f}×")
+        if not args.skip_small:
+            small_job(Path(tmp), args.small_rows, args.repeat, args.baseline)
+        if not args.skip_ray_data:
+            beside_ray_data(Path(tmp), args.rows, args.repeat)
 
 
 if __name__ == "__main__":

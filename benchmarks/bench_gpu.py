@@ -274,8 +274,11 @@ def write_manifest(folder: Path, rows: int, size: int, steps: int) -> Path:
 
 
 def spec_overrides(model_dir: Path, batch: int, dtype: str, profile: str, device: str, guidance: float,
-                   smoke: bool) -> dict:
+                   smoke: bool, size: int) -> dict:
+    # the default size is the rows' own: left null, it would be the model's native size, which the
+    # --smoke models' (16²) is below the job's 64 minimum, and the job would be refused
     return {**{f"speed.{k}": v for k, v in smoke_switches(smoke).items()}, "model.name": str(model_dir),
+            "defaults.width": size, "defaults.height": size,
             "model.dtype": dtype, "model.device": device, "speed.profile": profile,
             "resources.batch_size": batch, "resources.rows_per_shard": batch, "defaults.guidance_scale": guidance,
             "defaults.scheduler": "default", "resources.gpus_per_worker": 1 if device == "cuda" else 0}
@@ -375,7 +378,7 @@ def main() -> None:
                 r = j = None
                 if model_dir is not None:
                     manifest = write_manifest(folder, rows + batch, size, steps)  # + the warm-up shard
-                    overrides = spec_overrides(model_dir, batch, dtype_name, profile, device, guidance, args.smoke)
+                    overrides = spec_overrides(model_dir, batch, dtype_name, profile, device, guidance, args.smoke, size)
                     if "runner" in contenders:
                         r = runner(folder, manifest, overrides, rows + batch, device)
                         reset_peak(device)

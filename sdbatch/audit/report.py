@@ -253,6 +253,18 @@ def render_report(job: JobOutput, gpu_hour_usd: float | None = None) -> str:
     )
 
 
+def import_renderers() -> None:
+    """Import what rendering the page needs and the page's data does not (matplotlib, Jinja2,
+    PIL), so that a caller can do it ahead, while the job runs (``job.submit``): the report at
+    the job's end then only renders."""
+    import jinja2  # noqa: F401
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure  # noqa: F401
+    from PIL import Image  # noqa: F401
+
+
 def write_report(storage: Storage, gpu_hour_usd: float | None = None) -> str:
     """Render the report and store it as ``OUT/report.html`` — create-once, or in place of this
     job's own earlier report only (``output.put_report``); returns its location."""

@@ -5,10 +5,11 @@ prints; nothing here prints."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
-from sdbatch.audit.report import write_report_quietly
+from sdbatch.audit.report import import_renderers, write_report_quietly
 from sdbatch.job.preflight import PreparedJob
 from sdbatch.job.repair import repair_rows
 from sdbatch.run.driver import JobOutcome, run_job
@@ -30,6 +31,9 @@ class SubmitOutcome:
 def submit(prepared: PreparedJob) -> SubmitOutcome:
     request, storage = prepared.request, prepared.storage
     storage.check_access()
+    # the report's libraries are imported while the driver mostly waits on Ray and the workers,
+    # not after the last image (a daemon: an ended job leaves without waiting for it)
+    threading.Thread(target=import_renderers, name="report-imports", daemon=True).start()
     started = time.monotonic()
     outcome = run_job(
         prepared.spec, prepared.source, storage, prepared.job, address=request.address, endpoint_url=request.endpoint_url,
