@@ -67,4 +67,13 @@ def open_job(storage: Storage | str, *, endpoint_url: str | None = None) -> JobO
         index = open_index(storage, job.fingerprint)
     except OutputMismatch as foreign:
         raise AuditError(str(foreign)) from None
-    return JobOutput(storage, job, job.job_spec, index, index.final and storage.exists(SUCCESS_KEY))
+    return JobOutput(storage, job, _as_run(job), index, index.final and storage.exists(SUCCESS_KEY))
+
+
+def _as_run(job: JobRecord) -> JobSpec:
+    """The job's spec as its workers ran it: a job.json written before sdbatch read A1111 prompt
+    syntax has no ``model.prompt_syntax``, and its prompts were read as text."""
+    spec = job.job_spec
+    if "prompt_syntax" in job.spec.get("model", {}):
+        return spec
+    return spec.model_copy(update={"model": spec.model.model_copy(update={"prompt_syntax": "literal"})})

@@ -140,3 +140,21 @@ def test_the_conditioning_is_compels_own_for_the_same_weights(tiny_families):
             # SD3: after the CLIP chunks (zero-padded to T5's width), the T5 tokens of the text as read
             assert not ours[:, :own.shape[1], own.shape[2]:].any()
             assert ours.shape[1] - own.shape[1] == plain.shape[1] - 77
+
+
+def test_a_job_from_before_prompt_syntax_reproduces_its_prompts_as_text(jobs, tmp_path):
+    """A job.json written before sdbatch read A1111 syntax has no ``model.prompt_syntax``: its
+    images were read as text, and reproduce reads them so (not by today's default)."""
+    import json
+    import shutil
+
+    from sdbatch.audit.reproduce import reproduce_row
+
+    old = tmp_path / "old"
+    shutil.copytree(jobs["literal"], old)
+    job_json = old / "_sdbatch" / "job.json"
+    job = json.loads(job_json.read_text())
+    del job["spec"]["model"]["prompt_syntax"]
+    job_json.write_text(json.dumps(job))
+    result = reproduce_row(str(old), "red13")
+    assert result.match, (result.summary(), result.notes)
