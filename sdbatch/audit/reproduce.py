@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sdbatch.audit.job_output import AuditError, JobOutput, open_job
+from sdbatch.data.controlnets import split_images
 from sdbatch.data.index import STATUS_OK
 from sdbatch.data.record import ImageRecord, embedded_record, passthrough_of, row_from_stored
 from sdbatch.data.row import Row
@@ -175,6 +176,7 @@ class Reproducer:
                                                loras=spec.loras, refiner=spec.model.refiner, config=spec.model.config,
                                                compile=spec.model.compile, speed=spec.speed,
                                                vae=spec.model.vae, embeddings=spec.embeddings,
+                                               controlnets=spec.controlnets,
                                                # offloading needs CUDA; it moves weights, not the arithmetic
                                                offload=spec.model.offload if device == "cuda" else "none")
         return self._generators[key]
@@ -226,22 +228,30 @@ class Reproducer:
             rows = [target]
             rebuilt = False
             notes.append("the record's batch_rows does not list the row itself; regenerating it alone")
-        init_images = None
+        init_images: list | None = None
         init_sha256: dict[str, str] = {}
-        if target.is_img2img:
+        if target.takes_images:
             init_images, kept = [], []
             for row in rows:
+                uri = row.init_image or row.control_image
                 try:
-                    image, init_sha256[row.id] = self._init_image(row.init_image)
+                    if row.is_img2img:
+                        image, init_sha256[row.id] = self._init_image(row.init_image)
+                    else:  # a ControlNet row: its control images
+                        read = [self._init_image(part) for part in split_images(row.control_image)]
+                        image = tuple(one for one, _ in read)
+                        if row.id == target.id and record.control_image_sha256 not in ((), tuple(h for _, h in read)):
+                            notes.insert(0, f"control image(s) {row.control_image} changed since generation (sha256 "
+                                            "differs from the record); the regenerated image is expected to differ")
                     init_images.append(image)
                     kept.append(row)
                 except (StorageError, OSError, ValueError) as exc:
                     if row.id == target.id:
                         raise AuditError(
-                            f"row {target.id}: its init image {row.init_image} cannot be read ({exc}); "
-                            "an img2img row is reproduced from its init image at the recorded location"
+                            f"row {target.id}: its input image {uri} cannot be read ({exc}); an img2img or "
+                            "ControlNet row is reproduced from its images at the recorded location"
                         ) from None
-                    notes.append(f"batch-mate {row.id}: init image {row.init_image} unreadable; regenerating without it")
+                    notes.append(f"batch-mate {row.id}: input image {uri} unreadable; regenerating without it")
                     rebuilt = False
             rows = kept
         generated = gen.generate(rows, init_images)

@@ -20,6 +20,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from sdbatch.data.controlnets import IMAGE_SEPARATOR
+from sdbatch.data.controlnets import canonical as controlnet_canonical
 from sdbatch.data.samplers import A1111_BY_CLASS, DEFAULT_SAMPLER, SAMPLERS, SCHEDULERS, sampler_name
 
 #: Marks a column without a job-spec default (``id``, ``prompt``, ``seed``, ``init_image``).
@@ -284,6 +286,17 @@ COLUMNS: tuple[Column, ...] = (
     Column("loras", pa.string(), _TEXT, "a string column",
            "write adapters as 'NAME:SCALE[,NAME:SCALE…]' strings, null for none", batch_key=True,
            index_type=pa.list_(_LORA_ENTRY), row=_LORA_FORM),
+    # the row's ControlNets (data.controlnets), in the order of its control images; the infotext
+    # writes A1111's "ControlNet N" entries from the record's ``controlnets``
+    Column("controlnet", pa.string(), _TEXT, "a string column",
+           "write ControlNets as 'NAME:SCALE[,NAME:SCALE…]' strings, null for none", batch_key=True, nullable=True,
+           recorded_when_set=True, canonical=controlnet_canonical),
+    Column("control_image", pa.string(), _TEXT, "a string column",
+           f"write control_image as path strings (relative to the manifest) or s3:// URIs, several separated by "
+           f"'{IMAGE_SEPARATOR}'", nullable=True, recorded_when_set=True,
+           applies_when=AppliesWhen("control_image is only for ControlNet rows: it needs controlnet in the same row",
+                                    "name the row's ControlNets in its controlnet column, or leave control_image null",
+                                    row_column="controlnet")),
 )
 
 

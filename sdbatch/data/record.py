@@ -49,6 +49,7 @@ class GenerationFacts:
     #: max_sequence_length, variant); empty for the SD families
     model_parameters: dict[str, Any] = field(default_factory=dict)
     speed: dict[str, Any] | None = None  # the speed profile as applied (models.speed.AppliedSpeed); None: exact
+    controlnets: tuple[dict[str, Any], ...] = ()  # the row's ControlNets: name, scale, sha256 (folder fingerprint)
 
     def as_fields(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -76,6 +77,8 @@ def index_row(row: Row, shard_name: str, record: ImageRecord | None = None, **re
             batch_rows=list(record.batch_rows),
             versions=json.dumps(record.versions, sort_keys=True),
             loras=[dict(a) for a in record.loras],
+            controlnets=[dict(c) for c in record.controlnets],
+            control_image_sha256=list(record.control_image_sha256),
         )
     entry.update(result)
     entry.update(row.extra)
@@ -109,6 +112,10 @@ class ImageRecord:
     # the job's speed profile as this worker applied it (one per job, so the index leaves it out);
     # None for exact, whose images carry no such key
     speed: dict[str, Any] | None = None
+    # a ControlNet row's ControlNets (name, scale, folder fingerprint) and control images' sha256 as
+    # read, in order; empty otherwise (and then left out of the embedded record)
+    controlnets: tuple[dict[str, Any], ...] = ()
+    control_image_sha256: tuple[str, ...] = ()
 
     @property
     def model_hash(self) -> str:
@@ -117,11 +124,12 @@ class ImageRecord:
 
     @classmethod
     def from_row(cls, row: Row, shard_name: str, batch: str, batch_rows: list[str], facts: GenerationFacts,
-                 init_image_sha256: str | None = None) -> ImageRecord:
+                 init_image_sha256: str | None = None, control_image_sha256: tuple[str, ...] = ()) -> ImageRecord:
         """The record of ``row``'s image, generated in batch ``batch`` (``batch_rows``, in order)
         of shard ``shard_name`` by the model whose ``facts`` for the row these are."""
         return cls(row=row, shard=shard_name, batch_id=batch, batch_rows=tuple(batch_rows),
-                   init_image_sha256=init_image_sha256, **facts.as_fields())
+                   init_image_sha256=init_image_sha256, control_image_sha256=tuple(control_image_sha256),
+                   **facts.as_fields())
 
     @classmethod
     def from_index_row(cls, entry: dict[str, Any], facts: GenerationFacts, *, model_name: str,
@@ -146,6 +154,8 @@ class ImageRecord:
             **({"refiner_name": refiner_name, "refiner_fingerprint": entry.get("refiner_fingerprint")}
                if row.refiner_switch is not None else {}),
             speed=facts.speed,
+            controlnets=tuple(dict(c) for c in entry.get("controlnets") or ()),
+            control_image_sha256=tuple(entry.get("control_image_sha256") or ()),
         )
 
     def to_index_row(self, **result: Any) -> dict[str, Any]:
@@ -179,6 +189,8 @@ class ImageRecord:
             "torch_threads": self.torch_threads,
             "sdbatch_version": self.sdbatch_version,
             **({"speed": self.speed} if self.speed else {}),
+            **({"controlnets": [dict(c) for c in self.controlnets],
+                "control_image_sha256": list(self.control_image_sha256)} if self.controlnets else {}),
         }
 
     @classmethod
@@ -197,6 +209,8 @@ class ImageRecord:
             size_conditioning=dict(get("size_conditioning") or {}), sdbatch_version=get("sdbatch_version"),
             refiner_name=get("refiner_name"), refiner_fingerprint=get("refiner_fingerprint"),
             model_parameters=dict(get("model_parameters") or {}), speed=get("speed"),
+            controlnets=tuple(dict(c) for c in get("controlnets") or ()),
+            control_image_sha256=tuple(get("control_image_sha256") or ()),
         )
 
     def describes(self, entry: dict[str, Any]) -> bool:

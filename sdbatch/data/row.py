@@ -17,10 +17,16 @@ class _RowBehaviour:
     index: int
     id: str
     init_image: str | None
+    control_image: str | None
 
     @property
     def is_img2img(self) -> bool:
         return self.init_image is not None
+
+    @property
+    def takes_images(self) -> bool:
+        """The row reads input images: its init image, or its control images (ControlNet rows)."""
+        return self.init_image is not None or self.control_image is not None
 
     def batch_key(self) -> tuple:
         """Everything that must be equal for rows to share one GPU batch (design.md §4.2)."""

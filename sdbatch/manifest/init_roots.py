@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from sdbatch.data.controlnets import split_images
 from sdbatch.data.row import default_row_id
 from sdbatch.manifest.reader import column_pylist, iter_row_batches, resolve_init_image
 from sdbatch.manifest.sources import Manifest, ManifestError
@@ -61,28 +62,29 @@ def unreadable_init_image(value: str, base_dir: str) -> tuple[str, str] | None:
 
 
 def check_init_image_roots(manifest: Manifest, spec: JobSpec, job_locations: list[str], shown: int = 20) -> None:
-    """Init images are read only from the job's ``init_image_places`` (``job_locations``: its
-    output and model; the manifest is added here). ManifestError naming each row outside
-    (symlinks resolved)."""
-    if "init_image" not in manifest.columns:
+    """Init images and control images are read only from the job's ``init_image_places``
+    (``job_locations``: its output and model; the manifest is added here). ManifestError naming
+    each row outside (symlinks resolved)."""
+    images = [name for name in ("init_image", "control_image") if name in manifest.columns]
+    if not images:
         return
     places = init_image_places(manifest.base_dir, spec, [*job_locations, manifest.source])
-    columns = ["init_image"] + (["id"] if "id" in manifest.columns else [])
+    columns = images + (["id"] if "id" in manifest.columns else [])
     problems: list[str] = []
     row = 0
     for rb in iter_row_batches(manifest, columns=columns):
-        values = column_pylist(rb.column(0), "init_image", row)
-        ids = column_pylist(rb.column(1), "id", row) if len(columns) > 1 else [default_row_id(row + i) for i in range(len(values))]
-        for i, value in enumerate(values):
-            if value is None:
-                continue
-            where, inside = places.resolve(resolve_init_image(value, manifest.base_dir))
-            if not inside and len(problems) < shown:
-                problems.append(f"  row {row + i} (id {ids[i]}): init_image {value!r} resolves to {where}")
-        row += len(values)
+        ids = (column_pylist(rb.column("id"), "id", row) if "id" in columns
+               else [default_row_id(row + i) for i in range(rb.num_rows)])
+        for name in images:
+            for i, value in enumerate(column_pylist(rb.column(name), name, row)):
+                for part in split_images(value) if name == "control_image" else [value] if value is not None else []:
+                    where, inside = places.resolve(resolve_init_image(part, manifest.base_dir))
+                    if not inside and len(problems) < shown:
+                        problems.append(f"  row {row + i} (id {ids[i]}): {name} {part!r} resolves to {where}")
+        row += rb.num_rows
     if problems:
         raise ManifestError(
-            f"init images outside the places this job reads from ({places}):\n"
+            f"init or control images outside the places this job reads from ({places}):\n"
             + "\n".join(problems) + "\nMove them under the manifest's folder, or allow their folder or bucket "
             "explicitly with --set 'limits.init_image_roots=[\"/path/or/s3://bucket/prefix\"]'; nothing was written"
         )

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sdbatch.data.columns import BATCH_KEY, COLUMNS, KNOWN_COLUMNS
+from sdbatch.data.controlnets import IMAGE_SEPARATOR, split_images
 from sdbatch.data.loras import row_loras
 from sdbatch.data.row import Row, default_row_id, derive_seed
 from sdbatch.manifest.sources import (
@@ -37,6 +38,11 @@ def resolve_init_image(value: str, base_dir: str) -> str:
     if is_remote(base_dir):
         return posixpath.normpath(base_dir.rstrip("/") + "/" + value.lstrip("/")).replace(":/", "://", 1)
     return os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
+
+
+def resolve_control_images(value: str, base_dir: str) -> str:
+    """``control_image`` as locations (each of its images as ``resolve_init_image`` resolves one)."""
+    return IMAGE_SEPARATOR.join(resolve_init_image(part, base_dir) for part in split_images(value))
 
 
 def iter_row_batches(
@@ -256,6 +262,8 @@ def _rows_from_table(table: pa.Table, first_row: int, manifest: Manifest, spec: 
         if column.name not in _RESOLVED_COLUMNS:
             default, convert = getattr(d, column.name, None), column.canonical or column.python_type
             plain[column.name] = [convert(v) if v is not None else default for v in cols.get(column.name, none)]
+    plain["control_image"] = [resolve_control_images(v, manifest.base_dir) if v is not None else None
+                              for v in plain["control_image"]]
     ids, prompts, seeds, inits, strengths, loras, switches = (cols.get(name, none) for name in _RESOLVED_COLUMNS)
     refined = spec.model.refiner is not None
     extra_names = [c for c in table.column_names if c not in KNOWN_COLUMNS]

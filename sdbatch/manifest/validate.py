@@ -25,6 +25,7 @@ from sdbatch.manifest.rules import (
     PromptSyntax,
     ValueCounts,
     check_applies,
+    check_controlnets,
     check_loras,
     check_model_rules,
     check_passthrough_columns,
@@ -265,6 +266,7 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
             for column in CONDITIONAL:
                 check_applies(b, column, spec)
             check_loras(b, parr, spec.loras)
+            check_controlnets(b, spec.controlnets)
             if file_bad_all:
                 b.bad[:] = True
             bad_rows += int(b.bad.sum())

@@ -41,6 +41,7 @@ class LoadRequest:
     speed: SpeedSpec | None = None  # the job's speed profile (None: exact)
     vae: Path | None = None  # model.vae: a VAE folder loaded in place of the model's own
     embeddings: tuple[tuple[str, Path], ...] = ()  # textual-inversion embeddings: (name, file)
+    controlnets: tuple[tuple[str, Path, str], ...] = ()  # ControlNets: (name, folder, content fingerprint)
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,9 @@ class LoadedModel(Protocol):
     info: ModelInfo
 
     def generate(self, rows: list[Row], init_images: list[Any] | None = None) -> GeneratedBatch:
-        """One canonical batch: all rows share ``Row.batch_key()``."""
+        """One canonical batch: all rows share ``Row.batch_key()``. ``init_images``: per row
+        of a batch that takes images (``Row.takes_images``), its init image, or the tuple of
+        its control images (a ControlNet row)."""
         ...
 
     def facts(self, row: Row) -> GenerationFacts:

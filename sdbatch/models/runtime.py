@@ -55,6 +55,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from sdbatch.data.controlnets import parse_column as parse_controlnets  # noqa: E402
 from sdbatch.data.loras import embedding_tokens  # noqa: E402
 from sdbatch.data.record import GenerationFacts  # noqa: E402
 from sdbatch.data.row import Row  # noqa: E402
@@ -66,7 +67,7 @@ from sdbatch.models.families import ModelTraits  # noqa: E402
 from sdbatch.models.families.base import DiffusersFamily  # noqa: E402
 from sdbatch.models.families.null import NullModel  # noqa: E402
 from sdbatch.models.lora_cache import LoraCache, Tokenizers  # noqa: E402
-from sdbatch.models.pins import embeddings_pin, file_sha256, fingerprint_model_dir, vae_pin  # noqa: E402
+from sdbatch.models.pins import controlnets_pin, embeddings_pin, file_sha256, fingerprint_model_dir, vae_pin  # noqa: E402
 from sdbatch.models.prompt_cache import PromptCache  # noqa: E402
 from sdbatch.models.resolve import resolve  # noqa: E402
 from sdbatch.models.speed import AppliedSpeed, SpeedSpec  # noqa: E402
@@ -177,6 +178,18 @@ def _load_embeddings(pipe: Any, embeddings: tuple[tuple[str, Path], ...]) -> Non
             raise ModelError(f"embedding {name!r} ({path}) does not fit the model's text encoder: {exc}") from exc
 
 
+def _load_controlnets(controlnets: tuple[tuple[str, Path, str], ...], dtype: torch.dtype, device: str) -> dict[str, Any]:
+    """The job's ControlNets (``controlnets``), each loaded once (``resolve`` checked they fit)."""
+    loaded = {}
+    for name, folder, _ in controlnets:
+        try:
+            loaded[name] = diffusers.ControlNetModel.from_pretrained(folder, dtype=dtype, use_safetensors=True,
+                                                                     local_files_only=True).to(device)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"controlnet {name!r} ({folder}) could not be loaded: {exc}") from exc
+    return loaded
+
+
 def _offload(pipe: DiffusionPipeline, offload: str) -> None:
     """diffusers' offloading for a model larger than the GPU (``model.offload``): each
     component moved to the GPU while it runs, or its layers streamed there in groups."""
@@ -215,7 +228,8 @@ class DiffusersModel:
     # a pipeline's __call__ is its own class's (DiffusionPipeline declares none): typed Any
     def __init__(self, txt2img: Any, info: ModelInfo, traits: ModelTraits,
                  loras: dict[str, str] | None = None, endpoint_url: str | None = None, compiled: bool = False,
-                 refiner: Any = None, speed: AppliedSpeed | None = None, embedding_names: tuple[str, ...] = ()):
+                 refiner: Any = None, speed: AppliedSpeed | None = None, embedding_names: tuple[str, ...] = (),
+                 controlnets: dict[str, Any] | None = None, controlnet_fingerprints: dict[str, str] | None = None):
         self.txt2img = txt2img
         self.refiner = refiner
         self.compiled = compiled
@@ -229,6 +243,9 @@ class DiffusersModel:
         self.img2img = getattr(diffusers, self.family.img2img).from_pipe(txt2img) if self.family.img2img else None
         self.info = info
         self._embedding_names = embedding_names
+        self._controlnets = controlnets or {}
+        self._controlnet_fingerprints = controlnet_fingerprints or {}
+        self._controlnet_pipes: dict[tuple[str, ...], Any] = {}  # by the ControlNets' names, in row order
         self.loras = LoraCache(txt2img, loras or {}, endpoint_url)
         self._tokenizers = Tokenizers(self.family.prompt_tokenizers(txt2img, traits))
         # each stage's own scheduler (class and config): samplers are built from it per batch
@@ -267,6 +284,7 @@ class DiffusersModel:
         else:
             pipe = _load_pipeline(family.txt2img, model, request.folder, torch_dtype, components, place)
         _load_embeddings(pipe, request.embeddings)
+        controlnets = _load_controlnets(request.controlnets, torch_dtype, place)
         _offload(pipe, request.offload)
         refiner_pipe, refiner_facts = None, {}
         if refiner is not None:
@@ -306,7 +324,8 @@ class DiffusersModel:
                  f", refiner {refiner} ({refiner_facts['refiner_fingerprint'][:10]})" if refiner_facts else "")
         return cls(pipe, info, request.traits, loras=request.loras, endpoint_url=request.endpoint_url,
                    compiled=request.compile or "regional_compile" in speed.applied, refiner=refiner_pipe, speed=speed,
-                   embedding_names=tuple(name for name, _ in request.embeddings))
+                   embedding_names=tuple(name for name, _ in request.embeddings), controlnets=controlnets,
+                   controlnet_fingerprints={name: fp for name, _, fp in request.controlnets})
 
     def build_samplers(self) -> None:
         """Build every sampler of the family whose packages are installed from this model's
@@ -352,6 +371,8 @@ class DiffusersModel:
             scheduler_config=self.scheduler_config(row.scheduler),
             size_conditioning={k: list(v) for k, v in self.family.size_conditioning(row).items()},
             loras=tuple(self.loras.record(row.loras)),
+            controlnets=tuple({"name": name, "scale": scale, "sha256": self._controlnet_fingerprints[name]}
+                              for name, scale in parse_controlnets(row.controlnet)),
             prompt_truncated_at=self._tokenizers.truncated_at(row.prompt),
             refiner_name=info.refiner_name if refined else None,
             refiner_fingerprint=info.refiner_fingerprint if refined else None,
@@ -392,6 +413,37 @@ class DiffusersModel:
             return None
         return int(torch.cuda.max_memory_allocated())
 
+    def _controlnet_pipe(self, names: tuple[str, ...]) -> Any:
+        """The family's ControlNet pipeline for these ControlNets (several: a MultiControlNet),
+        made once with ``from_pipe`` on the text-to-image pipeline's modules (no second copy)."""
+        if names not in self._controlnet_pipes:
+            models = [self._controlnets[name] for name in names]
+            pipe = getattr(diffusers, self.family.controlnet).from_pipe(
+                self.txt2img, controlnet=models[0] if len(models) == 1 else models)
+            pipe.set_progress_bar_config(disable=True)
+            self.prompts.install(pipe)
+            self._controlnet_pipes[names] = pipe
+        return self._controlnet_pipes[names]
+
+    def _control_kwargs(self, rows: list[Row], init_images: list | None) -> tuple[Any, dict[str, Any]]:
+        """A ControlNet batch's pipeline and arguments: per ControlNet, its scale and every
+        row's control image (one image given for several ControlNets conditions each)."""
+        first = rows[0]
+        controlnets = parse_controlnets(first.controlnet)
+        if first.is_img2img:
+            raise ModelError(f"row {first.id} has an init image and ControlNets; sdbatch runs ControlNets on "
+                             "text-to-image rows only")
+        if init_images is None or len(init_images) != len(rows) or any(not i for i in init_images):
+            raise ValueError("ControlNet rows need their control images")
+        # per row, its image for each ControlNet (the nested form MultiControlNet pipelines take)
+        per_row = [[resize_for_row(images[k % len(images)], first.width, first.height) for k in range(len(controlnets))]
+                   for images in init_images]
+        pipe = self._controlnet_pipe(tuple(name for name, _ in controlnets))
+        scales = [scale for _, scale in controlnets]
+        single = len(controlnets) == 1
+        return pipe, {"image": [images[0] for images in per_row] if single else per_row,
+                      "controlnet_conditioning_scale": scales[0] if single else scales}
+
     def _denoise(self, rows: list[Row], init_images: list[Image.Image | None] | None) -> torch.Tensor:
         first = rows[0]
         for rule in self._row_rules:
@@ -407,6 +459,9 @@ class DiffusersModel:
             raise ModelError(f"row {first.id} has an init image, but {self.family.name} models have no img2img pipeline")
         self.prompts.context = first.loras  # an adapter on a text encoder changes its embeddings
         pipe: Any = self.img2img if first.is_img2img else self.txt2img
+        control: dict[str, Any] = {}
+        if first.controlnet is not None:
+            pipe, control = self._control_kwargs(rows, init_images)
         pipe.scheduler = self.make_scheduler(first.scheduler)
         switch = first.refiner_switch
         if switch is not None and self.refiner is None:
@@ -420,7 +475,7 @@ class DiffusersModel:
             latents = pipe(image=images, strength=first.strength, **self.family.img2img_kwargs(first), **stop,
                            **common).images
         else:
-            latents = pipe(height=first.height, width=first.width, **stop, **common).images
+            latents = pipe(height=first.height, width=first.width, **control, **stop, **common).images
         if switch is None:
             return self.family.unpack_latents(pipe, latents, first)
         self.refiner.scheduler = self.make_scheduler(first.scheduler, "refiner")
@@ -488,12 +543,14 @@ def load_model(
     speed: SpeedSpec | None = None,
     vae: str | None = None,
     embeddings: dict[str, str] | None = None,
+    controlnets: dict[str, str] | None = None,
 ) -> LoadedModel:
     """Resolve ``model`` (and check it against ``pin``; ``config``: ``model`` is a single-file
     checkpoint and this its configuration's folder; ``vae``: a VAE folder in place of its own),
     then load it with its family's runtime, its samplers built (one that cannot be built fails
     the load, not every shard)."""
-    ref = resolve(model, pin=pin, endpoint_url=endpoint_url, config=config, vae=vae, embeddings=embeddings)
+    ref = resolve(model, pin=pin, endpoint_url=endpoint_url, config=config, vae=vae, embeddings=embeddings,
+                  controlnets=controlnets)
     traits, folder = ref.traits, ref.folder
     assert traits is not None and folder is not None  # resolve() of a base model gives both
     fingerprint = ref.pin
@@ -501,9 +558,10 @@ def load_model(
         fingerprint = fingerprint_model_dir(folder)
         fingerprint = vae_pin(fingerprint, fingerprint_model_dir(ref.vae)) if ref.vae else fingerprint
         fingerprint = embeddings_pin(fingerprint, {n: file_sha256(p) for n, p in ref.embeddings}) if ref.embeddings else fingerprint
+        fingerprint = controlnets_pin(fingerprint, {n: fp for n, _, fp in ref.controlnets}) if ref.controlnets else fingerprint
     request = LoadRequest(model, folder, ref.pin, fingerprint, traits, device=device, dtype=dtype, endpoint_url=endpoint_url,
                           loras=loras, compile=compile, refiner=refiner, refiner_pin=refiner_pin, checkpoint=ref.checkpoint,
-                          offload=offload, speed=speed, vae=ref.vae, embeddings=ref.embeddings)
+                          offload=offload, speed=speed, vae=ref.vae, embeddings=ref.embeddings, controlnets=ref.controlnets)
     loaded = RUNTIMES[traits.family.runtime](request)
     loaded.build_samplers()
     return loaded

@@ -84,6 +84,7 @@ _RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _RE_SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
 # Where the parameters that are not manifest columns go, in A1111's order (columns: columns.py).
 _RANK_MODEL_HASH, _RANK_MODEL, _RANK_LORA_HASHES, _RANK_REFINER, _RANK_SPEED, _RANK_VERSION = 60, 61, 90, 91, 95, 100
+_RANK_CONTROLNET = 85
 # A1111 label -> column, for the columns parse_infotext reads back as plain numbers.
 _NUMERIC_LABELS = {c.a1111: c for c in COLUMNS if c.a1111 and c.name not in ("width", "scheduler")}
 
@@ -121,7 +122,8 @@ def infotext(record: dict) -> str:
     them), negative_prompt, every column with an A1111 label in the column table (steps,
     scheduler — ``default``: the A1111 name of ``scheduler_config``'s class —, guidance_scale,
     seed, width/height, strength only when ``init_image`` is set, clip_skip only above 1),
-    model_hash, model_name, the loras' ``Lora hashes``, the refiner (``Refiner: NAME [HASH10]``;
+    model_hash, model_name, the loras' ``Lora hashes``, each ControlNet's ``ControlNet N`` (``Module: none, Model:
+    NAME [HASH8], Weight: SCALE``, as A1111's ControlNet extension writes it), the refiner (``Refiner: NAME [HASH10]``;
     ``Refiner switch at`` is a column's label), the speed profile (``Speed profile: fast
     (fuse_qkv regional_compile)``, only when not exact), sdbatch_version.  Missing/None values are
     left out, as A1111 leaves out None.
@@ -138,6 +140,9 @@ def infotext(record: dict) -> str:
     if loras:
         params.append((_RANK_LORA_HASHES, "Lora hashes",
                        ", ".join(f"{a['name']}: {str(a.get('sha256') or '')[:10]}" for a in loras)))
+    for number, control in enumerate(record.get("controlnets") or []):  # as A1111's ControlNet extension writes it
+        params.append((_RANK_CONTROLNET, f"ControlNet {number}", f"Module: none, Model: {control['name']} "
+                       f"[{str(control.get('sha256') or '')[:8]}], Weight: {control['scale']:g}"))
     if _present(record.get("refiner_name")):  # A1111: "Refiner: NAME [HASH10]", then "Refiner switch at"
         params.append((_RANK_REFINER, "Refiner", f"{record['refiner_name']} [{str(record.get('refiner_fingerprint'))[:10]}]"))
     if record.get("speed"):  # not A1111's: the speed profile and the switches applied (none for exact)

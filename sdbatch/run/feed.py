@@ -1,12 +1,12 @@
-"""Feeding a worker's shard: its rows read ahead from the manifest and their init images loaded."""
+"""Feeding a worker's shard: its rows read ahead from the manifest and their input images (init
+images, control images) loaded."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-
-from PIL import Image
+from typing import Any
 
 from sdbatch.data.row import Row
 from sdbatch.manifest.reader import ManifestReader
@@ -27,13 +27,13 @@ def init_image_fix(exc: StorageError) -> str:
 
 
 class InitImageLoader:
-    """A worker's init images, read and decoded on the store pool a batch ahead of the batch
+    """A worker's input images (a row's init image, or its control images), read and decoded on the store pool a batch ahead of the batch
     that uses them, at most ``limit`` held at once (counted from the start of a read until the
     batch is generated, or its shard ends). ``take`` starts whatever of a batch is not started
     yet, room or not (the batch must run); ``ahead`` starts a later batch only within
     ``limit - batch_size``, so that the next ``take`` always fits under ``limit``."""
 
-    def __init__(self, load: Callable[[Row], tuple[Image.Image, str]], pool: ThreadPoolExecutor, limit: int,
+    def __init__(self, load: Callable[[Row], tuple[Any, Any]], pool: ThreadPoolExecutor, limit: int,
                  batch_size: int):
         self._load = load
         self._pool = pool
@@ -50,7 +50,7 @@ class InitImageLoader:
     def ahead(self, rows: list[Row]) -> bool:
         """Start reading ``rows``' init images if all of them fit; False if they wait for ``take``."""
         with self._lock:
-            new = [r for r in rows if r.is_img2img and r.id not in self._held]
+            new = [r for r in rows if r.takes_images and r.id not in self._held]
             if len(self._ahead) + len(new) > self.ahead_limit or len(self._held) + len(new) > self.limit:
                 return False
             for row in new:
@@ -62,10 +62,10 @@ class InitImageLoader:
         """The futures of one batch's init images, reads started now where ``ahead`` did not."""
         with self._lock:
             for row in rows:
-                if row.is_img2img and row.id not in self._held:
+                if row.takes_images and row.id not in self._held:
                     self._held[row.id] = self._pool.submit(self._load, row)
                 self._ahead.discard(row.id)
-            return {r.id: self._held[r.id] for r in rows if r.is_img2img}
+            return {r.id: self._held[r.id] for r in rows if r.takes_images}
 
     def release(self, rows: list[Row]) -> None:
         """Forget ``rows``' images (generated, or their shard will not run here)."""

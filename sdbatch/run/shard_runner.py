@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 from PIL import Image
 
+from sdbatch.data.controlnets import split_images
 from sdbatch.data.index import STATUS_FAILED, STATUS_OK, index_schema
 from sdbatch.data.record import ImageRecord, index_row
 from sdbatch.data.row import Row
@@ -115,15 +116,24 @@ class ShardRunner:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="sdbatch-io")
         # bounds generated-but-unwritten images held in memory
         self._in_flight = threading.BoundedSemaphore(threads * 2)
-        self.init_images = InitImageLoader(self._load_init_image, self.pool, spec.resources.init_image_limit,
+        self.init_images = InitImageLoader(self._load_row_images, self.pool, spec.resources.init_image_limit,
                                            spec.resources.batch_size)
 
-    def _load_init_image(self, row: Row) -> tuple[Image.Image, str]:
-        """(image, sha256 hex of the bytes read), or RowError (or a transient StorageError)."""
+    def _load_row_images(self, row: Row) -> tuple[Any, Any]:
+        """A row's input images and the sha256 hex of their bytes: (image, sha256) for an init
+        image, (images, sha256s) for control images, in order; RowError (or a transient
+        StorageError) for the first that cannot be read."""
+        if row.is_img2img:
+            return self._load_image(row.init_image, f"row {row.id}: init_image {row.init_image!r}")
+        images = [self._load_image(part, f"row {row.id}: control_image {part!r}") for part in split_images(row.control_image)]
+        return tuple(image for image, _ in images), tuple(sha for _, sha in images)
+
+    def _load_image(self, uri: str, where: str) -> tuple[Image.Image, str]:
+        """(image, sha256 hex of the bytes read) within the job's limits, or RowError (or a
+        transient StorageError)."""
         limits = self.spec.limits
-        where = f"row {row.id}: init_image {row.init_image!r}"
         try:
-            data = read_uri(row.init_image, endpoint_url=self.endpoint_url, max_bytes=limits.max_init_image_bytes)
+            data = read_uri(uri, endpoint_url=self.endpoint_url, max_bytes=limits.max_init_image_bytes)
             with Image.open(io.BytesIO(data)) as image:  # reads the header only
                 pixels = image.width * image.height
                 if pixels > limits.max_pixels:
@@ -230,7 +240,7 @@ class ShardRunner:
             good, images_in, init_hashes = [], [], {}
             for row in batch:
                 try:
-                    image_in, init_hashes[row.id] = loading[row.id].result() if row.is_img2img else (None, None)
+                    image_in, init_hashes[row.id] = loading[row.id].result() if row.takes_images else (None, None)
                 except RowError as exc:
                     fail_row(row, str(exc))
                     continue
@@ -240,7 +250,7 @@ class ShardRunner:
                 bid = batch_id(unit, number)
                 handled: set[str] = set()  # rows of the parts generated before a pipeline exception
                 try:
-                    for part, generated, per_row in self._generate_fitting(good, images_in if good[0].is_img2img else None):
+                    for part, generated, per_row in self._generate_fitting(good, images_in if good[0].takes_images else None):
                         batch_rows = [r.id for r in part]
                         scores = (self.scorer.score([r.prompt for r in part], generated.images()) if self.scorer
                                   else [None] * len(part))
@@ -250,8 +260,10 @@ class ShardRunner:
                                                             attempt=attempt, worker=self.worker_name))
                                 result.rows_failed += 1
                                 continue
+                            hashes = init_hashes[row.id]  # an init image's sha256, or control images' (a tuple)
+                            control = hashes if isinstance(hashes, tuple) else ()
                             record = ImageRecord.from_row(row, shard.name, bid, batch_rows, self.generator.facts(row),
-                                                          init_hashes[row.id])
+                                                          None if control else hashes, control)
                             self._in_flight.acquire()
                             future = self.pool.submit(self._store_image, writer, row, generated.pixels[i], record)
                             stored.append((row, record, per_row, future, score))

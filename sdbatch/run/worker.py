@@ -56,7 +56,7 @@ class WorkerActor:
             endpoint_url=endpoint_url, loras=spec.loras, compile=spec.model.compile,
             refiner=spec.model.refiner, refiner_pin=refiner_pin, config=spec.model.config, offload=spec.model.offload,
             speed=spec.speed,
-            vae=spec.model.vae, embeddings=spec.embeddings,
+            vae=spec.model.vae, embeddings=spec.embeddings, controlnets=spec.controlnets,
         )
         storage = open_storage(
             out_url,

@@ -154,6 +154,14 @@ class FamilyAdapter(ABC):
     text_encoder_counts_layers: ClassVar[bool] = False  # clip_skip counts text_encoder's layers (CLIP)
     takes_clip_skip: ClassVar[bool] = True  # False: the pipeline has no clip_skip (no CLIP prompt encoder)
     takes_embeddings: ClassVar[bool] = False  # textual-inversion embeddings load into its CLIP encoders
+    #: the diffusers pipeline class its ControlNet rows run (built with from_pipe: shared modules);
+    #: "" = the family takes no ControlNet
+    controlnet: ClassVar[str] = ""
+    #: the denoiser config keys a ControlNet's config.json must equal to fit the model: its residuals
+    #: are added to the denoiser's blocks, and it reads the same latents and text embeddings
+    controlnet_fit: ClassVar[tuple[str, ...]] = ("in_channels", "block_out_channels", "layers_per_block",
+                                                 "cross_attention_dim", "addition_embed_type",
+                                                 "projection_class_embeddings_input_dim")
 
     @abstractmethod
     def native_size(self, read_json: JsonReader, where: str) -> tuple[int, int]:

@@ -59,7 +59,8 @@ def test_submit_has_one_flag_per_flagged_column():
 def test_batch_key_is_every_batch_key_column():
     base = a_row()
     changed = {"steps": 21, "guidance_scale": 5.0, "width": 72, "height": 72, "scheduler": "euler",
-               "strength": 0.5, "clip_skip": 2, "loras": (("ink", 0.8),), "refiner_switch": 0.8}
+               "strength": 0.5, "clip_skip": 2, "loras": (("ink", 0.8),), "refiner_switch": 0.8,
+               "controlnet": "edges:1"}
     assert set(changed) == set(C.BATCH_KEY)
     for name, value in changed.items():
         assert dataclasses.replace(base, **{name: value}).batch_key() != base.batch_key(), name
@@ -140,10 +141,10 @@ def test_clip_skip_column_reads_validates_and_defaults(tmp_path):
 
 def test_a_conditional_column_is_one_table_entry(tmp_path, monkeypatch):
     """Validation refuses a conditional column where it does not apply from its column-table
-    declaration alone (``Column.applies_when``): the two declared today, and one made up here."""
+    declaration alone (``Column.applies_when``): those declared today, and one made up here."""
     from sdbatch.manifest import validate as validate_module
 
-    assert [c.name for c in C.CONDITIONAL] == ["strength", "refiner_switch"]
+    assert [c.name for c in C.CONDITIONAL] == ["strength", "refiner_switch", "control_image"]
     rows = [{"id": "a", "prompt": "a", "init_image": None, "refiner_switch": 0.5, "strength": 0.5, "clip_skip": 2},
             {"id": "b", "prompt": "b", "init_image": "i.png", "refiner_switch": None, "strength": 0.5, "clip_skip": 2}]
     manifest = open_manifest(str(write_manifest(tmp_path / "m.parquet", rows)))
