@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sdbatch.data.columns import COLUMN, COLUMNS, CONDITIONAL, KNOWN_COLUMNS
+from sdbatch.data.controlnets import split_images
 from sdbatch.data.row import ID_PATTERN, MAX_SEED
 from sdbatch.data.samplers import SCHEDULERS, sampler_name
 from sdbatch.manifest.hashing import DistinctCounter, find_duplicate_ids, hash_strings
@@ -53,7 +54,7 @@ def canonical_names(schedulers: pa.Array) -> pa.Array:
 
 
 class UnreadableInitImages:
-    """Local init images that are missing, not regular files or not readable now: a warning
+    """Local init images (and control images) that are missing, not regular files or not readable now: a warning
     listing the rows (such a row fails at generation), or with ``strict`` each row refused."""
 
     FIX = "fix the path (a relative one starts at the manifest's folder), or leave the row's init_image null"
@@ -62,13 +63,15 @@ class UnreadableInitImages:
         self.base_dir, self.shown = base_dir, shown
         self.count, self.listed = 0, list[str]()
 
-    def check(self, b: BatchUnderCheck, init: pa.Array, strict: bool) -> None:
+    def check(self, b: BatchUnderCheck, init: pa.Array, strict: bool, column: str = "init_image") -> None:
+        """``init``: the rows' ``column`` values (control_image: each of its images is checked)."""
         found = {i: problem for i, value in enumerate(init.to_pylist())
-                 if value and "\x00" not in value and (problem := unreadable_init_image(value, self.base_dir))}
+                 for part in (split_images(value) if column == "control_image" else [value])
+                 if part and "\x00" not in part and (problem := unreadable_init_image(part, self.base_dir))}
         if strict:
             for why in sorted({why for _, why in found.values()}):
                 rows = np.isin(np.arange(b.n), [i for i, (_, w) in found.items() if w == why])
-                b.flag("init_image", rows, f"init_image must be a readable file; this one {why}",
+                b.flag(column, rows, f"{column} must be a readable file; this one {why}",
                        lambda value: f"{self.FIX} (--strict refuses it; it resolves to "
                                      f"{resolve_init_image(value, self.base_dir)})", init)
             return
@@ -81,7 +84,8 @@ class UnreadableInitImages:
         if not self.count:
             return []
         more = f"; … {self.count - len(self.listed):,} more" if self.count > len(self.listed) else ""
-        return [f"{self.count:,} row(s) name an init_image that cannot be read now, so they will fail at generation "
+        return [f"{self.count:,} row(s) name an init_image (or control_image) that cannot be read now, so they will fail "
+                "at generation "
                 f"({'; '.join(self.listed)}{more}). Fix: {self.FIX}; --strict refuses such rows."]
 
 
@@ -255,6 +259,9 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
             img2img += int(has_init.sum())
             if init is not None and not pa.types.is_null(init.type):
                 unreadable.check(b, init, strict)
+            control = b.cols.get("control_image")
+            if control is not None and not pa.types.is_null(control.type):
+                unreadable.check(b, check_utf8(b, "control_image", control), strict, "control_image")
             st = b.cols.get("strength")
             # img2img runs int(steps * strength) denoising steps; zero steps would make no image
             steps_v = np.full(n, float(d.steps)) if s is None or pa.types.is_null(s.type) else filled_numpy(s, d.steps, np.float64)

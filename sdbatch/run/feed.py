@@ -16,14 +16,15 @@ from sdbatch.spec import JobSpec
 from sdbatch.storage.base import NotFound, StorageConfigError, StorageError, TooLarge
 
 
-def init_image_fix(exc: StorageError) -> str:
+def init_image_fix(exc: StorageError, column: str = "init_image") -> str:
+    """The fix for an input image (``column``: init_image or control_image) that cannot be read."""
     if isinstance(exc, TooLarge):
         return "shrink the file, or raise limits.max_init_image_bytes"
     if isinstance(exc, NotFound):
-        return "correct the path (absolute, or relative to the manifest), or clear init_image for this row"
+        return f"correct the path (absolute, or relative to the manifest), or clear {column} for this row"
     if isinstance(exc, StorageConfigError):
         return "make the file readable by the workers"
-    return "point init_image at a regular image file"
+    return f"point {column} at a regular image file"
 
 
 class InitImageLoader:

@@ -124,14 +124,15 @@ class ShardRunner:
         image, (images, sha256s) for control images, in order; RowError (or a transient
         StorageError) for the first that cannot be read."""
         if row.is_img2img:
-            return self._load_image(row.init_image, f"row {row.id}: init_image {row.init_image!r}")
-        images = [self._load_image(part, f"row {row.id}: control_image {part!r}") for part in split_images(row.control_image)]
+            return self._load_image(row.init_image, row, "init_image")
+        images = [self._load_image(part, row, "control_image") for part in split_images(row.control_image)]
         return tuple(image for image, _ in images), tuple(sha for _, sha in images)
 
-    def _load_image(self, uri: str, where: str) -> tuple[Image.Image, str]:
-        """(image, sha256 hex of the bytes read) within the job's limits, or RowError (or a
-        transient StorageError)."""
+    def _load_image(self, uri: str, row: Row, column: str) -> tuple[Image.Image, str]:
+        """(image, sha256 hex of the bytes read) of ``row``'s input image at ``uri`` (one of its
+        ``column``) within the job's limits, or RowError (or a transient StorageError)."""
         limits = self.spec.limits
+        where = f"row {row.id}: {column} {uri!r}"
         try:
             data = read_uri(uri, endpoint_url=self.endpoint_url, max_bytes=limits.max_init_image_bytes)
             with Image.open(io.BytesIO(data)) as image:  # reads the header only
@@ -146,7 +147,7 @@ class ShardRunner:
         except StorageError as exc:
             if exc.transient:
                 raise  # a storage outage is not the row's fault: retry the shard
-            raise RowError(f"{where}: {describe(exc)}; fix: {init_image_fix(exc)}") from None
+            raise RowError(f"{where}: {describe(exc)}; fix: {init_image_fix(exc, column)}") from None
         except Image.UnidentifiedImageError:  # its message is the repr of our BytesIO: say it plainly
             raise RowError(f"{where}: UnidentifiedImageError: cannot identify the image format of its "
                            f"{len(data):,} bytes; fix: replace it with a PNG, JPEG or WebP file") from None
