@@ -90,7 +90,7 @@ class UnreadableInitImages:
             return []
         more = f"; … {self.count - len(self.listed):,} more" if self.count > len(self.listed) else ""
         named = " or ".join(self.columns)
-        return [f"{self.count:,} row(s) name an {named} that cannot be read now, so they will fail at generation "
+        return [f"{self.count:,} row(s) whose {named} cannot be read now, so they will fail at generation "
                 f"({'; '.join(self.listed)}{more}). Fix: {self.FIX.format(column=named)}; --strict refuses such rows."]
 
 

@@ -42,7 +42,7 @@ def test_unreadable_init_images_are_a_warning_listing_the_rows(manifest, tmp_pat
     assert report.ok, report.render()
     expected = _unreadable(tmp_path)
     [warning] = report.warnings
-    assert warning.startswith(f"{len(expected)} row(s) name an init_image that cannot be read now")
+    assert warning.startswith(f"{len(expected)} row(s) whose init_image cannot be read now")
     for rid, text in expected.items():
         assert f"(id {rid}): {tmp_path}/{text}" in warning
     assert "(id r0)" not in warning and "(id r6)" not in warning and "--strict" in warning
