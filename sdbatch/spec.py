@@ -270,6 +270,25 @@ class JobSpec(_Section):
         "prompts as <NAME> or embedding:NAME; pinned by content with the model",
     )
 
+    controlnets: dict[str, str] = Field(
+        default_factory=dict,
+        description="ControlNet models rows may use (SD 1.x/2.x, SDXL): NAME -> local diffusers ControlNet folder; a "
+        "row names them in its controlnet column with its control_image; pinned by content with the model",
+    )
+
+    @field_validator("controlnets")
+    @classmethod
+    def _controlnets_declared_well(cls, controlnets: dict[str, str]) -> dict[str, str]:
+        """Names as the controlnet column writes them, local folders, made absolute (workers run elsewhere)."""
+        misnamed = [name for name in controlnets if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name)]
+        if misnamed:
+            raise ValueError(f"controlnets: {misnamed[0]!r}: a name is 1-64 letters, digits, '_' and '-' (the controlnet "
+                             "column writes NAME:SCALE)")
+        remote = [f"{name}={path}" for name, path in controlnets.items() if is_s3(path)]
+        if remote:
+            raise ValueError(f"controlnets: {remote[0]}: a local diffusers ControlNet folder is loaded (copy it to each node)")
+        return {name: str(Path(path).expanduser().absolute()) for name, path in controlnets.items()}
+
     @field_validator("embeddings")
     @classmethod
     def _embeddings_declared_well(cls, embeddings: dict[str, str]) -> dict[str, str]:
@@ -309,6 +328,7 @@ class JobSpec(_Section):
                          ("output.location", self.output.location), ("scoring.clip_model", self.scoring.clip_model),
                          *((f"loras.{name}", path) for name, path in self.loras.items()),
                          *((f"embeddings.{name}", path) for name, path in self.embeddings.items()),
+                         *((f"controlnets.{name}", path) for name, path in self.controlnets.items()),
                          *(("limits.init_image_roots", root) for root in self.limits.init_image_roots)):
             if uri:
                 check_uri(uri, key)
@@ -363,6 +383,7 @@ class JobSpec(_Section):
             **({"refiner": self.model.refiner} if self.model.refiner else {}),  # its pin: output.job_record
             **({"vae": self.model.vae} if self.model.vae else {}),  # its pin: the model pin
             **({"embeddings": self.embeddings} if self.embeddings else {}),  # their sha256: the model pin
+            **({"controlnets": self.controlnets} if self.controlnets else {}),  # their content: the model pin
             "dtype": self.model.dtype,
             "compile": self.model.compile,
             # left out at its default, so jobs from before it keep their fingerprint

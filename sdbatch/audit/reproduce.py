@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdbatch.audit.job_output import AuditError, JobOutput, open_job
 from sdbatch.data.index import STATUS_OK
-from sdbatch.data.record import ImageRecord, embedded_record, passthrough_of, row_from_stored
+from sdbatch.data.record import ImageRecord, embedded_record, image_sha256_fields, passthrough_of, row_from_stored
 from sdbatch.data.row import Row
 from sdbatch.models.speed import AppliedSpeed
 from sdbatch.output import encode
@@ -187,13 +187,14 @@ class Reproducer:
                                                compile=spec.model.compile, speed=spec.speed,
                                                vae=spec.model.vae, embeddings=spec.embeddings,
                                                prompt_syntax=spec.model.prompt_syntax,
+                                               controlnets=spec.controlnets,
                                                # offloading needs CUDA; it moves weights, not the arithmetic
                                                offload=spec.model.offload if device == "cuda" else "none")
         return self._generators[key]
 
     # -- the batch -----------------------------------------------------------------------------
     def _init_image(self, uri: str):
-        """The init image (or mask) at ``uri`` now, and the sha256 hex of its bytes; read only
+        """The init image (or mask, or control image) at ``uri`` now, and the sha256 hex of its bytes; read only
         inside the job's places and size limit, as the worker read it."""
         from PIL import Image
 
@@ -238,32 +239,38 @@ class Reproducer:
             rows = [target]
             rebuilt = False
             notes.append("the record's batch_rows does not list the row itself; regenerating it alone")
-        init_images, masks = None, None
-        init_sha256: dict[str, str] = {}
-        mask_sha256: dict[str, str] = {}
-        if target.is_img2img:
-            init_images, masks, kept = [], [], []
+        init_images: list | None = None
+        masks: list | None = None
+        controls: list | None = None
+        hashes: dict[str, dict[str, Any]] = {}  # per row: its conditioning images' sha256 fields, as read now
+        if target.images():
+            init_images, masks, controls, kept = [], [], [], []
             for row in rows:
                 try:
-                    image, init_sha256[row.id] = self._init_image(row.init_image)
-                    if row.is_inpaint:
-                        mask, mask_sha256[row.id] = self._init_image(row.mask_image)
-                        masks.append(mask)
-                    init_images.append(image)
-                    kept.append(row)
+                    loaded = {column: [self._init_image(location) for location in locations]
+                              for column, locations in row.images().items()}
                 except (StorageError, OSError, ValueError) as exc:
                     if row.id == target.id:
                         raise AuditError(
-                            f"row {target.id}: its init image {row.init_image} or mask cannot be read ({exc}); "
-                            "an img2img or inpainting row is reproduced from its images at the recorded locations"
+                            f"row {target.id}: its conditioning images {row.images()} cannot be read ({exc}); an "
+                            "img2img, inpainting or ControlNet row is reproduced from its images at the recorded locations"
                         ) from None
-                    notes.append(f"batch-mate {row.id}: init image {row.init_image} or mask unreadable; "
+                    notes.append(f"batch-mate {row.id}: a conditioning image of {row.images()} is unreadable; "
                                  "regenerating without it")
                     rebuilt = False
+                    continue
+                init_images.append(loaded["init_image"][0][0] if "init_image" in loaded else None)
+                masks.append(loaded["mask_image"][0][0] if "mask_image" in loaded else None)
+                controls.append([image for image, _ in loaded.get("control_image", ())])
+                hashes[row.id] = image_sha256_fields(loaded)
+                kept.append(row)
             rows = kept
-        generated = gen.generate(rows, init_images, **({"masks": masks} if target.is_inpaint else {}))
+        generated = gen.generate(rows, init_images if target.is_img2img else None,
+                                 **({"masks": masks} if target.is_inpaint else {}),
+                                 **({"control_images": controls} if target.controlnet is not None else {}))
         result = {"images": {r.id: pixels for r, pixels in zip(rows, generated.pixels)}, "notes": notes, "rebuilt": rebuilt,
-                  "rows": [r.id for r in rows], "init_sha256": init_sha256, "mask_sha256": mask_sha256}
+                  "rows": [r.id for r in rows], "hashes": hashes,
+                  "init_sha256": {rid: h["init_image_sha256"] for rid, h in hashes.items() if "init_image_sha256" in h}}
         self._batches[cache_key] = result
         return result
 
@@ -286,10 +293,15 @@ class Reproducer:
                 mates.setdefault(change, []).append(rid)
         notes.extend(f"{change} (batch-mates {', '.join(ids)}); batch-mates can shift the image slightly"
                      for change, ids in mates.items())
-        mask_now = batch["mask_sha256"].get(target)
+        now = batch["hashes"].get(target, {})
+        mask_now = now.get("mask_image_sha256")
         if record.mask_image_sha256 and mask_now and mask_now != record.mask_image_sha256:
             notes.insert(0, f"mask {record.row.mask_image} changed since generation: recorded sha256 "
                             f"{record.mask_image_sha256[:12]}…, now {mask_now[:12]}…; the regenerated image is expected to differ")
+        control_now = now.get("control_image_sha256")
+        if record.control_image_sha256 and control_now and control_now != record.control_image_sha256:
+            notes.insert(0, f"control image(s) {record.row.control_image} changed since generation (sha256 differs from "
+                            "the record); the regenerated image is expected to differ")
         return notes
 
     # -- one row -------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from sdbatch.data.controlnets import IMAGE_SEPARATOR, split_images
+from sdbatch.data.controlnets import canonical as controlnet_canonical
 from sdbatch.data.hires import HIRES_UPSCALER
 from sdbatch.data.samplers import A1111_BY_CLASS, DEFAULT_SAMPLER, SAMPLERS, SCHEDULERS, sampler_name
 
@@ -106,9 +108,13 @@ class Column:
     #: a manifest value as the Row holds it, where a value has other spellings (scheduler:
     #: AUTOMATIC1111's sampler names); None: the value as it is
     canonical: Callable[[Any], Any] | None = None
-    #: a conditioning image (init_image, mask_image): a location resolved like init_image, read by
-    #: the workers' bounded loader inside the job's init-image places, its bytes' sha256 recorded
+    #: a conditioning image (init_image, mask_image, control_image): a location resolved like
+    #: init_image, read by the workers' bounded loader inside the job's init-image places, its
+    #: bytes' sha256 recorded
     image: bool = False
+    #: an image column whose value may name several images, separated by ``IMAGE_SEPARATOR``
+    #: (control_image: one per ControlNet)
+    several_images: bool = False
 
     @property
     def python_type(self) -> type:
@@ -142,6 +148,12 @@ class Column:
     def stored(self, value: Any) -> Any:
         """The Row's value as the index and the image records hold it."""
         return self.row.to_stored(value) if self.row is not None else value
+
+    def image_locations(self, value: str | None) -> list[str]:
+        """The images an image column's value names, in order (none for null)."""
+        if value is None:
+            return []
+        return split_images(value) if self.several_images else [value]
 
 
 @dataclass(frozen=True)
@@ -330,6 +342,17 @@ COLUMNS: tuple[Column, ...] = (
            applies_when=AppliesWhen("hires_steps is only for rows with a hires-fix pass: it needs hires_scale",
                                     "set hires_scale for this row (or defaults.hires_scale), or leave hires_steps null",
                                     row_column="hires_scale")),
+    # the row's ControlNets (data.controlnets), in the order of its control images; the infotext
+    # writes A1111's "ControlNet N" entries from the record's ``controlnets``
+    Column("controlnet", pa.string(), _TEXT, "a string column",
+           "write ControlNets as 'NAME:SCALE[,NAME:SCALE…]' strings, null for none", batch_key=True, nullable=True,
+           recorded_when_set=True, canonical=controlnet_canonical),
+    Column("control_image", pa.string(), _TEXT, "a string column",
+           f"write control_image as path strings (relative to the manifest) or s3:// URIs, several separated by "
+           f"'{IMAGE_SEPARATOR}'", nullable=True, recorded_when_set=True, image=True, several_images=True,
+           applies_when=AppliesWhen("control_image is only for ControlNet rows: it needs controlnet in the same row",
+                                    "name the row's ControlNets in its controlnet column, or leave control_image null",
+                                    row_column="controlnet")),
 )
 
 

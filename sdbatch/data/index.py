@@ -18,6 +18,9 @@ RESULT_COLUMNS: dict[str, pa.DataType] = {
     "device": pa.string(), "dtype": pa.string(), "torch_threads": pa.int64(),
     "versions": pa.string(), "init_image_sha256": pa.string(),
     "mask_image_sha256": pa.string(),  # inpainting: of the mask's bytes as read; null: no mask
+    # a ControlNet row's: each ControlNet's name, scale and folder fingerprint, and each control image's sha256
+    "controlnets": pa.list_(pa.struct([("name", pa.string()), ("scale", pa.float64()), ("sha256", pa.string())])),
+    "control_image_sha256": pa.list_(pa.string()),
     "prompt_truncated_at": pa.int64(),  # the prompt character where the text encoder stopped reading; null: all read
     "status": pa.string(), "error": pa.string(),
     "key": pa.string(), "sha256": pa.string(), "bytes": pa.int64(), "attempt": pa.int64(), "worker": pa.string(),
@@ -72,7 +75,8 @@ RESERVED_COLUMNS = ("row", *INDEX_RESULT_COLUMNS)
 
 #: The generation facts of a record that its index row stores (besides the row's parameters).
 INDEXED = ("shard", "batch_id", "batch_rows", "model_fingerprint", "device", "dtype", "torch_threads", "versions",
-           "init_image_sha256", "prompt_truncated_at", "refiner_fingerprint", "mask_image_sha256")
+           "init_image_sha256", "prompt_truncated_at", "refiner_fingerprint", "mask_image_sha256", "controlnets",
+           "control_image_sha256")
 assert set(INDEXED) <= set(RESULT_COLUMNS), "every indexed record field is a declared index column"
 
 

@@ -52,6 +52,7 @@ class GenerationFacts:
     #: "a1111" where the row's prompt or negative was read by AUTOMATIC1111's rules as more than
     #: its text (emphasis, BREAK, 75-token chunks: models.prompt_weights); None: read as written
     prompt_syntax: str | None = None
+    controlnets: tuple[dict[str, Any], ...] = ()  # the row's ControlNets: name, scale, sha256 (folder fingerprint)
 
     def as_fields(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -67,6 +68,14 @@ def passthrough_of(entry: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in entry.items() if k not in KNOWN_COLUMNS and k not in RESERVED_COLUMNS}
 
 
+def image_sha256_fields(loaded: dict[str, list[tuple[Any, str]]]) -> dict[str, Any]:
+    """The record fields (``ImageRecord.from_row``'s ``COLUMN_sha256``) of a row's conditioning
+    images as read: column → (image, sha256 hex) of each image it names; a column of several
+    images (control_image) records the tuple of their hashes."""
+    return {f"{column}_sha256": tuple(sha for _, sha in images) if COLUMN[column].several_images else images[0][1]
+            for column, images in loaded.items()}
+
+
 def index_row(row: Row, shard_name: str, record: ImageRecord | None = None, **result: Any) -> dict[str, Any]:
     """One row of the shard index: the row's parameters, the record's indexed facts (none for a
     row that failed before it had a record), the ``result`` columns, the passthrough columns.
@@ -79,6 +88,8 @@ def index_row(row: Row, shard_name: str, record: ImageRecord | None = None, **re
             batch_rows=list(record.batch_rows),
             versions=json.dumps(record.versions, sort_keys=True),
             loras=[dict(a) for a in record.loras],
+            controlnets=[dict(c) for c in record.controlnets],
+            control_image_sha256=list(record.control_image_sha256),
         )
     entry.update(result)
     entry.update(row.extra)
@@ -114,6 +125,10 @@ class ImageRecord:
     speed: dict[str, Any] | None = None
     prompt_syntax: str | None = None  # GenerationFacts.prompt_syntax; images read literally carry no such key
     mask_image_sha256: str | None = None  # inpainting: of the mask's bytes as read (images without one lack the key)
+    # a ControlNet row's ControlNets (name, scale, folder fingerprint) and control images' sha256 as
+    # read, in order; empty otherwise (and then left out of the embedded record)
+    controlnets: tuple[dict[str, Any], ...] = ()
+    control_image_sha256: tuple[str, ...] = ()
 
     @property
     def model_hash(self) -> str:
@@ -122,11 +137,13 @@ class ImageRecord:
 
     @classmethod
     def from_row(cls, row: Row, shard_name: str, batch: str, batch_rows: list[str], facts: GenerationFacts,
-                 init_image_sha256: str | None = None, mask_image_sha256: str | None = None) -> ImageRecord:
+                 init_image_sha256: str | None = None, mask_image_sha256: str | None = None,
+                 control_image_sha256: tuple[str, ...] = ()) -> ImageRecord:
         """The record of ``row``'s image, generated in batch ``batch`` (``batch_rows``, in order)
         of shard ``shard_name`` by the model whose ``facts`` for the row these are."""
         return cls(row=row, shard=shard_name, batch_id=batch, batch_rows=tuple(batch_rows),
-                   init_image_sha256=init_image_sha256, mask_image_sha256=mask_image_sha256, **facts.as_fields())
+                   init_image_sha256=init_image_sha256, mask_image_sha256=mask_image_sha256,
+                   control_image_sha256=tuple(control_image_sha256), **facts.as_fields())
 
     @classmethod
     def from_index_row(cls, entry: dict[str, Any], facts: GenerationFacts, *, model_name: str,
@@ -151,6 +168,8 @@ class ImageRecord:
             **({"refiner_name": refiner_name, "refiner_fingerprint": entry.get("refiner_fingerprint")}
                if row.refiner_switch is not None else {}),
             speed=facts.speed, prompt_syntax=facts.prompt_syntax,
+            controlnets=tuple(dict(c) for c in entry.get("controlnets") or ()),
+            control_image_sha256=tuple(entry.get("control_image_sha256") or ()),
         )
 
     def to_index_row(self, **result: Any) -> dict[str, Any]:
@@ -186,6 +205,8 @@ class ImageRecord:
             "sdbatch_version": self.sdbatch_version,
             **({"speed": self.speed} if self.speed else {}),
             **({"prompt_syntax": self.prompt_syntax} if self.prompt_syntax else {}),
+            **({"controlnets": [dict(c) for c in self.controlnets],
+                "control_image_sha256": list(self.control_image_sha256)} if self.controlnets else {}),
         }
 
     @classmethod
@@ -206,6 +227,8 @@ class ImageRecord:
             model_parameters=dict(get("model_parameters") or {}), speed=get("speed"),
             prompt_syntax=get("prompt_syntax"),
             mask_image_sha256=get("mask_image_sha256"),
+            controlnets=tuple(dict(c) for c in get("controlnets") or ()),
+            control_image_sha256=tuple(get("control_image_sha256") or ()),
         )
 
     def describes(self, entry: dict[str, Any]) -> bool:

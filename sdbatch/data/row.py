@@ -8,7 +8,7 @@ import re
 from dataclasses import field, make_dataclass
 from typing import TYPE_CHECKING, Any
 
-from sdbatch.data.columns import BATCH_KEY, COLUMNS, IMAGE_COLUMNS, Column
+from sdbatch.data.columns import BATCH_KEY, COLUMN, COLUMNS, IMAGE_COLUMNS, Column
 
 
 class _RowBehaviour:
@@ -18,6 +18,7 @@ class _RowBehaviour:
     id: str
     init_image: str | None
     mask_image: str | None
+    control_image: str | None
 
     @property
     def is_img2img(self) -> bool:
@@ -28,9 +29,11 @@ class _RowBehaviour:
         """An inpainting row: its init image repainted where its mask is white."""
         return self.mask_image is not None
 
-    def images(self) -> dict[str, str]:
-        """The row's conditioning images (``columns.IMAGE_COLUMNS`` it sets): column → location."""
-        return {name: getattr(self, name) for name in IMAGE_COLUMNS if getattr(self, name) is not None}
+    def images(self) -> dict[str, list[str]]:
+        """The row's conditioning images (``columns.IMAGE_COLUMNS`` it sets): column → the
+        locations it names, in order (control_image: one per ControlNet, or one for all)."""
+        return {name: COLUMN[name].image_locations(getattr(self, name))
+                for name in IMAGE_COLUMNS if getattr(self, name) is not None}
 
     def batch_key(self) -> tuple:
         """Everything that must be equal for rows to share one GPU batch (design.md §4.2)."""

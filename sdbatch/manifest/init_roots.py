@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from sdbatch.data.columns import IMAGE_COLUMNS
+from sdbatch.data.columns import COLUMN, IMAGE_COLUMNS
 from sdbatch.data.row import default_row_id
 from sdbatch.manifest.reader import column_pylist, iter_row_batches, resolve_init_image
 from sdbatch.manifest.sources import Manifest, ManifestError
@@ -77,15 +77,14 @@ def check_init_image_roots(manifest: Manifest, spec: JobSpec, job_locations: lis
                else [default_row_id(row + i) for i in range(rb.num_rows)])
         for column in image_columns:
             for i, value in enumerate(column_pylist(rb.column(column), column, row)):
-                if value is None:
-                    continue
-                where, inside = places.resolve(resolve_init_image(value, manifest.base_dir))
-                if not inside and len(problems) < shown:
-                    problems.append(f"  row {row + i} (id {ids[i]}): {column} {value!r} resolves to {where}")
+                for part in COLUMN[column].image_locations(value):
+                    where, inside = places.resolve(resolve_init_image(part, manifest.base_dir))
+                    if not inside and len(problems) < shown:
+                        problems.append(f"  row {row + i} (id {ids[i]}): {column} {part!r} resolves to {where}")
         row += rb.num_rows
     if problems:
         raise ManifestError(
-            f"init images outside the places this job reads from ({places}):\n"
+            f"init or control images outside the places this job reads from ({places}):\n"
             + "\n".join(problems) + "\nMove them under the manifest's folder, or allow their folder or bucket "
             "explicitly with --set 'limits.init_image_roots=[\"/path/or/s3://bucket/prefix\"]'; nothing was written"
         )

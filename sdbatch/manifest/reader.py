@@ -13,7 +13,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sdbatch.data.columns import BATCH_KEY, COLUMNS, CONDITIONAL, KNOWN_COLUMNS
+from sdbatch.data.columns import BATCH_KEY, COLUMNS, CONDITIONAL, KNOWN_COLUMNS, Column
+from sdbatch.data.controlnets import IMAGE_SEPARATOR
 from sdbatch.data.loras import row_loras
 from sdbatch.data.row import Row, default_row_id, derive_seed
 from sdbatch.manifest.sources import (
@@ -38,6 +39,12 @@ def resolve_init_image(value: str, base_dir: str) -> str:
     if is_remote(base_dir):
         return posixpath.normpath(base_dir.rstrip("/") + "/" + value.lstrip("/")).replace(":/", "://", 1)
     return os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
+
+
+def resolve_images(column: Column, value: str, base_dir: str) -> str:
+    """An image column's value as locations: each image it names (``Column.image_locations``;
+    control_image: several separated by ``IMAGE_SEPARATOR``) resolved as ``resolve_init_image`` does."""
+    return IMAGE_SEPARATOR.join(resolve_init_image(part, base_dir) for part in column.image_locations(value))
 
 
 def iter_row_batches(
@@ -257,7 +264,7 @@ def _rows_from_table(table: pa.Table, first_row: int, manifest: Manifest, spec: 
         if column.name not in _RESOLVED_COLUMNS:
             default, convert = getattr(d, column.name, None), column.canonical or column.python_type
             if column.image:  # a conditioning image is a location, resolved as init_image is
-                convert = partial(resolve_init_image, base_dir=manifest.base_dir)
+                convert = partial(resolve_images, column, base_dir=manifest.base_dir)
             plain[column.name] = [convert(v) if v is not None else default for v in cols.get(column.name, none)]
     for column in CONDITIONAL:  # None where the column does not apply (hires_strength without hires_scale)
         on = column.applies_when.row_column if column.applies_when else None

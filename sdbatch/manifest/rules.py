@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 
 from sdbatch.data.aliases import foreign
 from sdbatch.data.columns import DEFAULTED, KNOWN_COLUMNS, Column, suggest
+from sdbatch.data.controlnets import IMAGE_SEPARATOR, ControlNetError, row_controlnets
 from sdbatch.data.hires import HIRES_MULTIPLE
 from sdbatch.data.index import RESERVED_COLUMNS
 from sdbatch.data.loras import LoraError, row_loras
@@ -277,6 +278,31 @@ def check_loras(b: BatchUnderCheck, prompts: pa.Array | None, declared: dict[str
             one[i] = True
             b.flag(name, one, str(exc), "write NAME:SCALE entries (or <lora:NAME:SCALE> tags) naming declared adapters",
                    column if given[i] else prompts)
+
+
+def check_controlnets(b: BatchUnderCheck, declared: dict[str, str]) -> None:
+    """The rows' ControlNets (``controlnet`` column) and control images: well formed, declared by
+    the job, an image for each, and on a text-to-image row. Only rows that set either are looked at."""
+    columns = {name: check_utf8(b, name, arr) for name in ("controlnet", "control_image")
+               if (arr := b.cols.get(name)) is not None and not pa.types.is_null(arr.type)}
+    if not columns:
+        return
+    given = set_in_row(b, "controlnet") | set_in_row(b, "control_image")
+    with_init = set_in_row(b, "init_image")
+    for i in np.flatnonzero(given).tolist():
+        values = {name: arr[i].as_py() for name, arr in columns.items()}
+        one = np.zeros(b.n, dtype=bool)
+        one[i] = True
+        if values.get("controlnet") is not None and with_init[i]:
+            b.flag("controlnet", one, "ControlNets run on text-to-image rows only, and this row sets init_image",
+                   "leave init_image or controlnet null for this row", columns["controlnet"])
+            continue
+        try:
+            row_controlnets(values.get("controlnet"), values.get("control_image"), declared)
+        except ControlNetError as exc:
+            name = "controlnet" if values.get("controlnet") is not None else "control_image"
+            b.flag(name, one, str(exc), "write NAME:SCALE entries naming declared ControlNets, with one control image "
+                   f"or one per ControlNet separated by '{IMAGE_SEPARATOR}'", columns[name])
 
 
 def set_in_row(b: BatchUnderCheck, name: str) -> np.ndarray:

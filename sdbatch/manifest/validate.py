@@ -17,7 +17,7 @@ from sdbatch.data.row import ID_PATTERN, MAX_SEED
 from sdbatch.data.samplers import SCHEDULERS, sampler_name
 from sdbatch.manifest.hashing import DistinctCounter, find_duplicate_ids, hash_strings
 from sdbatch.manifest.init_roots import unreadable_init_image
-from sdbatch.manifest.reader import guarded_batches, passthrough_types, resolve_init_image
+from sdbatch.manifest.reader import guarded_batches, passthrough_types, resolve_images
 from sdbatch.manifest.report import RowIssue, ValidationReport, arrow_kind
 from sdbatch.manifest.rules import (
     BatchUnderCheck,
@@ -25,6 +25,7 @@ from sdbatch.manifest.rules import (
     PromptSyntax,
     ValueCounts,
     check_applies,
+    check_controlnets,
     check_hires_size,
     check_loras,
     check_model_rules,
@@ -53,9 +54,9 @@ def canonical_names(schedulers: pa.Array) -> pa.Array:
 
 
 class UnreadableInitImages:
-    """Local init images (and masks: every ``columns.IMAGE_COLUMNS``) that are missing, not
-    regular files or not readable now: a warning listing the rows (such a row fails at
-    generation), or with ``strict`` each row refused."""
+    """Local init images (and every other ``columns.IMAGE_COLUMNS``: masks, each control image)
+    that are missing, not regular files or not readable now: a warning listing the rows (such a
+    row fails at generation), or with ``strict`` each row refused."""
 
     FIX = "fix the path (a relative one starts at the manifest's folder), or leave the row's {column} null"
 
@@ -64,15 +65,17 @@ class UnreadableInitImages:
         self.count, self.listed, self.columns = 0, list[str](), dict[str, None]()
 
     def check(self, b: BatchUnderCheck, init: pa.Array, strict: bool, column: str = "init_image") -> None:
+        """``init``: the rows' ``column`` values (each image a value names: ``Column.image_locations``)."""
         found = {i: problem for i, value in enumerate(init.to_pylist())
-                 if value and "\x00" not in value and (problem := unreadable_init_image(value, self.base_dir))}
+                 for part in COLUMN[column].image_locations(value)
+                 if part and "\x00" not in part and (problem := unreadable_init_image(part, self.base_dir))}
         fix = self.FIX.format(column=column)
         if strict:
             for why in sorted({why for _, why in found.values()}):
                 rows = np.isin(np.arange(b.n), [i for i, (_, w) in found.items() if w == why])
                 b.flag(column, rows, f"{column} must be a readable file; this one {why}",
                        lambda value: f"{fix} (--strict refuses it; it resolves to "
-                                     f"{resolve_init_image(value, self.base_dir)})", init)
+                                     f"{resolve_images(COLUMN[column], value, self.base_dir)})", init)
             return
         self.count += len(found)
         if found:
@@ -87,7 +90,7 @@ class UnreadableInitImages:
             return []
         more = f"; … {self.count - len(self.listed):,} more" if self.count > len(self.listed) else ""
         named = " or ".join(self.columns)
-        return [f"{self.count:,} row(s) name an {named} that cannot be read now, so they will fail at generation "
+        return [f"{self.count:,} row(s) whose {named} cannot be read now, so they will fail at generation "
                 f"({'; '.join(self.listed)}{more}). Fix: {self.FIX.format(column=named)}; --strict refuses such rows."]
 
 
@@ -253,7 +256,7 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
                 sched_c.counts[d.scheduler] = sched_c.counts.get(d.scheduler, 0) + n
             # init_image, strength (and every conditional column below)
             has_init = set_in_row(b, "init_image")
-            for name in IMAGE_COLUMNS:  # init_image, mask_image: paths or URIs of image files
+            for name in IMAGE_COLUMNS:  # init_image, mask_image, control_image: paths or URIs of image files
                 init = b.cols.get(name)
                 if init is not None and not pa.types.is_null(init.type):
                     init = check_utf8(b, name, init)
@@ -274,6 +277,7 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
             for column in CONDITIONAL:
                 check_applies(b, column, spec)
             check_loras(b, parr, spec.loras)
+            check_controlnets(b, spec.controlnets)
             if file_bad_all:
                 b.bad[:] = True
             bad_rows += int(b.bad.sum())

@@ -42,6 +42,7 @@ class LoadRequest:
     vae: Path | None = None  # model.vae: a VAE folder loaded in place of the model's own
     embeddings: tuple[tuple[str, Path], ...] = ()  # textual-inversion embeddings: (name, file)
     prompt_syntax: str = "a1111"  # model.prompt_syntax: a1111 (emphasis, BREAK, chunks through compel) or literal
+    controlnets: tuple[tuple[str, Path, str], ...] = ()  # ControlNets: (name, folder, content fingerprint)
 
 
 @dataclass(frozen=True)
@@ -84,9 +85,10 @@ class LoadedModel(Protocol):
     info: ModelInfo
 
     def generate(self, rows: list[Row], init_images: list[Any] | None = None,
-                 masks: list[Any] | None = None) -> GeneratedBatch:
+                 masks: list[Any] | None = None, control_images: list[Any] | None = None) -> GeneratedBatch:
         """One canonical batch: all rows share ``Row.batch_key()``; ``init_images`` and ``masks``
-        (inpainting) one per row where the batch has them."""
+        (inpainting) one per row where the batch has them; ``control_images`` (a ControlNet
+        batch) per row, the list of its control images."""
         ...
 
     def facts(self, row: Row) -> GenerationFacts:

@@ -78,6 +78,12 @@ def embeddings_pin(model_pin: str, sha256: dict[str, str]) -> str:
     return "ti:" + hashlib.sha256(f"{model_pin}:{json.dumps(sorted(sha256.items()))}".encode()).hexdigest()
 
 
+def controlnets_pin(model_pin: str, fingerprints: dict[str, str]) -> str:
+    """The pin of a model loaded with ControlNets (``controlnets``): its own pin and each
+    ControlNet folder's name and content fingerprint."""
+    return "cn:" + hashlib.sha256(f"{model_pin}:{json.dumps(sorted(fingerprints.items()))}".encode()).hexdigest()
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:

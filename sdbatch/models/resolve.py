@@ -32,6 +32,12 @@ diffusers folder, or an ``s3://`` prefix holding one. Everything here runs witho
 - **textual-inversion embeddings** (``embeddings``): local safetensors files, for a family that
   takes them (``FamilyAdapter.takes_embeddings``: SD 1.x/2.x, SDXL); the model's pin covers each
   one's name and sha256 (``pins.embeddings_pin``);
+- **ControlNets** (``controlnets``): local diffusers ControlNet folders, for a family that runs
+  them (``FamilyAdapter.controlnet``: SD 1.x/2.x, SDXL), under the same pickle and code policies;
+  one whose config does not fit the model's denoiser (``FamilyAdapter.controlnet_fit``: latent
+  channels, block widths, cross-attention width, SDXL's added embeddings) is refused naming the
+  folder, the model and the keys; the model's pin covers each one's name and content
+  (``pins.controlnets_pin``);
 - **the pin**, recorded in ``job.json`` at submit and compared with every worker's before it
   gets a shard: a local folder's content fingerprint (sha256 over every file of every component
   folder, read through symbolic links as the loader reads them), an ``s3://`` prefix's ETags
@@ -40,6 +46,7 @@ diffusers folder, or an ``s3://`` prefix holding one. Everything here runs witho
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,6 +56,7 @@ from sdbatch.models.configs import JsonReader, folder_json_reader, storage_json_
 from sdbatch.models.errors import ModelError
 from sdbatch.models.pins import (
     checkpoint_tensor_names,
+    controlnets_pin,
     embeddings_pin,
     file_sha256,
     fingerprint_model_dir,
@@ -85,6 +93,7 @@ class ModelRef:
     checkpoint: Path | None = None  # a single-file checkpoint, loaded with ``folder``'s configuration
     vae: Path | None = None  # model.vae: the VAE folder loaded in place of the model's own
     embeddings: tuple[tuple[str, Path], ...] = ()  # textual-inversion embeddings: (name, file)
+    controlnets: tuple[tuple[str, Path, str], ...] = ()  # ControlNets: (name, folder, content fingerprint)
 
 
 def _check_configs(where: str, read: JsonReader, refiner_of: FamilyAdapter | None) -> ModelTraits | None:
@@ -111,6 +120,18 @@ def _single_file(name: str, config: ModelRef) -> ModelRef:
     return ModelRef(name, single_file_pin(checkpoint, config.pin), config.traits, config.folder, checkpoint.resolve())
 
 
+def _component_folder(where: str, folder: Path, missing: str) -> tuple[list[str], JsonReader]:
+    """A local folder of one component (a VAE, a ControlNet) under the pickle and code policies:
+    its file names and a reader of its configs; ModelError saying ``missing`` without a config.json."""
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{where}: no config.json there; {missing}")
+    names = model_file_names(folder)
+    refuse_pickles(where, names)
+    read = folder_json_reader(folder)
+    refuse_custom_code(where, names, read)
+    return names, read
+
+
 def _with_vae(ref: ModelRef, vae: str | None, read: JsonReader) -> ModelRef:
     """``ref`` with the VAE folder ``vae`` in place of its own VAE (``read``: the model's
     configs): the class its ``vae`` component is, the pickle and code policies, pinned together."""
@@ -118,14 +139,10 @@ def _with_vae(ref: ModelRef, vae: str | None, read: JsonReader) -> ModelRef:
         return ref
     where = f"model.vae {vae!r}"
     folder = Path(vae).expanduser()
-    if is_s3(vae) or not (folder / "config.json").is_file():
-        raise ModelError(f"{where}: no config.json there; model.vae must be a local diffusers VAE folder (config.json "
-                         "and diffusion_pytorch_model.safetensors, as AutoencoderKL.save_pretrained writes it). A "
-                         "single .safetensors VAE: load it with AutoencoderKL.from_single_file and save_pretrained it")
-    names = model_file_names(folder)
-    refuse_pickles(where, names)
-    vae_read = folder_json_reader(folder)
-    refuse_custom_code(where, names, vae_read)
+    names, vae_read = _component_folder(where, folder, "model.vae must be a local diffusers VAE folder (config.json "
+                                        "and diffusion_pytorch_model.safetensors, as AutoencoderKL.save_pretrained writes "
+                                        "it). A single .safetensors VAE: load it with AutoencoderKL.from_single_file and "
+                                        "save_pretrained it")
     own = (read("model_index.json") or {}).get("vae") or [None, None]
     found = (vae_read("config.json") or {}).get("_class_name")
     if own[1] is None or found != own[1]:
@@ -137,19 +154,27 @@ def _with_vae(ref: ModelRef, vae: str | None, read: JsonReader) -> ModelRef:
     return replace(ref, pin=vae_pin(ref.pin, fingerprint_model_dir(folder)), vae=folder.resolve())
 
 
+def _family_taking(ref: ModelRef, key: str, what: str, takes: Callable[[FamilyAdapter], object]) -> FamilyAdapter:
+    """The family of ``ref`` (a base model's), or ModelError when it takes no ``what`` (the
+    spec's ``key``), naming the families that do."""
+    from sdbatch.models.families import FAMILIES
+
+    assert ref.traits is not None  # a base model's ref
+    family = ref.traits.family
+    if not takes(family):
+        names = ", ".join(f.name for f in FAMILIES.values() if takes(f))
+        raise ModelError(f"{key}: model {ref.name!r} is a {family.name} model, which takes no {what} (only {names} "
+                         f"models do); remove {key}")
+    return family
+
+
 def _with_embeddings(ref: ModelRef, embeddings: dict[str, str] | None) -> ModelRef:
     """``ref`` with the textual-inversion embedding files ``embeddings`` (name → local
     .safetensors), checked and pinned with it."""
-    from sdbatch.models.families import FAMILIES
-
     if not embeddings:
         return ref
-    assert ref.traits is not None  # a base model's ref
-    family = ref.traits.family
-    if not family.takes_embeddings:
-        takes = ", ".join(f.name for f in FAMILIES.values() if f.takes_embeddings)
-        raise ModelError(f"embeddings: model {ref.name!r} is a {family.name} model, which takes no textual-inversion "
-                         f"embeddings (only {takes} models do, through their CLIP text encoders); remove embeddings")
+    _family_taking(ref, "embeddings", "textual-inversion embeddings (they load into CLIP text encoders)",
+                   lambda family: family.takes_embeddings)
     sha256 = {}
     for name, path in sorted(embeddings.items()):
         where = f"embedding {name!r} ({path})"
@@ -159,6 +184,36 @@ def _with_embeddings(ref: ModelRef, embeddings: dict[str, str] | None) -> ModelR
         sha256[name] = file_sha256(Path(path))
     return replace(ref, pin=embeddings_pin(ref.pin, sha256),
                    embeddings=tuple((name, Path(path)) for name, path in sorted(embeddings.items())))
+
+
+def _with_controlnets(ref: ModelRef, controlnets: dict[str, str] | None, read: JsonReader) -> ModelRef:
+    """``ref`` with the ControlNet folders ``controlnets`` (name → local folder; ``read``: the
+    model's configs), each checked to fit the model's denoiser and pinned with it."""
+    if not controlnets:
+        return ref
+    family = _family_taking(ref, "controlnets", "ControlNets in sdbatch", lambda family: family.controlnet)
+    denoiser = read(f"{family.denoiser}/config.json") or {}
+    found = []
+    for name, path in sorted(controlnets.items()):
+        where = f"controlnets: controlnet {name!r} ({path})"
+        folder = Path(path)
+        names, config_read = _component_folder(where, folder, "a ControlNet is a local diffusers folder (config.json and "
+                                               "diffusion_pytorch_model.safetensors, as ControlNetModel.save_pretrained "
+                                               "writes it)")
+        config = config_read("config.json") or {}
+        if config.get("_class_name") != "ControlNetModel":
+            raise ModelError(f"{where}: config.json names class {config.get('_class_name')!r}, not "
+                             "ControlNetModel; point it at a diffusers ControlNet folder")
+        misfits = [f"{key} {config.get(key)!r} (the model's {family.denoiser}: {denoiser.get(key)!r})"
+                   for key in family.controlnet_fit if config.get(key) != denoiser.get(key)]
+        if misfits:
+            raise ModelError(f"{where} does not fit model {ref.name!r}: {'; '.join(misfits)}. A ControlNet "
+                             f"is trained for one base architecture: use one made for this {family.name} model")
+        if not any(n.endswith(".safetensors") for n in names):
+            raise ModelError(f"{where}: no .safetensors weights there; save it with "
+                             "save_pretrained(safe_serialization=True)")
+        found.append((name, folder.resolve(), fingerprint_model_dir(folder)))
+    return replace(ref, pin=controlnets_pin(ref.pin, {name: fp for name, _, fp in found}), controlnets=tuple(found))
 
 
 def _configs(ref: ModelRef, name: str, config: str | None, endpoint_url: str | None) -> JsonReader:
@@ -175,12 +230,20 @@ def _configs(ref: ModelRef, name: str, config: str | None, endpoint_url: str | N
 
 
 def preflight(name: str, *, endpoint_url: str | None = None, refiner_of: FamilyAdapter | None = None,
-              config: str | None = None, vae: str | None = None, embeddings: dict[str, str] | None = None) -> ModelRef:
-    """The model pinned and checked (``_preflight``), with its VAE override ``vae`` and its
-    textual-inversion ``embeddings`` if any."""
+              config: str | None = None, vae: str | None = None, embeddings: dict[str, str] | None = None,
+              controlnets: dict[str, str] | None = None) -> ModelRef:
+    """The model pinned and checked (``_preflight``), with its VAE override ``vae``, its
+    textual-inversion ``embeddings`` and its ``controlnets`` if any."""
     ref = _preflight(name, endpoint_url=endpoint_url, refiner_of=refiner_of, config=config)
+    return _with_extras(ref, name, config, endpoint_url, vae, embeddings, controlnets)
+
+
+def _with_extras(ref: ModelRef, name: str, config: str | None, endpoint_url: str | None, vae: str | None,
+                 embeddings: dict[str, str] | None, controlnets: dict[str, str] | None) -> ModelRef:
+    """``ref`` with what the job loads beside it: a VAE override, embeddings, ControlNets."""
     ref = _with_vae(ref, vae, _configs(ref, name, config, endpoint_url)) if vae else ref
-    return _with_embeddings(ref, embeddings)
+    ref = _with_embeddings(ref, embeddings)
+    return _with_controlnets(ref, controlnets, _configs(ref, name, config, endpoint_url)) if controlnets else ref
 
 
 def _preflight(name: str, *, endpoint_url: str | None = None, refiner_of: FamilyAdapter | None = None,
@@ -217,14 +280,13 @@ def _preflight(name: str, *, endpoint_url: str | None = None, refiner_of: Family
 
 def resolve(name: str, *, pin: str | None = None, endpoint_url: str | None = None,
             refiner_of: FamilyAdapter | None = None, config: str | None = None, vae: str | None = None,
-            embeddings: dict[str, str] | None = None) -> ModelRef:
-    """The model's local folder and pin (``_resolve``), with its VAE override ``vae`` and its
-    textual-inversion ``embeddings`` if any."""
-    # with either, the job's pin is not the one an s3:// model's download cache is keyed by
-    ref = _resolve(name, pin=None if vae or embeddings else pin, endpoint_url=endpoint_url, refiner_of=refiner_of,
-                   config=config)
-    ref = _with_vae(ref, vae, _configs(ref, name, config, endpoint_url)) if vae else ref
-    return _with_embeddings(ref, embeddings)
+            embeddings: dict[str, str] | None = None, controlnets: dict[str, str] | None = None) -> ModelRef:
+    """The model's local folder and pin (``_resolve``), with its VAE override ``vae``, its
+    textual-inversion ``embeddings`` and its ``controlnets`` if any."""
+    # with any, the job's pin is not the one an s3:// model's download cache is keyed by
+    ref = _resolve(name, pin=None if vae or embeddings or controlnets else pin, endpoint_url=endpoint_url,
+                   refiner_of=refiner_of, config=config)
+    return _with_extras(ref, name, config, endpoint_url, vae, embeddings, controlnets)
 
 
 def _resolve(name: str, *, pin: str | None = None, endpoint_url: str | None = None,

@@ -60,6 +60,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from sdbatch.data.controlnets import parse_column as parse_controlnets  # noqa: E402
 from sdbatch.data.loras import embedding_tokens  # noqa: E402
 from sdbatch.data.record import GenerationFacts  # noqa: E402
 from sdbatch.data.row import Row  # noqa: E402
@@ -72,7 +73,7 @@ from sdbatch.models.families.base import DiffusersFamily  # noqa: E402
 from sdbatch.models.families.null import NullModel  # noqa: E402
 from sdbatch.models.hires import hires_pass  # noqa: E402
 from sdbatch.models.lora_cache import LoraCache, Tokenizers  # noqa: E402
-from sdbatch.models.pins import embeddings_pin, file_sha256, fingerprint_model_dir, vae_pin  # noqa: E402
+from sdbatch.models.pins import controlnets_pin, embeddings_pin, file_sha256, fingerprint_model_dir, vae_pin  # noqa: E402
 from sdbatch.models.prompt_cache import PromptCache  # noqa: E402
 from sdbatch.models.prompt_weights import PromptReader  # noqa: E402
 from sdbatch.models.resolve import resolve  # noqa: E402
@@ -197,6 +198,18 @@ def _load_embeddings(pipe: Any, embeddings: tuple[tuple[str, Path], ...]) -> Non
             raise ModelError(f"embedding {name!r} ({path}) does not fit the model's text encoder: {exc}") from exc
 
 
+def _load_controlnets(controlnets: tuple[tuple[str, Path, str], ...], dtype: torch.dtype, device: str) -> dict[str, Any]:
+    """The job's ControlNets (``controlnets``), each loaded once (``resolve`` checked they fit)."""
+    loaded = {}
+    for name, folder, _ in controlnets:
+        try:
+            loaded[name] = diffusers.ControlNetModel.from_pretrained(folder, dtype=dtype, use_safetensors=True,
+                                                                     local_files_only=True).to(device)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"controlnet {name!r} ({folder}) could not be loaded: {exc}") from exc
+    return loaded
+
+
 def _offload(pipe: DiffusionPipeline, offload: str) -> None:
     """diffusers' offloading for a model larger than the GPU (``model.offload``): each
     component moved to the GPU while it runs, or its layers streamed there in groups."""
@@ -238,7 +251,8 @@ class DiffusersModel:
     def __init__(self, txt2img: Any, info: ModelInfo, traits: ModelTraits,
                  loras: dict[str, str] | None = None, endpoint_url: str | None = None, compiled: bool = False,
                  refiner: Any = None, speed: AppliedSpeed | None = None, embedding_names: tuple[str, ...] = (),
-                 prompt_syntax: str = "a1111"):
+                 prompt_syntax: str = "a1111", controlnets: dict[str, Any] | None = None,
+                 controlnet_fingerprints: dict[str, str] | None = None):
         self.txt2img = txt2img
         self.refiner = refiner
         self.compiled = compiled
@@ -253,6 +267,9 @@ class DiffusersModel:
         self.inpaint = _img2img_pipeline(self.family.inpaint, txt2img) if self.family.inpaint else None
         self.info = info
         self._embedding_names = embedding_names
+        self._controlnets = controlnets or {}
+        self._controlnet_fingerprints = controlnet_fingerprints or {}
+        self._controlnet_pipes: dict[tuple[str, ...], Any] = {}  # by the ControlNets' names, in row order
         self.loras = LoraCache(txt2img, loras or {}, endpoint_url)
         self._tokenizers = Tokenizers(self.family.prompt_tokenizers(txt2img, traits))
         # each stage's own scheduler (class and config): samplers are built from it per batch
@@ -295,6 +312,7 @@ class DiffusersModel:
         else:
             pipe = _load_pipeline(family.txt2img, model, request.folder, torch_dtype, components, place)
         _load_embeddings(pipe, request.embeddings)
+        controlnets = _load_controlnets(request.controlnets, torch_dtype, place)
         _offload(pipe, request.offload)
         refiner_pipe, refiner_facts = None, {}
         if refiner is not None:
@@ -334,7 +352,8 @@ class DiffusersModel:
                  f", refiner {refiner} ({refiner_facts['refiner_fingerprint'][:10]})" if refiner_facts else "")
         return cls(pipe, info, request.traits, loras=request.loras, endpoint_url=request.endpoint_url,
                    compiled=request.compile or "regional_compile" in speed.applied, refiner=refiner_pipe, speed=speed,
-                   embedding_names=tuple(name for name, _ in request.embeddings), prompt_syntax=request.prompt_syntax)
+                   embedding_names=tuple(name for name, _ in request.embeddings), prompt_syntax=request.prompt_syntax,
+                   controlnets=controlnets, controlnet_fingerprints={name: fp for name, _, fp in request.controlnets})
 
     def build_samplers(self) -> None:
         """Build every sampler of the family whose packages are installed from this model's
@@ -380,6 +399,8 @@ class DiffusersModel:
             scheduler_config=self.scheduler_config(row.scheduler),
             size_conditioning={k: list(v) for k, v in self.family.size_conditioning(row).items()},
             loras=tuple(self.loras.record(row.loras)),
+            controlnets=tuple({"name": name, "scale": scale, "sha256": self._controlnet_fingerprints[name]}
+                              for name, scale in parse_controlnets(row.controlnet)),
             # CLIP reads an interpreted prompt whole, in chunks
             prompt_truncated_at=None if self.reader.active else self._tokenizers.truncated_at(row.prompt),
             prompt_syntax="a1111" if self.reader.interpreted(row) else None,
@@ -391,9 +412,11 @@ class DiffusersModel:
 
     @torch.inference_mode()
     def generate(self, rows: list[Row], init_images: list[Image.Image | None] | None = None,
-                 masks: list[Image.Image | None] | None = None) -> GeneratedBatch:
+                 masks: list[Image.Image | None] | None = None,
+                 control_images: list[list[Image.Image]] | None = None) -> GeneratedBatch:
         """Generate one canonical batch; all rows must share ``Row.batch_key()``. ``init_images``
-        and ``masks``: one per row of an img2img or inpainting batch."""
+        and ``masks``: one per row of an img2img or inpainting batch; ``control_images``: per row
+        of a ControlNet batch, its control images (one per ControlNet, or one for all)."""
         if not rows:
             return GeneratedBatch(np.zeros((0, 0, 0, 3), np.uint8), [])
         key = rows[0].batch_key()
@@ -401,14 +424,13 @@ class DiffusersModel:
             raise ValueError("generate() takes one canonical batch: all rows must share batch_key()")
         groups = self.reader.groups(rows)
         if len(groups) == 1:
-            return self._generate(rows, init_images, masks)
+            return self._generate(rows, init_images, masks, control_images)
         # rows of different chunk counts run apart, each group as its own batch: no row's
         # conditioning is padded by another's length (PromptReader)
         pixels: np.ndarray | None = None
         errors: list[str | None] = [None] * len(rows)
         for group in groups:
-            part = self._generate([rows[i] for i in group], None if init_images is None else [init_images[i] for i in group],
-                                  None if masks is None else [masks[i] for i in group])
+            part = self._generate([rows[i] for i in group], *_pick(group, init_images, masks, control_images))
             if pixels is None:
                 pixels = np.empty((len(rows), *part.pixels.shape[1:]), part.pixels.dtype)
             pixels[group] = part.pixels
@@ -418,18 +440,18 @@ class DiffusersModel:
         return GeneratedBatch(pixels, errors)
 
     def _generate(self, rows: list[Row], init_images: list[Image.Image | None] | None,
-                  masks: list[Image.Image | None] | None) -> GeneratedBatch:
+                  masks: list[Image.Image | None] | None, control_images: list[list[Image.Image]] | None) -> GeneratedBatch:
         key = rows[0].batch_key()
         if self.compiled and (len(rows), key) not in self._warm_shapes:
             # compile for this batch shape now, with a one-step run, so the first real batch
             # (and the hang watchdog's idea of a batch's duration) does not include compiling
             self._warm_shapes.add((len(rows), key))
             started = time.perf_counter()
-            self._denoise([replace(r, steps=1, hires_steps=None) for r in rows], init_images, masks)
+            self._denoise([replace(r, steps=1, hires_steps=None) for r in rows], init_images, masks, control_images)
             self.warmup_seconds += time.perf_counter() - started
             log.info("compiled for batch shape %d × %dx%d in %.1f s", len(rows), rows[0].width, rows[0].height,
                      time.perf_counter() - started)
-        latents = self._denoise(rows, init_images, masks)
+        latents = self._denoise(rows, init_images, masks, control_images)
         return self._decode(latents)
 
     def memory_probe(self, rows: list[Row], init_images: list[Image.Image | None] | None = None) -> int | None:
@@ -437,15 +459,15 @@ class DiffusersModel:
         or None when they do not fit (``run.batch_fit``; CUDA only)."""
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        # an all-white mask of the row's size costs what the row's own does
-        masks: list[Image.Image | None] | None = (
-            [Image.new("L", (rows[0].width, rows[0].height), 255)] * len(rows) if rows[0].is_inpaint else None)
+        # an all-white mask (a black control image) of the row's size costs what the row's own does
+        size = (rows[0].width, rows[0].height)
+        masks: list[Image.Image | None] | None = [Image.new("L", size, 255)] * len(rows) if rows[0].is_inpaint else None
+        controls = [[Image.new("RGB", size)]] * len(rows) if rows[0].controlnet is not None else None
         try:
             with torch.inference_mode():
                 for group in self.reader.groups(rows):
                     self._decode(self._denoise([replace(rows[i], steps=1, hires_steps=None) for i in group],
-                                               None if init_images is None else [init_images[i] for i in group],
-                                               None if masks is None else [masks[i] for i in group]))
+                                               *_pick(group, init_images, masks, controls)))
         except OUT_OF_MEMORY_ERRORS:
             free_device_memory()
             return None
@@ -461,8 +483,39 @@ class DiffusersModel:
                 common[key] = [self._encoder_text(p) for p in common[key]]
         return common
 
+    def _controlnet_pipe(self, names: tuple[str, ...]) -> Any:
+        """The family's ControlNet pipeline for these ControlNets (several: a MultiControlNet),
+        made once with ``from_pipe`` on the text-to-image pipeline's modules (no second copy)."""
+        if names not in self._controlnet_pipes:
+            models = [self._controlnets[name] for name in names]
+            pipe = getattr(diffusers, self.family.controlnet).from_pipe(
+                self.txt2img, controlnet=models[0] if len(models) == 1 else models)
+            pipe.set_progress_bar_config(disable=True)
+            PromptReader(self.reader.weighting, pipe, self._encoder_text).install(pipe)
+            self.prompts.install(pipe)
+            self._controlnet_pipes[names] = pipe
+        return self._controlnet_pipes[names]
+
+    def _control_kwargs(self, rows: list[Row], control_images: list[list[Image.Image]] | None) -> tuple[Any, dict[str, Any]]:
+        """A ControlNet batch's pipeline and arguments: per ControlNet, its scale and every
+        row's control image (one image given for several ControlNets conditions each)."""
+        first = rows[0]
+        controlnets = parse_controlnets(first.controlnet)
+        if first.is_img2img:
+            raise ModelError(f"row {first.id} has an init image and ControlNets; sdbatch runs ControlNets on "
+                             "text-to-image rows only")
+        # per row, its image for each ControlNet (the nested form MultiControlNet pipelines take)
+        per_row = [[resize_for_row(images[k % len(images)], first.width, first.height) for k in range(len(controlnets))]
+                   for images in _one_each(control_images, rows, "list of control images")]
+        pipe = self._controlnet_pipe(tuple(name for name, _ in controlnets))
+        scales = [scale for _, scale in controlnets]
+        single = len(controlnets) == 1
+        return pipe, {"image": [images[0] for images in per_row] if single else per_row,
+                      "controlnet_conditioning_scale": scales[0] if single else scales}
+
     def _denoise(self, rows: list[Row], init_images: list[Image.Image | None] | None,
-                 masks: list[Image.Image | None] | None = None) -> torch.Tensor:
+                 masks: list[Image.Image | None] | None = None,
+                 control_images: list[list[Image.Image]] | None = None) -> torch.Tensor:
         first = rows[0]
         for rule in self._row_rules:
             for row in rows:  # a negative prompt is per row
@@ -475,6 +528,9 @@ class DiffusersModel:
             raise ModelError(f"row {first.id}: {self.family.name} models take no mask_image or hires-fix pass here")
         self.prompts.context = first.loras  # an adapter on a text encoder changes its embeddings
         pipe: Any = self.inpaint if first.is_inpaint else self.img2img if first.is_img2img else self.txt2img
+        control: dict[str, Any] = {}
+        if first.controlnet is not None:
+            pipe, control = self._control_kwargs(rows, control_images)
         pipe.scheduler = self.make_scheduler(first.scheduler)
         switch = first.refiner_switch
         if switch is not None and self.refiner is None:
@@ -490,7 +546,7 @@ class DiffusersModel:
                          "height": first.height, "width": first.width}
             latents = pipe(image=images, strength=first.strength, **extra, **stop, **common).images
         else:
-            latents = pipe(height=first.height, width=first.width, **stop, **common).images
+            latents = pipe(height=first.height, width=first.width, **control, **stop, **common).images
         if switch is not None:
             self.refiner.scheduler = self.make_scheduler(first.scheduler, "refiner")
             latents = self.refiner(image=latents, denoising_start=switch, **common).images
@@ -546,6 +602,12 @@ class DiffusersModel:
         return pixels, [None if ok and not dark else ("NaN/inf" if not ok else "all-black") for ok, dark in zip(finite, black)]
 
 
+def _pick(group: list[int], *per_row: list[Any] | None) -> list[list[Any] | None]:
+    """Each per-row list (init images, masks, control images; None: the batch has none) cut to
+    the rows of ``group``."""
+    return [None if values is None else [values[i] for i in group] for values in per_row]
+
+
 def _one_each(images: list[Any] | None, rows: list[Row], what: str) -> list[Any]:
     """A batch's conditioning images, one per row (ValueError otherwise)."""
     if images is None or len(images) != len(rows) or any(i is None for i in images):
@@ -577,12 +639,14 @@ def load_model(
     vae: str | None = None,
     embeddings: dict[str, str] | None = None,
     prompt_syntax: str = "a1111",
+    controlnets: dict[str, str] | None = None,
 ) -> LoadedModel:
     """Resolve ``model`` (and check it against ``pin``; ``config``: ``model`` is a single-file
     checkpoint and this its configuration's folder; ``vae``: a VAE folder in place of its own),
     then load it with its family's runtime, its samplers built (one that cannot be built fails
     the load, not every shard; ``prompt_syntax``: how prompts are read, ``model.prompt_syntax``)."""
-    ref = resolve(model, pin=pin, endpoint_url=endpoint_url, config=config, vae=vae, embeddings=embeddings)
+    ref = resolve(model, pin=pin, endpoint_url=endpoint_url, config=config, vae=vae, embeddings=embeddings,
+                  controlnets=controlnets)
     traits, folder = ref.traits, ref.folder
     assert traits is not None and folder is not None  # resolve() of a base model gives both
     fingerprint = ref.pin
@@ -590,9 +654,11 @@ def load_model(
         fingerprint = fingerprint_model_dir(folder)
         fingerprint = vae_pin(fingerprint, fingerprint_model_dir(ref.vae)) if ref.vae else fingerprint
         fingerprint = embeddings_pin(fingerprint, {n: file_sha256(p) for n, p in ref.embeddings}) if ref.embeddings else fingerprint
+        fingerprint = controlnets_pin(fingerprint, {n: fp for n, _, fp in ref.controlnets}) if ref.controlnets else fingerprint
     request = LoadRequest(model, folder, ref.pin, fingerprint, traits, device=device, dtype=dtype, endpoint_url=endpoint_url,
                           loras=loras, compile=compile, refiner=refiner, refiner_pin=refiner_pin, checkpoint=ref.checkpoint,
-                          offload=offload, speed=speed, vae=ref.vae, embeddings=ref.embeddings, prompt_syntax=prompt_syntax)
+                          offload=offload, speed=speed, vae=ref.vae, embeddings=ref.embeddings, prompt_syntax=prompt_syntax,
+                          controlnets=ref.controlnets)
     loaded = RUNTIMES[traits.family.runtime](request)
     loaded.build_samplers()
     return loaded

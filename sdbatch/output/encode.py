@@ -86,6 +86,7 @@ _RE_SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
 # Where the parameters that are not manifest columns go, in A1111's order (columns: columns.py).
 _RANK_MODEL_HASH, _RANK_MODEL, _RANK_LORA_HASHES, _RANK_REFINER, _RANK_SPEED, _RANK_VERSION = 60, 61, 90, 91, 95, 100
 _RANK_HIRES_UPSCALER = 73  # after "Hires upscale" and "Hires steps", as A1111 writes them
+_RANK_CONTROLNET = 85
 # A1111 label -> column, for the columns parse_infotext reads back as plain numbers.
 _NUMERIC_LABELS = {c.a1111: c for c in COLUMNS if c.a1111 and c.name not in ("width", "scheduler")}
 # guidance_scale's label by what it means for the model (the record's model_parameters.guidance):
@@ -131,7 +132,9 @@ def infotext(record: dict) -> str:
     is Forge's ``Distilled CFG Scale`` for a distilled guidance embedding and left out where the
     model uses none, by ``model_parameters.guidance``),
     model_hash, model_name, the loras' ``Lora hashes``, the hires-fix pass (``Hires upscale``,
-    ``Hires steps``, ``Hires upscaler``; ``Denoising strength`` is its strength), the refiner (``Refiner: NAME [HASH10]``;
+    ``Hires steps``, ``Hires upscaler``; ``Denoising strength`` is its strength), each ControlNet's
+    ``ControlNet N`` (``Module: none, Model: NAME [HASH8], Weight: SCALE``, as A1111's ControlNet
+    extension writes it), the refiner (``Refiner: NAME [HASH10]``;
     ``Refiner switch at`` is a column's label), the speed profile (``Speed profile: fast
     (fuse_qkv regional_compile)``, only when not exact), sdbatch_version.  Missing/None values are
     left out, as A1111 leaves out None.
@@ -150,6 +153,9 @@ def infotext(record: dict) -> str:
     if loras:
         params.append((_RANK_LORA_HASHES, "Lora hashes",
                        ", ".join(f"{a['name']}: {str(a.get('sha256') or '')[:10]}" for a in loras)))
+    for number, control in enumerate(record.get("controlnets") or []):  # as A1111's ControlNet extension writes it
+        params.append((_RANK_CONTROLNET, f"ControlNet {number}", f"Module: none, Model: {control['name']} "
+                       f"[{str(control.get('sha256') or '')[:8]}], Weight: {control['scale']:g}"))
     if _present(record.get("refiner_name")):  # A1111: "Refiner: NAME [HASH10]", then "Refiner switch at"
         params.append((_RANK_REFINER, "Refiner", f"{record['refiner_name']} [{str(record.get('refiner_fingerprint'))[:10]}]"))
     if record.get("hires_scale") is not None:  # the hires-fix pass's upscaler (data.hires)

@@ -1,4 +1,5 @@
-"""Feeding a worker's shard: its rows read ahead from the manifest and their init images loaded."""
+"""Feeding a worker's shard: its rows read ahead from the manifest and their input images (init
+images, control images) loaded."""
 
 from __future__ import annotations
 
@@ -23,13 +24,14 @@ def init_image_fix(exc: StorageError, column: str = "init_image") -> str:
         return f"correct the path (absolute, or relative to the manifest), or clear {column} for this row"
     if isinstance(exc, StorageConfigError):
         return "make the file readable by the workers"
-    return "point init_image at a regular image file"
+    return f"point {column} at a regular image file"
 
 
 class InitImageLoader:
-    """A worker's conditioning images (every ``Row.images()`` of a row: init image, mask), read and decoded on the store pool a batch ahead of the batch
-    that uses them, at most ``limit`` held at once (counted from the start of a read until the
-    batch is generated, or its shard ends). ``take`` starts whatever of a batch is not started
+    """A worker's conditioning images (every ``Row.images()`` of a row: init image, mask, control
+    images), read and decoded on the store pool a batch ahead of the batch that uses them, at
+    most ``limit`` rows' held at once (counted from the start of a read until the batch is
+    generated, or its shard ends). ``take`` starts whatever of a batch is not started
     yet, room or not (the batch must run); ``ahead`` starts a later batch only within
     ``limit - batch_size``, so that the next ``take`` always fits under ``limit``."""
 

@@ -32,7 +32,7 @@ import pyarrow as pa
 from PIL import Image
 
 from sdbatch.data.index import STATUS_FAILED, STATUS_OK, index_schema
-from sdbatch.data.record import ImageRecord, index_row
+from sdbatch.data.record import ImageRecord, image_sha256_fields, index_row
 from sdbatch.data.row import Row
 from sdbatch.output import encode
 from sdbatch.output.commits import commit_shard, metadata_key, read_commit, read_shard_index
@@ -118,10 +118,12 @@ class ShardRunner:
         self.init_images = InitImageLoader(self._load_images, self.pool, spec.resources.init_image_limit,
                                            spec.resources.batch_size)
 
-    def _load_images(self, row: Row) -> dict[str, tuple[Image.Image, str]]:
+    def _load_images(self, row: Row) -> dict[str, list[tuple[Image.Image, str]]]:
         """The row's conditioning images (``Row.images``): column → (image, sha256 hex of the bytes
-        read), or RowError (or a transient StorageError)."""
-        return {column: self._load_image(row.id, column, location) for column, location in row.images().items()}
+        read) of each image it names, in order; RowError (or a transient StorageError) for the
+        first that cannot be read."""
+        return {column: [self._load_image(row.id, column, location) for location in locations]
+                for column, locations in row.images().items()}
 
     def _load_image(self, row_id: str, column: str, location: str) -> tuple[Image.Image, str]:
         limits = self.spec.limits
@@ -231,7 +233,7 @@ class ShardRunner:
                 self.init_images.ahead(batches[number + 1])
             elif upcoming and (next_rows := upcoming()):  # the next shard's first batch
                 self.init_images.ahead(canonical_batches(next_rows, self.spec.resources.batch_size)[0])
-            good, images_in, masks_in, hashes = [], [], [], {}
+            good, images_in, masks_in, controls_in, hashes = [], [], [], [], {}
             for row in batch:
                 try:
                     loaded = loading[row.id].result() if row.id in loading else {}
@@ -239,15 +241,17 @@ class ShardRunner:
                     fail_row(row, str(exc))
                     continue
                 good.append(row)
-                images_in.append(loaded["init_image"][0] if "init_image" in loaded else None)
-                masks_in.append(loaded["mask_image"][0] if "mask_image" in loaded else None)
-                hashes[row.id] = {f"{column}_sha256": sha for column, (_, sha) in loaded.items()}
+                images_in.append(loaded["init_image"][0][0] if "init_image" in loaded else None)
+                masks_in.append(loaded["mask_image"][0][0] if "mask_image" in loaded else None)
+                controls_in.append([image for image, _ in loaded.get("control_image", ())])
+                hashes[row.id] = image_sha256_fields(loaded)
             if good:
                 bid = batch_id(unit, number)
                 handled: set[str] = set()  # rows of the parts generated before a pipeline exception
                 try:
                     for part, generated, per_row in self._generate_fitting(
-                            good, images_in if good[0].is_img2img else None, masks_in if good[0].is_inpaint else None):
+                            good, images_in if good[0].is_img2img else None, masks_in if good[0].is_inpaint else None,
+                            controls_in if good[0].controlnet is not None else None):
                         batch_rows = [r.id for r in part]
                         scores = (self.scorer.score([r.prompt for r in part], generated.images()) if self.scorer
                                   else [None] * len(part))
@@ -274,7 +278,7 @@ class ShardRunner:
                             fail_row(row, f"row {row.id}: the pipeline raised {describe(exc)} for batch {bid} ({retried}); "
                                           "fix: check this row's parameters and the model, then rerun with --retry-failed")
             self.init_images.release(batch)
-            del loading, images_in, masks_in  # the decoded images go with the last references to them
+            del loading, images_in, masks_in, controls_in  # the decoded images go with the last references to them
             if on_batch:
                 failed = result.rows_failed - failed_before
                 on_batch(len(batch) - failed, failed)
@@ -313,7 +317,7 @@ class ShardRunner:
         return index_rows
 
     def _generate_fitting(
-        self, rows: list[Row], init_images: list | None, masks: list | None = None
+        self, rows: list[Row], init_images: list | None, masks: list | None = None, controls: list | None = None
     ) -> list[tuple[list[Row], GeneratedBatch, float]]:
         """Generate ``rows`` as one batch, or as parts of the size that fits the device
         (``batch_fit``), or, when the device runs out of memory, as halves (recursively; one
@@ -321,15 +325,19 @@ class ShardRunner:
         for each part generated."""
         from sdbatch.models.runtime import OUT_OF_MEMORY_ERRORS, free_device_memory
 
+        def generate_part(cut: slice) -> list[tuple[list[Row], GeneratedBatch, float]]:
+            return self._generate_fitting(rows[cut], *(images and images[cut] for images in (init_images, masks, controls)))
+
         fitting = self.batch_fit.size_for(rows, init_images) if self.batch_fit else len(rows)
         if len(rows) > fitting:
-            return [part for cut in parts(rows, fitting)
-                    for part in self._generate_fitting(rows[cut], init_images and init_images[cut], masks and masks[cut])]
+            return [part for cut in parts(rows, fitting) for part in generate_part(cut)]
 
         t0 = time.perf_counter()
         try:
-            # masks only to an inpainting batch (a LoadedModel without inpainting takes none)
-            generated = self.generator.generate(rows, init_images, **({"masks": masks} if masks else {}))
+            # masks only to an inpainting batch, control images only to a ControlNet batch (a
+            # LoadedModel without inpainting or ControlNets takes none)
+            generated = self.generator.generate(rows, init_images, **{name: images for name, images in (
+                ("masks", masks), ("control_images", controls)) if images})
         except OUT_OF_MEMORY_ERRORS:
             if len(rows) == 1:
                 raise
@@ -337,6 +345,5 @@ class ShardRunner:
             half = (len(rows) + 1) // 2
             log.warning("a batch of %d rows ran out of device memory: generating it as %d + %d rows",
                         len(rows), half, len(rows) - half)
-            return [part for cut in (slice(None, half), slice(half, None))
-                    for part in self._generate_fitting(rows[cut], init_images and init_images[cut], masks and masks[cut])]
+            return [part for cut in (slice(None, half), slice(half, None)) for part in generate_part(cut)]
         return [(rows, generated, (time.perf_counter() - t0) / len(rows))]

@@ -57,6 +57,7 @@ class WorkerActor:
             refiner=spec.model.refiner, refiner_pin=refiner_pin, config=spec.model.config, offload=spec.model.offload,
             speed=spec.speed,
             vae=spec.model.vae, embeddings=spec.embeddings, prompt_syntax=spec.model.prompt_syntax,
+            controlnets=spec.controlnets,
         )
         storage = open_storage(
             out_url,

@@ -336,3 +336,28 @@ def sd3_transformer_to_original(transformer_folder: Path, path: Path) -> Path:
         out[f"final_layer.adaLN_modulation.1.{kind}"] = swap_halves(sd[f"norm_out.linear.{kind}"])
     save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in out.items()}, path)
     return path
+
+
+def build_controlnet(model: Path, path: Path, *, seed: int, **config) -> Path:
+    """A ControlNet for the UNet of the diffusers folder ``model`` (``ControlNetModel.from_unet``,
+    its control-image encoder downsampling by the model's VAE factor), with random non-zero
+    output convolutions — a trained ControlNet's are no longer the zeros it starts from, and
+    zeros would leave the image unchanged. ``config``: keys changed to make one that does not fit."""
+    import json
+
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(model / "unet")
+    vae_blocks = len(json.loads((model / "vae" / "config.json").read_text())["block_out_channels"])
+    embedding = tuple(8 * 2**i for i in range(vae_blocks))  # one stride-2 convolution per VAE downsampling
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embedding)
+    if config:
+        controlnet = ControlNetModel.from_config({**controlnet.config, **config})
+    with torch.no_grad():
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                     controlnet.controlnet_cond_embedding.conv_out]:
+            conv.weight.normal_(0, 0.5)
+            conv.bias.normal_(0, 0.5)
+    controlnet.save_pretrained(path, safe_serialization=True)
+    return path

@@ -186,6 +186,14 @@ class FamilyAdapter(ABC):
     #: (``models.prompt_weights``: A1111 emphasis, BREAK, 75-token chunks); None: prompts are
     #: read literally (T5/LLM encoders), validation warns about the syntax
     weighted_prompts: ClassVar[PromptWeighting | None] = None
+    #: the diffusers pipeline class its ControlNet rows run (built with from_pipe: shared modules);
+    #: "" = the family takes no ControlNet
+    controlnet: ClassVar[str] = ""
+    #: the denoiser config keys a ControlNet's config.json must equal to fit the model: its residuals
+    #: are added to the denoiser's blocks, and it reads the same latents and text embeddings
+    controlnet_fit: ClassVar[tuple[str, ...]] = ("in_channels", "block_out_channels", "layers_per_block",
+                                                 "cross_attention_dim", "addition_embed_type",
+                                                 "projection_class_embeddings_input_dim")
 
     @abstractmethod
     def native_size(self, read_json: JsonReader, where: str) -> tuple[int, int]:

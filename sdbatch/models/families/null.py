@@ -108,7 +108,8 @@ class NullModel:
             prompt_truncated_at=None,
         )
 
-    def generate(self, rows: list[Row], init_images: list | None = None, masks: list | None = None) -> GeneratedBatch:
+    def generate(self, rows: list[Row], init_images: list | None = None, masks: list | None = None,
+                 control_images: list | None = None) -> GeneratedBatch:
         """One batch, like every ``LoadedModel``."""
         if not rows:
             return GeneratedBatch(np.zeros((0, 0, 0, 3), np.uint8), [])

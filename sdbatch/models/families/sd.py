@@ -24,6 +24,7 @@ class StableDiffusion(DiffusersFamily):
     load_options = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     sdpa_modules = ("unet", "vae")
     channels_last = True
+    controlnet = "StableDiffusionControlNetPipeline"
     takes_embeddings = True
 
 

@@ -26,6 +26,7 @@ class StableDiffusionXL(DiffusersFamily):
     takes_embeddings = True  # A1111's SDXL embedding files: clip_l and clip_g tensors
     sdpa_modules = ("unet", "vae")
     channels_last = True
+    controlnet = "StableDiffusionXLControlNetPipeline"
 
     def size_conditioning(self, row: Row) -> dict[str, tuple[int, ...]]:
         """The row's own size, uncropped."""

@@ -22,6 +22,13 @@ def _manifest(tmp_path, rows):
     return open_manifest(str(path))
 
 
+def test_control_images_are_resolved_each_and_listed_in_order(tmp_path):
+    manifest = _manifest(tmp_path, [{"prompt": "a", "controlnet": "edges,depth:0.5", "control_image": "e.png | /d/d.png"}])
+    (row,) = read_rows(manifest, JobSpec(), 0, 1)
+    assert row.control_image == f"{tmp_path / 'e.png'}|/d/d.png"
+    assert row.images() == {"control_image": [str(tmp_path / "e.png"), "/d/d.png"]}
+
+
 def test_rows_hold_the_hires_pass_only_where_it_applies_and_the_mask_resolved(tmp_path):
     manifest = _manifest(
         tmp_path,
@@ -34,7 +41,7 @@ def test_rows_hold_the_hires_pass_only_where_it_applies_and_the_mask_resolved(tm
     assert (hires.hires_scale, hires.hires_strength, hires.hires_steps) == (2.0, 0.7, None)
     assert (inpaint.hires_scale, inpaint.hires_strength, inpaint.hires_steps) == (None, None, None)
     assert inpaint.mask_image == str(tmp_path / "m.png") and inpaint.is_inpaint and not hires.is_inpaint
-    assert inpaint.images() == {"init_image": str(tmp_path / "i.png"), "mask_image": str(tmp_path / "m.png")}
+    assert inpaint.images() == {"init_image": [str(tmp_path / "i.png")], "mask_image": [str(tmp_path / "m.png")]}
     every_row = load_spec(None, ["defaults.hires_scale=1.5", "defaults.hires_steps=4"])
     assert [(r.hires_scale, r.hires_steps) for r in read_rows(manifest, every_row, 0, 2)] == [(2.0, 4), (1.5, 4)]
 

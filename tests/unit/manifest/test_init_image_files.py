@@ -42,7 +42,7 @@ def test_unreadable_init_images_are_a_warning_listing_the_rows(manifest, tmp_pat
     assert report.ok, report.render()
     expected = _unreadable(tmp_path)
     [warning] = report.warnings
-    assert warning.startswith(f"{len(expected)} row(s) name an init_image that cannot be read now")
+    assert warning.startswith(f"{len(expected)} row(s) whose init_image cannot be read now")
     for rid, text in expected.items():
         assert f"(id {rid}): {tmp_path}/{text}" in warning
     assert "(id r0)" not in warning and "(id r6)" not in warning and "--strict" in warning
@@ -55,3 +55,16 @@ def test_strict_refuses_each_unreadable_row(manifest, tmp_path):
         rid: f"init_image must be a readable file; this one {text.split(' ', 1)[1]}" for rid, text in expected.items()}
     assert all(i.column == "init_image" and str(tmp_path) in i.fix for i in report.issues)
     assert not report.warnings
+
+
+def test_each_control_image_of_a_row_is_checked_too(tmp_path):
+    """Issue 26 item 6 for ControlNet rows: every image of ``control_image`` (``|``-separated)."""
+    (tmp_path / "edges.png").write_bytes(b"\x89PNG not checked here")
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": ["ok", "second"], "prompt": ["a", "a"], "controlnet": ["edges", "edges,depth"],
+                             "control_image": ["edges.png", "edges.png|depth.png"]}), path)
+    spec = JobSpec(controlnets={"edges": str(tmp_path), "depth": str(tmp_path)})
+    [warning] = validate_manifest(open_manifest(str(path)), spec).warnings
+    assert warning.startswith("1 row(s)") and f"(id second): control_image {tmp_path}/depth.png does not exist" in warning
+    [issue] = validate_manifest(open_manifest(str(path)), spec, strict=True).issues
+    assert (issue.id, issue.column) == ("second", "control_image") and "depth.png" not in issue.rule
