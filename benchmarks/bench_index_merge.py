@@ -79,8 +79,9 @@ MERGE = {
     ),
     "streaming": (
         "import os, pyarrow as pa\nfrom sdbatch.output.index import merge_index\n"
+        "from sdbatch.output.quality import DuplicateRule\n"
         "names = sorted(n[:-len('.parquet')] for n in os.listdir(sys.argv[1] + '/metadata'))\n"
-        "merge_index(storage, names, int(sys.argv[3]), {'label': pa.int64()}, 'bench', int(sys.argv[2]))\n"
+        "merge_index(storage, names, int(sys.argv[3]), {'label': pa.int64()}, 'bench', DuplicateRule(int(sys.argv[2])))\n"
     ),
 }
 
