@@ -138,8 +138,9 @@ def duplicates_statements(index_path: str, rule: DuplicateRule, dups_path: str, 
         f"CREATE TABLE m AS SELECT k.row, s.r0 FROM k JOIN s USING ({_SHA_KEY}) WHERE s.r0 < k.row",
         # each row paired with the first of its hash group: the same bytes (a duplicate), or a
         # hash collision ("stray"), whose rows are then grouped on the full sha256
-        "CREATE TABLE checked AS SELECT m.row, m.r0, a.sha256, a.scope, a.sha256 = b.sha256 AS same "
-        "FROM m JOIN k a ON a.row = m.row JOIN k b ON b.row = m.r0",
+        "CREATE TABLE ma AS SELECT m.row, m.r0, a.sha256, a.scope FROM m JOIN k a ON a.row = m.row",
+        "CREATE TABLE checked AS SELECT ma.*, ma.sha256 = b.sha256 AS same FROM ma JOIN (SELECT row, sha256 FROM k) b "
+        "ON b.row = ma.r0",
         "CREATE TABLE c AS SELECT row, r0 FROM checked WHERE same",
         "INSERT INTO c SELECT t.row, f.r0 FROM checked t JOIN (SELECT sha256, scope, min(row) AS r0 FROM checked "
         "WHERE NOT same GROUP BY sha256, scope) f USING (sha256, scope) WHERE f.r0 < t.row",
