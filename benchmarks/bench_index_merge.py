@@ -15,6 +15,13 @@ their ratios, and checks that both indexes hold the same rows in the same order.
 
     python benchmarks/bench_index_merge.py [--rows 1000000] [--rows-per-shard 1000] [--duplicate-distance 0]
     python benchmarks/bench_index_merge.py --wide-columns 20000   # the merge of a 20,000-column index
+    python benchmarks/bench_index_merge.py --duplicates-only --rows 100000 1000000 10000000 --baseline /work/main
+
+``--duplicates-only`` (issue 23: the merge at 10M rows): ``quality.mark_duplicates`` alone on a
+synthetic merged index (row, id, random sha256 / phash / colour hash, all distinct, written in
+16,384-row groups), this tree against the code at ``--baseline PATH`` if given, each in a fresh
+process; a contender that fails (DuckDB out of memory) is reported as failed, and the two
+outputs' ``duplicate_of`` columns must be equal.
 """
 
 from __future__ import annotations
@@ -72,8 +79,9 @@ MERGE = {
     ),
     "streaming": (
         "import os, pyarrow as pa\nfrom sdbatch.output.index import merge_index\n"
+        "from sdbatch.output.quality import DuplicateRule\n"
         "names = sorted(n[:-len('.parquet')] for n in os.listdir(sys.argv[1] + '/metadata'))\n"
-        "merge_index(storage, names, int(sys.argv[3]), {'label': pa.int64()}, 'bench', int(sys.argv[2]))\n"
+        "merge_index(storage, names, int(sys.argv[3]), {'label': pa.int64()}, 'bench', DuplicateRule(int(sys.argv[2])))\n"
     ),
 }
 
@@ -94,17 +102,65 @@ started = time.perf_counter()
 assert merge_index(storage, ["00000"], 1, labels, "fp").rows == 1
 print(f"{time.perf_counter() - started:.2f}")
 """
+#: ``--duplicates-only``: a synthetic merged index of ``rows`` rows, all images distinct.
+DUPLICATES_INDEX = r"""
+import os, sys
+import numpy as np, pyarrow as pa, pyarrow.parquet as pq
+rows, group = int(sys.argv[2]), 16_384
+schema = pa.schema([("row", pa.int64()), ("id", pa.string()), ("sha256", pa.string()), ("phash", pa.string()),
+                    ("colour_hash", pa.string()), ("status", pa.string()), ("duplicate_of", pa.string())])
+def hexes(n, width):
+    return pa.array(np.frombuffer(os.urandom(n * width // 2).hex().encode(), dtype=f"S{width}").astype(str))
+with pq.ParquetWriter(sys.argv[1], schema, compression="zstd") as writer:
+    for start in range(0, rows, group):
+        n = min(group, rows - start)
+        writer.write_table(pa.table({"row": np.arange(start, start + n), "id": [f"img-{i:09d}" for i in range(start, start + n)],
+            "sha256": hexes(n, 64), "phash": hexes(n, 16), "colour_hash": hexes(n, 11), "status": ["ok"] * n,
+            "duplicate_of": pa.nulls(n, pa.string())}, schema=schema))
+"""
+MARK_DUPLICATES = r"""
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from sdbatch.output.quality import DuplicateRule, mark_duplicates
+mark_duplicates(Path(sys.argv[2]), Path(sys.argv[3]), DuplicateRule())
+"""
 PRELUDE = "import sys\nfrom sdbatch.storage.local import LocalStorage\nstorage = LocalStorage(sys.argv[1])\n"
 
 
-def run_child(code: str, *args: str) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of ``python -c code args`` in a fresh process."""
+def run_child(code: str, *args: str, check: bool = True) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of ``python -c code args`` in a fresh process; with
+    ``check=False`` a failed child's RSS is negative."""
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", code, *args])
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"child failed with {os.waitstatus_to_exitcode(status)}")
+        if check:
+            raise SystemExit(f"child failed with {os.waitstatus_to_exitcode(status)}")
+        return time.perf_counter() - started, -usage.ru_maxrss * 1024
     return time.perf_counter() - started, usage.ru_maxrss * 1024
+
+
+def bench_duplicates(sizes: list[int], baseline: str | None) -> None:
+    """``--duplicates-only``: mark_duplicates at each size, this tree (and ``baseline``) side by side."""
+    import pyarrow.parquet as pq
+
+    contenders = {"this tree": os.path.dirname(os.path.dirname(os.path.abspath(__file__))), **({"baseline": baseline} if baseline else {})}
+    print(f"{platform.node()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+    for rows in sizes:
+        with tempfile.TemporaryDirectory(prefix="sdbatch-bench-dups-") as tmp:
+            index = os.path.join(tmp, "index.parquet")
+            run_child(DUPLICATES_INDEX, index, str(rows))
+            marked = {}
+            for name, tree in contenders.items():
+                out = os.path.join(tmp, f"{name}.parquet")
+                wall, rss = run_child(MARK_DUPLICATES, tree, index, out, check=False)
+                ok = rss > 0
+                marked[name] = pq.read_table(out, columns=["duplicate_of"]).column(0) if ok else None
+                print(f"{rows:>11,} rows, {name:>9}: {wall:7.1f} s wall, peak RSS {abs(rss) / 2**20:5.0f} MiB"
+                      f"{'' if ok else '  FAILED'}", flush=True)
+            if all(v is not None for v in marked.values()) and len({str(v) for v in marked.values()}) > 1:
+                raise SystemExit(f"{rows:,} rows: the contenders' duplicate_of columns differ")
 
 
 def index_ids(path: str) -> tuple[int, str, int]:
@@ -120,12 +176,18 @@ def index_ids(path: str) -> tuple[int, str, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000])
     parser.add_argument("--rows-per-shard", type=int, default=1000)
     parser.add_argument("--duplicate-distance", type=int, default=0)
     parser.add_argument("--wide-columns", type=int, default=0,
                         help="instead: merge one row of this many passthrough columns (e.g. 20000)")
+    parser.add_argument("--duplicates-only", action="store_true", help="instead: mark_duplicates alone at each --rows")
+    parser.add_argument("--baseline", help="with --duplicates-only: a checkout of the code to compare with")
     args = parser.parse_args()
+    if args.duplicates_only:
+        bench_duplicates(args.rows, args.baseline)
+        return
+    args.rows = args.rows[0]
     if args.wide_columns:
         with tempfile.TemporaryDirectory(prefix="sdbatch-bench-wide-") as tmp:
             started = time.perf_counter()

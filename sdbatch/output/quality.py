@@ -14,7 +14,9 @@ a colour hash within ``scoring.duplicate_colour_max_distance`` bits — so a gre
 a duplicate of the red triangle of the same seed. With ``scoring.dedup_within`` (a label column)
 only rows with the same value of it are compared. Rows merged before the colour hash existed
 compare by phash among themselves only. It runs in DuckDB over the merged index on local disk, with a memory limit (spilling to disk
-past it), so the driver's memory stays bounded whatever the number of rows. Near (not exact)
+past it), so the driver's memory stays bounded whatever the number of rows: its groups and joins
+are keyed on integers (the phash and colour hash as such, the sha256 by its hash, the pairs then
+checked on the full sha256) and carry rows, not ids. Near (not exact)
 phash matches use multi-index hashing: two 64-bit hashes within d bits agree exactly on at
 least one of d+1 disjoint blocks, so only hashes sharing a block are compared.
 
@@ -83,8 +85,13 @@ def measure_image(image: Any, blank_max_std: float) -> dict[str, Any]:
     }
 
 
-#: The key of a distinct image in the duplicate search: phash, colour hash, scope.
-_KEY = "phash, cv, scope"
+#: The key of a distinct image in the duplicate search: phash (as an integer), colour hash, scope.
+_KEY = "v, cv, scope"
+
+#: The key of a sha256 group: DuckDB's 64-bit hash of it and the scope. Fixed-width, so the
+#: aggregate's hash table spills past the memory limit (64-character string keys ran it out of
+#: memory at 10M rows; issue 23); the rows it pairs are then checked on the full sha256.
+_SHA_KEY = "h, scope"
 
 
 def _block_joins(rule: DuplicateRule) -> list[str]:
@@ -97,11 +104,11 @@ def _block_joins(rule: DuplicateRule) -> list[str]:
     for lo, hi in zip(edges, edges[1:]):
         mask = (1 << (hi - lo)) - 1
         statements.append(
-            "INSERT INTO near SELECT a.phash, a.cv, a.scope, min(b.r0), arg_min(b.id0, b.r0) FROM p a JOIN p b "
+            "INSERT INTO near SELECT a.v, a.cv, a.scope, min(b.r0) FROM p a JOIN p b "
             f"ON (a.v >> {lo}) & {mask} = (b.v >> {lo}) & {mask} AND a.scope = b.scope "
-            "AND (a.phash <> b.phash OR a.cv <> b.cv) "
+            "AND (a.v <> b.v OR a.cv <> b.cv) "
             f"AND bit_count(xor(a.v, b.v)) <= {rule.max_distance} "
-            f"AND bit_count(xor(a.cv, b.cv)) <= {rule.colour_max_distance} GROUP BY a.phash, a.cv, a.scope"
+            f"AND bit_count(xor(a.cv, b.cv)) <= {rule.colour_max_distance} GROUP BY a.v, a.cv, a.scope"
         )
     return statements
 
@@ -110,29 +117,38 @@ def duplicates_statements(index_path: str, rule: DuplicateRule, dups_path: str, 
     """DuckDB statements writing ``(row, duplicate_of)`` — every row of the index (whose
     columns are ``columns``) with an earlier duplicate, ordered by row — to ``dups_path``. One
     join at a time, each into a table of the on-disk database, so no two hash tables compete
-    for the memory limit."""
+    for the memory limit. The searches carry rows only (``min(row)``, fixed-width states that
+    spill); the id of each row's earliest duplicate is looked up once, at the end."""
     colour = (f"coalesce(CAST('0x' || colour_hash AS UBIGINT), {NO_COLOUR_HASH})" if "colour_hash" in columns
               else f"CAST({NO_COLOUR_HASH} AS UBIGINT)")
     # the scope's value as text, a null label its own scope
     scope = (f"CASE WHEN \"{_escape_name(rule.within)}\" IS NULL THEN 'n' "
              f"ELSE 'v' || CAST(\"{_escape_name(rule.within)}\" AS VARCHAR) END") if rule.within else "''"
+    rows_marked = f"FROM read_parquet('{index_path}') WHERE status = 'ok' AND sha256 IS NOT NULL"
     near = [] if rule.exact else [
-        "CREATE TABLE near (phash VARCHAR, cv UBIGINT, scope VARCHAR, r0 BIGINT, id0 VARCHAR)",
+        "CREATE TABLE near (v UBIGINT, cv UBIGINT, scope VARCHAR, r0 BIGINT)",
         *_block_joins(rule),
-        f"INSERT INTO c SELECT k.row, n.r0, n.id0 FROM k JOIN (SELECT {_KEY}, min(r0) AS r0, arg_min(id0, r0) AS id0 "
+        f"INSERT INTO c SELECT k.row, n.r0 FROM k JOIN (SELECT {_KEY}, min(r0) AS r0 "
         f"FROM near GROUP BY {_KEY}) n USING ({_KEY}) WHERE n.r0 < k.row",
     ]
     return [
-        f"CREATE TABLE k AS SELECT row, id, sha256, phash, {colour} AS cv, {scope} AS scope FROM read_parquet("
-        f"'{index_path}') WHERE status = 'ok' AND sha256 IS NOT NULL",
-        "CREATE TABLE s AS SELECT sha256, scope, min(row) AS r0, arg_min(id, row) AS id0 FROM k GROUP BY sha256, scope",
-        f"CREATE TABLE p AS SELECT {_KEY}, CAST('0x' || phash AS UBIGINT) AS v, min(row) AS r0, "
-        f"arg_min(id, row) AS id0 FROM k WHERE phash IS NOT NULL GROUP BY {_KEY}",
-        "CREATE TABLE c AS SELECT k.row, s.r0, s.id0 FROM k JOIN s USING (sha256, scope) WHERE s.r0 < k.row",
-        f"INSERT INTO c SELECT k.row, p.r0, p.id0 FROM k JOIN p USING ({_KEY}) WHERE p.r0 < k.row",
+        f"CREATE TABLE k AS SELECT row, hash(sha256) AS h, sha256, CAST('0x' || phash AS UBIGINT) AS v, {colour} AS cv, "
+        f"{scope} AS scope {rows_marked}",
+        f"CREATE TABLE s AS SELECT {_SHA_KEY}, min(row) AS r0 FROM k GROUP BY {_SHA_KEY}",
+        f"CREATE TABLE m AS SELECT k.row, s.r0 FROM k JOIN s USING ({_SHA_KEY}) WHERE s.r0 < k.row",
+        # each row paired with the first of its hash group: the same bytes (a duplicate), or a
+        # hash collision ("stray"), whose rows are then grouped on the full sha256
+        "CREATE TABLE ma AS SELECT m.row, m.r0, a.sha256, a.scope FROM m JOIN k a ON a.row = m.row",
+        "CREATE TABLE checked AS SELECT ma.*, ma.sha256 = b.sha256 AS same FROM ma JOIN (SELECT row, sha256 FROM k) b "
+        "ON b.row = ma.r0",
+        "CREATE TABLE c AS SELECT row, r0 FROM checked WHERE same",
+        "INSERT INTO c SELECT t.row, f.r0 FROM checked t JOIN (SELECT sha256, scope, min(row) AS r0 FROM checked "
+        "WHERE NOT same GROUP BY sha256, scope) f USING (sha256, scope) WHERE f.r0 < t.row",
+        f"CREATE TABLE p AS SELECT {_KEY}, min(row) AS r0 FROM k WHERE v IS NOT NULL GROUP BY {_KEY}",
+        f"INSERT INTO c SELECT k.row, p.r0 FROM k JOIN p USING ({_KEY}) WHERE p.r0 < k.row",
         *near,
-        f"COPY (SELECT row, arg_min(id0, r0) AS duplicate_of FROM c GROUP BY row ORDER BY row) TO '{dups_path}' "
-        "(FORMAT parquet)",
+        "COPY (SELECT d.row, i.id AS duplicate_of FROM (SELECT row, min(r0) AS r0 FROM c GROUP BY row) d "
+        f"JOIN (SELECT row, id {rows_marked}) i ON i.row = d.r0 ORDER BY d.row) TO '{dups_path}' (FORMAT parquet)",
     ]
 
 
@@ -191,8 +207,9 @@ def mark_duplicates(index_path: Path, out_path: Path, rule: DuplicateRule) -> in
 
     with tempfile.TemporaryDirectory(prefix="sdbatch-dups-") as tmp:
         dups_path = Path(tmp) / "duplicates.parquet"
+        # one thread: at 10M rows a join's hash table on two threads ran out of 64MB (issue 23)
         con = duckdb.connect(str(Path(tmp) / "duplicates.duckdb"), config={
-            "memory_limit": DUPLICATES_MEMORY_LIMIT, "temp_directory": tmp, "threads": 2,
+            "memory_limit": DUPLICATES_MEMORY_LIMIT, "temp_directory": tmp, "threads": 1,
             "preserve_insertion_order": False,
         })
         try:
