@@ -56,12 +56,27 @@ class HiddenLayer(EmbeddingsProvider):
         return self.text_encoder.text_model.final_layer_norm(hidden) if self.normalized else hidden
 
 
+class _Inversions(DiffusersTextualInversionManager):
+    """compel's textual-inversion expansion over the tokenizer it serves: compel's own reads
+    ``pipe.tokenizer``, which an SDXL refiner (only ``tokenizer_2``) does not have."""
+
+    def __init__(self, pipe: Any, tokenizer: Any) -> None:
+        super().__init__(pipe)
+        self.tokenizer = tokenizer
+
+    def expand_textual_inversion_token_ids_if_necessary(self, token_ids: list[int]) -> list[int]:
+        if not token_ids:
+            return token_ids
+        prompt = self.pipe.maybe_convert_prompt(self.tokenizer.decode(token_ids), self.tokenizer)
+        return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+
+
 def clip_compel(pipe: Any, tokenizer: Any, encoder: Any, weighting: PromptWeighting, clip_skip: int | None) -> Compel:
     """A compel over one CLIP encoder of ``pipe``, reading the layer its pipeline reads for
     ``clip_skip`` (diffusers' count: layers skipped), long prompts in chunks, multi-vector
     textual-inversion tokens expanded as the pipeline expands them."""
     # a pipeline that loads textual inversions (SD, SDXL) expands their multi-vector tokens
-    inversions = DiffusersTextualInversionManager(pipe) if hasattr(pipe, "maybe_convert_prompt") else None
+    inversions = _Inversions(pipe, tokenizer) if hasattr(pipe, "maybe_convert_prompt") else None
     compel = Compel(tokenizer=tokenizer, text_encoder=encoder, truncate_long_prompts=False,
                     textual_inversion_manager=inversions)
     # SD: the layer clip_skip picks, normalised; SDXL / SD3: the penultimate (or deeper), not
