@@ -27,7 +27,14 @@ from typing import TYPE_CHECKING, Any
 
 from sdbatch.audit.job_output import AuditError, JobOutput, open_job
 from sdbatch.data.index import STATUS_OK
-from sdbatch.data.record import ImageRecord, embedded_record, image_sha256_fields, passthrough_of, row_from_stored
+from sdbatch.data.record import (
+    ImageRecord,
+    conditioning_inputs,
+    embedded_record,
+    image_sha256_fields,
+    passthrough_of,
+    row_from_stored,
+)
 from sdbatch.data.row import Row
 from sdbatch.models.speed import AppliedSpeed
 from sdbatch.output import encode
@@ -259,9 +266,10 @@ class Reproducer:
                                  "regenerating without it")
                     rebuilt = False
                     continue
-                init_images.append(loaded["init_image"][0][0] if "init_image" in loaded else None)
-                masks.append(loaded["mask_image"][0][0] if "mask_image" in loaded else None)
-                controls.append([image for image, _ in loaded.get("control_image", ())])
+                init, mask, control = conditioning_inputs(loaded)
+                init_images.append(init)
+                masks.append(mask)
+                controls.append(control)
                 hashes[row.id] = image_sha256_fields(loaded)
                 kept.append(row)
             rows = kept

@@ -76,6 +76,13 @@ def image_sha256_fields(loaded: dict[str, list[tuple[Any, str]]]) -> dict[str, A
             for column, images in loaded.items()}
 
 
+def conditioning_inputs(loaded: dict[str, list[tuple[Any, str]]]) -> tuple[Any, Any, list[Any]]:
+    """A row's conditioning images as read (column → (image, sha256 hex) of each), in the form
+    ``generate`` takes them: the init image, the mask (each or None), the control images."""
+    first = {column: images[0][0] for column, images in loaded.items() if images}
+    return first.get("init_image"), first.get("mask_image"), [image for image, _ in loaded.get("control_image", ())]
+
+
 def index_row(row: Row, shard_name: str, record: ImageRecord | None = None, **result: Any) -> dict[str, Any]:
     """One row of the shard index: the row's parameters, the record's indexed facts (none for a
     row that failed before it had a record), the ``result`` columns, the passthrough columns.

@@ -32,7 +32,7 @@ import pyarrow as pa
 from PIL import Image
 
 from sdbatch.data.index import STATUS_FAILED, STATUS_OK, index_schema
-from sdbatch.data.record import ImageRecord, image_sha256_fields, index_row
+from sdbatch.data.record import ImageRecord, conditioning_inputs, image_sha256_fields, index_row
 from sdbatch.data.row import Row
 from sdbatch.output import encode
 from sdbatch.output.commits import commit_shard, metadata_key, read_commit, read_shard_index
@@ -241,9 +241,10 @@ class ShardRunner:
                     fail_row(row, str(exc))
                     continue
                 good.append(row)
-                images_in.append(loaded["init_image"][0][0] if "init_image" in loaded else None)
-                masks_in.append(loaded["mask_image"][0][0] if "mask_image" in loaded else None)
-                controls_in.append([image for image, _ in loaded.get("control_image", ())])
+                init, mask, controls = conditioning_inputs(loaded)
+                images_in.append(init)
+                masks_in.append(mask)
+                controls_in.append(controls)
                 hashes[row.id] = image_sha256_fields(loaded)
             if good:
                 bid = batch_id(unit, number)
