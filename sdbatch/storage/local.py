@@ -248,7 +248,8 @@ class LocalStorage:
     def list_sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         for key in self.list(prefix):
             try:
-                yield key, (self.root / key).stat().st_size
+                # os.stat of a str: pathlib would intern every name, growing the interpreter's table with the rows
+                yield key, os.stat(os.path.join(self.root, key)).st_size
             except FileNotFoundError:  # deleted since it was listed, as on S3
                 continue
 

@@ -402,7 +402,8 @@ def tracker_then_broken_shard(ray_address, tmp_path_factory):
     out = tmp / "out"
     args = ["submit", manifest, "--out", out, *FAST, "--workers", "1"]
     runs = {}
-    for name, env in (("tracker", chaos_env(tmp, kill_tracker_after_commits=1)),
+    # shard 00002 is held: the worker cannot commit the rest before the driver sees the tracker gone
+    for name, env in (("tracker", chaos_env(tmp, kill_tracker_after_commits=1, hold_shards=["00002"])),
                       ("broken", chaos_env(tmp, broken_shards=["00003"])), ("resume", None)):
         run = sdbatch_cli(ray_address, *args, env=env)
         progress = json.loads((out / "_sdbatch" / "progress.json").read_text())
