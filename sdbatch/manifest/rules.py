@@ -365,6 +365,9 @@ def check_model_rules(b: BatchUnderCheck, family: FamilyAdapter, rules: tuple[Ro
         if name not in family.honours and not pa.types.is_null(arr.type):
             b.flag(name, pc.is_valid(arr), f"{name} is not used by {family.name} models ({family.class_name})",
                    f"leave {name} null for this model, or use a model that takes it", arr)
+    if family.edits:  # an instruction-edit model edits each row's source image
+        b.flag("init_image", ~set_in_row(b, "init_image"), f"{family.name} models ({family.class_name}) edit a "
+               "source image: every row needs an init_image", "set init_image to the image this row's prompt edits")
     for rule in rules:
         if rule.column not in family.honours:
             continue  # refused above wherever a row sets it

@@ -267,11 +267,12 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
                     unreadable.check(b, init, strict, name)
             img2img += int(has_init.sum())
             st = b.cols.get("strength")
-            # img2img runs int(steps * strength) denoising steps; zero steps would make no image
+            # img2img runs int(steps * strength) denoising steps; zero steps would make no image (an
+            # instruction-edit model's rows have no strength: they run every step)
             steps_v = np.full(n, float(d.steps)) if s is None or pa.types.is_null(s.type) else filled_numpy(s, d.steps, np.float64)
             strength_v = (np.full(n, float(d.strength)) if st is None or pa.types.is_null(st.type)
                           else filled_numpy(st.cast(pa.float64()), float(d.strength), np.float64))
-            no_steps = has_init & (strength_v > 0) & (strength_v <= 1) & (steps_v >= 1) & (np.floor(steps_v * strength_v) < 1)
+            no_steps = has_init & (not (family and family.edits)) & (strength_v > 0) & (strength_v <= 1) & (steps_v >= 1) & (np.floor(steps_v * strength_v) < 1)
             b.flag("strength", no_steps, "img2img needs steps * strength >= 1 (it runs int(steps * strength) denoising steps)",
                    "raise strength or steps for this row", pa.array(strength_v))
             for column in CONDITIONAL:

@@ -524,6 +524,8 @@ class DiffusersModel:
         self.loras.use(first.loras)
         if first.is_img2img and self.img2img is None:
             raise ModelError(f"row {first.id} has an init image, but {self.family.name} models have no img2img pipeline")
+        if self.family.edits and not first.is_img2img:
+            raise ModelError(f"row {first.id} has no init_image, and {self.family.name} models edit one")
         if (first.is_inpaint and self.inpaint is None) or (first.hires_scale is not None and self.img2img is None):
             raise ModelError(f"row {first.id}: {self.family.name} models take no mask_image or hires-fix pass here")
         self.prompts.context = first.loras  # an adapter on a text encoder changes its embeddings
@@ -541,10 +543,10 @@ class DiffusersModel:
             images = [resize_for_row(img, first.width, first.height) for img in _one_each(init_images, rows, "init image")]
             extra = self.family.img2img_kwargs(first)
             if first.is_inpaint:  # the mask cropped as its init image is; white = repaint
-                extra = {"mask_image": [resize_for_row(m, first.width, first.height)
-                                        for m in _one_each(masks, rows, "mask")],
+                extra = {"strength": first.strength, "mask_image": [resize_for_row(m, first.width, first.height)
+                                                                    for m in _one_each(masks, rows, "mask")],
                          "height": first.height, "width": first.width}
-            latents = pipe(image=images, strength=first.strength, **extra, **stop, **common).images
+            latents = pipe(image=images, **extra, **stop, **common).images
         else:
             latents = pipe(height=first.height, width=first.width, **control, **stop, **common).images
         if switch is not None:

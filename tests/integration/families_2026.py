@@ -176,3 +176,16 @@ def write_gguf(transformer_folder: Path, path: Path, *, quantized: bool) -> Path
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def build_flux_kontext(folder: Path) -> Path:
+    """A tiny FLUX.1 Kontext [dev]: FLUX.1 [dev]'s components (``FluxKontextPipeline`` takes the
+    same ones) saved under the Kontext pipeline class."""
+    import json
+
+    from integration.model_families import build_flux
+
+    build_flux(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxKontextPipeline"}, indent=2))
+    return folder

@@ -186,6 +186,10 @@ class FamilyAdapter(ABC):
     #: (``models.prompt_weights``: A1111 emphasis, BREAK, 75-token chunks); None: prompts are
     #: read literally (T5/LLM encoders), validation warns about the syntax
     weighted_prompts: ClassVar[PromptWeighting | None] = None
+    #: an instruction-edit model (FLUX.1 Kontext): every row edits its ``init_image`` (required:
+    #: validation and the runtime refuse a row without one) through the ``img2img`` pipeline, with
+    #: ``img2img_kwargs`` (no strength: the source image conditions the whole run)
+    edits: ClassVar[bool] = False
     #: the diffusers pipeline class its ControlNet rows run (built with from_pipe: shared modules);
     #: "" = the family takes no ControlNet
     controlnet: ClassVar[str] = ""
@@ -355,9 +359,9 @@ class DiffusersFamily(FamilyAdapter):
         )
 
     def img2img_kwargs(self, first: Row) -> dict[str, Any]:
-        """Extra arguments of the img2img call (beyond image and strength): the row's size for
+        """The img2img call's arguments beyond the image: the row's strength, and its size for
         an img2img pipeline that renders at its native size unless told (``img2img_size``)."""
-        return {"height": first.height, "width": first.width} if self.img2img_size else {}
+        return {"strength": first.strength, **({"height": first.height, "width": first.width} if self.img2img_size else {})}
 
     def unpack_latents(self, pipe: Any, latents: Any, first: Row) -> Any:
         """The latents as the VAE reads them, from those the pipeline returns with
