@@ -117,3 +117,9 @@ def test_qwen_image_edit_is_refused_naming_what_it_lacks(kontext, tmp_path, clas
     assert result.exit_code == 2, text
     assert f"{class_name!r}: Qwen-Image-Edit is not run yet: its prompt processor (transformers' Qwen2VLProcessor" in text
     assert "needs torchvision" in text and "use FLUX.1 Kontext (FluxKontextPipeline)" in text and "Traceback" not in text
+
+
+def test_a_job_default_strength_on_an_edit_model_is_refused(kontext):
+    code, text = _validate(kontext, "default-strength", ROWS, "--set", "defaults.strength=0.5")
+    assert code == 2, text
+    assert "column 'defaults.strength': value 0.5" in text and "edits take no strength" in text, text
