@@ -248,6 +248,33 @@ class LimitsSpec(_Section):
         "folder and the buckets the job already uses")
 
 
+class IPAdapterSpec(_Section):
+    """The job's IP-Adapter (SD 1.x/2.x, SDXL): rows with an ``ip_adapter_image`` are conditioned
+    on it through these weights; both are local (copy them to each node) and pinned by content
+    with the model."""
+
+    weights: str = Field(description="the IP-Adapter's .safetensors file (image_proj.* and ip_adapter.* tensors, "
+                         "as h94/IP-Adapter ships them)")
+    image_encoder: str = Field(description="its image encoder: a local transformers CLIPVisionModelWithProjection "
+                               "folder (config.json and model.safetensors)")
+
+    @field_validator("weights", "image_encoder")
+    @classmethod
+    def _local(cls, path: str, info: Any) -> str:
+        """Local paths, made absolute (workers run elsewhere)."""
+        if is_s3(path):
+            raise ValueError(f"ip_adapter.{info.field_name}: {path}: a local path is loaded (copy it to each node)")
+        if info.field_name == "weights" and not path.endswith(".safetensors"):
+            raise ValueError(f"ip_adapter.weights: {path}: only a .safetensors file is loaded (pickle .bin files are "
+                             "refused: convert with safetensors.torch.save_file)")
+        return str(Path(path).expanduser().absolute())
+
+    @property
+    def files(self) -> tuple[str, str]:
+        """(weights, image_encoder), as ``models`` loads them."""
+        return self.weights, self.image_encoder
+
+
 class JobSpec(_Section):
     seed: int = Field(0, ge=0, lt=2**63, description="job seed; rows without a seed derive theirs from it and the row id")
     model: ModelSpec = ModelSpec()
@@ -275,6 +302,10 @@ class JobSpec(_Section):
         description="ControlNet models rows may use (SD 1.x/2.x, SDXL): NAME -> local diffusers ControlNet folder; a "
         "row names them in its controlnet column with its control_image; pinned by content with the model",
     )
+
+    ip_adapter: IPAdapterSpec | None = Field(
+        None, description="the IP-Adapter rows with an ip_adapter_image use (SD 1.x/2.x, SDXL): {weights: FILE.safetensors, "
+        "image_encoder: FOLDER}; pinned by content with the model")
 
     @field_validator("controlnets")
     @classmethod
@@ -329,6 +360,8 @@ class JobSpec(_Section):
                          *((f"loras.{name}", path) for name, path in self.loras.items()),
                          *((f"embeddings.{name}", path) for name, path in self.embeddings.items()),
                          *((f"controlnets.{name}", path) for name, path in self.controlnets.items()),
+                         *((f"ip_adapter.{key}", path) for key, path in (self.ip_adapter.model_dump().items()
+                                                                           if self.ip_adapter else ())),
                          *(("limits.init_image_roots", root) for root in self.limits.init_image_roots)):
             if uri:
                 check_uri(uri, key)
@@ -384,6 +417,7 @@ class JobSpec(_Section):
             **({"vae": self.model.vae} if self.model.vae else {}),  # its pin: the model pin
             **({"embeddings": self.embeddings} if self.embeddings else {}),  # their sha256: the model pin
             **({"controlnets": self.controlnets} if self.controlnets else {}),  # their content: the model pin
+            **({"ip_adapter": self.ip_adapter.model_dump()} if self.ip_adapter else {}),  # its content: the model pin
             "dtype": self.model.dtype,
             "compile": self.model.compile,
             # left out at its default, so jobs from before it keep their fingerprint

@@ -195,6 +195,7 @@ class Reproducer:
                                                vae=spec.model.vae, embeddings=spec.embeddings,
                                                prompt_syntax=spec.model.prompt_syntax,
                                                controlnets=spec.controlnets,
+                                               ip_adapter=spec.ip_adapter.files if spec.ip_adapter else None,
                                                # offloading needs CUDA; it moves weights, not the arithmetic
                                                offload=spec.model.offload if device == "cuda" else "none")
         return self._generators[key]
@@ -249,9 +250,10 @@ class Reproducer:
         init_images: list | None = None
         masks: list | None = None
         controls: list | None = None
+        references: list | None = None
         hashes: dict[str, dict[str, Any]] = {}  # per row: its conditioning images' sha256 fields, as read now
         if target.images():
-            init_images, masks, controls, kept = [], [], [], []
+            init_images, masks, controls, references, kept = [], [], [], [], []
             for row in rows:
                 try:
                     loaded = {column: [self._init_image(location) for location in locations]
@@ -260,22 +262,24 @@ class Reproducer:
                     if row.id == target.id:
                         raise AuditError(
                             f"row {target.id}: its conditioning images {row.images()} cannot be read ({exc}); an "
-                            "img2img, inpainting or ControlNet row is reproduced from its images at the recorded locations"
+                            "img2img, inpainting, ControlNet or IP-Adapter row is reproduced from its images at the recorded locations"
                         ) from None
                     notes.append(f"batch-mate {row.id}: a conditioning image of {row.images()} is unreadable; "
                                  "regenerating without it")
                     rebuilt = False
                     continue
-                init, mask, control = conditioning_inputs(loaded)
+                init, mask, control, reference = conditioning_inputs(loaded)
                 init_images.append(init)
                 masks.append(mask)
                 controls.append(control)
+                references.append(reference)
                 hashes[row.id] = image_sha256_fields(loaded)
                 kept.append(row)
             rows = kept
         generated = gen.generate(rows, init_images if target.is_img2img else None,
                                  **({"masks": masks} if target.is_inpaint else {}),
-                                 **({"control_images": controls} if target.controlnet is not None else {}))
+                                 **({"control_images": controls} if target.controlnet is not None else {}),
+                                 **({"ip_adapter_images": references} if target.ip_adapter_scale is not None else {}))
         result = {"images": {r.id: pixels for r, pixels in zip(rows, generated.pixels)}, "notes": notes, "rebuilt": rebuilt,
                   "rows": [r.id for r in rows], "hashes": hashes,
                   "init_sha256": {rid: h["init_image_sha256"] for rid, h in hashes.items() if "init_image_sha256" in h}}
@@ -310,6 +314,11 @@ class Reproducer:
         if record.control_image_sha256 and control_now and control_now != record.control_image_sha256:
             notes.insert(0, f"control image(s) {record.row.control_image} changed since generation (sha256 differs from "
                             "the record); the regenerated image is expected to differ")
+        reference_now = now.get("ip_adapter_image_sha256")
+        if record.ip_adapter_image_sha256 and reference_now and reference_now != record.ip_adapter_image_sha256:
+            notes.insert(0, f"reference image {record.row.ip_adapter_image} changed since generation: recorded sha256 "
+                            f"{record.ip_adapter_image_sha256[:12]}…, now {reference_now[:12]}…; the regenerated image is "
+                            "expected to differ")
         return notes
 
     # -- one row -------------------------------------------------------------------------------

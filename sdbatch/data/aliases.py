@@ -80,6 +80,11 @@ FOREIGN_COLUMNS: dict[str, Foreign] = {
     "mask_blur": Foreign(instead="sdbatch reads the mask as it is: blur the mask file"),
     "override_settings": Foreign(instead="settings are the job spec's (sdbatch spec lists them)"),
     "lora": _rename("loras"), "lora_scale": _rename("loras"),
+    # diffusers' set_ip_adapter_scale, ComfyUI's IPAdapter weight; the reference image under its other names
+    "ip_adapter_weight": _rename("ip_adapter_scale"), "ipadapter_weight": _rename("ip_adapter_scale"),
+    "ipadapter_image": _rename("ip_adapter_image"), "reference_image": _rename("ip_adapter_image"),
+    "ip_adapter_image_embeds": Foreign(instead="sdbatch encodes each row's ip_adapter_image with the spec's "
+                                               "ip_adapter.image_encoder: give the image"),
 }
 
 

@@ -108,7 +108,7 @@ class Column:
     #: a manifest value as the Row holds it, where a value has other spellings (scheduler:
     #: AUTOMATIC1111's sampler names); None: the value as it is
     canonical: Callable[[Any], Any] | None = None
-    #: a conditioning image (init_image, mask_image, control_image): a location resolved like
+    #: a conditioning image (init_image, mask_image, control_image, ip_adapter_image): a location resolved like
     #: init_image, read by the workers' bounded loader inside the job's init-image places, its
     #: bytes' sha256 recorded
     image: bool = False
@@ -353,6 +353,24 @@ COLUMNS: tuple[Column, ...] = (
            applies_when=AppliesWhen("control_image is only for ControlNet rows: it needs controlnet in the same row",
                                     "name the row's ControlNets in its controlnet column, or leave control_image null",
                                     row_column="controlnet")),
+    # IP-Adapter (issue 26): the row's reference image, read by the job's declared ``ip_adapter``
+    # (its image encoder), and how strongly it conditions the image; a batch runs at one scale
+    Column("ip_adapter_image", pa.string(), _TEXT, "a string column",
+           "write ip_adapter_image as path strings (relative to the manifest) or s3:// URIs", nullable=True,
+           recorded_when_set=True, image=True,
+           applies_when=AppliesWhen("ip_adapter_image is only for jobs with an IP-Adapter, and ip_adapter is not set",
+                                    "declare the adapter in the spec (ip_adapter: {weights: FILE.safetensors, "
+                                    "image_encoder: FOLDER}), or leave ip_adapter_image null", spec_key="ip_adapter")),
+    Column("ip_adapter_scale", pa.float64(), _NUMBER, "a float column", "write ip_adapter_scale as float64",
+           default=1.0, spec_bounds={"ge": 0, "le": 2}, flag="--ip-adapter-scale", batch_key=True, nullable=True,
+           description="how strongly a row's ip_adapter_image conditions its image (0 = not at all, as without "
+                       "the adapter); rows with a reference image only",
+           range=Range(0, 2, "use a scale in 0..2 (1 is the adapter's full strength; 0.5-0.8 keeps more of the prompt)",
+                       finite="use a number such as 0.6, or null for the job default"),
+           recorded_when_set=True,
+           applies_when=AppliesWhen("ip_adapter_scale is only for rows with a reference image: it needs ip_adapter_image",
+                                    "set ip_adapter_image for this row, or leave ip_adapter_scale null",
+                                    row_column="ip_adapter_image")),
 )
 
 

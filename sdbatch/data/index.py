@@ -21,6 +21,7 @@ RESULT_COLUMNS: dict[str, pa.DataType] = {
     # a ControlNet row's: each ControlNet's name, scale and folder fingerprint, and each control image's sha256
     "controlnets": pa.list_(pa.struct([("name", pa.string()), ("scale", pa.float64()), ("sha256", pa.string())])),
     "control_image_sha256": pa.list_(pa.string()),
+    "ip_adapter_image_sha256": pa.string(),  # an IP-Adapter row's: of its reference image's bytes as read
     "prompt_truncated_at": pa.int64(),  # the prompt character where the text encoder stopped reading; null: all read
     "status": pa.string(), "error": pa.string(),
     "key": pa.string(), "sha256": pa.string(), "bytes": pa.int64(), "attempt": pa.int64(), "worker": pa.string(),
@@ -76,7 +77,7 @@ RESERVED_COLUMNS = ("row", *INDEX_RESULT_COLUMNS)
 #: The generation facts of a record that its index row stores (besides the row's parameters).
 INDEXED = ("shard", "batch_id", "batch_rows", "model_fingerprint", "device", "dtype", "torch_threads", "versions",
            "init_image_sha256", "prompt_truncated_at", "refiner_fingerprint", "mask_image_sha256", "controlnets",
-           "control_image_sha256")
+           "control_image_sha256", "ip_adapter_image_sha256")
 assert set(INDEXED) <= set(RESULT_COLUMNS), "every indexed record field is a declared index column"
 
 

@@ -76,11 +76,13 @@ def image_sha256_fields(loaded: dict[str, list[tuple[Any, str]]]) -> dict[str, A
             for column, images in loaded.items()}
 
 
-def conditioning_inputs(loaded: dict[str, list[tuple[Any, str]]]) -> tuple[Any, Any, list[Any]]:
+def conditioning_inputs(loaded: dict[str, list[tuple[Any, str]]]) -> tuple[Any, Any, list[Any], Any]:
     """A row's conditioning images as read (column → (image, sha256 hex) of each), in the form
-    ``generate`` takes them: the init image, the mask (each or None), the control images."""
+    ``generate`` takes them: the init image, the mask (each or None), the control images, the
+    IP-Adapter reference image (or None)."""
     first = {column: images[0][0] for column, images in loaded.items() if images}
-    return first.get("init_image"), first.get("mask_image"), [image for image, _ in loaded.get("control_image", ())]
+    return (first.get("init_image"), first.get("mask_image"), [image for image, _ in loaded.get("control_image", ())],
+            first.get("ip_adapter_image"))
 
 
 def index_row(row: Row, shard_name: str, record: ImageRecord | None = None, **result: Any) -> dict[str, Any]:
@@ -136,6 +138,8 @@ class ImageRecord:
     # read, in order; empty otherwise (and then left out of the embedded record)
     controlnets: tuple[dict[str, Any], ...] = ()
     control_image_sha256: tuple[str, ...] = ()
+    # an IP-Adapter row's reference image's sha256 as read (images without one lack the key)
+    ip_adapter_image_sha256: str | None = None
 
     @property
     def model_hash(self) -> str:
@@ -145,12 +149,13 @@ class ImageRecord:
     @classmethod
     def from_row(cls, row: Row, shard_name: str, batch: str, batch_rows: list[str], facts: GenerationFacts,
                  init_image_sha256: str | None = None, mask_image_sha256: str | None = None,
-                 control_image_sha256: tuple[str, ...] = ()) -> ImageRecord:
+                 control_image_sha256: tuple[str, ...] = (), ip_adapter_image_sha256: str | None = None) -> ImageRecord:
         """The record of ``row``'s image, generated in batch ``batch`` (``batch_rows``, in order)
         of shard ``shard_name`` by the model whose ``facts`` for the row these are."""
         return cls(row=row, shard=shard_name, batch_id=batch, batch_rows=tuple(batch_rows),
                    init_image_sha256=init_image_sha256, mask_image_sha256=mask_image_sha256,
-                   control_image_sha256=tuple(control_image_sha256), **facts.as_fields())
+                   control_image_sha256=tuple(control_image_sha256), ip_adapter_image_sha256=ip_adapter_image_sha256,
+                   **facts.as_fields())
 
     @classmethod
     def from_index_row(cls, entry: dict[str, Any], facts: GenerationFacts, *, model_name: str,
@@ -177,6 +182,7 @@ class ImageRecord:
             speed=facts.speed, prompt_syntax=facts.prompt_syntax,
             controlnets=tuple(dict(c) for c in entry.get("controlnets") or ()),
             control_image_sha256=tuple(entry.get("control_image_sha256") or ()),
+            ip_adapter_image_sha256=entry.get("ip_adapter_image_sha256"),
         )
 
     def to_index_row(self, **result: Any) -> dict[str, Any]:
@@ -214,6 +220,7 @@ class ImageRecord:
             **({"prompt_syntax": self.prompt_syntax} if self.prompt_syntax else {}),
             **({"controlnets": [dict(c) for c in self.controlnets],
                 "control_image_sha256": list(self.control_image_sha256)} if self.controlnets else {}),
+            **({"ip_adapter_image_sha256": self.ip_adapter_image_sha256} if self.ip_adapter_image_sha256 else {}),
         }
 
     @classmethod
@@ -236,6 +243,7 @@ class ImageRecord:
             mask_image_sha256=get("mask_image_sha256"),
             controlnets=tuple(dict(c) for c in get("controlnets") or ()),
             control_image_sha256=tuple(get("control_image_sha256") or ()),
+            ip_adapter_image_sha256=get("ip_adapter_image_sha256"),
         )
 
     def describes(self, entry: dict[str, Any]) -> bool:

@@ -106,7 +106,8 @@ def validate(request: SubmitRequest, settings: Settings) -> Validated:
     hash the LoRAs, and validate the manifest against the spec and the model's family."""
     spec = settings.spec
     model = preflight_model(spec.model.name, request.endpoint_url, config=spec.model.config, vae=spec.model.vae,
-                            embeddings=spec.embeddings, controlnets=spec.controlnets)
+                            embeddings=spec.embeddings, controlnets=spec.controlnets,
+                            ip_adapter=spec.ip_adapter.files if spec.ip_adapter else None)
     traits = model.traits
     assert traits is not None  # None only for a refiner
     refiner = preflight_model(spec.model.refiner, request.endpoint_url, refiner_of=traits.family) if spec.model.refiner else None
@@ -244,12 +245,12 @@ def default_out(manifest: str) -> str:
 
 def preflight_model(name: str, endpoint_url: str | None, refiner_of=None, config: str | None = None,
                     vae: str | None = None, embeddings: dict[str, str] | None = None,
-                    controlnets: dict[str, str] | None = None) -> ModelRef:
+                    controlnets: dict[str, str] | None = None, ip_adapter: tuple[str, str] | None = None) -> ModelRef:
     """Check the model (or the refiner of a base of family ``refiner_of``) before any worker
     starts (pickles, family; no torch import) and pin it (``sdbatch.models.resolve.preflight``)."""
     try:
         return preflight(name, endpoint_url=endpoint_url, refiner_of=refiner_of, config=config, vae=vae,
-                         embeddings=embeddings, controlnets=controlnets)
+                         embeddings=embeddings, controlnets=controlnets, ip_adapter=ip_adapter)
     except StorageError as exc:
         raise BadInput(f"model {name!r}: {exc}") from None
 

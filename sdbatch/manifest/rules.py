@@ -325,8 +325,10 @@ def check_applies(b: BatchUnderCheck, column: Column, spec: JobSpec) -> None:
     if when.row_column is not None:  # set in the row, or for every row by its spec default (hires_scale)
         applies = set_in_row(b, when.row_column) | (getattr(spec.defaults, when.row_column, None) is not None)
     else:
-        section, key = str(when.spec_key).split(".")
-        applies = np.full(b.n, getattr(getattr(spec, section), key) is not None)
+        value: Any = spec
+        for key in str(when.spec_key).split("."):  # model.refiner; ip_adapter, a top-level key
+            value = getattr(value, key)
+        applies = np.full(b.n, value is not None)
     b.flag(column.name, pc.is_valid(arr).to_numpy(zero_copy_only=False) & ~applies, when.rule, when.fix, arr)
 
 

@@ -43,6 +43,7 @@ class LoadRequest:
     embeddings: tuple[tuple[str, Path], ...] = ()  # textual-inversion embeddings: (name, file)
     prompt_syntax: str = "a1111"  # model.prompt_syntax: a1111 (emphasis, BREAK, chunks through compel) or literal
     controlnets: tuple[tuple[str, Path, str], ...] = ()  # ControlNets: (name, folder, content fingerprint)
+    ip_adapter: tuple[Path, Path] | None = None  # the IP-Adapter: (weights file, image encoder folder)
 
 
 @dataclass(frozen=True)
@@ -85,10 +86,12 @@ class LoadedModel(Protocol):
     info: ModelInfo
 
     def generate(self, rows: list[Row], init_images: list[Any] | None = None,
-                 masks: list[Any] | None = None, control_images: list[Any] | None = None) -> GeneratedBatch:
+                 masks: list[Any] | None = None, control_images: list[Any] | None = None,
+                 ip_adapter_images: list[Any] | None = None) -> GeneratedBatch:
         """One canonical batch: all rows share ``Row.batch_key()``; ``init_images`` and ``masks``
         (inpainting) one per row where the batch has them; ``control_images`` (a ControlNet
-        batch) per row, the list of its control images."""
+        batch) per row, the list of its control images; ``ip_adapter_images`` (an IP-Adapter
+        batch) one reference image per row."""
         ...
 
     def facts(self, row: Row) -> GenerationFacts:

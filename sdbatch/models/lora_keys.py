@@ -1,6 +1,7 @@
-"""Whether a LoRA fits a model, decided at preflight from safetensors headers alone (no torch, no
-weights read): each adapted module the LoRA names must exist in the model's component and take
-the LoRA's input and output widths.
+"""Whether a LoRA (or an IP-Adapter) fits a model, decided at preflight from safetensors headers
+alone (no torch, no weights read): each adapted module the LoRA names must exist in the model's
+component and take the LoRA's input and output widths; an IP-Adapter's key/value projections must
+match the UNet's cross-attention layers, in number and widths (``ip_adapter_misfits``).
 
 Two key layouts are checked: diffusers/PEFT (``unet.<module>.lora_A.weight``, ``.lora.down.weight``,
 ``.lora_linear_layer.down.weight``; components ``unet``, ``transformer``, ``text_encoder*``) and
@@ -137,6 +138,37 @@ def lora_misfits(lora_keys: dict[str, list[int]], model: ModelModules) -> list[s
     have = ", ".join(model.components()) or "none"
     return [f"it adapts component {c!r}, which the model does not have (its components: {have})"
             for c in sorted(missing_components)] + problems
+
+
+def file_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name → shape of a local safetensors file, from its header."""
+    return safetensors_shapes(_file_head(path))
+
+
+def ip_adapter_misfits(adapter: dict[str, list[int]], model: ModelModules | None, image_embed_width: int | None) -> list[str]:
+    """What in an IP-Adapter's tensors (``image_proj.*``, ``ip_adapter.N.to_k_ip`` / ``to_v_ip``)
+    does not fit the model's UNet (``model``: None when its weights cannot be read here) or its
+    image encoder (``image_embed_width``: the encoder's projection_dim); empty when it fits or
+    cannot be told here."""
+    foreign = sorted(k for k in adapter if not k.startswith(("image_proj.", "ip_adapter.")))
+    if not adapter or foreign:
+        return [f"its tensors are not an IP-Adapter's (image_proj.* and ip_adapter.*){': ' + foreign[0] if foreign else ''}"]
+    problems = []
+    projection = adapter.get("image_proj.proj.weight")  # an ImageProjection (IP-Adapter, not Plus)
+    if image_embed_width and projection and len(projection) == 2 and projection[1] != image_embed_width:
+        problems.append(f"image_proj takes image embeddings {projection[1]} wide, and the image encoder's are "
+                        f"{image_embed_width} (its projection_dim)")
+    unet = model.shapes("unet") if model is not None else None
+    if unet:
+        cross = sorted(shape for module, shape in unet.items() if module.endswith("attn2.to_k"))
+        keys = sorted(shape for key, shape in adapter.items() if key.endswith(".to_k_ip.weight"))
+        if len(keys) != len(cross):
+            problems.append(f"it has {len(keys)} cross-attention layers, the model's unet {len(cross)}")
+        elif keys != cross:
+            got, want = next((k, c) for k, c in zip(keys, cross) if k != c)
+            problems.append(f"its to_k_ip weights are {got[0]}×{got[1]}, the model's unet attn2.to_k weights "
+                            f"{want[0]}×{want[1]} (out × cross_attention_dim)")
+    return problems
 
 
 def describe_misfits(problems: Iterable[str]) -> str:

@@ -84,6 +84,12 @@ def controlnets_pin(model_pin: str, fingerprints: dict[str, str]) -> str:
     return "cn:" + hashlib.sha256(f"{model_pin}:{json.dumps(sorted(fingerprints.items()))}".encode()).hexdigest()
 
 
+def ip_adapter_pin(model_pin: str, weights_sha256: str, encoder_fingerprint: str) -> str:
+    """The pin of a model loaded with an IP-Adapter (``ip_adapter``): its own pin, the weights
+    file's sha256 and the image encoder folder's content fingerprint."""
+    return "ipa:" + hashlib.sha256(f"{model_pin}:{weights_sha256}:{encoder_fingerprint}".encode()).hexdigest()
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:

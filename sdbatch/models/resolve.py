@@ -38,6 +38,12 @@ diffusers folder, or an ``s3://`` prefix holding one. Everything here runs witho
   channels, block widths, cross-attention width, SDXL's added embeddings) is refused naming the
   folder, the model and the keys; the model's pin covers each one's name and content
   (``pins.controlnets_pin``);
+- **an IP-Adapter** (``ip_adapter``): a local safetensors file and its image encoder (a local
+  ``CLIPVisionModelWithProjection`` folder, under the same pickle and code policies), for a
+  family that takes one (``FamilyAdapter.ip_adapter``: SD 1.x/2.x, SDXL); one whose tensors do not
+  fit the model's UNet or the encoder (``lora_keys.ip_adapter_misfits``) is refused naming the
+  file and the model; the model's pin covers the file's sha256 and the encoder's content
+  (``pins.ip_adapter_pin``);
 - **the pin**, recorded in ``job.json`` at submit and compared with every worker's before it
   gets a shard: a local folder's content fingerprint (sha256 over every file of every component
   folder, read through symbolic links as the loader reads them), an ``s3://`` prefix's ETags
@@ -54,12 +60,14 @@ from typing import TYPE_CHECKING
 from sdbatch.models.builtin import local_model_dir
 from sdbatch.models.configs import JsonReader, folder_json_reader, storage_json_reader
 from sdbatch.models.errors import ModelError
+from sdbatch.models.lora_keys import ModelModules, describe_misfits, file_shapes, ip_adapter_misfits
 from sdbatch.models.pins import (
     checkpoint_tensor_names,
     controlnets_pin,
     embeddings_pin,
     file_sha256,
     fingerprint_model_dir,
+    ip_adapter_pin,
     model_file_names,
     refuse_custom_code,
     refuse_pickles,
@@ -94,6 +102,7 @@ class ModelRef:
     vae: Path | None = None  # model.vae: the VAE folder loaded in place of the model's own
     embeddings: tuple[tuple[str, Path], ...] = ()  # textual-inversion embeddings: (name, file)
     controlnets: tuple[tuple[str, Path, str], ...] = ()  # ControlNets: (name, folder, content fingerprint)
+    ip_adapter: tuple[Path, Path] | None = None  # the IP-Adapter: (weights file, image encoder folder)
 
 
 def _check_configs(where: str, read: JsonReader, refiner_of: FamilyAdapter | None) -> ModelTraits | None:
@@ -216,6 +225,43 @@ def _with_controlnets(ref: ModelRef, controlnets: dict[str, str] | None, read: J
     return replace(ref, pin=controlnets_pin(ref.pin, {name: fp for name, _, fp in found}), controlnets=tuple(found))
 
 
+def _with_ip_adapter(ref: ModelRef, ip_adapter: tuple[str, str] | None, modules: ModelModules | None) -> ModelRef:
+    """``ref`` with the IP-Adapter ``ip_adapter`` (weights file, image encoder folder), checked to
+    fit the model's UNet (``modules``: its weights' shapes, None when they cannot be read here)
+    and pinned with it."""
+    if ip_adapter is None:
+        return ref
+    _family_taking(ref, "ip_adapter", "IP-Adapter in sdbatch", lambda family: family.ip_adapter)
+    weights, encoder = Path(ip_adapter[0]), Path(ip_adapter[1])
+    where = f"ip_adapter: {weights}"
+    if not weights.is_file():
+        raise ModelError(f"{where}: no such file; check the path (it must be readable on every node)")
+    checkpoint_tensor_names(weights, where)
+    names, read = _component_folder(f"ip_adapter.image_encoder {str(encoder)!r}", encoder,
+                                    "the image encoder is a local transformers folder (config.json and model.safetensors, "
+                                    "as CLIPVisionModelWithProjection.save_pretrained writes it)")
+    config = read("config.json") or {}
+    if config.get("architectures") != ["CLIPVisionModelWithProjection"] or not any(n.endswith(".safetensors") for n in names):
+        raise ModelError(f"ip_adapter.image_encoder {str(encoder)!r}: not a CLIPVisionModelWithProjection saved with "
+                         f"safetensors (config.json names {config.get('architectures')!r}); point it at the image encoder "
+                         "the IP-Adapter was trained with (e.g. h94/IP-Adapter's models/image_encoder)")
+    misfits = ip_adapter_misfits(file_shapes(weights), modules, config.get("projection_dim"))
+    if misfits:
+        raise ModelError(f"{where} does not fit model {ref.name!r}: {describe_misfits(misfits)}. An IP-Adapter is trained "
+                         "for one base architecture and image encoder: use one made for this model (an SD 1.5 "
+                         "IP-Adapter fits SD 1.x models, an SDXL one SDXL), or remove ip_adapter")
+    return replace(ref, pin=ip_adapter_pin(ref.pin, file_sha256(weights), fingerprint_model_dir(encoder)),
+                   ip_adapter=(weights.resolve(), encoder.resolve()))
+
+
+def _local_modules(ref: ModelRef, name: str, config: str | None) -> ModelModules | None:
+    """The weight shapes of the model's own local folder (None for an ``s3://`` model or a
+    single-file checkpoint, whose are not read here)."""
+    if config is not None or is_s3(name):
+        return None
+    return ModelModules(ref.folder or local_model_dir(name))
+
+
 def _configs(ref: ModelRef, name: str, config: str | None, endpoint_url: str | None) -> JsonReader:
     """A reader of the configs of the model ``ref`` resolved (its folder, or the single file's
     configuration folder), read once more for the VAE check; local or s3://."""
@@ -231,19 +277,21 @@ def _configs(ref: ModelRef, name: str, config: str | None, endpoint_url: str | N
 
 def preflight(name: str, *, endpoint_url: str | None = None, refiner_of: FamilyAdapter | None = None,
               config: str | None = None, vae: str | None = None, embeddings: dict[str, str] | None = None,
-              controlnets: dict[str, str] | None = None) -> ModelRef:
+              controlnets: dict[str, str] | None = None, ip_adapter: tuple[str, str] | None = None) -> ModelRef:
     """The model pinned and checked (``_preflight``), with its VAE override ``vae``, its
-    textual-inversion ``embeddings`` and its ``controlnets`` if any."""
+    textual-inversion ``embeddings``, its ``controlnets`` and its ``ip_adapter`` if any."""
     ref = _preflight(name, endpoint_url=endpoint_url, refiner_of=refiner_of, config=config)
-    return _with_extras(ref, name, config, endpoint_url, vae, embeddings, controlnets)
+    return _with_extras(ref, name, config, endpoint_url, vae, embeddings, controlnets, ip_adapter)
 
 
 def _with_extras(ref: ModelRef, name: str, config: str | None, endpoint_url: str | None, vae: str | None,
-                 embeddings: dict[str, str] | None, controlnets: dict[str, str] | None) -> ModelRef:
-    """``ref`` with what the job loads beside it: a VAE override, embeddings, ControlNets."""
+                 embeddings: dict[str, str] | None, controlnets: dict[str, str] | None,
+                 ip_adapter: tuple[str, str] | None = None) -> ModelRef:
+    """``ref`` with what the job loads beside it: a VAE override, embeddings, ControlNets, an IP-Adapter."""
     ref = _with_vae(ref, vae, _configs(ref, name, config, endpoint_url)) if vae else ref
     ref = _with_embeddings(ref, embeddings)
-    return _with_controlnets(ref, controlnets, _configs(ref, name, config, endpoint_url)) if controlnets else ref
+    ref = _with_controlnets(ref, controlnets, _configs(ref, name, config, endpoint_url)) if controlnets else ref
+    return _with_ip_adapter(ref, ip_adapter, _local_modules(ref, name, config)) if ip_adapter else ref
 
 
 def _preflight(name: str, *, endpoint_url: str | None = None, refiner_of: FamilyAdapter | None = None,
@@ -280,13 +328,14 @@ def _preflight(name: str, *, endpoint_url: str | None = None, refiner_of: Family
 
 def resolve(name: str, *, pin: str | None = None, endpoint_url: str | None = None,
             refiner_of: FamilyAdapter | None = None, config: str | None = None, vae: str | None = None,
-            embeddings: dict[str, str] | None = None, controlnets: dict[str, str] | None = None) -> ModelRef:
+            embeddings: dict[str, str] | None = None, controlnets: dict[str, str] | None = None,
+            ip_adapter: tuple[str, str] | None = None) -> ModelRef:
     """The model's local folder and pin (``_resolve``), with its VAE override ``vae``, its
-    textual-inversion ``embeddings`` and its ``controlnets`` if any."""
+    textual-inversion ``embeddings``, its ``controlnets`` and its ``ip_adapter`` if any."""
     # with any, the job's pin is not the one an s3:// model's download cache is keyed by
-    ref = _resolve(name, pin=None if vae or embeddings or controlnets else pin, endpoint_url=endpoint_url,
+    ref = _resolve(name, pin=None if vae or embeddings or controlnets or ip_adapter else pin, endpoint_url=endpoint_url,
                    refiner_of=refiner_of, config=config)
-    return _with_extras(ref, name, config, endpoint_url, vae, embeddings, controlnets)
+    return _with_extras(ref, name, config, endpoint_url, vae, embeddings, controlnets, ip_adapter)
 
 
 def _resolve(name: str, *, pin: str | None = None, endpoint_url: str | None = None,

@@ -72,8 +72,16 @@ from sdbatch.models.families import ModelTraits  # noqa: E402
 from sdbatch.models.families.base import DiffusersFamily  # noqa: E402
 from sdbatch.models.families.null import NullModel  # noqa: E402
 from sdbatch.models.hires import hires_pass  # noqa: E402
+from sdbatch.models.ip_adapter import IPAdapterSwitch, image_encoder_components  # noqa: E402
 from sdbatch.models.lora_cache import LoraCache, Tokenizers  # noqa: E402
-from sdbatch.models.pins import controlnets_pin, embeddings_pin, file_sha256, fingerprint_model_dir, vae_pin  # noqa: E402
+from sdbatch.models.pins import (  # noqa: E402
+    controlnets_pin,
+    embeddings_pin,
+    file_sha256,
+    fingerprint_model_dir,
+    ip_adapter_pin,
+    vae_pin,
+)
 from sdbatch.models.prompt_cache import PromptCache  # noqa: E402
 from sdbatch.models.prompt_weights import PromptReader  # noqa: E402
 from sdbatch.models.resolve import resolve  # noqa: E402
@@ -252,7 +260,7 @@ class DiffusersModel:
                  loras: dict[str, str] | None = None, endpoint_url: str | None = None, compiled: bool = False,
                  refiner: Any = None, speed: AppliedSpeed | None = None, embedding_names: tuple[str, ...] = (),
                  prompt_syntax: str = "a1111", controlnets: dict[str, Any] | None = None,
-                 controlnet_fingerprints: dict[str, str] | None = None):
+                 controlnet_fingerprints: dict[str, str] | None = None, ip_adapter: IPAdapterSwitch | None = None):
         self.txt2img = txt2img
         self.refiner = refiner
         self.compiled = compiled
@@ -270,6 +278,7 @@ class DiffusersModel:
         self._controlnets = controlnets or {}
         self._controlnet_fingerprints = controlnet_fingerprints or {}
         self._controlnet_pipes: dict[tuple[str, ...], Any] = {}  # by the ControlNets' names, in row order
+        self.ip_adapter = ip_adapter  # in the UNet every pipeline shares; on for IP-Adapter batches only
         self.loras = LoraCache(txt2img, loras or {}, endpoint_url)
         self._tokenizers = Tokenizers(self.family.prompt_tokenizers(txt2img, traits))
         # each stage's own scheduler (class and config): samplers are built from it per batch
@@ -293,6 +302,8 @@ class DiffusersModel:
                 pipe.set_progress_bar_config(disable=True)
                 PromptReader(self.reader.weighting, pipe, self._encoder_text).install(pipe)
                 self.prompts.install(pipe)
+                if ip_adapter is not None and pipe is not refiner:
+                    ip_adapter.install(pipe)
 
     @classmethod
     def load(cls, request: LoadRequest) -> DiffusersModel:
@@ -306,7 +317,8 @@ class DiffusersModel:
             raise ModelError(f"model.offload={request.offload} needs a CUDA device and this worker has none; run on GPU "
                              "workers (resources.gpus_per_worker=1), or set model.offload=none")
         place = "cpu" if request.offload != "none" else device  # offloading hooks move the modules themselves
-        components = {**family.load_options, **_vae_override(request.folder, request.vae, torch_dtype)}
+        components = {**family.load_options, **_vae_override(request.folder, request.vae, torch_dtype),
+                      **(image_encoder_components(request.ip_adapter[1], torch_dtype) if request.ip_adapter else {})}
         if request.checkpoint is not None:
             pipe = _load_single_file(family, model, request.checkpoint, request.folder, torch_dtype, components, place)
         else:
@@ -327,6 +339,8 @@ class DiffusersModel:
             getattr(pipe, name).set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA (flash / memory-efficient kernels)
         if refiner_pipe is not None:
             getattr(refiner_pipe, family.denoiser).set_attn_processor(AttnProcessor2_0())
+        # after the SDPA switch, so the adapter's processors (and the plain ones it restores) are SDPA's
+        ip_adapter = IPAdapterSwitch(pipe, request.ip_adapter[0]) if request.ip_adapter else None
         versions = {**software_versions(), **_quantized(pipe)}
         if device == "cuda" and family.channels_last:  # on CPU it is slower and would change the recorded images' low bits
             for stage in (pipe, refiner_pipe):
@@ -353,7 +367,8 @@ class DiffusersModel:
         return cls(pipe, info, request.traits, loras=request.loras, endpoint_url=request.endpoint_url,
                    compiled=request.compile or "regional_compile" in speed.applied, refiner=refiner_pipe, speed=speed,
                    embedding_names=tuple(name for name, _ in request.embeddings), prompt_syntax=request.prompt_syntax,
-                   controlnets=controlnets, controlnet_fingerprints={name: fp for name, _, fp in request.controlnets})
+                   controlnets=controlnets, controlnet_fingerprints={name: fp for name, _, fp in request.controlnets},
+                   ip_adapter=ip_adapter)
 
     def build_samplers(self) -> None:
         """Build every sampler of the family whose packages are installed from this model's
@@ -413,10 +428,12 @@ class DiffusersModel:
     @torch.inference_mode()
     def generate(self, rows: list[Row], init_images: list[Image.Image | None] | None = None,
                  masks: list[Image.Image | None] | None = None,
-                 control_images: list[list[Image.Image]] | None = None) -> GeneratedBatch:
+                 control_images: list[list[Image.Image]] | None = None,
+                 ip_adapter_images: list[Image.Image] | None = None) -> GeneratedBatch:
         """Generate one canonical batch; all rows must share ``Row.batch_key()``. ``init_images``
         and ``masks``: one per row of an img2img or inpainting batch; ``control_images``: per row
-        of a ControlNet batch, its control images (one per ControlNet, or one for all)."""
+        of a ControlNet batch, its control images (one per ControlNet, or one for all);
+        ``ip_adapter_images``: per row of an IP-Adapter batch, its reference image."""
         if not rows:
             return GeneratedBatch(np.zeros((0, 0, 0, 3), np.uint8), [])
         key = rows[0].batch_key()
@@ -424,13 +441,14 @@ class DiffusersModel:
             raise ValueError("generate() takes one canonical batch: all rows must share batch_key()")
         groups = self.reader.groups(rows)
         if len(groups) == 1:
-            return self._generate(rows, init_images, masks, control_images)
+            return self._generate(rows, init_images, masks, control_images, ip_adapter_images)
         # rows of different chunk counts run apart, each group as its own batch: no row's
         # conditioning is padded by another's length (PromptReader)
         pixels: np.ndarray | None = None
         errors: list[str | None] = [None] * len(rows)
         for group in groups:
-            part = self._generate([rows[i] for i in group], *_pick(group, init_images, masks, control_images))
+            part = self._generate([rows[i] for i in group],
+                                  *_pick(group, init_images, masks, control_images, ip_adapter_images))
             if pixels is None:
                 pixels = np.empty((len(rows), *part.pixels.shape[1:]), part.pixels.dtype)
             pixels[group] = part.pixels
@@ -440,18 +458,20 @@ class DiffusersModel:
         return GeneratedBatch(pixels, errors)
 
     def _generate(self, rows: list[Row], init_images: list[Image.Image | None] | None,
-                  masks: list[Image.Image | None] | None, control_images: list[list[Image.Image]] | None) -> GeneratedBatch:
+                  masks: list[Image.Image | None] | None, control_images: list[list[Image.Image]] | None,
+                  ip_adapter_images: list[Image.Image] | None = None) -> GeneratedBatch:
         key = rows[0].batch_key()
         if self.compiled and (len(rows), key) not in self._warm_shapes:
             # compile for this batch shape now, with a one-step run, so the first real batch
             # (and the hang watchdog's idea of a batch's duration) does not include compiling
             self._warm_shapes.add((len(rows), key))
             started = time.perf_counter()
-            self._denoise([replace(r, steps=1, hires_steps=None) for r in rows], init_images, masks, control_images)
+            self._denoise([replace(r, steps=1, hires_steps=None) for r in rows], init_images, masks, control_images,
+                          ip_adapter_images)
             self.warmup_seconds += time.perf_counter() - started
             log.info("compiled for batch shape %d × %dx%d in %.1f s", len(rows), rows[0].width, rows[0].height,
                      time.perf_counter() - started)
-        latents = self._denoise(rows, init_images, masks, control_images)
+        latents = self._denoise(rows, init_images, masks, control_images, ip_adapter_images)
         return self._decode(latents)
 
     def memory_probe(self, rows: list[Row], init_images: list[Image.Image | None] | None = None) -> int | None:
@@ -463,11 +483,12 @@ class DiffusersModel:
         size = (rows[0].width, rows[0].height)
         masks: list[Image.Image | None] | None = [Image.new("L", size, 255)] * len(rows) if rows[0].is_inpaint else None
         controls = [[Image.new("RGB", size)]] * len(rows) if rows[0].controlnet is not None else None
+        references = [Image.new("RGB", size)] * len(rows) if rows[0].ip_adapter_scale is not None else None
         try:
             with torch.inference_mode():
                 for group in self.reader.groups(rows):
                     self._decode(self._denoise([replace(rows[i], steps=1, hires_steps=None) for i in group],
-                                               *_pick(group, init_images, masks, controls)))
+                                               *_pick(group, init_images, masks, controls, references)))
         except OUT_OF_MEMORY_ERRORS:
             free_device_memory()
             return None
@@ -493,6 +514,8 @@ class DiffusersModel:
             pipe.set_progress_bar_config(disable=True)
             PromptReader(self.reader.weighting, pipe, self._encoder_text).install(pipe)
             self.prompts.install(pipe)
+            if self.ip_adapter is not None:
+                self.ip_adapter.install(pipe)
             self._controlnet_pipes[names] = pipe
         return self._controlnet_pipes[names]
 
@@ -515,7 +538,8 @@ class DiffusersModel:
 
     def _denoise(self, rows: list[Row], init_images: list[Image.Image | None] | None,
                  masks: list[Image.Image | None] | None = None,
-                 control_images: list[list[Image.Image]] | None = None) -> torch.Tensor:
+                 control_images: list[list[Image.Image]] | None = None,
+                 ip_adapter_images: list[Image.Image] | None = None) -> torch.Tensor:
         first = rows[0]
         for rule in self._row_rules:
             for row in rows:  # a negative prompt is per row
@@ -533,6 +557,7 @@ class DiffusersModel:
         control: dict[str, Any] = {}
         if first.controlnet is not None:
             pipe, control = self._control_kwargs(rows, control_images)
+        reference = self._reference_kwargs(rows, ip_adapter_images, common)
         pipe.scheduler = self.make_scheduler(first.scheduler)
         switch = first.refiner_switch
         if switch is not None and self.refiner is None:
@@ -546,9 +571,9 @@ class DiffusersModel:
                 extra = {"strength": first.strength, "mask_image": [resize_for_row(m, first.width, first.height)
                                                                     for m in _one_each(masks, rows, "mask")],
                          "height": first.height, "width": first.width}
-            latents = pipe(image=images, **extra, **stop, **common).images
+            latents = pipe(image=images, **extra, **reference, **stop, **common).images
         else:
-            latents = pipe(height=first.height, width=first.width, **control, **stop, **common).images
+            latents = pipe(height=first.height, width=first.width, **control, **reference, **stop, **common).images
         if switch is not None:
             self.refiner.scheduler = self.make_scheduler(first.scheduler, "refiner")
             latents = self.refiner(image=latents, denoising_start=switch, **common).images
@@ -557,8 +582,25 @@ class DiffusersModel:
         if first.hires_scale is not None:
             second: Any = self.img2img  # checked above
             second.scheduler = self.make_scheduler(first.scheduler)
-            latents = hires_pass(second, latents, rows, self._call_kwargs)
+            # the second pass sees the reference image too (A1111 conditions both passes)
+            latents = hires_pass(second, latents, rows, lambda part: {**self._call_kwargs(part), **reference})
         return latents
+
+    def _reference_kwargs(self, rows: list[Row], images: list[Image.Image] | None, common: dict[str, Any]) -> dict[str, Any]:
+        """An IP-Adapter batch's reference-image embeddings, the adapter switched on at the batch's
+        ``ip_adapter_scale``; the adapter switched off for any other batch."""
+        first = rows[0]
+        if self.ip_adapter is None:
+            if first.ip_adapter_scale is not None:
+                raise ModelError(f"row {first.id} has an ip_adapter_image, but no IP-Adapter is loaded (ip_adapter)")
+            return {}
+        self.ip_adapter.use(first.ip_adapter_scale)
+        if first.ip_adapter_scale is None:
+            return {}
+        above = self.traits.unconditional_above  # the pipeline runs both guidance branches above it
+        guided = above is not None and float(common.get("guidance_scale") or 0) > above
+        return {"ip_adapter_image_embeds": self.ip_adapter.embeds(_one_each(images, rows, "IP-Adapter reference image"),
+                                                                  guided)}
 
     def _encoder_text(self, prompt: str) -> str:
         """A row's prompt as the pipeline is given it: ComfyUI's embedding:NAME is the token
@@ -605,7 +647,7 @@ class DiffusersModel:
 
 
 def _pick(group: list[int], *per_row: list[Any] | None) -> list[list[Any] | None]:
-    """Each per-row list (init images, masks, control images; None: the batch has none) cut to
+    """Each per-row list (init images, masks, control images, reference images; None: the batch has none) cut to
     the rows of ``group``."""
     return [None if values is None else [values[i] for i in group] for values in per_row]
 
@@ -642,13 +684,14 @@ def load_model(
     embeddings: dict[str, str] | None = None,
     prompt_syntax: str = "a1111",
     controlnets: dict[str, str] | None = None,
+    ip_adapter: tuple[str, str] | None = None,
 ) -> LoadedModel:
     """Resolve ``model`` (and check it against ``pin``; ``config``: ``model`` is a single-file
     checkpoint and this its configuration's folder; ``vae``: a VAE folder in place of its own),
     then load it with its family's runtime, its samplers built (one that cannot be built fails
     the load, not every shard; ``prompt_syntax``: how prompts are read, ``model.prompt_syntax``)."""
     ref = resolve(model, pin=pin, endpoint_url=endpoint_url, config=config, vae=vae, embeddings=embeddings,
-                  controlnets=controlnets)
+                  controlnets=controlnets, ip_adapter=ip_adapter)
     traits, folder = ref.traits, ref.folder
     assert traits is not None and folder is not None  # resolve() of a base model gives both
     fingerprint = ref.pin
@@ -657,10 +700,12 @@ def load_model(
         fingerprint = vae_pin(fingerprint, fingerprint_model_dir(ref.vae)) if ref.vae else fingerprint
         fingerprint = embeddings_pin(fingerprint, {n: file_sha256(p) for n, p in ref.embeddings}) if ref.embeddings else fingerprint
         fingerprint = controlnets_pin(fingerprint, {n: fp for n, _, fp in ref.controlnets}) if ref.controlnets else fingerprint
+        if ref.ip_adapter:
+            fingerprint = ip_adapter_pin(fingerprint, file_sha256(ref.ip_adapter[0]), fingerprint_model_dir(ref.ip_adapter[1]))
     request = LoadRequest(model, folder, ref.pin, fingerprint, traits, device=device, dtype=dtype, endpoint_url=endpoint_url,
                           loras=loras, compile=compile, refiner=refiner, refiner_pin=refiner_pin, checkpoint=ref.checkpoint,
                           offload=offload, speed=speed, vae=ref.vae, embeddings=ref.embeddings, prompt_syntax=prompt_syntax,
-                          controlnets=ref.controlnets)
+                          controlnets=ref.controlnets, ip_adapter=ref.ip_adapter)
     loaded = RUNTIMES[traits.family.runtime](request)
     loaded.build_samplers()
     return loaded

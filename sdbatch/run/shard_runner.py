@@ -233,7 +233,7 @@ class ShardRunner:
                 self.init_images.ahead(batches[number + 1])
             elif upcoming and (next_rows := upcoming()):  # the next shard's first batch
                 self.init_images.ahead(canonical_batches(next_rows, self.spec.resources.batch_size)[0])
-            good, images_in, masks_in, controls_in, hashes = [], [], [], [], {}
+            good, images_in, masks_in, controls_in, references_in, hashes = [], [], [], [], [], {}
             for row in batch:
                 try:
                     loaded = loading[row.id].result() if row.id in loading else {}
@@ -241,10 +241,11 @@ class ShardRunner:
                     fail_row(row, str(exc))
                     continue
                 good.append(row)
-                init, mask, controls = conditioning_inputs(loaded)
+                init, mask, controls, reference = conditioning_inputs(loaded)
                 images_in.append(init)
                 masks_in.append(mask)
                 controls_in.append(controls)
+                references_in.append(reference)
                 hashes[row.id] = image_sha256_fields(loaded)
             if good:
                 bid = batch_id(unit, number)
@@ -252,7 +253,8 @@ class ShardRunner:
                 try:
                     for part, generated, per_row in self._generate_fitting(
                             good, images_in if good[0].is_img2img else None, masks_in if good[0].is_inpaint else None,
-                            controls_in if good[0].controlnet is not None else None):
+                            controls_in if good[0].controlnet is not None else None,
+                            references_in if good[0].ip_adapter_scale is not None else None):
                         batch_rows = [r.id for r in part]
                         scores = (self.scorer.score([r.prompt for r in part], generated.images()) if self.scorer
                                   else [None] * len(part))
@@ -318,7 +320,8 @@ class ShardRunner:
         return index_rows
 
     def _generate_fitting(
-        self, rows: list[Row], init_images: list | None, masks: list | None = None, controls: list | None = None
+        self, rows: list[Row], init_images: list | None, masks: list | None = None, controls: list | None = None,
+        references: list | None = None,
     ) -> list[tuple[list[Row], GeneratedBatch, float]]:
         """Generate ``rows`` as one batch, or as parts of the size that fits the device
         (``batch_fit``), or, when the device runs out of memory, as halves (recursively; one
@@ -327,7 +330,8 @@ class ShardRunner:
         from sdbatch.models.runtime import OUT_OF_MEMORY_ERRORS, free_device_memory
 
         def generate_part(cut: slice) -> list[tuple[list[Row], GeneratedBatch, float]]:
-            return self._generate_fitting(rows[cut], *(images and images[cut] for images in (init_images, masks, controls)))
+            return self._generate_fitting(rows[cut], *(images and images[cut]
+                                                       for images in (init_images, masks, controls, references)))
 
         fitting = self.batch_fit.size_for(rows, init_images) if self.batch_fit else len(rows)
         if len(rows) > fitting:
@@ -335,10 +339,10 @@ class ShardRunner:
 
         t0 = time.perf_counter()
         try:
-            # masks only to an inpainting batch, control images only to a ControlNet batch (a
-            # LoadedModel without inpainting or ControlNets takes none)
+            # masks only to an inpainting batch, control images only to a ControlNet batch, reference
+            # images only to an IP-Adapter batch (a LoadedModel without them takes none)
             generated = self.generator.generate(rows, init_images, **{name: images for name, images in (
-                ("masks", masks), ("control_images", controls)) if images})
+                ("masks", masks), ("control_images", controls), ("ip_adapter_images", references)) if images})
         except OUT_OF_MEMORY_ERRORS:
             if len(rows) == 1:
                 raise

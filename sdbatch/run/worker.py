@@ -57,7 +57,7 @@ class WorkerActor:
             refiner=spec.model.refiner, refiner_pin=refiner_pin, config=spec.model.config, offload=spec.model.offload,
             speed=spec.speed,
             vae=spec.model.vae, embeddings=spec.embeddings, prompt_syntax=spec.model.prompt_syntax,
-            controlnets=spec.controlnets,
+            controlnets=spec.controlnets, ip_adapter=spec.ip_adapter.files if spec.ip_adapter else None,
         )
         storage = open_storage(
             out_url,

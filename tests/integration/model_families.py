@@ -361,3 +361,38 @@ def build_controlnet(model: Path, path: Path, *, seed: int, **config) -> Path:
             conv.bias.normal_(0, 0.5)
     controlnet.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def build_ip_adapter(model: Path, folder: Path, *, seed: int, cross_attention_dim: int | None = None) -> tuple[Path, Path]:
+    """An IP-Adapter for the UNet of the diffusers folder ``model`` and its image encoder, as
+    diffusers' own tests make one (``create_ip_adapter_state_dict``): per cross-attention layer,
+    in ``attn_processors`` order, random ``to_k_ip`` / ``to_v_ip`` under keys 1, 3, 5, …, and an
+    ``ImageProjection`` of four tokens from a tiny ``CLIPVisionModelWithProjection``. Saved as one
+    safetensors file (``ip-adapter.safetensors``) and an image-encoder folder under ``folder``;
+    ``cross_attention_dim``: another width, to make one that does not fit."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.embeddings import ImageProjection
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(model / "unet")
+    width = cross_attention_dim or unet.config.cross_attention_dim
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        image_size=32, patch_size=8))
+    encoder.save_pretrained(folder / "image_encoder", safe_serialization=True)
+    tensors: dict[str, torch.Tensor] = {}
+    key_id = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):  # a cross-attention layer: the adapter's keys and values
+            hidden = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
+            for part in ("to_k_ip", "to_v_ip"):
+                tensors[f"ip_adapter.{key_id}.{part}.weight"] = torch.nn.Linear(width, hidden, bias=False).weight.detach()
+            key_id += 2
+    projection = ImageProjection(cross_attention_dim=width, image_embed_dim=32, num_image_text_embeds=4).state_dict()
+    tensors.update({"image_proj.proj.weight": projection["image_embeds.weight"],
+                    "image_proj.proj.bias": projection["image_embeds.bias"],
+                    "image_proj.norm.weight": projection["norm.weight"], "image_proj.norm.bias": projection["norm.bias"]})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "ip-adapter.safetensors")
+    return folder / "ip-adapter.safetensors", folder / "image_encoder"

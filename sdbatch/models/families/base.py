@@ -62,9 +62,10 @@ DEFAULT_PARAMETERS: Mapping[str, Any] = {"steps": 20, "guidance_scale": 7.5}
 #: Every per-row column.
 ALL_COLUMNS: frozenset[str] = frozenset(KNOWN_COLUMNS)
 
-#: The hires-fix pass and the inpainting mask (issue 26): sdbatch runs them with the SD families'
-#: pipelines only (SD 1.x/2.x, SDXL), so a family honours them only where it says so.
-SD_ONLY_COLUMNS: frozenset[str] = frozenset({"hires_scale", "hires_strength", "hires_steps", "mask_image"})
+#: The hires-fix pass, the inpainting mask and IP-Adapter rows (issue 26): sdbatch runs them with
+#: the SD families' pipelines only (SD 1.x/2.x, SDXL), so a family honours them only where it says so.
+SD_ONLY_COLUMNS: frozenset[str] = frozenset({"hires_scale", "hires_strength", "hires_steps", "mask_image",
+                                             "ip_adapter_image", "ip_adapter_scale"})
 
 #: What a family honours unless it says otherwise.
 COMMON_COLUMNS: frozenset[str] = ALL_COLUMNS - SD_ONLY_COLUMNS
@@ -193,6 +194,8 @@ class FamilyAdapter(ABC):
     #: the diffusers pipeline class its ControlNet rows run (built with from_pipe: shared modules);
     #: "" = the family takes no ControlNet
     controlnet: ClassVar[str] = ""
+    #: it takes an IP-Adapter (diffusers' ``load_ip_adapter`` on its UNet; ``ip_adapter_image`` rows)
+    ip_adapter: ClassVar[bool] = False
     #: the denoiser config keys a ControlNet's config.json must equal to fit the model: its residuals
     #: are added to the denoiser's blocks, and it reads the same latents and text embeddings
     controlnet_fit: ClassVar[tuple[str, ...]] = ("in_channels", "block_out_channels", "layers_per_block",

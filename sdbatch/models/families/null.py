@@ -109,7 +109,7 @@ class NullModel:
         )
 
     def generate(self, rows: list[Row], init_images: list | None = None, masks: list | None = None,
-                 control_images: list | None = None) -> GeneratedBatch:
+                 control_images: list | None = None, ip_adapter_images: list | None = None) -> GeneratedBatch:
         """One batch, like every ``LoadedModel``."""
         if not rows:
             return GeneratedBatch(np.zeros((0, 0, 0, 3), np.uint8), [])

@@ -25,6 +25,7 @@ class StableDiffusion(DiffusersFamily):
     sdpa_modules = ("unet", "vae")
     channels_last = True
     controlnet = "StableDiffusionControlNetPipeline"
+    ip_adapter = True
     takes_embeddings = True
 
 

@@ -27,6 +27,7 @@ class StableDiffusionXL(DiffusersFamily):
     sdpa_modules = ("unet", "vae")
     channels_last = True
     controlnet = "StableDiffusionXLControlNetPipeline"
+    ip_adapter = True
 
     def size_conditioning(self, row: Row) -> dict[str, tuple[int, ...]]:
         """The row's own size, uncropped."""

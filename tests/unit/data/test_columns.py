@@ -60,7 +60,8 @@ def test_batch_key_is_every_batch_key_column():
     base = a_row()
     changed = {"steps": 21, "guidance_scale": 5.0, "width": 72, "height": 72, "scheduler": "euler",
                "strength": 0.5, "clip_skip": 2, "loras": (("ink", 0.8),), "refiner_switch": 0.8,
-               "hires_scale": 2.0, "hires_strength": 0.4, "hires_steps": 5, "controlnet": "edges:1"}
+               "hires_scale": 2.0, "hires_strength": 0.4, "hires_steps": 5, "controlnet": "edges:1",
+               "ip_adapter_scale": 0.5}
     assert set(changed) == set(C.BATCH_KEY)
     for name, value in changed.items():
         assert dataclasses.replace(base, **{name: value}).batch_key() != base.batch_key(), name
@@ -114,7 +115,8 @@ def test_record_and_index_round_trip_through_the_table():
 
 
 BAD_VALUES = {"steps": 0, "guidance_scale": 51.0, "width": 72000, "height": 32, "strength": 1.5, "clip_skip": 13,
-              "refiner_switch": 1.0, "hires_scale": 5.0, "hires_strength": 1.5, "hires_steps": 0}
+              "refiner_switch": 1.0, "hires_scale": 5.0, "hires_strength": 1.5, "hires_steps": 0,
+              "ip_adapter_scale": 2.5}
 
 
 @pytest.mark.parametrize("name", [c.name for c in C.COLUMNS if c.range])
@@ -153,7 +155,7 @@ def test_a_conditional_column_is_one_table_entry(tmp_path, monkeypatch):
     from sdbatch.manifest import validate as validate_module
 
     assert [c.name for c in C.CONDITIONAL] == ["strength", "refiner_switch", "mask_image", "hires_strength", "hires_steps",
-                                               "control_image"]
+                                               "control_image", "ip_adapter_image", "ip_adapter_scale"]
     rows = [{"id": "a", "prompt": "a", "init_image": None, "refiner_switch": 0.5, "strength": 0.5, "clip_skip": 2},
             {"id": "b", "prompt": "b", "init_image": "i.png", "refiner_switch": None, "strength": 0.5, "clip_skip": 2}]
     manifest = open_manifest(str(write_manifest(tmp_path / "m.parquet", rows)))
