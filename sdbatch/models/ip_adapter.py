@@ -36,7 +36,9 @@ class IPAdapterSwitch:
 
     def __init__(self, pipe: Any, weights: Path):
         self._pipe = pipe
-        unet = pipe.unet
+        # the UNet itself: model.compile later wraps pipe.unet, and attributes set on the wrapper
+        # would not reach the module that runs
+        self._unet = unet = pipe.unet
         self._plain = dict(unet.attn_processors)
         try:
             pipe.load_ip_adapter(str(weights.parent), subfolder="", weight_name=weights.name, image_encoder_folder=None, local_files_only=True)
@@ -49,7 +51,7 @@ class IPAdapterSwitch:
 
     def use(self, scale: float | None) -> None:
         """The adapter on at ``scale`` (a batch's ``ip_adapter_scale``), or off (None)."""
-        unet = self._pipe.unet
+        unet = self._unet
         on = scale is not None
         if on != self._on:
             unet.set_attn_processor(dict(self._adapted if on else self._plain))
@@ -57,7 +59,7 @@ class IPAdapterSwitch:
             unet.config.encoder_hid_dim_type = "ip_image_proj" if on else None  # as load/unload_ip_adapter set it
             self._on = on
         if scale is not None:
-            self._pipe.set_ip_adapter_scale(scale)
+            self._pipe.set_ip_adapter_scale(scale)  # reads the processors (through a compiled wrapper too)
 
     @staticmethod
     def install(pipe: Any) -> None:
