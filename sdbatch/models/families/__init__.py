@@ -18,7 +18,7 @@ from sdbatch.models.errors import FamilyError
 from sdbatch.models.families.base import FamilyAdapter, ModelTraits, RowRule
 from sdbatch.models.families.chroma import Chroma
 from sdbatch.models.families.flux import Flux
-from sdbatch.models.families.flux2 import Flux2Klein
+from sdbatch.models.families.flux2 import Flux2Dev, Flux2Klein
 from sdbatch.models.families.null import NullFamily
 from sdbatch.models.families.qwen_image import QwenImage
 from sdbatch.models.families.sd import StableDiffusion, StableDiffusionInpainting
@@ -31,24 +31,11 @@ __all__ = ["FAMILIES", "FamilyAdapter", "ModelTraits", "RowRule", "check_refiner
 
 FAMILIES: dict[str, FamilyAdapter] = {
     f.class_name: f for f in (StableDiffusion(), StableDiffusionInpainting(), StableDiffusionXL(), StableDiffusion3(), Flux(), Chroma(), Flux2Klein(),
-                              QwenImage(), ZImage(), NullFamily())
-}
-
-
-#: pipeline classes of families sdbatch knows and does not run yet: what is missing, and what to use
-NOT_YET_RUN: dict[str, str] = {
-    "Flux2Pipeline": "FLUX.2 [dev] is not run yet: its prompt processor (transformers' PixtralProcessor, the "
-                     "folder's tokenizer/) needs torchvision, which sdbatch does not install (with it present, "
-                     "transformers switches every CLIP image processor to another backend), and its Mistral-3 text "
-                     "encoder has no tested path here. Use FLUX.2 [klein] (Flux2KleinPipeline) or FLUX.1 [dev] "
-                     "(FluxPipeline)",
+                              Flux2Dev(), QwenImage(), ZImage(), NullFamily())
 }
 
 
 def family_for_class(class_name: str | None, where: str) -> FamilyAdapter:
-    if str(class_name) in NOT_YET_RUN:
-        raise FamilyError(f"model {where}: model_index.json names pipeline class {class_name!r}: "
-                          f"{NOT_YET_RUN[str(class_name)]}")
     try:
         return FAMILIES[str(class_name)]
     except KeyError:
