@@ -188,6 +188,18 @@ def _vae_override(folder: Path, vae: Path | None, dtype: torch.dtype) -> dict[st
         raise ModelError(f"model.vae {str(vae)!r} could not be loaded: {exc}") from exc
 
 
+def _own_components(family: DiffusersFamily, model: str, folder: Path) -> dict[str, Any]:
+    """The family's ``component_classes``, each loaded from its subfolder with its transformers
+    class (the pipeline is loaded without them, then given them: diffusers would check them
+    against the class model_index.json names)."""
+    try:
+        return {name: getattr(transformers, class_name).from_pretrained(folder / name, local_files_only=True)
+                for name, class_name in family.component_classes.items()}
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model {model!r}: its {', '.join(family.component_classes)} could not be loaded from "
+                         f"{folder}: {exc}") from exc
+
+
 def _load_embeddings(pipe: Any, embeddings: tuple[tuple[str, Path], ...]) -> None:
     """Textual-inversion embeddings under the token ``<NAME>``: an SD file into the text
     encoder, an SDXL one (AUTOMATIC1111's ``clip_l`` / ``clip_g`` tensors) into both."""
@@ -317,12 +329,14 @@ class DiffusersModel:
             raise ModelError(f"model.offload={request.offload} needs a CUDA device and this worker has none; run on GPU "
                              "workers (resources.gpus_per_worker=1), or set model.offload=none")
         place = "cpu" if request.offload != "none" else device  # offloading hooks move the modules themselves
-        components = {**family.load_options, **_vae_override(request.folder, request.vae, torch_dtype),
+        own = _own_components(family, model, request.folder)
+        components = {**family.load_options, **dict.fromkeys(own), **_vae_override(request.folder, request.vae, torch_dtype),
                       **(image_encoder_components(request.ip_adapter[1], torch_dtype) if request.ip_adapter else {})}
         if request.checkpoint is not None:
             pipe = _load_single_file(family, model, request.checkpoint, request.folder, torch_dtype, components, place)
         else:
             pipe = _load_pipeline(family.txt2img, model, request.folder, torch_dtype, components, place)
+        pipe.register_modules(**own)
         _load_embeddings(pipe, request.embeddings)
         controlnets = _load_controlnets(request.controlnets, torch_dtype, place)
         _offload(pipe, request.offload)

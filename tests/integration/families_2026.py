@@ -1,7 +1,8 @@
 """Tiny random-weight pipelines of issue 24's part-B families (Z-Image, Qwen-Image, FLUX.2
-[klein], SD3.5's layouts) built from configs as diffusers' own tests build theirs
+[klein] and [dev], SD3.5's layouts) built from configs as diffusers' own tests build theirs
 (``get_dummy_components``), the LLM encoders' with a byte-level BPE tokenizer and chat template
-built in code (no downloads), saved as diffusers folders with safetensors. Test-only."""
+built in code (no downloads), saved as diffusers folders with safetensors; and their
+transformers written as GGUF files (``write_gguf``). Test-only."""
 
 from __future__ import annotations
 
@@ -17,24 +18,52 @@ CHAT_TEMPLATE = (
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def qwen_tokenizer():
-    """A Qwen2-style byte-level BPE tokenizer over the 256 byte symbols and a few merges."""
+def _byte_bpe(special: list[str]):
+    """A byte-level BPE over the 256 byte symbols, a few merges and ``special`` tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import Qwen2TokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {s: i for i, s in enumerate(sorted(alphabet))}
     merges = [("Ġ", "a"), ("r", "e"), ("Ġ", "c"), ("i", "r")]
     for left, right in merges:
         vocab[left + right] = len(vocab)
-    for token in SPECIAL:
+    for token in special:
         vocab[token] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIAL)
-    return Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    tok.add_special_tokens(special)
+    return tok
+
+
+def qwen_tokenizer():
+    """A Qwen2-style byte-level BPE tokenizer with the Qwen chat template."""
+    from transformers import Qwen2TokenizerFast
+
+    return Qwen2TokenizerFast(tokenizer_object=_byte_bpe(SPECIAL), eos_token="<|im_end|>", pad_token="<|endoftext|>",
                               unk_token=None, bos_token=None, chat_template=CHAT_TEMPLATE, model_max_length=32768)
+
+
+#: Mistral's instruct template over message contents that are lists of text parts, as FLUX.2 [dev]'s
+#: pipeline writes them (a system message and the prompt)
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set text = message['content'] if message['content'] is string else "
+    "message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% else %}[INST]{{ text }}[/INST]{% endif %}{% endfor %}"
+)
+MISTRAL_SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]"]
+
+
+def mistral_tokenizer():
+    """A Mistral-style tokenizer (byte-level BPE here) with the instruct chat template, as the
+    ``tokenizer/`` folder of FLUX.2 [dev] holds one beside its PixtralProcessor's image settings."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=_byte_bpe(MISTRAL_SPECIAL), bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>", chat_template=MISTRAL_CHAT_TEMPLATE,
+                                   model_max_length=131072)
 
 
 def _kl_vae(blocks: int, latent_channels: int, **extra):
@@ -125,29 +154,78 @@ def build_flux2_klein(folder: Path, *, distilled: bool = False) -> Path:
     """FLUX.2 [klein] (base, or the step-distilled variant: ``is_distilled``) with a tiny Qwen3
     causal LM deep enough for the pipeline's default hidden-state layers (9, 18, 27), whose
     three outputs side by side are the transformer's text width; a VAE of scale 2: native 256²."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
     hidden, latent_channels = 16, 2
-    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=latent_channels * 4, num_layers=1,
-                                          num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-                                          joint_attention_dim=3 * hidden, timestep_guidance_channels=256,
-                                          axes_dims_rope=[4, 4, 4, 4], guidance_embeds=False)
+    transformer = _flux2_transformer(3 * hidden, latent_channels, guidance=False)
     tokenizer = qwen_tokenizer()
     encoder = Qwen3ForCausalLM(Qwen3Config(hidden_size=hidden, intermediate_size=16, num_hidden_layers=28,
                                            num_attention_heads=2, num_key_value_heads=2, head_dim=8,
                                            vocab_size=len(tokenizer), max_position_embeddings=1024))
+    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_flux2_vae(latent_channels), text_encoder=encoder,
+                              tokenizer=tokenizer, transformer=transformer, is_distilled=distilled)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _flux2_transformer(text_width: int, latent_channels: int, *, guidance: bool):
+    """diffusers' test config of Flux2Transformer2DModel, reading ``text_width`` (three encoder
+    layers side by side), with or without the guidance embedding."""
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel(patch_size=1, in_channels=latent_channels * 4, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=text_width,
+                                   timestep_guidance_channels=256, axes_dims_rope=[4, 4, 4, 4], guidance_embeds=guidance)
+
+
+def _flux2_vae(latent_channels: int):
+    """FLUX.2's VAE with two levels (scale 2) and non-trivial batch-norm statistics, so
+    de-normalising the latents is tested."""
+    from diffusers import AutoencoderKLFlux2
+
     vae = AutoencoderKLFlux2(sample_size=32, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                              up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
                              latent_channels=latent_channels, norm_num_groups=8, use_quant_conv=False,
                              use_post_quant_conv=False, mid_block_add_attention=False)
-    with torch.no_grad():  # non-trivial latent statistics, so de-normalising them is tested
+    with torch.no_grad():
         vae.bn.running_mean.copy_(torch.linspace(-0.2, 0.2, vae.bn.running_mean.numel()))
         vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, vae.bn.running_var.numel()))
-    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=encoder,
-                              tokenizer=tokenizer, transformer=transformer, is_distilled=distilled)
+    return vae
+
+
+def build_flux2_dev(folder: Path) -> Path:
+    """FLUX.2 [dev] as diffusers' own test builds it (``get_dummy_components``), deep enough for
+    the pipeline's default hidden-state layers (10, 20, 30) of its Mistral-3 encoder, with the
+    guidance embedding; a VAE of scale 2: native 256². Its ``tokenizer`` is named a
+    ``PixtralProcessor`` in model_index.json, as Black Forest Labs' folder names it, over a
+    tokenizer saved in ``tokenizer/`` (a processor needs torchvision to be built)."""
+    import json
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    hidden, latent_channels = 16, 2
+    transformer = _flux2_transformer(3 * hidden, latent_channels, guidance=True)
+    tokenizer = mistral_tokenizer()
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (("bos", "<s>"), ("eos", "</s>"), ("pad", "<pad>"))}
+    text = {"model_type": "mistral", "vocab_size": len(tokenizer), "hidden_size": hidden, "intermediate_size": 16,
+            "max_position_embeddings": 1024, "num_attention_heads": 2, "num_hidden_layers": 30, "num_key_value_heads": 2,
+            "head_dim": 8, "rms_norm_eps": 1e-5, "rope_theta": 1000000000.0, "sliding_window": None,
+            "bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]}
+    vision = {"model_type": "pixtral", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "intermediate_size": 16, "image_size": 30, "patch_size": 6, "num_channels": 3}
+    config = Mistral3Config(text_config=text, vision_config=vision, bos_token_id=ids["bos"], eos_token_id=ids["eos"],
+                            pad_token_id=ids["pad"], image_seq_length=4, vision_feature_layer=-1,
+                            image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"))
+    encoder = Mistral3ForConditionalGeneration(config).eval()
+    pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_flux2_vae(latent_channels),
+                         text_encoder=encoder, tokenizer=tokenizer, transformer=transformer)
     pipe.save_pretrained(folder, safe_serialization=True)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "tokenizer": ["transformers", "PixtralProcessor"]}, indent=2))
     return folder
 
 
@@ -155,22 +233,101 @@ def build_flux2_klein(folder: Path, *, distilled: bool = False) -> Path:
 ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-def write_gguf(transformer_folder: Path, path: Path, *, quantized: bool) -> Path:
-    """A diffusers transformer's weights as a GGUF file, as QuantStack publish Qwen-Image's (its
-    diffusers key names, which diffusers' single-file loader takes unchanged): with
-    ``quantized``, each 2-D weight whose rows split into 32-value blocks as Q8_0 and the other
-    matrices as F16; without, every tensor F32 (the same numbers as the folder)."""
+def z_image_to_original(weights: dict) -> dict:
+    """A diffusers Z-Image transformer's weights in Alibaba's original key layout, as the
+    published Z-Image GGUFs hold them (fused ``attention.qkv``, ``attention.out``, ``q_norm``,
+    ``final_layer``): the inverse of diffusers' ``convert_z_image_transformer_checkpoint_to_diffusers``."""
+    renames = {"all_final_layer.2-1.": "final_layer.", "all_x_embedder.2-1.": "x_embedder.",
+               ".attention.to_out.0.": ".attention.out.", ".attention.norm_q.": ".attention.q_norm.",
+               ".attention.norm_k.": ".attention.k_norm."}
+    original = {}
+    for name, tensor in weights.items():
+        if ".attention.to_k." in name or ".attention.to_v." in name:
+            continue  # fused into the block's qkv with its to_q
+        if ".attention.to_q." in name:
+            name, tensor = name.replace(".to_q.", ".qkv."), torch.cat([weights[name.replace(".to_q.", f".to_{x}.")]
+                                                                       for x in "qkv"])
+        for ours, theirs in renames.items():
+            name = name.replace(ours, theirs)
+        original[name] = tensor
+    return original
+
+
+def _renamed(name: str, table: dict[str, str]) -> str:
+    """``name`` with the first ``table`` key it starts with (a whole dotted part) replaced."""
+    for ours, theirs in table.items():
+        if name == ours or name.startswith(ours + "."):
+            return theirs + name[len(ours):]
+    return name
+
+
+#: FLUX.2's modules in diffusers' names -> Black Forest Labs' (the inverse of diffusers'
+#: convert_flux2_transformer_checkpoint_to_diffusers): outside the blocks, in the double blocks
+#: and in the single blocks; a norm's weight is BFL's ``scale``
+FLUX2_TOP = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+             "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+             "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+             "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+             "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+             **{f"{m}.linear": f"{m}.lin" for m in ("double_stream_modulation_img", "double_stream_modulation_txt",
+                                                   "single_stream_modulation")}}
+FLUX2_DOUBLE = {"attn.norm_q.weight": "img_attn.norm.query_norm.scale", "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
+                "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
+                "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale", "attn.to_out.0": "img_attn.proj",
+                "attn.to_add_out": "txt_attn.proj", "ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2",
+                "ff_context.linear_in": "txt_mlp.0", "ff_context.linear_out": "txt_mlp.2"}
+FLUX2_SINGLE = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2", "attn.norm_q.weight": "norm.query_norm.scale",
+                "attn.norm_k.weight": "norm.key_norm.scale"}
+
+
+def flux2_to_original(weights: dict) -> dict:
+    """A diffusers FLUX.2 transformer's weights in Black Forest Labs' key layout, as their
+    checkpoint and the published FLUX.2 [dev] GGUFs name them (fused ``img_attn.qkv`` /
+    ``txt_attn.qkv``, the final modulation's (shift, scale) order)."""
+    original = {}
+    for name, tensor in weights.items():
+        if name.startswith("transformer_blocks."):
+            _, n, rest = name.split(".", 2)
+            module, kind = rest.rsplit(".", 1)
+            fused = {"attn.to_q": ("img", ("to_q", "to_k", "to_v")), "attn.add_q_proj": ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"))}
+            if module in fused:
+                stream, parts = fused[module]
+                original[f"double_blocks.{n}.{stream}_attn.qkv.{kind}"] = torch.cat(
+                    [weights[f"transformer_blocks.{n}.attn.{part}.{kind}"] for part in parts])
+            elif module not in ("attn.to_k", "attn.to_v", "attn.add_k_proj", "attn.add_v_proj"):
+                original[f"double_blocks.{n}.{_renamed(rest, FLUX2_DOUBLE)}"] = tensor
+        elif name.startswith("single_transformer_blocks."):
+            _, n, rest = name.split(".", 2)
+            original[f"single_blocks.{n}.{_renamed(rest, FLUX2_SINGLE)}"] = tensor
+        elif name.startswith("norm_out.linear."):  # diffusers' (scale, shift) is BFL's (shift, scale): its own inverse
+            first, second = tensor.chunk(2, dim=0)
+            original[name.replace("norm_out.linear.", "final_layer.adaLN_modulation.1.")] = torch.cat([second, first])
+        else:
+            original[_renamed(name, FLUX2_TOP)] = tensor
+    return original
+
+
+def write_gguf(transformer_folder: Path, path: Path, *, quantized: bool, layout=None, arch: str = "qwen_image") -> Path:
+    """A diffusers transformer's weights as a GGUF file, in its diffusers key names (as
+    QuantStack publish Qwen-Image's, which diffusers' single-file loader takes unchanged) or in
+    the key ``layout`` a function of the weights makes (a published original layout): with
+    ``quantized``, each 2-D layer weight whose rows split into 32-value blocks as Q8_0 and the
+    other layer weight matrices as F16, the rest F32 as published files keep them (biases, norms,
+    Z-Image's pad tokens, which the model reads as they are); without, every tensor F32 (the
+    same numbers as the folder)."""
     import gguf
     from safetensors.torch import load_file
 
-    writer = gguf.GGUFWriter(str(path), "qwen_image")
-    for name, tensor in load_file(transformer_folder / "diffusion_pytorch_model.safetensors").items():
+    weights = load_file(transformer_folder / "diffusion_pytorch_model.safetensors")
+    writer = gguf.GGUFWriter(str(path), arch)
+    for name, tensor in (layout(weights) if layout else weights).items():
         values = tensor.float().numpy()
-        if quantized and values.ndim == 2 and values.shape[1] % 32 == 0:
+        matrix = quantized and values.ndim == 2 and name.endswith(".weight")
+        if matrix and values.shape[1] % 32 == 0:
             blocks = gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0)
             writer.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
-            writer.add_tensor(name, values.astype("float16") if quantized and values.ndim == 2 else values)
+            writer.add_tensor(name, values.astype("float16") if matrix else values)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

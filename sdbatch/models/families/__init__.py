@@ -18,7 +18,7 @@ from sdbatch.models.errors import FamilyError
 from sdbatch.models.families.base import FamilyAdapter, ModelTraits, RowRule
 from sdbatch.models.families.chroma import Chroma
 from sdbatch.models.families.flux import Flux
-from sdbatch.models.families.flux2 import Flux2Klein
+from sdbatch.models.families.flux2 import Flux2Dev, Flux2Klein
 from sdbatch.models.families.flux_kontext import FluxKontext
 from sdbatch.models.families.null import NullFamily
 from sdbatch.models.families.qwen_image import QwenImage
@@ -32,22 +32,17 @@ __all__ = ["FAMILIES", "FamilyAdapter", "ModelTraits", "RowRule", "check_refiner
 
 FAMILIES: dict[str, FamilyAdapter] = {
     f.class_name: f for f in (StableDiffusion(), StableDiffusionInpainting(), StableDiffusionXL(), StableDiffusion3(), Flux(), Chroma(), Flux2Klein(),
-                              FluxKontext(), QwenImage(), ZImage(), NullFamily())
+                              FluxKontext(), Flux2Dev(), QwenImage(), ZImage(), NullFamily())
 }
 
 
 #: pipeline classes of families sdbatch knows and does not run yet: what is missing, and what to use
 NOT_YET_RUN: dict[str, str] = {
     **{name: "Qwen-Image-Edit is not run yet: its prompt processor (transformers' Qwen2VLProcessor, the folder's "
-             "processor/) needs torchvision for its video processor, which sdbatch does not install (with it present, "
-             "transformers switches every CLIP image processor to another backend). For instruction edits use FLUX.1 "
+             "processor/) needs torchvision for its video processor, which sdbatch does not install (the package "
+             "registry's torchvision wheel is built against CUDA torch). For instruction edits use FLUX.1 "
              "Kontext (FluxKontextPipeline): the source image in init_image, the instruction in prompt"
        for name in ("QwenImageEditPipeline", "QwenImageEditPlusPipeline")},
-    "Flux2Pipeline": "FLUX.2 [dev] is not run yet: its prompt processor (transformers' PixtralProcessor, the "
-                     "folder's tokenizer/) needs torchvision, which sdbatch does not install (with it present, "
-                     "transformers switches every CLIP image processor to another backend), and its Mistral-3 text "
-                     "encoder has no tested path here. Use FLUX.2 [klein] (Flux2KleinPipeline) or FLUX.1 [dev] "
-                     "(FluxPipeline)",
 }
 
 

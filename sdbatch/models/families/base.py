@@ -173,6 +173,9 @@ class FamilyAdapter(ABC):
     denoiser: ClassVar[str] = ""  # the component folder whose config holds sample_size
     samplers: ClassVar[tuple[str, ...]]
     load_options: ClassVar[Mapping[str, Any]] = {}  # from_pretrained arguments
+    #: components the runtime loads itself from their subfolder with this transformers class, in
+    #: place of the class model_index.json names (FLUX.2 [dev]'s tokenizer: see flux2.Flux2Dev)
+    component_classes: ClassVar[Mapping[str, str]] = {}
     honours: ClassVar[frozenset[str]] = COMMON_COLUMNS  # the per-row columns a row may set
     guidance: ClassVar[Guidance] = "cfg"
     #: with guidance "cfg"/"true_cfg": the guidance_scale above which the pipeline runs its

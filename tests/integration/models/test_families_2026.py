@@ -1,4 +1,4 @@
-"""The LLM-encoder families of issue 24 (Z-Image, Z-Image-Turbo, Qwen-Image, FLUX.2 [klein]) and
+"""The LLM-encoder families of issue 24 (Z-Image, Z-Image-Turbo, Qwen-Image, FLUX.2 [klein] and [dev]) and
 SD3.5's layouts, through the CLI on tiny random-weight folders (``integration.families_2026``):
 each renders at its native size, is the same with one worker and batches of 4 as with two
 workers and batches of 1 (within the one uint8 level a batch may move a pixel, design.md §4.3),
@@ -57,6 +57,7 @@ FAMILIES = {
     "sd35_medium": Case(64, {}),
     "flux2_klein_distilled": Case(256, {"guidance": "none", "max_sequence_length": 512, "variant": "distilled"},
                                   negative=False, img2img=False, guidance=None),
+    "flux2_dev": Case(256, {"guidance": "distilled", "max_sequence_length": 512}, negative=False, img2img=False),
 }
 
 
@@ -125,8 +126,10 @@ def test_family_renders_native_size_records_and_infotext(family_runs):
             data = (out / index[rid]["key"]).read_bytes()
             assert hashlib.sha256(data).hexdigest() == index[rid]["sha256"]
             assert Image.open(io.BytesIO(data)).size == size == (index[rid]["width"], index[rid]["height"]), rid
-            _, record = read_embedded(data)
+            infotext, record = read_embedded(data)
             assert record["model_family"] == class_name
+            if record.get("model_parameters", {}).get("guidance") == "distilled":  # as Forge labels it
+                assert "Distilled CFG Scale: 2.0," in infotext and "CFG scale" not in infotext
             assert record.get("model_parameters", {}) == FAMILIES[family_runs["name"]].parameters
             assert pixels(data).std() > 5, rid  # a picture, not a flat fill
 
@@ -222,7 +225,7 @@ def test_flux2_klein_refuses_what_it_cannot_run(llm_models, ray_address, tmp_pat
     assert not out.exists() or not any(out.rglob("*.png"))
 
 
-@pytest.mark.parametrize("name", ["z_image", "qwen_image", "flux2_klein_distilled"])
+@pytest.mark.parametrize("name", ["z_image", "qwen_image", "flux2_klein_distilled", "flux2_dev"])
 def test_lora_changes_the_image_and_scale_zero_is_no_adapter(llm_models, tmp_path, name):
     """A diffusers/PEFT LoRA on the transformer, loaded per batch like SD's: it changes the
     image, a scale of 0 renders exactly as no adapter, the record holds its sha256, and the same
@@ -245,7 +248,7 @@ def test_lora_changes_the_image_and_scale_zero_is_no_adapter(llm_models, tmp_pat
     base, with_a, zero, again = render(()), render((("a", 1.0),)), render((("a", 0.0),)), render(())
     assert np.abs(with_a.astype(int) - base).max() > 10
     assert np.array_equal(zero, base) and np.array_equal(again, base)
-    if name != "flux2_klein_distilled":  # FLUX.2's kohya files use Black Forest Labs' module names
+    if not name.startswith("flux2"):  # FLUX.2's kohya files use Black Forest Labs' module names
         assert np.abs(render((("k", 1.0),)).astype(int) - with_a).max() <= 1
     record = gen.facts(Row(0, "x", "p", "", 1, 2, guidance, 128, 64, "default", strength=0.5, clip_skip=1, loras=(("a", 1.0),)))
     assert record.loras[0]["sha256"] == hashlib.sha256(lora.read_bytes()).hexdigest()

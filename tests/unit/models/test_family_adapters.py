@@ -231,12 +231,22 @@ def test_the_runtime_checks_every_row_of_a_batch(tmp_path):
         rule.check_row(a_row(guidance_scale=1.0))
 
 
-def test_flux2_dev_is_refused_naming_what_is_missing(tmp_path):
-    import pytest
-
-    from sdbatch.models.errors import FamilyError
-
-    folder = write_configs(tmp_path / "flux2-dev", {"model_index.json": {"_class_name": "Flux2Pipeline"}})
-    with pytest.raises(FamilyError, match="'Flux2Pipeline': FLUX.2 \\[dev\\] is not run yet: its prompt processor "
-                                          "\\(transformers' PixtralProcessor.*needs torchvision.*Use FLUX.2 \\[klein\\]"):
-        local_traits(folder)
+def test_flux2_dev_is_distilled_guidance_read_from_its_published_layout(tmp_path):
+    """FLUX.2 [dev]'s folder (its tokenizer named a PixtralProcessor): the distilled guidance
+    embedding with the pipeline's defaults, 512 Mistral tokens, the 2×2-packed grid of a VAE of
+    factor 8, and no negative prompt, init image or clip_skip."""
+    folder = write_configs(tmp_path / "flux2-dev", {
+        "model_index.json": {"_class_name": "Flux2Pipeline", "tokenizer": ["transformers", "PixtralProcessor"],
+                             "transformer": ["diffusers", "Flux2Transformer2DModel"]},
+        "transformer/config.json": {"_class_name": "Flux2Transformer2DModel", "patch_size": 1, "guidance_embeds": True},
+        "vae/config.json": {"_class_name": "AutoencoderKLFlux2", "block_out_channels": [128, 256, 512, 512]},
+    })
+    traits = local_traits(folder)
+    assert (traits.native_width, traits.native_height, traits.size_multiple) == (1024, 1024, 16)
+    assert (traits.guidance, dict(traits.defaults)) == ("distilled", {"steps": 50, "guidance_scale": 4.0})
+    assert traits.recorded() == {"guidance": "distilled", "max_sequence_length": 512}
+    assert traits.family.component_classes == {"tokenizer": "AutoTokenizer"}  # no torchvision-bound processor
+    assert not {"negative_prompt", "init_image"} & traits.family.honours and not traits.family.takes_clip_skip
+    [negative] = [r for r in traits.row_rules() if r.column == "negative_prompt"]
+    assert negative.refuses_value("blurry") and not negative.refuses_value(None)
+    assert "FLUX.2 [dev] (Flux2Pipeline): native size 1024x1024" in "\n".join(traits.describe())
