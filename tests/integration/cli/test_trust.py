@@ -404,7 +404,7 @@ def test_a_local_cluster_listens_on_loopback_only(tmp_path):
                         listening.setdefault((proc.name(), conn.laddr.ip), set()).add(str(conn.laddr.port))
             except psutil.Error:
                 continue
-        if any("WorkerActor" in c for c in commands) and any("autoscaler" in c and "monitor.py" in c for c in commands):
+        if any("WorkerActor" in c for c in commands) and any("/autoscaler/" in c and "/monitor.py" in c for c in commands):
             monitor_beside_worker.append(commands)
         time.sleep(0.2)
     stdout, stderr = driver.communicate(timeout=60)
