@@ -7,16 +7,20 @@
    (Ray's shutdown at exit) — beside the same rows generated in one process by
    ``models.runtime`` (the generation itself). Fixed cost = wall − generation.
 2. The same 100 rows (``builtin:shapes`` 64², 20 DDIM steps, batch 8, one worker with 2 CPUs)
-   through ``sdbatch submit`` and through Ray Data's ``map_batches`` (one actor holding the
-   pipeline, PNGs written by the actor), each with its own fresh local Ray cluster; prints
-   both wall times and the ratio (target: sdbatch ≤ 0.8 × Ray Data).
+   through ``sdbatch submit --address`` and through Ray Data's ``map_batches`` (one actor holding
+   the pipeline, PNGs written by the actor to a local folder), both drivers connecting to ONE
+   local cluster this script starts with ``--cluster-cpus`` (3) logical CPUs: more than the
+   2-CPU worker needs, so Ray Data can schedule its read tasks beside its actor (on a cluster of
+   exactly 2 CPUs its actor takes them all and the read never runs). Neither pays Ray's start;
+   each pays its own worker start, imports and model load. Prints each wall, the ratio, and
+   checks both wrote every row's PNG (target: sdbatch ≤ 0.8 × Ray Data).
 
 Contenders alternate (``--repeat`` rounds; medians reported), so a machine whose load drifts
 affects them alike. ``--baseline DIR`` (another sdbatch checkout, e.g. ``main``'s worktree)
 adds that checkout's 3-row job to part 1, so a change is measured beside what it changes.
 
     python benchmarks/bench_fixed_cost.py [--small-rows 3] [--rows 100] [--repeat 3]
-        [--baseline /work/main] [--skip-ray-data]
+        [--baseline /work/main] [--skip-small] [--skip-ray-data] [--cluster-cpus 3]
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ from _common import PROMPTS  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 STEPS, SIZE, BATCH = 20, 64, 8
 ENV = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local cluster each time, as a new user gets
+#: Ray's single-machine mode: a driver joining the loopback cluster this script starts must look
+#: for its node at 127.0.0.1, not the host's address (as in tests/conftest.py)
+SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 #: output line → the phase it ends (the first line matching each, in order; times are when the
 #: line reached this process, so lines without a timestamp, such as the summary, count too)
@@ -52,22 +59,31 @@ PHASES = [
 ]
 
 
+def driver_env(address: str | None) -> dict[str, str]:
+    """A contender's environment: a fresh local cluster's (``ENV``), or, joining this process's
+    cluster at ``address``, this process's environment now — ``ray.init`` set its auth mode
+    there and ``shared_cluster`` the single-machine switch."""
+    return ENV if address is None else {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
 def manifest(folder: Path, rows: int) -> Path:
     path = folder / f"rows-{rows}.parquet"
     pq.write_table(pa.table({"prompt": [PROMPTS[i % len(PROMPTS)] for i in range(rows)], "seed": list(range(rows))}), path)
     return path
 
 
-def sdbatch_submit(source: Path, out: Path, checkout: Path = REPO, workers: int = 1, cpus: int = 2) -> tuple[float, list[tuple[float, str]]]:
-    """Wall seconds of ``sdbatch submit`` (of the sdbatch in ``checkout``) and its output lines
-    with the second each arrived."""
+def sdbatch_submit(source: Path, out: Path, checkout: Path = REPO, workers: int = 1, cpus: int = 2,
+                   address: str | None = None) -> tuple[float, list[tuple[float, str]]]:
+    """Wall seconds of ``sdbatch submit`` (of the sdbatch in ``checkout``; on the cluster at
+    ``address``, else a fresh local one) and its output lines with the second each arrived."""
     started = time.time()
     process = subprocess.Popen(
         [sys.executable, "-m", "sdbatch", "submit", str(source), "--out", str(out), "--steps", str(STEPS),
          "--batch-size", str(BATCH), "--workers", str(workers), "--set", f"resources.cpus_per_worker={cpus}",
          "--set", "defaults.scheduler=ddim", "--set", f"defaults.width={SIZE}", "--set", f"defaults.height={SIZE}",
-         "--set", f"resources.rows_per_shard={BATCH}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=checkout, env={**ENV, "PYTHONPATH": str(checkout)})
+         "--set", f"resources.rows_per_shard={BATCH}", *(["--address", address] if address else [])],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=checkout,
+        env={**driver_env(address), "PYTHONPATH": str(checkout)})
     assert process.stdout is not None
     lines = [(time.time() - started, line.rstrip()) for line in process.stdout]
     wall = time.time() - started
@@ -109,8 +125,8 @@ import sys, time, io
 started = time.time()
 import ray, ray.data, torch
 from pathlib import Path
-ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-source, out, steps, size, batch = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+source, out, steps, size, batch, address = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+ray.init(address=address, log_to_driver=False)
 out.mkdir(parents=True, exist_ok=True)
 
 class Generate:
@@ -137,13 +153,28 @@ print(f"RAYDATA {done} {time.time() - started:.2f}")
 '''
 
 
-def ray_data(source: Path, out: Path) -> float:
+def ray_data(source: Path, out: Path, address: str) -> float:
+    """Wall seconds of the Ray Data contender, a driver of its own on the cluster at ``address``."""
     started = time.time()
-    result = subprocess.run([sys.executable, "-c", RAY_DATA, str(source), str(out), str(STEPS), str(SIZE), str(BATCH)],
-                            capture_output=True, text=True, cwd=REPO, env={**ENV, "PYTHONPATH": str(REPO)})
+    result = subprocess.run([sys.executable, "-c", RAY_DATA, str(source), str(out), str(STEPS), str(SIZE), str(BATCH), address],
+                            capture_output=True, text=True, cwd=REPO, env={**driver_env(address), "PYTHONPATH": str(REPO)})
     if result.returncode != 0 or "RAYDATA" not in result.stdout:
         raise SystemExit(f"Ray Data run failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return time.time() - started
+
+
+def pngs(folder: Path) -> int:
+    return sum(1 for _ in folder.rglob("*.png"))
+
+
+def shared_cluster(cpus: int) -> str:
+    """Start the one local cluster both contenders of part 2 join (loopback, ``cpus`` logical
+    CPUs) in this process; its GCS address."""
+    os.environ[SINGLE_MACHINE] = "0"  # before ray is imported: Ray reads it then
+    import ray
+
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    return ray.get_runtime_context().gcs_address
 
 
 def load_average() -> str:
@@ -168,17 +199,28 @@ def small_job(folder: Path, rows: int, repeat: int, baseline: Path | None) -> No
             print(f"  {phase:32s} {statistics.median(p[i][1] for _, p in results):6.1f} s")
 
 
-def beside_ray_data(folder: Path, rows: int, repeat: int) -> None:
+def beside_ray_data(folder: Path, rows: int, repeat: int, cluster_cpus: int) -> None:
     source = manifest(folder, rows)
+    address = shared_cluster(cluster_cpus)
+    print(f"  one local cluster of {cluster_cpus} logical CPUs at {address} for both contenders", flush=True)
     ours, theirs = [], []
     for round_ in range(repeat):
-        ours.append(sdbatch_submit(source, folder / f"sdbatch-{round_}")[0])
-        theirs.append(ray_data(source, folder / f"raydata-{round_}"))
-        print(f"  round {round_ + 1}: sdbatch {ours[-1]:.1f} s, Ray Data {theirs[-1]:.1f} s → "
-              f"{ours[-1] / theirs[-1]:.2f}× ({load_average()})", flush=True)
+        # alternate which goes first, so a load that drifts within a round weighs on both alike
+        order = ["sdbatch", "Ray Data"] if round_ % 2 == 0 else ["Ray Data", "sdbatch"]
+        for contender in order:
+            if contender == "sdbatch":
+                ours.append(sdbatch_submit(source, folder / f"sdbatch-{round_}", address=address)[0])
+                written = pngs(folder / f"sdbatch-{round_}" / "images")
+            else:
+                theirs.append(ray_data(source, folder / f"raydata-{round_}", address))
+                written = pngs(folder / f"raydata-{round_}")
+            if written != rows:
+                raise SystemExit(f"{contender} wrote {written} PNGs of {rows} rows")
+        print(f"  round {round_ + 1} ({' first, '.join(order)} second): sdbatch {ours[-1]:.1f} s, Ray Data "
+              f"{theirs[-1]:.1f} s → {ours[-1] / theirs[-1]:.2f}× ({load_average()})", flush=True)
     ours_s, theirs_s = statistics.median(ours), statistics.median(theirs)
-    print(f"## {rows} rows, batch {BATCH}, one worker with 2 CPUs (medians of {repeat}): sdbatch {ours_s:.1f} s, "
-          f"Ray Data map_batches {theirs_s:.1f} s → sdbatch ÷ Ray Data = {ours_s / theirs_s:.2f}×")
+    print(f"## {rows} rows, batch {BATCH}, one worker with 2 CPUs, one {cluster_cpus}-CPU cluster (medians of {repeat}): "
+          f"sdbatch {ours_s:.1f} s, Ray Data map_batches {theirs_s:.1f} s → sdbatch ÷ Ray Data = {ours_s / theirs_s:.2f}×")
 
 
 def main() -> None:
@@ -189,13 +231,14 @@ def main() -> None:
     p.add_argument("--baseline", type=Path, help="another sdbatch checkout whose 3-row job runs beside this one's")
     p.add_argument("--skip-small", action="store_true")
     p.add_argument("--skip-ray-data", action="store_true")
+    p.add_argument("--cluster-cpus", type=int, default=3, help="logical CPUs of part 2's shared cluster (> the worker's 2)")
     args = p.parse_args()
     print(f"{load_average()}, {os.cpu_count()} CPUs", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-fixed-") as tmp:
         if not args.skip_small:
             small_job(Path(tmp), args.small_rows, args.repeat, args.baseline)
         if not args.skip_ray_data:
-            beside_ray_data(Path(tmp), args.rows, args.repeat)
+            beside_ray_data(Path(tmp), args.rows, args.repeat, args.cluster_cpus)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ autoscaler, and how many workers fit."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import signal
 import socket
 import threading
 import time
+from typing import Any
 
 import ray
 from ray.autoscaler.sdk import request_resources
@@ -32,6 +34,10 @@ def connect_ray(address: str | None) -> None:
         return
     on_sigterm = signal.getsignal(signal.SIGTERM)
     _init_ray(address)
+    # Ray's own exit handler sleeps 0.5 s first, for its workers' log lines to reach the console,
+    # and sdbatch forwards none (log_to_driver=False): this one, registered later, runs first
+    # (atexit runs the last registered first) and leaves Ray's nothing to do
+    atexit.register(ray.shutdown)
     if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_sigterm)  # ray.init replaced the caller's (the CLI's) with sys.exit
 
@@ -55,6 +61,7 @@ def _init_ray(address: str | None) -> None:
                 address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
                 _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
             )
+            _stop_autoscaler_monitor()
     except BadInput:
         raise
     except Exception as exc:  # noqa: BLE001 - Ray raises bare Exception/RuntimeError when its processes do not come up
@@ -66,6 +73,20 @@ def _init_ray(address: str | None) -> None:
     # Ray's core worker installs its own SIGTERM handler (it dumps a stack and exits 1): make
     # SIGTERM an interruption again, so the driver releases its lock and exits 130 as on Ctrl-C
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def _stop_autoscaler_monitor() -> None:
+    """A job-local cluster is one node that never grows, yet ``ray.init`` starts Ray's autoscaler
+    monitor for it (``ray start`` has ``--no-monitor``; ``ray.init`` no switch): it only reports
+    that read-only node, and at the job's end it ignores ``ray.shutdown``'s SIGTERM for the whole
+    second Ray waits before killing it. Stopped through Ray's node handle (no public API);
+    ``cluster_autoscaler`` reads "no autoscaler" with or without it. A Ray without that handle
+    keeps its monitor."""
+    try:
+        node: Any = ray._private.worker._global_node  # set by the ray.init that started the cluster
+        node.kill_monitor(check_alive=False)
+    except Exception as exc:  # noqa: BLE001 - Ray internals: the monitor then stays, as before
+        log.debug("left Ray's autoscaler monitor running: %s", describe(exc))
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

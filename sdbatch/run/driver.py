@@ -328,8 +328,12 @@ class Driver:
     def _collect(self, pool: list[_Actor]) -> list[_Actor]:
         """Hand every call that returned to the schedule; replace actors that died."""
         futures = [w.future for a in pool for w in a.inflight]
-        if not futures:
-            time.sleep(0.5)
+        if not futures:  # nothing handed out yet: wake as soon as a worker has loaded the model
+            loading = [a.ready for a in pool if not a.is_ready]
+            if loading:
+                ray.wait(loading, timeout=0.5)
+            else:
+                time.sleep(0.5)
             return pool
         ready = set(ray.wait(futures, num_returns=len(futures), timeout=1.0)[0])
         fresh = []

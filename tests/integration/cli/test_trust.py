@@ -387,21 +387,33 @@ def test_a_local_cluster_listens_on_loopback_only(tmp_path):
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     listening: dict[tuple[str, str], set[str]] = {}
     parent = psutil.Process(driver.pid)
+    seen: dict[int, psutil.Process] = {}  # every process of the job's cluster, for the check at exit
+    monitor_beside_worker = []  # samples where Ray's autoscaler monitor still ran beside the model's worker
     while driver.poll() is None:
         try:
             family = [parent, *parent.children(recursive=True)]
         except psutil.NoSuchProcess:
             break
+        commands = []
         for proc in family:
+            seen.setdefault(proc.pid, proc)
             try:
+                commands.append(" ".join(proc.cmdline()))
                 for conn in proc.net_connections(kind="inet"):
                     if conn.status == psutil.CONN_LISTEN:
                         listening.setdefault((proc.name(), conn.laddr.ip), set()).add(str(conn.laddr.port))
             except psutil.Error:
                 continue
+        if any("WorkerActor" in c for c in commands) and any("/autoscaler/" in c and "/monitor.py" in c for c in commands):
+            monitor_beside_worker.append(commands)
         time.sleep(0.2)
     stdout, stderr = driver.communicate(timeout=60)
     assert driver.returncode == 0, stderr
+    # the job-local cluster never grows: its autoscaler monitor is stopped once Ray is up (run.cluster)
+    assert not monitor_beside_worker, monitor_beside_worker[0]
+    # and the CLI's exit (ray.shutdown, run first by sdbatch's own exit handler) leaves none of its processes
+    _, alive = psutil.wait_procs([p for pid, p in seen.items() if pid != driver.pid], timeout=30)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
     # sdbatch asks for token authentication itself: Ray's "Token authentication is enabled" warning stays off the console
     assert "Token authentication" not in stdout + stderr and "authentication_token_setup" not in stderr, stderr
     names = {name for name, _ in listening}
