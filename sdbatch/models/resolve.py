@@ -33,9 +33,10 @@ diffusers folder, or an ``s3://`` prefix holding one. Everything here runs witho
   takes them (``FamilyAdapter.takes_embeddings``: SD 1.x/2.x, SDXL); the model's pin covers each
   one's name and sha256 (``pins.embeddings_pin``);
 - **ControlNets** (``controlnets``): local diffusers ControlNet folders, for a family that runs
-  them (``FamilyAdapter.controlnet``: SD 1.x/2.x, SDXL), under the same pickle and code policies;
-  one whose config does not fit the model's denoiser (``FamilyAdapter.controlnet_fit``: latent
-  channels, block widths, cross-attention width, SDXL's added embeddings) is refused naming the
+  them (``FamilyAdapter.controlnet``: SD 1.x/2.x, SDXL, FLUX.1, SD3), of its ``controlnet_model``
+  class, under the same pickle and code policies; one whose config does not fit the model's
+  denoiser (``FamilyAdapter.controlnet_fit``: latent channels, block or attention widths, text
+  embedding widths, SDXL's added embeddings) is refused naming the
   folder, the model and the keys; the model's pin covers each one's name and content
   (``pins.controlnets_pin``);
 - **an IP-Adapter** (``ip_adapter``): a local safetensors file and its image encoder (a local
@@ -207,12 +208,13 @@ def _with_controlnets(ref: ModelRef, controlnets: dict[str, str] | None, read: J
         where = f"controlnets: controlnet {name!r} ({path})"
         folder = Path(path)
         names, config_read = _component_folder(where, folder, "a ControlNet is a local diffusers folder (config.json and "
-                                               "diffusion_pytorch_model.safetensors, as ControlNetModel.save_pretrained "
-                                               "writes it)")
+                                               f"diffusion_pytorch_model.safetensors, as {family.controlnet_model}"
+                                               ".save_pretrained writes it)")
         config = config_read("config.json") or {}
-        if config.get("_class_name") != "ControlNetModel":
+        if config.get("_class_name") != family.controlnet_model:
             raise ModelError(f"{where}: config.json names class {config.get('_class_name')!r}, not "
-                             "ControlNetModel; point it at a diffusers ControlNet folder")
+                             f"{family.controlnet_model} ({family.name}'s ControlNet class); point it at a diffusers "
+                             f"ControlNet folder made for {family.name}")
         misfits = [f"{key} {config.get(key)!r} (the model's {family.denoiser}: {denoiser.get(key)!r})"
                    for key in family.controlnet_fit if config.get(key) != denoiser.get(key)]
         if misfits:

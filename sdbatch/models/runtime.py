@@ -40,9 +40,11 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 # Library chatter (progress bars, safety-checker and torchvision notices) would bury our
@@ -218,16 +220,38 @@ def _load_embeddings(pipe: Any, embeddings: tuple[tuple[str, Path], ...]) -> Non
             raise ModelError(f"embedding {name!r} ({path}) does not fit the model's text encoder: {exc}") from exc
 
 
-def _load_controlnets(controlnets: tuple[tuple[str, Path, str], ...], dtype: torch.dtype, device: str) -> dict[str, Any]:
-    """The job's ControlNets (``controlnets``), each loaded once (``resolve`` checked they fit)."""
+def _load_controlnets(controlnets: tuple[tuple[str, Path, str], ...], family: DiffusersFamily, dtype: torch.dtype,
+                      device: str) -> dict[str, Any]:
+    """The job's ControlNets (``controlnets``), each loaded once as the family's ControlNet class
+    (``resolve`` checked they fit)."""
     loaded = {}
+    model_class = getattr(diffusers, family.controlnet_model)
     for name, folder, _ in controlnets:
         try:
-            loaded[name] = diffusers.ControlNetModel.from_pretrained(folder, dtype=dtype, use_safetensors=True,
-                                                                     local_files_only=True).to(device)
+            loaded[name] = model_class.from_pretrained(folder, dtype=dtype, use_safetensors=True,
+                                                       local_files_only=True).to(device)
         except (OSError, ValueError) as exc:
             raise ModelError(f"controlnet {name!r} ({folder}) could not be loaded: {exc}") from exc
     return loaded
+
+
+@contextmanager
+def _control_images_encoded_to_mean(vae: Any) -> Iterator[None]:
+    """While a ControlNet pipeline runs, its VAE encodes control images (FLUX.1's and SD3's
+    pipelines do) to the posterior's mean, not a sample: SD3's draws that sample from the global
+    RNG (a row would depend on its batch and process, and not reproduce), FLUX.1's from the rows'
+    generators before their noise (a scale-0 ControlNet would not render as none)."""
+    encode = vae.encode
+
+    def encode_to_mean(images: torch.Tensor, return_dict: bool = True) -> SimpleNamespace:
+        mean = encode(images).latent_dist.mode()
+        return SimpleNamespace(latent_dist=SimpleNamespace(sample=lambda generator=None: mean, mode=lambda: mean))
+
+    vae.encode = encode_to_mean
+    try:
+        yield
+    finally:
+        del vae.encode  # the shared VAE's own method again
 
 
 def _offload(pipe: DiffusionPipeline, offload: str) -> None:
@@ -338,7 +362,7 @@ class DiffusersModel:
             pipe = _load_pipeline(family.txt2img, model, request.folder, torch_dtype, components, place)
         pipe.register_modules(**own)
         _load_embeddings(pipe, request.embeddings)
-        controlnets = _load_controlnets(request.controlnets, torch_dtype, place)
+        controlnets = _load_controlnets(request.controlnets, family, torch_dtype, place)
         _offload(pipe, request.offload)
         refiner_pipe, refiner_facts = None, {}
         if refiner is not None:
@@ -546,9 +570,11 @@ class DiffusersModel:
                    for images in _one_each(control_images, rows, "list of control images")]
         pipe = self._controlnet_pipe(tuple(name for name, _ in controlnets))
         scales = [scale for _, scale in controlnets]
-        single = len(controlnets) == 1
-        return pipe, {"image": [images[0] for images in per_row] if single else per_row,
-                      "controlnet_conditioning_scale": scales[0] if single else scales}
+        argument, layout = self.family.controlnet_image
+        if len(controlnets) == 1:
+            return pipe, {argument: [images[0] for images in per_row], "controlnet_conditioning_scale": scales[0]}
+        nested = per_row if layout == "per_row" else [list(images) for images in zip(*per_row, strict=True)]
+        return pipe, {argument: nested, "controlnet_conditioning_scale": scales}
 
     def _denoise(self, rows: list[Row], init_images: list[Image.Image | None] | None,
                  masks: list[Image.Image | None] | None = None,
@@ -587,7 +613,8 @@ class DiffusersModel:
                          "height": first.height, "width": first.width}
             latents = pipe(image=images, **extra, **reference, **stop, **common).images
         else:
-            latents = pipe(height=first.height, width=first.width, **control, **reference, **stop, **common).images
+            with _control_images_encoded_to_mean(pipe.vae) if control else nullcontext():
+                latents = pipe(height=first.height, width=first.width, **control, **reference, **stop, **common).images
         if switch is not None:
             self.refiner.scheduler = self.make_scheduler(first.scheduler, "refiner")
             latents = self.refiner(image=latents, denoising_start=switch, **common).images

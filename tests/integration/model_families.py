@@ -105,16 +105,18 @@ def _t5_tokenizer():
 
 def build_sd3(folder: Path, *, t5: bool = False, **layout) -> Path:
     """SD3 without its T5 encoder (as the 'no T5' checkpoints), or with a tiny one (``t5``);
-    ``layout``: more transformer config (SD3.5's qk_norm, dual_attention_layers)."""
+    ``layout``: more transformer config (SD3.5's qk_norm, dual_attention_layers; num_layers=2 for
+    a ControlNet: the one block of 1 is the last, which takes no ControlNet residual)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTokenizer
 
     torch.manual_seed(0)
     # the T5 embeddings are the joint attention's width; the two CLIPs' (32 + 32) are padded to it
     joint = 64 if t5 else 32
-    transformer = SD3Transformer2DModel(sample_size=NATIVE[folder.name] // 2, patch_size=1, in_channels=4, num_layers=1,
+    transformer = SD3Transformer2DModel(sample_size=NATIVE[folder.name] // 2, patch_size=1, in_channels=4,
                                         attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
-                                        joint_attention_dim=joint, pooled_projection_dim=64, out_channels=4, **layout)
+                                        joint_attention_dim=joint, pooled_projection_dim=64, out_channels=4,
+                                        **{"num_layers": 1, **layout})
     tok = CLIPTokenizer.from_pretrained(resolve_builtin("builtin:tiny") / "tokenizer")
     vae = _vae()
     vae.register_to_config(shift_factor=0.0625, scaling_factor=1.5)
@@ -359,6 +361,30 @@ def build_controlnet(model: Path, path: Path, *, seed: int, **config) -> Path:
                      controlnet.controlnet_cond_embedding.conv_out]:
             conv.weight.normal_(0, 0.5)
             conv.bias.normal_(0, 0.5)
+    controlnet.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def build_transformer_controlnet(model: Path, path: Path, *, seed: int, **config) -> Path:
+    """A one-block ControlNet for the transformer of the FLUX.1 or SD3 diffusers folder ``model``
+    (its config's shared keys), with random non-zero weights where diffusers starts it at zero
+    (the control-latent embedding, the residual projections), as a trained one is. ``config``:
+    keys changed to make one that does not fit."""
+    import inspect
+    import json
+
+    import diffusers
+
+    torch.manual_seed(seed)
+    denoiser = json.loads((model / "transformer" / "config.json").read_text())
+    model_class = {"FluxTransformer2DModel": diffusers.FluxControlNetModel,
+                   "SD3Transformer2DModel": diffusers.SD3ControlNetModel}[denoiser["_class_name"]]
+    shared = {k: v for k, v in denoiser.items() if k in inspect.signature(model_class.__init__).parameters}
+    controlnet = model_class(**{**shared, "num_layers": 1, **config})
+    with torch.no_grad():
+        for weight in controlnet.parameters():
+            if not weight.any():
+                weight.normal_(0, 0.5)
     controlnet.save_pretrained(path, safe_serialization=True)
     return path
 

@@ -197,6 +197,11 @@ class FamilyAdapter(ABC):
     #: the diffusers pipeline class its ControlNet rows run (built with from_pipe: shared modules);
     #: "" = the family takes no ControlNet
     controlnet: ClassVar[str] = ""
+    #: the diffusers model class of its ControlNets (a folder's config.json ``_class_name``)
+    controlnet_model: ClassVar[str] = "ControlNetModel"
+    #: the ControlNet pipeline's control-image argument and how it takes several ControlNets'
+    #: images: SD's ``image`` nested per row, FLUX.1's and SD3's ``control_image`` per ControlNet
+    controlnet_image: ClassVar[tuple[str, Literal["per_row", "per_controlnet"]]] = ("image", "per_row")
     #: it takes an IP-Adapter (diffusers' ``load_ip_adapter`` on its UNet; ``ip_adapter_image`` rows)
     ip_adapter: ClassVar[bool] = False
     #: the denoiser config keys a ControlNet's config.json must equal to fit the model: its residuals

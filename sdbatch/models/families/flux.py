@@ -56,6 +56,13 @@ class Flux(PackedTransformerFamily):
     img2img = "FluxImg2ImgPipeline"
     guidance = "distilled"
     t5_tokenizer = "tokenizer_2"
+    # its ControlNets (InstantX's, Shakker's union) read the control image's VAE latents, packed as
+    # the transformer's; their blocks' residuals are added to the transformer's hidden states
+    controlnet = "FluxControlNetPipeline"
+    controlnet_model = "FluxControlNetModel"
+    controlnet_image = ("control_image", "per_controlnet")
+    controlnet_fit = ("in_channels", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
+                      "pooled_projection_dim", "axes_dims_rope")
 
     def _guidance_embedded(self, read_json: JsonReader) -> bool:
         return bool((read_json("transformer/config.json") or {}).get("guidance_embeds"))

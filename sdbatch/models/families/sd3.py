@@ -21,3 +21,10 @@ class StableDiffusion3(DiffusersFamily):
     weighted_prompts = "penultimate"  # the CLIP pair as SDXL's, before the T5 tokens
     sdpa_modules = ("vae",)  # the transformer keeps its own joint-attention processors
     img2img_size = True
+    # its ControlNets (InstantX's, Stability's SD3.5) read the control image's VAE latents through
+    # their own patch embedding; their blocks' residuals are added to the transformer's
+    controlnet = "StableDiffusion3ControlNetPipeline"
+    controlnet_model = "SD3ControlNetModel"
+    controlnet_image = ("control_image", "per_controlnet")
+    controlnet_fit = ("in_channels", "patch_size", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
+                      "caption_projection_dim", "pooled_projection_dim")
