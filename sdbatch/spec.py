@@ -299,7 +299,7 @@ class JobSpec(_Section):
 
     controlnets: dict[str, str] = Field(
         default_factory=dict,
-        description="ControlNet models rows may use (SD 1.x/2.x, SDXL): NAME -> local diffusers ControlNet folder; a "
+        description="ControlNet models rows may use (SD 1.x/2.x, SDXL, FLUX.1, SD3): NAME -> local diffusers ControlNet folder; a "
         "row names them in its controlnet column with its control_image; pinned by content with the model",
     )
 

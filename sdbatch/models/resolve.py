@@ -215,6 +215,9 @@ def _with_controlnets(ref: ModelRef, controlnets: dict[str, str] | None, read: J
             raise ModelError(f"{where}: config.json names class {config.get('_class_name')!r}, not "
                              f"{family.controlnet_model} ({family.name}'s ControlNet class); point it at a diffusers "
                              f"ControlNet folder made for {family.name}")
+        if config.get("num_mode"):  # diffusers runs a union ControlNet only with a control_mode, which no column names
+            raise ModelError(f"{where} is a union ControlNet ({config['num_mode']} modes), which needs a control "
+                             "mode sdbatch does not pass yet; use a single-mode ControlNet")
         misfits = [f"{key} {config.get(key)!r} (the model's {family.denoiser}: {denoiser.get(key)!r})"
                    for key in family.controlnet_fit if config.get(key) != denoiser.get(key)]
         if misfits:

@@ -4,7 +4,7 @@ with tiny random one-block ControlNets built from each tiny model's transformer 
 family, one job: a ControlNet row differs from the same row without it and with another control
 image; scale 0 renders as no ControlNet (the control image's VAE latents are its posterior mean,
 so nothing draws from the rows' generators); two ControlNets run in one row; rows reproduce byte
-for byte. A ControlNet that does not fit the transformer, or is another family's, exits 2 before
+for byte. A ControlNet that does not fit the transformer, is another family's or a union one exits 2 before
 Ray starts."""
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ def _dry_run(manifest, spec) -> subprocess.CompletedProcess:
     [
         ("flux-dev", {"joint_attention_dim": 48}, "joint_attention_dim 48 (the model's transformer: 32)"),
         ("sd3", {"caption_projection_dim": 16}, "caption_projection_dim 16 (the model's transformer: 32)"),
+        ("flux-dev", {"num_mode": 10}, "is a union ControlNet (10 modes), which needs a control mode"),
         ("sd3", None, "names class 'FluxControlNetModel', not SD3ControlNetModel (SD3 / SD3.5's ControlNet class)"),
     ],
 )
