@@ -39,8 +39,10 @@ FAMILIES: dict[str, FamilyAdapter] = {
 #: pipeline classes of families sdbatch knows and does not run yet: what is missing, and what to use
 NOT_YET_RUN: dict[str, str] = {
     "QwenImageEditPlusPipeline": "Qwen-Image-Edit-2509/2511 (QwenImageEditPlusPipeline, several source images) is not "
-                                 "run yet. For instruction edits use Qwen-Image-Edit (QwenImageEditPipeline) or FLUX.1 "
-                                 "Kontext (FluxKontextPipeline): the source image in init_image, the instruction in prompt",
+                                 "run yet: its images are references shared by every prompt of a call, so each row's own "
+                                 "source would need a call of its own. For instruction edits use Qwen-Image-Edit "
+                                 "(QwenImageEditPipeline) or FLUX.1 Kontext (FluxKontextPipeline): the source image in "
+                                 "init_image, the instruction in prompt",
 }
 
 

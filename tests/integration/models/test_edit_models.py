@@ -128,6 +128,7 @@ def test_qwen_image_edit_plus_is_refused_naming_what_to_use(tmp_path):
     text = " ".join((result.stdout + result.stderr).split())
     assert result.exit_code == 2, text
     assert "'QwenImageEditPlusPipeline': Qwen-Image-Edit-2509/2511 (QwenImageEditPlusPipeline, several source images) is not run yet" in text
+    assert "its images are references shared by every prompt of a call" in text
     assert "use Qwen-Image-Edit (QwenImageEditPipeline) or FLUX.1 Kontext (FluxKontextPipeline)" in text and "Traceback" not in text
 
 
