@@ -86,6 +86,7 @@ from sdbatch.models.pins import (  # noqa: E402
 )
 from sdbatch.models.prompt_cache import PromptCache  # noqa: E402
 from sdbatch.models.prompt_weights import PromptReader  # noqa: E402
+from sdbatch.models.qwen_processor import ImageQwen2VLProcessor  # noqa: E402
 from sdbatch.models.resolve import resolve  # noqa: E402
 from sdbatch.models.speed import AppliedSpeed, SpeedSpec  # noqa: E402
 from sdbatch.models.speed_runtime import apply_speed  # noqa: E402
@@ -190,13 +191,22 @@ def _vae_override(folder: Path, vae: Path | None, dtype: torch.dtype) -> dict[st
         raise ModelError(f"model.vae {str(vae)!r} could not be loaded: {exc}") from exc
 
 
+#: the component classes of sdbatch's own a family's ``component_classes`` may name, with their loaders
+_OWN_CLASSES: dict[str, Callable[[Path], Any]] = {"ImageQwen2VLProcessor": ImageQwen2VLProcessor.from_folder}
+
+
 def _own_components(family: DiffusersFamily, model: str, folder: Path) -> dict[str, Any]:
     """The family's ``component_classes``, each loaded from its subfolder with its transformers
-    class (the pipeline is loaded without them, then given them: diffusers would check them
-    against the class model_index.json names)."""
+    class or one of sdbatch's (``_OWN_CLASSES``) (the pipeline is loaded without them, then given
+    them: diffusers would check them against the class model_index.json names)."""
+
+    def load(class_name: str, subfolder: Path) -> Any:
+        if class_name in _OWN_CLASSES:
+            return _OWN_CLASSES[class_name](subfolder)
+        return getattr(transformers, class_name).from_pretrained(subfolder, local_files_only=True)
+
     try:
-        return {name: getattr(transformers, class_name).from_pretrained(folder / name, local_files_only=True)
-                for name, class_name in family.component_classes.items()}
+        return {name: load(class_name, folder / name) for name, class_name in family.component_classes.items()}
     except (OSError, ValueError) as exc:
         raise ModelError(f"model {model!r}: its {', '.join(family.component_classes)} could not be loaded from "
                          f"{folder}: {exc}") from exc

@@ -16,6 +16,8 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+#: the Qwen2-VL tokens around and in an image's place (Qwen-Image-Edit's template holds them)
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
 def _byte_bpe(special: list[str]):
@@ -104,10 +106,24 @@ def build_z_image(folder: Path, *, turbo: bool = False) -> Path:
     return folder
 
 
+def _qwen_vl_encoder(tokenizer, **token_ids):
+    """A tiny Qwen2.5-VL text encoder (one vision block) for ``tokenizer``; ``token_ids``: its vision tokens' ids."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "vocab_size": len(tokenizer), "rope_theta": 1000000.0,
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            "bos_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16,
+                                                              "num_heads": 2, "out_hidden_size": 16},
+                              hidden_size=16, vocab_size=len(tokenizer), bos_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id, **token_ids)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
 def build_qwen_image(folder: Path) -> Path:
     """Qwen-Image with a tiny Qwen2.5-VL text encoder and its 3-D VAE with one level (scale 2): native 256²."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(0)
     z_dim = 4
@@ -117,18 +133,45 @@ def build_qwen_image(folder: Path) -> Path:
     vae = AutoencoderKLQwenImage(base_dim=8, z_dim=z_dim, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
                                  latents_mean=[0.1] * z_dim, latents_std=[1.5] * z_dim)
     tokenizer = qwen_tokenizer()
-    text = {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
-            "num_key_value_heads": 2, "vocab_size": len(tokenizer), "rope_theta": 1000000.0,
-            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
-            "bos_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
-    config = Qwen2_5_VLConfig(text_config=text, vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16,
-                                                              "num_heads": 2, "out_hidden_size": 16},
-                              hidden_size=16, vocab_size=len(tokenizer), bos_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id)
-    encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    encoder = _qwen_vl_encoder(tokenizer)
     pipe = QwenImagePipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
                              text_encoder=encoder, tokenizer=tokenizer)
     pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_qwen_image_edit(folder: Path) -> Path:
+    """Qwen-Image-Edit: Qwen-Image's components with a VAE of scale 8 (three levels), so the
+    source image the pipeline scales to about 1024² stays 4096 tokens, a tokenizer with the
+    vision tokens, and ``processor/`` as the published folders hold it (the tokenizer and the
+    Qwen2-VL image processor's settings; model_index.json names ``Qwen2VLProcessor``)."""
+    import json
+
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2TokenizerFast, Qwen2VLImageProcessorPil
+
+    torch.manual_seed(0)
+    z_dim = 4
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=z_dim * 4, out_channels=z_dim, num_layers=1,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+    vae = AutoencoderKLQwenImage(base_dim=4, z_dim=z_dim, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True], latents_mean=[0.1] * z_dim, latents_std=[1.5] * z_dim)
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=_byte_bpe([*SPECIAL, *VISION_TOKENS]), eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token=None, bos_token=None, chat_template=CHAT_TEMPLATE,
+                                   model_max_length=32768)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
+           (("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
+            ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"))}
+    encoder = _qwen_vl_encoder(tokenizer, **ids)
+    # saved without a processor object (transformers builds Qwen2VLProcessor only with torchvision)
+    pipe = QwenImageEditPipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+                                 text_encoder=encoder, tokenizer=tokenizer, processor=None)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder / "processor")
+    Qwen2VLImageProcessorPil().save_pretrained(folder / "processor")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "processor": ["transformers", "Qwen2VLProcessor"]}, indent=2))
     return folder
 
 

@@ -21,7 +21,7 @@ from sdbatch.models.families.flux import Flux
 from sdbatch.models.families.flux2 import Flux2Dev, Flux2Klein
 from sdbatch.models.families.flux_kontext import FluxKontext
 from sdbatch.models.families.null import NullFamily
-from sdbatch.models.families.qwen_image import QwenImage
+from sdbatch.models.families.qwen_image import QwenImage, QwenImageEdit
 from sdbatch.models.families.sd import StableDiffusion, StableDiffusionInpainting
 from sdbatch.models.families.sd3 import StableDiffusion3
 from sdbatch.models.families.sdxl import StableDiffusionXL
@@ -32,17 +32,17 @@ __all__ = ["FAMILIES", "FamilyAdapter", "ModelTraits", "RowRule", "check_refiner
 
 FAMILIES: dict[str, FamilyAdapter] = {
     f.class_name: f for f in (StableDiffusion(), StableDiffusionInpainting(), StableDiffusionXL(), StableDiffusion3(), Flux(), Chroma(), Flux2Klein(),
-                              FluxKontext(), Flux2Dev(), QwenImage(), ZImage(), NullFamily())
+                              FluxKontext(), Flux2Dev(), QwenImage(), QwenImageEdit(), ZImage(), NullFamily())
 }
 
 
 #: pipeline classes of families sdbatch knows and does not run yet: what is missing, and what to use
 NOT_YET_RUN: dict[str, str] = {
-    **{name: "Qwen-Image-Edit is not run yet: its prompt processor (transformers' Qwen2VLProcessor, the folder's "
-             "processor/) needs torchvision for its video processor, which sdbatch does not install (the package "
-             "registry's torchvision wheel is built against CUDA torch). For instruction edits use FLUX.1 "
-             "Kontext (FluxKontextPipeline): the source image in init_image, the instruction in prompt"
-       for name in ("QwenImageEditPipeline", "QwenImageEditPlusPipeline")},
+    "QwenImageEditPlusPipeline": "Qwen-Image-Edit-2509/2511 (QwenImageEditPlusPipeline, several source images) is not "
+                                 "run yet: its images are references shared by every prompt of a call, so each row's own "
+                                 "source would need a call of its own. For instruction edits use Qwen-Image-Edit "
+                                 "(QwenImageEditPipeline) or FLUX.1 Kontext (FluxKontextPipeline): the source image in "
+                                 "init_image, the instruction in prompt",
 }
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
-from sdbatch.data.columns import KNOWN_COLUMNS
+from sdbatch.data.columns import COLUMN, KNOWN_COLUMNS
 from sdbatch.models.configs import JsonReader
 from sdbatch.models.errors import FamilyError
 
@@ -190,9 +190,10 @@ class FamilyAdapter(ABC):
     #: (``models.prompt_weights``: A1111 emphasis, BREAK, 75-token chunks); None: prompts are
     #: read literally (T5/LLM encoders), validation warns about the syntax
     weighted_prompts: ClassVar[PromptWeighting | None] = None
-    #: an instruction-edit model (FLUX.1 Kontext): every row edits its ``init_image`` (required:
-    #: validation and the runtime refuse a row without one) through the ``img2img`` pipeline, with
-    #: ``img2img_kwargs`` (no strength: the source image conditions the whole run)
+    #: an instruction-edit model (FLUX.1 Kontext, Qwen-Image-Edit): every row edits its ``init_image``
+    #: (required: validation and the runtime refuse a row without one) through the ``img2img``
+    #: pipeline, with ``img2img_kwargs`` (no strength: the source image conditions the whole run;
+    #: a job default strength is refused by ``row_rules``)
     edits: ClassVar[bool] = False
     #: the diffusers pipeline class its ControlNet rows run (built with from_pipe: shared modules);
     #: "" = the family takes no ControlNet
@@ -282,6 +283,11 @@ class FamilyAdapter(ABC):
             rules.append(RowRule("guidance_scale", lambda values: values != 0,
                                  f"{who} is guidance-distilled and uses no guidance_scale",
                                  "leave guidance_scale null (the model's 0)"))
+        if self.edits:  # a row's strength is refused by ``honours``; the job default's would be dropped
+            default = COLUMN["strength"].default
+            rules.append(RowRule("strength", lambda values: values != default,
+                                 f"{who} edits take no strength (the source image conditions every step)",
+                                 "leave defaults.strength unset for this model", null_as=default))
         multiple = traits.size_multiple
         if multiple > 8 or 8 % multiple:  # 8 is the column rule every model has
             for side in ("width", "height"):

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sdbatch.data.columns import COLUMN
-from sdbatch.models.families.base import COMMON_COLUMNS, ModelTraits, RowRule
+from sdbatch.models.families.base import COMMON_COLUMNS
 from sdbatch.models.families.flux import Flux
 
 if TYPE_CHECKING:
@@ -35,18 +34,3 @@ class FluxKontext(Flux):
     def img2img_kwargs(self, first: Row) -> dict[str, Any]:
         # max_area = the row's area: the pipeline's output size is sqrt(max_area × aspect), the row's own
         return {"height": first.height, "width": first.width, "max_area": first.width * first.height, "_auto_resize": False}
-
-    def row_rules(self, traits: ModelTraits) -> tuple[RowRule, ...]:
-        """FLUX.1 [dev]'s, and no job default strength (a row's is refused by ``honours``): the
-        rows would run without it."""
-        default = COLUMN["strength"].default
-        return (
-            *super().row_rules(traits),
-            RowRule(
-                "strength",
-                lambda values: values != default,
-                f"{traits.label} edits take no strength (the source image conditions every step)",
-                "leave defaults.strength unset for this model",
-                null_as=default,
-            ),
-        )

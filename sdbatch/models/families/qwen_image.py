@@ -9,7 +9,9 @@ its defaults are the pipeline's 50 steps and 4. The native size is the pipeline'
 pipeline computes it); sizes are multiples of that factor × the 2×2 patches. The latents come
 back packed as 2×2-patch tokens and are unpacked to (batch, channels, 1 frame, h, w) for the
 VAE. The prompt sits in a system-prompt template whose first 34 tokens are dropped after
-encoding; 512 tokens are read. No CLIP encoder: no clip_skip."""
+encoding; 512 tokens are read. No CLIP encoder: no clip_skip.
+
+Qwen-Image-Edit (``QwenImageEdit``): the same model as an instruction-edit model."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdbatch.models.configs import JsonReader
 from sdbatch.models.errors import FamilyError
-from sdbatch.models.families.base import DiffusersFamily, Guidance, ModelTraits
+from sdbatch.models.families.base import COMMON_COLUMNS, DiffusersFamily, Guidance, ModelTraits
 from sdbatch.models.families.chat import LLM_MAX_SEQUENCE_LENGTH, MU_SAMPLERS, prompt_budget
 
 if TYPE_CHECKING:
@@ -68,3 +70,32 @@ class QwenImage(DiffusersFamily):
 
     def vae_decode(self, vae: Any, latents: Any) -> Any:
         return vae.decode(self.decode_input(vae, latents), return_dict=False)[0][:, :, 0]  # the one frame
+
+
+class QwenImageEdit(QwenImage):
+    """Qwen-Image-Edit: ``QwenImageEditPipeline``, Qwen-Image's transformer attending to the source
+    image's latent tokens beside the target's, its Qwen2.5-VL encoder reading the source image
+    with the instruction. Every row edits its ``init_image`` (``edits``, as FLUX.1 Kontext; no
+    strength); guidance is Qwen-Image's ``true_cfg`` against the negative prompt. The pipeline
+    scales the source (already covering the row's size, centre-cropped) to about 1024² at its
+    aspect for both encoders, whatever the output size, which it is told: the row's. Its
+    processor (``processor/``, a ``Qwen2VLProcessor``) is built without the video processor
+    that needs torchvision (``models.qwen_processor``). The instruction is read whole: the
+    pipeline's processor cuts no prompt, so no ``max_sequence_length`` is passed or recorded."""
+
+    name = "Qwen-Image-Edit"
+    class_name = "QwenImageEditPipeline"
+    txt2img = "QwenImageEditPipeline"
+    img2img = "QwenImageEditPipeline"
+    edits = True
+    honours = COMMON_COLUMNS - {"strength"}
+    component_classes = {"processor": "ImageQwen2VLProcessor"}  # not transformers' (torchvision)
+
+    def max_sequence_length(self, read_json: JsonReader) -> int | None:
+        return None
+
+    def prompt_tokenizers(self, pipe: Any, traits: ModelTraits) -> list[tuple[Any, int]]:
+        return []
+
+    def img2img_kwargs(self, first: Row) -> dict[str, Any]:
+        return {"height": first.height, "width": first.width}

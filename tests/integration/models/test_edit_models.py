@@ -1,9 +1,10 @@
-"""Instruction-edit models (issue 26 item 4): FLUX.1 Kontext edits each row's ``init_image`` as
-its prompt says, so an edit-pair dataset is one manifest. On a tiny random Kontext: edit rows
-run through the CLI at the row's size, follow their source image, record its sha256, render
-alone as in a batch of two (to one level, design.md §4.3), and reproduce byte-exact; a row without an init
-image, or with a strength, is refused at validation naming the row. Qwen-Image-Edit, whose
-processor needs torchvision, is refused naming what it lacks."""
+"""Instruction-edit models (issue 26 item 4): FLUX.1 Kontext and Qwen-Image-Edit edit each row's
+``init_image`` as its prompt says, so an edit-pair dataset is one manifest. On a tiny random
+model of each: edit rows run through the CLI at the row's size, follow their source image,
+record its sha256, render alone as in a batch of two (to one level, design.md §4.3), and
+reproduce byte-exact; a row without an init image, or with a strength, is refused at validation
+naming the row. Qwen-Image-Edit runs without torchvision (its processor built without the video
+processor); Qwen-Image-Edit-2509's several-image pipeline is refused naming what to use."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from conftest import sdbatch_cli as cli
 from PIL import Image
 from typer.testing import CliRunner
 
-from integration.families_2026 import build_flux_kontext
+from integration.families_2026 import build_flux_kontext, build_qwen_image_edit
 from sdbatch.cli.app import app
 
 ROWS = [
@@ -27,12 +28,23 @@ ROWS = [
 SIZE = ["--steps", "2", "--width", "80", "--height", "64"]
 
 
-@pytest.fixture(scope="module")
-def kontext(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("kontext")
-    for name, seed in (("a", 1), ("b", 2)):
-        Image.fromarray((np.random.default_rng(seed).random((40, 24, 3)) * 255).astype(np.uint8)).save(tmp / f"{name}.png")
-    return {"tmp": tmp, "model": build_flux_kontext(tmp / "kontext"), "manifest": write_manifest(tmp / "m.parquet", ROWS)}
+#: each edit model: its builder and how validation names it
+EDIT_MODELS = {
+    "kontext": (build_flux_kontext, "FLUX.1 Kontext models (FluxKontextPipeline)"),
+    "qwen_edit": (build_qwen_image_edit, "Qwen-Image-Edit models (QwenImageEditPipeline)"),
+}
+
+
+@pytest.fixture(scope="module", params=list(EDIT_MODELS))
+def kontext(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(request.param)
+    # a dark and a bright source: a tiny random Qwen-Image-Edit's layer norms and near-uniform
+    # attention average a source's noise away, and keep only (a trace of) its brightness
+    for name, seed, low in (("a", 1, 0), ("b", 2, 215)):
+        pixels = low + np.random.default_rng(seed).random((40, 24, 3)) * 40
+        Image.fromarray(pixels.astype(np.uint8)).save(tmp / f"{name}.png")
+    build, label = EDIT_MODELS[request.param]
+    return {"tmp": tmp, "model": build(tmp / request.param), "label": label, "manifest": write_manifest(tmp / "m.parquet", ROWS)}
 
 
 def _submit(ray_address, kontext, out_name: str, *args: str) -> dict:
@@ -85,11 +97,12 @@ def _validate(kontext, name: str, rows: list[dict], *args: str):
 @pytest.mark.parametrize(
     ("row", "column", "expected"),
     [
-        ({"init_image": None}, "init_image", "FLUX.1 Kontext models (FluxKontextPipeline) edit a source image: every row needs an init_image"),
-        ({"init_image": "a.png", "strength": 0.5}, "strength", "strength is not used by FLUX.1 Kontext models"),
+        ({"init_image": None}, "init_image", "{label} edit a source image: every row needs an init_image"),
+        ({"init_image": "a.png", "strength": 0.5}, "strength", "strength is not used by {name} models"),
     ],
 )
 def test_an_edit_row_without_a_source_image_or_with_strength_is_refused(kontext, row, column, expected):
+    expected = expected.format(label=kontext["label"], name=kontext["label"].split(" models")[0])
     code, text = _validate(
         kontext,
         f"bad-{column}",
@@ -106,17 +119,17 @@ def test_an_edit_row_of_one_step_is_valid(kontext):
     assert code == 0, text
 
 
-@pytest.mark.parametrize("class_name", ["QwenImageEditPipeline", "QwenImageEditPlusPipeline"])
-def test_qwen_image_edit_is_refused_naming_what_it_lacks(kontext, tmp_path, class_name):
-    folder = tmp_path / "qwen-edit"
+def test_qwen_image_edit_plus_is_refused_naming_what_to_use(tmp_path):
+    folder = tmp_path / "qwen-edit-plus"
     folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "QwenImageEditPlusPipeline"}))
     manifest = write_manifest(tmp_path / "m.parquet", ROWS)
     result = CliRunner().invoke(app, ["validate", str(manifest), "--set", f"model.name={folder}"])
     text = " ".join((result.stdout + result.stderr).split())
     assert result.exit_code == 2, text
-    assert f"{class_name!r}: Qwen-Image-Edit is not run yet: its prompt processor (transformers' Qwen2VLProcessor" in text
-    assert "needs torchvision" in text and "use FLUX.1 Kontext (FluxKontextPipeline)" in text and "Traceback" not in text
+    assert "'QwenImageEditPlusPipeline': Qwen-Image-Edit-2509/2511 (QwenImageEditPlusPipeline, several source images) is not run yet" in text
+    assert "its images are references shared by every prompt of a call" in text
+    assert "use Qwen-Image-Edit (QwenImageEditPipeline) or FLUX.1 Kontext (FluxKontextPipeline)" in text and "Traceback" not in text
 
 
 def test_a_job_default_strength_on_an_edit_model_is_refused(kontext):
