@@ -434,11 +434,20 @@ def reader_commands(manifest: Path, out: Path, rows: int) -> list[tuple[str, lis
 
 def index_only_commands(manifest: Path, out: Path, rows: int) -> list[tuple[str, list[str], dict[str, str] | None]]:
     """What an index-only OUT can answer honestly: no merge (its index was written directly), no
-    verify (it reads every commit and object); ``export --where`` of the last 1% (their tars are there)."""
+    verify (it reads every commit and object); ``export --where`` of the last 1% (their tars are
+    there), which grows with the rows, and of the last ``EXPORT_FIXED_ROWS``, which does not: the
+    export's own growth with the job."""
     skipped = ("submit (merge + report)", "verify", "verify --listing-only", "verify --sample 1000", "export --where (1%, hf)")
     kept = [c for c in reader_commands(manifest, out, rows) if c[0] not in skipped]
-    return [*kept, ("export --where (last 1%, hf)", ["export", str(out), str(out.parent / f"export-{rows}"), "--to", "hf",
-                                                     "--where", f"row >= {exported_from(rows)}"], None)]
+    dest = str(out.parent / f"export-{rows}")
+    return [*kept, ("export --where (last 1%, hf)", ["export", str(out), dest, "--to", "hf",
+                                                     "--where", f"row >= {exported_from(rows)}"], None),
+            (f"export --where (last {EXPORT_FIXED_ROWS:,}, hf)", ["export", str(out), dest, "--to", "hf",
+                                                                 "--where", f"row >= {rows - EXPORT_FIXED_ROWS}"], None)]
+
+
+#: The rows of the fixed-size export: the same output at every size (within the last 1% from 100,000 rows)
+EXPORT_FIXED_ROWS = 1_000
 
 
 #: Where ``reproduce`` has found its row, its batch-mates and checked the model's pin: the
