@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from sdbatch.audit.job_output import AuditError, JobOutput, open_job
 from sdbatch.data.index import STATUS_OK
 from sdbatch.data.record import (
+    NO_CONDITIONING,
     ImageRecord,
     conditioning_inputs,
     embedded_record,
@@ -247,13 +248,10 @@ class Reproducer:
             rows = [target]
             rebuilt = False
             notes.append("the record's batch_rows does not list the row itself; regenerating it alone")
-        init_images: list | None = None
-        masks: list | None = None
-        controls: list | None = None
-        references: list | None = None
+        loaded_in: list[dict[str, list[tuple[Any, str]]]] = []  # per row: its conditioning images as read now
         hashes: dict[str, dict[str, Any]] = {}  # per row: its conditioning images' sha256 fields, as read now
         if target.images():
-            init_images, masks, controls, references, kept = [], [], [], [], []
+            kept = []
             for row in rows:
                 try:
                     loaded = {column: [self._init_image(location) for location in locations]
@@ -268,18 +266,11 @@ class Reproducer:
                                  "regenerating without it")
                     rebuilt = False
                     continue
-                init, mask, control, reference = conditioning_inputs(loaded)
-                init_images.append(init)
-                masks.append(mask)
-                controls.append(control)
-                references.append(reference)
+                loaded_in.append(loaded)
                 hashes[row.id] = image_sha256_fields(loaded)
                 kept.append(row)
             rows = kept
-        generated = gen.generate(rows, init_images if target.is_img2img else None,
-                                 **({"masks": masks} if target.is_inpaint else {}),
-                                 **({"control_images": controls} if target.controlnet is not None else {}),
-                                 **({"ip_adapter_images": references} if target.ip_adapter_scale is not None else {}))
+        generated = gen.generate(rows, conditioning_inputs(rows, loaded_in) if target.images() else NO_CONDITIONING)
         result = {"images": {r.id: pixels for r, pixels in zip(rows, generated.pixels)}, "notes": notes, "rebuilt": rebuilt,
                   "rows": [r.id for r in rows], "hashes": hashes,
                   "init_sha256": {rid: h["init_image_sha256"] for rid, h in hashes.items() if "init_image_sha256" in h}}

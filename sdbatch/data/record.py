@@ -18,6 +18,7 @@ batch) alone. The embedded JSON keeps the keys images have always carried. Pure:
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -76,13 +77,45 @@ def image_sha256_fields(loaded: dict[str, list[tuple[Any, str]]]) -> dict[str, A
             for column, images in loaded.items()}
 
 
-def conditioning_inputs(loaded: dict[str, list[tuple[Any, str]]]) -> tuple[Any, Any, list[Any], Any]:
-    """A row's conditioning images as read (column → (image, sha256 hex) of each), in the form
-    ``generate`` takes them: the init image, the mask (each or None), the control images, the
-    IP-Adapter reference image (or None)."""
-    first = {column: images[0][0] for column, images in loaded.items() if images}
-    return (first.get("init_image"), first.get("mask_image"), [image for image, _ in loaded.get("control_image", ())],
-            first.get("ip_adapter_image"))
+@dataclass(frozen=True)
+class ConditioningInputs:
+    """A batch's conditioning images as ``generate`` takes them: per row, in the batch's order,
+    its init image, mask, control images (one per ControlNet, or one for all) and IP-Adapter
+    reference image. A kind the batch does not take is None (a text-to-image batch: all four)."""
+
+    init_images: tuple[Any, ...] | None = None
+    masks: tuple[Any, ...] | None = None
+    control_images: tuple[tuple[Any, ...], ...] | None = None
+    ip_adapter_images: tuple[Any, ...] | None = None
+
+    def pick(self, positions: Sequence[int]) -> ConditioningInputs:
+        """The conditioning of the rows at ``positions`` of the batch, in that order: a group or
+        a part of the batch, or its rows repeated."""
+        return ConditioningInputs(**{f.name: None if (per_row := getattr(self, f.name)) is None
+                                     else tuple(per_row[i] for i in positions) for f in fields(self)})
+
+
+#: the conditioning of a text-to-image batch: no image of any kind
+NO_CONDITIONING = ConditioningInputs()
+
+
+def conditioning_inputs(rows: Sequence[Row], loaded: Sequence[dict[str, list[tuple[Any, str]]]]) -> ConditioningInputs:
+    """The conditioning of a canonical batch's ``rows`` from each row's images as read (column →
+    (image, sha256 hex) of each image it names); a kind is given where the batch's rows take it."""
+    if not rows:
+        return ConditioningInputs()
+    first = rows[0]  # a canonical batch's rows share the columns that decide each kind
+
+    def firsts(column: str) -> tuple[Any, ...]:
+        return tuple(images[0][0] if (images := row_images.get(column)) else None for row_images in loaded)
+
+    return ConditioningInputs(
+        init_images=firsts("init_image") if first.is_img2img else None,
+        masks=firsts("mask_image") if first.is_inpaint else None,
+        control_images=tuple(tuple(image for image, _ in row_images.get("control_image", ())) for row_images in loaded)
+        if first.controlnet is not None else None,
+        ip_adapter_images=firsts("ip_adapter_image") if first.ip_adapter_scale is not None else None,
+    )
 
 
 def index_row(row: Row, shard_name: str, record: ImageRecord | None = None, **result: Any) -> dict[str, Any]:

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+from sdbatch.data.record import NO_CONDITIONING
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from sdbatch.data.record import GenerationFacts
+    from sdbatch.data.record import ConditioningInputs, GenerationFacts
     from sdbatch.data.row import Row
     from sdbatch.models.families import ModelTraits
     from sdbatch.models.speed import SpeedSpec
@@ -85,13 +87,9 @@ class LoadedModel(Protocol):
 
     info: ModelInfo
 
-    def generate(self, rows: list[Row], init_images: list[Any] | None = None,
-                 masks: list[Any] | None = None, control_images: list[Any] | None = None,
-                 ip_adapter_images: list[Any] | None = None) -> GeneratedBatch:
-        """One canonical batch: all rows share ``Row.batch_key()``; ``init_images`` and ``masks``
-        (inpainting) one per row where the batch has them; ``control_images`` (a ControlNet
-        batch) per row, the list of its control images; ``ip_adapter_images`` (an IP-Adapter
-        batch) one reference image per row."""
+    def generate(self, rows: list[Row], conditioning: ConditioningInputs = NO_CONDITIONING) -> GeneratedBatch:
+        """One canonical batch: all rows share ``Row.batch_key()``; ``conditioning``: its
+        conditioning images, per row, of the kinds the batch takes."""
         ...
 
     def facts(self, row: Row) -> GenerationFacts:

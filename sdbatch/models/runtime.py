@@ -40,7 +40,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -64,7 +64,7 @@ from PIL import Image  # noqa: E402
 
 from sdbatch.data.controlnets import parse_column as parse_controlnets  # noqa: E402
 from sdbatch.data.loras import embedding_tokens  # noqa: E402
-from sdbatch.data.record import GenerationFacts  # noqa: E402
+from sdbatch.data.record import NO_CONDITIONING, ConditioningInputs, GenerationFacts  # noqa: E402
 from sdbatch.data.row import Row  # noqa: E402
 from sdbatch.data.samplers import DEFAULT_SAMPLER, SAMPLERS  # noqa: E402
 from sdbatch.models.adapter import GeneratedBatch, LoadedModel, LoadRequest, ModelInfo  # noqa: E402
@@ -474,14 +474,11 @@ class DiffusersModel:
         )
 
     @torch.inference_mode()
-    def generate(self, rows: list[Row], init_images: list[Image.Image | None] | None = None,
-                 masks: list[Image.Image | None] | None = None,
-                 control_images: list[list[Image.Image]] | None = None,
-                 ip_adapter_images: list[Image.Image] | None = None) -> GeneratedBatch:
-        """Generate one canonical batch; all rows must share ``Row.batch_key()``. ``init_images``
-        and ``masks``: one per row of an img2img or inpainting batch; ``control_images``: per row
-        of a ControlNet batch, its control images (one per ControlNet, or one for all);
-        ``ip_adapter_images``: per row of an IP-Adapter batch, its reference image."""
+    def generate(self, rows: list[Row], conditioning: ConditioningInputs = NO_CONDITIONING) -> GeneratedBatch:
+        """Generate one canonical batch; all rows must share ``Row.batch_key()``. ``conditioning``:
+        the batch's conditioning images, per row (init images and masks of an img2img or
+        inpainting batch, control images of a ControlNet batch, reference images of an
+        IP-Adapter batch)."""
         if not rows:
             return GeneratedBatch(np.zeros((0, 0, 0, 3), np.uint8), [])
         key = rows[0].batch_key()
@@ -489,14 +486,13 @@ class DiffusersModel:
             raise ValueError("generate() takes one canonical batch: all rows must share batch_key()")
         groups = self.reader.groups(rows)
         if len(groups) == 1:
-            return self._generate(rows, init_images, masks, control_images, ip_adapter_images)
+            return self._generate(rows, conditioning)
         # rows of different chunk counts run apart, each group as its own batch: no row's
         # conditioning is padded by another's length (PromptReader)
         pixels: np.ndarray | None = None
         errors: list[str | None] = [None] * len(rows)
         for group in groups:
-            part = self._generate([rows[i] for i in group],
-                                  *_pick(group, init_images, masks, control_images, ip_adapter_images))
+            part = self._generate([rows[i] for i in group], conditioning.pick(group))
             if pixels is None:
                 pixels = np.empty((len(rows), *part.pixels.shape[1:]), part.pixels.dtype)
             pixels[group] = part.pixels
@@ -505,38 +501,30 @@ class DiffusersModel:
         assert pixels is not None
         return GeneratedBatch(pixels, errors)
 
-    def _generate(self, rows: list[Row], init_images: list[Image.Image | None] | None,
-                  masks: list[Image.Image | None] | None, control_images: list[list[Image.Image]] | None,
-                  ip_adapter_images: list[Image.Image] | None = None) -> GeneratedBatch:
+    def _generate(self, rows: list[Row], conditioning: ConditioningInputs) -> GeneratedBatch:
         key = rows[0].batch_key()
         if self.compiled and (len(rows), key) not in self._warm_shapes:
             # compile for this batch shape now, with a one-step run, so the first real batch
             # (and the hang watchdog's idea of a batch's duration) does not include compiling
             self._warm_shapes.add((len(rows), key))
             started = time.perf_counter()
-            self._denoise([replace(r, steps=1, hires_steps=None) for r in rows], init_images, masks, control_images,
-                          ip_adapter_images)
+            self._denoise([replace(r, steps=1, hires_steps=None) for r in rows], conditioning)
             self.warmup_seconds += time.perf_counter() - started
             log.info("compiled for batch shape %d × %dx%d in %.1f s", len(rows), rows[0].width, rows[0].height,
                      time.perf_counter() - started)
-        latents = self._denoise(rows, init_images, masks, control_images, ip_adapter_images)
+        latents = self._denoise(rows, conditioning)
         return self._decode(latents)
 
-    def memory_probe(self, rows: list[Row], init_images: list[Image.Image | None] | None = None) -> int | None:
-        """The device's peak bytes while generating ``rows`` for one step, decoding included,
-        or None when they do not fit (``run.batch_fit``; CUDA only)."""
+    def memory_probe(self, rows: list[Row], conditioning: ConditioningInputs = NO_CONDITIONING) -> int | None:
+        """The device's peak bytes while generating ``rows`` (with their ``conditioning``) for one
+        step, decoding included, or None when they do not fit (``run.batch_fit``; CUDA only)."""
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        # an all-white mask (a black control image) of the row's size costs what the row's own does
-        size = (rows[0].width, rows[0].height)
-        masks: list[Image.Image | None] | None = [Image.new("L", size, 255)] * len(rows) if rows[0].is_inpaint else None
-        controls = [[Image.new("RGB", size)]] * len(rows) if rows[0].controlnet is not None else None
-        references = [Image.new("RGB", size)] * len(rows) if rows[0].ip_adapter_scale is not None else None
         try:
             with torch.inference_mode():
                 for group in self.reader.groups(rows):
                     self._decode(self._denoise([replace(rows[i], steps=1, hires_steps=None) for i in group],
-                                               *_pick(group, init_images, masks, controls, references)))
+                                               conditioning.pick(group)))
         except OUT_OF_MEMORY_ERRORS:
             free_device_memory()
             return None
@@ -567,7 +555,8 @@ class DiffusersModel:
             self._controlnet_pipes[names] = pipe
         return self._controlnet_pipes[names]
 
-    def _control_kwargs(self, rows: list[Row], control_images: list[list[Image.Image]] | None) -> tuple[Any, dict[str, Any]]:
+    def _control_kwargs(self, rows: list[Row],
+                        control_images: tuple[tuple[Image.Image, ...], ...] | None) -> tuple[Any, dict[str, Any]]:
         """A ControlNet batch's pipeline and arguments: per ControlNet, its scale and every
         row's control image (one image given for several ControlNets conditions each)."""
         first = rows[0]
@@ -586,10 +575,7 @@ class DiffusersModel:
         nested = per_row if layout == "per_row" else [list(images) for images in zip(*per_row, strict=True)]
         return pipe, {argument: nested, "controlnet_conditioning_scale": scales}
 
-    def _denoise(self, rows: list[Row], init_images: list[Image.Image | None] | None,
-                 masks: list[Image.Image | None] | None = None,
-                 control_images: list[list[Image.Image]] | None = None,
-                 ip_adapter_images: list[Image.Image] | None = None) -> torch.Tensor:
+    def _denoise(self, rows: list[Row], conditioning: ConditioningInputs) -> torch.Tensor:
         first = rows[0]
         for rule in self._row_rules:
             for row in rows:  # a negative prompt is per row
@@ -606,8 +592,8 @@ class DiffusersModel:
         pipe: Any = self.inpaint if first.is_inpaint else self.img2img if first.is_img2img else self.txt2img
         control: dict[str, Any] = {}
         if first.controlnet is not None:
-            pipe, control = self._control_kwargs(rows, control_images)
-        reference = self._reference_kwargs(rows, ip_adapter_images, common)
+            pipe, control = self._control_kwargs(rows, conditioning.control_images)
+        reference = self._reference_kwargs(rows, conditioning.ip_adapter_images, common)
         pipe.scheduler = self.make_scheduler(first.scheduler)
         switch = first.refiner_switch
         if switch is not None and self.refiner is None:
@@ -615,11 +601,12 @@ class DiffusersModel:
         # ensemble of experts: the base stops at the switch, the refiner denoises the rest
         stop = {"denoising_end": switch} if switch is not None else {}
         if first.is_img2img:
-            images = [resize_for_row(img, first.width, first.height) for img in _one_each(init_images, rows, "init image")]
+            images = [resize_for_row(img, first.width, first.height)
+                      for img in _one_each(conditioning.init_images, rows, "init image")]
             extra = self.family.img2img_kwargs(first)
             if first.is_inpaint:  # the mask cropped as its init image is; white = repaint
                 extra = {"strength": first.strength, "mask_image": [resize_for_row(m, first.width, first.height)
-                                                                    for m in _one_each(masks, rows, "mask")],
+                                                                    for m in _one_each(conditioning.masks, rows, "mask")],
                          "height": first.height, "width": first.width}
             latents = pipe(image=images, **extra, **reference, **stop, **common).images
         else:
@@ -637,7 +624,8 @@ class DiffusersModel:
             latents = hires_pass(second, latents, rows, lambda part: {**self._call_kwargs(part), **reference})
         return latents
 
-    def _reference_kwargs(self, rows: list[Row], images: list[Image.Image] | None, common: dict[str, Any]) -> dict[str, Any]:
+    def _reference_kwargs(self, rows: list[Row], images: tuple[Image.Image, ...] | None,
+                          common: dict[str, Any]) -> dict[str, Any]:
         """An IP-Adapter batch's reference-image embeddings, the adapter switched on at the batch's
         ``ip_adapter_scale``; the adapter switched off for any other batch."""
         first = rows[0]
@@ -697,17 +685,11 @@ class DiffusersModel:
         return pixels, [None if ok and not dark else ("NaN/inf" if not ok else "all-black") for ok, dark in zip(finite, black)]
 
 
-def _pick(group: list[int], *per_row: list[Any] | None) -> list[list[Any] | None]:
-    """Each per-row list (init images, masks, control images, reference images; None: the batch has none) cut to
-    the rows of ``group``."""
-    return [None if values is None else [values[i] for i in group] for values in per_row]
-
-
-def _one_each(images: list[Any] | None, rows: list[Row], what: str) -> list[Any]:
-    """A batch's conditioning images, one per row (ValueError otherwise)."""
+def _one_each(images: Sequence[Any] | None, rows: list[Row], what: str) -> list[Any]:
+    """A batch's conditioning images of one kind, one per row (ValueError otherwise)."""
     if images is None or len(images) != len(rows) or any(i is None for i in images):
         raise ValueError(f"these rows need one {what} each")
-    return images
+    return list(images)
 
 
 #: The loader of each family runtime (``FamilyAdapter.runtime``).

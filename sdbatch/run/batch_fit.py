@@ -19,11 +19,13 @@ import logging
 from collections.abc import Callable, Hashable
 from typing import Any
 
+from sdbatch.data.record import NO_CONDITIONING, ConditioningInputs
+
 log = logging.getLogger("sdbatch.worker")
 
-#: a probe: rows (and their init images) → the device's peak bytes while generating them for one
-#: step, or None when they ran out of memory
-Probe = Callable[[list[Any], list[Any] | None], int | None]
+#: a probe: rows (and their conditioning images) → the device's peak bytes while generating them
+#: for one step, or None when they ran out of memory
+Probe = Callable[[list[Any], ConditioningInputs], int | None]
 
 #: the part of the device's capacity a batch may plan to use (the rest: fragmentation, the
 #: decoder's peak, what other processes hold)
@@ -39,20 +41,20 @@ class BatchFit:
         self.budget = int(capacity_bytes * headroom)
         self.sizes: dict[Hashable, int] = {}
 
-    def size_for(self, rows: list[Any], init_images: list[Any] | None = None) -> int:
+    def size_for(self, rows: list[Any], conditioning: ConditioningInputs = NO_CONDITIONING) -> int:
         """The batch size for the batch key of ``rows`` (measured with their first rows)."""
         key = rows[0].batch_key()
         if key not in self.sizes:
-            self.sizes[key] = self._measure(rows, init_images)
+            self.sizes[key] = self._measure(rows, conditioning)
             log.info("batch size %d for %dx%d, %d steps (ceiling %d)", self.sizes[key], rows[0].width, rows[0].height,
                      rows[0].steps, self.ceiling)
         return self.sizes[key]
 
-    def _measure(self, rows: list[Any], init_images: list[Any] | None) -> int:
+    def _measure(self, rows: list[Any], conditioning: ConditioningInputs) -> int:
         def fits(n: int) -> int | None:
             # the probe takes real rows: the first row repeated when the batch has fewer
-            sample = [rows[i % len(rows)] for i in range(n)]
-            return self.probe(sample, None if init_images is None else [init_images[i % len(rows)] for i in range(n)])
+            sample = [i % len(rows) for i in range(n)]
+            return self.probe([rows[i] for i in sample], conditioning.pick(sample))
 
         if self.ceiling == 1 or fits(self.ceiling) is not None:
             return self.ceiling

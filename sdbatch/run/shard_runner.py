@@ -32,7 +32,7 @@ import pyarrow as pa
 from PIL import Image
 
 from sdbatch.data.index import STATUS_FAILED, STATUS_OK, index_schema
-from sdbatch.data.record import ImageRecord, conditioning_inputs, image_sha256_fields, index_row
+from sdbatch.data.record import ConditioningInputs, ImageRecord, conditioning_inputs, image_sha256_fields, index_row
 from sdbatch.data.row import Row
 from sdbatch.output import encode
 from sdbatch.output.commits import commit_shard, metadata_key, read_commit, read_shard_index
@@ -233,7 +233,7 @@ class ShardRunner:
                 self.init_images.ahead(batches[number + 1])
             elif upcoming and (next_rows := upcoming()):  # the next shard's first batch
                 self.init_images.ahead(canonical_batches(next_rows, self.spec.resources.batch_size)[0])
-            good, images_in, masks_in, controls_in, references_in, hashes = [], [], [], [], [], {}
+            good, loaded_in, hashes = [], [], {}
             for row in batch:
                 try:
                     loaded = loading[row.id].result() if row.id in loading else {}
@@ -241,20 +241,13 @@ class ShardRunner:
                     fail_row(row, str(exc))
                     continue
                 good.append(row)
-                init, mask, controls, reference = conditioning_inputs(loaded)
-                images_in.append(init)
-                masks_in.append(mask)
-                controls_in.append(controls)
-                references_in.append(reference)
+                loaded_in.append(loaded)
                 hashes[row.id] = image_sha256_fields(loaded)
             if good:
                 bid = batch_id(unit, number)
                 handled: set[str] = set()  # rows of the parts generated before a pipeline exception
                 try:
-                    for part, generated, per_row in self._generate_fitting(
-                            good, images_in if good[0].is_img2img else None, masks_in if good[0].is_inpaint else None,
-                            controls_in if good[0].controlnet is not None else None,
-                            references_in if good[0].ip_adapter_scale is not None else None):
+                    for part, generated, per_row in self._generate_fitting(good, conditioning_inputs(good, loaded_in)):
                         batch_rows = [r.id for r in part]
                         scores = (self.scorer.score([r.prompt for r in part], generated.images()) if self.scorer
                                   else [None] * len(part))
@@ -281,7 +274,7 @@ class ShardRunner:
                             fail_row(row, f"row {row.id}: the pipeline raised {describe(exc)} for batch {bid} ({retried}); "
                                           "fix: check this row's parameters and the model, then rerun with --retry-failed")
             self.init_images.release(batch)
-            del loading, images_in, masks_in, controls_in  # the decoded images go with the last references to them
+            del loading, loaded_in  # the decoded images go with the last references to them
             if on_batch:
                 failed = result.rows_failed - failed_before
                 on_batch(len(batch) - failed, failed)
@@ -320,8 +313,7 @@ class ShardRunner:
         return index_rows
 
     def _generate_fitting(
-        self, rows: list[Row], init_images: list | None, masks: list | None = None, controls: list | None = None,
-        references: list | None = None,
+        self, rows: list[Row], conditioning: ConditioningInputs,
     ) -> list[tuple[list[Row], GeneratedBatch, float]]:
         """Generate ``rows`` as one batch, or as parts of the size that fits the device
         (``batch_fit``), or, when the device runs out of memory, as halves (recursively; one
@@ -330,19 +322,15 @@ class ShardRunner:
         from sdbatch.models.runtime import OUT_OF_MEMORY_ERRORS, free_device_memory
 
         def generate_part(cut: slice) -> list[tuple[list[Row], GeneratedBatch, float]]:
-            return self._generate_fitting(rows[cut], *(images and images[cut]
-                                                       for images in (init_images, masks, controls, references)))
+            return self._generate_fitting(rows[cut], conditioning.pick(range(len(rows))[cut]))
 
-        fitting = self.batch_fit.size_for(rows, init_images) if self.batch_fit else len(rows)
+        fitting = self.batch_fit.size_for(rows, conditioning) if self.batch_fit else len(rows)
         if len(rows) > fitting:
             return [part for cut in parts(rows, fitting) for part in generate_part(cut)]
 
         t0 = time.perf_counter()
         try:
-            # masks only to an inpainting batch, control images only to a ControlNet batch, reference
-            # images only to an IP-Adapter batch (a LoadedModel without them takes none)
-            generated = self.generator.generate(rows, init_images, **{name: images for name, images in (
-                ("masks", masks), ("control_images", controls), ("ip_adapter_images", references)) if images})
+            generated = self.generator.generate(rows, conditioning)
         except OUT_OF_MEMORY_ERRORS:
             if len(rows) == 1:
                 raise

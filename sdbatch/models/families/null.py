@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from sdbatch.data.record import GenerationFacts
+from sdbatch.data.record import NO_CONDITIONING, ConditioningInputs, GenerationFacts
 from sdbatch.data.row import Row
 from sdbatch.data.samplers import SCHEDULERS
 from sdbatch.models.adapter import GeneratedBatch, LoadRequest, ModelInfo
@@ -108,8 +108,7 @@ class NullModel:
             prompt_truncated_at=None,
         )
 
-    def generate(self, rows: list[Row], init_images: list | None = None, masks: list | None = None,
-                 control_images: list | None = None, ip_adapter_images: list | None = None) -> GeneratedBatch:
+    def generate(self, rows: list[Row], conditioning: ConditioningInputs = NO_CONDITIONING) -> GeneratedBatch:
         """One batch, like every ``LoadedModel``."""
         if not rows:
             return GeneratedBatch(np.zeros((0, 0, 0, 3), np.uint8), [])

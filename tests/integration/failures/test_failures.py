@@ -16,6 +16,8 @@ import pytest
 from conftest import load_index, sdbatch_cli, write_manifest
 from PIL import Image
 
+from sdbatch.data.record import NO_CONDITIONING
+
 TINY = ["--model", "builtin:tiny", "--steps", "2", "--batch-size", "4"]
 
 
@@ -154,10 +156,10 @@ class RaisingGenerator:
     def __getattr__(self, name):
         return getattr(self.real, name)
 
-    def generate(self, rows, init_images=None):
+    def generate(self, rows, conditioning=NO_CONDITIONING):
         if any(r.prompt == self.poison for r in rows):
             raise ModuleNotFoundError("scipy`")
-        return self.real.generate(rows, init_images)
+        return self.real.generate(rows, conditioning)
 
 
 def run_one_shard(generator, tmp_path: Path, rows: list[dict], attempt: int = 1, **overrides):

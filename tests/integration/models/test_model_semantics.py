@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from sdbatch.data.record import ConditioningInputs
 from sdbatch.data.row import Row
 from sdbatch.models.builtin import MODELS_DIR
 from tools.shapes import data as sd
@@ -141,7 +142,7 @@ def measure_img2img(gen, strength, seeds=SEEDS[:2]):
     target = scene("yellow", "green", "square")
     init = sd.render(init_scene)
     imgs = gen.generate(rows(sd.caption(target), seeds, init_image="init.png", strength=strength),
-                        init_images=[init] * len(seeds)).images()
+                        ConditioningInputs(init_images=(init,) * len(seeds))).images()
     ref = np.asarray(init, dtype=np.float32)
     return [
         (float(np.abs(np.asarray(im, np.float32) - ref).mean()),

@@ -16,7 +16,7 @@ class Probe:
     def __init__(self, fits: int):
         self.fits, self.probed = fits, []
 
-    def __call__(self, rows, init_images):
+    def __call__(self, rows, conditioning):
         self.probed.append(len(rows))
         return None if len(rows) > self.fits else 1000 + 100 * len(rows)
 

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_manifest
 
+from sdbatch.data.record import NO_CONDITIONING, ConditioningInputs
 from sdbatch.manifest.reader import ManifestReader, read_rows_at
 from sdbatch.manifest.sources import ManifestChanged, open_manifest
 from sdbatch.run.feed import ShardFeed
@@ -121,9 +122,9 @@ class HeldAtGenerate:
     def __getattr__(self, name):
         return getattr(self.real, name)
 
-    def generate(self, rows, init_images=None):
+    def generate(self, rows, conditioning=NO_CONDITIONING):
         self.held.append(self.runner.init_images.held)
-        return self.real.generate(rows, init_images)
+        return self.real.generate(rows, conditioning)
 
 
 def test_init_images_are_read_a_batch_ahead_and_bounded(tiny_generator, tmp_path, monkeypatch):
@@ -157,6 +158,6 @@ def test_init_images_are_read_a_batch_ahead_and_bounded(tiny_generator, tmp_path
     index = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "metadata" / "00000.parquet").to_pylist()}
     for batch in canonical_batches(shard_rows, 2):  # the same pixels as the batch given its images directly
         images = [Image.open(tmp_path / f"init{int(r.id[1:])}.png").convert("RGB") for r in batch]
-        expected = tiny_generator.generate(batch, images).pixels
+        expected = tiny_generator.generate(batch, ConditioningInputs(init_images=tuple(images))).pixels
         for row, pixels in zip(batch, expected):
             assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / index[row.id]["key"])), pixels), row.id

@@ -17,6 +17,7 @@ from conftest import sdbatch_cli as cli
 from PIL import Image
 
 from integration.audit.test_reproduce import mixed_rows, run_in_process
+from sdbatch.data.record import NO_CONDITIONING
 
 NULL_JOB = ["--model", "builtin:null", "--rows-per-shard", "16", "--batch-size", "8"]
 
@@ -180,13 +181,13 @@ class OutOfMemoryAbove:
     def __getattr__(self, name):  # everything but generate() is the wrapped generator's
         return getattr(self.generator, name)
 
-    def generate(self, rows, init_images=None):
+    def generate(self, rows, conditioning=NO_CONDITIONING):
         import torch
 
         self.batches.append(len(rows))
         if len(rows) > self.limit:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by the test)")
-        return self.generator.generate(rows, init_images)
+        return self.generator.generate(rows, conditioning)
 
 
 def test_out_of_memory_splits_the_batch_in_halves_that_reproduce_rebuilds(tiny, tmp_path):

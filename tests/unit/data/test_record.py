@@ -13,7 +13,14 @@ import pytest
 
 import sdbatch
 from sdbatch.data.index import STATUS_FAILED, STATUS_OK, index_schema
-from sdbatch.data.record import ImageRecord, embedded_record, index_row
+from sdbatch.data.record import (
+    NO_CONDITIONING,
+    ConditioningInputs,
+    ImageRecord,
+    conditioning_inputs,
+    embedded_record,
+    index_row,
+)
 from sdbatch.data.row import Row
 from sdbatch.models.adapter import LoadRequest
 from sdbatch.models.families.null import NullModel
@@ -95,3 +102,22 @@ def test_a_row_pickles_by_its_home_module():
     row = a_row()
     assert Row.__module__ == "sdbatch.data.row"
     assert pickle.loads(pickle.dumps(row)) == row
+
+
+def test_a_batchs_conditioning_holds_the_kinds_its_rows_take_and_picks_rows_in_order():
+    """``conditioning_inputs``: per row, the first image of each column it sets (a ControlNet row:
+    all of them, in order); a kind the batch does not take is None. ``pick``: the rows asked for."""
+    inpaint = [a_row(id=f"r{i}", init_image=f"/data/i{i}.png", strength=0.5, mask_image=f"/data/m{i}.png")
+               for i in range(3)]
+    loaded = [{"init_image": [(f"init{i}", "sha")], "mask_image": [(f"mask{i}", "sha")]} for i in range(3)]
+    conditioning = conditioning_inputs(inpaint, loaded)
+    assert conditioning == ConditioningInputs(init_images=("init0", "init1", "init2"), masks=("mask0", "mask1", "mask2"))
+    assert conditioning.pick([2, 0, 2]) == ConditioningInputs(init_images=("init2", "init0", "init2"),
+                                                              masks=("mask2", "mask0", "mask2"))
+
+    controlled = [a_row(controlnet="edges:1,depth:0.5", control_image="/data/e.png|/data/d.png",
+                        ip_adapter_image="/data/ref.png", ip_adapter_scale=0.6)]
+    loaded = [{"control_image": [("edges", "sha"), ("depth", "sha")], "ip_adapter_image": [("ref", "sha")]}]
+    assert conditioning_inputs(controlled, loaded) == ConditioningInputs(control_images=(("edges", "depth"),),
+                                                                         ip_adapter_images=("ref",))
+    assert conditioning_inputs([a_row()], [{}]) == NO_CONDITIONING == NO_CONDITIONING.pick(range(3))

@@ -34,7 +34,7 @@ class Device:
         self.capacity, self.weights, self.per_pixel, self.fits_below = capacity, weights, per_pixel, fits_below
         self.probed: list[tuple[int, int]] = []
 
-    def probe(self, rows, init_images):
+    def probe(self, rows, conditioning):
         self.probed.append((rows[0].width, len(rows)))
         peak = self.weights + self.per_pixel * rows[0].width ** 2 * len(rows)
         too_many = self.fits_below is not None and len(rows) >= self.fits_below
@@ -66,7 +66,7 @@ def test_an_estimate_that_does_not_fit_is_halved_and_a_row_that_does_not_fit_is_
     assert BatchFit(64, device.probe, device.capacity).size_for([FakeRow(1024)] * 4) == 8
     assert device.probed[-2:] == [(1024, 17), (1024, 8)]
     assert BatchFit(8, Device(1 * GiB).probe, 1 * GiB).size_for([FakeRow(64)]) == 1
-    assert BatchFit(1, lambda rows, images: pytest.fail("never probed"), GiB).size_for([FakeRow(64)]) == 1
+    assert BatchFit(1, lambda rows, conditioning: pytest.fail("never probed"), GiB).size_for([FakeRow(64)]) == 1
 
 
 def test_parts_cover_the_rows_in_order():
