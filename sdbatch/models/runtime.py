@@ -407,6 +407,7 @@ class DiffusersModel:
             versions=versions,
             threads=torch.get_num_threads(),
             family=family.class_name,
+            edits=family.edits,
             **refiner_facts,
         )
         log.info("loaded %s model %s on %s (%s%s), fingerprint %s%s", family.name, model, device, info.dtype,

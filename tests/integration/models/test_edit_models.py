@@ -1,10 +1,10 @@
 """Instruction-edit models (issue 26 item 4): FLUX.1 Kontext and Qwen-Image-Edit edit each row's
 ``init_image`` as its prompt says, so an edit-pair dataset is one manifest. On a tiny random
 model of each: edit rows run through the CLI at the row's size, follow their source image,
-record its sha256, render alone as in a batch of two (to one level, design.md §4.3), and
-reproduce byte-exact; a row without an init image, or with a strength, is refused at validation
-naming the row. Qwen-Image-Edit runs without torchvision (its processor built without the video
-processor); Qwen-Image-Edit-2509's several-image pipeline is refused naming what to use."""
+record its sha256 and no strength, render alone as in a batch of two (to one level, design.md
+§4.3), and reproduce byte-exact; a row without an init image, or with a strength, is refused at
+validation naming the row. Qwen-Image-Edit runs without torchvision (its processor built without
+the video processor); Qwen-Image-Edit-2509's several-image pipeline is refused naming what to use."""
 
 from __future__ import annotations
 
@@ -81,9 +81,15 @@ def test_an_edit_row_alone_is_its_batched_self(ray_address, job):
         assert np.abs(_pixels(alone["out"], alone[row_id]).astype(int) - batched).max() <= 1, row_id
 
 
-def test_an_edit_row_reproduces_byte_exact(job):
+def test_an_edit_row_records_no_strength_and_reproduces_byte_exact(job):
+    """The edit takes no strength: not the job default's in the index, the record or the infotext."""
     from sdbatch.audit.reproduce import reproduce_row
+    from sdbatch.output.encode import read_embedded
 
+    entry = job["index"]["red"]
+    infotext, record = read_embedded((job["index"]["out"] / entry["key"]).read_bytes())
+    assert entry["strength"] is None and record["strength"] is None, (entry["strength"], record["strength"])
+    assert "Denoising strength" not in infotext and "Steps: 2" in infotext, infotext
     result = reproduce_row(str(job["index"]["out"]), "red")
     assert result.match, (result.summary(), result.notes)
 
