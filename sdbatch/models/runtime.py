@@ -30,6 +30,10 @@ recorded in each row's facts; each distinct prompt is encoded once per worker (`
 A CLIP-encoder family reads AUTOMATIC1111 emphasis, BREAK and long prompts through compel
 (``PromptReader``, unless ``model.prompt_syntax`` is literal); a canonical batch then runs in
 groups of equal chunk count, so no row's conditioning is padded by a batch-mate's length.
+For models larger than the GPU: ``model.offload`` (diffusers' offloading hooks),
+``model.text_encoder_device`` (the text encoders kept on the CPU, ``models.text_encoders``) and
+pre-quantized folders, checked loadable on this worker and recorded with their method, bits and
+backend version (``models.quantized``).
 ``builtin:null`` (``families/null.py``) loads through ``load_model`` too.
 """
 
