@@ -25,7 +25,7 @@ from sdbatch.models.builtin import local_model_dir
 from sdbatch.models.errors import ModelError
 from sdbatch.models.lora_keys import ModelModules, describe_misfits, lora_misfits, safetensors_shapes
 from sdbatch.models.pins import check_safetensors, sha256_hex
-from sdbatch.models.quantized import check_loadable
+from sdbatch.models.quantized import check_loadable, gpu_only
 from sdbatch.models.resolve import ModelRef, preflight
 from sdbatch.output.claim import job_record
 from sdbatch.output.documents import CorruptState, JobRecord
@@ -116,6 +116,11 @@ def validate(request: SubmitRequest, settings: Settings) -> Validated:
     if spec.model.text_encoder_device != "same" and traits.family.runtime != "diffusers":
         raise ModelError(f"model.text_encoder_device={spec.model.text_encoder_device}: model {spec.model.name!r} is a "
                          f"{traits.family.name} model, which has no text encoder; remove model.text_encoder_device")
+    kept_on_cpu = [q for q in gpu_only(model.quantized) if q.component.startswith("text_encoder")]
+    if spec.model.text_encoder_device == "cpu" and kept_on_cpu:
+        raise ModelError(f"model {spec.model.name!r}: its {kept_on_cpu[0].component} ({kept_on_cpu[0].how}) loads on a "
+                         "CUDA GPU only, and model.text_encoder_device=cpu would keep it on the CPU: set "
+                         "model.text_encoder_device=same, or save that text encoder unquantized or with torchao")
     no_gpu = spec.resources.gpus_per_worker == 0 or spec.model.device == "cpu"
     check_loadable(spec.model.name, model.quantized, "this job's workers have none (resources.gpus_per_worker="
                    f"{spec.resources.gpus_per_worker:g}, model.device={spec.model.device})" if no_gpu else None)

@@ -8,8 +8,8 @@
   at submit naming the folder, the method and the fix;
 - ``model.text_encoder_device=cpu`` keeps the text encoders on the CPU and the rest on the
   model's device (both the CPU here: the split itself needs a GPU), renders the same bytes as
-  without it, is recorded and reproduces; with ``model.offload`` or a model without text encoder
-  it exits 2."""
+  without it, is recorded and reproduces; with ``model.offload``, a model without text encoder
+  or a bitsandbytes text encoder (GPU only) it exits 2."""
 
 from __future__ import annotations
 
@@ -26,16 +26,19 @@ ROWS = [{"id": f"r{i}", "prompt": p, "seed": i} for i, p in enumerate(["a red ci
 BNB_4BIT = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "bfloat16"}
 
 
-def _with_transformer(folder, copy, save=None, quantization_config=None):
-    """A copy of ``folder`` whose transformer is ``save``d anew, or whose config.json says it is
-    quantized by ``quantization_config`` (its weights left as they are)."""
+def _with_component(folder, copy, component, quantization_config):
+    """A copy of ``folder`` whose ``component``'s config.json says it is quantized (its weights left as they are)."""
     shutil.copytree(folder, copy)
-    if save is not None:
-        shutil.rmtree(copy / "transformer")
-        save(copy / "transformer")
-    else:
-        config = json.loads((copy / "transformer" / "config.json").read_text())
-        (copy / "transformer" / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}))
+    config = json.loads((copy / component / "config.json").read_text())
+    (copy / component / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}))
+    return copy
+
+
+def _with_transformer(folder, copy, save):
+    """A copy of ``folder`` whose transformer is written anew by ``save``."""
+    shutil.copytree(folder, copy)
+    shutil.rmtree(copy / "transformer")
+    save(copy / "transformer")
     return copy
 
 
@@ -56,8 +59,9 @@ def folders(tmp_path_factory):
         "plain": folder,
         "torchao": _with_transformer(folder, root / "flux-torchao", save=quantized.save_pretrained),
         "torchao_pickle": _with_transformer(folder, root / "flux-torchao-bin", save=lambda to: quantized.save_pretrained(to, safe_serialization=False)),
-        "bnb": _with_transformer(folder, root / "flux-bnb-nf4", quantization_config=BNB_4BIT),
-        "quanto": _with_transformer(folder, root / "flux-quanto", quantization_config={"quant_method": "quanto", "weights_dtype": "int8"}),
+        "bnb": _with_component(folder, root / "flux-bnb-nf4", "transformer", BNB_4BIT),
+        "bnb_t5": _with_component(folder, root / "flux-bnb-t5", "text_encoder_2", {"quant_method": "bitsandbytes", "load_in_8bit": True}),
+        "quanto": _with_component(folder, root / "flux-quanto", "transformer", {"quant_method": "quanto", "weights_dtype": "int8"}),
     }
 
 
@@ -150,6 +154,10 @@ def test_what_cannot_load_is_refused_before_any_worker_starts(folders, ray_addre
             "model.offload=model already moves the text encoders",
         ),
         (["--model", "builtin:null", "--set", "model.text_encoder_device=cpu"], "which has no text encoder"),
+        (
+            ["--model", folders["bnb_t5"], "--set", "model.text_encoder_device=cpu", "--set", "resources.gpus_per_worker=1"],
+            "its text_encoder_2 (bitsandbytes 8-bit) loads on a CUDA GPU only, and model.text_encoder_device=cpu would keep it",
+        ),
     ]
     if find_spec("bitsandbytes") is None:  # on GPU workers, the package is what is missing
         cases.append(
