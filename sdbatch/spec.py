@@ -77,6 +77,13 @@ class ModelSpec(_Section):
         "(layers streamed to the GPU as they run: least GPU memory, slowest); CUDA only, recorded in job.json",
     )
 
+    text_encoder_device: Literal["same", "cpu"] = Field(
+        "same",
+        description="cpu = keep the text encoders (FLUX.2 [dev]'s 24B Mistral-3, Qwen-Image's 7B Qwen2.5-VL, T5) in "
+        "host memory and encode prompts there, each distinct prompt once, its embeddings moved to the GPU: the GPU "
+        "holds the denoiser and VAE alone; same = on model.device. Recorded (versions.text_encoder_device) and in "
+        "the job fingerprint: embeddings computed on another device can differ in the low bits",
+    )
 
     prompt_syntax: Literal["a1111", "literal"] = Field(
         "a1111",
@@ -108,6 +115,10 @@ class ModelSpec(_Section):
         if self.offload != "none" and self.device == "cpu":
             raise ValueError(f"model.offload={self.offload} moves weights between CPU and GPU memory, and model.device is cpu: "
                              "set model.device=cuda (or auto on GPU workers), or model.offload=none")
+        if self.offload != "none" and self.text_encoder_device != "same":
+            raise ValueError(f"model.offload={self.offload} already moves the text encoders between CPU and GPU memory as "
+                             f"they run, so model.text_encoder_device={self.text_encoder_device} would fight it: keep one "
+                             "(model.text_encoder_device=same, or model.offload=none)")
         return self
 
     @property
@@ -422,6 +433,7 @@ class JobSpec(_Section):
             "compile": self.model.compile,
             # left out at its default, so jobs from before it keep their fingerprint
             **({"prompt_syntax": self.model.prompt_syntax} if self.model.prompt_syntax != "a1111" else {}),
+            **({"text_encoder_device": self.model.text_encoder_device} if self.model.text_encoder_device != "same" else {}),
             # None for exact (left out, so jobs from before profiles keep their fingerprint)
             **({"speed": speed} if (speed := self.speed.fingerprint_value()) else {}),
             "defaults": fingerprint_defaults(self.defaults.model_dump()),

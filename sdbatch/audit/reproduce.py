@@ -195,6 +195,7 @@ class Reproducer:
                                                compile=spec.model.compile, speed=spec.speed,
                                                vae=spec.model.vae, embeddings=spec.embeddings,
                                                prompt_syntax=spec.model.prompt_syntax,
+                                               text_encoder_device=spec.model.text_encoder_device,
                                                controlnets=spec.controlnets,
                                                ip_adapter=spec.ip_adapter.files if spec.ip_adapter else None,
                                                # offloading needs CUDA; it moves weights, not the arithmetic

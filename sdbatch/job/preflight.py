@@ -22,8 +22,10 @@ from sdbatch.manifest.report import ValidationReport
 from sdbatch.manifest.sources import Manifest, open_manifest
 from sdbatch.manifest.validate import validate_manifest
 from sdbatch.models.builtin import local_model_dir
+from sdbatch.models.errors import ModelError
 from sdbatch.models.lora_keys import ModelModules, describe_misfits, lora_misfits, safetensors_shapes
 from sdbatch.models.pins import check_safetensors, sha256_hex
+from sdbatch.models.quantized import check_loadable, gpu_only
 from sdbatch.models.resolve import ModelRef, preflight
 from sdbatch.output.claim import job_record
 from sdbatch.output.documents import CorruptState, JobRecord
@@ -102,7 +104,8 @@ def load_settings(request: SubmitRequest) -> Settings:
 
 
 def validate(request: SubmitRequest, settings: Settings) -> Validated:
-    """Preflight the model (pickles, family, native size, pin: torch-free) and the refiner,
+    """Preflight the model (pickles, family, native size, pin, pre-quantized weights the workers
+    can load: torch-free) and the refiner,
     hash the LoRAs, and validate the manifest against the spec and the model's family."""
     spec = settings.spec
     model = preflight_model(spec.model.name, request.endpoint_url, config=spec.model.config, vae=spec.model.vae,
@@ -110,6 +113,17 @@ def validate(request: SubmitRequest, settings: Settings) -> Validated:
                             ip_adapter=spec.ip_adapter.files if spec.ip_adapter else None)
     traits = model.traits
     assert traits is not None  # None only for a refiner
+    if spec.model.text_encoder_device != "same" and traits.family.runtime != "diffusers":
+        raise ModelError(f"model.text_encoder_device={spec.model.text_encoder_device}: model {spec.model.name!r} is a "
+                         f"{traits.family.name} model, which has no text encoder; remove model.text_encoder_device")
+    kept_on_cpu = [q for q in gpu_only(model.quantized) if q.component.startswith("text_encoder")]
+    if spec.model.text_encoder_device == "cpu" and kept_on_cpu:
+        raise ModelError(f"model {spec.model.name!r}: its {kept_on_cpu[0].component} ({kept_on_cpu[0].how}) loads on a "
+                         "CUDA GPU only, and model.text_encoder_device=cpu would keep it on the CPU: set "
+                         "model.text_encoder_device=same, or save that text encoder unquantized or with torchao")
+    no_gpu = spec.resources.gpus_per_worker == 0 or spec.model.device == "cpu"
+    check_loadable(spec.model.name, model.quantized, "this job's workers have none (resources.gpus_per_worker="
+                   f"{spec.resources.gpus_per_worker:g}, model.device={spec.model.device})" if no_gpu else None)
     refiner = preflight_model(spec.model.refiner, request.endpoint_url, refiner_of=traits.family) if spec.model.refiner else None
     spec = spec.with_model_defaults(traits)
     lora_sha256 = adapter_hashes(spec.loras, request.endpoint_url, model_modules(spec), spec.model.name)

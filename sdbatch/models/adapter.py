@@ -40,6 +40,7 @@ class LoadRequest:
     refiner_pin: str | None = None
     checkpoint: Path | None = None  # a single-file checkpoint, loaded with ``folder``'s configuration
     offload: str = "none"  # model.offload: none, model (model CPU offload) or group (group offload)
+    text_encoder_device: str = "same"  # model.text_encoder_device: same (the model's device) or cpu
     speed: SpeedSpec | None = None  # the job's speed profile (None: exact)
     vae: Path | None = None  # model.vae: a VAE folder loaded in place of the model's own
     embeddings: tuple[tuple[str, Path], ...] = ()  # textual-inversion embeddings: (name, file)

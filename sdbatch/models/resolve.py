@@ -45,6 +45,9 @@ diffusers folder, or an ``s3://`` prefix holding one. Everything here runs witho
   fit the model's UNet or the encoder (``lora_keys.ip_adapter_misfits``) is refused naming the
   file and the model; the model's pin covers the file's sha256 and the encoder's content
   (``pins.ip_adapter_pin``);
+- **pre-quantized folders**: the components saved with a ``quantization_config``
+  (``ModelRef.quantized``), which ``job.preflight`` and the runtime check the workers can load
+  (``quantized.check_loadable``);
 - **the pin**, recorded in ``job.json`` at submit and compared with every worker's before it
   gets a shard: a local folder's content fingerprint (sha256 over every file of every component
   folder, read through symbolic links as the loader reads them), an ``s3://`` prefix's ETags
@@ -76,6 +79,7 @@ from sdbatch.models.pins import (
     single_file_pin,
     vae_pin,
 )
+from sdbatch.models.quantized import Quantization, read_quantizations
 from sdbatch.storage.locations import is_s3
 
 if TYPE_CHECKING:
@@ -104,6 +108,7 @@ class ModelRef:
     embeddings: tuple[tuple[str, Path], ...] = ()  # textual-inversion embeddings: (name, file)
     controlnets: tuple[tuple[str, Path, str], ...] = ()  # ControlNets: (name, folder, content fingerprint)
     ip_adapter: tuple[Path, Path] | None = None  # the IP-Adapter: (weights file, image encoder folder)
+    quantized: tuple[Quantization, ...] = ()  # components saved quantized (bitsandbytes, torchao)
 
 
 def _check_configs(where: str, read: JsonReader, refiner_of: FamilyAdapter | None) -> ModelTraits | None:
@@ -127,7 +132,8 @@ def _single_file(name: str, config: ModelRef) -> ModelRef:
         raise ModelError(f"model {name!r}: a single-file checkpoint must be a local .safetensors or .gguf file (copy it to each "
                          "node, or save the pipeline as a diffusers folder, which may live on s3://)")
     checkpoint_tensor_names(checkpoint, repr(name))
-    return ModelRef(name, single_file_pin(checkpoint, config.pin), config.traits, config.folder, checkpoint.resolve())
+    return ModelRef(name, single_file_pin(checkpoint, config.pin), config.traits, config.folder, checkpoint.resolve(),
+                    quantized=config.quantized)
 
 
 def _component_folder(where: str, folder: Path, missing: str) -> tuple[list[str], JsonReader]:
@@ -316,7 +322,8 @@ def _preflight(name: str, *, endpoint_url: str | None = None, refiner_of: Family
         folder = local_model_dir(name)
         read = folder_json_reader(folder)
         _check_folder(name, folder, read)
-        return ModelRef(name, fingerprint_model_dir(folder), _check_configs(name, read, refiner_of))
+        return ModelRef(name, fingerprint_model_dir(folder), _check_configs(name, read, refiner_of),
+                        quantized=read_quantizations(read))
     from sdbatch.storage.open import open_storage
     from sdbatch.storage.s3 import S3Storage
 
@@ -328,7 +335,7 @@ def _preflight(name: str, *, endpoint_url: str | None = None, refiner_of: Family
     refuse_pickles(name, objects)
     read = storage_json_reader(storage, name)
     refuse_custom_code(name, objects, read)
-    return ModelRef(name, s3_pin(objects), _check_configs(name, read, refiner_of))
+    return ModelRef(name, s3_pin(objects), _check_configs(name, read, refiner_of), quantized=read_quantizations(read))
 
 
 def resolve(name: str, *, pin: str | None = None, endpoint_url: str | None = None,
@@ -359,4 +366,4 @@ def _resolve(name: str, *, pin: str | None = None, endpoint_url: str | None = No
         found = fingerprint_model_dir(folder)
     read = folder_json_reader(folder)
     _check_folder(name, folder, read)
-    return ModelRef(name, found, _check_configs(name, read, refiner_of), folder)
+    return ModelRef(name, found, _check_configs(name, read, refiner_of), folder, quantized=read_quantizations(read))

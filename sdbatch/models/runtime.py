@@ -30,6 +30,10 @@ recorded in each row's facts; each distinct prompt is encoded once per worker (`
 A CLIP-encoder family reads AUTOMATIC1111 emphasis, BREAK and long prompts through compel
 (``PromptReader``, unless ``model.prompt_syntax`` is literal); a canonical batch then runs in
 groups of equal chunk count, so no row's conditioning is padded by a batch-mate's length.
+For models larger than the GPU: ``model.offload`` (diffusers' offloading hooks),
+``model.text_encoder_device`` (the text encoders kept on the CPU, ``models.text_encoders``) and
+pre-quantized folders, checked loadable on this worker and recorded with their method, bits and
+backend version (``models.quantized``).
 ``builtin:null`` (``families/null.py``) loads through ``load_model`` too.
 """
 
@@ -53,6 +57,8 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# torchao (the quantized extra), imported by diffusers, warns of each CUDA-only kernel it cannot load on a CPU
+logging.getLogger("torchao").setLevel(logging.ERROR)
 
 import diffusers  # noqa: E402
 import numpy as np  # noqa: E402
@@ -68,6 +74,7 @@ from sdbatch.data.record import NO_CONDITIONING, ConditioningInputs, GenerationF
 from sdbatch.data.row import Row  # noqa: E402
 from sdbatch.data.samplers import DEFAULT_SAMPLER, SAMPLERS  # noqa: E402
 from sdbatch.models.adapter import GeneratedBatch, LoadedModel, LoadRequest, ModelInfo  # noqa: E402
+from sdbatch.models.configs import folder_json_reader  # noqa: E402
 from sdbatch.models.device import pick_device, pick_dtype, software_versions  # noqa: E402
 from sdbatch.models.errors import GGUF_SUFFIX, ModelError  # noqa: E402
 from sdbatch.models.families import ModelTraits  # noqa: E402
@@ -86,10 +93,14 @@ from sdbatch.models.pins import (  # noqa: E402
 )
 from sdbatch.models.prompt_cache import PromptCache  # noqa: E402
 from sdbatch.models.prompt_weights import PromptReader  # noqa: E402
+from sdbatch.models.quantized import check_loadable, read_quantizations  # noqa: E402
+from sdbatch.models.quantized import describe as describe_quantization  # noqa: E402
+from sdbatch.models.quantized import recorded as recorded_quantization  # noqa: E402
 from sdbatch.models.qwen_processor import ImageQwen2VLProcessor  # noqa: E402
 from sdbatch.models.resolve import resolve  # noqa: E402
 from sdbatch.models.speed import AppliedSpeed, SpeedSpec  # noqa: E402
 from sdbatch.models.speed_runtime import apply_speed  # noqa: E402
+from sdbatch.models.text_encoders import encode_on, place  # noqa: E402
 from sdbatch.storage.locations import is_s3  # noqa: E402
 
 log = logging.getLogger("sdbatch.generate")
@@ -276,16 +287,16 @@ def _offload(pipe: DiffusionPipeline, offload: str) -> None:
 
 def _quantized(pipe: DiffusionPipeline) -> dict[str, str]:
     """The components a pre-quantized folder holds quantized (bitsandbytes, torchao, GGUF: what
-    their configs' ``quantization_config`` says), for each image's record (``versions``)."""
-    found = {}
+    their configs' ``quantization_config`` says), for each image's record (``versions``): the
+    method, its bits and the backend's version."""
+    found = []
     for name, module in pipe.components.items():
         config = getattr(getattr(module, "config", None), "quantization_config", None)
         if config is None and getattr(module, "hf_quantizer", None) is not None:  # quantized at load: a .gguf file
             config = module.hf_quantizer.quantization_config
         if config is not None:
-            method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", config)
-            found[name] = str(getattr(method, "value", method))
-    return {"quantized": ", ".join(f"{n}: {m}" for n, m in sorted(found.items()))} if found else {}
+            found.append(describe_quantization(name, config if isinstance(config, dict) else config.to_dict()))
+    return recorded_quantization(tuple(found))
 
 
 def _absent_components(pipeline_cls: Any, folder: Path) -> dict[str, None]:
@@ -306,7 +317,8 @@ class DiffusersModel:
                  loras: dict[str, str] | None = None, endpoint_url: str | None = None, compiled: bool = False,
                  refiner: Any = None, speed: AppliedSpeed | None = None, embedding_names: tuple[str, ...] = (),
                  prompt_syntax: str = "a1111", controlnets: dict[str, Any] | None = None,
-                 controlnet_fingerprints: dict[str, str] | None = None, ip_adapter: IPAdapterSwitch | None = None):
+                 controlnet_fingerprints: dict[str, str] | None = None, ip_adapter: IPAdapterSwitch | None = None,
+                 text_encoder_device: str = "same"):
         self.txt2img = txt2img
         self.refiner = refiner
         self.compiled = compiled
@@ -343,13 +355,21 @@ class DiffusersModel:
         self.reader = PromptReader(self.family.weighted_prompts if prompt_syntax == "a1111" else None, txt2img,
                                    self._encoder_text)
         self.prompts = PromptCache()
+        self._text_encoder_device = text_encoder_device
         for pipe in (self.txt2img, self.img2img, self.inpaint, refiner):
             if pipe is not None:
                 pipe.set_progress_bar_config(disable=True)
-                PromptReader(self.reader.weighting, pipe, self._encoder_text).install(pipe)
-                self.prompts.install(pipe)
+                self._install_prompt_path(pipe)
                 if ip_adapter is not None and pipe is not refiner:
                     ip_adapter.install(pipe)
+
+    def _install_prompt_path(self, pipe: Any) -> None:
+        """A pipeline's ``encode_prompt`` wrapped, innermost first: A1111 syntax through compel,
+        the text encoders' own device (``model.text_encoder_device``), the prompt cache."""
+        PromptReader(self.reader.weighting, pipe, self._encoder_text).install(pipe)
+        if self._text_encoder_device != "same":
+            encode_on(pipe, self._text_encoder_device)
+        self.prompts.install(pipe)
 
     @classmethod
     def load(cls, request: LoadRequest) -> DiffusersModel:
@@ -362,17 +382,25 @@ class DiffusersModel:
         if request.offload != "none" and device != "cuda":
             raise ModelError(f"model.offload={request.offload} needs a CUDA device and this worker has none; run on GPU "
                              "workers (resources.gpus_per_worker=1), or set model.offload=none")
-        place = "cpu" if request.offload != "none" else device  # offloading hooks move the modules themselves
+        if request.offload != "none" and request.text_encoder_device != "same":
+            raise ModelError(f"model.offload={request.offload} moves the text encoders itself; set "
+                             "model.text_encoder_device=same, or model.offload=none")
+        # what job.preflight checked for the job's workers, checked on this one (bitsandbytes needs its GPU)
+        check_loadable(model, read_quantizations(folder_json_reader(request.folder)),
+                       f"this worker runs on {device}" if device != "cuda" else None)
+        # offloading hooks move the modules themselves; text encoders kept apart never touch the device
+        at = "cpu" if request.offload != "none" or request.text_encoder_device != "same" else device
         own = _own_components(family, model, request.folder)
         components = {**family.load_options, **dict.fromkeys(own), **_vae_override(request.folder, request.vae, torch_dtype),
                       **(image_encoder_components(request.ip_adapter[1], torch_dtype) if request.ip_adapter else {})}
         if request.checkpoint is not None:
-            pipe = _load_single_file(family, model, request.checkpoint, request.folder, torch_dtype, components, place)
+            pipe = _load_single_file(family, model, request.checkpoint, request.folder, torch_dtype, components, at)
         else:
-            pipe = _load_pipeline(family.txt2img, model, request.folder, torch_dtype, components, place)
+            pipe = _load_pipeline(family.txt2img, model, request.folder, torch_dtype, components, at)
         pipe.register_modules(**own)
         _load_embeddings(pipe, request.embeddings)
-        controlnets = _load_controlnets(request.controlnets, family, torch_dtype, place)
+        controlnets = _load_controlnets(request.controlnets, family, torch_dtype,
+                                        "cpu" if request.offload != "none" else device)
         _offload(pipe, request.offload)
         refiner_pipe, refiner_facts = None, {}
         if refiner is not None:
@@ -383,6 +411,10 @@ class DiffusersModel:
             # ensemble of experts: the refiner reads the base's second text encoder and VAE (no second copy)
             refiner_pipe = _load_pipeline(family.refiner, refiner, refiner_ref.folder, torch_dtype, {
                 "text_encoder_2": pipe.text_encoder_2, "tokenizer_2": pipe.tokenizer_2, "vae": pipe.vae}, device)
+        if request.text_encoder_device != "same":
+            for stage in (pipe, refiner_pipe):
+                if stage is not None:
+                    place(stage, device, request.text_encoder_device)
         for name in family.sdpa_modules:
             getattr(pipe, name).set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA (flash / memory-efficient kernels)
         if refiner_pipe is not None:
@@ -390,6 +422,8 @@ class DiffusersModel:
         # after the SDPA switch, so the adapter's processors (and the plain ones it restores) are SDPA's
         ip_adapter = IPAdapterSwitch(pipe, request.ip_adapter[0]) if request.ip_adapter else None
         versions = {**software_versions(), **_quantized(pipe)}
+        if request.text_encoder_device != "same":  # embeddings computed elsewhere can differ in the low bits
+            versions["text_encoder_device"] = request.text_encoder_device
         if device == "cuda" and family.channels_last:  # on CPU it is slower and would change the recorded images' low bits
             for stage in (pipe, refiner_pipe):
                 if stage is not None:
@@ -417,7 +451,7 @@ class DiffusersModel:
                    compiled=request.compile or "regional_compile" in speed.applied, refiner=refiner_pipe, speed=speed,
                    embedding_names=tuple(name for name, _ in request.embeddings), prompt_syntax=request.prompt_syntax,
                    controlnets=controlnets, controlnet_fingerprints={name: fp for name, _, fp in request.controlnets},
-                   ip_adapter=ip_adapter)
+                   ip_adapter=ip_adapter, text_encoder_device=request.text_encoder_device)
 
     def build_samplers(self) -> None:
         """Build every sampler of the family whose packages are installed from this model's
@@ -549,8 +583,7 @@ class DiffusersModel:
             pipe = getattr(diffusers, self.family.controlnet).from_pipe(
                 self.txt2img, controlnet=models[0] if len(models) == 1 else models)
             pipe.set_progress_bar_config(disable=True)
-            PromptReader(self.reader.weighting, pipe, self._encoder_text).install(pipe)
-            self.prompts.install(pipe)
+            self._install_prompt_path(pipe)
             if self.ip_adapter is not None:
                 self.ip_adapter.install(pipe)
             self._controlnet_pipes[names] = pipe
@@ -713,6 +746,7 @@ def load_model(
     refiner_pin: str | None = None,
     config: str | None = None,
     offload: str = "none",
+    text_encoder_device: str = "same",
     speed: SpeedSpec | None = None,
     vae: str | None = None,
     embeddings: dict[str, str] | None = None,
@@ -738,7 +772,8 @@ def load_model(
             fingerprint = ip_adapter_pin(fingerprint, file_sha256(ref.ip_adapter[0]), fingerprint_model_dir(ref.ip_adapter[1]))
     request = LoadRequest(model, folder, ref.pin, fingerprint, traits, device=device, dtype=dtype, endpoint_url=endpoint_url,
                           loras=loras, compile=compile, refiner=refiner, refiner_pin=refiner_pin, checkpoint=ref.checkpoint,
-                          offload=offload, speed=speed, vae=ref.vae, embeddings=ref.embeddings, prompt_syntax=prompt_syntax,
+                          offload=offload, text_encoder_device=text_encoder_device, speed=speed, vae=ref.vae,
+                          embeddings=ref.embeddings, prompt_syntax=prompt_syntax,
                           controlnets=ref.controlnets, ip_adapter=ref.ip_adapter)
     loaded = RUNTIMES[traits.family.runtime](request)
     loaded.build_samplers()

@@ -55,6 +55,7 @@ class WorkerActor:
             spec.model.name, pin=model_pin, device=spec.model.device, dtype=spec.model.dtype,
             endpoint_url=endpoint_url, loras=spec.loras, compile=spec.model.compile,
             refiner=spec.model.refiner, refiner_pin=refiner_pin, config=spec.model.config, offload=spec.model.offload,
+            text_encoder_device=spec.model.text_encoder_device,
             speed=spec.speed,
             vae=spec.model.vae, embeddings=spec.embeddings, prompt_syntax=spec.model.prompt_syntax,
             controlnets=spec.controlnets, ip_adapter=spec.ip_adapter.files if spec.ip_adapter else None,
