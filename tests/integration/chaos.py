@@ -19,7 +19,7 @@ each injected fault leaves a file in ``marker_dir`` so a test can count them.
 
 ``install_from_env()`` wraps ``ShardRunner``'s shard methods (in a Ray worker process, where
 faults.setup_process runs it as Ray's ``worker_process_setup_hook``) and the driver's index
-merge and result collection (in the CLI process, where tests/integration/faulty_sdbatch.py runs it). The
+merge, its marking of ready workers and its result collection (in the CLI process, where tests/integration/faulty_sdbatch.py runs it). The
 package knows nothing of it.
 """
 
