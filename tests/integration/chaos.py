@@ -4,20 +4,22 @@ Off unless ``SDBATCH_TEST_CHAOS`` (faults.ENV_CHAOS) holds JSON such as ``{"kill
 0.1, "seed": 1, "hang_shards": ["00002"], "fail_shards": ["00003"], "broken_shards": ["00004"],
 "hold_shards": ["00000"], "marker_dir": "/tmp/x", "driver_exit_at": "merge", "hang_loads": 1,
 "ray_node_start_timeout": true,
-"kill_tracker_after_commits": 1}``: the worker process exits after the chosen fraction of
-batches (a hash of seed, shard, batch and attempt picks them), listed shards hang on their
+"kill_tracker_after_commits": 1, "deadline_after_ready_s": 10}``: the worker process exits after
+the chosen fraction of batches (a hash of seed, shard, batch and attempt picks them), listed shards hang on their
 first attempt, fail on every attempt with a transient storage error (``fail_shards``) or with
 a deterministic one (``broken_shards``: a ``RuntimeError``, as a bug or a bad input would),
 held shards wait once started until a file ``release`` exists in ``marker_dir``, the first
 ``hang_loads`` model loads stop their worker process (SIGSTOP), the local Ray node the driver
 starts times out (``ray_node_start_timeout``), the driver
 dies halfway through writing the index, the driver's progress tracker actor is killed once
-that many shards are committed, and each injected fault leaves a file in ``marker_dir`` so a
-test can count them.
+that many shards are committed, the job's ``--deadline`` is moved to that many seconds after the
+first worker has loaded its model (``deadline_after_ready_s``: the moment is written to
+``marker_dir``/deadline_at, so a test knows when it passes however slowly the model loaded), and
+each injected fault leaves a file in ``marker_dir`` so a test can count them.
 
 ``install_from_env()`` wraps ``ShardRunner``'s shard methods (in a Ray worker process, where
 faults.setup_process runs it as Ray's ``worker_process_setup_hook``) and the driver's index
-merge and result collection (in the CLI process, where tests/integration/faulty_sdbatch.py runs it). The
+merge, its marking of ready workers and its result collection (in the CLI process, where tests/integration/faulty_sdbatch.py runs it). The
 package knows nothing of it.
 """
 
@@ -40,6 +42,7 @@ class Chaos:
         self.config = config
         self.batches: dict[tuple[str, int], int] = {}
         self.tracker_killed = False
+        self.deadline_moved = False
 
     def _mark(self, kind: str, shard_name: str, attempt: int, detail: str = "") -> None:
         folder = self.config.get("marker_dir")
@@ -88,6 +91,16 @@ class Chaos:
             self.tracker_killed = True
             self._mark("tracker", "driver", 0)
             ray.kill(driver.tracker)
+
+    def after_start_ready(self, driver: Any, pool: list) -> None:
+        after = self.config.get("deadline_after_ready_s")
+        if after is None or self.deadline_moved or not any(actor.is_ready for actor in pool):
+            return
+        # before the driver's first dispatch: every shard is handed out with the moved deadline
+        self.deadline_moved = True
+        driver.deadline = driver.schedule.deadline = time.time() + after
+        with open(os.path.join(self.config["marker_dir"], "deadline_at"), "w") as f:
+            f.write(repr(driver.deadline))
 
     def before_merge(self, storage: Any) -> None:
         if self.config.get("driver_exit_at") == "merge":
@@ -167,6 +180,14 @@ class Chaos:
             return pool
 
         scheduler.Driver._collect = collect_then_chaos
+        start_ready = scheduler.Driver._start_ready
+
+        def start_ready_then_chaos(driver, pool):
+            pool = start_ready(driver, pool)
+            self.after_start_ready(driver, pool)
+            return pool
+
+        scheduler.Driver._start_ready = start_ready_then_chaos
 
 
 def install_from_env() -> Chaos | None:

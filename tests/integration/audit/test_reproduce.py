@@ -213,32 +213,40 @@ def test_killed_driver_and_killed_actors_give_the_same_bytes(reference_run, modu
     _, reference = reference_run
     env = {**os.environ, "RAY_ADDRESS": ray_address}
 
-    # 1. the driver is SIGKILLed after its first commit, then the same command resumes
-    resumed = tmp_path / "resumed"
-    args = submit_args(module_manifest, resumed, "--workers", "1")
-    driver = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list((resumed / "metadata").glob("*.parquet")):
-        assert driver.poll() is None, driver.communicate()
-        time.sleep(0.2)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    assert not (resumed / "_SUCCESS").exists()
-    rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr
-    assert re.search(r"\b[1-9]\d* shards? already committed", rerun.stdout.replace("\n", " ")), rerun.stdout  # however many the kill left
-    assert image_hashes(resumed) == reference
-
-    # 2. worker processes exit mid-shard (after a batch; images of the attempt partly stored)
+    # 2. (started first, runs beside 1: one worker each on the session cluster's two CPUs)
+    #    worker processes exit mid-shard (after a batch; images of the attempt partly stored)
     #    and the driver retries the shard on a fresh actor. Seed 15 / fraction 0.25 kills
     #    shard 00002 after its second batch on attempt 1 and nothing on attempt 2.
     markers = tmp_path / "chaos"
     markers.mkdir()
     chaos = tmp_path / "chaos-out"
     env_chaos = {**env, **chaos_env(markers, kill_fraction=0.25, seed=15)}
-    result = subprocess.run(submit_args(module_manifest, chaos, "--workers", "1", "--set", "retries.shard_attempts=4",
-                                        env=env_chaos), env=env_chaos, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
+    chaos_log = tmp_path / "chaos.log"
+    with open(chaos_log, "w") as log:  # a file, not a pipe: nobody reads it until the job ends
+        chaos_job = subprocess.Popen(submit_args(module_manifest, chaos, "--workers", "1", "--set", "retries.shard_attempts=4",
+                                                 env=env_chaos), env=env_chaos, stdout=log, stderr=log)
+
+    try:
+        # 1. the driver is SIGKILLed after its first commit, then the same command resumes
+        resumed = tmp_path / "resumed"
+        args = submit_args(module_manifest, resumed, "--workers", "1")
+        driver = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.time() + 300
+        while time.time() < deadline and not list((resumed / "metadata").glob("*.parquet")):
+            assert driver.poll() is None, driver.communicate()
+            time.sleep(0.2)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        assert not (resumed / "_SUCCESS").exists()
+        rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stderr
+        assert re.search(r"\b[1-9]\d* shards? already committed", rerun.stdout.replace("\n", " ")), rerun.stdout  # however many the kill left
+        assert image_hashes(resumed) == reference
+    except BaseException:  # a failed step 1 leaves no job running
+        chaos_job.kill()
+        raise
+
+    assert chaos_job.wait(timeout=600) == 0, chaos_log.read_text()
     kills = sorted(p.name.rsplit("-", 1)[0] for p in markers.iterdir())
     assert kills == ["kill-00002-a1-b1"], kills
     index = {r["id"]: r for r in load_index(chaos)}

@@ -13,8 +13,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import load_index, write_manifest
-from conftest import sdbatch_cli as cli
+from conftest import load_index, submit_jobs, write_manifest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -47,16 +46,13 @@ def kontext(request, tmp_path_factory):
     return {"tmp": tmp, "model": build(tmp / request.param), "label": label, "manifest": write_manifest(tmp / "m.parquet", ROWS)}
 
 
-def _submit(ray_address, kontext, out_name: str, *args: str) -> dict:
-    out = kontext["tmp"] / out_name
-    result = cli(ray_address, "submit", kontext["manifest"], "--model", kontext["model"], "--out", out, *SIZE, *args)
-    assert result.returncode == 0, result.stderr
-    return {r["id"]: r for r in load_index(out)} | {"out": out}
-
-
 @pytest.fixture(scope="module")
 def job(ray_address, kontext):
-    return {**kontext, "index": _submit(ray_address, kontext, "out", "--batch-size", "2")}
+    """The rows in one batch of two ("index") and each alone ("alone"): the two jobs two at a time."""
+    outs = submit_jobs(ray_address, kontext["manifest"], kontext["tmp"], {"out": ["--batch-size", "2"], "out-alone": ["--batch-size", "1"]},
+                       "--model", kontext["model"], *SIZE)
+    return {**kontext, **{key: {r["id"]: r for r in load_index(outs[name])} | {"out": outs[name]}
+                          for key, name in (("index", "out"), ("alone", "out-alone"))}}
 
 
 def _pixels(out, entry) -> np.ndarray:
@@ -71,10 +67,10 @@ def test_an_edit_row_follows_its_source_image_and_pins_it(job):
     assert index["red"]["batch_rows"] == ["red", "other"]  # the two rows ran as one batch
 
 
-def test_an_edit_row_alone_is_its_batched_self(ray_address, job):
+def test_an_edit_row_alone_is_its_batched_self(job):
     """Per-row generators (the source image's encoding included): a row alone renders as in its
     batch of two, to CPU rounding (design.md §4.3: at most one level; reproduce rebuilds the batch)."""
-    alone = _submit(ray_address, job, "out-alone", "--batch-size", "1")
+    alone = job["alone"]
     assert alone["red"]["batch_rows"] == ["red"]
     for row_id in ("red", "other"):
         batched = _pixels(job["index"]["out"], job["index"][row_id]).astype(int)

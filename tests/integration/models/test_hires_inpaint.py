@@ -7,6 +7,7 @@ inpainting UNet; bad rows exit 2 naming the row."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -88,9 +89,15 @@ def jobs(ray_address, tmp_path_factory):
     rows = [{key: row.get(key) for key in {k: None for r in rows for k in r}} for row in rows]  # every column in each
     manifest = write_manifest(tmp / "m.parquet", rows)
     models = {"sd": build_sd_local(tmp / "model-sd"), "sd_inpainting": build_sd_local(tmp / "model-sd-inpainting", in_channels=9)}
-    for name, model in models.items():
-        job_rows = manifest if name == "sd" else write_manifest(tmp / "inpaint.parquet", rows[2:])
-        result = cli(ray_address, "submit", job_rows, "--out", tmp / name, "--model", model, "--steps", "2", "--width", str(SIZE), "--height", str(SIZE))
+    manifests = {"sd": manifest, "sd_inpainting": write_manifest(tmp / "inpaint.parquet", rows[2:])}
+
+    def submit(name: str):
+        return cli(ray_address, "submit", manifests[name], "--out", tmp / name, "--model", models[name], "--steps", "2",
+                   "--width", str(SIZE), "--height", str(SIZE))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two at a time on the session cluster's two CPUs
+        results = dict(zip(models, pool.map(submit, models)))
+    for name, result in results.items():
         assert result.returncode == 0, (name, result.stderr)
     return {"tmp": tmp, **{name: tmp / name for name in models}}
 
