@@ -100,7 +100,7 @@ class IndexChecks:
     ``problems()`` at the end: how the index disagrees with job.json, the manifest and the
     commits. Also counts the rows, failed rows, duplicates and foreign objects."""
 
-    def __init__(self, out: JobOutput):
+    def __init__(self, out: JobOutput, *, read_commits: bool = True):
         self.out = out
         self.total = out.job.manifest.num_rows
         self.rows = self.failed = 0
@@ -111,7 +111,8 @@ class IndexChecks:
         self.ordered = True
         self._carry: pa.Table | None = None  # rows of the last row number seen: its duplicate may follow
         # the index's own file is compared with the commits, by the object checks' tasks
-        self.commits = CommitSource(frozenset(committed_shards(out.storage)), out.job.fingerprint) if out.index.final else None
+        compared = out.index.final and read_commits
+        self.commits = CommitSource(frozenset(committed_shards(out.storage)), out.job.fingerprint) if compared else None
         self._compared: list[CommitChecks] = []
         manifest, self._unchecked = _manifest_ids(out.job)
         self._manifest = None if manifest is None else _RowStream(manifest)

@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sdbatch.data.index import STATUS_OK
-from sdbatch.output.commits import shard_name
-from sdbatch.output.index import JobIndex
+from sdbatch.output.commits import commit_names, shard_name
+from sdbatch.output.index import INDEX_KEY, JobIndex
 from sdbatch.output.layout import PREFIXES, Layout, object_key, size_differs
 from sdbatch.storage.base import Storage
 
@@ -262,6 +262,27 @@ class ShardSet:
         if name.isdigit() and shard_name(int(name)) == name:
             return int(name) < len(self._bits) and bool(self._bits[int(name)])
         return name in self._other
+
+    def not_in(self, other: ShardSet) -> list[str]:
+        """The names in this set and not in ``other``, in shard order."""
+        size = max(len(self._bits), len(other._bits))
+        mine, theirs = (np.pad(s._bits, (0, size - len(s._bits))) for s in (self, other))
+        return [*(shard_name(int(n)) for n in np.flatnonzero(mine & ~theirs)), *sorted(self._other - other._other)]
+
+
+def commit_listing_problems(storage: Storage, indexed: ShardSet) -> list[str]:
+    """``--listing-only``'s check of the commits, from one listing of metadata/ and no read:
+    every shard the index holds rows of has a commit, and every commit's shard is in the index."""
+    committed = ShardSet()
+    committed.add(commit_names(storage))
+    uncommitted, unindexed = indexed.not_in(committed), committed.not_in(indexed)
+    problems = []
+    if uncommitted:
+        problems.append(f"{len(uncommitted)} shards the index holds rows of have no commit (e.g. {', '.join(uncommitted[:SHOWN])})")
+    if unindexed:
+        problems.append(f"{len(unindexed)} commits are of shards {INDEX_KEY} holds no row of (e.g. {', '.join(unindexed[:SHOWN])}): "
+                        "their rows are not indexed; rebuild it with --rebuild-index")
+    return problems
 
 
 class ShardDispatch:

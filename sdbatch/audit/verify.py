@@ -4,7 +4,8 @@ with ``--regenerate`` — a sample of rows regenerates to the same bytes (``repr
 imports torch only then). The index is read a batch at a time, twice at most
 (``index_check``, then ``object_check``'s tasks, which run shard by shard in Ray tasks or in
 this process); ``--sample N`` reads N random rows in full and the rest from listings,
-``--listing-only`` reads none. Memory does not grow with the job's rows beyond a byte per row."""
+``--listing-only`` reads none, nor any commit (their listing is checked against the index's
+shards). Memory does not grow with the job's rows beyond a byte per row."""
 
 from __future__ import annotations
 
@@ -18,7 +19,15 @@ import pyarrow.parquet as pq
 
 from sdbatch.audit.index_check import IndexChecks, RowSample
 from sdbatch.audit.job_output import AuditError, JobOutput, open_job
-from sdbatch.audit.object_check import CHECK_COLUMNS, TASK_ROWS, Findings, ShardChecks, ShardDispatch, sweep_orphans
+from sdbatch.audit.object_check import (
+    CHECK_COLUMNS,
+    TASK_ROWS,
+    Findings,
+    ShardChecks,
+    ShardDispatch,
+    commit_listing_problems,
+    sweep_orphans,
+)
 from sdbatch.audit.reproduce import Reproducer, ReproduceResult
 from sdbatch.data.index import INDEX_COLUMN_TYPES
 from sdbatch.output.commits import committed_shards, metadata_key
@@ -143,7 +152,8 @@ def verify(
     """Check the index against ``job.json``, the manifest (when reachable) and the commits,
     every index row's object (exists, recorded size, recorded sha256: read in full; with
     ``sample``, that many random ok rows read in full and the rest from their shard's listing;
-    with ``listing_only``, none read), list orphan objects, and optionally regenerate
+    with ``listing_only``, none read, and the commits only listed: each indexed shard has one, each
+    one's shard is indexed), list orphan objects, and optionally regenerate
     ``regenerate`` random ok rows and report drift. Random rows are chosen with ``seed`` (a
     random seed is drawn and reported when none is given). Objects are checked shard by shard
     in ``workers`` Ray tasks at a time (None: the job's ``resources.workers``, as submit, or 0
@@ -172,7 +182,7 @@ def verify(
         connect_ray(address)
         report.checked_by = f"{plural(workers, 'Ray task')} at a time"
 
-    checks = IndexChecks(out)
+    checks = IndexChecks(out, read_commits=not listing_only)  # --listing-only: the commits' listing only, below
     regenerated = RowSample(regenerate, seed, 0) if regenerate else None
     spot = RowSample(sample, seed, 1) if sample else None
     with _bar(bar, out.index.num_rows) as advance:
@@ -201,6 +211,8 @@ def verify(
         dispatch.close()
     report.rows_in_index, report.rows_failed = checks.rows, checks.failed
     report.index_problems = checks.problems()
+    if listing_only and out.index.final:
+        report.index_problems += commit_listing_problems(storage, dispatch.shards)
     report.duplicates, report.foreign = checks.duplicates, checks.foreign
     if progress:
         progress("listing the top-level folders for orphans")

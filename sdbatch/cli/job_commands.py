@@ -39,7 +39,7 @@ def status(
             "images_per_second": progress.images_per_second if progress else None,
             "eta_seconds": progress.eta_seconds if progress and not success else None,
             "per_worker": snapshot.get("per_worker", {}),
-            "shards_committed": len(state.committed), "shards_total": shards_total,
+            "shards_committed": state.shards_committed, "shards_total": shards_total,
             "driver": lock, "driver_alive": state.driver_alive, "progress": snapshot,
             "success": success.model_dump(mode="json") if success else None,
             "unreadable": state.unreadable,
@@ -50,7 +50,7 @@ def status(
     if lock is not None:
         who = f"host {lock.get('host')}, pid {lock.get('pid')}, last heartbeat {state.lock_age:.0f} s ago"
         stdout.print(f"driver     {who}" if state.driver_alive else f"driver     gone ({who}; its lease has expired)")
-    stdout.print(f"shards     {len(state.committed)}/{shards_total} committed")
+    stdout.print(f"shards     {state.shards_committed}/{shards_total} committed")
     if progress:
         in_flight = f", {state.in_flight_text}" if state.rows_in_flight else ""
         stdout.print(f"rows       {progress.rows_done}/{progress.rows_total} done (in committed shards){in_flight}, "

@@ -59,7 +59,7 @@ def verify(
         "every other row is checked from its shard's listing (exists, and its size in the files layout)."),
     listing_only: bool = typer.Option(False, "--listing-only", help="Read no object: each row's object exists, and has its recorded "
         "size (files layout; a webdataset tar's members are not listed), from one listing per shard — for nightly checks. "
-        "A corruption that keeps the size is NOT seen."),
+        "The commits are listed, not read. A corruption that keeps the size is NOT seen."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Ray tasks checking shards at once (default: the job's "
         "resources.workers, as submit; a job of at most 4,096 rows is checked in this process); 0 checks in this process, "
         "without Ray (quicker for small jobs)."),

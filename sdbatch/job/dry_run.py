@@ -25,7 +25,7 @@ from sdbatch.data.index import JOB_KEY
 from sdbatch.job.preflight import PreparedJob
 from sdbatch.manifest.reader import ManifestReader
 from sdbatch.output.claim import refuse_foreign_objects, what_changed
-from sdbatch.output.commits import OutputMismatch, read_shard_index
+from sdbatch.output.commits import OutputMismatch, committed_shards, read_shard_index
 from sdbatch.output.state import read_state
 from sdbatch.run.plan import canonical_batches, job_plan
 from sdbatch.run.policy import workers_to_start
@@ -141,7 +141,7 @@ def plan_job(prepared: PreparedJob) -> DryRunPlan:
         plan.refused = (f"{storage.url} already holds a different job: {what_changed(existing.job, job)}; choose a new "
                         "--out or pass --new-run to replace it")
     else:
-        committed = existing.committed
+        committed = committed_shards(storage, shards.num_shards)
         try:  # only commits carrying this job's fingerprint are trusted: each read, one at a time
             for name in sorted(committed, key=int):
                 read_shard_index(storage, name, job.fingerprint)

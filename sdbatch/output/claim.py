@@ -74,6 +74,8 @@ JOB_OUTPUT_PARTS = (METADATA_PREFIX, IMAGES_PREFIX, TARS_PREFIX, INDEX_KEY, SUCC
 CLEAR_PREFIX = "_sdbatch/clear/"
 CLEAR_PLAN_KEY = f"{CLEAR_PREFIX}plan.json"
 CLEAR_PART_KEYS = 10_000
+#: The clear plan of an sdbatch from before the parts: one file naming every object of the old job.
+LEGACY_CLEAR_KEY = "_sdbatch/clear.json"
 
 
 #: The order of deletion: commits first and job.json last, so an interrupted clear leaves a
@@ -232,6 +234,9 @@ def clear_job(storage: Storage) -> int:
     ``_DELETE_ORDER``; a plan there already for this job (a clear cut short) is kept and
     added to. OutputMismatch when OUT holds no job. Returns how many objects were deleted."""
     old = JobRecord.read(storage)
+    finished = _finish_legacy_clear(storage, old)
+    if finished is not None:
+        return finished
     planned = read_json(storage, CLEAR_PLAN_KEY)
     if old is None and planned is not None:  # cut short after job.json went: only the plan is left
         _remove_plan(storage)
@@ -255,6 +260,25 @@ def clear_job(storage: Storage) -> int:
             deleted += len(keys)
     _remove_plan(storage)
     return deleted
+
+
+def _finish_legacy_clear(storage: Storage, old: JobRecord | None) -> int | None:
+    """A clear cut short by an sdbatch from before the plan in parts (``LEGACY_CLEAR_KEY``): its
+    plan, written whole before its first delete, carried out as that sdbatch did (``_DELETE_ORDER``,
+    job.json last), then removed; how many objects it named (None: no such plan of this job). Its
+    commits may be gone already, so no later plan could name those images. A plan of another job
+    (one whose clear finished past its job.json) names nothing of this one: only it is removed."""
+    planned = read_json(storage, LEGACY_CLEAR_KEY)
+    if planned is None:
+        return None
+    if old is not None and planned.get("fingerprint") != old.fingerprint:
+        storage.delete(LEGACY_CLEAR_KEY)
+        return None
+    keys: list[str] = planned.get("keys", [])
+    for kind in range(len(_DELETE_ORDER)):
+        storage.delete_many([key for key in keys if _kind(key) == kind])
+    storage.delete(LEGACY_CLEAR_KEY)
+    return len(keys)
 
 
 def refuse_foreign_objects(storage: Storage) -> None:

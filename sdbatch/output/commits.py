@@ -4,6 +4,7 @@ fingerprint, read back and checked (design.md §5.3)."""
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,9 +41,22 @@ def committed_shards(storage: Storage, num_shards: int | None = None) -> set[str
     """Names of committed shards, from a listing of metadata/ only. Only a name the plan makes
     (``plan.shard_name``: ``00000`` … below ``num_shards`` when known) is a commit: another file
     there (a ``summary.parquet`` some tool left, a copy at ``0.parquet``) is not a shard."""
-    names = (key[len(METADATA_PREFIX) : -len(".parquet")] for key in storage.list(METADATA_PREFIX) if key.endswith(".parquet"))
-    return {name for name in names if name.isascii() and name.isdigit() and shard_name(int(name)) == name
-            and (num_shards is None or int(name) < num_shards)}
+    return set(commit_names(storage, num_shards))
+
+
+def count_committed(storage: Storage, num_shards: int | None = None) -> int:
+    """How many shards are committed (``committed_shards``' rule), their names never held: at
+    10M rows the set of 156,250 names was ~25 MiB of a reader that only counts them."""
+    return sum(1 for _ in commit_names(storage, num_shards))
+
+
+def commit_names(storage: Storage, num_shards: int | None = None) -> Iterator[str]:
+    """The committed shards' names (``committed_shards``' rule) as a delimiter listing of
+    metadata/ gives them: a page at a time on S3."""
+    for key in storage.list_folder(METADATA_PREFIX):
+        name = key[len(METADATA_PREFIX) : -len(".parquet")] if key.endswith(".parquet") else ""
+        if name.isascii() and name.isdigit() and shard_name(int(name)) == name and (num_shards is None or int(name) < num_shards):
+            yield name
 
 
 def table_to_parquet(table: pa.Table) -> bytes:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sdbatch.output.commits import committed_shards
+from sdbatch.output.commits import count_committed
 from sdbatch.output.documents import (
     LOCK_KEY,
     CorruptState,
@@ -33,7 +33,7 @@ class JobState:
     success: Success | None
     lock: dict[str, Any] | None  # the running driver's lease, None when no driver holds OUT
     lock_age: float  # seconds since the lock's last heartbeat
-    committed: set[str]  # committed shard names
+    shards_committed: int  # counted from one listing, never held: 156,250 names at 10M rows
     unreadable: list[str] = field(default_factory=list)  # corrupt state files, each with its recovery
 
     @property
@@ -141,4 +141,4 @@ def read_state(storage: Storage, *, num_shards: int | None = None, tolerate_corr
     except NotFound:  # released meanwhile
         lock, lock_age = None, 0.0
     return JobState(job=job, progress=progress, success=success, lock=lock, lock_age=lock_age,
-                    committed=committed_shards(storage, num_shards), unreadable=unreadable)
+                    shards_committed=count_committed(storage, num_shards), unreadable=unreadable)

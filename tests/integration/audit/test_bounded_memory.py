@@ -219,6 +219,29 @@ def test_new_runs_clear_cut_short_after_the_commits_is_finished_by_its_plan(file
     assert not (out / "images").exists() and not (out / "_sdbatch").exists()
 
 
+def test_a_clear_cut_short_by_an_sdbatch_before_the_plan_in_parts_is_finished(file_outputs, tmp_path):
+    """An older sdbatch wrote its whole plan to ``_sdbatch/clear.json`` and deleted the commits
+    first: cut short there, only that file names the images. ``clear_job`` carries it out (job.json
+    last) and removes it; a user's file is kept."""
+    import json
+    import shutil
+
+    from sdbatch.output.claim import LEGACY_CLEAR_KEY, clear_job
+    from sdbatch.output.documents import JobRecord
+
+    out = Path(shutil.copytree(file_outputs[SMALL], tmp_path / "legacy"))
+    storage = LocalStorage(str(out))
+    owned = storage.list()  # every object of the job, as that sdbatch's plan named them
+    (out / "notes.txt").write_text("the user's")
+    job = JobRecord.read(storage)
+    assert job is not None
+    (out / LEGACY_CLEAR_KEY).write_text(json.dumps({"fingerprint": job.fingerprint, "keys": owned}))
+    shutil.rmtree(out / "metadata")  # the old clear's first deletes
+    (out / "index.parquet").unlink()
+    assert clear_job(storage) == len(owned)
+    assert [p.relative_to(out).as_posix() for p in out.rglob("*")] == ["notes.txt"]
+
+
 def test_reproduce_of_a_row_in_the_last_shard_of_a_50000_row_index(tmp_path):
     from sdbatch.audit.reproduce import Reproducer
 

@@ -15,6 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from synthetic_output import build_output
 
+from sdbatch.storage.local import LocalStorage
+
 ROWS, PER_SHARD, FAILED_EVERY = 600, 100, 50  # 6 shards, 12 failed rows
 GONE, SAME_SIZE, RESIZED = 130, 250, 420  # rows of shards 00001, 00002, 00004
 STRAY, UNCOMMITTED = "images/00003/stray.png", "images/00042/img-000004200.png"
@@ -168,7 +170,7 @@ def test_index_checks_stream_by_row(tmp_path):
     table = table.set_column(table.schema.get_field_index("id"), "id", [ids])
     table = pa.concat_tables([table.slice(0, 6), table.slice(5)])  # row 5 twice
     pq.write_table(table, out / "index.parquet")  # the schema keeps the job's stamp
-    report = verify(str(out), listing_only=True)
+    report = verify(str(out))
     assert report.duplicates == ["img-000000005"]
     assert report.index_problems == [
         "index.parquet holds 301 rows, the job's manifest 300 (job.json); rebuild it with --rebuild-index",
@@ -183,20 +185,23 @@ def test_index_checks_stream_by_row(tmp_path):
 def test_index_rows_of_an_uncommitted_shard_and_commits_out_of_order(tmp_path, workers, request):
     """Each task compares its shards' index rows with their commits: rows whose shard has no
     commit are in no commit (the first of them named, in row order, whichever task ends first);
-    a commit holding another shard's rows leaves the commits unordered, and nothing compared."""
+    a commit holding another shard's rows leaves the commits unordered, and nothing compared.
+    ``--listing-only`` reads no commit: it names the shard without one, from the listing."""
     from sdbatch.audit.verify import verify
 
     if workers:
         request.getfixturevalue("ray_address")
     out = build_output(tmp_path / "job", 300, rows_per_shard=100)
     (out / "metadata" / "00001.parquet").unlink()
-    report = verify(str(out), listing_only=True, workers=workers)
+    report = verify(str(out), workers=workers)
     assert report.index_problems == ["100 rows of index.parquet are in no commit (e.g. img-000000100, img-000000101, "
                                      "img-000000102, img-000000103, img-000000104)"]
+    listed = verify(str(out), listing_only=True, workers=workers)
+    assert listed.index_problems == ["1 shards the index holds rows of have no commit (e.g. 00001)"]
     shutil.copy(out / "metadata" / "00002.parquet", out / "metadata" / "00001.parquet")
     (out / "metadata" / "00002.parquet").unlink()
     shutil.copy(out / "metadata" / "00000.parquet", out / "metadata" / "00002.parquet")
-    report = verify(str(out), listing_only=True, workers=workers)
+    report = verify(str(out), workers=workers)
     assert report.index_problems == ["the commits are not in row order (a commit holds rows of another shard): the "
                                      "index was not compared with them"]
 
@@ -211,3 +216,36 @@ def test_an_index_out_of_row_order_is_reported(tmp_path):
     assert report.ok == 300 and not report.orphans and not report.clean
     assert report.index_problems == ["index.parquet is not in row order: it was not compared with the commits nor the "
                                      "manifest; rebuild it with --rebuild-index"]
+
+
+class CountingStorage(LocalStorage):
+    """A local OUT whose reads are recorded by key."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self.read: list[str] = []
+
+    def open_read(self, key: str):
+        self.read.append(key)
+        return super().open_read(key)
+
+
+def test_listing_only_reads_no_commit_and_checks_them_from_the_listing(tmp_path):
+    """``--listing-only`` reads the index and no commit: each indexed shard's commit and each
+    commit's shard in the index are checked from one listing of metadata/."""
+    from sdbatch.audit.verify import verify
+
+    out = build_output(tmp_path / "job", 300, rows_per_shard=100)
+    storage = CountingStorage(out)
+    assert verify(storage, listing_only=True).clean
+    assert storage.read and not [key for key in storage.read if key.startswith("metadata/")], storage.read
+    shutil.copy(out / "metadata" / "00002.parquet", out / "metadata" / "00007.parquet")  # no index row of shard 00007
+    (out / "metadata" / "00001.parquet").unlink()
+    report = verify(CountingStorage(out), listing_only=True)
+    assert report.index_problems == [
+        "1 shards the index holds rows of have no commit (e.g. 00001)",
+        "1 commits are of shards index.parquet holds no row of (e.g. 00007): their rows are not indexed; rebuild it with "
+        "--rebuild-index",
+    ]
+    assert not report.clean
+
