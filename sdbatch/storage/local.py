@@ -62,20 +62,25 @@ class LocalStorage:
         self.root = root.absolute()
         self.url = self.root.as_uri()
         self._real_root = self.root.resolve()
+        self._root_str, self._real_root_str = str(self.root), str(self._real_root)
 
     def __repr__(self) -> str:
         return f"LocalStorage({str(self.root)!r})"
 
-    def _path(self, key: str) -> Path:
+    def _file(self, key: str) -> str:
         """The file of ``key``. A key whose resolved path leaves OUT (a symlinked folder or
-        file pointing elsewhere) is refused, for reads, writes and deletes alike."""
-        path = self.root.joinpath(*check_key(key).split("/"))
-        self._inside(path, key)
-        return path
+        file pointing elsewhere) is refused, for reads, writes and deletes alike. A ``str``, not a
+        ``Path``: pathlib interns every name it parses, and verify reads every object of a job."""
+        file = os.path.join(self._root_str, *check_key(key).split("/"))
+        self._inside(file, key)
+        return file
 
-    def _inside(self, path: Path, key: str) -> None:
-        real = path.resolve()
-        if real != self._real_root and not real.is_relative_to(self._real_root):
+    def _path(self, key: str) -> Path:
+        return Path(self._file(key))
+
+    def _inside(self, path: str | Path, key: str) -> None:
+        real = os.path.realpath(path)
+        if real != self._real_root_str and not real.startswith(self._real_root_str + os.sep):
             raise StorageConfigError(
                 f"{self.url}/{key} resolves to {real}, outside the output directory {self._real_root} "
                 "(a symbolic link): sdbatch never follows links out of OUT; remove the link or choose another --out"
@@ -193,12 +198,12 @@ class LocalStorage:
             try:
                 return file.read()
             except OSError as e:
-                raise StorageError(f"cannot read {self._path(key)}: {e}") from e
+                raise StorageError(f"cannot read {self._file(key)}: {e}") from e
 
     def open_read(self, key: str) -> BinaryIO:
-        path = self._path(key)
+        path = self._file(key)
         try:
-            return path.open("rb")
+            return open(path, "rb")
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
             raise NotFound(f"{self.url}/{key} not found") from e
         except PermissionError as e:
@@ -207,12 +212,12 @@ class LocalStorage:
             raise StorageError(f"cannot read {path}: {e}") from e
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        return os.path.isfile(self._file(key))
 
     def age(self, key: str) -> float:
         """Seconds since ``key`` was last written, by the filesystem's clock (its mtime)."""
         try:
-            return time.time() - self._path(key).stat().st_mtime
+            return time.time() - os.stat(self._file(key)).st_mtime
         except FileNotFoundError as e:
             raise NotFound(f"{self.url}/{key} not found") from e
 
