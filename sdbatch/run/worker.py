@@ -15,18 +15,29 @@ import ray
 
 from sdbatch.manifest.reader import passthrough_types
 from sdbatch.manifest.sources import Manifest
+from sdbatch.output import encode
 from sdbatch.run import metrics
 from sdbatch.run.batch_fit import BatchFit
 from sdbatch.run.feed import ShardFeed
 from sdbatch.run.plan import ShardSpec
 from sdbatch.run.protocol import ShardResult
-from sdbatch.run.shard_runner import ShardRunner
+from sdbatch.run.shard_runner import ShardRunner, encode_pool, encode_workers
 from sdbatch.spec import JobSpec
 from sdbatch.storage.open import open_storage
 
 #: Shards one actor holds at once: one generating and the one after it, which starts generating
 #: as soon as the model is free — while the first one's last images are stored and committed.
 SHARDS_PER_ACTOR = 2
+
+
+def start_encoders(workers: int) -> None:
+    """Start this process's image encoders (``shard_runner.encode_pool``: spawned processes, each
+    importing Python, Ray and Pillow anew) while the model is imported and loaded, so the first
+    images do not wait for them after the model made them. One small task per encoder: each
+    task that finds no idle encoder spawns one; the task itself imports the encoding module."""
+    pool = encode_pool(workers)
+    for _ in range(workers):
+        pool.submit(encode.extension, "png")
 
 
 @ray.remote(concurrency_groups={"prefetch": 1, "shards": SHARDS_PER_ACTOR})  # type: ignore[call-overload]  # not in ray's stubs
@@ -44,11 +55,12 @@ class WorkerActor:
         # read, a stopped process) is judged by it, since ready() never answers. Waited for, so
         # the report is delivered before anything can hang
         ray.get(tracker.loading.remote(ray.get_runtime_context().get_actor_id()))
+        spec = JobSpec.model_validate_json(spec_json)
+        start_encoders(encode_workers(spec.resources.cpus_per_worker))
         import torch
 
         from sdbatch.models.runtime import device_capacity, load_model
 
-        spec = JobSpec.model_validate_json(spec_json)
         metrics.start(out_url)
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
         generator = load_model(
