@@ -229,15 +229,21 @@ def test_flux2_klein_refuses_what_it_cannot_run(llm_models, ray_address, tmp_pat
 def test_lora_changes_the_image_and_scale_zero_is_no_adapter(llm_models, tmp_path, name):
     """A diffusers/PEFT LoRA on the transformer, loaded per batch like SD's: it changes the
     image, a scale of 0 renders exactly as no adapter, the record holds its sha256, and the same
-    adapter in kohya naming renders like it."""
+    adapter in kohya naming renders like it (FLUX.2's in Black Forest Labs' module names, as
+    kohya-ss writes FLUX LoRAs, on the modules that naming shares with FLUX.1's)."""
     from integration.families_2026 import ATTENTION_PROJECTIONS
-    from integration.model_families import build_transformer_lora, to_kohya
+    from integration.model_families import FLUX_LORA_MODULES, build_transformer_lora, flux_to_kohya, to_kohya
     from sdbatch.data.row import Row
     from sdbatch.models.runtime import load_model
 
     lora = build_transformer_lora(llm_models[name], tmp_path / "a.safetensors", seed=1, target_modules=ATTENTION_PROJECTIONS)
-    kohya = to_kohya(lora, tmp_path / "k.safetensors", component="transformer")
-    gen = load_model(str(llm_models[name]), device="cpu", loras={"a": str(lora), "k": str(kohya)})
+    twin = lora  # the PEFT adapter whose kohya twin is checked
+    if name.startswith("flux2"):
+        twin = build_transformer_lora(llm_models[name], tmp_path / "t.safetensors", seed=2, target_modules=list(FLUX_LORA_MODULES))
+        kohya = flux_to_kohya(twin, tmp_path / "k.safetensors")
+    else:
+        kohya = to_kohya(lora, tmp_path / "k.safetensors", component="transformer")
+    gen = load_model(str(llm_models[name]), device="cpu", loras={"a": str(lora), "t": str(twin), "k": str(kohya)})
 
     guidance = 0.0 if name == "flux2_klein_distilled" else 2.0  # the distilled model takes none
 
@@ -248,8 +254,9 @@ def test_lora_changes_the_image_and_scale_zero_is_no_adapter(llm_models, tmp_pat
     base, with_a, zero, again = render(()), render((("a", 1.0),)), render((("a", 0.0),)), render(())
     assert np.abs(with_a.astype(int) - base).max() > 10
     assert np.array_equal(zero, base) and np.array_equal(again, base)
-    if not name.startswith("flux2"):  # FLUX.2's kohya files use Black Forest Labs' module names
-        assert np.abs(render((("k", 1.0),)).astype(int) - with_a).max() <= 1
+    with_twin = with_a if twin == lora else render((("t", 1.0),))
+    assert np.abs(with_twin.astype(int) - base).max() > 5
+    assert np.abs(render((("k", 1.0),)).astype(int) - with_twin).max() <= 1
     record = gen.facts(Row(0, "x", "p", "", 1, 2, guidance, 128, 64, "default", strength=0.5, clip_skip=1, loras=(("a", 1.0),)))
     assert record.loras[0]["sha256"] == hashlib.sha256(lora.read_bytes()).hexdigest()
 
