@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 from sdbatch.audit.job_output import AuditError, JobOutput, open_job
 from sdbatch.data.index import STATUS_OK
 from sdbatch.data.record import (
-    NO_CONDITIONING,
     ImageRecord,
     conditioning_inputs,
     embedded_record,
@@ -271,7 +270,7 @@ class Reproducer:
                 hashes[row.id] = image_sha256_fields(loaded)
                 kept.append(row)
             rows = kept
-        generated = gen.generate(rows, conditioning_inputs(rows, loaded_in) if target.images() else NO_CONDITIONING)
+        generated = gen.generate(rows, conditioning_inputs(rows, loaded_in))
         result = {"images": {r.id: pixels for r, pixels in zip(rows, generated.pixels)}, "notes": notes, "rebuilt": rebuilt,
                   "rows": [r.id for r in rows], "hashes": hashes,
                   "init_sha256": {rid: h["init_image_sha256"] for rid, h in hashes.items() if "init_image_sha256" in h}}

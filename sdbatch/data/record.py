@@ -103,7 +103,7 @@ def conditioning_inputs(rows: Sequence[Row], loaded: Sequence[dict[str, list[tup
     """The conditioning of a canonical batch's ``rows`` from each row's images as read (column →
     (image, sha256 hex) of each image it names); a kind is given where the batch's rows take it."""
     if not rows:
-        return ConditioningInputs()
+        return NO_CONDITIONING
     first = rows[0]  # a canonical batch's rows share the columns that decide each kind
 
     def firsts(column: str) -> tuple[Any, ...]:
