@@ -395,10 +395,10 @@ class JobSpec(_Section):
     @model_validator(mode="after")
     def _model_defaults_of_local_model(self) -> JobSpec:
         """A local or built-in model's native size and own defaults (``ModelTraits.defaults``:
-        a distilled model's steps and guidance) fill the defaults left null (an ``s3://``
-        model's are read at submit: ``with_model_defaults``). A folder that cannot be read is
-        left for the model preflight to report."""
-        if any(getattr(self.defaults, name) is None for name in MODEL_FILLED) and not is_s3(self.model.configs_at):
+        a distilled model's steps and guidance; ``ModelTraits.strength``) fill the defaults left
+        null (an ``s3://`` model's are read at submit: ``with_model_defaults``). A folder that
+        cannot be read is left for the model preflight to report."""
+        if any(getattr(self.defaults, name) is None for name in (*MODEL_FILLED, "strength")) and not is_s3(self.model.configs_at):
             from sdbatch.models.builtin import local_model_dir
             from sdbatch.models.errors import FamilyError
             from sdbatch.models.families import local_traits
@@ -447,13 +447,15 @@ class JobSpec(_Section):
 
 
 #: The defaults a null stands for the model's own value: its native size and MODEL_DEFAULTED.
+#: (``strength``'s null is the model's too, and stays null for a model that takes none.)
 MODEL_FILLED = ("width", "height", *MODEL_DEFAULTED)
 
 
 def model_defaults(traits: ModelTraits) -> dict[str, Any]:
-    """The values of MODEL_FILLED that ``traits``' model gives."""
+    """The values of MODEL_FILLED that ``traits``' model gives, and its img2img strength
+    (``ModelTraits.strength``: None for an instruction-edit model, so its rows take none)."""
     return {"width": traits.native_width, "height": traits.native_height,
-            **{name: traits.defaults[name] for name in MODEL_DEFAULTED}}
+            **{name: traits.defaults[name] for name in MODEL_DEFAULTED}, "strength": traits.strength}
 
 
 def fingerprint(data: dict[str, Any]) -> str:

@@ -279,8 +279,9 @@ COLUMNS: tuple[Column, ...] = (
     Column("init_image", pa.string(), _TEXT, "a string column",
            "write init_image as path strings (relative to the manifest) or s3:// URIs", nullable=True, image=True),
     Column("strength", pa.float64(), _NUMBER, "a float column", "write strength as float64",
-           default=0.75, spec_bounds={"gt": 0, "le": 1}, batch_key=True, nullable=True,
-           description="used only by rows with init_image",
+           default=None, spec_bounds={"gt": 0, "le": 1}, batch_key=True, nullable=True,
+           description="used only by rows with init_image; null = the model's own: 0.75, none for an "
+                       "instruction-edit model (FLUX.1 Kontext, Qwen-Image-Edit)",
            range=Range(0, 1, "use a strength such as 0.75", lo_open=True),
            a1111="Denoising strength", a1111_rank=70, a1111_value=_denoising,
            applies_when=AppliesWhen("strength is only for img2img rows: it needs init_image in the same row",

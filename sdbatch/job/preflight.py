@@ -104,8 +104,8 @@ def load_settings(request: SubmitRequest) -> Settings:
 
 
 def validate(request: SubmitRequest, settings: Settings) -> Validated:
-    """Preflight the model (pickles, family, native size, pin, pre-quantized weights the workers
-    can load: torch-free) and the refiner,
+    """Preflight the model and the refiner (pickles, family, native size, pin, pre-quantized
+    weights the workers can load: torch-free),
     hash the LoRAs, and validate the manifest against the spec and the model's family."""
     spec = settings.spec
     model = preflight_model(spec.model.name, request.endpoint_url, config=spec.model.config, vae=spec.model.vae,
@@ -122,9 +122,12 @@ def validate(request: SubmitRequest, settings: Settings) -> Validated:
                          "CUDA GPU only, and model.text_encoder_device=cpu would keep it on the CPU: set "
                          "model.text_encoder_device=same, or save that text encoder unquantized or with torchao")
     no_gpu = spec.resources.gpus_per_worker == 0 or spec.model.device == "cpu"
-    check_loadable(spec.model.name, model.quantized, "this job's workers have none (resources.gpus_per_worker="
-                   f"{spec.resources.gpus_per_worker:g}, model.device={spec.model.device})" if no_gpu else None)
+    why_no_gpu = ("this job's workers have none (resources.gpus_per_worker="
+                  f"{spec.resources.gpus_per_worker:g}, model.device={spec.model.device})" if no_gpu else None)
+    check_loadable(spec.model.name, model.quantized, why_no_gpu)
     refiner = preflight_model(spec.model.refiner, request.endpoint_url, refiner_of=traits.family) if spec.model.refiner else None
+    if refiner is not None:  # a pre-quantized refiner, as the model
+        check_loadable(refiner.name, refiner.quantized, why_no_gpu)
     spec = spec.with_model_defaults(traits)
     lora_sha256 = adapter_hashes(spec.loras, request.endpoint_url, model_modules(spec), spec.model.name)
     source = open_manifest(request.manifest)

@@ -159,7 +159,8 @@ class ManifestReader:
         Only the row groups overlapping the range are read (found from the Parquet footers),
         so the cost depends on the range, not on the manifest's size. A null in an optional
         column means "use the job default"; a missing seed is derived with ``derive_seed``;
-        ``strength`` is set only for img2img rows (row value or ``defaults.strength``),
+        ``strength`` is set only for img2img rows (row value or ``defaults.strength``, which an
+        instruction-edit model leaves null: its rows have none),
         ``refiner_switch`` only in a job with ``model.refiner``. Passthrough columns go into ``Row.extra`` as plain Python values (``to_pylist``). The
         rows are assumed to have passed ``validate_manifest``.
         """
@@ -288,7 +289,7 @@ def _rows_from_table(table: pa.Table, first_row: int, manifest: Manifest, spec: 
                 prompt=prompt,
                 seed=int(seeds[i]) if seeds[i] is not None else derive_seed(spec.seed, rid),
                 init_image=init_loc,
-                strength=(float(strengths[i]) if strengths[i] is not None else float(d.strength))
+                strength=(float(strengths[i]) if strengths[i] is not None else d.strength)  # None: an edit model
                 if init_loc is not None
                 else None,
                 loras=adapters,

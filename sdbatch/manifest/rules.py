@@ -359,8 +359,8 @@ def check_hires_size(b: BatchUnderCheck, width: np.ndarray, height: np.ndarray, 
 
 def check_model_rules(b: BatchUnderCheck, family: FamilyAdapter, rules: tuple[RowRule, ...], spec: JobSpec) -> None:
     """What the model cannot run: a column its family does not honour set in a row, and the
-    model's row rules (``FamilyAdapter.row_rules``) on every value a row sets (the job default
-    is checked once, by ``check_spec_defaults``). A rule on two columns (``RowRule.paired``)
+    model's row rules on a column it honours (``ModelTraits.rules_for_rows``) on every value a
+    row sets (the job default is checked once, by ``check_spec_defaults``). A rule on two columns (``RowRule.paired``)
     reads each as the row will run it (a null: the job default) wherever the row sets either,
     and shows both values."""
     for name, arr in b.cols.items():
@@ -371,8 +371,6 @@ def check_model_rules(b: BatchUnderCheck, family: FamilyAdapter, rules: tuple[Ro
         b.flag("init_image", ~set_in_row(b, "init_image"), f"{family.name} models ({family.class_name}) edit a "
                "source image: every row needs an init_image", "set init_image to the image this row's prompt edits")
     for rule in rules:
-        if rule.column not in family.honours:
-            continue  # refused above wherever a row sets it
         if rule.paired is None:
             arr = b.cols.get(rule.column)
             if arr is None or pa.types.is_null(arr.type):
@@ -431,7 +429,8 @@ def check_spec_defaults(spec: JobSpec, coll: IssueCollector, samplers: tuple[str
                 bad(model_rule.column, {model_rule.paired: paired, model_rule.column: value}, model_rule.rule,
                     f"{model_rule.fix} (--set defaults.{model_rule.paired}=N, or --set defaults.{model_rule.column}=)")
         elif model_rule.refuses_value(value):
-            bad(model_rule.column, value, model_rule.rule, f"{model_rule.fix} (--set defaults.{model_rule.column}=N)")
+            bad(model_rule.column, value, model_rule.rule,
+                model_rule.default_fix or f"{model_rule.fix} (--set defaults.{model_rule.column}=N)")
 
 
 def scheduler_fix(value: Any, samplers: tuple[str, ...]) -> str:

@@ -127,6 +127,7 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
     family = model.family if model else None
     samplers = family.samplers if family else SCHEDULERS
     model_rules = model.row_rules() if model else ()
+    rules_for_rows = model.rules_for_rows() if model else ()
     coll = IssueCollector(lim.max_errors_shown)
     check_spec_defaults(spec, coll, samplers, model_rules)
     present = set(manifest.columns)
@@ -207,7 +208,7 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
             for column in COLUMNS:
                 check_range(b, column, lim)
             if family is not None:
-                check_model_rules(b, family, model_rules, spec)
+                check_model_rules(b, family, rules_for_rows, spec)
             w = (filled_numpy(b.cols["width"], d.width, np.float64)
                  if b.cols.get("width") is not None and not pa.types.is_null(b.cols["width"].type) else np.full(n, float(d.width)))
             h = (filled_numpy(b.cols["height"], d.height, np.float64)
@@ -268,10 +269,11 @@ def validate_manifest(manifest: Manifest, spec: JobSpec, batch_size: int = 65_53
             img2img += int(has_init.sum())
             st = b.cols.get("strength")
             # img2img runs int(steps * strength) denoising steps; zero steps would make no image (an
-            # instruction-edit model's rows have no strength: they run every step)
+            # instruction-edit model's rows have no strength, its default none: they run every step)
             steps_v = np.full(n, float(d.steps)) if s is None or pa.types.is_null(s.type) else filled_numpy(s, d.steps, np.float64)
-            strength_v = (np.full(n, float(d.strength)) if st is None or pa.types.is_null(st.type)
-                          else filled_numpy(st.cast(pa.float64()), float(d.strength), np.float64))
+            default_strength = np.nan if d.strength is None else float(d.strength)
+            strength_v = (np.full(n, default_strength) if st is None or pa.types.is_null(st.type)
+                          else filled_numpy(st.cast(pa.float64()), default_strength, np.float64))
             no_steps = has_init & (not (family and family.edits)) & (strength_v > 0) & (strength_v <= 1) & (steps_v >= 1) & (np.floor(steps_v * strength_v) < 1)
             b.flag("strength", no_steps, "img2img needs steps * strength >= 1 (it runs int(steps * strength) denoising steps)",
                    "raise strength or steps for this row", pa.array(strength_v))

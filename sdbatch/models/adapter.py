@@ -59,9 +59,6 @@ class ModelInfo:
     versions: dict[str, str]
     threads: int  # torch intra-op threads: on CPU, the reduction order and so the last bit depend on it
     family: str  # model_index.json _class_name
-    #: an instruction-edit model (its family's ``edits``): the source image conditions every step,
-    #: so its rows take no strength, and record none
-    edits: bool = False
     refiner_name: str | None = None  # model.refiner, as the job names it
     refiner_fingerprint: str | None = None  # sha256 over every file of the refiner folder loaded
     refiner_pin: str | None = None  # what the job pins the refiner to

@@ -285,17 +285,21 @@ def _offload(pipe: DiffusionPipeline, offload: str) -> None:
                                   offload_type="leaf_level", use_stream=True)
 
 
-def _quantized(pipe: DiffusionPipeline) -> dict[str, str]:
+def _quantized(pipe: DiffusionPipeline, refiner: DiffusionPipeline | None = None) -> dict[str, str]:
     """The components a pre-quantized folder holds quantized (bitsandbytes, torchao, GGUF: what
-    their configs' ``quantization_config`` says), for each image's record (``versions``): the
-    method, its bits and the backend's version."""
+    their configs' ``quantization_config`` says), the refiner's own ones named "refiner <name>",
+    for each image's record (``versions``): the method, its bits and the backend's version."""
     found = []
-    for name, module in pipe.components.items():
-        config = getattr(getattr(module, "config", None), "quantization_config", None)
-        if config is None and getattr(module, "hf_quantizer", None) is not None:  # quantized at load: a .gguf file
-            config = module.hf_quantizer.quantization_config
-        if config is not None:
-            found.append(describe_quantization(name, config if isinstance(config, dict) else config.to_dict()))
+    shared = [module for module in pipe.components.values() if module is not None]
+    for prefix, stage in (("", pipe), ("refiner ", refiner)):
+        for name, module in (stage.components.items() if stage is not None else ()):
+            if stage is refiner and any(module is base for base in shared):
+                continue  # the base's text encoder and VAE, which the refiner reads
+            config = getattr(getattr(module, "config", None), "quantization_config", None)
+            if config is None and getattr(module, "hf_quantizer", None) is not None:  # quantized at load: a .gguf file
+                config = module.hf_quantizer.quantization_config
+            if config is not None:
+                found.append(describe_quantization(prefix + name, config if isinstance(config, dict) else config.to_dict()))
     return recorded_quantization(tuple(found))
 
 
@@ -343,8 +347,8 @@ class DiffusersModel:
         self._schedulers = {stage: (type(pipe.scheduler), dict(pipe.scheduler.config))
                             for stage, pipe in (("base", txt2img), ("refiner", refiner)) if pipe is not None}
         self._sampler_configs: dict[str, dict[str, Any]] = {}
-        # the rules validation ran at preflight, checked again for callers that skip it
-        self._row_rules = traits.row_rules()
+        # the rules validation ran on each row at preflight, checked again for callers that skip it
+        self._row_rules = traits.rules_for_rows()
         for encoder in (getattr(txt2img, "text_encoder", None), getattr(txt2img, "text_encoder_2", None)):
             if encoder is not None and not hasattr(encoder, "text_model"):
                 # diffusers' clip_skip path reads text_encoder.text_model.final_layer_norm, which
@@ -385,9 +389,14 @@ class DiffusersModel:
         if request.offload != "none" and request.text_encoder_device != "same":
             raise ModelError(f"model.offload={request.offload} moves the text encoders itself; set "
                              "model.text_encoder_device=same, or model.offload=none")
-        # what job.preflight checked for the job's workers, checked on this one (bitsandbytes needs its GPU)
-        check_loadable(model, read_quantizations(folder_json_reader(request.folder)),
-                       f"this worker runs on {device}" if device != "cuda" else None)
+        # what job.preflight checked for the job's workers, checked on this one (bitsandbytes needs its GPU),
+        # the refiner's too before anything loads
+        no_gpu = f"this worker runs on {device}" if device != "cuda" else None
+        check_loadable(model, read_quantizations(folder_json_reader(request.folder)), no_gpu)
+        refiner_ref = (resolve(refiner, pin=request.refiner_pin, endpoint_url=request.endpoint_url, refiner_of=family)
+                       if refiner is not None else None)
+        if refiner_ref is not None:
+            check_loadable(refiner_ref.name, refiner_ref.quantized, no_gpu)
         # offloading hooks move the modules themselves; text encoders kept apart never touch the device
         at = "cpu" if request.offload != "none" or request.text_encoder_device != "same" else device
         own = _own_components(family, model, request.folder)
@@ -403,13 +412,12 @@ class DiffusersModel:
                                         "cpu" if request.offload != "none" else device)
         _offload(pipe, request.offload)
         refiner_pipe, refiner_facts = None, {}
-        if refiner is not None:
-            refiner_ref = resolve(refiner, pin=request.refiner_pin, endpoint_url=request.endpoint_url, refiner_of=family)
+        if refiner_ref is not None:
             assert family.refiner is not None and refiner_ref.folder is not None  # resolve refused a family without one
-            refiner_facts = {"refiner_name": refiner, "refiner_pin": refiner_ref.pin, "refiner_fingerprint":
-                             fingerprint_model_dir(refiner_ref.folder) if is_s3(refiner) else refiner_ref.pin}
+            refiner_facts = {"refiner_name": refiner_ref.name, "refiner_pin": refiner_ref.pin, "refiner_fingerprint":
+                             fingerprint_model_dir(refiner_ref.folder) if is_s3(refiner_ref.name) else refiner_ref.pin}
             # ensemble of experts: the refiner reads the base's second text encoder and VAE (no second copy)
-            refiner_pipe = _load_pipeline(family.refiner, refiner, refiner_ref.folder, torch_dtype, {
+            refiner_pipe = _load_pipeline(family.refiner, refiner_ref.name, refiner_ref.folder, torch_dtype, {
                 "text_encoder_2": pipe.text_encoder_2, "tokenizer_2": pipe.tokenizer_2, "vae": pipe.vae}, device)
         if request.text_encoder_device != "same":
             for stage in (pipe, refiner_pipe):
@@ -421,7 +429,7 @@ class DiffusersModel:
             getattr(refiner_pipe, family.denoiser).set_attn_processor(AttnProcessor2_0())
         # after the SDPA switch, so the adapter's processors (and the plain ones it restores) are SDPA's
         ip_adapter = IPAdapterSwitch(pipe, request.ip_adapter[0]) if request.ip_adapter else None
-        versions = {**software_versions(), **_quantized(pipe)}
+        versions = {**software_versions(), **_quantized(pipe, refiner_pipe)}
         if request.text_encoder_device != "same":  # embeddings computed elsewhere can differ in the low bits
             versions["text_encoder_device"] = request.text_encoder_device
         if device == "cuda" and family.channels_last:  # on CPU it is slower and would change the recorded images' low bits
@@ -441,7 +449,6 @@ class DiffusersModel:
             versions=versions,
             threads=torch.get_num_threads(),
             family=family.class_name,
-            edits=family.edits,
             **refiner_facts,
         )
         log.info("loaded %s model %s on %s (%s%s), fingerprint %s%s", family.name, model, device, info.dtype,

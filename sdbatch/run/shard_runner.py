@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -216,8 +216,6 @@ class ShardRunner:
         """Generate and store ``rows``' images in canonical batches; returns their index rows.
         ``unit`` names this run's batches (and its tar, webdataset). Each batch's init images
         are read while the batch before it generates."""
-        if self.generator.info.edits:  # the job's default strength, which the reader applied, is not the edit's
-            rows = [replace(row, strength=None) for row in rows]
         writer = self.layout.writer(shard.name, unit)
         index_rows: list[dict[str, Any]] = []
         stored: list[tuple[Row, ImageRecord, float, Future, float | None]] = []

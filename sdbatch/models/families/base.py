@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
-from sdbatch.data.columns import COLUMN, KNOWN_COLUMNS
+from sdbatch.data.columns import KNOWN_COLUMNS
 from sdbatch.models.configs import JsonReader
 from sdbatch.models.errors import FamilyError
 
@@ -58,6 +58,10 @@ MODEL_DEFAULTED = ("steps", "guidance_scale")
 
 #: The steps and guidance_scale of a model that declares none of its own (the SD families').
 DEFAULT_PARAMETERS: Mapping[str, Any] = {"steps": 20, "guidance_scale": 7.5}
+
+#: The img2img strength a spec's null stands for (``ModelTraits.strength``), A1111's default
+#: denoising strength; an instruction-edit model (``FamilyAdapter.edits``) has none.
+IMG2IMG_STRENGTH = 0.75
 
 #: Every per-row column.
 ALL_COLUMNS: frozenset[str] = frozenset(KNOWN_COLUMNS)
@@ -92,6 +96,19 @@ class ModelTraits:
 
     def row_rules(self) -> tuple[RowRule, ...]:
         return self.family.row_rules(self)
+
+    def rules_for_rows(self) -> tuple[RowRule, ...]:
+        """The row rules a row's own values are checked by (manifest validation per row, the
+        runtime per batch): those on a column the family honours. A rule on any other column
+        checks the job default alone, since a row setting that column is refused by ``honours``;
+        so a row an older sdbatch recorded with it (an edit row's strength 0.75) still runs."""
+        return tuple(rule for rule in self.row_rules() if rule.column in self.family.honours)
+
+    @property
+    def strength(self) -> float | None:
+        """The img2img strength a spec's null ``defaults.strength`` stands for: none for an
+        instruction-edit model, whose source image conditions every step."""
+        return None if self.family.edits else IMG2IMG_STRENGTH
 
     @property
     def unconditional_above(self) -> float | None:
@@ -128,6 +145,10 @@ class ModelTraits:
                          "prompt_truncated_at records where a longer one is cut")
         if not self.family.takes_clip_skip:
             lines.append("clip_skip is not used (leave it at 1)")
+        if self.family.edits:
+            lines.append("every row edits its init_image as its prompt says; strength is not used")
+        elif "init_image" in self.family.honours:
+            lines.append(f"img2img rows (init_image) default to strength {IMG2IMG_STRENGTH:g}")
         return lines
 
 
@@ -144,6 +165,8 @@ class RowRule:
     fix: str
     null_as: Any = 0  # what a null value is checked as (a string column's: "")
     paired: str | None = None  # the second column whose value the rule reads (guidance_scale)
+    #: the fix for a job default it refuses, where no other value would do (None: set another value)
+    default_fix: str | None = None
 
     def refuses_value(self, value: Any, paired_value: Any = None) -> bool:
         values = [np.asarray([self.null_as if value is None else value])]
@@ -193,7 +216,7 @@ class FamilyAdapter(ABC):
     #: an instruction-edit model (FLUX.1 Kontext, Qwen-Image-Edit): every row edits its ``init_image``
     #: (required: validation and the runtime refuse a row without one) through the ``img2img``
     #: pipeline, with ``img2img_kwargs`` (no strength: the source image conditions the whole run;
-    #: a job default strength is refused by ``row_rules``)
+    #: its spec default is none, ``ModelTraits.strength``, and a set one is refused by ``row_rules``)
     edits: ClassVar[bool] = False
     #: the diffusers pipeline class its ControlNet rows run (built with from_pipe: shared modules);
     #: "" = the family takes no ControlNet
@@ -283,11 +306,12 @@ class FamilyAdapter(ABC):
             rules.append(RowRule("guidance_scale", lambda values: values != 0,
                                  f"{who} is guidance-distilled and uses no guidance_scale",
                                  "leave guidance_scale null (the model's 0)"))
-        if self.edits:  # a row's strength is refused by ``honours``; the job default's would be dropped
-            default = COLUMN["strength"].default
-            rules.append(RowRule("strength", lambda values: values != default,
+        if self.edits:  # the job default's, which is none unless set (a row's is refused by ``honours``)
+            rules.append(RowRule("strength", lambda values: ~np.isnan(values),
                                  f"{who} edits take no strength (the source image conditions every step)",
-                                 "leave defaults.strength unset for this model", null_as=default))
+                                 "leave strength null for this model", null_as=np.nan,
+                                 default_fix="leave defaults.strength null for this model: remove it from the spec "
+                                             "(or --set defaults.strength=null)"))
         multiple = traits.size_multiple
         if multiple > 8 or 8 % multiple:  # 8 is the column rule every model has
             for side in ("width", "height"):

@@ -1,15 +1,17 @@
 """Instruction-edit models (issue 26 item 4): FLUX.1 Kontext and Qwen-Image-Edit edit each row's
 ``init_image`` as its prompt says, so an edit-pair dataset is one manifest. On a tiny random
 model of each: edit rows run through the CLI at the row's size, follow their source image,
-record its sha256 and no strength, render alone as in a batch of two (to one level, design.md
-§4.3), and reproduce byte-exact; a row without an init image, or with a strength, is refused at
-validation naming the row. Qwen-Image-Edit runs without torchvision (its processor built without
+record its sha256 and no strength (the model's default is none), render alone as in a batch of two
+(to one level, design.md §4.3), and reproduce byte-exact, as images recorded with the old default
+strength do; a row without an init image, or with a strength (the row's or the job's), is refused
+at validation naming the row. Qwen-Image-Edit runs without torchvision (its processor built without
 the video processor); Qwen-Image-Edit-2509's several-image pipeline is refused naming what to use."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -77,8 +79,34 @@ def test_an_edit_row_alone_is_its_batched_self(job):
         assert np.abs(_pixels(alone["out"], alone[row_id]).astype(int) - batched).max() <= 1, row_id
 
 
+def _recorded_with_strength(out, copy, strength: float):
+    """A copy of ``out`` as an sdbatch from before edit models took no default strength wrote it:
+    each image's record and infotext, and its index row, hold the job default ``strength``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sdbatch.audit.job_output import open_job
+    from sdbatch.output.encode import encode_image, read_embedded
+
+    shutil.copytree(out, copy)
+    output = open_job(str(copy)).spec.output
+    index = pq.read_table(copy / "index.parquet")
+    rows = index.to_pylist()
+    for row in rows:
+        image = copy / row["key"]
+        _, record = read_embedded(image.read_bytes())
+        data = encode_image(np.asarray(Image.open(image).convert("RGB")), {**record, "strength": strength},
+                            fmt=output.image_format, png_compress_level=output.png_compress_level, quality=output.quality)
+        image.write_bytes(data)
+        row.update(strength=strength, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    pq.write_table(pa.Table.from_pylist(rows, schema=index.schema), copy / "index.parquet")
+    return copy
+
+
 def test_an_edit_row_records_no_strength_and_reproduces_byte_exact(job):
-    """The edit takes no strength: not the job default's in the index, the record or the infotext."""
+    """The edit takes no strength (the reader applies none: the model's default is none): not in
+    the index, the record or the infotext. An image recorded with the old job default 0.75
+    reproduces byte for byte too: the edit pipeline never took it."""
     from sdbatch.audit.reproduce import reproduce_row
     from sdbatch.output.encode import read_embedded
 
@@ -88,6 +116,12 @@ def test_an_edit_row_records_no_strength_and_reproduces_byte_exact(job):
     assert "Denoising strength" not in infotext and "Steps: 2" in infotext, infotext
     result = reproduce_row(str(job["index"]["out"]), "red")
     assert result.match, (result.summary(), result.notes)
+    before = _recorded_with_strength(job["index"]["out"], job["tmp"] / "recorded-with-strength", 0.75)
+    infotext, record = read_embedded((before / entry["key"]).read_bytes())
+    assert record["strength"] == 0.75 and "Denoising strength: 0.75" in infotext, infotext
+    result = reproduce_row(str(before), "red")
+    assert result.match and result.batch_rows == ["red", "other"], (result.summary(), result.notes)
+    assert result.data == (before / entry["key"]).read_bytes()
 
 
 def _validate(kontext, name: str, rows: list[dict], *args: str):
@@ -135,6 +169,8 @@ def test_qwen_image_edit_plus_is_refused_naming_what_to_use(tmp_path):
 
 
 def test_a_job_default_strength_on_an_edit_model_is_refused(kontext):
-    code, text = _validate(kontext, "default-strength", ROWS, "--set", "defaults.strength=0.5")
+    """Any strength set as the job default, the old default 0.75 included (the model's is none)."""
+    code, text = _validate(kontext, "default-strength", ROWS, "--set", "defaults.strength=0.75")
     assert code == 2, text
-    assert "column 'defaults.strength': value 0.5" in text and "edits take no strength" in text, text
+    assert "column 'defaults.strength': value 0.75" in text and "edits take no strength" in text, text
+    assert "fix: leave defaults.strength null for this model: remove it from the spec" in text and "Traceback" not in text, text

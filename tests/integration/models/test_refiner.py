@@ -146,3 +146,43 @@ def test_a_worker_that_loaded_another_refiner_gets_no_shard():
     check_worker_model({"worker": "w", "model_pin": "f" * 64, "refiner_pin": "s3-etags:aaa"}, job)
     with pytest.raises(WorkerStartError, match="the refiner changed since"):
         check_worker_model({"worker": "w", "model_pin": "f" * 64, "refiner_pin": "s3-etags:bbb"}, job)
+
+
+def _with_unet_config(refiner, copy, quantization_config):
+    """A copy of the refiner folder whose unet's config.json says it is quantized (its weights left as they are)."""
+    shutil.copytree(refiner, copy)
+    config = json.loads((copy / "unet" / "config.json").read_text())
+    (copy / "unet" / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}))
+    return copy
+
+
+def test_a_quantized_refiner_is_checked_as_the_model_is(sdxl_pair, tmp_path):
+    """A pre-quantized refiner folder (models.quantized) is checked at submit exactly as the model
+    is, exit 2 before any worker starts, and again on the worker before anything loads; a torchao
+    one loads, and each image's versions name its quantized unet."""
+    import torch
+    from diffusers import TorchAoConfig, UNet2DConditionModel
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    from sdbatch.models.errors import ModelError
+    from sdbatch.models.runtime import load_model
+
+    base, refiner = sdxl_pair
+    manifest = write_manifest(tmp_path / "m.parquet", [{"prompt": "a red circle"}])
+    out = tmp_path / "out"
+    bnb = _with_unet_config(refiner, tmp_path / "refiner-bnb", {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                                                "bnb_4bit_quant_type": "nf4"})
+    quanto = _with_unet_config(refiner, tmp_path / "refiner-quanto", {"quant_method": "quanto", "weights_dtype": "int8"})
+    code, text = submit(manifest, "--out", out, "--model", base, "--refiner", bnb)
+    assert code == 2 and f"model {str(bnb)!r}: its unet (bitsandbytes 4-bit nf4) loads on a CUDA GPU only" in text, text
+    assert "this job's workers have none (resources.gpus_per_worker=0" in text and "Traceback" not in text, text
+    code, text = submit(manifest, "--out", out, "--model", base, "--refiner", quanto)
+    assert code == 2 and f"model {str(quanto)!r}: its unet is saved quantized by 'quanto', which sdbatch does not load" in text, text
+    assert not out.exists() or not any(out.rglob("*"))
+    with pytest.raises(ModelError, match=r"its unet \(bitsandbytes 4-bit nf4\) loads on a CUDA GPU only .*, and this worker runs on cpu: give workers a GPU"):
+        load_model(str(base), device="cpu", refiner=str(bnb))
+    torchao = shutil.copytree(refiner, tmp_path / "refiner-torchao", ignore=shutil.ignore_patterns("unet"))
+    UNet2DConditionModel.from_pretrained(refiner, subfolder="unet", torch_dtype=torch.float32,
+                                         quantization_config=TorchAoConfig(Int8WeightOnlyConfig())).save_pretrained(torchao / "unet")
+    info = load_model(str(base), device="cpu", refiner=str(torchao)).info
+    assert info.versions["quantized"] == "refiner unet: torchao Int8WeightOnlyConfig (8-bit)", info.versions

@@ -250,3 +250,44 @@ def test_flux2_dev_is_distilled_guidance_read_from_its_published_layout(tmp_path
     [negative] = [r for r in traits.row_rules() if r.column == "negative_prompt"]
     assert negative.refuses_value("blurry") and not negative.refuses_value(None)
     assert "FLUX.2 [dev] (Flux2Pipeline): native size 1024x1024" in "\n".join(traits.describe())
+
+
+def test_an_edit_model_has_no_default_strength_and_refuses_a_set_one(tmp_path):
+    """FLUX.1 Kontext (an instruction-edit model) gives no default strength: its rows are read
+    with none, where FLUX.1 [dev]'s img2img rows take 0.75. A strength set in a row or as the job
+    default (0.75 too) is refused naming where and the fix; a row an older sdbatch recorded with
+    0.75 still passes the runtime's rules (reproduce)."""
+    from sdbatch.manifest.reader import read_rows
+
+    kontext = write_configs(tmp_path / "kontext", {
+        "model_index.json": {"_class_name": "FluxKontextPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]},
+        "transformer/config.json": {"patch_size": 1, "guidance_embeds": True},
+        "vae/config.json": {"block_out_channels": [128, 256, 512, 512]},
+    })
+    dev = flux_configs(tmp_path / "dev", dev=True)
+    (tmp_path / "a.png").write_bytes(b"")
+    path = write_manifest(tmp_path / "m.parquet", [{"id": "own", "prompt": "x", "init_image": "a.png", "strength": None},
+                                                   {"id": "set", "prompt": "x", "init_image": "a.png", "strength": 0.75}])
+    manifest = open_manifest(str(path))
+    edit, img2img = (JobSpec.model_validate({"model": {"name": str(model)}}) for model in (kontext, dev))
+    assert (edit.defaults.strength, img2img.defaults.strength) == (None, 0.75)
+    assert [r.strength for r in read_rows(manifest, edit, 0, 2)] == [None, 0.75]  # the row's own is refused below
+    assert [r.strength for r in read_rows(manifest, img2img, 0, 2)] == [0.75, 0.75]
+
+    def issues(**defaults):
+        spec = JobSpec.model_validate({"model": {"name": str(kontext)}, "defaults": defaults})
+        return {(i.row, i.id, i.column): i for i in validate_manifest(manifest, spec, model=local_traits(kontext)).issues}
+
+    found = issues()
+    assert set(found) == {(1, "set", "strength")}
+    assert found[1, "set", "strength"].value == "0.75"
+    assert "strength is not used by FLUX.1 Kontext models (FluxKontextPipeline)" in found[1, "set", "strength"].rule
+    assert "leave strength null for this model" in found[1, "set", "strength"].fix
+    default = issues(strength=0.75)[-1, None, "defaults.strength"]
+    assert default.value == "0.75" and "FLUX.1 Kontext [dev] (FluxKontextPipeline) edits take no strength" in default.rule
+    assert default.fix == "leave defaults.strength null for this model: remove it from the spec (or --set defaults.strength=null)"
+    traits = local_traits(kontext)
+    assert "strength" not in {rule.column for rule in traits.rules_for_rows()}
+    for rule in traits.rules_for_rows():  # what the runtime checks of each row
+        rule.check_row(a_row(negative_prompt="", guidance_scale=3.5, init_image="a.png", strength=0.75))
+    assert "strength is not used" in "\n".join(traits.describe())
