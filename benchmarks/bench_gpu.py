@@ -26,6 +26,20 @@ skipped, so one call fits ≤ 8 minutes on one H100/H200:
     python benchmarks/bench_gpu.py --families qwen --contenders bare,job   # Qwen-Image (H200 for headroom)
     python benchmarks/bench_gpu.py --smoke         # on CPU: tiny shapes, fp32, 2 steps, no compilation (checks the script)
     python benchmarks/bench_gpu.py --smoke --families qwen --profiles exact --contenders bare
+
+``--memory`` measures the memory options instead (README's memory table), on a FLUX.1 [dev]-shaped
+pipeline with its text encoders (CLIP-L and T5-XXL, random weights), 1024², 28 steps, batch 2,
+each beside bf16 with everything on the GPU ("plain"): its transformer quantized int8 weight-only with
+torchao (what a folder saved with ``TorchAoConfig(Int8WeightOnlyConfig())`` loads to), and
+``model.text_encoder_device=cpu`` (``models.text_encoders``: the encoders in host memory, the
+embeddings handed to the GPU). Each distinct prompt is encoded once, where the encoders are (as
+the worker's prompt cache does), then the rows are denoised from the embeddings: images/s,
+seconds of encoding, peak GPU memory, and the mean absolute pixel difference and PSNR against
+plain on the same rows (int8 is lossy; embeddings computed on the CPU may differ in the low bits). About 3–4 minutes on one H100/H200 (~34 GB of bf16
+weights built on the GPU; the CPU contender encodes with T5-XXL on the host):
+
+    python benchmarks/bench_gpu.py --memory
+    python benchmarks/bench_gpu.py --memory --smoke   # on CPU: tiny shapes, fp32, 2 steps
 """
 
 from __future__ import annotations
@@ -266,6 +280,104 @@ def quality(pixels: list[np.ndarray], exact: list[np.ndarray]) -> tuple[float, f
     return float(np.abs(a - b).mean()), float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
+# google/t5-v1_1-xxl's encoder, as FLUX.1 [dev]'s text_encoder_2 (its d_model is the transformer's
+# joint_attention_dim); the tokenizer is the tests' small T5 one (its ids fit any T5 vocabulary)
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
+              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
+SMOKE_T5 = dict(T5_XXL, d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=1)
+#: the memory options measured beside plain bf16, all on the GPU (--memory): (label, transformer int8
+#: weight-only, encoders on the CPU)
+MEMORY_OPTIONS = (("plain", False, False), ("torchao int8 weight-only transformer", True, False),
+                  ("text_encoder_device=cpu", False, True))
+
+
+def build_flux_with_encoders(smoke: bool, device: str, dtype: torch.dtype):
+    """FLUX.1 [dev]'s pipeline with its CLIP-L and T5-XXL text encoders, built on ``device``."""
+    from transformers import T5Config, T5EncoderModel
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from integration.model_families import _t5_tokenizer
+
+    torch.manual_seed(0)
+    with torch.device(device), default_dtype(dtype):  # in bf16 from the start: ~34 GB, not fp32's ~68
+        pipe = FluxPipeline(transformer=FluxTransformer2DModel(**(SMOKE_FLUX_TRANSFORMER if smoke else FLUX_TRANSFORMER)),
+                            vae=AutoencoderKL(**(SMOKE_FLUX_VAE if smoke else FLUX_VAE)),
+                            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
+                            text_encoder=CLIPTextModel(CLIPTextConfig(**(SMOKE_CLIP if smoke else CLIP_L))),
+                            tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER),
+                            text_encoder_2=T5EncoderModel(T5Config(**(SMOKE_T5 if smoke else T5_XXL))),
+                            tokenizer_2=_t5_tokenizer())
+    pipe = pipe.to(device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def memory_option(label: str, int8: bool, encoders_on_cpu: bool, args, device: str, dtype: torch.dtype) -> dict:
+    """One memory option on a fresh FLUX.1-shaped pipeline: each distinct prompt encoded once where
+    the encoders are, then the rows denoised from the embeddings in batches (a warm-up batch first).
+    Returns images/s, encoding seconds, peak GPU memory and the pixels."""
+    from sdbatch.models.text_encoders import encode_on, place
+
+    pipe = build_flux_with_encoders(args.smoke, device, dtype)
+    if int8:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(pipe.transformer, Int8WeightOnlyConfig())
+    if encoders_on_cpu:
+        place(pipe, device, "cpu")
+        encode_on(pipe, "cpu")
+    size, steps, guidance, _ = args.shape["flux"]
+    tokens = SMOKE_FLUX_TOKENS if args.smoke else FLUX_TOKENS
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.memory_rows)]
+    reset_peak(device)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        distinct = sorted(set(prompts))
+        embeds, pooled, _ = pipe.encode_prompt(distinct, None, device=torch.device(device), max_sequence_length=tokens)
+        sync(device)
+        encode_s = time.perf_counter() - t0
+        at = {prompt: i for i, prompt in enumerate(distinct)}
+
+        def run(first: int, n: int) -> list[np.ndarray]:
+            rows = [at[prompts[(first + i) % len(prompts)]] for i in range(n)]
+            generators = [torch.Generator("cpu").manual_seed(first + i) for i in range(n)]
+            images = pipe(prompt_embeds=embeds[rows], pooled_prompt_embeds=pooled[rows], guidance_scale=guidance,
+                          height=size, width=size, num_inference_steps=steps, generator=generators, output_type="pil").images
+            return [np.asarray(image) for image in images]
+
+        run(0, args.memory_batch)  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        pixels = [p for first in range(0, args.memory_rows, args.memory_batch) for p in run(first, args.memory_batch)]
+        sync(device)
+        seconds = time.perf_counter() - t0
+    return {"label": label, "rate": len(pixels) / seconds, "encode_s": encode_s, "prompts": len(distinct),
+            "peak": peak_gib(device), "pixels": pixels, "encoders": "cpu" if encoders_on_cpu else device}
+
+
+def memory_table(args, device: str, started: float) -> None:
+    """--memory: each option of MEMORY_OPTIONS beside bf16, in one table (cells past --budget-s skipped)."""
+    size, steps, _, _ = args.shape["flux"]
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    print("| model | memory option | size, steps, dtype | batch | img/s (÷ plain) | s/image | encode s (prompts, where) | "
+          "peak GiB (÷ plain) | MAD / PSNR vs plain |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    base = None
+    for label, int8, encoders_on_cpu in MEMORY_OPTIONS:
+        if not args.smoke and time.monotonic() - started > args.budget_s:
+            print(f"| flux | {label} | skipped: past --budget-s {args.budget_s:g} |", flush=True)
+            continue
+        m = memory_option(label, int8, encoders_on_cpu, args, device, dtype)
+        reset_peak(device)  # the option's pipeline is gone with its call
+        base = base or m  # plain comes first
+        mad, psnr = quality(m["pixels"], base["pixels"])
+        lossy = f"{mad:.2f} / {psnr:.1f} dB" if m is not base else "—"
+        peak_ratio = m["peak"] / base["peak"] if m["peak"] and base["peak"] else None
+        print(f"| flux | {label} | {size}², {steps}, {str(dtype).removeprefix('torch.')} | {args.memory_batch} | "
+              f"{m['rate']:.2f} ({m['rate'] / base['rate']:.2f}×) | {1 / m['rate']:.2f} | {m['encode_s']:.1f} ({m['prompts']}, {m['encoders']}) | "
+              f"{fmt(m['peak'])} ({fmt(peak_ratio)}×) | {lossy} |", flush=True)
+
+
 def write_manifest(folder: Path, rows: int, size: int, steps: int) -> Path:
     path = folder / f"rows-{rows}-{size}.parquet"
     pq.write_table(pa.table({"prompt": [PROMPTS[i % len(PROMPTS)] for i in range(rows)], "seed": list(range(rows)),
@@ -336,6 +448,10 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=0, help="rows per measurement (default: 4 batches)")
     p.add_argument("--budget-s", type=float, default=450,
                    help="skip the cells that would start after this many seconds (not with --smoke)")
+    p.add_argument("--memory", action="store_true",
+                   help="measure the memory options (torchao int8, text encoders on the CPU) beside bf16 instead")
+    p.add_argument("--memory-batch", type=int, default=2, help="rows per batch with --memory")
+    p.add_argument("--memory-rows", type=int, default=4, help="rows timed per option with --memory (after a warm-up batch)")
     args = p.parse_args()
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -346,6 +462,10 @@ def main() -> None:
     contenders = set(args.contenders.split(","))
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"device: {name}; torch {torch.__version__}")
+    if args.memory:
+        memory_table(args, device, started)
+        print(f"total {time.monotonic() - started:.0f} s")
+        return
     print("| model | profile | size, steps | batch | bare img/s | runner img/s (÷bare) | job img/s (÷bare) | "
           "s/image (bare) | compile s (bare / runner) | peak GiB (bare / runner) | MAD / PSNR vs exact | applied |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
