@@ -266,6 +266,20 @@ _hypothesis_settings.register_profile("sdbatch", deadline=None)
 _hypothesis_settings.load_profile("sdbatch")
 
 
+# --- test order (pytest-xdist) ------------------------------------------------------------------
+@_pytest_s3.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    """Files with a slow test first, each file's tests kept together and in order. xdist hands a
+    worker the next file in this order when it has two tests left (``--dist loadfile`` with
+    ``--no-loadscope-reorder``; its default order, by number of tests, put the one- and two-test
+    files of two minutes each last, where one worker ran them while the other had nothing left)."""
+    def has_slow(item) -> bool:
+        return item.get_closest_marker("slow") is not None
+
+    slow_files = {item.path for item in items if has_slow(item)}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the rest keep their order
+
+
 # --- process exit ------------------------------------------------------------------------------
 @_pytest_s3.hookimpl(trylast=True)
 def pytest_unconfigure(config):

@@ -14,17 +14,26 @@ import sys
 import time
 
 import pyarrow.parquet as pq
-from conftest import image_hashes, load_index
+import pytest
+from conftest import image_hashes, load_index, sdbatch_cli, small_rows, write_manifest
 from PIL import Image
 
 from sdbatch.output.encode import parse_infotext, read_embedded
 
-FAST = ["--model", "builtin:tiny", "--steps", "4", "--rows-per-shard", "6", "--batch-size", "4"]
+FAST = ["--model", "builtin:tiny", "--steps", "4", "--rows-per-shard", "6", "--batch-size", "4", "--guidance-scale", "6.5"]
 
 
-def test_submit_writes_every_row_once_with_metadata(run_cli, small_manifest, tmp_path):
-    out = tmp_path / "out"
-    result = run_cli("submit", small_manifest, "--out", out, *FAST, "--guidance-scale", "6.5", "--workers", "2")
+@pytest.fixture(scope="module")
+def two_workers(ray_address, tmp_path_factory):
+    """The 24 small rows on two workers: the job the first test checks row by row and the
+    next compares with one worker's (a job is mostly its processes starting: one for both)."""
+    tmp = tmp_path_factory.mktemp("two-workers")
+    manifest, out = write_manifest(tmp / "manifest.parquet", small_rows()), tmp / "out"
+    return manifest, out, sdbatch_cli(ray_address, "submit", manifest, "--out", out, *FAST, "--workers", "2")
+
+
+def test_submit_writes_every_row_once_with_metadata(run_cli, two_workers):
+    small_manifest, out, result = two_workers
     assert result.returncode == 0, result.stderr
     assert (out / "_SUCCESS").is_file()
     # the summary is one line, never wrapped at 80 columns off a terminal
@@ -56,21 +65,21 @@ def test_submit_writes_every_row_once_with_metadata(run_cli, small_manifest, tmp
     assert status.returncode == 0, status.stderr
     assert "4/4 committed" in status.stdout and "finished" in status.stdout
 
-    again = run_cli("submit", small_manifest, "--out", out, *FAST, "--guidance-scale", "6.5", "--workers", "2")
+    again = run_cli("submit", small_manifest, "--out", out, *FAST, "--workers", "2")
     assert again.returncode == 0, again.stderr
     assert "nothing to generate" in again.stdout
     assert load_index(out) == index
 
 
-def test_same_manifest_gives_same_bytes_with_other_worker_counts(run_cli, small_manifest, tmp_path):
-    runs = {}
-    for workers in ("1", "3"):
-        out = tmp_path / f"w{workers}"
-        result = run_cli("submit", small_manifest, "--out", out, *FAST, "--workers", workers)
-        assert result.returncode == 0, result.stderr
-        runs[workers] = image_hashes(out)
+def test_same_manifest_gives_same_bytes_with_other_worker_counts(run_cli, two_workers, tmp_path):
+    small_manifest, two_out, two = two_workers
+    assert two.returncode == 0, two.stderr
+    out = tmp_path / "w1"
+    result = run_cli("submit", small_manifest, "--out", out, *FAST, "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    runs = {"1": image_hashes(out), "2": image_hashes(two_out)}
     assert len(runs["1"]) == 24
-    assert runs["1"] == runs["3"]
+    assert runs["1"] == runs["2"]
     assert len(set(runs["1"].values())) == 24  # different seeds and prompts, different images
 
 
