@@ -27,7 +27,9 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
 
 def software_versions() -> dict[str, str]:
     return {
-        "torch": torch.__version__,
+        # a plain str: torch's is a TorchVersion, and unpickling one imports torch, in every
+        # process the record reaches (the driver's ready(), each image encoder): seconds each
+        "torch": str(torch.__version__),
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
