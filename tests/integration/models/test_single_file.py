@@ -5,9 +5,10 @@ in Stability AI's layout (``model.diffusion_model.joint_blocks…``), and whole 
 pipelines as AUTOMATIC1111 keeps them (``model.diffusion_model.*``, ``first_stage_model.*``,
 ``cond_stage_model.transformer.*`` / ``conditioner.embedders.0/1.*``); each is pinned by its
 bytes and reproduces. Pickle checkpoints, a pickle under a .safetensors name, a checkpoint
-without its configuration exit 2 naming the fix; a tiny FLUX.1 transformer in Black Forest Labs'
+without its configuration exit 2 naming the fix. A tiny FLUX.1 transformer in Black Forest Labs'
 layout (``double_blocks.N.img_attn.qkv…``), which diffusers' converter cannot split (it assumes
-FLUX.1's width, 3072), is refused as a bad input naming it."""
+FLUX.1's width, 3072), is refused as a bad input naming it; with that split made width-aware
+(test-only), it loads through the package's loader as exactly its folder's weights."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import assert_refused, assert_reproduces, load_index, stored_pixels, submit_jobs, write_manifest
 
 ROWS = [{"id": f"r{i}", "prompt": p, "seed": i} for i, p in enumerate(["a red circle", "a blue square", "a green circle"])]
@@ -98,3 +100,43 @@ def test_a_flux_transformer_diffusers_cannot_convert_is_refused_naming_why(check
     assert ("the single-file checkpoint does not load with model.config 'flux-dev''s configuration (is model.config a "
             "folder of the same architecture?): RuntimeError: split_with_sizes expects split_sizes to sum exactly to 224 "
             "(input tensor's size at dimension 0), but got split_sizes=[3072, 3072, 3072, 12288]") in str(refused.value)
+
+
+def _flux_converter_at_any_width(convert):
+    """diffusers' FLUX.1 converter made to split a single block's stacked ``linear1`` at the
+    file's own width (the width of ``img_in``) instead of FLUX.1's 3072: each part zero-padded to
+    FLUX.1's size for ``convert``, cut back after. Test-only: it lets the tiny BFL-layout file go
+    through diffusers' own renames, to prove the writer and the loader beside it."""
+    full = 3072
+
+    def at_any_width(checkpoint, **kwargs):
+        width = checkpoint["img_in.weight"].shape[0]
+        blocks = {k for k in checkpoint if k.startswith("single_blocks.") and ".linear1." in k}
+        for key in blocks:
+            q, k, v, mlp = checkpoint[key].split([width, width, width, 4 * width])
+            padded = [torch.nn.functional.pad(t, (0, 0) * (t.ndim - 1) + (0, size - len(t)))
+                      for t, size in zip((q, k, v, mlp), (full, full, full, 4 * full))]
+            checkpoint[key] = torch.cat(padded)
+        converted = convert(checkpoint, **kwargs)
+        cut = {".attn.to_q.": width, ".attn.to_k.": width, ".attn.to_v.": width, ".proj_mlp.": 4 * width}
+        return {key: next((t[:n] for part, n in cut.items() if key.startswith("single_") and part in key), t)
+                for key, t in converted.items()}
+
+    return at_any_width
+
+
+def test_a_flux_transformer_in_bfl_layout_loads_as_its_folder_at_any_width(checkpoint, monkeypatch):
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+    from safetensors.torch import load_file
+
+    from sdbatch.models.runtime import load_model
+
+    mapping = SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"]
+    monkeypatch.setitem(mapping, "checkpoint_mapping_fn", _flux_converter_at_any_width(mapping["checkpoint_mapping_fn"]))
+    flux = checkpoint["flux"]
+    assert any(k.startswith("double_blocks.0.img_attn.qkv.") for k in load_file(flux["file"]))  # BFL's names
+    loaded = load_model(str(flux["file"]), config=str(flux["folder"]), device="cpu", dtype="float32")
+    own = load_file(flux["folder"] / "transformer" / "diffusion_pytorch_model.safetensors")
+    from_file = loaded.txt2img.transformer.state_dict()
+    assert own.keys() == from_file.keys()
+    assert all(torch.equal(own[k], from_file[k]) for k in own), [k for k in own if not torch.equal(own[k], from_file[k])]
