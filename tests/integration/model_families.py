@@ -516,19 +516,17 @@ def _open_clip_to_original(tensors: dict) -> dict:
     exact = DIFFUSERS_TO_LDM_MAPPING["openclip"]["layers"]
     parts = {"text_model.encoder.layers.": "transformer.resblocks.", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
              ".fc1.": ".c_fc.", ".fc2.": ".c_proj.", ".self_attn.": ".attn."}
-    out = {exact[k]: (v.T.contiguous() if k == "text_projection.weight" else v) for k, v in tensors.items() if k in exact}
-    for key, tensor in tensors.items():
-        if key in exact or re.search(r"\.[qkv]_proj\.", key):
-            continue
+
+    def renamed(key: str) -> str:
         for ours, original in parts.items():
             key = key.replace(ours, original)
-        out[key] = tensor
+        return key
+
+    out = {exact[k]: (v.T.contiguous() if k == "text_projection.weight" else v) for k, v in tensors.items() if k in exact}
+    out |= {renamed(k): v for k, v in tensors.items() if k not in exact and not re.search(r"\.[qkv]_proj\.", k)}
     for key in (k for k in tensors if ".q_proj." in k):
         stacked = torch.cat([tensors[key.replace(".q_proj.", f".{x}_proj.")] for x in "qkv"])
-        name = key.replace(".q_proj.weight", ".in_proj_weight").replace(".q_proj.bias", ".in_proj_bias")
-        for ours, original in parts.items():
-            name = name.replace(ours, original)
-        out[name] = stacked
+        out[renamed(key.replace(".q_proj.", ".in_proj_"))] = stacked  # self_attn.q_proj.weight: attn.in_proj_weight
     return out
 
 
