@@ -172,9 +172,11 @@ def _load_single_file(family: DiffusersFamily, model: str, checkpoint: Path, fol
         denoiser_cls = getattr(diffusers, index[family.denoiser][1])
         denoiser = denoiser_cls.from_single_file(str(checkpoint), config=str(folder), subfolder=family.denoiser,
                                                  torch_dtype=dtype, local_files_only=True, **quantized)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"model {model!r}: the single-file checkpoint could not be loaded with the configuration of "
-                         f"{folder} ({type(exc).__name__}: {exc}); is model.config a folder of the same architecture?") from exc
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # RuntimeError: a converter's tensor of another shape
+        # the fix before diffusers' words: a worker's start error is shown cut short (run.cluster.short_error)
+        raise ModelError(f"model {model!r}: the single-file checkpoint does not load with model.config {folder.name!r}'s "
+                         f"configuration (is model.config a folder of the same architecture?): "
+                         f"{type(exc).__name__}: {exc}") from exc
     return _load_pipeline(family.txt2img, model, folder, dtype, {**components, family.denoiser: denoiser}, device)
 
 

@@ -69,18 +69,20 @@ def build_sd(folder: Path, *, v_prediction: bool = False) -> Path:
     return _save(pipe, folder)
 
 
-def build_sdxl(folder: Path) -> Path:
+def build_sdxl(folder: Path, *, width_2: int = 32) -> Path:
+    """``width_2``: the second text encoder's width (OpenCLIP bigG's 1280 beside CLIP-L's 768 in
+    the real one; diffusers tells a whole-pipeline checkpoint's two encoders apart by it)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
     torch.manual_seed(0)
-    unet = _sd_unet(NATIVE["sdxl"] // 2, cross_attention_dim=64, use_linear_projection=True,
+    unet = _sd_unet(NATIVE["sdxl"] // 2, cross_attention_dim=32 + width_2, use_linear_projection=True,
                     addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
                     projection_class_embeddings_input_dim=80)
     tok = CLIPTokenizer.from_pretrained(resolve_builtin("builtin:tiny") / "tokenizer")
     vae = _vae()
     vae.register_to_config(force_upcast=True)
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=_clip(), tokenizer=tok, text_encoder_2=_clip(projection=True),
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=_clip(), tokenizer=tok, text_encoder_2=_clip(projection=True, hidden=width_2),
                                      tokenizer_2=tok, unet=unet, scheduler=EulerDiscreteScheduler(
                                          beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                          timestep_spacing="leading", steps_offset=1))
@@ -422,3 +424,186 @@ def build_ip_adapter(model: Path, folder: Path, *, seed: int, cross_attention_di
                     "image_proj.norm.weight": projection["norm.weight"], "image_proj.norm.bias": projection["norm.bias"]})
     save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "ip-adapter.safetensors")
     return folder / "ip-adapter.safetensors", folder / "image_encoder"
+
+
+#: a resnet's tensors, diffusers name -> original (LDM) name
+_LDM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+               "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+#: a VAE's resnets and mid-block attention, diffusers name -> original
+_LDM_VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+_LDM_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
+
+
+def _to_original(tensors: dict, exact: dict[str, str], blocks: list[tuple[str, str, dict[str, str]]]) -> dict:
+    """``tensors`` renamed to an original layout: a key in ``exact`` (diffusers -> original) as
+    it says; one under a block's diffusers prefix (``blocks``: diffusers prefix, original prefix,
+    renames of the first name after it) under the original prefix. A key neither names is a
+    mistake in the caller's tables."""
+    out = {}
+    for key, tensor in tensors.items():
+        if key in exact:
+            out[exact[key]] = tensor
+            continue
+        ours, original, names = next(b for b in blocks if key.startswith(b[0]))
+        head, _, tail = key.removeprefix(ours).partition(".")
+        out[original + ".".join(filter(None, [names.get(head, head), tail]))] = tensor
+    return out
+
+
+def _unet_to_ldm(tensors: dict, config: dict) -> dict:
+    """A diffusers UNet2DConditionModel's tensors in the original LDM layout
+    (``input_blocks.N.0`` resnets, ``.1`` attentions, ``middle_block``, ``output_blocks``), for any
+    number of blocks and layers: the inverse of diffusers' ``convert_ldm_unet_checkpoint``."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    exact = dict(DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"])
+    if config.get("addition_embed_type") == "text_time":  # SDXL's size/crop embedding
+        exact |= DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"]
+    per_block = config["layers_per_block"] + 1  # LDM counts a block's downsampler / upsampler as a layer
+    blocks = [("mid_block.resnets.0.", "middle_block.0.", _LDM_RESNET), ("mid_block.attentions.0.", "middle_block.1.", {}),
+              ("mid_block.resnets.1.", "middle_block.2.", _LDM_RESNET)]
+    for b, up_type in enumerate(config["up_block_types"]):
+        for j in range(per_block - 1):
+            layer = b * per_block + j + 1
+            blocks += [(f"down_blocks.{b}.resnets.{j}.", f"input_blocks.{layer}.0.", _LDM_RESNET),
+                       (f"down_blocks.{b}.attentions.{j}.", f"input_blocks.{layer}.1.", {})]
+        blocks.append((f"down_blocks.{b}.downsamplers.0.conv.", f"input_blocks.{(b + 1) * per_block}.0.op.", {}))
+        for j in range(per_block):
+            blocks += [(f"up_blocks.{b}.resnets.{j}.", f"output_blocks.{b * per_block + j}.0.", _LDM_RESNET),
+                       (f"up_blocks.{b}.attentions.{j}.", f"output_blocks.{b * per_block + j}.1.", {})]
+        upsampler = 2 if "CrossAttn" in up_type else 1  # after the last layer's attention, where it has one
+        blocks.append((f"up_blocks.{b}.upsamplers.0.conv.", f"output_blocks.{(b + 1) * per_block - 1}.{upsampler}.conv.", {}))
+    return _to_original(tensors, exact, blocks)
+
+
+def _vae_to_ldm(tensors: dict, config: dict) -> dict:
+    """A diffusers AutoencoderKL's tensors in the original LDM layout (``encoder.down.N.block``,
+    ``decoder.up.N.block`` numbered from the bottom, ``mid.attn_1`` as 1×1 convolutions): the
+    inverse of diffusers' ``convert_ldm_vae_checkpoint``."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    count = len(config["block_out_channels"])
+    blocks = []
+    for i in range(count):
+        for j in range(config["layers_per_block"] + 1):
+            blocks += [(f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.", _LDM_VAE_RESNET),
+                       (f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{count - 1 - i}.block.{j}.", _LDM_VAE_RESNET)]
+        blocks += [(f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.", {}),
+                   (f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{count - 1 - i}.upsample.", {})]
+    for part in ("encoder", "decoder"):
+        blocks += [(f"{part}.mid_block.resnets.{j}.", f"{part}.mid.block_{j + 1}.", _LDM_VAE_RESNET) for j in range(2)]
+        blocks.append((f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", _LDM_VAE_ATTENTION))
+    out = _to_original(tensors, DIFFUSERS_TO_LDM_MAPPING["vae"], blocks)
+    # diffusers' to_out.0 (a ModuleList's first) is one module, proj_out, there; a 1×1 convolution's weight
+    return {k.replace("proj_out.0.", "proj_out."): v[..., None, None] if ".attn_1." in k and v.ndim == 2 else v
+            for k, v in out.items()}
+
+
+def _clip_to_original(tensors: dict) -> dict:
+    """An OpenAI CLIP text encoder as the original checkpoints hold it: transformers' own names
+    under ``text_model.`` (which transformers ≥ 5.6 leaves out of a CLIPTextModel's)."""
+    return {(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in tensors.items()}
+
+
+def _open_clip_to_original(tensors: dict) -> dict:
+    """A CLIPTextModelWithProjection as OpenCLIP names it (SDXL's second encoder:
+    ``transformer.resblocks.N.attn.in_proj_weight`` with q, k, v stacked, ``text_projection``
+    transposed): the inverse of diffusers' ``convert_open_clip_checkpoint``."""
+    import re
+
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    exact = DIFFUSERS_TO_LDM_MAPPING["openclip"]["layers"]
+    parts = {"text_model.encoder.layers.": "transformer.resblocks.", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+             ".fc1.": ".c_fc.", ".fc2.": ".c_proj.", ".self_attn.": ".attn."}
+
+    def renamed(key: str) -> str:
+        for ours, original in parts.items():
+            key = key.replace(ours, original)
+        return key
+
+    out = {exact[k]: (v.T.contiguous() if k == "text_projection.weight" else v) for k, v in tensors.items() if k in exact}
+    out |= {renamed(k): v for k, v in tensors.items() if k not in exact and not re.search(r"\.[qkv]_proj\.", k)}
+    for key in (k for k in tensors if ".q_proj." in k):
+        stacked = torch.cat([tensors[key.replace(".q_proj.", f".{x}_proj.")] for x in "qkv"])
+        out[renamed(key.replace(".q_proj.", ".in_proj_"))] = stacked  # self_attn.q_proj.weight: attn.in_proj_weight
+    return out
+
+
+def sd_pipeline_to_original(folder: Path, path: Path) -> Path:
+    """A diffusers SD 1.x or SDXL folder written as ONE whole-pipeline single-file checkpoint in
+    the original key layout, as AUTOMATIC1111 / ComfyUI / Civitai keep them:
+    ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE) and the text encoders as
+    ``cond_stage_model.transformer.*`` (SD 1.x) or ``conditioner.embedders.0.transformer.*`` and
+    ``conditioner.embedders.1.model.*`` (SDXL's CLIP-L and OpenCLIP bigG)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    def part(name: str, file: str = "diffusion_pytorch_model.safetensors") -> tuple[dict, dict]:
+        return load_file(folder / name / file), json.loads((folder / name / "config.json").read_text())
+
+    out = {f"model.diffusion_model.{k}": v for k, v in _unet_to_ldm(*part("unet")).items()}
+    out |= {f"first_stage_model.{k}": v for k, v in _vae_to_ldm(*part("vae")).items()}
+    clip = _clip_to_original(part("text_encoder", "model.safetensors")[0])
+    if (folder / "text_encoder_2").exists():
+        out |= {f"conditioner.embedders.0.transformer.{k}": v for k, v in clip.items()}
+        open_clip = _open_clip_to_original(part("text_encoder_2", "model.safetensors")[0])
+        out |= {f"conditioner.embedders.1.model.{k}": v for k, v in open_clip.items()}
+    else:
+        out |= {f"cond_stage_model.transformer.{k}": v for k, v in clip.items()}
+    save_file({k: v.contiguous() for k, v in out.items()}, path)
+    return path
+
+
+def flux_transformer_to_original(transformer_folder: Path, path: Path) -> Path:
+    """A diffusers FLUX.1 transformer written as a single-file checkpoint in Black Forest Labs'
+    key layout (``double_blocks.N.img_attn.qkv``, ``single_blocks.N.linear1`` with q, k, v and the
+    MLP stacked …): the inverse of diffusers' ``convert_flux_transformer_checkpoint_to_diffusers``."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(transformer_folder / "diffusion_pytorch_model.safetensors")
+
+    def count(prefix: str) -> int:
+        return 1 + max(int(k.split(".")[1]) for k in sd if k.startswith(prefix))
+
+    def swap_halves(t):  # BFL's (shift, scale) is diffusers' (scale, shift): its own inverse
+        first, second = t.chunk(2, dim=0)
+        return torch.cat([second, first], dim=0)
+
+    renames = {"time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+               "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+               "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+               "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+               "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+               "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+               "txt_in": "context_embedder", "img_in": "x_embedder", "final_layer.linear": "proj_out"}
+    norms = {}
+    for i in range(count("transformer_blocks.")):
+        o, d = f"double_blocks.{i}", f"transformer_blocks.{i}"
+        renames |= {f"{o}.img_mod.lin": f"{d}.norm1.linear", f"{o}.txt_mod.lin": f"{d}.norm1_context.linear",
+                    f"{o}.img_mlp.0": f"{d}.ff.net.0.proj", f"{o}.img_mlp.2": f"{d}.ff.net.2",
+                    f"{o}.txt_mlp.0": f"{d}.ff_context.net.0.proj", f"{o}.txt_mlp.2": f"{d}.ff_context.net.2",
+                    f"{o}.img_attn.proj": f"{d}.attn.to_out.0", f"{o}.txt_attn.proj": f"{d}.attn.to_add_out"}
+        norms |= {f"{o}.img_attn.norm.query_norm": f"{d}.attn.norm_q", f"{o}.img_attn.norm.key_norm": f"{d}.attn.norm_k",
+                  f"{o}.txt_attn.norm.query_norm": f"{d}.attn.norm_added_q",
+                  f"{o}.txt_attn.norm.key_norm": f"{d}.attn.norm_added_k"}
+    out = {}
+    for i in range(count("single_transformer_blocks.")):
+        o, d = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+        renames |= {f"{o}.modulation.lin": f"{d}.norm.linear", f"{o}.linear2": f"{d}.proj_out"}
+        norms |= {f"{o}.norm.query_norm": f"{d}.attn.norm_q", f"{o}.norm.key_norm": f"{d}.attn.norm_k"}
+        for kind in ("weight", "bias"):
+            parts = [f"{d}.attn.to_{x}.{kind}" for x in "qkv"] + [f"{d}.proj_mlp.{kind}"]
+            out[f"{o}.linear1.{kind}"] = torch.cat([sd[p] for p in parts])
+    for i in range(count("transformer_blocks.")):
+        o, d = f"double_blocks.{i}", f"transformer_blocks.{i}"
+        for kind in ("weight", "bias"):
+            out[f"{o}.img_attn.qkv.{kind}"] = torch.cat([sd[f"{d}.attn.to_{x}.{kind}"] for x in "qkv"])
+            out[f"{o}.txt_attn.qkv.{kind}"] = torch.cat([sd[f"{d}.attn.add_{x}_proj.{kind}"] for x in "qkv"])
+    out |= {f"{original}.{kind}": sd[f"{ours}.{kind}"] for original, ours in renames.items()
+            for kind in ("weight", "bias") if f"{ours}.{kind}" in sd}
+    out |= {f"{original}.scale": sd[f"{ours}.weight"] for original, ours in norms.items()}
+    out |= {f"final_layer.adaLN_modulation.1.{kind}": swap_halves(sd[f"norm_out.linear.{kind}"]) for kind in ("weight", "bias")}
+    save_file({k: v.contiguous() for k, v in out.items()}, path)
+    return path
