@@ -175,10 +175,13 @@ class ShardChecks:
 @dataclass(frozen=True)
 class CommitSource:
     """The commits the index is compared with: the committed shards' names and the job's
-    fingerprint (each commit's stamp)."""
+    fingerprint (each commit's stamp). ``every_shard``: every index row is compared (a row of
+    a shard with no commit is in none); False (``--sample``: ``names`` are the sampled rows'
+    shards): only the rows of the shards named, each against its commit."""
 
     names: frozenset[str]
     job_fingerprint: str
+    every_shard: bool = True
 
     def of(self, shards: Iterable[str]) -> list[str]:
         """The committed ones of ``shards``, in shard order."""
@@ -186,7 +189,13 @@ class CommitSource:
 
     def only(self, shards: Iterable[str]) -> CommitSource:
         """These commits narrowed to ``shards``: what a task is sent, not every commit's name."""
-        return CommitSource(frozenset(self.of(shards)), self.job_fingerprint)
+        return CommitSource(frozenset(self.of(shards)), self.job_fingerprint, self.every_shard)
+
+    def compared(self, rows: pa.Table) -> pa.Table:
+        """The index rows ``rows`` this source compares."""
+        if self.every_shard:
+            return rows
+        return rows.filter(pc.is_in(rows.column("shard"), value_set=pa.array(sorted(self.names), pa.string())))
 
 
 def check_shards(storage: Storage, layout: Layout, rows: pa.Table, read_rows: Collection[int] | None,
@@ -220,9 +229,11 @@ def check_shards(storage: Storage, layout: Layout, rows: pa.Table, read_rows: Co
     found.missing += checked.missing
     found.mismatched += checked.mismatched
     named = layout.objects([e["key"] for e in ok])
-    found.orphans = sorted([k for k in listed if k not in named] + checked.orphan_members)
+    # a tar read for a sample of its rows names the others' members too: its orphan members are known only when all are read
+    members = checked.orphan_members if len(to_read) == len(ok) else []
+    found.orphans = sorted([k for k in listed if k not in named] + members)
     if commits is not None:
-        found.commits = compare_commits(storage, commits.job_fingerprint, commits.of(shards), rows)
+        found.commits = compare_commits(storage, commits.job_fingerprint, commits.of(shards), commits.compared(rows))
     return found
 
 
@@ -270,11 +281,17 @@ class ShardSet:
         return [*(shard_name(int(n)) for n in np.flatnonzero(mine & ~theirs)), *sorted(self._other - other._other)]
 
 
-def commit_listing_problems(storage: Storage, indexed: ShardSet) -> list[str]:
-    """``--listing-only``'s check of the commits, from one listing of metadata/ and no read:
-    every shard the index holds rows of has a commit, and every commit's shard is in the index."""
+def listed_commits(storage: Storage) -> ShardSet:
+    """The committed shards' names, from one listing of metadata/."""
     committed = ShardSet()
     committed.add(commit_names(storage))
+    return committed
+
+
+def commit_listing_problems(indexed: ShardSet, committed: ShardSet) -> list[str]:
+    """``--listing-only``'s (and ``--sample``'s) check of the commits, from their listing
+    (``listed_commits``) and no read: every shard the index holds rows of has a commit, and
+    every commit's shard is in the index."""
     uncommitted, unindexed = indexed.not_in(committed), committed.not_in(indexed)
     problems = []
     if uncommitted:
