@@ -310,3 +310,28 @@ def test_a_sample_reads_only_its_rows_and_their_shards_commits(built, tmp_path):
         "with --rebuild-index",
         f"1 shards the index holds rows of have no commit (e.g. {others[1]})",
     ]
+
+
+class ListingStorage(LocalStorage):
+    """A local OUT whose prefix listings are recorded."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self.listed: list[str] = []
+
+    def list_sizes(self, prefix: str = ""):
+        self.listed.append(prefix)
+        return super().list_sizes(prefix)
+
+
+def test_a_flat_folder_of_tars_is_listed_once_per_hundred_shards_not_per_shard(tmp_path):
+    """A local listing walks the whole ``shards/`` folder for any prefix: listed once per shard,
+    verify was quadratic in the job's shards."""
+    from sdbatch.audit.verify import verify
+
+    out = build_output(tmp_path / "wds", 500, fmt="webdataset", rows_per_shard=50)  # 10 shards
+    storage = ListingStorage(out)
+    report = verify(storage, listing_only=True, workers=0)
+    assert report.clean and report.ok == 500
+    tars = [p for p in storage.listed if p.startswith("shards/")]
+    assert set(tars) == {"shards/000"} and len(tars) < 10  # once per task (of whole shards), not per shard
