@@ -18,7 +18,6 @@ from sdbatch.audit.job_output import JobOutput
 from sdbatch.audit.object_check import CommitChecks, CommitSource, Findings, Tally, follows, pair_by_row
 from sdbatch.data.index import STATUS_OK
 from sdbatch.manifest.sources import ManifestError
-from sdbatch.output.commits import committed_shards
 from sdbatch.output.documents import JobRecord
 from sdbatch.output.index import INDEX_BATCH_ROWS, INDEX_KEY
 from sdbatch.storage.base import StorageError
@@ -98,9 +97,10 @@ def _unreadable(job: JobRecord, exc: Exception) -> str:
 class IndexChecks:
     """Fed the index's batches (``object_check.CHECK_COLUMNS``) in row order by ``add``;
     ``problems()`` at the end: how the index disagrees with job.json, the manifest and the
-    commits. Also counts the rows, failed rows, duplicates and foreign objects."""
+    ``commits`` the tasks compared it with. Also counts the rows, failed rows, duplicates and
+    foreign objects."""
 
-    def __init__(self, out: JobOutput, *, read_commits: bool = True):
+    def __init__(self, out: JobOutput, commits: CommitSource | None):
         self.out = out
         self.total = out.job.manifest.num_rows
         self.rows = self.failed = 0
@@ -110,9 +110,7 @@ class IndexChecks:
         self._last = -1
         self.ordered = True
         self._carry: pa.Table | None = None  # rows of the last row number seen: its duplicate may follow
-        # the index's own file is compared with the commits, by the object checks' tasks
-        compared = out.index.final and read_commits
-        self.commits = CommitSource(frozenset(committed_shards(out.storage)), out.job.fingerprint) if compared else None
+        self.commits = commits  # the commits the object checks' tasks compare the index's rows with (None: none)
         self._compared: list[CommitChecks] = []
         manifest, self._unchecked = _manifest_ids(out.job)
         self._manifest = None if manifest is None else _RowStream(manifest)
@@ -224,10 +222,14 @@ class IndexChecks:
         return problems
 
 
+#: The index columns a ``RowSample`` reads.
+SAMPLE_COLUMNS = ["id", "row", "shard", "status"]
+
+
 class RowSample:
-    """``size`` ok rows drawn uniformly from those streamed past ``add`` (bottom-k sampling:
-    each row gets a random key from ``seed`` and ``stream``, the ``size`` smallest are kept), so
-    memory is the sample's whatever the index holds. ``stream`` tells apart two samples of one
+    """``size`` ok rows drawn uniformly from those streamed past ``add`` (``SAMPLE_COLUMNS``;
+    bottom-k sampling: each row gets a random key from ``seed`` and ``stream``, the ``size``
+    smallest are kept), so memory is the sample's whatever the index holds. ``stream`` tells apart two samples of one
     seed (the rows read in full and the rows regenerated)."""
 
     def __init__(self, size: int, seed: int, stream: int):
@@ -236,20 +238,30 @@ class RowSample:
         self._keys = np.empty(0)
         self._rows = np.empty(0, dtype=np.int64)
         self._ids = np.empty(0, dtype=object)
+        self._shards = np.empty(0, dtype=object)
 
     def add(self, batch: pa.RecordBatch) -> None:
         keys = self._random.random(batch.num_rows)  # a key for every row, so the draw follows the rows, not the batches
         ok = pc.fill_null(pc.equal(batch.column("status"), STATUS_OK), False).to_numpy(zero_copy_only=False)
+        if len(self._keys) >= self.size:  # full: only a key below the largest kept can enter (few ids made per batch)
+            ok &= keys < self._keys.max(initial=0.0)
         self._keys = np.concatenate([self._keys, keys[ok]])
         self._rows = np.concatenate([self._rows, batch.column("row").to_numpy(zero_copy_only=False)[ok]])
-        self._ids = np.concatenate([self._ids, np.array(batch.column("id").filter(pa.array(ok)).to_pylist(), dtype=object)])
+        taken = pa.array(ok)
+        self._ids = np.concatenate([self._ids, np.array(batch.column("id").filter(taken).to_pylist(), dtype=object)])
+        self._shards = np.concatenate([self._shards, np.array(batch.column("shard").filter(taken).to_pylist(), dtype=object)])
         if len(self._keys) > self.size:
             keep = np.argpartition(self._keys, self.size - 1)[:self.size] if self.size else np.empty(0, dtype=np.int64)
-            self._keys, self._rows, self._ids = self._keys[keep], self._rows[keep], self._ids[keep]
+            self._keys, self._rows, self._ids, self._shards = self._keys[keep], self._rows[keep], self._ids[keep], self._shards[keep]
 
     @property
     def rows(self) -> list[int]:
         return sorted(self._rows.tolist())
+
+    @property
+    def shards(self) -> frozenset[str]:
+        """The shards of the sampled rows."""
+        return frozenset(str(s) for s in self._shards.tolist())
 
     @property
     def ids(self) -> list[str]:

@@ -1,5 +1,6 @@
 """``verify``'s object checks: a few shards' index rows against their objects, and the sweep for
-orphans. A shard's objects are listed once (``Layout.shard_prefix``): a row whose object is not
+orphans. A shard's objects are listed once (``Layout.shard_prefix``; a flat folder of tars once
+per hundred shards, ``_listing_prefixes``): a row whose object is not
 listed is missing; one whose listed size is not its recorded size is mismatched (files layout);
 the rows to read (every one, a sample, or none for a listing-only check) are read and hashed
 (``Layout.check``); listed objects no ok row names are orphans. The index is cut into tasks of
@@ -175,10 +176,13 @@ class ShardChecks:
 @dataclass(frozen=True)
 class CommitSource:
     """The commits the index is compared with: the committed shards' names and the job's
-    fingerprint (each commit's stamp)."""
+    fingerprint (each commit's stamp). ``every_shard``: every index row is compared (a row of
+    a shard with no commit is in none); False (``--sample``: ``names`` are the sampled rows'
+    shards): only the rows of the shards named, each against its commit."""
 
     names: frozenset[str]
     job_fingerprint: str
+    every_shard: bool = True
 
     def of(self, shards: Iterable[str]) -> list[str]:
         """The committed ones of ``shards``, in shard order."""
@@ -186,7 +190,13 @@ class CommitSource:
 
     def only(self, shards: Iterable[str]) -> CommitSource:
         """These commits narrowed to ``shards``: what a task is sent, not every commit's name."""
-        return CommitSource(frozenset(self.of(shards)), self.job_fingerprint)
+        return CommitSource(frozenset(self.of(shards)), self.job_fingerprint, self.every_shard)
+
+    def compared(self, rows: pa.Table) -> pa.Table:
+        """The index rows ``rows`` this source compares."""
+        if self.every_shard:
+            return rows
+        return rows.filter(pc.is_in(rows.column("shard"), value_set=pa.array(sorted(self.names), pa.string())))
 
 
 def check_shards(storage: Storage, layout: Layout, rows: pa.Table, read_rows: Collection[int] | None,
@@ -197,8 +207,8 @@ def check_shards(storage: Storage, layout: Layout, rows: pa.Table, read_rows: Co
     ``commits``, the rows against their shards' commits too."""
     entries = rows.to_pylist()
     shards = {e["shard"] for e in entries}
-    listed = {key: size for shard in sorted(shards)
-              for key, size in storage.list_sizes(layout.shard_prefix(shard)) if layout.owner(key) == shard}
+    listed = {key: size for prefix in _listing_prefixes(layout, shards)
+              for key, size in storage.list_sizes(prefix) if layout.owner(key) in shards}
     ok = [e for e in entries if e["status"] == STATUS_OK]
     found = ShardChecks(rows=len(entries))
     to_read = []
@@ -220,10 +230,21 @@ def check_shards(storage: Storage, layout: Layout, rows: pa.Table, read_rows: Co
     found.missing += checked.missing
     found.mismatched += checked.mismatched
     named = layout.objects([e["key"] for e in ok])
-    found.orphans = sorted([k for k in listed if k not in named] + checked.orphan_members)
+    # a tar read for a sample of its rows names the others' members too: its orphan members are known only when all are read
+    members = checked.orphan_members if len(to_read) == len(ok) else []
+    found.orphans = sorted([k for k in listed if k not in named] + members)
     if commits is not None:
-        found.commits = compare_commits(storage, commits.job_fingerprint, commits.of(shards), rows)
+        found.commits = compare_commits(storage, commits.job_fingerprint, commits.of(shards), commits.compared(rows))
     return found
+
+
+def _listing_prefixes(layout: Layout, shards: Collection[str]) -> list[str]:
+    """The prefixes whose listings hold ``shards``' objects: each shard's folder (files layout),
+    or — shards named in one flat folder (webdataset's tars), which a local listing walks whole
+    for any prefix — one prefix per hundred shard numbers, so a task lists that folder once or
+    twice, not once per shard (quadratic in the job's shards)."""
+    prefixes = {layout.shard_prefix(shard) for shard in shards}
+    return sorted({p if p.endswith("/") or not p[-2:].isdigit() else p[:-2] for p in prefixes})
 
 
 def _listed_size(storage: Storage, key: str) -> int | None:
@@ -270,11 +291,17 @@ class ShardSet:
         return [*(shard_name(int(n)) for n in np.flatnonzero(mine & ~theirs)), *sorted(self._other - other._other)]
 
 
-def commit_listing_problems(storage: Storage, indexed: ShardSet) -> list[str]:
-    """``--listing-only``'s check of the commits, from one listing of metadata/ and no read:
-    every shard the index holds rows of has a commit, and every commit's shard is in the index."""
+def listed_commits(storage: Storage) -> ShardSet:
+    """The committed shards' names, from one listing of metadata/."""
     committed = ShardSet()
     committed.add(commit_names(storage))
+    return committed
+
+
+def commit_listing_problems(indexed: ShardSet, committed: ShardSet) -> list[str]:
+    """``--listing-only``'s (and ``--sample``'s) check of the commits, from their listing
+    (``listed_commits``) and no read: every shard the index holds rows of has a commit, and
+    every commit's shard is in the index."""
     uncommitted, unindexed = indexed.not_in(committed), committed.not_in(indexed)
     problems = []
     if uncommitted:

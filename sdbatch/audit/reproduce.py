@@ -1,6 +1,7 @@
 """Reproducing rows: regenerate one image from the output's metadata alone and compare bytes.
 
-``reproduce_row`` imports the model runtime only when it needs the model.
+``reproduce_row`` imports the model runtime only when it needs the model, and torch only for a
+model that runs on it (``builtin:null`` loads through ``models.loading`` without it).
 
 How an image is rebuilt (design.md §4.3): the target row's JSON record (embedded in the stored
 image when its bytes are the ones the index recorded, else rebuilt from the index: an image
@@ -22,6 +23,7 @@ differently here (a GPU-only switch skipped on this CPU) is said not to match.""
 from __future__ import annotations
 
 import io
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -186,19 +188,25 @@ class Reproducer:
         model, device, dtype, _ = self._load_settings(device, dtype)
         key = (model, device, dtype)
         if key not in self._generators:
-            from sdbatch.models.runtime import load_model
+            from sdbatch.models.loading import load_request, load_torch_free
 
             spec = self.out.spec
-            self._generators[key] = load_model(model, device=device, dtype=dtype, endpoint_url=self.endpoint_url,
-                                               loras=spec.loras, refiner=spec.model.refiner, config=spec.model.config,
-                                               compile=spec.model.compile, speed=spec.speed,
-                                               vae=spec.model.vae, embeddings=spec.embeddings,
-                                               prompt_syntax=spec.model.prompt_syntax,
-                                               text_encoder_device=spec.model.text_encoder_device,
-                                               controlnets=spec.controlnets,
-                                               ip_adapter=spec.ip_adapter.files if spec.ip_adapter else None,
-                                               # offloading needs CUDA; it moves weights, not the arithmetic
-                                               offload=spec.model.offload if device == "cuda" else "none")
+            request = load_request(model, device=device, dtype=dtype, endpoint_url=self.endpoint_url,
+                                   loras=spec.loras, refiner=spec.model.refiner, config=spec.model.config,
+                                   compile=spec.model.compile, speed=spec.speed,
+                                   vae=spec.model.vae, embeddings=spec.embeddings,
+                                   prompt_syntax=spec.model.prompt_syntax,
+                                   text_encoder_device=spec.model.text_encoder_device,
+                                   controlnets=spec.controlnets,
+                                   ip_adapter=spec.ip_adapter.files if spec.ip_adapter else None,
+                                   # offloading needs CUDA; it moves weights, not the arithmetic
+                                   offload=spec.model.offload if device == "cuda" else "none")
+            loaded = load_torch_free(request)  # builtin:null: no torch imported
+            if loaded is None:
+                from sdbatch.models.runtime import load
+
+                loaded = load(request)
+            self._generators[key] = loaded
         return self._generators[key]
 
     # -- the batch -----------------------------------------------------------------------------
@@ -335,15 +343,16 @@ class Reproducer:
             notes.append("software versions differ from the recorded ones: "
                          + ", ".join(f"{k} {a} → {b}" for k, (a, b) in sorted(changed.items())))
         notes.extend(speed_notes(record.speed, gen.facts(record.row).speed))
-        import torch
-
-        previous_threads = torch.get_num_threads()
+        torch = sys.modules.get("torch")  # None: the model runs without torch (builtin:null), which is never imported
+        previous_threads = torch.get_num_threads() if torch else 0
         threads = record.torch_threads or int(self.out.spec.resources.cpus_per_worker)
-        torch.set_num_threads(max(1, threads))  # as the worker ran: the last bit depends on it
+        if torch:
+            torch.set_num_threads(max(1, threads))  # as the worker ran: the last bit depends on it
         try:
             batch = self._generate_batch(record, gen)
         finally:
-            torch.set_num_threads(previous_threads)
+            if torch:
+                torch.set_num_threads(previous_threads)
         loaded_now = {a["name"]: a["sha256"] for a in gen.facts(record.row).loras}  # the batch loaded them
         notes.extend(f"LoRA {a['name']} changed since generation: recorded sha256 {a['sha256'][:12]}…, "
                      f"now {str(loaded_now.get(a['name']))[:12]}…"

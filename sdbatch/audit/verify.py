@@ -1,11 +1,12 @@
 """``verify``: every indexed object of a job's output is there and intact (its bytes hash to the
 recorded sha256), the index agrees with job.json, the manifest and the shards' commits, and —
 with ``--regenerate`` — a sample of rows regenerates to the same bytes (``reproduce``, which
-imports torch only then). The index is read a batch at a time, twice at most
-(``index_check``, then ``object_check``'s tasks, which run shard by shard in Ray tasks or in
-this process); ``--sample N`` reads N random rows in full and the rest from listings,
-``--listing-only`` reads none, nor any commit (their listing is checked against the index's
-shards). Memory does not grow with the job's rows beyond a byte per row."""
+imports torch only then). The index is read a batch at a time, once into ``index_check`` and
+``object_check``'s tasks (which run shard by shard in Ray tasks or in this process);
+``--listing-only`` reads no object nor any commit (their listing is checked against the index's
+shards); ``--sample N`` draws N random ok rows first (a pass over four columns), then checks as
+``--listing-only`` does and reads those rows' objects and their shards' commits in full.
+Memory does not grow with the job's rows beyond a byte per row."""
 
 from __future__ import annotations
 
@@ -17,15 +18,17 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sdbatch.audit.index_check import IndexChecks, RowSample
+from sdbatch.audit.index_check import SAMPLE_COLUMNS, IndexChecks, RowSample
 from sdbatch.audit.job_output import AuditError, JobOutput, open_job
 from sdbatch.audit.object_check import (
     CHECK_COLUMNS,
     TASK_ROWS,
+    CommitSource,
     Findings,
     ShardChecks,
     ShardDispatch,
     commit_listing_problems,
+    listed_commits,
     sweep_orphans,
 )
 from sdbatch.audit.reproduce import Reproducer, ReproduceResult
@@ -93,6 +96,7 @@ class VerifyReport:
         if self.sample_seed is not None:
             shown = ", ".join(self.sampled[:limit]) + (f" … (+{len(self.sampled) - limit} more)" if len(self.sampled) > limit else "")
             lines.append(f"  sample     {len(self.sampled)} random ok rows (seed {self.sample_seed}): {shown}")
+
         if self.rows_failed:
             lines.append(f"  failed     {self.rows_failed} rows have status=failed (no image; see the index's error column)")
 
@@ -151,9 +155,9 @@ def verify(
 ) -> VerifyReport:
     """Check the index against ``job.json``, the manifest (when reachable) and the commits,
     every index row's object (exists, recorded size, recorded sha256: read in full; with
-    ``sample``, that many random ok rows read in full and the rest from their shard's listing;
-    with ``listing_only``, none read, and the commits only listed: each indexed shard has one, each
-    one's shard is indexed), list orphan objects, and optionally regenerate
+    ``listing_only``, none read, and the commits only listed: each indexed shard has one, each
+    one's shard is indexed; with ``sample``, as ``listing_only`` and then that many random ok
+    rows read in full, their shards' commits compared with the index), list orphan objects, and optionally regenerate
     ``regenerate`` random ok rows and report drift. Random rows are chosen with ``seed`` (a
     random seed is drawn and reported when none is given). Objects are checked shard by shard
     in ``workers`` Ray tasks at a time (None: the job's ``resources.workers``, as submit, or 0
@@ -182,9 +186,27 @@ def verify(
         connect_ray(address)
         report.checked_by = f"{plural(workers, 'Ray task')} at a time"
 
-    checks = IndexChecks(out, read_commits=not listing_only)  # --listing-only: the commits' listing only, below
+    final = out.index.final  # the index's own file is compared with the commits (the commits are not with themselves)
+    spot = None
+    if sample:  # drawn first, from a few columns, so one pass then reads exactly these rows and their shards' commits
+        if progress:
+            progress(f"drawing {plural(sample, 'random ok row')} from {out.index_source}")
+        spot = RowSample(sample, seed, 1)
+        for batch in out.index.batches(SAMPLE_COLUMNS):
+            spot.add(batch)
+        report.sample_seed, report.sampled = seed, spot.ids
+    # --listing-only and --sample check the commits from their listing; --sample also reads its rows' shards'
+    listed = listed_commits(storage) if final and (listing_only or sample) else None
+    if not final or listing_only:
+        commits = None
+    elif spot is not None and listed is not None:
+        commits = CommitSource(frozenset(s for s in spot.shards if s in listed), out.job.fingerprint, every_shard=False)
+        report.notes.append(f"{INDEX_KEY} compared with the commits of the sample's {plural(len(commits.names), 'shard')} "
+                            "only; every other commit listed, not read")
+    else:
+        commits = CommitSource(frozenset(committed_shards(storage)), out.job.fingerprint)
+    checks = IndexChecks(out, commits)
     regenerated = RowSample(regenerate, seed, 0) if regenerate else None
-    spot = RowSample(sample, seed, 1) if sample else None
     with _bar(bar, out.index.num_rows) as advance:
         def merge(found: ShardChecks) -> None:
             report.ok += found.ok
@@ -198,21 +220,19 @@ def verify(
 
         if progress:
             progress(f"checking the objects of {out.index_source}")
-        if spot is None:
-            dispatch = ShardDispatch(out.layout, merge, workers=workers, rows=out.index.num_rows, threads=threads,
-                                     read_rows=[] if listing_only else None, commits=checks.commits)
-            _scan(out, checks, regenerated, dispatch)
-        else:  # the sample is known once the whole index is read: the objects are checked in a second pass
-            _scan(out, checks, regenerated, spot)
-            dispatch = ShardDispatch(out.layout, merge, workers=workers, rows=out.index.num_rows, threads=threads,
-                                     read_rows=spot.rows, commits=checks.commits)
-            _scan(out, dispatch)
-            report.sample_seed, report.sampled = seed, spot.ids
+        read_rows = spot.rows if spot is not None else [] if listing_only else None
+        dispatch = ShardDispatch(out.layout, merge, workers=workers, rows=out.index.num_rows, threads=threads,
+                                 read_rows=read_rows, commits=commits)
+        for batch in out.index.batches(CHECK_COLUMNS):  # the index read once, a record batch at a time
+            checks.add(batch)
+            if regenerated is not None:
+                regenerated.add(batch)
+            dispatch.add(batch)
         dispatch.close()
     report.rows_in_index, report.rows_failed = checks.rows, checks.failed
     report.index_problems = checks.problems()
-    if listing_only and out.index.final:
-        report.index_problems += commit_listing_problems(storage, dispatch.shards)
+    if listed is not None:
+        report.index_problems += commit_listing_problems(dispatch.shards, listed)
     report.duplicates, report.foreign = checks.duplicates, checks.foreign
     if progress:
         progress("listing the top-level folders for orphans")
@@ -223,14 +243,6 @@ def verify(
         bad = {i for i, _ in report.missing} | {i for i, _, _ in report.mismatched}
         _regenerate(out, report, [i for i in regenerated.ids if i not in bad], seed, endpoint_url, model, progress)
     return report
-
-
-def _scan(out: JobOutput, *readers: IndexChecks | RowSample | ShardDispatch | None) -> None:
-    """Read the index once, a record batch at a time, handing each batch to every reader."""
-    present = [r for r in readers if r is not None]
-    for batch in out.index.batches(CHECK_COLUMNS):
-        for reader in present:
-            reader.add(batch)
 
 
 @contextmanager

@@ -55,8 +55,9 @@ def reproduce(
 @command(epilog="")
 def verify(
     out_location: str = typer.Argument(..., metavar="OUT", help="The job's output location (directory or s3://…)."),
-    sample: int = typer.Option(0, "--sample", min=0, help="Read only N random ok rows in full (size and sha256; seeded, printed); "
-        "every other row is checked from its shard's listing (exists, and its size in the files layout)."),
+    sample: int = typer.Option(0, "--sample", min=0, help="Read only N random ok rows in full (size and sha256; seeded, printed) "
+        "and only their shards' commits; every other row is checked from its shard's listing (exists, and its size in the "
+        "files layout), every other commit from the listing of metadata/, as --listing-only does."),
     listing_only: bool = typer.Option(False, "--listing-only", help="Read no object: each row's object exists, and has its recorded "
         "size (files layout; a webdataset tar's members are not listed), from one listing per shard — for nightly checks. "
         "The commits are listed, not read. A corruption that keeps the size is NOT seen."),

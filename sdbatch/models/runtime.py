@@ -34,7 +34,8 @@ For models larger than the GPU: ``model.offload`` (diffusers' offloading hooks),
 ``model.text_encoder_device`` (the text encoders kept on the CPU, ``models.text_encoders``) and
 pre-quantized folders, checked loadable on this worker and recorded with their method, bits and
 backend version (``models.quantized``).
-``builtin:null`` (``families/null.py``) loads through ``load_model`` too.
+``builtin:null`` (``families/null.py``) loads through ``load_model`` too, and without torch
+through ``models.loading`` (``reproduce`` of a ``builtin:null`` job imports no torch).
 """
 
 from __future__ import annotations
@@ -79,18 +80,11 @@ from sdbatch.models.device import pick_device, pick_dtype, software_versions  # 
 from sdbatch.models.errors import GGUF_SUFFIX, ModelError  # noqa: E402
 from sdbatch.models.families import ModelTraits  # noqa: E402
 from sdbatch.models.families.base import DiffusersFamily  # noqa: E402
-from sdbatch.models.families.null import NullModel  # noqa: E402
 from sdbatch.models.hires import hires_pass  # noqa: E402
 from sdbatch.models.ip_adapter import IPAdapterSwitch, image_encoder_components  # noqa: E402
+from sdbatch.models.loading import load_request, load_torch_free  # noqa: E402
 from sdbatch.models.lora_cache import LoraCache, Tokenizers  # noqa: E402
-from sdbatch.models.pins import (  # noqa: E402
-    controlnets_pin,
-    embeddings_pin,
-    file_sha256,
-    fingerprint_model_dir,
-    ip_adapter_pin,
-    vae_pin,
-)
+from sdbatch.models.pins import fingerprint_model_dir  # noqa: E402
 from sdbatch.models.prompt_cache import PromptCache  # noqa: E402
 from sdbatch.models.prompt_weights import PromptReader  # noqa: E402
 from sdbatch.models.quantized import check_loadable, read_quantizations  # noqa: E402
@@ -735,10 +729,10 @@ def _one_each(images: Sequence[Any] | None, rows: list[Row], what: str) -> list[
     return list(images)
 
 
-#: The loader of each family runtime (``FamilyAdapter.runtime``).
+#: The loaders of the family runtimes that need torch (``FamilyAdapter.runtime``); the others are
+#: ``models.loading.TORCH_FREE_RUNTIMES``.
 RUNTIMES: dict[str, Callable[[LoadRequest], LoadedModel]] = {
     "diffusers": DiffusersModel.load,
-    "numpy": NullModel.load,
 }
 
 
@@ -767,23 +761,16 @@ def load_model(
     checkpoint and this its configuration's folder; ``vae``: a VAE folder in place of its own),
     then load it with its family's runtime, its samplers built (one that cannot be built fails
     the load, not every shard; ``prompt_syntax``: how prompts are read, ``model.prompt_syntax``)."""
-    ref = resolve(model, pin=pin, endpoint_url=endpoint_url, config=config, vae=vae, embeddings=embeddings,
-                  controlnets=controlnets, ip_adapter=ip_adapter)
-    traits, folder = ref.traits, ref.folder
-    assert traits is not None and folder is not None  # resolve() of a base model gives both
-    fingerprint = ref.pin
-    if is_s3(model):  # the content of what was downloaded, not the ETags
-        fingerprint = fingerprint_model_dir(folder)
-        fingerprint = vae_pin(fingerprint, fingerprint_model_dir(ref.vae)) if ref.vae else fingerprint
-        fingerprint = embeddings_pin(fingerprint, {n: file_sha256(p) for n, p in ref.embeddings}) if ref.embeddings else fingerprint
-        fingerprint = controlnets_pin(fingerprint, {n: fp for n, _, fp in ref.controlnets}) if ref.controlnets else fingerprint
-        if ref.ip_adapter:
-            fingerprint = ip_adapter_pin(fingerprint, file_sha256(ref.ip_adapter[0]), fingerprint_model_dir(ref.ip_adapter[1]))
-    request = LoadRequest(model, folder, ref.pin, fingerprint, traits, device=device, dtype=dtype, endpoint_url=endpoint_url,
-                          loras=loras, compile=compile, refiner=refiner, refiner_pin=refiner_pin, checkpoint=ref.checkpoint,
-                          offload=offload, text_encoder_device=text_encoder_device, speed=speed, vae=ref.vae,
-                          embeddings=ref.embeddings, prompt_syntax=prompt_syntax,
-                          controlnets=ref.controlnets, ip_adapter=ref.ip_adapter)
-    loaded = RUNTIMES[traits.family.runtime](request)
-    loaded.build_samplers()
+    return load(load_request(model, pin=pin, endpoint_url=endpoint_url, config=config, vae=vae, embeddings=embeddings,
+                             controlnets=controlnets, ip_adapter=ip_adapter, device=device, dtype=dtype, loras=loras,
+                             compile=compile, refiner=refiner, refiner_pin=refiner_pin, offload=offload,
+                             text_encoder_device=text_encoder_device, speed=speed, prompt_syntax=prompt_syntax))
+
+
+def load(request: LoadRequest) -> LoadedModel:
+    """Load a resolved model with its family's runtime, its samplers built."""
+    loaded = load_torch_free(request)
+    if loaded is None:
+        loaded = RUNTIMES[request.traits.family.runtime](request)
+        loaded.build_samplers()
     return loaded

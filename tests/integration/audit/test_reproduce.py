@@ -72,7 +72,7 @@ def run_in_process(generator, manifest: Path, out: Path, order: list[int], *, jo
     spec = load_spec(None, [], {"model.name": "builtin:tiny", "defaults.steps": 3, "resources.rows_per_shard": 6,
                                 "resources.batch_size": 4, **(spec_overrides or {})})
     source = open_manifest(str(manifest))
-    job = job_record(spec, source, preflight("builtin:tiny").pin)
+    job = job_record(spec, source, preflight(spec.model.name).pin)
     if job_fingerprint:
         job = job.model_copy(update={"fingerprint": job_fingerprint})
     storage = LocalStorage(out)
@@ -441,3 +441,18 @@ def test_reproduce_refuses_an_unknown_id_and_a_failed_row_before_importing_torch
                                 capture_output=True, text=True)
         assert result.returncode == 2 and said in " ".join(result.stderr.split()), result.stderr[-2000:]
         assert not re.search(r"\|\s+(torch|diffusers)$", result.stderr, re.MULTILINE)  # -X importtime lists every import
+
+
+def test_reproduce_of_a_builtin_null_job_matches_without_importing_torch(tmp_path):
+    """``builtin:null`` draws with numpy: its regeneration loads no torch (the process stays small)."""
+    from sdbatch.models.runtime import load_model
+
+    out = tmp_path / "out"
+    run_in_process(load_model("builtin:null", device="cpu"), twelve_rows(tmp_path), out, [1, 0],
+                   spec_overrides={"model.name": "builtin:null"})
+    stored = hashlib.sha256((out / "images" / "00001" / "s07.png").read_bytes()).hexdigest()
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "sdbatch", "reproduce", str(out), "s07"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    assert f"s07: bytes match (sha256 {stored[:16]}…)" in result.stdout
+    assert not re.search(r"\|\s+(torch|diffusers|transformers)$", result.stderr, re.MULTILINE)

@@ -144,15 +144,16 @@ def test_sample_and_listing_only_together_are_refused(built, run_cli):
 
 def test_webdataset_listing_and_orphan_tars(tmp_path):
     """A tar per shard: a missing tar's rows are missing from the listing alone; a tar no shard of
-    the index owns is an orphan; a shard's retry tar no row names is an orphan too."""
+    the index owns is an orphan; a shard's retry tar no row names is an orphan too. A tar read for
+    a sample of its rows: its other rows' members are no orphans."""
     from sdbatch.audit.verify import verify
 
     out = build_output(tmp_path / "wds", 300, fmt="webdataset", rows_per_shard=100)
     (out / "shards" / "00001.tar").unlink()
     (out / "shards" / "00007.tar").write_bytes(b"an uncommitted shard's tar")
     (out / "shards" / "00002-retry-0badc0de.tar").write_bytes(b"a retry nothing names")
-    for listing_only in (True, False):
-        report = verify(str(out), listing_only=listing_only)
+    for mode in ({"listing_only": True}, {}, {"sample": 50, "seed": 1}):
+        report = verify(str(out), **mode)
         assert report.ok == 200 and len(report.missing) == 100 and not report.mismatched
         assert {k for _, k in report.missing} == {f"shards/00001.tar#img-{i:09d}.png" for i in range(100, 200)}
         assert report.orphans == ["shards/00002-retry-0badc0de.tar", "shards/00007.tar"]
@@ -249,3 +250,88 @@ def test_listing_only_reads_no_commit_and_checks_them_from_the_listing(tmp_path)
     ]
     assert not report.clean
 
+
+
+def test_a_sample_of_every_row_finds_a_missing_and_a_corrupt_object(built, tmp_path):
+    """``--sample`` as large as the job reads every ok row: nothing is left to the listing."""
+    from sdbatch.audit.verify import verify
+
+    out = tmp_path / "out"
+    shutil.copytree(built, out)
+    rows = index_rows(out)
+    (out / rows[GONE]["key"]).unlink()
+    flip_a_byte(out / rows[SAME_SIZE]["key"])
+    report = verify(str(out), sample=ROWS, seed=3, workers=0)
+    ok_rows = ROWS - ROWS // FAILED_EVERY
+    assert (report.read, len(report.sampled), report.sample_seed) == (ok_rows, ok_rows, 3)
+    assert report.missing == [(rows[GONE]["id"], rows[GONE]["key"])]
+    assert report.mismatched == [(rows[SAME_SIZE]["id"], rows[SAME_SIZE]["key"], "sha256 differs")]
+    assert report.ok == ok_rows - 2 and not report.index_problems and not report.clean
+
+
+def shard_of(row_id: str) -> str:
+    return f"{int(row_id.rsplit('-', 1)[1]) // PER_SHARD:05d}"
+
+
+def change_an_id(commit: Path) -> None:
+    table = pq.read_table(commit)
+    ids = table.column("id").to_pylist()
+    ids[3] = "stranger"
+    pq.write_table(table.set_column(table.schema.get_field_index("id"), "id", [ids]), commit)  # keeps the job's stamp
+
+
+def test_a_sample_reads_only_its_rows_and_their_shards_commits(built, tmp_path):
+    """``--sample``: the commits of the sampled rows' shards are read and compared with the index
+    (a differing row there is found), every other commit only listed (one missing is named, one
+    differing is not seen); the objects read are the sampled rows' alone."""
+    from sdbatch.audit.verify import verify
+
+    out = tmp_path / "out"
+    shutil.copytree(built, out)
+    first = verify(CountingStorage(out), sample=2, seed=5, workers=0)
+    sampled = {shard_of(i) for i in first.sampled}
+    assert first.clean and 1 <= len(sampled) <= 2
+    others = sorted({f"{n:05d}" for n in range(ROWS // PER_SHARD)} - sampled)
+    storage = CountingStorage(out)
+    report = verify(storage, sample=2, seed=5, workers=0)
+    assert report.sampled == first.sampled and report.clean
+    assert sorted(k for k in storage.read if k.startswith("metadata/")) == sorted(f"metadata/{s}.parquet" for s in sampled)
+    by_id = {r["id"]: r for r in index_rows(out).values()}
+    assert sorted(k for k in storage.read if k.startswith("images/")) == sorted(by_id[i]["key"] for i in first.sampled)
+    assert f"note       index.parquet compared with the commits of the sample's {len(sampled)} shard" in report.render()
+
+    change_an_id(out / "metadata" / f"{others[0]}.parquet")  # not sampled: its commit is listed, not read
+    assert verify(str(out), sample=2, seed=5, workers=0).clean
+    change_an_id(out / "metadata" / f"{min(sampled)}.parquet")
+    (out / "metadata" / f"{others[1]}.parquet").unlink()
+    report = verify(str(out), sample=2, seed=5, workers=0)
+    assert report.index_problems == [
+        f"1 rows of index.parquet differ from their commit (e.g. img-{int(min(sampled)) * PER_SHARD + 3:09d}); rebuild it "
+        "with --rebuild-index",
+        f"1 shards the index holds rows of have no commit (e.g. {others[1]})",
+    ]
+
+
+class ListingStorage(LocalStorage):
+    """A local OUT whose prefix listings are recorded."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self.listed: list[str] = []
+
+    def list_sizes(self, prefix: str = ""):
+        self.listed.append(prefix)
+        return super().list_sizes(prefix)
+
+
+def test_a_flat_folder_of_tars_is_listed_once_per_hundred_shards_not_per_shard(tmp_path):
+    """A local listing walks the whole ``shards/`` folder for any prefix: listed once per shard,
+    verify was quadratic in the job's shards."""
+    from sdbatch.audit.verify import verify
+
+    out = build_output(tmp_path / "wds", 500, fmt="webdataset", rows_per_shard=50)  # 10 shards
+    storage = ListingStorage(out)
+    report = verify(storage, listing_only=True, workers=0)
+    assert report.clean and report.ok == 500
+    tars = [p for p in storage.listed if p.startswith("shards/")]
+    assert set(tars) == {"shards/000"} and len(tars) < 10  # once per task (of whole shards), not per shard

@@ -39,8 +39,9 @@ def small_batches(monkeypatch):
     monkeypatch.setattr(object_check, "TASK_ROWS", 500)
 
 
-def peaks(out: Path, listing_only: bool = False) -> tuple[int, int]:
-    """(Python peak, Arrow peak) in bytes of an in-process verify of ``out`` (full, or listing only)."""
+def peaks(out: Path, listing_only: bool = False, sample: int = 0) -> tuple[int, int]:
+    """(Python peak, Arrow peak) in bytes of an in-process verify of ``out`` (full, listing only,
+    or a sample)."""
     from sdbatch.audit.verify import verify
 
     previous = pa.default_memory_pool()
@@ -48,7 +49,7 @@ def peaks(out: Path, listing_only: bool = False) -> tuple[int, int]:
     pa.set_memory_pool(pool)
     tracemalloc.start()
     try:
-        report = verify(str(out), workers=0, sample=0, listing_only=listing_only)
+        report = verify(str(out), workers=0, sample=sample, seed=1, listing_only=listing_only)
         python_peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -73,5 +74,16 @@ def test_listing_only_verify_memory_does_not_grow_with_rows(small_batches, tmp_p
     peaks(small_out, listing_only=True)
     small = peaks(small_out, listing_only=True)
     large = peaks(build_output(tmp_path / "large", LARGE, rows_per_shard=250, failed_every=97), listing_only=True)
+    assert large[0] < 1.5 * small[0], f"Python peak {small[0]:,} B at {SMALL:,} rows, {large[0]:,} B at {LARGE:,}"
+    assert large[1] < 1.5 * small[1], f"Arrow peak {small[1]:,} B at {SMALL:,} rows, {large[1]:,} B at {LARGE:,}"
+
+
+def test_sampled_verify_memory_does_not_grow_with_rows(small_batches, tmp_path):
+    """``--sample``: the sample drawn in a pass of its own, then the listing-only checks and the
+    sample's objects and commits: the same number of rows read at both sizes."""
+    small_out = build_output(tmp_path / "small", SMALL, rows_per_shard=250, failed_every=97)
+    peaks(small_out, sample=50)
+    small = peaks(small_out, sample=50)
+    large = peaks(build_output(tmp_path / "large", LARGE, rows_per_shard=250, failed_every=97), sample=50)
     assert large[0] < 1.5 * small[0], f"Python peak {small[0]:,} B at {SMALL:,} rows, {large[0]:,} B at {LARGE:,}"
     assert large[1] < 1.5 * small[1], f"Arrow peak {small[1]:,} B at {SMALL:,} rows, {large[1]:,} B at {LARGE:,}"

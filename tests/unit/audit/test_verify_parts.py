@@ -13,15 +13,20 @@ from sdbatch.output.layout import FilesLayout, WebdatasetLayout
 
 def index_batches(rows: int, per_batch: int) -> list[pa.RecordBatch]:
     status = ["failed" if r % 10 == 3 else "ok" for r in range(rows)]
-    table = pa.table({"id": [f"r{r}" for r in range(rows)], "row": pa.array(range(rows), pa.int64()), "status": status})
+    table = pa.table({"id": [f"r{r}" for r in range(rows)], "row": pa.array(range(rows), pa.int64()),
+                      "shard": [f"{r // 100:05d}" for r in range(rows)], "status": status})
     return table.to_batches(per_batch)
 
 
-def sample(size: int, seed: int, per_batch: int, stream: int = 0) -> list[str]:
-    drawn = RowSample(size, seed, stream)
+def drawn(size: int, seed: int, per_batch: int, stream: int = 0) -> RowSample:
+    rows = RowSample(size, seed, stream)
     for batch in index_batches(5_000, per_batch):
-        drawn.add(batch)
-    return drawn.ids
+        rows.add(batch)
+    return rows
+
+
+def sample(size: int, seed: int, per_batch: int, stream: int = 0) -> list[str]:
+    return drawn(size, seed, per_batch, stream).ids
 
 
 def test_a_sample_depends_on_its_seed_not_on_how_the_index_is_batched():
@@ -32,6 +37,9 @@ def test_a_sample_depends_on_its_seed_not_on_how_the_index_is_batched():
     assert first == sorted(first, key=lambda i: int(i[1:]))  # in row order
     assert first != sample(20, 8, 1_000) and first != sample(20, 7, 1_000, stream=1)
     assert len(sample(10_000, 7, 1_000)) == 4_500  # every ok row, when fewer than asked
+    rows = drawn(20, 7, 333)
+    assert rows.rows == [int(i[1:]) for i in first]
+    assert rows.shards == {f"{int(i[1:]) // 100:05d}" for i in first}  # the shards whose commits --sample reads
 
 
 def test_shard_set_knows_shard_names_and_nothing_like_them():
