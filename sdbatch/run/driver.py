@@ -116,7 +116,9 @@ class ModelLoadTimeout(JobFailed):
 
 
 def check_worker_model(ready: dict[str, Any], job: JobRecord) -> None:
-    """A worker gets shards only if the model (and refiner) it loaded is the one the job pinned at submit."""
+    """A worker gets shards only if it loaded the model (and refiner) the job pinned at submit."""
+    if "refused" in ready:  # a bad input every worker would meet the same way (WorkerActor.ready)
+        raise WorkerStartError(f"a worker could not start: {ready['refused']}")
     for kind, pinned in (("model", job.model), ("refiner", job.refiner)):
         loaded = ready.get(f"{kind}_pin")
         if pinned is not None and loaded != pinned.fingerprint:

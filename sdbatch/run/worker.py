@@ -13,6 +13,7 @@ from typing import Any
 
 import ray
 
+from sdbatch.errors import BadInput
 from sdbatch.manifest.reader import passthrough_types
 from sdbatch.manifest.sources import Manifest
 from sdbatch.output import encode
@@ -57,6 +58,17 @@ class WorkerActor:
         ray.get(tracker.loading.remote(ray.get_runtime_context().get_actor_id()))
         spec = JobSpec.model_validate_json(spec_json)
         start_encoders(encode_workers(spec.resources.cpus_per_worker))
+        # a bad input found here (a model this worker cannot load, one changed since submit) is
+        # found the same way by every new worker: ready() reports it, so the driver stops at once
+        # with its message instead of retrying a start that cannot succeed
+        self.refusal: str | None = None
+        try:
+            self._load(spec, out_url, endpoint_url, tracker, manifest, job_fingerprint, model_pin, refiner_pin)
+        except BadInput as refusal:
+            self.refusal = str(refusal)
+
+    def _load(self, spec: JobSpec, out_url: str, endpoint_url: str | None, tracker: Any, manifest: Manifest,
+              job_fingerprint: str, model_pin: str, refiner_pin: str | None) -> None:
         import torch
 
         from sdbatch.models.runtime import device_capacity, load_model
@@ -94,6 +106,8 @@ class WorkerActor:
         self._turn = 0  # the turn that may use the model now
 
     def ready(self) -> dict[str, Any]:
+        if self.refusal is not None:
+            return {"refused": self.refusal}
         info = self.runner.generator.info
         return {"worker": self.runner.worker_name, "model_fingerprint": info.fingerprint, "model_pin": info.pin,
                 "refiner_pin": info.refiner_pin,

@@ -84,22 +84,23 @@ def test_single_file_refusals_exit_2_naming_the_fix(checkpoint, ray_address, tmp
     assert_refused(ray_address, manifest, tmp_path / "out", cases)
 
 
-def test_a_flux_transformer_diffusers_cannot_convert_is_refused_naming_why(checkpoint):
+def test_a_flux_transformer_diffusers_cannot_convert_is_refused_naming_why(checkpoint, run_cli, tmp_path):
     # diffusers 0.42's convert_flux_transformer_checkpoint_to_diffusers splits each single block's
     # stacked linear1 at FLUX.1's width (3 × 3072 + 4 × 3072): a tiny one's (3 × 32 + 128) cannot be
     # split, and a FLUX.1 that wide is ~0.5B parameters, too big to render here. So the BFL-layout
-    # file is tested up to diffusers' converter, and what a worker does with it: a ModelError (a bad
-    # input: exit 2 without a traceback) naming the fix, not a RuntimeError. In process: a job's
-    # workers would retry a start that fails five times (run/driver.py) before saying so
-    from sdbatch.models.errors import ModelError
-    from sdbatch.models.runtime import load_model
-
+    # file is tested up to diffusers' converter, and what a job does with it: its first worker
+    # finds the bad input (a ModelError naming the fix, not a RuntimeError) and the job exits 2 with
+    # the whole message at once, starting no other worker to meet it again
     flux = checkpoint["flux"]
-    with pytest.raises(ModelError) as refused:
-        load_model(str(flux["file"]), config=str(flux["folder"]), device="cpu", dtype="float32")
-    assert ("the single-file checkpoint does not load with model.config 'flux-dev''s configuration (is model.config a "
-            "folder of the same architecture?): RuntimeError: split_with_sizes expects split_sizes to sum exactly to 224 "
-            "(input tensor's size at dimension 0), but got split_sizes=[3072, 3072, 3072, 12288]") in str(refused.value)
+    out = tmp_path / "out"
+    result = run_cli("submit", write_manifest(tmp_path / "m.parquet", ROWS[:1]), "--out", out,
+                     "--model", flux["file"], "--model-config", flux["folder"], "--steps", "2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert ("a worker could not start: model " in result.stderr and "the single-file checkpoint does not load with "
+            "model.config 'flux-dev''s configuration (is model.config a folder of the same architecture?): RuntimeError: "
+            "split_with_sizes expects split_sizes to sum exactly to 224 (input tensor's size at dimension 0), but got "
+            "split_sizes=[3072, 3072, 3072, 12288]") in " ".join(result.stderr.split()), result.stderr
+    assert not list(out.rglob("*.png"))
 
 
 def _flux_converter_at_any_width(convert):
