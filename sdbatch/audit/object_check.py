@@ -1,6 +1,6 @@
 """``verify``'s object checks: a few shards' index rows against their objects, and the sweep for
-orphans. A shard's objects are listed once (``Layout.shard_prefix``; a flat folder of tars once
-per hundred shards, ``_listing_prefixes``): a row whose object is not
+orphans. A shard's objects are listed once (``Layout.listing_prefixes``; a flat folder of tars once
+per hundred shards): a row whose object is not
 listed is missing; one whose listed size is not its recorded size is mismatched (files layout);
 the rows to read (every one, a sample, or none for a listing-only check) are read and hashed
 (``Layout.check``); listed objects no ok row names are orphans. The index is cut into tasks of
@@ -207,7 +207,7 @@ def check_shards(storage: Storage, layout: Layout, rows: pa.Table, read_rows: Co
     ``commits``, the rows against their shards' commits too."""
     entries = rows.to_pylist()
     shards = {e["shard"] for e in entries}
-    listed = {key: size for prefix in _listing_prefixes(layout, shards)
+    listed = {key: size for prefix in layout.listing_prefixes(shards)
               for key, size in storage.list_sizes(prefix) if layout.owner(key) in shards}
     ok = [e for e in entries if e["status"] == STATUS_OK]
     found = ShardChecks(rows=len(entries))
@@ -236,15 +236,6 @@ def check_shards(storage: Storage, layout: Layout, rows: pa.Table, read_rows: Co
     if commits is not None:
         found.commits = compare_commits(storage, commits.job_fingerprint, commits.of(shards), commits.compared(rows))
     return found
-
-
-def _listing_prefixes(layout: Layout, shards: Collection[str]) -> list[str]:
-    """The prefixes whose listings hold ``shards``' objects: each shard's folder (files layout),
-    or — shards named in one flat folder (webdataset's tars), which a local listing walks whole
-    for any prefix — one prefix per hundred shard numbers, so a task lists that folder once or
-    twice, not once per shard (quadratic in the job's shards)."""
-    prefixes = {layout.shard_prefix(shard) for shard in shards}
-    return sorted({p if p.endswith("/") or not p[-2:].isdigit() else p[:-2] for p in prefixes})
 
 
 def _listed_size(storage: Storage, key: str) -> int | None:

@@ -96,7 +96,6 @@ class VerifyReport:
         if self.sample_seed is not None:
             shown = ", ".join(self.sampled[:limit]) + (f" … (+{len(self.sampled) - limit} more)" if len(self.sampled) > limit else "")
             lines.append(f"  sample     {len(self.sampled)} random ok rows (seed {self.sample_seed}): {shown}")
-
         if self.rows_failed:
             lines.append(f"  failed     {self.rows_failed} rows have status=failed (no image; see the index's error column)")
 

@@ -22,6 +22,7 @@ import io
 import json
 import tarfile
 import threading
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -236,6 +237,11 @@ class Layout:
         ``owner`` tells)."""
         raise NotImplementedError
 
+    def listing_prefixes(self, shard_names: Iterable[str]) -> list[str]:
+        """The listing prefixes that hold every object of ``shard_names`` (and maybe others':
+        ``owner`` tells): each one's ``shard_prefix``."""
+        return sorted({self.shard_prefix(name) for name in shard_names})
+
     def owner(self, key: str) -> str | None:
         """The shard whose objects the storage key or folder ``key`` holds (None: no shard's)."""
         raise NotImplementedError
@@ -286,6 +292,13 @@ class WebdatasetLayout(Layout):
 
     def shard_prefix(self, shard_name: str) -> str:
         return f"{TARS_PREFIX}{shard_name}"
+
+    def listing_prefixes(self, shard_names: Iterable[str]) -> list[str]:
+        """One prefix per hundred shard numbers: the tars lie in one flat folder, which a local
+        listing walks whole for any prefix, so a few shards' tars are listed once or twice, not
+        once per shard (quadratic in the job's shards)."""
+        prefixes = {self.shard_prefix(name) for name in shard_names}
+        return sorted({p[:-2] if p[-2:].isdigit() else p for p in prefixes})
 
     def owner(self, key: str) -> str | None:
         """A shard's tar is ``shards/<shard>.tar``; a ``--retry-failed`` unit's ``shards/<shard>-….tar``."""
