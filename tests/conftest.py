@@ -273,10 +273,7 @@ def pytest_collection_modifyitems(items):
     worker the next file in this order when it has two tests left (``--dist loadfile`` with
     ``--no-loadscope-reorder``; its default order, by number of tests, put the one- and two-test
     files of two minutes each last, where one worker ran them while the other had nothing left)."""
-    def has_slow(item) -> bool:
-        return item.get_closest_marker("slow") is not None
-
-    slow_files = {item.path for item in items if has_slow(item)}
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
     items.sort(key=lambda item: item.path not in slow_files)  # stable: the rest keep their order
 
 
