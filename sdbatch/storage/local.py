@@ -230,23 +230,26 @@ class LocalStorage:
             return []
         self._inside(base, base_rel or ".")
         out: list[str] = []
-        for dirpath, dirnames, filenames in os.walk(base):
-            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
-            rel_dir = "" if rel_dir == "." else rel_dir + "/"
-            # prune directories that cannot match
-            dirnames[:] = [
-                d for d in dirnames
-                if (rel_dir + d + "/").startswith(prefix) or prefix.startswith(rel_dir + d + "/")
-            ]
-            for name in dirnames + filenames:  # a link out of OUT is refused, not skipped
-                if os.path.islink(os.path.join(dirpath, name)):
-                    self._inside(Path(dirpath) / name, rel_dir + name)
-            for name in filenames:
-                if TMP_MARK in name:
-                    continue
-                k = rel_dir + name
-                if k.startswith(prefix):
-                    out.append(k)
+        folders = [(str(base), base_rel + "/" if base_rel else "")]
+        while folders:
+            folder, rel = folders.pop()
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:  # its last object deleted since it was listed, as on S3
+                continue
+            except OSError as e:
+                raise StorageError(f"cannot list {self.url}/{rel}: {e}") from e
+            for entry in entries:
+                key = rel + entry.name
+                # scandir's entries know whether they are links without a stat of each (the folder's
+                # listing says so); a link out of OUT is refused, not skipped
+                if entry.is_symlink():
+                    self._inside(entry.path, key)
+                if entry.is_dir():  # a link to a folder is neither a key nor walked into
+                    if not entry.is_symlink() and ((key + "/").startswith(prefix) or prefix.startswith(key + "/")):
+                        folders.append((entry.path, key + "/"))
+                elif TMP_MARK not in entry.name and key.startswith(prefix):
+                    out.append(key)
         out.sort()
         return out
 
