@@ -13,7 +13,8 @@
    2-CPU worker needs, so Ray Data can schedule its read tasks beside its actor (on a cluster of
    exactly 2 CPUs its actor takes them all and the read never runs). Neither pays Ray's start;
    each pays its own worker start, imports and model load. Prints each wall, the ratio, and
-   checks both wrote every row's PNG (target: sdbatch ≤ 0.8 × Ray Data).
+   checks both wrote every row's PNG (target: sdbatch ≤ 0.8 × Ray Data); then the same rows
+   generated in this process, and what each contender took beyond that.
 
 Contenders alternate (``--repeat`` rounds; medians reported), so a machine whose load drifts
 affects them alike. ``--baseline DIR`` (another sdbatch checkout, e.g. ``main``'s worktree)
@@ -219,8 +220,12 @@ def beside_ray_data(folder: Path, rows: int, repeat: int, cluster_cpus: int) -> 
         print(f"  round {round_ + 1} ({' first, '.join(order)} second): sdbatch {ours[-1]:.1f} s, Ray Data "
               f"{theirs[-1]:.1f} s → {ours[-1] / theirs[-1]:.2f}× ({load_average()})", flush=True)
     ours_s, theirs_s = statistics.median(ours), statistics.median(theirs)
+    generation = bare_generation(rows)
     print(f"## {rows} rows, batch {BATCH}, one worker with 2 CPUs, one {cluster_cpus}-CPU cluster (medians of {repeat}): "
           f"sdbatch {ours_s:.1f} s, Ray Data map_batches {theirs_s:.1f} s → sdbatch ÷ Ray Data = {ours_s / theirs_s:.2f}×")
+    # what each pays beyond the images themselves: the ratio's floor is (generation + sdbatch's) ÷ (generation + Ray Data's)
+    print(f"  the same rows generated in one process: {generation:.1f} s ({load_average()}) → beyond it: sdbatch "
+          f"{ours_s - generation:.1f} s, Ray Data {theirs_s - generation:.1f} s")
 
 
 def main() -> None:

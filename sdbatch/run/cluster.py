@@ -12,6 +12,8 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import ray
@@ -55,13 +57,13 @@ def _init_ray(address: str | None) -> None:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         else:  # loopback only: see sdbatch.job.preflight.local_ray_environment, which ran before ray was imported
             log.info("starting a local Ray cluster …")
-            ray.init(
-                # "local": a new cluster of its own — without it ray.init joins the last cluster a
-                # `ray start` left on this machine, whoever started it and wherever it listens
-                address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
-            )
-            _stop_autoscaler_monitor()
+            with _without_head_services():
+                ray.init(
+                    # "local": a new cluster of its own — without it ray.init joins the last cluster a
+                    # `ray start` left on this machine, whoever started it and wherever it listens
+                    address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                    _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
+                )
     except BadInput:
         raise
     except Exception as exc:  # noqa: BLE001 - Ray raises bare Exception/RuntimeError when its processes do not come up
@@ -75,18 +77,42 @@ def _init_ray(address: str | None) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
-def _stop_autoscaler_monitor() -> None:
-    """A job-local cluster is one node that never grows, yet ``ray.init`` starts Ray's autoscaler
-    monitor for it (``ray start`` has ``--no-monitor``; ``ray.init`` no switch): it only reports
-    that read-only node, and at the job's end it ignores ``ray.shutdown``'s SIGTERM for the whole
-    second Ray waits before killing it. Stopped through Ray's node handle (no public API);
-    ``cluster_autoscaler`` reads "no autoscaler" with or without it. A Ray without that handle
-    keeps its monitor."""
+#: The head node's services a job-local cluster does without, by the method of Ray's ``Node``
+#: that starts each: the autoscaler monitor (one node that never grows; ``cluster_autoscaler``
+#: reads "no autoscaler" with or without it, and at exit it ignores SIGTERM for the second Ray
+#: waits before killing it), the dashboard head (``include_dashboard=False`` still starts it for
+#: Ray's usage statistics, and ``ray.init`` waits for it before it starts the raylet) and the log
+#: monitor (it forwards the workers' logs to drivers, and sdbatch asks for none:
+#: ``log_to_driver=False``). Each is a Python process importing Ray while the cluster starts,
+#: beside the model's worker and on a 2-core machine in its way (benchmarks/RESULTS.md).
+#: ``ray start`` has switches for some (``--no-monitor``, ``--include-dashboard``); ``ray.init``
+#: none, and starts them through these methods.
+SKIPPED_HEAD_SERVICES = ("start_monitor", "start_api_server", "start_log_monitor")
+
+
+@contextmanager
+def _without_head_services() -> Iterator[None]:
+    """While ``ray.init`` starts a job-local cluster, its ``Node`` starts none of
+    ``SKIPPED_HEAD_SERVICES`` (Ray internals, no public API: a Ray without one of those methods
+    starts that service as before)."""
     try:
-        node: Any = ray._private.worker._global_node  # set by the ray.init that started the cluster
-        node.kill_monitor(check_alive=False)
-    except Exception as exc:  # noqa: BLE001 - Ray internals: the monitor then stays, as before
-        log.debug("left Ray's autoscaler monitor running: %s", describe(exc))
+        from ray._private.node import Node
+    except ImportError as exc:
+        log.debug("starting Ray's head services as Ray does: %s", describe(exc))
+        yield
+        return
+    kept = {name: Node.__dict__[name] for name in SKIPPED_HEAD_SERVICES if name in Node.__dict__}
+
+    def skipped(self: Any, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    for name in kept:
+        setattr(Node, name, skipped)
+    try:
+        yield
+    finally:
+        for name, method in kept.items():
+            setattr(Node, name, method)
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -378,6 +378,11 @@ def test_a_component_folder_behind_a_symbolic_link_is_pinned_by_what_it_holds(ru
 # --- 8. the local cluster listens on loopback only ------------------------------------------------
 
 
+#: the command lines of Ray's head services a job-local cluster does without (``run.cluster.SKIPPED_HEAD_SERVICES``):
+#: the autoscaler monitor, the dashboard head (not its agent: ``dashboard/agent.py``) and the log monitor
+SKIPPED_HEAD_SERVICES = ("/autoscaler/_private/monitor.py", "/dashboard/dashboard.py", "/_private/log_monitor.py")
+
+
 @pytest.mark.slow
 def test_a_local_cluster_listens_on_loopback_only(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", RAY_SINGLE_MACHINE)}  # the CLI's to set
@@ -388,7 +393,7 @@ def test_a_local_cluster_listens_on_loopback_only(tmp_path):
     listening: dict[tuple[str, str], set[str]] = {}
     parent = psutil.Process(driver.pid)
     seen: dict[int, psutil.Process] = {}  # every process of the job's cluster, for the check at exit
-    monitor_beside_worker = []  # samples where Ray's autoscaler monitor still ran beside the model's worker
+    head_services = []  # commands of Ray's head services a job-local cluster does without, whenever one ran
     while driver.poll() is None:
         try:
             family = [parent, *parent.children(recursive=True)]
@@ -404,13 +409,12 @@ def test_a_local_cluster_listens_on_loopback_only(tmp_path):
                         listening.setdefault((proc.name(), conn.laddr.ip), set()).add(str(conn.laddr.port))
             except psutil.Error:
                 continue
-        if any("WorkerActor" in c for c in commands) and any("/autoscaler/" in c and "/monitor.py" in c for c in commands):
-            monitor_beside_worker.append(commands)
+        head_services += [c for c in commands if any(service in c for service in SKIPPED_HEAD_SERVICES)]
         time.sleep(0.2)
     stdout, stderr = driver.communicate(timeout=60)
     assert driver.returncode == 0, stderr
-    # the job-local cluster never grows: its autoscaler monitor is stopped once Ray is up (run.cluster)
-    assert not monitor_beside_worker, monitor_beside_worker[0]
+    # the job-local cluster starts no autoscaler monitor, dashboard head or log monitor (run.cluster)
+    assert not head_services, head_services
     # and the CLI's exit (ray.shutdown, run first by sdbatch's own exit handler) leaves none of its processes
     _, alive = psutil.wait_procs([p for pid, p in seen.items() if pid != driver.pid], timeout=30)
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
