@@ -4,10 +4,11 @@ byte per row), its ids against the manifest's (a merge-join by row: that stream 
 too), and foreign objects at failed rows' keys; its rows against the shards' commits are
 compared by the object checks' tasks, whose findings are merged here in row order. Also
 ``RowSample``: rows drawn uniformly in memory of the sample's size. Nothing here holds more than
-a batch of each stream, the per-row counts and a few numbers per task."""
+a batch of each stream, the per-row counts and a few numbers per commit."""
 
 from __future__ import annotations
 
+from bisect import insort
 from collections.abc import Iterator
 
 import numpy as np
@@ -15,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sdbatch.audit.job_output import JobOutput
-from sdbatch.audit.object_check import CommitChecks, CommitSource, Findings, Tally, follows, pair_by_row
+from sdbatch.audit.object_check import SHOWN, CommitChecks, CommitSource, Findings, Tally, follows, pair_by_row
 from sdbatch.data.index import STATUS_OK
 from sdbatch.manifest.sources import ManifestError
 from sdbatch.output.documents import JobRecord
@@ -111,14 +112,23 @@ class IndexChecks:
         self.ordered = True
         self._carry: pa.Table | None = None  # rows of the last row number seen: its duplicate may follow
         self.commits = commits  # the commits the object checks' tasks compare the index's rows with (None: none)
-        self._compared: list[CommitChecks] = []
+        self._spans: list[np.ndarray] = []  # each compared commit's (shard number, first row, last row), a task's at a time
+        self._inside = True  # every compared commit's rows in row order
+        self._lost, self._differ, self._unknown = _InRowOrder(), _InRowOrder(), _InRowOrder()
         manifest, self._unchecked = _manifest_ids(out.job)
         self._manifest = None if manifest is None else _RowStream(manifest)
         self.absent, self.strangers = Tally(), Tally()
 
     def add_commits(self, found: CommitChecks) -> None:
-        """A task's comparison of its rows with their shards' commits."""
-        self._compared.append(found)
+        """A task's comparison of its rows with their shards' commits: three numbers kept per
+        commit, and the tallies' counts and the ids they may still show (a commit's tuple and
+        every task's tallies were ~20 MiB at 10M rows)."""
+        if found.spans:
+            self._inside &= all(inside for *_, inside in found.spans)
+            self._spans.append(np.array([(int(name), first, top) for name, first, top, _ in found.spans], dtype=np.int64))
+        self._lost.add(found.first_row, found.lost)
+        self._differ.add(found.first_row, found.differ)
+        self._unknown.add(found.first_row, found.unknown)
 
     def add(self, batch: pa.RecordBatch) -> None:
         if not batch.num_rows:
@@ -198,18 +208,13 @@ class IndexChecks:
 
     def _commit_problems(self) -> list[str]:
         """The tasks' comparisons with the commits, merged in row order."""
-        last, ordered = -1, True
-        for _, first, top, inside in sorted((s for c in self._compared for s in c.spans), key=lambda s: int(s[0])):
-            ordered &= inside and first >= last
-            last = max(last, top)
-        if not ordered:
+        spans = np.concatenate(self._spans) if self._spans else np.empty((0, 3), dtype=np.int64)
+        spans = spans[np.argsort(spans[:, 0], kind="stable")]  # in shard order
+        before = np.concatenate([[-1], np.maximum.accumulate(spans[:-1, 2])])  # the last row of the commits before each
+        if not (self._inside and bool(np.all(spans[:, 1] >= before[:len(spans)]))):
             return ["the commits are not in row order (a commit holds rows of another shard): the index was "
                     "not compared with them"]
-        lost, differ, unknown = Tally(), Tally(), Tally()
-        for found in sorted(self._compared, key=lambda c: c.first_row):
-            lost.merge(found.lost)
-            differ.merge(found.differ)
-            unknown.merge(found.unknown)
+        lost, differ, unknown = self._lost.merged(), self._differ.merged(), self._unknown.merged()
         problems = []
         if lost.count:
             problems.append(f"{lost.count} committed rows are not in {INDEX_KEY} (e.g. {lost.example()}); "
@@ -220,6 +225,35 @@ class IndexChecks:
         if unknown.count:
             problems.append(f"{unknown.count} rows of {INDEX_KEY} are in no commit (e.g. {unknown.example()})")
         return problems
+
+
+class _InRowOrder:
+    """Tasks' tallies of one kind, arriving in any order (Ray tasks), merged as if in the order
+    of their first rows: the counts summed, and only the tallies that can still give one of the
+    first ``SHOWN`` ids held."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._held: list[tuple[int, Tally]] = []  # (first row, tally), in row order
+
+    def add(self, first_row: int, tally: Tally) -> None:
+        self.count += tally.count
+        if not tally.first:
+            return
+        insort(self._held, (first_row, tally), key=lambda held: held[0])  # after equal rows: in arrival order
+        shown = 0
+        for at, (_, held) in enumerate(self._held):
+            shown += len(held.first)
+            if shown >= SHOWN:  # the tallies after it show nothing
+                del self._held[at + 1:]
+                break
+
+    def merged(self) -> Tally:
+        merged = Tally()
+        for _, tally in self._held:
+            merged.merge(tally)
+        merged.count = self.count
+        return merged
 
 
 #: The index columns a ``RowSample`` reads.

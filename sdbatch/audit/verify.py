@@ -203,7 +203,7 @@ def verify(
         report.notes.append(f"{INDEX_KEY} compared with the commits of the sample's {plural(len(commits.names), 'shard')} "
                             "only; every other commit listed, not read")
     else:
-        commits = CommitSource(frozenset(committed_shards(storage)), out.job.fingerprint)
+        commits = CommitSource(listed_commits(storage), out.job.fingerprint)
     checks = IndexChecks(out, commits)
     regenerated = RowSample(regenerate, seed, 0) if regenerate else None
     with _bar(bar, out.index.num_rows) as advance:
