@@ -1,6 +1,6 @@
 """``verify``'s checks of the index itself, streamed a record batch at a time in row order: its
-row count against ``job.json``, each manifest row once (a count per row, saturating at 2: a
-byte per row), its ids against the manifest's (a merge-join by row: that stream is in row order
+row count against ``job.json``, each manifest row once (a count per row, saturating at 2: two
+bits per row), its ids against the manifest's (a merge-join by row: that stream is in row order
 too), and foreign objects at failed rows' keys; its rows against the shards' commits are
 compared by the object checks' tasks, whose findings are merged here in row order. Also
 ``RowSample``: rows drawn uniformly in memory of the sample's size. Nothing here holds more than
@@ -107,7 +107,7 @@ class IndexChecks:
         self.rows = self.failed = 0
         self.duplicates: Findings[str] = Findings()
         self.foreign: Findings[tuple[str, str]] = Findings()
-        self._counts = np.zeros(self.total, dtype=np.uint8)  # index rows per manifest row, up to 2
+        self._once, self._twice = _Bits(self.total), _Bits(self.total)  # manifest rows indexed at least once, twice
         self._last = -1
         self.ordered = True
         self._carry: pa.Table | None = None  # rows of the last row number seen: its duplicate may follow
@@ -159,9 +159,10 @@ class IndexChecks:
         rows = batch.column("row").to_numpy(zero_copy_only=False)
         inside = rows[(rows >= 0) & (rows < self.total)]
         numbers, times = np.unique(inside, return_counts=True)
-        before = self._counts[numbers]
-        after = np.minimum(before.astype(np.int64) + times, 2)
-        self._counts[numbers] = after
+        before = self._once.get(numbers).astype(np.int64) + self._twice.get(numbers)
+        after = np.minimum(before + times, 2)
+        self._once.set(numbers)
+        self._twice.set(numbers[after >= 2])
         twice = numbers[(before < 2) & (after >= 2)]
         if len(twice):
             at = np.flatnonzero(np.isin(rows, twice))
@@ -225,6 +226,19 @@ class IndexChecks:
         if unknown.count:
             problems.append(f"{unknown.count} rows of {INDEX_KEY} are in no commit (e.g. {unknown.example()})")
         return problems
+
+
+class _Bits:
+    """A bit per number below ``size`` (10M rows: 1.2 MiB; a byte per row held 9.5 MiB)."""
+
+    def __init__(self, size: int):
+        self._bytes = np.zeros(-(-size // 8), dtype=np.uint8)
+
+    def get(self, numbers: np.ndarray) -> np.ndarray:
+        return ((self._bytes[numbers >> 3] >> (numbers & 7)) & 1).astype(bool)
+
+    def set(self, numbers: np.ndarray) -> None:
+        np.bitwise_or.at(self._bytes, numbers >> 3, np.left_shift(1, numbers & 7).astype(np.uint8))  # several in a byte
 
 
 class _InRowOrder:
