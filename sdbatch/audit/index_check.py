@@ -207,12 +207,28 @@ class IndexChecks:
         return problems
 
 
+    def _commits_in_row_order(self) -> bool:
+        """Whether each compared commit's rows are in order and after those of every commit before
+        it in shard order. A task's spans are in shard order, so the tasks' are walked one at a
+        time when their shards do not interleave (else all are sorted at once, in arrival order
+        for a shard compared twice)."""
+        if not self._inside:
+            return False
+        tasks = sorted(self._spans, key=lambda spans: int(spans[0, 0]))
+        if any(a[-1, 0] >= b[0, 0] for a, b in zip(tasks, tasks[1:])):
+            spans = np.concatenate(self._spans)
+            tasks = [spans[np.argsort(spans[:, 0], kind="stable")]]
+        last = -1  # the last row of the commits walked
+        for spans in tasks:
+            before = np.maximum(last, np.concatenate([[-1], np.maximum.accumulate(spans[:-1, 2])]))
+            if not np.all(spans[:, 1] >= before):
+                return False
+            last = max(last, int(spans[:, 2].max()))
+        return True
+
     def _commit_problems(self) -> list[str]:
         """The tasks' comparisons with the commits, merged in row order."""
-        spans = np.concatenate(self._spans) if self._spans else np.empty((0, 3), dtype=np.int64)
-        spans = spans[np.argsort(spans[:, 0], kind="stable")]  # in shard order
-        before = np.concatenate([[-1], np.maximum.accumulate(spans[:-1, 2])])  # the last row of the commits before each
-        if not (self._inside and bool(np.all(spans[:, 1] >= before[:len(spans)]))):
+        if not self._commits_in_row_order():
             return ["the commits are not in row order (a commit holds rows of another shard): the index was "
                     "not compared with them"]
         lost, differ, unknown = self._lost.merged(), self._differ.merged(), self._unknown.merged()
