@@ -1,13 +1,14 @@
 """``verify``'s checks of the index itself, streamed a record batch at a time in row order: its
-row count against ``job.json``, each manifest row once (a count per row, saturating at 2: a
-byte per row), its ids against the manifest's (a merge-join by row: that stream is in row order
+row count against ``job.json``, each manifest row once (a count per row, saturating at 2: two
+bits per row), its ids against the manifest's (a merge-join by row: that stream is in row order
 too), and foreign objects at failed rows' keys; its rows against the shards' commits are
 compared by the object checks' tasks, whose findings are merged here in row order. Also
 ``RowSample``: rows drawn uniformly in memory of the sample's size. Nothing here holds more than
-a batch of each stream, the per-row counts and a few numbers per task."""
+a batch of each stream, the per-row counts and a few numbers per commit."""
 
 from __future__ import annotations
 
+from bisect import insort
 from collections.abc import Iterator
 
 import numpy as np
@@ -15,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sdbatch.audit.job_output import JobOutput
-from sdbatch.audit.object_check import CommitChecks, CommitSource, Findings, Tally, follows, pair_by_row
+from sdbatch.audit.object_check import SHOWN, CommitChecks, CommitSource, Findings, Tally, follows, pair_by_row
 from sdbatch.data.index import STATUS_OK
 from sdbatch.manifest.sources import ManifestError
 from sdbatch.output.documents import JobRecord
@@ -106,19 +107,28 @@ class IndexChecks:
         self.rows = self.failed = 0
         self.duplicates: Findings[str] = Findings()
         self.foreign: Findings[tuple[str, str]] = Findings()
-        self._counts = np.zeros(self.total, dtype=np.uint8)  # index rows per manifest row, up to 2
+        self._once, self._twice = _Bits(self.total), _Bits(self.total)  # manifest rows indexed at least once, twice
         self._last = -1
         self.ordered = True
         self._carry: pa.Table | None = None  # rows of the last row number seen: its duplicate may follow
         self.commits = commits  # the commits the object checks' tasks compare the index's rows with (None: none)
-        self._compared: list[CommitChecks] = []
+        self._spans: list[np.ndarray] = []  # each compared commit's (shard number, first row, last row), a task's at a time
+        self._inside = True  # every compared commit's rows in row order
+        self._lost, self._differ, self._unknown = _InRowOrder(), _InRowOrder(), _InRowOrder()
         manifest, self._unchecked = _manifest_ids(out.job)
         self._manifest = None if manifest is None else _RowStream(manifest)
         self.absent, self.strangers = Tally(), Tally()
 
     def add_commits(self, found: CommitChecks) -> None:
-        """A task's comparison of its rows with their shards' commits."""
-        self._compared.append(found)
+        """A task's comparison of its rows with their shards' commits: three numbers kept per
+        commit, and the tallies' counts and the ids they may still show (a commit's tuple and
+        every task's tallies were ~20 MiB at 10M rows)."""
+        if found.spans:
+            self._inside &= all(inside for *_, inside in found.spans)
+            self._spans.append(np.array([(int(name), first, top) for name, first, top, _ in found.spans], dtype=np.int64))
+        self._lost.add(found.first_row, found.lost)
+        self._differ.add(found.first_row, found.differ)
+        self._unknown.add(found.first_row, found.unknown)
 
     def add(self, batch: pa.RecordBatch) -> None:
         if not batch.num_rows:
@@ -149,9 +159,10 @@ class IndexChecks:
         rows = batch.column("row").to_numpy(zero_copy_only=False)
         inside = rows[(rows >= 0) & (rows < self.total)]
         numbers, times = np.unique(inside, return_counts=True)
-        before = self._counts[numbers]
-        after = np.minimum(before.astype(np.int64) + times, 2)
-        self._counts[numbers] = after
+        before = self._once.get(numbers).astype(np.int64) + self._twice.get(numbers)
+        after = np.minimum(before + times, 2)
+        self._once.set(numbers)
+        self._twice.set(numbers[after >= 2])
         twice = numbers[(before < 2) & (after >= 2)]
         if len(twice):
             at = np.flatnonzero(np.isin(rows, twice))
@@ -196,20 +207,31 @@ class IndexChecks:
         return problems
 
 
+    def _commits_in_row_order(self) -> bool:
+        """Whether each compared commit's rows are in order and after those of every commit before
+        it in shard order. A task's spans are in shard order, so the tasks' are walked one at a
+        time when their shards do not interleave (else all are sorted at once, in arrival order
+        for a shard compared twice)."""
+        if not self._inside:
+            return False
+        tasks = sorted(self._spans, key=lambda spans: int(spans[0, 0]))
+        if any(a[-1, 0] >= b[0, 0] for a, b in zip(tasks, tasks[1:])):
+            spans = np.concatenate(self._spans)
+            tasks = [spans[np.argsort(spans[:, 0], kind="stable")]]
+        last = -1  # the last row of the commits walked
+        for spans in tasks:
+            before = np.maximum(last, np.concatenate([[-1], np.maximum.accumulate(spans[:-1, 2])]))
+            if not np.all(spans[:, 1] >= before):
+                return False
+            last = max(last, int(spans[:, 2].max()))
+        return True
+
     def _commit_problems(self) -> list[str]:
         """The tasks' comparisons with the commits, merged in row order."""
-        last, ordered = -1, True
-        for _, first, top, inside in sorted((s for c in self._compared for s in c.spans), key=lambda s: int(s[0])):
-            ordered &= inside and first >= last
-            last = max(last, top)
-        if not ordered:
+        if not self._commits_in_row_order():
             return ["the commits are not in row order (a commit holds rows of another shard): the index was "
                     "not compared with them"]
-        lost, differ, unknown = Tally(), Tally(), Tally()
-        for found in sorted(self._compared, key=lambda c: c.first_row):
-            lost.merge(found.lost)
-            differ.merge(found.differ)
-            unknown.merge(found.unknown)
+        lost, differ, unknown = self._lost.merged(), self._differ.merged(), self._unknown.merged()
         problems = []
         if lost.count:
             problems.append(f"{lost.count} committed rows are not in {INDEX_KEY} (e.g. {lost.example()}); "
@@ -220,6 +242,48 @@ class IndexChecks:
         if unknown.count:
             problems.append(f"{unknown.count} rows of {INDEX_KEY} are in no commit (e.g. {unknown.example()})")
         return problems
+
+
+class _Bits:
+    """A bit per number below ``size`` (10M rows: 1.2 MiB; a byte per row held 9.5 MiB)."""
+
+    def __init__(self, size: int):
+        self._bytes = np.zeros(-(-size // 8), dtype=np.uint8)
+
+    def get(self, numbers: np.ndarray) -> np.ndarray:
+        return ((self._bytes[numbers >> 3] >> (numbers & 7)) & 1).astype(bool)
+
+    def set(self, numbers: np.ndarray) -> None:
+        np.bitwise_or.at(self._bytes, numbers >> 3, np.left_shift(1, numbers & 7).astype(np.uint8))  # several in a byte
+
+
+class _InRowOrder:
+    """Tasks' tallies of one kind, arriving in any order (Ray tasks), merged as if in the order
+    of their first rows: the counts summed, and only the tallies that can still give one of the
+    first ``SHOWN`` ids held."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._held: list[tuple[int, Tally]] = []  # (first row, tally), in row order
+
+    def add(self, first_row: int, tally: Tally) -> None:
+        self.count += tally.count
+        if not tally.first:
+            return
+        insort(self._held, (first_row, tally), key=lambda held: held[0])  # after equal rows: in arrival order
+        shown = 0
+        for at, (_, held) in enumerate(self._held):
+            shown += len(held.first)
+            if shown >= SHOWN:  # the tallies after it show nothing
+                del self._held[at + 1:]
+                break
+
+    def merged(self) -> Tally:
+        merged = Tally()
+        for _, tally in self._held:
+            merged.merge(tally)
+        merged.count = self.count
+        return merged
 
 
 #: The index columns a ``RowSample`` reads.

@@ -180,7 +180,7 @@ class CommitSource:
     a shard with no commit is in none); False (``--sample``: ``names`` are the sampled rows'
     shards): only the rows of the shards named, each against its commit."""
 
-    names: frozenset[str]
+    names: Collection[str]  # every commit's: a ShardSet (a bit per shard; 156,250 strings were 16 MiB at 10M rows)
     job_fingerprint: str
     every_shard: bool = True
 
@@ -274,6 +274,14 @@ class ShardSet:
         if name.isdigit() and shard_name(int(name)) == name:
             return int(name) < len(self._bits) and bool(self._bits[int(name)])
         return name in self._other
+
+    def __iter__(self) -> Iterator[str]:
+        """The names, shard numbers first in order."""
+        yield from (shard_name(int(n)) for n in np.flatnonzero(self._bits))
+        yield from sorted(self._other)
+
+    def __len__(self) -> int:
+        return int(np.count_nonzero(self._bits)) + len(self._other)
 
     def not_in(self, other: ShardSet) -> list[str]:
         """The names in this set and not in ``other``, in shard order."""

@@ -6,7 +6,7 @@ imports torch only then). The index is read a batch at a time, once into ``index
 ``--listing-only`` reads no object nor any commit (their listing is checked against the index's
 shards); ``--sample N`` draws N random ok rows first (a pass over four columns), then checks as
 ``--listing-only`` does and reads those rows' objects and their shards' commits in full.
-Memory does not grow with the job's rows beyond a byte per row."""
+Memory does not grow with the job's rows beyond two bits per row and three numbers per commit."""
 
 from __future__ import annotations
 
@@ -203,7 +203,7 @@ def verify(
         report.notes.append(f"{INDEX_KEY} compared with the commits of the sample's {plural(len(commits.names), 'shard')} "
                             "only; every other commit listed, not read")
     else:
-        commits = CommitSource(frozenset(committed_shards(storage)), out.job.fingerprint)
+        commits = CommitSource(listed_commits(storage), out.job.fingerprint)
     checks = IndexChecks(out, commits)
     regenerated = RowSample(regenerate, seed, 0) if regenerate else None
     with _bar(bar, out.index.num_rows) as advance:
