@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +163,22 @@ def build_output(root: Path, rows: int, *, fmt: str = "files", objects: bool = T
             failed_rows=[FailedRow(id=r.id, error=r.error) for r in summary.first_failed]).write(storage)
     return out
 
+
+#: every pool ``arrow_pool`` made, kept for the life of the process: Arrow's buffers keep a raw
+#: pointer to the pool they came from, and one freed by a reader thread after its pool object had
+#: gone would be a use-after-free (a segfault of the test process)
+_MEASURING_POOLS: list[pa.MemoryPool] = []
+
+
+@contextmanager
+def arrow_pool() -> Iterator[pa.MemoryPool]:
+    """Arrow's default memory pool behind a proxy of its own while the block runs: the proxy's
+    ``max_memory()`` is the block's Arrow peak."""
+    previous = pa.default_memory_pool()
+    pool = pa.proxy_memory_pool(previous)
+    _MEASURING_POOLS.append(pool)
+    pa.set_memory_pool(pool)
+    try:
+        yield pool
+    finally:
+        pa.set_memory_pool(previous)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import tracemalloc
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from synthetic_output import build_output
+from synthetic_output import arrow_pool, build_output
 
 SMALL, LARGE = 2_000, 20_000
 
@@ -44,16 +43,13 @@ def peaks(out: Path, listing_only: bool = False, sample: int = 0) -> tuple[int, 
     or a sample)."""
     from sdbatch.audit.verify import verify
 
-    previous = pa.default_memory_pool()
-    pool = pa.proxy_memory_pool(previous)
-    pa.set_memory_pool(pool)
-    tracemalloc.start()
-    try:
-        report = verify(str(out), workers=0, sample=sample, seed=1, listing_only=listing_only)
-        python_peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-        pa.set_memory_pool(previous)
+    with arrow_pool() as pool:
+        tracemalloc.start()
+        try:
+            report = verify(str(out), workers=0, sample=sample, seed=1, listing_only=listing_only)
+            python_peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
     assert report.clean and report.ok == report.rows_in_index - report.rows_failed, report.render()
     return python_peak, pool.max_memory()
 

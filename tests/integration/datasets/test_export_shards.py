@@ -12,10 +12,9 @@ import stat
 import tracemalloc
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from synthetic_output import build_output, row_id
+from synthetic_output import arrow_pool, build_output, row_id
 
 from integration.faults import fault_env
 
@@ -188,23 +187,18 @@ def selection_peak(root: Path, rows: int, monkeypatch) -> tuple[int, int]:
     job, index = _open_job_index(LocalStorage(out))
     options = ExportOptions(to="hf", where="label < 5 and seed % 3 = 0", class_column="label",
                             splits=(("train", 0.9), ("test", 0.1)))
-    pool, before = pa.proxy_memory_pool(pa.default_memory_pool()), pa.default_memory_pool()
-    POOLS.append(pool)  # buffers made from it may outlive this call: the pool must too
-    pa.set_memory_pool(pool)
-    tracemalloc.start()
-    try:
-        with monkeypatch.context() as patch:
-            patch.setattr(index_module, "INDEX_BATCH_ROWS", 1_000)
-            plan = plan_export(job, index, options)
-        python_peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-        pa.set_memory_pool(before)
+    with arrow_pool() as pool:
+        tracemalloc.start()
+        try:
+            with monkeypatch.context() as patch:
+                patch.setattr(index_module, "INDEX_BATCH_ROWS", 1_000)
+                plan = plan_export(job, index, options)
+            python_peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
     assert plan.rows == len([r for r in range(rows) if r % 10 < 5 and r % 3 == 0])
     return python_peak, pool.max_memory()
 
-
-POOLS: list[pa.MemoryPool] = []
 
 
 def test_the_selection_pass_memory_does_not_grow_with_the_rows(tmp_path, monkeypatch):
