@@ -2,13 +2,14 @@
 
 ``ShardRunner`` is the Ray-free core: it reads each batch's init images while the batch
 before it generates (``InitImageLoader``: at most ``resources.init_images_in_memory`` decoded
-at once, never a whole shard), generates the canonical batches on the calling thread (each batch comes back as one uint8 host array), and
-hands each image to the store pool: encoding runs in processes, one per CPU of the worker
-(Pillow's encoders hold the GIL: ``benchmarks/bench_png_gil.py``), hashing and the create-once
-writes on threads, so the model never waits for encoding or a PUT while the bounded queue has
-room. A batch that runs out of GPU memory is generated again in halves (each half is then its
-own batch, in ``batch_rows``); a row whose image came out NaN or black fails with that error.
-When every image is stored it writes the shard index — the commit."""
+at once, never a whole shard), generates the canonical batches on the model's one thread
+(``model_thread``; each batch comes back as one uint8 host array), and hands each image to the
+store pool: encoding runs in processes, one per CPU of the worker (Pillow's encoders hold the
+GIL: ``benchmarks/bench_png_gil.py``), hashing and the create-once writes on threads, so the
+model never waits for encoding or a PUT while the bounded queue has room. A batch that runs
+out of GPU memory is generated again in halves (each half is then its own batch, in
+``batch_rows``); a row whose image came out NaN or black fails with that error. When every
+image is stored it writes the shard index — the commit."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -94,11 +95,15 @@ class ShardRunner:
         *,
         job_fingerprint: str,
         batch_fit: BatchFit | None = None,
+        model_thread: Executor | None = None,
     ):
         """``passthrough``: the manifest's passthrough columns and their types
         (``manifest.passthrough_types``), the last columns of every shard index written.
-        ``batch_fit``: the batch size that fits the device per batch key (GPU workers)."""
+        ``batch_fit``: the batch size that fits the device per batch key (GPU workers).
+        ``model_thread``: the one thread that runs every model call (generation, scoring), for
+        a caller whose shards run on several threads (the worker actor); else the calling thread."""
         self.generator = generator
+        self.model_thread = model_thread
         self.batch_fit = batch_fit
         self.scorer = scorer
         self.job_fingerprint = job_fingerprint  # stamped on every commit this runner writes
@@ -247,10 +252,11 @@ class ShardRunner:
                 bid = batch_id(unit, number)
                 handled: set[str] = set()  # rows of the parts generated before a pipeline exception
                 try:
-                    for part, generated, per_row in self._generate_fitting(good, conditioning_inputs(good, loaded_in)):
+                    for part, generated, per_row in self._on_model_thread(self._generate_fitting, good,
+                                                                          conditioning_inputs(good, loaded_in)):
                         batch_rows = [r.id for r in part]
-                        scores = (self.scorer.score([r.prompt for r in part], generated.images()) if self.scorer
-                                  else [None] * len(part))
+                        scores = (self._on_model_thread(self.scorer.score, [r.prompt for r in part], generated.images())
+                                  if self.scorer else [None] * len(part))
                         for i, (row, score) in enumerate(zip(part, scores)):
                             if generated.errors[i]:
                                 index_rows.append(index_row(row, shard.name, status=STATUS_FAILED, error=generated.errors[i],
@@ -311,6 +317,15 @@ class ShardRunner:
             result.prompts_truncated += record.prompt_truncated_at is not None
         index_rows.sort(key=lambda r: r["row"])
         return index_rows
+
+    def _on_model_thread(self, call: Callable[..., Any], *args: Any) -> Any:
+        """``call(*args)`` on the model thread. One OS thread for the model, whichever shard's turn it
+        is: each thread that calls torch on the CPU gets an OpenMP team of its own, and libgomp stops
+        spinning between parallel regions once its teams hold more threads than there are CPUs, which
+        made a CPU worker's batches 1.3–1.6× slower (``benchmarks/bench_fixed_cost.py``); and
+        torch.compile keeps its CUDA graphs per thread (``cudagraph_trees``), so one thread records
+        them once."""
+        return call(*args) if self.model_thread is None else self.model_thread.submit(call, *args).result()
 
     def _generate_fitting(
         self, rows: list[Row], conditioning: ConditioningInputs,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
@@ -62,8 +63,11 @@ class WorkerActor:
         # found the same way by every new worker: ready() reports it, so the driver stops at once
         # with its message instead of retrying a start that cannot succeed
         self.refusal: str | None = None
+        # the model is loaded, warmed up and run on this one thread (ShardRunner._on_model_thread says why)
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="sdbatch-model")
         try:
-            self._load(spec, out_url, endpoint_url, tracker, manifest, job_fingerprint, model_pin, refiner_pin)
+            self.model_thread.submit(self._load, spec, out_url, endpoint_url, tracker, manifest, job_fingerprint,
+                                     model_pin, refiner_pin).result()
         except BadInput as refusal:
             self.refusal = str(refusal)
 
@@ -99,7 +103,7 @@ class WorkerActor:
         batch_fit = BatchFit(spec.resources.batch_size, generator.memory_probe, capacity) if capacity else None  # type: ignore[attr-defined]  # DiffusersModel's
         self.runner = ShardRunner(generator, storage, spec, endpoint_url=endpoint_url, scorer=scorer,
                                   passthrough=passthrough_types(manifest), job_fingerprint=job_fingerprint,
-                                  batch_fit=batch_fit)
+                                  batch_fit=batch_fit, model_thread=self.model_thread)
         self.feed = ShardFeed(manifest, spec, endpoint_url)
         self.tracker = tracker
         self._turns = threading.Condition()
