@@ -322,7 +322,7 @@ class ShardRunner:
         """``call(*args)`` on the model thread. One OS thread for the model, whichever shard's turn it
         is: each thread that calls torch on the CPU gets an OpenMP team of its own, and libgomp stops
         spinning between parallel regions once its teams hold more threads than there are CPUs, which
-        made a CPU worker's batches 1.3–1.6× slower (``benchmarks/bench_fixed_cost.py``); and
+        made a CPU worker's batches 1.3–1.6× slower (``benchmarks/bench_model_thread.py``); and
         torch.compile keeps its CUDA graphs per thread (``cudagraph_trees``), so one thread records
         them once."""
         return call(*args) if self.model_thread is None else self.model_thread.submit(call, *args).result()
