@@ -22,6 +22,7 @@ import logging
 import multiprocessing
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -334,8 +335,6 @@ class ShardRunner:
         (``batch_fit``), or, when the device runs out of memory, as halves (recursively; one
         row that does not fit fails the shard). Returns (rows, their batch, seconds per row)
         for each part generated."""
-        from sdbatch.models.runtime import OUT_OF_MEMORY_ERRORS, free_device_memory
-
         def generate_part(cut: slice) -> list[tuple[list[Row], GeneratedBatch, float]]:
             return self._generate_fitting(rows[cut], conditioning.pick(range(len(rows))[cut]))
 
@@ -346,10 +345,12 @@ class ShardRunner:
         t0 = time.perf_counter()
         try:
             generated = self.generator.generate(rows, conditioning)
-        except OUT_OF_MEMORY_ERRORS:
-            if len(rows) == 1:
+        except Exception as exc:
+            # a model that runs on torch was loaded through models.runtime; one that is not (builtin:null) never runs out
+            runtime = sys.modules.get("sdbatch.models.runtime")
+            if runtime is None or not isinstance(exc, runtime.OUT_OF_MEMORY_ERRORS) or len(rows) == 1:
                 raise
-            free_device_memory()
+            runtime.free_device_memory()
             half = (len(rows) + 1) // 2
             log.warning("a batch of %d rows ran out of device memory: generating it as %d + %d rows",
                         len(rows), half, len(rows) - half)

@@ -73,21 +73,25 @@ class WorkerActor:
 
     def _load(self, spec: JobSpec, out_url: str, endpoint_url: str | None, tracker: Any, manifest: Manifest,
               job_fingerprint: str, model_pin: str, refiner_pin: str | None) -> None:
-        import torch
-
-        from sdbatch.models.runtime import device_capacity, load_model
+        from sdbatch.models.loading import load_request, load_torch_free
 
         metrics.start(out_url)
-        torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
-        generator = load_model(
-            spec.model.name, pin=model_pin, device=spec.model.device, dtype=spec.model.dtype,
-            endpoint_url=endpoint_url, loras=spec.loras, compile=spec.model.compile,
-            refiner=spec.model.refiner, refiner_pin=refiner_pin, config=spec.model.config, offload=spec.model.offload,
-            text_encoder_device=spec.model.text_encoder_device,
-            speed=spec.speed,
-            vae=spec.model.vae, embeddings=spec.embeddings, prompt_syntax=spec.model.prompt_syntax,
-            controlnets=spec.controlnets, ip_adapter=spec.ip_adapter.files if spec.ip_adapter else None,
+        request = load_request(
+            spec.model.name, pin=model_pin, endpoint_url=endpoint_url, config=spec.model.config, vae=spec.model.vae,
+            embeddings=spec.embeddings, controlnets=spec.controlnets,
+            ip_adapter=spec.ip_adapter.files if spec.ip_adapter else None,
+            device=spec.model.device, dtype=spec.model.dtype, loras=spec.loras, compile=spec.model.compile,
+            refiner=spec.model.refiner, refiner_pin=refiner_pin, offload=spec.model.offload,
+            text_encoder_device=spec.model.text_encoder_device, speed=spec.speed, prompt_syntax=spec.model.prompt_syntax,
         )
+        generator = load_torch_free(request)  # builtin:null: torch and diffusers are never imported (~6 s)
+        if generator is None:
+            import torch
+
+            from sdbatch.models.runtime import load
+
+            torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
+            generator = load(request)
         storage = open_storage(
             out_url,
             endpoint_url=endpoint_url,
@@ -99,7 +103,11 @@ class WorkerActor:
             from sdbatch.models.clip_score import ClipScorer
 
             scorer = ClipScorer.load(spec.scoring.clip_model, device=generator.info.device, endpoint_url=endpoint_url)
-        capacity = device_capacity() if generator.info.device == "cuda" else None
+        capacity = None
+        if generator.info.device == "cuda":
+            from sdbatch.models.runtime import device_capacity
+
+            capacity = device_capacity()
         batch_fit = BatchFit(spec.resources.batch_size, generator.memory_probe, capacity) if capacity else None  # type: ignore[attr-defined]  # DiffusersModel's
         self.runner = ShardRunner(generator, storage, spec, endpoint_url=endpoint_url, scorer=scorer,
                                   passthrough=passthrough_types(manifest), job_fingerprint=job_fingerprint,
