@@ -1,13 +1,16 @@
-"""Why the worker runs its model on one thread: CPU batches with one OpenMP team vs two.
+"""Why the worker runs its model on one thread: CPU batches on one thread vs two taking turns.
 
 torch's CPU kernels run on OpenMP (libgomp): every OS thread that calls torch gets a team of its
 own, and libgomp stops spinning between parallel regions (it sleeps at once) when its teams hold
-more threads than there are CPUs. The worker actor's two shard threads each calling the model
-(before ``ShardRunner.model_thread``) made two teams. Each contender is a fresh process (a team
-cannot be taken back) generating ``--batches`` batches of 8 on ``builtin:shapes`` (64², 20 DDIM
-steps) on its main thread, after (``two teams``) another thread has also run one batch and is
-still alive, as the actor's second shard thread was. Contenders alternate for ``--repeat``
-rounds; prints the median seconds per batch, the CPU cores the process kept busy, and the ratio.
+more threads than there are CPUs. Each contender is a fresh process (a team cannot be taken back)
+making ``--batches`` batches of 8 on ``builtin:shapes`` (64², 20 DDIM steps), as a worker actor:
+
+- ``one thread``: the model loaded and every batch run on one thread of its own (the worker now);
+- ``two threads``: the model loaded on the main thread, and the batches run by two threads in
+  turn (the worker before: its two ``run_shard`` threads took turns at the model).
+
+Contenders alternate for ``--repeat`` rounds; prints the median seconds per batch, the CPU cores
+the process kept busy, and the ratio.
 
     python benchmarks/bench_model_thread.py [--batches 4] [--repeat 2]
 """
@@ -15,15 +18,16 @@ rounds; prints the median seconds per batch, the CPU cores the process kept busy
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import subprocess
 import sys
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CONTENDERS = ("one team", "two teams")
+CONTENDERS = ("one thread", "two threads")
 
 
 def run(contender: str, batches: int) -> None:
@@ -33,19 +37,24 @@ def run(contender: str, batches: int) -> None:
     from sdbatch.data.row import Row
     from sdbatch.models.runtime import load_model
 
-    torch.set_num_threads(2)
-    model = load_model("builtin:shapes", device="cpu")
+    def load():
+        torch.set_num_threads(2)
+        return load_model("builtin:shapes", device="cpu")
+
     batch = [Row(index=i, id=f"r{i}", prompt="a red circle", negative_prompt="", seed=i, steps=20, guidance_scale=7.5,
                  width=64, height=64, scheduler="ddim", extra={}) for i in range(8)]
-    model.generate(batch)  # warm-up
-    if contender == "two teams":
-        done = threading.Event()
-        threading.Thread(target=lambda: (model.generate(batch), done.set(), time.sleep(3600)), daemon=True).start()
-        done.wait()
+    if contender == "one thread":
+        threads = [ThreadPoolExecutor(1)]
+        model = threads[0].submit(load).result()
+    else:
+        model, threads = load(), [ThreadPoolExecutor(1), ThreadPoolExecutor(1)]
+    turns = itertools.cycle(threads)
+    for thread in threads:  # warm-up, on each thread
+        thread.submit(model.generate, batch).result()
     seconds, cpu_started, started = [], time.process_time(), time.perf_counter()
     for _ in range(batches):
         t = time.perf_counter()
-        model.generate(batch)
+        next(turns).submit(model.generate, batch).result()
         seconds.append(time.perf_counter() - t)
     cores = (time.process_time() - cpu_started) / (time.perf_counter() - started)
     print(f"RESULT {statistics.median(seconds):.3f} {cores:.2f}", flush=True)
@@ -68,7 +77,7 @@ def main() -> None:
             results[contender].append((per_batch, cores))
             print(f"  round {round_ + 1} {contender}: {per_batch:.2f} s per batch, {cores:.2f} cores busy", flush=True)
     one, two = (statistics.median(s for s, _ in results[c]) for c in CONTENDERS)
-    print(f"## median s per batch of 8: one team {one:.2f}, two teams {two:.2f} → two ÷ one = {two / one:.2f}×")
+    print(f"## median s per batch of 8: one thread {one:.2f}, two threads {two:.2f} → two ÷ one = {two / one:.2f}×")
 
 
 if __name__ == "__main__":
