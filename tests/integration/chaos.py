@@ -158,13 +158,13 @@ class Chaos:
         if self.config.get("hang_loads"):  # imports torch: only in the jobs that ask for it
             from sdbatch.models import runtime
 
-            load = runtime.load_model
+            load = runtime.load  # what the worker calls for a model that runs on torch
 
             def hang_then_load(*args, **kwargs):
                 self.before_load()
                 return load(*args, **kwargs)
 
-            runtime.load_model = hang_then_load
+            runtime.load = hang_then_load
         merge = scheduler.merge_index
 
         def merge_index(storage, *args, **kwargs):
