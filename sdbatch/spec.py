@@ -318,6 +318,17 @@ class JobSpec(_Section):
         None, description="the IP-Adapter rows with an ip_adapter_image use (SD 1.x/2.x, SDXL): {weights: FILE.safetensors, "
         "image_encoder: FOLDER}; pinned by content with the model")
 
+    def load_options(self) -> dict[str, Any]:
+        """The keyword arguments ``models.loading.load_request`` loads this job's model with, beside its name,
+        pins and endpoint (``reproduce`` overrides the device, dtype and offloading it regenerates with)."""
+        return dict(
+            config=self.model.config, vae=self.model.vae, embeddings=self.embeddings, controlnets=self.controlnets,
+            ip_adapter=self.ip_adapter.files if self.ip_adapter else None, device=self.model.device,
+            dtype=self.model.dtype, loras=self.loras, compile=self.model.compile, refiner=self.model.refiner,
+            offload=self.model.offload, text_encoder_device=self.model.text_encoder_device, speed=self.speed,
+            prompt_syntax=self.model.prompt_syntax,
+        )
+
     @field_validator("controlnets")
     @classmethod
     def _controlnets_declared_well(cls, controlnets: dict[str, str]) -> dict[str, str]:

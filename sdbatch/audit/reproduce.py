@@ -188,24 +188,13 @@ class Reproducer:
         model, device, dtype, _ = self._load_settings(device, dtype)
         key = (model, device, dtype)
         if key not in self._generators:
-            from sdbatch.models.loading import load_request, load_torch_free
+            from sdbatch.models.loader import load
+            from sdbatch.models.loading import load_request
 
-            spec = self.out.spec
-            request = load_request(model, device=device, dtype=dtype, endpoint_url=self.endpoint_url,
-                                   loras=spec.loras, refiner=spec.model.refiner, config=spec.model.config,
-                                   compile=spec.model.compile, speed=spec.speed,
-                                   vae=spec.model.vae, embeddings=spec.embeddings,
-                                   prompt_syntax=spec.model.prompt_syntax,
-                                   text_encoder_device=spec.model.text_encoder_device,
-                                   controlnets=spec.controlnets,
-                                   ip_adapter=spec.ip_adapter.files if spec.ip_adapter else None,
-                                   # offloading needs CUDA; it moves weights, not the arithmetic
-                                   offload=spec.model.offload if device == "cuda" else "none")
-            loaded = load_torch_free(request)  # builtin:null: no torch imported
-            if loaded is None:
-                from sdbatch.models.runtime import load
-
-                loaded = load(request)
+            # offloading needs CUDA; it moves weights, not the arithmetic
+            options = {**self.out.spec.load_options(), "device": device, "dtype": dtype,
+                       "offload": self.out.spec.model.offload if device == "cuda" else "none"}
+            loaded = load(load_request(model, endpoint_url=self.endpoint_url, **options))  # builtin:null: no torch
             self._generators[key] = loaded
         return self._generators[key]
 

@@ -64,7 +64,7 @@ def load_request(
 
 def load_torch_free(request: LoadRequest) -> LoadedModel | None:
     """``request``'s model loaded, its samplers built, when its family's runtime needs no torch;
-    else None (``models.runtime.load`` loads it)."""
+    else None (``models.loader.load`` then loads it with ``models.runtime``)."""
     loader = TORCH_FREE_RUNTIMES.get(request.traits.family.runtime)
     if loader is None:
         return None

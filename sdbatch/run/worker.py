@@ -73,25 +73,13 @@ class WorkerActor:
 
     def _load(self, spec: JobSpec, out_url: str, endpoint_url: str | None, tracker: Any, manifest: Manifest,
               job_fingerprint: str, model_pin: str, refiner_pin: str | None) -> None:
-        from sdbatch.models.loading import load_request, load_torch_free
+        from sdbatch.models.loader import load
+        from sdbatch.models.loading import load_request
 
         metrics.start(out_url)
-        request = load_request(
-            spec.model.name, pin=model_pin, endpoint_url=endpoint_url, config=spec.model.config, vae=spec.model.vae,
-            embeddings=spec.embeddings, controlnets=spec.controlnets,
-            ip_adapter=spec.ip_adapter.files if spec.ip_adapter else None,
-            device=spec.model.device, dtype=spec.model.dtype, loras=spec.loras, compile=spec.model.compile,
-            refiner=spec.model.refiner, refiner_pin=refiner_pin, offload=spec.model.offload,
-            text_encoder_device=spec.model.text_encoder_device, speed=spec.speed, prompt_syntax=spec.model.prompt_syntax,
-        )
-        generator = load_torch_free(request)  # builtin:null: torch and diffusers are never imported (~6 s)
-        if generator is None:
-            import torch
-
-            from sdbatch.models.runtime import load
-
-            torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
-            generator = load(request)
+        request = load_request(spec.model.name, pin=model_pin, refiner_pin=refiner_pin, endpoint_url=endpoint_url,
+                               **spec.load_options())
+        generator = load(request, torch_threads=max(1, int(spec.resources.cpus_per_worker)))
         storage = open_storage(
             out_url,
             endpoint_url=endpoint_url,
