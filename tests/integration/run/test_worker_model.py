@@ -2,7 +2,8 @@
 (``ShardRunner._on_model_thread``), though two of its shards are in flight at once on two threads,
 as the driver hands them out: on the CPU a second thread calling torch got an OpenMP team of its
 own, and libgomp then stopped spinning between parallel regions (more threads than CPUs), each
-batch 1.3–1.6× slower. And it imports torch only for a model that runs on it (not builtin:null)."""
+batch 1.3–1.6× slower. And it imports torch only for a model that runs on it (not builtin:null), with
+the cyclic collector off and what the import made frozen (``models.loader.import_runtime``)."""
 
 from __future__ import annotations
 
@@ -78,6 +79,9 @@ def test_two_shards_in_flight_call_the_model_from_the_one_model_thread(ray_addre
         assert model_thread == model_calls[:1] and model_thread[0].startswith("sdbatch-model"), model_thread
         assert sorted(pq.read_table(out / "metadata" / "00001.parquet").column("id").to_pylist()) == ["t4", "t5", "t6", "t7"]
         assert torch_modules_in(actor) == TORCH_MODULES  # the next test's probe sees them where they are
+        collector_on, frozen = ray.get(actor.__ray_call__.remote(
+            lambda w: (__import__("gc").isenabled(), __import__("gc").get_freeze_count())))
+        assert collector_on and frozen > 200_000, (collector_on, frozen)  # torch, diffusers, …: ~800k objects
     finally:
         ray.kill(actor)
         ray.kill(tracker)
