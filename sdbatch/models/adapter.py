@@ -100,3 +100,8 @@ class LoadedModel(Protocol):
     def build_samplers(self) -> None:
         """Build every sampler the family takes, so one that cannot be built fails the load."""
         ...
+
+    def recovered_from_out_of_memory(self, error: Exception) -> bool:
+        """Whether ``error``, raised by ``generate``, is the device running out of memory — its cached
+        memory then given back, so the batch can be generated as smaller ones; else False."""
+        ...

@@ -511,6 +511,12 @@ class DiffusersModel:
             speed=self.speed.record(),
         )
 
+    def recovered_from_out_of_memory(self, error: Exception) -> bool:
+        if not isinstance(error, OUT_OF_MEMORY_ERRORS):
+            return False
+        free_device_memory()
+        return True
+
     @torch.inference_mode()
     def generate(self, rows: list[Row], conditioning: ConditioningInputs = NO_CONDITIONING) -> GeneratedBatch:
         """Generate one canonical batch; all rows must share ``Row.batch_key()``. ``conditioning``:

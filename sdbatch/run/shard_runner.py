@@ -22,7 +22,6 @@ import logging
 import multiprocessing
 import os
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -346,11 +345,8 @@ class ShardRunner:
         try:
             generated = self.generator.generate(rows, conditioning)
         except Exception as exc:
-            # a model that runs on torch was loaded through models.runtime; one that is not (builtin:null) never runs out
-            runtime = sys.modules.get("sdbatch.models.runtime")
-            if runtime is None or not isinstance(exc, runtime.OUT_OF_MEMORY_ERRORS) or len(rows) == 1:
+            if len(rows) == 1 or not self.generator.recovered_from_out_of_memory(exc):
                 raise
-            runtime.free_device_memory()
             half = (len(rows) + 1) // 2
             log.warning("a batch of %d rows ran out of device memory: generating it as %d + %d rows",
                         len(rows), half, len(rows) - half)

@@ -98,6 +98,10 @@ class NullModel:
     def build_samplers(self) -> None:
         """Nothing to build: a sampler is only recorded."""
 
+    def recovered_from_out_of_memory(self, error: Exception) -> bool:
+        """Never: it holds no device memory."""
+        return False
+
     def facts(self, row: Row) -> GenerationFacts:
         info = self.info
         return GenerationFacts(
