@@ -28,6 +28,7 @@ log = logging.getLogger("sdbatch.scheduler")
 
 
 AUTOSCALER_POLL_S = 2.0  # how often the cluster's resources are read while the autoscaler adds nodes
+_job_local_cluster = threading.Event()  # set once connect_ray started a cluster for this job alone
 
 
 def connect_ray(address: str | None) -> None:
@@ -42,6 +43,17 @@ def connect_ray(address: str | None) -> None:
     atexit.register(ray.shutdown)
     if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_sigterm)  # ray.init replaced the caller's (the CLI's) with sys.exit
+
+
+def shut_down_job_local_cluster() -> None:
+    """The job needs Ray no more: the cluster ``connect_ray`` started for it alone is shut down on a
+    thread of its own, while the driver writes the report. Ray's shutdown takes ~0.4 s (its core
+    worker's disconnect, then its processes stopped), which a small job otherwise waited for at exit;
+    the exit's ``ray.shutdown`` waits for this one (Ray's connect-or-shutdown lock) and finds nothing
+    left. A cluster the job joined (``--address``, or one this process already had) is left to exit."""
+    if _job_local_cluster.is_set():
+        _job_local_cluster.clear()
+        threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True).start()
 
 
 class RayStartError(JobFailed):
@@ -64,6 +76,7 @@ def _init_ray(address: str | None) -> None:
                     address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
                     _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
                 )
+            _job_local_cluster.set()
     except BadInput:
         raise
     except Exception as exc:  # noqa: BLE001 - Ray raises bare Exception/RuntimeError when its processes do not come up

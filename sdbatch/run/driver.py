@@ -43,7 +43,7 @@ from sdbatch.output.index import JobIndex, failed_rows_text, merge_index, open_i
 from sdbatch.output.lock import JobLock
 from sdbatch.output.quality import DuplicateRule
 from sdbatch.run import metrics
-from sdbatch.run.cluster import connect_ray, fit_workers, short_error
+from sdbatch.run.cluster import connect_ray, fit_workers, short_error, shut_down_job_local_cluster
 from sdbatch.run.plan import job_plan
 from sdbatch.run.policy import FINISHED, STOPPED, Schedule, Work, at_the_model, workers_to_start
 from sdbatch.run.progress import ProgressFeed, plural
@@ -244,6 +244,7 @@ class Driver:
             outcome = JobOutcome(code, total_rows, schedule.rows_ok, schedule.rows_failed, skipped,
                                  schedule.failed_shards, time.monotonic() - started, verdict.message, plan.batch_fill)
         progress.close(verdict.state, schedule.failures())
+        shut_down_job_local_cluster()  # what follows (the report, the summary) needs no Ray
         return outcome
 
     # -- the actor pool: Ray mechanics; every decision is the schedule's --------------------
