@@ -1,11 +1,15 @@
-"""Shared pieces of the benchmark scripts: prompts, a local S3 server's plumbing, timing."""
+"""Shared pieces of the benchmark scripts: prompts and rows, a local S3 server's plumbing, timing,
+contenders alternating in fresh processes."""
 
 from __future__ import annotations
 
 import os
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 PROMPTS = [
     "a large red circle in the center, blue background",
@@ -17,6 +21,16 @@ PROMPTS = [
     "an orange triangle at the top",
     "a small white circle, red background",
 ]
+
+
+
+def shapes_rows(count: int, steps: int = 20, size: int = 64) -> list:
+    """``count`` rows for ``builtin:shapes`` (DDIM, guidance 7.5, seeds 0…), the prompts above in turn."""
+    from sdbatch.data.row import Row
+
+    return [Row(index=i, id=f"r{i}", prompt=PROMPTS[i % len(PROMPTS)], negative_prompt="", seed=i, steps=steps,
+                guidance_scale=7.5, width=size, height=size, scheduler="ddim", extra={}) for i in range(count)]
+
 
 S3_FAKE_ENV = {  # as tests/conftest.py's s3_server fixture
     "AWS_ACCESS_KEY_ID": "testing",
@@ -74,3 +88,15 @@ def seconds_each(items: list, work) -> tuple[float, list]:
     started = time.perf_counter()
     results = [work(item) for item in items]
     return (time.perf_counter() - started) / len(items), results
+
+
+def alternate_in_fresh_processes(script: str, contenders: Sequence[str], repeat: int, args: Sequence[str],
+                                 env: dict[str, str] | None = None) -> Iterator[tuple[int, str, str]]:
+    """Run ``script --child CONTENDER ARGS`` in a fresh process for each contender, ``repeat`` rounds, the
+    contenders' order reversed every other round (a machine whose load drifts affects them alike); yields
+    (round, contender, the child's stdout) as each finishes."""
+    for round_ in range(1, repeat + 1):
+        for contender in contenders if round_ % 2 else reversed(contenders):
+            done = subprocess.run([sys.executable, script, "--child", contender, *args], capture_output=True,
+                                  text=True, check=True, cwd=Path(script).resolve().parent.parent, env=env)
+            yield round_, contender, done.stdout

@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PROMPTS  # noqa: E402
+from _common import PROMPTS, shapes_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, SIZE, BATCH = 20, 64, 8
@@ -114,13 +114,11 @@ def bare_generation(rows: int) -> float:
     """The rows' generation alone, in this process (model loaded first, not timed)."""
     import torch
 
-    from sdbatch.data.row import Row
     from sdbatch.models.runtime import load_model
 
     torch.set_num_threads(2)
     model = load_model("builtin:shapes", device="cpu")
-    batch = [Row(index=i, id=f"r{i}", prompt=PROMPTS[i % len(PROMPTS)], negative_prompt="", seed=i, steps=STEPS,
-                 guidance_scale=7.5, width=SIZE, height=SIZE, scheduler="ddim", extra={}) for i in range(rows)]
+    batch = shapes_rows(rows, STEPS, SIZE)
     started = time.perf_counter()
     for start in range(0, rows, BATCH):
         model.generate(batch[start:start + BATCH])

@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import alternate_in_fresh_processes, shapes_rows  # noqa: E402
+
 CONTENDERS = ("one thread", "two threads")
 
 
@@ -34,15 +35,13 @@ def run(contender: str, batches: int) -> None:
     """In the child process: print seconds per batch and cores used."""
     import torch
 
-    from sdbatch.data.row import Row
     from sdbatch.models.runtime import load_model
 
     def load():
         torch.set_num_threads(2)
         return load_model("builtin:shapes", device="cpu")
 
-    batch = [Row(index=i, id=f"r{i}", prompt="a red circle", negative_prompt="", seed=i, steps=20, guidance_scale=7.5,
-                 width=64, height=64, scheduler="ddim", extra={}) for i in range(8)]
+    batch = shapes_rows(8)
     if contender == "one thread":
         threads = [ThreadPoolExecutor(1)]
         model = threads[0].submit(load).result()
@@ -69,13 +68,11 @@ def main() -> None:
     if args.child:
         return run(args.child, args.batches)
     results: dict[str, list[tuple[float, float]]] = {c: [] for c in CONTENDERS}
-    for round_ in range(args.repeat):
-        for contender in CONTENDERS if round_ % 2 == 0 else reversed(CONTENDERS):
-            out = subprocess.run([sys.executable, __file__, "--child", contender, "--batches", str(args.batches)],
-                                 capture_output=True, text=True, cwd=REPO, check=True).stdout
-            per_batch, cores = map(float, out.split("RESULT")[1].split())
-            results[contender].append((per_batch, cores))
-            print(f"  round {round_ + 1} {contender}: {per_batch:.2f} s per batch, {cores:.2f} cores busy", flush=True)
+    for round_, contender, out in alternate_in_fresh_processes(__file__, CONTENDERS, args.repeat,
+                                                               ["--batches", str(args.batches)]):
+        per_batch, cores = map(float, out.split("RESULT")[1].split())
+        results[contender].append((per_batch, cores))
+        print(f"  round {round_} {contender}: {per_batch:.2f} s per batch, {cores:.2f} cores busy", flush=True)
     one, two = (statistics.median(s for s, _ in results[c]) for c in CONTENDERS)
     print(f"## median s per batch of 8: one thread {one:.2f}, two threads {two:.2f} → two ÷ one = {two / one:.2f}×")
 

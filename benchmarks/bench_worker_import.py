@@ -21,10 +21,12 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import alternate_in_fresh_processes, shapes_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CONTENDERS = ("collector off", "collector on")
@@ -46,12 +48,9 @@ def run(contender: str, batches: int) -> None:
     else:
         from sdbatch.models import runtime
     imported = time.perf_counter() - started
-    from sdbatch.data.row import Row
-
     runtime.torch.set_num_threads(2)
     model = runtime.load_model("builtin:shapes", device="cpu")
-    rows = [Row(index=i, id=f"r{i}", prompt="a large red circle in the center, blue background", negative_prompt="",
-                seed=i, steps=20, guidance_scale=7.5, width=64, height=64, scheduler="ddim", extra={}) for i in range(8)]
+    rows = shapes_rows(8)
     model.generate(rows)  # the first batch warms the allocator; not timed
     full_before = gc.get_stats()[2]["collections"]
     started = time.perf_counter()
@@ -73,15 +72,13 @@ def main() -> None:
         run(args.child, args.batches)
         return
     figures: dict[str, list[dict[str, float]]] = {c: [] for c in CONTENDERS}
-    for round_ in range(args.repeat):
-        for contender in CONTENDERS if round_ % 2 == 0 else CONTENDERS[::-1]:
-            out = subprocess.run([sys.executable, "-W", "ignore", __file__, "--child", contender, "--batches",
-                                  str(args.batches)], capture_output=True, text=True, check=True, cwd=REPO,
-                                 env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
-            line = json.loads(out.stdout.strip().splitlines()[-1])
-            figures[contender].append(line)
-            print(f"  round {round_ + 1} {contender}: import {line['import_s']:.2f} s, "
-                  f"{line['batch_s']:.2f} s per batch", flush=True)
+    child_env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    for round_, contender, out in alternate_in_fresh_processes(__file__, CONTENDERS, args.repeat,
+                                                               ["--batches", str(args.batches)], env=child_env):
+        line = json.loads(out.strip().splitlines()[-1])
+        figures[contender].append(line)
+        print(f"  round {round_} {contender}: import {line['import_s']:.2f} s, "
+              f"{line['batch_s']:.2f} s per batch", flush=True)
     medians = {c: {k: statistics.median(f[k] for f in figures[c]) for k in figures[c][0]} for c in CONTENDERS}
     for contender, m in medians.items():
         print(f"{contender:>14}: import {m['import_s']:.2f} s, {m['batch_s']:.2f} s per batch, "
