@@ -767,16 +767,16 @@ def load_model(
     checkpoint and this its configuration's folder; ``vae``: a VAE folder in place of its own),
     then load it with its family's runtime, its samplers built (one that cannot be built fails
     the load, not every shard; ``prompt_syntax``: how prompts are read, ``model.prompt_syntax``)."""
-    return load(load_request(model, pin=pin, endpoint_url=endpoint_url, config=config, vae=vae, embeddings=embeddings,
-                             controlnets=controlnets, ip_adapter=ip_adapter, device=device, dtype=dtype, loras=loras,
-                             compile=compile, refiner=refiner, refiner_pin=refiner_pin, offload=offload,
-                             text_encoder_device=text_encoder_device, speed=speed, prompt_syntax=prompt_syntax))
+    request = load_request(model, pin=pin, endpoint_url=endpoint_url, config=config, vae=vae, embeddings=embeddings,
+                           controlnets=controlnets, ip_adapter=ip_adapter, device=device, dtype=dtype, loras=loras,
+                           compile=compile, refiner=refiner, refiner_pin=refiner_pin, offload=offload,
+                           text_encoder_device=text_encoder_device, speed=speed, prompt_syntax=prompt_syntax)
+    return load_torch_free(request) or load(request)
 
 
 def load(request: LoadRequest) -> LoadedModel:
-    """Load a resolved model with its family's runtime, its samplers built."""
-    loaded = load_torch_free(request)
-    if loaded is None:
-        loaded = RUNTIMES[request.traits.family.runtime](request)
-        loaded.build_samplers()
+    """Load a resolved model whose family runs on torch with its runtime (``RUNTIMES``), its samplers built;
+    ``models.loader.load`` and ``load_model`` load a torch-free family without it."""
+    loaded = RUNTIMES[request.traits.family.runtime](request)
+    loaded.build_samplers()
     return loaded
